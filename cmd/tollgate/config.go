@@ -1,0 +1,111 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"strings"
+
+	"gopkg.in/yaml.v3"
+
+	"github.com/tollgate-dev/tollgate/edge"
+	"github.com/tollgate-dev/tollgate/ingest"
+)
+
+// Services says where the backing services are.
+type Services struct {
+	PostgresURL        string   `yaml:"postgres_url"`
+	ClickHouseAddr     string   `yaml:"clickhouse_addr"`
+	ClickHouseDatabase string   `yaml:"clickhouse_database"`
+	KafkaBrokers       []string `yaml:"kafka_brokers"`
+	RedisAddr          string   `yaml:"redis_addr"`
+}
+
+// Config is the whole configuration file; each component reads its section.
+type Config struct {
+	Services Services      `yaml:"services"`
+	Edge     edge.Config   `yaml:"edge"`
+	Ingest   ingest.Config `yaml:"ingest"`
+}
+
+// LoadConfig reads path (optional: "" means defaults only), then applies
+// environment overrides and defaults. It does not validate.
+func LoadConfig(path string) (Config, error) {
+	var c Config
+	if path != "" {
+		b, err := os.ReadFile(path)
+		if err != nil {
+			return c, fmt.Errorf("read config: %w", err)
+		}
+		dec := yaml.NewDecoder(strings.NewReader(string(b)))
+		dec.KnownFields(true)
+		if err := dec.Decode(&c); err != nil {
+			return c, fmt.Errorf("parse config %s: %w", path, err)
+		}
+	}
+	c.applyEnv()
+	c.defaults()
+	return c, nil
+}
+
+func (c *Config) applyEnv() {
+	set := func(dst *string, name string) {
+		if v := os.Getenv(name); v != "" {
+			*dst = v
+		}
+	}
+	set(&c.Services.PostgresURL, "TOLLGATE_POSTGRES_URL")
+	set(&c.Services.ClickHouseAddr, "TOLLGATE_CLICKHOUSE_ADDR")
+	set(&c.Services.ClickHouseDatabase, "TOLLGATE_CLICKHOUSE_DATABASE")
+	set(&c.Services.RedisAddr, "TOLLGATE_REDIS_ADDR")
+	if v := os.Getenv("TOLLGATE_KAFKA_BROKERS"); v != "" {
+		c.Services.KafkaBrokers = strings.Split(v, ",")
+	}
+	set(&c.Edge.Listen, "TOLLGATE_EDGE_LISTEN")
+	set(&c.Edge.Upstream, "TOLLGATE_EDGE_UPSTREAM")
+}
+
+func (c *Config) defaults() {
+	s := &c.Services
+	if s.PostgresURL == "" {
+		s.PostgresURL = "postgres://tollgate@127.0.0.1:15432/tollgate?sslmode=disable"
+	}
+	if s.ClickHouseAddr == "" {
+		s.ClickHouseAddr = "127.0.0.1:19000"
+	}
+	if s.ClickHouseDatabase == "" {
+		s.ClickHouseDatabase = "tollgate"
+	}
+	if len(s.KafkaBrokers) == 0 {
+		s.KafkaBrokers = []string{"127.0.0.1:19092"}
+	}
+	if s.RedisAddr == "" {
+		s.RedisAddr = "127.0.0.1:16379"
+	}
+	c.Edge.Defaults()
+	c.Ingest.Defaults()
+}
+
+// Validate reports every problem in the sections the named components use
+// (all of them when none is named).
+func (c *Config) Validate(components ...string) error {
+	want := map[string]bool{}
+	for _, n := range components {
+		want[n] = true
+	}
+	all := len(components) == 0
+	var errs []error
+	if c.Services.PostgresURL == "" {
+		errs = append(errs, errors.New("services.postgres_url: required"))
+	}
+	if c.Services.ClickHouseDatabase == "" {
+		errs = append(errs, errors.New("services.clickhouse_database: required"))
+	}
+	if all || want["edge"] {
+		errs = append(errs, c.Edge.Validate())
+	}
+	if all || want["ingest"] {
+		errs = append(errs, c.Ingest.Validate())
+	}
+	return errors.Join(errs...)
+}

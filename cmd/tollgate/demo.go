@@ -1,0 +1,180 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/tollgate-dev/tollgate/edge"
+	edgepg "github.com/tollgate-dev/tollgate/edge/postgres"
+	"github.com/tollgate-dev/tollgate/internal/demo"
+	"github.com/tollgate-dev/tollgate/schemas"
+)
+
+func demoCommand(g *globalFlags) *cobra.Command {
+	var calls int
+	var once bool
+	cmd := &cobra.Command{
+		Use:   "demo",
+		Short: "Run the whole pipeline with a demo upstream and demo traffic, and say where to look",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			log, err := g.logger()
+			if err != nil {
+				return err
+			}
+			cfg, err := LoadConfig(g.config)
+			if err != nil {
+				return err
+			}
+			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
+			defer stop()
+			return runDemo(ctx, cmd.OutOrStdout(), cfg, log, calls, once)
+		},
+	}
+	cmd.Flags().IntVar(&calls, "calls", 300, "demo calls to send through the edge")
+	cmd.Flags().BoolVar(&once, "once", false, "exit after the demo traffic has landed instead of serving until interrupted")
+	return cmd
+}
+
+func runDemo(ctx context.Context, out io.Writer, cfg Config, log *slog.Logger, calls int, once bool) error {
+	up := &demo.Upstream{}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return fmt.Errorf("demo upstream: %w", err)
+	}
+	upSrv := &http.Server{Handler: up, ReadHeaderTimeout: 5 * time.Second}
+	go func() { _ = upSrv.Serve(ln) }()
+	defer upSrv.Close()
+	cfg.Edge.Upstream = "http://" + ln.Addr().String()
+	if err := cfg.Validate(); err != nil {
+		return fmt.Errorf("invalid configuration:\n%w", err)
+	}
+
+	sctx, cancel := context.WithTimeout(ctx, 90*time.Second)
+	comps, err := allComponents(sctx, cfg, log)
+	cancel()
+	if err != nil {
+		return err
+	}
+	var edgeAddr string
+	for _, n := range comps {
+		if m, ok := n.c.(*EdgeMain); ok {
+			edgeAddr = m.Addr()
+		}
+	}
+	runCtx, stopRun := context.WithCancel(ctx)
+	runErr := make(chan error, 1)
+	go func() { runErr <- runComponents(runCtx, log, comps) }()
+	defer func() { stopRun(); <-runErr }()
+
+	keys, err := demoKeys(ctx, cfg)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(out, "Demo upstream on %s, edge on http://%s\n", cfg.Edge.Upstream, edgeAddr)
+	for _, k := range keys {
+		fmt.Fprintf(out, "  demo key for %s (%s): %s\n", k.account, k.env, k.secret)
+	}
+	start := time.Now()
+	sent, err := demo.Traffic(ctx, "http://"+edgeAddr, keysSecrets(keys), calls)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(out, "Sent %d demo calls through the edge (%d answered 2xx) in %s\n", sent.Total, sent.OK, time.Since(start).Round(time.Millisecond))
+
+	ch, err := openClickHouse(ctx, cfg.Services.ClickHouseAddr, cfg.Services.ClickHouseDatabase)
+	if err != nil {
+		return err
+	}
+	defer ch.Close()
+	accounts := make([]string, 0, len(keys))
+	for _, k := range keys {
+		accounts = append(accounts, k.account)
+	}
+	var landed uint64
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		row := ch.QueryRow(ctx, `SELECT count() FROM usage_events FINAL WHERE request_id IN (?)`, sent.RequestIDs)
+		if err := row.Scan(&landed); err != nil {
+			return fmt.Errorf("count landed events: %w", err)
+		}
+		if landed >= uint64(sent.Total) || time.Now().After(deadline) || ctx.Err() != nil {
+			break
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	fmt.Fprintf(out, "\nLanded in ClickHouse: %d of %d demo calls (usage_events, database %s)\n", landed, sent.Total, cfg.Services.ClickHouseDatabase)
+	fmt.Fprintf(out, "\nWhere to look:\n")
+	fmt.Fprintf(out, "  edge:        curl -H 'Authorization: Bearer %s' http://%s/v1/widgets\n", keys[0].secret, edgeAddr)
+	fmt.Fprintf(out, "  raw events:  clickhouse-client --port %s -d %s -q \"SELECT account_id, count() FROM usage_events FINAL GROUP BY account_id\"\n",
+		portOf(cfg.Services.ClickHouseAddr), cfg.Services.ClickHouseDatabase)
+	if landed != uint64(sent.Total) {
+		return fmt.Errorf("only %d of %d demo calls landed in ClickHouse", landed, sent.Total)
+	}
+	if once {
+		return nil
+	}
+	fmt.Fprintln(out, "\nThe pipeline keeps running; press Ctrl-C to stop it.")
+	<-ctx.Done()
+	return nil
+}
+
+func portOf(addr string) string {
+	if _, p, err := net.SplitHostPort(addr); err == nil {
+		return p
+	}
+	return addr
+}
+
+type demoKey struct {
+	account string
+	env     schemas.Environment
+	secret  string
+}
+
+func keysSecrets(keys []demoKey) []string {
+	out := make([]string, len(keys))
+	for i, k := range keys {
+		out[i] = k.secret
+	}
+	return out
+}
+
+// demoKeys creates three demo accounts with a fresh secret key each; the
+// last uses test mode. Secrets are shown once, here, and stored hashed.
+func demoKeys(ctx context.Context, cfg Config) ([]demoKey, error) {
+	pool, err := openPostgres(ctx, cfg.Services.PostgresURL)
+	if err != nil {
+		return nil, err
+	}
+	defer pool.Close()
+	store := edgepg.NewKeyStore(pool)
+	var out []demoKey
+	for i, env := range []schemas.Environment{schemas.Live, schemas.Live, schemas.Test} {
+		account := fmt.Sprintf("acct_demo_%d", i+1)
+		if err := store.EnsureAccount(ctx, account, "Demo customer "+string(rune('A'+i))); err != nil {
+			return nil, err
+		}
+		secret, parsed, err := edge.GenerateKey(edge.Secret, env)
+		if err != nil {
+			return nil, err
+		}
+		id := "key_" + strings.ToLower(parsed.DisplayPrefix[len(parsed.DisplayPrefix)-4:]) + schemas.NewEventID().String()[24:]
+		if err := store.CreateKey(ctx, edgepg.NewKey{ID: id, AccountID: account, Name: "demo", Parsed: parsed}); err != nil {
+			return nil, err
+		}
+		out = append(out, demoKey{account: account, env: env, secret: secret})
+	}
+	return out, nil
+}

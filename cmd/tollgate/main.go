@@ -1,0 +1,246 @@
+// Command tollgate runs Tollgate's components: one sub-command per component
+// and `all` to run every component in one process.
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"github.com/spf13/cobra"
+)
+
+func main() {
+	if err := newRootCommand().Execute(); err != nil {
+		fmt.Fprintln(os.Stderr, "tollgate:", err)
+		os.Exit(1)
+	}
+}
+
+type globalFlags struct {
+	config   string
+	logLevel string
+	logJSON  bool
+}
+
+func newRootCommand() *cobra.Command {
+	var g globalFlags
+	root := &cobra.Command{
+		Use:           "tollgate",
+		Short:         "Run an HTTP API as a product: keys, limits, metering, usage and invoices",
+		SilenceUsage:  true,
+		SilenceErrors: true,
+	}
+	root.PersistentFlags().StringVarP(&g.config, "config", "c", os.Getenv("TOLLGATE_CONFIG"), "configuration file (YAML); env TOLLGATE_CONFIG")
+	root.PersistentFlags().StringVar(&g.logLevel, "log-level", "info", "debug, info, warn or error")
+	root.PersistentFlags().BoolVar(&g.logJSON, "log-json", false, "log as JSON lines")
+	for _, c := range subcommands(&g) {
+		root.AddCommand(c)
+	}
+	return root
+}
+
+// subcommands is every sub-command; each component registers its own.
+func subcommands(g *globalFlags) []*cobra.Command {
+	return []*cobra.Command{
+		componentCommand(g, "edge", "Authenticate, limit, proxy and meter API calls", edgeComponent),
+		componentCommand(g, "ingest", "Land usage events from Kafka in ClickHouse", ingestComponent),
+		componentCommand(g, "all", "Run every component in one process", allComponents),
+		checkConfigCommand(g),
+		migrateCommand(g),
+		demoCommand(g),
+	}
+}
+
+func (g *globalFlags) logger() (*slog.Logger, error) {
+	var lvl slog.Level
+	if err := lvl.UnmarshalText([]byte(g.logLevel)); err != nil {
+		return nil, fmt.Errorf("--log-level: %w", err)
+	}
+	opts := &slog.HandlerOptions{Level: lvl}
+	if g.logJSON {
+		return slog.New(slog.NewJSONHandler(os.Stderr, opts)), nil
+	}
+	return slog.New(slog.NewTextHandler(os.Stderr, opts)), nil
+}
+
+// component is what every component's Main provides.
+type component interface {
+	Run(ctx context.Context) error
+	Close() error
+}
+
+type named struct {
+	name string
+	c    component
+}
+
+// starter builds the components a sub-command runs, in start order.
+type starter func(ctx context.Context, cfg Config, log *slog.Logger) ([]named, error)
+
+func edgeComponent(ctx context.Context, cfg Config, log *slog.Logger) ([]named, error) {
+	m, err := NewEdgeMain(ctx, cfg, log)
+	if err != nil {
+		return nil, err
+	}
+	return []named{{"edge", m}}, nil
+}
+
+func ingestComponent(ctx context.Context, cfg Config, log *slog.Logger) ([]named, error) {
+	m, err := NewIngestMain(ctx, cfg, log)
+	if err != nil {
+		return nil, err
+	}
+	return []named{{"ingest", m}}, nil
+}
+
+// allComponents starts the pipeline back to front, so each stage's consumer
+// is up before its producer, and stops it front to back.
+func allComponents(ctx context.Context, cfg Config, log *slog.Logger) ([]named, error) {
+	var out []named
+	for _, s := range []starter{ingestComponent, edgeComponent} {
+		cs, err := s(ctx, cfg, log)
+		if err != nil {
+			closeAll(log, out)
+			return nil, err
+		}
+		out = append(out, cs...)
+	}
+	return out, nil
+}
+
+func componentCommand(g *globalFlags, name, short string, start starter) *cobra.Command {
+	return &cobra.Command{
+		Use:   name,
+		Short: short,
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			log, err := g.logger()
+			if err != nil {
+				return err
+			}
+			cfg, err := LoadConfig(g.config)
+			if err != nil {
+				return err
+			}
+			only := []string{name}
+			if name == "all" {
+				only = nil
+			}
+			if err := cfg.Validate(only...); err != nil {
+				return fmt.Errorf("invalid configuration:\n%w", err)
+			}
+			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
+			defer stop()
+			sctx, cancel := context.WithTimeout(ctx, 60*time.Second)
+			comps, err := start(sctx, cfg, log)
+			cancel()
+			if err != nil {
+				return err
+			}
+			return runComponents(ctx, log, comps)
+		},
+	}
+}
+
+// runComponents runs every component until ctx ends or one fails, then stops
+// them in reverse start order, each with a deadline.
+func runComponents(ctx context.Context, log *slog.Logger, comps []named) error {
+	type result struct {
+		i   int
+		err error
+	}
+	cancels := make([]context.CancelFunc, len(comps))
+	done := make([]chan struct{}, len(comps))
+	results := make(chan result, len(comps))
+	for i, n := range comps {
+		cctx, cancel := context.WithCancel(context.Background())
+		cancels[i], done[i] = cancel, make(chan struct{})
+		go func() {
+			defer close(done[i])
+			results <- result{i, n.c.Run(cctx)}
+		}()
+	}
+	var first error
+	select {
+	case <-ctx.Done():
+		log.Info("shutting down")
+	case r := <-results:
+		if r.err != nil {
+			first = fmt.Errorf("%s: %w", comps[r.i].name, r.err)
+			log.Error("component failed; shutting down", "component", comps[r.i].name, "err", r.err)
+		}
+	}
+	for i := len(comps) - 1; i >= 0; i-- {
+		cancels[i]()
+		select {
+		case <-done[i]:
+		case <-time.After(30 * time.Second):
+			log.Error("component did not stop in time", "component", comps[i].name)
+		}
+		if err := comps[i].c.Close(); err != nil {
+			log.Error("close component", "component", comps[i].name, "err", err)
+			first = errors.Join(first, err)
+		}
+		log.Info("stopped", "component", comps[i].name)
+	}
+	return first
+}
+
+func closeAll(log *slog.Logger, comps []named) {
+	for i := len(comps) - 1; i >= 0; i-- {
+		if err := comps[i].c.Close(); err != nil {
+			log.Error("close component", "component", comps[i].name, "err", err)
+		}
+	}
+}
+
+func checkConfigCommand(g *globalFlags) *cobra.Command {
+	return &cobra.Command{
+		Use:   "check-config",
+		Short: "Validate the configuration without starting anything",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cfg, err := LoadConfig(g.config)
+			if err != nil {
+				return err
+			}
+			if err := cfg.Validate(); err != nil {
+				return fmt.Errorf("invalid configuration:\n%w", err)
+			}
+			fmt.Fprintln(cmd.OutOrStdout(), "configuration is valid")
+			return nil
+		},
+	}
+}
+
+func migrateCommand(g *globalFlags) *cobra.Command {
+	return &cobra.Command{
+		Use:   "migrate",
+		Short: "Apply the Postgres migrations and the ClickHouse DDL",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cfg, err := LoadConfig(g.config)
+			if err != nil {
+				return err
+			}
+			pool, err := openPostgres(cmd.Context(), cfg.Services.PostgresURL)
+			if err != nil {
+				return err
+			}
+			pool.Close()
+			ch, err := openClickHouse(cmd.Context(), cfg.Services.ClickHouseAddr, cfg.Services.ClickHouseDatabase)
+			if err != nil {
+				return err
+			}
+			ch.Close()
+			fmt.Fprintln(cmd.OutOrStdout(), "schemas are up to date")
+			return nil
+		},
+	}
+}

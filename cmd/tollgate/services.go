@@ -1,0 +1,96 @@
+package main
+
+import (
+	"context"
+	"database/sql"
+	"fmt"
+	"regexp"
+	"time"
+
+	"github.com/ClickHouse/clickhouse-go/v2"
+	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
+	"github.com/jackc/pgx/v5/pgxpool"
+	_ "github.com/jackc/pgx/v5/stdlib" // database/sql driver for migrations
+	"github.com/segmentio/kafka-go"
+
+	"github.com/tollgate-dev/tollgate/schemas"
+)
+
+const startHint = "is it running? `make services` starts the local services"
+
+// openPostgres connects and migrates the schema forward.
+func openPostgres(ctx context.Context, url string) (*pgxpool.Pool, error) {
+	db, err := sql.Open("pgx", url)
+	if err != nil {
+		return nil, fmt.Errorf("open postgres: %w", err)
+	}
+	defer db.Close()
+	if err := db.PingContext(ctx); err != nil {
+		return nil, fmt.Errorf("connect to postgres (%s): %w", startHint, err)
+	}
+	if _, err := schemas.MigratePostgres(ctx, db); err != nil {
+		return nil, err
+	}
+	pool, err := pgxpool.New(ctx, url)
+	if err != nil {
+		return nil, fmt.Errorf("connect to postgres: %w", err)
+	}
+	return pool, nil
+}
+
+var chIdent = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
+
+// openClickHouse creates the database if needed, applies the DDL and
+// returns a connection to it.
+func openClickHouse(ctx context.Context, addr, database string) (driver.Conn, error) {
+	if !chIdent.MatchString(database) {
+		return nil, fmt.Errorf("clickhouse database name %q: letters, digits and _ only", database)
+	}
+	opts := func(db string) *clickhouse.Options {
+		return &clickhouse.Options{
+			Addr:        []string{addr},
+			Auth:        clickhouse.Auth{Database: db, Username: "default"},
+			DialTimeout: 5 * time.Second,
+			Protocol:    clickhouse.Native,
+		}
+	}
+	admin, err := clickhouse.Open(opts("default"))
+	if err != nil {
+		return nil, fmt.Errorf("open clickhouse: %w", err)
+	}
+	defer admin.Close()
+	if err := admin.Ping(ctx); err != nil {
+		return nil, fmt.Errorf("connect to clickhouse at %s (%s): %w", addr, startHint, err)
+	}
+	if err := admin.Exec(ctx, "CREATE DATABASE IF NOT EXISTS "+database); err != nil {
+		return nil, fmt.Errorf("create clickhouse database: %w", err)
+	}
+	conn, err := clickhouse.Open(opts(database))
+	if err != nil {
+		return nil, fmt.Errorf("open clickhouse: %w", err)
+	}
+	if err := schemas.ApplyClickHouse(ctx, conn); err != nil {
+		conn.Close()
+		return nil, err
+	}
+	return conn, nil
+}
+
+// ensureTopics creates the topics that do not exist yet.
+func ensureTopics(ctx context.Context, brokers []string, partitions int, topics ...string) error {
+	client := &kafka.Client{Addr: kafka.TCP(brokers...), Timeout: 15 * time.Second}
+	cfgs := make([]kafka.TopicConfig, len(topics))
+	for i, t := range topics {
+		cfgs[i] = kafka.TopicConfig{Topic: t, NumPartitions: partitions, ReplicationFactor: 1}
+	}
+	res, err := client.CreateTopics(ctx, &kafka.CreateTopicsRequest{Topics: cfgs})
+	if err != nil {
+		return fmt.Errorf("create kafka topics (%s): %w", startHint, err)
+	}
+	for t, err := range res.Errors {
+		if err != nil && err != kafka.TopicAlreadyExists {
+			return fmt.Errorf("create kafka topic %s: %w", t, err)
+		}
+	}
+	return nil
+}

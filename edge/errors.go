@@ -1,0 +1,117 @@
+package edge
+
+import (
+	"errors"
+	"log/slog"
+	"net/http"
+
+	"github.com/labstack/echo/v4"
+)
+
+// APIError is the one error shape every edge response uses.
+type APIError struct {
+	Status    int    `json:"-"`
+	Type      string `json:"type"`
+	Code      string `json:"code"`
+	Message   string `json:"message"`
+	RequestID string `json:"request_id,omitempty"`
+	DocURL    string `json:"doc_url,omitempty"`
+}
+
+func (e *APIError) Error() string { return e.Code + ": " + e.Message }
+
+// Error types, as Stripe groups them.
+const (
+	TypeInvalidRequest = "invalid_request_error"
+	TypeAuthentication = "authentication_error"
+	TypePermission     = "permission_error"
+	TypeRateLimit      = "rate_limit_error"
+	TypeAPI            = "api_error"
+)
+
+// DocBase is where error codes are documented.
+const DocBase = "https://tollgate.dev/docs/errors#"
+
+// NewAPIError builds an error with its documentation link.
+func NewAPIError(status int, typ, code, msg string) *APIError {
+	return &APIError{Status: status, Type: typ, Code: code, Message: msg, DocURL: DocBase + code}
+}
+
+// toAPIError maps domain errors to HTTP. It is the only place that does.
+func toAPIError(err error) *APIError {
+	var ae *APIError
+	var he *echo.HTTPError
+	switch {
+	case errors.As(err, &ae):
+		return ae
+	case errors.Is(err, ErrNoKey):
+		return NewAPIError(http.StatusUnauthorized, TypeAuthentication, "missing_api_key",
+			"No API key provided. Send it as 'Authorization: Bearer <key>'.")
+	case errors.Is(err, ErrMalformedKey):
+		return NewAPIError(http.StatusUnauthorized, TypeAuthentication, "malformed_api_key",
+			"The API key is not in a valid format.")
+	case errors.Is(err, ErrKeyNotFound):
+		return NewAPIError(http.StatusUnauthorized, TypeAuthentication, "invalid_api_key",
+			"The API key is not valid.")
+	case errors.Is(err, ErrKeyRevoked):
+		return NewAPIError(http.StatusUnauthorized, TypeAuthentication, "revoked_api_key",
+			"The API key has been revoked.")
+	case errors.Is(err, ErrKeyExpired):
+		return NewAPIError(http.StatusUnauthorized, TypeAuthentication, "expired_api_key",
+			"The API key has expired.")
+	case errors.As(err, &he):
+		msg := http.StatusText(he.Code)
+		if m, ok := he.Message.(string); ok {
+			msg = m
+		}
+		typ := TypeInvalidRequest
+		if he.Code >= 500 {
+			typ = TypeAPI
+		}
+		return NewAPIError(he.Code, typ, codeForStatus(he.Code), msg)
+	default:
+		return NewAPIError(http.StatusInternalServerError, TypeAPI, "internal_error",
+			"Something went wrong on our side.")
+	}
+}
+
+func codeForStatus(s int) string {
+	switch s {
+	case http.StatusNotFound:
+		return "not_found"
+	case http.StatusMethodNotAllowed:
+		return "method_not_allowed"
+	case http.StatusRequestEntityTooLarge:
+		return "payload_too_large"
+	case http.StatusUnsupportedMediaType:
+		return "unsupported_media_type"
+	default:
+		if s >= 500 {
+			return "internal_error"
+		}
+		return "invalid_request"
+	}
+}
+
+// errorHandler writes every error in the one shape and logs server faults.
+func errorHandler(log *slog.Logger) echo.HTTPErrorHandler {
+	return func(err error, c echo.Context) {
+		if c.Response().Committed {
+			return
+		}
+		ae := *toAPIError(err)
+		ae.RequestID = c.Response().Header().Get(HeaderRequestID)
+		if ae.Status >= 500 {
+			log.Error("request failed", "request_id", ae.RequestID, "code", ae.Code, "err", err)
+		}
+		var werr error
+		if c.Request().Method == http.MethodHead {
+			werr = c.NoContent(ae.Status)
+		} else {
+			werr = c.JSON(ae.Status, map[string]*APIError{"error": &ae})
+		}
+		if werr != nil {
+			log.Warn("write error response", "err", werr)
+		}
+	}
+}

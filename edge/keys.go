@@ -1,0 +1,134 @@
+package edge
+
+import (
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/subtle"
+	"errors"
+	"fmt"
+	"hash/crc32"
+	"math/big"
+	"strings"
+
+	"github.com/tollgate-dev/tollgate/schemas"
+)
+
+// KeyKind tells publishable keys (read-only scopes, safe to ship in a
+// browser) from secret keys (full access, server side only).
+type KeyKind string
+
+// The two kinds of API key.
+const (
+	Publishable KeyKind = "publishable"
+	Secret      KeyKind = "secret"
+)
+
+// Key format: "<kind>_<env>_<body><check>" where kind is pk or sk, env is
+// live or test, body is 22 base62 characters (128 random bits) and check is
+// 6 base62 characters of a CRC-32 over everything before it. The checksum lets
+// the edge reject a mistyped or made-up key before any lookup, as GitHub's
+// token format does; it is not a secret and adds no security by itself.
+const (
+	bodyLen     = 22
+	checkLen    = 6
+	prefixLen   = 8 // "sk_live_"
+	secretLen   = prefixLen + bodyLen + checkLen
+	displayBody = 4 // characters of the body kept for display
+)
+
+const base62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+// ErrMalformedKey means the presented string cannot be a Tollgate key.
+var ErrMalformedKey = errors.New("malformed API key")
+
+// ParsedKey is what the edge can learn from a key string without a lookup.
+type ParsedKey struct {
+	Kind        KeyKind
+	Environment schemas.Environment
+	// Hash is the SHA-256 of the full key, the only form stored.
+	Hash [32]byte
+	// DisplayPrefix identifies the key to people without revealing it.
+	DisplayPrefix string
+}
+
+// GenerateKey returns a new random key of the given kind and environment
+// and its parsed form. The plaintext is shown once and never stored.
+func GenerateKey(kind KeyKind, env schemas.Environment) (string, ParsedKey, error) {
+	var p string
+	switch kind {
+	case Publishable:
+		p = "pk_"
+	case Secret:
+		p = "sk_"
+	default:
+		return "", ParsedKey{}, fmt.Errorf("generate key: unknown kind %q", kind)
+	}
+	if !env.Valid() {
+		return "", ParsedKey{}, fmt.Errorf("generate key: unknown environment %q", env)
+	}
+	p += string(env) + "_"
+	var raw [16]byte
+	if _, err := rand.Read(raw[:]); err != nil {
+		return "", ParsedKey{}, fmt.Errorf("generate key: %w", err)
+	}
+	body := encode62(new(big.Int).SetBytes(raw[:]), bodyLen)
+	s := p + body
+	s += checksum(s)
+	pk, err := ParseKey(s)
+	return s, pk, err
+}
+
+// ParseKey checks the format and checksum of s and hashes it. It touches no
+// storage, so malformed keys cost nothing but this call.
+func ParseKey(s string) (ParsedKey, error) {
+	if len(s) != secretLen {
+		return ParsedKey{}, ErrMalformedKey
+	}
+	var pk ParsedKey
+	switch s[:3] {
+	case "pk_":
+		pk.Kind = Publishable
+	case "sk_":
+		pk.Kind = Secret
+	default:
+		return ParsedKey{}, ErrMalformedKey
+	}
+	switch s[3:8] {
+	case "live_":
+		pk.Environment = schemas.Live
+	case "test_":
+		pk.Environment = schemas.Test
+	default:
+		return ParsedKey{}, ErrMalformedKey
+	}
+	for i := prefixLen; i < secretLen; i++ {
+		if strings.IndexByte(base62, s[i]) < 0 {
+			return ParsedKey{}, ErrMalformedKey
+		}
+	}
+	want := checksum(s[:secretLen-checkLen])
+	if subtle.ConstantTimeCompare([]byte(want), []byte(s[secretLen-checkLen:])) != 1 {
+		return ParsedKey{}, ErrMalformedKey
+	}
+	pk.Hash = sha256.Sum256([]byte(s))
+	pk.DisplayPrefix = s[:prefixLen+displayBody]
+	return pk, nil
+}
+
+// HashEqual compares two key hashes in constant time.
+func HashEqual(a, b []byte) bool { return subtle.ConstantTimeCompare(a, b) == 1 }
+
+func checksum(s string) string {
+	return encode62(new(big.Int).SetUint64(uint64(crc32.ChecksumIEEE([]byte(s)))), checkLen)
+}
+
+func encode62(n *big.Int, width int) string {
+	out := make([]byte, width)
+	base := big.NewInt(62)
+	mod := new(big.Int)
+	for i := width - 1; i >= 0; i-- {
+		n.DivMod(n, base, mod)
+		out[i] = base62[mod.Int64()]
+	}
+	return string(out)
+}

@@ -1,0 +1,271 @@
+// Package schemas is Tollgate's contract between components: the versioned
+// usage event, the ClickHouse DDL and the Postgres migrations.
+//
+// A usage event is immutable once the edge has assigned its id. Every field
+// that ClickHouse uses to deduplicate (see clickhouse/raw_events.sql) is fixed
+// at that moment, so two deliveries of one event are byte-for-byte the same row.
+package schemas
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"regexp"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/google/uuid"
+)
+
+// EventVersion is the schema version this package writes. Readers accept
+// exactly the versions they know; anything else is a dead letter.
+const EventVersion = 1
+
+// Limits on a single event. They keep one bad producer from filling
+// ClickHouse with unbounded strings and are part of the contract.
+const (
+	MaxIDLength        = 64
+	MaxTypeLength      = 64
+	MaxRouteLength     = 256
+	MaxDimensions      = 16
+	MaxDimensionKey    = 64
+	MaxDimensionValue  = 256
+	MaxClientIDLength  = 128
+	MaxRequestIDLength = 128
+	// MaxClockSkew bounds how far in the future an event may be stamped.
+	MaxClockSkew = 5 * time.Minute
+)
+
+// Environment separates live traffic, which is billed, from test-mode
+// traffic, which is metered but never billed.
+type Environment string
+
+// The two environments of every account.
+const (
+	Live Environment = "live"
+	Test Environment = "test"
+)
+
+// Valid reports whether e is one of the known environments.
+func (e Environment) Valid() bool { return e == Live || e == Test }
+
+// Event is one usage event, version 1. JSON is its wire encoding on Kafka.
+type Event struct {
+	Version     int         `json:"v"`
+	ID          uuid.UUID   `json:"id"`
+	AccountID   string      `json:"account_id"`
+	Environment Environment `json:"env"`
+	KeyID       string      `json:"key_id"`
+	// Type is the event type that meters select on, e.g. "api_call".
+	Type string `json:"type"`
+	// Time is when the call happened, UTC, microsecond precision.
+	Time          time.Time `json:"time"`
+	Route         string    `json:"route,omitempty"`
+	Method        string    `json:"method,omitempty"`
+	Status        int       `json:"status,omitempty"`
+	LatencyMicros int64     `json:"latency_us,omitempty"`
+	RequestBytes  int64     `json:"request_bytes,omitempty"`
+	ResponseBytes int64     `json:"response_bytes,omitempty"`
+	// Units is the integer quantity this event contributes (1 for a call).
+	Units     int64  `json:"units"`
+	RequestID string `json:"request_id,omitempty"`
+	// ClientID is the producer's own id for server-reported events; the
+	// edge derives ID from it so a client retry is the same event.
+	ClientID   string            `json:"client_id,omitempty"`
+	Dimensions map[string]string `json:"dimensions,omitempty"`
+}
+
+// FieldError says which field of an event is wrong and why. Its Field uses
+// the JSON name so API clients can point at their own payload.
+type FieldError struct {
+	Field  string `json:"field"`
+	Reason string `json:"reason"`
+}
+
+func (e FieldError) Error() string { return e.Field + ": " + e.Reason }
+
+// ValidationError collects every problem with one event.
+type ValidationError struct {
+	Problems []FieldError `json:"problems"`
+}
+
+func (e *ValidationError) Error() string {
+	parts := make([]string, len(e.Problems))
+	for i, p := range e.Problems {
+		parts[i] = p.Error()
+	}
+	return "invalid event: " + strings.Join(parts, "; ")
+}
+
+// ErrMalformed wraps decoding failures: the bytes are not a version-1 event.
+var ErrMalformed = errors.New("malformed event")
+
+var (
+	identRe  = regexp.MustCompile(`^[A-Za-z0-9_.:-]+$`)
+	typeRe   = regexp.MustCompile(`^[a-z][a-z0-9_.]*$`)
+	dimKeyRe = regexp.MustCompile(`^[a-z][a-z0-9_]*$`)
+	methods  = map[string]bool{"GET": true, "HEAD": true, "POST": true, "PUT": true, "PATCH": true, "DELETE": true, "OPTIONS": true}
+)
+
+// Validate checks every field against the contract, relative to now, and
+// returns a *ValidationError listing all problems, or nil.
+func (e *Event) Validate(now time.Time) error {
+	var ps []FieldError
+	add := func(field, reason string, args ...any) {
+		ps = append(ps, FieldError{Field: field, Reason: fmt.Sprintf(reason, args...)})
+	}
+	if e.Version != EventVersion {
+		add("v", "unsupported schema version %d (want %d)", e.Version, EventVersion)
+	}
+	if e.ID == uuid.Nil {
+		add("id", "required")
+	}
+	checkIdent := func(field, v string) {
+		switch {
+		case v == "":
+			add(field, "required")
+		case len(v) > MaxIDLength:
+			add(field, "longer than %d bytes", MaxIDLength)
+		case !identRe.MatchString(v):
+			add(field, "may contain only letters, digits and _ . : -")
+		}
+	}
+	checkIdent("account_id", e.AccountID)
+	checkIdent("key_id", e.KeyID)
+	if !e.Environment.Valid() {
+		add("env", "must be %q or %q", Live, Test)
+	}
+	switch {
+	case e.Type == "":
+		add("type", "required")
+	case len(e.Type) > MaxTypeLength:
+		add("type", "longer than %d bytes", MaxTypeLength)
+	case !typeRe.MatchString(e.Type):
+		add("type", "must be lower case letters, digits, _ and ., starting with a letter")
+	}
+	switch {
+	case e.Time.IsZero():
+		add("time", "required")
+	case e.Time.Year() < 2000:
+		add("time", "before the year 2000")
+	case e.Time.After(now.Add(MaxClockSkew)):
+		add("time", "more than %s in the future", MaxClockSkew)
+	}
+	if len(e.Route) > MaxRouteLength {
+		add("route", "longer than %d bytes", MaxRouteLength)
+	}
+	if e.Method != "" && !methods[e.Method] {
+		add("method", "unknown HTTP method %q", e.Method)
+	}
+	if e.Status != 0 && (e.Status < 100 || e.Status > 599) {
+		add("status", "must be an HTTP status between 100 and 599")
+	}
+	if e.LatencyMicros < 0 {
+		add("latency_us", "negative")
+	}
+	if e.RequestBytes < 0 {
+		add("request_bytes", "negative")
+	}
+	if e.ResponseBytes < 0 {
+		add("response_bytes", "negative")
+	}
+	if e.Units < 0 {
+		add("units", "negative")
+	}
+	if len(e.RequestID) > MaxRequestIDLength {
+		add("request_id", "longer than %d bytes", MaxRequestIDLength)
+	}
+	if len(e.ClientID) > MaxClientIDLength {
+		add("client_id", "longer than %d bytes", MaxClientIDLength)
+	}
+	if len(e.Dimensions) > MaxDimensions {
+		add("dimensions", "more than %d entries", MaxDimensions)
+	}
+	for _, k := range sortedKeys(e.Dimensions) {
+		v := e.Dimensions[k]
+		switch {
+		case len(k) > MaxDimensionKey || !dimKeyRe.MatchString(k):
+			add("dimensions."+k, "key must be lower case letters, digits and _, at most %d bytes", MaxDimensionKey)
+		case len(v) > MaxDimensionValue:
+			add("dimensions."+k, "value longer than %d bytes", MaxDimensionValue)
+		}
+	}
+	if len(ps) > 0 {
+		return &ValidationError{Problems: ps}
+	}
+	return nil
+}
+
+// Normalize puts fields in canonical form: UTC time truncated to the
+// microsecond (what ClickHouse keeps) and empty dimensions as nil.
+func (e *Event) Normalize() {
+	e.Time = e.Time.UTC().Truncate(time.Microsecond)
+	if len(e.Dimensions) == 0 {
+		e.Dimensions = nil
+	}
+}
+
+// Encode returns the wire form of the event. It does not validate.
+func (e *Event) Encode() ([]byte, error) {
+	b, err := json.Marshal(e)
+	if err != nil {
+		return nil, fmt.Errorf("encode event %s: %w", e.ID, err)
+	}
+	return b, nil
+}
+
+// Decode parses the wire form strictly: unknown fields, trailing data and
+// wrong types are errors wrapping ErrMalformed. It then validates against
+// now and returns the *ValidationError, if any, alongside the event.
+func Decode(b []byte, now time.Time) (Event, error) {
+	var e Event
+	dec := json.NewDecoder(bytes.NewReader(b))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&e); err != nil {
+		return Event{}, fmt.Errorf("%w: %v", ErrMalformed, err)
+	}
+	if dec.More() {
+		return Event{}, fmt.Errorf("%w: trailing data after the event", ErrMalformed)
+	}
+	e.Normalize()
+	if err := e.Validate(now); err != nil {
+		return e, err
+	}
+	return e, nil
+}
+
+// NewEventID returns a fresh UUIDv7: time-ordered, so ids sort with the
+// events they name, and unique without coordination between edges.
+func NewEventID() uuid.UUID { return uuid.Must(uuid.NewV7()) }
+
+// clientNamespace scopes ids derived from client event ids.
+var clientNamespace = uuid.MustParse("6f1b2a7e-5d1c-4c8e-9a43-1f0e5b7c2d90")
+
+// ClientEventID derives the event id for a server-reported event from the
+// account and the client's own id, so that a retried report is recognised
+// as the same event everywhere downstream.
+func ClientEventID(accountID, clientID string) uuid.UUID {
+	return uuid.NewSHA1(clientNamespace, []byte(accountID+"\x00"+clientID))
+}
+
+// DimensionArrays returns the dimensions as parallel, key-sorted arrays, the
+// form the raw events table stores them in.
+func (e *Event) DimensionArrays() (keys, values []string) {
+	keys = sortedKeys(e.Dimensions)
+	values = make([]string, len(keys))
+	for i, k := range keys {
+		values[i] = e.Dimensions[k]
+	}
+	return keys, values
+}
+
+func sortedKeys(m map[string]string) []string {
+	keys := make([]string, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	return keys
+}
