@@ -1,0 +1,202 @@
+// Package meter defines what the operator bills and reports on: a meter
+// selects usage events by type and filters, aggregates one property, and
+// groups by dimensions. The aggregator rolls meters up and the invoicer
+// prices them; both compile a Meter to the same ClickHouse SQL here, so the
+// dashboards and the invoice can never disagree about what a meter means.
+package meter
+
+import (
+	"errors"
+	"fmt"
+	"regexp"
+	"strings"
+)
+
+// Aggregation is how a meter combines its events' values.
+type Aggregation string
+
+// The aggregations a meter can use.
+const (
+	Count       Aggregation = "COUNT"
+	Sum         Aggregation = "SUM"
+	UniqueCount Aggregation = "UNIQUE_COUNT"
+	Max         Aggregation = "MAX"
+	Latest      Aggregation = "LATEST"
+)
+
+// Meter is one operator-defined meter.
+type Meter struct {
+	// Key identifies the meter in rollups, APIs and prices, e.g. "api_calls".
+	Key string `yaml:"key" json:"key"`
+	// EventType selects events by their type.
+	EventType   string      `yaml:"event_type" json:"event_type"`
+	Aggregation Aggregation `yaml:"aggregation" json:"aggregation"`
+	// Value is the property aggregated: "units", a numeric event field
+	// ("request_bytes", "response_bytes", "latency_us", "status") or
+	// "dimensions.NAME". COUNT ignores it.
+	Value   string   `yaml:"value,omitempty" json:"value,omitempty"`
+	GroupBy []string `yaml:"group_by,omitempty" json:"group_by,omitempty"`
+	Filters []Filter `yaml:"filters,omitempty" json:"filters,omitempty"`
+}
+
+// Filter keeps events whose property equals (or, with Not, differs from)
+// one of Values.
+type Filter struct {
+	Property string   `yaml:"property" json:"property"`
+	Values   []string `yaml:"in" json:"in"`
+	Not      bool     `yaml:"not,omitempty" json:"not,omitempty"`
+}
+
+var (
+	keyRe  = regexp.MustCompile(`^[a-z][a-z0-9_]{0,62}$`)
+	typeRe = regexp.MustCompile(`^[a-z][a-z0-9_.]{0,63}$`)
+	dimRe  = regexp.MustCompile(`^dimensions\.[a-z][a-z0-9_]{0,63}$`)
+)
+
+// numeric fields of usage_events a meter may aggregate.
+var numeric = map[string]string{
+	"units":          "units",
+	"request_bytes":  "toInt64(request_bytes)",
+	"response_bytes": "toInt64(response_bytes)",
+	"latency_us":     "toInt64(latency_us)",
+	"status":         "toInt64(status)",
+}
+
+// string fields a meter may group or filter by.
+var fields = map[string]string{
+	"route":       "route",
+	"method":      "method",
+	"status":      "toString(status)",
+	"key_id":      "key_id",
+	"environment": "toString(environment)",
+	"event_type":  "event_type",
+}
+
+// Validate reports every problem with the meter at once.
+func (m *Meter) Validate() error {
+	var errs []error
+	bad := func(f string, a ...any) { errs = append(errs, fmt.Errorf("meter %q: "+f, append([]any{m.Key}, a...)...)) }
+	if !keyRe.MatchString(m.Key) {
+		bad("key must be lower-case letters, digits and _, starting with a letter")
+	}
+	if !typeRe.MatchString(m.EventType) {
+		bad("event_type %q is not a valid event type", m.EventType)
+	}
+	switch m.Aggregation {
+	case Count:
+	case Sum, Max, Latest:
+		if _, err := numericExpr(m.Value); err != nil {
+			bad("%s needs a numeric value: %v", m.Aggregation, err)
+		}
+	case UniqueCount:
+		if _, err := stringExpr(m.Value); err != nil {
+			bad("UNIQUE_COUNT needs a property: %v", err)
+		}
+	default:
+		bad("aggregation %q is not one of COUNT, SUM, UNIQUE_COUNT, MAX, LATEST", m.Aggregation)
+	}
+	seen := map[string]bool{}
+	for _, g := range m.GroupBy {
+		if _, err := stringExpr(g); err != nil {
+			bad("group_by: %v", err)
+		}
+		if seen[g] {
+			bad("group_by %q twice", g)
+		}
+		seen[g] = true
+	}
+	for _, f := range m.Filters {
+		if _, err := stringExpr(f.Property); err != nil {
+			bad("filter: %v", err)
+		}
+		if len(f.Values) == 0 {
+			bad("filter on %q has no values", f.Property)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func numericExpr(p string) (string, error) {
+	if e, ok := numeric[p]; ok {
+		return e, nil
+	}
+	if dimRe.MatchString(p) {
+		return fmt.Sprintf("toInt64OrZero(%s)", dimExpr(p)), nil
+	}
+	return "", fmt.Errorf("unknown numeric property %q", p)
+}
+
+func stringExpr(p string) (string, error) {
+	if e, ok := fields[p]; ok {
+		return e, nil
+	}
+	if dimRe.MatchString(p) {
+		return dimExpr(p), nil
+	}
+	return "", fmt.Errorf("unknown property %q (want one of route, method, status, key_id, environment, event_type or dimensions.NAME)", p)
+}
+
+// dimExpr reads a dimension from the parallel key/value arrays; a missing
+// dimension reads as "" (indexOf returns 0, and arrays are 1-based with a
+// default for index 0).
+func dimExpr(p string) string {
+	name := strings.TrimPrefix(p, "dimensions.")
+	return fmt.Sprintf("dim_values[indexOf(dim_keys, '%s')]", name)
+}
+
+// Compiled is a meter as SQL fragments over the usage_events columns.
+// Every fragment is built from validated names only; no user value is
+// interpolated except through Args.
+type Compiled struct {
+	// Where selects the meter's events (without time or account bounds).
+	Where string
+	Args  []any
+	// GroupBy are expressions for the group-by properties, in order.
+	GroupBy []string
+	// Aggregate is the aggregate expression over the selected events; it
+	// yields Int64 for every aggregation.
+	Aggregate string
+}
+
+// Compile turns a valid meter into SQL fragments.
+func (m *Meter) Compile() (Compiled, error) {
+	if err := m.Validate(); err != nil {
+		return Compiled{}, err
+	}
+	c := Compiled{Where: "event_type = ?", Args: []any{m.EventType}}
+	for _, f := range m.Filters {
+		e, _ := stringExpr(f.Property)
+		op := "IN"
+		if f.Not {
+			op = "NOT IN"
+		}
+		c.Where += fmt.Sprintf(" AND %s %s (?)", e, op)
+		c.Args = append(c.Args, f.Values)
+	}
+	for _, g := range m.GroupBy {
+		e, _ := stringExpr(g)
+		c.GroupBy = append(c.GroupBy, e)
+	}
+	switch m.Aggregation {
+	case Count:
+		c.Aggregate = "toInt64(count())"
+	case Sum:
+		e, _ := numericExpr(m.Value)
+		c.Aggregate = fmt.Sprintf("toInt64(sum(%s))", e)
+	case Max:
+		e, _ := numericExpr(m.Value)
+		c.Aggregate = fmt.Sprintf("toInt64(max(%s))", e)
+	case Latest:
+		e, _ := numericExpr(m.Value)
+		c.Aggregate = fmt.Sprintf("toInt64(argMax(%s, timestamp_us))", e)
+	case UniqueCount:
+		e, _ := stringExpr(m.Value)
+		c.Aggregate = fmt.Sprintf("toInt64(uniqExact(%s))", e)
+	}
+	return c, nil
+}
+
+// Default is the meter every installation has: one per proxied call.
+func Default() Meter {
+	return Meter{Key: "api_calls", EventType: "api_call", Aggregation: Count}
+}

@@ -1,0 +1,205 @@
+package schemas
+
+import (
+	"errors"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/google/uuid"
+)
+
+var now = time.Date(2026, 11, 26, 12, 0, 0, 0, time.UTC)
+
+func validEvent() Event {
+	return Event{
+		Version:     EventVersion,
+		ID:          uuid.MustParse("0193a0d2-6f1e-7c3a-9d2b-4e5f60718293"),
+		AccountID:   "acct_123",
+		Environment: Live,
+		KeyID:       "key_abc",
+		Type:        "api_call",
+		Time:        now.Add(-time.Minute),
+		Route:       "/v1/widgets/{id}",
+		Method:      "GET",
+		Status:      200,
+		Units:       1,
+		Dimensions:  map[string]string{"region": "eu", "model": "small"},
+	}
+}
+
+func TestValidate(t *testing.T) {
+	cases := []struct {
+		name   string
+		mutate func(*Event)
+		fields []string // fields that must be reported; none means valid
+	}{
+		{"a complete event is valid", func(*Event) {}, nil},
+		{"unknown schema version is rejected", func(e *Event) { e.Version = 2 }, []string{"v"}},
+		{"missing id is rejected", func(e *Event) { e.ID = uuid.Nil }, []string{"id"}},
+		{"missing account is rejected", func(e *Event) { e.AccountID = "" }, []string{"account_id"}},
+		{"account with spaces is rejected", func(e *Event) { e.AccountID = "acct 1" }, []string{"account_id"}},
+		{"over-long account is rejected", func(e *Event) { e.AccountID = strings.Repeat("a", MaxIDLength+1) }, []string{"account_id"}},
+		{"unknown environment is rejected", func(e *Event) { e.Environment = "prod" }, []string{"env"}},
+		{"missing type is rejected", func(e *Event) { e.Type = "" }, []string{"type"}},
+		{"upper-case type is rejected", func(e *Event) { e.Type = "API_CALL" }, []string{"type"}},
+		{"missing time is rejected", func(e *Event) { e.Time = time.Time{} }, []string{"time"}},
+		{"time far in the future is rejected", func(e *Event) { e.Time = now.Add(MaxClockSkew + time.Second) }, []string{"time"}},
+		{"time within the clock skew is accepted", func(e *Event) { e.Time = now.Add(MaxClockSkew - time.Second) }, nil},
+		{"ancient time is rejected", func(e *Event) { e.Time = time.Date(1999, 1, 1, 0, 0, 0, 0, time.UTC) }, []string{"time"}},
+		{"negative units are rejected", func(e *Event) { e.Units = -1 }, []string{"units"}},
+		{"zero units are accepted", func(e *Event) { e.Units = 0 }, nil},
+		{"unknown method is rejected", func(e *Event) { e.Method = "BREW" }, []string{"method"}},
+		{"status outside HTTP range is rejected", func(e *Event) { e.Status = 99 }, []string{"status"}},
+		{"negative byte counts are rejected", func(e *Event) { e.RequestBytes, e.ResponseBytes = -1, -2 }, []string{"request_bytes", "response_bytes"}},
+		{"bad dimension key is rejected", func(e *Event) { e.Dimensions = map[string]string{"Bad Key": "x"} }, []string{"dimensions.Bad Key"}},
+		{"over-long dimension value is rejected", func(e *Event) {
+			e.Dimensions = map[string]string{"k": strings.Repeat("v", MaxDimensionValue+1)}
+		}, []string{"dimensions.k"}},
+		{"too many dimensions are rejected", func(e *Event) {
+			e.Dimensions = map[string]string{}
+			for i := 0; i <= MaxDimensions; i++ {
+				e.Dimensions[string(rune('a'+i))] = "x"
+			}
+		}, []string{"dimensions"}},
+		{"every problem is reported at once", func(e *Event) { e.AccountID, e.Units, e.Environment = "", -5, "" }, []string{"account_id", "units", "env"}},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			e := validEvent()
+			c.mutate(&e)
+			err := e.Validate(now)
+			if len(c.fields) == 0 {
+				if err != nil {
+					t.Fatalf("want valid, got %v", err)
+				}
+				return
+			}
+			var ve *ValidationError
+			if !errors.As(err, &ve) {
+				t.Fatalf("want *ValidationError, got %v", err)
+			}
+			got := map[string]bool{}
+			for _, p := range ve.Problems {
+				got[p.Field] = true
+				if p.Reason == "" {
+					t.Errorf("problem with %s has no reason", p.Field)
+				}
+			}
+			for _, f := range c.fields {
+				if !got[f] {
+					t.Errorf("problem with %s not reported; got %v", f, ve.Problems)
+				}
+			}
+			if len(ve.Problems) != len(c.fields) {
+				t.Errorf("got %d problems, want %d: %v", len(ve.Problems), len(c.fields), ve.Problems)
+			}
+		})
+	}
+}
+
+func TestDecodeMalformedRecords(t *testing.T) {
+	good, err := func() ([]byte, error) { e := validEvent(); return e.Encode() }()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cases := []struct {
+		name      string
+		in        string
+		malformed bool // ErrMalformed rather than a ValidationError
+	}{
+		{"empty record is malformed", "", true},
+		{"not JSON is malformed", "hello", true},
+		{"truncated JSON is malformed", string(good[:len(good)/2]), true},
+		{"JSON array is malformed", "[1,2]", true},
+		{"unknown field is malformed", strings.Replace(string(good), `{"v":1`, `{"v":1,"surprise":true`, 1), true},
+		{"wrong type is malformed", strings.Replace(string(good), `"units":1`, `"units":"one"`, 1), true},
+		{"fractional units are malformed", strings.Replace(string(good), `"units":1`, `"units":1.5`, 1), true},
+		{"bad uuid is malformed", strings.Replace(string(good), `"id":"0193a0d2`, `"id":"zz93a0d2`, 1), true},
+		{"trailing data is malformed", string(good) + `{}`, true},
+		{"valid JSON with a missing account is invalid", strings.Replace(string(good), `"account_id":"acct_123"`, `"account_id":""`, 1), false},
+		{"null event is invalid", "null", false},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			_, err := Decode([]byte(c.in), now)
+			if err == nil {
+				t.Fatal("want an error")
+			}
+			var ve *ValidationError
+			if c.malformed != errors.Is(err, ErrMalformed) || (!c.malformed && !errors.As(err, &ve)) {
+				t.Fatalf("got %v (malformed=%v)", err, errors.Is(err, ErrMalformed))
+			}
+		})
+	}
+}
+
+func TestEncodeDecodeRoundTrip(t *testing.T) {
+	e := validEvent()
+	e.Time = time.Date(2026, 11, 26, 11, 59, 0, 123456789, time.FixedZone("x", 3600))
+	e.Normalize()
+	b, err := e.Encode()
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := Decode(b, now)
+	if err != nil {
+		t.Fatalf("decode: %v", err)
+	}
+	if !got.Time.Equal(e.Time) || got.Time.Location() != time.UTC || got.Time.Nanosecond()%1000 != 0 {
+		t.Fatalf("time %v, want %v in UTC at microsecond precision", got.Time, e.Time)
+	}
+	if got.ID != e.ID || got.AccountID != e.AccountID || got.Dimensions["region"] != "eu" || got.Units != 1 {
+		t.Fatalf("round trip changed the event: %+v", got)
+	}
+	keys, values := got.DimensionArrays()
+	if strings.Join(keys, ",") != "model,region" || strings.Join(values, ",") != "small,eu" {
+		t.Fatalf("dimension arrays %v %v, want key-sorted", keys, values)
+	}
+}
+
+func TestEventIDs(t *testing.T) {
+	t.Run("edge ids are UUIDv7 and increase", func(t *testing.T) {
+		a, b := NewEventID(), NewEventID()
+		if a.Version() != 7 || b.Version() != 7 {
+			t.Fatalf("versions %d %d", a.Version(), b.Version())
+		}
+		if strings.Compare(a.String(), b.String()) >= 0 {
+			t.Fatalf("%s then %s: not increasing", a, b)
+		}
+	})
+	t.Run("client ids map to one event id per account", func(t *testing.T) {
+		if ClientEventID("a", "x") != ClientEventID("a", "x") {
+			t.Fatal("same client id gave two event ids")
+		}
+		if ClientEventID("a", "x") == ClientEventID("b", "x") {
+			t.Fatal("two accounts share an event id for the same client id")
+		}
+		if ClientEventID("a", "bx") == ClientEventID("ab", "x") {
+			t.Fatal("account and client id are not separated")
+		}
+	})
+}
+
+func FuzzDecode(f *testing.F) {
+	e := validEvent()
+	b, _ := e.Encode()
+	f.Add(b)
+	f.Add([]byte(`{"v":1}`))
+	f.Fuzz(func(t *testing.T, in []byte) {
+		ev, err := Decode(in, now)
+		if err == nil {
+			// Whatever decodes cleanly must validate and survive a round trip.
+			if verr := ev.Validate(now); verr != nil {
+				t.Fatalf("decoded event fails validation: %v", verr)
+			}
+			b, err := ev.Encode()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := Decode(b, now); err != nil {
+				t.Fatalf("re-decode: %v", err)
+			}
+		}
+	})
+}

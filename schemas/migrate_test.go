@@ -1,0 +1,138 @@
+package schemas_test
+
+import (
+	"context"
+	"database/sql"
+	"fmt"
+	"io/fs"
+	"sort"
+	"strings"
+	"testing"
+
+	_ "github.com/jackc/pgx/v5/stdlib"
+
+	"github.com/tollgate-dev/tollgate/internal/testenv"
+	"github.com/tollgate-dev/tollgate/schemas"
+)
+
+func migrationVersions(t *testing.T) []string {
+	t.Helper()
+	m, err := schemas.PostgresMigrations()
+	testenv.Must(t, err, "migrations")
+	entries, err := fs.ReadDir(m, ".")
+	testenv.Must(t, err, "read migrations")
+	var names []string
+	for _, e := range entries {
+		names = append(names, e.Name())
+	}
+	sort.Strings(names)
+	return names
+}
+
+func TestPostgresMigrationsApplyForwardFromEveryVersion(t *testing.T) {
+	names := migrationVersions(t)
+	if len(names) == 0 {
+		t.Fatal("no migrations embedded")
+	}
+	for i := range names {
+		stop := names[i]
+		t.Run("from "+stop, func(t *testing.T) {
+			t.Parallel()
+			pg := testenv.NewEmptyPostgres(t)
+			db, err := sql.Open("pgx", pg.URL)
+			testenv.Must(t, err, "open")
+			defer db.Close()
+			ctx := context.Background()
+			var v int64
+			if _, err := fmt.Sscanf(stop, "%d", &v); err != nil {
+				t.Fatalf("migration %s has no numeric version: %v", stop, err)
+			}
+			got, err := schemas.MigratePostgresTo(ctx, db, v)
+			testenv.Must(t, err, "migrate to "+stop)
+			if got != v {
+				t.Fatalf("at version %d, want %d", got, v)
+			}
+			// Data written at the old version must survive the rest.
+			if _, err := db.ExecContext(ctx, `INSERT INTO accounts (id, name) VALUES ('acct_old', 'Old')`); err != nil {
+				t.Fatalf("write at version %d: %v", v, err)
+			}
+			latest, err := schemas.MigratePostgres(ctx, db)
+			testenv.Must(t, err, "migrate forward")
+			var name string
+			testenv.Must(t, db.QueryRowContext(ctx, `SELECT name FROM accounts WHERE id = 'acct_old'`).Scan(&name), "read back")
+			if name != "Old" {
+				t.Fatalf("account name %q after migrating to %d", name, latest)
+			}
+			// Applying again is a no-op.
+			again, err := schemas.MigratePostgres(ctx, db)
+			testenv.Must(t, err, "migrate again")
+			if again != latest {
+				t.Fatalf("second run moved version %d -> %d", latest, again)
+			}
+		})
+	}
+}
+
+func TestLedgerAndAuditLogAreAppendOnly(t *testing.T) {
+	pg := testenv.NewPostgres(t)
+	ctx := context.Background()
+	_, err := pg.Pool.Exec(ctx, `INSERT INTO accounts (id, name) VALUES ('acct_1', 'A')`)
+	testenv.Must(t, err, "account")
+	_, err = pg.Pool.Exec(ctx, `INSERT INTO ledger_entries (account_id, kind, amount_minor, currency) VALUES ('acct_1', 'invoice', 100, 'usd')`)
+	testenv.Must(t, err, "ledger entry")
+	_, err = pg.Pool.Exec(ctx, `INSERT INTO audit_log (actor, action) VALUES ('test', 'key.created')`)
+	testenv.Must(t, err, "audit entry")
+	for _, stmt := range []string{
+		`UPDATE ledger_entries SET amount_minor = 1`,
+		`DELETE FROM ledger_entries`,
+		`UPDATE audit_log SET action = 'x'`,
+		`DELETE FROM audit_log`,
+	} {
+		t.Run(strings.Fields(stmt)[0]+" "+strings.Fields(stmt)[1]+" is refused", func(t *testing.T) {
+			_, err := pg.Pool.Exec(ctx, stmt)
+			if err == nil || !strings.Contains(err.Error(), "append-only") {
+				t.Fatalf("%s: got %v, want an append-only error", stmt, err)
+			}
+		})
+	}
+}
+
+// TestClickHouseRawEventsDDLIsPinned pins the raw events table: a change to
+// its columns, sorting key or engine is a contract change and must show up
+// here.
+func TestClickHouseRawEventsDDLIsPinned(t *testing.T) {
+	ch := testenv.NewClickHouse(t)
+	ctx := context.Background()
+	rows, err := ch.Conn.Query(ctx, `SELECT name, type FROM system.columns
+		WHERE database = currentDatabase() AND table = 'usage_events' ORDER BY position`)
+	testenv.Must(t, err, "read columns")
+	var got []string
+	for rows.Next() {
+		var name, typ string
+		testenv.Must(t, rows.Scan(&name, &typ), "scan")
+		got = append(got, name+" "+typ)
+	}
+	rows.Close()
+	want := []string{
+		"event_id UUID", "schema_version UInt8", "account_id String",
+		"environment Enum8('live' = 1, 'test' = 2)", "key_id String", "event_type String",
+		"timestamp DateTime('UTC')", "timestamp_us UInt64", "route String", "method String",
+		"status UInt16", "latency_us UInt64", "request_bytes UInt64", "response_bytes UInt64",
+		"units Int64", "request_id String", "client_id String", "dim_keys Array(String)",
+		"dim_values Array(String)", "kafka_partition Int32", "kafka_offset Int64", "ingested_at DateTime('UTC')",
+	}
+	if strings.Join(got, "\n") != strings.Join(want, "\n") {
+		t.Fatalf("usage_events columns changed:\ngot:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
+	}
+	var engine, sortingKey string
+	testenv.Must(t, ch.Conn.QueryRow(ctx, `SELECT engine, sorting_key FROM system.tables
+		WHERE database = currentDatabase() AND name = 'usage_events'`).Scan(&engine, &sortingKey), "read table")
+	if engine != "ReplacingMergeTree" {
+		t.Fatalf("engine %s, want ReplacingMergeTree", engine)
+	}
+	if !strings.HasSuffix(strings.ReplaceAll(sortingKey, " ", ""), "timestamp,event_id") {
+		t.Fatalf("sorting key %q must end with timestamp, event_id (deduplication relies on it)", sortingKey)
+	}
+	// Applying the DDL again changes nothing.
+	testenv.Must(t, schemas.ApplyClickHouse(ctx, ch.Conn), "apply again")
+}
