@@ -75,7 +75,9 @@ var fields = map[string]string{
 // Validate reports every problem with the meter at once.
 func (m *Meter) Validate() error {
 	var errs []error
-	bad := func(f string, a ...any) { errs = append(errs, fmt.Errorf("meter %q: "+f, append([]any{m.Key}, a...)...)) }
+	bad := func(f string, a ...any) {
+		errs = append(errs, fmt.Errorf("meter %q: "+f, append([]any{m.Key}, a...)...))
+	}
 	if !keyRe.MatchString(m.Key) {
 		bad("key must be lower-case letters, digits and _, starting with a letter")
 	}
