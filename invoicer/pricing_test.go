@@ -1,0 +1,349 @@
+package invoicer
+
+import (
+	"errors"
+	"math"
+	"math/big"
+	"math/rand/v2"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/shopspring/decimal"
+)
+
+func d(s string) decimal.Decimal { return decimal.RequireFromString(s) }
+func up(n int64) *int64          { return &n }
+
+// Prices used by the table: boundaries at 1,000 and 10,000 units.
+var (
+	perUnit   = Price{Key: "calls", Model: PerUnit, Meter: "api_calls", UnitAmount: d("0.04")}
+	pkg       = Price{Key: "calls", Model: Package, Meter: "api_calls", PackageSize: 1000, PackageAmount: 150}
+	tiers     = []Tier{{UpTo: up(1000), UnitAmount: d("0")}, {UpTo: up(10000), UnitAmount: d("0.5"), FlatAmount: 100}, {UnitAmount: d("0.25")}}
+	graduated = Price{Key: "calls", Model: Graduated, Meter: "api_calls", Tiers: tiers}
+	volume    = Price{Key: "calls", Model: Volume, Meter: "api_calls", Tiers: tiers}
+	included  = Price{Key: "calls", Model: PerUnit, Meter: "api_calls", UnitAmount: d("2"), Included: 1000}
+	flat      = Price{Key: "base", Model: Flat, Amount: 2900}
+)
+
+func TestPriceApplyAtEveryBoundary(t *testing.T) {
+	cases := []struct {
+		name  string
+		price Price
+		q     int64
+		want  int64
+	}{
+		{"flat charges its amount whatever the usage", flat, 0, 2900},
+		{"flat ignores large usage", flat, 1 << 40, 2900},
+
+		{"per unit zero usage is free", perUnit, 0, 0},
+		{"per unit 999 units round half even down", perUnit, 999, 40}, // 39.96
+		{"per unit 1000 units", perUnit, 1000, 40},                    // 40
+		{"per unit 1001 units", perUnit, 1001, 40},                    // 40.04
+		{"per unit 12.48 rounds down to 12", perUnit, 312, 12},
+		{"per unit tie 37.5 rounds to even 38", Price{Key: "x", Model: PerUnit, Meter: "m", UnitAmount: d("0.5")}, 75, 38},
+		{"per unit 2.5 cents tie rounds to even 2", Price{Key: "x", Model: PerUnit, Meter: "m", UnitAmount: d("0.5")}, 5, 2},
+
+		{"package zero usage is free", pkg, 0, 0},
+		{"package one below a boundary is one package", pkg, 999, 150},
+		{"package at the boundary is one package", pkg, 1000, 150},
+		{"package one above starts a second package", pkg, 1001, 300},
+
+		{"graduated zero usage is free", graduated, 0, 0},
+		{"graduated one below first boundary", graduated, 999, 0},
+		{"graduated at first boundary", graduated, 1000, 0},
+		{"graduated one above first boundary enters tier 2 with its flat fee", graduated, 1001, 100}, // 0.5 + 100 = 100.5 → 100 (even)
+		{"graduated one below second boundary", graduated, 9999, 4600},                               // 8999*0.5=4499.5+100=4599.5 → 4600
+		{"graduated at second boundary", graduated, 10000, 4600},                                     // 9000*0.5=4500+100
+		{"graduated one above second boundary", graduated, 10001, 4600},                              // +0.25 = 4600.25
+
+		{"volume zero usage is free", volume, 0, 0},
+		{"volume one below first boundary", volume, 999, 0},
+		{"volume at first boundary", volume, 1000, 0},
+		{"volume one above first boundary prices every unit at tier 2", volume, 1001, 600},  // 500.5+100 → 600 (600.5 → even 600)
+		{"volume one below second boundary", volume, 9999, 5100},                            // 4999.5+100 → 5099.5 → 5100
+		{"volume at second boundary", volume, 10000, 5100},                                  // 5000+100
+		{"volume one above second boundary drops to the cheaper tier", volume, 10001, 2500}, // 2500.25 → 2500
+
+		{"included allowance: below it is free", included, 999, 0},
+		{"included allowance: at it is free", included, 1000, 0},
+		{"included allowance: one above is one billable unit", included, 1001, 2},
+
+		{"very large usage at a sub-cent price fits", perUnit, math.MaxInt64, 368934881474191032}, // 9223372036854775807*0.04
+		{"very large usage in packages fits", Price{Key: "x", Model: Package, Meter: "m", PackageSize: 1 << 32, PackageAmount: 1}, math.MaxInt64, 1 << 31},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			p, err := c.price.Apply(c.q)
+			if err != nil {
+				t.Fatalf("apply: %v", err)
+			}
+			got, err := RoundMinor(p.Exact)
+			if err != nil {
+				t.Fatalf("round: %v", err)
+			}
+			if got != c.want {
+				t.Fatalf("amount for %d units: got %d (exact %s), want %d", c.q, got, p.Exact, c.want)
+			}
+		})
+	}
+}
+
+func TestGraduatedTierBreakdown(t *testing.T) {
+	p, err := graduated.Apply(10001)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []TierUse{
+		{Tier: 1, First: 1, Last: 1000, Quantity: 1000},
+		{Tier: 2, First: 1001, Last: 10000, Quantity: 9000, FlatAmount: 100},
+		{Tier: 3, First: 10001, Last: 10001, Quantity: 1},
+	}
+	if len(p.Tiers) != len(want) {
+		t.Fatalf("tiers: got %+v", p.Tiers)
+	}
+	for i, w := range want {
+		g := p.Tiers[i]
+		if g.Tier != w.Tier || g.First != w.First || g.Last != w.Last || g.Quantity != w.Quantity || g.FlatAmount != w.FlatAmount {
+			t.Errorf("tier %d: got %+v, want %+v", i, g, w)
+		}
+	}
+	if p.Exact.String() != "4600.25" {
+		t.Errorf("exact: got %s, want 4600.25", p.Exact)
+	}
+}
+
+func TestOverflowIsRefusedNotWrapped(t *testing.T) {
+	p := Price{Key: "x", Model: PerUnit, Meter: "m", UnitAmount: d("1000")}
+	priced, err := p.Apply(math.MaxInt64)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := RoundMinor(priced.Exact); !errors.Is(err, ErrOverflow) {
+		t.Fatalf("want ErrOverflow, got %v", err)
+	}
+	if _, err := addMinor(math.MaxInt64, 1); !errors.Is(err, ErrOverflow) {
+		t.Fatalf("sum: want ErrOverflow, got %v", err)
+	}
+}
+
+func TestInvalidPricesAreRejectedWithEveryProblem(t *testing.T) {
+	d := Definition{Prices: []Price{
+		{Key: "a", Model: Graduated, Meter: "m", Tiers: []Tier{{UpTo: up(10)}, {UpTo: up(5)}}},
+		{Key: "a", Model: Package, Meter: "m"},
+		{Key: "c", Model: "stairs"},
+	}}
+	err := d.Validate()
+	if !errors.Is(err, ErrInvalid) {
+		t.Fatalf("want ErrInvalid, got %v", err)
+	}
+	for _, want := range []string{"up_to must increase", "last tier must be unbounded", `key "a" twice`, "package_size", "stairs", "meter required"} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("error does not mention %q: %v", want, err)
+		}
+	}
+}
+
+// reference prices a quantity the slow, obvious way: unit by unit, with
+// rationals. It shares no code with Apply.
+func reference(p Price, q int64) *big.Rat {
+	total := new(big.Rat)
+	rat := func(x decimal.Decimal) *big.Rat { r, _ := new(big.Rat).SetString(x.String()); return r }
+	billable := q - p.Included
+	if billable < 0 {
+		billable = 0
+	}
+	switch p.Model {
+	case Flat:
+		total.SetInt64(p.Amount)
+	case PerUnit:
+		for i := int64(0); i < billable; i++ {
+			total.Add(total, rat(p.UnitAmount))
+		}
+	case Package:
+		for i := int64(0); i < billable; i += p.PackageSize {
+			total.Add(total, new(big.Rat).SetInt64(p.PackageAmount))
+		}
+	case Graduated:
+		entered := map[int]bool{}
+		for u := int64(1); u <= billable; u++ {
+			for ti, t := range p.Tiers {
+				if t.UpTo == nil || u <= *t.UpTo {
+					total.Add(total, rat(t.UnitAmount))
+					if !entered[ti] {
+						entered[ti] = true
+						total.Add(total, new(big.Rat).SetInt64(t.FlatAmount))
+					}
+					break
+				}
+			}
+		}
+	case Volume:
+		if billable == 0 {
+			break
+		}
+		for _, t := range p.Tiers {
+			if t.UpTo == nil || billable <= *t.UpTo {
+				for u := int64(0); u < billable; u++ {
+					total.Add(total, rat(t.UnitAmount))
+				}
+				total.Add(total, new(big.Rat).SetInt64(t.FlatAmount))
+				break
+			}
+		}
+	}
+	return total
+}
+
+// referenceRound rounds half to even by comparing the fractional part
+// with one half.
+func referenceRound(x *big.Rat) int64 {
+	fl := new(big.Int).Div(x.Num(), x.Denom()) // floor for non-negative x
+	frac := new(big.Rat).Sub(x, new(big.Rat).SetInt(fl))
+	switch frac.Cmp(big.NewRat(1, 2)) {
+	case 1:
+		fl.Add(fl, big.NewInt(1))
+	case 0:
+		if fl.Bit(0) == 1 {
+			fl.Add(fl, big.NewInt(1))
+		}
+	}
+	return fl.Int64()
+}
+
+func TestPricingMatchesASimpleReference(t *testing.T) {
+	rng := rand.New(rand.NewPCG(5, 2026))
+	amount := func() decimal.Decimal {
+		return decimal.New(rng.Int64N(100000), -int32(rng.IntN(5)))
+	}
+	randomPrice := func() Price {
+		p := Price{Key: "p", Meter: "m", Included: rng.Int64N(3) * rng.Int64N(200)}
+		switch rng.IntN(5) {
+		case 0:
+			p.Model, p.Amount = Flat, rng.Int64N(1e6)
+		case 1:
+			p.Model, p.UnitAmount = PerUnit, amount()
+		case 2:
+			p.Model, p.PackageSize, p.PackageAmount = Package, 1+rng.Int64N(300), rng.Int64N(1e5)
+		default:
+			p.Model = Graduated
+			if rng.IntN(2) == 0 {
+				p.Model = Volume
+			}
+			var bound int64
+			for i := rng.IntN(4); i > 0; i-- {
+				bound += 1 + rng.Int64N(500)
+				p.Tiers = append(p.Tiers, Tier{UpTo: up(bound), UnitAmount: amount(), FlatAmount: rng.Int64N(3) * rng.Int64N(1000)})
+			}
+			p.Tiers = append(p.Tiers, Tier{UnitAmount: amount(), FlatAmount: rng.Int64N(1000)})
+		}
+		return p
+	}
+	for i := 0; i < 3000; i++ {
+		p := randomPrice()
+		if err := p.Validate(); err != nil {
+			t.Fatalf("generated an invalid price %+v: %v", p, err)
+		}
+		q := rng.Int64N(2500)
+		got, err := p.Apply(q)
+		if err != nil {
+			t.Fatal(err)
+		}
+		want := reference(p, q)
+		if got.Exact.Rat().Cmp(want) != 0 {
+			t.Fatalf("price %+v at %d: exact %s, reference %s", p, q, got.Exact, want.FloatString(6))
+		}
+		gotMinor, err := RoundMinor(got.Exact)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if w := referenceRound(want); gotMinor != w {
+			t.Fatalf("price %+v at %d: rounded %d, reference %d", p, q, gotMinor, w)
+		}
+	}
+}
+
+func TestMidPeriodPlanChangeIsProratedAndPricedPerSegment(t *testing.T) {
+	march := MonthPeriod(time.Date(2026, 3, 10, 0, 0, 0, 0, time.UTC), time.UTC)
+	change := time.Date(2026, 3, 11, 0, 0, 0, 0, time.UTC) // 10 of 31 days on the old plan
+	starter := Plan{ID: "starter", Version: 1, Currency: "usd", Definition: Definition{Prices: []Price{
+		{Key: "base", Model: Flat, Amount: 2900},
+		{Key: "calls", Model: PerUnit, Meter: "api_calls", UnitAmount: d("0.04"), Included: 100},
+	}}}
+	growth := Plan{ID: "growth", Version: 2, Currency: "usd", Definition: Definition{Prices: []Price{
+		{Key: "base", Model: Flat, Amount: 9900},
+		{Key: "calls", Model: PerUnit, Meter: "api_calls", UnitAmount: d("0.02"), Included: 100},
+	}}}
+	free := Plan{ID: "free", Version: 1, Currency: "usd"}
+	plans := map[string]Plan{"starter": starter, "growth": growth}
+	get := func(id string, _ int) (Plan, error) { return plans[id], nil }
+	end := change
+	subs := []Subscription{
+		{PlanID: "starter", PlanVersion: 1, StartsAt: march.Start.AddDate(0, -2, 0), EndsAt: &end},
+		{PlanID: "growth", PlanVersion: 2, StartsAt: change},
+	}
+	segs, err := Segments(march, subs, get, free)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(segs) != 2 || segs[0].Plan.ID != "starter" || !segs[0].End.Equal(change) || segs[1].Plan.ID != "growth" {
+		t.Fatalf("segments: %+v", segs)
+	}
+	inv, err := Compute(Inputs{AccountID: "acct_1", Currency: "usd", Period: march, Segments: segs,
+		Usage: []map[string]int64{{"api_calls": 1100}, {"api_calls": 5100}}, EventCount: 6200})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// base 2900*10/31 = 935.48 → 935; calls (1100-100)*0.04 = 40;
+	// base 9900*21/31 = 6706.45 → 6706; calls (5100-100)*0.02 = 100.
+	want := []int64{935, 40, 6706, 100}
+	if len(inv.Lines) != len(want) {
+		t.Fatalf("lines: %+v", inv.Lines)
+	}
+	for i, w := range want {
+		if inv.Lines[i].Amount != w {
+			t.Errorf("line %d (%s %s): got %d, want %d", i+1, inv.Lines[i].PlanID, inv.Lines[i].PriceKey, inv.Lines[i].Amount, w)
+		}
+	}
+	if inv.Lines[0].Proration != "864000/2678400" {
+		t.Errorf("proration: got %q", inv.Lines[0].Proration)
+	}
+	if inv.Total != 935+40+6706+100 {
+		t.Errorf("total: got %d", inv.Total)
+	}
+	again, _ := Compute(Inputs{AccountID: "acct_1", Currency: "usd", Period: march, Segments: segs,
+		Usage: []map[string]int64{{"api_calls": 1100}, {"api_calls": 5100}}, EventCount: 6200, Watermark: time.Now()})
+	if again.Fingerprint.Hash != inv.Fingerprint.Hash {
+		t.Error("the same inputs under another watermark hash differently")
+	}
+	other, _ := Compute(Inputs{AccountID: "acct_1", Currency: "usd", Period: march, Segments: segs,
+		Usage: []map[string]int64{{"api_calls": 1100}, {"api_calls": 5101}}, EventCount: 6201})
+	if other.Fingerprint.Hash == inv.Fingerprint.Hash {
+		t.Error("one more event did not change the fingerprint")
+	}
+}
+
+func TestPeriodsFollowTheAccountTimeZone(t *testing.T) {
+	tokyo, err := time.LoadLocation("Asia/Tokyo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := MonthPeriod(time.Date(2026, 2, 28, 16, 0, 0, 0, time.UTC), tokyo) // 1 March 01:00 in Tokyo
+	if want := time.Date(2026, 2, 28, 15, 0, 0, 0, time.UTC); !p.Start.Equal(want) {
+		t.Errorf("start: got %s, want %s", p.Start, want)
+	}
+	if want := time.Date(2026, 3, 31, 15, 0, 0, 0, time.UTC); !p.End.Equal(want) {
+		t.Errorf("end: got %s, want %s", p.End, want)
+	}
+}
+
+func TestCurrenciesHaveTheirMinorUnits(t *testing.T) {
+	for cur, want := range map[string]string{"usd": "123.45", "jpy": "12345", "kwd": "12.345"} {
+		if got := FormatMinor(12345, cur); got != want {
+			t.Errorf("%s: got %s, want %s", cur, got, want)
+		}
+	}
+	if _, err := MinorExponent("xxx"); !errors.Is(err, ErrInvalid) {
+		t.Errorf("unknown currency: want ErrInvalid, got %v", err)
+	}
+}
