@@ -1,0 +1,184 @@
+package testenv
+
+import (
+	"bytes"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// Instance is a private copy of one backing service, started for a single
+// test through the project's own script, on its own loopback ports and with
+// its own data. Fault tests stop, restart and kill it without disturbing the
+// shared services that other tests use at the same time.
+type Instance struct {
+	// Service is the script's name for it: kafka, clickhouse, postgres or redis.
+	Service string
+	// Addr is host:port of its client listener (for postgres, a URL).
+	Addr string
+	t    testing.TB
+	env  []string
+	mu   sync.Mutex
+}
+
+// PrivateKafka starts a single-node Kafka broker for this test.
+func PrivateKafka(t testing.TB) *Instance {
+	t.Helper()
+	p, c := freePort(t), freePort(t)
+	addr := "127.0.0.1:" + strconv.Itoa(p)
+	return startInstance(t, "kafka", addr,
+		"TOLLGATE_KAFKA_BROKERS="+addr,
+		"TOLLGATE_KAFKA_CONTROLLER_PORT="+strconv.Itoa(c),
+		// A private broker serves one test: a small heap is plenty.
+		"KAFKA_HEAP_OPTS=-Xmx384m -Xms128m")
+}
+
+// PrivateClickHouse starts a ClickHouse server for this test.
+func PrivateClickHouse(t testing.TB) *Instance {
+	t.Helper()
+	p, h := freePort(t), freePort(t)
+	addr := "127.0.0.1:" + strconv.Itoa(p)
+	return startInstance(t, "clickhouse", addr,
+		"TOLLGATE_CLICKHOUSE_ADDR="+addr,
+		"TOLLGATE_CLICKHOUSE_HTTP_PORT="+strconv.Itoa(h))
+}
+
+// PrivateRedis starts a Redis server for this test.
+func PrivateRedis(t testing.TB) *Instance {
+	t.Helper()
+	addr := "127.0.0.1:" + strconv.Itoa(freePort(t))
+	return startInstance(t, "redis", addr, "TOLLGATE_REDIS_ADDR="+addr)
+}
+
+// PrivatePostgres starts a PostgreSQL server for this test; Addr is its URL.
+func PrivatePostgres(t testing.TB) *Instance {
+	t.Helper()
+	url := fmt.Sprintf("postgres://tollgate@127.0.0.1:%d/tollgate?sslmode=disable", freePort(t))
+	return startInstance(t, "postgres", url, "TOLLGATE_POSTGRES_URL="+url)
+}
+
+func startInstance(t testing.TB, service, addr string, env ...string) *Instance {
+	t.Helper()
+	shared := SharedStateDir(t)
+	state, err := os.MkdirTemp("", "tollgate-"+service+"-")
+	if err != nil {
+		t.Fatalf("private %s: %v", service, err)
+	}
+	// Reuse what the shared services already installed, so a private
+	// instance costs a start-up, not a download.
+	if service == "kafka" {
+		libs := filepath.Join(shared, "kafka", "libs")
+		if _, err := os.Stat(filepath.Join(libs, ".pom-sha256")); err != nil {
+			t.Fatalf("private kafka needs the broker jars in %s: %s", libs, howToStart)
+		}
+		if err := os.MkdirAll(filepath.Join(state, "kafka"), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Symlink(libs, filepath.Join(state, "kafka", "libs")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.MkdirAll(filepath.Join(state, "bin"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	_ = os.Symlink(filepath.Join(shared, "bin", "stripe-mock"), filepath.Join(state, "bin", "stripe-mock"))
+	inst := &Instance{Service: service, Addr: addr, t: t, env: append([]string{"TOLLGATE_STATE_DIR=" + state}, env...)}
+	t.Cleanup(func() {
+		_, _ = inst.script("stop", service)
+		if resolved, err := filepath.EvalSymlinks(filepath.Join(state, service)); err == nil && !strings.HasPrefix(resolved, state) {
+			_ = os.RemoveAll(filepath.Dir(resolved))
+		}
+		_ = os.RemoveAll(state)
+	})
+	inst.Start()
+	return inst
+}
+
+// Start starts the instance (again) and waits until it serves.
+func (i *Instance) Start() {
+	i.t.Helper()
+	if out, err := i.script("start", i.Service); err != nil {
+		i.t.Fatalf("start private %s on %s: %v\n%s", i.Service, i.Addr, err, out)
+	}
+}
+
+// Stop stops the instance gracefully.
+func (i *Instance) Stop() {
+	i.t.Helper()
+	if out, err := i.script("stop", i.Service); err != nil {
+		i.t.Fatalf("stop private %s: %v\n%s", i.Service, err, out)
+	}
+}
+
+// Kill9 sends SIGKILL to the instance and its process group.
+func (i *Instance) Kill9() {
+	i.t.Helper()
+	if out, err := i.script("kill9", i.Service); err != nil {
+		i.t.Fatalf("kill -9 private %s: %v\n%s", i.Service, err, out)
+	}
+}
+
+func (i *Instance) script(args ...string) (string, error) {
+	i.mu.Lock()
+	defer i.mu.Unlock()
+	cmd := exec.Command(filepath.Join(RepoRoot(i.t), "deploy", "local", "services.sh"), args...)
+	cmd.Env = append(os.Environ(), i.env...)
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	done := make(chan error, 1)
+	if err := cmd.Start(); err != nil {
+		return "", err
+	}
+	go func() { done <- cmd.Wait() }()
+	select {
+	case err := <-done:
+		return out.String(), err
+	case <-time.After(3 * time.Minute):
+		_ = cmd.Process.Kill()
+		return out.String(), fmt.Errorf("services.sh %s: timed out", strings.Join(args, " "))
+	}
+}
+
+// RepoRoot is the directory holding go.mod.
+func RepoRoot(t testing.TB) string {
+	t.Helper()
+	dir, err := os.Getwd()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for {
+		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
+			return dir
+		}
+		parent := filepath.Dir(dir)
+		if parent == dir {
+			t.Fatal("no go.mod above the test's directory")
+		}
+		dir = parent
+	}
+}
+
+// SharedStateDir is where the shared services keep their state.
+func SharedStateDir(t testing.TB) string {
+	if d := os.Getenv("TOLLGATE_STATE_DIR"); d != "" {
+		return d
+	}
+	return filepath.Join(RepoRoot(t), ".run")
+}
+
+func freePort(t testing.TB) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatalf("free port: %v", err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
