@@ -12,6 +12,7 @@ import (
 	"database/sql"
 	"encoding/hex"
 	"net"
+	neturl "net/url"
 	"os"
 	"regexp"
 	"strings"
@@ -130,11 +131,10 @@ func NewEmptyPostgres(t testing.TB) *Postgres {
 	if _, err := admin.Exec(c, "CREATE DATABASE "+pgx.Identifier{name}.Sanitize()); err != nil {
 		t.Fatalf("create database %s: %v", name, err)
 	}
-	cfg, err := pgx.ParseConfig(PostgresURL())
+	url, err := replaceDatabase(PostgresURL(), name)
 	if err != nil {
 		t.Fatalf("parse %s: %v", PostgresURL(), err)
 	}
-	url := replaceDatabase(PostgresURL(), cfg.Database, name)
 	pool, err := pgxpool.New(c, url)
 	if err != nil {
 		t.Fatalf("connect to %s: %v", name, err)
@@ -151,14 +151,13 @@ func NewEmptyPostgres(t testing.TB) *Postgres {
 	return &Postgres{URL: url, Pool: pool, Name: name}
 }
 
-func replaceDatabase(url, from, to string) string {
-	if i := strings.Index(url, "/"+from); i >= 0 && from != "" {
-		return url[:i] + "/" + to + url[i+1+len(from):]
+func replaceDatabase(raw, to string) (string, error) {
+	u, err := neturl.Parse(raw)
+	if err != nil {
+		return "", err
 	}
-	if strings.Contains(url, "?") {
-		return strings.Replace(url, "?", "/"+to+"?", 1)
-	}
-	return url + "/" + to
+	u.Path = "/" + to
+	return u.String(), nil
 }
 
 // ClickHouse is a fresh database with the current DDL applied.
