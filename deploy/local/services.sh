@@ -1,0 +1,756 @@
+#!/usr/bin/env bash
+# Installs and runs Tollgate's backing services on loopback, without Docker:
+# Kafka 4 (KRaft, single node), ClickHouse, PostgreSQL 15, Redis 7 and stripe-mock.
+#
+#   deploy/local/services.sh [up]          install what is missing, start what is not running
+#   deploy/local/services.sh install       install only
+#   deploy/local/services.sh down          stop what this script started (by pid file)
+#   deploy/local/services.sh status        one line per service
+#   deploy/local/services.sh start|stop|kill9 SERVICE
+#   deploy/local/services.sh env           export lines: eval "$(deploy/local/services.sh env)"
+#   deploy/local/services.sh kafka-topics ARGS...   Kafka's TopicCommand against the local broker
+#
+# State (data, logs, pid files, Kafka jars, stripe-mock binary) lives in
+# ${TOLLGATE_STATE_DIR:-<repo>/.run}. Every service binds 127.0.0.1 only.
+#
+# Addresses and their environment overrides (`env` prints the first of each line):
+#   TOLLGATE_KAFKA_BROKERS=127.0.0.1:19092      TOLLGATE_KAFKA_CONTROLLER_PORT=19093
+#   TOLLGATE_CLICKHOUSE_ADDR=127.0.0.1:19000    TOLLGATE_CLICKHOUSE_HTTP_PORT=18123
+#   TOLLGATE_POSTGRES_URL=postgres://tollgate@127.0.0.1:15432/tollgate?sslmode=disable
+#   TOLLGATE_REDIS_ADDR=127.0.0.1:16379
+#   TOLLGATE_STRIPE_MOCK_URL=http://127.0.0.1:12111  TOLLGATE_STRIPE_MOCK_HTTPS_PORT=12112
+# Timeouts: TOLLGATE_SERVICES_TIMEOUT=60, TOLLGATE_KAFKA_TIMEOUT=120 (seconds).
+set -euo pipefail
+
+SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO_ROOT=$(cd "$SCRIPT_DIR/../.." && pwd)
+STATE=${TOLLGATE_STATE_DIR:-$REPO_ROOT/.run}
+KAFKA_POM=$SCRIPT_DIR/kafka/pom.xml
+STRIPE_MOCK_VERSION=v0.180.0
+PG_VERSION=15
+PGBIN=/usr/lib/postgresql/$PG_VERSION/bin
+
+SERVICES=(kafka clickhouse postgres redis stripe-mock)
+APT_PACKAGES=(postgresql-15 redis-server clickhouse-server clickhouse-client nginx-light wrk kcat)
+
+# Connection settings. Other code reads the same variables with the same defaults;
+# when one is set, the service is started on the port it names.
+TOLLGATE_KAFKA_BROKERS=${TOLLGATE_KAFKA_BROKERS:-127.0.0.1:19092}
+TOLLGATE_CLICKHOUSE_ADDR=${TOLLGATE_CLICKHOUSE_ADDR:-127.0.0.1:19000}
+TOLLGATE_POSTGRES_URL=${TOLLGATE_POSTGRES_URL:-postgres://tollgate@127.0.0.1:15432/tollgate?sslmode=disable}
+TOLLGATE_REDIS_ADDR=${TOLLGATE_REDIS_ADDR:-127.0.0.1:16379}
+TOLLGATE_STRIPE_MOCK_URL=${TOLLGATE_STRIPE_MOCK_URL:-http://127.0.0.1:12111}
+
+first_broker=${TOLLGATE_KAFKA_BROKERS%%,*}
+KAFKA_PORT=${first_broker##*:}
+KAFKA_CONTROLLER_PORT=${TOLLGATE_KAFKA_CONTROLLER_PORT:-19093}
+CLICKHOUSE_PORT=${TOLLGATE_CLICKHOUSE_ADDR##*:}
+CLICKHOUSE_HTTP_PORT=${TOLLGATE_CLICKHOUSE_HTTP_PORT:-18123}
+CLICKHOUSE_DATABASE=${TOLLGATE_CLICKHOUSE_DATABASE:-tollgate}
+if [[ $TOLLGATE_POSTGRES_URL =~ @[^/:]+:([0-9]+)/ ]]; then PG_PORT=${BASH_REMATCH[1]}; else PG_PORT=15432; fi
+REDIS_PORT=${TOLLGATE_REDIS_ADDR##*:}
+if [[ $TOLLGATE_STRIPE_MOCK_URL =~ :([0-9]+)/?$ ]]; then STRIPE_PORT=${BASH_REMATCH[1]}; else STRIPE_PORT=12111; fi
+STRIPE_HTTPS_PORT=${TOLLGATE_STRIPE_MOCK_HTTPS_PORT:-12112}
+
+READY_TIMEOUT=${TOLLGATE_SERVICES_TIMEOUT:-60}
+KAFKA_READY_TIMEOUT=${TOLLGATE_KAFKA_TIMEOUT:-120}
+KAFKA_HEAP_OPTS=${KAFKA_HEAP_OPTS:--Xmx768m -Xms256m}
+
+log() { printf 'services: %s\n' "$*" >&2; }
+die() { printf 'services: error: %s\n' "$*" >&2; exit 1; }
+
+as_root() { if [[ $EUID -eq 0 ]]; then "$@"; else sudo "$@"; fi; }
+
+# ---------------------------------------------------------------- helpers
+
+port_open() { timeout 1 bash -c "exec 3<>/dev/tcp/127.0.0.1/$1" 2>/dev/null; }
+
+pid_file() { echo "$STATE/pids/$1.pid"; }
+
+# What the command line of each service's main process contains; guards
+# against signalling an unrelated process that reused a stale pid.
+proc_pattern() {
+  case $1 in
+    kafka) echo kafka.Kafka ;;
+    clickhouse) echo clickhouse ;;
+    postgres) echo postgres ;;
+    redis) echo redis-server ;;
+    stripe-mock) echo stripe-mock ;;
+  esac
+}
+
+# Prints the pid of the service if its pid file names a live process of that service.
+live_pid() {
+  local f pid state
+  f=$(pid_file "$1")
+  [[ -s $f ]] || return 1
+  pid=$(<"$f")
+  [[ $pid =~ ^[0-9]+$ ]] || return 1
+  [[ -r /proc/$pid/stat ]] || return 1
+  state=$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null) || return 1
+  [[ $state != Z ]] || return 1
+  tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$(proc_pattern "$1")" || return 1
+  echo "$pid"
+}
+
+# The command prefix that runs a program as a service's system user when root
+# (PostgreSQL refuses to run as root); empty otherwise. setpriv execs, so the
+# pid is kept.
+as_user() {
+  if [[ $EUID -eq 0 ]]; then
+    printf '%s\n' setpriv --reuid="$1" --regid="$1" --init-groups --
+  fi
+}
+
+# Starts a command detached from this shell (own session, survives the script),
+# stdout/stderr appended to a log. The process writes its own pid before exec.
+launch() {
+  local svc=$1 out=$2; shift 2
+  mkdir -p "$STATE/pids" "$(dirname "$out")"
+  rm -f "$(pid_file "$svc")"
+  printf '\n=== %s starting %s\n' "$(date -u +%FT%TZ)" "$svc" >>"$out"
+  # shellcheck disable=SC2016 # $$ and $@ belong to the inner shell
+  setsid nohup bash -c 'echo $$ >"$0"; exec "$@"' "$(pid_file "$svc")" "$@" >>"$out" 2>&1 </dev/null 9>&- &
+  local i
+  for i in $(seq 50); do [[ -s $(pid_file "$svc") ]] && return 0; sleep 0.1; done
+  die "$svc: no pid file after launch"
+}
+
+# A directory for a service that runs as another user. That user must be able
+# to reach it; if the state dir is not reachable (e.g. under /root), the data
+# goes to /var/tmp and a symlink in the state dir points at it.
+service_dir() {
+  local svc=$1 user=$2 dir=$STATE/$1
+  if [[ ! -e $dir ]]; then
+    if [[ $EUID -eq 0 ]] && ! setpriv --reuid="$user" --regid="$user" --init-groups -- test -x "$STATE"; then
+      local alt
+      alt=/var/tmp/tollgate-$(printf '%s' "$STATE" | sha1sum | cut -c1-12)/$svc
+      mkdir -p "$alt"
+      chmod 755 "$(dirname "$alt")"
+      ln -s "$alt" "$dir"
+      log "$svc: $STATE is not reachable by user $user; data in $alt"
+    else
+      mkdir -p "$dir"
+    fi
+  fi
+  readlink -f "$dir"
+}
+
+# Hands a service's directory to its user (when root), files created by root included.
+own_dir() {
+  local user=$1 dir=$2
+  [[ $EUID -eq 0 ]] || return 0
+  if [[ -n $(find "$dir/" ! -user "$user" -print -quit) ]]; then chown -R "$user:$user" "$dir/"; fi
+}
+
+show_logs() {
+  local f
+  for f in "$@"; do
+    [[ -s $f ]] || continue
+    printf -- '----- last 30 lines of %s\n' "$f" >&2
+    tail -n 30 "$f" >&2
+  done
+}
+
+# wait_ready SVC TIMEOUT: polls the service's ready check; fails early if the
+# process exits.
+wait_ready() {
+  local svc=$1 timeout=$2 start=$SECONDS logs
+  mapfile -t logs < <("logs_${svc//-/_}")
+  while ! "ready_${svc//-/_}"; do
+    if ! live_pid "$svc" >/dev/null; then
+      printf 'services: error: %s exited during start-up\n' "$svc" >&2
+      show_logs "${logs[@]}"
+      exit 1
+    fi
+    if (( SECONDS - start >= timeout )); then
+      printf 'services: error: %s did not become ready within %ss\n' "$svc" "$timeout" >&2
+      show_logs "${logs[@]}"
+      exit 1
+    fi
+    sleep 0.5
+  done
+  log "$svc: ready after $((SECONDS - start))s"
+}
+
+# ---------------------------------------------------------------- install
+
+install_apt() {
+  local missing=() p
+  for p in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+  done
+  command -v java >/dev/null || missing+=(openjdk-17-jre-headless)
+  command -v mvn >/dev/null || missing+=(maven)
+  command -v go >/dev/null || missing+=(golang-go)
+  command -v curl >/dev/null || missing+=(curl)
+  ((${#missing[@]})) || return 0
+  log "apt: installing ${missing[*]}"
+  # Keep the packages' own init scripts from starting system-wide instances on
+  # the default ports: this script runs its own.
+  local policy=/usr/sbin/policy-rc.d added_policy=
+  if [[ ! -e $policy ]]; then
+    printf '#!/bin/sh\nexit 101\n' | as_root tee "$policy" >/dev/null
+    as_root chmod 755 "$policy"
+    added_policy=1
+  fi
+  local rc=0
+  { as_root apt-get update -q &&
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"; } || rc=$?
+  [[ -z $added_policy ]] || as_root rm -f "$policy"
+  ((rc == 0)) || die "apt-get install failed (rc $rc)"
+}
+
+install_kafka() {
+  local libs=$STATE/kafka/libs sum
+  sum=$(sha256sum "$KAFKA_POM" | cut -d' ' -f1)
+  if [[ -f $libs/.pom-sha256 && $(<"$libs/.pom-sha256") == "$sum" ]]; then return 0; fi
+  log "kafka: fetching broker jars (mvn dependency:copy-dependencies)"
+  # into a new directory first: a running broker keeps its jars until restarted
+  rm -rf "$libs.new"
+  mkdir -p "$libs.new" "$STATE/logs"
+  if ! mvn -q -B -f "$KAFKA_POM" dependency:copy-dependencies -DoutputDirectory="$libs.new" >"$STATE/logs/kafka-mvn.log" 2>&1; then
+    cat "$STATE/logs/kafka-mvn.log" >&2
+    die "kafka: mvn could not fetch the broker jars"
+  fi
+  echo "$sum" >"$libs.new/.pom-sha256"
+  rm -rf "$libs"
+  mv "$libs.new" "$libs"
+}
+
+install_stripe_mock() {
+  local bin=$STATE/bin/stripe-mock
+  if [[ -x $bin ]] && go version -m "$bin" 2>/dev/null | grep -q "mod[[:space:]]*github.com/stripe/stripe-mock[[:space:]]*$STRIPE_MOCK_VERSION"; then
+    return 0
+  fi
+  log "stripe-mock: go install github.com/stripe/stripe-mock@$STRIPE_MOCK_VERSION"
+  mkdir -p "$STATE/bin"
+  GOBIN=$STATE/bin GOFLAGS='' go install "github.com/stripe/stripe-mock@$STRIPE_MOCK_VERSION" ||
+    die "stripe-mock: go install failed"
+}
+
+cmd_install() {
+  mkdir -p "$STATE"
+  install_apt
+  install_kafka
+  install_stripe_mock
+}
+
+# ---------------------------------------------------------------- kafka
+
+kafka_cp() { echo "$STATE/kafka/libs/*"; }
+
+kafka_tool() {
+  java -Xmx256m -Dlog4j2.configurationFile="$STATE/kafka/tools-log4j2.properties" -cp "$(kafka_cp)" "$@"
+}
+
+logs_kafka() { printf '%s\n' "$STATE/logs/kafka.log" "$STATE/logs/kafka.out"; }
+
+ready_kafka() {
+  port_open "$KAFKA_PORT" || return 1
+  if command -v kcat >/dev/null; then
+    # A metadata request that lists this broker means the broker (and its
+    # combined controller) is serving.
+    timeout 5 kcat -b "127.0.0.1:$KAFKA_PORT" -L -m 3 2>/dev/null | grep -q ' 1 brokers:'
+  fi
+}
+
+kafka_config() {
+  local k=$STATE/kafka
+  mkdir -p "$k/data" "$STATE/logs"
+  cat >"$k/server.properties" <<EOF
+# Generated by deploy/local/services.sh; edits are overwritten.
+node.id=1
+process.roles=broker,controller
+controller.quorum.bootstrap.servers=127.0.0.1:$KAFKA_CONTROLLER_PORT
+listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT
+advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=PLAINTEXT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+log.dirs=$k/data
+num.partitions=4
+auto.create.topics.enable=false
+offsets.topic.replication.factor=1
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+group.initial.rebalance.delay.ms=0
+log.retention.hours=168
+log.segment.bytes=104857600
+EOF
+  cat >"$k/log4j2.properties" <<EOF
+status = warn
+name = kafka
+appender.file.type = RollingFile
+appender.file.name = FILE
+appender.file.fileName = $STATE/logs/kafka.log
+appender.file.filePattern = $STATE/logs/kafka.log.%i
+appender.file.layout.type = PatternLayout
+appender.file.layout.pattern = [%d] %p %m (%c)%n
+appender.file.policies.type = Policies
+appender.file.policies.size.type = SizeBasedTriggeringPolicy
+appender.file.policies.size.size = 50MB
+appender.file.strategy.type = DefaultRolloverStrategy
+appender.file.strategy.max = 3
+rootLogger.level = INFO
+rootLogger.appenderRef.file.ref = FILE
+logger.state-change.name = state.change.logger
+logger.state-change.level = WARN
+logger.request.name = kafka.request.logger
+logger.request.level = WARN
+EOF
+  kafka_tools_config
+}
+
+kafka_tools_config() {
+  mkdir -p "$STATE/kafka"
+  cat >"$STATE/kafka/tools-log4j2.properties" <<'EOF'
+status = warn
+appender.err.type = Console
+appender.err.name = STDERR
+appender.err.target = SYSTEM_ERR
+appender.err.layout.type = PatternLayout
+appender.err.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = WARN
+rootLogger.appenderRef.err.ref = STDERR
+EOF
+}
+
+start_kafka() {
+  local k=$STATE/kafka
+  kafka_config
+  if [[ ! -f $k/data/meta.properties ]]; then
+    [[ -s $k/cluster-id ]] || kafka_tool kafka.tools.StorageTool random-uuid >"$k/cluster-id"
+    log "kafka: formatting storage (cluster id $(<"$k/cluster-id"))"
+    kafka_tool kafka.tools.StorageTool format --standalone \
+      -t "$(<"$k/cluster-id")" -c "$k/server.properties" >>"$STATE/logs/kafka.out" 2>&1 ||
+      { show_logs "$STATE/logs/kafka.out"; die "kafka: storage format failed"; }
+  fi
+  # shellcheck disable=SC2086 # heap options are a word list
+  launch kafka "$STATE/logs/kafka.out" \
+    java $KAFKA_HEAP_OPTS -server -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
+    -XX:InitiatingHeapOccupancyPercent=35 -XX:+ExplicitGCInvokesConcurrent \
+    -Djava.awt.headless=true -Djava.net.preferIPv4Stack=true -Dkafka.logs.dir="$STATE/logs" \
+    -Dlog4j2.configurationFile="$k/log4j2.properties" \
+    ${KAFKA_OPTS:-} -cp "$(kafka_cp)" kafka.Kafka "$k/server.properties"
+}
+
+# ---------------------------------------------------------------- clickhouse
+
+clickhouse_server_bin() {
+  if command -v clickhouse-server >/dev/null; then command -v clickhouse-server
+  elif [[ -x /usr/sbin/clickhouse-server ]]; then echo /usr/sbin/clickhouse-server
+  elif command -v clickhouse >/dev/null; then echo "$(command -v clickhouse) server"
+  else die "clickhouse: no clickhouse-server binary (run: $0 install)"; fi
+}
+
+clickhouse_client() {
+  if command -v clickhouse-client >/dev/null; then timeout 5 clickhouse-client "$@"; else timeout 5 clickhouse client "$@"; fi
+}
+
+logs_clickhouse() {
+  printf '%s\n' "$STATE/clickhouse/log/clickhouse-server.log" \
+    "$STATE/clickhouse/log/clickhouse-server.err.log" "$STATE/logs/clickhouse.out"
+}
+
+ready_clickhouse() {
+  port_open "$CLICKHOUSE_PORT" &&
+    clickhouse_client --host 127.0.0.1 --port "$CLICKHOUSE_PORT" -q 'SELECT 1' >/dev/null 2>&1
+}
+
+start_clickhouse() {
+  local d
+  d=$(service_dir clickhouse clickhouse)
+  mkdir -p "$d/data" "$d/tmp" "$d/user_files" "$d/format_schemas" "$d/log"
+  cat >"$d/config.xml" <<EOF
+<?xml version="1.0"?>
+<!-- Generated by deploy/local/services.sh; edits are overwritten. -->
+<yandex>
+    <logger>
+        <level>information</level>
+        <log>$d/log/clickhouse-server.log</log>
+        <errorlog>$d/log/clickhouse-server.err.log</errorlog>
+        <size>100M</size>
+        <count>3</count>
+    </logger>
+    <listen_host>127.0.0.1</listen_host>
+    <tcp_port>$CLICKHOUSE_PORT</tcp_port>
+    <http_port>$CLICKHOUSE_HTTP_PORT</http_port>
+    <!-- no interserver_http_port: no replication, nothing else listens -->
+    <max_connections>1024</max_connections>
+    <keep_alive_timeout>3</keep_alive_timeout>
+    <max_concurrent_queries>100</max_concurrent_queries>
+    <uncompressed_cache_size>268435456</uncompressed_cache_size>
+    <mark_cache_size>536870912</mark_cache_size>
+    <path>$d/data/</path>
+    <tmp_path>$d/tmp/</tmp_path>
+    <user_files_path>$d/user_files/</user_files_path>
+    <format_schema_path>$d/format_schemas/</format_schema_path>
+    <users_config>$d/users.xml</users_config>
+    <default_profile>default</default_profile>
+    <default_database>default</default_database>
+    <timezone>UTC</timezone>
+    <mlock_executable>false</mlock_executable>
+    <builtin_dictionaries_reload_interval>3600</builtin_dictionaries_reload_interval>
+    <max_session_timeout>3600</max_session_timeout>
+    <default_session_timeout>60</default_session_timeout>
+    <query_log>
+        <database>system</database>
+        <table>query_log</table>
+        <partition_by>toYYYYMM(event_date)</partition_by>
+        <flush_interval_milliseconds>7500</flush_interval_milliseconds>
+    </query_log>
+    <!-- tests drop tables freely -->
+    <max_table_size_to_drop>0</max_table_size_to_drop>
+    <max_partition_size_to_drop>0</max_partition_size_to_drop>
+</yandex>
+EOF
+  cat >"$d/users.xml" <<'EOF'
+<?xml version="1.0"?>
+<!-- Generated by deploy/local/services.sh; edits are overwritten. -->
+<yandex>
+    <profiles>
+        <default>
+            <max_memory_usage>4000000000</max_memory_usage>
+            <use_uncompressed_cache>0</use_uncompressed_cache>
+            <load_balancing>random</load_balancing>
+        </default>
+        <readonly>
+            <readonly>1</readonly>
+        </readonly>
+    </profiles>
+    <users>
+        <default>
+            <password></password>
+            <networks>
+                <ip>127.0.0.1</ip>
+                <ip>::1</ip>
+            </networks>
+            <profile>default</profile>
+            <quota>default</quota>
+        </default>
+    </users>
+    <quotas>
+        <default>
+            <interval>
+                <duration>3600</duration>
+                <queries>0</queries>
+                <errors>0</errors>
+                <result_rows>0</result_rows>
+                <read_rows>0</read_rows>
+                <execution_time>0</execution_time>
+            </interval>
+        </default>
+    </quotas>
+</yandex>
+EOF
+  own_dir clickhouse "$d"
+  local bin user
+  bin=$(clickhouse_server_bin)
+  mapfile -t user < <(as_user clickhouse)
+  # shellcheck disable=SC2086 # bin may be "clickhouse server"
+  launch clickhouse "$STATE/logs/clickhouse.out" "${user[@]}" $bin --config-file="$d/config.xml"
+}
+
+# ---------------------------------------------------------------- postgres
+
+logs_postgres() { echo "$STATE/logs/postgres.log"; }
+
+pg_socket_dir() {
+  local dir=$1/run
+  # a unix socket path is limited to 107 bytes
+  if (( ${#dir} + 20 > 107 )); then dir=/tmp/tollgate-pg-$(printf '%s' "$STATE" | sha1sum | cut -c1-12); fi
+  echo "$dir"
+}
+
+ready_postgres() {
+  port_open "$PG_PORT" && "$PGBIN/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -t 2
+}
+
+# The role and database the URL names, created once (trust auth on loopback).
+postgres_bootstrap() {
+  "$PGBIN/psql" -X -q -tA "$TOLLGATE_POSTGRES_URL" -c 'SELECT 1' >/dev/null 2>&1 && return 0
+  local psql=("$PGBIN/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -tA)
+  if [[ $("${psql[@]}" -c "SELECT 1 FROM pg_roles WHERE rolname='tollgate'") != 1 ]]; then
+    "${psql[@]}" -c "CREATE ROLE tollgate SUPERUSER LOGIN"
+  fi
+  if [[ $("${psql[@]}" -c "SELECT 1 FROM pg_database WHERE datname='tollgate'") != 1 ]]; then
+    "${psql[@]}" -c "CREATE DATABASE tollgate OWNER tollgate"
+  fi
+}
+
+start_postgres() {
+  [[ -x $PGBIN/postgres ]] || die "postgres: $PGBIN/postgres missing (run: $0 install)"
+  local d sock user
+  d=$(service_dir postgres postgres)
+  mapfile -t user < <(as_user postgres)
+  sock=$(pg_socket_dir "$d")
+  mkdir -p "$sock"
+  own_dir postgres "$sock"
+  if [[ ! -s $d/data/PG_VERSION ]]; then
+    log "postgres: initdb $d/data"
+    mkdir -p "$d/data"
+    chmod 700 "$d/data"
+    own_dir postgres "$d"
+    "${user[@]}" "$PGBIN/initdb" -D "$d/data" -U postgres -E UTF8 --locale=C.UTF-8 \
+      --auth=trust >>"$STATE/logs/postgres.log" 2>&1 ||
+      { show_logs "$STATE/logs/postgres.log"; die "postgres: initdb failed"; }
+    echo "include_if_exists = 'tollgate.conf'" >>"$d/data/postgresql.conf"
+  fi
+  cat >"$d/data/tollgate.conf" <<EOF
+# Generated by deploy/local/services.sh; edits are overwritten.
+listen_addresses = '127.0.0.1'
+port = $PG_PORT
+unix_socket_directories = '$sock'
+max_connections = 300
+shared_buffers = 128MB
+logging_collector = off
+log_line_prefix = '%m [%p] %q%u@%d '
+log_timezone = 'UTC'
+EOF
+  cat >"$d/data/pg_hba.conf" <<'EOF'
+# Generated by deploy/local/services.sh: trust, loopback only.
+local   all           all                   trust
+host    all           all   127.0.0.1/32    trust
+local   replication   all                   trust
+host    replication   all   127.0.0.1/32    trust
+EOF
+  own_dir postgres "$d"
+  # After a SIGKILL the lock files name a dead postmaster. PostgreSQL removes
+  # such files itself, unless that pid is an unreaped zombie (as under an init
+  # that does not reap orphans), which it takes for a live server.
+  local lock old
+  for lock in "$d/data/postmaster.pid" "$sock/.s.PGSQL.$PG_PORT.lock"; do
+    [[ -f $lock ]] || continue
+    old=$(head -n 1 "$lock")
+    old=${old#-}
+    if [[ ! $old =~ ^[0-9]+$ || ! -r /proc/$old/stat || $(awk '{print $3}' "/proc/$old/stat" 2>/dev/null) == Z ]]; then
+      log "postgres: removing stale $(basename "$lock") (pid $old is gone)"
+      rm -f "$lock"
+    fi
+  done
+  launch postgres "$STATE/logs/postgres.log" "${user[@]}" "$PGBIN/postgres" -D "$d/data"
+}
+
+# ---------------------------------------------------------------- redis
+
+logs_redis() { echo "$STATE/logs/redis.log"; }
+
+ready_redis() {
+  port_open "$REDIS_PORT" && [[ $(timeout 3 redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping 2>/dev/null) == PONG ]]
+}
+
+start_redis() {
+  local d=$STATE/redis
+  mkdir -p "$d/data"
+  cat >"$d/redis.conf" <<EOF
+# Generated by deploy/local/services.sh; edits are overwritten.
+bind 127.0.0.1
+port $REDIS_PORT
+protected-mode yes
+daemonize no
+appendonly no
+dir $d/data
+logfile ""
+EOF
+  launch redis "$STATE/logs/redis.log" redis-server "$d/redis.conf"
+}
+
+# ---------------------------------------------------------------- stripe-mock
+
+logs_stripe_mock() { echo "$STATE/logs/stripe-mock.log"; }
+
+ready_stripe_mock() {
+  port_open "$STRIPE_PORT" &&
+    [[ $(curl -s -o /dev/null -w '%{http_code}' -m 3 -u sk_test_123: "http://127.0.0.1:$STRIPE_PORT/v1/customers") == 200 ]]
+}
+
+start_stripe_mock() {
+  [[ -x $STATE/bin/stripe-mock ]] || die "stripe-mock: $STATE/bin/stripe-mock missing (run: $0 install)"
+  launch stripe-mock "$STATE/logs/stripe-mock.log" "$STATE/bin/stripe-mock" \
+    -http-addr "127.0.0.1:$STRIPE_PORT" -https-addr "127.0.0.1:$STRIPE_HTTPS_PORT"
+}
+
+# ---------------------------------------------------------------- per service
+
+svc_addr() {
+  case $1 in
+    kafka) echo "127.0.0.1:$KAFKA_PORT" ;;
+    clickhouse) echo "127.0.0.1:$CLICKHOUSE_PORT" ;;
+    postgres) echo "127.0.0.1:$PG_PORT" ;;
+    redis) echo "127.0.0.1:$REDIS_PORT" ;;
+    stripe-mock) echo "127.0.0.1:$STRIPE_PORT" ;;
+  esac
+}
+
+svc_timeout() { if [[ $1 == kafka ]]; then echo "$KAFKA_READY_TIMEOUT"; else echo "$READY_TIMEOUT"; fi; }
+
+check_service() {
+  local s
+  for s in "${SERVICES[@]}"; do [[ $1 == "$s" ]] && return 0; done
+  die "unknown service '$1' (one of: ${SERVICES[*]})"
+}
+
+start_service() {
+  local svc=$1 fn=${1//-/_} pid
+  if "ready_$fn"; then
+    if pid=$(live_pid "$svc"); then
+      log "$svc: already running (pid $pid) on $(svc_addr "$svc"), reusing it"
+    else
+      log "$svc: something already answers on $(svc_addr "$svc") (not started from $STATE), reusing it"
+    fi
+  elif pid=$(live_pid "$svc"); then
+    log "$svc: pid $pid is starting, waiting for it"
+    wait_ready "$svc" "$(svc_timeout "$svc")"
+  else
+    log "$svc: starting on $(svc_addr "$svc")"
+    "start_$fn"
+    wait_ready "$svc" "$(svc_timeout "$svc")"
+  fi
+  case $svc in
+    postgres) postgres_bootstrap ;;
+    clickhouse) clickhouse_client --host 127.0.0.1 --port "$CLICKHOUSE_PORT" -q "CREATE DATABASE IF NOT EXISTS $CLICKHOUSE_DATABASE" ;;
+  esac
+}
+
+stop_signal() { if [[ $1 == postgres ]]; then echo INT; else echo TERM; fi; }   # INT: fast shutdown
+
+# Graceful stop: the service's own shutdown signal to its main process, then
+# SIGKILL to its whole process group (it runs in its own session) after a grace period.
+stop_service() {
+  local svc=$1 pid grace=30 i
+  [[ $svc == kafka ]] && grace=60
+  if ! pid=$(live_pid "$svc"); then
+    rm -f "$(pid_file "$svc")"
+    if "ready_${svc//-/_}"; then
+      log "$svc: not started from $STATE (no live pid file) but something answers on $(svc_addr "$svc"); leaving it alone"
+    else
+      log "$svc: not running"
+    fi
+    return 0
+  fi
+  log "$svc: stopping pid $pid (SIG$(stop_signal "$svc"))"
+  kill -"$(stop_signal "$svc")" "$pid" 2>/dev/null || true
+  for ((i = 0; i < grace * 5; i++)); do
+    live_pid "$svc" >/dev/null || break
+    sleep 0.2
+  done
+  if live_pid "$svc" >/dev/null; then
+    log "$svc: still running after ${grace}s, sending SIGKILL"
+    kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
+  fi
+  # children left behind (e.g. PostgreSQL backends)
+  kill -KILL -- "-$pid" 2>/dev/null || true
+  rm -f "$(pid_file "$svc")"
+  log "$svc: stopped"
+}
+
+kill9_service() {
+  local svc=$1 pid
+  pid=$(live_pid "$svc") || die "$svc: no live process from $STATE to kill"
+  log "$svc: SIGKILL to pid $pid and its process group"
+  kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid"
+  local i
+  for i in $(seq 50); do live_pid "$svc" >/dev/null || break; sleep 0.1; done
+  # The pid file is kept: status reports the service as stopped, start replaces it.
+}
+
+# ---------------------------------------------------------------- commands
+
+cmd_env() {
+  cat <<EOF
+export TOLLGATE_KAFKA_BROKERS=$TOLLGATE_KAFKA_BROKERS
+export TOLLGATE_CLICKHOUSE_ADDR=$TOLLGATE_CLICKHOUSE_ADDR
+export TOLLGATE_POSTGRES_URL='$TOLLGATE_POSTGRES_URL'
+export TOLLGATE_REDIS_ADDR=$TOLLGATE_REDIS_ADDR
+export TOLLGATE_STRIPE_MOCK_URL=$TOLLGATE_STRIPE_MOCK_URL
+EOF
+}
+
+cmd_status() {
+  local svc pid state
+  for svc in "${SERVICES[@]}"; do
+    pid=$(live_pid "$svc") || pid=-
+    if "ready_${svc//-/_}"; then state=running
+    elif [[ $pid != - ]]; then state=starting
+    else state=stopped; fi
+    [[ $state != running || $pid != - ]] || pid=external
+    printf '%-12s %-9s pid=%-9s %s\n' "$svc" "$state" "$pid" "$(svc_addr "$svc")"
+  done
+}
+
+cmd_up() {
+  local t0=$SECONDS svc
+  cmd_install
+  for svc in "${SERVICES[@]}"; do start_service "$svc"; done
+  cat <<EOF
+
+Tollgate services are up (state in $STATE, logs in $STATE/logs) after $((SECONDS - t0))s:
+  kafka        $TOLLGATE_KAFKA_BROKERS  (KRaft, controller 127.0.0.1:$KAFKA_CONTROLLER_PORT)
+  clickhouse   $TOLLGATE_CLICKHOUSE_ADDR  (native; HTTP http://127.0.0.1:$CLICKHOUSE_HTTP_PORT)
+  postgres     $TOLLGATE_POSTGRES_URL
+  redis        $TOLLGATE_REDIS_ADDR
+  stripe-mock  $TOLLGATE_STRIPE_MOCK_URL  (HTTPS 127.0.0.1:$STRIPE_HTTPS_PORT)
+
+  eval "\$($0 env)"
+EOF
+}
+
+cmd_down() {
+  local i
+  for ((i = ${#SERVICES[@]} - 1; i >= 0; i--)); do stop_service "${SERVICES[i]}"; done
+}
+
+usage() {
+  local code=${1:-0}
+  sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//' >&$((code == 0 ? 1 : 2))
+  exit "$code"
+}
+
+main() {
+  local cmd=${1:-up}
+  [[ $# -eq 0 ]] || shift
+  mkdir -p "$STATE"
+  STATE=$(cd "$STATE" && pwd)
+  case $cmd in
+    up | install | down | start | stop | kill9)
+      # one changer of a state dir at a time (fd 9 is closed in launched services)
+      exec 9>"$STATE/.lock"
+      flock -w 900 9 || die "another services.sh holds $STATE/.lock"
+      ;;
+  esac
+  case $cmd in
+    up) cmd_up ;;
+    install) cmd_install ;;
+    down) cmd_down ;;
+    status) cmd_status ;;
+    env) cmd_env ;;
+    start)
+      [[ $# -eq 1 ]] || usage 2
+      check_service "$1"
+      install_apt
+      case $1 in kafka) install_kafka ;; stripe-mock) install_stripe_mock ;; esac
+      start_service "$1"
+      ;;
+    stop)
+      [[ $# -eq 1 ]] || usage 2
+      check_service "$1"
+      stop_service "$1"
+      ;;
+    kill9)
+      [[ $# -eq 1 ]] || usage 2
+      check_service "$1"
+      kill9_service "$1"
+      ;;
+    kafka-topics)
+      kafka_tools_config
+      kafka_tool org.apache.kafka.tools.TopicCommand --bootstrap-server "127.0.0.1:$KAFKA_PORT" "$@"
+      ;;
+    -h | --help | help) usage ;;
+    *) usage 2 ;;
+  esac
+}
+
+main "$@"
