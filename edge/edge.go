@@ -1,10 +1,12 @@
-// Package edge authenticates every API call, forwards it to the operator's
-// upstream and emits one usage event per call. Storage and transport live in
-// sub-packages (edge/postgres, edge/kafka); this package holds the rules.
+// Package edge authenticates every API call, enforces scopes, rate limits and
+// quotas, forwards the call to the operator's upstream and emits one usage
+// event per call. Storage and transport live in sub-packages (edge/postgres,
+// edge/redis, edge/kafka); this package holds the rules.
 package edge
 
 import (
 	"context"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"net/url"
@@ -20,11 +22,18 @@ type Key struct {
 	AccountID     string
 	Environment   schemas.Environment
 	Kind          KeyKind
+	Name          string
 	DisplayPrefix string
 	Hash          []byte
 	Scopes        []string
 	ExpiresAt     *time.Time
 	RevokedAt     *time.Time
+	CreatedAt     time.Time
+	RolledFrom    string
+	// Plan is the account's plan in force when the key was looked up.
+	Plan Plan
+	// AccountTimezone is the account's IANA zone (for quota months).
+	AccountTimezone string
 }
 
 // Usable reports why a key may not be used at now, or nil when it may.
@@ -38,15 +47,36 @@ func (k *Key) Usable(now time.Time) error {
 	return nil
 }
 
+// Plan is the part of a pricing plan the edge enforces.
+type Plan struct {
+	ID      string `json:"id" yaml:"id"`
+	Version int    `json:"version" yaml:"version"`
+	Limits  Limits `json:"limits" yaml:"limits"`
+	// UpgradeURL is where a limited caller can buy more.
+	UpgradeURL string `json:"upgrade_url,omitempty" yaml:"upgrade_url"`
+}
+
+// Limits is definition->'limits' of a plan.
+type Limits struct {
+	RequestsPerSecond int `json:"requests_per_second" yaml:"requests_per_second"`
+	Burst             int `json:"burst" yaml:"burst"`
+	// MonthlyRequests nil means unlimited.
+	MonthlyRequests *int64 `json:"monthly_requests" yaml:"monthly_requests"`
+}
+
 // Domain errors, mapped to HTTP in one place (errors.go).
 var (
 	ErrKeyNotFound = errors.New("api key not found")
 	ErrKeyRevoked  = errors.New("api key revoked")
 	ErrKeyExpired  = errors.New("api key expired")
 	ErrNoKey       = errors.New("no api key presented")
+	ErrNotFound    = errors.New("not found")
+	ErrInvalid     = errors.New("invalid request")
+	ErrConflict    = errors.New("conflict")
 )
 
-// KeyStore finds keys by the SHA-256 of their secret.
+// KeyStore finds keys by the SHA-256 of their secret, together with the
+// account's plan in force now.
 type KeyStore interface {
 	KeyByHash(ctx context.Context, hash [32]byte) (Key, error)
 }
@@ -58,10 +88,39 @@ type Emitter interface {
 	Emit(ev schemas.Event)
 }
 
+// Invalidation names what changed: a key (by hash) or an account (its plan).
+type Invalidation struct {
+	KeyHash   []byte
+	AccountID string
+	// All drops everything, e.g. after the notification channel reconnected
+	// and changes may have been missed.
+	All bool
+}
+
+// ParseInvalidation reads a notification payload: "key:<hex>" or "account:<id>".
+func ParseInvalidation(payload string) (Invalidation, bool) {
+	switch {
+	case len(payload) > 4 && payload[:4] == "key:":
+		h, err := hex.DecodeString(payload[4:])
+		if err != nil || len(h) != 32 {
+			return Invalidation{}, false
+		}
+		return Invalidation{KeyHash: h}, true
+	case len(payload) > 8 && payload[:8] == "account:":
+		return Invalidation{AccountID: payload[8:]}, true
+	}
+	return Invalidation{}, false
+}
+
 // Config is the edge's configuration.
 type Config struct {
 	// Listen is the address the API listens on, e.g. "127.0.0.1:8080".
 	Listen string `yaml:"listen"`
+	// AdminListen is the address of the admin API and /metrics; keep it
+	// off the public network. Empty disables the admin API.
+	AdminListen string `yaml:"admin_listen"`
+	// AdminTokenSHA256 is the hex SHA-256 of the admin bearer token.
+	AdminTokenSHA256 string `yaml:"admin_token_sha256"`
 	// Upstream is the operator's API for live keys.
 	Upstream string `yaml:"upstream"`
 	// SandboxUpstream serves test-mode keys; empty means Upstream.
@@ -70,6 +129,42 @@ type Config struct {
 	UpstreamTimeout time.Duration `yaml:"upstream_timeout"`
 	// EventType is the type stamped on call events.
 	EventType string `yaml:"event_type"`
+	// Routes maps route patterns and methods to the scopes they need. Empty
+	// means every path is proxied, needs no scope, and the raw path is the
+	// event's route.
+	Routes []RouteConfig `yaml:"routes"`
+	// Plans are the limits used when the plans table does not define the
+	// account's plan (for example before any plan is seeded).
+	Plans map[string]Plan `yaml:"plans"`
+	// KeyCacheTTL bounds how long a looked-up key is trusted without a
+	// change notification; notifications invalidate at once.
+	KeyCacheTTL time.Duration `yaml:"key_cache_ttl"`
+	// RateLimitPrefix prefixes every Redis key the edge writes.
+	RateLimitPrefix string `yaml:"rate_limit_prefix"`
+	// ExpectedInstances sizes the local fallback limit when Redis is down:
+	// each instance allows limit / ExpectedInstances.
+	ExpectedInstances int `yaml:"expected_instances"`
+	// SpoolDir holds events while Kafka is unreachable. It must survive a
+	// restart and belong to one edge process (it is locked). Empty means
+	// <user cache dir>/tollgate/edge-spool/<topic>.
+	SpoolDir string `yaml:"spool_dir"`
+	// QuotaTimezone: "utc" (default) counts calendar months in UTC,
+	// "account" in the account's own time zone.
+	QuotaTimezone string `yaml:"quota_timezone"`
+}
+
+// DefaultPlans are the tier limits used when the plans table has none.
+func DefaultPlans() map[string]Plan {
+	free := int64(1000)
+	starter := int64(100_000)
+	growth := int64(2_000_000)
+	up := "https://tollgate.dev/pricing"
+	return map[string]Plan{
+		"free":       {ID: "free", Limits: Limits{RequestsPerSecond: 100, Burst: 200, MonthlyRequests: &free}, UpgradeURL: up},
+		"starter":    {ID: "starter", Limits: Limits{RequestsPerSecond: 200, Burst: 400, MonthlyRequests: &starter}, UpgradeURL: up},
+		"growth":     {ID: "growth", Limits: Limits{RequestsPerSecond: 1000, Burst: 2000, MonthlyRequests: &growth}, UpgradeURL: up},
+		"enterprise": {ID: "enterprise", Limits: Limits{RequestsPerSecond: 10_000, Burst: 20_000}, UpgradeURL: up},
+	}
 }
 
 // Defaults fills unset fields.
@@ -82,6 +177,27 @@ func (c *Config) Defaults() {
 	}
 	if c.EventType == "" {
 		c.EventType = "api_call"
+	}
+	if c.KeyCacheTTL == 0 {
+		c.KeyCacheTTL = 30 * time.Second
+	}
+	if c.RateLimitPrefix == "" {
+		c.RateLimitPrefix = "tollgate:"
+	}
+	if c.ExpectedInstances == 0 {
+		c.ExpectedInstances = 1
+	}
+	if c.QuotaTimezone == "" {
+		c.QuotaTimezone = "utc"
+	}
+	def := DefaultPlans()
+	if c.Plans == nil {
+		c.Plans = map[string]Plan{}
+	}
+	for id, p := range def {
+		if _, ok := c.Plans[id]; !ok {
+			c.Plans[id] = p
+		}
 	}
 }
 
@@ -102,6 +218,31 @@ func (c *Config) Validate() error {
 	}
 	if c.UpstreamTimeout < 0 {
 		errs = append(errs, errors.New("edge.upstream_timeout: negative"))
+	}
+	if c.AdminListen != "" {
+		if b, err := hex.DecodeString(c.AdminTokenSHA256); err != nil || len(b) != 32 {
+			errs = append(errs, errors.New("edge.admin_token_sha256: want 64 hex characters (sha256 of the admin token) when edge.admin_listen is set"))
+		}
+	}
+	if c.KeyCacheTTL < 0 {
+		errs = append(errs, errors.New("edge.key_cache_ttl: negative"))
+	}
+	if c.ExpectedInstances < 1 {
+		errs = append(errs, errors.New("edge.expected_instances: must be at least 1"))
+	}
+	if c.QuotaTimezone != "utc" && c.QuotaTimezone != "account" {
+		errs = append(errs, fmt.Errorf("edge.quota_timezone: want utc or account, got %q", c.QuotaTimezone))
+	}
+	if _, ok := c.Plans["free"]; !ok {
+		errs = append(errs, errors.New("edge.plans: the free plan must be defined"))
+	}
+	for id, p := range c.Plans {
+		if p.Limits.RequestsPerSecond <= 0 || p.Limits.Burst <= 0 {
+			errs = append(errs, fmt.Errorf("edge.plans.%s.limits: requests_per_second and burst must be positive", id))
+		}
+	}
+	if _, err := NewRouter(c.Routes); err != nil {
+		errs = append(errs, err)
 	}
 	return errors.Join(errs...)
 }

@@ -16,6 +16,14 @@ type APIError struct {
 	Message   string `json:"message"`
 	RequestID string `json:"request_id,omitempty"`
 	DocURL    string `json:"doc_url,omitempty"`
+	// Set on rate-limit and quota errors: which limit was hit, when to
+	// retry, and where to buy more.
+	Limit      string `json:"limit,omitempty"`
+	RetryAfter *int64 `json:"retry_after,omitempty"`
+	RetryAt    string `json:"retry_at,omitempty"`
+	UpgradeURL string `json:"upgrade_url,omitempty"`
+	// Scope is the missing scope on insufficient_scope errors.
+	Scope string `json:"scope,omitempty"`
 }
 
 func (e *APIError) Error() string { return e.Code + ": " + e.Message }
@@ -59,6 +67,12 @@ func toAPIError(err error) *APIError {
 	case errors.Is(err, ErrKeyExpired):
 		return NewAPIError(http.StatusUnauthorized, TypeAuthentication, "expired_api_key",
 			"The API key has expired.")
+	case errors.Is(err, ErrNotFound):
+		return NewAPIError(http.StatusNotFound, TypeInvalidRequest, "resource_missing", err.Error())
+	case errors.Is(err, ErrInvalid):
+		return NewAPIError(http.StatusBadRequest, TypeInvalidRequest, "invalid_request", err.Error())
+	case errors.Is(err, ErrConflict):
+		return NewAPIError(http.StatusConflict, TypeInvalidRequest, "conflict", err.Error())
 	case errors.As(err, &he):
 		msg := http.StatusText(he.Code)
 		if m, ok := he.Message.(string); ok {
@@ -103,6 +117,9 @@ func errorHandler(log *slog.Logger) echo.HTTPErrorHandler {
 		ae.RequestID = c.Response().Header().Get(HeaderRequestID)
 		if ae.Status >= 500 {
 			log.Error("request failed", "request_id", ae.RequestID, "code", ae.Code, "err", err)
+		}
+		if ae.Status == http.StatusUnauthorized && c.Response().Header().Get("WWW-Authenticate") == "" {
+			c.Response().Header().Set("WWW-Authenticate", `Bearer realm="api"`)
 		}
 		var werr error
 		if c.Request().Method == http.MethodHead {

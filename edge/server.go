@@ -2,6 +2,7 @@ package edge
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -10,11 +11,13 @@ import (
 	"net/http"
 	"net/http/httputil"
 	"net/url"
+	"strconv"
 	"strings"
 	"time"
 
 	"github.com/google/uuid"
 	"github.com/labstack/echo/v4"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/tollgate-dev/tollgate/schemas"
 )
@@ -23,26 +26,90 @@ import (
 // call to its usage event.
 const HeaderRequestID = "Request-Id"
 
+// Deps are the edge's collaborators. Limiter, Quota and Auditor may be nil
+// (no limits, no quota, no failed-auth audit), which tests and the bench's
+// plain-proxy mode use.
+type Deps struct {
+	Keys     KeyStore
+	Emitter  Emitter
+	Limiter  RateLimiter
+	Quota    QuotaCounter
+	Auditor  Auditor
+	Registry prometheus.Registerer
+	Log      *slog.Logger
+	// Ready reports whether the edge can serve (for /readyz).
+	Ready func(ctx context.Context) error
+}
+
 // Server is the edge HTTP handler.
 type Server struct {
 	cfg     Config
-	keys    KeyStore
-	emitter Emitter
+	deps    Deps
 	log     *slog.Logger
 	now     func() time.Time
+	router  *Router
 	live    *httputil.ReverseProxy
 	sandbox *httputil.ReverseProxy
 	echo    *echo.Echo
+	m       *metrics
 }
 
-// NewServer builds the edge handler. cfg must be valid.
-func NewServer(cfg Config, keys KeyStore, emitter Emitter, log *slog.Logger) (*Server, error) {
+type metrics struct {
+	duration  *prometheus.HistogramVec
+	responses *prometheus.CounterVec
+	authFail  *prometheus.CounterVec
+	limited   *prometheus.CounterVec
+}
+
+func newMetrics(reg prometheus.Registerer) (*metrics, error) {
+	m := &metrics{
+		duration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "tollgate_edge_request_duration_seconds",
+			Help:    "Time from request to response, by route template (p50/p95/p99 via histogram_quantile).",
+			Buckets: []float64{.0005, .001, .002, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30},
+		}, []string{"route"}),
+		responses: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "tollgate_edge_responses_total",
+			Help: "Responses by HTTP status code.",
+		}, []string{"code"}),
+		authFail: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "tollgate_edge_auth_failures_total",
+			Help: "Refused authentications by reason.",
+		}, []string{"reason"}),
+		limited: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "tollgate_edge_limited_total",
+			Help: "Calls refused by a rate limit or quota, by limit.",
+		}, []string{"limit"}),
+	}
+	if reg == nil {
+		return m, nil
+	}
+	for _, c := range []prometheus.Collector{m.duration, m.responses, m.authFail, m.limited} {
+		if err := reg.Register(c); err != nil {
+			return nil, fmt.Errorf("register edge metrics: %w", err)
+		}
+	}
+	return m, nil
+}
+
+// NewServer builds the edge handler.
+func NewServer(cfg Config, deps Deps) (*Server, error) {
 	cfg.Defaults()
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	s := &Server{cfg: cfg, keys: keys, emitter: emitter, log: log, now: time.Now}
-	var err error
+	if deps.Log == nil {
+		deps.Log = slog.New(slog.DiscardHandler)
+	}
+	router, err := NewRouter(cfg.Routes)
+	if err != nil {
+		return nil, err
+	}
+	m, err := newMetrics(deps.Registry)
+	if err != nil {
+		return nil, err
+	}
+	s := &Server{cfg: cfg, deps: deps, log: deps.Log, now: time.Now, router: router, m: m}
 	if s.live, err = s.newProxy(cfg.Upstream); err != nil {
 		return nil, err
 	}
@@ -54,10 +121,12 @@ func NewServer(cfg Config, keys KeyStore, emitter Emitter, log *slog.Logger) (*S
 	}
 	e := echo.New()
 	e.HideBanner, e.HidePort = true, true
-	e.HTTPErrorHandler = errorHandler(log)
-	e.Use(s.requestID)
+	e.HTTPErrorHandler = errorHandler(s.log)
+	e.Use(s.observe, s.requestID)
 	e.GET("/healthz", func(c echo.Context) error { return c.String(http.StatusOK, "ok\n") })
-	e.Any("/*", s.proxy, s.authenticate)
+	e.GET("/readyz", s.readyz)
+	e.POST("/v1/events", s.reportEvents, s.authenticate, s.authorize, s.limit(false))
+	e.Any("/*", s.proxy, s.authenticate, s.authorize, s.limit(true))
 	s.echo = e
 	return s, nil
 }
@@ -65,13 +134,56 @@ func NewServer(cfg Config, keys KeyStore, emitter Emitter, log *slog.Logger) (*S
 // ServeHTTP makes the Server an http.Handler.
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.echo.ServeHTTP(w, r) }
 
+func (s *Server) readyz(c echo.Context) error {
+	if s.deps.Ready != nil {
+		if err := s.deps.Ready(c.Request().Context()); err != nil {
+			return NewAPIError(http.StatusServiceUnavailable, TypeAPI, "not_ready", err.Error())
+		}
+	}
+	return c.String(http.StatusOK, "ready\n")
+}
+
+func (s *Server) observe(next echo.HandlerFunc) echo.HandlerFunc {
+	return func(c echo.Context) error {
+		start := time.Now()
+		err := next(c)
+		if err != nil {
+			c.Error(err)
+		}
+		route := "unauthenticated"
+		if r, ok := c.Get("route").(Route); ok {
+			route = r.Template
+			if s.router.Open() {
+				route = "*" // raw paths would make the label unbounded
+			}
+		}
+		s.m.duration.WithLabelValues(route).Observe(time.Since(start).Seconds())
+		s.m.responses.WithLabelValues(strconv.Itoa(c.Response().Status)).Inc()
+		return nil
+	}
+}
+
 func (s *Server) requestID(next echo.HandlerFunc) echo.HandlerFunc {
 	return func(c echo.Context) error {
 		id := schemas.NewEventID()
 		c.Set("event_id", id)
-		c.Response().Header().Set(HeaderRequestID, "req_"+strings.ReplaceAll(id.String(), "-", ""))
+		c.Response().Header().Set(HeaderRequestID, RequestIDFor(id))
 		return next(c)
 	}
+}
+
+// RequestIDFor is the Request-Id header value of the call with event id id.
+func RequestIDFor(id uuid.UUID) string {
+	var b [36]byte
+	hex := id.String()
+	n := copy(b[:], "req_")
+	for i := 0; i < len(hex); i++ {
+		if hex[i] != '-' {
+			b[n] = hex[i]
+			n++
+		}
+	}
+	return string(b[:n])
 }
 
 // bearer extracts the key from "Authorization: Bearer <key>" or from HTTP
@@ -87,29 +199,199 @@ func bearer(r *http.Request) string {
 	return ""
 }
 
+// safePrefix is at most the part of a presented string that a valid key
+// would show as its display prefix, with anything odd replaced, so the
+// audit log never holds more than a display prefix.
+func safePrefix(raw string) string {
+	if len(raw) > prefixLen+displayBody {
+		raw = raw[:prefixLen+displayBody]
+	}
+	b := []byte(raw)
+	for i, c := range b {
+		if !(c == '_' || strings.IndexByte(base62, c) >= 0) {
+			b[i] = '?'
+		}
+	}
+	return string(b)
+}
+
+func remoteIP(r *http.Request) string {
+	host, _, err := net.SplitHostPort(r.RemoteAddr)
+	if err != nil {
+		return r.RemoteAddr
+	}
+	return host
+}
+
+func (s *Server) authFailed(c echo.Context, reason, prefix string, k *Key, err error) error {
+	s.m.authFail.WithLabelValues(reason).Inc()
+	if s.deps.Auditor != nil {
+		ev := AuditEvent{At: s.now(), Actor: "api", Action: ActionAuthFailed, KeyPrefix: prefix,
+			RemoteAddr: remoteIP(c.Request()), Reason: reason, Count: 1}
+		if k != nil {
+			ev.AccountID, ev.KeyID = k.AccountID, k.ID
+		}
+		s.deps.Auditor.Record(ev)
+	}
+	return err
+}
+
 func (s *Server) authenticate(next echo.HandlerFunc) echo.HandlerFunc {
 	return func(c echo.Context) error {
 		raw := bearer(c.Request())
 		if raw == "" {
-			return ErrNoKey
+			return s.authFailed(c, "missing", "", nil, ErrNoKey)
 		}
 		pk, err := ParseKey(raw)
 		if err != nil {
-			return err
+			return s.authFailed(c, "malformed", safePrefix(raw), nil, err)
 		}
-		k, err := s.keys.KeyByHash(c.Request().Context(), pk.Hash)
+		k, err := s.deps.Keys.KeyByHash(c.Request().Context(), pk.Hash)
+		if errors.Is(err, ErrKeyNotFound) {
+			return s.authFailed(c, "unknown", pk.DisplayPrefix, nil, err)
+		}
 		if err != nil {
-			return err
+			return fmt.Errorf("authenticate: %w", err)
 		}
 		if !HashEqual(k.Hash, pk.Hash[:]) {
-			return ErrKeyNotFound
+			return s.authFailed(c, "unknown", pk.DisplayPrefix, nil, ErrKeyNotFound)
 		}
 		if err := k.Usable(s.now()); err != nil {
-			return err
+			reason := "expired"
+			if errors.Is(err, ErrKeyRevoked) {
+				reason = "revoked"
+			}
+			return s.authFailed(c, reason, k.DisplayPrefix, &k, err)
 		}
 		c.Set("key", &k)
 		return next(c)
 	}
+}
+
+// authorize matches the route and checks the key may call it.
+func (s *Server) authorize(next echo.HandlerFunc) echo.HandlerFunc {
+	return func(c echo.Context) error {
+		k := c.Get("key").(*Key)
+		req := c.Request()
+		if !knownMethod(req.Method) {
+			return NewAPIError(http.StatusMethodNotAllowed, TypeInvalidRequest, "method_not_allowed",
+				fmt.Sprintf("Method %s is not supported.", req.Method))
+		}
+		var route Route
+		if c.Path() == "/v1/events" {
+			route = Route{Template: "/v1/events", Scopes: []string{"events:write"}, Write: true}
+		} else {
+			var ok bool
+			route, ok = s.router.Match(req.Method, req.URL.Path)
+			if !ok {
+				return NewAPIError(http.StatusNotFound, TypeInvalidRequest, "route_not_found",
+					fmt.Sprintf("No route %s %s.", req.Method, req.URL.Path))
+			}
+		}
+		c.Set("route", route)
+		if k.Kind == Publishable && route.Write {
+			return NewAPIError(http.StatusForbidden, TypePermission, "publishable_key_not_allowed",
+				"Publishable keys are read-only; use a secret key for this call.")
+		}
+		for _, want := range route.Scopes {
+			if !HasScope(k.Kind, k.Scopes, want) {
+				ae := NewAPIError(http.StatusForbidden, TypePermission, "insufficient_scope",
+					fmt.Sprintf("This key lacks the %q scope needed for %s %s.", want, req.Method, route.Template))
+				ae.Scope = want
+				return ae
+			}
+		}
+		return next(c)
+	}
+}
+
+// limit applies the key and account rate limits and (when quota is true)
+// the monthly quota, and sets the rate-limit headers.
+func (s *Server) limit(quota bool) echo.MiddlewareFunc {
+	return func(next echo.HandlerFunc) echo.HandlerFunc {
+		return func(c echo.Context) error {
+			if s.deps.Limiter == nil {
+				return next(c)
+			}
+			k := c.Get("key").(*Key)
+			ctx := c.Request().Context()
+			lim := k.Plan.Limits
+			if lim.RequestsPerSecond <= 0 || lim.Burst <= 0 {
+				lim = s.cfg.Plans["free"].Limits
+			}
+			states := make([]limitState, 0, 2)
+			var refused *limitState
+			for _, l := range []struct{ name, id string }{
+				{"key", "rl:key:" + k.ID},
+				{"account", "rl:acct:" + k.AccountID + ":" + string(k.Environment)},
+			} {
+				r, err := s.deps.Limiter.Allow(ctx, s.cfg.RateLimitPrefix+l.id, lim.RequestsPerSecond, lim.Burst)
+				if err != nil {
+					return fmt.Errorf("rate limit: %w", err)
+				}
+				states = append(states, limitState{name: l.name, result: r, rps: lim.RequestsPerSecond})
+				if !r.Allowed {
+					refused = &states[len(states)-1]
+					break
+				}
+			}
+			var qs *quotaState
+			if refused == nil && quota && s.deps.Quota != nil && lim.MonthlyRequests != nil {
+				loc := time.UTC
+				if s.cfg.QuotaTimezone == "account" && k.AccountTimezone != "" {
+					if l, err := time.LoadLocation(k.AccountTimezone); err == nil {
+						loc = l
+					}
+				}
+				now := s.now()
+				suffix, end, ttl := quotaPeriod(now, loc)
+				bucket := s.cfg.RateLimitPrefix + "quota:" + k.AccountID + ":" + string(k.Environment) + ":" + suffix
+				used, ok, err := s.deps.Quota.Take(ctx, bucket, *lim.MonthlyRequests, ttl)
+				if err != nil {
+					return fmt.Errorf("quota: %w", err)
+				}
+				qs = &quotaState{limit: *lim.MonthlyRequests, used: used, reset: end, window: end.Sub(now)}
+				if !ok {
+					setRateHeaders(c.Response().Header(), states, qs)
+					s.m.limited.WithLabelValues("monthly").Inc()
+					retry := ceilSeconds(end.Sub(now))
+					ae := NewAPIError(http.StatusTooManyRequests, TypeRateLimit, "quota_exceeded",
+						fmt.Sprintf("The monthly quota of %d requests for plan %q is used up until %s.",
+							*lim.MonthlyRequests, planName(k.Plan), end.UTC().Format(time.RFC3339)))
+					ae.Limit, ae.RetryAfter, ae.RetryAt, ae.UpgradeURL = "monthly", &retry, end.UTC().Format(time.RFC3339), s.upgradeURL(k.Plan)
+					c.Response().Header().Set("Retry-After", strconv.FormatInt(retry, 10))
+					return ae
+				}
+			}
+			setRateHeaders(c.Response().Header(), states, qs)
+			if refused != nil {
+				s.m.limited.WithLabelValues(refused.name).Inc()
+				retry := max(1, ceilSeconds(refused.result.RetryAfter))
+				at := s.now().Add(refused.result.RetryAfter).UTC().Format(time.RFC3339Nano)
+				ae := NewAPIError(http.StatusTooManyRequests, TypeRateLimit, "rate_limited",
+					fmt.Sprintf("Too many requests for this %s: %d per second (burst %d) on plan %q.",
+						refused.name, lim.RequestsPerSecond, lim.Burst, planName(k.Plan)))
+				ae.Limit, ae.RetryAfter, ae.RetryAt, ae.UpgradeURL = refused.name, &retry, at, s.upgradeURL(k.Plan)
+				c.Response().Header().Set("Retry-After", strconv.FormatInt(retry, 10))
+				return ae
+			}
+			return next(c)
+		}
+	}
+}
+
+func planName(p Plan) string {
+	if p.ID == "" {
+		return "free"
+	}
+	return p.ID
+}
+
+func (s *Server) upgradeURL(p Plan) string {
+	if p.UpgradeURL != "" {
+		return p.UpgradeURL
+	}
+	return s.cfg.Plans[planName(p)].UpgradeURL
 }
 
 func (s *Server) newProxy(upstream string) (*httputil.ReverseProxy, error) {
@@ -129,6 +411,7 @@ func (s *Server) newProxy(upstream string) (*httputil.ReverseProxy, error) {
 			r.SetURL(u)
 			r.Out.Host = r.In.Host
 			r.Out.Header.Del("Authorization")
+			r.Out.Header.Set(HeaderRequestID, r.In.Header.Get(HeaderRequestID))
 			r.SetXForwarded()
 		},
 		Transport:     transport,
@@ -138,18 +421,21 @@ func (s *Server) newProxy(upstream string) (*httputil.ReverseProxy, error) {
 			if errors.Is(err, context.DeadlineExceeded) {
 				ae = NewAPIError(http.StatusGatewayTimeout, TypeAPI, "upstream_timeout", "The upstream service did not answer in time.")
 			}
-			s.log.Warn("upstream error", "err", err)
-			panicFree(w, ae)
+			if errors.Is(err, context.Canceled) && r.Context().Err() != nil {
+				s.log.Debug("client went away", "err", err)
+			} else {
+				s.log.Warn("upstream error", "status", ae.Status, "err", err)
+			}
+			writeAPIError(w, ae)
 		},
 	}, nil
 }
 
-func panicFree(w http.ResponseWriter, ae *APIError) {
+func writeAPIError(w http.ResponseWriter, ae *APIError) {
 	ae.RequestID = w.Header().Get(HeaderRequestID)
 	w.Header().Set("Content-Type", "application/json")
 	w.WriteHeader(ae.Status)
-	_, _ = fmt.Fprintf(w, `{"error":{"type":%q,"code":%q,"message":%q,"request_id":%q,"doc_url":%q}}`,
-		ae.Type, ae.Code, ae.Message, ae.RequestID, ae.DocURL)
+	_ = json.NewEncoder(w).Encode(map[string]*APIError{"error": ae})
 }
 
 type countingBody struct {
@@ -165,6 +451,7 @@ func (b *countingBody) Read(p []byte) (int, error) {
 
 func (s *Server) proxy(c echo.Context) error {
 	k := c.Get("key").(*Key)
+	route := c.Get("route").(Route)
 	req := c.Request()
 	start := s.now()
 	body := &countingBody{ReadCloser: req.Body}
@@ -175,8 +462,13 @@ func (s *Server) proxy(c echo.Context) error {
 	if k.Environment == schemas.Test {
 		p = s.sandbox
 	}
-	p.ServeHTTP(c.Response(), req.WithContext(ctx))
 	resp := c.Response()
+	req.Header.Set(HeaderRequestID, resp.Header().Get(HeaderRequestID))
+	p.ServeHTTP(resp, req.WithContext(ctx))
+	tmpl := route.Template
+	if len(tmpl) > schemas.MaxRouteLength {
+		tmpl = tmpl[:schemas.MaxRouteLength]
+	}
 	ev := schemas.Event{
 		Version:       schemas.EventVersion,
 		ID:            c.Get("event_id").(uuid.UUID),
@@ -185,7 +477,7 @@ func (s *Server) proxy(c echo.Context) error {
 		KeyID:         k.ID,
 		Type:          s.cfg.EventType,
 		Time:          start,
-		Route:         req.URL.Path,
+		Route:         tmpl,
 		Method:        req.Method,
 		Status:        resp.Status,
 		LatencyMicros: s.now().Sub(start).Microseconds(),
@@ -195,6 +487,6 @@ func (s *Server) proxy(c echo.Context) error {
 		RequestID:     resp.Header().Get(HeaderRequestID),
 	}
 	ev.Normalize()
-	s.emitter.Emit(ev)
+	s.deps.Emitter.Emit(ev)
 	return nil
 }

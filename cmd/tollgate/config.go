@@ -63,6 +63,10 @@ func (c *Config) applyEnv() {
 	}
 	set(&c.Edge.Listen, "TOLLGATE_EDGE_LISTEN")
 	set(&c.Edge.Upstream, "TOLLGATE_EDGE_UPSTREAM")
+	set(&c.Edge.SandboxUpstream, "TOLLGATE_EDGE_SANDBOX_UPSTREAM")
+	set(&c.Edge.AdminListen, "TOLLGATE_EDGE_ADMIN_LISTEN")
+	set(&c.Edge.AdminTokenSHA256, "TOLLGATE_EDGE_ADMIN_TOKEN_SHA256")
+	set(&c.Edge.SpoolDir, "TOLLGATE_EDGE_SPOOL_DIR")
 }
 
 func (c *Config) defaults() {

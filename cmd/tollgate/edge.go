@@ -7,67 +7,171 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"os"
+	"path/filepath"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/labstack/echo/v4"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/redis/go-redis/v9"
 
 	"github.com/tollgate-dev/tollgate/edge"
 	edgekafka "github.com/tollgate-dev/tollgate/edge/kafka"
 	edgepg "github.com/tollgate-dev/tollgate/edge/postgres"
+	edgeredis "github.com/tollgate-dev/tollgate/edge/redis"
 )
 
-// EdgeMain runs the edge: it owns the listener, the key store connection and
-// the event producer.
+// EdgeMain runs the edge: the public listener, the admin listener, the key
+// store and its change listener, the Redis limiter, the failed-auth audit
+// writer and the event producer with its spool.
 type EdgeMain struct {
 	log      *slog.Logger
 	pool     *pgxpool.Pool
+	rdb      *redis.Client
 	producer *edgekafka.Producer
+	auditor  *edgepg.AuditWriter
+	listener *edgepg.Listener
+	stopLn   context.CancelFunc
 	ln       net.Listener
 	srv      *http.Server
+	adminLn  net.Listener
+	adminSrv *http.Server
+	// Registry holds the edge's metrics (served on the admin listener).
+	Registry *prometheus.Registry
 }
 
-// NewEdgeMain connects to Postgres and Kafka and binds the listener, so
-// Addr is known (port 0 picks a free one) before Run.
-func NewEdgeMain(ctx context.Context, cfg Config, log *slog.Logger) (*EdgeMain, error) {
+// NewEdgeMain connects to Postgres, Redis and Kafka and binds the
+// listeners, so Addr is known (port 0 picks a free one) before Run. Kafka
+// being down does not stop the edge: events are spooled until it is back.
+func NewEdgeMain(ctx context.Context, cfg Config, log *slog.Logger) (m *EdgeMain, err error) {
 	log = log.With("component", "edge")
-	pool, err := openPostgres(ctx, cfg.Services.PostgresURL)
-	if err != nil {
+	m = &EdgeMain{log: log, Registry: prometheus.NewRegistry()}
+	defer func() {
+		if err != nil {
+			_ = m.Close()
+		}
+	}()
+	m.Registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	if m.pool, err = openPostgres(ctx, cfg.Services.PostgresURL); err != nil {
 		return nil, err
 	}
 	if err := ensureTopics(ctx, cfg.Services.KafkaBrokers, 4, cfg.Ingest.Topic); err != nil {
-		pool.Close()
+		log.Warn("kafka is not reachable; events are spooled until it is", "err", err)
+	}
+	spoolDir := cfg.Edge.SpoolDir
+	if spoolDir == "" {
+		base, err := os.UserCacheDir()
+		if err != nil {
+			base = os.TempDir()
+		}
+		spoolDir = filepath.Join(base, "tollgate", "edge-spool", cfg.Ingest.Topic)
+	}
+	if m.producer, err = edgekafka.NewProducer(edgekafka.Config{
+		Brokers: cfg.Services.KafkaBrokers, Topic: cfg.Ingest.Topic, SpoolDir: spoolDir,
+	}, m.Registry, log); err != nil {
 		return nil, err
 	}
-	producer := edgekafka.NewProducer(cfg.Services.KafkaBrokers, cfg.Ingest.Topic, log)
-	srv, err := edge.NewServer(cfg.Edge, edgepg.NewKeyStore(pool), producer, log)
-	if err != nil {
-		producer.Close()
-		pool.Close()
+	store := edgepg.NewKeyStore(m.pool)
+	cache := edge.NewKeyCache(store, cfg.Edge.KeyCacheTTL)
+	m.listener = edgepg.NewListener(cfg.Services.PostgresURL, cache, log)
+	lctx, stopLn := context.WithCancel(context.Background())
+	m.stopLn = stopLn
+	if err := m.listener.Start(lctx); err != nil {
 		return nil, err
 	}
-	ln, err := net.Listen("tcp", cfg.Edge.Listen)
+	m.rdb = redis.NewClient(&redis.Options{
+		Addr:         cfg.Services.RedisAddr,
+		DialTimeout:  250 * time.Millisecond,
+		ReadTimeout:  250 * time.Millisecond,
+		WriteTimeout: 250 * time.Millisecond,
+		MaxRetries:   -1, // the local fallback is the retry
+		PoolSize:     256,
+	})
+	fallbacks := prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "tollgate_edge_limiter_fallbacks_total",
+		Help: "Rate-limit and quota decisions made locally because Redis failed.",
+	}, []string{"what"})
+	m.Registry.MustRegister(fallbacks)
+	limiter := &edge.FallbackLimiter{
+		Primary: edgeredis.NewLimiter(m.rdb),
+		Local:   edge.NewLocalLimiter(cfg.Edge.ExpectedInstances),
+		OnFallback: func(what string, err error) {
+			fallbacks.WithLabelValues(what).Inc()
+			log.Debug("redis limiter failed; using the local fallback", "what", what, "err", err)
+		},
+	}
+	if m.auditor, err = edgepg.NewAuditWriter(m.pool, time.Second, m.Registry, log); err != nil {
+		return nil, err
+	}
+	m.Registry.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "tollgate_edge_key_cache_trusted", Help: "1 while key changes are being received and the key cache is in use.",
+	}, func() float64 {
+		if cache.Trusted() {
+			return 1
+		}
+		return 0
+	}))
+	ready := func(ctx context.Context) error {
+		if err := m.pool.Ping(ctx); err != nil {
+			return fmt.Errorf("postgres: %w", err)
+		}
+		if !m.listener.Connected() {
+			return errors.New("key change listener is not connected")
+		}
+		return nil
+	}
+	srv, err := edge.NewServer(cfg.Edge, edge.Deps{
+		Keys: cache, Emitter: m.producer, Limiter: limiter, Quota: limiter, Auditor: m.auditor,
+		Registry: m.Registry, Log: log, Ready: ready,
+	})
 	if err != nil {
-		producer.Close()
-		pool.Close()
+		return nil, err
+	}
+	if m.ln, err = net.Listen("tcp", cfg.Edge.Listen); err != nil {
 		return nil, fmt.Errorf("edge listen: %w", err)
 	}
-	return &EdgeMain{
-		log:      log,
-		pool:     pool,
-		producer: producer,
-		ln:       ln,
-		srv:      &http.Server{Handler: srv, ReadHeaderTimeout: 10 * time.Second},
-	}, nil
+	m.srv = &http.Server{Handler: srv, ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 120 * time.Second}
+	if cfg.Edge.AdminListen != "" {
+		admin, err := edge.NewAdmin(cfg.Edge.AdminTokenSHA256, edge.AdminDeps{
+			Store: store, Auditor: m.auditor, Gatherer: m.Registry, Log: log,
+			Ready: func(c echo.Context) error { return ready(c.Request().Context()) },
+		})
+		if err != nil {
+			return nil, err
+		}
+		if m.adminLn, err = net.Listen("tcp", cfg.Edge.AdminListen); err != nil {
+			return nil, fmt.Errorf("edge admin listen: %w", err)
+		}
+		m.adminSrv = &http.Server{Handler: admin, ReadHeaderTimeout: 10 * time.Second}
+	}
+	return m, nil
 }
 
 // Addr is the address the edge listens on.
 func (m *EdgeMain) Addr() string { return m.ln.Addr().String() }
 
+// AdminAddr is the admin API's address, or "" when it is disabled.
+func (m *EdgeMain) AdminAddr() string {
+	if m.adminLn == nil {
+		return ""
+	}
+	return m.adminLn.Addr().String()
+}
+
+// SpoolDepth is the number of events waiting in the spool.
+func (m *EdgeMain) SpoolDepth() int64 { return m.producer.SpoolDepth() }
+
 // Run serves until ctx ends, then stops accepting calls and drains those
 // in flight.
 func (m *EdgeMain) Run(ctx context.Context) error {
-	errc := make(chan error, 1)
+	errc := make(chan error, 2)
 	go func() { errc <- m.srv.Serve(m.ln) }()
+	if m.adminSrv != nil {
+		go func() { errc <- m.adminSrv.Serve(m.adminLn) }()
+		m.log.Info("edge admin API listening", "addr", m.AdminAddr())
+	}
 	m.log.Info("edge listening", "addr", m.Addr())
 	select {
 	case err := <-errc:
@@ -76,16 +180,44 @@ func (m *EdgeMain) Run(ctx context.Context) error {
 	}
 	sctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
 	defer cancel()
+	var errs []error
 	if err := m.srv.Shutdown(sctx); err != nil && !errors.Is(err, http.ErrServerClosed) {
-		return fmt.Errorf("edge shutdown: %w", err)
+		errs = append(errs, fmt.Errorf("edge shutdown: %w", err))
 	}
-	return nil
+	if m.adminSrv != nil {
+		if err := m.adminSrv.Shutdown(sctx); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			errs = append(errs, fmt.Errorf("edge admin shutdown: %w", err))
+		}
+	}
+	return errors.Join(errs...)
 }
 
-// Close flushes every accepted event to Kafka and releases connections.
+// Close flushes every accepted event (to Kafka, or to the spool), writes
+// pending audit rows and releases connections, in reverse start order.
 func (m *EdgeMain) Close() error {
-	_ = m.srv.Close()
-	err := m.producer.Close()
-	m.pool.Close()
-	return err
+	var errs []error
+	if m.srv != nil {
+		_ = m.srv.Close()
+	}
+	if m.adminSrv != nil {
+		_ = m.adminSrv.Close()
+	} else if m.adminLn != nil {
+		_ = m.adminLn.Close()
+	}
+	if m.auditor != nil {
+		errs = append(errs, m.auditor.Close())
+	}
+	if m.rdb != nil {
+		errs = append(errs, m.rdb.Close())
+	}
+	if m.stopLn != nil {
+		m.stopLn()
+	}
+	if m.producer != nil {
+		errs = append(errs, m.producer.Close())
+	}
+	if m.pool != nil {
+		m.pool.Close()
+	}
+	return errors.Join(errs...)
 }

@@ -1,4 +1,5 @@
-// Package kafka delivers the edge's usage events to the Kafka usage topic.
+// Package kafka delivers the edge's usage events to the Kafka usage topic,
+// through a durable local spool whenever Kafka is unreachable.
 package kafka
 
 import (
@@ -7,83 +8,312 @@ import (
 	"fmt"
 	"log/slog"
 	"sync"
+	"sync/atomic"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/segmentio/kafka-go"
 
 	"github.com/tollgate-dev/tollgate/edge"
 	"github.com/tollgate-dev/tollgate/schemas"
 )
 
-// Producer batches events in memory and writes them to Kafka with acks from
-// every in-sync replica. Events are keyed by account id, so one account's
-// events stay in order on one partition.
+// Config configures a Producer.
+type Config struct {
+	Brokers  []string
+	Topic    string
+	SpoolDir string
+	// QueueSize bounds events held in memory; when it is full Emit waits
+	// (counted in tollgate_edge_emit_waits_total) rather than drop.
+	QueueSize int
+	// BatchSize bounds one Kafka write and one spool group commit.
+	BatchSize int
+	// WriteTimeout bounds one Kafka write; on timeout the batch is spooled.
+	WriteTimeout time.Duration
+	// CloseTimeout bounds how long Close keeps draining the spool to Kafka;
+	// what is left stays on disk for the next start.
+	CloseTimeout time.Duration
+}
+
+func (c *Config) defaults() {
+	if c.QueueSize == 0 {
+		c.QueueSize = 65536
+	}
+	if c.BatchSize == 0 {
+		c.BatchSize = 1000
+	}
+	if c.WriteTimeout == 0 {
+		c.WriteTimeout = 5 * time.Second
+	}
+	if c.CloseTimeout == 0 {
+		c.CloseTimeout = 15 * time.Second
+	}
+}
+
+// Producer accepts events without blocking the response and delivers each
+// to Kafka with acks from every in-sync replica, keyed by account id so an
+// account's events keep their order on one partition.
+//
+// One goroutine owns delivery. While Kafka takes writes and the spool is
+// empty, batches go straight to Kafka. When a write fails, that batch and
+// every later one are appended to the spool (fsynced per batch), and the
+// spool is drained to Kafka in order, with backoff, until it is empty again;
+// only then do batches go direct again, so order is kept.
 type Producer struct {
+	cfg   Config
 	w     *kafka.Writer
+	spool *Spool
 	log   *slog.Logger
-	queue chan schemas.Event
+	queue chan kafka.Message
 	done  chan struct{}
 	once  sync.Once
+
+	closing   atomic.Bool
+	nextTry   time.Time
+	backoff   time.Duration
+	kafkaUp   atomic.Bool
+	retry     []kafka.Message
+	retryCur  *SpoolCursor
+	retryN    int
+	produced  prometheus.Counter
+	spooled   prometheus.Counter
+	errs      prometheus.Counter
+	waits     prometheus.Counter
+	collector []prometheus.Collector
 }
 
 var _ edge.Emitter = (*Producer)(nil)
 
-// NewProducer starts a producer for topic on brokers.
-func NewProducer(brokers []string, topic string, log *slog.Logger) *Producer {
+// NewProducer opens the spool and starts delivering. Events left in the
+// spool by an earlier run are delivered first.
+func NewProducer(cfg Config, reg prometheus.Registerer, log *slog.Logger) (*Producer, error) {
+	cfg.defaults()
+	sp, err := OpenSpool(cfg.SpoolDir)
+	if err != nil {
+		return nil, err
+	}
 	p := &Producer{
+		cfg: cfg,
 		w: &kafka.Writer{
-			Addr:         kafka.TCP(brokers...),
-			Topic:        topic,
-			Balancer:     &kafka.Hash{},
-			RequiredAcks: kafka.RequireAll,
-			BatchSize:    1000,
-			BatchTimeout: 5 * time.Millisecond,
-			MaxAttempts:  1, // retries are ours, so we see every failure
+			Addr:                   kafka.TCP(cfg.Brokers...),
+			Topic:                  cfg.Topic,
+			Balancer:               &kafka.Hash{},
+			RequiredAcks:           kafka.RequireAll,
+			BatchSize:              cfg.BatchSize,
+			BatchTimeout:           2 * time.Millisecond,
+			WriteTimeout:           cfg.WriteTimeout,
+			ReadTimeout:            cfg.WriteTimeout,
+			MaxAttempts:            1, // retries are ours, so we see every failure
+			AllowAutoTopicCreation: false,
 		},
+		spool: sp,
 		log:   log,
-		queue: make(chan schemas.Event, 10000),
+		queue: make(chan kafka.Message, cfg.QueueSize),
 		done:  make(chan struct{}),
+		produced: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "tollgate_edge_events_produced_total", Help: "Usage events acknowledged by Kafka.",
+		}),
+		spooled: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "tollgate_edge_events_spooled_total", Help: "Usage events written to the local spool.",
+		}),
+		errs: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "tollgate_edge_produce_errors_total", Help: "Failed Kafka writes (each batch counts once).",
+		}),
+		waits: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "tollgate_edge_emit_waits_total", Help: "Emits that waited because the in-memory queue was full.",
+		}),
+	}
+	p.kafkaUp.Store(true)
+	p.collector = []prometheus.Collector{p.produced, p.spooled, p.errs, p.waits,
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "tollgate_edge_spool_depth", Help: "Usage events in the local spool awaiting Kafka.",
+		}, func() float64 { return float64(sp.Depth()) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "tollgate_edge_emit_queue_length", Help: "Usage events in memory awaiting delivery.",
+		}, func() float64 { return float64(len(p.queue)) }),
+	}
+	if reg != nil {
+		for _, c := range p.collector {
+			if err := reg.Register(c); err != nil {
+				_ = sp.Close()
+				return nil, fmt.Errorf("register producer metrics: %w", err)
+			}
+		}
+	}
+	if d := sp.Depth(); d > 0 {
+		log.Info("delivering events spooled by an earlier run", "events", d)
 	}
 	go p.run()
-	return p
+	return p, nil
 }
 
-// Emit queues ev. When the queue is full it waits rather than drop.
-func (p *Producer) Emit(ev schemas.Event) { p.queue <- ev }
+// Emit queues ev for delivery. It does not wait for Kafka or the disk; it
+// waits only if the in-memory queue is full.
+func (p *Producer) Emit(ev schemas.Event) {
+	m := message(ev)
+	select {
+	case p.queue <- m:
+	default:
+		p.waits.Inc()
+		p.queue <- m
+	}
+}
+
+// SpoolDepth is the number of events in the spool.
+func (p *Producer) SpoolDepth() int64 { return p.spool.Depth() }
+
+// KafkaUp reports whether the last Kafka write succeeded.
+func (p *Producer) KafkaUp() bool { return p.kafkaUp.Load() }
 
 func (p *Producer) run() {
 	defer close(p.done)
-	batch := make([]kafka.Message, 0, 1000)
-	for ev := range p.queue {
-		batch = append(batch[:0], message(ev))
-	drain:
-		for len(batch) < cap(batch) {
+	batch := make([]kafka.Message, 0, p.cfg.BatchSize)
+	tick := time.NewTicker(100 * time.Millisecond)
+	defer tick.Stop()
+	open := true
+	for open {
+		batch = batch[:0]
+		select {
+		case m, ok := <-p.queue:
+			if !ok {
+				open = false
+				break
+			}
+			batch = append(batch, m)
+		case <-tick.C:
+		}
+	fill:
+		for open && len(batch) < cap(batch) {
 			select {
-			case ev, ok := <-p.queue:
+			case m, ok := <-p.queue:
 				if !ok {
-					break drain
+					open = false
+					break fill
 				}
-				batch = append(batch, message(ev))
+				batch = append(batch, m)
 			default:
-				break drain
+				break fill
 			}
 		}
-		p.write(batch)
+		p.deliver(batch)
+		p.drain(10)
+	}
+	// Closing: everything queued is delivered or spooled above; now give
+	// the spool to Kafka until it is empty or the deadline passes.
+	deadline := time.Now().Add(p.cfg.CloseTimeout)
+	for p.spool.Depth() > 0 && time.Now().Before(deadline) {
+		if !p.drain(100) {
+			time.Sleep(min(time.Until(deadline), max(time.Until(p.nextTry), 10*time.Millisecond)))
+		}
+	}
+	if d := p.spool.Depth(); d > 0 {
+		p.log.Warn("stopping with events in the spool; they are delivered on the next start", "events", d, "dir", p.cfg.SpoolDir)
 	}
 }
 
-// write retries until Kafka takes the batch.
-func (p *Producer) write(batch []kafka.Message) {
-	backoff := 50 * time.Millisecond
-	for {
-		err := p.w.WriteMessages(context.Background(), batch...)
+// deliver writes batch to Kafka when the spool is empty and Kafka is not
+// backing off, and spools whatever Kafka did not take.
+func (p *Producer) deliver(batch []kafka.Message) {
+	if len(batch) == 0 {
+		return
+	}
+	if p.spool.Depth() == 0 && p.retry == nil && !time.Now().Before(p.nextTry) {
+		failed, err := p.write(batch)
 		if err == nil {
 			return
 		}
-		p.log.Warn("produce usage events", "n", len(batch), "err", err)
-		time.Sleep(backoff)
-		backoff = min(2*backoff, 2*time.Second)
+		batch = failed
 	}
+	p.toSpool(batch)
+}
+
+func (p *Producer) toSpool(batch []kafka.Message) {
+	recs := make([][]byte, len(batch))
+	for i, m := range batch {
+		recs[i] = m.Value
+	}
+	for {
+		err := p.spool.Append(recs)
+		if err == nil {
+			p.spooled.Add(float64(len(recs)))
+			return
+		}
+		// Without the disk there is nowhere durable to put the events;
+		// keep them in memory and retry rather than drop them.
+		p.log.Error("spool append failed; retrying", "events", len(recs), "err", err)
+		time.Sleep(time.Second)
+	}
+}
+
+// write sends batch and returns the messages Kafka did not take.
+func (p *Producer) write(batch []kafka.Message) ([]kafka.Message, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), p.cfg.WriteTimeout)
+	defer cancel()
+	err := p.w.WriteMessages(ctx, batch...)
+	if err == nil {
+		p.produced.Add(float64(len(batch)))
+		p.kafkaUp.Store(true)
+		p.backoff = 0
+		return nil, nil
+	}
+	p.errs.Inc()
+	p.kafkaUp.Store(false)
+	p.backoff = min(max(2*p.backoff, 100*time.Millisecond), 5*time.Second)
+	p.nextTry = time.Now().Add(p.backoff)
+	var we kafka.WriteErrors
+	if errors.As(err, &we) && len(we) == len(batch) {
+		var failed []kafka.Message
+		for i, e := range we {
+			if e != nil {
+				failed = append(failed, batch[i])
+			}
+		}
+		p.produced.Add(float64(len(batch) - len(failed)))
+		p.log.Warn("kafka took part of a batch; spooling the rest", "failed", len(failed), "of", len(batch), "err", err)
+		return failed, err
+	}
+	p.log.Warn("kafka write failed; spooling", "events", len(batch), "retry_in", p.backoff, "err", err)
+	return batch, err
+}
+
+// drain sends up to chunks batches from the spool to Kafka, in order. It
+// reports whether it made progress.
+func (p *Producer) drain(chunks int) bool {
+	progress := false
+	for i := 0; i < chunks && (p.spool.Depth() > 0 || p.retry != nil); i++ {
+		if time.Now().Before(p.nextTry) {
+			return progress
+		}
+		if p.retry == nil {
+			recs, cur, err := p.spool.Read(p.cfg.BatchSize)
+			if err != nil {
+				p.log.Error("read spool", "err", err)
+				p.nextTry = time.Now().Add(time.Second)
+				return progress
+			}
+			if len(recs) == 0 {
+				// Nothing readable: commit the cursor past a corrupt tail.
+				_ = p.spool.Commit(cur, int(p.spool.Depth()))
+				return progress
+			}
+			msgs := make([]kafka.Message, len(recs))
+			for j, r := range recs {
+				msgs[j] = kafka.Message{Key: accountKey(r), Value: r}
+			}
+			p.retry, p.retryCur, p.retryN = msgs, &cur, len(recs)
+		}
+		failed, err := p.write(p.retry)
+		if err != nil {
+			p.retry = failed
+			return progress
+		}
+		if err := p.spool.Commit(*p.retryCur, p.retryN); err != nil {
+			p.log.Error("commit spool cursor", "err", err)
+		}
+		p.retry, p.retryCur, p.retryN = nil, nil, 0
+		progress = true
+	}
+	return progress
 }
 
 func message(ev schemas.Event) kafka.Message {
@@ -95,9 +325,23 @@ func message(ev schemas.Event) kafka.Message {
 	return kafka.Message{Key: []byte(ev.AccountID), Value: b}
 }
 
-// Close delivers everything queued, then closes the connection.
+// accountKey recovers the partition key of a spooled event.
+func accountKey(value []byte) []byte {
+	ev, err := schemas.Decode(value, time.Now().Add(24*time.Hour))
+	if err != nil && ev.AccountID == "" {
+		return nil
+	}
+	return []byte(ev.AccountID)
+}
+
+// Close stops accepting events, delivers everything queued (to Kafka, or
+// to the spool), drains the spool to Kafka within CloseTimeout and closes
+// the connection. Events left in the spool are delivered on the next start.
 func (p *Producer) Close() error {
-	p.once.Do(func() { close(p.queue) })
+	p.once.Do(func() {
+		p.closing.Store(true)
+		close(p.queue)
+	})
 	<-p.done
-	return errors.Join(p.w.Close())
+	return errors.Join(p.w.Close(), p.spool.Close())
 }

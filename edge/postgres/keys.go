@@ -1,12 +1,16 @@
-// Package postgres stores the edge's API keys in Postgres.
+// Package postgres stores the edge's API keys and audit log in Postgres and
+// listens for key changes.
 package postgres
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/tollgate-dev/tollgate/edge"
@@ -18,54 +22,212 @@ type KeyStore struct {
 	pool *pgxpool.Pool
 }
 
-var _ edge.KeyStore = (*KeyStore)(nil)
+var (
+	_ edge.KeyStore   = (*KeyStore)(nil)
+	_ edge.AdminStore = (*KeyStore)(nil)
+)
+
+// NewKey is what CreateKey needs to store a key.
+type NewKey = edge.NewKey
 
 // NewKeyStore returns a KeyStore over pool.
 func NewKeyStore(pool *pgxpool.Pool) *KeyStore { return &KeyStore{pool: pool} }
 
-// KeyByHash finds the key whose secret hashes to hash.
-func (s *KeyStore) KeyByHash(ctx context.Context, hash [32]byte) (edge.Key, error) {
+const keyColumns = `k.id, k.account_id, k.environment, k.kind, k.name, k.display_prefix, k.hash, k.scopes,
+	k.expires_at, k.revoked_at, k.created_at, coalesce(k.rolled_from, '')`
+
+func scanKey(row pgx.Row, extra ...any) (edge.Key, error) {
 	var k edge.Key
 	var env, kind string
-	err := s.pool.QueryRow(ctx, `
-		SELECT id, account_id, environment, kind, display_prefix, hash, scopes, expires_at, revoked_at
-		FROM api_keys WHERE hash = $1`, hash[:]).
-		Scan(&k.ID, &k.AccountID, &env, &kind, &k.DisplayPrefix, &k.Hash, &k.Scopes, &k.ExpiresAt, &k.RevokedAt)
+	dst := append([]any{&k.ID, &k.AccountID, &env, &kind, &k.Name, &k.DisplayPrefix, &k.Hash, &k.Scopes,
+		&k.ExpiresAt, &k.RevokedAt, &k.CreatedAt, &k.RolledFrom}, extra...)
+	if err := row.Scan(dst...); err != nil {
+		return edge.Key{}, err
+	}
+	k.Environment, k.Kind = schemas.Environment(env), edge.KeyKind(kind)
+	return k, nil
+}
+
+// KeyByHash finds the key whose secret hashes to hash, with the account's
+// plan in force now: its subscription's plan version, or the newest
+// version of "free" when it has none.
+func (s *KeyStore) KeyByHash(ctx context.Context, hash [32]byte) (edge.Key, error) {
+	var tz, planID string
+	var version int
+	var limits []byte
+	var upgrade string
+	k, err := scanKey(s.pool.QueryRow(ctx, `
+		SELECT `+keyColumns+`, a.timezone, coalesce(p.id, s.plan_id, 'free'), coalesce(p.version, 0),
+			p.definition->'limits', coalesce(p.definition->>'upgrade_url', '')
+		FROM api_keys k
+		JOIN accounts a ON a.id = k.account_id
+		LEFT JOIN LATERAL (
+			SELECT plan_id, plan_version FROM subscriptions
+			WHERE account_id = k.account_id AND starts_at <= now() AND (ends_at IS NULL OR ends_at > now())
+			ORDER BY starts_at DESC LIMIT 1) s ON true
+		LEFT JOIN LATERAL (
+			SELECT id, version, definition FROM plans
+			WHERE (s.plan_id IS NOT NULL AND id = s.plan_id AND version = s.plan_version)
+			   OR (s.plan_id IS NULL AND id = 'free')
+			ORDER BY version DESC LIMIT 1) p ON true
+		WHERE k.hash = $1`, hash[:]), &tz, &planID, &version, &limits, &upgrade)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return edge.Key{}, edge.ErrKeyNotFound
 	}
 	if err != nil {
 		return edge.Key{}, fmt.Errorf("look up key: %w", err)
 	}
-	k.Environment, k.Kind = schemas.Environment(env), edge.KeyKind(kind)
+	k.AccountTimezone = tz
+	k.Plan = edge.Plan{ID: planID, Version: version, UpgradeURL: upgrade}
+	if len(limits) > 0 && string(limits) != "null" {
+		if err := json.Unmarshal(limits, &k.Plan.Limits); err != nil {
+			return edge.Key{}, fmt.Errorf("plan %s v%d: limits: %w", planID, version, err)
+		}
+	}
 	return k, nil
 }
 
-// NewKey is what CreateKey needs to store a key.
-type NewKey struct {
-	ID        string
-	AccountID string
-	Name      string
-	Parsed    edge.ParsedKey
-	Scopes    []string
+// GetKey returns the key with id.
+func (s *KeyStore) GetKey(ctx context.Context, id string) (edge.Key, error) {
+	k, err := scanKey(s.pool.QueryRow(ctx, `SELECT `+keyColumns+` FROM api_keys k WHERE k.id = $1`, id))
+	if errors.Is(err, pgx.ErrNoRows) {
+		return edge.Key{}, fmt.Errorf("%w: no key %q", edge.ErrNotFound, id)
+	}
+	if err != nil {
+		return edge.Key{}, fmt.Errorf("get key %s: %w", id, err)
+	}
+	return k, nil
 }
 
-// CreateKey stores the hash of a new key. The account and its environment
-// must exist.
-func (s *KeyStore) CreateKey(ctx context.Context, nk NewKey) error {
+// ListKeys returns every key of an account, newest first.
+func (s *KeyStore) ListKeys(ctx context.Context, accountID string) ([]edge.Key, error) {
+	rows, err := s.pool.Query(ctx, `SELECT `+keyColumns+` FROM api_keys k WHERE k.account_id = $1
+		ORDER BY k.created_at DESC, k.id`, accountID)
+	if err != nil {
+		return nil, fmt.Errorf("list keys of %s: %w", accountID, err)
+	}
+	defer rows.Close()
+	out := []edge.Key{}
+	for rows.Next() {
+		k, err := scanKey(rows)
+		if err != nil {
+			return nil, fmt.Errorf("list keys of %s: %w", accountID, err)
+		}
+		out = append(out, k)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("list keys of %s: %w", accountID, err)
+	}
+	if len(out) == 0 {
+		var exists bool
+		if err := s.pool.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM accounts WHERE id = $1)`, accountID).Scan(&exists); err != nil {
+			return nil, fmt.Errorf("list keys of %s: %w", accountID, err)
+		}
+		if !exists {
+			return nil, fmt.Errorf("%w: no account %q", edge.ErrNotFound, accountID)
+		}
+	}
+	return out, nil
+}
+
+func audit(ctx context.Context, tx pgx.Tx, action string, k edge.NewKey, info edge.AuditInfo, keyID, prefix string) error {
+	_, err := tx.Exec(ctx, `INSERT INTO audit_log (actor, action, account_id, key_id, key_prefix, remote_addr, reason)
+		VALUES ($1, $2, $3, $4, $5, $6, $7)`,
+		info.Actor, action, k.AccountID, keyID, prefix, info.RemoteAddr, info.Reason)
+	if err != nil {
+		return fmt.Errorf("write audit row: %w", err)
+	}
+	return nil
+}
+
+func insertKey(ctx context.Context, tx pgx.Tx, nk edge.NewKey) error {
 	scopes := nk.Scopes
 	if scopes == nil {
 		scopes = []string{}
 	}
-	_, err := s.pool.Exec(ctx, `
-		INSERT INTO api_keys (id, account_id, environment, kind, display_prefix, hash, scopes, name)
-		VALUES ($1, $2, $3, $4, $5, $6, $7, $8)`,
+	var rolled *string
+	if nk.RolledFrom != "" {
+		rolled = &nk.RolledFrom
+	}
+	_, err := tx.Exec(ctx, `
+		INSERT INTO api_keys (id, account_id, environment, kind, display_prefix, hash, scopes, name, expires_at, rolled_from, created_by)
+		VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)`,
 		nk.ID, nk.AccountID, string(nk.Parsed.Environment), string(nk.Parsed.Kind),
-		nk.Parsed.DisplayPrefix, nk.Parsed.Hash[:], scopes, nk.Name)
+		nk.Parsed.DisplayPrefix, nk.Parsed.Hash[:], scopes, nk.Name, nk.ExpiresAt, rolled, nk.Audit.Actor)
+	var pe *pgconn.PgError
+	if errors.As(err, &pe) && pe.Code == "23503" {
+		return fmt.Errorf("%w: no account %q", edge.ErrNotFound, nk.AccountID)
+	}
+	if errors.As(err, &pe) && pe.Code == "23505" {
+		return fmt.Errorf("%w: key %s exists", edge.ErrConflict, nk.ID)
+	}
 	if err != nil {
 		return fmt.Errorf("create key %s: %w", nk.ID, err)
 	}
 	return nil
+}
+
+// CreateKey stores the hash of a new key and its audit row. The account
+// and its environment must exist.
+func (s *KeyStore) CreateKey(ctx context.Context, nk edge.NewKey) error {
+	if nk.Audit.Actor == "" {
+		nk.Audit.Actor = "system"
+	}
+	return pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
+		if err := insertKey(ctx, tx, nk); err != nil {
+			return err
+		}
+		return audit(ctx, tx, edge.ActionKeyCreated, nk, nk.Audit, nk.ID, nk.Parsed.DisplayPrefix)
+	})
+}
+
+// RollKey creates nk and makes the old key expire at oldExpiresAt (or its
+// own earlier expiry), in one transaction with both audit rows.
+func (s *KeyStore) RollKey(ctx context.Context, oldID string, nk edge.NewKey, oldExpiresAt time.Time) (edge.Key, error) {
+	var old edge.Key
+	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
+		var err error
+		old, err = scanKey(tx.QueryRow(ctx, `
+			UPDATE api_keys k SET expires_at = LEAST(coalesce(k.expires_at, $2), $2)
+			WHERE k.id = $1 AND k.revoked_at IS NULL
+			RETURNING `+keyColumns, oldID, oldExpiresAt))
+		if errors.Is(err, pgx.ErrNoRows) {
+			return fmt.Errorf("%w: no active key %q", edge.ErrNotFound, oldID)
+		}
+		if err != nil {
+			return fmt.Errorf("roll key %s: %w", oldID, err)
+		}
+		if err := insertKey(ctx, tx, nk); err != nil {
+			return err
+		}
+		info := nk.Audit
+		if err := audit(ctx, tx, edge.ActionKeyRolled, nk, info, old.ID, old.DisplayPrefix); err != nil {
+			return err
+		}
+		info.Reason = "replaces " + old.ID
+		return audit(ctx, tx, edge.ActionKeyCreated, nk, info, nk.ID, nk.Parsed.DisplayPrefix)
+	})
+	return old, err
+}
+
+// RevokeKey revokes a key at once. Revoking a revoked key keeps the first
+// revocation time.
+func (s *KeyStore) RevokeKey(ctx context.Context, id string, at time.Time, info edge.AuditInfo) (edge.Key, error) {
+	var k edge.Key
+	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
+		var err error
+		k, err = scanKey(tx.QueryRow(ctx, `
+			UPDATE api_keys k SET revoked_at = coalesce(k.revoked_at, $2) WHERE k.id = $1
+			RETURNING `+keyColumns, id, at))
+		if errors.Is(err, pgx.ErrNoRows) {
+			return fmt.Errorf("%w: no key %q", edge.ErrNotFound, id)
+		}
+		if err != nil {
+			return fmt.Errorf("revoke key %s: %w", id, err)
+		}
+		return audit(ctx, tx, edge.ActionKeyRevoked, edge.NewKey{AccountID: k.AccountID}, info, k.ID, k.DisplayPrefix)
+	})
+	return k, err
 }
 
 // EnsureAccount creates the account and both its environments if missing.
@@ -74,6 +236,10 @@ func (s *KeyStore) EnsureAccount(ctx context.Context, id, name string) error {
 		WITH a AS (INSERT INTO accounts (id, name) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING)
 		INSERT INTO environments (account_id, mode) VALUES ($1, 'live'), ($1, 'test')
 		ON CONFLICT DO NOTHING`, id, name)
+	var pe *pgconn.PgError
+	if errors.As(err, &pe) && pe.Code == "23514" {
+		return fmt.Errorf("%w: account id %q: letters, digits and _ . : - only, at most 64", edge.ErrInvalid, id)
+	}
 	if err != nil {
 		return fmt.Errorf("ensure account %s: %w", id, err)
 	}

@@ -1,0 +1,332 @@
+package edge
+
+import (
+	"crypto/sha256"
+	"crypto/subtle"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"strings"
+	"time"
+
+	"github.com/labstack/echo/v4"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/tollgate-dev/tollgate/schemas"
+)
+
+// DefaultRollOverlap is how long a rolled key keeps working by default.
+const DefaultRollOverlap = 24 * time.Hour
+
+// AdminDeps are the admin API's collaborators.
+type AdminDeps struct {
+	Store   AdminStore
+	Auditor Auditor
+	// Gatherer serves /metrics; nil serves none.
+	Gatherer prometheus.Gatherer
+	Log      *slog.Logger
+	Ready    func(ctx echo.Context) error
+}
+
+// Admin is the key-lifecycle API. It listens on its own address and takes
+// its own credential: a bearer token whose SHA-256 is configured, compared
+// in constant time.
+type Admin struct {
+	deps      AdminDeps
+	tokenHash []byte
+	now       func() time.Time
+	echo      *echo.Echo
+}
+
+// NewAdmin builds the admin handler; tokenSHA256 is hex.
+func NewAdmin(tokenSHA256 string, deps AdminDeps) (*Admin, error) {
+	h, err := hex.DecodeString(tokenSHA256)
+	if err != nil || len(h) != sha256.Size {
+		return nil, errors.New("admin token hash: want 64 hex characters")
+	}
+	if deps.Log == nil {
+		deps.Log = slog.New(slog.DiscardHandler)
+	}
+	a := &Admin{deps: deps, tokenHash: h, now: time.Now}
+	e := echo.New()
+	e.HideBanner, e.HidePort = true, true
+	e.HTTPErrorHandler = errorHandler(deps.Log)
+	e.Use(func(next echo.HandlerFunc) echo.HandlerFunc {
+		return func(c echo.Context) error {
+			c.Response().Header().Set(HeaderRequestID, RequestIDFor(schemas.NewEventID()))
+			return next(c)
+		}
+	})
+	e.GET("/healthz", func(c echo.Context) error { return c.String(http.StatusOK, "ok\n") })
+	e.GET("/readyz", func(c echo.Context) error {
+		if deps.Ready != nil {
+			if err := deps.Ready(c); err != nil {
+				return NewAPIError(http.StatusServiceUnavailable, TypeAPI, "not_ready", err.Error())
+			}
+		}
+		return c.String(http.StatusOK, "ready\n")
+	})
+	if deps.Gatherer != nil {
+		e.GET("/metrics", echo.WrapHandler(promhttp.HandlerFor(deps.Gatherer, promhttp.HandlerOpts{})))
+	}
+	g := e.Group("/admin/v1", a.auth)
+	g.PUT("/accounts/:account", a.putAccount)
+	g.POST("/accounts/:account/keys", a.createKey)
+	g.GET("/accounts/:account/keys", a.listKeys)
+	g.GET("/keys/:id", a.getKey)
+	g.POST("/keys/:id/roll", a.rollKey)
+	g.POST("/keys/:id/revoke", a.revokeKey)
+	a.echo = e
+	return a, nil
+}
+
+// ServeHTTP makes Admin an http.Handler.
+func (a *Admin) ServeHTTP(w http.ResponseWriter, r *http.Request) { a.echo.ServeHTTP(w, r) }
+
+func (a *Admin) auth(next echo.HandlerFunc) echo.HandlerFunc {
+	return func(c echo.Context) error {
+		tok := bearer(c.Request())
+		sum := sha256.Sum256([]byte(tok))
+		if tok == "" || subtle.ConstantTimeCompare(sum[:], a.tokenHash) != 1 {
+			if a.deps.Auditor != nil {
+				reason := "wrong admin token"
+				if tok == "" {
+					reason = "no admin token"
+				}
+				a.deps.Auditor.Record(AuditEvent{At: a.now(), Actor: "admin", Action: ActionAdminAuth,
+					RemoteAddr: remoteIP(c.Request()), Reason: reason, Count: 1})
+			}
+			return NewAPIError(http.StatusUnauthorized, TypeAuthentication, "invalid_admin_token",
+				"The admin API needs 'Authorization: Bearer <admin token>'.")
+		}
+		return next(c)
+	}
+}
+
+func (a *Admin) info(c echo.Context, reason string) AuditInfo {
+	return AuditInfo{Actor: "admin", RemoteAddr: remoteIP(c.Request()), Reason: reason}
+}
+
+// KeyView is a key as the admin API shows it: never the secret or its hash.
+type KeyView struct {
+	ID            string     `json:"id"`
+	AccountID     string     `json:"account_id"`
+	Environment   string     `json:"environment"`
+	Kind          string     `json:"kind"`
+	Name          string     `json:"name"`
+	DisplayPrefix string     `json:"display_prefix"`
+	Scopes        []string   `json:"scopes"`
+	CreatedAt     *time.Time `json:"created_at,omitempty"`
+	ExpiresAt     *time.Time `json:"expires_at"`
+	RevokedAt     *time.Time `json:"revoked_at"`
+	RolledFrom    string     `json:"rolled_from,omitempty"`
+	Status        string     `json:"status"`
+}
+
+func (a *Admin) view(k Key) KeyView {
+	v := KeyView{
+		ID: k.ID, AccountID: k.AccountID, Environment: string(k.Environment), Kind: string(k.Kind),
+		Name: k.Name, DisplayPrefix: k.DisplayPrefix, Scopes: k.Scopes, ExpiresAt: k.ExpiresAt,
+		RevokedAt: k.RevokedAt, RolledFrom: k.RolledFrom, Status: "active",
+	}
+	if v.Scopes == nil {
+		v.Scopes = []string{}
+	}
+	if !k.CreatedAt.IsZero() {
+		t := k.CreatedAt
+		v.CreatedAt = &t
+	}
+	switch err := k.Usable(a.now()); {
+	case errors.Is(err, ErrKeyRevoked):
+		v.Status = "revoked"
+	case errors.Is(err, ErrKeyExpired):
+		v.Status = "expired"
+	}
+	return v
+}
+
+// CreatedKey is the answer to create and roll: the only time the secret is
+// ever shown.
+type CreatedKey struct {
+	Key    KeyView `json:"key"`
+	Secret string  `json:"secret"`
+	// Previous is the rolled key with its new expiry (roll only).
+	Previous *KeyView `json:"previous,omitempty"`
+}
+
+func (a *Admin) putAccount(c echo.Context) error {
+	var in struct {
+		Name string `json:"name"`
+	}
+	if err := bind(c, &in); err != nil {
+		return err
+	}
+	id := c.Param("account")
+	if in.Name == "" {
+		in.Name = id
+	}
+	if err := a.deps.Store.EnsureAccount(c.Request().Context(), id, in.Name); err != nil {
+		return err
+	}
+	return c.JSON(http.StatusOK, map[string]string{"id": id, "name": in.Name})
+}
+
+type keyRequest struct {
+	Kind        string     `json:"kind"`
+	Environment string     `json:"environment"`
+	Name        string     `json:"name"`
+	Scopes      []string   `json:"scopes"`
+	ExpiresAt   *time.Time `json:"expires_at"`
+}
+
+func bind(c echo.Context, v any) error {
+	if c.Request().ContentLength == 0 {
+		return nil
+	}
+	if err := c.Bind(v); err != nil {
+		return NewAPIError(http.StatusBadRequest, TypeInvalidRequest, "invalid_json", "The body is not valid JSON for this call.")
+	}
+	return nil
+}
+
+// validScopes checks scopes and refuses write scopes on publishable keys.
+func validScopes(kind KeyKind, scopes []string) error {
+	for _, s := range scopes {
+		if s == "" || len(s) > 64 || strings.ContainsAny(s, " ,\t") {
+			return fmt.Errorf("%w: bad scope %q", ErrInvalid, s)
+		}
+		if kind == Publishable && !strings.HasSuffix(s, ":read") {
+			return fmt.Errorf("%w: publishable keys take only read scopes (\"x:read\"), not %q", ErrInvalid, s)
+		}
+	}
+	return nil
+}
+
+func newKeyID() string {
+	return "key_" + strings.ReplaceAll(schemas.NewEventID().String(), "-", "")
+}
+
+func (a *Admin) createKey(c echo.Context) error {
+	var in keyRequest
+	if err := bind(c, &in); err != nil {
+		return err
+	}
+	kind := KeyKind(in.Kind)
+	if in.Kind == "" {
+		kind = Secret
+	}
+	env := schemas.Environment(in.Environment)
+	if in.Environment == "" {
+		env = schemas.Live
+	}
+	if kind != Secret && kind != Publishable {
+		return fmt.Errorf("%w: kind must be secret or publishable", ErrInvalid)
+	}
+	if !env.Valid() {
+		return fmt.Errorf("%w: environment must be live or test", ErrInvalid)
+	}
+	if err := validScopes(kind, in.Scopes); err != nil {
+		return err
+	}
+	if in.ExpiresAt != nil && !in.ExpiresAt.After(a.now()) {
+		return fmt.Errorf("%w: expires_at is in the past", ErrInvalid)
+	}
+	secret, parsed, err := GenerateKey(kind, env)
+	if err != nil {
+		return err
+	}
+	nk := NewKey{ID: newKeyID(), AccountID: c.Param("account"), Name: in.Name, Parsed: parsed,
+		Scopes: in.Scopes, ExpiresAt: in.ExpiresAt, Audit: a.info(c, "created through the admin API")}
+	if err := a.deps.Store.CreateKey(c.Request().Context(), nk); err != nil {
+		return err
+	}
+	k, err := a.deps.Store.GetKey(c.Request().Context(), nk.ID)
+	if err != nil {
+		return err
+	}
+	return c.JSON(http.StatusCreated, CreatedKey{Key: a.view(k), Secret: secret})
+}
+
+func (a *Admin) listKeys(c echo.Context) error {
+	keys, err := a.deps.Store.ListKeys(c.Request().Context(), c.Param("account"))
+	if err != nil {
+		return err
+	}
+	out := make([]KeyView, len(keys))
+	for i, k := range keys {
+		out[i] = a.view(k)
+	}
+	return c.JSON(http.StatusOK, map[string]any{"keys": out})
+}
+
+func (a *Admin) getKey(c echo.Context) error {
+	k, err := a.deps.Store.GetKey(c.Request().Context(), c.Param("id"))
+	if err != nil {
+		return err
+	}
+	return c.JSON(http.StatusOK, a.view(k))
+}
+
+func (a *Admin) rollKey(c echo.Context) error {
+	var in struct {
+		// Overlap is how long the old key keeps working, e.g. "24h"; "0s"
+		// ends it at once.
+		Overlap *string `json:"overlap"`
+	}
+	if err := bind(c, &in); err != nil {
+		return err
+	}
+	overlap := DefaultRollOverlap
+	if in.Overlap != nil {
+		d, err := time.ParseDuration(*in.Overlap)
+		if err != nil || d < 0 || d > 90*24*time.Hour {
+			return fmt.Errorf("%w: overlap must be a duration between 0s and 2160h", ErrInvalid)
+		}
+		overlap = d
+	}
+	ctx := c.Request().Context()
+	old, err := a.deps.Store.GetKey(ctx, c.Param("id"))
+	if err != nil {
+		return err
+	}
+	if err := old.Usable(a.now()); err != nil {
+		return fmt.Errorf("%w: key %s cannot be rolled: %v", ErrConflict, old.ID, err)
+	}
+	secret, parsed, err := GenerateKey(old.Kind, old.Environment)
+	if err != nil {
+		return err
+	}
+	nk := NewKey{ID: newKeyID(), AccountID: old.AccountID, Name: old.Name, Parsed: parsed, Scopes: old.Scopes,
+		ExpiresAt: old.ExpiresAt, RolledFrom: old.ID, Audit: a.info(c, "rolled with overlap "+overlap.String())}
+	prev, err := a.deps.Store.RollKey(ctx, old.ID, nk, a.now().Add(overlap))
+	if err != nil {
+		return err
+	}
+	k, err := a.deps.Store.GetKey(ctx, nk.ID)
+	if err != nil {
+		return err
+	}
+	pv := a.view(prev)
+	return c.JSON(http.StatusCreated, CreatedKey{Key: a.view(k), Secret: secret, Previous: &pv})
+}
+
+func (a *Admin) revokeKey(c echo.Context) error {
+	var in struct {
+		Reason string `json:"reason"`
+	}
+	if err := bind(c, &in); err != nil {
+		return err
+	}
+	reason := in.Reason
+	if reason == "" {
+		reason = "revoked through the admin API"
+	}
+	k, err := a.deps.Store.RevokeKey(c.Request().Context(), c.Param("id"), a.now(), a.info(c, reason))
+	if err != nil {
+		return err
+	}
+	return c.JSON(http.StatusOK, a.view(k))
+}

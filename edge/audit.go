@@ -1,0 +1,72 @@
+package edge
+
+import (
+	"context"
+	"time"
+)
+
+// Audit actions.
+const (
+	ActionKeyCreated = "key.created"
+	ActionKeyRolled  = "key.rolled"
+	ActionKeyRevoked = "key.revoked"
+	ActionAuthFailed = "auth.failed"
+	ActionAdminAuth  = "admin.auth_failed"
+)
+
+// AuditEvent is one row of the audit log. It never holds a secret: at most
+// a key's display prefix.
+type AuditEvent struct {
+	At         time.Time
+	Actor      string
+	Action     string
+	AccountID  string
+	KeyID      string
+	KeyPrefix  string
+	RemoteAddr string
+	Reason     string
+	// Count is how many identical events this row stands for (failed
+	// authentications are folded per flush interval).
+	Count int
+}
+
+// Auditor records failed authentications. Record must not block: an
+// implementation batches and folds, so that a flood of bad keys costs the
+// database a bounded number of rows.
+type Auditor interface {
+	Record(ev AuditEvent)
+}
+
+// AuditInfo says who asked for a key change, for the audit row written in
+// the same transaction as the change.
+type AuditInfo struct {
+	Actor      string
+	RemoteAddr string
+	Reason     string
+}
+
+// NewKey is what a store needs to create a key.
+type NewKey struct {
+	ID        string
+	AccountID string
+	Name      string
+	Parsed    ParsedKey
+	Scopes    []string
+	ExpiresAt *time.Time
+	// RolledFrom is the id of the key this one replaces.
+	RolledFrom string
+	Audit      AuditInfo
+}
+
+// AdminStore is the key lifecycle the admin API drives. Every change writes
+// its audit row in the same transaction.
+type AdminStore interface {
+	EnsureAccount(ctx context.Context, id, name string) error
+	CreateKey(ctx context.Context, nk NewKey) error
+	ListKeys(ctx context.Context, accountID string) ([]Key, error)
+	GetKey(ctx context.Context, id string) (Key, error)
+	// RollKey creates nk and sets the old key to expire at oldExpiresAt
+	// (never later than an expiry it already has).
+	RollKey(ctx context.Context, oldID string, nk NewKey, oldExpiresAt time.Time) (Key, error)
+	RevokeKey(ctx context.Context, id string, at time.Time, info AuditInfo) (Key, error)
+}

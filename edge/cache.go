@@ -1,0 +1,131 @@
+package edge
+
+import (
+	"context"
+	"errors"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// KeyCache keeps looked-up keys (and unknown hashes) in process so that a
+// call costs no database round trip. It is only trusted while the change
+// notification channel is connected: a notification drops the entry at
+// once, the TTL is a safety net, and while the channel is down every lookup
+// goes to the store, so a revoked key is never served from a stale copy.
+type KeyCache struct {
+	store KeyStore
+	ttl   time.Duration
+	now   func() time.Time
+
+	trusted atomic.Bool
+	// epoch counts invalidations; a lookup that raced one is not cached.
+	epoch atomic.Uint64
+
+	mu        sync.RWMutex
+	byHash    map[[32]byte]cacheEntry
+	byAccount map[string]map[[32]byte]struct{}
+
+	hits, misses atomic.Uint64
+}
+
+type cacheEntry struct {
+	key Key
+	err error
+	at  time.Time
+}
+
+// maxCacheEntries bounds memory against floods of well-formed unknown keys.
+const maxCacheEntries = 200_000
+
+var _ KeyStore = (*KeyCache)(nil)
+
+// NewKeyCache wraps store. The cache starts untrusted: call SetTrusted(true)
+// once the notification listener is connected.
+func NewKeyCache(store KeyStore, ttl time.Duration) *KeyCache {
+	return &KeyCache{
+		store:     store,
+		ttl:       ttl,
+		now:       time.Now,
+		byHash:    map[[32]byte]cacheEntry{},
+		byAccount: map[string]map[[32]byte]struct{}{},
+	}
+}
+
+// KeyByHash returns the cached key or looks it up.
+func (c *KeyCache) KeyByHash(ctx context.Context, hash [32]byte) (Key, error) {
+	trusted := c.trusted.Load()
+	if trusted {
+		c.mu.RLock()
+		e, ok := c.byHash[hash]
+		c.mu.RUnlock()
+		if ok && c.now().Sub(e.at) < c.ttl {
+			c.hits.Add(1)
+			return e.key, e.err
+		}
+	}
+	c.misses.Add(1)
+	epoch := c.epoch.Load()
+	k, err := c.store.KeyByHash(ctx, hash)
+	if err != nil && !errors.Is(err, ErrKeyNotFound) {
+		return k, err
+	}
+	if trusted && c.trusted.Load() {
+		c.mu.Lock()
+		if c.epoch.Load() == epoch {
+			if len(c.byHash) >= maxCacheEntries {
+				clear(c.byHash)
+				clear(c.byAccount)
+			}
+			c.byHash[hash] = cacheEntry{key: k, err: err, at: c.now()}
+			if err == nil {
+				m := c.byAccount[k.AccountID]
+				if m == nil {
+					m = map[[32]byte]struct{}{}
+					c.byAccount[k.AccountID] = m
+				}
+				m[hash] = struct{}{}
+			}
+		}
+		c.mu.Unlock()
+	}
+	return k, err
+}
+
+// Invalidate drops what inv names.
+func (c *KeyCache) Invalidate(inv Invalidation) {
+	c.epoch.Add(1)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	switch {
+	case inv.All:
+		clear(c.byHash)
+		clear(c.byAccount)
+	case inv.AccountID != "":
+		for h := range c.byAccount[inv.AccountID] {
+			delete(c.byHash, h)
+		}
+		delete(c.byAccount, inv.AccountID)
+	case len(inv.KeyHash) == 32:
+		h := [32]byte(inv.KeyHash)
+		if e, ok := c.byHash[h]; ok {
+			delete(c.byHash, h)
+			if m := c.byAccount[e.key.AccountID]; m != nil {
+				delete(m, h)
+			}
+		}
+	}
+}
+
+// SetTrusted turns caching on (the listener is connected) or off (it is
+// not, so changes could be missed). Either way the cache starts empty.
+func (c *KeyCache) SetTrusted(ok bool) {
+	c.trusted.Store(ok)
+	c.Invalidate(Invalidation{All: true})
+}
+
+// Trusted reports whether the cache is in use.
+func (c *KeyCache) Trusted() bool { return c.trusted.Load() }
+
+// Stats returns the hit and miss counts.
+func (c *KeyCache) Stats() (hits, misses uint64) { return c.hits.Load(), c.misses.Load() }

@@ -1,0 +1,351 @@
+package kafka
+
+import (
+	"bufio"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"hash/crc32"
+	"io"
+	"os"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"syscall"
+)
+
+// Spool is a durable, append-only queue of records on local disk, used while
+// Kafka is unreachable. Records live in numbered segment files; each record
+// is [length uint32][CRC-32C uint32][payload], so a torn write at the tail
+// (a crash mid-append) is detected and cut off on open. Append writes a
+// whole batch and fsyncs once (group commit). A cursor file remembers how
+// far the records have been delivered; fully delivered segments are
+// deleted. A crash between delivery and the cursor update re-delivers a few
+// records, which downstream deduplication by event id absorbs.
+//
+// Spool is not safe for concurrent use except Depth; the producer's single
+// delivery goroutine owns it.
+type Spool struct {
+	dir     string
+	maxSeg  int64
+	w       *os.File
+	wseq    uint64
+	wsize   int64
+	rseq    uint64
+	roff    int64
+	depth   atomic.Int64
+	corrupt int64
+	lock    *os.File
+}
+
+// SpoolCursor is a read position: a segment and a byte offset in it.
+type SpoolCursor struct {
+	Seq uint64
+	Off int64
+}
+
+const (
+	recordHeader   = 8
+	maxRecord      = 1 << 20
+	defaultSegment = 64 << 20
+	cursorFile     = "cursor"
+	segSuffix      = ".seg"
+)
+
+var castagnoli = crc32.MakeTable(crc32.Castagnoli)
+
+// OpenSpool opens (creating if needed) the spool in dir, cuts off a torn
+// tail, and counts the records not yet delivered.
+func OpenSpool(dir string) (*Spool, error) {
+	if err := os.MkdirAll(dir, 0o750); err != nil {
+		return nil, fmt.Errorf("spool: %w", err)
+	}
+	lock, err := os.OpenFile(filepath.Join(dir, "LOCK"), os.O_CREATE|os.O_RDWR, 0o640)
+	if err != nil {
+		return nil, fmt.Errorf("spool: %w", err)
+	}
+	if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		lock.Close()
+		return nil, fmt.Errorf("spool %s is in use by another edge process: %w", dir, err)
+	}
+	s := &Spool{dir: dir, maxSeg: defaultSegment, lock: lock}
+	seqs, err := s.segments()
+	if err != nil {
+		return nil, err
+	}
+	if b, err := os.ReadFile(filepath.Join(dir, cursorFile)); err == nil {
+		f := strings.Fields(string(b))
+		if len(f) == 2 {
+			s.rseq, _ = strconv.ParseUint(f[0], 10, 64)
+			s.roff, _ = strconv.ParseInt(f[1], 10, 64)
+		}
+	}
+	if len(seqs) == 0 {
+		s.wseq = max(s.rseq, 1)
+		s.rseq, s.roff = s.wseq, 0
+	} else {
+		s.wseq = seqs[len(seqs)-1]
+		if s.rseq < seqs[0] {
+			s.rseq, s.roff = seqs[0], 0
+		}
+	}
+	if st, err := os.Stat(s.path(s.rseq)); err == nil && st.Size() < s.roff {
+		// The segment was emptied after full delivery but the cursor
+		// update did not happen: nothing in it is pending.
+		s.roff = st.Size()
+	}
+	// Count pending records and find the valid end of the last segment.
+	var depth int64
+	for _, seq := range seqs {
+		if seq < s.rseq {
+			continue
+		}
+		start := int64(0)
+		if seq == s.rseq {
+			start = s.roff
+		}
+		n, end, bad, err := s.scan(seq, start)
+		if err != nil {
+			return nil, err
+		}
+		depth += n
+		if seq == s.wseq {
+			if err := os.Truncate(s.path(seq), end); err != nil {
+				return nil, fmt.Errorf("spool: cut torn tail: %w", err)
+			}
+			s.wsize = end
+		} else if bad {
+			s.corrupt++
+		}
+	}
+	s.depth.Store(depth)
+	s.w, err = os.OpenFile(s.path(s.wseq), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o640)
+	if err != nil {
+		return nil, fmt.Errorf("spool: %w", err)
+	}
+	if st, err := s.w.Stat(); err == nil {
+		s.wsize = st.Size()
+	}
+	return s, nil
+}
+
+func (s *Spool) path(seq uint64) string {
+	return filepath.Join(s.dir, fmt.Sprintf("%016d%s", seq, segSuffix))
+}
+
+func (s *Spool) segments() ([]uint64, error) {
+	ents, err := os.ReadDir(s.dir)
+	if err != nil {
+		return nil, fmt.Errorf("spool: %w", err)
+	}
+	var seqs []uint64
+	for _, e := range ents {
+		name := e.Name()
+		if !strings.HasSuffix(name, segSuffix) {
+			continue
+		}
+		if n, err := strconv.ParseUint(strings.TrimSuffix(name, segSuffix), 10, 64); err == nil {
+			seqs = append(seqs, n)
+		}
+	}
+	sort.Slice(seqs, func(i, j int) bool { return seqs[i] < seqs[j] })
+	return seqs, nil
+}
+
+// scan counts the valid records of segment seq from off and returns where
+// the valid records end and whether something invalid followed them.
+func (s *Spool) scan(seq uint64, off int64) (n, end int64, bad bool, err error) {
+	f, err := os.Open(s.path(seq))
+	if err != nil {
+		return 0, 0, false, fmt.Errorf("spool: %w", err)
+	}
+	defer f.Close()
+	if _, err := f.Seek(off, io.SeekStart); err != nil {
+		return 0, 0, false, fmt.Errorf("spool: %w", err)
+	}
+	r := bufio.NewReaderSize(f, 1<<16)
+	end = off
+	for {
+		payload, err := readRecord(r)
+		if err == io.EOF {
+			return n, end, false, nil
+		}
+		if err != nil {
+			return n, end, true, nil
+		}
+		n++
+		end += recordHeader + int64(len(payload))
+	}
+}
+
+var errTorn = errors.New("torn or corrupt record")
+
+func readRecord(r io.Reader) ([]byte, error) {
+	var h [recordHeader]byte
+	if _, err := io.ReadFull(r, h[:]); err != nil {
+		if err == io.EOF {
+			return nil, io.EOF
+		}
+		return nil, errTorn
+	}
+	n := binary.BigEndian.Uint32(h[:4])
+	if n > maxRecord {
+		return nil, errTorn
+	}
+	p := make([]byte, n)
+	if _, err := io.ReadFull(r, p); err != nil {
+		return nil, errTorn
+	}
+	if crc32.Checksum(p, castagnoli) != binary.BigEndian.Uint32(h[4:]) {
+		return nil, errTorn
+	}
+	return p, nil
+}
+
+// Append writes recs and fsyncs once: when it returns nil, every record
+// survives a crash.
+func (s *Spool) Append(recs [][]byte) error {
+	if len(recs) == 0 {
+		return nil
+	}
+	if s.wsize >= s.maxSeg {
+		if err := s.roll(); err != nil {
+			return err
+		}
+	}
+	size := 0
+	for _, r := range recs {
+		size += recordHeader + len(r)
+	}
+	buf := make([]byte, 0, size)
+	for _, r := range recs {
+		if len(r) > maxRecord {
+			return fmt.Errorf("spool: record of %d bytes is larger than %d", len(r), maxRecord)
+		}
+		buf = binary.BigEndian.AppendUint32(buf, uint32(len(r)))
+		buf = binary.BigEndian.AppendUint32(buf, crc32.Checksum(r, castagnoli))
+		buf = append(buf, r...)
+	}
+	if _, err := s.w.Write(buf); err != nil {
+		return fmt.Errorf("spool: write: %w", err)
+	}
+	if err := s.w.Sync(); err != nil {
+		return fmt.Errorf("spool: fsync: %w", err)
+	}
+	s.wsize += int64(len(buf))
+	s.depth.Add(int64(len(recs)))
+	return nil
+}
+
+func (s *Spool) roll() error {
+	if err := s.w.Close(); err != nil {
+		return fmt.Errorf("spool: close segment: %w", err)
+	}
+	s.wseq++
+	w, err := os.OpenFile(s.path(s.wseq), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o640)
+	if err != nil {
+		return fmt.Errorf("spool: new segment: %w", err)
+	}
+	if d, err := os.Open(s.dir); err == nil {
+		_ = d.Sync()
+		_ = d.Close()
+	}
+	s.w, s.wsize = w, 0
+	return nil
+}
+
+// Read returns up to max undelivered records in order, and the cursor to
+// Commit once they are delivered.
+func (s *Spool) Read(max int) ([][]byte, SpoolCursor, error) {
+	cur := SpoolCursor{Seq: s.rseq, Off: s.roff}
+	var out [][]byte
+	for len(out) < max {
+		if cur.Seq > s.wseq {
+			break
+		}
+		limit := int64(-1)
+		if cur.Seq == s.wseq {
+			limit = s.wsize
+			if cur.Off >= limit {
+				break
+			}
+		}
+		f, err := os.Open(s.path(cur.Seq))
+		if errors.Is(err, os.ErrNotExist) {
+			cur = SpoolCursor{Seq: cur.Seq + 1}
+			continue
+		}
+		if err != nil {
+			return nil, cur, fmt.Errorf("spool: %w", err)
+		}
+		if _, err := f.Seek(cur.Off, io.SeekStart); err != nil {
+			f.Close()
+			return nil, cur, fmt.Errorf("spool: %w", err)
+		}
+		var r io.Reader = f
+		if limit >= 0 {
+			r = io.LimitReader(f, limit-cur.Off)
+		}
+		br := bufio.NewReaderSize(r, 1<<16)
+		for len(out) < max {
+			p, err := readRecord(br)
+			if err != nil {
+				if err == errTorn {
+					s.corrupt++
+				}
+				if cur.Seq < s.wseq {
+					cur = SpoolCursor{Seq: cur.Seq + 1}
+				}
+				break
+			}
+			out = append(out, p)
+			cur.Off += recordHeader + int64(len(p))
+		}
+		f.Close()
+		if cur.Seq == s.wseq {
+			break
+		}
+	}
+	return out, cur, nil
+}
+
+// Commit records that everything before cur was delivered (n records) and
+// deletes segments that are wholly delivered.
+func (s *Spool) Commit(cur SpoolCursor, n int) error {
+	for seq := s.rseq; seq < cur.Seq; seq++ {
+		if err := os.Remove(s.path(seq)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("spool: remove delivered segment: %w", err)
+		}
+	}
+	s.rseq, s.roff = cur.Seq, cur.Off
+	s.depth.Add(-int64(n))
+	if s.depth.Load() <= 0 && s.rseq == s.wseq && s.roff == s.wsize && s.wsize > 0 {
+		// Everything delivered: start the segment afresh.
+		if err := s.w.Truncate(0); err == nil {
+			s.wsize, s.roff = 0, 0
+		}
+	}
+	tmp := filepath.Join(s.dir, cursorFile+".tmp")
+	if err := os.WriteFile(tmp, []byte(fmt.Sprintf("%d %d\n", s.rseq, s.roff)), 0o640); err != nil {
+		return fmt.Errorf("spool: write cursor: %w", err)
+	}
+	if err := os.Rename(tmp, filepath.Join(s.dir, cursorFile)); err != nil {
+		return fmt.Errorf("spool: write cursor: %w", err)
+	}
+	return nil
+}
+
+// Depth is the number of records not yet delivered.
+func (s *Spool) Depth() int64 { return s.depth.Load() }
+
+// Corrupt is the number of corrupt regions skipped so far.
+func (s *Spool) Corrupt() int64 { return s.corrupt }
+
+// Close closes the current segment.
+func (s *Spool) Close() error {
+	err := s.w.Close()
+	_ = s.lock.Close() // releases the lock
+	return err
+}

@@ -1,0 +1,192 @@
+package edge
+
+import (
+	"context"
+	"fmt"
+	"math"
+	"net/http"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"golang.org/x/time/rate"
+)
+
+// RateResult is one limiter's answer for one call.
+type RateResult struct {
+	Allowed bool
+	// Limit is the burst: calls allowed at once from a full bucket.
+	Limit int
+	// Remaining is how many calls could be made right now.
+	Remaining int
+	// RetryAfter is when the next call would be allowed (when refused).
+	RetryAfter time.Duration
+	// ResetAfter is when the bucket is full again.
+	ResetAfter time.Duration
+}
+
+// RateLimiter is a GCRA (or equivalent) limiter shared by every edge
+// instance: id names the bucket, rps and burst size it.
+type RateLimiter interface {
+	Allow(ctx context.Context, id string, rps, burst int) (RateResult, error)
+}
+
+// QuotaCounter counts calls against a fixed-period allowance. Take counts
+// one call in bucket unless that would exceed limit, and returns the count
+// after the call (or the count that refused it).
+type QuotaCounter interface {
+	Take(ctx context.Context, bucket string, limit int64, ttl time.Duration) (used int64, allowed bool, err error)
+}
+
+// LocalLimiter is the in-process fallback used while Redis is unreachable:
+// a token bucket (equivalent to GCRA for a single process) per id, sized at
+// limit / instances so that the fleet as a whole stays near the limit.
+type LocalLimiter struct {
+	instances int
+	mu        sync.Mutex
+	buckets   map[string]*rate.Limiter
+	quota     map[string]int64
+}
+
+// NewLocalLimiter returns a fallback limiter for a fleet of instances.
+func NewLocalLimiter(instances int) *LocalLimiter {
+	return &LocalLimiter{instances: max(instances, 1), buckets: map[string]*rate.Limiter{}, quota: map[string]int64{}}
+}
+
+// maxLocalBuckets bounds the fallback's memory; it is cleared when full,
+// which only ever errs towards allowing calls.
+const maxLocalBuckets = 100_000
+
+// Allow implements RateLimiter locally.
+func (l *LocalLimiter) Allow(_ context.Context, id string, rps, burst int) (RateResult, error) {
+	r := max(1, rps/l.instances)
+	b := max(1, burst/l.instances)
+	l.mu.Lock()
+	lim, ok := l.buckets[id]
+	if !ok || lim.Burst() != b || lim.Limit() != rate.Limit(r) {
+		if len(l.buckets) >= maxLocalBuckets {
+			clear(l.buckets)
+		}
+		lim = rate.NewLimiter(rate.Limit(r), b)
+		l.buckets[id] = lim
+	}
+	now := time.Now()
+	res := RateResult{Limit: b}
+	if lim.AllowN(now, 1) {
+		res.Allowed = true
+	} else {
+		res.RetryAfter = time.Duration(float64(time.Second) / float64(r))
+	}
+	tokens := lim.TokensAt(now)
+	l.mu.Unlock()
+	res.Remaining = max(0, int(math.Floor(tokens)))
+	res.ResetAfter = time.Duration((float64(b) - tokens) / float64(r) * float64(time.Second))
+	return res, nil
+}
+
+// Take implements QuotaCounter locally: each instance allows its share.
+func (l *LocalLimiter) Take(_ context.Context, bucket string, limit int64, _ time.Duration) (int64, bool, error) {
+	share := limit / int64(l.instances)
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if len(l.quota) >= maxLocalBuckets {
+		clear(l.quota)
+	}
+	n := l.quota[bucket]
+	if limit >= 0 && n >= share {
+		return n, false, nil
+	}
+	l.quota[bucket] = n + 1
+	return n + 1, true, nil
+}
+
+// FallbackLimiter uses primary (Redis) and, when it fails, the local
+// limiter, reporting each fallback through onFallback.
+type FallbackLimiter struct {
+	Primary interface {
+		RateLimiter
+		QuotaCounter
+	}
+	Local      *LocalLimiter
+	OnFallback func(what string, err error)
+}
+
+// Allow implements RateLimiter.
+func (f *FallbackLimiter) Allow(ctx context.Context, id string, rps, burst int) (RateResult, error) {
+	r, err := f.Primary.Allow(ctx, id, rps, burst)
+	if err == nil {
+		return r, nil
+	}
+	f.OnFallback("rate", err)
+	return f.Local.Allow(ctx, id, rps, burst)
+}
+
+// Take implements QuotaCounter.
+func (f *FallbackLimiter) Take(ctx context.Context, bucket string, limit int64, ttl time.Duration) (int64, bool, error) {
+	n, ok, err := f.Primary.Take(ctx, bucket, limit, ttl)
+	if err == nil {
+		return n, ok, nil
+	}
+	f.OnFallback("quota", err)
+	return f.Local.Take(ctx, bucket, limit, ttl)
+}
+
+// quotaPeriod is the calendar month containing now in loc: its bucket
+// suffix, its end and the Redis expiry that outlives it.
+func quotaPeriod(now time.Time, loc *time.Location) (suffix string, end time.Time, ttl time.Duration) {
+	t := now.In(loc)
+	start := time.Date(t.Year(), t.Month(), 1, 0, 0, 0, 0, loc)
+	end = start.AddDate(0, 1, 0)
+	return start.Format("2006-01"), end, end.Sub(now) + 24*time.Hour
+}
+
+// limitState is what the headers of one response say.
+type limitState struct {
+	name   string
+	result RateResult
+	rps    int
+}
+
+func ceilSeconds(d time.Duration) int64 {
+	if d <= 0 {
+		return 0
+	}
+	return int64(math.Ceil(d.Seconds()))
+}
+
+// setRateHeaders writes the X-RateLimit-* headers and the IETF draft
+// RateLimit / RateLimit-Policy fields for the tightest of the limits.
+// Limit is the burst, Reset the seconds until the bucket is full again;
+// the policy window w is the time a full burst takes to refill.
+func setRateHeaders(h http.Header, states []limitState, quota *quotaState) {
+	if len(states) == 0 {
+		return
+	}
+	tight := states[0]
+	for _, s := range states[1:] {
+		if s.result.Remaining < tight.result.Remaining {
+			tight = s
+		}
+	}
+	h.Set("X-RateLimit-Limit", strconv.Itoa(tight.result.Limit))
+	h.Set("X-RateLimit-Remaining", strconv.Itoa(tight.result.Remaining))
+	h.Set("X-RateLimit-Reset", strconv.FormatInt(ceilSeconds(tight.result.ResetAfter), 10))
+	policies := make([]string, 0, len(states)+1)
+	for _, s := range states {
+		w := max(1, int(math.Ceil(float64(s.result.Limit)/float64(max(1, s.rps)))))
+		policies = append(policies, fmt.Sprintf("%q;q=%d;w=%d", s.name, s.result.Limit, w))
+	}
+	if quota != nil {
+		policies = append(policies, fmt.Sprintf("%q;q=%d;w=%d", "monthly", quota.limit, ceilSeconds(quota.window)))
+	}
+	h.Set("RateLimit-Policy", strings.Join(policies, ", "))
+	h.Set("RateLimit", fmt.Sprintf("%q;r=%d;t=%d", tight.name, tight.result.Remaining, ceilSeconds(tight.result.ResetAfter)))
+}
+
+type quotaState struct {
+	limit  int64
+	used   int64
+	reset  time.Time
+	window time.Duration
+}

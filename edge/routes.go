@@ -1,0 +1,176 @@
+package edge
+
+import (
+	"fmt"
+	"net/http"
+	"strings"
+)
+
+// RouteConfig maps a route pattern and its methods to the scopes a key needs.
+//
+// Patterns are paths whose segments are literals, "{name}" (any one
+// segment) or a final "*" (the rest of the path): "/v1/widgets/{id}",
+// "/v1/files/*". The pattern itself, not the raw path, becomes the usage
+// event's route, so usage groups by endpoint and not by id.
+type RouteConfig struct {
+	Pattern string   `yaml:"pattern"`
+	Methods []string `yaml:"methods"`
+	// Scopes are all required; empty means any valid key may call.
+	Scopes []string `yaml:"scopes"`
+	// Write marks a route that changes state even though its method is
+	// safe; methods other than GET, HEAD and OPTIONS are always writes.
+	Write bool `yaml:"write"`
+}
+
+// Route is a matched route.
+type Route struct {
+	Template string
+	Scopes   []string
+	Write    bool
+}
+
+type compiledRoute struct {
+	segs    []string
+	tail    bool
+	methods map[string]bool
+	cfg     RouteConfig
+}
+
+// Router matches requests against the configured routes in order.
+type Router struct {
+	routes []compiledRoute
+}
+
+// NewRouter compiles the route table, reporting every bad entry.
+func NewRouter(cfgs []RouteConfig) (*Router, error) {
+	r := &Router{}
+	var problems []string
+	for i, c := range cfgs {
+		if !strings.HasPrefix(c.Pattern, "/") {
+			problems = append(problems, fmt.Sprintf("edge.routes[%d].pattern: must start with /", i))
+			continue
+		}
+		cr := compiledRoute{cfg: c, methods: map[string]bool{}}
+		segs := strings.Split(strings.Trim(c.Pattern, "/"), "/")
+		for j, s := range segs {
+			if s == "*" {
+				if j != len(segs)-1 {
+					problems = append(problems, fmt.Sprintf("edge.routes[%d].pattern: * only at the end", i))
+				}
+				cr.tail = true
+				segs = segs[:j]
+				break
+			}
+		}
+		cr.segs = segs
+		for _, m := range c.Methods {
+			m = strings.ToUpper(m)
+			switch m {
+			case "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS":
+				cr.methods[m] = true
+			default:
+				problems = append(problems, fmt.Sprintf("edge.routes[%d].methods: unknown method %q", i, m))
+			}
+		}
+		for _, s := range c.Scopes {
+			if s == "" || strings.ContainsAny(s, " ,") {
+				problems = append(problems, fmt.Sprintf("edge.routes[%d].scopes: bad scope %q", i, s))
+			}
+		}
+		r.routes = append(r.routes, cr)
+	}
+	if len(problems) > 0 {
+		return nil, fmt.Errorf("%s", strings.Join(problems, "\n"))
+	}
+	return r, nil
+}
+
+// Open reports whether no routes are configured: everything is proxied.
+func (r *Router) Open() bool { return len(r.routes) == 0 }
+
+// Match finds the first route for method and path. ok is false when routes
+// are configured and none matches.
+func (r *Router) Match(method, path string) (Route, bool) {
+	write := !safeMethod(method)
+	if r.Open() {
+		return Route{Template: path, Write: write}, true
+	}
+	segs := strings.Split(strings.Trim(path, "/"), "/")
+	for i := range r.routes {
+		cr := &r.routes[i]
+		if len(cr.methods) > 0 && !cr.methods[method] {
+			continue
+		}
+		if !matchSegs(cr.segs, cr.tail, segs) {
+			continue
+		}
+		return Route{Template: cr.cfg.Pattern, Scopes: cr.cfg.Scopes, Write: write || cr.cfg.Write}, true
+	}
+	return Route{}, false
+}
+
+func matchSegs(pat []string, tail bool, segs []string) bool {
+	if len(segs) == 1 && segs[0] == "" {
+		segs = nil
+	}
+	if len(segs) < len(pat) || (!tail && len(segs) != len(pat)) {
+		return false
+	}
+	for i, p := range pat {
+		if strings.HasPrefix(p, "{") && strings.HasSuffix(p, "}") {
+			if segs[i] == "" {
+				return false
+			}
+			continue
+		}
+		if p != segs[i] {
+			return false
+		}
+	}
+	return true
+}
+
+func safeMethod(m string) bool {
+	return m == http.MethodGet || m == http.MethodHead || m == http.MethodOptions
+}
+
+// HasScope reports whether a key with scopes grants want. An empty scope
+// list on a secret key is full access (a standard secret key); on a
+// publishable key it grants read scopes only. "*" grants everything, and a
+// "*" part matches any part: "widgets:*", "*:read".
+func HasScope(kind KeyKind, scopes []string, want string) bool {
+	if len(scopes) == 0 {
+		return kind == Secret || strings.HasSuffix(want, ":read")
+	}
+	for _, s := range scopes {
+		if scopeMatch(s, want) {
+			return true
+		}
+	}
+	return false
+}
+
+func scopeMatch(have, want string) bool {
+	if have == "*" || have == want {
+		return true
+	}
+	hp := strings.Split(have, ":")
+	wp := strings.Split(want, ":")
+	if len(hp) != len(wp) {
+		return false
+	}
+	for i := range hp {
+		if hp[i] != "*" && hp[i] != wp[i] {
+			return false
+		}
+	}
+	return true
+}
+
+func knownMethod(m string) bool {
+	switch m {
+	case "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS":
+		return true
+	}
+	return false
+}
