@@ -1,0 +1,337 @@
+package invoicer
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sort"
+	"time"
+
+	"github.com/tollgate-dev/tollgate/meter"
+	"github.com/tollgate-dev/tollgate/schemas"
+)
+
+// Account is what the invoicer needs to know about an account.
+type Account struct {
+	ID        string
+	Name      string
+	Email     string
+	Timezone  string
+	Currency  string
+	CreatedAt time.Time
+}
+
+// Status is where an invoice is in its life, derived from its ledger
+// entries (the newest status entry wins).
+type Status string
+
+// Invoice statuses.
+const (
+	StatusDraft         Status = "draft"
+	StatusFinalized     Status = "finalized"
+	StatusSynced        Status = "open"
+	StatusPaid          Status = "paid"
+	StatusPaymentFailed Status = "payment_failed"
+	StatusVoid          Status = "void"
+)
+
+// StoredInvoice is an invoice as the ledger holds it.
+type StoredInvoice struct {
+	Invoice
+	Status          Status    `json:"status"`
+	StripeInvoiceID string    `json:"stripe_invoice_id,omitempty"`
+	HostedURL       string    `json:"hosted_invoice_url,omitempty"`
+	CreatedAt       time.Time `json:"created_at"`
+}
+
+// Store is the Postgres system of record as the invoicer uses it.
+type Store interface {
+	Plan(ctx context.Context, id string, version int) (Plan, error)
+	LatestPlan(ctx context.Context, id string) (Plan, error)
+	Accounts(ctx context.Context) ([]Account, error)
+	Account(ctx context.Context, id string) (Account, error)
+	// Subscriptions returns the account's subscriptions overlapping p.
+	Subscriptions(ctx context.Context, accountID string, p Period) ([]Subscription, error)
+	// InvoicedPeriods returns, per account, the period starts already
+	// invoiced at or after since.
+	InvoicedPeriods(ctx context.Context, since time.Time) (map[string]map[time.Time]bool, error)
+	// SaveDrafts stores invoices, their lines and an invoice.draft ledger
+	// entry each, in one transaction; invoices that already exist are
+	// left as they are.
+	SaveDrafts(ctx context.Context, invs []Invoice) error
+	// Finalize appends an invoice.finalized entry to each draft (once).
+	Finalize(ctx context.Context, ids []string) error
+	Invoice(ctx context.Context, id string) (StoredInvoice, error)
+	AccountInvoices(ctx context.Context, accountID string) ([]StoredInvoice, error)
+	// ClosedInvoices are the finalized invoices whose period starts in
+	// [from, to).
+	ClosedInvoices(ctx context.Context, from, to time.Time) ([]StoredInvoice, error)
+	// UnsyncedInvoices are finalized invoices with a positive total that
+	// Stripe does not have finalized yet.
+	UnsyncedInvoices(ctx context.Context) ([]StoredInvoice, error)
+	SyncState
+	// RecordWebhook stores a verified Stripe event and its ledger entry,
+	// once per event id; it reports whether the event was new.
+	RecordWebhook(ctx context.Context, ev WebhookEvent) (bool, error)
+	// AppendCreditNote corrects a finalized invoice without editing it.
+	AppendCreditNote(ctx context.Context, invoiceID string, amount int64, reason string) error
+}
+
+// SyncState is the persisted progress of pushing invoices to Stripe.
+type SyncState interface {
+	StripeCustomer(ctx context.Context, accountID string) (string, error)
+	SaveStripeCustomer(ctx context.Context, accountID, customerID string) error
+	// SyncSteps maps each completed step ("invoice", "item:N",
+	// "finalize") of an invoice to the Stripe object id it produced.
+	SyncSteps(ctx context.Context, invoiceID string) (map[string]string, error)
+	SaveSyncStep(ctx context.Context, invoiceID, step, stripeID string, detail map[string]string) error
+	// MarkSynced appends the invoice.synced ledger entry.
+	MarkSynced(ctx context.Context, invoiceID, stripeInvoiceID, hostedURL string) error
+}
+
+// AccountUsage is one account's usage in a time range.
+type AccountUsage struct {
+	// Events counts raw events of every type (deduplicated).
+	Events     int64
+	Quantities map[string]int64
+}
+
+// UsageReader reads exact usage from the raw events.
+type UsageReader interface {
+	// Usage returns, for each of accounts with any events in p, the event
+	// count and every meter's quantity in environment env.
+	Usage(ctx context.Context, accounts []string, p Period, meters []meter.Meter, env schemas.Environment) (map[string]AccountUsage, error)
+}
+
+// Watermark tells through which event time usage is complete.
+type Watermark interface {
+	Watermark(ctx context.Context) (time.Time, error)
+}
+
+// ErrNoWatermark means the aggregator has not reported a watermark yet.
+var ErrNoWatermark = errors.New("no usage watermark yet")
+
+// Invoicer closes periods and syncs invoices to Stripe.
+type Invoicer struct {
+	store  Store
+	usage  UsageReader
+	wm     Watermark
+	stripe Stripe // nil: Stripe sync disabled
+	meters []meter.Meter
+	grace  time.Duration
+	log    *slog.Logger
+	now    func() time.Time
+	// lookback bounds how many past periods a close considers.
+	lookback int
+}
+
+// Options configure an Invoicer.
+type Options struct {
+	Meters []meter.Meter
+	// Grace is how long after a period's end (in watermark time) the
+	// period is closed, for late events.
+	Grace time.Duration
+	// Lookback is how many months back periods are considered (default 12).
+	Lookback int
+	Now      func() time.Time
+}
+
+// New returns an Invoicer. stripe may be nil to keep invoices in the ledger
+// only.
+func New(store Store, usage UsageReader, wm Watermark, stripe Stripe, opts Options, log *slog.Logger) (*Invoicer, error) {
+	if len(opts.Meters) == 0 {
+		opts.Meters = []meter.Meter{meter.Default()}
+	}
+	for _, m := range opts.Meters {
+		if err := m.Validate(); err != nil {
+			return nil, fmt.Errorf("%w: %w", ErrInvalid, err)
+		}
+	}
+	if opts.Lookback <= 0 {
+		opts.Lookback = 12
+	}
+	if opts.Now == nil {
+		opts.Now = time.Now
+	}
+	return &Invoicer{store: store, usage: usage, wm: wm, stripe: stripe, meters: opts.Meters,
+		grace: opts.Grace, log: log, now: opts.Now, lookback: opts.Lookback}, nil
+}
+
+// CloseResult summarises one close run.
+type CloseResult struct {
+	Watermark time.Time
+	Closed    []Invoice
+}
+
+// CloseDue invoices every account for every period that ended, in the
+// account's time zone, at least the grace before the watermark and has no
+// invoice yet. Retrying is safe: invoice ids are deterministic and stored
+// once.
+func (iv *Invoicer) CloseDue(ctx context.Context) (CloseResult, error) {
+	wm, err := iv.wm.Watermark(ctx)
+	if err != nil {
+		return CloseResult{}, fmt.Errorf("read watermark: %w", err)
+	}
+	res := CloseResult{Watermark: wm}
+	accounts, err := iv.store.Accounts(ctx)
+	if err != nil {
+		return res, err
+	}
+	now := iv.now()
+	since := now.AddDate(0, -iv.lookback-1, 0)
+	done, err := iv.store.InvoicedPeriods(ctx, since)
+	if err != nil {
+		return res, err
+	}
+	// Group the accounts due by period, so usage is read once per period.
+	due := map[Period][]Account{}
+	for _, a := range accounts {
+		loc, err := time.LoadLocation(a.Timezone)
+		if err != nil {
+			iv.log.Error("account has an unknown time zone; not invoiced", "account", a.ID, "timezone", a.Timezone)
+			continue
+		}
+		p := MonthPeriod(now, loc)
+		for i := 0; i < iv.lookback; i++ {
+			p = MonthPeriod(p.Start.Add(-time.Second), loc)
+			if p.End.Before(a.CreatedAt) {
+				break
+			}
+			if !p.End.Add(iv.grace).Before(wm) && !p.End.Add(iv.grace).Equal(wm) {
+				continue
+			}
+			if !done[a.ID][p.Start] {
+				due[p] = append(due[p], a)
+			}
+		}
+	}
+	periods := make([]Period, 0, len(due))
+	for p := range due {
+		periods = append(periods, p)
+	}
+	sort.Slice(periods, func(i, j int) bool { return periods[i].Start.Before(periods[j].Start) })
+	for _, p := range periods {
+		invs, err := iv.ComputePeriod(ctx, iv.usage, p, due[p], wm)
+		if err != nil {
+			return res, fmt.Errorf("close %s: %w", p.Start.Format("2006-01"), err)
+		}
+		if err := iv.store.SaveDrafts(ctx, invs); err != nil {
+			return res, err
+		}
+		ids := make([]string, len(invs))
+		for i, inv := range invs {
+			ids[i] = inv.ID
+		}
+		if err := iv.store.Finalize(ctx, ids); err != nil {
+			return res, err
+		}
+		res.Closed = append(res.Closed, invs...)
+		iv.log.Info("period closed", "period", p.Start.Format(time.RFC3339), "invoices", len(invs))
+	}
+	return res, nil
+}
+
+// ComputePeriod computes the invoices of accounts for period p from the
+// usage usage reads. Accounts whose whole period is under one plan are
+// read in one query; plan changes split an account's period in segments
+// read one by one.
+func (iv *Invoicer) ComputePeriod(ctx context.Context, usage UsageReader, p Period, accounts []Account, wm time.Time) ([]Invoice, error) {
+	free, err := iv.store.LatestPlan(ctx, FreePlanID)
+	if err != nil {
+		return nil, fmt.Errorf("load free plan: %w", err)
+	}
+	plans := map[[2]any]Plan{}
+	planOf := func(id string, v int) (Plan, error) {
+		k := [2]any{id, v}
+		if pl, ok := plans[k]; ok {
+			return pl, nil
+		}
+		pl, err := iv.store.Plan(ctx, id, v)
+		if err != nil {
+			return Plan{}, err
+		}
+		plans[k] = pl
+		return pl, nil
+	}
+	segs := make([][]Segment, len(accounts))
+	var whole []string
+	for i, a := range accounts {
+		subs, err := iv.store.Subscriptions(ctx, a.ID, p)
+		if err != nil {
+			return nil, err
+		}
+		if segs[i], err = Segments(p, subs, planOf, free); err != nil {
+			return nil, fmt.Errorf("account %s: %w", a.ID, err)
+		}
+		if len(segs[i]) == 1 {
+			whole = append(whole, a.ID)
+		}
+	}
+	byPeriod, err := usage.Usage(ctx, whole, p, iv.meters, schemas.Live)
+	if err != nil {
+		return nil, err
+	}
+	invs := make([]Invoice, 0, len(accounts))
+	for i, a := range accounts {
+		in := Inputs{AccountID: a.ID, Currency: a.Currency, Period: p, Segments: segs[i], Watermark: wm}
+		if len(segs[i]) == 1 {
+			u := byPeriod[a.ID]
+			in.EventCount, in.Usage = u.Events, []map[string]int64{orEmpty(u.Quantities)}
+		} else {
+			for _, s := range segs[i] {
+				m, err := usage.Usage(ctx, []string{a.ID}, s.Period, iv.meters, schemas.Live)
+				if err != nil {
+					return nil, err
+				}
+				in.EventCount += m[a.ID].Events
+				in.Usage = append(in.Usage, orEmpty(m[a.ID].Quantities))
+			}
+		}
+		inv, err := Compute(in)
+		if err != nil {
+			return nil, fmt.Errorf("account %s: %w", a.ID, err)
+		}
+		invs = append(invs, inv)
+	}
+	return invs, nil
+}
+
+func orEmpty(m map[string]int64) map[string]int64 {
+	if m == nil {
+		return map[string]int64{}
+	}
+	return m
+}
+
+// Run closes due periods and syncs Stripe every interval until ctx ends.
+// Failures are logged and retried on the next tick: every step is
+// idempotent.
+func (iv *Invoicer) Run(ctx context.Context, interval time.Duration) error {
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		if err := iv.Once(ctx); err != nil && ctx.Err() == nil {
+			iv.log.Error("invoicer run failed; retrying next interval", "err", err)
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		}
+	}
+}
+
+// Once closes due periods, then pushes unsynced invoices to Stripe.
+func (iv *Invoicer) Once(ctx context.Context) error {
+	_, cerr := iv.CloseDue(ctx)
+	if errors.Is(cerr, ErrNoWatermark) {
+		iv.log.Warn("no usage watermark yet; no period can be closed")
+		cerr = nil
+	}
+	var serr error
+	if iv.stripe != nil {
+		serr = iv.SyncStripe(ctx)
+	}
+	return errors.Join(cerr, serr)
+}

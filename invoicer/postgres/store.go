@@ -1,0 +1,403 @@
+// Package postgres is the invoicer's system of record in Postgres: plans,
+// subscriptions, invoices and lines, the append-only ledger, Stripe sync
+// state and webhook events.
+package postgres
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/tollgate-dev/tollgate/invoicer"
+)
+
+// Store implements invoicer.Store.
+type Store struct {
+	pool *pgxpool.Pool
+}
+
+var _ invoicer.Store = (*Store)(nil)
+
+// New returns a Store over pool (migrated with schemas.MigratePostgres).
+func New(pool *pgxpool.Pool) *Store { return &Store{pool: pool} }
+
+// Ledger entry kinds.
+const (
+	KindDraft      = "invoice.draft"
+	KindFinalized  = "invoice.finalized"
+	KindSynced     = "invoice.synced"
+	KindCreditNote = "credit_note"
+)
+
+func scanPlan(row pgx.Row) (invoicer.Plan, error) {
+	var p invoicer.Plan
+	var def []byte
+	if err := row.Scan(&p.ID, &p.Version, &p.Name, &p.Currency, &def); err != nil {
+		if errors.Is(err, pgx.ErrNoRows) {
+			return p, invoicer.ErrNotFound
+		}
+		return p, err
+	}
+	d, err := invoicer.ParseDefinition(def)
+	if err != nil {
+		return p, fmt.Errorf("plan %s v%d: %w", p.ID, p.Version, err)
+	}
+	p.Definition = d
+	return p, nil
+}
+
+// Plan loads one plan version.
+func (s *Store) Plan(ctx context.Context, id string, version int) (invoicer.Plan, error) {
+	p, err := scanPlan(s.pool.QueryRow(ctx, `SELECT id, version, name, currency, definition FROM plans WHERE id = $1 AND version = $2`, id, version))
+	if err != nil {
+		return p, fmt.Errorf("load plan %s v%d: %w", id, version, err)
+	}
+	return p, nil
+}
+
+// LatestPlan loads the newest version of a plan.
+func (s *Store) LatestPlan(ctx context.Context, id string) (invoicer.Plan, error) {
+	p, err := scanPlan(s.pool.QueryRow(ctx, `SELECT id, version, name, currency, definition FROM plans WHERE id = $1 ORDER BY version DESC LIMIT 1`, id))
+	if err != nil {
+		return p, fmt.Errorf("load plan %s: %w", id, err)
+	}
+	return p, nil
+}
+
+const accountCols = `id, name, coalesce(email, ''), timezone, currency, created_at`
+
+func scanAccount(row pgx.Row) (invoicer.Account, error) {
+	var a invoicer.Account
+	err := row.Scan(&a.ID, &a.Name, &a.Email, &a.Timezone, &a.Currency, &a.CreatedAt)
+	return a, err
+}
+
+// Accounts lists every account.
+func (s *Store) Accounts(ctx context.Context) ([]invoicer.Account, error) {
+	rows, err := s.pool.Query(ctx, `SELECT `+accountCols+` FROM accounts ORDER BY id`)
+	if err != nil {
+		return nil, fmt.Errorf("list accounts: %w", err)
+	}
+	out, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (invoicer.Account, error) { return scanAccount(r) })
+	if err != nil {
+		return nil, fmt.Errorf("list accounts: %w", err)
+	}
+	return out, nil
+}
+
+// Account loads one account.
+func (s *Store) Account(ctx context.Context, id string) (invoicer.Account, error) {
+	a, err := scanAccount(s.pool.QueryRow(ctx, `SELECT `+accountCols+` FROM accounts WHERE id = $1`, id))
+	if errors.Is(err, pgx.ErrNoRows) {
+		return a, fmt.Errorf("account %s: %w", id, invoicer.ErrNotFound)
+	}
+	if err != nil {
+		return a, fmt.Errorf("load account %s: %w", id, err)
+	}
+	return a, nil
+}
+
+// Subscriptions returns the account's subscriptions overlapping p.
+func (s *Store) Subscriptions(ctx context.Context, accountID string, p invoicer.Period) ([]invoicer.Subscription, error) {
+	rows, err := s.pool.Query(ctx, `
+		SELECT account_id, plan_id, plan_version, starts_at, ends_at FROM subscriptions
+		WHERE account_id = $1 AND starts_at < $3 AND (ends_at IS NULL OR ends_at > $2)
+		ORDER BY starts_at, created_at`, accountID, p.Start, p.End)
+	if err != nil {
+		return nil, fmt.Errorf("list subscriptions: %w", err)
+	}
+	out, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (invoicer.Subscription, error) {
+		var sub invoicer.Subscription
+		err := r.Scan(&sub.AccountID, &sub.PlanID, &sub.PlanVersion, &sub.StartsAt, &sub.EndsAt)
+		return sub, err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("list subscriptions: %w", err)
+	}
+	return out, nil
+}
+
+// InvoicedPeriods returns, per account, the period starts invoiced since.
+func (s *Store) InvoicedPeriods(ctx context.Context, since time.Time) (map[string]map[time.Time]bool, error) {
+	rows, err := s.pool.Query(ctx, `SELECT account_id, period_start FROM invoices WHERE period_start >= $1`, since)
+	if err != nil {
+		return nil, fmt.Errorf("list invoiced periods: %w", err)
+	}
+	defer rows.Close()
+	out := map[string]map[time.Time]bool{}
+	for rows.Next() {
+		var a string
+		var t time.Time
+		if err := rows.Scan(&a, &t); err != nil {
+			return nil, err
+		}
+		if out[a] == nil {
+			out[a] = map[time.Time]bool{}
+		}
+		out[a][t.UTC()] = true
+	}
+	return out, rows.Err()
+}
+
+// SaveDrafts stores the invoices, their lines and one invoice.draft ledger
+// entry each, in one transaction. An invoice id already present is skipped
+// (ON CONFLICT DO NOTHING), so a retried close adds nothing.
+func (s *Store) SaveDrafts(ctx context.Context, invs []invoicer.Invoice) error {
+	if len(invs) == 0 {
+		return nil
+	}
+	return pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
+		b := &pgx.Batch{}
+		for _, inv := range invs {
+			doc, err := json.Marshal(inv)
+			if err != nil {
+				return fmt.Errorf("encode invoice %s: %w", inv.ID, err)
+			}
+			fp, _ := json.Marshal(inv.Fingerprint)
+			b.Queue(`WITH ins AS (
+				INSERT INTO invoices (id, account_id, period_start, period_end, currency, total_minor, fingerprint_hash, document)
+				VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING RETURNING id)
+				INSERT INTO ledger_entries (account_id, kind, invoice_id, amount_minor, currency, payload)
+				SELECT $2, $9, id, $6, $5, $10 FROM ins`,
+				inv.ID, inv.AccountID, inv.Period.Start, inv.Period.End, inv.Currency, inv.Total,
+				inv.Fingerprint.Hash, doc, KindDraft, fp)
+			for _, l := range inv.Lines {
+				tiers, _ := json.Marshal(l.Tiers)
+				if l.Tiers == nil {
+					tiers = []byte("[]")
+				}
+				var unit *string
+				if l.UnitAmount != nil {
+					u := l.UnitAmount.String()
+					unit = &u
+				}
+				var m *string
+				if l.Meter != "" {
+					m = &l.Meter
+				}
+				b.Queue(`INSERT INTO invoice_lines (invoice_id, line_no, price_key, description, model, meter,
+					plan_id, plan_version, quantity, billable, unit_amount, amount_exact, amount_minor, tiers)
+					VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::numeric, $12::numeric, $13, $14)
+					ON CONFLICT DO NOTHING`,
+					inv.ID, l.No, l.PriceKey, l.Description, string(l.Model), m, l.PlanID, l.PlanVersion,
+					l.Quantity, l.Billable, unit, l.Exact.String(), l.Amount, tiers)
+			}
+		}
+		if err := tx.SendBatch(ctx, b).Close(); err != nil {
+			return fmt.Errorf("save draft invoices: %w", err)
+		}
+		return nil
+	})
+}
+
+// Finalize appends invoice.finalized to each draft, at most once.
+func (s *Store) Finalize(ctx context.Context, ids []string) error {
+	_, err := s.pool.Exec(ctx, `
+		INSERT INTO ledger_entries (account_id, kind, invoice_id, amount_minor, currency, payload)
+		SELECT account_id, $2, id, total_minor, currency, jsonb_build_object('fingerprint_hash', fingerprint_hash)
+		FROM invoices WHERE id = ANY($1)
+		ON CONFLICT (invoice_id, kind) WHERE kind IN ('invoice.draft', 'invoice.finalized', 'invoice.synced') DO NOTHING`,
+		ids, KindFinalized)
+	if err != nil {
+		return fmt.Errorf("finalize invoices: %w", err)
+	}
+	return nil
+}
+
+// invoiceSelect reads invoices with the status and Stripe link their
+// ledger entries and sync steps give.
+const invoiceSelect = `
+	SELECT i.document, i.created_at,
+	  coalesce((SELECT kind FROM ledger_entries e WHERE e.invoice_id = i.id
+	     AND kind IN ('invoice.draft', 'invoice.finalized', 'invoice.synced', 'stripe.invoice.paid',
+	                  'stripe.invoice.payment_failed', 'stripe.invoice.voided')
+	     ORDER BY e.id DESC LIMIT 1), ''),
+	  coalesce((SELECT stripe_id FROM stripe_sync_steps s WHERE s.invoice_id = i.id AND s.step = 'invoice'), ''),
+	  coalesce((SELECT detail->>'hosted_invoice_url' FROM stripe_sync_steps s WHERE s.invoice_id = i.id AND s.step = 'finalize'), '')
+	FROM invoices i`
+
+var statusOf = map[string]invoicer.Status{
+	KindDraft: invoicer.StatusDraft, KindFinalized: invoicer.StatusFinalized, KindSynced: invoicer.StatusSynced,
+	"stripe.invoice.paid": invoicer.StatusPaid, "stripe.invoice.payment_failed": invoicer.StatusPaymentFailed,
+	"stripe.invoice.voided": invoicer.StatusVoid,
+}
+
+func (s *Store) invoices(ctx context.Context, where string, args ...any) ([]invoicer.StoredInvoice, error) {
+	rows, err := s.pool.Query(ctx, invoiceSelect+" "+where, args...)
+	if err != nil {
+		return nil, fmt.Errorf("list invoices: %w", err)
+	}
+	out, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (invoicer.StoredInvoice, error) {
+		var si invoicer.StoredInvoice
+		var doc []byte
+		var kind string
+		if err := r.Scan(&doc, &si.CreatedAt, &kind, &si.StripeInvoiceID, &si.HostedURL); err != nil {
+			return si, err
+		}
+		if err := json.Unmarshal(doc, &si.Invoice); err != nil {
+			return si, fmt.Errorf("decode invoice document: %w", err)
+		}
+		si.Status = statusOf[kind]
+		return si, nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("list invoices: %w", err)
+	}
+	return out, nil
+}
+
+// Invoice loads one invoice.
+func (s *Store) Invoice(ctx context.Context, id string) (invoicer.StoredInvoice, error) {
+	out, err := s.invoices(ctx, "WHERE i.id = $1", id)
+	if err != nil {
+		return invoicer.StoredInvoice{}, err
+	}
+	if len(out) == 0 {
+		return invoicer.StoredInvoice{}, fmt.Errorf("invoice %s: %w", id, invoicer.ErrNotFound)
+	}
+	return out[0], nil
+}
+
+// AccountInvoices lists an account's invoices, newest period first.
+func (s *Store) AccountInvoices(ctx context.Context, accountID string) ([]invoicer.StoredInvoice, error) {
+	return s.invoices(ctx, "WHERE i.account_id = $1 ORDER BY i.period_start DESC", accountID)
+}
+
+// ClosedInvoices lists finalized invoices whose period starts in [from, to).
+func (s *Store) ClosedInvoices(ctx context.Context, from, to time.Time) ([]invoicer.StoredInvoice, error) {
+	return s.invoices(ctx, `WHERE i.period_start >= $1 AND i.period_start < $2
+		AND EXISTS (SELECT 1 FROM ledger_entries e WHERE e.invoice_id = i.id AND e.kind = 'invoice.finalized')
+		ORDER BY i.period_start, i.account_id`, from, to)
+}
+
+// UnsyncedInvoices lists finalized invoices with a positive total and no
+// invoice.synced entry.
+func (s *Store) UnsyncedInvoices(ctx context.Context) ([]invoicer.StoredInvoice, error) {
+	return s.invoices(ctx, `WHERE i.total_minor > 0
+		AND EXISTS (SELECT 1 FROM ledger_entries e WHERE e.invoice_id = i.id AND e.kind = 'invoice.finalized')
+		AND NOT EXISTS (SELECT 1 FROM ledger_entries e WHERE e.invoice_id = i.id AND e.kind = 'invoice.synced')
+		ORDER BY i.period_start, i.account_id`)
+}
+
+// StripeCustomer returns the account's Stripe customer id, or "".
+func (s *Store) StripeCustomer(ctx context.Context, accountID string) (string, error) {
+	var id string
+	err := s.pool.QueryRow(ctx, `SELECT customer_id FROM stripe_customers WHERE account_id = $1`, accountID).Scan(&id)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return "", nil
+	}
+	if err != nil {
+		return "", fmt.Errorf("load stripe customer: %w", err)
+	}
+	return id, nil
+}
+
+// SaveStripeCustomer records the account's Stripe customer.
+func (s *Store) SaveStripeCustomer(ctx context.Context, accountID, customerID string) error {
+	_, err := s.pool.Exec(ctx, `INSERT INTO stripe_customers (account_id, customer_id) VALUES ($1, $2) ON CONFLICT DO NOTHING`, accountID, customerID)
+	if err != nil {
+		return fmt.Errorf("save stripe customer: %w", err)
+	}
+	return nil
+}
+
+// SyncSteps returns the completed Stripe steps of an invoice.
+func (s *Store) SyncSteps(ctx context.Context, invoiceID string) (map[string]string, error) {
+	rows, err := s.pool.Query(ctx, `SELECT step, stripe_id FROM stripe_sync_steps WHERE invoice_id = $1`, invoiceID)
+	if err != nil {
+		return nil, fmt.Errorf("load sync steps: %w", err)
+	}
+	defer rows.Close()
+	out := map[string]string{}
+	for rows.Next() {
+		var step, id string
+		if err := rows.Scan(&step, &id); err != nil {
+			return nil, err
+		}
+		out[step] = id
+	}
+	return out, rows.Err()
+}
+
+// SaveSyncStep records a completed Stripe step.
+func (s *Store) SaveSyncStep(ctx context.Context, invoiceID, step, stripeID string, detail map[string]string) error {
+	if detail == nil {
+		detail = map[string]string{}
+	}
+	_, err := s.pool.Exec(ctx, `INSERT INTO stripe_sync_steps (invoice_id, step, stripe_id, detail) VALUES ($1, $2, $3, $4)
+		ON CONFLICT DO NOTHING`, invoiceID, step, stripeID, detail)
+	if err != nil {
+		return fmt.Errorf("save sync step %s of %s: %w", step, invoiceID, err)
+	}
+	return nil
+}
+
+// MarkSynced appends invoice.synced once.
+func (s *Store) MarkSynced(ctx context.Context, invoiceID, stripeInvoiceID, hostedURL string) error {
+	_, err := s.pool.Exec(ctx, `
+		INSERT INTO ledger_entries (account_id, kind, invoice_id, amount_minor, currency, payload)
+		SELECT account_id, $2, id, total_minor, currency, jsonb_build_object('stripe_invoice_id', $3::text,
+		  'hosted_invoice_url', coalesce(nullif($4::text, ''),
+		    (SELECT detail->>'hosted_invoice_url' FROM stripe_sync_steps WHERE invoice_id = $1 AND step = 'finalize'), ''))
+		FROM invoices WHERE id = $1
+		ON CONFLICT (invoice_id, kind) WHERE kind IN ('invoice.draft', 'invoice.finalized', 'invoice.synced') DO NOTHING`,
+		invoiceID, KindSynced, stripeInvoiceID, hostedURL)
+	if err != nil {
+		return fmt.Errorf("mark %s synced: %w", invoiceID, err)
+	}
+	return nil
+}
+
+// RecordWebhook stores the event once and appends its ledger entry in the
+// same transaction.
+func (s *Store) RecordWebhook(ctx context.Context, ev invoicer.WebhookEvent) (bool, error) {
+	var fresh bool
+	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
+		var inv *string
+		if ev.InvoiceID != "" {
+			inv = &ev.InvoiceID
+		}
+		tag, err := tx.Exec(ctx, `INSERT INTO stripe_webhook_events (event_id, type, object_id, invoice_id, payload)
+			VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING`, ev.ID, ev.Type, ev.ObjectID, inv, ev.Payload)
+		if err != nil {
+			return err
+		}
+		if fresh = tag.RowsAffected() == 1; !fresh || inv == nil {
+			return nil
+		}
+		_, err = tx.Exec(ctx, `
+			INSERT INTO ledger_entries (account_id, kind, invoice_id, amount_minor, currency, payload)
+			SELECT account_id, $2, id, $3, currency, jsonb_build_object('stripe_event_id', $4::text, 'stripe_object_id', $5::text)
+			FROM invoices WHERE id = $1`, ev.InvoiceID, "stripe."+ev.Type, ev.Amount, ev.ID, ev.ObjectID)
+		return err
+	})
+	if err != nil {
+		return false, fmt.Errorf("record webhook %s: %w", ev.ID, err)
+	}
+	return fresh, nil
+}
+
+// AppendCreditNote appends a credit note (a negative amount) to a
+// finalized invoice.
+func (s *Store) AppendCreditNote(ctx context.Context, invoiceID string, amount int64, reason string) error {
+	if amount <= 0 {
+		return fmt.Errorf("%w: credit note amount must be positive", invoicer.ErrInvalid)
+	}
+	tag, err := s.pool.Exec(ctx, `
+		INSERT INTO ledger_entries (account_id, kind, invoice_id, amount_minor, currency, payload)
+		SELECT account_id, $2, id, -$3::bigint, currency, jsonb_build_object('reason', $4::text)
+		FROM invoices i WHERE id = $1 AND EXISTS (SELECT 1 FROM ledger_entries e WHERE e.invoice_id = i.id AND e.kind = 'invoice.finalized')`,
+		invoiceID, KindCreditNote, amount, reason)
+	if err != nil {
+		return fmt.Errorf("append credit note: %w", err)
+	}
+	if tag.RowsAffected() == 0 {
+		return fmt.Errorf("finalized invoice %s: %w", invoiceID, invoicer.ErrNotFound)
+	}
+	return nil
+}

@@ -1,0 +1,180 @@
+package invoicer
+
+import (
+	"context"
+	"fmt"
+	"strconv"
+)
+
+// Stripe is the part of Stripe the invoicer uses. Every call carries an
+// idempotency key derived from ledger ids, so repeating a call after a
+// crash returns the object the first call made instead of a second one.
+type Stripe interface {
+	EnsureCustomer(ctx context.Context, p CustomerParams) (string, error)
+	CreateInvoice(ctx context.Context, p InvoiceParams) (string, error)
+	CreateInvoiceItem(ctx context.Context, p InvoiceItemParams) (string, error)
+	FinalizeInvoice(ctx context.Context, stripeInvoiceID, idempotencyKey string) (FinalizedInvoice, error)
+}
+
+// CustomerParams create the Stripe customer of an account.
+type CustomerParams struct {
+	AccountID      string
+	Name           string
+	Email          string
+	IdempotencyKey string
+}
+
+// InvoiceParams create a draft Stripe invoice that collects only the items
+// attached to it explicitly.
+type InvoiceParams struct {
+	CustomerID     string
+	Currency       string
+	InvoiceID      string // the ledger's invoice id, kept in metadata
+	Description    string
+	IdempotencyKey string
+}
+
+// InvoiceItemParams add one line to a draft Stripe invoice.
+type InvoiceItemParams struct {
+	CustomerID      string
+	StripeInvoiceID string
+	Currency        string
+	Amount          int64 // minor units
+	Description     string
+	InvoiceID       string
+	LineNo          int
+	IdempotencyKey  string
+}
+
+// FinalizedInvoice is what Stripe reports after finalizing.
+type FinalizedInvoice struct {
+	ID        string
+	Status    string
+	HostedURL string
+}
+
+// Sync step names, as stored in stripe_sync_steps.
+const (
+	stepInvoice  = "invoice"
+	stepFinalize = "finalize"
+)
+
+func stepItem(no int) string { return "item:" + strconv.Itoa(no) }
+
+// idempotency keys: one per Stripe object, derived from ledger ids.
+func customerKey(accountID string) string { return "tollgate:customer:" + accountID }
+func stepKey(invoiceID, step string) string {
+	return "tollgate:" + invoiceID + ":" + step
+}
+
+// SyncStripe pushes every finalized, unsynced invoice to Stripe. Test-mode
+// usage never reaches here: invoices are computed from live events only.
+func (iv *Invoicer) SyncStripe(ctx context.Context) error {
+	invs, err := iv.store.UnsyncedInvoices(ctx)
+	if err != nil {
+		return err
+	}
+	for _, inv := range invs {
+		if err := iv.syncOne(ctx, inv); err != nil {
+			return fmt.Errorf("sync invoice %s to stripe: %w", inv.ID, err)
+		}
+	}
+	return nil
+}
+
+// syncOne runs the steps customer → invoice → items → finalize, skipping
+// the ones the sync state says are done. A crash between a Stripe call and
+// the write of its step repeats the call with the same idempotency key,
+// which returns the same object.
+func (iv *Invoicer) syncOne(ctx context.Context, inv StoredInvoice) error {
+	cust, err := iv.store.StripeCustomer(ctx, inv.AccountID)
+	if err != nil {
+		return err
+	}
+	if cust == "" {
+		a, err := iv.store.Account(ctx, inv.AccountID)
+		if err != nil {
+			return err
+		}
+		if cust, err = iv.stripe.EnsureCustomer(ctx, CustomerParams{AccountID: a.ID, Name: a.Name,
+			Email: a.Email, IdempotencyKey: customerKey(a.ID)}); err != nil {
+			return fmt.Errorf("customer: %w", err)
+		}
+		if err := iv.store.SaveStripeCustomer(ctx, a.ID, cust); err != nil {
+			return err
+		}
+	}
+	steps, err := iv.store.SyncSteps(ctx, inv.ID)
+	if err != nil {
+		return err
+	}
+	sinv := steps[stepInvoice]
+	if sinv == "" {
+		desc := fmt.Sprintf("Usage %s – %s", inv.Period.Start.Format("2006-01-02"), inv.Period.End.Format("2006-01-02"))
+		if sinv, err = iv.stripe.CreateInvoice(ctx, InvoiceParams{CustomerID: cust, Currency: inv.Currency,
+			InvoiceID: inv.ID, Description: desc, IdempotencyKey: stepKey(inv.ID, stepInvoice)}); err != nil {
+			return fmt.Errorf("invoice: %w", err)
+		}
+		if err := iv.store.SaveSyncStep(ctx, inv.ID, stepInvoice, sinv, nil); err != nil {
+			return err
+		}
+	}
+	for _, l := range inv.Lines {
+		step := stepItem(l.No)
+		if l.Amount == 0 || steps[step] != "" {
+			continue
+		}
+		id, err := iv.stripe.CreateInvoiceItem(ctx, InvoiceItemParams{CustomerID: cust, StripeInvoiceID: sinv,
+			Currency: inv.Currency, Amount: l.Amount, Description: lineDescription(l, inv.Currency),
+			InvoiceID: inv.ID, LineNo: l.No, IdempotencyKey: stepKey(inv.ID, step)})
+		if err != nil {
+			return fmt.Errorf("item %d: %w", l.No, err)
+		}
+		if err := iv.store.SaveSyncStep(ctx, inv.ID, step, id, nil); err != nil {
+			return err
+		}
+	}
+	hosted := ""
+	if steps[stepFinalize] == "" {
+		fin, err := iv.stripe.FinalizeInvoice(ctx, sinv, stepKey(inv.ID, stepFinalize))
+		if err != nil {
+			return fmt.Errorf("finalize: %w", err)
+		}
+		hosted = fin.HostedURL
+		if err := iv.store.SaveSyncStep(ctx, inv.ID, stepFinalize, fin.ID, map[string]string{"hosted_invoice_url": hosted, "status": fin.Status}); err != nil {
+			return err
+		}
+	}
+	return iv.store.MarkSynced(ctx, inv.ID, sinv, hosted)
+}
+
+func lineDescription(l Line, currency string) string {
+	if l.Model == Flat {
+		if l.Proration != "" {
+			return fmt.Sprintf("%s (prorated %s)", l.Description, l.Proration)
+		}
+		return l.Description
+	}
+	return fmt.Sprintf("%s: %d units (%d billable) %s – %s", l.Description, l.Quantity, l.Billable,
+		l.Period.Start.Format("2006-01-02"), l.Period.End.Format("2006-01-02"))
+}
+
+// WebhookEvent is a verified Stripe event about an invoice.
+type WebhookEvent struct {
+	ID       string
+	Type     string
+	ObjectID string
+	// InvoiceID is the ledger invoice the event is about (from the Stripe
+	// invoice's metadata), "" when unknown.
+	InvoiceID string
+	AccountID string
+	Currency  string
+	// Amount is the amount paid or due, in minor units, when relevant.
+	Amount  int64
+	Payload []byte
+}
+
+// WebhookVerifier checks a webhook's signature and decodes it.
+type WebhookVerifier interface {
+	Verify(payload []byte, signatureHeader string) (WebhookEvent, error)
+}

@@ -1,0 +1,178 @@
+// Package stripe implements the invoicer's Stripe interface with stripe-go
+// and verifies Stripe webhooks.
+package stripe
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"strconv"
+	"time"
+
+	stripego "github.com/stripe/stripe-go/v76"
+	"github.com/stripe/stripe-go/v76/client"
+	"github.com/stripe/stripe-go/v76/webhook"
+
+	"github.com/tollgate-dev/tollgate/invoicer"
+)
+
+// Client talks to the Stripe API (or anything that speaks it, such as
+// stripe-mock or a test fake) through its own client.API: no package-level
+// state, so several clients with different keys and URLs can coexist.
+type Client struct {
+	api *client.API
+}
+
+var _ invoicer.Stripe = (*Client)(nil)
+
+// Config says which Stripe to reach and as whom.
+type Config struct {
+	// APIKey is the secret key (sk_live_… bills, sk_test_… does not).
+	APIKey string
+	// URL overrides the API base URL ("" = Stripe itself).
+	URL string
+	// HTTPClient overrides the HTTP client (timeouts).
+	HTTPClient *http.Client
+}
+
+// New returns a Client.
+func New(cfg Config) *Client {
+	bc := &stripego.BackendConfig{MaxNetworkRetries: stripego.Int64(2), LeveledLogger: &stripego.LeveledLogger{Level: stripego.LevelNull}}
+	if cfg.URL != "" {
+		bc.URL = stripego.String(cfg.URL)
+	}
+	hc := cfg.HTTPClient
+	if hc == nil {
+		hc = &http.Client{Timeout: 30 * time.Second}
+	}
+	bc.HTTPClient = hc
+	backend := stripego.GetBackendWithConfig(stripego.APIBackend, bc)
+	api := &client.API{}
+	api.Init(cfg.APIKey, &stripego.Backends{API: backend, Connect: backend, Uploads: backend})
+	return &Client{api: api}
+}
+
+func params(ctx context.Context, key string, meta map[string]string) stripego.Params {
+	p := stripego.Params{Context: ctx}
+	p.SetIdempotencyKey(key)
+	for k, v := range meta {
+		p.AddMetadata(k, v)
+	}
+	return p
+}
+
+// EnsureCustomer creates the account's customer; the idempotency key makes
+// a repeated call return the same customer.
+func (c *Client) EnsureCustomer(ctx context.Context, p invoicer.CustomerParams) (string, error) {
+	cp := &stripego.CustomerParams{Params: params(ctx, p.IdempotencyKey, map[string]string{"tollgate_account_id": p.AccountID})}
+	if p.Name != "" {
+		cp.Name = stripego.String(p.Name)
+	}
+	if p.Email != "" {
+		cp.Email = stripego.String(p.Email)
+	}
+	cus, err := c.api.Customers.New(cp)
+	if err != nil {
+		return "", fmt.Errorf("create stripe customer: %w", err)
+	}
+	return cus.ID, nil
+}
+
+// CreateInvoice creates a draft invoice that takes only the items attached
+// to it explicitly (never a customer's other pending items) and that
+// Stripe does not finalize on its own: the invoicer finalizes it once every
+// item is attached.
+func (c *Client) CreateInvoice(ctx context.Context, p invoicer.InvoiceParams) (string, error) {
+	ip := &stripego.InvoiceParams{
+		Params:                      params(ctx, p.IdempotencyKey, map[string]string{"tollgate_invoice_id": p.InvoiceID}),
+		Customer:                    stripego.String(p.CustomerID),
+		Currency:                    stripego.String(p.Currency),
+		Description:                 stripego.String(p.Description),
+		AutoAdvance:                 stripego.Bool(false),
+		PendingInvoiceItemsBehavior: stripego.String("exclude"),
+	}
+	inv, err := c.api.Invoices.New(ip)
+	if err != nil {
+		return "", fmt.Errorf("create stripe invoice: %w", err)
+	}
+	return inv.ID, nil
+}
+
+// CreateInvoiceItem attaches one line to a draft invoice.
+func (c *Client) CreateInvoiceItem(ctx context.Context, p invoicer.InvoiceItemParams) (string, error) {
+	ip := &stripego.InvoiceItemParams{
+		Params: params(ctx, p.IdempotencyKey, map[string]string{
+			"tollgate_invoice_id": p.InvoiceID, "tollgate_line_no": strconv.Itoa(p.LineNo)}),
+		Customer:    stripego.String(p.CustomerID),
+		Invoice:     stripego.String(p.StripeInvoiceID),
+		Currency:    stripego.String(p.Currency),
+		Amount:      stripego.Int64(p.Amount),
+		Description: stripego.String(p.Description),
+	}
+	it, err := c.api.InvoiceItems.New(ip)
+	if err != nil {
+		return "", fmt.Errorf("create stripe invoice item: %w", err)
+	}
+	return it.ID, nil
+}
+
+// FinalizeInvoice finalizes a draft invoice.
+func (c *Client) FinalizeInvoice(ctx context.Context, id, key string) (invoicer.FinalizedInvoice, error) {
+	fp := &stripego.InvoiceFinalizeInvoiceParams{Params: params(ctx, key, nil), AutoAdvance: stripego.Bool(true)}
+	inv, err := c.api.Invoices.FinalizeInvoice(id, fp)
+	if err != nil {
+		return invoicer.FinalizedInvoice{}, fmt.Errorf("finalize stripe invoice %s: %w", id, err)
+	}
+	return invoicer.FinalizedInvoice{ID: inv.ID, Status: string(inv.Status), HostedURL: inv.HostedInvoiceURL}, nil
+}
+
+// Verifier checks webhook signatures with the endpoint's signing secret.
+type Verifier struct {
+	Secret string
+	// Tolerance is how old a signature may be (default 5 minutes).
+	Tolerance time.Duration
+}
+
+var _ invoicer.WebhookVerifier = (*Verifier)(nil)
+
+// ErrSignature means the webhook was not signed with the endpoint's secret
+// (or is too old to trust).
+var ErrSignature = errors.New("invalid stripe webhook signature")
+
+// Verify checks the Stripe-Signature header and decodes the event. Events
+// about invoices carry the ledger invoice id from the invoice's metadata.
+func (v *Verifier) Verify(payload []byte, header string) (invoicer.WebhookEvent, error) {
+	tol := v.Tolerance
+	if tol == 0 {
+		tol = webhook.DefaultTolerance
+	}
+	ev, err := webhook.ConstructEventWithOptions(payload, header, v.Secret, webhook.ConstructEventOptions{
+		Tolerance: tol, IgnoreAPIVersionMismatch: true})
+	if err != nil {
+		return invoicer.WebhookEvent{}, fmt.Errorf("%w: %w: %v", invoicer.ErrUnauthorized, ErrSignature, err)
+	}
+	out := invoicer.WebhookEvent{ID: ev.ID, Type: string(ev.Type), Payload: payload}
+	if ev.Data != nil && len(ev.Data.Raw) > 0 {
+		var obj struct {
+			ID         string            `json:"id"`
+			Object     string            `json:"object"`
+			Currency   string            `json:"currency"`
+			AmountPaid int64             `json:"amount_paid"`
+			AmountDue  int64             `json:"amount_due"`
+			Metadata   map[string]string `json:"metadata"`
+		}
+		if err := json.Unmarshal(ev.Data.Raw, &obj); err == nil {
+			out.ObjectID, out.Currency = obj.ID, obj.Currency
+			if obj.Object == "invoice" {
+				out.InvoiceID = obj.Metadata["tollgate_invoice_id"]
+				out.Amount = obj.AmountDue
+				if ev.Type == "invoice.paid" {
+					out.Amount = obj.AmountPaid
+				}
+			}
+		}
+	}
+	return out, nil
+}

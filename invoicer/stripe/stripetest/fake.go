@@ -1,0 +1,308 @@
+// Package stripetest is a stateful fake of the slice of the Stripe API the
+// invoicer uses, served over HTTP so the real stripe-go client (and a real
+// invoicer process) talks to it. Unlike stripe-mock it keeps state and
+// honours idempotency keys as Stripe does: the same key with the same
+// request returns the first response; the same key with a different request
+// is an error.
+package stripetest
+
+import (
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+)
+
+// Item is an invoice item as the fake holds it.
+type Item struct {
+	ID          string            `json:"id"`
+	Object      string            `json:"object"`
+	Customer    string            `json:"customer"`
+	Invoice     string            `json:"invoice"`
+	Amount      int64             `json:"amount"`
+	Currency    string            `json:"currency"`
+	Description string            `json:"description"`
+	Metadata    map[string]string `json:"metadata"`
+}
+
+// Invoice is a Stripe invoice as the fake holds it.
+type Invoice struct {
+	ID               string            `json:"id"`
+	Object           string            `json:"object"`
+	Customer         string            `json:"customer"`
+	Currency         string            `json:"currency"`
+	Status           string            `json:"status"`
+	AmountDue        int64             `json:"amount_due"`
+	HostedInvoiceURL string            `json:"hosted_invoice_url,omitempty"`
+	Metadata         map[string]string `json:"metadata"`
+	Items            []Item            `json:"-"`
+}
+
+// Customer is a Stripe customer as the fake holds it.
+type Customer struct {
+	ID       string            `json:"id"`
+	Object   string            `json:"object"`
+	Name     string            `json:"name"`
+	Email    string            `json:"email"`
+	Metadata map[string]string `json:"metadata"`
+}
+
+type stored struct {
+	request string
+	status  int
+	body    []byte
+}
+
+// Fake is the fake Stripe. Its state outlives any client process, so a
+// killed invoicer resumes against the same state.
+type Fake struct {
+	URL string
+	srv *httptest.Server
+
+	mu        sync.Mutex
+	seq       int
+	customers map[string]*Customer
+	invoices  map[string]*Invoice
+	order     []string
+	idem      map[string]stored
+	calls     []Call
+	// hook, if set, runs for every API request before it is handled
+	// ("before") and after its state change but before the response is
+	// written ("after"). A crash test kills the client process here.
+	hook func(kind, phase string)
+}
+
+// Call is one request the fake received.
+type Call struct {
+	Kind           string
+	IdempotencyKey string
+	Replayed       bool
+}
+
+// New starts a fake on a loopback port; it stops when close is called.
+func New() *Fake {
+	f := &Fake{customers: map[string]*Customer{}, invoices: map[string]*Invoice{}, idem: map[string]stored{}}
+	f.srv = httptest.NewServer(http.HandlerFunc(f.serve))
+	f.URL = f.srv.URL
+	return f
+}
+
+// Close stops the server.
+func (f *Fake) Close() { f.srv.Close() }
+
+// SetHook installs the crash hook (nil removes it).
+func (f *Fake) SetHook(h func(kind, phase string)) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.hook = h
+}
+
+// Invoices returns a copy of every invoice, in creation order.
+func (f *Fake) Invoices() []Invoice {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	out := make([]Invoice, 0, len(f.order))
+	for _, id := range f.order {
+		inv := *f.invoices[id]
+		inv.Items = append([]Item(nil), inv.Items...)
+		out = append(out, inv)
+	}
+	return out
+}
+
+// Customers returns how many customers exist.
+func (f *Fake) Customers() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return len(f.customers)
+}
+
+// Calls returns every request received so far.
+func (f *Fake) Calls() []Call {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return append([]Call(nil), f.calls...)
+}
+
+func (f *Fake) id(prefix string) string {
+	f.seq++
+	return fmt.Sprintf("%s_fake%06d", prefix, f.seq)
+}
+
+func kindOf(r *http.Request) string {
+	p := strings.TrimPrefix(r.URL.Path, "/v1/")
+	switch {
+	case r.Method == http.MethodPost && p == "customers":
+		return "customer"
+	case r.Method == http.MethodPost && p == "invoices":
+		return "invoice"
+	case r.Method == http.MethodPost && p == "invoiceitems":
+		return "item"
+	case r.Method == http.MethodPost && strings.HasPrefix(p, "invoices/") && strings.HasSuffix(p, "/finalize"):
+		return "finalize"
+	case r.Method == http.MethodGet && strings.HasPrefix(p, "invoices/"):
+		return "get_invoice"
+	}
+	return "unknown"
+}
+
+func (f *Fake) serve(w http.ResponseWriter, r *http.Request) {
+	if !strings.HasPrefix(r.Header.Get("Authorization"), "Bearer sk_") {
+		writeErr(w, http.StatusUnauthorized, "authentication_error", "", "Invalid API Key provided.")
+		return
+	}
+	if err := r.ParseForm(); err != nil {
+		writeErr(w, http.StatusBadRequest, "invalid_request_error", "", "malformed form body")
+		return
+	}
+	kind := f.kindHook(r)
+	key := r.Header.Get("Idempotency-Key")
+	fp := r.Method + " " + r.URL.Path + "?" + canonical(r.PostForm)
+
+	f.mu.Lock()
+	if s, ok := f.idem[key]; ok && key != "" {
+		f.calls = append(f.calls, Call{Kind: kind, IdempotencyKey: key, Replayed: true})
+		f.mu.Unlock()
+		if s.request != fp {
+			writeErr(w, http.StatusBadRequest, "idempotency_error", "",
+				"Keys for idempotent requests can only be used with the same parameters they were first used with.")
+			return
+		}
+		w.Header().Set("Idempotent-Replayed", "true")
+		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(s.status)
+		_, _ = w.Write(s.body)
+		return
+	}
+	f.calls = append(f.calls, Call{Kind: kind, IdempotencyKey: key})
+	status, body := f.handle(kind, r)
+	if key != "" && r.Method == http.MethodPost && status < 500 {
+		f.idem[key] = stored{request: fp, status: status, body: body}
+	}
+	hook := f.hook
+	f.mu.Unlock()
+	if hook != nil {
+		hook(kind, "after")
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	_, _ = w.Write(body)
+}
+
+func (f *Fake) kindHook(r *http.Request) string {
+	kind := kindOf(r)
+	f.mu.Lock()
+	hook := f.hook
+	f.mu.Unlock()
+	if hook != nil {
+		hook(kind, "before")
+	}
+	return kind
+}
+
+// handle changes state; f.mu is held.
+func (f *Fake) handle(kind string, r *http.Request) (int, []byte) {
+	form := r.PostForm
+	meta := metadata(form)
+	switch kind {
+	case "customer":
+		c := &Customer{ID: f.id("cus"), Object: "customer", Name: form.Get("name"), Email: form.Get("email"), Metadata: meta}
+		f.customers[c.ID] = c
+		return ok(c)
+	case "invoice":
+		if f.customers[form.Get("customer")] == nil {
+			return apiErr(http.StatusBadRequest, "resource_missing", "No such customer: '"+form.Get("customer")+"'")
+		}
+		if form.Get("pending_invoice_items_behavior") != "exclude" {
+			return apiErr(http.StatusBadRequest, "parameter_invalid", "the fake only supports pending_invoice_items_behavior=exclude")
+		}
+		inv := &Invoice{ID: f.id("in"), Object: "invoice", Customer: form.Get("customer"), Currency: form.Get("currency"),
+			Status: "draft", Metadata: meta}
+		f.invoices[inv.ID] = inv
+		f.order = append(f.order, inv.ID)
+		return ok(inv)
+	case "item":
+		inv := f.invoices[form.Get("invoice")]
+		switch {
+		case inv == nil:
+			return apiErr(http.StatusBadRequest, "resource_missing", "No such invoice: '"+form.Get("invoice")+"'")
+		case inv.Status != "draft":
+			return apiErr(http.StatusBadRequest, "invoice_not_editable", "Invoice "+inv.ID+" is not a draft")
+		case inv.Customer != form.Get("customer"):
+			return apiErr(http.StatusBadRequest, "parameter_invalid", "customer does not match the invoice")
+		case form.Get("currency") != inv.Currency:
+			return apiErr(http.StatusBadRequest, "parameter_invalid", "currency does not match the invoice")
+		}
+		amt, err := strconv.ParseInt(form.Get("amount"), 10, 64)
+		if err != nil {
+			return apiErr(http.StatusBadRequest, "parameter_invalid", "amount must be an integer")
+		}
+		it := Item{ID: f.id("ii"), Object: "invoiceitem", Customer: inv.Customer, Invoice: inv.ID, Amount: amt,
+			Currency: inv.Currency, Description: form.Get("description"), Metadata: meta}
+		inv.Items = append(inv.Items, it)
+		inv.AmountDue += amt
+		return ok(it)
+	case "finalize":
+		id := strings.TrimSuffix(strings.TrimPrefix(r.URL.Path, "/v1/invoices/"), "/finalize")
+		inv := f.invoices[id]
+		if inv == nil {
+			return apiErr(http.StatusNotFound, "resource_missing", "No such invoice: '"+id+"'")
+		}
+		if inv.Status != "draft" {
+			return apiErr(http.StatusBadRequest, "invoice_not_editable", "This invoice is already finalized.")
+		}
+		inv.Status, inv.HostedInvoiceURL = "open", "https://invoice.stripe.test/i/"+inv.ID
+		return ok(inv)
+	case "get_invoice":
+		inv := f.invoices[strings.TrimPrefix(r.URL.Path, "/v1/invoices/")]
+		if inv == nil {
+			return apiErr(http.StatusNotFound, "resource_missing", "No such invoice")
+		}
+		return ok(inv)
+	}
+	return apiErr(http.StatusNotFound, "unknown_endpoint", "Unrecognized request URL ("+r.Method+" "+r.URL.Path+").")
+}
+
+func metadata(form url.Values) map[string]string {
+	m := map[string]string{}
+	for k, v := range form {
+		if strings.HasPrefix(k, "metadata[") && strings.HasSuffix(k, "]") && len(v) > 0 {
+			m[k[len("metadata["):len(k)-1]] = v[0]
+		}
+	}
+	return m
+}
+
+func canonical(v url.Values) string {
+	keys := make([]string, 0, len(v))
+	for k := range v {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	var b strings.Builder
+	for _, k := range keys {
+		b.WriteString(k + "=" + strings.Join(v[k], ",") + "&")
+	}
+	return b.String()
+}
+
+func ok(v any) (int, []byte) {
+	b, _ := json.Marshal(v)
+	return http.StatusOK, b
+}
+
+func apiErr(status int, code, msg string) (int, []byte) {
+	b, _ := json.Marshal(map[string]any{"error": map[string]string{"type": "invalid_request_error", "code": code, "message": msg}})
+	return status, b
+}
+
+func writeErr(w http.ResponseWriter, status int, typ, code, msg string) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	_ = json.NewEncoder(w).Encode(map[string]any{"error": map[string]string{"type": typ, "code": code, "message": msg}})
+}
