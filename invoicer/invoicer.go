@@ -195,11 +195,11 @@ func (iv *Invoicer) CloseDue(ctx context.Context) (CloseResult, error) {
 		p := MonthPeriod(now, loc)
 		for i := 0; i < iv.lookback; i++ {
 			p = MonthPeriod(p.Start.Add(-time.Second), loc)
-			if p.End.Before(a.CreatedAt) {
-				break
+			if !p.End.After(a.CreatedAt) {
+				break // the account did not exist in this period
 			}
-			if !p.End.Add(iv.grace).Before(wm) && !p.End.Add(iv.grace).Equal(wm) {
-				continue
+			if p.End.Add(iv.grace).After(wm) {
+				continue // usage of the period (plus grace) is not complete yet
 			}
 			if !done[a.ID][p.Start] {
 				due[p] = append(due[p], a)

@@ -1,0 +1,254 @@
+package invoicer_test
+
+import (
+	"context"
+	"io"
+	"log/slog"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/google/uuid"
+
+	"github.com/tollgate-dev/tollgate/invoicer"
+	invch "github.com/tollgate-dev/tollgate/invoicer/clickhouse"
+	invpg "github.com/tollgate-dev/tollgate/invoicer/postgres"
+	"github.com/tollgate-dev/tollgate/invoicer/stripe"
+	"github.com/tollgate-dev/tollgate/invoicer/stripe/stripetest"
+	"github.com/tollgate-dev/tollgate/internal/testenv"
+)
+
+var (
+	march = time.Date(2026, 3, 1, 0, 0, 0, 0, time.UTC)
+	april = time.Date(2026, 4, 1, 0, 0, 0, 0, time.UTC)
+)
+
+type env struct {
+	pg    *testenv.Postgres
+	ch    *testenv.ClickHouse
+	store *invpg.Store
+	usage *invch.Usage
+}
+
+func newEnv(t *testing.T) *env {
+	t.Helper()
+	e := &env{pg: testenv.NewPostgres(t), ch: testenv.NewClickHouse(t)}
+	// The aggregator's DDL creates this table; the invoicer only reads it.
+	testenv.Must(t, e.ch.Conn.Exec(context.Background(), `CREATE TABLE IF NOT EXISTS watermarks
+		(partition Int32, watermark DateTime('UTC'), updated_at DateTime('UTC'))
+		ENGINE = ReplacingMergeTree(updated_at) ORDER BY partition`), "create watermarks")
+	e.store, e.usage = invpg.New(e.pg.Pool), invch.New(e.ch.Conn)
+	return e
+}
+
+func (e *env) account(t *testing.T, id, tz string) {
+	t.Helper()
+	_, err := e.pg.Pool.Exec(context.Background(), `INSERT INTO accounts (id, name, email, timezone, created_at) VALUES ($1, $1, $1 || '@example.test', $2, $3)`,
+		id, tz, march.AddDate(0, 0, -3))
+	testenv.Must(t, err, "insert account")
+}
+
+func (e *env) subscribe(t *testing.T, account, plan string, from time.Time, to *time.Time) {
+	t.Helper()
+	_, err := e.pg.Pool.Exec(context.Background(), `INSERT INTO subscriptions (id, account_id, plan_id, plan_version, starts_at, ends_at) VALUES ($1, $2, $3, 1, $4, $5)`,
+		"sub_"+uuid.NewString(), account, plan, from, to)
+	testenv.Must(t, err, "insert subscription")
+}
+
+func (e *env) watermark(t *testing.T, at time.Time) {
+	t.Helper()
+	b, err := e.ch.Conn.PrepareBatch(context.Background(), "INSERT INTO watermarks (partition, watermark, updated_at)")
+	testenv.Must(t, err, "prepare watermark")
+	for p := int32(0); p < 2; p++ {
+		testenv.Must(t, b.Append(p, at, time.Now().UTC()), "append watermark")
+	}
+	testenv.Must(t, b.Send(), "write watermark")
+}
+
+type ev struct {
+	account, env, typ string
+	at                time.Time
+	n                 int
+	dup               bool // insert every event twice, as a redelivery would
+}
+
+func (e *env) events(t *testing.T, evs ...ev) {
+	t.Helper()
+	b, err := e.ch.Conn.PrepareBatch(context.Background(), `INSERT INTO usage_events (event_id, schema_version, account_id,
+		environment, key_id, event_type, timestamp, timestamp_us, units, kafka_partition, kafka_offset, ingested_at)`)
+	testenv.Must(t, err, "prepare insert")
+	for _, x := range evs {
+		for i := 0; i < x.n; i++ {
+			id := uuid.New()
+			at := x.at.Add(time.Duration(i) * time.Millisecond)
+			copies := 1
+			if x.dup {
+				copies = 2
+			}
+			for c := 0; c < copies; c++ {
+				testenv.Must(t, b.Append(id, uint8(1), x.account, x.env, "key_1", x.typ, at.Truncate(time.Second),
+					uint64(at.UnixMicro()), int64(1), int32(0), int64(i), time.Now().UTC()), "append event")
+			}
+		}
+	}
+	testenv.Must(t, b.Send(), "insert events")
+}
+
+func quiet() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
+
+func TestCloseInvoicesEveryAccountOnceFromLiveUsage(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	e.account(t, "acct_free", "UTC")
+	e.account(t, "acct_starter", "UTC")
+	e.account(t, "acct_tokyo", "Asia/Tokyo")
+	e.account(t, "acct_change", "UTC")
+	e.subscribe(t, "acct_starter", "starter", march.AddDate(0, -1, 0), nil)
+	e.subscribe(t, "acct_tokyo", "growth", march.AddDate(0, -1, 0), nil)
+	change := march.AddDate(0, 0, 10) // 11 March 00:00 UTC
+	e.subscribe(t, "acct_change", "starter", march.AddDate(0, -1, 0), &change)
+	e.subscribe(t, "acct_change", "growth", change, nil)
+
+	tokyo, _ := time.LoadLocation("Asia/Tokyo")
+	e.events(t,
+		ev{account: "acct_free", env: "live", typ: "api_call", at: march.Add(time.Hour), n: 700},
+		ev{account: "acct_free", env: "test", typ: "api_call", at: march.Add(time.Hour), n: 300},             // test mode: never billed
+		ev{account: "acct_starter", env: "live", typ: "api_call", at: march.Add(2 * time.Hour), n: 1500, dup: true}, // redelivered
+		ev{account: "acct_starter", env: "live", typ: "custom.report", at: march.Add(2 * time.Hour), n: 5},       // not the meter's type
+		ev{account: "acct_starter", env: "live", typ: "api_call", at: april.Add(time.Hour), n: 50},               // next period
+		// Tokyo's March begins at 15:00 UTC on 28 February.
+		ev{account: "acct_tokyo", env: "live", typ: "api_call", at: time.Date(2026, 3, 1, 0, 0, 0, 0, tokyo).Add(-time.Second), n: 1},
+		ev{account: "acct_tokyo", env: "live", typ: "api_call", at: time.Date(2026, 3, 1, 0, 0, 0, 0, tokyo), n: 40},
+		ev{account: "acct_change", env: "live", typ: "api_call", at: march.Add(time.Hour), n: 200},
+		ev{account: "acct_change", env: "live", typ: "api_call", at: change.Add(time.Hour), n: 300},
+	)
+
+	fake := stripetest.New()
+	defer fake.Close()
+	sc := stripe.New(stripe.Config{APIKey: "sk_test_x", URL: fake.URL})
+	iv, err := invoicer.New(e.store, e.usage, e.usage, sc, invoicer.Options{Grace: time.Hour, Lookback: 2,
+		Now: func() time.Time { return april.AddDate(0, 0, 3) }}, quiet())
+	testenv.Must(t, err, "new invoicer")
+
+	t.Run("no watermark closes nothing", func(t *testing.T) {
+		res, err := iv.CloseDue(ctx)
+		if err == nil || len(res.Closed) != 0 {
+			t.Fatalf("got %d invoices, err %v", len(res.Closed), err)
+		}
+	})
+	// April 00:30 UTC is past Tokyo's March (it ended at 15:00 UTC on 31
+	// March) and every February, but inside the grace of UTC March.
+	e.watermark(t, april.Add(30*time.Minute))
+	first, err := iv.CloseDue(ctx)
+	testenv.Must(t, err, "close")
+	if len(first.Closed) != 5 {
+		t.Fatalf("first close: %d invoices, want 5 (4 Februaries and Tokyo's March)", len(first.Closed))
+	}
+	for _, inv := range first.Closed {
+		if inv.Period.Start.Equal(march) {
+			t.Fatalf("%s: UTC March closed inside its grace", inv.AccountID)
+		}
+	}
+	e.watermark(t, april.Add(2*time.Hour))
+	res, err := iv.CloseDue(ctx)
+	testenv.Must(t, err, "close")
+	if len(res.Closed) != 3 {
+		t.Fatalf("second close: %d invoices, want UTC March of 3 accounts", len(res.Closed))
+	}
+	res.Closed = append(res.Closed, first.Closed...)
+	want := map[string]struct {
+		total  int64
+		events int64
+		lines  int
+	}{
+		"acct_free":    {0, 700, 1},
+		"acct_starter": {2900, 1505, 2}, // 1,500 calls within the 100,000 included
+		"acct_tokyo":   {9900, 40, 2},
+		// starter 10/31 of 2900 = 935.48 → 935, growth 21/31 of 9900 = 6706.45 → 6706
+		"acct_change": {935 + 6706, 500, 4},
+	}
+	for _, inv := range res.Closed {
+		if !inv.Period.Start.Equal(march) && inv.AccountID != "acct_tokyo" {
+			continue
+		}
+		if inv.AccountID == "acct_tokyo" && inv.Period.Start.Month() != time.February {
+			continue // Tokyo's March starts on 28 Feb UTC
+		}
+		w := want[inv.AccountID]
+		if inv.Total != w.total || inv.Fingerprint.EventCount != w.events || len(inv.Lines) != w.lines {
+			t.Errorf("%s %s: total %d events %d lines %d, want %+v", inv.AccountID, inv.Period.Start, inv.Total,
+				inv.Fingerprint.EventCount, len(inv.Lines), w)
+		}
+	}
+
+	t.Run("closing again adds nothing", func(t *testing.T) {
+		res, err := iv.CloseDue(ctx)
+		testenv.Must(t, err, "close again")
+		if len(res.Closed) != 0 {
+			t.Fatalf("second close made %d invoices", len(res.Closed))
+		}
+		var n int
+		testenv.Must(t, e.pg.Pool.QueryRow(ctx, `SELECT count(*) FROM ledger_entries WHERE kind IN ('invoice.draft','invoice.finalized')`).Scan(&n), "count")
+		if n != 16 {
+			t.Fatalf("ledger has %d draft/finalized entries, want 16", n)
+		}
+	})
+	t.Run("the ledger refuses edits", func(t *testing.T) {
+		_, err := e.pg.Pool.Exec(ctx, `UPDATE ledger_entries SET amount_minor = 0`)
+		if err == nil || !strings.Contains(err.Error(), "append-only") {
+			t.Fatalf("update: %v", err)
+		}
+		_, err = e.pg.Pool.Exec(ctx, `DELETE FROM invoices`)
+		if err == nil || !strings.Contains(err.Error(), "append-only") {
+			t.Fatalf("delete: %v", err)
+		}
+	})
+	t.Run("stripe gets each positive invoice once with its lines", func(t *testing.T) {
+		testenv.Must(t, iv.SyncStripe(ctx), "sync")
+		testenv.Must(t, iv.SyncStripe(ctx), "sync again")
+		invs := fake.Invoices()
+		// Every period of the three paying accounts; free owes nothing.
+		if len(invs) != 6 {
+			t.Fatalf("stripe invoices: got %d, want 6", len(invs))
+		}
+		if fake.Customers() != 3 {
+			t.Errorf("stripe customers: got %d, want 3", fake.Customers())
+		}
+		for _, si := range invs {
+			stored, err := e.store.Invoice(ctx, si.Metadata["tollgate_invoice_id"])
+			testenv.Must(t, err, "load invoice")
+			if si.Status != "open" || si.AmountDue != stored.Total {
+				t.Errorf("%s: stripe %s %d, ledger %d", stored.ID, si.Status, si.AmountDue, stored.Total)
+			}
+			if stored.Status != invoicer.StatusSynced || stored.HostedURL == "" {
+				t.Errorf("%s: status %s hosted %q", stored.ID, stored.Status, stored.HostedURL)
+			}
+		}
+	})
+	t.Run("a webhook is recorded once", func(t *testing.T) {
+		invs, err := e.store.AccountInvoices(ctx, "acct_starter")
+		testenv.Must(t, err, "list")
+		evt := invoicer.WebhookEvent{ID: "evt_1", Type: "invoice.paid", InvoiceID: invs[0].ID, Amount: invs[0].Total, Payload: []byte(`{}`)}
+		fresh, err := e.store.RecordWebhook(ctx, evt)
+		testenv.Must(t, err, "record")
+		again, err := e.store.RecordWebhook(ctx, evt)
+		testenv.Must(t, err, "record again")
+		if !fresh || again {
+			t.Fatalf("fresh %v again %v", fresh, again)
+		}
+		got, err := e.store.Invoice(ctx, invs[0].ID)
+		testenv.Must(t, err, "load")
+		if got.Status != invoicer.StatusPaid {
+			t.Errorf("status after invoice.paid: %s", got.Status)
+		}
+	})
+	t.Run("a credit note corrects without editing", func(t *testing.T) {
+		invs, _ := e.store.AccountInvoices(ctx, "acct_change")
+		testenv.Must(t, e.store.AppendCreditNote(ctx, invs[0].ID, 100, "goodwill"), "credit note")
+		var sum int64
+		testenv.Must(t, e.pg.Pool.QueryRow(ctx, `SELECT sum(amount_minor) FROM ledger_entries WHERE invoice_id = $1 AND kind IN ('invoice.finalized', 'credit_note')`, invs[0].ID).Scan(&sum), "sum")
+		if sum != invs[0].Total-100 {
+			t.Errorf("balance: got %d, want %d", sum, invs[0].Total-100)
+		}
+	})
+}
