@@ -8,6 +8,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/time/rate"
@@ -102,7 +103,9 @@ func (l *LocalLimiter) Take(_ context.Context, bucket string, limit int64, _ tim
 }
 
 // FallbackLimiter uses primary (Redis) and, when it fails, the local
-// limiter, reporting each fallback through onFallback.
+// limiter, reporting each fallback through OnFallback. After a failure it
+// stays on the local limiter for Cooldown before trying Redis again, so a
+// dead Redis costs one timeout per Cooldown, not one per call.
 type FallbackLimiter struct {
 	Primary interface {
 		RateLimiter
@@ -110,25 +113,52 @@ type FallbackLimiter struct {
 	}
 	Local      *LocalLimiter
 	OnFallback func(what string, err error)
+	// Cooldown defaults to one second.
+	Cooldown time.Duration
+	// downUntil is a UnixNano time before which Redis is not tried.
+	downUntil atomic.Int64
+}
+
+func (f *FallbackLimiter) primaryDown() bool {
+	return time.Now().UnixNano() < f.downUntil.Load()
+}
+
+func (f *FallbackLimiter) failed(what string, err error) {
+	cd := f.Cooldown
+	if cd == 0 {
+		cd = time.Second
+	}
+	f.downUntil.Store(time.Now().Add(cd).UnixNano())
+	if f.OnFallback != nil {
+		f.OnFallback(what, err)
+	}
 }
 
 // Allow implements RateLimiter.
 func (f *FallbackLimiter) Allow(ctx context.Context, id string, rps, burst int) (RateResult, error) {
-	r, err := f.Primary.Allow(ctx, id, rps, burst)
-	if err == nil {
-		return r, nil
+	if !f.primaryDown() {
+		r, err := f.Primary.Allow(ctx, id, rps, burst)
+		if err == nil {
+			return r, nil
+		}
+		f.failed("rate", err)
+	} else if f.OnFallback != nil {
+		f.OnFallback("rate", nil)
 	}
-	f.OnFallback("rate", err)
 	return f.Local.Allow(ctx, id, rps, burst)
 }
 
 // Take implements QuotaCounter.
 func (f *FallbackLimiter) Take(ctx context.Context, bucket string, limit int64, ttl time.Duration) (int64, bool, error) {
-	n, ok, err := f.Primary.Take(ctx, bucket, limit, ttl)
-	if err == nil {
-		return n, ok, nil
+	if !f.primaryDown() {
+		n, ok, err := f.Primary.Take(ctx, bucket, limit, ttl)
+		if err == nil {
+			return n, ok, nil
+		}
+		f.failed("quota", err)
+	} else if f.OnFallback != nil {
+		f.OnFallback("quota", nil)
 	}
-	f.OnFallback("quota", err)
 	return f.Local.Take(ctx, bucket, limit, ttl)
 }
 

@@ -82,12 +82,13 @@ func NewEdgeMain(ctx context.Context, cfg Config, log *slog.Logger) (m *EdgeMain
 		return nil, err
 	}
 	m.rdb = redis.NewClient(&redis.Options{
-		Addr:         cfg.Services.RedisAddr,
-		DialTimeout:  250 * time.Millisecond,
-		ReadTimeout:  250 * time.Millisecond,
-		WriteTimeout: 250 * time.Millisecond,
-		MaxRetries:   -1, // the local fallback is the retry
-		PoolSize:     256,
+		Addr:          cfg.Services.RedisAddr,
+		DialTimeout:   250 * time.Millisecond,
+		ReadTimeout:   250 * time.Millisecond,
+		WriteTimeout:  250 * time.Millisecond,
+		MaxRetries:    -1, // the local fallback is the retry
+		DialerRetries: 1,
+		PoolSize:      256,
 	})
 	fallbacks := prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "tollgate_edge_limiter_fallbacks_total",

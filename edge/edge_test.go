@@ -1,0 +1,410 @@
+package edge_test
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net"
+	"net/http"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/tollgate-dev/tollgate/edge"
+	"github.com/tollgate-dev/tollgate/internal/demo"
+	"github.com/tollgate-dev/tollgate/internal/edgetest"
+	"github.com/tollgate-dev/tollgate/internal/testenv"
+	"github.com/tollgate-dev/tollgate/schemas"
+)
+
+var widgetRoutes = []edge.RouteConfig{
+	{Pattern: "/v1/widgets", Methods: []string{"GET"}, Scopes: []string{"widgets:read"}},
+	{Pattern: "/v1/widgets/{id}", Methods: []string{"GET", "HEAD"}, Scopes: []string{"widgets:read"}},
+	{Pattern: "/v1/widgets", Methods: []string{"POST"}, Scopes: []string{"widgets:write"}},
+	{Pattern: "/v1/widgets/{id}", Methods: []string{"DELETE", "PATCH"}, Scopes: []string{"widgets:write"}},
+	{Pattern: "/v1/invoices/*", Methods: []string{"GET"}, Scopes: []string{"invoices:read"}},
+}
+
+func withRoutes(c *edge.Config) { c.Routes = widgetRoutes }
+
+func TestKeyAndScopeRules(t *testing.T) {
+	env := edgetest.New(t)
+	in := env.Start(t, edgetest.Options{Config: withRoutes})
+	ctx := context.Background()
+	secret, _ := env.Key(t, "acct_rules", edge.Secret, schemas.Live)
+	readOnly, _ := env.Key(t, "acct_rules", edge.Secret, schemas.Live, "widgets:read")
+	pub, _ := env.Key(t, "acct_rules", edge.Publishable, schemas.Live)
+	expired, expiredID := env.Key(t, "acct_rules", edge.Secret, schemas.Live)
+	_, err := env.PG.Pool.Exec(ctx, `UPDATE api_keys SET expires_at = now() - interval '1 second' WHERE id = $1`, expiredID)
+	testenv.Must(t, err, "expire key")
+	revoked, revokedID := env.Key(t, "acct_rules", edge.Secret, schemas.Live)
+	_, err = env.Store.RevokeKey(ctx, revokedID, time.Now(), edge.AuditInfo{Actor: "test"})
+	testenv.Must(t, err, "revoke")
+	unknown, _, err := edge.GenerateKey(edge.Secret, schemas.Live)
+	testenv.Must(t, err, "generate")
+
+	cases := []struct {
+		name, method, path, key string
+		status                  int
+		code                    string
+	}{
+		{"secret key reads", "GET", "/v1/widgets/42", secret, 200, ""},
+		{"secret key writes", "POST", "/v1/widgets", secret, 200, ""},
+		{"expired key is refused", "GET", "/v1/widgets/1", expired, 401, "expired_api_key"},
+		{"revoked key is refused", "GET", "/v1/widgets/1", revoked, 401, "revoked_api_key"},
+		{"unknown key is refused", "GET", "/v1/widgets/1", unknown, 401, "invalid_api_key"},
+		{"read-scoped key reads", "GET", "/v1/widgets/1", readOnly, 200, ""},
+		{"read-scoped key is denied a write route", "DELETE", "/v1/widgets/1", readOnly, 403, "insufficient_scope"},
+		{"read-scoped key is denied another resource", "GET", "/v1/invoices/in_1", readOnly, 403, "insufficient_scope"},
+		{"publishable key reads", "GET", "/v1/widgets", pub, 200, ""},
+		{"publishable key can never write", "POST", "/v1/widgets", pub, 403, "publishable_key_not_allowed"},
+		{"unconfigured route is not found", "GET", "/v1/secrets", secret, 404, "route_not_found"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			r := edgetest.Do(t, c.method, in.URL+c.path, c.key, nil)
+			if r.Status != c.status || r.Error.Code != c.code {
+				t.Fatalf("%s %s: status %d code %q, want %d %q (%s)", c.method, c.path, r.Status, r.Error.Code, c.status, c.code, r.Body)
+			}
+			if r.Header.Get(edge.HeaderRequestID) == "" {
+				t.Fatal("no Request-Id header")
+			}
+			if c.status >= 400 && (r.Error.RequestID != r.Header.Get(edge.HeaderRequestID) || r.Error.DocURL == "" || r.Error.Type == "") {
+				t.Fatalf("error body %+v is not in the one error shape", r.Error)
+			}
+		})
+	}
+}
+
+func TestMalformedKeysNeverReachTheDatabase(t *testing.T) {
+	env := edgetest.New(t)
+	in := env.Start(t, edgetest.Options{})
+	good, _ := env.Key(t, "acct_malformed", edge.Secret, schemas.Live)
+	flip := []byte(good)
+	flip[20] = map[bool]byte{true: 'A', false: 'B'}[flip[20] != 'A']
+	bad := []string{
+		"hello", "sk_live_", good[:len(good)-1], good + "x", "xk" + good[2:], "sk_prod_" + good[8:],
+		string(flip), strings.ToUpper(good[:3]) + good[3:], good[:10] + "!" + good[11:],
+	}
+	for i, k := range bad {
+		r := edgetest.Do(t, "GET", in.URL+"/v1/x", k, nil)
+		if r.Status != 401 || r.Error.Code != "malformed_api_key" {
+			t.Fatalf("bad key %d: status %d code %q", i, r.Status, r.Error.Code)
+		}
+	}
+	if n := in.Store.N.Load(); n != 0 {
+		t.Fatalf("%d database lookups for %d malformed keys, want 0", n, len(bad))
+	}
+	r := edgetest.Do(t, "GET", in.URL+"/v1/x", good, nil)
+	if r.Status != 200 || in.Store.N.Load() != 1 {
+		t.Fatalf("good key: status %d, lookups %d, want 200 and 1", r.Status, in.Store.N.Load())
+	}
+	r = edgetest.Do(t, "GET", in.URL+"/v1/x", good, nil)
+	if r.Status != 200 || in.Store.N.Load() != 1 {
+		t.Fatalf("cached key: status %d, lookups %d, want 200 and still 1", r.Status, in.Store.N.Load())
+	}
+}
+
+func TestRevokedKeyIsRefusedBySecondInstanceWithinOneSecond(t *testing.T) {
+	env := edgetest.New(t)
+	a := env.Start(t, edgetest.Options{})
+	b := env.Start(t, edgetest.Options{})
+	key, id := env.Key(t, "acct_revoke", edge.Secret, schemas.Live)
+	for _, in := range []*edgetest.Instance{a, b} {
+		// Warm both caches so only the notification can save us.
+		for i := 0; i < 2; i++ {
+			if r := edgetest.Do(t, "GET", in.URL+"/v1/x", key, nil); r.Status != 200 {
+				t.Fatalf("before revocation: status %d", r.Status)
+			}
+		}
+	}
+	lookups := b.Store.N.Load()
+	_, err := env.Store.RevokeKey(context.Background(), id, time.Now(), edge.AuditInfo{Actor: "test", Reason: "leaked"})
+	testenv.Must(t, err, "revoke")
+	revokedAt := time.Now()
+	var refusedAfter time.Duration
+	for {
+		r := edgetest.Do(t, "GET", b.URL+"/v1/x", key, nil)
+		if r.Status == 401 && r.Error.Code == "revoked_api_key" {
+			refusedAfter = time.Since(revokedAt)
+			break
+		}
+		if r.Status != 200 {
+			t.Fatalf("status %d %s", r.Status, r.Body)
+		}
+		if time.Since(revokedAt) > time.Second {
+			t.Fatalf("the second instance still served the revoked key after %s", time.Since(revokedAt))
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	if b.Store.N.Load() == lookups {
+		t.Fatal("the second instance refused without looking the key up again: the cache was not invalidated")
+	}
+	t.Logf("revocation reached the second instance after %s", refusedAfter)
+	// And never again after that.
+	for i := 0; i < 20; i++ {
+		for _, in := range []*edgetest.Instance{a, b} {
+			if r := edgetest.Do(t, "GET", in.URL+"/v1/x", key, nil); r.Status != 401 {
+				t.Fatalf("revoked key served again: status %d", r.Status)
+			}
+		}
+	}
+}
+
+func TestKeyCacheIsBypassedWhileListenerIsDown(t *testing.T) {
+	env := edgetest.New(t)
+	in := env.Start(t, edgetest.Options{})
+	key, _ := env.Key(t, "acct_untrusted", edge.Secret, schemas.Live)
+	in.Cache.SetTrusted(false)
+	for i := 0; i < 3; i++ {
+		if r := edgetest.Do(t, "GET", in.URL+"/v1/x", key, nil); r.Status != 200 {
+			t.Fatalf("status %d", r.Status)
+		}
+	}
+	if n := in.Store.N.Load(); n != 3 {
+		t.Fatalf("%d lookups with an untrusted cache, want 3 (one per call)", n)
+	}
+}
+
+func TestTestKeyGoesToSandboxAndIsMeteredAsTest(t *testing.T) {
+	env := edgetest.New(t)
+	in := env.Start(t, edgetest.Options{Config: withRoutes})
+	testKey, testID := env.Key(t, "acct_sandbox", edge.Secret, schemas.Test)
+	liveKey, liveID := env.Key(t, "acct_sandbox", edge.Secret, schemas.Live)
+	for i := 0; i < 3; i++ {
+		if r := edgetest.Do(t, "GET", in.URL+fmt.Sprintf("/v1/widgets/%d", i), testKey, nil); r.Status != 200 {
+			t.Fatalf("test call: %d", r.Status)
+		}
+	}
+	if r := edgetest.Do(t, "GET", in.URL+"/v1/widgets/9", liveKey, nil); r.Status != 200 {
+		t.Fatalf("live call: %d", r.Status)
+	}
+	if env.Sandbox.Calls() != 3 || env.Live.Calls() != 1 {
+		t.Fatalf("sandbox served %d, live %d; want 3 and 1", env.Sandbox.Calls(), env.Live.Calls())
+	}
+	evs := edgetest.ReadTopic(t, env.Brokers, env.Topic, 4, 20*time.Second)
+	if len(evs) != 4 {
+		t.Fatalf("%d events, want 4", len(evs))
+	}
+	byEnv := map[schemas.Environment]int{}
+	for _, ev := range evs {
+		byEnv[ev.Environment]++
+		if ev.Route != "/v1/widgets/{id}" {
+			t.Errorf("event route %q, want the template /v1/widgets/{id}", ev.Route)
+		}
+		wantKey := liveID
+		if ev.Environment == schemas.Test {
+			wantKey = testID
+		}
+		if ev.KeyID != wantKey || ev.AccountID != "acct_sandbox" || ev.Type != "api_call" || ev.Units != 1 {
+			t.Errorf("event %+v", ev)
+		}
+	}
+	// Test-mode events carry env=test, which the invoicer never bills.
+	if byEnv[schemas.Test] != 3 || byEnv[schemas.Live] != 1 {
+		t.Fatalf("events by environment %v, want 3 test and 1 live", byEnv)
+	}
+}
+
+func TestProxyPreservesTheCallAndMapsUpstreamFailures(t *testing.T) {
+	env := edgetest.New(t)
+	in := env.Start(t, edgetest.Options{})
+	key, _ := env.Key(t, "acct_proxy", edge.Secret, schemas.Live)
+	req, _ := http.NewRequest("PATCH", in.URL+"/v1/things/7?a=1&b=two", strings.NewReader(`{"x":1}`))
+	req.Header.Set("Authorization", "Bearer "+key)
+	req.Header.Set("X-Custom", "kept")
+	resp, err := http.DefaultClient.Do(req)
+	testenv.Must(t, err, "call")
+	var echo demo.Echo
+	testenv.Must(t, json.NewDecoder(resp.Body).Decode(&echo), "decode")
+	resp.Body.Close()
+	rid := resp.Header.Get(edge.HeaderRequestID)
+	if echo.Method != "PATCH" || echo.Path != "/v1/things/7" || echo.Query != "a=1&b=two" || echo.Body != `{"x":1}` {
+		t.Fatalf("upstream saw %+v", echo)
+	}
+	if echo.Headers["X-Custom"][0] != "kept" || echo.Headers["Authorization"] != nil {
+		t.Fatalf("headers at upstream: %v", echo.Headers)
+	}
+	if got := echo.Headers[edge.HeaderRequestID]; len(got) != 1 || got[0] != rid {
+		t.Fatalf("upstream Request-Id %v, want %s", got, rid)
+	}
+
+	cases := []struct {
+		name     string
+		upstream string
+		status   int
+		code     string
+	}{
+		{"upstream down is 502", "http://127.0.0.1:1", 502, "upstream_unavailable"},
+		{"upstream too slow is 504", slowServer(t), 504, "upstream_timeout"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			in := env.Start(t, edgetest.Options{Config: func(cfg *edge.Config) {
+				cfg.Upstream, cfg.UpstreamTimeout = c.upstream, 300*time.Millisecond
+			}})
+			r := edgetest.Do(t, "GET", in.URL+"/v1/x", key, nil)
+			if r.Status != c.status || r.Error.Code != c.code || r.Error.RequestID != r.Header.Get(edge.HeaderRequestID) {
+				t.Fatalf("status %d error %+v", r.Status, r.Error)
+			}
+		})
+	}
+}
+
+func slowServer(t *testing.T) string {
+	s := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case <-time.After(5 * time.Second):
+		case <-r.Context().Done():
+		}
+	})}
+	ln := testListener(t)
+	go func() { _ = s.Serve(ln) }()
+	t.Cleanup(func() { _ = s.Close() })
+	return "http://" + ln.Addr().String()
+}
+
+func TestRateLimitHeadersThroughAWindow(t *testing.T) {
+	env := edgetest.New(t)
+	in := env.Start(t, edgetest.Options{})
+	key, _ := env.Key(t, "acct_window", edge.Secret, schemas.Live)
+	env.SetPlan(t, "acct_window", "tiny", edge.Limits{RequestsPerSecond: 1, Burst: 5}, "https://example.test/upgrade")
+	for i := 0; i < 5; i++ {
+		r := edgetest.Do(t, "GET", in.URL+"/v1/x", key, nil)
+		if r.Status != 200 {
+			t.Fatalf("call %d: %d %s", i, r.Status, r.Body)
+		}
+		wantRemaining := 4 - i
+		h := r.Header
+		if h.Get("X-RateLimit-Limit") != "5" || h.Get("X-RateLimit-Remaining") != strconv.Itoa(wantRemaining) {
+			t.Fatalf("call %d: limit %s remaining %s, want 5 and %d", i, h.Get("X-RateLimit-Limit"), h.Get("X-RateLimit-Remaining"), wantRemaining)
+		}
+		// Reset: seconds until the bucket is full again, one per used call.
+		reset, _ := strconv.Atoi(h.Get("X-RateLimit-Reset"))
+		if reset < i || reset > i+1 {
+			t.Fatalf("call %d: reset %d, want %d..%d", i, reset, i, i+1)
+		}
+		if got := h.Get("RateLimit-Policy"); got != `"key";q=5;w=5, "account";q=5;w=5` {
+			t.Fatalf("RateLimit-Policy %q", got)
+		}
+		if got, want := h.Get("RateLimit"), fmt.Sprintf(`"key";r=%d;t=%d`, wantRemaining, reset); got != want && h.Get("RateLimit") != fmt.Sprintf(`"account";r=%d;t=%d`, wantRemaining, reset) {
+			t.Fatalf("RateLimit %q, want %q", got, want)
+		}
+	}
+	r := edgetest.Do(t, "GET", in.URL+"/v1/x", key, nil)
+	if r.Status != 429 || r.Error.Code != "rate_limited" || r.Error.Limit != "key" || r.Error.Type != edge.TypeRateLimit {
+		t.Fatalf("6th call: %d %+v", r.Status, r.Error)
+	}
+	if r.Header.Get("Retry-After") != "1" || r.Error.RetryAfter == nil || *r.Error.RetryAfter != 1 || r.Error.RetryAt == "" {
+		t.Fatalf("Retry-After %q body %+v", r.Header.Get("Retry-After"), r.Error)
+	}
+	if r.Error.UpgradeURL != "https://example.test/upgrade" || r.Header.Get("X-RateLimit-Remaining") != "0" {
+		t.Fatalf("upgrade url %q remaining %q", r.Error.UpgradeURL, r.Header.Get("X-RateLimit-Remaining"))
+	}
+	// One second later exactly one more call fits.
+	time.Sleep(1100 * time.Millisecond)
+	if r := edgetest.Do(t, "GET", in.URL+"/v1/x", key, nil); r.Status != 200 || r.Header.Get("X-RateLimit-Remaining") != "0" {
+		t.Fatalf("after 1s: %d remaining %s", r.Status, r.Header.Get("X-RateLimit-Remaining"))
+	}
+	if r := edgetest.Do(t, "GET", in.URL+"/v1/x", key, nil); r.Status != 429 {
+		t.Fatalf("after the refill was used: %d", r.Status)
+	}
+}
+
+func TestTwoInstancesShareOneLimit(t *testing.T) {
+	env := edgetest.New(t)
+	a := env.Start(t, edgetest.Options{})
+	b := env.Start(t, edgetest.Options{})
+	key, _ := env.Key(t, "acct_shared", edge.Secret, schemas.Live)
+	const rps, burst = 20, 40
+	env.SetPlan(t, "acct_shared", "shared", edge.Limits{RequestsPerSecond: rps, Burst: burst}, "")
+	start := time.Now()
+	allowed := 0
+	for i := 0; i < 300; i++ {
+		in := a
+		if i%2 == 1 {
+			in = b
+		}
+		r := edgetest.Do(t, "GET", in.URL+"/v1/x", key, nil)
+		switch r.Status {
+		case 200:
+			allowed++
+		case 429:
+		default:
+			t.Fatalf("status %d", r.Status)
+		}
+	}
+	elapsed := time.Since(start)
+	// GCRA allows the burst plus rps per second elapsed; the slack of 1
+	// covers the emission interval straddling the end of the run.
+	ceiling := burst + int(float64(rps)*elapsed.Seconds()) + 1
+	if allowed < burst || allowed > ceiling {
+		t.Fatalf("two instances allowed %d calls in %s; want between %d and %d", allowed, elapsed, burst, ceiling)
+	}
+	t.Logf("allowed %d of 300 in %s (ceiling %d)", allowed, elapsed, ceiling)
+}
+
+func TestRedisDownFallsBackToLocalLimitPerInstance(t *testing.T) {
+	env := edgetest.New(t)
+	in := env.Start(t, edgetest.Options{RedisAddr: "127.0.0.1:1", Config: func(c *edge.Config) { c.ExpectedInstances = 2 }})
+	key, _ := env.Key(t, "acct_noredis", edge.Secret, schemas.Live)
+	env.SetPlan(t, "acct_noredis", "fallback", edge.Limits{RequestsPerSecond: 1, Burst: 10}, "")
+	allowed := 0
+	for i := 0; i < 12; i++ {
+		r := edgetest.Do(t, "GET", in.URL+"/v1/x", key, nil)
+		if r.Status == 200 {
+			allowed++
+		} else if r.Status != 429 {
+			t.Fatalf("status %d %s", r.Status, r.Body)
+		}
+	}
+	// Burst 10 over 2 expected instances: 5 each, locally.
+	if allowed != 5 {
+		t.Fatalf("allowed %d with Redis down, want 5 (burst 10 / 2 instances)", allowed)
+	}
+}
+
+func TestMonthlyQuotaExhaustion(t *testing.T) {
+	env := edgetest.New(t)
+	in := env.Start(t, edgetest.Options{})
+	key, _ := env.Key(t, "acct_quota", edge.Secret, schemas.Live)
+	testKey, _ := env.Key(t, "acct_quota", edge.Secret, schemas.Test)
+	three := int64(3)
+	env.SetPlan(t, "acct_quota", "quota3", edge.Limits{RequestsPerSecond: 100, Burst: 100, MonthlyRequests: &three}, "https://example.test/up")
+	for i := 0; i < 3; i++ {
+		if r := edgetest.Do(t, "GET", in.URL+"/v1/x", key, nil); r.Status != 200 {
+			t.Fatalf("call %d: %d", i, r.Status)
+		}
+	}
+	r := edgetest.Do(t, "GET", in.URL+"/v1/x", key, nil)
+	now := time.Now().UTC()
+	monthEnd := time.Date(now.Year(), now.Month()+1, 1, 0, 0, 0, 0, time.UTC)
+	if r.Status != 429 || r.Error.Code != "quota_exceeded" || r.Error.Limit != "monthly" || r.Error.UpgradeURL != "https://example.test/up" {
+		t.Fatalf("4th call: %d %+v", r.Status, r.Error)
+	}
+	if r.Error.RetryAt != monthEnd.Format(time.RFC3339) {
+		t.Fatalf("retry_at %q, want %s", r.Error.RetryAt, monthEnd.Format(time.RFC3339))
+	}
+	ra, _ := strconv.ParseInt(r.Header.Get("Retry-After"), 10, 64)
+	if d := time.Until(monthEnd).Seconds() - float64(ra); d < -2 || d > 2 {
+		t.Fatalf("Retry-After %d s, want about %.0f s", ra, time.Until(monthEnd).Seconds())
+	}
+	if !strings.Contains(r.Header.Get("RateLimit-Policy"), `"monthly";q=3;w=`) {
+		t.Fatalf("RateLimit-Policy %q has no monthly policy", r.Header.Get("RateLimit-Policy"))
+	}
+	if env.Live.Calls() != 3 {
+		t.Fatalf("upstream served %d calls, want 3", env.Live.Calls())
+	}
+	// Test mode has its own allowance, so sandbox traffic never eats live quota.
+	if r := edgetest.Do(t, "GET", in.URL+"/v1/x", testKey, nil); r.Status != 200 {
+		t.Fatalf("test-mode call after live quota ran out: %d", r.Status)
+	}
+}
+
+func testListener(t *testing.T) net.Listener {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	testenv.Must(t, err, "listen")
+	return ln
+}

@@ -1,0 +1,279 @@
+// Package edgetest runs real edge instances in-process for tests: each
+// instance has its own key cache, change listener, limiter and producer,
+// and all of them share one test database, Redis prefix and Kafka topic.
+package edgetest
+
+import (
+	"context"
+	"encoding/json"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/redis/go-redis/v9"
+	"github.com/segmentio/kafka-go"
+
+	"github.com/tollgate-dev/tollgate/edge"
+	edgekafka "github.com/tollgate-dev/tollgate/edge/kafka"
+	edgepg "github.com/tollgate-dev/tollgate/edge/postgres"
+	edgeredis "github.com/tollgate-dev/tollgate/edge/redis"
+	"github.com/tollgate-dev/tollgate/internal/demo"
+	"github.com/tollgate-dev/tollgate/internal/testenv"
+	"github.com/tollgate-dev/tollgate/schemas"
+)
+
+// Env is the shared backing state of one test's edge fleet.
+type Env struct {
+	PG       *testenv.Postgres
+	Redis    *testenv.Redis
+	Topic    string
+	Brokers  []string
+	Store    *edgepg.KeyStore
+	Live     *demo.Upstream
+	Sandbox  *demo.Upstream
+	LiveURL  string
+	SandURL  string
+	Log      *slog.Logger
+	accounts map[string]bool
+}
+
+// New sets up a database, Redis prefix, topic and two upstreams.
+func New(t *testing.T) *Env {
+	t.Helper()
+	e := &Env{
+		PG: testenv.NewPostgres(t), Redis: testenv.NewRedis(t), Topic: testenv.NewTopic(t, 4),
+		Brokers: testenv.KafkaBrokers(), Live: &demo.Upstream{}, Sandbox: &demo.Upstream{},
+		Log: Logger(), accounts: map[string]bool{},
+	}
+	e.Store = edgepg.NewKeyStore(e.PG.Pool)
+	live := httptest.NewServer(e.Live)
+	sand := httptest.NewServer(e.Sandbox)
+	t.Cleanup(live.Close)
+	t.Cleanup(sand.Close)
+	e.LiveURL, e.SandURL = live.URL, sand.URL
+	return e
+}
+
+// Logger discards unless the test runs verbose.
+func Logger() *slog.Logger {
+	if testing.Verbose() {
+		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	}
+	return slog.New(slog.DiscardHandler)
+}
+
+// Key creates an account (if new) and a key, returning the secret and id.
+func (e *Env) Key(t *testing.T, account string, kind edge.KeyKind, env schemas.Environment, scopes ...string) (string, string) {
+	t.Helper()
+	ctx := context.Background()
+	if !e.accounts[account] {
+		testenv.Must(t, e.Store.EnsureAccount(ctx, account, account), "ensure account")
+		e.accounts[account] = true
+	}
+	secret, parsed, err := edge.GenerateKey(kind, env)
+	testenv.Must(t, err, "generate key")
+	id := "key_" + strings.ReplaceAll(schemas.NewEventID().String(), "-", "")[16:]
+	testenv.Must(t, e.Store.CreateKey(ctx, edge.NewKey{ID: id, AccountID: account, Parsed: parsed, Scopes: scopes,
+		Audit: edge.AuditInfo{Actor: "test"}}), "create key")
+	return secret, id
+}
+
+// SetPlan subscribes account to a new plan with the given limits.
+func (e *Env) SetPlan(t *testing.T, account, planID string, lim edge.Limits, upgradeURL string) {
+	t.Helper()
+	ctx := context.Background()
+	def, err := json.Marshal(map[string]any{"limits": lim, "upgrade_url": upgradeURL})
+	testenv.Must(t, err, "plan json")
+	_, err = e.PG.Pool.Exec(ctx, `INSERT INTO plans (id, version, name, currency, definition)
+		VALUES ($1, 1, $1, 'usd', $2) ON CONFLICT DO NOTHING`, planID, def)
+	testenv.Must(t, err, "insert plan")
+	_, err = e.PG.Pool.Exec(ctx, `INSERT INTO subscriptions (id, account_id, plan_id, plan_version, starts_at)
+		VALUES ($1, $2, $3, 1, now() - interval '1 hour')`, "sub_"+schemas.NewEventID().String(), account, planID)
+	testenv.Must(t, err, "insert subscription")
+}
+
+// CountingStore counts lookups that reach the database.
+type CountingStore struct {
+	edge.KeyStore
+	N atomic.Int64
+}
+
+// KeyByHash counts and delegates.
+func (c *CountingStore) KeyByHash(ctx context.Context, h [32]byte) (edge.Key, error) {
+	c.N.Add(1)
+	return c.KeyStore.KeyByHash(ctx, h)
+}
+
+// Events collects emitted events in memory.
+type Events struct {
+	ch chan schemas.Event
+}
+
+// Emit implements edge.Emitter.
+func (m *Events) Emit(ev schemas.Event) { m.ch <- ev }
+
+// Instance is one running edge.
+type Instance struct {
+	URL      string
+	Cache    *edge.KeyCache
+	Store    *CountingStore
+	Listener *edgepg.Listener
+	Producer *edgekafka.Producer
+	Registry *prometheus.Registry
+	Audit    *edgepg.AuditWriter
+}
+
+// Options adjust an instance.
+type Options struct {
+	// Config edits the edge config before the server is built.
+	Config func(*edge.Config)
+	// RedisAddr overrides the Redis address (e.g. one where nothing listens).
+	RedisAddr string
+	// Brokers and Topic override where events go.
+	Brokers []string
+	Topic   string
+}
+
+// Start runs an edge instance with its own cache, listener and producer.
+func (e *Env) Start(t *testing.T, o Options) *Instance {
+	t.Helper()
+	cfg := edge.Config{Listen: "127.0.0.1:0", Upstream: e.LiveURL, SandboxUpstream: e.SandURL,
+		UpstreamTimeout: 2 * time.Second, RateLimitPrefix: e.Redis.Prefix, KeyCacheTTL: 30 * time.Second}
+	if o.Config != nil {
+		o.Config(&cfg)
+	}
+	reg := prometheus.NewRegistry()
+	in := &Instance{Registry: reg}
+	in.Store = &CountingStore{KeyStore: e.Store}
+	in.Cache = edge.NewKeyCache(in.Store, cfg.KeyCacheTTL)
+	in.Listener = edgepg.NewListener(e.PG.URL, in.Cache, e.Log)
+	lctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	testenv.Must(t, in.Listener.Start(lctx), "start listener")
+	brokers := e.Brokers
+	if o.Brokers != nil {
+		brokers = o.Brokers
+	}
+	topic := e.Topic
+	if o.Topic != "" {
+		topic = o.Topic
+	}
+	var err error
+	in.Producer, err = edgekafka.NewProducer(edgekafka.Config{Brokers: brokers, Topic: topic, SpoolDir: t.TempDir(),
+		CloseTimeout: 20 * time.Second}, reg, e.Log)
+	testenv.Must(t, err, "start producer")
+	raddr := testenv.RedisAddr()
+	if o.RedisAddr != "" {
+		raddr = o.RedisAddr
+	}
+	rdb := redis.NewClient(&redis.Options{Addr: raddr, DialTimeout: 200 * time.Millisecond,
+		ReadTimeout: 200 * time.Millisecond, WriteTimeout: 200 * time.Millisecond, MaxRetries: -1, DialerRetries: 1})
+	lim := &edge.FallbackLimiter{Primary: edgeredis.NewLimiter(rdb), Local: edge.NewLocalLimiter(cfg.ExpectedInstances),
+		OnFallback: func(string, error) {}}
+	in.Audit, err = edgepg.NewAuditWriter(e.PG.Pool, 100*time.Millisecond, reg, e.Log)
+	testenv.Must(t, err, "start audit writer")
+	srv, err := edge.NewServer(cfg, edge.Deps{Keys: in.Cache, Emitter: in.Producer, Limiter: lim, Quota: lim,
+		Auditor: in.Audit, Registry: reg, Log: e.Log})
+	testenv.Must(t, err, "new server")
+	hs := httptest.NewServer(srv)
+	in.URL = hs.URL
+	t.Cleanup(func() {
+		hs.Close()
+		_ = in.Audit.Close()
+		_ = in.Producer.Close()
+		_ = rdb.Close()
+	})
+	return in
+}
+
+// Response is a decoded edge response.
+type Response struct {
+	Status int
+	Header http.Header
+	Body   []byte
+	Error  edge.APIError
+}
+
+// Do sends one call with key (may be empty) and decodes the error body.
+func Do(t *testing.T, method, url, key string, body io.Reader) Response {
+	t.Helper()
+	req, err := http.NewRequest(method, url, body)
+	testenv.Must(t, err, "new request")
+	if key != "" {
+		req.Header.Set("Authorization", "Bearer "+key)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	testenv.Must(t, err, method+" "+url)
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	r := Response{Status: resp.StatusCode, Header: resp.Header, Body: b}
+	if resp.StatusCode >= 400 && strings.HasPrefix(resp.Header.Get("Content-Type"), "application/json") {
+		var env struct {
+			Error edge.APIError `json:"error"`
+		}
+		_ = json.Unmarshal(b, &env)
+		r.Error = env.Error
+	}
+	return r
+}
+
+// ReadTopic reads every event in topic, waiting up to timeout for at least
+// want of them, and returns them all.
+func ReadTopic(t *testing.T, brokers []string, topic string, want int, timeout time.Duration) []schemas.Event {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		evs := readAll(t, brokers, topic)
+		if len(evs) >= want || time.Now().After(deadline) {
+			return evs
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+func readAll(t *testing.T, brokers []string, topic string) []schemas.Event {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	conn, err := kafka.DialContext(ctx, "tcp", brokers[0])
+	testenv.Must(t, err, "dial kafka")
+	parts, err := conn.ReadPartitions(topic)
+	conn.Close()
+	testenv.Must(t, err, "read partitions")
+	var out []schemas.Event
+	for _, p := range parts {
+		pc, err := kafka.DialLeader(ctx, "tcp", brokers[0], topic, p.ID)
+		testenv.Must(t, err, "dial leader")
+		first, last, err := pc.ReadOffsets()
+		testenv.Must(t, err, "read offsets")
+		off := first
+		for off < last {
+			_, err := pc.Seek(off, kafka.SeekAbsolute)
+			testenv.Must(t, err, "seek")
+			_ = pc.SetReadDeadline(time.Now().Add(10 * time.Second))
+			b := pc.ReadBatch(1, 10<<20)
+			for {
+				m, err := b.ReadMessage()
+				if err != nil {
+					break
+				}
+				ev, err := schemas.Decode(m.Value, time.Now().Add(time.Hour))
+				if err != nil {
+					t.Fatalf("partition %d offset %d: %v", p.ID, m.Offset, err)
+				}
+				out = append(out, ev)
+				off = m.Offset + 1
+			}
+			_ = b.Close()
+		}
+		pc.Close()
+	}
+	return out
+}
