@@ -1,7 +1,25 @@
-// Package ingest lands usage events from Kafka in ClickHouse. It commits a
-// Kafka offset only after ClickHouse holds every event before it, so a crash
-// at any point means redelivery, never loss; duplicates that redelivery
-// brings are absorbed downstream (see schemas/clickhouse).
+// Package ingest lands usage events from Kafka in ClickHouse, effectively
+// once.
+//
+// The mechanism, and why it is correct (docs/ingest.md has the long form):
+//
+//  1. A batch's Kafka offsets are committed only after ClickHouse holds its
+//     events, its too-late events and its recomputed rollups, and the
+//     dead-letter topic holds its malformed records. A crash at any point
+//     therefore means redelivery, never loss.
+//  2. Redelivery, edge retries and client retries bring the same event (same
+//     id, same bytes) more than once. The raw table is a ReplacingMergeTree
+//     whose sorting key ends with the event id, and every exact read goes
+//     through FINAL, so a physical duplicate is invisible to readers at once,
+//     not only after a merge. The batch is also deduplicated in memory so
+//     most duplicates never reach ClickHouse.
+//  3. Rollups are never incremented. The Rollups hook recomputes every window
+//     a batch touched from `usage_events FINAL` and writes the result again,
+//     so recomputing after a redelivery yields the same row (see
+//     schemas/clickhouse/0002_rollups.sql).
+//  4. Dead letters are written at most once per source (partition, offset):
+//     the DeadLetters implementation skips records it has already written,
+//     so redelivery after a crash does not repeat them.
 package ingest
 
 import (
@@ -9,7 +27,12 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strconv"
+	"sync"
 	"time"
+
+	"github.com/google/uuid"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/tollgate-dev/tollgate/schemas"
 )
@@ -20,7 +43,8 @@ type Message struct {
 	Offset    int64
 	Key       []byte
 	Value     []byte
-	Time      time.Time
+	// Time is the record's Kafka timestamp: when the producer wrote it.
+	Time time.Time
 }
 
 // Record is a decoded, valid event with where it came from.
@@ -28,33 +52,72 @@ type Record struct {
 	Event     schemas.Event
 	Partition int
 	Offset    int64
+	// RecordTime is the Kafka timestamp of the record that carried it.
+	RecordTime time.Time
+	// Value is the original bytes, kept for too-late events.
+	Value []byte
 }
 
-// Source is the usage topic as a consumer group member sees it.
+// Rejected is a record that is not a valid event, and why.
+type Rejected struct {
+	Message Message
+	Reason  string
+}
+
+// Source is the usage topic as one consumer group member sees it.
 type Source interface {
 	Fetch(ctx context.Context) (Message, error)
 	Commit(ctx context.Context, msgs ...Message) error
 }
 
-// Sink stores a batch of records durably before returning.
+// Sink stores records durably before returning.
 type Sink interface {
+	// Insert writes valid, timely events to the raw events table.
 	Insert(ctx context.Context, records []Record) error
+	// InsertLate writes events that arrived after the allowed lateness.
+	InsertLate(ctx context.Context, records []Record) error
 }
 
 // DeadLetters receives records that are not valid events, with the reason.
+// An implementation writes each source (partition, offset) at most once,
+// even when called again with the same records after a crash.
 type DeadLetters interface {
-	Reject(ctx context.Context, m Message, reason string) error
+	Reject(ctx context.Context, rs []Rejected) error
+}
+
+// Rollups is told about every batch of events that has landed, before its
+// offsets are committed, and brings the windows they touch up to date. It
+// must be idempotent: the same records may be passed again after a crash.
+type Rollups interface {
+	Landed(ctx context.Context, records []Record) error
 }
 
 // Config is the ingest configuration.
 type Config struct {
-	Topic       string        `yaml:"topic"`
-	DeadLetter  string        `yaml:"dead_letter_topic"`
-	Group       string        `yaml:"group"`
+	Topic      string `yaml:"topic"`
+	DeadLetter string `yaml:"dead_letter_topic"`
+	Group      string `yaml:"group"`
+	// Workers is how many consumer group members this process runs; the
+	// group spreads the topic's partitions over them, so partitions are
+	// processed in parallel.
+	Workers     int           `yaml:"workers"`
 	BatchSize   int           `yaml:"batch_size"`
 	BatchWait   time.Duration `yaml:"batch_wait"`
 	RetryPeriod time.Duration `yaml:"retry_period"`
+	// MaxLateness is how far an event's time may lag its Kafka record time
+	// and still count; older events are kept in late_events and reported.
+	MaxLateness time.Duration `yaml:"max_lateness"`
+	// WatermarkSkew is subtracted from landed record times when the
+	// watermark advances, to allow for clock differences between producers.
+	WatermarkSkew time.Duration `yaml:"watermark_skew"`
+	// WatermarkInterval is how often lag and watermarks are refreshed.
+	WatermarkInterval time.Duration `yaml:"watermark_interval"`
+	// MetricsListen, when set, serves Prometheus metrics at /metrics.
+	MetricsListen string `yaml:"metrics_listen"`
 }
+
+// DefaultMaxLateness is how late an event may be, as Stripe and Metronome allow.
+const DefaultMaxLateness = 35 * 24 * time.Hour
 
 // Defaults fills unset fields.
 func (c *Config) Defaults() {
@@ -67,6 +130,9 @@ func (c *Config) Defaults() {
 	if c.Group == "" {
 		c.Group = "tollgate-ingest"
 	}
+	if c.Workers == 0 {
+		c.Workers = 4
+	}
 	if c.BatchSize == 0 {
 		c.BatchSize = 5000
 	}
@@ -75,6 +141,15 @@ func (c *Config) Defaults() {
 	}
 	if c.RetryPeriod == 0 {
 		c.RetryPeriod = time.Second
+	}
+	if c.MaxLateness == 0 {
+		c.MaxLateness = DefaultMaxLateness
+	}
+	if c.WatermarkSkew == 0 {
+		c.WatermarkSkew = 5 * time.Second
+	}
+	if c.WatermarkInterval == 0 {
+		c.WatermarkInterval = time.Second
 	}
 }
 
@@ -90,41 +165,103 @@ func (c *Config) Validate() error {
 	if c.Group == "" {
 		errs = append(errs, errors.New("ingest.group: required"))
 	}
+	if c.Workers <= 0 || c.Workers > 256 {
+		errs = append(errs, errors.New("ingest.workers: must be between 1 and 256"))
+	}
 	if c.BatchSize <= 0 {
 		errs = append(errs, errors.New("ingest.batch_size: must be positive"))
 	}
 	if c.BatchWait <= 0 {
 		errs = append(errs, errors.New("ingest.batch_wait: must be positive"))
 	}
+	if c.RetryPeriod <= 0 {
+		errs = append(errs, errors.New("ingest.retry_period: must be positive"))
+	}
+	if c.MaxLateness < time.Hour {
+		errs = append(errs, errors.New("ingest.max_lateness: must be at least 1h"))
+	}
+	if c.WatermarkSkew < 0 {
+		errs = append(errs, errors.New("ingest.watermark_skew: must not be negative"))
+	}
+	if c.WatermarkInterval <= 0 {
+		errs = append(errs, errors.New("ingest.watermark_interval: must be positive"))
+	}
 	return errors.Join(errs...)
 }
 
-// Ingester moves batches from a Source to a Sink.
+// Ingester moves batches from its Sources to the Sink, one goroutine per
+// Source.
 type Ingester struct {
-	cfg  Config
-	src  Source
-	sink Sink
-	dlq  DeadLetters
-	log  *slog.Logger
-	now  func() time.Time
+	cfg     Config
+	srcs    []Source
+	sink    Sink
+	dlq     DeadLetters
+	rollups Rollups
+	log     *slog.Logger
+	now     func() time.Time
+	m       *metrics
+	prog    *Progress
+}
+
+// Deps are what an Ingester needs besides its configuration.
+type Deps struct {
+	// Sources are the consumer group members, one worker each.
+	Sources     []Source
+	Sink        Sink
+	DeadLetters DeadLetters
+	// Rollups may be nil: events then only land in the raw table.
+	Rollups  Rollups
+	Log      *slog.Logger
+	Registry prometheus.Registerer
+	// Progress may be nil; when set, it learns what each batch landed.
+	Progress *Progress
 }
 
 // New returns an Ingester. cfg is defaulted and validated.
-func New(cfg Config, src Source, sink Sink, dlq DeadLetters, log *slog.Logger) (*Ingester, error) {
+func New(cfg Config, d Deps) (*Ingester, error) {
 	cfg.Defaults()
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	return &Ingester{cfg: cfg, src: src, sink: sink, dlq: dlq, log: log, now: time.Now}, nil
+	if len(d.Sources) == 0 || d.Sink == nil || d.DeadLetters == nil || d.Log == nil {
+		return nil, errors.New("ingest: sources, sink, dead letters and logger are required")
+	}
+	m, err := newMetrics(d.Registry)
+	if err != nil {
+		return nil, err
+	}
+	return &Ingester{cfg: cfg, srcs: d.Sources, sink: d.Sink, dlq: d.DeadLetters, rollups: d.Rollups,
+		log: d.Log, now: time.Now, m: m, prog: d.Progress}, nil
 }
 
-// Run consumes until ctx ends. A batch is flushed when it is full or when
-// BatchWait has passed since its first message.
+// Run consumes until ctx ends or a worker fails for good.
 func (in *Ingester) Run(ctx context.Context) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var wg sync.WaitGroup
+	errs := make([]error, len(in.srcs))
+	for i, src := range in.srcs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := in.work(ctx, src); err != nil {
+				errs[i] = fmt.Errorf("worker %d: %w", i, err)
+				cancel()
+			}
+		}()
+	}
+	wg.Wait()
+	return errors.Join(errs...)
+}
+
+func (in *Ingester) work(ctx context.Context, src Source) error {
 	for {
-		msgs, err := in.collect(ctx)
+		msgs, err := in.collect(ctx, src)
 		if len(msgs) > 0 {
-			if ferr := in.flush(ctx, msgs); ferr != nil {
+			if ferr := in.flush(ctx, src, msgs); ferr != nil {
+				if ctx.Err() != nil {
+					return nil
+				}
 				return ferr
 			}
 		}
@@ -137,17 +274,20 @@ func (in *Ingester) Run(ctx context.Context) error {
 	}
 }
 
-func (in *Ingester) collect(ctx context.Context) ([]Message, error) {
-	var msgs []Message
-	m, err := in.src.Fetch(ctx)
+// collect blocks for the first message, then gathers more until the batch
+// is full or BatchWait has passed since the first one. The worker does not
+// fetch while it flushes, so a slow ClickHouse slows consumption instead of
+// filling memory: that is the backpressure, and the lag metric shows it.
+func (in *Ingester) collect(ctx context.Context, src Source) ([]Message, error) {
+	m, err := src.Fetch(ctx)
 	if err != nil {
 		return nil, err
 	}
-	msgs = append(msgs, m)
+	msgs := []Message{m}
 	wctx, cancel := context.WithTimeout(ctx, in.cfg.BatchWait)
 	defer cancel()
 	for len(msgs) < in.cfg.BatchSize {
-		m, err := in.src.Fetch(wctx)
+		m, err := src.Fetch(wctx)
 		if err != nil {
 			if ctx.Err() != nil {
 				return msgs, ctx.Err()
@@ -159,27 +299,79 @@ func (in *Ingester) collect(ctx context.Context) ([]Message, error) {
 	return msgs, nil
 }
 
-// flush decodes, stores and commits one batch, retrying storage until it
-// succeeds or ctx ends. Nothing is committed that is not stored.
-func (in *Ingester) flush(ctx context.Context, msgs []Message) error {
-	records := make([]Record, 0, len(msgs))
-	now := in.now()
+// Split decodes a batch: valid and timely events (first copy of each id
+// only), events beyond maxLateness, and rejected records. It is pure, so
+// the same batch always splits the same way.
+func Split(msgs []Message, now time.Time, maxLateness time.Duration) (events, late []Record, rejected []Rejected, dups int) {
+	seen := make(map[uuid.UUID]struct{}, len(msgs))
 	for _, m := range msgs {
 		ev, err := schemas.Decode(m.Value, now)
 		if err != nil {
-			if rerr := in.retry(ctx, "dead-letter", func(c context.Context) error { return in.dlq.Reject(c, m, err.Error()) }); rerr != nil {
-				return rerr
-			}
+			rejected = append(rejected, Rejected{Message: m, Reason: err.Error()})
 			continue
 		}
-		records = append(records, Record{Event: ev, Partition: m.Partition, Offset: m.Offset})
+		if _, ok := seen[ev.ID]; ok {
+			dups++
+			continue
+		}
+		seen[ev.ID] = struct{}{}
+		r := Record{Event: ev, Partition: m.Partition, Offset: m.Offset, RecordTime: m.Time}
+		if !m.Time.IsZero() && ev.Time.Before(m.Time.Add(-maxLateness)) {
+			r.Value = m.Value
+			late = append(late, r)
+			continue
+		}
+		events = append(events, r)
 	}
-	if len(records) > 0 {
-		if err := in.retry(ctx, "insert", func(c context.Context) error { return in.sink.Insert(c, records) }); err != nil {
+	return events, late, rejected, dups
+}
+
+// flush stores and commits one batch, retrying each step until it succeeds
+// or ctx ends. Nothing is committed that is not stored.
+func (in *Ingester) flush(ctx context.Context, src Source, msgs []Message) error {
+	start := in.now()
+	events, late, rejected, dups := Split(msgs, start, in.cfg.MaxLateness)
+	in.m.batchSize.Observe(float64(len(msgs)))
+	if len(rejected) > 0 {
+		if err := in.retry(ctx, "dead-letter", func(c context.Context) error { return in.dlq.Reject(c, rejected) }); err != nil {
 			return err
 		}
 	}
-	return in.retry(ctx, "commit", func(c context.Context) error { return in.src.Commit(c, msgs...) })
+	if len(events) > 0 {
+		t := in.now()
+		if err := in.retry(ctx, "insert", func(c context.Context) error { return in.sink.Insert(c, events) }); err != nil {
+			return err
+		}
+		in.m.insertLatency.Observe(in.now().Sub(t).Seconds())
+	}
+	if len(late) > 0 {
+		if err := in.retry(ctx, "insert late", func(c context.Context) error { return in.sink.InsertLate(c, late) }); err != nil {
+			return err
+		}
+		for _, r := range late {
+			in.log.Warn("event arrived after the allowed lateness; kept in late_events, not counted",
+				"event_id", r.Event.ID, "account_id", r.Event.AccountID, "event_time", r.Event.Time,
+				"record_time", r.RecordTime, "max_lateness", in.cfg.MaxLateness)
+		}
+	}
+	if in.rollups != nil && len(events) > 0 {
+		t := in.now()
+		if err := in.retry(ctx, "rollups", func(c context.Context) error { return in.rollups.Landed(c, events) }); err != nil {
+			return err
+		}
+		in.m.rollupLatency.Observe(in.now().Sub(t).Seconds())
+	}
+	if err := in.retry(ctx, "commit", func(c context.Context) error { return src.Commit(c, msgs...) }); err != nil {
+		return err
+	}
+	in.m.records.WithLabelValues("landed").Add(float64(len(events)))
+	in.m.records.WithLabelValues("duplicate_in_batch").Add(float64(dups))
+	in.m.records.WithLabelValues("too_late").Add(float64(len(late)))
+	in.m.records.WithLabelValues("dead_letter").Add(float64(len(rejected)))
+	if in.prog != nil {
+		in.prog.landed(msgs)
+	}
+	return nil
 }
 
 func (in *Ingester) retry(ctx context.Context, what string, f func(context.Context) error) error {
@@ -188,6 +380,10 @@ func (in *Ingester) retry(ctx context.Context, what string, f func(context.Conte
 		if err == nil {
 			return nil
 		}
+		if ctx.Err() != nil {
+			return fmt.Errorf("%s: %w", what, ctx.Err())
+		}
+		in.m.retries.WithLabelValues(what).Inc()
 		in.log.Warn("ingest step failed, retrying", "step", what, "err", err)
 		select {
 		case <-ctx.Done():
@@ -196,3 +392,46 @@ func (in *Ingester) retry(ctx context.Context, what string, f func(context.Conte
 		}
 	}
 }
+
+type metrics struct {
+	batchSize     prometheus.Histogram
+	insertLatency prometheus.Histogram
+	rollupLatency prometheus.Histogram
+	records       *prometheus.CounterVec
+	retries       *prometheus.CounterVec
+}
+
+func newMetrics(reg prometheus.Registerer) (*metrics, error) {
+	m := &metrics{
+		batchSize: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "tollgate_ingest_batch_records", Help: "Records per flushed batch.",
+			Buckets: prometheus.ExponentialBuckets(1, 4, 9),
+		}),
+		insertLatency: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "tollgate_ingest_insert_seconds", Help: "Time to insert one batch into ClickHouse, retries included.",
+			Buckets: prometheus.ExponentialBuckets(0.001, 2, 14),
+		}),
+		rollupLatency: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "tollgate_ingest_rollup_seconds", Help: "Time to recompute the windows one batch touched.",
+			Buckets: prometheus.ExponentialBuckets(0.001, 2, 14),
+		}),
+		records: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "tollgate_ingest_records_total",
+			Help: "Records by outcome: landed, duplicate_in_batch, too_late, dead_letter.",
+		}, []string{"outcome"}),
+		retries: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "tollgate_ingest_retries_total", Help: "Failed ingest steps that were retried.",
+		}, []string{"step"}),
+	}
+	if reg != nil {
+		for _, c := range []prometheus.Collector{m.batchSize, m.insertLatency, m.rollupLatency, m.records, m.retries} {
+			if err := reg.Register(c); err != nil {
+				return nil, fmt.Errorf("register ingest metrics: %w", err)
+			}
+		}
+	}
+	return m, nil
+}
+
+// partitionLabel formats a partition number as a metric label.
+func partitionLabel(p int) string { return strconv.Itoa(p) }

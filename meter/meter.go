@@ -9,6 +9,8 @@ import (
 	"errors"
 	"fmt"
 	"regexp"
+	"slices"
+	"sort"
 	"strings"
 )
 
@@ -168,11 +170,13 @@ func (m *Meter) Compile() (Compiled, error) {
 	c := Compiled{Where: "event_type = ?", Args: []any{m.EventType}}
 	for _, f := range m.Filters {
 		e, _ := stringExpr(f.Property)
-		op := "IN"
+		// has(array, x) rather than x IN (?): a bound []string renders as
+		// an array literal, which IN rejects on ClickHouse 18.16.
+		not := ""
 		if f.Not {
-			op = "NOT IN"
+			not = "NOT "
 		}
-		c.Where += fmt.Sprintf(" AND %s %s (?)", e, op)
+		c.Where += fmt.Sprintf(" AND %shas(?, %s)", not, e)
 		c.Args = append(c.Args, f.Values)
 	}
 	for _, g := range m.GroupBy {
@@ -190,7 +194,9 @@ func (m *Meter) Compile() (Compiled, error) {
 		c.Aggregate = fmt.Sprintf("toInt64(max(%s))", e)
 	case Latest:
 		e, _ := numericExpr(m.Value)
-		c.Aggregate = fmt.Sprintf("toInt64(argMax(%s, timestamp_us))", e)
+		// The event id breaks ties between events of the same microsecond,
+		// so replaying the same events always yields the same value.
+		c.Aggregate = fmt.Sprintf("toInt64(argMax(%s, (timestamp_us, toString(event_id))))", e)
 	case UniqueCount:
 		e, _ := stringExpr(m.Value)
 		c.Aggregate = fmt.Sprintf("toInt64(uniqExact(%s))", e)
@@ -201,4 +207,78 @@ func (m *Meter) Compile() (Compiled, error) {
 // Default is the meter every installation has: one per proxied call.
 func Default() Meter {
 	return Meter{Key: "api_calls", EventType: "api_call", Aggregation: Count}
+}
+
+// Rollup says how values of this meter over smaller groups combine into a
+// coarser grouping: "sum" or "max", or "" when they do not combine
+// (UNIQUE_COUNT and LATEST must be computed from the events themselves).
+func (m *Meter) Rollup() string {
+	switch m.Aggregation {
+	case Count, Sum:
+		return "sum"
+	case Max:
+		return "max"
+	default:
+		return ""
+	}
+}
+
+// Set is a validated collection of meters with unique keys, in key order.
+type Set struct {
+	byKey map[string]Meter
+	keys  []string
+}
+
+// NewSet validates every meter and rejects duplicate keys, reporting every
+// problem at once.
+func NewSet(ms ...Meter) (*Set, error) {
+	s := &Set{byKey: map[string]Meter{}}
+	var errs []error
+	for _, m := range ms {
+		if err := m.Validate(); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		if _, dup := s.byKey[m.Key]; dup {
+			errs = append(errs, fmt.Errorf("meter %q defined twice", m.Key))
+			continue
+		}
+		s.byKey[m.Key] = m
+		s.keys = append(s.keys, m.Key)
+	}
+	if err := errors.Join(errs...); err != nil {
+		return nil, err
+	}
+	sort.Strings(s.keys)
+	return s, nil
+}
+
+// Get returns the meter with key.
+func (s *Set) Get(key string) (Meter, bool) {
+	m, ok := s.byKey[key]
+	return m, ok
+}
+
+// All returns the meters in key order.
+func (s *Set) All() []Meter {
+	out := make([]Meter, len(s.keys))
+	for i, k := range s.keys {
+		out[i] = s.byKey[k]
+	}
+	return out
+}
+
+// Equal reports whether two meters define the same thing.
+func Equal(a, b Meter) bool {
+	if a.Key != b.Key || a.EventType != b.EventType || a.Aggregation != b.Aggregation || a.Value != b.Value ||
+		!slices.Equal(a.GroupBy, b.GroupBy) || len(a.Filters) != len(b.Filters) {
+		return false
+	}
+	for i := range a.Filters {
+		if a.Filters[i].Property != b.Filters[i].Property || a.Filters[i].Not != b.Filters[i].Not ||
+			!slices.Equal(a.Filters[i].Values, b.Filters[i].Values) {
+			return false
+		}
+	}
+	return true
 }

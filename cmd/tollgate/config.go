@@ -8,8 +8,10 @@ import (
 
 	"gopkg.in/yaml.v3"
 
+	"github.com/tollgate-dev/tollgate/aggregator"
 	"github.com/tollgate-dev/tollgate/edge"
 	"github.com/tollgate-dev/tollgate/ingest"
+	"github.com/tollgate-dev/tollgate/meter"
 )
 
 // Services says where the backing services are.
@@ -26,6 +28,11 @@ type Config struct {
 	Services Services      `yaml:"services"`
 	Edge     edge.Config   `yaml:"edge"`
 	Ingest   ingest.Config `yaml:"ingest"`
+	// Aggregator is the usage API and meters admin API.
+	Aggregator aggregator.Config `yaml:"aggregator"`
+	// Meters are the operator's meters (default: api_calls); more can be
+	// created through the aggregator's admin API.
+	Meters []meter.Meter `yaml:"meters"`
 }
 
 // LoadConfig reads path (optional: "" means defaults only), then applies
@@ -67,6 +74,8 @@ func (c *Config) applyEnv() {
 	set(&c.Edge.AdminListen, "TOLLGATE_EDGE_ADMIN_LISTEN")
 	set(&c.Edge.AdminTokenSHA256, "TOLLGATE_EDGE_ADMIN_TOKEN_SHA256")
 	set(&c.Edge.SpoolDir, "TOLLGATE_EDGE_SPOOL_DIR")
+	set(&c.Aggregator.Listen, "TOLLGATE_AGGREGATOR_LISTEN")
+	set(&c.Aggregator.AdminTokenSHA256, "TOLLGATE_AGGREGATOR_ADMIN_TOKEN_SHA256")
 }
 
 func (c *Config) defaults() {
@@ -88,6 +97,10 @@ func (c *Config) defaults() {
 	}
 	c.Edge.Defaults()
 	c.Ingest.Defaults()
+	c.Aggregator.Defaults()
+	if len(c.Meters) == 0 {
+		c.Meters = []meter.Meter{meter.Default()}
+	}
 }
 
 // Validate reports every problem in the sections the named components use
@@ -110,6 +123,12 @@ func (c *Config) Validate(components ...string) error {
 	}
 	if all || want["ingest"] {
 		errs = append(errs, c.Ingest.Validate())
+	}
+	if all || want["ingest"] || want["aggregate"] {
+		errs = append(errs, c.Aggregator.Validate())
+		if _, err := meter.NewSet(c.Meters...); err != nil {
+			errs = append(errs, fmt.Errorf("meters: %w", err))
+		}
 	}
 	return errors.Join(errs...)
 }

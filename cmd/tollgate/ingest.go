@@ -3,54 +3,127 @@ package main
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
+	"net"
+	"net/http"
+	"time"
 
 	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/tollgate-dev/tollgate/aggregator"
+	aggch "github.com/tollgate-dev/tollgate/aggregator/clickhouse"
+	aggpg "github.com/tollgate-dev/tollgate/aggregator/postgres"
 	"github.com/tollgate-dev/tollgate/ingest"
 	chsink "github.com/tollgate-dev/tollgate/ingest/clickhouse"
 	ingestkafka "github.com/tollgate-dev/tollgate/ingest/kafka"
 )
 
-// IngestMain runs ingest: Kafka usage topic to ClickHouse raw events.
+// IngestMain runs ingest: Kafka usage topic to ClickHouse raw events, with
+// the rollups of every batch recomputed before its offsets are committed.
 type IngestMain struct {
-	log *slog.Logger
-	ch  driver.Conn
-	src *ingestkafka.Source
-	dlq *ingestkafka.DeadLetters
-	in  *ingest.Ingester
+	log      *slog.Logger
+	ch       driver.Conn
+	pool     *pgxpool.Pool
+	srcs     []*ingestkafka.Source
+	dlq      *ingestkafka.DeadLetters
+	in       *ingest.Ingester
+	wm       *ingest.Watermarker
+	metrics  *http.Server
+	mln      net.Listener
+	Registry *prometheus.Registry
 }
 
-// NewIngestMain connects to ClickHouse and joins the consumer group.
-func NewIngestMain(ctx context.Context, cfg Config, log *slog.Logger) (*IngestMain, error) {
+// NewIngestMain connects to ClickHouse and Postgres and joins the consumer
+// group with cfg.Ingest.Workers members.
+func NewIngestMain(ctx context.Context, cfg Config, log *slog.Logger) (m *IngestMain, err error) {
 	log = log.With("component", "ingest")
-	ch, err := openClickHouse(ctx, cfg.Services.ClickHouseAddr, cfg.Services.ClickHouseDatabase)
+	m = &IngestMain{log: log, Registry: prometheus.NewRegistry()}
+	defer func() {
+		if err != nil {
+			_ = m.Close()
+		}
+	}()
+	m.Registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	if m.ch, err = openClickHouse(ctx, cfg.Services.ClickHouseAddr, cfg.Services.ClickHouseDatabase); err != nil {
+		return nil, err
+	}
+	if m.pool, err = openPostgres(ctx, cfg.Services.PostgresURL); err != nil {
+		return nil, err
+	}
+	if err = ensureTopics(ctx, cfg.Services.KafkaBrokers, 4, cfg.Ingest.Topic, cfg.Ingest.DeadLetter); err != nil {
+		return nil, err
+	}
+	catalog, err := aggregator.NewCatalog(cfg.Meters, aggpg.NewMeters(m.pool), cfg.Aggregator.MetersRefresh)
 	if err != nil {
 		return nil, err
 	}
-	if err := ensureTopics(ctx, cfg.Services.KafkaBrokers, 4, cfg.Ingest.Topic, cfg.Ingest.DeadLetter); err != nil {
-		ch.Close()
+	roller := aggregator.NewRoller(catalog, aggpg.NewZones(m.pool, cfg.Aggregator.ZoneCacheTTL), aggch.NewStore(m.ch), log)
+	sources := make([]ingest.Source, cfg.Ingest.Workers)
+	for i := range sources {
+		s := ingestkafka.NewSource(cfg.Services.KafkaBrokers, cfg.Ingest.Topic, cfg.Ingest.Group)
+		m.srcs = append(m.srcs, s)
+		sources[i] = s
+	}
+	m.dlq = ingestkafka.NewDeadLetters(cfg.Services.KafkaBrokers, cfg.Ingest.DeadLetter, cfg.Ingest.Topic)
+	sink := chsink.NewSink(m.ch)
+	prog := ingest.NewProgress()
+	if m.in, err = ingest.New(cfg.Ingest, ingest.Deps{Sources: sources, Sink: sink, DeadLetters: m.dlq, Rollups: roller,
+		Log: log, Registry: m.Registry, Progress: prog}); err != nil {
 		return nil, err
 	}
-	src := ingestkafka.NewSource(cfg.Services.KafkaBrokers, cfg.Ingest.Topic, cfg.Ingest.Group)
-	dlq := ingestkafka.NewDeadLetters(cfg.Services.KafkaBrokers, cfg.Ingest.DeadLetter, cfg.Ingest.Topic)
-	in, err := ingest.New(cfg.Ingest, src, chsink.NewSink(ch), dlq, log)
-	if err != nil {
-		src.Close()
-		dlq.Close()
-		ch.Close()
+	offsets := ingestkafka.NewOffsets(cfg.Services.KafkaBrokers, cfg.Ingest.Topic, cfg.Ingest.Group)
+	if m.wm, err = ingest.NewWatermarker(cfg.Ingest, offsets, sink, prog, log, m.Registry); err != nil {
 		return nil, err
 	}
-	return &IngestMain{log: log, ch: ch, src: src, dlq: dlq, in: in}, nil
+	if cfg.Ingest.MetricsListen != "" {
+		if m.mln, err = net.Listen("tcp", cfg.Ingest.MetricsListen); err != nil {
+			return nil, fmt.Errorf("ingest metrics listener: %w", err)
+		}
+		mux := http.NewServeMux()
+		mux.Handle("/metrics", promhttp.HandlerFor(m.Registry, promhttp.HandlerOpts{}))
+		m.metrics = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	}
+	return m, nil
 }
 
 // Run consumes until ctx ends.
 func (m *IngestMain) Run(ctx context.Context) error {
-	m.log.Info("ingest running")
+	m.log.Info("ingest running", "workers", len(m.srcs))
+	if m.metrics != nil {
+		go func() {
+			if err := m.metrics.Serve(m.mln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				m.log.Error("ingest metrics server", "err", err)
+			}
+		}()
+	}
+	wctx, stop := context.WithCancel(ctx)
+	defer stop()
+	go func() { _ = m.wm.Run(wctx) }()
 	return m.in.Run(ctx)
 }
 
 // Close leaves the consumer group and closes connections.
 func (m *IngestMain) Close() error {
-	return errors.Join(m.src.Close(), m.dlq.Close(), m.ch.Close())
+	var errs []error
+	if m.metrics != nil {
+		errs = append(errs, m.metrics.Close())
+	}
+	for _, s := range m.srcs {
+		errs = append(errs, s.Close())
+	}
+	if m.dlq != nil {
+		errs = append(errs, m.dlq.Close())
+	}
+	if m.ch != nil {
+		errs = append(errs, m.ch.Close())
+	}
+	if m.pool != nil {
+		m.pool.Close()
+	}
+	return errors.Join(errs...)
 }

@@ -1,11 +1,13 @@
-// Package kafka reads the usage topic as a consumer group member and writes
-// rejected records to the dead-letter topic.
+// Package kafka reads the usage topic as consumer group members, reports
+// the group's offsets and writes rejected records to the dead-letter topic.
 package kafka
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/segmentio/kafka-go"
@@ -13,7 +15,7 @@ import (
 	"github.com/tollgate-dev/tollgate/ingest"
 )
 
-// Source is a consumer group reader with explicit commits.
+// Source is one consumer group member with explicit commits.
 type Source struct {
 	r       *kafka.Reader
 	pending map[ingestKey]kafka.Message
@@ -36,8 +38,14 @@ func NewSource(brokers []string, topic, group string) *Source {
 			MinBytes:       1,
 			MaxBytes:       16 << 20,
 			MaxWait:        100 * time.Millisecond,
+			QueueCapacity:  1000,
 			CommitInterval: 0, // commits are synchronous and explicit
 			StartOffset:    kafka.FirstOffset,
+			// A restarted member rejoins quickly, so a killed ingest
+			// process's partitions move on within seconds.
+			SessionTimeout:    10 * time.Second,
+			RebalanceTimeout:  10 * time.Second,
+			HeartbeatInterval: time.Second,
 		}),
 		pending: map[ingestKey]kafka.Message{},
 	}
@@ -57,8 +65,7 @@ func (s *Source) Fetch(ctx context.Context) (ingest.Message, error) {
 func (s *Source) Commit(ctx context.Context, msgs ...ingest.Message) error {
 	km := make([]kafka.Message, 0, len(msgs))
 	for _, m := range msgs {
-		k := ingestKey{m.Partition, m.Offset}
-		if pm, ok := s.pending[k]; ok {
+		if pm, ok := s.pending[ingestKey{m.Partition, m.Offset}]; ok {
 			km = append(km, pm)
 		}
 	}
@@ -74,11 +81,94 @@ func (s *Source) Commit(ctx context.Context, msgs ...ingest.Message) error {
 // Close leaves the group.
 func (s *Source) Close() error { return s.r.Close() }
 
+// Offsets reads the group's committed offsets and the log end offsets.
+type Offsets struct {
+	client *kafka.Client
+	topic  string
+	group  string
+}
+
+var _ ingest.Offsets = (*Offsets)(nil)
+
+// NewOffsets reports group's position on topic.
+func NewOffsets(brokers []string, topic, group string) *Offsets {
+	return &Offsets{client: &kafka.Client{Addr: kafka.TCP(brokers...), Timeout: 10 * time.Second}, topic: topic, group: group}
+}
+
+// Offsets returns committed and end offsets for every partition.
+func (o *Offsets) Offsets(ctx context.Context) (map[int]ingest.PartitionOffsets, error) {
+	md, err := o.client.Metadata(ctx, &kafka.MetadataRequest{Topics: []string{o.topic}})
+	if err != nil {
+		return nil, fmt.Errorf("topic metadata: %w", err)
+	}
+	var parts []int
+	for _, t := range md.Topics {
+		if t.Name == o.topic {
+			if t.Error != nil {
+				return nil, fmt.Errorf("topic metadata %s: %w", o.topic, t.Error)
+			}
+			for _, p := range t.Partitions {
+				parts = append(parts, p.ID)
+			}
+		}
+	}
+	reqs := make([]kafka.OffsetRequest, len(parts))
+	for i, p := range parts {
+		reqs[i] = kafka.LastOffsetOf(p)
+	}
+	ends, err := o.client.ListOffsets(ctx, &kafka.ListOffsetsRequest{Topics: map[string][]kafka.OffsetRequest{o.topic: reqs}})
+	if err != nil {
+		return nil, fmt.Errorf("list offsets: %w", err)
+	}
+	committed, err := o.client.OffsetFetch(ctx, &kafka.OffsetFetchRequest{GroupID: o.group, Topics: map[string][]int{o.topic: parts}})
+	if err != nil {
+		return nil, fmt.Errorf("fetch committed offsets: %w", err)
+	}
+	if committed.Error != nil {
+		return nil, fmt.Errorf("fetch committed offsets: %w", committed.Error)
+	}
+	out := make(map[int]ingest.PartitionOffsets, len(parts))
+	for _, po := range ends.Topics[o.topic] {
+		if po.Error != nil {
+			return nil, fmt.Errorf("list offsets of partition %d: %w", po.Partition, po.Error)
+		}
+		out[po.Partition] = ingest.PartitionOffsets{Committed: -1, End: po.LastOffset}
+	}
+	for _, c := range committed.Topics[o.topic] {
+		if c.Error != nil {
+			return nil, fmt.Errorf("committed offset of partition %d: %w", c.Partition, c.Error)
+		}
+		po := out[c.Partition]
+		po.Committed = c.CommittedOffset
+		out[c.Partition] = po
+	}
+	return out, nil
+}
+
+// Header names on dead letters.
+const (
+	HeaderReason          = "tollgate.reason"
+	HeaderSourceTopic     = "tollgate.source_topic"
+	HeaderSourcePartition = "tollgate.source_partition"
+	HeaderSourceOffset    = "tollgate.source_offset"
+)
+
 // DeadLetters writes rejected records, with their reason and origin in
 // headers and the original bytes untouched, to the dead-letter topic.
+//
+// Exactly once per source record: the dead letters of source partition P go
+// to dead-letter partition P, in source-offset order, one synchronous write
+// at a time (the consumer group gives P to one member). Before writing,
+// Reject reads the source offset of the last dead letter in partition P and
+// skips every record at or before it, so a batch redelivered after a crash
+// does not write its dead letters twice. The dead-letter topic therefore
+// needs at least as many partitions as the usage topic.
 type DeadLetters struct {
-	w     *kafka.Writer
-	topic string
+	w       *kafka.Writer
+	brokers []string
+	dlq     string
+	topic   string
+	mu      sync.Mutex // one Reject at a time per process keeps partition order
 }
 
 var _ ingest.DeadLetters = (*DeadLetters)(nil)
@@ -91,27 +181,122 @@ func NewDeadLetters(brokers []string, topic, sourceTopic string) *DeadLetters {
 			Topic:        topic,
 			RequiredAcks: kafka.RequireAll,
 			BatchTimeout: time.Millisecond,
+			BatchSize:    1000,
+			MaxAttempts:  3,
+			Balancer:     kafka.BalancerFunc(bySourcePartition),
 		},
-		topic: sourceTopic,
+		brokers: brokers,
+		dlq:     topic,
+		topic:   sourceTopic,
 	}
 }
 
-// Reject writes one dead letter.
-func (d *DeadLetters) Reject(ctx context.Context, m ingest.Message, reason string) error {
-	err := d.w.WriteMessages(ctx, kafka.Message{
-		Key:   m.Key,
-		Value: m.Value,
-		Headers: []kafka.Header{
-			{Key: "tollgate.reason", Value: []byte(reason)},
-			{Key: "tollgate.source_topic", Value: []byte(d.topic)},
-			{Key: "tollgate.source_partition", Value: []byte(strconv.Itoa(m.Partition))},
-			{Key: "tollgate.source_offset", Value: []byte(strconv.FormatInt(m.Offset, 10))},
-		},
-	})
-	if err != nil {
-		return fmt.Errorf("write dead letter: %w", err)
+// bySourcePartition sends a dead letter to the partition its record came from.
+func bySourcePartition(m kafka.Message, partitions ...int) int {
+	for _, h := range m.Headers {
+		if h.Key == HeaderSourcePartition {
+			p, _ := strconv.Atoi(string(h.Value))
+			for _, have := range partitions {
+				if have == p {
+					return p
+				}
+			}
+		}
+	}
+	// Unreachable for records Reject built: it checks the partition exists.
+	return partitions[0]
+}
+
+// Reject writes the dead letters not written before.
+func (d *DeadLetters) Reject(ctx context.Context, rs []ingest.Rejected) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	byPart := map[int][]ingest.Rejected{}
+	var order []int
+	for _, r := range rs {
+		p := r.Message.Partition
+		if _, ok := byPart[p]; !ok {
+			order = append(order, p)
+		}
+		byPart[p] = append(byPart[p], r)
+	}
+	for _, p := range order {
+		last, err := d.lastSourceOffset(ctx, p)
+		if err != nil {
+			return err
+		}
+		var msgs []kafka.Message
+		for _, r := range byPart[p] {
+			m := r.Message
+			if m.Offset <= last {
+				continue
+			}
+			msgs = append(msgs, kafka.Message{
+				Key:   m.Key,
+				Value: m.Value,
+				Headers: []kafka.Header{
+					{Key: HeaderReason, Value: []byte(r.Reason)},
+					{Key: HeaderSourceTopic, Value: []byte(d.topic)},
+					{Key: HeaderSourcePartition, Value: []byte(strconv.Itoa(m.Partition))},
+					{Key: HeaderSourceOffset, Value: []byte(strconv.FormatInt(m.Offset, 10))},
+				},
+			})
+		}
+		if len(msgs) == 0 {
+			continue
+		}
+		if err := d.w.WriteMessages(ctx, msgs...); err != nil {
+			return fmt.Errorf("write dead letters: %w", err)
+		}
 	}
 	return nil
+}
+
+// lastSourceOffset is the source offset of the last dead letter in
+// partition p, or -1 when there is none.
+func (d *DeadLetters) lastSourceOffset(ctx context.Context, p int) (int64, error) {
+	var conn *kafka.Conn
+	var err error
+	for _, b := range d.brokers {
+		if conn, err = kafka.DialLeader(ctx, "tcp", b, d.dlq, p); err == nil {
+			break
+		}
+	}
+	if err != nil {
+		return 0, fmt.Errorf("dead-letter topic %s partition %d (it needs at least as many partitions as %s): %w", d.dlq, p, d.topic, err)
+	}
+	defer conn.Close()
+	if dl, ok := ctx.Deadline(); ok {
+		_ = conn.SetDeadline(dl)
+	} else {
+		_ = conn.SetDeadline(time.Now().Add(15 * time.Second))
+	}
+	first, last, err := conn.ReadOffsets()
+	if err != nil {
+		return 0, fmt.Errorf("dead-letter offsets: %w", err)
+	}
+	if last <= first {
+		return -1, nil
+	}
+	if _, err := conn.Seek(last-1, kafka.SeekAbsolute); err != nil {
+		return 0, fmt.Errorf("seek last dead letter: %w", err)
+	}
+	batch := conn.ReadBatch(1, 1<<20)
+	m, err := batch.ReadMessage()
+	cerr := batch.Close()
+	if err != nil {
+		return 0, fmt.Errorf("read last dead letter: %w", errors.Join(err, cerr))
+	}
+	for _, h := range m.Headers {
+		if h.Key == HeaderSourceOffset {
+			o, err := strconv.ParseInt(string(h.Value), 10, 64)
+			if err != nil {
+				return 0, fmt.Errorf("last dead letter has a bad %s header %q", HeaderSourceOffset, h.Value)
+			}
+			return o, nil
+		}
+	}
+	return 0, fmt.Errorf("last dead letter in partition %d has no %s header", p, HeaderSourceOffset)
 }
 
 // Close flushes and closes the writer.

@@ -1,0 +1,166 @@
+// Package aggregatortest computes rollups in plain Go, independently of the
+// ClickHouse SQL, so tests can check every rollup row against it.
+package aggregatortest
+
+import (
+	"bytes"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/tollgate-dev/tollgate/aggregator"
+	"github.com/tollgate-dev/tollgate/meter"
+	"github.com/tollgate-dev/tollgate/schemas"
+)
+
+// Key identifies one rollup row. Group is the group values joined by "\x00",
+// or "" for the meter's total.
+type Key struct {
+	Account     string
+	Environment schemas.Environment
+	Granularity aggregator.Granularity
+	WindowStart time.Time
+	Group       string
+	Total       bool
+}
+
+type acc struct {
+	count, sum, max int64
+	hasMax          bool
+	uniq            map[string]struct{}
+	latestTS        int64
+	latestID        []byte
+	latest          int64
+	hasLatest       bool
+}
+
+// Expected computes every rollup row of m over events (each event once) at
+// granularity g; zone maps accounts to their time zone (default UTC).
+func Expected(events []schemas.Event, m meter.Meter, g aggregator.Granularity, zone map[string]*time.Location) map[Key]int64 {
+	accs := map[Key]*acc{}
+	for _, e := range events {
+		if !selects(m, e) {
+			continue
+		}
+		loc := zone[e.AccountID]
+		if loc == nil {
+			loc = time.UTC
+		}
+		w := aggregator.WindowStart(e.Time, g, loc)
+		keys := []Key{{Account: e.AccountID, Environment: e.Environment, Granularity: g, WindowStart: w, Total: true}}
+		if len(m.GroupBy) > 0 {
+			vals := make([]string, len(m.GroupBy))
+			for i, p := range m.GroupBy {
+				vals[i] = str(e, p)
+			}
+			keys = append(keys, Key{Account: e.AccountID, Environment: e.Environment, Granularity: g, WindowStart: w,
+				Group: strings.Join(vals, "\x00")})
+		}
+		for _, k := range keys {
+			a := accs[k]
+			if a == nil {
+				a = &acc{uniq: map[string]struct{}{}}
+				accs[k] = a
+			}
+			a.add(m, e)
+		}
+	}
+	out := make(map[Key]int64, len(accs))
+	for k, a := range accs {
+		out[k] = a.value(m)
+	}
+	return out
+}
+
+func (a *acc) add(m meter.Meter, e schemas.Event) {
+	a.count++
+	switch m.Aggregation {
+	case meter.Sum:
+		a.sum += num(e, m.Value)
+	case meter.Max:
+		v := num(e, m.Value)
+		if !a.hasMax || v > a.max {
+			a.max, a.hasMax = v, true
+		}
+	case meter.UniqueCount:
+		a.uniq[str(e, m.Value)] = struct{}{}
+	case meter.Latest:
+		ts := e.Time.UnixMicro()
+		id := e.ID[:]
+		if !a.hasLatest || ts > a.latestTS || (ts == a.latestTS && bytes.Compare(id, a.latestID) > 0) {
+			a.latestTS, a.latestID, a.latest, a.hasLatest = ts, id, num(e, m.Value), true
+		}
+	}
+}
+
+func (a *acc) value(m meter.Meter) int64 {
+	switch m.Aggregation {
+	case meter.Count:
+		return a.count
+	case meter.Sum:
+		return a.sum
+	case meter.Max:
+		return a.max
+	case meter.UniqueCount:
+		return int64(len(a.uniq))
+	default:
+		return a.latest
+	}
+}
+
+func selects(m meter.Meter, e schemas.Event) bool {
+	if e.Type != m.EventType {
+		return false
+	}
+	for _, f := range m.Filters {
+		v := str(e, f.Property)
+		in := false
+		for _, x := range f.Values {
+			if x == v {
+				in = true
+			}
+		}
+		if in == f.Not {
+			return false
+		}
+	}
+	return true
+}
+
+func str(e schemas.Event, p string) string {
+	switch p {
+	case "route":
+		return e.Route
+	case "method":
+		return e.Method
+	case "status":
+		return strconv.Itoa(e.Status)
+	case "key_id":
+		return e.KeyID
+	case "environment":
+		return string(e.Environment)
+	case "event_type":
+		return e.Type
+	}
+	return e.Dimensions[strings.TrimPrefix(p, "dimensions.")]
+}
+
+func num(e schemas.Event, p string) int64 {
+	switch p {
+	case "units":
+		return e.Units
+	case "request_bytes":
+		return e.RequestBytes
+	case "response_bytes":
+		return e.ResponseBytes
+	case "latency_us":
+		return e.LatencyMicros
+	case "status":
+		return int64(e.Status)
+	}
+	v, err := strconv.ParseInt(e.Dimensions[strings.TrimPrefix(p, "dimensions.")], 10, 64)
+	if err != nil {
+		return 0
+	}
+	return v
+}

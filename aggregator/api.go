@@ -1,0 +1,619 @@
+package aggregator
+
+import (
+	"context"
+	"crypto/sha256"
+	"crypto/subtle"
+	"encoding/base64"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/google/uuid"
+	"github.com/labstack/echo/v4"
+	"github.com/labstack/echo/v4/middleware"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/tollgate-dev/tollgate/edge"
+	"github.com/tollgate-dev/tollgate/meter"
+	"github.com/tollgate-dev/tollgate/schemas"
+)
+
+// Config is the aggregator's configuration.
+type Config struct {
+	// Listen is the usage API's address (and /admin/v1/meters, /metrics).
+	Listen string `yaml:"listen"`
+	// AdminTokenSHA256 is the hex SHA-256 of the admin bearer token; empty
+	// disables the admin API.
+	AdminTokenSHA256 string `yaml:"admin_token_sha256"`
+	// CORSOrigins may call the usage API from a browser (with a
+	// publishable key).
+	CORSOrigins []string `yaml:"cors_origins"`
+	// MetersRefresh is how often meters created through the admin API are
+	// re-read.
+	MetersRefresh time.Duration `yaml:"meters_refresh"`
+	// ZoneCacheTTL is how long an account's time zone is cached.
+	ZoneCacheTTL time.Duration `yaml:"zone_cache_ttl"`
+	// MaxPageSize bounds limit= on list endpoints.
+	MaxPageSize int `yaml:"max_page_size"`
+	// RequestLogWindow is how far back GET /v1/requests looks by default.
+	RequestLogWindow time.Duration `yaml:"request_log_window"`
+}
+
+// Defaults fills unset fields.
+func (c *Config) Defaults() {
+	if c.Listen == "" {
+		c.Listen = "127.0.0.1:8081"
+	}
+	if len(c.CORSOrigins) == 0 {
+		c.CORSOrigins = []string{"*"}
+	}
+	if c.MetersRefresh == 0 {
+		c.MetersRefresh = 5 * time.Second
+	}
+	if c.ZoneCacheTTL == 0 {
+		c.ZoneCacheTTL = time.Minute
+	}
+	if c.MaxPageSize == 0 {
+		c.MaxPageSize = 1000
+	}
+	if c.RequestLogWindow == 0 {
+		c.RequestLogWindow = 7 * 24 * time.Hour
+	}
+}
+
+// Validate reports every problem at once.
+func (c *Config) Validate() error {
+	var errs []error
+	if c.Listen == "" {
+		errs = append(errs, errors.New("aggregator.listen: required"))
+	}
+	if c.AdminTokenSHA256 != "" {
+		if b, err := hex.DecodeString(c.AdminTokenSHA256); err != nil || len(b) != sha256.Size {
+			errs = append(errs, errors.New("aggregator.admin_token_sha256: want 64 hex characters (sha256sum of the token)"))
+		}
+	}
+	if c.MetersRefresh <= 0 {
+		errs = append(errs, errors.New("aggregator.meters_refresh: must be positive"))
+	}
+	if c.ZoneCacheTTL <= 0 {
+		errs = append(errs, errors.New("aggregator.zone_cache_ttl: must be positive"))
+	}
+	if c.MaxPageSize <= 0 {
+		errs = append(errs, errors.New("aggregator.max_page_size: must be positive"))
+	}
+	if c.RequestLogWindow <= 0 {
+		errs = append(errs, errors.New("aggregator.request_log_window: must be positive"))
+	}
+	return errors.Join(errs...)
+}
+
+// KeyStore finds API keys by the hash of their secret; edge/postgres
+// implements it.
+type KeyStore interface {
+	KeyByHash(ctx context.Context, hash [32]byte) (edge.Key, error)
+}
+
+// ServerDeps are the usage API's collaborators.
+type ServerDeps struct {
+	Keys    KeyStore
+	Usage   UsageStore
+	Catalog *Catalog
+	Zones   Zones
+	// Backfill, when set, is started for a newly created meter so its
+	// rollups cover events that landed before it existed.
+	Backfill func(m meter.Meter)
+	Log      *slog.Logger
+	// Gatherer serves /metrics when set.
+	Gatherer prometheus.Gatherer
+}
+
+// Server is the usage API and the meters admin API.
+type Server struct {
+	cfg       Config
+	d         ServerDeps
+	tokenHash []byte
+	now       func() time.Time
+	e         *echo.Echo
+}
+
+// NewServer builds the HTTP handler; cfg is defaulted and validated.
+func NewServer(cfg Config, d ServerDeps) (*Server, error) {
+	cfg.Defaults()
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	if d.Log == nil {
+		d.Log = slog.New(slog.DiscardHandler)
+	}
+	s := &Server{cfg: cfg, d: d, now: time.Now}
+	if cfg.AdminTokenSHA256 != "" {
+		s.tokenHash, _ = hex.DecodeString(cfg.AdminTokenSHA256)
+	}
+	e := echo.New()
+	e.HideBanner, e.HidePort = true, true
+	e.HTTPErrorHandler = s.handleError
+	e.Use(func(next echo.HandlerFunc) echo.HandlerFunc {
+		return func(c echo.Context) error {
+			c.Response().Header().Set(edge.HeaderRequestID, edge.RequestIDFor(schemas.NewEventID()))
+			return next(c)
+		}
+	})
+	e.GET("/healthz", func(c echo.Context) error { return c.String(http.StatusOK, "ok\n") })
+	if d.Gatherer != nil {
+		e.GET("/metrics", echo.WrapHandler(promhttp.HandlerFor(d.Gatherer, promhttp.HandlerOpts{})))
+	}
+	v1 := e.Group("/v1", middleware.CORSWithConfig(middleware.CORSConfig{
+		AllowOrigins:  cfg.CORSOrigins,
+		AllowMethods:  []string{http.MethodGet, http.MethodOptions},
+		AllowHeaders:  []string{echo.HeaderAuthorization, echo.HeaderContentType},
+		ExposeHeaders: []string{edge.HeaderRequestID},
+		MaxAge:        600,
+	}), s.authKey)
+	v1.GET("/usage", s.usage)
+	v1.GET("/requests", s.requests)
+	v1.GET("/meters", s.listMetersPublic)
+	admin := e.Group("/admin/v1", s.authAdmin)
+	admin.GET("/meters", s.listMeters)
+	admin.POST("/meters", s.createMeter)
+	s.e = e
+	return s, nil
+}
+
+// Handler is the HTTP handler.
+func (s *Server) Handler() http.Handler { return s.e }
+
+const keyCtx = "tollgate.key"
+
+func (s *Server) authKey(next echo.HandlerFunc) echo.HandlerFunc {
+	return func(c echo.Context) error {
+		if c.Request().Method == http.MethodOptions {
+			return next(c)
+		}
+		h := c.Request().Header.Get(echo.HeaderAuthorization)
+		tok, ok := strings.CutPrefix(h, "Bearer ")
+		if !ok || tok == "" {
+			return edge.ErrNoKey
+		}
+		pk, err := edge.ParseKey(strings.TrimSpace(tok))
+		if err != nil {
+			return err
+		}
+		k, err := s.d.Keys.KeyByHash(c.Request().Context(), pk.Hash)
+		if err != nil {
+			return err
+		}
+		if err := k.Usable(s.now()); err != nil {
+			return err
+		}
+		c.Set(keyCtx, k)
+		return next(c)
+	}
+}
+
+func (s *Server) authAdmin(next echo.HandlerFunc) echo.HandlerFunc {
+	return func(c echo.Context) error {
+		if s.tokenHash == nil {
+			return edge.NewAPIError(http.StatusForbidden, edge.TypePermission, "admin_api_disabled",
+				"The meters admin API is disabled: set aggregator.admin_token_sha256.")
+		}
+		tok, ok := strings.CutPrefix(c.Request().Header.Get(echo.HeaderAuthorization), "Bearer ")
+		sum := sha256.Sum256([]byte(tok))
+		if !ok || subtle.ConstantTimeCompare(sum[:], s.tokenHash) != 1 {
+			return edge.NewAPIError(http.StatusUnauthorized, edge.TypeAuthentication, "invalid_admin_token",
+				"The admin token is missing or wrong.")
+		}
+		return next(c)
+	}
+}
+
+func invalid(code, msg string, args ...any) error {
+	return edge.NewAPIError(http.StatusBadRequest, edge.TypeInvalidRequest, code, fmt.Sprintf(msg, args...))
+}
+
+// usageResponse is GET /v1/usage's body.
+type usageResponse struct {
+	Object          string      `json:"object"`
+	Meter           string      `json:"meter"`
+	Aggregation     string      `json:"aggregation"`
+	Window          Granularity `json:"window"`
+	TimeZone        string      `json:"time_zone"`
+	From            time.Time   `json:"from"`
+	To              time.Time   `json:"to"`
+	GroupBy         []string    `json:"group_by"`
+	Data            []usageItem `json:"data"`
+	HasMore         bool        `json:"has_more"`
+	NextCursor      string      `json:"next_cursor,omitempty"`
+	CompleteThrough *time.Time  `json:"complete_through,omitempty"`
+	TooLateEvents   uint64      `json:"too_late_events"`
+}
+
+type usageItem struct {
+	WindowStart time.Time         `json:"window_start"`
+	WindowEnd   time.Time         `json:"window_end"`
+	Group       map[string]string `json:"group,omitempty"`
+	Value       int64             `json:"value"`
+}
+
+// defaultRange is how far back from= defaults for each window.
+var defaultRange = map[Granularity]time.Duration{
+	Minute: time.Hour, Hour: 24 * time.Hour, Day: 31 * 24 * time.Hour, Month: 366 * 24 * time.Hour,
+}
+
+func (s *Server) usage(c echo.Context) error {
+	ctx := c.Request().Context()
+	k := c.Get(keyCtx).(edge.Key)
+	q := c.QueryParams()
+	key := q.Get("meter")
+	if key == "" {
+		key = meter.Default().Key
+	}
+	m, err := s.d.Catalog.Get(ctx, key)
+	if err != nil {
+		return err
+	}
+	g := Day
+	if w := q.Get("window"); w != "" {
+		if g, err = ParseGranularity(w); err != nil {
+			return invalid("invalid_window", "%v", err)
+		}
+	}
+	to := s.now().UTC()
+	if v := q.Get("to"); v != "" {
+		if to, err = time.Parse(time.RFC3339, v); err != nil {
+			return invalid("invalid_time", "to: want an RFC 3339 time such as 2026-01-31T00:00:00Z")
+		}
+	}
+	from := to.Add(-defaultRange[g])
+	if v := q.Get("from"); v != "" {
+		if from, err = time.Parse(time.RFC3339, v); err != nil {
+			return invalid("invalid_time", "from: want an RFC 3339 time such as 2026-01-01T00:00:00Z")
+		}
+	}
+	if !from.Before(to) {
+		return invalid("invalid_time_range", "from must be before to")
+	}
+	limit, err := s.limit(q.Get("limit"), 100)
+	if err != nil {
+		return err
+	}
+	uq := UsageQuery{Account: k.AccountID, Environment: string(k.Environment), Meter: m.Key, Granularity: g,
+		From: from.UTC(), To: to.UTC(), Limit: limit + 1}
+	var groupBy []string
+	if v := q.Get("group_by"); v != "" {
+		groupBy = strings.Split(v, ",")
+		if err := pickGroups(m, groupBy, &uq); err != nil {
+			return err
+		}
+	}
+	fp := fingerprint(k.AccountID, string(k.Environment), m.Key, string(g), from.UTC().Format(time.RFC3339),
+		to.UTC().Format(time.RFC3339), strings.Join(groupBy, ","))
+	if uq.Offset, err = decodeCursor(q.Get("cursor"), fp); err != nil {
+		return err
+	}
+	rows, err := s.d.Usage.Usage(ctx, uq)
+	if err != nil {
+		return err
+	}
+	zones, err := s.d.Zones.Zones(ctx, []string{k.AccountID})
+	if err != nil {
+		return err
+	}
+	loc, err := LoadZone(zones[k.AccountID])
+	if err != nil {
+		return err
+	}
+	resp := usageResponse{Object: "usage", Meter: m.Key, Aggregation: string(m.Aggregation), Window: g,
+		TimeZone: loc.String(), From: from.UTC(), To: to.UTC(), GroupBy: groupBy, Data: []usageItem{}}
+	if resp.GroupBy == nil {
+		resp.GroupBy = []string{}
+	}
+	if len(rows) > limit {
+		rows = rows[:limit]
+		resp.HasMore = true
+		resp.NextCursor = encodeCursor(uq.Offset+limit, fp)
+	}
+	for _, r := range rows {
+		it := usageItem{WindowStart: r.WindowStart.UTC(), WindowEnd: WindowEnd(r.WindowStart, g, loc), Value: r.Value}
+		if len(groupBy) > 0 && len(r.Group) == len(groupBy) {
+			it.Group = make(map[string]string, len(groupBy))
+			for i, name := range groupBy {
+				it.Group[name] = r.Group[i]
+			}
+		}
+		resp.Data = append(resp.Data, it)
+	}
+	if w, ok, err := s.d.Usage.CompleteThrough(ctx); err == nil && ok {
+		resp.CompleteThrough = &w
+	}
+	if resp.TooLateEvents, err = s.d.Usage.TooLate(ctx, k.AccountID, string(k.Environment), from, to); err != nil {
+		return err
+	}
+	return c.JSON(http.StatusOK, resp)
+}
+
+// pickGroups maps group_by= onto the meter's group_by. The full list (in
+// any order is not allowed: the response names columns in request order,
+// so the order must match) reads the grouped rows; a subset combines them,
+// which only additive and max meters allow.
+func pickGroups(m meter.Meter, groupBy []string, uq *UsageQuery) error {
+	pos := map[string]int{}
+	for i, g := range m.GroupBy {
+		pos[g] = i
+	}
+	seen := map[string]bool{}
+	picks := make([]int, 0, len(groupBy))
+	for _, g := range groupBy {
+		i, ok := pos[g]
+		if !ok {
+			return invalid("invalid_group_by", "meter %q cannot be grouped by %q (it groups by %s)", m.Key, g, describe(m.GroupBy))
+		}
+		if seen[g] {
+			return invalid("invalid_group_by", "group_by names %q twice", g)
+		}
+		seen[g] = true
+		picks = append(picks, i)
+	}
+	uq.Grouped = true
+	identity := len(picks) == len(m.GroupBy)
+	for i, p := range picks {
+		if p != i {
+			identity = false
+		}
+	}
+	if identity {
+		return nil
+	}
+	uq.Pick, uq.Combine = picks, m.Rollup()
+	if uq.Combine == "" {
+		return invalid("invalid_group_by", "meter %q (%s) can be read by all of its group_by (%s) or none, not a part",
+			m.Key, m.Aggregation, strings.Join(m.GroupBy, ","))
+	}
+	return nil
+}
+
+func describe(gs []string) string {
+	if len(gs) == 0 {
+		return "nothing"
+	}
+	return strings.Join(gs, ", ")
+}
+
+func (s *Server) limit(v string, def int) (int, error) {
+	if v == "" {
+		return def, nil
+	}
+	n, err := strconv.Atoi(v)
+	if err != nil || n < 1 || n > s.cfg.MaxPageSize {
+		return 0, invalid("invalid_limit", "limit: want a whole number from 1 to %d", s.cfg.MaxPageSize)
+	}
+	return n, nil
+}
+
+// Cursors are opaque to clients: base64url JSON holding the position and a
+// fingerprint of the query, so a cursor cannot be reused with other
+// parameters (or by another account) to read something else.
+type cursor struct {
+	Offset int    `json:"o,omitempty"`
+	Micros uint64 `json:"t,omitempty"`
+	ID     string `json:"i,omitempty"`
+	FP     string `json:"f"`
+}
+
+func fingerprint(parts ...string) string {
+	h := sha256.Sum256([]byte(strings.Join(parts, "\x00")))
+	return base64.RawURLEncoding.EncodeToString(h[:9])
+}
+
+func encodeCursorValue(c cursor) string {
+	b, _ := json.Marshal(c)
+	return base64.RawURLEncoding.EncodeToString(b)
+}
+
+func encodeCursor(offset int, fp string) string {
+	return encodeCursorValue(cursor{Offset: offset, FP: fp})
+}
+
+func parseCursor(v, fp string) (cursor, error) {
+	var c cursor
+	b, err := base64.RawURLEncoding.DecodeString(v)
+	if err == nil {
+		err = json.Unmarshal(b, &c)
+	}
+	if err != nil || c.FP != fp || c.Offset < 0 {
+		return cursor{}, invalid("invalid_cursor", "cursor: not a cursor this query returned; repeat the query without it")
+	}
+	return c, nil
+}
+
+func decodeCursor(v, fp string) (int, error) {
+	if v == "" {
+		return 0, nil
+	}
+	c, err := parseCursor(v, fp)
+	return c.Offset, err
+}
+
+type requestsResponse struct {
+	Object     string       `json:"object"`
+	KeyID      string       `json:"key_id"`
+	Data       []RequestRow `json:"data"`
+	HasMore    bool         `json:"has_more"`
+	NextCursor string       `json:"next_cursor,omitempty"`
+}
+
+// requests is the calling key's own request log, newest first.
+func (s *Server) requests(c echo.Context) error {
+	ctx := c.Request().Context()
+	k := c.Get(keyCtx).(edge.Key)
+	q := c.QueryParams()
+	limit, err := s.limit(q.Get("limit"), 50)
+	if err != nil {
+		return err
+	}
+	since := s.now().Add(-s.cfg.RequestLogWindow)
+	if v := q.Get("since"); v != "" {
+		if since, err = time.Parse(time.RFC3339, v); err != nil {
+			return invalid("invalid_time", "since: want an RFC 3339 time")
+		}
+	}
+	rq := RequestsQuery{Account: k.AccountID, Environment: string(k.Environment), KeyID: k.ID, Since: since, Limit: limit + 1}
+	fp := fingerprint(k.AccountID, k.ID, since.UTC().Format(time.RFC3339))
+	if v := q.Get("cursor"); v != "" {
+		cur, err := parseCursor(v, fp)
+		if err != nil {
+			return err
+		}
+		if rq.BeforeID, err = uuid.Parse(cur.ID); err != nil || cur.Micros == 0 {
+			return invalid("invalid_cursor", "cursor: not a cursor this query returned; repeat the query without it")
+		}
+		rq.BeforeMicros = cur.Micros
+	}
+	rows, err := s.d.Usage.Requests(ctx, rq)
+	if err != nil {
+		return err
+	}
+	resp := requestsResponse{Object: "list", KeyID: k.ID, Data: rows}
+	if resp.Data == nil {
+		resp.Data = []RequestRow{}
+	}
+	if len(rows) > limit {
+		resp.Data = rows[:limit]
+		last := rows[limit-1]
+		resp.HasMore = true
+		resp.NextCursor = encodeCursorValue(cursor{Micros: last.TimeMicros, ID: last.EventID.String(), FP: fp})
+	}
+	return c.JSON(http.StatusOK, resp)
+}
+
+type meterView struct {
+	Key         string   `json:"key"`
+	EventType   string   `json:"event_type"`
+	Aggregation string   `json:"aggregation"`
+	GroupBy     []string `json:"group_by"`
+}
+
+// listMetersPublic tells a dashboard which meters it may query.
+func (s *Server) listMetersPublic(c echo.Context) error {
+	ms, err := s.d.Catalog.Meters(c.Request().Context())
+	if err != nil {
+		return err
+	}
+	out := make([]meterView, len(ms))
+	for i, m := range ms {
+		out[i] = meterView{Key: m.Key, EventType: m.EventType, Aggregation: string(m.Aggregation), GroupBy: m.GroupBy}
+		if out[i].GroupBy == nil {
+			out[i].GroupBy = []string{}
+		}
+	}
+	return c.JSON(http.StatusOK, map[string]any{"object": "list", "data": out})
+}
+
+func (s *Server) listMeters(c echo.Context) error {
+	ms, err := s.d.Catalog.Meters(c.Request().Context())
+	if err != nil {
+		return err
+	}
+	return c.JSON(http.StatusOK, map[string]any{"object": "list", "data": ms})
+}
+
+func (s *Server) createMeter(c echo.Context) error {
+	var m meter.Meter
+	dec := json.NewDecoder(http.MaxBytesReader(c.Response(), c.Request().Body, 64<<10))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&m); err != nil {
+		return invalid("invalid_json", "body: %v", err)
+	}
+	created, err := s.d.Catalog.Create(c.Request().Context(), m)
+	if err != nil {
+		return err
+	}
+	if !created {
+		return c.JSON(http.StatusOK, m)
+	}
+	if s.d.Backfill != nil {
+		s.d.Backfill(m)
+	}
+	return c.JSON(http.StatusCreated, m)
+}
+
+// handleError writes every error in the edge's one shape.
+func (s *Server) handleError(err error, c echo.Context) {
+	if c.Response().Committed {
+		return
+	}
+	ae := toAPIError(err)
+	ae.RequestID = c.Response().Header().Get(edge.HeaderRequestID)
+	if ae.Status >= 500 {
+		s.d.Log.Error("request failed", "request_id", ae.RequestID, "err", err)
+	}
+	if werr := c.JSON(ae.Status, map[string]*edge.APIError{"error": ae}); werr != nil {
+		s.d.Log.Warn("write error response", "err", werr)
+	}
+}
+
+// toAPIError maps domain errors to HTTP; it is the only place that does.
+func toAPIError(err error) *edge.APIError {
+	var ae *edge.APIError
+	var he *echo.HTTPError
+	switch {
+	case errors.As(err, &ae):
+		cp := *ae
+		return &cp
+	case errors.Is(err, edge.ErrNoKey):
+		return edge.NewAPIError(http.StatusUnauthorized, edge.TypeAuthentication, "missing_api_key",
+			"No API key provided. Send it as 'Authorization: Bearer <key>'.")
+	case errors.Is(err, edge.ErrMalformedKey):
+		return edge.NewAPIError(http.StatusUnauthorized, edge.TypeAuthentication, "malformed_api_key",
+			"The API key is not in a valid format.")
+	case errors.Is(err, edge.ErrKeyNotFound):
+		return edge.NewAPIError(http.StatusUnauthorized, edge.TypeAuthentication, "invalid_api_key", "The API key is not valid.")
+	case errors.Is(err, edge.ErrKeyRevoked):
+		return edge.NewAPIError(http.StatusUnauthorized, edge.TypeAuthentication, "revoked_api_key", "The API key has been revoked.")
+	case errors.Is(err, edge.ErrKeyExpired):
+		return edge.NewAPIError(http.StatusUnauthorized, edge.TypeAuthentication, "expired_api_key", "The API key has expired.")
+	case errors.Is(err, ErrNotFound):
+		return edge.NewAPIError(http.StatusNotFound, edge.TypeInvalidRequest, "meter_not_found", messageOf(err))
+	case errors.Is(err, ErrInvalid):
+		return edge.NewAPIError(http.StatusBadRequest, edge.TypeInvalidRequest, "invalid_meter", messageOf(err))
+	case errors.Is(err, ErrConflict):
+		return edge.NewAPIError(http.StatusConflict, edge.TypeInvalidRequest, "meter_exists", messageOf(err))
+	case errors.As(err, &he):
+		msg := http.StatusText(he.Code)
+		if m, ok := he.Message.(string); ok {
+			msg = m
+		}
+		typ, code := edge.TypeInvalidRequest, "invalid_request"
+		switch {
+		case he.Code == http.StatusNotFound:
+			code = "not_found"
+		case he.Code == http.StatusMethodNotAllowed:
+			code = "method_not_allowed"
+		case he.Code >= 500:
+			typ, code = edge.TypeAPI, "internal_error"
+		}
+		return edge.NewAPIError(he.Code, typ, code, msg)
+	default:
+		return edge.NewAPIError(http.StatusInternalServerError, edge.TypeAPI, "internal_error", "Something went wrong on our side.")
+	}
+}
+
+// messageOf drops the sentinel's own text from a joined error.
+func messageOf(err error) string {
+	var parts []string
+	for _, line := range strings.Split(err.Error(), "\n") {
+		switch line {
+		case ErrConflict.Error(), ErrInvalid.Error(), ErrNotFound.Error():
+			continue
+		}
+		parts = append(parts, line)
+	}
+	return strings.Join(parts, "; ")
+}

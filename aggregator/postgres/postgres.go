@@ -1,0 +1,149 @@
+// Package postgres reads account time zones and stores operator-defined
+// meters in Postgres.
+package postgres
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/tollgate-dev/tollgate/aggregator"
+	"github.com/tollgate-dev/tollgate/meter"
+)
+
+// Zones reads accounts.timezone, caching each answer for TTL: ingest asks
+// for every batch, and a zone change needs a rollup rebuild anyway.
+type Zones struct {
+	pool *pgxpool.Pool
+	ttl  time.Duration
+	now  func() time.Time
+	mu   sync.Mutex
+	seen map[string]cachedZone
+}
+
+type cachedZone struct {
+	zone string
+	at   time.Time
+}
+
+var _ aggregator.Zones = (*Zones)(nil)
+
+// NewZones returns a Zones over pool.
+func NewZones(pool *pgxpool.Pool, ttl time.Duration) *Zones {
+	return &Zones{pool: pool, ttl: ttl, now: time.Now, seen: map[string]cachedZone{}}
+}
+
+// Zones returns the zone of each known account; unknown accounts are
+// left out (callers treat them as UTC).
+func (z *Zones) Zones(ctx context.Context, accounts []string) (map[string]string, error) {
+	now := z.now()
+	out := make(map[string]string, len(accounts))
+	var missing []string
+	z.mu.Lock()
+	for _, a := range accounts {
+		if c, ok := z.seen[a]; ok && now.Sub(c.at) < z.ttl {
+			if c.zone != "" {
+				out[a] = c.zone
+			}
+			continue
+		}
+		missing = append(missing, a)
+	}
+	z.mu.Unlock()
+	if len(missing) == 0 {
+		return out, nil
+	}
+	rows, err := z.pool.Query(ctx, "SELECT id, timezone FROM accounts WHERE id = ANY($1)", missing)
+	if err != nil {
+		return nil, fmt.Errorf("read account time zones: %w", err)
+	}
+	defer rows.Close()
+	found := map[string]string{}
+	for rows.Next() {
+		var id, tz string
+		if err := rows.Scan(&id, &tz); err != nil {
+			return nil, fmt.Errorf("read account time zones: %w", err)
+		}
+		if _, err := time.LoadLocation(tz); err != nil {
+			return nil, fmt.Errorf("account %s has time zone %q, which is not a valid IANA name", id, tz)
+		}
+		found[id] = tz
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("read account time zones: %w", err)
+	}
+	z.mu.Lock()
+	for _, a := range missing {
+		z.seen[a] = cachedZone{zone: found[a], at: now}
+		if tz := found[a]; tz != "" {
+			out[a] = tz
+		}
+	}
+	z.mu.Unlock()
+	return out, nil
+}
+
+// Meters stores meters created through the admin API.
+type Meters struct {
+	pool *pgxpool.Pool
+}
+
+var _ aggregator.MeterStore = (*Meters)(nil)
+
+// NewMeters returns a Meters over pool.
+func NewMeters(pool *pgxpool.Pool) *Meters { return &Meters{pool: pool} }
+
+// List returns every stored meter, in key order.
+func (s *Meters) List(ctx context.Context) ([]meter.Meter, error) {
+	rows, err := s.pool.Query(ctx, "SELECT definition FROM meters ORDER BY key")
+	if err != nil {
+		return nil, fmt.Errorf("list meters: %w", err)
+	}
+	defer rows.Close()
+	var out []meter.Meter
+	for rows.Next() {
+		var b []byte
+		if err := rows.Scan(&b); err != nil {
+			return nil, fmt.Errorf("list meters: %w", err)
+		}
+		var m meter.Meter
+		if err := json.Unmarshal(b, &m); err != nil {
+			return nil, fmt.Errorf("stored meter: %w", err)
+		}
+		out = append(out, m)
+	}
+	return out, rows.Err()
+}
+
+// Create stores m. It reports created=false when an identical meter exists
+// and aggregator.ErrConflict when a different one has the key.
+func (s *Meters) Create(ctx context.Context, m meter.Meter) (bool, error) {
+	b, err := json.Marshal(m)
+	if err != nil {
+		return false, fmt.Errorf("encode meter: %w", err)
+	}
+	tag, err := s.pool.Exec(ctx, "INSERT INTO meters (key, definition) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING", m.Key, b)
+	if err != nil {
+		return false, fmt.Errorf("create meter %s: %w", m.Key, err)
+	}
+	if tag.RowsAffected() == 1 {
+		return true, nil
+	}
+	var stored []byte
+	if err := s.pool.QueryRow(ctx, "SELECT definition FROM meters WHERE key = $1", m.Key).Scan(&stored); err != nil {
+		return false, fmt.Errorf("read meter %s: %w", m.Key, err)
+	}
+	var old meter.Meter
+	if err := json.Unmarshal(stored, &old); err != nil {
+		return false, fmt.Errorf("stored meter: %w", err)
+	}
+	if meter.Equal(old, m) {
+		return false, nil
+	}
+	return false, errors.Join(aggregator.ErrConflict, fmt.Errorf("meter %q already exists with a different definition; meters are never edited, create one with a new key", m.Key))
+}

@@ -1,0 +1,247 @@
+// Package aggregator rolls raw usage events into per-window rollups and
+// serves them through the usage API.
+//
+// Rollups are recomputed, never incremented: when events land in a window,
+// the window's row is computed again from the deduplicated raw events
+// (`usage_events FINAL`) and written with the number of events it saw as its
+// version. The same meter SQL (meter.Compile) that the invoicer uses
+// computes it, so a dashboard and an invoice cannot disagree, a duplicate
+// never counts twice and a late event updates its window exactly once.
+package aggregator
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/tollgate-dev/tollgate/ingest"
+	"github.com/tollgate-dev/tollgate/meter"
+	"github.com/tollgate-dev/tollgate/schemas"
+)
+
+// Touched is one minute of one account environment that new events fell in.
+type Touched struct {
+	Account     string
+	Environment schemas.Environment
+	Minute      time.Time
+}
+
+// Recompute asks for every window of one granularity that holds one of the
+// touched minutes to be computed again, for accounts that share Zone.
+type Recompute struct {
+	Meter       meter.Meter
+	Granularity Granularity
+	Zone        string
+	Touched     []Touched
+}
+
+// Rebuild asks for every window of one granularity starting in [From, To)
+// to be computed again for the given accounts, which share Zone.
+type Rebuild struct {
+	Meter       meter.Meter
+	Granularity Granularity
+	Zone        string
+	Accounts    []string
+	From, To    time.Time
+}
+
+// RollupStore computes and stores rollups.
+type RollupStore interface {
+	Recompute(ctx context.Context, r Recompute) error
+	Rebuild(ctx context.Context, r Rebuild) error
+	// Accounts lists the accounts with raw events in [from, to).
+	Accounts(ctx context.Context, from, to time.Time) ([]string, error)
+	// EventRange is the first and last event time in the raw table.
+	EventRange(ctx context.Context) (first, last time.Time, ok bool, err error)
+}
+
+// Zones maps accounts to their IANA time zone; accounts it does not know
+// are in UTC.
+type Zones interface {
+	Zones(ctx context.Context, accounts []string) (map[string]string, error)
+}
+
+// MeterSource lists the meters in force.
+type MeterSource interface {
+	Meters(ctx context.Context) ([]meter.Meter, error)
+}
+
+// Roller keeps rollups up to date as events land. It implements
+// ingest.Rollups, so ingest calls it before committing a batch's offsets.
+type Roller struct {
+	meters MeterSource
+	zones  Zones
+	store  RollupStore
+	log    *slog.Logger
+}
+
+var _ ingest.Rollups = (*Roller)(nil)
+
+// NewRoller returns a Roller.
+func NewRoller(meters MeterSource, zones Zones, store RollupStore, log *slog.Logger) *Roller {
+	return &Roller{meters: meters, zones: zones, store: store, log: log}
+}
+
+// Landed recomputes every window the records fall in, for every meter that
+// selects their event type, at every granularity. Recomputing is
+// idempotent, so a redelivered batch does no harm.
+func (r *Roller) Landed(ctx context.Context, records []ingest.Record) error {
+	meters, err := r.meters.Meters(ctx)
+	if err != nil {
+		return err
+	}
+	// Touched minutes per event type, then per meter.
+	byType := map[string]map[Touched]struct{}{}
+	accounts := map[string]struct{}{}
+	for _, rec := range records {
+		e := rec.Event
+		set := byType[e.Type]
+		if set == nil {
+			set = map[Touched]struct{}{}
+			byType[e.Type] = set
+		}
+		set[Touched{Account: e.AccountID, Environment: e.Environment, Minute: e.Time.UTC().Truncate(time.Minute)}] = struct{}{}
+		accounts[e.AccountID] = struct{}{}
+	}
+	zones, err := r.zones.Zones(ctx, keys(accounts))
+	if err != nil {
+		return err
+	}
+	var jobs []Recompute
+	for _, m := range meters {
+		set := byType[m.EventType]
+		if len(set) == 0 {
+			continue
+		}
+		byZone := map[string][]Touched{}
+		for t := range set {
+			z := zones[t.Account]
+			if z == "" {
+				z = "UTC"
+			}
+			byZone[z] = append(byZone[z], t)
+		}
+		for z, ts := range byZone {
+			sort.Slice(ts, func(i, j int) bool { return lessTouched(ts[i], ts[j]) })
+			for _, g := range Granularities {
+				jobs = append(jobs, Recompute{Meter: m, Granularity: g, Zone: z, Touched: ts})
+			}
+		}
+	}
+	return runAll(ctx, jobs, 4, r.store.Recompute)
+}
+
+// RebuildAll recomputes the rollups of the given meters (all when none) for
+// every window that starts in [from, to), one UTC month at a time. A zero
+// from or to means the first or last raw event.
+func RebuildAll(ctx context.Context, store RollupStore, zones Zones, meters []meter.Meter, from, to time.Time, log *slog.Logger) error {
+	first, last, ok, err := store.EventRange(ctx)
+	if err != nil {
+		return err
+	}
+	if !ok {
+		log.Info("no raw events; nothing to rebuild")
+		return nil
+	}
+	if from.IsZero() {
+		from = first.Add(-32 * 24 * time.Hour)
+	}
+	if to.IsZero() {
+		to = last.Add(32 * 24 * time.Hour)
+	}
+	for m := monthStart(from); m.Before(to); m = m.AddDate(0, 1, 0) {
+		lo, hi := m, m.AddDate(0, 1, 0)
+		if lo.Before(from) {
+			lo = from
+		}
+		if hi.After(to) {
+			hi = to
+		}
+		// Accounts with events in any window that may start this month.
+		accounts, err := store.Accounts(ctx, lo.Add(-maxSpan(Month)), hi.Add(maxSpan(Month)))
+		if err != nil {
+			return err
+		}
+		if len(accounts) == 0 {
+			continue
+		}
+		zs, err := zones.Zones(ctx, accounts)
+		if err != nil {
+			return err
+		}
+		byZone := map[string][]string{}
+		for _, a := range accounts {
+			z := zs[a]
+			if z == "" {
+				z = "UTC"
+			}
+			byZone[z] = append(byZone[z], a)
+		}
+		var jobs []Rebuild
+		for _, mt := range meters {
+			for z, as := range byZone {
+				for _, g := range Granularities {
+					jobs = append(jobs, Rebuild{Meter: mt, Granularity: g, Zone: z, Accounts: as, From: lo, To: hi})
+				}
+			}
+		}
+		if err := runAll(ctx, jobs, 2, store.Rebuild); err != nil {
+			return err
+		}
+		log.Info("rebuilt rollups", "month", m.Format("2006-01"), "accounts", len(accounts), "meters", len(meters))
+	}
+	return nil
+}
+
+func monthStart(t time.Time) time.Time {
+	t = t.UTC()
+	return time.Date(t.Year(), t.Month(), 1, 0, 0, 0, 0, time.UTC)
+}
+
+// runAll runs f over jobs, at most n at a time, and joins the errors.
+func runAll[J any](ctx context.Context, jobs []J, n int, f func(context.Context, J) error) error {
+	sem := make(chan struct{}, n)
+	var mu sync.Mutex
+	var errs []error
+	var wg sync.WaitGroup
+	for _, j := range jobs {
+		sem <- struct{}{}
+		wg.Add(1)
+		go func() {
+			defer func() { <-sem; wg.Done() }()
+			if err := f(ctx, j); err != nil {
+				mu.Lock()
+				errs = append(errs, err)
+				mu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("rollups: %w", err)
+	}
+	return nil
+}
+
+func lessTouched(a, b Touched) bool {
+	if a.Account != b.Account {
+		return a.Account < b.Account
+	}
+	if a.Environment != b.Environment {
+		return a.Environment < b.Environment
+	}
+	return a.Minute.Before(b.Minute)
+}
+
+func keys[V any](m map[string]V) []string {
+	out := make([]string, 0, len(m))
+	for k := range m {
+		out = append(out, k)
+	}
+	sort.Strings(out)
+	return out
+}

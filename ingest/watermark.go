@@ -1,0 +1,170 @@
+package ingest
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// PartitionOffsets is where the consumer group stands in one partition.
+type PartitionOffsets struct {
+	// Committed is the next offset the group will read (-1: none committed).
+	Committed int64
+	// End is the offset the next appended record will get.
+	End int64
+}
+
+// Offsets reports the group's position in every partition of the topic.
+type Offsets interface {
+	Offsets(ctx context.Context) (map[int]PartitionOffsets, error)
+}
+
+// WatermarkStore keeps one watermark per partition (ClickHouse table
+// `watermarks`, the contract with the invoicer).
+type WatermarkStore interface {
+	Watermarks(ctx context.Context) (map[int]time.Time, error)
+	SetWatermarks(ctx context.Context, w map[int]time.Time, at time.Time) error
+}
+
+type landedPos struct {
+	offset int64
+	time   time.Time
+}
+
+// Progress records the last record each partition landed in this process.
+type Progress struct {
+	mu   sync.Mutex
+	last map[int]landedPos
+}
+
+// NewProgress returns an empty Progress.
+func NewProgress() *Progress { return &Progress{last: map[int]landedPos{}} }
+
+func (p *Progress) landed(msgs []Message) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, m := range msgs {
+		if cur, ok := p.last[m.Partition]; !ok || m.Offset > cur.offset {
+			p.last[m.Partition] = landedPos{offset: m.Offset, time: m.Time}
+		}
+	}
+}
+
+func (p *Progress) get(partition int) (landedPos, bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	l, ok := p.last[partition]
+	return l, ok
+}
+
+// Watermarker publishes per-partition lag and watermarks.
+//
+// A partition's watermark is a time W such that every record appended to it
+// with a timestamp at or before W has landed. When the group has committed
+// everything up to the log end observed after time T, W = T - skew (the skew
+// covers producers whose clocks run behind ours). Otherwise W is the
+// timestamp of the last landed record minus skew, when this process landed
+// it. Watermarks never move backwards.
+type Watermarker struct {
+	offsets  Offsets
+	store    WatermarkStore
+	prog     *Progress
+	skew     time.Duration
+	interval time.Duration
+	log      *slog.Logger
+	now      func() time.Time
+	lag      *prometheus.GaugeVec
+	wmGauge  *prometheus.GaugeVec
+	current  map[int]time.Time
+}
+
+// NewWatermarker returns a Watermarker; cfg must be defaulted.
+func NewWatermarker(cfg Config, offsets Offsets, store WatermarkStore, prog *Progress, log *slog.Logger, reg prometheus.Registerer) (*Watermarker, error) {
+	w := &Watermarker{offsets: offsets, store: store, prog: prog, skew: cfg.WatermarkSkew,
+		interval: cfg.WatermarkInterval, log: log, now: time.Now,
+		lag: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "tollgate_ingest_lag_records", Help: "Records appended to a partition and not yet landed.",
+		}, []string{"partition"}),
+		wmGauge: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "tollgate_ingest_watermark_seconds", Help: "Per-partition watermark, Unix seconds.",
+		}, []string{"partition"}),
+	}
+	if reg != nil {
+		for _, c := range []prometheus.Collector{w.lag, w.wmGauge} {
+			if err := reg.Register(c); err != nil {
+				return nil, fmt.Errorf("register watermark metrics: %w", err)
+			}
+		}
+	}
+	return w, nil
+}
+
+// Run refreshes lag and watermarks every interval until ctx ends. Failures
+// are logged and retried on the next tick: a stale watermark only delays
+// invoicing, it never makes usage wrong.
+func (w *Watermarker) Run(ctx context.Context) error {
+	t := time.NewTicker(w.interval)
+	defer t.Stop()
+	for {
+		if err := w.Tick(ctx); err != nil && ctx.Err() == nil {
+			w.log.Warn("refresh watermarks", "err", err)
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		}
+	}
+}
+
+// Tick refreshes once.
+func (w *Watermarker) Tick(ctx context.Context) error {
+	if w.current == nil {
+		cur, err := w.store.Watermarks(ctx)
+		if err != nil {
+			return err
+		}
+		w.current = cur
+	}
+	t0 := w.now()
+	offs, err := w.offsets.Offsets(ctx)
+	if err != nil {
+		return err
+	}
+	changed := map[int]time.Time{}
+	for p, o := range offs {
+		lag := o.End
+		if o.Committed >= 0 {
+			lag = o.End - o.Committed
+		}
+		w.lag.WithLabelValues(partitionLabel(p)).Set(float64(lag))
+		var wm time.Time
+		switch {
+		case lag <= 0:
+			wm = t0.Add(-w.skew)
+		default:
+			if l, ok := w.prog.get(p); ok && l.offset+1 == o.Committed {
+				wm = l.time.Add(-w.skew)
+			}
+		}
+		wm = wm.UTC().Truncate(time.Second)
+		if wm.After(w.current[p]) {
+			changed[p] = wm
+		}
+	}
+	if len(changed) == 0 {
+		return nil
+	}
+	if err := w.store.SetWatermarks(ctx, changed, w.now()); err != nil {
+		return err
+	}
+	for p, wm := range changed {
+		w.current[p] = wm
+		w.wmGauge.WithLabelValues(partitionLabel(p)).Set(float64(wm.Unix()))
+	}
+	return nil
+}

@@ -1,0 +1,74 @@
+-- Rollups: one row per (account, environment, meter, granularity, window,
+-- group-by values), owned by the aggregator.
+--
+-- A row is never incremented: it is recomputed from `usage_events FINAL`
+-- for the whole window each time an event lands in that window, and
+-- written again. Recomputing from the deduplicated raw events is what
+-- makes a duplicate count once and a late event count exactly once; an
+-- incremental materialized view over a ReplacingMergeTree would count every
+-- physical copy of a redelivered event.
+--
+-- The version is `events`, the number of distinct raw events the row was
+-- computed from. Raw events only ever grow, so a later computation of a
+-- window sees at least as many events as an earlier one: the highest
+-- version is always the most complete row, whatever order concurrent
+-- writers inserted them in, and equal versions have equal values. Read with
+-- FINAL (or argMax(value, events)) for an exact answer before merges.
+--
+-- group_values is [] for the meter's total over all groups and the values
+-- of the meter's group_by properties, in order, for the grouped rows.
+-- window_start is the window's first instant; hour, day and month windows
+-- start at the account's local midnight / hour (accounts.timezone).
+CREATE TABLE IF NOT EXISTS usage_rollups
+(
+    account_id   String,
+    environment  Enum8('live' = 1, 'test' = 2),
+    meter        String,
+    granularity  Enum8('minute' = 1, 'hour' = 2, 'day' = 3, 'month' = 4),
+    window_start DateTime('UTC'),
+    group_values Array(String),
+    value        Int64,
+    events       UInt64,
+    computed_at  DateTime('UTC')
+)
+ENGINE = ReplacingMergeTree(events)
+PARTITION BY toYYYYMM(window_start)
+ORDER BY (account_id, environment, meter, granularity, window_start, group_values);
+
+-- Watermarks: per usage-topic partition, the time through which every
+-- record appended to that partition is in usage_events and the rollups.
+-- `SELECT min(watermark) FROM watermarks FINAL` is when usage is complete.
+CREATE TABLE IF NOT EXISTS watermarks
+(
+    partition  Int32,
+    watermark  DateTime('UTC'),
+    updated_at DateTime('UTC')
+)
+ENGINE = ReplacingMergeTree(updated_at)
+ORDER BY partition;
+
+-- Events that arrived later than the allowed lateness (their event time is
+-- older than their Kafka record time minus ingest.max_lateness). They are
+-- not counted in usage_events or the rollups, so invoices for closed
+-- periods stay fixed, but they are kept here whole and reported by the
+-- usage API and the tollgate_ingest_too_late_events_total metric, never
+-- dropped silently.
+CREATE TABLE IF NOT EXISTS late_events
+(
+    event_id        UUID,
+    account_id      String,
+    environment     Enum8('live' = 1, 'test' = 2),
+    key_id          String,
+    event_type      String,
+    timestamp       DateTime('UTC'),
+    timestamp_us    UInt64,
+    units           Int64,
+    record_time     DateTime('UTC'),
+    kafka_partition Int32,
+    kafka_offset    Int64,
+    payload         String,
+    ingested_at     DateTime('UTC')
+)
+ENGINE = ReplacingMergeTree()
+PARTITION BY toYYYYMM(timestamp)
+ORDER BY (account_id, environment, event_id);

@@ -1,0 +1,45 @@
+-- Views for analysts who query ClickHouse directly. Each reads through
+-- FINAL, so the numbers are exact at any moment, not only after background
+-- merges; docs/usage-api.md has worked examples.
+
+-- Every distinct usage event, once.
+CREATE VIEW IF NOT EXISTS usage_events_exact AS
+SELECT *
+FROM usage_events FINAL;
+
+-- Rolled-up usage, one row per account, environment, meter, granularity,
+-- window and group; group_values = [] is the meter's total for the window.
+CREATE VIEW IF NOT EXISTS usage_by_window AS
+SELECT
+    account_id,
+    environment,
+    meter,
+    granularity,
+    window_start,
+    group_values,
+    value,
+    events,
+    computed_at
+FROM usage_rollups FINAL;
+
+-- Daily totals per account and meter (days in the account's time zone).
+CREATE VIEW IF NOT EXISTS usage_daily_totals AS
+SELECT
+    account_id,
+    environment,
+    meter,
+    toDate(window_start) AS day_utc,
+    window_start,
+    value
+FROM usage_rollups FINAL
+WHERE granularity = 'day' AND empty(group_values);
+
+-- The event time through which usage is complete (the invoicer's gate).
+CREATE VIEW IF NOT EXISTS usage_complete_through AS
+SELECT min(watermark) AS complete_through, count() AS partitions
+FROM watermarks FINAL;
+
+-- Events refused for arriving later than the allowed lateness.
+CREATE VIEW IF NOT EXISTS late_events_exact AS
+SELECT *
+FROM late_events FINAL;
