@@ -43,9 +43,10 @@ type IngestMain struct {
 func NewIngestMain(ctx context.Context, cfg Config, log *slog.Logger) (m *IngestMain, err error) {
 	log = log.With("component", "ingest")
 	m = &IngestMain{log: log, Registry: prometheus.NewRegistry()}
+	self := m
 	defer func() {
 		if err != nil {
-			_ = m.Close()
+			_ = self.Close()
 		}
 	}()
 	m.Registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))

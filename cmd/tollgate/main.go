@@ -50,6 +50,7 @@ func subcommands(g *globalFlags) []*cobra.Command {
 	return []*cobra.Command{
 		componentCommand(g, "edge", "Authenticate, limit, proxy and meter API calls", edgeComponent),
 		componentCommand(g, "ingest", "Land usage events from Kafka in ClickHouse", ingestComponent),
+		aggregateCommand(g),
 		componentCommand(g, "all", "Run every component in one process", allComponents),
 		checkConfigCommand(g),
 		migrateCommand(g),
@@ -103,7 +104,7 @@ func ingestComponent(ctx context.Context, cfg Config, log *slog.Logger) ([]named
 // is up before its producer, and stops it front to back.
 func allComponents(ctx context.Context, cfg Config, log *slog.Logger) ([]named, error) {
 	var out []named
-	for _, s := range []starter{ingestComponent, edgeComponent} {
+	for _, s := range []starter{aggregateComponent, ingestComponent, edgeComponent} {
 		cs, err := s(ctx, cfg, log)
 		if err != nil {
 			closeAll(log, out)

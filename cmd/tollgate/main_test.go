@@ -49,6 +49,7 @@ func startPipeline(t *testing.T) *pipeline {
 	cfg.Services.ClickHouseDatabase = ch.Database
 	cfg.Services.KafkaBrokers = testenv.KafkaBrokers()
 	cfg.Edge.Listen = "127.0.0.1:0"
+	cfg.Aggregator.Listen = "127.0.0.1:0"
 	cfg.Edge.Upstream = upSrv.URL
 	cfg.Ingest.Topic = topic
 	cfg.Ingest.DeadLetter = topic + ".dlq"

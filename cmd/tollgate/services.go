@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"database/sql"
+	"errors"
 	"fmt"
 	"regexp"
 	"time"
@@ -88,7 +89,7 @@ func ensureTopics(ctx context.Context, brokers []string, partitions int, topics 
 		return fmt.Errorf("create kafka topics (%s): %w", startHint, err)
 	}
 	for t, err := range res.Errors {
-		if err != nil && err != kafka.TopicAlreadyExists {
+		if err != nil && !errors.Is(err, kafka.TopicAlreadyExists) {
 			return fmt.Errorf("create kafka topic %s: %w", t, err)
 		}
 	}

@@ -1,0 +1,230 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"time"
+
+	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/spf13/cobra"
+
+	"github.com/tollgate-dev/tollgate/aggregator"
+	aggch "github.com/tollgate-dev/tollgate/aggregator/clickhouse"
+	aggpg "github.com/tollgate-dev/tollgate/aggregator/postgres"
+	edgepg "github.com/tollgate-dev/tollgate/edge/postgres"
+	"github.com/tollgate-dev/tollgate/meter"
+)
+
+// AggregateMain serves the usage API and the meters admin API. The rollups
+// themselves are recomputed by ingest as each batch lands, so that usage is
+// fresh within a second; this component reads them.
+type AggregateMain struct {
+	log      *slog.Logger
+	ch       driver.Conn
+	pool     *pgxpool.Pool
+	ln       net.Listener
+	srv      *http.Server
+	store    *aggch.Store
+	zones    *aggpg.Zones
+	refresh  time.Duration
+	bg       context.Context
+	stopBg   context.CancelFunc
+	Registry *prometheus.Registry
+}
+
+func aggregateComponent(ctx context.Context, cfg Config, log *slog.Logger) ([]named, error) {
+	m, err := NewAggregateMain(ctx, cfg, log)
+	if err != nil {
+		return nil, err
+	}
+	return []named{{"aggregate", m}}, nil
+}
+
+// NewAggregateMain connects and listens on cfg.Aggregator.Listen.
+func NewAggregateMain(ctx context.Context, cfg Config, log *slog.Logger) (m *AggregateMain, err error) {
+	log = log.With("component", "aggregate")
+	m = &AggregateMain{log: log, Registry: prometheus.NewRegistry(), refresh: cfg.Aggregator.MetersRefresh}
+	m.bg, m.stopBg = context.WithCancel(context.Background())
+	self := m
+	defer func() {
+		if err != nil {
+			_ = self.Close()
+		}
+	}()
+	m.Registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	if m.ch, err = openClickHouse(ctx, cfg.Services.ClickHouseAddr, cfg.Services.ClickHouseDatabase); err != nil {
+		return nil, err
+	}
+	if m.pool, err = openPostgres(ctx, cfg.Services.PostgresURL); err != nil {
+		return nil, err
+	}
+	catalog, err := aggregator.NewCatalog(cfg.Meters, aggpg.NewMeters(m.pool), cfg.Aggregator.MetersRefresh)
+	if err != nil {
+		return nil, err
+	}
+	m.store = aggch.NewStore(m.ch)
+	m.zones = aggpg.NewZones(m.pool, cfg.Aggregator.ZoneCacheTTL)
+	srv, err := aggregator.NewServer(cfg.Aggregator, aggregator.ServerDeps{
+		Keys: edgepg.NewKeyStore(m.pool), Usage: m.store, Catalog: catalog, Zones: m.zones,
+		Backfill: m.backfill, Log: log, Gatherer: m.Registry,
+	})
+	if err != nil {
+		return nil, err
+	}
+	if m.ln, err = net.Listen("tcp", cfg.Aggregator.Listen); err != nil {
+		return nil, fmt.Errorf("aggregator listener: %w", err)
+	}
+	m.srv = &http.Server{Handler: srv.Handler(), ReadHeaderTimeout: 5 * time.Second}
+	return m, nil
+}
+
+// backfill computes a new meter's rollups over the raw events that landed
+// before it existed: once now, and again once every ingest process has
+// picked the meter up, to cover events that landed in between. Both runs
+// are idempotent recomputations.
+func (m *AggregateMain) backfill(mt meter.Meter) {
+	go func() {
+		for i, wait := range []time.Duration{0, m.refresh + 2*time.Second} {
+			select {
+			case <-m.bg.Done():
+				return
+			case <-time.After(wait):
+			}
+			err := aggregator.RebuildAll(m.bg, m.store, m.zones, []meter.Meter{mt}, time.Time{}, time.Time{}, m.log)
+			if err != nil && m.bg.Err() == nil {
+				m.log.Error("backfill new meter", "meter", mt.Key, "pass", i+1, "err", err)
+			}
+		}
+	}()
+}
+
+// Addr is the address the usage API listens on.
+func (m *AggregateMain) Addr() string { return m.ln.Addr().String() }
+
+// Run serves until ctx ends.
+func (m *AggregateMain) Run(ctx context.Context) error {
+	m.log.Info("usage API listening", "addr", m.Addr())
+	errc := make(chan error, 1)
+	go func() { errc <- m.srv.Serve(m.ln) }()
+	select {
+	case <-ctx.Done():
+		sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		return m.srv.Shutdown(sctx)
+	case err := <-errc:
+		if errors.Is(err, http.ErrServerClosed) {
+			return nil
+		}
+		return err
+	}
+}
+
+// Close stops background work and closes connections.
+func (m *AggregateMain) Close() error {
+	m.stopBg()
+	var errs []error
+	if m.srv != nil {
+		errs = append(errs, m.srv.Close())
+	} else if m.ln != nil {
+		errs = append(errs, m.ln.Close())
+	}
+	if m.ch != nil {
+		errs = append(errs, m.ch.Close())
+	}
+	if m.pool != nil {
+		m.pool.Close()
+	}
+	return errors.Join(errs...)
+}
+
+// aggregateCommand is `tollgate aggregate` with its `rebuild` sub-command.
+func aggregateCommand(g *globalFlags) *cobra.Command {
+	c := componentCommand(g, "aggregate", "Serve the usage API and the meters admin API", aggregateComponent)
+	c.AddCommand(rebuildCommand(g))
+	return c
+}
+
+func rebuildCommand(g *globalFlags) *cobra.Command {
+	var meterKeys []string
+	var from, to string
+	c := &cobra.Command{
+		Use:   "rebuild",
+		Short: "Recompute rollups from the raw events",
+		Long: `Recompute rollups from the raw events (usage_events FINAL) for every window
+that starts in [--from, --to) (default: all raw events), for the given meters
+(default: all). Safe to run while ingest runs: rows are versioned by the number
+of events they were computed from, so the most complete computation wins.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			log, err := g.logger()
+			if err != nil {
+				return err
+			}
+			cfg, err := LoadConfig(g.config)
+			if err != nil {
+				return err
+			}
+			if err := cfg.Validate("aggregate"); err != nil {
+				return fmt.Errorf("invalid configuration:\n%w", err)
+			}
+			var f, t time.Time
+			if from != "" {
+				if f, err = time.Parse(time.RFC3339, from); err != nil {
+					return fmt.Errorf("--from: want RFC 3339: %w", err)
+				}
+			}
+			if to != "" {
+				if t, err = time.Parse(time.RFC3339, to); err != nil {
+					return fmt.Errorf("--to: want RFC 3339: %w", err)
+				}
+			}
+			ctx := cmd.Context()
+			ch, err := openClickHouse(ctx, cfg.Services.ClickHouseAddr, cfg.Services.ClickHouseDatabase)
+			if err != nil {
+				return err
+			}
+			defer ch.Close()
+			pool, err := openPostgres(ctx, cfg.Services.PostgresURL)
+			if err != nil {
+				return err
+			}
+			defer pool.Close()
+			catalog, err := aggregator.NewCatalog(cfg.Meters, aggpg.NewMeters(pool), cfg.Aggregator.MetersRefresh)
+			if err != nil {
+				return err
+			}
+			meters, err := catalog.Meters(ctx)
+			if err != nil {
+				return err
+			}
+			if len(meterKeys) > 0 {
+				var sel []meter.Meter
+				for _, k := range meterKeys {
+					mt, err := catalog.Get(ctx, k)
+					if err != nil {
+						return err
+					}
+					sel = append(sel, mt)
+				}
+				meters = sel
+			}
+			err = aggregator.RebuildAll(ctx, aggch.NewStore(ch), aggpg.NewZones(pool, time.Minute), meters, f, t, log)
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "rebuilt rollups of %d meter(s)\n", len(meters))
+			return nil
+		},
+	}
+	c.Flags().StringSliceVar(&meterKeys, "meter", nil, "meter key to rebuild (repeatable; default all)")
+	c.Flags().StringVar(&from, "from", "", "first window start to rebuild, RFC 3339 (default: first raw event)")
+	c.Flags().StringVar(&to, "to", "", "rebuild windows starting before this, RFC 3339 (default: after the last raw event)")
+	return c
+}
