@@ -10,12 +10,12 @@ import (
 
 	"github.com/google/uuid"
 
+	"github.com/tollgate-dev/tollgate/internal/testenv"
 	"github.com/tollgate-dev/tollgate/invoicer"
 	invch "github.com/tollgate-dev/tollgate/invoicer/clickhouse"
 	invpg "github.com/tollgate-dev/tollgate/invoicer/postgres"
 	"github.com/tollgate-dev/tollgate/invoicer/stripe"
 	"github.com/tollgate-dev/tollgate/invoicer/stripe/stripetest"
-	"github.com/tollgate-dev/tollgate/internal/testenv"
 )
 
 var (
@@ -112,10 +112,10 @@ func TestCloseInvoicesEveryAccountOnceFromLiveUsage(t *testing.T) {
 	tokyo, _ := time.LoadLocation("Asia/Tokyo")
 	e.events(t,
 		ev{account: "acct_free", env: "live", typ: "api_call", at: march.Add(time.Hour), n: 700},
-		ev{account: "acct_free", env: "test", typ: "api_call", at: march.Add(time.Hour), n: 300},             // test mode: never billed
+		ev{account: "acct_free", env: "test", typ: "api_call", at: march.Add(time.Hour), n: 300},                    // test mode: never billed
 		ev{account: "acct_starter", env: "live", typ: "api_call", at: march.Add(2 * time.Hour), n: 1500, dup: true}, // redelivered
-		ev{account: "acct_starter", env: "live", typ: "custom.report", at: march.Add(2 * time.Hour), n: 5},       // not the meter's type
-		ev{account: "acct_starter", env: "live", typ: "api_call", at: april.Add(time.Hour), n: 50},               // next period
+		ev{account: "acct_starter", env: "live", typ: "custom.report", at: march.Add(2 * time.Hour), n: 5},          // not the meter's type
+		ev{account: "acct_starter", env: "live", typ: "api_call", at: april.Add(time.Hour), n: 50},                  // next period
 		// Tokyo's March begins at 15:00 UTC on 28 February.
 		ev{account: "acct_tokyo", env: "live", typ: "api_call", at: time.Date(2026, 3, 1, 0, 0, 0, 0, tokyo).Add(-time.Second), n: 1},
 		ev{account: "acct_tokyo", env: "live", typ: "api_call", at: time.Date(2026, 3, 1, 0, 0, 0, 0, tokyo), n: 40},

@@ -11,6 +11,7 @@ import (
 	"github.com/tollgate-dev/tollgate/aggregator"
 	"github.com/tollgate-dev/tollgate/edge"
 	"github.com/tollgate-dev/tollgate/ingest"
+	"github.com/tollgate-dev/tollgate/invoicer"
 	"github.com/tollgate-dev/tollgate/meter"
 )
 
@@ -25,9 +26,10 @@ type Services struct {
 
 // Config is the whole configuration file; each component reads its section.
 type Config struct {
-	Services Services      `yaml:"services"`
-	Edge     edge.Config   `yaml:"edge"`
-	Ingest   ingest.Config `yaml:"ingest"`
+	Services Services        `yaml:"services"`
+	Edge     edge.Config     `yaml:"edge"`
+	Ingest   ingest.Config   `yaml:"ingest"`
+	Invoicer invoicer.Config `yaml:"invoicer"`
 	// Aggregator is the usage API and meters admin API.
 	Aggregator aggregator.Config `yaml:"aggregator"`
 	// Meters are the operator's meters (default: api_calls); more can be
@@ -70,6 +72,10 @@ func (c *Config) applyEnv() {
 	}
 	set(&c.Edge.Listen, "TOLLGATE_EDGE_LISTEN")
 	set(&c.Edge.Upstream, "TOLLGATE_EDGE_UPSTREAM")
+	set(&c.Invoicer.Listen, "TOLLGATE_INVOICER_LISTEN")
+	set(&c.Invoicer.Stripe.APIKey, "TOLLGATE_STRIPE_API_KEY")
+	set(&c.Invoicer.Stripe.APIURL, "TOLLGATE_STRIPE_API_URL")
+	set(&c.Invoicer.Stripe.WebhookSecret, "TOLLGATE_STRIPE_WEBHOOK_SECRET")
 	set(&c.Edge.SandboxUpstream, "TOLLGATE_EDGE_SANDBOX_UPSTREAM")
 	set(&c.Edge.AdminListen, "TOLLGATE_EDGE_ADMIN_LISTEN")
 	set(&c.Edge.AdminTokenSHA256, "TOLLGATE_EDGE_ADMIN_TOKEN_SHA256")
@@ -97,6 +103,7 @@ func (c *Config) defaults() {
 	}
 	c.Edge.Defaults()
 	c.Ingest.Defaults()
+	c.Invoicer.Defaults()
 	c.Aggregator.Defaults()
 	if len(c.Meters) == 0 {
 		c.Meters = []meter.Meter{meter.Default()}
@@ -123,6 +130,9 @@ func (c *Config) Validate(components ...string) error {
 	}
 	if all || want["ingest"] {
 		errs = append(errs, c.Ingest.Validate())
+	}
+	if all || want["invoice"] {
+		errs = append(errs, c.Invoicer.Validate())
 	}
 	if all || want["ingest"] || want["aggregate"] {
 		errs = append(errs, c.Aggregator.Validate())

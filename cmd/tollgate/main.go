@@ -51,6 +51,7 @@ func subcommands(g *globalFlags) []*cobra.Command {
 		componentCommand(g, "edge", "Authenticate, limit, proxy and meter API calls", edgeComponent),
 		componentCommand(g, "ingest", "Land usage events from Kafka in ClickHouse", ingestComponent),
 		aggregateCommand(g),
+		invoiceCommand(g),
 		componentCommand(g, "all", "Run every component in one process", allComponents),
 		checkConfigCommand(g),
 		migrateCommand(g),
@@ -104,7 +105,7 @@ func ingestComponent(ctx context.Context, cfg Config, log *slog.Logger) ([]named
 // is up before its producer, and stops it front to back.
 func allComponents(ctx context.Context, cfg Config, log *slog.Logger) ([]named, error) {
 	var out []named
-	for _, s := range []starter{aggregateComponent, ingestComponent, edgeComponent} {
+	for _, s := range []starter{invoiceComponent, aggregateComponent, ingestComponent, edgeComponent} {
 		cs, err := s(ctx, cfg, log)
 		if err != nil {
 			closeAll(log, out)

@@ -50,6 +50,7 @@ func startPipeline(t *testing.T) *pipeline {
 	cfg.Services.KafkaBrokers = testenv.KafkaBrokers()
 	cfg.Edge.Listen = "127.0.0.1:0"
 	cfg.Aggregator.Listen = "127.0.0.1:0"
+	cfg.Invoicer.Listen = "127.0.0.1:0"
 	cfg.Edge.Upstream = upSrv.URL
 	cfg.Ingest.Topic = topic
 	cfg.Ingest.DeadLetter = topic + ".dlq"
@@ -88,6 +89,8 @@ func (p *pipeline) newKey(t *testing.T, account string, env schemas.Environment)
 	ctx := context.Background()
 	store := edgepg.NewKeyStore(p.pg.Pool)
 	testenv.Must(t, store.EnsureAccount(ctx, account, account), "ensure account")
+	// The free tier allows 5 calls a second; these tests send more.
+	testenv.Must(t, store.EnsureSubscription(ctx, account, "growth"), "subscribe")
 	secret, parsed, err := edge.GenerateKey(edge.Secret, env)
 	testenv.Must(t, err, "generate key")
 	keyID = "key_" + strings.ReplaceAll(uuid.NewString(), "-", "")[:16]

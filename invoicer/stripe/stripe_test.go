@@ -10,10 +10,10 @@ import (
 
 	"github.com/stripe/stripe-go/v76/webhook"
 
+	"github.com/tollgate-dev/tollgate/internal/testenv"
 	"github.com/tollgate-dev/tollgate/invoicer"
 	"github.com/tollgate-dev/tollgate/invoicer/stripe"
 	"github.com/tollgate-dev/tollgate/invoicer/stripe/stripetest"
-	"github.com/tollgate-dev/tollgate/internal/testenv"
 )
 
 // suite is the behaviour every implementation behind invoicer.Stripe must

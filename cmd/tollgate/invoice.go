@@ -1,0 +1,503 @@
+package main
+
+import (
+	"context"
+	"encoding/csv"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/ClickHouse/clickhouse-go/v2"
+	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/schollz/progressbar/v3"
+	"github.com/spf13/cobra"
+
+	edgepg "github.com/tollgate-dev/tollgate/edge/postgres"
+	"github.com/tollgate-dev/tollgate/ingest"
+	chsink "github.com/tollgate-dev/tollgate/ingest/clickhouse"
+	"github.com/tollgate-dev/tollgate/invoicer"
+	"github.com/tollgate-dev/tollgate/invoicer/api"
+	invch "github.com/tollgate-dev/tollgate/invoicer/clickhouse"
+	invkafka "github.com/tollgate-dev/tollgate/invoicer/kafka"
+	invpg "github.com/tollgate-dev/tollgate/invoicer/postgres"
+	invstripe "github.com/tollgate-dev/tollgate/invoicer/stripe"
+)
+
+// InvoiceMain runs the invoicer: the period-close loop (close, finalize,
+// sync to Stripe) and the invoice API on its own listener.
+type InvoiceMain struct {
+	log      *slog.Logger
+	pool     *pgxpool.Pool
+	ch       driver.Conn
+	iv       *invoicer.Invoicer
+	srv      *http.Server
+	ln       net.Listener
+	interval time.Duration
+}
+
+// newInvoicer wires the invoicer's dependencies.
+func newInvoicer(ctx context.Context, cfg Config, log *slog.Logger) (*invoicer.Invoicer, *pgxpool.Pool, driver.Conn, error) {
+	pool, err := openPostgres(ctx, cfg.Services.PostgresURL)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	ch, err := openClickHouse(ctx, cfg.Services.ClickHouseAddr, cfg.Services.ClickHouseDatabase)
+	if err != nil {
+		pool.Close()
+		return nil, nil, nil, err
+	}
+	var sc invoicer.Stripe
+	if s := cfg.Invoicer.Stripe; s.APIKey != "" {
+		sc = invstripe.New(invstripe.Config{APIKey: s.APIKey, URL: s.APIURL})
+	} else {
+		log.Warn("invoicer.stripe.api_key is not set: invoices stay in the ledger and are not sent to Stripe")
+	}
+	usage := invch.New(ch)
+	iv, err := invoicer.New(invpg.New(pool), usage, usage, sc, invoicer.Options{Meters: cfg.Meters,
+		Grace: cfg.Invoicer.Grace, Lookback: cfg.Invoicer.LookbackMonths}, log)
+	if err != nil {
+		pool.Close()
+		ch.Close()
+		return nil, nil, nil, err
+	}
+	return iv, pool, ch, nil
+}
+
+// NewInvoiceMain connects to Postgres and ClickHouse and binds the API.
+func NewInvoiceMain(ctx context.Context, cfg Config, log *slog.Logger) (*InvoiceMain, error) {
+	log = log.With("component", "invoice")
+	iv, pool, ch, err := newInvoicer(ctx, cfg, log)
+	if err != nil {
+		return nil, err
+	}
+	var verifier invoicer.WebhookVerifier
+	if cfg.Invoicer.Stripe.WebhookSecret != "" {
+		verifier = &invstripe.Verifier{Secret: cfg.Invoicer.Stripe.WebhookSecret}
+	}
+	h := api.New(edgepg.NewKeyStore(pool), invpg.New(pool), invch.New(ch), iv, verifier, cfg.Meters, log)
+	ln, err := net.Listen("tcp", cfg.Invoicer.Listen)
+	if err != nil {
+		pool.Close()
+		ch.Close()
+		return nil, fmt.Errorf("invoice api: listen on %s: %w", cfg.Invoicer.Listen, err)
+	}
+	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second, ReadTimeout: 30 * time.Second, WriteTimeout: 60 * time.Second}
+	return &InvoiceMain{log: log, pool: pool, ch: ch, iv: iv, srv: srv, ln: ln, interval: cfg.Invoicer.Interval}, nil
+}
+
+// Addr is the API's bound address.
+func (m *InvoiceMain) Addr() string { return m.ln.Addr().String() }
+
+// Run serves the API and closes periods every interval until ctx ends.
+func (m *InvoiceMain) Run(ctx context.Context) error {
+	m.log.Info("invoicer running", "api", m.Addr())
+	errc := make(chan error, 1)
+	go func() {
+		if err := m.srv.Serve(m.ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			errc <- err
+		}
+		close(errc)
+	}()
+	loopErr := m.iv.Run(ctx, m.interval)
+	sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	return errors.Join(loopErr, m.srv.Shutdown(sctx), <-errc)
+}
+
+// Close releases the connections.
+func (m *InvoiceMain) Close() error {
+	m.pool.Close()
+	return m.ch.Close()
+}
+
+func invoiceComponent(ctx context.Context, cfg Config, log *slog.Logger) ([]named, error) {
+	m, err := NewInvoiceMain(ctx, cfg, log)
+	if err != nil {
+		return nil, err
+	}
+	return []named{{"invoice", m}}, nil
+}
+
+// invoiceCommand is `tollgate invoice` (the component) and the finance
+// sub-commands.
+func invoiceCommand(g *globalFlags) *cobra.Command {
+	c := componentCommand(g, "invoice", "Close billing periods, sync invoices to Stripe, serve the invoice API", invoiceComponent)
+	c.AddCommand(invoiceCloseCommand(g), invoiceReplayCommand(g), invoiceCreditNoteCommand(g))
+	return c
+}
+
+// loadFor loads and validates the configuration for the invoicer.
+func loadFor(g *globalFlags, components ...string) (Config, *slog.Logger, error) {
+	log, err := g.logger()
+	if err != nil {
+		return Config{}, nil, err
+	}
+	cfg, err := LoadConfig(g.config)
+	if err != nil {
+		return cfg, nil, err
+	}
+	if err := cfg.Validate(components...); err != nil {
+		return cfg, nil, fmt.Errorf("invalid configuration:\n%w", err)
+	}
+	return cfg, log, nil
+}
+
+func invoiceCloseCommand(g *globalFlags) *cobra.Command {
+	return &cobra.Command{
+		Use:   "close",
+		Short: "Close every due period and sync to Stripe once, then exit",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cfg, log, err := loadFor(g, "invoice")
+			if err != nil {
+				return err
+			}
+			iv, pool, ch, err := newInvoicer(cmd.Context(), cfg, log)
+			if err != nil {
+				return err
+			}
+			defer pool.Close()
+			defer ch.Close()
+			return iv.Once(cmd.Context())
+		},
+	}
+}
+
+func invoiceCreditNoteCommand(g *globalFlags) *cobra.Command {
+	var amount int64
+	var reason string
+	c := &cobra.Command{
+		Use:   "credit-note INVOICE_ID",
+		Short: "Append a credit note (in minor units) to a finalized invoice; the invoice itself is never edited",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			cfg, _, err := loadFor(g, "invoice")
+			if err != nil {
+				return err
+			}
+			if reason == "" {
+				return errors.New("--reason is required")
+			}
+			pool, err := openPostgres(cmd.Context(), cfg.Services.PostgresURL)
+			if err != nil {
+				return err
+			}
+			defer pool.Close()
+			if err := invpg.New(pool).AppendCreditNote(cmd.Context(), args[0], amount, reason); err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "credit note of %d appended to %s\n", amount, args[0])
+			return nil
+		},
+	}
+	c.Flags().Int64Var(&amount, "amount", 0, "amount to credit, in minor units (positive)")
+	c.Flags().StringVar(&reason, "reason", "", "why (kept in the ledger)")
+	return c
+}
+
+// replayOptions are the flags of `tollgate invoice replay`.
+type replayOptions struct {
+	since       string
+	from, to    string
+	scratch     string
+	keepScratch bool
+	skipLoad    bool
+	reportJSON  string
+	reportCSV   string
+	batch       int
+}
+
+func invoiceReplayCommand(g *globalFlags) *cobra.Command {
+	var o replayOptions
+	c := &cobra.Command{
+		Use:   "replay",
+		Short: "Rebuild usage from the Kafka topic in a scratch database, recompute the ledger's invoices and report each as match or different",
+		Long: `replay reads the usage topic (from the start, or from --since) into a fresh
+ClickHouse database with the same decoding, deduplication and lateness rule as
+ingest, recomputes every finalized invoice whose period starts in
+[--from, --to) under the plan versions the ledger recorded, and writes a JSON
+and a CSV report. It exits with an error when any invoice differs.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cfg, log, err := loadFor(g, "invoice", "ingest")
+			if err != nil {
+				return err
+			}
+			res, err := runReplay(cmd.Context(), cfg, o, log, cmd.ErrOrStderr())
+			if err != nil {
+				return err
+			}
+			return summarize(cmd.OutOrStdout(), res)
+		},
+	}
+	f := c.Flags()
+	f.StringVar(&o.since, "since", "", "read the topic from this time (RFC 3339); default: from the start")
+	f.StringVar(&o.from, "from", "", "audit invoices whose period starts at or after this time (RFC 3339); default: all")
+	f.StringVar(&o.to, "to", "", "audit invoices whose period starts before this time (RFC 3339); default: all")
+	f.StringVar(&o.scratch, "scratch-database", "", "ClickHouse database to rebuild into (must not exist unless --skip-load); default: a fresh name")
+	f.BoolVar(&o.keepScratch, "keep-scratch", false, "keep the scratch database afterwards")
+	f.BoolVar(&o.skipLoad, "skip-load", false, "audit against an existing --scratch-database without reading Kafka")
+	f.StringVar(&o.reportJSON, "report-json", "replay-report.json", "where to write the JSON report")
+	f.StringVar(&o.reportCSV, "report-csv", "replay-report.csv", "where to write the CSV report")
+	f.IntVar(&o.batch, "batch", 20000, "events per insert into the scratch database")
+	return c
+}
+
+// ReplayReport is the JSON report.
+type ReplayReport struct {
+	Topic           string                 `json:"topic"`
+	Since           *time.Time             `json:"since,omitempty"`
+	ScratchDatabase string                 `json:"scratch_database"`
+	RecordsRead     int64                  `json:"records_read"`
+	EventsLoaded    int64                  `json:"events_loaded"`
+	LateEvents      int64                  `json:"late_events"`
+	Rejected        int64                  `json:"rejected_records"`
+	LoadSeconds     float64                `json:"load_seconds"`
+	Invoices        int                    `json:"invoices"`
+	Matching        int                    `json:"matching"`
+	Different       int                    `json:"different"`
+	Results         []invoicer.AuditResult `json:"results"`
+}
+
+func parseTime(flag, v string) (time.Time, error) {
+	if v == "" {
+		return time.Time{}, nil
+	}
+	t, err := time.Parse(time.RFC3339, v)
+	if err != nil {
+		return t, fmt.Errorf("--%s: %w", flag, err)
+	}
+	return t, nil
+}
+
+func runReplay(ctx context.Context, cfg Config, o replayOptions, log *slog.Logger, stderr io.Writer) (ReplayReport, error) {
+	var rep ReplayReport
+	since, err := parseTime("since", o.since)
+	if err != nil {
+		return rep, err
+	}
+	from, err := parseTime("from", o.from)
+	if err != nil {
+		return rep, err
+	}
+	to, err := parseTime("to", o.to)
+	if err != nil {
+		return rep, err
+	}
+	if to.IsZero() {
+		to = time.Date(9999, 1, 1, 0, 0, 0, 0, time.UTC)
+	}
+	if o.skipLoad && o.scratch == "" {
+		return rep, errors.New("--skip-load needs --scratch-database")
+	}
+	if o.batch <= 0 {
+		o.batch = 20000
+	}
+	scratch := o.scratch
+	if scratch == "" {
+		scratch = fmt.Sprintf("tollgate_replay_%d", time.Now().UnixNano())
+	}
+	rep.Topic, rep.ScratchDatabase = cfg.Ingest.Topic, scratch
+	if !since.IsZero() {
+		rep.Since = &since
+	}
+	pool, err := openPostgres(ctx, cfg.Services.PostgresURL)
+	if err != nil {
+		return rep, err
+	}
+	defer pool.Close()
+	if !o.skipLoad {
+		if exists, err := clickHouseDatabaseExists(ctx, cfg.Services.ClickHouseAddr, scratch); err != nil {
+			return rep, err
+		} else if exists {
+			return rep, fmt.Errorf("scratch database %s already exists; replay only loads into a fresh one", scratch)
+		}
+	}
+	ch, err := openClickHouse(ctx, cfg.Services.ClickHouseAddr, scratch)
+	if err != nil {
+		return rep, err
+	}
+	defer ch.Close()
+	if !o.keepScratch {
+		defer dropClickHouseDatabase(cfg.Services.ClickHouseAddr, scratch, log)
+	}
+	if !o.skipLoad {
+		start := time.Now()
+		if err := loadScratch(ctx, cfg, ch, since, o.batch, &rep, stderr); err != nil {
+			return rep, err
+		}
+		rep.LoadSeconds = time.Since(start).Seconds()
+	}
+	store := invpg.New(pool)
+	invs, err := store.ClosedInvoices(ctx, from, to)
+	if err != nil {
+		return rep, err
+	}
+	iv, err := invoicer.New(store, nil, nil, nil, invoicer.Options{Meters: cfg.Meters}, log)
+	if err != nil {
+		return rep, err
+	}
+	bar := newBar(stderr, int64(len(invs)), "recomputing invoices")
+	rep.Results, err = iv.Audit(ctx, invch.New(ch), invs, func(done, _ int) { _ = bar.Set(done) })
+	_ = bar.Finish()
+	if err != nil {
+		return rep, err
+	}
+	rep.Invoices = len(rep.Results)
+	for _, r := range rep.Results {
+		if r.Match {
+			rep.Matching++
+		} else {
+			rep.Different++
+		}
+	}
+	if err := writeReports(rep, o.reportJSON, o.reportCSV); err != nil {
+		return rep, err
+	}
+	return rep, nil
+}
+
+func newBar(w io.Writer, total int64, desc string) *progressbar.ProgressBar {
+	return progressbar.NewOptions64(total, progressbar.OptionSetWriter(w), progressbar.OptionSetDescription(desc),
+		progressbar.OptionShowCount(), progressbar.OptionShowIts(), progressbar.OptionThrottle(200*time.Millisecond),
+		progressbar.OptionOnCompletion(func() { fmt.Fprintln(w) }))
+}
+
+// loadScratch reads the topic into the scratch database exactly as ingest
+// would have landed it: ingest.Split decodes, deduplicates and applies the
+// lateness rule, and the ingest sink writes the same columns.
+func loadScratch(ctx context.Context, cfg Config, ch driver.Conn, since time.Time, batch int, rep *ReplayReport, stderr io.Writer) error {
+	sink := chsink.NewSink(ch)
+	log := &invkafka.Log{Brokers: cfg.Services.KafkaBrokers, Topic: cfg.Ingest.Topic}
+	var bar *progressbar.ProgressBar
+	now := time.Now()
+	err := log.Read(ctx, since, batch, func(msgs []invkafka.Message) error {
+		in := make([]ingest.Message, len(msgs))
+		for i, m := range msgs {
+			in[i] = ingest.Message{Partition: m.Partition, Offset: m.Offset, Key: m.Key, Value: m.Value, Time: m.Time}
+		}
+		events, late, rejected, _ := ingest.Split(in, now, cfg.Ingest.MaxLateness)
+		if len(events) > 0 {
+			if err := sink.Insert(ctx, events); err != nil {
+				return err
+			}
+		}
+		if len(late) > 0 {
+			if err := sink.InsertLate(ctx, late); err != nil {
+				return err
+			}
+		}
+		rep.RecordsRead += int64(len(msgs))
+		rep.EventsLoaded += int64(len(events))
+		rep.LateEvents += int64(len(late))
+		rep.Rejected += int64(len(rejected))
+		return nil
+	}, func(done, total int64) {
+		if bar == nil {
+			bar = newBar(stderr, total, "reading "+cfg.Ingest.Topic)
+		}
+		_ = bar.Set64(done)
+	})
+	if bar != nil {
+		_ = bar.Finish()
+	}
+	if err != nil {
+		return fmt.Errorf("load scratch database: %w", err)
+	}
+	return nil
+}
+
+func writeReports(rep ReplayReport, jsonPath, csvPath string) error {
+	if jsonPath != "" {
+		b, err := json.MarshalIndent(rep, "", "  ")
+		if err != nil {
+			return err
+		}
+		if err := os.WriteFile(jsonPath, append(b, '\n'), 0o644); err != nil {
+			return fmt.Errorf("write json report: %w", err)
+		}
+	}
+	if csvPath != "" {
+		f, err := os.Create(csvPath)
+		if err != nil {
+			return fmt.Errorf("write csv report: %w", err)
+		}
+		w := csv.NewWriter(f)
+		_ = w.Write([]string{"invoice_id", "account_id", "period_start", "period_end", "currency", "ledger_total",
+			"replay_total", "ledger_events", "replay_events", "ledger_hash", "replay_hash", "result", "differences"})
+		for _, r := range rep.Results {
+			result := "match"
+			if !r.Match {
+				result = "different"
+			}
+			_ = w.Write([]string{r.InvoiceID, r.AccountID, r.PeriodStart.Format(time.RFC3339), r.PeriodEnd.Format(time.RFC3339),
+				r.Currency, strconv.FormatInt(r.LedgerTotal, 10), strconv.FormatInt(r.ReplayTotal, 10),
+				strconv.FormatInt(r.LedgerEvents, 10), strconv.FormatInt(r.ReplayEvents, 10), r.LedgerHash, r.ReplayHash,
+				result, strings.Join(r.Differences, "; ")})
+		}
+		w.Flush()
+		if err := errors.Join(w.Error(), f.Close()); err != nil {
+			return fmt.Errorf("write csv report: %w", err)
+		}
+	}
+	return nil
+}
+
+// summarize prints the outcome and fails when any invoice differs.
+func summarize(w io.Writer, rep ReplayReport) error {
+	fmt.Fprintf(w, "read %d records (%d events, %d late, %d rejected) into %s\n", rep.RecordsRead, rep.EventsLoaded, rep.LateEvents, rep.Rejected, rep.ScratchDatabase)
+	fmt.Fprintf(w, "%d invoices: %d match, %d different\n", rep.Invoices, rep.Matching, rep.Different)
+	for _, r := range rep.Results {
+		if !r.Match {
+			fmt.Fprintf(w, "DIFFERENT %s %s %s: %s\n", r.InvoiceID, r.AccountID, r.PeriodStart.Format("2006-01"), strings.Join(r.Differences, "; "))
+		}
+	}
+	if rep.Different > 0 {
+		return fmt.Errorf("%d of %d invoices differ from the replayed usage", rep.Different, rep.Invoices)
+	}
+	fmt.Fprintln(w, "zero difference: every invoice is proved by the raw event log")
+	return nil
+}
+
+func adminClickHouse(addr string) (driver.Conn, error) {
+	return clickhouse.Open(&clickhouse.Options{Addr: []string{addr}, Auth: clickhouse.Auth{Database: "default", Username: "default"},
+		DialTimeout: 5 * time.Second, Protocol: clickhouse.Native})
+}
+
+func clickHouseDatabaseExists(ctx context.Context, addr, name string) (bool, error) {
+	c, err := adminClickHouse(addr)
+	if err != nil {
+		return false, err
+	}
+	defer c.Close()
+	var n uint64
+	if err := c.QueryRow(ctx, "SELECT count() FROM system.databases WHERE name = ?", name).Scan(&n); err != nil {
+		return false, fmt.Errorf("look up clickhouse database %s: %w", name, err)
+	}
+	return n > 0, nil
+}
+
+func dropClickHouseDatabase(addr, name string, log *slog.Logger) {
+	if !chIdent.MatchString(name) {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	c, err := adminClickHouse(addr)
+	if err == nil {
+		err = c.Exec(ctx, "DROP DATABASE IF EXISTS "+name)
+		c.Close()
+	}
+	if err != nil {
+		log.Warn("could not drop the scratch database", "database", name, "err", err)
+	}
+}

@@ -1,0 +1,334 @@
+// Package api serves the invoice API for dashboards (current usage, the
+// projected invoice, past invoices with lines and their Stripe links) and
+// receives Stripe webhooks. Every request but the webhook is authenticated
+// with one of the account's secret API keys and sees only that account.
+package api
+
+import (
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"net/http"
+	"strings"
+	"time"
+
+	"github.com/google/uuid"
+	"github.com/labstack/echo/v4"
+
+	"github.com/tollgate-dev/tollgate/edge"
+	"github.com/tollgate-dev/tollgate/invoicer"
+	"github.com/tollgate-dev/tollgate/meter"
+	"github.com/tollgate-dev/tollgate/schemas"
+)
+
+// KeyStore finds an API key by the SHA-256 of its secret.
+type KeyStore interface {
+	KeyByHash(ctx context.Context, hash [32]byte) (edge.Key, error)
+}
+
+// Projector computes invoices for a period (the Invoicer does).
+type Projector interface {
+	ComputePeriod(ctx context.Context, usage invoicer.UsageReader, p invoicer.Period, accounts []invoicer.Account, wm time.Time) ([]invoicer.Invoice, error)
+}
+
+// Server is the invoice API.
+type Server struct {
+	keys     KeyStore
+	store    invoicer.Store
+	usage    invoicer.UsageReader
+	proj     Projector
+	verifier invoicer.WebhookVerifier // nil: webhooks refused
+	meters   []meter.Meter
+	log      *slog.Logger
+	now      func() time.Time
+	echo     *echo.Echo
+}
+
+// New builds the API handler.
+func New(keys KeyStore, store invoicer.Store, usage invoicer.UsageReader, proj Projector,
+	verifier invoicer.WebhookVerifier, meters []meter.Meter, log *slog.Logger) *Server {
+	if len(meters) == 0 {
+		meters = []meter.Meter{meter.Default()}
+	}
+	s := &Server{keys: keys, store: store, usage: usage, proj: proj, verifier: verifier, meters: meters, log: log, now: time.Now}
+	e := echo.New()
+	e.HideBanner, e.HidePort = true, true
+	e.HTTPErrorHandler = s.errorHandler
+	e.Use(requestID)
+	e.GET("/healthz", func(c echo.Context) error { return c.String(http.StatusOK, "ok\n") })
+	e.POST("/v1/webhooks/stripe", s.webhook)
+	g := e.Group("/v1", s.authenticate)
+	g.GET("/usage/current", s.currentUsage)
+	g.GET("/invoices/upcoming", s.upcoming)
+	g.GET("/invoices", s.list)
+	g.GET("/invoices/:id", s.get)
+	s.echo = e
+	return s
+}
+
+// ServeHTTP makes the Server an http.Handler.
+func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.echo.ServeHTTP(w, r) }
+
+const headerRequestID = edge.HeaderRequestID
+
+func requestID(next echo.HandlerFunc) echo.HandlerFunc {
+	return func(c echo.Context) error {
+		c.Response().Header().Set(headerRequestID, "req_"+strings.ReplaceAll(uuid.NewString(), "-", ""))
+		return next(c)
+	}
+}
+
+func bearer(r *http.Request) string {
+	h := r.Header.Get("Authorization")
+	if len(h) > 7 && strings.EqualFold(h[:7], "bearer ") {
+		return strings.TrimSpace(h[7:])
+	}
+	if u, _, ok := r.BasicAuth(); ok {
+		return u
+	}
+	return ""
+}
+
+// authenticate accepts only a usable secret key and pins the request to
+// its account.
+func (s *Server) authenticate(next echo.HandlerFunc) echo.HandlerFunc {
+	return func(c echo.Context) error {
+		raw := bearer(c.Request())
+		if raw == "" {
+			return edge.ErrNoKey
+		}
+		pk, err := edge.ParseKey(raw)
+		if err != nil {
+			return err
+		}
+		k, err := s.keys.KeyByHash(c.Request().Context(), pk.Hash)
+		if err != nil {
+			return err
+		}
+		if !edge.HashEqual(k.Hash, pk.Hash[:]) {
+			return edge.ErrKeyNotFound
+		}
+		if err := k.Usable(s.now()); err != nil {
+			return err
+		}
+		if k.Kind != edge.Secret {
+			return edge.NewAPIError(http.StatusForbidden, edge.TypePermission, "secret_key_required",
+				"Invoices and usage can be read only with a secret key (sk_…), never a publishable one.")
+		}
+		c.Set("account", k.AccountID)
+		return next(c)
+	}
+}
+
+func account(c echo.Context) string { return c.Get("account").(string) }
+
+// UsageSummary is one environment's usage.
+type UsageSummary struct {
+	Events     int64            `json:"events"`
+	Quantities map[string]int64 `json:"quantities"`
+}
+
+// CurrentUsage is the response of GET /v1/usage/current.
+type CurrentUsage struct {
+	AccountID string          `json:"account_id"`
+	Period    invoicer.Period `json:"period"`
+	AsOf      time.Time       `json:"as_of"`
+	// Live is billed; Test is metered, never billed.
+	Live UsageSummary `json:"live"`
+	Test UsageSummary `json:"test"`
+}
+
+func (s *Server) period(ctx context.Context, acct string) (invoicer.Account, invoicer.Period, time.Time, error) {
+	a, err := s.store.Account(ctx, acct)
+	if err != nil {
+		return a, invoicer.Period{}, time.Time{}, err
+	}
+	loc, err := time.LoadLocation(a.Timezone)
+	if err != nil {
+		loc = time.UTC
+	}
+	now := s.now().UTC().Truncate(time.Second)
+	return a, invoicer.MonthPeriod(now, loc), now, nil
+}
+
+func (s *Server) currentUsage(c echo.Context) error {
+	ctx := c.Request().Context()
+	a, p, now, err := s.period(ctx, account(c))
+	if err != nil {
+		return err
+	}
+	out := CurrentUsage{AccountID: a.ID, Period: p, AsOf: now}
+	for _, x := range []struct {
+		env schemas.Environment
+		dst *UsageSummary
+	}{{schemas.Live, &out.Live}, {schemas.Test, &out.Test}} {
+		u, err := s.usage.Usage(ctx, []string{a.ID}, invoicer.Period{Start: p.Start, End: now.Add(time.Second)}, s.meters, x.env)
+		if err != nil {
+			return err
+		}
+		q := u[a.ID].Quantities
+		if q == nil {
+			q = map[string]int64{}
+		}
+		for _, m := range s.meters {
+			if _, ok := q[m.Key]; !ok {
+				q[m.Key] = 0
+			}
+		}
+		*x.dst = UsageSummary{Events: u[a.ID].Events, Quantities: q}
+	}
+	return c.JSON(http.StatusOK, out)
+}
+
+// Upcoming is the projected invoice: this period's live usage so far,
+// priced under the plans in force, flat fees in full.
+type Upcoming struct {
+	invoicer.Invoice
+	AsOf time.Time `json:"as_of"`
+}
+
+func (s *Server) upcoming(c echo.Context) error {
+	ctx := c.Request().Context()
+	a, p, now, err := s.period(ctx, account(c))
+	if err != nil {
+		return err
+	}
+	invs, err := s.proj.ComputePeriod(ctx, asOf{s.usage, now.Add(time.Second)}, p, []invoicer.Account{a}, now)
+	if err != nil {
+		return err
+	}
+	return c.JSON(http.StatusOK, Upcoming{Invoice: invs[0], AsOf: now})
+}
+
+// asOf cuts every usage read at a time, so a projection counts only what
+// has happened.
+type asOf struct {
+	invoicer.UsageReader
+	t time.Time
+}
+
+func (u asOf) Usage(ctx context.Context, accounts []string, p invoicer.Period, meters []meter.Meter, env schemas.Environment) (map[string]invoicer.AccountUsage, error) {
+	if p.End.After(u.t) {
+		p.End = u.t
+	}
+	if !p.End.After(p.Start) {
+		return map[string]invoicer.AccountUsage{}, nil
+	}
+	return u.UsageReader.Usage(ctx, accounts, p, meters, env)
+}
+
+// List is a page of invoices.
+type List struct {
+	Object string                   `json:"object"`
+	Data   []invoicer.StoredInvoice `json:"data"`
+}
+
+func (s *Server) list(c echo.Context) error {
+	invs, err := s.store.AccountInvoices(c.Request().Context(), account(c))
+	if err != nil {
+		return err
+	}
+	if invs == nil {
+		invs = []invoicer.StoredInvoice{}
+	}
+	return c.JSON(http.StatusOK, List{Object: "list", Data: invs})
+}
+
+func (s *Server) get(c echo.Context) error {
+	inv, err := s.store.Invoice(c.Request().Context(), c.Param("id"))
+	if err != nil {
+		return err
+	}
+	// Another account's invoice is indistinguishable from a missing one.
+	if inv.AccountID != account(c) {
+		return invoicer.ErrNotFound
+	}
+	return c.JSON(http.StatusOK, inv)
+}
+
+// maxWebhook bounds a webhook body; Stripe's are far smaller.
+const maxWebhook = 1 << 20
+
+func (s *Server) webhook(c echo.Context) error {
+	if s.verifier == nil {
+		return edge.NewAPIError(http.StatusNotFound, edge.TypeInvalidRequest, "webhooks_disabled",
+			"Stripe webhooks are not configured (invoicer.stripe.webhook_secret).")
+	}
+	body, err := io.ReadAll(io.LimitReader(c.Request().Body, maxWebhook+1))
+	if err != nil {
+		return edge.NewAPIError(http.StatusBadRequest, edge.TypeInvalidRequest, "unreadable_body", "The request body could not be read.")
+	}
+	if len(body) > maxWebhook {
+		return edge.NewAPIError(http.StatusRequestEntityTooLarge, edge.TypeInvalidRequest, "payload_too_large", "Webhook body larger than 1 MiB.")
+	}
+	ev, err := s.verifier.Verify(body, c.Request().Header.Get("Stripe-Signature"))
+	if err != nil {
+		return err
+	}
+	fresh, err := s.store.RecordWebhook(c.Request().Context(), ev)
+	if err != nil {
+		return err
+	}
+	return c.JSON(http.StatusOK, map[string]any{"received": true, "duplicate": !fresh})
+}
+
+// toAPIError maps domain errors to the one error shape; the only place
+// that does.
+func toAPIError(err error) *edge.APIError {
+	var ae *edge.APIError
+	var he *echo.HTTPError
+	switch {
+	case errors.As(err, &ae):
+		return ae
+	case errors.Is(err, edge.ErrNoKey):
+		return edge.NewAPIError(http.StatusUnauthorized, edge.TypeAuthentication, "missing_api_key",
+			"No API key provided. Send it as 'Authorization: Bearer <key>'.")
+	case errors.Is(err, edge.ErrMalformedKey):
+		return edge.NewAPIError(http.StatusUnauthorized, edge.TypeAuthentication, "malformed_api_key", "The API key is not in a valid format.")
+	case errors.Is(err, edge.ErrKeyNotFound):
+		return edge.NewAPIError(http.StatusUnauthorized, edge.TypeAuthentication, "invalid_api_key", "The API key is not valid.")
+	case errors.Is(err, edge.ErrKeyRevoked):
+		return edge.NewAPIError(http.StatusUnauthorized, edge.TypeAuthentication, "revoked_api_key", "The API key has been revoked.")
+	case errors.Is(err, edge.ErrKeyExpired):
+		return edge.NewAPIError(http.StatusUnauthorized, edge.TypeAuthentication, "expired_api_key", "The API key has expired.")
+	case errors.Is(err, invoicer.ErrUnauthorized):
+		return edge.NewAPIError(http.StatusBadRequest, edge.TypeInvalidRequest, "invalid_signature",
+			"The Stripe-Signature header does not match the payload.")
+	case errors.Is(err, invoicer.ErrNotFound):
+		return edge.NewAPIError(http.StatusNotFound, edge.TypeInvalidRequest, "resource_missing", "No such resource.")
+	case errors.Is(err, invoicer.ErrInvalid):
+		return edge.NewAPIError(http.StatusBadRequest, edge.TypeInvalidRequest, "invalid_request", err.Error())
+	case errors.As(err, &he):
+		msg := http.StatusText(he.Code)
+		if m, ok := he.Message.(string); ok {
+			msg = m
+		}
+		typ, code := edge.TypeInvalidRequest, "invalid_request"
+		switch {
+		case he.Code == http.StatusNotFound:
+			code = "not_found"
+		case he.Code == http.StatusMethodNotAllowed:
+			code = "method_not_allowed"
+		case he.Code >= 500:
+			typ, code = edge.TypeAPI, "internal_error"
+		}
+		return edge.NewAPIError(he.Code, typ, code, msg)
+	default:
+		return edge.NewAPIError(http.StatusInternalServerError, edge.TypeAPI, "internal_error", "Something went wrong on our side.")
+	}
+}
+
+func (s *Server) errorHandler(err error, c echo.Context) {
+	if c.Response().Committed {
+		return
+	}
+	ae := *toAPIError(err)
+	ae.RequestID = c.Response().Header().Get(headerRequestID)
+	if ae.Status >= 500 {
+		s.log.Error("invoice api request failed", "request_id", ae.RequestID, "err", err)
+	}
+	if werr := c.JSON(ae.Status, map[string]*edge.APIError{"error": &ae}); werr != nil {
+		s.log.Warn("write error response", "err", werr)
+	}
+}
