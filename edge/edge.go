@@ -153,17 +153,16 @@ type Config struct {
 	QuotaTimezone string `yaml:"quota_timezone"`
 }
 
-// DefaultPlans are the tier limits used when the plans table has none.
+// DefaultPlans are the tier limits used when the plans table does not
+// define the account's plan; they match the seeded version-1 tiers.
 func DefaultPlans() map[string]Plan {
 	free := int64(1000)
-	starter := int64(100_000)
-	growth := int64(2_000_000)
 	up := "https://tollgate.dev/pricing"
 	return map[string]Plan{
-		"free":       {ID: "free", Limits: Limits{RequestsPerSecond: 100, Burst: 200, MonthlyRequests: &free}, UpgradeURL: up},
-		"starter":    {ID: "starter", Limits: Limits{RequestsPerSecond: 200, Burst: 400, MonthlyRequests: &starter}, UpgradeURL: up},
-		"growth":     {ID: "growth", Limits: Limits{RequestsPerSecond: 1000, Burst: 2000, MonthlyRequests: &growth}, UpgradeURL: up},
-		"enterprise": {ID: "enterprise", Limits: Limits{RequestsPerSecond: 10_000, Burst: 20_000}, UpgradeURL: up},
+		"free":       {ID: "free", Limits: Limits{RequestsPerSecond: 5, Burst: 10, MonthlyRequests: &free}, UpgradeURL: up},
+		"starter":    {ID: "starter", Limits: Limits{RequestsPerSecond: 20, Burst: 40}, UpgradeURL: up},
+		"growth":     {ID: "growth", Limits: Limits{RequestsPerSecond: 100, Burst: 200}, UpgradeURL: up},
+		"enterprise": {ID: "enterprise", Limits: Limits{RequestsPerSecond: 1000, Burst: 2000}, UpgradeURL: up},
 	}
 }
 

@@ -166,6 +166,10 @@ func demoKeys(ctx context.Context, cfg Config) ([]demoKey, error) {
 		if err := store.EnsureAccount(ctx, account, "Demo customer "+string(rune('A'+i))); err != nil {
 			return nil, err
 		}
+		// Growth-tier limits, so the demo burst is not rate limited.
+		if err := store.EnsureSubscription(ctx, account, "growth"); err != nil {
+			return nil, err
+		}
 		secret, parsed, err := edge.GenerateKey(edge.Secret, env)
 		if err != nil {
 			return nil, err

@@ -245,3 +245,30 @@ func (s *KeyStore) EnsureAccount(ctx context.Context, id, name string) error {
 	}
 	return nil
 }
+
+// EnsureSubscription subscribes the account to the newest version of
+// planID, starting now, unless a subscription is already in force. Demos and
+// tests use it to put accounts on a tier; billing owns subscriptions
+// otherwise.
+func (s *KeyStore) EnsureSubscription(ctx context.Context, accountID, planID string) error {
+	tag, err := s.pool.Exec(ctx, `
+		INSERT INTO subscriptions (id, account_id, plan_id, plan_version, starts_at)
+		SELECT 'sub_' || md5(random()::text || clock_timestamp()::text), $1, id, version, now()
+		FROM plans WHERE id = $2
+		  AND NOT EXISTS (SELECT 1 FROM subscriptions WHERE account_id = $1 AND starts_at <= now()
+		                  AND (ends_at IS NULL OR ends_at > now()))
+		ORDER BY version DESC LIMIT 1`, accountID, planID)
+	if err != nil {
+		return fmt.Errorf("subscribe %s to %s: %w", accountID, planID, err)
+	}
+	if tag.RowsAffected() == 0 {
+		var exists bool
+		if err := s.pool.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM plans WHERE id = $1)`, planID).Scan(&exists); err != nil {
+			return fmt.Errorf("subscribe %s to %s: %w", accountID, planID, err)
+		}
+		if !exists {
+			return fmt.Errorf("%w: no plan %q", edge.ErrNotFound, planID)
+		}
+	}
+	return nil
+}

@@ -75,6 +75,8 @@ func (e *Env) Key(t *testing.T, account string, kind edge.KeyKind, env schemas.E
 	ctx := context.Background()
 	if !e.accounts[account] {
 		testenv.Must(t, e.Store.EnsureAccount(ctx, account, account), "ensure account")
+		// Roomy limits unless a test sets a plan of its own (SetPlan).
+		testenv.Must(t, e.Store.EnsureSubscription(ctx, account, "enterprise"), "subscribe")
 		e.accounts[account] = true
 	}
 	secret, parsed, err := edge.GenerateKey(kind, env)
@@ -95,7 +97,7 @@ func (e *Env) SetPlan(t *testing.T, account, planID string, lim edge.Limits, upg
 		VALUES ($1, 1, $1, 'usd', $2) ON CONFLICT DO NOTHING`, planID, def)
 	testenv.Must(t, err, "insert plan")
 	_, err = e.PG.Pool.Exec(ctx, `INSERT INTO subscriptions (id, account_id, plan_id, plan_version, starts_at)
-		VALUES ($1, $2, $3, 1, now() - interval '1 hour')`, "sub_"+schemas.NewEventID().String(), account, planID)
+		VALUES ($1, $2, $3, 1, clock_timestamp())`, "sub_"+schemas.NewEventID().String(), account, planID)
 	testenv.Must(t, err, "insert subscription")
 }
 

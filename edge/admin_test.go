@@ -1,0 +1,303 @@
+package edge_test
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/tollgate-dev/tollgate/edge"
+	"github.com/tollgate-dev/tollgate/internal/edgetest"
+	"github.com/tollgate-dev/tollgate/internal/testenv"
+	"github.com/tollgate-dev/tollgate/schemas"
+)
+
+const adminToken = "admin-token-for-tests-only"
+
+type adminClient struct {
+	t   *testing.T
+	url string
+}
+
+func (a adminClient) call(method, path, token, body string, out any) int {
+	a.t.Helper()
+	req, _ := http.NewRequest(method, a.url+path, strings.NewReader(body))
+	if token != "" {
+		req.Header.Set("Authorization", "Bearer "+token)
+	}
+	if body != "" {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	resp, err := http.DefaultClient.Do(req)
+	testenv.Must(a.t, err, method+" "+path)
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	if strings.Contains(string(b), `"hash"`) {
+		a.t.Fatalf("%s %s leaked a key hash: %s", method, path, b)
+	}
+	if out != nil {
+		testenv.Must(a.t, json.Unmarshal(b, out), "decode "+string(b))
+	}
+	return resp.StatusCode
+}
+
+func startAdmin(t *testing.T, env *edgetest.Env, audit edge.Auditor) adminClient {
+	sum := sha256.Sum256([]byte(adminToken))
+	a, err := edge.NewAdmin(hex.EncodeToString(sum[:]), edge.AdminDeps{Store: env.Store, Auditor: audit})
+	testenv.Must(t, err, "new admin")
+	s := httptest.NewServer(a)
+	t.Cleanup(s.Close)
+	return adminClient{t: t, url: s.URL}
+}
+
+func TestAdminKeyLifecycle(t *testing.T) {
+	env := edgetest.New(t)
+	in := env.Start(t, edgetest.Options{})
+	admin := startAdmin(t, env, in.Audit)
+
+	var errBody struct{ Error edge.APIError }
+	if s := admin.call("GET", "/admin/v1/accounts/acct_adm/keys", "wrong", "", &errBody); s != 401 || errBody.Error.Code != "invalid_admin_token" {
+		t.Fatalf("wrong admin token: %d %+v", s, errBody.Error)
+	}
+	if s := admin.call("PUT", "/admin/v1/accounts/acct_adm", adminToken, `{"name":"Admin Co"}`, nil); s != 200 {
+		t.Fatalf("put account: %d", s)
+	}
+	testenv.Must(t, env.Store.EnsureSubscription(context.Background(), "acct_adm", "enterprise"), "subscribe")
+	var created edge.CreatedKey
+	if s := admin.call("POST", "/admin/v1/accounts/acct_adm/keys", adminToken, `{"kind":"secret","environment":"live","name":"ci"}`, &created); s != 201 {
+		t.Fatalf("create: %d", s)
+	}
+	if !strings.HasPrefix(created.Secret, "sk_live_") || !strings.HasPrefix(created.Secret, created.Key.DisplayPrefix) || created.Key.Status != "active" {
+		t.Fatalf("created %+v", created)
+	}
+	if s := admin.call("POST", "/admin/v1/accounts/acct_adm/keys", adminToken, `{"kind":"publishable","scopes":["widgets:write"]}`, &errBody); s != 400 {
+		t.Fatalf("publishable key with a write scope: %d, want 400", s)
+	}
+	if s := admin.call("POST", "/admin/v1/accounts/nobody/keys", adminToken, `{}`, &errBody); s != 404 {
+		t.Fatalf("key for a missing account: %d, want 404", s)
+	}
+	if r := edgetest.Do(t, "GET", in.URL+"/v1/x", created.Secret, nil); r.Status != 200 {
+		t.Fatalf("new key: %d", r.Status)
+	}
+
+	// Roll with a short overlap: both keys work, then the old one expires.
+	var rolled edge.CreatedKey
+	if s := admin.call("POST", "/admin/v1/keys/"+created.Key.ID+"/roll", adminToken, `{"overlap":"1500ms"}`, &rolled); s != 201 {
+		t.Fatalf("roll: %d", s)
+	}
+	if rolled.Previous == nil || rolled.Previous.ExpiresAt == nil || rolled.Key.RolledFrom != created.Key.ID {
+		t.Fatalf("rolled %+v", rolled)
+	}
+	if d := time.Until(*rolled.Previous.ExpiresAt); d <= 0 || d > 1500*time.Millisecond {
+		t.Fatalf("old key expires in %s, want within 1.5s", d)
+	}
+	for _, k := range []string{created.Secret, rolled.Secret} {
+		if r := edgetest.Do(t, "GET", in.URL+"/v1/x", k, nil); r.Status != 200 {
+			t.Fatalf("during the overlap: %d %s", r.Status, r.Body)
+		}
+	}
+	testenv.Wait(t, 5*time.Second, "old key to expire", func() bool {
+		return edgetest.Do(t, "GET", in.URL+"/v1/x", created.Secret, nil).Error.Code == "expired_api_key"
+	})
+	if r := edgetest.Do(t, "GET", in.URL+"/v1/x", rolled.Secret, nil); r.Status != 200 {
+		t.Fatalf("new key after the overlap: %d %s %v", r.Status, r.Body, r.Header)
+	}
+
+	// Default overlap is 24 hours.
+	var rolled2 edge.CreatedKey
+	if s := admin.call("POST", "/admin/v1/keys/"+rolled.Key.ID+"/roll", adminToken, "", &rolled2); s != 201 {
+		t.Fatalf("roll with default overlap: %d", s)
+	}
+	if d := time.Until(*rolled2.Previous.ExpiresAt); d < 23*time.Hour+59*time.Minute || d > 24*time.Hour {
+		t.Fatalf("default overlap leaves %s, want 24h", d)
+	}
+
+	// Revoke takes effect at once.
+	var revoked edge.KeyView
+	if s := admin.call("POST", "/admin/v1/keys/"+rolled2.Key.ID+"/revoke", adminToken, `{"reason":"leaked in a log"}`, &revoked); s != 200 || revoked.Status != "revoked" {
+		t.Fatalf("revoke: %d %+v", s, revoked)
+	}
+	testenv.Wait(t, time.Second, "revoked key refused", func() bool {
+		return edgetest.Do(t, "GET", in.URL+"/v1/x", rolled2.Secret, nil).Error.Code == "revoked_api_key"
+	})
+
+	// List: every key, never a secret.
+	var list struct {
+		Keys []map[string]any `json:"keys"`
+	}
+	if s := admin.call("GET", "/admin/v1/accounts/acct_adm/keys", adminToken, "", &list); s != 200 || len(list.Keys) != 3 {
+		t.Fatalf("list: %d, %d keys", s, len(list.Keys))
+	}
+	for _, k := range list.Keys {
+		if _, ok := k["secret"]; ok {
+			t.Fatalf("list shows a secret: %v", k)
+		}
+	}
+
+	// Audit: every key event, and the failed admin login.
+	in.Audit.Flush(context.Background())
+	rows, err := env.PG.Pool.Query(context.Background(), `SELECT action, coalesce(key_id, ''), coalesce(key_prefix, ''), coalesce(reason, ''), coalesce(remote_addr, '')
+		FROM audit_log ORDER BY id`)
+	testenv.Must(t, err, "audit")
+	var got []string
+	for rows.Next() {
+		var action, keyID, prefix, reason, remote string
+		testenv.Must(t, rows.Scan(&action, &keyID, &prefix, &reason, &remote), "scan")
+		if remote == "" && action != edge.ActionKeyCreated {
+			t.Errorf("audit %s without remote address", action)
+		}
+		got = append(got, action+" "+keyID)
+	}
+	want := []string{
+		edge.ActionKeyCreated + " " + created.Key.ID,
+		edge.ActionKeyRolled + " " + created.Key.ID,
+		edge.ActionKeyCreated + " " + rolled.Key.ID,
+		edge.ActionKeyRolled + " " + rolled.Key.ID,
+		edge.ActionKeyCreated + " " + rolled2.Key.ID,
+		edge.ActionKeyRevoked + " " + rolled2.Key.ID,
+	}
+	if fmt.Sprint(filterKeyEvents(got)) != fmt.Sprint(want) {
+		t.Fatalf("key audit rows\n got %v\nwant %v", filterKeyEvents(got), want)
+	}
+	if !contains(got, edge.ActionAdminAuth+" ") {
+		t.Fatalf("no audit row for the failed admin authentication: %v", got)
+	}
+}
+
+func filterKeyEvents(rows []string) []string {
+	var out []string
+	for _, r := range rows {
+		if strings.HasPrefix(r, "key.") {
+			out = append(out, r)
+		}
+	}
+	return out
+}
+
+func contains(xs []string, x string) bool {
+	for _, y := range xs {
+		if y == x {
+			return true
+		}
+	}
+	return false
+}
+
+func TestFailedAuthFloodIsFoldedIntoFewAuditRows(t *testing.T) {
+	env := edgetest.New(t)
+	in := env.Start(t, edgetest.Options{})
+	unknown, _, err := edge.GenerateKey(edge.Secret, schemas.Live)
+	testenv.Must(t, err, "generate")
+	const n = 300
+	for i := 0; i < n; i++ {
+		key := unknown
+		if i%3 == 0 {
+			key = "sk_live_garbage"
+		}
+		if r := edgetest.Do(t, "GET", in.URL+"/v1/x", key, nil); r.Status != 401 {
+			t.Fatalf("status %d", r.Status)
+		}
+	}
+	in.Audit.Flush(context.Background())
+	var rows, total int
+	err = env.PG.Pool.QueryRow(context.Background(), `SELECT count(*), coalesce(sum((details->>'count')::int), 0)
+		FROM audit_log WHERE action = $1`, edge.ActionAuthFailed).Scan(&rows, &total)
+	testenv.Must(t, err, "count audit rows")
+	if total != n {
+		t.Fatalf("audit rows account for %d failures, want %d", total, n)
+	}
+	// Two kinds of failure from one address, folded per 100 ms flush: far
+	// fewer rows than failures.
+	if rows < 2 || rows > n/5 {
+		t.Fatalf("%d audit rows for %d failures; want folding", rows, n)
+	}
+	var prefix, reason string
+	err = env.PG.Pool.QueryRow(context.Background(), `SELECT key_prefix, reason FROM audit_log
+		WHERE action = $1 AND reason = 'unknown' LIMIT 1`, edge.ActionAuthFailed).Scan(&prefix, &reason)
+	testenv.Must(t, err, "unknown-key row")
+	if prefix != unknown[:12] {
+		t.Fatalf("audit prefix %q, want the display prefix %q", prefix, unknown[:12])
+	}
+	t.Logf("%d failures -> %d audit rows", n, rows)
+}
+
+func TestReportEventsBatch(t *testing.T) {
+	env := edgetest.New(t)
+	in := env.Start(t, edgetest.Options{})
+	key, keyID := env.Key(t, "acct_report", edge.Secret, schemas.Live)
+	pub, _ := env.Key(t, "acct_report", edge.Publishable, schemas.Live)
+	at := time.Now().UTC().Add(-time.Minute).Format(time.RFC3339Nano)
+	body := fmt.Sprintf(`{"events":[
+		{"id":"c-1","type":"tokens","time":%q,"units":120,"dimensions":{"model":"small"}},
+		{"id":"c-2","type":"tokens","time":%q},
+		{"id":"c-1","type":"tokens","time":%q,"units":120,"dimensions":{"model":"small"}},
+		{"id":"","type":"Bad Type","time":%q},
+		{"id":"c-3","type":"tokens","time":%q,"units":-1},
+		{"id":"c-4","typo":"x"}
+	]}`, at, at, at, at, at)
+	post := func(key, body string) (int, edge.BatchResult) {
+		r := edgetest.Do(t, "POST", in.URL+"/v1/events", key, strings.NewReader(body))
+		var out edge.BatchResult
+		if r.Status == 200 {
+			testenv.Must(t, json.Unmarshal(r.Body, &out), "decode")
+		}
+		return r.Status, out
+	}
+	status, res := post(key, body)
+	if status != 200 || res.Accepted != 2 || res.Duplicates != 1 || res.Rejected != 3 {
+		t.Fatalf("status %d result %+v", status, res)
+	}
+	wantStatus := []string{"accepted", "accepted", "duplicate", "rejected", "rejected", "rejected"}
+	for i, r := range res.Results {
+		if r.Status != wantStatus[i] || r.Index != i {
+			t.Fatalf("item %d: %+v, want %s", i, r, wantStatus[i])
+		}
+	}
+	fields := map[string]bool{}
+	for _, e := range res.Results[3].Errors {
+		fields[e.Field] = true
+	}
+	if !fields["id"] || !fields["type"] || res.Results[4].Errors[0].Field != "units" {
+		t.Fatalf("per-item errors: %+v %+v", res.Results[3].Errors, res.Results[4].Errors)
+	}
+	// A retry gives the same event ids: idempotent downstream.
+	_, again := post(key, body)
+	if again.Results[0].EventID != res.Results[0].EventID || res.Results[0].EventID != schemas.ClientEventID("acct_report", "c-1").String() {
+		t.Fatalf("retry event id %s, first %s", again.Results[0].EventID, res.Results[0].EventID)
+	}
+	big := `{"events":[` + strings.Repeat(`{"id":"x","type":"t","time":"2026-01-01T00:00:00Z"},`, edge.MaxBatch) + `{"id":"y","type":"t","time":"2026-01-01T00:00:00Z"}]}`
+	r := edgetest.Do(t, "POST", in.URL+"/v1/events", key, strings.NewReader(big))
+	if r.Status != 400 || r.Error.Code != "batch_too_large" {
+		t.Fatalf("1001 events: %d %+v", r.Status, r.Error)
+	}
+	if r := edgetest.Do(t, "POST", in.URL+"/v1/events", key, strings.NewReader(`[1,2]`)); r.Status != 400 || r.Error.Code != "invalid_json" {
+		t.Fatalf("bad json: %d %+v", r.Status, r.Error)
+	}
+	if r := edgetest.Do(t, "POST", in.URL+"/v1/events", pub, strings.NewReader(body)); r.Status != 403 {
+		t.Fatalf("publishable key reporting events: %d", r.Status)
+	}
+	evs := edgetest.ReadTopic(t, env.Brokers, env.Topic, 4, 20*time.Second)
+	if len(evs) != 4 {
+		t.Fatalf("%d events in the topic, want 4 (2 per batch; downstream dedups the retry by id)", len(evs))
+	}
+	ids := map[string]int{}
+	for _, ev := range evs {
+		ids[ev.ID.String()]++
+		if ev.AccountID != "acct_report" || ev.KeyID != keyID || ev.Environment != schemas.Live || ev.Type != "tokens" {
+			t.Fatalf("event %+v", ev)
+		}
+	}
+	if len(ids) != 2 || ids[schemas.ClientEventID("acct_report", "c-1").String()] != 2 {
+		t.Fatalf("event ids %v", ids)
+	}
+	if env.Live.Calls() != 0 {
+		t.Fatalf("POST /v1/events reached the upstream %d times", env.Live.Calls())
+	}
+}
