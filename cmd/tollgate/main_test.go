@@ -91,8 +91,6 @@ func (p *pipeline) newKey(t *testing.T, account string, env schemas.Environment)
 	testenv.Must(t, store.EnsureAccount(ctx, account, account), "ensure account")
 	// The free tier allows 5 calls a second; these tests send more.
 	testenv.Must(t, store.EnsureSubscription(ctx, account, "growth"), "subscribe")
-	// The free tier allows 5 calls a second; these tests send more.
-	testenv.Must(t, store.EnsureSubscription(ctx, account, "growth"), "subscribe")
 	secret, parsed, err := edge.GenerateKey(edge.Secret, env)
 	testenv.Must(t, err, "generate key")
 	keyID = "key_" + strings.ReplaceAll(uuid.NewString(), "-", "")[:16]
