@@ -263,13 +263,19 @@ func (p *Producer) write(batch []kafka.Message) ([]kafka.Message, error) {
 	var we kafka.WriteErrors
 	if errors.As(err, &we) && len(we) == len(batch) {
 		var failed []kafka.Message
+		var first error
 		for i, e := range we {
 			if e != nil {
 				failed = append(failed, batch[i])
+				if first == nil {
+					first = e
+				}
 			}
 		}
 		p.produced.Add(float64(len(batch) - len(failed)))
-		p.log.Warn("kafka took part of a batch; spooling the rest", "failed", len(failed), "of", len(batch), "err", err)
+		// One line per failed write, with the first cause: the joined
+		// error names every message.
+		p.log.Warn("kafka write failed; spooling", "failed", len(failed), "of", len(batch), "retry_in", p.backoff, "err", first)
 		return failed, err
 	}
 	p.log.Warn("kafka write failed; spooling", "events", len(batch), "retry_in", p.backoff, "err", err)

@@ -265,8 +265,9 @@ func (s *Spool) Read(max int) ([][]byte, SpoolCursor, error) {
 		if cur.Seq > s.wseq {
 			break
 		}
+		last := cur.Seq == s.wseq
 		limit := int64(-1)
-		if cur.Seq == s.wseq {
+		if last {
 			limit = s.wsize
 			if cur.Off >= limit {
 				break
@@ -304,7 +305,7 @@ func (s *Spool) Read(max int) ([][]byte, SpoolCursor, error) {
 			cur.Off += recordHeader + int64(len(p))
 		}
 		f.Close()
-		if cur.Seq == s.wseq {
+		if last {
 			break
 		}
 	}
