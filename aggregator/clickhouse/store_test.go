@@ -40,7 +40,7 @@ func genEvents(rng *rand.Rand, n int, base time.Time) []schemas.Event {
 		e := schemas.Event{Version: 1, ID: schemas.NewEventID(), AccountID: accounts[rng.IntN(len(accounts))],
 			Environment: schemas.Live, KeyID: "key_1", Type: "api_call", Units: 1,
 			// Spread over ~40 days so month and day boundaries in every zone are crossed.
-			Time: base.Add(-time.Duration(rng.Int64N(int64(40*24*time.Hour)))).Truncate(time.Microsecond),
+			Time:  base.Add(-time.Duration(rng.Int64N(int64(40 * 24 * time.Hour)))).Truncate(time.Microsecond),
 			Route: routes[rng.IntN(len(routes))], Method: "GET", Status: []int{200, 404}[rng.IntN(2)],
 			LatencyMicros: rng.Int64N(100000), ResponseBytes: rng.Int64N(5000),
 			Dimensions: map[string]string{"user": fmt.Sprint("u", rng.IntN(20))}}
