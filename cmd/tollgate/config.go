@@ -35,6 +35,8 @@ type Config struct {
 	// Meters are the operator's meters (default: api_calls); more can be
 	// created through the aggregator's admin API.
 	Meters []meter.Meter `yaml:"meters"`
+	// Dashboard is the customer dashboard (static pages + API forwarding).
+	Dashboard DashboardConfig `yaml:"dashboard"`
 }
 
 // LoadConfig reads path (optional: "" means defaults only), then applies
@@ -71,6 +73,7 @@ func (c *Config) applyEnv() {
 		c.Services.KafkaBrokers = strings.Split(v, ",")
 	}
 	set(&c.Edge.Listen, "TOLLGATE_EDGE_LISTEN")
+	set(&c.Dashboard.Listen, "TOLLGATE_DASHBOARD_LISTEN")
 	set(&c.Edge.Upstream, "TOLLGATE_EDGE_UPSTREAM")
 	set(&c.Invoicer.Listen, "TOLLGATE_INVOICER_LISTEN")
 	set(&c.Invoicer.Stripe.APIKey, "TOLLGATE_STRIPE_API_KEY")

@@ -52,6 +52,7 @@ func subcommands(g *globalFlags) []*cobra.Command {
 		componentCommand(g, "ingest", "Land usage events from Kafka in ClickHouse", ingestComponent),
 		aggregateCommand(g),
 		invoiceCommand(g),
+		componentCommand(g, "dashboard", "Serve the customer dashboard", dashboardComponent),
 		componentCommand(g, "all", "Run every component in one process", allComponents),
 		checkConfigCommand(g),
 		migrateCommand(g),
@@ -113,7 +114,12 @@ func allComponents(ctx context.Context, cfg Config, log *slog.Logger) ([]named, 
 		}
 		out = append(out, cs...)
 	}
-	return out, nil
+	dash, err := dashboardAfter(cfg, log, out)
+	if err != nil {
+		closeAll(log, out)
+		return nil, err
+	}
+	return append(out, dash...), nil
 }
 
 func componentCommand(g *globalFlags, name, short string, start starter) *cobra.Command {

@@ -1,0 +1,158 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/httputil"
+	"net/url"
+	"strings"
+	"time"
+
+	"github.com/tollgate-dev/tollgate/web"
+)
+
+// DashboardConfig is the customer dashboard's configuration.
+type DashboardConfig struct {
+	// Listen is where the dashboard is served; empty (the default) turns
+	// it off. `tollgate demo` serves it on 127.0.0.1:8090.
+	Listen string `yaml:"listen"`
+	// UsageAPI and InvoiceAPI are the base URLs the dashboard forwards to;
+	// by default the aggregator's and the invoicer's listen addresses.
+	UsageAPI   string `yaml:"usage_api"`
+	InvoiceAPI string `yaml:"invoice_api"`
+}
+
+// DashboardMain serves the dashboard's pages and forwards its API calls,
+// unchanged and with the caller's own key, to the usage and invoice APIs,
+// so the browser talks to one origin and the APIs do all authorisation.
+type DashboardMain struct {
+	log *slog.Logger
+	ln  net.Listener
+	srv *http.Server
+}
+
+// NewDashboardMain binds the listener. usageAPI and invoiceAPI are base URLs.
+func NewDashboardMain(listen, usageAPI, invoiceAPI string, log *slog.Logger) (*DashboardMain, error) {
+	log = log.With("component", "dashboard")
+	files, err := web.Handler()
+	if err != nil {
+		return nil, fmt.Errorf("dashboard files: %w", err)
+	}
+	usage, err := forwardTo(usageAPI, log)
+	if err != nil {
+		return nil, err
+	}
+	billing, err := forwardTo(invoiceAPI, log)
+	if err != nil {
+		return nil, err
+	}
+	mux := http.NewServeMux()
+	mux.Handle("/", files)
+	mux.Handle("/v1/usage", usage)
+	mux.Handle("/v1/requests", usage)
+	mux.Handle("/v1/meters", usage)
+	mux.Handle("/v1/usage/current", billing)
+	mux.Handle("/v1/invoices", billing)
+	mux.Handle("/v1/invoices/", billing)
+	ln, err := net.Listen("tcp", listen)
+	if err != nil {
+		return nil, fmt.Errorf("dashboard listen: %w", err)
+	}
+	return &DashboardMain{log: log, ln: ln, srv: &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}}, nil
+}
+
+func forwardTo(base string, log *slog.Logger) (http.Handler, error) {
+	u, err := url.Parse(base)
+	if err != nil || u.Host == "" {
+		return nil, fmt.Errorf("dashboard: bad API address %q", base)
+	}
+	return &httputil.ReverseProxy{
+		Rewrite: func(r *httputil.ProxyRequest) { r.SetURL(u) },
+		ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
+			log.Warn("dashboard API call failed", "path", r.URL.Path, "err", err)
+			w.Header().Set("Content-Type", "application/json")
+			w.WriteHeader(http.StatusBadGateway)
+			_, _ = w.Write([]byte(`{"error":{"type":"api_error","code":"upstream_unavailable","message":"The usage or invoice API could not be reached."}}`))
+		},
+	}, nil
+}
+
+// Addr is the dashboard's address.
+func (m *DashboardMain) Addr() string { return m.ln.Addr().String() }
+
+// Run serves until ctx ends.
+func (m *DashboardMain) Run(ctx context.Context) error {
+	errc := make(chan error, 1)
+	go func() { errc <- m.srv.Serve(m.ln) }()
+	m.log.Info("dashboard listening", "url", "http://"+m.Addr())
+	select {
+	case err := <-errc:
+		return fmt.Errorf("dashboard serve: %w", err)
+	case <-ctx.Done():
+	}
+	sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := m.srv.Shutdown(sctx); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		return err
+	}
+	return nil
+}
+
+// Close releases the listener.
+func (m *DashboardMain) Close() error {
+	err := m.srv.Close()
+	if errors.Is(err, http.ErrServerClosed) {
+		return nil
+	}
+	return err
+}
+
+func httpBase(addr string) string {
+	if strings.HasPrefix(addr, "http://") || strings.HasPrefix(addr, "https://") {
+		return addr
+	}
+	return "http://" + addr
+}
+
+// dashboardAfter starts the dashboard for components already started in
+// this process, so it forwards to their real (possibly port-0) addresses.
+func dashboardAfter(cfg Config, log *slog.Logger, started []named) ([]named, error) {
+	if cfg.Dashboard.Listen == "" {
+		return nil, nil
+	}
+	usageAPI, invoiceAPI := cfg.Dashboard.UsageAPI, cfg.Dashboard.InvoiceAPI
+	for _, n := range started {
+		switch m := n.c.(type) {
+		case *AggregateMain:
+			if usageAPI == "" {
+				usageAPI = m.Addr()
+			}
+		case *InvoiceMain:
+			if invoiceAPI == "" {
+				invoiceAPI = m.Addr()
+			}
+		}
+	}
+	if usageAPI == "" {
+		usageAPI = cfg.Aggregator.Listen
+	}
+	if invoiceAPI == "" {
+		invoiceAPI = cfg.Invoicer.Listen
+	}
+	m, err := NewDashboardMain(cfg.Dashboard.Listen, httpBase(usageAPI), httpBase(invoiceAPI), log)
+	if err != nil {
+		return nil, err
+	}
+	return []named{{"dashboard", m}}, nil
+}
+
+func dashboardComponent(_ context.Context, cfg Config, log *slog.Logger) ([]named, error) {
+	if cfg.Dashboard.Listen == "" {
+		return nil, errors.New("dashboard.listen (or TOLLGATE_DASHBOARD_LISTEN) is not set")
+	}
+	return dashboardAfter(cfg, log, nil)
+}

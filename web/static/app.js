@@ -1,0 +1,240 @@
+// Tollgate customer dashboard. Plain JavaScript, no build step. Every call
+// goes to the same origin with the customer's own key; the dashboard server
+// forwards usage calls to the usage API and billing calls to the invoice API.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const store = window.sessionStorage;
+
+function setStatus(text, isError) {
+  const el = $("status");
+  el.textContent = text;
+  el.className = isError ? "error" : "";
+}
+
+async function api(path) {
+  const key = store.getItem("tollgate.key");
+  const resp = await fetch(path, { headers: { Authorization: "Bearer " + key } });
+  const body = await resp.json().catch(() => ({}));
+  if (!resp.ok) {
+    const e = body.error || {};
+    const err = new Error(e.message || resp.statusText);
+    err.code = e.code;
+    err.status = resp.status;
+    err.requestId = e.request_id;
+    throw err;
+  }
+  return body;
+}
+
+function td(text, cls) {
+  const c = document.createElement("td");
+  c.textContent = text;
+  if (cls) c.className = cls;
+  return c;
+}
+
+function row(tbody, cells) {
+  const tr = document.createElement("tr");
+  cells.forEach((c) => tr.appendChild(typeof c === "string" ? td(c) : c));
+  tbody.appendChild(tr);
+}
+
+// money renders integer minor units in the currency's own exponent.
+function money(minor, currency) {
+  const cur = (currency || "usd").toUpperCase();
+  const fmt = new Intl.NumberFormat(undefined, { style: "currency", currency: cur });
+  const digits = fmt.resolvedOptions().maximumFractionDigits;
+  return fmt.format(Number(minor) / Math.pow(10, digits));
+}
+
+const num = new Intl.NumberFormat();
+
+function rangeFor(windowName) {
+  const to = new Date();
+  const spans = { minute: 3600e3, hour: 2 * 86400e3, day: 30 * 86400e3, month: 365 * 86400e3 };
+  return { from: new Date(to - spans[windowName]), to };
+}
+
+function drawChart(points) {
+  const svg = $("chart");
+  while (svg.firstChild) svg.removeChild(svg.firstChild);
+  const ns = "http://www.w3.org/2000/svg";
+  if (points.length === 0) {
+    const t = document.createElementNS(ns, "text");
+    t.setAttribute("x", 20); t.setAttribute("y", 110);
+    t.textContent = "No usage in this range yet.";
+    svg.appendChild(t);
+    return;
+  }
+  const max = Math.max(...points.map((p) => p.value), 1);
+  const w = 800 / points.length;
+  points.forEach((p, i) => {
+    const h = (p.value / max) * 190;
+    const r = document.createElementNS(ns, "rect");
+    r.setAttribute("x", i * w + 1);
+    r.setAttribute("y", 200 - h);
+    r.setAttribute("width", Math.max(w - 2, 1));
+    r.setAttribute("height", h);
+    const title = document.createElementNS(ns, "title");
+    title.textContent = p.label + ": " + num.format(p.value);
+    r.appendChild(title);
+    svg.appendChild(r);
+  });
+  const label = document.createElementNS(ns, "text");
+  label.setAttribute("x", 4); label.setAttribute("y", 14);
+  label.textContent = "max " + num.format(max);
+  svg.appendChild(label);
+}
+
+async function loadMeters() {
+  const sel = $("meter");
+  if (sel.options.length > 0) return;
+  const body = await api("/v1/meters");
+  (body.data || []).forEach((m) => {
+    const o = document.createElement("option");
+    o.value = m.key;
+    o.textContent = m.key + " (" + m.aggregation.toLowerCase() + ")";
+    sel.appendChild(o);
+  });
+}
+
+async function loadUsage() {
+  const windowName = $("window").value;
+  const { from, to } = rangeFor(windowName);
+  const params = new URLSearchParams({
+    meter: $("meter").value || "api_calls",
+    window: windowName,
+    from: from.toISOString(),
+    to: to.toISOString(),
+    limit: "1000",
+  });
+  if ($("group").value) params.set("group_by", $("group").value);
+  const body = await api("/v1/usage?" + params);
+  const data = body.data || [];
+  // One bar per window, summed over groups.
+  const byWindow = new Map();
+  let total = 0;
+  data.forEach((d) => {
+    byWindow.set(d.window_start, (byWindow.get(d.window_start) || 0) + d.value);
+    total += d.value;
+  });
+  const points = [...byWindow.entries()].sort().map(([k, v]) => ({ label: new Date(k).toLocaleString(), value: v }));
+  drawChart(points);
+  $("usage-total").textContent = num.format(total) + " " + body.meter + " in the last " +
+    { minute: "hour", hour: "2 days", day: "30 days", month: "12 months" }[windowName];
+  const notes = [];
+  if (body.complete_through) notes.push("complete through " + new Date(body.complete_through).toLocaleString());
+  if (body.too_late_events) notes.push(num.format(body.too_late_events) + " events arrived too late to count and were reported");
+  if (body.has_more) notes.push("showing the first page");
+  notes.push("time zone " + body.time_zone);
+  $("usage-note").textContent = notes.join(" · ");
+  const tbody = $("usage-table").querySelector("tbody");
+  tbody.textContent = "";
+  data.slice().reverse().slice(0, 50).forEach((d) => {
+    const group = d.group ? Object.entries(d.group).map(([k, v]) => k + "=" + v).join(", ") : "";
+    row(tbody, [new Date(d.window_start).toLocaleString(), group, td(num.format(d.value), "num")]);
+  });
+}
+
+async function loadRequests() {
+  const body = await api("/v1/requests?limit=20");
+  const tbody = $("requests").querySelector("tbody");
+  tbody.textContent = "";
+  (body.data || []).forEach((r) => {
+    row(tbody, [
+      new Date(r.time).toLocaleString(), r.method, r.route,
+      td(String(r.status), "num"), td((r.latency_us / 1000).toFixed(1) + " ms", "num"),
+      td(r.request_id),
+    ]);
+  });
+  $("requests-section").hidden = false;
+}
+
+function linesText(inv) {
+  return (inv.lines || []).map((l) => l.description + ": " + money(l.amount, inv.currency)).join("; ");
+}
+
+async function loadBilling() {
+  const up = await api("/v1/invoices/upcoming");
+  const box = $("upcoming");
+  box.textContent = "";
+  const p = document.createElement("p");
+  p.className = "big";
+  p.textContent = money(up.total, up.currency) + " so far";
+  box.appendChild(p);
+  const detail = document.createElement("p");
+  detail.className = "muted";
+  detail.textContent = "Period " + new Date(up.period.start).toLocaleDateString() + " – " +
+    new Date(up.period.end).toLocaleDateString() + " · as of " + new Date(up.as_of).toLocaleString() +
+    (linesText(up) ? " · " + linesText(up) : "");
+  box.appendChild(detail);
+
+  const list = await api("/v1/invoices");
+  const tbody = $("invoices").querySelector("tbody");
+  tbody.textContent = "";
+  (list.data || []).forEach((inv) => {
+    const link = document.createElement("td");
+    if (inv.hosted_invoice_url) {
+      const a = document.createElement("a");
+      a.href = inv.hosted_invoice_url;
+      a.textContent = "view / pay";
+      a.rel = "noopener noreferrer";
+      a.target = "_blank";
+      link.appendChild(a);
+    }
+    row(tbody, [
+      new Date(inv.period.start).toLocaleDateString() + " – " + new Date(inv.period.end).toLocaleDateString(),
+      inv.status, td(money(inv.total, inv.currency), "num"), linesText(inv), link,
+    ]);
+  });
+  $("billing-section").hidden = false;
+}
+
+async function refresh() {
+  const key = store.getItem("tollgate.key");
+  if (!key) return;
+  setStatus("Loading…");
+  try {
+    await loadMeters();
+    await loadUsage();
+    $("usage-section").hidden = false;
+    await loadRequests();
+  } catch (e) {
+    setStatus("Usage: " + e.message + (e.code ? " (" + e.code + ")" : ""), true);
+    return;
+  }
+  if (key.startsWith("sk_")) {
+    try {
+      await loadBilling();
+    } catch (e) {
+      setStatus("Billing: " + e.message + (e.code ? " (" + e.code + ")" : ""), true);
+      return;
+    }
+  } else {
+    $("billing-section").hidden = true;
+  }
+  setStatus("Showing " + (key.startsWith("pk_") ? "usage for a publishable key" : "usage and billing") +
+    (key.includes("_test_") ? " in test mode (metered, never billed)" : "") + ". Updated " + new Date().toLocaleTimeString() + ".");
+}
+
+$("key-form").addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  const key = $("key").value.trim();
+  if (!/^(pk|sk)_(live|test)_[0-9A-Za-z]{28}$/.test(key)) {
+    setStatus("That does not look like a Tollgate key (pk_live_…, sk_live_…, pk_test_… or sk_test_…).", true);
+    return;
+  }
+  store.setItem("tollgate.key", key);
+  $("key").value = "";
+  $("meter").textContent = "";
+  refresh();
+});
+$("forget").addEventListener("click", () => {
+  store.removeItem("tollgate.key");
+  ["usage-section", "billing-section", "requests-section"].forEach((id) => ($(id).hidden = true));
+  setStatus("Key forgotten.");
+});
+["meter", "window", "group"].forEach((id) => $(id).addEventListener("change", () => loadUsage().catch((e) => setStatus(e.message, true))));
+setInterval(refresh, 10000);
+refresh();
