@@ -1,0 +1,211 @@
+package api_test
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"testing"
+	"time"
+
+	"github.com/google/uuid"
+	"github.com/stripe/stripe-go/v76/webhook"
+
+	"github.com/tollgate-dev/tollgate/edge"
+	edgepg "github.com/tollgate-dev/tollgate/edge/postgres"
+	"github.com/tollgate-dev/tollgate/internal/testenv"
+	"github.com/tollgate-dev/tollgate/invoicer"
+	"github.com/tollgate-dev/tollgate/invoicer/api"
+	invch "github.com/tollgate-dev/tollgate/invoicer/clickhouse"
+	invpg "github.com/tollgate-dev/tollgate/invoicer/postgres"
+	"github.com/tollgate-dev/tollgate/invoicer/stripe"
+	"github.com/tollgate-dev/tollgate/schemas"
+)
+
+type fixture struct {
+	srv   *httptest.Server
+	pg    *testenv.Postgres
+	keys  *edgepg.KeyStore
+	store *invpg.Store
+}
+
+func (f *fixture) key(t *testing.T, account string, kind edge.KeyKind, env schemas.Environment) (string, string) {
+	t.Helper()
+	secret, parsed, err := edge.GenerateKey(kind, env)
+	testenv.Must(t, err, "generate key")
+	id := "key_" + uuid.NewString()[:8]
+	testenv.Must(t, f.keys.CreateKey(context.Background(), edge.NewKey{ID: id, AccountID: account, Parsed: parsed}), "create key")
+	return secret, id
+}
+
+func (f *fixture) get(t *testing.T, key, path string, out any) int {
+	t.Helper()
+	req, _ := http.NewRequest(http.MethodGet, f.srv.URL+path, nil)
+	if key != "" {
+		req.Header.Set("Authorization", "Bearer "+key)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	testenv.Must(t, err, "get "+path)
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	if out != nil {
+		if err := json.Unmarshal(b, out); err != nil {
+			t.Fatalf("%s: %d %s: %v", path, resp.StatusCode, b, err)
+		}
+	}
+	return resp.StatusCode
+}
+
+type apiErr struct {
+	Error struct {
+		Type      string `json:"type"`
+		Code      string `json:"code"`
+		Message   string `json:"message"`
+		RequestID string `json:"request_id"`
+		DocURL    string `json:"doc_url"`
+	} `json:"error"`
+}
+
+func TestInvoiceAPI(t *testing.T) {
+	ctx := context.Background()
+	pg, ch := testenv.NewPostgres(t), testenv.NewClickHouse(t)
+	f := &fixture{pg: pg, keys: edgepg.NewKeyStore(pg.Pool), store: invpg.New(pg.Pool)}
+	now := time.Now().UTC()
+	cur := invoicer.MonthPeriod(now, time.UTC)
+	prev := invoicer.MonthPeriod(cur.Start.Add(-time.Second), time.UTC)
+	for _, a := range []string{"acct_x", "acct_y"} {
+		testenv.Must(t, f.keys.EnsureAccount(ctx, a, a), "account")
+		_, err := pg.Pool.Exec(ctx, `UPDATE accounts SET created_at = $2 WHERE id = $1`, a, prev.Start)
+		testenv.Must(t, err, "backdate account")
+		_, err = pg.Pool.Exec(ctx, `INSERT INTO subscriptions (id, account_id, plan_id, plan_version, starts_at) VALUES ($1, $2, 'starter', 1, $3)`,
+			"sub_"+a, a, prev.Start)
+		testenv.Must(t, err, "subscribe")
+	}
+	insert := func(account, env string, at time.Time, n int) {
+		b, err := ch.Conn.PrepareBatch(ctx, `INSERT INTO usage_events (event_id, schema_version, account_id, environment, key_id,
+			event_type, timestamp, timestamp_us, units, kafka_partition, kafka_offset, ingested_at)`)
+		testenv.Must(t, err, "prepare")
+		for i := 0; i < n; i++ {
+			testenv.Must(t, b.Append(uuid.New(), uint8(1), account, env, "k", "api_call", at.Truncate(time.Second), uint64(at.UnixMicro()),
+				int64(1), int32(0), int64(i), now), "append")
+		}
+		testenv.Must(t, b.Send(), "insert")
+	}
+	insert("acct_x", "live", prev.Start.Add(time.Hour), 12)
+	insert("acct_y", "live", prev.Start.Add(time.Hour), 5)
+	insert("acct_x", "live", cur.Start.Add(time.Second), 7)
+	insert("acct_x", "test", cur.Start.Add(time.Second), 3)
+	wb, err := ch.Conn.PrepareBatch(ctx, "INSERT INTO watermarks (partition, watermark, updated_at)")
+	testenv.Must(t, err, "prepare watermark")
+	testenv.Must(t, wb.Append(int32(0), now, now), "append watermark")
+	testenv.Must(t, wb.Send(), "watermark")
+
+	usage := invch.New(ch.Conn)
+	iv, err := invoicer.New(f.store, usage, usage, nil, invoicer.Options{Grace: time.Nanosecond, Lookback: 1}, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	testenv.Must(t, err, "invoicer")
+	res, err := iv.CloseDue(ctx)
+	testenv.Must(t, err, "close")
+	if len(res.Closed) != 2 {
+		t.Fatalf("closed %d invoices, want 2", len(res.Closed))
+	}
+	h := api.New(f.keys, f.store, usage, iv, &stripe.Verifier{Secret: "whsec_api"}, nil, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	f.srv = httptest.NewServer(h)
+	defer f.srv.Close()
+
+	secretX, _ := f.key(t, "acct_x", edge.Secret, schemas.Live)
+	secretY, _ := f.key(t, "acct_y", edge.Secret, schemas.Live)
+	publishable, _ := f.key(t, "acct_x", edge.Publishable, schemas.Live)
+
+	t.Run("current usage separates live from test", func(t *testing.T) {
+		var u api.CurrentUsage
+		if code := f.get(t, secretX, "/v1/usage/current", &u); code != 200 {
+			t.Fatalf("status %d", code)
+		}
+		if u.Live.Events != 7 || u.Live.Quantities["api_calls"] != 7 || u.Test.Quantities["api_calls"] != 3 || !u.Period.Start.Equal(cur.Start) {
+			t.Errorf("usage: %+v", u)
+		}
+	})
+	t.Run("the projected invoice prices usage so far", func(t *testing.T) {
+		var up api.Upcoming
+		if code := f.get(t, secretX, "/v1/invoices/upcoming", &up); code != 200 {
+			t.Fatalf("status %d", code)
+		}
+		if up.Total != 2900 || len(up.Lines) != 2 || up.Lines[1].Quantity != 7 {
+			t.Errorf("upcoming: total %d lines %+v", up.Total, up.Lines)
+		}
+	})
+	t.Run("past invoices list only the key's account, with lines", func(t *testing.T) {
+		var l api.List
+		if code := f.get(t, secretX, "/v1/invoices", &l); code != 200 {
+			t.Fatalf("status %d", code)
+		}
+		if len(l.Data) != 1 || l.Data[0].AccountID != "acct_x" || l.Data[0].Total != 2900 || len(l.Data[0].Lines) != 2 ||
+			l.Data[0].Lines[1].Quantity != 12 || l.Data[0].Status != invoicer.StatusFinalized {
+			t.Fatalf("list: %+v", l.Data)
+		}
+		var one invoicer.StoredInvoice
+		if code := f.get(t, secretX, "/v1/invoices/"+l.Data[0].ID, &one); code != 200 || one.ID != l.Data[0].ID {
+			t.Errorf("get own invoice: %d %+v", code, one)
+		}
+		var e apiErr
+		if code := f.get(t, secretY, "/v1/invoices/"+l.Data[0].ID, &e); code != 404 || e.Error.Code != "resource_missing" {
+			t.Errorf("another account's invoice: %d %+v", code, e)
+		}
+	})
+	for _, c := range []struct {
+		name, key string
+		status    int
+		code      string
+	}{
+		{"no key is unauthorized", "", 401, "missing_api_key"},
+		{"a malformed key is unauthorized", "sk_live_nope", 401, "malformed_api_key"},
+		{"a publishable key is forbidden", publishable, 403, "secret_key_required"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			var e apiErr
+			if got := f.get(t, c.key, "/v1/invoices", &e); got != c.status || e.Error.Code != c.code || e.Error.RequestID == "" || e.Error.DocURL == "" {
+				t.Errorf("got %d %+v", got, e)
+			}
+		})
+	}
+	t.Run("webhooks are verified and recorded once", func(t *testing.T) {
+		var l api.List
+		f.get(t, secretX, "/v1/invoices", &l)
+		payload := []byte(`{"id":"evt_api_1","object":"event","type":"invoice.paid","data":{"object":{"id":"in_1","object":"invoice",
+			"currency":"usd","amount_paid":2900,"metadata":{"tollgate_invoice_id":"` + l.Data[0].ID + `"}}}}`)
+		post := func(header string) (int, map[string]any) {
+			req, _ := http.NewRequest(http.MethodPost, f.srv.URL+"/v1/webhooks/stripe", bytes.NewReader(payload))
+			req.Header.Set("Stripe-Signature", header)
+			resp, err := http.DefaultClient.Do(req)
+			testenv.Must(t, err, "post webhook")
+			defer resp.Body.Close()
+			var out map[string]any
+			_ = json.NewDecoder(resp.Body).Decode(&out)
+			return resp.StatusCode, out
+		}
+		signed := webhook.GenerateTestSignedPayload(&webhook.UnsignedPayload{Payload: payload, Secret: "whsec_api"})
+		if code, out := post(signed.Header); code != 200 || out["duplicate"] != false {
+			t.Fatalf("first delivery: %d %v", code, out)
+		}
+		if code, out := post(signed.Header); code != 200 || out["duplicate"] != true {
+			t.Fatalf("redelivery: %d %v", code, out)
+		}
+		bad := webhook.GenerateTestSignedPayload(&webhook.UnsignedPayload{Payload: payload, Secret: "whsec_other"})
+		if code, _ := post(bad.Header); code != 400 {
+			t.Fatalf("bad signature: %d", code)
+		}
+		var inv invoicer.StoredInvoice
+		f.get(t, secretX, "/v1/invoices/"+l.Data[0].ID, &inv)
+		if inv.Status != invoicer.StatusPaid {
+			t.Errorf("status after invoice.paid: %s", inv.Status)
+		}
+		var n int
+		testenv.Must(t, pg.Pool.QueryRow(ctx, `SELECT count(*) FROM ledger_entries WHERE kind = 'stripe.invoice.paid'`).Scan(&n), "count")
+		if n != 1 {
+			t.Errorf("ledger has %d invoice.paid entries, want 1", n)
+		}
+	})
+}
