@@ -51,7 +51,8 @@ type Rebuild struct {
 
 // RollupStore computes and stores rollups.
 type RollupStore interface {
-	Recompute(ctx context.Context, r Recompute) error
+	// Recompute handles requests of one granularity together.
+	Recompute(ctx context.Context, rs []Recompute) error
 	Rebuild(ctx context.Context, r Rebuild) error
 	// Accounts lists the accounts with raw events in [from, to).
 	Accounts(ctx context.Context, from, to time.Time) ([]string, error)
@@ -111,7 +112,9 @@ func (r *Roller) Landed(ctx context.Context, records []ingest.Record) error {
 	if err != nil {
 		return err
 	}
-	var jobs []Recompute
+	// Each level is computed from the one before it, so the levels run in
+	// order; each level is one request to the store for every meter and zone.
+	levels := make([][]Recompute, len(Granularities))
 	for _, m := range meters {
 		set := byType[m.EventType]
 		if len(set) == 0 {
@@ -125,19 +128,35 @@ func (r *Roller) Landed(ctx context.Context, records []ingest.Record) error {
 			}
 			byZone[z] = append(byZone[z], t)
 		}
-		for z, ts := range byZone {
+		for _, z := range keys(byZone) {
+			ts := byZone[z]
 			sort.Slice(ts, func(i, j int) bool { return lessTouched(ts[i], ts[j]) })
-			for _, g := range Granularities {
-				jobs = append(jobs, Recompute{Meter: m, Granularity: g, Zone: z, Touched: ts})
+			for i, g := range Granularities {
+				zone := z
+				if g == Minute {
+					// Minutes are the same in every zone: one request per meter.
+					zone = "UTC"
+				}
+				levels[i] = append(levels[i], Recompute{Meter: m, Granularity: g, Zone: zone, Touched: ts})
 			}
 		}
 	}
-	return runAll(ctx, jobs, 4, r.store.Recompute)
+	for _, l := range levels {
+		if len(l) == 0 {
+			continue
+		}
+		if err := r.store.Recompute(ctx, l); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
-// RebuildAll recomputes the rollups of the given meters (all when none) for
-// every window that starts in [from, to), one UTC month at a time. A zero
-// from or to means the first or last raw event.
+// RebuildAll recomputes the rollups of the given meters for every window
+// that starts in [from, to): every minute window first (from the raw
+// events), then every hour, day and month window (each from the level
+// below), one UTC month at a time. A zero from or to means the first or
+// last raw event.
 func RebuildAll(ctx context.Context, store RollupStore, zones Zones, meters []meter.Meter, from, to time.Time, log *slog.Logger) error {
 	first, last, ok, err := store.EventRange(ctx)
 	if err != nil {
@@ -153,6 +172,15 @@ func RebuildAll(ctx context.Context, store RollupStore, zones Zones, meters []me
 	if to.IsZero() {
 		to = last.Add(32 * 24 * time.Hour)
 	}
+	for _, g := range Granularities {
+		if err := rebuildLevel(ctx, store, zones, meters, g, from, to, log); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func rebuildLevel(ctx context.Context, store RollupStore, zones Zones, meters []meter.Meter, g Granularity, from, to time.Time, log *slog.Logger) error {
 	for m := monthStart(from); m.Before(to); m = m.AddDate(0, 1, 0) {
 		lo, hi := m, m.AddDate(0, 1, 0)
 		if lo.Before(from) {
@@ -162,7 +190,7 @@ func RebuildAll(ctx context.Context, store RollupStore, zones Zones, meters []me
 			hi = to
 		}
 		// Accounts with events in any window that may start this month.
-		accounts, err := store.Accounts(ctx, lo.Add(-maxSpan(Month)), hi.Add(maxSpan(Month)))
+		accounts, err := store.Accounts(ctx, lo.Add(-MaxSpan(Month)), hi.Add(MaxSpan(Month)))
 		if err != nil {
 			return err
 		}
@@ -184,15 +212,13 @@ func RebuildAll(ctx context.Context, store RollupStore, zones Zones, meters []me
 		var jobs []Rebuild
 		for _, mt := range meters {
 			for z, as := range byZone {
-				for _, g := range Granularities {
-					jobs = append(jobs, Rebuild{Meter: mt, Granularity: g, Zone: z, Accounts: as, From: lo, To: hi})
-				}
+				jobs = append(jobs, Rebuild{Meter: mt, Granularity: g, Zone: z, Accounts: as, From: lo, To: hi})
 			}
 		}
 		if err := runAll(ctx, jobs, 2, store.Rebuild); err != nil {
 			return err
 		}
-		log.Info("rebuilt rollups", "month", m.Format("2006-01"), "accounts", len(accounts), "meters", len(meters))
+		log.Info("rebuilt rollups", "window", g, "month", m.Format("2006-01"), "accounts", len(accounts), "meters", len(meters))
 	}
 	return nil
 }

@@ -64,8 +64,8 @@ func WindowEnd(start time.Time, g Granularity, loc *time.Location) time.Time {
 	}
 }
 
-// maxSpan bounds a window's length, for primary-key range bounds.
-func maxSpan(g Granularity) time.Duration {
+// MaxSpan bounds a window's length, for primary-key range bounds.
+func MaxSpan(g Granularity) time.Duration {
 	switch g {
 	case Minute:
 		return time.Minute

@@ -191,8 +191,10 @@ func TestExactlyOnceThroughCrashesAndAClickHouseRestart(t *testing.T) {
 		}
 		return n
 	}
+	began := time.Now()
 	waitCommitted := func(n int64, what string) {
 		testenv.Wait(t, 3*time.Minute, what, func() bool { return committed() >= n })
+		t.Logf("%6.1fs %s", time.Since(began).Seconds(), what)
 	}
 
 	start()
@@ -371,4 +373,3 @@ func header(m kafka.Message, k string) string {
 	}
 	return ""
 }
-

@@ -160,6 +160,9 @@ type Compiled struct {
 	// Aggregate is the aggregate expression over the selected events; it
 	// yields Int64 for every aggregation.
 	Aggregate string
+	// Value is the per-event expression Aggregate aggregates: Int64 for
+	// SUM, MAX and LATEST, String for UNIQUE_COUNT, "" for COUNT.
+	Value string
 }
 
 // Compile turns a valid meter into SQL fragments.
@@ -188,17 +191,21 @@ func (m *Meter) Compile() (Compiled, error) {
 		c.Aggregate = "toInt64(count())"
 	case Sum:
 		e, _ := numericExpr(m.Value)
+		c.Value = e
 		c.Aggregate = fmt.Sprintf("toInt64(sum(%s))", e)
 	case Max:
 		e, _ := numericExpr(m.Value)
+		c.Value = e
 		c.Aggregate = fmt.Sprintf("toInt64(max(%s))", e)
 	case Latest:
 		e, _ := numericExpr(m.Value)
+		c.Value = e
 		// The event id breaks ties between events of the same microsecond,
 		// so replaying the same events always yields the same value.
 		c.Aggregate = fmt.Sprintf("toInt64(argMax(%s, (timestamp_us, toString(event_id))))", e)
 	case UniqueCount:
 		e, _ := stringExpr(m.Value)
+		c.Value = e
 		c.Aggregate = fmt.Sprintf("toInt64(uniqExact(%s))", e)
 	}
 	return c, nil

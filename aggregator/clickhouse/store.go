@@ -6,6 +6,7 @@ import (
 	"context"
 	"fmt"
 	"regexp"
+	"sort"
 	"strconv"
 	"strings"
 	"time"
@@ -53,106 +54,244 @@ func quote(s string) string {
 
 func dt(t time.Time) string { return fmt.Sprintf("toDateTime(%d, 'UTC')", t.Unix()) }
 
-// rollupSQL builds the INSERT … SELECT that recomputes windows of one meter
-// and granularity from usage_events FINAL. scanFrom/scanTo bound the raw
-// scan on the primary key; windowFilter selects the windows to write.
-func rollupSQL(c meter.Compiled, m meter.Meter, g aggregator.Granularity, zone string, accounts []string,
-	scanFrom, scanTo time.Time, windowFilter string) string {
-	w := windowExpr(g, zone, "timestamp")
-	groups := "[emptyArrayString()]"
-	if len(c.GroupBy) > 0 {
-		groups = "[emptyArrayString(), [" + strings.Join(c.GroupBy, ", ") + "]]"
+// timeRange is one [from, to) interval of a scan.
+type timeRange struct{ from, to time.Time }
+
+// maxScans bounds the queries one recompute issues per level. Touched
+// windows are clustered so each query scans one tight time range: late
+// events can touch windows weeks apart in one batch, and one range over all
+// of them would read (and deduplicate) everything in between. An OR of many
+// ranges is no answer: ClickHouse 18.16 analyses it very slowly.
+const maxScans = 6
+
+// cluster groups windows (each with the indexes of the touched minutes in
+// it) into at most maxScans clusters, joining the closest first.
+func cluster(rs []timeRange, members [][]int) ([]timeRange, [][]int) {
+	idx := make([]int, len(rs))
+	for i := range idx {
+		idx[i] = i
 	}
+	sort.Slice(idx, func(a, b int) bool { return rs[idx[a]].from.Before(rs[idx[b]].from) })
+	var out []timeRange
+	var mem [][]int
+	for _, i := range idx {
+		r := rs[i]
+		if n := len(out); n > 0 && !r.from.After(out[n-1].to) {
+			if r.to.After(out[n-1].to) {
+				out[n-1].to = r.to
+			}
+			mem[n-1] = append(mem[n-1], members[i]...)
+			continue
+		}
+		out = append(out, r)
+		mem = append(mem, append([]int(nil), members[i]...))
+	}
+	for len(out) > maxScans {
+		best := 0
+		for i := 1; i < len(out)-1; i++ {
+			if out[i+1].from.Sub(out[i].to) < out[best+1].from.Sub(out[best].to) {
+				best = i
+			}
+		}
+		out[best].to = out[best+1].to
+		mem[best] = append(mem[best], mem[best+1]...)
+		out = append(out[:best+1], out[best+2:]...)
+		mem = append(mem[:best+1], mem[best+2:]...)
+	}
+	return out, mem
+}
+
+// finer is the granularity a coarser one is computed from.
+var finer = map[aggregator.Granularity]aggregator.Granularity{
+	aggregator.Hour: aggregator.Minute, aggregator.Day: aggregator.Hour, aggregator.Month: aggregator.Day,
+}
+
+// extraColumnsAll are the columns only some aggregations fill; the others
+// write neutral values, so SELECTs of different meters can share an INSERT.
+const extraColumnsAll = ", latest_us, latest_id, uniq_state"
+
+// fromRaw are the value expressions of a minute row over raw events.
+func fromRaw(c meter.Compiled, m meter.Meter) string {
+	switch m.Aggregation {
+	case meter.Latest:
+		return c.Aggregate + ", count(), tupleElement(max((timestamp_us, toString(event_id))), 1), tupleElement(max((timestamp_us, toString(event_id))), 2), " + emptyUniq
+	case meter.UniqueCount:
+		return c.Aggregate + ", count(), materialize(toUInt64(0)), materialize(''), uniqExactState(" + c.Value + ")"
+	}
+	return c.Aggregate + ", count(), materialize(toUInt64(0)), materialize(''), " + emptyUniq
+}
+
+// fromFiner are the value expressions of a row over its finer rows.
+func fromFiner(m meter.Meter) string {
+	switch m.Aggregation {
+	case meter.Max:
+		return "toInt64(max(value)), sum(events), materialize(toUInt64(0)), materialize(''), " + emptyUniq
+	case meter.Latest:
+		return "toInt64(argMax(value, (latest_us, latest_id))), sum(events), tupleElement(max((latest_us, latest_id)), 1), tupleElement(max((latest_us, latest_id)), 2), " + emptyUniq
+	case meter.UniqueCount:
+		return "toInt64(uniqExactMerge(uniq_state)), sum(events), materialize(toUInt64(0)), materialize(''), uniqExactMergeState(uniq_state)"
+	}
+	return "toInt64(sum(value)), sum(events), materialize(toUInt64(0)), materialize(''), " + emptyUniq
+}
+
+// emptyUniq is an empty uniqExact state, for meters that keep none.
+const emptyUniq = "uniqExactStateIf('', 0)"
+
+const rollupColumns = "account_id, environment, meter, granularity, window_start, group_values, computed_at, value, events"
+
+// levelSelect builds the SELECT that recomputes windows of one meter and
+// granularity: minute windows from usage_events FINAL, coarser ones from
+// the next finer rollup rows. scan bounds what is read (on the primary
+// key); windowFilter, over the new window start w, selects what is written.
+func levelSelect(c meter.Compiled, m meter.Meter, g aggregator.Granularity, zone string, accounts []string,
+	scan timeRange, windowFilter string) string {
 	qa := make([]string, len(accounts))
 	for i, a := range accounts {
 		qa[i] = quote(a)
 	}
-	return fmt.Sprintf(`INSERT INTO usage_rollups (account_id, environment, meter, granularity, window_start, group_values, value, events, computed_at)
-SELECT account_id, environment, %s, %s, window_start, group_values, %s, count(), now()
+	if g == aggregator.Minute {
+		groups := "[emptyArrayString()]"
+		if len(c.GroupBy) > 0 {
+			groups = "[emptyArrayString(), [" + strings.Join(c.GroupBy, ", ") + "]]"
+		}
+		return fmt.Sprintf(`SELECT account_id, environment, materialize(%s), materialize('minute'), w, group_values, materialize(now()), %s
 FROM (
-    SELECT *, %s AS window_start, arrayJoin(%s) AS group_values
+    SELECT *, toStartOfMinute(timestamp) AS w, arrayJoin(%s) AS group_values
     FROM usage_events FINAL
     WHERE account_id IN (%s) AND timestamp >= %s AND timestamp < %s AND (%s) AND (%s)
 )
-GROUP BY account_id, environment, window_start, group_values`,
-		quote(m.Key), quote(string(g)), c.Aggregate, w, groups, strings.Join(qa, ", "),
-		dt(scanFrom), dt(scanTo), c.Where, windowFilter)
+GROUP BY account_id, environment, w, group_values`,
+			quote(m.Key), fromRaw(c, m), groups, strings.Join(qa, ", "),
+			dt(scan.from), dt(scan.to), c.Where, windowFilter)
+	}
+	return fmt.Sprintf(`SELECT account_id, environment, meter, materialize(%s), %s AS w, group_values, materialize(now()), %s
+FROM usage_rollups FINAL
+WHERE account_id IN (%s) AND meter = %s AND granularity = %s AND window_start >= %s AND window_start < %s AND (%s)
+GROUP BY account_id, environment, meter, w, group_values`,
+		quote(string(g)), windowExpr(g, zone, "window_start"), fromFiner(m),
+		strings.Join(qa, ", "), quote(m.Key), quote(string(finer[g])), dt(scan.from), dt(scan.to), windowFilter)
 }
 
-// Recompute rewrites every window of r.Granularity holding a touched minute.
-func (s *Store) Recompute(ctx context.Context, r aggregator.Recompute) error {
-	if len(r.Touched) == 0 {
+// Recompute rewrites every window holding a touched minute, for every
+// request in rs (all of one granularity), in a single INSERT: one new part
+// per batch and level keeps ClickHouse's merges ahead of ingest. The finer
+// granularity must have been recomputed first.
+func (s *Store) Recompute(ctx context.Context, rs []aggregator.Recompute) error {
+	var selects []string
+	var args []any
+	for _, r := range rs {
+		q, a, err := recomputeSelects(r)
+		if err != nil {
+			return err
+		}
+		selects = append(selects, q...)
+		for range q {
+			args = append(args, a...)
+		}
+	}
+	if len(selects) == 0 {
 		return nil
 	}
-	if !zoneRe.MatchString(r.Zone) {
-		return fmt.Errorf("time zone %q: not a valid IANA name", r.Zone)
-	}
-	c, err := r.Meter.Compile()
-	if err != nil {
-		return err
-	}
-	accounts := map[string]struct{}{}
-	var acc []string
-	tuples := make([]string, 0, len(r.Touched))
-	lo, hi := r.Touched[0].Minute, r.Touched[0].Minute
-	for _, t := range r.Touched {
-		if _, ok := accounts[t.Account]; !ok {
-			accounts[t.Account] = struct{}{}
-			acc = append(acc, t.Account)
-		}
-		tuples = append(tuples, fmt.Sprintf("(%s, %s, %d)", quote(t.Account), quote(string(t.Environment)), t.Minute.Unix()))
-		if t.Minute.Before(lo) {
-			lo = t.Minute
-		}
-		if t.Minute.After(hi) {
-			hi = t.Minute
-		}
-	}
-	span := spanOf(r.Granularity)
-	filter := fmt.Sprintf(`(account_id, toString(environment), window_start) IN (
-        SELECT tupleElement(t, 1), tupleElement(t, 2), %s
-        FROM (SELECT arrayJoin([%s]) AS t))`,
-		windowExpr(r.Granularity, r.Zone, "toDateTime(tupleElement(t, 3), 'UTC')"), strings.Join(tuples, ", "))
-	q := rollupSQL(c, r.Meter, r.Granularity, r.Zone, acc, lo.Add(-span), hi.Add(span+time.Minute), filter)
-	if err := s.conn.Exec(ctx, q, c.Args...); err != nil {
-		return fmt.Errorf("recompute %s %s rollups: %w", r.Meter.Key, r.Granularity, err)
+	q := "INSERT INTO usage_rollups (" + rollupColumns + extraColumnsAll + ")\n" + strings.Join(selects, "\nUNION ALL\n")
+	if err := s.conn.Exec(ctx, q, args...); err != nil {
+		return fmt.Errorf("recompute %s rollups: %w", rs[0].Granularity, err)
 	}
 	return nil
 }
 
+// recomputeSelects are the SELECTs for one meter and zone, one per cluster
+// of touched windows, and the arguments each takes.
+func recomputeSelects(r aggregator.Recompute) ([]string, []any, error) {
+	if len(r.Touched) == 0 {
+		return nil, nil, nil
+	}
+	loc, err := zone(r.Zone)
+	if err != nil {
+		return nil, nil, err
+	}
+	c, err := r.Meter.Compile()
+	if err != nil {
+		return nil, nil, err
+	}
+	// Windows touched, each with the touched minutes inside it.
+	type win struct {
+		start time.Time
+		acct  string
+	}
+	byWin := map[win][]int{}
+	var wins []win
+	for i, t := range r.Touched {
+		w := win{aggregator.WindowStart(t.Minute, r.Granularity, loc), t.Account}
+		if _, ok := byWin[w]; !ok {
+			wins = append(wins, w)
+		}
+		byWin[w] = append(byWin[w], i)
+	}
+	rs := make([]timeRange, len(wins))
+	members := make([][]int, len(wins))
+	for i, w := range wins {
+		// A minute of margin on both sides, in case Go's and ClickHouse's
+		// zone data disagree at a window's edge.
+		rs[i] = timeRange{w.start.Add(-time.Minute), aggregator.WindowEnd(w.start, r.Granularity, loc).Add(time.Minute)}
+		members[i] = byWin[w]
+	}
+	scans, groups := cluster(rs, members)
+	out := make([]string, 0, len(scans))
+	for i, scan := range scans {
+		seen := map[string]struct{}{}
+		var acc []string
+		tuples := make([]string, 0, len(groups[i]))
+		for _, j := range groups[i] {
+			t := r.Touched[j]
+			if _, ok := seen[t.Account]; !ok {
+				seen[t.Account] = struct{}{}
+				acc = append(acc, t.Account)
+			}
+			tuples = append(tuples, fmt.Sprintf("(%s, %s, %d)", quote(t.Account), quote(string(t.Environment)), t.Minute.Unix()))
+		}
+		// Only the touched windows are written, so a cluster's wide scan
+		// never writes a window it did not read whole.
+		filter := fmt.Sprintf(`(account_id, toString(environment), w) IN (
+        SELECT tupleElement(t, 1), tupleElement(t, 2), %s
+        FROM (SELECT arrayJoin([%s]) AS t))`,
+			windowExpr(r.Granularity, r.Zone, "toDateTime(tupleElement(t, 3), 'UTC')"), strings.Join(tuples, ", "))
+		out = append(out, levelSelect(c, r.Meter, r.Granularity, r.Zone, acc, scan, filter))
+	}
+	return out, c.Args, nil
+}
+
 // Rebuild rewrites every window of r.Granularity that starts in [From, To).
+// The finer granularity must have been rebuilt first.
 func (s *Store) Rebuild(ctx context.Context, r aggregator.Rebuild) error {
 	if len(r.Accounts) == 0 {
 		return nil
 	}
-	if !zoneRe.MatchString(r.Zone) {
-		return fmt.Errorf("time zone %q: not a valid IANA name", r.Zone)
+	if _, err := zone(r.Zone); err != nil {
+		return err
 	}
 	c, err := r.Meter.Compile()
 	if err != nil {
 		return err
 	}
-	filter := fmt.Sprintf("window_start >= %s AND window_start < %s", dt(r.From), dt(r.To))
-	q := rollupSQL(c, r.Meter, r.Granularity, r.Zone, r.Accounts, r.From, r.To.Add(spanOf(r.Granularity)), filter)
+	filter := fmt.Sprintf("w >= %s AND w < %s", dt(r.From), dt(r.To))
+	scan := timeRange{r.From, r.To.Add(aggregator.MaxSpan(r.Granularity))}
+	q := "INSERT INTO usage_rollups (" + rollupColumns + extraColumnsAll + ")\n" +
+		levelSelect(c, r.Meter, r.Granularity, r.Zone, r.Accounts, scan, filter)
 	if err := s.conn.Exec(ctx, q, c.Args...); err != nil {
 		return fmt.Errorf("rebuild %s %s rollups: %w", r.Meter.Key, r.Granularity, err)
 	}
 	return nil
 }
 
-// spanOf bounds a window's length (a month is at most 31 days, a day at
-// most 25 hours across a daylight-saving change).
-func spanOf(g aggregator.Granularity) time.Duration {
-	switch g {
-	case aggregator.Minute:
-		return time.Minute
-	case aggregator.Hour:
-		return time.Hour
-	case aggregator.Day:
-		return 25 * time.Hour
-	default:
-		return 32 * 24 * time.Hour
+func zone(name string) (*time.Location, error) {
+	if !zoneRe.MatchString(name) {
+		return nil, fmt.Errorf("time zone %q: not a valid IANA name", name)
 	}
+	loc, err := time.LoadLocation(name)
+	if err != nil {
+		return nil, fmt.Errorf("time zone %q: %w", name, err)
+	}
+	return loc, nil
 }
 
 // Accounts lists accounts with raw events in [from, to).

@@ -1,12 +1,15 @@
 -- Rollups: one row per (account, environment, meter, granularity, window,
 -- group-by values), owned by the aggregator.
 --
--- A row is never incremented: it is recomputed from `usage_events FINAL`
--- for the whole window each time an event lands in that window, and
--- written again. Recomputing from the deduplicated raw events is what
--- makes a duplicate count once and a late event count exactly once; an
--- incremental materialized view over a ReplacingMergeTree would count every
--- physical copy of a redelivered event.
+-- A row is never incremented: it is recomputed for the whole window each
+-- time an event lands in it, and written again. Minute rows are computed
+-- from the deduplicated raw events (`usage_events FINAL`), hour rows from
+-- minute rows, day rows from hour rows and month rows from day rows (all
+-- read with FINAL), so no step costs more than its window's children.
+-- Recomputing from deduplicated data is what makes a duplicate count once
+-- and a late event count exactly once; an incremental materialized view over
+-- a ReplacingMergeTree would count every physical copy of a redelivered
+-- event.
 --
 -- The version is `events`, the number of distinct raw events the row was
 -- computed from. Raw events only ever grow, so a later computation of a
@@ -14,6 +17,10 @@
 -- version is always the most complete row, whatever order concurrent
 -- writers inserted them in, and equal versions have equal values. Read with
 -- FINAL (or argMax(value, events)) for an exact answer before merges.
+--
+-- latest_us/latest_id carry LATEST's tie-break (the event time and id the
+-- value came from) and uniq_state UNIQUE_COUNT's exact set, so that coarser
+-- windows combine finer ones exactly; other meters leave them empty.
 --
 -- group_values is [] for the meter's total over all groups and the values
 -- of the meter's group_by properties, in order, for the grouped rows.
@@ -29,6 +36,9 @@ CREATE TABLE IF NOT EXISTS usage_rollups
     group_values Array(String),
     value        Int64,
     events       UInt64,
+    latest_us    UInt64,
+    latest_id    String,
+    uniq_state   AggregateFunction(uniqExact, String),
     computed_at  DateTime('UTC')
 )
 ENGINE = ReplacingMergeTree(events)
