@@ -51,8 +51,8 @@ type Store interface {
 	LatestPlan(ctx context.Context, id string) (Plan, error)
 	Accounts(ctx context.Context) ([]Account, error)
 	Account(ctx context.Context, id string) (Account, error)
-	// Subscriptions returns the account's subscriptions overlapping p.
-	Subscriptions(ctx context.Context, accountID string, p Period) ([]Subscription, error)
+	// Subscriptions returns, per account, the subscriptions overlapping p.
+	Subscriptions(ctx context.Context, accountIDs []string, p Period) (map[string][]Subscription, error)
 	// InvoicedPeriods returns, per account, the period starts already
 	// invoiced at or after since.
 	InvoicedPeriods(ctx context.Context, since time.Time) (map[string]map[time.Time]bool, error)
@@ -254,14 +254,18 @@ func (iv *Invoicer) ComputePeriod(ctx context.Context, usage UsageReader, p Peri
 		plans[k] = pl
 		return pl, nil
 	}
+	ids := make([]string, len(accounts))
+	for i, a := range accounts {
+		ids[i] = a.ID
+	}
+	subs, err := iv.store.Subscriptions(ctx, ids, p)
+	if err != nil {
+		return nil, err
+	}
 	segs := make([][]Segment, len(accounts))
 	var whole []string
 	for i, a := range accounts {
-		subs, err := iv.store.Subscriptions(ctx, a.ID, p)
-		if err != nil {
-			return nil, err
-		}
-		if segs[i], err = Segments(p, subs, planOf, free); err != nil {
+		if segs[i], err = Segments(p, subs[a.ID], planOf, free); err != nil {
 			return nil, fmt.Errorf("account %s: %w", a.ID, err)
 		}
 		if len(segs[i]) == 1 {

@@ -34,24 +34,52 @@ func New(conn driver.Conn) *Usage { return &Usage{conn: conn} }
 // event matches the meter: the matching group gives the meter's quantity
 // (its aggregate, whatever it is, over exactly its events) and both groups
 // together give the account's event count, in the same pass.
+//
+// Reads are exact. When every month partition the period touches is one
+// merged part, ReplacingMergeTree has already collapsed its duplicates, so
+// the query skips FINAL (ClickHouse 18.16 runs FINAL single-threaded, over
+// ten times slower); the active parts are listed before and after, and if
+// they changed (an insert or merge landed meanwhile) the read is repeated
+// with FINAL.
 func (u *Usage) Usage(ctx context.Context, accounts []string, p invoicer.Period, meters []meter.Meter, env schemas.Environment) (map[string]invoicer.AccountUsage, error) {
-	out := map[string]invoicer.AccountUsage{}
 	if len(accounts) == 0 {
-		return out, nil
+		return map[string]invoicer.AccountUsage{}, nil
 	}
 	in, err := inList(accounts)
 	if err != nil {
 		return nil, err
 	}
+	before, merged, err := u.parts(ctx, p)
+	if err != nil {
+		return nil, err
+	}
+	if merged {
+		out, err := u.read(ctx, in, p, meters, env, "")
+		if err != nil {
+			return nil, err
+		}
+		after, _, err := u.parts(ctx, p)
+		if err != nil {
+			return nil, err
+		}
+		if after == before {
+			return out, nil
+		}
+	}
+	return u.read(ctx, in, p, meters, env, "FINAL")
+}
+
+func (u *Usage) read(ctx context.Context, in string, p invoicer.Period, meters []meter.Meter, env schemas.Environment, final string) (map[string]invoicer.AccountUsage, error) {
+	out := map[string]invoicer.AccountUsage{}
 	for i, m := range meters {
 		c, err := m.Compile()
 		if err != nil {
 			return nil, fmt.Errorf("compile meter %s: %w", m.Key, err)
 		}
 		q := fmt.Sprintf(`SELECT account_id, toUInt8(%s) AS matched, toInt64(count()) AS events, %s AS quantity
-			FROM usage_events FINAL
+			FROM usage_events %s
 			WHERE environment = ? AND timestamp >= toDateTime(?) AND timestamp < toDateTime(?) AND account_id IN (%s)
-			GROUP BY account_id, matched`, c.Where, c.Aggregate, in)
+			GROUP BY account_id, matched`, c.Where, c.Aggregate, final, in)
 		args := append(append([]any{}, c.Args...), string(env), uint32(p.Start.Unix()), uint32(p.End.Unix()))
 		rows, err := u.conn.Query(ctx, q, args...)
 		if err != nil {
@@ -84,6 +112,40 @@ func (u *Usage) Usage(ctx context.Context, accounts []string, p invoicer.Period,
 		}
 	}
 	return out, nil
+}
+
+// parts lists the active parts of the month partitions (toYYYYMM, UTC)
+// that p touches, and whether each such partition is a single merged part
+// (level > 0): such a part holds one row per sorting key, and so one per
+// event id.
+func (u *Usage) parts(ctx context.Context, p invoicer.Period) (string, bool, error) {
+	var ids []string
+	for m := time.Date(p.Start.UTC().Year(), p.Start.UTC().Month(), 1, 0, 0, 0, 0, time.UTC); m.Before(p.End); m = m.AddDate(0, 1, 0) {
+		ids = append(ids, m.Format("200601"))
+	}
+	rows, err := u.conn.Query(ctx, `SELECT partition_id, name, level FROM system.parts
+		WHERE database = currentDatabase() AND table = 'usage_events' AND active AND has(?, partition_id)
+		ORDER BY partition_id, name`, ids)
+	if err != nil {
+		return "", false, fmt.Errorf("list usage parts: %w", err)
+	}
+	defer rows.Close()
+	var names strings.Builder
+	count := map[string]int{}
+	merged := true
+	for rows.Next() {
+		var pid, name string
+		var level uint32
+		if err := rows.Scan(&pid, &name, &level); err != nil {
+			return "", false, fmt.Errorf("list usage parts: %w", err)
+		}
+		names.WriteString(name + ",")
+		count[pid]++
+		if level == 0 || count[pid] > 1 {
+			merged = false
+		}
+	}
+	return names.String(), merged, rows.Err()
 }
 
 var accountRe = regexp.MustCompile(`^[A-Za-z0-9_.:-]{1,64}$`)

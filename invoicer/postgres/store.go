@@ -102,24 +102,26 @@ func (s *Store) Account(ctx context.Context, id string) (invoicer.Account, error
 	return a, nil
 }
 
-// Subscriptions returns the account's subscriptions overlapping p.
-func (s *Store) Subscriptions(ctx context.Context, accountID string, p invoicer.Period) ([]invoicer.Subscription, error) {
+// Subscriptions returns, per account, the subscriptions overlapping p, in
+// one query.
+func (s *Store) Subscriptions(ctx context.Context, accountIDs []string, p invoicer.Period) (map[string][]invoicer.Subscription, error) {
 	rows, err := s.pool.Query(ctx, `
 		SELECT account_id, plan_id, plan_version, starts_at, ends_at FROM subscriptions
-		WHERE account_id = $1 AND starts_at < $3 AND (ends_at IS NULL OR ends_at > $2)
-		ORDER BY starts_at, created_at`, accountID, p.Start, p.End)
+		WHERE account_id = ANY($1) AND starts_at < $3 AND (ends_at IS NULL OR ends_at > $2)
+		ORDER BY account_id, starts_at, created_at`, accountIDs, p.Start, p.End)
 	if err != nil {
 		return nil, fmt.Errorf("list subscriptions: %w", err)
 	}
-	out, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (invoicer.Subscription, error) {
+	defer rows.Close()
+	out := map[string][]invoicer.Subscription{}
+	for rows.Next() {
 		var sub invoicer.Subscription
-		err := r.Scan(&sub.AccountID, &sub.PlanID, &sub.PlanVersion, &sub.StartsAt, &sub.EndsAt)
-		return sub, err
-	})
-	if err != nil {
-		return nil, fmt.Errorf("list subscriptions: %w", err)
+		if err := rows.Scan(&sub.AccountID, &sub.PlanID, &sub.PlanVersion, &sub.StartsAt, &sub.EndsAt); err != nil {
+			return nil, fmt.Errorf("list subscriptions: %w", err)
+		}
+		out[sub.AccountID] = append(out[sub.AccountID], sub)
 	}
-	return out, nil
+	return out, rows.Err()
 }
 
 // InvoicedPeriods returns, per account, the period starts invoiced since.

@@ -1,0 +1,363 @@
+// Command invoice benchmarks closing a billing period: 1,000 accounts over
+// at least 10 million raw events generated straight into a scratch
+// ClickHouse database, against a floor measured in the same run: one plain
+// `SELECT account_id, count() … GROUP BY account_id` over the same rows.
+// It also measures replay (Kafka topic → scratch database) on a smaller
+// sample topic. Everything it creates is dropped at the end.
+//
+// The last line is: RESULT invoice_run_s=… floor_query_s=… ratio_vs_floor=… replay_eps=…
+package main
+
+import (
+	"context"
+	"database/sql"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/ClickHouse/clickhouse-go/v2"
+	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+	_ "github.com/jackc/pgx/v5/stdlib"
+	"github.com/segmentio/kafka-go"
+
+	"github.com/tollgate-dev/tollgate/invoicer"
+	invch "github.com/tollgate-dev/tollgate/invoicer/clickhouse"
+	invpg "github.com/tollgate-dev/tollgate/invoicer/postgres"
+	"github.com/tollgate-dev/tollgate/schemas"
+)
+
+func env(name, def string) string {
+	if v := os.Getenv(name); v != "" {
+		return v
+	}
+	return def
+}
+
+func main() {
+	if err := run(); err != nil {
+		fmt.Fprintln(os.Stderr, "bench-invoice:", err)
+		os.Exit(1)
+	}
+}
+
+func run() error {
+	accounts := flag.Int("accounts", 1000, "accounts")
+	events := flag.Int("events", 10_000_000, "raw events")
+	replayEvents := flag.Int("replay-events", 200_000, "events in the replay sample topic")
+	floorRuns := flag.Int("floor-runs", 3, "floor query runs (the fastest counts)")
+	flag.Parse()
+	pgURL := env("TOLLGATE_POSTGRES_URL", "postgres://tollgate@127.0.0.1:15432/tollgate?sslmode=disable")
+	chAddr := env("TOLLGATE_CLICKHOUSE_ADDR", "127.0.0.1:19000")
+	brokers := strings.Split(env("TOLLGATE_KAFKA_BROKERS", "127.0.0.1:19092"), ",")
+	ctx := context.Background()
+	name := fmt.Sprintf("bench_invoice_%d", time.Now().Unix())
+
+	// Scratch ClickHouse database.
+	admin, err := clickhouse.Open(chOpts(chAddr, "default"))
+	if err != nil {
+		return err
+	}
+	defer admin.Close()
+	if err := admin.Exec(ctx, "CREATE DATABASE "+name); err != nil {
+		return fmt.Errorf("create clickhouse database (is ClickHouse up? make services): %w", err)
+	}
+	defer func() { _ = admin.Exec(context.Background(), "DROP DATABASE IF EXISTS "+name) }()
+	ch, err := clickhouse.Open(chOpts(chAddr, name))
+	if err != nil {
+		return err
+	}
+	defer ch.Close()
+	if err := schemas.ApplyClickHouse(ctx, ch); err != nil {
+		return err
+	}
+
+	// Two scratch Postgres databases: one ledger per close.
+	pool, dropPG, err := scratchPostgres(ctx, pgURL, name)
+	if err != nil {
+		return err
+	}
+	defer dropPG()
+	pool2, dropPG2, err := scratchPostgres(ctx, pgURL, name+"_merged")
+	if err != nil {
+		return err
+	}
+	defer dropPG2()
+
+	period := invoicer.Period{Start: time.Date(2026, 3, 1, 0, 0, 0, 0, time.UTC), End: time.Date(2026, 4, 1, 0, 0, 0, 0, time.UTC)}
+	for _, p := range []*pgxpool.Pool{pool, pool2} {
+		if err := seedAccounts(ctx, p, *accounts, period.Start); err != nil {
+			return err
+		}
+	}
+	fmt.Fprintf(os.Stderr, "generating %d events for %d accounts in %s…\n", *events, *accounts, name)
+	t0 := time.Now()
+	if err := generate(ctx, ch, *events, *accounts, period); err != nil {
+		return err
+	}
+	fmt.Fprintf(os.Stderr, "generated in %.1fs\n", time.Since(t0).Seconds())
+	wb, err := ch.PrepareBatch(ctx, "INSERT INTO watermarks (partition, watermark, updated_at)")
+	if err != nil {
+		return err
+	}
+	if err := wb.Append(int32(0), period.End.Add(2*time.Hour), time.Now().UTC()); err != nil {
+		return err
+	}
+	if err := wb.Send(); err != nil {
+		return err
+	}
+
+	best := time.Duration(1<<63 - 1)
+	floor := func(label string) error {
+		for i := 0; i < *floorRuns; i++ {
+			t := time.Now()
+			rows, err := ch.Query(ctx, `SELECT account_id, count() FROM usage_events
+				WHERE timestamp >= toDateTime(?) AND timestamp < toDateTime(?) GROUP BY account_id`,
+				uint32(period.Start.Unix()), uint32(period.End.Unix()))
+			if err != nil {
+				return fmt.Errorf("floor query: %w", err)
+			}
+			n := 0
+			for rows.Next() {
+				n++
+			}
+			rows.Close()
+			d := time.Since(t)
+			if n != *accounts {
+				return fmt.Errorf("floor query saw %d accounts, want %d", n, *accounts)
+			}
+			best = min(best, d)
+			fmt.Fprintf(os.Stderr, "floor (%s) run %d: %.3fs\n", label, i+1, d.Seconds())
+		}
+		return nil
+	}
+	closePeriod := func(p *pgxpool.Pool, label string) (time.Duration, []invoicer.Invoice, error) {
+		usage := invch.New(ch)
+		iv, err := invoicer.New(invpg.New(p), usage, usage, nil, invoicer.Options{Grace: time.Hour, Lookback: 1,
+			Now: func() time.Time { return period.End.Add(72 * time.Hour) }}, slog.New(slog.NewTextHandler(io.Discard, nil)))
+		if err != nil {
+			return 0, nil, err
+		}
+		t := time.Now()
+		res, err := iv.CloseDue(ctx)
+		d := time.Since(t)
+		if err != nil {
+			return 0, nil, fmt.Errorf("close period: %w", err)
+		}
+		if len(res.Closed) != *accounts {
+			return 0, nil, fmt.Errorf("closed %d invoices, want %d", len(res.Closed), *accounts)
+		}
+		var billed, total int64
+		for _, inv := range res.Closed {
+			billed += inv.Fingerprint.Segments[0].Quantities["api_calls"]
+			total += inv.Total
+		}
+		fmt.Fprintf(os.Stderr, "close (%s): %d invoices in %.3fs: %d billable calls, %s usd in total\n",
+			label, len(res.Closed), d.Seconds(), billed, invoicer.FormatMinor(total, "usd"))
+		return d, res.Closed, nil
+	}
+
+	if err := floor("unmerged parts"); err != nil {
+		return err
+	}
+	unmerged, first, err := closePeriod(pool, "unmerged parts, FINAL")
+	if err != nil {
+		return err
+	}
+	// A closed month stops receiving inserts and ClickHouse merges its
+	// partition; OPTIMIZE … FINAL gets there now instead of eventually.
+	tm := time.Now()
+	if err := ch.Exec(ctx, "OPTIMIZE TABLE usage_events FINAL"); err != nil {
+		return err
+	}
+	fmt.Fprintf(os.Stderr, "merged the partitions in %.1fs (not timed as part of the close)\n", time.Since(tm).Seconds())
+	if err := floor("merged"); err != nil {
+		return err
+	}
+	run, second, err := closePeriod(pool2, "merged partition")
+	if err != nil {
+		return err
+	}
+	for i := range first {
+		if first[i].Fingerprint.Hash != second[i].Fingerprint.Hash {
+			return fmt.Errorf("invoice %s differs between the FINAL and the merged read", first[i].ID)
+		}
+	}
+	fmt.Fprintln(os.Stderr, "both closes produced identical invoices (same fingerprint hashes)")
+	res := struct{ Closed []invoicer.Invoice }{second}
+
+	eps, err := replayRate(ctx, brokers, pgURL, pool, name, chAddr, *replayEvents)
+	if err != nil {
+		return fmt.Errorf("replay: %w", err)
+	}
+	fmt.Printf("accounts=%d events=%d invoices=%d\n", *accounts, *events, len(res.Closed))
+	fmt.Printf("unmerged: invoice_run_s=%.3f ratio_vs_floor=%.2f (FINAL read, ClickHouse 18.16 runs it single-threaded)\n",
+		unmerged.Seconds(), unmerged.Seconds()/best.Seconds())
+	fmt.Printf("RESULT invoice_run_s=%.3f floor_query_s=%.3f ratio_vs_floor=%.2f replay_eps=%.0f unmerged_invoice_run_s=%.3f unmerged_ratio_vs_floor=%.2f\n",
+		run.Seconds(), best.Seconds(), run.Seconds()/best.Seconds(), eps, unmerged.Seconds(), unmerged.Seconds()/best.Seconds())
+	return nil
+}
+
+func chOpts(addr, db string) *clickhouse.Options {
+	return &clickhouse.Options{Addr: []string{addr}, Auth: clickhouse.Auth{Database: db, Username: "default"},
+		DialTimeout: 5 * time.Second, ReadTimeout: 10 * time.Minute, Protocol: clickhouse.Native}
+}
+
+func scratchPostgres(ctx context.Context, url, name string) (*pgxpool.Pool, func(), error) {
+	admin, err := pgx.Connect(ctx, url)
+	if err != nil {
+		return nil, nil, fmt.Errorf("connect to postgres (make services): %w", err)
+	}
+	defer admin.Close(ctx)
+	if _, err := admin.Exec(ctx, "CREATE DATABASE "+name); err != nil {
+		return nil, nil, err
+	}
+	cfg, _ := pgx.ParseConfig(url)
+	dbURL := strings.Replace(url, "/"+cfg.Database+"?", "/"+name+"?", 1)
+	drop := func() {
+		c, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		if a, err := pgx.Connect(c, url); err == nil {
+			_, _ = a.Exec(c, "DROP DATABASE IF EXISTS "+name+" WITH (FORCE)")
+			_ = a.Close(c)
+		}
+	}
+	db, err := sql.Open("pgx", dbURL)
+	if err == nil {
+		_, err = schemas.MigratePostgres(ctx, db)
+		db.Close()
+	}
+	if err != nil {
+		drop()
+		return nil, nil, err
+	}
+	pool, err := pgxpool.New(ctx, dbURL)
+	if err != nil {
+		drop()
+		return nil, nil, err
+	}
+	return pool, func() { pool.Close(); drop() }, nil
+}
+
+// seedAccounts spreads accounts over the four seeded plans.
+func seedAccounts(ctx context.Context, pool *pgxpool.Pool, n int, start time.Time) error {
+	plans := []string{"free", "starter", "growth", "enterprise"}
+	b := &pgx.Batch{}
+	for i := 0; i < n; i++ {
+		id := fmt.Sprintf("acct_%d", i)
+		b.Queue(`INSERT INTO accounts (id, name, created_at) VALUES ($1, $1, $2)`, id, start.AddDate(0, -1, 0))
+		if p := plans[i%len(plans)]; p != "free" {
+			b.Queue(`INSERT INTO subscriptions (id, account_id, plan_id, plan_version, starts_at) VALUES ($1, $2, $3, 1, $4)`,
+				"sub_"+id, id, p, start.AddDate(0, -1, 0))
+		}
+	}
+	return pool.SendBatch(ctx, b).Close()
+}
+
+// generate inserts events with INSERT … SELECT FROM numbers(): every 20th
+// event is test mode and every 10th is another event type, spread over the
+// period (and the day after it, which the period must not count).
+func generate(ctx context.Context, ch driver.Conn, events, accounts int, p invoicer.Period) error {
+	const chunk = 2_000_000
+	secs := p.Seconds() + 86400
+	for off := 0; off < events; off += chunk {
+		n := min(chunk, events-off)
+		q := fmt.Sprintf(`INSERT INTO usage_events (event_id, schema_version, account_id, environment, key_id, event_type,
+			timestamp, timestamp_us, route, method, status, latency_us, request_bytes, response_bytes, units,
+			request_id, client_id, dim_keys, dim_values, kafka_partition, kafka_offset, ingested_at)
+			SELECT generateUUIDv4(), 1, concat('acct_', toString(number %% %d)),
+			  if(number %% 20 = 0, 'test', 'live'), 'key_bench', if(number %% 10 = 7, 'report.generated', 'api_call'),
+			  toDateTime(%d + intDiv(number * 7919, 1) %% %d) AS ts, toUInt64(ts) * 1000000, '/v1/items', 'GET', 200, 1000, 0, 512, 1,
+			  '', '', [], [], toInt32(number %% 4), toInt64(number), now()
+			FROM numbers(%d, %d)`, accounts, p.Start.Unix(), secs, off, n)
+		if err := ch.Exec(ctx, q); err != nil {
+			return fmt.Errorf("generate events: %w", err)
+		}
+	}
+	return nil
+}
+
+// replayRate produces a sample topic and times `tollgate invoice replay`
+// loading it into a scratch database (the command's own load timer).
+func replayRate(ctx context.Context, brokers []string, pgURL string, pool *pgxpool.Pool, name, chAddr string, n int) (float64, error) {
+	topic := strings.ReplaceAll(name, "_", ".") + ".usage"
+	client := &kafka.Client{Addr: kafka.TCP(brokers...), Timeout: 20 * time.Second}
+	if _, err := client.CreateTopics(ctx, &kafka.CreateTopicsRequest{Topics: []kafka.TopicConfig{{Topic: topic, NumPartitions: 4, ReplicationFactor: 1}}}); err != nil {
+		return 0, err
+	}
+	defer func() {
+		_, _ = client.DeleteTopics(context.Background(), &kafka.DeleteTopicsRequest{Topics: []string{topic}})
+	}()
+	w := &kafka.Writer{Addr: kafka.TCP(brokers...), Topic: topic, Balancer: &kafka.Hash{}, RequiredAcks: kafka.RequireAll,
+		BatchSize: 5000, BatchTimeout: 5 * time.Millisecond}
+	now := time.Now().UTC()
+	batch := make([]kafka.Message, 0, 5000)
+	for i := 0; i < n; i++ {
+		ev := schemas.Event{Version: 1, ID: schemas.NewEventID(), AccountID: fmt.Sprintf("acct_%d", i%1000), Environment: schemas.Live,
+			KeyID: "key_bench", Type: "api_call", Time: now.Add(-time.Duration(i) * time.Millisecond), Units: 1, Route: "/v1/items", Method: "GET", Status: 200}
+		b, err := ev.Encode()
+		if err != nil {
+			return 0, err
+		}
+		batch = append(batch, kafka.Message{Key: []byte(ev.AccountID), Value: b})
+		if len(batch) == cap(batch) || i == n-1 {
+			if err := w.WriteMessages(ctx, batch...); err != nil {
+				return 0, fmt.Errorf("produce sample: %w", err)
+			}
+			batch = batch[:0]
+		}
+	}
+	if err := w.Close(); err != nil {
+		return 0, err
+	}
+	dir, err := os.MkdirTemp("", "bench-invoice")
+	if err != nil {
+		return 0, err
+	}
+	defer os.RemoveAll(dir)
+	bin := filepath.Join(dir, "tollgate")
+	if out, err := exec.Command("go", "build", "-o", bin, "./cmd/tollgate").CombinedOutput(); err != nil {
+		return 0, fmt.Errorf("build: %v: %s", err, out)
+	}
+	cfg, _ := pgx.ParseConfig(pgURL)
+	dbURL := strings.Replace(pgURL, "/"+cfg.Database+"?", "/"+name+"?", 1)
+	report := filepath.Join(dir, "replay.json")
+	// No invoice has a period in 2000: this times the load alone.
+	cmd := exec.Command(bin, "invoice", "replay", "--from", "2000-01-01T00:00:00Z", "--to", "2000-01-02T00:00:00Z",
+		"--report-json", report, "--report-csv", filepath.Join(dir, "replay.csv"), "--log-level", "warn")
+	cmd.Env = append(os.Environ(), "TOLLGATE_POSTGRES_URL="+dbURL, "TOLLGATE_CLICKHOUSE_ADDR="+chAddr,
+		"TOLLGATE_KAFKA_BROKERS="+strings.Join(brokers, ","), "TOLLGATE_CONFIG=")
+	cfgFile := filepath.Join(dir, "tollgate.yaml")
+	if err := os.WriteFile(cfgFile, []byte(fmt.Sprintf("ingest:\n  topic: %s\n  group: %s.g\n", topic, topic)), 0o600); err != nil {
+		return 0, err
+	}
+	cmd.Args = append(cmd.Args, "--config", cfgFile)
+	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+	if err := cmd.Run(); err != nil {
+		return 0, fmt.Errorf("tollgate invoice replay: %w", err)
+	}
+	b, err := os.ReadFile(report)
+	if err != nil {
+		return 0, err
+	}
+	var rep struct {
+		EventsLoaded int64   `json:"events_loaded"`
+		LoadSeconds  float64 `json:"load_seconds"`
+	}
+	if err := json.Unmarshal(b, &rep); err != nil {
+		return 0, err
+	}
+	if rep.EventsLoaded != int64(n) {
+		return 0, fmt.Errorf("replay loaded %d events, want %d", rep.EventsLoaded, n)
+	}
+	fmt.Fprintf(os.Stderr, "replay loaded %d events in %.2fs (sample topic; the full bench set is generated in ClickHouse, not Kafka)\n", rep.EventsLoaded, rep.LoadSeconds)
+	return float64(rep.EventsLoaded) / rep.LoadSeconds, nil
+}
