@@ -1,0 +1,379 @@
+package aggregator_test
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/tollgate-dev/tollgate/aggregator"
+	aggch "github.com/tollgate-dev/tollgate/aggregator/clickhouse"
+	aggpg "github.com/tollgate-dev/tollgate/aggregator/postgres"
+	"github.com/tollgate-dev/tollgate/edge"
+	edgepg "github.com/tollgate-dev/tollgate/edge/postgres"
+	"github.com/tollgate-dev/tollgate/ingest"
+	chsink "github.com/tollgate-dev/tollgate/ingest/clickhouse"
+	"github.com/tollgate-dev/tollgate/internal/testenv"
+	"github.com/tollgate-dev/tollgate/meter"
+	"github.com/tollgate-dev/tollgate/schemas"
+)
+
+const adminToken = "admin-token-for-tests"
+
+type apiEnv struct {
+	srv   *httptest.Server
+	keys  map[string]string // name -> secret
+	ids   map[string]string // name -> key id
+	base  time.Time
+	store *aggch.Store
+}
+
+var apiMeters = []meter.Meter{
+	meter.Default(),
+	{Key: "bytes", EventType: "api_call", Aggregation: meter.Sum, Value: "response_bytes", GroupBy: []string{"route", "method"}},
+	{Key: "users", EventType: "api_call", Aggregation: meter.UniqueCount, Value: "dimensions.user", GroupBy: []string{"route", "method"}},
+}
+
+// newAPIEnv lands a known set of events for two accounts and serves the
+// usage API over them.
+func newAPIEnv(t *testing.T) *apiEnv {
+	t.Helper()
+	ctx := context.Background()
+	pg := testenv.NewPostgres(t)
+	ch := testenv.NewClickHouse(t)
+	keys := edgepg.NewKeyStore(pg.Pool)
+	env := &apiEnv{keys: map[string]string{}, ids: map[string]string{}}
+	for _, k := range []struct {
+		name, account string
+		kind          edge.KeyKind
+		mode          schemas.Environment
+	}{
+		{"alpha", "acct_alpha", edge.Secret, schemas.Live},
+		{"alpha_pk", "acct_alpha", edge.Publishable, schemas.Live},
+		{"alpha_test", "acct_alpha", edge.Secret, schemas.Test},
+		{"beta", "acct_beta", edge.Secret, schemas.Live},
+	} {
+		testenv.Must(t, keys.EnsureAccount(ctx, k.account, k.account), "account")
+		secret, parsed, err := edge.GenerateKey(k.kind, k.mode)
+		testenv.Must(t, err, "generate key")
+		id := "key_" + k.name
+		testenv.Must(t, keys.CreateKey(ctx, edge.NewKey{ID: id, AccountID: k.account, Parsed: parsed}), "create key")
+		env.keys[k.name], env.ids[k.name] = secret, id
+	}
+	// Five minutes of traffic: alpha live makes i+1 calls in minute i.
+	env.base = time.Now().UTC().Truncate(time.Minute).Add(-10 * time.Minute)
+	var recs []ingest.Record
+	add := func(acct, key string, mode schemas.Environment, at time.Time, route, method, user string, bytes int64) {
+		e := schemas.Event{Version: 1, ID: schemas.NewEventID(), AccountID: acct, Environment: mode, KeyID: key,
+			Type: "api_call", Time: at, Route: route, Method: method, Status: 200, ResponseBytes: bytes, Units: 1,
+			Dimensions: map[string]string{"user": user}}
+		e.Normalize()
+		recs = append(recs, ingest.Record{Event: e})
+	}
+	for i := 0; i < 5; i++ {
+		for j := 0; j <= i; j++ {
+			add("acct_alpha", "key_alpha", schemas.Live, env.base.Add(time.Duration(i)*time.Minute+time.Duration(j)*time.Second),
+				[]string{"/a", "/b"}[j%2], []string{"GET", "POST"}[i%2], fmt.Sprint("u", j%2), 100)
+		}
+	}
+	add("acct_alpha", "key_alpha_test", schemas.Test, env.base, "/a", "GET", "u9", 7)
+	for i := 0; i < 3; i++ {
+		add("acct_beta", "key_beta", schemas.Live, env.base.Add(time.Duration(i)*time.Second), "/secret", "GET", "b", 1000)
+	}
+	testenv.Must(t, chsink.NewSink(ch.Conn).Insert(ctx, recs), "insert raw")
+	late := recs[0]
+	late.Event.ID, late.RecordTime, late.Value = schemas.NewEventID(), time.Now(), []byte("{}")
+	late.Event.Time = env.base.Add(-40 * 24 * time.Hour)
+	testenv.Must(t, chsink.NewSink(ch.Conn).InsertLate(ctx, []ingest.Record{late}), "insert late")
+	env.store = aggch.NewStore(ch.Conn)
+	zones := aggpg.NewZones(pg.Pool, time.Minute)
+	catalog, err := aggregator.NewCatalog(apiMeters, aggpg.NewMeters(pg.Pool), time.Millisecond)
+	testenv.Must(t, err, "catalog")
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	testenv.Must(t, aggregator.NewRoller(catalog, zones, env.store, log).Landed(ctx, recs), "roll up")
+	sum := sha256.Sum256([]byte(adminToken))
+	srv, err := aggregator.NewServer(aggregator.Config{AdminTokenSHA256: hex.EncodeToString(sum[:]), CORSOrigins: []string{"https://dash.example"}},
+		aggregator.ServerDeps{Keys: keys, Usage: env.store, Catalog: catalog, Zones: zones, Log: log})
+	testenv.Must(t, err, "server")
+	env.srv = httptest.NewServer(srv.Handler())
+	t.Cleanup(env.srv.Close)
+	return env
+}
+
+func (e *apiEnv) get(t *testing.T, path, key string, out any) int {
+	t.Helper()
+	req, _ := http.NewRequest(http.MethodGet, e.srv.URL+path, nil)
+	if key != "" {
+		req.Header.Set("Authorization", "Bearer "+key)
+	}
+	return do(t, req, out)
+}
+
+func do(t *testing.T, req *http.Request, out any) int {
+	t.Helper()
+	resp, err := http.DefaultClient.Do(req)
+	testenv.Must(t, err, "request")
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	if out != nil {
+		if err := json.Unmarshal(b, out); err != nil {
+			t.Fatalf("%s %s: status %d, body %s: %v", req.Method, req.URL, resp.StatusCode, b, err)
+		}
+	}
+	return resp.StatusCode
+}
+
+type usageBody struct {
+	Data []struct {
+		WindowStart time.Time         `json:"window_start"`
+		WindowEnd   time.Time         `json:"window_end"`
+		Group       map[string]string `json:"group"`
+		Value       int64             `json:"value"`
+	} `json:"data"`
+	HasMore       bool   `json:"has_more"`
+	NextCursor    string `json:"next_cursor"`
+	TooLateEvents uint64 `json:"too_late_events"`
+}
+
+type errBody struct {
+	Error struct {
+		Type      string `json:"type"`
+		Code      string `json:"code"`
+		Message   string `json:"message"`
+		RequestID string `json:"request_id"`
+		DocURL    string `json:"doc_url"`
+	} `json:"error"`
+}
+
+func (e *apiEnv) usagePath(q url.Values) string {
+	if q.Get("from") == "" {
+		q.Set("from", e.base.Add(-40*24*time.Hour).Format(time.RFC3339))
+	}
+	if q.Get("to") == "" {
+		q.Set("to", e.base.Add(time.Hour).Format(time.RFC3339))
+	}
+	return "/v1/usage?" + q.Encode()
+}
+
+func total(b usageBody) int64 {
+	var n int64
+	for _, d := range b.Data {
+		n += d.Value
+	}
+	return n
+}
+
+func TestUsageAPI(t *testing.T) {
+	e := newAPIEnv(t)
+	day := url.Values{"meter": {"api_calls"}, "window": {"day"}}
+
+	t.Run("each key reads only its own account and environment", func(t *testing.T) {
+		for _, c := range []struct {
+			key  string
+			want int64
+		}{{"alpha", 15}, {"alpha_pk", 15}, {"alpha_test", 1}, {"beta", 3}} {
+			var b usageBody
+			if st := e.get(t, e.usagePath(day), e.keys[c.key], &b); st != http.StatusOK {
+				t.Fatalf("%s: status %d", c.key, st)
+			}
+			if got := total(b); got != c.want {
+				t.Errorf("key %s sees %d calls, want %d", c.key, got, c.want)
+			}
+		}
+	})
+	t.Run("minute windows page with opaque cursors", func(t *testing.T) {
+		q := url.Values{"meter": {"api_calls"}, "window": {"minute"}, "limit": {"2"}}
+		var values []int64
+		path := e.usagePath(q)
+		for page := 0; ; page++ {
+			var b usageBody
+			if st := e.get(t, path, e.keys["alpha"], &b); st != http.StatusOK {
+				t.Fatalf("page %d: status %d", page, st)
+			}
+			for _, d := range b.Data {
+				values = append(values, d.Value)
+				if d.WindowEnd.Sub(d.WindowStart) != time.Minute {
+					t.Errorf("minute window %s..%s", d.WindowStart, d.WindowEnd)
+				}
+			}
+			if !b.HasMore {
+				break
+			}
+			q.Set("cursor", b.NextCursor)
+			path = e.usagePath(q)
+		}
+		if fmt.Sprint(values) != "[1 2 3 4 5]" {
+			t.Errorf("minute values %v, want [1 2 3 4 5]", values)
+		}
+	})
+	t.Run("a cursor is refused with other parameters or another key", func(t *testing.T) {
+		q := url.Values{"meter": {"api_calls"}, "window": {"minute"}, "limit": {"2"}}
+		var b usageBody
+		e.get(t, e.usagePath(q), e.keys["alpha"], &b)
+		q.Set("cursor", b.NextCursor)
+		var eb errBody
+		if st := e.get(t, e.usagePath(q), e.keys["beta"], &eb); st != http.StatusBadRequest || eb.Error.Code != "invalid_cursor" {
+			t.Errorf("beta reusing alpha's cursor: status %d code %q", st, eb.Error.Code)
+		}
+		q.Set("window", "hour")
+		if st := e.get(t, e.usagePath(q), e.keys["alpha"], &eb); st != http.StatusBadRequest || eb.Error.Code != "invalid_cursor" {
+			t.Errorf("cursor with another window: status %d code %q", st, eb.Error.Code)
+		}
+	})
+	t.Run("group_by a subset combines additive meters", func(t *testing.T) {
+		var b usageBody
+		q := url.Values{"meter": {"bytes"}, "window": {"day"}, "group_by": {"route"}}
+		if st := e.get(t, e.usagePath(q), e.keys["alpha"], &b); st != http.StatusOK {
+			t.Fatalf("status %d", st)
+		}
+		got := map[string]int64{}
+		for _, d := range b.Data {
+			got[d.Group["route"]] += d.Value
+		}
+		// j = 0..i over i = 0..4: 9 calls on /a and 6 on /b, 100 bytes each.
+		if got["/a"] != 900 || got["/b"] != 600 || len(got) != 2 {
+			t.Errorf("bytes by route %v, want /a=900 /b=600", got)
+		}
+	})
+	t.Run("unique counts by their full group_by and in total", func(t *testing.T) {
+		var b usageBody
+		q := url.Values{"meter": {"users"}, "window": {"day"}}
+		e.get(t, e.usagePath(q), e.keys["alpha"], &b)
+		if total(b) != 2 {
+			t.Errorf("distinct users %d, want 2", total(b))
+		}
+		var eb errBody
+		q.Set("group_by", "route")
+		if st := e.get(t, e.usagePath(q), e.keys["alpha"], &eb); st != http.StatusBadRequest || eb.Error.Code != "invalid_group_by" {
+			t.Errorf("unique count by a subset: status %d code %q", st, eb.Error.Code)
+		}
+	})
+	t.Run("events beyond the lateness are reported", func(t *testing.T) {
+		var b usageBody
+		e.get(t, e.usagePath(url.Values{"meter": {"api_calls"}}), e.keys["alpha"], &b)
+		if b.TooLateEvents != 1 {
+			t.Errorf("too_late_events %d, want 1", b.TooLateEvents)
+		}
+	})
+	t.Run("bad input gets one machine-readable error shape", func(t *testing.T) {
+		for _, c := range []struct {
+			path, key, code string
+			status          int
+		}{
+			{"/v1/usage", "", "missing_api_key", 401},
+			{"/v1/usage", "sk_live_nonsense", "malformed_api_key", 401},
+			{"/v1/usage?window=week", e.keys["alpha"], "invalid_window", 400},
+			{"/v1/usage?meter=nope", e.keys["alpha"], "meter_not_found", 404},
+			{"/v1/usage?from=yesterday", e.keys["alpha"], "invalid_time", 400},
+			{"/v1/usage?limit=0", e.keys["alpha"], "invalid_limit", 400},
+			{"/v1/usage?cursor=bm90LWEtY3Vyc29y", e.keys["alpha"], "invalid_cursor", 400},
+		} {
+			var eb errBody
+			st := e.get(t, c.path, c.key, &eb)
+			if st != c.status || eb.Error.Code != c.code || eb.Error.RequestID == "" || eb.Error.DocURL == "" || eb.Error.Type == "" {
+				t.Errorf("%s: status %d, error %+v; want %d %s", c.path, st, eb.Error, c.status, c.code)
+			}
+		}
+	})
+	t.Run("the request log lists the calling key's own events, newest first", func(t *testing.T) {
+		var seen []string
+		path := "/v1/requests?limit=4"
+		for {
+			var b struct {
+				Data []struct {
+					Time  time.Time `json:"time"`
+					Route string    `json:"route"`
+				} `json:"data"`
+				HasMore    bool   `json:"has_more"`
+				NextCursor string `json:"next_cursor"`
+			}
+			if st := e.get(t, path, e.keys["beta"], &b); st != http.StatusOK {
+				t.Fatalf("status %d", st)
+			}
+			for _, d := range b.Data {
+				seen = append(seen, d.Route+"@"+d.Time.Sub(e.base).String())
+			}
+			if !b.HasMore {
+				break
+			}
+			path = "/v1/requests?limit=4&cursor=" + url.QueryEscape(b.NextCursor)
+		}
+		if fmt.Sprint(seen) != "[/secret@2s /secret@1s /secret@0s]" {
+			t.Errorf("beta's request log %v", seen)
+		}
+		var b struct{ Data []json.RawMessage }
+		e.get(t, "/v1/requests?limit=100", e.keys["alpha_pk"], &b)
+		if len(b.Data) != 0 {
+			t.Errorf("alpha's publishable key sees %d requests of other keys", len(b.Data))
+		}
+	})
+	t.Run("a browser dashboard may call it cross-origin", func(t *testing.T) {
+		req, _ := http.NewRequest(http.MethodOptions, e.srv.URL+"/v1/usage", nil)
+		req.Header.Set("Origin", "https://dash.example")
+		req.Header.Set("Access-Control-Request-Method", "GET")
+		req.Header.Set("Access-Control-Request-Headers", "authorization")
+		resp, err := http.DefaultClient.Do(req)
+		testenv.Must(t, err, "preflight")
+		resp.Body.Close()
+		if got := resp.Header.Get("Access-Control-Allow-Origin"); got != "https://dash.example" {
+			t.Errorf("Access-Control-Allow-Origin %q", got)
+		}
+	})
+}
+
+func TestMetersAdminAPI(t *testing.T) {
+	e := newAPIEnv(t)
+	post := func(token, body string) (int, string) {
+		req, _ := http.NewRequest(http.MethodPost, e.srv.URL+"/admin/v1/meters", strings.NewReader(body))
+		req.Header.Set("Authorization", "Bearer "+token)
+		var eb errBody
+		st := do(t, req, &eb)
+		return st, eb.Error.Code
+	}
+	const m = `{"key":"slow_calls","event_type":"api_call","aggregation":"COUNT","filters":[{"property":"route","in":["/a"]}]}`
+	for _, c := range []struct {
+		name, token, body string
+		status            int
+		code              string
+	}{
+		{"a wrong token is refused", "wrong", m, 401, "invalid_admin_token"},
+		{"a new meter is created", adminToken, m, 201, ""},
+		{"creating it again is idempotent", adminToken, m, 200, ""},
+		{"another definition under its key conflicts", adminToken, strings.Replace(m, "/a", "/b", 1), 409, "meter_exists"},
+		{"a meter of the configuration file cannot be redefined", adminToken, `{"key":"api_calls","event_type":"other","aggregation":"COUNT"}`, 409, "meter_exists"},
+		{"an invalid meter is refused", adminToken, `{"key":"Bad Key","event_type":"api_call","aggregation":"MEDIAN"}`, 400, "invalid_meter"},
+		{"unknown fields are refused", adminToken, `{"key":"x","surprise":1}`, 400, "invalid_json"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			if st, code := post(c.token, c.body); st != c.status || code != c.code {
+				t.Errorf("status %d code %q, want %d %q", st, code, c.status, c.code)
+			}
+		})
+	}
+	t.Run("the new meter is listed and queryable", func(t *testing.T) {
+		req, _ := http.NewRequest(http.MethodGet, e.srv.URL+"/admin/v1/meters", nil)
+		req.Header.Set("Authorization", "Bearer "+adminToken)
+		var list struct{ Data []meter.Meter }
+		do(t, req, &list)
+		var keys []string
+		for _, m := range list.Data {
+			keys = append(keys, m.Key)
+		}
+		if fmt.Sprint(keys) != "[api_calls bytes slow_calls users]" {
+			t.Errorf("meters %v", keys)
+		}
+		var b usageBody
+		if st := e.get(t, e.usagePath(url.Values{"meter": {"slow_calls"}}), e.keys["alpha"], &b); st != http.StatusOK {
+			t.Errorf("query new meter: status %d", st)
+		}
+	})
+}
