@@ -1,0 +1,598 @@
+// Command ingest benchmarks Tollgate's ingest against the best stock-parts
+// pipeline measured in the same run, and measures usage freshness.
+//
+//  1. Throughput: N events are produced to a topic up front. Tollgate ingest
+//     (effectively once: dedup, dead letters, rollups recomputed before each
+//     commit) drains it into ClickHouse; ingest_eps = N / time until every
+//     offset is committed.
+//  2. Peer: the same topic into ClickHouse with stock parts and no
+//     effectively-once guarantee: ClickHouse's Kafka table engine with a
+//     materialized view if it can consume from this broker within a time
+//     limit, otherwise kcat piped into clickhouse-client INSERT … FORMAT
+//     JSONEachRow. peer_eps = N / its wall time.
+//  3. Freshness: a producer stamps each event with its call time and sends
+//     a steady rate (default 5,000/s); pollers read the usage API for each
+//     account. An event's freshness is the time from its call to the first
+//     usage API answer that counts it. freshness_p99_ms is the 99th
+//     percentile.
+//
+// Everything runs on loopback against the local services, in a scratch
+// ClickHouse database, Postgres database and topics that are removed after.
+package main
+
+import (
+	"bufio"
+	"context"
+	"database/sql"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/ClickHouse/clickhouse-go/v2"
+	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+	_ "github.com/jackc/pgx/v5/stdlib"
+	"github.com/segmentio/kafka-go"
+
+	"github.com/tollgate-dev/tollgate/aggregator"
+	aggch "github.com/tollgate-dev/tollgate/aggregator/clickhouse"
+	aggpg "github.com/tollgate-dev/tollgate/aggregator/postgres"
+	"github.com/tollgate-dev/tollgate/edge"
+	edgepg "github.com/tollgate-dev/tollgate/edge/postgres"
+	"github.com/tollgate-dev/tollgate/ingest"
+	chsink "github.com/tollgate-dev/tollgate/ingest/clickhouse"
+	ingestkafka "github.com/tollgate-dev/tollgate/ingest/kafka"
+	"github.com/tollgate-dev/tollgate/meter"
+	"github.com/tollgate-dev/tollgate/schemas"
+)
+
+func main() {
+	if err := run(); err != nil {
+		fmt.Fprintln(os.Stderr, "bench-ingest:", err)
+		os.Exit(1)
+	}
+}
+
+type opts struct {
+	events     int
+	partitions int
+	accounts   int
+	rate       int
+	duration   time.Duration
+	peerLimit  time.Duration
+	workers    int
+}
+
+func env(name, def string) string {
+	if v := os.Getenv(name); v != "" {
+		return v
+	}
+	return def
+}
+
+func run() error {
+	var o opts
+	flag.IntVar(&o.events, "events", 200_000, "events for the throughput runs")
+	flag.IntVar(&o.partitions, "partitions", 4, "usage topic partitions")
+	flag.IntVar(&o.accounts, "accounts", 8, "accounts the events belong to")
+	flag.IntVar(&o.rate, "rate", 5000, "events per second in the freshness run")
+	flag.DurationVar(&o.duration, "duration", 20*time.Second, "length of the freshness run")
+	flag.DurationVar(&o.peerLimit, "kafka-engine-limit", 20*time.Second, "how long ClickHouse's Kafka engine may take to show its first rows")
+	flag.IntVar(&o.workers, "workers", 4, "ingest workers (consumer group members)")
+	flag.Parse()
+
+	ctx := context.Background()
+	brokers := strings.Split(env("TOLLGATE_KAFKA_BROKERS", "127.0.0.1:19092"), ",")
+	chAddr := env("TOLLGATE_CLICKHOUSE_ADDR", "127.0.0.1:19000")
+	pgURL := env("TOLLGATE_POSTGRES_URL", "postgres://tollgate@127.0.0.1:15432/tollgate?sslmode=disable")
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	stamp := time.Now().Format("20060102150405")
+	name := "bench_ingest_" + stamp
+
+	admin, err := clickhouse.Open(chOpts(chAddr, "default"))
+	if err == nil {
+		err = admin.Ping(ctx)
+	}
+	if err != nil {
+		return fmt.Errorf("connect to clickhouse at %s (make services): %w", chAddr, err)
+	}
+	defer admin.Close()
+	if err := admin.Exec(ctx, "CREATE DATABASE "+name); err != nil {
+		return err
+	}
+	defer func() { _ = admin.Exec(context.Background(), "DROP DATABASE IF EXISTS "+name) }()
+	ch, err := clickhouse.Open(chOpts(chAddr, name))
+	if err != nil {
+		return err
+	}
+	defer ch.Close()
+	if err := schemas.ApplyClickHouse(ctx, ch); err != nil {
+		return err
+	}
+	pool, dropPG, err := scratchPostgres(ctx, pgURL, name)
+	if err != nil {
+		return err
+	}
+	defer dropPG()
+
+	kc := &kafka.Client{Addr: kafka.TCP(brokers...), Timeout: 20 * time.Second}
+	topicA, topicB := "bench.ingest."+stamp+".a", "bench.ingest."+stamp+".b"
+	topics := []string{topicA, topicA + ".dlq", topicB, topicB + ".dlq"}
+	var cfgs []kafka.TopicConfig
+	for _, t := range topics {
+		cfgs = append(cfgs, kafka.TopicConfig{Topic: t, NumPartitions: o.partitions, ReplicationFactor: 1})
+	}
+	if _, err := kc.CreateTopics(ctx, &kafka.CreateTopicsRequest{Topics: cfgs}); err != nil {
+		return fmt.Errorf("create topics (make services): %w", err)
+	}
+	defer func() { _, _ = kc.DeleteTopics(context.Background(), &kafka.DeleteTopicsRequest{Topics: topics}) }()
+
+	// 1. Throughput.
+	fmt.Printf("producing %d events to %s (%d partitions)\n", o.events, topicA, o.partitions)
+	if err := produceBulk(ctx, brokers, topicA, o.events, o.accounts); err != nil {
+		return err
+	}
+	p, err := startIngest(ctx, o, brokers, topicA, ch, pool, log)
+	if err != nil {
+		return err
+	}
+	t0 := time.Now()
+	if err := waitCommitted(ctx, brokers, topicA, topicA+".group", int64(o.events), 5*time.Minute); err != nil {
+		p.stop()
+		return err
+	}
+	ingestDur := time.Since(t0)
+	p.stop()
+	var raw uint64
+	if err := ch.QueryRow(ctx, "SELECT count() FROM usage_events FINAL").Scan(&raw); err != nil {
+		return err
+	}
+	ingestEPS := float64(o.events) / ingestDur.Seconds()
+	fmt.Printf("tollgate ingest: %d events in %.2fs = %.0f events/s (raw rows %d, rollups recomputed per batch)\n",
+		o.events, ingestDur.Seconds(), ingestEPS, raw)
+	if raw != uint64(o.events) {
+		return fmt.Errorf("raw rows %d, want %d", raw, o.events)
+	}
+
+	// 2. Peer.
+	peerName, peerDur, err := runPeer(ctx, o, ch, name, brokers, topicA, chAddr)
+	if err != nil {
+		return err
+	}
+	peerEPS := float64(o.events) / peerDur.Seconds()
+	fmt.Printf("peer (%s): %d events in %.2fs = %.0f events/s (no deduplication, no rollups)\n",
+		peerName, o.events, peerDur.Seconds(), peerEPS)
+
+	// 3. Freshness.
+	p99, p50, n, err := freshness(ctx, o, brokers, topicB, ch, pool, log)
+	if err != nil {
+		return err
+	}
+	fmt.Printf("freshness at %d events/s for %s: %d events, p50 %.0f ms, p99 %.0f ms (call time stamped by the producer to first usage API answer counting it)\n",
+		o.rate, o.duration, n, p50, p99)
+	fmt.Printf("RESULT ingest_eps=%.0f peer_eps=%.0f ratio_vs_peer=%.2f freshness_p99_ms=%.0f\n",
+		ingestEPS, peerEPS, ingestEPS/peerEPS, p99)
+	return nil
+}
+
+func chOpts(addr, db string) *clickhouse.Options {
+	return &clickhouse.Options{Addr: []string{addr}, Auth: clickhouse.Auth{Database: db, Username: "default"},
+		DialTimeout: 5 * time.Second, ReadTimeout: 5 * time.Minute, Protocol: clickhouse.Native}
+}
+
+func event(account string, at time.Time, i int) schemas.Event {
+	return schemas.Event{Version: 1, ID: schemas.NewEventID(), AccountID: account, Environment: schemas.Live,
+		KeyID: "key_" + account, Type: "api_call", Time: at.UTC().Truncate(time.Microsecond),
+		Route: []string{"/v1/search", "/v1/items", "/v1/orders"}[i%3], Method: "GET", Status: 200,
+		LatencyMicros: int64(1000 + i%5000), ResponseBytes: int64(200 + i%3000), Units: 1,
+		Dimensions: map[string]string{"region": []string{"eu", "us"}[i%2]}}
+}
+
+func writer(brokers []string, topic string) *kafka.Writer {
+	return &kafka.Writer{Addr: kafka.TCP(brokers...), Topic: topic, Balancer: &kafka.Hash{},
+		RequiredAcks: kafka.RequireAll, BatchSize: 2000, BatchTimeout: 5 * time.Millisecond, BatchBytes: 16 << 20}
+}
+
+func produceBulk(ctx context.Context, brokers []string, topic string, n, accounts int) error {
+	w := writer(brokers, topic)
+	defer w.Close()
+	now := time.Now()
+	const chunk = 10_000
+	for i := 0; i < n; i += chunk {
+		msgs := make([]kafka.Message, 0, chunk)
+		for j := i; j < min(i+chunk, n); j++ {
+			acct := fmt.Sprintf("acct_%d", j%accounts)
+			e := event(acct, now.Add(-time.Duration(n-j)*time.Millisecond), j)
+			b, err := e.Encode()
+			if err != nil {
+				return err
+			}
+			msgs = append(msgs, kafka.Message{Key: []byte(acct), Value: b})
+		}
+		if err := w.WriteMessages(ctx, msgs...); err != nil {
+			return fmt.Errorf("produce: %w", err)
+		}
+	}
+	return nil
+}
+
+type pipeline struct {
+	cancel context.CancelFunc
+	done   chan struct{}
+	close  func()
+}
+
+func (p *pipeline) stop() {
+	p.cancel()
+	<-p.done
+	p.close()
+}
+
+// startIngest wires ingest as `tollgate ingest` does: workers, dead
+// letters, rollups through the aggregator's Roller, watermarks.
+func startIngest(ctx context.Context, o opts, brokers []string, topic string, ch driver.Conn, pool *pgxpool.Pool, log *slog.Logger) (*pipeline, error) {
+	cfg := ingest.Config{Topic: topic, DeadLetter: topic + ".dlq", Group: topic + ".group", Workers: o.workers,
+		BatchWait: 100 * time.Millisecond}
+	cfg.Defaults()
+	catalog, err := aggregator.NewCatalog([]meter.Meter{meter.Default()}, aggpg.NewMeters(pool), 5*time.Second)
+	if err != nil {
+		return nil, err
+	}
+	roller := aggregator.NewRoller(catalog, aggpg.NewZones(pool, time.Minute), aggch.NewStore(ch), log)
+	var srcs []ingest.Source
+	var closers []io.Closer
+	for range o.workers {
+		s := ingestkafka.NewSource(brokers, topic, cfg.Group)
+		srcs = append(srcs, s)
+		closers = append(closers, s)
+	}
+	dlq := ingestkafka.NewDeadLetters(brokers, cfg.DeadLetter, topic)
+	closers = append(closers, dlq)
+	sink := chsink.NewSink(ch)
+	prog := ingest.NewProgress()
+	in, err := ingest.New(cfg, ingest.Deps{Sources: srcs, Sink: sink, DeadLetters: dlq, Rollups: roller, Log: log, Progress: prog})
+	if err != nil {
+		return nil, err
+	}
+	wm, err := ingest.NewWatermarker(cfg, ingestkafka.NewOffsets(brokers, topic, cfg.Group), sink, prog, log, nil)
+	if err != nil {
+		return nil, err
+	}
+	rctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() { _ = wm.Run(rctx) }()
+	go func() {
+		defer close(done)
+		if err := in.Run(rctx); err != nil {
+			log.Error("ingest stopped", "err", err)
+		}
+	}()
+	return &pipeline{cancel: cancel, done: done, close: func() {
+		for _, c := range closers {
+			_ = c.Close()
+		}
+	}}, nil
+}
+
+func waitCommitted(ctx context.Context, brokers []string, topic, group string, n int64, limit time.Duration) error {
+	offs := ingestkafka.NewOffsets(brokers, topic, group)
+	deadline := time.Now().Add(limit)
+	for time.Now().Before(deadline) {
+		if m, err := offs.Offsets(ctx); err == nil {
+			var sum int64
+			for _, o := range m {
+				if o.Committed > 0 {
+					sum += o.Committed
+				}
+			}
+			if sum >= n {
+				return nil
+			}
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	return fmt.Errorf("%s: not every offset committed after %s", topic, limit)
+}
+
+// peerColumns are the event's scalar JSON fields; JSONEachRow maps them by
+// name and skips the rest (the dimensions object).
+const peerTable = `CREATE TABLE peer_events (v UInt8, id UUID, account_id String, env String, key_id String,
+ type String, time String, route String, method String, status UInt16, latency_us UInt64,
+ request_bytes UInt64, response_bytes UInt64, units Int64) ENGINE = MergeTree ORDER BY (account_id, id)`
+
+func runPeer(ctx context.Context, o opts, ch driver.Conn, db string, brokers []string, topic, chAddr string) (string, time.Duration, error) {
+	if err := ch.Exec(ctx, peerTable); err != nil {
+		return "", 0, fmt.Errorf("peer table: %w", err)
+	}
+	d, err := kafkaEngine(ctx, o, ch, brokers, topic)
+	if err == nil {
+		return "ClickHouse Kafka engine + materialized view", d, nil
+	}
+	fmt.Printf("ClickHouse Kafka engine: %v; using kcat | clickhouse-client instead\n", err)
+	if err := ch.Exec(ctx, "TRUNCATE TABLE peer_events"); err != nil {
+		return "", 0, err
+	}
+	host, port, _ := net.SplitHostPort(chAddr)
+	t0 := time.Now()
+	kcat := exec.CommandContext(ctx, "kcat", "-C", "-b", strings.Join(brokers, ","), "-t", topic, "-o", "beginning", "-e", "-q", "-f", "%s\n")
+	client := exec.CommandContext(ctx, "clickhouse-client", "--host", host, "--port", port, "-d", db,
+		"--input_format_skip_unknown_fields=1",
+		"-q", "INSERT INTO peer_events (v, id, account_id, env, key_id, type, time, route, method, status, latency_us, request_bytes, response_bytes, units) FORMAT JSONEachRow")
+	pipe, err := kcat.StdoutPipe()
+	if err != nil {
+		return "", 0, err
+	}
+	client.Stdin = bufio.NewReaderSize(pipe, 1<<20)
+	var stderr strings.Builder
+	kcat.Stderr, client.Stderr = &stderr, &stderr
+	if err := client.Start(); err != nil {
+		return "", 0, fmt.Errorf("clickhouse-client: %w", err)
+	}
+	if err := kcat.Run(); err != nil {
+		_ = client.Process.Kill()
+		return "", 0, fmt.Errorf("kcat: %w: %s", err, stderr.String())
+	}
+	if err := client.Wait(); err != nil {
+		return "", 0, fmt.Errorf("clickhouse-client: %w: %s", err, stderr.String())
+	}
+	d = time.Since(t0)
+	var n uint64
+	if err := ch.QueryRow(ctx, "SELECT count() FROM peer_events").Scan(&n); err != nil {
+		return "", 0, err
+	}
+	if n != uint64(o.events) {
+		return "", 0, fmt.Errorf("peer landed %d rows, want %d", n, o.events)
+	}
+	return "kcat | clickhouse-client FORMAT JSONEachRow", d, nil
+}
+
+// kafkaEngine tries ClickHouse's own Kafka consumer. Its librdkafka is old;
+// if it shows no rows within the limit it is dropped.
+func kafkaEngine(ctx context.Context, o opts, ch driver.Conn, brokers []string, topic string) (time.Duration, error) {
+	q := fmt.Sprintf(`CREATE TABLE peer_queue (v UInt8, id UUID, account_id String, env String, key_id String,
+ type String, time String, route String, method String, status UInt16, latency_us UInt64,
+ request_bytes UInt64, response_bytes UInt64, units Int64)
+ ENGINE = Kafka('%s', '%s', '%s', 'JSONEachRow')`, strings.Join(brokers, ","), topic, topic+".peer")
+	t0 := time.Now()
+	if err := ch.Exec(ctx, q); err != nil {
+		return 0, fmt.Errorf("create Kafka engine table: %w", err)
+	}
+	if err := ch.Exec(ctx, `CREATE MATERIALIZED VIEW peer_mv TO peer_events AS SELECT * FROM peer_queue`); err != nil {
+		_ = ch.Exec(ctx, "DROP TABLE peer_queue")
+		return 0, fmt.Errorf("create materialized view: %w", err)
+	}
+	defer func() {
+		_ = ch.Exec(context.Background(), "DROP TABLE IF EXISTS peer_mv")
+		_ = ch.Exec(context.Background(), "DROP TABLE IF EXISTS peer_queue")
+	}()
+	deadline := t0.Add(o.peerLimit)
+	for {
+		var n uint64
+		if err := ch.QueryRow(ctx, "SELECT count() FROM peer_events").Scan(&n); err != nil {
+			return 0, err
+		}
+		if n >= uint64(o.events) {
+			return time.Since(t0), nil
+		}
+		if n == 0 && time.Now().After(deadline) {
+			return 0, fmt.Errorf("no rows after %s (its librdkafka cannot talk to this broker)", o.peerLimit)
+		}
+		if time.Since(t0) > 5*time.Minute {
+			return 0, fmt.Errorf("only %d of %d rows after 5 minutes", n, o.events)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// freshness runs ingest and the usage API on topic, produces at o.rate and
+// reports p99 and p50 of call-to-visible latency in milliseconds.
+func freshness(ctx context.Context, o opts, brokers []string, topic string, ch driver.Conn, pool *pgxpool.Pool, log *slog.Logger) (p99, p50 float64, n int, err error) {
+	keys := edgepg.NewKeyStore(pool)
+	secrets := make([]string, o.accounts)
+	for i := range secrets {
+		acct := fmt.Sprintf("fresh_%d", i)
+		if err := keys.EnsureAccount(ctx, acct, acct); err != nil {
+			return 0, 0, 0, err
+		}
+		s, parsed, err := edge.GenerateKey(edge.Secret, schemas.Live)
+		if err != nil {
+			return 0, 0, 0, err
+		}
+		if err := keys.CreateKey(ctx, edge.NewKey{ID: "key_" + acct, AccountID: acct, Parsed: parsed}); err != nil {
+			return 0, 0, 0, err
+		}
+		secrets[i] = s
+	}
+	p, err := startIngest(ctx, o, brokers, topic, ch, pool, log)
+	if err != nil {
+		return 0, 0, 0, err
+	}
+	defer p.stop()
+	catalog, err := aggregator.NewCatalog([]meter.Meter{meter.Default()}, nil, time.Minute)
+	if err != nil {
+		return 0, 0, 0, err
+	}
+	srv, err := aggregator.NewServer(aggregator.Config{}, aggregator.ServerDeps{Keys: keys, Usage: aggch.NewStore(ch),
+		Catalog: catalog, Zones: aggpg.NewZones(pool, time.Minute), Log: log})
+	if err != nil {
+		return 0, 0, 0, err
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, 0, 0, err
+	}
+	hs := &http.Server{Handler: srv.Handler(), ReadHeaderTimeout: 5 * time.Second}
+	go func() { _ = hs.Serve(ln) }()
+	defer hs.Close()
+	base := "http://" + ln.Addr().String()
+
+	start := time.Now().UTC()
+	// calls[i] are account i's call times, in the order produced (one
+	// account's events share a partition, so they land in this order).
+	calls := make([][]time.Time, o.accounts)
+	seenAt := make([][]time.Time, o.accounts)
+	var mu sync.Mutex
+	stopPoll := make(chan struct{})
+	var wg sync.WaitGroup
+	for i := range o.accounts {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			client := &http.Client{Timeout: 5 * time.Second}
+			url := fmt.Sprintf("%s/v1/usage?meter=api_calls&window=hour&from=%s", base, start.Add(-2*time.Hour).Format(time.RFC3339))
+			for {
+				select {
+				case <-stopPoll:
+					return
+				default:
+				}
+				to := time.Now().UTC().Add(2 * time.Hour).Format(time.RFC3339)
+				req, _ := http.NewRequest(http.MethodGet, url+"&to="+to, nil)
+				req.Header.Set("Authorization", "Bearer "+secrets[i])
+				resp, err := client.Do(req)
+				at := time.Now()
+				if err == nil {
+					var body struct {
+						Data []struct{ Value int64 } `json:"data"`
+					}
+					derr := json.NewDecoder(resp.Body).Decode(&body)
+					resp.Body.Close()
+					if derr == nil {
+						var c int64
+						for _, d := range body.Data {
+							c += d.Value
+						}
+						mu.Lock()
+						for int64(len(seenAt[i])) < c {
+							seenAt[i] = append(seenAt[i], at)
+						}
+						mu.Unlock()
+					}
+				}
+				time.Sleep(20 * time.Millisecond)
+			}
+		}()
+	}
+
+	w := writer(brokers, topic)
+	w.BatchTimeout = 2 * time.Millisecond
+	total := int(float64(o.rate) * o.duration.Seconds())
+	// One writer goroutine keeps each partition's records in call order.
+	batches := make(chan []kafka.Message, 1024)
+	wdone := make(chan struct{})
+	go func() {
+		defer close(wdone)
+		for msgs := range batches {
+			if err := w.WriteMessages(ctx, msgs...); err != nil {
+				log.Error("produce", "err", err)
+			}
+		}
+	}()
+	tick := 10 * time.Millisecond
+	perTick := max(1, o.rate/int(time.Second/tick))
+	t := time.NewTicker(tick)
+	sent := 0
+	for sent < total {
+		<-t.C
+		msgs := make([]kafka.Message, 0, perTick)
+		mu.Lock()
+		for j := 0; j < perTick && sent < total; j++ {
+			i := sent % o.accounts
+			now := time.Now()
+			e := event(fmt.Sprintf("fresh_%d", i), now, sent)
+			b, err := e.Encode()
+			if err != nil {
+				mu.Unlock()
+				return 0, 0, 0, err
+			}
+			calls[i] = append(calls[i], now)
+			msgs = append(msgs, kafka.Message{Key: []byte(e.AccountID), Value: b})
+			sent++
+		}
+		mu.Unlock()
+		batches <- msgs
+	}
+	t.Stop()
+	close(batches)
+	<-wdone
+	deadline := time.Now().Add(2 * time.Minute)
+	for {
+		mu.Lock()
+		done := true
+		for i := range calls {
+			if len(seenAt[i]) < len(calls[i]) {
+				done = false
+			}
+		}
+		mu.Unlock()
+		if done {
+			break
+		}
+		if time.Now().After(deadline) {
+			close(stopPoll)
+			wg.Wait()
+			return 0, 0, 0, errors.New("freshness: not every event became visible within 2 minutes")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	close(stopPoll)
+	wg.Wait()
+	_ = w.Close()
+	var lat []float64
+	for i := range calls {
+		for j, c := range calls[i] {
+			lat = append(lat, float64(seenAt[i][j].Sub(c).Microseconds())/1000)
+		}
+	}
+	slices.Sort(lat)
+	pct := func(q float64) float64 { return lat[min(len(lat)-1, int(q*float64(len(lat))))] }
+	return pct(0.99), pct(0.50), len(lat), nil
+}
+
+func scratchPostgres(ctx context.Context, url, name string) (*pgxpool.Pool, func(), error) {
+	admin, err := pgx.Connect(ctx, url)
+	if err != nil {
+		return nil, nil, fmt.Errorf("connect to postgres (make services): %w", err)
+	}
+	defer admin.Close(ctx)
+	if _, err := admin.Exec(ctx, "CREATE DATABASE "+name); err != nil {
+		return nil, nil, err
+	}
+	cfg, _ := pgx.ParseConfig(url)
+	dbURL := strings.Replace(url, "/"+cfg.Database+"?", "/"+name+"?", 1)
+	drop := func() {
+		c, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		if a, err := pgx.Connect(c, url); err == nil {
+			_, _ = a.Exec(c, "DROP DATABASE IF EXISTS "+name+" WITH (FORCE)")
+			_ = a.Close(c)
+		}
+	}
+	db, err := sql.Open("pgx", dbURL)
+	if err == nil {
+		_, err = schemas.MigratePostgres(ctx, db)
+		db.Close()
+	}
+	if err != nil {
+		drop()
+		return nil, nil, err
+	}
+	pool, err := pgxpool.New(ctx, dbURL)
+	if err != nil {
+		drop()
+		return nil, nil, err
+	}
+	return pool, func() { pool.Close(); drop() }, nil
+}
