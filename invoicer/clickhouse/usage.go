@@ -30,10 +30,9 @@ var (
 // New returns a reader over conn (whose database holds usage_events).
 func New(conn driver.Conn) *Usage { return &Usage{conn: conn} }
 
-// Usage runs one query per meter, grouped by account and by whether the
-// event matches the meter: the matching group gives the meter's quantity
-// (its aggregate, whatever it is, over exactly its events) and both groups
-// together give the account's event count, in the same pass.
+// Usage reads every meter's quantity and the event count per account in
+// one pass: each meter's aggregate runs in its -If form over the meter's
+// own condition.
 //
 // Reads are exact. When every month partition the period touches is one
 // merged part, ReplacingMergeTree has already collapsed its duplicates, so
@@ -69,7 +68,77 @@ func (u *Usage) Usage(ctx context.Context, accounts []string, p invoicer.Period,
 	return u.read(ctx, in, p, meters, env, "FINAL")
 }
 
+// aggRe matches the aggregate expressions meter.Compile produces:
+// toInt64(fn(args)).
+var aggRe = regexp.MustCompile(`^toInt64\(([A-Za-z]+)\((.*)\)\)$`)
+
+// conditional turns a meter's aggregate into its -If form over the meter's
+// own condition (count() → countIf(where), sum(x) → sumIf(x, where)), so
+// every meter and the event count come from one pass over the rows.
+func conditional(c meter.Compiled) (string, bool) {
+	m := aggRe.FindStringSubmatch(c.Aggregate)
+	if m == nil {
+		return "", false
+	}
+	if m[2] == "" {
+		return fmt.Sprintf("toInt64(%sIf(%s))", m[1], c.Where), true
+	}
+	return fmt.Sprintf("toInt64(%sIf(%s, %s))", m[1], m[2], c.Where), true
+}
+
+// read runs one pass when every meter's aggregate has an -If form, and one
+// query per meter otherwise.
 func (u *Usage) read(ctx context.Context, in string, p invoicer.Period, meters []meter.Meter, env schemas.Environment, final string) (map[string]invoicer.AccountUsage, error) {
+	cols := make([]string, len(meters))
+	var args []any
+	for i, m := range meters {
+		c, err := m.Compile()
+		if err != nil {
+			return nil, fmt.Errorf("compile meter %s: %w", m.Key, err)
+		}
+		col, ok := conditional(c)
+		if !ok {
+			return u.readPerMeter(ctx, in, p, meters, env, final)
+		}
+		cols[i] = col
+		args = append(args, c.Args...)
+	}
+	q := fmt.Sprintf(`SELECT account_id, toInt64(count()), %s FROM usage_events %s
+		WHERE environment = ? AND timestamp >= toDateTime(?) AND timestamp < toDateTime(?) AND account_id IN (%s)
+		GROUP BY account_id`, strings.Join(cols, ", "), final, in)
+	args = append(args, string(env), uint32(p.Start.Unix()), uint32(p.End.Unix()))
+	rows, err := u.conn.Query(ctx, q, args...)
+	if err != nil {
+		return nil, fmt.Errorf("read usage: %w", err)
+	}
+	defer rows.Close()
+	out := map[string]invoicer.AccountUsage{}
+	for rows.Next() {
+		var acct string
+		var events int64
+		qty := make([]int64, len(meters))
+		dest := []any{&acct, &events}
+		for i := range qty {
+			dest = append(dest, &qty[i])
+		}
+		if err := rows.Scan(dest...); err != nil {
+			return nil, fmt.Errorf("read usage: %w", err)
+		}
+		au := invoicer.AccountUsage{Events: events, Quantities: make(map[string]int64, len(meters))}
+		for i, m := range meters {
+			au.Quantities[m.Key] = qty[i]
+		}
+		out[acct] = au
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("read usage: %w", err)
+	}
+	return out, nil
+}
+
+// readPerMeter groups by account and by whether the event matches the
+// meter, one query per meter.
+func (u *Usage) readPerMeter(ctx context.Context, in string, p invoicer.Period, meters []meter.Meter, env schemas.Environment, final string) (map[string]invoicer.AccountUsage, error) {
 	out := map[string]invoicer.AccountUsage{}
 	for i, m := range meters {
 		c, err := m.Compile()
@@ -95,7 +164,10 @@ func (u *Usage) read(ctx context.Context, in string, p invoicer.Period, meters [
 			}
 			au, ok := out[acct]
 			if !ok {
-				au = invoicer.AccountUsage{Quantities: map[string]int64{}}
+				au = invoicer.AccountUsage{Quantities: make(map[string]int64, len(meters))}
+				for _, m := range meters {
+					au.Quantities[m.Key] = 0
+				}
 			}
 			if i == 0 {
 				au.Events += events

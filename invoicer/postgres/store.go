@@ -147,51 +147,74 @@ func (s *Store) InvoicedPeriods(ctx context.Context, since time.Time) (map[strin
 }
 
 // SaveDrafts stores the invoices, their lines and one invoice.draft ledger
-// entry each, in one transaction. An invoice id already present is skipped
-// (ON CONFLICT DO NOTHING), so a retried close adds nothing.
+// entry each, in one transaction. Rows are copied (COPY) into temporary
+// tables and inserted from there with ON CONFLICT DO NOTHING, so a retried
+// close adds nothing and a thousand invoices cost a handful of round trips.
 func (s *Store) SaveDrafts(ctx context.Context, invs []invoicer.Invoice) error {
 	if len(invs) == 0 {
 		return nil
 	}
-	return pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
-		b := &pgx.Batch{}
-		for _, inv := range invs {
-			doc, err := json.Marshal(inv)
-			if err != nil {
-				return fmt.Errorf("encode invoice %s: %w", inv.ID, err)
-			}
-			fp, _ := json.Marshal(inv.Fingerprint)
-			b.Queue(`WITH ins AS (
-				INSERT INTO invoices (id, account_id, period_start, period_end, currency, total_minor, fingerprint_hash, document)
-				VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING RETURNING id)
-				INSERT INTO ledger_entries (account_id, kind, invoice_id, amount_minor, currency, payload)
-				SELECT $2, $9, id, $6, $5, $10 FROM ins`,
-				inv.ID, inv.AccountID, inv.Period.Start, inv.Period.End, inv.Currency, inv.Total,
-				inv.Fingerprint.Hash, doc, KindDraft, fp)
-			for _, l := range inv.Lines {
-				tiers, _ := json.Marshal(l.Tiers)
-				if l.Tiers == nil {
-					tiers = []byte("[]")
-				}
-				var unit *string
-				if l.UnitAmount != nil {
-					u := l.UnitAmount.String()
-					unit = &u
-				}
-				var m *string
-				if l.Meter != "" {
-					m = &l.Meter
-				}
-				b.Queue(`INSERT INTO invoice_lines (invoice_id, line_no, price_key, description, model, meter,
-					plan_id, plan_version, quantity, billable, unit_amount, amount_exact, amount_minor, tiers)
-					VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::numeric, $12::numeric, $13, $14)
-					ON CONFLICT DO NOTHING`,
-					inv.ID, l.No, l.PriceKey, l.Description, string(l.Model), m, l.PlanID, l.PlanVersion,
-					l.Quantity, l.Billable, unit, l.Exact.String(), l.Amount, tiers)
-			}
+	invRows := make([][]any, 0, len(invs))
+	var lineRows [][]any
+	for _, inv := range invs {
+		doc, err := json.Marshal(inv)
+		if err != nil {
+			return fmt.Errorf("encode invoice %s: %w", inv.ID, err)
 		}
-		if err := tx.SendBatch(ctx, b).Close(); err != nil {
+		invRows = append(invRows, []any{inv.ID, inv.AccountID, inv.Period.Start, inv.Period.End, inv.Currency,
+			inv.Total, inv.Fingerprint.Hash, doc})
+		for _, l := range inv.Lines {
+			tiers := []byte("[]")
+			if l.Tiers != nil {
+				tiers, _ = json.Marshal(l.Tiers)
+			}
+			var unit, m *string
+			if l.UnitAmount != nil {
+				u := l.UnitAmount.String()
+				unit = &u
+			}
+			if l.Meter != "" {
+				m = &l.Meter
+			}
+			lineRows = append(lineRows, []any{inv.ID, int32(l.No), l.PriceKey, l.Description, string(l.Model), m,
+				l.PlanID, int32(l.PlanVersion), l.Quantity, l.Billable, unit, l.Exact.String(), l.Amount, tiers})
+		}
+	}
+	return pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, `
+			CREATE TEMP TABLE draft_invoices (id text, account_id text, period_start timestamptz, period_end timestamptz,
+			  currency text, total_minor bigint, fingerprint_hash text, document jsonb) ON COMMIT DROP;
+			CREATE TEMP TABLE draft_lines (invoice_id text, line_no integer, price_key text, description text, model text,
+			  meter text, plan_id text, plan_version integer, quantity bigint, billable bigint, unit_amount text,
+			  amount_exact text, amount_minor bigint, tiers jsonb) ON COMMIT DROP`); err != nil {
 			return fmt.Errorf("save draft invoices: %w", err)
+		}
+		if _, err := tx.CopyFrom(ctx, pgx.Identifier{"draft_invoices"}, []string{"id", "account_id", "period_start",
+			"period_end", "currency", "total_minor", "fingerprint_hash", "document"}, pgx.CopyFromRows(invRows)); err != nil {
+			return fmt.Errorf("copy draft invoices: %w", err)
+		}
+		if _, err := tx.CopyFrom(ctx, pgx.Identifier{"draft_lines"}, []string{"invoice_id", "line_no", "price_key",
+			"description", "model", "meter", "plan_id", "plan_version", "quantity", "billable", "unit_amount",
+			"amount_exact", "amount_minor", "tiers"}, pgx.CopyFromRows(lineRows)); err != nil {
+			return fmt.Errorf("copy draft lines: %w", err)
+		}
+		if _, err := tx.Exec(ctx, `
+			WITH ins AS (
+			  INSERT INTO invoices (id, account_id, period_start, period_end, currency, total_minor, fingerprint_hash, document)
+			  SELECT id, account_id, period_start, period_end, currency, total_minor, fingerprint_hash, document FROM draft_invoices
+			  ON CONFLICT DO NOTHING
+			  RETURNING id, account_id, currency, total_minor, document->'fingerprint' AS fingerprint)
+			INSERT INTO ledger_entries (account_id, kind, invoice_id, amount_minor, currency, payload)
+			SELECT account_id, $1, id, total_minor, currency, fingerprint FROM ins ORDER BY id`, KindDraft); err != nil {
+			return fmt.Errorf("save draft invoices: %w", err)
+		}
+		if _, err := tx.Exec(ctx, `
+			INSERT INTO invoice_lines (invoice_id, line_no, price_key, description, model, meter, plan_id, plan_version,
+			  quantity, billable, unit_amount, amount_exact, amount_minor, tiers)
+			SELECT invoice_id, line_no, price_key, description, model, meter, plan_id, plan_version, quantity, billable,
+			  unit_amount::numeric, amount_exact::numeric, amount_minor, tiers FROM draft_lines
+			ON CONFLICT DO NOTHING`); err != nil {
+			return fmt.Errorf("save draft lines: %w", err)
 		}
 		return nil
 	})
