@@ -119,6 +119,11 @@ func runDemo(ctx context.Context, out io.Writer, cfg Config, log *slog.Logger, c
 	fmt.Fprintf(out, "  edge:        curl -H 'Authorization: Bearer %s' http://%s/v1/widgets\n", keys[0].secret, edgeAddr)
 	fmt.Fprintf(out, "  raw events:  clickhouse-client --port %s -d %s -q \"SELECT account_id, count() FROM usage_events FINAL GROUP BY account_id\"\n",
 		portOf(cfg.Services.ClickHouseAddr), cfg.Services.ClickHouseDatabase)
+	for _, n := range comps {
+		if m, ok := n.c.(*InvoiceMain); ok {
+			fmt.Fprintf(out, "  invoices:    curl -H 'Authorization: Bearer %s' http://%s/v1/invoices/upcoming   (also /v1/usage/current, /v1/invoices; docs/invoicer.md)\n", keys[0].secret, m.Addr())
+		}
+	}
 	if landed != uint64(sent.Total) {
 		return fmt.Errorf("only %d of %d demo calls landed in ClickHouse", landed, sent.Total)
 	}
