@@ -212,7 +212,9 @@ func (iv *Invoicer) CloseDue(ctx context.Context) (CloseResult, error) {
 	}
 	sort.Slice(periods, func(i, j int) bool { return periods[i].Start.Before(periods[j].Start) })
 	for _, p := range periods {
+		t0 := time.Now()
 		invs, err := iv.ComputePeriod(ctx, iv.usage, p, due[p], wm)
+		computed := time.Since(t0)
 		if err != nil {
 			return res, fmt.Errorf("close %s: %w", p.Start.Format("2006-01"), err)
 		}
@@ -227,7 +229,8 @@ func (iv *Invoicer) CloseDue(ctx context.Context) (CloseResult, error) {
 			return res, err
 		}
 		res.Closed = append(res.Closed, invs...)
-		iv.log.Info("period closed", "period", p.Start.Format(time.RFC3339), "invoices", len(invs))
+		iv.log.Info("period closed", "period", p.Start.Format(time.RFC3339), "invoices", len(invs),
+			"compute", computed.Round(time.Millisecond), "store", (time.Since(t0) - computed).Round(time.Millisecond))
 	}
 	return res, nil
 }

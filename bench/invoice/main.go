@@ -14,7 +14,6 @@ import (
 	"encoding/json"
 	"flag"
 	"fmt"
-	"io"
 	"log/slog"
 	"os"
 	"os/exec"
@@ -148,7 +147,7 @@ func run() error {
 	closePeriod := func(p *pgxpool.Pool, label string) (time.Duration, []invoicer.Invoice, error) {
 		usage := invch.New(ch)
 		iv, err := invoicer.New(invpg.New(p), usage, usage, nil, invoicer.Options{Grace: time.Hour, Lookback: 1,
-			Now: func() time.Time { return period.End.Add(72 * time.Hour) }}, slog.New(slog.NewTextHandler(io.Discard, nil)))
+			Now: func() time.Time { return period.End.Add(72 * time.Hour) }}, slog.New(slog.NewTextHandler(os.Stderr, nil)))
 		if err != nil {
 			return 0, nil, err
 		}
