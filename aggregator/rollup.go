@@ -91,9 +91,27 @@ func NewRoller(meters MeterSource, zones Zones, store RollupStore, log *slog.Log
 // selects their event type, at every granularity. Recomputing is
 // idempotent, so a redelivered batch does no harm.
 func (r *Roller) Landed(ctx context.Context, records []ingest.Record) error {
-	meters, err := r.meters.Meters(ctx)
+	levels, err := r.plan(ctx, records)
 	if err != nil {
 		return err
+	}
+	for _, l := range levels {
+		if len(l) == 0 {
+			continue
+		}
+		if err := r.store.Recompute(ctx, l); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// plan is the store requests for records, one slice per granularity in
+// Granularities order.
+func (r *Roller) plan(ctx context.Context, records []ingest.Record) ([][]Recompute, error) {
+	meters, err := r.meters.Meters(ctx)
+	if err != nil {
+		return nil, err
 	}
 	// Touched minutes per event type, then per meter.
 	byType := map[string]map[Touched]struct{}{}
@@ -110,7 +128,7 @@ func (r *Roller) Landed(ctx context.Context, records []ingest.Record) error {
 	}
 	zones, err := r.zones.Zones(ctx, keys(accounts))
 	if err != nil {
-		return err
+		return nil, err
 	}
 	// Each level is computed from the one before it, so the levels run in
 	// order; each level is one request to the store for every meter and zone.
@@ -141,15 +159,7 @@ func (r *Roller) Landed(ctx context.Context, records []ingest.Record) error {
 			}
 		}
 	}
-	for _, l := range levels {
-		if len(l) == 0 {
-			continue
-		}
-		if err := r.store.Recompute(ctx, l); err != nil {
-			return err
-		}
-	}
-	return nil
+	return levels, nil
 }
 
 // RebuildAll recomputes the rollups of the given meters for every window
@@ -270,4 +280,126 @@ func keys[V any](m map[string]V) []string {
 	}
 	sort.Strings(out)
 	return out
+}
+
+// Coalescer lets every ingest worker's batches share rollup rounds, and
+// runs rounds as a pipeline of one stage per granularity. Records handed to
+// Landed while a round's minute stage runs go into the next round, which
+// starts its minute stage as soon as the previous round moves on to hours:
+// a round costs one INSERT per granularity however many batches it serves,
+// and minute and hour windows are fresh without waiting for day and month.
+// Each stage handles rounds in order, so a window's level is always
+// recomputed after the finer level of the same round. A caller returns only
+// after every level of a round that includes its records has succeeded, so
+// ingest commits nothing whose rollups are not written.
+type Coalescer struct {
+	r       *Roller
+	wake    chan struct{}
+	stop    context.CancelFunc
+	done    chan struct{}
+	mu      sync.Mutex
+	pending []ingest.Record
+	waiters []chan error
+}
+
+type round struct {
+	levels  [][]Recompute
+	waiters []chan error
+	err     error
+}
+
+var _ ingest.Rollups = (*Coalescer)(nil)
+
+// NewCoalescer starts the pipeline over r; Close stops it.
+func NewCoalescer(r *Roller) *Coalescer {
+	ctx, cancel := context.WithCancel(context.Background())
+	c := &Coalescer{r: r, wake: make(chan struct{}, 1), stop: cancel, done: make(chan struct{})}
+	stages := make([]chan *round, len(Granularities)+1)
+	for i := range stages {
+		stages[i] = make(chan *round)
+	}
+	var wg sync.WaitGroup
+	for i := range Granularities {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer close(stages[i+1])
+			for rd := range stages[i] {
+				if rd.err == nil && len(rd.levels[i]) > 0 {
+					rd.err = r.store.Recompute(ctx, rd.levels[i])
+				}
+				stages[i+1] <- rd
+			}
+		}()
+	}
+	go func() {
+		for rd := range stages[len(Granularities)] {
+			for _, w := range rd.waiters {
+				w <- rd.err
+			}
+		}
+	}()
+	go func() {
+		defer close(c.done)
+		defer wg.Wait()
+		defer close(stages[0])
+		c.feed(ctx, stages[0])
+	}()
+	return c
+}
+
+// Landed waits for a round that includes records.
+func (c *Coalescer) Landed(ctx context.Context, records []ingest.Record) error {
+	ch := make(chan error, 1)
+	c.mu.Lock()
+	c.pending = append(c.pending, records...)
+	c.waiters = append(c.waiters, ch)
+	c.mu.Unlock()
+	select {
+	case c.wake <- struct{}{}:
+	default:
+	}
+	select {
+	case err := <-ch:
+		return err
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-c.done:
+		return errors.New("rollups: coalescer closed")
+	}
+}
+
+// feed starts a round with everything pending whenever the first stage is
+// free.
+func (c *Coalescer) feed(ctx context.Context, first chan<- *round) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-c.wake:
+		}
+		for {
+			c.mu.Lock()
+			recs, waiters := c.pending, c.waiters
+			c.pending, c.waiters = nil, nil
+			c.mu.Unlock()
+			if len(waiters) == 0 {
+				break
+			}
+			levels, err := c.r.plan(ctx, recs)
+			select {
+			case first <- &round{levels: levels, waiters: waiters, err: err}:
+			case <-ctx.Done():
+				return
+			}
+		}
+	}
+}
+
+// Close stops the pipeline; callers still waiting get an error and retry
+// (or stop) as ingest does.
+func (c *Coalescer) Close() error {
+	c.stop()
+	<-c.done
+	return nil
 }

@@ -100,8 +100,11 @@ type Config struct {
 	// Workers is how many consumer group members this process runs; the
 	// group spreads the topic's partitions over them, so partitions are
 	// processed in parallel.
-	Workers     int           `yaml:"workers"`
-	BatchSize   int           `yaml:"batch_size"`
+	Workers   int `yaml:"workers"`
+	BatchSize int `yaml:"batch_size"`
+	// MaxInFlight is how many batches a worker lands at once while it
+	// collects the next; offsets are still committed strictly in order.
+	MaxInFlight int           `yaml:"max_in_flight"`
 	BatchWait   time.Duration `yaml:"batch_wait"`
 	RetryPeriod time.Duration `yaml:"retry_period"`
 	// MaxLateness is how far an event's time may lag its Kafka record time
@@ -136,8 +139,11 @@ func (c *Config) Defaults() {
 	if c.BatchSize == 0 {
 		c.BatchSize = 5000
 	}
+	if c.MaxInFlight == 0 {
+		c.MaxInFlight = 3
+	}
 	if c.BatchWait == 0 {
-		c.BatchWait = 200 * time.Millisecond
+		c.BatchWait = 100 * time.Millisecond
 	}
 	if c.RetryPeriod == 0 {
 		c.RetryPeriod = time.Second
@@ -173,6 +179,9 @@ func (c *Config) Validate() error {
 	}
 	if c.BatchWait <= 0 {
 		errs = append(errs, errors.New("ingest.batch_wait: must be positive"))
+	}
+	if c.MaxInFlight <= 0 || c.MaxInFlight > 64 {
+		errs = append(errs, errors.New("ingest.max_in_flight: must be between 1 and 64"))
 	}
 	if c.RetryPeriod <= 0 {
 		errs = append(errs, errors.New("ingest.retry_period: must be positive"))
@@ -254,24 +263,71 @@ func (in *Ingester) Run(ctx context.Context) error {
 	return errors.Join(errs...)
 }
 
-func (in *Ingester) work(ctx context.Context, src Source) error {
-	for {
-		msgs, err := in.collect(ctx, src)
-		if len(msgs) > 0 {
-			if ferr := in.flush(ctx, src, msgs); ferr != nil {
-				if ctx.Err() != nil {
-					return nil
-				}
-				return ferr
+// batch is one collected batch on its way to ClickHouse.
+type batch struct {
+	msgs   []Message
+	events []Record
+	late   []Record
+	rej    int
+	dups   int
+	landed chan error
+}
+
+// work runs one consumer group member. Batches are collected, dead-lettered
+// and handed to a landing goroutine one after another; up to MaxInFlight
+// land at once while the next is collected, and a committer commits each
+// batch's offsets only after it and every batch before it have landed.
+// Dead letters are written in order, before the batch is handed on, which
+// the exactly-once dead-letter check relies on.
+func (in *Ingester) work(parent context.Context, src Source) error {
+	ctx, cancel := context.WithCancel(parent)
+	defer cancel()
+	queue := make(chan *batch, in.cfg.MaxInFlight-1)
+	committed := make(chan error, 1)
+	go func() {
+		var err error
+		for b := range queue {
+			if err == nil {
+				err = <-b.landed
+			}
+			if err == nil {
+				err = in.retry(ctx, "commit", func(c context.Context) error { return src.Commit(c, b.msgs...) })
+			}
+			if err != nil {
+				cancel()
+				continue
+			}
+			in.m.records.WithLabelValues("landed").Add(float64(len(b.events)))
+			in.m.records.WithLabelValues("duplicate_in_batch").Add(float64(b.dups))
+			in.m.records.WithLabelValues("too_late").Add(float64(len(b.late)))
+			in.m.records.WithLabelValues("dead_letter").Add(float64(b.rej))
+			if in.prog != nil {
+				in.prog.landed(b.msgs)
 			}
 		}
-		if err != nil {
-			if ctx.Err() != nil {
-				return nil
-			}
-			return err
+		committed <- err
+	}()
+	var err error
+	for err == nil {
+		var msgs []Message
+		msgs, err = in.collect(ctx, src)
+		if len(msgs) == 0 {
+			continue
 		}
+		b, ferr := in.prepare(ctx, msgs)
+		if ferr != nil {
+			err = ferr
+			break
+		}
+		go func() { b.landed <- in.land(ctx, b) }()
+		queue <- b // blocks while MaxInFlight batches are landing: backpressure
 	}
+	close(queue)
+	cerr := <-committed
+	if parent.Err() != nil {
+		return nil // stopping: what was not committed is redelivered
+	}
+	return errors.Join(err, cerr)
 }
 
 // collect blocks for the first message, then gathers more until the batch
@@ -326,50 +382,44 @@ func Split(msgs []Message, now time.Time, maxLateness time.Duration) (events, la
 	return events, late, rejected, dups
 }
 
-// flush stores and commits one batch, retrying each step until it succeeds
-// or ctx ends. Nothing is committed that is not stored.
-func (in *Ingester) flush(ctx context.Context, src Source, msgs []Message) error {
-	start := in.now()
-	events, late, rejected, dups := Split(msgs, start, in.cfg.MaxLateness)
+// prepare decodes a batch and writes its dead letters.
+func (in *Ingester) prepare(ctx context.Context, msgs []Message) (*batch, error) {
+	events, late, rejected, dups := Split(msgs, in.now(), in.cfg.MaxLateness)
 	in.m.batchSize.Observe(float64(len(msgs)))
 	if len(rejected) > 0 {
 		if err := in.retry(ctx, "dead-letter", func(c context.Context) error { return in.dlq.Reject(c, rejected) }); err != nil {
-			return err
+			return nil, err
 		}
 	}
-	if len(events) > 0 {
+	return &batch{msgs: msgs, events: events, late: late, rej: len(rejected), dups: dups, landed: make(chan error, 1)}, nil
+}
+
+// land stores a batch's events and too-late events and recomputes the
+// rollups it touches, retrying each step until it succeeds or ctx ends.
+func (in *Ingester) land(ctx context.Context, b *batch) error {
+	if len(b.events) > 0 {
 		t := in.now()
-		if err := in.retry(ctx, "insert", func(c context.Context) error { return in.sink.Insert(c, events) }); err != nil {
+		if err := in.retry(ctx, "insert", func(c context.Context) error { return in.sink.Insert(c, b.events) }); err != nil {
 			return err
 		}
 		in.m.insertLatency.Observe(in.now().Sub(t).Seconds())
 	}
-	if len(late) > 0 {
-		if err := in.retry(ctx, "insert late", func(c context.Context) error { return in.sink.InsertLate(c, late) }); err != nil {
+	if len(b.late) > 0 {
+		if err := in.retry(ctx, "insert late", func(c context.Context) error { return in.sink.InsertLate(c, b.late) }); err != nil {
 			return err
 		}
-		for _, r := range late {
+		for _, r := range b.late {
 			in.log.Warn("event arrived after the allowed lateness; kept in late_events, not counted",
 				"event_id", r.Event.ID, "account_id", r.Event.AccountID, "event_time", r.Event.Time,
 				"record_time", r.RecordTime, "max_lateness", in.cfg.MaxLateness)
 		}
 	}
-	if in.rollups != nil && len(events) > 0 {
+	if in.rollups != nil && len(b.events) > 0 {
 		t := in.now()
-		if err := in.retry(ctx, "rollups", func(c context.Context) error { return in.rollups.Landed(c, events) }); err != nil {
+		if err := in.retry(ctx, "rollups", func(c context.Context) error { return in.rollups.Landed(c, b.events) }); err != nil {
 			return err
 		}
 		in.m.rollupLatency.Observe(in.now().Sub(t).Seconds())
-	}
-	if err := in.retry(ctx, "commit", func(c context.Context) error { return src.Commit(c, msgs...) }); err != nil {
-		return err
-	}
-	in.m.records.WithLabelValues("landed").Add(float64(len(events)))
-	in.m.records.WithLabelValues("duplicate_in_batch").Add(float64(dups))
-	in.m.records.WithLabelValues("too_late").Add(float64(len(late)))
-	in.m.records.WithLabelValues("dead_letter").Add(float64(len(rejected)))
-	if in.prog != nil {
-		in.prog.landed(msgs)
 	}
 	return nil
 }

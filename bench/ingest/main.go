@@ -44,6 +44,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 	_ "github.com/jackc/pgx/v5/stdlib"
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/segmentio/kafka-go"
 
 	"github.com/tollgate-dev/tollgate/aggregator"
@@ -154,6 +155,7 @@ func run() error {
 		return err
 	}
 	ingestDur := time.Since(t0)
+	fmt.Println("  ingest steps:", p.summary())
 	p.stop()
 	var raw uint64
 	if err := ch.QueryRow(ctx, "SELECT count() FROM usage_events FINAL").Scan(&raw); err != nil {
@@ -229,9 +231,25 @@ func produceBulk(ctx context.Context, brokers []string, topic string, n, account
 }
 
 type pipeline struct {
+	reg    *prometheus.Registry
 	cancel context.CancelFunc
 	done   chan struct{}
 	close  func()
+}
+
+// summary prints the mean batch size and landing step latencies.
+func (p *pipeline) summary() string {
+	mfs, _ := p.reg.Gather()
+	var parts []string
+	for _, mf := range mfs {
+		for _, m := range mf.GetMetric() {
+			if h := m.GetHistogram(); h != nil && h.GetSampleCount() > 0 {
+				parts = append(parts, fmt.Sprintf("%s mean %.3f (n=%d)", strings.TrimPrefix(mf.GetName(), "tollgate_ingest_"),
+					h.GetSampleSum()/float64(h.GetSampleCount()), h.GetSampleCount()))
+			}
+		}
+	}
+	return strings.Join(parts, ", ")
 }
 
 func (p *pipeline) stop() {
@@ -250,9 +268,9 @@ func startIngest(ctx context.Context, o opts, brokers []string, topic string, ch
 	if err != nil {
 		return nil, err
 	}
-	roller := aggregator.NewRoller(catalog, aggpg.NewZones(pool, time.Minute), aggch.NewStore(ch), log)
+	roller := aggregator.NewCoalescer(aggregator.NewRoller(catalog, aggpg.NewZones(pool, time.Minute), aggch.NewStore(ch), log))
 	var srcs []ingest.Source
-	var closers []io.Closer
+	closers := []io.Closer{roller}
 	for range o.workers {
 		s := ingestkafka.NewSource(brokers, topic, cfg.Group)
 		srcs = append(srcs, s)
@@ -262,7 +280,8 @@ func startIngest(ctx context.Context, o opts, brokers []string, topic string, ch
 	closers = append(closers, dlq)
 	sink := chsink.NewSink(ch)
 	prog := ingest.NewProgress()
-	in, err := ingest.New(cfg, ingest.Deps{Sources: srcs, Sink: sink, DeadLetters: dlq, Rollups: roller, Log: log, Progress: prog})
+	reg := prometheus.NewRegistry()
+	in, err := ingest.New(cfg, ingest.Deps{Sources: srcs, Sink: sink, DeadLetters: dlq, Rollups: roller, Log: log, Progress: prog, Registry: reg})
 	if err != nil {
 		return nil, err
 	}
@@ -279,7 +298,7 @@ func startIngest(ctx context.Context, o opts, brokers []string, topic string, ch
 			log.Error("ingest stopped", "err", err)
 		}
 	}()
-	return &pipeline{cancel: cancel, done: done, close: func() {
+	return &pipeline{cancel: cancel, done: done, reg: reg, close: func() {
 		for _, c := range closers {
 			_ = c.Close()
 		}
@@ -419,7 +438,7 @@ func freshness(ctx context.Context, o opts, brokers []string, topic string, ch d
 	if err != nil {
 		return 0, 0, 0, err
 	}
-	defer p.stop()
+	defer func() { fmt.Println("  ingest steps:", p.summary()); p.stop() }()
 	catalog, err := aggregator.NewCatalog([]meter.Meter{meter.Default()}, nil, time.Minute)
 	if err != nil {
 		return 0, 0, 0, err

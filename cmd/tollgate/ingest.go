@@ -33,6 +33,7 @@ type IngestMain struct {
 	dlq      *ingestkafka.DeadLetters
 	in       *ingest.Ingester
 	wm       *ingest.Watermarker
+	rollups  *aggregator.Coalescer
 	metrics  *http.Server
 	mln      net.Listener
 	Registry *prometheus.Registry
@@ -63,7 +64,7 @@ func NewIngestMain(ctx context.Context, cfg Config, log *slog.Logger) (m *Ingest
 	if err != nil {
 		return nil, err
 	}
-	roller := aggregator.NewRoller(catalog, aggpg.NewZones(m.pool, cfg.Aggregator.ZoneCacheTTL), aggch.NewStore(m.ch), log)
+	m.rollups = aggregator.NewCoalescer(aggregator.NewRoller(catalog, aggpg.NewZones(m.pool, cfg.Aggregator.ZoneCacheTTL), aggch.NewStore(m.ch), log))
 	sources := make([]ingest.Source, cfg.Ingest.Workers)
 	for i := range sources {
 		s := ingestkafka.NewSource(cfg.Services.KafkaBrokers, cfg.Ingest.Topic, cfg.Ingest.Group)
@@ -73,7 +74,7 @@ func NewIngestMain(ctx context.Context, cfg Config, log *slog.Logger) (m *Ingest
 	m.dlq = ingestkafka.NewDeadLetters(cfg.Services.KafkaBrokers, cfg.Ingest.DeadLetter, cfg.Ingest.Topic)
 	sink := chsink.NewSink(m.ch)
 	prog := ingest.NewProgress()
-	if m.in, err = ingest.New(cfg.Ingest, ingest.Deps{Sources: sources, Sink: sink, DeadLetters: m.dlq, Rollups: roller,
+	if m.in, err = ingest.New(cfg.Ingest, ingest.Deps{Sources: sources, Sink: sink, DeadLetters: m.dlq, Rollups: m.rollups,
 		Log: log, Registry: m.Registry, Progress: prog}); err != nil {
 		return nil, err
 	}
@@ -119,6 +120,9 @@ func (m *IngestMain) Close() error {
 	}
 	if m.dlq != nil {
 		errs = append(errs, m.dlq.Close())
+	}
+	if m.rollups != nil {
+		errs = append(errs, m.rollups.Close())
 	}
 	if m.ch != nil {
 		errs = append(errs, m.ch.Close())

@@ -18,6 +18,7 @@ import (
 // Source is one consumer group member with explicit commits.
 type Source struct {
 	r       *kafka.Reader
+	mu      sync.Mutex // Fetch and Commit run on different goroutines
 	pending map[ingestKey]kafka.Message
 }
 
@@ -57,24 +58,30 @@ func (s *Source) Fetch(ctx context.Context) (ingest.Message, error) {
 	if err != nil {
 		return ingest.Message{}, err
 	}
+	s.mu.Lock()
 	s.pending[ingestKey{m.Partition, m.Offset}] = m
+	s.mu.Unlock()
 	return ingest.Message{Partition: m.Partition, Offset: m.Offset, Key: m.Key, Value: m.Value, Time: m.Time}, nil
 }
 
 // Commit commits the offsets after msgs.
 func (s *Source) Commit(ctx context.Context, msgs ...ingest.Message) error {
 	km := make([]kafka.Message, 0, len(msgs))
+	s.mu.Lock()
 	for _, m := range msgs {
 		if pm, ok := s.pending[ingestKey{m.Partition, m.Offset}]; ok {
 			km = append(km, pm)
 		}
 	}
+	s.mu.Unlock()
 	if err := s.r.CommitMessages(ctx, km...); err != nil {
 		return fmt.Errorf("commit offsets: %w", err)
 	}
+	s.mu.Lock()
 	for _, m := range msgs {
 		delete(s.pending, ingestKey{m.Partition, m.Offset})
 	}
+	s.mu.Unlock()
 	return nil
 }
 
