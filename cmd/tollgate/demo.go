@@ -124,6 +124,13 @@ func runDemo(ctx context.Context, out io.Writer, cfg Config, log *slog.Logger, c
 			fmt.Fprintf(out, "  invoices:    curl -H 'Authorization: Bearer %s' http://%s/v1/invoices/upcoming   (also /v1/usage/current, /v1/invoices; docs/invoicer.md)\n", keys[0].secret, m.Addr())
 		}
 	}
+	for _, n := range comps {
+		if m, ok := n.c.(*AggregateMain); ok {
+			fmt.Fprintf(out, "  usage API:   curl -H 'Authorization: Bearer %s' 'http://%s/v1/usage?meter=api_calls&window=minute'   (also /v1/requests; docs/usage-api.md)\n", keys[0].secret, m.Addr())
+			fmt.Fprintf(out, "  rollups:     clickhouse-client --port %s -d %s -q \"SELECT * FROM usage_by_window WHERE granularity = 'hour' AND empty(group_values)\"\n",
+				portOf(cfg.Services.ClickHouseAddr), cfg.Services.ClickHouseDatabase)
+		}
+	}
 	if landed != uint64(sent.Total) {
 		return fmt.Errorf("only %d of %d demo calls landed in ClickHouse", landed, sent.Total)
 	}
