@@ -1,0 +1,113 @@
+package ingest_test
+
+import (
+	"context"
+	"io"
+	"log/slog"
+	"testing"
+	"time"
+
+	"github.com/tollgate-dev/tollgate/ingest"
+	"github.com/tollgate-dev/tollgate/schemas"
+)
+
+func encode(t *testing.T, e schemas.Event) []byte {
+	t.Helper()
+	b, err := e.Encode()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+func TestSplit(t *testing.T) {
+	now := time.Date(2026, 3, 10, 12, 0, 0, 0, time.UTC)
+	ev := func(at time.Time) schemas.Event {
+		return schemas.Event{Version: 1, ID: schemas.NewEventID(), AccountID: "a", Environment: schemas.Live,
+			KeyID: "k", Type: "api_call", Time: at, Units: 1}
+	}
+	timely, late, tooLate := ev(now.Add(-time.Second)), ev(now.Add(-30*24*time.Hour)), ev(now.Add(-36*24*time.Hour))
+	msg := func(b []byte, off int64) ingest.Message {
+		return ingest.Message{Partition: 2, Offset: off, Value: b, Time: now}
+	}
+	for _, c := range []struct {
+		name                       string
+		msgs                       []ingest.Message
+		events, late, rejected, du int
+	}{
+		{"a valid event lands", []ingest.Message{msg(encode(t, timely), 1)}, 1, 0, 0, 0},
+		{"a second copy in the batch is dropped", []ingest.Message{msg(encode(t, timely), 1), msg(encode(t, timely), 2)}, 1, 0, 0, 1},
+		{"an event within the lateness lands", []ingest.Message{msg(encode(t, late), 1)}, 1, 0, 0, 0},
+		{"an event beyond the lateness is set aside", []ingest.Message{msg(encode(t, tooLate), 1)}, 0, 1, 0, 0},
+		{"bytes that are not an event are rejected", []ingest.Message{msg([]byte("{"), 1)}, 0, 0, 1, 0},
+		{"an event with an invalid field is rejected", []ingest.Message{msg([]byte(`{"v":2}`), 1)}, 0, 0, 1, 0},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			events, lt, rej, dups := ingest.Split(c.msgs, now, ingest.DefaultMaxLateness)
+			if len(events) != c.events || len(lt) != c.late || len(rej) != c.rejected || dups != c.du {
+				t.Errorf("events %d late %d rejected %d dups %d; want %d %d %d %d",
+					len(events), len(lt), len(rej), dups, c.events, c.late, c.rejected, c.du)
+			}
+			for _, r := range rej {
+				if r.Reason == "" || r.Message.Partition != 2 || r.Message.Offset != 1 {
+					t.Errorf("rejected record lost its reason or origin: %+v", r)
+				}
+			}
+			for _, r := range lt {
+				if string(r.Value) != string(c.msgs[0].Value) {
+					t.Errorf("too-late event lost its original bytes")
+				}
+			}
+		})
+	}
+}
+
+type fakeOffsets map[int]ingest.PartitionOffsets
+
+func (f fakeOffsets) Offsets(context.Context) (map[int]ingest.PartitionOffsets, error) { return f, nil }
+
+type fakeWatermarks struct{ w map[int]time.Time }
+
+func (f *fakeWatermarks) Watermarks(context.Context) (map[int]time.Time, error) { return f.w, nil }
+func (f *fakeWatermarks) SetWatermarks(_ context.Context, w map[int]time.Time, _ time.Time) error {
+	for p, t := range w {
+		f.w[p] = t
+	}
+	return nil
+}
+
+func TestWatermarker(t *testing.T) {
+	cfg := ingest.Config{}
+	cfg.Defaults()
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	past := time.Now().Add(time.Hour).UTC().Truncate(time.Second)
+	store := &fakeWatermarks{w: map[int]time.Time{2: past}}
+	offs := fakeOffsets{
+		0: {Committed: 10, End: 10}, // caught up
+		1: {Committed: 5, End: 10},  // behind, nothing landed by this process
+		2: {Committed: 10, End: 10}, // caught up, but already ahead of now
+	}
+	w, err := ingest.NewWatermarker(cfg, offs, store, ingest.NewProgress(), log, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	before := time.Now().Add(-cfg.WatermarkSkew - time.Second)
+	if err := w.Tick(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	t.Run("a caught-up partition's watermark is now minus the skew", func(t *testing.T) {
+		if got := store.w[0]; got.Before(before) || got.After(time.Now()) {
+			t.Errorf("partition 0 watermark %s", got)
+		}
+	})
+	t.Run("a partition behind with nothing landed here gets none", func(t *testing.T) {
+		if got, ok := store.w[1]; ok {
+			t.Errorf("partition 1 watermark %s", got)
+		}
+	})
+	t.Run("a watermark never moves backwards", func(t *testing.T) {
+		if got := store.w[2]; !got.Equal(past) {
+			t.Errorf("partition 2 watermark %s, want %s", got, past)
+		}
+	})
+}
