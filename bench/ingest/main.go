@@ -74,6 +74,7 @@ type opts struct {
 	duration   time.Duration
 	peerLimit  time.Duration
 	workers    int
+	coalesce   bool
 }
 
 func env(name, def string) string {
@@ -92,6 +93,7 @@ func run() error {
 	flag.DurationVar(&o.duration, "duration", 20*time.Second, "length of the freshness run")
 	flag.DurationVar(&o.peerLimit, "kafka-engine-limit", 20*time.Second, "how long ClickHouse's Kafka engine may take to show its first rows")
 	flag.IntVar(&o.workers, "workers", 4, "ingest workers (consumer group members)")
+	flag.BoolVar(&o.coalesce, "coalesce", true, "share rollup rounds between workers (as tollgate ingest does)")
 	flag.Parse()
 
 	ctx := context.Background()
@@ -268,9 +270,13 @@ func startIngest(ctx context.Context, o opts, brokers []string, topic string, ch
 	if err != nil {
 		return nil, err
 	}
-	roller := aggregator.NewCoalescer(aggregator.NewRoller(catalog, aggpg.NewZones(pool, time.Minute), aggch.NewStore(ch), log))
+	var roller ingest.Rollups = aggregator.NewRoller(catalog, aggpg.NewZones(pool, time.Minute), aggch.NewStore(ch), log)
+	var closers []io.Closer
+	if o.coalesce {
+		c := aggregator.NewCoalescer(roller.(*aggregator.Roller))
+		roller, closers = c, append(closers, c)
+	}
 	var srcs []ingest.Source
-	closers := []io.Closer{roller}
 	for range o.workers {
 		s := ingestkafka.NewSource(brokers, topic, cfg.Group)
 		srcs = append(srcs, s)
