@@ -293,12 +293,8 @@ func openCH(t *testing.T, addr string) driver.Conn {
 
 func compareRollups(t *testing.T, ch driver.Conn, events []schemas.Event) {
 	t.Helper()
-	locs := map[string]*time.Location{}
-	for a, z := range exactZones {
-		l, err := time.LoadLocation(z)
-		testenv.Must(t, err, "zone")
-		locs[a] = l
-	}
+	locs, err := aggregatortest.Locations(exactZones)
+	testenv.Must(t, err, "load zones")
 	for _, m := range exactMeters {
 		for _, g := range aggregator.Granularities {
 			want := aggregatortest.Expected(events, m, g, locs)
@@ -316,17 +312,8 @@ func compareRollups(t *testing.T, ch driver.Conn, events []schemas.Event) {
 					WindowStart: ws.UTC(), Group: strings.Join(group, "\x00"), Total: len(group) == 0}] = v
 			}
 			rows.Close()
-			if len(got) != len(want) {
-				t.Errorf("meter %s by %s: %d rollup rows, want %d", m.Key, g, len(got), len(want))
-			}
-			bad := 0
-			for k, wv := range want {
-				if gv, ok := got[k]; !ok || gv != wv {
-					if bad < 3 {
-						t.Errorf("meter %s %+v: got %d (present %v), want %d", m.Key, k, gv, ok, wv)
-					}
-					bad++
-				}
+			for _, d := range aggregatortest.Diff(want, got, 3) {
+				t.Errorf("meter %s by %s: %s", m.Key, g, d)
 			}
 		}
 	}

@@ -4,6 +4,7 @@ package aggregatortest
 
 import (
 	"bytes"
+	"fmt"
 	"strconv"
 	"strings"
 	"time"
@@ -163,4 +164,35 @@ func num(e schemas.Event, p string) int64 {
 		return 0
 	}
 	return v
+}
+
+// Locations loads each account's time zone.
+func Locations(zones map[string]string) (map[string]*time.Location, error) {
+	out := make(map[string]*time.Location, len(zones))
+	for a, z := range zones {
+		l, err := time.LoadLocation(z)
+		if err != nil {
+			return nil, err
+		}
+		out[a] = l
+	}
+	return out, nil
+}
+
+// Diff describes how got differs from want: a count mismatch and up to max
+// rows that are missing or have another value.
+func Diff(want, got map[Key]int64, max int) []string {
+	var out []string
+	if len(got) != len(want) {
+		out = append(out, fmt.Sprintf("%d rollup rows, want %d", len(got), len(want)))
+	}
+	for k, w := range want {
+		if len(out) > max {
+			break
+		}
+		if g, ok := got[k]; !ok || g != w {
+			out = append(out, fmt.Sprintf("%+v: got %d (present %v), want %d", k, g, ok, w))
+		}
+	}
+	return out
 }

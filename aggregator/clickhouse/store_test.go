@@ -102,12 +102,8 @@ func TestRollupsEqualAnIndependentComputation(t *testing.T) {
 
 func compareAll(t *testing.T, store *clickhouse.Store, events []schemas.Event) {
 	t.Helper()
-	locs := map[string]*time.Location{}
-	for a, z := range zones {
-		l, err := time.LoadLocation(z)
-		testenv.Must(t, err, "load zone")
-		locs[a] = l
-	}
+	locs, err := aggregatortest.Locations(zones)
+	testenv.Must(t, err, "load zones")
 	for _, m := range testMeters {
 		for _, g := range aggregator.Granularities {
 			want := aggregatortest.Expected(events, m, g, locs)
@@ -126,17 +122,8 @@ func compareAll(t *testing.T, store *clickhouse.Store, events []schemas.Event) {
 					}
 				}
 			}
-			if len(got) != len(want) {
-				t.Errorf("meter %s %s: %d rollup rows, want %d", m.Key, g, len(got), len(want))
-			}
-			bad := 0
-			for k, w := range want {
-				if g, ok := got[k]; !ok || g != w {
-					if bad < 5 {
-						t.Errorf("meter %s %+v: got %d (present %v), want %d", m.Key, k, g, ok, w)
-					}
-					bad++
-				}
+			for _, d := range aggregatortest.Diff(want, got, 3) {
+				t.Errorf("meter %s by %s: %s", m.Key, g, d)
 			}
 		}
 	}
