@@ -75,6 +75,7 @@ type opts struct {
 	peerLimit  time.Duration
 	workers    int
 	coalesce   bool
+	batchWait  time.Duration
 }
 
 func env(name, def string) string {
@@ -93,7 +94,8 @@ func run() error {
 	flag.DurationVar(&o.duration, "duration", 20*time.Second, "length of the freshness run")
 	flag.DurationVar(&o.peerLimit, "kafka-engine-limit", 20*time.Second, "how long ClickHouse's Kafka engine may take to show its first rows")
 	flag.IntVar(&o.workers, "workers", 4, "ingest workers (consumer group members)")
-	flag.BoolVar(&o.coalesce, "coalesce", true, "share rollup rounds between workers (as tollgate ingest does)")
+	flag.DurationVar(&o.batchWait, "batch-wait", 100*time.Millisecond, "ingest.batch_wait")
+	flag.BoolVar(&o.coalesce, "coalesce", true, "share raw inserts and rollup rounds between workers (as tollgate ingest does)")
 	flag.Parse()
 
 	ctx := context.Background()
@@ -264,7 +266,7 @@ func (p *pipeline) stop() {
 // letters, rollups through the aggregator's Roller, watermarks.
 func startIngest(ctx context.Context, o opts, brokers []string, topic string, ch driver.Conn, pool *pgxpool.Pool, log *slog.Logger) (*pipeline, error) {
 	cfg := ingest.Config{Topic: topic, DeadLetter: topic + ".dlq", Group: topic + ".group", Workers: o.workers,
-		BatchWait: 100 * time.Millisecond}
+		BatchWait: o.batchWait}
 	cfg.Defaults()
 	catalog, err := aggregator.NewCatalog([]meter.Meter{meter.Default()}, aggpg.NewMeters(pool), 5*time.Second)
 	if err != nil {
@@ -284,14 +286,18 @@ func startIngest(ctx context.Context, o opts, brokers []string, topic string, ch
 	}
 	dlq := ingestkafka.NewDeadLetters(brokers, cfg.DeadLetter, topic)
 	closers = append(closers, dlq)
-	sink := chsink.NewSink(ch)
+	var sink ingest.Sink = chsink.NewSink(ch)
+	if o.coalesce {
+		ss := ingest.NewSharedSink(sink)
+		sink, closers = ss, append(closers, ss)
+	}
 	prog := ingest.NewProgress()
 	reg := prometheus.NewRegistry()
 	in, err := ingest.New(cfg, ingest.Deps{Sources: srcs, Sink: sink, DeadLetters: dlq, Rollups: roller, Log: log, Progress: prog, Registry: reg})
 	if err != nil {
 		return nil, err
 	}
-	wm, err := ingest.NewWatermarker(cfg, ingestkafka.NewOffsets(brokers, topic, cfg.Group), sink, prog, log, nil)
+	wm, err := ingest.NewWatermarker(cfg, ingestkafka.NewOffsets(brokers, topic, cfg.Group), chsink.NewSink(ch), prog, log, nil)
 	if err != nil {
 		return nil, err
 	}

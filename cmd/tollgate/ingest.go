@@ -34,6 +34,7 @@ type IngestMain struct {
 	in       *ingest.Ingester
 	wm       *ingest.Watermarker
 	rollups  *aggregator.Coalescer
+	shared   *ingest.SharedSink
 	metrics  *http.Server
 	mln      net.Listener
 	Registry *prometheus.Registry
@@ -73,8 +74,9 @@ func NewIngestMain(ctx context.Context, cfg Config, log *slog.Logger) (m *Ingest
 	}
 	m.dlq = ingestkafka.NewDeadLetters(cfg.Services.KafkaBrokers, cfg.Ingest.DeadLetter, cfg.Ingest.Topic)
 	sink := chsink.NewSink(m.ch)
+	m.shared = ingest.NewSharedSink(sink)
 	prog := ingest.NewProgress()
-	if m.in, err = ingest.New(cfg.Ingest, ingest.Deps{Sources: sources, Sink: sink, DeadLetters: m.dlq, Rollups: m.rollups,
+	if m.in, err = ingest.New(cfg.Ingest, ingest.Deps{Sources: sources, Sink: m.shared, DeadLetters: m.dlq, Rollups: m.rollups,
 		Log: log, Registry: m.Registry, Progress: prog}); err != nil {
 		return nil, err
 	}
@@ -123,6 +125,9 @@ func (m *IngestMain) Close() error {
 	}
 	if m.rollups != nil {
 		errs = append(errs, m.rollups.Close())
+	}
+	if m.shared != nil {
+		errs = append(errs, m.shared.Close())
 	}
 	if m.ch != nil {
 		errs = append(errs, m.ch.Close())
