@@ -57,6 +57,17 @@ func runDemo(ctx context.Context, out io.Writer, cfg Config, log *slog.Logger, c
 	go func() { _ = upSrv.Serve(ln) }()
 	defer upSrv.Close()
 	cfg.Edge.Upstream = "http://" + ln.Addr().String()
+	if cfg.Dashboard.Listen == "" {
+		cfg.Dashboard.Listen = "127.0.0.1:8090"
+	}
+	// Close periods promptly, and show the Stripe sync against stripe-mock
+	// when no real Stripe account is configured.
+	cfg.Invoicer.Interval = 2 * time.Second
+	if cfg.Invoicer.Stripe.APIKey == "" {
+		if u := os.Getenv("TOLLGATE_STRIPE_MOCK_URL"); u != "" {
+			cfg.Invoicer.Stripe.APIKey, cfg.Invoicer.Stripe.APIURL = "sk_test_123", u
+		}
+	}
 	if err := cfg.Validate(); err != nil {
 		return fmt.Errorf("invalid configuration:\n%w", err)
 	}
@@ -92,6 +103,11 @@ func runDemo(ctx context.Context, out io.Writer, cfg Config, log *slog.Logger, c
 		return err
 	}
 	fmt.Fprintf(out, "Sent %d demo calls through the edge (%d answered 2xx) in %s\n", sent.Total, sent.OK, time.Since(start).Round(time.Millisecond))
+	reported, err := demo.ReportLastMonth(ctx, "http://"+edgeAddr, keysSecrets(keys[:2]), time.Now(), 40)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(out, "Reported %d server-side events for last month through POST /v1/events (a rerun reports the same ids: duplicates, absorbed)\n", reported)
 
 	ch, err := openClickHouse(ctx, cfg.Services.ClickHouseAddr, cfg.Services.ClickHouseDatabase)
 	if err != nil {
@@ -105,7 +121,7 @@ func runDemo(ctx context.Context, out io.Writer, cfg Config, log *slog.Logger, c
 	var landed uint64
 	deadline := time.Now().Add(60 * time.Second)
 	for {
-		row := ch.QueryRow(ctx, `SELECT count() FROM usage_events FINAL WHERE request_id IN (?)`, sent.RequestIDs)
+		row := ch.QueryRow(ctx, `SELECT count() FROM usage_events FINAL WHERE has(?, request_id)`, sent.RequestIDs)
 		if err := row.Scan(&landed); err != nil {
 			return fmt.Errorf("count landed events: %w", err)
 		}
@@ -131,8 +147,26 @@ func runDemo(ctx context.Context, out io.Writer, cfg Config, log *slog.Logger, c
 				portOf(cfg.Services.ClickHouseAddr), cfg.Services.ClickHouseDatabase)
 		}
 	}
+	for _, n := range comps {
+		if m, ok := n.c.(*DashboardMain); ok {
+			fmt.Fprintf(out, "  dashboard:   http://%s/   (paste a demo key above)\n", m.Addr())
+		}
+	}
 	if landed != uint64(sent.Total) {
 		return fmt.Errorf("only %d of %d demo calls landed in ClickHouse", landed, sent.Total)
+	}
+	for _, n := range comps {
+		if m, ok := n.c.(*InvoiceMain); ok {
+			invs, err := demo.WaitForInvoices(ctx, "http://"+m.Addr(), keys[0].secret, 90*time.Second)
+			if err != nil {
+				return fmt.Errorf("last month's demo invoice: %w", err)
+			}
+			fmt.Fprintf(out, "\nInvoices for %s (closed periods, from the ledger):\n", keys[0].account)
+			for _, inv := range invs {
+				fmt.Fprintf(out, "  %s  %s – %s  %s  total %d %s minor units  %s\n", inv.ID, inv.Period.Start.Format("2006-01-02"),
+					inv.Period.End.Format("2006-01-02"), inv.Status, inv.Total, inv.Currency, inv.HostedURL)
+			}
+		}
 	}
 	if once {
 		return nil
@@ -181,6 +215,16 @@ func demoKeys(ctx context.Context, cfg Config) ([]demoKey, error) {
 		// Growth-tier limits, so the demo burst is not rate limited.
 		if err := store.EnsureSubscription(ctx, account, "growth"); err != nil {
 			return nil, err
+		}
+		// Demo customers have been with us since the start of last month,
+		// so the invoicer has a closed period to invoice.
+		since := time.Now().UTC().AddDate(0, -1, 0)
+		since = time.Date(since.Year(), since.Month(), 1, 0, 0, 0, 0, time.UTC)
+		if _, err := pool.Exec(ctx, `UPDATE accounts SET created_at = $2 WHERE id = $1 AND created_at > $2`, account, since); err != nil {
+			return nil, fmt.Errorf("backdate demo account: %w", err)
+		}
+		if _, err := pool.Exec(ctx, `UPDATE subscriptions SET starts_at = $2 WHERE account_id = $1 AND starts_at > $2`, account, since); err != nil {
+			return nil, fmt.Errorf("backdate demo subscription: %w", err)
 		}
 		secret, parsed, err := edge.GenerateKey(edge.Secret, env)
 		if err != nil {

@@ -37,7 +37,7 @@ func startPipeline(t *testing.T) *pipeline {
 	pg := testenv.NewPostgres(t)
 	ch := testenv.NewClickHouse(t)
 	topic := testenv.NewTopic(t, 4)
-	testenv.CreateTopic(t, topic+".dlq", 1)
+	testenv.CreateTopic(t, topic+".dlq", 4) // dead letters keep their source partition number
 	up := &demo.Upstream{}
 	upSrv := httptest.NewServer(up)
 	t.Cleanup(upSrv.Close)
