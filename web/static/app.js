@@ -119,6 +119,18 @@ async function loadUsage() {
     byWindow.set(d.window_start, (byWindow.get(d.window_start) || 0) + d.value);
     total += d.value;
   });
+  // Fill windows with no usage so the chart's time axis is even. Months
+  // vary in length, so they are shown as returned.
+  const step = { minute: 60e3, hour: 3600e3, day: 86400e3 }[windowName];
+  const starts = [...byWindow.keys()].map((k) => Date.parse(k)).sort((a, b) => a - b);
+  if (step && starts.length > 0) {
+    const key = (t) => new Date(t).toISOString().replace(".000Z", "Z");
+    const known = new Map([...byWindow.entries()].map(([k, v]) => [Date.parse(k), v]));
+    byWindow.clear();
+    let t = starts[0];
+    while (t - step >= from.getTime()) t -= step;
+    for (; t <= to.getTime(); t += step) byWindow.set(key(t), known.get(t) || 0);
+  }
   const points = [...byWindow.entries()].sort().map(([k, v]) => ({ label: new Date(k).toLocaleString(), value: v }));
   drawChart(points);
   $("usage-total").textContent = num.format(total) + " " + body.meter + " in the last " +

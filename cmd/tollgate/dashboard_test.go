@@ -1,0 +1,82 @@
+package main
+
+import (
+	"context"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"testing"
+)
+
+func TestDashboardServesPagesAndForwardsEachAPIWithTheCallersKey(t *testing.T) {
+	var mu sync.Mutex
+	seen := map[string]string{}
+	auth := func(k string) string { mu.Lock(); defer mu.Unlock(); return seen[k] }
+	api := func(name string) *httptest.Server {
+		return httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			mu.Lock()
+			seen[name+" "+r.URL.Path] = r.Header.Get("Authorization")
+			mu.Unlock()
+			_, _ = io.WriteString(w, `{"from":"`+name+`"}`)
+		}))
+	}
+	usage, billing := api("usage"), api("billing")
+	defer usage.Close()
+	defer billing.Close()
+	m, err := NewDashboardMain("127.0.0.1:0", usage.URL, billing.URL, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- m.Run(ctx) }()
+	defer func() { cancel(); <-done; _ = m.Close() }()
+	base := "http://" + m.Addr()
+
+	get := func(path string) (int, string, http.Header) {
+		req, _ := http.NewRequest("GET", base+path, nil)
+		req.Header.Set("Authorization", "Bearer pk_live_example")
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b), resp.Header
+	}
+	t.Run("the page is served with a restrictive content security policy", func(t *testing.T) {
+		code, body, h := get("/")
+		if code != 200 || !strings.Contains(body, "<title>Tollgate") {
+			t.Fatalf("GET / = %d %.80q", code, body)
+		}
+		if !strings.Contains(h.Get("Content-Security-Policy"), "default-src 'self'") {
+			t.Fatalf("CSP %q", h.Get("Content-Security-Policy"))
+		}
+	})
+	routes := []struct{ path, to string }{
+		{"/v1/usage", "usage"}, {"/v1/requests", "usage"}, {"/v1/meters", "usage"},
+		{"/v1/usage/current", "billing"}, {"/v1/invoices", "billing"},
+		{"/v1/invoices/upcoming", "billing"}, {"/v1/invoices/inv_1", "billing"},
+	}
+	for _, r := range routes {
+		t.Run(r.path+" goes to the "+r.to+" API with the caller's key", func(t *testing.T) {
+			code, body, _ := get(r.path)
+			if code != 200 || body != `{"from":"`+r.to+`"}` {
+				t.Fatalf("GET %s = %d %s", r.path, code, body)
+			}
+			if got := auth(r.to + " " + r.path); got != "Bearer pk_live_example" {
+				t.Fatalf("%s API saw Authorization %q", r.to, got)
+			}
+		})
+	}
+	t.Run("an API that is down is a 502 with a machine-readable error", func(t *testing.T) {
+		billing.Close()
+		code, body, _ := get("/v1/invoices")
+		if code != http.StatusBadGateway || !strings.Contains(body, `"code":"upstream_unavailable"`) {
+			t.Fatalf("got %d %s", code, body)
+		}
+	})
+}
