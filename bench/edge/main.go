@@ -1,0 +1,351 @@
+// Command edge benchmarks the Tollgate edge against its peers on loopback,
+// in one run: (a) straight to a tiny upstream, (b) a plain nginx reverse
+// proxy, (c) nginx with limit_req and a key map (the stock-parts gateway),
+// (d) the Tollgate edge with key auth, the Redis rate limit and metering to
+// Kafka. Throughput is measured with wrk for a fixed duration; the latency
+// overhead is the edge's p99 minus the direct p99 at a fixed moderate rate.
+// The last line is the RESULT line.
+package main
+
+import (
+	"context"
+	"database/sql"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+	_ "github.com/jackc/pgx/v5/stdlib"
+	"github.com/redis/go-redis/v9"
+	"github.com/segmentio/kafka-go"
+
+	"github.com/tollgate-dev/tollgate/edge"
+	edgekafka "github.com/tollgate-dev/tollgate/edge/kafka"
+	edgepg "github.com/tollgate-dev/tollgate/edge/postgres"
+	edgeredis "github.com/tollgate-dev/tollgate/edge/redis"
+	"github.com/tollgate-dev/tollgate/schemas"
+)
+
+func main() {
+	if err := run(); err != nil {
+		fmt.Fprintln(os.Stderr, "bench-edge:", err)
+		os.Exit(1)
+	}
+}
+
+func env(name, def string) string {
+	if v := os.Getenv(name); v != "" {
+		return v
+	}
+	return def
+}
+
+func listen() (net.Listener, string) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		panic(err)
+	}
+	return ln, ln.Addr().String()
+}
+
+func freeAddr() string {
+	ln, addr := listen()
+	_ = ln.Close()
+	return addr
+}
+
+func run() error {
+	dur := flag.Duration("duration", 5*time.Second, "wrk duration per target")
+	conns := flag.Int("connections", 64, "wrk connections")
+	rate := flag.Int("rate", 1000, "fixed request rate for the latency comparison")
+	flag.Parse()
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	ctx := context.Background()
+	tmp, err := os.MkdirTemp("", "tollgate-bench-edge-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(tmp)
+
+	// The tiny upstream.
+	upLn, upAddr := listen()
+	body := []byte(`{"ok":true}`)
+	up := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		_, _ = w.Write(body)
+	})}
+	go func() { _ = up.Serve(upLn) }()
+	defer up.Close()
+
+	// The Tollgate edge, wired as `tollgate edge` wires it.
+	key, stopEdge, edgeAddr, err := startEdge(ctx, tmp, "http://"+upAddr, log)
+	if err != nil {
+		return err
+	}
+	defer stopEdge()
+
+	// nginx: plain, and with limit_req plus a key map.
+	plainAddr, limitAddr := freeAddr(), freeAddr()
+	stopNginx, err := startNginx(tmp, upAddr, plainAddr, limitAddr, key)
+	if err != nil {
+		return err
+	}
+	defer stopNginx()
+
+	auth := "Authorization: Bearer " + key
+	targets := []struct{ name, url string }{
+		{"direct", "http://" + upAddr + "/v1/widgets/1"},
+		{"nginx", "http://" + plainAddr + "/v1/widgets/1"},
+		{"nginx_limit", "http://" + limitAddr + "/v1/widgets/1"},
+		{"edge", "http://" + edgeAddr + "/v1/widgets/1"},
+	}
+	rps := map[string]float64{}
+	for _, tg := range targets {
+		// Warm up connections and caches, then measure.
+		if _, err := wrk(tg.url, auth, 2*time.Second, *conns); err != nil {
+			return err
+		}
+		r, err := wrk(tg.url, auth, *dur, *conns)
+		if err != nil {
+			return err
+		}
+		rps[tg.name] = r
+		fmt.Printf("%-12s %10.0f req/s  (wrk, %d connections, %s)\n", tg.name, r, *conns, *dur)
+	}
+	p99 := map[string]time.Duration{}
+	for _, tg := range []struct{ name, url string }{targets[0], targets[3]} {
+		d, errs := fixedRate(tg.url, key, *rate, 3*time.Second)
+		if errs > 0 {
+			return fmt.Errorf("%s: %d failed calls at %d/s", tg.name, errs, *rate)
+		}
+		p99[tg.name] = d
+		fmt.Printf("%-12s p99 %8.3f ms at a fixed %d req/s\n", tg.name, float64(d.Microseconds())/1000, *rate)
+	}
+	overhead := float64((p99["edge"] - p99["direct"]).Microseconds()) / 1000
+	fmt.Printf("RESULT edge_rps=%.0f nginx_rps=%.0f nginx_limit_rps=%.0f ratio_vs_nginx_limit=%.2f p99_overhead_ms=%.3f\n",
+		rps["edge"], rps["nginx"], rps["nginx_limit"], rps["edge"]/rps["nginx_limit"], overhead)
+	return nil
+}
+
+var wrkRPS = regexp.MustCompile(`Requests/sec:\s+([0-9.]+)`)
+var wrkNon2xx = regexp.MustCompile(`Non-2xx or 3xx responses:\s+(\d+)`)
+
+func wrk(url, header string, d time.Duration, conns int) (float64, error) {
+	bin := env("WRK", "/usr/bin/wrk")
+	out, err := exec.Command(bin, "-t2", "-c"+strconv.Itoa(conns), "-d"+strconv.Itoa(int(d.Seconds()))+"s",
+		"-H", header, url).CombinedOutput()
+	if err != nil {
+		return 0, fmt.Errorf("wrk %s: %v\n%s", url, err, out)
+	}
+	if m := wrkNon2xx.FindSubmatch(out); m != nil {
+		return 0, fmt.Errorf("wrk %s: %s non-2xx responses (limits too low for the bench?)\n%s", url, m[1], out)
+	}
+	m := wrkRPS.FindSubmatch(out)
+	if m == nil {
+		return 0, fmt.Errorf("wrk %s: no Requests/sec in\n%s", url, out)
+	}
+	return strconv.ParseFloat(string(m[1]), 64)
+}
+
+// fixedRate sends calls at rate for d, each on an idle keep-alive
+// connection, and returns the p99 latency.
+func fixedRate(url, key string, rate int, d time.Duration) (time.Duration, int) {
+	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 256}, Timeout: 5 * time.Second}
+	n := int(float64(rate) * d.Seconds())
+	lat := make([]time.Duration, n)
+	var errs int
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	tick := time.NewTicker(time.Second / time.Duration(rate))
+	defer tick.Stop()
+	for i := 0; i < n; i++ {
+		<-tick.C
+		wg.Add(1)
+		go func(i int) {
+			defer wg.Done()
+			req, _ := http.NewRequest("GET", url, nil)
+			req.Header.Set("Authorization", "Bearer "+key)
+			start := time.Now()
+			resp, err := client.Do(req)
+			if err == nil {
+				buf := make([]byte, 512)
+				for {
+					if _, e := resp.Body.Read(buf); e != nil {
+						break
+					}
+				}
+				resp.Body.Close()
+			}
+			lat[i] = time.Since(start)
+			if err != nil || resp.StatusCode != 200 {
+				mu.Lock()
+				errs++
+				mu.Unlock()
+			}
+		}(i)
+	}
+	wg.Wait()
+	sort.Slice(lat, func(a, b int) bool { return lat[a] < lat[b] })
+	return lat[n*99/100], errs
+}
+
+func startNginx(tmp, upstream, plain, limited, key string) (func(), error) {
+	bin := env("NGINX", "/usr/sbin/nginx")
+	conf := fmt.Sprintf(`worker_processes 2;
+error_log %[1]s/error.log warn;
+pid %[1]s/nginx.pid;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path %[1]s/body;
+  proxy_temp_path %[1]s/proxy;
+  fastcgi_temp_path %[1]s/fastcgi;
+  uwsgi_temp_path %[1]s/uwsgi;
+  scgi_temp_path %[1]s/scgi;
+  upstream api { server %[2]s; keepalive 128; }
+  map $http_authorization $api_key {
+    default "";
+    "Bearer %[5]s" "%[5]s";
+  }
+  limit_req_zone $api_key zone=perkey:10m rate=1000000r/s;
+  server {
+    listen %[3]s;
+    location / {
+      proxy_pass http://api;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }
+  }
+  server {
+    listen %[4]s;
+    location / {
+      if ($api_key = "") { return 401; }
+      limit_req zone=perkey burst=1000000 nodelay;
+      proxy_set_header Authorization "";
+      proxy_pass http://api;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }
+  }
+}
+`, tmp, upstream, plain, limited, key)
+	path := filepath.Join(tmp, "nginx.conf")
+	if err := os.WriteFile(path, []byte(conf), 0o600); err != nil {
+		return nil, err
+	}
+	cmd := exec.Command(bin, "-p", tmp, "-c", path, "-g", "daemon off;")
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("start nginx: %w", err)
+	}
+	stop := func() { _ = cmd.Process.Kill(); _ = cmd.Wait() }
+	deadline := time.Now().Add(10 * time.Second)
+	for _, a := range []string{plain, limited} {
+		for {
+			c, err := net.DialTimeout("tcp", a, time.Second)
+			if err == nil {
+				c.Close()
+				break
+			}
+			if time.Now().After(deadline) {
+				stop()
+				return nil, fmt.Errorf("nginx did not listen on %s", a)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	return stop, nil
+}
+
+func startEdge(ctx context.Context, tmp, upstream string, log *slog.Logger) (string, func(), string, error) {
+	pgURL := env("TOLLGATE_POSTGRES_URL", "postgres://tollgate@127.0.0.1:15432/tollgate?sslmode=disable")
+	brokers := strings.Split(env("TOLLGATE_KAFKA_BROKERS", "127.0.0.1:19092"), ",")
+	redisAddr := env("TOLLGATE_REDIS_ADDR", "127.0.0.1:16379")
+	db, err := sql.Open("pgx", pgURL)
+	if err != nil {
+		return "", nil, "", err
+	}
+	if _, err := schemas.MigratePostgres(ctx, db); err != nil {
+		db.Close()
+		return "", nil, "", fmt.Errorf("migrate postgres (start the services with `make services`): %w", err)
+	}
+	db.Close()
+	pool, err := pgxpool.New(ctx, pgURL)
+	if err != nil {
+		return "", nil, "", err
+	}
+	store := edgepg.NewKeyStore(pool)
+	const account = "acct_bench_edge"
+	if err := store.EnsureAccount(ctx, account, "Edge benchmark"); err != nil {
+		return "", nil, "", err
+	}
+	// A plan sized so the bench measures the limiter's cost, not refusals.
+	def, _ := json.Marshal(map[string]any{"limits": map[string]any{"requests_per_second": 10_000_000, "burst": 10_000_000, "monthly_requests": nil}})
+	if _, err := pool.Exec(ctx, `INSERT INTO plans (id, version, name, currency, definition) VALUES ('bench', 1, 'Bench', 'usd', $1)
+		ON CONFLICT DO NOTHING`, def); err != nil {
+		return "", nil, "", err
+	}
+	if _, err := pool.Exec(ctx, `INSERT INTO subscriptions (id, account_id, plan_id, plan_version, starts_at)
+		VALUES ($1, $2, 'bench', 1, clock_timestamp())`, "sub_"+schemas.NewEventID().String(), account); err != nil {
+		return "", nil, "", err
+	}
+	secret, parsed, err := edge.GenerateKey(edge.Secret, schemas.Live)
+	if err != nil {
+		return "", nil, "", err
+	}
+	if err := store.CreateKey(ctx, edge.NewKey{ID: "key_bench_" + schemas.NewEventID().String()[24:], AccountID: account,
+		Name: "bench", Parsed: parsed, Audit: edge.AuditInfo{Actor: "bench"}}); err != nil {
+		return "", nil, "", err
+	}
+	topic := "tollgate.bench.edge"
+	kc := &kafka.Client{Addr: kafka.TCP(brokers...), Timeout: 15 * time.Second}
+	res, err := kc.CreateTopics(ctx, &kafka.CreateTopicsRequest{Topics: []kafka.TopicConfig{{Topic: topic, NumPartitions: 4, ReplicationFactor: 1}}})
+	if err != nil {
+		return "", nil, "", fmt.Errorf("create topic (is Kafka up?): %w", err)
+	}
+	if e := res.Errors[topic]; e != nil && !errors.Is(e, kafka.TopicAlreadyExists) && !strings.Contains(e.Error(), "already exists") {
+		return "", nil, "", fmt.Errorf("create topic: %w", e)
+	}
+	producer, err := edgekafka.NewProducer(edgekafka.Config{Brokers: brokers, Topic: topic, SpoolDir: filepath.Join(tmp, "spool")}, nil, log)
+	if err != nil {
+		return "", nil, "", err
+	}
+	cache := edge.NewKeyCache(store, 30*time.Second)
+	lctx, cancel := context.WithCancel(context.Background())
+	if err := edgepg.NewListener(pgURL, cache, log).Start(lctx); err != nil {
+		cancel()
+		return "", nil, "", err
+	}
+	rdb := redis.NewClient(&redis.Options{Addr: redisAddr, PoolSize: 256, DialerRetries: 1, MaxRetries: -1})
+	lim := &edge.FallbackLimiter{Primary: edgeredis.NewLimiter(rdb), Local: edge.NewLocalLimiter(1)}
+	srv, err := edge.NewServer(edge.Config{Upstream: upstream, RateLimitPrefix: "tollgate:bench:"},
+		edge.Deps{Keys: cache, Emitter: producer, Limiter: lim, Quota: lim, Log: log})
+	if err != nil {
+		cancel()
+		return "", nil, "", err
+	}
+	ln, addr := listen()
+	hs := &http.Server{Handler: srv, ReadHeaderTimeout: 10 * time.Second}
+	go func() { _ = hs.Serve(ln) }()
+	stop := func() {
+		_ = hs.Close()
+		_ = producer.Close()
+		cancel()
+		_ = rdb.Close()
+		pool.Close()
+	}
+	return secret, stop, addr, nil
+}
