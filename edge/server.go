@@ -251,7 +251,9 @@ func (s *Server) authenticate(next echo.HandlerFunc) echo.HandlerFunc {
 			return s.authFailed(c, "unknown", pk.DisplayPrefix, nil, err)
 		}
 		if err != nil {
-			return fmt.Errorf("authenticate: %w", err)
+			s.log.Error("key lookup failed", "err", err)
+			return NewAPIError(http.StatusServiceUnavailable, TypeAPI, "key_store_unavailable",
+				"API keys cannot be checked right now; retry shortly.")
 		}
 		if !HashEqual(k.Hash, pk.Hash[:]) {
 			return s.authFailed(c, "unknown", pk.DisplayPrefix, nil, ErrKeyNotFound)
