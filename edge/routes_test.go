@@ -1,0 +1,64 @@
+package edge
+
+import "testing"
+
+func TestRouterMatchesTemplatesInOrder(t *testing.T) {
+	r, err := NewRouter([]RouteConfig{
+		{Pattern: "/v1/widgets/{id}", Methods: []string{"GET"}, Scopes: []string{"widgets:read"}},
+		{Pattern: "/v1/widgets/{id}", Methods: []string{"DELETE"}, Scopes: []string{"widgets:write"}},
+		{Pattern: "/v1/files/*", Scopes: []string{"files:read"}},
+		{Pattern: "/v1/reports/run", Methods: []string{"GET"}, Write: true},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cases := []struct {
+		name, method, path, template string
+		ok, write                    bool
+	}{
+		{"id segment matches", "GET", "/v1/widgets/42", "/v1/widgets/{id}", true, false},
+		{"method picks the entry", "DELETE", "/v1/widgets/42", "/v1/widgets/{id}", true, true},
+		{"unlisted method does not match", "PUT", "/v1/widgets/42", "", false, false},
+		{"extra segment does not match", "GET", "/v1/widgets/42/parts", "", false, false},
+		{"empty id does not match", "GET", "/v1/widgets/", "", false, false},
+		{"tail matches the rest", "GET", "/v1/files/a/b/c", "/v1/files/*", true, false},
+		{"safe method marked write is a write", "GET", "/v1/reports/run", "/v1/reports/run", true, true},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			got, ok := r.Match(c.method, c.path)
+			if ok != c.ok || got.Template != c.template || (ok && got.Write != c.write) {
+				t.Fatalf("Match(%s %s) = %+v, %v", c.method, c.path, got, ok)
+			}
+		})
+	}
+	if _, err := NewRouter([]RouteConfig{{Pattern: "nope"}, {Pattern: "/a/*/b"}, {Pattern: "/x", Methods: []string{"BREW"}}}); err == nil {
+		t.Fatal("bad route table accepted")
+	}
+}
+
+func TestScopes(t *testing.T) {
+	cases := []struct {
+		name   string
+		kind   KeyKind
+		scopes []string
+		want   string
+		ok     bool
+	}{
+		{"plain secret key has every scope", Secret, nil, "widgets:write", true},
+		{"plain publishable key reads", Publishable, nil, "widgets:read", true},
+		{"plain publishable key never writes", Publishable, nil, "widgets:write", false},
+		{"exact scope", Secret, []string{"widgets:read"}, "widgets:read", true},
+		{"other resource is refused", Secret, []string{"widgets:read"}, "invoices:read", false},
+		{"wildcard action", Secret, []string{"widgets:*"}, "widgets:write", true},
+		{"wildcard resource", Secret, []string{"*:read"}, "files:read", true},
+		{"star is everything", Secret, []string{"*"}, "a:b", true},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			if got := HasScope(c.kind, c.scopes, c.want); got != c.ok {
+				t.Fatalf("HasScope(%s, %v, %s) = %v", c.kind, c.scopes, c.want, got)
+			}
+		})
+	}
+}
