@@ -146,6 +146,7 @@ func TestExactlyOnceThroughCrashesAndAClickHouseRestart(t *testing.T) {
 	var proc *exec.Cmd
 	start := func() {
 		proc = exec.Command(bin, "ingest", "--config", cfgPath, "--log-level", "warn")
+		proc.Env = testenv.ChildEnv() // the file, not `make test`'s environment, says where things are
 		proc.Stdout, proc.Stderr = logf, logf
 		testenv.Must(t, proc.Start(), "start ingest")
 	}

@@ -54,6 +54,7 @@ ingest:
 	path := filepath.Join(dir, "edge-"+filepath.Base(addr)+".yaml")
 	testenv.Must(t, os.WriteFile(path, []byte(cfg), 0o600), "write config")
 	cmd := exec.Command(bin, "edge", "-c", path, "--log-level", "error")
+	cmd.Env = testenv.ChildEnv() // the file, not `make test`'s environment, says where things are
 	cmd.Stderr = os.Stderr
 	testenv.Must(t, cmd.Start(), "start edge process")
 	p := &edgeProc{cmd: cmd, addr: addr, done: make(chan struct{})}

@@ -182,3 +182,17 @@ func freePort(t testing.TB) int {
 	defer l.Close()
 	return l.Addr().(*net.TCPAddr).Port
 }
+
+// ChildEnv is this process's environment without any TOLLGATE_ variable,
+// for a tollgate process a test starts with its own configuration file:
+// environment variables override the file, and the ones `make test` exports
+// point at the shared services.
+func ChildEnv(extra ...string) []string {
+	var out []string
+	for _, kv := range os.Environ() {
+		if !strings.HasPrefix(kv, "TOLLGATE_") {
+			out = append(out, kv)
+		}
+	}
+	return append(out, extra...)
+}
