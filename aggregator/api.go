@@ -559,49 +559,19 @@ func (s *Server) handleError(err error, c echo.Context) {
 	}
 }
 
-// toAPIError maps domain errors to HTTP; it is the only place that does.
+// toAPIError maps the aggregator's domain errors to the one error shape and
+// leaves key and HTTP errors to the edge's mapping, so they read the same on
+// every Tollgate API.
 func toAPIError(err error) *edge.APIError {
-	var ae *edge.APIError
-	var he *echo.HTTPError
 	switch {
-	case errors.As(err, &ae):
-		cp := *ae
-		return &cp
-	case errors.Is(err, edge.ErrNoKey):
-		return edge.NewAPIError(http.StatusUnauthorized, edge.TypeAuthentication, "missing_api_key",
-			"No API key provided. Send it as 'Authorization: Bearer <key>'.")
-	case errors.Is(err, edge.ErrMalformedKey):
-		return edge.NewAPIError(http.StatusUnauthorized, edge.TypeAuthentication, "malformed_api_key",
-			"The API key is not in a valid format.")
-	case errors.Is(err, edge.ErrKeyNotFound):
-		return edge.NewAPIError(http.StatusUnauthorized, edge.TypeAuthentication, "invalid_api_key", "The API key is not valid.")
-	case errors.Is(err, edge.ErrKeyRevoked):
-		return edge.NewAPIError(http.StatusUnauthorized, edge.TypeAuthentication, "revoked_api_key", "The API key has been revoked.")
-	case errors.Is(err, edge.ErrKeyExpired):
-		return edge.NewAPIError(http.StatusUnauthorized, edge.TypeAuthentication, "expired_api_key", "The API key has expired.")
 	case errors.Is(err, ErrNotFound):
 		return edge.NewAPIError(http.StatusNotFound, edge.TypeInvalidRequest, "meter_not_found", messageOf(err))
 	case errors.Is(err, ErrInvalid):
 		return edge.NewAPIError(http.StatusBadRequest, edge.TypeInvalidRequest, "invalid_meter", messageOf(err))
 	case errors.Is(err, ErrConflict):
 		return edge.NewAPIError(http.StatusConflict, edge.TypeInvalidRequest, "meter_exists", messageOf(err))
-	case errors.As(err, &he):
-		msg := http.StatusText(he.Code)
-		if m, ok := he.Message.(string); ok {
-			msg = m
-		}
-		typ, code := edge.TypeInvalidRequest, "invalid_request"
-		switch {
-		case he.Code == http.StatusNotFound:
-			code = "not_found"
-		case he.Code == http.StatusMethodNotAllowed:
-			code = "method_not_allowed"
-		case he.Code >= 500:
-			typ, code = edge.TypeAPI, "internal_error"
-		}
-		return edge.NewAPIError(he.Code, typ, code, msg)
 	default:
-		return edge.NewAPIError(http.StatusInternalServerError, edge.TypeAPI, "internal_error", "Something went wrong on our side.")
+		return edge.ToAPIError(err)
 	}
 }
 

@@ -79,22 +79,11 @@ func requestID(next echo.HandlerFunc) echo.HandlerFunc {
 	}
 }
 
-func bearer(r *http.Request) string {
-	h := r.Header.Get("Authorization")
-	if len(h) > 7 && strings.EqualFold(h[:7], "bearer ") {
-		return strings.TrimSpace(h[7:])
-	}
-	if u, _, ok := r.BasicAuth(); ok {
-		return u
-	}
-	return ""
-}
-
 // authenticate accepts only a usable secret key and pins the request to
 // its account.
 func (s *Server) authenticate(next echo.HandlerFunc) echo.HandlerFunc {
 	return func(c echo.Context) error {
-		raw := bearer(c.Request())
+		raw := edge.Bearer(c.Request())
 		if raw == "" {
 			return edge.ErrNoKey
 		}
@@ -273,25 +262,11 @@ func (s *Server) webhook(c echo.Context) error {
 	return c.JSON(http.StatusOK, map[string]any{"received": true, "duplicate": !fresh})
 }
 
-// toAPIError maps domain errors to the one error shape; the only place
-// that does.
+// toAPIError maps the invoicer's domain errors to the one error shape and
+// leaves key and HTTP errors to the edge's mapping, so they read the same on
+// every Tollgate API.
 func toAPIError(err error) *edge.APIError {
-	var ae *edge.APIError
-	var he *echo.HTTPError
 	switch {
-	case errors.As(err, &ae):
-		return ae
-	case errors.Is(err, edge.ErrNoKey):
-		return edge.NewAPIError(http.StatusUnauthorized, edge.TypeAuthentication, "missing_api_key",
-			"No API key provided. Send it as 'Authorization: Bearer <key>'.")
-	case errors.Is(err, edge.ErrMalformedKey):
-		return edge.NewAPIError(http.StatusUnauthorized, edge.TypeAuthentication, "malformed_api_key", "The API key is not in a valid format.")
-	case errors.Is(err, edge.ErrKeyNotFound):
-		return edge.NewAPIError(http.StatusUnauthorized, edge.TypeAuthentication, "invalid_api_key", "The API key is not valid.")
-	case errors.Is(err, edge.ErrKeyRevoked):
-		return edge.NewAPIError(http.StatusUnauthorized, edge.TypeAuthentication, "revoked_api_key", "The API key has been revoked.")
-	case errors.Is(err, edge.ErrKeyExpired):
-		return edge.NewAPIError(http.StatusUnauthorized, edge.TypeAuthentication, "expired_api_key", "The API key has expired.")
 	case errors.Is(err, invoicer.ErrUnauthorized):
 		return edge.NewAPIError(http.StatusBadRequest, edge.TypeInvalidRequest, "invalid_signature",
 			"The Stripe-Signature header does not match the payload.")
@@ -299,23 +274,8 @@ func toAPIError(err error) *edge.APIError {
 		return edge.NewAPIError(http.StatusNotFound, edge.TypeInvalidRequest, "resource_missing", "No such resource.")
 	case errors.Is(err, invoicer.ErrInvalid):
 		return edge.NewAPIError(http.StatusBadRequest, edge.TypeInvalidRequest, "invalid_request", err.Error())
-	case errors.As(err, &he):
-		msg := http.StatusText(he.Code)
-		if m, ok := he.Message.(string); ok {
-			msg = m
-		}
-		typ, code := edge.TypeInvalidRequest, "invalid_request"
-		switch {
-		case he.Code == http.StatusNotFound:
-			code = "not_found"
-		case he.Code == http.StatusMethodNotAllowed:
-			code = "method_not_allowed"
-		case he.Code >= 500:
-			typ, code = edge.TypeAPI, "internal_error"
-		}
-		return edge.NewAPIError(he.Code, typ, code, msg)
 	default:
-		return edge.NewAPIError(http.StatusInternalServerError, edge.TypeAPI, "internal_error", "Something went wrong on our side.")
+		return edge.ToAPIError(err)
 	}
 }
 
