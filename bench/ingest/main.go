@@ -23,7 +23,6 @@ package main
 import (
 	"bufio"
 	"context"
-	"database/sql"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -39,9 +38,10 @@ import (
 	"sync"
 	"time"
 
+	"github.com/tollgate-dev/tollgate/bench/internal/scratch"
+
 	"github.com/ClickHouse/clickhouse-go/v2"
 	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
-	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 	_ "github.com/jackc/pgx/v5/stdlib"
 	"github.com/prometheus/client_golang/prometheus"
@@ -126,7 +126,7 @@ func run() error {
 	if err := schemas.ApplyClickHouse(ctx, ch); err != nil {
 		return err
 	}
-	pool, dropPG, err := scratchPostgres(ctx, pgURL, name)
+	pool, dropPG, err := scratch.Postgres(ctx, pgURL, name)
 	if err != nil {
 		return err
 	}
@@ -590,40 +590,4 @@ func freshness(ctx context.Context, o opts, brokers []string, topic string, ch d
 	slices.Sort(lat)
 	pct := func(q float64) float64 { return lat[min(len(lat)-1, int(q*float64(len(lat))))] }
 	return pct(0.99), pct(0.50), len(lat), nil
-}
-
-func scratchPostgres(ctx context.Context, url, name string) (*pgxpool.Pool, func(), error) {
-	admin, err := pgx.Connect(ctx, url)
-	if err != nil {
-		return nil, nil, fmt.Errorf("connect to postgres (make services): %w", err)
-	}
-	defer admin.Close(ctx)
-	if _, err := admin.Exec(ctx, "CREATE DATABASE "+name); err != nil {
-		return nil, nil, err
-	}
-	cfg, _ := pgx.ParseConfig(url)
-	dbURL := strings.Replace(url, "/"+cfg.Database+"?", "/"+name+"?", 1)
-	drop := func() {
-		c, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		defer cancel()
-		if a, err := pgx.Connect(c, url); err == nil {
-			_, _ = a.Exec(c, "DROP DATABASE IF EXISTS "+name+" WITH (FORCE)")
-			_ = a.Close(c)
-		}
-	}
-	db, err := sql.Open("pgx", dbURL)
-	if err == nil {
-		_, err = schemas.MigratePostgres(ctx, db)
-		db.Close()
-	}
-	if err != nil {
-		drop()
-		return nil, nil, err
-	}
-	pool, err := pgxpool.New(ctx, dbURL)
-	if err != nil {
-		drop()
-		return nil, nil, err
-	}
-	return pool, func() { pool.Close(); drop() }, nil
 }

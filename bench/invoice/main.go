@@ -10,7 +10,6 @@ package main
 
 import (
 	"context"
-	"database/sql"
 	"encoding/json"
 	"flag"
 	"fmt"
@@ -20,6 +19,8 @@ import (
 	"path/filepath"
 	"strings"
 	"time"
+
+	"github.com/tollgate-dev/tollgate/bench/internal/scratch"
 
 	"github.com/ClickHouse/clickhouse-go/v2"
 	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
@@ -80,7 +81,7 @@ func run() error {
 	}
 
 	// Two scratch Postgres databases: one ledger per close.
-	pool, dropPG, err := scratchPostgres(ctx, pgURL, name)
+	pool, dropPG, err := scratch.Postgres(ctx, pgURL, name)
 	if err != nil {
 		return err
 	}
@@ -89,7 +90,7 @@ func run() error {
 	// ledger, and the fastest counts, as for the floor.
 	merged := make([]*pgxpool.Pool, *floorRuns)
 	for i := range merged {
-		p, drop, err := scratchPostgres(ctx, pgURL, fmt.Sprintf("%s_m%d", name, i))
+		p, drop, err := scratch.Postgres(ctx, pgURL, fmt.Sprintf("%s_m%d", name, i))
 		if err != nil {
 			return err
 		}
@@ -219,42 +220,6 @@ func run() error {
 func chOpts(addr, db string) *clickhouse.Options {
 	return &clickhouse.Options{Addr: []string{addr}, Auth: clickhouse.Auth{Database: db, Username: "default"},
 		DialTimeout: 5 * time.Second, ReadTimeout: 10 * time.Minute, Protocol: clickhouse.Native}
-}
-
-func scratchPostgres(ctx context.Context, url, name string) (*pgxpool.Pool, func(), error) {
-	admin, err := pgx.Connect(ctx, url)
-	if err != nil {
-		return nil, nil, fmt.Errorf("connect to postgres (make services): %w", err)
-	}
-	defer admin.Close(ctx)
-	if _, err := admin.Exec(ctx, "CREATE DATABASE "+name); err != nil {
-		return nil, nil, err
-	}
-	cfg, _ := pgx.ParseConfig(url)
-	dbURL := strings.Replace(url, "/"+cfg.Database+"?", "/"+name+"?", 1)
-	drop := func() {
-		c, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		defer cancel()
-		if a, err := pgx.Connect(c, url); err == nil {
-			_, _ = a.Exec(c, "DROP DATABASE IF EXISTS "+name+" WITH (FORCE)")
-			_ = a.Close(c)
-		}
-	}
-	db, err := sql.Open("pgx", dbURL)
-	if err == nil {
-		_, err = schemas.MigratePostgres(ctx, db)
-		db.Close()
-	}
-	if err != nil {
-		drop()
-		return nil, nil, err
-	}
-	pool, err := pgxpool.New(ctx, dbURL)
-	if err != nil {
-		drop()
-		return nil, nil, err
-	}
-	return pool, func() { pool.Close(); drop() }, nil
 }
 
 // seedAccounts spreads accounts over the four seeded plans.
