@@ -30,12 +30,13 @@ type Touched struct {
 	Minute      time.Time
 }
 
-// Recompute asks for every window, of every granularity, that holds one of
-// the touched minutes to be computed again, for accounts that share Zone.
+// Recompute asks for every window of one granularity that holds one of the
+// touched minutes to be computed again, for accounts that share Zone.
 type Recompute struct {
-	Meter   meter.Meter
-	Zone    string
-	Touched []Touched
+	Meter       meter.Meter
+	Granularity Granularity
+	Zone        string
+	Touched     []Touched
 }
 
 // Rebuild asks for every window of one granularity starting in [From, To)
@@ -50,7 +51,7 @@ type Rebuild struct {
 
 // RollupStore computes and stores rollups.
 type RollupStore interface {
-	// Recompute handles requests together, every granularity at once.
+	// Recompute handles requests of one granularity together.
 	Recompute(ctx context.Context, rs []Recompute) error
 	Rebuild(ctx context.Context, r Rebuild) error
 	// Accounts lists the accounts with raw events in [from, to).
@@ -90,15 +91,24 @@ func NewRoller(meters MeterSource, zones Zones, store RollupStore, log *slog.Log
 // selects their event type, at every granularity. Recomputing is
 // idempotent, so a redelivered batch does no harm.
 func (r *Roller) Landed(ctx context.Context, records []ingest.Record) error {
-	rs, err := r.plan(ctx, records)
-	if err != nil || len(rs) == 0 {
+	levels, err := r.plan(ctx, records)
+	if err != nil {
 		return err
 	}
-	return r.store.Recompute(ctx, rs)
+	for _, l := range levels {
+		if len(l) == 0 {
+			continue
+		}
+		if err := r.store.Recompute(ctx, l); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
-// plan is the store requests for records: one per meter and zone.
-func (r *Roller) plan(ctx context.Context, records []ingest.Record) ([]Recompute, error) {
+// plan is the store requests for records, one slice per granularity in
+// Granularities order.
+func (r *Roller) plan(ctx context.Context, records []ingest.Record) ([][]Recompute, error) {
 	meters, err := r.meters.Meters(ctx)
 	if err != nil {
 		return nil, err
@@ -120,7 +130,9 @@ func (r *Roller) plan(ctx context.Context, records []ingest.Record) ([]Recompute
 	if err != nil {
 		return nil, err
 	}
-	var out []Recompute
+	// Each level is computed from the one before it, so the levels run in
+	// order; each level is one request to the store for every meter and zone.
+	levels := make([][]Recompute, len(Granularities))
 	for _, m := range meters {
 		set := byType[m.EventType]
 		if len(set) == 0 {
@@ -137,10 +149,17 @@ func (r *Roller) plan(ctx context.Context, records []ingest.Record) ([]Recompute
 		for _, z := range keys(byZone) {
 			ts := byZone[z]
 			sort.Slice(ts, func(i, j int) bool { return lessTouched(ts[i], ts[j]) })
-			out = append(out, Recompute{Meter: m, Zone: z, Touched: ts})
+			for i, g := range Granularities {
+				zone := z
+				if g == Minute {
+					// Minutes are the same in every zone: one request per meter.
+					zone = "UTC"
+				}
+				levels[i] = append(levels[i], Recompute{Meter: m, Granularity: g, Zone: zone, Touched: ts})
+			}
 		}
 	}
-	return out, nil
+	return levels, nil
 }
 
 // RebuildAll recomputes the rollups of the given meters for every window
@@ -263,13 +282,16 @@ func keys[V any](m map[string]V) []string {
 	return out
 }
 
-// Coalescer lets every ingest worker's batches share rollup rounds.
-// Records handed to Landed while a round runs go into the next round, so a
-// round costs one INSERT (every granularity at once) however many batches
-// it serves. Rounds run one after another, so a round always reads the rows
-// every earlier round wrote. A caller returns only after a round that
-// includes its records has succeeded, so ingest commits nothing whose
-// rollups are not written.
+// Coalescer lets every ingest worker's batches share rollup rounds, and
+// runs rounds as a pipeline of one stage per granularity. Records handed to
+// Landed while a round's minute stage runs go into the next round, which
+// starts its minute stage as soon as the previous round moves on to hours:
+// a round costs one INSERT per granularity however many batches it serves,
+// and minute and hour windows are fresh without waiting for day and month.
+// Each stage handles rounds in order, so a window's level is always
+// recomputed after the finer level of the same round. A caller returns only
+// after every level of a round that includes its records has succeeded, so
+// ingest commits nothing whose rollups are not written.
 type Coalescer struct {
 	r       *Roller
 	wake    chan struct{}
@@ -280,15 +302,48 @@ type Coalescer struct {
 	waiters []chan error
 }
 
+type round struct {
+	levels  [][]Recompute
+	waiters []chan error
+	err     error
+}
+
 var _ ingest.Rollups = (*Coalescer)(nil)
 
-// NewCoalescer starts the round loop over r; Close stops it.
+// NewCoalescer starts the pipeline over r; Close stops it.
 func NewCoalescer(r *Roller) *Coalescer {
 	ctx, cancel := context.WithCancel(context.Background())
 	c := &Coalescer{r: r, wake: make(chan struct{}, 1), stop: cancel, done: make(chan struct{})}
+	stages := make([]chan *round, len(Granularities)+1)
+	for i := range stages {
+		stages[i] = make(chan *round)
+	}
+	var wg sync.WaitGroup
+	for i := range Granularities {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer close(stages[i+1])
+			for rd := range stages[i] {
+				if rd.err == nil && len(rd.levels[i]) > 0 {
+					rd.err = r.store.Recompute(ctx, rd.levels[i])
+				}
+				stages[i+1] <- rd
+			}
+		}()
+	}
+	go func() {
+		for rd := range stages[len(Granularities)] {
+			for _, w := range rd.waiters {
+				w <- rd.err
+			}
+		}
+	}()
 	go func() {
 		defer close(c.done)
-		c.loop(ctx)
+		defer wg.Wait()
+		defer close(stages[0])
+		c.feed(ctx, stages[0])
 	}()
 	return c
 }
@@ -314,9 +369,9 @@ func (c *Coalescer) Landed(ctx context.Context, records []ingest.Record) error {
 	}
 }
 
-// loop runs a round with everything pending whenever the previous round
-// has finished.
-func (c *Coalescer) loop(ctx context.Context) {
+// feed starts a round with everything pending whenever the first stage is
+// free.
+func (c *Coalescer) feed(ctx context.Context, first chan<- *round) {
 	for {
 		select {
 		case <-ctx.Done():
@@ -331,15 +386,17 @@ func (c *Coalescer) loop(ctx context.Context) {
 			if len(waiters) == 0 {
 				break
 			}
-			err := c.r.Landed(ctx, recs)
-			for _, w := range waiters {
-				w <- err
+			levels, err := c.r.plan(ctx, recs)
+			select {
+			case first <- &round{levels: levels, waiters: waiters, err: err}:
+			case <-ctx.Done():
+				return
 			}
 		}
 	}
 }
 
-// Close stops the round loop; callers still waiting get an error and retry
+// Close stops the pipeline; callers still waiting get an error and retry
 // (or stop) as ingest does.
 func (c *Coalescer) Close() error {
 	c.stop()

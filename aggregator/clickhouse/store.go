@@ -11,7 +11,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/ClickHouse/clickhouse-go/v2"
 	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
 
 	"github.com/tollgate-dev/tollgate/aggregator"
@@ -113,19 +112,13 @@ const extraColumnsAll = ", latest_us, latest_id, uniq_state"
 
 // fromRaw are the value expressions of a minute row over raw events.
 func fromRaw(c meter.Compiled, m meter.Meter) string {
-	return strings.Join(fromRawColumns(c, m), ", ")
-}
-
-// fromRawColumns are value, events, latest_us, latest_id and uniq_state of
-// a minute row over raw events.
-func fromRawColumns(c meter.Compiled, m meter.Meter) []string {
 	switch m.Aggregation {
 	case meter.Latest:
-		return []string{c.Aggregate, "count()", "tupleElement(max((timestamp_us, toString(event_id))), 1)", "tupleElement(max((timestamp_us, toString(event_id))), 2)", emptyUniq}
+		return c.Aggregate + ", count(), tupleElement(max((timestamp_us, toString(event_id))), 1), tupleElement(max((timestamp_us, toString(event_id))), 2), " + emptyUniq
 	case meter.UniqueCount:
-		return []string{c.Aggregate, "count()", "materialize(toUInt64(0))", "materialize('')", "uniqExactState(" + c.Value + ")"}
+		return c.Aggregate + ", count(), materialize(toUInt64(0)), materialize(''), uniqExactState(" + c.Value + ")"
 	}
-	return []string{c.Aggregate, "count()", "materialize(toUInt64(0))", "materialize('')", emptyUniq}
+	return c.Aggregate + ", count(), materialize(toUInt64(0)), materialize(''), " + emptyUniq
 }
 
 // fromFiner are the value expressions of a row over its finer rows.
@@ -179,19 +172,20 @@ GROUP BY account_id, environment, meter, w, group_values`,
 		strings.Join(qa, ", "), quote(m.Key), quote(string(finer[g])), dt(scan.from), dt(scan.to), windowFilter)
 }
 
-// Recompute rewrites every minute, hour, day and month window holding a
-// touched minute, for every request in rs, in a single INSERT: one query
-// and one new part per round keeps ClickHouse's merges ahead of ingest.
+// Recompute rewrites every window holding a touched minute, for every
+// request in rs (all of one granularity), in a single INSERT: one new part
+// per batch and level keeps ClickHouse's merges ahead of ingest. The finer
+// granularity must have been recomputed first.
 func (s *Store) Recompute(ctx context.Context, rs []aggregator.Recompute) error {
 	var selects []string
 	var args []any
 	for _, r := range rs {
-		q, a, err := recomputeSelect(r)
+		q, a, err := recomputeSelects(r)
 		if err != nil {
 			return err
 		}
-		if q != "" {
-			selects = append(selects, q)
+		selects = append(selects, q...)
+		for range q {
 			args = append(args, a...)
 		}
 	}
@@ -199,45 +193,27 @@ func (s *Store) Recompute(ctx context.Context, rs []aggregator.Recompute) error 
 		return nil
 	}
 	q := "INSERT INTO usage_rollups (" + rollupColumns + extraColumnsAll + ")\n" + strings.Join(selects, "\nUNION ALL\n")
-	// Each level's filters list the touched minutes again, so a round with
-	// many scattered late events can outgrow the default limits on query
-	// size and syntax tree size.
-	ctx = clickhouse.Context(ctx, clickhouse.WithSettings(clickhouse.Settings{
-		"max_query_size": max(256<<10, 2*len(q)), "max_ast_elements": max(50_000, len(q)), "max_expanded_ast_elements": max(500_000, len(q))}))
 	if err := s.conn.Exec(ctx, q, args...); err != nil {
-		return fmt.Errorf("recompute rollups: %w", err)
+		return fmt.Errorf("recompute %s rollups: %w", rs[0].Granularity, err)
 	}
 	return nil
 }
 
-// tileColumns are the columns every source of recomputeSelect yields: one
-// exact aggregate over a tile of time (a minute, an hour or a day) and the
-// windows (granularity, start as Unix seconds) it is part of.
-const tileColumns = "account_id, environment, group_values, value, events, latest_us, latest_id, uniq_state, targets"
-
-// targetsExpr lists, for a tile starting at col, the windows of the
-// granularities gs that hold it.
-func targetsExpr(gs []aggregator.Granularity, zone, col string) string {
-	ts := make([]string, len(gs))
-	for i, g := range gs {
-		ts[i] = fmt.Sprintf("(%s, toUInt32(%s))", quote(string(g)), windowExpr(g, zone, col))
+// recomputeSelects are the SELECTs for one meter and zone, one per cluster
+// of touched windows, and the arguments each takes.
+func recomputeSelects(r aggregator.Recompute) ([]string, []any, error) {
+	if len(r.Touched) == 0 {
+		return nil, nil, nil
 	}
-	return "[" + strings.Join(ts, ", ") + "]"
-}
-
-// touchedScan is one scan of a level: the accounts and time range it reads
-// and the touched minutes (as tuple literals) whose windows it covers.
-type touchedScan struct {
-	accounts []string
-	scan     timeRange
-	tuples   string
-}
-
-// touchedScans clusters the windows of granularity g that hold a touched
-// minute into at most maxScans ranges. Late events can touch windows weeks
-// apart in one batch, and one range over all of them would read (and
-// deduplicate) everything in between.
-func touchedScans(r aggregator.Recompute, g aggregator.Granularity, loc *time.Location) []touchedScan {
+	loc, err := zone(r.Zone)
+	if err != nil {
+		return nil, nil, err
+	}
+	c, err := r.Meter.Compile()
+	if err != nil {
+		return nil, nil, err
+	}
+	// Windows touched, each with the touched minutes inside it.
 	type win struct {
 		start time.Time
 		acct  string
@@ -245,7 +221,7 @@ func touchedScans(r aggregator.Recompute, g aggregator.Granularity, loc *time.Lo
 	byWin := map[win][]int{}
 	var wins []win
 	for i, t := range r.Touched {
-		w := win{aggregator.WindowStart(t.Minute, g, loc), t.Account}
+		w := win{aggregator.WindowStart(t.Minute, r.Granularity, loc), t.Account}
 		if _, ok := byWin[w]; !ok {
 			wins = append(wins, w)
 		}
@@ -256,11 +232,11 @@ func touchedScans(r aggregator.Recompute, g aggregator.Granularity, loc *time.Lo
 	for i, w := range wins {
 		// A minute of margin on both sides, in case Go's and ClickHouse's
 		// zone data disagree at a window's edge.
-		rs[i] = timeRange{w.start.Add(-time.Minute), aggregator.WindowEnd(w.start, g, loc).Add(time.Minute)}
+		rs[i] = timeRange{w.start.Add(-time.Minute), aggregator.WindowEnd(w.start, r.Granularity, loc).Add(time.Minute)}
 		members[i] = byWin[w]
 	}
 	scans, groups := cluster(rs, members)
-	out := make([]touchedScan, len(scans))
+	out := make([]string, 0, len(scans))
 	for i, scan := range scans {
 		seen := map[string]struct{}{}
 		var acc []string
@@ -273,113 +249,15 @@ func touchedScans(r aggregator.Recompute, g aggregator.Granularity, loc *time.Lo
 			}
 			tuples = append(tuples, fmt.Sprintf("(%s, %s, %d)", quote(t.Account), quote(string(t.Environment)), t.Minute.Unix()))
 		}
-		out[i] = touchedScan{acc, scan, strings.Join(tuples, ", ")}
-	}
-	return out
-}
-
-// touchedIn is a filter: the window of granularity g that holds col is one
-// that holds a touched minute of tuples. ClickHouse computes both windows,
-// so Go's zone data cannot make it miss one.
-func touchedIn(g aggregator.Granularity, zone, col, tuples string) string {
-	return fmt.Sprintf(`(account_id, toString(environment), toUInt32(%s)) IN (
-        SELECT tupleElement(t, 1), tupleElement(t, 2), toUInt32(%s)
+		// Only the touched windows are written, so a cluster's wide scan
+		// never writes a window it did not read whole.
+		filter := fmt.Sprintf(`(account_id, toString(environment), w) IN (
+        SELECT tupleElement(t, 1), tupleElement(t, 2), %s
         FROM (SELECT arrayJoin([%s]) AS t))`,
-		windowExpr(g, zone, col), windowExpr(g, zone, "toDateTime(tupleElement(t, 3), 'UTC')"), tuples)
-}
-
-func quoteAll(ss []string) string {
-	q := make([]string, len(ss))
-	for i, s := range ss {
-		q[i] = quote(s)
+			windowExpr(r.Granularity, r.Zone, "toDateTime(tupleElement(t, 3), 'UTC')"), strings.Join(tuples, ", "))
+		out = append(out, levelSelect(c, r.Meter, r.Granularity, r.Zone, acc, scan, filter))
 	}
-	return strings.Join(q, ", ")
-}
-
-// recomputeSelect is the SELECT that recomputes every window of every
-// granularity holding a touched minute of r, and its arguments.
-//
-// Each touched window is computed from tiles that exactly cover it, all
-// exact and deduplicated:
-//   - a touched minute: from usage_events FINAL (it is also written as
-//     the minute row);
-//   - any other minute of a touched hour: its minute row;
-//   - any other hour of a touched day: its hour row;
-//   - any other day of a touched month: its day row.
-//
-// The rollup rows come from usage_rollups FINAL, as the level-by-level
-// computation reads them; a touched hour's (day's) new row, which that
-// computation would write and read back, is instead built from its tiles
-// in the same query, so the rows written are the same, in one query.
-// Tiles nest (minutes in local hours, hours in local days, days in local
-// months), so no event is counted twice or missed; every tile is an exact
-// aggregate (sum, max, argMax on the LATEST tie-break, uniqExact state), so
-// combining them is exact.
-func recomputeSelect(r aggregator.Recompute) (string, []any, error) {
-	if len(r.Touched) == 0 {
-		return "", nil, nil
-	}
-	loc, err := zone(r.Zone)
-	if err != nil {
-		return "", nil, err
-	}
-	c, err := r.Meter.Compile()
-	if err != nil {
-		return "", nil, err
-	}
-	all := aggregator.Granularities
-	z := r.Zone
-	var parts []string
-	var args []any
-	groups := "[emptyArrayString()]"
-	if len(c.GroupBy) > 0 {
-		groups = "[emptyArrayString(), [" + strings.Join(c.GroupBy, ", ") + "]]"
-	}
-	raw := fromRawColumns(c, r.Meter)
-	for _, sc := range touchedScans(r, aggregator.Minute, loc) {
-		parts = append(parts, fmt.Sprintf(`SELECT account_id, environment, group_values, toInt64(v) AS value, toUInt64(n) AS events,
-    toUInt64(lu) AS latest_us, toString(li) AS latest_id, us AS uniq_state, %s AS targets
-FROM (
-    SELECT account_id, environment, w, group_values, %s AS v, %s AS n, %s AS lu, %s AS li, %s AS us
-    FROM (
-        SELECT *, toStartOfMinute(timestamp) AS w, arrayJoin(%s) AS group_values
-        FROM usage_events FINAL
-        WHERE account_id IN (%s) AND timestamp >= %s AND timestamp < %s AND (%s) AND (%s)
-    )
-    GROUP BY account_id, environment, w, group_values
-)`,
-			targetsExpr(all, z, "w"), raw[0], raw[1], raw[2], raw[3], raw[4],
-			groups, quoteAll(sc.accounts), dt(sc.scan.from), dt(sc.scan.to), c.Where,
-			touchedIn(aggregator.Minute, z, "w", sc.tuples)))
-		args = append(args, c.Args...)
-	}
-
-	// Rows of level all[i] inside touched windows of the next coarser
-	// level, except the touched all[i] windows, which this query recomputes.
-	for i := 0; i < len(all)-1; i++ {
-		g, parent := all[i], all[i+1]
-		for _, sc := range touchedScans(r, parent, loc) {
-			filter := touchedIn(parent, z, "window_start", sc.tuples) +
-				"\n    AND NOT " + touchedIn(g, z, "window_start", sc.tuples)
-			parts = append(parts, fmt.Sprintf(`SELECT %s, %s AS targets
-FROM usage_rollups FINAL
-WHERE account_id IN (%s) AND meter = %s AND granularity = %s AND window_start >= %s AND window_start < %s
-    AND %s`,
-				strings.TrimSuffix(tileColumns, ", targets"), targetsExpr(all[i+1:], z, "window_start"),
-				quoteAll(sc.accounts), quote(r.Meter.Key), quote(string(g)), dt(sc.scan.from), dt(sc.scan.to), filter))
-		}
-	}
-	q := fmt.Sprintf(`SELECT account_id, environment, materialize(%s), g, toDateTime(ws, 'UTC'), group_values, materialize(now()), %s
-FROM (
-    SELECT account_id, environment, group_values, value, events, latest_us, latest_id, uniq_state,
-        arrayJoin(targets) AS target, tupleElement(target, 1) AS g, tupleElement(target, 2) AS ws
-    FROM (
-%s
-    )
-)
-GROUP BY account_id, environment, g, ws, group_values`,
-		quote(r.Meter.Key), fromFiner(r.Meter), strings.Join(parts, "\nUNION ALL\n"))
-	return q, args, nil
+	return out, c.Args, nil
 }
 
 // Rebuild rewrites every window of r.Granularity that starts in [From, To).
