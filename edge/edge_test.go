@@ -123,25 +123,27 @@ func TestRevokedKeyIsRefusedBySecondInstanceWithinOneSecond(t *testing.T) {
 	_, err := env.Store.RevokeKey(context.Background(), id, time.Now(), edge.AuditInfo{Actor: "test", Reason: "leaked"})
 	testenv.Must(t, err, "revoke")
 	revokedAt := time.Now()
-	var refusedAfter time.Duration
-	for {
-		r := edgetest.Do(t, "GET", b.URL+"/v1/x", key, nil)
-		if r.Status == 401 && r.Error.Code == "revoked_api_key" {
-			refusedAfter = time.Since(revokedAt)
-			break
+	// Each instance hears the notification on its own listener, so each
+	// gets its own one-second allowance, measured from the revocation.
+	for name, in := range map[string]*edgetest.Instance{"first": a, "second": b} {
+		for {
+			r := edgetest.Do(t, "GET", in.URL+"/v1/x", key, nil)
+			if r.Status == 401 && r.Error.Code == "revoked_api_key" {
+				t.Logf("revocation reached the %s instance after %s", name, time.Since(revokedAt))
+				break
+			}
+			if r.Status != 200 {
+				t.Fatalf("%s instance: status %d %s", name, r.Status, r.Body)
+			}
+			if time.Since(revokedAt) > time.Second {
+				t.Fatalf("the %s instance still served the revoked key after %s", name, time.Since(revokedAt))
+			}
+			time.Sleep(5 * time.Millisecond)
 		}
-		if r.Status != 200 {
-			t.Fatalf("status %d %s", r.Status, r.Body)
-		}
-		if time.Since(revokedAt) > time.Second {
-			t.Fatalf("the second instance still served the revoked key after %s", time.Since(revokedAt))
-		}
-		time.Sleep(5 * time.Millisecond)
 	}
 	if b.Store.N.Load() == lookups {
 		t.Fatal("the second instance refused without looking the key up again: the cache was not invalidated")
 	}
-	t.Logf("revocation reached the second instance after %s", refusedAfter)
 	// And never again after that.
 	for i := 0; i < 20; i++ {
 		for _, in := range []*edgetest.Instance{a, b} {
