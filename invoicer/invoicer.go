@@ -236,49 +236,36 @@ func (iv *Invoicer) CloseDue(ctx context.Context) (CloseResult, error) {
 }
 
 // ComputePeriod computes the invoices of accounts for period p from the
-// usage usage reads. Accounts whose whole period is under one plan are
-// read in one query; plan changes split an account's period in segments
-// read one by one.
+// usage usage reads. Every account's whole-period usage is read in one
+// query, while plans and subscriptions load from the store; accounts whose
+// plan changed within the period are then read again segment by segment.
 func (iv *Invoicer) ComputePeriod(ctx context.Context, usage UsageReader, p Period, accounts []Account, wm time.Time) ([]Invoice, error) {
-	free, err := iv.store.LatestPlan(ctx, FreePlanID)
-	if err != nil {
-		return nil, fmt.Errorf("load free plan: %w", err)
-	}
-	plans := map[[2]any]Plan{}
-	planOf := func(id string, v int) (Plan, error) {
-		k := [2]any{id, v}
-		if pl, ok := plans[k]; ok {
-			return pl, nil
-		}
-		pl, err := iv.store.Plan(ctx, id, v)
-		if err != nil {
-			return Plan{}, err
-		}
-		plans[k] = pl
-		return pl, nil
-	}
 	ids := make([]string, len(accounts))
 	for i, a := range accounts {
 		ids[i] = a.ID
 	}
-	subs, err := iv.store.Subscriptions(ctx, ids, p)
+	type read struct {
+		usage map[string]AccountUsage
+		err   error
+	}
+	rctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	whole := make(chan read, 1)
+	go func() {
+		u, err := usage.Usage(rctx, ids, p, iv.meters, schemas.Live)
+		whole <- read{u, err}
+	}()
+	segs, err := iv.segments(ctx, p, accounts, ids)
 	if err != nil {
+		cancel()
+		<-whole
 		return nil, err
 	}
-	segs := make([][]Segment, len(accounts))
-	var whole []string
-	for i, a := range accounts {
-		if segs[i], err = Segments(p, subs[a.ID], planOf, free); err != nil {
-			return nil, fmt.Errorf("account %s: %w", a.ID, err)
-		}
-		if len(segs[i]) == 1 {
-			whole = append(whole, a.ID)
-		}
+	r := <-whole
+	if r.err != nil {
+		return nil, r.err
 	}
-	byPeriod, err := usage.Usage(ctx, whole, p, iv.meters, schemas.Live)
-	if err != nil {
-		return nil, err
-	}
+	byPeriod := r.usage
 	invs := make([]Invoice, 0, len(accounts))
 	for i, a := range accounts {
 		in := Inputs{AccountID: a.ID, Currency: a.Currency, Period: p, Segments: segs[i], Watermark: wm}
@@ -302,6 +289,38 @@ func (iv *Invoicer) ComputePeriod(ctx context.Context, usage UsageReader, p Peri
 		invs = append(invs, inv)
 	}
 	return invs, nil
+}
+
+// segments splits each account's period where its plan changes.
+func (iv *Invoicer) segments(ctx context.Context, p Period, accounts []Account, ids []string) ([][]Segment, error) {
+	free, err := iv.store.LatestPlan(ctx, FreePlanID)
+	if err != nil {
+		return nil, fmt.Errorf("load free plan: %w", err)
+	}
+	plans := map[[2]any]Plan{}
+	planOf := func(id string, v int) (Plan, error) {
+		k := [2]any{id, v}
+		if pl, ok := plans[k]; ok {
+			return pl, nil
+		}
+		pl, err := iv.store.Plan(ctx, id, v)
+		if err != nil {
+			return Plan{}, err
+		}
+		plans[k] = pl
+		return pl, nil
+	}
+	subs, err := iv.store.Subscriptions(ctx, ids, p)
+	if err != nil {
+		return nil, err
+	}
+	segs := make([][]Segment, len(accounts))
+	for i, a := range accounts {
+		if segs[i], err = Segments(p, subs[a.ID], planOf, free); err != nil {
+			return nil, fmt.Errorf("account %s: %w", a.ID, err)
+		}
+	}
+	return segs, nil
 }
 
 func orEmpty(m map[string]int64) map[string]int64 {

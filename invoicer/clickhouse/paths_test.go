@@ -49,7 +49,7 @@ func TestOnePassEqualsOneQueryPerMeter(t *testing.T) {
 		}
 	}
 	u := New(ch.Conn)
-	in, _ := inList([]string{"acct_1", "acct_2"})
+	in, _ := accountFilter([]string{"acct_1", "acct_2"})
 	one, err := u.read(ctx, in, p, meters, schemas.Live, "FINAL")
 	testenv.Must(t, err, "one pass")
 	per, err := u.readPerMeter(ctx, in, p, meters, schemas.Live, "FINAL")

@@ -44,7 +44,7 @@ func (u *Usage) Usage(ctx context.Context, accounts []string, p invoicer.Period,
 	if len(accounts) == 0 {
 		return map[string]invoicer.AccountUsage{}, nil
 	}
-	in, err := inList(accounts)
+	filter, err := accountFilter(accounts)
 	if err != nil {
 		return nil, err
 	}
@@ -53,7 +53,7 @@ func (u *Usage) Usage(ctx context.Context, accounts []string, p invoicer.Period,
 		return nil, err
 	}
 	if merged {
-		out, err := u.read(ctx, in, p, meters, env, "")
+		out, err := u.read(ctx, filter, p, meters, env, "")
 		if err != nil {
 			return nil, err
 		}
@@ -62,10 +62,53 @@ func (u *Usage) Usage(ctx context.Context, accounts []string, p invoicer.Period,
 			return nil, err
 		}
 		if after == before {
-			return out, nil
+			return only(out, accounts), nil
 		}
 	}
-	return u.read(ctx, in, p, meters, env, "FINAL")
+	out, err := u.read(ctx, filter, p, meters, env, "FINAL")
+	if err != nil {
+		return nil, err
+	}
+	return only(out, accounts), nil
+}
+
+// maxInList is the most accounts a read names in an IN filter. A short
+// list lets the primary key (which starts with account_id) skip other
+// accounts' granules; a long one prunes little and costs a set lookup per
+// row (about 70 ms per 10 million rows for 1,000 accounts, two thirds of a
+// plain aggregate over the same rows), so above it the read covers every
+// account in the period and the rows of accounts not asked for are dropped.
+const maxInList = 200
+
+// accountFilter is the SQL condition restricting a read to accounts.
+func accountFilter(accounts []string) (string, error) {
+	if len(accounts) > maxInList {
+		for _, a := range accounts {
+			if !accountRe.MatchString(a) {
+				return "", fmt.Errorf("%w: account id %q", invoicer.ErrInvalid, a)
+			}
+		}
+		return "1", nil
+	}
+	in, err := inList(accounts)
+	if err != nil {
+		return "", err
+	}
+	return "account_id IN (" + in + ")", nil
+}
+
+// only keeps the accounts asked for.
+func only(usage map[string]invoicer.AccountUsage, accounts []string) map[string]invoicer.AccountUsage {
+	if len(accounts) <= maxInList {
+		return usage // the IN filter kept only these
+	}
+	out := make(map[string]invoicer.AccountUsage, len(accounts))
+	for _, a := range accounts {
+		if au, ok := usage[a]; ok {
+			out[a] = au
+		}
+	}
+	return out
 }
 
 // aggRe matches the aggregate expressions meter.Compile produces:
@@ -88,7 +131,7 @@ func conditional(c meter.Compiled) (string, bool) {
 
 // read runs one pass when every meter's aggregate has an -If form, and one
 // query per meter otherwise.
-func (u *Usage) read(ctx context.Context, in string, p invoicer.Period, meters []meter.Meter, env schemas.Environment, final string) (map[string]invoicer.AccountUsage, error) {
+func (u *Usage) read(ctx context.Context, filter string, p invoicer.Period, meters []meter.Meter, env schemas.Environment, final string) (map[string]invoicer.AccountUsage, error) {
 	cols := make([]string, len(meters))
 	var args []any
 	for i, m := range meters {
@@ -98,14 +141,14 @@ func (u *Usage) read(ctx context.Context, in string, p invoicer.Period, meters [
 		}
 		col, ok := conditional(c)
 		if !ok {
-			return u.readPerMeter(ctx, in, p, meters, env, final)
+			return u.readPerMeter(ctx, filter, p, meters, env, final)
 		}
 		cols[i] = col
 		args = append(args, c.Args...)
 	}
 	q := fmt.Sprintf(`SELECT account_id, toInt64(count()), %s FROM usage_events %s
-		WHERE environment = ? AND timestamp >= toDateTime(?) AND timestamp < toDateTime(?) AND account_id IN (%s)
-		GROUP BY account_id`, strings.Join(cols, ", "), final, in)
+		WHERE environment = ? AND timestamp >= toDateTime(?) AND timestamp < toDateTime(?) AND %s
+		GROUP BY account_id`, strings.Join(cols, ", "), final, filter)
 	args = append(args, string(env), uint32(p.Start.Unix()), uint32(p.End.Unix()))
 	rows, err := u.conn.Query(ctx, q, args...)
 	if err != nil {
@@ -138,7 +181,7 @@ func (u *Usage) read(ctx context.Context, in string, p invoicer.Period, meters [
 
 // readPerMeter groups by account and by whether the event matches the
 // meter, one query per meter.
-func (u *Usage) readPerMeter(ctx context.Context, in string, p invoicer.Period, meters []meter.Meter, env schemas.Environment, final string) (map[string]invoicer.AccountUsage, error) {
+func (u *Usage) readPerMeter(ctx context.Context, filter string, p invoicer.Period, meters []meter.Meter, env schemas.Environment, final string) (map[string]invoicer.AccountUsage, error) {
 	out := map[string]invoicer.AccountUsage{}
 	for i, m := range meters {
 		c, err := m.Compile()
@@ -147,8 +190,8 @@ func (u *Usage) readPerMeter(ctx context.Context, in string, p invoicer.Period, 
 		}
 		q := fmt.Sprintf(`SELECT account_id, toUInt8(%s) AS matched, toInt64(count()) AS events, %s AS quantity
 			FROM usage_events %s
-			WHERE environment = ? AND timestamp >= toDateTime(?) AND timestamp < toDateTime(?) AND account_id IN (%s)
-			GROUP BY account_id, matched`, c.Where, c.Aggregate, final, in)
+			WHERE environment = ? AND timestamp >= toDateTime(?) AND timestamp < toDateTime(?) AND %s
+			GROUP BY account_id, matched`, c.Where, c.Aggregate, final, filter)
 		args := append(append([]any{}, c.Args...), string(env), uint32(p.Start.Unix()), uint32(p.End.Unix()))
 		rows, err := u.conn.Query(ctx, q, args...)
 		if err != nil {
