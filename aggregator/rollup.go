@@ -14,6 +14,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"reflect"
+	"slices"
 	"sort"
 	"sync"
 	"time"
@@ -286,12 +288,14 @@ func keys[V any](m map[string]V) []string {
 // runs rounds as a pipeline of one stage per granularity. Records handed to
 // Landed while a round's minute stage runs go into the next round, which
 // starts its minute stage as soon as the previous round moves on to hours:
-// a round costs one INSERT per granularity however many batches it serves,
-// and minute and hour windows are fresh without waiting for day and month.
-// Each stage handles rounds in order, so a window's level is always
-// recomputed after the finer level of the same round. A caller returns only
-// after every level of a round that includes its records has succeeded, so
-// ingest commits nothing whose rollups are not written.
+// minute and hour windows are fresh without waiting for day and month. A
+// coarser stage that falls behind takes every round queued for it at once
+// and recomputes their windows in one INSERT, so a slow level costs fewer
+// queries and fewer parts instead of holding the finer ones back. Each stage
+// handles rounds in order, so a window's level is always recomputed after
+// the finer level of the same round. A caller returns only after every
+// level of a round that includes its records has succeeded, so ingest
+// commits nothing whose rollups are not written.
 type Coalescer struct {
 	r       *Roller
 	wake    chan struct{}
@@ -301,6 +305,10 @@ type Coalescer struct {
 	pending []ingest.Record
 	waiters []chan error
 }
+
+// maxQueuedRounds bounds the rounds waiting between two stages (and so
+// how many one coarser INSERT serves).
+const maxQueuedRounds = 64
 
 type round struct {
 	levels  [][]Recompute
@@ -314,9 +322,12 @@ var _ ingest.Rollups = (*Coalescer)(nil)
 func NewCoalescer(r *Roller) *Coalescer {
 	ctx, cancel := context.WithCancel(context.Background())
 	c := &Coalescer{r: r, wake: make(chan struct{}, 1), stop: cancel, done: make(chan struct{})}
+	// The first stage takes rounds from feed one at a time (feed gathers
+	// everything pending into each); later stages queue rounds.
 	stages := make([]chan *round, len(Granularities)+1)
-	for i := range stages {
-		stages[i] = make(chan *round)
+	stages[0] = make(chan *round)
+	for i := 1; i < len(stages); i++ {
+		stages[i] = make(chan *round, maxQueuedRounds)
 	}
 	var wg sync.WaitGroup
 	for i := range Granularities {
@@ -325,10 +336,37 @@ func NewCoalescer(r *Roller) *Coalescer {
 			defer wg.Done()
 			defer close(stages[i+1])
 			for rd := range stages[i] {
-				if rd.err == nil && len(rd.levels[i]) > 0 {
-					rd.err = r.store.Recompute(ctx, rd.levels[i])
+				batch := []*round{rd}
+			drain:
+				for len(batch) < maxQueuedRounds {
+					select {
+					case more, ok := <-stages[i]:
+						if !ok {
+							break drain
+						}
+						batch = append(batch, more)
+					default:
+						break drain
+					}
 				}
-				stages[i+1] <- rd
+				var reqs []Recompute
+				for _, b := range batch {
+					if b.err == nil {
+						reqs = mergeRecomputes(reqs, b.levels[i])
+					}
+				}
+				if len(reqs) > 0 {
+					if err := r.store.Recompute(ctx, reqs); err != nil {
+						for _, b := range batch {
+							if b.err == nil {
+								b.err = err
+							}
+						}
+					}
+				}
+				for _, b := range batch {
+					stages[i+1] <- b
+				}
 			}
 		}()
 	}
@@ -346,6 +384,32 @@ func NewCoalescer(r *Roller) *Coalescer {
 		c.feed(ctx, stages[0])
 	}()
 	return c
+}
+
+// mergeRecomputes adds more to reqs, folding requests for the same meter
+// definition and zone into one (their touched minutes combined).
+func mergeRecomputes(reqs, more []Recompute) []Recompute {
+	for _, m := range more {
+		i := slices.IndexFunc(reqs, func(r Recompute) bool {
+			return r.Zone == m.Zone && r.Granularity == m.Granularity && reflect.DeepEqual(r.Meter, m.Meter)
+		})
+		if i < 0 {
+			reqs = append(reqs, Recompute{Meter: m.Meter, Granularity: m.Granularity, Zone: m.Zone,
+				Touched: slices.Clone(m.Touched)})
+			continue
+		}
+		seen := make(map[Touched]struct{}, len(reqs[i].Touched))
+		for _, t := range reqs[i].Touched {
+			seen[t] = struct{}{}
+		}
+		for _, t := range m.Touched {
+			if _, ok := seen[t]; !ok {
+				seen[t] = struct{}{}
+				reqs[i].Touched = append(reqs[i].Touched, t)
+			}
+		}
+	}
+	return reqs
 }
 
 // Landed waits for a round that includes records.

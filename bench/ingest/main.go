@@ -21,7 +21,6 @@
 package main
 
 import (
-	"bufio"
 	"context"
 	"encoding/json"
 	"errors"
@@ -361,22 +360,29 @@ func runPeer(ctx context.Context, o opts, ch driver.Conn, db string, brokers []s
 	client := exec.CommandContext(ctx, "clickhouse-client", "--host", host, "--port", port, "-d", db,
 		"--input_format_skip_unknown_fields=1",
 		"-q", "INSERT INTO peer_events (v, id, account_id, env, key_id, type, time, route, method, status, latency_us, request_bytes, response_bytes, units) FORMAT JSONEachRow")
-	pipe, err := kcat.StdoutPipe()
+	// A plain OS pipe joins the two processes directly, as a shell would.
+	r, w, err := os.Pipe()
 	if err != nil {
 		return "", 0, err
 	}
-	client.Stdin = bufio.NewReaderSize(pipe, 1<<20)
-	var stderr strings.Builder
-	kcat.Stderr, client.Stderr = &stderr, &stderr
+	kcat.Stdout, client.Stdin = w, r
+	var kcatErr, clientErr strings.Builder
+	kcat.Stderr, client.Stderr = &kcatErr, &clientErr
 	if err := client.Start(); err != nil {
+		r.Close()
+		w.Close()
 		return "", 0, fmt.Errorf("clickhouse-client: %w", err)
 	}
-	if err := kcat.Run(); err != nil {
+	r.Close()
+	err = kcat.Run()
+	w.Close() // clickhouse-client sees the end of its input
+	if err != nil {
 		_ = client.Process.Kill()
-		return "", 0, fmt.Errorf("kcat: %w: %s", err, stderr.String())
+		_ = client.Wait()
+		return "", 0, fmt.Errorf("kcat: %w: %s", err, kcatErr.String())
 	}
 	if err := client.Wait(); err != nil {
-		return "", 0, fmt.Errorf("clickhouse-client: %w: %s", err, stderr.String())
+		return "", 0, fmt.Errorf("clickhouse-client: %w: %s", err, clientErr.String())
 	}
 	d = time.Since(t0)
 	var n uint64
@@ -429,6 +435,9 @@ func kafkaEngine(ctx context.Context, o opts, ch driver.Conn, brokers []string, 
 
 // freshness runs ingest and the usage API on topic, produces at o.rate and
 // reports p99 and p50 of call-to-visible latency in milliseconds.
+// pollEvery is how often each account polls the usage API.
+var pollEvery = 20 * time.Millisecond
+
 func freshness(ctx context.Context, o opts, brokers []string, topic string, ch driver.Conn, pool *pgxpool.Pool, log *slog.Logger) (p99, p50 float64, n int, err error) {
 	keys := edgepg.NewKeyStore(pool)
 	secrets := make([]string, o.accounts)
@@ -512,7 +521,7 @@ func freshness(ctx context.Context, o opts, brokers []string, topic string, ch d
 						mu.Unlock()
 					}
 				}
-				time.Sleep(20 * time.Millisecond)
+				time.Sleep(pollEvery)
 			}
 		}()
 	}
