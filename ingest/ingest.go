@@ -360,6 +360,7 @@ func (in *Ingester) collect(ctx context.Context, src Source) ([]Message, error) 
 // the same batch always splits the same way.
 func Split(msgs []Message, now time.Time, maxLateness time.Duration) (events, late []Record, rejected []Rejected, dups int) {
 	seen := make(map[uuid.UUID]struct{}, len(msgs))
+	events = make([]Record, 0, len(msgs))
 	for _, m := range msgs {
 		ev, err := schemas.Decode(m.Value, now)
 		if err != nil {

@@ -11,11 +11,11 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"regexp"
 	"sort"
 	"strings"
 	"time"
 
+	fastjson "github.com/goccy/go-json"
 	"github.com/google/uuid"
 )
 
@@ -103,10 +103,13 @@ func (e *ValidationError) Error() string {
 var ErrMalformed = errors.New("malformed event")
 
 var (
-	identRe  = regexp.MustCompile(`^[A-Za-z0-9_.:-]+$`)
-	typeRe   = regexp.MustCompile(`^[a-z][a-z0-9_.]*$`)
-	dimKeyRe = regexp.MustCompile(`^[a-z][a-z0-9_]*$`)
-	methods  = map[string]bool{"GET": true, "HEAD": true, "POST": true, "PUT": true, "PATCH": true, "DELETE": true, "OPTIONS": true}
+	// identifiers: ^[A-Za-z0-9_.:-]+$
+	identChars = charset{lower: true, upper: true, digits: true, extra: "_.:-"}
+	// event types: ^[a-z][a-z0-9_.]*$
+	typeChars = charset{lower: true, digits: true, extra: "_.", lowerFirst: true}
+	// dimension keys: ^[a-z][a-z0-9_]*$
+	dimKeyChars = charset{lower: true, digits: true, extra: "_", lowerFirst: true}
+	methods     = map[string]bool{"GET": true, "HEAD": true, "POST": true, "PUT": true, "PATCH": true, "DELETE": true, "OPTIONS": true}
 )
 
 // Validate checks every field against the contract, relative to now, and
@@ -128,7 +131,7 @@ func (e *Event) Validate(now time.Time) error {
 			add(field, "required")
 		case len(v) > MaxIDLength:
 			add(field, "longer than %d bytes", MaxIDLength)
-		case !identRe.MatchString(v):
+		case !identChars.MatchString(v):
 			add(field, "may contain only letters, digits and _ . : -")
 		}
 	}
@@ -142,7 +145,7 @@ func (e *Event) Validate(now time.Time) error {
 		add("type", "required")
 	case len(e.Type) > MaxTypeLength:
 		add("type", "longer than %d bytes", MaxTypeLength)
-	case !typeRe.MatchString(e.Type):
+	case !typeChars.MatchString(e.Type):
 		add("type", "must be lower case letters, digits, _ and ., starting with a letter")
 	}
 	switch {
@@ -186,7 +189,7 @@ func (e *Event) Validate(now time.Time) error {
 	for _, k := range sortedKeys(e.Dimensions) {
 		v := e.Dimensions[k]
 		switch {
-		case len(k) > MaxDimensionKey || !dimKeyRe.MatchString(k):
+		case len(k) > MaxDimensionKey || !dimKeyChars.MatchString(k):
 			add("dimensions."+k, "key must be lower case letters, digits and _, at most %d bytes", MaxDimensionKey)
 		case len(v) > MaxDimensionValue:
 			add("dimensions."+k, "value longer than %d bytes", MaxDimensionValue)
@@ -221,7 +224,7 @@ func (e *Event) Encode() ([]byte, error) {
 // now and returns the *ValidationError, if any, alongside the event.
 func Decode(b []byte, now time.Time) (Event, error) {
 	var e Event
-	dec := json.NewDecoder(bytes.NewReader(b))
+	dec := fastjson.NewDecoder(bytes.NewReader(b))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&e); err != nil {
 		return Event{}, fmt.Errorf("%w: %v", ErrMalformed, err)
@@ -268,4 +271,29 @@ func sortedKeys(m map[string]string) []string {
 	}
 	sort.Strings(keys)
 	return keys
+}
+
+// charset matches non-empty ASCII strings drawn from a set of characters,
+// optionally starting with a lower-case letter: the patterns above, checked
+// without a regexp engine because ingest checks them for every event.
+type charset struct {
+	lower, upper, digits, lowerFirst bool
+	extra                            string
+}
+
+// MatchString reports whether s is made of the set's characters only.
+func (c charset) MatchString(s string) bool {
+	if s == "" || c.lowerFirst && (s[0] < 'a' || s[0] > 'z') {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		b := s[i]
+		switch {
+		case c.lower && 'a' <= b && b <= 'z', c.upper && 'A' <= b && b <= 'Z', c.digits && '0' <= b && b <= '9':
+		case strings.IndexByte(c.extra, b) >= 0:
+		default:
+			return false
+		}
+	}
+	return true
 }

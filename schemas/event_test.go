@@ -2,6 +2,7 @@ package schemas
 
 import (
 	"errors"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -202,4 +203,53 @@ func FuzzDecode(f *testing.F) {
 			}
 		}
 	})
+}
+
+// BenchmarkDecode measures the strict decode and validation of one
+// typical event, the per-event cost ingest pays before inserting.
+func BenchmarkDecode(b *testing.B) {
+	now := time.Now()
+	e := Event{ID: NewEventID(), Version: EventVersion, AccountID: "acct_bench", Environment: Live,
+		KeyID: "key_bench", Type: "api_call", Time: now, Route: "/v1/widgets/{id}", Method: "GET", Status: 200,
+		LatencyMicros: 1234, RequestBytes: 100, ResponseBytes: 512, Units: 1, RequestID: "req_123",
+		Dimensions: map[string]string{"region": "eu", "tier": "gold"}}
+	raw, err := e.Encode()
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.SetBytes(int64(len(raw)))
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := Decode(raw, now); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// TestCharsetsMatchTheirPatterns checks the hand-written character checks
+// against the regular expressions they stand for, on every string of up to
+// three characters over an alphabet that straddles each class's edges.
+func TestCharsetsMatchTheirPatterns(t *testing.T) {
+	cases := []struct {
+		name string
+		set  charset
+		re   *regexp.Regexp
+	}{
+		{"identifier", identChars, regexp.MustCompile(`^[A-Za-z0-9_.:-]+$`)},
+		{"event type", typeChars, regexp.MustCompile(`^[a-z][a-z0-9_.]*$`)},
+		{"dimension key", dimKeyChars, regexp.MustCompile(`^[a-z][a-z0-9_]*$`)},
+	}
+	alphabet := []string{"", "a", "z", "A", "Z", "0", "9", "_", ".", ":", "-", "@", "`", "{", "/", " ", "é", "\x00"}
+	for _, c := range cases {
+		for _, x := range alphabet {
+			for _, y := range alphabet {
+				for _, z := range alphabet {
+					s := x + y + z
+					if got, want := c.set.MatchString(s), c.re.MatchString(s); got != want {
+						t.Fatalf("%s: %q matched %v, the pattern says %v", c.name, s, got, want)
+					}
+				}
+			}
+		}
+	}
 }

@@ -32,6 +32,7 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
+	"runtime/pprof"
 	"slices"
 	"strings"
 	"sync"
@@ -95,6 +96,7 @@ func run() error {
 	flag.IntVar(&o.workers, "workers", 4, "ingest workers (consumer group members)")
 	flag.DurationVar(&o.batchWait, "batch-wait", 100*time.Millisecond, "ingest.batch_wait")
 	flag.BoolVar(&o.coalesce, "coalesce", true, "share raw inserts and rollup rounds between workers (as tollgate ingest does)")
+	cpuProfile := flag.String("cpuprofile", "", "write a CPU profile of the throughput run (this process: ingest and the rollups) to this file")
 	flag.Parse()
 
 	ctx := context.Background()
@@ -152,12 +154,23 @@ func run() error {
 	if err != nil {
 		return err
 	}
+	if *cpuProfile != "" {
+		f, err := os.Create(*cpuProfile)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		if err := pprof.StartCPUProfile(f); err != nil {
+			return err
+		}
+	}
 	t0 := time.Now()
 	if err := waitCommitted(ctx, brokers, topicA, topicA+".group", int64(o.events), 5*time.Minute); err != nil {
 		p.stop()
 		return err
 	}
 	ingestDur := time.Since(t0)
+	pprof.StopCPUProfile()
 	fmt.Println("  ingest steps:", p.summary())
 	p.stop()
 	var raw uint64
