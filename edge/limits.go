@@ -6,7 +6,6 @@ import (
 	"math"
 	"net/http"
 	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -38,6 +37,62 @@ type RateLimiter interface {
 // after the call (or the count that refused it).
 type QuotaCounter interface {
 	Take(ctx context.Context, bucket string, limit int64, ttl time.Duration) (used int64, allowed bool, err error)
+}
+
+// CallLimits is everything one call is checked against: the rate-limit
+// buckets in order (all sized rps and burst), then, if every bucket allowed
+// the call, the quota counter when QuotaBucket is set.
+type CallLimits struct {
+	Buckets    []string
+	RPS, Burst int
+	// QuotaBucket empty means no quota; QuotaLimit negative means no limit.
+	QuotaBucket string
+	QuotaLimit  int64
+	QuotaTTL    time.Duration
+}
+
+// CallResult answers CallLimits.
+type CallResult struct {
+	// Rates has one result per bucket checked; it ends at the first refusal,
+	// so later buckets are neither checked nor charged.
+	Rates []RateResult
+	// QuotaChecked reports whether the quota was counted (every bucket
+	// allowed the call and a quota was asked for); QuotaUsed and
+	// QuotaAllowed are then QuotaCounter.Take's answer.
+	QuotaChecked bool
+	QuotaUsed    int64
+	QuotaAllowed bool
+}
+
+// CallLimiter decides a whole call at once, with the same answers as
+// AllowCallEach, so a shared store can do it in one round trip.
+type CallLimiter interface {
+	AllowCall(ctx context.Context, c CallLimits) (CallResult, error)
+}
+
+// AllowCallEach decides c step by step: each bucket through rl until one
+// refuses, then the quota through q (nil = no quota).
+func AllowCallEach(ctx context.Context, rl RateLimiter, q QuotaCounter, c CallLimits) (CallResult, error) {
+	res := CallResult{Rates: make([]RateResult, 0, len(c.Buckets))}
+	for _, id := range c.Buckets {
+		r, err := rl.Allow(ctx, id, c.RPS, c.Burst)
+		if err != nil {
+			return CallResult{}, fmt.Errorf("rate limit: %w", err)
+		}
+		res.Rates = append(res.Rates, r)
+		if !r.Allowed {
+			return res, nil
+		}
+	}
+	if c.QuotaBucket == "" || q == nil {
+		return res, nil
+	}
+	used, ok, err := q.Take(ctx, c.QuotaBucket, c.QuotaLimit, c.QuotaTTL)
+	if err != nil {
+		return CallResult{}, fmt.Errorf("quota: %w", err)
+	}
+	res.QuotaChecked, res.QuotaUsed, res.QuotaAllowed = true, used, ok
+	return res, nil
 }
 
 // LocalLimiter is the in-process fallback used while Redis is unreachable:
@@ -119,6 +174,8 @@ type FallbackLimiter struct {
 	downUntil atomic.Int64
 }
 
+var _ CallLimiter = (*FallbackLimiter)(nil)
+
 func (f *FallbackLimiter) primaryDown() bool {
 	return time.Now().UnixNano() < f.downUntil.Load()
 }
@@ -162,6 +219,28 @@ func (f *FallbackLimiter) Take(ctx context.Context, bucket string, limit int64, 
 	return f.Local.Take(ctx, bucket, limit, ttl)
 }
 
+// AllowCall implements CallLimiter: in one step on the primary when it
+// can (one Redis round trip), otherwise step by step; on a primary failure
+// the whole call is decided locally.
+func (f *FallbackLimiter) AllowCall(ctx context.Context, c CallLimits) (CallResult, error) {
+	if !f.primaryDown() {
+		var r CallResult
+		var err error
+		if cl, ok := f.Primary.(CallLimiter); ok {
+			r, err = cl.AllowCall(ctx, c)
+		} else {
+			r, err = AllowCallEach(ctx, f.Primary, f.Primary, c)
+		}
+		if err == nil {
+			return r, nil
+		}
+		f.failed("rate", err)
+	} else if f.OnFallback != nil {
+		f.OnFallback("rate", nil)
+	}
+	return AllowCallEach(ctx, f.Local, f.Local, c)
+}
+
 // quotaPeriod is the calendar month containing now in loc: its bucket
 // suffix, its end and the Redis expiry that outlives it.
 func quotaPeriod(now time.Time, loc *time.Location) (suffix string, end time.Time, ttl time.Duration) {
@@ -199,19 +278,42 @@ func setRateHeaders(h http.Header, states []limitState, quota *quotaState) {
 			tight = s
 		}
 	}
-	h.Set("X-RateLimit-Limit", strconv.Itoa(tight.result.Limit))
-	h.Set("X-RateLimit-Remaining", strconv.Itoa(tight.result.Remaining))
-	h.Set("X-RateLimit-Reset", strconv.FormatInt(ceilSeconds(tight.result.ResetAfter), 10))
-	policies := make([]string, 0, len(states)+1)
-	for _, s := range states {
+	reset := ceilSeconds(tight.result.ResetAfter)
+	// Built with appends rather than fmt: this runs on every call.
+	var buf [160]byte
+	b := buf[:0]
+	for i, s := range states {
+		if i > 0 {
+			b = append(b, ", "...)
+		}
 		w := max(1, int(math.Ceil(float64(s.result.Limit)/float64(max(1, s.rps)))))
-		policies = append(policies, fmt.Sprintf("%q;q=%d;w=%d", s.name, s.result.Limit, w))
+		b = appendPolicy(b, s.name, int64(s.result.Limit), int64(w))
 	}
 	if quota != nil {
-		policies = append(policies, fmt.Sprintf("%q;q=%d;w=%d", "monthly", quota.limit, ceilSeconds(quota.window)))
+		b = append(b, ", "...)
+		b = appendPolicy(b, "monthly", quota.limit, ceilSeconds(quota.window))
 	}
-	h.Set("RateLimit-Policy", strings.Join(policies, ", "))
-	h.Set("RateLimit", fmt.Sprintf("%q;r=%d;t=%d", tight.name, tight.result.Remaining, ceilSeconds(tight.result.ResetAfter)))
+	policy := string(b)
+	b = strconv.AppendQuote(buf[:0], tight.name)
+	b = append(b, ";r="...)
+	b = strconv.AppendInt(b, int64(tight.result.Remaining), 10)
+	b = append(b, ";t="...)
+	b = strconv.AppendInt(b, reset, 10)
+	// Canonical keys assigned directly: Set would copy each mixed-case name.
+	h["X-Ratelimit-Limit"] = []string{strconv.Itoa(tight.result.Limit)}
+	h["X-Ratelimit-Remaining"] = []string{strconv.Itoa(tight.result.Remaining)}
+	h["X-Ratelimit-Reset"] = []string{strconv.FormatInt(reset, 10)}
+	h["Ratelimit-Policy"] = []string{policy}
+	h["Ratelimit"] = []string{string(b)}
+}
+
+// appendPolicy appends one RateLimit-Policy item: "name";q=quota;w=window.
+func appendPolicy(b []byte, name string, quota, window int64) []byte {
+	b = strconv.AppendQuote(b, name)
+	b = append(b, ";q="...)
+	b = strconv.AppendInt(b, quota, 10)
+	b = append(b, ";w="...)
+	return strconv.AppendInt(b, window, 10)
 }
 
 type quotaState struct {

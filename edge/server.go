@@ -52,6 +52,9 @@ type Server struct {
 	sandbox *httputil.ReverseProxy
 	echo    *echo.Echo
 	m       *metrics
+	// allowCall decides a call's limits: in one step when the limiter
+	// also counts the quota (one Redis round trip), else step by step.
+	allowCall func(context.Context, CallLimits) (CallResult, error)
 }
 
 type metrics struct {
@@ -110,6 +113,12 @@ func NewServer(cfg Config, deps Deps) (*Server, error) {
 		return nil, err
 	}
 	s := &Server{cfg: cfg, deps: deps, log: deps.Log, now: time.Now, router: router, m: m}
+	s.allowCall = func(ctx context.Context, c CallLimits) (CallResult, error) {
+		return AllowCallEach(ctx, deps.Limiter, deps.Quota, c)
+	}
+	if cl, ok := deps.Limiter.(CallLimiter); ok && (deps.Quota == nil || any(deps.Quota) == any(deps.Limiter)) {
+		s.allowCall = cl.AllowCall
+	}
 	if s.live, err = s.newProxy(cfg.Upstream); err != nil {
 		return nil, err
 	}
@@ -307,6 +316,9 @@ func (s *Server) authorize(next echo.HandlerFunc) echo.HandlerFunc {
 	}
 }
 
+// limitNames name CallLimits.Buckets as limit builds them, in order.
+var limitNames = [...]string{"key", "account"}
+
 // limit applies the key and account rate limits and (when quota is true)
 // the monthly quota, and sets the rate-limit headers.
 func (s *Server) limit(quota bool) echo.MiddlewareFunc {
@@ -321,39 +333,44 @@ func (s *Server) limit(quota bool) echo.MiddlewareFunc {
 			if lim.RequestsPerSecond <= 0 || lim.Burst <= 0 {
 				lim = s.cfg.Plans["free"].Limits
 			}
-			states := make([]limitState, 0, 2)
-			var refused *limitState
-			for _, l := range []struct{ name, id string }{
-				{"key", "rl:key:" + k.ID},
-				{"account", "rl:acct:" + k.AccountID + ":" + string(k.Environment)},
-			} {
-				r, err := s.deps.Limiter.Allow(ctx, s.cfg.RateLimitPrefix+l.id, lim.RequestsPerSecond, lim.Burst)
-				if err != nil {
-					return fmt.Errorf("rate limit: %w", err)
-				}
-				states = append(states, limitState{name: l.name, result: r, rps: lim.RequestsPerSecond})
-				if !r.Allowed {
-					refused = &states[len(states)-1]
-					break
-				}
+			cl := CallLimits{
+				Buckets: []string{
+					s.cfg.RateLimitPrefix + "rl:key:" + k.ID,
+					s.cfg.RateLimitPrefix + "rl:acct:" + k.AccountID + ":" + string(k.Environment),
+				},
+				RPS: lim.RequestsPerSecond, Burst: lim.Burst,
 			}
-			var qs *quotaState
-			if refused == nil && quota && s.deps.Quota != nil && lim.MonthlyRequests != nil {
+			var now, end time.Time
+			if quota && s.deps.Quota != nil && lim.MonthlyRequests != nil {
 				loc := time.UTC
 				if s.cfg.QuotaTimezone == "account" && k.AccountTimezone != "" {
 					if l, err := time.LoadLocation(k.AccountTimezone); err == nil {
 						loc = l
 					}
 				}
-				now := s.now()
-				suffix, end, ttl := quotaPeriod(now, loc)
-				bucket := s.cfg.RateLimitPrefix + "quota:" + k.AccountID + ":" + string(k.Environment) + ":" + suffix
-				used, ok, err := s.deps.Quota.Take(ctx, bucket, *lim.MonthlyRequests, ttl)
-				if err != nil {
-					return fmt.Errorf("quota: %w", err)
+				now = s.now()
+				var suffix string
+				var ttl time.Duration
+				suffix, end, ttl = quotaPeriod(now, loc)
+				cl.QuotaBucket = s.cfg.RateLimitPrefix + "quota:" + k.AccountID + ":" + string(k.Environment) + ":" + suffix
+				cl.QuotaLimit, cl.QuotaTTL = *lim.MonthlyRequests, ttl
+			}
+			res, err := s.allowCall(ctx, cl)
+			if err != nil {
+				return err
+			}
+			states := make([]limitState, len(res.Rates))
+			var refused *limitState
+			for i, r := range res.Rates {
+				states[i] = limitState{name: limitNames[i], result: r, rps: lim.RequestsPerSecond}
+				if !r.Allowed {
+					refused = &states[i]
 				}
-				qs = &quotaState{limit: *lim.MonthlyRequests, used: used, reset: end, window: end.Sub(now)}
-				if !ok {
+			}
+			var qs *quotaState
+			if res.QuotaChecked {
+				qs = &quotaState{limit: cl.QuotaLimit, used: res.QuotaUsed, reset: end, window: end.Sub(now)}
+				if !res.QuotaAllowed {
 					setRateHeaders(c.Response().Header(), states, qs)
 					s.m.limited.WithLabelValues("monthly").Inc()
 					retry := ceilSeconds(end.Sub(now))
@@ -416,8 +433,12 @@ func (s *Server) newProxy(upstream string) (*httputil.ReverseProxy, error) {
 			r.Out.Header.Set(HeaderRequestID, r.In.Header.Get(HeaderRequestID))
 			r.SetXForwarded()
 		},
-		Transport:     transport,
-		FlushInterval: -1,
+		Transport: transport,
+		// Responses of unknown length (and event streams) are flushed on
+		// every write by ReverseProxy itself. For a response with a length,
+		// flushing each write (-1) cost a goroutine and an extra write
+		// syscall per call; 10 ms still passes a trickling body on promptly.
+		FlushInterval: 10 * time.Millisecond,
 		ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
 			ae := NewAPIError(http.StatusBadGateway, TypeAPI, "upstream_unavailable", "The upstream service could not be reached.")
 			if errors.Is(err, context.DeadlineExceeded) {

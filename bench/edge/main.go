@@ -21,6 +21,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"runtime/pprof"
 	"sort"
 	"strconv"
 	"strings"
@@ -71,6 +72,7 @@ func run() error {
 	dur := flag.Duration("duration", 5*time.Second, "wrk duration per target")
 	conns := flag.Int("connections", 64, "wrk connections")
 	rate := flag.Int("rate", 1000, "fixed request rate for the latency comparison")
+	cpuprofile := flag.String("cpuprofile", "", "write a CPU profile of this process (the edge) during the edge's measured wrk run")
 	flag.Parse()
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	ctx := context.Background()
@@ -118,7 +120,12 @@ func run() error {
 		if _, err := wrk(tg.url, auth, 2*time.Second, *conns); err != nil {
 			return err
 		}
+		stopProfile, err := profileIf(*cpuprofile != "" && tg.name == "edge", *cpuprofile)
+		if err != nil {
+			return err
+		}
 		r, err := wrk(tg.url, auth, *dur, *conns)
+		stopProfile()
 		if err != nil {
 			return err
 		}
@@ -126,18 +133,76 @@ func run() error {
 		fmt.Printf("%-12s %10.0f req/s  (wrk, %d connections, %s)\n", tg.name, r, *conns, *dur)
 	}
 	p99 := map[string]time.Duration{}
+	// Redis round trips per edge call: the edge talks to Redis only through
+	// scripts (EVALSHA, or EVAL when a script is not cached yet), so the
+	// scripts Redis ran over the fixed-rate run, divided by its calls.
+	rdb := redis.NewClient(&redis.Options{Addr: env("TOLLGATE_REDIS_ADDR", "127.0.0.1:16379")})
+	defer rdb.Close()
+	var perCall float64
 	for _, tg := range []struct{ name, url string }{targets[0], targets[3]} {
+		before, err := redisCommands(ctx, rdb)
+		if err != nil {
+			return err
+		}
 		d, errs := fixedRate(tg.url, key, *rate, 3*time.Second)
 		if errs > 0 {
 			return fmt.Errorf("%s: %d failed calls at %d/s", tg.name, errs, *rate)
+		}
+		after, err := redisCommands(ctx, rdb)
+		if err != nil {
+			return err
+		}
+		if tg.name == "edge" {
+			perCall = float64(after-before) / float64(*rate*3)
+			fmt.Printf("%-12s %.2f Redis round trips per call (scripts run, Redis's own count)\n", tg.name, perCall)
 		}
 		p99[tg.name] = d
 		fmt.Printf("%-12s p99 %8.3f ms at a fixed %d req/s\n", tg.name, float64(d.Microseconds())/1000, *rate)
 	}
 	overhead := float64((p99["edge"] - p99["direct"]).Microseconds()) / 1000
-	fmt.Printf("RESULT edge_rps=%.0f nginx_rps=%.0f nginx_limit_rps=%.0f ratio_vs_nginx_limit=%.2f p99_overhead_ms=%.3f\n",
-		rps["edge"], rps["nginx"], rps["nginx_limit"], rps["edge"]/rps["nginx_limit"], overhead)
+	fmt.Printf("RESULT edge_rps=%.0f nginx_rps=%.0f nginx_limit_rps=%.0f ratio_vs_nginx_limit=%.2f p99_overhead_ms=%.3f redis_round_trips_per_call=%.2f\n",
+		rps["edge"], rps["nginx"], rps["nginx_limit"], rps["edge"]/rps["nginx_limit"], overhead, perCall)
 	return nil
+}
+
+// redisCommands is how many scripts Redis has run since it started
+// (EVALSHA and EVAL calls, from INFO commandstats).
+func redisCommands(ctx context.Context, rdb *redis.Client) (int64, error) {
+	info, err := rdb.Info(ctx, "commandstats").Result()
+	if err != nil {
+		return 0, fmt.Errorf("redis info (is Redis up? make services): %w", err)
+	}
+	var n int64
+	for _, line := range strings.Split(info, "\n") {
+		line = strings.TrimSpace(line)
+		for _, cmd := range []string{"cmdstat_evalsha:calls=", "cmdstat_eval:calls="} {
+			if v, ok := strings.CutPrefix(line, cmd); ok {
+				calls, _, _ := strings.Cut(v, ",")
+				c, err := strconv.ParseInt(calls, 10, 64)
+				if err != nil {
+					return 0, fmt.Errorf("redis info: %q: %w", line, err)
+				}
+				n += c
+			}
+		}
+	}
+	return n, nil
+}
+
+// profileIf starts a CPU profile into path when on, and returns its stop.
+func profileIf(on bool, path string) (func(), error) {
+	if !on {
+		return func() {}, nil
+	}
+	f, err := os.Create(path)
+	if err != nil {
+		return nil, fmt.Errorf("cpu profile: %w", err)
+	}
+	if err := pprof.StartCPUProfile(f); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("cpu profile: %w", err)
+	}
+	return func() { pprof.StopCPUProfile(); _ = f.Close() }, nil
 }
 
 var wrkRPS = regexp.MustCompile(`Requests/sec:\s+([0-9.]+)`)
