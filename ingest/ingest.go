@@ -103,7 +103,10 @@ type Config struct {
 	Workers   int `yaml:"workers"`
 	BatchSize int `yaml:"batch_size"`
 	// MaxInFlight is how many batches a worker lands at once while it
-	// collects the next; offsets are still committed strictly in order.
+	// collects the next; offsets are still committed strictly in order. A
+	// batch lands when its day and month rollups are written, which lags
+	// its raw rows and minute rollups by a few hundred milliseconds under
+	// load; enough batches in flight keep the worker consuming meanwhile.
 	MaxInFlight int           `yaml:"max_in_flight"`
 	BatchWait   time.Duration `yaml:"batch_wait"`
 	RetryPeriod time.Duration `yaml:"retry_period"`
@@ -140,7 +143,7 @@ func (c *Config) Defaults() {
 		c.BatchSize = 5000
 	}
 	if c.MaxInFlight == 0 {
-		c.MaxInFlight = 3
+		c.MaxInFlight = 8
 	}
 	if c.BatchWait == 0 {
 		c.BatchWait = 100 * time.Millisecond

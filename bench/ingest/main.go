@@ -67,15 +67,16 @@ func main() {
 }
 
 type opts struct {
-	events     int
-	partitions int
-	accounts   int
-	rate       int
-	duration   time.Duration
-	peerLimit  time.Duration
-	workers    int
-	coalesce   bool
-	batchWait  time.Duration
+	events      int
+	partitions  int
+	accounts    int
+	rate        int
+	duration    time.Duration
+	peerLimit   time.Duration
+	workers     int
+	coalesce    bool
+	batchWait   time.Duration
+	maxInFlight int
 }
 
 func env(name, def string) string {
@@ -95,6 +96,7 @@ func run() error {
 	flag.DurationVar(&o.peerLimit, "kafka-engine-limit", 20*time.Second, "how long ClickHouse's Kafka engine may take to show its first rows")
 	flag.IntVar(&o.workers, "workers", 4, "ingest workers (consumer group members)")
 	flag.DurationVar(&o.batchWait, "batch-wait", 100*time.Millisecond, "ingest.batch_wait")
+	flag.IntVar(&o.maxInFlight, "max-in-flight", 0, "ingest.max_in_flight (0: the default)")
 	flag.BoolVar(&o.coalesce, "coalesce", true, "share raw inserts and rollup rounds between workers (as tollgate ingest does)")
 	cpuProfile := flag.String("cpuprofile", "", "write a CPU profile of the throughput run (this process: ingest and the rollups) to this file")
 	flag.Parse()
@@ -278,7 +280,7 @@ func (p *pipeline) stop() {
 // letters, rollups through the aggregator's Roller, watermarks.
 func startIngest(ctx context.Context, o opts, brokers []string, topic string, ch driver.Conn, pool *pgxpool.Pool, log *slog.Logger) (*pipeline, error) {
 	cfg := ingest.Config{Topic: topic, DeadLetter: topic + ".dlq", Group: topic + ".group", Workers: o.workers,
-		BatchWait: o.batchWait}
+		BatchWait: o.batchWait, MaxInFlight: o.maxInFlight}
 	cfg.Defaults()
 	catalog, err := aggregator.NewCatalog([]meter.Meter{meter.Default()}, aggpg.NewMeters(pool), 5*time.Second)
 	if err != nil {
