@@ -1,39 +1,22 @@
-package edge
+package edge_test
 
 import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"net/http"
-	"net/http/httptest"
 	"strconv"
 	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/tollgate-dev/tollgate/edge"
+	"github.com/tollgate-dev/tollgate/internal/edgetest"
+	"github.com/tollgate-dev/tollgate/internal/testenv"
 	"github.com/tollgate-dev/tollgate/schemas"
 )
-
-// This test lives inside package edge because the server's clock (Server.now)
-// is the only clock the edge offers and it is not exported. For the same
-// reason it cannot use edge/postgres or edge/redis (they import edge): keys
-// come from memory and the quota is counted by the edge's own LocalLimiter.
-
-// memKeys is a KeyStore holding keys in memory.
-type memKeys map[[32]byte]Key
-
-func (m memKeys) KeyByHash(_ context.Context, h [32]byte) (Key, error) {
-	k, ok := m[h]
-	if !ok {
-		return Key{}, ErrKeyNotFound
-	}
-	return k, nil
-}
-
-type dropEvents struct{}
-
-func (dropEvents) Emit(schemas.Event) {}
 
 // quotaStep is one call at a given instant and what the edge must answer.
 type quotaStep struct {
@@ -104,51 +87,47 @@ func TestQuotaMonthFollowsTheAccountTimeZone(t *testing.T) {
 			},
 		},
 	}
-	for _, c := range cases {
+	for i, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
-			var upstreamCalls atomic.Int64
-			up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
-				upstreamCalls.Add(1)
-				_, _ = w.Write([]byte("ok\n"))
-			}))
-			t.Cleanup(up.Close)
-
-			secret, parsed, err := GenerateKey(Secret, schemas.Live)
-			if err != nil {
-				t.Fatal(err)
-			}
+			// Real Postgres (the account's zone, the plan), Redis (the quota
+			// counter) and Kafka; only the edge's clock is set by the test.
+			env := edgetest.New(t)
+			var clock atomic.Pointer[time.Time]
+			start := time.Now()
+			clock.Store(&start)
+			in := env.Start(t, edgetest.Options{
+				Now:    func() time.Time { return *clock.Load() },
+				Config: func(cfg *edge.Config) { cfg.QuotaTimezone = c.quotaTimezone },
+			})
+			account := fmt.Sprintf("acct_tz_%d", i)
+			secret, _ := env.Key(t, account, edge.Secret, schemas.Live)
 			two := int64(2)
-			keys := memKeys{parsed.Hash: {
-				ID: "key_tz", AccountID: "acct_tz", Environment: schemas.Live, Kind: Secret, Hash: parsed.Hash[:],
-				Plan:            Plan{ID: "quota2", Limits: Limits{RequestsPerSecond: 1000, Burst: 1000, MonthlyRequests: &two}},
-				AccountTimezone: c.zone,
-			}}
-			lim := NewLocalLimiter(1)
-			srv, err := NewServer(Config{Upstream: up.URL, QuotaTimezone: c.quotaTimezone},
-				Deps{Keys: keys, Emitter: dropEvents{}, Limiter: lim, Quota: lim})
-			if err != nil {
-				t.Fatal(err)
-			}
-			// Calls are served synchronously below, so the clock needs no lock.
-			var now time.Time
-			srv.now = func() time.Time { return now }
+			env.SetPlan(t, account, "quota2", edge.Limits{RequestsPerSecond: 1000, Burst: 1000, MonthlyRequests: &two}, "")
+			_, err := env.PG.Pool.Exec(context.Background(), `UPDATE accounts SET timezone = $1 WHERE id = $2`, c.zone, account)
+			testenv.Must(t, err, "set the account's time zone")
+			before := env.Live.Calls()
 
 			served := int64(0)
 			for i, s := range c.steps {
-				now, err = time.Parse(time.RFC3339, s.at)
+				at, err := time.Parse(time.RFC3339, s.at)
 				if err != nil {
 					t.Fatal(err)
 				}
-				req := httptest.NewRequest("GET", "/v1/things", nil)
+				clock.Store(&at)
+				req, err := http.NewRequest("GET", in.URL+"/v1/things", nil)
+				testenv.Must(t, err, "request")
 				req.Header.Set("Authorization", "Bearer "+secret)
-				rec := httptest.NewRecorder()
-				srv.ServeHTTP(rec, req)
+				resp, err := http.DefaultClient.Do(req)
+				testenv.Must(t, err, "call the edge")
+				raw, err := io.ReadAll(resp.Body)
+				resp.Body.Close()
+				testenv.Must(t, err, "read the answer")
 
-				if rec.Code != s.status {
-					t.Fatalf("call %d at %s: status %d, want %d: %s", i, s.at, rec.Code, s.status, rec.Body)
+				if resp.StatusCode != s.status {
+					t.Fatalf("call %d at %s: status %d, want %d: %s", i, s.at, resp.StatusCode, s.status, raw)
 				}
 				wantPolicy := fmt.Sprintf(`, "monthly";q=2;w=%d`, s.resetIn)
-				if got := rec.Header().Get("RateLimit-Policy"); !strings.HasSuffix(got, wantPolicy) {
+				if got := resp.Header.Get("RateLimit-Policy"); !strings.HasSuffix(got, wantPolicy) {
 					t.Errorf("call %d at %s: RateLimit-Policy %q, want it to end with %q", i, s.at, got, wantPolicy)
 				}
 				if s.status == 200 {
@@ -156,10 +135,10 @@ func TestQuotaMonthFollowsTheAccountTimeZone(t *testing.T) {
 					continue
 				}
 				var body struct {
-					Error APIError `json:"error"`
+					Error edge.APIError `json:"error"`
 				}
-				if err := json.Unmarshal(rec.Body.Bytes(), &body); err != nil {
-					t.Fatalf("call %d at %s: decode %q: %v", i, s.at, rec.Body, err)
+				if err := json.Unmarshal(raw, &body); err != nil {
+					t.Fatalf("call %d at %s: decode %q: %v", i, s.at, raw, err)
 				}
 				e := body.Error
 				retryAfter := int64(-1)
@@ -170,11 +149,11 @@ func TestQuotaMonthFollowsTheAccountTimeZone(t *testing.T) {
 					t.Errorf("call %d at %s: error %s, limit %s, retry_at %s, retry_after %d; want quota_exceeded, monthly, %s, %d",
 						i, s.at, e.Code, e.Limit, e.RetryAt, retryAfter, s.retryAt, s.resetIn)
 				}
-				if got := rec.Header().Get("Retry-After"); got != strconv.FormatInt(s.resetIn, 10) {
+				if got := resp.Header.Get("Retry-After"); got != strconv.FormatInt(s.resetIn, 10) {
 					t.Errorf("call %d at %s: Retry-After %q, want %d", i, s.at, got, s.resetIn)
 				}
 			}
-			if got := upstreamCalls.Load(); got != served {
+			if got := env.Live.Calls() - before; got != served {
 				t.Errorf("upstream served %d calls, want %d (refused calls must not reach it)", got, served)
 			}
 		})

@@ -13,6 +13,7 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/google/uuid"
@@ -39,6 +40,9 @@ type Deps struct {
 	Log      *slog.Logger
 	// Ready reports whether the edge can serve (for /readyz).
 	Ready func(ctx context.Context) error
+	// Now is the clock for key expiry, quota months and event times; nil
+	// is time.Now (tests set it to place calls at chosen instants).
+	Now func() time.Time
 }
 
 // Server is the edge HTTP handler.
@@ -52,6 +56,9 @@ type Server struct {
 	sandbox *httputil.ReverseProxy
 	echo    *echo.Echo
 	m       *metrics
+	// zones caches loaded time zones by name (*time.Location, or nil for
+	// a name that does not load): LoadLocation reads the zone database.
+	zones sync.Map
 	// allowCall decides a call's limits: in one step when the limiter
 	// also counts the quota (one Redis round trip), else step by step.
 	allowCall func(context.Context, CallLimits) (CallResult, error)
@@ -112,7 +119,11 @@ func NewServer(cfg Config, deps Deps) (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
-	s := &Server{cfg: cfg, deps: deps, log: deps.Log, now: time.Now, router: router, m: m}
+	now := deps.Now
+	if now == nil {
+		now = time.Now
+	}
+	s := &Server{cfg: cfg, deps: deps, log: deps.Log, now: now, router: router, m: m}
 	s.allowCall = func(ctx context.Context, c CallLimits) (CallResult, error) {
 		return AllowCallEach(ctx, deps.Limiter, deps.Quota, c)
 	}
@@ -316,6 +327,25 @@ func (s *Server) authorize(next echo.HandlerFunc) echo.HandlerFunc {
 	}
 }
 
+// zone is the named time zone for quota months, or UTC (with one warning
+// per name) when the name does not load.
+func (s *Server) zone(name string) *time.Location {
+	if v, ok := s.zones.Load(name); ok {
+		if loc, _ := v.(*time.Location); loc != nil {
+			return loc
+		}
+		return time.UTC
+	}
+	loc, err := time.LoadLocation(name)
+	if err != nil {
+		s.log.Warn("account time zone does not load; its quota months follow UTC", "timezone", name, "err", err)
+		s.zones.Store(name, (*time.Location)(nil))
+		return time.UTC
+	}
+	s.zones.Store(name, loc)
+	return loc
+}
+
 // limitNames name CallLimits.Buckets as limit builds them, in order.
 var limitNames = [...]string{"key", "account"}
 
@@ -344,9 +374,7 @@ func (s *Server) limit(quota bool) echo.MiddlewareFunc {
 			if quota && s.deps.Quota != nil && lim.MonthlyRequests != nil {
 				loc := time.UTC
 				if s.cfg.QuotaTimezone == "account" && k.AccountTimezone != "" {
-					if l, err := time.LoadLocation(k.AccountTimezone); err == nil {
-						loc = l
-					}
+					loc = s.zone(k.AccountTimezone)
 				}
 				now = s.now()
 				var suffix string

@@ -121,7 +121,7 @@ func TestInvoicerKilledAfterEachStripeStepResumesToExactlyOneInvoice(t *testing.
 			fake := stripetest.New()
 			defer fake.Close()
 
-			env := append(os.Environ(),
+			env := testenv.ChildEnv(
 				"TOLLGATE_POSTGRES_URL="+pg.URL, "TOLLGATE_CLICKHOUSE_ADDR="+ch.Addr,
 				"TOLLGATE_CLICKHOUSE_DATABASE="+ch.Database, "TOLLGATE_STRIPE_API_KEY=sk_test_crash",
 				"TOLLGATE_STRIPE_API_URL="+fake.URL, "TOLLGATE_INVOICER_LISTEN=127.0.0.1:0")

@@ -141,6 +141,8 @@ type Options struct {
 	// Brokers and Topic override where events go.
 	Brokers []string
 	Topic   string
+	// Now is the edge's clock (nil: time.Now).
+	Now func() time.Time
 }
 
 // Start runs an edge instance with its own cache, listener and producer.
@@ -182,7 +184,7 @@ func (e *Env) Start(t *testing.T, o Options) *Instance {
 	in.Audit, err = edgepg.NewAuditWriter(e.PG.Pool, 100*time.Millisecond, reg, e.Log)
 	testenv.Must(t, err, "start audit writer")
 	srv, err := edge.NewServer(cfg, edge.Deps{Keys: in.Cache, Emitter: in.Producer, Limiter: lim, Quota: lim,
-		Auditor: in.Audit, Registry: reg, Log: e.Log})
+		Auditor: in.Audit, Registry: reg, Log: e.Log, Now: o.Now})
 	testenv.Must(t, err, "new server")
 	hs := httptest.NewServer(srv)
 	in.URL = hs.URL
