@@ -148,6 +148,11 @@ type Config struct {
 	// restart and belong to one edge process (it is locked). Empty means
 	// <user cache dir>/tollgate/edge-spool/<topic>.
 	SpoolDir string `yaml:"spool_dir"`
+	// EventLinger is how long the producer waits to fill a Kafka write
+	// with more events. Longer means fewer, larger produce requests (less
+	// CPU on the edge and the brokers) and a slightly longer window of
+	// answered calls whose events are still in memory.
+	EventLinger time.Duration `yaml:"event_linger"`
 	// QuotaTimezone: "utc" (default) counts calendar months in UTC,
 	// "account" in the account's own time zone.
 	QuotaTimezone string `yaml:"quota_timezone"`
@@ -176,6 +181,9 @@ func (c *Config) Defaults() {
 	}
 	if c.EventType == "" {
 		c.EventType = "api_call"
+	}
+	if c.EventLinger == 0 {
+		c.EventLinger = 10 * time.Millisecond
 	}
 	if c.KeyCacheTTL == 0 {
 		c.KeyCacheTTL = 30 * time.Second
@@ -222,6 +230,9 @@ func (c *Config) Validate() error {
 		if b, err := hex.DecodeString(c.AdminTokenSHA256); err != nil || len(b) != 32 {
 			errs = append(errs, errors.New("edge.admin_token_sha256: want 64 hex characters (sha256 of the admin token) when edge.admin_listen is set"))
 		}
+	}
+	if c.EventLinger < 0 || c.EventLinger > time.Second {
+		errs = append(errs, errors.New("edge.event_linger: must be between 0 and 1s"))
 	}
 	if c.KeyCacheTTL < 0 {
 		errs = append(errs, errors.New("edge.key_cache_ttl: negative"))

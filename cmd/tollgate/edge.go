@@ -69,7 +69,7 @@ func NewEdgeMain(ctx context.Context, cfg Config, log *slog.Logger) (m *EdgeMain
 		spoolDir = filepath.Join(base, "tollgate", "edge-spool", cfg.Ingest.Topic)
 	}
 	if m.producer, err = edgekafka.NewProducer(edgekafka.Config{
-		Brokers: cfg.Services.KafkaBrokers, Topic: cfg.Ingest.Topic, SpoolDir: spoolDir,
+		Brokers: cfg.Services.KafkaBrokers, Topic: cfg.Ingest.Topic, SpoolDir: spoolDir, Linger: cfg.Edge.EventLinger,
 	}, m.Registry, log); err != nil {
 		return nil, err
 	}

@@ -28,6 +28,10 @@ type Config struct {
 	QueueSize int
 	// BatchSize bounds one Kafka write and one spool group commit.
 	BatchSize int
+	// Linger is how long a write waits for more events before it is sent
+	// (default 10 ms): at 1,000 calls/s, 10 ms makes produce requests of
+	// about ten events instead of two or three.
+	Linger time.Duration
 	// WriteTimeout bounds one Kafka write; on timeout the batch is spooled.
 	WriteTimeout time.Duration
 	// CloseTimeout bounds how long Close keeps draining the spool to Kafka;
@@ -41,6 +45,9 @@ func (c *Config) defaults() {
 	}
 	if c.BatchSize == 0 {
 		c.BatchSize = 1000
+	}
+	if c.Linger == 0 {
+		c.Linger = 10 * time.Millisecond
 	}
 	if c.WriteTimeout == 0 {
 		c.WriteTimeout = 5 * time.Second
@@ -100,7 +107,7 @@ func NewProducer(cfg Config, reg prometheus.Registerer, log *slog.Logger) (*Prod
 			Balancer:               &kafka.Hash{},
 			RequiredAcks:           kafka.RequireAll,
 			BatchSize:              cfg.BatchSize,
-			BatchTimeout:           2 * time.Millisecond,
+			BatchTimeout:           cfg.Linger,
 			WriteTimeout:           cfg.WriteTimeout,
 			ReadTimeout:            cfg.WriteTimeout,
 			MaxAttempts:            1, // retries are ours, so we see every failure
