@@ -297,13 +297,10 @@ func keys[V any](m map[string]V) []string {
 // level of a round that includes its records has succeeded, so ingest
 // commits nothing whose rollups are not written.
 type Coalescer struct {
-	r       *Roller
-	wake    chan struct{}
-	stop    context.CancelFunc
-	done    chan struct{}
-	mu      sync.Mutex
-	pending []ingest.Record
-	waiters []chan error
+	r      *Roller
+	rounds *ingest.Rounds
+	stop   context.CancelFunc
+	done   chan struct{}
 }
 
 // maxQueuedRounds bounds the rounds waiting between two stages (and so
@@ -312,7 +309,7 @@ const maxQueuedRounds = 64
 
 type round struct {
 	levels  [][]Recompute
-	waiters []chan error
+	waiters []chan<- error
 	err     error
 }
 
@@ -321,7 +318,7 @@ var _ ingest.Rollups = (*Coalescer)(nil)
 // NewCoalescer starts the pipeline over r; Close stops it.
 func NewCoalescer(r *Roller) *Coalescer {
 	ctx, cancel := context.WithCancel(context.Background())
-	c := &Coalescer{r: r, wake: make(chan struct{}, 1), stop: cancel, done: make(chan struct{})}
+	c := &Coalescer{r: r, rounds: ingest.NewRounds(errors.New("rollups: coalescer closed")), stop: cancel, done: make(chan struct{})}
 	// The first stage takes rounds from feed one at a time (feed gathers
 	// everything pending into each); later stages queue rounds.
 	stages := make([]chan *round, len(Granularities)+1)
@@ -378,6 +375,7 @@ func NewCoalescer(r *Roller) *Coalescer {
 		}
 	}()
 	go func() {
+		defer c.rounds.Stop()
 		defer close(c.done)
 		defer wg.Wait()
 		defer close(stages[0])
@@ -414,48 +412,25 @@ func mergeRecomputes(reqs, more []Recompute) []Recompute {
 
 // Landed waits for a round that includes records.
 func (c *Coalescer) Landed(ctx context.Context, records []ingest.Record) error {
-	ch := make(chan error, 1)
-	c.mu.Lock()
-	c.pending = append(c.pending, records...)
-	c.waiters = append(c.waiters, ch)
-	c.mu.Unlock()
-	select {
-	case c.wake <- struct{}{}:
-	default:
-	}
-	select {
-	case err := <-ch:
-		return err
-	case <-ctx.Done():
-		return ctx.Err()
-	case <-c.done:
-		return errors.New("rollups: coalescer closed")
-	}
+	return c.rounds.Join(ctx, records)
 }
 
 // feed starts a round with everything pending whenever the first stage is
 // free.
 func (c *Coalescer) feed(ctx context.Context, first chan<- *round) {
 	for {
-		select {
-		case <-ctx.Done():
+		recs, waiters, ok := c.rounds.Next(ctx)
+		if !ok {
 			return
-		case <-c.wake:
 		}
-		for {
-			c.mu.Lock()
-			recs, waiters := c.pending, c.waiters
-			c.pending, c.waiters = nil, nil
-			c.mu.Unlock()
-			if len(waiters) == 0 {
-				break
+		levels, err := c.r.plan(ctx, recs)
+		select {
+		case first <- &round{levels: levels, waiters: waiters, err: err}:
+		case <-ctx.Done():
+			for _, w := range waiters {
+				w <- ctx.Err()
 			}
-			levels, err := c.r.plan(ctx, recs)
-			select {
-			case first <- &round{levels: levels, waiters: waiters, err: err}:
-			case <-ctx.Done():
-				return
-			}
+			return
 		}
 	}
 }

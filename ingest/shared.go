@@ -3,7 +3,6 @@ package ingest
 import (
 	"context"
 	"errors"
-	"sync"
 )
 
 // SharedSink lets every worker's batches share raw-table inserts: events
@@ -15,64 +14,36 @@ import (
 // a partly written block leaves are collapsed by FINAL.
 type SharedSink struct {
 	Sink
-	wake    chan struct{}
-	stop    context.CancelFunc
-	done    chan struct{}
-	mu      sync.Mutex
-	pending []Record
-	waiters []chan error
+	rounds *Rounds
+	stop   context.CancelFunc
+	done   chan struct{}
 }
 
 // NewSharedSink starts the insert loop over s; Close stops it. InsertLate
 // goes straight to s: too-late events are rare.
 func NewSharedSink(s Sink) *SharedSink {
 	ctx, cancel := context.WithCancel(context.Background())
-	ss := &SharedSink{Sink: s, wake: make(chan struct{}, 1), stop: cancel, done: make(chan struct{})}
+	ss := &SharedSink{Sink: s, rounds: NewRounds(errors.New("ingest: shared sink closed")), stop: cancel, done: make(chan struct{})}
 	go ss.loop(ctx)
 	return ss
 }
 
 // Insert waits for a round that includes records.
 func (s *SharedSink) Insert(ctx context.Context, records []Record) error {
-	ch := make(chan error, 1)
-	s.mu.Lock()
-	s.pending = append(s.pending, records...)
-	s.waiters = append(s.waiters, ch)
-	s.mu.Unlock()
-	select {
-	case s.wake <- struct{}{}:
-	default:
-	}
-	select {
-	case err := <-ch:
-		return err
-	case <-ctx.Done():
-		return ctx.Err()
-	case <-s.done:
-		return errors.New("ingest: shared sink closed")
-	}
+	return s.rounds.Join(ctx, records)
 }
 
 func (s *SharedSink) loop(ctx context.Context) {
 	defer close(s.done)
+	defer s.rounds.Stop()
 	for {
-		select {
-		case <-ctx.Done():
+		recs, waiters, ok := s.rounds.Next(ctx)
+		if !ok {
 			return
-		case <-s.wake:
 		}
-		for {
-			s.mu.Lock()
-			recs, waiters := s.pending, s.waiters
-			s.pending, s.waiters = nil, nil
-			s.mu.Unlock()
-			if len(waiters) == 0 {
-				break
-			}
-			err := s.Sink.Insert(ctx, recs)
-			for _, w := range waiters {
-				w <- err
-			}
+		err := s.Sink.Insert(ctx, recs)
+		for _, w := range waiters {
+			w <- err
 		}
 	}
 }
