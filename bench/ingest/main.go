@@ -42,7 +42,6 @@ import (
 
 	"github.com/tollgate-dev/tollgate/bench/internal/scratch"
 
-	"github.com/ClickHouse/clickhouse-go/v2"
 	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
 	"github.com/jackc/pgx/v5/pgxpool"
 	_ "github.com/jackc/pgx/v5/stdlib"
@@ -113,26 +112,11 @@ func run() error {
 	stamp := time.Now().Format("20060102150405")
 	name := "bench_ingest_" + stamp
 
-	admin, err := clickhouse.Open(chOpts(chAddr, "default"))
-	if err == nil {
-		err = admin.Ping(ctx)
-	}
-	if err != nil {
-		return fmt.Errorf("connect to clickhouse at %s (make services): %w", chAddr, err)
-	}
-	defer admin.Close()
-	if err := admin.Exec(ctx, "CREATE DATABASE "+name); err != nil {
-		return err
-	}
-	defer func() { _ = admin.Exec(context.Background(), "DROP DATABASE IF EXISTS "+name) }()
-	ch, err := clickhouse.Open(chOpts(chAddr, name))
+	ch, dropCH, err := scratch.ClickHouse(ctx, chAddr, name)
 	if err != nil {
 		return err
 	}
-	defer ch.Close()
-	if err := schemas.ApplyClickHouse(ctx, ch); err != nil {
-		return err
-	}
+	defer dropCH()
 	pool, dropPG, err := scratch.Postgres(ctx, pgURL, name)
 	if err != nil {
 		return err
@@ -209,11 +193,6 @@ func run() error {
 	fmt.Printf("RESULT ingest_eps=%.0f peer_eps=%.0f ratio_vs_peer=%.2f freshness_p99_ms=%.0f\n",
 		ingestEPS, peerEPS, ingestEPS/peerEPS, p99)
 	return nil
-}
-
-func chOpts(addr, db string) *clickhouse.Options {
-	return &clickhouse.Options{Addr: []string{addr}, Auth: clickhouse.Auth{Database: db, Username: "default"},
-		DialTimeout: 5 * time.Second, ReadTimeout: 5 * time.Minute, Protocol: clickhouse.Native}
 }
 
 func event(account string, at time.Time, i int) schemas.Event {

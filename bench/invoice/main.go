@@ -25,7 +25,6 @@ import (
 
 	"github.com/tollgate-dev/tollgate/bench/internal/scratch"
 
-	"github.com/ClickHouse/clickhouse-go/v2"
 	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -64,24 +63,11 @@ func run() error {
 	ctx := context.Background()
 	name := fmt.Sprintf("bench_invoice_%d", time.Now().Unix())
 
-	// Scratch ClickHouse database.
-	admin, err := clickhouse.Open(chOpts(chAddr, "default"))
+	ch, dropCH, err := scratch.ClickHouse(ctx, chAddr, name)
 	if err != nil {
 		return err
 	}
-	defer admin.Close()
-	if err := admin.Exec(ctx, "CREATE DATABASE "+name); err != nil {
-		return fmt.Errorf("create clickhouse database (is ClickHouse up? make services): %w", err)
-	}
-	defer func() { _ = admin.Exec(context.Background(), "DROP DATABASE IF EXISTS "+name) }()
-	ch, err := clickhouse.Open(chOpts(chAddr, name))
-	if err != nil {
-		return err
-	}
-	defer ch.Close()
-	if err := schemas.ApplyClickHouse(ctx, ch); err != nil {
-		return err
-	}
+	defer dropCH()
 
 	// Two scratch Postgres databases: one ledger per close.
 	pool, dropPG, err := scratch.Postgres(ctx, pgURL, name)
@@ -237,11 +223,6 @@ func run() error {
 		run.Seconds(), best.Seconds(), run.Seconds()/best.Seconds(), eps, unmerged.Seconds(), unmerged.Seconds()/best.Seconds(),
 		bestCount.Seconds(), run.Seconds()/bestCount.Seconds())
 	return nil
-}
-
-func chOpts(addr, db string) *clickhouse.Options {
-	return &clickhouse.Options{Addr: []string{addr}, Auth: clickhouse.Auth{Database: db, Username: "default"},
-		DialTimeout: 5 * time.Second, ReadTimeout: 10 * time.Minute, Protocol: clickhouse.Native}
 }
 
 // seedAccounts spreads accounts over the four seeded plans.
