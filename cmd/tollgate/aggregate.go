@@ -163,16 +163,9 @@ that starts in [--from, --to) (default: all raw events), for the given meters
 of events they were computed from, so the most complete computation wins.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			log, err := g.logger()
+			cfg, log, err := loadFor(g, "aggregate")
 			if err != nil {
 				return err
-			}
-			cfg, err := LoadConfig(g.config)
-			if err != nil {
-				return err
-			}
-			if err := cfg.Validate("aggregate"); err != nil {
-				return fmt.Errorf("invalid configuration:\n%w", err)
 			}
 			var f, t time.Time
 			if from != "" {

@@ -135,22 +135,6 @@ func invoiceCommand(g *globalFlags) *cobra.Command {
 	return c
 }
 
-// loadFor loads and validates the configuration for the invoicer.
-func loadFor(g *globalFlags, components ...string) (Config, *slog.Logger, error) {
-	log, err := g.logger()
-	if err != nil {
-		return Config{}, nil, err
-	}
-	cfg, err := LoadConfig(g.config)
-	if err != nil {
-		return cfg, nil, err
-	}
-	if err := cfg.Validate(components...); err != nil {
-		return cfg, nil, fmt.Errorf("invalid configuration:\n%w", err)
-	}
-	return cfg, log, nil
-}
-
 func invoiceCloseCommand(g *globalFlags) *cobra.Command {
 	return &cobra.Command{
 		Use:   "close",

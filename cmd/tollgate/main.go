@@ -60,6 +60,23 @@ func subcommands(g *globalFlags) []*cobra.Command {
 	}
 }
 
+// loadFor builds the logger and loads the configuration, validated for
+// components (none: every component).
+func loadFor(g *globalFlags, components ...string) (Config, *slog.Logger, error) {
+	log, err := g.logger()
+	if err != nil {
+		return Config{}, nil, err
+	}
+	cfg, err := LoadConfig(g.config)
+	if err != nil {
+		return cfg, nil, err
+	}
+	if err := cfg.Validate(components...); err != nil {
+		return cfg, nil, fmt.Errorf("invalid configuration:\n%w", err)
+	}
+	return cfg, log, nil
+}
+
 func (g *globalFlags) logger() (*slog.Logger, error) {
 	var lvl slog.Level
 	if err := lvl.UnmarshalText([]byte(g.logLevel)); err != nil {
@@ -128,20 +145,13 @@ func componentCommand(g *globalFlags, name, short string, start starter) *cobra.
 		Short: short,
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			log, err := g.logger()
-			if err != nil {
-				return err
-			}
-			cfg, err := LoadConfig(g.config)
-			if err != nil {
-				return err
-			}
 			only := []string{name}
 			if name == "all" {
 				only = nil
 			}
-			if err := cfg.Validate(only...); err != nil {
-				return fmt.Errorf("invalid configuration:\n%w", err)
+			cfg, log, err := loadFor(g, only...)
+			if err != nil {
+				return err
 			}
 			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
