@@ -448,7 +448,11 @@ func summarize(w io.Writer, rep ReplayReport) error {
 	if rep.Different > 0 {
 		return fmt.Errorf("%d of %d invoices differ from the replayed usage", rep.Different, rep.Invoices)
 	}
-	fmt.Fprintln(w, "zero difference: every invoice is proved by the raw event log")
+	if rep.Invoices == 0 {
+		fmt.Fprintln(w, "no finalized invoice in the replayed range: nothing to prove")
+		return nil
+	}
+	fmt.Fprintf(w, "zero difference: all %d invoices are proved by the raw event log\n", rep.Invoices)
 	return nil
 }
 
