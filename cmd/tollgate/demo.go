@@ -218,8 +218,7 @@ func demoKeys(ctx context.Context, cfg Config) ([]demoKey, error) {
 		}
 		// Demo customers have been with us since the start of last month,
 		// so the invoicer has a closed period to invoice.
-		since := time.Now().UTC().AddDate(0, -1, 0)
-		since = time.Date(since.Year(), since.Month(), 1, 0, 0, 0, 0, time.UTC)
+		since := startOfLastMonth(time.Now())
 		if _, err := pool.Exec(ctx, `UPDATE accounts SET created_at = $2 WHERE id = $1 AND created_at > $2`, account, since); err != nil {
 			return nil, fmt.Errorf("backdate demo account: %w", err)
 		}
@@ -237,4 +236,11 @@ func demoKeys(ctx context.Context, cfg Config) ([]demoKey, error) {
 		out = append(out, demoKey{account: account, env: env, secret: secret})
 	}
 	return out, nil
+}
+
+// startOfLastMonth is midnight UTC on the first day of the month before
+// now's (not now minus a month, which on 31 March is still March).
+func startOfLastMonth(now time.Time) time.Time {
+	first := time.Date(now.UTC().Year(), now.UTC().Month(), 1, 0, 0, 0, 0, time.UTC)
+	return first.AddDate(0, -1, 0)
 }
