@@ -18,26 +18,8 @@ import (
 // landed, where to look, and last month's invoice from the ledger, synced
 // to stripe-mock.
 func TestDemoRunsTheWholePipelineOnce(t *testing.T) {
-	pg := testenv.NewPostgres(t)
-	ch := testenv.NewClickHouse(t)
-	topic := testenv.NewTopic(t, 4)
-	testenv.CreateTopic(t, topic+".dlq", 4)
+	cfg, _, _ := isolatedConfig(t)
 	t.Setenv("TOLLGATE_STRIPE_MOCK_URL", testenv.StripeMockURL())
-
-	cfg, err := LoadConfig("")
-	testenv.Must(t, err, "load config")
-	cfg.Services.PostgresURL = pg.URL
-	cfg.Services.ClickHouseAddr = ch.Addr
-	cfg.Services.ClickHouseDatabase = ch.Database
-	cfg.Services.KafkaBrokers = testenv.KafkaBrokers()
-	cfg.Edge.Listen = "127.0.0.1:0"
-	cfg.Aggregator.Listen = "127.0.0.1:0"
-	cfg.Invoicer.Listen = "127.0.0.1:0"
-	cfg.Dashboard.Listen = "127.0.0.1:0"
-	cfg.Ingest.Topic = topic
-	cfg.Ingest.DeadLetter = topic + ".dlq"
-	cfg.Ingest.Group = topic + ".ingest"
-	cfg.Edge.SpoolDir = t.TempDir()
 
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()

@@ -32,16 +32,15 @@ type pipeline struct {
 	upstream *demo.Upstream
 }
 
-func startPipeline(t *testing.T) *pipeline {
+// isolatedConfig is the default configuration pointed at this test's own
+// Postgres and ClickHouse databases and Kafka topics, every listener on a
+// free loopback port.
+func isolatedConfig(t *testing.T) (Config, *testenv.Postgres, *testenv.ClickHouse) {
 	t.Helper()
 	pg := testenv.NewPostgres(t)
 	ch := testenv.NewClickHouse(t)
 	topic := testenv.NewTopic(t, 4)
 	testenv.CreateTopic(t, topic+".dlq", 4) // dead letters keep their source partition number
-	up := &demo.Upstream{}
-	upSrv := httptest.NewServer(up)
-	t.Cleanup(upSrv.Close)
-
 	cfg, err := LoadConfig("")
 	testenv.Must(t, err, "load config")
 	cfg.Services.PostgresURL = pg.URL
@@ -51,10 +50,21 @@ func startPipeline(t *testing.T) *pipeline {
 	cfg.Edge.Listen = "127.0.0.1:0"
 	cfg.Aggregator.Listen = "127.0.0.1:0"
 	cfg.Invoicer.Listen = "127.0.0.1:0"
-	cfg.Edge.Upstream = upSrv.URL
+	cfg.Dashboard.Listen = "127.0.0.1:0"
+	cfg.Edge.SpoolDir = t.TempDir()
 	cfg.Ingest.Topic = topic
 	cfg.Ingest.DeadLetter = topic + ".dlq"
 	cfg.Ingest.Group = topic + ".ingest"
+	return cfg, pg, ch
+}
+
+func startPipeline(t *testing.T) *pipeline {
+	t.Helper()
+	cfg, pg, ch := isolatedConfig(t)
+	up := &demo.Upstream{}
+	upSrv := httptest.NewServer(up)
+	t.Cleanup(upSrv.Close)
+	cfg.Edge.Upstream = upSrv.URL
 	cfg.Ingest.BatchWait = 50 * time.Millisecond
 	testenv.Must(t, cfg.Validate(), "validate config")
 

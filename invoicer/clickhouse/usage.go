@@ -82,17 +82,9 @@ const maxInList = 200
 
 // accountFilter is the SQL condition restricting a read to accounts.
 func accountFilter(accounts []string) (string, error) {
-	if len(accounts) > maxInList {
-		for _, a := range accounts {
-			if !accountRe.MatchString(a) {
-				return "", fmt.Errorf("%w: account id %q", invoicer.ErrInvalid, a)
-			}
-		}
-		return "1", nil
-	}
-	in, err := inList(accounts)
-	if err != nil {
-		return "", err
+	in, err := inList(accounts) // validates every id either way
+	if err != nil || len(accounts) > maxInList {
+		return "1", err
 	}
 	return "account_id IN (" + in + ")", nil
 }
