@@ -5,6 +5,8 @@ package edgetest
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"encoding/json"
 	"io"
 	"log/slog"
@@ -12,6 +14,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -42,6 +45,7 @@ type Env struct {
 	SandURL  string
 	Log      *slog.Logger
 	accounts map[string]bool
+	started  []*Instance
 }
 
 // New sets up a database, Redis prefix, topic and two upstreams.
@@ -84,6 +88,7 @@ func (e *Env) Key(t *testing.T, account string, kind edge.KeyKind, env schemas.E
 	id := "key_" + strings.ReplaceAll(schemas.NewEventID().String(), "-", "")[16:]
 	testenv.Must(t, e.Store.CreateKey(ctx, edge.NewKey{ID: id, AccountID: account, Parsed: parsed, Scopes: scopes,
 		Audit: edge.AuditInfo{Actor: "test"}}), "create key")
+	e.Settle(t)
 	return secret, id
 }
 
@@ -99,6 +104,74 @@ func (e *Env) SetPlan(t *testing.T, account, planID string, lim edge.Limits, upg
 	_, err = e.PG.Pool.Exec(ctx, `INSERT INTO subscriptions (id, account_id, plan_id, plan_version, starts_at)
 		VALUES ($1, $2, $3, 1, clock_timestamp())`, "sub_"+schemas.NewEventID().String(), account, planID)
 	testenv.Must(t, err, "insert subscription")
+	e.Settle(t)
+}
+
+// Settle waits until every running instance's listener has handled the
+// change notifications sent so far. Postgres delivers notifications after
+// the writing transaction commits and asynchronously, so without this a
+// key's own "created" notification can land after the test's first call
+// and empty a cache the test expects to be warm. It sends a marker (the
+// hash of no key) and waits for each connected listener to pass it; a
+// listener handles notifications in commit order, so all earlier ones
+// are done by then.
+func (e *Env) Settle(t *testing.T) {
+	t.Helper()
+	var marker [32]byte
+	_, err := rand.Read(marker[:])
+	testenv.Must(t, err, "marker")
+	var waits []chan struct{}
+	for _, in := range e.started {
+		if in.Listener.Connected() {
+			waits = append(waits, in.marks.expect(marker))
+		}
+	}
+	if len(waits) == 0 {
+		return
+	}
+	_, err = e.PG.Pool.Exec(context.Background(), `SELECT pg_notify($1, $2)`, edgepg.Channel, "key:"+hex.EncodeToString(marker[:]))
+	testenv.Must(t, err, "notify marker")
+	deadline := time.After(10 * time.Second)
+	for _, w := range waits {
+		select {
+		case <-w:
+		case <-deadline:
+			t.Fatal("a key change listener did not pass the marker notification within 10s")
+		}
+	}
+}
+
+// markingCache is the instance's key cache as its listener sees it: it
+// also tells Settle when a marker notification has been handled.
+type markingCache struct {
+	*edge.KeyCache
+	mu      sync.Mutex
+	waiting map[[32]byte]chan struct{}
+}
+
+func (m *markingCache) expect(h [32]byte) chan struct{} {
+	ch := make(chan struct{})
+	m.mu.Lock()
+	if m.waiting == nil {
+		m.waiting = map[[32]byte]chan struct{}{}
+	}
+	m.waiting[h] = ch
+	m.mu.Unlock()
+	return ch
+}
+
+// Invalidate forwards to the cache, then releases a waiting Settle.
+func (m *markingCache) Invalidate(inv edge.Invalidation) {
+	m.KeyCache.Invalidate(inv)
+	if len(inv.KeyHash) != 32 {
+		return
+	}
+	m.mu.Lock()
+	if ch, ok := m.waiting[[32]byte(inv.KeyHash)]; ok {
+		close(ch)
+		delete(m.waiting, [32]byte(inv.KeyHash))
+	}
+	m.mu.Unlock()
 }
 
 // CountingStore counts lookups that reach the database.
@@ -130,6 +203,7 @@ type Instance struct {
 	Producer *edgekafka.Producer
 	Registry *prometheus.Registry
 	Audit    *edgepg.AuditWriter
+	marks    *markingCache
 }
 
 // Options adjust an instance.
@@ -157,7 +231,8 @@ func (e *Env) Start(t *testing.T, o Options) *Instance {
 	in := &Instance{Registry: reg}
 	in.Store = &CountingStore{KeyStore: e.Store}
 	in.Cache = edge.NewKeyCache(in.Store, cfg.KeyCacheTTL)
-	in.Listener = edgepg.NewListener(e.PG.URL, in.Cache, e.Log)
+	in.marks = &markingCache{KeyCache: in.Cache}
+	in.Listener = edgepg.NewListener(e.PG.URL, in.marks, e.Log)
 	lctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
 	testenv.Must(t, in.Listener.Start(lctx), "start listener")
@@ -188,6 +263,7 @@ func (e *Env) Start(t *testing.T, o Options) *Instance {
 	testenv.Must(t, err, "new server")
 	hs := httptest.NewServer(srv)
 	in.URL = hs.URL
+	e.started = append(e.started, in)
 	t.Cleanup(func() {
 		hs.Close()
 		_ = in.Audit.Close()
