@@ -93,7 +93,7 @@ func NewRoller(meters MeterSource, zones Zones, store RollupStore, log *slog.Log
 // selects their event type, at every granularity. Recomputing is
 // idempotent, so a redelivered batch does no harm.
 func (r *Roller) Landed(ctx context.Context, records []ingest.Record) error {
-	levels, err := r.plan(ctx, records)
+	levels, err := r.plan(ctx, [][]ingest.Record{records})
 	if err != nil {
 		return err
 	}
@@ -110,7 +110,7 @@ func (r *Roller) Landed(ctx context.Context, records []ingest.Record) error {
 
 // plan is the store requests for records, one slice per granularity in
 // Granularities order.
-func (r *Roller) plan(ctx context.Context, records []ingest.Record) ([][]Recompute, error) {
+func (r *Roller) plan(ctx context.Context, groups [][]ingest.Record) ([][]Recompute, error) {
 	meters, err := r.meters.Meters(ctx)
 	if err != nil {
 		return nil, err
@@ -118,15 +118,17 @@ func (r *Roller) plan(ctx context.Context, records []ingest.Record) ([][]Recompu
 	// Touched minutes per event type, then per meter.
 	byType := map[string]map[Touched]struct{}{}
 	accounts := map[string]struct{}{}
-	for _, rec := range records {
-		e := rec.Event
-		set := byType[e.Type]
-		if set == nil {
-			set = map[Touched]struct{}{}
-			byType[e.Type] = set
+	for _, records := range groups {
+		for i := range records {
+			e := &records[i].Event
+			set := byType[e.Type]
+			if set == nil {
+				set = map[Touched]struct{}{}
+				byType[e.Type] = set
+			}
+			set[Touched{Account: e.AccountID, Environment: e.Environment, Minute: e.Time.UTC().Truncate(time.Minute)}] = struct{}{}
+			accounts[e.AccountID] = struct{}{}
 		}
-		set[Touched{Account: e.AccountID, Environment: e.Environment, Minute: e.Time.UTC().Truncate(time.Minute)}] = struct{}{}
-		accounts[e.AccountID] = struct{}{}
 	}
 	zones, err := r.zones.Zones(ctx, keys(accounts))
 	if err != nil {

@@ -72,8 +72,9 @@ type Source interface {
 
 // Sink stores records durably before returning.
 type Sink interface {
-	// Insert writes valid, timely events to the raw events table.
-	Insert(ctx context.Context, records []Record) error
+	// Insert writes valid, timely events to the raw events table, all
+	// groups as one write (several workers' batches share one round).
+	Insert(ctx context.Context, groups ...[]Record) error
 	// InsertLate writes events that arrived after the allowed lateness.
 	InsertLate(ctx context.Context, records []Record) error
 }
@@ -364,8 +365,9 @@ func (in *Ingester) collect(ctx context.Context, src Source) ([]Message, error) 
 func Split(msgs []Message, now time.Time, maxLateness time.Duration) (events, late []Record, rejected []Rejected, dups int) {
 	seen := make(map[uuid.UUID]struct{}, len(msgs))
 	events = make([]Record, 0, len(msgs))
+	var strs schemas.Interner
 	for _, m := range msgs {
-		ev, err := schemas.Decode(m.Value, now)
+		ev, err := schemas.DecodeInterned(m.Value, now, &strs)
 		if err != nil {
 			rejected = append(rejected, Rejected{Message: m, Reason: err.Error()})
 			continue

@@ -17,7 +17,7 @@ type Rounds struct {
 	stopOnce sync.Once
 
 	mu      sync.Mutex
-	pending []Record
+	pending [][]Record
 	waiters []chan<- error
 }
 
@@ -28,10 +28,12 @@ func NewRounds(closeErr error) *Rounds {
 }
 
 // Join adds records to the next round and waits for that round's outcome.
-func (r *Rounds) Join(ctx context.Context, records []Record) error {
+// The records are kept as the caller's slices, never copied: a busy
+// round carries tens of thousands of them.
+func (r *Rounds) Join(ctx context.Context, groups ...[]Record) error {
 	ch := make(chan error, 1)
 	r.mu.Lock()
-	r.pending = append(r.pending, records...)
+	r.pending = append(r.pending, groups...)
 	r.waiters = append(r.waiters, ch)
 	r.mu.Unlock()
 	select {
@@ -51,14 +53,14 @@ func (r *Rounds) Join(ctx context.Context, records []Record) error {
 // Next waits until records are pending and takes them all, with the
 // channels their callers wait on (each takes exactly one error). It
 // returns false when ctx ends.
-func (r *Rounds) Next(ctx context.Context) ([]Record, []chan<- error, bool) {
+func (r *Rounds) Next(ctx context.Context) ([][]Record, []chan<- error, bool) {
 	for {
 		r.mu.Lock()
-		recs, waiters := r.pending, r.waiters
+		groups, waiters := r.pending, r.waiters
 		r.pending, r.waiters = nil, nil
 		r.mu.Unlock()
 		if len(waiters) > 0 {
-			return recs, waiters, true
+			return groups, waiters, true
 		}
 		select {
 		case <-ctx.Done():

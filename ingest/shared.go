@@ -29,8 +29,8 @@ func NewSharedSink(s Sink) *SharedSink {
 }
 
 // Insert waits for a round that includes records.
-func (s *SharedSink) Insert(ctx context.Context, records []Record) error {
-	return s.rounds.Join(ctx, records)
+func (s *SharedSink) Insert(ctx context.Context, groups ...[]Record) error {
+	return s.rounds.Join(ctx, groups...)
 }
 
 func (s *SharedSink) loop(ctx context.Context) {
@@ -41,7 +41,7 @@ func (s *SharedSink) loop(ctx context.Context) {
 		if !ok {
 			return
 		}
-		err := s.Sink.Insert(ctx, recs)
+		err := s.Sink.Insert(ctx, recs...)
 		for _, w := range waiters {
 			w <- err
 		}

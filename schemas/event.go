@@ -7,7 +7,6 @@
 package schemas
 
 import (
-	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -15,7 +14,6 @@ import (
 	"strings"
 	"time"
 
-	fastjson "github.com/goccy/go-json"
 	"github.com/google/uuid"
 )
 
@@ -223,14 +221,15 @@ func (e *Event) Encode() ([]byte, error) {
 // wrong types are errors wrapping ErrMalformed. It then validates against
 // now and returns the *ValidationError, if any, alongside the event.
 func Decode(b []byte, now time.Time) (Event, error) {
+	return DecodeInterned(b, now, nil)
+}
+
+// DecodeInterned is Decode sharing repeated string values through in (a
+// decoder of many events keeps one per goroutine).
+func DecodeInterned(b []byte, now time.Time, in *Interner) (Event, error) {
 	var e Event
-	dec := fastjson.NewDecoder(bytes.NewReader(b))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&e); err != nil {
-		return Event{}, fmt.Errorf("%w: %v", ErrMalformed, err)
-	}
-	if dec.More() {
-		return Event{}, fmt.Errorf("%w: trailing data after the event", ErrMalformed)
+	if err := decodeEvent(b, &e, in); err != nil {
+		return Event{}, err
 	}
 	e.Normalize()
 	if err := e.Validate(now); err != nil {
