@@ -37,10 +37,13 @@ import (
 	edgekafka "github.com/tollgate-dev/tollgate/edge/kafka"
 	edgepg "github.com/tollgate-dev/tollgate/edge/postgres"
 	edgeredis "github.com/tollgate-dev/tollgate/edge/redis"
+	"github.com/tollgate-dev/tollgate/internal/gctune"
 	"github.com/tollgate-dev/tollgate/schemas"
 )
 
 func main() {
+	// The same garbage-collector setting as the tollgate command.
+	fmt.Printf("GOGC=%d (as tollgate runs; set GOGC to override)\n", gctune.Apply())
 	if err := run(); err != nil {
 		fmt.Fprintln(os.Stderr, "bench-edge:", err)
 		os.Exit(1)
