@@ -1,8 +1,8 @@
 // Command edge benchmarks the Tollgate edge against its peers on loopback,
 // in one run: (a) straight to a tiny upstream, (b) a plain nginx reverse
 // proxy, (c) nginx with limit_req and a key map (the stock-parts gateway),
-// (d) the Tollgate edge with key auth, the Redis rate limit and metering to
-// Kafka. Throughput is measured with wrk for a fixed duration; the latency
+// (d) a plain Go reverse proxy (the standard library's, no features), (e) the
+// Tollgate edge with key auth, the Redis rate limit and metering to Kafka. Throughput is measured with wrk for a fixed duration; the latency
 // overhead is the edge's p99 minus the direct p99 at a fixed moderate rate.
 // The last line is the RESULT line.
 package main
@@ -14,9 +14,13 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
+	stdlog "log"
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/httputil"
+	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -95,6 +99,20 @@ func run() error {
 	go func() { _ = up.Serve(upLn) }()
 	defer up.Close()
 
+	// A plain Go reverse proxy (the standard library's, with the edge's
+	// connection pool and flush settings and nothing else): the ceiling for
+	// any proxy built on Go's HTTP stack on this machine, so the report can
+	// tell the cost of the edge's work from the cost of the stack it runs on.
+	target, _ := url.Parse("http://" + upAddr)
+	goProxy := httputil.NewSingleHostReverseProxy(target)
+	goProxy.Transport = &http.Transport{MaxIdleConns: 1024, MaxIdleConnsPerHost: 1024, IdleConnTimeout: 90 * time.Second}
+	goProxy.FlushInterval = 10 * time.Millisecond
+	goProxy.ErrorLog = stdlog.New(io.Discard, "", 0) // wrk hanging up at the end is not news
+	goLn, goAddr := listen()
+	goSrv := &http.Server{Handler: goProxy, ReadHeaderTimeout: 10 * time.Second}
+	go func() { _ = goSrv.Serve(goLn) }()
+	defer goSrv.Close()
+
 	// The Tollgate edge, wired as `tollgate edge` wires it.
 	key, stopEdge, edgeAddr, err := startEdge(ctx, tmp, "http://"+upAddr, log)
 	if err != nil {
@@ -115,6 +133,7 @@ func run() error {
 		{"direct", "http://" + upAddr + "/v1/widgets/1"},
 		{"nginx", "http://" + plainAddr + "/v1/widgets/1"},
 		{"nginx_limit", "http://" + limitAddr + "/v1/widgets/1"},
+		{"go_proxy", "http://" + goAddr + "/v1/widgets/1"},
 		{"edge", "http://" + edgeAddr + "/v1/widgets/1"},
 	}
 	rps := map[string]float64{}
@@ -149,7 +168,7 @@ func run() error {
 	rdb := redis.NewClient(&redis.Options{Addr: env("TOLLGATE_REDIS_ADDR", "127.0.0.1:16379")})
 	defer rdb.Close()
 	var perCall float64
-	for _, tg := range []struct{ name, url string }{targets[0], targets[3]} {
+	for _, tg := range []struct{ name, url string }{targets[0], targets[4]} {
 		before, err := redisCommands(ctx, rdb)
 		if err != nil {
 			return err
@@ -170,8 +189,9 @@ func run() error {
 		fmt.Printf("%-12s p99 %8.3f ms at a fixed %d req/s\n", tg.name, float64(d.Microseconds())/1000, *rate)
 	}
 	overhead := float64((p99["edge"] - p99["direct"]).Microseconds()) / 1000
-	fmt.Printf("RESULT edge_rps=%.0f nginx_rps=%.0f nginx_limit_rps=%.0f ratio_vs_nginx_limit=%.2f p99_overhead_ms=%.3f redis_scripts_per_call=%.2f calls_per_redis_write=%.1f\n",
-		rps["edge"], rps["nginx"], rps["nginx_limit"], rps["edge"]/rps["nginx_limit"], overhead, perCall, callsPerWrite)
+	fmt.Printf("RESULT edge_rps=%.0f nginx_rps=%.0f nginx_limit_rps=%.0f ratio_vs_nginx_limit=%.2f p99_overhead_ms=%.3f go_proxy_rps=%.0f ratio_vs_go_proxy=%.2f redis_scripts_per_call=%.2f calls_per_redis_write=%.1f\n",
+		rps["edge"], rps["nginx"], rps["nginx_limit"], rps["edge"]/rps["nginx_limit"], overhead, rps["go_proxy"],
+		rps["edge"]/rps["go_proxy"], perCall, callsPerWrite)
 	return nil
 }
 
