@@ -24,6 +24,7 @@ import (
 	"time"
 
 	"github.com/tollgate-dev/tollgate/bench/internal/scratch"
+	"github.com/tollgate-dev/tollgate/internal/gctune"
 
 	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
 	"github.com/jackc/pgx/v5"
@@ -45,6 +46,8 @@ func env(name, def string) string {
 }
 
 func main() {
+	// The same garbage-collector setting as the tollgate command.
+	fmt.Printf("GOGC=%d (as tollgate runs; set GOGC to override)\n", gctune.Apply())
 	if err := run(); err != nil {
 		fmt.Fprintln(os.Stderr, "bench-invoice:", err)
 		os.Exit(1)
