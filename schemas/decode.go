@@ -41,7 +41,7 @@ func decodeEvent(b []byte, e *Event, in *Interner) error {
 	}
 	for {
 		s.space()
-		name, err := s.key()
+		name, err := s.stringBytes("") // in place unless escaped
 		if err != nil {
 			return err
 		}
@@ -146,20 +146,20 @@ func (s *scanner) field(f int, e *Event) error {
 	switch f {
 	case fVersion:
 		var n int64
-		n, err = s.integer(name, 64)
+		n, err = s.integer(name)
 		e.Version = int(n)
 	case fStatus:
 		var n int64
-		n, err = s.integer(name, 64)
+		n, err = s.integer(name)
 		e.Status = int(n)
 	case fLatency:
-		e.LatencyMicros, err = s.integer(name, 64)
+		e.LatencyMicros, err = s.integer(name)
 	case fReqBytes:
-		e.RequestBytes, err = s.integer(name, 64)
+		e.RequestBytes, err = s.integer(name)
 	case fRespBytes:
-		e.ResponseBytes, err = s.integer(name, 64)
+		e.ResponseBytes, err = s.integer(name)
 	case fUnits:
-		e.Units, err = s.integer(name, 64)
+		e.Units, err = s.integer(name)
 	case fID:
 		var raw []byte
 		if raw, err = s.stringBytes(name); err == nil {
@@ -308,9 +308,6 @@ func (s *scanner) end() error {
 	return nil
 }
 
-// key reads a field name. A name without escapes is returned in place.
-func (s *scanner) key() ([]byte, error) { return s.stringBytes("") }
-
 // str reads a string value.
 func (s *scanner) str(field string) (string, error) {
 	raw, err := s.stringBytes(field)
@@ -456,10 +453,9 @@ func (s *scanner) hex4() (rune, bool) {
 }
 
 // integer reads a JSON number that must be a whole number in int64 range.
-func (s *scanner) integer(field string, bits int) (int64, error) {
+func (s *scanner) integer(field string) (int64, error) {
 	start := s.i
 	s.consume('-')
-	digits := s.i
 	switch {
 	case s.i < len(s.b) && s.b[s.i] == '0':
 		s.i++
@@ -479,10 +475,7 @@ func (s *scanner) integer(field string, bits int) (int64, error) {
 			return 0, malformed(field, "want an integer (no fraction or exponent)")
 		}
 	}
-	if s.i == digits {
-		return 0, s.fail(field, "want a number")
-	}
-	n, err := strconv.ParseInt(string(s.b[start:s.i]), 10, bits)
+	n, err := strconv.ParseInt(string(s.b[start:s.i]), 10, 64)
 	if err != nil {
 		return 0, malformed(field, "number out of range")
 	}
