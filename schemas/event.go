@@ -7,7 +7,6 @@
 package schemas
 
 import (
-	"encoding/json"
 	"errors"
 	"fmt"
 	"sort"
@@ -206,15 +205,6 @@ func (e *Event) Normalize() {
 	if len(e.Dimensions) == 0 {
 		e.Dimensions = nil
 	}
-}
-
-// Encode returns the wire form of the event. It does not validate.
-func (e *Event) Encode() ([]byte, error) {
-	b, err := json.Marshal(e)
-	if err != nil {
-		return nil, fmt.Errorf("encode event %s: %w", e.ID, err)
-	}
-	return b, nil
 }
 
 // Decode parses the wire form strictly: unknown fields, trailing data and
