@@ -461,7 +461,8 @@ func (s *Server) newProxy(upstream string) (*httputil.ReverseProxy, error) {
 			r.Out.Header.Set(HeaderRequestID, r.In.Header.Get(HeaderRequestID))
 			r.SetXForwarded()
 		},
-		Transport: transport,
+		Transport:  transport,
+		BufferPool: proxyBuffers,
 		// Responses of unknown length (and event streams) are flushed on
 		// every write by ReverseProxy itself. For a response with a length,
 		// flushing each write (-1) cost a goroutine and an extra write
