@@ -6,6 +6,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strconv"
 	"sync"
 	"time"
@@ -17,14 +18,8 @@ import (
 
 // Source is one consumer group member with explicit commits.
 type Source struct {
-	r       *kafka.Reader
-	mu      sync.Mutex // Fetch and Commit run on different goroutines
-	pending map[ingestKey]kafka.Message
-}
-
-type ingestKey struct {
-	partition int
-	offset    int64
+	r     *kafka.Reader
+	topic string
 }
 
 var _ ingest.Source = (*Source)(nil)
@@ -48,7 +43,7 @@ func NewSource(brokers []string, topic, group string) *Source {
 			RebalanceTimeout:  10 * time.Second,
 			HeartbeatInterval: time.Second,
 		}),
-		pending: map[ingestKey]kafka.Message{},
+		topic: topic,
 	}
 }
 
@@ -58,30 +53,25 @@ func (s *Source) Fetch(ctx context.Context) (ingest.Message, error) {
 	if err != nil {
 		return ingest.Message{}, err
 	}
-	s.mu.Lock()
-	s.pending[ingestKey{m.Partition, m.Offset}] = m
-	s.mu.Unlock()
 	return ingest.Message{Partition: m.Partition, Offset: m.Offset, Key: m.Key, Value: m.Value, Time: m.Time}, nil
 }
 
-// Commit commits the offsets after msgs.
+// Commit commits the offsets after msgs: for each partition, the one after
+// the highest offset among msgs (a commit names a position, not records).
 func (s *Source) Commit(ctx context.Context, msgs ...ingest.Message) error {
-	km := make([]kafka.Message, 0, len(msgs))
-	s.mu.Lock()
+	var last []kafka.Message
 	for _, m := range msgs {
-		if pm, ok := s.pending[ingestKey{m.Partition, m.Offset}]; ok {
-			km = append(km, pm)
+		i := slices.IndexFunc(last, func(k kafka.Message) bool { return k.Partition == m.Partition })
+		switch {
+		case i < 0:
+			last = append(last, kafka.Message{Topic: s.topic, Partition: m.Partition, Offset: m.Offset})
+		case m.Offset > last[i].Offset:
+			last[i].Offset = m.Offset
 		}
 	}
-	s.mu.Unlock()
-	if err := s.r.CommitMessages(ctx, km...); err != nil {
+	if err := s.r.CommitMessages(ctx, last...); err != nil {
 		return fmt.Errorf("commit offsets: %w", err)
 	}
-	s.mu.Lock()
-	for _, m := range msgs {
-		delete(s.pending, ingestKey{m.Partition, m.Offset})
-	}
-	s.mu.Unlock()
 	return nil
 }
 
