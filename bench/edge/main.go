@@ -100,13 +100,14 @@ func run() error {
 	defer up.Close()
 
 	// A plain Go reverse proxy (the standard library's, with the edge's
-	// connection pool and flush settings and nothing else): the ceiling for
+	// connection pool, flush settings and buffer reuse, and nothing else): the ceiling for
 	// any proxy built on Go's HTTP stack on this machine, so the report can
 	// tell the cost of the edge's work from the cost of the stack it runs on.
 	target, _ := url.Parse("http://" + upAddr)
 	goProxy := httputil.NewSingleHostReverseProxy(target)
 	goProxy.Transport = &http.Transport{MaxIdleConns: 1024, MaxIdleConnsPerHost: 1024, IdleConnTimeout: 90 * time.Second}
 	goProxy.FlushInterval = 10 * time.Millisecond
+	goProxy.BufferPool = &copyBuffers{}
 	goProxy.ErrorLog = stdlog.New(io.Discard, "", 0) // wrk hanging up at the end is not news
 	goLn, goAddr := listen()
 	goSrv := &http.Server{Handler: goProxy, ReadHeaderTimeout: 10 * time.Second}
@@ -448,3 +449,16 @@ func startEdge(ctx context.Context, tmp, upstream string, log *slog.Logger) (str
 	}
 	return secret, stop, addr, nil
 }
+
+// copyBuffers reuses the plain proxy's copy buffers, as the edge does, so
+// the peer is not slowed by garbage the edge does not make.
+type copyBuffers struct{ p sync.Pool }
+
+func (b *copyBuffers) Get() []byte {
+	if v, ok := b.p.Get().(*[]byte); ok {
+		return *v
+	}
+	return make([]byte, 32<<10)
+}
+
+func (b *copyBuffers) Put(buf []byte) { b.p.Put(&buf) }
