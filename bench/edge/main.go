@@ -4,6 +4,8 @@
 // (d) a plain Go reverse proxy (the standard library's, no features), (e) the
 // Tollgate edge with key auth, the Redis rate limit and metering to Kafka. Throughput is measured with wrk for a fixed duration; the latency
 // overhead is the edge's p99 minus the direct p99 at a fixed moderate rate.
+// Each measurement runs in -repeat interleaved rounds (3) and each target's
+// best round counts.
 // The last line is the RESULT line.
 package main
 
@@ -79,6 +81,7 @@ func run() error {
 	dur := flag.Duration("duration", 5*time.Second, "wrk duration per target")
 	conns := flag.Int("connections", 64, "wrk connections")
 	rate := flag.Int("rate", 1000, "fixed request rate for the latency comparison")
+	repeat := flag.Int("repeat", 3, "rounds over every target; each target's best round counts (the machine is shared and noisy)")
 	cpuprofile := flag.String("cpuprofile", "", "write a CPU profile of this process (the edge) during the edge's measured wrk run")
 	flag.Parse()
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
@@ -137,30 +140,42 @@ func run() error {
 		{"go_proxy", "http://" + goAddr + "/v1/widgets/1"},
 		{"edge", "http://" + edgeAddr + "/v1/widgets/1"},
 	}
+	// Every target is measured in each of -repeat rounds, interleaved, and
+	// its best round counts: the highest throughput, the lowest p99. A
+	// neighbour's burst on the shared machine then costs a round, not the
+	// result, and every target gets the same benefit of the doubt.
+	*repeat = max(*repeat, 1)
 	rps := map[string]float64{}
 	var callsPerWrite float64
 	for _, tg := range targets {
-		// Warm up connections and caches, then measure.
+		// Warm up connections and caches.
 		if _, err := wrk(tg.url, auth, 2*time.Second, *conns); err != nil {
 			return err
 		}
-		stopProfile, err := profileIf(*cpuprofile != "" && tg.name == "edge", *cpuprofile)
-		if err != nil {
-			return err
+	}
+	for round := 1; round <= *repeat; round++ {
+		for _, tg := range targets {
+			stopProfile, err := profileIf(*cpuprofile != "" && tg.name == "edge" && round == 1, *cpuprofile)
+			if err != nil {
+				return err
+			}
+			pipes0, scripts0 := edgeLimiter.Pipelined()
+			r, err := wrk(tg.url, auth, *dur, *conns)
+			stopProfile()
+			if err != nil {
+				return err
+			}
+			rps[tg.name] = max(rps[tg.name], r)
+			fmt.Printf("round %d %-12s %10.0f req/s  (wrk, %d connections, %s)\n", round, tg.name, r, *conns, *dur)
+			if tg.name == "edge" {
+				pipes, scripts := edgeLimiter.Pipelined()
+				callsPerWrite = float64(scripts-scripts0) / float64(max(1, pipes-pipes0))
+				fmt.Printf("round %d %-12s %.1f calls' limit checks per Redis write (pipelined)\n", round, tg.name, callsPerWrite)
+			}
 		}
-		pipes0, scripts0 := edgeLimiter.Pipelined()
-		r, err := wrk(tg.url, auth, *dur, *conns)
-		stopProfile()
-		if err != nil {
-			return err
-		}
-		rps[tg.name] = r
-		fmt.Printf("%-12s %10.0f req/s  (wrk, %d connections, %s)\n", tg.name, r, *conns, *dur)
-		if tg.name == "edge" {
-			pipes, scripts := edgeLimiter.Pipelined()
-			callsPerWrite = float64(scripts-scripts0) / float64(max(1, pipes-pipes0))
-			fmt.Printf("%-12s %.1f calls' limit checks per Redis write (pipelined)\n", tg.name, callsPerWrite)
-		}
+	}
+	for _, tg := range targets {
+		fmt.Printf("best    %-12s %10.0f req/s\n", tg.name, rps[tg.name])
 	}
 	p99 := map[string]time.Duration{}
 	// Redis scripts per edge call: the edge talks to Redis only through
@@ -169,25 +184,32 @@ func run() error {
 	rdb := redis.NewClient(&redis.Options{Addr: env("TOLLGATE_REDIS_ADDR", "127.0.0.1:16379")})
 	defer rdb.Close()
 	var perCall float64
-	for _, tg := range []struct{ name, url string }{targets[0], targets[4]} {
-		before, err := redisCommands(ctx, rdb)
-		if err != nil {
-			return err
+	for round := 1; round <= *repeat; round++ {
+		for _, tg := range []struct{ name, url string }{targets[0], targets[4]} {
+			before, err := redisCommands(ctx, rdb)
+			if err != nil {
+				return err
+			}
+			d, errs := fixedRate(tg.url, key, *rate, 3*time.Second)
+			if errs > 0 {
+				return fmt.Errorf("%s: %d failed calls at %d/s", tg.name, errs, *rate)
+			}
+			after, err := redisCommands(ctx, rdb)
+			if err != nil {
+				return err
+			}
+			if tg.name == "edge" {
+				perCall = float64(after-before) / float64(*rate*3)
+				fmt.Printf("round %d %-12s %.2f Redis scripts per call (Redis's own count)\n", round, tg.name, perCall)
+			}
+			if cur, ok := p99[tg.name]; !ok || d < cur {
+				p99[tg.name] = d
+			}
+			fmt.Printf("round %d %-12s p99 %8.3f ms at a fixed %d req/s\n", round, tg.name, float64(d.Microseconds())/1000, *rate)
 		}
-		d, errs := fixedRate(tg.url, key, *rate, 3*time.Second)
-		if errs > 0 {
-			return fmt.Errorf("%s: %d failed calls at %d/s", tg.name, errs, *rate)
-		}
-		after, err := redisCommands(ctx, rdb)
-		if err != nil {
-			return err
-		}
-		if tg.name == "edge" {
-			perCall = float64(after-before) / float64(*rate*3)
-			fmt.Printf("%-12s %.2f Redis scripts per call (Redis's own count)\n", tg.name, perCall)
-		}
-		p99[tg.name] = d
-		fmt.Printf("%-12s p99 %8.3f ms at a fixed %d req/s\n", tg.name, float64(d.Microseconds())/1000, *rate)
+	}
+	for _, name := range []string{"direct", "edge"} {
+		fmt.Printf("best    %-12s p99 %8.3f ms\n", name, float64(p99[name].Microseconds())/1000)
 	}
 	overhead := float64((p99["edge"] - p99["direct"]).Microseconds()) / 1000
 	fmt.Printf("RESULT edge_rps=%.0f nginx_rps=%.0f nginx_limit_rps=%.0f ratio_vs_nginx_limit=%.2f p99_overhead_ms=%.3f go_proxy_rps=%.0f ratio_vs_go_proxy=%.2f redis_scripts_per_call=%.2f calls_per_redis_write=%.1f\n",
