@@ -343,7 +343,10 @@ func (in *Ingester) collect(ctx context.Context, src Source) ([]Message, error) 
 	if err != nil {
 		return nil, err
 	}
-	msgs := []Message{m}
+	// Sized for a full batch up front: growing it by doubling copied every
+	// message several times over.
+	msgs := make([]Message, 1, in.cfg.BatchSize)
+	msgs[0] = m
 	wctx, cancel := context.WithTimeout(ctx, in.cfg.BatchWait)
 	defer cancel()
 	for len(msgs) < in.cfg.BatchSize {
