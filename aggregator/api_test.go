@@ -70,7 +70,7 @@ func newAPIEnv(t *testing.T) *apiEnv {
 		env.keys[k.name], env.ids[k.name] = secret, id
 	}
 	// Five minutes of traffic: alpha live makes i+1 calls in minute i.
-	env.base = time.Now().UTC().Truncate(time.Minute).Add(-10 * time.Minute)
+	env.base = trafficStart(time.Now())
 	var recs []ingest.Record
 	add := func(acct, key string, mode schemas.Environment, at time.Time, route, method, user string, bytes int64) {
 		e := schemas.Event{Version: 1, ID: schemas.NewEventID(), AccountID: acct, Environment: mode, KeyID: key,
@@ -164,6 +164,29 @@ func (e *apiEnv) usagePath(q url.Values) string {
 	return "/v1/usage?" + q.Encode()
 }
 
+// trafficStart is where the test's five minutes of traffic begin: ten
+// minutes before now, moved earlier when those minutes would straddle an
+// hour (and so perhaps a day or a month). Split across two windows, a
+// unique count is counted in both, and the totals the test expects are
+// per window.
+func trafficStart(now time.Time) time.Time {
+	base := now.UTC().Truncate(time.Minute).Add(-10 * time.Minute)
+	if next := base.Truncate(time.Hour).Add(time.Hour); base.Add(5 * time.Minute).After(next) {
+		base = next.Add(-10 * time.Minute)
+	}
+	return base
+}
+
+func TestTrafficStartStaysInOneHour(t *testing.T) {
+	for m := 0; m < 24*60; m++ {
+		now := time.Date(2026, 11, 27, 0, 0, 0, 0, time.UTC).Add(time.Duration(m)*time.Minute + 17*time.Second)
+		base := trafficStart(now)
+		if !base.Before(now.Add(-5*time.Minute)) || base.Truncate(time.Hour) != base.Add(5*time.Minute-time.Second).Truncate(time.Hour) {
+			t.Fatalf("now %s: traffic from %s", now.Format(time.TimeOnly), base.Format(time.TimeOnly))
+		}
+	}
+}
+
 func total(b usageBody) int64 {
 	var n int64
 	for _, d := range b.Data {
@@ -249,7 +272,7 @@ func TestUsageAPI(t *testing.T) {
 		q := url.Values{"meter": {"users"}, "window": {"day"}}
 		e.get(t, e.usagePath(q), e.keys["alpha"], &b)
 		if total(b) != 2 {
-			t.Errorf("distinct users %d, want 2", total(b))
+			t.Errorf("distinct users %d, want 2: %+v", total(b), b.Data)
 		}
 		var eb errBody
 		q.Set("group_by", "route")
