@@ -227,12 +227,18 @@ func recomputeSelects(r aggregator.Recompute) ([]string, []any, error) {
 		}
 		byWin[w] = append(byWin[w], i)
 	}
+	// A minute of margin on both sides of a zoned window, in case Go's and
+	// ClickHouse's zone data disagree at its edge. Minute windows are UTC
+	// minutes on both sides (toStartOfMinute of a UTC DateTime), so their
+	// scan is exact: the margin tripled the raw rows each minute read.
+	margin := time.Minute
+	if r.Granularity == aggregator.Minute {
+		margin = 0
+	}
 	rs := make([]timeRange, len(wins))
 	members := make([][]int, len(wins))
 	for i, w := range wins {
-		// A minute of margin on both sides, in case Go's and ClickHouse's
-		// zone data disagree at a window's edge.
-		rs[i] = timeRange{w.start.Add(-time.Minute), aggregator.WindowEnd(w.start, r.Granularity, loc).Add(time.Minute)}
+		rs[i] = timeRange{w.start.Add(-margin), aggregator.WindowEnd(w.start, r.Granularity, loc).Add(margin)}
 		members[i] = byWin[w]
 	}
 	scans, groups := cluster(rs, members)
