@@ -83,6 +83,7 @@ type opts struct {
 	workers     int
 	coalesce    bool
 	batchWait   time.Duration
+	batchSize   int
 	maxInFlight int
 	poll        time.Duration
 	repeat      int
@@ -105,6 +106,7 @@ func run() error {
 	flag.DurationVar(&o.peerLimit, "kafka-engine-limit", 20*time.Second, "how long ClickHouse's Kafka engine may take to show its first rows")
 	flag.IntVar(&o.workers, "workers", 4, "ingest workers (consumer group members)")
 	flag.DurationVar(&o.batchWait, "batch-wait", 100*time.Millisecond, "ingest.batch_wait")
+	flag.IntVar(&o.batchSize, "batch-size", 0, "ingest.batch_size (0: the default)")
 	flag.IntVar(&o.maxInFlight, "max-in-flight", 0, "ingest.max_in_flight (0: the default)")
 	flag.DurationVar(&o.poll, "poll", 100*time.Millisecond, "how often each account's poller asks the usage API in the freshness run")
 	flag.IntVar(&o.repeat, "repeat", 3, "throughput runs of each side; the fastest of each is reported")
@@ -300,7 +302,7 @@ func (p *pipeline) stop() {
 // letters, rollups through the aggregator's Roller, watermarks.
 func startIngest(ctx context.Context, o opts, brokers []string, topic string, ch driver.Conn, pool *pgxpool.Pool, log *slog.Logger) (*pipeline, error) {
 	cfg := ingest.Config{Topic: topic, DeadLetter: topic + ".dlq", Group: topic + ".group", Workers: o.workers,
-		BatchWait: o.batchWait, MaxInFlight: o.maxInFlight}
+		BatchWait: o.batchWait, BatchSize: o.batchSize, MaxInFlight: o.maxInFlight}
 	cfg.Defaults()
 	catalog, err := aggregator.NewCatalog([]meter.Meter{meter.Default()}, aggpg.NewMeters(pool), 5*time.Second)
 	if err != nil {
