@@ -11,9 +11,6 @@ const proxyBufferSize = 32 << 10
 // was most of the edge's garbage.
 type bufferPool struct{ p sync.Pool }
 
-// proxyBuffers is shared by the live and sandbox proxies of every server.
-var proxyBuffers = newBufferPool()
-
 func newBufferPool() *bufferPool {
 	return &bufferPool{p: sync.Pool{New: func() any { b := make([]byte, proxyBufferSize); return &b }}}
 }

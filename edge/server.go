@@ -54,6 +54,8 @@ type Server struct {
 	router  *Router
 	live    *httputil.ReverseProxy
 	sandbox *httputil.ReverseProxy
+	// buffers lends both proxies their copy buffers.
+	buffers *bufferPool
 	echo    *echo.Echo
 	m       *metrics
 	// zones caches loaded time zones by name (*time.Location, or nil for
@@ -123,7 +125,7 @@ func NewServer(cfg Config, deps Deps) (*Server, error) {
 	if now == nil {
 		now = time.Now
 	}
-	s := &Server{cfg: cfg, deps: deps, log: deps.Log, now: now, router: router, m: m}
+	s := &Server{cfg: cfg, deps: deps, log: deps.Log, now: now, router: router, m: m, buffers: newBufferPool()}
 	s.allowCall = func(ctx context.Context, c CallLimits) (CallResult, error) {
 		return AllowCallEach(ctx, deps.Limiter, deps.Quota, c)
 	}
@@ -462,7 +464,7 @@ func (s *Server) newProxy(upstream string) (*httputil.ReverseProxy, error) {
 			r.SetXForwarded()
 		},
 		Transport:  transport,
-		BufferPool: proxyBuffers,
+		BufferPool: s.buffers,
 		// Responses of unknown length (and event streams) are flushed on
 		// every write by ReverseProxy itself. For a response with a length,
 		// flushing each write (-1) cost a goroutine and an extra write
