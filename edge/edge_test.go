@@ -369,7 +369,8 @@ func TestRedisDownFallsBackToLocalLimitPerInstance(t *testing.T) {
 
 func TestMonthlyQuotaExhaustion(t *testing.T) {
 	env := edgetest.New(t)
-	in := env.Start(t, edgetest.Options{})
+	clock := quotaClock(time.Now())
+	in := env.Start(t, edgetest.Options{Now: clock})
 	key, _ := env.Key(t, "acct_quota", edge.Secret, schemas.Live)
 	testKey, _ := env.Key(t, "acct_quota", edge.Secret, schemas.Test)
 	three := int64(3)
@@ -380,7 +381,7 @@ func TestMonthlyQuotaExhaustion(t *testing.T) {
 		}
 	}
 	r := edgetest.Do(t, "GET", in.URL+"/v1/x", key, nil)
-	now := time.Now().UTC()
+	now := clock().UTC()
 	monthEnd := time.Date(now.Year(), now.Month()+1, 1, 0, 0, 0, 0, time.UTC)
 	if r.Status != 429 || r.Error.Code != "quota_exceeded" || r.Error.Limit != "monthly" || r.Error.UpgradeURL != "https://example.test/up" {
 		t.Fatalf("4th call: %d %+v", r.Status, r.Error)
@@ -389,8 +390,8 @@ func TestMonthlyQuotaExhaustion(t *testing.T) {
 		t.Fatalf("retry_at %q, want %s", r.Error.RetryAt, monthEnd.Format(time.RFC3339))
 	}
 	ra, _ := strconv.ParseInt(r.Header.Get("Retry-After"), 10, 64)
-	if d := time.Until(monthEnd).Seconds() - float64(ra); d < -2 || d > 2 {
-		t.Fatalf("Retry-After %d s, want about %.0f s", ra, time.Until(monthEnd).Seconds())
+	if d := monthEnd.Sub(clock()).Seconds() - float64(ra); d < -2 || d > 2 {
+		t.Fatalf("Retry-After %d s, want about %.0f s", ra, monthEnd.Sub(clock()).Seconds())
 	}
 	if !strings.Contains(r.Header.Get("RateLimit-Policy"), `"monthly";q=3;w=`) {
 		t.Fatalf("RateLimit-Policy %q has no monthly policy", r.Header.Get("RateLimit-Policy"))
@@ -409,4 +410,14 @@ func testListener(t *testing.T) net.Listener {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	testenv.Must(t, err, "listen")
 	return ln
+}
+
+// quotaClock is the edge's clock for a test that counts a monthly quota:
+// the wall clock, moved off a UTC month boundary (the default
+// quota_timezone) when the test starts within ten minutes of one. On the
+// wall clock, calls in the last moments of a month are counted in two
+// quota months, and the quota that should refuse them never runs out.
+func quotaClock(start time.Time) func() time.Time {
+	shift := testenv.MonthClockShift(start, time.UTC, 10*time.Minute)
+	return func() time.Time { return time.Now().Add(shift) }
 }

@@ -26,7 +26,8 @@ import (
 // exactly those calls, and nothing else.
 func TestMetricsEndpointCountsEveryOutcomeExactly(t *testing.T) {
 	env := edgetest.New(t)
-	in := env.Start(t, edgetest.Options{})
+	// The quota calls below must fall in one quota month.
+	in := env.Start(t, edgetest.Options{Now: quotaClock(time.Now())})
 	sum := sha256.Sum256([]byte(adminToken))
 	admin, err := edge.NewAdmin(hex.EncodeToString(sum[:]), edge.AdminDeps{Store: env.Store, Gatherer: in.Registry})
 	testenv.Must(t, err, "new admin")

@@ -5,6 +5,7 @@ import (
 	"io"
 	"log/slog"
 	"regexp"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -20,14 +21,22 @@ import (
 func TestDemoRunsTheWholePipelineOnce(t *testing.T) {
 	cfg, _, _ := isolatedConfig(t)
 	t.Setenv("TOLLGATE_STRIPE_MOCK_URL", testenv.StripeMockURL())
+	// The invoicer closes last month once the usage watermark (ingest's:
+	// the wall clock less a few seconds) passes its end plus the grace.
+	// With the default grace of an hour, a run in the first hour of a month
+	// would wait in vain for last month's invoice; with a second, it waits
+	// a few seconds at most.
+	cfg.Invoicer.Grace = time.Second
 
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	var out strings.Builder
 	const calls = 120
+	began := time.Now()
 	if err := runDemo(ctx, &out, cfg, slog.New(slog.NewTextHandler(io.Discard, nil)), calls, true); err != nil {
 		t.Fatalf("demo: %v\n%s", err, out.String())
 	}
+	ended := time.Now()
 	text := out.String()
 	for _, want := range []string{
 		"Sent 120 demo calls through the edge (120 answered 2xx)",
@@ -45,11 +54,50 @@ func TestDemoRunsTheWholePipelineOnce(t *testing.T) {
 	// first million calls are included, so the 40 reported events cost
 	// nothing beyond the 99.00 usd base fee; stripe-mock finalized it
 	// ("open").
-	last := startOfLastMonth(time.Now())
-	inv := regexp.MustCompile(`(?m)^  inv_` + last.Format("200601") + `_[0-9a-f]+  ` + last.Format("2006-01") +
-		`-01 – \d{4}-\d{2}-01  open  total 9900 usd minor units`)
+	var lines, names []string
+	for _, last := range lastMonthsDuring(began, ended) {
+		lines = append(lines, `inv_`+last.Format("200601")+`_[0-9a-f]+  `+last.Format("2006-01")+`-01`)
+		names = append(names, last.Format("2006-01"))
+	}
+	inv := regexp.MustCompile(`(?m)^  (?:` + strings.Join(lines, "|") + `) – \d{4}-\d{2}-01  open  total 9900 usd minor units`)
 	if !inv.MatchString(text) {
-		t.Errorf("no synced 9900 usd invoice for %s in:\n%s", last.Format("2006-01"), text)
+		t.Errorf("no synced 9900 usd invoice for %s in:\n%s", strings.Join(names, " or "), text)
+	}
+}
+
+// lastMonthsDuring is "last month" (startOfLastMonth) for a demo run from
+// began to ended. It is one month, except for a run across the turn of a
+// month: the demo takes "last month" from the moment it creates its
+// accounts, which is then the last month of either side.
+func lastMonthsDuring(began, ended time.Time) []time.Time {
+	first, second := startOfLastMonth(began), startOfLastMonth(ended)
+	if first.Equal(second) {
+		return []time.Time{first}
+	}
+	return []time.Time{first, second}
+}
+
+func TestLastMonthsDuringARun(t *testing.T) {
+	const run = 3 * time.Minute
+	for _, first := range []string{"2026-01-01", "2026-03-01", "2026-05-01", "2027-01-01"} {
+		d, _ := time.Parse(time.DateOnly, first)
+		for m := -24 * 60; m < 24*60; m++ {
+			began := d.Add(time.Duration(m)*time.Minute + 17*time.Second)
+			got := lastMonthsDuring(began, began.Add(run))
+			// Every instant of the run: its last month is among those named.
+			for at := began; !at.After(began.Add(run)); at = at.Add(time.Second) {
+				if want := startOfLastMonth(at); !slices.ContainsFunc(got, want.Equal) {
+					t.Fatalf("run from %s: last month at %s is %s, not among %v", began.Format(time.RFC3339), at.Format(time.RFC3339), want, got)
+				}
+			}
+			want := 1
+			if !startOfLastMonth(began).Equal(startOfLastMonth(began.Add(run))) {
+				want = 2 // the run straddles the turn of a month
+			}
+			if len(got) != want {
+				t.Fatalf("run from %s: months %v, want %d", began.Format(time.RFC3339), got, want)
+			}
+		}
 	}
 }
 

@@ -223,6 +223,58 @@ func TestStripeMockAcceptsTheInvoicerRequests(t *testing.T) {
 	}
 }
 
+// replayTimes places TestReplayProvesEveryInvoiceAndNamesAnAlteredOne's
+// traffic for the wall-clock time now: prev is the period the invoicer
+// (on the wall clock) closes, current the time of the calls of the current
+// period, and watermark the usage watermark the test reports. The
+// watermark is now, but never less than the current period's start plus
+// the grace: in a period's first hour (the default grace) a watermark of
+// now leaves the previous period open, and nothing is closed. The calls of
+// the current period are a second before now, but never before its start,
+// where they would be billed in prev.
+func replayTimes(now time.Time, grace time.Duration) (prev invoicer.Period, current, watermark time.Time) {
+	cur := invoicer.MonthPeriod(now, time.UTC)
+	prev = invoicer.MonthPeriod(cur.Start.Add(-time.Second), time.UTC)
+	current = now.Add(-time.Second)
+	if current.Before(cur.Start) {
+		current = cur.Start
+	}
+	watermark = now
+	if due := prev.End.Add(grace); watermark.Before(due) {
+		watermark = due
+	}
+	return prev, current, watermark
+}
+
+func TestReplayTimesCloseThePreviousPeriodAtAnyTime(t *testing.T) {
+	const grace = time.Hour // the default
+	check := func(now time.Time) {
+		prev, current, wm := replayTimes(now, grace)
+		cur := invoicer.MonthPeriod(now, time.UTC)
+		switch {
+		case !prev.End.Equal(cur.Start) || !prev.Start.Equal(invoicer.MonthPeriod(cur.Start.Add(-time.Second), time.UTC).Start):
+			t.Fatalf("now %s: prev %s..%s is not the period before now's", now.Format(time.RFC3339), prev.Start, prev.End)
+		case current.Before(cur.Start) || current.After(now.Add(time.Second)) || current.Before(now.Add(-time.Second)):
+			t.Fatalf("now %s: the current period's calls at %s", now.Format(time.RFC3339), current.Format(time.RFC3339Nano))
+		case prev.End.Add(grace).After(wm.Truncate(time.Second)) || wm.Before(now) || !wm.Before(cur.End.Add(grace)):
+			// Due when the watermark, in the whole seconds the watermarks
+			// table keeps, is at least the period's end plus the grace.
+			t.Fatalf("now %s: watermark %s does not close prev alone", now.Format(time.RFC3339), wm.Format(time.RFC3339Nano))
+		}
+	}
+	for _, first := range []string{"2026-01-01", "2026-03-01", "2026-05-01", "2026-12-01", "2028-03-01"} {
+		d, err := time.Parse(time.DateOnly, first)
+		testenv.Must(t, err, "parse")
+		for m := -24 * 60; m < 24*60; m++ {
+			check(d.Add(time.Duration(m)*time.Minute + 17*time.Second))
+		}
+		for s := -3 * time.Second; s < 3*time.Second; s += 100 * time.Millisecond {
+			check(d.Add(s))
+			check(d.Add(grace + s))
+		}
+	}
+}
+
 func quietLog() *slog.Logger {
 	if testing.Verbose() {
 		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
@@ -261,7 +313,7 @@ func TestReplayProvesEveryInvoiceAndNamesAnAlteredOne(t *testing.T) {
 	cfg := testConfig(t, pg, ch, topic)
 
 	now := time.Now().UTC()
-	prev := invoicer.MonthPeriod(invoicer.MonthPeriod(now, time.UTC).Start.Add(-time.Second), time.UTC)
+	prev, current, watermark := replayTimes(now, cfg.Invoicer.Grace)
 	// Event times within ingest's allowed lateness of their record time.
 	lo := prev.Start
 	if min := now.Add(-30 * 24 * time.Hour); lo.Before(min) {
@@ -300,7 +352,7 @@ func TestReplayProvesEveryInvoiceAndNamesAnAlteredOne(t *testing.T) {
 		}
 		// Calls of the current period: in the topic, not in the closed period.
 		ev := schemas.Event{Version: 1, ID: schemas.NewEventID(), AccountID: acct, Environment: schemas.Live, KeyID: "key_" + acct,
-			Type: "api_call", Time: now.Add(-time.Second), Units: 1}
+			Type: "api_call", Time: current, Units: 1}
 		b, _ := ev.Encode()
 		msgs = append(msgs, kafka.Message{Key: []byte(acct), Value: b})
 		unique++
@@ -323,7 +375,7 @@ func TestReplayProvesEveryInvoiceAndNamesAnAlteredOne(t *testing.T) {
 		return err == nil && landed == uint64(unique)
 	})
 
-	setWatermark(t, ch, now)
+	setWatermark(t, ch, watermark)
 	iv, pool, conn, err := newInvoicer(ctx, cfg, quietLog())
 	testenv.Must(t, err, "new invoicer")
 	defer pool.Close()

@@ -73,7 +73,15 @@ func TestInvoiceAPI(t *testing.T) {
 	ctx := context.Background()
 	pg, ch := testenv.NewPostgres(t), testenv.NewClickHouse(t)
 	f := &fixture{pg: pg, keys: edgepg.NewKeyStore(pg.Pool), store: invpg.New(pg.Pool)}
-	now := time.Now().UTC()
+	// The invoicer and the API run on a clock moved off a month boundary:
+	// on the wall clock, a run in a month's last moments would ask the API
+	// about the month after the one it set up as current, and one in a
+	// month's first second would neither close the previous month (the
+	// watermarks table keeps whole seconds) nor see the calls placed a
+	// second into the current one.
+	shift := testenv.MonthClockShift(time.Now(), time.UTC, 10*time.Minute)
+	clock := func() time.Time { return time.Now().Add(shift) }
+	now := clock().UTC()
 	cur := invoicer.MonthPeriod(now, time.UTC)
 	prev := invoicer.MonthPeriod(cur.Start.Add(-time.Second), time.UTC)
 	for _, a := range []string{"acct_x", "acct_y"} {
@@ -104,7 +112,7 @@ func TestInvoiceAPI(t *testing.T) {
 	testenv.Must(t, wb.Send(), "watermark")
 
 	usage := invch.New(ch.Conn)
-	iv, err := invoicer.New(f.store, usage, usage, nil, invoicer.Options{Grace: time.Nanosecond, Lookback: 1}, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	iv, err := invoicer.New(f.store, usage, usage, nil, invoicer.Options{Grace: time.Nanosecond, Lookback: 1, Now: clock}, slog.New(slog.NewTextHandler(io.Discard, nil)))
 	testenv.Must(t, err, "invoicer")
 	res, err := iv.CloseDue(ctx)
 	testenv.Must(t, err, "close")
@@ -112,6 +120,7 @@ func TestInvoiceAPI(t *testing.T) {
 		t.Fatalf("closed %d invoices, want 2", len(res.Closed))
 	}
 	h := api.New(f.keys, f.store, usage, iv, &stripe.Verifier{Secret: "whsec_api"}, nil, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	h.SetClock(clock)
 	f.srv = httptest.NewServer(h)
 	defer f.srv.Close()
 
