@@ -265,13 +265,34 @@ func (s *Server) usage(c echo.Context) error {
 			return invalid("invalid_window", "%v", err)
 		}
 	}
+	var groupBy []string
+	if v := q.Get("group_by"); v != "" {
+		groupBy = strings.Split(v, ",")
+	}
+	// The fingerprint covers the parameters as given. A range left to its
+	// default (up to now) is fixed by the first page and carried in the
+	// cursor, so later pages read the same range however much later they
+	// are asked for.
+	fp := fingerprint(k.AccountID, string(k.Environment), m.Key, string(g), q.Get("from"), q.Get("to"), strings.Join(groupBy, ","))
+	var cur cursor
+	if v := q.Get("cursor"); v != "" {
+		if cur, err = parseCursor(v, fp); err != nil {
+			return err
+		}
+	}
 	to := s.now().UTC()
+	if cur.To != 0 {
+		to = time.UnixMicro(cur.To).UTC()
+	}
 	if v := q.Get("to"); v != "" {
 		if to, err = time.Parse(time.RFC3339, v); err != nil {
 			return invalid("invalid_time", "to: want an RFC 3339 time such as 2026-01-31T00:00:00Z")
 		}
 	}
 	from := to.Add(-defaultRange[g])
+	if cur.From != 0 {
+		from = time.UnixMicro(cur.From).UTC()
+	}
 	if v := q.Get("from"); v != "" {
 		if from, err = time.Parse(time.RFC3339, v); err != nil {
 			return invalid("invalid_time", "from: want an RFC 3339 time such as 2026-01-01T00:00:00Z")
@@ -285,18 +306,11 @@ func (s *Server) usage(c echo.Context) error {
 		return err
 	}
 	uq := UsageQuery{Account: k.AccountID, Environment: string(k.Environment), Meter: m.Key, Granularity: g,
-		From: from.UTC(), To: to.UTC(), Limit: limit + 1}
-	var groupBy []string
-	if v := q.Get("group_by"); v != "" {
-		groupBy = strings.Split(v, ",")
+		From: from.UTC(), To: to.UTC(), Limit: limit + 1, Offset: cur.Offset}
+	if len(groupBy) > 0 {
 		if err := pickGroups(m, groupBy, &uq); err != nil {
 			return err
 		}
-	}
-	fp := fingerprint(k.AccountID, string(k.Environment), m.Key, string(g), from.UTC().Format(time.RFC3339),
-		to.UTC().Format(time.RFC3339), strings.Join(groupBy, ","))
-	if uq.Offset, err = decodeCursor(q.Get("cursor"), fp); err != nil {
-		return err
 	}
 	rows, err := s.d.Usage.Usage(ctx, uq)
 	if err != nil {
@@ -318,7 +332,7 @@ func (s *Server) usage(c echo.Context) error {
 	if len(rows) > limit {
 		rows = rows[:limit]
 		resp.HasMore = true
-		resp.NextCursor = encodeCursor(uq.Offset+limit, fp)
+		resp.NextCursor = encodeCursorValue(cursor{Offset: uq.Offset + limit, From: from.UnixMicro(), To: to.UnixMicro(), FP: fp})
 	}
 	for _, r := range rows {
 		it := usageItem{WindowStart: r.WindowStart.UTC(), WindowEnd: WindowEnd(r.WindowStart, g, loc), Value: r.Value}
@@ -404,7 +418,11 @@ type cursor struct {
 	Offset int    `json:"o,omitempty"`
 	Micros uint64 `json:"t,omitempty"`
 	ID     string `json:"i,omitempty"`
-	FP     string `json:"f"`
+	// From and To are the range (Unix microseconds) the first page read,
+	// for pages of a query that left it to its default.
+	From int64  `json:"a,omitempty"`
+	To   int64  `json:"b,omitempty"`
+	FP   string `json:"f"`
 }
 
 func fingerprint(parts ...string) string {
@@ -417,10 +435,6 @@ func encodeCursorValue(c cursor) string {
 	return base64.RawURLEncoding.EncodeToString(b)
 }
 
-func encodeCursor(offset int, fp string) string {
-	return encodeCursorValue(cursor{Offset: offset, FP: fp})
-}
-
 func parseCursor(v, fp string) (cursor, error) {
 	var c cursor
 	b, err := base64.RawURLEncoding.DecodeString(v)
@@ -431,14 +445,6 @@ func parseCursor(v, fp string) (cursor, error) {
 		return cursor{}, invalid("invalid_cursor", "cursor: not a cursor this query returned; repeat the query without it")
 	}
 	return c, nil
-}
-
-func decodeCursor(v, fp string) (int, error) {
-	if v == "" {
-		return 0, nil
-	}
-	c, err := parseCursor(v, fp)
-	return c.Offset, err
 }
 
 type requestsResponse struct {
@@ -458,19 +464,26 @@ func (s *Server) requests(c echo.Context) error {
 	if err != nil {
 		return err
 	}
+	// As for usage: a defaulted since is fixed by the first page and
+	// carried in the cursor.
+	fp := fingerprint(k.AccountID, k.ID, q.Get("since"))
+	var cur cursor
+	if v := q.Get("cursor"); v != "" {
+		if cur, err = parseCursor(v, fp); err != nil {
+			return err
+		}
+	}
 	since := s.now().Add(-s.cfg.RequestLogWindow)
+	if cur.From != 0 {
+		since = time.UnixMicro(cur.From)
+	}
 	if v := q.Get("since"); v != "" {
 		if since, err = time.Parse(time.RFC3339, v); err != nil {
 			return invalid("invalid_time", "since: want an RFC 3339 time")
 		}
 	}
 	rq := RequestsQuery{Account: k.AccountID, Environment: string(k.Environment), KeyID: k.ID, Since: since, Limit: limit + 1}
-	fp := fingerprint(k.AccountID, k.ID, since.UTC().Format(time.RFC3339))
-	if v := q.Get("cursor"); v != "" {
-		cur, err := parseCursor(v, fp)
-		if err != nil {
-			return err
-		}
+	if q.Get("cursor") != "" {
 		if rq.BeforeID, err = uuid.Parse(cur.ID); err != nil || cur.Micros == 0 {
 			return invalid("invalid_cursor", "cursor: not a cursor this query returned; repeat the query without it")
 		}
@@ -488,7 +501,7 @@ func (s *Server) requests(c echo.Context) error {
 		resp.Data = rows[:limit]
 		last := rows[limit-1]
 		resp.HasMore = true
-		resp.NextCursor = encodeCursorValue(cursor{Micros: last.TimeMicros, ID: last.EventID.String(), FP: fp})
+		resp.NextCursor = encodeCursorValue(cursor{Micros: last.TimeMicros, ID: last.EventID.String(), From: since.UnixMicro(), FP: fp})
 	}
 	return c.JSON(http.StatusOK, resp)
 }

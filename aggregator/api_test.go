@@ -12,6 +12,7 @@ import (
 	"net/http/httptest"
 	"net/url"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -30,7 +31,10 @@ import (
 const adminToken = "admin-token-for-tests"
 
 type apiEnv struct {
-	srv   *httptest.Server
+	srv *httptest.Server
+	api *aggregator.Server
+	// ahead moves the server's clock forward, in nanoseconds.
+	ahead atomic.Int64
 	keys  map[string]string // name -> secret
 	ids   map[string]string // name -> key id
 	base  time.Time
@@ -104,6 +108,8 @@ func newAPIEnv(t *testing.T) *apiEnv {
 	srv, err := aggregator.NewServer(aggregator.Config{AdminTokenSHA256: hex.EncodeToString(sum[:]), CORSOrigins: []string{"https://dash.example"}},
 		aggregator.ServerDeps{Keys: keys, Usage: env.store, Catalog: catalog, Zones: zones, Log: log})
 	testenv.Must(t, err, "server")
+	env.api = srv
+	srv.SetClock(func() time.Time { return time.Now().Add(time.Duration(env.ahead.Load())) })
 	env.srv = httptest.NewServer(srv.Handler())
 	t.Cleanup(env.srv.Close)
 	return env
@@ -236,6 +242,55 @@ func TestUsageAPI(t *testing.T) {
 		}
 		if fmt.Sprint(values) != "[1 2 3 4 5]" {
 			t.Errorf("minute values %v, want [1 2 3 4 5]", values)
+		}
+	})
+	t.Run("later pages of a query without a range read the first page's range", func(t *testing.T) {
+		// No from or to: the range ends at the server's now. The next
+		// pages are asked for seconds later and must still be accepted
+		// and read the same range.
+		defer e.ahead.Store(0)
+		for _, c := range []struct {
+			path string
+			want string
+		}{
+			{"/v1/usage?meter=api_calls&window=minute&limit=2", "[1 2 3 4 5]"},
+			{"/v1/requests?limit=1", "[/secret /secret /secret]"},
+		} {
+			e.ahead.Store(0)
+			var got []string
+			path := c.path
+			for page := 0; ; page++ {
+				var b struct {
+					Data []struct {
+						Value int64  `json:"value"`
+						Route string `json:"route"`
+					} `json:"data"`
+					HasMore    bool   `json:"has_more"`
+					NextCursor string `json:"next_cursor"`
+				}
+				key := e.keys["alpha"]
+				if strings.HasPrefix(c.path, "/v1/requests") {
+					key = e.keys["beta"]
+				}
+				if st := e.get(t, path, key, &b); st != http.StatusOK {
+					t.Fatalf("%s page %d: status %d", c.path, page, st)
+				}
+				for _, d := range b.Data {
+					if d.Route != "" {
+						got = append(got, d.Route)
+					} else {
+						got = append(got, fmt.Sprint(d.Value))
+					}
+				}
+				if !b.HasMore {
+					break
+				}
+				e.ahead.Add(int64(3 * time.Second))
+				path = c.path + "&cursor=" + url.QueryEscape(b.NextCursor)
+			}
+			if fmt.Sprint(got) != c.want {
+				t.Errorf("%s across pages: %v, want %s", c.path, got, c.want)
+			}
 		}
 	})
 	t.Run("a cursor is refused with other parameters or another key", func(t *testing.T) {
