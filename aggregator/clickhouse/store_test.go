@@ -128,3 +128,67 @@ func compareAll(t *testing.T, store *clickhouse.Store, events []schemas.Event) {
 		}
 	}
 }
+
+// TestRollupsWhereGoAndClickHouseDisagreeOnAZone lands events in the day
+// after Lord Howe Island's April 2026 clock change, when ClickHouse 18.16
+// starts that zone's hours 30 minutes away from where Go's zone rules do.
+// The rollups must still equal ClickHouse's own aggregation of the raw
+// events by the same window expressions: recomputes scan a margin around
+// the window Go computes, wide enough for ClickHouse's window to be read
+// whole.
+func TestRollupsWhereGoAndClickHouseDisagreeOnAZone(t *testing.T) {
+	ch := testenv.NewClickHouse(t)
+	ctx := context.Background()
+	const acct, tz = "acct_lord_howe", "Australia/Lord_Howe"
+	lhZones := aggregator.StaticZones{acct: tz}
+	rng := rand.New(rand.NewPCG(3, 4))
+	from := time.Date(2026, 4, 4, 14, 0, 0, 0, time.UTC)
+	var events []schemas.Event
+	for at := from; at.Before(from.Add(36 * time.Hour)); at = at.Add(time.Duration(1+rng.IntN(300)) * time.Second) {
+		events = append(events, schemas.Event{Version: 1, ID: schemas.NewEventID(), AccountID: acct, Environment: schemas.Live,
+			KeyID: "key_1", Type: "api_call", Units: 1, Time: at.Truncate(time.Microsecond)})
+	}
+	sink := chsink.NewSink(ch.Conn)
+	store := clickhouse.NewStore(ch.Conn)
+	roller := aggregator.NewRoller(aggregator.StaticMeters([]meter.Meter{meter.Default()}), lhZones, store, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	for i := 0; i < len(events); i += 37 {
+		batch := records(events[i:min(i+37, len(events))])
+		testenv.Must(t, sink.Insert(ctx, batch), "insert raw")
+		testenv.Must(t, roller.Landed(ctx, batch), "recompute rollups")
+	}
+	for _, c := range []struct {
+		g    aggregator.Granularity
+		expr string
+	}{
+		{aggregator.Hour, "toStartOfHour(timestamp, '" + tz + "')"},
+		{aggregator.Day, "toStartOfDay(timestamp, '" + tz + "')"},
+		{aggregator.Month, "toDateTime(toStartOfMonth(toTimeZone(timestamp, '" + tz + "')), '" + tz + "')"},
+	} {
+		want := map[int64]int64{}
+		rows, err := ch.Conn.Query(ctx, "SELECT toUInt32("+c.expr+") AS w, count() FROM usage_events FINAL WHERE account_id = ? GROUP BY w", acct)
+		testenv.Must(t, err, "aggregate raw events")
+		for rows.Next() {
+			var w uint32
+			var n uint64
+			testenv.Must(t, rows.Scan(&w, &n), "scan")
+			want[int64(w)] = int64(n)
+		}
+		testenv.Must(t, rows.Err(), "rows")
+		rows.Close()
+		usage, err := store.Usage(ctx, aggregator.UsageQuery{Account: acct, Environment: string(schemas.Live), Meter: meter.Default().Key,
+			Granularity: c.g, From: from.AddDate(0, -1, 0), To: from.AddDate(0, 1, 0), Limit: 1 << 20})
+		testenv.Must(t, err, "read usage")
+		got := map[int64]int64{}
+		for _, r := range usage {
+			got[r.WindowStart.Unix()] = r.Value
+		}
+		for w, n := range want {
+			if got[w] != n {
+				t.Errorf("%s window %s: rollup %d, raw events %d", c.g, time.Unix(w, 0).UTC().Format(time.RFC3339), got[w], n)
+			}
+		}
+		if len(got) != len(want) {
+			t.Errorf("%s: %d rollup windows, %d windows of raw events", c.g, len(got), len(want))
+		}
+	}
+}
