@@ -40,28 +40,16 @@ func (e *Event) AppendJSON(dst []byte) ([]byte, error) {
 	b = append(b, `,"time":"`...)
 	b = e.Time.AppendFormat(b, time.RFC3339Nano)
 	b = append(b, '"')
-	if e.Route != "" {
-		b = append(b, `,"route":`...)
-		b = appendString(b, e.Route)
-	}
-	if e.Method != "" {
-		b = append(b, `,"method":`...)
-		b = appendString(b, e.Method)
-	}
-	b = appendInt(b, `,"status":`, int64(e.Status))
-	b = appendInt(b, `,"latency_us":`, e.LatencyMicros)
-	b = appendInt(b, `,"request_bytes":`, e.RequestBytes)
-	b = appendInt(b, `,"response_bytes":`, e.ResponseBytes)
+	b = appendOptString(b, `,"route":`, e.Route)
+	b = appendOptString(b, `,"method":`, e.Method)
+	b = appendOptInt(b, `,"status":`, int64(e.Status))
+	b = appendOptInt(b, `,"latency_us":`, e.LatencyMicros)
+	b = appendOptInt(b, `,"request_bytes":`, e.RequestBytes)
+	b = appendOptInt(b, `,"response_bytes":`, e.ResponseBytes)
 	b = append(b, `,"units":`...)
 	b = strconv.AppendInt(b, e.Units, 10)
-	if e.RequestID != "" {
-		b = append(b, `,"request_id":`...)
-		b = appendString(b, e.RequestID)
-	}
-	if e.ClientID != "" {
-		b = append(b, `,"client_id":`...)
-		b = appendString(b, e.ClientID)
-	}
+	b = appendOptString(b, `,"request_id":`, e.RequestID)
+	b = appendOptString(b, `,"client_id":`, e.ClientID)
 	if len(e.Dimensions) > 0 {
 		b = append(b, `,"dimensions":{`...)
 		var small [8]string
@@ -83,8 +71,16 @@ func (e *Event) AppendJSON(dst []byte) ([]byte, error) {
 	return append(b, '}'), nil
 }
 
-// appendInt writes an omitempty integer field.
-func appendInt(b []byte, name string, v int64) []byte {
+// appendOptString writes an omitempty string field.
+func appendOptString(b []byte, name, v string) []byte {
+	if v == "" {
+		return b
+	}
+	return appendString(append(b, name...), v)
+}
+
+// appendOptInt writes an omitempty integer field.
+func appendOptInt(b []byte, name string, v int64) []byte {
 	if v == 0 {
 		return b
 	}
