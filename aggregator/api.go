@@ -122,6 +122,7 @@ type Server struct {
 	tokenHash []byte
 	now       func() time.Time
 	e         *echo.Echo
+	status    *statusCache
 }
 
 // NewServer builds the HTTP handler; cfg is defaulted and validated.
@@ -134,6 +135,7 @@ func NewServer(cfg Config, d ServerDeps) (*Server, error) {
 		d.Log = slog.New(slog.DiscardHandler)
 	}
 	s := &Server{cfg: cfg, d: d, now: time.Now}
+	s.status = newStatusCache(d.Usage, func() time.Time { return s.now() })
 	if cfg.AdminTokenSHA256 != "" {
 		s.tokenHash, _ = hex.DecodeString(cfg.AdminTokenSHA256)
 	}
@@ -344,10 +346,10 @@ func (s *Server) usage(c echo.Context) error {
 		}
 		resp.Data = append(resp.Data, it)
 	}
-	if w, ok, err := s.d.Usage.CompleteThrough(ctx); err == nil && ok {
+	if w, ok, err := s.status.CompleteThrough(ctx); err == nil && ok {
 		resp.CompleteThrough = &w
 	}
-	if resp.TooLateEvents, err = s.d.Usage.TooLate(ctx, k.AccountID, string(k.Environment), from, to); err != nil {
+	if resp.TooLateEvents, err = s.status.TooLate(ctx, k.AccountID, string(k.Environment), from, to); err != nil {
 		return err
 	}
 	return c.JSON(http.StatusOK, resp)

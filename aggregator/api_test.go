@@ -35,6 +35,7 @@ type apiEnv struct {
 	api *aggregator.Server
 	// ahead moves the server's clock forward, in nanoseconds.
 	ahead atomic.Int64
+	ch    *testenv.ClickHouse
 	keys  map[string]string // name -> secret
 	ids   map[string]string // name -> key id
 	base  time.Time
@@ -55,7 +56,7 @@ func newAPIEnv(t *testing.T) *apiEnv {
 	pg := testenv.NewPostgres(t)
 	ch := testenv.NewClickHouse(t)
 	keys := edgepg.NewKeyStore(pg.Pool)
-	env := &apiEnv{keys: map[string]string{}, ids: map[string]string{}}
+	env := &apiEnv{keys: map[string]string{}, ids: map[string]string{}, ch: ch}
 	for _, k := range []struct {
 		name, account string
 		kind          edge.KeyKind
@@ -454,4 +455,78 @@ func TestMetersAdminAPI(t *testing.T) {
 			t.Errorf("query new meter: status %d", st)
 		}
 	})
+}
+
+// countingUsage passes every call to the real store and counts the status
+// queries.
+type countingUsage struct {
+	aggregator.UsageStore
+	tooLate, complete atomic.Int32
+}
+
+func (c *countingUsage) TooLate(ctx context.Context, account, env string, from, to time.Time) (uint64, error) {
+	c.tooLate.Add(1)
+	return c.UsageStore.TooLate(ctx, account, env, from, to)
+}
+
+func (c *countingUsage) CompleteThrough(ctx context.Context) (time.Time, bool, error) {
+	c.complete.Add(1)
+	return c.UsageStore.CompleteThrough(ctx)
+}
+
+func TestPollingTheUsageAPIDoesNotRepeatTheStatusQueries(t *testing.T) {
+	e := newAPIEnv(t)
+	ctx := context.Background()
+	counting := &countingUsage{UsageStore: e.store}
+	pg := testenv.NewPostgres(t)
+	keys := edgepg.NewKeyStore(pg.Pool)
+	testenv.Must(t, keys.EnsureAccount(ctx, "acct_beta", "acct_beta"), "account")
+	secret, parsed, err := edge.GenerateKey(edge.Secret, schemas.Live)
+	testenv.Must(t, err, "generate key")
+	testenv.Must(t, keys.CreateKey(ctx, edge.NewKey{ID: "key_beta_poll", AccountID: "acct_beta", Parsed: parsed}), "create key")
+	catalog, err := aggregator.NewCatalog(apiMeters, aggpg.NewMeters(pg.Pool), time.Minute)
+	testenv.Must(t, err, "catalog")
+	srv, err := aggregator.NewServer(aggregator.Config{}, aggregator.ServerDeps{Keys: keys, Usage: counting, Catalog: catalog,
+		Zones: aggpg.NewZones(pg.Pool, time.Minute)})
+	testenv.Must(t, err, "server")
+	// A clock that stands still until the test moves it: "within a second"
+	// must not depend on how fast the machine answers five polls.
+	var ahead atomic.Int64
+	start := time.Now()
+	srv.SetClock(func() time.Time { return start.Add(time.Duration(ahead.Load())) })
+	hs := httptest.NewServer(srv.Handler())
+	defer hs.Close()
+	poll := func() usageBody {
+		t.Helper()
+		var b usageBody
+		req, _ := http.NewRequest(http.MethodGet, hs.URL+e.usagePath(url.Values{"window": {"hour"}}), nil)
+		req.Header.Set("Authorization", "Bearer "+secret)
+		if st := do(t, req, &b); st != http.StatusOK {
+			t.Fatalf("status %d", st)
+		}
+		return b
+	}
+
+	// Within a second: one watermark query and one late-event count for
+	// however many polls; beta has no late events.
+	for range 5 {
+		if b := poll(); b.TooLateEvents != 0 || total(b) != 3 {
+			t.Fatalf("beta: %d calls, %d too late; want 3 and 0", total(b), b.TooLateEvents)
+		}
+	}
+	if n, m := counting.tooLate.Load(), counting.complete.Load(); n != 1 || m != 1 {
+		t.Fatalf("5 polls in a second: %d late-event and %d watermark queries, want 1 and 1", n, m)
+	}
+
+	// A too-late event for beta shows within a second.
+	late := ingest.Record{Event: schemas.Event{Version: 1, ID: schemas.NewEventID(), AccountID: "acct_beta", Environment: schemas.Live,
+		KeyID: "key_beta", Type: "api_call", Time: e.base.Add(-39 * 24 * time.Hour), Units: 1}, RecordTime: time.Now(), Value: []byte("{}")}
+	testenv.Must(t, chsink.NewSink(e.ch.Conn).InsertLate(ctx, []ingest.Record{late}), "insert late")
+	ahead.Store(int64(1100 * time.Millisecond))
+	if b := poll(); b.TooLateEvents != 1 {
+		t.Fatalf("a second after a too-late event: %d reported, want 1", b.TooLateEvents)
+	}
+	if n, m := counting.tooLate.Load(), counting.complete.Load(); n != 3 || m != 2 {
+		t.Fatalf("after a second: %d late-event and %d watermark queries, want 3 (all time, then the range) and 2", n, m)
+	}
 }

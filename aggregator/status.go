@@ -1,0 +1,96 @@
+package aggregator
+
+import (
+	"context"
+	"sync"
+	"time"
+)
+
+// statusTTL is how old the usage API's complete_through and its "this
+// account has no too-late events" answer may be. Dashboards poll the usage
+// API every few seconds per account; without the cache each poll cost
+// ClickHouse two more queries (the watermarks and the late events) besides
+// the rollups themselves. Watermarks move once a second anyway, and an
+// older one only understates completeness.
+const statusTTL = time.Second
+
+// maxLateEntries bounds the per-account memory of the late-event answers;
+// past it the map starts over.
+const maxLateEntries = 100_000
+
+// statusCache answers the usage response's status fields from a short-lived
+// memory of the store's answers.
+type statusCache struct {
+	store UsageStore
+	now   func() time.Time
+
+	mu   sync.Mutex
+	wmAt time.Time
+	wm   time.Time
+	wmOK bool
+	late map[lateKey]lateEntry
+}
+
+// allTime ends the "ever" range, inside ClickHouse's DateTime (to 2106).
+var allTime = time.Date(2105, 1, 1, 0, 0, 0, 0, time.UTC)
+
+type lateKey struct{ account, env string }
+
+type lateEntry struct {
+	at   time.Time
+	none bool // the account environment had no too-late event at all
+}
+
+func newStatusCache(store UsageStore, now func() time.Time) *statusCache {
+	return &statusCache{store: store, now: now, late: map[lateKey]lateEntry{}}
+}
+
+// CompleteThrough is the store's, at most statusTTL old.
+func (c *statusCache) CompleteThrough(ctx context.Context) (time.Time, bool, error) {
+	now := c.now()
+	c.mu.Lock()
+	if !c.wmAt.IsZero() && now.Sub(c.wmAt) < statusTTL {
+		w, ok := c.wm, c.wmOK
+		c.mu.Unlock()
+		return w, ok, nil
+	}
+	c.mu.Unlock()
+	w, ok, err := c.store.CompleteThrough(ctx)
+	if err != nil {
+		return w, ok, err
+	}
+	c.mu.Lock()
+	c.wmAt, c.wm, c.wmOK = now, w, ok
+	c.mu.Unlock()
+	return w, ok, nil
+}
+
+// TooLate is the store's count. Most accounts never have a too-late
+// event: for them one count over all time, at most statusTTL old, answers
+// every range without asking the store again.
+func (c *statusCache) TooLate(ctx context.Context, account, env string, from, to time.Time) (uint64, error) {
+	now := c.now()
+	k := lateKey{account, env}
+	c.mu.Lock()
+	e, ok := c.late[k]
+	c.mu.Unlock()
+	if ok && e.none && now.Sub(e.at) < statusTTL {
+		return 0, nil
+	}
+	if !ok || now.Sub(e.at) >= statusTTL {
+		all, err := c.store.TooLate(ctx, account, env, time.Unix(0, 0), allTime)
+		if err != nil {
+			return 0, err
+		}
+		c.mu.Lock()
+		if len(c.late) >= maxLateEntries {
+			c.late = map[lateKey]lateEntry{}
+		}
+		c.late[k] = lateEntry{at: now, none: all == 0}
+		c.mu.Unlock()
+		if all == 0 {
+			return 0, nil
+		}
+	}
+	return c.store.TooLate(ctx, account, env, from, to)
+}
