@@ -20,6 +20,13 @@
 //     interval can only add to it (50 ms on average). freshness_p99_ms is
 //     the 99th percentile. Polling much faster is itself load: at 20 ms the
 //     eight pollers send 400 queries/s to the same ClickHouse.
+//  4. CPU: during each throughput run, the CPU time of every process on
+//     that side (this process, which hosts ingest; kcat and
+//     clickhouse-client for the peer) plus the ClickHouse server's and the
+//     Kafka broker's, read from /proc. On a machine whose cores are all
+//     busy, throughput follows CPU per event, so cpu_ratio_vs_peer (the
+//     peer's CPU per event over ours) says how much of the throughput gap
+//     is work rather than waiting.
 //
 // Everything runs on loopback against the local services, in a scratch
 // ClickHouse database, Postgres database and topics that are removed after.
@@ -39,10 +46,12 @@ import (
 	"os/exec"
 	"runtime/pprof"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
 
+	"github.com/tollgate-dev/tollgate/bench/internal/procstat"
 	"github.com/tollgate-dev/tollgate/bench/internal/scratch"
 	"github.com/tollgate-dev/tollgate/internal/gctune"
 
@@ -87,6 +96,7 @@ type opts struct {
 	maxInFlight int
 	poll        time.Duration
 	repeat      int
+	cpu         *cpuMeter // nil when the servers' CPU cannot be read
 }
 
 func env(name, def string) string {
@@ -149,12 +159,14 @@ func run() error {
 	}
 	defer func() { _, _ = kc.DeleteTopics(context.Background(), &kafka.DeleteTopicsRequest{Topics: topics}) }()
 	o.repeat = max(o.repeat, 1)
+	o.cpu = newCPUMeter(chAddr, brokers)
 
 	// 1. Throughput. Each run has its own topic, consumer group and
 	// accounts, so no run's rollups re-read another's events. The machine
 	// is shared and noisy, so each side runs o.repeat times and its fastest
 	// run counts.
 	var ingestDur time.Duration
+	var ingestCPU cpuUse
 	var topicA string
 	for rep := 1; rep <= o.repeat; rep++ {
 		topic := fmt.Sprintf("bench.ingest.%s.a%d", stamp, rep)
@@ -180,12 +192,14 @@ func run() error {
 				return err
 			}
 		}
+		c0 := o.cpu.begin()
 		t0 := time.Now()
 		if err := waitCommitted(ctx, brokers, topic, topic+".group", int64(o.events), 5*time.Minute); err != nil {
 			p.stop()
 			return err
 		}
 		d := time.Since(t0)
+		use := o.cpu.end(c0, "tollgate ingest", 0)
 		if rep == 1 {
 			pprof.StopCPUProfile()
 		}
@@ -200,8 +214,9 @@ func run() error {
 		if raw != uint64(o.events) {
 			return fmt.Errorf("raw rows %d, want %d", raw, o.events)
 		}
+		fmt.Println("  cpu:", use.describe(o.events))
 		if ingestDur == 0 || d < ingestDur {
-			ingestDur = d
+			ingestDur, ingestCPU = d, use
 		}
 		if topicA == "" {
 			topicA = topic
@@ -211,7 +226,7 @@ func run() error {
 	fmt.Printf("tollgate ingest: fastest of %d runs %.0f events/s\n", o.repeat, ingestEPS)
 
 	// 2. Peer, on the first run's topic.
-	peerName, peerDur, err := runPeer(ctx, o, ch, name, brokers, topicA, chAddr)
+	peerName, peerDur, peerCPU, err := runPeer(ctx, o, ch, name, brokers, topicA, chAddr)
 	if err != nil {
 		return err
 	}
@@ -229,8 +244,14 @@ func run() error {
 	}
 	fmt.Printf("freshness at %d events/s for %s: %d events, p50 %.0f ms, p99 %.0f ms (call time stamped by the producer to first usage API answer counting it; each account polled every %s)\n",
 		o.rate, o.duration, n, p50, p99, o.poll)
-	fmt.Printf("RESULT ingest_eps=%.0f peer_eps=%.0f ratio_vs_peer=%.2f freshness_p99_ms=%.0f\n",
+	result := fmt.Sprintf("RESULT ingest_eps=%.0f peer_eps=%.0f ratio_vs_peer=%.2f freshness_p99_ms=%.0f",
 		ingestEPS, peerEPS, ingestEPS/peerEPS, p99)
+	if ingestCPU.ok && peerCPU.ok {
+		ing, peer := ingestCPU.perEvent(o.events), peerCPU.perEvent(o.events)
+		fmt.Printf("cpu per event, every process of each side together (the fastest run of each): tollgate %.1f µs, peer %.1f µs\n", ing, peer)
+		result += fmt.Sprintf(" ingest_cpu_us_per_event=%.1f peer_cpu_us_per_event=%.1f cpu_ratio_vs_peer=%.2f", ing, peer, peer/ing)
+	}
+	fmt.Println(result)
 	return nil
 }
 
@@ -379,36 +400,38 @@ const peerTable = `CREATE TABLE peer_events (v UInt8, id UUID, account_id String
  type String, time String, route String, method String, status UInt16, latency_us UInt64,
  request_bytes UInt64, response_bytes UInt64, units Int64) ENGINE = MergeTree ORDER BY (account_id, id)`
 
-func runPeer(ctx context.Context, o opts, ch driver.Conn, db string, brokers []string, topic, chAddr string) (string, time.Duration, error) {
+func runPeer(ctx context.Context, o opts, ch driver.Conn, db string, brokers []string, topic, chAddr string) (string, time.Duration, cpuUse, error) {
 	if err := ch.Exec(ctx, peerTable); err != nil {
-		return "", 0, fmt.Errorf("peer table: %w", err)
+		return "", 0, cpuUse{}, fmt.Errorf("peer table: %w", err)
 	}
-	d, err := kafkaEngine(ctx, o, ch, brokers, topic)
+	d, use, err := kafkaEngine(ctx, o, ch, brokers, topic)
 	if err == nil {
-		return "ClickHouse Kafka engine + materialized view", d, nil
+		return "ClickHouse Kafka engine + materialized view", d, use, nil
 	}
 	fmt.Printf("ClickHouse Kafka engine: %v; using kcat | clickhouse-client instead\n", err)
 	var best time.Duration
+	var bestUse cpuUse
 	for rep := 1; rep <= o.repeat; rep++ {
-		d, err := kcatPeer(ctx, o, ch, db, brokers, topic, chAddr)
+		d, use, err := kcatPeer(ctx, o, ch, db, brokers, topic, chAddr)
 		if err != nil {
-			return "", 0, err
+			return "", 0, cpuUse{}, err
 		}
-		fmt.Printf("  peer run %d: %.2fs\n", rep, d.Seconds())
+		fmt.Printf("  peer run %d: %.2fs; cpu: %s\n", rep, d.Seconds(), use.describe(o.events))
 		if best == 0 || d < best {
-			best = d
+			best, bestUse = d, use
 		}
 	}
-	return "kcat | clickhouse-client FORMAT JSONEachRow", best, nil
+	return "kcat | clickhouse-client FORMAT JSONEachRow", best, bestUse, nil
 }
 
 // kcatPeer runs kcat piped into clickhouse-client once, into an empty
 // peer_events.
-func kcatPeer(ctx context.Context, o opts, ch driver.Conn, db string, brokers []string, topic, chAddr string) (time.Duration, error) {
+func kcatPeer(ctx context.Context, o opts, ch driver.Conn, db string, brokers []string, topic, chAddr string) (time.Duration, cpuUse, error) {
 	if err := ch.Exec(ctx, "TRUNCATE TABLE peer_events"); err != nil {
-		return 0, err
+		return 0, cpuUse{}, err
 	}
 	host, port, _ := net.SplitHostPort(chAddr)
+	c0 := o.cpu.begin()
 	t0 := time.Now()
 	// fetch.wait.max.ms=10: librdkafka's default (500 ms) has the broker
 	// hold each fetch at the end of a partition, which kcat -e waits out;
@@ -421,7 +444,7 @@ func kcatPeer(ctx context.Context, o opts, ch driver.Conn, db string, brokers []
 	// A plain OS pipe joins the two processes directly, as a shell would.
 	r, w, err := os.Pipe()
 	if err != nil {
-		return 0, err
+		return 0, cpuUse{}, err
 	}
 	kcat.Stdout, client.Stdin = w, r
 	var kcatErr, clientErr strings.Builder
@@ -429,7 +452,7 @@ func kcatPeer(ctx context.Context, o opts, ch driver.Conn, db string, brokers []
 	if err := client.Start(); err != nil {
 		r.Close()
 		w.Close()
-		return 0, fmt.Errorf("clickhouse-client: %w", err)
+		return 0, cpuUse{}, fmt.Errorf("clickhouse-client: %w", err)
 	}
 	r.Close()
 	err = kcat.Run()
@@ -437,36 +460,38 @@ func kcatPeer(ctx context.Context, o opts, ch driver.Conn, db string, brokers []
 	if err != nil {
 		_ = client.Process.Kill()
 		_ = client.Wait()
-		return 0, fmt.Errorf("kcat: %w: %s", err, kcatErr.String())
+		return 0, cpuUse{}, fmt.Errorf("kcat: %w: %s", err, kcatErr.String())
 	}
 	if err := client.Wait(); err != nil {
-		return 0, fmt.Errorf("clickhouse-client: %w: %s", err, clientErr.String())
+		return 0, cpuUse{}, fmt.Errorf("clickhouse-client: %w: %s", err, clientErr.String())
 	}
 	d := time.Since(t0)
+	use := o.cpu.end(c0, "", childCPU(kcat)+childCPU(client))
 	var n uint64
 	if err := ch.QueryRow(ctx, "SELECT count() FROM peer_events").Scan(&n); err != nil {
-		return 0, err
+		return 0, cpuUse{}, err
 	}
 	if n != uint64(o.events) {
-		return 0, fmt.Errorf("peer landed %d rows, want %d", n, o.events)
+		return 0, cpuUse{}, fmt.Errorf("peer landed %d rows, want %d", n, o.events)
 	}
-	return d, nil
+	return d, use, nil
 }
 
 // kafkaEngine tries ClickHouse's own Kafka consumer. Its librdkafka is old;
 // if it shows no rows within the limit it is dropped.
-func kafkaEngine(ctx context.Context, o opts, ch driver.Conn, brokers []string, topic string) (time.Duration, error) {
+func kafkaEngine(ctx context.Context, o opts, ch driver.Conn, brokers []string, topic string) (time.Duration, cpuUse, error) {
 	q := fmt.Sprintf(`CREATE TABLE peer_queue (v UInt8, id UUID, account_id String, env String, key_id String,
  type String, time String, route String, method String, status UInt16, latency_us UInt64,
  request_bytes UInt64, response_bytes UInt64, units Int64)
  ENGINE = Kafka('%s', '%s', '%s', 'JSONEachRow')`, strings.Join(brokers, ","), topic, topic+".peer")
+	c0 := o.cpu.begin()
 	t0 := time.Now()
 	if err := ch.Exec(ctx, q); err != nil {
-		return 0, fmt.Errorf("create Kafka engine table: %w", err)
+		return 0, cpuUse{}, fmt.Errorf("create Kafka engine table: %w", err)
 	}
 	if err := ch.Exec(ctx, `CREATE MATERIALIZED VIEW peer_mv TO peer_events AS SELECT * FROM peer_queue`); err != nil {
 		_ = ch.Exec(ctx, "DROP TABLE peer_queue")
-		return 0, fmt.Errorf("create materialized view: %w", err)
+		return 0, cpuUse{}, fmt.Errorf("create materialized view: %w", err)
 	}
 	defer func() {
 		_ = ch.Exec(context.Background(), "DROP TABLE IF EXISTS peer_mv")
@@ -476,16 +501,16 @@ func kafkaEngine(ctx context.Context, o opts, ch driver.Conn, brokers []string, 
 	for {
 		var n uint64
 		if err := ch.QueryRow(ctx, "SELECT count() FROM peer_events").Scan(&n); err != nil {
-			return 0, err
+			return 0, cpuUse{}, err
 		}
 		if n >= uint64(o.events) {
-			return time.Since(t0), nil
+			return time.Since(t0), o.cpu.end(c0, "", 0), nil
 		}
 		if n == 0 && time.Now().After(deadline) {
-			return 0, fmt.Errorf("no rows after %s (its librdkafka cannot talk to this broker)", o.peerLimit)
+			return 0, cpuUse{}, fmt.Errorf("no rows after %s (its librdkafka cannot talk to this broker)", o.peerLimit)
 		}
 		if time.Since(t0) > 5*time.Minute {
-			return 0, fmt.Errorf("only %d of %d rows after 5 minutes", n, o.events)
+			return 0, cpuUse{}, fmt.Errorf("only %d of %d rows after 5 minutes", n, o.events)
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
@@ -655,4 +680,92 @@ func freshness(ctx context.Context, o opts, brokers []string, topic string, ch d
 	slices.Sort(lat)
 	pct := func(q float64) float64 { return lat[min(len(lat)-1, int(q*float64(len(lat))))] }
 	return pct(0.99), pct(0.50), len(lat), nil
+}
+
+// cpuMeter samples the CPU time of the ClickHouse server and the Kafka
+// broker, which both sides share, and of this process. Neither side's
+// figure includes background work that outlasts its run (ClickHouse's
+// merges of the parts it wrote), so both are a little low in the same way.
+type cpuMeter struct{ servers procstat.Meter }
+
+func newCPUMeter(chAddr string, brokers []string) *cpuMeter {
+	var m cpuMeter
+	if len(brokers) > 1 {
+		fmt.Println("cpu per event not measured: more than one Kafka broker")
+		return nil
+	}
+	for _, s := range []struct{ name, addr string }{{"clickhouse", chAddr}, {"kafka", brokers[0]}} {
+		_, port, err := net.SplitHostPort(s.addr)
+		if err == nil {
+			var p int
+			if p, err = strconv.Atoi(port); err == nil {
+				err = m.servers.Watch(s.name, p)
+			}
+		}
+		if err != nil {
+			fmt.Printf("cpu per event not measured: %v\n", err)
+			return nil
+		}
+	}
+	return &m
+}
+
+type cpuStart struct {
+	self    time.Duration
+	servers []time.Duration
+}
+
+// cpuUse is the CPU time every process of one side used during one run.
+type cpuUse struct {
+	ok    bool
+	parts []string
+	total time.Duration
+}
+
+func (m *cpuMeter) begin() cpuStart {
+	if m == nil {
+		return cpuStart{}
+	}
+	return cpuStart{self: procstat.Self(), servers: m.servers.Sample()}
+}
+
+// end is the CPU used since s: this process's under selfName (or not at
+// all when selfName is empty: it only polled), each server's, and the
+// children's (the peer's own processes).
+func (m *cpuMeter) end(s cpuStart, selfName string, children time.Duration) cpuUse {
+	if m == nil {
+		return cpuUse{}
+	}
+	u := cpuUse{ok: true}
+	add := func(name string, d time.Duration) {
+		u.parts = append(u.parts, fmt.Sprintf("%s %.2fs", name, d.Seconds()))
+		u.total += d
+	}
+	if selfName != "" {
+		add(selfName, procstat.Self()-s.self)
+	}
+	if children > 0 {
+		add("kcat + clickhouse-client", children)
+	}
+	for i, d := range m.servers.Sample() {
+		add(m.servers.Names()[i], d-s.servers[i])
+	}
+	return u
+}
+
+func (u cpuUse) perEvent(n int) float64 { return float64(u.total.Microseconds()) / float64(n) }
+
+func (u cpuUse) describe(n int) string {
+	if !u.ok {
+		return "not measured"
+	}
+	return fmt.Sprintf("%s = %.2fs (%.1f µs per event)", strings.Join(u.parts, " + "), u.total.Seconds(), u.perEvent(n))
+}
+
+// childCPU is the user plus system time of a finished child process.
+func childCPU(c *exec.Cmd) time.Duration {
+	if c.ProcessState == nil {
+		return 0
+	}
+	return c.ProcessState.UserTime() + c.ProcessState.SystemTime()
 }
