@@ -39,6 +39,7 @@ import (
 	"github.com/redis/go-redis/v9"
 	"github.com/segmentio/kafka-go"
 
+	"github.com/tollgate-dev/tollgate/bench/internal/procstat"
 	"github.com/tollgate-dev/tollgate/edge"
 	edgekafka "github.com/tollgate-dev/tollgate/edge/kafka"
 	edgepg "github.com/tollgate-dev/tollgate/edge/postgres"
@@ -145,6 +146,11 @@ func run() error {
 	// neighbour's burst on the shared machine then costs a round, not the
 	// result, and every target gets the same benefit of the doubt.
 	*repeat = max(*repeat, 1)
+	cpu, cpuErr := targetCPU(plainAddr)
+	if cpuErr != nil {
+		fmt.Println("cpu per call not measured:", cpuErr)
+	}
+	cpuPerCall := map[string]float64{}
 	rps := map[string]float64{}
 	var callsPerWrite float64
 	for _, tg := range targets {
@@ -160,13 +166,27 @@ func run() error {
 				return err
 			}
 			pipes0, scripts0 := edgeLimiter.Pipelined()
+			self0, others0 := procstat.Self(), cpu[tg.name].Sample()
 			r, err := wrk(tg.url, auth, *dur, *conns)
 			stopProfile()
 			if err != nil {
 				return err
 			}
+			used := procstat.Self() - self0
+			parts := []string{fmt.Sprintf("this process %.1f", float64(used.Microseconds())/(r*dur.Seconds()))}
+			for i, d := range cpu[tg.name].Sample() {
+				used += d - others0[i]
+				parts = append(parts, fmt.Sprintf("%s %.1f", cpu[tg.name].Names()[i], float64((d-others0[i]).Microseconds())/(r*dur.Seconds())))
+			}
 			rps[tg.name] = max(rps[tg.name], r)
 			fmt.Printf("round %d %-12s %10.0f req/s  (wrk, %d connections, %s)\n", round, tg.name, r, *conns, *dur)
+			if cpuErr == nil {
+				us := float64(used.Microseconds()) / (r * dur.Seconds())
+				if cur, ok := cpuPerCall[tg.name]; !ok || us < cur {
+					cpuPerCall[tg.name] = us
+				}
+				fmt.Printf("round %d %-12s %10.1f µs CPU per call (%s: %s)\n", round, tg.name, us, cpuWho[tg.name], strings.Join(parts, " + "))
+			}
 			if tg.name == "edge" {
 				pipes, scripts := edgeLimiter.Pipelined()
 				callsPerWrite = float64(scripts-scripts0) / float64(max(1, pipes-pipes0))
@@ -212,10 +232,56 @@ func run() error {
 		fmt.Printf("best    %-12s p99 %8.3f ms\n", name, float64(p99[name].Microseconds())/1000)
 	}
 	overhead := float64((p99["edge"] - p99["direct"]).Microseconds()) / 1000
-	fmt.Printf("RESULT edge_rps=%.0f nginx_rps=%.0f nginx_limit_rps=%.0f ratio_vs_nginx_limit=%.2f p99_overhead_ms=%.3f go_proxy_rps=%.0f ratio_vs_go_proxy=%.2f redis_scripts_per_call=%.2f calls_per_redis_write=%.1f\n",
+	result := fmt.Sprintf("RESULT edge_rps=%.0f nginx_rps=%.0f nginx_limit_rps=%.0f ratio_vs_nginx_limit=%.2f p99_overhead_ms=%.3f go_proxy_rps=%.0f ratio_vs_go_proxy=%.2f redis_scripts_per_call=%.2f calls_per_redis_write=%.1f",
 		rps["edge"], rps["nginx"], rps["nginx_limit"], rps["edge"]/rps["nginx_limit"], overhead, rps["go_proxy"],
 		rps["edge"]/rps["go_proxy"], perCall, callsPerWrite)
+	if cpuErr == nil {
+		for _, tg := range targets {
+			fmt.Printf("best    %-12s %10.1f µs CPU per call\n", tg.name, cpuPerCall[tg.name])
+		}
+		result += fmt.Sprintf(" edge_cpu_us_per_call=%.1f nginx_limit_cpu_us_per_call=%.1f direct_cpu_us_per_call=%.1f cpu_ratio_vs_nginx_limit=%.2f",
+			cpuPerCall["edge"], cpuPerCall["nginx_limit"], cpuPerCall["direct"], cpuPerCall["nginx_limit"]/cpuPerCall["edge"])
+	}
+	fmt.Println(result)
 	return nil
+}
+
+// cpuWho says whose CPU time counts for each target: every process serving
+// the call except the load generator. This process hosts the upstream (and
+// the Go proxy and the edge), so every target includes the upstream's work.
+var cpuWho = map[string]string{
+	"direct":      "upstream",
+	"nginx":       "upstream + nginx",
+	"nginx_limit": "upstream + nginx",
+	"go_proxy":    "upstream + Go proxy",
+	"edge":        "upstream + edge + Redis + Kafka",
+}
+
+// targetCPU is, per target, the processes outside this one whose CPU time
+// counts for it: nginx's master and workers for the nginx targets, and the
+// Redis server and Kafka broker the edge uses.
+func targetCPU(nginxAddr string) (map[string]*procstat.Meter, error) {
+	port := func(addr string) int {
+		_, p, _ := net.SplitHostPort(addr)
+		n, _ := strconv.Atoi(p)
+		return n
+	}
+	var ngx, edgeDeps procstat.Meter
+	if err := ngx.Watch("nginx", port(nginxAddr)); err != nil {
+		return nil, err
+	}
+	brokers := strings.Split(env("TOLLGATE_KAFKA_BROKERS", "127.0.0.1:19092"), ",")
+	if len(brokers) > 1 {
+		return nil, errors.New("more than one Kafka broker")
+	}
+	if err := edgeDeps.Watch("redis", port(env("TOLLGATE_REDIS_ADDR", "127.0.0.1:16379"))); err != nil {
+		return nil, err
+	}
+	if err := edgeDeps.Watch("kafka", port(brokers[0])); err != nil {
+		return nil, err
+	}
+	none := &procstat.Meter{}
+	return map[string]*procstat.Meter{"direct": none, "go_proxy": none, "nginx": &ngx, "nginx_limit": &ngx, "edge": &edgeDeps}, nil
 }
 
 // redisCommands is how many scripts Redis has run since it started

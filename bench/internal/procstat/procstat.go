@@ -24,9 +24,10 @@ import (
 // reports them in USER_HZ, which is 100 on every mainstream architecture.
 const clockTick = 10 * time.Millisecond
 
-// ListenerPID finds the process listening on the TCP port, through the
-// socket's inode in /proc/net/tcp{,6} and the process holding it open.
-func ListenerPID(port int) (int, error) {
+// ListenerPIDs finds the processes listening on the TCP port (a server
+// whose workers share one socket, such as nginx, has several), through the
+// socket's inode in /proc/net/tcp{,6} and the processes holding it open.
+func ListenerPIDs(port int) ([]int, error) {
 	inodes := map[string]bool{}
 	for _, f := range []string{"/proc/net/tcp", "/proc/net/tcp6"} {
 		b, err := os.ReadFile(f)
@@ -50,8 +51,10 @@ func ListenerPID(port int) (int, error) {
 		}
 	}
 	if len(inodes) == 0 {
-		return 0, fmt.Errorf("no listener on port %d in /proc/net/tcp", port)
+		return nil, fmt.Errorf("no listener on port %d in /proc/net/tcp", port)
 	}
+	seen := map[int]bool{}
+	var pids []int
 	fds, _ := filepath.Glob("/proc/[0-9]*/fd/*")
 	for _, fd := range fds {
 		l, err := os.Readlink(fd)
@@ -60,12 +63,16 @@ func ListenerPID(port int) (int, error) {
 		}
 		if inodes[strings.TrimSuffix(strings.TrimPrefix(l, "socket:["), "]")] {
 			pid, err := strconv.Atoi(strings.Split(fd, "/")[2])
-			if err == nil {
-				return pid, nil
+			if err == nil && !seen[pid] {
+				seen[pid] = true
+				pids = append(pids, pid)
 			}
 		}
 	}
-	return 0, fmt.Errorf("port %d: no process of this user holds its socket", port)
+	if len(pids) == 0 {
+		return nil, fmt.Errorf("port %d: no process of this user holds its socket", port)
+	}
+	return pids, nil
 }
 
 // CPU is the user plus system time the process has used so far, all its
@@ -105,30 +112,33 @@ func Self() time.Duration {
 // Meter samples the CPU time of a fixed set of processes.
 type Meter struct {
 	names []string
-	pids  []int
+	pids  [][]int
 }
 
-// Watch adds the process listening on port, under name. It reports why
-// when the process cannot be found (another user's, or in a container).
+// Watch adds the processes listening on port, under name. It reports why
+// when they cannot be found (another user's, or in a container).
 func (m *Meter) Watch(name string, port int) error {
-	pid, err := ListenerPID(port)
+	pids, err := ListenerPIDs(port)
 	if err != nil {
 		return fmt.Errorf("%s: %w", name, err)
 	}
 	m.names = append(m.names, name)
-	m.pids = append(m.pids, pid)
+	m.pids = append(m.pids, pids)
 	return nil
 }
 
-// Sample is the CPU time each watched process has used so far, in Watch
-// order; a process that is gone counts zero.
+// Sample is the CPU time each watched name's processes have used so far,
+// in Watch order; a process that is gone counts zero.
 func (m *Meter) Sample() []time.Duration {
 	out := make([]time.Duration, len(m.pids))
-	for i, pid := range m.pids {
-		out[i], _ = CPU(pid)
+	for i, pids := range m.pids {
+		for _, pid := range pids {
+			d, _ := CPU(pid)
+			out[i] += d
+		}
 	}
 	return out
 }
 
-// Names are the watched processes' names, in Watch order.
+// Names are the watched names, in Watch order.
 func (m *Meter) Names() []string { return m.names }
