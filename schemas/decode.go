@@ -1,8 +1,10 @@
 package schemas
 
 import (
+	"encoding/binary"
 	"fmt"
-	"strconv"
+	"math"
+	"math/bits"
 	"unicode/utf16"
 	"unicode/utf8"
 )
@@ -272,7 +274,10 @@ func (s *scanner) fail(field, want string) error {
 }
 
 func (s *scanner) space() {
-	for s.i < len(s.b) {
+	// Producers write compact JSON, so this is called dozens of times per
+	// record to find no space at all: one comparison settles that, as
+	// every white-space byte is at most ' '.
+	for s.i < len(s.b) && s.b[s.i] <= ' ' {
 		switch s.b[s.i] {
 		case ' ', '\t', '\n', '\r':
 			s.i++
@@ -333,28 +338,85 @@ func (s *scanner) stringBytes(field string) ([]byte, error) {
 	if !s.consume('"') {
 		return nil, s.fail(field, "want a string")
 	}
-	start := s.i
-	ascii := true
-	for s.i < len(s.b) {
-		c := s.b[s.i]
-		switch {
+	// Work on locals: the compiler cannot keep s.i in a register, so
+	// advancing it byte by byte would store to memory on every byte.
+	b, start := s.b, s.i
+	i := start
+	// Non-ASCII bytes stop the scan only until the first one is seen: from
+	// then on the whole string is checked at the end anyway.
+	high := uint64(highBits)
+	for {
+		// Almost every byte of a record's strings needs nothing, so look
+		// at eight at a time and jump straight to the first that does.
+		if i+8 <= len(b) {
+			x := binary.LittleEndian.Uint64(b[i:])
+			m := stopBytes(x) | x&high
+			if m == 0 {
+				i += 8
+				continue
+			}
+			i += bits.TrailingZeros64(m) / 8
+		} else {
+			for i < len(b) && !strStop[b[i]] { // the last few bytes of the record
+				i++
+			}
+			if i >= len(b) {
+				s.i = i
+				return nil, malformed(field, "unterminated string")
+			}
+		}
+		switch c := b[i]; {
 		case c == '"':
-			raw := s.b[start:s.i]
-			s.i++
-			if !ascii && !utf8.Valid(raw) {
+			raw := b[start:i]
+			s.i = i + 1
+			if high == 0 && !utf8.Valid(raw) {
 				return nil, malformed(field, "string is not valid UTF-8")
 			}
 			return raw, nil
 		case c == '\\':
+			s.i = i
 			return s.escaped(field, start)
 		case c < 0x20:
+			s.i = i
 			return nil, malformed(field, "control character in a string")
-		case c >= utf8.RuneSelf:
-			ascii = false
+		default: // c >= utf8.RuneSelf
+			high = 0
+			i++
 		}
-		s.i++
 	}
-	return nil, malformed(field, "unterminated string")
+}
+
+// strStop marks the bytes at which the string scan must stop and look: the
+// closing quote, a backslash, a control character (which JSON does not
+// allow in a string) and the bytes of multi-byte UTF-8 sequences (which
+// make the string need a validity check).
+var strStop = func() (t [256]bool) {
+	for c := range t {
+		t[c] = c == '"' || c == '\\' || c < 0x20 || c >= utf8.RuneSelf
+	}
+	return t
+}()
+
+const (
+	lowBits  = 0x0101010101010101 // 0x01 in every byte of a uint64
+	highBits = 0x8080808080808080 // 0x80 in every byte
+)
+
+// stopBytes looks at x, eight bytes of a string in memory order, for the
+// ASCII bytes strStop marks: '"', '\\' and control characters. It returns 0
+// if there are none, else a word whose lowest set bit is the high bit of
+// the first of them. (Non-ASCII bytes, the rest of strStop, are x&highBits.)
+//
+// It uses the bit tricks that find a zero byte, (v-lowBits)&^v with
+// v = x^c for each c looked for, and a byte below n, (x-n*lowBits)&^x.
+// Each flags every byte that matches and may flag a byte above a match,
+// because the subtraction borrows from it, but never one below the first
+// match, which is all the caller uses. Bytes of 0x80 and above are never
+// flagged: their high bit is set in x and in x^c, and &^ clears it.
+func stopBytes(x uint64) uint64 {
+	q := x ^ '"'*lowBits
+	bs := x ^ '\\'*lowBits
+	return ((q-lowBits)&^q | (bs-lowBits)&^bs | (x-0x20*lowBits)&^x) & highBits
 }
 
 // escaped finishes a string that has an escape, from its start.
@@ -454,32 +516,50 @@ func (s *scanner) hex4() (rune, bool) {
 
 // integer reads a JSON number that must be a whole number in int64 range.
 func (s *scanner) integer(field string) (int64, error) {
-	start := s.i
-	s.consume('-')
+	neg := s.consume('-')
+	b, start := s.b, s.i
+	i := start
 	switch {
-	case s.i < len(s.b) && s.b[s.i] == '0':
-		s.i++
-	case s.i < len(s.b) && s.b[s.i] >= '1' && s.b[s.i] <= '9':
-		for s.i < len(s.b) && s.b[s.i] >= '0' && s.b[s.i] <= '9' {
-			s.i++
+	case i < len(b) && b[i] == '0':
+		i++
+	case i < len(b) && b[i] >= '1' && b[i] <= '9':
+		for i < len(b) && b[i] >= '0' && b[i] <= '9' {
+			i++
 		}
 	default:
-		if s.i < len(s.b) && s.b[s.i] == '"' {
+		if i < len(b) && b[i] == '"' {
 			return 0, malformed(field, "want a number, got a string")
 		}
 		return 0, s.fail(field, "want a number")
 	}
-	if s.i < len(s.b) {
-		switch s.b[s.i] {
+	s.i = i
+	if i < len(b) {
+		switch b[i] {
 		case '.', 'e', 'E':
 			return 0, malformed(field, "want an integer (no fraction or exponent)")
 		}
 	}
-	n, err := strconv.ParseInt(string(s.b[start:s.i]), 10, 64)
-	if err != nil {
+	// Accumulate the digits here rather than in strconv.ParseInt, which
+	// would check again the syntax checked above. Nineteen digits cannot
+	// overflow a uint64, and more are out of range for an int64 anyway.
+	digits := b[start:i]
+	if len(digits) > 19 {
 		return 0, malformed(field, "number out of range")
 	}
-	return n, nil
+	var n uint64
+	for _, c := range digits {
+		n = n*10 + uint64(c-'0')
+	}
+	if neg {
+		if n > 1<<63 {
+			return 0, malformed(field, "number out of range")
+		}
+		return -int64(n), nil // for 1<<63, int64(n) and its negation are both MinInt64
+	}
+	if n > math.MaxInt64 {
+		return 0, malformed(field, "number out of range")
+	}
+	return int64(n), nil
 }
 
 // Interner hands out one copy of each string value it has seen, so that a
@@ -489,6 +569,12 @@ func (s *scanner) integer(field string) (int64, error) {
 // Not safe for concurrent use.
 type Interner struct {
 	m map[string]string
+	// recent holds the value last returned for each of a few slots picked
+	// by a cheap hash of the bytes (recentSlot). The values a batch
+	// repeats in nearly every event are then found with one comparison,
+	// where the map would first hash every byte; a miss costs that
+	// comparison on top of the map lookup.
+	recent [64]string
 }
 
 const maxInterned = 4096
@@ -497,13 +583,31 @@ func (in *Interner) intern(b []byte) string {
 	if in == nil {
 		return string(b)
 	}
-	if s, ok := in.m[string(b)]; ok {
-		return s
+	if len(b) == 0 {
+		return ""
 	}
-	if in.m == nil || len(in.m) >= maxInterned {
-		in.m = make(map[string]string, 256)
+	slot := &in.recent[recentSlot(b)]
+	if *slot == string(b) {
+		return *slot
 	}
-	s := string(b)
-	in.m[s] = s
+	s, ok := in.m[string(b)]
+	if !ok {
+		if in.m == nil || len(in.m) >= maxInterned {
+			in.m = make(map[string]string, 256)
+			clear(in.recent[:]) // so that recent, too, holds only values of the new map
+		}
+		s = string(b)
+		in.m[s] = s
+	}
+	*slot = s
 	return s
+}
+
+// recentSlot picks b's slot in Interner.recent from its length and its
+// first and last bytes, which tell apart most of the values one batch
+// repeats, mixed by a Fibonacci multiplier so that they spread over the
+// slots. b must not be empty.
+func recentSlot(b []byte) int {
+	x := uint32(len(b)) | uint32(b[0])<<8 | uint32(b[len(b)-1])<<16
+	return int(x * 0x9E3779B1 >> (32 - 6))
 }

@@ -4,11 +4,14 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"math/rand/v2"
 	"reflect"
+	"strconv"
 	"strings"
 	"testing"
 	"unicode/utf8"
+	"unsafe"
 )
 
 // referenceDecode is what the decoder must agree with: encoding/json,
@@ -233,5 +236,261 @@ func TestDecoderIsStricterWhereDocumented(t *testing.T) {
 				t.Fatalf("got %v, want a malformed-record error", err)
 			}
 		})
+	}
+}
+
+// BenchmarkDecodeEvent measures the parser alone, without validation, on
+// the typical event of BenchmarkDecodeInterned.
+func BenchmarkDecodeEvent(b *testing.B) {
+	raw := benchEvent(b, now)
+	var in Interner
+	b.SetBytes(int64(len(raw)))
+	b.ReportAllocs()
+	for b.Loop() {
+		var e Event
+		if err := decodeEvent(raw, &e, &in); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// oldStringBytes is stringBytes as it was before it learned to skip eight
+// bytes at a time: one byte per step. The fast scan must agree with it on
+// everything, errors included.
+func oldStringBytes(s *scanner, field string) ([]byte, error) {
+	if !s.consume('"') {
+		return nil, s.fail(field, "want a string")
+	}
+	start := s.i
+	ascii := true
+	for s.i < len(s.b) {
+		c := s.b[s.i]
+		switch {
+		case c == '"':
+			raw := s.b[start:s.i]
+			s.i++
+			if !ascii && !utf8.Valid(raw) {
+				return nil, malformed(field, "string is not valid UTF-8")
+			}
+			return raw, nil
+		case c == '\\':
+			return s.escaped(field, start)
+		case c < 0x20:
+			return nil, malformed(field, "control character in a string")
+		case c >= utf8.RuneSelf:
+			ascii = false
+		}
+		s.i++
+	}
+	return nil, malformed(field, "unterminated string")
+}
+
+// TestStringScanAgreesWithByteByByte runs random strings through both
+// scanners: quotes, escapes, control characters, non-ASCII and invalid
+// UTF-8 at every offset from the start of an eight-byte block, in strings
+// long and short, with and without room after them for a whole block.
+func TestStringScanAgreesWithByteByByte(t *testing.T) {
+	pieces := []string{
+		"a", "Z", "0", " ", "~", "\x7f", "/", "\"", "\\", "\\\"", "\\\\", "\\n", "\\u00e9", "\\ud83d\\ude00",
+		"\\ud800", "\\x", "\\u12", "\x00", "\x1f", "\t", "é", "😀", "\u2028", "\x80", "\xc3", "\xff", "\xed\xa0\x80",
+		"\xbf", "!", "#", "[", "]", "\x21", "\x5b", "\x5d", "\xa2", "\xdc",
+	}
+	rng := rand.New(rand.NewPCG(3, 4))
+	for n := 0; n < 200_000; n++ {
+		var b []byte
+		b = append(b, strings.Repeat(" ", rng.IntN(3))...)
+		b = append(b, '"')
+		for k := rng.IntN(24); k > 0; k-- {
+			if rng.IntN(3) == 0 {
+				b = append(b, pieces[rng.IntN(len(pieces))]...)
+			} else {
+				b = append(b, byte('a'+rng.IntN(26)))
+			}
+		}
+		switch rng.IntN(4) {
+		case 0: // the record ends inside the string
+		case 1:
+			b = append(b, '"')
+		default:
+			b = append(b, `","more":"after it"}`[:1+rng.IntN(20)]...)
+		}
+		start := bytes.IndexByte(b, '"')
+		fast := scanner{b: b, i: start}
+		slow := scanner{b: b, i: start}
+		got, gotErr := fast.stringBytes("f")
+		want, wantErr := oldStringBytes(&slow, "f")
+		if fmt.Sprint(gotErr) != fmt.Sprint(wantErr) || !bytes.Equal(got, want) || (wantErr == nil && fast.i != slow.i) {
+			t.Fatalf("%q: got %q, %v, end %d; byte by byte %q, %v, end %d", b, got, gotErr, fast.i, want, wantErr, slow.i)
+		}
+	}
+}
+
+// TestStringScanEveryByte puts each byte value at each position of a
+// string a little longer than two blocks, the cases a mistake in the
+// eight-byte test would show in.
+func TestStringScanEveryByte(t *testing.T) {
+	for c := 0; c < 256; c++ {
+		for at := 0; at < 20; at++ {
+			for _, tail := range []string{`"`, `","x":"yyyyyyyy"}`} {
+				b := []byte(`"` + strings.Repeat("a", 20) + tail)
+				b[1+at] = byte(c)
+				fast, slow := scanner{b: b}, scanner{b: b}
+				got, gotErr := fast.stringBytes("f")
+				want, wantErr := oldStringBytes(&slow, "f")
+				if fmt.Sprint(gotErr) != fmt.Sprint(wantErr) || !bytes.Equal(got, want) || (wantErr == nil && fast.i != slow.i) {
+					t.Fatalf("%q: got %q, %v, end %d; byte by byte %q, %v, end %d", b, got, gotErr, fast.i, want, wantErr, slow.i)
+				}
+			}
+		}
+	}
+}
+
+// TestDecoderStringsAgreeWithEncodingJSON sends the same kind of random
+// strings through the whole decoder, as a value and as a dimension key,
+// against encoding/json.
+func TestDecoderStringsAgreeWithEncodingJSON(t *testing.T) {
+	pieces := []string{
+		"a", "/", "\\\"", "\\\\", "\\/", "\\n", "\\t", "\\u00e9", "\\u0000", "\\ud83d\\ude00", "\\ud800", "\\udc00x",
+		"\\x", "\\u12", "\x00", "\x1f", "\t", "\n", "\x7f", "é", "😀", "\u2028", "\x80", "\xc3", "\xff", "\xed\xa0\x80",
+		"\xf4\x90\x80\x80", "\"",
+	}
+	rng := rand.New(rand.NewPCG(5, 6))
+	for n := 0; n < 20_000; n++ {
+		var v []byte
+		for k := rng.IntN(20); k > 0; k-- {
+			if rng.IntN(3) == 0 {
+				v = append(v, pieces[rng.IntN(len(pieces))]...)
+			} else {
+				v = append(v, byte('a'+rng.IntN(26)))
+			}
+		}
+		checkAgainstReference(t, []byte(`{"route":"`+string(v)+`","units":1}`))
+		checkAgainstReference(t, []byte(`{"dimensions":{"`+string(v)+`":"x"},"type":"`+string(v)+`"}`))
+	}
+}
+
+// TestIntegerAgreesWithParseInt checks the digit loop against
+// strconv.ParseInt, which it replaced, around the edges of the range.
+func TestIntegerAgreesWithParseInt(t *testing.T) {
+	cases := []string{
+		"0", "-0", "1", "-1", "9", "10", "123456789", "-123456789",
+		"922337203685477580", "9223372036854775806", "9223372036854775807", "9223372036854775808",
+		"9223372036854775809", "9999999999999999999", "10000000000000000000", "18446744073709551615",
+		"18446744073709551616", "99999999999999999999", "123456789012345678901234567890",
+		"-9223372036854775807", "-9223372036854775808", "-9223372036854775809", "-9999999999999999999",
+		"-10000000000000000000", "-18446744073709551616",
+	}
+	rng := rand.New(rand.NewPCG(7, 8))
+	for n := 0; n < 10_000; n++ {
+		d := []byte{byte('1' + rng.IntN(9))}
+		for k := rng.IntN(21); k > 0; k-- {
+			d = append(d, byte('0'+rng.IntN(10)))
+		}
+		if rng.IntN(2) == 0 {
+			d = append([]byte{'-'}, d...)
+		}
+		cases = append(cases, string(d))
+	}
+	for _, c := range cases {
+		s := scanner{b: []byte(c + ",")}
+		got, err := s.integer("n")
+		want, werr := strconv.ParseInt(c, 10, 64)
+		if (err == nil) != (werr == nil) || err == nil && got != want {
+			t.Fatalf("%s: got %d, %v; ParseInt gives %d, %v", c, got, err, want, werr)
+		}
+		if err != nil && err.Error() != `malformed event: field "n": number out of range` {
+			t.Fatalf("%s: error %q", c, err)
+		}
+		if err == nil && s.i != len(c) {
+			t.Fatalf("%s: stopped at %d", c, s.i)
+		}
+	}
+}
+
+// TestInternerReturnsEqualStrings checks that the cache in front of the
+// map never returns anything but the bytes asked for, whatever shares a
+// slot, and that every repeat shares one copy.
+func TestInternerReturnsEqualStrings(t *testing.T) {
+	var in Interner
+	rng := rand.New(rand.NewPCG(9, 10))
+	first := map[string]string{}
+	for n := 0; n < 3*maxInterned; n++ {
+		// Few distinct lengths and end bytes, so that slots collide.
+		b := []byte{byte('a' + rng.IntN(3))}
+		for k := rng.IntN(3); k > 0; k-- {
+			b = append(b, byte('a'+rng.IntN(26)))
+		}
+		b = append(b, byte('a'+rng.IntN(3)))
+		got := in.intern(b)
+		if got != string(b) {
+			t.Fatalf("interned %q as %q", b, got)
+		}
+		if f, ok := first[got]; ok && unsafe.StringData(f) != unsafe.StringData(got) {
+			t.Fatalf("%q: two copies", got)
+		}
+		first[got] = got
+	}
+	if got := in.intern(nil); got != "" {
+		t.Fatalf("empty value interned as %q", got)
+	}
+	var nilIn *Interner
+	if got := nilIn.intern([]byte("x")); got != "x" {
+		t.Fatalf("nil interner gives %q", got)
+	}
+}
+
+// TestInternerStartsOver checks the bound: past maxInterned values the
+// map and the cache in front of it start over.
+func TestInternerStartsOver(t *testing.T) {
+	var in Interner
+	keep := in.intern([]byte("keep"))
+	for n := 0; len(in.m) < maxInterned; n++ {
+		in.intern([]byte(strconv.Itoa(n)))
+	}
+	in.intern([]byte("one more"))
+	if len(in.m) != 1 {
+		t.Fatalf("%d values after starting over, want 1", len(in.m))
+	}
+	for _, r := range in.recent {
+		if r != "" && r != "one more" {
+			t.Fatalf("cache still holds %q after starting over", r)
+		}
+	}
+	if again := in.intern([]byte("keep")); again != keep {
+		t.Fatalf("got %q", again)
+	}
+}
+
+// TestValidateListsDimensionProblemsInKeyOrder pins the order Validate
+// reports bad dimensions in, now that it sorts the keys only when one is
+// bad, and the methods it knows.
+func TestValidateListsDimensionProblemsInKeyOrder(t *testing.T) {
+	e := validEvent()
+	e.Dimensions = map[string]string{"ok": "x", "z Bad": "x", "a": strings.Repeat("v", MaxDimensionValue+1),
+		"m": "y", "B": "x", strings.Repeat("k", MaxDimensionKey+1): "x", "fine_2": strings.Repeat("v", MaxDimensionValue)}
+	var ve *ValidationError
+	if !errors.As(e.Validate(now), &ve) {
+		t.Fatal("want a *ValidationError")
+	}
+	var got []string
+	for _, p := range ve.Problems {
+		got = append(got, p.Error())
+	}
+	want := []string{
+		"dimensions.B: key must be lower case letters, digits and _, at most 64 bytes",
+		"dimensions.a: value longer than 256 bytes",
+		"dimensions." + strings.Repeat("k", MaxDimensionKey+1) + ": key must be lower case letters, digits and _, at most 64 bytes",
+		"dimensions.z Bad: key must be lower case letters, digits and _, at most 64 bytes",
+	}
+	if !reflect.DeepEqual(got, want) {
+		t.Fatalf("got\n%q\nwant\n%q", got, want)
+	}
+	for _, m := range []string{"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "get", "CONNECT", "TRACE", "GETS", "GE"} {
+		e := validEvent()
+		e.Method = m
+		known := m == strings.ToUpper(m) && len(m) > 2 && m != "CONNECT" && m != "TRACE" && m != "GETS"
+		if err := e.Validate(now); (err == nil) != known {
+			t.Errorf("method %q: %v", m, err)
+		}
 	}
 }

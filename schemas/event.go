@@ -99,15 +99,31 @@ func (e *ValidationError) Error() string {
 // ErrMalformed wraps decoding failures: the bytes are not a version-1 event.
 var ErrMalformed = errors.New("malformed event")
 
+const (
+	asciiLower  = "abcdefghijklmnopqrstuvwxyz"
+	asciiUpper  = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+	asciiDigits = "0123456789"
+)
+
 var (
 	// identifiers: ^[A-Za-z0-9_.:-]+$
-	identChars = charset{lower: true, upper: true, digits: true, extra: "_.:-"}
+	identChars = newCharset(asciiLower+asciiUpper+asciiDigits+"_.:-", false)
 	// event types: ^[a-z][a-z0-9_.]*$
-	typeChars = charset{lower: true, digits: true, extra: "_.", lowerFirst: true}
+	typeChars = newCharset(asciiLower+asciiDigits+"_.", true)
 	// dimension keys: ^[a-z][a-z0-9_]*$
-	dimKeyChars = charset{lower: true, digits: true, extra: "_", lowerFirst: true}
-	methods     = map[string]bool{"GET": true, "HEAD": true, "POST": true, "PUT": true, "PATCH": true, "DELETE": true, "OPTIONS": true}
+	dimKeyChars = newCharset(asciiLower+asciiDigits+"_", true)
 )
+
+// knownMethod reports whether m is an HTTP method an event may carry. A
+// switch rather than a map: it compares a few bytes where a map would
+// hash the string first, on every event.
+func knownMethod(m string) bool {
+	switch m {
+	case "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS":
+		return true
+	}
+	return false
+}
 
 // Validate checks every field against the contract, relative to now, and
 // returns a *ValidationError listing all problems, or nil.
@@ -156,7 +172,7 @@ func (e *Event) Validate(now time.Time) error {
 	if len(e.Route) > MaxRouteLength {
 		add("route", "longer than %d bytes", MaxRouteLength)
 	}
-	if e.Method != "" && !methods[e.Method] {
+	if e.Method != "" && !knownMethod(e.Method) {
 		add("method", "unknown HTTP method %q", e.Method)
 	}
 	if e.Status != 0 && (e.Status < 100 || e.Status > 599) {
@@ -183,19 +199,32 @@ func (e *Event) Validate(now time.Time) error {
 	if len(e.Dimensions) > MaxDimensions {
 		add("dimensions", "more than %d entries", MaxDimensions)
 	}
-	for _, k := range sortedKeys(e.Dimensions) {
-		v := e.Dimensions[k]
-		switch {
-		case len(k) > MaxDimensionKey || !dimKeyChars.MatchString(k):
-			add("dimensions."+k, "key must be lower case letters, digits and _, at most %d bytes", MaxDimensionKey)
-		case len(v) > MaxDimensionValue:
-			add("dimensions."+k, "value longer than %d bytes", MaxDimensionValue)
+	// Problems with dimensions are listed in key order, which costs a
+	// sorted copy of the keys; make it only when there is one to list.
+	for k, v := range e.Dimensions {
+		if !validDimension(k, v) {
+			for _, k := range sortedKeys(e.Dimensions) {
+				v := e.Dimensions[k]
+				switch {
+				case len(k) > MaxDimensionKey || !dimKeyChars.MatchString(k):
+					add("dimensions."+k, "key must be lower case letters, digits and _, at most %d bytes", MaxDimensionKey)
+				case len(v) > MaxDimensionValue:
+					add("dimensions."+k, "value longer than %d bytes", MaxDimensionValue)
+				}
+			}
+			break
 		}
 	}
 	if len(ps) > 0 {
 		return &ValidationError{Problems: ps}
 	}
 	return nil
+}
+
+// validDimension reports whether Validate finds nothing wrong with the
+// dimension k: v.
+func validDimension(k, v string) bool {
+	return len(k) <= MaxDimensionKey && dimKeyChars.MatchString(k) && len(v) <= MaxDimensionValue
 }
 
 // Normalize puts fields in canonical form: UTC time truncated to the
@@ -266,21 +295,27 @@ func sortedKeys(m map[string]string) []string {
 // optionally starting with a lower-case letter: the patterns above, checked
 // without a regexp engine because ingest checks them for every event.
 type charset struct {
-	lower, upper, digits, lowerFirst bool
-	extra                            string
+	// allowed is indexed by byte, so that each byte of a string costs one
+	// load rather than a comparison per range of the set.
+	allowed    [256]bool
+	lowerFirst bool
+}
+
+func newCharset(chars string, lowerFirst bool) charset {
+	c := charset{lowerFirst: lowerFirst}
+	for i := 0; i < len(chars); i++ {
+		c.allowed[chars[i]] = true
+	}
+	return c
 }
 
 // MatchString reports whether s is made of the set's characters only.
-func (c charset) MatchString(s string) bool {
+func (c *charset) MatchString(s string) bool {
 	if s == "" || c.lowerFirst && (s[0] < 'a' || s[0] > 'z') {
 		return false
 	}
 	for i := 0; i < len(s); i++ {
-		b := s[i]
-		switch {
-		case c.lower && 'a' <= b && b <= 'z', c.upper && 'A' <= b && b <= 'Z', c.digits && '0' <= b && b <= '9':
-		case strings.IndexByte(c.extra, b) >= 0:
-		default:
+		if !c.allowed[s[i]] {
 			return false
 		}
 	}
