@@ -173,30 +173,95 @@ GROUP BY account_id, environment, meter, w, group_values`,
 }
 
 // Recompute rewrites every window holding a touched minute, for every
-// request in rs (all of one granularity), in a single INSERT: one new part
-// per batch and level keeps ClickHouse's merges ahead of ingest. The finer
-// granularity must have been recomputed first.
+// request in rs (all of one granularity), in as few INSERTs as ClickHouse's
+// query size limit allows (almost always one): one new part per batch and
+// level keeps ClickHouse's merges ahead of ingest. The finer granularity
+// must have been recomputed first.
 func (s *Store) Recompute(ctx context.Context, rs []aggregator.Recompute) error {
-	var selects []string
-	var args []any
+	type sel struct {
+		sql  string
+		args []any
+	}
+	var sels []sel
 	for _, r := range rs {
-		q, a, err := recomputeSelects(r)
-		if err != nil {
-			return err
-		}
-		selects = append(selects, q...)
-		for range q {
-			args = append(args, a...)
+		for _, part := range chunkTouched(touchedAt(r.Touched, r.Granularity), maxQueryBytes/2) {
+			r.Touched = part
+			q, a, err := recomputeSelects(r)
+			if err != nil {
+				return err
+			}
+			for _, q := range q {
+				sels = append(sels, sel{q, a})
+			}
 		}
 	}
-	if len(selects) == 0 {
-		return nil
-	}
-	q := "INSERT INTO usage_rollups (" + rollupColumns + extraColumnsAll + ")\n" + strings.Join(selects, "\nUNION ALL\n")
-	if err := s.conn.Exec(ctx, q, args...); err != nil {
-		return fmt.Errorf("recompute %s rollups: %w", rs[0].Granularity, err)
+	head := "INSERT INTO usage_rollups (" + rollupColumns + extraColumnsAll + ")\n"
+	for len(sels) > 0 {
+		n, size := 0, len(head)
+		for n < len(sels) && (n == 0 || size+len(sels[n].sql) <= maxQueryBytes) {
+			size += len(sels[n].sql) + len("\nUNION ALL\n")
+			n++
+		}
+		qs := make([]string, n)
+		var args []any
+		for i, x := range sels[:n] {
+			qs[i] = x.sql
+			args = append(args, x.args...)
+		}
+		if err := s.conn.Exec(ctx, head+strings.Join(qs, "\nUNION ALL\n"), args...); err != nil {
+			return fmt.Errorf("recompute %s rollups: %w", rs[0].Granularity, err)
+		}
+		sels = sels[n:]
 	}
 	return nil
+}
+
+// maxQueryBytes keeps a recompute INSERT under ClickHouse's default
+// max_query_size (256 KiB), with room for the arguments bound into it; one
+// SELECT's list of touched windows gets half of it. A burst of late events
+// can touch thousands of minutes at once, and an INSERT over the limit
+// would fail on every retry.
+const maxQueryBytes = 200_000
+
+// touchedAt is ts at the resolution level g needs to find its windows by,
+// without repeats: minutes for the minute level and quarter hours above it.
+// Every zone's offset from UTC is a whole number of quarter hours, in Go's
+// rules and in ClickHouse's (even where the two disagree, see
+// recomputeSelects), so every instant of a UTC quarter hour lies in the same
+// hour, day and month window; more instants would only lengthen the query.
+func touchedAt(ts []aggregator.Touched, g aggregator.Granularity) []aggregator.Touched {
+	if g == aggregator.Minute {
+		return ts
+	}
+	seen := make(map[aggregator.Touched]struct{}, len(ts))
+	out := make([]aggregator.Touched, 0, len(ts))
+	for _, t := range ts {
+		t.Minute = t.Minute.Truncate(15 * time.Minute)
+		if _, ok := seen[t]; !ok {
+			seen[t] = struct{}{}
+			out = append(out, t)
+		}
+	}
+	return out
+}
+
+// chunkTouched splits ts, in order, into runs whose touched-window lists
+// stay under budget bytes in a query.
+func chunkTouched(ts []aggregator.Touched, budget int) [][]aggregator.Touched {
+	var out [][]aggregator.Touched
+	start, size := 0, 0
+	for i, t := range ts {
+		n := len(t.Account) + 40 // ('account', 'live', 1795745497),
+		if i > start && size+n > budget {
+			out = append(out, ts[start:i])
+			start, size = i, 0
+		}
+		size += n
+	}
+	if start < len(ts) {
+		out = append(out, ts[start:])
+	}
+	return out
 }
 
 // recomputeSelects are the SELECTs for one meter and zone, one per cluster

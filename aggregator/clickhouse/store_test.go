@@ -100,6 +100,26 @@ func TestRollupsEqualAnIndependentComputation(t *testing.T) {
 	compareAll(t, store, events)
 }
 
+// TestABatchTouchingManyMinutesIsRecomputedInPieces lands one batch whose
+// events fall in 2,500 different minutes over 40 days, as a burst of late
+// events (a client backfilling a day of server-reported usage, say) can.
+// With four meters on the event type, listing every touched minute in one
+// INSERT came to more than ClickHouse's 256 KiB max_query_size, and the
+// recompute failed on every retry ("Max query size exceeded"), stalling
+// the partition. The touched windows are now split over as many SELECTs and
+// INSERTs as the limit needs, and each window is still recomputed whole.
+func TestABatchTouchingManyMinutesIsRecomputedInPieces(t *testing.T) {
+	ch := testenv.NewClickHouse(t)
+	ctx := context.Background()
+	events := genEvents(rand.New(rand.NewPCG(3, 4)), 2500, time.Now().UTC())
+	store := clickhouse.NewStore(ch.Conn)
+	roller := aggregator.NewRoller(aggregator.StaticMeters(testMeters), zones, store, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	batch := records(events)
+	testenv.Must(t, chsink.NewSink(ch.Conn).Insert(ctx, batch), "insert raw")
+	testenv.Must(t, roller.Landed(ctx, batch), "recompute rollups")
+	compareAll(t, store, events)
+}
+
 func compareAll(t *testing.T, store *clickhouse.Store, events []schemas.Event) {
 	t.Helper()
 	locs, err := aggregatortest.Locations(zones)
