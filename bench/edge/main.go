@@ -259,29 +259,24 @@ var cpuWho = map[string]string{
 
 // targetCPU is, per target, the processes outside this one whose CPU time
 // counts for it: nginx's master and workers for the nginx targets, and the
-// Redis server and Kafka broker the edge uses.
+// Redis server and Kafka broker the edge uses. Other targets (and every
+// target when this fails) have none: a nil Meter.
 func targetCPU(nginxAddr string) (map[string]*procstat.Meter, error) {
-	port := func(addr string) int {
-		_, p, _ := net.SplitHostPort(addr)
-		n, _ := strconv.Atoi(p)
-		return n
-	}
 	var ngx, edgeDeps procstat.Meter
-	if err := ngx.Watch("nginx", port(nginxAddr)); err != nil {
+	if err := ngx.Watch("nginx", nginxAddr); err != nil {
 		return nil, err
 	}
 	brokers := strings.Split(env("TOLLGATE_KAFKA_BROKERS", "127.0.0.1:19092"), ",")
 	if len(brokers) > 1 {
 		return nil, errors.New("more than one Kafka broker")
 	}
-	if err := edgeDeps.Watch("redis", port(env("TOLLGATE_REDIS_ADDR", "127.0.0.1:16379"))); err != nil {
+	if err := edgeDeps.Watch("redis", env("TOLLGATE_REDIS_ADDR", "127.0.0.1:16379")); err != nil {
 		return nil, err
 	}
-	if err := edgeDeps.Watch("kafka", port(brokers[0])); err != nil {
+	if err := edgeDeps.Watch("kafka", brokers[0]); err != nil {
 		return nil, err
 	}
-	none := &procstat.Meter{}
-	return map[string]*procstat.Meter{"direct": none, "go_proxy": none, "nginx": &ngx, "nginx_limit": &ngx, "edge": &edgeDeps}, nil
+	return map[string]*procstat.Meter{"nginx": &ngx, "nginx_limit": &ngx, "edge": &edgeDeps}, nil
 }
 
 // redisCommands is how many scripts Redis has run since it started

@@ -46,7 +46,6 @@ import (
 	"os/exec"
 	"runtime/pprof"
 	"slices"
-	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -695,14 +694,7 @@ func newCPUMeter(chAddr string, brokers []string) *cpuMeter {
 		return nil
 	}
 	for _, s := range []struct{ name, addr string }{{"clickhouse", chAddr}, {"kafka", brokers[0]}} {
-		_, port, err := net.SplitHostPort(s.addr)
-		if err == nil {
-			var p int
-			if p, err = strconv.Atoi(port); err == nil {
-				err = m.servers.Watch(s.name, p)
-			}
-		}
-		if err != nil {
+		if err := m.servers.Watch(s.name, s.addr); err != nil {
 			fmt.Printf("cpu per event not measured: %v\n", err)
 			return nil
 		}

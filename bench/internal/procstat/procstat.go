@@ -12,6 +12,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -115,9 +116,18 @@ type Meter struct {
 	pids  [][]int
 }
 
-// Watch adds the processes listening on port, under name. It reports why
-// when they cannot be found (another user's, or in a container).
-func (m *Meter) Watch(name string, port int) error {
+// Watch adds the processes listening on addr's port (host:port), under
+// name. It reports why when they cannot be found (another user's, or in a
+// container).
+func (m *Meter) Watch(name, addr string) error {
+	_, p, err := net.SplitHostPort(addr)
+	if err != nil {
+		return fmt.Errorf("%s: %w", name, err)
+	}
+	port, err := strconv.Atoi(p)
+	if err != nil {
+		return fmt.Errorf("%s: port %q: %w", name, p, err)
+	}
 	pids, err := ListenerPIDs(port)
 	if err != nil {
 		return fmt.Errorf("%s: %w", name, err)
@@ -128,8 +138,12 @@ func (m *Meter) Watch(name string, port int) error {
 }
 
 // Sample is the CPU time each watched name's processes have used so far,
-// in Watch order; a process that is gone counts zero.
+// in Watch order; a process that is gone counts zero. A nil Meter watches
+// nothing.
 func (m *Meter) Sample() []time.Duration {
+	if m == nil {
+		return nil
+	}
 	out := make([]time.Duration, len(m.pids))
 	for i, pids := range m.pids {
 		for _, pid := range pids {
@@ -141,4 +155,9 @@ func (m *Meter) Sample() []time.Duration {
 }
 
 // Names are the watched names, in Watch order.
-func (m *Meter) Names() []string { return m.names }
+func (m *Meter) Names() []string {
+	if m == nil {
+		return nil
+	}
+	return m.names
+}
