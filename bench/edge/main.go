@@ -166,17 +166,17 @@ func run() error {
 				return err
 			}
 			pipes0, scripts0 := edgeLimiter.Pipelined()
-			self0, others0 := procstat.Self(), cpu[tg.name].Sample()
+			span := cpu[tg.name].Begin()
 			r, err := wrk(tg.url, auth, *dur, *conns)
 			stopProfile()
 			if err != nil {
 				return err
 			}
-			used := procstat.Self() - self0
+			used, others := span.End()
 			parts := []string{fmt.Sprintf("this process %.1f", float64(used.Microseconds())/(r*dur.Seconds()))}
-			for i, d := range cpu[tg.name].Sample() {
-				used += d - others0[i]
-				parts = append(parts, fmt.Sprintf("%s %.1f", cpu[tg.name].Names()[i], float64((d-others0[i]).Microseconds())/(r*dur.Seconds())))
+			for _, o := range others {
+				used += o.CPU
+				parts = append(parts, fmt.Sprintf("%s %.1f", o.Name, float64(o.CPU.Microseconds())/(r*dur.Seconds())))
 			}
 			rps[tg.name] = max(rps[tg.name], r)
 			fmt.Printf("round %d %-12s %10.0f req/s  (wrk, %d connections, %s)\n", round, tg.name, r, *conns, *dur)

@@ -702,11 +702,6 @@ func newCPUMeter(chAddr string, brokers []string) *cpuMeter {
 	return &m
 }
 
-type cpuStart struct {
-	self    time.Duration
-	servers []time.Duration
-}
-
 // cpuUse is the CPU time every process of one side used during one run.
 type cpuUse struct {
 	ok    bool
@@ -714,17 +709,17 @@ type cpuUse struct {
 	total time.Duration
 }
 
-func (m *cpuMeter) begin() cpuStart {
+func (m *cpuMeter) begin() procstat.Span {
 	if m == nil {
-		return cpuStart{}
+		return procstat.Span{}
 	}
-	return cpuStart{self: procstat.Self(), servers: m.servers.Sample()}
+	return m.servers.Begin()
 }
 
 // end is the CPU used since s: this process's under selfName (or not at
 // all when selfName is empty: it only polled), each server's, and the
 // children's (the peer's own processes).
-func (m *cpuMeter) end(s cpuStart, selfName string, children time.Duration) cpuUse {
+func (m *cpuMeter) end(s procstat.Span, selfName string, children time.Duration) cpuUse {
 	if m == nil {
 		return cpuUse{}
 	}
@@ -733,14 +728,15 @@ func (m *cpuMeter) end(s cpuStart, selfName string, children time.Duration) cpuU
 		u.parts = append(u.parts, fmt.Sprintf("%s %.2fs", name, d.Seconds()))
 		u.total += d
 	}
+	self, servers := s.End()
 	if selfName != "" {
-		add(selfName, procstat.Self()-s.self)
+		add(selfName, self)
 	}
 	if children > 0 {
 		add("kcat + clickhouse-client", children)
 	}
-	for i, d := range m.servers.Sample() {
-		add(m.servers.Names()[i], d-s.servers[i])
+	for _, o := range servers {
+		add(o.Name, o.CPU)
 	}
 	return u
 }

@@ -137,10 +137,34 @@ func (m *Meter) Watch(name, addr string) error {
 	return nil
 }
 
-// Sample is the CPU time each watched name's processes have used so far,
-// in Watch order; a process that is gone counts zero. A nil Meter watches
-// nothing.
-func (m *Meter) Sample() []time.Duration {
+// Use is the CPU time one watched name's processes used over a span.
+type Use struct {
+	Name string
+	CPU  time.Duration
+}
+
+// Span is a starting reading of this process's CPU time and of m's
+// processes'; End says what each has used since.
+type Span struct {
+	m      *Meter
+	self   time.Duration
+	others []time.Duration
+}
+
+// Begin starts a span. A nil Meter watches nothing but this process.
+func (m *Meter) Begin() Span { return Span{m: m, self: Self(), others: m.sample()} }
+
+// End is the CPU time this process and each watched name's processes (in
+// Watch order) have used since Begin; a process that is gone counts zero.
+func (s Span) End() (self time.Duration, others []Use) {
+	self = Self() - s.self
+	for i, d := range s.m.sample() {
+		others = append(others, Use{Name: s.m.names[i], CPU: d - s.others[i]})
+	}
+	return self, others
+}
+
+func (m *Meter) sample() []time.Duration {
 	if m == nil {
 		return nil
 	}
@@ -152,12 +176,4 @@ func (m *Meter) Sample() []time.Duration {
 		}
 	}
 	return out
-}
-
-// Names are the watched names, in Watch order.
-func (m *Meter) Names() []string {
-	if m == nil {
-		return nil
-	}
-	return m.names
 }
