@@ -152,7 +152,7 @@ func run() error {
 	}
 	cpuPerCall := map[string]float64{}
 	rps := map[string]float64{}
-	var callsPerWrite float64
+	var callsPerScript float64
 	for _, tg := range targets {
 		// Warm up connections and caches.
 		if _, err := wrk(tg.url, auth, 2*time.Second, *conns); err != nil {
@@ -165,7 +165,7 @@ func run() error {
 			if err != nil {
 				return err
 			}
-			pipes0, scripts0 := edgeLimiter.Pipelined()
+			runs0, calls0 := edgeLimiter.Batched()
 			span := cpu[tg.name].Begin()
 			r, err := wrk(tg.url, auth, *dur, *conns)
 			stopProfile()
@@ -188,9 +188,9 @@ func run() error {
 				fmt.Printf("round %d %-12s %10.1f µs CPU per call (%s: %s)\n", round, tg.name, us, cpuWho[tg.name], strings.Join(parts, " + "))
 			}
 			if tg.name == "edge" {
-				pipes, scripts := edgeLimiter.Pipelined()
-				callsPerWrite = float64(scripts-scripts0) / float64(max(1, pipes-pipes0))
-				fmt.Printf("round %d %-12s %.1f calls' limit checks per Redis write (pipelined)\n", round, tg.name, callsPerWrite)
+				runs, calls := edgeLimiter.Batched()
+				callsPerScript = float64(calls-calls0) / float64(max(1, runs-runs0))
+				fmt.Printf("round %d %-12s %.1f calls' limits decided per Redis script run (batched)\n", round, tg.name, callsPerScript)
 			}
 		}
 	}
@@ -232,9 +232,9 @@ func run() error {
 		fmt.Printf("best    %-12s p99 %8.3f ms\n", name, float64(p99[name].Microseconds())/1000)
 	}
 	overhead := float64((p99["edge"] - p99["direct"]).Microseconds()) / 1000
-	result := fmt.Sprintf("RESULT edge_rps=%.0f nginx_rps=%.0f nginx_limit_rps=%.0f ratio_vs_nginx_limit=%.2f p99_overhead_ms=%.3f go_proxy_rps=%.0f ratio_vs_go_proxy=%.2f redis_scripts_per_call=%.2f calls_per_redis_write=%.1f",
+	result := fmt.Sprintf("RESULT edge_rps=%.0f nginx_rps=%.0f nginx_limit_rps=%.0f ratio_vs_nginx_limit=%.2f p99_overhead_ms=%.3f go_proxy_rps=%.0f ratio_vs_go_proxy=%.2f redis_scripts_per_call=%.2f calls_per_redis_script=%.1f",
 		rps["edge"], rps["nginx"], rps["nginx_limit"], rps["edge"]/rps["nginx_limit"], overhead, rps["go_proxy"],
-		rps["edge"]/rps["go_proxy"], perCall, callsPerWrite)
+		rps["edge"]/rps["go_proxy"], perCall, callsPerScript)
 	if cpuErr == nil {
 		for _, tg := range targets {
 			fmt.Printf("best    %-12s %10.1f µs CPU per call\n", tg.name, cpuPerCall[tg.name])

@@ -6,7 +6,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -20,15 +19,15 @@ import (
 // Limiter is GCRA (redis_rate) for rate limits and an atomic counter per
 // account and calendar month for quotas.
 //
-// Concurrent calls' AllowCall scripts are pipelined. A call that finds
-// fewer than maxSenders pipelines in flight sends one itself, taking along
-// every call queued behind it; the others queue, and when a sender is done
-// it hands the job to the first call still queued. Each script still runs
-// on its own and atomically, so the answers are the ones separate round
-// trips would give; what changes is the system calls on both sides, which
-// under load are most of what a call costs Redis and the edge. A call that
-// finds a sender free goes at once, from its own goroutine, so at low load
-// nothing is added to its latency.
+// Concurrent calls' AllowCall decisions are batched: one script run
+// decides every call in a batch, in order, each exactly as it would be
+// decided alone. A call that finds fewer than maxSenders batches in flight
+// sends one itself, taking along every call queued behind it; the others
+// queue, and when a sender is done it hands the job to the first call
+// still queued. What batching saves is the system calls on both sides and
+// Redis's per-script cost, which under load are most of what a call costs
+// Redis and the edge. A call that finds a sender free goes at once, from
+// its own goroutine, so at low load nothing is added to its latency.
 type Limiter struct {
 	rdb  redis.UniversalClient
 	gcra *redis_rate.Limiter
@@ -36,8 +35,8 @@ type Limiter struct {
 	mu      sync.Mutex
 	queue   []*callRequest
 	sending int
-	// sent counts pipelines written; scripts counts the calls they carried.
-	sent, scripts atomic.Uint64
+	// sent counts script runs; calls counts the calls they decided.
+	sent, calls atomic.Uint64
 }
 
 type callRequest struct {
@@ -54,10 +53,10 @@ type callReply struct {
 }
 
 const (
-	// maxSenders bounds the pipelines in flight at once.
+	// maxSenders bounds the batches in flight at once.
 	maxSenders = 2
-	// maxPipeline bounds one pipeline's calls.
-	maxPipeline = 256
+	// maxBatch bounds one batch's calls.
+	maxBatch = 256
 )
 
 var (
@@ -74,13 +73,13 @@ func NewLimiter(rdb redis.UniversalClient) *Limiter {
 	return &Limiter{rdb: rdb, gcra: redis_rate.NewLimiter(rdb)}
 }
 
-// Pipelined reports how many pipelines carried how many AllowCall scripts.
-func (l *Limiter) Pipelined() (pipelines, scripts uint64) { return l.sent.Load(), l.scripts.Load() }
+// Batched reports how many script runs decided how many AllowCall calls.
+func (l *Limiter) Batched() (runs, calls uint64) { return l.sent.Load(), l.calls.Load() }
 
-// pipelined runs allowCall for one call, in a pipeline with whatever other
-// calls are waiting. The wait is bounded by the Redis client's read and
-// write timeouts, which bound every pipeline.
-func (l *Limiter) pipelined(keys []string, args ...any) ([]any, error) {
+// batched decides one call, in a batch with whatever other calls are
+// waiting. The wait is bounded by the Redis client's read and write
+// timeouts, which bound every script run.
+func (l *Limiter) batched(keys []string, args ...any) ([]any, error) {
 	r := &callRequest{keys: keys, args: args, reply: make(chan callReply, 1)}
 	l.mu.Lock()
 	if l.sending < maxSenders {
@@ -103,7 +102,7 @@ func (l *Limiter) pipelined(keys []string, args ...any) ([]any, error) {
 // sends that call and the queue behind it, then passes the slot on to the
 // first call queued meanwhile, or frees it.
 func (l *Limiter) sendFrom(first *callRequest) {
-	n := min(len(l.queue), maxPipeline-1)
+	n := min(len(l.queue), maxBatch-1)
 	batch := make([]*callRequest, 0, n+1)
 	batch = append(append(batch, first), l.queue[:n]...)
 	l.queue = l.queue[n:]
@@ -123,31 +122,49 @@ func (l *Limiter) sendFrom(first *callRequest) {
 	next.reply <- callReply{lead: true}
 }
 
-// run sends one pipeline and answers each call in it.
+// run answers every call in batch with one run of allowCalls, which
+// decides them in order, each as it would be decided alone.
 func (l *Limiter) run(batch []*callRequest) {
 	ctx := context.Background()
-	cmds := make([]*redis.Cmd, 0, len(batch))
-	if len(batch) == 1 {
-		cmds = append(cmds, l.rdb.EvalSha(ctx, allowCall.Hash(), batch[0].keys, batch[0].args...))
-	} else {
-		_, _ = l.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
-			for _, r := range batch {
-				cmds = append(cmds, p.EvalSha(ctx, allowCall.Hash(), r.keys, r.args...))
-			}
-			return nil
-		})
+	var nkeys, nargs int
+	for _, r := range batch {
+		nkeys += len(r.keys)
+		nargs += len(r.args) + 1
+	}
+	keys := make([]string, 0, nkeys)
+	args := make([]any, 0, nargs+1)
+	args = append(args, len(batch))
+	for _, r := range batch {
+		keys = append(keys, r.keys...)
+		args = append(args, len(r.keys))
+		args = append(args, r.args...)
+	}
+	v, err := allowCalls.EvalSha(ctx, l.rdb, keys, args...).Slice()
+	if redis.HasErrorPrefix(err, "NOSCRIPT") {
+		// Redis restarted or its script cache was flushed: Run loads the
+		// script again.
+		v, err = allowCalls.Run(ctx, l.rdb, keys, args...).Slice()
 	}
 	l.sent.Add(1)
-	l.scripts.Add(uint64(len(batch)))
+	l.calls.Add(uint64(len(batch)))
+	if err == nil && len(v) != len(batch) {
+		err = fmt.Errorf("%w: %d answers for %d calls", errReply, len(v), len(batch))
+	}
 	for i, r := range batch {
-		cmd := cmds[i]
-		if redis.HasErrorPrefix(cmd.Err(), "NOSCRIPT") {
-			// Redis restarted or its script cache was flushed: Run loads
-			// the script again.
-			cmd = allowCall.Run(ctx, l.rdb, r.keys, r.args...)
+		if err != nil {
+			r.reply <- callReply{err: err}
+			continue
 		}
-		v, err := cmd.Slice()
-		r.reply <- callReply{v: v, err: err}
+		switch a := v[i].(type) {
+		case []any:
+			r.reply <- callReply{v: a}
+		case error:
+			// One call's keys failed (say, a key of the wrong type); the
+			// others in the batch are answered as usual.
+			r.reply <- callReply{err: a}
+		default:
+			r.reply <- callReply{err: errReply}
+		}
 	}
 }
 
@@ -187,73 +204,129 @@ func (l *Limiter) Take(ctx context.Context, bucket string, limit int64, ttl time
 	return v[1], v[0] == 1, nil
 }
 
-// allowCall is redis_rate's GCRA (allowN with cost 1, the same arithmetic,
-// keys and stored values) over each bucket in turn, stopping at the first
-// refusal, then take's quota count if every bucket allowed the call: one
-// round trip per call instead of one per bucket plus one for the quota.
-// KEYS: the buckets, then the quota counter when ARGV[4] is "1".
-// ARGV: burst, rate, period (s), with quota, quota limit, quota expiry (s).
-// Returns four values per bucket checked (allowed, remaining, retry_after,
-// reset_after, as redis_rate), then (allowed, count) for the quota.
-var allowCall = redis.NewScript(`
+// allowCalls decides a batch of calls in order. Each call is redis_rate's
+// GCRA (allowN with cost 1: the same arithmetic, keys and stored values)
+// over each of its buckets in turn, stopping at the first refusal, then
+// take's quota count if every bucket allowed it.
+//
+// KEYS: each call's keys one call after another: its buckets, then its
+// quota counter when it has one.
+// ARGV: the number of calls, then for each call its number of keys, burst,
+// rate, period (s), with quota ("1" or "0"), quota limit, quota expiry (s).
+//
+// Returns one array per call: four values per bucket checked (allowed,
+// remaining, and retry_after and reset_after in microseconds rounded up,
+// else as redis_rate), then (allowed, count) for the quota; or an error for a call whose keys failed, leaving
+// the other calls' answers standing.
+var allowCalls = redis.NewScript(`
 redis.replicate_commands()
-local burst = tonumber(ARGV[1])
-local rate = tonumber(ARGV[2])
-local period = tonumber(ARGV[3])
-local with_quota = ARGV[4] == "1"
-local buckets = #KEYS
-if with_quota then buckets = buckets - 1 end
-
-local emission_interval = period / rate
-local burst_offset = emission_interval * burst
 local jan_1_2017 = 1483228800
 local now = redis.call("TIME")
 now = (now[1] - jan_1_2017) + (now[2] / 1000000)
 
-local out = {}
-for i = 1, buckets do
-  local tat = redis.call("GET", KEYS[i])
-  if not tat then
-    tat = now
-  else
-    tat = tonumber(tat)
-  end
-  tat = math.max(tat, now)
-  local new_tat = tat + emission_interval
-  local diff = now - (new_tat - burst_offset)
-  local remaining = diff / emission_interval
-  if remaining < 0 then
-    table.insert(out, 0)
-    table.insert(out, 0)
-    table.insert(out, tostring(diff * -1))
-    table.insert(out, tostring(tat - now))
-    return out
-  end
-  local reset_after = new_tat - now
-  if reset_after > 0 then
-    redis.call("SET", KEYS[i], new_tat, "EX", math.ceil(reset_after))
-  end
-  table.insert(out, 1)
-  table.insert(out, remaining)
-  table.insert(out, "-1")
-  table.insert(out, tostring(reset_after))
+-- Every key is read at most once and written at most once per run: calls
+-- in a batch often share a bucket (a busy key, or any two keys of one
+-- account), and the script is atomic, so holding a key's value here
+-- between calls and writing the last one leaves Redis as the calls one by
+-- one would have. A key's entry: v (its value, nil if absent), set (v was
+-- changed), ex (expiry in seconds for the write, or nil to keep the TTL).
+local cache = {}
+local function load(k)
+  local e = cache[k]
+  if e then return e end
+  local r = redis.pcall("GET", k)
+  if type(r) == "table" and r.err then error(r) end
+  if r == false then r = nil end
+  e = {v = r}
+  cache[k] = e
+  return e
 end
 
-if with_quota then
-  local q = KEYS[buckets + 1]
-  local n = redis.call("INCR", q)
-  if n == 1 then redis.call("EXPIRE", q, ARGV[6]) end
-  local limit = tonumber(ARGV[5])
-  if limit >= 0 and n > limit then
-    redis.call("DECR", q)
-    table.insert(out, 0)
-    table.insert(out, n - 1)
+local function decide(first, nkeys, a)
+  local burst = tonumber(ARGV[a])
+  local rate = tonumber(ARGV[a + 1])
+  local period = tonumber(ARGV[a + 2])
+  local with_quota = ARGV[a + 3] == "1"
+  local buckets = nkeys
+  if with_quota then buckets = buckets - 1 end
+  local emission_interval = period / rate
+  local burst_offset = emission_interval * burst
+
+  local out = {}
+  for i = first, first + buckets - 1 do
+    local e = load(KEYS[i])
+    local tat = now
+    if e.v then
+      tat = tonumber(e.v)
+      if not tat then error({err = "ERR rate bucket " .. KEYS[i] .. " does not hold a number"}) end
+    end
+    tat = math.max(tat, now)
+    local new_tat = tat + emission_interval
+    local diff = now - (new_tat - burst_offset)
+    local remaining = diff / emission_interval
+    if remaining < 0 then
+      local n = #out
+      out[n + 1], out[n + 2], out[n + 3], out[n + 4] = 0, 0, math.ceil(-diff * 1000000), math.ceil((tat - now) * 1000000)
+      return out
+    end
+    local reset_after = new_tat - now
+    if reset_after > 0 then
+      e.v, e.set, e.ex = new_tat, true, math.ceil(reset_after)
+    end
+    local n = #out
+    out[n + 1], out[n + 2], out[n + 3], out[n + 4] = 1, remaining, -1, math.ceil(reset_after * 1000000)
+  end
+
+  if with_quota then
+    -- INCR, EXPIRE on the first count, DECR on a refusal: as take does.
+    local e = load(KEYS[first + buckets])
+    local n = 0
+    if e.v then
+      n = tonumber(e.v)
+      if not n or n ~= math.floor(n) then error({err = "ERR value is not an integer or out of range"}) end
+    end
+    n = n + 1
+    e.set = true
+    if n == 1 then e.ex = tonumber(ARGV[a + 5]) end
+    local limit = tonumber(ARGV[a + 4])
+    local o = #out
+    if limit >= 0 and n > limit then
+      e.v = n - 1
+      out[o + 1], out[o + 2] = 0, n - 1
+    else
+      e.v = n
+      out[o + 1], out[o + 2] = 1, n
+    end
+  end
+  return out
+end
+
+local replies = {}
+local first, a = 1, 2
+for c = 1, tonumber(ARGV[1]) do
+  local nkeys = tonumber(ARGV[a])
+  local ok, out = pcall(decide, first, nkeys, a + 1)
+  if ok then
+    replies[c] = out
+  elseif type(out) == "table" and out.err then
+    replies[c] = out
   else
-    table.insert(out, 1)
-    table.insert(out, n)
+    replies[c] = {err = tostring(out)}
+  end
+  first = first + nkeys
+  a = a + 7
+end
+
+for k, e in pairs(cache) do
+  if e.set then
+    if e.ex then
+      redis.call("SET", k, e.v, "EX", e.ex)
+    else
+      redis.call("SET", k, e.v, "KEEPTTL")
+    end
   end
 end
-return out
+return replies
 `)
 
 // AllowCall implements edge.CallLimiter in one script run. A cluster client
@@ -272,7 +345,7 @@ func (l *Limiter) AllowCall(ctx context.Context, c edge.CallLimits) (edge.CallRe
 		keys = append(keys, c.QuotaBucket)
 		withQuota = 1
 	}
-	v, err := l.pipelined(keys, c.Burst, c.RPS, 1, withQuota, c.QuotaLimit, int64(c.QuotaTTL.Seconds())+1)
+	v, err := l.batched(keys, c.Burst, c.RPS, 1, withQuota, c.QuotaLimit, int64(c.QuotaTTL.Seconds())+1)
 	if err != nil {
 		return edge.CallResult{}, fmt.Errorf("redis call limits: %w", err)
 	}
@@ -290,25 +363,17 @@ func parseCall(v []any, c edge.CallLimits) (edge.CallResult, error) {
 	for len(v) >= 4 && len(res.Rates) < len(c.Buckets) {
 		allowed, ok1 := v[0].(int64)
 		remaining, ok2 := v[1].(int64)
-		retry, ok3 := v[2].(string)
-		reset, ok4 := v[3].(string)
+		retry, ok3 := v[2].(int64)
+		reset, ok4 := v[3].(int64)
 		if !ok1 || !ok2 || !ok3 || !ok4 {
 			return res, errReply
-		}
-		retryAfter, err := seconds(retry)
-		if err != nil {
-			return res, err
-		}
-		resetAfter, err := seconds(reset)
-		if err != nil {
-			return res, err
 		}
 		res.Rates = append(res.Rates, edge.RateResult{
 			Allowed:    allowed > 0,
 			Limit:      c.Burst,
 			Remaining:  int(remaining),
-			RetryAfter: retryAfter,
-			ResetAfter: resetAfter,
+			RetryAfter: micros(retry),
+			ResetAfter: micros(reset),
 		})
 		v = v[4:]
 		if allowed == 0 {
@@ -330,15 +395,7 @@ func parseCall(v []any, c edge.CallLimits) (edge.CallResult, error) {
 	return res, nil
 }
 
-// seconds converts the script's seconds to a duration as Allow does
-// (redis_rate's -1 "not applicable" becomes 0).
-func seconds(s string) (time.Duration, error) {
-	f, err := strconv.ParseFloat(s, 64)
-	if err != nil {
-		return 0, fmt.Errorf("parse seconds %q: %w", s, err)
-	}
-	if f == -1 {
-		return 0, nil
-	}
-	return max(0, time.Duration(f*float64(time.Second))), nil
-}
+// micros converts the script's microseconds (rounded up from redis_rate's
+// float seconds, so whole seconds round as Allow's do) to a duration;
+// redis_rate's -1 "not applicable" becomes 0, as in Allow.
+func micros(us int64) time.Duration { return max(0, time.Duration(us)*time.Microsecond) }

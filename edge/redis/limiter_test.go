@@ -11,9 +11,9 @@ import (
 	"github.com/tollgate-dev/tollgate/internal/testenv"
 )
 
-// Pipelining many concurrent calls must give the answers separate round
-// trips would: here the quota admits exactly 60 of 300 calls.
-func TestPipelinedCallsAreExact(t *testing.T) {
+// Batching many concurrent calls must give the answers separate script
+// runs would: here the quota admits exactly 60 of 300 calls.
+func TestBatchedCallsAreExact(t *testing.T) {
 	r := testenv.NewRedis(t)
 	l := edgeredis.NewLimiter(r.Client)
 	limits := edge.CallLimits{Buckets: []string{r.Prefix + "key", r.Prefix + "acct"}, RPS: 1000, Burst: 1000,
@@ -53,16 +53,16 @@ func TestPipelinedCallsAreExact(t *testing.T) {
 	if n != 60 {
 		t.Fatalf("quota counter %d, want 60 (refused calls must not count)", n)
 	}
-	pipelines, scripts := l.Pipelined()
-	if scripts != calls || pipelines == 0 || pipelines > scripts {
-		t.Fatalf("%d scripts in %d pipelines, want %d scripts", scripts, pipelines, calls)
+	runs, decided := l.Batched()
+	if decided != calls || runs == 0 || runs > decided {
+		t.Fatalf("%d calls decided in %d script runs, want %d calls", decided, runs, calls)
 	}
-	t.Logf("%d calls in %d pipelines", scripts, pipelines)
+	t.Logf("%d calls in %d script runs", decided, runs)
 }
 
 // After Redis forgets its scripts (a restart, SCRIPT FLUSH), calls reload
 // the script instead of failing.
-func TestPipelinedCallsSurviveAScriptFlush(t *testing.T) {
+func TestBatchedCallsSurviveAScriptFlush(t *testing.T) {
 	r := testenv.NewRedis(t)
 	l := edgeredis.NewLimiter(r.Client)
 	limits := edge.CallLimits{Buckets: []string{r.Prefix + "key"}, RPS: 10, Burst: 10, QuotaLimit: -1}
@@ -78,4 +78,162 @@ func TestPipelinedCallsSurviveAScriptFlush(t *testing.T) {
 	if len(res.Rates) != 1 || !res.Rates[0].Allowed || res.Rates[0].Remaining != 8 {
 		t.Fatalf("second call: %+v, want allowed with 8 remaining", res)
 	}
+}
+
+// Calls on different keys, limits and quotas, decided concurrently (and so
+// in shared script runs), each get their own exact answer; a call whose
+// key holds the wrong type fails alone.
+func TestBatchedCallsKeepEachCallsOwnLimits(t *testing.T) {
+	r := testenv.NewRedis(t)
+	ctx := context.Background()
+	l := edgeredis.NewLimiter(r.Client)
+	// Rate buckets live under redis_rate's "rate:" prefix.
+	testenv.Must(t, r.Client.RPush(ctx, "rate:"+r.Prefix+"broken", "x").Err(), "make a list key")
+	t.Cleanup(func() { r.Client.Del(context.Background(), "rate:"+r.Prefix+"broken") })
+	quotas := []int64{7, 19, 40}
+	limits := make([]edge.CallLimits, len(quotas))
+	for i, q := range quotas {
+		id := string(rune('a' + i))
+		limits[i] = edge.CallLimits{Buckets: []string{r.Prefix + "key:" + id, r.Prefix + "acct:" + id}, RPS: 1000, Burst: 1000,
+			QuotaBucket: r.Prefix + "quota:" + id, QuotaLimit: q, QuotaTTL: time.Hour}
+	}
+	broken := edge.CallLimits{Buckets: []string{r.Prefix + "broken"}, RPS: 10, Burst: 10, QuotaLimit: -1}
+	const perLimit = 60
+	var (
+		mu        sync.Mutex
+		allowed   = make([]int64, len(quotas))
+		maxUsed   = make([]int64, len(quotas))
+		brokenErr int
+		wg        sync.WaitGroup
+	)
+	for n := range perLimit {
+		for i := range limits {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				res, err := l.AllowCall(ctx, limits[i])
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				mu.Lock()
+				defer mu.Unlock()
+				if res.QuotaAllowed {
+					allowed[i]++
+				}
+				maxUsed[i] = max(maxUsed[i], res.QuotaUsed)
+			}()
+		}
+		if n%10 == 0 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				if _, err := l.AllowCall(ctx, broken); err != nil {
+					mu.Lock()
+					brokenErr++
+					mu.Unlock()
+				}
+			}()
+		}
+	}
+	wg.Wait()
+	for i, q := range quotas {
+		if allowed[i] != q || maxUsed[i] != q {
+			t.Errorf("limit %d: %d calls allowed, highest count %d; want %d and %d", i, allowed[i], maxUsed[i], q, q)
+		}
+		n, err := r.Client.Get(ctx, limits[i].QuotaBucket).Int64()
+		testenv.Must(t, err, "read quota counter")
+		if n != q {
+			t.Errorf("limit %d: quota counter %d, want %d", i, n, q)
+		}
+	}
+	if brokenErr != perLimit/10 {
+		t.Errorf("%d of %d calls on a list key failed, want all", brokenErr, perLimit/10)
+	}
+	runs, calls := l.Batched()
+	t.Logf("%d calls in %d script runs", calls, runs)
+}
+
+// AllowCall's script keeps redis_rate's arithmetic: the same run of calls
+// through AllowCall and through redis_rate (Allow) on a twin bucket gets
+// the same answers, refusals included.
+func TestAllowCallAgreesWithRedisRate(t *testing.T) {
+	r := testenv.NewRedis(t)
+	ctx := context.Background()
+	l := edgeredis.NewLimiter(r.Client)
+	t.Cleanup(func() { r.Client.Del(context.Background(), "rate:"+r.Prefix+"script", "rate:"+r.Prefix+"library") })
+	// At one call a second the answers cannot drift between the twins
+	// while the run lasts well under a second.
+	const rps, burst = 1, 5
+	for i := range burst + 3 {
+		got, err := l.AllowCall(ctx, edge.CallLimits{Buckets: []string{r.Prefix + "script"}, RPS: rps, Burst: burst, QuotaLimit: -1})
+		testenv.Must(t, err, "AllowCall")
+		want, err := l.Allow(ctx, r.Prefix+"library", rps, burst)
+		testenv.Must(t, err, "Allow")
+		g := got.Rates[0]
+		if g.Allowed != want.Allowed || g.Remaining != want.Remaining || g.Limit != want.Limit {
+			t.Fatalf("call %d: script %+v, redis_rate %+v", i, g, want)
+		}
+		for _, d := range [][2]time.Duration{{g.RetryAfter, want.RetryAfter}, {g.ResetAfter, want.ResetAfter}} {
+			if diff := d[0] - d[1]; diff < -50*time.Millisecond || diff > 50*time.Millisecond {
+				t.Fatalf("call %d: script %+v, redis_rate %+v", i, g, want)
+			}
+		}
+		if i >= burst && g.Allowed {
+			t.Fatalf("call %d allowed past a burst of %d", i, burst)
+		}
+	}
+}
+
+// Concurrent calls on one bucket share script runs, which hold the bucket
+// between calls: still exactly the burst is allowed, and the bucket and
+// the quota counter keep their expiries.
+func TestBatchedCallsOnOneBucketAllowExactlyTheBurst(t *testing.T) {
+	r := testenv.NewRedis(t)
+	ctx := context.Background()
+	l := edgeredis.NewLimiter(r.Client)
+	bucket := "rate:" + r.Prefix + "hot"
+	t.Cleanup(func() { r.Client.Del(context.Background(), bucket) })
+	limits := edge.CallLimits{Buckets: []string{r.Prefix + "hot"}, RPS: 1, Burst: 25,
+		QuotaBucket: r.Prefix + "quota", QuotaLimit: 1000, QuotaTTL: time.Hour}
+	var (
+		mu               sync.Mutex
+		allowed, counted int
+		wg               sync.WaitGroup
+	)
+	for range 200 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			res, err := l.AllowCall(ctx, limits)
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			mu.Lock()
+			defer mu.Unlock()
+			if res.Rates[0].Allowed {
+				allowed++
+			}
+			if res.QuotaChecked {
+				counted++
+			}
+		}()
+	}
+	wg.Wait()
+	if allowed != 25 || counted != 25 {
+		t.Fatalf("%d calls allowed and %d counted against the quota, want 25 and 25", allowed, counted)
+	}
+	if n, err := r.Client.Get(ctx, limits.QuotaBucket).Int(); err != nil || n != 25 {
+		t.Fatalf("quota counter %d (%v), want 25", n, err)
+	}
+	for _, k := range []string{bucket, limits.QuotaBucket} {
+		ttl, err := r.Client.TTL(ctx, k).Result()
+		testenv.Must(t, err, "TTL")
+		if ttl <= 0 || ttl > time.Hour+time.Second {
+			t.Fatalf("%s expires in %v", k, ttl)
+		}
+	}
+	runs, calls := l.Batched()
+	t.Logf("%d calls in %d script runs", calls, runs)
 }
