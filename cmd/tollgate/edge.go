@@ -30,6 +30,7 @@ type EdgeMain struct {
 	log      *slog.Logger
 	pool     *pgxpool.Pool
 	rdb      *redis.Client
+	limiter  *edgeredis.Limiter
 	producer *edgekafka.Producer
 	auditor  *edgepg.AuditWriter
 	listener *edgepg.Listener
@@ -95,8 +96,19 @@ func NewEdgeMain(ctx context.Context, cfg Config, log *slog.Logger) (m *EdgeMain
 		Help: "Rate-limit and quota decisions made locally because Redis failed.",
 	}, []string{"what"})
 	m.Registry.MustRegister(fallbacks)
+	m.limiter = edgeredis.NewLimiter(m.rdb)
+	m.Registry.MustRegister(
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: "tollgate_edge_limit_leased_calls_total",
+			Help: "Calls whose rate limits and quota were decided from tokens this instance had leased from Redis, without a round trip.",
+		}, func() float64 { n, _ := m.limiter.Leased(); return float64(n) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: "tollgate_edge_limit_tokens_returned_total",
+			Help: "Leased rate-limit and quota tokens given back to Redis unused.",
+		}, func() float64 { _, n := m.limiter.Leased(); return float64(n) }),
+	)
 	limiter := &edge.FallbackLimiter{
-		Primary: edgeredis.NewLimiter(m.rdb),
+		Primary: m.limiter,
 		Local:   edge.NewLocalLimiter(cfg.Edge.ExpectedInstances),
 		OnFallback: func(what string, err error) {
 			fallbacks.WithLabelValues(what).Inc()
@@ -207,6 +219,9 @@ func (m *EdgeMain) Close() error {
 	}
 	if m.auditor != nil {
 		errs = append(errs, m.auditor.Close())
+	}
+	if m.limiter != nil {
+		m.limiter.ReturnLeases()
 	}
 	if m.rdb != nil {
 		errs = append(errs, m.rdb.Close())

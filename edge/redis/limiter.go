@@ -35,8 +35,15 @@ type Limiter struct {
 	mu      sync.Mutex
 	queue   []*callRequest
 	sending int
-	// sent counts script runs; calls counts the calls they decided.
-	sent, calls atomic.Uint64
+	// sent counts script runs; decided counts the calls they decided.
+	sent, decided atomic.Uint64
+
+	// leases holds a *lease per set of limits (lease.go).
+	leases   sync.Map
+	sweeping atomic.Bool
+	// calls counts AllowCall calls; fromLease those decided from a lease;
+	// refunded the tokens given back, refundErrs the failed refunds.
+	calls, fromLease, refunded, refundErrs atomic.Uint64
 }
 
 type callRequest struct {
@@ -74,7 +81,11 @@ func NewLimiter(rdb redis.UniversalClient) *Limiter {
 }
 
 // Batched reports how many script runs decided how many AllowCall calls.
-func (l *Limiter) Batched() (runs, calls uint64) { return l.sent.Load(), l.calls.Load() }
+func (l *Limiter) Batched() (runs, calls uint64) { return l.sent.Load(), l.decided.Load() }
+
+// Leased reports how many AllowCall calls were decided from a lease
+// without a round trip, and how many leased tokens went back unused.
+func (l *Limiter) Leased() (calls, refunded uint64) { return l.fromLease.Load(), l.refunded.Load() }
 
 // batched decides one call, in a batch with whatever other calls are
 // waiting. The wait is bounded by the Redis client's read and write
@@ -146,7 +157,7 @@ func (l *Limiter) run(batch []*callRequest) {
 		v, err = allowCalls.Run(ctx, l.rdb, keys, args...).Slice()
 	}
 	l.sent.Add(1)
-	l.calls.Add(uint64(len(batch)))
+	l.decided.Add(uint64(len(batch)))
 	if err == nil && len(v) != len(batch) {
 		err = fmt.Errorf("%w: %d answers for %d calls", errReply, len(v), len(batch))
 	}
@@ -247,12 +258,17 @@ local function decide(first, nkeys, a)
   local rate = tonumber(ARGV[a + 1])
   local period = tonumber(ARGV[a + 2])
   local with_quota = ARGV[a + 3] == "1"
+  local want = tonumber(ARGV[a + 6])
   local buckets = nkeys
   if with_quota then buckets = buckets - 1 end
   local emission_interval = period / rate
   local burst_offset = emission_interval * burst
 
+  -- First see how many tokens every bucket (and the quota) can give, up
+  -- to want; nothing is charged unless all of them can give one.
   local out = {}
+  local grant = want
+  local tats = {}
   for i = first, first + buckets - 1 do
     local e = load(KEYS[i])
     local tat = now
@@ -261,43 +277,66 @@ local function decide(first, nkeys, a)
       if not tat then error({err = "ERR rate bucket " .. KEYS[i] .. " does not hold a number"}) end
     end
     tat = math.max(tat, now)
-    local new_tat = tat + emission_interval
-    local diff = now - (new_tat - burst_offset)
-    local remaining = diff / emission_interval
-    if remaining < 0 then
+    tats[i] = tat
+    -- One token: redis_rate's test, to the same rounding.
+    local diff = now - (tat + emission_interval - burst_offset)
+    if diff < 0 then
+      for j = first, i - 1 do
+        local t = tats[j] + emission_interval
+        local n = #out
+        out[n + 1], out[n + 2], out[n + 3], out[n + 4] = 1, (now - (t - burst_offset)) / emission_interval, -1, math.ceil((t - now) * 1000000)
+      end
       local n = #out
       out[n + 1], out[n + 2], out[n + 3], out[n + 4] = 0, 0, math.ceil(-diff * 1000000), math.ceil((tat - now) * 1000000)
+      out[n + 5] = 0
       return out
     end
+    grant = math.min(grant, math.max(1, math.floor((now + burst_offset - tat) / emission_interval)))
+  end
+
+  local qe, count
+  if with_quota then
+    qe = load(KEYS[first + buckets])
+    count = 0
+    if qe.v then
+      count = tonumber(qe.v)
+      if not count or count ~= math.floor(count) then error({err = "ERR value is not an integer or out of range"}) end
+    end
+    local limit = tonumber(ARGV[a + 4])
+    if limit >= 0 then
+      if count >= limit then
+        for j = first, first + buckets - 1 do
+          local t = tats[j] + emission_interval
+          local n = #out
+          out[n + 1], out[n + 2], out[n + 3], out[n + 4] = 1, (now - (t - burst_offset)) / emission_interval, -1, math.ceil((t - now) * 1000000)
+        end
+        local n = #out
+        out[n + 1], out[n + 2], out[n + 3] = 0, count, 0
+        return out
+      end
+      grant = math.min(grant, limit - count)
+    end
+  end
+
+  -- Charge grant tokens to every bucket and the quota.
+  for i = first, first + buckets - 1 do
+    local e = cache[KEYS[i]]
+    local new_tat = tats[i] + grant * emission_interval
     local reset_after = new_tat - now
     if reset_after > 0 then
       e.v, e.set, e.ex = new_tat, true, math.ceil(reset_after)
     end
     local n = #out
-    out[n + 1], out[n + 2], out[n + 3], out[n + 4] = 1, remaining, -1, math.ceil(reset_after * 1000000)
+    out[n + 1], out[n + 2], out[n + 3], out[n + 4] = 1, (now - (new_tat - burst_offset)) / emission_interval, -1, math.ceil(reset_after * 1000000)
   end
-
   if with_quota then
-    -- INCR, EXPIRE on the first count, DECR on a refusal: as take does.
-    local e = load(KEYS[first + buckets])
-    local n = 0
-    if e.v then
-      n = tonumber(e.v)
-      if not n or n ~= math.floor(n) then error({err = "ERR value is not an integer or out of range"}) end
-    end
-    n = n + 1
-    e.set = true
-    if n == 1 then e.ex = tonumber(ARGV[a + 5]) end
-    local limit = tonumber(ARGV[a + 4])
-    local o = #out
-    if limit >= 0 and n > limit then
-      e.v = n - 1
-      out[o + 1], out[o + 2] = 0, n - 1
-    else
-      e.v = n
-      out[o + 1], out[o + 2] = 1, n
-    end
+    -- INCRBY with EXPIRE on the first count, as take does.
+    if count == 0 then qe.ex = tonumber(ARGV[a + 5]) end
+    qe.v, qe.set = count + grant, true
+    local n = #out
+    out[n + 1], out[n + 2] = 1, count + grant
   end
+  out[#out + 1] = grant
   return out
 end
 
@@ -314,7 +353,7 @@ for c = 1, tonumber(ARGV[1]) do
     replies[c] = {err = tostring(out)}
   end
   first = first + nkeys
-  a = a + 7
+  a = a + 8
 end
 
 for k, e in pairs(cache) do
@@ -329,13 +368,20 @@ end
 return replies
 `)
 
-// AllowCall implements edge.CallLimiter in one script run. A cluster client
-// cannot run one script over keys in different slots, so it goes step by
-// step there.
+// AllowCall implements edge.CallLimiter: from a lease when this instance
+// holds tokens for c, else in one script run. A cluster client cannot run
+// one script over keys in different slots, so it goes step by step there.
 func (l *Limiter) AllowCall(ctx context.Context, c edge.CallLimits) (edge.CallResult, error) {
 	if _, cluster := l.rdb.(*redis.ClusterClient); cluster {
 		return edge.AllowCallEach(ctx, l, l, c)
 	}
+	return l.leased(c)
+}
+
+// ask decides one call in Redis and asks for up to want tokens for c's
+// buckets and quota: grant is how many it got (0 when the call is
+// refused), and res is the answer after charging all of them.
+func (l *Limiter) ask(c edge.CallLimits, want int) (res edge.CallResult, grant int, err error) {
 	keys := make([]string, 0, len(c.Buckets)+1)
 	for _, id := range c.Buckets {
 		keys = append(keys, gcraPrefix+id)
@@ -345,28 +391,37 @@ func (l *Limiter) AllowCall(ctx context.Context, c edge.CallLimits) (edge.CallRe
 		keys = append(keys, c.QuotaBucket)
 		withQuota = 1
 	}
-	v, err := l.batched(keys, c.Burst, c.RPS, 1, withQuota, c.QuotaLimit, int64(c.QuotaTTL.Seconds())+1)
+	v, err := l.batched(keys, c.Burst, c.RPS, 1, withQuota, c.QuotaLimit, int64(c.QuotaTTL.Seconds())+1, want)
 	if err != nil {
-		return edge.CallResult{}, fmt.Errorf("redis call limits: %w", err)
+		return res, 0, fmt.Errorf("redis call limits: %w", err)
 	}
-	res, err := parseCall(v, c)
+	res, grant, err = parseCall(v, c)
 	if err != nil {
-		return edge.CallResult{}, fmt.Errorf("redis call limits: %w", err)
+		return res, 0, fmt.Errorf("redis call limits: %w", err)
 	}
-	return res, nil
+	return res, grant, nil
 }
 
 var errReply = errors.New("unexpected script reply")
 
-func parseCall(v []any, c edge.CallLimits) (edge.CallResult, error) {
+func parseCall(v []any, c edge.CallLimits) (edge.CallResult, int, error) {
 	res := edge.CallResult{Rates: make([]edge.RateResult, 0, len(c.Buckets))}
+	if len(v) == 0 {
+		return res, 0, errReply
+	}
+	g, ok := v[len(v)-1].(int64)
+	if !ok || g < 0 {
+		return res, 0, errReply
+	}
+	grant := int(g)
+	v = v[:len(v)-1]
 	for len(v) >= 4 && len(res.Rates) < len(c.Buckets) {
 		allowed, ok1 := v[0].(int64)
 		remaining, ok2 := v[1].(int64)
 		retry, ok3 := v[2].(int64)
 		reset, ok4 := v[3].(int64)
 		if !ok1 || !ok2 || !ok3 || !ok4 {
-			return res, errReply
+			return res, 0, errReply
 		}
 		res.Rates = append(res.Rates, edge.RateResult{
 			Allowed:    allowed > 0,
@@ -377,22 +432,25 @@ func parseCall(v []any, c edge.CallLimits) (edge.CallResult, error) {
 		})
 		v = v[4:]
 		if allowed == 0 {
-			return res, nil
+			return res, 0, nil
 		}
 	}
 	if c.QuotaBucket == "" {
-		return res, nil
+		return res, grant, nil
 	}
 	if len(v) != 2 {
-		return res, errReply
+		return res, 0, errReply
 	}
 	allowed, ok1 := v[0].(int64)
 	used, ok2 := v[1].(int64)
 	if !ok1 || !ok2 {
-		return res, errReply
+		return res, 0, errReply
 	}
 	res.QuotaChecked, res.QuotaUsed, res.QuotaAllowed = true, used, allowed == 1
-	return res, nil
+	if !res.QuotaAllowed {
+		grant = 0
+	}
+	return res, grant, nil
 }
 
 // micros converts the script's microseconds (rounded up from redis_rate's

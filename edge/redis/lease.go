@@ -1,0 +1,286 @@
+package redis
+
+import (
+	"context"
+
+	"github.com/redis/go-redis/v9"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/tollgate-dev/tollgate/edge"
+)
+
+// Leases take Redis off the path of most calls under load. When a call
+// goes to Redis for limits that were busy a moment ago, it asks for as many
+// tokens as those limits saw calls in the last demandWindow (at most
+// maxLease, and at most an eighth of the burst): Redis charges every bucket
+// and the quota for all of them at once, exactly as for that many calls,
+// and the calls that follow on this instance use the spare tokens without
+// a round trip. Spare tokens not used within leaseTTL go back to Redis.
+//
+// A quiet limit (fewer than two calls per demandWindow) or a small burst
+// (under 16) is never leased: each call is decided in Redis alone, as
+// without leases. Redis never allows more than the limit, leased or not;
+// what leasing changes is where the spare tokens sit for up to leaseTTL
+// (docs/edge.md: the slack of the shared limit).
+const (
+	leaseTTL     = 50 * time.Millisecond
+	demandWindow = 20 * time.Millisecond
+	maxLease     = 256
+	// sweepEvery calls, leases idle for idleLease are forgotten.
+	sweepEvery = 1 << 12
+	idleLease  = 10 * time.Second
+)
+
+// lease is one instance's spare tokens for one set of limits.
+type lease struct {
+	mu sync.Mutex
+	// tokens were granted by Redis at grantedAt and not used yet; gen
+	// numbers the grants, so an expiry timer knows whether its grant is
+	// still the current one.
+	tokens    int
+	grantedAt time.Time
+	gen       uint64
+	// res is Redis's answer for the latest grant, after charging it whole;
+	// limits are the limits it was granted for.
+	res    edge.CallResult
+	limits edge.CallLimits
+	// asking is open while a call is asking Redis for more than itself.
+	asking chan struct{}
+	// Demand: calls in the window starting at winStart, and in the last
+	// full window.
+	winStart          time.Time
+	winCalls, lastWin int
+}
+
+// leaseKey names the limits c is checked against, all of them, so a
+// change of plan starts a new lease.
+func leaseKey(c edge.CallLimits) string {
+	var b strings.Builder
+	for _, id := range c.Buckets {
+		b.WriteString(id)
+		b.WriteByte(0)
+	}
+	b.WriteString(c.QuotaBucket)
+	b.WriteByte(0)
+	b.WriteString(strconv.Itoa(c.RPS))
+	b.WriteByte(0)
+	b.WriteString(strconv.Itoa(c.Burst))
+	b.WriteByte(0)
+	b.WriteString(strconv.FormatInt(c.QuotaLimit, 10))
+	return b.String()
+}
+
+// leaseCap is the most tokens one lease may hold for c.
+func leaseCap(c edge.CallLimits) int {
+	return max(1, min(maxLease, c.Burst/8))
+}
+
+// leased decides one call from a lease, or in Redis.
+func (l *Limiter) leased(c edge.CallLimits) (edge.CallResult, error) {
+	if l.calls.Add(1)%sweepEvery == 0 && l.sweeping.CompareAndSwap(false, true) {
+		go l.sweep()
+	}
+	key := leaseKey(c)
+	v, ok := l.leases.Load(key)
+	if !ok {
+		v, _ = l.leases.LoadOrStore(key, &lease{})
+	}
+	le := v.(*lease)
+	now := time.Now()
+	le.mu.Lock()
+	if now.Sub(le.winStart) >= demandWindow {
+		le.lastWin = le.winCalls
+		if now.Sub(le.winStart) >= 2*demandWindow {
+			le.lastWin = 0
+		}
+		le.winStart, le.winCalls = now, 0
+	}
+	le.winCalls++
+	if le.tokens > 0 && now.Sub(le.grantedAt) < leaseTTL {
+		le.tokens--
+		res := le.answer(c, now)
+		le.mu.Unlock()
+		l.fromLease.Add(1)
+		return res, nil
+	}
+	if wait := le.asking; wait != nil {
+		// A grant for these limits is on its way: waiting for it costs
+		// about the round trip this call would make, and saves Redis one.
+		le.mu.Unlock()
+		<-wait
+		le.mu.Lock()
+		if le.tokens > 0 && time.Since(le.grantedAt) < leaseTTL {
+			le.tokens--
+			res := le.answer(c, time.Now())
+			le.mu.Unlock()
+			l.fromLease.Add(1)
+			return res, nil
+		}
+	}
+	want := 1
+	if le.asking == nil {
+		want = min(leaseCap(c), max(le.lastWin, le.winCalls))
+	}
+	var asked chan struct{}
+	if want > 1 {
+		asked = make(chan struct{})
+		le.asking = asked
+	}
+	le.mu.Unlock()
+
+	res, grant, err := l.ask(c, want)
+	le.mu.Lock()
+	defer le.mu.Unlock()
+	if asked != nil {
+		le.asking = nil
+		close(asked)
+	}
+	if err == nil && grant == 0 {
+		// Refused, perhaps because this instance holds the last tokens,
+		// or is about to: a grant in flight for the same limits is waited
+		// for, and a spare token is used rather than refusing.
+		if wait := le.asking; wait != nil {
+			le.mu.Unlock()
+			<-wait
+			le.mu.Lock()
+		}
+		if le.tokens > 0 && time.Since(le.grantedAt) < leaseTTL {
+			le.tokens--
+			return le.answer(c, time.Now()), nil
+		}
+	}
+	if err != nil || grant <= 1 {
+		return res, err
+	}
+	if le.tokens > 0 {
+		// Older spare tokens go back before the new grant replaces them.
+		go l.refund(c, le.tokens)
+	}
+	// The lease's life runs from the grant's arrival: Redis charged the
+	// tokens during the round trip, so they may be used for up to one
+	// round trip plus leaseTTL after they were counted.
+	arrived := time.Now()
+	le.gen++
+	le.tokens, le.grantedAt, le.res, le.limits = grant-1, arrived, res, c
+	gen := le.gen
+	time.AfterFunc(leaseTTL, func() { l.expire(le, gen, c) })
+	return le.answer(c, arrived), nil
+}
+
+// answer is the call's answer while the lease holds le.tokens spare
+// tokens: Redis's answer for the grant with the spare tokens given back,
+// so a lone instance reports what Redis would have.
+func (le *lease) answer(c edge.CallLimits, now time.Time) edge.CallResult {
+	res := edge.CallResult{Rates: make([]edge.RateResult, len(le.res.Rates)),
+		QuotaChecked: le.res.QuotaChecked, QuotaAllowed: le.res.QuotaAllowed,
+		QuotaUsed: le.res.QuotaUsed - int64(le.tokens)}
+	elapsed := now.Sub(le.grantedAt)
+	back := time.Duration(le.tokens) * time.Second / time.Duration(max(1, c.RPS))
+	for i, r := range le.res.Rates {
+		r.Remaining = min(c.Burst, r.Remaining+le.tokens)
+		r.ResetAfter = max(0, r.ResetAfter-elapsed-back)
+		res.Rates[i] = r
+	}
+	return res
+}
+
+// expire gives a grant's unused tokens back to Redis once leaseTTL has
+// passed, unless a newer grant has replaced it (and given them back).
+func (l *Limiter) expire(le *lease, gen uint64, c edge.CallLimits) {
+	le.mu.Lock()
+	if le.gen != gen || le.tokens == 0 {
+		le.mu.Unlock()
+		return
+	}
+	n := le.tokens
+	le.tokens = 0
+	le.mu.Unlock()
+	l.refund(c, n)
+}
+
+// refund gives n unused tokens back: each bucket's theoretical arrival
+// time moves back by n emission intervals and the quota count drops by n,
+// as if the calls they were for had never been counted. A failed refund
+// errs towards refusing early, never towards allowing too much.
+func (l *Limiter) refund(c edge.CallLimits, n int) {
+	keys := make([]string, 0, len(c.Buckets)+1)
+	for _, id := range c.Buckets {
+		keys = append(keys, gcraPrefix+id)
+	}
+	if c.QuotaBucket != "" {
+		keys = append(keys, c.QuotaBucket)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	err := refundTokens.Run(ctx, l.rdb, keys, n, len(c.Buckets), 1/float64(max(1, c.RPS))).Err()
+	if err != nil {
+		l.refundErrs.Add(1)
+		return
+	}
+	l.refunded.Add(uint64(n))
+}
+
+// sweep forgets leases that hold no tokens and saw no call for idleLease,
+// so keys that come and go (and each month's quota bucket) do not pile up.
+func (l *Limiter) sweep() {
+	defer l.sweeping.Store(false)
+	cutoff := time.Now().Add(-idleLease)
+	l.leases.Range(func(k, v any) bool {
+		le := v.(*lease)
+		le.mu.Lock()
+		idle := le.tokens == 0 && le.asking == nil && le.winStart.Before(cutoff)
+		le.mu.Unlock()
+		if idle {
+			l.leases.CompareAndDelete(k, le)
+		}
+		return true
+	})
+}
+
+// refundTokens gives ARGV[1] tokens back to the first ARGV[2] keys (rate
+// buckets: their theoretical arrival time moves back by that many
+// emission intervals of ARGV[3] seconds) and to the quota counter after
+// them, if any. Keys that have expired meanwhile are left alone: a bucket
+// that expired is full, and a quota counter that expired is a new month's.
+var refundTokens = redis.NewScript(`
+local n = tonumber(ARGV[1])
+local buckets = tonumber(ARGV[2])
+local ei = tonumber(ARGV[3])
+for i = 1, buckets do
+  local v = redis.call("GET", KEYS[i])
+  if v then redis.call("SET", KEYS[i], tonumber(v) - n * ei, "KEEPTTL") end
+end
+if #KEYS > buckets then
+  local q = KEYS[buckets + 1]
+  local v = redis.call("GET", q)
+  if v then redis.call("SET", q, math.max(0, tonumber(v) - n), "KEEPTTL") end
+end
+return 1
+`)
+
+// ReturnLeases gives every spare token back to Redis, for a graceful stop:
+// otherwise a stopped instance's spare tokens stay counted until the rate
+// buckets refill, and against the month's quota for good.
+func (l *Limiter) ReturnLeases() {
+	var wg sync.WaitGroup
+	l.leases.Range(func(_, v any) bool {
+		le := v.(*lease)
+		le.mu.Lock()
+		n, c := le.tokens, le.limits
+		le.tokens = 0
+		le.gen++ // the pending expiry has nothing left to give back
+		le.mu.Unlock()
+		if n > 0 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				l.refund(c, n)
+			}()
+		}
+		return true
+	})
+	wg.Wait()
+}

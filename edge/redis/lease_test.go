@@ -1,0 +1,145 @@
+package redis_test
+
+import (
+	"context"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/tollgate-dev/tollgate/edge"
+	edgeredis "github.com/tollgate-dev/tollgate/edge/redis"
+	"github.com/tollgate-dev/tollgate/internal/testenv"
+)
+
+// burstOf sends n concurrent calls through each limiter in turn and
+// counts the calls allowed.
+func burstOf(t *testing.T, n int, c edge.CallLimits, limiters ...*edgeredis.Limiter) int {
+	t.Helper()
+	var allowed atomic.Int64
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			res, err := limiters[i%len(limiters)].AllowCall(context.Background(), c)
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			ok := len(res.Rates) == len(c.Buckets) && res.Rates[len(res.Rates)-1].Allowed
+			if c.QuotaBucket != "" {
+				ok = ok && res.QuotaAllowed
+			}
+			if ok {
+				allowed.Add(1)
+			}
+		}()
+	}
+	wg.Wait()
+	return int(allowed.Load())
+}
+
+func TestLeases(t *testing.T) {
+	t.Run("busy limits are leased and unused tokens go back", func(t *testing.T) {
+		r := testenv.NewRedis(t)
+		l := edgeredis.NewLimiter(r.Client)
+		c := edge.CallLimits{Buckets: []string{r.Prefix + "key"}, RPS: 1, Burst: 100_000,
+			QuotaBucket: r.Prefix + "quota", QuotaLimit: 10_000, QuotaTTL: time.Hour}
+		t.Cleanup(func() { r.Client.Del(context.Background(), "rate:"+r.Prefix+"key") })
+		for range 3 {
+			if got := burstOf(t, 200, c, l); got != 200 {
+				t.Fatalf("%d of 200 calls allowed under a quota of 10,000", got)
+			}
+		}
+		leased, _ := l.Leased()
+		if leased == 0 {
+			t.Fatal("600 concurrent calls and none decided from a lease")
+		}
+		// Once every lease has expired, Redis counts exactly the calls made.
+		time.Sleep(200 * time.Millisecond)
+		n, err := r.Client.Get(context.Background(), c.QuotaBucket).Int()
+		testenv.Must(t, err, "read quota counter")
+		_, refunded := l.Leased()
+		if n != 600 {
+			t.Fatalf("quota counter %d after 600 calls (%d from leases, %d tokens given back), want 600", n, leased, refunded)
+		}
+		res, err := l.AllowCall(context.Background(), edge.CallLimits{Buckets: c.Buckets, RPS: c.RPS, Burst: c.Burst, QuotaLimit: -1})
+		testenv.Must(t, err, "AllowCall")
+		// 600 tokens used (and at most a second's refill at 1/s): the
+		// bucket has 99,399 or 99,400 left after this call.
+		if rem := res.Rates[0].Remaining; rem < 100_000-601 || rem > 100_000-600 {
+			t.Fatalf("bucket has %d left after 601 calls, want 99,399 or 99,400 (tokens given back?)", rem)
+		}
+		t.Logf("%d of 600 calls from leases; %d tokens given back", leased, refunded)
+	})
+
+	t.Run("a graceful stop gives spare tokens back at once", func(t *testing.T) {
+		r := testenv.NewRedis(t)
+		l := edgeredis.NewLimiter(r.Client)
+		c := edge.CallLimits{Buckets: []string{r.Prefix + "key"}, RPS: 1, Burst: 100_000,
+			QuotaBucket: r.Prefix + "quota", QuotaLimit: 10_000, QuotaTTL: time.Hour}
+		t.Cleanup(func() { r.Client.Del(context.Background(), "rate:"+r.Prefix+"key") })
+		for range 3 {
+			if got := burstOf(t, 200, c, l); got != 200 {
+				t.Fatalf("%d of 200 calls allowed under a quota of 10,000", got)
+			}
+		}
+		l.ReturnLeases()
+		n, err := r.Client.Get(context.Background(), c.QuotaBucket).Int()
+		testenv.Must(t, err, "read quota counter")
+		if n != 600 {
+			t.Fatalf("quota counter %d right after 600 calls and ReturnLeases, want 600", n)
+		}
+	})
+
+	t.Run("quiet limits go to Redis on every call", func(t *testing.T) {
+		r := testenv.NewRedis(t)
+		l := edgeredis.NewLimiter(r.Client)
+		c := edge.CallLimits{Buckets: []string{r.Prefix + "key"}, RPS: 1, Burst: 1000, QuotaLimit: -1}
+		t.Cleanup(func() { r.Client.Del(context.Background(), "rate:"+r.Prefix+"key") })
+		for i := range 5 {
+			res, err := l.AllowCall(context.Background(), c)
+			testenv.Must(t, err, "AllowCall")
+			if got := res.Rates[0].Remaining; got != 999-i {
+				t.Fatalf("call %d: %d remaining, want %d", i, got, 999-i)
+			}
+			time.Sleep(45 * time.Millisecond)
+		}
+		if leased, _ := l.Leased(); leased != 0 {
+			t.Fatalf("%d calls from leases at one call per 45 ms", leased)
+		}
+	})
+
+	t.Run("instances sharing a limit never allow more than it", func(t *testing.T) {
+		r := testenv.NewRedis(t)
+		a, b := edgeredis.NewLimiter(r.Client), edgeredis.NewLimiter(r.Client)
+		c := edge.CallLimits{Buckets: []string{r.Prefix + "key", r.Prefix + "acct"}, RPS: 1, Burst: 400,
+			QuotaBucket: r.Prefix + "quota", QuotaLimit: 350, QuotaTTL: time.Hour}
+		t.Cleanup(func() { r.Client.Del(context.Background(), "rate:"+r.Prefix+"key", "rate:"+r.Prefix+"acct") })
+		start := time.Now()
+		first := burstOf(t, 300, edge.CallLimits{Buckets: c.Buckets, RPS: c.RPS, Burst: c.Burst, QuotaLimit: -1}, a, b)
+		if first != 300 {
+			t.Fatalf("%d of the first 300 calls allowed with a burst of 400", first)
+		}
+		// The buckets hold 100 tokens (plus a refill a second); the quota
+		// of 350 is untouched. Hammer both instances with more than that.
+		second := burstOf(t, 800, c, a, b)
+		elapsed := time.Since(start)
+		ceiling := 100 + int(float64(c.RPS)*elapsed.Seconds()) + 1
+		if second > ceiling {
+			t.Fatalf("two instances allowed %d calls; the buckets held at most %d", second, ceiling)
+		}
+		// Leased tokens go back within the lease's life: the rest of the
+		// buckets' tokens are then there for the taking.
+		time.Sleep(200 * time.Millisecond)
+		rest := burstOf(t, 200, c, a)
+		total := second + rest
+		if total < 100 || total > 100+int(float64(c.RPS)*time.Since(start).Seconds())+1 {
+			t.Fatalf("%d + %d calls allowed from buckets holding 100 tokens", second, rest)
+		}
+		la, ra := a.Leased()
+		lb, rb := b.Leased()
+		t.Logf("allowed %d, then %d; from leases %d + %d; given back %d + %d", second, rest, la, lb, ra, rb)
+	})
+}
