@@ -64,8 +64,10 @@ type CallResult struct {
 	QuotaAllowed bool
 }
 
-// CallLimiter decides a whole call at once, with the same answers as
-// AllowCallEach, so a shared store can do it in one round trip.
+// CallLimiter decides a whole call at once, with the answers AllowCallEach
+// would give, so a shared store can do it in one round trip (or, leasing
+// tokens ahead, in fewer than one: its counts may then lag the store's by
+// the refill since the lease, as docs/edge.md says).
 type CallLimiter interface {
 	AllowCall(ctx context.Context, c CallLimits) (CallResult, error)
 }
