@@ -88,7 +88,7 @@ func (a *Admin) ServeHTTP(w http.ResponseWriter, r *http.Request) { a.echo.Serve
 
 func (a *Admin) auth(next echo.HandlerFunc) echo.HandlerFunc {
 	return func(c echo.Context) error {
-		tok := bearer(c.Request())
+		tok := keyFromAuthorization(c.Request().Header.Get("Authorization"))
 		sum := sha256.Sum256([]byte(tok))
 		if tok == "" || subtle.ConstantTimeCompare(sum[:], a.tokenHash) != 1 {
 			if a.deps.Auditor != nil {
@@ -97,7 +97,7 @@ func (a *Admin) auth(next echo.HandlerFunc) echo.HandlerFunc {
 					reason = "no admin token"
 				}
 				a.deps.Auditor.Record(AuditEvent{At: a.now(), Actor: "admin", Action: ActionAdminAuth,
-					RemoteAddr: remoteIP(c.Request()), Reason: reason, Count: 1})
+					RemoteAddr: hostOnly(c.Request().RemoteAddr), Reason: reason, Count: 1})
 			}
 			return NewAPIError(http.StatusUnauthorized, TypeAuthentication, "invalid_admin_token",
 				"The admin API needs 'Authorization: Bearer <admin token>'.")
@@ -107,7 +107,7 @@ func (a *Admin) auth(next echo.HandlerFunc) echo.HandlerFunc {
 }
 
 func (a *Admin) info(c echo.Context, reason string) AuditInfo {
-	return AuditInfo{Actor: "admin", RemoteAddr: remoteIP(c.Request()), Reason: reason}
+	return AuditInfo{Actor: "admin", RemoteAddr: hostOnly(c.Request().RemoteAddr), Reason: reason}
 }
 
 // KeyView is a key as the admin API shows it: never the secret or its hash.

@@ -107,25 +107,43 @@ func codeForStatus(s int) string {
 	}
 }
 
+// renderError is err in the one error shape, with the call's request id;
+// server faults are logged.
+func renderError(log *slog.Logger, err error, requestID string) *APIError {
+	ae := *toAPIError(err)
+	ae.RequestID = requestID
+	if ae.Status >= 500 {
+		log.Error("request failed", "request_id", ae.RequestID, "code", ae.Code, "err", err)
+	}
+	return &ae
+}
+
+// RenderError is err in the one error shape every edge response uses, with
+// the call's request id, for an HTTP server other than the Server's own;
+// a 401 also needs WWW-Authenticate (WWWAuthenticate). Server faults are
+// logged.
+func (s *Server) RenderError(err error, requestID string) *APIError {
+	return renderError(s.log, err, requestID)
+}
+
+// WWWAuthenticate is the challenge sent with every 401.
+const WWWAuthenticate = `Bearer realm="api"`
+
 // errorHandler writes every error in the one shape and logs server faults.
 func errorHandler(log *slog.Logger) echo.HTTPErrorHandler {
 	return func(err error, c echo.Context) {
 		if c.Response().Committed {
 			return
 		}
-		ae := *toAPIError(err)
-		ae.RequestID = c.Response().Header().Get(HeaderRequestID)
-		if ae.Status >= 500 {
-			log.Error("request failed", "request_id", ae.RequestID, "code", ae.Code, "err", err)
-		}
+		ae := renderError(log, err, c.Response().Header().Get(HeaderRequestID))
 		if ae.Status == http.StatusUnauthorized && c.Response().Header().Get("WWW-Authenticate") == "" {
-			c.Response().Header().Set("WWW-Authenticate", `Bearer realm="api"`)
+			c.Response().Header().Set("WWW-Authenticate", WWWAuthenticate)
 		}
 		var werr error
 		if c.Request().Method == http.MethodHead {
 			werr = c.NoContent(ae.Status)
 		} else {
-			werr = c.JSON(ae.Status, map[string]*APIError{"error": &ae})
+			werr = c.JSON(ae.Status, map[string]*APIError{"error": ae})
 		}
 		if werr != nil {
 			log.Warn("write error response", "err", werr)

@@ -14,4 +14,4 @@ func ToAPIError(err error) *APIError {
 
 // Bearer is the API key a request presents: "Authorization: Bearer <key>",
 // or the user name of HTTP basic auth, as Stripe accepts.
-func Bearer(r *http.Request) string { return bearer(r) }
+func Bearer(r *http.Request) string { return keyFromAuthorization(r.Header.Get("Authorization")) }

@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"math"
-	"net/http"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -270,7 +269,7 @@ func ceilSeconds(d time.Duration) int64 {
 // RateLimit / RateLimit-Policy fields for the tightest of the limits.
 // Limit is the burst, Reset the seconds until the bucket is full again;
 // the policy window w is the time a full burst takes to refill.
-func setRateHeaders(h http.Header, states []limitState, quota *quotaState) {
+func setRateHeaders(set func(name, value string), states []limitState, quota *quotaState) {
 	if len(states) == 0 {
 		return
 	}
@@ -301,12 +300,13 @@ func setRateHeaders(h http.Header, states []limitState, quota *quotaState) {
 	b = strconv.AppendInt(b, int64(tight.result.Remaining), 10)
 	b = append(b, ";t="...)
 	b = strconv.AppendInt(b, reset, 10)
-	// Canonical keys assigned directly: Set would copy each mixed-case name.
-	h["X-Ratelimit-Limit"] = []string{strconv.Itoa(tight.result.Limit)}
-	h["X-Ratelimit-Remaining"] = []string{strconv.Itoa(tight.result.Remaining)}
-	h["X-Ratelimit-Reset"] = []string{strconv.FormatInt(reset, 10)}
-	h["Ratelimit-Policy"] = []string{policy}
-	h["Ratelimit"] = []string{string(b)}
+	// Names in Go's canonical form, so net/http's header map can take
+	// them as they are.
+	set("X-Ratelimit-Limit", strconv.Itoa(tight.result.Limit))
+	set("X-Ratelimit-Remaining", strconv.Itoa(tight.result.Remaining))
+	set("X-Ratelimit-Reset", strconv.FormatInt(reset, 10))
+	set("Ratelimit-Policy", policy)
+	set("Ratelimit", string(b))
 }
 
 // appendPolicy appends one RateLimit-Policy item: "name";q=quota;w=window.

@@ -2,6 +2,7 @@ package edge
 
 import (
 	"context"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -172,26 +173,52 @@ func (s *Server) observe(next echo.HandlerFunc) echo.HandlerFunc {
 		if err != nil {
 			c.Error(err)
 		}
-		route := "unauthenticated"
-		if r, ok := c.Get("route").(Route); ok {
-			route = r.Template
-			if s.router.Open() {
-				route = "*" // raw paths would make the label unbounded
-			}
-		}
-		s.m.duration.WithLabelValues(route).Observe(time.Since(start).Seconds())
-		s.m.responses.WithLabelValues(strconv.Itoa(c.Response().Status)).Inc()
+		r, ok := c.Get("route").(Route)
+		s.Observe(r, ok, c.Response().Status, time.Since(start))
 		return nil
 	}
 }
 
+// Observe counts a response in the metrics: its status, and its duration
+// under its route's template (routed false: not routed, as for a call
+// refused before its route was known).
+func (s *Server) Observe(r Route, routed bool, status int, d time.Duration) {
+	route := "unauthenticated"
+	if routed {
+		route = r.Template
+		if s.router.Open() {
+			route = "*" // raw paths would make the label unbounded
+		}
+	}
+	s.m.duration.WithLabelValues(route).Observe(d.Seconds())
+	s.m.responses.WithLabelValues(strconv.Itoa(status)).Inc()
+}
+
 func (s *Server) requestID(next echo.HandlerFunc) echo.HandlerFunc {
 	return func(c echo.Context) error {
-		id := schemas.NewEventID()
+		id, rid := NewRequestID()
 		c.Set("event_id", id)
-		c.Response().Header().Set(HeaderRequestID, RequestIDFor(id))
+		c.Response().Header().Set(HeaderRequestID, rid)
 		return next(c)
 	}
+}
+
+// NewRequestID is a new call's event id and its Request-Id.
+func NewRequestID() (uuid.UUID, string) {
+	id := schemas.NewEventID()
+	return id, RequestIDFor(id)
+}
+
+// Config is the Server's configuration, defaults filled in.
+func (s *Server) Config() Config { return s.cfg }
+
+// Upstream is the base URL the key's calls go to: the sandbox for test
+// keys when there is one.
+func (s *Server) Upstream(k *Key) string {
+	if k.Environment == schemas.Test && s.cfg.SandboxUpstream != "" {
+		return s.cfg.SandboxUpstream
+	}
+	return s.cfg.Upstream
 }
 
 // RequestIDFor is the Request-Id header value of the call with event id id.
@@ -208,15 +235,22 @@ func RequestIDFor(id uuid.UUID) string {
 	return string(b[:n])
 }
 
-// bearer extracts the key from "Authorization: Bearer <key>" or from HTTP
-// basic auth's user name, as Stripe accepts.
-func bearer(r *http.Request) string {
-	h := r.Header.Get("Authorization")
+// keyFromAuthorization extracts the key from an Authorization header,
+// "Bearer <key>" or HTTP basic auth's user name, as Stripe accepts.
+func keyFromAuthorization(h string) string {
 	if len(h) > 7 && strings.EqualFold(h[:7], "bearer ") {
 		return strings.TrimSpace(h[7:])
 	}
-	if u, _, ok := r.BasicAuth(); ok {
-		return u
+	if len(h) > 6 && strings.EqualFold(h[:6], "basic ") {
+		dec, err := base64.StdEncoding.DecodeString(strings.TrimSpace(h[6:]))
+		if err != nil {
+			return ""
+		}
+		user, _, ok := strings.Cut(string(dec), ":")
+		if !ok {
+			return ""
+		}
+		return user
 	}
 	return ""
 }
@@ -237,19 +271,56 @@ func safePrefix(raw string) string {
 	return string(b)
 }
 
-func remoteIP(r *http.Request) string {
-	host, _, err := net.SplitHostPort(r.RemoteAddr)
+// hostOnly is addr without its port, if it has one.
+func hostOnly(addr string) string {
+	host, _, err := net.SplitHostPort(addr)
 	if err != nil {
-		return r.RemoteAddr
+		return addr
 	}
 	return host
 }
 
-func (s *Server) authFailed(c echo.Context, reason, prefix string, k *Key, err error) error {
+// CallInfo is what deciding a call needs from its request, whichever HTTP
+// server carried it.
+type CallInfo struct {
+	Method, Path string
+	// Authorization is the raw Authorization header.
+	Authorization string
+	// RemoteAddr is the caller's address, host or host:port.
+	RemoteAddr string
+}
+
+// Admission is a call that may go ahead: its key and route.
+type Admission struct {
+	Key   *Key
+	Route Route
+	// Routed reports whether Route was matched (also on a refusal, for
+	// the metrics' route label).
+	Routed bool
+}
+
+// Admit authenticates, authorizes and limits a proxied call, the monthly
+// quota included, writing the rate-limit headers through setHeader. Its
+// errors are rendered by RenderError.
+func (s *Server) Admit(ctx context.Context, ci CallInfo, setHeader func(name, value string)) (Admission, error) {
+	var a Admission
+	k, err := s.authenticateCall(ctx, ci)
+	if err != nil {
+		return a, err
+	}
+	a.Key = k
+	if a.Route, err = s.authorizeCall(k, ci, false); err != nil {
+		return a, err
+	}
+	a.Routed = true
+	return a, s.limitCall(ctx, k, true, setHeader)
+}
+
+func (s *Server) authFailed(ci CallInfo, reason, prefix string, k *Key, err error) error {
 	s.m.authFail.WithLabelValues(reason).Inc()
 	if s.deps.Auditor != nil {
 		ev := AuditEvent{At: s.now(), Actor: "api", Action: ActionAuthFailed, KeyPrefix: prefix,
-			RemoteAddr: remoteIP(c.Request()), Reason: reason, Count: 1}
+			RemoteAddr: hostOnly(ci.RemoteAddr), Reason: reason, Count: 1}
 		if k != nil {
 			ev.AccountID, ev.KeyID = k.AccountID, k.ID
 		}
@@ -258,38 +329,81 @@ func (s *Server) authFailed(c echo.Context, reason, prefix string, k *Key, err e
 	return err
 }
 
+func (s *Server) authenticateCall(ctx context.Context, ci CallInfo) (*Key, error) {
+	raw := keyFromAuthorization(ci.Authorization)
+	if raw == "" {
+		return nil, s.authFailed(ci, "missing", "", nil, ErrNoKey)
+	}
+	pk, err := ParseKey(raw)
+	if err != nil {
+		return nil, s.authFailed(ci, "malformed", safePrefix(raw), nil, err)
+	}
+	k, err := s.deps.Keys.KeyByHash(ctx, pk.Hash)
+	if errors.Is(err, ErrKeyNotFound) {
+		return nil, s.authFailed(ci, "unknown", pk.DisplayPrefix, nil, err)
+	}
+	if err != nil {
+		s.log.Error("key lookup failed", "err", err)
+		return nil, NewAPIError(http.StatusServiceUnavailable, TypeAPI, "key_store_unavailable",
+			"API keys cannot be checked right now; retry shortly.")
+	}
+	if !HashEqual(k.Hash, pk.Hash[:]) {
+		return nil, s.authFailed(ci, "unknown", pk.DisplayPrefix, nil, ErrKeyNotFound)
+	}
+	if err := k.Usable(s.now()); err != nil {
+		reason := "expired"
+		if errors.Is(err, ErrKeyRevoked) {
+			reason = "revoked"
+		}
+		return nil, s.authFailed(ci, reason, k.DisplayPrefix, &k, err)
+	}
+	return &k, nil
+}
+
 func (s *Server) authenticate(next echo.HandlerFunc) echo.HandlerFunc {
 	return func(c echo.Context) error {
-		raw := bearer(c.Request())
-		if raw == "" {
-			return s.authFailed(c, "missing", "", nil, ErrNoKey)
-		}
-		pk, err := ParseKey(raw)
+		r := c.Request()
+		k, err := s.authenticateCall(r.Context(), CallInfo{Method: r.Method, Path: r.URL.Path,
+			Authorization: r.Header.Get("Authorization"), RemoteAddr: r.RemoteAddr})
 		if err != nil {
-			return s.authFailed(c, "malformed", safePrefix(raw), nil, err)
+			return err
 		}
-		k, err := s.deps.Keys.KeyByHash(c.Request().Context(), pk.Hash)
-		if errors.Is(err, ErrKeyNotFound) {
-			return s.authFailed(c, "unknown", pk.DisplayPrefix, nil, err)
-		}
-		if err != nil {
-			s.log.Error("key lookup failed", "err", err)
-			return NewAPIError(http.StatusServiceUnavailable, TypeAPI, "key_store_unavailable",
-				"API keys cannot be checked right now; retry shortly.")
-		}
-		if !HashEqual(k.Hash, pk.Hash[:]) {
-			return s.authFailed(c, "unknown", pk.DisplayPrefix, nil, ErrKeyNotFound)
-		}
-		if err := k.Usable(s.now()); err != nil {
-			reason := "expired"
-			if errors.Is(err, ErrKeyRevoked) {
-				reason = "revoked"
-			}
-			return s.authFailed(c, reason, k.DisplayPrefix, &k, err)
-		}
-		c.Set("key", &k)
+		c.Set("key", k)
 		return next(c)
 	}
+}
+
+// authorizeCall matches the route (events: the events route) and checks
+// the key may call it.
+func (s *Server) authorizeCall(k *Key, ci CallInfo, events bool) (Route, error) {
+	if !knownMethod(ci.Method) {
+		return Route{}, NewAPIError(http.StatusMethodNotAllowed, TypeInvalidRequest, "method_not_allowed",
+			fmt.Sprintf("Method %s is not supported.", ci.Method))
+	}
+	var route Route
+	if events {
+		route = Route{Template: "/v1/events", Scopes: []string{"events:write"}, Write: true}
+	} else {
+		var ok bool
+		route, ok = s.router.Match(ci.Method, ci.Path)
+		if !ok {
+			return Route{}, NewAPIError(http.StatusNotFound, TypeInvalidRequest, "route_not_found",
+				fmt.Sprintf("No route %s %s.", ci.Method, ci.Path))
+		}
+	}
+	if k.Kind == Publishable && route.Write {
+		return route, NewAPIError(http.StatusForbidden, TypePermission, "publishable_key_not_allowed",
+			"Publishable keys are read-only; use a secret key for this call.")
+	}
+	for _, want := range route.Scopes {
+		if !HasScope(k.Kind, k.Scopes, want) {
+			ae := NewAPIError(http.StatusForbidden, TypePermission, "insufficient_scope",
+				fmt.Sprintf("This key lacks the %q scope needed for %s %s.", want, ci.Method, route.Template))
+			ae.Scope = want
+			return route, ae
+		}
+	}
+	return route, nil
 }
 
 // authorize matches the route and checks the key may call it.
@@ -297,33 +411,12 @@ func (s *Server) authorize(next echo.HandlerFunc) echo.HandlerFunc {
 	return func(c echo.Context) error {
 		k := c.Get("key").(*Key)
 		req := c.Request()
-		if !knownMethod(req.Method) {
-			return NewAPIError(http.StatusMethodNotAllowed, TypeInvalidRequest, "method_not_allowed",
-				fmt.Sprintf("Method %s is not supported.", req.Method))
+		route, err := s.authorizeCall(k, CallInfo{Method: req.Method, Path: req.URL.Path}, c.Path() == "/v1/events")
+		if route.Template != "" {
+			c.Set("route", route)
 		}
-		var route Route
-		if c.Path() == "/v1/events" {
-			route = Route{Template: "/v1/events", Scopes: []string{"events:write"}, Write: true}
-		} else {
-			var ok bool
-			route, ok = s.router.Match(req.Method, req.URL.Path)
-			if !ok {
-				return NewAPIError(http.StatusNotFound, TypeInvalidRequest, "route_not_found",
-					fmt.Sprintf("No route %s %s.", req.Method, req.URL.Path))
-			}
-		}
-		c.Set("route", route)
-		if k.Kind == Publishable && route.Write {
-			return NewAPIError(http.StatusForbidden, TypePermission, "publishable_key_not_allowed",
-				"Publishable keys are read-only; use a secret key for this call.")
-		}
-		for _, want := range route.Scopes {
-			if !HasScope(k.Kind, k.Scopes, want) {
-				ae := NewAPIError(http.StatusForbidden, TypePermission, "insufficient_scope",
-					fmt.Sprintf("This key lacks the %q scope needed for %s %s.", want, req.Method, route.Template))
-				ae.Scope = want
-				return ae
-			}
+		if err != nil {
+			return err
 		}
 		return next(c)
 	}
@@ -351,78 +444,85 @@ func (s *Server) zone(name string) *time.Location {
 // limitNames name CallLimits.Buckets as limit builds them, in order.
 var limitNames = [...]string{"key", "account"}
 
-// limit applies the key and account rate limits and (when quota is true)
-// the monthly quota, and sets the rate-limit headers.
+// limitCall applies the key and account rate limits and (when quota is
+// true) the monthly quota, and writes the rate-limit headers.
+func (s *Server) limitCall(ctx context.Context, k *Key, quota bool, setHeader func(name, value string)) error {
+	if s.deps.Limiter == nil {
+		return nil
+	}
+	lim := k.Plan.Limits
+	if lim.RequestsPerSecond <= 0 || lim.Burst <= 0 {
+		lim = s.cfg.Plans["free"].Limits
+	}
+	cl := CallLimits{
+		Buckets: []string{
+			s.cfg.RateLimitPrefix + "rl:key:" + k.ID,
+			s.cfg.RateLimitPrefix + "rl:acct:" + k.AccountID + ":" + string(k.Environment),
+		},
+		RPS: lim.RequestsPerSecond, Burst: lim.Burst,
+	}
+	var now, end time.Time
+	if quota && s.deps.Quota != nil && lim.MonthlyRequests != nil {
+		loc := time.UTC
+		if s.cfg.QuotaTimezone == "account" && k.AccountTimezone != "" {
+			loc = s.zone(k.AccountTimezone)
+		}
+		now = s.now()
+		var suffix string
+		var ttl time.Duration
+		suffix, end, ttl = quotaPeriod(now, loc)
+		cl.QuotaBucket = s.cfg.RateLimitPrefix + "quota:" + k.AccountID + ":" + string(k.Environment) + ":" + suffix
+		cl.QuotaLimit, cl.QuotaTTL = *lim.MonthlyRequests, ttl
+	}
+	res, err := s.allowCall(ctx, cl)
+	if err != nil {
+		return err
+	}
+	states := make([]limitState, len(res.Rates))
+	var refused *limitState
+	for i, r := range res.Rates {
+		states[i] = limitState{name: limitNames[i], result: r, rps: lim.RequestsPerSecond}
+		if !r.Allowed {
+			refused = &states[i]
+		}
+	}
+	var qs *quotaState
+	if res.QuotaChecked {
+		qs = &quotaState{limit: cl.QuotaLimit, used: res.QuotaUsed, reset: end, window: end.Sub(now)}
+		if !res.QuotaAllowed {
+			setRateHeaders(setHeader, states, qs)
+			s.m.limited.WithLabelValues("monthly").Inc()
+			retry := ceilSeconds(end.Sub(now))
+			ae := NewAPIError(http.StatusTooManyRequests, TypeRateLimit, "quota_exceeded",
+				fmt.Sprintf("The monthly quota of %d requests for plan %q is used up until %s.",
+					*lim.MonthlyRequests, planName(k.Plan), end.UTC().Format(time.RFC3339)))
+			ae.Limit, ae.RetryAfter, ae.RetryAt, ae.UpgradeURL = "monthly", &retry, end.UTC().Format(time.RFC3339), s.upgradeURL(k.Plan)
+			setHeader("Retry-After", strconv.FormatInt(retry, 10))
+			return ae
+		}
+	}
+	setRateHeaders(setHeader, states, qs)
+	if refused != nil {
+		s.m.limited.WithLabelValues(refused.name).Inc()
+		retry := max(1, ceilSeconds(refused.result.RetryAfter))
+		at := s.now().Add(refused.result.RetryAfter).UTC().Format(time.RFC3339Nano)
+		ae := NewAPIError(http.StatusTooManyRequests, TypeRateLimit, "rate_limited",
+			fmt.Sprintf("Too many requests for this %s: %d per second (burst %d) on plan %q.",
+				refused.name, lim.RequestsPerSecond, lim.Burst, planName(k.Plan)))
+		ae.Limit, ae.RetryAfter, ae.RetryAt, ae.UpgradeURL = refused.name, &retry, at, s.upgradeURL(k.Plan)
+		setHeader("Retry-After", strconv.FormatInt(retry, 10))
+		return ae
+	}
+	return nil
+}
+
+// limit is limitCall as echo middleware.
 func (s *Server) limit(quota bool) echo.MiddlewareFunc {
 	return func(next echo.HandlerFunc) echo.HandlerFunc {
 		return func(c echo.Context) error {
-			if s.deps.Limiter == nil {
-				return next(c)
-			}
-			k := c.Get("key").(*Key)
-			ctx := c.Request().Context()
-			lim := k.Plan.Limits
-			if lim.RequestsPerSecond <= 0 || lim.Burst <= 0 {
-				lim = s.cfg.Plans["free"].Limits
-			}
-			cl := CallLimits{
-				Buckets: []string{
-					s.cfg.RateLimitPrefix + "rl:key:" + k.ID,
-					s.cfg.RateLimitPrefix + "rl:acct:" + k.AccountID + ":" + string(k.Environment),
-				},
-				RPS: lim.RequestsPerSecond, Burst: lim.Burst,
-			}
-			var now, end time.Time
-			if quota && s.deps.Quota != nil && lim.MonthlyRequests != nil {
-				loc := time.UTC
-				if s.cfg.QuotaTimezone == "account" && k.AccountTimezone != "" {
-					loc = s.zone(k.AccountTimezone)
-				}
-				now = s.now()
-				var suffix string
-				var ttl time.Duration
-				suffix, end, ttl = quotaPeriod(now, loc)
-				cl.QuotaBucket = s.cfg.RateLimitPrefix + "quota:" + k.AccountID + ":" + string(k.Environment) + ":" + suffix
-				cl.QuotaLimit, cl.QuotaTTL = *lim.MonthlyRequests, ttl
-			}
-			res, err := s.allowCall(ctx, cl)
-			if err != nil {
+			h := c.Response().Header()
+			if err := s.limitCall(c.Request().Context(), c.Get("key").(*Key), quota, func(name, value string) { h[name] = []string{value} }); err != nil {
 				return err
-			}
-			states := make([]limitState, len(res.Rates))
-			var refused *limitState
-			for i, r := range res.Rates {
-				states[i] = limitState{name: limitNames[i], result: r, rps: lim.RequestsPerSecond}
-				if !r.Allowed {
-					refused = &states[i]
-				}
-			}
-			var qs *quotaState
-			if res.QuotaChecked {
-				qs = &quotaState{limit: cl.QuotaLimit, used: res.QuotaUsed, reset: end, window: end.Sub(now)}
-				if !res.QuotaAllowed {
-					setRateHeaders(c.Response().Header(), states, qs)
-					s.m.limited.WithLabelValues("monthly").Inc()
-					retry := ceilSeconds(end.Sub(now))
-					ae := NewAPIError(http.StatusTooManyRequests, TypeRateLimit, "quota_exceeded",
-						fmt.Sprintf("The monthly quota of %d requests for plan %q is used up until %s.",
-							*lim.MonthlyRequests, planName(k.Plan), end.UTC().Format(time.RFC3339)))
-					ae.Limit, ae.RetryAfter, ae.RetryAt, ae.UpgradeURL = "monthly", &retry, end.UTC().Format(time.RFC3339), s.upgradeURL(k.Plan)
-					c.Response().Header().Set("Retry-After", strconv.FormatInt(retry, 10))
-					return ae
-				}
-			}
-			setRateHeaders(c.Response().Header(), states, qs)
-			if refused != nil {
-				s.m.limited.WithLabelValues(refused.name).Inc()
-				retry := max(1, ceilSeconds(refused.result.RetryAfter))
-				at := s.now().Add(refused.result.RetryAfter).UTC().Format(time.RFC3339Nano)
-				ae := NewAPIError(http.StatusTooManyRequests, TypeRateLimit, "rate_limited",
-					fmt.Sprintf("Too many requests for this %s: %d per second (burst %d) on plan %q.",
-						refused.name, lim.RequestsPerSecond, lim.Burst, planName(k.Plan)))
-				ae.Limit, ae.RetryAfter, ae.RetryAt, ae.UpgradeURL = refused.name, &retry, at, s.upgradeURL(k.Plan)
-				c.Response().Header().Set("Retry-After", strconv.FormatInt(retry, 10))
-				return ae
 			}
 			return next(c)
 		}
@@ -519,28 +619,47 @@ func (s *Server) proxy(c echo.Context) error {
 	resp := c.Response()
 	req.Header.Set(HeaderRequestID, resp.Header().Get(HeaderRequestID))
 	p.ServeHTTP(resp, req.WithContext(ctx))
-	tmpl := route.Template
+	s.EmitCall(Call{Key: k, Route: route, ID: c.Get("event_id").(uuid.UUID), Method: req.Method, Status: resp.Status,
+		Start: start, RequestBytes: body.n, ResponseBytes: resp.Size, RequestID: resp.Header().Get(HeaderRequestID)})
+	return nil
+}
+
+// Call is a proxied call, for its usage event.
+type Call struct {
+	Key                         *Key
+	Route                       Route
+	ID                          uuid.UUID
+	Method                      string
+	Status                      int
+	Start                       time.Time
+	RequestBytes, ResponseBytes int64
+	RequestID                   string
+}
+
+// EmitCall emits a proxied call's usage event; its latency runs from
+// c.Start to now.
+func (s *Server) EmitCall(c Call) {
+	tmpl := c.Route.Template
 	if len(tmpl) > schemas.MaxRouteLength {
 		tmpl = tmpl[:schemas.MaxRouteLength]
 	}
 	ev := schemas.Event{
 		Version:       schemas.EventVersion,
-		ID:            c.Get("event_id").(uuid.UUID),
-		AccountID:     k.AccountID,
-		Environment:   k.Environment,
-		KeyID:         k.ID,
+		ID:            c.ID,
+		AccountID:     c.Key.AccountID,
+		Environment:   c.Key.Environment,
+		KeyID:         c.Key.ID,
 		Type:          s.cfg.EventType,
-		Time:          start,
+		Time:          c.Start,
 		Route:         tmpl,
-		Method:        req.Method,
-		Status:        resp.Status,
-		LatencyMicros: s.now().Sub(start).Microseconds(),
-		RequestBytes:  body.n,
-		ResponseBytes: resp.Size,
+		Method:        c.Method,
+		Status:        c.Status,
+		LatencyMicros: s.now().Sub(c.Start).Microseconds(),
+		RequestBytes:  c.RequestBytes,
+		ResponseBytes: c.ResponseBytes,
 		Units:         1,
-		RequestID:     resp.Header().Get(HeaderRequestID),
+		RequestID:     c.RequestID,
 	}
 	ev.Normalize()
 	s.deps.Emitter.Emit(ev)
-	return nil
 }
