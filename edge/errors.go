@@ -1,6 +1,7 @@
 package edge
 
 import (
+	"encoding/json"
 	"errors"
 	"log/slog"
 	"net/http"
@@ -124,6 +125,12 @@ func renderError(log *slog.Logger, err error, requestID string) *APIError {
 // logged.
 func (s *Server) RenderError(err error, requestID string) *APIError {
 	return renderError(s.log, err, requestID)
+}
+
+// ErrorJSON is the body of an error response.
+func ErrorJSON(ae *APIError) ([]byte, error) {
+	b, err := json.Marshal(map[string]*APIError{"error": ae})
+	return append(b, '\n'), err
 }
 
 // WWWAuthenticate is the challenge sent with every 401.

@@ -209,6 +209,9 @@ func NewRequestID() (uuid.UUID, string) {
 	return id, RequestIDFor(id)
 }
 
+// Now is the Server's clock (Deps.Now).
+func (s *Server) Now() time.Time { return s.now() }
+
 // Config is the Server's configuration, defaults filled in.
 func (s *Server) Config() Config { return s.cfg }
 

@@ -38,9 +38,11 @@ import (
 	_ "github.com/jackc/pgx/v5/stdlib"
 	"github.com/redis/go-redis/v9"
 	"github.com/segmentio/kafka-go"
+	"github.com/valyala/fasthttp"
 
 	"github.com/tollgate-dev/tollgate/bench/internal/procstat"
 	"github.com/tollgate-dev/tollgate/edge"
+	edgefast "github.com/tollgate-dev/tollgate/edge/fasthttp"
 	edgekafka "github.com/tollgate-dev/tollgate/edge/kafka"
 	edgepg "github.com/tollgate-dev/tollgate/edge/postgres"
 	edgeredis "github.com/tollgate-dev/tollgate/edge/redis"
@@ -118,6 +120,20 @@ func run() error {
 	go func() { _ = goSrv.Serve(goLn) }()
 	defer goSrv.Close()
 
+	// A plain fasthttp reverse proxy (one host client, the Authorization
+	// header dropped, nothing else): the ceiling for the edge's own HTTP
+	// stack on this machine.
+	fastLn, fastAddr := listen()
+	fastClient := &fasthttp.HostClient{Addr: upAddr, MaxConns: 1024, ReadTimeout: 10 * time.Second, WriteTimeout: 10 * time.Second}
+	fastSrv := &fasthttp.Server{NoDefaultServerHeader: true, NoDefaultContentType: true, Handler: func(ctx *fasthttp.RequestCtx) {
+		ctx.Request.Header.Del("Authorization")
+		if err := fastClient.Do(&ctx.Request, &ctx.Response); err != nil {
+			ctx.Error("upstream unavailable", fasthttp.StatusBadGateway)
+		}
+	}}
+	go func() { _ = fastSrv.Serve(fastLn) }()
+	defer fastSrv.Shutdown()
+
 	// The Tollgate edge, wired as `tollgate edge` wires it.
 	key, stopEdge, edgeAddr, err := startEdge(ctx, tmp, "http://"+upAddr, log)
 	if err != nil {
@@ -139,6 +155,7 @@ func run() error {
 		{"nginx", "http://" + plainAddr + "/v1/widgets/1"},
 		{"nginx_limit", "http://" + limitAddr + "/v1/widgets/1"},
 		{"go_proxy", "http://" + goAddr + "/v1/widgets/1"},
+		{"fast_proxy", "http://" + fastAddr + "/v1/widgets/1"},
 		{"edge", "http://" + edgeAddr + "/v1/widgets/1"},
 	}
 	// Every target is measured in each of -repeat rounds, interleaved, and
@@ -209,7 +226,7 @@ func run() error {
 	defer rdb.Close()
 	var perCall float64
 	for round := 1; round <= *repeat; round++ {
-		for _, tg := range []struct{ name, url string }{targets[0], targets[4]} {
+		for _, tg := range []struct{ name, url string }{targets[0], targets[5]} {
 			before, err := redisCommands(ctx, rdb)
 			if err != nil {
 				return err
@@ -236,9 +253,9 @@ func run() error {
 		fmt.Printf("best    %-12s p99 %8.3f ms\n", name, float64(p99[name].Microseconds())/1000)
 	}
 	overhead := float64((p99["edge"] - p99["direct"]).Microseconds()) / 1000
-	result := fmt.Sprintf("RESULT edge_rps=%.0f nginx_rps=%.0f nginx_limit_rps=%.0f ratio_vs_nginx_limit=%.2f p99_overhead_ms=%.3f go_proxy_rps=%.0f ratio_vs_go_proxy=%.2f redis_scripts_per_call=%.2f calls_per_redis_script=%.1f leased_share=%.2f",
+	result := fmt.Sprintf("RESULT edge_rps=%.0f nginx_rps=%.0f nginx_limit_rps=%.0f ratio_vs_nginx_limit=%.2f p99_overhead_ms=%.3f go_proxy_rps=%.0f ratio_vs_go_proxy=%.2f fast_proxy_rps=%.0f ratio_vs_fast_proxy=%.2f redis_scripts_per_call=%.2f calls_per_redis_script=%.1f leased_share=%.2f",
 		rps["edge"], rps["nginx"], rps["nginx_limit"], rps["edge"]/rps["nginx_limit"], overhead, rps["go_proxy"],
-		rps["edge"]/rps["go_proxy"], perCall, callsPerScript, leasedShare)
+		rps["edge"]/rps["go_proxy"], rps["fast_proxy"], rps["edge"]/rps["fast_proxy"], perCall, callsPerScript, leasedShare)
 	if cpuErr == nil {
 		for _, tg := range targets {
 			fmt.Printf("best    %-12s %10.1f µs CPU per call\n", tg.name, cpuPerCall[tg.name])
@@ -258,6 +275,7 @@ var cpuWho = map[string]string{
 	"nginx":       "upstream + nginx",
 	"nginx_limit": "upstream + nginx",
 	"go_proxy":    "upstream + Go proxy",
+	"fast_proxy":  "upstream + fasthttp proxy",
 	"edge":        "upstream + edge + Redis + Kafka",
 }
 
@@ -525,10 +543,14 @@ func startEdge(ctx context.Context, tmp, upstream string, log *slog.Logger) (str
 		return "", nil, "", err
 	}
 	ln, addr := listen()
-	hs := &http.Server{Handler: srv, ReadHeaderTimeout: 10 * time.Second}
-	go func() { _ = hs.Serve(ln) }()
+	front, err := edgefast.New(srv, log)
+	if err != nil {
+		cancel()
+		return "", nil, "", err
+	}
+	go func() { _ = front.Serve(ln) }()
 	stop := func() {
-		_ = hs.Close()
+		_ = front.Close()
 		_ = producer.Close()
 		cancel()
 		_ = rdb.Close()

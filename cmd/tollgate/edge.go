@@ -18,6 +18,7 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/tollgate-dev/tollgate/edge"
+	edgefast "github.com/tollgate-dev/tollgate/edge/fasthttp"
 	edgekafka "github.com/tollgate-dev/tollgate/edge/kafka"
 	edgepg "github.com/tollgate-dev/tollgate/edge/postgres"
 	edgeredis "github.com/tollgate-dev/tollgate/edge/redis"
@@ -36,7 +37,7 @@ type EdgeMain struct {
 	listener *edgepg.Listener
 	stopLn   context.CancelFunc
 	ln       net.Listener
-	srv      *http.Server
+	front    *edgefast.Front
 	adminLn  net.Listener
 	adminSrv *http.Server
 	// Registry holds the edge's metrics (served on the admin listener).
@@ -145,7 +146,9 @@ func NewEdgeMain(ctx context.Context, cfg Config, log *slog.Logger) (m *EdgeMain
 	if m.ln, err = net.Listen("tcp", cfg.Edge.Listen); err != nil {
 		return nil, fmt.Errorf("edge listen: %w", err)
 	}
-	m.srv = &http.Server{Handler: srv, ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 120 * time.Second}
+	if m.front, err = edgefast.New(srv, log); err != nil {
+		return nil, err
+	}
 	if cfg.Edge.AdminListen != "" {
 		admin, err := edge.NewAdmin(cfg.Edge.AdminTokenSHA256, edge.AdminDeps{
 			Store: store, Auditor: m.auditor, Gatherer: m.Registry, Log: log,
@@ -180,7 +183,7 @@ func (m *EdgeMain) SpoolDepth() int64 { return m.producer.SpoolDepth() }
 // in flight.
 func (m *EdgeMain) Run(ctx context.Context) error {
 	errc := make(chan error, 2)
-	go func() { errc <- m.srv.Serve(m.ln) }()
+	go func() { errc <- m.front.Serve(m.ln) }()
 	if m.adminSrv != nil {
 		go func() { errc <- m.adminSrv.Serve(m.adminLn) }()
 		m.log.Info("edge admin API listening", "addr", m.AdminAddr())
@@ -194,7 +197,7 @@ func (m *EdgeMain) Run(ctx context.Context) error {
 	sctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
 	defer cancel()
 	var errs []error
-	if err := m.srv.Shutdown(sctx); err != nil && !errors.Is(err, http.ErrServerClosed) {
+	if err := m.front.Shutdown(sctx); err != nil {
 		errs = append(errs, fmt.Errorf("edge shutdown: %w", err))
 	}
 	if m.adminSrv != nil {
@@ -209,8 +212,8 @@ func (m *EdgeMain) Run(ctx context.Context) error {
 // pending audit rows and releases connections, in reverse start order.
 func (m *EdgeMain) Close() error {
 	var errs []error
-	if m.srv != nil {
-		_ = m.srv.Close()
+	if m.front != nil {
+		_ = m.front.Close()
 	}
 	if m.adminSrv != nil {
 		_ = m.adminSrv.Close()

@@ -10,6 +10,7 @@ import (
 	"encoding/json"
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -24,6 +25,7 @@ import (
 	"github.com/segmentio/kafka-go"
 
 	"github.com/tollgate-dev/tollgate/edge"
+	edgefast "github.com/tollgate-dev/tollgate/edge/fasthttp"
 	edgekafka "github.com/tollgate-dev/tollgate/edge/kafka"
 	edgepg "github.com/tollgate-dev/tollgate/edge/postgres"
 	edgeredis "github.com/tollgate-dev/tollgate/edge/redis"
@@ -217,6 +219,9 @@ type Options struct {
 	Topic   string
 	// Now is the edge's clock (nil: time.Now).
 	Now func() time.Time
+	// NetHTTP serves the edge with its net/http handler instead of the
+	// fasthttp front that `tollgate edge` runs.
+	NetHTTP bool
 }
 
 // Start runs an edge instance with its own cache, listener and producer.
@@ -261,11 +266,21 @@ func (e *Env) Start(t *testing.T, o Options) *Instance {
 	srv, err := edge.NewServer(cfg, edge.Deps{Keys: in.Cache, Emitter: in.Producer, Limiter: lim, Quota: lim,
 		Auditor: in.Audit, Registry: reg, Log: e.Log, Now: o.Now})
 	testenv.Must(t, err, "new server")
-	hs := httptest.NewServer(srv)
-	in.URL = hs.URL
+	var stop func()
+	if o.NetHTTP {
+		hs := httptest.NewServer(srv)
+		in.URL, stop = hs.URL, hs.Close
+	} else {
+		front, err := edgefast.New(srv, e.Log)
+		testenv.Must(t, err, "new fasthttp front")
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		testenv.Must(t, err, "listen")
+		go func() { _ = front.Serve(ln) }()
+		in.URL, stop = "http://"+ln.Addr().String(), func() { _ = front.Close() }
+	}
 	e.started = append(e.started, in)
 	t.Cleanup(func() {
-		hs.Close()
+		stop()
 		_ = in.Audit.Close()
 		_ = in.Producer.Close()
 		_ = rdb.Close()

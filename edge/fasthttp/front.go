@@ -1,0 +1,351 @@
+// Package fasthttp serves the edge on fasthttp: proxied calls are decided
+// and forwarded without net/http, and the edge's few other routes
+// (/healthz, /readyz, POST /v1/events) go to the edge's own net/http
+// handler through fasthttp's adaptor.
+//
+// Why: on Go's net/http, a reverse proxy with none of the edge's work
+// spends about three times nginx's CPU per call (docs/edge.md, Benchmark),
+// much of it in the client's per-connection goroutines and the
+// allocations of each request and response. fasthttp reuses its request,
+// response and connection state and runs a call on one goroutine.
+package fasthttp
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/url"
+	"strings"
+	"sync"
+	"time"
+
+	fh "github.com/valyala/fasthttp"
+	"github.com/valyala/fasthttp/fasthttpadaptor"
+
+	"github.com/tollgate-dev/tollgate/edge"
+)
+
+// Front is the edge's HTTP server.
+type Front struct {
+	s       *edge.Server
+	log     *slog.Logger
+	slow    fh.RequestHandler
+	live    *upstream
+	sandbox *upstream
+	timeout time.Duration
+	srv     *fh.Server
+	bodies  sync.Pool
+}
+
+// upstream is one upstream base URL and its connection pool.
+type upstream struct {
+	hc *fh.HostClient
+	// base is the base URL's path, without a trailing slash, put before
+	// every proxied path (as net/http's ReverseProxy joins them).
+	base  string
+	proto string
+}
+
+// maxHeaderBytes bounds a request's or response's header block.
+const maxHeaderBytes = 16 << 10
+
+// New serves s.
+func New(s *edge.Server, log *slog.Logger) (*Front, error) {
+	cfg := s.Config()
+	f := &Front{s: s, log: log, slow: fasthttpadaptor.NewFastHTTPHandler(s), timeout: cfg.UpstreamTimeout}
+	var err error
+	if f.live, err = newUpstream(cfg.Upstream, cfg.UpstreamTimeout); err != nil {
+		return nil, err
+	}
+	f.sandbox = f.live
+	if cfg.SandboxUpstream != "" && cfg.SandboxUpstream != cfg.Upstream {
+		if f.sandbox, err = newUpstream(cfg.SandboxUpstream, cfg.UpstreamTimeout); err != nil {
+			return nil, err
+		}
+	}
+	f.srv = &fh.Server{
+		Handler:               f.handle,
+		NoDefaultServerHeader: true,
+		NoDefaultContentType:  true,
+		// The upstream gets the path as the caller sent it.
+		DisablePreParseMultipartForm: true,
+		StreamRequestBody:            true,
+		ReadBufferSize:               maxHeaderBytes,
+		// A request's header must arrive within ReadTimeout, as net/http's
+		// ReadHeaderTimeout; its body may take as long as the upstream may.
+		ReadTimeout: 10 * time.Second,
+		HeaderReceived: func(*fh.RequestHeader) fh.RequestConfig {
+			return fh.RequestConfig{ReadTimeout: cfg.UpstreamTimeout + 10*time.Second}
+		},
+		IdleTimeout:     120 * time.Second,
+		CloseOnShutdown: true,
+		Logger:          printfLogger{log},
+	}
+	return f, nil
+}
+
+func newUpstream(raw string, timeout time.Duration) (*upstream, error) {
+	u, err := url.Parse(raw)
+	if err != nil {
+		return nil, fmt.Errorf("parse upstream %q: %w", raw, err)
+	}
+	if u.Scheme != "http" && u.Scheme != "https" || u.Host == "" {
+		return nil, fmt.Errorf("upstream %q: want http://host[:port][/path] or https://…", raw)
+	}
+	addr := u.Host
+	if u.Port() == "" {
+		port := "80"
+		if u.Scheme == "https" {
+			port = "443"
+		}
+		addr = net.JoinHostPort(u.Hostname(), port)
+	}
+	return &upstream{
+		base:  strings.TrimSuffix(u.EscapedPath(), "/"),
+		proto: u.Scheme,
+		hc: &fh.HostClient{
+			Addr:  addr,
+			IsTLS: u.Scheme == "https",
+			Dial: func(addr string) (net.Conn, error) {
+				return fh.DialTimeout(addr, 5*time.Second)
+			},
+			MaxConns:                 1024,
+			MaxConnWaitTimeout:       timeout,
+			MaxIdleConnDuration:      90 * time.Second,
+			ReadTimeout:              timeout,
+			WriteTimeout:             timeout,
+			ReadBufferSize:           maxHeaderBytes,
+			StreamResponseBody:       true,
+			DisablePathNormalizing:   true,
+			NoDefaultUserAgentHeader: true,
+		},
+	}, nil
+}
+
+// Serve serves calls on ln until Shutdown.
+func (f *Front) Serve(ln net.Listener) error { return f.srv.Serve(ln) }
+
+// Shutdown stops accepting calls and waits for those in flight until ctx
+// ends.
+func (f *Front) Shutdown(ctx context.Context) error { return f.srv.ShutdownWithContext(ctx) }
+
+// Close stops at once, cutting calls in flight.
+func (f *Front) Close() error {
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	return f.srv.ShutdownWithContext(ctx)
+}
+
+// slowPath reports whether a call goes to the edge's net/http handler.
+func slowPath(method, path []byte) bool {
+	switch string(path) {
+	case "/healthz", "/readyz":
+		return string(method) == fh.MethodGet
+	case "/v1/events":
+		return string(method) == fh.MethodPost
+	}
+	return false
+}
+
+func (f *Front) handle(ctx *fh.RequestCtx) {
+	if slowPath(ctx.Method(), ctx.Path()) {
+		f.slow(ctx)
+		return
+	}
+	start := time.Now()
+	id, rid := edge.NewRequestID()
+	ctx.Response.Header.Set(edge.HeaderRequestID, rid)
+	ci := edge.CallInfo{
+		Method:        string(ctx.Method()),
+		Path:          string(ctx.Path()),
+		Authorization: string(ctx.Request.Header.Peek(fh.HeaderAuthorization)),
+		RemoteAddr:    ctx.RemoteAddr().String(),
+	}
+	adm, err := f.s.Admit(ctx, ci, func(name, value string) { ctx.Response.Header.Set(name, value) })
+	if err != nil {
+		f.fail(ctx, err, rid)
+		f.s.Observe(adm.Route, adm.Routed, ctx.Response.StatusCode(), time.Since(start))
+		return
+	}
+	f.proxy(ctx, adm, edge.Call{Key: adm.Key, Route: adm.Route, ID: id, Method: ci.Method, RequestID: rid}, start)
+}
+
+// fail answers with err in the edge's one error shape.
+func (f *Front) fail(ctx *fh.RequestCtx, err error, rid string) {
+	ae := f.s.RenderError(err, rid)
+	if ae.Status == fh.StatusUnauthorized && len(ctx.Response.Header.Peek(fh.HeaderWWWAuthenticate)) == 0 {
+		ctx.Response.Header.Set(fh.HeaderWWWAuthenticate, edge.WWWAuthenticate)
+	}
+	ctx.SetStatusCode(ae.Status)
+	if ctx.IsHead() {
+		return
+	}
+	ctx.SetContentType("application/json")
+	b, merr := edge.ErrorJSON(ae)
+	if merr != nil {
+		f.log.Error("encode error response", "err", merr)
+	}
+	ctx.SetBody(b)
+}
+
+// hopByHop are the headers that describe one connection, not the call
+// (RFC 9110, 7.6.1), so a proxy does not forward them.
+var hopByHop = []string{"Connection", "Proxy-Connection", "Keep-Alive", "Proxy-Authenticate",
+	"Proxy-Authorization", "Te", "Trailer", "Upgrade"}
+
+func stripHopByHop(h interface {
+	Peek(string) []byte
+	Del(string)
+}) {
+	// Headers the Connection header names are hop-by-hop too.
+	if c := h.Peek("Connection"); len(c) > 0 {
+		for _, name := range strings.Split(string(c), ",") {
+			if name = strings.TrimSpace(name); name != "" {
+				h.Del(name)
+			}
+		}
+	}
+	for _, name := range hopByHop {
+		h.Del(name)
+	}
+}
+
+func (f *Front) proxy(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, start time.Time) {
+	call.Start = f.s.Now()
+	up := f.live
+	if f.s.Upstream(adm.Key) != f.s.Config().Upstream {
+		up = f.sandbox
+	}
+	req := &ctx.Request
+	stripHopByHop(&req.Header)
+	req.Header.Del(fh.HeaderAuthorization)
+	req.Header.Set(edge.HeaderRequestID, call.RequestID)
+	// X-Forwarded-*, as net/http's ReverseProxy.SetXForwarded sets them.
+	ip := ctx.RemoteIP().String()
+	if prior := req.Header.Peek(fh.HeaderXForwardedFor); len(prior) > 0 {
+		ip = string(prior) + ", " + ip
+	}
+	req.Header.Set(fh.HeaderXForwardedFor, ip)
+	req.Header.SetBytesV("X-Forwarded-Host", req.Header.Host())
+	proto := "http"
+	if ctx.IsTLS() {
+		proto = "https"
+	}
+	req.Header.Set(fh.HeaderXForwardedProto, proto)
+	if up.base != "" {
+		req.SetRequestURI(up.base + string(req.RequestURI()))
+	}
+	counted := &countingReader{}
+	if bs := ctx.RequestBodyStream(); bs != nil {
+		counted.r = bs
+		req.SetBodyStream(counted, req.Header.ContentLength())
+	} else {
+		counted.n = int64(len(req.Body()))
+	}
+
+	resp := fh.AcquireResponse()
+	err := up.hc.DoTimeout(req, resp, f.timeout)
+	if err != nil {
+		fh.ReleaseResponse(resp)
+		ae := edge.NewAPIError(fh.StatusBadGateway, edge.TypeAPI, "upstream_unavailable", "The upstream service could not be reached.")
+		if errors.Is(err, fh.ErrTimeout) || errors.Is(err, fh.ErrDialTimeout) {
+			ae = edge.NewAPIError(fh.StatusGatewayTimeout, edge.TypeAPI, "upstream_timeout", "The upstream service did not answer in time.")
+		}
+		f.log.Warn("upstream error", "status", ae.Status, "err", err)
+		f.fail(ctx, ae, call.RequestID)
+		call.Status, call.RequestBytes = ae.Status, counted.n
+		f.s.EmitCall(call)
+		f.s.Observe(adm.Route, true, ae.Status, time.Since(start))
+		return
+	}
+
+	ctx.SetStatusCode(resp.StatusCode())
+	stripHopByHop(&resp.Header)
+	for k, v := range resp.Header.All() {
+		switch string(k) {
+		case fh.HeaderContentLength, fh.HeaderTransferEncoding, fh.HeaderDate, fh.HeaderConnection:
+			continue
+		}
+		ctx.Response.Header.AddBytesKV(k, v)
+	}
+	call.Status = resp.StatusCode()
+	done := func(sent int64) {
+		call.RequestBytes, call.ResponseBytes = counted.n, sent
+		f.s.EmitCall(call)
+		f.s.Observe(adm.Route, true, call.Status, time.Since(start))
+	}
+	if ctx.IsHead() {
+		ctx.Response.SkipBody = true
+		ctx.Response.Header.SetContentLength(resp.Header.ContentLength())
+		_ = resp.CloseBodyStream()
+		fh.ReleaseResponse(resp)
+		done(0)
+		return
+	}
+	bs := resp.BodyStream()
+	if bs == nil {
+		ctx.Response.SetBody(resp.Body())
+		sent := int64(len(resp.Body()))
+		fh.ReleaseResponse(resp)
+		done(sent)
+		return
+	}
+	// The body streams to the caller after this handler returns; fasthttp
+	// closes the stream when it is done, which hands the upstream
+	// connection back and records the call.
+	size := resp.Header.ContentLength()
+	if size < 0 {
+		size = -1
+	}
+	ctx.Response.SetBodyStream(&responseBody{r: bs, resp: resp, done: done}, size)
+}
+
+// countingReader counts what is read through it.
+type countingReader struct {
+	r io.Reader
+	n int64
+}
+
+func (c *countingReader) Read(p []byte) (int, error) {
+	n, err := c.r.Read(p)
+	c.n += int64(n)
+	return n, err
+}
+
+// responseBody streams an upstream response's body to the caller and,
+// when fasthttp closes it, releases the upstream response and records the
+// call with the bytes sent.
+type responseBody struct {
+	r    io.Reader
+	resp *fh.Response
+	n    int64
+	done func(sent int64)
+	once sync.Once
+}
+
+func (b *responseBody) Read(p []byte) (int, error) {
+	n, err := b.r.Read(p)
+	b.n += int64(n)
+	return n, err
+}
+
+func (b *responseBody) Close() error {
+	var err error
+	b.once.Do(func() {
+		err = b.resp.CloseBodyStream()
+		fh.ReleaseResponse(b.resp)
+		b.done(b.n)
+	})
+	return err
+}
+
+// printfLogger is fasthttp's logger on slog; fasthttp logs connection
+// errors (a caller hanging up mid-call), which are not news at Info.
+type printfLogger struct{ log *slog.Logger }
+
+func (l printfLogger) Printf(format string, args ...any) {
+	l.log.Debug(fmt.Sprintf(format, args...))
+}

@@ -1,0 +1,225 @@
+package edge_test
+
+import (
+	"bufio"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"io"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/tollgate-dev/tollgate/edge"
+	"github.com/tollgate-dev/tollgate/internal/demo"
+	"github.com/tollgate-dev/tollgate/internal/edgetest"
+	"github.com/tollgate-dev/tollgate/internal/testenv"
+	"github.com/tollgate-dev/tollgate/schemas"
+)
+
+// fronts are the edge's two HTTP servers: the fasthttp front that
+// `tollgate edge` runs, and the net/http handler (which the front also
+// uses for its few other routes). Both must proxy alike.
+var fronts = []struct {
+	name    string
+	netHTTP bool
+}{{"fasthttp front", false}, {"net/http handler", true}}
+
+// streamingUpstream serves three paths: /upload answers the SHA-256 and
+// length of the request body; /stream writes a first line, then waits for
+// release before the second; /head answers HEAD with a length and no body.
+func streamingUpstream(t *testing.T, release <-chan struct{}) string {
+	t.Helper()
+	s := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch r.URL.Path {
+		case "/v1/upload":
+			h := sha256.New()
+			n, err := io.Copy(h, r.Body)
+			if err != nil {
+				http.Error(w, err.Error(), 500)
+				return
+			}
+			_ = json.NewEncoder(w).Encode(map[string]any{"sha256": hex.EncodeToString(h.Sum(nil)), "bytes": n})
+		case "/v1/stream":
+			w.Header().Set("Content-Type", "text/plain")
+			_, _ = io.WriteString(w, "first\n")
+			w.(http.Flusher).Flush()
+			select {
+			case <-release:
+			case <-time.After(10 * time.Second):
+			}
+			_, _ = io.WriteString(w, "second\n")
+		case "/v1/head":
+			w.Header().Set("Content-Length", "1234")
+			w.Header().Add("Set-Cookie", "a=1")
+			w.Header().Add("Set-Cookie", "b=2")
+			w.Header().Add("X-Many", "one")
+			w.Header().Add("X-Many", "two")
+		default:
+			http.NotFound(w, r)
+		}
+	})}
+	ln := testListener(t)
+	go func() { _ = s.Serve(ln) }()
+	t.Cleanup(func() { _ = s.Close() })
+	return "http://" + ln.Addr().String()
+}
+
+func TestProxy(t *testing.T) {
+	env := edgetest.New(t)
+	key, _ := env.Key(t, "acct_proxy", edge.Secret, schemas.Live)
+	for _, fr := range fronts {
+		t.Run(fr.name, func(t *testing.T) {
+			t.Run("method, path, query, body and headers reach the upstream; the key and hop-by-hop headers do not", func(t *testing.T) {
+				in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP})
+				req, _ := http.NewRequest("PATCH", in.URL+"/v1/things/7?a=1&b=two", strings.NewReader(`{"x":1}`))
+				req.Header.Set("Authorization", "Bearer "+key)
+				req.Header.Set("X-Custom", "kept")
+				req.Header.Set("Connection", "X-Secret")
+				req.Header.Set("X-Secret", "hop")
+				resp, err := http.DefaultClient.Do(req)
+				testenv.Must(t, err, "call")
+				var echo demo.Echo
+				testenv.Must(t, json.NewDecoder(resp.Body).Decode(&echo), "decode")
+				resp.Body.Close()
+				rid := resp.Header.Get(edge.HeaderRequestID)
+				if echo.Method != "PATCH" || echo.Path != "/v1/things/7" || echo.Query != "a=1&b=two" || echo.Body != `{"x":1}` {
+					t.Fatalf("upstream saw %+v", echo)
+				}
+				if echo.Headers["X-Custom"][0] != "kept" || echo.Headers["Authorization"] != nil || echo.Headers["X-Secret"] != nil {
+					t.Fatalf("headers at upstream: %v", echo.Headers)
+				}
+				if got := echo.Headers[edge.HeaderRequestID]; len(got) != 1 || got[0] != rid {
+					t.Fatalf("upstream Request-Id %v, want %s", got, rid)
+				}
+				if got := echo.Headers["X-Forwarded-For"]; len(got) != 1 || got[0] != "127.0.0.1" {
+					t.Fatalf("X-Forwarded-For %v", got)
+				}
+				if resp.Header.Get("X-Ratelimit-Limit") == "" || resp.Header.Get("Content-Type") != "application/json" {
+					t.Fatalf("response headers %v", resp.Header)
+				}
+			})
+
+			t.Run("an upstream base path comes before the call's path", func(t *testing.T) {
+				in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP, Config: func(c *edge.Config) { c.Upstream = env.LiveURL + "/base/" }})
+				r := edgetest.Do(t, "GET", in.URL+"/v1/things/7?q=%2F", key, nil)
+				var echo demo.Echo
+				testenv.Must(t, json.Unmarshal(r.Body, &echo), "decode")
+				if echo.Path != "/base/v1/things/7" || echo.Query != "q=%2F" {
+					t.Fatalf("upstream saw %s ? %s", echo.Path, echo.Query)
+				}
+			})
+
+			t.Run("the upstream's status and repeated headers come back", func(t *testing.T) {
+				release := make(chan struct{})
+				close(release)
+				in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP, Config: func(c *edge.Config) { c.Upstream = streamingUpstream(t, release) }})
+				r := edgetest.Do(t, "HEAD", in.URL+"/v1/head", key, nil)
+				if r.Status != 200 || r.Header.Get("Content-Length") != "1234" || len(r.Body) != 0 {
+					t.Fatalf("HEAD: %d, length %q, %d body bytes", r.Status, r.Header.Get("Content-Length"), len(r.Body))
+				}
+				if got := r.Header.Values("Set-Cookie"); len(got) != 2 {
+					t.Fatalf("Set-Cookie %v, want both", got)
+				}
+				if got := r.Header.Values("X-Many"); len(got) != 2 || got[0] != "one" || got[1] != "two" {
+					t.Fatalf("X-Many %v, want one and two", got)
+				}
+				r = edgetest.Do(t, "GET", in.URL+"/v1/things?status=418", key, nil)
+				if r.Status != 404 {
+					t.Fatalf("status %d from an upstream that answers 404", r.Status)
+				}
+			})
+
+			t.Run("a large body of unknown length streams to the upstream whole and is metered", func(t *testing.T) {
+				in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP, Config: func(c *edge.Config) { c.Upstream = streamingUpstream(t, nil) }})
+				const size = 5 << 20
+				body := strings.Repeat("0123456789abcdef", size/16)
+				want := sha256.Sum256([]byte(body))
+				pr, pw := io.Pipe()
+				go func() {
+					for i := 0; i < len(body); i += 64 << 10 {
+						if _, err := pw.Write([]byte(body[i:min(len(body), i+64<<10)])); err != nil {
+							return
+						}
+					}
+					pw.Close()
+				}()
+				req, _ := http.NewRequest("POST", in.URL+"/v1/upload", pr) // no length: chunked
+				req.Header.Set("Authorization", "Bearer "+key)
+				resp, err := http.DefaultClient.Do(req)
+				testenv.Must(t, err, "upload")
+				var got struct {
+					SHA256 string `json:"sha256"`
+					Bytes  int64  `json:"bytes"`
+				}
+				testenv.Must(t, json.NewDecoder(resp.Body).Decode(&got), "decode")
+				resp.Body.Close()
+				if got.Bytes != size || got.SHA256 != hex.EncodeToString(want[:]) {
+					t.Fatalf("upstream got %d bytes, sha256 %s; want %d", got.Bytes, got.SHA256, size)
+				}
+				rid := resp.Header.Get(edge.HeaderRequestID)
+				for _, ev := range edgetest.ReadTopic(t, env.Brokers, env.Topic, 1, 20*time.Second) {
+					if ev.RequestID == rid {
+						if ev.RequestBytes != size || ev.Status != 200 || ev.ResponseBytes == 0 {
+							t.Fatalf("event %+v, want %d request bytes", ev, size)
+						}
+						return
+					}
+				}
+				t.Fatalf("no event with request id %s", rid)
+			})
+
+			t.Run("a response streams to the caller as the upstream writes it", func(t *testing.T) {
+				release := make(chan struct{})
+				in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP, Config: func(c *edge.Config) { c.Upstream = streamingUpstream(t, release) }})
+				req, _ := http.NewRequest("GET", in.URL+"/v1/stream", nil)
+				req.Header.Set("Authorization", "Bearer "+key)
+				resp, err := http.DefaultClient.Do(req)
+				testenv.Must(t, err, "call")
+				defer resp.Body.Close()
+				lines := make(chan string, 2)
+				go func() {
+					sc := bufio.NewScanner(resp.Body)
+					for sc.Scan() {
+						lines <- sc.Text()
+					}
+					close(lines)
+				}()
+				select {
+				case l := <-lines:
+					if l != "first" {
+						t.Fatalf("first line %q", l)
+					}
+				case <-time.After(5 * time.Second):
+					t.Fatal("the first line did not arrive while the upstream was still writing")
+				}
+				close(release)
+				if l := <-lines; l != "second" {
+					t.Fatalf("second line %q", l)
+				}
+			})
+
+			cases := []struct {
+				name     string
+				upstream string
+				status   int
+				code     string
+			}{
+				{"upstream down is 502", "http://127.0.0.1:1", 502, "upstream_unavailable"},
+				{"upstream too slow is 504", slowServer(t), 504, "upstream_timeout"},
+			}
+			for _, c := range cases {
+				t.Run(c.name, func(t *testing.T) {
+					in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP, Config: func(cfg *edge.Config) {
+						cfg.Upstream, cfg.UpstreamTimeout = c.upstream, 300*time.Millisecond
+					}})
+					r := edgetest.Do(t, "GET", in.URL+"/v1/x", key, nil)
+					if r.Status != c.status || r.Error.Code != c.code || r.Error.RequestID != r.Header.Get(edge.HeaderRequestID) {
+						t.Fatalf("status %d error %+v", r.Status, r.Error)
+					}
+				})
+			}
+		})
+	}
+}
