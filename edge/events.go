@@ -16,8 +16,8 @@ import (
 // MaxBatch is the most events one POST /v1/events may carry.
 const MaxBatch = 1000
 
-// maxBatchBytes bounds the request body of POST /v1/events.
-const maxBatchBytes = 8 << 20
+// MaxBatchBytes bounds the request body of POST /v1/events.
+const MaxBatchBytes = 8 << 20
 
 // ReportedEvent is one server-reported usage event as a client sends it.
 // Account, environment and key come from the API key, never the body.
@@ -52,13 +52,13 @@ type BatchResult struct {
 
 func (s *Server) reportEvents(c echo.Context) error {
 	k := c.Get("key").(*Key)
-	body, err := io.ReadAll(io.LimitReader(c.Request().Body, maxBatchBytes+1))
+	body, err := io.ReadAll(io.LimitReader(c.Request().Body, MaxBatchBytes+1))
 	if err != nil {
 		return NewAPIError(http.StatusBadRequest, TypeInvalidRequest, "invalid_body", "Could not read the request body.")
 	}
-	if len(body) > maxBatchBytes {
+	if len(body) > MaxBatchBytes {
 		return NewAPIError(http.StatusRequestEntityTooLarge, TypeInvalidRequest, "payload_too_large",
-			fmt.Sprintf("The request body is larger than %d bytes.", maxBatchBytes))
+			fmt.Sprintf("The request body is larger than %d bytes.", MaxBatchBytes))
 	}
 	var in struct {
 		Events []json.RawMessage `json:"events"`

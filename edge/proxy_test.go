@@ -200,6 +200,25 @@ func TestProxy(t *testing.T) {
 				}
 			})
 
+			t.Run("an events batch larger than the limit is refused", func(t *testing.T) {
+				in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP})
+				pr, pw := io.Pipe()
+				go func() {
+					chunk := []byte(strings.Repeat(" ", 64<<10))
+					for sent := 0; sent <= edge.MaxBatchBytes; sent += len(chunk) {
+						if _, err := pw.Write(chunk); err != nil {
+							return
+						}
+					}
+					pw.Close()
+				}()
+				r := edgetest.Do(t, "POST", in.URL+"/v1/events", key, pr)
+				pr.Close()
+				if r.Status != 413 || r.Error.Code != "payload_too_large" || r.Error.RequestID == "" {
+					t.Fatalf("status %d error %+v", r.Status, r.Error)
+				}
+			})
+
 			cases := []struct {
 				name     string
 				upstream string

@@ -152,7 +152,7 @@ func slowPath(method, path []byte) bool {
 
 func (f *Front) handle(ctx *fh.RequestCtx) {
 	if slowPath(ctx.Method(), ctx.Path()) {
-		f.slow(ctx)
+		f.slowCall(ctx)
 		return
 	}
 	start := time.Now()
@@ -171,6 +171,32 @@ func (f *Front) handle(ctx *fh.RequestCtx) {
 		return
 	}
 	f.proxy(ctx, adm, edge.Call{Key: adm.Key, Route: adm.Route, ID: id, Method: ci.Method, RequestID: rid}, start)
+}
+
+// slowCall hands a call to the edge's net/http handler. The adaptor reads
+// the whole body into memory first, so the body is read here, up to what
+// POST /v1/events accepts, and a longer one is refused without reading on.
+func (f *Front) slowCall(ctx *fh.RequestCtx) {
+	if bs := ctx.RequestBodyStream(); bs != nil {
+		b, err := io.ReadAll(io.LimitReader(bs, edge.MaxBatchBytes+1))
+		if err == nil && len(b) > edge.MaxBatchBytes {
+			err = edge.NewAPIError(fh.StatusRequestEntityTooLarge, edge.TypeInvalidRequest, "payload_too_large",
+				fmt.Sprintf("The request body is larger than %d bytes.", edge.MaxBatchBytes))
+		}
+		if err != nil {
+			var ae *edge.APIError
+			if !errors.As(err, &ae) {
+				ae = edge.NewAPIError(fh.StatusBadRequest, edge.TypeInvalidRequest, "invalid_body", "Could not read the request body.")
+			}
+			_, rid := edge.NewRequestID()
+			ctx.Response.Header.Set(edge.HeaderRequestID, rid)
+			ctx.SetConnectionClose() // the rest of the body is not read
+			f.fail(ctx, ae, rid)
+			return
+		}
+		ctx.Request.SetBody(b)
+	}
+	f.slow(ctx)
 }
 
 // fail answers with err in the edge's one error shape.
