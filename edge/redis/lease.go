@@ -18,7 +18,9 @@ import (
 // maxLease, and at most an eighth of the burst): Redis charges every bucket
 // and the quota for all of them at once, exactly as for that many calls,
 // and the calls that follow on this instance use the spare tokens without
-// a round trip. Spare tokens not used within leaseTTL go back to Redis.
+// a round trip. When half a lease is spent, the next is asked for ahead of
+// need, so a busy limit's calls do not wait for Redis at all. Spare tokens
+// not used within leaseTTL of the latest grant go back to Redis.
 //
 // A quiet limit (fewer than two calls per demandWindow) or a small burst
 // (under 16) is never leased: each call is decided in Redis alone, as
@@ -43,6 +45,8 @@ type lease struct {
 	tokens    int
 	grantedAt time.Time
 	gen       uint64
+	// granted is the size of the latest grant.
+	granted int
 	// res is Redis's answer for the latest grant, after charging it whole;
 	// limits are the limits it was granted for.
 	res    edge.CallResult
@@ -102,6 +106,13 @@ func (l *Limiter) leased(c edge.CallLimits) (edge.CallResult, error) {
 	if le.tokens > 0 && now.Sub(le.grantedAt) < leaseTTL {
 		le.tokens--
 		res := le.answer(c, now)
+		if le.asking == nil && le.granted >= 2 && le.tokens*2 <= le.granted && !l.returning.Load() {
+			// Half the lease is spent: ask for the next one now, so the
+			// calls that follow find tokens instead of a round trip.
+			asked := make(chan struct{})
+			le.asking = asked
+			go l.prefetch(le, c, min(leaseCap(c), max(le.lastWin, le.winCalls)), asked)
+		}
 		le.mu.Unlock()
 		l.fromLease.Add(1)
 		return res, nil
@@ -155,19 +166,43 @@ func (l *Limiter) leased(c edge.CallLimits) (edge.CallResult, error) {
 	if err != nil || grant <= 1 {
 		return res, err
 	}
-	if le.tokens > 0 {
-		// Older spare tokens go back before the new grant replaces them.
-		go l.refund(c, le.tokens)
+	return l.store(le, c, res, grant, grant-1), nil
+}
+
+// prefetch asks Redis for the lease's next tokens while it still holds
+// some.
+func (l *Limiter) prefetch(le *lease, c edge.CallLimits, want int, asked chan struct{}) {
+	res, grant, err := l.ask(c, want)
+	le.mu.Lock()
+	defer le.mu.Unlock()
+	le.asking = nil
+	close(asked)
+	if err != nil || grant == 0 {
+		// Redis is down (the calls will find out for themselves) or has
+		// no tokens left: the lease spends what it holds.
+		return
 	}
+	l.store(le, c, res, grant, grant)
+}
+
+// store adds spare tokens of a grant of grant tokens to the lease, with
+// le.mu held, and returns the answer for a call made now. Tokens still
+// fresh stay; stale ones go back to Redis.
+func (l *Limiter) store(le *lease, c edge.CallLimits, res edge.CallResult, grant, spare int) edge.CallResult {
 	// The lease's life runs from the grant's arrival: Redis charged the
 	// tokens during the round trip, so they may be used for up to one
 	// round trip plus leaseTTL after they were counted.
 	arrived := time.Now()
+	if le.tokens > 0 && arrived.Sub(le.grantedAt) >= leaseTTL {
+		go l.refund(c, le.tokens)
+		le.tokens = 0
+	}
 	le.gen++
-	le.tokens, le.grantedAt, le.res, le.limits = grant-1, arrived, res, c
+	le.tokens += spare
+	le.granted, le.grantedAt, le.res, le.limits = grant, arrived, res, c
 	gen := le.gen
 	time.AfterFunc(leaseTTL, func() { l.expire(le, gen, c) })
-	return le.answer(c, arrived), nil
+	return le.answer(c, arrived)
 }
 
 // answer is the call's answer while the lease holds le.tokens spare
@@ -263,12 +298,21 @@ return 1
 
 // ReturnLeases gives every spare token back to Redis, for a graceful stop:
 // otherwise a stopped instance's spare tokens stay counted until the rate
-// buckets refill, and against the month's quota for good.
+// buckets refill, and against the month's quota for good. No lease asks
+// for more tokens ahead of need afterwards.
 func (l *Limiter) ReturnLeases() {
 	var wg sync.WaitGroup
+	l.returning.Store(true)
 	l.leases.Range(func(_, v any) bool {
 		le := v.(*lease)
 		le.mu.Lock()
+		for le.asking != nil {
+			// A grant on its way is given back with the rest.
+			wait := le.asking
+			le.mu.Unlock()
+			<-wait
+			le.mu.Lock()
+		}
 		n, c := le.tokens, le.limits
 		le.tokens = 0
 		le.gen++ // the pending expiry has nothing left to give back

@@ -41,6 +41,8 @@ type Limiter struct {
 	// leases holds a *lease per set of limits (lease.go).
 	leases   sync.Map
 	sweeping atomic.Bool
+	// returning is set by ReturnLeases: no more asking ahead.
+	returning atomic.Bool
 	// calls counts AllowCall calls; fromLease those decided from a lease;
 	// refunded the tokens given back, refundErrs the failed refunds.
 	calls, fromLease, refunded, refundErrs atomic.Uint64
