@@ -268,8 +268,9 @@ func ceilSeconds(d time.Duration) int64 {
 // setRateHeaders writes the X-RateLimit-* headers and the IETF draft
 // RateLimit / RateLimit-Policy fields for the tightest of the limits.
 // Limit is the burst, Reset the seconds until the bucket is full again;
-// the policy window w is the time a full burst takes to refill.
-func setRateHeaders(set func(name, value string), states []limitState, quota *quotaState) {
+// the policy window w is the time a full burst takes to refill. set must
+// copy the value: the values share one buffer.
+func setRateHeaders(set func(name string, value []byte), states []limitState, quota *quotaState) {
 	if len(states) == 0 {
 		return
 	}
@@ -280,9 +281,21 @@ func setRateHeaders(set func(name, value string), states []limitState, quota *qu
 		}
 	}
 	reset := ceilSeconds(tight.result.ResetAfter)
-	// Built with appends rather than fmt: this runs on every call.
-	var buf [160]byte
+	// Built with appends into one buffer rather than fmt and strings: this
+	// runs on every call.
+	var buf [256]byte
 	b := buf[:0]
+	// Names in Go's canonical form, so net/http's header map can take
+	// them as they are.
+	b = strconv.AppendInt(b, int64(tight.result.Limit), 10)
+	set("X-Ratelimit-Limit", b)
+	n := len(b)
+	b = strconv.AppendInt(b, int64(tight.result.Remaining), 10)
+	set("X-Ratelimit-Remaining", b[n:])
+	n = len(b)
+	b = strconv.AppendInt(b, reset, 10)
+	set("X-Ratelimit-Reset", b[n:])
+	n = len(b)
 	for i, s := range states {
 		if i > 0 {
 			b = append(b, ", "...)
@@ -294,19 +307,14 @@ func setRateHeaders(set func(name, value string), states []limitState, quota *qu
 		b = append(b, ", "...)
 		b = appendPolicy(b, "monthly", quota.limit, ceilSeconds(quota.window))
 	}
-	policy := string(b)
-	b = strconv.AppendQuote(buf[:0], tight.name)
+	set("Ratelimit-Policy", b[n:])
+	n = len(b)
+	b = strconv.AppendQuote(b, tight.name)
 	b = append(b, ";r="...)
 	b = strconv.AppendInt(b, int64(tight.result.Remaining), 10)
 	b = append(b, ";t="...)
 	b = strconv.AppendInt(b, reset, 10)
-	// Names in Go's canonical form, so net/http's header map can take
-	// them as they are.
-	set("X-Ratelimit-Limit", strconv.Itoa(tight.result.Limit))
-	set("X-Ratelimit-Remaining", strconv.Itoa(tight.result.Remaining))
-	set("X-Ratelimit-Reset", strconv.FormatInt(reset, 10))
-	set("Ratelimit-Policy", policy)
-	set("Ratelimit", string(b))
+	set("Ratelimit", b[n:])
 }
 
 // appendPolicy appends one RateLimit-Policy item: "name";q=quota;w=window.

@@ -158,16 +158,10 @@ func TestProxy(t *testing.T) {
 				if got.Bytes != size || got.SHA256 != hex.EncodeToString(want[:]) {
 					t.Fatalf("upstream got %d bytes, sha256 %s; want %d", got.Bytes, got.SHA256, size)
 				}
-				rid := resp.Header.Get(edge.HeaderRequestID)
-				for _, ev := range edgetest.ReadTopic(t, env.Brokers, env.Topic, 1, 20*time.Second) {
-					if ev.RequestID == rid {
-						if ev.RequestBytes != size || ev.Status != 200 || ev.ResponseBytes == 0 {
-							t.Fatalf("event %+v, want %d request bytes", ev, size)
-						}
-						return
-					}
+				ev := eventFor(t, env, resp.Header.Get(edge.HeaderRequestID))
+				if ev.RequestBytes != size || ev.Status != 200 || ev.ResponseBytes == 0 {
+					t.Fatalf("event %+v, want %d request bytes", ev, size)
 				}
-				t.Fatalf("no event with request id %s", rid)
 			})
 
 			t.Run("a response streams to the caller as the upstream writes it", func(t *testing.T) {
@@ -241,4 +235,20 @@ func TestProxy(t *testing.T) {
 			}
 		})
 	}
+}
+
+// eventFor waits for the usage event of the call with request id rid.
+func eventFor(t *testing.T, env *edgetest.Env, rid string) schemas.Event {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for time.Now().Before(deadline) {
+		for _, ev := range edgetest.ReadTopic(t, env.Brokers, env.Topic, 1, 10*time.Second) {
+			if ev.RequestID == rid {
+				return ev
+			}
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	t.Fatalf("no event with request id %s in 20 s", rid)
+	return schemas.Event{}
 }

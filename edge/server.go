@@ -303,9 +303,10 @@ type Admission struct {
 }
 
 // Admit authenticates, authorizes and limits a proxied call, the monthly
-// quota included, writing the rate-limit headers through setHeader. Its
+// quota included, writing the rate-limit headers through setHeader (which
+// must copy the value). Its
 // errors are rendered by RenderError.
-func (s *Server) Admit(ctx context.Context, ci CallInfo, setHeader func(name, value string)) (Admission, error) {
+func (s *Server) Admit(ctx context.Context, ci CallInfo, setHeader func(name string, value []byte)) (Admission, error) {
 	var a Admission
 	k, err := s.authenticateCall(ctx, ci)
 	if err != nil {
@@ -449,7 +450,7 @@ var limitNames = [...]string{"key", "account"}
 
 // limitCall applies the key and account rate limits and (when quota is
 // true) the monthly quota, and writes the rate-limit headers.
-func (s *Server) limitCall(ctx context.Context, k *Key, quota bool, setHeader func(name, value string)) error {
+func (s *Server) limitCall(ctx context.Context, k *Key, quota bool, setHeader func(name string, value []byte)) error {
 	if s.deps.Limiter == nil {
 		return nil
 	}
@@ -500,7 +501,7 @@ func (s *Server) limitCall(ctx context.Context, k *Key, quota bool, setHeader fu
 				fmt.Sprintf("The monthly quota of %d requests for plan %q is used up until %s.",
 					*lim.MonthlyRequests, planName(k.Plan), end.UTC().Format(time.RFC3339)))
 			ae.Limit, ae.RetryAfter, ae.RetryAt, ae.UpgradeURL = "monthly", &retry, end.UTC().Format(time.RFC3339), s.upgradeURL(k.Plan)
-			setHeader("Retry-After", strconv.FormatInt(retry, 10))
+			setHeader("Retry-After", strconv.AppendInt(nil, retry, 10))
 			return ae
 		}
 	}
@@ -513,7 +514,7 @@ func (s *Server) limitCall(ctx context.Context, k *Key, quota bool, setHeader fu
 			fmt.Sprintf("Too many requests for this %s: %d per second (burst %d) on plan %q.",
 				refused.name, lim.RequestsPerSecond, lim.Burst, planName(k.Plan)))
 		ae.Limit, ae.RetryAfter, ae.RetryAt, ae.UpgradeURL = refused.name, &retry, at, s.upgradeURL(k.Plan)
-		setHeader("Retry-After", strconv.FormatInt(retry, 10))
+		setHeader("Retry-After", strconv.AppendInt(nil, retry, 10))
 		return ae
 	}
 	return nil
@@ -524,7 +525,7 @@ func (s *Server) limit(quota bool) echo.MiddlewareFunc {
 	return func(next echo.HandlerFunc) echo.HandlerFunc {
 		return func(c echo.Context) error {
 			h := c.Response().Header()
-			if err := s.limitCall(c.Request().Context(), c.Get("key").(*Key), quota, func(name, value string) { h[name] = []string{value} }); err != nil {
+			if err := s.limitCall(c.Request().Context(), c.Get("key").(*Key), quota, func(name string, value []byte) { h[name] = []string{string(value)} }); err != nil {
 				return err
 			}
 			return next(c)

@@ -15,6 +15,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"iter"
 	"log/slog"
 	"net"
 	"net/url"
@@ -164,7 +165,7 @@ func (f *Front) handle(ctx *fh.RequestCtx) {
 		Authorization: string(ctx.Request.Header.Peek(fh.HeaderAuthorization)),
 		RemoteAddr:    ctx.RemoteAddr().String(),
 	}
-	adm, err := f.s.Admit(ctx, ci, func(name, value string) { ctx.Response.Header.Set(name, value) })
+	adm, err := f.s.Admit(ctx, ci, func(name string, value []byte) { ctx.Response.Header.SetBytesV(name, value) })
 	if err != nil {
 		f.fail(ctx, err, rid)
 		f.s.Observe(adm.Route, adm.Routed, ctx.Response.StatusCode(), time.Since(start))
@@ -218,18 +219,46 @@ func (f *Front) fail(ctx *fh.RequestCtx, err error, rid string) {
 }
 
 // hopByHop are the headers that describe one connection, not the call
-// (RFC 9110, 7.6.1), so a proxy does not forward them.
-var hopByHop = []string{"Connection", "Proxy-Connection", "Keep-Alive", "Proxy-Authenticate",
-	"Proxy-Authorization", "Te", "Trailer", "Upgrade"}
+// (RFC 9110, 7.6.1), so a proxy does not forward them. fasthttp keeps
+// Connection and Transfer-Encoding itself, per connection.
+var hopByHop = [...]string{"Keep-Alive", "Proxy-Connection", "Proxy-Authenticate", "Proxy-Authorization",
+	"Te", "Trailer", "Upgrade"}
 
-func stripHopByHop(h interface {
+// isHopByHop reports whether name (in fasthttp's canonical form) is a
+// hop-by-hop header.
+func isHopByHop(name []byte) bool {
+	for _, h := range hopByHop {
+		if string(name) == h {
+			return true
+		}
+	}
+	return false
+}
+
+// headers is what stripHopByHop needs of a request or response header.
+type headers interface {
+	All() iter.Seq2[[]byte, []byte]
 	Peek(string) []byte
 	Del(string)
-}) {
-	// Headers the Connection header names are hop-by-hop too.
-	if c := h.Peek("Connection"); len(c) > 0 {
+}
+
+// stripHopByHop drops the hop-by-hop headers, and those the Connection
+// header names. Most calls have none, so one pass looks before anything
+// is deleted.
+func stripHopByHop(h headers) {
+	var found bool
+	for k := range h.All() {
+		if isHopByHop(k) || string(k) == fh.HeaderConnection {
+			found = true
+			break
+		}
+	}
+	if !found {
+		return
+	}
+	if c := h.Peek(fh.HeaderConnection); len(c) > 0 {
 		for _, name := range strings.Split(string(c), ",") {
-			if name = strings.TrimSpace(name); name != "" {
+			if name = strings.TrimSpace(name); name != "" && !strings.EqualFold(name, "close") && !strings.EqualFold(name, "keep-alive") {
 				h.Del(name)
 			}
 		}

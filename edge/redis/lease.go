@@ -4,7 +4,6 @@ import (
 	"context"
 
 	"github.com/redis/go-redis/v9"
-	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -59,22 +58,28 @@ type lease struct {
 	winCalls, lastWin int
 }
 
-// leaseKey names the limits c is checked against, all of them, so a
-// change of plan starts a new lease.
-func leaseKey(c edge.CallLimits) string {
-	var b strings.Builder
-	for _, id := range c.Buckets {
-		b.WriteString(id)
-		b.WriteByte(0)
+// leaseID names the limits a call is checked against, all of them, so a
+// change of plan starts a new lease. The edge's calls have two buckets;
+// other shapes put theirs in rest.
+type leaseID struct {
+	n                   int
+	b0, b1, rest, quota string
+	rps, burst          int
+	quotaLimit          int64
+}
+
+func leaseKey(c edge.CallLimits) leaseID {
+	id := leaseID{n: len(c.Buckets), quota: c.QuotaBucket, rps: c.RPS, burst: c.Burst, quotaLimit: c.QuotaLimit}
+	switch len(c.Buckets) {
+	case 2:
+		id.b0, id.b1 = c.Buckets[0], c.Buckets[1]
+	case 1:
+		id.b0 = c.Buckets[0]
+	case 0:
+	default:
+		id.rest = strings.Join(c.Buckets, "\x00")
 	}
-	b.WriteString(c.QuotaBucket)
-	b.WriteByte(0)
-	b.WriteString(strconv.Itoa(c.RPS))
-	b.WriteByte(0)
-	b.WriteString(strconv.Itoa(c.Burst))
-	b.WriteByte(0)
-	b.WriteString(strconv.FormatInt(c.QuotaLimit, 10))
-	return b.String()
+	return id
 }
 
 // leaseCap is the most tokens one lease may hold for c.
