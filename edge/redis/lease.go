@@ -100,37 +100,23 @@ func (l *Limiter) leased(c edge.CallLimits) (edge.CallResult, error) {
 	le := v.(*lease)
 	now := time.Now()
 	le.mu.Lock()
-	if now.Sub(le.winStart) >= demandWindow {
-		le.lastWin = le.winCalls
-		if now.Sub(le.winStart) >= 2*demandWindow {
-			le.lastWin = 0
-		}
-		le.winStart, le.winCalls = now, 0
-	}
-	le.winCalls++
-	if le.tokens > 0 && now.Sub(le.grantedAt) < leaseTTL {
-		le.tokens--
-		res := le.answer(c, now)
+	le.count(now)
+	if res, ok := le.spend(c, now); ok {
 		if le.asking == nil && le.granted >= 2 && le.tokens*2 <= le.granted && !l.returning.Load() {
 			// Half the lease is spent: ask for the next one now, so the
 			// calls that follow find tokens instead of a round trip.
-			asked := make(chan struct{})
-			le.asking = asked
-			go l.prefetch(le, c, min(leaseCap(c), max(le.lastWin, le.winCalls)), asked)
+			le.asking = make(chan struct{})
+			go l.prefetch(le, c, le.demand(c), le.asking)
 		}
 		le.mu.Unlock()
 		l.fromLease.Add(1)
 		return res, nil
 	}
-	if wait := le.asking; wait != nil {
+	if le.asking != nil {
 		// A grant for these limits is on its way: waiting for it costs
 		// about the round trip this call would make, and saves Redis one.
-		le.mu.Unlock()
-		<-wait
-		le.mu.Lock()
-		if le.tokens > 0 && time.Since(le.grantedAt) < leaseTTL {
-			le.tokens--
-			res := le.answer(c, time.Now())
+		le.awaitGrant()
+		if res, ok := le.spend(c, time.Now()); ok {
 			le.mu.Unlock()
 			l.fromLease.Add(1)
 			return res, nil
@@ -138,7 +124,7 @@ func (l *Limiter) leased(c edge.CallLimits) (edge.CallResult, error) {
 	}
 	want := 1
 	if le.asking == nil {
-		want = min(leaseCap(c), max(le.lastWin, le.winCalls))
+		want = le.demand(c)
 	}
 	var asked chan struct{}
 	if want > 1 {
@@ -147,7 +133,7 @@ func (l *Limiter) leased(c edge.CallLimits) (edge.CallResult, error) {
 	}
 	le.mu.Unlock()
 
-	res, grant, err := l.ask(c, want)
+	res, grant, err := l.ask(c, want, false)
 	le.mu.Lock()
 	defer le.mu.Unlock()
 	if asked != nil {
@@ -156,16 +142,11 @@ func (l *Limiter) leased(c edge.CallLimits) (edge.CallResult, error) {
 	}
 	if err == nil && grant == 0 {
 		// Refused, perhaps because this instance holds the last tokens,
-		// or is about to: a grant in flight for the same limits is waited
-		// for, and a spare token is used rather than refusing.
-		if wait := le.asking; wait != nil {
-			le.mu.Unlock()
-			<-wait
-			le.mu.Lock()
-		}
-		if le.tokens > 0 && time.Since(le.grantedAt) < leaseTTL {
-			le.tokens--
-			return le.answer(c, time.Now()), nil
+		// or is about to: a grant on its way is waited for, and a spare
+		// token is used rather than refusing.
+		le.awaitGrant()
+		if res, ok := le.spend(c, time.Now()); ok {
+			return res, nil
 		}
 	}
 	if err != nil || grant <= 1 {
@@ -174,10 +155,49 @@ func (l *Limiter) leased(c edge.CallLimits) (edge.CallResult, error) {
 	return l.store(le, c, res, grant, grant-1), nil
 }
 
+// count counts a call in the lease's demand windows, with le.mu held.
+func (le *lease) count(now time.Time) {
+	if since := now.Sub(le.winStart); since >= demandWindow {
+		le.lastWin = le.winCalls
+		if since >= 2*demandWindow {
+			le.lastWin = 0
+		}
+		le.winStart, le.winCalls = now, 0
+	}
+	le.winCalls++
+}
+
+// demand is how many tokens to ask for: as many as the limits saw calls in
+// a demand window, within the lease's cap.
+func (le *lease) demand(c edge.CallLimits) int {
+	return min(leaseCap(c), max(le.lastWin, le.winCalls))
+}
+
+// spend uses a spare token if the lease holds one still fresh, with le.mu
+// held, and returns the call's answer.
+func (le *lease) spend(c edge.CallLimits, now time.Time) (edge.CallResult, bool) {
+	if le.tokens == 0 || now.Sub(le.grantedAt) >= leaseTTL {
+		return edge.CallResult{}, false
+	}
+	le.tokens--
+	return le.answer(c, now), true
+}
+
+// awaitGrant waits for the grant on its way, if there is one, with le.mu
+// held (and released while waiting). It waits for that one only: a call
+// that then finds no token asks Redis itself rather than queue again.
+func (le *lease) awaitGrant() {
+	if wait := le.asking; wait != nil {
+		le.mu.Unlock()
+		<-wait
+		le.mu.Lock()
+	}
+}
+
 // prefetch asks Redis for the lease's next tokens while it still holds
 // some.
 func (l *Limiter) prefetch(le *lease, c edge.CallLimits, want int, asked chan struct{}) {
-	res, grant, err := l.ask(c, want)
+	res, grant, err := l.ask(c, want, true)
 	le.mu.Lock()
 	defer le.mu.Unlock()
 	le.asking = nil
@@ -312,11 +332,7 @@ func (l *Limiter) ReturnLeases() {
 		le := v.(*lease)
 		le.mu.Lock()
 		for le.asking != nil {
-			// A grant on its way is given back with the rest.
-			wait := le.asking
-			le.mu.Unlock()
-			<-wait
-			le.mu.Lock()
+			le.awaitGrant() // grants on their way are given back with the rest
 		}
 		n, c := le.tokens, le.limits
 		le.tokens = 0

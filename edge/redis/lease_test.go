@@ -40,18 +40,27 @@ func burstOf(t *testing.T, n int, c edge.CallLimits, limiters ...*edgeredis.Limi
 	return int(allowed.Load())
 }
 
+// busyLimits sends 600 calls, in three bursts of 200 concurrent ones,
+// through one limiter on one key bucket (burst 100,000) and a quota of
+// 10,000.
+func busyLimits(t *testing.T) (*testenv.Redis, *edgeredis.Limiter, edge.CallLimits) {
+	t.Helper()
+	r := testenv.NewRedis(t)
+	l := edgeredis.NewLimiter(r.Client)
+	c := edge.CallLimits{Buckets: []string{r.Prefix + "key"}, RPS: 1, Burst: 100_000,
+		QuotaBucket: r.Prefix + "quota", QuotaLimit: 10_000, QuotaTTL: time.Hour}
+	t.Cleanup(func() { r.Client.Del(context.Background(), "rate:"+r.Prefix+"key") })
+	for range 3 {
+		if got := burstOf(t, 200, c, l); got != 200 {
+			t.Fatalf("%d of 200 calls allowed under a quota of 10,000", got)
+		}
+	}
+	return r, l, c
+}
+
 func TestLeases(t *testing.T) {
 	t.Run("busy limits are leased and unused tokens go back", func(t *testing.T) {
-		r := testenv.NewRedis(t)
-		l := edgeredis.NewLimiter(r.Client)
-		c := edge.CallLimits{Buckets: []string{r.Prefix + "key"}, RPS: 1, Burst: 100_000,
-			QuotaBucket: r.Prefix + "quota", QuotaLimit: 10_000, QuotaTTL: time.Hour}
-		t.Cleanup(func() { r.Client.Del(context.Background(), "rate:"+r.Prefix+"key") })
-		for range 3 {
-			if got := burstOf(t, 200, c, l); got != 200 {
-				t.Fatalf("%d of 200 calls allowed under a quota of 10,000", got)
-			}
-		}
+		r, l, c := busyLimits(t)
 		leased, _ := l.Leased()
 		if leased == 0 {
 			t.Fatal("600 concurrent calls and none decided from a lease")
@@ -75,16 +84,7 @@ func TestLeases(t *testing.T) {
 	})
 
 	t.Run("a graceful stop gives spare tokens back at once", func(t *testing.T) {
-		r := testenv.NewRedis(t)
-		l := edgeredis.NewLimiter(r.Client)
-		c := edge.CallLimits{Buckets: []string{r.Prefix + "key"}, RPS: 1, Burst: 100_000,
-			QuotaBucket: r.Prefix + "quota", QuotaLimit: 10_000, QuotaTTL: time.Hour}
-		t.Cleanup(func() { r.Client.Del(context.Background(), "rate:"+r.Prefix+"key") })
-		for range 3 {
-			if got := burstOf(t, 200, c, l); got != 200 {
-				t.Fatalf("%d of 200 calls allowed under a quota of 10,000", got)
-			}
-		}
+		r, l, c := busyLimits(t)
 		l.ReturnLeases()
 		n, err := r.Client.Get(context.Background(), c.QuotaBucket).Int()
 		testenv.Must(t, err, "read quota counter")

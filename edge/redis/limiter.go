@@ -49,8 +49,10 @@ type Limiter struct {
 }
 
 type callRequest struct {
-	keys  []string
-	args  []any
+	keys []string
+	args []any
+	// ahead marks a lease asked for ahead of need, not for a call.
+	ahead bool
 	reply chan callReply
 }
 
@@ -82,7 +84,8 @@ func NewLimiter(rdb redis.UniversalClient) *Limiter {
 	return &Limiter{rdb: rdb, gcra: redis_rate.NewLimiter(rdb)}
 }
 
-// Batched reports how many script runs decided how many AllowCall calls.
+// Batched reports how many script runs decided how many AllowCall calls
+// (leases asked for ahead of need are not calls).
 func (l *Limiter) Batched() (runs, calls uint64) { return l.sent.Load(), l.decided.Load() }
 
 // Leased reports how many AllowCall calls were decided from a lease
@@ -92,8 +95,8 @@ func (l *Limiter) Leased() (calls, refunded uint64) { return l.fromLease.Load(),
 // batched decides one call, in a batch with whatever other calls are
 // waiting. The wait is bounded by the Redis client's read and write
 // timeouts, which bound every script run.
-func (l *Limiter) batched(keys []string, args ...any) ([]any, error) {
-	r := &callRequest{keys: keys, args: args, reply: make(chan callReply, 1)}
+func (l *Limiter) batched(ahead bool, keys []string, args ...any) ([]any, error) {
+	r := &callRequest{keys: keys, args: args, ahead: ahead, reply: make(chan callReply, 1)}
 	l.mu.Lock()
 	if l.sending < maxSenders {
 		l.sending++
@@ -159,7 +162,11 @@ func (l *Limiter) run(batch []*callRequest) {
 		v, err = allowCalls.Run(ctx, l.rdb, keys, args...).Slice()
 	}
 	l.sent.Add(1)
-	l.decided.Add(uint64(len(batch)))
+	for _, r := range batch {
+		if !r.ahead {
+			l.decided.Add(1)
+		}
+	}
 	if err == nil && len(v) != len(batch) {
 		err = fmt.Errorf("%w: %d answers for %d calls", errReply, len(v), len(batch))
 	}
@@ -380,10 +387,11 @@ func (l *Limiter) AllowCall(ctx context.Context, c edge.CallLimits) (edge.CallRe
 	return l.leased(c)
 }
 
-// ask decides one call in Redis and asks for up to want tokens for c's
-// buckets and quota: grant is how many it got (0 when the call is
-// refused), and res is the answer after charging all of them.
-func (l *Limiter) ask(c edge.CallLimits, want int) (res edge.CallResult, grant int, err error) {
+// ask decides one call in Redis (or, ahead, asks for a lease with no call)
+// and asks for up to want tokens for c's buckets and quota: grant is how
+// many it got (0 when the call is refused), and res is the answer after
+// charging all of them.
+func (l *Limiter) ask(c edge.CallLimits, want int, ahead bool) (res edge.CallResult, grant int, err error) {
 	keys := make([]string, 0, len(c.Buckets)+1)
 	for _, id := range c.Buckets {
 		keys = append(keys, gcraPrefix+id)
@@ -393,7 +401,7 @@ func (l *Limiter) ask(c edge.CallLimits, want int) (res edge.CallResult, grant i
 		keys = append(keys, c.QuotaBucket)
 		withQuota = 1
 	}
-	v, err := l.batched(keys, c.Burst, c.RPS, 1, withQuota, c.QuotaLimit, int64(c.QuotaTTL.Seconds())+1, want)
+	v, err := l.batched(ahead, keys, c.Burst, c.RPS, 1, withQuota, c.QuotaLimit, int64(c.QuotaTTL.Seconds())+1, want)
 	if err != nil {
 		return res, 0, fmt.Errorf("redis call limits: %w", err)
 	}
