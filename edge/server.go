@@ -215,15 +215,6 @@ func (s *Server) Now() time.Time { return s.now() }
 // Config is the Server's configuration, defaults filled in.
 func (s *Server) Config() Config { return s.cfg }
 
-// Upstream is the base URL the key's calls go to: the sandbox for test
-// keys when there is one.
-func (s *Server) Upstream(k *Key) string {
-	if k.Environment == schemas.Test && s.cfg.SandboxUpstream != "" {
-		return s.cfg.SandboxUpstream
-	}
-	return s.cfg.Upstream
-}
-
 // RequestIDFor is the Request-Id header value of the call with event id id.
 func RequestIDFor(id uuid.UUID) string {
 	var b [36]byte

@@ -27,6 +27,7 @@ import (
 	"github.com/valyala/fasthttp/fasthttpadaptor"
 
 	"github.com/tollgate-dev/tollgate/edge"
+	"github.com/tollgate-dev/tollgate/schemas"
 )
 
 // Front is the edge's HTTP server.
@@ -38,7 +39,6 @@ type Front struct {
 	sandbox *upstream
 	timeout time.Duration
 	srv     *fh.Server
-	bodies  sync.Pool
 }
 
 // upstream is one upstream base URL and its connection pool.
@@ -46,8 +46,7 @@ type upstream struct {
 	hc *fh.HostClient
 	// base is the base URL's path, without a trailing slash, put before
 	// every proxied path (as net/http's ReverseProxy joins them).
-	base  string
-	proto string
+	base string
 }
 
 // maxHeaderBytes bounds a request's or response's header block.
@@ -71,7 +70,7 @@ func New(s *edge.Server, log *slog.Logger) (*Front, error) {
 		Handler:               f.handle,
 		NoDefaultServerHeader: true,
 		NoDefaultContentType:  true,
-		// The upstream gets the path as the caller sent it.
+		// Bodies are the upstream's to parse; the front only streams them.
 		DisablePreParseMultipartForm: true,
 		StreamRequestBody:            true,
 		ReadBufferSize:               maxHeaderBytes,
@@ -105,8 +104,7 @@ func newUpstream(raw string, timeout time.Duration) (*upstream, error) {
 		addr = net.JoinHostPort(u.Hostname(), port)
 	}
 	return &upstream{
-		base:  strings.TrimSuffix(u.EscapedPath(), "/"),
-		proto: u.Scheme,
+		base: strings.TrimSuffix(u.EscapedPath(), "/"),
 		hc: &fh.HostClient{
 			Addr:  addr,
 			IsTLS: u.Scheme == "https",
@@ -271,8 +269,8 @@ func stripHopByHop(h headers) {
 func (f *Front) proxy(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, start time.Time) {
 	call.Start = f.s.Now()
 	up := f.live
-	if f.s.Upstream(adm.Key) != f.s.Config().Upstream {
-		up = f.sandbox
+	if adm.Key.Environment == schemas.Test {
+		up = f.sandbox // the live upstream when there is no sandbox
 	}
 	req := &ctx.Request
 	stripHopByHop(&req.Header)
