@@ -82,6 +82,7 @@ func New(s *edge.Server, log *slog.Logger) (*Front, error) {
 		},
 		IdleTimeout:     120 * time.Second,
 		CloseOnShutdown: true,
+		ErrorHandler:    f.requestError,
 		Logger:          printfLogger{log},
 	}
 	return f, nil
@@ -196,6 +197,26 @@ func (f *Front) slowCall(ctx *fh.RequestCtx) {
 		ctx.Request.SetBody(b)
 	}
 	f.slow(ctx)
+}
+
+// requestError answers a request fasthttp could not read, in the edge's
+// one error shape like every other error.
+func (f *Front) requestError(ctx *fh.RequestCtx, err error) {
+	var small *fh.ErrSmallBuffer
+	var netErr net.Error
+	ae := edge.NewAPIError(fh.StatusBadRequest, edge.TypeInvalidRequest, "malformed_request", "The request could not be read as HTTP/1.1.")
+	switch {
+	case errors.As(err, &small):
+		ae = edge.NewAPIError(fh.StatusRequestHeaderFieldsTooLarge, edge.TypeInvalidRequest, "headers_too_large",
+			fmt.Sprintf("The request's headers are larger than %d bytes.", maxHeaderBytes))
+	case errors.Is(err, fh.ErrBodyTooLarge):
+		ae = edge.NewAPIError(fh.StatusRequestEntityTooLarge, edge.TypeInvalidRequest, "payload_too_large", "The request body is too large.")
+	case errors.As(err, &netErr) && netErr.Timeout():
+		ae = edge.NewAPIError(fh.StatusRequestTimeout, edge.TypeInvalidRequest, "request_timeout", "The request did not arrive in time.")
+	}
+	_, rid := edge.NewRequestID()
+	ctx.Response.Header.Set(edge.HeaderRequestID, rid)
+	f.fail(ctx, ae, rid)
 }
 
 // fail answers with err in the edge's one error shape.
