@@ -14,6 +14,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -131,15 +132,27 @@ func TestInvoicerKilledAfterEachStripeStepResumesToExactlyOneInvoice(t *testing.
 				var stderr strings.Builder
 				cmd.Stderr = &stderr
 				var once sync.Once
+				// The hook runs on the fake's goroutine: it gets the process
+				// through proc, set once Start has returned.
+				var proc atomic.Pointer[os.Process]
 				fake.SetHook(nil)
 				if kill {
 					fake.SetHook(func(kind, phase string) {
 						if kind == c.kind && phase == c.phase {
-							once.Do(func() { _ = cmd.Process.Signal(syscall.SIGKILL) })
+							once.Do(func() {
+								for p := proc.Load(); ; p = proc.Load() {
+									if p != nil {
+										_ = p.Signal(syscall.SIGKILL)
+										return
+									}
+									time.Sleep(time.Millisecond)
+								}
+							})
 						}
 					})
 				}
 				testenv.Must(t, cmd.Start(), "start invoicer")
+				proc.Store(cmd.Process)
 				err := cmd.Wait()
 				if err != nil && !kill {
 					return fmt.Errorf("%v: %s", err, stderr.String())
