@@ -74,6 +74,15 @@ type Producer struct {
 	queue chan kafka.Message
 	done  chan struct{}
 	once  sync.Once
+	// mu orders Emit's send before Close closes the queue; closed is set
+	// under it.
+	mu     sync.RWMutex
+	closed bool
+	// late holds events emitted while closing, until Close spools them;
+	// lateClosed is set once it has.
+	lateMu     sync.Mutex
+	late       [][]byte
+	lateClosed bool
 
 	closing   atomic.Bool
 	nextTry   time.Time
@@ -86,6 +95,7 @@ type Producer struct {
 	spooled   prometheus.Counter
 	errs      prometheus.Counter
 	waits     prometheus.Counter
+	lost      prometheus.Counter
 	collector []prometheus.Collector
 }
 
@@ -129,9 +139,12 @@ func NewProducer(cfg Config, reg prometheus.Registerer, log *slog.Logger) (*Prod
 		waits: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "tollgate_edge_emit_waits_total", Help: "Emits that waited because the in-memory queue was full.",
 		}),
+		lost: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "tollgate_edge_events_lost_total", Help: "Usage events emitted after the producer had closed (a call that outlived the graceful stop), or that could not be spooled while it closed.",
+		}),
 	}
 	p.kafkaUp.Store(true)
-	p.collector = []prometheus.Collector{p.produced, p.spooled, p.errs, p.waits,
+	p.collector = []prometheus.Collector{p.produced, p.spooled, p.errs, p.waits, p.lost,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "tollgate_edge_spool_depth", Help: "Usage events in the local spool awaiting Kafka.",
 		}, func() float64 { return float64(sp.Depth()) }),
@@ -155,16 +168,37 @@ func NewProducer(cfg Config, reg prometheus.Registerer, log *slog.Logger) (*Prod
 }
 
 // Emit queues ev for delivery. It does not wait for Kafka or the disk; it
-// waits only if the in-memory queue is full.
+// waits only if the in-memory queue is full. An event emitted while Close
+// runs (a call that outlived the server's graceful stop) goes to the spool
+// for the next start; one emitted after Close has returned is counted in
+// tollgate_edge_events_lost_total and logged.
 func (p *Producer) Emit(ev schemas.Event) {
 	m := message(ev)
-	select {
-	case p.queue <- m:
-	default:
-		p.waits.Inc()
-		p.queue <- m
+	p.mu.RLock()
+	if !p.closed {
+		select {
+		case p.queue <- m:
+		default:
+			p.waits.Inc()
+			p.queue <- m
+		}
+		p.mu.RUnlock()
+		return
 	}
+	p.mu.RUnlock()
+	p.lateMu.Lock()
+	defer p.lateMu.Unlock()
+	if p.lateClosed {
+		p.lost.Inc()
+		p.log.Error("usage event emitted after the producer closed; it is lost", "event_id", ev.ID, "account_id", ev.AccountID)
+		return
+	}
+	p.late = append(p.late, m.Value)
 }
+
+// Lost counts the usage events emitted after Close had returned, or that
+// could not be spooled while it ran (tollgate_edge_events_lost_total).
+func (p *Producer) Lost() prometheus.Counter { return p.lost }
 
 // SpoolDepth is the number of events in the spool.
 func (p *Producer) SpoolDepth() int64 { return p.spool.Depth() }
@@ -351,10 +385,32 @@ func accountKey(value []byte) []byte {
 // to the spool), drains the spool to Kafka within CloseTimeout and closes
 // the connection. Events left in the spool are delivered on the next start.
 func (p *Producer) Close() error {
+	var errs []error
 	p.once.Do(func() {
 		p.closing.Store(true)
+		// Emits in flight finish their send first: the run loop keeps
+		// taking from the queue until it is closed.
+		p.mu.Lock()
+		p.closed = true
 		close(p.queue)
+		p.mu.Unlock()
+		<-p.done
+		// Events emitted while closing: to the spool, for the next start.
+		p.lateMu.Lock()
+		late := p.late
+		p.late, p.lateClosed = nil, true
+		p.lateMu.Unlock()
+		if len(late) > 0 {
+			if err := p.spool.Append(late); err != nil {
+				p.lost.Add(float64(len(late)))
+				errs = append(errs, fmt.Errorf("spool events emitted while closing: %w", err))
+			} else {
+				p.spooled.Add(float64(len(late)))
+				p.log.Warn("events emitted while closing are spooled for the next start", "events", len(late))
+			}
+		}
+		errs = append(errs, p.w.Close(), p.spool.Close())
 	})
 	<-p.done
-	return errors.Join(p.w.Close(), p.spool.Close())
+	return errors.Join(errs...)
 }

@@ -276,7 +276,12 @@ func (e *Env) Start(t *testing.T, o Options) *Instance {
 		ln, err := net.Listen("tcp", "127.0.0.1:0")
 		testenv.Must(t, err, "listen")
 		go func() { _ = front.Serve(ln) }()
-		in.URL, stop = "http://"+ln.Addr().String(), func() { _ = front.Close() }
+		in.URL, stop = "http://"+ln.Addr().String(), func() {
+			// As tollgate edge stops: calls in flight finish first.
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			_ = front.Shutdown(ctx)
+		}
 	}
 	e.started = append(e.started, in)
 	t.Cleanup(func() {
