@@ -107,6 +107,10 @@ func NewEdgeMain(ctx context.Context, cfg Config, log *slog.Logger) (m *EdgeMain
 			Name: "tollgate_edge_limit_tokens_returned_total",
 			Help: "Leased rate-limit and quota tokens given back to Redis unused.",
 		}, func() float64 { _, n := m.limiter.Leased(); return float64(n) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: "tollgate_edge_limit_token_return_errors_total",
+			Help: "Failed attempts to give leased tokens back to Redis; their tokens stay counted.",
+		}, func() float64 { return float64(m.limiter.ReturnErrors()) }),
 	)
 	limiter := &edge.FallbackLimiter{
 		Primary: m.limiter,

@@ -2,11 +2,11 @@ package redis
 
 import (
 	"context"
-
-	"github.com/redis/go-redis/v9"
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/redis/go-redis/v9"
 
 	"github.com/tollgate-dev/tollgate/edge"
 )

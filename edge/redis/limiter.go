@@ -92,6 +92,11 @@ func (l *Limiter) Batched() (runs, calls uint64) { return l.sent.Load(), l.decid
 // without a round trip, and how many leased tokens went back unused.
 func (l *Limiter) Leased() (calls, refunded uint64) { return l.fromLease.Load(), l.refunded.Load() }
 
+// ReturnErrors counts the failed attempts to give leased tokens back; the
+// tokens of each stay counted until their buckets refill (and, for the
+// quota, until the month ends).
+func (l *Limiter) ReturnErrors() uint64 { return l.refundErrs.Load() }
+
 // batched decides one call, in a batch with whatever other calls are
 // waiting. The wait is bounded by the Redis client's read and write
 // timeouts, which bound every script run.
