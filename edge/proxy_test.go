@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"io"
+	"net"
 	"net/http"
 	"strings"
 	"testing"
@@ -213,6 +214,41 @@ func TestProxy(t *testing.T) {
 				}
 			})
 
+			// Only the net/http handler proxies upgrades (edge/fasthttp's
+			// package doc says why the front does not).
+			upgrade := func(t *testing.T) {
+				in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP, Config: func(c *edge.Config) { c.Upstream = upgradingUpstream(t) }})
+				conn, err := net.Dial("tcp", strings.TrimPrefix(in.URL, "http://"))
+				testenv.Must(t, err, "dial the edge")
+				defer conn.Close()
+				_ = conn.SetDeadline(time.Now().Add(10 * time.Second))
+				_, err = io.WriteString(conn, "GET /v1/socket HTTP/1.1\r\nHost: edge.test\r\nAuthorization: Bearer "+key+
+					"\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+				testenv.Must(t, err, "send the upgrade")
+				br := bufio.NewReader(conn)
+				resp, err := http.ReadResponse(br, nil)
+				testenv.Must(t, err, "read the answer")
+				if resp.StatusCode != 101 || resp.Header.Get("Upgrade") != "echo" {
+					t.Fatalf("status %d, Upgrade %q", resp.StatusCode, resp.Header.Get("Upgrade"))
+				}
+				for _, msg := range []string{"ping\n", "pong\n"} {
+					_, err = io.WriteString(conn, msg)
+					testenv.Must(t, err, "write on the upgraded connection")
+					got, err := br.ReadString('\n')
+					testenv.Must(t, err, "read on the upgraded connection")
+					if got != "echo: "+msg {
+						t.Fatalf("got %q for %q", got, msg)
+					}
+				}
+				conn.Close()
+				if ev := eventFor(t, env, resp.Header.Get(edge.HeaderRequestID)); ev.Status != 101 {
+					t.Fatalf("event status %d, want 101", ev.Status)
+				}
+			}
+			if fr.netHTTP {
+				t.Run("a connection upgrade is carried both ways and metered", upgrade)
+			}
+
 			// The front's own rule: net/http takes headers up to 1 MiB and
 			// answers larger ones itself, before any handler.
 			headersTooLarge := func(t *testing.T) {
@@ -275,4 +311,35 @@ func eventFor(t *testing.T, env *edgetest.Env, rid string) schemas.Event {
 	}
 	t.Fatalf("no event with request id %s in 20 s", rid)
 	return schemas.Event{}
+}
+
+// upgradingUpstream switches any call asking for "Upgrade: echo" to a
+// line protocol that answers each line with "echo: " and the line.
+func upgradingUpstream(t *testing.T) string {
+	t.Helper()
+	s := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Header.Get("Upgrade") != "echo" || r.Header.Get("Authorization") != "" {
+			http.Error(w, "want an echo upgrade without the key", http.StatusBadRequest)
+			return
+		}
+		conn, brw, err := http.NewResponseController(w).Hijack()
+		if err != nil {
+			return
+		}
+		defer conn.Close()
+		_, _ = brw.WriteString("HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+		_ = brw.Flush()
+		for {
+			line, err := brw.ReadString('\n')
+			if err != nil {
+				return
+			}
+			_, _ = brw.WriteString("echo: " + line)
+			_ = brw.Flush()
+		}
+	})}
+	ln := testListener(t)
+	go func() { _ = s.Serve(ln) }()
+	t.Cleanup(func() { _ = s.Close() })
+	return "http://" + ln.Addr().String()
 }

@@ -614,7 +614,13 @@ func (s *Server) proxy(c echo.Context) error {
 	resp := c.Response()
 	req.Header.Set(HeaderRequestID, resp.Header().Get(HeaderRequestID))
 	p.ServeHTTP(resp, req.WithContext(ctx))
-	s.EmitCall(Call{Key: k, Route: route, ID: c.Get("event_id").(uuid.UUID), Method: req.Method, Status: resp.Status,
+	status := resp.Status
+	if !resp.Committed && req.Header.Get("Upgrade") != "" {
+		// A switched protocol is written on the hijacked connection, past
+		// the response writer.
+		status = http.StatusSwitchingProtocols
+	}
+	s.EmitCall(Call{Key: k, Route: route, ID: c.Get("event_id").(uuid.UUID), Method: req.Method, Status: status,
 		Start: start, RequestBytes: body.n, ResponseBytes: resp.Size, RequestID: resp.Header().Get(HeaderRequestID)})
 	return nil
 }

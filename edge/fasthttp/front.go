@@ -3,6 +3,12 @@
 // (/healthz, /readyz, POST /v1/events) go to the edge's own net/http
 // handler through fasthttp's adaptor.
 //
+// Connection upgrades (WebSocket) are not proxied here: the adaptor can
+// hand a hijacked connection to the net/http handler, but it recycles the
+// request's context (which the handler's context derives from) while the
+// tunnel still runs, a data race the race detector reports. The net/http
+// handler, served by net/http, proxies upgrades.
+//
 // Why: on Go's net/http, a reverse proxy with none of the edge's work
 // spends about three times nginx's CPU per call (docs/edge.md, Benchmark),
 // much of it in the client's per-connection goroutines and the
