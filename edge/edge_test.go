@@ -208,16 +208,12 @@ func TestTestKeyGoesToSandboxAndIsMeteredAsTest(t *testing.T) {
 }
 
 func slowServer(t *testing.T) string {
-	s := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	return serveUpstream(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		select {
 		case <-time.After(5 * time.Second):
 		case <-r.Context().Done():
 		}
-	})}
-	ln := testListener(t)
-	go func() { _ = s.Serve(ln) }()
-	t.Cleanup(func() { _ = s.Close() })
-	return "http://" + ln.Addr().String()
+	}))
 }
 
 func TestRateLimitHeadersThroughAWindow(t *testing.T) {
@@ -356,6 +352,17 @@ func TestMonthlyQuotaExhaustion(t *testing.T) {
 	if r := edgetest.Do(t, "GET", in.URL+"/v1/x", testKey, nil); r.Status != 200 {
 		t.Fatalf("test-mode call after live quota ran out: %d", r.Status)
 	}
+}
+
+// serveUpstream serves h on a loopback port until the test ends and
+// returns its base URL.
+func serveUpstream(t *testing.T, h http.Handler) string {
+	t.Helper()
+	s := &http.Server{Handler: h}
+	ln := testListener(t)
+	go func() { _ = s.Serve(ln) }()
+	t.Cleanup(func() { _ = s.Close() })
+	return "http://" + ln.Addr().String()
 }
 
 func testListener(t *testing.T) net.Listener {

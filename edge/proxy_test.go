@@ -32,7 +32,7 @@ var fronts = []struct {
 // release before the second; /head answers HEAD with a length and no body.
 func streamingUpstream(t *testing.T, release <-chan struct{}) string {
 	t.Helper()
-	s := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	return serveUpstream(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
 		case "/v1/upload":
 			h := sha256.New()
@@ -60,11 +60,7 @@ func streamingUpstream(t *testing.T, release <-chan struct{}) string {
 		default:
 			http.NotFound(w, r)
 		}
-	})}
-	ln := testListener(t)
-	go func() { _ = s.Serve(ln) }()
-	t.Cleanup(func() { _ = s.Close() })
-	return "http://" + ln.Addr().String()
+	}))
 }
 
 func TestProxy(t *testing.T) {
@@ -317,7 +313,7 @@ func eventFor(t *testing.T, env *edgetest.Env, rid string) schemas.Event {
 // line protocol that answers each line with "echo: " and the line.
 func upgradingUpstream(t *testing.T) string {
 	t.Helper()
-	s := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	return serveUpstream(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.Header.Get("Upgrade") != "echo" || r.Header.Get("Authorization") != "" {
 			http.Error(w, "want an echo upgrade without the key", http.StatusBadRequest)
 			return
@@ -337,9 +333,5 @@ func upgradingUpstream(t *testing.T) string {
 			_, _ = brw.WriteString("echo: " + line)
 			_ = brw.Flush()
 		}
-	})}
-	ln := testListener(t)
-	go func() { _ = s.Serve(ln) }()
-	t.Cleanup(func() { _ = s.Close() })
-	return "http://" + ln.Addr().String()
+	}))
 }

@@ -295,8 +295,7 @@ type Admission struct {
 
 // Admit authenticates, authorizes and limits a proxied call, the monthly
 // quota included, writing the rate-limit headers through setHeader (which
-// must copy the value). Its
-// errors are rendered by RenderError.
+// must copy the value). Its errors are rendered by RenderError.
 func (s *Server) Admit(ctx context.Context, ci CallInfo, setHeader func(name string, value []byte)) (Admission, error) {
 	var a Admission
 	k, err := s.authenticateCall(ctx, ci)
