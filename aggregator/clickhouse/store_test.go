@@ -2,7 +2,6 @@ package clickhouse_test
 
 import (
 	"context"
-	"fmt"
 	"io"
 	"log/slog"
 	"math/rand/v2"
@@ -13,64 +12,16 @@ import (
 	"github.com/tollgate-dev/tollgate/aggregator"
 	"github.com/tollgate-dev/tollgate/aggregator/aggregatortest"
 	"github.com/tollgate-dev/tollgate/aggregator/clickhouse"
-	"github.com/tollgate-dev/tollgate/ingest"
 	chsink "github.com/tollgate-dev/tollgate/ingest/clickhouse"
 	"github.com/tollgate-dev/tollgate/internal/testenv"
 	"github.com/tollgate-dev/tollgate/meter"
 	"github.com/tollgate-dev/tollgate/schemas"
 )
 
-var testMeters = []meter.Meter{
-	meter.Default(),
-	{Key: "bytes_out", EventType: "api_call", Aggregation: meter.Sum, Value: "response_bytes", GroupBy: []string{"route", "status"}},
-	{Key: "units_by_model", EventType: "tokens", Aggregation: meter.Sum, Value: "units", GroupBy: []string{"dimensions.model"},
-		Filters: []meter.Filter{{Property: "dimensions.model", Values: []string{"banned"}, Not: true}}},
-	{Key: "active_users", EventType: "api_call", Aggregation: meter.UniqueCount, Value: "dimensions.user", GroupBy: []string{"route"}},
-	{Key: "peak_latency", EventType: "api_call", Aggregation: meter.Max, Value: "latency_us"},
-	{Key: "balance", EventType: "balance", Aggregation: meter.Latest, Value: "dimensions.amount", GroupBy: []string{"dimensions.wallet"}},
-}
-
-var zones = aggregator.StaticZones{"acct_tokyo": "Asia/Tokyo", "acct_kolkata": "Asia/Kolkata"}
-
-func genEvents(rng *rand.Rand, n int, base time.Time) []schemas.Event {
-	accounts := []string{"acct_utc", "acct_tokyo", "acct_kolkata"}
-	routes := []string{"/v1/a", "/v1/b", "/v1/c"}
-	out := make([]schemas.Event, 0, n)
-	for i := 0; i < n; i++ {
-		e := schemas.Event{Version: 1, ID: schemas.NewEventID(), AccountID: accounts[rng.IntN(len(accounts))],
-			Environment: schemas.Live, KeyID: "key_1", Type: "api_call", Units: 1,
-			// Spread over ~40 days so month and day boundaries in every zone are crossed.
-			Time:  base.Add(-time.Duration(rng.Int64N(int64(40 * 24 * time.Hour)))).Truncate(time.Microsecond),
-			Route: routes[rng.IntN(len(routes))], Method: "GET", Status: []int{200, 404}[rng.IntN(2)],
-			LatencyMicros: rng.Int64N(100000), ResponseBytes: rng.Int64N(5000),
-			Dimensions: map[string]string{"user": fmt.Sprint("u", rng.IntN(20))}}
-		if rng.IntN(5) == 0 {
-			e.Environment = schemas.Test
-		}
-		switch rng.IntN(6) {
-		case 0:
-			e.Type, e.Units = "tokens", rng.Int64N(1000)
-			e.Dimensions = map[string]string{"model": []string{"small", "large", "banned"}[rng.IntN(3)]}
-		case 1:
-			e.Type = "balance"
-			e.Dimensions = map[string]string{"wallet": fmt.Sprint("w", rng.IntN(3)), "amount": fmt.Sprint(rng.IntN(10000))}
-			if rng.IntN(4) == 0 && len(out) > 0 {
-				// Same microsecond as an earlier event: LATEST must break the tie by id.
-				e.Time = out[len(out)-1].Time
-			}
-		}
-		out = append(out, e)
-	}
-	return out
-}
-
-func records(evs []schemas.Event) []ingest.Record {
-	out := make([]ingest.Record, len(evs))
-	for i, e := range evs {
-		out[i] = ingest.Record{Event: e, Offset: int64(i)}
-	}
-	return out
-}
+var (
+	testMeters = aggregatortest.Meters()
+	zones      = aggregatortest.Zones()
+)
 
 // TestRollupsEqualAnIndependentComputation lands events in batches (one of
 // them twice, as a redelivery would), lets the Roller recompute the windows
@@ -81,13 +32,13 @@ func TestRollupsEqualAnIndependentComputation(t *testing.T) {
 	ch := testenv.NewClickHouse(t)
 	ctx := context.Background()
 	rng := rand.New(rand.NewPCG(1, 2))
-	events := genEvents(rng, 3000, time.Now().UTC())
+	events := aggregatortest.GenEvents(rng, 3000, time.Now().UTC())
 	sink := chsink.NewSink(ch.Conn)
 	store := clickhouse.NewStore(ch.Conn)
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
 	roller := aggregator.NewRoller(aggregator.StaticMeters(testMeters), zones, store, log)
 	for i := 0; i < len(events); i += 500 {
-		batch := records(events[i:min(i+500, len(events))])
+		batch := aggregatortest.Records(events[i:min(i+500, len(events))])
 		for range 1 + i/2500 { // the last batch lands twice
 			testenv.Must(t, sink.Insert(ctx, batch), "insert raw")
 			testenv.Must(t, roller.Landed(ctx, batch), "recompute rollups")
@@ -111,10 +62,10 @@ func TestRollupsEqualAnIndependentComputation(t *testing.T) {
 func TestABatchTouchingManyMinutesIsRecomputedInPieces(t *testing.T) {
 	ch := testenv.NewClickHouse(t)
 	ctx := context.Background()
-	events := genEvents(rand.New(rand.NewPCG(3, 4)), 2500, time.Now().UTC())
+	events := aggregatortest.GenEvents(rand.New(rand.NewPCG(3, 4)), 2500, time.Now().UTC())
 	store := clickhouse.NewStore(ch.Conn)
 	roller := aggregator.NewRoller(aggregator.StaticMeters(testMeters), zones, store, slog.New(slog.NewTextHandler(io.Discard, nil)))
-	batch := records(events)
+	batch := aggregatortest.Records(events)
 	testenv.Must(t, chsink.NewSink(ch.Conn).Insert(ctx, batch), "insert raw")
 	testenv.Must(t, roller.Landed(ctx, batch), "recompute rollups")
 	compareAll(t, store, events)
@@ -128,7 +79,7 @@ func compareAll(t *testing.T, store *clickhouse.Store, events []schemas.Event) {
 		for _, g := range aggregator.Granularities {
 			want := aggregatortest.Expected(events, m, g, locs)
 			got := map[aggregatortest.Key]int64{}
-			for _, acct := range []string{"acct_utc", "acct_tokyo", "acct_kolkata"} {
+			for _, acct := range aggregatortest.Accounts {
 				for _, env := range []schemas.Environment{schemas.Live, schemas.Test} {
 					for _, grouped := range []bool{false, true} {
 						rows, err := store.Usage(context.Background(), aggregator.UsageQuery{Account: acct, Environment: string(env),
@@ -172,7 +123,7 @@ func TestRollupsWhereGoAndClickHouseDisagreeOnAZone(t *testing.T) {
 	store := clickhouse.NewStore(ch.Conn)
 	roller := aggregator.NewRoller(aggregator.StaticMeters([]meter.Meter{meter.Default()}), lhZones, store, slog.New(slog.NewTextHandler(io.Discard, nil)))
 	for i := 0; i < len(events); i += 37 {
-		batch := records(events[i:min(i+37, len(events))])
+		batch := aggregatortest.Records(events[i:min(i+37, len(events))])
 		testenv.Must(t, sink.Insert(ctx, batch), "insert raw")
 		testenv.Must(t, roller.Landed(ctx, batch), "recompute rollups")
 	}

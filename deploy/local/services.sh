@@ -10,7 +10,11 @@
 #   deploy/local/services.sh env           export lines: eval "$(deploy/local/services.sh env)"
 #   deploy/local/services.sh kafka-topics ARGS...   Kafka's TopicCommand against the local broker
 #
-# State (data, logs, pid files, Kafka jars, stripe-mock binary) lives in
+# It also installs chdb (ClickHouse 24.8's engine, embedded in a Python package) for the
+# test that replays every ClickHouse statement Tollgate issues on the release docker-compose.yml
+# pins; nothing runs as a service for it.
+#
+# State (data, logs, pid files, Kafka jars, stripe-mock binary, chdb) lives in
 # ${TOLLGATE_STATE_DIR:-<repo>/.run}. Every service binds 127.0.0.1 only.
 #
 # Addresses and their environment overrides (`env` prints the first of each line):
@@ -27,6 +31,8 @@ REPO_ROOT=$(cd "$SCRIPT_DIR/../.." && pwd)
 STATE=${TOLLGATE_STATE_DIR:-$REPO_ROOT/.run}
 KAFKA_POM=$SCRIPT_DIR/kafka/pom.xml
 STRIPE_MOCK_VERSION=v0.180.0
+# chdb 2.1.1 embeds ClickHouse 24.8.4, the release docker-compose.yml pins.
+CHDB_VERSION=2.1.1
 PG_VERSION=15
 PGBIN=/usr/lib/postgresql/$PG_VERSION/bin
 
@@ -184,6 +190,7 @@ install_apt() {
   command -v mvn >/dev/null || missing+=(maven)
   command -v go >/dev/null || missing+=(golang-go)
   command -v curl >/dev/null || missing+=(curl)
+  python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3 python3-venv)
   ((${#missing[@]})) || return 0
   log "apt: installing ${missing[*]}"
   # Keep the packages' own init scripts from starting system-wide instances on
@@ -229,11 +236,28 @@ install_stripe_mock() {
     die "stripe-mock: go install failed"
 }
 
+# install_chdb puts chdb in its own virtualenv; the SQL compatibility test
+# (internal/chcompat) runs its Python through TOLLGATE_CHDB_PYTHON.
+install_chdb() {
+  local venv=$STATE/chdb
+  if [[ -x $venv/bin/python && -f $venv/.version && $(<"$venv/.version") == "$CHDB_VERSION" ]]; then return 0; fi
+  log "chdb: pip install chdb==$CHDB_VERSION (ClickHouse 24.8's engine, for the SQL compatibility test)"
+  rm -rf "$venv"
+  mkdir -p "$STATE/logs"
+  python3 -m venv "$venv" || die "chdb: python3 -m venv failed"
+  if ! "$venv/bin/pip" install -q --disable-pip-version-check "chdb==$CHDB_VERSION" >"$STATE/logs/chdb-pip.log" 2>&1; then
+    cat "$STATE/logs/chdb-pip.log" >&2
+    die "chdb: pip could not install chdb==$CHDB_VERSION"
+  fi
+  echo "$CHDB_VERSION" >"$venv/.version"
+}
+
 cmd_install() {
   mkdir -p "$STATE"
   install_apt
   install_kafka
   install_stripe_mock
+  install_chdb
 }
 
 # ---------------------------------------------------------------- kafka
@@ -666,6 +690,8 @@ export TOLLGATE_CLICKHOUSE_ADDR=$TOLLGATE_CLICKHOUSE_ADDR
 export TOLLGATE_POSTGRES_URL='$TOLLGATE_POSTGRES_URL'
 export TOLLGATE_REDIS_ADDR=$TOLLGATE_REDIS_ADDR
 export TOLLGATE_STRIPE_MOCK_URL=$TOLLGATE_STRIPE_MOCK_URL
+export TOLLGATE_CLICKHOUSE_HTTP_PORT=$CLICKHOUSE_HTTP_PORT
+export TOLLGATE_CHDB_PYTHON=$STATE/chdb/bin/python
 EOF
 }
 
