@@ -3,11 +3,8 @@
 // (/healthz, /readyz, POST /v1/events) go to the edge's own net/http
 // handler through fasthttp's adaptor.
 //
-// Connection upgrades (WebSocket) are not proxied here: the adaptor can
-// hand a hijacked connection to the net/http handler, but it recycles the
-// request's context (which the handler's context derives from) while the
-// tunnel still runs, a data race the race detector reports. The net/http
-// handler, served by net/http, proxies upgrades.
+// Connection upgrades (WebSocket) are proxied here too, on a connection
+// to the upstream of their own (upgrade.go).
 //
 // Why: on Go's net/http, a reverse proxy with none of the edge's work
 // spends about three times nginx's CPU per call (docs/edge.md, Benchmark),
@@ -45,11 +42,15 @@ type Front struct {
 	sandbox *upstream
 	timeout time.Duration
 	srv     *fh.Server
+	tunnels tunnels
 }
 
 // upstream is one upstream base URL and its connection pool.
 type upstream struct {
 	hc *fh.HostClient
+	// serverName is the upstream's host name, for TLS on an upgrade's own
+	// connection.
+	serverName string
 	// base is the base URL's path, without a trailing slash, put before
 	// every proxied path (as net/http's ReverseProxy joins them).
 	base string
@@ -88,8 +89,11 @@ func New(s *edge.Server, log *slog.Logger) (*Front, error) {
 		},
 		IdleTimeout:     120 * time.Second,
 		CloseOnShutdown: true,
-		ErrorHandler:    f.requestError,
-		Logger:          printfLogger{log},
+		// An upgraded connection is the tunnel's to close: closing it must
+		// end a read blocked on it when a stop cuts the tunnel.
+		KeepHijackedConns: true,
+		ErrorHandler:      f.requestError,
+		Logger:            printfLogger{log},
 	}
 	return f, nil
 }
@@ -111,7 +115,8 @@ func newUpstream(raw string, timeout time.Duration) (*upstream, error) {
 		addr = net.JoinHostPort(u.Hostname(), port)
 	}
 	return &upstream{
-		base: strings.TrimSuffix(u.EscapedPath(), "/"),
+		serverName: u.Hostname(),
+		base:       strings.TrimSuffix(u.EscapedPath(), "/"),
 		hc: &fh.HostClient{
 			Addr:  addr,
 			IsTLS: u.Scheme == "https",
@@ -135,14 +140,23 @@ func newUpstream(raw string, timeout time.Duration) (*upstream, error) {
 func (f *Front) Serve(ln net.Listener) error { return f.srv.Serve(ln) }
 
 // Shutdown stops accepting calls and waits for those in flight until ctx
-// ends.
-func (f *Front) Shutdown(ctx context.Context) error { return f.srv.ShutdownWithContext(ctx) }
+// ends. Upgraded connections have no end in sight, so they are cut once
+// the other calls are done, and metered.
+func (f *Front) Shutdown(ctx context.Context) error {
+	err := f.srv.ShutdownWithContext(ctx)
+	return errors.Join(err, f.tunnels.closeAll(ctx))
+}
 
 // Close stops at once, cutting calls in flight.
 func (f *Front) Close() error {
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
-	return f.srv.ShutdownWithContext(ctx)
+	err := f.srv.ShutdownWithContext(ctx)
+	// Cut tunnels are metered within moments; the bound is for one whose
+	// hijack never began.
+	wait, stop := context.WithTimeout(context.Background(), 5*time.Second)
+	defer stop()
+	return errors.Join(err, f.tunnels.closeAll(wait))
 }
 
 // slowPath reports whether a call goes to the edge's net/http handler.
@@ -176,7 +190,12 @@ func (f *Front) handle(ctx *fh.RequestCtx) {
 		f.s.Observe(adm.Route, adm.Routed, ctx.Response.StatusCode(), time.Since(start))
 		return
 	}
-	f.proxy(ctx, adm, edge.Call{Key: adm.Key, Route: adm.Route, ID: id, Method: ci.Method, RequestID: rid}, start)
+	call := edge.Call{Key: adm.Key, Route: adm.Route, ID: id, Method: ci.Method, RequestID: rid}
+	if isUpgrade(&ctx.Request.Header) {
+		f.upgrade(ctx, adm, call, start)
+		return
+	}
+	f.proxy(ctx, adm, call, start)
 }
 
 // slowCall hands a call to the edge's net/http handler. The adaptor reads
@@ -293,8 +312,10 @@ func stripHopByHop(h headers) {
 	}
 }
 
-func (f *Front) proxy(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, start time.Time) {
-	call.Start = f.s.Now()
+// forward readies the caller's request for the upstream it goes to: the
+// hop-by-hop headers and the key are dropped, Request-Id and X-Forwarded-*
+// set, and the upstream's base path put in front of the path.
+func (f *Front) forward(ctx *fh.RequestCtx, adm edge.Admission, rid string) *upstream {
 	up := f.live
 	if adm.Key.Environment == schemas.Test {
 		up = f.sandbox // the live upstream when there is no sandbox
@@ -302,7 +323,7 @@ func (f *Front) proxy(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, st
 	req := &ctx.Request
 	stripHopByHop(&req.Header)
 	req.Header.Del(fh.HeaderAuthorization)
-	req.Header.Set(edge.HeaderRequestID, call.RequestID)
+	req.Header.Set(edge.HeaderRequestID, rid)
 	// X-Forwarded-*, as net/http's ReverseProxy.SetXForwarded sets them.
 	ip := ctx.RemoteIP().String()
 	if prior := req.Header.Peek(fh.HeaderXForwardedFor); len(prior) > 0 {
@@ -318,6 +339,23 @@ func (f *Front) proxy(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, st
 	if up.base != "" {
 		req.SetRequestURI(up.base + string(req.RequestURI()))
 	}
+	return up
+}
+
+// upstreamError is the answer to a call the upstream did not take: 504 when
+// it timed out, else 502.
+func upstreamError(err error) *edge.APIError {
+	var netErr net.Error
+	if errors.Is(err, fh.ErrTimeout) || errors.Is(err, fh.ErrDialTimeout) || errors.As(err, &netErr) && netErr.Timeout() {
+		return edge.NewAPIError(fh.StatusGatewayTimeout, edge.TypeAPI, "upstream_timeout", "The upstream service did not answer in time.")
+	}
+	return edge.NewAPIError(fh.StatusBadGateway, edge.TypeAPI, "upstream_unavailable", "The upstream service could not be reached.")
+}
+
+func (f *Front) proxy(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, start time.Time) {
+	call.Start = f.s.Now()
+	up := f.forward(ctx, adm, call.RequestID)
+	req := &ctx.Request
 	counted := &countingReader{}
 	if bs := ctx.RequestBodyStream(); bs != nil {
 		counted.r = bs
@@ -330,10 +368,7 @@ func (f *Front) proxy(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, st
 	err := up.hc.DoTimeout(req, resp, f.timeout)
 	if err != nil {
 		fh.ReleaseResponse(resp)
-		ae := edge.NewAPIError(fh.StatusBadGateway, edge.TypeAPI, "upstream_unavailable", "The upstream service could not be reached.")
-		if errors.Is(err, fh.ErrTimeout) || errors.Is(err, fh.ErrDialTimeout) {
-			ae = edge.NewAPIError(fh.StatusGatewayTimeout, edge.TypeAPI, "upstream_timeout", "The upstream service did not answer in time.")
-		}
+		ae := upstreamError(err)
 		f.log.Warn("upstream error", "status", ae.Status, "err", err)
 		f.fail(ctx, ae, call.RequestID)
 		call.Status, call.RequestBytes = ae.Status, counted.n

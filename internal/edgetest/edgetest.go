@@ -206,7 +206,13 @@ type Instance struct {
 	Registry *prometheus.Registry
 	Audit    *edgepg.AuditWriter
 	marks    *markingCache
+	stop     sync.Once
+	stopHTTP func()
 }
+
+// Stop stops the instance's HTTP server as `tollgate edge` stops it (the
+// test's cleanup does the rest); later calls do nothing.
+func (in *Instance) Stop() { in.stop.Do(in.stopHTTP) }
 
 // Options adjust an instance.
 type Options struct {
@@ -283,9 +289,10 @@ func (e *Env) Start(t *testing.T, o Options) *Instance {
 			_ = front.Shutdown(ctx)
 		}
 	}
+	in.stopHTTP = stop
 	e.started = append(e.started, in)
 	t.Cleanup(func() {
-		stop()
+		in.Stop()
 		_ = in.Audit.Close()
 		_ = in.Producer.Close()
 		_ = rdb.Close()

@@ -1,0 +1,326 @@
+package fasthttp
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/tls"
+	"errors"
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"sync"
+	"time"
+
+	fh "github.com/valyala/fasthttp"
+
+	"github.com/tollgate-dev/tollgate/edge"
+)
+
+// isUpgrade reports whether a call asks to switch protocols (RFC 9110,
+// 7.8): it names a protocol in Upgrade and "upgrade" among Connection's
+// options.
+func isUpgrade(h *fh.RequestHeader) bool {
+	if len(h.Peek(fh.HeaderUpgrade)) == 0 {
+		return false
+	}
+	for _, opt := range strings.Split(string(h.Peek(fh.HeaderConnection)), ",") {
+		if strings.EqualFold(strings.TrimSpace(opt), "upgrade") {
+			return true
+		}
+	}
+	return false
+}
+
+// upgrade proxies a call that switches protocols, a WebSocket handshake
+// say. The handshake goes to the upstream on a connection of its own, not
+// one of the pool's. When the upstream switches, the caller's connection is
+// taken from fasthttp and the two are joined until either side closes; the
+// call is metered then, with status 101 and the bytes carried each way
+// after the handshake. An upstream that declines answers the caller as any
+// call would be answered.
+func (f *Front) upgrade(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, start time.Time) {
+	call.Start = f.s.Now()
+	protocol := string(ctx.Request.Header.Peek(fh.HeaderUpgrade))
+	up := f.forward(ctx, adm, call.RequestID) // drops Upgrade and Connection with the hop-by-hop headers
+	req := &ctx.Request
+	req.Header.Set(fh.HeaderConnection, "Upgrade")
+	req.Header.Set(fh.HeaderUpgrade, protocol)
+	fail := func(err error) {
+		ae := upstreamError(err)
+		f.log.Warn("upstream error on a connection upgrade", "status", ae.Status, "err", err)
+		f.fail(ctx, ae, call.RequestID)
+		call.Status = ae.Status
+		f.s.EmitCall(call)
+		f.s.Observe(adm.Route, true, ae.Status, time.Since(start))
+	}
+	if req.Header.ContentLength() == -1 { // chunked
+		// A handshake has no body (WebSocket's never does); a chunked one
+		// would have to be re-framed, so it is refused.
+		ae := edge.NewAPIError(fh.StatusBadRequest, edge.TypeInvalidRequest, "invalid_upgrade",
+			"A request to switch protocols must not have a chunked body.")
+		f.fail(ctx, ae, call.RequestID)
+		f.s.Observe(adm.Route, true, ae.Status, time.Since(start))
+		return
+	}
+	conn, err := up.dial(f.timeout)
+	if err != nil {
+		fail(err)
+		return
+	}
+	_ = conn.SetDeadline(time.Now().Add(f.timeout))
+	if _, err := conn.Write(req.Header.Header()); err != nil {
+		conn.Close()
+		fail(err)
+		return
+	}
+	if n := req.Header.ContentLength(); n > 0 {
+		body := ctx.RequestBodyStream()
+		if body == nil {
+			body = bytes.NewReader(req.Body())
+		}
+		sent, err := io.CopyN(conn, body, int64(n))
+		call.RequestBytes = sent
+		if err != nil {
+			conn.Close()
+			fail(err)
+			return
+		}
+	}
+	br := bufio.NewReaderSize(conn, maxHeaderBytes)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		conn.Close()
+		fail(err)
+		return
+	}
+	call.Status = resp.StatusCode
+	if resp.StatusCode != http.StatusSwitchingProtocols {
+		f.declined(ctx, conn, resp, func(sent int64) {
+			call.ResponseBytes = sent
+			f.s.EmitCall(call)
+			f.s.Observe(adm.Route, true, call.Status, time.Since(start))
+		})
+		return
+	}
+	_ = conn.SetDeadline(time.Time{})
+
+	// The caller's 101: the edge's own headers (Request-Id, the rate
+	// limits) and the upstream's, Connection and Upgrade included.
+	var head bytes.Buffer
+	head.WriteString("HTTP/1.1 101 Switching Protocols\r\n")
+	for k, v := range ctx.Response.Header.All() {
+		switch string(k) {
+		case fh.HeaderContentType, fh.HeaderContentLength, fh.HeaderConnection, fh.HeaderDate, fh.HeaderServer:
+			continue
+		}
+		writeHeader(&head, string(k), string(v))
+	}
+	for k, vs := range resp.Header {
+		for _, v := range vs {
+			writeHeader(&head, k, v)
+		}
+	}
+	head.WriteString("\r\n")
+
+	t := f.tunnels.add(conn)
+	if t == nil { // stopping
+		conn.Close()
+		ctx.SetConnectionClose()
+		fail(errors.New("the edge is stopping"))
+		return
+	}
+	ctx.HijackSetNoResponse(true)
+	ctx.Hijack(func(caller net.Conn) {
+		defer f.tunnels.done(t)
+		fromCaller, toCaller := t.join(caller, head.Bytes(), br)
+		call.RequestBytes += fromCaller
+		call.ResponseBytes = toCaller
+		f.s.EmitCall(call)
+		f.s.Observe(adm.Route, true, call.Status, time.Since(start))
+	})
+}
+
+// declined answers an upgrade the upstream did not switch to with the
+// upstream's answer, body streamed, and closes the upstream connection when
+// the body is done.
+func (f *Front) declined(ctx *fh.RequestCtx, conn net.Conn, resp *http.Response, done func(sent int64)) {
+	ctx.SetStatusCode(resp.StatusCode)
+	for k, vs := range resp.Header {
+		if isHopByHop([]byte(k)) {
+			continue
+		}
+		switch k {
+		case fh.HeaderContentLength, fh.HeaderTransferEncoding, fh.HeaderDate, fh.HeaderConnection:
+			continue
+		}
+		for _, v := range vs {
+			ctx.Response.Header.Add(k, v)
+		}
+	}
+	if ctx.IsHead() {
+		ctx.Response.SkipBody = true
+		resp.Body.Close()
+		conn.Close()
+		done(0)
+		return
+	}
+	size := int(resp.ContentLength)
+	if resp.ContentLength < 0 {
+		size = -1
+	}
+	ctx.Response.SetBodyStream(&declinedBody{r: resp.Body, conn: conn, done: done}, size)
+}
+
+// declinedBody streams a declined upgrade's answer and, once fasthttp
+// closes it, closes the upstream connection and records the call.
+type declinedBody struct {
+	r    io.ReadCloser
+	conn net.Conn
+	n    int64
+	done func(sent int64)
+	once sync.Once
+}
+
+func (b *declinedBody) Read(p []byte) (int, error) {
+	n, err := b.r.Read(p)
+	b.n += int64(n)
+	return n, err
+}
+
+func (b *declinedBody) Close() error {
+	b.once.Do(func() {
+		b.r.Close()
+		b.conn.Close()
+		b.done(b.n)
+	})
+	return nil
+}
+
+func writeHeader(b *bytes.Buffer, k, v string) {
+	b.WriteString(k)
+	b.WriteString(": ")
+	b.WriteString(v)
+	b.WriteString("\r\n")
+}
+
+// dial opens a connection of its own to the upstream, with TLS when the
+// upstream is https.
+func (u *upstream) dial(timeout time.Duration) (net.Conn, error) {
+	conn, err := fh.DialTimeout(u.hc.Addr, 5*time.Second)
+	if err != nil {
+		return nil, err
+	}
+	if !u.hc.IsTLS {
+		return conn, nil
+	}
+	tc := tls.Client(conn, &tls.Config{ServerName: u.serverName, MinVersion: tls.VersionTLS12})
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	if err := tc.HandshakeContext(ctx); err != nil {
+		conn.Close()
+		return nil, err
+	}
+	return tc, nil
+}
+
+// tunnel is one upgraded call: the caller's connection joined to the
+// upstream's.
+type tunnel struct {
+	upstream net.Conn
+	mu       sync.Mutex
+	caller   net.Conn
+	closed   bool
+}
+
+// join writes head to the caller, then carries bytes both ways (first
+// those the upstream sent behind its answer, which br holds) until either
+// side closes or the tunnel is cut, and closes both. It returns the bytes
+// carried from and to the caller, head not counted.
+func (t *tunnel) join(caller net.Conn, head []byte, br *bufio.Reader) (fromCaller, toCaller int64) {
+	t.mu.Lock()
+	t.caller = caller
+	closed := t.closed
+	t.mu.Unlock()
+	if closed {
+		caller.Close()
+		return 0, 0
+	}
+	if _, err := caller.Write(head); err != nil {
+		t.close()
+		return 0, 0
+	}
+	up := make(chan int64, 1)
+	go func() {
+		n, _ := io.Copy(t.upstream, caller)
+		t.close() // the caller is gone: so is the call
+		up <- n
+	}()
+	toCaller, _ = io.Copy(caller, br)
+	t.close()
+	return <-up, toCaller
+}
+
+func (t *tunnel) close() {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.closed = true
+	t.upstream.Close()
+	if t.caller != nil {
+		t.caller.Close()
+	}
+}
+
+// tunnels are the upgraded calls in progress, so that a stop can cut them.
+type tunnels struct {
+	mu      sync.Mutex
+	open    map[*tunnel]struct{}
+	wg      sync.WaitGroup
+	stopped bool
+}
+
+// add registers a tunnel over upstream; nil once the front is stopping.
+func (ts *tunnels) add(upstream net.Conn) *tunnel {
+	ts.mu.Lock()
+	defer ts.mu.Unlock()
+	if ts.stopped {
+		return nil
+	}
+	if ts.open == nil {
+		ts.open = map[*tunnel]struct{}{}
+	}
+	t := &tunnel{upstream: upstream}
+	ts.open[t] = struct{}{}
+	ts.wg.Add(1)
+	return t
+}
+
+func (ts *tunnels) done(t *tunnel) {
+	ts.mu.Lock()
+	delete(ts.open, t)
+	ts.mu.Unlock()
+	ts.wg.Done()
+}
+
+// closeAll cuts every tunnel and waits, until ctx ends, for each to be
+// metered.
+func (ts *tunnels) closeAll(ctx context.Context) error {
+	ts.mu.Lock()
+	ts.stopped = true
+	for t := range ts.open {
+		t.close()
+	}
+	ts.mu.Unlock()
+	waited := make(chan struct{})
+	go func() {
+		ts.wg.Wait()
+		close(waited)
+	}()
+	select {
+	case <-waited:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
