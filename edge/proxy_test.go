@@ -228,6 +228,9 @@ func TestProxy(t *testing.T) {
 				if resp.Header.Get(edge.HeaderRequestID) == "" || resp.Header.Get("X-RateLimit-Limit") == "" {
 					t.Fatalf("the 101 lacks the edge's headers: %v", resp.Header)
 				}
+				if n := upgradedConnections(t, in); n != 1 {
+					t.Fatalf("tollgate_edge_upgraded_connections %v with one tunnel open", n)
+				}
 				for _, msg := range []string{"ping\n", "pong\n"} {
 					_, err = io.WriteString(conn, msg)
 					testenv.Must(t, err, "write on the upgraded connection")
@@ -241,6 +244,11 @@ func TestProxy(t *testing.T) {
 				ev := eventFor(t, env, resp.Header.Get(edge.HeaderRequestID))
 				if ev.Status != 101 {
 					t.Fatalf("event status %d, want 101", ev.Status)
+				}
+				for deadline := time.Now().Add(5 * time.Second); upgradedConnections(t, in) != 0; time.Sleep(10 * time.Millisecond) {
+					if time.Now().After(deadline) {
+						t.Fatalf("tollgate_edge_upgraded_connections %v 5 s after the tunnel closed", upgradedConnections(t, in))
+					}
 				}
 				// The front counts the bytes carried after the handshake; the
 				// net/http handler hands the connection to net/http's proxy,
@@ -360,6 +368,20 @@ func eventFor(t *testing.T, env *edgetest.Env, rid string) schemas.Event {
 	}
 	t.Fatalf("no event with request id %s in 20 s", rid)
 	return schemas.Event{}
+}
+
+// upgradedConnections reads the instance's tollgate_edge_upgraded_connections.
+func upgradedConnections(t *testing.T, in *edgetest.Instance) float64 {
+	t.Helper()
+	mfs, err := in.Registry.Gather()
+	testenv.Must(t, err, "gather metrics")
+	for _, mf := range mfs {
+		if mf.GetName() == "tollgate_edge_upgraded_connections" {
+			return mf.GetMetric()[0].GetGauge().GetValue()
+		}
+	}
+	t.Fatal("no tollgate_edge_upgraded_connections metric")
+	return 0
 }
 
 // upgradingUpstream switches any call asking for "Upgrade: echo" to a

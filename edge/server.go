@@ -72,6 +72,7 @@ type metrics struct {
 	responses *prometheus.CounterVec
 	authFail  *prometheus.CounterVec
 	limited   *prometheus.CounterVec
+	upgraded  prometheus.Gauge
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -93,11 +94,15 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name: "tollgate_edge_limited_total",
 			Help: "Calls refused by a rate limit or quota, by limit.",
 		}, []string{"limit"}),
+		upgraded: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "tollgate_edge_upgraded_connections",
+			Help: "Calls switched to another protocol (WebSocket) whose connections are still open.",
+		}),
 	}
 	if reg == nil {
 		return m, nil
 	}
-	for _, c := range []prometheus.Collector{m.duration, m.responses, m.authFail, m.limited} {
+	for _, c := range []prometheus.Collector{m.duration, m.responses, m.authFail, m.limited, m.upgraded} {
 		if err := reg.Register(c); err != nil {
 			return nil, fmt.Errorf("register edge metrics: %w", err)
 		}
@@ -177,6 +182,13 @@ func (s *Server) observe(next echo.HandlerFunc) echo.HandlerFunc {
 		s.Observe(r, ok, c.Response().Status, time.Since(start))
 		return nil
 	}
+}
+
+// UpgradeOpened counts a call switched to another protocol as open (in
+// tollgate_edge_upgraded_connections) until closed is called.
+func (s *Server) UpgradeOpened() (closed func()) {
+	s.m.upgraded.Inc()
+	return s.m.upgraded.Dec
 }
 
 // Observe counts a response in the metrics: its status, and its duration
@@ -612,6 +624,10 @@ func (s *Server) proxy(c echo.Context) error {
 	}
 	resp := c.Response()
 	req.Header.Set(HeaderRequestID, resp.Header().Get(HeaderRequestID))
+	if req.Header.Get("Upgrade") != "" {
+		// net/http's proxy returns when an upgraded connection closes.
+		defer s.UpgradeOpened()()
+	}
 	p.ServeHTTP(resp, req.WithContext(ctx))
 	status := resp.Status
 	if !resp.Committed && req.Header.Get("Upgrade") != "" {

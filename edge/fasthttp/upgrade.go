@@ -131,9 +131,11 @@ func (f *Front) upgrade(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, 
 		fail(errors.New("the edge is stopping"))
 		return
 	}
+	opened := f.s.UpgradeOpened()
 	ctx.HijackSetNoResponse(true)
 	ctx.Hijack(func(caller net.Conn) {
 		defer f.tunnels.done(t)
+		defer opened()
 		fromCaller, toCaller := t.join(caller, head.Bytes(), br)
 		call.RequestBytes += fromCaller
 		call.ResponseBytes = toCaller
