@@ -2,6 +2,8 @@ package edge_test
 
 import (
 	"bufio"
+	"bytes"
+	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
@@ -11,6 +13,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/coder/websocket"
 
 	"github.com/tollgate-dev/tollgate/edge"
 	"github.com/tollgate-dev/tollgate/internal/demo"
@@ -258,6 +262,38 @@ func TestProxy(t *testing.T) {
 				}
 			})
 
+			t.Run("a WebSocket session passes through with every message intact", func(t *testing.T) {
+				in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP, Config: func(c *edge.Config) { c.Upstream = webSocketEcho(t) }})
+				ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+				defer cancel()
+				ws, resp, err := websocket.Dial(ctx, "ws"+strings.TrimPrefix(in.URL, "http")+"/v1/ws",
+					&websocket.DialOptions{HTTPHeader: http.Header{"Authorization": {"Bearer " + key}}})
+				testenv.Must(t, err, "open a WebSocket through the edge")
+				defer ws.CloseNow()
+				ws.SetReadLimit(1 << 20)
+				big := make([]byte, 300<<10) // many frames' worth
+				for i := range big {
+					big[i] = byte(i * 7)
+				}
+				msgs := []struct {
+					typ websocket.MessageType
+					b   []byte
+				}{{websocket.MessageText, []byte("hello")}, {websocket.MessageBinary, big}, {websocket.MessageText, []byte("bye")}}
+				for _, m := range msgs {
+					testenv.Must(t, ws.Write(ctx, m.typ, m.b), "send a message")
+					typ, got, err := ws.Read(ctx)
+					testenv.Must(t, err, "read the echo")
+					if typ != m.typ || !bytes.Equal(got, m.b) {
+						t.Fatalf("sent %d bytes of type %v, got %d bytes of type %v back", len(m.b), m.typ, len(got), typ)
+					}
+				}
+				testenv.Must(t, ws.Close(websocket.StatusNormalClosure, "done"), "close the WebSocket")
+				ev := eventFor(t, env, resp.Header.Get(edge.HeaderRequestID))
+				if ev.Status != 101 || !fr.netHTTP && (ev.RequestBytes < int64(len(big)) || ev.ResponseBytes < int64(len(big))) {
+					t.Fatalf("event status %d, bytes %d in and %d out", ev.Status, ev.RequestBytes, ev.ResponseBytes)
+				}
+			})
+
 			if !fr.netHTTP {
 				t.Run("a graceful stop cuts an upgraded connection and meters it", func(t *testing.T) {
 					in := env.Start(t, edgetest.Options{Config: func(c *edge.Config) { c.Upstream = upgradingUpstream(t) }})
@@ -368,6 +404,33 @@ func eventFor(t *testing.T, env *edgetest.Env, rid string) schemas.Event {
 	}
 	t.Fatalf("no event with request id %s in 20 s", rid)
 	return schemas.Event{}
+}
+
+// webSocketEcho answers every WebSocket message with the same message, and
+// refuses a handshake that still carries the API key.
+func webSocketEcho(t *testing.T) string {
+	t.Helper()
+	return serveUpstream(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Header.Get("Authorization") != "" {
+			http.Error(w, "the key reached the upstream", http.StatusBadRequest)
+			return
+		}
+		ws, err := websocket.Accept(w, r, nil)
+		if err != nil {
+			return
+		}
+		defer ws.CloseNow()
+		ws.SetReadLimit(1 << 20)
+		for {
+			typ, b, err := ws.Read(r.Context())
+			if err != nil {
+				return
+			}
+			if err := ws.Write(r.Context(), typ, b); err != nil {
+				return
+			}
+		}
+	}))
 }
 
 // upgradedConnections reads the instance's tollgate_edge_upgraded_connections.
