@@ -132,6 +132,10 @@ func (f *Front) upgrade(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, 
 		return
 	}
 	opened := f.s.UpgradeOpened()
+	// The latency histogram gets the handshake's time: a tunnel's lifetime
+	// (minutes, hours) would swamp the route's percentiles. The event's
+	// latency is the lifetime.
+	f.s.Observe(adm.Route, true, call.Status, time.Since(start))
 	ctx.HijackSetNoResponse(true)
 	ctx.Hijack(func(caller net.Conn) {
 		defer f.tunnels.done(t)
@@ -140,7 +144,6 @@ func (f *Front) upgrade(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, 
 		call.RequestBytes += fromCaller
 		call.ResponseBytes = toCaller
 		f.s.EmitCall(call)
-		f.s.Observe(adm.Route, true, call.Status, time.Since(start))
 	})
 }
 
