@@ -237,17 +237,21 @@ install_stripe_mock() {
 }
 
 # install_chdb puts chdb in its own virtualenv; the SQL compatibility test
-# (internal/chcompat) runs its Python through TOLLGATE_CHDB_PYTHON.
+# (internal/chcompat) runs its Python through TOLLGATE_CHDB_PYTHON. No
+# service needs it, so a failed install is reported and the rest goes on;
+# that test then fails and says how to install it.
 install_chdb() {
   local venv=$STATE/chdb
   if [[ -x $venv/bin/python && -f $venv/.version && $(<"$venv/.version") == "$CHDB_VERSION" ]]; then return 0; fi
   log "chdb: pip install chdb==$CHDB_VERSION (ClickHouse 24.8's engine, for the SQL compatibility test)"
   rm -rf "$venv"
   mkdir -p "$STATE/logs"
-  python3 -m venv "$venv" || die "chdb: python3 -m venv failed"
-  if ! "$venv/bin/pip" install -q --disable-pip-version-check "chdb==$CHDB_VERSION" >"$STATE/logs/chdb-pip.log" 2>&1; then
-    cat "$STATE/logs/chdb-pip.log" >&2
-    die "chdb: pip could not install chdb==$CHDB_VERSION"
+  if ! { python3 -m venv "$venv" &&
+    "$venv/bin/pip" install -q --disable-pip-version-check "chdb==$CHDB_VERSION"; } >"$STATE/logs/chdb-pip.log" 2>&1; then
+    tail -n 20 "$STATE/logs/chdb-pip.log" >&2
+    log "chdb: warning: could not install chdb==$CHDB_VERSION (log: $STATE/logs/chdb-pip.log); internal/chcompat's test will fail until it is installed"
+    rm -rf "$venv"
+    return 0
   fi
   echo "$CHDB_VERSION" >"$venv/.version"
 }
