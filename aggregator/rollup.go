@@ -289,9 +289,9 @@ func keys[V any](m map[string]V) []string {
 // Coalescer lets every ingest worker's batches share rollup rounds, and
 // runs rounds as a pipeline of one stage per granularity. Records handed to
 // Landed while a round's minute stage runs go into the next round, which
-// starts its minute stage once the previous round has moved on to hours and
-// stageGap has passed: minute and hour windows are fresh without waiting
-// for day and month. A
+// starts its minute stage as soon as the previous round moves on to hours:
+// minute and hour windows are fresh without waiting for day and month
+// (which stageGap spaces). A
 // coarser stage that falls behind takes every round queued for it at once
 // and recomputes their windows in one INSERT, so a slow level costs fewer
 // queries and fewer parts instead of holding the finer ones back. Each stage
@@ -314,17 +314,13 @@ const maxQueuedRounds = 64
 // Every recompute is an INSERT, and on ClickHouse 18.16 an INSERT costs
 // 10–20 ms of CPU (a new part's files) however few rows it writes
 // (docs/ingest.md); the rounds that queue meanwhile share the next one.
-// Minute rounds are spaced by 200 ms, which also keeps a minute window
-// from being read whole again for every few new events; hour rounds follow
-// them at once (the usage API's freshness rests on minutes and hours). Day
-// and month windows, which the dashboard and the invoicer read, wait half
-// a second.
+// Day and month windows, which the dashboard and the invoicer read, wait
+// half a second. Minute and hour windows, which the usage API's freshness
+// rests on, never wait here: their rounds follow the raw inserts, which
+// are spaced already (ingest.SharedSink).
 func stageGap(g Granularity) time.Duration {
 	if g == Day || g == Month {
 		return 500 * time.Millisecond
-	}
-	if g == Minute {
-		return 200 * time.Millisecond
 	}
 	return 0
 }
