@@ -216,16 +216,7 @@ func TestProxy(t *testing.T) {
 
 			t.Run("a connection upgrade is carried both ways and metered", func(t *testing.T) {
 				in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP, Config: func(c *edge.Config) { c.Upstream = upgradingUpstream(t) }})
-				conn, err := net.Dial("tcp", strings.TrimPrefix(in.URL, "http://"))
-				testenv.Must(t, err, "dial the edge")
-				defer conn.Close()
-				_ = conn.SetDeadline(time.Now().Add(10 * time.Second))
-				_, err = io.WriteString(conn, "GET /v1/socket HTTP/1.1\r\nHost: edge.test\r\nAuthorization: Bearer "+key+
-					"\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
-				testenv.Must(t, err, "send the upgrade")
-				br := bufio.NewReader(conn)
-				resp, err := http.ReadResponse(br, nil)
-				testenv.Must(t, err, "read the answer")
+				conn, br, resp := openEcho(t, in, key, "")
 				if resp.StatusCode != 101 || resp.Header.Get("Upgrade") != "echo" {
 					t.Fatalf("status %d, Upgrade %q", resp.StatusCode, resp.Header.Get("Upgrade"))
 				}
@@ -236,7 +227,7 @@ func TestProxy(t *testing.T) {
 					t.Fatalf("tollgate_edge_upgraded_connections %v with one tunnel open", n)
 				}
 				for _, msg := range []string{"ping\n", "pong\n"} {
-					_, err = io.WriteString(conn, msg)
+					_, err := io.WriteString(conn, msg)
 					testenv.Must(t, err, "write on the upgraded connection")
 					got, err := br.ReadString('\n')
 					testenv.Must(t, err, "read on the upgraded connection")
@@ -309,16 +300,7 @@ func TestProxy(t *testing.T) {
 			if !fr.netHTTP {
 				t.Run("a graceful stop cuts an upgraded connection and meters it", func(t *testing.T) {
 					in := env.Start(t, edgetest.Options{Config: func(c *edge.Config) { c.Upstream = upgradingUpstream(t) }})
-					conn, err := net.Dial("tcp", strings.TrimPrefix(in.URL, "http://"))
-					testenv.Must(t, err, "dial the edge")
-					defer conn.Close()
-					_ = conn.SetDeadline(time.Now().Add(10 * time.Second))
-					_, err = io.WriteString(conn, "GET /v1/socket HTTP/1.1\r\nHost: edge.test\r\nAuthorization: Bearer "+key+
-						"\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\nping\n")
-					testenv.Must(t, err, "send the upgrade and a first line")
-					br := bufio.NewReader(conn)
-					resp, err := http.ReadResponse(br, nil)
-					testenv.Must(t, err, "read the answer")
+					_, br, resp := openEcho(t, in, key, "ping\n")
 					got, err := br.ReadString('\n')
 					testenv.Must(t, err, "read on the upgraded connection")
 					if resp.StatusCode != 101 || got != "echo: ping\n" {
@@ -476,6 +458,24 @@ func upgradedConnections(t *testing.T, in *edgetest.Instance) float64 {
 	}
 	t.Fatal("no tollgate_edge_upgraded_connections metric")
 	return 0
+}
+
+// openEcho asks in to switch a raw connection to upgradingUpstream's echo
+// protocol, sending first right behind the handshake, and returns the
+// connection (closed when the test ends), a reader on it and the answer.
+func openEcho(t *testing.T, in *edgetest.Instance, key, first string) (net.Conn, *bufio.Reader, *http.Response) {
+	t.Helper()
+	conn, err := net.Dial("tcp", strings.TrimPrefix(in.URL, "http://"))
+	testenv.Must(t, err, "dial the edge")
+	t.Cleanup(func() { conn.Close() })
+	_ = conn.SetDeadline(time.Now().Add(10 * time.Second))
+	_, err = io.WriteString(conn, "GET /v1/socket HTTP/1.1\r\nHost: edge.test\r\nAuthorization: Bearer "+key+
+		"\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n"+first)
+	testenv.Must(t, err, "send the upgrade")
+	br := bufio.NewReader(conn)
+	resp, err := http.ReadResponse(br, nil)
+	testenv.Must(t, err, "read the answer")
+	return conn, br, resp
 }
 
 // upgradingUpstream switches any call asking for "Upgrade: echo" to a

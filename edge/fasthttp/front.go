@@ -430,15 +430,19 @@ func (c *countingReader) Read(p []byte) (int, error) {
 	return n, err
 }
 
-// responseBody streams an upstream response's body to the caller and,
-// when fasthttp closes it, releases the upstream response and records the
+// responseBody streams an upstream's answer to the caller and, when
+// fasthttp closes it, releases what the answer came on and records the
 // call with the bytes sent.
 type responseBody struct {
-	r    io.Reader
-	resp *fh.Response
-	n    int64
-	done func(sent int64)
-	once sync.Once
+	r io.Reader
+	n int64
+	// resp is an answer from the pool, handed back (with its connection)
+	// on close. An answer on a connection of its own (a declined upgrade)
+	// has closers instead: its body and that connection.
+	resp    *fh.Response
+	closers []io.Closer
+	done    func(sent int64)
+	once    sync.Once
 }
 
 func (b *responseBody) Read(p []byte) (int, error) {
@@ -450,8 +454,13 @@ func (b *responseBody) Read(p []byte) (int, error) {
 func (b *responseBody) Close() error {
 	var err error
 	b.once.Do(func() {
-		err = b.resp.CloseBodyStream()
-		fh.ReleaseResponse(b.resp)
+		if b.resp != nil {
+			err = b.resp.CloseBodyStream()
+			fh.ReleaseResponse(b.resp)
+		}
+		for _, c := range b.closers {
+			err = errors.Join(err, c.Close())
+		}
 		b.done(b.n)
 	})
 	return err

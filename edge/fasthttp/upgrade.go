@@ -175,32 +175,7 @@ func (f *Front) declined(ctx *fh.RequestCtx, conn net.Conn, resp *http.Response,
 	if resp.ContentLength < 0 {
 		size = -1
 	}
-	ctx.Response.SetBodyStream(&declinedBody{r: resp.Body, conn: conn, done: done}, size)
-}
-
-// declinedBody streams a declined upgrade's answer and, once fasthttp
-// closes it, closes the upstream connection and records the call.
-type declinedBody struct {
-	r    io.ReadCloser
-	conn net.Conn
-	n    int64
-	done func(sent int64)
-	once sync.Once
-}
-
-func (b *declinedBody) Read(p []byte) (int, error) {
-	n, err := b.r.Read(p)
-	b.n += int64(n)
-	return n, err
-}
-
-func (b *declinedBody) Close() error {
-	b.once.Do(func() {
-		b.r.Close()
-		b.conn.Close()
-		b.done(b.n)
-	})
-	return nil
+	ctx.Response.SetBodyStream(&responseBody{r: resp.Body, closers: []io.Closer{resp.Body, conn}, done: done}, size)
 }
 
 func writeHeader(b *bytes.Buffer, k, v string) {
