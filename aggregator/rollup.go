@@ -306,6 +306,11 @@ type Coalescer struct {
 	done   chan struct{}
 }
 
+// landedSettle is how long a rollup round waits after its first batch for
+// others: the batches of one shared raw insert are handed to Landed a
+// moment apart, and without it they make a round each.
+const landedSettle = 5 * time.Millisecond
+
 // maxQueuedRounds bounds the rounds waiting between two stages (and so
 // how many one coarser INSERT serves).
 const maxQueuedRounds = 64
@@ -336,7 +341,7 @@ var _ ingest.Rollups = (*Coalescer)(nil)
 // NewCoalescer starts the pipeline over r; Close stops it.
 func NewCoalescer(r *Roller) *Coalescer {
 	ctx, cancel := context.WithCancel(context.Background())
-	c := &Coalescer{r: r, rounds: ingest.NewRounds(errors.New("rollups: coalescer closed")), stop: cancel, done: make(chan struct{})}
+	c := &Coalescer{r: r, rounds: ingest.NewRounds(errors.New("rollups: coalescer closed"), landedSettle), stop: cancel, done: make(chan struct{})}
 	// The first stage takes rounds from feed one at a time (feed gathers
 	// everything pending into each); later stages queue rounds.
 	stages := make([]chan *round, len(Granularities)+1)

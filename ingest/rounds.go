@@ -3,6 +3,7 @@ package ingest
 import (
 	"context"
 	"sync"
+	"time"
 )
 
 // Rounds gathers the records of many callers into rounds, group-commit
@@ -14,6 +15,7 @@ type Rounds struct {
 	wake     chan struct{}
 	done     chan struct{}
 	closeErr error
+	settle   time.Duration
 	stopOnce sync.Once
 
 	mu      sync.Mutex
@@ -22,9 +24,11 @@ type Rounds struct {
 }
 
 // NewRounds returns an empty queue; closeErr is what callers waiting when
-// it stops are told.
-func NewRounds(closeErr error) *Rounds {
-	return &Rounds{wake: make(chan struct{}, 1), done: make(chan struct{}), closeErr: closeErr}
+// it stops are told. A round starts settle after its first records came,
+// for callers that tend to arrive together (the batches of one shared raw
+// insert) to share it.
+func NewRounds(closeErr error, settle time.Duration) *Rounds {
+	return &Rounds{wake: make(chan struct{}, 1), done: make(chan struct{}), closeErr: closeErr, settle: settle}
 }
 
 // Join adds records to the next round and waits for that round's outcome.
@@ -56,10 +60,20 @@ func (r *Rounds) Join(ctx context.Context, groups ...[]Record) error {
 func (r *Rounds) Next(ctx context.Context) ([][]Record, []chan<- error, bool) {
 	for {
 		r.mu.Lock()
-		groups, waiters := r.pending, r.waiters
-		r.pending, r.waiters = nil, nil
+		n := len(r.waiters)
 		r.mu.Unlock()
-		if len(waiters) > 0 {
+		if n > 0 {
+			if r.settle > 0 {
+				select {
+				case <-time.After(r.settle):
+				case <-ctx.Done():
+					return nil, nil, false
+				}
+			}
+			r.mu.Lock()
+			groups, waiters := r.pending, r.waiters
+			r.pending, r.waiters = nil, nil
+			r.mu.Unlock()
 			return groups, waiters, true
 		}
 		select {

@@ -24,7 +24,7 @@ type SharedSink struct {
 // goes straight to s: too-late events are rare.
 func NewSharedSink(s Sink) *SharedSink {
 	ctx, cancel := context.WithCancel(context.Background())
-	ss := &SharedSink{Sink: s, rounds: NewRounds(errors.New("ingest: shared sink closed")), stop: cancel, done: make(chan struct{})}
+	ss := &SharedSink{Sink: s, rounds: NewRounds(errors.New("ingest: shared sink closed"), 0), stop: cancel, done: make(chan struct{})}
 	go ss.loop(ctx)
 	return ss
 }

@@ -94,3 +94,38 @@ func TestEveryCallerOfAFailedInsertIsTold(t *testing.T) {
 		}
 	}
 }
+
+func TestCallersArrivingWithinTheSettleShareARound(t *testing.T) {
+	r := ingest.NewRounds(errors.New("stopped"), 200*time.Millisecond)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	sizes := make(chan int, 10)
+	go func() {
+		defer r.Stop()
+		for {
+			groups, waiters, ok := r.Next(ctx)
+			if !ok {
+				return
+			}
+			sizes <- len(groups)
+			for _, w := range waiters {
+				w <- nil
+			}
+		}
+	}()
+	var wg sync.WaitGroup
+	for range 5 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := r.Join(context.Background(), make([]ingest.Record, 1)); err != nil {
+				t.Errorf("join: %v", err)
+			}
+		}()
+		time.Sleep(2 * time.Millisecond)
+	}
+	wg.Wait()
+	if n := <-sizes; n != 5 {
+		t.Fatalf("the first round took %d of the 5 callers that came within 10 ms", n)
+	}
+}
