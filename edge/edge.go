@@ -127,6 +127,10 @@ type Config struct {
 	SandboxUpstream string `yaml:"sandbox_upstream"`
 	// UpstreamTimeout bounds one proxied call.
 	UpstreamTimeout time.Duration `yaml:"upstream_timeout"`
+	// MaxUpgradedConnections bounds the calls switched to another protocol
+	// (WebSocket) an instance holds open at once, each a connection to the
+	// caller and one to the upstream; more are refused with 503.
+	MaxUpgradedConnections int `yaml:"max_upgraded_connections"`
 	// EventType is the type stamped on call events.
 	EventType string `yaml:"event_type"`
 	// Routes maps route patterns and methods to the scopes they need. Empty
@@ -179,6 +183,9 @@ func (c *Config) Defaults() {
 	if c.UpstreamTimeout == 0 {
 		c.UpstreamTimeout = 30 * time.Second
 	}
+	if c.MaxUpgradedConnections == 0 {
+		c.MaxUpgradedConnections = 10000
+	}
 	if c.EventType == "" {
 		c.EventType = "api_call"
 	}
@@ -225,6 +232,9 @@ func (c *Config) Validate() error {
 	}
 	if c.UpstreamTimeout < 0 {
 		errs = append(errs, errors.New("edge.upstream_timeout: negative"))
+	}
+	if c.MaxUpgradedConnections < 0 {
+		errs = append(errs, errors.New("edge.max_upgraded_connections: negative"))
 	}
 	if c.AdminListen != "" {
 		if b, err := hex.DecodeString(c.AdminTokenSHA256); err != nil || len(b) != 32 {

@@ -265,6 +265,31 @@ func TestProxy(t *testing.T) {
 				}
 			})
 
+			t.Run("upgrades past max_upgraded_connections are refused until one closes", func(t *testing.T) {
+				in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP, Config: func(c *edge.Config) {
+					c.Upstream, c.MaxUpgradedConnections = upgradingUpstream(t), 1
+				}})
+				conn, _, resp := openEcho(t, in, key, "")
+				if resp.StatusCode != 101 {
+					t.Fatalf("first upgrade: status %d", resp.StatusCode)
+				}
+				_, _, resp = openEcho(t, in, key, "")
+				body, _ := io.ReadAll(resp.Body)
+				if resp.StatusCode != 503 || !strings.Contains(string(body), `"code":"too_many_upgraded_connections"`) {
+					t.Fatalf("second upgrade: status %d body %q", resp.StatusCode, body)
+				}
+				conn.Close()
+				for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+					_, _, resp := openEcho(t, in, key, "")
+					if resp.StatusCode == 101 {
+						break
+					}
+					if time.Now().After(deadline) {
+						t.Fatalf("an upgrade is still refused 5 s after the first closed: status %d", resp.StatusCode)
+					}
+				}
+			})
+
 			t.Run("a WebSocket session passes through with every message intact", func(t *testing.T) {
 				in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP, Config: func(c *edge.Config) { c.Upstream = webSocketEcho(t) }})
 				ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)

@@ -15,6 +15,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/google/uuid"
@@ -59,6 +60,8 @@ type Server struct {
 	buffers *bufferPool
 	echo    *echo.Echo
 	m       *metrics
+	// upgrades counts the upgraded connections open, for the cap.
+	upgrades atomic.Int64
 	// zones caches loaded time zones by name (*time.Location, or nil for
 	// a name that does not load): LoadLocation reads the zone database.
 	zones sync.Map
@@ -184,11 +187,20 @@ func (s *Server) observe(next echo.HandlerFunc) echo.HandlerFunc {
 	}
 }
 
-// UpgradeOpened counts a call switched to another protocol as open (in
-// tollgate_edge_upgraded_connections) until closed is called.
-func (s *Server) UpgradeOpened() (closed func()) {
+// UpgradeOpened counts a call that asks to switch to another protocol as
+// open (in tollgate_edge_upgraded_connections) until closed is called, or
+// refuses it with 503 when max_upgraded_connections are open already.
+func (s *Server) UpgradeOpened() (closed func(), err error) {
+	if s.upgrades.Add(1) > int64(s.cfg.MaxUpgradedConnections) {
+		s.upgrades.Add(-1)
+		return nil, NewAPIError(http.StatusServiceUnavailable, TypeAPI, "too_many_upgraded_connections",
+			fmt.Sprintf("This edge holds %d upgraded connections already; retry later.", s.cfg.MaxUpgradedConnections))
+	}
 	s.m.upgraded.Inc()
-	return s.m.upgraded.Dec
+	return func() {
+		s.upgrades.Add(-1)
+		s.m.upgraded.Dec()
+	}, nil
 }
 
 // Observe counts a response in the metrics: its status, and its duration
@@ -625,8 +637,12 @@ func (s *Server) proxy(c echo.Context) error {
 	resp := c.Response()
 	req.Header.Set(HeaderRequestID, resp.Header().Get(HeaderRequestID))
 	if req.Header.Get("Upgrade") != "" {
+		closed, err := s.UpgradeOpened()
+		if err != nil {
+			return err
+		}
 		// net/http's proxy returns when an upgraded connection closes.
-		defer s.UpgradeOpened()()
+		defer closed()
 	}
 	p.ServeHTTP(resp, req.WithContext(ctx))
 	status := resp.Status

@@ -41,6 +41,18 @@ func isUpgrade(h *fh.RequestHeader) bool {
 // after the handshake. An upstream that declines answers the caller as any
 // call would be answered.
 func (f *Front) upgrade(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, start time.Time) {
+	closed, err := f.s.UpgradeOpened()
+	if err != nil { // max_upgraded_connections are open
+		f.fail(ctx, err, call.RequestID)
+		f.s.Observe(adm.Route, true, ctx.Response.StatusCode(), time.Since(start))
+		return
+	}
+	tunnelled := false
+	defer func() {
+		if !tunnelled {
+			closed()
+		}
+	}()
 	call.Start = f.s.Now()
 	protocol := string(ctx.Request.Header.Peek(fh.HeaderUpgrade))
 	up := f.forward(ctx, adm, call.RequestID) // drops Upgrade and Connection with the hop-by-hop headers
@@ -131,7 +143,7 @@ func (f *Front) upgrade(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, 
 		fail(errors.New("the edge is stopping"))
 		return
 	}
-	opened := f.s.UpgradeOpened()
+	tunnelled = true
 	// The latency histogram gets the handshake's time: a tunnel's lifetime
 	// (minutes, hours) would swamp the route's percentiles. The event's
 	// latency is the lifetime.
@@ -139,7 +151,7 @@ func (f *Front) upgrade(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, 
 	ctx.HijackSetNoResponse(true)
 	ctx.Hijack(func(caller net.Conn) {
 		defer f.tunnels.done(t)
-		defer opened()
+		defer closed()
 		fromCaller, toCaller := t.join(caller, head.Bytes(), br)
 		call.RequestBytes += fromCaller
 		call.ResponseBytes = toCaller
