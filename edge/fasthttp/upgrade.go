@@ -5,7 +5,6 @@ import (
 	"bytes"
 	"context"
 	"crypto/tls"
-	"errors"
 	"io"
 	"net"
 	"net/http"
@@ -59,13 +58,16 @@ func (f *Front) upgrade(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, 
 	req := &ctx.Request
 	req.Header.Set(fh.HeaderConnection, "Upgrade")
 	req.Header.Set(fh.HeaderUpgrade, protocol)
-	fail := func(err error) {
-		ae := upstreamError(err)
-		f.log.Warn("upstream error on a connection upgrade", "status", ae.Status, "err", err)
+	answer := func(ae *edge.APIError) { // a forwarded call the edge answers itself, metered
 		f.fail(ctx, ae, call.RequestID)
 		call.Status = ae.Status
 		f.s.EmitCall(call)
 		f.s.Observe(adm.Route, true, ae.Status, time.Since(start))
+	}
+	fail := func(err error) {
+		ae := upstreamError(err)
+		f.log.Warn("upstream error on a connection upgrade", "status", ae.Status, "err", err)
+		answer(ae)
 	}
 	if req.Header.ContentLength() == -1 { // chunked
 		// A handshake has no body (WebSocket's never does); a chunked one
@@ -137,10 +139,12 @@ func (f *Front) upgrade(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, 
 	head.WriteString("\r\n")
 
 	t := f.tunnels.add(conn)
-	if t == nil { // stopping
+	if t == nil {
+		// The front is stopping: no new tunnel may outlive it. Not an
+		// upstream failure, so not answered as one.
 		conn.Close()
 		ctx.SetConnectionClose()
-		fail(errors.New("the edge is stopping"))
+		answer(edge.NewAPIError(fh.StatusServiceUnavailable, edge.TypeAPI, "shutting_down", "This edge is stopping; retry the call."))
 		return
 	}
 	tunnelled = true
