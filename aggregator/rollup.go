@@ -142,6 +142,9 @@ func (r *Roller) plan(ctx context.Context, groups [][]ingest.Record) ([][]Recomp
 		if len(set) == 0 {
 			continue
 		}
+		// Minutes are the same in every zone: one minute request per
+		// meter, so its raw events are scanned once for every account.
+		all := make([]Touched, 0, len(set))
 		byZone := map[string][]Touched{}
 		for t := range set {
 			z := zones[t.Account]
@@ -149,17 +152,15 @@ func (r *Roller) plan(ctx context.Context, groups [][]ingest.Record) ([][]Recomp
 				z = "UTC"
 			}
 			byZone[z] = append(byZone[z], t)
+			all = append(all, t)
 		}
+		sort.Slice(all, func(i, j int) bool { return lessTouched(all[i], all[j]) })
+		levels[0] = append(levels[0], Recompute{Meter: m, Granularity: Minute, Zone: "UTC", Touched: all})
 		for _, z := range keys(byZone) {
 			ts := byZone[z]
 			sort.Slice(ts, func(i, j int) bool { return lessTouched(ts[i], ts[j]) })
-			for i, g := range Granularities {
-				zone := z
-				if g == Minute {
-					// Minutes are the same in every zone: one request per meter.
-					zone = "UTC"
-				}
-				levels[i] = append(levels[i], Recompute{Meter: m, Granularity: g, Zone: zone, Touched: ts})
+			for i, g := range Granularities[1:] {
+				levels[i+1] = append(levels[i+1], Recompute{Meter: m, Granularity: g, Zone: z, Touched: ts})
 			}
 		}
 	}

@@ -124,3 +124,70 @@ func TestDayAndMonthRecomputesShareRoundsWithinTheirGap(t *testing.T) {
 		}
 	}
 }
+
+// requestStore keeps every request of every Recompute call.
+type requestStore struct {
+	aggregator.RollupStore
+	calls [][]aggregator.Recompute
+}
+
+func (s *requestStore) Recompute(_ context.Context, rs []aggregator.Recompute) error {
+	s.calls = append(s.calls, rs)
+	return nil
+}
+
+// TestMinuteWindowsAreRecomputedOncePerMeterInEveryZone lands one batch
+// for accounts in three zones, with two meters on its event type. A minute
+// is the same in every zone, so the minute level asks for one recompute per
+// meter, holding every account's touched minutes, and the raw events are
+// scanned once per meter rather than once per meter and zone; the hour,
+// day and month levels, whose windows depend on the zone, ask for one per
+// meter and zone.
+func TestMinuteWindowsAreRecomputedOncePerMeterInEveryZone(t *testing.T) {
+	store := &requestStore{}
+	meters := aggregator.StaticMeters{meter.Default(),
+		{Key: "bytes_out", EventType: "api_call", Aggregation: meter.Sum, Value: "response_bytes"}}
+	zones := aggregator.StaticZones{"acct_tokyo": "Asia/Tokyo", "acct_kolkata": "Asia/Kolkata"}
+	roller := aggregator.NewRoller(meters, zones, store, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	at := time.Date(2026, 11, 2, 10, 0, 0, 0, time.UTC)
+	var batch []ingest.Record
+	for i, acct := range []string{"acct_utc", "acct_tokyo", "acct_kolkata"} {
+		batch = append(batch, ingest.Record{Event: schemas.Event{Version: 1, ID: schemas.NewEventID(), AccountID: acct,
+			Environment: schemas.Live, KeyID: "key_1", Type: "api_call", Units: 1, Time: at.Add(time.Duration(i) * time.Minute)}})
+	}
+	if err := roller.Landed(context.Background(), batch); err != nil {
+		t.Fatal(err)
+	}
+	if len(store.calls) != len(aggregator.Granularities) {
+		t.Fatalf("%d Recompute calls, want one per granularity (%d)", len(store.calls), len(aggregator.Granularities))
+	}
+	for i, rs := range store.calls {
+		g := aggregator.Granularities[i]
+		perMeter := map[string]int{}
+		zonesSeen := map[string]bool{}
+		touched := 0
+		for _, r := range rs {
+			if r.Granularity != g {
+				t.Errorf("call %d: a %s request among %s ones", i, r.Granularity, g)
+			}
+			perMeter[r.Meter.Key]++
+			zonesSeen[r.Zone] = true
+			touched += len(r.Touched)
+		}
+		want := 3 // zones
+		if g == aggregator.Minute {
+			want = 1
+		}
+		for _, m := range meters {
+			if perMeter[m.Key] != want {
+				t.Errorf("%s: %d requests for meter %s, want %d", g, perMeter[m.Key], m.Key, want)
+			}
+		}
+		if g == aggregator.Minute && (len(zonesSeen) != 1 || !zonesSeen["UTC"]) {
+			t.Errorf("minute requests in zones %v, want UTC only", zonesSeen)
+		}
+		if touched != len(meters)*len(batch) {
+			t.Errorf("%s: %d touched minutes over the requests, want %d (each event's minute once per meter)", g, touched, len(meters)*len(batch))
+		}
+	}
+}

@@ -251,7 +251,7 @@ func chunkTouched(ts []aggregator.Touched, budget int) [][]aggregator.Touched {
 	var out [][]aggregator.Touched
 	start, size := 0, 0
 	for i, t := range ts {
-		n := len(t.Account) + 40 // ('account', 'live', 1795745497),
+		n := len(t.Account) + 24 // 'account', 'live', 1795745497, in three lists
 		if i > start && size+n > budget {
 			out = append(out, ts[start:i])
 			start, size = i, 0
@@ -315,21 +315,32 @@ func recomputeSelects(r aggregator.Recompute) ([]string, []any, error) {
 	for i, scan := range scans {
 		seen := map[string]struct{}{}
 		var acc []string
-		tuples := make([]string, 0, len(groups[i]))
+		accs := make([]string, 0, len(groups[i]))
+		envs := make([]string, 0, len(groups[i]))
+		mins := make([]string, 0, len(groups[i]))
 		for _, j := range groups[i] {
 			t := r.Touched[j]
 			if _, ok := seen[t.Account]; !ok {
 				seen[t.Account] = struct{}{}
 				acc = append(acc, t.Account)
 			}
-			tuples = append(tuples, fmt.Sprintf("(%s, %s, %d)", quote(t.Account), quote(string(t.Environment)), t.Minute.Unix()))
+			accs = append(accs, quote(t.Account))
+			envs = append(envs, quote(string(t.Environment)))
+			mins = append(mins, strconv.FormatInt(t.Minute.Unix(), 10))
 		}
 		// Only the touched windows are written, so a cluster's wide scan
-		// never writes a window it did not read whole.
+		// never writes a window it did not read whole. The touched minutes
+		// are three parallel arrays of plain literals, zipped by ARRAY
+		// JOIN: ClickHouse 18.16 takes about 4 s to analyse an array of
+		// 2,400 tuple literals, and under 0.1 s for the same values as
+		// arrays of strings and numbers (a late batch in bench-ingest went
+		// from 11.7 s to 4.3 s).
 		filter := fmt.Sprintf(`(account_id, toString(environment), w) IN (
-        SELECT tupleElement(t, 1), tupleElement(t, 2), %s
-        FROM (SELECT arrayJoin([%s]) AS t))`,
-			windowExpr(r.Granularity, r.Zone, "toDateTime(tupleElement(t, 3), 'UTC')"), strings.Join(tuples, ", "))
+        SELECT touched_account, touched_env, %s
+        FROM (SELECT [%s] AS touched_account, [%s] AS touched_env, [%s] AS touched_minute)
+        ARRAY JOIN touched_account, touched_env, touched_minute)`,
+			windowExpr(r.Granularity, r.Zone, "toDateTime(touched_minute, 'UTC')"),
+			strings.Join(accs, ", "), strings.Join(envs, ", "), strings.Join(mins, ", "))
 		out = append(out, levelSelect(c, r.Meter, r.Granularity, r.Zone, acc, scan, filter))
 	}
 	return out, c.Args, nil

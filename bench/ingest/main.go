@@ -27,6 +27,13 @@
 //     busy, throughput follows CPU per event, so cpu_ratio_vs_peer (the
 //     peer's CPU per event over ours) says how much of the throughput gap
 //     is work rather than waiting.
+//  5. A late batch: -backfill-events events (2,500) spread over the last 40
+//     days land, with their rollups, on -backfill-base events (100,000)
+//     already there, with six meters over three event types and accounts in
+//     three zones: late_batch_ms is the best of -repeat batches. The
+//     reference in the same run is rebuilding those rollups for the whole
+//     40 days (rebuild_ms); rebuild_vs_late_batch above 1 means a late
+//     batch costs less than recomputing everything.
 //
 // Everything runs on loopback against the local services, in a scratch
 // ClickHouse database, Postgres database and topics that are removed after.
@@ -95,7 +102,10 @@ type opts struct {
 	maxInFlight int
 	poll        time.Duration
 	repeat      int
-	cpu         *cpuMeter // nil when the servers' CPU cannot be read
+	// backfillBase and backfillEvents size the late-batch measurement.
+	backfillBase   int
+	backfillEvents int
+	cpu            *cpuMeter // nil when the servers' CPU cannot be read
 }
 
 func env(name, def string) string {
@@ -119,6 +129,8 @@ func run() error {
 	flag.IntVar(&o.maxInFlight, "max-in-flight", 0, "ingest.max_in_flight (0: the default)")
 	flag.DurationVar(&o.poll, "poll", 100*time.Millisecond, "how often each account's poller asks the usage API in the freshness run")
 	flag.IntVar(&o.repeat, "repeat", 3, "throughput runs of each side; the fastest of each is reported")
+	flag.IntVar(&o.backfillBase, "backfill-base", 100_000, "events already in the 40 days a late batch lands in")
+	flag.IntVar(&o.backfillEvents, "backfill-events", 2_500, "events in each late batch, spread over 40 days")
 	flag.BoolVar(&o.coalesce, "coalesce", true, "share raw inserts and rollup rounds between workers (as tollgate ingest does)")
 	cpuProfile := flag.String("cpuprofile", "", "write a CPU profile of the throughput run (this process: ingest and the rollups) to this file")
 	flag.Parse()
@@ -243,6 +255,15 @@ func run() error {
 	}
 	fmt.Printf("freshness at %d events/s for %s: %d events, p50 %.0f ms, p99 %.0f ms (call time stamped by the producer to first usage API answer counting it; each account polled every %s)\n",
 		o.rate, o.duration, n, p50, p99, o.poll)
+
+	// 4. A late batch spread over 40 days, against rebuilding everything.
+	bf, err := backfill(ctx, o, ch, log)
+	if err != nil {
+		return err
+	}
+	fmt.Printf("late batch: best of %d %.2fs; rebuilding the same rollups %.2fs (%.1f times the batch)\n",
+		o.repeat, bf.batch.Seconds(), bf.rebuild.Seconds(), bf.rebuild.Seconds()/bf.batch.Seconds())
+
 	result := fmt.Sprintf("RESULT ingest_eps=%.0f peer_eps=%.0f ratio_vs_peer=%.2f freshness_p99_ms=%.0f",
 		ingestEPS, peerEPS, ingestEPS/peerEPS, p99)
 	if ingestCPU.ok && peerCPU.ok {
@@ -250,6 +271,8 @@ func run() error {
 		fmt.Printf("cpu per event, every process of each side together (the fastest run of each): tollgate %.1f µs, peer %.1f µs\n", ing, peer)
 		result += fmt.Sprintf(" ingest_cpu_us_per_event=%.1f peer_cpu_us_per_event=%.1f cpu_ratio_vs_peer=%.2f", ing, peer, peer/ing)
 	}
+	result += fmt.Sprintf(" late_batch_ms=%.0f rebuild_ms=%.0f rebuild_vs_late_batch=%.1f",
+		float64(bf.batch.Microseconds())/1000, float64(bf.rebuild.Microseconds())/1000, bf.rebuild.Seconds()/bf.batch.Seconds())
 	fmt.Println(result)
 	return nil
 }
