@@ -51,9 +51,11 @@ func backfill(ctx context.Context, o opts, ch driver.Conn, log *slog.Logger) (ba
 	res.rebuild = time.Since(t0)
 	fmt.Printf("backfill: rebuilding %d events' rollups (%d meters, 40 days, 3 zones) took %.2fs\n",
 		len(base), len(meters), res.rebuild.Seconds())
-	roller := aggregator.NewRoller(aggregator.StaticMeters(meters), zones, store, log)
+	timed := &levelTimes{RollupStore: store}
+	roller := aggregator.NewRoller(aggregator.StaticMeters(meters), zones, timed, log)
 	for rep := 1; rep <= o.repeat; rep++ {
 		late := aggregatortest.Records(aggregatortest.GenEvents(rand.New(rand.NewPCG(uint64(rep), 3)), o.backfillEvents, now))
+		timed.spent = map[aggregator.Granularity]time.Duration{}
 		t0 := time.Now()
 		if err := sink.Insert(ctx, late); err != nil {
 			return res, fmt.Errorf("backfill: insert the late batch: %w", err)
@@ -62,7 +64,9 @@ func backfill(ctx context.Context, o opts, ch driver.Conn, log *slog.Logger) (ba
 			return res, fmt.Errorf("backfill: recompute the late batch's windows: %w", err)
 		}
 		d := time.Since(t0)
-		fmt.Printf("  late batch %d: %d events over 40 days landed with their rollups in %.2fs\n", rep, len(late), d.Seconds())
+		fmt.Printf("  late batch %d: %d events over 40 days landed with their rollups in %.2fs (recompute: minute %.2fs, hour %.2fs, day %.2fs, month %.2fs)\n",
+			rep, len(late), d.Seconds(), timed.spent[aggregator.Minute].Seconds(), timed.spent[aggregator.Hour].Seconds(),
+			timed.spent[aggregator.Day].Seconds(), timed.spent[aggregator.Month].Seconds())
 		if res.batch == 0 || d < res.batch {
 			res.batch = d
 		}
@@ -82,4 +86,19 @@ func backfill(ctx context.Context, o opts, ch driver.Conn, log *slog.Logger) (ba
 		return res, fmt.Errorf("backfill: day rollups count %d api calls, the raw events %d", rollup, raw)
 	}
 	return res, nil
+}
+
+// levelTimes adds up the time each granularity's recomputes take.
+type levelTimes struct {
+	aggregator.RollupStore
+	spent map[aggregator.Granularity]time.Duration
+}
+
+func (l *levelTimes) Recompute(ctx context.Context, rs []aggregator.Recompute) error {
+	t0 := time.Now()
+	err := l.RollupStore.Recompute(ctx, rs)
+	if len(rs) > 0 {
+		l.spent[rs[0].Granularity] += time.Since(t0)
+	}
+	return err
 }

@@ -26,6 +26,13 @@
 -- of the meter's group_by properties, in order, for the grouped rows.
 -- window_start is the window's first instant; hour, day and month windows
 -- start at the account's local midnight / hour (accounts.timezone).
+--
+-- Every read of this table is a narrow range of one account, meter and
+-- granularity, in a table that gets a part per recompute round until merges
+-- catch up; marks every 1,024 rows rather than 8,192 let each read skip more
+-- of every part. A batch of late events spread over 40 days (bench-ingest's
+-- late batch) recomputed its hour windows in 1.0-1.25 s instead of 2.4-2.5 s.
+-- Tables created before this setting keep theirs; nothing else changes.
 CREATE TABLE IF NOT EXISTS usage_rollups
 (
     account_id   String,
@@ -43,7 +50,8 @@ CREATE TABLE IF NOT EXISTS usage_rollups
 )
 ENGINE = ReplacingMergeTree(events)
 PARTITION BY toYYYYMM(window_start)
-ORDER BY (account_id, environment, meter, granularity, window_start, group_values);
+ORDER BY (account_id, environment, meter, granularity, window_start, group_values)
+SETTINGS index_granularity = 1024;
 
 -- Watermarks: per usage-topic partition, the time through which every
 -- record appended to that partition is in usage_events and the rollups.
