@@ -131,6 +131,14 @@ type Config struct {
 	// (WebSocket) an instance holds open at once, each a connection to the
 	// caller and one to the upstream; more are refused with 503.
 	MaxUpgradedConnections int `yaml:"max_upgraded_connections"`
+	// UpgradedIdleTimeout closes an upgraded connection (WebSocket) that
+	// carried no byte either way for this long, as nginx's
+	// proxy_read_timeout and load balancers' idle timeouts do: a peer that
+	// vanished without closing (a dropped NAT entry, a crashed client)
+	// would otherwise hold two connections and a slot of
+	// MaxUpgradedConnections for ever. WebSocket peers that ping more
+	// often than this are never cut.
+	UpgradedIdleTimeout time.Duration `yaml:"upgraded_idle_timeout"`
 	// EventType is the type stamped on call events.
 	EventType string `yaml:"event_type"`
 	// Routes maps route patterns and methods to the scopes they need. Empty
@@ -186,6 +194,9 @@ func (c *Config) Defaults() {
 	if c.MaxUpgradedConnections == 0 {
 		c.MaxUpgradedConnections = 10000
 	}
+	if c.UpgradedIdleTimeout == 0 {
+		c.UpgradedIdleTimeout = 5 * time.Minute
+	}
 	if c.EventType == "" {
 		c.EventType = "api_call"
 	}
@@ -235,6 +246,9 @@ func (c *Config) Validate() error {
 	}
 	if c.MaxUpgradedConnections < 0 {
 		errs = append(errs, errors.New("edge.max_upgraded_connections: negative"))
+	}
+	if c.UpgradedIdleTimeout < time.Second {
+		errs = append(errs, fmt.Errorf("edge.upgraded_idle_timeout: at least 1s, got %s", c.UpgradedIdleTimeout))
 	}
 	if c.AdminListen != "" {
 		if b, err := hex.DecodeString(c.AdminTokenSHA256); err != nil || len(b) != 32 {

@@ -7,9 +7,11 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"io"
 	"net"
 	"net/http"
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -338,6 +340,44 @@ func TestProxy(t *testing.T) {
 					ev := eventFor(t, env, resp.Header.Get(edge.HeaderRequestID))
 					if ev.Status != 101 || ev.RequestBytes != 5 || ev.ResponseBytes != 11 {
 						t.Fatalf("event status %d, bytes %d in and %d out; want 101, 5 and 11", ev.Status, ev.RequestBytes, ev.ResponseBytes)
+					}
+				})
+
+				t.Run("an upgraded connection idle for upgraded_idle_timeout is closed and metered; traffic keeps it open", func(t *testing.T) {
+					const idle = time.Second
+					in := env.Start(t, edgetest.Options{Config: func(c *edge.Config) {
+						c.Upstream, c.UpgradedIdleTimeout = upgradingUpstream(t), idle
+					}})
+					conn, br, resp := openEcho(t, in, key, "")
+					if resp.StatusCode != 101 {
+						t.Fatalf("status %d", resp.StatusCode)
+					}
+					// A line every 400 ms for 2.4 s, more than twice the idle
+					// timeout: the tunnel carries traffic, so it stays open.
+					for range 6 {
+						time.Sleep(400 * time.Millisecond)
+						_, err := io.WriteString(conn, "hi\n")
+						testenv.Must(t, err, "write while active")
+						got, err := br.ReadString('\n')
+						testenv.Must(t, err, "an active tunnel was closed")
+						if got != "echo: hi\n" {
+							t.Fatalf("got %q", got)
+						}
+					}
+					// Then silence: the edge closes it about a second later.
+					quiet := time.Now()
+					_ = conn.SetReadDeadline(time.Now().Add(10 * time.Second))
+					if n, err := br.Read(make([]byte, 1)); err == nil {
+						t.Fatalf("read %d bytes from an idle tunnel", n)
+					} else if errors.Is(err, os.ErrDeadlineExceeded) {
+						t.Fatal("the idle tunnel was still open 10 s after its last byte")
+					}
+					if waited := time.Since(quiet); waited < idle {
+						t.Fatalf("closed %s after the last byte, before the idle timeout (%s)", waited, idle)
+					}
+					ev := eventFor(t, env, resp.Header.Get(edge.HeaderRequestID))
+					if ev.Status != 101 || ev.RequestBytes != 18 || ev.ResponseBytes != 54 {
+						t.Fatalf("event status %d, bytes %d in and %d out; want 101, 18 and 54", ev.Status, ev.RequestBytes, ev.ResponseBytes)
 					}
 				})
 			}

@@ -41,6 +41,8 @@ type Front struct {
 	live    *upstream
 	sandbox *upstream
 	timeout time.Duration
+	// idle closes a tunnel that carried nothing for this long.
+	idle    time.Duration
 	srv     *fh.Server
 	tunnels tunnels
 }
@@ -62,7 +64,8 @@ const maxHeaderBytes = 16 << 10
 // New serves s.
 func New(s *edge.Server, log *slog.Logger) (*Front, error) {
 	cfg := s.Config()
-	f := &Front{s: s, log: log, slow: fasthttpadaptor.NewFastHTTPHandler(s), timeout: cfg.UpstreamTimeout}
+	f := &Front{s: s, log: log, slow: fasthttpadaptor.NewFastHTTPHandler(s), timeout: cfg.UpstreamTimeout,
+		idle: cfg.UpgradedIdleTimeout}
 	var err error
 	if f.live, err = newUpstream(cfg.Upstream, cfg.UpstreamTimeout); err != nil {
 		return nil, err

@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	fh "github.com/valyala/fasthttp"
@@ -138,7 +139,7 @@ func (f *Front) upgrade(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, 
 	}
 	head.WriteString("\r\n")
 
-	t := f.tunnels.add(conn)
+	t := f.tunnels.add(conn, f.idle)
 	if t == nil {
 		// The front is stopping: no new tunnel may outlive it. Not an
 		// upstream failure, so not answered as one.
@@ -225,15 +226,20 @@ func (u *upstream) dial(timeout time.Duration) (net.Conn, error) {
 // upstream's.
 type tunnel struct {
 	upstream net.Conn
-	mu       sync.Mutex
-	caller   net.Conn
-	closed   bool
+	idle     time.Duration
+	// last is when a byte last crossed, either way (UnixNano).
+	last   atomic.Int64
+	mu     sync.Mutex
+	caller net.Conn
+	closed bool
+	timer  *time.Timer
 }
 
 // join writes head to the caller, then carries bytes both ways (first
 // those the upstream sent behind its answer, which br holds) until either
-// side closes or the tunnel is cut, and closes both. It returns the bytes
-// carried from and to the caller, head not counted.
+// side closes, the tunnel is cut, or nothing crosses it for t.idle, and
+// closes both. It returns the bytes carried from and to the caller, head
+// not counted.
 func (t *tunnel) join(caller net.Conn, head []byte, br *bufio.Reader) (fromCaller, toCaller int64) {
 	t.mu.Lock()
 	t.caller = caller
@@ -247,25 +253,66 @@ func (t *tunnel) join(caller net.Conn, head []byte, br *bufio.Reader) (fromCalle
 		t.close()
 		return 0, 0
 	}
+	t.touch()
+	t.mu.Lock()
+	if !t.closed {
+		t.timer = time.AfterFunc(t.idle, t.checkIdle)
+	}
+	t.mu.Unlock()
 	up := make(chan int64, 1)
 	go func() {
-		n, _ := io.Copy(t.upstream, caller)
+		n, _ := io.Copy(t.upstream, activity{caller, t})
 		t.close() // the caller is gone: so is the call
 		up <- n
 	}()
-	toCaller, _ = io.Copy(caller, br)
+	toCaller, _ = io.Copy(caller, activity{br, t})
 	t.close()
 	return <-up, toCaller
+}
+
+func (t *tunnel) touch() { t.last.Store(time.Now().UnixNano()) }
+
+// checkIdle cuts the tunnel when nothing crossed it for t.idle, and
+// otherwise looks again when that much time will have passed since the
+// last byte.
+func (t *tunnel) checkIdle() {
+	quiet := time.Since(time.Unix(0, t.last.Load()))
+	if quiet >= t.idle {
+		t.close()
+		return
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if !t.closed {
+		t.timer.Reset(t.idle - quiet)
+	}
 }
 
 func (t *tunnel) close() {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	t.closed = true
+	if t.timer != nil {
+		t.timer.Stop()
+	}
 	t.upstream.Close()
 	if t.caller != nil {
 		t.caller.Close()
 	}
+}
+
+// activity is a reader that marks its tunnel active whenever bytes come.
+type activity struct {
+	r io.Reader
+	t *tunnel
+}
+
+func (a activity) Read(p []byte) (int, error) {
+	n, err := a.r.Read(p)
+	if n > 0 {
+		a.t.touch()
+	}
+	return n, err
 }
 
 // tunnels are the upgraded calls in progress, so that a stop can cut them.
@@ -276,8 +323,9 @@ type tunnels struct {
 	stopped bool
 }
 
-// add registers a tunnel over upstream; nil once the front is stopping.
-func (ts *tunnels) add(upstream net.Conn) *tunnel {
+// add registers a tunnel over upstream, cut after idle without traffic;
+// nil once the front is stopping.
+func (ts *tunnels) add(upstream net.Conn, idle time.Duration) *tunnel {
 	ts.mu.Lock()
 	defer ts.mu.Unlock()
 	if ts.stopped {
@@ -286,7 +334,7 @@ func (ts *tunnels) add(upstream net.Conn) *tunnel {
 	if ts.open == nil {
 		ts.open = map[*tunnel]struct{}{}
 	}
-	t := &tunnel{upstream: upstream}
+	t := &tunnel{upstream: upstream, idle: idle}
 	ts.open[t] = struct{}{}
 	ts.wg.Add(1)
 	return t
