@@ -11,8 +11,9 @@ import (
 	"github.com/tollgate-dev/tollgate/schemas"
 )
 
-// Meters is one meter of every aggregation, with group-by dimensions, a
-// negated filter and three event types between them.
+// Meters is one meter of every aggregation, with group-by dimensions,
+// filters (one negated) and three event types between them, each type with
+// more than one meter.
 func Meters() []meter.Meter {
 	return []meter.Meter{
 		meter.Default(),
@@ -22,6 +23,12 @@ func Meters() []meter.Meter {
 		{Key: "active_users", EventType: "api_call", Aggregation: meter.UniqueCount, Value: "dimensions.user", GroupBy: []string{"route"}},
 		{Key: "peak_latency", EventType: "api_call", Aggregation: meter.Max, Value: "latency_us"},
 		{Key: "balance", EventType: "balance", Aggregation: meter.Latest, Value: "dimensions.amount", GroupBy: []string{"dimensions.wallet"}},
+		// Second meters on two event types, so the meters of each type share
+		// a scan (a LATEST among them), one filter passing rows the other's
+		// refuses.
+		{Key: "balance_updates", EventType: "balance", Aggregation: meter.Count},
+		{Key: "large_tokens", EventType: "tokens", Aggregation: meter.Sum, Value: "units",
+			Filters: []meter.Filter{{Property: "dimensions.model", Values: []string{"large"}}}},
 	}
 }
 

@@ -6,6 +6,7 @@ import (
 	"context"
 	"fmt"
 	"regexp"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -183,10 +184,18 @@ func (s *Store) Recompute(ctx context.Context, rs []aggregator.Recompute) error 
 		args []any
 	}
 	var sels []sel
-	for _, r := range rs {
+	for _, group := range sharedScans(rs) {
+		r := group[0]
 		for _, part := range chunkTouched(touchedAt(r.Touched, r.Granularity), maxQueryBytes/2) {
 			r.Touched = part
-			q, a, err := recomputeSelects(r)
+			var q []string
+			var a []any
+			var err error
+			if len(group) == 1 {
+				q, a, err = recomputeSelects(r)
+			} else {
+				q, a, err = sharedMinuteSelects(group, part)
+			}
 			if err != nil {
 				return err
 			}
@@ -267,16 +276,135 @@ func chunkTouched(ts []aggregator.Touched, budget int) [][]aggregator.Touched {
 // recomputeSelects are the SELECTs for one meter and zone, one per cluster
 // of touched windows, and the arguments each takes.
 func recomputeSelects(r aggregator.Recompute) ([]string, []any, error) {
-	if len(r.Touched) == 0 {
-		return nil, nil, nil
-	}
-	loc, err := zone(r.Zone)
-	if err != nil {
-		return nil, nil, err
-	}
 	c, err := r.Meter.Compile()
 	if err != nil {
 		return nil, nil, err
+	}
+	scans, err := touchedScans(r)
+	if err != nil {
+		return nil, nil, err
+	}
+	out := make([]string, 0, len(scans))
+	for _, sc := range scans {
+		out = append(out, levelSelect(c, r.Meter, r.Granularity, r.Zone, sc.accounts, sc.timeRange, sc.filter))
+	}
+	return out, c.Args, nil
+}
+
+// sharedScans groups requests that one scan can serve: minute requests of
+// meters on the same event type with the same touched minutes (as the
+// Roller makes them) share one read of the raw events. Every other request
+// is a group of its own.
+func sharedScans(rs []aggregator.Recompute) [][]aggregator.Recompute {
+	var out [][]aggregator.Recompute
+	byType := map[string]int{}
+	for _, r := range rs {
+		if r.Granularity == aggregator.Minute {
+			if i, ok := byType[r.Meter.EventType]; ok && slices.Equal(out[i][0].Touched, r.Touched) {
+				out[i] = append(out[i], r)
+				continue
+			}
+			byType[r.Meter.EventType] = len(out)
+		}
+		out = append(out, []aggregator.Recompute{r})
+	}
+	return out
+}
+
+// sharedMinuteSelects recompute the minute windows of several meters on one
+// event type, touched alike, with one scan of the raw events per cluster
+// instead of one per meter. Each raw row is expanded once for every meter
+// whose filter it passes (mi, the meter's position in ms, from 1) and
+// every group of that meter; each (mi, group) row then takes its own
+// meter's aggregate, written exactly as levelSelect writes it, so the rows
+// are the ones a SELECT per meter would write.
+func sharedMinuteSelects(ms []aggregator.Recompute, touched []aggregator.Touched) ([]string, []any, error) {
+	r := ms[0]
+	r.Touched = touched
+	scans, err := touchedScans(r)
+	if err != nil {
+		return nil, nil, err
+	}
+	var keys, conds, groups, aggs, latest, uniq, uniqVals []string
+	var args []any
+	for i, m := range ms {
+		c, err := m.Meter.Compile()
+		if err != nil {
+			return nil, nil, err
+		}
+		n := strconv.Itoa(i + 1)
+		keys = append(keys, quote(m.Meter.Key))
+		conds = append(conds, "i = "+n+", ("+c.Where+")")
+		args = append(args, c.Args...)
+		g := "[emptyArrayString()]"
+		if len(c.GroupBy) > 0 {
+			g = "[emptyArrayString(), [" + strings.Join(c.GroupBy, ", ") + "]]"
+		}
+		groups = append(groups, "mi = "+n+", "+g)
+		aggs = append(aggs, "mi = "+n+", "+c.Aggregate)
+		switch m.Meter.Aggregation {
+		case meter.Latest:
+			latest = append(latest, n)
+		case meter.UniqueCount:
+			uniq = append(uniq, n)
+			uniqVals = append(uniqVals, "mi = "+n+", "+c.Value)
+		}
+	}
+	args = append(args, r.Meter.EventType)
+	positions := make([]string, len(ms))
+	for i := range ms {
+		positions[i] = strconv.Itoa(i + 1)
+	}
+	latestUs, latestID := "materialize(toUInt64(0))", "materialize('')"
+	if len(latest) > 0 {
+		in := "has([" + strings.Join(latest, ", ") + "], mi)"
+		latestUs = "if(" + in + ", tupleElement(max((timestamp_us, toString(event_id))), 1), toUInt64(0))"
+		latestID = "if(" + in + ", tupleElement(max((timestamp_us, toString(event_id))), 2), '')"
+	}
+	uniqState := emptyUniq
+	if len(uniq) > 0 {
+		uniqState = "uniqExactStateIf(multiIf(" + strings.Join(uniqVals, ", ") + ", ''), has([" + strings.Join(uniq, ", ") + "], mi))"
+	}
+	out := make([]string, 0, len(scans))
+	for _, sc := range scans {
+		qa := make([]string, len(sc.accounts))
+		for i, a := range sc.accounts {
+			qa[i] = quote(a)
+		}
+		out = append(out, fmt.Sprintf(`SELECT account_id, environment, arrayElement([%s], mi), materialize('minute'), w, group_values, materialize(now()),
+    multiIf(%s, toInt64(0)), count(), %s, %s, %s
+FROM (
+    SELECT *, toStartOfMinute(timestamp) AS w,
+        arrayJoin(arrayFilter(i -> multiIf(%s, 0), [%s])) AS mi,
+        arrayJoin(multiIf(%s, [emptyArrayString()])) AS group_values
+    FROM usage_events FINAL
+    WHERE account_id IN (%s) AND timestamp >= %s AND timestamp < %s AND event_type = ? AND (%s)
+)
+GROUP BY account_id, environment, w, mi, group_values`,
+			strings.Join(keys, ", "), strings.Join(aggs, ", "), latestUs, latestID, uniqState,
+			strings.Join(conds, ", "), strings.Join(positions, ", "), strings.Join(groups, ", "),
+			strings.Join(qa, ", "), dt(sc.from), dt(sc.to), sc.filter))
+	}
+	return out, args, nil
+}
+
+// touchedScan is one SELECT's share of a recompute: the time range it reads, the
+// accounts it reads them for, and the filter (over the window start w)
+// that keeps only the touched windows.
+type touchedScan struct {
+	timeRange
+	accounts []string
+	filter   string
+}
+
+// touchedScans clusters r's touched windows into at most maxScans scans.
+func touchedScans(r aggregator.Recompute) ([]touchedScan, error) {
+	if len(r.Touched) == 0 {
+		return nil, nil
+	}
+	loc, err := zone(r.Zone)
+	if err != nil {
+		return nil, err
 	}
 	// Windows touched, each with the touched minutes inside it.
 	type win struct {
@@ -310,9 +438,9 @@ func recomputeSelects(r aggregator.Recompute) ([]string, []any, error) {
 		rs[i] = timeRange{w.start.Add(-margin), aggregator.WindowEnd(w.start, r.Granularity, loc).Add(margin)}
 		members[i] = byWin[w]
 	}
-	scans, groups := cluster(rs, members)
-	out := make([]string, 0, len(scans))
-	for i, scan := range scans {
+	ranges, groups := cluster(rs, members)
+	out := make([]touchedScan, 0, len(ranges))
+	for i, tr := range ranges {
 		seen := map[string]struct{}{}
 		var acc []string
 		accs := make([]string, 0, len(groups[i]))
@@ -341,9 +469,9 @@ func recomputeSelects(r aggregator.Recompute) ([]string, []any, error) {
         ARRAY JOIN touched_account, touched_env, touched_minute)`,
 			windowExpr(r.Granularity, r.Zone, "toDateTime(touched_minute, 'UTC')"),
 			strings.Join(accs, ", "), strings.Join(envs, ", "), strings.Join(mins, ", "))
-		out = append(out, levelSelect(c, r.Meter, r.Granularity, r.Zone, acc, scan, filter))
+		out = append(out, touchedScan{timeRange: tr, accounts: acc, filter: filter})
 	}
-	return out, c.Args, nil
+	return out, nil
 }
 
 // Rebuild rewrites every window of r.Granularity that starts in [From, To).

@@ -23,7 +23,7 @@ type backfillResult struct {
 // backfill measures what a batch of late events costs: o.backfillEvents
 // events spread over the 40 days before now (a client backfilling
 // server-reported usage, say) land on o.backfillBase events already in
-// those 40 days, with the test suite's six meters over three event types
+// those 40 days, with the test suite's eight meters over three event types
 // and accounts in three zones. The batch's time is its raw insert plus the
 // recompute of every window it touches, the best of o.repeat batches. The
 // reference in the same run is the alternative an operator has: rebuilding

@@ -29,7 +29,7 @@
 //     is work rather than waiting.
 //  5. A late batch: -backfill-events events (2,500) spread over the last 40
 //     days land, with their rollups, on -backfill-base events (100,000)
-//     already there, with six meters over three event types and accounts in
+//     already there, with eight meters over three event types and accounts in
 //     three zones: late_batch_ms is the best of -repeat batches. The
 //     reference in the same run is rebuilding those rollups for the whole
 //     40 days (rebuild_ms); rebuild_vs_late_batch above 1 means a late
