@@ -55,7 +55,9 @@ type Rebuild struct {
 type RollupStore interface {
 	// Recompute handles requests of one granularity together.
 	Recompute(ctx context.Context, rs []Recompute) error
-	Rebuild(ctx context.Context, r Rebuild) error
+	// Rebuild handles requests that share their granularity, zone,
+	// accounts and range together.
+	Rebuild(ctx context.Context, rs []Rebuild) error
 	// Accounts lists the accounts with raw events in [from, to).
 	Accounts(ctx context.Context, from, to time.Time) ([]string, error)
 	// EventRange is the first and last event time in the raw table.
@@ -224,10 +226,20 @@ func rebuildLevel(ctx context.Context, store RollupStore, zones Zones, meters []
 			}
 			byZone[z] = append(byZone[z], a)
 		}
-		var jobs []Rebuild
-		for _, mt := range meters {
-			for z, as := range byZone {
-				jobs = append(jobs, Rebuild{Meter: mt, Granularity: g, Zone: z, Accounts: as, From: lo, To: hi})
+		// One job per zone and meter; at the minute level, where one scan of
+		// the raw events serves every meter, one job per zone.
+		var jobs [][]Rebuild
+		for z, as := range byZone {
+			var zoneJobs []Rebuild
+			for _, mt := range meters {
+				zoneJobs = append(zoneJobs, Rebuild{Meter: mt, Granularity: g, Zone: z, Accounts: as, From: lo, To: hi})
+			}
+			if g == Minute {
+				jobs = append(jobs, zoneJobs)
+				continue
+			}
+			for _, j := range zoneJobs {
+				jobs = append(jobs, []Rebuild{j})
 			}
 		}
 		if err := runAll(ctx, jobs, 2, store.Rebuild); err != nil {

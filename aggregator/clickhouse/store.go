@@ -313,27 +313,48 @@ func sharedScans(rs []aggregator.Recompute) [][]aggregator.Recompute {
 
 // sharedMinuteSelects recompute the minute windows of several meters on one
 // event type, touched alike, with one scan of the raw events per cluster
-// instead of one per meter. Each raw row is expanded once for every meter
-// whose filter it passes (mi, the meter's position in ms, from 1) and
-// every group of that meter; each (mi, group) row then takes its own
-// meter's aggregate, written exactly as levelSelect writes it, so the rows
-// are the ones a SELECT per meter would write.
-func sharedMinuteSelects(ms []aggregator.Recompute, touched []aggregator.Touched) ([]string, []any, error) {
-	r := ms[0]
+// instead of one per meter (sharedMinuteSelect).
+func sharedMinuteSelects(rs []aggregator.Recompute, touched []aggregator.Touched) ([]string, []any, error) {
+	r := rs[0]
 	r.Touched = touched
 	scans, err := touchedScans(r)
 	if err != nil {
 		return nil, nil, err
 	}
-	var keys, conds, groups, aggs, latest, uniq, uniqVals []string
+	ms := make([]meter.Meter, len(rs))
+	for i, r := range rs {
+		ms[i] = r.Meter
+	}
+	out := make([]string, 0, len(scans))
 	var args []any
-	for i, m := range ms {
-		c, err := m.Meter.Compile()
+	for _, sc := range scans {
+		q, a, err := sharedMinuteSelect(ms, sc.accounts, sc.timeRange, sc.filter)
 		if err != nil {
 			return nil, nil, err
 		}
+		out, args = append(out, q), a
+	}
+	return out, args, nil
+}
+
+// sharedMinuteSelect computes the minute rows of several meters on one
+// event type in one scan of the raw events. Each raw row is expanded once
+// for every meter whose filter it passes (mi, the meter's position in ms,
+// from 1) and every group of that meter; each (mi, group) row then takes its
+// own meter's aggregate, written exactly as levelSelect writes it, so the
+// rows are the ones a SELECT per meter would write.
+func sharedMinuteSelect(ms []meter.Meter, accounts []string, scan timeRange, windowFilter string) (string, []any, error) {
+	var keys, conds, groups, aggs, latest, uniq, uniqVals []string
+	var args []any
+	positions := make([]string, len(ms))
+	for i, m := range ms {
+		c, err := m.Compile()
+		if err != nil {
+			return "", nil, err
+		}
 		n := strconv.Itoa(i + 1)
-		keys = append(keys, quote(m.Meter.Key))
+		positions[i] = n
+		keys = append(keys, quote(m.Key))
 		conds = append(conds, "i = "+n+", ("+c.Where+")")
 		args = append(args, c.Args...)
 		g := "[emptyArrayString()]"
@@ -342,7 +363,7 @@ func sharedMinuteSelects(ms []aggregator.Recompute, touched []aggregator.Touched
 		}
 		groups = append(groups, "mi = "+n+", "+g)
 		aggs = append(aggs, "mi = "+n+", "+c.Aggregate)
-		switch m.Meter.Aggregation {
+		switch m.Aggregation {
 		case meter.Latest:
 			latest = append(latest, n)
 		case meter.UniqueCount:
@@ -350,11 +371,7 @@ func sharedMinuteSelects(ms []aggregator.Recompute, touched []aggregator.Touched
 			uniqVals = append(uniqVals, "mi = "+n+", "+c.Value)
 		}
 	}
-	args = append(args, r.Meter.EventType)
-	positions := make([]string, len(ms))
-	for i := range ms {
-		positions[i] = strconv.Itoa(i + 1)
-	}
+	args = append(args, ms[0].EventType)
 	latestUs, latestID := "materialize(toUInt64(0))", "materialize('')"
 	if len(latest) > 0 {
 		in := "has([" + strings.Join(latest, ", ") + "], mi)"
@@ -365,13 +382,11 @@ func sharedMinuteSelects(ms []aggregator.Recompute, touched []aggregator.Touched
 	if len(uniq) > 0 {
 		uniqState = "uniqExactStateIf(multiIf(" + strings.Join(uniqVals, ", ") + ", ''), has([" + strings.Join(uniq, ", ") + "], mi))"
 	}
-	out := make([]string, 0, len(scans))
-	for _, sc := range scans {
-		qa := make([]string, len(sc.accounts))
-		for i, a := range sc.accounts {
-			qa[i] = quote(a)
-		}
-		out = append(out, fmt.Sprintf(`SELECT account_id, environment, arrayElement([%s], mi), materialize('minute'), w, group_values, materialize(now()),
+	qa := make([]string, len(accounts))
+	for i, a := range accounts {
+		qa[i] = quote(a)
+	}
+	return fmt.Sprintf(`SELECT account_id, environment, arrayElement([%s], mi), materialize('minute'), w, group_values, materialize(now()),
     multiIf(%s, toInt64(0)), count(), %s, %s, %s
 FROM (
     SELECT *, toStartOfMinute(timestamp) AS w,
@@ -381,11 +396,9 @@ FROM (
     WHERE account_id IN (%s) AND timestamp >= %s AND timestamp < %s AND event_type = ? AND (%s)
 )
 GROUP BY account_id, environment, w, mi, group_values`,
-			strings.Join(keys, ", "), strings.Join(aggs, ", "), latestUs, latestID, uniqState,
-			strings.Join(conds, ", "), strings.Join(positions, ", "), strings.Join(groups, ", "),
-			strings.Join(qa, ", "), dt(sc.from), dt(sc.to), sc.filter))
-	}
-	return out, args, nil
+		strings.Join(keys, ", "), strings.Join(aggs, ", "), latestUs, latestID, uniqState,
+		strings.Join(conds, ", "), strings.Join(positions, ", "), strings.Join(groups, ", "),
+		strings.Join(qa, ", "), dt(scan.from), dt(scan.to), windowFilter), args, nil
 }
 
 // touchedScan is one SELECT's share of a recompute: the time range it reads, the
@@ -474,25 +487,51 @@ func touchedScans(r aggregator.Recompute) ([]touchedScan, error) {
 	return out, nil
 }
 
-// Rebuild rewrites every window of r.Granularity that starts in [From, To).
-// The finer granularity must have been rebuilt first.
-func (s *Store) Rebuild(ctx context.Context, r aggregator.Rebuild) error {
-	if len(r.Accounts) == 0 {
+// Rebuild rewrites every window of one granularity that starts in
+// [From, To), for each request in rs; they share their granularity, zone,
+// accounts and range. Minute windows of meters on one event type are
+// computed in one scan of the raw events (sharedMinuteSelect). The finer
+// granularity must have been rebuilt first.
+func (s *Store) Rebuild(ctx context.Context, rs []aggregator.Rebuild) error {
+	if len(rs) == 0 || len(rs[0].Accounts) == 0 {
 		return nil
 	}
+	r := rs[0]
 	if _, err := zone(r.Zone); err != nil {
-		return err
-	}
-	c, err := r.Meter.Compile()
-	if err != nil {
 		return err
 	}
 	filter := fmt.Sprintf("w >= %s AND w < %s", dt(r.From), dt(r.To))
 	scan := timeRange{r.From, r.To.Add(aggregator.MaxSpan(r.Granularity))}
-	q := "INSERT INTO usage_rollups (" + rollupColumns + extraColumnsAll + ")\n" +
-		levelSelect(c, r.Meter, r.Granularity, r.Zone, r.Accounts, scan, filter)
-	if err := s.conn.Exec(ctx, q, c.Args...); err != nil {
-		return fmt.Errorf("rebuild %s %s rollups: %w", r.Meter.Key, r.Granularity, err)
+	head := "INSERT INTO usage_rollups (" + rollupColumns + extraColumnsAll + ")\n"
+	if r.Granularity == aggregator.Minute {
+		byType := map[string][]meter.Meter{}
+		var types []string
+		for _, r := range rs {
+			if byType[r.Meter.EventType] == nil {
+				types = append(types, r.Meter.EventType)
+			}
+			byType[r.Meter.EventType] = append(byType[r.Meter.EventType], r.Meter)
+		}
+		for _, t := range types {
+			q, args, err := sharedMinuteSelect(byType[t], r.Accounts, scan, filter)
+			if err != nil {
+				return err
+			}
+			if err := s.conn.Exec(ctx, head+q, args...); err != nil {
+				return fmt.Errorf("rebuild minute rollups of %s meters: %w", t, err)
+			}
+		}
+		return nil
+	}
+	for _, r := range rs {
+		c, err := r.Meter.Compile()
+		if err != nil {
+			return err
+		}
+		q := head + levelSelect(c, r.Meter, r.Granularity, r.Zone, r.Accounts, scan, filter)
+		if err := s.conn.Exec(ctx, q, c.Args...); err != nil {
+			return fmt.Errorf("rebuild %s %s rollups: %w", r.Meter.Key, r.Granularity, err)
+		}
 	}
 	return nil
 }
