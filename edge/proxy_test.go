@@ -259,11 +259,83 @@ func TestProxy(t *testing.T) {
 						t.Fatalf("tollgate_edge_upgraded_connections %v 5 s after the tunnel closed", upgradedConnections(t, in))
 					}
 				}
-				// The front counts the bytes carried after the handshake; the
-				// net/http handler hands the connection to net/http's proxy,
-				// which does not report them.
-				if !fr.netHTTP && (ev.RequestBytes != 10 || ev.ResponseBytes != 22) {
+				// Both count the bytes carried after the handshake.
+				if ev.RequestBytes != 10 || ev.ResponseBytes != 22 {
 					t.Fatalf("event bytes %d in, %d out; want 10 and 22", ev.RequestBytes, ev.ResponseBytes)
+				}
+			})
+
+			t.Run("an upgraded connection outlives upstream_timeout, which bounds the handshake alone", func(t *testing.T) {
+				in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP, Config: func(c *edge.Config) {
+					c.Upstream, c.UpstreamTimeout = upgradingUpstream(t), 500*time.Millisecond
+				}})
+				conn, br, resp := openEcho(t, in, key, "")
+				if resp.StatusCode != 101 {
+					t.Fatalf("status %d", resp.StatusCode)
+				}
+				for i := range 4 { // 1.2 s in all, more than twice the timeout
+					time.Sleep(300 * time.Millisecond)
+					_, err := io.WriteString(conn, "hi\n")
+					testenv.Must(t, err, "write")
+					got, err := br.ReadString('\n')
+					if err != nil || got != "echo: hi\n" {
+						t.Fatalf("after %d ms: got %q, %v; the tunnel was cut", (i+1)*300, got, err)
+					}
+				}
+			})
+
+			t.Run("an upgrade the upstream does not answer within upstream_timeout gets 504 and is metered", func(t *testing.T) {
+				release := make(chan struct{})
+				t.Cleanup(func() { close(release) })
+				silent := serveUpstream(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { <-release }))
+				in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP, Config: func(c *edge.Config) {
+					c.Upstream, c.UpstreamTimeout = silent, 300*time.Millisecond
+				}})
+				_, _, resp := openEcho(t, in, key, "")
+				body, _ := io.ReadAll(resp.Body)
+				if resp.StatusCode != 504 || !strings.Contains(string(body), `"code":"upstream_timeout"`) {
+					t.Fatalf("status %d body %q", resp.StatusCode, body)
+				}
+				if ev := eventFor(t, env, resp.Header.Get(edge.HeaderRequestID)); ev.Status != 504 {
+					t.Fatalf("event status %d, want 504", ev.Status)
+				}
+			})
+
+			t.Run("an upgraded connection idle for upgraded_idle_timeout is closed and metered; traffic keeps it open", func(t *testing.T) {
+				const idle = time.Second
+				in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP, Config: func(c *edge.Config) {
+					c.Upstream, c.UpgradedIdleTimeout = upgradingUpstream(t), idle
+				}})
+				conn, br, resp := openEcho(t, in, key, "")
+				if resp.StatusCode != 101 {
+					t.Fatalf("status %d", resp.StatusCode)
+				}
+				// A line every 400 ms for 2.4 s, more than twice the idle
+				// timeout: the tunnel carries traffic, so it stays open.
+				for range 6 {
+					time.Sleep(400 * time.Millisecond)
+					_, err := io.WriteString(conn, "hi\n")
+					testenv.Must(t, err, "write while active")
+					got, err := br.ReadString('\n')
+					testenv.Must(t, err, "an active tunnel was closed")
+					if got != "echo: hi\n" {
+						t.Fatalf("got %q", got)
+					}
+				}
+				// Then silence: the edge closes it about a second later.
+				quiet := time.Now()
+				_ = conn.SetReadDeadline(time.Now().Add(10 * time.Second))
+				if n, err := br.Read(make([]byte, 1)); err == nil {
+					t.Fatalf("read %d bytes from an idle tunnel", n)
+				} else if errors.Is(err, os.ErrDeadlineExceeded) {
+					t.Fatal("the idle tunnel was still open 10 s after its last byte")
+				}
+				if waited := time.Since(quiet); waited < idle {
+					t.Fatalf("closed %s after the last byte, before the idle timeout (%s)", waited, idle)
+				}
+				ev := eventFor(t, env, resp.Header.Get(edge.HeaderRequestID))
+				if ev.Status != 101 || ev.RequestBytes != 18 || ev.ResponseBytes != 54 {
+					t.Fatalf("event status %d, bytes %d in and %d out; want 101, 18 and 54", ev.Status, ev.RequestBytes, ev.ResponseBytes)
 				}
 			})
 
@@ -319,7 +391,7 @@ func TestProxy(t *testing.T) {
 				}
 				testenv.Must(t, ws.Close(websocket.StatusNormalClosure, "done"), "close the WebSocket")
 				ev := eventFor(t, env, resp.Header.Get(edge.HeaderRequestID))
-				if ev.Status != 101 || !fr.netHTTP && (ev.RequestBytes < int64(len(big)) || ev.ResponseBytes < int64(len(big))) {
+				if ev.Status != 101 || ev.RequestBytes < int64(len(big)) || ev.ResponseBytes < int64(len(big)) {
 					t.Fatalf("event status %d, bytes %d in and %d out", ev.Status, ev.RequestBytes, ev.ResponseBytes)
 				}
 			})
@@ -343,43 +415,6 @@ func TestProxy(t *testing.T) {
 					}
 				})
 
-				t.Run("an upgraded connection idle for upgraded_idle_timeout is closed and metered; traffic keeps it open", func(t *testing.T) {
-					const idle = time.Second
-					in := env.Start(t, edgetest.Options{Config: func(c *edge.Config) {
-						c.Upstream, c.UpgradedIdleTimeout = upgradingUpstream(t), idle
-					}})
-					conn, br, resp := openEcho(t, in, key, "")
-					if resp.StatusCode != 101 {
-						t.Fatalf("status %d", resp.StatusCode)
-					}
-					// A line every 400 ms for 2.4 s, more than twice the idle
-					// timeout: the tunnel carries traffic, so it stays open.
-					for range 6 {
-						time.Sleep(400 * time.Millisecond)
-						_, err := io.WriteString(conn, "hi\n")
-						testenv.Must(t, err, "write while active")
-						got, err := br.ReadString('\n')
-						testenv.Must(t, err, "an active tunnel was closed")
-						if got != "echo: hi\n" {
-							t.Fatalf("got %q", got)
-						}
-					}
-					// Then silence: the edge closes it about a second later.
-					quiet := time.Now()
-					_ = conn.SetReadDeadline(time.Now().Add(10 * time.Second))
-					if n, err := br.Read(make([]byte, 1)); err == nil {
-						t.Fatalf("read %d bytes from an idle tunnel", n)
-					} else if errors.Is(err, os.ErrDeadlineExceeded) {
-						t.Fatal("the idle tunnel was still open 10 s after its last byte")
-					}
-					if waited := time.Since(quiet); waited < idle {
-						t.Fatalf("closed %s after the last byte, before the idle timeout (%s)", waited, idle)
-					}
-					ev := eventFor(t, env, resp.Header.Get(edge.HeaderRequestID))
-					if ev.Status != 101 || ev.RequestBytes != 18 || ev.ResponseBytes != 54 {
-						t.Fatalf("event status %d, bytes %d in and %d out; want 101, 18 and 54", ev.Status, ev.RequestBytes, ev.ResponseBytes)
-					}
-				})
 			}
 
 			t.Run("an upgrade the upstream declines is answered as any call and metered", func(t *testing.T) {

@@ -583,6 +583,12 @@ func (s *Server) newProxy(upstream string) (*httputil.ReverseProxy, error) {
 		},
 		Transport:  transport,
 		BufferPool: s.buffers,
+		ModifyResponse: func(r *http.Response) error {
+			if t, ok := r.Request.Context().Value(handshakeTimer{}).(*time.Timer); ok && r.StatusCode == http.StatusSwitchingProtocols {
+				t.Stop() // the handshake is done: no timeout for the connection
+			}
+			return nil
+		},
 		// Responses of unknown length (and event streams) are flushed on
 		// every write by ReverseProxy itself. For a response with a length,
 		// flushing each write (-1) cost a goroutine and an extra write
@@ -590,10 +596,11 @@ func (s *Server) newProxy(upstream string) (*httputil.ReverseProxy, error) {
 		FlushInterval: 10 * time.Millisecond,
 		ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
 			ae := NewAPIError(http.StatusBadGateway, TypeAPI, "upstream_unavailable", "The upstream service could not be reached.")
-			if errors.Is(err, context.DeadlineExceeded) {
+			timedOut := errors.Is(err, context.DeadlineExceeded) || errors.Is(context.Cause(r.Context()), context.DeadlineExceeded)
+			if timedOut {
 				ae = NewAPIError(http.StatusGatewayTimeout, TypeAPI, "upstream_timeout", "The upstream service did not answer in time.")
 			}
-			if errors.Is(err, context.Canceled) && r.Context().Err() != nil {
+			if !timedOut && errors.Is(err, context.Canceled) && r.Context().Err() != nil {
 				s.log.Debug("client went away", "err", err)
 			} else {
 				s.log.Warn("upstream error", "status", ae.Status, "err", err)
@@ -628,33 +635,50 @@ func (s *Server) proxy(c echo.Context) error {
 	start := s.now()
 	body := &countingBody{ReadCloser: req.Body}
 	req.Body = body
-	ctx, cancel := context.WithTimeout(req.Context(), s.cfg.UpstreamTimeout)
-	defer cancel()
 	p := s.live
 	if k.Environment == schemas.Test {
 		p = s.sandbox
 	}
 	resp := c.Response()
 	req.Header.Set(HeaderRequestID, resp.Header().Get(HeaderRequestID))
-	if req.Header.Get("Upgrade") != "" {
-		closed, err := s.UpgradeOpened()
-		if err != nil {
-			return err
-		}
-		// net/http's proxy returns when an upgraded connection closes.
-		defer closed()
+	if req.Header.Get("Upgrade") == "" {
+		ctx, cancel := context.WithTimeout(req.Context(), s.cfg.UpstreamTimeout)
+		defer cancel()
+		p.ServeHTTP(resp, req.WithContext(ctx))
+		s.EmitCall(Call{Key: k, Route: route, ID: c.Get("event_id").(uuid.UUID), Method: req.Method, Status: resp.Status,
+			Start: start, RequestBytes: body.n, ResponseBytes: resp.Size, RequestID: resp.Header().Get(HeaderRequestID)})
+		return nil
 	}
-	p.ServeHTTP(resp, req.WithContext(ctx))
+	closed, err := s.UpgradeOpened()
+	if err != nil {
+		return err
+	}
+	// net/http's proxy returns when an upgraded connection closes.
+	defer closed()
+	// upstream_timeout bounds the handshake, not the connection it opens:
+	// net/http's proxy closes the upstream side when the request's context
+	// ends, so a deadline would cut every WebSocket at upstream_timeout.
+	// The timer stops when the upstream switches (ModifyResponse).
+	ctx, cancel := context.WithCancelCause(req.Context())
+	defer cancel(nil)
+	timer := time.AfterFunc(s.cfg.UpstreamTimeout, func() { cancel(context.DeadlineExceeded) })
+	defer timer.Stop()
+	w := &upgradeWriter{ResponseWriter: resp, idle: s.cfg.UpgradedIdleTimeout}
+	p.ServeHTTP(w, req.WithContext(context.WithValue(ctx, handshakeTimer{}, timer)))
 	status := resp.Status
-	if !resp.Committed && req.Header.Get("Upgrade") != "" {
+	fromCaller, toCaller := w.tunnelled()
+	if !resp.Committed {
 		// A switched protocol is written on the hijacked connection, past
 		// the response writer.
 		status = http.StatusSwitchingProtocols
 	}
 	s.EmitCall(Call{Key: k, Route: route, ID: c.Get("event_id").(uuid.UUID), Method: req.Method, Status: status,
-		Start: start, RequestBytes: body.n, ResponseBytes: resp.Size, RequestID: resp.Header().Get(HeaderRequestID)})
+		Start: start, RequestBytes: body.n + fromCaller, ResponseBytes: resp.Size + toCaller, RequestID: resp.Header().Get(HeaderRequestID)})
 	return nil
 }
+
+// handshakeTimer is the context key of an upgrade's handshake timer.
+type handshakeTimer struct{}
 
 // Call is a proxied call, for its usage event.
 type Call struct {

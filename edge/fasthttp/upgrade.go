@@ -10,7 +10,6 @@ import (
 	"net/http"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	fh "github.com/valyala/fasthttp"
@@ -227,12 +226,10 @@ func (u *upstream) dial(timeout time.Duration) (net.Conn, error) {
 type tunnel struct {
 	upstream net.Conn
 	idle     time.Duration
-	// last is when a byte last crossed, either way (UnixNano).
-	last   atomic.Int64
-	mu     sync.Mutex
-	caller net.Conn
-	closed bool
-	timer  *time.Timer
+	mu       sync.Mutex
+	caller   net.Conn
+	closed   bool
+	watch    *edge.IdleWatch
 }
 
 // join writes head to the caller, then carries bytes both ways (first
@@ -244,6 +241,9 @@ func (t *tunnel) join(caller net.Conn, head []byte, br *bufio.Reader) (fromCalle
 	t.mu.Lock()
 	t.caller = caller
 	closed := t.closed
+	if !closed {
+		t.watch = edge.NewIdleWatch(t.idle, t.close)
+	}
 	t.mu.Unlock()
 	if closed {
 		caller.Close()
@@ -253,47 +253,23 @@ func (t *tunnel) join(caller net.Conn, head []byte, br *bufio.Reader) (fromCalle
 		t.close()
 		return 0, 0
 	}
-	t.touch()
-	t.mu.Lock()
-	if !t.closed {
-		t.timer = time.AfterFunc(t.idle, t.checkIdle)
-	}
-	t.mu.Unlock()
 	up := make(chan int64, 1)
 	go func() {
-		n, _ := io.Copy(t.upstream, activity{caller, t})
+		n, _ := io.Copy(t.upstream, activity{caller, t.watch})
 		t.close() // the caller is gone: so is the call
 		up <- n
 	}()
-	toCaller, _ = io.Copy(caller, activity{br, t})
+	toCaller, _ = io.Copy(caller, activity{br, t.watch})
 	t.close()
 	return <-up, toCaller
-}
-
-func (t *tunnel) touch() { t.last.Store(time.Now().UnixNano()) }
-
-// checkIdle cuts the tunnel when nothing crossed it for t.idle, and
-// otherwise looks again when that much time will have passed since the
-// last byte.
-func (t *tunnel) checkIdle() {
-	quiet := time.Since(time.Unix(0, t.last.Load()))
-	if quiet >= t.idle {
-		t.close()
-		return
-	}
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	if !t.closed {
-		t.timer.Reset(t.idle - quiet)
-	}
 }
 
 func (t *tunnel) close() {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	t.closed = true
-	if t.timer != nil {
-		t.timer.Stop()
+	if t.watch != nil {
+		t.watch.Stop()
 	}
 	t.upstream.Close()
 	if t.caller != nil {
@@ -303,14 +279,14 @@ func (t *tunnel) close() {
 
 // activity is a reader that marks its tunnel active whenever bytes come.
 type activity struct {
-	r io.Reader
-	t *tunnel
+	r     io.Reader
+	watch *edge.IdleWatch
 }
 
 func (a activity) Read(p []byte) (int, error) {
 	n, err := a.r.Read(p)
 	if n > 0 {
-		a.t.touch()
+		a.watch.Touch()
 	}
 	return n, err
 }
