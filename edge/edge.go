@@ -125,7 +125,9 @@ type Config struct {
 	Upstream string `yaml:"upstream"`
 	// SandboxUpstream serves test-mode keys; empty means Upstream.
 	SandboxUpstream string `yaml:"sandbox_upstream"`
-	// UpstreamTimeout bounds one proxied call.
+	// UpstreamTimeout bounds each silence of the upstream: the wait for its
+	// answer (504 past it), between two parts of a streamed body, or on a
+	// write of the request. A stream that keeps sending is never cut.
 	UpstreamTimeout time.Duration `yaml:"upstream_timeout"`
 	// MaxUpgradedConnections bounds the calls switched to another protocol
 	// (WebSocket) an instance holds open at once, each a connection to the

@@ -8,6 +8,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -194,6 +195,83 @@ func TestProxy(t *testing.T) {
 				close(release)
 				if l := <-lines; l != "second" {
 					t.Fatalf("second line %q", l)
+				}
+			})
+
+			t.Run("a stream that keeps sending outlives upstream_timeout, which bounds each silence", func(t *testing.T) {
+				// Eight lines 200 ms apart: 1.6 s in all, against a 500 ms
+				// timeout. Then an upstream silent for longer than the
+				// timeout between two lines is cut, and both are metered.
+				ticking := serveUpstream(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+					gap := 200 * time.Millisecond
+					if r.URL.Path == "/v1/stall" {
+						gap = 1500 * time.Millisecond
+					}
+					for i := range 8 {
+						if i > 0 {
+							time.Sleep(gap)
+						}
+						if _, err := fmt.Fprintf(w, "line %d\n", i); err != nil {
+							return
+						}
+						w.(http.Flusher).Flush()
+						if r.URL.Path == "/v1/stall" && i == 1 {
+							return
+						}
+					}
+				}))
+				in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP, Config: func(c *edge.Config) {
+					c.Upstream, c.UpstreamTimeout = ticking, 500*time.Millisecond
+				}})
+				r := edgetest.Do(t, "GET", in.URL+"/v1/ticks", key, nil)
+				if r.Status != 200 || strings.Count(string(r.Body), "\n") != 8 {
+					t.Fatalf("status %d, body %q: want all eight lines", r.Status, r.Body)
+				}
+				if ev := eventFor(t, env, r.Header.Get(edge.HeaderRequestID)); ev.Status != 200 || ev.ResponseBytes != int64(len(r.Body)) {
+					t.Fatalf("event status %d, %d response bytes; want 200, %d", ev.Status, ev.ResponseBytes, len(r.Body))
+				}
+
+				req, _ := http.NewRequest("GET", in.URL+"/v1/stall", nil)
+				req.Header.Set("Authorization", "Bearer "+key)
+				resp, err := http.DefaultClient.Do(req)
+				testenv.Must(t, err, "call")
+				got, err := io.ReadAll(resp.Body)
+				resp.Body.Close()
+				// Uncut, the second line would come after 1.5 s, and the end.
+				if err == nil || string(got) != "line 0\n" {
+					t.Fatalf("read %q (error %v) from a stream silent past the timeout; want its first line, then an error", got, err)
+				}
+				if ev := eventFor(t, env, resp.Header.Get(edge.HeaderRequestID)); ev.Status != 200 || ev.ResponseBytes != int64(len("line 0\n")) {
+					t.Fatalf("event status %d, %d response bytes; want 200, %d", ev.Status, ev.ResponseBytes, len("line 0\n"))
+				}
+			})
+
+			t.Run("an upstream that dies in the middle of a body is metered with what was sent", func(t *testing.T) {
+				dying := serveUpstream(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+					w.Header().Set("Content-Length", "1000")
+					_, _ = io.WriteString(w, "part of the body\n")
+					w.(http.Flusher).Flush()
+					conn, _, err := http.NewResponseController(w).Hijack()
+					if err == nil {
+						conn.Close() // 983 bytes short
+					}
+				}))
+				in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP, Config: func(c *edge.Config) { c.Upstream = dying }})
+				path := "/v1/dying/" + schemas.NewEventID().String() // the event is found by its route
+				req, _ := http.NewRequest("GET", in.URL+path, nil)
+				req.Header.Set("Authorization", "Bearer "+key)
+				// The caller's connection is cut; whether its answer's
+				// head got out first is up to buffering.
+				if resp, err := http.DefaultClient.Do(req); err == nil {
+					got, err := io.ReadAll(resp.Body)
+					resp.Body.Close()
+					if err == nil {
+						t.Fatalf("read the whole body (%q) of a response cut short", got)
+					}
+				}
+				ev := eventWhere(t, env, func(ev schemas.Event) bool { return ev.Route == path })
+				if ev.Status != 200 || ev.ResponseBytes != int64(len("part of the body\n")) {
+					t.Fatalf("event status %d, %d response bytes; want 200, %d", ev.Status, ev.ResponseBytes, len("part of the body\n"))
 				}
 			})
 
@@ -487,16 +565,22 @@ func TestProxy(t *testing.T) {
 // eventFor waits for the usage event of the call with request id rid.
 func eventFor(t *testing.T, env *edgetest.Env, rid string) schemas.Event {
 	t.Helper()
+	return eventWhere(t, env, func(ev schemas.Event) bool { return ev.RequestID == rid })
+}
+
+// eventWhere waits for the first usage event that match accepts.
+func eventWhere(t *testing.T, env *edgetest.Env, match func(schemas.Event) bool) schemas.Event {
+	t.Helper()
 	deadline := time.Now().Add(20 * time.Second)
 	for time.Now().Before(deadline) {
 		for _, ev := range edgetest.ReadTopic(t, env.Brokers, env.Topic, 1, 10*time.Second) {
-			if ev.RequestID == rid {
+			if match(ev) {
 				return ev
 			}
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	t.Fatalf("no event with request id %s in 20 s", rid)
+	t.Fatal("no such event in 20 s")
 	return schemas.Event{}
 }
 

@@ -177,12 +177,15 @@ func (s *Server) readyz(c echo.Context) error {
 func (s *Server) observe(next echo.HandlerFunc) echo.HandlerFunc {
 	return func(c echo.Context) error {
 		start := time.Now()
-		err := next(c)
-		if err != nil {
+		// Deferred, so an aborted call (net/http's proxy panics with
+		// http.ErrAbortHandler when a body breaks off) is counted too.
+		defer func() {
+			r, ok := c.Get("route").(Route)
+			s.Observe(r, ok, c.Response().Status, time.Since(start))
+		}()
+		if err := next(c); err != nil {
 			c.Error(err)
 		}
-		r, ok := c.Get("route").(Route)
-		s.Observe(r, ok, c.Response().Status, time.Since(start))
 		return nil
 	}
 }
@@ -584,9 +587,16 @@ func (s *Server) newProxy(upstream string) (*httputil.ReverseProxy, error) {
 		Transport:  transport,
 		BufferPool: s.buffers,
 		ModifyResponse: func(r *http.Response) error {
-			if t, ok := r.Request.Context().Value(handshakeTimer{}).(*time.Timer); ok && r.StatusCode == http.StatusSwitchingProtocols {
-				t.Stop() // the handshake is done: no timeout for the connection
+			w, ok := r.Request.Context().Value(silenceWatch{}).(*IdleWatch)
+			if !ok {
+				return nil
 			}
+			if r.StatusCode == http.StatusSwitchingProtocols {
+				w.Stop() // the handshake is done: the tunnel has its own idle timeout
+				return nil
+			}
+			w.Touch()
+			r.Body = touchingBody{ReadCloser: r.Body, watch: w}
 			return nil
 		},
 		// Responses of unknown length (and event streams) are flushed on
@@ -617,14 +627,20 @@ func writeAPIError(w http.ResponseWriter, ae *APIError) {
 	_ = json.NewEncoder(w).Encode(map[string]*APIError{"error": ae})
 }
 
+// countingBody counts the caller's body as it goes up, and marks the
+// call's upstream_timeout watch as it does.
 type countingBody struct {
 	io.ReadCloser
-	n int64
+	n     int64
+	watch *IdleWatch
 }
 
 func (b *countingBody) Read(p []byte) (int, error) {
 	n, err := b.ReadCloser.Read(p)
 	b.n += int64(n)
+	if n > 0 && b.watch != nil {
+		b.watch.Touch()
+	}
 	return n, err
 }
 
@@ -641,12 +657,28 @@ func (s *Server) proxy(c echo.Context) error {
 	}
 	resp := c.Response()
 	req.Header.Set(HeaderRequestID, resp.Header().Get(HeaderRequestID))
+	// upstream_timeout bounds each silence of the upstream, not the whole
+	// exchange (as nginx's proxy_read_timeout does): the watch is touched
+	// as the caller's body goes up and the answer's body comes back, and
+	// ends the call's context when neither moved for that long. For an
+	// upgrade it bounds the handshake alone: net/http's proxy closes the
+	// upstream side of a tunnel when the context ends, so ModifyResponse
+	// stops the watch when the upstream switches.
+	ctx, cancel := context.WithCancelCause(req.Context())
+	defer cancel(nil)
+	watch := NewIdleWatch(s.cfg.UpstreamTimeout, func() { cancel(context.DeadlineExceeded) })
+	defer watch.Stop()
+	body.watch = watch
+	ctx = context.WithValue(ctx, silenceWatch{}, watch)
 	if req.Header.Get("Upgrade") == "" {
-		ctx, cancel := context.WithTimeout(req.Context(), s.cfg.UpstreamTimeout)
-		defer cancel()
+		// Deferred, so the call is metered even when net/http's proxy
+		// aborts it: when a body breaks off after the answer's head went
+		// out, it panics with http.ErrAbortHandler.
+		defer func() {
+			s.EmitCall(Call{Key: k, Route: route, ID: c.Get("event_id").(uuid.UUID), Method: req.Method, Status: resp.Status,
+				Start: start, RequestBytes: body.n, ResponseBytes: resp.Size, RequestID: resp.Header().Get(HeaderRequestID)})
+		}()
 		p.ServeHTTP(resp, req.WithContext(ctx))
-		s.EmitCall(Call{Key: k, Route: route, ID: c.Get("event_id").(uuid.UUID), Method: req.Method, Status: resp.Status,
-			Start: start, RequestBytes: body.n, ResponseBytes: resp.Size, RequestID: resp.Header().Get(HeaderRequestID)})
 		return nil
 	}
 	closed, err := s.UpgradeOpened()
@@ -655,30 +687,39 @@ func (s *Server) proxy(c echo.Context) error {
 	}
 	// net/http's proxy returns when an upgraded connection closes.
 	defer closed()
-	// upstream_timeout bounds the handshake, not the connection it opens:
-	// net/http's proxy closes the upstream side when the request's context
-	// ends, so a deadline would cut every WebSocket at upstream_timeout.
-	// The timer stops when the upstream switches (ModifyResponse).
-	ctx, cancel := context.WithCancelCause(req.Context())
-	defer cancel(nil)
-	timer := time.AfterFunc(s.cfg.UpstreamTimeout, func() { cancel(context.DeadlineExceeded) })
-	defer timer.Stop()
 	w := &upgradeWriter{ResponseWriter: resp, idle: s.cfg.UpgradedIdleTimeout}
-	p.ServeHTTP(w, req.WithContext(context.WithValue(ctx, handshakeTimer{}, timer)))
-	status := resp.Status
-	fromCaller, toCaller := w.tunnelled()
-	if !resp.Committed {
-		// A switched protocol is written on the hijacked connection, past
-		// the response writer.
-		status = http.StatusSwitchingProtocols
-	}
-	s.EmitCall(Call{Key: k, Route: route, ID: c.Get("event_id").(uuid.UUID), Method: req.Method, Status: status,
-		Start: start, RequestBytes: body.n + fromCaller, ResponseBytes: resp.Size + toCaller, RequestID: resp.Header().Get(HeaderRequestID)})
+	defer func() {
+		status := resp.Status
+		fromCaller, toCaller := w.tunnelled()
+		if !resp.Committed {
+			// A switched protocol is written on the hijacked connection,
+			// past the response writer.
+			status = http.StatusSwitchingProtocols
+		}
+		s.EmitCall(Call{Key: k, Route: route, ID: c.Get("event_id").(uuid.UUID), Method: req.Method, Status: status,
+			Start: start, RequestBytes: body.n + fromCaller, ResponseBytes: resp.Size + toCaller, RequestID: resp.Header().Get(HeaderRequestID)})
+	}()
+	p.ServeHTTP(w, req.WithContext(ctx))
 	return nil
 }
 
-// handshakeTimer is the context key of an upgrade's handshake timer.
-type handshakeTimer struct{}
+// silenceWatch is the context key of a call's upstream_timeout watch.
+type silenceWatch struct{}
+
+// touchingBody marks its call's watch whenever bytes of the upstream's
+// answer come.
+type touchingBody struct {
+	io.ReadCloser
+	watch *IdleWatch
+}
+
+func (b touchingBody) Read(p []byte) (int, error) {
+	n, err := b.ReadCloser.Read(p)
+	if n > 0 {
+		b.watch.Touch()
+	}
+	return n, err
+}
 
 // Call is a proxied call, for its usage event.
 type Call struct {

@@ -123,14 +123,18 @@ func newUpstream(raw string, timeout time.Duration) (*upstream, error) {
 		hc: &fh.HostClient{
 			Addr:  addr,
 			IsTLS: u.Scheme == "https",
+			// upstream_timeout bounds each silence of the upstream, not the
+			// whole exchange: see silentConn.
 			Dial: func(addr string) (net.Conn, error) {
-				return fh.DialTimeout(addr, 5*time.Second)
+				c, err := fh.DialTimeout(addr, 5*time.Second)
+				if err != nil {
+					return nil, err
+				}
+				return &silentConn{Conn: c, limit: timeout}, nil
 			},
 			MaxConns:                 1024,
 			MaxConnWaitTimeout:       timeout,
 			MaxIdleConnDuration:      90 * time.Second,
-			ReadTimeout:              timeout,
-			WriteTimeout:             timeout,
 			ReadBufferSize:           maxHeaderBytes,
 			StreamResponseBody:       true,
 			DisablePathNormalizing:   true,
@@ -368,7 +372,7 @@ func (f *Front) proxy(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, st
 	}
 
 	resp := fh.AcquireResponse()
-	err := up.hc.DoTimeout(req, resp, f.timeout)
+	err := up.hc.Do(req, resp)
 	if err != nil {
 		fh.ReleaseResponse(resp)
 		ae := upstreamError(err)
@@ -476,3 +480,32 @@ type printfLogger struct{ log *slog.Logger }
 func (l printfLogger) Printf(format string, args ...any) {
 	l.log.Debug(fmt.Sprintf(format, args...))
 }
+
+// silentConn is a connection to the upstream on which no read or write may
+// wait longer than limit: each one gets a deadline of its own, and the
+// deadlines fasthttp sets are ignored. So upstream_timeout bounds how long
+// the upstream may stay silent (before its answer, or between two parts of
+// a streamed body) or stall a write, as nginx's proxy_read_timeout and
+// proxy_send_timeout do, and a stream that keeps sending is never cut.
+type silentConn struct {
+	net.Conn
+	limit time.Duration
+}
+
+func (c *silentConn) Read(p []byte) (int, error) {
+	if err := c.Conn.SetReadDeadline(time.Now().Add(c.limit)); err != nil {
+		return 0, err
+	}
+	return c.Conn.Read(p)
+}
+
+func (c *silentConn) Write(p []byte) (int, error) {
+	if err := c.Conn.SetWriteDeadline(time.Now().Add(c.limit)); err != nil {
+		return 0, err
+	}
+	return c.Conn.Write(p)
+}
+
+func (c *silentConn) SetDeadline(time.Time) error      { return nil }
+func (c *silentConn) SetReadDeadline(time.Time) error  { return nil }
+func (c *silentConn) SetWriteDeadline(time.Time) error { return nil }
