@@ -168,6 +168,33 @@ func TestProxy(t *testing.T) {
 				}
 			})
 
+			t.Run("a body sent after 100 Continue reaches the upstream whole", func(t *testing.T) {
+				in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP, Config: func(c *edge.Config) { c.Upstream = streamingUpstream(t, nil) }})
+				body := strings.Repeat("x", 2<<20)
+				want := sha256.Sum256([]byte(body))
+				req, _ := http.NewRequest("POST", in.URL+"/v1/upload", strings.NewReader(body))
+				req.Header.Set("Authorization", "Bearer "+key)
+				req.Header.Set("Expect", "100-continue") // as curl sends with a large body
+				client := &http.Client{Transport: &http.Transport{ExpectContinueTimeout: 5 * time.Second}, Timeout: 20 * time.Second}
+				resp, err := client.Do(req)
+				testenv.Must(t, err, "upload")
+				var got struct {
+					SHA256 string `json:"sha256"`
+					Bytes  int64  `json:"bytes"`
+				}
+				raw, _ := io.ReadAll(resp.Body)
+				resp.Body.Close()
+				if err := json.Unmarshal(raw, &got); err != nil || resp.StatusCode != 200 {
+					t.Fatalf("status %d body %q", resp.StatusCode, raw)
+				}
+				if got.Bytes != int64(len(body)) || got.SHA256 != hex.EncodeToString(want[:]) {
+					t.Fatalf("upstream got %d bytes, sha256 %s; want %d", got.Bytes, got.SHA256, len(body))
+				}
+				if ev := eventFor(t, env, resp.Header.Get(edge.HeaderRequestID)); ev.RequestBytes != int64(len(body)) || ev.Status != 200 {
+					t.Fatalf("event status %d, %d request bytes; want 200, %d", ev.Status, ev.RequestBytes, len(body))
+				}
+			})
+
 			t.Run("a response streams to the caller as the upstream writes it", func(t *testing.T) {
 				release := make(chan struct{})
 				in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP, Config: func(c *edge.Config) { c.Upstream = streamingUpstream(t, release) }})

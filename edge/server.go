@@ -678,7 +678,7 @@ func (s *Server) proxy(c echo.Context) error {
 			s.EmitCall(Call{Key: k, Route: route, ID: c.Get("event_id").(uuid.UUID), Method: req.Method, Status: resp.Status,
 				Start: start, RequestBytes: body.n, ResponseBytes: resp.Size, RequestID: resp.Header().Get(HeaderRequestID)})
 		}()
-		p.ServeHTTP(resp, req.WithContext(ctx))
+		p.ServeHTTP(informational{resp}, req.WithContext(ctx))
 		return nil
 	}
 	closed, err := s.UpgradeOpened()
@@ -687,7 +687,7 @@ func (s *Server) proxy(c echo.Context) error {
 	}
 	// net/http's proxy returns when an upgraded connection closes.
 	defer closed()
-	w := &upgradeWriter{ResponseWriter: resp, idle: s.cfg.UpgradedIdleTimeout}
+	w := &upgradeWriter{ResponseWriter: informational{resp}, idle: s.cfg.UpgradedIdleTimeout}
 	defer func() {
 		status := resp.Status
 		fromCaller, toCaller := w.tunnelled()
@@ -702,6 +702,23 @@ func (s *Server) proxy(c echo.Context) error {
 	p.ServeHTTP(w, req.WithContext(ctx))
 	return nil
 }
+
+// informational is the caller's response writer as net/http's proxy gets
+// it: an informational answer (100 Continue, 103 Early Hints), which that
+// proxy passes on before the final one, goes straight to the connection.
+// Through echo's Response it would be taken for the call's status, and the
+// final status dropped as written twice.
+type informational struct{ *echo.Response }
+
+func (w informational) WriteHeader(code int) {
+	if code >= 100 && code < 200 && code != http.StatusSwitchingProtocols {
+		w.Response.Writer.WriteHeader(code)
+		return
+	}
+	w.Response.WriteHeader(code)
+}
+
+func (w informational) Unwrap() http.ResponseWriter { return w.Response }
 
 // silenceWatch is the context key of a call's upstream_timeout watch.
 type silenceWatch struct{}
