@@ -195,6 +195,28 @@ func TestProxy(t *testing.T) {
 				}
 			})
 
+			t.Run("an HTTP/1.0 caller is served and the connection closes after", func(t *testing.T) {
+				in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP})
+				conn, err := net.Dial("tcp", strings.TrimPrefix(in.URL, "http://"))
+				testenv.Must(t, err, "dial the edge")
+				defer conn.Close()
+				_ = conn.SetDeadline(time.Now().Add(10 * time.Second))
+				_, err = io.WriteString(conn, "GET /v1/things/1 HTTP/1.0\r\nAuthorization: Bearer "+key+"\r\n\r\n")
+				testenv.Must(t, err, "send")
+				all, err := io.ReadAll(conn) // the edge closes: HTTP/1.0 has no keep-alive unless asked
+				testenv.Must(t, err, "read until the edge closes")
+				resp, err := http.ReadResponse(bufio.NewReader(bytes.NewReader(all)), nil)
+				testenv.Must(t, err, "parse the answer")
+				body, _ := io.ReadAll(resp.Body)
+				var echo demo.Echo
+				if resp.StatusCode != 200 || json.Unmarshal(body, &echo) != nil || echo.Path != "/v1/things/1" {
+					t.Fatalf("status %d body %q", resp.StatusCode, body)
+				}
+				if ev := eventFor(t, env, resp.Header.Get(edge.HeaderRequestID)); ev.Status != 200 {
+					t.Fatalf("event status %d", ev.Status)
+				}
+			})
+
 			t.Run("a response streams to the caller as the upstream writes it", func(t *testing.T) {
 				release := make(chan struct{})
 				in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP, Config: func(c *edge.Config) { c.Upstream = streamingUpstream(t, release) }})

@@ -53,6 +53,9 @@ type upstream struct {
 	// serverName is the upstream's host name, for TLS on an upgrade's own
 	// connection.
 	serverName string
+	// host is the upstream URL's host[:port], the Host of a call that
+	// came without one.
+	host string
 	// base is the base URL's path, without a trailing slash, put before
 	// every proxied path (as net/http's ReverseProxy joins them).
 	base string
@@ -119,6 +122,7 @@ func newUpstream(raw string, timeout time.Duration) (*upstream, error) {
 	}
 	return &upstream{
 		serverName: u.Hostname(),
+		host:       u.Host,
 		base:       strings.TrimSuffix(u.EscapedPath(), "/"),
 		hc: &fh.HostClient{
 			Addr:  addr,
@@ -337,7 +341,13 @@ func (f *Front) forward(ctx *fh.RequestCtx, adm edge.Admission, rid string) *ups
 		ip = string(prior) + ", " + ip
 	}
 	req.Header.Set(fh.HeaderXForwardedFor, ip)
-	req.Header.SetBytesV("X-Forwarded-Host", req.Header.Host())
+	if host := req.Header.Host(); len(host) > 0 {
+		req.Header.SetBytesV("X-Forwarded-Host", host)
+	} else {
+		// An HTTP/1.0 caller may send no Host; the upstream's own host
+		// stands in, as net/http's ReverseProxy does.
+		req.Header.SetHost(up.host)
+	}
 	proto := "http"
 	if ctx.IsTLS() {
 		proto = "https"
