@@ -170,6 +170,8 @@ type Config struct {
 	// QuotaTimezone: "utc" (default) counts calendar months in UTC,
 	// "account" in the account's own time zone.
 	QuotaTimezone string `yaml:"quota_timezone"`
+	// CORS lets pages on other origins call the API (off by default).
+	CORS CORSConfig `yaml:"cors"`
 }
 
 // DefaultPlans are the tier limits used when the plans table does not
@@ -217,6 +219,7 @@ func (c *Config) Defaults() {
 	if c.QuotaTimezone == "" {
 		c.QuotaTimezone = "utc"
 	}
+	c.CORS.defaults()
 	def := DefaultPlans()
 	if c.Plans == nil {
 		c.Plans = map[string]Plan{}
@@ -259,6 +262,9 @@ func (c *Config) Validate() error {
 	}
 	if c.EventLinger < 0 || c.EventLinger > time.Second {
 		errs = append(errs, errors.New("edge.event_linger: must be between 0 and 1s"))
+	}
+	if err := c.CORS.validate(); err != nil {
+		errs = append(errs, err)
 	}
 	if c.KeyCacheTTL < 0 {
 		errs = append(errs, errors.New("edge.key_cache_ttl: negative"))

@@ -62,6 +62,8 @@ type Server struct {
 	m       *metrics
 	// upgrades counts the upgraded connections open, for the cap.
 	upgrades atomic.Int64
+	// cors is nil unless edge.cors allows some origin.
+	cors *CORS
 	// zones caches loaded time zones by name (*time.Location, or nil for
 	// a name that does not load): LoadLocation reads the zone database.
 	zones sync.Map
@@ -134,7 +136,7 @@ func NewServer(cfg Config, deps Deps) (*Server, error) {
 	if now == nil {
 		now = time.Now
 	}
-	s := &Server{cfg: cfg, deps: deps, log: deps.Log, now: now, router: router, m: m, buffers: newBufferPool()}
+	s := &Server{cfg: cfg, deps: deps, log: deps.Log, now: now, router: router, m: m, buffers: newBufferPool(), cors: NewCORS(cfg.CORS)}
 	s.allowCall = func(ctx context.Context, c CallLimits) (CallResult, error) {
 		return AllowCallEach(ctx, deps.Limiter, deps.Quota, c)
 	}
@@ -153,7 +155,7 @@ func NewServer(cfg Config, deps Deps) (*Server, error) {
 	e := echo.New()
 	e.HideBanner, e.HidePort = true, true
 	e.HTTPErrorHandler = errorHandler(s.log)
-	e.Use(s.observe, s.requestID)
+	e.Use(s.observe, s.requestID, s.corsMiddleware)
 	e.GET("/healthz", func(c echo.Context) error { return c.String(http.StatusOK, "ok\n") })
 	e.GET("/readyz", s.readyz)
 	e.POST("/v1/events", s.reportEvents, s.authenticate, s.authorize, s.limit(false))
@@ -229,6 +231,32 @@ func (s *Server) requestID(next echo.HandlerFunc) echo.HandlerFunc {
 		return next(c)
 	}
 }
+
+// corsMiddleware answers browsers' preflights and labels every answer for
+// an origin edge.cors allows.
+func (s *Server) corsMiddleware(next echo.HandlerFunc) echo.HandlerFunc {
+	return func(c echo.Context) error {
+		if s.cors == nil {
+			return next(c)
+		}
+		req := c.Request()
+		origin := req.Header.Get("Origin")
+		h := c.Response().Header()
+		set := func(name, value string) { h.Set(name, value) }
+		if method := req.Header.Get("Access-Control-Request-Method"); IsPreflight(req.Method, origin, method) {
+			if err := s.cors.Preflight(origin, method, req.Header.Get("Access-Control-Request-Headers"), set); err != nil {
+				return err
+			}
+			return c.NoContent(http.StatusNoContent)
+		}
+		s.cors.Label(origin, set)
+		return next(c)
+	}
+}
+
+// CORS is how the edge answers browsers on other origins; nil when
+// edge.cors allows none.
+func (s *Server) CORS() *CORS { return s.cors }
 
 // NewRequestID is a new call's event id and its Request-Id.
 func NewRequestID() (uuid.UUID, string) {
@@ -587,6 +615,13 @@ func (s *Server) newProxy(upstream string) (*httputil.ReverseProxy, error) {
 		Transport:  transport,
 		BufferPool: s.buffers,
 		ModifyResponse: func(r *http.Response) error {
+			if s.cors != nil {
+				for name := range r.Header {
+					if IsCORSHeader(name) {
+						delete(r.Header, name) // the edge's own stand
+					}
+				}
+			}
 			w, ok := r.Request.Context().Value(silenceWatch{}).(*IdleWatch)
 			if !ok {
 				return nil

@@ -41,6 +41,8 @@ type Front struct {
 	live    *upstream
 	sandbox *upstream
 	timeout time.Duration
+	// cors is nil unless edge.cors allows some origin.
+	cors *edge.CORS
 	// idle closes a tunnel that carried nothing for this long.
 	idle    time.Duration
 	srv     *fh.Server
@@ -68,7 +70,7 @@ const maxHeaderBytes = 16 << 10
 func New(s *edge.Server, log *slog.Logger) (*Front, error) {
 	cfg := s.Config()
 	f := &Front{s: s, log: log, slow: fasthttpadaptor.NewFastHTTPHandler(s), timeout: cfg.UpstreamTimeout,
-		idle: cfg.UpgradedIdleTimeout}
+		idle: cfg.UpgradedIdleTimeout, cors: s.CORS()}
 	var err error
 	if f.live, err = newUpstream(cfg.Upstream, cfg.UpstreamTimeout); err != nil {
 		return nil, err
@@ -189,6 +191,21 @@ func (f *Front) handle(ctx *fh.RequestCtx) {
 	start := time.Now()
 	id, rid := edge.NewRequestID()
 	ctx.Response.Header.Set(edge.HeaderRequestID, rid)
+	if f.cors != nil {
+		origin := string(ctx.Request.Header.Peek("Origin"))
+		set := func(name, value string) { ctx.Response.Header.Set(name, value) }
+		if method := string(ctx.Request.Header.Peek("Access-Control-Request-Method")); edge.IsPreflight(string(ctx.Method()), origin, method) {
+			// A preflight carries no key: answered here, not metered.
+			if err := f.cors.Preflight(origin, method, string(ctx.Request.Header.Peek("Access-Control-Request-Headers")), set); err != nil {
+				f.fail(ctx, err, rid)
+			} else {
+				ctx.SetStatusCode(fh.StatusNoContent)
+			}
+			f.s.Observe(edge.Route{}, false, ctx.Response.StatusCode(), time.Since(start))
+			return
+		}
+		f.cors.Label(origin, set)
+	}
 	ci := edge.CallInfo{
 		Method:        string(ctx.Method()),
 		Path:          string(ctx.Path()),
@@ -400,6 +417,9 @@ func (f *Front) proxy(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, st
 		switch string(k) {
 		case fh.HeaderContentLength, fh.HeaderTransferEncoding, fh.HeaderDate, fh.HeaderConnection:
 			continue
+		}
+		if f.cors != nil && edge.IsCORSHeader(string(k)) {
+			continue // the edge's own stand
 		}
 		ctx.Response.Header.AddBytesKV(k, v)
 	}

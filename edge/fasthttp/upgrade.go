@@ -169,7 +169,7 @@ func (f *Front) upgrade(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, 
 func (f *Front) declined(ctx *fh.RequestCtx, conn net.Conn, resp *http.Response, done func(sent int64)) {
 	ctx.SetStatusCode(resp.StatusCode)
 	for k, vs := range resp.Header {
-		if isHopByHop([]byte(k)) {
+		if isHopByHop([]byte(k)) || f.cors != nil && edge.IsCORSHeader(k) {
 			continue
 		}
 		switch k {
