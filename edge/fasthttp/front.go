@@ -400,6 +400,7 @@ func (f *Front) proxy(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, st
 
 	resp := fh.AcquireResponse()
 	err := up.hc.Do(req, resp)
+	drainBody(counted)
 	if err != nil {
 		fh.ReleaseResponse(resp)
 		ae := upstreamError(err)
@@ -457,14 +458,35 @@ func (f *Front) proxy(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, st
 
 // countingReader counts what is read through it.
 type countingReader struct {
-	r io.Reader
-	n int64
+	r   io.Reader
+	n   int64
+	eof bool
 }
 
 func (c *countingReader) Read(p []byte) (int, error) {
 	n, err := c.r.Read(p)
 	c.n += int64(n)
+	if err == io.EOF {
+		c.eof = true
+	}
 	return n, err
+}
+
+// maxDrain bounds what drainBody reads.
+const maxDrain = 16 << 20
+
+// drainBody reads and drops what is left of a caller's streamed body once
+// the upstream has answered (or failed) without taking all of it: a 413 or
+// a 401 before the upload ends, say. Closing a connection with unread data
+// on it resets it, and the caller, still sending, would lose the answer
+// (net/http's server and nginx's lingering close do the same). What is
+// dropped is not counted as sent. Past maxDrain the connection is closed
+// anyway.
+func drainBody(c *countingReader) {
+	if c.r == nil || c.eof {
+		return
+	}
+	_, _ = io.CopyN(io.Discard, c.r, maxDrain)
 }
 
 // responseBody streams an upstream's answer to the caller and, when
