@@ -107,6 +107,8 @@ type upgradeWriter struct {
 	http.ResponseWriter
 	idle time.Duration
 	conn *tunnelConn
+	// switched is when the proxy took the connection: the handshake's end.
+	switched time.Time
 }
 
 func (w *upgradeWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
@@ -114,6 +116,7 @@ func (w *upgradeWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 	if err != nil {
 		return nil, nil, err
 	}
+	w.switched = time.Now()
 	w.conn = &tunnelConn{Conn: conn}
 	w.conn.watch = NewIdleWatch(w.idle, func() { conn.Close() })
 	return w.conn, brw, nil

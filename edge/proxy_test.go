@@ -411,22 +411,18 @@ func TestProxy(t *testing.T) {
 						t.Fatalf("got %q for %q", got, msg)
 					}
 				}
-				if !fr.netHTTP {
-					// Long enough to tell the tunnel's lifetime from the handshake.
-					time.Sleep(1200 * time.Millisecond)
-				}
+				// Long enough to tell the tunnel's lifetime from the handshake.
+				time.Sleep(1200 * time.Millisecond)
 				conn.Close()
 				ev := eventFor(t, env, resp.Header.Get(edge.HeaderRequestID))
 				if ev.Status != 101 {
 					t.Fatalf("event status %d, want 101", ev.Status)
 				}
-				if !fr.netHTTP {
-					if ev.LatencyMicros < 1_200_000 {
-						t.Fatalf("event latency %d µs, want the tunnel's lifetime (over 1.2 s)", ev.LatencyMicros)
-					}
-					if n, sum := durationObserved(t, in); n != 1 || sum >= 1.2 {
-						t.Fatalf("request duration histogram: %d observations summing to %.3f s; want the handshake alone", n, sum)
-					}
+				if ev.LatencyMicros < 1_200_000 {
+					t.Fatalf("event latency %d µs, want the tunnel's lifetime (over 1.2 s)", ev.LatencyMicros)
+				}
+				if n, sum := durationObserved(t, in); n != 1 || sum >= 1.2 {
+					t.Fatalf("request duration histogram: %d observations summing to %.3f s; want the handshake alone", n, sum)
 				}
 				for deadline := time.Now().Add(5 * time.Second); upgradedConnections(t, in) != 0; time.Sleep(10 * time.Millisecond) {
 					if time.Now().After(deadline) {

@@ -183,7 +183,13 @@ func (s *Server) observe(next echo.HandlerFunc) echo.HandlerFunc {
 		// http.ErrAbortHandler when a body breaks off) is counted too.
 		defer func() {
 			r, ok := c.Get("route").(Route)
-			s.Observe(r, ok, c.Response().Status, time.Since(start))
+			end := time.Now()
+			if t, ok := c.Get(handshakeEnd).(time.Time); ok {
+				// An upgrade: its handshake's time, not the connection's
+				// lifetime, which would swamp the route's percentiles.
+				end = t
+			}
+			s.Observe(r, ok, c.Response().Status, end.Sub(start))
 		}()
 		if err := next(c); err != nil {
 			c.Error(err)
@@ -724,6 +730,9 @@ func (s *Server) proxy(c echo.Context) error {
 	defer closed()
 	w := &upgradeWriter{ResponseWriter: informational{resp}, idle: s.cfg.UpgradedIdleTimeout}
 	defer func() {
+		if !w.switched.IsZero() {
+			c.Set(handshakeEnd, w.switched)
+		}
 		status := resp.Status
 		fromCaller, toCaller := w.tunnelled()
 		if !resp.Committed {
@@ -754,6 +763,10 @@ func (w informational) WriteHeader(code int) {
 }
 
 func (w informational) Unwrap() http.ResponseWriter { return w.Response }
+
+// handshakeEnd is the echo context key of when an upgraded call's
+// handshake ended, for the request-duration histogram.
+const handshakeEnd = "handshake_end"
 
 // silenceWatch is the context key of a call's upstream_timeout watch.
 type silenceWatch struct{}
