@@ -226,21 +226,15 @@ func rebuildLevel(ctx context.Context, store RollupStore, zones Zones, meters []
 			}
 			byZone[z] = append(byZone[z], a)
 		}
-		// One job per zone and meter; at the minute level, where one scan of
-		// the raw events serves every meter, one job per zone.
+		// One job per zone: the store reads each zone's raw events or finer
+		// rows once for every meter.
 		var jobs [][]Rebuild
 		for z, as := range byZone {
 			var zoneJobs []Rebuild
 			for _, mt := range meters {
 				zoneJobs = append(zoneJobs, Rebuild{Meter: mt, Granularity: g, Zone: z, Accounts: as, From: lo, To: hi})
 			}
-			if g == Minute {
-				jobs = append(jobs, zoneJobs)
-				continue
-			}
-			for _, j := range zoneJobs {
-				jobs = append(jobs, []Rebuild{j})
-			}
+			jobs = append(jobs, zoneJobs)
 		}
 		if err := runAll(ctx, jobs, 2, store.Rebuild); err != nil {
 			return err

@@ -191,10 +191,13 @@ func (s *Store) Recompute(ctx context.Context, rs []aggregator.Recompute) error 
 			var q []string
 			var a []any
 			var err error
-			if len(group) == 1 {
+			switch {
+			case len(group) == 1:
 				q, a, err = recomputeSelects(r)
-			} else {
+			case r.Granularity == aggregator.Minute:
 				q, a, err = sharedMinuteSelects(group, part)
+			default:
+				q, a, err = sharedFinerSelects(group, part)
 			}
 			if err != nil {
 				return err
@@ -291,24 +294,107 @@ func recomputeSelects(r aggregator.Recompute) ([]string, []any, error) {
 	return out, c.Args, nil
 }
 
-// sharedScans groups requests that one scan can serve: minute requests of
-// meters on the same event type with the same touched minutes (as the
-// Roller makes them) share one read of the raw events. Every other request
-// is a group of its own.
+// sharedScans groups requests that one scan can serve: those of meters on
+// the same event type, in the same zone, with the same touched minutes (as
+// the Roller makes them). Minute requests share one read of the raw events,
+// coarser ones one read of the finer rollup rows.
 func sharedScans(rs []aggregator.Recompute) [][]aggregator.Recompute {
+	type key struct{ eventType, zone string }
 	var out [][]aggregator.Recompute
-	byType := map[string]int{}
+	seen := map[key]int{}
 	for _, r := range rs {
-		if r.Granularity == aggregator.Minute {
-			if i, ok := byType[r.Meter.EventType]; ok && slices.Equal(out[i][0].Touched, r.Touched) {
-				out[i] = append(out[i], r)
-				continue
-			}
-			byType[r.Meter.EventType] = len(out)
+		k := key{r.Meter.EventType, r.Zone}
+		if i, ok := seen[k]; ok && slices.Equal(out[i][0].Touched, r.Touched) {
+			out[i] = append(out[i], r)
+			continue
 		}
+		seen[k] = len(out)
 		out = append(out, []aggregator.Recompute{r})
 	}
 	return out
+}
+
+// sharedFinerSelects recompute the hour, day or month windows of several
+// meters in one zone, touched alike, with one read of the finer rollup rows
+// per cluster instead of one per meter. Rows are grouped by meter as
+// before; each group takes its own meter's combination of the finer rows
+// (fromFiner), so the rows are the ones a SELECT per meter writes. The
+// LATEST and UNIQUE_COUNT columns of other meters' finer rows are zero and
+// empty, so combining them for every meter gives those meters the neutral
+// values they always had.
+func sharedFinerSelects(rs []aggregator.Recompute, touched []aggregator.Touched) ([]string, []any, error) {
+	r := rs[0]
+	r.Touched = touched
+	scans, err := touchedScans(r)
+	if err != nil {
+		return nil, nil, err
+	}
+	ms := make([]meter.Meter, len(rs))
+	for i, r := range rs {
+		ms[i] = r.Meter
+	}
+	out := make([]string, 0, len(scans))
+	for _, sc := range scans {
+		q, err := sharedFinerSelect(ms, r.Granularity, r.Zone, sc.accounts, sc.timeRange, sc.filter)
+		if err != nil {
+			return nil, nil, err
+		}
+		out = append(out, q)
+	}
+	return out, nil, nil
+}
+
+// sharedFinerSelect computes the rows of granularity g of several meters
+// from their finer rows, in one read (see sharedFinerSelects).
+func sharedFinerSelect(ms []meter.Meter, g aggregator.Granularity, zone string, accounts []string, scan timeRange, windowFilter string) (string, error) {
+	var keys, maxes, latest, uniq []string
+	for _, m := range ms {
+		if err := m.Validate(); err != nil {
+			return "", err
+		}
+		k := quote(m.Key)
+		keys = append(keys, k)
+		switch m.Aggregation {
+		case meter.Max:
+			maxes = append(maxes, k)
+		case meter.Latest:
+			latest = append(latest, k)
+		case meter.UniqueCount:
+			uniq = append(uniq, k)
+		}
+	}
+	value := "toInt64(sum(value))"
+	for _, c := range []struct {
+		keys []string
+		expr string
+	}{
+		{uniq, "toInt64(uniqExactMerge(uniq_state))"},
+		{latest, "toInt64(argMax(value, (latest_us, latest_id)))"},
+		{maxes, "toInt64(max(value))"},
+	} {
+		if len(c.keys) > 0 {
+			value = "if(meter IN (" + strings.Join(c.keys, ", ") + "), " + c.expr + ", " + value + ")"
+		}
+	}
+	latestUs, latestID := "materialize(toUInt64(0))", "materialize('')"
+	if len(latest) > 0 {
+		latestUs = "tupleElement(max((latest_us, latest_id)), 1)"
+		latestID = "tupleElement(max((latest_us, latest_id)), 2)"
+	}
+	uniqState := emptyUniq
+	if len(uniq) > 0 {
+		uniqState = "uniqExactMergeState(uniq_state)"
+	}
+	qa := make([]string, len(accounts))
+	for i, a := range accounts {
+		qa[i] = quote(a)
+	}
+	return fmt.Sprintf(`SELECT account_id, environment, meter, materialize(%s), %s AS w, group_values, materialize(now()), %s, sum(events), %s, %s, %s
+FROM usage_rollups FINAL
+WHERE account_id IN (%s) AND meter IN (%s) AND granularity = %s AND window_start >= %s AND window_start < %s AND (%s)
+GROUP BY account_id, environment, meter, w, group_values`,
+		quote(string(g)), windowExpr(g, zone, "window_start"), value, latestUs, latestID, uniqState,
+		strings.Join(qa, ", "), strings.Join(keys, ", "), quote(string(finer[g])), dt(scan.from), dt(scan.to), windowFilter), nil
 }
 
 // sharedMinuteSelects recompute the minute windows of several meters on one
@@ -490,8 +576,9 @@ func touchedScans(r aggregator.Recompute) ([]touchedScan, error) {
 // Rebuild rewrites every window of one granularity that starts in
 // [From, To), for each request in rs; they share their granularity, zone,
 // accounts and range. Minute windows of meters on one event type are
-// computed in one scan of the raw events (sharedMinuteSelect). The finer
-// granularity must have been rebuilt first.
+// computed in one scan of the raw events (sharedMinuteSelect), coarser
+// windows of every meter in one read of the finer rows (sharedFinerSelect).
+// The finer granularity must have been rebuilt first.
 func (s *Store) Rebuild(ctx context.Context, rs []aggregator.Rebuild) error {
 	if len(rs) == 0 || len(rs[0].Accounts) == 0 {
 		return nil
@@ -523,15 +610,16 @@ func (s *Store) Rebuild(ctx context.Context, rs []aggregator.Rebuild) error {
 		}
 		return nil
 	}
-	for _, r := range rs {
-		c, err := r.Meter.Compile()
-		if err != nil {
-			return err
-		}
-		q := head + levelSelect(c, r.Meter, r.Granularity, r.Zone, r.Accounts, scan, filter)
-		if err := s.conn.Exec(ctx, q, c.Args...); err != nil {
-			return fmt.Errorf("rebuild %s %s rollups: %w", r.Meter.Key, r.Granularity, err)
-		}
+	ms := make([]meter.Meter, len(rs))
+	for i, r := range rs {
+		ms[i] = r.Meter
+	}
+	q, err := sharedFinerSelect(ms, r.Granularity, r.Zone, r.Accounts, scan, filter)
+	if err != nil {
+		return err
+	}
+	if err := s.conn.Exec(ctx, head+q); err != nil {
+		return fmt.Errorf("rebuild %s rollups: %w", r.Granularity, err)
 	}
 	return nil
 }
