@@ -509,6 +509,56 @@ func TestProxy(t *testing.T) {
 				}
 			})
 
+			t.Run("an upgrade the upstream answers with 103 Early Hints first still switches", func(t *testing.T) {
+				ln := testListener(t)
+				t.Cleanup(func() { ln.Close() })
+				go func() {
+					for {
+						conn, err := ln.Accept()
+						if err != nil {
+							return
+						}
+						go func() {
+							defer conn.Close()
+							br := bufio.NewReader(conn)
+							for {
+								line, err := br.ReadString('\n')
+								if err != nil {
+									return
+								}
+								if line == "\r\n" {
+									break
+								}
+							}
+							_, _ = io.WriteString(conn, "HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"+
+								"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+							for {
+								line, err := br.ReadString('\n')
+								if err != nil {
+									return
+								}
+								_, _ = io.WriteString(conn, "echo: "+line)
+							}
+						}()
+					}
+				}()
+				in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP, Config: func(c *edge.Config) { c.Upstream = "http://" + ln.Addr().String() }})
+				conn, br, resp := openEcho(t, in, key, "")
+				for resp.StatusCode == 103 { // the net/http handler passes the hint on
+					var err error
+					resp, err = http.ReadResponse(br, nil)
+					testenv.Must(t, err, "read the answer after the hint")
+				}
+				if resp.StatusCode != 101 {
+					t.Fatalf("status %d, want 101", resp.StatusCode)
+				}
+				_, err := io.WriteString(conn, "hi\n")
+				testenv.Must(t, err, "write")
+				if got, err := br.ReadString('\n'); err != nil || got != "echo: hi\n" {
+					t.Fatalf("got %q, %v", got, err)
+				}
+			})
+
 			t.Run("upgrades past max_upgraded_connections are refused until one closes", func(t *testing.T) {
 				in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP, Config: func(c *edge.Config) {
 					c.Upstream, c.MaxUpgradedConnections = upgradingUpstream(t), 1

@@ -104,6 +104,11 @@ func (f *Front) upgrade(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, 
 	}
 	br := bufio.NewReaderSize(conn, maxHeaderBytes)
 	resp, err := http.ReadResponse(br, nil)
+	// Informational answers before the switch (103 Early Hints, say) are
+	// not the answer: the next one is.
+	for err == nil && resp.StatusCode >= 100 && resp.StatusCode < 200 && resp.StatusCode != http.StatusSwitchingProtocols {
+		resp, err = http.ReadResponse(br, nil)
+	}
 	if err != nil {
 		conn.Close()
 		fail(err)
