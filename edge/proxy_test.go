@@ -224,28 +224,10 @@ func TestProxy(t *testing.T) {
 				// it unread would reset that connection too, and the caller,
 				// still sending, would lose the answer: the edge reads (and
 				// drops) the rest first, as net/http's server and nginx do.
-				ln := testListener(t)
-				t.Cleanup(func() { ln.Close() })
-				go func() {
-					for {
-						conn, err := ln.Accept()
-						if err != nil {
-							return
-						}
-						go func() {
-							br := bufio.NewReader(conn)
-							for {
-								line, err := br.ReadString('\n')
-								if err != nil || line == "\r\n" {
-									break
-								}
-							}
-							_ = conn.(*net.TCPConn).SetLinger(0) // close with a reset
-							conn.Close()
-						}()
-					}
-				}()
-				in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP, Config: func(c *edge.Config) { c.Upstream = "http://" + ln.Addr().String() }})
+				dropping := rawUpstream(t, func(conn net.Conn, _ *bufio.Reader) {
+					_ = conn.(*net.TCPConn).SetLinger(0) // close with a reset
+				})
+				in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP, Config: func(c *edge.Config) { c.Upstream = dropping }})
 				// Three times: without the draining, how far the caller got
 				// before the reset varies, and one upload in two lost its answer.
 				for range 3 {
@@ -510,39 +492,18 @@ func TestProxy(t *testing.T) {
 			})
 
 			t.Run("an upgrade the upstream answers with 103 Early Hints first still switches", func(t *testing.T) {
-				ln := testListener(t)
-				t.Cleanup(func() { ln.Close() })
-				go func() {
+				hinting := rawUpstream(t, func(conn net.Conn, br *bufio.Reader) {
+					_, _ = io.WriteString(conn, "HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"+
+						"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
 					for {
-						conn, err := ln.Accept()
+						line, err := br.ReadString('\n')
 						if err != nil {
 							return
 						}
-						go func() {
-							defer conn.Close()
-							br := bufio.NewReader(conn)
-							for {
-								line, err := br.ReadString('\n')
-								if err != nil {
-									return
-								}
-								if line == "\r\n" {
-									break
-								}
-							}
-							_, _ = io.WriteString(conn, "HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"+
-								"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
-							for {
-								line, err := br.ReadString('\n')
-								if err != nil {
-									return
-								}
-								_, _ = io.WriteString(conn, "echo: "+line)
-							}
-						}()
+						_, _ = io.WriteString(conn, "echo: "+line)
 					}
-				}()
-				in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP, Config: func(c *edge.Config) { c.Upstream = "http://" + ln.Addr().String() }})
+				})
+				in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP, Config: func(c *edge.Config) { c.Upstream = hinting }})
 				conn, br, resp := openEcho(t, in, key, "")
 				for resp.StatusCode == 103 { // the net/http handler passes the hint on
 					var err error
@@ -802,6 +763,38 @@ func openEcho(t *testing.T, in *edgetest.Instance, key, first string) (net.Conn,
 	resp, err := http.ReadResponse(br, nil)
 	testenv.Must(t, err, "read the answer")
 	return conn, br, resp
+}
+
+// rawUpstream serves each connection by reading one request's head and
+// handing the connection to serve, which may answer anything at all; the
+// connection is closed after. It returns the upstream's URL.
+func rawUpstream(t *testing.T, serve func(conn net.Conn, br *bufio.Reader)) string {
+	t.Helper()
+	ln := testListener(t)
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			conn, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer conn.Close()
+				br := bufio.NewReader(conn)
+				for {
+					line, err := br.ReadString('\n')
+					if err != nil {
+						return
+					}
+					if line == "\r\n" {
+						break
+					}
+				}
+				serve(conn, br)
+			}()
+		}
+	}()
+	return "http://" + ln.Addr().String()
 }
 
 // upgradingUpstream switches any call asking for "Upgrade: echo" to a

@@ -191,13 +191,10 @@ func (s *Store) Recompute(ctx context.Context, rs []aggregator.Recompute) error 
 			var q []string
 			var a []any
 			var err error
-			switch {
-			case len(group) == 1:
+			if len(group) == 1 {
 				q, a, err = recomputeSelects(r)
-			case r.Granularity == aggregator.Minute:
-				q, a, err = sharedMinuteSelects(group, part)
-			default:
-				q, a, err = sharedFinerSelects(group, part)
+			} else {
+				q, a, err = sharedSelects(group, part)
 			}
 			if err != nil {
 				return err
@@ -314,15 +311,11 @@ func sharedScans(rs []aggregator.Recompute) [][]aggregator.Recompute {
 	return out
 }
 
-// sharedFinerSelects recompute the hour, day or month windows of several
-// meters in one zone, touched alike, with one read of the finer rollup rows
-// per cluster instead of one per meter. Rows are grouped by meter as
-// before; each group takes its own meter's combination of the finer rows
-// (fromFiner), so the rows are the ones a SELECT per meter writes. The
-// LATEST and UNIQUE_COUNT columns of other meters' finer rows are zero and
-// empty, so combining them for every meter gives those meters the neutral
-// values they always had.
-func sharedFinerSelects(rs []aggregator.Recompute, touched []aggregator.Touched) ([]string, []any, error) {
+// sharedSelects recompute the touched windows of several meters, touched
+// alike and in one zone, with one read per cluster instead of one per
+// meter: of the raw events at the minute level (sharedMinuteSelect), of the
+// finer rollup rows above it (sharedFinerSelect).
+func sharedSelects(rs []aggregator.Recompute, touched []aggregator.Touched) ([]string, []any, error) {
 	r := rs[0]
 	r.Touched = touched
 	scans, err := touchedScans(r)
@@ -334,18 +327,30 @@ func sharedFinerSelects(rs []aggregator.Recompute, touched []aggregator.Touched)
 		ms[i] = r.Meter
 	}
 	out := make([]string, 0, len(scans))
+	var args []any
 	for _, sc := range scans {
-		q, err := sharedFinerSelect(ms, r.Granularity, r.Zone, sc.accounts, sc.timeRange, sc.filter)
+		var q string
+		var a []any
+		if r.Granularity == aggregator.Minute {
+			q, a, err = sharedMinuteSelect(ms, sc.accounts, sc.timeRange, sc.filter)
+		} else {
+			q, err = sharedFinerSelect(ms, r.Granularity, r.Zone, sc.accounts, sc.timeRange, sc.filter)
+		}
 		if err != nil {
 			return nil, nil, err
 		}
-		out = append(out, q)
+		out, args = append(out, q), a
 	}
-	return out, nil, nil
+	return out, args, nil
 }
 
 // sharedFinerSelect computes the rows of granularity g of several meters
-// from their finer rows, in one read (see sharedFinerSelects).
+// from their finer rows in one read. Rows are grouped by meter as before;
+// each group takes its own meter's combination of the finer rows
+// (fromFiner), so the rows are the ones a SELECT per meter writes. The
+// LATEST and UNIQUE_COUNT columns of other meters' finer rows are zero and
+// empty, so combining them for every meter gives those meters the neutral
+// values they always had.
 func sharedFinerSelect(ms []meter.Meter, g aggregator.Granularity, zone string, accounts []string, scan timeRange, windowFilter string) (string, error) {
 	var keys, maxes, latest, uniq []string
 	for _, m := range ms {
@@ -395,32 +400,6 @@ WHERE account_id IN (%s) AND meter IN (%s) AND granularity = %s AND window_start
 GROUP BY account_id, environment, meter, w, group_values`,
 		quote(string(g)), windowExpr(g, zone, "window_start"), value, latestUs, latestID, uniqState,
 		strings.Join(qa, ", "), strings.Join(keys, ", "), quote(string(finer[g])), dt(scan.from), dt(scan.to), windowFilter), nil
-}
-
-// sharedMinuteSelects recompute the minute windows of several meters on one
-// event type, touched alike, with one scan of the raw events per cluster
-// instead of one per meter (sharedMinuteSelect).
-func sharedMinuteSelects(rs []aggregator.Recompute, touched []aggregator.Touched) ([]string, []any, error) {
-	r := rs[0]
-	r.Touched = touched
-	scans, err := touchedScans(r)
-	if err != nil {
-		return nil, nil, err
-	}
-	ms := make([]meter.Meter, len(rs))
-	for i, r := range rs {
-		ms[i] = r.Meter
-	}
-	out := make([]string, 0, len(scans))
-	var args []any
-	for _, sc := range scans {
-		q, a, err := sharedMinuteSelect(ms, sc.accounts, sc.timeRange, sc.filter)
-		if err != nil {
-			return nil, nil, err
-		}
-		out, args = append(out, q), a
-	}
-	return out, args, nil
 }
 
 // sharedMinuteSelect computes the minute rows of several meters on one
