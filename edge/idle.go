@@ -11,7 +11,8 @@ import (
 
 // IdleWatch calls onIdle once when Touch has not been called for idle, as
 // long as it is not stopped: an upgraded connection's guard against a peer
-// that vanished without closing.
+// that vanished without closing (upgraded_idle_timeout), and the net/http
+// handler's bound on an upstream's silence (upstream_timeout).
 type IdleWatch struct {
 	idle   time.Duration
 	onIdle func()
