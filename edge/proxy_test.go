@@ -168,6 +168,64 @@ func TestProxy(t *testing.T) {
 				}
 			})
 
+			t.Run("an upload that keeps coming outlives upstream_timeout, which bounds each silence", func(t *testing.T) {
+				in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP, Config: func(c *edge.Config) {
+					c.Upstream, c.UpstreamTimeout = streamingUpstream(t, nil), 500*time.Millisecond
+				}})
+				// Six chunks of 64 KiB, 300 ms apart: 1.8 s in all against a
+				// 500 ms timeout.
+				chunk := []byte(strings.Repeat("u", 64<<10))
+				pr, pw := io.Pipe()
+				go func() {
+					for i := range 6 {
+						if i > 0 {
+							time.Sleep(300 * time.Millisecond)
+						}
+						if _, err := pw.Write(chunk); err != nil {
+							return
+						}
+					}
+					pw.Close()
+				}()
+				req, _ := http.NewRequest("POST", in.URL+"/v1/upload", pr) // no length: chunked
+				req.Header.Set("Authorization", "Bearer "+key)
+				resp, err := http.DefaultClient.Do(req)
+				testenv.Must(t, err, "upload")
+				var got struct {
+					Bytes int64 `json:"bytes"`
+				}
+				raw, _ := io.ReadAll(resp.Body)
+				resp.Body.Close()
+				if err := json.Unmarshal(raw, &got); err != nil || resp.StatusCode != 200 || got.Bytes != 6*int64(len(chunk)) {
+					t.Fatalf("status %d body %q: want the upstream to get all %d bytes", resp.StatusCode, raw, 6*len(chunk))
+				}
+			})
+
+			if !fr.netHTTP {
+				t.Run("an upload that stalls past upstream_timeout gets 408 and is metered", func(t *testing.T) {
+					in := env.Start(t, edgetest.Options{Config: func(c *edge.Config) {
+						c.Upstream, c.UpstreamTimeout = streamingUpstream(t, nil), 500*time.Millisecond
+					}})
+					conn, err := net.Dial("tcp", strings.TrimPrefix(in.URL, "http://"))
+					testenv.Must(t, err, "dial the edge")
+					defer conn.Close()
+					_ = conn.SetDeadline(time.Now().Add(10 * time.Second))
+					_, err = io.WriteString(conn, "POST /v1/upload HTTP/1.1\r\nHost: edge.test\r\nAuthorization: Bearer "+key+
+						"\r\nTransfer-Encoding: chunked\r\n\r\n10000\r\n"+strings.Repeat("s", 64<<10)+"\r\n")
+					testenv.Must(t, err, "send the start of the body")
+					// Then nothing: the caller stalls.
+					resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+					testenv.Must(t, err, "read the answer")
+					body, _ := io.ReadAll(resp.Body)
+					if resp.StatusCode != 408 || !strings.Contains(string(body), `"code":"request_timeout"`) {
+						t.Fatalf("status %d body %q", resp.StatusCode, body)
+					}
+					if ev := eventFor(t, env, resp.Header.Get(edge.HeaderRequestID)); ev.Status != 408 {
+						t.Fatalf("event status %d, want 408", ev.Status)
+					}
+				})
+			}
+
 			t.Run("a body sent after 100 Continue reaches the upstream whole", func(t *testing.T) {
 				in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP, Config: func(c *edge.Config) { c.Upstream = streamingUpstream(t, nil) }})
 				body := strings.Repeat("x", 2<<20)

@@ -90,10 +90,12 @@ func New(s *edge.Server, log *slog.Logger) (*Front, error) {
 		StreamRequestBody:            true,
 		ReadBufferSize:               maxHeaderBytes,
 		// A request's header must arrive within ReadTimeout, as net/http's
-		// ReadHeaderTimeout; its body may take as long as the upstream may.
+		// ReadHeaderTimeout. Its body must keep coming: it may start
+		// upstream_timeout later, and each read of a streamed body may wait
+		// that long again (proxy), as each read from the upstream may.
 		ReadTimeout: 10 * time.Second,
 		HeaderReceived: func(*fh.RequestHeader) fh.RequestConfig {
-			return fh.RequestConfig{ReadTimeout: cfg.UpstreamTimeout + 10*time.Second}
+			return fh.RequestConfig{ReadTimeout: cfg.UpstreamTimeout}
 		},
 		IdleTimeout:     120 * time.Second,
 		CloseOnShutdown: true,
@@ -392,7 +394,14 @@ func (f *Front) proxy(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, st
 	req := &ctx.Request
 	counted := &countingReader{}
 	if bs := ctx.RequestBodyStream(); bs != nil {
-		counted.r = bs
+		// Each read of the caller's body may wait upstream_timeout, as each
+		// read from the upstream may: an upload that keeps coming is never
+		// cut, however long it takes in all.
+		conn, limit := ctx.Conn(), f.timeout
+		counted.r = readerFunc(func(p []byte) (int, error) {
+			_ = conn.SetReadDeadline(time.Now().Add(limit))
+			return bs.Read(p)
+		})
 		req.SetBodyStream(counted, req.Header.ContentLength())
 	} else {
 		counted.n = int64(len(req.Body()))
@@ -404,7 +413,19 @@ func (f *Front) proxy(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, st
 	if err != nil {
 		fh.ReleaseResponse(resp)
 		ae := upstreamError(err)
-		f.log.Warn("upstream error", "status", ae.Status, "err", err)
+		if counted.err != nil {
+			// The caller's body broke off or stalled: not the upstream's doing.
+			err = counted.err
+			ae = edge.NewAPIError(fh.StatusBadRequest, edge.TypeInvalidRequest, "invalid_body", "Could not read the request body.")
+			var netErr net.Error
+			if errors.As(err, &netErr) && netErr.Timeout() {
+				ae = edge.NewAPIError(fh.StatusRequestTimeout, edge.TypeInvalidRequest, "request_timeout", "The request did not arrive in time.")
+			}
+			ctx.SetConnectionClose()
+			f.log.Info("request body broke off", "status", ae.Status, "err", err)
+		} else {
+			f.log.Warn("upstream error", "status", ae.Status, "err", err)
+		}
 		f.fail(ctx, ae, call.RequestID)
 		call.Status, call.RequestBytes = ae.Status, counted.n
 		f.s.EmitCall(call)
@@ -456,21 +477,31 @@ func (f *Front) proxy(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, st
 	ctx.Response.SetBodyStream(&responseBody{r: bs, resp: resp, done: done}, size)
 }
 
-// countingReader counts what is read through it.
+// countingReader counts what is read through it, and remembers how it
+// ended.
 type countingReader struct {
 	r   io.Reader
 	n   int64
 	eof bool
+	err error // a read error other than io.EOF
 }
 
 func (c *countingReader) Read(p []byte) (int, error) {
 	n, err := c.r.Read(p)
 	c.n += int64(n)
-	if err == io.EOF {
+	switch {
+	case err == io.EOF:
 		c.eof = true
+	case err != nil:
+		c.err = err
 	}
 	return n, err
 }
+
+// readerFunc is a function as an io.Reader.
+type readerFunc func(p []byte) (int, error)
+
+func (f readerFunc) Read(p []byte) (int, error) { return f(p) }
 
 // maxDrain bounds what drainBody reads.
 const maxDrain = 16 << 20
@@ -483,7 +514,7 @@ const maxDrain = 16 << 20
 // dropped is not counted as sent. Past maxDrain the connection is closed
 // anyway.
 func drainBody(c *countingReader) {
-	if c.r == nil || c.eof {
+	if c.r == nil || c.eof || c.err != nil {
 		return
 	}
 	_, _ = io.CopyN(io.Discard, c.r, maxDrain)
