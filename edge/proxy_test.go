@@ -149,16 +149,7 @@ func TestProxy(t *testing.T) {
 					}
 					pw.Close()
 				}()
-				req, _ := http.NewRequest("POST", in.URL+"/v1/upload", pr) // no length: chunked
-				req.Header.Set("Authorization", "Bearer "+key)
-				resp, err := http.DefaultClient.Do(req)
-				testenv.Must(t, err, "upload")
-				var got struct {
-					SHA256 string `json:"sha256"`
-					Bytes  int64  `json:"bytes"`
-				}
-				testenv.Must(t, json.NewDecoder(resp.Body).Decode(&got), "decode")
-				resp.Body.Close()
+				resp, got := upload(t, in.URL, key, pr) // no length: chunked
 				if got.Bytes != size || got.SHA256 != hex.EncodeToString(want[:]) {
 					t.Fatalf("upstream got %d bytes, sha256 %s; want %d", got.Bytes, got.SHA256, size)
 				}
@@ -187,17 +178,9 @@ func TestProxy(t *testing.T) {
 					}
 					pw.Close()
 				}()
-				req, _ := http.NewRequest("POST", in.URL+"/v1/upload", pr) // no length: chunked
-				req.Header.Set("Authorization", "Bearer "+key)
-				resp, err := http.DefaultClient.Do(req)
-				testenv.Must(t, err, "upload")
-				var got struct {
-					Bytes int64 `json:"bytes"`
-				}
-				raw, _ := io.ReadAll(resp.Body)
-				resp.Body.Close()
-				if err := json.Unmarshal(raw, &got); err != nil || resp.StatusCode != 200 || got.Bytes != 6*int64(len(chunk)) {
-					t.Fatalf("status %d body %q: want the upstream to get all %d bytes", resp.StatusCode, raw, 6*len(chunk))
+				resp, got := upload(t, in.URL, key, pr) // no length: chunked
+				if resp.StatusCode != 200 || got.Bytes != 6*int64(len(chunk)) {
+					t.Fatalf("status %d, upstream got %d bytes: want all %d", resp.StatusCode, got.Bytes, 6*len(chunk))
 				}
 			})
 
@@ -821,6 +804,30 @@ func openEcho(t *testing.T, in *edgetest.Instance, key, first string) (net.Conn,
 	resp, err := http.ReadResponse(br, nil)
 	testenv.Must(t, err, "read the answer")
 	return conn, br, resp
+}
+
+// uploaded is what streamingUpstream's /v1/upload saw of a body.
+type uploaded struct {
+	SHA256 string `json:"sha256"`
+	Bytes  int64  `json:"bytes"`
+}
+
+// upload posts body to url's /v1/upload with key and returns the answer
+// (its body read) and what the upstream saw, or zeros when the answer is
+// not the upstream's.
+func upload(t *testing.T, url, key string, body io.Reader) (*http.Response, uploaded) {
+	t.Helper()
+	req, _ := http.NewRequest("POST", url+"/v1/upload", body)
+	req.Header.Set("Authorization", "Bearer "+key)
+	resp, err := http.DefaultClient.Do(req)
+	testenv.Must(t, err, "upload")
+	raw, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	var got uploaded
+	if resp.StatusCode == 200 {
+		testenv.Must(t, json.Unmarshal(raw, &got), "decode the upstream's answer")
+	}
+	return resp, got
 }
 
 // rawUpstream serves each connection by reading one request's head and
