@@ -2,6 +2,7 @@ package edge
 
 import (
 	"bufio"
+	"bytes"
 	"net"
 	"net/http"
 	"sync"
@@ -71,9 +72,18 @@ type tunnelConn struct {
 	net.Conn
 	watch         *IdleWatch
 	read, written atomic.Int64
+	// early is what the caller sent behind its handshake, read first.
+	early []byte
 }
 
 func (c *tunnelConn) Read(p []byte) (int, error) {
+	if len(c.early) > 0 {
+		n := copy(p, c.early)
+		c.early = c.early[n:]
+		c.read.Add(int64(n))
+		c.watch.Touch()
+		return n, nil
+	}
 	n, err := c.Conn.Read(p)
 	if n > 0 {
 		c.read.Add(int64(n))
@@ -119,6 +129,14 @@ func (w *upgradeWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 	}
 	w.switched = time.Now()
 	w.conn = &tunnelConn{Conn: conn}
+	if n := brw.Reader.Buffered(); n > 0 {
+		// What the caller sent right behind its handshake is in brw's
+		// buffer, and net/http's proxy reads only the connection: the
+		// tunnel's first read returns it.
+		early, _ := brw.Reader.Peek(n)
+		w.conn.early = bytes.Clone(early)
+		_, _ = brw.Reader.Discard(n)
+	}
 	w.conn.watch = NewIdleWatch(w.idle, func() { conn.Close() })
 	return w.conn, brw, nil
 }

@@ -561,6 +561,24 @@ func TestProxy(t *testing.T) {
 				}
 			})
 
+			t.Run("bytes sent right behind an upgrade's handshake reach the upstream", func(t *testing.T) {
+				// net/http's proxy reads only the caller's connection, not
+				// what the server had already buffered from it; the handler
+				// hands those bytes on first.
+				in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP, Config: func(c *edge.Config) { c.Upstream = upgradingUpstream(t) }})
+				conn, br, resp := openEcho(t, in, key, "early\n")
+				if resp.StatusCode != 101 {
+					t.Fatalf("status %d", resp.StatusCode)
+				}
+				if got, err := br.ReadString('\n'); err != nil || got != "echo: early\n" {
+					t.Fatalf("got %q, %v: the bytes behind the handshake were lost", got, err)
+				}
+				conn.Close()
+				if ev := eventFor(t, env, resp.Header.Get(edge.HeaderRequestID)); ev.RequestBytes != 6 || ev.ResponseBytes != 12 {
+					t.Fatalf("event bytes %d in, %d out; want 6 and 12", ev.RequestBytes, ev.ResponseBytes)
+				}
+			})
+
 			t.Run("upgrades past max_upgraded_connections are refused until one closes", func(t *testing.T) {
 				in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP, Config: func(c *edge.Config) {
 					c.Upstream, c.MaxUpgradedConnections = upgradingUpstream(t), 1
@@ -866,25 +884,28 @@ func rawUpstream(t *testing.T, serve func(conn net.Conn, br *bufio.Reader)) stri
 // line protocol that answers each line with "echo: " and the line.
 func upgradingUpstream(t *testing.T) string {
 	t.Helper()
-	return serveUpstream(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.Header.Get("Upgrade") != "echo" || r.Header.Get("Authorization") != "" {
-			http.Error(w, "want an echo upgrade without the key", http.StatusBadRequest)
-			return
-		}
-		conn, brw, err := http.NewResponseController(w).Hijack()
+	return serveUpstream(t, upgradeEcho)
+}
+
+// upgradeEcho is upgradingUpstream's handler.
+var upgradeEcho = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	if r.Header.Get("Upgrade") != "echo" || r.Header.Get("Authorization") != "" {
+		http.Error(w, "want an echo upgrade without the key", http.StatusBadRequest)
+		return
+	}
+	conn, brw, err := http.NewResponseController(w).Hijack()
+	if err != nil {
+		return
+	}
+	defer conn.Close()
+	_, _ = brw.WriteString("HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+	_ = brw.Flush()
+	for {
+		line, err := brw.ReadString('\n')
 		if err != nil {
 			return
 		}
-		defer conn.Close()
-		_, _ = brw.WriteString("HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+		_, _ = brw.WriteString("echo: " + line)
 		_ = brw.Flush()
-		for {
-			line, err := brw.ReadString('\n')
-			if err != nil {
-				return
-			}
-			_, _ = brw.WriteString("echo: " + line)
-			_ = brw.Flush()
-		}
-	}))
-}
+	}
+})

@@ -603,7 +603,12 @@ func (s *Server) newProxy(upstream string) (*httputil.ReverseProxy, error) {
 	if err != nil {
 		return nil, fmt.Errorf("parse upstream %q: %w", upstream, err)
 	}
+	tlsCfg, err := s.cfg.UpstreamTLS()
+	if err != nil {
+		return nil, err
+	}
 	transport := &http.Transport{
+		TLSClientConfig:     tlsCfg,
 		Proxy:               nil,
 		DialContext:         (&net.Dialer{Timeout: 5 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
 		MaxIdleConns:        1024,

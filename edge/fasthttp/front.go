@@ -15,6 +15,7 @@ package fasthttp
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -55,6 +56,8 @@ type upstream struct {
 	// serverName is the upstream's host name, for TLS on an upgrade's own
 	// connection.
 	serverName string
+	// tls is how an https upstream is spoken to (edge.upstream_ca_file).
+	tls *tls.Config
 	// host is the upstream URL's host[:port], the Host of a call that
 	// came without one.
 	host string
@@ -71,13 +74,16 @@ func New(s *edge.Server, log *slog.Logger) (*Front, error) {
 	cfg := s.Config()
 	f := &Front{s: s, log: log, slow: fasthttpadaptor.NewFastHTTPHandler(s), timeout: cfg.UpstreamTimeout,
 		idle: cfg.UpgradedIdleTimeout, cors: s.CORS()}
-	var err error
-	if f.live, err = newUpstream(cfg.Upstream, cfg.UpstreamTimeout); err != nil {
+	tlsCfg, err := cfg.UpstreamTLS()
+	if err != nil {
+		return nil, err
+	}
+	if f.live, err = newUpstream(cfg.Upstream, cfg.UpstreamTimeout, tlsCfg); err != nil {
 		return nil, err
 	}
 	f.sandbox = f.live
 	if cfg.SandboxUpstream != "" && cfg.SandboxUpstream != cfg.Upstream {
-		if f.sandbox, err = newUpstream(cfg.SandboxUpstream, cfg.UpstreamTimeout); err != nil {
+		if f.sandbox, err = newUpstream(cfg.SandboxUpstream, cfg.UpstreamTimeout, tlsCfg); err != nil {
 			return nil, err
 		}
 	}
@@ -108,7 +114,7 @@ func New(s *edge.Server, log *slog.Logger) (*Front, error) {
 	return f, nil
 }
 
-func newUpstream(raw string, timeout time.Duration) (*upstream, error) {
+func newUpstream(raw string, timeout time.Duration, tlsCfg *tls.Config) (*upstream, error) {
 	u, err := url.Parse(raw)
 	if err != nil {
 		return nil, fmt.Errorf("parse upstream %q: %w", raw, err)
@@ -124,13 +130,17 @@ func newUpstream(raw string, timeout time.Duration) (*upstream, error) {
 		}
 		addr = net.JoinHostPort(u.Hostname(), port)
 	}
+	tlsCfg = tlsCfg.Clone()
+	tlsCfg.ServerName = u.Hostname()
 	return &upstream{
+		tls:        tlsCfg,
 		serverName: u.Hostname(),
 		host:       u.Host,
 		base:       strings.TrimSuffix(u.EscapedPath(), "/"),
 		hc: &fh.HostClient{
-			Addr:  addr,
-			IsTLS: u.Scheme == "https",
+			Addr:      addr,
+			IsTLS:     u.Scheme == "https",
+			TLSConfig: tlsCfg,
 			// upstream_timeout bounds each silence of the upstream, not the
 			// whole exchange: see silentConn.
 			Dial: func(addr string) (net.Conn, error) {
@@ -374,6 +384,10 @@ func (f *Front) forward(ctx *fh.RequestCtx, adm edge.Admission, rid string) *ups
 	req.Header.Set(fh.HeaderXForwardedProto, proto)
 	if up.base != "" {
 		req.SetRequestURI(up.base + string(req.RequestURI()))
+	}
+	if up.hc.IsTLS {
+		// The host client refuses a request whose scheme is not its own.
+		req.URI().SetScheme("https")
 	}
 	return up
 }

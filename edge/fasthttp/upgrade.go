@@ -216,7 +216,7 @@ func (u *upstream) dial(timeout time.Duration) (net.Conn, error) {
 	if !u.hc.IsTLS {
 		return conn, nil
 	}
-	tc := tls.Client(conn, &tls.Config{ServerName: u.serverName, MinVersion: tls.VersionTLS12})
+	tc := tls.Client(conn, u.tls)
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
 	if err := tc.HandshakeContext(ctx); err != nil {
