@@ -161,10 +161,10 @@ func TestProxy(t *testing.T) {
 
 			t.Run("an upload that keeps coming outlives upstream_timeout, which bounds each silence", func(t *testing.T) {
 				in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP, Config: func(c *edge.Config) {
-					c.Upstream, c.UpstreamTimeout = streamingUpstream(t, nil), 500*time.Millisecond
+					c.Upstream, c.UpstreamTimeout = streamingUpstream(t, nil), time.Second
 				}})
-				// Six chunks of 64 KiB, 300 ms apart: 1.8 s in all against a
-				// 500 ms timeout.
+				// Six chunks of 64 KiB, 300 ms apart: 1.5 s in all against a
+				// 1 s timeout.
 				chunk := []byte(strings.Repeat("u", 64<<10))
 				pr, pw := io.Pipe()
 				go func() {
@@ -318,13 +318,13 @@ func TestProxy(t *testing.T) {
 			})
 
 			t.Run("a stream that keeps sending outlives upstream_timeout, which bounds each silence", func(t *testing.T) {
-				// Eight lines 200 ms apart: 1.6 s in all, against a 500 ms
+				// Eight lines 200 ms apart: 1.6 s in all, against a 1 s
 				// timeout. Then an upstream silent for longer than the
 				// timeout between two lines is cut, and both are metered.
 				ticking := serveUpstream(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 					gap := 200 * time.Millisecond
 					if r.URL.Path == "/v1/stall" {
-						gap = 1500 * time.Millisecond
+						gap = 2500 * time.Millisecond
 					}
 					for i := range 8 {
 						if i > 0 {
@@ -340,7 +340,7 @@ func TestProxy(t *testing.T) {
 					}
 				}))
 				in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP, Config: func(c *edge.Config) {
-					c.Upstream, c.UpstreamTimeout = ticking, 500*time.Millisecond
+					c.Upstream, c.UpstreamTimeout = ticking, time.Second
 				}})
 				r := edgetest.Do(t, "GET", in.URL+"/v1/ticks", key, nil)
 				if r.Status != 200 || strings.Count(string(r.Body), "\n") != 8 {
@@ -356,7 +356,7 @@ func TestProxy(t *testing.T) {
 				testenv.Must(t, err, "call")
 				got, err := io.ReadAll(resp.Body)
 				resp.Body.Close()
-				// Uncut, the second line would come after 1.5 s, and the end.
+				// Uncut, the second line would come after 2.5 s, and the end.
 				if err == nil || string(got) != "line 0\n" {
 					t.Fatalf("read %q (error %v) from a stream silent past the timeout; want its first line, then an error", got, err)
 				}
@@ -460,13 +460,13 @@ func TestProxy(t *testing.T) {
 
 			t.Run("an upgraded connection outlives upstream_timeout, which bounds the handshake alone", func(t *testing.T) {
 				in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP, Config: func(c *edge.Config) {
-					c.Upstream, c.UpstreamTimeout = upgradingUpstream(t), 500*time.Millisecond
+					c.Upstream, c.UpstreamTimeout = upgradingUpstream(t), time.Second
 				}})
 				conn, br, resp := openEcho(t, in, key, "")
 				if resp.StatusCode != 101 {
 					t.Fatalf("status %d", resp.StatusCode)
 				}
-				for i := range 4 { // 1.2 s in all, more than twice the timeout
+				for i := range 5 { // 1.5 s in all, more than the timeout
 					time.Sleep(300 * time.Millisecond)
 					_, err := io.WriteString(conn, "hi\n")
 					testenv.Must(t, err, "write")
