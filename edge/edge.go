@@ -128,6 +128,11 @@ type Config struct {
 	Upstream string `yaml:"upstream"`
 	// SandboxUpstream serves test-mode keys; empty means Upstream.
 	SandboxUpstream string `yaml:"sandbox_upstream"`
+	// TLSCertFile and TLSKeyFile, both PEM, make the edge serve HTTPS on
+	// Listen (TLS 1.2 or later, HTTP/1.1). Both empty: plain HTTP, for an
+	// edge behind a TLS-terminating load balancer.
+	TLSCertFile string `yaml:"tls_cert_file"`
+	TLSKeyFile  string `yaml:"tls_key_file"`
 	// UpstreamCAFile is a PEM file of certificate authorities trusted, on
 	// top of the system's, for https upstreams (an internal CA, say).
 	UpstreamCAFile string `yaml:"upstream_ca_file"`
@@ -257,6 +262,9 @@ func (c *Config) Validate() error {
 			errs = append(errs, err)
 		}
 	}
+	if _, err := c.ServerTLS(); err != nil {
+		errs = append(errs, err)
+	}
 	if c.UpstreamTimeout < 0 {
 		errs = append(errs, errors.New("edge.upstream_timeout: negative"))
 	}
@@ -320,4 +328,20 @@ func (c *Config) UpstreamTLS() (*tls.Config, error) {
 	}
 	cfg.RootCAs = roots
 	return cfg, nil
+}
+
+// ServerTLS is the TLS configuration the edge serves HTTPS with, or nil
+// when TLSCertFile and TLSKeyFile are both empty.
+func (c *Config) ServerTLS() (*tls.Config, error) {
+	if c.TLSCertFile == "" && c.TLSKeyFile == "" {
+		return nil, nil
+	}
+	if c.TLSCertFile == "" || c.TLSKeyFile == "" {
+		return nil, errors.New("edge.tls_cert_file and edge.tls_key_file: set both or neither")
+	}
+	cert, err := tls.LoadX509KeyPair(c.TLSCertFile, c.TLSKeyFile)
+	if err != nil {
+		return nil, fmt.Errorf("edge.tls_cert_file / edge.tls_key_file: %w", err)
+	}
+	return &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12, NextProtos: []string{"http/1.1"}}, nil
 }

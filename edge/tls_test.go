@@ -1,15 +1,27 @@
 package edge_test
 
 import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/json"
 	"encoding/pem"
 	"io"
+	"math/big"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
+	"time"
 
 	"github.com/tollgate-dev/tollgate/edge"
+	"github.com/tollgate-dev/tollgate/internal/demo"
 	"github.com/tollgate-dev/tollgate/internal/edgetest"
 	"github.com/tollgate-dev/tollgate/internal/testenv"
 	"github.com/tollgate-dev/tollgate/schemas"
@@ -61,4 +73,59 @@ func TestHTTPSUpstream(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestServingHTTPS runs the front with tls_cert_file and tls_key_file: a
+// caller trusting the certificate gets its call proxied, the upstream
+// learns it came over HTTPS, and a plain-HTTP caller gets no answer.
+func TestServingHTTPS(t *testing.T) {
+	env := edgetest.New(t)
+	key, _ := env.Key(t, "acct_https", edge.Secret, schemas.Live)
+	certFile, keyFile, roots := selfSigned(t)
+	in := env.Start(t, edgetest.Options{Config: func(c *edge.Config) { c.TLSCertFile, c.TLSKeyFile = certFile, keyFile }})
+	if !strings.HasPrefix(in.URL, "https://") {
+		t.Fatalf("edge URL %s", in.URL)
+	}
+	client := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: roots}}, Timeout: 10 * time.Second}
+	req, _ := http.NewRequest("GET", in.URL+"/v1/things/1", nil)
+	req.Header.Set("Authorization", "Bearer "+key)
+	resp, err := client.Do(req)
+	testenv.Must(t, err, "call over HTTPS")
+	var echo demo.Echo
+	testenv.Must(t, json.NewDecoder(resp.Body).Decode(&echo), "decode")
+	resp.Body.Close()
+	if resp.StatusCode != 200 || resp.TLS == nil || echo.Path != "/v1/things/1" {
+		t.Fatalf("status %d, TLS %v, upstream saw %+v", resp.StatusCode, resp.TLS != nil, echo)
+	}
+	if got := echo.Headers["X-Forwarded-Proto"]; len(got) != 1 || got[0] != "https" {
+		t.Fatalf("X-Forwarded-Proto %v, want https", got)
+	}
+	if _, err := http.Get("http://" + strings.TrimPrefix(in.URL, "https://") + "/v1/things/1"); err == nil {
+		t.Fatal("a plain-HTTP call to the HTTPS edge got an HTTP answer")
+	}
+}
+
+// selfSigned writes a certificate for 127.0.0.1 and its key, and returns
+// their files and a pool that trusts the certificate.
+func selfSigned(t *testing.T) (certFile, keyFile string, roots *x509.CertPool) {
+	t.Helper()
+	priv, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	testenv.Must(t, err, "generate a key")
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "edge.test"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+		IPAddresses: []net.IP{net.ParseIP("127.0.0.1")}, KeyUsage: x509.KeyUsageDigitalSignature,
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &priv.PublicKey, priv)
+	testenv.Must(t, err, "create a certificate")
+	keyDER, err := x509.MarshalECPrivateKey(priv)
+	testenv.Must(t, err, "encode the key")
+	dir := t.TempDir()
+	certFile, keyFile = filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem")
+	testenv.Must(t, os.WriteFile(certFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o600), "write the certificate")
+	testenv.Must(t, os.WriteFile(keyFile, pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: keyDER}), 0o600), "write the key")
+	cert, err := x509.ParseCertificate(der)
+	testenv.Must(t, err, "parse the certificate")
+	roots = x509.NewCertPool()
+	roots.AddCert(cert)
+	return certFile, keyFile, roots
 }

@@ -44,6 +44,8 @@ type Front struct {
 	timeout time.Duration
 	// cors is nil unless edge.cors allows some origin.
 	cors *edge.CORS
+	// tls serves HTTPS when edge.tls_cert_file is set; nil: plain HTTP.
+	tls *tls.Config
 	// idle closes a tunnel that carried nothing for this long.
 	idle    time.Duration
 	srv     *fh.Server
@@ -76,6 +78,9 @@ func New(s *edge.Server, log *slog.Logger) (*Front, error) {
 		idle: cfg.UpgradedIdleTimeout, cors: s.CORS()}
 	tlsCfg, err := cfg.UpstreamTLS()
 	if err != nil {
+		return nil, err
+	}
+	if f.tls, err = cfg.ServerTLS(); err != nil {
 		return nil, err
 	}
 	if f.live, err = newUpstream(cfg.Upstream, cfg.UpstreamTimeout, tlsCfg); err != nil {
@@ -161,8 +166,14 @@ func newUpstream(raw string, timeout time.Duration, tlsCfg *tls.Config) (*upstre
 	}, nil
 }
 
-// Serve serves calls on ln until Shutdown.
-func (f *Front) Serve(ln net.Listener) error { return f.srv.Serve(ln) }
+// Serve serves calls on ln until Shutdown, over TLS when edge.tls_cert_file
+// is set.
+func (f *Front) Serve(ln net.Listener) error {
+	if f.tls != nil {
+		ln = tls.NewListener(ln, f.tls)
+	}
+	return f.srv.Serve(ln)
+}
 
 // Shutdown stops accepting calls and waits for those in flight until ctx
 // ends. Upgraded connections have no end in sight, so they are cut once
@@ -385,9 +396,14 @@ func (f *Front) forward(ctx *fh.RequestCtx, adm edge.Admission, rid string) *ups
 	if up.base != "" {
 		req.SetRequestURI(up.base + string(req.RequestURI()))
 	}
-	if up.hc.IsTLS {
-		// The host client refuses a request whose scheme is not its own.
-		req.URI().SetScheme("https")
+	if up.hc.IsTLS != ctx.IsTLS() {
+		// The caller's scheme is not the upstream's, and the host client
+		// refuses a request whose scheme is not its own.
+		scheme := "http"
+		if up.hc.IsTLS {
+			scheme = "https"
+		}
+		req.URI().SetScheme(scheme)
 	}
 	return up
 }

@@ -282,7 +282,11 @@ func (e *Env) Start(t *testing.T, o Options) *Instance {
 		ln, err := net.Listen("tcp", "127.0.0.1:0")
 		testenv.Must(t, err, "listen")
 		go func() { _ = front.Serve(ln) }()
-		in.URL, stop = "http://"+ln.Addr().String(), func() {
+		scheme := "http://"
+		if cfg.TLSCertFile != "" {
+			scheme = "https://"
+		}
+		in.URL, stop = scheme+ln.Addr().String(), func() {
 			// As tollgate edge stops: calls in flight finish first.
 			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 			defer cancel()
