@@ -199,13 +199,7 @@ func TestProxy(t *testing.T) {
 					// Then nothing: the caller stalls.
 					resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
 					testenv.Must(t, err, "read the answer")
-					body, _ := io.ReadAll(resp.Body)
-					if resp.StatusCode != 408 || !strings.Contains(string(body), `"code":"request_timeout"`) {
-						t.Fatalf("status %d body %q", resp.StatusCode, body)
-					}
-					if ev := eventFor(t, env, resp.Header.Get(edge.HeaderRequestID)); ev.Status != 408 {
-						t.Fatalf("event status %d, want 408", ev.Status)
-					}
+					answeredAndMetered(t, env, resp, 408, "request_timeout")
 				})
 			}
 
@@ -276,14 +270,7 @@ func TestProxy(t *testing.T) {
 					req.Header.Set("Authorization", "Bearer "+key)
 					resp, err := http.DefaultClient.Do(req)
 					testenv.Must(t, err, "upload")
-					body, _ := io.ReadAll(resp.Body)
-					resp.Body.Close()
-					if resp.StatusCode != 502 || !strings.Contains(string(body), `"code":"upstream_unavailable"`) {
-						t.Fatalf("status %d body %q", resp.StatusCode, body)
-					}
-					if ev := eventFor(t, env, resp.Header.Get(edge.HeaderRequestID)); ev.Status != 502 {
-						t.Fatalf("event status %d, want 502", ev.Status)
-					}
+					answeredAndMetered(t, env, resp, 502, "upstream_unavailable")
 				}
 			})
 
@@ -485,13 +472,7 @@ func TestProxy(t *testing.T) {
 					c.Upstream, c.UpstreamTimeout = silent, 300*time.Millisecond
 				}})
 				_, _, resp := openEcho(t, in, key, "")
-				body, _ := io.ReadAll(resp.Body)
-				if resp.StatusCode != 504 || !strings.Contains(string(body), `"code":"upstream_timeout"`) {
-					t.Fatalf("status %d body %q", resp.StatusCode, body)
-				}
-				if ev := eventFor(t, env, resp.Header.Get(edge.HeaderRequestID)); ev.Status != 504 {
-					t.Fatalf("event status %d, want 504", ev.Status)
-				}
+				answeredAndMetered(t, env, resp, 504, "upstream_timeout")
 			})
 
 			t.Run("an upgraded connection idle for upgraded_idle_timeout is closed and metered; traffic keeps it open", func(t *testing.T) {
@@ -721,6 +702,20 @@ func TestProxy(t *testing.T) {
 				})
 			}
 		})
+	}
+}
+
+// answeredAndMetered checks that resp is the edge's error with status and
+// code, and that the call's usage event carries the same status.
+func answeredAndMetered(t *testing.T, env *edgetest.Env, resp *http.Response, status int, code string) {
+	t.Helper()
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != status || !strings.Contains(string(body), `"code":"`+code+`"`) {
+		t.Fatalf("status %d body %q, want %d %s", resp.StatusCode, body, status, code)
+	}
+	if ev := eventFor(t, env, resp.Header.Get(edge.HeaderRequestID)); ev.Status != status {
+		t.Fatalf("event status %d, want %d", ev.Status, status)
 	}
 }
 
