@@ -27,6 +27,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"runtime"
 	"runtime/pprof"
 	"sort"
 	"strconv"
@@ -85,7 +86,10 @@ func run() error {
 	conns := flag.Int("connections", 64, "wrk connections")
 	rate := flag.Int("rate", 1000, "fixed request rate for the latency comparison")
 	repeat := flag.Int("repeat", 3, "rounds over every target; each target's best round counts (the machine is shared and noisy)")
-	cpuprofile := flag.String("cpuprofile", "", "write a CPU profile of this process (the edge) during the edge's measured wrk run")
+	cpuprofile := flag.String("cpuprofile", "", "write a CPU profile of this process during the first measured wrk run of -profile-target")
+	linger := flag.Duration("event-linger", 0, "the edge's edge.event_linger (0: its default)")
+	memprofile := flag.String("memprofile", "", "write a heap allocation profile of this process (allocations since it started) after the first measured wrk run of -profile-target")
+	profileTarget := flag.String("profile-target", "edge", "the target -cpuprofile profiles: direct, nginx, nginx_limit, go_proxy, fast_proxy or edge")
 	flag.Parse()
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	ctx := context.Background()
@@ -135,7 +139,7 @@ func run() error {
 	defer fastSrv.Shutdown()
 
 	// The Tollgate edge, wired as `tollgate edge` wires it.
-	key, stopEdge, edgeAddr, err := startEdge(ctx, tmp, "http://"+upAddr, log)
+	key, stopEdge, edgeAddr, err := startEdge(ctx, tmp, "http://"+upAddr, *linger, log)
 	if err != nil {
 		return err
 	}
@@ -169,6 +173,7 @@ func run() error {
 	}
 	cpuPerCall := map[string]float64{}
 	rps := map[string]float64{}
+	allocs := map[string]float64{}
 	var scriptsPerCall, leasedShare float64
 	for _, tg := range targets {
 		// Warm up connections and caches.
@@ -178,17 +183,31 @@ func run() error {
 	}
 	for round := 1; round <= *repeat; round++ {
 		for _, tg := range targets {
-			stopProfile, err := profileIf(*cpuprofile != "" && tg.name == "edge" && round == 1, *cpuprofile)
+			stopProfile, err := profileIf(*cpuprofile != "" && tg.name == *profileTarget && round == 1, *cpuprofile)
 			if err != nil {
 				return err
 			}
 			runs0, calls0 := edgeLimiter.Batched()
 			leased0, _ := edgeLimiter.Leased()
 			span := cpu[tg.name].Begin()
+			mallocs0 := mallocs()
 			r, err := wrk(tg.url, auth, *dur, *conns)
+			heapAllocs := float64(mallocs()-mallocs0) / (r * dur.Seconds())
 			stopProfile()
+			if *memprofile != "" && tg.name == *profileTarget && round == 1 {
+				if err := writeAllocs(*memprofile); err != nil {
+					return err
+				}
+			}
 			if err != nil {
 				return err
+			}
+			// Heap allocations per call in this process (the upstream's
+			// included) do not depend on how busy the machine is, so they
+			// show a change in the edge's work that the CPU figures' noise
+			// hides.
+			if _, ok := allocs[tg.name]; !ok || heapAllocs < allocs[tg.name] {
+				allocs[tg.name] = heapAllocs
 			}
 			used, others := span.End()
 			parts := []string{fmt.Sprintf("this process %.1f", float64(used.Microseconds())/(r*dur.Seconds()))}
@@ -218,6 +237,10 @@ func run() error {
 	}
 	for _, tg := range targets {
 		fmt.Printf("best    %-12s %10.0f req/s\n", tg.name, rps[tg.name])
+	}
+	for _, name := range []string{"direct", "go_proxy", "fast_proxy", "edge"} {
+		fmt.Printf("best    %-12s %10.1f heap allocations per call in this process (%.1f beyond the upstream's)\n",
+			name, allocs[name], allocs[name]-allocs["direct"])
 	}
 	p99 := map[string]time.Duration{}
 	// Redis scripts per edge call: the edge talks to Redis only through
@@ -254,9 +277,9 @@ func run() error {
 		fmt.Printf("best    %-12s p99 %8.3f ms\n", name, float64(p99[name].Microseconds())/1000)
 	}
 	overhead := float64((p99["edge"] - p99["direct"]).Microseconds()) / 1000
-	result := fmt.Sprintf("RESULT edge_rps=%.0f nginx_rps=%.0f nginx_limit_rps=%.0f ratio_vs_nginx_limit=%.2f p99_overhead_ms=%.3f go_proxy_rps=%.0f ratio_vs_go_proxy=%.2f fast_proxy_rps=%.0f ratio_vs_fast_proxy=%.2f redis_scripts_per_call=%.2f redis_runs_per_call_under_load=%.3f leased_share=%.2f",
+	result := fmt.Sprintf("RESULT edge_rps=%.0f nginx_rps=%.0f nginx_limit_rps=%.0f ratio_vs_nginx_limit=%.2f p99_overhead_ms=%.3f go_proxy_rps=%.0f ratio_vs_go_proxy=%.2f fast_proxy_rps=%.0f ratio_vs_fast_proxy=%.2f redis_scripts_per_call=%.2f redis_runs_per_call_under_load=%.3f leased_share=%.2f edge_allocs_per_call=%.1f",
 		rps["edge"], rps["nginx"], rps["nginx_limit"], rps["edge"]/rps["nginx_limit"], overhead, rps["go_proxy"],
-		rps["edge"]/rps["go_proxy"], rps["fast_proxy"], rps["edge"]/rps["fast_proxy"], perCall, scriptsPerCall, leasedShare)
+		rps["edge"]/rps["go_proxy"], rps["fast_proxy"], rps["edge"]/rps["fast_proxy"], perCall, scriptsPerCall, leasedShare, allocs["edge"]-allocs["direct"])
 	if cpuErr == nil {
 		for _, tg := range targets {
 			fmt.Printf("best    %-12s %10.1f µs CPU per call\n", tg.name, cpuPerCall[tg.name])
@@ -324,6 +347,26 @@ func redisCommands(ctx context.Context, rdb *redis.Client) (int64, error) {
 		}
 	}
 	return n, nil
+}
+
+// writeAllocs writes the allocations profile to path.
+func writeAllocs(path string) error {
+	f, err := os.Create(path)
+	if err != nil {
+		return fmt.Errorf("memory profile: %w", err)
+	}
+	if err := pprof.Lookup("allocs").WriteTo(f, 0); err != nil {
+		f.Close()
+		return fmt.Errorf("memory profile: %w", err)
+	}
+	return f.Close()
+}
+
+// mallocs is how many heap objects this process has allocated so far.
+func mallocs() uint64 {
+	var m runtime.MemStats
+	runtime.ReadMemStats(&m)
+	return m.Mallocs
 }
 
 // profileIf starts a CPU profile into path when on, and returns its stop.
@@ -475,7 +518,7 @@ http {
 // edgeLimiter is the edge's Redis limiter, read for its batching and lease counts.
 var edgeLimiter *edgeredis.Limiter
 
-func startEdge(ctx context.Context, tmp, upstream string, log *slog.Logger) (string, func(), string, error) {
+func startEdge(ctx context.Context, tmp, upstream string, linger time.Duration, log *slog.Logger) (string, func(), string, error) {
 	pgURL := env("TOLLGATE_POSTGRES_URL", "postgres://tollgate@127.0.0.1:15432/tollgate?sslmode=disable")
 	brokers := strings.Split(env("TOLLGATE_KAFKA_BROKERS", "127.0.0.1:19092"), ",")
 	redisAddr := env("TOLLGATE_REDIS_ADDR", "127.0.0.1:16379")
@@ -524,7 +567,7 @@ func startEdge(ctx context.Context, tmp, upstream string, log *slog.Logger) (str
 	if e := res.Errors[topic]; e != nil && !errors.Is(e, kafka.TopicAlreadyExists) && !strings.Contains(e.Error(), "already exists") {
 		return "", nil, "", fmt.Errorf("create topic: %w", e)
 	}
-	producer, err := edgekafka.NewProducer(edgekafka.Config{Brokers: brokers, Topic: topic, SpoolDir: filepath.Join(tmp, "spool")}, nil, log)
+	producer, err := edgekafka.NewProducer(edgekafka.Config{Brokers: brokers, Topic: topic, SpoolDir: filepath.Join(tmp, "spool"), Linger: linger}, nil, log)
 	if err != nil {
 		return "", nil, "", err
 	}
