@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"hash/crc32"
 	"math/big"
-	"strings"
 
 	"github.com/tollgate-dev/tollgate/schemas"
 )
@@ -102,12 +101,12 @@ func ParseKey(s string) (ParsedKey, error) {
 		return ParsedKey{}, ErrMalformedKey
 	}
 	for i := prefixLen; i < secretLen; i++ {
-		if strings.IndexByte(base62, s[i]) < 0 {
+		if !isBase62(s[i]) {
 			return ParsedKey{}, ErrMalformedKey
 		}
 	}
-	want := checksum(s[:secretLen-checkLen])
-	if subtle.ConstantTimeCompare([]byte(want), []byte(s[secretLen-checkLen:])) != 1 {
+	want := checkDigits(s[:secretLen-checkLen])
+	if subtle.ConstantTimeCompare(want[:], []byte(s[secretLen-checkLen:])) != 1 {
 		return ParsedKey{}, ErrMalformedKey
 	}
 	pk.Hash = sha256.Sum256([]byte(s))
@@ -119,7 +118,24 @@ func ParseKey(s string) (ParsedKey, error) {
 func HashEqual(a, b []byte) bool { return subtle.ConstantTimeCompare(a, b) == 1 }
 
 func checksum(s string) string {
-	return encode62(new(big.Int).SetUint64(uint64(crc32.ChecksumIEEE([]byte(s)))), checkLen)
+	d := checkDigits(s)
+	return string(d[:])
+}
+
+// checkDigits is checksum without an allocation, for ParseKey, which runs
+// on every call: a CRC-32 fits in six base62 digits (62^6 > 2^32).
+func checkDigits(s string) [checkLen]byte {
+	var out [checkLen]byte
+	n := crc32.ChecksumIEEE([]byte(s))
+	for i := checkLen - 1; i >= 0; i-- {
+		out[i] = base62[n%62]
+		n /= 62
+	}
+	return out
+}
+
+func isBase62(c byte) bool {
+	return '0' <= c && c <= '9' || 'A' <= c && c <= 'Z' || 'a' <= c && c <= 'z'
 }
 
 func encode62(n *big.Int, width int) string {

@@ -78,6 +78,17 @@ type metrics struct {
 	authFail  *prometheus.CounterVec
 	limited   *prometheus.CounterVec
 	upgraded  prometheus.Gauge
+	// statuses are the status codes' label values, made once rather than
+	// formatted on every call.
+	statuses [600]string
+}
+
+// status is code's label value.
+func (m *metrics) status(code int) string {
+	if code >= 0 && code < len(m.statuses) {
+		return m.statuses[code]
+	}
+	return strconv.Itoa(code)
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -103,6 +114,9 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name: "tollgate_edge_upgraded_connections",
 			Help: "Calls switched to another protocol (WebSocket) whose connections are still open.",
 		}),
+	}
+	for code := range m.statuses {
+		m.statuses[code] = strconv.Itoa(code)
 	}
 	if reg == nil {
 		return m, nil
@@ -226,7 +240,7 @@ func (s *Server) Observe(r Route, routed bool, status int, d time.Duration) {
 		}
 	}
 	s.m.duration.WithLabelValues(route).Observe(d.Seconds())
-	s.m.responses.WithLabelValues(strconv.Itoa(status)).Inc()
+	s.m.responses.WithLabelValues(s.m.status(status)).Inc()
 }
 
 func (s *Server) requestID(next echo.HandlerFunc) echo.HandlerFunc {
@@ -278,16 +292,14 @@ func (s *Server) Config() Config { return s.cfg }
 
 // RequestIDFor is the Request-Id header value of the call with event id id.
 func RequestIDFor(id uuid.UUID) string {
-	var b [36]byte
-	hex := id.String()
+	const digits = "0123456789abcdef"
+	var b [4 + 32]byte
 	n := copy(b[:], "req_")
-	for i := 0; i < len(hex); i++ {
-		if hex[i] != '-' {
-			b[n] = hex[i]
-			n++
-		}
+	for _, c := range id {
+		b[n], b[n+1] = digits[c>>4], digits[c&0x0f]
+		n += 2
 	}
-	return string(b[:n])
+	return string(b[:])
 }
 
 // keyFromAuthorization extracts the key from an Authorization header,
@@ -343,6 +355,18 @@ type CallInfo struct {
 	Authorization string
 	// RemoteAddr is the caller's address, host or host:port.
 	RemoteAddr string
+	// Remote stands in for RemoteAddr when that is empty. It is formatted
+	// only when needed (for a refused call's audit event), not on every
+	// call.
+	Remote net.Addr
+}
+
+// remoteAddr is the caller's address, host or host:port.
+func (ci CallInfo) remoteAddr() string {
+	if ci.RemoteAddr == "" && ci.Remote != nil {
+		return ci.Remote.String()
+	}
+	return ci.RemoteAddr
 }
 
 // Admission is a call that may go ahead: its key and route.
@@ -375,7 +399,7 @@ func (s *Server) authFailed(ci CallInfo, reason, prefix string, k *Key, err erro
 	s.m.authFail.WithLabelValues(reason).Inc()
 	if s.deps.Auditor != nil {
 		ev := AuditEvent{At: s.now(), Actor: "api", Action: ActionAuthFailed, KeyPrefix: prefix,
-			RemoteAddr: hostOnly(ci.RemoteAddr), Reason: reason, Count: 1}
+			RemoteAddr: hostOnly(ci.remoteAddr()), Reason: reason, Count: 1}
 		if k != nil {
 			ev.AccountID, ev.KeyID = k.AccountID, k.ID
 		}

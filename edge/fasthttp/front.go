@@ -19,7 +19,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"iter"
 	"log/slog"
 	"net"
 	"net/url"
@@ -233,7 +232,7 @@ func (f *Front) handle(ctx *fh.RequestCtx) {
 		Method:        string(ctx.Method()),
 		Path:          string(ctx.Path()),
 		Authorization: string(ctx.Request.Header.Peek(fh.HeaderAuthorization)),
-		RemoteAddr:    ctx.RemoteAddr().String(),
+		Remote:        ctx.RemoteAddr(),
 	}
 	adm, err := f.s.Admit(ctx, ci, func(name string, value []byte) { ctx.Response.Header.SetBytesV(name, value) })
 	if err != nil {
@@ -330,27 +329,42 @@ func isHopByHop(name []byte) bool {
 	return false
 }
 
-// headers is what stripHopByHop needs of a request or response header.
+// headers is what dropHopByHop needs of a request or response header.
 type headers interface {
-	All() iter.Seq2[[]byte, []byte]
 	Peek(string) []byte
 	Del(string)
 }
 
-// stripHopByHop drops the hop-by-hop headers, and those the Connection
-// header names. Most calls have none, so one pass looks before anything
-// is deleted.
-func stripHopByHop(h headers) {
+// stripRequestHopByHop and stripResponseHopByHop drop the hop-by-hop
+// headers, and those the Connection header names. Most calls have none, so
+// one pass looks before anything is deleted. They take the concrete types:
+// ranging over All through an interface put the iterator's state on the
+// heap, twice per call.
+func stripRequestHopByHop(h *fh.RequestHeader) {
 	var found bool
 	for k := range h.All() {
-		if isHopByHop(k) || string(k) == fh.HeaderConnection {
-			found = true
+		if found = isHopByHop(k) || string(k) == fh.HeaderConnection; found {
 			break
 		}
 	}
-	if !found {
-		return
+	if found {
+		dropHopByHop(h)
 	}
+}
+
+func stripResponseHopByHop(h *fh.ResponseHeader) {
+	var found bool
+	for k := range h.All() {
+		if found = isHopByHop(k) || string(k) == fh.HeaderConnection; found {
+			break
+		}
+	}
+	if found {
+		dropHopByHop(h)
+	}
+}
+
+func dropHopByHop(h headers) {
 	if c := h.Peek(fh.HeaderConnection); len(c) > 0 {
 		for _, name := range strings.Split(string(c), ",") {
 			if name = strings.TrimSpace(name); name != "" && !strings.EqualFold(name, "close") && !strings.EqualFold(name, "keep-alive") {
@@ -372,7 +386,7 @@ func (f *Front) forward(ctx *fh.RequestCtx, adm edge.Admission, rid string) *ups
 		up = f.sandbox // the live upstream when there is no sandbox
 	}
 	req := &ctx.Request
-	stripHopByHop(&req.Header)
+	stripRequestHopByHop(&req.Header)
 	req.Header.Del(fh.HeaderAuthorization)
 	req.Header.Set(edge.HeaderRequestID, rid)
 	// X-Forwarded-*, as net/http's ReverseProxy.SetXForwarded sets them.
@@ -464,7 +478,7 @@ func (f *Front) proxy(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, st
 	}
 
 	ctx.SetStatusCode(resp.StatusCode())
-	stripHopByHop(&resp.Header)
+	stripResponseHopByHop(&resp.Header)
 	for k, v := range resp.Header.All() {
 		switch string(k) {
 		case fh.HeaderContentLength, fh.HeaderTransferEncoding, fh.HeaderDate, fh.HeaderConnection:

@@ -19,23 +19,35 @@ func TestStripHopByHop(t *testing.T) {
 		{"headers the Connection header names are dropped", map[string]string{"Connection": "X-Secret, keep-alive", "X-Secret": "s", "X-Custom": "1"},
 			[]string{"X-Custom"}, []string{"X-Secret"}},
 	}
+	check := func(t *testing.T, h headers, kept, gone []string) {
+		t.Helper()
+		for _, k := range kept {
+			if len(h.Peek(k)) == 0 {
+				t.Errorf("%s was dropped", k)
+			}
+		}
+		for _, k := range gone {
+			if len(h.Peek(k)) != 0 {
+				t.Errorf("%s was kept", k)
+			}
+		}
+	}
 	for _, c := range cases {
-		t.Run(c.name, func(t *testing.T) {
+		t.Run("request: "+c.name, func(t *testing.T) {
 			var h fh.RequestHeader
 			for k, v := range c.set {
 				h.Set(k, v)
 			}
-			stripHopByHop(&h)
-			for _, k := range c.kept {
-				if len(h.Peek(k)) == 0 {
-					t.Errorf("%s was dropped", k)
-				}
+			stripRequestHopByHop(&h)
+			check(t, &h, c.kept, c.gone)
+		})
+		t.Run("response: "+c.name, func(t *testing.T) {
+			var h fh.ResponseHeader
+			for k, v := range c.set {
+				h.Set(k, v)
 			}
-			for _, k := range c.gone {
-				if len(h.Peek(k)) != 0 {
-					t.Errorf("%s was kept", k)
-				}
-			}
+			stripResponseHopByHop(&h)
+			check(t, &h, c.kept, c.gone)
 		})
 	}
 }
