@@ -339,9 +339,10 @@ type headers interface {
 
 // stripRequestHopByHop and stripResponseHopByHop drop the hop-by-hop
 // headers, and those the Connection header names. Most calls have none, so
-// one pass looks before anything is deleted. They take the concrete types:
-// ranging over All through an interface put the iterator's state on the
-// heap, twice per call.
+// one pass looks before anything is deleted. They take the concrete types,
+// hence two: ranging over All through an interface put the iterator's state
+// on the heap, twice per call, and one generic function over both types
+// still does (its instances share one shape).
 func stripRequestHopByHop(h *fh.RequestHeader) {
 	var found bool
 	for k := range h.All() {
