@@ -435,11 +435,30 @@ func upstreamError(err error) *edge.APIError {
 	return edge.NewAPIError(fh.StatusBadGateway, edge.TypeAPI, "upstream_unavailable", "The upstream service could not be reached.")
 }
 
+// exchange is one proxied call's state, from its admission to the last
+// byte of its answer: one allocation per call instead of one per part.
+type exchange struct {
+	f       *Front
+	route   edge.Route
+	call    edge.Call
+	start   time.Time
+	counted countingReader
+	body    responseBody
+}
+
+// finish records the call with the bytes sent (responseBody's finisher).
+func (x *exchange) finish(sent int64) {
+	x.call.RequestBytes, x.call.ResponseBytes = x.counted.n, sent
+	x.f.s.EmitCall(x.call)
+	x.f.s.Observe(x.route, true, x.call.Status, time.Since(x.start))
+}
+
 func (f *Front) proxy(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, start time.Time) {
 	call.Start = f.s.Now()
+	x := &exchange{f: f, route: adm.Route, call: call, start: start}
 	up := f.forward(ctx, adm, call.RequestID)
 	req := &ctx.Request
-	counted := &countingReader{}
+	counted := &x.counted
 	if bs := ctx.RequestBodyStream(); bs != nil {
 		// Each read of the caller's body may wait upstream_timeout, as each
 		// read from the upstream may: an upload that keeps coming is never
@@ -474,9 +493,8 @@ func (f *Front) proxy(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, st
 			f.log.Warn("upstream error", "status", ae.Status, "err", err)
 		}
 		f.fail(ctx, ae, call.RequestID)
-		call.Status, call.RequestBytes = ae.Status, counted.n
-		f.s.EmitCall(call)
-		f.s.Observe(adm.Route, true, ae.Status, time.Since(start))
+		x.call.Status = ae.Status
+		x.finish(0)
 		return
 	}
 
@@ -492,18 +510,13 @@ func (f *Front) proxy(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, st
 		}
 		ctx.Response.Header.AddBytesKV(k, v)
 	}
-	call.Status = resp.StatusCode()
-	done := func(sent int64) {
-		call.RequestBytes, call.ResponseBytes = counted.n, sent
-		f.s.EmitCall(call)
-		f.s.Observe(adm.Route, true, call.Status, time.Since(start))
-	}
+	x.call.Status = resp.StatusCode()
 	if ctx.IsHead() {
 		ctx.Response.SkipBody = true
 		ctx.Response.Header.SetContentLength(resp.Header.ContentLength())
 		_ = resp.CloseBodyStream()
 		fh.ReleaseResponse(resp)
-		done(0)
+		x.finish(0)
 		return
 	}
 	bs := resp.BodyStream()
@@ -511,7 +524,7 @@ func (f *Front) proxy(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, st
 		ctx.Response.SetBody(resp.Body())
 		sent := int64(len(resp.Body()))
 		fh.ReleaseResponse(resp)
-		done(sent)
+		x.finish(sent)
 		return
 	}
 	// The body streams to the caller after this handler returns; fasthttp
@@ -521,7 +534,8 @@ func (f *Front) proxy(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, st
 	if size < 0 {
 		size = -1
 	}
-	ctx.Response.SetBodyStream(&responseBody{r: bs, resp: resp, done: done}, size)
+	x.body = responseBody{r: bs, resp: resp, done: x}
+	ctx.Response.SetBodyStream(&x.body, size)
 }
 
 // countingReader counts what is read through it, and remembers how it
@@ -578,9 +592,17 @@ type responseBody struct {
 	// has closers instead: its body and that connection.
 	resp    *fh.Response
 	closers []io.Closer
-	done    func(sent int64)
+	done    finisher
 	once    sync.Once
 }
+
+// finisher records a call once its answer has been sent.
+type finisher interface{ finish(sent int64) }
+
+// finishFunc is a function as a finisher.
+type finishFunc func(sent int64)
+
+func (f finishFunc) finish(sent int64) { f(sent) }
 
 func (b *responseBody) Read(p []byte) (int, error) {
 	n, err := b.r.Read(p)
@@ -598,7 +620,7 @@ func (b *responseBody) Close() error {
 		for _, c := range b.closers {
 			err = errors.Join(err, c.Close())
 		}
-		b.done(b.n)
+		b.done.finish(b.n)
 	})
 	return err
 }

@@ -196,7 +196,7 @@ func (f *Front) declined(ctx *fh.RequestCtx, conn net.Conn, resp *http.Response,
 	if resp.ContentLength < 0 {
 		size = -1
 	}
-	ctx.Response.SetBodyStream(&responseBody{r: resp.Body, closers: []io.Closer{resp.Body, conn}, done: done}, size)
+	ctx.Response.SetBodyStream(&responseBody{r: resp.Body, closers: []io.Closer{resp.Body, conn}, done: finishFunc(done)}, size)
 }
 
 func writeHeader(b *bytes.Buffer, k, v string) {
