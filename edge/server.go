@@ -557,7 +557,9 @@ func (s *Server) limitCall(ctx context.Context, k *Key, quota bool, setHeader fu
 	if err != nil {
 		return err
 	}
-	states := make([]limitState, len(res.Rates))
+	// One state per bucket, as limitNames names them, kept on the stack.
+	var buf [len(limitNames)]limitState
+	states := buf[:len(res.Rates)]
 	var refused *limitState
 	for i, r := range res.Rates {
 		states[i] = limitState{name: limitNames[i], result: r, rps: lim.RequestsPerSecond}
