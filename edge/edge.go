@@ -138,7 +138,8 @@ type Config struct {
 	UpstreamCAFile string `yaml:"upstream_ca_file"`
 	// UpstreamTimeout bounds each silence of the upstream: the wait for its
 	// answer (504 past it), between two parts of a streamed body, or on a
-	// write of the request. A stream that keeps sending is never cut.
+	// write of the request. A stream that keeps sending is never cut. The
+	// fasthttp front may allow a silence up to 1/16 longer (silentConn).
 	UpstreamTimeout time.Duration `yaml:"upstream_timeout"`
 	// MaxUpgradedConnections bounds the calls switched to another protocol
 	// (WebSocket) an instance holds open at once, each a connection to the
