@@ -1,9 +1,12 @@
 // Command edge benchmarks the Tollgate edge against its peers on loopback,
 // in one run: (a) straight to a tiny upstream, (b) a plain nginx reverse
 // proxy, (c) nginx with limit_req and a key map (the stock-parts gateway),
-// (d) a plain Go reverse proxy (the standard library's, no features), (e) the
-// Tollgate edge with key auth, the Redis rate limit and metering to Kafka. Throughput is measured with wrk for a fixed duration; the latency
-// overhead is the edge's p99 minus the direct p99 at a fixed moderate rate.
+// (d) a plain Go reverse proxy (the standard library's, no features), (e) a
+// plain fasthttp reverse proxy, (f) the same metering each call to Kafka
+// through the edge's producer and nothing else, (g) the Tollgate edge with
+// key auth, the Redis rate limit and metering to Kafka. Throughput is
+// measured with wrk for a fixed duration; the latency overhead is the
+// edge's p99 minus the direct p99 at a fixed moderate rate.
 // Each measurement runs in -repeat interleaved rounds (3) and each target's
 // best round counts.
 // The last line is the RESULT line.
@@ -138,6 +141,33 @@ func run() error {
 	go func() { _ = fastSrv.Serve(fastLn) }()
 	defer fastSrv.Shutdown()
 
+	// The same plain fasthttp proxy, metering each call to Kafka through
+	// the edge's own producer (one event per call, as the edge emits it),
+	// with no keys, limits or rate-limit headers: what metering every call
+	// through Kafka costs on this machine, whoever does it.
+	meter, err := newProducer(ctx, strings.Split(env("TOLLGATE_KAFKA_BROKERS", "127.0.0.1:19092"), ","),
+		"tollgate.bench.metered", filepath.Join(tmp, "metered-spool"), *linger, log)
+	if err != nil {
+		return err
+	}
+	defer meter.Close()
+	meteredLn, meteredAddr := listen()
+	meteredClient := &fasthttp.HostClient{Addr: upAddr, MaxConns: 1024, ReadTimeout: 10 * time.Second, WriteTimeout: 10 * time.Second}
+	meteredSrv := &fasthttp.Server{NoDefaultServerHeader: true, NoDefaultContentType: true, Handler: func(ctx *fasthttp.RequestCtx) {
+		start := time.Now()
+		id := schemas.NewEventID()
+		ctx.Request.Header.Del("Authorization")
+		if err := meteredClient.Do(&ctx.Request, &ctx.Response); err != nil {
+			ctx.Error("upstream unavailable", fasthttp.StatusBadGateway)
+		}
+		meter.Emit(schemas.Event{Version: schemas.EventVersion, ID: id, AccountID: "acct_bench_metered", Environment: schemas.Live,
+			KeyID: "key_bench_metered", Type: "api_call", Time: start, Route: "/v1/widgets/{id}", Method: string(ctx.Method()),
+			Status: ctx.Response.StatusCode(), LatencyMicros: time.Since(start).Microseconds(),
+			ResponseBytes: int64(len(ctx.Response.Body())), Units: 1, RequestID: edge.RequestIDFor(id)})
+	}}
+	go func() { _ = meteredSrv.Serve(meteredLn) }()
+	defer meteredSrv.Shutdown()
+
 	// The Tollgate edge, wired as `tollgate edge` wires it.
 	key, stopEdge, edgeAddr, err := startEdge(ctx, tmp, "http://"+upAddr, *linger, log)
 	if err != nil {
@@ -160,6 +190,7 @@ func run() error {
 		{"nginx_limit", "http://" + limitAddr + "/v1/widgets/1"},
 		{"go_proxy", "http://" + goAddr + "/v1/widgets/1"},
 		{"fast_proxy", "http://" + fastAddr + "/v1/widgets/1"},
+		{"metered_proxy", "http://" + meteredAddr + "/v1/widgets/1"},
 		{"edge", "http://" + edgeAddr + "/v1/widgets/1"},
 	}
 	// Every target is measured in each of -repeat rounds, interleaved, and
@@ -238,7 +269,7 @@ func run() error {
 	for _, tg := range targets {
 		fmt.Printf("best    %-12s %10.0f req/s\n", tg.name, rps[tg.name])
 	}
-	for _, name := range []string{"direct", "go_proxy", "fast_proxy", "edge"} {
+	for _, name := range []string{"direct", "go_proxy", "fast_proxy", "metered_proxy", "edge"} {
 		fmt.Printf("best    %-12s %10.1f heap allocations per call in this process (%.1f beyond the upstream's)\n",
 			name, allocs[name], allocs[name]-allocs["direct"])
 	}
@@ -250,7 +281,10 @@ func run() error {
 	defer rdb.Close()
 	var perCall float64
 	for round := 1; round <= *repeat; round++ {
-		for _, tg := range []struct{ name, url string }{targets[0], targets[5]} {
+		for _, tg := range targets {
+			if tg.name != "direct" && tg.name != "edge" {
+				continue
+			}
 			before, err := redisCommands(ctx, rdb)
 			if err != nil {
 				return err
@@ -277,9 +311,10 @@ func run() error {
 		fmt.Printf("best    %-12s p99 %8.3f ms\n", name, float64(p99[name].Microseconds())/1000)
 	}
 	overhead := float64((p99["edge"] - p99["direct"]).Microseconds()) / 1000
-	result := fmt.Sprintf("RESULT edge_rps=%.0f nginx_rps=%.0f nginx_limit_rps=%.0f ratio_vs_nginx_limit=%.2f p99_overhead_ms=%.3f go_proxy_rps=%.0f ratio_vs_go_proxy=%.2f fast_proxy_rps=%.0f ratio_vs_fast_proxy=%.2f redis_scripts_per_call=%.2f redis_runs_per_call_under_load=%.3f leased_share=%.2f edge_allocs_per_call=%.1f",
+	result := fmt.Sprintf("RESULT edge_rps=%.0f nginx_rps=%.0f nginx_limit_rps=%.0f ratio_vs_nginx_limit=%.2f p99_overhead_ms=%.3f go_proxy_rps=%.0f ratio_vs_go_proxy=%.2f fast_proxy_rps=%.0f ratio_vs_fast_proxy=%.2f metered_proxy_rps=%.0f metered_proxy_vs_nginx_limit=%.2f redis_scripts_per_call=%.2f redis_runs_per_call_under_load=%.3f leased_share=%.2f edge_allocs_per_call=%.1f",
 		rps["edge"], rps["nginx"], rps["nginx_limit"], rps["edge"]/rps["nginx_limit"], overhead, rps["go_proxy"],
-		rps["edge"]/rps["go_proxy"], rps["fast_proxy"], rps["edge"]/rps["fast_proxy"], perCall, scriptsPerCall, leasedShare, allocs["edge"]-allocs["direct"])
+		rps["edge"]/rps["go_proxy"], rps["fast_proxy"], rps["edge"]/rps["fast_proxy"], rps["metered_proxy"], rps["metered_proxy"]/rps["nginx_limit"],
+		perCall, scriptsPerCall, leasedShare, allocs["edge"]-allocs["direct"])
 	if cpuErr == nil {
 		for _, tg := range targets {
 			fmt.Printf("best    %-12s %10.1f µs CPU per call\n", tg.name, cpuPerCall[tg.name])
@@ -295,12 +330,13 @@ func run() error {
 // the call except the load generator. This process hosts the upstream (and
 // the Go proxy and the edge), so every target includes the upstream's work.
 var cpuWho = map[string]string{
-	"direct":      "upstream",
-	"nginx":       "upstream + nginx",
-	"nginx_limit": "upstream + nginx",
-	"go_proxy":    "upstream + Go proxy",
-	"fast_proxy":  "upstream + fasthttp proxy",
-	"edge":        "upstream + edge + Redis + Kafka",
+	"direct":        "upstream",
+	"nginx":         "upstream + nginx",
+	"nginx_limit":   "upstream + nginx",
+	"go_proxy":      "upstream + Go proxy",
+	"fast_proxy":    "upstream + fasthttp proxy",
+	"metered_proxy": "upstream + fasthttp proxy + Kafka",
+	"edge":          "upstream + edge + Redis + Kafka",
 }
 
 // targetCPU is, per target, the processes outside this one whose CPU time
@@ -308,7 +344,7 @@ var cpuWho = map[string]string{
 // Redis server and Kafka broker the edge uses. Other targets (and every
 // target when this fails) have none: a nil Meter.
 func targetCPU(nginxAddr string) (map[string]*procstat.Meter, error) {
-	var ngx, edgeDeps procstat.Meter
+	var ngx, edgeDeps, broker procstat.Meter
 	if err := ngx.Watch("nginx", nginxAddr); err != nil {
 		return nil, err
 	}
@@ -322,7 +358,10 @@ func targetCPU(nginxAddr string) (map[string]*procstat.Meter, error) {
 	if err := edgeDeps.Watch("kafka", brokers[0]); err != nil {
 		return nil, err
 	}
-	return map[string]*procstat.Meter{"nginx": &ngx, "nginx_limit": &ngx, "edge": &edgeDeps}, nil
+	if err := broker.Watch("kafka", brokers[0]); err != nil {
+		return nil, err
+	}
+	return map[string]*procstat.Meter{"nginx": &ngx, "nginx_limit": &ngx, "metered_proxy": &broker, "edge": &edgeDeps}, nil
 }
 
 // redisCommands is how many scripts Redis has run since it started
@@ -558,16 +597,7 @@ func startEdge(ctx context.Context, tmp, upstream string, linger time.Duration, 
 		Name: "bench", Parsed: parsed, Audit: edge.AuditInfo{Actor: "bench"}}); err != nil {
 		return "", nil, "", err
 	}
-	topic := "tollgate.bench.edge"
-	kc := &kafka.Client{Addr: kafka.TCP(brokers...), Timeout: 15 * time.Second}
-	res, err := kc.CreateTopics(ctx, &kafka.CreateTopicsRequest{Topics: []kafka.TopicConfig{{Topic: topic, NumPartitions: 4, ReplicationFactor: 1}}})
-	if err != nil {
-		return "", nil, "", fmt.Errorf("create topic (is Kafka up?): %w", err)
-	}
-	if e := res.Errors[topic]; e != nil && !errors.Is(e, kafka.TopicAlreadyExists) && !strings.Contains(e.Error(), "already exists") {
-		return "", nil, "", fmt.Errorf("create topic: %w", e)
-	}
-	producer, err := edgekafka.NewProducer(edgekafka.Config{Brokers: brokers, Topic: topic, SpoolDir: filepath.Join(tmp, "spool"), Linger: linger}, nil, log)
+	producer, err := newProducer(ctx, brokers, "tollgate.bench.edge", filepath.Join(tmp, "spool"), linger, log)
 	if err != nil {
 		return "", nil, "", err
 	}
@@ -601,6 +631,20 @@ func startEdge(ctx context.Context, tmp, upstream string, linger time.Duration, 
 		pool.Close()
 	}
 	return secret, stop, addr, nil
+}
+
+// newProducer makes topic (four partitions) if it is not there and returns
+// the edge's event producer on it, as `tollgate edge` configures it.
+func newProducer(ctx context.Context, brokers []string, topic, spool string, linger time.Duration, log *slog.Logger) (*edgekafka.Producer, error) {
+	kc := &kafka.Client{Addr: kafka.TCP(brokers...), Timeout: 15 * time.Second}
+	res, err := kc.CreateTopics(ctx, &kafka.CreateTopicsRequest{Topics: []kafka.TopicConfig{{Topic: topic, NumPartitions: 4, ReplicationFactor: 1}}})
+	if err != nil {
+		return nil, fmt.Errorf("create topic (is Kafka up?): %w", err)
+	}
+	if e := res.Errors[topic]; e != nil && !errors.Is(e, kafka.TopicAlreadyExists) && !strings.Contains(e.Error(), "already exists") {
+		return nil, fmt.Errorf("create topic: %w", e)
+	}
+	return edgekafka.NewProducer(edgekafka.Config{Brokers: brokers, Topic: topic, SpoolDir: spool, Linger: linger}, nil, log)
 }
 
 // copyBuffers reuses the plain proxy's copy buffers, as the edge does, so
