@@ -92,7 +92,7 @@ func run() error {
 	cpuprofile := flag.String("cpuprofile", "", "write a CPU profile of this process during the first measured wrk run of -profile-target")
 	linger := flag.Duration("event-linger", 0, "the edge's edge.event_linger (0: its default)")
 	memprofile := flag.String("memprofile", "", "write a heap allocation profile of this process (allocations since it started) after the first measured wrk run of -profile-target")
-	profileTarget := flag.String("profile-target", "edge", "the target -cpuprofile profiles: direct, nginx, nginx_limit, go_proxy, fast_proxy or edge")
+	profileTarget := flag.String("profile-target", "edge", "the target -cpuprofile and -memprofile profile: direct, nginx, nginx_limit, go_proxy, fast_proxy, metered_proxy or edge")
 	flag.Parse()
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	ctx := context.Background()
