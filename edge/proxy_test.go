@@ -547,13 +547,7 @@ func TestProxy(t *testing.T) {
 				// what the server had already buffered from it; the handler
 				// hands those bytes on first.
 				in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP, Config: func(c *edge.Config) { c.Upstream = upgradingUpstream(t) }})
-				conn, br, resp := openEcho(t, in, key, "early\n")
-				if resp.StatusCode != 101 {
-					t.Fatalf("status %d", resp.StatusCode)
-				}
-				if got, err := br.ReadString('\n'); err != nil || got != "echo: early\n" {
-					t.Fatalf("got %q, %v: the bytes behind the handshake were lost", got, err)
-				}
+				conn, _, resp := echoed(t, in, key, "early\n")
 				conn.Close()
 				if ev := eventFor(t, env, resp.Header.Get(edge.HeaderRequestID)); ev.RequestBytes != 6 || ev.ResponseBytes != 12 {
 					t.Fatalf("event bytes %d in, %d out; want 6 and 12", ev.RequestBytes, ev.ResponseBytes)
@@ -620,12 +614,7 @@ func TestProxy(t *testing.T) {
 			if !fr.netHTTP {
 				t.Run("a graceful stop cuts an upgraded connection and meters it", func(t *testing.T) {
 					in := env.Start(t, edgetest.Options{Config: func(c *edge.Config) { c.Upstream = upgradingUpstream(t) }})
-					_, br, resp := openEcho(t, in, key, "ping\n")
-					got, err := br.ReadString('\n')
-					testenv.Must(t, err, "read on the upgraded connection")
-					if resp.StatusCode != 101 || got != "echo: ping\n" {
-						t.Fatalf("status %d, then %q", resp.StatusCode, got)
-					}
+					_, br, resp := echoed(t, in, key, "ping\n")
 					in.Stop()
 					if n, err := br.Read(make([]byte, 1)); err == nil {
 						t.Fatalf("the upgraded connection is still open after the stop (read %d bytes)", n)
@@ -816,6 +805,21 @@ func openEcho(t *testing.T, in *edgetest.Instance, key, first string) (net.Conn,
 	br := bufio.NewReader(conn)
 	resp, err := http.ReadResponse(br, nil)
 	testenv.Must(t, err, "read the answer")
+	return conn, br, resp
+}
+
+// echoed opens an upgraded connection to upgradingUpstream with line sent
+// right behind the handshake, and checks that the upgrade was taken and
+// the line came back echoed.
+func echoed(t *testing.T, in *edgetest.Instance, key, line string) (net.Conn, *bufio.Reader, *http.Response) {
+	t.Helper()
+	conn, br, resp := openEcho(t, in, key, line)
+	if resp.StatusCode != 101 {
+		t.Fatalf("upgrade: status %d", resp.StatusCode)
+	}
+	if got, err := br.ReadString('\n'); err != nil || got != "echo: "+line {
+		t.Fatalf("upgraded connection: got %q, %v; want the line echoed", got, err)
+	}
 	return conn, br, resp
 }
 

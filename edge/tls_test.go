@@ -58,13 +58,7 @@ func TestHTTPSUpstream(t *testing.T) {
 			if r := edgetest.Do(t, "GET", in.URL+"/v1/plain", key, nil); r.Status != 200 || string(r.Body) != "over TLS" {
 				t.Fatalf("status %d body %q", r.Status, r.Body)
 			}
-			conn, br, resp := openEcho(t, in, key, "ping\n")
-			if resp.StatusCode != 101 {
-				t.Fatalf("upgrade: status %d", resp.StatusCode)
-			}
-			if got, err := br.ReadString('\n'); err != nil || got != "echo: ping\n" {
-				t.Fatalf("upgraded connection: got %q, %v", got, err)
-			}
+			conn, _, _ := echoed(t, in, key, "ping\n")
 			conn.Close()
 
 			untrusting := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP, Config: func(c *edge.Config) { c.Upstream = up.URL }})
