@@ -92,6 +92,7 @@ func run() error {
 	cpuprofile := flag.String("cpuprofile", "", "write a CPU profile of this process during the first measured wrk run of -profile-target")
 	linger := flag.Duration("event-linger", 0, "the edge's edge.event_linger (0: its default)")
 	memprofile := flag.String("memprofile", "", "write a heap allocation profile of this process (allocations since it started) after the first measured wrk run of -profile-target")
+	only := flag.String("targets", "", "comma-separated targets to measure, for a diagnosis (all when empty); a partial run ends with a RESULT line of each measured target's throughput and CPU per call, without the p99 comparison")
 	profileTarget := flag.String("profile-target", "edge", "the target -cpuprofile and -memprofile profile: direct, nginx, nginx_limit, go_proxy, fast_proxy, metered_proxy or edge")
 	flag.Parse()
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
@@ -198,6 +199,23 @@ func run() error {
 	// neighbour's burst on the shared machine then costs a round, not the
 	// result, and every target gets the same benefit of the doubt.
 	*repeat = max(*repeat, 1)
+	if *only != "" {
+		want := map[string]bool{}
+		for _, name := range strings.Split(*only, ",") {
+			want[strings.TrimSpace(name)] = true
+		}
+		var kept []struct{ name, url string }
+		for _, tg := range targets {
+			if want[tg.name] {
+				kept = append(kept, tg)
+				delete(want, tg.name)
+			}
+		}
+		if len(want) > 0 || len(kept) == 0 {
+			return fmt.Errorf("-targets %q: want some of direct, nginx, nginx_limit, go_proxy, fast_proxy, metered_proxy, edge", *only)
+		}
+		targets = kept
+	}
 	cpu, cpuErr := targetCPU(plainAddr)
 	if cpuErr != nil {
 		fmt.Println("cpu per call not measured:", cpuErr)
@@ -270,8 +288,28 @@ func run() error {
 		fmt.Printf("best    %-12s %10.0f req/s\n", tg.name, rps[tg.name])
 	}
 	for _, name := range []string{"direct", "go_proxy", "fast_proxy", "metered_proxy", "edge"} {
+		if _, ok := allocs[name]; !ok {
+			continue
+		}
+		if _, ok := allocs["direct"]; !ok {
+			fmt.Printf("best    %-12s %10.1f heap allocations per call in this process\n", name, allocs[name])
+			continue
+		}
 		fmt.Printf("best    %-12s %10.1f heap allocations per call in this process (%.1f beyond the upstream's)\n",
 			name, allocs[name], allocs[name]-allocs["direct"])
+	}
+	if *only != "" {
+		// A partial run: each measured target's best throughput and CPU
+		// per call, to compare targets measured side by side.
+		result := "RESULT"
+		for _, tg := range targets {
+			result += fmt.Sprintf(" %s_rps=%.0f", tg.name, rps[tg.name])
+			if cpuErr == nil {
+				result += fmt.Sprintf(" %s_cpu_us_per_call=%.1f", tg.name, cpuPerCall[tg.name])
+			}
+		}
+		fmt.Println(result)
+		return nil
 	}
 	p99 := map[string]time.Duration{}
 	// Redis scripts per edge call: the edge talks to Redis only through
