@@ -29,8 +29,9 @@ type KeyCache struct {
 	hits, misses atomic.Uint64
 }
 
+// cacheEntry's key is shared by every call that finds it, read-only.
 type cacheEntry struct {
-	key Key
+	key *Key
 	err error
 	at  time.Time
 }
@@ -38,7 +39,18 @@ type cacheEntry struct {
 // maxCacheEntries bounds memory against floods of well-formed unknown keys.
 const maxCacheEntries = 200_000
 
-var _ KeyStore = (*KeyCache)(nil)
+var (
+	_ KeyStore       = (*KeyCache)(nil)
+	_ sharedKeyStore = (*KeyCache)(nil)
+)
+
+// keyAccount is k's account, or "" for an unknown key's entry.
+func keyAccount(k *Key) string {
+	if k == nil {
+		return ""
+	}
+	return k.AccountID
+}
 
 // NewKeyCache wraps store. The cache starts untrusted: call SetTrusted(true)
 // once the notification listener is connected.
@@ -54,6 +66,16 @@ func NewKeyCache(store KeyStore, ttl time.Duration) *KeyCache {
 
 // KeyByHash returns the cached key or looks it up.
 func (c *KeyCache) KeyByHash(ctx context.Context, hash [32]byte) (Key, error) {
+	k, err := c.sharedKeyByHash(ctx, hash)
+	if k == nil {
+		return Key{}, err
+	}
+	return *k, err
+}
+
+// sharedKeyByHash is KeyByHash without the copy: the key it returns may be
+// the cache's own, and must not be changed.
+func (c *KeyCache) sharedKeyByHash(ctx context.Context, hash [32]byte) (*Key, error) {
 	trusted := c.trusted.Load()
 	if trusted {
 		c.mu.RLock()
@@ -66,9 +88,13 @@ func (c *KeyCache) KeyByHash(ctx context.Context, hash [32]byte) (Key, error) {
 	}
 	c.misses.Add(1)
 	epoch := c.epoch.Load()
-	k, err := c.store.KeyByHash(ctx, hash)
+	found, err := c.store.KeyByHash(ctx, hash)
 	if err != nil && !errors.Is(err, ErrKeyNotFound) {
-		return k, err
+		return nil, err
+	}
+	var k *Key
+	if err == nil {
+		k = &found
 	}
 	if trusted && c.trusted.Load() {
 		c.mu.Lock()
@@ -110,7 +136,7 @@ func (c *KeyCache) Invalidate(inv Invalidation) {
 		h := [32]byte(inv.KeyHash)
 		if e, ok := c.byHash[h]; ok {
 			delete(c.byHash, h)
-			if m := c.byAccount[e.key.AccountID]; m != nil {
+			if m := c.byAccount[keyAccount(e.key)]; m != nil {
 				delete(m, h)
 			}
 		}

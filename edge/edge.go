@@ -84,6 +84,14 @@ type KeyStore interface {
 	KeyByHash(ctx context.Context, hash [32]byte) (Key, error)
 }
 
+// sharedKeyStore is a KeyStore that can hand out the key it holds itself,
+// read-only, instead of a copy per call (KeyCache does). A Key is a few
+// hundred bytes, so a copy for every call is an allocation and a copy the
+// hot path need not make.
+type sharedKeyStore interface {
+	sharedKeyByHash(ctx context.Context, hash [32]byte) (*Key, error)
+}
+
 // Emitter accepts usage events for delivery. Emit must not block the
 // response path: an implementation buffers, and accounts for every event it
 // accepts (delivered, spooled, or reported as lost).
