@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"golang.org/x/time/rate"
+
+	"github.com/tollgate-dev/tollgate/schemas"
 )
 
 // RateResult is one limiter's answer for one call.
@@ -242,13 +244,76 @@ func (f *FallbackLimiter) AllowCall(ctx context.Context, c CallLimits) (CallResu
 	return AllowCallEach(ctx, f.Local, f.Local, c)
 }
 
-// quotaPeriod is the calendar month containing now in loc: its bucket
-// suffix, its end and the Redis expiry that outlives it.
-func quotaPeriod(now time.Time, loc *time.Location) (suffix string, end time.Time, ttl time.Duration) {
+// quotaPeriod is the calendar month containing now in loc: its start and
+// end, and its bucket suffix.
+func quotaPeriod(now time.Time, loc *time.Location) (start, end time.Time, suffix string) {
 	t := now.In(loc)
-	start := time.Date(t.Year(), t.Month(), 1, 0, 0, 0, 0, loc)
-	end = start.AddDate(0, 1, 0)
-	return start.Format("2006-01"), end, end.Sub(now) + 24*time.Hour
+	start = time.Date(t.Year(), t.Month(), 1, 0, 0, 0, 0, loc)
+	return start, start.AddDate(0, 1, 0), start.Format("2006-01")
+}
+
+// quotaGrace is how long a month's quota counter outlives the month in
+// Redis.
+const quotaGrace = 24 * time.Hour
+
+// keyNames are a key's limit bucket names, the same on every call, and its
+// quota month: made once per key (and month) rather than on every call.
+type keyNames struct {
+	account string
+	env     schemas.Environment
+	// buckets is CallLimits.Buckets for the key: shared, read-only.
+	buckets []string
+	month   atomic.Pointer[quotaMonth]
+}
+
+// quotaMonth is the quota period in force for a key in one time zone.
+type quotaMonth struct {
+	loc        *time.Location
+	start, end time.Time
+	bucket     string
+}
+
+// monthOf is the key's quota month at now in loc, made when the month (or
+// the zone) changes.
+func (n *keyNames) monthOf(prefix string, k *Key, now time.Time, loc *time.Location) *quotaMonth {
+	if m := n.month.Load(); m != nil && m.loc == loc && !now.Before(m.start) && now.Before(m.end) {
+		return m
+	}
+	start, end, suffix := quotaPeriod(now, loc)
+	m := &quotaMonth{loc: loc, start: start, end: end,
+		bucket: prefix + "quota:" + k.AccountID + ":" + string(k.Environment) + ":" + suffix}
+	n.month.Store(m)
+	return m
+}
+
+// limitNamesCache holds keyNames by key ID. A key's account and
+// environment never change, so an entry is not expected to go stale; one
+// that names another account or environment is made again all the same.
+// The cache is cleared when it reaches maxKeyNames, against keys that come
+// and go.
+type limitNamesCache struct {
+	byID sync.Map // key ID → *keyNames
+	n    atomic.Int64
+}
+
+const maxKeyNames = 100_000
+
+func (c *limitNamesCache) get(prefix string, k *Key) *keyNames {
+	if v, ok := c.byID.Load(k.ID); ok {
+		if n := v.(*keyNames); n.account == k.AccountID && n.env == k.Environment {
+			return n
+		}
+	}
+	if c.n.Add(1) > maxKeyNames {
+		c.byID.Clear()
+		c.n.Store(1)
+	}
+	n := &keyNames{account: k.AccountID, env: k.Environment, buckets: []string{
+		prefix + "rl:key:" + k.ID,
+		prefix + "rl:acct:" + k.AccountID + ":" + string(k.Environment),
+	}}
+	c.byID.Store(k.ID, n)
+	return n
 }
 
 // limitState is what the headers of one response say.

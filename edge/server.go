@@ -70,6 +70,10 @@ type Server struct {
 	// allowCall decides a call's limits: in one step when the limiter
 	// also counts the quota (one Redis round trip), else step by step.
 	allowCall func(context.Context, CallLimits) (CallResult, error)
+	// sharedKeys is deps.Keys when it can share its keys (KeyCache).
+	sharedKeys sharedKeyStore
+	// keyLimits keeps each key's bucket names and quota month, by key ID.
+	keyLimits limitNamesCache
 }
 
 type metrics struct {
@@ -78,17 +82,37 @@ type metrics struct {
 	authFail  *prometheus.CounterVec
 	limited   *prometheus.CounterVec
 	upgraded  prometheus.Gauge
-	// statuses are the status codes' label values, made once rather than
-	// formatted on every call.
-	statuses [600]string
+	// byStatus and byRoute keep each status code's counter and each
+	// route's histogram once used, so a call finds its series without the
+	// vectors hashing its labels every time.
+	byStatus [600]atomic.Pointer[counter]
+	byRoute  sync.Map // route label → prometheus.Observer
 }
 
-// status is code's label value.
-func (m *metrics) status(code int) string {
-	if code >= 0 && code < len(m.statuses) {
-		return m.statuses[code]
+type counter struct{ prometheus.Counter }
+
+// response is the response counter for status code.
+func (m *metrics) response(code int) prometheus.Counter {
+	if code < 0 || code >= len(m.byStatus) {
+		return m.responses.WithLabelValues(strconv.Itoa(code))
 	}
-	return strconv.Itoa(code)
+	if c := m.byStatus[code].Load(); c != nil {
+		return c.Counter
+	}
+	c := &counter{m.responses.WithLabelValues(strconv.Itoa(code))}
+	m.byStatus[code].Store(c)
+	return c.Counter
+}
+
+// latency is the duration histogram for route (a bounded set of labels:
+// route templates, "*" and "unauthenticated").
+func (m *metrics) latency(route string) prometheus.Observer {
+	if o, ok := m.byRoute.Load(route); ok {
+		return o.(prometheus.Observer)
+	}
+	o := m.duration.WithLabelValues(route)
+	m.byRoute.Store(route, o)
+	return o
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -114,9 +138,6 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name: "tollgate_edge_upgraded_connections",
 			Help: "Calls switched to another protocol (WebSocket) whose connections are still open.",
 		}),
-	}
-	for code := range m.statuses {
-		m.statuses[code] = strconv.Itoa(code)
 	}
 	if reg == nil {
 		return m, nil
@@ -151,6 +172,7 @@ func NewServer(cfg Config, deps Deps) (*Server, error) {
 		now = time.Now
 	}
 	s := &Server{cfg: cfg, deps: deps, log: deps.Log, now: now, router: router, m: m, buffers: newBufferPool(), cors: NewCORS(cfg.CORS)}
+	s.sharedKeys, _ = deps.Keys.(sharedKeyStore)
 	s.allowCall = func(ctx context.Context, c CallLimits) (CallResult, error) {
 		return AllowCallEach(ctx, deps.Limiter, deps.Quota, c)
 	}
@@ -239,8 +261,8 @@ func (s *Server) Observe(r Route, routed bool, status int, d time.Duration) {
 			route = "*" // raw paths would make the label unbounded
 		}
 	}
-	s.m.duration.WithLabelValues(route).Observe(d.Seconds())
-	s.m.responses.WithLabelValues(s.m.status(status)).Inc()
+	s.m.latency(route).Observe(d.Seconds())
+	s.m.response(status).Inc()
 }
 
 func (s *Server) requestID(next echo.HandlerFunc) echo.HandlerFunc {
@@ -417,7 +439,7 @@ func (s *Server) authenticateCall(ctx context.Context, ci CallInfo) (*Key, error
 	if err != nil {
 		return nil, s.authFailed(ci, "malformed", safePrefix(raw), nil, err)
 	}
-	k, err := s.deps.Keys.KeyByHash(ctx, pk.Hash)
+	k, err := s.keyByHash(ctx, pk.Hash)
 	if errors.Is(err, ErrKeyNotFound) {
 		return nil, s.authFailed(ci, "unknown", pk.DisplayPrefix, nil, err)
 	}
@@ -434,7 +456,24 @@ func (s *Server) authenticateCall(ctx context.Context, ci CallInfo) (*Key, error
 		if errors.Is(err, ErrKeyRevoked) {
 			reason = "revoked"
 		}
-		return nil, s.authFailed(ci, reason, k.DisplayPrefix, &k, err)
+		return nil, s.authFailed(ci, reason, k.DisplayPrefix, k, err)
+	}
+	return k, nil
+}
+
+// keyByHash looks a key up, without copying it when the store shares its
+// own (the returned key is read-only either way).
+func (s *Server) keyByHash(ctx context.Context, hash [32]byte) (*Key, error) {
+	if s.sharedKeys != nil {
+		k, err := s.sharedKeys.sharedKeyByHash(ctx, hash)
+		if err == nil && k == nil {
+			err = ErrKeyNotFound
+		}
+		return k, err
+	}
+	k, err := s.deps.Keys.KeyByHash(ctx, hash)
+	if err != nil {
+		return nil, err
 	}
 	return &k, nil
 }
@@ -533,13 +572,8 @@ func (s *Server) limitCall(ctx context.Context, k *Key, quota bool, setHeader fu
 	if lim.RequestsPerSecond <= 0 || lim.Burst <= 0 {
 		lim = s.cfg.Plans["free"].Limits
 	}
-	cl := CallLimits{
-		Buckets: []string{
-			s.cfg.RateLimitPrefix + "rl:key:" + k.ID,
-			s.cfg.RateLimitPrefix + "rl:acct:" + k.AccountID + ":" + string(k.Environment),
-		},
-		RPS: lim.RequestsPerSecond, Burst: lim.Burst,
-	}
+	names := s.keyLimits.get(s.cfg.RateLimitPrefix, k)
+	cl := CallLimits{Buckets: names.buckets, RPS: lim.RequestsPerSecond, Burst: lim.Burst}
 	var now, end time.Time
 	if quota && s.deps.Quota != nil && lim.MonthlyRequests != nil {
 		loc := time.UTC
@@ -547,11 +581,10 @@ func (s *Server) limitCall(ctx context.Context, k *Key, quota bool, setHeader fu
 			loc = s.zone(k.AccountTimezone)
 		}
 		now = s.now()
-		var suffix string
-		var ttl time.Duration
-		suffix, end, ttl = quotaPeriod(now, loc)
-		cl.QuotaBucket = s.cfg.RateLimitPrefix + "quota:" + k.AccountID + ":" + string(k.Environment) + ":" + suffix
-		cl.QuotaLimit, cl.QuotaTTL = *lim.MonthlyRequests, ttl
+		m := names.monthOf(s.cfg.RateLimitPrefix, k, now, loc)
+		end = m.end
+		cl.QuotaBucket = m.bucket
+		cl.QuotaLimit, cl.QuotaTTL = *lim.MonthlyRequests, end.Sub(now)+quotaGrace
 	}
 	res, err := s.allowCall(ctx, cl)
 	if err != nil {
