@@ -109,7 +109,8 @@ func ParseKey(s string) (ParsedKey, error) {
 	if subtle.ConstantTimeCompare(want[:], []byte(s[secretLen-checkLen:])) != 1 {
 		return ParsedKey{}, ErrMalformedKey
 	}
-	pk.Hash = sha256.Sum256([]byte(s))
+	var buf [secretLen]byte // as in checkDigits: no allocation
+	pk.Hash = sha256.Sum256(append(buf[:0], s...))
 	pk.DisplayPrefix = s[:prefixLen+displayBody]
 	return pk, nil
 }
@@ -126,7 +127,13 @@ func checksum(s string) string {
 // on every call: a CRC-32 fits in six base62 digits (62^6 > 2^32).
 func checkDigits(s string) [checkLen]byte {
 	var out [checkLen]byte
-	n := crc32.ChecksumIEEE([]byte(s))
+	// crc32.ChecksumIEEE(s) by table, one byte at a time: the library's
+	// function keeps its argument, so the conversion of s would allocate.
+	n := ^uint32(0)
+	for i := 0; i < len(s); i++ {
+		n = crc32.IEEETable[byte(n)^s[i]] ^ n>>8
+	}
+	n = ^n
 	for i := checkLen - 1; i >= 0; i-- {
 		out[i] = base62[n%62]
 		n /= 62

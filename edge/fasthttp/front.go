@@ -21,6 +21,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/netip"
 	"net/url"
 	"strings"
 	"sync"
@@ -393,11 +394,15 @@ func (f *Front) forward(ctx *fh.RequestCtx, adm edge.Admission, rid string) *ups
 	req.Header.Del(fh.HeaderAuthorization)
 	req.Header.Set(edge.HeaderRequestID, rid)
 	// X-Forwarded-*, as net/http's ReverseProxy.SetXForwarded sets them.
-	ip := ctx.RemoteIP().String()
+	var buf [128]byte
+	xff := buf[:0]
 	if prior := req.Header.Peek(fh.HeaderXForwardedFor); len(prior) > 0 {
-		ip = string(prior) + ", " + ip
+		xff = append(append(xff, prior...), ", "...)
 	}
-	req.Header.Set(fh.HeaderXForwardedFor, ip)
+	if ip, ok := netip.AddrFromSlice(ctx.RemoteIP()); ok {
+		xff = ip.Unmap().AppendTo(xff)
+	}
+	req.Header.SetBytesV(fh.HeaderXForwardedFor, xff)
 	if host := req.Header.Host(); len(host) > 0 {
 		req.Header.SetBytesV("X-Forwarded-Host", host)
 	} else {

@@ -1,0 +1,57 @@
+package edge
+
+import (
+	"crypto/sha256"
+	"hash/crc32"
+	"math/rand/v2"
+	"testing"
+)
+
+// TestCheckDigitsAreCRC32InBase62 holds the key checksum to its
+// definition: the CRC-32 (IEEE) of the key's first part, as six base62
+// digits. checkDigits computes the CRC itself, to avoid an allocation per
+// call; keys already issued must keep their checksum.
+func TestCheckDigitsAreCRC32InBase62(t *testing.T) {
+	rng := rand.New(rand.NewPCG(1, 2))
+	want := func(s string) string {
+		n := crc32.ChecksumIEEE([]byte(s))
+		var out [checkLen]byte
+		for i := checkLen - 1; i >= 0; i-- {
+			out[i] = base62[n%62]
+			n /= 62
+		}
+		return string(out[:])
+	}
+	for i := range 20_000 {
+		b := make([]byte, rng.IntN(64))
+		for j := range b {
+			b[j] = byte(rng.IntN(256))
+		}
+		if i%2 == 0 {
+			for j := range b {
+				b[j] = base62[rng.IntN(62)]
+			}
+		}
+		d := checkDigits(string(b))
+		if got := string(d[:]); got != want(string(b)) {
+			t.Fatalf("checkDigits(%q) = %q, want %q", b, got, want(string(b)))
+		}
+	}
+	// A key made today parses, and its hash is the SHA-256 of the whole key.
+	s, pk, err := GenerateKey(Secret, "live")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s[secretLen-checkLen:] != want(s[:secretLen-checkLen]) {
+		t.Fatalf("key %s…: checksum is not the CRC-32 of its first part", s[:12])
+	}
+	if pk.Hash != sha256.Sum256([]byte(s)) {
+		t.Fatal("ParseKey's hash is not the SHA-256 of the key")
+	}
+	// One changed character is refused before any lookup.
+	bad := []byte(s)
+	bad[12] = map[bool]byte{true: 'B', false: 'A'}[bad[12] == 'A']
+	if _, err := ParseKey(string(bad)); err != ErrMalformedKey {
+		t.Fatalf("ParseKey of a key with one character changed: %v, want ErrMalformedKey", err)
+	}
+}
