@@ -169,6 +169,7 @@ func newUpstream(raw string, timeout time.Duration, tlsCfg *tls.Config) (*upstre
 // Serve serves calls on ln until Shutdown, over TLS when edge.tls_cert_file
 // is set.
 func (f *Front) Serve(ln net.Listener) error {
+	ln = callerListener{ln}
 	if f.tls != nil {
 		ln = tls.NewListener(ln, f.tls)
 	}
