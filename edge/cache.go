@@ -22,11 +22,12 @@ type KeyCache struct {
 	// epoch counts invalidations; a lookup that raced one is not cached.
 	epoch atomic.Uint64
 
-	mu        sync.RWMutex
-	byHash    map[[32]byte]cacheEntry
+	// byHash is read without a lock on every call ([32]byte → *cacheEntry);
+	// mu orders its writes with byAccount's and the epoch.
+	byHash    sync.Map
+	entries   int
+	mu        sync.Mutex
 	byAccount map[string]map[[32]byte]struct{}
-
-	hits, misses atomic.Uint64
 }
 
 // cacheEntry's key is shared by every call that finds it, read-only.
@@ -59,7 +60,6 @@ func NewKeyCache(store KeyStore, ttl time.Duration) *KeyCache {
 		store:     store,
 		ttl:       ttl,
 		now:       time.Now,
-		byHash:    map[[32]byte]cacheEntry{},
 		byAccount: map[string]map[[32]byte]struct{}{},
 	}
 }
@@ -78,15 +78,12 @@ func (c *KeyCache) KeyByHash(ctx context.Context, hash [32]byte) (Key, error) {
 func (c *KeyCache) sharedKeyByHash(ctx context.Context, hash [32]byte) (*Key, error) {
 	trusted := c.trusted.Load()
 	if trusted {
-		c.mu.RLock()
-		e, ok := c.byHash[hash]
-		c.mu.RUnlock()
-		if ok && c.now().Sub(e.at) < c.ttl {
-			c.hits.Add(1)
-			return e.key, e.err
+		if v, ok := c.byHash.Load(hash); ok {
+			if e := v.(*cacheEntry); c.now().Sub(e.at) < c.ttl {
+				return e.key, e.err
+			}
 		}
 	}
-	c.misses.Add(1)
 	epoch := c.epoch.Load()
 	found, err := c.store.KeyByHash(ctx, hash)
 	if err != nil && !errors.Is(err, ErrKeyNotFound) {
@@ -99,11 +96,14 @@ func (c *KeyCache) sharedKeyByHash(ctx context.Context, hash [32]byte) (*Key, er
 	if trusted && c.trusted.Load() {
 		c.mu.Lock()
 		if c.epoch.Load() == epoch {
-			if len(c.byHash) >= maxCacheEntries {
-				clear(c.byHash)
+			if c.entries >= maxCacheEntries {
+				c.byHash.Clear()
 				clear(c.byAccount)
+				c.entries = 0
 			}
-			c.byHash[hash] = cacheEntry{key: k, err: err, at: c.now()}
+			if _, had := c.byHash.Swap(hash, &cacheEntry{key: k, err: err, at: c.now()}); !had {
+				c.entries++
+			}
 			if err == nil {
 				m := c.byAccount[k.AccountID]
 				if m == nil {
@@ -125,18 +125,21 @@ func (c *KeyCache) Invalidate(inv Invalidation) {
 	defer c.mu.Unlock()
 	switch {
 	case inv.All:
-		clear(c.byHash)
+		c.byHash.Clear()
 		clear(c.byAccount)
+		c.entries = 0
 	case inv.AccountID != "":
 		for h := range c.byAccount[inv.AccountID] {
-			delete(c.byHash, h)
+			if _, had := c.byHash.LoadAndDelete(h); had {
+				c.entries--
+			}
 		}
 		delete(c.byAccount, inv.AccountID)
 	case len(inv.KeyHash) == 32:
 		h := [32]byte(inv.KeyHash)
-		if e, ok := c.byHash[h]; ok {
-			delete(c.byHash, h)
-			if m := c.byAccount[keyAccount(e.key)]; m != nil {
+		if v, had := c.byHash.LoadAndDelete(h); had {
+			c.entries--
+			if m := c.byAccount[keyAccount(v.(*cacheEntry).key)]; m != nil {
 				delete(m, h)
 			}
 		}
@@ -153,5 +156,3 @@ func (c *KeyCache) SetTrusted(ok bool) {
 // Trusted reports whether the cache is in use.
 func (c *KeyCache) Trusted() bool { return c.trusted.Load() }
 
-// Stats returns the hit and miss counts.
-func (c *KeyCache) Stats() (hits, misses uint64) { return c.hits.Load(), c.misses.Load() }

@@ -180,7 +180,15 @@ type FallbackLimiter struct {
 var _ CallLimiter = (*FallbackLimiter)(nil)
 
 func (f *FallbackLimiter) primaryDown() bool {
-	return time.Now().UnixNano() < f.downUntil.Load()
+	d := f.downUntil.Load()
+	if d == 0 {
+		return false // the usual case, without reading the clock
+	}
+	if time.Now().UnixNano() < d {
+		return true
+	}
+	f.downUntil.CompareAndSwap(d, 0) // the cooldown is over
+	return false
 }
 
 func (f *FallbackLimiter) failed(what string, err error) {

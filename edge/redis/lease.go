@@ -30,8 +30,8 @@ const (
 	leaseTTL     = 50 * time.Millisecond
 	demandWindow = 20 * time.Millisecond
 	maxLease     = 256
-	// sweepEvery calls, leases idle for idleLease are forgotten.
-	sweepEvery = 1 << 12
+	// Every sweepEvery, leases idle for idleLease are forgotten.
+	sweepEvery = 5 * time.Second
 	idleLease  = 10 * time.Second
 )
 
@@ -56,6 +56,10 @@ type lease struct {
 	// full window.
 	winStart          time.Time
 	winCalls, lastWin int
+	// served counts the calls decided from this lease (Leased). It is
+	// counted under mu, which every call holds anyway, rather than in one
+	// counter that every core's calls would contend for.
+	served uint64
 }
 
 // leaseID names the limits a call is checked against, all of them, so a
@@ -89,7 +93,9 @@ func leaseCap(c edge.CallLimits) int {
 
 // leased decides one call from a lease, or in Redis.
 func (l *Limiter) leased(c edge.CallLimits) (edge.CallResult, error) {
-	if l.calls.Add(1)%sweepEvery == 0 && l.sweeping.CompareAndSwap(false, true) {
+	now := time.Now()
+	if now.UnixNano()-l.lastSweep.Load() >= int64(sweepEvery) && l.sweeping.CompareAndSwap(false, true) {
+		l.lastSweep.Store(now.UnixNano())
 		go l.sweep()
 	}
 	key := leaseKey(c)
@@ -98,7 +104,6 @@ func (l *Limiter) leased(c edge.CallLimits) (edge.CallResult, error) {
 		v, _ = l.leases.LoadOrStore(key, &lease{})
 	}
 	le := v.(*lease)
-	now := time.Now()
 	le.mu.Lock()
 	le.count(now)
 	if res, ok := le.spend(c, now); ok {
@@ -108,8 +113,8 @@ func (l *Limiter) leased(c edge.CallLimits) (edge.CallResult, error) {
 			le.asking = make(chan struct{})
 			go l.prefetch(le, c, le.demand(c), le.asking)
 		}
+		le.served++
 		le.mu.Unlock()
-		l.fromLease.Add(1)
 		return res, nil
 	}
 	if le.asking != nil {
@@ -117,8 +122,8 @@ func (l *Limiter) leased(c edge.CallLimits) (edge.CallResult, error) {
 		// about the round trip this call would make, and saves Redis one.
 		le.awaitGrant()
 		if res, ok := le.spend(c, time.Now()); ok {
+			le.served++
 			le.mu.Unlock()
-			l.fromLease.Add(1)
 			return res, nil
 		}
 	}
@@ -292,9 +297,10 @@ func (l *Limiter) sweep() {
 		le := v.(*lease)
 		le.mu.Lock()
 		idle := le.tokens == 0 && le.asking == nil && le.winStart.Before(cutoff)
+		served := le.served
 		le.mu.Unlock()
-		if idle {
-			l.leases.CompareAndDelete(k, le)
+		if idle && l.leases.CompareAndDelete(k, le) {
+			l.sweptServed.Add(served)
 		}
 		return true
 	})

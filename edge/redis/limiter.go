@@ -43,9 +43,12 @@ type Limiter struct {
 	sweeping atomic.Bool
 	// returning is set by ReturnLeases: no more asking ahead.
 	returning atomic.Bool
-	// calls counts AllowCall calls; fromLease those decided from a lease;
-	// refunded the tokens given back, refundErrs the failed refunds.
-	calls, fromLease, refunded, refundErrs atomic.Uint64
+	// lastSweep is when the latest sweep of idle leases began (Unix ns).
+	lastSweep atomic.Int64
+	// sweptServed counts the calls decided from leases since swept (the
+	// rest are counted by the leases themselves); refunded counts the
+	// tokens given back, refundErrs the failed refunds.
+	sweptServed, refunded, refundErrs atomic.Uint64
 }
 
 type callRequest struct {
@@ -90,7 +93,17 @@ func (l *Limiter) Batched() (runs, calls uint64) { return l.sent.Load(), l.decid
 
 // Leased reports how many AllowCall calls were decided from a lease
 // without a round trip, and how many leased tokens went back unused.
-func (l *Limiter) Leased() (calls, refunded uint64) { return l.fromLease.Load(), l.refunded.Load() }
+func (l *Limiter) Leased() (calls, refunded uint64) {
+	calls = l.sweptServed.Load()
+	l.leases.Range(func(_, v any) bool {
+		le := v.(*lease)
+		le.mu.Lock()
+		calls += le.served
+		le.mu.Unlock()
+		return true
+	})
+	return calls, l.refunded.Load()
+}
 
 // ReturnErrors counts the failed attempts to give leased tokens back; the
 // tokens of each stay counted until their buckets refill (and, for the
