@@ -155,4 +155,3 @@ func (c *KeyCache) SetTrusted(ok bool) {
 
 // Trusted reports whether the cache is in use.
 func (c *KeyCache) Trusted() bool { return c.trusted.Load() }
-
