@@ -382,7 +382,7 @@ func setRateHeaders(set func(name string, value []byte), states []limitState, qu
 	}
 	set("Ratelimit-Policy", b[n:])
 	n = len(b)
-	b = strconv.AppendQuote(b, tight.name)
+	b = appendName(b, tight.name)
 	b = append(b, ";r="...)
 	b = strconv.AppendInt(b, int64(tight.result.Remaining), 10)
 	b = append(b, ";t="...)
@@ -392,11 +392,20 @@ func setRateHeaders(set func(name string, value []byte), states []limitState, qu
 
 // appendPolicy appends one RateLimit-Policy item: "name";q=quota;w=window.
 func appendPolicy(b []byte, name string, quota, window int64) []byte {
-	b = strconv.AppendQuote(b, name)
+	b = appendName(b, name)
 	b = append(b, ";q="...)
 	b = strconv.AppendInt(b, quota, 10)
 	b = append(b, ";w="...)
 	return strconv.AppendInt(b, window, 10)
+}
+
+// appendName appends a limit's name as a quoted string. The names are the
+// edge's own (limitNames and "monthly"), lower-case letters that need no
+// escaping, so this is strconv.AppendQuote without its per-rune checks.
+func appendName(b []byte, name string) []byte {
+	b = append(b, '"')
+	b = append(b, name...)
+	return append(b, '"')
 }
 
 type quotaState struct {

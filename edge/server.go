@@ -381,6 +381,18 @@ type CallInfo struct {
 	// only when needed (for a refused call's audit event), not on every
 	// call.
 	Remote net.Addr
+	// At is when the call arrived, by the server's clock (Now); zero is
+	// now. A front that has read the clock already passes it on, so a call
+	// reads it once.
+	At time.Time
+}
+
+// at is when the call arrived.
+func (s *Server) at(ci CallInfo) time.Time {
+	if ci.At.IsZero() {
+		return s.now()
+	}
+	return ci.At
 }
 
 // remoteAddr is the caller's address, host or host:port.
@@ -414,7 +426,7 @@ func (s *Server) Admit(ctx context.Context, ci CallInfo, setHeader func(name str
 		return a, err
 	}
 	a.Routed = true
-	return a, s.limitCall(ctx, k, true, setHeader)
+	return a, s.limitCall(ctx, k, true, s.at(ci), setHeader)
 }
 
 func (s *Server) authFailed(ci CallInfo, reason, prefix string, k *Key, err error) error {
@@ -451,7 +463,7 @@ func (s *Server) authenticateCall(ctx context.Context, ci CallInfo) (*Key, error
 	if !HashEqual(k.Hash, pk.Hash[:]) {
 		return nil, s.authFailed(ci, "unknown", pk.DisplayPrefix, nil, ErrKeyNotFound)
 	}
-	if err := k.Usable(s.now()); err != nil {
+	if err := k.Usable(s.at(ci)); err != nil {
 		reason := "expired"
 		if errors.Is(err, ErrKeyRevoked) {
 			reason = "revoked"
@@ -563,8 +575,9 @@ func (s *Server) zone(name string) *time.Location {
 var limitNames = [...]string{"key", "account"}
 
 // limitCall applies the key and account rate limits and (when quota is
-// true) the monthly quota, and writes the rate-limit headers.
-func (s *Server) limitCall(ctx context.Context, k *Key, quota bool, setHeader func(name string, value []byte)) error {
+// true) the monthly quota at now (zero: the clock's now), and writes the
+// rate-limit headers.
+func (s *Server) limitCall(ctx context.Context, k *Key, quota bool, now time.Time, setHeader func(name string, value []byte)) error {
 	if s.deps.Limiter == nil {
 		return nil
 	}
@@ -574,13 +587,15 @@ func (s *Server) limitCall(ctx context.Context, k *Key, quota bool, setHeader fu
 	}
 	names := s.keyLimits.get(s.cfg.RateLimitPrefix, k)
 	cl := CallLimits{Buckets: names.buckets, RPS: lim.RequestsPerSecond, Burst: lim.Burst}
-	var now, end time.Time
+	var end time.Time
 	if quota && s.deps.Quota != nil && lim.MonthlyRequests != nil {
 		loc := time.UTC
 		if s.cfg.QuotaTimezone == "account" && k.AccountTimezone != "" {
 			loc = s.zone(k.AccountTimezone)
 		}
-		now = s.now()
+		if now.IsZero() {
+			now = s.now()
+		}
 		m := names.monthOf(s.cfg.RateLimitPrefix, k, now, loc)
 		end = m.end
 		cl.QuotaBucket = m.bucket
@@ -635,7 +650,7 @@ func (s *Server) limit(quota bool) echo.MiddlewareFunc {
 	return func(next echo.HandlerFunc) echo.HandlerFunc {
 		return func(c echo.Context) error {
 			h := c.Response().Header()
-			if err := s.limitCall(c.Request().Context(), c.Get("key").(*Key), quota, func(name string, value []byte) { h[name] = []string{string(value)} }); err != nil {
+			if err := s.limitCall(c.Request().Context(), c.Get("key").(*Key), quota, time.Time{}, func(name string, value []byte) { h[name] = []string{string(value)} }); err != nil {
 				return err
 			}
 			return next(c)
@@ -852,14 +867,23 @@ func (b touchingBody) Read(p []byte) (int, error) {
 
 // Call is a proxied call, for its usage event.
 type Call struct {
-	Key                         *Key
-	Route                       Route
-	ID                          uuid.UUID
-	Method                      string
-	Status                      int
-	Start                       time.Time
+	Key    *Key
+	Route  Route
+	ID     uuid.UUID
+	Method string
+	Status int
+	Start  time.Time
+	// End is when the answer ended, by the server's clock; zero is now.
+	End                         time.Time
 	RequestBytes, ResponseBytes int64
 	RequestID                   string
+}
+
+func (c Call) end(now func() time.Time) time.Time {
+	if c.End.IsZero() {
+		return now()
+	}
+	return c.End
 }
 
 // EmitCall emits a proxied call's usage event; its latency runs from
@@ -880,7 +904,7 @@ func (s *Server) EmitCall(c Call) {
 		Route:         tmpl,
 		Method:        c.Method,
 		Status:        c.Status,
-		LatencyMicros: s.now().Sub(c.Start).Microseconds(),
+		LatencyMicros: c.end(s.now).Sub(c.Start).Microseconds(),
 		RequestBytes:  c.RequestBytes,
 		ResponseBytes: c.ResponseBytes,
 		Units:         1,

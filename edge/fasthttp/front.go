@@ -212,7 +212,9 @@ func (f *Front) handle(ctx *fh.RequestCtx) {
 		f.slowCall(ctx)
 		return
 	}
-	start := time.Now()
+	// One clock read for the call's arrival: its admission (key expiry,
+	// quota month), its event's time and its latency all start here.
+	start := f.s.Now()
 	id, rid := edge.NewRequestID()
 	ctx.Response.Header.Set(edge.HeaderRequestID, rid)
 	if f.cors != nil {
@@ -225,7 +227,7 @@ func (f *Front) handle(ctx *fh.RequestCtx) {
 			} else {
 				ctx.SetStatusCode(fh.StatusNoContent)
 			}
-			f.s.Observe(edge.Route{}, false, ctx.Response.StatusCode(), time.Since(start))
+			f.s.Observe(edge.Route{}, false, ctx.Response.StatusCode(), f.s.Now().Sub(start))
 			return
 		}
 		f.cors.Label(origin, set)
@@ -235,13 +237,14 @@ func (f *Front) handle(ctx *fh.RequestCtx) {
 		Path:          string(ctx.Path()),
 		Authorization: string(ctx.Request.Header.Peek(fh.HeaderAuthorization)),
 		Remote:        ctx.RemoteAddr(),
+		At:            start,
 	}
 	// Admit's header names are canonical already, so fasthttp need not
 	// copy and normalize each one.
 	adm, err := f.s.Admit(ctx, ci, func(name string, value []byte) { ctx.Response.Header.SetCanonical([]byte(name), value) })
 	if err != nil {
 		f.fail(ctx, err, rid)
-		f.s.Observe(adm.Route, adm.Routed, ctx.Response.StatusCode(), time.Since(start))
+		f.s.Observe(adm.Route, adm.Routed, ctx.Response.StatusCode(), f.s.Now().Sub(start))
 		return
 	}
 	call := edge.Call{Key: adm.Key, Route: adm.Route, ID: id, Method: ci.Method, RequestID: rid}
@@ -455,12 +458,13 @@ type exchange struct {
 // finish records the call with the bytes sent (responseBody's finisher).
 func (x *exchange) finish(sent int64) {
 	x.call.RequestBytes, x.call.ResponseBytes = x.counted.n, sent
+	x.call.End = x.f.s.Now()
 	x.f.s.EmitCall(x.call)
-	x.f.s.Observe(x.route, true, x.call.Status, time.Since(x.start))
+	x.f.s.Observe(x.route, true, x.call.Status, x.call.End.Sub(x.start))
 }
 
 func (f *Front) proxy(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, start time.Time) {
-	call.Start = f.s.Now()
+	call.Start = start
 	x := &exchange{f: f, route: adm.Route, call: call, start: start}
 	up := f.forward(ctx, adm, call.RequestID)
 	req := &ctx.Request
