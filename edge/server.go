@@ -887,7 +887,7 @@ func (c Call) end(now func() time.Time) time.Time {
 }
 
 // EmitCall emits a proxied call's usage event; its latency runs from
-// c.Start to now.
+// c.Start to c.End (zero: now).
 func (s *Server) EmitCall(c Call) {
 	tmpl := c.Route.Template
 	if len(tmpl) > schemas.MaxRouteLength {

@@ -62,7 +62,9 @@ type Event struct {
 	Route         string    `json:"route,omitempty"`
 	Method        string    `json:"method,omitempty"`
 	Status        int       `json:"status,omitempty"`
-	LatencyMicros int64     `json:"latency_us,omitempty"`
+	// LatencyMicros runs from the call's arrival at the edge (Time) to the
+	// end of its answer, admission included.
+	LatencyMicros int64 `json:"latency_us,omitempty"`
 	RequestBytes  int64     `json:"request_bytes,omitempty"`
 	ResponseBytes int64     `json:"response_bytes,omitempty"`
 	// Units is the integer quantity this event contributes (1 for a call).
