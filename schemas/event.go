@@ -58,15 +58,15 @@ type Event struct {
 	// Type is the event type that meters select on, e.g. "api_call".
 	Type string `json:"type"`
 	// Time is when the call happened, UTC, microsecond precision.
-	Time          time.Time `json:"time"`
-	Route         string    `json:"route,omitempty"`
-	Method        string    `json:"method,omitempty"`
-	Status        int       `json:"status,omitempty"`
+	Time   time.Time `json:"time"`
+	Route  string    `json:"route,omitempty"`
+	Method string    `json:"method,omitempty"`
+	Status int       `json:"status,omitempty"`
 	// LatencyMicros runs from the call's arrival at the edge (Time) to the
 	// end of its answer, admission included.
 	LatencyMicros int64 `json:"latency_us,omitempty"`
-	RequestBytes  int64     `json:"request_bytes,omitempty"`
-	ResponseBytes int64     `json:"response_bytes,omitempty"`
+	RequestBytes  int64 `json:"request_bytes,omitempty"`
+	ResponseBytes int64 `json:"response_bytes,omitempty"`
 	// Units is the integer quantity this event contributes (1 for a call).
 	Units     int64  `json:"units"`
 	RequestID string `json:"request_id,omitempty"`
