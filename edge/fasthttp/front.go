@@ -31,6 +31,7 @@ import (
 	"github.com/valyala/fasthttp/fasthttpadaptor"
 
 	"github.com/tollgate-dev/tollgate/edge"
+	"github.com/tollgate-dev/tollgate/internal/deadline"
 	"github.com/tollgate-dev/tollgate/schemas"
 )
 
@@ -169,7 +170,7 @@ func newUpstream(raw string, timeout time.Duration, tlsCfg *tls.Config) (*upstre
 // Serve serves calls on ln until Shutdown, over TLS when edge.tls_cert_file
 // is set.
 func (f *Front) Serve(ln net.Listener) error {
-	ln = callerListener{ln}
+	ln = deadline.Listener{Listener: ln} // fasthttp moves the read deadline three times a call
 	if f.tls != nil {
 		ln = tls.NewListener(ln, f.tls)
 	}

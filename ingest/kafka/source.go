@@ -6,6 +6,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"slices"
 	"strconv"
 	"sync"
@@ -14,6 +15,7 @@ import (
 	"github.com/segmentio/kafka-go"
 
 	"github.com/tollgate-dev/tollgate/ingest"
+	"github.com/tollgate-dev/tollgate/internal/deadline"
 )
 
 // Source is one consumer group member with explicit commits.
@@ -42,6 +44,19 @@ func NewSource(brokers []string, topic, group string) *Source {
 			SessionTimeout:    10 * time.Second,
 			RebalanceTimeout:  10 * time.Second,
 			HeartbeatInterval: time.Second,
+			// kafka-go's reader moves a connection's read deadline for
+			// every message of a fetch, to the same instant each time.
+			Dialer: &kafka.Dialer{
+				Timeout: 10 * time.Second,
+				DialFunc: func(ctx context.Context, network, addr string) (net.Conn, error) {
+					var d net.Dialer
+					c, err := d.DialContext(ctx, network, addr)
+					if err != nil {
+						return nil, err
+					}
+					return deadline.Lazy(c), nil
+				},
+			},
 		}),
 		topic: topic,
 	}

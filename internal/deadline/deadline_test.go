@@ -1,4 +1,4 @@
-package fasthttp
+package deadline
 
 import (
 	"errors"
@@ -22,7 +22,7 @@ func (c *countedConn) SetReadDeadline(t time.Time) error {
 
 // pipe is a loopback TCP connection: the caller's end, wrapped as the
 // front wraps it, and the other end.
-func pipe(t *testing.T) (*callerConn, *countedConn, net.Conn) {
+func pipe(t *testing.T) (*lazyConn, *countedConn, net.Conn) {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -47,15 +47,15 @@ func pipe(t *testing.T) (*callerConn, *countedConn, net.Conn) {
 		t.Fatal("accept failed")
 	}
 	counted := &countedConn{Conn: raw}
-	c := &callerConn{Conn: counted}
+	c := &lazyConn{Conn: counted}
 	t.Cleanup(func() { c.Close(); other.Close() })
 	return c, counted, other
 }
 
-// TestCallerConnReadsEndAtTheDeadlineAskedFor: a read ends when the
+// TestLazyConnReadsEndAtTheDeadlineAskedFor: a read ends when the
 // deadline last asked for comes, whether it came sooner or later than the
 // one before, and a cleared deadline lets a read wait for its data.
-func TestCallerConnReadsEndAtTheDeadlineAskedFor(t *testing.T) {
+func TestLazyConnReadsEndAtTheDeadlineAskedFor(t *testing.T) {
 	buf := make([]byte, 16)
 	readUntil := func(t *testing.T, c net.Conn) (time.Duration, error) {
 		t.Helper()
@@ -109,12 +109,12 @@ func TestCallerConnReadsEndAtTheDeadlineAskedFor(t *testing.T) {
 	})
 }
 
-// TestCallerConnMovesTheDeadlineRarely plays fasthttp's deadlines for a
+// TestLazyConnMovesTheDeadlineRarely plays fasthttp's deadlines for a
 // kept-alive connection (idle wait, header, body: three per call) over
 // many calls, and counts the moves that reach the connection: two for the
 // first call (its idle deadline, then its sooner header deadline), and
 // none after, while calls keep coming well before the header deadline.
-func TestCallerConnMovesTheDeadlineRarely(t *testing.T) {
+func TestLazyConnMovesTheDeadlineRarely(t *testing.T) {
 	c, counted, other := pipe(t)
 	buf := make([]byte, 4)
 	for i := range 1000 {
