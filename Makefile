@@ -15,9 +15,10 @@ test: services
 	$(GO) vet ./...
 	@eval "$$($(SERVICES) env)" && $(GO) test $(GOTEST_FLAGS) ./...
 	@# The race detector over the packages whose goroutines share the most
-	@# state (rate-limit leases, the HTTP front). It needs a C compiler.
+	@# state (rate-limit leases, the HTTP front, lazy deadlines). It needs a C
+	@# compiler.
 	@if command -v cc >/dev/null 2>&1; then \
-		eval "$$($(SERVICES) env)" && CGO_ENABLED=1 $(GO) test -race $(GOTEST_FLAGS) ./edge/redis ./edge/fasthttp ./edge; \
+		eval "$$($(SERVICES) env)" && CGO_ENABLED=1 $(GO) test -race $(GOTEST_FLAGS) ./edge/redis ./edge/fasthttp ./edge ./internal/deadline; \
 	else \
 		echo "make test: no C compiler (cc), so the race detector's pass over ./edge/... did not run; install gcc to run it"; \
 	fi
