@@ -50,7 +50,22 @@ type CallLimits struct {
 	QuotaBucket string
 	QuotaLimit  int64
 	QuotaTTL    time.Duration
+	// Slot, when set, is where a limiter may keep what it found for these
+	// limits the last time (the same caller's slot comes back with the
+	// same limits, call after call), so the next call skips the lookup. A
+	// limiter must check that what it finds there is for these limits.
+	Slot *LimitSlot
 }
+
+// LimitSlot holds a limiter's state for one caller's limits; the zero
+// value is empty.
+type LimitSlot struct{ v atomic.Value }
+
+// Load returns what was stored, or nil.
+func (s *LimitSlot) Load() any { return s.v.Load() }
+
+// Store keeps v, which must always be of the same concrete type.
+func (s *LimitSlot) Store(v any) { s.v.Store(v) }
 
 // CallResult answers CallLimits.
 type CallResult struct {
@@ -272,6 +287,8 @@ type keyNames struct {
 	// buckets is CallLimits.Buckets for the key: shared, read-only.
 	buckets []string
 	month   atomic.Pointer[quotaMonth]
+	// slot is the limiter's for the key's calls (CallLimits.Slot).
+	slot LimitSlot
 }
 
 // quotaMonth is the quota period in force for a key in one time zone.

@@ -586,7 +586,7 @@ func (s *Server) limitCall(ctx context.Context, k *Key, quota bool, now time.Tim
 		lim = s.cfg.Plans["free"].Limits
 	}
 	names := s.keyLimits.get(s.cfg.RateLimitPrefix, k)
-	cl := CallLimits{Buckets: names.buckets, RPS: lim.RequestsPerSecond, Burst: lim.Burst}
+	cl := CallLimits{Buckets: names.buckets, RPS: lim.RequestsPerSecond, Burst: lim.Burst, Slot: &names.slot}
 	var end time.Time
 	if quota && s.deps.Quota != nil && lim.MonthlyRequests != nil {
 		loc := time.UTC

@@ -4,6 +4,7 @@ import (
 	"context"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -60,6 +61,15 @@ type lease struct {
 	// counted under mu, which every call holds anyway, rather than in one
 	// counter that every core's calls would contend for.
 	served uint64
+	// swept is set when the sweep forgets the lease, so a slot that still
+	// holds it looks it up again.
+	swept atomic.Bool
+}
+
+// slotted is what a CallLimits.Slot holds: the lease for the limits id.
+type slotted struct {
+	id leaseID
+	le *lease
 }
 
 // leaseID names the limits a call is checked against, all of them, so a
@@ -98,12 +108,7 @@ func (l *Limiter) leased(c edge.CallLimits) (edge.CallResult, error) {
 		l.lastSweep.Store(now.UnixNano())
 		go l.sweep()
 	}
-	key := leaseKey(c)
-	v, ok := l.leases.Load(key)
-	if !ok {
-		v, _ = l.leases.LoadOrStore(key, &lease{})
-	}
-	le := v.(*lease)
+	le := l.leaseFor(c)
 	le.mu.Lock()
 	le.count(now)
 	if res, ok := le.spend(c, now); ok {
@@ -158,6 +163,28 @@ func (l *Limiter) leased(c edge.CallLimits) (edge.CallResult, error) {
 		return res, err
 	}
 	return l.store(le, c, res, grant, grant-1), nil
+}
+
+// leaseFor finds the lease for c's limits: in c's slot when it holds the
+// lease for these limits (comparing the limits' names is cheap: the slot's
+// owner passes the same strings call after call), else in the map, which
+// hashes them all.
+func (l *Limiter) leaseFor(c edge.CallLimits) *lease {
+	key := leaseKey(c)
+	if c.Slot != nil {
+		if s, ok := c.Slot.Load().(*slotted); ok && s.id == key && !s.le.swept.Load() {
+			return s.le
+		}
+	}
+	v, ok := l.leases.Load(key)
+	if !ok {
+		v, _ = l.leases.LoadOrStore(key, &lease{})
+	}
+	le := v.(*lease)
+	if c.Slot != nil {
+		c.Slot.Store(&slotted{id: key, le: le})
+	}
+	return le
 }
 
 // count counts a call in the lease's demand windows, with le.mu held.
@@ -300,6 +327,7 @@ func (l *Limiter) sweep() {
 		served := le.served
 		le.mu.Unlock()
 		if idle && l.leases.CompareAndDelete(k, le) {
+			le.swept.Store(true)
 			l.sweptServed.Add(served)
 		}
 		return true

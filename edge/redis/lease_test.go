@@ -143,3 +143,33 @@ func TestLeases(t *testing.T) {
 		t.Logf("allowed %d, then %d; from leases %d + %d; given back %d + %d", second, rest, la, lb, ra, rb)
 	})
 }
+
+// TestSlotServesOnlyItsOwnLimits: a slot remembers the lease of the limits
+// it last served, and a call with other limits through the same slot (a
+// key whose plan or month changed) must not spend that lease's tokens.
+func TestSlotServesOnlyItsOwnLimits(t *testing.T) {
+	r := testenv.NewRedis(t)
+	l := edgeredis.NewLimiter(r.Client)
+	var slot edge.LimitSlot
+	busy := edge.CallLimits{Buckets: []string{r.Prefix + "a"}, RPS: 1, Burst: 100_000,
+		QuotaBucket: r.Prefix + "quota-a", QuotaLimit: 10_000, QuotaTTL: time.Hour, Slot: &slot}
+	for range 3 {
+		if got := burstOf(t, 200, busy, l); got != 200 {
+			t.Fatalf("%d of 200 calls allowed under a quota of 10,000", got)
+		}
+	}
+	if slot.Load() == nil {
+		t.Fatal("the limiter kept nothing in the slot")
+	}
+	// The same slot, a new quota of 5: exactly 5 calls pass, however many
+	// spare tokens the first limits' lease holds.
+	other := busy
+	other.QuotaBucket, other.QuotaLimit = r.Prefix+"quota-b", 5
+	if got := burstOf(t, 40, other, l); got != 5 {
+		t.Fatalf("%d of 40 calls allowed under a quota of 5 through a slot that held another quota's lease", got)
+	}
+	// And back: the first limits still have their quota's room.
+	if got := burstOf(t, 50, busy, l); got != 50 {
+		t.Fatalf("%d of 50 calls allowed back on the first limits", got)
+	}
+}
