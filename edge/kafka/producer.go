@@ -122,6 +122,7 @@ func NewProducer(cfg Config, reg prometheus.Registerer, log *slog.Logger) (*Prod
 			ReadTimeout:            cfg.WriteTimeout,
 			MaxAttempts:            1, // retries are ours, so we see every failure
 			AllowAutoTopicCreation: false,
+			Transport:              &topicMetadata{RoundTripper: kafka.DefaultTransport},
 		},
 		spool: sp,
 		log:   log,
