@@ -37,8 +37,9 @@ const insertSQL = `INSERT INTO usage_events (event_id, schema_version, account_i
 // conversion per column instead of one reflective append per row. The
 // rows go to the server in blocks of blockRows, each flushed before the
 // next is appended: the client's column buffers are emptied, not freed, by
-// a flush, so they grow to one block's size once and are reused after that,
-// where one block of a whole batch grew them from nothing every time (13 %
+// a flush, so they grow to one block's size once per INSERT and are reused
+// for its later blocks, where one block of a whole batch grew them to the
+// batch's size, doubling from nothing, every time (13 %
 // of the ingest process's CPU in a profile, most of it copying). The server
 // squashes an INSERT's blocks into one part (min_insert_block_size_rows),
 // so the table gets no more parts for it. An INSERT cut off halfway may
