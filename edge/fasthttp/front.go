@@ -197,6 +197,27 @@ func (f *Front) Close() error {
 	return errors.Join(err, f.tunnels.closeAll(wait))
 }
 
+// method is m as a string, without an allocation for the usual methods.
+func method(m []byte) string {
+	switch string(m) {
+	case fh.MethodGet:
+		return fh.MethodGet
+	case fh.MethodPost:
+		return fh.MethodPost
+	case fh.MethodPut:
+		return fh.MethodPut
+	case fh.MethodPatch:
+		return fh.MethodPatch
+	case fh.MethodDelete:
+		return fh.MethodDelete
+	case fh.MethodHead:
+		return fh.MethodHead
+	case fh.MethodOptions:
+		return fh.MethodOptions
+	}
+	return string(m)
+}
+
 // slowPath reports whether a call goes to the edge's net/http handler.
 func slowPath(method, path []byte) bool {
 	switch string(path) {
@@ -234,7 +255,7 @@ func (f *Front) handle(ctx *fh.RequestCtx) {
 		f.cors.Label(origin, set)
 	}
 	ci := edge.CallInfo{
-		Method:        string(ctx.Method()),
+		Method:        method(ctx.Method()),
 		Path:          string(ctx.Path()),
 		Authorization: string(ctx.Request.Header.Peek(fh.HeaderAuthorization)),
 		Remote:        ctx.RemoteAddr(),

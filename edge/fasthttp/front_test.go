@@ -71,3 +71,14 @@ func TestOnlyTheEdgesOwnRoutesTakeTheSlowPath(t *testing.T) {
 		}
 	}
 }
+
+func TestMethodKeepsEveryMethodAsSent(t *testing.T) {
+	for _, m := range []string{"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "PROPFIND", "get", ""} {
+		if got := method([]byte(m)); got != m {
+			t.Errorf("method(%q) = %q", m, got)
+		}
+	}
+	if n := testing.AllocsPerRun(100, func() { _ = method([]byte{'G', 'E', 'T'}) }); n != 0 {
+		t.Errorf("method of GET allocates %.0f times", n)
+	}
+}
