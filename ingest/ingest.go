@@ -141,7 +141,7 @@ func (c *Config) Defaults() {
 		c.Workers = 4
 	}
 	if c.BatchSize == 0 {
-		c.BatchSize = 5000
+		c.BatchSize = 10000
 	}
 	if c.MaxInFlight == 0 {
 		c.MaxInFlight = 8
