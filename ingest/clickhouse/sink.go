@@ -64,7 +64,7 @@ func (s *Sink) Insert(ctx context.Context, groups ...[]ingest.Record) error {
 	for lo := 0; lo < n; lo += blockRows {
 		hi := min(n, lo+blockRows)
 		for i, col := range c.rows(lo, hi) {
-			if err := b.Column(i).Append(col); err != nil {
+			if err := appendColumn(b.Column(i), col); err != nil {
 				return fmt.Errorf("append column %d of the raw events: %w", i, err)
 			}
 		}
@@ -133,6 +133,22 @@ func (c *rawColumns) add(r *ingest.Record) {
 	c.partitions = append(c.partitions, int32(r.Partition))
 	c.offsets = append(c.offsets, r.Offset)
 	c.ingested = append(c.ingested, c.at)
+}
+
+// appendColumn appends a column's rows. An array column's rows go one by
+// one: the client's Append of a whole [][]string walks it by reflection,
+// while AppendRow of one []string takes a typed path.
+func appendColumn(c driver.BatchColumn, col any) error {
+	arrays, ok := col.([][]string)
+	if !ok {
+		return c.Append(col)
+	}
+	for _, a := range arrays {
+		if err := c.AppendRow(a); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // blockRows is the rows of one block of an INSERT (Insert).
