@@ -472,7 +472,6 @@ type exchange struct {
 	f       *Front
 	route   edge.Route
 	call    edge.Call
-	start   time.Time
 	counted countingReader
 	body    responseBody
 }
@@ -482,12 +481,12 @@ func (x *exchange) finish(sent int64) {
 	x.call.RequestBytes, x.call.ResponseBytes = x.counted.n, sent
 	x.call.End = x.f.s.Now()
 	x.f.s.EmitCall(x.call)
-	x.f.s.Observe(x.route, true, x.call.Status, x.call.End.Sub(x.start))
+	x.f.s.Observe(x.route, true, x.call.Status, x.call.End.Sub(x.call.Start))
 }
 
 func (f *Front) proxy(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, start time.Time) {
 	call.Start = start
-	x := &exchange{f: f, route: adm.Route, call: call, start: start}
+	x := &exchange{f: f, route: adm.Route, call: call}
 	up := f.forward(ctx, adm, call.RequestID)
 	req := &ctx.Request
 	counted := &x.counted

@@ -43,7 +43,7 @@ func (f *Front) upgrade(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, 
 	closed, err := f.s.UpgradeOpened()
 	if err != nil { // max_upgraded_connections are open
 		f.fail(ctx, err, call.RequestID)
-		f.s.Observe(adm.Route, true, ctx.Response.StatusCode(), time.Since(start))
+		f.s.Observe(adm.Route, true, ctx.Response.StatusCode(), f.s.Now().Sub(start))
 		return
 	}
 	tunnelled := false
@@ -52,7 +52,7 @@ func (f *Front) upgrade(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, 
 			closed()
 		}
 	}()
-	call.Start = f.s.Now()
+	call.Start = start
 	protocol := string(ctx.Request.Header.Peek(fh.HeaderUpgrade))
 	up := f.forward(ctx, adm, call.RequestID) // drops Upgrade and Connection with the hop-by-hop headers
 	req := &ctx.Request
@@ -62,7 +62,7 @@ func (f *Front) upgrade(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, 
 		f.fail(ctx, ae, call.RequestID)
 		call.Status = ae.Status
 		f.s.EmitCall(call)
-		f.s.Observe(adm.Route, true, ae.Status, time.Since(start))
+		f.s.Observe(adm.Route, true, ae.Status, f.s.Now().Sub(start))
 	}
 	fail := func(err error) {
 		ae := upstreamError(err)
@@ -75,7 +75,7 @@ func (f *Front) upgrade(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, 
 		ae := edge.NewAPIError(fh.StatusBadRequest, edge.TypeInvalidRequest, "invalid_upgrade",
 			"A request to switch protocols must not have a chunked body.")
 		f.fail(ctx, ae, call.RequestID)
-		f.s.Observe(adm.Route, true, ae.Status, time.Since(start))
+		f.s.Observe(adm.Route, true, ae.Status, f.s.Now().Sub(start))
 		return
 	}
 	conn, err := up.dial(f.timeout)
@@ -119,7 +119,7 @@ func (f *Front) upgrade(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, 
 		f.declined(ctx, conn, resp, func(sent int64) {
 			call.ResponseBytes = sent
 			f.s.EmitCall(call)
-			f.s.Observe(adm.Route, true, call.Status, time.Since(start))
+			f.s.Observe(adm.Route, true, call.Status, f.s.Now().Sub(start))
 		})
 		return
 	}
@@ -156,7 +156,7 @@ func (f *Front) upgrade(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, 
 	// The latency histogram gets the handshake's time: a tunnel's lifetime
 	// (minutes, hours) would swamp the route's percentiles. The event's
 	// latency is the lifetime.
-	f.s.Observe(adm.Route, true, call.Status, time.Since(start))
+	f.s.Observe(adm.Route, true, call.Status, f.s.Now().Sub(start))
 	ctx.HijackSetNoResponse(true)
 	ctx.Hijack(func(caller net.Conn) {
 		defer f.tunnels.done(t)
