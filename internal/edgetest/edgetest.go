@@ -8,6 +8,8 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -336,55 +338,91 @@ func Do(t *testing.T, method, url, key string, body io.Reader) Response {
 }
 
 // ReadTopic reads every event in topic, waiting up to timeout for at least
-// want of them, and returns them all.
+// want of them, and returns them all. A read that fails (a topic just made
+// may have no leader yet for a moment) is tried again until the timeout,
+// and the test fails with its error after that.
 func ReadTopic(t *testing.T, brokers []string, topic string, want int, timeout time.Duration) []schemas.Event {
 	t.Helper()
 	deadline := time.Now().Add(timeout)
 	for {
-		evs := readAll(t, brokers, topic)
-		if len(evs) >= want || time.Now().After(deadline) {
+		evs, err := readAll(brokers, topic)
+		if errors.Is(err, errUndecodable) {
+			t.Fatal(err)
+		}
+		if err == nil && len(evs) >= want {
+			return evs
+		}
+		if time.Now().After(deadline) {
+			testenv.Must(t, err, "read topic "+topic)
 			return evs
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
 }
 
-func readAll(t *testing.T, brokers []string, topic string) []schemas.Event {
-	t.Helper()
+// errUndecodable marks a record in the topic that is not a valid event.
+var errUndecodable = errors.New("undecodable event")
+
+func readAll(brokers []string, topic string) ([]schemas.Event, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	conn, err := kafka.DialContext(ctx, "tcp", brokers[0])
-	testenv.Must(t, err, "dial kafka")
+	if err != nil {
+		return nil, fmt.Errorf("dial kafka: %w", err)
+	}
 	parts, err := conn.ReadPartitions(topic)
 	conn.Close()
-	testenv.Must(t, err, "read partitions")
+	if err != nil {
+		return nil, fmt.Errorf("read partitions: %w", err)
+	}
 	var out []schemas.Event
 	for _, p := range parts {
-		pc, err := kafka.DialLeader(ctx, "tcp", brokers[0], topic, p.ID)
-		testenv.Must(t, err, "dial leader")
-		first, last, err := pc.ReadOffsets()
-		testenv.Must(t, err, "read offsets")
-		off := first
-		for off < last {
-			_, err := pc.Seek(off, kafka.SeekAbsolute)
-			testenv.Must(t, err, "seek")
-			_ = pc.SetReadDeadline(time.Now().Add(10 * time.Second))
-			b := pc.ReadBatch(1, 10<<20)
-			for {
-				m, err := b.ReadMessage()
-				if err != nil {
-					break
-				}
-				ev, err := schemas.Decode(m.Value, time.Now().Add(time.Hour))
-				if err != nil {
-					t.Fatalf("partition %d offset %d: %v", p.ID, m.Offset, err)
-				}
-				out = append(out, ev)
-				off = m.Offset + 1
-			}
-			_ = b.Close()
+		evs, err := readPartition(ctx, brokers[0], topic, p.ID)
+		if err != nil {
+			return nil, err
 		}
-		pc.Close()
+		out = append(out, evs...)
 	}
-	return out
+	return out, nil
+}
+
+func readPartition(ctx context.Context, broker, topic string, partition int) ([]schemas.Event, error) {
+	pc, err := kafka.DialLeader(ctx, "tcp", broker, topic, partition)
+	if err != nil {
+		return nil, fmt.Errorf("dial leader of partition %d: %w", partition, err)
+	}
+	defer pc.Close()
+	first, last, err := pc.ReadOffsets()
+	if err != nil {
+		return nil, fmt.Errorf("read offsets of partition %d: %w", partition, err)
+	}
+	var out []schemas.Event
+	for off := first; off < last; {
+		if _, err := pc.Seek(off, kafka.SeekAbsolute); err != nil {
+			return nil, fmt.Errorf("seek partition %d to %d: %w", partition, off, err)
+		}
+		_ = pc.SetReadDeadline(time.Now().Add(10 * time.Second))
+		b := pc.ReadBatch(1, 10<<20)
+		read := off
+		for {
+			m, err := b.ReadMessage()
+			if err != nil {
+				break
+			}
+			ev, err := schemas.Decode(m.Value, time.Now().Add(time.Hour))
+			if err != nil {
+				// A record the edge wrote that does not decode is a finding,
+				// not a moment's unavailability.
+				_ = b.Close()
+				return nil, fmt.Errorf("%w: partition %d offset %d: %w", errUndecodable, partition, m.Offset, err)
+			}
+			out = append(out, ev)
+			off = m.Offset + 1
+		}
+		_ = b.Close()
+		if off == read {
+			return nil, fmt.Errorf("partition %d: no record at offset %d of %d", partition, off, last)
+		}
+	}
+	return out, nil
 }
