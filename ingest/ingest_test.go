@@ -62,6 +62,43 @@ func TestSplit(t *testing.T) {
 	}
 }
 
+// TestSplitKeepsDimensionsSorted: Split hands the sink each event's
+// dimensions as key-sorted arrays (it decodes them without a map), the same
+// arrays an event carrying them as a map gives.
+func TestSplitKeepsDimensionsSorted(t *testing.T) {
+	now := time.Date(2026, 3, 10, 12, 0, 0, 0, time.UTC)
+	dims := []map[string]string{nil, {"region": "eu"}, {"zone": "a", "model": "large", "region": "us", "b": ""}}
+	var msgs []ingest.Message
+	var want []schemas.Event
+	for i, d := range dims {
+		e := schemas.Event{Version: 1, ID: schemas.NewEventID(), AccountID: "a", Environment: schemas.Live,
+			KeyID: "k", Type: "api_call", Time: now.Add(-time.Second), Units: 1, Dimensions: d}
+		msgs = append(msgs, ingest.Message{Offset: int64(i), Value: encode(t, e), Time: now})
+		want = append(want, e)
+	}
+	events, _, _, _ := ingest.Split(msgs, now, ingest.DefaultMaxLateness)
+	if len(events) != len(dims) {
+		t.Fatalf("%d events, want %d", len(events), len(dims))
+	}
+	for i, r := range events {
+		keys, values := r.DimensionArrays()
+		wk, wv := want[i].DimensionArrays()
+		if len(keys) != len(wk) || len(values) != len(wv) {
+			t.Fatalf("event %d: dimensions %q %q, want %q %q", i, keys, values, wk, wv)
+		}
+		for j := range wk {
+			if keys[j] != wk[j] || values[j] != wv[j] {
+				t.Fatalf("event %d: dimensions %q %q, want %q %q", i, keys, values, wk, wv)
+			}
+		}
+		// A record built from an event with a map gives the same.
+		byMap := ingest.Record{Event: want[i]}
+		if mk, _ := byMap.DimensionArrays(); len(mk) != len(wk) {
+			t.Fatalf("event %d: a record with the map gives %q", i, mk)
+		}
+	}
+}
+
 type fakeOffsets map[int]ingest.PartitionOffsets
 
 func (f fakeOffsets) Offsets(context.Context) (map[int]ingest.PartitionOffsets, error) { return f, nil }

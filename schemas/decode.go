@@ -29,6 +29,18 @@ import (
 // Errors wrap ErrMalformed and name the field.
 func decodeEvent(b []byte, e *Event, in *Interner) error {
 	s := scanner{b: b, in: in}
+	return s.event(e)
+}
+
+// decodeFlat is decodeEvent leaving e.Dimensions nil: the dimensions come
+// back as key, value pairs in the order the record gives them.
+func decodeFlat(b []byte, e *Event, in *Interner, pairs []string) ([]string, error) {
+	s := scanner{b: b, in: in, flat: true, pairs: pairs}
+	err := s.event(e)
+	return s.pairs, err
+}
+
+func (s *scanner) event(e *Event) error {
 	s.space()
 	if s.literal("null") {
 		return s.end()
@@ -214,7 +226,14 @@ func (s *scanner) dimensions(e *Event) error {
 	if !s.consume('{') {
 		return s.fail(name, "want an object of strings")
 	}
-	e.Dimensions = map[string]string{}
+	if !s.flat {
+		e.Dimensions = map[string]string{}
+	}
+	// In flat form, a key given twice is found by comparing it with the
+	// keys before it, and past MaxDimensions (an event that fails
+	// validation anyway) through a map, so that a record of thousands of
+	// keys costs no more than the map would.
+	var many map[string]struct{}
 	s.space()
 	if s.consume('}') {
 		return nil
@@ -225,7 +244,7 @@ func (s *scanner) dimensions(e *Event) error {
 		if err != nil {
 			return err
 		}
-		if _, dup := e.Dimensions[k]; dup {
+		if s.dimensionSeen(e, k, &many) {
 			return malformed(name, fmt.Sprintf("key %q given twice", k))
 		}
 		s.space()
@@ -239,7 +258,11 @@ func (s *scanner) dimensions(e *Event) error {
 				return err
 			}
 		}
-		e.Dimensions[k] = v
+		if s.flat {
+			s.pairs = append(s.pairs, k, v)
+		} else {
+			e.Dimensions[k] = v
+		}
 		s.space()
 		if s.consume(',') {
 			continue
@@ -249,6 +272,34 @@ func (s *scanner) dimensions(e *Event) error {
 		}
 		return s.fail(name, "want ',' or '}' after a dimension value")
 	}
+}
+
+// dimensionSeen reports whether the dimension key k came before.
+func (s *scanner) dimensionSeen(e *Event, k string, many *map[string]struct{}) bool {
+	if !s.flat {
+		_, dup := e.Dimensions[k]
+		return dup
+	}
+	n := len(s.pairs) / 2
+	if n < MaxDimensions {
+		for i := 0; i < len(s.pairs); i += 2 {
+			if s.pairs[i] == k {
+				return true
+			}
+		}
+		return false
+	}
+	if *many == nil {
+		*many = make(map[string]struct{}, 2*n)
+		for i := 0; i < len(s.pairs); i += 2 {
+			(*many)[s.pairs[i]] = struct{}{}
+		}
+	}
+	if _, dup := (*many)[k]; dup {
+		return true
+	}
+	(*many)[k] = struct{}{}
+	return false
 }
 
 func malformed(field, reason string) error {
@@ -264,6 +315,10 @@ type scanner struct {
 	b  []byte
 	i  int
 	in *Interner
+	// flat puts dimensions in pairs (key, value, key, value, …) instead of
+	// a map.
+	flat  bool
+	pairs []string
 }
 
 func (s *scanner) fail(field, want string) error {
@@ -575,6 +630,8 @@ type Interner struct {
 	// where the map would first hash every byte; a miss costs that
 	// comparison on top of the map lookup.
 	recent [64]string
+	// pairs is DecodeFlat's scratch space for one event's dimensions.
+	pairs []string
 }
 
 const maxInterned = 4096

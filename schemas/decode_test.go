@@ -122,6 +122,30 @@ func checkAgainstReference(t *testing.T, in []byte) {
 	case ok && !stricterThanReference(in):
 		t.Fatalf("decoder refused what encoding/json takes (%v): %q", err, in)
 	}
+	checkFlat(t, in)
+}
+
+// checkFlat fails t if DecodeFlat and DecodeInterned disagree on in: the
+// same event but for its dimensions, which DecodeFlat gives as the arrays
+// DimensionArrays makes, and the same error.
+func checkFlat(t *testing.T, in []byte) {
+	t.Helper()
+	want, wantErr := DecodeInterned(in, now, nil)
+	got, keys, values, err := DecodeFlat(in, now, &testInterner)
+	if fmt.Sprint(err) != fmt.Sprint(wantErr) {
+		t.Fatalf("DecodeFlat of %q: error %v, DecodeInterned's %v", in, err, wantErr)
+	}
+	wantKeys, wantValues := want.DimensionArrays()
+	if len(wantKeys) == 0 {
+		wantKeys, wantValues = nil, nil
+	}
+	if got.Dimensions != nil || !reflect.DeepEqual(keys, wantKeys) || !reflect.DeepEqual(values, wantValues) {
+		t.Fatalf("DecodeFlat of %q: dimensions %v %q %q, want %q %q", in, got.Dimensions, keys, values, wantKeys, wantValues)
+	}
+	want.Dimensions = nil
+	if !reflect.DeepEqual(got, want) {
+		t.Fatalf("DecodeFlat of %q gives\n%+v\nwant\n%+v", in, got, want)
+	}
 }
 
 func TestDecoderAgreesWithEncodingJSON(t *testing.T) {
@@ -491,6 +515,75 @@ func TestValidateListsDimensionProblemsInKeyOrder(t *testing.T) {
 		known := m == strings.ToUpper(m) && len(m) > 2 && m != "CONNECT" && m != "TRACE" && m != "GETS"
 		if err := e.Validate(now); (err == nil) != known {
 			t.Errorf("method %q: %v", m, err)
+		}
+	}
+}
+
+// TestDecodeFlatAgreesWithDecode covers what DecodeFlat does differently:
+// sorting keys given out of order, finding a key given twice before and
+// after MaxDimensions, and listing the same validation problems.
+func TestDecodeFlatAgreesWithDecode(t *testing.T) {
+	dims := func(n int, dupAt int) string {
+		var b strings.Builder
+		for i := range n {
+			if i > 0 {
+				b.WriteByte(',')
+			}
+			k := fmt.Sprintf("k%03d", n-i) // descending: every key out of order
+			if i == dupAt {
+				k = fmt.Sprintf("k%03d", n) // the first key again
+			}
+			fmt.Fprintf(&b, "%q:%q", k, fmt.Sprint("v", i))
+		}
+		return b.String()
+	}
+	e := validEvent()
+	e.Dimensions = nil
+	base, err := e.Encode()
+	if err != nil {
+		t.Fatal(err)
+	}
+	with := func(obj string) []byte {
+		return []byte(strings.TrimSuffix(string(base), "}") + `,"dimensions":{` + obj + `}}`)
+	}
+	inputs := [][]byte{
+		with(dims(1, -1)), with(dims(3, -1)), with(dims(MaxDimensions, -1)), with(dims(MaxDimensions+1, -1)),
+		with(dims(100, -1)), with(dims(5, 3)), with(dims(MaxDimensions, MaxDimensions-1)),
+		with(dims(MaxDimensions+1, MaxDimensions)), with(dims(100, 60)),
+		with(`"z Bad":"x","ok":"x","a":"` + strings.Repeat("v", MaxDimensionValue+1) + `","B":"x","m":null`),
+	}
+	for _, in := range inputs {
+		checkFlat(t, in)
+	}
+	// The cases must reach every branch: an accepted event, a key given
+	// twice, and a validation error.
+	var accepted, twice, invalid bool
+	for _, in := range inputs {
+		_, _, _, err := DecodeFlat(in, now, nil)
+		var ve *ValidationError
+		switch {
+		case err == nil:
+			accepted = true
+		case strings.Contains(err.Error(), "given twice"):
+			twice = true
+		case errors.As(err, &ve):
+			invalid = true
+		}
+	}
+	if !accepted || !twice || !invalid {
+		t.Fatalf("accepted %v, key twice %v, invalid %v: want all three", accepted, twice, invalid)
+	}
+}
+
+// BenchmarkDecodeFlat is BenchmarkDecodeInterned's event through DecodeFlat.
+func BenchmarkDecodeFlat(b *testing.B) {
+	raw := benchEvent(b, now)
+	var in Interner
+	b.SetBytes(int64(len(raw)))
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, _, _, err := DecodeFlat(raw, now, &in); err != nil {
+			b.Fatal(err)
 		}
 	}
 }

@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"sort"
 	"strings"
 	"time"
 
@@ -130,6 +131,12 @@ func knownMethod(m string) bool {
 // Validate checks every field against the contract, relative to now, and
 // returns a *ValidationError listing all problems, or nil.
 func (e *Event) Validate(now time.Time) error {
+	return e.validate(now, nil, nil)
+}
+
+// validate is Validate with the dimensions given as key-sorted arrays
+// (keys, values) when e.Dimensions is nil.
+func (e *Event) validate(now time.Time, keys, values []string) error {
 	var ps []FieldError
 	add := func(field, reason string, args ...any) {
 		ps = append(ps, FieldError{Field: field, Reason: fmt.Sprintf(reason, args...)})
@@ -198,22 +205,31 @@ func (e *Event) Validate(now time.Time) error {
 	if len(e.ClientID) > MaxClientIDLength {
 		add("client_id", "longer than %d bytes", MaxClientIDLength)
 	}
-	if len(e.Dimensions) > MaxDimensions {
+	if len(e.Dimensions) > MaxDimensions || len(keys) > MaxDimensions {
 		add("dimensions", "more than %d entries", MaxDimensions)
 	}
-	// Problems with dimensions are listed in key order, which costs a
-	// sorted copy of the keys; make it only when there is one to list.
+	// Problems with dimensions are listed in key order, which for a map
+	// costs a sorted copy of the keys; make it only when there is one to
+	// list.
+	listDimensions := func(keys, values []string) {
+		for i, k := range keys {
+			switch v := values[i]; {
+			case len(k) > MaxDimensionKey || !dimKeyChars.MatchString(k):
+				add("dimensions."+k, "key must be lower case letters, digits and _, at most %d bytes", MaxDimensionKey)
+			case len(v) > MaxDimensionValue:
+				add("dimensions."+k, "value longer than %d bytes", MaxDimensionValue)
+			}
+		}
+	}
 	for k, v := range e.Dimensions {
 		if !validDimension(k, v) {
-			for _, k := range sortedKeys(e.Dimensions) {
-				v := e.Dimensions[k]
-				switch {
-				case len(k) > MaxDimensionKey || !dimKeyChars.MatchString(k):
-					add("dimensions."+k, "key must be lower case letters, digits and _, at most %d bytes", MaxDimensionKey)
-				case len(v) > MaxDimensionValue:
-					add("dimensions."+k, "value longer than %d bytes", MaxDimensionValue)
-				}
-			}
+			listDimensions(e.DimensionArrays())
+			break
+		}
+	}
+	for i, k := range keys {
+		if !validDimension(k, values[i]) {
+			listDimensions(keys, values)
 			break
 		}
 	}
@@ -259,6 +275,58 @@ func DecodeInterned(b []byte, now time.Time, in *Interner) (Event, error) {
 	return e, nil
 }
 
+// DecodeFlat is DecodeInterned for a reader that keeps dimensions as
+// key-sorted parallel arrays, as the raw events table stores them: the
+// event comes back with Dimensions nil, and its dimensions as keys and
+// values (one allocation for both), never through a map. Everything else,
+// errors and validation problems included, is what DecodeInterned returns.
+func DecodeFlat(b []byte, now time.Time, in *Interner) (e Event, keys, values []string, err error) {
+	var scratch []string
+	if in != nil {
+		scratch = in.pairs[:0]
+	}
+	pairs, err := decodeFlat(b, &e, in, scratch)
+	if in != nil {
+		in.pairs = pairs[:0] // kept for the next event
+	}
+	if err != nil {
+		return Event{}, nil, nil, err
+	}
+	e.Normalize()
+	if n := len(pairs) / 2; n > 0 {
+		both := make([]string, 2*n)
+		keys, values = both[:n:n], both[n:]
+		for i := range n {
+			keys[i], values[i] = pairs[2*i], pairs[2*i+1]
+		}
+		if n <= MaxDimensions {
+			// Insertion sort: a handful of keys, and no allocation.
+			for i := 1; i < n; i++ {
+				for j := i; j > 0 && keys[j] < keys[j-1]; j-- {
+					keys[j], keys[j-1] = keys[j-1], keys[j]
+					values[j], values[j-1] = values[j-1], values[j]
+				}
+			}
+		} else {
+			sort.Sort(byKey{keys, values})
+		}
+	}
+	if err := e.validate(now, keys, values); err != nil {
+		return e, keys, values, err
+	}
+	return e, keys, values, nil
+}
+
+// byKey sorts parallel key and value arrays by key.
+type byKey struct{ keys, values []string }
+
+func (s byKey) Len() int           { return len(s.keys) }
+func (s byKey) Less(i, j int) bool { return s.keys[i] < s.keys[j] }
+func (s byKey) Swap(i, j int) {
+	s.keys[i], s.keys[j] = s.keys[j], s.keys[i]
+	s.values[i], s.values[j] = s.values[j], s.values[i]
+}
+
 // NewEventID returns a fresh UUIDv7: time-ordered, so ids sort with the
 // events they name, and unique without coordination between edges.
 func NewEventID() uuid.UUID { return uuid.Must(uuid.NewV7()) }
@@ -289,15 +357,6 @@ func (e *Event) DimensionArrays() (keys, values []string) {
 		values[i] = e.Dimensions[k]
 	}
 	return keys, values
-}
-
-func sortedKeys(m map[string]string) []string {
-	keys := make([]string, 0, len(m))
-	for k := range m {
-		keys = append(keys, k)
-	}
-	slices.Sort(keys)
-	return keys
 }
 
 // charset matches non-empty ASCII strings drawn from a set of characters,

@@ -110,7 +110,7 @@ func newRawColumns(n int, at time.Time) *rawColumns {
 
 func (c *rawColumns) add(r *ingest.Record) {
 	e := &r.Event
-	dk, dv := e.DimensionArrays()
+	dk, dv := r.DimensionArrays()
 	c.ids = append(c.ids, e.ID)
 	c.versions = append(c.versions, uint8(e.Version))
 	c.accounts = append(c.accounts, e.AccountID)
