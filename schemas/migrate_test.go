@@ -135,6 +135,13 @@ func TestClickHouseRawEventsDDLIsPinned(t *testing.T) {
 	if !strings.HasSuffix(strings.ReplaceAll(sortingKey, " ", ""), "timestamp,event_id") {
 		t.Fatalf("sorting key %q must end with timestamp, event_id (deduplication relies on it)", sortingKey)
 	}
+	// Granules of 2,048 rows: the rollup recomputes read whole granules.
+	var full string
+	testenv.Must(t, ch.Conn.QueryRow(ctx, `SELECT engine_full FROM system.tables
+		WHERE database = currentDatabase() AND name = 'usage_events'`).Scan(&full), "read engine")
+	if !strings.Contains(full, "index_granularity = 2048") {
+		t.Fatalf("engine %q: want index_granularity = 2048", full)
+	}
 	// Applying the DDL again changes nothing.
 	testenv.Must(t, schemas.ApplyClickHouse(ctx, ch.Conn), "apply again")
 }
