@@ -6,9 +6,9 @@
 //     lasted under a second and measured start-up, the consumer group's
 //     join and the peer's single insert block as much as throughput.
 //     Tollgate ingest (effectively once: dedup, dead letters, rollups
-//     recomputed before each commit) drains it into ClickHouse; ingest_eps = N / time until every
-//     offset is committed, the fastest of -repeat runs (3), each on its own
-//     topic, consumer group and accounts.
+//     recomputed before each commit) drains it into ClickHouse; ingest_eps
+//     = N / time until every offset is committed, the fastest of -repeat
+//     runs (3), each on its own topic, consumer group and accounts.
 //  2. Peer: the same topic into ClickHouse with stock parts and no
 //     effectively-once guarantee: ClickHouse's Kafka table engine with a
 //     materialized view if it can consume from this broker within a time

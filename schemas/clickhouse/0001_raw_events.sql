@@ -17,8 +17,8 @@
 -- granules of every part that holds one, many of them small recent parts
 -- where a granule spans several accounts. In bench-ingest (2,000,000
 -- events) the minute recomputes read 3.0 million raw rows per run instead
--- of 4.3 to 5.7 million, and ingest ran at 215,000 to 253,000 events/s
--- instead of 175,000 to 200,000 (docs/ingest.md). The index held in memory
+-- of 4.3 to 5.7 million, and ingest ran at 215,000 to 228,000 events/s
+-- instead of 175,000 to 200,000 in alternating runs (docs/ingest.md). The index held in memory
 -- grows fourfold: about 35 MB per billion rows. ClickHouse cannot change
 -- the setting of an existing table; one created before it keeps 8,192 and
 -- is only slower.
