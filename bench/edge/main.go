@@ -93,7 +93,7 @@ func run() error {
 	linger := flag.Duration("event-linger", 0, "the edge's edge.event_linger (0: its default)")
 	memprofile := flag.String("memprofile", "", "write a heap allocation profile of this process (allocations since it started) after the first measured wrk run of -profile-target")
 	only := flag.String("targets", "", "comma-separated targets to measure, for a diagnosis (all when empty); a partial run ends with a RESULT line of each measured target's throughput and CPU per call, without the p99 comparison")
-	profileTarget := flag.String("profile-target", "edge", "the target -cpuprofile and -memprofile profile: direct, nginx, nginx_limit, go_proxy, fast_proxy, metered_proxy or edge")
+	profileTarget := flag.String("profile-target", "edge", "the target -cpuprofile and -memprofile profile: direct, nginx, nginx_limit, nginx_limit_bare, go_proxy, fast_proxy, metered_proxy or edge")
 	flag.Parse()
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	ctx := context.Background()
@@ -108,6 +108,11 @@ func run() error {
 	body := []byte(`{"ok":true}`)
 	up := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "application/json")
+		if r.URL.Path == contractPath {
+			// What the proxy in front sent, for checkContract.
+			_ = json.NewEncoder(w).Encode(r.Header)
+			return
+		}
 		_, _ = w.Write(body)
 	})}
 	go func() { _ = up.Serve(upLn) }()
@@ -176,9 +181,10 @@ func run() error {
 	}
 	defer stopEdge()
 
-	// nginx: plain, and with limit_req plus a key map.
-	plainAddr, limitAddr := freeAddr(), freeAddr()
-	stopNginx, err := startNginx(tmp, upAddr, plainAddr, limitAddr, key)
+	// nginx: plain, with limit_req plus a key map, and the latter without
+	// the request id and forwarding headers.
+	plainAddr, limitAddr, bareAddr := freeAddr(), freeAddr(), freeAddr()
+	stopNginx, err := startNginx(tmp, upAddr, plainAddr, limitAddr, bareAddr, key)
 	if err != nil {
 		return err
 	}
@@ -189,6 +195,7 @@ func run() error {
 		{"direct", "http://" + upAddr + "/v1/widgets/1"},
 		{"nginx", "http://" + plainAddr + "/v1/widgets/1"},
 		{"nginx_limit", "http://" + limitAddr + "/v1/widgets/1"},
+		{"nginx_limit_bare", "http://" + bareAddr + "/v1/widgets/1"},
 		{"go_proxy", "http://" + goAddr + "/v1/widgets/1"},
 		{"fast_proxy", "http://" + fastAddr + "/v1/widgets/1"},
 		{"metered_proxy", "http://" + meteredAddr + "/v1/widgets/1"},
@@ -212,9 +219,18 @@ func run() error {
 			}
 		}
 		if len(want) > 0 || len(kept) == 0 {
-			return fmt.Errorf("-targets %q: want some of direct, nginx, nginx_limit, go_proxy, fast_proxy, metered_proxy, edge", *only)
+			return fmt.Errorf("-targets %q: want some of direct, nginx, nginx_limit, nginx_limit_bare, go_proxy, fast_proxy, metered_proxy, edge", *only)
 		}
 		targets = kept
+	}
+	// The two gateways compared in the RESULT line keep the same proxy
+	// contract; check it before measuring.
+	for _, tg := range targets {
+		if tg.name == "edge" || tg.name == "nginx_limit" {
+			if err := checkContract(tg.name, strings.TrimSuffix(tg.url, "/v1/widgets/1"), key); err != nil {
+				return err
+			}
+		}
 	}
 	cpu, cpuErr := targetCPU(plainAddr)
 	if cpuErr != nil {
@@ -265,13 +281,13 @@ func run() error {
 				parts = append(parts, fmt.Sprintf("%s %.1f", o.Name, float64(o.CPU.Microseconds())/(r*dur.Seconds())))
 			}
 			rps[tg.name] = max(rps[tg.name], r)
-			fmt.Printf("round %d %-12s %10.0f req/s  (wrk, %d connections, %s)\n", round, tg.name, r, *conns, *dur)
+			fmt.Printf("round %d %-16s %10.0f req/s  (wrk, %d connections, %s)\n", round, tg.name, r, *conns, *dur)
 			if cpuErr == nil {
 				us := float64(used.Microseconds()) / (r * dur.Seconds())
 				if cur, ok := cpuPerCall[tg.name]; !ok || us < cur {
 					cpuPerCall[tg.name] = us
 				}
-				fmt.Printf("round %d %-12s %10.1f µs CPU per call (%s: %s)\n", round, tg.name, us, cpuWho[tg.name], strings.Join(parts, " + "))
+				fmt.Printf("round %d %-16s %10.1f µs CPU per call (%s: %s)\n", round, tg.name, us, cpuWho[tg.name], strings.Join(parts, " + "))
 			}
 			if tg.name == "edge" {
 				runs, calls := edgeLimiter.Batched()
@@ -279,23 +295,23 @@ func run() error {
 				decided := float64(leased - leased0 + calls - calls0)
 				scriptsPerCall = float64(runs-runs0) / max(1, decided)
 				leasedShare = float64(leased-leased0) / max(1, decided)
-				fmt.Printf("round %d %-12s %.1f%% of calls decided from a lease; %.3f Redis script runs per call (batched, leases asked ahead included)\n",
+				fmt.Printf("round %d %-16s %.1f%% of calls decided from a lease; %.3f Redis script runs per call (batched, leases asked ahead included)\n",
 					round, tg.name, 100*leasedShare, scriptsPerCall)
 			}
 		}
 	}
 	for _, tg := range targets {
-		fmt.Printf("best    %-12s %10.0f req/s\n", tg.name, rps[tg.name])
+		fmt.Printf("best    %-16s %10.0f req/s\n", tg.name, rps[tg.name])
 	}
 	for _, name := range []string{"direct", "go_proxy", "fast_proxy", "metered_proxy", "edge"} {
 		if _, ok := allocs[name]; !ok {
 			continue
 		}
 		if _, ok := allocs["direct"]; !ok {
-			fmt.Printf("best    %-12s %10.1f heap allocations per call in this process\n", name, allocs[name])
+			fmt.Printf("best    %-16s %10.1f heap allocations per call in this process\n", name, allocs[name])
 			continue
 		}
-		fmt.Printf("best    %-12s %10.1f heap allocations per call in this process (%.1f beyond the upstream's)\n",
+		fmt.Printf("best    %-16s %10.1f heap allocations per call in this process (%.1f beyond the upstream's)\n",
 			name, allocs[name], allocs[name]-allocs["direct"])
 	}
 	if *only != "" {
@@ -337,25 +353,25 @@ func run() error {
 			}
 			if tg.name == "edge" {
 				perCall = float64(after-before) / float64(*rate*3)
-				fmt.Printf("round %d %-12s %.2f Redis scripts per call (Redis's own count)\n", round, tg.name, perCall)
+				fmt.Printf("round %d %-16s %.2f Redis scripts per call (Redis's own count)\n", round, tg.name, perCall)
 			}
 			if cur, ok := p99[tg.name]; !ok || d < cur {
 				p99[tg.name] = d
 			}
-			fmt.Printf("round %d %-12s p99 %8.3f ms at a fixed %d req/s\n", round, tg.name, float64(d.Microseconds())/1000, *rate)
+			fmt.Printf("round %d %-16s p99 %8.3f ms at a fixed %d req/s\n", round, tg.name, float64(d.Microseconds())/1000, *rate)
 		}
 	}
 	for _, name := range []string{"direct", "edge"} {
-		fmt.Printf("best    %-12s p99 %8.3f ms\n", name, float64(p99[name].Microseconds())/1000)
+		fmt.Printf("best    %-16s p99 %8.3f ms\n", name, float64(p99[name].Microseconds())/1000)
 	}
 	overhead := float64((p99["edge"] - p99["direct"]).Microseconds()) / 1000
-	result := fmt.Sprintf("RESULT edge_rps=%.0f nginx_rps=%.0f nginx_limit_rps=%.0f ratio_vs_nginx_limit=%.2f p99_overhead_ms=%.3f go_proxy_rps=%.0f ratio_vs_go_proxy=%.2f fast_proxy_rps=%.0f ratio_vs_fast_proxy=%.2f metered_proxy_rps=%.0f metered_proxy_vs_nginx_limit=%.2f redis_scripts_per_call=%.2f redis_runs_per_call_under_load=%.3f leased_share=%.2f edge_allocs_per_call=%.1f",
+	result := fmt.Sprintf("RESULT edge_rps=%.0f nginx_rps=%.0f nginx_limit_rps=%.0f ratio_vs_nginx_limit=%.2f p99_overhead_ms=%.3f go_proxy_rps=%.0f ratio_vs_go_proxy=%.2f fast_proxy_rps=%.0f ratio_vs_fast_proxy=%.2f metered_proxy_rps=%.0f metered_proxy_vs_nginx_limit=%.2f nginx_limit_bare_rps=%.0f ratio_vs_nginx_limit_bare=%.2f redis_scripts_per_call=%.2f redis_runs_per_call_under_load=%.3f leased_share=%.2f edge_allocs_per_call=%.1f",
 		rps["edge"], rps["nginx"], rps["nginx_limit"], rps["edge"]/rps["nginx_limit"], overhead, rps["go_proxy"],
 		rps["edge"]/rps["go_proxy"], rps["fast_proxy"], rps["edge"]/rps["fast_proxy"], rps["metered_proxy"], rps["metered_proxy"]/rps["nginx_limit"],
-		perCall, scriptsPerCall, leasedShare, allocs["edge"]-allocs["direct"])
+		rps["nginx_limit_bare"], rps["edge"]/rps["nginx_limit_bare"], perCall, scriptsPerCall, leasedShare, allocs["edge"]-allocs["direct"])
 	if cpuErr == nil {
 		for _, tg := range targets {
-			fmt.Printf("best    %-12s %10.1f µs CPU per call\n", tg.name, cpuPerCall[tg.name])
+			fmt.Printf("best    %-16s %10.1f µs CPU per call\n", tg.name, cpuPerCall[tg.name])
 		}
 		result += fmt.Sprintf(" edge_cpu_us_per_call=%.1f nginx_limit_cpu_us_per_call=%.1f direct_cpu_us_per_call=%.1f cpu_ratio_vs_nginx_limit=%.2f",
 			cpuPerCall["edge"], cpuPerCall["nginx_limit"], cpuPerCall["direct"], cpuPerCall["nginx_limit"]/cpuPerCall["edge"])
@@ -364,17 +380,51 @@ func run() error {
 	return nil
 }
 
+// contractPath is the upstream path that answers with the headers it got.
+const contractPath = "/v1/widgets/headers"
+
+// checkContract sends one call through the gateway at base and checks the
+// proxy contract the edge keeps: a Request-Id on the response, and the
+// upstream given that Request-Id and X-Forwarded-For, -Host and -Proto but
+// not the key.
+func checkContract(name, base, key string) error {
+	req, _ := http.NewRequest("GET", base+contractPath, nil)
+	req.Header.Set("Authorization", "Bearer "+key)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return fmt.Errorf("%s: contract check: %w", name, err)
+	}
+	defer resp.Body.Close()
+	var got http.Header
+	if err := json.NewDecoder(resp.Body).Decode(&got); err != nil {
+		return fmt.Errorf("%s: contract check: status %d: %w", name, resp.StatusCode, err)
+	}
+	rid := resp.Header.Get("Request-Id")
+	switch {
+	case rid == "":
+		return fmt.Errorf("%s: contract check: no Request-Id on the response", name)
+	case got.Get("Request-Id") != rid:
+		return fmt.Errorf("%s: contract check: the upstream got Request-Id %q, the caller %q", name, got.Get("Request-Id"), rid)
+	case got.Get("X-Forwarded-For") == "" || got.Get("X-Forwarded-Host") == "" || got.Get("X-Forwarded-Proto") == "":
+		return fmt.Errorf("%s: contract check: X-Forwarded-* missing upstream: %v", name, got)
+	case got.Get("Authorization") != "":
+		return fmt.Errorf("%s: contract check: the key reached the upstream", name)
+	}
+	return nil
+}
+
 // cpuWho says whose CPU time counts for each target: every process serving
 // the call except the load generator. This process hosts the upstream (and
 // the Go proxy and the edge), so every target includes the upstream's work.
 var cpuWho = map[string]string{
-	"direct":        "upstream",
-	"nginx":         "upstream + nginx",
-	"nginx_limit":   "upstream + nginx",
-	"go_proxy":      "upstream + Go proxy",
-	"fast_proxy":    "upstream + fasthttp proxy",
-	"metered_proxy": "upstream + fasthttp proxy + Kafka",
-	"edge":          "upstream + edge + Redis + Kafka",
+	"direct":           "upstream",
+	"nginx":            "upstream + nginx",
+	"nginx_limit":      "upstream + nginx",
+	"nginx_limit_bare": "upstream + nginx",
+	"go_proxy":         "upstream + Go proxy",
+	"fast_proxy":       "upstream + fasthttp proxy",
+	"metered_proxy":    "upstream + fasthttp proxy + Kafka",
+	"edge":             "upstream + edge + Redis + Kafka",
 }
 
 // targetCPU is, per target, the processes outside this one whose CPU time
@@ -399,7 +449,7 @@ func targetCPU(nginxAddr string) (map[string]*procstat.Meter, error) {
 	if err := broker.Watch("kafka", brokers[0]); err != nil {
 		return nil, err
 	}
-	return map[string]*procstat.Meter{"nginx": &ngx, "nginx_limit": &ngx, "metered_proxy": &broker, "edge": &edgeDeps}, nil
+	return map[string]*procstat.Meter{"nginx": &ngx, "nginx_limit": &ngx, "nginx_limit_bare": &ngx, "metered_proxy": &broker, "edge": &edgeDeps}, nil
 }
 
 // redisCommands is how many scripts Redis has run since it started
@@ -524,7 +574,13 @@ func fixedRate(url, key string, rate int, d time.Duration) (time.Duration, int) 
 	return lat[n*99/100], errs
 }
 
-func startNginx(tmp, upstream, plain, limited, key string) (func(), error) {
+// startNginx starts nginx with three servers on the same upstream: plain, a
+// plain reverse proxy; limited, the stock-parts gateway, which checks the key
+// through a map, applies limit_req and keeps the proxy contract the edge
+// keeps (a Request-Id on every response and to the upstream, X-Forwarded-For,
+// -Host and -Proto, the key dropped); and bare, the same gateway without the
+// request id and forwarding headers, as this bench measured it before.
+func startNginx(tmp, upstream, plain, limited, bare, key string) (func(), error) {
 	bin := env("NGINX", "/usr/sbin/nginx")
 	conf := fmt.Sprintf(`worker_processes 2;
 error_log %[1]s/error.log warn;
@@ -556,6 +612,22 @@ http {
     location / {
       if ($api_key = "") { return 401; }
       limit_req zone=perkey burst=1000000 nodelay;
+      add_header Request-Id $request_id always;
+      proxy_set_header Authorization "";
+      proxy_set_header Request-Id $request_id;
+      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+      proxy_set_header X-Forwarded-Host $host;
+      proxy_set_header X-Forwarded-Proto $scheme;
+      proxy_pass http://api;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }
+  }
+  server {
+    listen %[6]s;
+    location / {
+      if ($api_key = "") { return 401; }
+      limit_req zone=perkey burst=1000000 nodelay;
       proxy_set_header Authorization "";
       proxy_pass http://api;
       proxy_http_version 1.1;
@@ -563,7 +635,7 @@ http {
     }
   }
 }
-`, tmp, upstream, plain, limited, key)
+`, tmp, upstream, plain, limited, key, bare)
 	path := filepath.Join(tmp, "nginx.conf")
 	if err := os.WriteFile(path, []byte(conf), 0o600); err != nil {
 		return nil, err
@@ -575,7 +647,7 @@ http {
 	}
 	stop := func() { _ = cmd.Process.Kill(); _ = cmd.Wait() }
 	deadline := time.Now().Add(10 * time.Second)
-	for _, a := range []string{plain, limited} {
+	for _, a := range []string{plain, limited, bare} {
 		for {
 			c, err := net.DialTimeout("tcp", a, time.Second)
 			if err == nil {
