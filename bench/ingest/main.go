@@ -8,16 +8,18 @@
 //     Tollgate ingest (effectively once: dedup, dead letters, rollups
 //     recomputed before each commit) drains it into ClickHouse; ingest_eps
 //     = N / time until every offset is committed, the fastest of -repeat
-//     runs (3), each on its own topic, consumer group and accounts.
+//     runs (3), each on its own topic, consumer group and accounts, and
+//     each starting on empty tables.
 //  2. Peer: the same topic into ClickHouse with stock parts and no
 //     effectively-once guarantee: ClickHouse's Kafka table engine with a
 //     materialized view if it can consume from this broker within a time
 //     limit, otherwise kcat piped into clickhouse-client INSERT … FORMAT
-//     JSONEachRow, each round once with clickhouse-client's default insert
-//     blocks and once with blocks of 65,536 rows (peerBlocks). peer_eps =
-//     N / its wall time, the fastest of its runs. The shared machine is
-//     noisy: a single run of either side varied by a factor of two from one
-//     run to the next.
+//     JSONEachRow with blocks of 65,536 rows (-peer-blocks), into an empty
+//     table. peer_eps = N / its wall time, the fastest of its runs. Each
+//     round runs ingest and then the peer on the round's topic, so both
+//     sides get the same number of runs, interleaved. The shared machine
+//     is noisy: a single run of either side varied by a factor of two from
+//     one run to the next.
 //  3. Freshness: a producer stamps each event with its call time and sends
 //     a steady rate (default 5,000/s); one poller per account reads the
 //     usage API every 100 ms (-poll). An event's freshness is the time from
@@ -58,6 +60,7 @@ import (
 	"os/exec"
 	"runtime/pprof"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -107,6 +110,16 @@ type opts struct {
 	maxInFlight int
 	poll        time.Duration
 	repeat      int
+	// peerBlocks are the insert block sizes the kcat peer runs with, each
+	// once a round (-peer-blocks; 0 is clickhouse-client's default,
+	// max_insert_block_size, 1,048,576 rows). The client parses a whole
+	// block before it sends it and waits for the server to write it before
+	// it parses on, so with the default the stages take turns; on 2,000,000
+	// events a sweep (8,192 to 1,048,576 rows, two runs each) was fastest at
+	// 16,384 to 65,536 rows, about 7.0 to 8.4 s against 10.5 s with the
+	// default. The default is 65,536 alone, so the peer gets as many runs
+	// as ingest does, at its best block size.
+	peerBlocks []int
 	// backfillBase and backfillEvents size the late-batch measurement.
 	backfillBase   int
 	backfillEvents int
@@ -137,8 +150,16 @@ func run() error {
 	flag.IntVar(&o.backfillBase, "backfill-base", 100_000, "events already in the 40 days a late batch lands in")
 	flag.IntVar(&o.backfillEvents, "backfill-events", 2_500, "events in each late batch, spread over 40 days")
 	flag.BoolVar(&o.coalesce, "coalesce", true, "share raw inserts and rollup rounds between workers (as tollgate ingest does)")
+	peerBlocks := flag.String("peer-blocks", "65536", "comma-separated insert block sizes (rows) the kcat | clickhouse-client peer runs with, each once a round; 0 is clickhouse-client's default (1,048,576)")
 	cpuProfile := flag.String("cpuprofile", "", "write a CPU profile of the throughput run (this process: ingest and the rollups) to this file")
 	flag.Parse()
+	for _, b := range strings.Split(*peerBlocks, ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(b))
+		if err != nil || n < 0 {
+			return fmt.Errorf("-peer-blocks %q: want comma-separated row counts", *peerBlocks)
+		}
+		o.peerBlocks = append(o.peerBlocks, n)
+	}
 
 	ctx := context.Background()
 	brokers := strings.Split(env("TOLLGATE_KAFKA_BROKERS", "127.0.0.1:19092"), ",")
@@ -177,13 +198,19 @@ func run() error {
 	o.repeat = max(o.repeat, 1)
 	o.cpu = newCPUMeter(chAddr, brokers)
 
-	// 1. Throughput. Each run has its own topic, consumer group and
-	// accounts, so no run's rollups re-read another's events. The machine
-	// is shared and noisy, so each side runs o.repeat times and its fastest
-	// run counts.
-	var ingestDur time.Duration
-	var ingestCPU cpuUse
-	var topicA string
+	// 1 and 2. Throughput, in o.repeat rounds: each round lands a new
+	// topic with ingest, then the same topic with the peer, so both sides
+	// see the machine as busy as each other. Each ingest run has its own
+	// topic, consumer group and accounts, so no run's rollups re-read
+	// another's events. The machine is shared and noisy, so each side's
+	// fastest run counts.
+	if err := ch.Exec(ctx, peerTable); err != nil {
+		return fmt.Errorf("peer table: %w", err)
+	}
+	var ingestDur, peerDur time.Duration
+	var ingestCPU, peerCPU cpuUse
+	peerName, peerRuns := "", 0
+	engine := true // until ClickHouse's Kafka engine is found not to work
 	for rep := 1; rep <= o.repeat; rep++ {
 		topic := fmt.Sprintf("bench.ingest.%s.a%d", stamp, rep)
 		if err := createTopics(topic, topic+".dlq"); err != nil {
@@ -234,21 +261,50 @@ func run() error {
 		if ingestDur == 0 || d < ingestDur {
 			ingestDur, ingestCPU = d, use
 		}
-		if topicA == "" {
-			topicA = topic
+		// The peer starts each run on an empty table (TRUNCATE), so its
+		// runs never pay for an earlier run's background merges. Ingest's
+		// tables get the same: without this, the merges of earlier runs'
+		// parts ran on into later runs (ingest's and the peer's first)
+		// and counted as their CPU.
+		for _, t := range []string{"usage_events", "usage_rollups", "late_events"} {
+			if err := ch.Exec(ctx, "TRUNCATE TABLE "+t); err != nil {
+				return fmt.Errorf("truncate %s between runs: %w", t, err)
+			}
+		}
+
+		// The peer, on the same topic. ClickHouse's Kafka engine is tried
+		// once, in the first round; when it works it is the peer, measured
+		// that once.
+		if engine && rep == 1 {
+			d, use, err := kafkaEngine(ctx, o, ch, brokers, topic)
+			if err == nil {
+				peerName, peerDur, peerCPU, peerRuns = "ClickHouse Kafka engine + materialized view", d, use, 1
+				fmt.Printf("  peer: %.2fs; cpu: %s\n", d.Seconds(), use.describe(o.events))
+				continue
+			}
+			engine = false
+			fmt.Printf("ClickHouse Kafka engine: %v; using kcat | clickhouse-client instead\n", err)
+		}
+		if engine {
+			continue
+		}
+		for _, block := range o.peerBlocks {
+			d, use, err := kcatPeer(ctx, o, ch, name, brokers, topic, chAddr, block)
+			if err != nil {
+				return err
+			}
+			peerRuns++
+			fmt.Printf("  peer, %s: %.2fs; cpu: %s\n", blockName(block), d.Seconds(), use.describe(o.events))
+			if peerDur == 0 || d < peerDur {
+				peerName, peerDur, peerCPU = "kcat | clickhouse-client FORMAT JSONEachRow, "+blockName(block), d, use
+			}
 		}
 	}
 	ingestEPS := float64(o.events) / ingestDur.Seconds()
 	fmt.Printf("tollgate ingest: fastest of %d runs %.0f events/s\n", o.repeat, ingestEPS)
-
-	// 2. Peer, on the first run's topic.
-	peerName, peerDur, peerCPU, err := runPeer(ctx, o, ch, name, brokers, topicA, chAddr)
-	if err != nil {
-		return err
-	}
 	peerEPS := float64(o.events) / peerDur.Seconds()
 	fmt.Printf("peer (%s): fastest of %d runs %d events in %.2fs = %.0f events/s (no deduplication, no rollups)\n",
-		peerName, o.repeat, o.events, peerDur.Seconds(), peerEPS)
+		peerName, peerRuns, o.events, peerDur.Seconds(), peerEPS)
 
 	// 3. Freshness.
 	if err := createTopics(topicB, topicB+".dlq"); err != nil {
@@ -462,42 +518,6 @@ func counted(reg prometheus.Gatherer, name string) float64 {
 const peerTable = `CREATE TABLE peer_events (v UInt8, id UUID, account_id String, env String, key_id String,
  type String, time String, route String, method String, status UInt16, latency_us UInt64,
  request_bytes UInt64, response_bytes UInt64, units Int64) ENGINE = MergeTree ORDER BY (account_id, id)`
-
-func runPeer(ctx context.Context, o opts, ch driver.Conn, db string, brokers []string, topic, chAddr string) (string, time.Duration, cpuUse, error) {
-	if err := ch.Exec(ctx, peerTable); err != nil {
-		return "", 0, cpuUse{}, fmt.Errorf("peer table: %w", err)
-	}
-	d, use, err := kafkaEngine(ctx, o, ch, brokers, topic)
-	if err == nil {
-		return "ClickHouse Kafka engine + materialized view", d, use, nil
-	}
-	fmt.Printf("ClickHouse Kafka engine: %v; using kcat | clickhouse-client instead\n", err)
-	var best time.Duration
-	var bestUse cpuUse
-	bestBlock := 0
-	for rep := 1; rep <= o.repeat; rep++ {
-		for _, block := range peerBlocks {
-			d, use, err := kcatPeer(ctx, o, ch, db, brokers, topic, chAddr, block)
-			if err != nil {
-				return "", 0, cpuUse{}, err
-			}
-			fmt.Printf("  peer run %d, %s: %.2fs; cpu: %s\n", rep, blockName(block), d.Seconds(), use.describe(o.events))
-			if best == 0 || d < best {
-				best, bestUse, bestBlock = d, use, block
-			}
-		}
-	}
-	return "kcat | clickhouse-client FORMAT JSONEachRow, " + blockName(bestBlock), best, bestUse, nil
-}
-
-// peerBlocks are the insert block sizes the peer runs with, each in every
-// round; its fastest run counts. 0 is clickhouse-client's default
-// (max_insert_block_size, 1,048,576 rows). The client parses a whole block
-// before it sends it and waits for the server to write it before it parses
-// on, so with the default the stages take turns; on 2,000,000 events a
-// sweep (8,192 to 1,048,576 rows, two runs each) was fastest at 16,384 to
-// 65,536 rows: about 7.0 to 8.4 s against 10.5 s with the default.
-var peerBlocks = []int{0, 65_536}
 
 func blockName(rows int) string {
 	if rows == 0 {
