@@ -1,16 +1,16 @@
 // Command edge benchmarks the Tollgate edge against its peers on loopback,
 // in one run: (a) straight to a tiny upstream, (b) a plain nginx reverse
-// proxy, (c) nginx with limit_req and a key map (the stock-parts gateway),
+// proxy, (c) nginx with limit_req and a key map (the stock-parts gateway)
 // keeping the proxy contract the edge keeps, and the same without the
-// request id and forwarding headers, (d) a plain Go reverse proxy (the standard library's, no features), (e) a
-// plain fasthttp reverse proxy, (f) the same metering each call to Kafka
-// through the edge's producer and nothing else, (g) the Tollgate edge with
-// key auth, the Redis rate limit and metering to Kafka. Throughput is
-// measured with wrk for a fixed duration; the latency overhead is the
-// edge's p99 minus the direct p99 at a fixed moderate rate.
-// Each measurement runs in -repeat interleaved rounds (3) and each target's
-// best round counts.
-// The last line is the RESULT line.
+// request id and forwarding headers, (d) a plain Go reverse proxy (the
+// standard library's, no features), (e) a plain fasthttp reverse proxy,
+// (f) the same metering each call to Kafka through the edge's producer and
+// nothing else, (g) the Tollgate edge with key auth, the Redis rate limit
+// and metering to Kafka. Throughput is measured with wrk for a fixed
+// duration; the latency overhead is the edge's p99 minus the direct p99 at
+// a fixed moderate rate. Each measurement runs in -repeat interleaved
+// rounds (3) and each target's best round counts. The last line is the
+// RESULT line.
 package main
 
 import (
