@@ -9,8 +9,11 @@
 // and metering to Kafka. Throughput is measured with wrk for a fixed
 // duration; the latency overhead is the edge's p99 minus the direct p99 at
 // a fixed moderate rate. Each measurement runs in -repeat interleaved
-// rounds (3) and each target's best round counts. The last line is the
-// RESULT line.
+// rounds (3) and each target's best round counts. The upstream runs in a
+// process of its own, as an operator's API does: served from the process
+// that hosts the edge, it shared the edge's Go scheduler and flattered the
+// edge's ratio by about a tenth (-upstream-in-process repeats that). The
+// last line is the RESULT line.
 package main
 
 import (
@@ -55,7 +58,16 @@ import (
 	"github.com/tollgate-dev/tollgate/schemas"
 )
 
+// upstreamChild, set in its environment, makes this command the tiny
+// upstream, serving on the listener it inherits as file descriptor 3 until
+// its standard input closes.
+const upstreamChild = "TOLLGATE_BENCH_UPSTREAM_CHILD"
+
 func main() {
+	if os.Getenv(upstreamChild) == "1" {
+		fmt.Fprintln(os.Stderr, "bench-edge upstream:", serveUpstream())
+		os.Exit(1)
+	}
 	// The same garbage-collector setting as the tollgate command.
 	fmt.Printf("GOGC=%d (as tollgate runs; set GOGC to override)\n", gctune.Apply())
 	if err := run(); err != nil {
@@ -94,6 +106,7 @@ func run() error {
 	linger := flag.Duration("event-linger", 0, "the edge's edge.event_linger (0: its default)")
 	memprofile := flag.String("memprofile", "", "write a heap allocation profile of this process (allocations since it started) after the first measured wrk run of -profile-target")
 	only := flag.String("targets", "", "comma-separated targets to measure, for a diagnosis (all when empty); a partial run ends with a RESULT line of each measured target's throughput and CPU per call, without the p99 comparison")
+	upInProcess := flag.Bool("upstream-in-process", false, "serve the tiny upstream from this process, which also hosts the edge and the Go proxies (runs before the upstream had a process of its own did so)")
 	profileTarget := flag.String("profile-target", "edge", "the target -cpuprofile and -memprofile profile: direct, nginx, nginx_limit, nginx_limit_bare, go_proxy, fast_proxy, metered_proxy or edge")
 	flag.Parse()
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
@@ -104,20 +117,20 @@ func run() error {
 	}
 	defer os.RemoveAll(tmp)
 
-	// The tiny upstream.
+	// The tiny upstream, in a process of its own (an operator's API is not
+	// in the gateway's process), or in this one with -upstream-in-process.
 	upLn, upAddr := listen()
-	body := []byte(`{"ok":true}`)
-	up := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		w.Header().Set("Content-Type", "application/json")
-		if r.URL.Path == contractPath {
-			// What the proxy in front sent, for checkContract.
-			_ = json.NewEncoder(w).Encode(r.Header)
-			return
+	if *upInProcess {
+		up := &http.Server{Handler: upstream()}
+		go func() { _ = up.Serve(upLn) }()
+		defer up.Close()
+	} else {
+		stopUp, err := startUpstream(upLn)
+		if err != nil {
+			return err
 		}
-		_, _ = w.Write(body)
-	})}
-	go func() { _ = up.Serve(upLn) }()
-	defer up.Close()
+		defer stopUp()
+	}
 
 	// A plain Go reverse proxy (the standard library's, with the edge's
 	// connection pool, flush settings and buffer reuse, and nothing else): the ceiling for
@@ -233,7 +246,7 @@ func run() error {
 			}
 		}
 	}
-	cpu, cpuErr := targetCPU(plainAddr)
+	cpu, cpuErr := targetCPU(plainAddr, upAddr, *upInProcess)
 	if cpuErr != nil {
 		fmt.Println("cpu per call not measured:", cpuErr)
 	}
@@ -269,9 +282,9 @@ func run() error {
 				return err
 			}
 			// Heap allocations per call in this process (the upstream's
-			// included) do not depend on how busy the machine is, so they
-			// show a change in the edge's work that the CPU figures' noise
-			// hides.
+			// too with -upstream-in-process) do not depend on how busy
+			// the machine is, so they show a change in the edge's work
+			// that the CPU figures' noise hides.
 			if _, ok := allocs[tg.name]; !ok || heapAllocs < allocs[tg.name] {
 				allocs[tg.name] = heapAllocs
 			}
@@ -312,7 +325,7 @@ func run() error {
 			fmt.Printf("best    %-16s %10.1f heap allocations per call in this process\n", name, allocs[name])
 			continue
 		}
-		fmt.Printf("best    %-16s %10.1f heap allocations per call in this process (%.1f beyond the upstream's)\n",
+		fmt.Printf("best    %-16s %10.1f heap allocations per call in this process (%.1f beyond the direct run's)\n",
 			name, allocs[name], allocs[name]-allocs["direct"])
 	}
 	if *only != "" {
@@ -381,6 +394,59 @@ func run() error {
 	return nil
 }
 
+// upstream is the tiny upstream's handler: a small JSON body, or on
+// contractPath the headers the proxy in front sent, for checkContract.
+func upstream() http.Handler {
+	body := []byte(`{"ok":true}`)
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		if r.URL.Path == contractPath {
+			_ = json.NewEncoder(w).Encode(r.Header)
+			return
+		}
+		_, _ = w.Write(body)
+	})
+}
+
+// serveUpstream is the upstream child's life: it serves on file descriptor
+// 3 until its standard input, whose other end the parent holds, closes.
+func serveUpstream() error {
+	gctune.Apply()
+	go func() { _, _ = io.Copy(io.Discard, os.Stdin); os.Exit(0) }()
+	ln, err := net.FileListener(os.NewFile(3, "upstream"))
+	if err != nil {
+		return err
+	}
+	return http.Serve(ln, upstream())
+}
+
+// startUpstream runs the tiny upstream in a child process serving ln, which
+// it takes over, and returns its stop.
+func startUpstream(ln net.Listener) (func(), error) {
+	f, err := ln.(*net.TCPListener).File()
+	_ = ln.Close()
+	if err != nil {
+		return nil, fmt.Errorf("upstream: %w", err)
+	}
+	defer f.Close()
+	self, err := os.Executable()
+	if err != nil {
+		return nil, fmt.Errorf("upstream: %w", err)
+	}
+	cmd := exec.Command(self)
+	cmd.Env = append(os.Environ(), upstreamChild+"=1")
+	cmd.ExtraFiles = []*os.File{f}
+	cmd.Stdout, cmd.Stderr = os.Stdout, os.Stderr
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		return nil, fmt.Errorf("upstream: %w", err)
+	}
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("upstream: %w", err)
+	}
+	return func() { _ = stdin.Close(); _ = cmd.Wait() }, nil
+}
+
 // contractPath is the upstream path that answers with the headers it got.
 const contractPath = "/v1/widgets/headers"
 
@@ -415,8 +481,8 @@ func checkContract(name, base, key string) error {
 }
 
 // cpuWho says whose CPU time counts for each target: every process serving
-// the call except the load generator. This process hosts the upstream (and
-// the Go proxy and the edge), so every target includes the upstream's work.
+// the call except the load generator. This process (which hosts the Go
+// proxies and the edge) and the upstream's count for every target.
 var cpuWho = map[string]string{
 	"direct":           "upstream",
 	"nginx":            "upstream + nginx",
@@ -432,25 +498,33 @@ var cpuWho = map[string]string{
 // counts for it: nginx's master and workers for the nginx targets, and the
 // Redis server and Kafka broker the edge uses. Other targets (and every
 // target when this fails) have none: a nil Meter.
-func targetCPU(nginxAddr string) (map[string]*procstat.Meter, error) {
-	var ngx, edgeDeps, broker procstat.Meter
-	if err := ngx.Watch("nginx", nginxAddr); err != nil {
-		return nil, err
-	}
+func targetCPU(nginxAddr, upAddr string, upInProcess bool) (map[string]*procstat.Meter, error) {
 	brokers := strings.Split(env("TOLLGATE_KAFKA_BROKERS", "127.0.0.1:19092"), ",")
 	if len(brokers) > 1 {
 		return nil, errors.New("more than one Kafka broker")
 	}
-	if err := edgeDeps.Watch("redis", env("TOLLGATE_REDIS_ADDR", "127.0.0.1:16379")); err != nil {
-		return nil, err
+	others := map[string][][2]string{
+		"nginx":            {{"nginx", nginxAddr}},
+		"nginx_limit":      {{"nginx", nginxAddr}},
+		"nginx_limit_bare": {{"nginx", nginxAddr}},
+		"metered_proxy":    {{"kafka", brokers[0]}},
+		"edge":             {{"redis", env("TOLLGATE_REDIS_ADDR", "127.0.0.1:16379")}, {"kafka", brokers[0]}},
 	}
-	if err := edgeDeps.Watch("kafka", brokers[0]); err != nil {
-		return nil, err
+	meters := map[string]*procstat.Meter{}
+	for name := range cpuWho {
+		m := &procstat.Meter{}
+		watch := others[name]
+		if !upInProcess {
+			watch = append([][2]string{{"upstream", upAddr}}, watch...)
+		}
+		for _, w := range watch {
+			if err := m.Watch(w[0], w[1]); err != nil {
+				return nil, err
+			}
+		}
+		meters[name] = m
 	}
-	if err := broker.Watch("kafka", brokers[0]); err != nil {
-		return nil, err
-	}
-	return map[string]*procstat.Meter{"nginx": &ngx, "nginx_limit": &ngx, "nginx_limit_bare": &ngx, "metered_proxy": &broker, "edge": &edgeDeps}, nil
+	return meters, nil
 }
 
 // redisCommands is how many scripts Redis has run since it started
