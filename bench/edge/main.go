@@ -495,9 +495,10 @@ var cpuWho = map[string]string{
 }
 
 // targetCPU is, per target, the processes outside this one whose CPU time
-// counts for it: nginx's master and workers for the nginx targets, and the
-// Redis server and Kafka broker the edge uses. Other targets (and every
-// target when this fails) have none: a nil Meter.
+// counts for it: the upstream's (unless it is in this process) for every
+// target, nginx's master and workers for the nginx targets, the Kafka broker
+// for the metered proxy, and the Redis server and Kafka broker for the edge.
+// When this fails, CPU per call is not reported.
 func targetCPU(nginxAddr, upAddr string, upInProcess bool) (map[string]*procstat.Meter, error) {
 	brokers := strings.Split(env("TOLLGATE_KAFKA_BROKERS", "127.0.0.1:19092"), ",")
 	if len(brokers) > 1 {
