@@ -2,8 +2,11 @@ package ingest_test
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"io"
 	"log/slog"
+	"sync"
 	"testing"
 	"time"
 
@@ -147,4 +150,89 @@ func TestWatermarker(t *testing.T) {
 			t.Errorf("partition 2 watermark %s, want %s", got, past)
 		}
 	})
+}
+
+// retriable is an error that says to retry, as kafka-go's "not coordinator
+// for group" does.
+type retriable struct{}
+
+func (retriable) Error() string   { return "not coordinator for group" }
+func (retriable) Temporary() bool { return true }
+
+// failingOffsets fails every call with err and counts the calls.
+type failingOffsets struct {
+	err   error
+	calls chan struct{}
+}
+
+func (f failingOffsets) Offsets(context.Context) (map[int]ingest.PartitionOffsets, error) {
+	select {
+	case f.calls <- struct{}{}:
+	default:
+	}
+	return nil, f.err
+}
+
+// levels records the level of every log record.
+type levels struct {
+	mu  sync.Mutex
+	got []slog.Level
+}
+
+func (l *levels) Enabled(context.Context, slog.Level) bool { return true }
+func (l *levels) Handle(_ context.Context, r slog.Record) error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.got = append(l.got, r.Level)
+	return nil
+}
+func (l *levels) WithAttrs([]slog.Attr) slog.Handler { return l }
+func (l *levels) WithGroup(string) slog.Handler      { return l }
+
+func (l *levels) count(level slog.Level) int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	n := 0
+	for _, g := range l.got {
+		if g == level {
+			n++
+		}
+	}
+	return n
+}
+
+func TestWatermarkerLogsOnlyLastingOrPermanentFailures(t *testing.T) {
+	for _, c := range []struct {
+		name        string
+		err         error
+		debug, warn bool
+	}{
+		{"a retriable failure is retried quietly", fmt.Errorf("fetch committed offsets: %w", retriable{}), true, false},
+		{"any other failure is a warning at once", errors.New("connection refused"), false, true},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			cfg := ingest.Config{WatermarkInterval: 5 * time.Millisecond}
+			cfg.Defaults()
+			h := &levels{}
+			offs := failingOffsets{err: c.err, calls: make(chan struct{}, 1)}
+			w, err := ingest.NewWatermarker(cfg, offs, &fakeWatermarks{w: map[int]time.Time{}}, ingest.NewProgress(), slog.New(h), nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			ctx, cancel := context.WithCancel(context.Background())
+			done := make(chan struct{})
+			go func() { _ = w.Run(ctx); close(done) }()
+			for range 5 {
+				<-offs.calls
+			}
+			cancel()
+			<-done
+			if got := h.count(slog.LevelDebug) > 0; got != c.debug {
+				t.Errorf("debug records: %d, want some: %v", h.count(slog.LevelDebug), c.debug)
+			}
+			if got := h.count(slog.LevelWarn) > 0; got != c.warn {
+				t.Errorf("warnings: %d, want some: %v", h.count(slog.LevelWarn), c.warn)
+			}
+		})
+	}
 }

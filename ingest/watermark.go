@@ -2,6 +2,7 @@ package ingest
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"sync"
@@ -109,8 +110,20 @@ func NewWatermarker(cfg Config, offsets Offsets, store WatermarkStore, prog *Pro
 func (w *Watermarker) Run(ctx context.Context) error {
 	t := time.NewTicker(w.interval)
 	defer t.Stop()
+	var failingSince time.Time
 	for {
-		if err := w.Tick(ctx); err != nil && ctx.Err() == nil {
+		switch err := w.Tick(ctx); {
+		case err == nil || ctx.Err() != nil:
+			failingSince = time.Time{}
+		case transient(err) && (failingSince.IsZero() || w.now().Sub(failingSince) < transientGrace):
+			// A group coordinator still loading, or a partition between
+			// leaders, answers with a retriable error for a moment after
+			// a broker or topic starts; only a lasting one is news.
+			if failingSince.IsZero() {
+				failingSince = w.now()
+			}
+			w.log.Debug("refresh watermarks; retrying", "err", err)
+		default:
 			w.log.Warn("refresh watermarks", "err", err)
 		}
 		select {
@@ -167,4 +180,16 @@ func (w *Watermarker) Tick(ctx context.Context) error {
 		w.wmGauge.WithLabelValues(partitionLabel(p)).Set(float64(wm.Unix()))
 	}
 	return nil
+}
+
+// transientGrace is how long retriable failures to refresh watermarks are
+// logged at debug level before they are logged as warnings.
+const transientGrace = 10 * time.Second
+
+// transient reports whether err says to retry: a Kafka error such as "not
+// coordinator for group" or "leader not available" (kafka-go's errors report
+// it through Temporary).
+func transient(err error) bool {
+	var t interface{ Temporary() bool }
+	return errors.As(err, &t) && t.Temporary()
 }

@@ -93,5 +93,60 @@ func ensureTopics(ctx context.Context, brokers []string, partitions int, topics 
 			return fmt.Errorf("create kafka topic %s: %w", t, err)
 		}
 	}
-	return nil
+	return waitForLeaders(ctx, client, topics)
+}
+
+// waitForLeaders waits, for up to 15 s, until every partition of topics
+// answers as its leader. For a moment after a topic is created (here, or by
+// another component starting beside this one) the metadata already names a
+// leader but the broker still answers "not leader for partition"; without
+// the wait a component started on a fresh broker would spool its first
+// events or log its first offset fetch as a failure.
+func waitForLeaders(ctx context.Context, client *kafka.Client, topics []string) error {
+	ctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+	defer cancel()
+	for {
+		pending := leaderless(ctx, client, topics)
+		if pending == "" {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("wait for kafka topic leaders: %s", pending)
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}
+
+// leaderless says what is not yet served among topics' partitions, or ""
+// when every partition answers a list-offsets request.
+func leaderless(ctx context.Context, client *kafka.Client, topics []string) string {
+	md, err := client.Metadata(ctx, &kafka.MetadataRequest{Topics: topics})
+	if err != nil {
+		return err.Error()
+	}
+	req := &kafka.ListOffsetsRequest{Topics: map[string][]kafka.OffsetRequest{}}
+	for _, t := range md.Topics {
+		if t.Error != nil {
+			return fmt.Sprintf("topic %s: %v", t.Name, t.Error)
+		}
+		for _, p := range t.Partitions {
+			req.Topics[t.Name] = append(req.Topics[t.Name], kafka.LastOffsetOf(p.ID))
+		}
+	}
+	if len(req.Topics) < len(topics) {
+		return "topic metadata incomplete"
+	}
+	res, err := client.ListOffsets(ctx, req)
+	if err != nil {
+		return err.Error()
+	}
+	for t, parts := range res.Topics {
+		for _, p := range parts {
+			if p.Error != nil {
+				return fmt.Sprintf("topic %s partition %d: %v", t, p.Partition, p.Error)
+			}
+		}
+	}
+	return ""
 }
