@@ -270,26 +270,53 @@ func (p *Producer) deliver(batch []kafka.Message) {
 }
 
 func (p *Producer) toSpool(batch []kafka.Message) {
-	recs := make([][]byte, len(batch))
-	for i, m := range batch {
-		recs[i] = m.Value
-	}
+	var giveUp time.Time
 	for {
+		recs := make([][]byte, len(batch))
+		for i, m := range batch {
+			recs[i] = m.Value
+		}
 		err := p.spool.Append(recs)
 		if err == nil {
 			p.spooled.Add(float64(len(recs)))
 			return
 		}
 		// Without the disk there is nowhere durable to put the events;
-		// keep them in memory and retry rather than drop them.
+		// keep them in memory and retry rather than drop them. Meanwhile
+		// Kafka may be back: draining the spool frees its disk, and once
+		// it is empty this batch can go straight to Kafka, in order.
 		p.log.Error("spool append failed; retrying", "events", len(recs), "err", err)
+		p.drain(10)
+		if p.spool.Depth() == 0 && p.retry == nil && !time.Now().Before(p.nextTry) {
+			failed, err := p.write(batch)
+			if err == nil {
+				return
+			}
+			batch = failed
+		}
+		if p.closing.Load() {
+			// A graceful stop waits at most CloseTimeout for a disk
+			// that refuses every write and a Kafka that takes nothing.
+			if giveUp.IsZero() {
+				giveUp = time.Now().Add(p.cfg.CloseTimeout)
+			} else if time.Now().After(giveUp) {
+				p.lost.Add(float64(len(batch)))
+				p.log.Error("stopping with events neither spooled nor delivered; they are lost", "events", len(batch), "err", err)
+				return
+			}
+		}
 		time.Sleep(time.Second)
 	}
 }
 
 // write sends batch and returns the messages Kafka did not take.
 func (p *Producer) write(batch []kafka.Message) ([]kafka.Message, error) {
-	ctx, cancel := context.WithTimeout(context.Background(), p.cfg.WriteTimeout)
+	// kafka-go times each produce request out after WriteTimeout, once its
+	// batch has lingered, and then reports which messages failed. The
+	// context only backstops that: were it as short, it could end the call
+	// first, and the whole batch, acknowledged partitions included, would
+	// be spooled and sent twice.
+	ctx, cancel := context.WithTimeout(context.Background(), 2*p.cfg.WriteTimeout+p.cfg.Linger)
 	defer cancel()
 	err := p.w.WriteMessages(ctx, batch...)
 	if err == nil {

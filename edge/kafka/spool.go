@@ -38,6 +38,9 @@ type Spool struct {
 	depth   atomic.Int64
 	corrupt int64
 	lock    *os.File
+	// dirty is set after a failed append: the next append starts a new
+	// segment.
+	dirty bool
 }
 
 // SpoolCursor is a read position: a segment and a byte offset in it.
@@ -71,6 +74,15 @@ func OpenSpool(dir string) (*Spool, error) {
 		return nil, fmt.Errorf("spool %s is in use by another edge process: %w", dir, err)
 	}
 	s := &Spool{dir: dir, maxSeg: defaultSegment, lock: lock}
+	ok := false
+	defer func() {
+		if !ok {
+			if s.w != nil {
+				_ = s.w.Close()
+			}
+			_ = lock.Close() // releases the lock
+		}
+	}()
 	seqs, err := s.segments()
 	if err != nil {
 		return nil, err
@@ -100,6 +112,8 @@ func OpenSpool(dir string) (*Spool, error) {
 	var depth int64
 	for _, seq := range seqs {
 		if seq < s.rseq {
+			// Delivered, but its removal failed before.
+			_ = os.Remove(s.path(seq))
 			continue
 		}
 		start := int64(0)
@@ -128,6 +142,7 @@ func OpenSpool(dir string) (*Spool, error) {
 	if st, err := s.w.Stat(); err == nil {
 		s.wsize = st.Size()
 	}
+	ok = true
 	return s, nil
 }
 
@@ -210,7 +225,7 @@ func (s *Spool) Append(recs [][]byte) error {
 	if len(recs) == 0 {
 		return nil
 	}
-	if s.wsize >= s.maxSeg {
+	if s.wsize >= s.maxSeg || s.dirty {
 		if err := s.roll(); err != nil {
 			return err
 		}
@@ -229,14 +244,28 @@ func (s *Spool) Append(recs [][]byte) error {
 		buf = append(buf, r...)
 	}
 	if _, err := s.w.Write(buf); err != nil {
+		s.undo()
 		return fmt.Errorf("spool: write: %w", err)
 	}
 	if err := s.w.Sync(); err != nil {
+		s.undo()
 		return fmt.Errorf("spool: fsync: %w", err)
 	}
 	s.wsize += int64(len(buf))
 	s.depth.Add(int64(len(recs)))
 	return nil
+}
+
+// undo follows a failed write or fsync. The segment may now hold part of
+// the batch past wsize (a full disk takes some bytes and refuses the rest),
+// and after a failed fsync the kernel's copy of the page is in doubt. Cut
+// the segment back to its last whole record and start a new segment with
+// the next append, so no later record is ever written behind bytes that
+// were not counted; if the cut fails, the segment is read up to what it
+// left and skipped from there.
+func (s *Spool) undo() {
+	_ = s.w.Truncate(s.wsize)
+	s.dirty = true
 }
 
 func (s *Spool) roll() error {
@@ -252,7 +281,7 @@ func (s *Spool) roll() error {
 		_ = d.Sync()
 		_ = d.Close()
 	}
-	s.w, s.wsize = w, 0
+	s.w, s.wsize, s.dirty = w, 0, false
 	return nil
 }
 
@@ -315,9 +344,13 @@ func (s *Spool) Read(max int) ([][]byte, SpoolCursor, error) {
 // Commit records that everything before cur was delivered (n records) and
 // deletes segments that are wholly delivered.
 func (s *Spool) Commit(cur SpoolCursor, n int) error {
+	// A delivered segment that cannot be removed stays on disk (OpenSpool
+	// removes it later); the cursor moves past it all the same, so its
+	// records are never sent again.
+	var rmErr error
 	for seq := s.rseq; seq < cur.Seq; seq++ {
 		if err := os.Remove(s.path(seq)); err != nil && !errors.Is(err, os.ErrNotExist) {
-			return fmt.Errorf("spool: remove delivered segment: %w", err)
+			rmErr = errors.Join(rmErr, fmt.Errorf("spool: remove delivered segment: %w", err))
 		}
 	}
 	s.rseq, s.roff = cur.Seq, cur.Off
@@ -333,9 +366,9 @@ func (s *Spool) Commit(cur SpoolCursor, n int) error {
 		return fmt.Errorf("spool: write cursor: %w", err)
 	}
 	if err := os.Rename(tmp, filepath.Join(s.dir, cursorFile)); err != nil {
-		return fmt.Errorf("spool: write cursor: %w", err)
+		return errors.Join(rmErr, fmt.Errorf("spool: write cursor: %w", err))
 	}
-	return nil
+	return rmErr
 }
 
 // Depth is the number of records not yet delivered.

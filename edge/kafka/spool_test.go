@@ -3,7 +3,10 @@ package kafka
 import (
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"strings"
+	"syscall"
 	"testing"
 )
 
@@ -144,4 +147,92 @@ func TestSpoolIsLockedToOneProcess(t *testing.T) {
 		t.Fatalf("reopen after close: %v", err)
 	}
 	_ = s2.Close()
+}
+
+// fsizeChild names the environment variable under which the test binary,
+// run again by TestSpoolAppendCutShortByTheDisk, is the child that hits
+// the file size limit. The limit is per process, so the child has it alone.
+const fsizeChild = "TOLLGATE_SPOOL_FSIZE_CHILD_DIR"
+
+func TestSpoolAppendCutShortByTheDisk(t *testing.T) {
+	if dir := os.Getenv(fsizeChild); dir != "" {
+		spoolFsizeChild(t, dir)
+		return
+	}
+	dir := t.TempDir()
+	cmd := exec.Command(os.Args[0], "-test.run=^TestSpoolAppendCutShortByTheDisk$", "-test.v")
+	cmd.Env = append(os.Environ(), fsizeChild+"="+dir)
+	out, err := cmd.CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "--- PASS") {
+		t.Fatalf("child with a file size limit: %v\n%s", err, out)
+	}
+	// The child's spool, opened again here, holds exactly what its appends
+	// that succeeded wrote, in order.
+	s, err := OpenSpool(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	want := append(recs(0, 3), recs(10, 2)...)
+	if got := readAllSpool(t, s); fmt.Sprint(got) != fmt.Sprint(wantStrings(want)) {
+		t.Errorf("after restart got %v, want %v", got, wantStrings(want))
+	}
+}
+
+func wantStrings(rs [][]byte) []string {
+	out := make([]string, len(rs))
+	for i, r := range rs {
+		out[i] = string(r)
+	}
+	return out
+}
+
+// spoolFsizeChild appends, then lets the disk take only part of a batch
+// (a file size limit: the write is cut short and then refused, as on a
+// full disk), then appends again once the disk takes writes.
+func spoolFsizeChild(t *testing.T, dir string) {
+	s, err := OpenSpool(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Append(recs(0, 3)); err != nil {
+		t.Fatal(err)
+	}
+	var lim syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_FSIZE, &lim); err != nil {
+		t.Fatal(err)
+	}
+	small := lim
+	small.Cur = uint64(s.wsize) + 20 // less than one more record
+	if err := syscall.Setrlimit(syscall.RLIMIT_FSIZE, &small); err != nil {
+		t.Fatal(err)
+	}
+	err = s.Append(recs(3, 5))
+	if restore := syscall.Setrlimit(syscall.RLIMIT_FSIZE, &lim); restore != nil {
+		t.Fatal(restore)
+	}
+	if err == nil {
+		t.Fatal("an append past the file size limit succeeded")
+	}
+	if s.Depth() != 3 {
+		t.Errorf("depth %d after the failed append, want 3", s.Depth())
+	}
+	if err := s.Append(recs(10, 2)); err != nil {
+		t.Fatalf("append once the disk takes writes: %v", err)
+	}
+	if s.Depth() != 5 {
+		t.Errorf("depth %d, want 5", s.Depth())
+	}
+	// Read without committing, so the parent finds the same records.
+	rs, _, err := s.Read(100)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := wantStrings(append(recs(0, 3), recs(10, 2)...))
+	if got := wantStrings(rs); fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Errorf("read %v, want %v", got, want)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
 }

@@ -1,0 +1,134 @@
+package kafka_test
+
+import (
+	"context"
+	"log/slog"
+	"os"
+	"os/exec"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+	"github.com/segmentio/kafka-go"
+
+	edgekafka "github.com/tollgate-dev/tollgate/edge/kafka"
+	"github.com/tollgate-dev/tollgate/internal/edgetest"
+	"github.com/tollgate-dev/tollgate/internal/testenv"
+	"github.com/tollgate-dev/tollgate/schemas"
+)
+
+// The tests below run the test binary again as a child that cannot write
+// files past one byte (a per-process file size limit), so every spool
+// append fails as on a full disk, while the parent's files are unaffected.
+const diskFullChild = "TOLLGATE_DISK_FULL_CHILD"
+
+func runDiskFullChild(t *testing.T, name string, env ...string) {
+	t.Helper()
+	cmd := exec.Command(os.Args[0], "-test.run=^"+name+"$", "-test.v")
+	cmd.Env = append(append(os.Environ(), diskFullChild+"=1"), env...)
+	out, err := cmd.CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "--- PASS") {
+		t.Fatalf("child with a full disk: %v\n%s", err, out)
+	}
+}
+
+// fillDisk makes every later file write of this process fail.
+func fillDisk(t *testing.T) {
+	var lim syscall.Rlimit
+	testenv.Must(t, syscall.Getrlimit(syscall.RLIMIT_FSIZE, &lim), "get file size limit")
+	lim.Cur = 1
+	testenv.Must(t, syscall.Setrlimit(syscall.RLIMIT_FSIZE, &lim), "set file size limit")
+}
+
+func diskFullEvent(account string) schemas.Event {
+	ev := schemas.Event{Version: schemas.EventVersion, ID: schemas.NewEventID(), AccountID: account,
+		Environment: schemas.Live, KeyID: "key_disk", Type: "api_call", Time: time.Now(), Route: "/v1/x",
+		Method: "GET", Status: 200, Units: 1}
+	ev.Normalize()
+	return ev
+}
+
+// With the disk refusing the spool, events Kafka refused stay in memory
+// and go straight to Kafka, once each, as soon as it takes them.
+func TestDiskFullEventsWaitForKafkaInsteadOfTheSpool(t *testing.T) {
+	brokers := testenv.KafkaBrokers()
+	if os.Getenv(diskFullChild) != "" {
+		topic := os.Getenv("TOLLGATE_DISK_FULL_TOPIC")
+		reg := prometheus.NewRegistry()
+		p, err := edgekafka.NewProducer(edgekafka.Config{Brokers: brokers, Topic: topic, SpoolDir: t.TempDir(),
+			CloseTimeout: 5 * time.Second}, reg, slog.New(slog.DiscardHandler))
+		testenv.Must(t, err, "new producer")
+		fillDisk(t)
+		// The topic does not exist yet, so Kafka refuses the first writes.
+		for range 50 {
+			p.Emit(diskFullEvent("acct_disk"))
+		}
+		time.Sleep(1500 * time.Millisecond)
+		if p.KafkaUp() {
+			t.Fatal("Kafka took events for a topic that does not exist")
+		}
+		client := &kafka.Client{Addr: kafka.TCP(brokers...), Timeout: 20 * time.Second}
+		res, err := client.CreateTopics(context.Background(), &kafka.CreateTopicsRequest{
+			Topics: []kafka.TopicConfig{{Topic: topic, NumPartitions: 1, ReplicationFactor: 1}}})
+		testenv.Must(t, err, "create topic")
+		testenv.Must(t, res.Errors[topic], "create topic")
+		testenv.Wait(t, 30*time.Second, "the 50 events in Kafka", func() bool {
+			return testutil.ToFloat64(p.Lost()) == 0 && p.KafkaUp() && p.SpoolDepth() == 0 && produced(t, reg) == 50
+		})
+		testenv.Must(t, p.Close(), "close producer")
+		return
+	}
+	topic := strings.ReplaceAll(testenv.Name(t), "_", ".")
+	t.Cleanup(func() {
+		client := &kafka.Client{Addr: kafka.TCP(brokers...), Timeout: 20 * time.Second}
+		_, _ = client.DeleteTopics(context.Background(), &kafka.DeleteTopicsRequest{Topics: []string{topic}})
+	})
+	runDiskFullChild(t, t.Name(), "TOLLGATE_DISK_FULL_TOPIC="+topic)
+	evs := edgetest.ReadTopic(t, brokers, topic, 50, 30*time.Second)
+	seen := map[string]bool{}
+	for _, ev := range evs {
+		if seen[ev.ID.String()] {
+			t.Fatalf("event %s is in the topic twice", ev.ID)
+		}
+		seen[ev.ID.String()] = true
+	}
+	if len(seen) != 50 {
+		t.Fatalf("%d distinct events in the topic, want 50", len(seen))
+	}
+}
+
+// With the disk refusing the spool and Kafka unreachable, a graceful stop
+// still ends, within its close timeout, and counts the events it lost.
+func TestDiskFullAndKafkaDownCloseEndsAndCountsTheLost(t *testing.T) {
+	if os.Getenv(diskFullChild) == "" {
+		runDiskFullChild(t, t.Name())
+		return
+	}
+	p, err := edgekafka.NewProducer(edgekafka.Config{Brokers: []string{"127.0.0.1:1"}, Topic: "usage.unreachable",
+		SpoolDir: t.TempDir(), CloseTimeout: 2 * time.Second}, prometheus.NewRegistry(), slog.New(slog.DiscardHandler))
+	testenv.Must(t, err, "new producer")
+	fillDisk(t)
+	for range 20 {
+		p.Emit(diskFullEvent("acct_disk_down"))
+	}
+	time.Sleep(200 * time.Millisecond)
+	_ = p.Close()
+	if got := testutil.ToFloat64(p.Lost()); got != 20 {
+		t.Fatalf("%v events counted lost, want 20", got)
+	}
+}
+
+func produced(t *testing.T, reg *prometheus.Registry) float64 {
+	t.Helper()
+	mfs, err := reg.Gather()
+	testenv.Must(t, err, "gather metrics")
+	for _, mf := range mfs {
+		if mf.GetName() == "tollgate_edge_events_produced_total" {
+			return mf.GetMetric()[0].GetCounter().GetValue()
+		}
+	}
+	return 0
+}
