@@ -3,6 +3,8 @@ package aggregator
 import (
 	"fmt"
 	"time"
+
+	"github.com/tollgate-dev/tollgate/internal/caltime"
 )
 
 // Granularity is the length of a rollup window.
@@ -43,9 +45,9 @@ func WindowStart(t time.Time, g Granularity, loc *time.Location) time.Time {
 		return l.Add(-time.Duration(l.Minute())*time.Minute - time.Duration(l.Second())*time.Second -
 			time.Duration(l.Nanosecond())).UTC()
 	case Day:
-		return time.Date(l.Year(), l.Month(), l.Day(), 0, 0, 0, 0, loc).UTC()
+		return caltime.DayStart(l.Year(), l.Month(), l.Day(), loc).UTC()
 	default:
-		return time.Date(l.Year(), l.Month(), 1, 0, 0, 0, 0, loc).UTC()
+		return caltime.MonthStart(l.Year(), l.Month(), loc).UTC()
 	}
 }
 
@@ -58,9 +60,9 @@ func WindowEnd(start time.Time, g Granularity, loc *time.Location) time.Time {
 	case Hour:
 		return start.Add(time.Hour)
 	case Day:
-		return time.Date(l.Year(), l.Month(), l.Day()+1, 0, 0, 0, 0, loc).UTC()
+		return caltime.DayStart(l.Year(), l.Month(), l.Day()+1, loc).UTC()
 	default:
-		return time.Date(l.Year(), l.Month()+1, 1, 0, 0, 0, 0, loc).UTC()
+		return caltime.MonthStart(l.Year(), l.Month()+1, loc).UTC()
 	}
 }
 

@@ -11,6 +11,7 @@ import (
 
 	"golang.org/x/time/rate"
 
+	"github.com/tollgate-dev/tollgate/internal/caltime"
 	"github.com/tollgate-dev/tollgate/schemas"
 )
 
@@ -271,8 +272,8 @@ func (f *FallbackLimiter) AllowCall(ctx context.Context, c CallLimits) (CallResu
 // end, and its bucket suffix.
 func quotaPeriod(now time.Time, loc *time.Location) (start, end time.Time, suffix string) {
 	t := now.In(loc)
-	start = time.Date(t.Year(), t.Month(), 1, 0, 0, 0, 0, loc)
-	return start, start.AddDate(0, 1, 0), start.Format("2006-01")
+	start, end = caltime.MonthStart(t.Year(), t.Month(), loc), caltime.MonthStart(t.Year(), t.Month()+1, loc)
+	return start, end, t.Format("2006-01")
 }
 
 // quotaGrace is how long a month's quota counter outlives the month in

@@ -17,6 +17,8 @@ import (
 	"fmt"
 	"sort"
 	"time"
+
+	"github.com/tollgate-dev/tollgate/internal/caltime"
 )
 
 // Domain errors, mapped to HTTP in one place (the API's error handler).
@@ -45,8 +47,7 @@ func (p Period) Seconds() int64 { return int64(p.End.Sub(p.Start) / time.Second)
 // at midnight in Tokyo.
 func MonthPeriod(t time.Time, loc *time.Location) Period {
 	lt := t.In(loc)
-	start := time.Date(lt.Year(), lt.Month(), 1, 0, 0, 0, 0, loc)
-	return Period{Start: start.UTC(), End: start.AddDate(0, 1, 0).UTC()}
+	return Period{Start: caltime.MonthStart(lt.Year(), lt.Month(), loc).UTC(), End: caltime.MonthStart(lt.Year(), lt.Month()+1, loc).UTC()}
 }
 
 // Subscription is a plan version in force for an account from StartsAt

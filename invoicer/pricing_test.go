@@ -337,6 +337,21 @@ func TestPeriodsFollowTheAccountTimeZone(t *testing.T) {
 	}
 }
 
+func TestAMonthWhoseFirstMidnightNeverHappenedStartsAtTheJump(t *testing.T) {
+	asuncion, err := time.LoadLocation("America/Asuncion")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Clocks jumped from 00:00 to 01:00 on 1 October 2023 in Asuncion.
+	p := MonthPeriod(time.Date(2023, 10, 15, 12, 0, 0, 0, time.UTC), asuncion)
+	if want := time.Date(2023, 10, 1, 4, 0, 0, 0, time.UTC); !p.Start.Equal(want) {
+		t.Errorf("start: got %s, want %s", p.Start, want)
+	}
+	if want := time.Date(2023, 11, 1, 3, 0, 0, 0, time.UTC); !p.End.Equal(want) {
+		t.Errorf("end: got %s, want %s", p.End, want)
+	}
+}
+
 func TestCurrenciesHaveTheirMinorUnits(t *testing.T) {
 	for cur, want := range map[string]string{"usd": "123.45", "jpy": "12345", "kwd": "12.345"} {
 		if got := FormatMinor(12345, cur); got != want {
