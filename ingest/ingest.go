@@ -377,14 +377,22 @@ func (in *Ingester) collect(ctx context.Context, src Source) ([]Message, error) 
 }
 
 // Split decodes a batch: valid and timely events (first copy of each id
-// only), events beyond maxLateness, and rejected records. It is pure, so
-// the same batch always splits the same way.
+// only), events beyond maxLateness, and rejected records. Both time checks
+// (an event stamped too far in the future, or too late) are made against
+// the record's Kafka timestamp, and against now only for a record without
+// one, so a redelivered batch splits exactly as it did the first time,
+// whichever ingest process and clock read it: an event is never both a
+// dead letter and counted, nor landed in raw rows but not in rollups.
 func Split(msgs []Message, now time.Time, maxLateness time.Duration) (events, late []Record, rejected []Rejected, dups int) {
 	seen := make(map[uuid.UUID]struct{}, len(msgs))
 	events = make([]Record, 0, len(msgs))
 	var strs schemas.Interner
 	for _, m := range msgs {
-		ev, dk, dv, err := schemas.DecodeFlat(m.Value, now, &strs)
+		at := now
+		if !m.Time.IsZero() {
+			at = m.Time
+		}
+		ev, dk, dv, err := schemas.DecodeFlat(m.Value, at, &strs)
 		if err != nil {
 			rejected = append(rejected, Rejected{Message: m, Reason: err.Error()})
 			continue

@@ -65,6 +65,28 @@ func TestSplit(t *testing.T) {
 	}
 }
 
+// TestSplitIsTheSameWhicheverClockReadsIt: a record is judged by its own
+// Kafka timestamp, so a batch redelivered to an ingest process whose clock
+// differs splits as it did the first time.
+func TestSplitIsTheSameWhicheverClockReadsIt(t *testing.T) {
+	recordTime := time.Date(2026, 3, 10, 12, 0, 0, 0, time.UTC)
+	ev := func(at time.Time) []byte {
+		return encode(t, schemas.Event{Version: 1, ID: schemas.NewEventID(), AccountID: "a", Environment: schemas.Live,
+			KeyID: "k", Type: "api_call", Time: at, Units: 1})
+	}
+	msgs := []ingest.Message{
+		{Partition: 0, Offset: 1, Value: ev(recordTime.Add(4 * time.Minute)), Time: recordTime}, // within the skew of its record
+		{Partition: 0, Offset: 2, Value: ev(recordTime.Add(6 * time.Minute)), Time: recordTime}, // beyond it
+	}
+	for _, clock := range []time.Duration{-3 * time.Minute, 0, 3 * time.Minute, 24 * time.Hour} {
+		events, late, rej, _ := ingest.Split(msgs, recordTime.Add(clock), ingest.DefaultMaxLateness)
+		if len(events) != 1 || events[0].Offset != 1 || len(late) != 0 || len(rej) != 1 || rej[0].Message.Offset != 2 {
+			t.Errorf("ingest clock %s from the records' time: %d events, %d late, %d rejected; want offset 1 landed and offset 2 rejected",
+				clock, len(events), len(late), len(rej))
+		}
+	}
+}
+
 // TestSplitKeepsDimensionsSorted: Split hands the sink each event's
 // dimensions as key-sorted arrays (it decodes them without a map), the same
 // arrays an event carrying them as a map gives.
