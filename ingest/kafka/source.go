@@ -194,6 +194,7 @@ func NewDeadLetters(brokers []string, topic, sourceTopic string) *DeadLetters {
 			RequiredAcks: kafka.RequireAll,
 			BatchTimeout: time.Millisecond,
 			BatchSize:    1000,
+			BatchBytes:   1 << 20,
 			MaxAttempts:  3,
 			Balancer:     kafka.BalancerFunc(bySourcePartition),
 		},
@@ -254,14 +255,41 @@ func (d *DeadLetters) Reject(ctx context.Context, rs []ingest.Rejected) error {
 				},
 			})
 		}
-		if len(msgs) == 0 {
-			continue
-		}
-		if err := d.w.WriteMessages(ctx, msgs...); err != nil {
-			return fmt.Errorf("write dead letters: %w", err)
+		// kafka-go splits one WriteMessages into produce batches and goes
+		// on to the next after one fails, which could leave a gap below the
+		// last source offset written, and the skip above would then drop
+		// the gap's records for good on the retry. So each write is small
+		// enough to be one batch, all or nothing, and the first failure
+		// stops the partition's writes.
+		for _, chunk := range deadLetterChunks(msgs, d.w.BatchSize, int(d.w.BatchBytes)/2) {
+			if err := d.w.WriteMessages(ctx, chunk...); err != nil {
+				return fmt.Errorf("write dead letters: %w", err)
+			}
 		}
 	}
 	return nil
+}
+
+// deadLetterChunks splits msgs, in order, into runs of at most n messages
+// and about maxBytes (a message larger than that is a run of its own).
+func deadLetterChunks(msgs []kafka.Message, n, maxBytes int) [][]kafka.Message {
+	var out [][]kafka.Message
+	start, size := 0, 0
+	for i, m := range msgs {
+		sz := len(m.Key) + len(m.Value) + 64
+		for _, h := range m.Headers {
+			sz += len(h.Key) + len(h.Value) + 8
+		}
+		if i > start && (i-start >= n || size+sz > maxBytes) {
+			out = append(out, msgs[start:i])
+			start, size = i, 0
+		}
+		size += sz
+	}
+	if start < len(msgs) {
+		out = append(out, msgs[start:])
+	}
+	return out
 }
 
 // lastSourceOffset is the source offset of the last dead letter in
