@@ -2,6 +2,7 @@ package edge
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"math"
 	"strconv"
@@ -176,6 +177,13 @@ func (l *LocalLimiter) Take(_ context.Context, bucket string, limit int64, _ tim
 	return n + 1, true, nil
 }
 
+// ErrLimitState marks a limiter error about one call's stored state (a
+// Redis key of the wrong type, say), not about the limiter's availability.
+// FallbackLimiter decides that call locally and keeps the primary for every
+// other call, where an unavailable primary sends every call to the local
+// limiter for its cooldown.
+var ErrLimitState = errors.New("the call's stored limit state is unusable")
+
 // FallbackLimiter uses primary (Redis) and, when it fails, the local
 // limiter, reporting each fallback through OnFallback. After a failure it
 // stays on the local limiter for Cooldown before trying Redis again, so a
@@ -258,10 +266,16 @@ func (f *FallbackLimiter) AllowCall(ctx context.Context, c CallLimits) (CallResu
 		} else {
 			r, err = AllowCallEach(ctx, f.Primary, f.Primary, c)
 		}
-		if err == nil {
+		switch {
+		case err == nil:
 			return r, nil
+		case errors.Is(err, ErrLimitState):
+			if f.OnFallback != nil {
+				f.OnFallback("rate", err)
+			}
+		default:
+			f.failed("rate", err)
 		}
-		f.failed("rate", err)
 	} else if f.OnFallback != nil {
 		f.OnFallback("rate", nil)
 	}

@@ -117,6 +117,10 @@ func NewEdgeMain(ctx context.Context, cfg Config, log *slog.Logger) (m *EdgeMain
 		Local:   edge.NewLocalLimiter(cfg.Edge.ExpectedInstances),
 		OnFallback: func(what string, err error) {
 			fallbacks.WithLabelValues(what).Inc()
+			if errors.Is(err, edge.ErrLimitState) {
+				log.Warn("a call's rate-limit state in redis is unusable; that call is decided by the local fallback", "what", what, "err", err)
+				return
+			}
 			log.Debug("redis limiter failed; using the local fallback", "what", what, "err", err)
 		},
 	}

@@ -199,7 +199,7 @@ func (l *Limiter) run(batch []*callRequest) {
 		case error:
 			// One call's keys failed (say, a key of the wrong type); the
 			// others in the batch are answered as usual.
-			r.reply <- callReply{err: a}
+			r.reply <- callReply{err: fmt.Errorf("%w: %w", edge.ErrLimitState, a)}
 		default:
 			r.reply <- callReply{err: errReply}
 		}

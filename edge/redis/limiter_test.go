@@ -2,6 +2,7 @@ package redis_test
 
 import (
 	"context"
+	"errors"
 	"sync"
 	"testing"
 	"time"
@@ -237,4 +238,40 @@ func TestBatchedCallsOnOneBucketAllowExactlyTheBurst(t *testing.T) {
 	}
 	runs, calls := l.Batched()
 	t.Logf("%d calls in %d script runs", calls, runs)
+}
+
+// A call whose stored state is unusable (a key of the wrong type) is decided
+// locally on its own; the next call on sound keys still goes to Redis, where
+// an unreachable Redis would have sent it to the local limiter too.
+func TestOneBrokenKeyDoesNotTakeTheInstanceOffRedis(t *testing.T) {
+	r := testenv.NewRedis(t)
+	ctx := context.Background()
+	testenv.Must(t, r.Client.RPush(ctx, "rate:"+r.Prefix+"broken", "x").Err(), "make a list key")
+	t.Cleanup(func() { r.Client.Del(context.Background(), "rate:"+r.Prefix+"broken") })
+	var fallbacks []error
+	f := &edge.FallbackLimiter{Primary: edgeredis.NewLimiter(r.Client), Local: edge.NewLocalLimiter(1),
+		OnFallback: func(_ string, err error) { fallbacks = append(fallbacks, err) }}
+
+	broken := edge.CallLimits{Buckets: []string{r.Prefix + "broken"}, RPS: 10, Burst: 10, QuotaLimit: -1}
+	res, err := f.AllowCall(ctx, broken)
+	if err != nil || len(res.Rates) != 1 || !res.Rates[0].Allowed {
+		t.Fatalf("the broken key's call: %+v %v, want decided locally and allowed", res, err)
+	}
+	if len(fallbacks) != 1 || !errors.Is(fallbacks[0], edge.ErrLimitState) {
+		t.Fatalf("fallbacks reported: %v, want one ErrLimitState", fallbacks)
+	}
+	sound := edge.CallLimits{Buckets: []string{r.Prefix + "key:sound"}, RPS: 10, Burst: 10,
+		QuotaBucket: r.Prefix + "quota:sound", QuotaLimit: 100, QuotaTTL: time.Hour}
+	for range 3 {
+		if _, err := f.AllowCall(ctx, sound); err != nil {
+			t.Fatal(err)
+		}
+	}
+	n, err := r.Client.Get(ctx, r.Prefix+"quota:sound").Int()
+	if err != nil || n != 3 {
+		t.Fatalf("quota counter in Redis: %d %v, want 3 (the sound calls went to Redis)", n, err)
+	}
+	if len(fallbacks) != 1 {
+		t.Errorf("%d fallbacks, want only the broken key's", len(fallbacks))
+	}
 }
