@@ -258,3 +258,59 @@ func TestWatermarkerLogsOnlyLastingOrPermanentFailures(t *testing.T) {
 		})
 	}
 }
+
+// copyingWatermarks is a watermark store that, like ClickHouse, hands out
+// copies and keeps the last row written per partition.
+type copyingWatermarks struct {
+	mu sync.Mutex
+	w  map[int]time.Time
+}
+
+func (c *copyingWatermarks) Watermarks(context.Context) (map[int]time.Time, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	out := map[int]time.Time{}
+	for p, t := range c.w {
+		out[p] = t
+	}
+	return out, nil
+}
+
+func (c *copyingWatermarks) SetWatermarks(_ context.Context, w map[int]time.Time, _ time.Time) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for p, t := range w {
+		c.w[p] = t
+	}
+	return nil
+}
+
+// Another process writes a later watermark for a partition (it was given
+// the partition in a rebalance); this one's next refresh must not write its
+// own smaller one over it.
+func TestWatermarkerNeverWritesBelowAnotherProcesssWatermark(t *testing.T) {
+	cfg := ingest.Config{}
+	cfg.Defaults()
+	store := &copyingWatermarks{w: map[int]time.Time{}}
+	w, err := ingest.NewWatermarker(cfg, fakeOffsets{0: {Committed: 10, End: 10}}, store, ingest.NewProgress(),
+		slog.New(slog.DiscardHandler), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tick := func() {
+		if err := w.Tick(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	tick()
+	if _, ok := store.w[0]; !ok {
+		t.Fatal("a caught-up partition got no watermark")
+	}
+	later := time.Now().Add(time.Hour).UTC().Truncate(time.Second)
+	_ = store.SetWatermarks(context.Background(), map[int]time.Time{0: later}, time.Now()) // the other process
+	time.Sleep(1100 * time.Millisecond)                                                    // watermarks move by whole seconds
+	tick()
+	if got := store.w[0]; !got.Equal(later) {
+		t.Fatalf("stored watermark %s, want the other process's %s kept", got, later)
+	}
+}

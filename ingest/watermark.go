@@ -172,6 +172,24 @@ func (w *Watermarker) Tick(ctx context.Context) error {
 	if len(changed) == 0 {
 		return nil
 	}
+	// Another ingest process (the one given a partition in a rebalance)
+	// may have written a later watermark since: read them again and never
+	// write below what is stored.
+	stored, err := w.store.Watermarks(ctx)
+	if err != nil {
+		return err
+	}
+	for p, wm := range changed {
+		if s := stored[p]; !wm.After(s) {
+			delete(changed, p)
+			if s.After(w.current[p]) {
+				w.current[p] = s
+			}
+		}
+	}
+	if len(changed) == 0 {
+		return nil
+	}
 	if err := w.store.SetWatermarks(ctx, changed, w.now()); err != nil {
 		return err
 	}
