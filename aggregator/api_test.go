@@ -100,7 +100,7 @@ func newAPIEnv(t *testing.T) *apiEnv {
 	late.Event.Time = env.base.Add(-40 * 24 * time.Hour)
 	testenv.Must(t, chsink.NewSink(ch.Conn).InsertLate(ctx, []ingest.Record{late}), "insert late")
 	env.store = aggch.NewStore(ch.Conn)
-	zones := aggpg.NewZones(pg.Pool, time.Minute)
+	zones := aggpg.NewZones(pg.Pool, time.Minute, slog.New(slog.DiscardHandler))
 	catalog, err := aggregator.NewCatalog(apiMeters, aggpg.NewMeters(pg.Pool), time.Millisecond)
 	testenv.Must(t, err, "catalog")
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
@@ -487,7 +487,7 @@ func TestPollingTheUsageAPIDoesNotRepeatTheStatusQueries(t *testing.T) {
 	catalog, err := aggregator.NewCatalog(apiMeters, aggpg.NewMeters(pg.Pool), time.Minute)
 	testenv.Must(t, err, "catalog")
 	srv, err := aggregator.NewServer(aggregator.Config{}, aggregator.ServerDeps{Keys: keys, Usage: counting, Catalog: catalog,
-		Zones: aggpg.NewZones(pg.Pool, time.Minute)})
+		Zones: aggpg.NewZones(pg.Pool, time.Minute, slog.New(slog.DiscardHandler))})
 	testenv.Must(t, err, "server")
 	// A clock that stands still until the test moves it: "within a second"
 	// must not depend on how fast the machine answers five polls.

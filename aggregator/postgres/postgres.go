@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"sync"
 	"time"
 
@@ -18,9 +19,15 @@ import (
 
 // Zones reads accounts.timezone, caching each answer for TTL: ingest asks
 // for every batch, and a zone change needs a rollup rebuild anyway.
+//
+// An account whose zone does not load is rolled up in UTC, with a warning,
+// as the edge counts its quota months in UTC: one bad row must not stop
+// every other account's rollups. While Postgres cannot be read, answers
+// past their TTL are used as they are.
 type Zones struct {
 	pool *pgxpool.Pool
 	ttl  time.Duration
+	log  *slog.Logger
 	now  func() time.Time
 	mu   sync.Mutex
 	seen map[string]cachedZone
@@ -34,8 +41,8 @@ type cachedZone struct {
 var _ aggregator.Zones = (*Zones)(nil)
 
 // NewZones returns a Zones over pool.
-func NewZones(pool *pgxpool.Pool, ttl time.Duration) *Zones {
-	return &Zones{pool: pool, ttl: ttl, now: time.Now, seen: map[string]cachedZone{}}
+func NewZones(pool *pgxpool.Pool, ttl time.Duration, log *slog.Logger) *Zones {
+	return &Zones{pool: pool, ttl: ttl, log: log, now: time.Now, seen: map[string]cachedZone{}}
 }
 
 // Zones returns the zone of each known account; unknown accounts are
@@ -58,7 +65,23 @@ func (z *Zones) Zones(ctx context.Context, accounts []string) (map[string]string
 	if len(missing) == 0 {
 		return out, nil
 	}
-	rows, err := z.pool.Query(ctx, "SELECT id, timezone FROM accounts WHERE id = ANY($1)", missing)
+	found, err := z.read(ctx, missing)
+	if err != nil {
+		return z.stale(out, missing, err)
+	}
+	z.mu.Lock()
+	for _, a := range missing {
+		z.seen[a] = cachedZone{zone: found[a], at: now}
+		if tz := found[a]; tz != "" {
+			out[a] = tz
+		}
+	}
+	z.mu.Unlock()
+	return out, nil
+}
+
+func (z *Zones) read(ctx context.Context, accounts []string) (map[string]string, error) {
+	rows, err := z.pool.Query(ctx, "SELECT id, timezone FROM accounts WHERE id = ANY($1)", accounts)
 	if err != nil {
 		return nil, fmt.Errorf("read account time zones: %w", err)
 	}
@@ -70,21 +93,33 @@ func (z *Zones) Zones(ctx context.Context, accounts []string) (map[string]string
 			return nil, fmt.Errorf("read account time zones: %w", err)
 		}
 		if _, err := time.LoadLocation(tz); err != nil {
-			return nil, fmt.Errorf("account %s has time zone %q, which is not a valid IANA name", id, tz)
+			z.log.Warn("account time zone does not load; its rollups follow UTC (fix the zone, then rebuild its rollups)",
+				"account", id, "timezone", tz, "err", err)
+			continue
 		}
 		found[id] = tz
 	}
 	if err := rows.Err(); err != nil {
 		return nil, fmt.Errorf("read account time zones: %w", err)
 	}
+	return found, nil
+}
+
+// stale completes out from answers past their TTL when Postgres could not
+// be read; it fails with err when an account has never been answered.
+func (z *Zones) stale(out map[string]string, missing []string, err error) (map[string]string, error) {
 	z.mu.Lock()
+	defer z.mu.Unlock()
 	for _, a := range missing {
-		z.seen[a] = cachedZone{zone: found[a], at: now}
-		if tz := found[a]; tz != "" {
-			out[a] = tz
+		c, ok := z.seen[a]
+		if !ok {
+			return nil, err
+		}
+		if c.zone != "" {
+			out[a] = c.zone
 		}
 	}
-	z.mu.Unlock()
+	z.log.Warn("account time zones read from the cache past its TTL", "accounts", len(missing), "err", err)
 	return out, nil
 }
 

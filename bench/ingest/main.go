@@ -412,7 +412,7 @@ func startIngest(ctx context.Context, o opts, brokers []string, topic string, ch
 	if err != nil {
 		return nil, err
 	}
-	var roller ingest.Rollups = aggregator.NewRoller(catalog, aggpg.NewZones(pool, time.Minute), aggch.NewStore(ch), log)
+	var roller ingest.Rollups = aggregator.NewRoller(catalog, aggpg.NewZones(pool, time.Minute, log), aggch.NewStore(ch), log)
 	var closers []io.Closer
 	if o.coalesce {
 		c := aggregator.NewCoalescer(roller.(*aggregator.Roller))
@@ -651,7 +651,7 @@ func freshness(ctx context.Context, o opts, brokers []string, topic string, ch d
 		return 0, 0, 0, err
 	}
 	srv, err := aggregator.NewServer(aggregator.Config{}, aggregator.ServerDeps{Keys: keys, Usage: aggch.NewStore(ch),
-		Catalog: catalog, Zones: aggpg.NewZones(pool, time.Minute), Log: log})
+		Catalog: catalog, Zones: aggpg.NewZones(pool, time.Minute, log), Log: log})
 	if err != nil {
 		return 0, 0, 0, err
 	}

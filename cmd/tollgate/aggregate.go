@@ -70,7 +70,7 @@ func NewAggregateMain(ctx context.Context, cfg Config, log *slog.Logger) (m *Agg
 		return nil, err
 	}
 	m.store = aggch.NewStore(m.ch)
-	m.zones = aggpg.NewZones(m.pool, cfg.Aggregator.ZoneCacheTTL)
+	m.zones = aggpg.NewZones(m.pool, cfg.Aggregator.ZoneCacheTTL, log)
 	srv, err := aggregator.NewServer(cfg.Aggregator, aggregator.ServerDeps{
 		Keys: edgepg.NewKeyStore(m.pool), Usage: m.store, Catalog: catalog, Zones: m.zones,
 		Backfill: m.backfill, Log: log, Gatherer: m.Registry,
@@ -208,7 +208,7 @@ of events they were computed from, so the most complete computation wins.`,
 				}
 				meters = sel
 			}
-			err = aggregator.RebuildAll(ctx, aggch.NewStore(ch), aggpg.NewZones(pool, time.Minute), meters, f, t, log)
+			err = aggregator.RebuildAll(ctx, aggch.NewStore(ch), aggpg.NewZones(pool, time.Minute, log), meters, f, t, log)
 			if err != nil {
 				return err
 			}

@@ -65,7 +65,7 @@ func NewIngestMain(ctx context.Context, cfg Config, log *slog.Logger) (m *Ingest
 	if err != nil {
 		return nil, err
 	}
-	m.rollups = aggregator.NewCoalescer(aggregator.NewRoller(catalog, aggpg.NewZones(m.pool, cfg.Aggregator.ZoneCacheTTL), aggch.NewStore(m.ch), log))
+	m.rollups = aggregator.NewCoalescer(aggregator.NewRoller(catalog, aggpg.NewZones(m.pool, cfg.Aggregator.ZoneCacheTTL, log), aggch.NewStore(m.ch), log))
 	sources := make([]ingest.Source, cfg.Ingest.Workers)
 	for i := range sources {
 		s := ingestkafka.NewSource(cfg.Services.KafkaBrokers, cfg.Ingest.Topic, cfg.Ingest.Group)
