@@ -27,6 +27,9 @@ type RateResult struct {
 	RetryAfter time.Duration
 	// ResetAfter is when the bucket is full again.
 	ResetAfter time.Duration
+	// Rate, when not zero, is the refill per second the bucket was decided
+	// with, where it is not the plan's (the local fallback's share of it).
+	Rate int
 }
 
 // RateLimiter is a GCRA (or equivalent) limiter shared by every edge
@@ -148,7 +151,7 @@ func (l *LocalLimiter) Allow(_ context.Context, id string, rps, burst int) (Rate
 		l.buckets[id] = lim
 	}
 	now := time.Now()
-	res := RateResult{Limit: b}
+	res := RateResult{Limit: b, Rate: r}
 	if lim.AllowN(now, 1) {
 		res.Allowed = true
 	} else {
@@ -405,7 +408,11 @@ func setRateHeaders(set func(name string, value []byte), states []limitState, qu
 		if i > 0 {
 			b = append(b, ", "...)
 		}
-		w := max(1, int(math.Ceil(float64(s.result.Limit)/float64(max(1, s.rps)))))
+		rps := s.rps
+		if s.result.Rate > 0 {
+			rps = s.result.Rate
+		}
+		w := max(1, int(math.Ceil(float64(s.result.Limit)/float64(max(1, rps)))))
 		b = appendPolicy(b, s.name, int64(s.result.Limit), int64(w))
 	}
 	if quota != nil {

@@ -1,6 +1,7 @@
 package edge
 
 import (
+	"context"
 	"strconv"
 	"testing"
 	"time"
@@ -38,5 +39,21 @@ func TestQuotaMonthWhoseFirstMidnightNeverHappened(t *testing.T) {
 		if want := time.Date(2023, 11, 1, 3, 0, 0, 0, time.UTC); !end.Equal(want) {
 			t.Errorf("at %s: end %s, want %s", at, end.UTC(), want)
 		}
+	}
+}
+
+// On the local fallback each instance has its share of the plan's burst
+// and rate; RateLimit-Policy's window is that share's, not the plan's.
+func TestPolicyWindowOnTheLocalFallbackIsTheShares(t *testing.T) {
+	l := NewLocalLimiter(4)
+	res, err := l.Allow(context.Background(), "k", 100, 200) // 25 a second, bursts of 50, per instance
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]string{}
+	setRateHeaders(func(name string, v []byte) { got[name] = string(v) },
+		[]limitState{{name: "key", result: res, rps: 100}}, nil)
+	if got["X-Ratelimit-Limit"] != "50" || got["Ratelimit-Policy"] != `"key";q=50;w=2` {
+		t.Errorf("headers %v, want a limit of 50 and the policy \"key\";q=50;w=2", got)
 	}
 }
