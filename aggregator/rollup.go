@@ -226,15 +226,19 @@ func rebuildLevel(ctx context.Context, store RollupStore, zones Zones, meters []
 			}
 			byZone[z] = append(byZone[z], a)
 		}
-		// One job per zone: the store reads each zone's raw events or finer
+		// One job per zone (and per rebuildAccounts of its accounts, so
+		// the statement's account list stays well inside ClickHouse's
+		// max_query_size): the store reads each zone's raw events or finer
 		// rows once for every meter.
 		var jobs [][]Rebuild
-		for z, as := range byZone {
-			var zoneJobs []Rebuild
-			for _, mt := range meters {
-				zoneJobs = append(zoneJobs, Rebuild{Meter: mt, Granularity: g, Zone: z, Accounts: as, From: lo, To: hi})
+		for z, all := range byZone {
+			for as := range slices.Chunk(all, rebuildAccounts) {
+				var zoneJobs []Rebuild
+				for _, mt := range meters {
+					zoneJobs = append(zoneJobs, Rebuild{Meter: mt, Granularity: g, Zone: z, Accounts: as, From: lo, To: hi})
+				}
+				jobs = append(jobs, zoneJobs)
 			}
-			jobs = append(jobs, zoneJobs)
 		}
 		if err := runAll(ctx, jobs, 2, store.Rebuild); err != nil {
 			return err
@@ -243,6 +247,11 @@ func rebuildLevel(ctx context.Context, store RollupStore, zones Zones, meters []
 	}
 	return nil
 }
+
+// rebuildAccounts bounds the accounts one rebuild statement names: 2,000
+// ids of up to 64 bytes quoted stay under ClickHouse's default
+// max_query_size (256 KiB).
+const rebuildAccounts = 2000
 
 func monthStart(t time.Time) time.Time {
 	t = t.UTC()

@@ -2,6 +2,7 @@ package clickhouse_test
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"log/slog"
 	"math/rand/v2"
@@ -161,5 +162,33 @@ func TestRollupsWhereGoAndClickHouseDisagreeOnAZone(t *testing.T) {
 		if len(got) != len(want) {
 			t.Errorf("%s: %d rollup windows, %d windows of raw events", c.g, len(got), len(want))
 		}
+	}
+}
+
+// TestRebuildOfManyAccounts rebuilds the rollups of 5,000 accounts with
+// long ids: named in one statement they came to more than ClickHouse's
+// 256 KiB max_query_size, and the rebuild failed. RebuildAll now names at
+// most 2,000 accounts a statement.
+func TestRebuildOfManyAccounts(t *testing.T) {
+	ch := testenv.NewClickHouse(t)
+	ctx := context.Background()
+	at := time.Now().UTC().Add(-time.Hour).Truncate(time.Minute)
+	events := make([]schemas.Event, 5000)
+	for i := range events {
+		events[i] = schemas.Event{Version: schemas.EventVersion, ID: schemas.NewEventID(),
+			AccountID: fmt.Sprintf("acct_%059d", i), Environment: schemas.Live, KeyID: "key_many", Type: "api_call",
+			Time: at.Add(time.Duration(i) * time.Millisecond), Units: 1}
+		events[i].Normalize()
+	}
+	testenv.Must(t, chsink.NewSink(ch.Conn).Insert(ctx, aggregatortest.Records(events)), "insert raw")
+	store := clickhouse.NewStore(ch.Conn)
+	calls := []meter.Meter{{Key: "calls", EventType: "api_call", Aggregation: meter.Count}}
+	testenv.Must(t, aggregator.RebuildAll(ctx, store, aggregator.StaticZones{}, calls, at.Add(-time.Hour), at.Add(time.Hour),
+		slog.New(slog.DiscardHandler)), "rebuild")
+	var rows, sum uint64
+	testenv.Must(t, ch.Conn.QueryRow(ctx, `SELECT count(), sum(events) FROM usage_rollups FINAL
+		WHERE meter = 'calls' AND granularity = 'hour' AND empty(group_values)`).Scan(&rows, &sum), "count hour rows")
+	if rows != 5000 || sum != 5000 {
+		t.Fatalf("%d hour rows counting %d events, want one row per account counting 5,000", rows, sum)
 	}
 }
