@@ -175,13 +175,53 @@ func (r *Roller) plan(ctx context.Context, groups [][]ingest.Record) ([][]Recomp
 // below), one UTC month at a time. A zero from or to means the first or
 // last raw event.
 func RebuildAll(ctx context.Context, store RollupStore, zones Zones, meters []meter.Meter, from, to time.Time, log *slog.Logger) error {
-	first, last, ok, err := store.EventRange(ctx)
-	if err != nil {
+	from, to, ok, err := rebuildRange(ctx, store, from, to)
+	if err != nil || !ok {
 		return err
 	}
-	if !ok {
-		log.Info("no raw events; nothing to rebuild")
-		return nil
+	return rebuildLevels(ctx, store, zones, meters, from, to, log)
+}
+
+// RollupDeleter deletes rollup rows, for a rebuild that replaces them.
+type RollupDeleter interface {
+	// DeleteRollups deletes the rows of meters, at every granularity,
+	// whose windows start in [from, to), and returns once they are gone.
+	DeleteRollups(ctx context.Context, meters []string, from, to time.Time) error
+}
+
+// ReplaceAll is RebuildAll for rows that a rebuild may not reach by
+// itself: it first deletes every row of the meters whose window starts in
+// the range, then rebuilds. Rebuilt rows replace stored ones only where
+// they count at least as many events (the table's version), and sit at the
+// same window starts; after a meter's definition changed (a narrower
+// filter counts fewer events) or an account's time zone did (its day and
+// month windows start elsewhere), the old rows would otherwise stay. Reads
+// of those windows find nothing between the deletion and their rebuild.
+func ReplaceAll(ctx context.Context, store interface {
+	RollupStore
+	RollupDeleter
+}, zones Zones, meters []meter.Meter, from, to time.Time, log *slog.Logger) error {
+	from, to, ok, err := rebuildRange(ctx, store, from, to)
+	if err != nil || !ok {
+		return err
+	}
+	keys := make([]string, len(meters))
+	for i, m := range meters {
+		keys[i] = m.Key
+	}
+	if err := store.DeleteRollups(ctx, keys, from, to); err != nil {
+		return err
+	}
+	log.Info("deleted the rollups to rebuild", "meters", len(keys), "from", from, "to", to)
+	return rebuildLevels(ctx, store, zones, meters, from, to, log)
+}
+
+// rebuildRange fills a zero from or to from the raw events' range; ok is
+// false when there are no raw events.
+func rebuildRange(ctx context.Context, store RollupStore, from, to time.Time) (time.Time, time.Time, bool, error) {
+	first, last, ok, err := store.EventRange(ctx)
+	if err != nil || !ok {
+		return from, to, false, err
 	}
 	if from.IsZero() {
 		from = first.Add(-32 * 24 * time.Hour)
@@ -189,6 +229,10 @@ func RebuildAll(ctx context.Context, store RollupStore, zones Zones, meters []me
 	if to.IsZero() {
 		to = last.Add(32 * 24 * time.Hour)
 	}
+	return from, to, true, nil
+}
+
+func rebuildLevels(ctx context.Context, store RollupStore, zones Zones, meters []meter.Meter, from, to time.Time, log *slog.Logger) error {
 	for _, g := range Granularities {
 		if err := rebuildLevel(ctx, store, zones, meters, g, from, to, log); err != nil {
 			return err

@@ -614,6 +614,40 @@ func zone(name string) (*time.Location, error) {
 	return loc, nil
 }
 
+// DeleteRollups deletes the rollup rows of meters, at every granularity,
+// whose windows start in [from, to), and waits until ClickHouse has applied
+// the deletion. The deletion is a mutation of the parts that exist when it
+// is issued, so rows written after it (a rebuild's, ingest's) are kept.
+func (s *Store) DeleteRollups(ctx context.Context, meters []string, from, to time.Time) error {
+	if len(meters) == 0 {
+		return nil
+	}
+	keys := make([]string, len(meters))
+	for i, m := range meters {
+		keys[i] = quote(m)
+	}
+	q := fmt.Sprintf("ALTER TABLE usage_rollups DELETE WHERE meter IN (%s) AND window_start >= %s AND window_start < %s",
+		strings.Join(keys, ", "), dt(from), dt(to))
+	if err := s.conn.Exec(ctx, q); err != nil {
+		return fmt.Errorf("delete rollups: %w", err)
+	}
+	for {
+		var pending uint64
+		if err := s.conn.QueryRow(ctx, `SELECT count() FROM system.mutations
+			WHERE database = currentDatabase() AND table = 'usage_rollups' AND is_done = 0`).Scan(&pending); err != nil {
+			return fmt.Errorf("wait for the rollup deletion: %w", err)
+		}
+		if pending == 0 {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("wait for the rollup deletion: %w", ctx.Err())
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
 // Accounts lists accounts with raw events in [from, to).
 func (s *Store) Accounts(ctx context.Context, from, to time.Time) ([]string, error) {
 	rows, err := s.conn.Query(ctx, "SELECT DISTINCT account_id FROM usage_events WHERE timestamp >= ? AND timestamp < ? ORDER BY account_id",

@@ -74,7 +74,14 @@ func TestABatchTouchingManyMinutesIsRecomputedInPieces(t *testing.T) {
 
 func compareAll(t *testing.T, store *clickhouse.Store, events []schemas.Event) {
 	t.Helper()
-	locs, err := aggregatortest.Locations(zones)
+	compareAllIn(t, store, events, zones)
+}
+
+// compareAllIn compares every rollup row with a plain-Go computation, the
+// accounts in zs's zones.
+func compareAllIn(t *testing.T, store *clickhouse.Store, events []schemas.Event, zs aggregator.StaticZones) {
+	t.Helper()
+	locs, err := aggregatortest.Locations(zs)
 	testenv.Must(t, err, "load zones")
 	for _, m := range testMeters {
 		for _, g := range aggregator.Granularities {
@@ -191,4 +198,23 @@ func TestRebuildOfManyAccounts(t *testing.T) {
 	if rows != 5000 || sum != 5000 {
 		t.Fatalf("%d hour rows counting %d events, want one row per account counting 5,000", rows, sum)
 	}
+}
+
+// TestReplaceAllAfterAZoneChange moves every account to UTC after its
+// rollups were computed in its own zone. A rebuild alone leaves the old
+// zone's day and month rows where they were (their window starts differ, so
+// no new row replaces them); ReplaceAll deletes them first, and every row
+// then equals a plain-Go computation in UTC.
+func TestReplaceAllAfterAZoneChange(t *testing.T) {
+	ch := testenv.NewClickHouse(t)
+	ctx := context.Background()
+	events := aggregatortest.GenEvents(rand.New(rand.NewPCG(5, 6)), 1500, time.Now().UTC())
+	store := clickhouse.NewStore(ch.Conn)
+	log := slog.New(slog.DiscardHandler)
+	batch := aggregatortest.Records(events)
+	testenv.Must(t, chsink.NewSink(ch.Conn).Insert(ctx, batch), "insert raw")
+	testenv.Must(t, aggregator.NewRoller(aggregator.StaticMeters(testMeters), zones, store, log).Landed(ctx, batch), "recompute rollups")
+	utc := aggregator.StaticZones{}
+	testenv.Must(t, aggregator.ReplaceAll(ctx, store, utc, testMeters, time.Time{}, time.Time{}, log), "replace rollups")
+	compareAllIn(t, store, events, utc)
 }

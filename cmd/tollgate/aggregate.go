@@ -208,7 +208,7 @@ of events they were computed from, so the most complete computation wins.`,
 				}
 				meters = sel
 			}
-			err = aggregator.RebuildAll(ctx, aggch.NewStore(ch), aggpg.NewZones(pool, time.Minute, log), meters, f, t, log)
+			err = aggregator.ReplaceAll(ctx, aggch.NewStore(ch), aggpg.NewZones(pool, time.Minute, log), meters, f, t, log)
 			if err != nil {
 				return err
 			}
