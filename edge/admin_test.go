@@ -118,6 +118,16 @@ func TestAdminKeyLifecycle(t *testing.T) {
 	if d := time.Until(*rolled2.Previous.ExpiresAt); d < 23*time.Hour+59*time.Minute || d > 24*time.Hour {
 		t.Fatalf("default overlap leaves %s, want 24h", d)
 	}
+	if rolled2.Key.ExpiresAt != nil {
+		t.Fatalf("the replacement of a key without expiry expires at %s", rolled2.Key.ExpiresAt)
+	}
+	// A key in its overlap was already rolled: rolling it again would give
+	// a third key the overlap's deadline. It is refused; roll the
+	// replacement instead.
+	var again map[string]any
+	if s := admin.call("POST", "/admin/v1/keys/"+rolled.Key.ID+"/roll", adminToken, "", &again); s != 409 {
+		t.Fatalf("second roll of one key: %d %v, want 409", s, again)
+	}
 
 	// Revoke takes effect at once.
 	var revoked edge.KeyView

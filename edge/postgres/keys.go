@@ -197,6 +197,15 @@ func (s *KeyStore) RollKey(ctx context.Context, oldID string, nk edge.NewKey, ol
 		if err != nil {
 			return fmt.Errorf("roll key %s: %w", oldID, err)
 		}
+		// The row is locked now, so a concurrent roll of the same key
+		// waits here and then finds this one's replacement.
+		var by string
+		switch err := tx.QueryRow(ctx, `SELECT id FROM api_keys WHERE rolled_from = $1`, oldID).Scan(&by); {
+		case err == nil:
+			return fmt.Errorf("%w: key %s was already rolled (its replacement is %s); roll the replacement instead", edge.ErrConflict, oldID, by)
+		case !errors.Is(err, pgx.ErrNoRows):
+			return fmt.Errorf("roll key %s: %w", oldID, err)
+		}
 		if err := insertKey(ctx, tx, nk); err != nil {
 			return err
 		}
