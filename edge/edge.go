@@ -40,8 +40,11 @@ type Key struct {
 }
 
 // Usable reports why a key may not be used at now, or nil when it may.
+// A revocation takes effect at once whatever its time says: it is stamped
+// by the clock of the process that revoked the key, and an edge whose clock
+// runs behind would otherwise serve the key for the difference.
 func (k *Key) Usable(now time.Time) error {
-	if k.RevokedAt != nil && !now.Before(*k.RevokedAt) {
+	if k.RevokedAt != nil {
 		return ErrKeyRevoked
 	}
 	if k.ExpiresAt != nil && !now.Before(*k.ExpiresAt) {

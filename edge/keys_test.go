@@ -2,9 +2,11 @@ package edge
 
 import (
 	"crypto/sha256"
+	"errors"
 	"hash/crc32"
 	"math/rand/v2"
 	"testing"
+	"time"
 )
 
 // TestCheckDigitsAreCRC32InBase62 holds the key checksum to its
@@ -53,5 +55,14 @@ func TestCheckDigitsAreCRC32InBase62(t *testing.T) {
 	bad[12] = map[bool]byte{true: 'B', false: 'A'}[bad[12] == 'A']
 	if _, err := ParseKey(string(bad)); err != ErrMalformedKey {
 		t.Fatalf("ParseKey of a key with one character changed: %v, want ErrMalformedKey", err)
+	}
+}
+
+func TestARevokedKeyIsRefusedWhateverTheRevocationsClock(t *testing.T) {
+	now := time.Now()
+	ahead := now.Add(time.Minute) // the revoking process's clock ran a minute ahead
+	k := Key{RevokedAt: &ahead}
+	if err := k.Usable(now); !errors.Is(err, ErrKeyRevoked) {
+		t.Fatalf("Usable = %v, want ErrKeyRevoked", err)
 	}
 }
