@@ -3,6 +3,7 @@ package edge_test
 import (
 	"context"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"strconv"
@@ -380,4 +381,25 @@ func testListener(t *testing.T) net.Listener {
 func quotaClock(start time.Time) func() time.Time {
 	shift := testenv.MonthClockShift(start, time.UTC, 10*time.Minute)
 	return func() time.Time { return time.Now().Add(shift) }
+}
+
+// /readyz is on the public listener too: when a dependency is down it says
+// so without the cause, which may name internal hosts and users.
+func TestReadyzDoesNotTellTheCause(t *testing.T) {
+	env := edgetest.New(t)
+	for _, netHTTP := range []bool{false, true} {
+		in := env.Start(t, edgetest.Options{NetHTTP: netHTTP, Ready: func(context.Context) error {
+			return fmt.Errorf("dial postgres://tollgate@10.1.2.3:5432/billing: connection refused")
+		}})
+		resp, err := http.Get(in.URL + "/readyz")
+		testenv.Must(t, err, "GET /readyz")
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusServiceUnavailable || !strings.Contains(string(b), `"not_ready"`) {
+			t.Errorf("net/http %v: %d %s, want 503 not_ready", netHTTP, resp.StatusCode, b)
+		}
+		if strings.Contains(string(b), "10.1.2.3") || strings.Contains(string(b), "postgres") {
+			t.Errorf("net/http %v: /readyz tells the cause: %s", netHTTP, b)
+		}
+	}
 }

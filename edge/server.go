@@ -206,7 +206,10 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.echo.Serv
 func (s *Server) readyz(c echo.Context) error {
 	if s.deps.Ready != nil {
 		if err := s.deps.Ready(c.Request().Context()); err != nil {
-			return NewAPIError(http.StatusServiceUnavailable, TypeAPI, "not_ready", err.Error())
+			// The cause (a database's address, say) is for the operator's
+			// log; /readyz is also on the public listener.
+			s.log.Warn("not ready", "err", err)
+			return NewAPIError(http.StatusServiceUnavailable, TypeAPI, "not_ready", "a dependency of the edge is unavailable; see the edge's log")
 		}
 	}
 	return c.String(http.StatusOK, "ready\n")

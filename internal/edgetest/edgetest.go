@@ -230,6 +230,8 @@ type Options struct {
 	// NetHTTP serves the edge with its net/http handler instead of the
 	// fasthttp front that `tollgate edge` runs.
 	NetHTTP bool
+	// Ready is the edge's readiness check (nil: always ready).
+	Ready func(context.Context) error
 }
 
 // Start runs an edge instance with its own cache, listener and producer.
@@ -272,7 +274,7 @@ func (e *Env) Start(t *testing.T, o Options) *Instance {
 	in.Audit, err = edgepg.NewAuditWriter(e.PG.Pool, 100*time.Millisecond, reg, e.Log)
 	testenv.Must(t, err, "start audit writer")
 	srv, err := edge.NewServer(cfg, edge.Deps{Keys: in.Cache, Emitter: in.Producer, Limiter: lim, Quota: lim,
-		Auditor: in.Audit, Registry: reg, Log: e.Log, Now: o.Now})
+		Auditor: in.Audit, Registry: reg, Log: e.Log, Now: o.Now, Ready: o.Ready})
 	testenv.Must(t, err, "new server")
 	var stop func()
 	if o.NetHTTP {
