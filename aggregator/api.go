@@ -244,6 +244,21 @@ type usageItem struct {
 	Value       int64             `json:"value"`
 }
 
+// maxRange bounds to − from for each window, so one request cannot make
+// ClickHouse read and sort years of minute rows: about 10,000 windows of
+// minutes, 2,200 of hours, 3,700 of days, and 100 years of months.
+var maxRange = map[Granularity]time.Duration{
+	Minute: 7 * 24 * time.Hour, Hour: 93 * 24 * time.Hour, Day: 3660 * 24 * time.Hour, Month: 36525 * 24 * time.Hour,
+}
+
+var maxRangeText = map[Granularity]string{Minute: "7 days", Hour: "93 days", Day: "3,660 days", Month: "100 years"}
+
+// inDateTime reports whether t is within what ClickHouse's DateTime holds
+// here (1970 to 2105; past it ClickHouse 18.16 wraps values around).
+func inDateTime(t time.Time) bool {
+	return !t.Before(time.Unix(0, 0)) && t.Before(allTime)
+}
+
 // defaultRange is how far back from= defaults for each window.
 var defaultRange = map[Granularity]time.Duration{
 	Minute: time.Hour, Hour: 24 * time.Hour, Day: 31 * 24 * time.Hour, Month: 366 * 24 * time.Hour,
@@ -300,15 +315,24 @@ func (s *Server) usage(c echo.Context) error {
 			return invalid("invalid_time", "from: want an RFC 3339 time such as 2026-01-01T00:00:00Z")
 		}
 	}
+	if !inDateTime(from) || !inDateTime(to) {
+		return invalid("invalid_time", "from and to must be between 1970-01-01T00:00:00Z and 2105-01-01T00:00:00Z")
+	}
 	if !from.Before(to) {
 		return invalid("invalid_time_range", "from must be before to")
+	}
+	if to.Sub(from) > maxRange[g] {
+		return invalid("invalid_time_range", "a %s window can be asked for over at most %s; ask for a coarser window or a shorter range", g, maxRangeText[g])
 	}
 	limit, err := s.limit(q.Get("limit"), 100)
 	if err != nil {
 		return err
 	}
 	uq := UsageQuery{Account: k.AccountID, Environment: string(k.Environment), Meter: m.Key, Granularity: g,
-		From: from.UTC(), To: to.UTC(), Limit: limit + 1, Offset: cur.Offset}
+		From: from.UTC(), To: to.UTC(), Limit: limit + 1}
+	if cur.K {
+		uq.After = &UsageRow{WindowStart: time.UnixMicro(cur.W).UTC(), Group: cur.G}
+	}
 	if len(groupBy) > 0 {
 		if err := pickGroups(m, groupBy, &uq); err != nil {
 			return err
@@ -334,7 +358,9 @@ func (s *Server) usage(c echo.Context) error {
 	if len(rows) > limit {
 		rows = rows[:limit]
 		resp.HasMore = true
-		resp.NextCursor = encodeCursorValue(cursor{Offset: uq.Offset + limit, From: from.UnixMicro(), To: to.UnixMicro(), FP: fp})
+		last := rows[limit-1]
+		resp.NextCursor = encodeCursorValue(cursor{K: true, W: last.WindowStart.UnixMicro(), G: last.Group,
+			From: from.UnixMicro(), To: to.UnixMicro(), FP: fp})
 	}
 	for _, r := range rows {
 		it := usageItem{WindowStart: r.WindowStart.UTC(), WindowEnd: WindowEnd(r.WindowStart, g, loc), Value: r.Value}
@@ -417,8 +443,12 @@ func (s *Server) limit(v string, def int) (int, error) {
 // fingerprint of the query, so a cursor cannot be reused with other
 // parameters (or by another account) to read something else.
 type cursor struct {
-	Offset int    `json:"o,omitempty"`
-	Micros uint64 `json:"t,omitempty"`
+	// W and G are the last usage row a page returned (its window start in
+	// Unix microseconds, and its group values); K says they are set.
+	K      bool     `json:"k,omitempty"`
+	W      int64    `json:"w,omitempty"`
+	G      []string `json:"g,omitempty"`
+	Micros uint64   `json:"t,omitempty"`
 	ID     string `json:"i,omitempty"`
 	// From and To are the range (Unix microseconds) the first page read,
 	// for pages of a query that left it to its default.
@@ -443,7 +473,7 @@ func parseCursor(v, fp string) (cursor, error) {
 	if err == nil {
 		err = json.Unmarshal(b, &c)
 	}
-	if err != nil || c.FP != fp || c.Offset < 0 {
+	if err != nil || c.FP != fp || !inDateTime(time.UnixMicro(c.From)) || !inDateTime(time.UnixMicro(c.To)) || !inDateTime(time.UnixMicro(c.W)) {
 		return cursor{}, invalid("invalid_cursor", "cursor: not a cursor this query returned; repeat the query without it")
 	}
 	return c, nil
@@ -483,6 +513,9 @@ func (s *Server) requests(c echo.Context) error {
 		if since, err = time.Parse(time.RFC3339, v); err != nil {
 			return invalid("invalid_time", "since: want an RFC 3339 time")
 		}
+	}
+	if !inDateTime(since) {
+		return invalid("invalid_time", "since must be between 1970-01-01T00:00:00Z and 2105-01-01T00:00:00Z")
 	}
 	rq := RequestsQuery{Account: k.AccountID, Environment: string(k.Environment), KeyID: k.ID, Since: since, Limit: limit + 1}
 	if q.Get("cursor") != "" {

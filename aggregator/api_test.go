@@ -163,7 +163,11 @@ type errBody struct {
 
 func (e *apiEnv) usagePath(q url.Values) string {
 	if q.Get("from") == "" {
-		q.Set("from", e.base.Add(-40*24*time.Hour).Format(time.RFC3339))
+		back := 40 * 24 * time.Hour // the late events are 30 days back
+		if q.Get("window") == "minute" {
+			back = 6 * 24 * time.Hour // minute windows are asked for over 7 days at most
+		}
+		q.Set("from", e.base.Add(-back).Format(time.RFC3339))
 	}
 	if q.Get("to") == "" {
 		q.Set("to", e.base.Add(time.Hour).Format(time.RFC3339))
@@ -528,5 +532,72 @@ func TestPollingTheUsageAPIDoesNotRepeatTheStatusQueries(t *testing.T) {
 	}
 	if n, m := counting.tooLate.Load(), counting.complete.Load(); n != 3 || m != 2 {
 		t.Fatalf("after a second: %d late-event and %d watermark queries, want 3 (all time, then the range) and 2", n, m)
+	}
+}
+
+// A page starts after the last row of the page before, so a group that
+// lands between two pages, sorting before the boundary, neither repeats a
+// row on the next page nor pushes one off it.
+func TestUsagePagesHoldWhileRowsLand(t *testing.T) {
+	e := newAPIEnv(t)
+	ctx := context.Background()
+	q := url.Values{"meter": {"bytes"}, "window": {"day"}, "group_by": {"route,method"}, "limit": {"2"}}
+	var first usageBody
+	if st := e.get(t, e.usagePath(q), e.keys["alpha"], &first); st != http.StatusOK || !first.HasMore || len(first.Data) != 2 {
+		t.Fatalf("first page: status %d, %d rows, has_more %v", st, len(first.Data), first.HasMore)
+	}
+	ev := schemas.Event{Version: 1, ID: schemas.NewEventID(), AccountID: "acct_alpha", Environment: schemas.Live,
+		KeyID: "key_alpha", Type: "api_call", Time: e.base, Route: "/0", Method: "GET", Status: 200, ResponseBytes: 5, Units: 1}
+	ev.Normalize()
+	recs := []ingest.Record{{Event: ev}}
+	testenv.Must(t, chsink.NewSink(e.ch.Conn).Insert(ctx, recs), "insert raw")
+	roller := aggregator.NewRoller(aggregator.StaticMeters(apiMeters), aggregator.StaticZones{}, e.store, slog.New(slog.DiscardHandler))
+	testenv.Must(t, roller.Landed(ctx, recs), "roll up")
+
+	seen := map[string]int{}
+	for _, d := range first.Data {
+		seen[d.Group["route"]+" "+d.Group["method"]]++
+	}
+	q.Set("cursor", first.NextCursor)
+	for path := e.usagePath(q); ; {
+		var b usageBody
+		if st := e.get(t, path, e.keys["alpha"], &b); st != http.StatusOK {
+			t.Fatalf("next page: status %d", st)
+		}
+		for _, d := range b.Data {
+			seen[d.Group["route"]+" "+d.Group["method"]]++
+		}
+		if !b.HasMore {
+			break
+		}
+		q.Set("cursor", b.NextCursor)
+		path = e.usagePath(q)
+	}
+	want := map[string]int{"/a GET": 1, "/a POST": 1, "/b GET": 1, "/b POST": 1}
+	if fmt.Sprint(seen) != fmt.Sprint(want) {
+		t.Errorf("rows over the pages %v, want each of the first page's query once: %v", seen, want)
+	}
+}
+
+// Times ClickHouse cannot hold, and ranges too long for the window, are
+// refused; before, a time past 2105 wrapped around in ClickHouse 18.16 and
+// gave an empty answer, or the request log's whole history.
+func TestUsageRefusesTimesAndRangesItCannotServe(t *testing.T) {
+	e := newAPIEnv(t)
+	for _, c := range []struct {
+		name, path, code string
+	}{
+		{"a to past 2105", "/v1/usage?meter=api_calls&window=day&from=2026-01-01T00:00:00Z&to=2106-01-01T00:00:00Z", "invalid_time"},
+		{"a from before 1970", "/v1/usage?meter=api_calls&window=month&from=1969-01-01T00:00:00Z&to=2026-01-01T00:00:00Z", "invalid_time"},
+		{"a since past 2105", "/v1/requests?since=2200-01-01T00:00:00Z", "invalid_time"},
+		{"minute windows over more than 7 days", "/v1/usage?meter=api_calls&window=minute&from=2026-01-01T00:00:00Z&to=2026-01-08T00:00:01Z", "invalid_time_range"},
+		{"hour windows over more than 93 days", "/v1/usage?meter=api_calls&window=hour&from=2026-01-01T00:00:00Z&to=2026-06-01T00:00:00Z", "invalid_time_range"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			var eb errBody
+			if st := e.get(t, c.path, e.keys["alpha"], &eb); st != http.StatusBadRequest || eb.Error.Code != c.code {
+				t.Errorf("status %d code %q, want 400 %s", st, eb.Error.Code, c.code)
+			}
+		})
 	}
 }

@@ -21,7 +21,10 @@ type UsageQuery struct {
 	Pick    []int
 	Combine string
 	Limit   int
-	Offset  int
+	// After, when set, starts the page after this row (window start and
+	// group values, the order rows come in): a page boundary that rows
+	// landing between pages cannot shift.
+	After *UsageRow
 }
 
 // UsageRow is one window (and group) of a meter.

@@ -682,16 +682,30 @@ func (s *Store) Usage(ctx context.Context, q aggregator.UsageQuery) ([]aggregato
 	where := `account_id = ? AND environment = ? AND meter = ? AND granularity = ?
         AND window_start >= ? AND window_start < ?`
 	args := []any{q.Account, q.Environment, q.Meter, string(q.Granularity), q.From.UTC(), q.To.UTC()}
+	// A page starts after the last row of the one before, by the order the
+	// rows come in (ClickHouse compares arrays as it sorts them).
+	after := func(string) string { return "" }
+	var afterArgs []any
+	if q.After != nil {
+		group := q.After.Group
+		if group == nil {
+			group = []string{}
+		}
+		after = func(col string) string { return " AND (window_start, " + col + ") > (?, ?)" }
+		afterArgs = []any{q.After.WindowStart.UTC(), group}
+	}
 	var sql string
 	switch {
 	case !q.Grouped:
 		sql = `SELECT window_start, group_values, value, events FROM usage_rollups FINAL
-            WHERE ` + where + ` AND empty(group_values)
-            ORDER BY window_start, group_values LIMIT ? OFFSET ?`
+            WHERE ` + where + ` AND empty(group_values)` + after("group_values") + `
+            ORDER BY window_start, group_values LIMIT ?`
+		args = append(args, afterArgs...)
 	case q.Pick == nil:
 		sql = `SELECT window_start, group_values, value, events FROM usage_rollups FINAL
-            WHERE ` + where + ` AND notEmpty(group_values)
-            ORDER BY window_start, group_values LIMIT ? OFFSET ?`
+            WHERE ` + where + ` AND notEmpty(group_values)` + after("group_values") + `
+            ORDER BY window_start, group_values LIMIT ?`
+		args = append(args, afterArgs...)
 	default:
 		if q.Combine != "sum" && q.Combine != "max" {
 			return nil, fmt.Errorf("usage: cannot combine groups with %q", q.Combine)
@@ -700,13 +714,18 @@ func (s *Store) Usage(ctx context.Context, q aggregator.UsageQuery) ([]aggregato
 		for i, p := range q.Pick {
 			picks[i] = "group_values[" + strconv.Itoa(p+1) + "]"
 		}
+		having := ""
+		if q.After != nil {
+			having = " HAVING" + strings.TrimPrefix(after("g"), " AND")
+		}
 		sql = `SELECT window_start, [` + strings.Join(picks, ", ") + `] AS g, toInt64(` + q.Combine + `(value)), sum(events)
             FROM usage_rollups FINAL
             WHERE ` + where + ` AND notEmpty(group_values)
-            GROUP BY window_start, g
-            ORDER BY window_start, g LIMIT ? OFFSET ?`
+            GROUP BY window_start, g` + having + `
+            ORDER BY window_start, g LIMIT ?`
+		args = append(args, afterArgs...)
 	}
-	args = append(args, uint64(q.Limit), uint64(q.Offset))
+	args = append(args, uint64(q.Limit))
 	rows, err := s.conn.Query(ctx, sql, args...)
 	if err != nil {
 		return nil, fmt.Errorf("read usage: %w", err)
