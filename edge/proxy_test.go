@@ -230,6 +230,50 @@ func TestProxy(t *testing.T) {
 				}
 			})
 
+			t.Run("a caller's copies of the edge's own headers, extra Connection lines and credentials in the URI do not reach the upstream", func(t *testing.T) {
+				in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP})
+				conn, err := net.Dial("tcp", strings.TrimPrefix(in.URL, "http://"))
+				testenv.Must(t, err, "dial the edge")
+				defer conn.Close()
+				_ = conn.SetDeadline(time.Now().Add(10 * time.Second))
+				host := strings.TrimPrefix(in.URL, "http://")
+				_, err = io.WriteString(conn, "GET http://"+key+":x@"+host+"/v1/things/1 HTTP/1.1\r\nHost: "+host+"\r\n"+
+					"Authorization: Bearer "+key+"\r\n"+
+					"Request-Id: req_forged_1\r\nRequest-Id: req_forged_2\r\n"+
+					"X-Forwarded-For: 1.1.1.1\r\nX-Forwarded-For: 2.2.2.2\r\n"+
+					"X-Forwarded-Proto: https\r\nX-Forwarded-Proto: https\r\n"+
+					"X-Forwarded-Host: evil.example\r\nX-Forwarded-Host: evil.example\r\n"+
+					"Connection: keep-alive\r\nConnection: X-Secret\r\nX-Secret: hop\r\n\r\n")
+				testenv.Must(t, err, "send")
+				resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+				testenv.Must(t, err, "read the answer")
+				var echo demo.Echo
+				body, _ := io.ReadAll(resp.Body)
+				resp.Body.Close()
+				if resp.StatusCode != 200 || json.Unmarshal(body, &echo) != nil {
+					t.Fatalf("status %d body %q", resp.StatusCode, body)
+				}
+				rid := resp.Header.Get(edge.HeaderRequestID)
+				for name, want := range map[string]string{
+					edge.HeaderRequestID: rid, "X-Forwarded-For": "1.1.1.1, 2.2.2.2, 127.0.0.1",
+					"X-Forwarded-Proto": "http", "X-Forwarded-Host": host,
+				} {
+					if got := echo.Headers[name]; len(got) != 1 || got[0] != want {
+						t.Errorf("upstream %s %q, want exactly %q", name, got, want)
+					}
+				}
+				if echo.Headers["X-Secret"] != nil || echo.Headers["Authorization"] != nil {
+					t.Errorf("headers at upstream: %v", echo.Headers)
+				}
+				for name, vs := range echo.Headers {
+					for _, v := range vs {
+						if strings.Contains(v, key) || strings.Contains(v, "c2tf") { // the key, or base64 of "sk_"
+							t.Errorf("the key reached the upstream in %s: %q", name, v)
+						}
+					}
+				}
+			})
+
 			t.Run("an HTTP/1.0 caller is served and the connection closes after", func(t *testing.T) {
 				in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP})
 				conn, err := net.Dial("tcp", strings.TrimPrefix(in.URL, "http://"))

@@ -698,6 +698,9 @@ func (s *Server) newProxy(upstream string) (*httputil.ReverseProxy, error) {
 			r.Out.Host = r.In.Host
 			r.Out.Header.Del("Authorization")
 			r.Out.Header.Set(HeaderRequestID, r.In.Header.Get(HeaderRequestID))
+			// ReverseProxy drops the caller's X-Forwarded-For before
+			// Rewrite; the edge appends to it, as the fasthttp front does.
+			r.Out.Header["X-Forwarded-For"] = r.In.Header["X-Forwarded-For"]
 			r.SetXForwarded()
 		},
 		Transport:  transport,

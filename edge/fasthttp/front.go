@@ -14,6 +14,7 @@
 package fasthttp
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
 	"errors"
@@ -360,7 +361,7 @@ func isHopByHop(name []byte) bool {
 
 // headers is what dropHopByHop needs of a request or response header.
 type headers interface {
-	Peek(string) []byte
+	PeekAll(string) [][]byte
 	Del(string)
 }
 
@@ -395,12 +396,19 @@ func stripResponseHopByHop(h *fh.ResponseHeader) {
 }
 
 func dropHopByHop(h headers) {
-	if c := h.Peek(fh.HeaderConnection); len(c) > 0 {
+	// Every Connection line counts: a second one may name a header too.
+	// The names are copied out before any is deleted, since deleting moves
+	// the values PeekAll points into.
+	var named []string
+	for _, c := range h.PeekAll(fh.HeaderConnection) {
 		for _, name := range strings.Split(string(c), ",") {
 			if name = strings.TrimSpace(name); name != "" && !strings.EqualFold(name, "close") && !strings.EqualFold(name, "keep-alive") {
-				h.Del(name)
+				named = append(named, name)
 			}
 		}
+	}
+	for _, name := range named {
+		h.Del(name)
 	}
 	for _, name := range hopByHop {
 		h.Del(name)
@@ -418,28 +426,46 @@ func (f *Front) forward(ctx *fh.RequestCtx, adm edge.Admission, rid string) *ups
 	req := &ctx.Request
 	stripRequestHopByHop(&req.Header)
 	req.Header.Del(fh.HeaderAuthorization)
+	// A request in absolute form may carry credentials in its URI, which
+	// fasthttp would send on as an Authorization header of its own.
+	if u := req.URI(); len(u.Username()) > 0 || len(u.Password()) > 0 {
+		u.SetUsername("")
+		u.SetPassword("")
+	}
+	// The headers the edge sets are the edge's alone: Set replaces only
+	// the first of several lines, so a caller's extra copies (a forged
+	// Request-Id or X-Forwarded-Proto) are deleted first.
+	req.Header.Del(edge.HeaderRequestID)
 	req.Header.Set(edge.HeaderRequestID, rid)
-	// X-Forwarded-*, as net/http's ReverseProxy.SetXForwarded sets them.
+	// X-Forwarded-*, as net/http's ReverseProxy.SetXForwarded sets them:
+	// every prior X-Forwarded-For line, in order, then the caller.
 	var buf [128]byte
 	xff := buf[:0]
-	if prior := req.Header.Peek(fh.HeaderXForwardedFor); len(prior) > 0 {
+	for _, prior := range req.Header.PeekAll(fh.HeaderXForwardedFor) {
 		xff = append(append(xff, prior...), ", "...)
 	}
 	if ip, ok := netip.AddrFromSlice(ctx.RemoteIP()); ok {
 		xff = ip.Unmap().AppendTo(xff)
+	} else {
+		xff = bytes.TrimSuffix(xff, []byte(", "))
 	}
+	req.Header.Del(fh.HeaderXForwardedFor)
 	req.Header.SetBytesV(fh.HeaderXForwardedFor, xff)
+	req.Header.Del("X-Forwarded-Host")
 	if host := req.Header.Host(); len(host) > 0 {
 		req.Header.SetBytesV("X-Forwarded-Host", host)
 	} else {
 		// An HTTP/1.0 caller may send no Host; the upstream's own host
-		// stands in, as net/http's ReverseProxy does.
+		// stands in, as net/http's ReverseProxy does (on the URI too,
+		// which fasthttp writes the Host line from).
 		req.Header.SetHost(up.host)
+		req.URI().SetHost(up.host)
 	}
 	proto := "http"
 	if ctx.IsTLS() {
 		proto = "https"
 	}
+	req.Header.Del(fh.HeaderXForwardedProto)
 	req.Header.Set(fh.HeaderXForwardedProto, proto)
 	if up.base != "" {
 		req.SetRequestURI(up.base + string(req.RequestURI()))
