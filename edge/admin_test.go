@@ -279,7 +279,7 @@ func TestReportEventsBatch(t *testing.T) {
 	}
 	// A retry gives the same event ids: idempotent downstream.
 	_, again := post(key, body)
-	if again.Results[0].EventID != res.Results[0].EventID || res.Results[0].EventID != schemas.ClientEventID("acct_report", "c-1").String() {
+	if again.Results[0].EventID != res.Results[0].EventID || res.Results[0].EventID != schemas.ClientEventID("acct_report", schemas.Live, "c-1").String() {
 		t.Fatalf("retry event id %s, first %s", again.Results[0].EventID, res.Results[0].EventID)
 	}
 	big := `{"events":[` + strings.Repeat(`{"id":"x","type":"t","time":"2026-01-01T00:00:00Z"},`, edge.MaxBatch) + `{"id":"y","type":"t","time":"2026-01-01T00:00:00Z"}]}`
@@ -304,7 +304,7 @@ func TestReportEventsBatch(t *testing.T) {
 			t.Fatalf("event %+v", ev)
 		}
 	}
-	if len(ids) != 2 || ids[schemas.ClientEventID("acct_report", "c-1").String()] != 2 {
+	if len(ids) != 2 || ids[schemas.ClientEventID("acct_report", schemas.Live, "c-1").String()] != 2 {
 		t.Fatalf("event ids %v", ids)
 	}
 	if env.Live.Calls() != 0 {

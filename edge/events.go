@@ -123,7 +123,7 @@ func (s *Server) reportedEvent(k *Key, raw json.RawMessage, now time.Time) (sche
 	}
 	ev := schemas.Event{
 		Version:     schemas.EventVersion,
-		ID:          schemas.ClientEventID(k.AccountID, re.ID),
+		ID:          schemas.ClientEventID(k.AccountID, k.Environment, re.ID),
 		AccountID:   k.AccountID,
 		Environment: k.Environment,
 		KeyID:       k.ID,

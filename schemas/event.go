@@ -335,9 +335,16 @@ func NewEventID() uuid.UUID { return uuid.Must(uuid.NewV7()) }
 var clientNamespace = uuid.MustParse("6f1b2a7e-5d1c-4c8e-9a43-1f0e5b7c2d90")
 
 // ClientEventID derives the event id for a server-reported event from the
-// account and the client's own id, so that a retried report is recognised
-// as the same event everywhere downstream.
-func ClientEventID(accountID, clientID string) uuid.UUID {
+// account, its environment and the client's own id, so that a retried
+// report is recognised as the same event everywhere downstream, and a test
+// key's "job-1" is never the same event as a live key's "job-1" (ingest
+// drops a second copy of an id within a batch, which could otherwise drop
+// the billable one). Live ids are derived as before the environment was
+// part of them, so reports retried across that change stay one event.
+func ClientEventID(accountID string, env Environment, clientID string) uuid.UUID {
+	if env == Test {
+		return uuid.NewSHA1(clientNamespace, []byte(accountID+"\x00test\x00"+clientID))
+	}
 	return uuid.NewSHA1(clientNamespace, []byte(accountID+"\x00"+clientID))
 }
 

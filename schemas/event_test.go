@@ -170,14 +170,28 @@ func TestEventIDs(t *testing.T) {
 		}
 	})
 	t.Run("client ids map to one event id per account", func(t *testing.T) {
-		if ClientEventID("a", "x") != ClientEventID("a", "x") {
+		if ClientEventID("a", Live, "x") != ClientEventID("a", Live, "x") {
 			t.Fatal("same client id gave two event ids")
 		}
-		if ClientEventID("a", "x") == ClientEventID("b", "x") {
+		if ClientEventID("a", Live, "x") == ClientEventID("b", Live, "x") {
 			t.Fatal("two accounts share an event id for the same client id")
 		}
-		if ClientEventID("a", "bx") == ClientEventID("ab", "x") {
+		if ClientEventID("a", Live, "bx") == ClientEventID("ab", Live, "x") {
 			t.Fatal("account and client id are not separated")
+		}
+	})
+	t.Run("a test key's client id is never a live key's event", func(t *testing.T) {
+		if ClientEventID("a", Test, "job-1") == ClientEventID("a", Live, "job-1") {
+			t.Fatal("test and live reports of one client id share an event id")
+		}
+		if ClientEventID("a", Test, "job-1") != ClientEventID("a", Test, "job-1") {
+			t.Fatal("same test client id gave two event ids")
+		}
+	})
+	t.Run("live ids are those derived before the environment was part of them", func(t *testing.T) {
+		// Pinned: a report retried across the change must stay one event.
+		if got := ClientEventID("acct_1", Live, "job-1").String(); got != "dc26d6aa-4722-5019-9939-5e18a1533415" {
+			t.Fatalf("live id %s changed", got)
 		}
 	})
 }
