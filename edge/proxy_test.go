@@ -13,6 +13,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -619,6 +620,43 @@ func TestProxy(t *testing.T) {
 					}
 					if time.Now().After(deadline) {
 						t.Fatalf("an upgrade is still refused 5 s after the first closed: status %d", resp.StatusCode)
+					}
+				}
+			})
+
+			t.Run("an upgrade behind a pipelined call from a caller that resets is metered and gives its slot back", func(t *testing.T) {
+				in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP, Config: func(c *edge.Config) {
+					c.Upstream, c.MaxUpgradedConnections = upgradingUpstream(t), 1
+				}})
+				acct := "acct_pipelined_" + strconv.FormatBool(fr.netHTTP)
+				pkey, _ := env.Key(t, acct, edge.Secret, schemas.Live)
+				conn, err := net.Dial("tcp", strings.TrimPrefix(in.URL, "http://"))
+				testenv.Must(t, err, "dial the edge")
+				_, err = io.WriteString(conn, "GET /v1/things/1 HTTP/1.1\r\nHost: edge.test\r\nAuthorization: Bearer "+pkey+"\r\n\r\n"+
+					"GET /v1/socket HTTP/1.1\r\nHost: edge.test\r\nAuthorization: Bearer "+pkey+"\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+				testenv.Must(t, err, "send")
+				_ = conn.(*net.TCPConn).SetLinger(0) // close with a reset, answers unread
+				conn.Close()
+				// Metering is checked on the fasthttp front, which `tollgate
+				// edge` serves. For the net/http handler (an embedding path)
+				// only the slot is: no event for this upgrade was seen there
+				// within 20 s, and whether net/http admits an upgrade behind
+				// a reset this way is not established.
+				if !fr.netHTTP {
+					ev := eventWhere(t, env, func(ev schemas.Event) bool {
+						return ev.AccountID == acct && ev.Route == "/v1/socket"
+					})
+					if ev.Status != 101 {
+						t.Errorf("the upgrade's event has status %d, want 101", ev.Status)
+					}
+				}
+				for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+					_, _, resp := openEcho(t, in, key, "")
+					if resp.StatusCode == 101 {
+						break
+					}
+					if time.Now().After(deadline) {
+						t.Fatalf("the only upgrade slot is still taken 10 s after its caller reset: status %d", resp.StatusCode)
 					}
 				}
 			})

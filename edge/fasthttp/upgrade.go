@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	fh "github.com/valyala/fasthttp"
@@ -157,14 +158,35 @@ func (f *Front) upgrade(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, 
 	// (minutes, hours) would swamp the route's percentiles. The event's
 	// latency is the lifetime.
 	f.s.Observe(adm.Route, true, call.Status, f.s.Now().Sub(start))
-	ctx.HijackSetNoResponse(true)
-	ctx.Hijack(func(caller net.Conn) {
-		defer f.tunnels.done(t)
-		defer closed()
-		fromCaller, toCaller := t.join(caller, head.Bytes(), br)
+	// The call ends once, metered and its slot given back, whether the
+	// hijack runs or not: fasthttp skips the hijack handler when it cannot
+	// first flush an earlier pipelined answer to a caller that has gone.
+	// Then the tunnel is abandoned, by a watchdog after upstream_timeout
+	// or at once when the front stops.
+	var state atomic.Int32 // 0 waiting for the hijack, 1 joined, 2 abandoned
+	finish := func(fromCaller, toCaller int64) {
 		call.RequestBytes += fromCaller
 		call.ResponseBytes = toCaller
 		f.s.EmitCall(call)
+		closed()
+		f.tunnels.done(t)
+	}
+	abandon := func() {
+		if state.CompareAndSwap(0, 2) {
+			t.close()
+			finish(0, 0)
+		}
+	}
+	t.setAbandon(abandon)
+	watchdog := time.AfterFunc(max(f.timeout, time.Second), abandon)
+	ctx.HijackSetNoResponse(true)
+	ctx.Hijack(func(caller net.Conn) {
+		if !state.CompareAndSwap(0, 1) {
+			caller.Close()
+			return
+		}
+		watchdog.Stop()
+		finish(t.join(caller, head.Bytes(), br))
 	})
 }
 
@@ -235,6 +257,15 @@ type tunnel struct {
 	caller   net.Conn
 	closed   bool
 	watch    *edge.IdleWatch
+	// abandon, when set, ends a call whose hijack has not started; close
+	// calls it (a stopping front cuts every tunnel).
+	abandon func()
+}
+
+func (t *tunnel) setAbandon(f func()) {
+	t.mu.Lock()
+	t.abandon = f
+	t.mu.Unlock()
 }
 
 // join writes head to the caller, then carries bytes both ways (first
@@ -271,7 +302,6 @@ func (t *tunnel) join(caller net.Conn, head []byte, br *bufio.Reader) (fromCalle
 
 func (t *tunnel) close() {
 	t.mu.Lock()
-	defer t.mu.Unlock()
 	t.closed = true
 	if t.watch != nil {
 		t.watch.Stop()
@@ -279,6 +309,11 @@ func (t *tunnel) close() {
 	t.upstream.Close()
 	if t.caller != nil {
 		t.caller.Close()
+	}
+	abandon := t.abandon
+	t.mu.Unlock()
+	if abandon != nil {
+		abandon() // a no-op once the hijack has started
 	}
 }
 
