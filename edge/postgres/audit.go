@@ -17,27 +17,39 @@ import (
 // AuditWriter records failed authentications without letting a flood of
 // them reach the database: events are folded per flush interval by (action,
 // key prefix, remote address, reason, key), so one client hammering one bad
-// key costs one row per interval with its count; at most MaxDistinct rows
-// are written per interval and the rest are folded into one overflow row.
-// Record never blocks on the database.
+// key costs one row per interval with its count. The prefix is the
+// caller's to choose, so past MaxPerRemote distinct rows from one address
+// in an interval, that address's further failures fold by (action, remote
+// address, reason) alone, and one address cannot crowd out the others. At
+// most MaxDistinct rows are written per interval; the rest fold into one
+// overflow row per action. A failed write puts its rows back for the next
+// flush. Record never blocks on the database.
 type AuditWriter struct {
 	pool     *pgxpool.Pool
 	log      *slog.Logger
 	interval time.Duration
 
-	mu      sync.Mutex
-	pending map[foldKey]*folded
-	over    *folded
+	mu       sync.Mutex
+	pending  map[foldKey]*folded
+	byRemote map[string]int
 
-	rows    prometheus.Counter
-	dropped prometheus.Counter
-	stop    chan struct{}
-	done    chan struct{}
-	once    sync.Once
+	rows      prometheus.Counter
+	dropped   prometheus.Counter
+	writeErrs prometheus.Counter
+	stop      chan struct{}
+	done      chan struct{}
+	once      sync.Once
 }
 
 // MaxDistinct bounds the audit rows written per flush interval.
 const MaxDistinct = 1000
+
+// MaxPerRemote bounds the distinct rows one remote address gets per flush
+// interval before its failures fold without their key prefix.
+const MaxPerRemote = 20
+
+// overflowReason marks the rows that fold what MaxDistinct left out.
+const overflowReason = "overflow: too many distinct failures in one interval"
 
 type foldKey struct {
 	action, prefix, remote, reason, account, key, actor string
@@ -53,17 +65,20 @@ var _ edge.Auditor = (*AuditWriter)(nil)
 // NewAuditWriter starts a writer that flushes every interval.
 func NewAuditWriter(pool *pgxpool.Pool, interval time.Duration, reg prometheus.Registerer, log *slog.Logger) (*AuditWriter, error) {
 	w := &AuditWriter{
-		pool: pool, log: log, interval: interval, pending: map[foldKey]*folded{},
+		pool: pool, log: log, interval: interval, pending: map[foldKey]*folded{}, byRemote: map[string]int{},
 		rows: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "tollgate_edge_audit_rows_total", Help: "Failed-authentication audit rows written.",
 		}),
 		dropped: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "tollgate_edge_audit_overflow_total", Help: "Failed authentications folded into overflow rows.",
 		}),
+		writeErrs: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "tollgate_edge_audit_write_errors_total", Help: "Failed writes of audit rows (their rows are kept for the next flush).",
+		}),
 		stop: make(chan struct{}), done: make(chan struct{}),
 	}
 	if reg != nil {
-		for _, c := range []prometheus.Collector{w.rows, w.dropped} {
+		for _, c := range []prometheus.Collector{w.rows, w.dropped, w.writeErrs} {
 			if err := reg.Register(c); err != nil {
 				return nil, err
 			}
@@ -76,25 +91,36 @@ func NewAuditWriter(pool *pgxpool.Pool, interval time.Duration, reg prometheus.R
 // Record folds ev into the pending rows.
 func (w *AuditWriter) Record(ev edge.AuditEvent) {
 	k := foldKey{ev.Action, ev.KeyPrefix, ev.RemoteAddr, ev.Reason, ev.AccountID, ev.KeyID, ev.Actor}
-	n := max(ev.Count, 1)
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	f := w.pending[k]
-	if f == nil {
-		if len(w.pending) >= MaxDistinct {
-			if w.over == nil {
-				w.over = &folded{first: ev.At}
-			}
-			w.over.last = ev.At
-			w.over.count += n
-			w.dropped.Add(float64(n))
-			return
-		}
-		f = &folded{first: ev.At}
-		w.pending[k] = f
+	w.add(k, folded{first: ev.At, last: ev.At, count: max(ev.Count, 1)})
+}
+
+// add folds f into the pending rows under k, or under a coarser key when k
+// would pass one of the bounds. w.mu is held.
+func (w *AuditWriter) add(k foldKey, f folded) {
+	if w.pending[k] == nil && k.reason != overflowReason && w.byRemote[k.remote] >= MaxPerRemote {
+		k.prefix, k.account, k.key = "", "", ""
 	}
-	f.last = ev.At
-	f.count += n
+	if w.pending[k] == nil && k.reason != overflowReason && len(w.pending) >= MaxDistinct {
+		w.dropped.Add(float64(f.count))
+		k = foldKey{action: k.action, actor: k.actor, reason: overflowReason}
+	}
+	p := w.pending[k]
+	if p == nil {
+		p = &folded{first: f.first, last: f.last}
+		w.pending[k] = p
+		if k.reason != overflowReason {
+			w.byRemote[k.remote]++
+		}
+	}
+	if f.first.Before(p.first) {
+		p.first = f.first
+	}
+	if f.last.After(p.last) {
+		p.last = f.last
+	}
+	p.count += f.count
 }
 
 func (w *AuditWriter) run() {
@@ -117,10 +143,10 @@ func (w *AuditWriter) run() {
 // Flush writes the pending rows now.
 func (w *AuditWriter) Flush(ctx context.Context) {
 	w.mu.Lock()
-	pending, over := w.pending, w.over
-	w.pending, w.over = map[foldKey]*folded{}, nil
+	pending := w.pending
+	w.pending, w.byRemote = map[foldKey]*folded{}, map[string]int{}
 	w.mu.Unlock()
-	if len(pending) == 0 && over == nil {
+	if len(pending) == 0 {
 		return
 	}
 	batch := &pgx.Batch{}
@@ -130,12 +156,16 @@ func (w *AuditWriter) Flush(ctx context.Context) {
 		d, _ := json.Marshal(map[string]any{"count": f.count, "first_at": f.first.UTC(), "last_at": f.last.UTC()})
 		batch.Queue(q, f.first, k.actor, k.action, k.account, k.key, k.prefix, k.remote, k.reason, d)
 	}
-	if over != nil {
-		d, _ := json.Marshal(map[string]any{"count": over.count, "first_at": over.first.UTC(), "last_at": over.last.UTC()})
-		batch.Queue(q, over.first, "api", edge.ActionAuthFailed, "", "", "", "", "overflow: too many distinct failures in one interval", d)
-	}
 	if err := w.pool.SendBatch(ctx, batch).Close(); err != nil {
-		w.log.Error("write audit rows", "rows", batch.Len(), "err", err)
+		// A batch is one implicit transaction: none of it was written.
+		// Keep the rows (within the same bounds) for the next flush.
+		w.writeErrs.Inc()
+		w.log.Error("write audit rows; keeping them for the next flush", "rows", batch.Len(), "err", err)
+		w.mu.Lock()
+		for k, f := range pending {
+			w.add(k, *f)
+		}
+		w.mu.Unlock()
 		return
 	}
 	w.rows.Add(float64(batch.Len()))
