@@ -8,6 +8,8 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgconn/ctxwatch"
 
 	"github.com/tollgate-dev/tollgate/edge"
 )
@@ -52,10 +54,27 @@ func (l *Listener) Start(ctx context.Context) error {
 	return nil
 }
 
+// heartbeat is how long the listener waits for a notification before it
+// checks, with a round trip bounded as long, that its connection still
+// works: a connection whose peer vanished without closing it (a failover,
+// a host gone) otherwise looks quiet for minutes while changes are missed,
+// and the cache must stop being trusted within a second of that.
+const heartbeat = 400 * time.Millisecond
+
 func (l *Listener) connect(ctx context.Context) (*pgx.Conn, error) {
 	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	conn, err := pgx.Connect(cctx, l.url)
+	cfg, err := pgx.ParseConfig(l.url)
+	if err != nil {
+		return nil, fmt.Errorf("key change listener: %w", err)
+	}
+	// A wait that ends at its deadline leaves the connection usable (the
+	// default sends the server a cancel request, on a new connection, for
+	// every heartbeat).
+	cfg.BuildContextWatcherHandler = func(pc *pgconn.PgConn) ctxwatch.Handler {
+		return &pgconn.DeadlineContextWatcherHandler{Conn: pc.Conn()}
+	}
+	conn, err := pgx.ConnectConfig(cctx, cfg)
 	if err != nil {
 		return nil, fmt.Errorf("key change listener: connect: %w", err)
 	}
@@ -72,7 +91,19 @@ func (l *Listener) run(ctx context.Context, conn *pgx.Conn) {
 	backoff := 100 * time.Millisecond
 	for {
 		for conn != nil {
-			n, err := conn.WaitForNotification(ctx)
+			wctx, cancel := context.WithTimeout(ctx, heartbeat)
+			n, err := conn.WaitForNotification(wctx)
+			quiet := err != nil && wctx.Err() != nil && ctx.Err() == nil
+			cancel()
+			if quiet {
+				pctx, cancel := context.WithTimeout(ctx, heartbeat)
+				err = conn.Ping(pctx)
+				cancel()
+				if err == nil {
+					continue
+				}
+				err = fmt.Errorf("heartbeat: %w", err)
+			}
 			if err != nil {
 				l.connected.Store(false)
 				l.target.SetTrusted(false)
