@@ -59,6 +59,14 @@ func streamingUpstream(t *testing.T, release <-chan struct{}) string {
 			case <-time.After(10 * time.Second):
 			}
 			_, _ = io.WriteString(w, "second\n")
+		case "/v1/flood": // more than loopback's buffers hold, until the caller stops taking it
+			w.Header().Set("Content-Type", "application/octet-stream")
+			chunk := bytes.Repeat([]byte("x"), 64<<10)
+			for range 4096 { // 256 MiB at most
+				if _, err := w.Write(chunk); err != nil {
+					return
+				}
+			}
 		case "/v1/head":
 			w.Header().Set("Content-Length", "1234")
 			w.Header().Add("Set-Cookie", "a=1")
@@ -396,6 +404,29 @@ func TestProxy(t *testing.T) {
 					t.Fatalf("event status %d, %d response bytes; want 200, %d", ev.Status, ev.ResponseBytes, len("line 0\n"))
 				}
 			})
+
+			// The net/http handler's writes are net/http's server's to
+			// bound (its WriteTimeout), so this holds the front alone.
+			if !fr.netHTTP {
+				t.Run("a caller that stops reading a streamed answer is cut after upstream_timeout and metered", func(t *testing.T) {
+					in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP, Config: func(c *edge.Config) { c.Upstream = streamingUpstream(t, nil) }})
+					conn, err := net.Dial("tcp", strings.TrimPrefix(in.URL, "http://"))
+					testenv.Must(t, err, "dial the edge")
+					defer conn.Close()
+					_ = conn.(*net.TCPConn).SetReadBuffer(4 << 10)
+					_, err = io.WriteString(conn, "GET /v1/flood HTTP/1.1\r\nHost: edge.test\r\nAuthorization: Bearer "+key+"\r\n\r\n")
+					testenv.Must(t, err, "send")
+					br := bufio.NewReader(conn)
+					resp, err := http.ReadResponse(br, nil)
+					testenv.Must(t, err, "read the answer's head")
+					rid := resp.Header.Get(edge.HeaderRequestID)
+					// Read nothing more: the edge's write to this caller stalls.
+					ev := eventFor(t, env, rid)
+					if ev.Status != 200 || ev.ResponseBytes <= 0 || ev.ResponseBytes >= 256<<20 {
+						t.Errorf("event status %d with %d response bytes, want 200 and part of the body", ev.Status, ev.ResponseBytes)
+					}
+				})
+			}
 
 			t.Run("an upstream that dies in the middle of a body is metered with what was sent", func(t *testing.T) {
 				dying := serveUpstream(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {

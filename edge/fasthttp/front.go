@@ -26,6 +26,7 @@ import (
 	"net/url"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	fh "github.com/valyala/fasthttp"
@@ -172,6 +173,7 @@ func newUpstream(raw string, timeout time.Duration, tlsCfg *tls.Config) (*upstre
 // is set.
 func (f *Front) Serve(ln net.Listener) error {
 	ln = deadline.Listener{Listener: ln} // fasthttp moves the read deadline three times a call
+	ln = callerListener{Listener: ln, limit: f.timeout}
 	if f.tls != nil {
 		ln = tls.NewListener(ln, f.tls)
 	}
@@ -728,6 +730,56 @@ func (c *silentConn) Write(p []byte) (int, error) {
 		}
 	}
 	return c.Conn.Write(p)
+}
+
+// callerListener hands out its connections as callerConns.
+type callerListener struct {
+	net.Listener
+	limit time.Duration
+}
+
+func (l callerListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil || l.limit <= 0 {
+		return c, err
+	}
+	return &callerConn{Conn: c, limit: l.limit}, nil
+}
+
+// callerConn is a caller's connection on which no write may stall longer
+// than about limit (upstream_timeout), as silentConn bounds the upstream's:
+// a caller that stops reading a streamed answer would otherwise hold the
+// call, and the upstream connection under it, for ever. A caller that keeps
+// reading is never cut. The deadline moves lazily, as silentConn's does.
+// Writes come from one goroutine at a time (the call's, or a tunnel's copy
+// to the caller); a deadline set from outside (a TLS handshake, fasthttp)
+// is kept until the next write, which sets its own.
+type callerConn struct {
+	net.Conn
+	limit   time.Duration
+	writeBy atomic.Int64 // UnixNano of the write deadline this conn set; 0 when another was set since
+}
+
+func (c *callerConn) Write(p []byte) (int, error) {
+	now := time.Now()
+	if wb := c.writeBy.Load(); wb == 0 || time.Unix(0, wb).Sub(now) < c.limit {
+		by := now.Add(c.limit + c.limit/16)
+		c.writeBy.Store(by.UnixNano())
+		if err := c.Conn.SetWriteDeadline(by); err != nil {
+			return 0, err
+		}
+	}
+	return c.Conn.Write(p)
+}
+
+func (c *callerConn) SetWriteDeadline(t time.Time) error {
+	c.writeBy.Store(0)
+	return c.Conn.SetWriteDeadline(t)
+}
+
+func (c *callerConn) SetDeadline(t time.Time) error {
+	c.writeBy.Store(0)
+	return c.Conn.SetDeadline(t)
 }
 
 func (c *silentConn) SetDeadline(time.Time) error      { return nil }
