@@ -98,7 +98,9 @@ func (r *Router) Match(method, path string) (Route, bool) {
 	segs := strings.Split(strings.Trim(path, "/"), "/")
 	for i := range r.routes {
 		cr := &r.routes[i]
-		if len(cr.methods) > 0 && !cr.methods[method] {
+		// HEAD is GET without the body: upstreams run their GET handler
+		// for it, so a route that lists GET is HEAD's too.
+		if len(cr.methods) > 0 && !cr.methods[method] && !(method == http.MethodHead && cr.methods[http.MethodGet]) {
 			continue
 		}
 		if !matchSegs(cr.segs, cr.tail, segs) {

@@ -23,6 +23,11 @@ func TestRouterMatchesTemplatesInOrder(t *testing.T) {
 		{"empty id does not match", "GET", "/v1/widgets/", "", false, false},
 		{"tail matches the rest", "GET", "/v1/files/a/b/c", "/v1/files/*", true, false},
 		{"safe method marked write is a write", "GET", "/v1/reports/run", "/v1/reports/run", true, true},
+		// Upstreams answer HEAD with their GET handler (Go's net/http and
+		// most frameworks do), so HEAD is held to a GET route's rules, not
+		// left to fall through to a later read route (or to no route).
+		{"HEAD matches a route that lists GET", "HEAD", "/v1/reports/run", "/v1/reports/run", true, true},
+		{"HEAD on an id matches the GET entry", "HEAD", "/v1/widgets/42", "/v1/widgets/{id}", true, false},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
