@@ -449,7 +449,7 @@ type cursor struct {
 	W      int64    `json:"w,omitempty"`
 	G      []string `json:"g,omitempty"`
 	Micros uint64   `json:"t,omitempty"`
-	ID     string `json:"i,omitempty"`
+	ID     string   `json:"i,omitempty"`
 	// From and To are the range (Unix microseconds) the first page read,
 	// for pages of a query that left it to its default.
 	From int64  `json:"a,omitempty"`

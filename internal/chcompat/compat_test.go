@@ -150,16 +150,21 @@ func workload(t *testing.T, ctx context.Context, conn driver.Conn, rec *recorder
 	for _, m := range meters {
 		for _, g := range aggregator.Granularities {
 			for _, grouped := range []bool{false, true} {
-				_, err := store.Usage(ctx, aggregator.UsageQuery{Account: "acct_tokyo", Environment: "live", Meter: m.Key,
+				rows, err := store.Usage(ctx, aggregator.UsageQuery{Account: "acct_tokyo", Environment: "live", Meter: m.Key,
 					Granularity: g, From: now.AddDate(0, -2, 0), To: now, Grouped: grouped, Limit: 1000})
 				testenv.Must(t, err, "read usage")
+				if len(rows) > 0 { // the next page, after the first row
+					_, err = store.Usage(ctx, aggregator.UsageQuery{Account: "acct_tokyo", Environment: "live", Meter: m.Key,
+						Granularity: g, From: now.AddDate(0, -2, 0), To: now, Grouped: grouped, Limit: 1000, After: &rows[0]})
+					testenv.Must(t, err, "read usage after a row")
+				}
 			}
 		}
 	}
 	for _, combine := range []string{"sum", "max"} {
 		_, err := store.Usage(ctx, aggregator.UsageQuery{Account: "acct_utc", Environment: "live", Meter: "bytes_out",
 			Granularity: aggregator.Day, From: now.AddDate(0, -2, 0), To: now, Grouped: true, Pick: []int{0},
-			Combine: combine, Limit: 5, Offset: 2})
+			Combine: combine, Limit: 5, After: &aggregator.UsageRow{WindowStart: now.AddDate(0, -1, 0), Group: []string{"/a"}}})
 		testenv.Must(t, err, "read usage by one group")
 	}
 	page, err := store.Requests(ctx, aggregator.RequestsQuery{Account: "acct_kolkata", Environment: "live",
