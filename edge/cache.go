@@ -28,6 +28,12 @@ type KeyCache struct {
 	entries   int
 	mu        sync.Mutex
 	byAccount map[string]map[[32]byte]struct{}
+	// unknown counts the entries for hashes no key has. Anyone can make
+	// well-formed keys (the checksum is public), so their entries have a
+	// budget of their own, maxUnknown: when it is spent they alone are
+	// dropped, and a flood of made-up keys cannot empty the cache of the
+	// real ones.
+	unknown, maxUnknown int
 }
 
 // cacheEntry's key is shared by every call that finds it, read-only.
@@ -37,8 +43,12 @@ type cacheEntry struct {
 	at  time.Time
 }
 
-// maxCacheEntries bounds memory against floods of well-formed unknown keys.
-const maxCacheEntries = 200_000
+// maxCacheEntries bounds the cache's memory; maxUnknownEntries bounds the
+// part of it that unknown hashes may take.
+const (
+	maxCacheEntries   = 200_000
+	maxUnknownEntries = 50_000
+)
 
 var (
 	_ KeyStore       = (*KeyCache)(nil)
@@ -57,10 +67,11 @@ func keyAccount(k *Key) string {
 // once the notification listener is connected.
 func NewKeyCache(store KeyStore, ttl time.Duration) *KeyCache {
 	return &KeyCache{
-		store:     store,
-		ttl:       ttl,
-		now:       time.Now,
-		byAccount: map[string]map[[32]byte]struct{}{},
+		store:      store,
+		ttl:        ttl,
+		now:        time.Now,
+		byAccount:  map[string]map[[32]byte]struct{}{},
+		maxUnknown: maxUnknownEntries,
 	}
 }
 
@@ -96,13 +107,23 @@ func (c *KeyCache) sharedKeyByHash(ctx context.Context, hash [32]byte) (*Key, er
 	if trusted && c.trusted.Load() {
 		c.mu.Lock()
 		if c.epoch.Load() == epoch {
-			if c.entries >= maxCacheEntries {
+			switch {
+			case k == nil && c.unknown >= c.maxUnknown:
+				c.dropUnknown()
+			case c.entries >= maxCacheEntries:
 				c.byHash.Clear()
 				clear(c.byAccount)
-				c.entries = 0
+				c.entries, c.unknown = 0, 0
 			}
-			if _, had := c.byHash.Swap(hash, &cacheEntry{key: k, err: err, at: c.now()}); !had {
+			old, had := c.byHash.Swap(hash, &cacheEntry{key: k, err: err, at: c.now()})
+			switch {
+			case !had:
 				c.entries++
+			case old.(*cacheEntry).key == nil:
+				c.unknown--
+			}
+			if k == nil {
+				c.unknown++
 			}
 			if err == nil {
 				m := c.byAccount[k.AccountID]
@@ -118,6 +139,18 @@ func (c *KeyCache) sharedKeyByHash(ctx context.Context, hash [32]byte) (*Key, er
 	return k, err
 }
 
+// dropUnknown drops every entry of an unknown hash. c.mu is held.
+func (c *KeyCache) dropUnknown() {
+	c.byHash.Range(func(h, v any) bool {
+		if v.(*cacheEntry).key == nil {
+			c.byHash.Delete(h)
+			c.entries--
+		}
+		return true
+	})
+	c.unknown = 0
+}
+
 // Invalidate drops what inv names.
 func (c *KeyCache) Invalidate(inv Invalidation) {
 	c.epoch.Add(1)
@@ -127,7 +160,7 @@ func (c *KeyCache) Invalidate(inv Invalidation) {
 	case inv.All:
 		c.byHash.Clear()
 		clear(c.byAccount)
-		c.entries = 0
+		c.entries, c.unknown = 0, 0
 	case inv.AccountID != "":
 		for h := range c.byAccount[inv.AccountID] {
 			if _, had := c.byHash.LoadAndDelete(h); had {
@@ -139,6 +172,9 @@ func (c *KeyCache) Invalidate(inv Invalidation) {
 		h := [32]byte(inv.KeyHash)
 		if v, had := c.byHash.LoadAndDelete(h); had {
 			c.entries--
+			if v.(*cacheEntry).key == nil {
+				c.unknown--
+			}
 			if m := c.byAccount[keyAccount(v.(*cacheEntry).key)]; m != nil {
 				delete(m, h)
 			}

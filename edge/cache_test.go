@@ -1,0 +1,55 @@
+package edge
+
+import (
+	"context"
+	"crypto/sha256"
+	"fmt"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// mapStore answers from one known key and counts its lookups.
+type mapStore struct {
+	known   [32]byte
+	lookups atomic.Int64
+}
+
+func (s *mapStore) KeyByHash(_ context.Context, h [32]byte) (Key, error) {
+	s.lookups.Add(1)
+	if h == s.known {
+		return Key{ID: "key_real", AccountID: "acct_real"}, nil
+	}
+	return Key{}, ErrKeyNotFound
+}
+
+// Well-formed made-up keys, more than the whole cache holds, fill the
+// unknown entries' budget again and again; the real key stays cached.
+// (Before, the whole cache was emptied when it was full.)
+func TestAFloodOfUnknownKeysDoesNotEvictTheKnownOnes(t *testing.T) {
+	store := &mapStore{known: sha256.Sum256([]byte("sk_live_real"))}
+	c := NewKeyCache(store, time.Hour)
+	c.SetTrusted(true)
+	ctx := context.Background()
+	if _, err := c.KeyByHash(ctx, store.known); err != nil {
+		t.Fatal(err)
+	}
+	for i := range maxCacheEntries + maxUnknownEntries { // past the whole cache's bound
+
+		if _, err := c.KeyByHash(ctx, sha256.Sum256([]byte(fmt.Sprint("made-up-", i)))); err != ErrKeyNotFound {
+			t.Fatalf("made-up key %d: %v", i, err)
+		}
+	}
+	before := store.lookups.Load()
+	if _, err := c.KeyByHash(ctx, store.known); err != nil {
+		t.Fatal(err)
+	}
+	if store.lookups.Load() != before {
+		t.Error("the real key was looked up again: the flood evicted it")
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.unknown > c.maxUnknown || c.entries != c.unknown+1 {
+		t.Errorf("%d entries, %d of them unknown (budget %d), want the real key plus at most the budget", c.entries, c.unknown, c.maxUnknown)
+	}
+}
