@@ -128,10 +128,26 @@ type fakeOffsets map[int]ingest.PartitionOffsets
 
 func (f fakeOffsets) Offsets(context.Context) (map[int]ingest.PartitionOffsets, error) { return f, nil }
 
-type fakeWatermarks struct{ w map[int]time.Time }
+// fakeWatermarks is a watermark store that, like ClickHouse, hands out
+// copies and keeps the last row written per partition.
+type fakeWatermarks struct {
+	mu sync.Mutex
+	w  map[int]time.Time
+}
 
-func (f *fakeWatermarks) Watermarks(context.Context) (map[int]time.Time, error) { return f.w, nil }
+func (f *fakeWatermarks) Watermarks(context.Context) (map[int]time.Time, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	out := map[int]time.Time{}
+	for p, t := range f.w {
+		out[p] = t
+	}
+	return out, nil
+}
+
 func (f *fakeWatermarks) SetWatermarks(_ context.Context, w map[int]time.Time, _ time.Time) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
 	for p, t := range w {
 		f.w[p] = t
 	}
@@ -259,39 +275,13 @@ func TestWatermarkerLogsOnlyLastingOrPermanentFailures(t *testing.T) {
 	}
 }
 
-// copyingWatermarks is a watermark store that, like ClickHouse, hands out
-// copies and keeps the last row written per partition.
-type copyingWatermarks struct {
-	mu sync.Mutex
-	w  map[int]time.Time
-}
-
-func (c *copyingWatermarks) Watermarks(context.Context) (map[int]time.Time, error) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	out := map[int]time.Time{}
-	for p, t := range c.w {
-		out[p] = t
-	}
-	return out, nil
-}
-
-func (c *copyingWatermarks) SetWatermarks(_ context.Context, w map[int]time.Time, _ time.Time) error {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	for p, t := range w {
-		c.w[p] = t
-	}
-	return nil
-}
-
 // Another process writes a later watermark for a partition (it was given
 // the partition in a rebalance); this one's next refresh must not write its
 // own smaller one over it.
 func TestWatermarkerNeverWritesBelowAnotherProcesssWatermark(t *testing.T) {
 	cfg := ingest.Config{}
 	cfg.Defaults()
-	store := &copyingWatermarks{w: map[int]time.Time{}}
+	store := &fakeWatermarks{w: map[int]time.Time{}}
 	w, err := ingest.NewWatermarker(cfg, fakeOffsets{0: {Committed: 10, End: 10}}, store, ingest.NewProgress(),
 		slog.New(slog.DiscardHandler), nil)
 	if err != nil {
