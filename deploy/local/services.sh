@@ -110,6 +110,9 @@ as_user() {
 
 # Starts a command detached from this shell (own session, survives the script),
 # stdout/stderr appended to a log. The process writes its own pid before exec.
+# It stays this script's child until the script exits, so LAUNCHED_PID lets
+# wait_ready tell how it ended if it dies during start-up.
+LAUNCHED_PID=
 launch() {
   local svc=$1 out=$2; shift 2
   mkdir -p "$STATE/pids" "$(dirname "$out")"
@@ -117,6 +120,7 @@ launch() {
   printf '\n=== %s starting %s\n' "$(date -u +%FT%TZ)" "$svc" >>"$out"
   # shellcheck disable=SC2016 # $$ and $@ belong to the inner shell
   setsid nohup bash -c 'echo $$ >"$0"; exec "$@"' "$(pid_file "$svc")" "$@" >>"$out" 2>&1 </dev/null 9>&- &
+  LAUNCHED_PID=$!
   local i
   for i in $(seq 50); do [[ -s $(pid_file "$svc") ]] && return 0; sleep 0.1; done
   die "$svc: no pid file after launch"
@@ -158,16 +162,39 @@ show_logs() {
   done
 }
 
-# wait_ready SVC TIMEOUT: polls the service's ready check; fails early if the
-# process exits.
+# Whether a process exists and is not a zombie.
+running() {
+  local state
+  state=$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) && [[ -n $state && $state != Z ]]
+}
+
+# How the process launch started last has ended: "exit status N" or "signal S".
+exit_cause() {
+  local rc=0
+  [[ -n $LAUNCHED_PID ]] || { echo "cause unknown"; return; }
+  wait "$LAUNCHED_PID" 2>/dev/null || rc=$?
+  if ((rc > 128)); then echo "killed by signal $(kill -l $((rc - 128)) 2>/dev/null || echo $((rc - 128)))"
+  else echo "exit status $rc"; fi
+}
+
+# wait_ready SVC TIMEOUT: polls the service's ready check. Returns 3 if the
+# process exits first (after printing how, and its logs); exits on timeout.
 wait_ready() {
-  local svc=$1 timeout=$2 start=$SECONDS logs
+  local svc=$1 timeout=$2 start=$SECONDS logs odd=
   mapfile -t logs < <("logs_${svc//-/_}")
   while ! "ready_${svc//-/_}"; do
     if ! live_pid "$svc" >/dev/null; then
-      printf 'services: error: %s exited during start-up\n' "$svc" >&2
-      show_logs "${logs[@]}"
-      exit 1
+      if [[ -n $LAUNCHED_PID ]] && running "$LAUNCHED_PID"; then
+        # Alive, but not as the pid file and command line say (caught mid-exec?).
+        if [[ -z $odd ]]; then
+          odd=1
+          log "$svc: pid $LAUNCHED_PID is alive but does not look like $svc yet ($(tr '\0' ' ' <"/proc/$LAUNCHED_PID/cmdline" 2>/dev/null | cut -c1-120)); waiting"
+        fi
+      else
+        printf 'services: error: %s exited during start-up (%s)\n' "$svc" "$(exit_cause)" >&2
+        show_logs "${logs[@]}"
+        return 3
+      fi
     fi
     if (( SECONDS - start >= timeout )); then
       printf 'services: error: %s did not become ready within %ss\n' "$svc" "$timeout" >&2
@@ -631,11 +658,20 @@ start_service() {
     fi
   elif pid=$(live_pid "$svc"); then
     log "$svc: pid $pid is starting, waiting for it"
-    wait_ready "$svc" "$(svc_timeout "$svc")"
+    LAUNCHED_PID=
+    wait_ready "$svc" "$(svc_timeout "$svc")" || die "$svc: exited during start-up"
   else
-    log "$svc: starting on $(svc_addr "$svc")"
-    "start_$fn"
-    wait_ready "$svc" "$(svc_timeout "$svc")"
+    # A service that dies during start-up is started again, up to three times
+    # in all; each failure prints how the process ended and its logs.
+    local attempt
+    for attempt in 1 2 3; do
+      log "$svc: starting on $(svc_addr "$svc")"
+      "start_$fn"
+      if wait_ready "$svc" "$(svc_timeout "$svc")"; then break; fi
+      ((attempt < 3)) || die "$svc: exited during start-up $attempt times; see the logs above"
+      log "$svc: starting again (attempt $((attempt + 1)) of 3)"
+      sleep 1
+    done
   fi
   case $svc in
     postgres) postgres_bootstrap ;;
