@@ -165,6 +165,9 @@ func (a *Admin) putAccount(c echo.Context) error {
 		return err
 	}
 	id := c.Param("account")
+	if !visibleASCII(id, 128) {
+		return fmt.Errorf("%w: an account id is 1 to 128 visible ASCII characters (it is sent to the upstream in %s)", ErrInvalid, HeaderAccount)
+	}
 	if in.Name == "" {
 		in.Name = id
 	}
@@ -192,10 +195,24 @@ func bind(c echo.Context, v any) error {
 	return nil
 }
 
+// visibleASCII reports whether s is 1 to max bytes of visible ASCII (no
+// space, no control character): safe in a header value and a URL path.
+func visibleASCII(s string, max int) bool {
+	if s == "" || len(s) > max {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		if s[i] <= ' ' || s[i] > '~' {
+			return false
+		}
+	}
+	return true
+}
+
 // validScopes checks scopes and refuses write scopes on publishable keys.
 func validScopes(kind KeyKind, scopes []string) error {
 	for _, s := range scopes {
-		if s == "" || len(s) > 64 || strings.ContainsAny(s, " ,\t") {
+		if !visibleASCII(s, 64) || strings.Contains(s, ",") {
 			return fmt.Errorf("%w: bad scope %q", ErrInvalid, s)
 		}
 		if kind == Publishable && !strings.HasSuffix(s, ":read") {

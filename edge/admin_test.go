@@ -80,6 +80,18 @@ func TestAdminKeyLifecycle(t *testing.T) {
 	if s := admin.call("POST", "/admin/v1/accounts/acct_adm/keys", adminToken, `{"kind":"publishable","scopes":["widgets:write"]}`, &errBody); s != 400 {
 		t.Fatalf("publishable key with a write scope: %d, want 400", s)
 	}
+	// Account ids and scopes go to the upstream in headers: nothing that
+	// could split a header line gets in.
+	for _, bad := range []string{"acct%0D%0AX-Evil:%201", "acct%20x", strings.Repeat("a", 129)} {
+		if s := admin.call("PUT", "/admin/v1/accounts/"+bad, adminToken, `{}`, &errBody); s != 400 || errBody.Error.Code != "invalid_request" {
+			t.Fatalf("account id %q: %d %q, want 400 invalid_request", bad, s, errBody.Error.Code)
+		}
+	}
+	for _, bad := range []string{`"a\r\nX-Evil: 1"`, `"a b"`, `"a,b"`, `""`} {
+		if s := admin.call("POST", "/admin/v1/accounts/acct_adm/keys", adminToken, `{"scopes":[`+bad+`]}`, &errBody); s != 400 {
+			t.Fatalf("scope %s: %d, want 400", bad, s)
+		}
+	}
 	if s := admin.call("POST", "/admin/v1/accounts/nobody/keys", adminToken, `{}`, &errBody); s != 404 {
 		t.Fatalf("key for a missing account: %d, want 404", s)
 	}

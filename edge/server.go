@@ -698,6 +698,19 @@ func (s *Server) newProxy(upstream string) (*httputil.ReverseProxy, error) {
 			r.Out.Host = r.In.Host
 			r.Out.Header.Del("Authorization")
 			r.Out.Header.Set(HeaderRequestID, r.In.Header.Get(HeaderRequestID))
+			for name := range r.Out.Header {
+				if IsIdentityHeader(name) {
+					delete(r.Out.Header, name) // the caller's, forged or not
+				}
+			}
+			if k, ok := r.In.Context().Value(callerKey{}).(*Key); ok {
+				id := IdentityOf(k)
+				r.Out.Header[HeaderAccount] = []string{id.Account}
+				r.Out.Header[HeaderEnvironment] = []string{id.Environment}
+				r.Out.Header[HeaderKeyID] = []string{id.KeyID}
+				r.Out.Header[HeaderPlan] = []string{id.Plan}
+				r.Out.Header[HeaderScopes] = []string{string(id.AppendScopes(nil))}
+			}
 			// ReverseProxy drops the caller's X-Forwarded-For before
 			// Rewrite; the edge appends to it, as the fasthttp front does.
 			r.Out.Header["X-Forwarded-For"] = r.In.Header["X-Forwarded-For"]
@@ -796,6 +809,7 @@ func (s *Server) proxy(c echo.Context) error {
 	defer watch.Stop()
 	body.watch = watch
 	ctx = context.WithValue(ctx, silenceWatch{}, watch)
+	ctx = context.WithValue(ctx, callerKey{}, k)
 	if req.Header.Get("Upgrade") == "" {
 		// Deferred, so the call is metered even when net/http's proxy
 		// aborts it: when a body breaks off after the answer's head went
@@ -855,6 +869,9 @@ const handshakeEnd = "handshake_end"
 
 // silenceWatch is the context key of a call's upstream_timeout watch.
 type silenceWatch struct{}
+
+// callerKey is the context key of the key a proxied call was admitted with.
+type callerKey struct{}
 
 // touchingBody marks its call's watch whenever bytes of the upstream's
 // answer come.

@@ -189,7 +189,7 @@ func run() error {
 	defer meteredSrv.Shutdown()
 
 	// The Tollgate edge, wired as `tollgate edge` wires it.
-	key, stopEdge, edgeAddr, err := startEdge(ctx, tmp, "http://"+upAddr, *linger, log)
+	key, ident, stopEdge, edgeAddr, err := startEdge(ctx, tmp, "http://"+upAddr, *linger, log)
 	if err != nil {
 		return err
 	}
@@ -198,7 +198,7 @@ func run() error {
 	// nginx: plain, with limit_req plus a key map, and the latter without
 	// the request id and forwarding headers.
 	plainAddr, limitAddr, bareAddr := freeAddr(), freeAddr(), freeAddr()
-	stopNginx, err := startNginx(tmp, upAddr, plainAddr, limitAddr, bareAddr, key)
+	stopNginx, err := startNginx(tmp, upAddr, plainAddr, limitAddr, bareAddr, key, identityHeaders(ident))
 	if err != nil {
 		return err
 	}
@@ -241,7 +241,7 @@ func run() error {
 	// contract; check it before measuring.
 	for _, tg := range targets {
 		if tg.name == "edge" || tg.name == "nginx_limit" {
-			if err := checkContract(tg.name, strings.TrimSuffix(tg.url, "/v1/widgets/1"), key); err != nil {
+			if err := checkContract(tg.name, strings.TrimSuffix(tg.url, "/v1/widgets/1"), key, identityHeaders(ident)); err != nil {
 				return err
 			}
 		}
@@ -454,7 +454,7 @@ const contractPath = "/v1/widgets/headers"
 // proxy contract the edge keeps: a Request-Id on the response, and the
 // upstream given that Request-Id and X-Forwarded-For, -Host and -Proto but
 // not the key.
-func checkContract(name, base, key string) error {
+func checkContract(name, base, key string, ident map[string]string) error {
 	req, _ := http.NewRequest("GET", base+contractPath, nil)
 	req.Header.Set("Authorization", "Bearer "+key)
 	resp, err := http.DefaultClient.Do(req)
@@ -477,7 +477,21 @@ func checkContract(name, base, key string) error {
 	case got.Get("Authorization") != "":
 		return fmt.Errorf("%s: contract check: the key reached the upstream", name)
 	}
+	for h, want := range ident {
+		if v := got.Values(h); len(v) != 1 || v[0] != want {
+			return fmt.Errorf("%s: contract check: the upstream got %s %q, want %q", name, h, v, want)
+		}
+	}
 	return nil
+}
+
+// identityHeaders are the headers that tell the upstream who is calling
+// with the bench's key, as the edge sends them.
+func identityHeaders(id edge.Identity) map[string]string {
+	return map[string]string{
+		edge.HeaderAccount: id.Account, edge.HeaderEnvironment: id.Environment, edge.HeaderKeyID: id.KeyID,
+		edge.HeaderPlan: id.Plan, edge.HeaderScopes: string(id.AppendScopes(nil)),
+	}
 }
 
 // cpuWho says whose CPU time counts for each target: every process serving
@@ -654,10 +668,23 @@ func fixedRate(url, key string, rate int, d time.Duration) (time.Duration, int) 
 // plain reverse proxy; limited, the stock-parts gateway, which checks the key
 // through a map, applies limit_req and keeps the proxy contract the edge
 // keeps (a Request-Id on every response and to the upstream, X-Forwarded-For,
-// -Host and -Proto, the key dropped); and bare, the same gateway without the
+// -Host and -Proto, the identity headers, the key dropped); and bare, the same gateway without the
 // request id and forwarding headers, as this bench measured it before.
-func startNginx(tmp, upstream, plain, limited, bare, key string) (func(), error) {
+func startNginx(tmp, upstream, plain, limited, bare, key string, ident map[string]string) (func(), error) {
 	bin := env("NGINX", "/usr/sbin/nginx")
+	// The key map gives the limited gateway the caller's identity headers
+	// too, one map each, as the edge sends them (and a caller's own copies
+	// of those names are replaced).
+	var maps, sets strings.Builder
+	names := make([]string, 0, len(ident))
+	for h := range ident {
+		names = append(names, h)
+	}
+	sort.Strings(names)
+	for i, h := range names {
+		fmt.Fprintf(&maps, "  map $http_authorization $identity_%d {\n    default \"\";\n    \"Bearer %s\" \"%s\";\n  }\n", i, key, ident[h])
+		fmt.Fprintf(&sets, "      proxy_set_header %s $identity_%d;\n", h, i)
+	}
 	conf := fmt.Sprintf(`worker_processes 2;
 error_log %[1]s/error.log warn;
 pid %[1]s/nginx.pid;
@@ -674,7 +701,7 @@ http {
     default "";
     "Bearer %[5]s" "%[5]s";
   }
-  limit_req_zone $api_key zone=perkey:10m rate=1000000r/s;
+%[7]s  limit_req_zone $api_key zone=perkey:10m rate=1000000r/s;
   server {
     listen %[3]s;
     location / {
@@ -694,7 +721,7 @@ http {
       proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
       proxy_set_header X-Forwarded-Host $host;
       proxy_set_header X-Forwarded-Proto $scheme;
-      proxy_pass http://api;
+%[8]s      proxy_pass http://api;
       proxy_http_version 1.1;
       proxy_set_header Connection "";
     }
@@ -711,7 +738,7 @@ http {
     }
   }
 }
-`, tmp, upstream, plain, limited, key, bare)
+`, tmp, upstream, plain, limited, key, bare, maps.String(), sets.String())
 	path := filepath.Join(tmp, "nginx.conf")
 	if err := os.WriteFile(path, []byte(conf), 0o600); err != nil {
 		return nil, err
@@ -743,55 +770,56 @@ http {
 // edgeLimiter is the edge's Redis limiter, read for its batching and lease counts.
 var edgeLimiter *edgeredis.Limiter
 
-func startEdge(ctx context.Context, tmp, upstream string, linger time.Duration, log *slog.Logger) (string, func(), string, error) {
+func startEdge(ctx context.Context, tmp, upstream string, linger time.Duration, log *slog.Logger) (string, edge.Identity, func(), string, error) {
 	pgURL := env("TOLLGATE_POSTGRES_URL", "postgres://tollgate@127.0.0.1:15432/tollgate?sslmode=disable")
 	brokers := strings.Split(env("TOLLGATE_KAFKA_BROKERS", "127.0.0.1:19092"), ",")
 	redisAddr := env("TOLLGATE_REDIS_ADDR", "127.0.0.1:16379")
 	db, err := sql.Open("pgx", pgURL)
 	if err != nil {
-		return "", nil, "", err
+		return "", edge.Identity{}, nil, "", err
 	}
 	if _, err := schemas.MigratePostgres(ctx, db); err != nil {
 		db.Close()
-		return "", nil, "", fmt.Errorf("migrate postgres (start the services with `make services`): %w", err)
+		return "", edge.Identity{}, nil, "", fmt.Errorf("migrate postgres (start the services with `make services`): %w", err)
 	}
 	db.Close()
 	pool, err := pgxpool.New(ctx, pgURL)
 	if err != nil {
-		return "", nil, "", err
+		return "", edge.Identity{}, nil, "", err
 	}
 	store := edgepg.NewKeyStore(pool)
 	const account = "acct_bench_edge"
 	if err := store.EnsureAccount(ctx, account, "Edge benchmark"); err != nil {
-		return "", nil, "", err
+		return "", edge.Identity{}, nil, "", err
 	}
 	// A plan sized so the bench measures the limiter's cost, not refusals.
 	def, _ := json.Marshal(map[string]any{"limits": map[string]any{"requests_per_second": 10_000_000, "burst": 10_000_000, "monthly_requests": nil}})
 	if _, err := pool.Exec(ctx, `INSERT INTO plans (id, version, name, currency, definition) VALUES ('bench', 1, 'Bench', 'usd', $1)
 		ON CONFLICT DO NOTHING`, def); err != nil {
-		return "", nil, "", err
+		return "", edge.Identity{}, nil, "", err
 	}
 	if _, err := pool.Exec(ctx, `INSERT INTO subscriptions (id, account_id, plan_id, plan_version, starts_at)
 		VALUES ($1, $2, 'bench', 1, clock_timestamp())`, "sub_"+schemas.NewEventID().String(), account); err != nil {
-		return "", nil, "", err
+		return "", edge.Identity{}, nil, "", err
 	}
 	secret, parsed, err := edge.GenerateKey(edge.Secret, schemas.Live)
 	if err != nil {
-		return "", nil, "", err
+		return "", edge.Identity{}, nil, "", err
 	}
-	if err := store.CreateKey(ctx, edge.NewKey{ID: "key_bench_" + schemas.NewEventID().String()[24:], AccountID: account,
+	keyID := "key_bench_" + schemas.NewEventID().String()[24:]
+	if err := store.CreateKey(ctx, edge.NewKey{ID: keyID, AccountID: account,
 		Name: "bench", Parsed: parsed, Audit: edge.AuditInfo{Actor: "bench"}}); err != nil {
-		return "", nil, "", err
+		return "", edge.Identity{}, nil, "", err
 	}
 	producer, err := newProducer(ctx, brokers, "tollgate.bench.edge", filepath.Join(tmp, "spool"), linger, log)
 	if err != nil {
-		return "", nil, "", err
+		return "", edge.Identity{}, nil, "", err
 	}
 	cache := edge.NewKeyCache(store, 30*time.Second)
 	lctx, cancel := context.WithCancel(context.Background())
 	if err := edgepg.NewListener(pgURL, cache, log).Start(lctx); err != nil {
 		cancel()
-		return "", nil, "", err
+		return "", edge.Identity{}, nil, "", err
 	}
 	rdb := redis.NewClient(&redis.Options{Addr: redisAddr, PoolSize: 256, DialerRetries: 1, MaxRetries: -1})
 	edgeLimiter = edgeredis.NewLimiter(rdb)
@@ -800,13 +828,13 @@ func startEdge(ctx context.Context, tmp, upstream string, linger time.Duration, 
 		edge.Deps{Keys: cache, Emitter: producer, Limiter: lim, Quota: lim, Log: log})
 	if err != nil {
 		cancel()
-		return "", nil, "", err
+		return "", edge.Identity{}, nil, "", err
 	}
 	ln, addr := listen()
 	front, err := edgefast.New(srv, log)
 	if err != nil {
 		cancel()
-		return "", nil, "", err
+		return "", edge.Identity{}, nil, "", err
 	}
 	go func() { _ = front.Serve(ln) }()
 	stop := func() {
@@ -816,7 +844,8 @@ func startEdge(ctx context.Context, tmp, upstream string, linger time.Duration, 
 		_ = rdb.Close()
 		pool.Close()
 	}
-	return secret, stop, addr, nil
+	ident := edge.IdentityOf(&edge.Key{ID: keyID, AccountID: account, Environment: schemas.Live, Kind: edge.Secret, Plan: edge.Plan{ID: "bench"}})
+	return secret, ident, stop, addr, nil
 }
 
 // newProducer makes topic (four partitions) if it is not there and returns

@@ -417,9 +417,30 @@ func dropHopByHop(h headers) {
 	}
 }
 
+// setIdentity drops whatever the caller sent under the edge's reserved
+// header prefix, then tells the upstream who is calling.
+func setIdentity(h *fh.RequestHeader, k *edge.Key) {
+	var forged []string
+	for name := range h.All() {
+		if len(name) >= len(edge.IdentityPrefix) && edge.IsIdentityHeader(string(name[:len(edge.IdentityPrefix)])) {
+			forged = append(forged, string(name))
+		}
+	}
+	for _, name := range forged {
+		h.Del(name)
+	}
+	id := edge.IdentityOf(k)
+	h.Set(edge.HeaderAccount, id.Account)
+	h.Set(edge.HeaderEnvironment, id.Environment)
+	h.Set(edge.HeaderKeyID, id.KeyID)
+	h.Set(edge.HeaderPlan, id.Plan)
+	var buf [256]byte
+	h.SetBytesV(edge.HeaderScopes, id.AppendScopes(buf[:0]))
+}
+
 // forward readies the caller's request for the upstream it goes to: the
-// hop-by-hop headers and the key are dropped, Request-Id and X-Forwarded-*
-// set, and the upstream's base path put in front of the path.
+// hop-by-hop headers and the key are dropped, Request-Id, the identity
+// headers and X-Forwarded-* set, and the upstream's base path put in front of the path.
 func (f *Front) forward(ctx *fh.RequestCtx, adm edge.Admission, rid string) *upstream {
 	up := f.live
 	if adm.Key.Environment == schemas.Test {
@@ -439,6 +460,7 @@ func (f *Front) forward(ctx *fh.RequestCtx, adm edge.Admission, rid string) *ups
 	// Request-Id or X-Forwarded-Proto) are deleted first.
 	req.Header.Del(edge.HeaderRequestID)
 	req.Header.Set(edge.HeaderRequestID, rid)
+	setIdentity(&req.Header, adm.Key)
 	// X-Forwarded-*, as net/http's ReverseProxy.SetXForwarded sets them:
 	// every prior X-Forwarded-For line, in order, then the caller.
 	var buf [128]byte

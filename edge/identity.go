@@ -1,0 +1,66 @@
+package edge
+
+import "strings"
+
+// The identity headers: on every call it forwards, the edge tells the
+// upstream who is calling, so the operator's API can serve the account's own
+// data without parsing keys. The names share a prefix the edge reserves:
+// whatever a caller sends under it is dropped before the edge sets its own,
+// so an upstream can trust them as long as only the edge can reach it.
+const (
+	// IdentityPrefix is the reserved prefix of every identity header.
+	IdentityPrefix = "Tollgate-"
+	// HeaderAccount is the calling key's account id.
+	HeaderAccount = "Tollgate-Account"
+	// HeaderEnvironment is "live" or "test": a test key's calls go to the
+	// sandbox upstream (or the live one when there is none) and are never
+	// billed, so an upstream that serves both must keep their data apart.
+	HeaderEnvironment = "Tollgate-Environment"
+	// HeaderKeyID is the calling key's id (as the admin API lists it),
+	// never its secret.
+	HeaderKeyID = "Tollgate-Key-Id"
+	// HeaderScopes is what the key may do, scopes separated by single
+	// spaces. A key created without scopes is sent as what it grants:
+	// "*" for a secret key, "*:read" for a publishable one.
+	HeaderScopes = "Tollgate-Scopes"
+	// HeaderPlan is the account's plan tier when the key was looked up.
+	HeaderPlan = "Tollgate-Plan"
+)
+
+// IsIdentityHeader reports whether name is in the edge's reserved namespace,
+// whatever its case, with an underscore counted as a hyphen: CGI, PHP,
+// Django and Rails all read Tollgate_Account as Tollgate-Account.
+func IsIdentityHeader(name string) bool {
+	n := len(IdentityPrefix) - 1
+	return len(name) > n && strings.EqualFold(name[:n], IdentityPrefix[:n]) && (name[n] == '-' || name[n] == '_')
+}
+
+// Identity is what the identity headers say about a key's calls.
+type Identity struct {
+	Account, Environment, KeyID, Plan string
+	Kind                              KeyKind
+	Scopes                            []string
+}
+
+// IdentityOf returns the identity headers' values for calls made with k.
+func IdentityOf(k *Key) Identity {
+	return Identity{Account: k.AccountID, Environment: string(k.Environment), KeyID: k.ID, Plan: planName(k.Plan),
+		Kind: k.Kind, Scopes: k.Scopes}
+}
+
+// AppendScopes appends the Tollgate-Scopes value to b.
+func (id Identity) AppendScopes(b []byte) []byte {
+	if len(id.Scopes) == 0 { // as HasScope reads an empty list
+		if id.Kind == Secret {
+			return append(b, '*')
+		}
+		return append(b, "*:read"...)
+	}
+	for i, s := range id.Scopes {
+		if i > 0 {
+			b = append(b, ' ')
+		}
+		b = append(b, s...)
+	}
+	return b
+}
