@@ -14,6 +14,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/segmentio/kafka-go"
 
 	"github.com/tollgate-dev/tollgate/aggregator"
 	aggch "github.com/tollgate-dev/tollgate/aggregator/clickhouse"
@@ -58,7 +59,11 @@ func NewIngestMain(ctx context.Context, cfg Config, log *slog.Logger) (m *Ingest
 	if m.pool, err = openPostgres(ctx, cfg.Services.PostgresURL); err != nil {
 		return nil, err
 	}
-	if err = ensureTopics(ctx, cfg.Services.KafkaBrokers, 4, cfg.Ingest.Topic, cfg.Ingest.DeadLetter); err != nil {
+	// The dead-letter topic takes larger messages than the usage topic:
+	// a rejected record keeps its bytes and gains headers.
+	if err = ensureTopicConfigs(ctx, cfg.Services.KafkaBrokers,
+		kafka.TopicConfig{Topic: cfg.Ingest.Topic, NumPartitions: 4, ReplicationFactor: 1},
+		ingestkafka.DeadLetterTopic(cfg.Ingest.DeadLetter, 4)); err != nil {
 		return nil, err
 	}
 	catalog, err := aggregator.NewCatalog(cfg.Meters, aggpg.NewMeters(m.pool), cfg.Aggregator.MetersRefresh)

@@ -77,12 +77,23 @@ func openClickHouse(ctx context.Context, addr, database string) (driver.Conn, er
 	return conn, nil
 }
 
-// ensureTopics creates the topics that do not exist yet.
+// ensureTopics creates the topics that do not exist yet, with the broker's
+// defaults but for the partition count.
 func ensureTopics(ctx context.Context, brokers []string, partitions int, topics ...string) error {
-	client := &kafka.Client{Addr: kafka.TCP(brokers...), Timeout: 15 * time.Second}
 	cfgs := make([]kafka.TopicConfig, len(topics))
 	for i, t := range topics {
 		cfgs[i] = kafka.TopicConfig{Topic: t, NumPartitions: partitions, ReplicationFactor: 1}
+	}
+	return ensureTopicConfigs(ctx, brokers, cfgs...)
+}
+
+// ensureTopicConfigs creates the topics of cfgs that do not exist yet; one
+// that exists is left as it is.
+func ensureTopicConfigs(ctx context.Context, brokers []string, cfgs ...kafka.TopicConfig) error {
+	client := &kafka.Client{Addr: kafka.TCP(brokers...), Timeout: 15 * time.Second}
+	topics := make([]string, len(cfgs))
+	for i, c := range cfgs {
+		topics[i] = c.Topic
 	}
 	res, err := client.CreateTopics(ctx, &kafka.CreateTopicsRequest{Topics: cfgs})
 	if err != nil {

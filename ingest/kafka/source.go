@@ -4,6 +4,8 @@ package kafka
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"net"
@@ -163,7 +165,25 @@ const (
 	HeaderSourceTopic     = "tollgate.source_topic"
 	HeaderSourcePartition = "tollgate.source_partition"
 	HeaderSourceOffset    = "tollgate.source_offset"
+	// HeaderOriginalBytes and HeaderOriginalSHA256 are set only on a dead
+	// letter whose record was too large for the dead-letter topic: its
+	// value is then empty, and the record's bytes stay in the source
+	// topic, at the partition and offset the other headers name.
+	HeaderOriginalBytes  = "tollgate.original_bytes"
+	HeaderOriginalSHA256 = "tollgate.original_sha256"
 )
+
+// DeadLetterMaxBytes is the largest dead letter the topic takes when
+// Tollgate creates it (its max.message.bytes): four times Kafka's default,
+// so a record as large as a usage topic takes by default fits whole, with
+// its reason and origin in headers added.
+const DeadLetterMaxBytes = 4 << 20
+
+// DeadLetterTopic is the dead-letter topic as Tollgate creates it.
+func DeadLetterTopic(name string, partitions int) kafka.TopicConfig {
+	return kafka.TopicConfig{Topic: name, NumPartitions: partitions, ReplicationFactor: 1,
+		ConfigEntries: []kafka.ConfigEntry{{ConfigName: "max.message.bytes", ConfigValue: strconv.Itoa(DeadLetterMaxBytes)}}}
+}
 
 // DeadLetters writes rejected records, with their reason and origin in
 // headers and the original bytes untouched, to the dead-letter topic.
@@ -194,7 +214,7 @@ func NewDeadLetters(brokers []string, topic, sourceTopic string) *DeadLetters {
 			RequiredAcks: kafka.RequireAll,
 			BatchTimeout: time.Millisecond,
 			BatchSize:    1000,
-			BatchBytes:   1 << 20,
+			BatchBytes:   DeadLetterMaxBytes, // per message; writes are chunked smaller
 			MaxAttempts:  3,
 			Balancer:     kafka.BalancerFunc(bySourcePartition),
 		},
@@ -261,13 +281,60 @@ func (d *DeadLetters) Reject(ctx context.Context, rs []ingest.Rejected) error {
 		// the gap's records for good on the retry. So each write is small
 		// enough to be one batch, all or nothing, and the first failure
 		// stops the partition's writes.
-		for _, chunk := range deadLetterChunks(msgs, d.w.BatchSize, int(d.w.BatchBytes)/2) {
-			if err := d.w.WriteMessages(ctx, chunk...); err != nil {
+		for _, chunk := range deadLetterChunks(msgs, d.w.BatchSize, 512<<10) {
+			err := d.w.WriteMessages(ctx, chunk...)
+			if err != nil && len(chunk) == 1 && tooLarge(err) {
+				// A topic made elsewhere, with a smaller limit: the dead
+				// letter says where the record is instead of holding it,
+				// rather than stop the partition for good.
+				err = d.w.WriteMessages(ctx, pointer(chunk[0]))
+			}
+			if err != nil {
 				return fmt.Errorf("write dead letters: %w", err)
 			}
 		}
 	}
 	return nil
+}
+
+// tooLarge reports whether a write failed because a message is larger than
+// the writer or the topic takes.
+func tooLarge(err error) bool {
+	var mtl kafka.MessageTooLargeError
+	if errors.As(err, &mtl) || errors.Is(err, kafka.MessageSizeTooLarge) || errors.Is(err, kafka.RecordListTooLarge) {
+		return true
+	}
+	var we kafka.WriteErrors
+	if errors.As(err, &we) {
+		for _, e := range we {
+			if e != nil && (errors.Is(e, kafka.MessageSizeTooLarge) || errors.Is(e, kafka.RecordListTooLarge)) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// pointer is the dead letter of a record too large for the dead-letter
+// topic: the same headers, the reason saying so, the record's size and
+// SHA-256, no value, and its key only if small.
+func pointer(m kafka.Message) kafka.Message {
+	sum := sha256.Sum256(m.Value)
+	p := kafka.Message{Headers: make([]kafka.Header, 0, len(m.Headers)+2)}
+	if len(m.Key) <= 1024 {
+		p.Key = m.Key
+	}
+	for _, h := range m.Headers {
+		if h.Key == HeaderReason {
+			h.Value = append(h.Value[:len(h.Value):len(h.Value)],
+				"; too large for the dead-letter topic: the record stays in the source topic at this partition and offset"...)
+		}
+		p.Headers = append(p.Headers, h)
+	}
+	p.Headers = append(p.Headers,
+		kafka.Header{Key: HeaderOriginalBytes, Value: []byte(strconv.Itoa(len(m.Value)))},
+		kafka.Header{Key: HeaderOriginalSHA256, Value: []byte(hex.EncodeToString(sum[:]))})
+	return p
 }
 
 // deadLetterChunks splits msgs, in order, into runs of at most n messages
@@ -321,7 +388,7 @@ func (d *DeadLetters) lastSourceOffset(ctx context.Context, p int) (int64, error
 	if _, err := conn.Seek(last-1, kafka.SeekAbsolute); err != nil {
 		return 0, fmt.Errorf("seek last dead letter: %w", err)
 	}
-	batch := conn.ReadBatch(1, 1<<20)
+	batch := conn.ReadBatch(1, DeadLetterMaxBytes+1<<20)
 	m, err := batch.ReadMessage()
 	cerr := batch.Close()
 	if err != nil {

@@ -1,0 +1,151 @@
+package kafka
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/segmentio/kafka-go"
+
+	"github.com/tollgate-dev/tollgate/ingest"
+	"github.com/tollgate-dev/tollgate/internal/testenv"
+)
+
+// produceLarge writes value to partition 0 of topic, as an edge or a client
+// could, and returns its offset: proof that the usage topic took it.
+func produceLarge(t *testing.T, topic string, key, value []byte) int64 {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	w := &kafka.Writer{Addr: kafka.TCP(testenv.KafkaBrokers()...), Topic: topic, RequiredAcks: kafka.RequireAll,
+		BatchBytes: 4 << 20, BatchTimeout: time.Millisecond}
+	defer w.Close()
+	testenv.Must(t, w.WriteMessages(ctx, kafka.Message{Key: key, Value: value}), "write the large record to the usage topic")
+	conn, err := kafka.DialLeader(ctx, "tcp", testenv.KafkaBrokers()[0], topic, 0)
+	testenv.Must(t, err, "dial the usage topic")
+	defer conn.Close()
+	_, last, err := conn.ReadOffsets()
+	testenv.Must(t, err, "usage topic offsets")
+	return last - 1
+}
+
+// readDeadLetters reads every message in partition 0 of topic.
+func readDeadLetters(t *testing.T, topic string) []kafka.Message {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	conn, err := kafka.DialLeader(ctx, "tcp", testenv.KafkaBrokers()[0], topic, 0)
+	testenv.Must(t, err, "dial the dead-letter topic")
+	defer conn.Close()
+	_ = conn.SetDeadline(time.Now().Add(30 * time.Second))
+	first, last, err := conn.ReadOffsets()
+	testenv.Must(t, err, "dead-letter offsets")
+	var out []kafka.Message
+	for o := first; o < last; o = first + int64(len(out)) {
+		_, err := conn.Seek(o, kafka.SeekAbsolute)
+		testenv.Must(t, err, "seek")
+		batch := conn.ReadBatch(1, 8<<20)
+		for {
+			m, err := batch.ReadMessage()
+			if err != nil {
+				break
+			}
+			out = append(out, m)
+		}
+		testenv.Must(t, batch.Close(), "read dead letters")
+	}
+	return out
+}
+
+func header(m kafka.Message, key string) string {
+	for _, h := range m.Headers {
+		if h.Key == key {
+			return string(h.Value)
+		}
+	}
+	return ""
+}
+
+// A malformed record as large as the usage topic takes by default (1 MiB)
+// still fits in the dead-letter topic as Tollgate creates it, with its
+// headers. Before, the writer refused it and its worker retried for ever,
+// holding the partition.
+func TestARecordAsLargeAsTheUsageTopicTakesIsDeadLetteredWhole(t *testing.T) {
+	src := testenv.NewTopic(t, 1)
+	dlq := src + ".dlq"
+	client := &kafka.Client{Addr: kafka.TCP(testenv.KafkaBrokers()...), Timeout: 20 * time.Second}
+	res, err := client.CreateTopics(context.Background(), &kafka.CreateTopicsRequest{Topics: []kafka.TopicConfig{DeadLetterTopic(dlq, 1)}})
+	if err != nil {
+		testenv.Unreachable(t, "Kafka", strings.Join(testenv.KafkaBrokers(), ","), err)
+	}
+	testenv.Must(t, res.Errors[dlq], "create the dead-letter topic")
+	t.Cleanup(func() { _, _ = client.DeleteTopics(context.Background(), &kafka.DeleteTopicsRequest{Topics: []string{dlq}}) })
+
+	big := bytes.Repeat([]byte("x"), 1_048_450) // about the most a 1 MiB topic takes in one record
+	off := produceLarge(t, src, []byte("acct_big"), big)
+	d := NewDeadLetters(testenv.KafkaBrokers(), dlq, src)
+	defer d.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	testenv.Must(t, d.Reject(ctx, []ingest.Rejected{
+		{Message: ingest.Message{Partition: 0, Offset: off, Key: []byte("acct_big"), Value: big}, Reason: "not JSON"},
+		{Message: ingest.Message{Partition: 0, Offset: off + 1, Value: []byte("{")}, Reason: "truncated JSON"},
+	}), "dead-letter a 1 MiB record")
+
+	got := readDeadLetters(t, dlq)
+	if len(got) != 2 {
+		t.Fatalf("%d dead letters, want 2", len(got))
+	}
+	if !bytes.Equal(got[0].Value, big) || string(got[0].Key) != "acct_big" || header(got[0], HeaderReason) != "not JSON" ||
+		header(got[0], HeaderSourceOffset) != strconv.FormatInt(off, 10) || header(got[0], HeaderOriginalBytes) != "" {
+		t.Fatalf("first dead letter: %d bytes (want %d), key %q, headers %v", len(got[0].Value), len(big), got[0].Key, got[0].Headers)
+	}
+	if string(got[1].Value) != "{" || header(got[1], HeaderSourceOffset) != strconv.FormatInt(off+1, 10) {
+		t.Fatalf("second dead letter %q, headers %v", got[1].Value, got[1].Headers)
+	}
+}
+
+// A dead-letter topic made elsewhere with Kafka's default limit cannot hold
+// that record with its headers. Its dead letter then says where the record
+// is (its size and SHA-256; the bytes stay in the usage topic), the records
+// behind it are dead-lettered as usual, and a redelivery writes nothing twice.
+func TestADeadLetterTopicTooSmallForARecordGetsWhereItIsAndThePartitionMovesOn(t *testing.T) {
+	src := testenv.NewTopic(t, 1)
+	dlq := src + ".dlq"
+	testenv.CreateTopic(t, dlq, 1) // the broker's default max.message.bytes, 1 MiB
+
+	big := bytes.Repeat([]byte("x"), 1_048_450) // about the most a 1 MiB topic takes in one record
+	off := produceLarge(t, src, []byte("acct_big"), big)
+	d := NewDeadLetters(testenv.KafkaBrokers(), dlq, src)
+	defer d.Close()
+	batch := []ingest.Rejected{
+		{Message: ingest.Message{Partition: 0, Offset: off, Key: []byte("acct_big"), Value: big}, Reason: "not JSON"},
+		{Message: ingest.Message{Partition: 0, Offset: off + 1, Value: []byte("{")}, Reason: "truncated JSON"},
+	}
+	for round := range 2 { // the second is a redelivery after a crash before the commit
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		err := d.Reject(ctx, batch)
+		cancel()
+		testenv.Must(t, err, "dead-letter round "+strconv.Itoa(round))
+	}
+
+	got := readDeadLetters(t, dlq)
+	if len(got) != 2 {
+		t.Fatalf("%d dead letters, want 2", len(got))
+	}
+	sum := sha256.Sum256(big)
+	if len(got[0].Value) != 0 || string(got[0].Key) != "acct_big" ||
+		header(got[0], HeaderOriginalBytes) != strconv.Itoa(len(big)) || header(got[0], HeaderOriginalSHA256) != hex.EncodeToString(sum[:]) ||
+		header(got[0], HeaderSourceTopic) != src || header(got[0], HeaderSourcePartition) != "0" || header(got[0], HeaderSourceOffset) != strconv.FormatInt(off, 10) ||
+		!strings.HasPrefix(header(got[0], HeaderReason), "not JSON; too large for the dead-letter topic") {
+		t.Fatalf("first dead letter: %d bytes, key %q, headers %v", len(got[0].Value), got[0].Key, got[0].Headers)
+	}
+	if string(got[1].Value) != "{" || header(got[1], HeaderSourceOffset) != strconv.FormatInt(off+1, 10) {
+		t.Fatalf("second dead letter %q, headers %v", got[1].Value, got[1].Headers)
+	}
+}
