@@ -290,44 +290,48 @@ func TestProxy(t *testing.T) {
 					upstream *demo.Upstream
 				}{{schemas.Live, env.Live}, {schemas.Test, env.Sandbox}} {
 					key, keyID := env.Key(t, "acct_ident", edge.Secret, c.env, "things:read", "things:write")
-					before := c.upstream.Calls()
-					conn, err := net.Dial("tcp", strings.TrimPrefix(in.URL, "http://"))
-					testenv.Must(t, err, "dial the edge")
-					_ = conn.SetDeadline(time.Now().Add(10 * time.Second))
 					// Forged copies in every spelling an upstream might read
 					// as the edge's, one named as hop-by-hop so that a naive
 					// edge would drop its own header after setting it.
-					_, err = io.WriteString(conn, "GET /v1/things/1 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "+key+"\r\n"+
-						"Tollgate-Account: acct_evil\r\ntollgate-plan: unlimited\r\nTOLLGATE-SCOPES: admin:write\r\n"+
-						"Tollgate_Environment: live\r\nTollgate-Anything: x\r\nConnection: Tollgate-Key-Id\r\nTollgate-Key-Id: key_evil\r\n\r\n")
-					testenv.Must(t, err, "send")
-					resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
-					testenv.Must(t, err, "read the answer")
-					body, _ := io.ReadAll(resp.Body)
-					resp.Body.Close()
-					conn.Close()
-					var echo demo.Echo
-					if resp.StatusCode != 200 || json.Unmarshal(body, &echo) != nil {
-						t.Fatalf("%s key: status %d body %q", c.env, resp.StatusCode, body)
-					}
-					want := map[string]string{
-						edge.HeaderAccount: "acct_ident", edge.HeaderEnvironment: string(c.env), edge.HeaderKeyID: keyID,
-						edge.HeaderPlan: "enterprise", edge.HeaderScopes: "things:read things:write",
-					}
-					for name, vs := range echo.Headers {
-						if !edge.IsIdentityHeader(name) {
-							continue
+					forged := "Tollgate-Account: acct_evil\r\ntollgate-plan: unlimited\r\nTOLLGATE-SCOPES: admin:write\r\n" +
+						"Tollgate_Environment: live\r\nTollgate-Anything: x\r\nConnection: Tollgate-Key-Id\r\nTollgate-Key-Id: key_evil\r\n"
+					for _, extra := range []string{"", forged, forged[:strings.Index(forged, "tollgate-plan")]} {
+						before := c.upstream.Calls()
+						conn, err := net.Dial("tcp", strings.TrimPrefix(in.URL, "http://"))
+						testenv.Must(t, err, "dial the edge")
+						_ = conn.SetDeadline(time.Now().Add(10 * time.Second))
+						// The forged lines come first: the edge must find one on
+						// the first header line too.
+						_, err = io.WriteString(conn, "GET /v1/things/1 HTTP/1.1\r\n"+extra+"Host: x\r\nAuthorization: Bearer "+key+"\r\n\r\n")
+						testenv.Must(t, err, "send")
+						resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+						testenv.Must(t, err, "read the answer")
+						body, _ := io.ReadAll(resp.Body)
+						resp.Body.Close()
+						conn.Close()
+						var echo demo.Echo
+						if resp.StatusCode != 200 || json.Unmarshal(body, &echo) != nil {
+							t.Fatalf("%s key: status %d body %q", c.env, resp.StatusCode, body)
 						}
-						if w, ok := want[name]; !ok || len(vs) != 1 || vs[0] != w {
-							t.Errorf("%s key: upstream %s %q, want exactly %q", c.env, name, vs, w)
+						want := map[string]string{
+							edge.HeaderAccount: "acct_ident", edge.HeaderEnvironment: string(c.env), edge.HeaderKeyID: keyID,
+							edge.HeaderPlan: "enterprise", edge.HeaderScopes: "things:read things:write",
 						}
-						delete(want, name)
-					}
-					if len(want) != 0 {
-						t.Errorf("%s key: the upstream did not get %v (got %v)", c.env, want, echo.Headers)
-					}
-					if n := c.upstream.Calls() - before; n != 1 {
-						t.Errorf("%s key: its upstream took %d calls, want 1", c.env, n)
+						for name, vs := range echo.Headers {
+							if !edge.IsIdentityHeader(name) {
+								continue
+							}
+							if w, ok := want[name]; !ok || len(vs) != 1 || vs[0] != w {
+								t.Errorf("%s key: upstream %s %q, want exactly %q", c.env, name, vs, w)
+							}
+							delete(want, name)
+						}
+						if len(want) != 0 {
+							t.Errorf("%s key: the upstream did not get %v (got %v)", c.env, want, echo.Headers)
+						}
+						if n := c.upstream.Calls() - before; n != 1 {
+							t.Errorf("%s key: its upstream took %d calls, want 1", c.env, n)
+						}
 					}
 				}
 			})

@@ -420,22 +420,44 @@ func dropHopByHop(h headers) {
 // setIdentity drops whatever the caller sent under the edge's reserved
 // header prefix, then tells the upstream who is calling.
 func setIdentity(h *fh.RequestHeader, k *edge.Key) {
-	var forged []string
-	for name := range h.All() {
-		if len(name) >= len(edge.IdentityPrefix) && edge.IsIdentityHeader(string(name[:len(edge.IdentityPrefix)])) {
-			forged = append(forged, string(name))
+	// Walking the parsed headers costs more than a look at the raw ones,
+	// which almost never hold the prefix.
+	if raw := h.RawHeaders(); len(raw) == 0 || rawHasIdentity(raw) {
+		var forged []string
+		for name := range h.All() {
+			if len(name) >= len(edge.IdentityPrefix) && edge.IsIdentityHeader(string(name[:len(edge.IdentityPrefix)])) {
+				forged = append(forged, string(name))
+			}
+		}
+		for _, name := range forged {
+			h.Del(name)
 		}
 	}
-	for _, name := range forged {
-		h.Del(name)
-	}
+	// None is left, so Add (which does not look for an earlier line) will do.
 	id := edge.IdentityOf(k)
-	h.Set(edge.HeaderAccount, id.Account)
-	h.Set(edge.HeaderEnvironment, id.Environment)
-	h.Set(edge.HeaderKeyID, id.KeyID)
-	h.Set(edge.HeaderPlan, id.Plan)
+	h.Add(edge.HeaderAccount, id.Account)
+	h.Add(edge.HeaderEnvironment, id.Environment)
+	h.Add(edge.HeaderKeyID, id.KeyID)
+	h.Add(edge.HeaderPlan, id.Plan)
 	var buf [256]byte
-	h.SetBytesV(edge.HeaderScopes, id.AppendScopes(buf[:0]))
+	h.AddBytesV(edge.HeaderScopes, id.AppendScopes(buf[:0]))
+}
+
+// rawHasIdentity reports whether a header line of raw, the headers as
+// received, starts with the edge's reserved prefix.
+func rawHasIdentity(raw []byte) bool {
+	n := len(edge.IdentityPrefix)
+	for len(raw) >= n {
+		if edge.IsIdentityHeader(string(raw[:n])) {
+			return true
+		}
+		i := bytes.IndexByte(raw, '\n')
+		if i < 0 {
+			return false
+		}
+		raw = raw[i+1:]
+	}
+	return false
 }
 
 // forward readies the caller's request for the upstream it goes to: the
