@@ -165,8 +165,9 @@ func (a *Admin) putAccount(c echo.Context) error {
 		return err
 	}
 	id := c.Param("account")
-	if !visibleASCII(id, 128) {
-		return fmt.Errorf("%w: an account id is 1 to 128 visible ASCII characters (it is sent to the upstream in %s)", ErrInvalid, HeaderAccount)
+	if !schemas.ValidIdent(id) {
+		return fmt.Errorf("%w: an account id is 1 to %d letters, digits and _ . : - (it is in every event, and sent to the upstream in %s)",
+			ErrInvalid, schemas.MaxIDLength, HeaderAccount)
 	}
 	if in.Name == "" {
 		in.Name = id

@@ -82,7 +82,7 @@ func TestAdminKeyLifecycle(t *testing.T) {
 	}
 	// Account ids and scopes go to the upstream in headers: nothing that
 	// could split a header line gets in.
-	for _, bad := range []string{"acct%0D%0AX-Evil:%201", "acct%20x", strings.Repeat("a", 129)} {
+	for _, bad := range []string{"acct%0D%0AX-Evil:%201", "acct%20x", strings.Repeat("a", 65), "acct@example.com"} {
 		if s := admin.call("PUT", "/admin/v1/accounts/"+bad, adminToken, `{}`, &errBody); s != 400 || errBody.Error.Code != "invalid_request" {
 			t.Fatalf("account id %q: %d %q, want 400 invalid_request", bad, s, errBody.Error.Code)
 		}
@@ -321,5 +321,70 @@ func TestReportEventsBatch(t *testing.T) {
 	}
 	if env.Live.Calls() != 0 {
 		t.Fatalf("POST /v1/events reached the upstream %d times", env.Live.Calls())
+	}
+}
+
+// Items that ingest would never count, or count wrongly, are refused at the
+// edge with the field named; a body with more after the object is refused
+// whole; a huge array stops at the element past the limit.
+func TestReportEventsRefusesWhatWouldNotCount(t *testing.T) {
+	env := edgetest.New(t)
+	in := env.Start(t, edgetest.Options{})
+	key, _ := env.Key(t, "acct_refuse", edge.Secret, schemas.Live)
+	now := time.Now().UTC()
+	at := now.Add(-time.Minute).Format(time.RFC3339Nano)
+	old := now.Add(-edge.DefaultMaxEventAge - time.Hour).Format(time.RFC3339Nano)
+	body := fmt.Sprintf(`{"events":[
+		{"id":"ok","type":"tokens","time":%q,"units":%d},
+		{"id":"huge","type":"tokens","time":%q,"units":%d},
+		{"id":"old","type":"tokens","time":%q},
+		{"id":"test\u0000job-1","type":"tokens","time":%q},
+		{"id":"half","type":"tokens","time":%q,"units":1.5},
+		{"id":"nozone","type":"tokens","time":"2026-01-01T00:00:00"}
+	]}`, at, schemas.MaxUnits, at, schemas.MaxUnits+1, old, at, at)
+	r := edgetest.Do(t, "POST", in.URL+"/v1/events", key, strings.NewReader(body))
+	var res edge.BatchResult
+	if r.Status != 200 || json.Unmarshal(r.Body, &res) != nil {
+		t.Fatalf("status %d body %s", r.Status, r.Body)
+	}
+	wantField := []string{"", "units", "time", "id", "units", "time"}
+	for i, item := range res.Results {
+		if i == 0 {
+			if item.Status != "accepted" {
+				t.Errorf("item 0: %+v, want accepted", item)
+			}
+			continue
+		}
+		if item.Status != "rejected" || len(item.Errors) != 1 || item.Errors[0].Field != wantField[i] {
+			t.Errorf("item %d: %+v, want rejected on %q alone", i, item, wantField[i])
+		}
+	}
+	if res.Accepted != 1 || res.Rejected != 5 {
+		t.Fatalf("result %+v", res)
+	}
+
+	// A second object after the first is not ignored: the body is refused.
+	one := fmt.Sprintf(`{"events":[{"id":"trail-1","type":"tokens","time":%q}]}`, at)
+	if r := edgetest.Do(t, "POST", in.URL+"/v1/events", key, strings.NewReader(one+" "+strings.Replace(one, "trail-1", "trail-2", 1))); r.Status != 400 || r.Error.Code != "invalid_json" {
+		t.Fatalf("two objects: %d %+v, want 400 invalid_json", r.Status, r.Error)
+	}
+	// Millions of tiny elements are refused without decoding them all.
+	zeros := `{"events":[0` + strings.Repeat(",0", 2_000_000) + `]}`
+	if r := edgetest.Do(t, "POST", in.URL+"/v1/events", key, strings.NewReader(zeros)); r.Status != 400 || r.Error.Code != "batch_too_large" {
+		t.Fatalf("2,000,001 elements: %d %+v, want 400 batch_too_large", r.Status, r.Error)
+	}
+	for _, bad := range []string{`{"events":[]}`, `{"events":null}`, `{}`} {
+		if r := edgetest.Do(t, "POST", in.URL+"/v1/events", key, strings.NewReader(bad)); r.Status != 400 || r.Error.Code != "empty_batch" {
+			t.Fatalf("%s: %d %+v, want 400 empty_batch", bad, r.Status, r.Error)
+		}
+	}
+	for _, bad := range []string{`{"events":[],"extra":1}`, `{"events":{}}`, `{"events":[{}]`, `[]`} {
+		if r := edgetest.Do(t, "POST", in.URL+"/v1/events", key, strings.NewReader(bad)); r.Status != 400 || r.Error.Code != "invalid_json" {
+			t.Fatalf("%s: %d %+v, want 400 invalid_json", bad, r.Status, r.Error)
+		}
+	}
+	evs := edgetest.ReadTopic(t, env.Brokers, env.Topic, 1, 20*time.Second)
+	if len(evs) != 1 || evs[0].ClientID != "ok" || evs[0].Units != schemas.MaxUnits {
+		t.Fatalf("topic holds %+v, want only the accepted item", evs)
 	}
 }

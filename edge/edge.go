@@ -190,12 +190,21 @@ type Config struct {
 	// CPU on the edge and the brokers) and a slightly longer window of
 	// answered calls whose events are still in memory.
 	EventLinger time.Duration `yaml:"event_linger"`
+	// MaxEventAge is how old an event POST /v1/events takes may be (default
+	// 34 days). Older ones are refused at once, per item: ingest would set
+	// them aside as too late to count (ingest.max_lateness, 35 days by
+	// default), and the day between leaves room for a stay in the spool.
+	MaxEventAge time.Duration `yaml:"max_event_age"`
 	// QuotaTimezone: "utc" (default) counts calendar months in UTC,
 	// "account" in the account's own time zone.
 	QuotaTimezone string `yaml:"quota_timezone"`
 	// CORS lets pages on other origins call the API (off by default).
 	CORS CORSConfig `yaml:"cors"`
 }
+
+// DefaultMaxEventAge is Config.MaxEventAge's default: a day under ingest's
+// default lateness.
+const DefaultMaxEventAge = 34 * 24 * time.Hour
 
 // DefaultPlans are the tier limits used when the plans table does not
 // define the account's plan; they match the seeded version-1 tiers.
@@ -241,6 +250,9 @@ func (c *Config) Defaults() {
 	}
 	if c.QuotaTimezone == "" {
 		c.QuotaTimezone = "utc"
+	}
+	if c.MaxEventAge == 0 {
+		c.MaxEventAge = DefaultMaxEventAge
 	}
 	c.CORS.defaults()
 	def := DefaultPlans()
@@ -290,6 +302,9 @@ func (c *Config) Validate() error {
 		if b, err := hex.DecodeString(c.AdminTokenSHA256); err != nil || len(b) != 32 {
 			errs = append(errs, errors.New("edge.admin_token_sha256: want 64 hex characters (sha256 of the admin token) when edge.admin_listen is set"))
 		}
+	}
+	if c.MaxEventAge < time.Hour {
+		errs = append(errs, fmt.Errorf("edge.max_event_age: at least 1h, got %s", c.MaxEventAge))
 	}
 	if c.EventLinger < 0 || c.EventLinger > time.Second {
 		errs = append(errs, errors.New("edge.event_linger: must be between 0 and 1s"))

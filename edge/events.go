@@ -3,9 +3,12 @@ package edge
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
+	"reflect"
+	"strings"
 	"time"
 
 	"github.com/labstack/echo/v4"
@@ -60,26 +63,14 @@ func (s *Server) reportEvents(c echo.Context) error {
 		return NewAPIError(http.StatusRequestEntityTooLarge, TypeInvalidRequest, "payload_too_large",
 			fmt.Sprintf("The request body is larger than %d bytes.", MaxBatchBytes))
 	}
-	var in struct {
-		Events []json.RawMessage `json:"events"`
-	}
-	dec := json.NewDecoder(bytes.NewReader(body))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&in); err != nil {
-		return NewAPIError(http.StatusBadRequest, TypeInvalidRequest, "invalid_json",
-			"The body must be a JSON object {\"events\": [...]}: "+err.Error())
-	}
-	if len(in.Events) == 0 {
-		return NewAPIError(http.StatusBadRequest, TypeInvalidRequest, "empty_batch", "The batch has no events.")
-	}
-	if len(in.Events) > MaxBatch {
-		return NewAPIError(http.StatusBadRequest, TypeInvalidRequest, "batch_too_large",
-			fmt.Sprintf("A batch may hold at most %d events; this one has %d.", MaxBatch, len(in.Events)))
+	events, err := decodeBatch(body)
+	if err != nil {
+		return err
 	}
 	now := s.now()
-	out := BatchResult{Results: make([]ItemResult, len(in.Events)), RequestID: c.Response().Header().Get(HeaderRequestID)}
-	seen := make(map[string]bool, len(in.Events))
-	for i, raw := range in.Events {
+	out := BatchResult{Results: make([]ItemResult, len(events)), RequestID: c.Response().Header().Get(HeaderRequestID)}
+	seen := make(map[string]bool, len(events))
+	for i, raw := range events {
 		r := &out.Results[i]
 		r.Index = i
 		ev, id, problems := s.reportedEvent(k, raw, now)
@@ -103,12 +94,100 @@ func (s *Server) reportEvents(c echo.Context) error {
 	return c.JSON(http.StatusOK, out)
 }
 
+// decodeBatch reads {"events": [...]} one element at a time, so a body of
+// millions of tiny elements stops at the one past MaxBatch instead of
+// being decoded whole first. Nothing may follow the object.
+func decodeBatch(body []byte) ([]json.RawMessage, error) {
+	invalid := func(why string) error {
+		return NewAPIError(http.StatusBadRequest, TypeInvalidRequest, "invalid_json",
+			"The body must be a JSON object {\"events\": [...]}: "+why)
+	}
+	dec := json.NewDecoder(bytes.NewReader(body))
+	if t, err := dec.Token(); err != nil || t != json.Delim('{') {
+		return nil, invalid("it does not start with {")
+	}
+	var events []json.RawMessage
+	found := false
+	for dec.More() {
+		t, err := dec.Token()
+		if err != nil {
+			return nil, invalid(err.Error())
+		}
+		if name, _ := t.(string); name != "events" || found {
+			return nil, invalid(fmt.Sprintf("unexpected field %q", t))
+		}
+		found = true
+		t, err = dec.Token()
+		if err != nil {
+			return nil, invalid(err.Error())
+		}
+		if t == nil { // "events": null
+			continue
+		}
+		if t != json.Delim('[') {
+			return nil, invalid("events is not an array")
+		}
+		for dec.More() {
+			if len(events) == MaxBatch {
+				return nil, NewAPIError(http.StatusBadRequest, TypeInvalidRequest, "batch_too_large",
+					fmt.Sprintf("A batch may hold at most %d events; this one has more.", MaxBatch))
+			}
+			var raw json.RawMessage
+			if err := dec.Decode(&raw); err != nil {
+				return nil, invalid(err.Error())
+			}
+			events = append(events, raw)
+		}
+		if _, err := dec.Token(); err != nil { // ]
+			return nil, invalid(err.Error())
+		}
+	}
+	if _, err := dec.Token(); err != nil { // }
+		return nil, invalid(err.Error())
+	}
+	if _, err := dec.Token(); err != io.EOF {
+		return nil, invalid("something follows the object")
+	}
+	if len(events) == 0 {
+		return nil, NewAPIError(http.StatusBadRequest, TypeInvalidRequest, "empty_batch", "The batch has no events.")
+	}
+	return events, nil
+}
+
+// decodeProblem names the field a decoding error is about, when it can.
+func decodeProblem(err error) schemas.FieldError {
+	var te *json.UnmarshalTypeError
+	var pe *time.ParseError
+	switch {
+	case errors.As(err, &te) && te.Field != "":
+		return schemas.FieldError{Field: te.Field, Reason: fmt.Sprintf("want a JSON %s, got %s", jsonKind(te.Type), te.Value)}
+	case errors.As(err, &pe):
+		return schemas.FieldError{Field: "time", Reason: "not an RFC 3339 time with a zone: " + err.Error()}
+	case strings.HasPrefix(err.Error(), "json: unknown field "):
+		return schemas.FieldError{Field: strings.Trim(strings.TrimPrefix(err.Error(), "json: unknown field "), `"`), Reason: "unknown field"}
+	}
+	return schemas.FieldError{Field: "", Reason: "not a valid event object: " + err.Error()}
+}
+
+// jsonKind is how a client would name the JSON type a Go type decodes.
+func jsonKind(t reflect.Type) string {
+	switch t.Kind() {
+	case reflect.Int, reflect.Int8, reflect.Int16, reflect.Int32, reflect.Int64:
+		return "whole number"
+	case reflect.String:
+		return "string"
+	case reflect.Map, reflect.Struct:
+		return "object"
+	}
+	return t.String()
+}
+
 func (s *Server) reportedEvent(k *Key, raw json.RawMessage, now time.Time) (schemas.Event, string, []schemas.FieldError) {
 	var re ReportedEvent
 	dec := json.NewDecoder(bytes.NewReader(raw))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&re); err != nil {
-		return schemas.Event{}, "", []schemas.FieldError{{Field: "", Reason: "not a valid event object: " + err.Error()}}
+		return schemas.Event{}, "", []schemas.FieldError{decodeProblem(err)}
 	}
 	var ps []schemas.FieldError
 	if re.ID == "" {
@@ -116,6 +195,9 @@ func (s *Server) reportedEvent(k *Key, raw json.RawMessage, now time.Time) (sche
 	}
 	if re.Time.IsZero() {
 		ps = append(ps, schemas.FieldError{Field: "time", Reason: "required (RFC 3339)"})
+	} else if oldest := now.Add(-s.cfg.MaxEventAge); re.Time.Before(oldest) && re.Time.Year() >= 2000 {
+		ps = append(ps, schemas.FieldError{Field: "time", Reason: fmt.Sprintf(
+			"older than %s (edge.max_event_age): too late to be counted", s.cfg.MaxEventAge)})
 	}
 	units := int64(1)
 	if re.Units != nil {

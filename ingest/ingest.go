@@ -376,7 +376,20 @@ func (in *Ingester) collect(ctx context.Context, src Source) ([]Message, error) 
 	return msgs, nil
 }
 
-// Split decodes a batch: valid and timely events (first copy of each id
+// rowKey is what makes two events one row of the raw table, whose sorting
+// key is (account, environment, type, time to the second, id); an id
+// implies its account and environment. Split drops a second copy by this
+// key, not by id alone: a client's retry with the same id but another time
+// is two rows in ClickHouse, and were it one in a batch but two across
+// batches, the count would hang on how the events were batched, and a
+// replay (batched differently) would not match the ledger.
+type rowKey struct {
+	id     uuid.UUID
+	second int64
+	typ    string
+}
+
+// Split decodes a batch: valid and timely events (first copy of each row
 // only), events beyond maxLateness, and rejected records. Both time checks
 // (an event stamped too far in the future, or too late) are made against
 // the record's Kafka timestamp, and against now only for a record without
@@ -384,7 +397,7 @@ func (in *Ingester) collect(ctx context.Context, src Source) ([]Message, error) 
 // whichever ingest process and clock read it: an event is never both a
 // dead letter and counted, nor landed in raw rows but not in rollups.
 func Split(msgs []Message, now time.Time, maxLateness time.Duration) (events, late []Record, rejected []Rejected, dups int) {
-	seen := make(map[uuid.UUID]struct{}, len(msgs))
+	seen := make(map[rowKey]struct{}, len(msgs))
 	events = make([]Record, 0, len(msgs))
 	var strs schemas.Interner
 	for _, m := range msgs {
@@ -397,11 +410,12 @@ func Split(msgs []Message, now time.Time, maxLateness time.Duration) (events, la
 			rejected = append(rejected, Rejected{Message: m, Reason: err.Error()})
 			continue
 		}
-		if _, ok := seen[ev.ID]; ok {
+		k := rowKey{id: ev.ID, second: ev.Time.Unix(), typ: ev.Type}
+		if _, ok := seen[k]; ok {
 			dups++
 			continue
 		}
-		seen[ev.ID] = struct{}{}
+		seen[k] = struct{}{}
 		r := Record{Event: ev, Partition: m.Partition, Offset: m.Offset, RecordTime: m.Time, dimKeys: dk, dimValues: dv}
 		if !m.Time.IsZero() && ev.Time.Before(m.Time.Add(-maxLateness)) {
 			r.Value = m.Value

@@ -30,6 +30,8 @@ func TestSplit(t *testing.T) {
 			KeyID: "k", Type: "api_call", Time: at, Units: 1}
 	}
 	timely, late, tooLate := ev(now.Add(-time.Second)), ev(now.Add(-30*24*time.Hour)), ev(now.Add(-36*24*time.Hour))
+	shifted := func(e schemas.Event, d time.Duration) schemas.Event { e.Time = e.Time.Add(d); return e }
+	retyped := func(e schemas.Event, typ string) schemas.Event { e.Type = typ; return e }
 	msg := func(b []byte, off int64) ingest.Message {
 		return ingest.Message{Partition: 2, Offset: off, Value: b, Time: now}
 	}
@@ -40,6 +42,11 @@ func TestSplit(t *testing.T) {
 	}{
 		{"a valid event lands", []ingest.Message{msg(encode(t, timely), 1)}, 1, 0, 0, 0},
 		{"a second copy in the batch is dropped", []ingest.Message{msg(encode(t, timely), 1), msg(encode(t, timely), 2)}, 1, 0, 0, 1},
+		{"copies within one second of the same time are one row", []ingest.Message{msg(encode(t, timely), 1), msg(encode(t, shifted(timely, time.Millisecond)), 2)}, 1, 0, 0, 1},
+		// ClickHouse keeps the two as two rows whatever the batching, so
+		// one batch must too: else a replay, batched differently, differs.
+		{"the same id at another second is another row, as in ClickHouse", []ingest.Message{msg(encode(t, timely), 1), msg(encode(t, shifted(timely, time.Second)), 2)}, 2, 0, 0, 0},
+		{"the same id of another type is another row, as in ClickHouse", []ingest.Message{msg(encode(t, timely), 1), msg(encode(t, retyped(timely, "tokens")), 2)}, 2, 0, 0, 0},
 		{"an event within the lateness lands", []ingest.Message{msg(encode(t, late), 1)}, 1, 0, 0, 0},
 		{"an event beyond the lateness is set aside", []ingest.Message{msg(encode(t, tooLate), 1)}, 0, 1, 0, 0},
 		{"bytes that are not an event are rejected", []ingest.Message{msg([]byte("{"), 1)}, 0, 0, 1, 0},

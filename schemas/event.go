@@ -32,6 +32,10 @@ const (
 	MaxDimensionValue  = 256
 	MaxClientIDLength  = 128
 	MaxRequestIDLength = 128
+	// MaxUnits bounds one event's units: a trillion. Sums are Int64, so
+	// without a bound two events could wrap a total negative, or to any
+	// value at all.
+	MaxUnits = 1_000_000_000_000
 	// MaxClockSkew bounds how far in the future an event may be stamped.
 	MaxClockSkew = 5 * time.Minute
 )
@@ -128,6 +132,22 @@ func knownMethod(m string) bool {
 	return false
 }
 
+// ValidIdent reports whether s may be an account or key id: 1 to 64 bytes
+// of letters, digits and _ . : -.
+func ValidIdent(s string) bool {
+	return s != "" && len(s) <= MaxIDLength && identChars.MatchString(s)
+}
+
+// hasControl reports whether s holds an ASCII control character.
+func hasControl(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if s[i] < 0x20 || s[i] == 0x7f {
+			return true
+		}
+	}
+	return false
+}
+
 // Validate checks every field against the contract, relative to now, and
 // returns a *ValidationError listing all problems, or nil.
 func (e *Event) Validate(now time.Time) error {
@@ -198,12 +218,19 @@ func (e *Event) validate(now time.Time, keys, values []string) error {
 	}
 	if e.Units < 0 {
 		add("units", "negative")
+	} else if e.Units > MaxUnits {
+		add("units", "more than %d", MaxUnits)
 	}
 	if len(e.RequestID) > MaxRequestIDLength {
 		add("request_id", "longer than %d bytes", MaxRequestIDLength)
 	}
 	if len(e.ClientID) > MaxClientIDLength {
 		add("client_id", "longer than %d bytes", MaxClientIDLength)
+	} else if hasControl(e.ClientID) {
+		// Event ids are derived from the client's id with NUL as the
+		// separator: a NUL inside one could make a live id equal to a test
+		// id, and ingest would keep only one of the two.
+		add("client_id", "contains a control character")
 	}
 	if len(e.Dimensions) > MaxDimensions || len(keys) > MaxDimensions {
 		add("dimensions", "more than %d entries", MaxDimensions)

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"strings"
+	"time"
 
 	"gopkg.in/yaml.v3"
 
@@ -104,8 +105,12 @@ func (c *Config) defaults() {
 	if s.RedisAddr == "" {
 		s.RedisAddr = "127.0.0.1:16379"
 	}
-	c.Edge.Defaults()
 	c.Ingest.Defaults()
+	if c.Edge.MaxEventAge == 0 && c.Ingest.MaxLateness > 2*24*time.Hour {
+		// A day under the lateness ingest counts, as edge's own default is.
+		c.Edge.MaxEventAge = c.Ingest.MaxLateness - 24*time.Hour
+	}
+	c.Edge.Defaults()
 	c.Invoicer.Defaults()
 	c.Aggregator.Defaults()
 	if len(c.Meters) == 0 {
@@ -133,6 +138,10 @@ func (c *Config) Validate(components ...string) error {
 	}
 	if all || want["ingest"] {
 		errs = append(errs, c.Ingest.Validate())
+	}
+	if (all || want["edge"]) && c.Edge.MaxEventAge > c.Ingest.MaxLateness {
+		errs = append(errs, fmt.Errorf("edge.max_event_age (%s) is longer than ingest.max_lateness (%s): events the edge takes would not be counted",
+			c.Edge.MaxEventAge, c.Ingest.MaxLateness))
 	}
 	if all || want["invoice"] {
 		errs = append(errs, c.Invoicer.Validate())

@@ -84,7 +84,9 @@ func TestARecordAsLargeAsTheUsageTopicTakesIsDeadLetteredWhole(t *testing.T) {
 		testenv.Unreachable(t, "Kafka", strings.Join(testenv.KafkaBrokers(), ","), err)
 	}
 	testenv.Must(t, res.Errors[dlq], "create the dead-letter topic")
-	t.Cleanup(func() { _, _ = client.DeleteTopics(context.Background(), &kafka.DeleteTopicsRequest{Topics: []string{dlq}}) })
+	t.Cleanup(func() {
+		_, _ = client.DeleteTopics(context.Background(), &kafka.DeleteTopicsRequest{Topics: []string{dlq}})
+	})
 
 	big := bytes.Repeat([]byte("x"), 1_048_450) // about the most a 1 MiB topic takes in one record
 	off := produceLarge(t, src, []byte("acct_big"), big)
