@@ -405,7 +405,9 @@ GROUP BY account_id, environment, meter, w, group_values`,
 // sharedMinuteSelect computes the minute rows of several meters on one
 // event type in one scan of the raw events. Each raw row is expanded once
 // for every meter whose filter it passes (mi, the meter's position in ms,
-// from 1) and every group of that meter; each (mi, group) row then takes its
+// from 1) and every group of that meter (the filters are computed outside
+// arrayFilter's lambda: ClickHouse 18.16 does not resolve, inside a lambda,
+// a column the query reads nowhere else); each (mi, group) row then takes its
 // own meter's aggregate, written exactly as levelSelect writes it, so the
 // rows are the ones a SELECT per meter would write.
 func sharedMinuteSelect(ms []meter.Meter, accounts []string, scan timeRange, windowFilter string) (string, []any, error) {
@@ -420,7 +422,7 @@ func sharedMinuteSelect(ms []meter.Meter, accounts []string, scan timeRange, win
 		n := strconv.Itoa(i + 1)
 		positions[i] = n
 		keys = append(keys, quote(m.Key))
-		conds = append(conds, "i = "+n+", ("+c.Where+")")
+		conds = append(conds, "toUInt8("+c.Where+")")
 		args = append(args, c.Args...)
 		g := "[emptyArrayString()]"
 		if len(c.GroupBy) > 0 {
@@ -455,14 +457,14 @@ func sharedMinuteSelect(ms []meter.Meter, accounts []string, scan timeRange, win
     multiIf(%s, toInt64(0)), count(), %s, %s, %s
 FROM (
     SELECT *, toStartOfMinute(timestamp) AS w,
-        arrayJoin(arrayFilter(i -> multiIf(%s, 0), [%s])) AS mi,
+        arrayJoin(arrayFilter((i, pass) -> pass = 1, [%s], [%s])) AS mi,
         arrayJoin(multiIf(%s, [emptyArrayString()])) AS group_values
     FROM usage_events FINAL
     WHERE account_id IN (%s) AND timestamp >= %s AND timestamp < %s AND event_type = ? AND (%s)
 )
 GROUP BY account_id, environment, w, mi, group_values`,
 		strings.Join(keys, ", "), strings.Join(aggs, ", "), latestUs, latestID, uniqState,
-		strings.Join(conds, ", "), strings.Join(positions, ", "), strings.Join(groups, ", "),
+		strings.Join(positions, ", "), strings.Join(conds, ", "), strings.Join(groups, ", "),
 		strings.Join(qa, ", "), dt(scan.from), dt(scan.to), windowFilter), args, nil
 }
 
