@@ -120,6 +120,30 @@ func (m *Meter) Validate() error {
 	return errors.Join(errs...)
 }
 
+// wholeNumberPattern is the form a dimension's value must have for SUM, MAX
+// and LATEST to read it: an optional minus and 1 to 18 digits, so that
+// every such value fits an Int64 and ClickHouse and Go read it alike.
+const wholeNumberPattern = `^-?[0-9]{1,18}$`
+
+// WholeNumber reads a dimension's value as SUM, MAX and LATEST do; ok is
+// false for a value those meters skip.
+func WholeNumber(v string) (n int64, ok bool) {
+	digits := strings.TrimPrefix(v, "-")
+	if len(digits) == 0 || len(digits) > 18 {
+		return 0, false
+	}
+	for i := 0; i < len(digits); i++ {
+		if digits[i] < '0' || digits[i] > '9' {
+			return 0, false
+		}
+		n = n*10 + int64(digits[i]-'0')
+	}
+	if len(digits) < len(v) {
+		n = -n
+	}
+	return n, true
+}
+
 func numericExpr(p string) (string, error) {
 	if e, ok := numeric[p]; ok {
 		return e, nil
@@ -181,6 +205,17 @@ func (m *Meter) Compile() (Compiled, error) {
 		}
 		c.Where += fmt.Sprintf(" AND %shas(?, %s)", not, e)
 		c.Args = append(c.Args, f.Values)
+	}
+	if dimRe.MatchString(m.Value) {
+		// An event counts toward a meter over a dimension only if it has
+		// the dimension, and, for a numeric meter, only if the value is a
+		// whole number (WholeNumber): a missing or unreadable value would
+		// otherwise read as 0, or wrap, and reset a LATEST or lower a MAX.
+		if m.Aggregation == UniqueCount {
+			c.Where += fmt.Sprintf(" AND has(dim_keys, '%s')", strings.TrimPrefix(m.Value, "dimensions."))
+		} else {
+			c.Where += fmt.Sprintf(" AND match(%s, '%s')", dimExpr(m.Value), wholeNumberPattern)
+		}
 	}
 	for _, g := range m.GroupBy {
 		e, _ := stringExpr(g)

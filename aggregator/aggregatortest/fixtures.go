@@ -27,6 +27,10 @@ func Meters() []meter.Meter {
 		// a scan (a LATEST among them), one filter passing rows the other's
 		// refuses.
 		{Key: "balance_updates", EventType: "balance", Aggregation: meter.Count},
+		// SUM and MAX over a dimension that is sometimes missing or not a
+		// whole number, with negative values.
+		{Key: "amount_total", EventType: "balance", Aggregation: meter.Sum, Value: "dimensions.amount"},
+		{Key: "amount_peak", EventType: "balance", Aggregation: meter.Max, Value: "dimensions.amount", GroupBy: []string{"dimensions.wallet"}},
 		{Key: "large_tokens", EventType: "tokens", Aggregation: meter.Sum, Value: "units",
 			Filters: []meter.Filter{{Property: "dimensions.model", Values: []string{"large"}}}},
 		// A filter on a column no other meter of its type reads: ClickHouse
@@ -57,6 +61,9 @@ func GenEvents(rng *rand.Rand, n int, base time.Time) []schemas.Event {
 			Route: routes[rng.IntN(len(routes))], Method: []string{"GET", "GET", "POST"}[rng.IntN(3)], Status: []int{200, 404}[rng.IntN(2)],
 			LatencyMicros: rng.Int64N(100000), ResponseBytes: rng.Int64N(5000),
 			Dimensions: map[string]string{"user": fmt.Sprint("u", rng.IntN(20))}}
+		if rng.IntN(10) == 0 {
+			delete(e.Dimensions, "user") // not one more user for UNIQUE_COUNT
+		}
 		if rng.IntN(5) == 0 {
 			e.Environment = schemas.Test
 		}
@@ -66,7 +73,19 @@ func GenEvents(rng *rand.Rand, n int, base time.Time) []schemas.Event {
 			e.Dimensions = map[string]string{"model": []string{"small", "large", "banned"}[rng.IntN(3)]}
 		case 1:
 			e.Type = "balance"
-			e.Dimensions = map[string]string{"wallet": fmt.Sprint("w", rng.IntN(3)), "amount": fmt.Sprint(rng.IntN(10000))}
+			e.Dimensions = map[string]string{"wallet": fmt.Sprint("w", rng.IntN(3)), "amount": fmt.Sprint(rng.IntN(10000) - 5000)}
+			// Values SUM, MAX and LATEST skip: missing, a fraction, too
+			// long for an Int64, and not a number.
+			switch rng.IntN(12) {
+			case 0:
+				delete(e.Dimensions, "amount")
+			case 1:
+				e.Dimensions["amount"] = "12.5"
+			case 2:
+				e.Dimensions["amount"] = "18446744073709551615"
+			case 3:
+				e.Dimensions["amount"] = "--5"
+			}
 			if rng.IntN(4) == 0 && len(out) > 0 {
 				// Same microsecond as an earlier event: LATEST must break the tie by id.
 				e.Time = out[len(out)-1].Time

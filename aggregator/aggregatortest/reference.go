@@ -113,6 +113,16 @@ func selects(m meter.Meter, e schemas.Event) bool {
 	if e.Type != m.EventType {
 		return false
 	}
+	// An event without a readable value is not the meter's (Compile).
+	if name, ok := strings.CutPrefix(m.Value, "dimensions."); ok {
+		v, has := e.Dimensions[name]
+		if !has {
+			return false
+		}
+		if _, whole := meter.WholeNumber(v); !whole && m.Aggregation != meter.UniqueCount {
+			return false
+		}
+	}
 	for _, f := range m.Filters {
 		v := str(e, f.Property)
 		in := false
@@ -159,10 +169,7 @@ func num(e schemas.Event, p string) int64 {
 	case "status":
 		return int64(e.Status)
 	}
-	v, err := strconv.ParseInt(e.Dimensions[strings.TrimPrefix(p, "dimensions.")], 10, 64)
-	if err != nil {
-		return 0
-	}
+	v, _ := meter.WholeNumber(e.Dimensions[strings.TrimPrefix(p, "dimensions.")])
 	return v
 }
 

@@ -1,0 +1,41 @@
+package meter
+
+import (
+	"regexp"
+	"strconv"
+	"testing"
+)
+
+// WholeNumber and the SQL pattern Compile filters on must agree on every
+// value, and every value they take must fit an Int64 exactly.
+func TestWholeNumberAgreesWithTheSQLPattern(t *testing.T) {
+	re := regexp.MustCompile(wholeNumberPattern)
+	for _, v := range []string{"0", "-0", "7", "-7", "12.5", "1e3", "--5", "-", "", " 1", "1 ", "+1", "0x10",
+		"999999999999999999", "-999999999999999999", "1000000000000000000", "9223372036854775807", "18446744073709551615", "٣"} {
+		n, ok := WholeNumber(v)
+		if ok != re.MatchString(v) {
+			t.Errorf("%q: WholeNumber says %v, the pattern %v", v, ok, !ok)
+		}
+		if ok {
+			if want, err := strconv.ParseInt(v, 10, 64); err != nil || n != want {
+				t.Errorf("%q: WholeNumber reads %d, strconv %d (%v)", v, n, want, err)
+			}
+		}
+	}
+}
+
+func TestMetersOverADimensionTakeOnlyEventsWithAReadableValue(t *testing.T) {
+	for _, c := range []struct {
+		m    Meter
+		want string
+	}{
+		{Meter{Key: "s", EventType: "e", Aggregation: Sum, Value: "dimensions.amount"}, "event_type = ? AND match(dim_values[indexOf(dim_keys, 'amount')], '^-?[0-9]{1,18}$')"},
+		{Meter{Key: "u", EventType: "e", Aggregation: UniqueCount, Value: "dimensions.user"}, "event_type = ? AND has(dim_keys, 'user')"},
+		{Meter{Key: "c", EventType: "e", Aggregation: Sum, Value: "units"}, "event_type = ?"},
+	} {
+		got, err := c.m.Compile()
+		if err != nil || got.Where != c.want {
+			t.Errorf("%s: where %q (%v), want %q", c.m.Key, got.Where, err, c.want)
+		}
+	}
+}
