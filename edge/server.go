@@ -22,6 +22,7 @@ import (
 	"github.com/labstack/echo/v4"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/tollgate-dev/tollgate/internal/caltime"
 	"github.com/tollgate-dev/tollgate/schemas"
 )
 
@@ -564,7 +565,7 @@ func (s *Server) zone(name string) *time.Location {
 		}
 		return time.UTC
 	}
-	loc, err := time.LoadLocation(name)
+	loc, err := caltime.LoadZone(name)
 	if err != nil {
 		s.log.Warn("account time zone does not load; its quota months follow UTC", "timezone", name, "err", err)
 		s.zones.Store(name, (*time.Location)(nil))

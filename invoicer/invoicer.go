@@ -8,6 +8,7 @@ import (
 	"sort"
 	"time"
 
+	"github.com/tollgate-dev/tollgate/internal/caltime"
 	"github.com/tollgate-dev/tollgate/meter"
 	"github.com/tollgate-dev/tollgate/schemas"
 )
@@ -187,7 +188,7 @@ func (iv *Invoicer) CloseDue(ctx context.Context) (CloseResult, error) {
 	// Group the accounts due by period, so usage is read once per period.
 	due := map[Period][]Account{}
 	for _, a := range accounts {
-		loc, err := time.LoadLocation(a.Timezone)
+		loc, err := caltime.LoadZone(a.Timezone)
 		if err != nil {
 			iv.log.Error("account has an unknown time zone; not invoiced", "account", a.ID, "timezone", a.Timezone)
 			continue

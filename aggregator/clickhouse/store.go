@@ -15,6 +15,7 @@ import (
 	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
 
 	"github.com/tollgate-dev/tollgate/aggregator"
+	"github.com/tollgate-dev/tollgate/internal/caltime"
 	"github.com/tollgate-dev/tollgate/meter"
 )
 
@@ -609,7 +610,7 @@ func zone(name string) (*time.Location, error) {
 	if !zoneRe.MatchString(name) {
 		return nil, fmt.Errorf("time zone %q: not a valid IANA name", name)
 	}
-	loc, err := time.LoadLocation(name)
+	loc, err := caltime.LoadZone(name)
 	if err != nil {
 		return nil, fmt.Errorf("time zone %q: %w", name, err)
 	}

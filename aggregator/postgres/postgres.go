@@ -14,6 +14,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/tollgate-dev/tollgate/aggregator"
+	"github.com/tollgate-dev/tollgate/internal/caltime"
 	"github.com/tollgate-dev/tollgate/meter"
 )
 
@@ -92,7 +93,7 @@ func (z *Zones) read(ctx context.Context, accounts []string) (map[string]string,
 		if err := rows.Scan(&id, &tz); err != nil {
 			return nil, fmt.Errorf("read account time zones: %w", err)
 		}
-		if _, err := time.LoadLocation(tz); err != nil {
+		if _, err := caltime.LoadZone(tz); err != nil {
 			z.log.Warn("account time zone does not load; its rollups follow UTC (fix the zone, then rebuild its rollups)",
 				"account", id, "timezone", tz, "err", err)
 			continue

@@ -56,3 +56,14 @@ func TestDayStartIsTheFirstInstantOfItsDay(t *testing.T) {
 		}
 	}
 }
+
+func TestLoadZoneRefusesLocal(t *testing.T) {
+	if _, err := LoadZone("Local"); err == nil {
+		t.Fatal(`LoadZone("Local") succeeded`)
+	}
+	for _, name := range []string{"", "UTC", "Asia/Kolkata"} {
+		if _, err := LoadZone(name); err != nil {
+			t.Errorf("LoadZone(%q): %v", name, err)
+		}
+	}
+}

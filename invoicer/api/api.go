@@ -17,6 +17,7 @@ import (
 	"github.com/labstack/echo/v4"
 
 	"github.com/tollgate-dev/tollgate/edge"
+	"github.com/tollgate-dev/tollgate/internal/caltime"
 	"github.com/tollgate-dev/tollgate/invoicer"
 	"github.com/tollgate-dev/tollgate/meter"
 	"github.com/tollgate-dev/tollgate/schemas"
@@ -133,7 +134,7 @@ func (s *Server) period(ctx context.Context, acct string) (invoicer.Account, inv
 	if err != nil {
 		return a, invoicer.Period{}, time.Time{}, err
 	}
-	loc, err := time.LoadLocation(a.Timezone)
+	loc, err := caltime.LoadZone(a.Timezone)
 	if err != nil {
 		loc = time.UTC
 	}
