@@ -501,15 +501,18 @@ func touchedScans(r aggregator.Recompute) ([]touchedScan, error) {
 		}
 		byWin[w] = append(byWin[w], i)
 	}
-	// An hour of margin on both sides of a zoned window: Go's zone rules
-	// and ClickHouse's can disagree on where it starts. ClickHouse 18.16
-	// starts Australia/Lord_Howe's hours 30 minutes off for about a day
-	// after each of its clock changes (TestRollupsWhereGoAndClickHouse-
-	// DisagreeOnAZone); a clock change never moves a window by more than an
-	// hour. The margin reads finer rollup rows only, a few per group. Minute
-	// windows are UTC minutes on both sides (toStartOfMinute of a UTC
-	// DateTime), so their scan of the raw events is exact.
-	margin := time.Hour
+	// Three hours of margin on both sides of a zoned window: Go's zone
+	// rules and ClickHouse's can disagree on where it starts. ClickHouse
+	// 18.16 starts Australia/Lord_Howe's hours 30 minutes off for about a
+	// day after each of its clock changes (TestRollupsWhereGoAndClickHouse-
+	// DisagreeOnAZone), and, compared on every quarter hour of 2020-2029
+	// over 418 zones, days start up to 3 hours apart (Antarctica/Casey on
+	// 2020-03-08, a zone whose offset changed by 3 hours). The margin reads
+	// finer rollup rows only, a few per group; the windows kept are still
+	// ClickHouse's own. Minute windows are UTC minutes on both sides
+	// (toStartOfMinute of a UTC DateTime), so their scan of the raw events
+	// is exact.
+	margin := 3 * time.Hour
 	if r.Granularity == aggregator.Minute {
 		margin = 0
 	}
