@@ -1,12 +1,14 @@
 package edge_test
 
 import (
+	"bufio"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -386,5 +388,43 @@ func TestReportEventsRefusesWhatWouldNotCount(t *testing.T) {
 	evs := edgetest.ReadTopic(t, env.Brokers, env.Topic, 1, 20*time.Second)
 	if len(evs) != 1 || evs[0].ClientID != "ok" || evs[0].Units != schemas.MaxUnits {
 		t.Fatalf("topic holds %+v, want only the accepted item", evs)
+	}
+}
+
+// A caller that POST /v1/events will refuse gets its answer before it has
+// sent its body: the edge neither waits for nor holds up to 8 MiB of it.
+func TestReportEventsRefusesACallerBeforeReadingItsBody(t *testing.T) {
+	env := edgetest.New(t)
+	pub, _ := env.Key(t, "acct_early", edge.Publishable, schemas.Live)
+	for _, fr := range fronts {
+		t.Run(fr.name, func(t *testing.T) {
+			in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP})
+			for _, c := range []struct {
+				name, auth string
+				status     int
+			}{
+				{"no key", "", 401},
+				{"an unknown key", "Authorization: Bearer sk_live_" + strings.Repeat("A", 30) + "\r\n", 401},
+				{"a publishable key", "Authorization: Bearer " + pub + "\r\n", 403},
+			} {
+				conn, err := net.Dial("tcp", strings.TrimPrefix(in.URL, "http://"))
+				testenv.Must(t, err, "dial the edge")
+				_ = conn.SetDeadline(time.Now().Add(10 * time.Second))
+				// Headers for an 8,000,000-byte body, then only its first
+				// 16 KiB (more than fasthttp reads ahead of any handler).
+				_, err = io.WriteString(conn, "POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"+c.auth+
+					"Content-Length: 8000000\r\n\r\n{\"events\":["+strings.Repeat(" ", 16<<10))
+				testenv.Must(t, err, "send")
+				resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+				if err != nil {
+					t.Fatalf("%s: no answer while the body is still coming: %v", c.name, err)
+				}
+				resp.Body.Close()
+				conn.Close()
+				if resp.StatusCode != c.status {
+					t.Errorf("%s: status %d, want %d", c.name, resp.StatusCode, c.status)
+				}
+			}
+		})
 	}
 }

@@ -26,6 +26,9 @@ import (
 	"github.com/tollgate-dev/tollgate/schemas"
 )
 
+// eventsScope is the scope POST /v1/events needs.
+const eventsScope = "events:write"
+
 // HeaderRequestID names the response header (and event field) that ties a
 // call to its usage event.
 const HeaderRequestID = "Request-Id"
@@ -446,6 +449,27 @@ func (s *Server) authFailed(ci CallInfo, reason, prefix string, k *Key, err erro
 	return err
 }
 
+// MayReportEvents reports whether authorization carries a key that may
+// call POST /v1/events at at, recording nothing. A front asks it before it
+// reads a body into memory, so a caller who will be refused anyway cannot
+// make it hold megabytes; the handler then answers, and audits, as usual.
+// When the key store cannot answer it says yes, and the handler decides.
+func (s *Server) MayReportEvents(ctx context.Context, authorization string, at time.Time) bool {
+	raw := keyFromAuthorization(authorization)
+	if raw == "" {
+		return false
+	}
+	pk, err := ParseKey(raw)
+	if err != nil {
+		return false
+	}
+	k, err := s.keyByHash(ctx, pk.Hash)
+	if err != nil {
+		return !errors.Is(err, ErrKeyNotFound)
+	}
+	return HashEqual(k.Hash, pk.Hash[:]) && k.Usable(at) == nil && HasScope(k.Kind, k.Scopes, eventsScope)
+}
+
 func (s *Server) authenticateCall(ctx context.Context, ci CallInfo) (*Key, error) {
 	raw := keyFromAuthorization(ci.Authorization)
 	if raw == "" {
@@ -516,7 +540,7 @@ func (s *Server) authorizeCall(k *Key, ci CallInfo, events bool) (Route, error) 
 	}
 	var route Route
 	if events {
-		route = Route{Template: "/v1/events", Scopes: []string{"events:write"}, Write: true}
+		route = Route{Template: "/v1/events", Scopes: []string{eventsScope}, Write: true}
 	} else {
 		var ok bool
 		route, ok = s.router.Match(ci.Method, ci.Path)

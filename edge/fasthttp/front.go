@@ -284,6 +284,16 @@ func (f *Front) handle(ctx *fh.RequestCtx) {
 // the whole body into memory first, so the body is read here, up to what
 // POST /v1/events accepts, and a longer one is refused without reading on.
 func (f *Front) slowCall(ctx *fh.RequestCtx) {
+	if bs := ctx.RequestBodyStream(); bs != nil && string(ctx.Path()) == "/v1/events" &&
+		!f.s.MayReportEvents(ctx, string(ctx.Request.Header.Peek(fh.HeaderAuthorization)), f.s.Now()) {
+		// The handler refuses this caller; it gets its answer without the
+		// edge reading, let alone holding, its body, and the connection
+		// closes after it.
+		ctx.SetConnectionClose()
+		ctx.Request.SetBody(nil)
+		f.slow(ctx)
+		return
+	}
 	if bs := ctx.RequestBodyStream(); bs != nil {
 		b, err := io.ReadAll(io.LimitReader(bs, edge.MaxBatchBytes+1))
 		if err == nil && len(b) > edge.MaxBatchBytes {
