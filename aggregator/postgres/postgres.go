@@ -183,3 +183,55 @@ func (s *Meters) Create(ctx context.Context, m meter.Meter) (bool, error) {
 	}
 	return false, errors.Join(aggregator.ErrConflict, fmt.Errorf("meter %q already exists with a different definition; meters are never edited, create one with a new key", m.Key))
 }
+
+// ConfigState tells, for each meter of the configuration file, whether its
+// rollups were computed under this definition: fresh ones were, added ones
+// were never computed, changed ones were computed under another.
+func (s *Meters) ConfigState(ctx context.Context, config []meter.Meter) (added, changed []meter.Meter, err error) {
+	rows, err := s.pool.Query(ctx, "SELECT key, definition FROM config_meters")
+	if err != nil {
+		return nil, nil, fmt.Errorf("read config meters: %w", err)
+	}
+	defer rows.Close()
+	stored := map[string]meter.Meter{}
+	for rows.Next() {
+		var key string
+		var b []byte
+		if err := rows.Scan(&key, &b); err != nil {
+			return nil, nil, fmt.Errorf("read config meters: %w", err)
+		}
+		var m meter.Meter
+		if err := json.Unmarshal(b, &m); err != nil {
+			return nil, nil, fmt.Errorf("stored config meter %s: %w", key, err)
+		}
+		stored[key] = m
+	}
+	if err := rows.Err(); err != nil {
+		return nil, nil, fmt.Errorf("read config meters: %w", err)
+	}
+	for _, m := range config {
+		old, ok := stored[m.Key]
+		switch {
+		case !ok:
+			added = append(added, m)
+		case !meter.Equal(old, m):
+			changed = append(changed, m)
+		}
+	}
+	return added, changed, nil
+}
+
+// ConfigRolledUp records that m's rollups are now computed under its
+// definition.
+func (s *Meters) ConfigRolledUp(ctx context.Context, m meter.Meter) error {
+	b, err := json.Marshal(m)
+	if err != nil {
+		return fmt.Errorf("encode meter: %w", err)
+	}
+	_, err = s.pool.Exec(ctx, `INSERT INTO config_meters (key, definition) VALUES ($1, $2)
+		ON CONFLICT (key) DO UPDATE SET definition = EXCLUDED.definition, rolled_up_at = now()`, m.Key, b)
+	if err != nil {
+		return fmt.Errorf("record config meter %s: %w", m.Key, err)
+	}
+	return nil
+}

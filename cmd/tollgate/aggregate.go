@@ -78,6 +78,7 @@ func NewAggregateMain(ctx context.Context, cfg Config, log *slog.Logger) (m *Agg
 	if err != nil {
 		return nil, err
 	}
+	m.rollUpConfigMeters(cfg.Meters, aggpg.NewMeters(m.pool))
 	if m.ln, err = net.Listen("tcp", cfg.Aggregator.Listen); err != nil {
 		return nil, fmt.Errorf("aggregator listener: %w", err)
 	}
@@ -100,6 +101,58 @@ func (m *AggregateMain) backfill(mt meter.Meter) {
 			err := aggregator.RebuildAll(m.bg, m.store, m.zones, []meter.Meter{mt}, time.Time{}, time.Time{}, m.log)
 			if err != nil && m.bg.Err() == nil {
 				m.log.Error("backfill new meter", "meter", mt.Key, "pass", i+1, "err", err)
+			}
+		}
+	}()
+}
+
+// rollUpConfigMeters brings the rollups of the configuration file's meters
+// in line with their definitions, in the background: a meter new to the
+// file is backfilled from the raw events, as a meter created through the
+// admin API is; one whose definition changed has its rows replaced (the
+// old rows would otherwise stay beside the new, and coarser windows would
+// mix the two). Two passes, as for a backfill, so events that ingest
+// processes still on the old file rolled up in between are redone; the
+// definition is recorded after the second.
+func (m *AggregateMain) rollUpConfigMeters(config []meter.Meter, store *aggpg.Meters) {
+	go func() {
+		added, changed, err := store.ConfigState(m.bg, config)
+		if err != nil {
+			m.log.Error("cannot tell whether the configured meters changed; their rollups are left as they are", "err", err)
+			return
+		}
+		if len(added)+len(changed) == 0 {
+			return
+		}
+		for _, mt := range added {
+			m.log.Info("meter new to the configuration; computing its rollups from the raw events", "meter", mt.Key)
+		}
+		for _, mt := range changed {
+			m.log.Warn("meter definition changed in the configuration; replacing its rollups (replays of invoices made under the old definition will differ)", "meter", mt.Key)
+		}
+		for i, wait := range []time.Duration{0, m.refresh + 2*time.Second} {
+			select {
+			case <-m.bg.Done():
+				return
+			case <-time.After(wait):
+			}
+			if len(added) > 0 {
+				if err := aggregator.RebuildAll(m.bg, m.store, m.zones, added, time.Time{}, time.Time{}, m.log); err != nil {
+					m.log.Error("backfill meters new to the configuration", "pass", i+1, "err", err)
+					return
+				}
+			}
+			if len(changed) == 0 {
+				continue
+			}
+			if err := aggregator.ReplaceAll(m.bg, m.store, m.zones, changed, time.Time{}, time.Time{}, m.log); err != nil {
+				m.log.Error("replace the rollups of changed meters", "pass", i+1, "err", err)
+				return
+			}
+		}
+		for _, mt := range append(added, changed...) {
+			if err := store.ConfigRolledUp(m.bg, mt); err != nil {
+				m.log.Error("record a configured meter's definition", "meter", mt.Key, "err", err)
 			}
 		}
 	}()

@@ -270,3 +270,69 @@ func insertRebuildEvents(t *testing.T, ch *testenv.ClickHouse, evs []rebuildEven
 	}
 	testenv.Must(t, b.Send(), "insert events")
 }
+
+// TestTheAggregatorRollsUpAConfigMeterThatIsNewOrChanged starts the
+// aggregator over raw events that landed before its configuration named a
+// meter: it computes the new meter's rollups from them; restarted with the
+// meter narrowed, it replaces them (the wider rows would otherwise stay
+// beside the new ones).
+func TestTheAggregatorRollsUpAConfigMeterThatIsNewOrChanged(t *testing.T) {
+	pg, ch := testenv.NewPostgres(t), testenv.NewClickHouse(t)
+	ctx := context.Background()
+	_, err := pg.Pool.Exec(ctx, `INSERT INTO accounts (id, name, timezone)
+		VALUES ('acct_kolkata', 'Kolkata', 'Asia/Kolkata'), ('acct_utc', 'UTC', 'UTC')`)
+	testenv.Must(t, err, "insert accounts")
+	evs := slices.Clone(rebuildEvents)
+	for i := range evs {
+		evs[i].id = uuid.New()
+	}
+	insertRebuildEvents(t, ch, evs)
+
+	byRoute := rebuildMeters[1]
+	run := func(step string, meters []meter.Meter, want map[rollupKey]rollupVal) {
+		t.Helper()
+		cfg := testConfig(t, pg, ch, "unused")
+		cfg.Meters = meters
+		cfg.Aggregator.MetersRefresh = 100 * time.Millisecond
+		var started time.Time
+		testenv.Must(t, pg.Pool.QueryRow(ctx, "SELECT clock_timestamp()").Scan(&started), "read Postgres's clock")
+		m, err := NewAggregateMain(ctx, cfg, quietLog())
+		testenv.Must(t, err, "start the aggregator")
+		defer m.Close()
+		deadline := time.Now().Add(60 * time.Second)
+		for {
+			var recorded int
+			testenv.Must(t, pg.Pool.QueryRow(ctx, "SELECT count(*) FROM config_meters WHERE rolled_up_at >= $1", started).Scan(&recorded), "read config meters")
+			if recorded == len(meters) || time.Now().After(deadline) {
+				break
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+		compareRollups(t, step, readRollups(t, ch), want)
+	}
+
+	onlyMeter := func(want map[rollupKey]rollupVal, key string) map[rollupKey]rollupVal {
+		out := maps.Clone(want)
+		maps.DeleteFunc(out, func(k rollupKey, _ rollupVal) bool { return k.meter != key })
+		return out
+	}
+	all := expectedRollups(t, evs)
+	run("a meter new to the configuration", []meter.Meter{byRoute}, onlyMeter(all, byRoute.Key))
+
+	// The same meter on /v1/b alone: every /v1/a row must go.
+	narrowed := byRoute
+	narrowed.Filters = []meter.Filter{{Property: "route", Values: []string{"/v1/b"}}}
+	var onB []rebuildEvent
+	for _, e := range evs {
+		if e.route == "/v1/b" {
+			onB = append(onB, e)
+		}
+	}
+	want := onlyMeter(expectedRollups(t, onB), byRoute.Key)
+	run("a meter whose definition changed", []meter.Meter{narrowed}, want)
+	var def []byte
+	testenv.Must(t, pg.Pool.QueryRow(ctx, "SELECT definition FROM config_meters WHERE key = $1", byRoute.Key).Scan(&def), "read the recorded definition")
+	if !strings.Contains(string(def), "/v1/b") {
+		t.Errorf("recorded definition %s, want the narrowed one", def)
+	}
+}
