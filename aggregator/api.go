@@ -174,17 +174,19 @@ func (s *Server) Handler() http.Handler { return s.e }
 
 const keyCtx = "tollgate.key"
 
+// UsageScope is the scope every read of the usage API needs.
+const UsageScope = "usage:read"
+
 func (s *Server) authKey(next echo.HandlerFunc) echo.HandlerFunc {
 	return func(c echo.Context) error {
 		if c.Request().Method == http.MethodOptions {
 			return next(c)
 		}
-		h := c.Request().Header.Get(echo.HeaderAuthorization)
-		tok, ok := strings.CutPrefix(h, "Bearer ")
-		if !ok || tok == "" {
+		raw := edge.Bearer(c.Request()) // "Bearer <key>" or basic auth's user name, as the edge takes it
+		if raw == "" {
 			return edge.ErrNoKey
 		}
-		pk, err := edge.ParseKey(strings.TrimSpace(tok))
+		pk, err := edge.ParseKey(raw)
 		if err != nil {
 			return err
 		}
@@ -192,8 +194,20 @@ func (s *Server) authKey(next echo.HandlerFunc) echo.HandlerFunc {
 		if err != nil {
 			return err
 		}
+		if !edge.HashEqual(k.Hash, pk.Hash[:]) {
+			return edge.ErrKeyNotFound
+		}
 		if err := k.Usable(s.now()); err != nil {
 			return err
+		}
+		// Reading usage takes the usage:read scope, which a key created
+		// without scopes has (a secret key everything, a publishable one
+		// every read scope); a key restricted to other scopes reads nothing.
+		if !edge.HasScope(k.Kind, k.Scopes, UsageScope) {
+			ae := edge.NewAPIError(http.StatusForbidden, edge.TypePermission, "insufficient_scope",
+				fmt.Sprintf("This key lacks the %q scope needed to read usage.", UsageScope))
+			ae.Scope = UsageScope
+			return ae
 		}
 		c.Set(keyCtx, k)
 		return next(c)
@@ -487,10 +501,16 @@ type requestsResponse struct {
 	NextCursor string       `json:"next_cursor,omitempty"`
 }
 
-// requests is the calling key's own request log, newest first.
+// requests is the calling key's own request log, newest first. A
+// publishable key is public, and its log would show every visitor's calls
+// to whoever has it, so only a secret key reads its log.
 func (s *Server) requests(c echo.Context) error {
 	ctx := c.Request().Context()
 	k := c.Get(keyCtx).(edge.Key)
+	if k.Kind != edge.Secret {
+		return edge.NewAPIError(http.StatusForbidden, edge.TypePermission, "secret_key_required",
+			"The request log is read with a secret key (sk_…): a publishable key is public, and its log would show every caller's calls.")
+	}
 	q := c.QueryParams()
 	limit, err := s.limit(q.Get("limit"), 50)
 	if err != nil {
@@ -516,6 +536,13 @@ func (s *Server) requests(c echo.Context) error {
 	}
 	if !inDateTime(since) {
 		return invalid("invalid_time", "since must be between 1970-01-01T00:00:00Z and 2105-01-01T00:00:00Z")
+	}
+	// An explicit since may reach back as far as the window, checked on
+	// the first page only: later pages carry the first page's since, which
+	// the window's start passes as time goes on.
+	if oldest := s.now().Add(-s.cfg.RequestLogWindow); q.Get("since") != "" && q.Get("cursor") == "" && since.Before(oldest) {
+		return invalid("invalid_time", "since: the request log goes back %s (aggregator.request_log_window), to %s",
+			s.cfg.RequestLogWindow, oldest.UTC().Format(time.RFC3339))
 	}
 	rq := RequestsQuery{Account: k.AccountID, Environment: string(k.Environment), KeyID: k.ID, Since: since, Limit: limit + 1}
 	if q.Get("cursor") != "" {

@@ -61,17 +61,23 @@ func newAPIEnv(t *testing.T) *apiEnv {
 		name, account string
 		kind          edge.KeyKind
 		mode          schemas.Environment
+		scopes        []string
 	}{
-		{"alpha", "acct_alpha", edge.Secret, schemas.Live},
-		{"alpha_pk", "acct_alpha", edge.Publishable, schemas.Live},
-		{"alpha_test", "acct_alpha", edge.Secret, schemas.Test},
-		{"beta", "acct_beta", edge.Secret, schemas.Live},
+		{"alpha", "acct_alpha", edge.Secret, schemas.Live, nil},
+		{"alpha_pk", "acct_alpha", edge.Publishable, schemas.Live, nil},
+		{"alpha_test", "acct_alpha", edge.Secret, schemas.Test, nil},
+		{"beta", "acct_beta", edge.Secret, schemas.Live, nil},
+		// Restricted keys: one that reports events only, one that reads
+		// widgets only, one that reads usage only.
+		{"alpha_events", "acct_alpha", edge.Secret, schemas.Live, []string{"events:write"}},
+		{"alpha_pk_widgets", "acct_alpha", edge.Publishable, schemas.Live, []string{"widgets:read"}},
+		{"alpha_usage", "acct_alpha", edge.Secret, schemas.Live, []string{"usage:read"}},
 	} {
 		testenv.Must(t, keys.EnsureAccount(ctx, k.account, k.account), "account")
 		secret, parsed, err := edge.GenerateKey(k.kind, k.mode)
 		testenv.Must(t, err, "generate key")
 		id := "key_" + k.name
-		testenv.Must(t, keys.CreateKey(ctx, edge.NewKey{ID: id, AccountID: k.account, Parsed: parsed}), "create key")
+		testenv.Must(t, keys.CreateKey(ctx, edge.NewKey{ID: id, AccountID: k.account, Parsed: parsed, Scopes: k.scopes}), "create key")
 		env.keys[k.name], env.ids[k.name] = secret, id
 	}
 	// Five minutes of traffic: alpha live makes i+1 calls in minute i.
@@ -158,6 +164,7 @@ type errBody struct {
 		Message   string `json:"message"`
 		RequestID string `json:"request_id"`
 		DocURL    string `json:"doc_url"`
+		Scope     string `json:"scope"`
 	} `json:"error"`
 }
 
@@ -393,10 +400,11 @@ func TestUsageAPI(t *testing.T) {
 		if fmt.Sprint(seen) != "[/secret@2s /secret@1s /secret@0s]" {
 			t.Errorf("beta's request log %v", seen)
 		}
-		var b struct{ Data []json.RawMessage }
-		e.get(t, "/v1/requests?limit=100", e.keys["alpha_pk"], &b)
-		if len(b.Data) != 0 {
-			t.Errorf("alpha's publishable key sees %d requests of other keys", len(b.Data))
+		// A publishable key is public: its log would show every caller's
+		// calls to anyone who has it.
+		var eb errBody
+		if st := e.get(t, "/v1/requests?limit=100", e.keys["alpha_pk"], &eb); st != http.StatusForbidden || eb.Error.Code != "secret_key_required" {
+			t.Errorf("alpha's publishable key reading its request log: %d %q, want 403 secret_key_required", st, eb.Error.Code)
 		}
 	})
 	t.Run("a browser dashboard may call it cross-origin", func(t *testing.T) {
@@ -590,6 +598,7 @@ func TestUsageRefusesTimesAndRangesItCannotServe(t *testing.T) {
 		{"a to past 2105", "/v1/usage?meter=api_calls&window=day&from=2026-01-01T00:00:00Z&to=2106-01-01T00:00:00Z", "invalid_time"},
 		{"a from before 1970", "/v1/usage?meter=api_calls&window=month&from=1969-01-01T00:00:00Z&to=2026-01-01T00:00:00Z", "invalid_time"},
 		{"a since past 2105", "/v1/requests?since=2200-01-01T00:00:00Z", "invalid_time"},
+		{"a since before the request log's window (it would read the key's whole history)", "/v1/requests?since=1970-01-01T00:00:00Z", "invalid_time"},
 		{"minute windows over more than 7 days", "/v1/usage?meter=api_calls&window=minute&from=2026-01-01T00:00:00Z&to=2026-01-08T00:00:01Z", "invalid_time_range"},
 		{"hour windows over more than 93 days", "/v1/usage?meter=api_calls&window=hour&from=2026-01-01T00:00:00Z&to=2026-06-01T00:00:00Z", "invalid_time_range"},
 	} {
@@ -599,5 +608,34 @@ func TestUsageRefusesTimesAndRangesItCannotServe(t *testing.T) {
 				t.Errorf("status %d code %q, want 400 %s", st, eb.Error.Code, c.code)
 			}
 		})
+	}
+}
+
+// Reading usage takes the usage:read scope: keys created without scopes
+// have it (a publishable one too, for dashboards in browsers), a key
+// restricted to other scopes does not. The key may come as basic auth's
+// user name, as the edge takes it.
+func TestUsageTakesTheUsageReadScope(t *testing.T) {
+	e := newAPIEnv(t)
+	for _, c := range []struct {
+		key    string
+		status int
+	}{
+		{"alpha", 200}, {"alpha_pk", 200}, {"alpha_usage", 200},
+		{"alpha_events", 403}, {"alpha_pk_widgets", 403},
+	} {
+		var eb errBody
+		st := e.get(t, "/v1/usage?meter=api_calls&window=day", e.keys[c.key], &eb)
+		if st != c.status || (st == 403 && (eb.Error.Code != "insufficient_scope" || eb.Error.Scope != "usage:read")) {
+			t.Errorf("%s: %d %+v, want %d", c.key, st, eb.Error, c.status)
+		}
+	}
+	req, _ := http.NewRequest(http.MethodGet, e.srv.URL+"/v1/usage?meter=api_calls&window=day", nil)
+	req.SetBasicAuth(e.keys["alpha"], "")
+	resp, err := http.DefaultClient.Do(req)
+	testenv.Must(t, err, "call with basic auth")
+	resp.Body.Close()
+	if resp.StatusCode != 200 {
+		t.Errorf("the key as basic auth's user name: %d, want 200", resp.StatusCode)
 	}
 }

@@ -80,8 +80,8 @@ func requestID(next echo.HandlerFunc) echo.HandlerFunc {
 	}
 }
 
-// authenticate accepts only a usable secret key and pins the request to
-// its account.
+// authenticate accepts only a usable live secret key and pins the request
+// to its account.
 func (s *Server) authenticate(next echo.HandlerFunc) echo.HandlerFunc {
 	return func(c echo.Context) error {
 		raw := edge.Bearer(c.Request())
@@ -105,6 +105,12 @@ func (s *Server) authenticate(next echo.HandlerFunc) echo.HandlerFunc {
 		if k.Kind != edge.Secret {
 			return edge.NewAPIError(http.StatusForbidden, edge.TypePermission, "secret_key_required",
 				"Invoices and usage can be read only with a secret key (sk_…), never a publishable one.")
+		}
+		// Billing is live usage's: a test key, which tests code against
+		// the sandbox, does not read the account's live money.
+		if k.Environment != schemas.Live {
+			return edge.NewAPIError(http.StatusForbidden, edge.TypePermission, "live_key_required",
+				"Invoices and billed usage are read with a live secret key (sk_live_…); test-mode usage is metered, never billed.")
 		}
 		c.Set("account", k.AccountID)
 		return next(c)

@@ -127,6 +127,7 @@ func TestInvoiceAPI(t *testing.T) {
 	secretX, _ := f.key(t, "acct_x", edge.Secret, schemas.Live)
 	secretY, _ := f.key(t, "acct_y", edge.Secret, schemas.Live)
 	publishable, _ := f.key(t, "acct_x", edge.Publishable, schemas.Live)
+	testSecret, _ := f.key(t, "acct_x", edge.Secret, schemas.Test)
 
 	t.Run("current usage separates live from test", func(t *testing.T) {
 		var u api.CurrentUsage
@@ -172,11 +173,14 @@ func TestInvoiceAPI(t *testing.T) {
 		{"no key is unauthorized", "", 401, "missing_api_key"},
 		{"a malformed key is unauthorized", "sk_live_nope", 401, "malformed_api_key"},
 		{"a publishable key is forbidden", publishable, 403, "secret_key_required"},
+		{"a test-mode secret key is forbidden: billing is live usage's", testSecret, 403, "live_key_required"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
-			var e apiErr
-			if got := f.get(t, c.key, "/v1/invoices", &e); got != c.status || e.Error.Code != c.code || e.Error.RequestID == "" || e.Error.DocURL == "" {
-				t.Errorf("got %d %+v", got, e)
+			for _, path := range []string{"/v1/invoices", "/v1/invoices/upcoming", "/v1/usage/current"} {
+				var e apiErr
+				if got := f.get(t, c.key, path, &e); got != c.status || e.Error.Code != c.code || e.Error.RequestID == "" || e.Error.DocURL == "" {
+					t.Errorf("%s: got %d %+v", path, got, e)
+				}
 			}
 		})
 	}

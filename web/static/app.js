@@ -211,12 +211,18 @@ async function refresh() {
     await loadMeters();
     await loadUsage();
     $("usage-section").hidden = false;
-    await loadRequests();
+    // The request log is a secret key's: a publishable key is public.
+    if (key.startsWith("sk_")) {
+      await loadRequests();
+    } else {
+      $("requests-section").hidden = true;
+    }
   } catch (e) {
     setStatus("Usage: " + e.message + (e.code ? " (" + e.code + ")" : ""), true);
     return;
   }
-  if (key.startsWith("sk_")) {
+  // Billing is live usage's, read with a live secret key only.
+  if (key.startsWith("sk_live_")) {
     try {
       await loadBilling();
     } catch (e) {
@@ -226,7 +232,7 @@ async function refresh() {
   } else {
     $("billing-section").hidden = true;
   }
-  setStatus("Showing " + (key.startsWith("pk_") ? "usage for a publishable key" : "usage and billing") +
+  setStatus("Showing " + (key.startsWith("pk_") ? "usage for a publishable key" : key.startsWith("sk_live_") ? "usage and billing" : "usage") +
     (key.includes("_test_") ? " in test mode (metered, never billed)" : "") + ". Updated " + new Date().toLocaleTimeString() + ".");
 }
 
