@@ -185,14 +185,25 @@ func TestWatermarker(t *testing.T) {
 			t.Errorf("partition 0 watermark %s", got)
 		}
 	})
-	t.Run("a partition behind with nothing landed here gets none", func(t *testing.T) {
-		if got, ok := store.w[1]; ok {
-			t.Errorf("partition 1 watermark %s", got)
+	// Without a row, min(watermark) over the rows there are would call the
+	// partition's usage complete while it is behind.
+	t.Run("a partition behind with nothing landed here and no row gets the epoch", func(t *testing.T) {
+		if got, ok := store.w[1]; !ok || !got.Equal(time.Unix(0, 0)) {
+			t.Errorf("partition 1 watermark %s (present %v), want the epoch", got, ok)
 		}
 	})
 	t.Run("a watermark never moves backwards", func(t *testing.T) {
 		if got := store.w[2]; !got.Equal(past) {
 			t.Errorf("partition 2 watermark %s, want %s", got, past)
+		}
+	})
+	t.Run("once the partition catches up, its watermark moves on from the epoch", func(t *testing.T) {
+		offs[1] = ingest.PartitionOffsets{Committed: 10, End: 10}
+		if err := w.Tick(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+		if got := store.w[1]; got.Before(before) {
+			t.Errorf("partition 1 watermark %s", got)
 		}
 	})
 }

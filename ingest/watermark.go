@@ -165,6 +165,12 @@ func (w *Watermarker) Tick(ctx context.Context) error {
 			}
 		}
 		wm = wm.UTC().Truncate(time.Second)
+		if _, known := w.current[p]; !known && wm.IsZero() {
+			// A partition behind, with nothing landed here yet, and no
+			// row: without one, min(watermark) over the rows there are
+			// would say its usage is complete. The epoch says it is not.
+			wm = time.Unix(0, 0).UTC()
+		}
 		if wm.After(w.current[p]) {
 			changed[p] = wm
 		}
