@@ -252,3 +252,61 @@ func TestCloseInvoicesEveryAccountOnceFromLiveUsage(t *testing.T) {
 		}
 	})
 }
+
+// A close that stopped between saving its drafts and finalizing them left
+// drafts whose periods count as invoiced; the next close finalizes them.
+func TestCloseFinalizesTheDraftsAnEarlierCloseLeft(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	e.account(t, "acct_draft", "UTC")
+	e.subscribe(t, "acct_draft", "starter", march.AddDate(0, -1, 0), nil)
+	e.events(t, ev{account: "acct_draft", env: "live", typ: "api_call", at: march.Add(time.Hour), n: 10})
+	e.watermark(t, april.Add(2*time.Hour))
+	fake := stripetest.New()
+	defer fake.Close()
+	iv, err := invoicer.New(e.store, e.usage, e.usage, stripe.New(stripe.Config{APIKey: "sk_test_x", URL: fake.URL}),
+		invoicer.Options{Grace: time.Hour, Lookback: 1, Now: func() time.Time { return april.AddDate(0, 0, 3) }}, quiet())
+	testenv.Must(t, err, "new invoicer")
+	accts, err := e.store.Accounts(ctx)
+	testenv.Must(t, err, "accounts")
+	invs, err := iv.ComputePeriod(ctx, e.usage, invoicer.MonthPeriod(march, time.UTC), accts, april.Add(2*time.Hour))
+	testenv.Must(t, err, "compute")
+	testenv.Must(t, e.store.SaveDrafts(ctx, invs), "save drafts") // and the process dies here
+	if _, err := iv.CloseDue(ctx); err != nil {
+		t.Fatal(err)
+	}
+	for _, inv := range invs {
+		got, err := e.store.Invoice(ctx, inv.ID)
+		testenv.Must(t, err, "read invoice")
+		if got.Status != invoicer.StatusFinalized {
+			t.Errorf("invoice %s is %s after the next close, want finalized", inv.ID, got.Status)
+		}
+	}
+}
+
+// An account whose invoice cannot be computed (its plan does not load) is
+// reported and left for the next run; the other accounts are invoiced.
+func TestOneAccountThatCannotBeInvoicedDoesNotHoldBackTheOthers(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	e.account(t, "acct_good", "UTC")
+	e.account(t, "acct_bad", "UTC")
+	e.subscribe(t, "acct_good", "starter", march.AddDate(0, -1, 0), nil)
+	_, err := e.pg.Pool.Exec(ctx, `INSERT INTO plans (id, version, name, currency, definition) VALUES ('broken', 1, 'Broken', 'usd', '{"prices": 7}')`)
+	testenv.Must(t, err, "insert a plan that does not load")
+	e.subscribe(t, "acct_bad", "broken", march.AddDate(0, -1, 0), nil)
+	e.events(t, ev{account: "acct_good", env: "live", typ: "api_call", at: march.Add(time.Hour), n: 10},
+		ev{account: "acct_bad", env: "live", typ: "api_call", at: march.Add(time.Hour), n: 10})
+	e.watermark(t, april.Add(2*time.Hour))
+	iv, err := invoicer.New(e.store, e.usage, e.usage, nil,
+		invoicer.Options{Grace: time.Hour, Lookback: 1, Now: func() time.Time { return april.AddDate(0, 0, 3) }}, quiet())
+	testenv.Must(t, err, "new invoicer")
+	res, err := iv.CloseDue(ctx)
+	testenv.Must(t, err, "close")
+	if len(res.Closed) != 1 || res.Closed[0].AccountID != "acct_good" {
+		t.Fatalf("closed %+v, want acct_good's March alone", res.Closed)
+	}
+	if got := res.Failed[march]; len(got) != 1 || got[0] != "acct_bad" {
+		t.Fatalf("failed %v, want acct_bad for March", res.Failed)
+	}
+}

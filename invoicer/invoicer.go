@@ -63,6 +63,9 @@ type Store interface {
 	SaveDrafts(ctx context.Context, invs []Invoice) error
 	// Finalize appends an invoice.finalized entry to each draft (once).
 	Finalize(ctx context.Context, ids []string) error
+	// FinalizeDrafts finalizes every invoice still a draft and says how
+	// many it finalized.
+	FinalizeDrafts(ctx context.Context) (int, error)
 	Invoice(ctx context.Context, id string) (StoredInvoice, error)
 	AccountInvoices(ctx context.Context, accountID string) ([]StoredInvoice, error)
 	// ClosedInvoices are the finalized invoices whose period starts in
@@ -163,6 +166,10 @@ func New(store Store, usage UsageReader, wm Watermark, stripe Stripe, opts Optio
 type CloseResult struct {
 	Watermark time.Time
 	Closed    []Invoice
+	// Failed are the accounts, per period start, whose invoice could not
+	// be computed (each is logged with its cause); the next run tries them
+	// again.
+	Failed map[time.Time][]string
 }
 
 // CloseDue invoices every account for every period that ended, in the
@@ -175,6 +182,13 @@ func (iv *Invoicer) CloseDue(ctx context.Context) (CloseResult, error) {
 		return CloseResult{}, fmt.Errorf("read watermark: %w", err)
 	}
 	res := CloseResult{Watermark: wm}
+	// A close that stopped after saving its drafts left them unfinalized,
+	// and their periods count as invoiced: finish them first.
+	if n, err := iv.store.FinalizeDrafts(ctx); err != nil {
+		return res, err
+	} else if n > 0 {
+		iv.log.Warn("finalized invoices an earlier close left as drafts", "invoices", n)
+	}
 	accounts, err := iv.store.Accounts(ctx)
 	if err != nil {
 		return res, err
@@ -215,9 +229,32 @@ func (iv *Invoicer) CloseDue(ctx context.Context) (CloseResult, error) {
 	for _, p := range periods {
 		t0 := time.Now()
 		invs, err := iv.ComputePeriod(ctx, iv.usage, p, due[p], wm)
+		if err != nil && ctx.Err() == nil {
+			// One account's problem (a plan that does not load, say) must
+			// not hold back every other account's invoice: compute each
+			// alone, and leave the failing ones for the next run.
+			invs = nil
+			for _, a := range due[p] {
+				one, err := iv.ComputePeriod(ctx, iv.usage, p, []Account{a}, wm)
+				if err != nil {
+					iv.log.Error("account not invoiced for the period; retried on the next run", "account", a.ID,
+						"period", p.Start.Format(time.RFC3339), "err", err)
+					if res.Failed == nil {
+						res.Failed = map[time.Time][]string{}
+					}
+					res.Failed[p.Start] = append(res.Failed[p.Start], a.ID)
+					continue
+				}
+				invs = append(invs, one...)
+			}
+			err = nil
+		}
 		computed := time.Since(t0)
 		if err != nil {
 			return res, fmt.Errorf("close %s: %w", p.Start.Format("2006-01"), err)
+		}
+		if len(invs) == 0 {
+			continue
 		}
 		if err := iv.store.SaveDrafts(ctx, invs); err != nil {
 			return res, err

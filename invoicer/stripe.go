@@ -2,6 +2,7 @@ package invoicer
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strconv"
 )
@@ -74,12 +75,20 @@ func (iv *Invoicer) SyncStripe(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	// One invoice Stripe refuses (a deleted customer, say) must not hold
+	// back the others: each is tried, and the failures are returned
+	// together, to be tried again on the next run.
+	var errs []error
 	for _, inv := range invs {
+		if ctx.Err() != nil {
+			return errors.Join(append(errs, ctx.Err())...)
+		}
 		if err := iv.syncOne(ctx, inv); err != nil {
-			return fmt.Errorf("sync invoice %s to stripe: %w", inv.ID, err)
+			iv.log.Error("invoice not synced to Stripe; retried on the next run", "invoice", inv.ID, "err", err)
+			errs = append(errs, fmt.Errorf("sync invoice %s to stripe: %w", inv.ID, err))
 		}
 	}
-	return nil
+	return errors.Join(errs...)
 }
 
 // syncOne runs the steps customer → invoice → items → finalize, skipping

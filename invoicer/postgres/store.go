@@ -234,6 +234,23 @@ func (s *Store) Finalize(ctx context.Context, ids []string) error {
 	return nil
 }
 
+// FinalizeDrafts finalizes every invoice left a draft, by a close that
+// stopped between saving its drafts and finalizing them: InvoicedPeriods
+// counts a draft's period as invoiced, so no later close would.
+func (s *Store) FinalizeDrafts(ctx context.Context) (int, error) {
+	tag, err := s.pool.Exec(ctx, `
+		INSERT INTO ledger_entries (account_id, kind, invoice_id, amount_minor, currency, payload)
+		SELECT account_id, $1, id, total_minor, currency, jsonb_build_object('fingerprint_hash', fingerprint_hash)
+		FROM invoices i
+		WHERE NOT EXISTS (SELECT 1 FROM ledger_entries e WHERE e.invoice_id = i.id AND e.kind = $1)
+		ON CONFLICT (invoice_id, kind) WHERE kind IN ('invoice.draft', 'invoice.finalized', 'invoice.synced') DO NOTHING`,
+		KindFinalized)
+	if err != nil {
+		return 0, fmt.Errorf("finalize left drafts: %w", err)
+	}
+	return int(tag.RowsAffected()), nil
+}
+
 // invoiceSelect reads invoices with the status and Stripe link their
 // ledger entries and sync steps give.
 const invoiceSelect = `
