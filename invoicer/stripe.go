@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"strconv"
 )
 
@@ -133,8 +134,12 @@ func (iv *Invoicer) syncOne(ctx context.Context, inv StoredInvoice) error {
 		if l.Amount == 0 || steps[step] != "" {
 			continue
 		}
+		amount, err := StripeAmount(l.Amount, inv.Currency)
+		if err != nil {
+			return fmt.Errorf("item %d: %w", l.No, err)
+		}
 		id, err := iv.stripe.CreateInvoiceItem(ctx, InvoiceItemParams{CustomerID: cust, StripeInvoiceID: sinv,
-			Currency: inv.Currency, Amount: l.Amount, Description: lineDescription(l, inv.Currency),
+			Currency: inv.Currency, Amount: amount, Description: lineDescription(l, inv.Currency),
 			InvoiceID: inv.ID, LineNo: l.No, IdempotencyKey: stepKey(inv.ID, step)})
 		if err != nil {
 			return fmt.Errorf("item %d: %w", l.No, err)
@@ -186,4 +191,34 @@ type WebhookEvent struct {
 // WebhookVerifier checks a webhook's signature and decodes it.
 type WebhookVerifier interface {
 	Verify(payload []byte, signatureHeader string) (WebhookEvent, error)
+}
+
+// StripeAmount is an amount in the currency's ISO minor units as Stripe's
+// API takes it. Stripe takes ISK in hundredths, though the króna has no
+// minor unit (ISO): 100 is one króna there. It takes the three-decimal
+// currencies in thousandths, but only in multiples of ten; an amount that
+// is not is refused here, for the invoice to be corrected, rather than
+// rounded away from the ledger.
+func StripeAmount(minor int64, currency string) (int64, error) {
+	switch currency {
+	case "isk":
+		if minor > math.MaxInt64/100 || minor < math.MinInt64/100 {
+			return 0, fmt.Errorf("%w: %d isk in Stripe's hundredths", ErrOverflow, minor)
+		}
+		return minor * 100, nil
+	case "kwd", "bhd", "omr", "jod", "tnd":
+		if minor%10 != 0 {
+			return 0, fmt.Errorf("%w: Stripe takes %s amounts in multiples of 10 (thousandths); %d is not", ErrInvalid, currency, minor)
+		}
+	}
+	return minor, nil
+}
+
+// FromStripeAmount is an amount Stripe reports (a webhook's amount_paid)
+// in the currency's ISO minor units: StripeAmount undone.
+func FromStripeAmount(amount int64, currency string) int64 {
+	if currency == "isk" {
+		return amount / 100
+	}
+	return amount
 }

@@ -167,9 +167,9 @@ func (v *Verifier) Verify(payload []byte, header string) (invoicer.WebhookEvent,
 			out.ObjectID, out.Currency = obj.ID, obj.Currency
 			if obj.Object == "invoice" {
 				out.InvoiceID = obj.Metadata["tollgate_invoice_id"]
-				out.Amount = obj.AmountDue
+				out.Amount = invoicer.FromStripeAmount(obj.AmountDue, obj.Currency)
 				if ev.Type == "invoice.paid" {
-					out.Amount = obj.AmountPaid
+					out.Amount = invoicer.FromStripeAmount(obj.AmountPaid, obj.Currency)
 				}
 			}
 		}
