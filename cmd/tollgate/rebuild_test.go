@@ -185,22 +185,13 @@ func runTollgate(t *testing.T, args ...string) string {
 // per meter, environment and window in each account's zone (read from
 // Postgres), with no row missing and none extra.
 func TestAggregateRebuildRecomputesRollupsFromRawEvents(t *testing.T) {
-	pg, ch := testenv.NewPostgres(t), testenv.NewClickHouse(t)
+	pg, ch, evs := landRebuildEvents(t)
 	ctx := context.Background()
-	_, err := pg.Pool.Exec(ctx, `INSERT INTO accounts (id, name, timezone)
-		VALUES ('acct_kolkata', 'Kolkata', 'Asia/Kolkata'), ('acct_utc', 'UTC', 'UTC')`)
-	testenv.Must(t, err, "insert accounts")
 	created, err := aggpg.NewMeters(pg.Pool).Create(ctx, rebuildMeters[1])
 	testenv.Must(t, err, "create stored meter")
 	if !created {
 		t.Fatal("stored meter was not created")
 	}
-
-	evs := slices.Clone(rebuildEvents)
-	for i := range evs {
-		evs[i].id = uuid.New()
-	}
-	insertRebuildEvents(t, ch, evs)
 	var twice []rebuildEvent
 	for _, e := range evs {
 		if e.insertedTwice {
@@ -257,6 +248,22 @@ func TestAggregateRebuildRecomputesRollupsFromRawEvents(t *testing.T) {
 	})
 }
 
+// landRebuildEvents makes fresh databases with rebuildEvents' accounts and
+// raw events (fresh ids each), and returns the events as landed.
+func landRebuildEvents(t *testing.T) (*testenv.Postgres, *testenv.ClickHouse, []rebuildEvent) {
+	t.Helper()
+	pg, ch := testenv.NewPostgres(t), testenv.NewClickHouse(t)
+	_, err := pg.Pool.Exec(context.Background(), `INSERT INTO accounts (id, name, timezone)
+		VALUES ('acct_kolkata', 'Kolkata', 'Asia/Kolkata'), ('acct_utc', 'UTC', 'UTC')`)
+	testenv.Must(t, err, "insert accounts")
+	evs := slices.Clone(rebuildEvents)
+	for i := range evs {
+		evs[i].id = uuid.New()
+	}
+	insertRebuildEvents(t, ch, evs)
+	return pg, ch, evs
+}
+
 func insertRebuildEvents(t *testing.T, ch *testenv.ClickHouse, evs []rebuildEvent) {
 	t.Helper()
 	b, err := ch.Conn.PrepareBatch(context.Background(), `INSERT INTO usage_events (event_id, schema_version, account_id,
@@ -277,16 +284,8 @@ func insertRebuildEvents(t *testing.T, ch *testenv.ClickHouse, evs []rebuildEven
 // meter narrowed, it replaces them (the wider rows would otherwise stay
 // beside the new ones).
 func TestTheAggregatorRollsUpAConfigMeterThatIsNewOrChanged(t *testing.T) {
-	pg, ch := testenv.NewPostgres(t), testenv.NewClickHouse(t)
+	pg, ch, evs := landRebuildEvents(t)
 	ctx := context.Background()
-	_, err := pg.Pool.Exec(ctx, `INSERT INTO accounts (id, name, timezone)
-		VALUES ('acct_kolkata', 'Kolkata', 'Asia/Kolkata'), ('acct_utc', 'UTC', 'UTC')`)
-	testenv.Must(t, err, "insert accounts")
-	evs := slices.Clone(rebuildEvents)
-	for i := range evs {
-		evs[i].id = uuid.New()
-	}
-	insertRebuildEvents(t, ch, evs)
 
 	byRoute := rebuildMeters[1]
 	run := func(step string, meters []meter.Meter, want map[rollupKey]rollupVal) {
