@@ -626,6 +626,9 @@ func (s *Server) handleError(err error, c echo.Context) {
 	}
 	ae := toAPIError(err)
 	ae.RequestID = c.Response().Header().Get(edge.HeaderRequestID)
+	if ae.Status == http.StatusUnauthorized {
+		c.Response().Header().Set("WWW-Authenticate", edge.WWWAuthenticate) // as the edge answers
+	}
 	if ae.Status >= 500 {
 		s.d.Log.Error("request failed", "request_id", ae.RequestID, "err", err)
 	}

@@ -630,6 +630,12 @@ func TestUsageTakesTheUsageReadScope(t *testing.T) {
 			t.Errorf("%s: %d %+v, want %d", c.key, st, eb.Error, c.status)
 		}
 	}
+	noKey, err := http.Get(e.srv.URL + "/v1/usage?meter=api_calls&window=day")
+	testenv.Must(t, err, "call without a key")
+	noKey.Body.Close()
+	if noKey.StatusCode != 401 || noKey.Header.Get("WWW-Authenticate") != edge.WWWAuthenticate {
+		t.Errorf("no key: %d, WWW-Authenticate %q; want 401 with %q", noKey.StatusCode, noKey.Header.Get("WWW-Authenticate"), edge.WWWAuthenticate)
+	}
 	req, _ := http.NewRequest(http.MethodGet, e.srv.URL+"/v1/usage?meter=api_calls&window=day", nil)
 	req.SetBasicAuth(e.keys["alpha"], "")
 	resp, err := http.DefaultClient.Do(req)

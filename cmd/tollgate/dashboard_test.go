@@ -55,6 +55,10 @@ func TestDashboardServesPagesAndForwardsEachAPIWithTheCallersKey(t *testing.T) {
 		if !strings.Contains(h.Get("Content-Security-Policy"), "default-src 'self'") {
 			t.Fatalf("CSP %q", h.Get("Content-Security-Policy"))
 		}
+		// No other site may frame the page (and click through it).
+		if !strings.Contains(h.Get("Content-Security-Policy"), "frame-ancestors 'none'") || h.Get("X-Frame-Options") != "DENY" {
+			t.Fatalf("CSP %q, X-Frame-Options %q: the page may be framed", h.Get("Content-Security-Policy"), h.Get("X-Frame-Options"))
+		}
 	})
 	routes := []struct{ path, to string }{
 		{"/v1/usage", "usage"}, {"/v1/requests", "usage"}, {"/v1/meters", "usage"},

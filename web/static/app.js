@@ -87,16 +87,38 @@ function drawChart(points) {
   svg.appendChild(label);
 }
 
+// meters are the meters /v1/meters lists, by key.
+const meters = new Map();
+
 async function loadMeters() {
   const sel = $("meter");
   if (sel.options.length > 0) return;
   const body = await api("/v1/meters");
+  meters.clear();
   (body.data || []).forEach((m) => {
+    meters.set(m.key, m);
     const o = document.createElement("option");
     o.value = m.key;
     o.textContent = m.key + " (" + m.aggregation.toLowerCase() + ")";
     sel.appendChild(o);
   });
+  groupOptions();
+}
+
+// groupOptions offers the group-bys the selected meter has: the usage API
+// refuses any other.
+function groupOptions() {
+  const sel = $("group");
+  const keep = sel.value;
+  sel.textContent = "";
+  const m = meters.get($("meter").value);
+  ["", ...((m && m.group_by) || [])].forEach((g) => {
+    const o = document.createElement("option");
+    o.value = g;
+    o.textContent = g || "nothing";
+    sel.appendChild(o);
+  });
+  sel.value = [...sel.options].some((o) => o.value === keep) ? keep : "";
 }
 
 async function loadUsage() {
@@ -112,16 +134,24 @@ async function loadUsage() {
   if ($("group").value) params.set("group_by", $("group").value);
   const body = await api("/v1/usage?" + params);
   const data = body.data || [];
-  // One bar per window, summed over groups.
+  // COUNT and SUM add up over groups and windows; UNIQUE_COUNT, MAX and
+  // LATEST do not (a user active on two days is one user, not two).
+  const agg = (meters.get(body.meter) || {}).aggregation || "COUNT";
+  const adds = agg === "COUNT" || agg === "SUM";
+  // One bar per window: the groups' sum, or for the others the largest group.
   const byWindow = new Map();
   let total = 0;
   data.forEach((d) => {
-    byWindow.set(d.window_start, (byWindow.get(d.window_start) || 0) + d.value);
+    const had = byWindow.get(d.window_start);
+    byWindow.set(d.window_start, had === undefined ? d.value : adds ? had + d.value : Math.max(had, d.value));
     total += d.value;
   });
-  // Fill windows with no usage so the chart's time axis is even. Months
-  // vary in length, so they are shown as returned.
-  const step = { minute: 60e3, hour: 3600e3, day: 86400e3 }[windowName];
+  const lastStart = [...byWindow.keys()].sort().pop();
+  const latest = lastStart === undefined ? undefined : byWindow.get(lastStart);
+  // Fill windows with no usage so the chart's time axis is even. Days and
+  // months vary in length (daylight saving time, the calendar), so they
+  // are shown as returned.
+  const step = { minute: 60e3, hour: 3600e3 }[windowName];
   const starts = [...byWindow.keys()].map((k) => Date.parse(k)).sort((a, b) => a - b);
   if (step && starts.length > 0) {
     const key = (t) => new Date(t).toISOString().replace(".000Z", "Z");
@@ -133,12 +163,22 @@ async function loadUsage() {
   }
   const points = [...byWindow.entries()].sort().map(([k, v]) => ({ label: new Date(k).toLocaleString(), value: v }));
   drawChart(points);
-  $("usage-total").textContent = num.format(total) + " " + body.meter + " in the last " +
-    { minute: "hour", hour: "2 days", day: "30 days", month: "12 months" }[windowName];
+  const span = { minute: "hour", hour: "2 days", day: "30 days", month: "12 months" }[windowName];
+  const values = [...byWindow.values()];
+  if (adds) {
+    $("usage-total").textContent = num.format(total) + " " + body.meter + " in the last " + span;
+  } else if (agg === "MAX" && values.length > 0) {
+    $("usage-total").textContent = "peak " + num.format(Math.max(...values)) + " " + body.meter + " in the last " + span;
+  } else if (agg === "LATEST" && latest !== undefined) {
+    $("usage-total").textContent = "latest " + num.format(latest) + " " + body.meter;
+  } else {
+    $("usage-total").textContent = body.meter + " per " + windowName + " (" + agg.toLowerCase() + "s do not add up across windows)";
+  }
   const notes = [];
   if (body.complete_through) notes.push("complete through " + new Date(body.complete_through).toLocaleString());
   if (body.too_late_events) notes.push(num.format(body.too_late_events) + " events arrived too late to count and were reported");
   if (body.has_more) notes.push("showing the first page");
+  if (!adds && $("group").value) notes.push("each bar is the largest group's");
   notes.push("time zone " + body.time_zone);
   $("usage-note").textContent = notes.join(" · ");
   const tbody = $("usage-table").querySelector("tbody");
@@ -246,6 +286,7 @@ $("key-form").addEventListener("submit", (ev) => {
   store.setItem("tollgate.key", key);
   $("key").value = "";
   $("meter").textContent = "";
+  meters.clear();
   refresh();
 });
 $("forget").addEventListener("click", () => {
@@ -253,6 +294,7 @@ $("forget").addEventListener("click", () => {
   ["usage-section", "billing-section", "requests-section"].forEach((id) => ($(id).hidden = true));
   setStatus("Key forgotten.");
 });
+$("meter").addEventListener("change", groupOptions);
 ["meter", "window", "group"].forEach((id) => $(id).addEventListener("change", () => loadUsage().catch((e) => setStatus(e.message, true))));
 setInterval(refresh, 10000);
 refresh();
