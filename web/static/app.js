@@ -172,7 +172,7 @@ async function loadUsage() {
   } else if (agg === "LATEST" && latest !== undefined) {
     $("usage-total").textContent = "latest " + num.format(latest) + " " + body.meter;
   } else {
-    $("usage-total").textContent = body.meter + " per " + windowName + " (" + agg.toLowerCase() + "s do not add up across windows)";
+    $("usage-total").textContent = body.meter + " per " + windowName + " (" + agg + " values do not add up across windows)";
   }
   const notes = [];
   if (body.complete_through) notes.push("complete through " + new Date(body.complete_through).toLocaleString());
