@@ -18,8 +18,6 @@ import (
 	"github.com/google/uuid"
 	"github.com/labstack/echo/v4"
 	"github.com/labstack/echo/v4/middleware"
-	"github.com/prometheus/client_golang/prometheus"
-	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/tollgate-dev/tollgate/edge"
 	"github.com/tollgate-dev/tollgate/meter"
@@ -28,8 +26,12 @@ import (
 
 // Config is the aggregator's configuration.
 type Config struct {
-	// Listen is the usage API's address (and /admin/v1/meters, /metrics).
+	// Listen is the usage API's address (and /admin/v1/meters).
 	Listen string `yaml:"listen"`
+	// MetricsListen, when set, serves Prometheus /metrics on an address
+	// of its own: the usage API's listener faces API consumers and their
+	// browsers, and the process's metrics are the operator's.
+	MetricsListen string `yaml:"metrics_listen"`
 	// AdminTokenSHA256 is the hex SHA-256 of the admin bearer token; empty
 	// disables the admin API.
 	AdminTokenSHA256 string `yaml:"admin_token_sha256"`
@@ -111,8 +113,6 @@ type ServerDeps struct {
 	// rollups cover events that landed before it existed.
 	Backfill func(m meter.Meter)
 	Log      *slog.Logger
-	// Gatherer serves /metrics when set.
-	Gatherer prometheus.Gatherer
 }
 
 // Server is the usage API and the meters admin API.
@@ -149,9 +149,6 @@ func NewServer(cfg Config, d ServerDeps) (*Server, error) {
 		}
 	})
 	e.GET("/healthz", func(c echo.Context) error { return c.String(http.StatusOK, "ok\n") })
-	if d.Gatherer != nil {
-		e.GET("/metrics", echo.WrapHandler(promhttp.HandlerFor(d.Gatherer, promhttp.HandlerOpts{})))
-	}
 	v1 := e.Group("/v1", middleware.CORSWithConfig(middleware.CORSConfig{
 		AllowOrigins:  cfg.CORSOrigins,
 		AllowMethods:  []string{http.MethodGet, http.MethodOptions},

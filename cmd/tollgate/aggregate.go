@@ -13,6 +13,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/spf13/cobra"
 
 	"github.com/tollgate-dev/tollgate/aggregator"
@@ -31,6 +32,8 @@ type AggregateMain struct {
 	pool     *pgxpool.Pool
 	ln       net.Listener
 	srv      *http.Server
+	mln      net.Listener
+	metrics  *http.Server
 	store    *aggch.Store
 	zones    *aggpg.Zones
 	refresh  time.Duration
@@ -73,7 +76,7 @@ func NewAggregateMain(ctx context.Context, cfg Config, log *slog.Logger) (m *Agg
 	m.zones = aggpg.NewZones(m.pool, cfg.Aggregator.ZoneCacheTTL, log)
 	srv, err := aggregator.NewServer(cfg.Aggregator, aggregator.ServerDeps{
 		Keys: edgepg.NewKeyStore(m.pool), Usage: m.store, Catalog: catalog, Zones: m.zones,
-		Backfill: m.backfill, Log: log, Gatherer: m.Registry,
+		Backfill: m.backfill, Log: log,
 	})
 	if err != nil {
 		return nil, err
@@ -83,6 +86,14 @@ func NewAggregateMain(ctx context.Context, cfg Config, log *slog.Logger) (m *Agg
 		return nil, fmt.Errorf("aggregator listener: %w", err)
 	}
 	m.srv = &http.Server{Handler: srv.Handler(), ReadHeaderTimeout: 5 * time.Second}
+	if cfg.Aggregator.MetricsListen != "" {
+		if m.mln, err = net.Listen("tcp", cfg.Aggregator.MetricsListen); err != nil {
+			return nil, fmt.Errorf("aggregator metrics listener: %w", err)
+		}
+		mux := http.NewServeMux()
+		mux.Handle("/metrics", promhttp.HandlerFor(m.Registry, promhttp.HandlerOpts{}))
+		m.metrics = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	}
 	return m, nil
 }
 
@@ -161,9 +172,25 @@ func (m *AggregateMain) rollUpConfigMeters(config []meter.Meter, store *aggpg.Me
 // Addr is the address the usage API listens on.
 func (m *AggregateMain) Addr() string { return m.ln.Addr().String() }
 
+// MetricsAddr is the /metrics listener's address ("" without one).
+func (m *AggregateMain) MetricsAddr() string {
+	if m.mln == nil {
+		return ""
+	}
+	return m.mln.Addr().String()
+}
+
 // Run serves until ctx ends.
 func (m *AggregateMain) Run(ctx context.Context) error {
 	m.log.Info("usage API listening", "addr", m.Addr())
+	if m.metrics != nil {
+		m.log.Info("metrics listening", "addr", m.MetricsAddr())
+		go func() {
+			if err := m.metrics.Serve(m.mln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				m.log.Error("aggregator metrics server", "err", err)
+			}
+		}()
+	}
 	errc := make(chan error, 1)
 	go func() { errc <- m.srv.Serve(m.ln) }()
 	select {
@@ -183,6 +210,12 @@ func (m *AggregateMain) Run(ctx context.Context) error {
 func (m *AggregateMain) Close() error {
 	m.stopBg()
 	var errs []error
+	if m.metrics != nil {
+		errs = append(errs, m.metrics.Close())
+	}
+	if m.mln != nil {
+		_ = m.mln.Close() // the server closed it if it ever served
+	}
 	if m.srv != nil {
 		errs = append(errs, m.srv.Close())
 	} else if m.ln != nil {
