@@ -342,14 +342,17 @@ func TestReportEventsRefusesWhatWouldNotCount(t *testing.T) {
 		{"id":"old","type":"tokens","time":%q},
 		{"id":"test\u0000job-1","type":"tokens","time":%q},
 		{"id":"half","type":"tokens","time":%q,"units":1.5},
-		{"id":"nozone","type":"tokens","time":"2026-01-01T00:00:00"}
-	]}`, at, schemas.MaxUnits, at, schemas.MaxUnits+1, old, at, at)
+		{"id":"nozone","type":"tokens","time":"2026-01-01T00:00:00"},
+		{"id":"case","type":"tokens","time":%q,"Units":1000},
+		{"id":"twice","type":"tokens","time":%q,"units":1,"units":1000},
+		{"id":"dimtwice","type":"tokens","time":%q,"dimensions":{"model":"a","model":"b"}}
+	]}`, at, schemas.MaxUnits, at, schemas.MaxUnits+1, old, at, at, at, at, at)
 	r := edgetest.Do(t, "POST", in.URL+"/v1/events", key, strings.NewReader(body))
 	var res edge.BatchResult
 	if r.Status != 200 || json.Unmarshal(r.Body, &res) != nil {
 		t.Fatalf("status %d body %s", r.Status, r.Body)
 	}
-	wantField := []string{"", "units", "time", "id", "units", "time"}
+	wantField := []string{"", "units", "time", "id", "units", "time", "Units", "units", "dimensions.model"}
 	for i, item := range res.Results {
 		if i == 0 {
 			if item.Status != "accepted" {
@@ -361,7 +364,7 @@ func TestReportEventsRefusesWhatWouldNotCount(t *testing.T) {
 			t.Errorf("item %d: %+v, want rejected on %q alone", i, item, wantField[i])
 		}
 	}
-	if res.Accepted != 1 || res.Rejected != 5 {
+	if res.Accepted != 1 || res.Rejected != 8 {
 		t.Fatalf("result %+v", res)
 	}
 

@@ -169,6 +169,83 @@ func decodeProblem(err error) schemas.FieldError {
 	return schemas.FieldError{Field: "", Reason: "not a valid event object: " + err.Error()}
 }
 
+// reportedFields are ReportedEvent's field names, exactly as spelled.
+var reportedFields = [...]string{"id", "type", "time", "units", "dimensions"}
+
+// strictNames holds an event object to what encoding/json lets pass: a
+// field name in other case ("Units" read as units) and a name given twice
+// (the last one silently winning), at the top level and in dimensions. A
+// client that sends either has a bug the edge should name, not guess
+// around: the event would be counted with a value the client may not have
+// meant. Anything that is not a well-formed object is left to the decoder
+// to report.
+func strictNames(raw []byte) *schemas.FieldError {
+	dec := json.NewDecoder(bytes.NewReader(raw))
+	if t, err := dec.Token(); err != nil || t != json.Delim('{') {
+		return nil
+	}
+	var seen [len(reportedFields)]bool
+	for dec.More() {
+		t, err := dec.Token()
+		if err != nil {
+			return nil
+		}
+		name, _ := t.(string)
+		known := -1
+		for i, f := range reportedFields {
+			if name == f {
+				known = i
+			} else if strings.EqualFold(name, f) {
+				return &schemas.FieldError{Field: name, Reason: fmt.Sprintf("unknown field (names are case-sensitive: %q)", f)}
+			}
+		}
+		if known < 0 {
+			return nil // DisallowUnknownFields names it
+		}
+		if seen[known] {
+			return &schemas.FieldError{Field: name, Reason: "given twice"}
+		}
+		seen[known] = true
+		if name == "dimensions" {
+			if p := uniqueNames(dec); p != nil {
+				return p
+			}
+			continue
+		}
+		var skip json.RawMessage
+		if dec.Decode(&skip) != nil {
+			return nil
+		}
+	}
+	return nil
+}
+
+// uniqueNames reads the dimensions value and names a key given twice.
+func uniqueNames(dec *json.Decoder) *schemas.FieldError {
+	t, err := dec.Token()
+	if err != nil || t != json.Delim('{') {
+		return nil // null, or not an object: the decoder reports the latter
+	}
+	seen := map[string]bool{}
+	for dec.More() {
+		t, err := dec.Token()
+		if err != nil {
+			return nil
+		}
+		k, _ := t.(string)
+		if seen[k] {
+			return &schemas.FieldError{Field: "dimensions." + k, Reason: "given twice"}
+		}
+		seen[k] = true
+		var skip json.RawMessage
+		if dec.Decode(&skip) != nil {
+			return nil
+		}
+	}
+	_, _ = dec.Token() // }
+	return nil
+}
+
 // jsonKind is how a client would name the JSON type a Go type decodes.
 func jsonKind(t reflect.Type) string {
 	switch t.Kind() {
@@ -183,6 +260,9 @@ func jsonKind(t reflect.Type) string {
 }
 
 func (s *Server) reportedEvent(k *Key, raw json.RawMessage, now time.Time) (schemas.Event, string, []schemas.FieldError) {
+	if p := strictNames(raw); p != nil {
+		return schemas.Event{}, "", []schemas.FieldError{*p}
+	}
 	var re ReportedEvent
 	dec := json.NewDecoder(bytes.NewReader(raw))
 	dec.DisallowUnknownFields()
