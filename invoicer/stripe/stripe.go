@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"net/http"
 	"strconv"
+	"strings"
 	"time"
 
 	stripego "github.com/stripe/stripe-go/v76"
@@ -63,9 +64,33 @@ func params(ctx context.Context, key string, meta map[string]string) stripego.Pa
 	return p
 }
 
-// EnsureCustomer creates the account's customer; the idempotency key makes
-// a repeated call return the same customer.
+// Stripe keeps an idempotency key for about 24 hours. A sync that stopped
+// between a create and the ledger's record of it, and resumes later than
+// that, would make a second object with the same key: a second item on an
+// invoice is a customer charged twice for the line. So each create first
+// looks for the object an earlier attempt made, by the ledger ids in its
+// metadata, and the idempotency key covers the window in which that lookup
+// may not see it yet (search is eventually consistent; lists are not).
+
+// EnsureCustomer returns the account's customer: one an earlier attempt
+// made (found by metadata), or a new one.
 func (c *Client) EnsureCustomer(ctx context.Context, p invoicer.CustomerParams) (string, error) {
+	sp := &stripego.CustomerSearchParams{SearchParams: stripego.SearchParams{Context: ctx,
+		Query: "metadata['tollgate_account_id']:'" + quote(p.AccountID) + "'"}}
+	found := c.api.Customers.Search(sp)
+	for found.Next() {
+		if cus := found.Customer(); cus.Metadata["tollgate_account_id"] == p.AccountID && !cus.Deleted {
+			return cus.ID, nil
+		}
+	}
+	var se *stripego.Error
+	if err := found.Err(); err != nil && !(errors.As(err, &se) && se.Type == stripego.ErrorTypeInvalidRequest) {
+		return "", fmt.Errorf("search stripe customers: %w", err)
+	}
+	// Search is not offered everywhere (Stripe refuses it as an invalid
+	// request then); without it a customer made more than 24 hours before
+	// a resumed sync is made again. That costs a stray customer, not a
+	// second charge.
 	cp := &stripego.CustomerParams{Params: params(ctx, p.IdempotencyKey, map[string]string{"tollgate_account_id": p.AccountID})}
 	if p.Name != "" {
 		cp.Name = stripego.String(p.Name)
@@ -80,11 +105,29 @@ func (c *Client) EnsureCustomer(ctx context.Context, p invoicer.CustomerParams) 
 	return cus.ID, nil
 }
 
-// CreateInvoice creates a draft invoice that takes only the items attached
-// to it explicitly (never a customer's other pending items) and that
-// Stripe does not finalize on its own: the invoicer finalizes it once every
-// item is attached.
+// quote escapes a value for a Stripe search query's single quotes.
+func quote(v string) string {
+	return strings.NewReplacer(`\`, `\\`, `'`, `\'`).Replace(v)
+}
+
+// CreateInvoice returns the ledger invoice's Stripe invoice: one an earlier
+// attempt made (found by metadata among the customer's invoices), or a new
+// draft that takes only the items attached to it explicitly (never a
+// customer's other pending items) and that Stripe does not finalize on its
+// own: the invoicer finalizes it once every item is attached.
 func (c *Client) CreateInvoice(ctx context.Context, p invoicer.InvoiceParams) (string, error) {
+	lp := &stripego.InvoiceListParams{Customer: stripego.String(p.CustomerID)}
+	lp.Context = ctx
+	lp.Limit = stripego.Int64(100)
+	found := c.api.Invoices.List(lp)
+	for found.Next() {
+		if inv := found.Invoice(); inv.Metadata["tollgate_invoice_id"] == p.InvoiceID {
+			return inv.ID, nil
+		}
+	}
+	if err := found.Err(); err != nil {
+		return "", fmt.Errorf("list stripe invoices: %w", err)
+	}
 	ip := &stripego.InvoiceParams{
 		Params:                      params(ctx, p.IdempotencyKey, map[string]string{"tollgate_invoice_id": p.InvoiceID}),
 		Customer:                    stripego.String(p.CustomerID),
@@ -100,8 +143,22 @@ func (c *Client) CreateInvoice(ctx context.Context, p invoicer.InvoiceParams) (s
 	return inv.ID, nil
 }
 
-// CreateInvoiceItem attaches one line to a draft invoice.
+// CreateInvoiceItem attaches one line to a draft invoice, unless an earlier
+// attempt did (found by metadata among the invoice's items).
 func (c *Client) CreateInvoiceItem(ctx context.Context, p invoicer.InvoiceItemParams) (string, error) {
+	lp := &stripego.InvoiceItemListParams{Invoice: stripego.String(p.StripeInvoiceID)}
+	lp.Context = ctx
+	lp.Limit = stripego.Int64(100)
+	found := c.api.InvoiceItems.List(lp)
+	line := strconv.Itoa(p.LineNo)
+	for found.Next() {
+		if it := found.InvoiceItem(); it.Metadata["tollgate_invoice_id"] == p.InvoiceID && it.Metadata["tollgate_line_no"] == line {
+			return it.ID, nil
+		}
+	}
+	if err := found.Err(); err != nil {
+		return "", fmt.Errorf("list stripe invoice items: %w", err)
+	}
 	ip := &stripego.InvoiceItemParams{
 		Params: params(ctx, p.IdempotencyKey, map[string]string{
 			"tollgate_invoice_id": p.InvoiceID, "tollgate_line_no": strconv.Itoa(p.LineNo)}),
@@ -118,12 +175,22 @@ func (c *Client) CreateInvoiceItem(ctx context.Context, p invoicer.InvoiceItemPa
 	return it.ID, nil
 }
 
-// FinalizeInvoice finalizes a draft invoice.
+// FinalizeInvoice finalizes a draft invoice. An invoice an earlier attempt
+// finalized (Stripe refuses a second finalize once the idempotency key has
+// expired) is reported as it stands.
 func (c *Client) FinalizeInvoice(ctx context.Context, id, key string) (invoicer.FinalizedInvoice, error) {
 	fp := &stripego.InvoiceFinalizeInvoiceParams{Params: params(ctx, key, nil), AutoAdvance: stripego.Bool(true)}
 	inv, err := c.api.Invoices.FinalizeInvoice(id, fp)
 	if err != nil {
-		return invoicer.FinalizedInvoice{}, fmt.Errorf("finalize stripe invoice %s: %w", id, err)
+		var se *stripego.Error
+		if !errors.As(err, &se) || se.HTTPStatusCode >= 500 {
+			return invoicer.FinalizedInvoice{}, fmt.Errorf("finalize stripe invoice %s: %w", id, err)
+		}
+		now, gerr := c.api.Invoices.Get(id, &stripego.InvoiceParams{Params: stripego.Params{Context: ctx}})
+		if gerr != nil || now.Status == stripego.InvoiceStatusDraft {
+			return invoicer.FinalizedInvoice{}, fmt.Errorf("finalize stripe invoice %s: %w", id, err)
+		}
+		inv = now
 	}
 	return invoicer.FinalizedInvoice{ID: inv.ID, Status: string(inv.Status), HostedURL: inv.HostedInvoiceURL}, nil
 }

@@ -75,27 +75,114 @@ func TestFakeKeepsStateAndHonoursIdempotencyKeys(t *testing.T) {
 	if len(items) != 2 || items[0] == items[1] {
 		t.Errorf("items: %v", items)
 	}
-	replayed := 0
+	// The repeats found what the first calls made (by metadata) and sent
+	// no second create; every create carried an idempotency key.
+	creates := 0
 	for _, call := range f.Calls() {
-		if call.IdempotencyKey == "" {
-			t.Errorf("%s call without an idempotency key", call.Kind)
-		}
-		if call.Replayed {
-			replayed++
+		switch call.Kind {
+		case "customer", "invoice", "item", "finalize":
+			creates++
+			if call.IdempotencyKey == "" || call.Replayed {
+				t.Errorf("%s call: %+v, want a first use of an idempotency key", call.Kind, call)
+			}
 		}
 	}
-	if replayed != 3 {
-		t.Errorf("replayed calls: got %d, want 3", replayed)
+	if creates != 5 {
+		t.Errorf("create and finalize calls: got %d, want 5 (customer, invoice, 2 items, finalize)", creates)
 	}
-	// Same key, other parameters: refused, as Stripe does.
+	// A line the invoice does not have, under a key already used for
+	// another request: refused, as Stripe does.
 	_, err := c.CreateInvoiceItem(context.Background(), invoicer.InvoiceItemParams{CustomerID: cus, StripeInvoiceID: inv,
-		Currency: "usd", Amount: 1, InvoiceID: "inv_202603_x", LineNo: 1, IdempotencyKey: "fake:item:1"})
+		Currency: "usd", Amount: 1, InvoiceID: "inv_202603_x", LineNo: 3, IdempotencyKey: "fake:item:1"})
 	if err == nil || !strings.Contains(err.Error(), "idempotent") {
 		t.Errorf("reused key with other parameters: got %v", err)
 	}
-	// Finalizing twice with a new key is an error: the invoice is open.
-	if _, err := c.FinalizeInvoice(context.Background(), inv, "other"); err == nil {
-		t.Error("second finalize with a fresh key succeeded")
+	// Finalizing again with a fresh key reports the invoice as it stands
+	// (Stripe refuses the finalize itself: the invoice is open).
+	again, err := c.FinalizeInvoice(context.Background(), inv, "other")
+	if err != nil || again.ID != inv || again.Status != "open" {
+		t.Errorf("second finalize with a fresh key: %+v, %v; want the open invoice", again, err)
+	}
+	// An item for a line the invoice has, under a new key, is that item.
+	if id, err := c.CreateInvoiceItem(context.Background(), invoicer.InvoiceItemParams{CustomerID: cus, StripeInvoiceID: inv,
+		Currency: "usd", Amount: 2900, InvoiceID: "inv_202603_x", LineNo: 1, IdempotencyKey: "fresh:item:1"}); err != nil || id != items[0] {
+		t.Errorf("item 1 again under a fresh key: %s, %v; want %s", id, err, items[0])
+	}
+}
+
+// A sync that stopped after each Stripe create and before the ledger's
+// record of it, resumed after Stripe has forgotten the idempotency keys
+// (about 24 hours), finds what the first attempt made instead of making it
+// again: one customer, one invoice, one item per line, one finalize. Before,
+// the resumed item create made a second item, and the customer was
+// charged for the line twice.
+func TestAResumedSyncFindsWhatItMadeAfterTheKeysExpired(t *testing.T) {
+	f := stripetest.New()
+	defer f.Close()
+	c := stripe.New(stripe.Config{APIKey: "sk_test_123", URL: f.URL})
+	ctx := context.Background()
+
+	cp := invoicer.CustomerParams{AccountID: "acct_o'neil", Name: "O'Neil", IdempotencyKey: "tollgate:customer:acct_o'neil"}
+	cus, err := c.EnsureCustomer(ctx, cp)
+	testenv.Must(t, err, "create customer")
+	f.ForgetIdempotencyKeys()
+	again, err := c.EnsureCustomer(ctx, cp)
+	testenv.Must(t, err, "resume: customer")
+	if again != cus || f.Customers() != 1 {
+		t.Errorf("customer %s then %s, %d customers; want one", cus, again, f.Customers())
+	}
+	// Another account's customer is not taken for this one.
+	other, err := c.EnsureCustomer(ctx, invoicer.CustomerParams{AccountID: "acct_other", IdempotencyKey: "tollgate:customer:acct_other"})
+	testenv.Must(t, err, "create another customer")
+	if other == cus {
+		t.Fatal("another account got the first account's customer")
+	}
+
+	ip := invoicer.InvoiceParams{CustomerID: cus, Currency: "eur", InvoiceID: "inv_2026_10_a", Description: "October", IdempotencyKey: "tollgate:inv_2026_10_a:invoice"}
+	inv, err := c.CreateInvoice(ctx, ip)
+	testenv.Must(t, err, "create invoice")
+	f.ForgetIdempotencyKeys()
+	invAgain, err := c.CreateInvoice(ctx, ip)
+	testenv.Must(t, err, "resume: invoice")
+	// The same customer's next invoice is a new one.
+	next := ip
+	next.InvoiceID, next.IdempotencyKey = "inv_2026_11_a", "tollgate:inv_2026_11_a:invoice"
+	nextInv, err := c.CreateInvoice(ctx, next)
+	testenv.Must(t, err, "create the next invoice")
+	if invAgain != inv || nextInv == inv || len(f.Invoices()) != 2 {
+		t.Fatalf("invoices %s, %s, next %s; fake holds %d, want 2", inv, invAgain, nextInv, len(f.Invoices()))
+	}
+
+	var first []string
+	for no, amt := range []int64{1500, 700} {
+		p := invoicer.InvoiceItemParams{CustomerID: cus, StripeInvoiceID: inv, Currency: "eur", Amount: amt,
+			Description: fmt.Sprintf("line %d", no+1), InvoiceID: ip.InvoiceID, LineNo: no + 1,
+			IdempotencyKey: fmt.Sprintf("tollgate:%s:item:%d", ip.InvoiceID, no+1)}
+		id, err := c.CreateInvoiceItem(ctx, p)
+		testenv.Must(t, err, "create item")
+		f.ForgetIdempotencyKeys()
+		idAgain, err := c.CreateInvoiceItem(ctx, p)
+		testenv.Must(t, err, "resume: item")
+		if idAgain != id {
+			t.Errorf("line %d: items %s then %s, want one", no+1, id, idAgain)
+		}
+		first = append(first, id)
+	}
+	fin, err := c.FinalizeInvoice(ctx, inv, "tollgate:"+ip.InvoiceID+":finalize")
+	testenv.Must(t, err, "finalize")
+	f.ForgetIdempotencyKeys()
+	finAgain, err := c.FinalizeInvoice(ctx, inv, "tollgate:"+ip.InvoiceID+":finalize")
+	testenv.Must(t, err, "resume: finalize")
+	if finAgain.ID != fin.ID || finAgain.Status != "open" || finAgain.HostedURL != fin.HostedURL {
+		t.Errorf("finalize %+v then %+v, want the same open invoice", fin, finAgain)
+	}
+	got := f.Invoices()[0]
+	if got.ID != inv || len(got.Items) != 2 || got.AmountDue != 2200 || got.Items[0].ID != first[0] || got.Items[1].ID != first[1] {
+		t.Errorf("Stripe holds %+v, want items %v totalling 2200", got, first)
+	}
+	// A draft that does not exist is still an error, not a finalized invoice.
+	if _, err := c.FinalizeInvoice(ctx, "in_missing", "tollgate:missing:finalize"); err == nil {
+		t.Error("finalizing a missing invoice succeeded")
 	}
 }
 

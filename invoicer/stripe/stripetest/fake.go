@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"net/url"
+	"regexp"
 	"sort"
 	"strconv"
 	"strings"
@@ -102,6 +103,15 @@ func (f *Fake) SetHook(h func(kind, phase string)) {
 	f.hook = h
 }
 
+// ForgetIdempotencyKeys drops every idempotency key the fake holds, as
+// Stripe does about 24 hours after a key's first use: a request repeated
+// after that is a new request.
+func (f *Fake) ForgetIdempotencyKeys() {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.idem = map[string]stored{}
+}
+
 // Invoices returns a copy of every invoice, in creation order.
 func (f *Fake) Invoices() []Invoice {
 	f.mu.Lock()
@@ -147,6 +157,12 @@ func kindOf(r *http.Request) string {
 		return "finalize"
 	case r.Method == http.MethodGet && strings.HasPrefix(p, "invoices/"):
 		return "get_invoice"
+	case r.Method == http.MethodGet && p == "invoices":
+		return "list_invoices"
+	case r.Method == http.MethodGet && p == "invoiceitems":
+		return "list_items"
+	case r.Method == http.MethodGet && p == "customers/search":
+		return "search_customers"
 	}
 	return "unknown"
 }
@@ -209,7 +225,40 @@ func (f *Fake) kindHook(r *http.Request) string {
 func (f *Fake) handle(kind string, r *http.Request) (int, []byte) {
 	form := r.PostForm
 	meta := metadata(form)
+	q := r.URL.Query()
 	switch kind {
+	case "search_customers":
+		// Only the query the invoicer sends: metadata['KEY']:'VALUE'.
+		m := searchRe.FindStringSubmatch(q.Get("query"))
+		if m == nil {
+			return apiErr(http.StatusBadRequest, "parameter_invalid", "the fake only supports metadata['key']:'value' queries")
+		}
+		var hits []any
+		for _, c := range f.customers {
+			if c.Metadata[m[1]] == unquote(m[2]) {
+				hits = append(hits, c)
+			}
+		}
+		return ok(map[string]any{"object": "search_result", "data": orNone(hits), "has_more": false, "url": "/v1/customers/search"})
+	case "list_invoices":
+		var hits []any
+		for i := len(f.order) - 1; i >= 0; i-- { // newest first, as Stripe lists
+			inv := f.invoices[f.order[i]]
+			if (q.Get("customer") == "" || inv.Customer == q.Get("customer")) && (q.Get("status") == "" || inv.Status == q.Get("status")) {
+				hits = append(hits, inv)
+			}
+		}
+		return ok(map[string]any{"object": "list", "data": orNone(hits), "has_more": false, "url": "/v1/invoices"})
+	case "list_items":
+		inv := f.invoices[q.Get("invoice")]
+		if inv == nil {
+			return apiErr(http.StatusNotFound, "resource_missing", "No such invoice: '"+q.Get("invoice")+"'")
+		}
+		var hits []any
+		for i := len(inv.Items) - 1; i >= 0; i-- {
+			hits = append(hits, inv.Items[i])
+		}
+		return ok(map[string]any{"object": "list", "data": orNone(hits), "has_more": false, "url": "/v1/invoiceitems"})
 	case "customer":
 		c := &Customer{ID: f.id("cus"), Object: "customer", Name: form.Get("name"), Email: form.Get("email"), Metadata: meta}
 		f.customers[c.ID] = c
@@ -266,6 +315,19 @@ func (f *Fake) handle(kind string, r *http.Request) (int, []byte) {
 		return ok(inv)
 	}
 	return apiErr(http.StatusNotFound, "unknown_endpoint", "Unrecognized request URL ("+r.Method+" "+r.URL.Path+").")
+}
+
+var searchRe = regexp.MustCompile(`^metadata\['([^']+)'\]:'((?:[^'\\]|\\.)*)'$`)
+
+func unquote(v string) string {
+	return strings.NewReplacer(`\'`, `'`, `\\`, `\`).Replace(v)
+}
+
+func orNone(v []any) []any {
+	if v == nil {
+		return []any{}
+	}
+	return v
 }
 
 func metadata(form url.Values) map[string]string {
