@@ -310,3 +310,64 @@ func TestOneAccountThatCannotBeInvoicedDoesNotHoldBackTheOthers(t *testing.T) {
 		t.Fatalf("failed %v, want acct_bad for March", res.Failed)
 	}
 }
+
+// An account whose time zone changes after an invoice is billed from where
+// that invoice ended: no month is billed twice under the two zones, no
+// hour is left out, and every event is on exactly one invoice.
+func TestAZoneChangeBillsEveryEventOnce(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	e.account(t, "acct_moved", "UTC")
+	e.subscribe(t, "acct_moved", "starter", march.AddDate(0, -1, 0), nil)
+	may := time.Date(2026, 5, 1, 0, 0, 0, 0, time.UTC)
+	e.events(t,
+		ev{account: "acct_moved", env: "live", typ: "api_call", at: march.Add(10 * 24 * time.Hour), n: 100},
+		ev{account: "acct_moved", env: "live", typ: "api_call", at: april.Add(-4 * time.Hour), n: 7},  // UTC March, Tokyo April
+		ev{account: "acct_moved", env: "live", typ: "api_call", at: april.Add(9 * 24 * time.Hour), n: 20}, // April either way
+		ev{account: "acct_moved", env: "live", typ: "api_call", at: may.Add(-8 * time.Hour), n: 3},    // UTC April, Tokyo May
+	)
+	closeAt := func(now time.Time) []invoicer.Invoice {
+		t.Helper()
+		e.watermark(t, now.AddDate(0, 0, -2))
+		iv, err := invoicer.New(e.store, e.usage, e.usage, nil,
+			invoicer.Options{Grace: time.Hour, Lookback: 2, Now: func() time.Time { return now }}, quiet())
+		testenv.Must(t, err, "new invoicer")
+		res, err := iv.CloseDue(ctx)
+		testenv.Must(t, err, "close")
+		return res.Closed
+	}
+	span := func(inv invoicer.Invoice) string {
+		return inv.Period.Start.UTC().Format(time.RFC3339) + "/" + inv.Period.End.UTC().Format(time.RFC3339)
+	}
+
+	// The account dates from late February: February (no usage) and March.
+	first := closeAt(april.AddDate(0, 0, 3))
+	if len(first) != 2 || span(first[1]) != "2026-03-01T00:00:00Z/2026-04-01T00:00:00Z" || first[1].Fingerprint.EventCount != 107 {
+		t.Fatalf("first close: %d invoices, want UTC February and March, March with 107 events", len(first))
+	}
+	_, err := e.pg.Pool.Exec(ctx, `UPDATE accounts SET timezone = 'Asia/Tokyo' WHERE id = 'acct_moved'`)
+	testenv.Must(t, err, "change the account's zone")
+
+	// Tokyo's April runs from 15:00 UTC on 31 March; the part of it UTC
+	// March's invoice covered is not billed again, nor is Tokyo's March.
+	second := closeAt(may.AddDate(0, 0, 3))
+	if len(second) != 1 || span(second[0]) != "2026-04-01T00:00:00Z/2026-04-30T15:00:00Z" || second[0].Fingerprint.EventCount != 20 {
+		for _, inv := range second {
+			t.Errorf("second close: %s with %d events", span(inv), inv.Fingerprint.EventCount)
+		}
+		t.Fatalf("second close: %d invoices, want one from 1 April 00:00 UTC to Tokyo's May with 20 events", len(second))
+	}
+	third := closeAt(may.AddDate(0, 1, 3))
+	if len(third) != 1 || span(third[0]) != "2026-04-30T15:00:00Z/2026-05-31T15:00:00Z" || third[0].Fingerprint.EventCount != 3 {
+		t.Fatalf("third close: %d invoices, want Tokyo's May with 3 events", len(third))
+	}
+	stored, err := e.store.AccountInvoices(ctx, "acct_moved")
+	testenv.Must(t, err, "list invoices")
+	var events int64
+	for _, inv := range stored {
+		events += inv.Fingerprint.EventCount
+	}
+	if len(stored) != 4 || events != 130 {
+		t.Errorf("ledger: %d invoices with %d events in all, want 4 with all 130", len(stored), events)
+	}
+}

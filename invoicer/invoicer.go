@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"sort"
 	"time"
 
@@ -54,9 +55,9 @@ type Store interface {
 	Account(ctx context.Context, id string) (Account, error)
 	// Subscriptions returns, per account, the subscriptions overlapping p.
 	Subscriptions(ctx context.Context, accountIDs []string, p Period) (map[string][]Subscription, error)
-	// InvoicedPeriods returns, per account, the period starts already
-	// invoiced at or after since.
-	InvoicedPeriods(ctx context.Context, since time.Time) (map[string]map[time.Time]bool, error)
+	// InvoicedPeriods returns, per account, the periods of its invoices
+	// that start at or after since.
+	InvoicedPeriods(ctx context.Context, since time.Time) (map[string][]Period, error)
 	// SaveDrafts stores invoices, their lines and an invoice.draft ledger
 	// entry each, in one transaction; invoices that already exist are
 	// left as they are.
@@ -174,8 +175,9 @@ type CloseResult struct {
 
 // CloseDue invoices every account for every period that ended, in the
 // account's time zone, at least the grace before the watermark and has no
-// invoice yet. Retrying is safe: invoice ids are deterministic and stored
-// once.
+// invoice yet (duePeriods: after a zone change, the first period runs from
+// where the last invoice ended). Retrying is safe: invoice ids are
+// deterministic and stored once.
 func (iv *Invoicer) CloseDue(ctx context.Context) (CloseResult, error) {
 	wm, err := iv.wm.Watermark(ctx)
 	if err != nil {
@@ -194,7 +196,9 @@ func (iv *Invoicer) CloseDue(ctx context.Context) (CloseResult, error) {
 		return res, err
 	}
 	now := iv.now()
-	since := now.AddDate(0, -iv.lookback-1, 0)
+	// Invoices that start up to three months before the oldest month
+	// considered: one made across a zone change may reach into it.
+	since := now.AddDate(0, -iv.lookback-3, 0)
 	done, err := iv.store.InvoicedPeriods(ctx, since)
 	if err != nil {
 		return res, err
@@ -207,18 +211,21 @@ func (iv *Invoicer) CloseDue(ctx context.Context) (CloseResult, error) {
 			iv.log.Error("account has an unknown time zone; not invoiced", "account", a.ID, "timezone", a.Timezone)
 			continue
 		}
+		var months []Period // oldest first
 		p := MonthPeriod(now, loc)
 		for i := 0; i < iv.lookback; i++ {
 			p = MonthPeriod(p.Start.Add(-time.Second), loc)
 			if !p.End.After(a.CreatedAt) {
 				break // the account did not exist in this period
 			}
-			if p.End.Add(iv.grace).After(wm) {
-				continue // usage of the period (plus grace) is not complete yet
-			}
-			if !done[a.ID][p.Start] {
-				due[p] = append(due[p], a)
-			}
+			months = append(months, p)
+		}
+		slices.Reverse(months)
+		next := func(p Period) Period { return MonthPeriod(p.End, loc) }
+		// Usage of a period (plus grace) must be complete.
+		ready := func(p Period) bool { return !p.End.Add(iv.grace).After(wm) }
+		for _, p := range duePeriods(months, done[a.ID], next, ready) {
+			due[p] = append(due[p], a)
 		}
 	}
 	periods := make([]Period, 0, len(due))

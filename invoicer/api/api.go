@@ -145,7 +145,15 @@ func (s *Server) period(ctx context.Context, acct string) (invoicer.Account, inv
 		loc = time.UTC
 	}
 	now := s.now().UTC().Truncate(time.Second)
-	return a, invoicer.MonthPeriod(now, loc), now, nil
+	invs, err := s.store.AccountInvoices(ctx, acct)
+	if err != nil {
+		return a, invoicer.Period{}, time.Time{}, err
+	}
+	invoiced := make([]invoicer.Period, len(invs))
+	for i, inv := range invs {
+		invoiced[i] = inv.Period
+	}
+	return a, invoicer.OpenPeriod(now, loc, invoiced), now, nil
 }
 
 func (s *Server) currentUsage(c echo.Context) error {

@@ -124,24 +124,22 @@ func (s *Store) Subscriptions(ctx context.Context, accountIDs []string, p invoic
 	return out, rows.Err()
 }
 
-// InvoicedPeriods returns, per account, the period starts invoiced since.
-func (s *Store) InvoicedPeriods(ctx context.Context, since time.Time) (map[string]map[time.Time]bool, error) {
-	rows, err := s.pool.Query(ctx, `SELECT account_id, period_start FROM invoices WHERE period_start >= $1`, since)
+// InvoicedPeriods returns, per account, the periods of its invoices that
+// start at or after since.
+func (s *Store) InvoicedPeriods(ctx context.Context, since time.Time) (map[string][]invoicer.Period, error) {
+	rows, err := s.pool.Query(ctx, `SELECT account_id, period_start, period_end FROM invoices WHERE period_start >= $1`, since)
 	if err != nil {
 		return nil, fmt.Errorf("list invoiced periods: %w", err)
 	}
 	defer rows.Close()
-	out := map[string]map[time.Time]bool{}
+	out := map[string][]invoicer.Period{}
 	for rows.Next() {
 		var a string
-		var t time.Time
-		if err := rows.Scan(&a, &t); err != nil {
+		var p invoicer.Period
+		if err := rows.Scan(&a, &p.Start, &p.End); err != nil {
 			return nil, err
 		}
-		if out[a] == nil {
-			out[a] = map[time.Time]bool{}
-		}
-		out[a][t.UTC()] = true
+		out[a] = append(out[a], invoicer.Period{Start: p.Start.UTC(), End: p.End.UTC()})
 	}
 	return out, rows.Err()
 }
