@@ -322,9 +322,9 @@ func TestAZoneChangeBillsEveryEventOnce(t *testing.T) {
 	may := time.Date(2026, 5, 1, 0, 0, 0, 0, time.UTC)
 	e.events(t,
 		ev{account: "acct_moved", env: "live", typ: "api_call", at: march.Add(10 * 24 * time.Hour), n: 100},
-		ev{account: "acct_moved", env: "live", typ: "api_call", at: april.Add(-4 * time.Hour), n: 7},  // UTC March, Tokyo April
+		ev{account: "acct_moved", env: "live", typ: "api_call", at: april.Add(-4 * time.Hour), n: 7},      // UTC March, Tokyo April
 		ev{account: "acct_moved", env: "live", typ: "api_call", at: april.Add(9 * 24 * time.Hour), n: 20}, // April either way
-		ev{account: "acct_moved", env: "live", typ: "api_call", at: may.Add(-8 * time.Hour), n: 3},    // UTC April, Tokyo May
+		ev{account: "acct_moved", env: "live", typ: "api_call", at: may.Add(-8 * time.Hour), n: 3},        // UTC April, Tokyo May
 	)
 	closeAt := func(now time.Time) []invoicer.Invoice {
 		t.Helper()
