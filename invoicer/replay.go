@@ -24,15 +24,45 @@ type AuditResult struct {
 	ReplayHash   string    `json:"replay_hash"`
 	// Match is true when the recomputed fingerprint hash equals the
 	// ledger's: same events counted, same quantities, same amounts.
-	Match       bool     `json:"match"`
-	Differences []string `json:"differences,omitempty"`
+	Match bool `json:"match"`
+	// Result is ResultMatch, ResultMatchAtClose or ResultDifferent.
+	Result string `json:"result"`
+	// ArrivedAfterClose counts the period's events that reached the log
+	// after the invoice was closed (read only for an invoice that does
+	// not match); UnbilledTotal is what they would have added.
+	ArrivedAfterClose int64    `json:"arrived_after_close,omitempty"`
+	UnbilledTotal     int64    `json:"unbilled_total,omitempty"`
+	Differences       []string `json:"differences,omitempty"`
+}
+
+// Audit results.
+const (
+	// ResultMatch: the whole log recomputes the invoice exactly.
+	ResultMatch = "match"
+	// ResultMatchAtClose: the log as it stood when the invoice was closed
+	// recomputes it exactly; events of its period that arrived later
+	// (within ingest's lateness, after the close's grace) are not billed.
+	ResultMatchAtClose = "match_at_close"
+	// ResultDifferent: neither does.
+	ResultDifferent = "different"
+)
+
+// LateArrivals reads usage as it stood when each invoice was closed, and
+// counts what arrived later.
+type LateArrivals interface {
+	UsageReader
+	Arrived(ctx context.Context, accountID string, p Period) (int64, error)
 }
 
 // Audit recomputes each ledger invoice from usage (a scratch database
 // rebuilt from the raw event log) under the plan versions the ledger
 // recorded for each segment, and compares. Invoices with one segment are
-// read together, one query per period and meter.
-func (iv *Invoicer) Audit(ctx context.Context, usage UsageReader, invs []StoredInvoice, progress func(done, total int)) ([]AuditResult, error) {
+// read together, one query per period and meter. An invoice that does not
+// match, and whose period had events arrive after it was closed, is
+// recomputed again without them (late, when set): if that matches, the
+// invoice is proved as it was closed, and the events it could not count
+// are reported with what they would have added.
+func (iv *Invoicer) Audit(ctx context.Context, usage UsageReader, late LateArrivals, invs []StoredInvoice, progress func(done, total int)) ([]AuditResult, error) {
 	byPeriod := map[Period][]string{}
 	for _, si := range invs {
 		if len(si.Fingerprint.Segments) == 1 {
@@ -49,41 +79,68 @@ func (iv *Invoicer) Audit(ctx context.Context, usage UsageReader, invs []StoredI
 	}
 	out := make([]AuditResult, 0, len(invs))
 	for i, si := range invs {
-		in := Inputs{AccountID: si.AccountID, Currency: si.Currency, Period: si.Period, Watermark: si.Fingerprint.Watermark}
-		for _, s := range si.Fingerprint.Segments {
-			pl, err := iv.store.Plan(ctx, s.PlanID, s.PlanVersion)
-			if err != nil {
-				return nil, fmt.Errorf("invoice %s: %w", si.ID, err)
-			}
-			in.Segments = append(in.Segments, Segment{Period: s.Period, Plan: pl})
-			if len(si.Fingerprint.Segments) == 1 {
-				u := whole[si.Period][si.AccountID]
-				in.EventCount, in.Usage = u.Events, []map[string]int64{orEmpty(u.Quantities)}
-				continue
-			}
-			m, err := usage.Usage(ctx, []string{si.AccountID}, s.Period, iv.meters, schemas.Live)
-			if err != nil {
-				return nil, err
-			}
-			in.EventCount += m[si.AccountID].Events
-			in.Usage = append(in.Usage, orEmpty(m[si.AccountID].Quantities))
-		}
-		re, err := Compute(in)
+		re, err := iv.recompute(ctx, usage, whole[si.Period], si)
 		if err != nil {
-			return nil, fmt.Errorf("recompute invoice %s: %w", si.ID, err)
+			return nil, err
 		}
 		r := AuditResult{InvoiceID: si.ID, AccountID: si.AccountID, PeriodStart: si.Period.Start, PeriodEnd: si.Period.End,
 			Currency: si.Currency, LedgerTotal: si.Total, ReplayTotal: re.Total,
 			LedgerEvents: si.Fingerprint.EventCount, ReplayEvents: re.Fingerprint.EventCount,
-			LedgerHash: si.Fingerprint.Hash, ReplayHash: re.Fingerprint.Hash}
+			LedgerHash: si.Fingerprint.Hash, ReplayHash: re.Fingerprint.Hash, Result: ResultDifferent}
 		r.Differences = diff(si.Invoice, re)
 		r.Match = r.LedgerHash == r.ReplayHash && len(r.Differences) == 0
+		if r.Match {
+			r.Result = ResultMatch
+		} else if late != nil {
+			if r.ArrivedAfterClose, err = late.Arrived(ctx, si.AccountID, si.Period); err != nil {
+				return nil, err
+			}
+			if r.ArrivedAfterClose > 0 {
+				closed, err := iv.recompute(ctx, late, nil, si)
+				if err != nil {
+					return nil, err
+				}
+				if closed.Fingerprint.Hash == si.Fingerprint.Hash && len(diff(si.Invoice, closed)) == 0 {
+					r.Result, r.UnbilledTotal = ResultMatchAtClose, re.Total-si.Total
+				}
+			}
+		}
 		out = append(out, r)
 		if progress != nil {
 			progress(i+1, len(invs))
 		}
 	}
 	return out, nil
+}
+
+// recompute computes a ledger invoice again from usage, under the plan
+// versions the ledger recorded for each segment. whole, when set, holds
+// the usage of the invoice's whole period (read for many accounts at once).
+func (iv *Invoicer) recompute(ctx context.Context, usage UsageReader, whole map[string]AccountUsage, si StoredInvoice) (Invoice, error) {
+	in := Inputs{AccountID: si.AccountID, Currency: si.Currency, Period: si.Period, Watermark: si.Fingerprint.Watermark}
+	for _, s := range si.Fingerprint.Segments {
+		pl, err := iv.store.Plan(ctx, s.PlanID, s.PlanVersion)
+		if err != nil {
+			return Invoice{}, fmt.Errorf("invoice %s: %w", si.ID, err)
+		}
+		in.Segments = append(in.Segments, Segment{Period: s.Period, Plan: pl})
+		if len(si.Fingerprint.Segments) == 1 && whole != nil {
+			u := whole[si.AccountID]
+			in.EventCount, in.Usage = u.Events, []map[string]int64{orEmpty(u.Quantities)}
+			continue
+		}
+		m, err := usage.Usage(ctx, []string{si.AccountID}, s.Period, iv.meters, schemas.Live)
+		if err != nil {
+			return Invoice{}, err
+		}
+		in.EventCount += m[si.AccountID].Events
+		in.Usage = append(in.Usage, orEmpty(m[si.AccountID].Quantities))
+	}
+	re, err := Compute(in)
+	if err != nil {
+		return Invoice{}, fmt.Errorf("recompute invoice %s: %w", si.ID, err)
+	}
+	return re, nil
 }
 
 // diff names what differs between the ledger's invoice and a recomputation.

@@ -30,6 +30,7 @@ import (
 	invkafka "github.com/tollgate-dev/tollgate/invoicer/kafka"
 	invpg "github.com/tollgate-dev/tollgate/invoicer/postgres"
 	invstripe "github.com/tollgate-dev/tollgate/invoicer/stripe"
+	"github.com/tollgate-dev/tollgate/schemas"
 )
 
 // InvoiceMain runs the invoicer: the period-close loop (close, finalize,
@@ -238,18 +239,22 @@ and a CSV report. It exits with an error when any invoice differs.`,
 
 // ReplayReport is the JSON report.
 type ReplayReport struct {
-	Topic           string                 `json:"topic"`
-	Since           *time.Time             `json:"since,omitempty"`
-	ScratchDatabase string                 `json:"scratch_database"`
-	RecordsRead     int64                  `json:"records_read"`
-	EventsLoaded    int64                  `json:"events_loaded"`
-	LateEvents      int64                  `json:"late_events"`
-	Rejected        int64                  `json:"rejected_records"`
-	LoadSeconds     float64                `json:"load_seconds"`
-	Invoices        int                    `json:"invoices"`
-	Matching        int                    `json:"matching"`
-	Different       int                    `json:"different"`
-	Results         []invoicer.AuditResult `json:"results"`
+	Topic           string     `json:"topic"`
+	Since           *time.Time `json:"since,omitempty"`
+	ScratchDatabase string     `json:"scratch_database"`
+	RecordsRead     int64      `json:"records_read"`
+	EventsLoaded    int64      `json:"events_loaded"`
+	LateEvents      int64      `json:"late_events"`
+	Rejected        int64      `json:"rejected_records"`
+	LoadSeconds     float64    `json:"load_seconds"`
+	Invoices        int        `json:"invoices"`
+	Matching        int        `json:"matching"`
+	// MatchingAtClose invoices match the log as it stood when they were
+	// closed; ArrivedAfterClose events of their periods came later.
+	MatchingAtClose   int                    `json:"matching_at_close"`
+	ArrivedAfterClose int64                  `json:"arrived_after_close"`
+	Different         int                    `json:"different"`
+	Results           []invoicer.AuditResult `json:"results"`
 }
 
 func parseTime(flag, v string) (time.Time, error) {
@@ -314,33 +319,46 @@ func runReplay(ctx context.Context, cfg Config, o replayOptions, log *slog.Logge
 	if !o.keepScratch {
 		defer dropClickHouseDatabase(cfg.Services.ClickHouseAddr, scratch, log)
 	}
-	if !o.skipLoad {
-		start := time.Now()
-		if err := loadScratch(ctx, cfg, ch, since, o.batch, &rep, stderr); err != nil {
-			return rep, err
-		}
-		rep.LoadSeconds = time.Since(start).Seconds()
-	}
 	store := invpg.New(pool)
 	invs, err := store.ClosedInvoices(ctx, from, to)
 	if err != nil {
 		return rep, err
+	}
+	if err := invch.CreateArrivedAfterClose(ctx, ch); err != nil {
+		return rep, err
+	}
+	if !o.skipLoad {
+		start := time.Now()
+		// Which events arrived after their period's invoice was closed is
+		// told against every closed invoice, not only those in --from/--to.
+		all, err := store.ClosedInvoices(ctx, time.Time{}, time.Date(9999, 1, 1, 0, 0, 0, 0, time.UTC))
+		if err != nil {
+			return rep, err
+		}
+		if err := loadScratch(ctx, cfg, ch, since, o.batch, newClosings(all), &rep, stderr); err != nil {
+			return rep, err
+		}
+		rep.LoadSeconds = time.Since(start).Seconds()
 	}
 	iv, err := invoicer.New(store, nil, nil, nil, invoicer.Options{Meters: cfg.Meters}, log)
 	if err != nil {
 		return rep, err
 	}
 	bar := newBar(stderr, int64(len(invs)), "recomputing invoices")
-	rep.Results, err = iv.Audit(ctx, invch.New(ch), invs, func(done, _ int) { _ = bar.Set(done) })
+	rep.Results, err = iv.Audit(ctx, invch.New(ch), invch.NewAsClosed(ch), invs, func(done, _ int) { _ = bar.Set(done) })
 	_ = bar.Finish()
 	if err != nil {
 		return rep, err
 	}
 	rep.Invoices = len(rep.Results)
 	for _, r := range rep.Results {
-		if r.Match {
+		switch r.Result {
+		case invoicer.ResultMatch:
 			rep.Matching++
-		} else {
+		case invoicer.ResultMatchAtClose:
+			rep.MatchingAtClose++
+			rep.ArrivedAfterClose += r.ArrivedAfterClose
+		default:
 			rep.Different++
 		}
 	}
@@ -356,10 +374,38 @@ func newBar(w io.Writer, total int64, desc string) *progressbar.ProgressBar {
 		progressbar.OptionOnCompletion(func() { fmt.Fprintln(w) }))
 }
 
+// closings tell, per account, when the invoice of each period was closed.
+type closings map[string][]invoicer.StoredInvoice
+
+func newClosings(invs []invoicer.StoredInvoice) closings {
+	c := closings{}
+	for _, si := range invs {
+		c[si.AccountID] = append(c[si.AccountID], si)
+	}
+	return c
+}
+
+// after reports whether a live event of account at t, carried by a record
+// of recordTime, reached the log after its period's invoice was created
+// (the close reads usage just before it creates the invoice).
+func (c closings) after(account string, t, recordTime time.Time) bool {
+	if recordTime.IsZero() {
+		return false
+	}
+	for _, si := range c[account] {
+		if !t.Before(si.Period.Start) && t.Before(si.Period.End) {
+			return recordTime.After(si.CreatedAt)
+		}
+	}
+	return false
+}
+
 // loadScratch reads the topic into the scratch database exactly as ingest
 // would have landed it: ingest.Split decodes, deduplicates and applies the
-// lateness rule, and the ingest sink writes the same columns.
-func loadScratch(ctx context.Context, cfg Config, ch driver.Conn, since time.Time, batch int, rep *ReplayReport, stderr io.Writer) error {
+// lateness rule, and the ingest sink writes the same columns. The live
+// events that reached the log after their period's invoice was closed are
+// also listed in invch.ArrivedAfterClose.
+func loadScratch(ctx context.Context, cfg Config, ch driver.Conn, since time.Time, batch int, closed closings, rep *ReplayReport, stderr io.Writer) error {
 	sink := chsink.NewSink(ch)
 	log := &invkafka.Log{Brokers: cfg.Services.KafkaBrokers, Topic: cfg.Ingest.Topic}
 	var bar *progressbar.ProgressBar
@@ -379,6 +425,9 @@ func loadScratch(ctx context.Context, cfg Config, ch driver.Conn, since time.Tim
 			if err := sink.InsertLate(ctx, late); err != nil {
 				return err
 			}
+		}
+		if err := insertArrivedAfterClose(ctx, ch, closed, events); err != nil {
+			return err
 		}
 		rep.RecordsRead += int64(len(msgs))
 		rep.EventsLoaded += int64(len(events))
@@ -400,6 +449,33 @@ func loadScratch(ctx context.Context, cfg Config, ch driver.Conn, since time.Tim
 	return nil
 }
 
+// insertArrivedAfterClose lists the live events of records that reached
+// the log after their period's invoice was closed.
+func insertArrivedAfterClose(ctx context.Context, ch driver.Conn, closed closings, events []ingest.Record) error {
+	var after []ingest.Record
+	for _, r := range events {
+		if r.Event.Environment == schemas.Live && closed.after(r.Event.AccountID, r.Event.Time, r.RecordTime) {
+			after = append(after, r)
+		}
+	}
+	if len(after) == 0 {
+		return nil
+	}
+	b, err := ch.PrepareBatch(ctx, "INSERT INTO "+invch.ArrivedAfterClose+" (event_id, account_id, timestamp, record_time)")
+	if err != nil {
+		return fmt.Errorf("list events that arrived after the close: %w", err)
+	}
+	for _, r := range after {
+		if err := b.Append(r.Event.ID, r.Event.AccountID, r.Event.Time.UTC(), r.RecordTime.UTC()); err != nil {
+			return fmt.Errorf("list events that arrived after the close: %w", err)
+		}
+	}
+	if err := b.Send(); err != nil {
+		return fmt.Errorf("list events that arrived after the close: %w", err)
+	}
+	return nil
+}
+
 func writeReports(rep ReplayReport, jsonPath, csvPath string) error {
 	if jsonPath != "" {
 		b, err := json.MarshalIndent(rep, "", "  ")
@@ -417,16 +493,14 @@ func writeReports(rep ReplayReport, jsonPath, csvPath string) error {
 		}
 		w := csv.NewWriter(f)
 		_ = w.Write([]string{"invoice_id", "account_id", "period_start", "period_end", "currency", "ledger_total",
-			"replay_total", "ledger_events", "replay_events", "ledger_hash", "replay_hash", "result", "differences"})
+			"replay_total", "ledger_events", "replay_events", "ledger_hash", "replay_hash", "result", "differences",
+			"arrived_after_close", "unbilled_total"})
 		for _, r := range rep.Results {
-			result := "match"
-			if !r.Match {
-				result = "different"
-			}
 			_ = w.Write([]string{r.InvoiceID, r.AccountID, r.PeriodStart.Format(time.RFC3339), r.PeriodEnd.Format(time.RFC3339),
 				r.Currency, strconv.FormatInt(r.LedgerTotal, 10), strconv.FormatInt(r.ReplayTotal, 10),
 				strconv.FormatInt(r.LedgerEvents, 10), strconv.FormatInt(r.ReplayEvents, 10), r.LedgerHash, r.ReplayHash,
-				result, strings.Join(r.Differences, "; ")})
+				r.Result, strings.Join(r.Differences, "; "), strconv.FormatInt(r.ArrivedAfterClose, 10),
+				strconv.FormatInt(r.UnbilledTotal, 10)})
 		}
 		w.Flush()
 		if err := errors.Join(w.Error(), f.Close()); err != nil {
@@ -439,10 +513,15 @@ func writeReports(rep ReplayReport, jsonPath, csvPath string) error {
 // summarize prints the outcome and fails when any invoice differs.
 func summarize(w io.Writer, rep ReplayReport) error {
 	fmt.Fprintf(w, "read %d records (%d events, %d late, %d rejected) into %s\n", rep.RecordsRead, rep.EventsLoaded, rep.LateEvents, rep.Rejected, rep.ScratchDatabase)
-	fmt.Fprintf(w, "%d invoices: %d match, %d different\n", rep.Invoices, rep.Matching, rep.Different)
+	fmt.Fprintf(w, "%d invoices: %d match, %d match the log as it stood at their close, %d different\n",
+		rep.Invoices, rep.Matching, rep.MatchingAtClose, rep.Different)
 	for _, r := range rep.Results {
-		if !r.Match {
+		switch r.Result {
+		case invoicer.ResultDifferent:
 			fmt.Fprintf(w, "DIFFERENT %s %s %s: %s\n", r.InvoiceID, r.AccountID, r.PeriodStart.Format("2006-01"), strings.Join(r.Differences, "; "))
+		case invoicer.ResultMatchAtClose:
+			fmt.Fprintf(w, "UNBILLED  %s %s %s: %d events arrived after the close; they would have added %s %s\n", r.InvoiceID,
+				r.AccountID, r.PeriodStart.Format("2006-01"), r.ArrivedAfterClose, invoicer.FormatMinor(r.UnbilledTotal, r.Currency), strings.ToUpper(r.Currency))
 		}
 	}
 	if rep.Different > 0 {

@@ -20,6 +20,8 @@ import (
 // before ReplacingMergeTree has merged its duplicates away.
 type Usage struct {
 	conn driver.Conn
+	// asClosed leaves out the events in ArrivedAfterClose.
+	asClosed bool
 }
 
 var (
@@ -48,6 +50,9 @@ func (u *Usage) Usage(ctx context.Context, accounts []string, p invoicer.Period,
 	if err != nil {
 		return nil, err
 	}
+	if u.asClosed {
+		filter += " AND event_id NOT IN (SELECT event_id FROM " + ArrivedAfterClose + ")"
+	}
 	before, merged, err := u.parts(ctx, p)
 	if err != nil {
 		return nil, err
@@ -70,6 +75,51 @@ func (u *Usage) Usage(ctx context.Context, accounts []string, p invoicer.Period,
 		return nil, err
 	}
 	return only(out, accounts), nil
+}
+
+// ArrivedAfterClose is the table, in a replay's scratch database, of the
+// events that reached the usage topic after the invoice of their period
+// was closed (their Kafka record time is later than the invoice's
+// creation): usage the invoice could not have counted.
+const ArrivedAfterClose = "arrived_after_close"
+
+// CreateArrivedAfterClose creates that table in conn's database.
+func CreateArrivedAfterClose(ctx context.Context, conn driver.Conn) error {
+	err := conn.Exec(ctx, `CREATE TABLE IF NOT EXISTS `+ArrivedAfterClose+` (
+		event_id UUID, account_id String, timestamp DateTime('UTC'), record_time DateTime('UTC'))
+		ENGINE = MergeTree() ORDER BY (account_id, timestamp, event_id)`)
+	if err != nil {
+		return fmt.Errorf("create %s: %w", ArrivedAfterClose, err)
+	}
+	return nil
+}
+
+// AsClosed reads usage as it stood when each invoice was closed: without
+// the events in ArrivedAfterClose.
+type AsClosed struct{ u *Usage }
+
+var _ invoicer.LateArrivals = (*AsClosed)(nil)
+
+// NewAsClosed returns a reader over conn, whose database holds
+// usage_events and ArrivedAfterClose.
+func NewAsClosed(conn driver.Conn) *AsClosed { return &AsClosed{u: &Usage{conn: conn, asClosed: true}} }
+
+// Usage is Usage.Usage without the events that arrived after their close.
+func (a *AsClosed) Usage(ctx context.Context, accounts []string, p invoicer.Period, meters []meter.Meter, env schemas.Environment) (map[string]invoicer.AccountUsage, error) {
+	return a.u.Usage(ctx, accounts, p, meters, env)
+}
+
+// Arrived counts the events of the account and period that arrived after
+// the invoice was closed.
+func (a *AsClosed) Arrived(ctx context.Context, accountID string, p invoicer.Period) (int64, error) {
+	var n uint64
+	err := a.u.conn.QueryRow(ctx, `SELECT uniqExact(event_id) FROM `+ArrivedAfterClose+`
+		WHERE account_id = ? AND timestamp >= toDateTime(?) AND timestamp < toDateTime(?)`,
+		accountID, uint32(p.Start.Unix()), uint32(p.End.Unix())).Scan(&n)
+	if err != nil {
+		return 0, fmt.Errorf("count events that arrived after the close: %w", err)
+	}
+	return int64(n), nil
 }
 
 // maxInList is the most accounts a read names in an IN filter. A short
