@@ -175,8 +175,8 @@ type CloseResult struct {
 
 // CloseDue invoices every account for every period that ended, in the
 // account's time zone, at least the grace before the watermark and has no
-// invoice yet (duePeriods: after a zone change, the first period runs from
-// where the last invoice ended). Retrying is safe: invoice ids are
+// invoice yet (duePeriods: after a zone change, periods run from where the
+// old zone's invoices end). Retrying is safe: invoice ids are
 // deterministic and stored once.
 func (iv *Invoicer) CloseDue(ctx context.Context) (CloseResult, error) {
 	wm, err := iv.wm.Watermark(ctx)
@@ -221,10 +221,9 @@ func (iv *Invoicer) CloseDue(ctx context.Context) (CloseResult, error) {
 			months = append(months, p)
 		}
 		slices.Reverse(months)
-		next := func(p Period) Period { return MonthPeriod(p.End, loc) }
 		// Usage of a period (plus grace) must be complete.
 		ready := func(p Period) bool { return !p.End.Add(iv.grace).After(wm) }
-		for _, p := range duePeriods(months, done[a.ID], next, ready) {
+		for _, p := range duePeriods(months, done[a.ID], a.CreatedAt, ready) {
 			due[p] = append(due[p], a)
 		}
 	}

@@ -153,7 +153,7 @@ func (s *Server) period(ctx context.Context, acct string) (invoicer.Account, inv
 	for i, inv := range invs {
 		invoiced[i] = inv.Period
 	}
-	return a, invoicer.OpenPeriod(now, loc, invoiced), now, nil
+	return a, invoicer.OpenPeriod(now, loc, invoiced, a.CreatedAt), now, nil
 }
 
 func (s *Server) currentUsage(c echo.Context) error {
