@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	stripego "github.com/stripe/stripe-go/v76"
@@ -24,6 +25,11 @@ import (
 // state, so several clients with different keys and URLs can coexist.
 type Client struct {
 	api *client.API
+
+	// mu guards the items last listed (itemsOn).
+	mu      sync.Mutex
+	itemsOf string
+	items   map[string]string
 }
 
 var _ invoicer.Stripe = (*Client)(nil)
@@ -83,13 +89,12 @@ func (c *Client) EnsureCustomer(ctx context.Context, p invoicer.CustomerParams) 
 			return cus.ID, nil
 		}
 	}
-	var se *stripego.Error
-	if err := found.Err(); err != nil && !(errors.As(err, &se) && se.Type == stripego.ErrorTypeInvalidRequest) {
+	if err := found.Err(); err != nil && !searchUnavailable(err) {
 		return "", fmt.Errorf("search stripe customers: %w", err)
 	}
-	// Search is not offered everywhere (Stripe refuses it as an invalid
-	// request then); without it a customer made more than 24 hours before
-	// a resumed sync is made again. That costs a stray customer, not a
+	// Search is not offered everywhere (Stripe refuses it with a 400
+	// then); without it a customer made more than 24 hours before a
+	// resumed sync is made again. That costs a stray customer, not a
 	// second charge.
 	cp := &stripego.CustomerParams{Params: params(ctx, p.IdempotencyKey, map[string]string{"tollgate_account_id": p.AccountID})}
 	if p.Name != "" {
@@ -103,6 +108,15 @@ func (c *Client) EnsureCustomer(ctx context.Context, p invoicer.CustomerParams) 
 		return "", fmt.Errorf("create stripe customer: %w", err)
 	}
 	return cus.ID, nil
+}
+
+// searchUnavailable tells Stripe's refusal of search itself (a 400
+// invalid request) from a failure worth retrying: a rate limit (429, which
+// Stripe also types as an invalid request), a bad key, a network error.
+func searchUnavailable(err error) bool {
+	var se *stripego.Error
+	return errors.As(err, &se) && se.HTTPStatusCode == http.StatusBadRequest &&
+		se.Type == stripego.ErrorTypeInvalidRequest && se.Code != stripego.ErrorCodeRateLimit
 }
 
 // quote escapes a value for a Stripe search query's single quotes.
@@ -146,18 +160,13 @@ func (c *Client) CreateInvoice(ctx context.Context, p invoicer.InvoiceParams) (s
 // CreateInvoiceItem attaches one line to a draft invoice, unless an earlier
 // attempt did (found by metadata among the invoice's items).
 func (c *Client) CreateInvoiceItem(ctx context.Context, p invoicer.InvoiceItemParams) (string, error) {
-	lp := &stripego.InvoiceItemListParams{Invoice: stripego.String(p.StripeInvoiceID)}
-	lp.Context = ctx
-	lp.Limit = stripego.Int64(100)
-	found := c.api.InvoiceItems.List(lp)
-	line := strconv.Itoa(p.LineNo)
-	for found.Next() {
-		if it := found.InvoiceItem(); it.Metadata["tollgate_invoice_id"] == p.InvoiceID && it.Metadata["tollgate_line_no"] == line {
-			return it.ID, nil
-		}
+	made, err := c.itemsOn(ctx, p.StripeInvoiceID)
+	if err != nil {
+		return "", err
 	}
-	if err := found.Err(); err != nil {
-		return "", fmt.Errorf("list stripe invoice items: %w", err)
+	key := p.InvoiceID + "\x00" + strconv.Itoa(p.LineNo)
+	if id, ok := made[key]; ok {
+		return id, nil
 	}
 	ip := &stripego.InvoiceItemParams{
 		Params: params(ctx, p.IdempotencyKey, map[string]string{
@@ -172,12 +181,41 @@ func (c *Client) CreateInvoiceItem(ctx context.Context, p invoicer.InvoiceItemPa
 	if err != nil {
 		return "", fmt.Errorf("create stripe invoice item: %w", err)
 	}
+	made[key] = it.ID
 	return it.ID, nil
+}
+
+// itemsOn returns the items on a Stripe invoice, by ledger invoice id and
+// line number. They are listed once per invoice (a sync adds its items
+// one after another) and kept for the invoice last asked about.
+func (c *Client) itemsOn(ctx context.Context, stripeInvoiceID string) (map[string]string, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.itemsOf == stripeInvoiceID && c.items != nil {
+		return c.items, nil
+	}
+	lp := &stripego.InvoiceItemListParams{Invoice: stripego.String(stripeInvoiceID)}
+	lp.Context = ctx
+	lp.Limit = stripego.Int64(100)
+	found := c.api.InvoiceItems.List(lp)
+	made := map[string]string{}
+	for found.Next() {
+		it := found.InvoiceItem()
+		if inv, line := it.Metadata["tollgate_invoice_id"], it.Metadata["tollgate_line_no"]; inv != "" && line != "" {
+			made[inv+"\x00"+line] = it.ID
+		}
+	}
+	if err := found.Err(); err != nil {
+		return nil, fmt.Errorf("list stripe invoice items: %w", err)
+	}
+	c.itemsOf, c.items = stripeInvoiceID, made
+	return made, nil
 }
 
 // FinalizeInvoice finalizes a draft invoice. An invoice an earlier attempt
 // finalized (Stripe refuses a second finalize once the idempotency key has
-// expired) is reported as it stands.
+// expired) is reported as it stands if it is open, paid or uncollectible;
+// a voided one is an error.
 func (c *Client) FinalizeInvoice(ctx context.Context, id, key string) (invoicer.FinalizedInvoice, error) {
 	fp := &stripego.InvoiceFinalizeInvoiceParams{Params: params(ctx, key, nil), AutoAdvance: stripego.Bool(true)}
 	inv, err := c.api.Invoices.FinalizeInvoice(id, fp)
@@ -187,10 +225,17 @@ func (c *Client) FinalizeInvoice(ctx context.Context, id, key string) (invoicer.
 			return invoicer.FinalizedInvoice{}, fmt.Errorf("finalize stripe invoice %s: %w", id, err)
 		}
 		now, gerr := c.api.Invoices.Get(id, &stripego.InvoiceParams{Params: stripego.Params{Context: ctx}})
-		if gerr != nil || now.Status == stripego.InvoiceStatusDraft {
+		if gerr != nil {
 			return invoicer.FinalizedInvoice{}, fmt.Errorf("finalize stripe invoice %s: %w", id, err)
 		}
-		inv = now
+		switch now.Status {
+		case stripego.InvoiceStatusOpen, stripego.InvoiceStatusPaid, stripego.InvoiceStatusUncollectible:
+			inv = now
+		default:
+			// Still a draft (refused for another reason), or voided by
+			// hand: not what the ledger may record as billed.
+			return invoicer.FinalizedInvoice{}, fmt.Errorf("finalize stripe invoice %s (now %s): %w", id, now.Status, err)
+		}
 	}
 	return invoicer.FinalizedInvoice{ID: inv.ID, Status: string(inv.Status), HostedURL: inv.HostedInvoiceURL}, nil
 }

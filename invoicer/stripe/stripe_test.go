@@ -184,6 +184,23 @@ func TestAResumedSyncFindsWhatItMadeAfterTheKeysExpired(t *testing.T) {
 	if _, err := c.FinalizeInvoice(ctx, "in_missing", "tollgate:missing:finalize"); err == nil {
 		t.Error("finalizing a missing invoice succeeded")
 	}
+	// Items are listed once per invoice, not once per line.
+	lists := 0
+	for _, call := range f.Calls() {
+		if call.Kind == "list_items" {
+			lists++
+		}
+	}
+	if lists != 1 {
+		t.Errorf("invoice items listed %d times for one invoice, want once", lists)
+	}
+	// An invoice voided by hand in Stripe is not taken as finalized.
+	fresh, err := c.CreateInvoice(ctx, next)
+	testenv.Must(t, err, "find the next invoice")
+	f.Void(fresh)
+	if fin, err := c.FinalizeInvoice(ctx, fresh, "tollgate:"+next.InvoiceID+":finalize"); err == nil {
+		t.Errorf("finalizing a voided invoice: %+v, want an error", fin)
+	}
 }
 
 func TestWebhookSignatures(t *testing.T) {

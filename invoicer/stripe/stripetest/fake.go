@@ -112,6 +112,15 @@ func (f *Fake) ForgetIdempotencyKeys() {
 	f.idem = map[string]stored{}
 }
 
+// Void marks an invoice void, as someone might in Stripe's dashboard.
+func (f *Fake) Void(id string) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if inv := f.invoices[id]; inv != nil {
+		inv.Status = "void"
+	}
+}
+
 // Invoices returns a copy of every invoice, in creation order.
 func (f *Fake) Invoices() []Invoice {
 	f.mu.Lock()
