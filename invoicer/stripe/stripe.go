@@ -179,9 +179,16 @@ func (c *Client) CreateInvoiceItem(ctx context.Context, p invoicer.InvoiceItemPa
 	}
 	it, err := c.api.InvoiceItems.New(ip)
 	if err != nil {
+		// Stripe may have made it all the same (an answer lost on the
+		// way): list again next time.
+		c.mu.Lock()
+		c.itemsOf, c.items = "", nil
+		c.mu.Unlock()
 		return "", fmt.Errorf("create stripe invoice item: %w", err)
 	}
+	c.mu.Lock()
 	made[key] = it.ID
+	c.mu.Unlock()
 	return it.ID, nil
 }
 
