@@ -17,6 +17,7 @@ import (
 
 	"github.com/ClickHouse/clickhouse-go/v2"
 	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
+	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/schollz/progressbar/v3"
 	"github.com/spf13/cobra"
@@ -416,6 +417,11 @@ func loadScratch(ctx context.Context, cfg Config, ch driver.Conn, since time.Tim
 			in[i] = ingest.Message{Partition: m.Partition, Offset: m.Offset, Key: m.Key, Value: m.Value, Time: m.Time}
 		}
 		events, late, rejected, _ := ingest.Split(in, now, cfg.Ingest.MaxLateness)
+		// Before this batch lands: whether an earlier copy of an event
+		// landed is read from what earlier batches landed.
+		if err := insertArrivedAfterClose(ctx, ch, closed, events); err != nil {
+			return err
+		}
 		if len(events) > 0 {
 			if err := sink.Insert(ctx, events); err != nil {
 				return err
@@ -425,9 +431,6 @@ func loadScratch(ctx context.Context, cfg Config, ch driver.Conn, since time.Tim
 			if err := sink.InsertLate(ctx, late); err != nil {
 				return err
 			}
-		}
-		if err := insertArrivedAfterClose(ctx, ch, closed, events); err != nil {
-			return err
 		}
 		rep.RecordsRead += int64(len(msgs))
 		rep.EventsLoaded += int64(len(events))
@@ -450,7 +453,13 @@ func loadScratch(ctx context.Context, cfg Config, ch driver.Conn, since time.Tim
 }
 
 // insertArrivedAfterClose lists the live events of records that reached
-// the log after their period's invoice was closed.
+// the log after their period's invoice was closed, by the raw table's row
+// key (event id, time, type). A record that repeats an event an earlier
+// record already landed before the close (a client's retry after it, say)
+// is no late arrival: the invoice counted that event. Run before the batch
+// lands, so what landed is what earlier batches landed; an event's copies
+// share a partition (the topic is keyed by account), so its first copy is
+// read first.
 func insertArrivedAfterClose(ctx context.Context, ch driver.Conn, closed closings, events []ingest.Record) error {
 	var after []ingest.Record
 	for _, r := range events {
@@ -461,12 +470,61 @@ func insertArrivedAfterClose(ctx context.Context, ch driver.Conn, closed closing
 	if len(after) == 0 {
 		return nil
 	}
-	b, err := ch.PrepareBatch(ctx, "INSERT INTO "+invch.ArrivedAfterClose+" (event_id, account_id, timestamp, record_time)")
+	type rowKey struct {
+		id  uuid.UUID
+		at  int64
+		typ string
+	}
+	keysIn := func(table string, ids []string) (map[rowKey]bool, error) {
+		rows, err := ch.Query(ctx, `SELECT event_id, timestamp, event_type FROM `+table+
+			` WHERE event_id IN (`+strings.Join(ids, ",")+`)`)
+		if err != nil {
+			return nil, fmt.Errorf("look for earlier copies of late events: %w", err)
+		}
+		defer rows.Close()
+		out := map[rowKey]bool{}
+		for rows.Next() {
+			var k rowKey
+			var at time.Time
+			if err := rows.Scan(&k.id, &at, &k.typ); err != nil {
+				return nil, fmt.Errorf("look for earlier copies of late events: %w", err)
+			}
+			k.at = at.Unix()
+			out[k] = true
+		}
+		return out, rows.Err()
+	}
+	var late []ingest.Record
+	for lo := 0; lo < len(after); lo += 1000 {
+		chunk := after[lo:min(lo+1000, len(after))]
+		ids := make([]string, len(chunk))
+		for i, r := range chunk {
+			ids[i] = "toUUID('" + uuid.UUID(r.Event.ID).String() + "')"
+		}
+		landed, err := keysIn("usage_events", ids)
+		if err != nil {
+			return err
+		}
+		listed, err := keysIn(invch.ArrivedAfterClose, ids)
+		if err != nil {
+			return err
+		}
+		for _, r := range chunk {
+			k := rowKey{uuid.UUID(r.Event.ID), r.Event.Time.Unix(), r.Event.Type}
+			if !landed[k] || listed[k] {
+				late = append(late, r)
+			}
+		}
+	}
+	if len(late) == 0 {
+		return nil
+	}
+	b, err := ch.PrepareBatch(ctx, "INSERT INTO "+invch.ArrivedAfterClose+" (event_id, account_id, event_type, timestamp, record_time)")
 	if err != nil {
 		return fmt.Errorf("list events that arrived after the close: %w", err)
 	}
-	for _, r := range after {
-		if err := b.Append(r.Event.ID, r.Event.AccountID, r.Event.Time.UTC(), r.RecordTime.UTC()); err != nil {
+	for _, r := range late {
+		if err := b.Append(r.Event.ID, r.Event.AccountID, r.Event.Type, r.Event.Time.UTC(), r.RecordTime.UTC()); err != nil {
 			return fmt.Errorf("list events that arrived after the close: %w", err)
 		}
 	}

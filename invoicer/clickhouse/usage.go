@@ -51,7 +51,7 @@ func (u *Usage) Usage(ctx context.Context, accounts []string, p invoicer.Period,
 		return nil, err
 	}
 	if u.asClosed {
-		filter += " AND event_id NOT IN (SELECT event_id FROM " + ArrivedAfterClose + ")"
+		filter += " AND (event_id, timestamp, event_type) NOT IN (SELECT event_id, timestamp, event_type FROM " + ArrivedAfterClose + ")"
 	}
 	before, merged, err := u.parts(ctx, p)
 	if err != nil {
@@ -78,15 +78,16 @@ func (u *Usage) Usage(ctx context.Context, accounts []string, p invoicer.Period,
 }
 
 // ArrivedAfterClose is the table, in a replay's scratch database, of the
-// events that reached the usage topic after the invoice of their period
-// was closed (their Kafka record time is later than the invoice's
-// creation): usage the invoice could not have counted.
+// events (by the raw table's row key: id, time, type) that reached the
+// usage topic after the invoice of their period was closed (their first
+// record's Kafka time is later than the invoice's creation): usage the
+// invoice could not have counted.
 const ArrivedAfterClose = "arrived_after_close"
 
 // CreateArrivedAfterClose creates that table in conn's database.
 func CreateArrivedAfterClose(ctx context.Context, conn driver.Conn) error {
 	err := conn.Exec(ctx, `CREATE TABLE IF NOT EXISTS `+ArrivedAfterClose+` (
-		event_id UUID, account_id String, timestamp DateTime('UTC'), record_time DateTime('UTC'))
+		event_id UUID, account_id String, event_type String, timestamp DateTime('UTC'), record_time DateTime('UTC'))
 		ENGINE = MergeTree() ORDER BY (account_id, timestamp, event_id)`)
 	if err != nil {
 		return fmt.Errorf("create %s: %w", ArrivedAfterClose, err)
@@ -113,7 +114,7 @@ func (a *AsClosed) Usage(ctx context.Context, accounts []string, p invoicer.Peri
 // the invoice was closed.
 func (a *AsClosed) Arrived(ctx context.Context, accountID string, p invoicer.Period) (int64, error) {
 	var n uint64
-	err := a.u.conn.QueryRow(ctx, `SELECT uniqExact(event_id) FROM `+ArrivedAfterClose+`
+	err := a.u.conn.QueryRow(ctx, `SELECT uniqExact(event_id, timestamp, event_type) FROM `+ArrivedAfterClose+`
 		WHERE account_id = ? AND timestamp >= toDateTime(?) AND timestamp < toDateTime(?)`,
 		accountID, uint32(p.Start.Unix()), uint32(p.End.Unix())).Scan(&n)
 	if err != nil {
