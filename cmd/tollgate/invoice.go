@@ -331,8 +331,15 @@ func runReplay(ctx context.Context, cfg Config, o replayOptions, log *slog.Logge
 	if !o.skipLoad {
 		start := time.Now()
 		// Which events arrived after their period's invoice was closed is
-		// told against every closed invoice, not only those in --from/--to.
-		all, err := store.ClosedInvoices(ctx, time.Time{}, time.Date(9999, 1, 1, 0, 0, 0, 0, time.UTC))
+		// told against every closed invoice whose period the events read
+		// can fall in (up to ingest's lateness before --since, and periods
+		// run to two months after a zone change), not only those in
+		// --from/--to.
+		first := time.Time{}
+		if !since.IsZero() {
+			first = since.Add(-cfg.Ingest.MaxLateness).AddDate(0, -3, 0)
+		}
+		all, err := store.ClosedInvoices(ctx, first, time.Date(9999, 1, 1, 0, 0, 0, 0, time.UTC))
 		if err != nil {
 			return rep, err
 		}
