@@ -206,22 +206,22 @@ func strictNames(raw []byte) *schemas.FieldError {
 			return &schemas.FieldError{Field: name, Reason: "given twice"}
 		}
 		seen[known] = true
+		var value json.RawMessage
+		if dec.Decode(&value) != nil {
+			return nil
+		}
 		if name == "dimensions" {
-			if p := uniqueNames(dec); p != nil {
+			if p := uniqueNames(value); p != nil {
 				return p
 			}
-			continue
-		}
-		var skip json.RawMessage
-		if dec.Decode(&skip) != nil {
-			return nil
 		}
 	}
 	return nil
 }
 
-// uniqueNames reads the dimensions value and names a key given twice.
-func uniqueNames(dec *json.Decoder) *schemas.FieldError {
+// uniqueNames names a key the dimensions object gives twice.
+func uniqueNames(value json.RawMessage) *schemas.FieldError {
+	dec := json.NewDecoder(bytes.NewReader(value))
 	t, err := dec.Token()
 	if err != nil || t != json.Delim('{') {
 		return nil // null, or not an object: the decoder reports the latter
@@ -242,7 +242,6 @@ func uniqueNames(dec *json.Decoder) *schemas.FieldError {
 			return nil
 		}
 	}
-	_, _ = dec.Token() // }
 	return nil
 }
 

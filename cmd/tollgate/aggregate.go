@@ -197,6 +197,9 @@ func (m *AggregateMain) Run(ctx context.Context) error {
 	case <-ctx.Done():
 		sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
+		if m.metrics != nil {
+			_ = m.metrics.Shutdown(sctx)
+		}
 		return m.srv.Shutdown(sctx)
 	case err := <-errc:
 		if errors.Is(err, http.ErrServerClosed) {

@@ -85,6 +85,7 @@ func (c *Config) applyEnv() {
 	set(&c.Edge.AdminTokenSHA256, "TOLLGATE_EDGE_ADMIN_TOKEN_SHA256")
 	set(&c.Edge.SpoolDir, "TOLLGATE_EDGE_SPOOL_DIR")
 	set(&c.Aggregator.Listen, "TOLLGATE_AGGREGATOR_LISTEN")
+	set(&c.Aggregator.MetricsListen, "TOLLGATE_AGGREGATOR_METRICS_LISTEN")
 	set(&c.Aggregator.AdminTokenSHA256, "TOLLGATE_AGGREGATOR_ADMIN_TOKEN_SHA256")
 }
 
