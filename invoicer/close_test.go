@@ -2,6 +2,7 @@ package invoicer_test
 
 import (
 	"context"
+	"errors"
 	"io"
 	"log/slog"
 	"strings"
@@ -249,6 +250,35 @@ func TestCloseInvoicesEveryAccountOnceFromLiveUsage(t *testing.T) {
 		testenv.Must(t, e.pg.Pool.QueryRow(ctx, `SELECT sum(amount_minor) FROM ledger_entries WHERE invoice_id = $1 AND kind IN ('invoice.finalized', 'credit_note')`, invs[0].ID).Scan(&sum), "sum")
 		if sum != invs[0].Total-100 {
 			t.Errorf("balance: got %d, want %d", sum, invs[0].Total-100)
+		}
+	})
+	t.Run("credit notes never add up to more than the invoice", func(t *testing.T) {
+		invs, _ := e.store.AccountInvoices(ctx, "acct_change")
+		inv := invs[0] // 100 credited above
+		left := inv.Total - 100
+		if left <= 1 {
+			t.Fatalf("invoice total %d too small for the test", inv.Total)
+		}
+		err := e.store.AppendCreditNote(ctx, inv.ID, left+1, "too much")
+		if !errors.Is(err, invoicer.ErrConflict) {
+			t.Fatalf("crediting %d of %d left: %v, want a conflict", left+1, left, err)
+		}
+		// Two at once, each for all that is left: exactly one passes.
+		errs := make(chan error, 2)
+		for range 2 {
+			go func() { errs <- e.store.AppendCreditNote(ctx, inv.ID, left, "all of it") }()
+		}
+		e1, e2 := <-errs, <-errs
+		if (e1 == nil) == (e2 == nil) {
+			t.Fatalf("two credit notes for all that is left: %v and %v, want one to pass", e1, e2)
+		}
+		var sum int64
+		testenv.Must(t, e.pg.Pool.QueryRow(ctx, `SELECT sum(amount_minor) FROM ledger_entries WHERE invoice_id = $1 AND kind IN ('invoice.finalized', 'credit_note')`, inv.ID).Scan(&sum), "sum")
+		if sum != 0 {
+			t.Errorf("balance after crediting everything: %d, want 0", sum)
+		}
+		if err := e.store.AppendCreditNote(ctx, "inv_missing", 1, "none"); !errors.Is(err, invoicer.ErrNotFound) {
+			t.Errorf("credit note on a missing invoice: %v, want not found", err)
 		}
 	})
 }

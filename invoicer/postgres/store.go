@@ -423,21 +423,42 @@ func (s *Store) RecordWebhook(ctx context.Context, ev invoicer.WebhookEvent) (bo
 }
 
 // AppendCreditNote appends a credit note (a negative amount) to a
-// finalized invoice.
+// finalized invoice. Credit notes never add up to more than the invoice's
+// total: the invoice row is locked while the credits already given are
+// summed, so two at once cannot both pass.
 func (s *Store) AppendCreditNote(ctx context.Context, invoiceID string, amount int64, reason string) error {
 	if amount <= 0 {
 		return fmt.Errorf("%w: credit note amount must be positive", invoicer.ErrInvalid)
 	}
-	tag, err := s.pool.Exec(ctx, `
-		INSERT INTO ledger_entries (account_id, kind, invoice_id, amount_minor, currency, payload)
-		SELECT account_id, $2, id, -$3::bigint, currency, jsonb_build_object('reason', $4::text)
-		FROM invoices i WHERE id = $1 AND EXISTS (SELECT 1 FROM ledger_entries e WHERE e.invoice_id = i.id AND e.kind = 'invoice.finalized')`,
-		invoiceID, KindCreditNote, amount, reason)
+	tx, err := s.pool.Begin(ctx)
 	if err != nil {
 		return fmt.Errorf("append credit note: %w", err)
 	}
-	if tag.RowsAffected() == 0 {
+	defer tx.Rollback(ctx) //nolint:errcheck // a no-op after Commit
+	var total, credited int64
+	var finalized bool
+	err = tx.QueryRow(ctx, `SELECT i.total_minor,
+			EXISTS (SELECT 1 FROM ledger_entries e WHERE e.invoice_id = i.id AND e.kind = 'invoice.finalized'),
+			coalesce((SELECT -sum(e.amount_minor) FROM ledger_entries e WHERE e.invoice_id = i.id AND e.kind = $2), 0)::bigint
+		FROM invoices i WHERE i.id = $1 FOR UPDATE`, invoiceID, KindCreditNote).Scan(&total, &finalized, &credited)
+	if errors.Is(err, pgx.ErrNoRows) || (err == nil && !finalized) {
 		return fmt.Errorf("finalized invoice %s: %w", invoiceID, invoicer.ErrNotFound)
+	}
+	if err != nil {
+		return fmt.Errorf("append credit note: %w", err)
+	}
+	if amount > total-credited {
+		return fmt.Errorf("%w: a credit note of %d would credit more than invoice %s's total of %d (%d already credited)",
+			invoicer.ErrConflict, amount, invoiceID, total, credited)
+	}
+	if _, err := tx.Exec(ctx, `
+		INSERT INTO ledger_entries (account_id, kind, invoice_id, amount_minor, currency, payload)
+		SELECT account_id, $2, id, -$3::bigint, currency, jsonb_build_object('reason', $4::text)
+		FROM invoices WHERE id = $1`, invoiceID, KindCreditNote, amount, reason); err != nil {
+		return fmt.Errorf("append credit note: %w", err)
+	}
+	if err := tx.Commit(ctx); err != nil {
+		return fmt.Errorf("append credit note: %w", err)
 	}
 	return nil
 }
