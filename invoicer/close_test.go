@@ -281,6 +281,38 @@ func TestCloseInvoicesEveryAccountOnceFromLiveUsage(t *testing.T) {
 			t.Errorf("credit note on a missing invoice: %v, want not found", err)
 		}
 	})
+	t.Run("credit notes reach stripe once", func(t *testing.T) {
+		// acct_change's first invoice is open in Stripe and now wholly
+		// credited (two credit notes above); acct_starter's first is paid
+		// there, and its credit goes to the customer's balance.
+		starter, _ := e.store.AccountInvoices(ctx, "acct_starter")
+		paid := starter[0]
+		fake.Pay(paid.StripeInvoiceID)
+		testenv.Must(t, e.store.AppendCreditNote(ctx, paid.ID, 250, "outage credit"), "credit a paid invoice")
+		testenv.Must(t, iv.SyncStripe(ctx), "sync")
+		testenv.Must(t, iv.SyncStripe(ctx), "sync again")
+		change, _ := e.store.AccountInvoices(ctx, "acct_change")
+		open := change[0]
+		byInvoice := map[string][]stripetest.CreditNote{}
+		for _, cn := range fake.CreditNotes() {
+			byInvoice[cn.Metadata["tollgate_invoice_id"]] = append(byInvoice[cn.Metadata["tollgate_invoice_id"]], cn)
+		}
+		if got := byInvoice[open.ID]; len(got) != 2 || got[0].Amount != 100 || got[1].Amount != open.Total-100 ||
+			got[0].Type != "pre_payment" || got[0].Memo != "goodwill" || got[0].Invoice != open.StripeInvoiceID {
+			t.Errorf("credit notes of the open invoice: %+v, want 100 and %d before payment", got, open.Total-100)
+		}
+		if got := byInvoice[paid.ID]; len(got) != 1 || got[0].Amount != 250 || got[0].Type != "post_payment" || got[0].CreditAmount != 250 {
+			t.Errorf("credit notes of the paid invoice: %+v, want 250 to the customer's balance", got)
+		}
+		if n := len(fake.CreditNotes()); n != 3 {
+			t.Errorf("stripe holds %d credit notes, want 3", n)
+		}
+		for _, si := range fake.Invoices() {
+			if si.ID == open.StripeInvoiceID && si.AmountDue != 0 {
+				t.Errorf("wholly credited invoice: %d due in stripe, want 0", si.AmountDue)
+			}
+		}
+	})
 }
 
 // A close that stopped between saving its drafts and finalizing them left

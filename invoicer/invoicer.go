@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"slices"
 	"sort"
+	"strconv"
 	"time"
 
 	"github.com/tollgate-dev/tollgate/internal/caltime"
@@ -93,7 +94,25 @@ type SyncState interface {
 	SaveSyncStep(ctx context.Context, invoiceID, step, stripeID string, detail map[string]string) error
 	// MarkSynced appends the invoice.synced ledger entry.
 	MarkSynced(ctx context.Context, invoiceID, stripeInvoiceID, hostedURL string) error
+	// UnsyncedCreditNotes are the credit notes of invoices Stripe has
+	// finalized that Stripe does not have yet, oldest first.
+	UnsyncedCreditNotes(ctx context.Context) ([]CreditNote, error)
 }
+
+// CreditNote is a ledger credit note as the Stripe sync needs it.
+type CreditNote struct {
+	// ID is the ledger entry's id.
+	ID              int64
+	InvoiceID       string
+	StripeInvoiceID string
+	Currency        string
+	// Amount is positive, in minor units.
+	Amount int64
+	Reason string
+}
+
+// creditNoteStep is the sync step of a credit note (stripe_sync_steps).
+func creditNoteStep(id int64) string { return "credit_note:" + strconv.FormatInt(id, 10) }
 
 // AccountUsage is one account's usage in a time range.
 type AccountUsage struct {

@@ -16,6 +16,20 @@ type Stripe interface {
 	CreateInvoice(ctx context.Context, p InvoiceParams) (string, error)
 	CreateInvoiceItem(ctx context.Context, p InvoiceItemParams) (string, error)
 	FinalizeInvoice(ctx context.Context, stripeInvoiceID, idempotencyKey string) (FinalizedInvoice, error)
+	CreateCreditNote(ctx context.Context, p CreditNoteParams) (string, error)
+}
+
+// CreditNoteParams credit part of a finalized Stripe invoice: on an open
+// invoice it lowers what is due; on a paid one it goes to the customer's
+// balance, for their next invoice (a refund is an operator's decision,
+// made in Stripe).
+type CreditNoteParams struct {
+	StripeInvoiceID string
+	Amount          int64 // Stripe's units (StripeAmount)
+	Reason          string
+	CreditNoteID    int64 // the ledger entry's id, kept in metadata
+	InvoiceID       string
+	IdempotencyKey  string
 }
 
 // CustomerParams create the Stripe customer of an account.
@@ -89,7 +103,37 @@ func (iv *Invoicer) SyncStripe(ctx context.Context) error {
 			errs = append(errs, fmt.Errorf("sync invoice %s to stripe: %w", inv.ID, err))
 		}
 	}
+	// Credit notes of invoices Stripe has finalized (those of the
+	// invoices just synced included).
+	notes, err := iv.store.UnsyncedCreditNotes(ctx)
+	if err != nil {
+		return errors.Join(append(errs, err)...)
+	}
+	for _, cn := range notes {
+		if ctx.Err() != nil {
+			return errors.Join(append(errs, ctx.Err())...)
+		}
+		if err := iv.syncCreditNote(ctx, cn); err != nil {
+			iv.log.Error("credit note not synced to Stripe; retried on the next run", "invoice", cn.InvoiceID, "credit_note", cn.ID, "err", err)
+			errs = append(errs, fmt.Errorf("sync credit note %d of %s to stripe: %w", cn.ID, cn.InvoiceID, err))
+		}
+	}
 	return errors.Join(errs...)
+}
+
+// syncCreditNote creates one credit note in Stripe and records the step.
+func (iv *Invoicer) syncCreditNote(ctx context.Context, cn CreditNote) error {
+	amount, err := StripeAmount(cn.Amount, cn.Currency)
+	if err != nil {
+		return err
+	}
+	step := creditNoteStep(cn.ID)
+	id, err := iv.stripe.CreateCreditNote(ctx, CreditNoteParams{StripeInvoiceID: cn.StripeInvoiceID, Amount: amount,
+		Reason: cn.Reason, CreditNoteID: cn.ID, InvoiceID: cn.InvoiceID, IdempotencyKey: stepKey(cn.InvoiceID, step)})
+	if err != nil {
+		return err
+	}
+	return iv.store.SaveSyncStep(ctx, cn.InvoiceID, step, id, nil)
 }
 
 // syncOne runs the steps customer → invoice → items → finalize, skipping

@@ -377,6 +377,32 @@ func (s *Store) SaveSyncStep(ctx context.Context, invoiceID, step, stripeID stri
 	return nil
 }
 
+// UnsyncedCreditNotes lists the credit notes of invoices Stripe has
+// finalized (a finalize step is recorded) with no credit note step yet.
+func (s *Store) UnsyncedCreditNotes(ctx context.Context) ([]invoicer.CreditNote, error) {
+	rows, err := s.pool.Query(ctx, `
+		SELECT e.id, e.invoice_id, inv.stripe_id, e.currency, -e.amount_minor, coalesce(e.payload->>'reason', '')
+		FROM ledger_entries e
+		JOIN stripe_sync_steps inv ON inv.invoice_id = e.invoice_id AND inv.step = 'invoice'
+		JOIN stripe_sync_steps fin ON fin.invoice_id = e.invoice_id AND fin.step = 'finalize'
+		WHERE e.kind = $1 AND NOT EXISTS (SELECT 1 FROM stripe_sync_steps c
+			WHERE c.invoice_id = e.invoice_id AND c.step = 'credit_note:' || e.id::text)
+		ORDER BY e.id`, KindCreditNote)
+	if err != nil {
+		return nil, fmt.Errorf("list unsynced credit notes: %w", err)
+	}
+	defer rows.Close()
+	var out []invoicer.CreditNote
+	for rows.Next() {
+		var cn invoicer.CreditNote
+		if err := rows.Scan(&cn.ID, &cn.InvoiceID, &cn.StripeInvoiceID, &cn.Currency, &cn.Amount, &cn.Reason); err != nil {
+			return nil, fmt.Errorf("list unsynced credit notes: %w", err)
+		}
+		out = append(out, cn)
+	}
+	return out, rows.Err()
+}
+
 // MarkSynced appends invoice.synced once.
 func (s *Store) MarkSynced(ctx context.Context, invoiceID, stripeInvoiceID, hostedURL string) error {
 	_, err := s.pool.Exec(ctx, `

@@ -247,6 +247,46 @@ func (c *Client) FinalizeInvoice(ctx context.Context, id, key string) (invoicer.
 	return invoicer.FinalizedInvoice{ID: inv.ID, Status: string(inv.Status), HostedURL: inv.HostedInvoiceURL}, nil
 }
 
+// CreateCreditNote credits part of a finalized invoice, unless an earlier
+// attempt did (found by metadata among the invoice's credit notes). On a
+// paid invoice the credit goes to the customer's balance.
+func (c *Client) CreateCreditNote(ctx context.Context, p invoicer.CreditNoteParams) (string, error) {
+	lp := &stripego.CreditNoteListParams{Invoice: stripego.String(p.StripeInvoiceID)}
+	lp.Context = ctx
+	lp.Limit = stripego.Int64(100)
+	found := c.api.CreditNotes.List(lp)
+	want := strconv.FormatInt(p.CreditNoteID, 10)
+	for found.Next() {
+		if cn := found.CreditNote(); cn.Metadata["tollgate_credit_note_id"] == want {
+			return cn.ID, nil
+		}
+	}
+	if err := found.Err(); err != nil {
+		return "", fmt.Errorf("list stripe credit notes: %w", err)
+	}
+	inv, err := c.api.Invoices.Get(p.StripeInvoiceID, &stripego.InvoiceParams{Params: stripego.Params{Context: ctx}})
+	if err != nil {
+		return "", fmt.Errorf("read stripe invoice %s: %w", p.StripeInvoiceID, err)
+	}
+	cp := &stripego.CreditNoteParams{
+		Params: params(ctx, p.IdempotencyKey, map[string]string{
+			"tollgate_credit_note_id": want, "tollgate_invoice_id": p.InvoiceID}),
+		Invoice: stripego.String(p.StripeInvoiceID),
+		Amount:  stripego.Int64(p.Amount),
+	}
+	if p.Reason != "" {
+		cp.Memo = stripego.String(p.Reason)
+	}
+	if inv.Status == stripego.InvoiceStatusPaid {
+		cp.CreditAmount = stripego.Int64(p.Amount)
+	}
+	cn, err := c.api.CreditNotes.New(cp)
+	if err != nil {
+		return "", fmt.Errorf("create stripe credit note on %s: %w", p.StripeInvoiceID, err)
+	}
+	return cn.ID, nil
+}
+
 // Verifier checks webhook signatures with the endpoint's signing secret.
 type Verifier struct {
 	Secret string

@@ -47,6 +47,12 @@ func suite(t *testing.T, s invoicer.Stripe, key string, stateful bool) (customer
 	if fin.ID == "" {
 		t.Fatal("finalize returned no invoice id")
 	}
+	cn, err := s.CreateCreditNote(ctx, invoicer.CreditNoteParams{StripeInvoiceID: inv, Amount: 500, Reason: "goodwill",
+		CreditNoteID: 42, InvoiceID: "inv_202603_x", IdempotencyKey: key + ":credit_note:42"})
+	testenv.Must(t, err, "create credit note")
+	if cn == "" {
+		t.Fatal("credit note without an id")
+	}
 	return cus, inv, items, fin
 }
 
@@ -68,7 +74,10 @@ func TestFakeKeepsStateAndHonoursIdempotencyKeys(t *testing.T) {
 	if len(invs) != 1 || invs[0].ID != inv || invs[0].Customer != cus {
 		t.Fatalf("invoices: %+v", invs)
 	}
-	if got := invs[0]; got.Status != "open" || got.AmountDue != 6900 || len(got.Items) != 2 ||
+	if cns := f.CreditNotes(); len(cns) != 1 || cns[0].Amount != 500 || cns[0].Type != "pre_payment" || cns[0].Metadata["tollgate_credit_note_id"] != "42" {
+		t.Errorf("credit notes: %+v, want one of 500 before payment", cns)
+	}
+	if got := invs[0]; got.Status != "open" || got.AmountDue != 6400 || len(got.Items) != 2 ||
 		got.Metadata["tollgate_invoice_id"] != "inv_202603_x" || fin.HostedURL == "" {
 		t.Errorf("invoice after finalize: %+v (hosted %q)", got, fin.HostedURL)
 	}
@@ -183,6 +192,19 @@ func TestAResumedSyncFindsWhatItMadeAfterTheKeysExpired(t *testing.T) {
 	// A draft that does not exist is still an error, not a finalized invoice.
 	if _, err := c.FinalizeInvoice(ctx, "in_missing", "tollgate:missing:finalize"); err == nil {
 		t.Error("finalizing a missing invoice succeeded")
+	}
+	// A credit note, resumed after the keys expired, is not made twice;
+	// on a paid invoice it goes to the customer's balance.
+	np := invoicer.CreditNoteParams{StripeInvoiceID: inv, Amount: 300, Reason: "outage", CreditNoteID: 7,
+		InvoiceID: ip.InvoiceID, IdempotencyKey: "tollgate:" + ip.InvoiceID + ":credit_note:7"}
+	f.Pay(inv)
+	cn, err := c.CreateCreditNote(ctx, np)
+	testenv.Must(t, err, "credit note")
+	f.ForgetIdempotencyKeys()
+	cnAgain, err := c.CreateCreditNote(ctx, np)
+	testenv.Must(t, err, "resume: credit note")
+	if cns := f.CreditNotes(); cnAgain != cn || len(cns) != 1 || cns[0].Type != "post_payment" || cns[0].CreditAmount != 300 {
+		t.Errorf("credit notes %s then %s: %+v, want one of 300 to the balance", cn, cnAgain, cns)
 	}
 	// Items are listed once per invoice, not once per line.
 	lists := 0

@@ -44,6 +44,20 @@ type Invoice struct {
 	Items            []Item            `json:"-"`
 }
 
+// CreditNote is a credit note as the fake holds it.
+type CreditNote struct {
+	ID      string `json:"id"`
+	Object  string `json:"object"`
+	Invoice string `json:"invoice"`
+	Amount  int64  `json:"amount"`
+	// Type is pre_payment (the invoice was open: what is due drops) or
+	// post_payment (it was paid: CreditAmount went to the balance).
+	Type         string            `json:"type"`
+	CreditAmount int64             `json:"-"`
+	Memo         string            `json:"memo"`
+	Metadata     map[string]string `json:"metadata"`
+}
+
 // Customer is a Stripe customer as the fake holds it.
 type Customer struct {
 	ID       string            `json:"id"`
@@ -70,6 +84,7 @@ type Fake struct {
 	customers map[string]*Customer
 	invoices  map[string]*Invoice
 	order     []string
+	credits   []CreditNote
 	idem      map[string]stored
 	calls     []Call
 	// hook, if set, runs for every API request before it is handled
@@ -119,6 +134,31 @@ func (f *Fake) Void(id string) {
 	if inv := f.invoices[id]; inv != nil {
 		inv.Status = "void"
 	}
+}
+
+// Pay marks an open invoice paid, as a successful charge would.
+func (f *Fake) Pay(id string) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if inv := f.invoices[id]; inv != nil && inv.Status == "open" {
+		inv.Status = "paid"
+	}
+}
+
+// CreditNotes returns every credit note, in creation order.
+func (f *Fake) CreditNotes() []CreditNote {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return append([]CreditNote(nil), f.credits...)
+}
+
+// total is the sum of the invoice's items.
+func (inv *Invoice) total() int64 {
+	var t int64
+	for _, it := range inv.Items {
+		t += it.Amount
+	}
+	return t
 }
 
 // Invoices returns a copy of every invoice, in creation order.
@@ -172,6 +212,10 @@ func kindOf(r *http.Request) string {
 		return "list_items"
 	case r.Method == http.MethodGet && p == "customers/search":
 		return "search_customers"
+	case r.Method == http.MethodPost && p == "credit_notes":
+		return "credit_note"
+	case r.Method == http.MethodGet && p == "credit_notes":
+		return "list_credit_notes"
 	}
 	return "unknown"
 }
@@ -258,6 +302,50 @@ func (f *Fake) handle(kind string, r *http.Request) (int, []byte) {
 			}
 		}
 		return ok(map[string]any{"object": "list", "data": orNone(hits), "has_more": false, "url": "/v1/invoices"})
+	case "credit_note":
+		inv := f.invoices[form.Get("invoice")]
+		if inv == nil {
+			return apiErr(http.StatusBadRequest, "resource_missing", "No such invoice: '"+form.Get("invoice")+"'")
+		}
+		amt, err := strconv.ParseInt(form.Get("amount"), 10, 64)
+		if err != nil || amt <= 0 {
+			return apiErr(http.StatusBadRequest, "parameter_invalid", "amount must be a positive integer")
+		}
+		var credited int64
+		for _, c := range f.credits {
+			if c.Invoice == inv.ID {
+				credited += c.Amount
+			}
+		}
+		if credited+amt > inv.total() {
+			return apiErr(http.StatusBadRequest, "parameter_invalid", "The credit note amount exceeds the invoice's remaining total")
+		}
+		cn := CreditNote{ID: f.id("cn"), Object: "credit_note", Invoice: inv.ID, Amount: amt, Memo: form.Get("memo"), Metadata: meta}
+		switch inv.Status {
+		case "open":
+			if form.Get("credit_amount") != "" {
+				return apiErr(http.StatusBadRequest, "parameter_invalid", "credit_amount is only for paid invoices")
+			}
+			cn.Type = "pre_payment"
+			inv.AmountDue -= amt
+		case "paid":
+			if form.Get("credit_amount") != form.Get("amount") {
+				return apiErr(http.StatusBadRequest, "parameter_invalid", "a paid invoice's credit note must say where the amount goes (the fake takes credit_amount)")
+			}
+			cn.Type, cn.CreditAmount = "post_payment", amt
+		default:
+			return apiErr(http.StatusBadRequest, "invoice_not_finalized", "Invoice "+inv.ID+" is "+inv.Status+"; credit notes need an open or paid invoice")
+		}
+		f.credits = append(f.credits, cn)
+		return ok(cn)
+	case "list_credit_notes":
+		var hits []any
+		for i := len(f.credits) - 1; i >= 0; i-- {
+			if c := f.credits[i]; q.Get("invoice") == "" || c.Invoice == q.Get("invoice") {
+				hits = append(hits, c)
+			}
+		}
+		return ok(map[string]any{"object": "list", "data": orNone(hits), "has_more": false, "url": "/v1/credit_notes"})
 	case "list_items":
 		inv := f.invoices[q.Get("invoice")]
 		if inv == nil {
