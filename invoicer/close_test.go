@@ -263,14 +263,48 @@ func TestCloseInvoicesEveryAccountOnceFromLiveUsage(t *testing.T) {
 		if !errors.Is(err, invoicer.ErrConflict) {
 			t.Fatalf("crediting %d of %d left: %v, want a conflict", left+1, left, err)
 		}
-		// Two at once, each for all that is left: exactly one passes.
-		errs := make(chan error, 2)
-		for range 2 {
-			go func() { errs <- e.store.AppendCreditNote(ctx, inv.ID, left, "all of it") }()
+		// One waiting on another's lock reads what the other committed.
+		// The other (a transaction here) locks the invoice and credits 1;
+		// the waiting one asks for all that was left before.
+		tx, err := e.pg.Pool.Begin(ctx)
+		testenv.Must(t, err, "begin")
+		_, err = tx.Exec(ctx, `SELECT 1 FROM invoices WHERE id = $1 FOR UPDATE`, inv.ID)
+		testenv.Must(t, err, "lock the invoice")
+		_, err = tx.Exec(ctx, `INSERT INTO ledger_entries (account_id, kind, invoice_id, amount_minor, currency, payload)
+			SELECT account_id, 'credit_note', id, -1, currency, '{"reason": "held"}' FROM invoices WHERE id = $1`, inv.ID)
+		testenv.Must(t, err, "credit 1 under the lock")
+		waited := make(chan error, 1)
+		go func() { waited <- e.store.AppendCreditNote(ctx, inv.ID, left, "all that was left") }()
+		testenv.Wait(t, 10*time.Second, "the second credit note to wait for the lock", func() bool {
+			var n int
+			err := e.pg.Pool.QueryRow(ctx, `SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
+				AND wait_event_type = 'Lock'`).Scan(&n)
+			return err == nil && n > 0
+		})
+		testenv.Must(t, tx.Commit(ctx), "commit the first credit note")
+		if err := <-waited; !errors.Is(err, invoicer.ErrConflict) {
+			t.Fatalf("a credit note for %d after another took 1 of it meanwhile: %v, want a conflict", left, err)
 		}
-		e1, e2 := <-errs, <-errs
-		if (e1 == nil) == (e2 == nil) {
-			t.Fatalf("two credit notes for all that is left: %v and %v, want one to pass", e1, e2)
+		left--
+
+		// Eight at once, each for all that is left: exactly one passes.
+		const racers = 8
+		errs := make(chan error, racers)
+		start := make(chan struct{})
+		for range racers {
+			go func() { <-start; errs <- e.store.AppendCreditNote(ctx, inv.ID, left, "all of it") }()
+		}
+		close(start)
+		passed := 0
+		for range racers {
+			if err := <-errs; err == nil {
+				passed++
+			} else if !errors.Is(err, invoicer.ErrConflict) {
+				t.Errorf("a refused credit note: %v, want a conflict", err)
+			}
+		}
+		if passed != 1 {
+			t.Fatalf("%d of %d credit notes for all that is left passed, want 1", passed, racers)
 		}
 		var sum int64
 		testenv.Must(t, e.pg.Pool.QueryRow(ctx, `SELECT sum(amount_minor) FROM ledger_entries WHERE invoice_id = $1 AND kind IN ('invoice.finalized', 'credit_note')`, inv.ID).Scan(&sum), "sum")
@@ -283,7 +317,7 @@ func TestCloseInvoicesEveryAccountOnceFromLiveUsage(t *testing.T) {
 	})
 	t.Run("credit notes reach stripe once", func(t *testing.T) {
 		// acct_change's first invoice is open in Stripe and now wholly
-		// credited (two credit notes above); acct_starter's first is paid
+		// credited (three credit notes above); acct_starter's first is paid
 		// there, and its credit goes to the customer's balance.
 		starter, _ := e.store.AccountInvoices(ctx, "acct_starter")
 		paid := starter[0]
@@ -297,15 +331,15 @@ func TestCloseInvoicesEveryAccountOnceFromLiveUsage(t *testing.T) {
 		for _, cn := range fake.CreditNotes() {
 			byInvoice[cn.Metadata["tollgate_invoice_id"]] = append(byInvoice[cn.Metadata["tollgate_invoice_id"]], cn)
 		}
-		if got := byInvoice[open.ID]; len(got) != 2 || got[0].Amount != 100 || got[1].Amount != open.Total-100 ||
+		if got := byInvoice[open.ID]; len(got) != 3 || got[0].Amount != 100 || got[1].Amount != 1 || got[2].Amount != open.Total-101 ||
 			got[0].Type != "pre_payment" || got[0].Memo != "goodwill" || got[0].Invoice != open.StripeInvoiceID {
-			t.Errorf("credit notes of the open invoice: %+v, want 100 and %d before payment", got, open.Total-100)
+			t.Errorf("credit notes of the open invoice: %+v, want 100, 1 and %d before payment", got, open.Total-101)
 		}
 		if got := byInvoice[paid.ID]; len(got) != 1 || got[0].Amount != 250 || got[0].Type != "post_payment" || got[0].CreditAmount != 250 {
 			t.Errorf("credit notes of the paid invoice: %+v, want 250 to the customer's balance", got)
 		}
-		if n := len(fake.CreditNotes()); n != 3 {
-			t.Errorf("stripe holds %d credit notes, want 3", n)
+		if n := len(fake.CreditNotes()); n != 4 {
+			t.Errorf("stripe holds %d credit notes, want 4", n)
 		}
 		for _, si := range fake.Invoices() {
 			if si.ID == open.StripeInvoiceID && si.AmountDue != 0 {

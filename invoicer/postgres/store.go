@@ -461,12 +461,19 @@ func (s *Store) AppendCreditNote(ctx context.Context, invoiceID string, amount i
 		return fmt.Errorf("append credit note: %w", err)
 	}
 	defer tx.Rollback(ctx) //nolint:errcheck // a no-op after Commit
+	// The lock first, in a statement of its own: under READ COMMITTED a
+	// statement that waited for a lock still reads with the snapshot it
+	// started with, so the credits are summed by the next statement, which
+	// sees what the holder of the lock committed.
 	var total, credited int64
 	var finalized bool
-	err = tx.QueryRow(ctx, `SELECT i.total_minor,
-			EXISTS (SELECT 1 FROM ledger_entries e WHERE e.invoice_id = i.id AND e.kind = 'invoice.finalized'),
-			coalesce((SELECT -sum(e.amount_minor) FROM ledger_entries e WHERE e.invoice_id = i.id AND e.kind = $2), 0)::bigint
-		FROM invoices i WHERE i.id = $1 FOR UPDATE`, invoiceID, KindCreditNote).Scan(&total, &finalized, &credited)
+	err = tx.QueryRow(ctx, `SELECT total_minor FROM invoices WHERE id = $1 FOR UPDATE`, invoiceID).Scan(&total)
+	if err == nil {
+		err = tx.QueryRow(ctx, `SELECT
+				EXISTS (SELECT 1 FROM ledger_entries e WHERE e.invoice_id = $1 AND e.kind = 'invoice.finalized'),
+				coalesce((SELECT -sum(e.amount_minor) FROM ledger_entries e WHERE e.invoice_id = $1 AND e.kind = $2), 0)::bigint`,
+			invoiceID, KindCreditNote).Scan(&finalized, &credited)
+	}
 	if errors.Is(err, pgx.ErrNoRows) || (err == nil && !finalized) {
 		return fmt.Errorf("finalized invoice %s: %w", invoiceID, invoicer.ErrNotFound)
 	}
