@@ -65,8 +65,10 @@ func (c *Config) Validate() error {
 	if c.Grace < 0 {
 		errs = append(errs, errors.New("invoicer.grace: negative"))
 	}
-	if c.LookbackMonths < 1 {
-		errs = append(errs, errors.New("invoicer.lookback_months: must be at least 1"))
+	if c.LookbackMonths < 2 {
+		// With one month, what an old zone's last invoice leaves of the
+		// month before a zone change lies outside every close's view.
+		errs = append(errs, errors.New("invoicer.lookback_months: must be at least 2"))
 	}
 	if k := c.Stripe.APIKey; k != "" && !strings.HasPrefix(k, "sk_") && !strings.HasPrefix(k, "rk_") {
 		errs = append(errs, errors.New("invoicer.stripe.api_key: must be a secret (sk_) or restricted (rk_) key"))

@@ -387,6 +387,8 @@ func (s *Store) UnsyncedCreditNotes(ctx context.Context) ([]invoicer.CreditNote,
 		JOIN stripe_sync_steps fin ON fin.invoice_id = e.invoice_id AND fin.step = 'finalize'
 		WHERE e.kind = $1 AND NOT EXISTS (SELECT 1 FROM stripe_sync_steps c
 			WHERE c.invoice_id = e.invoice_id AND c.step = 'credit_note:' || e.id::text)
+		  -- Stripe cannot credit a voided invoice: nothing is owed on it.
+		  AND NOT EXISTS (SELECT 1 FROM ledger_entries v WHERE v.invoice_id = e.invoice_id AND v.kind = 'stripe.invoice.voided')
 		ORDER BY e.id`, KindCreditNote)
 	if err != nil {
 		return nil, fmt.Errorf("list unsynced credit notes: %w", err)
@@ -467,7 +469,10 @@ func (s *Store) AppendCreditNote(ctx context.Context, invoiceID string, amount i
 	// sees what the holder of the lock committed.
 	var total, credited int64
 	var finalized bool
-	err = tx.QueryRow(ctx, `SELECT total_minor FROM invoices WHERE id = $1 FOR UPDATE`, invoiceID).Scan(&total)
+	var currency string
+	// NO KEY UPDATE: serializes credit notes without holding back the
+	// invoice's sync steps, whose foreign keys take a key-share lock.
+	err = tx.QueryRow(ctx, `SELECT total_minor, currency FROM invoices WHERE id = $1 FOR NO KEY UPDATE`, invoiceID).Scan(&total, &currency)
 	if err == nil {
 		err = tx.QueryRow(ctx, `SELECT
 				EXISTS (SELECT 1 FROM ledger_entries e WHERE e.invoice_id = $1 AND e.kind = 'invoice.finalized'),
@@ -479,6 +484,12 @@ func (s *Store) AppendCreditNote(ctx context.Context, invoiceID string, amount i
 	}
 	if err != nil {
 		return fmt.Errorf("append credit note: %w", err)
+	}
+	if _, err := invoicer.StripeAmount(amount, currency); err != nil {
+		// Stripe could never take it (a three-decimal currency's amount
+		// not a multiple of 10), and the customer would go on being
+		// charged in full there.
+		return fmt.Errorf("%w: credit note: %v", invoicer.ErrInvalid, err)
 	}
 	if amount > total-credited {
 		return fmt.Errorf("%w: a credit note of %d would credit more than invoice %s's total of %d (%d already credited)",

@@ -26,9 +26,10 @@ import (
 type Client struct {
 	api *client.API
 
-	// mu guards the items last listed (itemsOn).
+	// mu guards the items last listed (itemOn).
 	mu      sync.Mutex
 	itemsOf string
+	itemsAt time.Time
 	items   map[string]string
 }
 
@@ -160,12 +161,12 @@ func (c *Client) CreateInvoice(ctx context.Context, p invoicer.InvoiceParams) (s
 // CreateInvoiceItem attaches one line to a draft invoice, unless an earlier
 // attempt did (found by metadata among the invoice's items).
 func (c *Client) CreateInvoiceItem(ctx context.Context, p invoicer.InvoiceItemParams) (string, error) {
-	made, err := c.itemsOn(ctx, p.StripeInvoiceID)
+	key := p.InvoiceID + "\x00" + strconv.Itoa(p.LineNo)
+	id, found, err := c.itemOn(ctx, p.StripeInvoiceID, key)
 	if err != nil {
 		return "", err
 	}
-	key := p.InvoiceID + "\x00" + strconv.Itoa(p.LineNo)
-	if id, ok := made[key]; ok {
+	if found {
 		return id, nil
 	}
 	ip := &stripego.InvoiceItemParams{
@@ -187,20 +188,37 @@ func (c *Client) CreateInvoiceItem(ctx context.Context, p invoicer.InvoiceItemPa
 		return "", fmt.Errorf("create stripe invoice item: %w", err)
 	}
 	c.mu.Lock()
-	made[key] = it.ID
+	if c.itemsOf == p.StripeInvoiceID && c.items != nil {
+		c.items[key] = it.ID
+	}
 	c.mu.Unlock()
 	return it.ID, nil
 }
 
-// itemsOn returns the items on a Stripe invoice, by ledger invoice id and
-// line number. They are listed once per invoice (a sync adds its items
-// one after another) and kept for the invoice last asked about.
-func (c *Client) itemsOn(ctx context.Context, stripeInvoiceID string) (map[string]string, error) {
+// itemListTTL is how long an invoice's listed items are trusted: a sync
+// adds its items one after another, within seconds; a later run lists
+// again (an item may have been deleted in Stripe meanwhile).
+const itemListTTL = time.Minute
+
+// itemOn finds the item for key (ledger invoice id and line number) on a
+// Stripe invoice. The invoice's items are listed once and kept, for the
+// invoice last asked about, for itemListTTL.
+func (c *Client) itemOn(ctx context.Context, stripeInvoiceID, key string) (string, bool, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.itemsOf == stripeInvoiceID && c.items != nil {
-		return c.items, nil
+	if c.itemsOf != stripeInvoiceID || c.items == nil || time.Since(c.itemsAt) > itemListTTL {
+		made, err := c.listItems(ctx, stripeInvoiceID)
+		if err != nil {
+			return "", false, err
+		}
+		c.itemsOf, c.items, c.itemsAt = stripeInvoiceID, made, time.Now()
 	}
+	id, ok := c.items[key]
+	return id, ok, nil
+}
+
+// listItems lists a Stripe invoice's items by ledger invoice id and line.
+func (c *Client) listItems(ctx context.Context, stripeInvoiceID string) (map[string]string, error) {
 	lp := &stripego.InvoiceItemListParams{Invoice: stripego.String(stripeInvoiceID)}
 	lp.Context = ctx
 	lp.Limit = stripego.Int64(100)
@@ -215,7 +233,6 @@ func (c *Client) itemsOn(ctx context.Context, stripeInvoiceID string) (map[strin
 	if err := found.Err(); err != nil {
 		return nil, fmt.Errorf("list stripe invoice items: %w", err)
 	}
-	c.itemsOf, c.items = stripeInvoiceID, made
 	return made, nil
 }
 
@@ -268,8 +285,26 @@ func (c *Client) CreateCreditNote(ctx context.Context, p invoicer.CreditNotePara
 	if err != nil {
 		return "", fmt.Errorf("read stripe invoice %s: %w", p.StripeInvoiceID, err)
 	}
+	// What Stripe can take off what is still due lowers it; the rest (all
+	// of it on a paid invoice; on an open one, what a customer balance
+	// applied at finalization already took off) goes to the customer's
+	// balance, for their next invoice.
+	var toBalance int64
+	switch inv.Status {
+	case stripego.InvoiceStatusPaid:
+		toBalance = p.Amount
+	case stripego.InvoiceStatusOpen:
+		toBalance = max(0, p.Amount-inv.AmountRemaining)
+	}
+	// The key names where the credit goes: a payment between reading the
+	// invoice and crediting it makes the next try another request, not a
+	// repeat Stripe would refuse as the same key with other parameters.
+	key := p.IdempotencyKey
+	if toBalance > 0 {
+		key += ":balance:" + strconv.FormatInt(toBalance, 10)
+	}
 	cp := &stripego.CreditNoteParams{
-		Params: params(ctx, p.IdempotencyKey, map[string]string{
+		Params: params(ctx, key, map[string]string{
 			"tollgate_credit_note_id": want, "tollgate_invoice_id": p.InvoiceID}),
 		Invoice: stripego.String(p.StripeInvoiceID),
 		Amount:  stripego.Int64(p.Amount),
@@ -277,8 +312,8 @@ func (c *Client) CreateCreditNote(ctx context.Context, p invoicer.CreditNotePara
 	if p.Reason != "" {
 		cp.Memo = stripego.String(p.Reason)
 	}
-	if inv.Status == stripego.InvoiceStatusPaid {
-		cp.CreditAmount = stripego.Int64(p.Amount)
+	if toBalance > 0 {
+		cp.CreditAmount = stripego.Int64(toBalance)
 	}
 	cn, err := c.api.CreditNotes.New(cp)
 	if err != nil {

@@ -257,3 +257,34 @@ func TestWebhookSignatures(t *testing.T) {
 		}
 	})
 }
+
+// A credit note for more than an open invoice still has due (a customer
+// balance took part of it at finalization) lowers what is due to zero and
+// sends the rest to the customer's balance, instead of being refused on
+// every sync.
+func TestACreditNoteBeyondWhatIsDueGoesToTheBalance(t *testing.T) {
+	f := stripetest.New()
+	defer f.Close()
+	c := stripe.New(stripe.Config{APIKey: "sk_test_123", URL: f.URL})
+	ctx := context.Background()
+	cus, err := c.EnsureCustomer(ctx, invoicer.CustomerParams{AccountID: "acct_bal", IdempotencyKey: "tollgate:customer:acct_bal"})
+	testenv.Must(t, err, "customer")
+	inv, err := c.CreateInvoice(ctx, invoicer.InvoiceParams{CustomerID: cus, Currency: "usd", InvoiceID: "inv_bal", IdempotencyKey: "tollgate:inv_bal:invoice"})
+	testenv.Must(t, err, "invoice")
+	_, err = c.CreateInvoiceItem(ctx, invoicer.InvoiceItemParams{CustomerID: cus, StripeInvoiceID: inv, Currency: "usd", Amount: 1000,
+		InvoiceID: "inv_bal", LineNo: 1, IdempotencyKey: "tollgate:inv_bal:item:1"})
+	testenv.Must(t, err, "item")
+	_, err = c.FinalizeInvoice(ctx, inv, "tollgate:inv_bal:finalize")
+	testenv.Must(t, err, "finalize")
+	f.ApplyBalance(inv, 250)
+	_, err = c.CreateCreditNote(ctx, invoicer.CreditNoteParams{StripeInvoiceID: inv, Amount: 1000, Reason: "all of it",
+		CreditNoteID: 9, InvoiceID: "inv_bal", IdempotencyKey: "tollgate:inv_bal:credit_note:9"})
+	testenv.Must(t, err, "credit the whole invoice")
+	cns := f.CreditNotes()
+	if len(cns) != 1 || cns[0].Amount != 1000 || cns[0].CreditAmount != 250 {
+		t.Errorf("credit notes %+v, want 1000 with 250 to the balance", cns)
+	}
+	if got := f.Invoices()[0]; got.AmountDue != 0 {
+		t.Errorf("due after crediting everything: %d, want 0", got.AmountDue)
+	}
+}

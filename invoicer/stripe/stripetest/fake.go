@@ -39,6 +39,7 @@ type Invoice struct {
 	Currency         string            `json:"currency"`
 	Status           string            `json:"status"`
 	AmountDue        int64             `json:"amount_due"`
+	AmountRemaining  int64             `json:"amount_remaining"`
 	HostedInvoiceURL string            `json:"hosted_invoice_url,omitempty"`
 	Metadata         map[string]string `json:"metadata"`
 	Items            []Item            `json:"-"`
@@ -141,7 +142,18 @@ func (f *Fake) Pay(id string) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if inv := f.invoices[id]; inv != nil && inv.Status == "open" {
-		inv.Status = "paid"
+		inv.Status, inv.AmountRemaining = "paid", 0
+	}
+}
+
+// ApplyBalance takes amount off what an open invoice still has due, as
+// Stripe does with a customer's credit balance when it finalizes one.
+func (f *Fake) ApplyBalance(id string, amount int64) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if inv := f.invoices[id]; inv != nil && inv.Status == "open" {
+		inv.AmountDue -= amount
+		inv.AmountRemaining = inv.AmountDue
 	}
 }
 
@@ -321,13 +333,22 @@ func (f *Fake) handle(kind string, r *http.Request) (int, []byte) {
 			return apiErr(http.StatusBadRequest, "parameter_invalid", "The credit note amount exceeds the invoice's remaining total")
 		}
 		cn := CreditNote{ID: f.id("cn"), Object: "credit_note", Invoice: inv.ID, Amount: amt, Memo: form.Get("memo"), Metadata: meta}
+		var toBalance int64
+		if v := form.Get("credit_amount"); v != "" {
+			if toBalance, err = strconv.ParseInt(v, 10, 64); err != nil || toBalance < 0 || toBalance > amt {
+				return apiErr(http.StatusBadRequest, "parameter_invalid", "credit_amount must be between 0 and amount")
+			}
+		}
 		switch inv.Status {
 		case "open":
-			if form.Get("credit_amount") != "" {
-				return apiErr(http.StatusBadRequest, "parameter_invalid", "credit_amount is only for paid invoices")
+			// As Stripe: what is still due drops by the credit; more than
+			// that must be sent somewhere (here, the customer's balance).
+			if amt-toBalance > inv.AmountRemaining {
+				return apiErr(http.StatusBadRequest, "parameter_invalid", "The credit note exceeds the amount remaining on the invoice; say where the rest goes")
 			}
-			cn.Type = "pre_payment"
-			inv.AmountDue -= amt
+			cn.Type, cn.CreditAmount = "pre_payment", toBalance
+			inv.AmountDue -= amt - toBalance
+			inv.AmountRemaining = inv.AmountDue
 		case "paid":
 			if form.Get("credit_amount") != form.Get("amount") {
 				return apiErr(http.StatusBadRequest, "parameter_invalid", "a paid invoice's credit note must say where the amount goes (the fake takes credit_amount)")
@@ -392,6 +413,7 @@ func (f *Fake) handle(kind string, r *http.Request) (int, []byte) {
 			Currency: inv.Currency, Description: form.Get("description"), Metadata: meta}
 		inv.Items = append(inv.Items, it)
 		inv.AmountDue += amt
+		inv.AmountRemaining = inv.AmountDue
 		return ok(it)
 	case "finalize":
 		id := strings.TrimSuffix(strings.TrimPrefix(r.URL.Path, "/v1/invoices/"), "/finalize")
