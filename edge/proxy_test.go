@@ -818,9 +818,11 @@ func TestProxy(t *testing.T) {
 				in := env.Start(t, edgetest.Options{})
 				req, _ := http.NewRequest("GET", in.URL+"/v1/x", nil)
 				req.Header.Set("Authorization", "Bearer "+key)
-				// Over the front's 16 KiB, and small enough for the client to
-				// finish writing before the answer comes.
-				req.Header.Set("X-Big", strings.Repeat("x", 24<<10))
+				// Over the front's 16 KiB, and large enough (2 MiB) that the
+				// client is still writing when the answer comes: the edge
+				// must read the rest before it closes, or the reset loses
+				// the client its answer.
+				req.Header.Set("X-Big", strings.Repeat("x", 2<<20))
 				resp, err := http.DefaultClient.Do(req)
 				testenv.Must(t, err, "call")
 				defer resp.Body.Close()

@@ -334,6 +334,16 @@ func (f *Front) requestError(ctx *fh.RequestCtx, err error) {
 	_, rid := edge.NewRequestID()
 	ctx.Response.Header.Set(edge.HeaderRequestID, rid)
 	f.fail(ctx, ae, rid)
+	// The caller may still be sending what was not read (the rest of
+	// headers too large): closing now, with it unread, would reset the
+	// connection, and the caller could lose this answer with it.
+	conn := ctx.Conn()
+	if tc, ok := conn.(*tls.Conn); ok {
+		conn = tc.NetConn()
+	}
+	if cc, ok := conn.(*callerConn); ok {
+		cc.linger.Store(true)
+	}
 }
 
 // fail answers with err in the edge's one error shape.
@@ -812,6 +822,27 @@ type callerConn struct {
 	net.Conn
 	limit   time.Duration
 	writeBy atomic.Int64 // UnixNano of the write deadline this conn set; 0 when another was set since
+	// linger asks Close to read what the caller still sends first.
+	linger atomic.Bool
+}
+
+// Lingering close, as nginx's lingering_close: after an answer to a request
+// that was not read whole, the edge stops writing, reads and drops what the
+// caller still sends, for up to lingerFor or lingerBytes, then closes.
+const (
+	lingerFor   = 2 * time.Second
+	lingerBytes = 4 << 20
+)
+
+func (c *callerConn) Close() error {
+	if c.linger.Load() {
+		if cw, ok := c.Conn.(interface{ CloseWrite() error }); ok && cw.CloseWrite() == nil {
+			if c.Conn.SetReadDeadline(time.Now().Add(lingerFor)) == nil {
+				_, _ = io.CopyN(io.Discard, c.Conn, lingerBytes)
+			}
+		}
+	}
+	return c.Conn.Close()
 }
 
 func (c *callerConn) Write(p []byte) (int, error) {

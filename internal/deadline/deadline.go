@@ -82,3 +82,12 @@ func (c *lazyConn) Read(p []byte) (int, error) {
 		}
 	}
 }
+
+// CloseWrite shuts down the writing side of the connection, when the
+// connection has one to shut (a TCP connection does).
+func (c *lazyConn) CloseWrite() error {
+	if cw, ok := c.Conn.(interface{ CloseWrite() error }); ok {
+		return cw.CloseWrite()
+	}
+	return errors.ErrUnsupported
+}
