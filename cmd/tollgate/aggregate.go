@@ -13,7 +13,6 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
-	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/spf13/cobra"
 
 	"github.com/tollgate-dev/tollgate/aggregator"
@@ -87,12 +86,9 @@ func NewAggregateMain(ctx context.Context, cfg Config, log *slog.Logger) (m *Agg
 	}
 	m.srv = &http.Server{Handler: srv.Handler(), ReadHeaderTimeout: 5 * time.Second}
 	if cfg.Aggregator.MetricsListen != "" {
-		if m.mln, err = net.Listen("tcp", cfg.Aggregator.MetricsListen); err != nil {
+		if m.mln, m.metrics, err = metricsServer(cfg.Aggregator.MetricsListen, m.Registry); err != nil {
 			return nil, fmt.Errorf("aggregator metrics listener: %w", err)
 		}
-		mux := http.NewServeMux()
-		mux.Handle("/metrics", promhttp.HandlerFor(m.Registry, promhttp.HandlerOpts{}))
-		m.metrics = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 	}
 	return m, nil
 }

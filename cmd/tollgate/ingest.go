@@ -7,13 +7,11 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
-	"time"
 
 	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
-	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/segmentio/kafka-go"
 
 	"github.com/tollgate-dev/tollgate/aggregator"
@@ -90,12 +88,9 @@ func NewIngestMain(ctx context.Context, cfg Config, log *slog.Logger) (m *Ingest
 		return nil, err
 	}
 	if cfg.Ingest.MetricsListen != "" {
-		if m.mln, err = net.Listen("tcp", cfg.Ingest.MetricsListen); err != nil {
+		if m.mln, m.metrics, err = metricsServer(cfg.Ingest.MetricsListen, m.Registry); err != nil {
 			return nil, fmt.Errorf("ingest metrics listener: %w", err)
 		}
-		mux := http.NewServeMux()
-		mux.Handle("/metrics", promhttp.HandlerFor(m.Registry, promhttp.HandlerOpts{}))
-		m.metrics = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 	}
 	return m, nil
 }

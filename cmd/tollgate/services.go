@@ -5,6 +5,8 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
+	"net"
+	"net/http"
 	"regexp"
 	"time"
 
@@ -12,6 +14,8 @@ import (
 	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
 	"github.com/jackc/pgx/v5/pgxpool"
 	_ "github.com/jackc/pgx/v5/stdlib" // database/sql driver for migrations
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/segmentio/kafka-go"
 
 	"github.com/tollgate-dev/tollgate/schemas"
@@ -160,4 +164,16 @@ func leaderless(ctx context.Context, client *kafka.Client, topics []string) stri
 		}
 	}
 	return ""
+}
+
+// metricsServer listens on addr and serves reg's Prometheus /metrics
+// there (the caller starts serving).
+func metricsServer(addr string, reg prometheus.Gatherer) (net.Listener, *http.Server, error) {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, nil, err
+	}
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	return ln, &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}, nil
 }
