@@ -3,6 +3,7 @@ package invoicer_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"strings"
@@ -245,7 +246,7 @@ func TestCloseInvoicesEveryAccountOnceFromLiveUsage(t *testing.T) {
 	})
 	t.Run("a credit note corrects without editing", func(t *testing.T) {
 		invs, _ := e.store.AccountInvoices(ctx, "acct_change")
-		testenv.Must(t, e.store.AppendCreditNote(ctx, invs[0].ID, 100, "goodwill"), "credit note")
+		testenv.Must(t, credit(ctx, e.store, invs[0].ID, 100, "goodwill"), "credit note")
 		var sum int64
 		testenv.Must(t, e.pg.Pool.QueryRow(ctx, `SELECT sum(amount_minor) FROM ledger_entries WHERE invoice_id = $1 AND kind IN ('invoice.finalized', 'credit_note')`, invs[0].ID).Scan(&sum), "sum")
 		if sum != invs[0].Total-100 {
@@ -259,7 +260,7 @@ func TestCloseInvoicesEveryAccountOnceFromLiveUsage(t *testing.T) {
 		if left <= 1 {
 			t.Fatalf("invoice total %d too small for the test", inv.Total)
 		}
-		err := e.store.AppendCreditNote(ctx, inv.ID, left+1, "too much")
+		err := credit(ctx, e.store, inv.ID, left+1, "too much")
 		if !errors.Is(err, invoicer.ErrConflict) {
 			t.Fatalf("crediting %d of %d left: %v, want a conflict", left+1, left, err)
 		}
@@ -274,7 +275,7 @@ func TestCloseInvoicesEveryAccountOnceFromLiveUsage(t *testing.T) {
 			SELECT account_id, 'credit_note', id, -1, currency, '{"reason": "held"}' FROM invoices WHERE id = $1`, inv.ID)
 		testenv.Must(t, err, "credit 1 under the lock")
 		waited := make(chan error, 1)
-		go func() { waited <- e.store.AppendCreditNote(ctx, inv.ID, left, "all that was left") }()
+		go func() { waited <- credit(ctx, e.store, inv.ID, left, "all that was left") }()
 		testenv.Wait(t, 10*time.Second, "the second credit note to wait for the lock", func() bool {
 			var n int
 			err := e.pg.Pool.QueryRow(ctx, `SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
@@ -292,7 +293,7 @@ func TestCloseInvoicesEveryAccountOnceFromLiveUsage(t *testing.T) {
 		errs := make(chan error, racers)
 		start := make(chan struct{})
 		for range racers {
-			go func() { <-start; errs <- e.store.AppendCreditNote(ctx, inv.ID, left, "all of it") }()
+			go func() { <-start; errs <- credit(ctx, e.store, inv.ID, left, "all of it") }()
 		}
 		close(start)
 		passed := 0
@@ -311,7 +312,7 @@ func TestCloseInvoicesEveryAccountOnceFromLiveUsage(t *testing.T) {
 		if sum != 0 {
 			t.Errorf("balance after crediting everything: %d, want 0", sum)
 		}
-		if err := e.store.AppendCreditNote(ctx, "inv_missing", 1, "none"); !errors.Is(err, invoicer.ErrNotFound) {
+		if err := credit(ctx, e.store, "inv_missing", 1, "none"); !errors.Is(err, invoicer.ErrNotFound) {
 			t.Errorf("credit note on a missing invoice: %v, want not found", err)
 		}
 	})
@@ -322,7 +323,7 @@ func TestCloseInvoicesEveryAccountOnceFromLiveUsage(t *testing.T) {
 		starter, _ := e.store.AccountInvoices(ctx, "acct_starter")
 		paid := starter[0]
 		fake.Pay(paid.StripeInvoiceID)
-		testenv.Must(t, e.store.AppendCreditNote(ctx, paid.ID, 250, "outage credit"), "credit a paid invoice")
+		testenv.Must(t, credit(ctx, e.store, paid.ID, 250, "outage credit"), "credit a paid invoice")
 		testenv.Must(t, iv.SyncStripe(ctx), "sync")
 		testenv.Must(t, iv.SyncStripe(ctx), "sync again")
 		change, _ := e.store.AccountInvoices(ctx, "acct_change")
@@ -347,6 +348,135 @@ func TestCloseInvoicesEveryAccountOnceFromLiveUsage(t *testing.T) {
 			}
 		}
 	})
+}
+
+// credit appends a credit note without an idempotency key.
+func credit(ctx context.Context, s invoicer.Store, invoiceID string, amount int64, reason string) error {
+	_, err := s.AppendCreditNote(ctx, invoiceID, amount, reason, "")
+	return err
+}
+
+// A credit note given an idempotency key is appended once however often it
+// is asked for, at once or later; the key names that credit note alone.
+func TestCreditNoteIdempotencyKey(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	for _, a := range []string{"acct_cn_a", "acct_cn_b", "acct_cn_c"} {
+		e.account(t, a, "UTC")
+		e.subscribe(t, a, "starter", march.AddDate(0, -1, 0), nil)
+		e.events(t, ev{account: a, env: "live", typ: "api_call", at: march.Add(time.Hour), n: 10})
+	}
+	e.watermark(t, april.Add(2*time.Hour))
+	iv, err := invoicer.New(e.store, e.usage, e.usage, nil,
+		invoicer.Options{Grace: time.Hour, Lookback: 1, Now: func() time.Time { return april.AddDate(0, 0, 3) }}, quiet())
+	testenv.Must(t, err, "new invoicer")
+	_, err = iv.CloseDue(ctx)
+	testenv.Must(t, err, "close")
+	first := func(acct string) invoicer.StoredInvoice {
+		invs, err := e.store.AccountInvoices(ctx, acct)
+		testenv.Must(t, err, "invoices")
+		if len(invs) != 1 || invs[0].Total < 100 {
+			t.Fatalf("%s's invoices: %+v, want one of at least 100", acct, invs)
+		}
+		return invs[0]
+	}
+	a, b, c := first("acct_cn_a"), first("acct_cn_b"), first("acct_cn_c")
+	notes := func(key string) (n int, sum int64) {
+		testenv.Must(t, e.pg.Pool.QueryRow(ctx, `SELECT count(*), coalesce(-sum(amount_minor), 0) FROM ledger_entries
+			WHERE kind = 'credit_note' AND payload ->> 'idempotency_key' = $1`, key).Scan(&n, &sum), "count credit notes")
+		return n, sum
+	}
+
+	made, err := e.store.AppendCreditNote(ctx, a.ID, 40, "outage", "cn-1")
+	testenv.Must(t, err, "first credit note")
+	again, err := e.store.AppendCreditNote(ctx, a.ID, 40, "outage", "cn-1")
+	testenv.Must(t, err, "the same again")
+	if made.Replayed || !again.Replayed || again.ID != made.ID {
+		t.Errorf("first %+v, again %+v: want the first made and the second replaying it", made, again)
+	}
+	if n, sum := notes("cn-1"); n != 1 || sum != 40 {
+		t.Errorf("cn-1: %d credit notes for %d, want one for 40", n, sum)
+	}
+	for _, c := range []struct {
+		inv    string
+		amount int64
+		reason string
+	}{{a.ID, 41, "outage"}, {a.ID, 40, "another reason"}, {b.ID, 40, "outage"}} {
+		if _, err := e.store.AppendCreditNote(ctx, c.inv, c.amount, c.reason, "cn-1"); !errors.Is(err, invoicer.ErrConflict) {
+			t.Errorf("key cn-1 reused for %d on %s (%q): %v, want a conflict", c.amount, c.inv, c.reason, err)
+		}
+	}
+
+	// A retry of the credit note that took the rest of the invoice is
+	// answered with it, not refused by the cap.
+	rest := a.Total - 40
+	_, err = e.store.AppendCreditNote(ctx, a.ID, rest, "the rest", "cn-2")
+	testenv.Must(t, err, "credit the rest")
+	if r, err := e.store.AppendCreditNote(ctx, a.ID, rest, "the rest", "cn-2"); err != nil || !r.Replayed {
+		t.Errorf("retrying the credit note that took the rest: %+v, %v; want it replayed", r, err)
+	}
+	if _, err := e.store.AppendCreditNote(ctx, a.ID, 1, "more", "cn-3"); !errors.Is(err, invoicer.ErrConflict) {
+		t.Errorf("a new credit note on a wholly credited invoice: %v, want a conflict", err)
+	}
+
+	// Racers with one key, on one invoice and on two (each with room for
+	// it): exactly one credit note; the racers for its invoice get it,
+	// the others a conflict.
+	for _, two := range []bool{false, true} {
+		key := fmt.Sprintf("cn-race-%v", two)
+		const racers = 8
+		type outcome struct {
+			inv string
+			r   invoicer.CreditNoteResult
+			err error
+		}
+		out := make(chan outcome, racers)
+		start := make(chan struct{})
+		for i := range racers {
+			inv := b.ID
+			if two && i%2 == 1 {
+				inv = c.ID
+			}
+			go func() {
+				<-start
+				r, err := e.store.AppendCreditNote(ctx, inv, 5, "race", key)
+				out <- outcome{inv, r, err}
+			}()
+		}
+		close(start)
+		var got []outcome
+		for range racers {
+			got = append(got, <-out)
+		}
+		var owner string
+		testenv.Must(t, e.pg.Pool.QueryRow(ctx, `SELECT invoice_id FROM ledger_entries
+			WHERE kind = 'credit_note' AND payload ->> 'idempotency_key' = $1`, key).Scan(&owner), "the raced credit note")
+		made, ids := 0, map[int64]bool{}
+		for _, o := range got {
+			switch {
+			case o.inv == owner && o.err == nil:
+				ids[o.r.ID] = true
+				if !o.r.Replayed {
+					made++
+				}
+			case o.inv != owner && errors.Is(o.err, invoicer.ErrConflict):
+			default:
+				t.Errorf("%s: racer on %s (the credit note is on %s): %+v, %v", key, o.inv, owner, o.r, o.err)
+			}
+		}
+		if n, sum := notes(key); made != 1 || len(ids) != 1 || n != 1 || sum != 5 {
+			t.Errorf("%s: %d made, ids %v, ledger %d credit notes for %d; want one of 5", key, made, ids, n, sum)
+		}
+	}
+
+	for _, key := range []string{"has space", "tab\tkey", "é", strings.Repeat("k", invoicer.MaxIdempotencyKey+1)} {
+		if _, err := e.store.AppendCreditNote(ctx, b.ID, 1, "bad key", key); !errors.Is(err, invoicer.ErrInvalid) {
+			t.Errorf("key %q: %v, want invalid", key, err)
+		}
+	}
+	if _, err := e.store.AppendCreditNote(ctx, b.ID, 1, "long key", strings.Repeat("k", invoicer.MaxIdempotencyKey)); err != nil {
+		t.Errorf("a key of %d characters: %v", invoicer.MaxIdempotencyKey, err)
+	}
 }
 
 // A close that stopped between saving its drafts and finalizing them left

@@ -81,7 +81,11 @@ type Store interface {
 	// once per event id; it reports whether the event was new.
 	RecordWebhook(ctx context.Context, ev WebhookEvent) (bool, error)
 	// AppendCreditNote corrects a finalized invoice without editing it.
-	AppendCreditNote(ctx context.Context, invoiceID string, amount int64, reason string) error
+	// A non-empty key makes it idempotent: a credit note appended before
+	// with the same key, invoice, amount and reason is returned (Replayed)
+	// instead of appending another; the key reused for anything else is
+	// ErrConflict.
+	AppendCreditNote(ctx context.Context, invoiceID string, amount int64, reason, key string) (CreditNoteResult, error)
 }
 
 // SyncState is the persisted progress of pushing invoices to Stripe.
@@ -109,6 +113,31 @@ type CreditNote struct {
 	// Amount is positive, in minor units.
 	Amount int64
 	Reason string
+}
+
+// CreditNoteResult is the credit note AppendCreditNote appended, or found
+// appended before under the same idempotency key (Replayed).
+type CreditNoteResult struct {
+	// ID is the ledger entry's id.
+	ID       int64
+	Replayed bool
+}
+
+// MaxIdempotencyKey is the longest idempotency key accepted, as Stripe's.
+const MaxIdempotencyKey = 255
+
+// ValidIdempotencyKey reports whether key can name a credit note: empty (no
+// key), or at most MaxIdempotencyKey printable ASCII characters.
+func ValidIdempotencyKey(key string) error {
+	if len(key) > MaxIdempotencyKey {
+		return fmt.Errorf("%w: idempotency key is %d characters; at most %d", ErrInvalid, len(key), MaxIdempotencyKey)
+	}
+	for i := 0; i < len(key); i++ {
+		if key[i] < 0x21 || key[i] > 0x7e {
+			return fmt.Errorf("%w: idempotency key must be printable ASCII without spaces", ErrInvalid)
+		}
+	}
+	return nil
 }
 
 // creditNoteStep is the sync step of a credit note (stripe_sync_steps).

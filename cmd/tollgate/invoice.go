@@ -160,11 +160,17 @@ func invoiceCloseCommand(g *globalFlags) *cobra.Command {
 
 func invoiceCreditNoteCommand(g *globalFlags) *cobra.Command {
 	var amount int64
-	var reason string
+	var reason, key string
 	c := &cobra.Command{
 		Use:   "credit-note INVOICE_ID",
 		Short: "Append a credit note (in minor units) to a finalized invoice; the invoice itself is never edited",
-		Args:  cobra.ExactArgs(1),
+		Long: `Append a credit note (in minor units) to a finalized invoice; the invoice itself is never edited.
+
+Give --idempotency-key to make the command safe to run again (after a timeout,
+say): a credit note appended before with the same key, invoice, amount and
+reason is reported instead of appending a second one, and the key used for
+anything else is refused.`,
+		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			cfg, _, err := loadFor(g, "invoice")
 			if err != nil {
@@ -173,20 +179,29 @@ func invoiceCreditNoteCommand(g *globalFlags) *cobra.Command {
 			if reason == "" {
 				return errors.New("--reason is required")
 			}
+			if err := invoicer.ValidIdempotencyKey(key); err != nil {
+				return fmt.Errorf("--idempotency-key: %w", err)
+			}
 			pool, err := openPostgres(cmd.Context(), cfg.Services.PostgresURL)
 			if err != nil {
 				return err
 			}
 			defer pool.Close()
-			if err := invpg.New(pool).AppendCreditNote(cmd.Context(), args[0], amount, reason); err != nil {
+			res, err := invpg.New(pool).AppendCreditNote(cmd.Context(), args[0], amount, reason, key)
+			if err != nil {
 				return err
 			}
-			fmt.Fprintf(cmd.OutOrStdout(), "credit note of %d appended to %s\n", amount, args[0])
+			if res.Replayed {
+				fmt.Fprintf(cmd.OutOrStdout(), "credit note %d of %d was already appended to %s with this idempotency key; nothing appended\n", res.ID, amount, args[0])
+				return nil
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "credit note %d of %d appended to %s\n", res.ID, amount, args[0])
 			return nil
 		},
 	}
 	c.Flags().Int64Var(&amount, "amount", 0, "amount to credit, in minor units (positive)")
 	c.Flags().StringVar(&reason, "reason", "", "why (kept in the ledger)")
+	c.Flags().StringVar(&key, "idempotency-key", "", "a key of your choosing that makes a rerun of this command append nothing more (up to 255 printable characters)")
 	return c
 }
 

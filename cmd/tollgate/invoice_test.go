@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"encoding/csv"
 	"encoding/json"
@@ -553,5 +554,46 @@ func TestReplayProvesEveryInvoiceAndNamesAnAlteredOne(t *testing.T) {
 	}
 	if err := summarize(io.Discard, rep); err == nil || !strings.Contains(err.Error(), "1 of 3") {
 		t.Errorf("summary of a replay with a difference: %v", err)
+	}
+}
+
+// TestInvoiceCreditNoteCommandWithAKeyAppendsOnce runs `tollgate invoice
+// credit-note` twice with one idempotency key, as an operator retrying after
+// a timeout would: one credit note in the ledger, and the second run says
+// so. The key reused for another amount is refused.
+func TestInvoiceCreditNoteCommandWithAKeyAppendsOnce(t *testing.T) {
+	period := invoicer.MonthPeriod(time.Now().AddDate(0, -2, 0), time.UTC)
+	pg, ch := testenv.NewPostgres(t), testenv.NewClickHouse(t)
+	billingDB(t, pg, period.Start, map[string]string{"acct_cn": "metered"})
+	insertCalls(t, ch, "acct_cn", "live", period.Start.Add(time.Hour), 20)
+	setWatermark(t, ch, period.End.Add(2*time.Hour))
+	t.Setenv("TOLLGATE_POSTGRES_URL", pg.URL)
+	t.Setenv("TOLLGATE_CLICKHOUSE_ADDR", ch.Addr)
+	t.Setenv("TOLLGATE_CLICKHOUSE_DATABASE", ch.Database)
+	t.Setenv("TOLLGATE_STRIPE_API_KEY", "") // the ledger only
+	runTollgate(t, "invoice", "close", "--log-level", "error")
+	ctx := context.Background()
+	var id string
+	testenv.Must(t, pg.Pool.QueryRow(ctx, `SELECT id FROM invoices WHERE account_id = 'acct_cn'`).Scan(&id), "the closed invoice")
+
+	credit := []string{"invoice", "credit-note", id, "--amount", "125", "--reason", "outage", "--idempotency-key", "ticket-4711", "--log-level", "error"}
+	first := runTollgate(t, credit...)
+	second := runTollgate(t, credit...)
+	if !strings.Contains(first, "appended to "+id) || !strings.Contains(second, "already appended") {
+		t.Errorf("first run said %q, second %q; want appended, then already appended", first, second)
+	}
+	var n, sum int64
+	testenv.Must(t, pg.Pool.QueryRow(ctx, `SELECT count(*), coalesce(-sum(amount_minor), 0) FROM ledger_entries
+		WHERE invoice_id = $1 AND kind = 'credit_note'`, id).Scan(&n, &sum), "credit notes")
+	if n != 1 || sum != 125 {
+		t.Errorf("ledger holds %d credit notes for %d, want one for 125", n, sum)
+	}
+	root := newRootCommand()
+	var out bytes.Buffer
+	root.SetOut(&out)
+	root.SetErr(&out)
+	root.SetArgs([]string{"invoice", "credit-note", id, "--amount", "126", "--reason", "outage", "--idempotency-key", "ticket-4711", "--log-level", "error"})
+	if err := root.ExecuteContext(ctx); err == nil || !strings.Contains(err.Error(), "idempotency key") {
+		t.Errorf("the key reused for another amount: %v (%s), want it refused", err, out.String())
 	}
 }

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/tollgate-dev/tollgate/invoicer"
@@ -454,13 +455,23 @@ func (s *Store) RecordWebhook(ctx context.Context, ev invoicer.WebhookEvent) (bo
 // finalized invoice. Credit notes never add up to more than the invoice's
 // total: the invoice row is locked while the credits already given are
 // summed, so two at once cannot both pass.
-func (s *Store) AppendCreditNote(ctx context.Context, invoiceID string, amount int64, reason string) error {
+//
+// With an idempotency key, a credit note appended before under the same
+// key is returned instead of appending another (Replayed), when it was for
+// the same invoice, amount and reason; for anything else the key is a
+// conflict. The key is looked up with the invoice locked, so a retry racing
+// its first run waits for it and finds its credit note.
+func (s *Store) AppendCreditNote(ctx context.Context, invoiceID string, amount int64, reason, key string) (invoicer.CreditNoteResult, error) {
+	var none invoicer.CreditNoteResult
 	if amount <= 0 {
-		return fmt.Errorf("%w: credit note amount must be positive", invoicer.ErrInvalid)
+		return none, fmt.Errorf("%w: credit note amount must be positive", invoicer.ErrInvalid)
+	}
+	if err := invoicer.ValidIdempotencyKey(key); err != nil {
+		return none, err
 	}
 	tx, err := s.pool.Begin(ctx)
 	if err != nil {
-		return fmt.Errorf("append credit note: %w", err)
+		return none, fmt.Errorf("append credit note: %w", err)
 	}
 	defer tx.Rollback(ctx) //nolint:errcheck // a no-op after Commit
 	// The lock first, in a statement of its own: under READ COMMITTED a
@@ -480,29 +491,62 @@ func (s *Store) AppendCreditNote(ctx context.Context, invoiceID string, amount i
 			invoiceID, KindCreditNote).Scan(&finalized, &credited)
 	}
 	if errors.Is(err, pgx.ErrNoRows) || (err == nil && !finalized) {
-		return fmt.Errorf("finalized invoice %s: %w", invoiceID, invoicer.ErrNotFound)
+		return none, fmt.Errorf("finalized invoice %s: %w", invoiceID, invoicer.ErrNotFound)
 	}
 	if err != nil {
-		return fmt.Errorf("append credit note: %w", err)
+		return none, fmt.Errorf("append credit note: %w", err)
+	}
+	if key != "" {
+		// Before the cap: a retry of a credit note that took the last of
+		// the invoice is answered with that credit note, not refused.
+		var prev struct {
+			id           int64
+			invoice, why string
+			amount       int64
+		}
+		err := tx.QueryRow(ctx, `SELECT id, invoice_id, -amount_minor, coalesce(payload ->> 'reason', '')
+			FROM ledger_entries WHERE kind = $1 AND payload ->> 'idempotency_key' = $2 AND payload ? 'idempotency_key'`,
+			KindCreditNote, key).Scan(&prev.id, &prev.invoice, &prev.amount, &prev.why)
+		switch {
+		case err == nil && prev.invoice == invoiceID && prev.amount == amount && prev.why == reason:
+			return invoicer.CreditNoteResult{ID: prev.id, Replayed: true}, nil
+		case err == nil:
+			return none, fmt.Errorf("%w: idempotency key %q was used for another credit note (%d on invoice %s); use a new key for a new credit note",
+				invoicer.ErrConflict, key, prev.amount, prev.invoice)
+		case !errors.Is(err, pgx.ErrNoRows):
+			return none, fmt.Errorf("append credit note: %w", err)
+		}
 	}
 	if _, err := invoicer.StripeAmount(amount, currency); err != nil {
 		// Stripe could never take it (a three-decimal currency's amount
 		// not a multiple of 10), and the customer would go on being
 		// charged in full there.
-		return fmt.Errorf("%w: credit note: %v", invoicer.ErrInvalid, err)
+		return none, fmt.Errorf("%w: credit note: %v", invoicer.ErrInvalid, err)
 	}
 	if amount > total-credited {
-		return fmt.Errorf("%w: a credit note of %d would credit more than invoice %s's total of %d (%d already credited)",
+		return none, fmt.Errorf("%w: a credit note of %d would credit more than invoice %s's total of %d (%d already credited)",
 			invoicer.ErrConflict, amount, invoiceID, total, credited)
 	}
-	if _, err := tx.Exec(ctx, `
+	payload := map[string]string{"reason": reason}
+	if key != "" {
+		payload["idempotency_key"] = key
+	}
+	var id int64
+	err = tx.QueryRow(ctx, `
 		INSERT INTO ledger_entries (account_id, kind, invoice_id, amount_minor, currency, payload)
-		SELECT account_id, $2, id, -$3::bigint, currency, jsonb_build_object('reason', $4::text)
-		FROM invoices WHERE id = $1`, invoiceID, KindCreditNote, amount, reason); err != nil {
-		return fmt.Errorf("append credit note: %w", err)
+		SELECT account_id, $2, id, -$3::bigint, currency, $4::jsonb
+		FROM invoices WHERE id = $1 RETURNING id`, invoiceID, KindCreditNote, amount, payload).Scan(&id)
+	if pe := (*pgconn.PgError)(nil); errors.As(err, &pe) && pe.Code == "23505" {
+		// The same key on another invoice, appended since the lookup
+		// (the lock is per invoice).
+		return none, fmt.Errorf("%w: idempotency key %q was used for another credit note; use a new key for a new credit note",
+			invoicer.ErrConflict, key)
+	}
+	if err != nil {
+		return none, fmt.Errorf("append credit note: %w", err)
 	}
 	if err := tx.Commit(ctx); err != nil {
-		return fmt.Errorf("append credit note: %w", err)
+		return none, fmt.Errorf("append credit note: %w", err)
 	}
-	return nil
+	return invoicer.CreditNoteResult{ID: id}, nil
 }
