@@ -1076,3 +1076,77 @@ var upgradeEcho = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) 
 		_ = brw.Flush()
 	}
 })
+
+// A caller pipelines a plain call ahead of an upgrade and resets the
+// connection before the upstream switches: fasthttp cannot flush the first
+// answer, so it never starts the upgrade's hijack, and the tunnel waits to
+// be abandoned. Stopping the front then abandons it at once: the stop
+// returns and the upgrade's call is metered. (Closing such a tunnel while
+// holding the tunnel set's lock once deadlocked the stop: the abandoned
+// call takes that lock to forget its tunnel.)
+func TestStopAbandonsATunnelWhoseHijackNeverStarted(t *testing.T) {
+	env := edgetest.New(t)
+	ln := testListener(t)
+	t.Cleanup(func() { ln.Close() })
+	upgrades := make(chan struct{}, 1)
+	go func() {
+		for {
+			conn, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer conn.Close()
+				br := bufio.NewReader(conn)
+				for {
+					req, err := http.ReadRequest(br)
+					if err != nil {
+						return
+					}
+					_, _ = io.Copy(io.Discard, req.Body)
+					if req.Header.Get("Upgrade") == "" {
+						_, _ = io.WriteString(conn, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+						continue
+					}
+					upgrades <- struct{}{}
+					time.Sleep(300 * time.Millisecond) // the caller is gone by now
+					_, _ = io.WriteString(conn, "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+					_, _ = io.Copy(io.Discard, conn)
+					return
+				}
+			}()
+		}
+	}()
+	// The watchdog (upstream_timeout) must not abandon the tunnel first.
+	in := env.Start(t, edgetest.Options{Config: func(c *edge.Config) {
+		c.Upstream, c.SandboxUpstream, c.UpstreamTimeout = "http://"+ln.Addr().String(), "", time.Minute
+	}})
+	key, _ := env.Key(t, "acct_abandon", edge.Secret, schemas.Live)
+	conn, err := net.Dial("tcp", strings.TrimPrefix(in.URL, "http://"))
+	testenv.Must(t, err, "dial the edge")
+	auth := "Authorization: Bearer " + key + "\r\n"
+	_, err = io.WriteString(conn, "GET /v1/widgets/1 HTTP/1.1\r\nHost: edge.test\r\n"+auth+"\r\n"+
+		"GET /v1/socket HTTP/1.1\r\nHost: edge.test\r\n"+auth+"Connection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+	testenv.Must(t, err, "write the pipelined calls")
+	select {
+	case <-upgrades:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the upgrade never reached the upstream")
+	}
+	testenv.Must(t, conn.(*net.TCPConn).SetLinger(0), "linger 0")
+	conn.Close()                       // a reset: the first answer cannot be flushed
+	time.Sleep(600 * time.Millisecond) // the upstream has switched; the edge skipped the hijack
+	stopped := make(chan struct{})
+	go func() { in.Stop(); close(stopped) }()
+	select {
+	case <-stopped:
+	case <-time.After(30 * time.Second):
+		t.Fatal("the front's stop did not return within 30 s with a tunnel whose hijack never started (deadlock)")
+	}
+	ev := eventWhere(t, env, func(e schemas.Event) bool {
+		return e.AccountID == "acct_abandon" && e.Method == "GET" && e.Status != 200
+	})
+	if ev.Status != 101 {
+		t.Errorf("the abandoned upgrade's event: status %d, want 101", ev.Status)
+	}
+}

@@ -366,12 +366,19 @@ func (ts *tunnels) done(t *tunnel) {
 // closeAll cuts every tunnel and waits, until ctx ends, for each to be
 // metered.
 func (ts *tunnels) closeAll(ctx context.Context) error {
+	// The tunnels are closed outside the lock: closing one whose hijack
+	// never started abandons it, and that ends the call, which takes the
+	// lock to forget the tunnel.
 	ts.mu.Lock()
 	ts.stopped = true
+	open := make([]*tunnel, 0, len(ts.open))
 	for t := range ts.open {
-		t.close()
+		open = append(open, t)
 	}
 	ts.mu.Unlock()
+	for _, t := range open {
+		t.close()
+	}
 	waited := make(chan struct{})
 	go func() {
 		ts.wg.Wait()
