@@ -1,6 +1,7 @@
 package edge
 
 import (
+	"errors"
 	"fmt"
 	"net/http"
 	"strings"
@@ -175,4 +176,81 @@ func knownMethod(m string) bool {
 		return true
 	}
 	return false
+}
+
+// RoutePath is the path routes and scopes are matched on, from raw, the
+// path exactly as the upstream gets it (still percent-encoded). Only what
+// every server decodes alike is decoded: percent-encoded unreserved
+// characters (letters, digits, "-", ".", "_", "~"), so "/v1/%77idgets" is
+// "/v1/widgets". Everything else stays encoded, an encoded slash included:
+// "/v1/files/a%2Fb" has the segments an upstream sees, which decodes it
+// (or not) after splitting.
+//
+// A path a server could resolve to another route is refused
+// (ErrAmbiguousPath): a "." or ".." segment, literal or encoded, between
+// slashes or encoded slashes (an
+// upstream that resolves them would serve another path than the one
+// checked, one that does not would serve the path as sent, and the edge
+// cannot know which), a backslash (some servers take it for a slash), or a
+// malformed percent escape.
+func RoutePath(raw string) (string, error) {
+	if !strings.ContainsAny(raw, "%\\") && !strings.Contains(raw, "/.") {
+		return raw, nil // the common case, without a copy
+	}
+	var b strings.Builder
+	b.Grow(len(raw))
+	for i := 0; i < len(raw); i++ {
+		c := raw[i]
+		switch {
+		case c == '\\':
+			return "", ErrAmbiguousPath
+		case c != '%':
+			b.WriteByte(c)
+		case i+2 >= len(raw) || unhex(raw[i+1]) < 0 || unhex(raw[i+2]) < 0:
+			return "", ErrAmbiguousPath
+		default:
+			d := byte(unhex(raw[i+1])<<4 | unhex(raw[i+2]))
+			if unreserved(d) {
+				b.WriteByte(d)
+			} else if d == '\\' {
+				return "", ErrAmbiguousPath
+			} else {
+				b.WriteByte('%')
+				b.WriteByte(upperHex[d>>4])
+				b.WriteByte(upperHex[d&15])
+			}
+			i += 2
+		}
+	}
+	p := b.String()
+	// Dot segments between encoded slashes count too: a server that
+	// decodes "%2F" before resolving them (nginx does) would climb out.
+	for _, seg := range strings.Split(strings.ReplaceAll(p, "%2F", "/"), "/") {
+		if seg == "." || seg == ".." {
+			return "", ErrAmbiguousPath
+		}
+	}
+	return p, nil
+}
+
+// ErrAmbiguousPath is a path RoutePath refuses; the call gets 400
+// invalid_path.
+var ErrAmbiguousPath = errors.New(`the path has a "." or ".." segment, a backslash or a malformed percent escape`)
+
+const upperHex = "0123456789ABCDEF"
+
+func unhex(c byte) int {
+	switch {
+	case '0' <= c && c <= '9':
+		return int(c - '0')
+	case 'a' <= c && c <= 'f':
+		return int(c - 'a' + 10)
+	case 'A' <= c && c <= 'F':
+		return int(c - 'A' + 10)
+	}
+	return -1
+}
+
+func unreserved(c byte) bool {
+	return 'a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' || c == '-' || c == '.' || c == '_' || c == '~'
 }

@@ -379,7 +379,10 @@ func hostOnly(addr string) string {
 // CallInfo is what deciding a call needs from its request, whichever HTTP
 // server carried it.
 type CallInfo struct {
-	Method, Path string
+	Method string
+	// Path is the path as the upstream gets it, still percent-encoded;
+	// routes are matched on its RoutePath.
+	Path string
 	// Authorization is the raw Authorization header.
 	Authorization string
 	// RemoteAddr is the caller's address, host or host:port.
@@ -542,11 +545,16 @@ func (s *Server) authorizeCall(k *Key, ci CallInfo, events bool) (Route, error) 
 	if events {
 		route = Route{Template: "/v1/events", Scopes: []string{eventsScope}, Write: true}
 	} else {
+		path, err := RoutePath(ci.Path)
+		if err != nil {
+			return Route{}, NewAPIError(http.StatusBadRequest, TypeInvalidRequest, "invalid_path",
+				"The path has a \".\" or \"..\" segment, a backslash or a malformed percent escape, which could reach another route than the one checked; send the path without them.")
+		}
 		var ok bool
-		route, ok = s.router.Match(ci.Method, ci.Path)
+		route, ok = s.router.Match(ci.Method, path)
 		if !ok {
 			return Route{}, NewAPIError(http.StatusNotFound, TypeInvalidRequest, "route_not_found",
-				fmt.Sprintf("No route %s %s.", ci.Method, ci.Path))
+				fmt.Sprintf("No route %s %s.", ci.Method, path))
 		}
 	}
 	if k.Kind == Publishable && route.Write {
@@ -569,7 +577,7 @@ func (s *Server) authorize(next echo.HandlerFunc) echo.HandlerFunc {
 	return func(c echo.Context) error {
 		k := c.Get("key").(*Key)
 		req := c.Request()
-		route, err := s.authorizeCall(k, CallInfo{Method: req.Method, Path: req.URL.Path}, c.Path() == "/v1/events")
+		route, err := s.authorizeCall(k, CallInfo{Method: req.Method, Path: req.URL.EscapedPath()}, c.Path() == "/v1/events")
 		if route.Template != "" {
 			c.Set("route", route)
 		}

@@ -258,8 +258,10 @@ func (f *Front) handle(ctx *fh.RequestCtx) {
 		f.cors.Label(origin, set)
 	}
 	ci := edge.CallInfo{
-		Method:        method(ctx.Method()),
-		Path:          string(ctx.Path()),
+		Method: method(ctx.Method()),
+		// The path as the upstream gets it: routes are matched on it
+		// (edge.RoutePath), not on fasthttp's decoded and resolved one.
+		Path:          string(ctx.URI().PathOriginal()),
 		Authorization: string(ctx.Request.Header.Peek(fh.HeaderAuthorization)),
 		Remote:        ctx.RemoteAddr(),
 		At:            start,

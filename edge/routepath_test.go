@@ -1,0 +1,117 @@
+package edge_test
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+
+	"github.com/tollgate-dev/tollgate/edge"
+	"github.com/tollgate-dev/tollgate/internal/edgetest"
+	"github.com/tollgate-dev/tollgate/internal/testenv"
+	"github.com/tollgate-dev/tollgate/schemas"
+)
+
+func TestRoutePath(t *testing.T) {
+	for _, c := range []struct{ raw, want string }{
+		{"/v1/widgets/1", "/v1/widgets/1"},
+		{"/v1/%77idgets/%31", "/v1/widgets/1"},
+		{"/v1/files/a%2fb", "/v1/files/a%2Fb"},
+		{"/v1/files/a%20b", "/v1/files/a%20b"},
+		{"/v1/files/.hidden", "/v1/files/.hidden"},
+		{"/v1/files/a..b", "/v1/files/a..b"},
+		{"/v1/files/...", "/v1/files/..."},
+		{"/", "/"},
+	} {
+		got, err := edge.RoutePath(c.raw)
+		if err != nil || got != c.want {
+			t.Errorf("RoutePath(%q) = %q, %v; want %q", c.raw, got, err, c.want)
+		}
+	}
+	for _, raw := range []string{
+		"/v1/public/../admin", "/v1/./admin", "/v1/admin/..", "/v1/admin/.",
+		"/v1/admin/%2e%2e/files/x", "/v1/admin/%2E./files/x", "/v1/admin/.%2e/files/x", "/v1/%2e/admin",
+		"/v1/files/..%2F..%2Fv1%2Fadmin%2Fusers", "/v1/files/a%2f..%2fb",
+		"/v1/files\\..\\admin", "/v1/files/a%5cb", "/v1/files/%", "/v1/files/%2", "/v1/files/%zz",
+	} {
+		if got, err := edge.RoutePath(raw); !errors.Is(err, edge.ErrAmbiguousPath) {
+			t.Errorf("RoutePath(%q) = %q, %v; want it refused", raw, got, err)
+		}
+	}
+}
+
+// A key with files:read only cannot reach the admin routes through dot
+// segments, encoded or not, on either front: those paths are refused, and
+// the upstream gets exactly the path whose route was checked.
+func TestScopesHoldForDotSegmentsAndEncodedPaths(t *testing.T) {
+	env := edgetest.New(t)
+	got := make(chan string, 16)
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		got <- r.URL.EscapedPath()
+		_, _ = io.WriteString(w, "ok")
+	}))
+	t.Cleanup(up.Close)
+	routes := []edge.RouteConfig{
+		{Pattern: "/v1/files/*", Methods: []string{"GET"}, Scopes: []string{"files:read"}},
+		{Pattern: "/v1/admin/*", Methods: []string{"GET"}, Scopes: []string{"admin:read"}},
+	}
+	for _, fr := range fronts {
+		t.Run(fr.name, func(t *testing.T) {
+			in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP, Config: func(c *edge.Config) {
+				c.Routes, c.Upstream, c.SandboxUpstream = routes, up.URL, ""
+			}})
+			key, _ := env.Key(t, "acct_paths", edge.Secret, schemas.Live, "files:read")
+			for _, c := range []struct {
+				path   string
+				status int
+				code   string
+			}{
+				{"/v1/admin/users", 403, "insufficient_scope"},
+				{"/v1/admin/%2e%2e/files/x", 400, "invalid_path"},
+				{"/v1/admin/users/%2e%2e%2f%2e%2e/%2e%2e/files/y", 400, "invalid_path"},
+				{"/v1/files/..%2F..%2Fv1%2Fadmin%2Fusers", 400, "invalid_path"},
+				{"/v1/files/../admin/users", 400, "invalid_path"},
+				{"/v1/%61dmin/users", 403, "insufficient_scope"},
+				{"/v1/files/a%2Fb", 200, ""},
+				{"/v1/%66iles/x", 200, ""},
+			} {
+				status, body := rawGet(t, in.URL, c.path, key)
+				if status != c.status || (c.code != "" && !strings.Contains(body, `"code":"`+c.code+`"`)) {
+					t.Errorf("GET %s: %d %s; want %d %s", c.path, status, body, c.status, c.code)
+					continue
+				}
+				if status == 200 {
+					if p := <-got; p != c.path {
+						t.Errorf("GET %s: the upstream got %s, want the path as sent", c.path, p)
+					}
+				}
+			}
+			select {
+			case p := <-got:
+				t.Errorf("a refused call reached the upstream: %s", p)
+			default:
+			}
+		})
+	}
+}
+
+// rawGet sends GET path exactly as given, which net/http's client would
+// clean up first, and returns the status and body.
+func rawGet(t *testing.T, base, path, key string) (int, string) {
+	t.Helper()
+	conn, err := net.Dial("tcp", strings.TrimPrefix(base, "http://"))
+	testenv.Must(t, err, "dial the edge")
+	defer conn.Close()
+	_, err = fmt.Fprintf(conn, "GET %s HTTP/1.1\r\nHost: edge.test\r\nAuthorization: Bearer %s\r\nConnection: close\r\n\r\n", path, key)
+	testenv.Must(t, err, "write the request")
+	resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+	testenv.Must(t, err, "read the answer")
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(body)
+}
