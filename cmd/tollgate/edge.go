@@ -50,9 +50,12 @@ type EdgeMain struct {
 func NewEdgeMain(ctx context.Context, cfg Config, log *slog.Logger) (m *EdgeMain, err error) {
 	log = log.With("component", "edge")
 	m = &EdgeMain{log: log, Registry: prometheus.NewRegistry()}
+	// Every failing return sets m to nil; the half-built edge is closed
+	// through its own pointer.
+	self := m
 	defer func() {
 		if err != nil {
-			_ = m.Close()
+			_ = self.Close()
 		}
 	}()
 	m.Registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))

@@ -300,3 +300,26 @@ func TestEdgeRejectsBadKeysWithOneErrorShape(t *testing.T) {
 		t.Fatalf("upstream was called %d times by refused requests", p.upstream.Calls())
 	}
 }
+
+// An edge that cannot start says why, and closes what it had opened: a
+// second edge on a spool directory in use, and an edge whose listen
+// address is taken, get errors, not a crash.
+func TestEdgeThatCannotStartReturnsItsError(t *testing.T) {
+	ctx := context.Background()
+	pg, ch := testenv.NewPostgres(t), testenv.NewClickHouse(t)
+	cfg := testConfig(t, pg, ch, testenv.NewTopic(t, 4))
+	cfg.Edge.SpoolDir = t.TempDir()
+	cfg.Edge.Upstream = "http://127.0.0.1:9" // never called
+	first, err := NewEdgeMain(ctx, cfg, quietLog())
+	testenv.Must(t, err, "first edge")
+	defer first.Close()
+	_, err = NewEdgeMain(ctx, cfg, quietLog())
+	if err == nil || !strings.Contains(err.Error(), "in use") {
+		t.Errorf("a second edge on the same spool directory: %v, want an error saying it is in use", err)
+	}
+	cfg.Edge.SpoolDir = t.TempDir()
+	cfg.Edge.Listen = first.Addr()
+	if _, err := NewEdgeMain(ctx, cfg, quietLog()); err == nil || !strings.Contains(err.Error(), "listen") {
+		t.Errorf("an edge on a taken address: %v, want a listen error", err)
+	}
+}
