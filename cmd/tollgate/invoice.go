@@ -304,6 +304,11 @@ func runReplay(ctx context.Context, cfg Config, o replayOptions, log *slog.Logge
 	if o.skipLoad && o.scratch == "" {
 		return rep, errors.New("--skip-load needs --scratch-database")
 	}
+	if o.scratch == cfg.Services.ClickHouseDatabase {
+		// Replay loads into, and by default drops, its scratch database:
+		// never the live one.
+		return rep, fmt.Errorf("--scratch-database %s is the live database (services.clickhouse_database); replay needs a database of its own", o.scratch)
+	}
 	if o.batch <= 0 {
 		o.batch = 20000
 	}
@@ -320,19 +325,23 @@ func runReplay(ctx context.Context, cfg Config, o replayOptions, log *slog.Logge
 		return rep, err
 	}
 	defer pool.Close()
-	if !o.skipLoad {
-		if exists, err := clickHouseDatabaseExists(ctx, cfg.Services.ClickHouseAddr, scratch); err != nil {
-			return rep, err
-		} else if exists {
-			return rep, fmt.Errorf("scratch database %s already exists; replay only loads into a fresh one", scratch)
-		}
+	exists, err := clickHouseDatabaseExists(ctx, cfg.Services.ClickHouseAddr, scratch)
+	switch {
+	case err != nil:
+		return rep, err
+	case exists && !o.skipLoad:
+		return rep, fmt.Errorf("scratch database %s already exists; replay only loads into a fresh one", scratch)
+	case !exists && o.skipLoad:
+		return rep, fmt.Errorf("scratch database %s does not exist; --skip-load audits one an earlier replay kept (--keep-scratch)", scratch)
 	}
 	ch, err := openClickHouse(ctx, cfg.Services.ClickHouseAddr, scratch)
 	if err != nil {
 		return rep, err
 	}
 	defer ch.Close()
-	if !o.keepScratch {
+	if !o.keepScratch && !o.skipLoad {
+		// Only a database this run made is dropped: with --skip-load it
+		// was there before, and stays.
 		defer dropClickHouseDatabase(cfg.Services.ClickHouseAddr, scratch, log)
 	}
 	store := invpg.New(pool)

@@ -532,9 +532,24 @@ func TestReplayProvesEveryInvoiceAndNamesAnAlteredOne(t *testing.T) {
 		return err == nil && n == 0
 	})
 
-	o.skipLoad = true
+	// Audited again with --skip-load (without --keep-scratch): the kept
+	// scratch database was there before the run, and stays.
+	o.skipLoad, o.keepScratch = true, false
 	rep, err = runReplay(ctx, cfg, o, quietLog(), io.Discard)
 	testenv.Must(t, err, "replay after altering an event")
+	if exists, err := clickHouseDatabaseExists(ctx, cfg.Services.ClickHouseAddr, scratch); err != nil || !exists {
+		t.Errorf("the kept scratch database after a --skip-load replay: exists %v, %v; want it kept", exists, err)
+	}
+	// The live database is never a scratch database, loaded or not.
+	for _, skip := range []bool{false, true} {
+		live := replayOptions{scratch: cfg.Services.ClickHouseDatabase, skipLoad: skip}
+		if _, err := runReplay(ctx, cfg, live, quietLog(), io.Discard); err == nil || !strings.Contains(err.Error(), "live database") {
+			t.Errorf("replay with the live database as scratch (skip-load %v): %v, want it refused", skip, err)
+		}
+	}
+	if exists, err := clickHouseDatabaseExists(ctx, cfg.Services.ClickHouseAddr, cfg.Services.ClickHouseDatabase); err != nil || !exists {
+		t.Fatalf("the live database after the refused replays: exists %v, %v", exists, err)
+	}
 	if rep.Different != 1 || rep.Matching != 1 || rep.MatchingAtClose != 1 {
 		t.Fatalf("after altering one event: %d match, %d at close, %d different, want 1, 1 and 1", rep.Matching, rep.MatchingAtClose, rep.Different)
 	}
