@@ -94,6 +94,28 @@ func TestAdminKeyLifecycle(t *testing.T) {
 			t.Fatalf("scope %s: %d, want 400", bad, s)
 		}
 	}
+	// The body is JSON or refused, never read as nothing: a form (curl -d
+	// without a content type) or a misspelt field once made a secret key
+	// with every scope out of a request for a narrow publishable one.
+	before := adminKeys(t, admin)
+	form, _ := http.NewRequest("POST", admin.url+"/admin/v1/accounts/acct_adm/keys",
+		strings.NewReader(`{"kind":"publishable","environment":"test","scopes":["widgets:read"]}`))
+	form.Header.Set("Authorization", "Bearer "+adminToken)
+	form.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+	resp, err := http.DefaultClient.Do(form)
+	testenv.Must(t, err, "post a form")
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusUnsupportedMediaType {
+		t.Errorf("a key request sent as a form: %d, want 415", resp.StatusCode)
+	}
+	for _, body := range []string{`{"kind":"publishable","scope":["widgets:read"]}`, `{"kind":"publishable"} {"kind":"secret"}`, `{"kind":`} {
+		if s := admin.call("POST", "/admin/v1/accounts/acct_adm/keys", adminToken, body, &errBody); s != 400 || errBody.Error.Code != "invalid_json" {
+			t.Errorf("key request %s: %d %q, want 400 invalid_json", body, s, errBody.Error.Code)
+		}
+	}
+	if after := adminKeys(t, admin); after != before {
+		t.Errorf("refused key requests made keys: %d before, %d after", before, after)
+	}
 	if s := admin.call("POST", "/admin/v1/accounts/nobody/keys", adminToken, `{}`, &errBody); s != 404 {
 		t.Fatalf("key for a missing account: %d, want 404", s)
 	}
@@ -431,4 +453,16 @@ func TestReportEventsRefusesACallerBeforeReadingItsBody(t *testing.T) {
 			}
 		})
 	}
+}
+
+// adminKeys counts acct_adm's keys as the admin API lists them.
+func adminKeys(t *testing.T, admin adminClient) int {
+	t.Helper()
+	var list struct {
+		Keys []json.RawMessage `json:"keys"`
+	}
+	if s := admin.call("GET", "/admin/v1/accounts/acct_adm/keys", adminToken, "", &list); s != 200 {
+		t.Fatalf("list keys: %d", s)
+	}
+	return len(list.Keys)
 }
