@@ -326,11 +326,25 @@ func TestMonthlyQuotaExhaustion(t *testing.T) {
 	three := int64(3)
 	env.SetPlan(t, "acct_quota", "quota3", edge.Limits{RequestsPerSecond: 100, Burst: 100, MonthlyRequests: &three}, "https://example.test/up")
 	for i := 0; i < 3; i++ {
-		if r := edgetest.Do(t, "GET", in.URL+"/v1/x", key, nil); r.Status != 200 {
+		r := edgetest.Do(t, "GET", in.URL+"/v1/x", key, nil)
+		if r.Status != 200 {
 			t.Fatalf("call %d: %d", i, r.Status)
+		}
+		// The quota is tighter than the burst of 100: the headers speak
+		// of the quota.
+		left := strconv.Itoa(2 - i)
+		if r.Header.Get("X-RateLimit-Limit") != "3" || r.Header.Get("X-RateLimit-Remaining") != left ||
+			!strings.HasPrefix(r.Header.Get("RateLimit"), `"monthly";r=`+left+`;t=`) {
+			t.Errorf("call %d: X-RateLimit-Limit %q, -Remaining %q, RateLimit %q; want the quota's 3 and %s left", i,
+				r.Header.Get("X-RateLimit-Limit"), r.Header.Get("X-RateLimit-Remaining"), r.Header.Get("RateLimit"), left)
 		}
 	}
 	r := edgetest.Do(t, "GET", in.URL+"/v1/x", key, nil)
+	if r.Header.Get("X-RateLimit-Remaining") != "0" || !strings.HasPrefix(r.Header.Get("RateLimit"), `"monthly";r=0;t=`) ||
+		r.Header.Get("X-RateLimit-Reset") != r.Header.Get("Retry-After") {
+		t.Errorf("refused call: X-RateLimit-Remaining %q, RateLimit %q, X-RateLimit-Reset %q, Retry-After %q; want 0 left until the month ends",
+			r.Header.Get("X-RateLimit-Remaining"), r.Header.Get("RateLimit"), r.Header.Get("X-RateLimit-Reset"), r.Header.Get("Retry-After"))
+	}
 	now := clock().UTC()
 	monthEnd := time.Date(now.Year(), now.Month()+1, 1, 0, 0, 0, 0, time.UTC)
 	if r.Status != 429 || r.Error.Code != "quota_exceeded" || r.Error.Limit != "monthly" || r.Error.UpgradeURL != "https://example.test/up" {
@@ -352,6 +366,43 @@ func TestMonthlyQuotaExhaustion(t *testing.T) {
 	// Test mode has its own allowance, so sandbox traffic never eats live quota.
 	if r := edgetest.Do(t, "GET", in.URL+"/v1/x", testKey, nil); r.Status != 200 {
 		t.Fatalf("test-mode call after live quota ran out: %d", r.Status)
+	}
+}
+
+// A plans-table row that leaves out some limits takes them from edge.plans
+// for its own plan, not from the free plan: a row with only a monthly quota
+// gets the configured rate and burst and keeps its quota, and a row with no
+// limits at all gets the configured plan whole.
+func TestPlanRowWithoutRateLimitsTakesTheConfiguredPlans(t *testing.T) {
+	env := edgetest.New(t)
+	million := int64(1_000_000)
+	in := env.Start(t, edgetest.Options{Config: func(c *edge.Config) {
+		c.Plans = map[string]edge.Plan{
+			"big":  {ID: "big", Limits: edge.Limits{RequestsPerSecond: 500, Burst: 1000}},
+			"big2": {ID: "big2", Limits: edge.Limits{RequestsPerSecond: 500, Burst: 1000}},
+		}
+	}})
+	for _, c := range []struct {
+		name, account, plan string
+		row                 edge.Limits
+		policy              string
+	}{
+		{"a row with only a quota keeps it", "acct_big_quota", "big", edge.Limits{MonthlyRequests: &million}, `"key";q=1000;w=2, "account";q=1000;w=2, "monthly";q=1000000;`},
+		{"a row with no limits takes the configured plan", "acct_big_none", "big2", edge.Limits{}, `"key";q=1000;w=2, "account";q=1000;w=2`},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			key, _ := env.Key(t, c.account, edge.Secret, schemas.Live)
+			env.SetPlan(t, c.account, c.plan, c.row, "")
+			for i := range 20 { // twice the free plan's burst
+				r := edgetest.Do(t, "GET", in.URL+"/v1/x", key, nil)
+				if r.Status != 200 {
+					t.Fatalf("call %d: %d %+v", i, r.Status, r.Error)
+				}
+				if got := r.Header.Get("RateLimit-Policy"); i == 0 && !strings.HasPrefix(got, c.policy) || c.row.MonthlyRequests == nil && got != c.policy {
+					t.Errorf("RateLimit-Policy %q, want %q", got, c.policy)
+				}
+			}
+		})
 	}
 }
 

@@ -374,8 +374,10 @@ func ceilSeconds(d time.Duration) int64 {
 }
 
 // setRateHeaders writes the X-RateLimit-* headers and the IETF draft
-// RateLimit / RateLimit-Policy fields for the tightest of the limits.
-// Limit is the burst, Reset the seconds until the bucket is full again;
+// RateLimit / RateLimit-Policy fields for the tightest of the limits, the
+// monthly quota among them. For a rate limit, Limit is the burst, Reset the
+// seconds until the bucket is full again; for the quota, Limit is the
+// month's requests and Reset the seconds until the next month starts;
 // the policy window w is the time a full burst takes to refill. set must
 // copy the value: the values share one buffer.
 func setRateHeaders(set func(name string, value []byte), states []limitState, quota *quotaState) {
@@ -388,17 +390,25 @@ func setRateHeaders(set func(name string, value []byte), states []limitState, qu
 			tight = s
 		}
 	}
+	// The tightest limit, the monthly quota included: a caller with more
+	// burst left than quota is told about the quota, which refuses it first.
+	name, limit, remaining := tight.name, int64(tight.result.Limit), int64(tight.result.Remaining)
 	reset := ceilSeconds(tight.result.ResetAfter)
+	if quota != nil {
+		if left := max(0, quota.limit-quota.used); left < remaining {
+			name, limit, remaining, reset = "monthly", quota.limit, left, ceilSeconds(quota.window)
+		}
+	}
 	// Built with appends into one buffer rather than fmt and strings: this
 	// runs on every call.
 	var buf [256]byte
 	b := buf[:0]
 	// Names in Go's canonical form, so net/http's header map can take
 	// them as they are.
-	b = strconv.AppendInt(b, int64(tight.result.Limit), 10)
+	b = strconv.AppendInt(b, limit, 10)
 	set("X-Ratelimit-Limit", b)
 	n := len(b)
-	b = strconv.AppendInt(b, int64(tight.result.Remaining), 10)
+	b = strconv.AppendInt(b, remaining, 10)
 	set("X-Ratelimit-Remaining", b[n:])
 	n = len(b)
 	b = strconv.AppendInt(b, reset, 10)
@@ -421,9 +431,9 @@ func setRateHeaders(set func(name string, value []byte), states []limitState, qu
 	}
 	set("Ratelimit-Policy", b[n:])
 	n = len(b)
-	b = appendName(b, tight.name)
+	b = appendName(b, name)
 	b = append(b, ";r="...)
-	b = strconv.AppendInt(b, int64(tight.result.Remaining), 10)
+	b = strconv.AppendInt(b, remaining, 10)
 	b = append(b, ";t="...)
 	b = strconv.AppendInt(b, reset, 10)
 	set("Ratelimit", b[n:])

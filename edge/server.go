@@ -617,10 +617,7 @@ func (s *Server) limitCall(ctx context.Context, k *Key, quota bool, now time.Tim
 	if s.deps.Limiter == nil {
 		return nil
 	}
-	lim := k.Plan.Limits
-	if lim.RequestsPerSecond <= 0 || lim.Burst <= 0 {
-		lim = s.cfg.Plans["free"].Limits
-	}
+	lim := s.planLimits(k.Plan)
 	names := s.keyLimits.get(s.cfg.RateLimitPrefix, k)
 	cl := CallLimits{Buckets: names.buckets, RPS: lim.RequestsPerSecond, Burst: lim.Burst, Slot: &names.slot}
 	var end time.Time
@@ -692,6 +689,32 @@ func (s *Server) limit(quota bool) echo.MiddlewareFunc {
 			return next(c)
 		}
 	}
+}
+
+// planLimits are the limits of plan: those of its plans-table row, with
+// what the row leaves out taken from edge.plans for the plan's id (the
+// free plan's when edge.plans has no such plan). A row without rate limits
+// takes edge.plans' rate and burst but keeps its own monthly quota; a row
+// with no limits at all takes edge.plans' whole, quota included.
+func (s *Server) planLimits(p Plan) Limits {
+	lim := p.Limits
+	if lim.RequestsPerSecond > 0 && lim.Burst > 0 {
+		return lim
+	}
+	fb, ok := s.cfg.Plans[p.ID]
+	if !ok {
+		fb = s.cfg.Plans["free"]
+	}
+	if lim.RequestsPerSecond <= 0 && lim.Burst <= 0 && lim.MonthlyRequests == nil {
+		return fb.Limits
+	}
+	if lim.RequestsPerSecond <= 0 {
+		lim.RequestsPerSecond = fb.Limits.RequestsPerSecond
+	}
+	if lim.Burst <= 0 {
+		lim.Burst = fb.Limits.Burst
+	}
+	return lim
 }
 
 func planName(p Plan) string {
