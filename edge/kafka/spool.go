@@ -356,19 +356,49 @@ func (s *Spool) Commit(cur SpoolCursor, n int) error {
 	s.rseq, s.roff = cur.Seq, cur.Off
 	s.depth.Add(-int64(n))
 	if s.depth.Load() <= 0 && s.rseq == s.wseq && s.roff == s.wsize && s.wsize > 0 {
-		// Everything delivered: start the segment afresh.
-		if err := s.w.Truncate(0); err == nil {
-			s.wsize, s.roff = 0, 0
+		// Everything delivered: start the segment afresh. The cursor at
+		// its start is made durable first. Were the truncation (made
+		// durable by the next append's fsync) to outlive a power loss that
+		// the cursor did not, the old cursor would point into the new
+		// records: those before it taken as delivered, and the rest cut
+		// off as a torn tail. The other way round, a cursor at 0 over the
+		// old records sends them again, which deduplication absorbs.
+		if err := s.writeCursor(s.rseq, 0, true); err == nil {
+			if err := s.w.Truncate(0); err == nil {
+				s.wsize, s.roff = 0, 0
+				return rmErr
+			}
 		}
 	}
+	// A cursor that a crash loses only sends delivered records again.
+	return errors.Join(rmErr, s.writeCursor(s.rseq, s.roff, false))
+}
+
+// writeCursor replaces the cursor file; durable, it syncs the file and the
+// directory before returning.
+func (s *Spool) writeCursor(seq uint64, off int64, durable bool) error {
 	tmp := filepath.Join(s.dir, cursorFile+".tmp")
-	if err := os.WriteFile(tmp, []byte(fmt.Sprintf("%d %d\n", s.rseq, s.roff)), 0o640); err != nil {
+	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o640)
+	if err != nil {
 		return fmt.Errorf("spool: write cursor: %w", err)
 	}
-	if err := os.Rename(tmp, filepath.Join(s.dir, cursorFile)); err != nil {
-		return errors.Join(rmErr, fmt.Errorf("spool: write cursor: %w", err))
+	_, err = fmt.Fprintf(f, "%d %d\n", seq, off)
+	if err == nil && durable {
+		err = f.Sync()
 	}
-	return rmErr
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(tmp, filepath.Join(s.dir, cursorFile))
+	}
+	if err == nil && durable {
+		err = syncDir(s.dir)
+	}
+	if err != nil {
+		return fmt.Errorf("spool: write cursor: %w", err)
+	}
+	return nil
 }
 
 // Depth is the number of records not yet delivered.
@@ -381,5 +411,18 @@ func (s *Spool) Corrupt() int64 { return s.corrupt }
 func (s *Spool) Close() error {
 	err := s.w.Close()
 	_ = s.lock.Close() // releases the lock
+	return err
+}
+
+// syncDir makes a rename in dir durable.
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	err = d.Sync()
+	if cerr := d.Close(); err == nil {
+		err = cerr
+	}
 	return err
 }
