@@ -1150,3 +1150,49 @@ func TestStopAbandonsATunnelWhoseHijackNeverStarted(t *testing.T) {
 		t.Errorf("the abandoned upgrade's event: status %d, want 101", ev.Status)
 	}
 }
+
+// Request trailers are not forwarded, on either front: a trailer is read
+// after the headers were checked, so a forged identity header or a key
+// sent as one would pass the checks. The body still arrives whole. (A key
+// announced as a trailer is refused outright by the fasthttp front.)
+func TestRequestTrailersAreNotForwarded(t *testing.T) {
+	env := edgetest.New(t)
+	type seen struct {
+		account []string
+		trailer http.Header
+		size    int
+	}
+	got := make(chan seen, 8)
+	up := serveUpstream(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		n, _ := io.Copy(io.Discard, r.Body)
+		got <- seen{r.Header.Values(edge.HeaderAccount), r.Trailer.Clone(), int(n)}
+		_, _ = io.WriteString(w, "ok")
+	}))
+	for _, fr := range fronts {
+		t.Run(fr.name, func(t *testing.T) {
+			in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP, Config: func(c *edge.Config) { c.Upstream, c.SandboxUpstream = up, "" }})
+			key, _ := env.Key(t, "acct_trailers", edge.Secret, schemas.Live)
+			for _, size := range []int{3, 2 << 20} { // read whole, and streamed
+				conn, err := net.Dial("tcp", strings.TrimPrefix(in.URL, "http://"))
+				testenv.Must(t, err, "dial the edge")
+				body := strings.Repeat("a", size)
+				_, err = fmt.Fprintf(conn, "POST /v1/upload HTTP/1.1\r\nHost: edge.test\r\nAuthorization: Bearer %s\r\n"+
+					"Transfer-Encoding: chunked\r\nTrailer: Tollgate-Account, X-Checksum\r\nConnection: close\r\n\r\n"+
+					"%x\r\n%s\r\n0\r\nTollgate-Account: acct_forged\r\nX-Checksum: 1\r\n\r\n", key, size, body)
+				testenv.Must(t, err, "write the call")
+				resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+				testenv.Must(t, err, "read the answer")
+				resp.Body.Close()
+				conn.Close()
+				if resp.StatusCode != 200 {
+					t.Fatalf("%d bytes with trailers: status %d", size, resp.StatusCode)
+				}
+				s := <-got
+				if len(s.account) != 1 || s.account[0] != "acct_trailers" || len(s.trailer) != 0 || s.size != size {
+					t.Errorf("%d bytes with trailers: the upstream got %s %v, trailers %v, %d bytes; want only the edge's account, no trailers, the whole body",
+						size, edge.HeaderAccount, s.account, s.trailer, s.size)
+				}
+			}
+		})
+	}
+}

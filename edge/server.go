@@ -752,6 +752,10 @@ func (s *Server) newProxy(upstream string) (*httputil.ReverseProxy, error) {
 		Rewrite: func(r *httputil.ProxyRequest) {
 			r.SetURL(u)
 			r.Out.Host = r.In.Host
+			// Request trailers are not forwarded: they arrive after the
+			// headers have been checked, and could carry the key or
+			// forged identity headers past those checks.
+			r.Out.Trailer = nil
 			r.Out.Header.Del("Authorization")
 			r.Out.Header.Set(HeaderRequestID, r.In.Header.Get(HeaderRequestID))
 			for name := range r.Out.Header {

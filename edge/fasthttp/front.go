@@ -441,10 +441,11 @@ func dropHopByHop(h headers) {
 
 // setIdentity drops whatever the caller sent under the edge's reserved
 // header prefix, then tells the upstream who is calling.
-func setIdentity(h *fh.RequestHeader, k *edge.Key) {
+func setIdentity(h *fh.RequestHeader, k *edge.Key, trailers bool) {
 	// Walking the parsed headers costs more than a look at the raw ones,
-	// which almost never hold the prefix.
-	if raw := h.RawHeaders(); len(raw) == 0 || rawHasIdentity(raw) {
+	// which almost never hold the prefix; trailers are not among the raw
+	// headers.
+	if raw := h.RawHeaders(); trailers || len(raw) == 0 || rawHasIdentity(raw) {
 		var forged []string
 		for name := range h.All() {
 			if len(name) >= len(edge.IdentityPrefix) && edge.IsIdentityHeader(string(name[:len(edge.IdentityPrefix)])) {
@@ -491,6 +492,13 @@ func (f *Front) forward(ctx *fh.RequestCtx, adm edge.Admission, rid string) *ups
 		up = f.sandbox // the live upstream when there is no sandbox
 	}
 	req := &ctx.Request
+	// Request trailers are not forwarded (proxy sends a request that
+	// announces none); any read already join the headers, where the
+	// checks below see them.
+	trailers := announcesTrailers(&req.Header)
+	if trailers {
+		_ = req.Header.SetTrailer("")
+	}
 	stripRequestHopByHop(&req.Header)
 	req.Header.Del(fh.HeaderAuthorization)
 	// A request in absolute form may carry credentials in its URI, which
@@ -504,7 +512,7 @@ func (f *Front) forward(ctx *fh.RequestCtx, adm edge.Admission, rid string) *ups
 	// Request-Id or X-Forwarded-Proto) are deleted first.
 	req.Header.Del(edge.HeaderRequestID)
 	req.Header.Set(edge.HeaderRequestID, rid)
-	setIdentity(&req.Header, adm.Key)
+	setIdentity(&req.Header, adm.Key, trailers)
 	// X-Forwarded-*, as net/http's ReverseProxy.SetXForwarded sets them:
 	// every prior X-Forwarded-For line, in order, then the caller.
 	var buf [128]byte
@@ -578,11 +586,35 @@ func (x *exchange) finish(sent int64) {
 	x.f.s.Observe(x.route, true, x.call.Status, x.call.End.Sub(x.call.Start))
 }
 
+// announcesTrailers reports whether the request announces trailers.
+func announcesTrailers(h *fh.RequestHeader) bool {
+	for range h.Trailers() {
+		return true
+	}
+	return false
+}
+
 func (f *Front) proxy(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, start time.Time) {
 	call.Start = start
 	x := &exchange{f: f, route: adm.Route, call: call}
+	trailers := announcesTrailers(&ctx.Request.Header)
 	up := f.forward(ctx, adm, call.RequestID)
 	req := &ctx.Request
+	if trailers {
+		// Request trailers are not forwarded: they arrive after the
+		// headers were checked, and could carry forged identity headers
+		// past the checks. fasthttp reads a streamed body's trailers into
+		// the caller's request, announcing them again, so the upstream
+		// gets a copy that announces none.
+		out := fh.AcquireRequest()
+		defer fh.ReleaseRequest(out)
+		req.CopyTo(out)
+		_ = out.Header.SetTrailer("")
+		if bs := ctx.RequestBodyStream(); bs == nil {
+			out.SetBody(req.Body())
+		}
+		req = out
+	}
 	counted := &x.counted
 	if bs := ctx.RequestBodyStream(); bs != nil {
 		// Each read of the caller's body may wait upstream_timeout, as each
