@@ -70,6 +70,21 @@ type Limits struct {
 	MonthlyRequests *int64 `json:"monthly_requests" yaml:"monthly_requests"`
 }
 
+// SpoolHold is an edge's claim on usage time while its events wait in its
+// local spool. Events spooled while Kafka is unreachable reach Kafka later,
+// with later record times than a usage watermark can see, so usage from
+// Since on is not complete. Once the spool has drained (Released, when
+// Kafka took the last of them), the claim lasts until the usage watermark
+// passes Released: every drained event has landed by then. Zero Since: no
+// events were spooled.
+type SpoolHold struct {
+	// Since is the earliest event time of the events spooled since the
+	// spool was last empty.
+	Since time.Time
+	// Released is zero while the spool holds any of them.
+	Released time.Time
+}
+
 // Domain errors, mapped to HTTP in one place (errors.go).
 var (
 	ErrKeyNotFound = errors.New("api key not found")

@@ -597,3 +597,63 @@ func TestAZoneChangeBillsEveryEventOnce(t *testing.T) {
 		t.Errorf("ledger: %d invoices with %d events in all, want 4 with all 130", len(stored), events)
 	}
 }
+
+// An edge's spool hold keeps the periods it reaches into open: events an
+// edge spooled while Kafka was unreachable land after the usage watermark
+// has passed the period, and would otherwise miss its invoice. The period
+// closes once the hold is released and the watermark has passed the
+// release, with the spooled events on the invoice; the hold is retired.
+func TestSpoolHoldKeepsThePeriodOpenUntilItsEventsLand(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	e.account(t, "acct_held", "UTC")
+	e.subscribe(t, "acct_held", "starter", march.AddDate(0, -1, 0), nil)
+	e.events(t, ev{account: "acct_held", env: "live", typ: "api_call", at: march.Add(time.Hour), n: 10})
+	e.watermark(t, april.Add(2*time.Hour))
+	since := april.Add(-30 * time.Minute) // the first event spooled, in March
+	_, err := e.pg.Pool.Exec(ctx, `INSERT INTO edge_spool_holds (instance, since) VALUES ('edge-a:/spool', $1)`, since)
+	testenv.Must(t, err, "hold")
+	iv, err := invoicer.New(e.store, e.usage, invoicer.HeldWatermark{Usage: e.usage, Holds: e.store, Log: quiet()}, nil,
+		invoicer.Options{Grace: time.Hour, Lookback: 1, Now: func() time.Time { return april.AddDate(0, 0, 3) }}, quiet())
+	testenv.Must(t, err, "new invoicer")
+	closeDue := func(step string) invoicer.CloseResult {
+		t.Helper()
+		res, err := iv.CloseDue(ctx)
+		testenv.Must(t, err, step)
+		return res
+	}
+
+	if res := closeDue("close while the spool holds events"); len(res.Closed) != 0 || !res.Watermark.Equal(since) {
+		t.Fatalf("while held: closed %d invoices, watermark %s; want none closed, the watermark held at %s", len(res.Closed), res.Watermark, since)
+	}
+	// The spool drains: its five events reach Kafka after the watermark
+	// and land; the edge marks the hold released when Kafka took them.
+	released := april.Add(3 * time.Hour)
+	e.events(t, ev{account: "acct_held", env: "live", typ: "api_call", at: since, n: 5})
+	_, err = e.pg.Pool.Exec(ctx, `UPDATE edge_spool_holds SET released_at = $1`, released)
+	testenv.Must(t, err, "release")
+	if res := closeDue("close before the watermark passes the release"); len(res.Closed) != 0 {
+		t.Fatalf("released, watermark before the release: closed %d invoices, want none", len(res.Closed))
+	}
+	time.Sleep(1100 * time.Millisecond) // a newer updated_at for the watermark rows
+	e.watermark(t, released.Add(time.Minute))
+	res := closeDue("close after the watermark passed the release")
+	if len(res.Closed) != 1 || res.Closed[0].Fingerprint.EventCount != 15 {
+		t.Fatalf("after the release: closed %+v, want March's invoice with all 15 events", res.Closed)
+	}
+	var holds int
+	testenv.Must(t, e.pg.Pool.QueryRow(ctx, `SELECT count(*) FROM edge_spool_holds`).Scan(&holds), "count holds")
+	if holds != 0 {
+		t.Errorf("%d holds left after the watermark passed the release, want the hold retired", holds)
+	}
+
+	// A hold that starts after a period ends does not hold that period,
+	// and one the edge took up again is not retired.
+	_, err = e.pg.Pool.Exec(ctx, `INSERT INTO edge_spool_holds (instance, since) VALUES ('edge-b:/spool', $1)`, released)
+	testenv.Must(t, err, "a later hold")
+	wm, err := (invoicer.HeldWatermark{Usage: e.usage, Holds: e.store, Log: quiet()}).Watermark(ctx)
+	testenv.Must(t, err, "held watermark")
+	if !wm.Equal(released) {
+		t.Errorf("watermark with a hold since %s: %s, want the hold's since", released, wm)
+	}
+}

@@ -36,10 +36,13 @@ type EdgeMain struct {
 	auditor  *edgepg.AuditWriter
 	listener *edgepg.Listener
 	stopLn   context.CancelFunc
-	ln       net.Listener
-	front    *edgefast.Front
-	adminLn  net.Listener
-	adminSrv *http.Server
+	// The spool's hold on usage is stored until holdsDone closes.
+	stopHolds context.CancelFunc
+	holdsDone chan struct{}
+	ln        net.Listener
+	front     *edgefast.Front
+	adminLn   net.Listener
+	adminSrv  *http.Server
 	// Registry holds the edge's metrics (served on the admin listener).
 	Registry *prometheus.Registry
 }
@@ -78,6 +81,16 @@ func NewEdgeMain(ctx context.Context, cfg Config, log *slog.Logger) (m *EdgeMain
 	}, m.Registry, log); err != nil {
 		return nil, err
 	}
+	// While events wait in the spool, the invoicer must not close their
+	// period: the hold names this instance by host and spool directory.
+	host, _ := os.Hostname()
+	if abs, err := filepath.Abs(spoolDir); err == nil {
+		spoolDir = abs
+	}
+	holds := edgepg.NewHoldWriter(m.pool, edgepg.Instance(host, spoolDir), m.producer.SpoolHold, log)
+	hctx, stopHolds := context.WithCancel(context.Background())
+	m.stopHolds, m.holdsDone = stopHolds, make(chan struct{})
+	go func() { defer close(m.holdsDone); holds.Run(hctx, 500*time.Millisecond) }()
 	store := edgepg.NewKeyStore(m.pool)
 	cache := edge.NewKeyCache(store, cfg.Edge.KeyCacheTTL)
 	m.listener = edgepg.NewListener(cfg.Services.PostgresURL, cache, log)
@@ -245,6 +258,11 @@ func (m *EdgeMain) Close() error {
 	}
 	if m.producer != nil {
 		errs = append(errs, m.producer.Close())
+	}
+	if m.stopHolds != nil {
+		// After the producer's last drain, so a released hold is stored.
+		m.stopHolds()
+		<-m.holdsDone
 	}
 	if m.pool != nil {
 		m.pool.Close()

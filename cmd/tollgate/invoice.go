@@ -64,7 +64,10 @@ func newInvoicer(ctx context.Context, cfg Config, log *slog.Logger) (*invoicer.I
 		log.Warn("invoicer.stripe.api_key is not set: invoices stay in the ledger and are not sent to Stripe")
 	}
 	usage := invch.New(ch)
-	iv, err := invoicer.New(invpg.New(pool), usage, usage, sc, invoicer.Options{Meters: cfg.Meters,
+	store := invpg.New(pool)
+	// Periods wait for events the edges still hold in their spools.
+	wm := invoicer.HeldWatermark{Usage: usage, Holds: store, Log: log}
+	iv, err := invoicer.New(store, usage, wm, sc, invoicer.Options{Meters: cfg.Meters,
 		Grace: cfg.Invoicer.Grace, Lookback: cfg.Invoicer.LookbackMonths}, log)
 	if err != nil {
 		pool.Close()

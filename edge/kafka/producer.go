@@ -84,6 +84,10 @@ type Producer struct {
 	late       [][]byte
 	lateClosed bool
 
+	// hold is the spool's claim on usage time, for SpoolHold.
+	holdMu sync.Mutex
+	hold   edge.SpoolHold
+
 	closing   atomic.Bool
 	nextTry   time.Time
 	backoff   time.Duration
@@ -163,6 +167,14 @@ func NewProducer(cfg Config, reg prometheus.Registerer, log *slog.Logger) (*Prod
 	}
 	if d := sp.Depth(); d > 0 {
 		log.Info("delivering events spooled by an earlier run", "events", d)
+		// The spool is in time order but for server-reported usage, so
+		// its first record stands for its oldest; the hold store keeps
+		// the earlier run's hold if that was older (SpoolHolds).
+		since := time.Now()
+		if recs, _, err := sp.Read(1); err == nil && len(recs) == 1 {
+			since = eventTime(recs[0], since)
+		}
+		p.hold = edge.SpoolHold{Since: since}
 	}
 	go p.run()
 	return p, nil
@@ -279,6 +291,7 @@ func (p *Producer) toSpool(batch []kafka.Message) {
 		err := p.spool.Append(recs)
 		if err == nil {
 			p.spooled.Add(float64(len(recs)))
+			p.held(recs)
 			return
 		}
 		// Without the disk there is nowhere durable to put the events;
@@ -387,8 +400,55 @@ func (p *Producer) drain(chunks int) bool {
 		}
 		p.retry, p.retryCur, p.retryN = nil, nil, 0
 		progress = true
+		if p.spool.Depth() == 0 {
+			p.released(time.Now())
+		}
 	}
 	return progress
+}
+
+// SpoolHold reports the spool's claim on usage time (see edge.SpoolHold).
+func (p *Producer) SpoolHold() edge.SpoolHold {
+	p.holdMu.Lock()
+	defer p.holdMu.Unlock()
+	return p.hold
+}
+
+// held widens the hold to the events of recs, just spooled; the first
+// events spooled after a release start a new hold.
+func (p *Producer) held(recs [][]byte) {
+	now := time.Now()
+	since := now
+	for _, r := range recs {
+		since = eventTime(r, since)
+	}
+	p.holdMu.Lock()
+	defer p.holdMu.Unlock()
+	if p.hold.Since.IsZero() || !p.hold.Released.IsZero() {
+		// A new hold. A released one the watermark has not passed yet
+		// is merged into it by the hold store (SpoolHolds.Hold).
+		p.hold = edge.SpoolHold{Since: since}
+	} else if since.Before(p.hold.Since) {
+		p.hold.Since = since
+	}
+}
+
+// released marks the hold released at t, when the spool has drained.
+func (p *Producer) released(t time.Time) {
+	p.holdMu.Lock()
+	defer p.holdMu.Unlock()
+	if !p.hold.Since.IsZero() && p.hold.Released.IsZero() {
+		p.hold.Released = t
+	}
+}
+
+// eventTime is the earlier of the spooled event's time and before.
+func eventTime(rec []byte, before time.Time) time.Time {
+	ev, err := schemas.Decode(rec, before.Add(24*time.Hour))
+	if err != nil || ev.Time.IsZero() || !ev.Time.Before(before) {
+		return before
+	}
+	return ev.Time
 }
 
 func message(ev schemas.Event) kafka.Message {
@@ -437,6 +497,7 @@ func (p *Producer) Close() error {
 				errs = append(errs, fmt.Errorf("spool events emitted while closing: %w", err))
 			} else {
 				p.spooled.Add(float64(len(late)))
+				p.held(late)
 				p.log.Warn("events emitted while closing are spooled for the next start", "events", len(late))
 			}
 		}

@@ -550,3 +550,43 @@ func (s *Store) AppendCreditNote(ctx context.Context, invoiceID string, amount i
 	}
 	return invoicer.CreditNoteResult{ID: id}, nil
 }
+
+var _ invoicer.SpoolHolds = (*Store)(nil)
+
+// SpoolHolds lists the edge instances' spool holds.
+func (s *Store) SpoolHolds(ctx context.Context) ([]invoicer.SpoolHold, error) {
+	rows, err := s.pool.Query(ctx, `SELECT instance, since, released_at FROM edge_spool_holds ORDER BY since`)
+	if err != nil {
+		return nil, fmt.Errorf("spool holds: %w", err)
+	}
+	defer rows.Close()
+	var out []invoicer.SpoolHold
+	for rows.Next() {
+		var h invoicer.SpoolHold
+		var released *time.Time
+		if err := rows.Scan(&h.Instance, &h.Since, &released); err != nil {
+			return nil, fmt.Errorf("spool holds: %w", err)
+		}
+		if released != nil {
+			h.Released = *released
+		}
+		out = append(out, h)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("spool holds: %w", err)
+	}
+	return out, nil
+}
+
+// RetireSpoolHold removes a released hold, unless the edge has taken it up
+// again or moved its release since it was read.
+func (s *Store) RetireSpoolHold(ctx context.Context, h invoicer.SpoolHold) error {
+	if h.Released.IsZero() {
+		return fmt.Errorf("%w: spool hold of %s is not released", invoicer.ErrInvalid, h.Instance)
+	}
+	if _, err := s.pool.Exec(ctx, `DELETE FROM edge_spool_holds WHERE instance = $1 AND since = $2 AND released_at = $3`,
+		h.Instance, h.Since, h.Released); err != nil {
+		return fmt.Errorf("retire spool hold: %w", err)
+	}
+	return nil
+}
