@@ -468,6 +468,10 @@ type cursor struct {
 	FP   string `json:"f"`
 }
 
+// cursorLife is how long past the request log's window a page's cursor
+// may still reach back: a client paging for longer starts again.
+const cursorLife = time.Hour
+
 func fingerprint(parts ...string) string {
 	h := sha256.Sum256([]byte(strings.Join(parts, "\x00")))
 	return base64.RawURLEncoding.EncodeToString(h[:9])
@@ -534,12 +538,16 @@ func (s *Server) requests(c echo.Context) error {
 	if !inDateTime(since) {
 		return invalid("invalid_time", "since must be between 1970-01-01T00:00:00Z and 2105-01-01T00:00:00Z")
 	}
-	// An explicit since may reach back as far as the window, checked on
-	// the first page only: later pages carry the first page's since, which
-	// the window's start passes as time goes on.
+	// An explicit since may reach back as far as the window. Later pages
+	// carry the first page's since, which the window's start passes as
+	// time goes on: they may reach back cursorLife further, no more. A
+	// cursor is not signed, so this bound is what keeps one made up by a
+	// client from reading the log past the window.
 	if oldest := s.now().Add(-s.cfg.RequestLogWindow); q.Get("since") != "" && q.Get("cursor") == "" && since.Before(oldest) {
 		return invalid("invalid_time", "since: the request log goes back %s (aggregator.request_log_window), to %s",
 			s.cfg.RequestLogWindow, oldest.UTC().Format(time.RFC3339))
+	} else if q.Get("cursor") != "" && since.Before(oldest.Add(-cursorLife)) {
+		return invalid("invalid_cursor", "cursor: it reaches back past the request log's window; repeat the query without it")
 	}
 	rq := RequestsQuery{Account: k.AccountID, Environment: string(k.Environment), KeyID: k.ID, Since: since, Limit: limit + 1}
 	if q.Get("cursor") != "" {

@@ -3,6 +3,7 @@ package aggregator_test
 import (
 	"context"
 	"crypto/sha256"
+	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
@@ -405,6 +406,24 @@ func TestUsageAPI(t *testing.T) {
 		var eb errBody
 		if st := e.get(t, "/v1/requests?limit=100", e.keys["alpha_pk"], &eb); st != http.StatusForbidden || eb.Error.Code != "secret_key_required" {
 			t.Errorf("alpha's publishable key reading its request log: %d %q, want 403 secret_key_required", st, eb.Error.Code)
+		}
+	})
+	t.Run("a request log cursor made to reach past the window is refused", func(t *testing.T) {
+		var first struct {
+			NextCursor string `json:"next_cursor"`
+		}
+		if st := e.get(t, "/v1/requests?limit=1", e.keys["beta"], &first); st != http.StatusOK || first.NextCursor == "" {
+			t.Fatalf("first page: %d, cursor %q", st, first.NextCursor)
+		}
+		raw, err := base64.RawURLEncoding.DecodeString(first.NextCursor)
+		testenv.Must(t, err, "decode the cursor")
+		var c map[string]any
+		testenv.Must(t, json.Unmarshal(raw, &c), "read the cursor")
+		c["a"] = 1 // since 1970: the cursor is not signed, but it is bounded
+		forged, _ := json.Marshal(c)
+		var eb errBody
+		if st := e.get(t, "/v1/requests?limit=100&cursor="+base64.RawURLEncoding.EncodeToString(forged), e.keys["beta"], &eb); st != http.StatusBadRequest || eb.Error.Code != "invalid_cursor" {
+			t.Errorf("a cursor reaching back to 1970: %d %q, want 400 invalid_cursor", st, eb.Error.Code)
 		}
 	})
 	t.Run("a browser dashboard may call it cross-origin", func(t *testing.T) {
