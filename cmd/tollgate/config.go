@@ -3,7 +3,13 @@ package main
 import (
 	"errors"
 	"fmt"
+	"maps"
+	"net"
+	"net/url"
 	"os"
+	"regexp"
+	"slices"
+	"strconv"
 	"strings"
 	"time"
 
@@ -120,7 +126,11 @@ func (c *Config) defaults() {
 }
 
 // Validate reports every problem in the sections the named components use
-// (all of them when none is named).
+// (all of them when none is named). Besides each section's own checks, it
+// checks what the sections' packages leave to the process that runs them:
+// every address it listens on or dials, the ClickHouse database name, the
+// plans' monthly quotas, the invoicer's shortest interval, and the meters
+// for every component that counts or bills with them.
 func (c *Config) Validate(components ...string) error {
 	want := map[string]bool{}
 	for _, n := range components {
@@ -133,12 +143,24 @@ func (c *Config) Validate(components ...string) error {
 	}
 	if c.Services.ClickHouseDatabase == "" {
 		errs = append(errs, errors.New("services.clickhouse_database: required"))
+	} else if !chIdent.MatchString(c.Services.ClickHouseDatabase) {
+		errs = append(errs, fmt.Errorf("services.clickhouse_database: %q: letters, digits and _ only, not starting with a digit", c.Services.ClickHouseDatabase))
+	}
+	errs = append(errs, checkDial("services.clickhouse_addr", c.Services.ClickHouseAddr), checkDial("services.redis_addr", c.Services.RedisAddr))
+	for i, b := range c.Services.KafkaBrokers {
+		errs = append(errs, checkDial(fmt.Sprintf("services.kafka_brokers[%d]", i), b))
 	}
 	if all || want["edge"] {
-		errs = append(errs, c.Edge.Validate())
+		errs = append(errs, c.Edge.Validate(),
+			checkListen("edge.listen", c.Edge.Listen), checkListen("edge.admin_listen", c.Edge.AdminListen))
+		for _, id := range slices.Sorted(maps.Keys(c.Edge.Plans)) {
+			if q := c.Edge.Plans[id].Limits.MonthlyRequests; q != nil && *q < 0 {
+				errs = append(errs, fmt.Errorf("edge.plans.%s.limits.monthly_requests: negative (%d); leave it out for no quota", id, *q))
+			}
+		}
 	}
 	if all || want["ingest"] {
-		errs = append(errs, c.Ingest.Validate())
+		errs = append(errs, c.Ingest.Validate(), checkListen("ingest.metrics_listen", c.Ingest.MetricsListen))
 	}
 	if (all || want["edge"]) && c.Edge.MaxEventAge > c.Ingest.MaxLateness {
 		errs = append(errs, fmt.Errorf("edge.max_event_age (%s) is longer than ingest.max_lateness (%s): events the edge takes would not be counted",
@@ -146,12 +168,109 @@ func (c *Config) Validate(components ...string) error {
 	}
 	if all || want["invoice"] {
 		errs = append(errs, c.Invoicer.Validate())
+		if _, _, err := net.SplitHostPort(c.Invoicer.Listen); err == nil {
+			// A listen address that is not host:port at all is the
+			// invoicer's own check.
+			errs = append(errs, checkListen("invoicer.listen", c.Invoicer.Listen))
+		}
+		if c.Invoicer.Interval > 0 && c.Invoicer.Interval < MinInvoicerInterval {
+			errs = append(errs, fmt.Errorf("invoicer.interval: at least %s, got %s", MinInvoicerInterval, c.Invoicer.Interval))
+		}
 	}
 	if all || want["ingest"] || want["aggregate"] {
-		errs = append(errs, c.Aggregator.Validate())
+		errs = append(errs, c.Aggregator.Validate(),
+			checkListen("aggregator.listen", c.Aggregator.Listen), checkListen("aggregator.metrics_listen", c.Aggregator.MetricsListen))
+	}
+	// The invoicer prices usage by these meters: a set the aggregator
+	// would refuse is not one to bill with.
+	if all || want["ingest"] || want["aggregate"] || want["invoice"] {
 		if _, err := meter.NewSet(c.Meters...); err != nil {
 			errs = append(errs, fmt.Errorf("meters: %w", err))
 		}
 	}
+	if all || want["dashboard"] {
+		errs = append(errs, checkListen("dashboard.listen", c.Dashboard.Listen),
+			checkBaseURL("dashboard.usage_api", c.Dashboard.UsageAPI), checkBaseURL("dashboard.invoice_api", c.Dashboard.InvoiceAPI))
+	}
 	return errors.Join(errs...)
+}
+
+// MinInvoicerInterval is the shortest invoicer.interval: each pass reads
+// every account's usage and may call Stripe, so a shorter one is a busy
+// loop against ClickHouse, Postgres and Stripe rather than a schedule.
+const MinInvoicerInterval = time.Second
+
+// checkListen checks an address to listen on: host:port, the host empty
+// (every interface), an IP or a name, the port a number (0: any free
+// port). Empty is left to the component: it means off, or is required.
+func checkListen(name, addr string) error {
+	if addr == "" {
+		return nil
+	}
+	if err := checkHostPort(addr); err != nil {
+		return fmt.Errorf("%s: want host:port (e.g. 127.0.0.1:8080 or :8080), got %q: %v", name, addr, err)
+	}
+	return nil
+}
+
+// checkDial checks an address to connect to: host:port with a host.
+func checkDial(name, addr string) error {
+	err := checkHostPort(addr)
+	if err == nil && strings.HasPrefix(addr, ":") {
+		err = errors.New("no host")
+	}
+	if err != nil {
+		return fmt.Errorf("%s: want host:port, got %q: %v", name, addr, err)
+	}
+	return nil
+}
+
+func checkHostPort(addr string) error {
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		var ae *net.AddrError
+		if errors.As(err, &ae) {
+			return errors.New(ae.Err)
+		}
+		return err
+	}
+	if err := checkPort(port); err != nil {
+		return err
+	}
+	if host != "" && net.ParseIP(host) == nil && !hostName.MatchString(host) {
+		return fmt.Errorf("host %q is neither an IP address nor a host name", host)
+	}
+	return nil
+}
+
+func checkPort(port string) error {
+	if _, err := strconv.ParseUint(port, 10, 16); err != nil {
+		return fmt.Errorf("port %q is not a number from 0 to 65535", port)
+	}
+	return nil
+}
+
+var hostName = regexp.MustCompile(`^[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*\.?$`)
+
+// checkBaseURL checks an API base URL the dashboard forwards to: an
+// http(s) URL with a host, or host:port (read as http://host:port).
+// Empty means the default.
+func checkBaseURL(name, v string) error {
+	if v == "" {
+		return nil
+	}
+	u, err := url.Parse(httpBase(v))
+	if err == nil && strings.Contains(v, "://") && !strings.HasPrefix(v, "http") {
+		err = errors.New("not http or https")
+	}
+	if err == nil && u.Hostname() == "" {
+		err = errors.New("no host")
+	}
+	if err == nil && u.Port() != "" {
+		err = checkPort(u.Port())
+	}
+	if err != nil {
+		return fmt.Errorf("%s: want an http(s) URL or host:port, got %q: %v", name, v, err)
+	}
+	return nil
 }

@@ -51,3 +51,80 @@ func TestConfigProblemsAreAllReported(t *testing.T) {
 		}
 	})
 }
+
+// writeConfig writes body to a configuration file and loads it, with an
+// upstream set so that only what a case is about can be invalid.
+func writeConfig(t *testing.T, body string) Config {
+	t.Helper()
+	t.Setenv("TOLLGATE_EDGE_UPSTREAM", "http://127.0.0.1:9000")
+	p := filepath.Join(t.TempDir(), "c.yaml")
+	if err := os.WriteFile(p, []byte(body), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := LoadConfig(p)
+	if err != nil {
+		t.Fatalf("load %q: %v", body, err)
+	}
+	return cfg
+}
+
+func TestCheckConfigRefusesWhatWouldFailOrMisbehaveAtStart(t *testing.T) {
+	for _, tc := range []struct {
+		name, body string
+		// components validated (none: check-config's every section)
+		components []string
+		want       string
+	}{
+		{"an edge listen address without a port is refused", "edge:\n  listen: not-an-address\n", nil, "edge.listen"},
+		{"an edge admin address with a port out of range is refused", "edge:\n  admin_listen: 127.0.0.1:99999\n  admin_token_sha256: " + strings.Repeat("0", 64) + "\n", nil, "edge.admin_listen"},
+		{"an aggregator listen address of colons is refused", "aggregator:\n  listen: \":::::\"\n", nil, "aggregator.listen"},
+		{"an aggregator metrics address with a named port is refused", "aggregator:\n  metrics_listen: \":metrics\"\n", []string{"aggregate"}, "aggregator.metrics_listen"},
+		{"an ingest metrics address with a bad host is refused", "ingest:\n  metrics_listen: \"a b:9100\"\n", []string{"ingest"}, "ingest.metrics_listen"},
+		{"an invoicer listen address with a bad port is refused", "invoicer:\n  listen: 127.0.0.1:http\n", []string{"invoice"}, "invoicer.listen"},
+		{"a dashboard listen address without a port is refused", "dashboard:\n  listen: localhost\n", []string{"dashboard"}, "dashboard.listen"},
+		{"a dashboard usage API that is not a URL is refused", "dashboard:\n  usage_api: \"::bad\"\n", nil, "dashboard.usage_api"},
+		{"a dashboard invoice API on another scheme is refused", "dashboard:\n  invoice_api: ftp://billing\n", nil, "dashboard.invoice_api"},
+		{"a ClickHouse database name with a dash is refused", "services:\n  clickhouse_database: tollgate-prod\n", []string{"invoice"}, "services.clickhouse_database"},
+		{"a Kafka broker without a host is refused", "services:\n  kafka_brokers: [\":9092\"]\n", nil, "services.kafka_brokers[0]"},
+		{"an invoicer interval under a second is refused", "invoicer:\n  interval: 1ns\n", []string{"invoice"}, "invoicer.interval: at least 1s"},
+		{"a negative monthly quota is refused", "edge:\n  plans:\n    free:\n      limits: {requests_per_second: 5, burst: 10, monthly_requests: -5}\n", []string{"edge"}, "edge.plans.free.limits.monthly_requests"},
+		{"the invoicer refuses a meter defined twice", "meters:\n  - {key: calls, event_type: api_call, aggregation: COUNT}\n  - {key: calls, event_type: api_call, aggregation: COUNT}\n", []string{"invoice"}, "meters:"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			for _, env := range []string{"TOLLGATE_KAFKA_BROKERS", "TOLLGATE_CLICKHOUSE_DATABASE"} {
+				t.Setenv(env, "")
+			}
+			cfg := writeConfig(t, tc.body)
+			err := cfg.Validate(tc.components...)
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("Validate(%v) = %v, want an error naming %s", tc.components, err, tc.want)
+			}
+		})
+	}
+
+	t.Run("addresses an operator writes are accepted", func(t *testing.T) {
+		cfg := writeConfig(t, `edge:
+  listen: ":8080"
+  admin_listen: "[::1]:9090"
+  admin_token_sha256: `+strings.Repeat("0", 64)+`
+  plans:
+    free:
+      limits: {requests_per_second: 5, burst: 10, monthly_requests: 0}
+ingest:
+  metrics_listen: 0.0.0.0:9100
+aggregator:
+  listen: localhost:0
+  metrics_listen: ""
+invoicer:
+  listen: tollgate.internal:8082
+  interval: 1s
+dashboard:
+  listen: 127.0.0.1:8090
+  usage_api: https://usage.example.com/base
+  invoice_api: 127.0.0.1:8082
+`)
+		if err := cfg.Validate(); err != nil {
+			t.Fatalf("want valid, got:\n%v", err)
+		}
+	})
+}
