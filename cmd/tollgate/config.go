@@ -1,8 +1,10 @@
 package main
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
+	"io"
 	"maps"
 	"net"
 	"net/url"
@@ -47,7 +49,10 @@ type Config struct {
 }
 
 // LoadConfig reads path (optional: "" means defaults only), then applies
-// environment overrides and defaults. It does not validate.
+// environment overrides and defaults. It does not validate. A file with
+// nothing but comments (or nothing at all) means every default, as no file
+// does; a file of more than one YAML document is refused, since only one
+// would be read.
 func LoadConfig(path string) (Config, error) {
 	var c Config
 	if path != "" {
@@ -55,15 +60,39 @@ func LoadConfig(path string) (Config, error) {
 		if err != nil {
 			return c, fmt.Errorf("read config: %w", err)
 		}
-		dec := yaml.NewDecoder(strings.NewReader(string(b)))
-		dec.KnownFields(true)
-		if err := dec.Decode(&c); err != nil {
+		if err := decodeConfig(b, &c); err != nil {
 			return c, fmt.Errorf("parse config %s: %w", path, err)
 		}
 	}
 	c.applyEnv()
 	c.defaults()
 	return c, nil
+}
+
+// decodeConfig reads the one YAML document of b into c, strictly.
+func decodeConfig(b []byte, c *Config) error {
+	dec := yaml.NewDecoder(bytes.NewReader(b))
+	dec.KnownFields(true)
+	if err := dec.Decode(c); err != nil {
+		if errors.Is(err, io.EOF) {
+			return nil // empty, or comments only
+		}
+		return err
+	}
+	for {
+		var doc yaml.Node
+		err := dec.Decode(&doc)
+		if errors.Is(err, io.EOF) {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		// A trailing "---" with nothing after it is harmless.
+		if len(doc.Content) > 0 && doc.Content[0].Tag != "!!null" {
+			return fmt.Errorf("line %d: a second YAML document (after a \"---\" line); only one is read, so put every section in one document", doc.Content[0].Line)
+		}
+	}
 }
 
 func (c *Config) applyEnv() {

@@ -128,3 +128,50 @@ dashboard:
 		}
 	})
 }
+
+func TestConfigFileDocuments(t *testing.T) {
+	defaults, err := LoadConfig("")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, body := range map[string]string{
+		"an empty file means every default":                     "",
+		"a file of comments only means every default":           "# nothing changed yet\n\n# edge:\n#   listen: 127.0.0.1:8080\n",
+		"a lone document marker means every default":            "---\n",
+		"a trailing document marker with nothing after is read": "---\n# the defaults\n...\n",
+	} {
+		t.Run(name, func(t *testing.T) {
+			p := filepath.Join(t.TempDir(), "c.yaml")
+			if err := os.WriteFile(p, []byte(body), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			cfg, err := LoadConfig(p)
+			if err != nil {
+				t.Fatalf("load: %v", err)
+			}
+			if cfg.Edge.Listen != defaults.Edge.Listen || cfg.Services.ClickHouseDatabase != defaults.Services.ClickHouseDatabase || len(cfg.Meters) != 1 {
+				t.Fatalf("read as %+v, want the defaults", cfg)
+			}
+		})
+	}
+	t.Run("an empty document after the first is ignored", func(t *testing.T) {
+		p := filepath.Join(t.TempDir(), "c.yaml")
+		if err := os.WriteFile(p, []byte("edge:\n  listen: 127.0.0.1:1\n---\n# nothing here\n"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		cfg, err := LoadConfig(p)
+		if err != nil || cfg.Edge.Listen != "127.0.0.1:1" {
+			t.Fatalf("got listen %q, %v; want 127.0.0.1:1 read without error", cfg.Edge.Listen, err)
+		}
+	})
+	t.Run("a second document is refused with its line", func(t *testing.T) {
+		p := filepath.Join(t.TempDir(), "c.yaml")
+		if err := os.WriteFile(p, []byte("edge:\n  listen: 127.0.0.1:1\n---\ninvoicer:\n  interval: 5m\n"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		_, err := LoadConfig(p)
+		if err == nil || !strings.Contains(err.Error(), "line 4: a second YAML document") {
+			t.Fatalf("got %v, want the second document refused at line 4", err)
+		}
+	})
+}
