@@ -19,22 +19,7 @@ import (
 // landed, where to look, and last month's invoice from the ledger, synced
 // to stripe-mock.
 func TestDemoRunsTheWholePipelineOnce(t *testing.T) {
-	cfg, _, _ := isolatedConfig(t)
-	t.Setenv("TOLLGATE_STRIPE_MOCK_URL", testenv.StripeMockURL())
-	// The demo closes last month with a grace of seconds, not the default
-	// hour (its invoicer runs on the wall clock), so this also passes in the
-	// first hour of a month.
-
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
-	defer cancel()
-	var out strings.Builder
-	const calls = 120
-	began := time.Now()
-	if err := runDemo(ctx, &out, cfg, slog.New(slog.NewTextHandler(io.Discard, nil)), calls, true); err != nil {
-		t.Fatalf("demo: %v\n%s", err, out.String())
-	}
-	ended := time.Now()
-	text := out.String()
+	text := runDemoOnce(t, 120)
 	for _, want := range []string{
 		"Sent 120 demo calls through the edge (120 answered 2xx)",
 		"Landed in ClickHouse: 120 of 120 demo calls",
@@ -47,10 +32,62 @@ func TestDemoRunsTheWholePipelineOnce(t *testing.T) {
 			t.Errorf("the demo's output lacks %q:\n%s", want, text)
 		}
 	}
-	// Last month's invoice: the demo accounts are on the growth plan, whose
-	// first million calls are included, so the 40 reported events cost
-	// nothing beyond the 99.00 usd base fee; stripe-mock finalized it
-	// ("open").
+}
+
+// TestDemoWithNoCallsStillShowsLastMonthsInvoice: `--calls 0` sends no call
+// (ClickHouse was asked about an empty list of request ids, and refused to
+// type it) but still reports and invoices last month's usage.
+func TestDemoWithNoCallsStillShowsLastMonthsInvoice(t *testing.T) {
+	text := runDemoOnce(t, 0)
+	for _, want := range []string{
+		"Sent 0 demo calls through the edge (0 answered 2xx)",
+		"Landed in ClickHouse: 0 of 0 demo calls",
+		"  usage API:   curl",
+	} {
+		if !strings.Contains(text, want) {
+			t.Errorf("the demo's output lacks %q:\n%s", want, text)
+		}
+	}
+}
+
+func TestDemoRefusesANegativeNumberOfCalls(t *testing.T) {
+	// Its own databases and topics, so that a demo that did start would
+	// touch no one else's.
+	cfg, _, _ := isolatedConfig(t)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	var out strings.Builder
+	err := runDemo(ctx, &out, cfg, slog.New(slog.DiscardHandler), -1, true)
+	if err == nil || !strings.Contains(err.Error(), "--calls") {
+		t.Fatalf("got %v, want --calls refused", err)
+	}
+	if out.Len() != 0 {
+		t.Errorf("the demo started anyway:\n%s", out.String())
+	}
+}
+
+// runDemoOnce runs `tollgate demo --once --calls calls` on this test's own
+// services and returns what it printed, once it has checked last month's
+// invoice: the demo accounts are on the growth plan, whose first million
+// calls are included, so the 40 reported events cost nothing beyond the
+// 99.00 usd base fee; stripe-mock finalized it ("open").
+func runDemoOnce(t *testing.T, calls int) string {
+	t.Helper()
+	cfg, _, _ := isolatedConfig(t)
+	t.Setenv("TOLLGATE_STRIPE_MOCK_URL", testenv.StripeMockURL())
+	// The demo closes last month with a grace of seconds, not the default
+	// hour (its invoicer runs on the wall clock), so this also passes in the
+	// first hour of a month.
+
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	var out strings.Builder
+	began := time.Now()
+	if err := runDemo(ctx, &out, cfg, slog.New(slog.NewTextHandler(io.Discard, nil)), calls, true); err != nil {
+		t.Fatalf("demo: %v\n%s", err, out.String())
+	}
+	ended := time.Now()
+	text := out.String()
 	var lines, names []string
 	for _, last := range lastMonthsDuring(began, ended) {
 		lines = append(lines, `inv_`+last.Format("200601")+`_[0-9a-f]+  `+last.Format("2006-01")+`-01`)
@@ -60,6 +97,7 @@ func TestDemoRunsTheWholePipelineOnce(t *testing.T) {
 	if !inv.MatchString(text) {
 		t.Errorf("no synced 9900 usd invoice for %s in:\n%s", strings.Join(names, " or "), text)
 	}
+	return text
 }
 
 // lastMonthsDuring is "last month" (startOfLastMonth) for a demo run from
