@@ -7,6 +7,11 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"os"
+	"os/signal"
+	"strings"
+	"sync"
+	"syscall"
 	"time"
 
 	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
@@ -245,7 +250,12 @@ func rebuildCommand(g *globalFlags) *cobra.Command {
 		Long: `Recompute rollups from the raw events (usage_events FINAL) for every window
 that starts in [--from, --to) (default: all raw events), for the given meters
 (default: all). Safe to run while ingest runs: rows are versioned by the number
-of events they were computed from, so the most complete computation wins.`,
+of events they were computed from, so the most complete computation wins.
+
+The meters' rows in the range are deleted first, then rebuilt level by level;
+the usage API finds nothing there in between. Stopped by SIGINT or SIGTERM (or
+a failure) before the deletion, nothing has changed; after it, the command
+exits non-zero and prints the rebuild to run again, which the range then needs.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			cfg, log, err := loadFor(g, "aggregate")
@@ -263,7 +273,8 @@ of events they were computed from, so the most complete computation wins.`,
 					return fmt.Errorf("--to: want RFC 3339: %w", err)
 				}
 			}
-			ctx := cmd.Context()
+			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
+			defer stop()
 			ch, err := openClickHouse(ctx, cfg.Services.ClickHouseAddr, cfg.Services.ClickHouseDatabase)
 			if err != nil {
 				return err
@@ -293,9 +304,10 @@ of events they were computed from, so the most complete computation wins.`,
 				}
 				meters = sel
 			}
-			err = aggregator.ReplaceAll(ctx, aggch.NewStore(ch), aggpg.NewZones(pool, time.Minute, log), meters, f, t, log)
+			store := &deleteWatch{Store: aggch.NewStore(ch)}
+			err = aggregator.ReplaceAll(ctx, store, aggpg.NewZones(pool, time.Minute, log), meters, f, t, log)
 			if err != nil {
-				return err
+				return rebuildFailed(ctx, log, store, meters, err)
 			}
 			fmt.Fprintf(cmd.OutOrStdout(), "rebuilt rollups of %d meter(s)\n", len(meters))
 			return nil
@@ -305,4 +317,47 @@ of events they were computed from, so the most complete computation wins.`,
 	c.Flags().StringVar(&from, "from", "", "first window start to rebuild, RFC 3339 (default: first raw event)")
 	c.Flags().StringVar(&to, "to", "", "rebuild windows starting before this, RFC 3339 (default: after the last raw event)")
 	return c
+}
+
+// deleteWatch is the rollup store, noting whether a deletion was issued:
+// once it is, ClickHouse applies it even if the wait for it is cut short.
+type deleteWatch struct {
+	*aggch.Store
+	mu       sync.Mutex
+	deleted  bool
+	from, to time.Time
+}
+
+func (w *deleteWatch) DeleteRollups(ctx context.Context, meters []string, from, to time.Time) error {
+	if len(meters) > 0 {
+		w.mu.Lock()
+		w.deleted, w.from, w.to = true, from, to
+		w.mu.Unlock()
+	}
+	return w.Store.DeleteRollups(ctx, meters, from, to)
+}
+
+// rebuildFailed explains a rebuild that stopped (err): whether the rollups
+// it was replacing are still there, or gone until the range is rebuilt.
+func rebuildFailed(ctx context.Context, log *slog.Logger, w *deleteWatch, meters []meter.Meter, err error) error {
+	stopped := "failed"
+	if ctx.Err() != nil {
+		stopped = "was interrupted"
+	}
+	w.mu.Lock()
+	deleted, from, to := w.deleted, w.from, w.to
+	w.mu.Unlock()
+	if !deleted {
+		return fmt.Errorf("the rebuild %s before any rollup was deleted; the rollups are as they were: %w", stopped, err)
+	}
+	again := []string{"tollgate", "aggregate", "rebuild", "--from", from.UTC().Format(time.RFC3339), "--to", to.UTC().Format(time.RFC3339)}
+	keys := make([]string, len(meters))
+	for i, m := range meters {
+		keys[i] = m.Key
+		again = append(again, "--meter", m.Key)
+	}
+	log.Error("rollups deleted and not all rebuilt; the range must be rebuilt again", "meters", keys, "from", from, "to", to, "err", err)
+	return fmt.Errorf("the rebuild %s after it deleted the rollups of %s for the windows starting in [%s, %s): "+
+		"the usage API finds part or none of the usage there until this completes (with the same configuration):\n  %s\n%w",
+		stopped, strings.Join(keys, ", "), from.UTC().Format(time.RFC3339), to.UTC().Format(time.RFC3339), strings.Join(again, " "), err)
 }

@@ -1,14 +1,19 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"maps"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -333,5 +338,69 @@ func TestTheAggregatorRollsUpAConfigMeterThatIsNewOrChanged(t *testing.T) {
 	testenv.Must(t, pg.Pool.QueryRow(ctx, "SELECT definition FROM config_meters WHERE key = $1", byRoute.Key).Scan(&def), "read the recorded definition")
 	if !strings.Contains(string(def), "/v1/b") {
 		t.Errorf("recorded definition %s, want the narrowed one", def)
+	}
+}
+
+// TestAggregateRebuildStoppedAfterItsDeletionSaysToRebuildAgain stops a
+// real `tollgate aggregate rebuild` process by SIGINT and by SIGTERM once it
+// has deleted the rollups it replaces: it must exit non-zero and print the
+// rebuild to run again, which brings every row back. (Without signal
+// handling the process died at once, saying nothing, and the range stayed
+// empty.)
+func TestAggregateRebuildStoppedAfterItsDeletionSaysToRebuildAgain(t *testing.T) {
+	pg, ch, evs := landRebuildEvents(t)
+	bin := tollgateBinary(t)
+	cfgPath := filepath.Join(t.TempDir(), "tollgate.yaml")
+	testenv.Must(t, os.WriteFile(cfgPath, []byte("# every default\n"), 0o600), "write config")
+	t.Setenv("TOLLGATE_POSTGRES_URL", pg.URL)
+	t.Setenv("TOLLGATE_CLICKHOUSE_ADDR", ch.Addr)
+	t.Setenv("TOLLGATE_CLICKHOUSE_DATABASE", ch.Database)
+	want := expectedRollups(t, evs)
+	maps.DeleteFunc(want, func(k rollupKey, _ rollupVal) bool { return k.meter != "api_calls" })
+	runTollgate(t, "aggregate", "rebuild", "--config", cfgPath, "--log-level", "error")
+	compareRollups(t, "before", readRollups(t, ch), want)
+
+	for _, sig := range []syscall.Signal{syscall.SIGINT, syscall.SIGTERM} {
+		t.Run(sig.String()+" after the deletion exits non-zero with the rebuild to run again", func(t *testing.T) {
+			// Forty years of months to walk through: the rebuild is still
+			// running when the signal comes.
+			cmd := exec.Command(bin, "aggregate", "rebuild", "--config", cfgPath,
+				"--from", "2000-01-01T00:00:00Z", "--to", "2040-01-01T00:00:00Z")
+			stderr, err := cmd.StderrPipe()
+			testenv.Must(t, err, "pipe stderr")
+			testenv.Must(t, cmd.Start(), "start the rebuild")
+			var out strings.Builder
+			sc := bufio.NewScanner(stderr)
+			signalled := false
+			for sc.Scan() {
+				out.WriteString(sc.Text() + "\n")
+				if !signalled && strings.Contains(sc.Text(), "deleted the rollups to rebuild") {
+					testenv.Must(t, cmd.Process.Signal(sig), "signal the rebuild")
+					signalled = true
+				}
+			}
+			err = cmd.Wait()
+			if !signalled {
+				t.Fatalf("the rebuild never said it deleted the rollups:\n%s", out.String())
+			}
+			var exit *exec.ExitError
+			if !errors.As(err, &exit) || exit.ExitCode() != 1 {
+				t.Fatalf("the rebuild ended with %v, want exit status 1 (finished before the signal, or killed by it):\n%s", err, out.String())
+			}
+			text := out.String()
+			if !strings.Contains(text, "after it deleted the rollups of api_calls") {
+				t.Fatalf("the rebuild does not say it deleted rollups:\n%s", text)
+			}
+			again := regexp.MustCompile(`(?m)^  tollgate (aggregate rebuild .*)$`).FindStringSubmatch(text)
+			if again == nil {
+				t.Fatalf("the rebuild does not print the command to run again:\n%s", text)
+			}
+			if got := readRollups(t, ch); len(got) >= len(want) {
+				t.Fatalf("%d rollup rows after the interruption; the test did not interrupt the rebuild it meant to", len(got))
+			}
+			args := append(strings.Fields(again[1]), "--config", cfgPath, "--log-level", "error")
+			runTollgate(t, args...)
+			compareRollups(t, "after the printed rebuild", readRollups(t, ch), want)
+		})
 	}
 }
