@@ -95,33 +95,42 @@ func decodeConfig(b []byte, c *Config) error {
 	}
 }
 
+// envStrings are the environment variables that override a setting of the
+// file, each with the setting it overrides. TOLLGATE_KAFKA_BROKERS (a
+// comma-separated list) and TOLLGATE_CONFIG (the file itself) are the others
+// every command reads.
+func (c *Config) envStrings() map[string]*string {
+	return map[string]*string{
+		"TOLLGATE_POSTGRES_URL":                  &c.Services.PostgresURL,
+		"TOLLGATE_CLICKHOUSE_ADDR":               &c.Services.ClickHouseAddr,
+		"TOLLGATE_CLICKHOUSE_DATABASE":           &c.Services.ClickHouseDatabase,
+		"TOLLGATE_REDIS_ADDR":                    &c.Services.RedisAddr,
+		"TOLLGATE_EDGE_LISTEN":                   &c.Edge.Listen,
+		"TOLLGATE_DASHBOARD_LISTEN":              &c.Dashboard.Listen,
+		"TOLLGATE_EDGE_UPSTREAM":                 &c.Edge.Upstream,
+		"TOLLGATE_INVOICER_LISTEN":               &c.Invoicer.Listen,
+		"TOLLGATE_STRIPE_API_KEY":                &c.Invoicer.Stripe.APIKey,
+		"TOLLGATE_STRIPE_API_URL":                &c.Invoicer.Stripe.APIURL,
+		"TOLLGATE_STRIPE_WEBHOOK_SECRET":         &c.Invoicer.Stripe.WebhookSecret,
+		"TOLLGATE_EDGE_SANDBOX_UPSTREAM":         &c.Edge.SandboxUpstream,
+		"TOLLGATE_EDGE_ADMIN_LISTEN":             &c.Edge.AdminListen,
+		"TOLLGATE_EDGE_ADMIN_TOKEN_SHA256":       &c.Edge.AdminTokenSHA256,
+		"TOLLGATE_EDGE_SPOOL_DIR":                &c.Edge.SpoolDir,
+		"TOLLGATE_AGGREGATOR_LISTEN":             &c.Aggregator.Listen,
+		"TOLLGATE_AGGREGATOR_METRICS_LISTEN":     &c.Aggregator.MetricsListen,
+		"TOLLGATE_AGGREGATOR_ADMIN_TOKEN_SHA256": &c.Aggregator.AdminTokenSHA256,
+	}
+}
+
 func (c *Config) applyEnv() {
-	set := func(dst *string, name string) {
+	for name, dst := range c.envStrings() {
 		if v := os.Getenv(name); v != "" {
 			*dst = v
 		}
 	}
-	set(&c.Services.PostgresURL, "TOLLGATE_POSTGRES_URL")
-	set(&c.Services.ClickHouseAddr, "TOLLGATE_CLICKHOUSE_ADDR")
-	set(&c.Services.ClickHouseDatabase, "TOLLGATE_CLICKHOUSE_DATABASE")
-	set(&c.Services.RedisAddr, "TOLLGATE_REDIS_ADDR")
 	if v := os.Getenv("TOLLGATE_KAFKA_BROKERS"); v != "" {
 		c.Services.KafkaBrokers = strings.Split(v, ",")
 	}
-	set(&c.Edge.Listen, "TOLLGATE_EDGE_LISTEN")
-	set(&c.Dashboard.Listen, "TOLLGATE_DASHBOARD_LISTEN")
-	set(&c.Edge.Upstream, "TOLLGATE_EDGE_UPSTREAM")
-	set(&c.Invoicer.Listen, "TOLLGATE_INVOICER_LISTEN")
-	set(&c.Invoicer.Stripe.APIKey, "TOLLGATE_STRIPE_API_KEY")
-	set(&c.Invoicer.Stripe.APIURL, "TOLLGATE_STRIPE_API_URL")
-	set(&c.Invoicer.Stripe.WebhookSecret, "TOLLGATE_STRIPE_WEBHOOK_SECRET")
-	set(&c.Edge.SandboxUpstream, "TOLLGATE_EDGE_SANDBOX_UPSTREAM")
-	set(&c.Edge.AdminListen, "TOLLGATE_EDGE_ADMIN_LISTEN")
-	set(&c.Edge.AdminTokenSHA256, "TOLLGATE_EDGE_ADMIN_TOKEN_SHA256")
-	set(&c.Edge.SpoolDir, "TOLLGATE_EDGE_SPOOL_DIR")
-	set(&c.Aggregator.Listen, "TOLLGATE_AGGREGATOR_LISTEN")
-	set(&c.Aggregator.MetricsListen, "TOLLGATE_AGGREGATOR_METRICS_LISTEN")
-	set(&c.Aggregator.AdminTokenSHA256, "TOLLGATE_AGGREGATOR_ADMIN_TOKEN_SHA256")
 }
 
 func (c *Config) defaults() {
