@@ -461,6 +461,7 @@ func TestMetersAdminAPI(t *testing.T) {
 		{"another definition under its key conflicts", adminToken, strings.Replace(m, "/a", "/b", 1), 409, "meter_exists"},
 		{"a meter of the configuration file cannot be redefined", adminToken, `{"key":"api_calls","event_type":"other","aggregation":"COUNT"}`, 409, "meter_exists"},
 		{"an invalid meter is refused", adminToken, `{"key":"Bad Key","event_type":"api_call","aggregation":"MEDIAN"}`, 400, "invalid_meter"},
+		{"a COUNT meter with a value is refused", adminToken, `{"key":"tokens","event_type":"api_call","aggregation":"COUNT","value":"dimensions.tokens"}`, 400, "invalid_meter"},
 		{"unknown fields are refused", adminToken, `{"key":"x","surprise":1}`, 400, "invalid_json"},
 	} {
 		t.Run(c.name, func(t *testing.T) {

@@ -35,7 +35,8 @@ type Meter struct {
 	Aggregation Aggregation `yaml:"aggregation" json:"aggregation"`
 	// Value is the property aggregated: "units", a numeric event field
 	// ("request_bytes", "response_bytes", "latency_us", "status") or
-	// "dimensions.NAME". COUNT ignores it.
+	// "dimensions.NAME". COUNT takes none: it counts events, and a value
+	// given to it would only have filtered them (Validate refuses it).
 	Value   string   `yaml:"value,omitempty" json:"value,omitempty"`
 	GroupBy []string `yaml:"group_by,omitempty" json:"group_by,omitempty"`
 	Filters []Filter `yaml:"filters,omitempty" json:"filters,omitempty"`
@@ -88,6 +89,9 @@ func (m *Meter) Validate() error {
 	}
 	switch m.Aggregation {
 	case Count:
+		if m.Value != "" {
+			bad("COUNT counts events and takes no value (got %q): remove value, or use SUM, MAX, LATEST or UNIQUE_COUNT to aggregate it", m.Value)
+		}
 	case Sum, Max, Latest:
 		if _, err := numericExpr(m.Value); err != nil {
 			bad("%s needs a numeric value: %v", m.Aggregation, err)

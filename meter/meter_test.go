@@ -3,6 +3,7 @@ package meter
 import (
 	"regexp"
 	"strconv"
+	"strings"
 	"testing"
 )
 
@@ -37,5 +38,30 @@ func TestMetersOverADimensionTakeOnlyEventsWithAReadableValue(t *testing.T) {
 		if err != nil || got.Where != c.want {
 			t.Errorf("%s: where %q (%v), want %q", c.m.Key, got.Where, err, c.want)
 		}
+	}
+}
+
+// COUNT counts events: a value given to it used to pass Validate and, for a
+// dimension, quietly keep only the events whose value was a whole number.
+func TestValidateRefusesAValueTheAggregationWouldNotUse(t *testing.T) {
+	for _, c := range []struct {
+		name  string
+		m     Meter
+		valid bool
+	}{
+		{"COUNT without a value is valid", Meter{Key: "c", EventType: "e", Aggregation: Count}, true},
+		{"COUNT of a dimension is refused", Meter{Key: "c", EventType: "e", Aggregation: Count, Value: "dimensions.tokens"}, false},
+		{"COUNT of a numeric field is refused", Meter{Key: "c", EventType: "e", Aggregation: Count, Value: "units"}, false},
+		{"SUM of a dimension is valid", Meter{Key: "s", EventType: "e", Aggregation: Sum, Value: "dimensions.tokens"}, true},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			err := c.m.Validate()
+			if c.valid && err != nil {
+				t.Fatalf("refused: %v", err)
+			}
+			if !c.valid && (err == nil || !strings.Contains(err.Error(), "COUNT counts events and takes no value")) {
+				t.Fatalf("got %v, want COUNT's value refused", err)
+			}
+		})
 	}
 }

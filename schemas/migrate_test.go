@@ -145,3 +145,32 @@ func TestClickHouseRawEventsDDLIsPinned(t *testing.T) {
 	// Applying the DDL again changes nothing.
 	testenv.Must(t, schemas.ApplyClickHouse(ctx, ch.Conn), "apply again")
 }
+
+// A COUNT meter stored through the admin API with a value, before
+// meter.Validate refused one, loses the value: kept, it would fail
+// validation and stop every meter from loading.
+func TestStoredCountMetersLoseTheValueTheyNoLongerTake(t *testing.T) {
+	pg := testenv.NewEmptyPostgres(t)
+	db, err := sql.Open("pgx", pg.URL)
+	testenv.Must(t, err, "open")
+	defer db.Close()
+	ctx := context.Background()
+	_, err = schemas.MigratePostgresTo(ctx, db, 60)
+	testenv.Must(t, err, "migrate to 60")
+	_, err = db.ExecContext(ctx, `INSERT INTO meters (key, definition) VALUES
+		('tokens', '{"key":"tokens","event_type":"api_call","aggregation":"COUNT","value":"dimensions.tokens"}'),
+		('token_sum', '{"key":"token_sum","event_type":"api_call","aggregation":"SUM","value":"dimensions.tokens"}')`)
+	testenv.Must(t, err, "store meters")
+	_, err = schemas.MigratePostgres(ctx, db)
+	testenv.Must(t, err, "migrate forward")
+	for key, want := range map[string]string{
+		"tokens":    `{"key": "tokens", "event_type": "api_call", "aggregation": "COUNT"}`,
+		"token_sum": `{"key": "token_sum", "value": "dimensions.tokens", "event_type": "api_call", "aggregation": "SUM"}`,
+	} {
+		var got string
+		testenv.Must(t, db.QueryRowContext(ctx, `SELECT definition::text FROM meters WHERE key = $1`, key).Scan(&got), "read "+key)
+		if got != want {
+			t.Errorf("meter %s stored as %s, want %s", key, got, want)
+		}
+	}
+}
