@@ -624,6 +624,8 @@ func zone(name string) (*time.Location, error) {
 // whose windows start in [from, to), and waits until ClickHouse has applied
 // the deletion. The deletion is a mutation of the parts that exist when it
 // is issued, so rows written after it (a rebuild's, ingest's) are kept.
+// When no row matches it issues none: a mutation rewrites parts, and the
+// backfill of a new meter, whose key usually has no rows, deletes first.
 func (s *Store) DeleteRollups(ctx context.Context, meters []string, from, to time.Time) error {
 	if len(meters) == 0 {
 		return nil
@@ -632,9 +634,15 @@ func (s *Store) DeleteRollups(ctx context.Context, meters []string, from, to tim
 	for i, m := range meters {
 		keys[i] = quote(m)
 	}
-	q := fmt.Sprintf("ALTER TABLE usage_rollups DELETE WHERE meter IN (%s) AND window_start >= %s AND window_start < %s",
-		strings.Join(keys, ", "), dt(from), dt(to))
-	if err := s.conn.Exec(ctx, q); err != nil {
+	where := fmt.Sprintf("meter IN (%s) AND window_start >= %s AND window_start < %s", strings.Join(keys, ", "), dt(from), dt(to))
+	var found uint64
+	if err := s.conn.QueryRow(ctx, "SELECT count() FROM (SELECT 1 FROM usage_rollups WHERE "+where+" LIMIT 1)").Scan(&found); err != nil {
+		return fmt.Errorf("find rollups to delete: %w", err)
+	}
+	if found == 0 {
+		return nil
+	}
+	if err := s.conn.Exec(ctx, "ALTER TABLE usage_rollups DELETE WHERE "+where); err != nil {
 		return fmt.Errorf("delete rollups: %w", err)
 	}
 	for {

@@ -218,3 +218,37 @@ func TestReplaceAllAfterAZoneChange(t *testing.T) {
 	testenv.Must(t, aggregator.ReplaceAll(ctx, store, utc, testMeters, time.Time{}, time.Time{}, log), "replace rollups")
 	compareAllIn(t, store, events, utc)
 }
+
+// A meter whose key has no rows is deleted without a mutation: the backfill
+// of every new meter deletes first, and a mutation rewrites parts of the
+// whole table. A key with rows still has them deleted.
+func TestDeleteRollupsMutatesOnlyWhenRowsMatch(t *testing.T) {
+	ch := testenv.NewClickHouse(t)
+	ctx := context.Background()
+	store := clickhouse.NewStore(ch.Conn)
+	events := aggregatortest.GenEvents(rand.New(rand.NewPCG(7, 8)), 200, time.Now().UTC())
+	batch := aggregatortest.Records(events)
+	testenv.Must(t, chsink.NewSink(ch.Conn).Insert(ctx, batch), "insert raw")
+	testenv.Must(t, aggregator.NewRoller(aggregator.StaticMeters(testMeters), zones, store, slog.New(slog.DiscardHandler)).Landed(ctx, batch), "recompute rollups")
+	from, to := time.Now().Add(-400*24*time.Hour), time.Now().Add(400*24*time.Hour)
+	count := func(q string) uint64 {
+		t.Helper()
+		var n uint64
+		testenv.Must(t, ch.Conn.QueryRow(ctx, q).Scan(&n), q)
+		return n
+	}
+	mutations := "SELECT count() FROM system.mutations WHERE database = currentDatabase() AND table = 'usage_rollups'"
+
+	testenv.Must(t, store.DeleteRollups(ctx, []string{"no_such_meter"}, from, to), "delete a key without rows")
+	if n := count(mutations); n != 0 {
+		t.Errorf("%d mutation(s) after deleting a key without rows, want none", n)
+	}
+	key := testMeters[0].Key
+	testenv.Must(t, store.DeleteRollups(ctx, []string{key}, from, to), "delete a key with rows")
+	if n := count(mutations); n != 1 {
+		t.Errorf("%d mutation(s) after deleting a key with rows, want 1", n)
+	}
+	if n := count(fmt.Sprintf("SELECT count() FROM usage_rollups WHERE meter = '%s'", key)); n != 0 {
+		t.Errorf("%d row(s) of %s left after deleting them", n, key)
+	}
+}

@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -100,8 +101,13 @@ func NewAggregateMain(ctx context.Context, cfg Config, log *slog.Logger) (m *Agg
 
 // backfill computes a new meter's rollups over the raw events that landed
 // before it existed: once now, and again once every ingest process has
-// picked the meter up, to cover events that landed in between. Both runs
-// are idempotent recomputations.
+// picked the meter up, to cover events that landed in between. The first
+// pass replaces whatever rows the key has: a key can be reused (a meter
+// removed from the configuration file, then created here with another
+// definition), and a rebuilt row replaces a stored one only when it counts
+// at least as many events, so a narrower definition's rows would lose to
+// the old ones. The second pass only adds: every row written since the
+// first is under this definition.
 func (m *AggregateMain) backfill(mt meter.Meter) {
 	go func() {
 		for i, wait := range []time.Duration{0, m.refresh + 2*time.Second} {
@@ -110,7 +116,12 @@ func (m *AggregateMain) backfill(mt meter.Meter) {
 				return
 			case <-time.After(wait):
 			}
-			err := aggregator.RebuildAll(m.bg, m.store, m.zones, []meter.Meter{mt}, time.Time{}, time.Time{}, m.log)
+			var err error
+			if i == 0 {
+				err = aggregator.ReplaceAll(m.bg, m.store, m.zones, []meter.Meter{mt}, time.Time{}, time.Time{}, m.log)
+			} else {
+				err = aggregator.RebuildAll(m.bg, m.store, m.zones, []meter.Meter{mt}, time.Time{}, time.Time{}, m.log)
+			}
 			if err != nil && m.bg.Err() == nil {
 				m.log.Error("backfill new meter", "meter", mt.Key, "pass", i+1, "err", err)
 			}
@@ -120,12 +131,15 @@ func (m *AggregateMain) backfill(mt meter.Meter) {
 
 // rollUpConfigMeters brings the rollups of the configuration file's meters
 // in line with their definitions, in the background: a meter new to the
-// file is backfilled from the raw events, as a meter created through the
-// admin API is; one whose definition changed has its rows replaced (the
-// old rows would otherwise stay beside the new, and coarser windows would
-// mix the two). Two passes, as for a backfill, so events that ingest
-// processes still on the old file rolled up in between are redone; the
-// definition is recorded after the second.
+// file and one whose definition changed both have their rows replaced from
+// the raw events. A new one may have rows too, under another definition: a
+// meter created through the admin API that the file now defines under its
+// key. Rebuilt rows replace stored ones only where they count at least as
+// many events, so without the deletion the old rows would stay beside the
+// new, and coarser windows would mix the two. Two passes, as for a
+// backfill, so events that ingest processes still holding the old
+// definition rolled up in between are redone; the definition is recorded
+// after the second.
 func (m *AggregateMain) rollUpConfigMeters(config []meter.Meter, store *aggpg.Meters) {
 	go func() {
 		added, changed, err := store.ConfigState(m.bg, config)
@@ -133,11 +147,12 @@ func (m *AggregateMain) rollUpConfigMeters(config []meter.Meter, store *aggpg.Me
 			m.log.Error("cannot tell whether the configured meters changed; their rollups are left as they are", "err", err)
 			return
 		}
-		if len(added)+len(changed) == 0 {
+		stale := slices.Concat(added, changed)
+		if len(stale) == 0 {
 			return
 		}
 		for _, mt := range added {
-			m.log.Info("meter new to the configuration; computing its rollups from the raw events", "meter", mt.Key)
+			m.log.Info("meter new to the configuration; computing its rollups from the raw events (replacing any its key has from another definition)", "meter", mt.Key)
 		}
 		for _, mt := range changed {
 			m.log.Warn("meter definition changed in the configuration; replacing its rollups (replays of invoices made under the old definition will differ)", "meter", mt.Key)
@@ -148,21 +163,12 @@ func (m *AggregateMain) rollUpConfigMeters(config []meter.Meter, store *aggpg.Me
 				return
 			case <-time.After(wait):
 			}
-			if len(added) > 0 {
-				if err := aggregator.RebuildAll(m.bg, m.store, m.zones, added, time.Time{}, time.Time{}, m.log); err != nil {
-					m.log.Error("backfill meters new to the configuration", "pass", i+1, "err", err)
-					return
-				}
-			}
-			if len(changed) == 0 {
-				continue
-			}
-			if err := aggregator.ReplaceAll(m.bg, m.store, m.zones, changed, time.Time{}, time.Time{}, m.log); err != nil {
-				m.log.Error("replace the rollups of changed meters", "pass", i+1, "err", err)
+			if err := aggregator.ReplaceAll(m.bg, m.store, m.zones, stale, time.Time{}, time.Time{}, m.log); err != nil {
+				m.log.Error("replace the rollups of meters new to or changed in the configuration", "pass", i+1, "err", err)
 				return
 			}
 		}
-		for _, mt := range append(added, changed...) {
+		for _, mt := range stale {
 			if err := store.ConfigRolledUp(m.bg, mt); err != nil {
 				m.log.Error("record a configured meter's definition", "meter", mt.Key, "err", err)
 			}

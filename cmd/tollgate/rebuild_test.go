@@ -4,9 +4,13 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"maps"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -403,4 +407,108 @@ func TestAggregateRebuildStoppedAfterItsDeletionSaysToRebuildAgain(t *testing.T)
 			compareRollups(t, "after the printed rebuild", readRollups(t, ch), want)
 		})
 	}
+}
+
+// TestAReusedMeterKeyHasItsOldRowsReplaced gives a key that already has
+// rollups a narrower definition, both ways a key can be reused: a meter
+// created through the admin API that the configuration file then defines
+// differently, and a meter of the file removed from it and created through
+// the admin API anew. Rebuilt rows replace stored ones only where they
+// count at least as many events, so without a deletion first the wider
+// definition's rows stayed.
+func TestAReusedMeterKeyHasItsOldRowsReplaced(t *testing.T) {
+	wide := rebuildMeters[1]
+	narrow := wide
+	narrow.Filters = []meter.Filter{{Property: "route", Values: []string{"/v1/b"}}}
+	sum := sha256.Sum256([]byte("admin-token"))
+
+	// start runs the aggregator with meters as its configuration, serving
+	// the admin API, until the test ends.
+	start := func(t *testing.T, pg *testenv.Postgres, ch *testenv.ClickHouse, meters []meter.Meter) *AggregateMain {
+		t.Helper()
+		cfg := testConfig(t, pg, ch, "unused")
+		cfg.Meters = meters
+		cfg.Aggregator.MetersRefresh = 100 * time.Millisecond
+		cfg.Aggregator.AdminTokenSHA256 = hex.EncodeToString(sum[:])
+		ctx, cancel := context.WithCancel(context.Background())
+		m, err := NewAggregateMain(ctx, cfg, quietLog())
+		testenv.Must(t, err, "start the aggregator")
+		done := make(chan error, 1)
+		go func() { done <- m.Run(ctx) }()
+		t.Cleanup(func() {
+			cancel()
+			<-done
+			_ = m.Close()
+		})
+		return m
+	}
+	create := func(t *testing.T, m *AggregateMain, mt meter.Meter) {
+		t.Helper()
+		body, err := json.Marshal(mt)
+		testenv.Must(t, err, "encode meter")
+		req, err := http.NewRequest(http.MethodPost, "http://"+m.Addr()+"/admin/v1/meters", bytes.NewReader(body))
+		testenv.Must(t, err, "request")
+		req.Header.Set("Authorization", "Bearer admin-token")
+		req.Header.Set("Content-Type", "application/json")
+		resp, err := http.DefaultClient.Do(req)
+		testenv.Must(t, err, "create meter")
+		_ = resp.Body.Close()
+		if resp.StatusCode != http.StatusCreated {
+			t.Fatalf("create meter %s: status %d, want 201", mt.Key, resp.StatusCode)
+		}
+	}
+	// await waits until the rollups are want, then compares them.
+	await := func(t *testing.T, ch *testenv.ClickHouse, step string, want map[rollupKey]rollupVal) {
+		t.Helper()
+		for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(200 * time.Millisecond) {
+			if maps.Equal(readRollups(t, ch), want) {
+				break
+			}
+		}
+		compareRollups(t, step, readRollups(t, ch), want)
+	}
+	rowsOf := func(evs []rebuildEvent, mt meter.Meter) map[rollupKey]rollupVal {
+		var kept []rebuildEvent
+		for _, e := range evs {
+			if len(mt.Filters) == 0 || slices.Contains(mt.Filters[0].Values, e.route) {
+				kept = append(kept, e)
+			}
+		}
+		out := expectedRollups(t, kept)
+		maps.DeleteFunc(out, func(k rollupKey, _ rollupVal) bool { return k.meter != mt.Key })
+		return out
+	}
+
+	t.Run("a configured meter over an admin-API meter's rows has only its own", func(t *testing.T) {
+		pg, ch, evs := landRebuildEvents(t)
+		admin := start(t, pg, ch, nil)
+		create(t, admin, wide)
+		await(t, ch, "the admin-API meter", rowsOf(evs, wide))
+		testenv.Must(t, admin.Close(), "stop the aggregator")
+
+		start(t, pg, ch, []meter.Meter{narrow})
+		await(t, ch, "the configured meter under the same key", rowsOf(evs, narrow))
+	})
+
+	t.Run("an admin-API meter over a removed configured meter's rows has only its own", func(t *testing.T) {
+		pg, ch, evs := landRebuildEvents(t)
+		config := start(t, pg, ch, []meter.Meter{wide})
+		await(t, ch, "the configured meter", rowsOf(evs, wide))
+		// Its second pass would write the wide rows again: let it end.
+		for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+			var recorded int
+			testenv.Must(t, pg.Pool.QueryRow(context.Background(), "SELECT count(*) FROM config_meters").Scan(&recorded), "read config meters")
+			if recorded == 1 {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatal("the aggregator never recorded the configured meter's definition")
+			}
+		}
+		testenv.Must(t, config.Close(), "stop the aggregator")
+
+		admin := start(t, pg, ch, nil)
+		create(t, admin, narrow)
+		await(t, ch, "the admin-API meter under the same key", rowsOf(evs, narrow))
+	})
 }
