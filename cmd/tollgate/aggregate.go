@@ -152,10 +152,10 @@ func (m *AggregateMain) rollUpConfigMeters(config []meter.Meter, store *aggpg.Me
 			return
 		}
 		for _, mt := range added {
-			m.log.Info("meter new to the configuration; computing its rollups from the raw events (replacing any its key has from another definition)", "meter", mt.Key)
+			m.log.Info("meter new to the configuration; computing its rollups from the raw events (replacing any its key has from another definition; an ingest process still on a file defining it otherwise will write that definition's rows)", "meter", mt.Key)
 		}
 		for _, mt := range changed {
-			m.log.Warn("meter definition changed in the configuration; replacing its rollups (replays of invoices made under the old definition will differ)", "meter", mt.Key)
+			m.log.Warn("meter definition changed in the configuration; replacing its rollups (replays of invoices made under the old definition will differ; an ingest process still on the old file will write old-definition rows: restart every one with this file)", "meter", mt.Key)
 		}
 		for i, wait := range []time.Duration{0, m.refresh + 2*time.Second} {
 			select {
