@@ -105,17 +105,28 @@ async function loadMeters() {
   groupOptions();
 }
 
-// groupOptions offers the group-bys the selected meter has: the usage API
-// refuses any other.
+// groupChoices is the group_by values the usage API accepts for meter m:
+// none, or all of its group_by in its order; and, for COUNT, SUM and MAX
+// meters, whose groups combine, each dimension alone as well. UNIQUE_COUNT
+// and LATEST cannot be combined across groups, so the API refuses a part.
+function groupChoices(m) {
+  const dims = (m && m.group_by) || [];
+  const combine = m && ["COUNT", "SUM", "MAX"].includes(m.aggregation);
+  const choices = [""];
+  if (combine) choices.push(...dims);
+  if (dims.length > 0 && !(combine && dims.length === 1)) choices.push(dims.join(","));
+  return choices;
+}
+
+// groupOptions offers the selected meter's groupChoices.
 function groupOptions() {
   const sel = $("group");
   const keep = sel.value;
   sel.textContent = "";
-  const m = meters.get($("meter").value);
-  ["", ...((m && m.group_by) || [])].forEach((g) => {
+  groupChoices(meters.get($("meter").value)).forEach((g) => {
     const o = document.createElement("option");
     o.value = g;
-    o.textContent = g || "nothing";
+    o.textContent = g ? g.split(",").join(", ") : "nothing";
     sel.appendChild(o);
   });
   sel.value = [...sel.options].some((o) => o.value === keep) ? keep : "";
