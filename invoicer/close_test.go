@@ -657,3 +657,68 @@ func TestSpoolHoldKeepsThePeriodOpenUntilItsEventsLand(t *testing.T) {
 		t.Errorf("watermark with a hold since %s: %s, want the hold's since", released, wm)
 	}
 }
+
+// A plan that prices a meter the configuration does not define is not
+// billed as if nothing had been used: the account's invoice fails with the
+// reason and is tried again on the next run.
+func TestAPlanPricingAnUnconfiguredMeterIsNotBilledAtZero(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	_, err := e.pg.Pool.Exec(ctx, `INSERT INTO plans (id, version, name, currency, definition) VALUES ('typo', 1, 'Typo', 'usd',
+		'{"prices": [{"key": "calls", "model": "per_unit", "meter": "api_call", "unit_amount": "100"}]}')`)
+	testenv.Must(t, err, "insert plan")
+	e.account(t, "acct_typo", "UTC")
+	e.subscribe(t, "acct_typo", "typo", march.AddDate(0, -1, 0), nil)
+	e.events(t, ev{account: "acct_typo", env: "live", typ: "api_call", at: march.Add(time.Hour), n: 50})
+	e.watermark(t, april.Add(2*time.Hour))
+	iv, err := invoicer.New(e.store, e.usage, e.usage, nil,
+		invoicer.Options{Grace: time.Hour, Lookback: 1, Now: func() time.Time { return april.AddDate(0, 0, 3) }}, quiet())
+	testenv.Must(t, err, "new invoicer")
+	res, err := iv.CloseDue(ctx)
+	testenv.Must(t, err, "close")
+	if len(res.Closed) != 0 || len(res.Failed[march]) != 1 || res.Failed[march][0] != "acct_typo" {
+		t.Fatalf("closed %+v, failed %v; want no invoice and acct_typo failed for March", res.Closed, res.Failed)
+	}
+}
+
+// Stripe does not deliver webhooks in order, and a sync resumed after a
+// crash may record an invoice as sent after Stripe reported it paid: the
+// status is the furthest along, and paid stays paid.
+func TestInvoiceStatusNeverGoesBack(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	e.account(t, "acct_order", "UTC")
+	e.subscribe(t, "acct_order", "starter", march.AddDate(0, -1, 0), nil)
+	e.watermark(t, april.Add(2*time.Hour))
+	iv, err := invoicer.New(e.store, e.usage, e.usage, nil,
+		invoicer.Options{Grace: time.Hour, Lookback: 1, Now: func() time.Time { return april.AddDate(0, 0, 3) }}, quiet())
+	testenv.Must(t, err, "new invoicer")
+	res, err := iv.CloseDue(ctx)
+	testenv.Must(t, err, "close")
+	if len(res.Closed) != 1 {
+		t.Fatalf("closed %d invoices, want 1", len(res.Closed))
+	}
+	id := res.Closed[0].ID
+	status := func() invoicer.Status {
+		got, err := e.store.Invoice(ctx, id)
+		testenv.Must(t, err, "load invoice")
+		return got.Status
+	}
+	webhook := func(evID, typ string) {
+		_, err := e.store.RecordWebhook(ctx, invoicer.WebhookEvent{ID: evID, Type: typ, InvoiceID: id, ObjectID: "in_x", Payload: []byte(`{}`)})
+		testenv.Must(t, err, "record "+typ)
+	}
+	webhook("evt_1", "invoice.payment_failed")
+	if s := status(); s != invoicer.StatusPaymentFailed {
+		t.Fatalf("after payment_failed: %s", s)
+	}
+	webhook("evt_2", "invoice.paid")
+	testenv.Must(t, e.store.MarkSynced(ctx, id, "in_x", "https://pay.example/x"), "mark synced after paid")
+	if s := status(); s != invoicer.StatusPaid {
+		t.Errorf("paid, then the sync recorded as done: %s, want paid", s)
+	}
+	webhook("evt_3", "invoice.payment_failed") // an older attempt's event, retried late
+	if s := status(); s != invoicer.StatusPaid {
+		t.Errorf("paid, then a late payment_failed: %s, want paid", s)
+	}
+}

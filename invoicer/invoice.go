@@ -196,7 +196,10 @@ func Compute(in Inputs) (Invoice, error) {
 	fp := Fingerprint{EventCount: in.EventCount, Watermark: in.Watermark.UTC()}
 	whole := in.Period.Seconds()
 	for i, seg := range in.Segments {
-		if seg.Plan.Currency != in.Currency {
+		// A plan that charges nothing (the free plan) prices in any
+		// currency: there is one free plan, in one currency, for every
+		// account's time on no subscription.
+		if seg.Plan.Currency != in.Currency && !seg.Plan.ChargesNothing() {
 			return Invoice{}, fmt.Errorf("%w: plan %s v%d is priced in %s, account %s bills in %s",
 				ErrInvalid, seg.Plan.ID, seg.Plan.Version, seg.Plan.Currency, in.AccountID, in.Currency)
 		}
@@ -218,9 +221,9 @@ func Compute(in Inputs) (Invoice, error) {
 			}
 			if part := seg.Seconds(); p.Model == Flat && part != whole {
 				l.Proration = fmt.Sprintf("%d/%d", part, whole)
-				l.Amount, err = prorate(priced.Exact, part, whole)
+				l.Amount, err = prorate(priced.Exact, part, whole, LineStep(in.Currency))
 			} else {
-				l.Amount, err = RoundMinor(priced.Exact)
+				l.Amount, err = RoundLine(priced.Exact, in.Currency)
 			}
 			if err != nil {
 				return Invoice{}, fmt.Errorf("line %s: %w", p.Key, err)

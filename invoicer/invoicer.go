@@ -411,8 +411,28 @@ func (iv *Invoicer) segments(ctx context.Context, p Period, accounts []Account, 
 		if segs[i], err = Segments(p, subs[a.ID], planOf, free); err != nil {
 			return nil, fmt.Errorf("account %s: %w", a.ID, err)
 		}
+		for _, s := range segs[i] {
+			if err := iv.pricedMeters(s.Plan); err != nil {
+				return nil, fmt.Errorf("account %s: %w", a.ID, err)
+			}
+		}
 	}
 	return segs, nil
+}
+
+// pricedMeters checks that every meter a plan's prices charge for is
+// configured: one that is not would read as no usage and bill nothing,
+// and a replay with the same configuration would agree.
+func (iv *Invoicer) pricedMeters(pl Plan) error {
+	for _, pr := range pl.Definition.Prices {
+		if pr.Model == Flat || pr.chargesNothing() {
+			continue
+		}
+		if !slices.ContainsFunc(iv.meters, func(m meter.Meter) bool { return m.Key == pr.Meter }) {
+			return fmt.Errorf("%w: plan %s v%d prices meter %q, which is not configured (meters)", ErrInvalid, pl.ID, pl.Version, pr.Meter)
+		}
+	}
+	return nil
 }
 
 func orEmpty(m map[string]int64) map[string]int64 {

@@ -49,6 +49,31 @@ func RoundMinor(exact decimal.Decimal) (int64, error) {
 	return r.IntPart(), nil
 }
 
+// LineStep is the smallest amount, in minor units, a line of currency may
+// come to: 1, but 10 for the three-decimal currencies, which Stripe takes
+// only in multiples of 10 thousandths (a hundredth of the major unit).
+func LineStep(currency string) int64 {
+	switch currency {
+	case "kwd", "bhd", "omr", "jod", "tnd":
+		return 10
+	}
+	return 1
+}
+
+// RoundLine is RoundMinor to a whole LineStep of currency: the exact amount
+// is rounded half to even once, to the nearest multiple of the step.
+func RoundLine(exact decimal.Decimal, currency string) (int64, error) {
+	step := LineStep(currency)
+	if step == 1 {
+		return RoundMinor(exact)
+	}
+	r := exact.Div(decimal.NewFromInt(step)).RoundBank(0).Mul(decimal.NewFromInt(step))
+	if r.GreaterThan(maxInt64) || r.LessThan(minInt64) {
+		return 0, fmt.Errorf("%w: %s", ErrOverflow, exact.String())
+	}
+	return r.IntPart(), nil
+}
+
 // addMinor adds two int64 amounts, refusing to wrap around.
 func addMinor(a, b int64) (int64, error) {
 	s := a + b

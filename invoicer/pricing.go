@@ -88,6 +88,37 @@ type Plan struct {
 	Definition Definition
 }
 
+// ChargesNothing reports whether every price of the plan is zero whatever
+// the usage, as the free plan's are.
+func (p Plan) ChargesNothing() bool {
+	for _, pr := range p.Definition.Prices {
+		if !pr.chargesNothing() {
+			return false
+		}
+	}
+	return true
+}
+
+// chargesNothing reports whether the price is zero whatever the quantity.
+func (p *Price) chargesNothing() bool {
+	switch p.Model {
+	case Flat:
+		return p.Amount == 0
+	case PerUnit:
+		return p.UnitAmount.IsZero()
+	case Package:
+		return p.PackageAmount == 0
+	case Graduated, Volume:
+		for _, t := range p.Tiers {
+			if !t.UnitAmount.IsZero() || t.FlatAmount != 0 {
+				return false
+			}
+		}
+		return true
+	}
+	return false
+}
+
 // ParseDefinition decodes and validates a plan definition.
 func ParseDefinition(b []byte) (Definition, error) {
 	var d Definition
@@ -280,12 +311,14 @@ func roundRatHalfEven(x *big.Rat) *big.Int {
 	return q
 }
 
-// prorate returns exact*num/den rounded half-even to whole minor units.
+// prorate returns exact*num/den rounded half-even to a whole multiple of
+// step minor units (LineStep).
 // It is used for flat fees of a plan in force for part of a period.
-func prorate(exact decimal.Decimal, num, den int64) (int64, error) {
+func prorate(exact decimal.Decimal, num, den, step int64) (int64, error) {
 	x := exact.Rat()
-	x.Mul(x, big.NewRat(num, den))
+	x.Mul(x, big.NewRat(num, den*step))
 	n := roundRatHalfEven(x)
+	n.Mul(n, big.NewInt(step))
 	if !n.IsInt64() {
 		return 0, fmt.Errorf("%w: %s", ErrOverflow, x.FloatString(4))
 	}

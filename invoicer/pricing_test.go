@@ -362,3 +362,82 @@ func TestCurrenciesHaveTheirMinorUnits(t *testing.T) {
 		t.Errorf("unknown currency: want ErrInvalid, got %v", err)
 	}
 }
+
+// Stripe takes the three-decimal currencies only in multiples of 10
+// thousandths, so their lines round once, half to even, to a whole 10:
+// from the exact amount (5.4 fils is 10, where rounding to 5 first and then
+// to tens would give 0), prorated flat fees too. Other currencies keep
+// whole minor units.
+func TestThreeDecimalCurrencyLinesRoundToTensOfThousandths(t *testing.T) {
+	march := MonthPeriod(time.Date(2026, 3, 10, 0, 0, 0, 0, time.UTC), time.UTC)
+	half := time.Date(2026, 3, 16, 12, 0, 0, 0, time.UTC) // 15.5 of 31 days
+	for _, c := range []struct {
+		currency string
+		calls    int64
+		unit     string
+		want     []int64 // base for half the month, then calls
+	}{
+		{"kwd", 7, "1", []int64{500, 10}},   // 502.5 → 500; 7 → 10
+		{"kwd", 9, "0.6", []int64{500, 10}}, // 5.4 → 10
+		{"kwd", 25, "1", []int64{500, 20}},  // 25 → 20 (half to even)
+		{"bhd", 35, "1", []int64{500, 40}},  // 35 → 40 (half to even)
+		{"usd", 7, "1", []int64{502, 7}},    // 502.5 → 502; whole cents
+		{"usd", 9, "0.6", []int64{502, 5}},  // 5.4 → 5
+	} {
+		pl := Plan{ID: "p", Version: 1, Currency: c.currency, Definition: Definition{Prices: []Price{
+			{Key: "base", Model: Flat, Amount: 1005},
+			{Key: "calls", Model: PerUnit, Meter: "api_calls", UnitAmount: d(c.unit)},
+		}}}
+		end := half
+		segs, err := Segments(march, []Subscription{{PlanID: "p", PlanVersion: 1, StartsAt: march.Start, EndsAt: &end}},
+			func(string, int) (Plan, error) { return pl, nil }, Plan{ID: "free", Version: 1, Currency: "usd"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		usage := make([]map[string]int64, len(segs))
+		for i := range usage {
+			usage[i] = map[string]int64{}
+		}
+		usage[0]["api_calls"] = c.calls
+		inv, err := Compute(Inputs{AccountID: "acct_1", Currency: c.currency, Period: march, Segments: segs, Usage: usage})
+		if err != nil {
+			t.Fatalf("%s: %v", c.currency, err)
+		}
+		if got := []int64{inv.Lines[0].Amount, inv.Lines[1].Amount}; got[0] != c.want[0] || got[1] != c.want[1] {
+			t.Errorf("%s, %d calls at %s: lines %v, want %v", c.currency, c.calls, c.unit, got, c.want)
+		}
+		for _, l := range inv.Lines {
+			if _, err := StripeAmount(l.Amount, c.currency); err != nil {
+				t.Errorf("%s: line %d of %d does not go to Stripe: %v", c.currency, l.No, l.Amount, err)
+			}
+		}
+	}
+}
+
+// The free plan is priced in one currency and charges nothing: it covers
+// an account's time on no subscription whatever the account's currency. A
+// plan that charges something must be in the account's currency.
+func TestFreeTimeOfAnAccountInAnotherCurrency(t *testing.T) {
+	march := MonthPeriod(time.Date(2026, 3, 10, 0, 0, 0, 0, time.UTC), time.UTC)
+	free := Plan{ID: "free", Version: 1, Currency: "usd", Definition: Definition{Prices: []Price{
+		{Key: "api_calls", Model: PerUnit, Meter: "api_calls", UnitAmount: d("0")}}}}
+	pro := Plan{ID: "pro", Version: 1, Currency: "eur", Definition: Definition{Prices: []Price{{Key: "base", Model: Flat, Amount: 3100}}}}
+	segs, err := Segments(march, []Subscription{{PlanID: "pro", PlanVersion: 1, StartsAt: time.Date(2026, 3, 11, 0, 0, 0, 0, time.UTC)}},
+		func(string, int) (Plan, error) { return pro, nil }, free)
+	if err != nil || len(segs) != 2 {
+		t.Fatalf("segments %+v, %v", segs, err)
+	}
+	in := Inputs{AccountID: "acct_eur", Currency: "eur", Period: march, Segments: segs,
+		Usage: []map[string]int64{{"api_calls": 5}, {"api_calls": 5}}}
+	inv, err := Compute(in)
+	if err != nil {
+		t.Fatalf("an eur account's month that starts on the free plan: %v", err)
+	}
+	if inv.Total != 2100 { // 3100 × 21/31
+		t.Errorf("total %d, want 2100", inv.Total)
+	}
+	in.Segments[0].Plan.Definition.Prices[0].UnitAmount = d("1") // a usd plan that charges
+	if _, err := Compute(in); !errors.Is(err, ErrInvalid) {
+		t.Errorf("a charging usd plan on an eur account: %v, want it refused", err)
+	}
+}

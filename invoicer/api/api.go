@@ -240,7 +240,13 @@ func (s *Server) list(c echo.Context) error {
 }
 
 func (s *Server) get(c echo.Context) error {
-	inv, err := s.store.Invoice(c.Request().Context(), c.Param("id"))
+	id := c.Param("id")
+	if !invoiceIDShape(id) {
+		// Not an id the ledger could hold (Postgres refuses a NUL or bad
+		// UTF-8 outright): missing, as any other unknown id.
+		return invoicer.ErrNotFound
+	}
+	inv, err := s.store.Invoice(c.Request().Context(), id)
 	if err != nil {
 		return err
 	}
@@ -249,6 +255,20 @@ func (s *Server) get(c echo.Context) error {
 		return invoicer.ErrNotFound
 	}
 	return c.JSON(http.StatusOK, inv)
+}
+
+// invoiceIDShape reports whether id could be an invoice id: 1 to 128
+// visible ASCII characters.
+func invoiceIDShape(id string) bool {
+	if id == "" || len(id) > 128 {
+		return false
+	}
+	for i := 0; i < len(id); i++ {
+		if id[i] <= ' ' || id[i] > '~' {
+			return false
+		}
+	}
+	return true
 }
 
 // maxWebhook bounds a webhook body; Stripe's are far smaller.

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
+	"strings"
 	"testing"
 	"time"
 
@@ -163,6 +164,14 @@ func TestInvoiceAPI(t *testing.T) {
 		var e apiErr
 		if code := f.get(t, secretY, "/v1/invoices/"+l.Data[0].ID, &e); code != 404 || e.Error.Code != "resource_missing" {
 			t.Errorf("another account's invoice: %d %+v", code, e)
+		}
+		// Ids the ledger could never hold (Postgres refuses a NUL or bad
+		// UTF-8 outright) are missing, not a server error.
+		for _, id := range []string{"%00", "%FF", "inv%20x", strings.Repeat("x", 129)} {
+			var e apiErr
+			if code := f.get(t, secretX, "/v1/invoices/"+id, &e); code != 404 || e.Error.Code != "resource_missing" {
+				t.Errorf("invoice id %q: %d %+v, want 404 resource_missing", id, code, e)
+			}
 		}
 	})
 	for _, c := range []struct {

@@ -251,13 +251,18 @@ func (s *Store) FinalizeDrafts(ctx context.Context) (int, error) {
 }
 
 // invoiceSelect reads invoices with the status and Stripe link their
-// ledger entries and sync steps give.
+// ledger entries and sync steps give. The status is the furthest along of
+// its entries (the newest among equals), not simply the newest: Stripe does
+// not deliver webhooks in order, so a retried payment_failed may arrive
+// after paid, and a sync resumed after a crash may record the invoice as
+// sent after Stripe reported it paid. paid and void are final.
 const invoiceSelect = `
 	SELECT i.document, i.created_at,
 	  coalesce((SELECT kind FROM ledger_entries e WHERE e.invoice_id = i.id
 	     AND kind IN ('invoice.draft', 'invoice.finalized', 'invoice.synced', 'stripe.invoice.paid',
 	                  'stripe.invoice.payment_failed', 'stripe.invoice.voided')
-	     ORDER BY e.id DESC LIMIT 1), ''),
+	     ORDER BY CASE kind WHEN 'invoice.draft' THEN 0 WHEN 'invoice.finalized' THEN 1 WHEN 'invoice.synced' THEN 2
+	                        WHEN 'stripe.invoice.payment_failed' THEN 3 ELSE 4 END DESC, e.id DESC LIMIT 1), ''),
 	  coalesce((SELECT stripe_id FROM stripe_sync_steps s WHERE s.invoice_id = i.id AND s.step = 'invoice'), ''),
 	  coalesce((SELECT detail->>'hosted_invoice_url' FROM stripe_sync_steps s WHERE s.invoice_id = i.id AND s.step = 'finalize'), '')
 	FROM invoices i`
