@@ -38,6 +38,7 @@ func TestRoutePath(t *testing.T) {
 		"/v1/admin/%2e%2e/files/x", "/v1/admin/%2E./files/x", "/v1/admin/.%2e/files/x", "/v1/%2e/admin",
 		"/v1/files/..%2F..%2Fv1%2Fadmin%2Fusers", "/v1/files/a%2f..%2fb",
 		"/v1/files\\..\\admin", "/v1/files/a%5cb", "/v1/files/%", "/v1/files/%2", "/v1/files/%zz",
+		"/v1/files/..;/admin/users", "/v1/files/.;x/y",
 	} {
 		if got, err := edge.RoutePath(raw); !errors.Is(err, edge.ErrAmbiguousPath) {
 			t.Errorf("RoutePath(%q) = %q, %v; want it refused", raw, got, err)
@@ -59,6 +60,8 @@ func TestScopesHoldForDotSegmentsAndEncodedPaths(t *testing.T) {
 	routes := []edge.RouteConfig{
 		{Pattern: "/v1/files/*", Methods: []string{"GET"}, Scopes: []string{"files:read"}},
 		{Pattern: "/v1/admin/*", Methods: []string{"GET"}, Scopes: []string{"admin:read"}},
+		{Pattern: "/v1/widgets/{id}", Methods: []string{"GET"}, Scopes: []string{"files:read"}},
+		{Pattern: "/v1/widgets/{id}/secrets", Methods: []string{"GET"}, Scopes: []string{"admin:read"}},
 	}
 	for _, fr := range fronts {
 		t.Run(fr.name, func(t *testing.T) {
@@ -79,6 +82,16 @@ func TestScopesHoldForDotSegmentsAndEncodedPaths(t *testing.T) {
 				{"/v1/%61dmin/users", 403, "insufficient_scope"},
 				{"/v1/files/a%2Fb", 200, ""},
 				{"/v1/%66iles/x", 200, ""},
+				// Read otherwise by servers that decode encoded slashes,
+				// merge slashes or drop ;parameters: another route.
+				{"/v1/widgets/1%2Fsecrets", 400, "invalid_path"},
+				{"/v1/widgets/1%2fsecrets", 400, "invalid_path"},
+				{"/v1//admin/users", 400, "invalid_path"},
+				{"/v1/admin;x/users", 400, "invalid_path"},
+				{"/v1/files/..;/admin/users", 400, "invalid_path"},
+				// The same route however read: passed as sent.
+				{"/v1/files/x;v=1", 200, ""},
+				{"/v1/files//x", 200, ""},
 			} {
 				status, body := rawGet(t, in.URL, c.path, key)
 				if status != c.status || (c.code != "" && !strings.Contains(body, `"code":"`+c.code+`"`)) {

@@ -224,13 +224,58 @@ func RoutePath(raw string) (string, error) {
 	}
 	p := b.String()
 	// Dot segments between encoded slashes count too: a server that
-	// decodes "%2F" before resolving them (nginx does) would climb out.
+	// decodes "%2F" before resolving them (nginx does) would climb out. So
+	// do those with path parameters, which Java servers drop ("..;x").
 	for _, seg := range strings.Split(strings.ReplaceAll(p, "%2F", "/"), "/") {
+		if i := strings.IndexByte(seg, ';'); i >= 0 {
+			seg = seg[:i]
+		}
 		if seg == "." || seg == ".." {
 			return "", ErrAmbiguousPath
 		}
 	}
 	return p, nil
+}
+
+// OtherReadings are the ways an upstream might read p (a RoutePath) other
+// than as it is: with encoded slashes decoded (nginx, and routers that
+// match the decoded path), with repeated slashes merged (nginx's
+// merge_slashes), with path parameters dropped (";x", as Java servers do),
+// and all of these at once. A route must match every reading alike, or a
+// key could be checked against one route and served by another. Nil when
+// p has nothing to read otherwise, as almost every path.
+func OtherReadings(p string) []string {
+	slash, double, params := strings.Contains(p, "%2F"), strings.Contains(p, "//"), strings.IndexByte(p, ';') >= 0
+	if !slash && !double && !params {
+		return nil
+	}
+	decode := func(s string) string { return strings.ReplaceAll(s, "%2F", "/") }
+	merge := func(s string) string {
+		for strings.Contains(s, "//") {
+			s = strings.ReplaceAll(s, "//", "/")
+		}
+		return s
+	}
+	drop := func(s string) string {
+		segs := strings.Split(s, "/")
+		for i, seg := range segs {
+			if j := strings.IndexByte(seg, ';'); j >= 0 {
+				segs[i] = seg[:j]
+			}
+		}
+		return strings.Join(segs, "/")
+	}
+	var out []string
+	if slash {
+		out = append(out, decode(p))
+	}
+	if double || slash {
+		out = append(out, merge(p), merge(decode(p)))
+	}
+	if params {
+		out = append(out, drop(p), merge(drop(decode(p))))
+	}
+	return out
 }
 
 // ErrAmbiguousPath is a path RoutePath refuses; the call gets 400

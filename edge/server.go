@@ -552,6 +552,14 @@ func (s *Server) authorizeCall(k *Key, ci CallInfo, events bool) (Route, error) 
 		}
 		var ok bool
 		route, ok = s.router.Match(ci.Method, path)
+		if !s.router.Open() {
+			for _, other := range OtherReadings(path) {
+				if r, ok2 := s.router.Match(ci.Method, other); ok2 != ok || r.Template != route.Template {
+					return Route{}, NewAPIError(http.StatusBadRequest, TypeInvalidRequest, "invalid_path",
+						"The path reads as another route on servers that decode encoded slashes, merge repeated slashes or drop ;parameters; send it in the form the route expects.")
+				}
+			}
+		}
 		if !ok {
 			return Route{}, NewAPIError(http.StatusNotFound, TypeInvalidRequest, "route_not_found",
 				fmt.Sprintf("No route %s %s.", ci.Method, path))
