@@ -1173,24 +1173,34 @@ func TestRequestTrailersAreNotForwarded(t *testing.T) {
 			in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP, Config: func(c *edge.Config) { c.Upstream, c.SandboxUpstream = up, "" }})
 			key, _ := env.Key(t, "acct_trailers", edge.Secret, schemas.Live)
 			for _, size := range []int{3, 2 << 20} { // read whole, and streamed
-				conn, err := net.Dial("tcp", strings.TrimPrefix(in.URL, "http://"))
-				testenv.Must(t, err, "dial the edge")
 				body := strings.Repeat("a", size)
-				_, err = fmt.Fprintf(conn, "POST /v1/upload HTTP/1.1\r\nHost: edge.test\r\nAuthorization: Bearer %s\r\n"+
-					"Transfer-Encoding: chunked\r\nTrailer: Tollgate-Account, X-Checksum\r\nConnection: close\r\n\r\n"+
-					"%x\r\n%s\r\n0\r\nTollgate-Account: acct_forged\r\nX-Checksum: 1\r\n\r\n", key, size, body)
-				testenv.Must(t, err, "write the call")
-				resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
-				testenv.Must(t, err, "read the answer")
-				resp.Body.Close()
-				conn.Close()
-				if resp.StatusCode != 200 {
-					t.Fatalf("%d bytes with trailers: status %d", size, resp.StatusCode)
-				}
-				s := <-got
-				if len(s.account) != 1 || s.account[0] != "acct_trailers" || len(s.trailer) != 0 || s.size != size {
-					t.Errorf("%d bytes with trailers: the upstream got %s %v, trailers %v, %d bytes; want only the edge's account, no trailers, the whole body",
-						size, edge.HeaderAccount, s.account, s.trailer, s.size)
+				for _, announced := range []bool{true, false} {
+					trailer := ""
+					if announced {
+						trailer = "Trailer: Tollgate-Account, X-Checksum\r\n"
+					}
+					conn, err := net.Dial("tcp", strings.TrimPrefix(in.URL, "http://"))
+					testenv.Must(t, err, "dial the edge")
+					_, err = fmt.Fprintf(conn, "POST /v1/upload HTTP/1.1\r\nHost: edge.test\r\nAuthorization: Bearer %s\r\n"+
+						"Transfer-Encoding: chunked\r\n%sConnection: close\r\n\r\n", key, trailer)
+					testenv.Must(t, err, "write the headers")
+					// The body after a pause: the edge has begun to forward
+					// the call when the trailer arrives.
+					time.Sleep(100 * time.Millisecond)
+					_, err = fmt.Fprintf(conn, "%x\r\n%s\r\n0\r\nTollgate-Account: acct_forged\r\nX-Checksum: 1\r\n\r\n", size, body)
+					testenv.Must(t, err, "write the body and trailers")
+					resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+					testenv.Must(t, err, "read the answer")
+					resp.Body.Close()
+					conn.Close()
+					if resp.StatusCode != 200 {
+						t.Fatalf("%d bytes with trailers (announced %v): status %d", size, announced, resp.StatusCode)
+					}
+					s := <-got
+					if len(s.account) != 1 || s.account[0] != "acct_trailers" || len(s.trailer) != 0 || s.size != size {
+						t.Errorf("%d bytes with trailers (announced %v): the upstream got %s %v, trailers %v, %d bytes; want only the edge's account, no trailers, the whole body",
+							size, announced, edge.HeaderAccount, s.account, s.trailer, s.size)
+					}
 				}
 			}
 		})

@@ -597,15 +597,17 @@ func announcesTrailers(h *fh.RequestHeader) bool {
 func (f *Front) proxy(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, start time.Time) {
 	call.Start = start
 	x := &exchange{f: f, route: adm.Route, call: call}
-	trailers := announcesTrailers(&ctx.Request.Header)
+	// A chunked body may end in trailers, announced or not.
+	trailers := ctx.Request.Header.ContentLength() == -1 || announcesTrailers(&ctx.Request.Header)
 	up := f.forward(ctx, adm, call.RequestID)
 	req := &ctx.Request
 	if trailers {
 		// Request trailers are not forwarded: they arrive after the
 		// headers were checked, and could carry forged identity headers
 		// past the checks. fasthttp reads a streamed body's trailers into
-		// the caller's request, announcing them again, so the upstream
-		// gets a copy that announces none.
+		// the caller's request, and adds them to its trailer set whether
+		// they were announced or not, so the upstream gets a copy that
+		// has none.
 		out := fh.AcquireRequest()
 		defer fh.ReleaseRequest(out)
 		req.CopyTo(out)
