@@ -82,12 +82,16 @@ func NewEdgeMain(ctx context.Context, cfg Config, log *slog.Logger) (m *EdgeMain
 		return nil, err
 	}
 	// While events wait in the spool, the invoicer must not close their
-	// period: the hold names this instance by host and spool directory.
+	// period. The hold is named by the spool's own id, which an edge back
+	// on the same spool under another host name (a recreated container)
+	// shares, so it releases the hold its predecessor left.
 	host, _ := os.Hostname()
 	if abs, err := filepath.Abs(spoolDir); err == nil {
 		spoolDir = abs
 	}
-	holds := edgepg.NewHoldWriter(m.pool, edgepg.Instance(host, spoolDir), m.producer.SpoolHold, log)
+	instance := edgepg.Instance(m.producer.SpoolID())
+	log.Info("spool", "dir", spoolDir, "host", host, "hold_instance", instance)
+	holds := edgepg.NewHoldWriter(m.pool, instance, m.producer.SpoolHold, log)
 	hctx, stopHolds := context.WithCancel(context.Background())
 	m.stopHolds, m.holdsDone = stopHolds, make(chan struct{})
 	go func() { defer close(m.holdsDone); holds.Run(hctx, 500*time.Millisecond) }()

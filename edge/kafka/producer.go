@@ -213,6 +213,9 @@ func (p *Producer) Emit(ev schemas.Event) {
 // could not be spooled while it ran (tollgate_edge_events_lost_total).
 func (p *Producer) Lost() prometheus.Counter { return p.lost }
 
+// SpoolID names the producer's spool (Spool.ID).
+func (p *Producer) SpoolID() string { return p.spool.ID() }
+
 // SpoolDepth is the number of events in the spool.
 func (p *Producer) SpoolDepth() int64 { return p.spool.Depth() }
 
@@ -381,7 +384,11 @@ func (p *Producer) drain(chunks int) bool {
 			}
 			if len(recs) == 0 {
 				// Nothing readable: commit the cursor past a corrupt tail.
+				// The spool is empty then, and its hold released.
 				_ = p.spool.Commit(cur, int(p.spool.Depth()))
+				if p.spool.Depth() == 0 {
+					p.released(time.Now())
+				}
 				return progress
 			}
 			msgs := make([]kafka.Message, len(recs))

@@ -2,7 +2,9 @@ package kafka
 
 import (
 	"bufio"
+	"crypto/rand"
 	"encoding/binary"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"hash/crc32"
@@ -29,6 +31,7 @@ import (
 // delivery goroutine owns it.
 type Spool struct {
 	dir     string
+	id      string
 	maxSeg  int64
 	w       *os.File
 	wseq    uint64
@@ -54,6 +57,7 @@ const (
 	maxRecord      = 1 << 20
 	defaultSegment = 64 << 20
 	cursorFile     = "cursor"
+	idFile         = "spool-id"
 	segSuffix      = ".seg"
 )
 
@@ -83,6 +87,9 @@ func OpenSpool(dir string) (*Spool, error) {
 			_ = lock.Close() // releases the lock
 		}
 	}()
+	if s.id, err = spoolID(dir); err != nil {
+		return nil, err
+	}
 	seqs, err := s.segments()
 	if err != nil {
 		return nil, err
@@ -399,6 +406,50 @@ func (s *Spool) writeCursor(seq uint64, off int64, durable bool) error {
 		return fmt.Errorf("spool: write cursor: %w", err)
 	}
 	return nil
+}
+
+// ID names the spool, whichever host or process opens it: random, made
+// when the directory is first used and kept in it, so an edge that comes
+// back on the same spool under another host name (a recreated container)
+// is known as the same.
+func (s *Spool) ID() string { return s.id }
+
+// spoolID reads the spool's id from dir, making one if there is none.
+func spoolID(dir string) (string, error) {
+	path := filepath.Join(dir, idFile)
+	if b, err := os.ReadFile(path); err == nil {
+		if id := strings.TrimSpace(string(b)); len(id) == 32 {
+			return id, nil
+		}
+	} else if !errors.Is(err, os.ErrNotExist) {
+		return "", fmt.Errorf("spool: read id: %w", err)
+	}
+	var raw [16]byte
+	if _, err := rand.Read(raw[:]); err != nil {
+		return "", fmt.Errorf("spool: make id: %w", err)
+	}
+	id := hex.EncodeToString(raw[:])
+	tmp := path + ".tmp"
+	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o640)
+	if err == nil {
+		_, err = f.WriteString(id + "\n")
+		if err == nil {
+			err = f.Sync()
+		}
+		if cerr := f.Close(); err == nil {
+			err = cerr
+		}
+	}
+	if err == nil {
+		err = os.Rename(tmp, path)
+	}
+	if err == nil {
+		err = syncDir(dir)
+	}
+	if err != nil {
+		return "", fmt.Errorf("spool: write id: %w", err)
+	}
+	return id, nil
 }
 
 // Depth is the number of records not yet delivered.

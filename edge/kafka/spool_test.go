@@ -236,3 +236,30 @@ func spoolFsizeChild(t *testing.T, dir string) {
 		t.Fatal(err)
 	}
 }
+
+// A spool keeps one id for its life, whichever process or host opens it:
+// the edge's hold on billing is named by it.
+func TestSpoolIDOutlivesTheProcess(t *testing.T) {
+	dir := t.TempDir()
+	s, err := OpenSpool(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := s.ID()
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	again, err := OpenSpool(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer again.Close()
+	other, err := OpenSpool(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	if len(id) != 32 || again.ID() != id || other.ID() == id {
+		t.Errorf("ids %q, then %q; another spool %q: want one id per spool, kept", id, again.ID(), other.ID())
+	}
+}

@@ -2,7 +2,6 @@ package postgres
 
 import (
 	"context"
-	"fmt"
 	"log/slog"
 	"time"
 
@@ -93,6 +92,7 @@ func (w *HoldWriter) Sync(ctx context.Context) {
 	w.written, w.synced = h, true
 }
 
-// Instance names an edge instance for its spool hold: the host and the
-// spool directory, which one edge process holds at a time.
-func Instance(host, spoolDir string) string { return fmt.Sprintf("%s:%s", host, spoolDir) }
+// Instance names an edge's spool hold by its spool's id (kafka.Spool.ID):
+// one edge process holds a spool at a time, and whatever host it runs on,
+// an edge on that spool finds its hold.
+func Instance(spoolID string) string { return "spool-" + spoolID }
