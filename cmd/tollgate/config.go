@@ -275,20 +275,31 @@ func checkHostPort(addr string) error {
 	if err := checkPort(port); err != nil {
 		return err
 	}
-	if host != "" && net.ParseIP(host) == nil && !hostName.MatchString(host) {
-		return fmt.Errorf("host %q is neither an IP address nor a host name", host)
+	// What Go's resolver takes: IP literals (IPv6 with a zone too) and
+	// names, underscores included (container names like project_kafka_1).
+	if ip := host; host != "" && !hostName.MatchString(host) {
+		if i := strings.IndexByte(ip, '%'); i > 0 {
+			ip = ip[:i]
+		}
+		if net.ParseIP(ip) == nil {
+			return fmt.Errorf("host %q is neither an IP address nor a host name", host)
+		}
 	}
 	return nil
 }
 
+// checkPort takes a port number or a service name (http, https, …).
 func checkPort(port string) error {
-	if _, err := strconv.ParseUint(port, 10, 16); err != nil {
-		return fmt.Errorf("port %q is not a number from 0 to 65535", port)
+	if _, err := strconv.ParseUint(port, 10, 16); err == nil {
+		return nil
+	}
+	if _, err := net.LookupPort("tcp", port); err != nil {
+		return fmt.Errorf("port %q is neither a number from 0 to 65535 nor a known service name", port)
 	}
 	return nil
 }
 
-var hostName = regexp.MustCompile(`^[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*\.?$`)
+var hostName = regexp.MustCompile(`^[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?(\.[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?)*\.?$`)
 
 // checkBaseURL checks an API base URL the dashboard forwards to: an
 // http(s) URL with a host, or host:port (read as http://host:port).
