@@ -722,3 +722,32 @@ func TestInvoiceStatusNeverGoesBack(t *testing.T) {
 		t.Errorf("paid, then a late payment_failed: %s, want paid", s)
 	}
 }
+
+// Two closes of one period (a cron close beside the running invoicer) may
+// compute the same invoice differently (a plan changed between their
+// reads): the one stored first keeps its lines, and the other's extra lines
+// never join it.
+func TestASecondComputationOfAnInvoiceAddsNoLines(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	e.account(t, "acct_twice", "UTC")
+	e.subscribe(t, "acct_twice", "starter", march.AddDate(0, -1, 0), nil)
+	e.events(t, ev{account: "acct_twice", env: "live", typ: "api_call", at: march.Add(time.Hour), n: 10})
+	iv, err := invoicer.New(e.store, e.usage, e.usage, nil, invoicer.Options{Grace: time.Hour, Lookback: 1}, quiet())
+	testenv.Must(t, err, "new invoicer")
+	accts, err := e.store.Accounts(ctx)
+	testenv.Must(t, err, "accounts")
+	invs, err := iv.ComputePeriod(ctx, e.usage, invoicer.MonthPeriod(march, time.UTC), accts, april.Add(2*time.Hour))
+	testenv.Must(t, err, "compute")
+	testenv.Must(t, e.store.SaveDrafts(ctx, invs), "save")
+	other := invs[0]
+	extra := other.Lines[len(other.Lines)-1]
+	extra.No = len(other.Lines) + 1
+	other.Lines = append(append([]invoicer.Line(nil), other.Lines...), extra)
+	testenv.Must(t, e.store.SaveDrafts(ctx, []invoicer.Invoice{other}), "save the other computation")
+	var lines int
+	testenv.Must(t, e.pg.Pool.QueryRow(ctx, `SELECT count(*) FROM invoice_lines WHERE invoice_id = $1`, invs[0].ID).Scan(&lines), "count lines")
+	if lines != len(invs[0].Lines) {
+		t.Errorf("invoice_lines holds %d lines for the invoice, want its own %d", lines, len(invs[0].Lines))
+	}
+}

@@ -197,23 +197,25 @@ func (s *Store) SaveDrafts(ctx context.Context, invs []invoicer.Invoice) error {
 			"amount_exact", "amount_minor", "tiers"}, pgx.CopyFromRows(lineRows)); err != nil {
 			return fmt.Errorf("copy draft lines: %w", err)
 		}
+		// An invoice that exists already (another close made it) keeps
+		// its own lines: only the invoices inserted here get theirs, in
+		// the same statement, so another computation's extra lines never
+		// join an invoice whose total they are not part of.
 		if _, err := tx.Exec(ctx, `
 			WITH ins AS (
 			  INSERT INTO invoices (id, account_id, period_start, period_end, currency, total_minor, fingerprint_hash, document)
 			  SELECT id, account_id, period_start, period_end, currency, total_minor, fingerprint_hash, document FROM draft_invoices
 			  ON CONFLICT DO NOTHING
-			  RETURNING id, account_id, currency, total_minor, document->'fingerprint' AS fingerprint)
-			INSERT INTO ledger_entries (account_id, kind, invoice_id, amount_minor, currency, payload)
-			SELECT account_id, $1, id, total_minor, currency, fingerprint FROM ins ORDER BY id`, KindDraft); err != nil {
-			return fmt.Errorf("save draft invoices: %w", err)
-		}
-		if _, err := tx.Exec(ctx, `
+			  RETURNING id, account_id, currency, total_minor, document->'fingerprint' AS fingerprint),
+			led AS (
+			  INSERT INTO ledger_entries (account_id, kind, invoice_id, amount_minor, currency, payload)
+			  SELECT account_id, $1, id, total_minor, currency, fingerprint FROM ins ORDER BY id)
 			INSERT INTO invoice_lines (invoice_id, line_no, price_key, description, model, meter, plan_id, plan_version,
 			  quantity, billable, unit_amount, amount_exact, amount_minor, tiers)
 			SELECT invoice_id, line_no, price_key, description, model, meter, plan_id, plan_version, quantity, billable,
 			  unit_amount::numeric, amount_exact::numeric, amount_minor, tiers FROM draft_lines
-			ON CONFLICT DO NOTHING`); err != nil {
-			return fmt.Errorf("save draft lines: %w", err)
+			WHERE invoice_id IN (SELECT id FROM ins)`, KindDraft); err != nil {
+			return fmt.Errorf("save draft invoices: %w", err)
 		}
 		return nil
 	})
