@@ -230,7 +230,7 @@ func TestCloseInvoicesEveryAccountOnceFromLiveUsage(t *testing.T) {
 	t.Run("a webhook is recorded once", func(t *testing.T) {
 		invs, err := e.store.AccountInvoices(ctx, "acct_starter")
 		testenv.Must(t, err, "list")
-		evt := invoicer.WebhookEvent{ID: "evt_1", Type: "invoice.paid", InvoiceID: invs[0].ID, Amount: invs[0].Total, Payload: []byte(`{}`)}
+		evt := invoicer.WebhookEvent{ID: "evt_1", Type: "invoice.paid", InvoiceID: invs[0].ID, ObjectID: invs[0].StripeInvoiceID, Amount: invs[0].Total, Payload: []byte(`{}`)}
 		fresh, err := e.store.RecordWebhook(ctx, evt)
 		testenv.Must(t, err, "record")
 		again, err := e.store.RecordWebhook(ctx, evt)
@@ -720,6 +720,41 @@ func TestInvoiceStatusNeverGoesBack(t *testing.T) {
 	webhook("evt_3", "invoice.payment_failed") // an older attempt's event, retried late
 	if s := status(); s != invoicer.StatusPaid {
 		t.Errorf("paid, then a late payment_failed: %s, want paid", s)
+	}
+}
+
+// A webhook about a Stripe invoice that is not the one the sync made for a
+// ledger invoice (a copy carrying the same metadata) leaves that invoice's
+// status alone.
+func TestWebhooksOfAnotherStripeInvoiceLeaveTheStatus(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	e.account(t, "acct_stray", "UTC")
+	e.subscribe(t, "acct_stray", "starter", march.AddDate(0, -1, 0), nil)
+	e.watermark(t, april.Add(2*time.Hour))
+	iv, err := invoicer.New(e.store, e.usage, e.usage, nil,
+		invoicer.Options{Grace: time.Hour, Lookback: 1, Now: func() time.Time { return april.AddDate(0, 0, 3) }}, quiet())
+	testenv.Must(t, err, "new invoicer")
+	res, err := iv.CloseDue(ctx)
+	testenv.Must(t, err, "close")
+	if len(res.Closed) != 1 {
+		t.Fatalf("closed %d invoices, want 1", len(res.Closed))
+	}
+	id := res.Closed[0].ID
+	testenv.Must(t, e.store.SaveSyncStep(ctx, id, "invoice", "in_ours", nil), "the sync's invoice step")
+	for _, w := range []struct{ ev, typ, object string }{{"evt_a", "invoice.voided", "in_copy"}, {"evt_b", "invoice.paid", "in_ours"}} {
+		_, err := e.store.RecordWebhook(ctx, invoicer.WebhookEvent{ID: w.ev, Type: w.typ, InvoiceID: id, ObjectID: w.object, Payload: []byte(`{}`)})
+		testenv.Must(t, err, "record "+w.typ)
+	}
+	got, err := e.store.Invoice(ctx, id)
+	testenv.Must(t, err, "load invoice")
+	if got.Status != invoicer.StatusPaid {
+		t.Errorf("a copy voided, ours paid: %s, want paid", got.Status)
+	}
+	var stray int
+	testenv.Must(t, e.pg.Pool.QueryRow(ctx, `SELECT count(*) FROM ledger_entries WHERE invoice_id = $1 AND kind = 'stripe.invoice.voided'`, id).Scan(&stray), "count")
+	if stray != 0 {
+		t.Errorf("the copy's voided event made %d ledger entries, want none", stray)
 	}
 }
 

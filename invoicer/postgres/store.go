@@ -446,10 +446,15 @@ func (s *Store) RecordWebhook(ctx context.Context, ev invoicer.WebhookEvent) (bo
 		if fresh = tag.RowsAffected() == 1; !fresh || inv == nil {
 			return nil
 		}
+		// The event names the ledger invoice by metadata, which any Stripe
+		// invoice can carry (a copy made in Stripe's dashboard, a stray
+		// draft): once the sync knows which Stripe invoice is ours, only
+		// that one's events change the ledger invoice's status.
 		_, err = tx.Exec(ctx, `
 			INSERT INTO ledger_entries (account_id, kind, invoice_id, amount_minor, currency, payload)
 			SELECT account_id, $2, id, $3, currency, jsonb_build_object('stripe_event_id', $4::text, 'stripe_object_id', $5::text)
-			FROM invoices WHERE id = $1`, ev.InvoiceID, "stripe."+ev.Type, ev.Amount, ev.ID, ev.ObjectID)
+			FROM invoices i WHERE id = $1 AND NOT EXISTS (SELECT 1 FROM stripe_sync_steps s
+			  WHERE s.invoice_id = i.id AND s.step = 'invoice' AND s.stripe_id <> $5)`, ev.InvoiceID, "stripe."+ev.Type, ev.Amount, ev.ID, ev.ObjectID)
 		return err
 	})
 	if err != nil {
