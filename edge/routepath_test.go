@@ -38,7 +38,7 @@ func TestRoutePath(t *testing.T) {
 		"/v1/admin/%2e%2e/files/x", "/v1/admin/%2E./files/x", "/v1/admin/.%2e/files/x", "/v1/%2e/admin",
 		"/v1/files/..%2F..%2Fv1%2Fadmin%2Fusers", "/v1/files/a%2f..%2fb",
 		"/v1/files\\..\\admin", "/v1/files/a%5cb", "/v1/files/%", "/v1/files/%2", "/v1/files/%zz",
-		"/v1/files/..;/admin/users", "/v1/files/.;x/y",
+		"/v1/files/..;/admin/users", "/v1/files/.;x/y", "/v1/files/a%252Fb", "/v1/files/%252e%252e/x",
 	} {
 		if got, err := edge.RoutePath(raw); !errors.Is(err, edge.ErrAmbiguousPath) {
 			t.Errorf("RoutePath(%q) = %q, %v; want it refused", raw, got, err)
@@ -60,6 +60,7 @@ func TestScopesHoldForDotSegmentsAndEncodedPaths(t *testing.T) {
 	routes := []edge.RouteConfig{
 		{Pattern: "/v1/files/*", Methods: []string{"GET"}, Scopes: []string{"files:read"}},
 		{Pattern: "/v1/admin/*", Methods: []string{"GET"}, Scopes: []string{"admin:read"}},
+		{Pattern: "/v1/widgets/export", Methods: []string{"GET"}, Scopes: []string{"admin:read"}},
 		{Pattern: "/v1/widgets/{id}", Methods: []string{"GET"}, Scopes: []string{"files:read"}},
 		{Pattern: "/v1/widgets/{id}/secrets", Methods: []string{"GET"}, Scopes: []string{"admin:read"}},
 	}
@@ -89,7 +90,13 @@ func TestScopesHoldForDotSegmentsAndEncodedPaths(t *testing.T) {
 				{"/v1//admin/users", 400, "invalid_path"},
 				{"/v1/admin;x/users", 400, "invalid_path"},
 				{"/v1/files/..;/admin/users", 400, "invalid_path"},
+				{"/v1/widgets/export", 403, "insufficient_scope"},
+				{"/v1/widgets/EXPORT", 400, "invalid_path"},        // routers that ignore case
+				{"/v1/widgets/export.json", 400, "invalid_path"},   // Spring's suffix match
+				{"/v1/widgets/1%252Fsecrets", 400, "invalid_path"}, // decoded twice
 				// The same route however read: passed as sent.
+				{"/v1/widgets/ABC", 200, ""},
+				{"/v1/files/report.pdf", 200, ""},
 				{"/v1/files/x;v=1", 200, ""},
 				{"/v1/files//x", 200, ""},
 			} {

@@ -40,6 +40,21 @@ type compiledRoute struct {
 // Router matches requests against the configured routes in order.
 type Router struct {
 	routes []compiledRoute
+	// upper is set when a pattern has an upper-case letter.
+	upper bool
+}
+
+// CaseMatters reports whether MatchFold could answer otherwise than Match
+// for path: only when the path or a pattern has an upper-case letter.
+func (r *Router) CaseMatters(path string) bool { return r.upper || hasUpper(path) }
+
+func hasUpper(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if 'A' <= s[i] && s[i] <= 'Z' {
+			return true
+		}
+	}
+	return false
 }
 
 // NewRouter compiles the route table, reporting every bad entry.
@@ -64,6 +79,7 @@ func NewRouter(cfgs []RouteConfig) (*Router, error) {
 			}
 		}
 		cr.segs = segs
+		r.upper = r.upper || hasUpper(strings.Join(segs, "/"))
 		for _, m := range c.Methods {
 			m = strings.ToUpper(m)
 			switch m {
@@ -92,6 +108,16 @@ func (r *Router) Open() bool { return len(r.routes) == 0 }
 // Match finds the first route for method and path. ok is false when routes
 // are configured and none matches.
 func (r *Router) Match(method, path string) (Route, bool) {
+	return r.match(method, path, false)
+}
+
+// MatchFold is Match with literal segments compared without regard to
+// case, as routers that ignore case (Express, ASP.NET) match.
+func (r *Router) MatchFold(method, path string) (Route, bool) {
+	return r.match(method, path, true)
+}
+
+func (r *Router) match(method, path string, fold bool) (Route, bool) {
 	write := !safeMethod(method)
 	if r.Open() {
 		return Route{Template: path, Write: write}, true
@@ -104,7 +130,7 @@ func (r *Router) Match(method, path string) (Route, bool) {
 		if len(cr.methods) > 0 && !cr.methods[method] && !(method == http.MethodHead && cr.methods[http.MethodGet]) {
 			continue
 		}
-		if !matchSegs(cr.segs, cr.tail, segs) {
+		if !matchSegs(cr.segs, cr.tail, segs, fold) {
 			continue
 		}
 		return Route{Template: cr.cfg.Pattern, Scopes: cr.cfg.Scopes, Write: write || cr.cfg.Write}, true
@@ -112,7 +138,7 @@ func (r *Router) Match(method, path string) (Route, bool) {
 	return Route{}, false
 }
 
-func matchSegs(pat []string, tail bool, segs []string) bool {
+func matchSegs(pat []string, tail bool, segs []string, fold bool) bool {
 	if len(segs) == 1 && segs[0] == "" {
 		segs = nil
 	}
@@ -126,7 +152,7 @@ func matchSegs(pat []string, tail bool, segs []string) bool {
 			}
 			continue
 		}
-		if p != segs[i] {
+		if p != segs[i] && !(fold && strings.EqualFold(p, segs[i])) {
 			return false
 		}
 	}
@@ -223,6 +249,11 @@ func RoutePath(raw string) (string, error) {
 		}
 	}
 	p := b.String()
+	// A slash, dot or backslash encoded twice is one once a second layer
+	// decodes it (a proxy in front of a router that decodes again).
+	if u := strings.ToUpper(p); strings.Contains(u, "%252F") || strings.Contains(u, "%252E") || strings.Contains(u, "%255C") {
+		return "", ErrAmbiguousPath
+	}
 	// Dot segments between encoded slashes count too: a server that
 	// decodes "%2F" before resolving them (nginx does) would climb out. So
 	// do those with path parameters, which Java servers drop ("..;x").
@@ -246,7 +277,11 @@ func RoutePath(raw string) (string, error) {
 // p has nothing to read otherwise, as almost every path.
 func OtherReadings(p string) []string {
 	slash, double, params := strings.Contains(p, "%2F"), strings.Contains(p, "//"), strings.IndexByte(p, ';') >= 0
-	if !slash && !double && !params {
+	// Routers that take "x.json" for "x" (Spring MVC before 5.3) read
+	// these otherwise too. (Case is Router.MatchFold's.)
+	last := p[strings.LastIndexByte(p, '/')+1:]
+	suffix := strings.IndexByte(last, '.') > 0
+	if !slash && !double && !params && !suffix {
 		return nil
 	}
 	decode := func(s string) string { return strings.ReplaceAll(s, "%2F", "/") }
@@ -274,6 +309,9 @@ func OtherReadings(p string) []string {
 	}
 	if params {
 		out = append(out, drop(p), merge(drop(decode(p))))
+	}
+	if suffix {
+		out = append(out, p[:len(p)-len(last)]+last[:strings.IndexByte(last, '.')])
 	}
 	return out
 }

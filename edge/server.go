@@ -553,11 +553,22 @@ func (s *Server) authorizeCall(k *Key, ci CallInfo, events bool) (Route, error) 
 		var ok bool
 		route, ok = s.router.Match(ci.Method, path)
 		if !s.router.Open() {
+			// Every reading of the path an upstream might make must reach
+			// the route it matches as sent. The case-blind one is cheap
+			// and always checked.
+			ambiguous := false
+			if s.router.CaseMatters(path) {
+				r, ok2 := s.router.MatchFold(ci.Method, path)
+				ambiguous = ok2 != ok || r.Template != route.Template
+			}
 			for _, other := range OtherReadings(path) {
 				if r, ok2 := s.router.Match(ci.Method, other); ok2 != ok || r.Template != route.Template {
-					return Route{}, NewAPIError(http.StatusBadRequest, TypeInvalidRequest, "invalid_path",
-						"The path reads as another route on servers that decode encoded slashes, merge repeated slashes or drop ;parameters; send it in the form the route expects.")
+					ambiguous = true
 				}
+			}
+			if ambiguous {
+				return Route{}, NewAPIError(http.StatusBadRequest, TypeInvalidRequest, "invalid_path",
+					"The path reads as another route on servers that decode encoded slashes, merge repeated slashes, drop ;parameters or .suffixes, or ignore case; send it in the form the route expects.")
 			}
 		}
 		if !ok {

@@ -67,11 +67,9 @@ func RoundLine(exact decimal.Decimal, currency string) (int64, error) {
 	if step == 1 {
 		return RoundMinor(exact)
 	}
-	r := exact.Div(decimal.NewFromInt(step)).RoundBank(0).Mul(decimal.NewFromInt(step))
-	if r.GreaterThan(maxInt64) || r.LessThan(minInt64) {
-		return 0, fmt.Errorf("%w: %s", ErrOverflow, exact.String())
-	}
-	return r.IntPart(), nil
+	// Exactly, in rationals: decimal division would round to 16 places
+	// first, a second rounding.
+	return prorate(exact, 1, 1, step)
 }
 
 // addMinor adds two int64 amounts, refusing to wrap around.

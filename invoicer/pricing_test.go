@@ -441,3 +441,16 @@ func TestFreeTimeOfAnAccountInAnotherCurrency(t *testing.T) {
 		t.Errorf("a charging usd plan on an eur account: %v, want it refused", err)
 	}
 }
+
+// RoundLine rounds once, exactly: decimal division would round to 16
+// places first and then again.
+func TestRoundLineRoundsOnceExactly(t *testing.T) {
+	for _, c := range []struct {
+		exact string
+		want  int64
+	}{{"14.9999999999999995", 10}, {"5.00000000000000001", 10}, {"15", 20}, {"25", 20}, {"-5.4", -10}, {"4.99999999999999999", 0}} {
+		if got, err := RoundLine(d(c.exact), "kwd"); err != nil || got != c.want {
+			t.Errorf("RoundLine(%s, kwd) = %d, %v; want %d", c.exact, got, err, c.want)
+		}
+	}
+}

@@ -386,7 +386,7 @@ func (p *Producer) drain(chunks int) bool {
 				// Nothing readable: commit the cursor past a corrupt tail.
 				// The spool is empty then, and its hold released.
 				_ = p.spool.Commit(cur, int(p.spool.Depth()))
-				if p.spool.Depth() == 0 {
+				if p.spool.Drained() {
 					p.released(time.Now())
 				}
 				return progress

@@ -452,6 +452,11 @@ func spoolID(dir string) (string, error) {
 	return id, nil
 }
 
+// Drained reports whether the read cursor has reached the end of what was
+// written: nothing is left to deliver, whatever the record count says
+// after a corrupt stretch.
+func (s *Spool) Drained() bool { return s.rseq == s.wseq && s.roff >= s.wsize }
+
 // Depth is the number of records not yet delivered.
 func (s *Spool) Depth() int64 { return s.depth.Load() }
 
