@@ -134,6 +134,7 @@ func NewServer(cfg Config, d ServerDeps) (*Server, error) {
 	if d.Log == nil {
 		d.Log = slog.New(slog.DiscardHandler)
 	}
+	d.Zones = checkZones(d.Zones, d.Usage, d.Log)
 	s := &Server{cfg: cfg, d: d, now: time.Now}
 	s.status = newStatusCache(d.Usage, func() time.Time { return s.now() })
 	if cfg.AdminTokenSHA256 != "" {

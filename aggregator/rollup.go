@@ -53,6 +53,9 @@ type Rebuild struct {
 
 // RollupStore computes and stores rollups.
 type RollupStore interface {
+	// CheckZone tells whether windows can be computed in a zone; accounts
+	// in one it refuses are rolled up in UTC.
+	ZoneChecker
 	// Recompute handles requests of one granularity together.
 	Recompute(ctx context.Context, rs []Recompute) error
 	// Rebuild handles requests that share their granularity, zone,
@@ -86,9 +89,10 @@ type Roller struct {
 
 var _ ingest.Rollups = (*Roller)(nil)
 
-// NewRoller returns a Roller.
+// NewRoller returns a Roller. Accounts whose zone the store refuses are
+// rolled up in UTC, with a warning.
 func NewRoller(meters MeterSource, zones Zones, store RollupStore, log *slog.Logger) *Roller {
-	return &Roller{meters: meters, zones: zones, store: store, log: log}
+	return &Roller{meters: meters, zones: checkZones(zones, store, log), store: store, log: log}
 }
 
 // Landed recomputes every window the records fall in, for every meter that
@@ -233,6 +237,7 @@ func rebuildRange(ctx context.Context, store RollupStore, from, to time.Time) (t
 }
 
 func rebuildLevels(ctx context.Context, store RollupStore, zones Zones, meters []meter.Meter, from, to time.Time, log *slog.Logger) error {
+	zones = checkZones(zones, store, log)
 	for _, g := range Granularities {
 		if err := rebuildLevel(ctx, store, zones, meters, g, from, to, log); err != nil {
 			return err

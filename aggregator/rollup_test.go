@@ -31,6 +31,8 @@ type recompute struct {
 	minutes map[time.Time]bool
 }
 
+func (s *recordingStore) CheckZone(context.Context, string) error { return nil }
+
 func (s *recordingStore) Recompute(_ context.Context, rs []aggregator.Recompute) error {
 	c := recompute{g: rs[0].Granularity, at: time.Now(), minutes: map[time.Time]bool{}}
 	for _, r := range rs {
@@ -130,6 +132,8 @@ type requestStore struct {
 	aggregator.RollupStore
 	calls [][]aggregator.Recompute
 }
+
+func (s *requestStore) CheckZone(context.Context, string) error { return nil }
 
 func (s *requestStore) Recompute(_ context.Context, rs []aggregator.Recompute) error {
 	s.calls = append(s.calls, rs)

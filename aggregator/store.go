@@ -65,6 +65,10 @@ type RequestRow struct {
 
 // UsageStore reads what the usage API serves.
 type UsageStore interface {
+	// CheckZone tells whether windows can be computed in a zone; the
+	// rollups of accounts in one it refuses are in UTC, and so is their
+	// usage.
+	ZoneChecker
 	Usage(ctx context.Context, q UsageQuery) ([]UsageRow, error)
 	Requests(ctx context.Context, q RequestsQuery) ([]RequestRow, error)
 	// TooLate counts the account environment's events with event time in

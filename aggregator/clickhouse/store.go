@@ -4,6 +4,7 @@ package clickhouse
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"regexp"
 	"slices"
@@ -12,6 +13,7 @@ import (
 	"strings"
 	"time"
 
+	chgo "github.com/ClickHouse/clickhouse-go/v2"
 	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
 
 	"github.com/tollgate-dev/tollgate/aggregator"
@@ -605,6 +607,36 @@ func (s *Store) Rebuild(ctx context.Context, rs []aggregator.Rebuild) error {
 	}
 	if err := s.conn.Exec(ctx, head+q); err != nil {
 		return fmt.Errorf("rebuild %s rollups: %w", r.Granularity, err)
+	}
+	return nil
+}
+
+// CheckZone evaluates the window expressions of every granularity in zone.
+// ClickHouse refuses a zone its tzdata lacks (one newer than the server,
+// the right/ zones) that Go may load: 18.16 with "Cannot load time zone"
+// as a Poco exception (code 1000), current releases as BAD_ARGUMENTS (36).
+// Any other failure (ClickHouse down, say) is not a refusal.
+func (s *Store) CheckZone(ctx context.Context, name string) error {
+	if !zoneRe.MatchString(name) {
+		return fmt.Errorf("%w: %q is not a valid IANA name", aggregator.ErrZoneRefused, name)
+	}
+	exprs := make([]string, 0, len(aggregator.Granularities))
+	for _, g := range aggregator.Granularities {
+		exprs = append(exprs, windowExpr(g, name, "now()"))
+	}
+	rows, err := s.conn.Query(ctx, "SELECT "+strings.Join(exprs, ", "))
+	if err == nil {
+		for rows.Next() {
+		}
+		err = rows.Err()
+		rows.Close()
+	}
+	var ex *chgo.Exception
+	if errors.As(err, &ex) && (ex.Code == 36 || ex.Code == 1000) {
+		return fmt.Errorf("%w by ClickHouse: %s", aggregator.ErrZoneRefused, ex.Message)
+	}
+	if err != nil {
+		return fmt.Errorf("check time zone %q: %w", name, err)
 	}
 	return nil
 }

@@ -1,0 +1,82 @@
+package aggregator_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/tollgate-dev/tollgate/aggregator"
+)
+
+// fakeChecker refuses the zones in refuse and fails while down.
+type fakeChecker struct {
+	refuse map[string]bool
+	down   bool
+	calls  map[string]int
+}
+
+func (f *fakeChecker) CheckZone(_ context.Context, zone string) error {
+	f.calls[zone]++
+	switch {
+	case f.down:
+		return errors.New("connection refused")
+	case f.refuse[zone]:
+		return fmt.Errorf("%w: cannot load %s", aggregator.ErrZoneRefused, zone)
+	}
+	return nil
+}
+
+func TestZonesTheStoreRefusesAreUTC(t *testing.T) {
+	stored := aggregator.StaticZones{"a_new": "Europe/Kyiv", "b_new": "Europe/Kyiv", "c_tokyo": "Asia/Tokyo",
+		"d_bad": "Not/A_Zone", "e_utc": "UTC"}
+	accounts := []string{"a_new", "b_new", "c_tokyo", "d_bad", "e_utc", "f_unknown"}
+	check := &fakeChecker{refuse: map[string]bool{"Europe/Kyiv": true}, calls: map[string]int{}}
+	now := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	zs := aggregator.CheckZones(stored, check, func() time.Time { return now })
+	get := func() map[string]string {
+		t.Helper()
+		got, err := zs.Zones(context.Background(), accounts)
+		if err != nil {
+			t.Fatalf("Zones: %v", err)
+		}
+		return got
+	}
+
+	t.Run("accounts in a refused zone or one Go does not load are left out", func(t *testing.T) {
+		got := get()
+		want := map[string]string{"c_tokyo": "Asia/Tokyo", "e_utc": "UTC"}
+		if fmt.Sprint(got) != fmt.Sprint(want) {
+			t.Fatalf("Zones = %v, want %v", got, want)
+		}
+	})
+	t.Run("each zone is checked once, whatever the accounts in it", func(t *testing.T) {
+		get()
+		if check.calls["Europe/Kyiv"] != 1 || check.calls["Asia/Tokyo"] != 1 || check.calls["UTC"] != 0 || check.calls["Not/A_Zone"] != 0 {
+			t.Fatalf("checks: %v", check.calls)
+		}
+	})
+	t.Run("an answer is kept while the store cannot tell", func(t *testing.T) {
+		now = now.Add(time.Hour)
+		check.down = true
+		if got := get(); got["a_new"] != "" || got["c_tokyo"] != "Asia/Tokyo" {
+			t.Fatalf("Zones = %v", got)
+		}
+		check.down = false
+	})
+	t.Run("a refusal is checked again later", func(t *testing.T) {
+		now = now.Add(time.Hour)
+		delete(check.refuse, "Europe/Kyiv")
+		if got := get(); got["a_new"] != "Europe/Kyiv" {
+			t.Fatalf("Zones = %v", got)
+		}
+	})
+	t.Run("a zone never answered fails while the store cannot tell", func(t *testing.T) {
+		check.down = true
+		_, err := aggregator.CheckZones(stored, check, time.Now).Zones(context.Background(), accounts)
+		if err == nil {
+			t.Fatal("no error")
+		}
+	})
+}
