@@ -5,12 +5,17 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"io"
+	"net"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/segmentio/kafka-go"
+	"github.com/segmentio/kafka-go/protocol"
+	"github.com/segmentio/kafka-go/protocol/produce"
 
 	"github.com/tollgate-dev/tollgate/ingest"
 	"github.com/tollgate-dev/tollgate/internal/testenv"
@@ -60,15 +65,6 @@ func readDeadLetters(t *testing.T, topic string) []kafka.Message {
 		testenv.Must(t, batch.Close(), "read dead letters")
 	}
 	return out
-}
-
-func header(m kafka.Message, key string) string {
-	for _, h := range m.Headers {
-		if h.Key == key {
-			return string(h.Value)
-		}
-	}
-	return ""
 }
 
 // A malformed record as large as the usage topic takes by default (1 MiB)
@@ -149,5 +145,85 @@ func TestADeadLetterTopicTooSmallForARecordGetsWhereItIsAndThePartitionMovesOn(t
 	}
 	if string(got[1].Value) != "{" || header(got[1], HeaderSourceOffset) != strconv.FormatInt(off+1, 10) {
 		t.Fatalf("second dead letter %q, headers %v", got[1].Value, got[1].Headers)
+	}
+}
+
+// lostReply forwards every request to the broker, but answers the first
+// produce with a broken connection, as when the broker appended the batch
+// and its reply never arrived.
+type lostReply struct {
+	kafka.RoundTripper
+	lost atomic.Bool
+}
+
+func (l *lostReply) RoundTrip(ctx context.Context, addr net.Addr, req protocol.Message) (protocol.Message, error) {
+	res, err := l.RoundTripper.RoundTrip(ctx, addr, req)
+	if _, ok := req.(*produce.Request); ok && err == nil && l.lost.CompareAndSwap(false, true) {
+		return nil, io.ErrUnexpectedEOF
+	}
+	return res, err
+}
+
+// A produce whose reply is lost fails the Reject, and ingest retries the
+// Reject, which skips what the lost write appended. Before, the writer
+// retried the produce itself (kafka-go has no idempotent producer), and the
+// broker appended the dead letters a second time.
+func TestALostProduceReplyWritesEachDeadLetterOnce(t *testing.T) {
+	src := testenv.NewTopic(t, 1)
+	dlq := src + ".dlq"
+	testenv.CreateTopic(t, dlq, 1)
+	d := NewDeadLetters(testenv.KafkaBrokers(), dlq, src)
+	defer d.Close()
+	d.w.Transport = &lostReply{RoundTripper: kafka.DefaultTransport}
+	batch := []ingest.Rejected{
+		{Message: ingest.Message{Partition: 0, Offset: 7, Value: []byte("{")}, Reason: "truncated JSON"},
+		{Message: ingest.Message{Partition: 0, Offset: 8, Value: []byte("[")}, Reason: "truncated JSON"},
+	}
+	var err error
+	for range 5 { // as ingest retries a failed step
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		err = d.Reject(ctx, batch)
+		cancel()
+		if err == nil {
+			break
+		}
+	}
+	testenv.Must(t, err, "dead-letter the batch")
+	var offsets []string
+	for _, m := range readDeadLetters(t, dlq) {
+		offsets = append(offsets, header(m, HeaderSourceOffset))
+	}
+	if strings.Join(offsets, ",") != "7,8" {
+		t.Fatalf("dead letters of source offsets %v, want each of 7 and 8 once", offsets)
+	}
+}
+
+// A dead-letter topic shared by two usage topics (ingest.topic changed and
+// dead_letter_topic kept) holds dead letters of the old topic at offsets
+// the new one has not reached. The new topic's malformed records are still
+// written: before, the last dead letter's offset was compared whatever its
+// topic, and every record of the new topic at or below it was skipped.
+func TestDeadLettersOfAnotherTopicDoNotSkipThisOnes(t *testing.T) {
+	oldSrc := testenv.NewTopic(t, 1)
+	newSrc := testenv.NewTopic(t, 1)
+	dlq := oldSrc + ".dlq"
+	testenv.CreateTopic(t, dlq, 1)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	old := NewDeadLetters(testenv.KafkaBrokers(), dlq, oldSrc)
+	testenv.Must(t, old.Reject(ctx, []ingest.Rejected{{Message: ingest.Message{Partition: 0, Offset: 500, Value: []byte("{")}, Reason: "old"}}), "old topic's dead letter")
+	testenv.Must(t, old.Close(), "close")
+	d := NewDeadLetters(testenv.KafkaBrokers(), dlq, newSrc)
+	defer d.Close()
+	batch := []ingest.Rejected{{Message: ingest.Message{Partition: 0, Offset: 3, Value: []byte("[")}, Reason: "new"}}
+	for range 2 { // the second is a redelivery: skipped, as the dead letter is this topic's now
+		testenv.Must(t, d.Reject(ctx, batch), "new topic's dead letter")
+	}
+	var got []string
+	for _, m := range readDeadLetters(t, dlq) {
+		got = append(got, header(m, HeaderSourceTopic)+"@"+header(m, HeaderSourceOffset))
+	}
+	if want := []string{oldSrc + "@500", newSrc + "@3"}; strings.Join(got, " ") != strings.Join(want, " ") {
+		t.Fatalf("dead letters %v, want %v", got, want)
 	}
 }

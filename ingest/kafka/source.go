@@ -191,10 +191,12 @@ func DeadLetterTopic(name string, partitions int) kafka.TopicConfig {
 // Exactly once per source record: the dead letters of source partition P go
 // to dead-letter partition P, in source-offset order, one synchronous write
 // at a time (the consumer group gives P to one member). Before writing,
-// Reject reads the source offset of the last dead letter in partition P and
-// skips every record at or before it, so a batch redelivered after a crash
-// does not write its dead letters twice. The dead-letter topic therefore
-// needs at least as many partitions as the usage topic.
+// Reject reads the source offset of the last dead letter in partition P and,
+// when that dead letter came from this source topic, skips every record at
+// or before it, so a batch redelivered after a crash (or a Reject retried
+// after a lost produce reply) does not write its dead letters twice. The
+// dead-letter topic therefore needs at least as many partitions as the
+// usage topic.
 type DeadLetters struct {
 	w       *kafka.Writer
 	brokers []string
@@ -215,8 +217,12 @@ func NewDeadLetters(brokers []string, topic, sourceTopic string) *DeadLetters {
 			BatchTimeout: time.Millisecond,
 			BatchSize:    1000,
 			BatchBytes:   DeadLetterMaxBytes, // per message; writes are chunked smaller
-			MaxAttempts:  3,
-			Balancer:     kafka.BalancerFunc(bySourcePartition),
+			// One attempt: kafka-go has no idempotent producer, so its own
+			// retry after a lost reply would append the dead letters again.
+			// The caller retries the whole Reject instead, which first reads
+			// what the lost write did append.
+			MaxAttempts: 1,
+			Balancer:    kafka.BalancerFunc(bySourcePartition),
 		},
 		brokers: brokers,
 		dlq:     topic,
@@ -254,7 +260,7 @@ func (d *DeadLetters) Reject(ctx context.Context, rs []ingest.Rejected) error {
 		byPart[p] = append(byPart[p], r)
 	}
 	for _, p := range order {
-		last, err := d.lastSourceOffset(ctx, p)
+		last, err := d.lastWritten(ctx, p)
 		if err != nil {
 			return err
 		}
@@ -359,9 +365,14 @@ func deadLetterChunks(msgs []kafka.Message, n, maxBytes int) [][]kafka.Message {
 	return out
 }
 
-// lastSourceOffset is the source offset of the last dead letter in
-// partition p, or -1 when there is none.
-func (d *DeadLetters) lastSourceOffset(ctx context.Context, p int) (int64, error) {
+// lastWritten is the source offset of the last dead letter in partition p
+// when it came from this source topic, or -1 when there is none or it came
+// from another: a dead-letter topic can be shared by an old and a new usage
+// topic (ingest.topic changed, dead_letter_topic kept), whose offsets have
+// nothing to do with each other. Writing a dead letter again is better than
+// losing one. A usage topic deleted and created again under the same name
+// restarts its offsets and cannot be told apart from the old one here.
+func (d *DeadLetters) lastWritten(ctx context.Context, p int) (int64, error) {
 	var conn *kafka.Conn
 	var err error
 	for _, b := range d.brokers {
@@ -394,16 +405,28 @@ func (d *DeadLetters) lastSourceOffset(ctx context.Context, p int) (int64, error
 	if err != nil {
 		return 0, fmt.Errorf("read last dead letter: %w", errors.Join(err, cerr))
 	}
+	if src := header(m, HeaderSourceTopic); src != d.topic {
+		return -1, nil
+	}
+	v := header(m, HeaderSourceOffset)
+	if v == "" {
+		return 0, fmt.Errorf("last dead letter in partition %d has no %s header", p, HeaderSourceOffset)
+	}
+	o, err := strconv.ParseInt(v, 10, 64)
+	if err != nil {
+		return 0, fmt.Errorf("last dead letter has a bad %s header %q", HeaderSourceOffset, v)
+	}
+	return o, nil
+}
+
+// header is the value of m's header key, or "" when it has none.
+func header(m kafka.Message, key string) string {
 	for _, h := range m.Headers {
-		if h.Key == HeaderSourceOffset {
-			o, err := strconv.ParseInt(string(h.Value), 10, 64)
-			if err != nil {
-				return 0, fmt.Errorf("last dead letter has a bad %s header %q", HeaderSourceOffset, h.Value)
-			}
-			return o, nil
+		if h.Key == key {
+			return string(h.Value)
 		}
 	}
-	return 0, fmt.Errorf("last dead letter in partition %d has no %s header", p, HeaderSourceOffset)
+	return ""
 }
 
 // Close flushes and closes the writer.
