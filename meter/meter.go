@@ -12,6 +12,8 @@ import (
 	"slices"
 	"sort"
 	"strings"
+
+	"github.com/tollgate-dev/tollgate/schemas"
 )
 
 // Aggregation is how a meter combines its events' values.
@@ -124,16 +126,23 @@ func (m *Meter) Validate() error {
 	return errors.Join(errs...)
 }
 
+// MaxValue bounds the magnitude of a dimension's value that SUM, MAX and
+// LATEST read, as schemas.MaxUnits bounds units: sums are Int64, and a few
+// events with values near the Int64 limit, which any client can report,
+// would wrap a window's total negative (ten of 999999999999999999 did).
+const MaxValue = schemas.MaxUnits
+
 // wholeNumberPattern is the form a dimension's value must have for SUM, MAX
-// and LATEST to read it: an optional minus and 1 to 18 digits, so that
-// every such value fits an Int64 and ClickHouse and Go read it alike.
-const wholeNumberPattern = `^-?[0-9]{1,18}$`
+// and LATEST to read it: an optional minus and a whole number of at most
+// MaxValue (1 to 12 digits, or 10^12 itself), so ClickHouse and Go read it
+// alike.
+const wholeNumberPattern = `^-?([0-9]{1,12}|1000000000000)$`
 
 // WholeNumber reads a dimension's value as SUM, MAX and LATEST do; ok is
 // false for a value those meters skip.
 func WholeNumber(v string) (n int64, ok bool) {
 	digits := strings.TrimPrefix(v, "-")
-	if len(digits) == 0 || len(digits) > 18 {
+	if len(digits) == 0 || len(digits) > 13 {
 		return 0, false
 	}
 	for i := 0; i < len(digits); i++ {
@@ -141,6 +150,9 @@ func WholeNumber(v string) (n int64, ok bool) {
 			return 0, false
 		}
 		n = n*10 + int64(digits[i]-'0')
+	}
+	if len(digits) == 13 && n != MaxValue {
+		return 0, false
 	}
 	if len(digits) < len(v) {
 		n = -n

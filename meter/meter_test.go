@@ -12,6 +12,7 @@ import (
 func TestWholeNumberAgreesWithTheSQLPattern(t *testing.T) {
 	re := regexp.MustCompile(wholeNumberPattern)
 	for _, v := range []string{"0", "-0", "7", "-7", "12.5", "1e3", "--5", "-", "", " 1", "1 ", "+1", "0x10",
+		"999999999999", "-999999999999", "1000000000000", "-1000000000000", "1000000000001", "9999999999999", "0000000000001",
 		"999999999999999999", "-999999999999999999", "1000000000000000000", "9223372036854775807", "18446744073709551615", "٣"} {
 		n, ok := WholeNumber(v)
 		if ok != re.MatchString(v) {
@@ -20,6 +21,9 @@ func TestWholeNumberAgreesWithTheSQLPattern(t *testing.T) {
 		if ok {
 			if want, err := strconv.ParseInt(v, 10, 64); err != nil || n != want {
 				t.Errorf("%q: WholeNumber reads %d, strconv %d (%v)", v, n, want, err)
+			}
+			if n > MaxValue || n < -MaxValue {
+				t.Errorf("%q: read as %d, beyond MaxValue", v, n)
 			}
 		}
 	}
@@ -30,7 +34,7 @@ func TestMetersOverADimensionTakeOnlyEventsWithAReadableValue(t *testing.T) {
 		m    Meter
 		want string
 	}{
-		{Meter{Key: "s", EventType: "e", Aggregation: Sum, Value: "dimensions.amount"}, "event_type = ? AND match(dim_values[indexOf(dim_keys, 'amount')], '^-?[0-9]{1,18}$')"},
+		{Meter{Key: "s", EventType: "e", Aggregation: Sum, Value: "dimensions.amount"}, "event_type = ? AND match(dim_values[indexOf(dim_keys, 'amount')], '^-?([0-9]{1,12}|1000000000000)$')"},
 		{Meter{Key: "u", EventType: "e", Aggregation: UniqueCount, Value: "dimensions.user"}, "event_type = ? AND has(dim_keys, 'user')"},
 		{Meter{Key: "c", EventType: "e", Aggregation: Sum, Value: "units"}, "event_type = ?"},
 	} {
@@ -63,5 +67,21 @@ func TestValidateRefusesAValueTheAggregationWouldNotUse(t *testing.T) {
 				t.Fatalf("got %v, want COUNT's value refused", err)
 			}
 		})
+	}
+}
+
+// A value beyond MaxValue is not read: ten of 999999999999999999, which any
+// client can report as a dimension, wrapped an Int64 sum negative.
+func TestValuesBeyondTheBoundAreNotRead(t *testing.T) {
+	for _, c := range []struct {
+		v    string
+		want bool
+	}{
+		{"1000000000000", true}, {"-1000000000000", true}, {"999999999999", true},
+		{"1000000000001", false}, {"-1000000000001", false}, {"999999999999999999", false}, {"-999999999999999999", false},
+	} {
+		if _, ok := WholeNumber(c.v); ok != c.want {
+			t.Errorf("WholeNumber(%q) ok=%v, want %v", c.v, ok, c.want)
+		}
 	}
 }

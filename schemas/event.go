@@ -36,6 +36,10 @@ const (
 	// without a bound two events could wrap a total negative, or to any
 	// value at all.
 	MaxUnits = 1_000_000_000_000
+	// MaxMeasure bounds latency_us, request_bytes and response_bytes, which
+	// meters can SUM: 10^15 (a petabyte, or 31 years), far beyond any call
+	// the edge measures, so a single corrupt record cannot wrap a sum.
+	MaxMeasure = 1_000_000_000_000_000
 	// MaxClockSkew bounds how far in the future an event may be stamped.
 	MaxClockSkew = 5 * time.Minute
 )
@@ -207,14 +211,15 @@ func (e *Event) validate(now time.Time, keys, values []string) error {
 	if e.Status != 0 && (e.Status < 100 || e.Status > 599) {
 		add("status", "must be an HTTP status between 100 and 599")
 	}
-	if e.LatencyMicros < 0 {
-		add("latency_us", "negative")
-	}
-	if e.RequestBytes < 0 {
-		add("request_bytes", "negative")
-	}
-	if e.ResponseBytes < 0 {
-		add("response_bytes", "negative")
+	for _, m := range []struct {
+		field string
+		v     int64
+	}{{"latency_us", e.LatencyMicros}, {"request_bytes", e.RequestBytes}, {"response_bytes", e.ResponseBytes}} {
+		if m.v < 0 {
+			add(m.field, "negative")
+		} else if m.v > MaxMeasure {
+			add(m.field, "more than %d", MaxMeasure)
+		}
 	}
 	if e.Units < 0 {
 		add("units", "negative")

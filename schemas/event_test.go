@@ -58,6 +58,10 @@ func TestValidate(t *testing.T) {
 		{"unknown method is rejected", func(e *Event) { e.Method = "BREW" }, []string{"method"}},
 		{"status outside HTTP range is rejected", func(e *Event) { e.Status = 99 }, []string{"status"}},
 		{"negative byte counts are rejected", func(e *Event) { e.RequestBytes, e.ResponseBytes = -1, -2 }, []string{"request_bytes", "response_bytes"}},
+		{"measures up to the bound are accepted", func(e *Event) { e.LatencyMicros, e.RequestBytes, e.ResponseBytes = MaxMeasure, MaxMeasure, MaxMeasure }, nil},
+		{"measures past the bound are rejected (a few could wrap an Int64 sum)", func(e *Event) {
+			e.LatencyMicros, e.RequestBytes, e.ResponseBytes = MaxMeasure+1, 999999999999999999, MaxMeasure+1
+		}, []string{"latency_us", "request_bytes", "response_bytes"}},
 		{"bad dimension key is rejected", func(e *Event) { e.Dimensions = map[string]string{"Bad Key": "x"} }, []string{"dimensions.Bad Key"}},
 		{"over-long dimension value is rejected", func(e *Event) {
 			e.Dimensions = map[string]string{"k": strings.Repeat("v", MaxDimensionValue+1)}
