@@ -122,6 +122,8 @@ type Config struct {
 	// batch lands when its day and month rollups are written, which lags
 	// its raw rows and minute rollups by a few hundred milliseconds under
 	// load; enough batches in flight keep the worker consuming meanwhile.
+	// Once MaxInFlight are landing, the batch collected next lands too
+	// while the worker waits to queue it: MaxInFlight+1 at most.
 	MaxInFlight int           `yaml:"max_in_flight"`
 	BatchWait   time.Duration `yaml:"batch_wait"`
 	RetryPeriod time.Duration `yaml:"retry_period"`
@@ -338,7 +340,7 @@ func (in *Ingester) work(parent context.Context, src Source) error {
 			break
 		}
 		go func() { b.landed <- in.land(ctx, b) }()
-		queue <- b // blocks while MaxInFlight batches are landing: backpressure
+		queue <- b // blocks while MaxInFlight earlier batches are landing (b is the +1): backpressure
 	}
 	close(queue)
 	cerr := <-committed
@@ -349,9 +351,12 @@ func (in *Ingester) work(parent context.Context, src Source) error {
 }
 
 // collect blocks for the first message, then gathers more until the batch
-// is full or BatchWait has passed since the first one. The worker does not
-// fetch while it flushes, so a slow ClickHouse slows consumption instead of
-// filling memory: that is the backpressure, and the lag metric shows it.
+// is full or BatchWait has passed since the first one. The worker collects
+// while up to MaxInFlight earlier batches land; one more, already landing,
+// then waits for a place in the queue and the worker stops fetching, so
+// at most MaxInFlight+1 batches of a worker are held at once and a slow
+// ClickHouse slows consumption instead of filling memory: that is the
+// backpressure, and the lag metric shows it.
 func (in *Ingester) collect(ctx context.Context, src Source) ([]Message, error) {
 	m, err := src.Fetch(ctx)
 	if err != nil {

@@ -69,8 +69,9 @@ ORDER BY partition;
 -- older than their Kafka record time minus ingest.max_lateness). They are
 -- not counted in usage_events or the rollups, so invoices for closed
 -- periods stay fixed, but they are kept here whole and reported by the
--- usage API and the tollgate_ingest_too_late_events_total metric, never
--- dropped silently.
+-- usage API (too_late_events) and the
+-- tollgate_ingest_records_total{outcome="too_late"} metric, never dropped
+-- silently.
 CREATE TABLE IF NOT EXISTS late_events
 (
     event_id        UUID,
