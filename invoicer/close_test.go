@@ -96,6 +96,31 @@ func (e *env) events(t *testing.T, evs ...ev) {
 	testenv.Must(t, b.Send(), "insert events")
 }
 
+// marchInvoice closes March for a new account on the starter plan and
+// returns its invoice's id.
+func (e *env) marchInvoice(t *testing.T, account string) string {
+	t.Helper()
+	e.account(t, account, "UTC")
+	e.subscribe(t, account, "starter", march.AddDate(0, -1, 0), nil)
+	e.watermark(t, april.Add(2*time.Hour))
+	res, err := e.aprilInvoicer(t, e.usage, nil).CloseDue(context.Background())
+	testenv.Must(t, err, "close")
+	if len(res.Closed) != 1 {
+		t.Fatalf("closed %d invoices, want 1", len(res.Closed))
+	}
+	return res.Closed[0].ID
+}
+
+// aprilInvoicer is an invoicer as it runs on 4 April: a grace of an hour,
+// looking back one month, with the watermark wm and Stripe st (nil: none).
+func (e *env) aprilInvoicer(t *testing.T, wm invoicer.Watermark, st invoicer.Stripe) *invoicer.Invoicer {
+	t.Helper()
+	iv, err := invoicer.New(e.store, e.usage, wm, st,
+		invoicer.Options{Grace: time.Hour, Lookback: 1, Now: func() time.Time { return april.AddDate(0, 0, 3) }}, quiet())
+	testenv.Must(t, err, "new invoicer")
+	return iv
+}
+
 func quiet() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
 
 func TestCloseInvoicesEveryAccountOnceFromLiveUsage(t *testing.T) {
@@ -367,10 +392,8 @@ func TestCreditNoteIdempotencyKey(t *testing.T) {
 		e.events(t, ev{account: a, env: "live", typ: "api_call", at: march.Add(time.Hour), n: 10})
 	}
 	e.watermark(t, april.Add(2*time.Hour))
-	iv, err := invoicer.New(e.store, e.usage, e.usage, nil,
-		invoicer.Options{Grace: time.Hour, Lookback: 1, Now: func() time.Time { return april.AddDate(0, 0, 3) }}, quiet())
-	testenv.Must(t, err, "new invoicer")
-	_, err = iv.CloseDue(ctx)
+	iv := e.aprilInvoicer(t, e.usage, nil)
+	_, err := iv.CloseDue(ctx)
 	testenv.Must(t, err, "close")
 	first := func(acct string) invoicer.StoredInvoice {
 		invs, err := e.store.AccountInvoices(ctx, acct)
@@ -490,9 +513,7 @@ func TestCloseFinalizesTheDraftsAnEarlierCloseLeft(t *testing.T) {
 	e.watermark(t, april.Add(2*time.Hour))
 	fake := stripetest.New()
 	defer fake.Close()
-	iv, err := invoicer.New(e.store, e.usage, e.usage, stripe.New(stripe.Config{APIKey: "sk_test_x", URL: fake.URL}),
-		invoicer.Options{Grace: time.Hour, Lookback: 1, Now: func() time.Time { return april.AddDate(0, 0, 3) }}, quiet())
-	testenv.Must(t, err, "new invoicer")
+	iv := e.aprilInvoicer(t, e.usage, stripe.New(stripe.Config{APIKey: "sk_test_x", URL: fake.URL}))
 	accts, err := e.store.Accounts(ctx)
 	testenv.Must(t, err, "accounts")
 	invs, err := iv.ComputePeriod(ctx, e.usage, invoicer.MonthPeriod(march, time.UTC), accts, april.Add(2*time.Hour))
@@ -524,9 +545,7 @@ func TestOneAccountThatCannotBeInvoicedDoesNotHoldBackTheOthers(t *testing.T) {
 	e.events(t, ev{account: "acct_good", env: "live", typ: "api_call", at: march.Add(time.Hour), n: 10},
 		ev{account: "acct_bad", env: "live", typ: "api_call", at: march.Add(time.Hour), n: 10})
 	e.watermark(t, april.Add(2*time.Hour))
-	iv, err := invoicer.New(e.store, e.usage, e.usage, nil,
-		invoicer.Options{Grace: time.Hour, Lookback: 1, Now: func() time.Time { return april.AddDate(0, 0, 3) }}, quiet())
-	testenv.Must(t, err, "new invoicer")
+	iv := e.aprilInvoicer(t, e.usage, nil)
 	res, err := iv.CloseDue(ctx)
 	testenv.Must(t, err, "close")
 	if len(res.Closed) != 1 || res.Closed[0].AccountID != "acct_good" {
@@ -613,9 +632,7 @@ func TestSpoolHoldKeepsThePeriodOpenUntilItsEventsLand(t *testing.T) {
 	since := april.Add(-30 * time.Minute) // the first event spooled, in March
 	_, err := e.pg.Pool.Exec(ctx, `INSERT INTO edge_spool_holds (instance, since) VALUES ('edge-a:/spool', $1)`, since)
 	testenv.Must(t, err, "hold")
-	iv, err := invoicer.New(e.store, e.usage, invoicer.HeldWatermark{Usage: e.usage, Holds: e.store, Log: quiet()}, nil,
-		invoicer.Options{Grace: time.Hour, Lookback: 1, Now: func() time.Time { return april.AddDate(0, 0, 3) }}, quiet())
-	testenv.Must(t, err, "new invoicer")
+	iv := e.aprilInvoicer(t, invoicer.HeldWatermark{Usage: e.usage, Holds: e.store, Log: quiet()}, nil)
 	closeDue := func(step string) invoicer.CloseResult {
 		t.Helper()
 		res, err := iv.CloseDue(ctx)
@@ -671,9 +688,7 @@ func TestAPlanPricingAnUnconfiguredMeterIsNotBilledAtZero(t *testing.T) {
 	e.subscribe(t, "acct_typo", "typo", march.AddDate(0, -1, 0), nil)
 	e.events(t, ev{account: "acct_typo", env: "live", typ: "api_call", at: march.Add(time.Hour), n: 50})
 	e.watermark(t, april.Add(2*time.Hour))
-	iv, err := invoicer.New(e.store, e.usage, e.usage, nil,
-		invoicer.Options{Grace: time.Hour, Lookback: 1, Now: func() time.Time { return april.AddDate(0, 0, 3) }}, quiet())
-	testenv.Must(t, err, "new invoicer")
+	iv := e.aprilInvoicer(t, e.usage, nil)
 	res, err := iv.CloseDue(ctx)
 	testenv.Must(t, err, "close")
 	if len(res.Closed) != 0 || len(res.Failed[march]) != 1 || res.Failed[march][0] != "acct_typo" {
@@ -687,18 +702,7 @@ func TestAPlanPricingAnUnconfiguredMeterIsNotBilledAtZero(t *testing.T) {
 func TestInvoiceStatusNeverGoesBack(t *testing.T) {
 	e := newEnv(t)
 	ctx := context.Background()
-	e.account(t, "acct_order", "UTC")
-	e.subscribe(t, "acct_order", "starter", march.AddDate(0, -1, 0), nil)
-	e.watermark(t, april.Add(2*time.Hour))
-	iv, err := invoicer.New(e.store, e.usage, e.usage, nil,
-		invoicer.Options{Grace: time.Hour, Lookback: 1, Now: func() time.Time { return april.AddDate(0, 0, 3) }}, quiet())
-	testenv.Must(t, err, "new invoicer")
-	res, err := iv.CloseDue(ctx)
-	testenv.Must(t, err, "close")
-	if len(res.Closed) != 1 {
-		t.Fatalf("closed %d invoices, want 1", len(res.Closed))
-	}
-	id := res.Closed[0].ID
+	id := e.marchInvoice(t, "acct_order")
 	status := func() invoicer.Status {
 		got, err := e.store.Invoice(ctx, id)
 		testenv.Must(t, err, "load invoice")
@@ -729,18 +733,7 @@ func TestInvoiceStatusNeverGoesBack(t *testing.T) {
 func TestWebhooksOfAnotherStripeInvoiceLeaveTheStatus(t *testing.T) {
 	e := newEnv(t)
 	ctx := context.Background()
-	e.account(t, "acct_stray", "UTC")
-	e.subscribe(t, "acct_stray", "starter", march.AddDate(0, -1, 0), nil)
-	e.watermark(t, april.Add(2*time.Hour))
-	iv, err := invoicer.New(e.store, e.usage, e.usage, nil,
-		invoicer.Options{Grace: time.Hour, Lookback: 1, Now: func() time.Time { return april.AddDate(0, 0, 3) }}, quiet())
-	testenv.Must(t, err, "new invoicer")
-	res, err := iv.CloseDue(ctx)
-	testenv.Must(t, err, "close")
-	if len(res.Closed) != 1 {
-		t.Fatalf("closed %d invoices, want 1", len(res.Closed))
-	}
-	id := res.Closed[0].ID
+	id := e.marchInvoice(t, "acct_stray")
 	testenv.Must(t, e.store.SaveSyncStep(ctx, id, "invoice", "in_ours", nil), "the sync's invoice step")
 	for _, w := range []struct{ ev, typ, object string }{{"evt_a", "invoice.voided", "in_copy"}, {"evt_b", "invoice.paid", "in_ours"}} {
 		_, err := e.store.RecordWebhook(ctx, invoicer.WebhookEvent{ID: w.ev, Type: w.typ, InvoiceID: id, ObjectID: w.object, Payload: []byte(`{}`)})
