@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"log/slog"
 	"sync"
-	"time"
 )
 
 // ErrZoneRefused is what a ZoneChecker's error wraps when the store cannot
@@ -23,11 +22,6 @@ type ZoneChecker interface {
 	CheckZone(ctx context.Context, zone string) error
 }
 
-// zoneRecheck is how long a ZoneChecker's answer is kept. Zones change
-// only with a server's tzdata, so a zone is asked about once per process
-// and again this rarely (after an upgrade, say).
-const zoneRecheck = 10 * time.Minute
-
 // checkedZones is Zones without the zones Go or the store cannot use: an
 // account in one is rolled up (and its usage served) in UTC, with a
 // warning, as one whose zone does not load at all. One such account must
@@ -36,22 +30,20 @@ type checkedZones struct {
 	zones Zones
 	check ZoneChecker
 	log   *slog.Logger
-	now   func() time.Time
 	mu    sync.Mutex
 	seen  map[string]*zoneAnswer
 }
 
 type zoneAnswer struct {
-	err    error // nil when the zone can be used
-	at     time.Time
-	warned map[string]bool // accounts warned about since at
+	err    error           // nil when the zone can be used
+	warned map[string]bool // accounts warned about
 }
 
 func checkZones(zones Zones, check ZoneChecker, log *slog.Logger) *checkedZones {
 	if c, ok := zones.(*checkedZones); ok {
 		return c
 	}
-	return &checkedZones{zones: zones, check: check, log: log, now: time.Now, seen: map[string]*zoneAnswer{}}
+	return &checkedZones{zones: zones, check: check, log: log, seen: map[string]*zoneAnswer{}}
 }
 
 // Zones returns the zones of accounts, leaving out (so UTC) those that
@@ -83,24 +75,23 @@ func (c *checkedZones) Zones(ctx context.Context, accounts []string) (map[string
 	return zs, nil
 }
 
-// answer tells whether zone can be used. A check that cannot tell keeps
-// the last answer, however old; without one it fails.
+// answer tells whether zone can be used. The first answer is kept for the
+// life of the process: asked again, a zone's answer could change (the
+// server's tzdata updated), and the account's windows would move to
+// another grid mid-month with no rebuild, counting its events twice in
+// the coarser rows. A check that cannot tell fails, and is asked again.
 func (c *checkedZones) answer(ctx context.Context, zone string) (*zoneAnswer, error) {
-	now := c.now()
 	c.mu.Lock()
 	last := c.seen[zone]
 	c.mu.Unlock()
-	if last != nil && now.Sub(last.at) < zoneRecheck {
+	if last != nil {
 		return last, nil
 	}
 	err := c.checkZone(ctx, zone)
 	if err != nil && !errors.Is(err, ErrZoneRefused) {
-		if last != nil {
-			return last, nil
-		}
 		return nil, fmt.Errorf("check time zone %q: %w", zone, err)
 	}
-	a := &zoneAnswer{err: err, at: now, warned: map[string]bool{}}
+	a := &zoneAnswer{err: err, warned: map[string]bool{}}
 	c.mu.Lock()
 	c.seen[zone] = a
 	c.mu.Unlock()

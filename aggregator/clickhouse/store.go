@@ -633,7 +633,10 @@ func (s *Store) CheckZone(ctx context.Context, name string) error {
 		rows.Close()
 	}
 	var ex *chgo.Exception
-	if errors.As(err, &ex) && (ex.Code == 36 || ex.Code == 1000) {
+	// Only an error that says so is a refusal: the same codes cover other
+	// failures (1000 any system error on 18.16, such as too many open
+	// files), and a refusal is kept for the process's life.
+	if errors.As(err, &ex) && (ex.Code == 36 || ex.Code == 1000) && strings.Contains(strings.ToLower(ex.Message), "time zone") {
 		return fmt.Errorf("%w by ClickHouse: %s", aggregator.ErrZoneRefused, ex.Message)
 	}
 	if err != nil {
