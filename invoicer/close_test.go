@@ -96,12 +96,22 @@ func (e *env) events(t *testing.T, evs ...ev) {
 	testenv.Must(t, b.Send(), "insert events")
 }
 
+// starter adds an account in UTC on the starter plan since February, with
+// calls live calls early in March.
+func (e *env) starter(t *testing.T, account string, calls int) {
+	t.Helper()
+	e.account(t, account, "UTC")
+	e.subscribe(t, account, "starter", march.AddDate(0, -1, 0), nil)
+	if calls > 0 {
+		e.events(t, ev{account: account, env: "live", typ: "api_call", at: march.Add(time.Hour), n: calls})
+	}
+}
+
 // marchInvoice closes March for a new account on the starter plan and
 // returns its invoice's id.
 func (e *env) marchInvoice(t *testing.T, account string) string {
 	t.Helper()
-	e.account(t, account, "UTC")
-	e.subscribe(t, account, "starter", march.AddDate(0, -1, 0), nil)
+	e.starter(t, account, 0)
 	e.watermark(t, april.Add(2*time.Hour))
 	res, err := e.aprilInvoicer(t, e.usage, nil).CloseDue(context.Background())
 	testenv.Must(t, err, "close")
@@ -387,9 +397,7 @@ func TestCreditNoteIdempotencyKey(t *testing.T) {
 	e := newEnv(t)
 	ctx := context.Background()
 	for _, a := range []string{"acct_cn_a", "acct_cn_b", "acct_cn_c"} {
-		e.account(t, a, "UTC")
-		e.subscribe(t, a, "starter", march.AddDate(0, -1, 0), nil)
-		e.events(t, ev{account: a, env: "live", typ: "api_call", at: march.Add(time.Hour), n: 10})
+		e.starter(t, a, 10)
 	}
 	e.watermark(t, april.Add(2*time.Hour))
 	iv := e.aprilInvoicer(t, e.usage, nil)
@@ -507,9 +515,7 @@ func TestCreditNoteIdempotencyKey(t *testing.T) {
 func TestCloseFinalizesTheDraftsAnEarlierCloseLeft(t *testing.T) {
 	e := newEnv(t)
 	ctx := context.Background()
-	e.account(t, "acct_draft", "UTC")
-	e.subscribe(t, "acct_draft", "starter", march.AddDate(0, -1, 0), nil)
-	e.events(t, ev{account: "acct_draft", env: "live", typ: "api_call", at: march.Add(time.Hour), n: 10})
+	e.starter(t, "acct_draft", 10)
 	e.watermark(t, april.Add(2*time.Hour))
 	fake := stripetest.New()
 	defer fake.Close()
@@ -562,8 +568,7 @@ func TestOneAccountThatCannotBeInvoicedDoesNotHoldBackTheOthers(t *testing.T) {
 func TestAZoneChangeBillsEveryEventOnce(t *testing.T) {
 	e := newEnv(t)
 	ctx := context.Background()
-	e.account(t, "acct_moved", "UTC")
-	e.subscribe(t, "acct_moved", "starter", march.AddDate(0, -1, 0), nil)
+	e.starter(t, "acct_moved", 0)
 	may := time.Date(2026, 5, 1, 0, 0, 0, 0, time.UTC)
 	e.events(t,
 		ev{account: "acct_moved", env: "live", typ: "api_call", at: march.Add(10 * 24 * time.Hour), n: 100},
@@ -625,9 +630,7 @@ func TestAZoneChangeBillsEveryEventOnce(t *testing.T) {
 func TestSpoolHoldKeepsThePeriodOpenUntilItsEventsLand(t *testing.T) {
 	e := newEnv(t)
 	ctx := context.Background()
-	e.account(t, "acct_held", "UTC")
-	e.subscribe(t, "acct_held", "starter", march.AddDate(0, -1, 0), nil)
-	e.events(t, ev{account: "acct_held", env: "live", typ: "api_call", at: march.Add(time.Hour), n: 10})
+	e.starter(t, "acct_held", 10)
 	e.watermark(t, april.Add(2*time.Hour))
 	since := april.Add(-30 * time.Minute) // the first event spooled, in March
 	_, err := e.pg.Pool.Exec(ctx, `INSERT INTO edge_spool_holds (instance, since) VALUES ('edge-a:/spool', $1)`, since)
@@ -758,9 +761,7 @@ func TestWebhooksOfAnotherStripeInvoiceLeaveTheStatus(t *testing.T) {
 func TestASecondComputationOfAnInvoiceAddsNoLines(t *testing.T) {
 	e := newEnv(t)
 	ctx := context.Background()
-	e.account(t, "acct_twice", "UTC")
-	e.subscribe(t, "acct_twice", "starter", march.AddDate(0, -1, 0), nil)
-	e.events(t, ev{account: "acct_twice", env: "live", typ: "api_call", at: march.Add(time.Hour), n: 10})
+	e.starter(t, "acct_twice", 10)
 	iv, err := invoicer.New(e.store, e.usage, e.usage, nil, invoicer.Options{Grace: time.Hour, Lookback: 1}, quiet())
 	testenv.Must(t, err, "new invoicer")
 	accts, err := e.store.Accounts(ctx)
