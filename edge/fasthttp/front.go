@@ -486,8 +486,12 @@ func rawHasIdentity(raw []byte) bool {
 // forward readies the caller's request for the upstream it goes to: the
 // hop-by-hop headers and the key are dropped, Request-Id, the identity
 // headers and X-Forwarded-* set, and the upstream's base path put in front of the path.
-func (f *Front) forward(ctx *fh.RequestCtx, adm edge.Admission, rid string) *upstream {
-	up := f.live
+//
+// trailers reports whether the caller's request may end in trailers (it is
+// chunked, or announces some): its body must then go upstream from a copy
+// that has none (proxy).
+func (f *Front) forward(ctx *fh.RequestCtx, adm edge.Admission, rid string) (up *upstream, trailers bool) {
+	up = f.live
 	if adm.Key.Environment == schemas.Test {
 		up = f.sandbox // the live upstream when there is no sandbox
 	}
@@ -495,10 +499,12 @@ func (f *Front) forward(ctx *fh.RequestCtx, adm edge.Admission, rid string) *ups
 	// Request trailers are not forwarded (proxy sends a request that
 	// announces none); any read already join the headers, where the
 	// checks below see them.
-	trailers := announcesTrailers(&req.Header)
-	if trailers {
+	announced := announcesTrailers(&req.Header)
+	if announced {
 		_ = req.Header.SetTrailer("")
 	}
+	// A chunked body may end in trailers, announced or not.
+	trailers = announced || req.Header.ContentLength() == -1
 	stripRequestHopByHop(&req.Header)
 	req.Header.Del(fh.HeaderAuthorization)
 	// A request in absolute form may carry credentials in its URI, which
@@ -512,7 +518,7 @@ func (f *Front) forward(ctx *fh.RequestCtx, adm edge.Admission, rid string) *ups
 	// Request-Id or X-Forwarded-Proto) are deleted first.
 	req.Header.Del(edge.HeaderRequestID)
 	req.Header.Set(edge.HeaderRequestID, rid)
-	setIdentity(&req.Header, adm.Key, trailers)
+	setIdentity(&req.Header, adm.Key, announced)
 	// X-Forwarded-*, as net/http's ReverseProxy.SetXForwarded sets them:
 	// every prior X-Forwarded-For line, in order, then the caller.
 	var buf [128]byte
@@ -555,7 +561,7 @@ func (f *Front) forward(ctx *fh.RequestCtx, adm edge.Admission, rid string) *ups
 		}
 		req.URI().SetScheme(scheme)
 	}
-	return up
+	return up, trailers
 }
 
 // upstreamError is the answer to a call the upstream did not take: 504 when
@@ -597,9 +603,7 @@ func announcesTrailers(h *fh.RequestHeader) bool {
 func (f *Front) proxy(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, start time.Time) {
 	call.Start = start
 	x := &exchange{f: f, route: adm.Route, call: call}
-	// A chunked body may end in trailers, announced or not.
-	trailers := ctx.Request.Header.ContentLength() == -1 || announcesTrailers(&ctx.Request.Header)
-	up := f.forward(ctx, adm, call.RequestID)
+	up, trailers := f.forward(ctx, adm, call.RequestID)
 	req := &ctx.Request
 	if trailers {
 		// Request trailers are not forwarded: they arrive after the

@@ -55,7 +55,7 @@ func (f *Front) upgrade(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, 
 	}()
 	call.Start = start
 	protocol := string(ctx.Request.Header.Peek(fh.HeaderUpgrade))
-	up := f.forward(ctx, adm, call.RequestID) // drops Upgrade and Connection with the hop-by-hop headers
+	up, _ := f.forward(ctx, adm, call.RequestID) // drops Upgrade and Connection with the hop-by-hop headers
 	req := &ctx.Request
 	req.Header.Set(fh.HeaderConnection, "Upgrade")
 	req.Header.Set(fh.HeaderUpgrade, protocol)
