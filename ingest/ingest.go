@@ -27,12 +27,14 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"strconv"
 	"sync"
 	"time"
 
 	"github.com/google/uuid"
 	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/sync/semaphore"
 
 	"github.com/tollgate-dev/tollgate/schemas"
 )
@@ -124,9 +126,17 @@ type Config struct {
 	// load; enough batches in flight keep the worker consuming meanwhile.
 	// Once MaxInFlight are landing, the batch collected next lands too
 	// while the worker waits to queue it: MaxInFlight+1 at most.
-	MaxInFlight int           `yaml:"max_in_flight"`
-	BatchWait   time.Duration `yaml:"batch_wait"`
-	RetryPeriod time.Duration `yaml:"retry_period"`
+	MaxInFlight int `yaml:"max_in_flight"`
+	// MaxInFlightRecords bounds the records of a worker's landing batches,
+	// whatever their number: at a steady rate batches are small and
+	// MaxInFlight of them keep the rollups' rounds fed, while a backlog
+	// fills every batch and this bound keeps memory in check. A batch that
+	// would pass it lands while the worker waits, as with MaxInFlight, so
+	// a worker holds at most MaxInFlightRecords + BatchSize records. At
+	// least BatchSize; default four full batches.
+	MaxInFlightRecords int           `yaml:"max_in_flight_records"`
+	BatchWait          time.Duration `yaml:"batch_wait"`
+	RetryPeriod        time.Duration `yaml:"retry_period"`
 	// MaxLateness is how far an event's time may lag its Kafka record time
 	// and still count; older events are kept in late_events and reported.
 	MaxLateness time.Duration `yaml:"max_lateness"`
@@ -157,10 +167,13 @@ func (c *Config) Defaults() {
 		c.Workers = 4
 	}
 	if c.BatchSize == 0 {
-		c.BatchSize = 10000
+		c.BatchSize = 40000
 	}
 	if c.MaxInFlight == 0 {
 		c.MaxInFlight = 8
+	}
+	if c.MaxInFlightRecords == 0 && c.BatchSize > 0 {
+		c.MaxInFlightRecords = 4 * c.BatchSize
 	}
 	if c.BatchWait == 0 {
 		c.BatchWait = 100 * time.Millisecond
@@ -202,6 +215,9 @@ func (c *Config) Validate() error {
 	}
 	if c.MaxInFlight <= 0 || c.MaxInFlight > 64 {
 		errs = append(errs, errors.New("ingest.max_in_flight: must be between 1 and 64"))
+	}
+	if c.MaxInFlightRecords < c.BatchSize {
+		errs = append(errs, errors.New("ingest.max_in_flight_records: must be at least ingest.batch_size, so that a full batch can land"))
 	}
 	if c.RetryPeriod <= 0 {
 		errs = append(errs, errors.New("ingest.retry_period: must be positive"))
@@ -285,12 +301,19 @@ func (in *Ingester) Run(ctx context.Context) error {
 
 // batch is one collected batch on its way to ClickHouse.
 type batch struct {
-	msgs   []Message
-	events []Record
-	late   []Record
-	rej    int
-	dups   int
-	landed chan error
+	// msgs is the last message of each partition the batch read: all the
+	// commit and the watermark need. The others, with their bytes, are
+	// let go once the batch is decoded, so a landing batch holds only its
+	// decoded records.
+	msgs []Message
+	// records is how many messages the batch read: its weight against
+	// MaxInFlightRecords.
+	records int
+	events  []Record
+	late    []Record
+	rej     int
+	dups    int
+	landed  chan error
 }
 
 // work runs one consumer group member. Batches are collected, dead-lettered
@@ -303,6 +326,7 @@ func (in *Ingester) work(parent context.Context, src Source) error {
 	ctx, cancel := context.WithCancel(parent)
 	defer cancel()
 	queue := make(chan *batch, in.cfg.MaxInFlight-1)
+	held := semaphore.NewWeighted(int64(in.cfg.MaxInFlightRecords))
 	committed := make(chan error, 1)
 	go func() {
 		var err error
@@ -313,6 +337,7 @@ func (in *Ingester) work(parent context.Context, src Source) error {
 			if err == nil {
 				err = in.retry(ctx, "commit", func(c context.Context) error { return src.Commit(c, b.msgs...) })
 			}
+			held.Release(int64(b.records))
 			if err != nil {
 				cancel()
 				continue
@@ -340,7 +365,13 @@ func (in *Ingester) work(parent context.Context, src Source) error {
 			break
 		}
 		go func() { b.landed <- in.land(ctx, b) }()
-		queue <- b // blocks while MaxInFlight earlier batches are landing (b is the +1): backpressure
+		// Both block while earlier batches land (b is the +1): while
+		// MaxInFlight are landing, or while b's records would pass
+		// MaxInFlightRecords. That is the backpressure.
+		if err = held.Acquire(ctx, int64(b.records)); err != nil {
+			break
+		}
+		queue <- b
 	}
 	close(queue)
 	cerr := <-committed
@@ -441,7 +472,25 @@ func (in *Ingester) prepare(ctx context.Context, msgs []Message) (*batch, error)
 			return nil, err
 		}
 	}
-	return &batch{msgs: msgs, events: events, late: late, rej: len(rejected), dups: dups, landed: make(chan error, 1)}, nil
+	return &batch{msgs: lastOfEachPartition(msgs), records: len(msgs), events: events, late: late, rej: len(rejected),
+		dups: dups, landed: make(chan error, 1)}, nil
+}
+
+// lastOfEachPartition returns, for each partition in msgs, its message with
+// the highest offset, without its key and value.
+func lastOfEachPartition(msgs []Message) []Message {
+	var last []Message
+	for _, m := range msgs {
+		m.Key, m.Value = nil, nil
+		i := slices.IndexFunc(last, func(l Message) bool { return l.Partition == m.Partition })
+		switch {
+		case i < 0:
+			last = append(last, m)
+		case m.Offset > last[i].Offset:
+			last[i] = m
+		}
+	}
+	return last
 }
 
 // land stores a batch's events and too-late events and recomputes the

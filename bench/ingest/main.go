@@ -97,19 +97,20 @@ func main() {
 }
 
 type opts struct {
-	events      int
-	partitions  int
-	accounts    int
-	rate        int
-	duration    time.Duration
-	peerLimit   time.Duration
-	workers     int
-	coalesce    bool
-	batchWait   time.Duration
-	batchSize   int
-	maxInFlight int
-	poll        time.Duration
-	repeat      int
+	events             int
+	partitions         int
+	accounts           int
+	rate               int
+	duration           time.Duration
+	peerLimit          time.Duration
+	workers            int
+	coalesce           bool
+	batchWait          time.Duration
+	batchSize          int
+	maxInFlight        int
+	maxInFlightRecords int
+	poll               time.Duration
+	repeat             int
 	// peerBlocks are the insert block sizes the kcat peer runs with, each
 	// once a round (-peer-blocks; 0 is clickhouse-client's default,
 	// max_insert_block_size, 1,048,576 rows). The client parses a whole
@@ -145,6 +146,7 @@ func run() error {
 	flag.DurationVar(&o.batchWait, "batch-wait", 100*time.Millisecond, "ingest.batch_wait")
 	flag.IntVar(&o.batchSize, "batch-size", 0, "ingest.batch_size (0: the default)")
 	flag.IntVar(&o.maxInFlight, "max-in-flight", 0, "ingest.max_in_flight (0: the default)")
+	flag.IntVar(&o.maxInFlightRecords, "max-in-flight-records", 0, "ingest.max_in_flight_records (0: the default)")
 	flag.DurationVar(&o.poll, "poll", 100*time.Millisecond, "how often each account's poller asks the usage API in the freshness run")
 	flag.IntVar(&o.repeat, "repeat", 3, "throughput runs of each side; the fastest of each is reported")
 	flag.IntVar(&o.backfillBase, "backfill-base", 100_000, "events already in the 40 days a late batch lands in")
@@ -406,7 +408,8 @@ func (p *pipeline) stop() {
 // letters, rollups through the aggregator's Roller, watermarks.
 func startIngest(ctx context.Context, o opts, brokers []string, topic string, ch driver.Conn, pool *pgxpool.Pool, log *slog.Logger) (*pipeline, error) {
 	cfg := ingest.Config{Topic: topic, DeadLetter: topic + ".dlq", Group: topic + ".group", Workers: o.workers,
-		BatchWait: o.batchWait, BatchSize: o.batchSize, MaxInFlight: o.maxInFlight}
+		BatchWait: o.batchWait, BatchSize: o.batchSize, MaxInFlight: o.maxInFlight,
+		MaxInFlightRecords: o.maxInFlightRecords}
 	cfg.Defaults()
 	catalog, err := aggregator.NewCatalog([]meter.Meter{meter.Default()}, aggpg.NewMeters(pool), 5*time.Second)
 	if err != nil {

@@ -1,0 +1,169 @@
+package ingest_test
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/segmentio/kafka-go"
+
+	"github.com/tollgate-dev/tollgate/ingest"
+	ingestch "github.com/tollgate-dev/tollgate/ingest/clickhouse"
+	ingestkafka "github.com/tollgate-dev/tollgate/ingest/kafka"
+	"github.com/tollgate-dev/tollgate/internal/testenv"
+	"github.com/tollgate-dev/tollgate/schemas"
+)
+
+// gatedSink holds every insert into ClickHouse until the test opens the
+// gate, and counts the records waiting at it: the records a worker holds
+// in landing batches.
+type gatedSink struct {
+	ingest.Sink
+	open chan struct{}
+
+	mu           sync.Mutex
+	waiting, max int
+}
+
+func (g *gatedSink) Insert(ctx context.Context, groups ...[]ingest.Record) error {
+	n := 0
+	for _, grp := range groups {
+		n += len(grp)
+	}
+	g.mu.Lock()
+	g.waiting += n
+	g.max = max(g.max, g.waiting)
+	g.mu.Unlock()
+	defer func() {
+		g.mu.Lock()
+		g.waiting -= n
+		g.mu.Unlock()
+	}()
+	select {
+	case <-g.open:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	return g.Sink.Insert(ctx, groups...)
+}
+
+func (g *gatedSink) counts() (waiting, max int) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.waiting, g.max
+}
+
+// TestSlowClickHouseBoundsTheRecordsAWorkerHolds: with ClickHouse holding
+// every insert, a worker stops fetching once max_in_flight_records are
+// landing plus the batch it collected next, however many batches that is,
+// and every record lands, and is committed, once ClickHouse answers.
+func TestSlowClickHouseBoundsTheRecordsAWorkerHolds(t *testing.T) {
+	const (
+		total     = 3000
+		batch     = 100
+		inFlight  = 8
+		maxRecs   = 200
+		bound     = maxRecs + batch // what a worker may hold
+		oldBound  = (inFlight + 1) * batch
+		waitLimit = time.Minute
+	)
+	ch := testenv.NewClickHouse(t)
+	topic := testenv.NewTopic(t, 2)
+	dlq := topic + ".dlq"
+	testenv.CreateTopic(t, dlq, 1)
+	ctx := context.Background()
+
+	w := &kafka.Writer{Addr: kafka.TCP(testenv.KafkaBrokers()...), Topic: topic, Balancer: &kafka.RoundRobin{},
+		RequiredAcks: kafka.RequireAll, BatchSize: 1000, BatchTimeout: 5 * time.Millisecond}
+	defer w.Close()
+	now := time.Now().UTC()
+	msgs := make([]kafka.Message, total)
+	for i := range msgs {
+		e := schemas.Event{Version: 1, ID: schemas.NewEventID(), AccountID: "acct_bp", Environment: schemas.Live,
+			KeyID: "key_bp", Type: "api_call", Time: now.Add(-time.Duration(i) * time.Millisecond), Units: 1}
+		e.Normalize()
+		b, err := e.Encode()
+		testenv.Must(t, err, "encode event")
+		msgs[i] = kafka.Message{Value: b}
+	}
+	testenv.Must(t, w.WriteMessages(ctx, msgs...), "produce")
+
+	group := topic + ".ingest"
+	src := ingestkafka.NewSource(testenv.KafkaBrokers(), topic, group)
+	defer src.Close()
+	dl := ingestkafka.NewDeadLetters(testenv.KafkaBrokers(), dlq, topic)
+	defer dl.Close()
+	sink := &gatedSink{Sink: ingestch.NewSink(ch.Conn), open: make(chan struct{})}
+	in, err := ingest.New(ingest.Config{Topic: topic, DeadLetter: dlq, Group: group, Workers: 1, BatchSize: batch,
+		MaxInFlight: inFlight, MaxInFlightRecords: maxRecs, BatchWait: 50 * time.Millisecond},
+		ingest.Deps{Sources: []ingest.Source{src}, Sink: sink, DeadLetters: dl,
+			Log: slog.New(slog.NewTextHandler(io.Discard, nil)), Registry: prometheus.NewRegistry()})
+	testenv.Must(t, err, "new ingester")
+	runCtx, stop := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- in.Run(runCtx) }()
+	defer func() {
+		stop()
+		if err := <-done; err != nil {
+			t.Errorf("ingest stopped with %v", err)
+		}
+	}()
+
+	// The worker fills what it may hold: more than max_in_flight_records
+	// (the batch collected next lands too) ...
+	testenv.Wait(t, waitLimit, fmt.Sprintf("more than %d records landing", maxRecs), func() bool {
+		waiting, _ := sink.counts()
+		return waiting > maxRecs
+	})
+	// ... and then stops: a while later it still holds no more than that
+	// one batch more. Without the records bound it would go on to
+	// max_in_flight + 1 batches (900 records).
+	time.Sleep(time.Second)
+	if _, most := sink.counts(); most > bound {
+		t.Fatalf("the worker held %d records in landing batches; want at most max_in_flight_records + batch_size = %d (batches alone would allow %d)",
+			most, bound, oldBound)
+	}
+
+	close(sink.open)
+	offsets := ingestkafka.NewOffsets(testenv.KafkaBrokers(), topic, group)
+	testenv.Wait(t, waitLimit, "every offset committed", func() bool {
+		offs, err := offsets.Offsets(ctx)
+		if err != nil {
+			return false
+		}
+		var n int64
+		for _, o := range offs {
+			n += max(o.Committed, 0)
+		}
+		return n == total
+	})
+	var rows uint64
+	testenv.Must(t, ch.Conn.QueryRow(ctx, "SELECT count() FROM usage_events").Scan(&rows), "count rows")
+	if rows != total {
+		t.Fatalf("%d rows in ClickHouse; want %d", rows, total)
+	}
+	if _, most := sink.counts(); most > bound {
+		t.Fatalf("the worker held %d records in landing batches; want at most %d", most, bound)
+	}
+}
+
+func TestMaxInFlightRecordsDefaultsToFourBatchesAndHoldsAFullOne(t *testing.T) {
+	c := ingest.Config{BatchSize: 500}
+	c.Defaults()
+	if c.MaxInFlightRecords != 2000 {
+		t.Fatalf("max_in_flight_records defaulted to %d with batch_size 500; want 2000", c.MaxInFlightRecords)
+	}
+	if err := c.Validate(); err != nil {
+		t.Fatalf("defaults refused: %v", err)
+	}
+	c.MaxInFlightRecords = 499
+	if err := c.Validate(); err == nil || !strings.Contains(err.Error(), "ingest.max_in_flight_records") {
+		t.Fatalf("max_in_flight_records below batch_size: got %v; want an error naming ingest.max_in_flight_records", err)
+	}
+}
