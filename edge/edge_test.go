@@ -317,6 +317,31 @@ func TestRedisDownFallsBackToLocalLimitPerInstance(t *testing.T) {
 	}
 }
 
+// With Redis down each instance counts its share of the monthly quota, and
+// says so: the headers count down from the share, and the 429 names it.
+func TestRedisDownQuotaHeadersSpeakOfTheInstancesShare(t *testing.T) {
+	env := edgetest.New(t)
+	in := env.Start(t, edgetest.Options{RedisAddr: "127.0.0.1:1", Now: quotaClock(time.Now()),
+		Config: func(c *edge.Config) { c.ExpectedInstances = 2 }})
+	key, _ := env.Key(t, "acct_noredis_quota", edge.Secret, schemas.Live)
+	four := int64(4)
+	env.SetPlan(t, "acct_noredis_quota", "fallback_quota", edge.Limits{RequestsPerSecond: 100, Burst: 100, MonthlyRequests: &four}, "")
+	for i, want := range []string{"1", "0"} {
+		r := edgetest.Do(t, "GET", in.URL+"/v1/x", key, nil)
+		if r.Status != 200 || r.Header.Get("X-RateLimit-Limit") != "2" || r.Header.Get("X-RateLimit-Remaining") != want ||
+			r.Header.Get("RateLimit") != `"monthly";r=`+want+";t="+r.Header.Get("X-RateLimit-Reset") {
+			t.Fatalf("call %d: status %d, X-RateLimit-Limit %q, -Remaining %q, RateLimit %q; want 200, this instance's share 2, %s left",
+				i+1, r.Status, r.Header.Get("X-RateLimit-Limit"), r.Header.Get("X-RateLimit-Remaining"), r.Header.Get("RateLimit"), want)
+		}
+	}
+	r := edgetest.Do(t, "GET", in.URL+"/v1/x", key, nil)
+	if r.Status != 429 || r.Error.Code != "quota_exceeded" || r.Header.Get("X-RateLimit-Limit") != "2" ||
+		r.Header.Get("X-RateLimit-Remaining") != "0" || !strings.Contains(r.Error.Message, "share (2 requests") {
+		t.Fatalf("call 3: status %d, code %q, X-RateLimit-Limit %q, -Remaining %q, message %q; want 429 quota_exceeded naming this instance's share of 2",
+			r.Status, r.Error.Code, r.Header.Get("X-RateLimit-Limit"), r.Header.Get("X-RateLimit-Remaining"), r.Error.Message)
+	}
+}
+
 func TestMonthlyQuotaExhaustion(t *testing.T) {
 	env := edgetest.New(t)
 	clock := quotaClock(time.Now())

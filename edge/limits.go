@@ -83,6 +83,10 @@ type CallResult struct {
 	QuotaChecked bool
 	QuotaUsed    int64
 	QuotaAllowed bool
+	// QuotaShare is set when the quota was counted against a share of
+	// QuotaLimit rather than the whole (the local fallback counts each
+	// instance's share): the limit the answer and its headers are about.
+	QuotaShare *int64
 }
 
 // CallLimiter decides a whole call at once, with the answers AllowCallEach
@@ -115,6 +119,10 @@ func AllowCallEach(ctx context.Context, rl RateLimiter, q QuotaCounter, c CallLi
 		return CallResult{}, fmt.Errorf("quota: %w", err)
 	}
 	res.QuotaChecked, res.QuotaUsed, res.QuotaAllowed = true, used, ok
+	if sq, ok := q.(interface{ QuotaShare(limit int64) int64 }); ok {
+		share := sq.QuotaShare(c.QuotaLimit)
+		res.QuotaShare = &share
+	}
 	return res, nil
 }
 
@@ -164,9 +172,13 @@ func (l *LocalLimiter) Allow(_ context.Context, id string, rps, burst int) (Rate
 	return res, nil
 }
 
+// QuotaShare is the part of a monthly quota of limit calls each instance
+// allows while it decides alone.
+func (l *LocalLimiter) QuotaShare(limit int64) int64 { return limit / int64(l.instances) }
+
 // Take implements QuotaCounter locally: each instance allows its share.
 func (l *LocalLimiter) Take(_ context.Context, bucket string, limit int64, _ time.Duration) (int64, bool, error) {
-	share := limit / int64(l.instances)
+	share := l.QuotaShare(limit)
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if len(l.quota) >= maxLocalBuckets {

@@ -708,6 +708,53 @@ func TestProxy(t *testing.T) {
 				}
 			})
 
+			t.Run("an upgrade refused for want of a connection costs no quota, and one refused by the quota holds no connection", func(t *testing.T) {
+				acct := "acct_upgrade_quota_" + strconv.FormatBool(fr.netHTTP)
+				qkey, _ := env.Key(t, acct, edge.Secret, schemas.Live)
+				three := int64(3)
+				env.SetPlan(t, acct, "upgrade_quota_"+strconv.FormatBool(fr.netHTTP),
+					edge.Limits{RequestsPerSecond: 100, Burst: 100, MonthlyRequests: &three}, "")
+				in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP, Now: quotaClock(time.Now()), Config: func(c *edge.Config) {
+					c.Upstream, c.MaxUpgradedConnections = upgradingUpstream(t), 1
+				}})
+				conn, _, resp := openEcho(t, in, qkey, "") // 1 of the quota's 3; holds the one connection
+				if resp.StatusCode != 101 {
+					t.Fatalf("first upgrade: status %d", resp.StatusCode)
+				}
+				for i := range 3 {
+					_, _, resp := openEcho(t, in, qkey, "")
+					if resp.StatusCode != 503 {
+						t.Fatalf("upgrade %d with the one connection held: status %d, want 503", i+2, resp.StatusCode)
+					}
+				}
+				for i, want := range []string{"1", "0"} {
+					r := edgetest.Do(t, "GET", in.URL+"/v1/things/1", qkey, nil)
+					// Let through, the upstream answers (it takes only upgrades).
+					if r.Error.Type != "" || r.Header.Get("X-RateLimit-Remaining") != want {
+						t.Fatalf("call %d of the quota's 3 after three refused upgrades: status %d, X-RateLimit-Remaining %q (want the upstream's answer, %s); edge error %+v",
+							i+2, r.Status, r.Header.Get("X-RateLimit-Remaining"), want, r.Error)
+					}
+				}
+				conn.Close()
+				// The quota is spent: an upgrade is refused 429, and gives
+				// back the connection it took, so once the first has closed
+				// the next refusal is the quota's again, not 503.
+				for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+					_, _, resp := openEcho(t, in, qkey, "")
+					if resp.StatusCode == 429 {
+						break
+					}
+					if resp.StatusCode != 503 || time.Now().After(deadline) {
+						t.Fatalf("upgrade past the quota: status %d, want 429 once the first connection closed", resp.StatusCode)
+					}
+				}
+				for i := range 3 {
+					if _, _, resp := openEcho(t, in, qkey, ""); resp.StatusCode != 429 {
+						t.Fatalf("upgrade %d past the quota: status %d, want 429 (a refused upgrade must not keep its connection)", i+1, resp.StatusCode)
+					}
+				}
+			})
+
 			t.Run("an upgrade behind a pipelined call from a caller that resets is metered and gives its slot back", func(t *testing.T) {
 				in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP, Config: func(c *edge.Config) {
 					c.Upstream, c.MaxUpgradedConnections = upgradingUpstream(t), 1

@@ -244,6 +244,9 @@ func (s *Server) observe(next echo.HandlerFunc) echo.HandlerFunc {
 // UpgradeOpened counts a call that asks to switch to another protocol as
 // open (in tollgate_edge_upgraded_connections) until closed is called, or
 // refuses it with 503 when max_upgraded_connections are open already.
+// upgradeSlot is the echo context key of an upgrade's closed func.
+const upgradeSlot = "upgrade_slot"
+
 func (s *Server) UpgradeOpened() (closed func(), err error) {
 	if s.upgrades.Add(1) > int64(s.cfg.MaxUpgradedConnections) {
 		s.upgrades.Add(-1)
@@ -395,6 +398,10 @@ type CallInfo struct {
 	// now. A front that has read the clock already passes it on, so a call
 	// reads it once.
 	At time.Time
+	// Upgrade says the call asks to switch protocols (a WebSocket
+	// handshake): Admit then takes one of max_upgraded_connections before
+	// the limits, so a call refused for want of one costs no quota.
+	Upgrade bool
 }
 
 // at is when the call arrived.
@@ -420,6 +427,9 @@ type Admission struct {
 	// Routed reports whether Route was matched (also on a refusal, for
 	// the metrics' route label).
 	Routed bool
+	// UpgradeClosed, on an admitted upgrade, gives back the upgraded
+	// connection Admit took (see Server.UpgradeOpened).
+	UpgradeClosed func()
 }
 
 // Admit authenticates, authorizes and limits a proxied call, the monthly
@@ -436,7 +446,19 @@ func (s *Server) Admit(ctx context.Context, ci CallInfo, setHeader func(name str
 		return a, err
 	}
 	a.Routed = true
-	return a, s.limitCall(ctx, k, true, s.at(ci), setHeader)
+	if ci.Upgrade {
+		if a.UpgradeClosed, err = s.UpgradeOpened(); err != nil {
+			return a, err
+		}
+	}
+	if err := s.limitCall(ctx, k, true, s.at(ci), setHeader); err != nil {
+		if a.UpgradeClosed != nil {
+			a.UpgradeClosed()
+			a.UpgradeClosed = nil
+		}
+		return a, err
+	}
+	return a, nil
 }
 
 func (s *Server) authFailed(ci CallInfo, reason, prefix string, k *Key, err error) error {
@@ -670,13 +692,18 @@ func (s *Server) limitCall(ctx context.Context, k *Key, quota bool, now time.Tim
 	var qs *quotaState
 	if res.QuotaChecked {
 		qs = &quotaState{limit: cl.QuotaLimit, used: res.QuotaUsed, reset: end, window: end.Sub(now)}
+		what := fmt.Sprintf("The monthly quota of %d requests for plan %q", cl.QuotaLimit, planName(k.Plan))
+		if res.QuotaShare != nil { // the local fallback: this instance's share, counted here alone
+			qs.limit = *res.QuotaShare
+			what = fmt.Sprintf("This edge's share (%d requests, while the shared limits are unreachable) of the monthly quota of %d requests for plan %q",
+				*res.QuotaShare, cl.QuotaLimit, planName(k.Plan))
+		}
 		if !res.QuotaAllowed {
 			setRateHeaders(setHeader, states, qs)
 			s.m.limited.WithLabelValues("monthly").Inc()
 			retry := ceilSeconds(end.Sub(now))
 			ae := NewAPIError(http.StatusTooManyRequests, TypeRateLimit, "quota_exceeded",
-				fmt.Sprintf("The monthly quota of %d requests for plan %q is used up until %s.",
-					*lim.MonthlyRequests, planName(k.Plan), end.UTC().Format(time.RFC3339)))
+				fmt.Sprintf("%s is used up until %s.", what, end.UTC().Format(time.RFC3339)))
 			ae.Limit, ae.RetryAfter, ae.RetryAt, ae.UpgradeURL = "monthly", &retry, end.UTC().Format(time.RFC3339), s.upgradeURL(k.Plan)
 			setHeader("Retry-After", strconv.AppendInt(nil, retry, 10))
 			return ae
@@ -701,8 +728,21 @@ func (s *Server) limitCall(ctx context.Context, k *Key, quota bool, now time.Tim
 func (s *Server) limit(quota bool) echo.MiddlewareFunc {
 	return func(next echo.HandlerFunc) echo.HandlerFunc {
 		return func(c echo.Context) error {
+			// An upgrade takes its upgraded connection first, so a call
+			// refused for want of one costs no quota (as with Admit).
+			var closed func()
+			if quota && c.Request().Header.Get("Upgrade") != "" {
+				var err error
+				if closed, err = s.UpgradeOpened(); err != nil {
+					return err
+				}
+				c.Set(upgradeSlot, closed)
+			}
 			h := c.Response().Header()
 			if err := s.limitCall(c.Request().Context(), c.Get("key").(*Key), quota, time.Time{}, func(name string, value []byte) { h[name] = []string{string(value)} }); err != nil {
+				if closed != nil {
+					closed()
+				}
 				return err
 			}
 			return next(c)
@@ -900,9 +940,12 @@ func (s *Server) proxy(c echo.Context) error {
 		p.ServeHTTP(informational{resp}, req.WithContext(ctx))
 		return nil
 	}
-	closed, err := s.UpgradeOpened()
-	if err != nil {
-		return err
+	closed, ok := c.Get(upgradeSlot).(func()) // taken by limit before the quota
+	if !ok {
+		var err error
+		if closed, err = s.UpgradeOpened(); err != nil {
+			return err
+		}
 	}
 	// net/http's proxy returns when an upgraded connection closes.
 	defer closed()

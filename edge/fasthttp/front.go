@@ -265,6 +265,7 @@ func (f *Front) handle(ctx *fh.RequestCtx) {
 		Authorization: string(ctx.Request.Header.Peek(fh.HeaderAuthorization)),
 		Remote:        ctx.RemoteAddr(),
 		At:            start,
+		Upgrade:       isUpgrade(&ctx.Request.Header),
 	}
 	// Admit's header names are canonical already, so fasthttp need not
 	// copy and normalize each one.
@@ -275,7 +276,7 @@ func (f *Front) handle(ctx *fh.RequestCtx) {
 		return
 	}
 	call := edge.Call{Key: adm.Key, Route: adm.Route, ID: id, Method: ci.Method, RequestID: rid}
-	if isUpgrade(&ctx.Request.Header) {
+	if ci.Upgrade {
 		f.upgrade(ctx, adm, call, start)
 		return
 	}

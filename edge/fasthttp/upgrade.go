@@ -40,13 +40,9 @@ func isUpgrade(h *fh.RequestHeader) bool {
 // call is metered then, with status 101 and the bytes carried each way
 // after the handshake. An upstream that declines answers the caller as any
 // call would be answered.
+// Admit took the upgraded connection (adm.UpgradeClosed) before the limits.
 func (f *Front) upgrade(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, start time.Time) {
-	closed, err := f.s.UpgradeOpened()
-	if err != nil { // max_upgraded_connections are open
-		f.fail(ctx, err, call.RequestID)
-		f.s.Observe(adm.Route, true, ctx.Response.StatusCode(), f.s.Now().Sub(start))
-		return
-	}
+	closed := adm.UpgradeClosed
 	tunnelled := false
 	defer func() {
 		if !tunnelled {
