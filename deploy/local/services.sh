@@ -606,7 +606,10 @@ bind 127.0.0.1
 port $REDIS_PORT
 protected-mode yes
 daemonize no
-appendonly no
+# The monthly quota counters live only here: an append-only file keeps
+# them across a restart, losing at most the last second's counts.
+appendonly yes
+appendfsync everysec
 dir $d/data
 logfile ""
 EOF
