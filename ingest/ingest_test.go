@@ -171,6 +171,8 @@ func TestWatermarker(t *testing.T) {
 		0: {Committed: 10, End: 10}, // caught up
 		1: {Committed: 5, End: 10},  // behind, nothing landed by this process
 		2: {Committed: 10, End: 10}, // caught up, but already ahead of now
+		3: {Committed: -1, Start: 7, End: 7}, // never committed; retention deleted everything
+		4: {Committed: -1, Start: 3, End: 7}, // never committed; four records left to read
 	}
 	w, err := ingest.NewWatermarker(cfg, offs, store, ingest.NewProgress(), log, nil)
 	if err != nil {
@@ -190,6 +192,16 @@ func TestWatermarker(t *testing.T) {
 	t.Run("a partition behind with nothing landed here and no row gets the epoch", func(t *testing.T) {
 		if got, ok := store.w[1]; !ok || !got.Equal(time.Unix(0, 0)) {
 			t.Errorf("partition 1 watermark %s (present %v), want the epoch", got, ok)
+		}
+	})
+	t.Run("a partition whose records were all deleted unread is caught up", func(t *testing.T) {
+		if got := store.w[3]; got.Before(before) || got.After(time.Now()) {
+			t.Errorf("partition 3 watermark %s, want now minus the skew", got)
+		}
+	})
+	t.Run("a partition with records left after its deleted ones is behind", func(t *testing.T) {
+		if got, ok := store.w[4]; !ok || !got.Equal(time.Unix(0, 0)) {
+			t.Errorf("partition 4 watermark %s (present %v), want the epoch", got, ok)
 		}
 	})
 	t.Run("a watermark never moves backwards", func(t *testing.T) {

@@ -17,6 +17,9 @@ type PartitionOffsets struct {
 	Committed int64
 	// End is the offset the next appended record will get.
 	End int64
+	// Start is the log start offset: the first record the partition still
+	// holds (records before it were deleted by retention).
+	Start int64
 }
 
 // Offsets reports the group's position in every partition of the topic.
@@ -81,12 +84,14 @@ type Watermarker struct {
 	lag      *prometheus.GaugeVec
 	wmGauge  *prometheus.GaugeVec
 	current  map[int]time.Time
+	// expiredWarned: partitions whose unread, deleted records were logged.
+	expiredWarned map[int]bool
 }
 
 // NewWatermarker returns a Watermarker; cfg must be defaulted.
 func NewWatermarker(cfg Config, offsets Offsets, store WatermarkStore, prog *Progress, log *slog.Logger, reg prometheus.Registerer) (*Watermarker, error) {
 	w := &Watermarker{offsets: offsets, store: store, prog: prog, skew: cfg.WatermarkSkew,
-		interval: cfg.WatermarkInterval, log: log, now: time.Now,
+		interval: cfg.WatermarkInterval, log: log, now: time.Now, expiredWarned: map[int]bool{},
 		lag: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "tollgate_ingest_lag_records", Help: "Records appended to a partition and not yet landed.",
 		}, []string{"partition"}),
@@ -150,9 +155,18 @@ func (w *Watermarker) Tick(ctx context.Context) error {
 	}
 	changed := map[int]time.Time{}
 	for p, o := range offs {
-		lag := o.End
+		// A group that has committed nothing in a partition reads it from
+		// its log start: records retention deleted before that are not
+		// there to read, and do not hold the watermark at the epoch
+		// forever (a partition that gets no new record would otherwise
+		// keep every period open).
+		lag := o.End - o.Start
 		if o.Committed >= 0 {
 			lag = o.End - o.Committed
+		} else if o.Start > 0 && !w.expiredWarned[p] {
+			w.expiredWarned[p] = true
+			w.log.Warn("records were deleted by retention before this group read them; they were never ingested",
+				"partition", p, "offsets", fmt.Sprintf("[0, %d)", o.Start))
 		}
 		w.lag.WithLabelValues(partitionLabel(p)).Set(float64(lag))
 		var wm time.Time

@@ -9,6 +9,7 @@
 #   deploy/local/services.sh start|stop|kill9 SERVICE
 #   deploy/local/services.sh env           export lines: eval "$(deploy/local/services.sh env)"
 #   deploy/local/services.sh kafka-topics ARGS...   Kafka's TopicCommand against the local broker
+#   deploy/local/services.sh kafka-delete-records ARGS...   Kafka's DeleteRecordsCommand against it
 #
 # It also installs chdb (ClickHouse 24.8's engine, embedded in a Python package) for the
 # test that replays every ClickHouse statement Tollgate issues on the release docker-compose.yml
@@ -816,6 +817,10 @@ main() {
     kafka-topics)
       kafka_tools_config
       kafka_tool org.apache.kafka.tools.TopicCommand --bootstrap-server "127.0.0.1:$KAFKA_PORT" "$@"
+      ;;
+    kafka-delete-records)
+      kafka_tools_config
+      kafka_tool org.apache.kafka.tools.DeleteRecordsCommand --bootstrap-server "127.0.0.1:$KAFKA_PORT" "$@"
       ;;
     -h | --help | help) usage ;;
     *) usage 2 ;;

@@ -134,6 +134,13 @@ func (o *Offsets) Offsets(ctx context.Context) (map[int]ingest.PartitionOffsets,
 	if err != nil {
 		return nil, fmt.Errorf("list offsets: %w", err)
 	}
+	for i, p := range parts {
+		reqs[i] = kafka.FirstOffsetOf(p)
+	}
+	starts, err := o.client.ListOffsets(ctx, &kafka.ListOffsetsRequest{Topics: map[string][]kafka.OffsetRequest{o.topic: reqs}})
+	if err != nil {
+		return nil, fmt.Errorf("list log start offsets: %w", err)
+	}
 	committed, err := o.client.OffsetFetch(ctx, &kafka.OffsetFetchRequest{GroupID: o.group, Topics: map[string][]int{o.topic: parts}})
 	if err != nil {
 		return nil, fmt.Errorf("fetch committed offsets: %w", err)
@@ -147,6 +154,15 @@ func (o *Offsets) Offsets(ctx context.Context) (map[int]ingest.PartitionOffsets,
 			return nil, fmt.Errorf("list offsets of partition %d: %w", po.Partition, po.Error)
 		}
 		out[po.Partition] = ingest.PartitionOffsets{Committed: -1, End: po.LastOffset}
+	}
+	for _, po := range starts.Topics[o.topic] {
+		if po.Error != nil {
+			return nil, fmt.Errorf("list log start offset of partition %d: %w", po.Partition, po.Error)
+		}
+		if cur, ok := out[po.Partition]; ok {
+			cur.Start = po.FirstOffset
+			out[po.Partition] = cur
+		}
 	}
 	for _, c := range committed.Topics[o.topic] {
 		if c.Error != nil {
