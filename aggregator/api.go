@@ -109,6 +109,11 @@ type ServerDeps struct {
 	Usage   UsageStore
 	Catalog *Catalog
 	Zones   Zones
+	// Holds are the edges' spool holds (Postgres), which cap
+	// complete_through as they cap the invoicer's gate. Without them the
+	// usage API leaves complete_through out: the watermark alone would call
+	// usage complete while events spooled at an edge are still to land.
+	Holds SpoolHolds
 	// Backfill, when set, is started for a newly created meter so its
 	// rollups cover events that landed before it existed.
 	Backfill func(m meter.Meter)
@@ -136,7 +141,7 @@ func NewServer(cfg Config, d ServerDeps) (*Server, error) {
 	}
 	d.Zones = checkZones(d.Zones, d.Usage, d.Log)
 	s := &Server{cfg: cfg, d: d, now: time.Now}
-	s.status = newStatusCache(d.Usage, func() time.Time { return s.now() })
+	s.status = newStatusCache(d.Usage, d.Holds, func() time.Time { return s.now() })
 	if cfg.AdminTokenSHA256 != "" {
 		s.tokenHash, _ = hex.DecodeString(cfg.AdminTokenSHA256)
 	}
@@ -384,7 +389,11 @@ func (s *Server) usage(c echo.Context) error {
 		}
 		resp.Data = append(resp.Data, it)
 	}
-	if w, ok, err := s.status.CompleteThrough(ctx); err == nil && ok {
+	// complete_through is left out when it cannot be read: the usage
+	// itself is still exact, and a missing status only understates it.
+	if w, ok, err := s.status.CompleteThrough(ctx); err != nil {
+		s.d.Log.Warn("complete_through left out of a usage response", "err", err)
+	} else if ok {
 		resp.CompleteThrough = &w
 	}
 	if resp.TooLateEvents, err = s.status.TooLate(ctx, k.AccountID, string(k.Environment), from, to); err != nil {

@@ -37,6 +37,7 @@ type apiEnv struct {
 	// ahead moves the server's clock forward, in nanoseconds.
 	ahead atomic.Int64
 	ch    *testenv.ClickHouse
+	pg    *testenv.Postgres
 	keys  map[string]string // name -> secret
 	ids   map[string]string // name -> key id
 	base  time.Time
@@ -57,7 +58,7 @@ func newAPIEnv(t *testing.T) *apiEnv {
 	pg := testenv.NewPostgres(t)
 	ch := testenv.NewClickHouse(t)
 	keys := edgepg.NewKeyStore(pg.Pool)
-	env := &apiEnv{keys: map[string]string{}, ids: map[string]string{}, ch: ch}
+	env := &apiEnv{keys: map[string]string{}, ids: map[string]string{}, ch: ch, pg: pg}
 	for _, k := range []struct {
 		name, account string
 		kind          edge.KeyKind
@@ -114,7 +115,7 @@ func newAPIEnv(t *testing.T) *apiEnv {
 	testenv.Must(t, aggregator.NewRoller(catalog, zones, env.store, log).Landed(ctx, recs), "roll up")
 	sum := sha256.Sum256([]byte(adminToken))
 	srv, err := aggregator.NewServer(aggregator.Config{AdminTokenSHA256: hex.EncodeToString(sum[:]), CORSOrigins: []string{"https://dash.example"}},
-		aggregator.ServerDeps{Keys: keys, Usage: env.store, Catalog: catalog, Zones: zones, Log: log})
+		aggregator.ServerDeps{Keys: keys, Usage: env.store, Catalog: catalog, Zones: zones, Holds: aggpg.NewSpoolHolds(pg.Pool), Log: log})
 	testenv.Must(t, err, "server")
 	env.api = srv
 	srv.SetClock(func() time.Time { return time.Now().Add(time.Duration(env.ahead.Load())) })
@@ -519,7 +520,7 @@ func TestPollingTheUsageAPIDoesNotRepeatTheStatusQueries(t *testing.T) {
 	catalog, err := aggregator.NewCatalog(apiMeters, aggpg.NewMeters(pg.Pool), time.Minute)
 	testenv.Must(t, err, "catalog")
 	srv, err := aggregator.NewServer(aggregator.Config{}, aggregator.ServerDeps{Keys: keys, Usage: counting, Catalog: catalog,
-		Zones: aggpg.NewZones(pg.Pool, time.Minute, slog.New(slog.DiscardHandler))})
+		Zones: aggpg.NewZones(pg.Pool, time.Minute, slog.New(slog.DiscardHandler)), Holds: aggpg.NewSpoolHolds(pg.Pool)})
 	testenv.Must(t, err, "server")
 	// A clock that stands still until the test moves it: "within a second"
 	// must not depend on how fast the machine answers five polls.
@@ -663,5 +664,66 @@ func TestUsageTakesTheUsageReadScope(t *testing.T) {
 	resp.Body.Close()
 	if resp.StatusCode != 200 {
 		t.Errorf("the key as basic auth's user name: %d, want 200", resp.StatusCode)
+	}
+}
+
+// complete_through is the invoicer's gate: the landed watermark capped by
+// the edges' spool holds, which the usage API reads and never retires.
+func TestCompleteThroughWaitsForSpoolHolds(t *testing.T) {
+	e := newAPIEnv(t)
+	ctx := context.Background()
+	wm := time.Now().UTC().Truncate(time.Second)
+	testenv.Must(t, e.ch.Conn.Exec(ctx, fmt.Sprintf(
+		"INSERT INTO watermarks (partition, watermark, updated_at) SELECT 0, toDateTime(%d, 'UTC'), now()", wm.Unix())), "watermark")
+	since := wm.Add(-2 * time.Hour)
+	completeThrough := func() time.Time {
+		t.Helper()
+		e.ahead.Add(int64(1100 * time.Millisecond)) // past the status cache
+		var b struct {
+			CompleteThrough *time.Time `json:"complete_through"`
+		}
+		if st := e.get(t, "/v1/usage?window=hour", e.keys["alpha"], &b); st != http.StatusOK || b.CompleteThrough == nil {
+			t.Fatalf("status %d, complete_through %v; want 200 with complete_through", st, b.CompleteThrough)
+		}
+		return b.CompleteThrough.UTC()
+	}
+	hold := func(sql string, args ...any) {
+		t.Helper()
+		_, err := e.pg.Pool.Exec(ctx, sql, args...)
+		testenv.Must(t, err, "spool hold")
+	}
+
+	for _, c := range []struct {
+		name string
+		sql  string
+		args []any
+		want time.Time
+	}{
+		{"without holds it is the watermark", "DELETE FROM edge_spool_holds", nil, wm},
+		{"a hold not released caps it at the hold",
+			"INSERT INTO edge_spool_holds (instance, since) VALUES ('edge-1', $1)", []any{since}, since},
+		{"a hold released after the watermark still caps it",
+			"UPDATE edge_spool_holds SET released_at = $1", []any{wm.Add(time.Minute)}, since},
+		{"a hold released before the watermark no longer caps it",
+			"UPDATE edge_spool_holds SET released_at = $1", []any{wm.Add(-time.Minute)}, wm},
+		{"a second edge's hold caps it at the earlier of the two",
+			"INSERT INTO edge_spool_holds (instance, since) VALUES ('edge-2', $1)", []any{since.Add(30 * time.Minute)}, since.Add(30 * time.Minute)},
+		{"a hold later than the watermark does not move it",
+			"UPDATE edge_spool_holds SET since = $1, released_at = NULL WHERE instance = 'edge-2'", []any{wm.Add(time.Hour)}, wm},
+		{"a retired hold does not cap it", "DELETE FROM edge_spool_holds WHERE instance = 'edge-2'", nil, wm},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			hold(c.sql, c.args...)
+			if got := completeThrough(); !got.Equal(c.want) {
+				t.Fatalf("complete_through %s, want %s", got.Format(time.RFC3339), c.want.Format(time.RFC3339))
+			}
+		})
+	}
+	// Reading the holds leaves them in place: retiring a released one is
+	// the invoicer's.
+	var n int
+	testenv.Must(t, e.pg.Pool.QueryRow(ctx, "SELECT count(*) FROM edge_spool_holds WHERE instance = 'edge-1'").Scan(&n), "count holds")
+	if n != 1 {
+		t.Fatalf("%d rows for edge-1's released hold after the usage API read it, want 1", n)
 	}
 }

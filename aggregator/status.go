@@ -9,9 +9,11 @@ import (
 // statusTTL is how old the usage API's complete_through and its "this
 // account has no too-late events" answer may be. Dashboards poll the usage
 // API every few seconds per account; without the cache each poll cost
-// ClickHouse two more queries (the watermarks and the late events) besides
-// the rollups themselves. Watermarks move once a second anyway, and an
-// older one only understates completeness.
+// ClickHouse two more queries (the watermarks and the late events), and
+// Postgres one (the spool holds), besides the rollups themselves.
+// Watermarks move once a second anyway, and an older one only understates
+// completeness. (An answer up to a second old can miss a spool hold taken
+// within that second, as the invoicer's gate read at that moment would.)
 const statusTTL = time.Second
 
 // maxLateEntries bounds the per-account memory of the late-event answers;
@@ -22,6 +24,7 @@ const maxLateEntries = 100_000
 // memory of the store's answers.
 type statusCache struct {
 	store UsageStore
+	holds SpoolHolds // nil: complete_through is not known
 	now   func() time.Time
 
 	mu   sync.Mutex
@@ -41,12 +44,17 @@ type lateEntry struct {
 	none bool // the account environment had no too-late event at all
 }
 
-func newStatusCache(store UsageStore, now func() time.Time) *statusCache {
-	return &statusCache{store: store, now: now, late: map[lateKey]lateEntry{}}
+func newStatusCache(store UsageStore, holds SpoolHolds, now func() time.Time) *statusCache {
+	return &statusCache{store: store, holds: holds, now: now, late: map[lateKey]lateEntry{}}
 }
 
-// CompleteThrough is the store's, at most statusTTL old.
+// CompleteThrough is the store's watermark capped by the edges' spool
+// holds (heldThrough), at most statusTTL old. Without holds to read it is
+// not known.
 func (c *statusCache) CompleteThrough(ctx context.Context) (time.Time, bool, error) {
+	if c.holds == nil {
+		return time.Time{}, false, nil
+	}
 	now := c.now()
 	c.mu.Lock()
 	if !c.wmAt.IsZero() && now.Sub(c.wmAt) < statusTTL {
@@ -58,6 +66,13 @@ func (c *statusCache) CompleteThrough(ctx context.Context) (time.Time, bool, err
 	w, ok, err := c.store.CompleteThrough(ctx)
 	if err != nil {
 		return w, ok, err
+	}
+	if ok {
+		holds, err := c.holds.SpoolHolds(ctx)
+		if err != nil {
+			return time.Time{}, false, err
+		}
+		w = heldThrough(w, holds)
 	}
 	c.mu.Lock()
 	c.wmAt, c.wm, c.wmOK = now, w, ok

@@ -74,6 +74,8 @@ type UsageStore interface {
 	// TooLate counts the account environment's events with event time in
 	// [from, to) that arrived after the allowed lateness.
 	TooLate(ctx context.Context, account, env string, from, to time.Time) (uint64, error)
-	// CompleteThrough is the minimum partition watermark.
+	// CompleteThrough is the minimum partition watermark: every event
+	// Kafka holds up to it has landed. Events still in an edge's spool are
+	// not in Kafka; SpoolHolds covers them.
 	CompleteThrough(ctx context.Context) (time.Time, bool, error)
 }

@@ -835,7 +835,8 @@ func (s *Store) TooLate(ctx context.Context, account, env string, from, to time.
 	return n, nil
 }
 
-// CompleteThrough is min(watermark) over the partitions.
+// CompleteThrough is min(watermark) over the partitions: the landed
+// watermark, which the usage API caps by the edges' spool holds.
 func (s *Store) CompleteThrough(ctx context.Context) (time.Time, bool, error) {
 	var n uint64
 	var w time.Time

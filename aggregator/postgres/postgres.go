@@ -1,5 +1,5 @@
-// Package postgres reads account time zones and stores operator-defined
-// meters in Postgres.
+// Package postgres reads account time zones and the edges' spool holds, and
+// stores operator-defined meters, in Postgres.
 package postgres
 
 import (
@@ -234,4 +234,41 @@ func (s *Meters) ConfigRolledUp(ctx context.Context, m meter.Meter) error {
 		return fmt.Errorf("record config meter %s: %w", m.Key, err)
 	}
 	return nil
+}
+
+// SpoolHolds reads the edges' spool holds (edge_spool_holds) for the usage
+// API's complete_through. It never changes a row: the invoicer retires
+// released holds once the watermark has passed them.
+type SpoolHolds struct {
+	pool *pgxpool.Pool
+}
+
+var _ aggregator.SpoolHolds = (*SpoolHolds)(nil)
+
+// NewSpoolHolds returns a SpoolHolds over pool.
+func NewSpoolHolds(pool *pgxpool.Pool) *SpoolHolds { return &SpoolHolds{pool: pool} }
+
+// SpoolHolds lists every hold, released or not.
+func (s *SpoolHolds) SpoolHolds(ctx context.Context) ([]aggregator.SpoolHold, error) {
+	rows, err := s.pool.Query(ctx, "SELECT instance, since, released_at FROM edge_spool_holds ORDER BY since")
+	if err != nil {
+		return nil, fmt.Errorf("read spool holds: %w", err)
+	}
+	defer rows.Close()
+	var out []aggregator.SpoolHold
+	for rows.Next() {
+		var h aggregator.SpoolHold
+		var released *time.Time
+		if err := rows.Scan(&h.Instance, &h.Since, &released); err != nil {
+			return nil, fmt.Errorf("read spool holds: %w", err)
+		}
+		if released != nil {
+			h.Released = *released
+		}
+		out = append(out, h)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("read spool holds: %w", err)
+	}
+	return out, nil
 }

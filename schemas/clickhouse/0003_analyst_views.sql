@@ -34,7 +34,11 @@ SELECT
 FROM usage_rollups FINAL
 WHERE granularity = 'day' AND empty(group_values);
 
--- The event time through which usage is complete (the invoicer's gate).
+-- The landed watermark: every event Kafka holds with an event time up to
+-- complete_through has landed. Despite the name it is not the invoicer's
+-- gate: events an edge spooled while Kafka was unreachable are not in Kafka
+-- yet, and their holds are in Postgres (edge_spool_holds), which ClickHouse
+-- cannot see. The usage API's complete_through is capped by those holds.
 CREATE VIEW IF NOT EXISTS usage_complete_through AS
 SELECT min(watermark) AS complete_through, count() AS partitions
 FROM watermarks FINAL;
