@@ -132,6 +132,26 @@ function groupOptions() {
   sel.value = [...sel.options].some((o) => o.value === keep) ? keep : "";
 }
 
+// maxUsagePages bounds how many pages of 1,000 rows one view reads. The
+// range bounds the rows already (two days of hours is 48 windows a group),
+// so only a view with more than 50,000 windows and groups stops short, and
+// the note under the chart then says the figures are partial.
+const maxUsagePages = 50;
+
+// usageRows reads a usage query to its last page, following next_cursor,
+// or to maxUsagePages. Rows come oldest window first, so a partial read
+// lacks the most recent windows.
+async function usageRows(params) {
+  const data = [];
+  for (let pages = 1; ; pages++) {
+    const body = await api("/v1/usage?" + params);
+    data.push(...(body.data || []));
+    if (!body.has_more || !body.next_cursor) return { body, data, partial: false };
+    if (pages >= maxUsagePages) return { body, data, partial: true };
+    params.set("cursor", body.next_cursor);
+  }
+}
+
 async function loadUsage() {
   const windowName = $("window").value;
   const { from, to } = rangeFor(windowName);
@@ -143,8 +163,7 @@ async function loadUsage() {
     limit: "1000",
   });
   if ($("group").value) params.set("group_by", $("group").value);
-  const body = await api("/v1/usage?" + params);
-  const data = body.data || [];
+  const { body, data, partial } = await usageRows(params);
   // COUNT and SUM add up over groups and windows; UNIQUE_COUNT, MAX and
   // LATEST do not (a user active on two days is one user, not two).
   const agg = (meters.get(body.meter) || {}).aggregation || "COUNT";
@@ -161,34 +180,41 @@ async function loadUsage() {
   const latest = lastStart === undefined ? undefined : byWindow.get(lastStart);
   // Fill windows with no usage so the chart's time axis is even. Days and
   // months vary in length (daylight saving time, the calendar), so they
-  // are shown as returned.
+  // are shown as returned. A partial read stops at its last window: the
+  // windows after it were not read, not empty.
   const step = { minute: 60e3, hour: 3600e3 }[windowName];
   const starts = [...byWindow.keys()].map((k) => Date.parse(k)).sort((a, b) => a - b);
   if (step && starts.length > 0) {
     const key = (t) => new Date(t).toISOString().replace(".000Z", "Z");
     const known = new Map([...byWindow.entries()].map(([k, v]) => [Date.parse(k), v]));
+    const end = partial ? starts[starts.length - 1] : to.getTime();
     byWindow.clear();
     let t = starts[0];
     while (t - step >= from.getTime()) t -= step;
-    for (; t <= to.getTime(); t += step) byWindow.set(key(t), known.get(t) || 0);
+    for (; t <= end; t += step) byWindow.set(key(t), known.get(t) || 0);
   }
   const points = [...byWindow.entries()].sort().map(([k, v]) => ({ label: new Date(k).toLocaleString(), value: v }));
   drawChart(points);
   const span = { minute: "hour", hour: "2 days", day: "30 days", month: "12 months" }[windowName];
   const values = [...byWindow.values()];
+  const through = partial ? " (partial: up to " + new Date(lastStart).toLocaleString() + ")" : "";
   if (adds) {
-    $("usage-total").textContent = num.format(total) + " " + body.meter + " in the last " + span;
+    $("usage-total").textContent = num.format(total) + " " + body.meter + " in the last " + span + through;
   } else if (agg === "MAX" && values.length > 0) {
-    $("usage-total").textContent = "peak " + num.format(Math.max(...values)) + " " + body.meter + " in the last " + span;
+    $("usage-total").textContent = "peak " + num.format(Math.max(...values)) + " " + body.meter + " in the last " + span + through;
   } else if (agg === "LATEST" && latest !== undefined) {
-    $("usage-total").textContent = "latest " + num.format(latest) + " " + body.meter;
+    $("usage-total").textContent = "latest " + num.format(latest) + " " + body.meter + through;
   } else {
     $("usage-total").textContent = body.meter + " per " + windowName + " (" + agg + " values do not add up across windows)";
   }
   const notes = [];
   if (body.complete_through) notes.push("complete through " + new Date(body.complete_through).toLocaleString());
   if (body.too_late_events) notes.push(num.format(body.too_late_events) + " events arrived too late to count and were reported");
-  if (body.has_more) notes.push("showing the first page");
+  if (partial) {
+    notes.push("only the first " + num.format(data.length) + " rows (" + maxUsagePages +
+      " pages) were read: the total, the chart and the table stop at " + new Date(lastStart).toLocaleString() +
+      "; choose a coarser window or fewer groups to see the whole range");
+  }
   if (!adds && $("group").value) notes.push("each bar is the largest group's");
   notes.push("time zone " + body.time_zone);
   $("usage-note").textContent = notes.join(" · ");

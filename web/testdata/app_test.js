@@ -1,0 +1,142 @@
+// Runs web/static/app.js against a small DOM and a fake usage API, one
+// fresh page per case, and prints "ok <case>" or "FAIL <case>: <why>" per
+// case. web/app_test.go runs it: node testdata/app_test.js static/app.js
+"use strict";
+const fs = require("fs");
+const vm = require("vm");
+
+const source = fs.readFileSync(process.argv[2], "utf8");
+
+function element(tag) {
+  return {
+    tag, children: [], options: [], value: "", hidden: true, className: "", _text: "",
+    set textContent(v) { this._text = String(v); this.children = []; this.options = []; },
+    get textContent() { return this._text; },
+    appendChild(c) { this.children.push(c); if (c.tag === "option") this.options.push(c); return c; },
+    removeChild(c) { this.children = this.children.filter((x) => x !== c); },
+    get firstChild() { return this.children[0]; },
+    setAttribute() {}, addEventListener() {},
+    querySelector() { return (this._tbody = this._tbody || element("tbody")); },
+  };
+}
+
+// page loads app.js with the usage API answering from rows (oldest window
+// first, as the API orders them), in pages of the asked-for limit.
+function page(meter, rows) {
+  const els = {};
+  const calls = { usage: [], requests: 0, intervals: [] };
+  let key = null; // no key while the script loads: it refreshes nothing then
+  let first = null;
+  const fetch = async (path) => {
+    const u = new URL(path, "http://dashboard.test");
+    const ok = (body) => ({ ok: true, status: 200, statusText: "OK", json: async () => body });
+    if (u.pathname === "/v1/meters") return ok({ data: [meter] });
+    if (u.pathname === "/v1/requests") { calls.requests++; return ok({ data: [] }); }
+    if (u.pathname !== "/v1/usage") return ok({ data: [] });
+    const q = new URLSearchParams(u.searchParams);
+    const cursor = q.get("cursor");
+    q.delete("cursor");
+    if (cursor === null) first = q.toString();
+    if (q.toString() !== first) {
+      return { ok: false, status: 400, statusText: "Bad Request",
+        json: async () => ({ error: { code: "invalid_cursor", message: "cursor used with other parameters" } }) };
+    }
+    calls.usage.push(path);
+    const at = cursor === null ? 0 : Number(cursor);
+    const limit = Number(q.get("limit") || 100);
+    const data = rows.slice(at, at + limit);
+    const more = at + limit < rows.length;
+    return ok({ meter: meter.key, data, has_more: more, next_cursor: more ? String(at + limit) : undefined, time_zone: "UTC" });
+  };
+  const ctx = vm.createContext({
+    document: {
+      getElementById: (id) => (els[id] = els[id] || element(id)),
+      createElement: (tag) => element(tag),
+      createElementNS: (_, tag) => element(tag),
+    },
+    window: { sessionStorage: { getItem: () => key, setItem() {}, removeItem() {} } },
+    fetch, URL, URLSearchParams, console,
+    setInterval: (fn, ms) => calls.intervals.push(ms),
+  });
+  vm.runInContext(source, ctx, { filename: "app.js" });
+  key = "sk_live_" + "x".repeat(28);
+  return { ctx, els, calls };
+}
+
+// windowRows is count windows of step ms up to now, oldest first, each with
+// groups rows of value 1 (the API's order: window, then group).
+function windowRows(count, step, groups) {
+  const now = Date.now(), rows = [];
+  for (let w = count - 1; w >= 0; w--) {
+    const start = new Date(Math.floor((now - w * step) / step) * step).toISOString().replace(".000Z", "Z");
+    for (let g = 0; g < groups; g++) rows.push({ window_start: start, group: { route: "/r" + String(g).padStart(4, "0") }, value: 1 });
+  }
+  return rows;
+}
+const hourRows = (hours, groups) => windowRows(hours, 3600e3, groups);
+const minuteRows = (minutes, groups) => windowRows(minutes, 60e3, groups);
+
+// bars are the chart's bar values, oldest first.
+function bars(els) {
+  return els.chart.children.filter((c) => c.tag === "rect")
+    .map((r) => Number(r.children[0].textContent.split(": ").pop().replace(/[^0-9]/g, "")));
+}
+
+const digits = (s) => Number((s.match(/^[^ ]*[0-9][0-9,.\u00a0\u202f]*/) || [""])[0].replace(/[^0-9]/g, ""));
+
+const countByRoute = { key: "api_calls", aggregation: "COUNT", group_by: ["route"] };
+
+const cases = {
+  "a grouped view of more rows than a page counts every page": async () => {
+    const rows = hourRows(48, 40); // 1,920 rows: two pages of 1,000
+    const { ctx, els, calls } = page(countByRoute, rows);
+    await ctx.loadMeters();
+    els.window.value = "hour";
+    els.group.value = "route";
+    await ctx.loadUsage();
+    const b = bars(els);
+    if (calls.usage.length !== 2) throw new Error(calls.usage.length + " usage pages read, want 2");
+    if (digits(els["usage-total"].textContent) !== rows.length) throw new Error("headline " + JSON.stringify(els["usage-total"].textContent) + ", want " + rows.length);
+    if (b.reduce((a, v) => a + v, 0) !== rows.length) throw new Error("the chart's bars add up to " + b.reduce((a, v) => a + v, 0) + ", want " + rows.length);
+    if (b.slice(-5).some((v) => v !== 40)) throw new Error("the last five hours' bars are " + b.slice(-5) + ", want 40 each");
+    if (/only the first/.test(els["usage-note"].textContent)) throw new Error("note " + JSON.stringify(els["usage-note"].textContent) + " calls a full read partial");
+    const table = els["usage-table"].querySelector("tbody").children;
+    if (table.length !== 50) throw new Error(table.length + " table rows, want the 50 newest");
+  },
+  "past the page cap the view says it is partial and charts no unread window as empty": async () => {
+    const rows = minuteRows(60, 1000); // 60,000 rows: more than 50 pages
+    const { ctx, els, calls } = page(countByRoute, rows);
+    await ctx.loadMeters();
+    els.window.value = "minute";
+    els.group.value = "route";
+    await ctx.loadUsage();
+    const b = bars(els);
+    if (calls.usage.length !== 50) throw new Error(calls.usage.length + " usage pages read, want the cap of 50");
+    if (!/only the first 50.000 rows/.test(els["usage-note"].textContent)) throw new Error("note " + JSON.stringify(els["usage-note"].textContent) + " does not say the read stopped");
+    if (!/partial/.test(els["usage-total"].textContent)) throw new Error("headline " + JSON.stringify(els["usage-total"].textContent) + " does not say it is partial");
+    if (b.length === 0 || b[b.length - 1] !== 1000) throw new Error("the last bar is " + b[b.length - 1] + ", want 1000 (the last window read, not an unread one shown empty)");
+  },
+  "an ungrouped view on one page": async () => {
+    const rows = hourRows(48, 1).map((r) => ({ window_start: r.window_start, value: 3 }));
+    const { ctx, els, calls } = page(countByRoute, rows);
+    await ctx.loadMeters();
+    els.window.value = "hour";
+    await ctx.loadUsage();
+    if (calls.usage.length !== 1) throw new Error(calls.usage.length + " usage pages read, want 1");
+    if (digits(els["usage-total"].textContent) !== 3 * 48) throw new Error("headline " + JSON.stringify(els["usage-total"].textContent) + ", want " + 3 * 48);
+  },
+};
+
+(async () => {
+  let failed = false;
+  for (const [name, run] of Object.entries(cases)) {
+    try {
+      await run();
+      console.log("ok " + name);
+    } catch (e) {
+      failed = true;
+      console.log("FAIL " + name + ": " + (e && e.message ? e.message : e));
+    }
+  }
+  process.exitCode = failed ? 1 : 0;
+})();
