@@ -733,7 +733,10 @@ func (s *Store) Usage(ctx context.Context, q aggregator.UsageQuery) ([]aggregato
         AND window_start >= ? AND window_start < ?`
 	args := []any{q.Account, q.Environment, q.Meter, string(q.Granularity), q.From.UTC(), q.To.UTC()}
 	// A page starts after the last row of the one before, by the order the
-	// rows come in (ClickHouse compares arrays as it sorts them).
+	// rows come in (ClickHouse compares arrays as it sorts them). The tuple
+	// comparison does not narrow the primary key range ClickHouse reads, so
+	// the page's first window bounds window_start as well: without it every
+	// page read the whole range again.
 	after := func(string) string { return "" }
 	var afterArgs []any
 	if q.After != nil {
@@ -741,6 +744,8 @@ func (s *Store) Usage(ctx context.Context, q aggregator.UsageQuery) ([]aggregato
 		if group == nil {
 			group = []string{}
 		}
+		where += ` AND window_start >= ?`
+		args = append(args, q.After.WindowStart.UTC())
 		after = func(col string) string { return " AND (window_start, " + col + ") > (?, ?)" }
 		afterArgs = []any{q.After.WindowStart.UTC(), group}
 	}
