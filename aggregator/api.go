@@ -559,7 +559,7 @@ func (s *Server) requests(c echo.Context) error {
 	} else if q.Get("cursor") != "" && since.Before(oldest.Add(-cursorLife)) {
 		return invalid("invalid_cursor", "cursor: it reaches back past the request log's window; repeat the query without it")
 	}
-	rq := RequestsQuery{Account: k.AccountID, Environment: string(k.Environment), KeyID: k.ID, Since: since, Limit: limit + 1}
+	rq := RequestsQuery{Account: k.AccountID, Environment: string(k.Environment), KeyID: k.ID, Since: since, Limit: limit + 1, Now: s.now()}
 	if q.Get("cursor") != "" {
 		if rq.BeforeID, err = uuid.Parse(cur.ID); err != nil || cur.Micros == 0 {
 			return invalid("invalid_cursor", "cursor: not a cursor this query returned; repeat the query without it")

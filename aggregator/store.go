@@ -45,6 +45,10 @@ type RequestsQuery struct {
 	BeforeMicros uint64
 	BeforeID     uuid.UUID
 	Limit        int
+	// Now, when set (or Before), lets the store read newest first in
+	// widening slices of time back from it (or from Before) and stop once
+	// the page is full, instead of reading the whole range from Since.
+	Now time.Time
 }
 
 // RequestRow is one raw event as the request log shows it.

@@ -14,8 +14,8 @@ import (
 	"github.com/tollgate-dev/tollgate/internal/testenv"
 )
 
-// readRows runs read with query logging on and returns what ClickHouse
-// reports it read for it.
+// readRows runs read with query logging on and returns the rows ClickHouse
+// reports its queries (all under one query id) read.
 func readRows(t *testing.T, c *testenv.ClickHouse, id string, read func(ctx context.Context)) uint64 {
 	t.Helper()
 	ctx := ch.Context(context.Background(), ch.WithQueryID(id), ch.WithSettings(ch.Settings{"log_queries": 1}))
@@ -26,7 +26,7 @@ func readRows(t *testing.T, c *testenv.ClickHouse, id string, read func(ctx cont
 		testenv.Must(t, c.Conn.Exec(context.Background(), "SYSTEM FLUSH LOGS"), "flush the query log")
 		var n, found uint64
 		testenv.Must(t, c.Conn.QueryRow(context.Background(),
-			"SELECT count(), max(read_rows) FROM system.query_log WHERE query_id = ? AND type = 2", id).Scan(&found, &n), "read the query log")
+			"SELECT count(), sum(read_rows) FROM system.query_log WHERE query_id = ? AND type = 2", id).Scan(&found, &n), "read the query log")
 		if found > 0 {
 			return n
 		}

@@ -798,18 +798,60 @@ func (s *Store) Usage(ctx context.Context, q aggregator.UsageQuery) ([]aggregato
 }
 
 // Requests reads a key's recent raw events, newest first.
+//
+// key_id is not in the raw table's sorting key, so a read of the key's
+// whole range from Since (seven days by default) reads, through FINAL, every
+// event of the account in it, for each page. A page is instead read newest
+// first in widening slices of event time back from its top (the cursor's
+// time, or Now for a first page): the last hour, then the rest of the last
+// day, then the rest of the range, stopping as soon as the page is full. The
+// slices split the range by event time, in order, so their rows in turn are
+// the rows one read of the whole range would return.
 func (s *Store) Requests(ctx context.Context, q aggregator.RequestsQuery) ([]aggregator.RequestRow, error) {
+	top := q.Now
+	if q.BeforeMicros > 0 {
+		top = time.UnixMicro(int64(q.BeforeMicros))
+	}
+	var out []aggregator.RequestRow
+	var upper time.Time // the slice before's lower bound; none for the first
+	for _, back := range []time.Duration{time.Hour, 24 * time.Hour, 0} {
+		lower := q.Since
+		if back > 0 && !top.IsZero() {
+			if l := top.Add(-back).Truncate(time.Second); l.After(q.Since) {
+				lower = l
+			}
+		}
+		rows, err := s.requests(ctx, q, lower, upper, q.Limit-len(out))
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, rows...)
+		if len(out) >= q.Limit || lower.Equal(q.Since) {
+			return out, nil
+		}
+		upper = lower
+	}
+	return out, nil
+}
+
+// requests reads up to limit of the key's events with event time in
+// [from, to) (to zero: no end), newest first.
+func (s *Store) requests(ctx context.Context, q aggregator.RequestsQuery, from, to time.Time, limit int) ([]aggregator.RequestRow, error) {
 	sql := `SELECT event_id, timestamp_us, event_type, route, method, status, latency_us, request_bytes,
         response_bytes, units, request_id
         FROM usage_events FINAL
         WHERE account_id = ? AND environment = ? AND key_id = ? AND timestamp >= ?`
-	args := []any{q.Account, q.Environment, q.KeyID, q.Since.UTC()}
+	args := []any{q.Account, q.Environment, q.KeyID, from.UTC()}
+	if !to.IsZero() {
+		sql += ` AND timestamp < ?`
+		args = append(args, to.UTC())
+	}
 	if q.BeforeMicros > 0 {
 		sql += ` AND (timestamp_us < ? OR (timestamp_us = ? AND event_id < toUUID(?)))`
 		args = append(args, q.BeforeMicros, q.BeforeMicros, q.BeforeID.String())
 	}
 	sql += ` ORDER BY timestamp_us DESC, event_id DESC LIMIT ?`
-	args = append(args, uint64(q.Limit))
+	args = append(args, uint64(limit))
 	rows, err := s.conn.Query(ctx, sql, args...)
 	if err != nil {
 		return nil, fmt.Errorf("read requests: %w", err)

@@ -226,6 +226,12 @@ async function loadUsage() {
   });
 }
 
+// requestsEvery is how often the request log is read again. Each read is of
+// the key's raw events, dearer than the usage rollups the page reads every
+// refresh, and a log a few seconds late is as useful.
+const requestsEvery = 30000;
+let requestsAt = 0;
+
 async function loadRequests() {
   const body = await api("/v1/requests?limit=20");
   const tbody = $("requests").querySelector("tbody");
@@ -290,7 +296,10 @@ async function refresh() {
     $("usage-section").hidden = false;
     // The request log is a secret key's: a publishable key is public.
     if (key.startsWith("sk_")) {
-      await loadRequests();
+      if (Date.now() - requestsAt >= requestsEvery) {
+        await loadRequests();
+        requestsAt = Date.now();
+      }
     } else {
       $("requests-section").hidden = true;
     }
@@ -321,6 +330,7 @@ $("key-form").addEventListener("submit", (ev) => {
     return;
   }
   store.setItem("tollgate.key", key);
+  requestsAt = 0;
   $("key").value = "";
   $("meter").textContent = "";
   meters.clear();

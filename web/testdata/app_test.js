@@ -125,6 +125,20 @@ const cases = {
     if (calls.usage.length !== 1) throw new Error(calls.usage.length + " usage pages read, want 1");
     if (digits(els["usage-total"].textContent) !== 3 * 48) throw new Error("headline " + JSON.stringify(els["usage-total"].textContent) + ", want " + 3 * 48);
   },
+  "the page refreshes usage every 10 s and the request log every 30 s": async () => {
+    const { ctx, els, calls } = page(countByRoute, hourRows(2, 1));
+    let now = Date.parse("2026-11-28T12:00:00Z");
+    vm.runInContext("Date", ctx).now = () => now;
+    els.window.value = "hour";
+    if (!calls.intervals.includes(10000)) throw new Error("refresh intervals " + calls.intervals + ", want 10000");
+    for (let i = 0; i < 7; i++) { // 0 s, 10 s, … 60 s
+      await ctx.refresh();
+      now += 10000;
+    }
+    if (calls.usage.length !== 7) throw new Error(calls.usage.length + " usage reads in 7 refreshes, want 7 (status: " + els.status.textContent + ")");
+    if (calls.requests !== 3) throw new Error(calls.requests + " request-log reads over 60 s, want 3 (at 0, 30 and 60 s)");
+    if (els["requests-section"].hidden) throw new Error("the request log is hidden");
+  },
 };
 
 (async () => {
