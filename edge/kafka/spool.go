@@ -275,20 +275,23 @@ func (s *Spool) undo() {
 	s.dirty = true
 }
 
+// roll starts the next segment. The new file is opened, and its name made
+// durable, before anything changes: a roll that fails (no file descriptor,
+// a full disk, an I/O error) leaves the spool writing to its current
+// segment, and the next append tries again.
 func (s *Spool) roll() error {
-	if err := s.w.Close(); err != nil {
-		return fmt.Errorf("spool: close segment: %w", err)
-	}
-	s.wseq++
-	w, err := os.OpenFile(s.path(s.wseq), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o640)
+	w, err := os.OpenFile(s.path(s.wseq+1), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o640)
 	if err != nil {
 		return fmt.Errorf("spool: new segment: %w", err)
 	}
-	if d, err := os.Open(s.dir); err == nil {
-		_ = d.Sync()
-		_ = d.Close()
+	if err := syncDir(s.dir); err != nil {
+		_ = w.Close()
+		return fmt.Errorf("spool: new segment: %w", err)
 	}
-	s.w, s.wsize, s.dirty = w, 0, false
+	// Every record in the old segment was fsynced by its append, so an
+	// error closing it loses nothing.
+	_ = s.w.Close()
+	s.w, s.wseq, s.wsize, s.dirty = w, s.wseq+1, 0, false
 	return nil
 }
 
@@ -311,6 +314,11 @@ func (s *Spool) Read(max int) ([][]byte, SpoolCursor, error) {
 		}
 		f, err := os.Open(s.path(cur.Seq))
 		if errors.Is(err, os.ErrNotExist) {
+			if last {
+				// The cursor never passes the segment being written,
+				// or Drained could never be true again.
+				break
+			}
 			cur = SpoolCursor{Seq: cur.Seq + 1}
 			continue
 		}

@@ -149,6 +149,69 @@ func TestSpoolIsLockedToOneProcess(t *testing.T) {
 	_ = s2.Close()
 }
 
+// withoutFreeFileDescriptors runs fn with the process's open-file limit
+// lowered below what it holds, so every open fails with EMFILE, as at a
+// busy process's limit, and restores the limit after.
+func withoutFreeFileDescriptors(t *testing.T, fn func()) {
+	t.Helper()
+	var lim syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
+		t.Fatal(err)
+	}
+	low := lim
+	low.Cur = 3
+	if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &low); err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
+			t.Fatal(err)
+		}
+	}()
+	fn()
+}
+
+// A roll that cannot open the next segment leaves the spool writing where
+// it was: once files can be opened again, appends succeed, and every
+// record appended is read back once.
+func TestSpoolTakesAppendsAgainAfterARollFails(t *testing.T) {
+	s, err := OpenSpool(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.maxSeg = 100
+	if err := s.Append(recs(0, 10)); err != nil { // past maxSeg: the next append rolls
+		t.Fatal(err)
+	}
+	withoutFreeFileDescriptors(t, func() {
+		err = s.Append(recs(10, 1))
+	})
+	if err == nil {
+		t.Fatal("an append that had to open a new segment without a free file descriptor succeeded")
+	}
+	for i := range 3 {
+		if err := s.Append(recs(20+i, 1)); err != nil {
+			t.Fatalf("append %d once files can be opened again: %v", i, err)
+		}
+	}
+	want := wantStrings(append(recs(0, 10), recs(20, 3)...))
+	if got := readAllSpool(t, s); fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Errorf("read %v, want %v", got, want)
+	}
+	if !s.Drained() || s.Depth() != 0 {
+		t.Errorf("after reading everything: drained %v, depth %d; want drained and 0", s.Drained(), s.Depth())
+	}
+	if err := s.Append(recs(30, 1)); err != nil {
+		t.Fatal(err)
+	}
+	if got := readAllSpool(t, s); fmt.Sprint(got) != "[record-000030]" {
+		t.Errorf("after draining, a new append reads back as %v", got)
+	}
+	if err := s.Close(); err != nil {
+		t.Errorf("close: %v", err)
+	}
+}
+
 // fsizeChild names the environment variable under which the test binary,
 // run again by TestSpoolAppendCutShortByTheDisk, is the child that hits
 // the file size limit. The limit is per process, so the child has it alone.

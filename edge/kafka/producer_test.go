@@ -1,0 +1,91 @@
+package kafka
+
+import (
+	"bytes"
+	"log/slog"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/tollgate-dev/tollgate/internal/testenv"
+	"github.com/tollgate-dev/tollgate/schemas"
+)
+
+// logBuffer collects a logger's lines for a test to look at.
+type logBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *logBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *logBuffer) Contains(s string) bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return strings.Contains(b.buf.String(), s)
+}
+
+func testEvent(account string) schemas.Event {
+	ev := schemas.Event{Version: schemas.EventVersion, ID: schemas.NewEventID(), AccountID: account,
+		Environment: schemas.Live, KeyID: "key_test", Type: "api_call", Time: time.Now(), Route: "/v1/x",
+		Method: "GET", Status: 200, Units: 1}
+	ev.Normalize()
+	return ev
+}
+
+// With Kafka unreachable, a moment without a free file descriptor when the
+// spool starts a new segment holds events back only for that moment: Emit
+// keeps returning, and every event ends up in the spool once.
+func TestEmitKeepsReturningAfterASegmentCouldNotBeOpened(t *testing.T) {
+	dir := t.TempDir()
+	logs := &logBuffer{}
+	p, err := NewProducer(Config{Brokers: []string{"127.0.0.1:1"}, Topic: "usage.unreachable", SpoolDir: dir,
+		QueueSize: 100, CloseTimeout: time.Second}, nil, slog.New(slog.NewTextHandler(logs, nil)))
+	testenv.Must(t, err, "new producer")
+	p.spool.maxSeg = 2000 // set before the first event reaches the spool
+	for range 20 {
+		p.Emit(testEvent("acct_roll"))
+	}
+	testenv.Wait(t, 10*time.Second, "20 events spooled", func() bool { return testutil.ToFloat64(p.spooled) == 20 })
+
+	withoutFreeFileDescriptors(t, func() {
+		p.Emit(testEvent("acct_roll"))
+		testenv.Wait(t, 10*time.Second, "a failed spool append", func() bool { return logs.Contains("spool append failed") })
+	})
+
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for range 300 {
+			p.Emit(testEvent("acct_roll"))
+		}
+	}()
+	select {
+	case <-done:
+	case <-time.After(30 * time.Second):
+		t.Fatalf("Emit blocked once files could be opened again: %v spooled, depth %d, queue %d",
+			testutil.ToFloat64(p.spooled), p.SpoolDepth(), len(p.queue))
+	}
+	testenv.Wait(t, 30*time.Second, "321 events spooled", func() bool { return testutil.ToFloat64(p.spooled) == 321 })
+	_ = p.Close()
+
+	s, err := OpenSpool(dir)
+	testenv.Must(t, err, "reopen spool")
+	defer s.Close()
+	rs, _, err := s.Read(1000)
+	testenv.Must(t, err, "read spool")
+	seen := map[string]bool{}
+	for _, r := range rs {
+		seen[string(r)] = true
+	}
+	if s.Depth() != 321 || len(rs) != 321 || len(seen) != 321 {
+		t.Errorf("spool holds %d events, %d read, %d distinct; want 321", s.Depth(), len(rs), len(seen))
+	}
+}
