@@ -121,6 +121,38 @@ func TestDiskFullAndKafkaDownCloseEndsAndCountsTheLost(t *testing.T) {
 	}
 }
 
+// The close timeout bounds the whole graceful stop, however many batches
+// are queued: with the disk refusing the spool and Kafka unreachable, Close
+// waits for them until its one deadline, then counts every event it could
+// not deliver as lost.
+func TestDiskFullAndKafkaDownCloseKeepsOneDeadlineForManyBatches(t *testing.T) {
+	if os.Getenv(diskFullChild) == "" {
+		runDiskFullChild(t, t.Name())
+		return
+	}
+	const closeTimeout = 2 * time.Second
+	reg := prometheus.NewRegistry()
+	p, err := edgekafka.NewProducer(edgekafka.Config{Brokers: []string{"127.0.0.1:1"}, Topic: "usage.unreachable",
+		SpoolDir: t.TempDir(), BatchSize: 500, CloseTimeout: closeTimeout}, reg, slog.New(slog.DiscardHandler))
+	testenv.Must(t, err, "new producer")
+	fillDisk(t)
+	for range 5000 {
+		p.Emit(diskFullEvent("acct_disk_down"))
+	}
+	time.Sleep(200 * time.Millisecond)
+	start := time.Now()
+	_ = p.Close()
+	// Not a measure of speed: the margin only absorbs a slow machine,
+	// while a deadline per batch (ten batches here) takes several times
+	// as long.
+	if took := time.Since(start); took > closeTimeout+5*time.Second {
+		t.Errorf("Close took %v with a close timeout of %v", took, closeTimeout)
+	}
+	if lost, delivered := testutil.ToFloat64(p.Lost()), produced(t, reg); lost != 5000-delivered {
+		t.Errorf("%v events counted lost and %v delivered, of 5000", lost, delivered)
+	}
+}
+
 func produced(t *testing.T, reg *prometheus.Registry) float64 {
 	t.Helper()
 	mfs, err := reg.Gather()

@@ -34,8 +34,10 @@ type Config struct {
 	Linger time.Duration
 	// WriteTimeout bounds one Kafka write; on timeout the batch is spooled.
 	WriteTimeout time.Duration
-	// CloseTimeout bounds how long Close keeps draining the spool to Kafka;
-	// what is left stays on disk for the next start.
+	// CloseTimeout bounds how long Close takes to deliver or spool what is
+	// queued and then drain the spool to Kafka; what is left in the spool
+	// stays on disk for the next start, and queued events that neither the
+	// disk nor Kafka took by then are counted lost.
 	CloseTimeout time.Duration
 }
 
@@ -88,7 +90,10 @@ type Producer struct {
 	holdMu sync.Mutex
 	hold   edge.SpoolHold
 
+	// closing is set once Close has begun; stopBy, written before it, is
+	// when Close gives up.
 	closing   atomic.Bool
+	stopBy    time.Time
 	nextTry   time.Time
 	backoff   time.Duration
 	kafkaUp   atomic.Bool
@@ -253,14 +258,15 @@ func (p *Producer) run() {
 			}
 		}
 		p.deliver(batch)
-		p.drain(10)
+		if !p.pastStop() {
+			p.drain(10)
+		}
 	}
 	// Closing: everything queued is delivered or spooled above; now give
 	// the spool to Kafka until it is empty or the deadline passes.
-	deadline := time.Now().Add(p.cfg.CloseTimeout)
-	for p.spool.Depth() > 0 && time.Now().Before(deadline) {
+	for p.spool.Depth() > 0 && time.Now().Before(p.stopBy) {
 		if !p.drain(100) {
-			time.Sleep(min(time.Until(deadline), max(time.Until(p.nextTry), 10*time.Millisecond)))
+			time.Sleep(min(time.Until(p.stopBy), max(time.Until(p.nextTry), 10*time.Millisecond)))
 		}
 	}
 	if d := p.spool.Depth(); d > 0 {
@@ -274,7 +280,7 @@ func (p *Producer) deliver(batch []kafka.Message) {
 	if len(batch) == 0 {
 		return
 	}
-	if p.spool.Depth() == 0 && p.retry == nil && !time.Now().Before(p.nextTry) {
+	if p.spool.Depth() == 0 && p.retry == nil && !time.Now().Before(p.nextTry) && !p.pastStop() {
 		failed, err := p.write(batch)
 		if err == nil {
 			return
@@ -284,8 +290,15 @@ func (p *Producer) deliver(batch []kafka.Message) {
 	p.toSpool(batch)
 }
 
+// pastStop reports whether Close has run out of time: from then on, what
+// is still queued goes to the spool if the disk takes it and is counted
+// lost if not, with no more Kafka writes, each of which could wait out its
+// timeout.
+func (p *Producer) pastStop() bool {
+	return p.closing.Load() && !time.Now().Before(p.stopBy)
+}
+
 func (p *Producer) toSpool(batch []kafka.Message) {
-	var giveUp time.Time
 	for {
 		recs := make([][]byte, len(batch))
 		for i, m := range batch {
@@ -295,6 +308,14 @@ func (p *Producer) toSpool(batch []kafka.Message) {
 		if err == nil {
 			p.spooled.Add(float64(len(recs)))
 			p.held(recs)
+			return
+		}
+		// A graceful stop gives up on a disk that refuses every write and
+		// a Kafka that takes nothing at its one deadline, not one per
+		// batch: each batch left then counts as lost at once.
+		if p.pastStop() {
+			p.lost.Add(float64(len(batch)))
+			p.log.Error("stopping with events neither spooled nor delivered; they are lost", "events", len(batch), "err", err)
 			return
 		}
 		// Without the disk there is nowhere durable to put the events;
@@ -310,18 +331,11 @@ func (p *Producer) toSpool(batch []kafka.Message) {
 			}
 			batch = failed
 		}
+		wait := time.Second
 		if p.closing.Load() {
-			// A graceful stop waits at most CloseTimeout for a disk
-			// that refuses every write and a Kafka that takes nothing.
-			if giveUp.IsZero() {
-				giveUp = time.Now().Add(p.cfg.CloseTimeout)
-			} else if time.Now().After(giveUp) {
-				p.lost.Add(float64(len(batch)))
-				p.log.Error("stopping with events neither spooled nor delivered; they are lost", "events", len(batch), "err", err)
-				return
-			}
+			wait = min(wait, time.Until(p.stopBy))
 		}
-		time.Sleep(time.Second)
+		time.Sleep(wait)
 	}
 }
 
@@ -480,11 +494,13 @@ func accountKey(value []byte) []byte {
 }
 
 // Close stops accepting events, delivers everything queued (to Kafka, or
-// to the spool), drains the spool to Kafka within CloseTimeout and closes
-// the connection. Events left in the spool are delivered on the next start.
+// to the spool), drains the spool to Kafka, all within CloseTimeout, and
+// closes the connection. Events left in the spool are delivered on the next
+// start.
 func (p *Producer) Close() error {
 	var errs []error
 	p.once.Do(func() {
+		p.stopBy = time.Now().Add(p.cfg.CloseTimeout)
 		p.closing.Store(true)
 		// Emits in flight finish their send first: the run loop keeps
 		// taking from the queue until it is closed.
