@@ -3,6 +3,7 @@ package kafka_test
 import (
 	"context"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/http"
 	"os"
@@ -125,7 +126,7 @@ func TestKill9WhileSpoolingLosesAtMostTheUnsyncedTail(t *testing.T) {
 	// Read a copy, so the real spool is still whole for the restart below.
 	scratch := filepath.Join(dir, "spool-copy")
 	testenv.Must(t, os.CopyFS(scratch, os.DirFS(spool)), "copy spool")
-	sp, err := edgekafka.OpenSpool(scratch)
+	sp, err := edgekafka.OpenSpool(scratch, slog.New(slog.DiscardHandler))
 	testenv.Must(t, err, "open spool after kill -9")
 	spooled := map[string]bool{}
 	for {

@@ -114,7 +114,7 @@ var _ edge.Emitter = (*Producer)(nil)
 // spool by an earlier run are delivered first.
 func NewProducer(cfg Config, reg prometheus.Registerer, log *slog.Logger) (*Producer, error) {
 	cfg.defaults()
-	sp, err := OpenSpool(cfg.SpoolDir)
+	sp, err := OpenSpool(cfg.SpoolDir, log)
 	if err != nil {
 		return nil, err
 	}
@@ -161,6 +161,12 @@ func NewProducer(cfg Config, reg prometheus.Registerer, log *slog.Logger) (*Prod
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "tollgate_edge_emit_queue_length", Help: "Usage events in memory awaiting delivery.",
 		}, func() float64 { return float64(len(p.queue)) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: "tollgate_edge_spool_corrupt_regions_total", Help: "Corrupt regions of the spool skipped (each logged with its segment, offset and size); the events in them are not delivered.",
+		}, func() float64 { return float64(sp.Corrupt()) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: "tollgate_edge_spool_corrupt_bytes_total", Help: "Bytes of the spool skipped in corrupt regions.",
+		}, func() float64 { return float64(sp.CorruptBytes()) }),
 	}
 	if reg != nil {
 		for _, c := range p.collector {

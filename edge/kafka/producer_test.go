@@ -3,11 +3,13 @@ package kafka
 import (
 	"bytes"
 	"log/slog"
+	"os"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/tollgate-dev/tollgate/internal/testenv"
@@ -76,7 +78,7 @@ func TestEmitKeepsReturningAfterASegmentCouldNotBeOpened(t *testing.T) {
 	testenv.Wait(t, 30*time.Second, "321 events spooled", func() bool { return testutil.ToFloat64(p.spooled) == 321 })
 	_ = p.Close()
 
-	s, err := OpenSpool(dir)
+	s, err := OpenSpool(dir, slog.New(slog.DiscardHandler))
 	testenv.Must(t, err, "reopen spool")
 	defer s.Close()
 	rs, _, err := s.Read(1000)
@@ -88,4 +90,43 @@ func TestEmitKeepsReturningAfterASegmentCouldNotBeOpened(t *testing.T) {
 	if s.Depth() != 321 || len(rs) != 321 || len(seen) != 321 {
 		t.Errorf("spool holds %d events, %d read, %d distinct; want 321", s.Depth(), len(rs), len(seen))
 	}
+}
+
+// A corrupt region in the spool shows in the producer's metrics.
+func TestProducerCountsCorruptSpoolRegions(t *testing.T) {
+	dir := t.TempDir()
+	s, err := OpenSpool(dir, slog.New(slog.DiscardHandler))
+	testenv.Must(t, err, "open spool")
+	s.maxSeg = 200 // each append of ten 21-byte records fills a segment
+	for i := range 2 {
+		testenv.Must(t, s.Append(recs(i*10, 10)), "append")
+	}
+	testenv.Must(t, s.Close(), "close spool")
+	b, err := os.ReadFile(s.path(1))
+	testenv.Must(t, err, "read segment")
+	b[recordHeader] ^= 0xff
+	testenv.Must(t, os.WriteFile(s.path(1), b, 0o640), "corrupt segment")
+
+	reg := prometheus.NewRegistry()
+	p, err := NewProducer(Config{Brokers: []string{"127.0.0.1:1"}, Topic: "usage.unreachable", SpoolDir: dir,
+		CloseTimeout: 100 * time.Millisecond}, reg, slog.New(slog.DiscardHandler))
+	testenv.Must(t, err, "new producer")
+	defer p.Close()
+	regions, size := counterValue(t, reg, "tollgate_edge_spool_corrupt_regions_total"), counterValue(t, reg, "tollgate_edge_spool_corrupt_bytes_total")
+	if regions != 1 || size != 21 {
+		t.Errorf("%v corrupt regions of %v bytes in the metrics, want one of 21", regions, size)
+	}
+}
+
+func counterValue(t *testing.T, reg *prometheus.Registry, name string) float64 {
+	t.Helper()
+	mfs, err := reg.Gather()
+	testenv.Must(t, err, "gather metrics")
+	for _, mf := range mfs {
+		if mf.GetName() == name {
+			return mf.GetMetric()[0].GetCounter().GetValue()
+		}
+	}
+	t.Fatalf("no metric %s", name)
+	return 0
 }

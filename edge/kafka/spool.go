@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"hash/crc32"
 	"io"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"sort"
@@ -21,26 +22,32 @@ import (
 // Spool is a durable, append-only queue of records on local disk, used while
 // Kafka is unreachable. Records live in numbered segment files; each record
 // is [length uint32][CRC-32C uint32][payload], so a torn write at the tail
-// (a crash mid-append) is detected and cut off on open. Append writes a
+// (a crash mid-append) is detected and cut off on open, and a corrupt
+// region elsewhere is stepped over to the next whole record. Append writes a
 // whole batch and fsyncs once (group commit). A cursor file remembers how
 // far the records have been delivered; fully delivered segments are
 // deleted. A crash between delivery and the cursor update re-delivers a few
 // records, which downstream deduplication by event id absorbs.
 //
-// Spool is not safe for concurrent use except Depth; the producer's single
-// delivery goroutine owns it.
+// Spool is not safe for concurrent use except Depth, Corrupt and
+// CorruptBytes; the producer's single delivery goroutine owns it.
 type Spool struct {
-	dir     string
-	id      string
-	maxSeg  int64
-	w       *os.File
-	wseq    uint64
-	wsize   int64
-	rseq    uint64
-	roff    int64
-	depth   atomic.Int64
-	corrupt int64
-	lock    *os.File
+	dir    string
+	id     string
+	log    *slog.Logger
+	maxSeg int64
+	w      *os.File
+	wseq   uint64
+	wsize  int64
+	rseq   uint64
+	roff   int64
+	depth  atomic.Int64
+	lock   *os.File
+	// corrupt and corruptBytes count the corrupt regions skipped, each
+	// once: badUpTo is just past the start of the last one counted.
+	corrupt      atomic.Int64
+	corruptBytes atomic.Int64
+	badUpTo      SpoolCursor
 	// dirty is set after a failed append: the next append starts a new
 	// segment.
 	dirty bool
@@ -64,8 +71,9 @@ const (
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)
 
 // OpenSpool opens (creating if needed) the spool in dir, cuts off a torn
-// tail, and counts the records not yet delivered.
-func OpenSpool(dir string) (*Spool, error) {
+// tail, and counts the records not yet delivered. Corrupt regions are
+// logged to log as they are found.
+func OpenSpool(dir string, log *slog.Logger) (*Spool, error) {
 	if err := os.MkdirAll(dir, 0o750); err != nil {
 		return nil, fmt.Errorf("spool: %w", err)
 	}
@@ -77,7 +85,7 @@ func OpenSpool(dir string) (*Spool, error) {
 		lock.Close()
 		return nil, fmt.Errorf("spool %s is in use by another edge process: %w", dir, err)
 	}
-	s := &Spool{dir: dir, maxSeg: defaultSegment, lock: lock}
+	s := &Spool{dir: dir, log: log, maxSeg: defaultSegment, lock: lock}
 	ok := false
 	defer func() {
 		if !ok {
@@ -127,7 +135,7 @@ func OpenSpool(dir string) (*Spool, error) {
 		if seq == s.rseq {
 			start = s.roff
 		}
-		n, end, bad, err := s.scan(seq, start)
+		n, end, err := s.scan(seq, start)
 		if err != nil {
 			return nil, err
 		}
@@ -137,8 +145,6 @@ func OpenSpool(dir string) (*Spool, error) {
 				return nil, fmt.Errorf("spool: cut torn tail: %w", err)
 			}
 			s.wsize = end
-		} else if bad {
-			s.corrupt++
 		}
 	}
 	s.depth.Store(depth)
@@ -177,48 +183,184 @@ func (s *Spool) segments() ([]uint64, error) {
 }
 
 // scan counts the valid records of segment seq from off and returns where
-// the valid records end and whether something invalid followed them.
-func (s *Spool) scan(seq uint64, off int64) (n, end int64, bad bool, err error) {
-	f, err := os.Open(s.path(seq))
+// they end. Bytes after them that hold no whole record are a torn tail in
+// the segment being written, cut off by the caller, and a corrupt region
+// in any other.
+func (s *Spool) scan(seq uint64, off int64) (n, end int64, err error) {
+	sr, err := openSegment(s.path(seq), off, -1)
 	if err != nil {
-		return 0, 0, false, fmt.Errorf("spool: %w", err)
+		return 0, 0, fmt.Errorf("spool: %w", err)
 	}
-	defer f.Close()
-	if _, err := f.Seek(off, io.SeekStart); err != nil {
-		return 0, 0, false, fmt.Errorf("spool: %w", err)
-	}
-	r := bufio.NewReaderSize(f, 1<<16)
-	end = off
+	defer sr.close()
 	for {
-		payload, err := readRecord(r)
+		at := sr.off
+		_, skipped, err := sr.next()
+		switch {
+		case err == io.EOF && skipped > 0 && seq == s.wseq:
+			s.log.Warn("spool: cutting a torn tail", "segment", seq, "offset", at, "bytes", skipped)
+			return n, sr.off, nil
+		case err == io.EOF:
+			s.skipped(seq, at, skipped)
+			return n, sr.off, nil
+		case err != nil:
+			return 0, 0, fmt.Errorf("spool: %w", err)
+		}
+		s.skipped(seq, at, skipped)
+		n++
+	}
+}
+
+// skipped counts and logs a corrupt region of n bytes at off in segment
+// seq, once however often it is read.
+func (s *Spool) skipped(seq uint64, off, n int64) {
+	at := SpoolCursor{Seq: seq, Off: off}
+	if n == 0 || at.before(s.badUpTo) {
+		return
+	}
+	s.badUpTo = SpoolCursor{Seq: seq, Off: off + 1}
+	s.corrupt.Add(1)
+	s.corruptBytes.Add(n)
+	s.log.Error("spool: skipping a corrupt region; the events in it are not delivered",
+		"segment", seq, "offset", off, "bytes", n)
+}
+
+func (c SpoolCursor) before(d SpoolCursor) bool {
+	return c.Seq < d.Seq || c.Seq == d.Seq && c.Off < d.Off
+}
+
+// segmentReader reads the records of one segment in order, up to a limit,
+// stepping over corrupt regions.
+type segmentReader struct {
+	f     *os.File
+	r     *bufio.Reader
+	off   int64 // where the next record starts
+	limit int64 // where the readable bytes end
+}
+
+// openSegment opens the segment at path to read from off up to limit, or
+// to its end if limit is negative.
+func openSegment(path string, off, limit int64) (*segmentReader, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	if limit < 0 {
+		st, err := f.Stat()
+		if err != nil {
+			f.Close()
+			return nil, err
+		}
+		limit = st.Size()
+	}
+	sr := &segmentReader{f: f, limit: limit}
+	sr.seek(off)
+	return sr, nil
+}
+
+func (sr *segmentReader) seek(off int64) {
+	sr.off = off
+	rest := io.NewSectionReader(sr.f, off, max(sr.limit-off, 0))
+	if sr.r == nil {
+		sr.r = bufio.NewReaderSize(rest, 1<<16)
+	} else {
+		sr.r.Reset(rest)
+	}
+}
+
+func (sr *segmentReader) close() { _ = sr.f.Close() }
+
+// next returns the next record, and how many bytes before it held no whole
+// record and were skipped. At the end it returns io.EOF; skipped is then
+// the size of what is left that holds no whole record, and the reader
+// stays at its start.
+func (sr *segmentReader) next() (p []byte, skipped int64, err error) {
+	p, err = readRecord(sr.r)
+	if err == nil {
+		sr.off += recordHeader + int64(len(p))
+		return p, 0, nil
+	}
+	if err != errTorn {
+		return nil, 0, err
+	}
+	at, found, err := sr.resync(sr.off + 1)
+	if err != nil {
+		return nil, 0, err
+	}
+	if !found {
+		return nil, sr.limit - sr.off, io.EOF
+	}
+	skipped = at - sr.off
+	sr.seek(at)
+	if p, err = readRecord(sr.r); err != nil {
+		return nil, 0, fmt.Errorf("reread record at %d: %w", at, err)
+	}
+	sr.off += recordHeader + int64(len(p))
+	return p, skipped, nil
+}
+
+// resync finds the first offset from off where a whole record starts: a
+// length that is not zero and fits, and a payload whose CRC-32C is the one
+// in the header. A false match is all but impossible: besides the 32-bit
+// checksum, a length under maxRecord has a zero first byte, which no
+// event's JSON holds, so no match starts inside a record's payload.
+func (sr *segmentReader) resync(off int64) (int64, bool, error) {
+	r := bufio.NewReaderSize(io.NewSectionReader(sr.f, off, max(sr.limit-off, 0)), 1<<16)
+	var p []byte
+	for at := off; at+recordHeader <= sr.limit; at++ {
+		h, err := r.Peek(recordHeader)
 		if err == io.EOF {
-			return n, end, false, nil
+			break // the file ends before the limit
 		}
 		if err != nil {
-			return n, end, true, nil
+			return 0, false, err
 		}
-		n++
-		end += recordHeader + int64(len(payload))
+		n := int64(binary.BigEndian.Uint32(h[:4]))
+		if n > 0 && n <= maxRecord && at+recordHeader+n <= sr.limit {
+			if int64(cap(p)) < n {
+				p = make([]byte, n)
+			}
+			p = p[:n]
+			_, err := sr.f.ReadAt(p, at+recordHeader)
+			if err != nil && err != io.EOF {
+				return 0, false, err
+			}
+			if err == nil && crc32.Checksum(p, castagnoli) == binary.BigEndian.Uint32(h[4:]) {
+				return at, true, nil
+			}
+		}
+		if _, err := r.Discard(1); err != nil {
+			return 0, false, err
+		}
 	}
+	return 0, false, nil
 }
 
 var errTorn = errors.New("torn or corrupt record")
 
+// readRecord reads one record: io.EOF at a clean end, errTorn for a record
+// cut short or failing its checks, and any other error from r as it is, so
+// a failing disk is not taken for corrupt data.
 func readRecord(r io.Reader) ([]byte, error) {
 	var h [recordHeader]byte
 	if _, err := io.ReadFull(r, h[:]); err != nil {
-		if err == io.EOF {
-			return nil, io.EOF
+		if err == io.ErrUnexpectedEOF {
+			return nil, errTorn
 		}
-		return nil, errTorn
+		return nil, err
 	}
 	n := binary.BigEndian.Uint32(h[:4])
-	if n > maxRecord {
+	if n == 0 || n > maxRecord {
+		// No record is empty (Append refuses them): eight zero bytes
+		// would otherwise read as one, and a stretch of zeros, as a power
+		// loss can leave in a file, as many.
 		return nil, errTorn
 	}
 	p := make([]byte, n)
 	if _, err := io.ReadFull(r, p); err != nil {
-		return nil, errTorn
+		if err == io.EOF || err == io.ErrUnexpectedEOF {
+			return nil, errTorn
+		}
+		return nil, err
 	}
 	if crc32.Checksum(p, castagnoli) != binary.BigEndian.Uint32(h[4:]) {
 		return nil, errTorn
@@ -245,6 +387,9 @@ func (s *Spool) Append(recs [][]byte) error {
 	for _, r := range recs {
 		if len(r) > maxRecord {
 			return fmt.Errorf("spool: record of %d bytes is larger than %d", len(r), maxRecord)
+		}
+		if len(r) == 0 {
+			return errors.New("spool: empty record")
 		}
 		buf = binary.BigEndian.AppendUint32(buf, uint32(len(r)))
 		buf = binary.BigEndian.AppendUint32(buf, crc32.Checksum(r, castagnoli))
@@ -300,10 +445,7 @@ func (s *Spool) roll() error {
 func (s *Spool) Read(max int) ([][]byte, SpoolCursor, error) {
 	cur := SpoolCursor{Seq: s.rseq, Off: s.roff}
 	var out [][]byte
-	for len(out) < max {
-		if cur.Seq > s.wseq {
-			break
-		}
+	for len(out) < max && cur.Seq <= s.wseq {
 		last := cur.Seq == s.wseq
 		limit := int64(-1)
 		if last {
@@ -312,7 +454,7 @@ func (s *Spool) Read(max int) ([][]byte, SpoolCursor, error) {
 				break
 			}
 		}
-		f, err := os.Open(s.path(cur.Seq))
+		sr, err := openSegment(s.path(cur.Seq), cur.Off, limit)
 		if errors.Is(err, os.ErrNotExist) {
 			if last {
 				// The cursor never passes the segment being written,
@@ -325,33 +467,28 @@ func (s *Spool) Read(max int) ([][]byte, SpoolCursor, error) {
 		if err != nil {
 			return nil, cur, fmt.Errorf("spool: %w", err)
 		}
-		if _, err := f.Seek(cur.Off, io.SeekStart); err != nil {
-			f.Close()
-			return nil, cur, fmt.Errorf("spool: %w", err)
-		}
-		var r io.Reader = f
-		if limit >= 0 {
-			r = io.LimitReader(f, limit-cur.Off)
-		}
-		br := bufio.NewReaderSize(r, 1<<16)
 		for len(out) < max {
-			p, err := readRecord(br)
-			if err != nil {
-				if err == errTorn {
-					s.corrupt++
-				}
-				if cur.Seq < s.wseq {
+			at := sr.off
+			p, skipped, err := sr.next()
+			s.skipped(cur.Seq, at, skipped)
+			if err == io.EOF {
+				// Past the segment's last record, and past any bytes after
+				// it that hold none.
+				if last {
+					cur.Off = sr.limit
+				} else {
 					cur = SpoolCursor{Seq: cur.Seq + 1}
 				}
 				break
 			}
+			if err != nil {
+				sr.close()
+				return nil, cur, fmt.Errorf("spool: %w", err)
+			}
 			out = append(out, p)
-			cur.Off += recordHeader + int64(len(p))
+			cur.Off = sr.off
 		}
-		f.Close()
-		if last {
-			break
-		}
+		sr.close()
 	}
 	return out, cur, nil
 }
@@ -468,8 +605,13 @@ func (s *Spool) Drained() bool { return s.rseq == s.wseq && s.roff >= s.wsize }
 // Depth is the number of records not yet delivered.
 func (s *Spool) Depth() int64 { return s.depth.Load() }
 
-// Corrupt is the number of corrupt regions skipped so far.
-func (s *Spool) Corrupt() int64 { return s.corrupt }
+// Corrupt is the number of corrupt regions skipped so far. It is safe for
+// concurrent use.
+func (s *Spool) Corrupt() int64 { return s.corrupt.Load() }
+
+// CorruptBytes is the size of the corrupt regions skipped so far. It is
+// safe for concurrent use.
+func (s *Spool) CorruptBytes() int64 { return s.corruptBytes.Load() }
 
 // Close closes the current segment.
 func (s *Spool) Close() error {

@@ -2,6 +2,7 @@ package kafka
 
 import (
 	"fmt"
+	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -40,7 +41,7 @@ func readAllSpool(t *testing.T, s *Spool) []string {
 
 func TestSpoolDeliversInOrderAcrossSegmentsAndRestarts(t *testing.T) {
 	dir := t.TempDir()
-	s, err := OpenSpool(dir)
+	s, err := OpenSpool(dir, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -62,7 +63,7 @@ func TestSpoolDeliversInOrderAcrossSegmentsAndRestarts(t *testing.T) {
 		t.Fatal(err)
 	}
 	_ = s.Close()
-	s2, err := OpenSpool(dir)
+	s2, err := OpenSpool(dir, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -100,7 +101,7 @@ func TestSpoolCutsATornTailAndKeepsEveryWholeRecord(t *testing.T) {
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
 			dir := t.TempDir()
-			s, err := OpenSpool(dir)
+			s, err := OpenSpool(dir, slog.New(slog.DiscardHandler))
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -113,13 +114,13 @@ func TestSpoolCutsATornTailAndKeepsEveryWholeRecord(t *testing.T) {
 			if err := os.WriteFile(path, c.tear(b), 0o640); err != nil {
 				t.Fatal(err)
 			}
-			s2, err := OpenSpool(dir)
+			s2, err := OpenSpool(dir, slog.New(slog.DiscardHandler))
 			if err != nil {
 				t.Fatal(err)
 			}
 			defer s2.Close()
-			if s2.Depth() != 5 {
-				t.Fatalf("depth %d, want the 5 whole records", s2.Depth())
+			if s2.Depth() != 5 || s2.Corrupt() != 0 {
+				t.Fatalf("depth %d and %d corrupt regions, want the 5 whole records and a torn tail, not corruption", s2.Depth(), s2.Corrupt())
 			}
 			if err := s2.Append(recs(5, 1)); err != nil {
 				t.Fatal(err)
@@ -132,17 +133,85 @@ func TestSpoolCutsATornTailAndKeepsEveryWholeRecord(t *testing.T) {
 	}
 }
 
+// A corrupt record is stepped over to the next whole one, in a delivered
+// segment or in the one being written: it costs that record alone, and is
+// counted and logged once, however often it is read.
+func TestSpoolSkipsACorruptRecordAndDeliversTheRest(t *testing.T) {
+	cases := []struct {
+		name    string
+		seq     uint64 // which segment of six to damage
+		corrupt func(b []byte)
+	}{
+		{"flipped payload byte in an earlier segment", 1, func(b []byte) { b[recordHeader] ^= 0xff }},
+		{"length past the segment's end in an earlier segment", 1, func(b []byte) { b[3] ^= 0xff }},
+		{"length beyond any record in an earlier segment", 1, func(b []byte) { b[0] ^= 0xff }},
+		{"flipped checksum byte in the segment being written", 6, func(b []byte) { b[5] ^= 0xff }},
+		{"zeroed record in the segment being written", 6, func(b []byte) { clear(b[:21]) }},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			dir := t.TempDir()
+			s, err := OpenSpool(dir, slog.New(slog.DiscardHandler))
+			if err != nil {
+				t.Fatal(err)
+			}
+			s.maxSeg = 200 // each append of ten 21-byte records fills a segment
+			for i := range 6 {
+				if err := s.Append(recs(i*10, 10)); err != nil {
+					t.Fatal(err)
+				}
+			}
+			_ = s.Close()
+			// The first record of the damaged segment goes bad.
+			path := s.path(c.seq)
+			b, err := os.ReadFile(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			c.corrupt(b)
+			if err := os.WriteFile(path, b, 0o640); err != nil {
+				t.Fatal(err)
+			}
+
+			logs := &logBuffer{}
+			s, err = OpenSpool(dir, slog.New(slog.NewTextHandler(logs, nil)))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer s.Close()
+			lost := int(c.seq-1) * 10
+			want := wantStrings(append(recs(0, lost), recs(lost+1, 59-lost)...))
+			if s.Depth() != 59 {
+				t.Errorf("depth %d at open, want 59", s.Depth())
+			}
+			if got := readAllSpool(t, s); fmt.Sprint(got) != fmt.Sprint(want) {
+				t.Errorf("read %v, want %v", got, want)
+			}
+			if s.Corrupt() != 1 || s.CorruptBytes() != 21 {
+				t.Errorf("%d corrupt regions of %d bytes counted, want one of 21", s.Corrupt(), s.CorruptBytes())
+			}
+			line := fmt.Sprintf("segment=%d offset=0 bytes=21", c.seq)
+			if !logs.Contains(line) {
+				t.Errorf("no log line with %q", line)
+			}
+			if !s.Drained() || s.Depth() != 0 {
+				t.Errorf("after reading everything: drained %v, depth %d; want drained and 0", s.Drained(), s.Depth())
+			}
+		})
+	}
+}
+
 func TestSpoolIsLockedToOneProcess(t *testing.T) {
 	dir := t.TempDir()
-	s, err := OpenSpool(dir)
+	s, err := OpenSpool(dir, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := OpenSpool(dir); err == nil {
+	if _, err := OpenSpool(dir, slog.New(slog.DiscardHandler)); err == nil {
 		t.Fatal("a second open of the same spool succeeded")
 	}
 	_ = s.Close()
-	s2, err := OpenSpool(dir)
+	s2, err := OpenSpool(dir, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatalf("reopen after close: %v", err)
 	}
@@ -175,7 +244,7 @@ func withoutFreeFileDescriptors(t *testing.T, fn func()) {
 // it was: once files can be opened again, appends succeed, and every
 // record appended is read back once.
 func TestSpoolTakesAppendsAgainAfterARollFails(t *testing.T) {
-	s, err := OpenSpool(t.TempDir())
+	s, err := OpenSpool(t.TempDir(), slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -231,7 +300,7 @@ func TestSpoolAppendCutShortByTheDisk(t *testing.T) {
 	}
 	// The child's spool, opened again here, holds exactly what its appends
 	// that succeeded wrote, in order.
-	s, err := OpenSpool(dir)
+	s, err := OpenSpool(dir, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -254,7 +323,7 @@ func wantStrings(rs [][]byte) []string {
 // (a file size limit: the write is cut short and then refused, as on a
 // full disk), then appends again once the disk takes writes.
 func spoolFsizeChild(t *testing.T, dir string) {
-	s, err := OpenSpool(dir)
+	s, err := OpenSpool(dir, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -304,7 +373,7 @@ func spoolFsizeChild(t *testing.T, dir string) {
 // the edge's hold on billing is named by it.
 func TestSpoolIDOutlivesTheProcess(t *testing.T) {
 	dir := t.TempDir()
-	s, err := OpenSpool(dir)
+	s, err := OpenSpool(dir, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -312,12 +381,12 @@ func TestSpoolIDOutlivesTheProcess(t *testing.T) {
 	if err := s.Close(); err != nil {
 		t.Fatal(err)
 	}
-	again, err := OpenSpool(dir)
+	again, err := OpenSpool(dir, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer again.Close()
-	other, err := OpenSpool(t.TempDir())
+	other, err := OpenSpool(t.TempDir(), slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
 	}
