@@ -51,6 +51,9 @@ type Spool struct {
 	// dirty is set after a failed append: the next append starts a new
 	// segment.
 	dirty bool
+	// afterStep, set only by tests, is called between the steps of
+	// emptying the spool, to see the directory as a crash there leaves it.
+	afterStep func(step string)
 }
 
 // SpoolCursor is a read position: a segment and a byte offset in it.
@@ -119,8 +122,9 @@ func OpenSpool(dir string, log *slog.Logger) (*Spool, error) {
 		}
 	}
 	if st, err := os.Stat(s.path(s.rseq)); err == nil && st.Size() < s.roff {
-		// The segment was emptied after full delivery but the cursor
-		// update did not happen: nothing in it is pending.
+		// A segment emptied in place after full delivery, as earlier
+		// versions did, without the cursor update: nothing in it is
+		// pending.
 		s.roff = st.Size()
 	}
 	// Count pending records and find the valid end of the last segment.
@@ -508,22 +512,38 @@ func (s *Spool) Commit(cur SpoolCursor, n int) error {
 	s.rseq, s.roff = cur.Seq, cur.Off
 	s.depth.Add(-int64(n))
 	if s.depth.Load() <= 0 && s.rseq == s.wseq && s.roff == s.wsize && s.wsize > 0 {
-		// Everything delivered: start the segment afresh. The cursor at
-		// its start is made durable first. Were the truncation (made
-		// durable by the next append's fsync) to outlive a power loss that
-		// the cursor did not, the old cursor would point into the new
-		// records: those before it taken as delivered, and the rest cut
-		// off as a torn tail. The other way round, a cursor at 0 over the
-		// old records sends them again, which deduplication absorbs.
-		if err := s.writeCursor(s.rseq, 0, true); err == nil {
-			if err := s.w.Truncate(0); err == nil {
-				s.wsize, s.roff = 0, 0
-				return rmErr
-			}
+		// Everything delivered: writing moves on to a new segment, the
+		// cursor moves to its start, durably, and only then is the
+		// delivered segment removed. A segment is never written again
+		// once delivered, so no cursor can point into records it has not
+		// seen. A crash before the new cursor is on disk leaves the one
+		// the last Commit wrote, which sends the last batch again; one
+		// after it sends nothing again, and the next open removes the
+		// delivered segment if it is still there.
+		err := s.roll()
+		if err == nil {
+			s.step("new segment open")
+			err = s.writeCursor(s.wseq, 0, true)
 		}
+		if err == nil {
+			s.step("cursor on disk")
+			delivered := s.rseq
+			s.rseq, s.roff = s.wseq, 0
+			if err := os.Remove(s.path(delivered)); err != nil && !errors.Is(err, os.ErrNotExist) {
+				rmErr = errors.Join(rmErr, fmt.Errorf("spool: remove delivered segment: %w", err))
+			}
+			return rmErr
+		}
+		rmErr = errors.Join(rmErr, err)
 	}
 	// A cursor that a crash loses only sends delivered records again.
 	return errors.Join(rmErr, s.writeCursor(s.rseq, s.roff, false))
+}
+
+func (s *Spool) step(name string) {
+	if s.afterStep != nil {
+		s.afterStep(name)
+	}
 }
 
 // writeCursor replaces the cursor file; durable, it syncs the file and the

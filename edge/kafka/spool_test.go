@@ -201,6 +201,90 @@ func TestSpoolSkipsACorruptRecordAndDeliversTheRest(t *testing.T) {
 	}
 }
 
+// When the spool empties, a kill -9 at any step of emptying it leaves a
+// directory that, opened again, sends at most the last batch again.
+func TestSpoolKilledWhileEmptyingResendsAtMostOneBatch(t *testing.T) {
+	dir := t.TempDir()
+	s, err := OpenSpool(dir, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range 50 { // 50 group commits of 100 during an outage
+		if err := s.Append(recs(i*100, 100)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Kafka is back: the spool drains in batches of 1,000.
+	for s.Depth() > 1000 {
+		rs, cur, err := s.Read(1000)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := s.Commit(cur, len(rs)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	last, cur, err := s.Read(1000)
+	if err != nil || len(last) != 1000 {
+		t.Fatalf("read the last batch: %d records, %v", len(last), err)
+	}
+	// A copy of the directory at each step is what a kill -9 there leaves.
+	type crash struct{ step, dir string }
+	var crashes []crash
+	at := func(step string) { crashes = append(crashes, crash{step, copyDir(t, dir)}) }
+	at("before the last commit")
+	s.afterStep = at
+	if err := s.Commit(cur, len(last)); err != nil {
+		t.Fatal(err)
+	}
+	at("after the last commit")
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if len(crashes) != 4 {
+		t.Fatalf("%d crash points, want the two steps of emptying the spool as well", len(crashes))
+	}
+	for _, c := range crashes {
+		t.Run(c.step, func(t *testing.T) {
+			s, err := OpenSpool(c.dir, slog.New(slog.DiscardHandler))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer s.Close()
+			got := readAllSpool(t, s)
+			if len(got) != 0 && fmt.Sprint(got) != fmt.Sprint(wantStrings(last)) {
+				t.Errorf("sent %d records again, want none or the last batch of %d", len(got), len(last))
+			}
+			if err := s.Append(recs(9000, 1)); err != nil {
+				t.Fatal(err)
+			}
+			if got := readAllSpool(t, s); fmt.Sprint(got) != "[record-009000]" {
+				t.Errorf("a new record reads back as %v", got)
+			}
+		})
+	}
+}
+
+// copyDir copies the files of dir to a new directory and returns its path.
+func copyDir(t *testing.T, dir string) string {
+	t.Helper()
+	to := t.TempDir()
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range ents {
+		b, err := os.ReadFile(filepath.Join(dir, e.Name()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(to, e.Name()), b, 0o640); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return to
+}
+
 func TestSpoolIsLockedToOneProcess(t *testing.T) {
 	dir := t.TempDir()
 	s, err := OpenSpool(dir, slog.New(slog.DiscardHandler))
