@@ -17,7 +17,6 @@ import (
 	edgekafka "github.com/tollgate-dev/tollgate/edge/kafka"
 	"github.com/tollgate-dev/tollgate/internal/edgetest"
 	"github.com/tollgate-dev/tollgate/internal/testenv"
-	"github.com/tollgate-dev/tollgate/schemas"
 )
 
 // The tests below run the test binary again as a child that cannot write
@@ -43,14 +42,6 @@ func fillDisk(t *testing.T) {
 	testenv.Must(t, syscall.Setrlimit(syscall.RLIMIT_FSIZE, &lim), "set file size limit")
 }
 
-func diskFullEvent(account string) schemas.Event {
-	ev := schemas.Event{Version: schemas.EventVersion, ID: schemas.NewEventID(), AccountID: account,
-		Environment: schemas.Live, KeyID: "key_disk", Type: "api_call", Time: time.Now(), Route: "/v1/x",
-		Method: "GET", Status: 200, Units: 1}
-	ev.Normalize()
-	return ev
-}
-
 // With the disk refusing the spool, events Kafka refused stay in memory
 // and go straight to Kafka, once each, as soon as it takes them.
 func TestDiskFullEventsWaitForKafkaInsteadOfTheSpool(t *testing.T) {
@@ -64,7 +55,7 @@ func TestDiskFullEventsWaitForKafkaInsteadOfTheSpool(t *testing.T) {
 		fillDisk(t)
 		// The topic does not exist yet, so Kafka refuses the first writes.
 		for range 50 {
-			p.Emit(diskFullEvent("acct_disk"))
+			p.Emit(edgekafka.UsageEvent("acct_disk"))
 		}
 		time.Sleep(1500 * time.Millisecond)
 		if p.KafkaUp() {
@@ -112,7 +103,7 @@ func TestDiskFullAndKafkaDownCloseEndsAndCountsTheLost(t *testing.T) {
 	testenv.Must(t, err, "new producer")
 	fillDisk(t)
 	for range 20 {
-		p.Emit(diskFullEvent("acct_disk_down"))
+		p.Emit(edgekafka.UsageEvent("acct_disk_down"))
 	}
 	time.Sleep(200 * time.Millisecond)
 	_ = p.Close()
@@ -137,7 +128,7 @@ func TestDiskFullAndKafkaDownCloseKeepsOneDeadlineForManyBatches(t *testing.T) {
 	testenv.Must(t, err, "new producer")
 	fillDisk(t)
 	for range 5000 {
-		p.Emit(diskFullEvent("acct_disk_down"))
+		p.Emit(edgekafka.UsageEvent("acct_disk_down"))
 	}
 	time.Sleep(200 * time.Millisecond)
 	start := time.Now()

@@ -34,7 +34,9 @@ func (b *logBuffer) Contains(s string) bool {
 	return strings.Contains(b.buf.String(), s)
 }
 
-func testEvent(account string) schemas.Event {
+// UsageEvent is an API call of account for the tests, which those outside
+// the package use too.
+func UsageEvent(account string) schemas.Event {
 	ev := schemas.Event{Version: schemas.EventVersion, ID: schemas.NewEventID(), AccountID: account,
 		Environment: schemas.Live, KeyID: "key_test", Type: "api_call", Time: time.Now(), Route: "/v1/x",
 		Method: "GET", Status: 200, Units: 1}
@@ -53,12 +55,12 @@ func TestEmitKeepsReturningAfterASegmentCouldNotBeOpened(t *testing.T) {
 	testenv.Must(t, err, "new producer")
 	p.spool.maxSeg = 2000 // set before the first event reaches the spool
 	for range 20 {
-		p.Emit(testEvent("acct_roll"))
+		p.Emit(UsageEvent("acct_roll"))
 	}
 	testenv.Wait(t, 10*time.Second, "20 events spooled", func() bool { return testutil.ToFloat64(p.spooled) == 20 })
 
 	withoutFreeFileDescriptors(t, func() {
-		p.Emit(testEvent("acct_roll"))
+		p.Emit(UsageEvent("acct_roll"))
 		testenv.Wait(t, 10*time.Second, "a failed spool append", func() bool { return logs.Contains("spool append failed") })
 	})
 
@@ -66,7 +68,7 @@ func TestEmitKeepsReturningAfterASegmentCouldNotBeOpened(t *testing.T) {
 	go func() {
 		defer close(done)
 		for range 300 {
-			p.Emit(testEvent("acct_roll"))
+			p.Emit(UsageEvent("acct_roll"))
 		}
 	}()
 	select {
