@@ -53,7 +53,7 @@ func TestEmitKeepsReturningAfterASegmentCouldNotBeOpened(t *testing.T) {
 	p, err := NewProducer(Config{Brokers: []string{"127.0.0.1:1"}, Topic: "usage.unreachable", SpoolDir: dir,
 		QueueSize: 100, CloseTimeout: time.Second}, nil, slog.New(slog.NewTextHandler(logs, nil)))
 	testenv.Must(t, err, "new producer")
-	p.spool.maxSeg = 2000 // set before the first event reaches the spool
+	p.spool.maxSeg = 1 // every append starts a new segment; set before the first event reaches the spool
 	for range 20 {
 		p.Emit(UsageEvent("acct_roll"))
 	}
