@@ -20,7 +20,8 @@ import (
 // and the calls that follow on this instance use the spare tokens without
 // a round trip. When half a lease is spent, the next is asked for ahead of
 // need, so a busy limit's calls do not wait for Redis at all. Spare tokens
-// not used within leaseTTL of the latest grant go back to Redis.
+// not used within leaseTTL of the latest grant go back to Redis, when that
+// is safe (refundTokens).
 //
 // A quiet limit (fewer than two calls per demandWindow) or a small burst
 // (under 16) is never leased: each call is decided in Redis alone, as
@@ -34,6 +35,15 @@ const (
 	// Every sweepEvery, leases idle for idleLease are forgotten.
 	sweepEvery = 5 * time.Second
 	idleLease  = 10 * time.Second
+	// recordTTL is how long Redis keeps the record of a grant, which a
+	// refund needs: far longer than any refund can come after the grant.
+	recordTTL = 10 * time.Second
+	// A bucket's refund ledger keeps each refund for ledgerTTL: a refund
+	// needs those of grants up to recordTTL older than its own grant, made
+	// up to recordTTL later than theirs.
+	ledgerTTL = 2 * recordTTL
+	// ledgerPrefix names a bucket's refund ledger.
+	ledgerPrefix = "rate-refunds:"
 )
 
 // lease is one instance's spare tokens for one set of limits.
@@ -45,8 +55,10 @@ type lease struct {
 	tokens    int
 	grantedAt time.Time
 	gen       uint64
-	// granted is the size of the latest grant.
+	// granted is the size of the latest grant. held names the grants whose
+	// tokens the lease may still hold, oldest first.
 	granted int
+	held    []heldGrant
 	// res is Redis's answer for the latest grant, after charging it whole;
 	// limits are the limits it was granted for.
 	res    edge.CallResult
@@ -64,6 +76,14 @@ type lease struct {
 	// swept is set when the sweep forgets the lease, so a slot that still
 	// holds it looks it up again.
 	swept atomic.Bool
+}
+
+// heldGrant is a grant whose tokens a lease may still hold: Redis's record
+// of it, and at most how many of the lease's tokens are its own. Calls
+// spend the oldest tokens first, so the newest grants hold what is left.
+type heldGrant struct {
+	record string
+	tokens int
 }
 
 // slotted is what a CallLimits.Slot holds: the lease for the limits id.
@@ -143,7 +163,7 @@ func (l *Limiter) leased(c edge.CallLimits) (edge.CallResult, error) {
 	}
 	le.mu.Unlock()
 
-	res, grant, err := l.ask(c, want, false)
+	res, grant, record, err := l.ask(c, want, false)
 	le.mu.Lock()
 	defer le.mu.Unlock()
 	if asked != nil {
@@ -162,7 +182,7 @@ func (l *Limiter) leased(c edge.CallLimits) (edge.CallResult, error) {
 	if err != nil || grant <= 1 {
 		return res, err
 	}
-	return l.store(le, c, res, grant, grant-1), nil
+	return l.store(le, c, res, grant, grant-1, record), nil
 }
 
 // leaseFor finds the lease for c's limits: in c's slot when it holds the
@@ -229,7 +249,7 @@ func (le *lease) awaitGrant() {
 // prefetch asks Redis for the lease's next tokens while it still holds
 // some.
 func (l *Limiter) prefetch(le *lease, c edge.CallLimits, want int, asked chan struct{}) {
-	res, grant, err := l.ask(c, want, true)
+	res, grant, record, err := l.ask(c, want, true)
 	le.mu.Lock()
 	defer le.mu.Unlock()
 	le.asking = nil
@@ -239,22 +259,23 @@ func (l *Limiter) prefetch(le *lease, c edge.CallLimits, want int, asked chan st
 		// no tokens left: the lease spends what it holds.
 		return
 	}
-	l.store(le, c, res, grant, grant)
+	l.store(le, c, res, grant, grant, record)
 }
 
-// store adds spare tokens of a grant of grant tokens to the lease, with
-// le.mu held, and returns the answer for a call made now. Tokens still
-// fresh stay; stale ones go back to Redis.
-func (l *Limiter) store(le *lease, c edge.CallLimits, res edge.CallResult, grant, spare int) edge.CallResult {
+// store adds spare tokens of a grant of grant tokens, recorded in Redis
+// under record, to the lease, with le.mu held, and returns the answer for a
+// call made now. Tokens still fresh stay; stale ones go back to Redis.
+func (l *Limiter) store(le *lease, c edge.CallLimits, res edge.CallResult, grant, spare int, record string) edge.CallResult {
 	// The lease's life runs from the grant's arrival: Redis charged the
 	// tokens during the round trip, so they may be used for up to one
 	// round trip plus leaseTTL after they were counted.
 	arrived := time.Now()
 	if le.tokens > 0 && arrived.Sub(le.grantedAt) >= leaseTTL {
-		go l.refund(c, le.tokens)
+		go l.refund(c, le.tokens, le.held)
 		le.tokens = 0
 	}
 	le.gen++
+	le.held = append(keepHeld(le.held, le.tokens), heldGrant{record: record, tokens: spare})
 	le.tokens += spare
 	le.granted, le.grantedAt, le.res, le.limits = grant, arrived, res, c
 	gen := le.gen
@@ -287,32 +308,54 @@ func (l *Limiter) expire(le *lease, gen uint64, c edge.CallLimits) {
 		le.mu.Unlock()
 		return
 	}
-	n := le.tokens
-	le.tokens = 0
+	n, held := le.tokens, le.held
+	le.tokens, le.held = 0, nil
 	le.mu.Unlock()
-	l.refund(c, n)
+	l.refund(c, n, held)
 }
 
-// refund gives n unused tokens back: each bucket's theoretical arrival
-// time moves back by n emission intervals and the quota count drops by n,
-// as if the calls they were for had never been counted. A failed refund
-// errs towards refusing early, never towards allowing too much.
-func (l *Limiter) refund(c edge.CallLimits, n int) {
-	keys := make([]string, 0, len(c.Buckets)+1)
+// keepHeld returns the newest of held that can hold n tokens, in a new
+// slice: the older grants' tokens have all been spent.
+func keepHeld(held []heldGrant, n int) []heldGrant {
+	i := len(held)
+	for left := n; i > 0 && left > 0; i-- {
+		left -= held[i-1].tokens
+	}
+	return append([]heldGrant(nil), held[i:]...)
+}
+
+// refund gives a lease's n unused tokens back, each against the record of
+// the grant it came from, the newest grants' first. refundTokens says what
+// goes back, and when.
+func (l *Limiter) refund(c edge.CallLimits, n int, held []heldGrant) {
+	for i := len(held) - 1; i >= 0 && n > 0; i-- {
+		k := min(n, held[i].tokens)
+		l.refundGrant(c, k, held[i].record)
+		n -= k
+	}
+}
+
+// refundGrant gives n unused tokens of the grant Redis recorded under
+// record back. A failed refund errs towards refusing early, never towards
+// allowing too much.
+func (l *Limiter) refundGrant(c edge.CallLimits, n int, record string) {
+	keys := make([]string, 0, 2*len(c.Buckets)+2)
 	for _, id := range c.Buckets {
 		keys = append(keys, gcraPrefix+id)
 	}
 	if c.QuotaBucket != "" {
 		keys = append(keys, c.QuotaBucket)
 	}
+	keys = append(appendLedgers(keys, c), record)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 	defer cancel()
-	err := refundTokens.Run(ctx, l.rdb, keys, n, len(c.Buckets), 1/float64(max(1, c.RPS))).Err()
+	back, err := refundTokens.Run(ctx, l.rdb, keys, n, len(c.Buckets), 1/float64(max(1, c.RPS)),
+		int64(ledgerTTL.Seconds())).Int()
 	if err != nil {
 		l.refundErrs.Add(1)
 		return
 	}
-	l.refunded.Add(uint64(n))
+	l.refunded.Add(uint64(back))
 }
 
 // sweep forgets leases that hold no tokens and saw no call for idleLease,
@@ -334,25 +377,103 @@ func (l *Limiter) sweep() {
 	})
 }
 
-// refundTokens gives ARGV[1] tokens back to the first ARGV[2] keys (rate
-// buckets: their theoretical arrival time moves back by that many
-// emission intervals of ARGV[3] seconds) and to the quota counter after
-// them, if any. Keys that have expired meanwhile are left alone: a bucket
-// that expired is full, and a quota counter that expired is a new month's.
+// appendLedgers appends the refund ledgers of c's buckets to keys.
+func appendLedgers(keys []string, c edge.CallLimits) []string {
+	for _, id := range c.Buckets {
+		keys = append(keys, ledgerPrefix+id)
+	}
+	return keys
+}
+
+// refundTokens gives back ARGV[1] unused tokens of a lease. KEYS: ARGV[2]
+// rate buckets (emission interval e = ARGV[3] seconds), the quota counter
+// if any, each bucket's refund ledger, then the record of the grant the
+// tokens came from: its size g, Redis's time at the grant t_g, and each
+// bucket's arrival time (TAT) right after it, tat_g. A ledger is a sorted
+// set of the refunds on its bucket, scored by their grant's time, each
+// with its own time and how far it moved the TAT back; it keeps them
+// ARGV[4] seconds. Returns the tokens given back: to the quota when there
+// is one, else the fewest any bucket took.
+//
+// GCRA's TAT is the end of a queue of charged tokens, each e seconds long,
+// that drains as Redis's clock passes it; a charge adds tokens at the end
+// (after a new start at now, when the queue has drained). A refund of m
+// tokens takes them out of the queue, and every token after them moves
+// forward by m·e: the TAT moves back by m·e. If none of those m tokens had
+// drained, ever, that is exactly the queue the bucket would hold had they
+// never been charged: every charge since found the queue as long, less
+// m·e, and so passed GCRA's test there too and was added the same way.
+// The fleet's history is then a valid GCRA history in which each lease
+// got just the tokens it used, and GCRA's own bound holds for it: at most
+// burst + rate × T + 1 calls in any T.
+//
+// A lease's unused tokens are taken to be the last m of its grant (m <= g;
+// tokens left from an earlier grant go back against that grant's record).
+// Right after the grant they ended at tat_g; since then they have moved
+// forward only by the refunds of tokens charged before them: of grants
+// made no later than t_g (ties counted, to be safe), made since t_g. Call
+// that ΔR. Tokens only move forward and the clock only moves on, so if
+//
+//	now + m·e + ΔR <= tat_g
+//
+// they have not drained, and never had. Each bucket takes back the most
+// tokens, up to n and g, that keep this; tokens a bucket has refilled
+// since the grant are never given back, and tokens not given back stay
+// charged until the bucket refills, which only refuses early. A ledger
+// entry outlives every record that can need it, as recordTTL and
+// ledgerTTL say.
+//
+// The quota counter goes down by n, floored at 0, while the record exists.
+// Counting has no refill: as long as the counter still holds the grant, n
+// unused tokens taken off leave exactly the count of the calls made. The
+// record is written by the same script run as the grant, so a Redis that
+// lost the grant (a restart without persistence, a failover to a replica
+// that was behind) has lost the record too, and a fresh counter is left
+// alone. The record goes with the refund, so it is never applied twice.
 var refundTokens = redis.NewScript(`
+redis.replicate_commands()
+local rec = redis.call("GET", KEYS[#KEYS])
+if not rec then return 0 end
+redis.call("DEL", KEYS[#KEYS])
+local f = {}
+for w in string.gmatch(rec, "%S+") do f[#f + 1] = tonumber(w) end
+local t = redis.call("TIME")
+local now = (t[1] - 1483228800) + (t[2] / 1000000)
 local n = tonumber(ARGV[1])
 local buckets = tonumber(ARGV[2])
-local ei = tonumber(ARGV[3])
+local e = tonumber(ARGV[3])
+local keep = tonumber(ARGV[4])
+local g, t_g = f[1], f[2]
+local ledgers = #KEYS - buckets
+local back = math.min(n, g)
 for i = 1, buckets do
-  local v = redis.call("GET", KEYS[i])
-  if v then redis.call("SET", KEYS[i], tonumber(v) - n * ei, "KEEPTTL") end
+  local ledger = KEYS[ledgers + i - 1]
+  redis.call("ZREMRANGEBYSCORE", ledger, "-inf", "(" .. string.format("%.17g", now - keep))
+  -- Refunds since t_g of grants made no later than t_g.
+  local dr = 0
+  for _, entry in ipairs(redis.call("ZRANGEBYSCORE", ledger, string.format("%.17g", now - keep), string.format("%.17g", t_g))) do
+    local at, moved = string.match(entry, "^(%S+) (%S+)")
+    if tonumber(at) >= t_g then dr = dr + tonumber(moved) end
+  end
+  local v = tonumber(redis.call("GET", KEYS[i]) or "")
+  local m = 0
+  if v then m = math.max(0, math.min(n, g, math.floor((f[2 + i] - now - dr) / e))) end
+  if m > 0 then
+    redis.call("SET", KEYS[i], v - m * e, "KEEPTTL")
+    redis.call("ZADD", ledger, string.format("%.17g", t_g),
+      string.format("%.17g %.17g ", now, m * e) .. KEYS[#KEYS])
+    redis.call("EXPIRE", ledger, keep)
+  end
+  back = math.min(back, m)
 end
-if #KEYS > buckets then
+if #KEYS - 1 > 2 * buckets then
   local q = KEYS[buckets + 1]
   local v = redis.call("GET", q)
-  if v then redis.call("SET", q, math.max(0, tonumber(v) - n), "KEEPTTL") end
+  if not v then return 0 end
+  redis.call("SET", q, math.max(0, tonumber(v) - n), "KEEPTTL")
+  back = n
 end
-return 1
+return back
 `)
 
 // ReturnLeases gives every spare token back to Redis, for a graceful stop:
@@ -368,15 +489,15 @@ func (l *Limiter) ReturnLeases() {
 		for le.asking != nil {
 			le.awaitGrant() // grants on their way are given back with the rest
 		}
-		n, c := le.tokens, le.limits
-		le.tokens = 0
+		n, c, held := le.tokens, le.limits, le.held
+		le.tokens, le.held = 0, nil
 		le.gen++ // the pending expiry has nothing left to give back
 		le.mu.Unlock()
 		if n > 0 {
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				l.refund(c, n)
+				l.refund(c, n, held)
 			}()
 		}
 		return true

@@ -4,8 +4,11 @@ package redis
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -49,6 +52,10 @@ type Limiter struct {
 	// rest are counted by the leases themselves); refunded counts the
 	// tokens given back, refundErrs the failed refunds.
 	sweptServed, refunded, refundErrs atomic.Uint64
+
+	// instance and grants name each lease grant's record (recordKey).
+	instance string
+	grants   atomic.Uint64
 }
 
 type callRequest struct {
@@ -84,7 +91,16 @@ const gcraPrefix = "rate:"
 
 // NewLimiter uses rdb for every counter.
 func NewLimiter(rdb redis.UniversalClient) *Limiter {
-	return &Limiter{rdb: rdb, gcra: redis_rate.NewLimiter(rdb)}
+	var id [8]byte
+	_, _ = rand.Read(id[:]) // never fails (crypto/rand)
+	return &Limiter{rdb: rdb, gcra: redis_rate.NewLimiter(rdb), instance: hex.EncodeToString(id[:])}
+}
+
+// recordKey names the record of a new lease grant on the limits whose first
+// key is first, in that key's namespace: the instance's random id and a
+// count make it unique across instances and restarts.
+func (l *Limiter) recordKey(first string) string {
+	return first + ":lease:" + l.instance + ":" + strconv.FormatUint(l.grants.Add(1), 36)
 }
 
 // Batched reports how many script runs decided how many AllowCall calls
@@ -250,12 +266,18 @@ func (l *Limiter) Take(ctx context.Context, bucket string, limit int64, ttl time
 // KEYS: each call's keys one call after another: its buckets, then its
 // quota counter when it has one.
 // ARGV: the number of calls, then for each call its number of keys, burst,
-// rate, period (s), with quota ("1" or "0"), quota limit, quota expiry (s).
+// rate, period (s), with quota ("1" or "0"), quota limit, quota expiry (s),
+// tokens wanted, and how long to keep a record of a lease (ms, 0 = none).
+// A call that keeps a record has one more key, the record's, after the
+// quota counter. A grant writes there what a refund needs to give tokens
+// back safely (refundTokens, lease.go): the grant's size, Redis's time, and
+// each bucket's arrival time right after the grant.
 //
 // Returns one array per call: four values per bucket checked (allowed,
 // remaining, and retry_after and reset_after in microseconds rounded up,
-// else as redis_rate), then (allowed, count) for the quota; or an error for a call whose keys failed, leaving
-// the other calls' answers standing.
+// else as redis_rate), then (allowed, count) for the quota, then the
+// tokens granted; or an error for a call whose keys failed, leaving the
+// other calls' answers standing.
 var allowCalls = redis.NewScript(`
 redis.replicate_commands()
 local jan_1_2017 = 1483228800
@@ -286,8 +308,10 @@ local function decide(first, nkeys, a)
   local period = tonumber(ARGV[a + 2])
   local with_quota = ARGV[a + 3] == "1"
   local want = tonumber(ARGV[a + 6])
+  local record_ms = tonumber(ARGV[a + 7])
   local buckets = nkeys
   if with_quota then buckets = buckets - 1 end
+  if record_ms > 0 then buckets = buckets - 1 end
   local emission_interval = period / rate
   local burst_offset = emission_interval * burst
 
@@ -363,6 +387,13 @@ local function decide(first, nkeys, a)
     local n = #out
     out[n + 1], out[n + 2] = 1, count + grant
   end
+  if record_ms > 0 then
+    local rec = {grant, string.format("%.17g", now)}
+    for i = first, first + buckets - 1 do
+      rec[#rec + 1] = string.format("%.17g", cache[KEYS[i]].v)
+    end
+    redis.call("SET", KEYS[first + nkeys - 1], table.concat(rec, " "), "PX", record_ms)
+  end
   out[#out + 1] = grant
   return out
 end
@@ -380,7 +411,7 @@ for c = 1, tonumber(ARGV[1]) do
     replies[c] = {err = tostring(out)}
   end
   first = first + nkeys
-  a = a + 8
+  a = a + 9
 end
 
 for k, e in pairs(cache) do
@@ -408,9 +439,10 @@ func (l *Limiter) AllowCall(ctx context.Context, c edge.CallLimits) (edge.CallRe
 // ask decides one call in Redis (or, ahead, asks for a lease with no call)
 // and asks for up to want tokens for c's buckets and quota: grant is how
 // many it got (0 when the call is refused), and res is the answer after
-// charging all of them.
-func (l *Limiter) ask(c edge.CallLimits, want int, ahead bool) (res edge.CallResult, grant int, err error) {
-	keys := make([]string, 0, len(c.Buckets)+1)
+// charging all of them. When want is more than one, Redis keeps a record
+// of the grant under record, for the refund.
+func (l *Limiter) ask(c edge.CallLimits, want int, ahead bool) (res edge.CallResult, grant int, record string, err error) {
+	keys := make([]string, 0, len(c.Buckets)+2)
 	for _, id := range c.Buckets {
 		keys = append(keys, gcraPrefix+id)
 	}
@@ -419,15 +451,21 @@ func (l *Limiter) ask(c edge.CallLimits, want int, ahead bool) (res edge.CallRes
 		keys = append(keys, c.QuotaBucket)
 		withQuota = 1
 	}
-	v, err := l.batched(ahead, keys, c.Burst, c.RPS, 1, withQuota, c.QuotaLimit, int64(c.QuotaTTL.Seconds())+1, want)
+	var recordMS int64
+	if want > 1 && len(keys) > 0 {
+		record = l.recordKey(keys[0])
+		keys = append(keys, record)
+		recordMS = recordTTL.Milliseconds()
+	}
+	v, err := l.batched(ahead, keys, c.Burst, c.RPS, 1, withQuota, c.QuotaLimit, int64(c.QuotaTTL.Seconds())+1, want, recordMS)
 	if err != nil {
-		return res, 0, fmt.Errorf("redis call limits: %w", err)
+		return res, 0, "", fmt.Errorf("redis call limits: %w", err)
 	}
 	res, grant, err = parseCall(v, c)
 	if err != nil {
-		return res, 0, fmt.Errorf("redis call limits: %w", err)
+		return res, 0, "", fmt.Errorf("redis call limits: %w", err)
 	}
-	return res, grant, nil
+	return res, grant, record, nil
 }
 
 var errReply = errors.New("unexpected script reply")
