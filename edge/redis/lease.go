@@ -42,6 +42,10 @@ const (
 	// needs those of grants up to recordTTL older than its own grant, made
 	// up to recordTTL later than theirs.
 	ledgerTTL = 2 * recordTTL
+	// A lease request whose reply timed out is given back lostGrantDelay
+	// later (it may have been granted): after the second the edge stays
+	// on its local limiter when Redis fails, and well within recordTTL.
+	lostGrantDelay = 2 * time.Second
 	// ledgerPrefix names a bucket's refund ledger.
 	ledgerPrefix = "rate-refunds:"
 )
@@ -333,6 +337,14 @@ func (l *Limiter) refund(c edge.CallLimits, n int, held []heldGrant) {
 		l.refundGrant(c, k, held[i].record)
 		n -= k
 	}
+}
+
+// refundLost gives back, lostGrantDelay from now, the grant recorded under
+// record of a lease request for want tokens whose reply was lost. If Redis
+// did not run the request, or refused it, there is no record and nothing
+// goes back; if it did, none of the grant was used.
+func (l *Limiter) refundLost(c edge.CallLimits, want int, record string) {
+	time.AfterFunc(lostGrantDelay, func() { l.refundGrant(c, want, record) })
 }
 
 // refundGrant gives n unused tokens of the grant Redis recorded under

@@ -8,6 +8,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"net"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -459,6 +460,11 @@ func (l *Limiter) ask(c edge.CallLimits, want int, ahead bool) (res edge.CallRes
 	}
 	v, err := l.batched(ahead, keys, c.Burst, c.RPS, 1, withQuota, c.QuotaLimit, int64(c.QuotaTTL.Seconds())+1, want, recordMS)
 	if err != nil {
+		if record != "" && isTimeout(err) {
+			// The script may have run and charged a grant whose answer
+			// was lost: give it back once Redis is likely to answer again.
+			l.refundLost(c, want, record)
+		}
 		return res, 0, "", fmt.Errorf("redis call limits: %w", err)
 	}
 	res, grant, err = parseCall(v, c)
@@ -469,6 +475,13 @@ func (l *Limiter) ask(c edge.CallLimits, want int, ahead bool) (res edge.CallRes
 }
 
 var errReply = errors.New("unexpected script reply")
+
+// isTimeout tells whether err may have come after Redis ran the command:
+// the reply did not come in time.
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout() || errors.Is(err, context.DeadlineExceeded)
+}
 
 func parseCall(v []any, c edge.CallLimits) (edge.CallResult, int, error) {
 	res := edge.CallResult{Rates: make([]edge.RateResult, 0, len(c.Buckets))}

@@ -2,7 +2,11 @@ package redis_test
 
 import (
 	"context"
+	"io"
+	"net"
 	"strconv"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -92,5 +96,102 @@ func TestRefundAfterRedisLostTheGrantLeavesTheQuotaAlone(t *testing.T) {
 	testenv.Must(t, err, "read quota counter")
 	if n != 20 {
 		t.Fatalf("quota counter %d after the leases expired, want the 20 calls counted since Redis lost its data", n)
+	}
+}
+
+// slowProxy passes a Redis connection through, holding Redis's replies
+// back while slow is set: a client's read times out although Redis ran
+// its command.
+type slowProxy struct {
+	addr string
+	slow atomic.Bool
+}
+
+func newSlowProxy(t *testing.T, target string) *slowProxy {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	testenv.Must(t, err, "listen")
+	t.Cleanup(func() { _ = ln.Close() })
+	p := &slowProxy{addr: ln.Addr().String()}
+	go func() {
+		for {
+			client, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			server, err := net.Dial("tcp", target)
+			if err != nil {
+				_ = client.Close()
+				continue
+			}
+			go func() {
+				_, _ = io.Copy(server, client)
+				_ = server.Close()
+			}()
+			go func() {
+				defer client.Close()
+				buf := make([]byte, 64<<10)
+				for {
+					n, err := server.Read(buf)
+					if err != nil {
+						return
+					}
+					if p.slow.Load() {
+						time.Sleep(400 * time.Millisecond)
+					}
+					if _, err := client.Write(buf[:n]); err != nil {
+						return
+					}
+				}
+			}()
+		}
+	}()
+	return p
+}
+
+// A lease request whose reply times out may still have been granted in
+// Redis: the grant is given back later, so the quota counts exactly the
+// calls allowed.
+func TestLostLeaseGrantIsGivenBack(t *testing.T) {
+	ctx := context.Background()
+	r := testenv.NewRedis(t)
+	proxy := newSlowProxy(t, testenv.RedisAddr())
+	rdb := redis.NewClient(&redis.Options{Addr: proxy.addr, ReadTimeout: 100 * time.Millisecond, MaxRetries: -1})
+	t.Cleanup(func() { _ = rdb.Close() })
+	l := edgeredis.NewLimiter(rdb)
+	c := edge.CallLimits{Buckets: []string{r.Prefix + "key"}, RPS: 1, Burst: 100_000,
+		QuotaBucket: r.Prefix + "quota", QuotaLimit: 10_000, QuotaTTL: time.Hour}
+	t.Cleanup(func() { r.Client.Del(ctx, "rate:"+r.Prefix+"key") })
+	var allowed, failed atomic.Int64
+	burst := func(n int) {
+		var wg sync.WaitGroup
+		for range n {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				res, err := l.AllowCall(ctx, c)
+				switch {
+				case err != nil:
+					failed.Add(1)
+				case res.QuotaAllowed:
+					allowed.Add(1)
+				}
+			}()
+		}
+		wg.Wait()
+	}
+	burst(200) // busy: the next calls ask for leases
+	proxy.slow.Store(true)
+	burst(200)
+	time.Sleep(500 * time.Millisecond) // the held replies are gone
+	proxy.slow.Store(false)
+	if failed.Load() == 0 {
+		t.Fatal("no call timed out while Redis's replies were held back")
+	}
+	time.Sleep(3 * time.Second) // lost grants go back 2 s after the timeout
+	n, err := r.Client.Get(ctx, c.QuotaBucket).Int64()
+	testenv.Must(t, err, "read quota counter")
+	if n != allowed.Load() {
+		t.Fatalf("quota counter %d, but %d calls were allowed (%d timed out)", n, allowed.Load(), failed.Load())
 	}
 }
