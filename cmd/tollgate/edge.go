@@ -252,7 +252,10 @@ func (m *EdgeMain) Close() error {
 		errs = append(errs, m.auditor.Close())
 	}
 	if m.limiter != nil {
-		m.limiter.ReturnLeases()
+		// Before the Redis client closes: refunds already in flight finish.
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		errs = append(errs, m.limiter.ReturnLeases(ctx))
+		cancel()
 	}
 	if m.rdb != nil {
 		errs = append(errs, m.rdb.Close())

@@ -2,6 +2,7 @@ package redis
 
 import (
 	"context"
+	"fmt"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -275,7 +276,11 @@ func (l *Limiter) store(le *lease, c edge.CallLimits, res edge.CallResult, grant
 	// round trip plus leaseTTL after they were counted.
 	arrived := time.Now()
 	if le.tokens > 0 && arrived.Sub(le.grantedAt) >= leaseTTL {
-		go l.refund(c, le.tokens, le.held)
+		l.refunds.start()
+		go func(n int, held []heldGrant) {
+			defer l.refunds.done()
+			l.refund(c, n, held)
+		}(le.tokens, le.held)
 		le.tokens = 0
 	}
 	le.gen++
@@ -314,7 +319,9 @@ func (l *Limiter) expire(le *lease, gen uint64, c edge.CallLimits) {
 	}
 	n, held := le.tokens, le.held
 	le.tokens, le.held = 0, nil
+	l.refunds.start() // with le.mu held: ReturnLeases sees it (refunds)
 	le.mu.Unlock()
+	defer l.refunds.done()
 	l.refund(c, n, held)
 }
 
@@ -344,7 +351,89 @@ func (l *Limiter) refund(c edge.CallLimits, n int, held []heldGrant) {
 // did not run the request, or refused it, there is no record and nothing
 // goes back; if it did, none of the grant was used.
 func (l *Limiter) refundLost(c edge.CallLimits, want int, record string) {
-	time.AfterFunc(lostGrantDelay, func() { l.refundGrant(c, want, record) })
+	l.refunds.mu.Lock()
+	defer l.refunds.mu.Unlock()
+	if l.refunds.lost == nil {
+		l.refunds.lost = make(map[string]lostGrant)
+	}
+	timer := time.AfterFunc(lostGrantDelay, func() { l.sendLost(record) })
+	l.refunds.lost[record] = lostGrant{c: c, want: want, timer: timer}
+}
+
+// sendLost gives back the lost grant recorded under record, unless
+// ReturnLeases has already.
+func (l *Limiter) sendLost(record string) {
+	l.refunds.mu.Lock()
+	g, ok := l.refunds.lost[record]
+	delete(l.refunds.lost, record)
+	if ok {
+		l.refunds.startLocked()
+	}
+	l.refunds.mu.Unlock()
+	if ok {
+		defer l.refunds.done()
+		l.refundGrant(g.c, g.want, record)
+	}
+}
+
+// lostGrant is a lease request whose reply was lost, waiting to be given
+// back.
+type lostGrant struct {
+	c     edge.CallLimits
+	want  int
+	timer *time.Timer
+}
+
+// refunds tracks the refunds in flight, so a graceful stop can wait for
+// them before the Redis client closes, and the lost grants waiting to be
+// given back. (A WaitGroup would do for the first, but its Wait cannot be
+// bounded by a context, and an expiry that starts a refund while a stop
+// waits would be an Add racing a Wait.)
+type refunds struct {
+	mu       sync.Mutex
+	inFlight int
+	// idle is closed when inFlight falls to 0.
+	idle chan struct{}
+	lost map[string]lostGrant
+}
+
+func (r *refunds) start() {
+	r.mu.Lock()
+	r.startLocked()
+	r.mu.Unlock()
+}
+
+func (r *refunds) startLocked() {
+	if r.inFlight == 0 {
+		r.idle = make(chan struct{})
+	}
+	r.inFlight++
+}
+
+func (r *refunds) done() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.inFlight--
+	if r.inFlight == 0 {
+		close(r.idle)
+	}
+}
+
+// wait waits until no refund is in flight, or ctx is done.
+func (r *refunds) wait(ctx context.Context) error {
+	r.mu.Lock()
+	idle := r.idle
+	if r.inFlight == 0 {
+		r.mu.Unlock()
+		return nil
+	}
+	r.mu.Unlock()
+	select {
+	case <-idle:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
 }
 
 // refundGrant gives n unused tokens of the grant Redis recorded under
@@ -490,10 +579,11 @@ return back
 
 // ReturnLeases gives every spare token back to Redis, for a graceful stop:
 // otherwise a stopped instance's spare tokens stay counted until the rate
-// buckets refill, and against the month's quota for good. No lease asks
-// for more tokens ahead of need afterwards.
-func (l *Limiter) ReturnLeases() {
-	var wg sync.WaitGroup
+// buckets refill, and against the month's quota for good. Lost grants
+// waiting to be given back go at once. It returns when every refund,
+// these and those already in flight, is done, or with ctx's error when ctx
+// is done first. No lease asks for more tokens ahead of need afterwards.
+func (l *Limiter) ReturnLeases(ctx context.Context) error {
 	l.returning.Store(true)
 	l.leases.Range(func(_, v any) bool {
 		le := v.(*lease)
@@ -506,13 +596,28 @@ func (l *Limiter) ReturnLeases() {
 		le.gen++ // the pending expiry has nothing left to give back
 		le.mu.Unlock()
 		if n > 0 {
-			wg.Add(1)
+			l.refunds.start()
 			go func() {
-				defer wg.Done()
+				defer l.refunds.done()
 				l.refund(c, n, held)
 			}()
 		}
 		return true
 	})
-	wg.Wait()
+	l.refunds.mu.Lock()
+	for record, g := range l.refunds.lost {
+		// A timer that fires meanwhile finds its grant gone (sendLost).
+		g.timer.Stop()
+		delete(l.refunds.lost, record)
+		l.refunds.startLocked()
+		go func() {
+			defer l.refunds.done()
+			l.refundGrant(g.c, g.want, record)
+		}()
+	}
+	l.refunds.mu.Unlock()
+	if err := l.refunds.wait(ctx); err != nil {
+		return fmt.Errorf("return leases: %w", err)
+	}
+	return nil
 }

@@ -85,7 +85,7 @@ func TestLeases(t *testing.T) {
 
 	t.Run("a graceful stop gives spare tokens back at once", func(t *testing.T) {
 		r, l, c := busyLimits(t)
-		l.ReturnLeases()
+		testenv.Must(t, l.ReturnLeases(context.Background()), "ReturnLeases")
 		n, err := r.Client.Get(context.Background(), c.QuotaBucket).Int()
 		testenv.Must(t, err, "read quota counter")
 		if n != 600 {

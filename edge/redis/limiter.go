@@ -54,6 +54,9 @@ type Limiter struct {
 	// tokens given back, refundErrs the failed refunds.
 	sweptServed, refunded, refundErrs atomic.Uint64
 
+	// refunds tracks the refunds in flight and the lost grants (lease.go).
+	refunds refunds
+
 	// instance and grants name each lease grant's record (recordKey).
 	instance string
 	grants   atomic.Uint64

@@ -2,7 +2,6 @@ package redis_test
 
 import (
 	"context"
-	"io"
 	"net"
 	"strconv"
 	"sync"
@@ -99,12 +98,31 @@ func TestRefundAfterRedisLostTheGrantLeavesTheQuotaAlone(t *testing.T) {
 	}
 }
 
-// slowProxy passes a Redis connection through, holding Redis's replies
-// back while slow is set: a client's read times out although Redis ran
-// its command.
+// slowProxy passes Redis connections through, holding each chunk of
+// Redis's replies back 400 ms while slowReplies is set (a client's read
+// times out although Redis ran its command), and each chunk of the
+// clients' requests while slowRequests is set.
 type slowProxy struct {
-	addr string
-	slow atomic.Bool
+	addr                      string
+	slowReplies, slowRequests atomic.Bool
+}
+
+// pass copies from to to, holding each chunk back while slow is set.
+func pass(to, from net.Conn, slow *atomic.Bool) {
+	defer to.Close()
+	buf := make([]byte, 64<<10)
+	for {
+		n, err := from.Read(buf)
+		if err != nil {
+			return
+		}
+		if slow.Load() {
+			time.Sleep(400 * time.Millisecond)
+		}
+		if _, err := to.Write(buf[:n]); err != nil {
+			return
+		}
+	}
 }
 
 func newSlowProxy(t *testing.T, target string) *slowProxy {
@@ -124,26 +142,8 @@ func newSlowProxy(t *testing.T, target string) *slowProxy {
 				_ = client.Close()
 				continue
 			}
-			go func() {
-				_, _ = io.Copy(server, client)
-				_ = server.Close()
-			}()
-			go func() {
-				defer client.Close()
-				buf := make([]byte, 64<<10)
-				for {
-					n, err := server.Read(buf)
-					if err != nil {
-						return
-					}
-					if p.slow.Load() {
-						time.Sleep(400 * time.Millisecond)
-					}
-					if _, err := client.Write(buf[:n]); err != nil {
-						return
-					}
-				}
-			}()
+			go pass(server, client, &p.slowRequests)
+			go pass(client, server, &p.slowReplies)
 		}
 	}()
 	return p
@@ -181,10 +181,10 @@ func TestLostLeaseGrantIsGivenBack(t *testing.T) {
 		wg.Wait()
 	}
 	burst(200) // busy: the next calls ask for leases
-	proxy.slow.Store(true)
+	proxy.slowReplies.Store(true)
 	burst(200)
 	time.Sleep(500 * time.Millisecond) // the held replies are gone
-	proxy.slow.Store(false)
+	proxy.slowReplies.Store(false)
 	if failed.Load() == 0 {
 		t.Fatal("no call timed out while Redis's replies were held back")
 	}
@@ -193,5 +193,33 @@ func TestLostLeaseGrantIsGivenBack(t *testing.T) {
 	testenv.Must(t, err, "read quota counter")
 	if n != allowed.Load() {
 		t.Fatalf("quota counter %d, but %d calls were allowed (%d timed out)", n, allowed.Load(), failed.Load())
+	}
+}
+
+// A graceful stop waits for refunds already on their way (here an expired
+// lease's, held back in the proxy) before the Redis client closes, so the
+// quota counts exactly the calls made.
+func TestReturnLeasesWaitsForRefundsInFlight(t *testing.T) {
+	ctx := context.Background()
+	r := testenv.NewRedis(t)
+	proxy := newSlowProxy(t, testenv.RedisAddr())
+	rdb := redis.NewClient(&redis.Options{Addr: proxy.addr, ReadTimeout: 2 * time.Second, MaxRetries: -1})
+	l := edgeredis.NewLimiter(rdb)
+	c := edge.CallLimits{Buckets: []string{r.Prefix + "key"}, RPS: 1, Burst: 100_000,
+		QuotaBucket: r.Prefix + "quota", QuotaLimit: 10_000, QuotaTTL: time.Hour}
+	t.Cleanup(func() { r.Client.Del(ctx, "rate:"+r.Prefix+"key") })
+	for range 3 {
+		if got := burstOf(t, 200, c, l); got != 200 {
+			t.Fatalf("%d of 200 calls allowed under a quota of 10,000", got)
+		}
+	}
+	proxy.slowRequests.Store(true)
+	time.Sleep(60 * time.Millisecond) // the lease expired: its refund is held in the proxy
+	testenv.Must(t, l.ReturnLeases(ctx), "ReturnLeases")
+	testenv.Must(t, rdb.Close(), "close the client")
+	n, err := r.Client.Get(ctx, c.QuotaBucket).Int()
+	testenv.Must(t, err, "read quota counter")
+	if n != 600 {
+		t.Fatalf("quota counter %d once ReturnLeases returned, want the 600 calls made", n)
 	}
 }
