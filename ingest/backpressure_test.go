@@ -26,9 +26,13 @@ import (
 type gatedSink struct {
 	ingest.Sink
 	open chan struct{}
+	// giveUp is how long the nth insert (from 1) takes to give up once its
+	// context ends, as a driver tearing down a connection may: later
+	// inserts take longer.
+	giveUp time.Duration
 
-	mu           sync.Mutex
-	waiting, max int
+	mu                  sync.Mutex
+	waiting, max, calls int
 }
 
 func (g *gatedSink) Insert(ctx context.Context, groups ...[]ingest.Record) error {
@@ -39,6 +43,8 @@ func (g *gatedSink) Insert(ctx context.Context, groups ...[]ingest.Record) error
 	g.mu.Lock()
 	g.waiting += n
 	g.max = max(g.max, g.waiting)
+	g.calls++
+	call := g.calls
 	g.mu.Unlock()
 	defer func() {
 		g.mu.Lock()
@@ -48,6 +54,7 @@ func (g *gatedSink) Insert(ctx context.Context, groups ...[]ingest.Record) error
 	select {
 	case <-g.open:
 	case <-ctx.Done():
+		time.Sleep(time.Duration(call) * g.giveUp)
 		return ctx.Err()
 	}
 	return g.Sink.Insert(ctx, groups...)
@@ -165,5 +172,64 @@ func TestMaxInFlightRecordsDefaultsToFourBatchesAndHoldsAFullOne(t *testing.T) {
 	c.MaxInFlightRecords = 499
 	if err := c.Validate(); err == nil || !strings.Contains(err.Error(), "ingest.max_in_flight_records") {
 		t.Fatalf("max_in_flight_records below batch_size: got %v; want an error naming ingest.max_in_flight_records", err)
+	}
+}
+
+// TestStoppingWaitsForEveryLandingBatch: a worker stopped while it waits
+// for room (max_in_flight_records) returns only once the batch it was
+// waiting with has stopped landing too, so nothing it started outlives it
+// (the process closes ClickHouse's connection next).
+func TestStoppingWaitsForEveryLandingBatch(t *testing.T) {
+	const (
+		total   = 1000
+		batch   = 100
+		maxRecs = 200
+	)
+	ch := testenv.NewClickHouse(t)
+	topic := testenv.NewTopic(t, 1)
+	dlq := topic + ".dlq"
+	testenv.CreateTopic(t, dlq, 1)
+	ctx := context.Background()
+	w := &kafka.Writer{Addr: kafka.TCP(testenv.KafkaBrokers()...), Topic: topic,
+		RequiredAcks: kafka.RequireAll, BatchSize: 1000, BatchTimeout: 5 * time.Millisecond}
+	defer w.Close()
+	now := time.Now().UTC()
+	msgs := make([]kafka.Message, total)
+	for i := range msgs {
+		e := schemas.Event{Version: 1, ID: schemas.NewEventID(), AccountID: "acct_stop", Environment: schemas.Live,
+			KeyID: "key_stop", Type: "api_call", Time: now.Add(-time.Duration(i) * time.Millisecond), Units: 1}
+		e.Normalize()
+		b, err := e.Encode()
+		testenv.Must(t, err, "encode event")
+		msgs[i] = kafka.Message{Value: b}
+	}
+	testenv.Must(t, w.WriteMessages(ctx, msgs...), "produce")
+
+	group := topic + ".ingest"
+	src := ingestkafka.NewSource(testenv.KafkaBrokers(), topic, group)
+	defer src.Close()
+	dl := ingestkafka.NewDeadLetters(testenv.KafkaBrokers(), dlq, topic)
+	defer dl.Close()
+	sink := &gatedSink{Sink: ingestch.NewSink(ch.Conn), open: make(chan struct{}), giveUp: 100 * time.Millisecond}
+	in, err := ingest.New(ingest.Config{Topic: topic, DeadLetter: dlq, Group: group, Workers: 1, BatchSize: batch,
+		MaxInFlight: 8, MaxInFlightRecords: maxRecs, BatchWait: 50 * time.Millisecond, RetryPeriod: 10 * time.Millisecond},
+		ingest.Deps{Sources: []ingest.Source{src}, Sink: sink, DeadLetters: dl,
+			Log: slog.New(slog.NewTextHandler(io.Discard, nil)), Registry: prometheus.NewRegistry()})
+	testenv.Must(t, err, "new ingester")
+	runCtx, stop := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- in.Run(runCtx) }()
+	// Two batches hold max_in_flight_records; the third lands while the
+	// worker waits for room.
+	testenv.Wait(t, time.Minute, fmt.Sprintf("more than %d records landing", maxRecs), func() bool {
+		waiting, _ := sink.counts()
+		return waiting > maxRecs
+	})
+	stop()
+	if err := <-done; err != nil {
+		t.Fatalf("ingest stopped with %v", err)
+	}
+	if waiting, _ := sink.counts(); waiting != 0 {
+		t.Fatalf("ingest returned with inserts of %d records still running; a stopped worker must wait for every batch it started landing", waiting)
 	}
 }

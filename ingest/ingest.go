@@ -331,8 +331,10 @@ func (in *Ingester) work(parent context.Context, src Source) error {
 	go func() {
 		var err error
 		for b := range queue {
-			if err == nil {
-				err = <-b.landed
+			// Every batch is waited for, after a failure too (its landing
+			// ends with ctx), so no landing outlives the worker.
+			if lerr := <-b.landed; err == nil {
+				err = lerr
 			}
 			if err == nil {
 				err = in.retry(ctx, "commit", func(c context.Context) error { return src.Commit(c, b.msgs...) })
@@ -369,6 +371,7 @@ func (in *Ingester) work(parent context.Context, src Source) error {
 		// MaxInFlight are landing, or while b's records would pass
 		// MaxInFlightRecords. That is the backpressure.
 		if err = held.Acquire(ctx, int64(b.records)); err != nil {
+			<-b.landed // started above: the worker never returns while it lands
 			break
 		}
 		queue <- b
