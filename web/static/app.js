@@ -146,8 +146,15 @@ async function usageRows(params) {
   for (let pages = 1; ; pages++) {
     const body = await api("/v1/usage?" + params);
     data.push(...(body.data || []));
-    if (!body.has_more || !body.next_cursor) return { body, data, partial: false };
-    if (pages >= maxUsagePages) return { body, data, partial: true };
+    if (!body.has_more || !body.next_cursor) return { body, data, partial: false, read: data.length };
+    if (pages >= maxUsagePages) {
+      // Rows come window by window, so the last page may stop inside a
+      // window's groups: that window was read only in part and is left
+      // out, unless it is the only one read.
+      const last = data[data.length - 1].window_start;
+      const whole = data.filter((d) => d.window_start !== last);
+      return { body, data: whole.length > 0 ? whole : data, partial: true, read: data.length };
+    }
     params.set("cursor", body.next_cursor);
   }
 }
@@ -163,7 +170,7 @@ async function loadUsage() {
     limit: "1000",
   });
   if ($("group").value) params.set("group_by", $("group").value);
-  const { body, data, partial } = await usageRows(params);
+  const { body, data, partial, read } = await usageRows(params);
   // COUNT and SUM add up over groups and windows; UNIQUE_COUNT, MAX and
   // LATEST do not (a user active on two days is one user, not two).
   const agg = (meters.get(body.meter) || {}).aggregation || "COUNT";
@@ -211,7 +218,7 @@ async function loadUsage() {
   if (body.complete_through) notes.push("complete through " + new Date(body.complete_through).toLocaleString());
   if (body.too_late_events) notes.push(num.format(body.too_late_events) + " events arrived too late to count and were reported");
   if (partial) {
-    notes.push("only the first " + num.format(data.length) + " rows (" + maxUsagePages +
+    notes.push("only the first " + num.format(read) + " rows (" + maxUsagePages +
       " pages) were read: the total, the chart and the table stop at " + new Date(lastStart).toLocaleString() +
       "; choose a coarser window or fewer groups to see the whole range");
   }

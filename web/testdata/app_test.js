@@ -116,6 +116,22 @@ const cases = {
     if (!/partial/.test(els["usage-total"].textContent)) throw new Error("headline " + JSON.stringify(els["usage-total"].textContent) + " does not say it is partial");
     if (b.length === 0 || b[b.length - 1] !== 1000) throw new Error("the last bar is " + b[b.length - 1] + ", want 1000 (the last window read, not an unread one shown empty)");
   },
+  "a read that stops inside a window's groups leaves that window out": async () => {
+    const rows = minuteRows(60, 1500); // 90,000 rows: the 50,000th is a third of the way into a window
+    const { ctx, els } = page(countByRoute, rows);
+    await ctx.loadMeters();
+    els.window.value = "minute";
+    els.group.value = "route";
+    await ctx.loadUsage();
+    const b = bars(els);
+    if (b.length === 0 || b.some((v) => v !== 0 && v !== 1500)) throw new Error("bars " + b.slice(-3) + "…: a window read in part is shown");
+    if (b[b.length - 1] !== 1500) throw new Error("the last bar is " + b[b.length - 1] + ", want 1500, the last whole window");
+    const sum = b.reduce((a, v) => a + v, 0);
+    if (sum !== 33 * 1500 || !/49.500 /.test(els["usage-total"].textContent)) {
+      throw new Error("bars add up to " + sum + ", headline " + JSON.stringify(els["usage-total"].textContent) + "; want the 33 whole windows, 49,500");
+    }
+    if (!/only the first 50.000 rows/.test(els["usage-note"].textContent)) throw new Error("note " + JSON.stringify(els["usage-note"].textContent));
+  },
   "an ungrouped view on one page": async () => {
     const rows = hourRows(48, 1).map((r) => ({ window_start: r.window_start, value: 3 }));
     const { ctx, els, calls } = page(countByRoute, rows);
