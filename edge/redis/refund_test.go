@@ -29,7 +29,7 @@ func TestRefundAfterRefillGivesNothingBack(t *testing.T) {
 	r := testenv.NewRedis(t)
 	lim := redis_rate.Limit{Rate: 1000, Burst: 2000, Period: time.Second}
 	tested := 0
-	for attempt := 0; attempt < 5; attempt++ {
+	for attempt := 0; attempt < 20 && tested < 5; attempt++ {
 		id := r.Prefix + "k" + strconv.Itoa(attempt)
 		t.Cleanup(func() { r.Client.Del(ctx, "rate:"+id) })
 		c := edge.CallLimits{Buckets: []string{id}, RPS: lim.Rate, Burst: lim.Burst, QuotaLimit: -1}
@@ -87,15 +87,23 @@ func TestRefundAfterRedisLostTheGrantLeavesTheQuotaAlone(t *testing.T) {
 	if leased, _ := l.Leased(); leased == 0 {
 		t.Fatal("600 concurrent calls and none decided from a lease")
 	}
-	// Redis loses everything; another instance counts 20 calls.
+	// Redis loses everything; another instance counts 20 calls. (A lease
+	// asked for ahead of need may still be on its way: granted by the
+	// emptied Redis, it is counted there, recorded, and given back whole,
+	// no call having used it.)
 	testenv.Must(t, rdb.FlushAll(ctx).Err(), "FLUSHALL")
-	testenv.Must(t, rdb.Set(ctx, "quota", 20, time.Hour).Err(), "count 20 calls")
-	time.Sleep(200 * time.Millisecond) // every lease has expired
+	testenv.Must(t, rdb.IncrBy(ctx, "quota", 20).Err(), "count 20 calls")
+	time.Sleep(200 * time.Millisecond) // every lease from before the flush has expired and gone back
 	n, err := rdb.Get(ctx, "quota").Int()
 	testenv.Must(t, err, "read quota counter")
-	if n != 20 {
+	if n < 20 {
 		t.Fatalf("quota counter %d after the leases expired, want the 20 calls counted since Redis lost its data", n)
 	}
+	// A lease granted after the flush goes back once it expires.
+	testenv.Wait(t, 5*time.Second, "the quota counter back at the 20 calls counted since the flush", func() bool {
+		n, err := rdb.Get(ctx, "quota").Int()
+		return err == nil && n == 20
+	})
 }
 
 // slowProxy passes Redis connections through, holding each chunk of
@@ -191,8 +199,11 @@ func TestLostLeaseGrantIsGivenBack(t *testing.T) {
 	time.Sleep(3 * time.Second) // lost grants go back 2 s after the timeout
 	n, err := r.Client.Get(ctx, c.QuotaBucket).Int64()
 	testenv.Must(t, err, "read quota counter")
-	if n != allowed.Load() {
-		t.Fatalf("quota counter %d, but %d calls were allowed (%d timed out)", n, allowed.Load(), failed.Load())
+	// A call decided in Redis alone (not from a lease) whose reply timed
+	// out may have been counted, and stays counted: one per such call. A
+	// lost lease request was up to 256.
+	if n < allowed.Load() || n > allowed.Load()+failed.Load() {
+		t.Fatalf("quota counter %d, but %d calls were allowed and %d timed out; want between the two and their sum", n, allowed.Load(), failed.Load())
 	}
 }
 
