@@ -4,6 +4,8 @@ import (
 	"context"
 	"sync"
 	"time"
+
+	"github.com/tollgate-dev/tollgate/schemas"
 )
 
 // statusTTL is how old the usage API's complete_through and its "this
@@ -49,7 +51,7 @@ func newStatusCache(store UsageStore, holds SpoolHolds, now func() time.Time) *s
 }
 
 // CompleteThrough is the store's watermark capped by the edges' spool
-// holds (heldThrough), at most statusTTL old. Without holds to read it is
+// holds (schemas.HeldThrough), at most statusTTL old. Without holds to read it is
 // not known.
 func (c *statusCache) CompleteThrough(ctx context.Context) (time.Time, bool, error) {
 	if c.holds == nil {
@@ -72,7 +74,7 @@ func (c *statusCache) CompleteThrough(ctx context.Context) (time.Time, bool, err
 		if err != nil {
 			return time.Time{}, false, err
 		}
-		w = heldThrough(w, holds)
+		w = schemas.HeldThrough(w, holds)
 	}
 	c.mu.Lock()
 	c.wmAt, c.wm, c.wmOK = now, w, ok

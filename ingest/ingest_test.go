@@ -168,9 +168,9 @@ func TestWatermarker(t *testing.T) {
 	past := time.Now().Add(time.Hour).UTC().Truncate(time.Second)
 	store := &fakeWatermarks{w: map[int]time.Time{2: past}}
 	offs := fakeOffsets{
-		0: {Committed: 10, End: 10}, // caught up
-		1: {Committed: 5, End: 10},  // behind, nothing landed by this process
-		2: {Committed: 10, End: 10}, // caught up, but already ahead of now
+		0: {Committed: 10, End: 10},          // caught up
+		1: {Committed: 5, End: 10},           // behind, nothing landed by this process
+		2: {Committed: 10, End: 10},          // caught up, but already ahead of now
 		3: {Committed: -1, Start: 7, End: 7}, // never committed; retention deleted everything
 		4: {Committed: -1, Start: 3, End: 7}, // never committed; four records left to read
 	}

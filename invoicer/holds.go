@@ -5,24 +5,16 @@ import (
 	"fmt"
 	"log/slog"
 	"time"
-)
 
-// SpoolHold is an edge instance's claim on usage time (table
-// edge_spool_holds): events from Since on wait in its spool, or were
-// drained to Kafka by Released but may not have landed yet.
-type SpoolHold struct {
-	Instance string
-	Since    time.Time
-	// Released is zero while the spool holds events.
-	Released time.Time
-}
+	"github.com/tollgate-dev/tollgate/schemas"
+)
 
 // SpoolHolds are the edge instances' holds as the invoicer reads them.
 type SpoolHolds interface {
-	SpoolHolds(ctx context.Context) ([]SpoolHold, error)
+	SpoolHolds(ctx context.Context) ([]schemas.SpoolHold, error)
 	// RetireSpoolHold removes instance's hold if it is still the released
 	// one given; a hold the edge has taken up again since is kept.
-	RetireSpoolHold(ctx context.Context, h SpoolHold) error
+	RetireSpoolHold(ctx context.Context, h schemas.SpoolHold) error
 }
 
 // HeldWatermark is the usage watermark held back by the edges' spools: a
@@ -56,7 +48,7 @@ func (h HeldWatermark) Watermark(ctx context.Context) (time.Time, error) {
 	}
 	held := wm
 	for _, s := range holds {
-		if !s.Released.IsZero() && !wm.Before(s.Released) {
+		if s.Passed(wm) {
 			if err := h.Holds.RetireSpoolHold(ctx, s); err != nil {
 				h.Log.Warn("could not retire a released spool hold; retried on the next run", "instance", s.Instance, "err", err)
 			}

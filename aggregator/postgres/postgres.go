@@ -16,6 +16,7 @@ import (
 	"github.com/tollgate-dev/tollgate/aggregator"
 	"github.com/tollgate-dev/tollgate/internal/caltime"
 	"github.com/tollgate-dev/tollgate/meter"
+	"github.com/tollgate-dev/tollgate/schemas"
 )
 
 // Zones reads accounts.timezone, caching each answer for TTL: ingest asks
@@ -249,15 +250,15 @@ var _ aggregator.SpoolHolds = (*SpoolHolds)(nil)
 func NewSpoolHolds(pool *pgxpool.Pool) *SpoolHolds { return &SpoolHolds{pool: pool} }
 
 // SpoolHolds lists every hold, released or not.
-func (s *SpoolHolds) SpoolHolds(ctx context.Context) ([]aggregator.SpoolHold, error) {
+func (s *SpoolHolds) SpoolHolds(ctx context.Context) ([]schemas.SpoolHold, error) {
 	rows, err := s.pool.Query(ctx, "SELECT instance, since, released_at FROM edge_spool_holds ORDER BY since")
 	if err != nil {
 		return nil, fmt.Errorf("read spool holds: %w", err)
 	}
 	defer rows.Close()
-	var out []aggregator.SpoolHold
+	var out []schemas.SpoolHold
 	for rows.Next() {
-		var h aggregator.SpoolHold
+		var h schemas.SpoolHold
 		var released *time.Time
 		if err := rows.Scan(&h.Instance, &h.Since, &released); err != nil {
 			return nil, fmt.Errorf("read spool holds: %w", err)

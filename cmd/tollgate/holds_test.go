@@ -61,7 +61,7 @@ func TestEdgeSpoolHoldsUsageUntilItsEventsAreInKafka(t *testing.T) {
 		}
 	}
 	holds := invpg.New(pg.Pool)
-	held := func() []invoicer.SpoolHold {
+	held := func() []schemas.SpoolHold {
 		t.Helper()
 		hs, err := holds.SpoolHolds(ctx)
 		testenv.Must(t, err, "read holds")
@@ -79,7 +79,7 @@ func TestEdgeSpoolHoldsUsageUntilItsEventsAreInKafka(t *testing.T) {
 		call()
 	}
 	testenv.Wait(t, 60*time.Second, "the 20 calls' events spooled", func() bool { return m.SpoolDepth() == 20 })
-	var hold invoicer.SpoolHold
+	var hold schemas.SpoolHold
 	testenv.Wait(t, 10*time.Second, "the spool's hold stored", func() bool {
 		hs := held()
 		if len(hs) == 1 {

@@ -15,6 +15,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/tollgate-dev/tollgate/invoicer"
+	"github.com/tollgate-dev/tollgate/schemas"
 )
 
 // Store implements invoicer.Store.
@@ -566,15 +567,15 @@ func (s *Store) AppendCreditNote(ctx context.Context, invoiceID string, amount i
 var _ invoicer.SpoolHolds = (*Store)(nil)
 
 // SpoolHolds lists the edge instances' spool holds.
-func (s *Store) SpoolHolds(ctx context.Context) ([]invoicer.SpoolHold, error) {
+func (s *Store) SpoolHolds(ctx context.Context) ([]schemas.SpoolHold, error) {
 	rows, err := s.pool.Query(ctx, `SELECT instance, since, released_at FROM edge_spool_holds ORDER BY since`)
 	if err != nil {
 		return nil, fmt.Errorf("spool holds: %w", err)
 	}
 	defer rows.Close()
-	var out []invoicer.SpoolHold
+	var out []schemas.SpoolHold
 	for rows.Next() {
-		var h invoicer.SpoolHold
+		var h schemas.SpoolHold
 		var released *time.Time
 		if err := rows.Scan(&h.Instance, &h.Since, &released); err != nil {
 			return nil, fmt.Errorf("spool holds: %w", err)
@@ -592,7 +593,7 @@ func (s *Store) SpoolHolds(ctx context.Context) ([]invoicer.SpoolHold, error) {
 
 // RetireSpoolHold removes a released hold, unless the edge has taken it up
 // again or moved its release since it was read.
-func (s *Store) RetireSpoolHold(ctx context.Context, h invoicer.SpoolHold) error {
+func (s *Store) RetireSpoolHold(ctx context.Context, h schemas.SpoolHold) error {
 	if h.Released.IsZero() {
 		return fmt.Errorf("%w: spool hold of %s is not released", invoicer.ErrInvalid, h.Instance)
 	}
