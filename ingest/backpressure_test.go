@@ -66,6 +66,55 @@ func (g *gatedSink) counts() (waiting, max int) {
 	return g.waiting, g.max
 }
 
+// gatedRun is a real ingest worker (one consumer group member, its topic
+// holding total events over partitions) landing into ClickHouse through a
+// gatedSink, running until stop; done yields Run's error.
+type gatedRun struct {
+	ch    *testenv.ClickHouse
+	topic string
+	group string
+	sink  *gatedSink
+	stop  context.CancelFunc
+	done  chan error
+}
+
+func startGated(t *testing.T, total, partitions int, cfg ingest.Config, giveUp time.Duration) *gatedRun {
+	t.Helper()
+	g := &gatedRun{ch: testenv.NewClickHouse(t), topic: testenv.NewTopic(t, partitions)}
+	dlq := g.topic + ".dlq"
+	testenv.CreateTopic(t, dlq, 1)
+	ctx := context.Background()
+	w := &kafka.Writer{Addr: kafka.TCP(testenv.KafkaBrokers()...), Topic: g.topic, Balancer: &kafka.RoundRobin{},
+		RequiredAcks: kafka.RequireAll, BatchSize: 1000, BatchTimeout: 5 * time.Millisecond}
+	defer w.Close()
+	now := time.Now().UTC()
+	msgs := make([]kafka.Message, total)
+	for i := range msgs {
+		e := schemas.Event{Version: 1, ID: schemas.NewEventID(), AccountID: "acct_gated", Environment: schemas.Live,
+			KeyID: "key_gated", Type: "api_call", Time: now.Add(-time.Duration(i) * time.Millisecond), Units: 1}
+		e.Normalize()
+		b, err := e.Encode()
+		testenv.Must(t, err, "encode event")
+		msgs[i] = kafka.Message{Value: b}
+	}
+	testenv.Must(t, w.WriteMessages(ctx, msgs...), "produce")
+
+	g.group = g.topic + ".ingest"
+	src := ingestkafka.NewSource(testenv.KafkaBrokers(), g.topic, g.group)
+	t.Cleanup(func() { _ = src.Close() })
+	dl := ingestkafka.NewDeadLetters(testenv.KafkaBrokers(), dlq, g.topic)
+	t.Cleanup(func() { _ = dl.Close() })
+	g.sink = &gatedSink{Sink: ingestch.NewSink(g.ch.Conn), open: make(chan struct{}), giveUp: giveUp}
+	cfg.Topic, cfg.DeadLetter, cfg.Group, cfg.Workers = g.topic, dlq, g.group, 1
+	in, err := ingest.New(cfg, ingest.Deps{Sources: []ingest.Source{src}, Sink: g.sink, DeadLetters: dl,
+		Log: slog.New(slog.NewTextHandler(io.Discard, nil)), Registry: prometheus.NewRegistry()})
+	testenv.Must(t, err, "new ingester")
+	runCtx, stop := context.WithCancel(ctx)
+	g.stop, g.done = stop, make(chan error, 1)
+	go func() { g.done <- in.Run(runCtx) }()
+	return g
+}
+
 // TestSlowClickHouseBoundsTheRecordsAWorkerHolds: with ClickHouse holding
 // every insert, a worker stops fetching once max_in_flight_records are
 // landing plus the batch it collected next, however many batches that is,
@@ -80,44 +129,13 @@ func TestSlowClickHouseBoundsTheRecordsAWorkerHolds(t *testing.T) {
 		oldBound  = (inFlight + 1) * batch
 		waitLimit = time.Minute
 	)
-	ch := testenv.NewClickHouse(t)
-	topic := testenv.NewTopic(t, 2)
-	dlq := topic + ".dlq"
-	testenv.CreateTopic(t, dlq, 1)
 	ctx := context.Background()
-
-	w := &kafka.Writer{Addr: kafka.TCP(testenv.KafkaBrokers()...), Topic: topic, Balancer: &kafka.RoundRobin{},
-		RequiredAcks: kafka.RequireAll, BatchSize: 1000, BatchTimeout: 5 * time.Millisecond}
-	defer w.Close()
-	now := time.Now().UTC()
-	msgs := make([]kafka.Message, total)
-	for i := range msgs {
-		e := schemas.Event{Version: 1, ID: schemas.NewEventID(), AccountID: "acct_bp", Environment: schemas.Live,
-			KeyID: "key_bp", Type: "api_call", Time: now.Add(-time.Duration(i) * time.Millisecond), Units: 1}
-		e.Normalize()
-		b, err := e.Encode()
-		testenv.Must(t, err, "encode event")
-		msgs[i] = kafka.Message{Value: b}
-	}
-	testenv.Must(t, w.WriteMessages(ctx, msgs...), "produce")
-
-	group := topic + ".ingest"
-	src := ingestkafka.NewSource(testenv.KafkaBrokers(), topic, group)
-	defer src.Close()
-	dl := ingestkafka.NewDeadLetters(testenv.KafkaBrokers(), dlq, topic)
-	defer dl.Close()
-	sink := &gatedSink{Sink: ingestch.NewSink(ch.Conn), open: make(chan struct{})}
-	in, err := ingest.New(ingest.Config{Topic: topic, DeadLetter: dlq, Group: group, Workers: 1, BatchSize: batch,
-		MaxInFlight: inFlight, MaxInFlightRecords: maxRecs, BatchWait: 50 * time.Millisecond},
-		ingest.Deps{Sources: []ingest.Source{src}, Sink: sink, DeadLetters: dl,
-			Log: slog.New(slog.NewTextHandler(io.Discard, nil)), Registry: prometheus.NewRegistry()})
-	testenv.Must(t, err, "new ingester")
-	runCtx, stop := context.WithCancel(ctx)
-	done := make(chan error, 1)
-	go func() { done <- in.Run(runCtx) }()
+	g := startGated(t, total, 2, ingest.Config{BatchSize: batch, MaxInFlight: inFlight, MaxInFlightRecords: maxRecs,
+		BatchWait: 50 * time.Millisecond}, 0)
+	ch, topic, group, sink := g.ch, g.topic, g.group, g.sink
 	defer func() {
-		stop()
-		if err := <-done; err != nil {
+		g.stop()
+		if err := <-g.done; err != nil {
 			t.Errorf("ingest stopped with %v", err)
 		}
 	}()
@@ -185,48 +203,17 @@ func TestStoppingWaitsForEveryLandingBatch(t *testing.T) {
 		batch   = 100
 		maxRecs = 200
 	)
-	ch := testenv.NewClickHouse(t)
-	topic := testenv.NewTopic(t, 1)
-	dlq := topic + ".dlq"
-	testenv.CreateTopic(t, dlq, 1)
-	ctx := context.Background()
-	w := &kafka.Writer{Addr: kafka.TCP(testenv.KafkaBrokers()...), Topic: topic,
-		RequiredAcks: kafka.RequireAll, BatchSize: 1000, BatchTimeout: 5 * time.Millisecond}
-	defer w.Close()
-	now := time.Now().UTC()
-	msgs := make([]kafka.Message, total)
-	for i := range msgs {
-		e := schemas.Event{Version: 1, ID: schemas.NewEventID(), AccountID: "acct_stop", Environment: schemas.Live,
-			KeyID: "key_stop", Type: "api_call", Time: now.Add(-time.Duration(i) * time.Millisecond), Units: 1}
-		e.Normalize()
-		b, err := e.Encode()
-		testenv.Must(t, err, "encode event")
-		msgs[i] = kafka.Message{Value: b}
-	}
-	testenv.Must(t, w.WriteMessages(ctx, msgs...), "produce")
-
-	group := topic + ".ingest"
-	src := ingestkafka.NewSource(testenv.KafkaBrokers(), topic, group)
-	defer src.Close()
-	dl := ingestkafka.NewDeadLetters(testenv.KafkaBrokers(), dlq, topic)
-	defer dl.Close()
-	sink := &gatedSink{Sink: ingestch.NewSink(ch.Conn), open: make(chan struct{}), giveUp: 100 * time.Millisecond}
-	in, err := ingest.New(ingest.Config{Topic: topic, DeadLetter: dlq, Group: group, Workers: 1, BatchSize: batch,
-		MaxInFlight: 8, MaxInFlightRecords: maxRecs, BatchWait: 50 * time.Millisecond, RetryPeriod: 10 * time.Millisecond},
-		ingest.Deps{Sources: []ingest.Source{src}, Sink: sink, DeadLetters: dl,
-			Log: slog.New(slog.NewTextHandler(io.Discard, nil)), Registry: prometheus.NewRegistry()})
-	testenv.Must(t, err, "new ingester")
-	runCtx, stop := context.WithCancel(ctx)
-	done := make(chan error, 1)
-	go func() { done <- in.Run(runCtx) }()
+	g := startGated(t, total, 1, ingest.Config{BatchSize: batch, MaxInFlight: 8, MaxInFlightRecords: maxRecs,
+		BatchWait: 50 * time.Millisecond, RetryPeriod: 10 * time.Millisecond}, 100*time.Millisecond)
+	sink := g.sink
 	// Two batches hold max_in_flight_records; the third lands while the
 	// worker waits for room.
 	testenv.Wait(t, time.Minute, fmt.Sprintf("more than %d records landing", maxRecs), func() bool {
 		waiting, _ := sink.counts()
 		return waiting > maxRecs
 	})
-	stop()
-	if err := <-done; err != nil {
+	g.stop()
+	if err := <-g.done; err != nil {
 		t.Fatalf("ingest stopped with %v", err)
 	}
 	if waiting, _ := sink.counts(); waiting != 0 {
