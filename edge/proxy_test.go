@@ -1067,6 +1067,24 @@ func upload(t *testing.T, url, key string, body io.Reader) (*http.Response, uplo
 // connection is closed after. It returns the upstream's URL.
 func rawUpstream(t *testing.T, serve func(conn net.Conn, br *bufio.Reader)) string {
 	t.Helper()
+	return serveConns(t, func(conn net.Conn, br *bufio.Reader) {
+		for {
+			line, err := br.ReadString('\n')
+			if err != nil {
+				return
+			}
+			if line == "\r\n" {
+				break
+			}
+		}
+		serve(conn, br)
+	})
+}
+
+// serveConns serves each connection a listener of its own takes with serve, in a
+// goroutine of its own, and closes it after. It returns the listener's URL.
+func serveConns(t *testing.T, serve func(conn net.Conn, br *bufio.Reader)) string {
+	t.Helper()
 	ln := testListener(t)
 	t.Cleanup(func() { ln.Close() })
 	go func() {
@@ -1077,17 +1095,7 @@ func rawUpstream(t *testing.T, serve func(conn net.Conn, br *bufio.Reader)) stri
 			}
 			go func() {
 				defer conn.Close()
-				br := bufio.NewReader(conn)
-				for {
-					line, err := br.ReadString('\n')
-					if err != nil {
-						return
-					}
-					if line == "\r\n" {
-						break
-					}
-				}
-				serve(conn, br)
+				serve(conn, bufio.NewReader(conn))
 			}()
 		}
 	}()
@@ -1133,40 +1141,28 @@ var upgradeEcho = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) 
 // call takes that lock to forget its tunnel.)
 func TestStopAbandonsATunnelWhoseHijackNeverStarted(t *testing.T) {
 	env := edgetest.New(t)
-	ln := testListener(t)
-	t.Cleanup(func() { ln.Close() })
 	upgrades := make(chan struct{}, 1)
-	go func() {
+	upstream := serveConns(t, func(conn net.Conn, br *bufio.Reader) {
 		for {
-			conn, err := ln.Accept()
+			req, err := http.ReadRequest(br)
 			if err != nil {
 				return
 			}
-			go func() {
-				defer conn.Close()
-				br := bufio.NewReader(conn)
-				for {
-					req, err := http.ReadRequest(br)
-					if err != nil {
-						return
-					}
-					_, _ = io.Copy(io.Discard, req.Body)
-					if req.Header.Get("Upgrade") == "" {
-						_, _ = io.WriteString(conn, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-						continue
-					}
-					upgrades <- struct{}{}
-					time.Sleep(300 * time.Millisecond) // the caller is gone by now
-					_, _ = io.WriteString(conn, "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
-					_, _ = io.Copy(io.Discard, conn)
-					return
-				}
-			}()
+			_, _ = io.Copy(io.Discard, req.Body)
+			if req.Header.Get("Upgrade") == "" {
+				_, _ = io.WriteString(conn, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+				continue
+			}
+			upgrades <- struct{}{}
+			time.Sleep(300 * time.Millisecond) // the caller is gone by now
+			_, _ = io.WriteString(conn, "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+			_, _ = io.Copy(io.Discard, conn)
+			return
 		}
-	}()
+	})
 	// The watchdog (upstream_timeout) must not abandon the tunnel first.
 	in := env.Start(t, edgetest.Options{Config: func(c *edge.Config) {
-		c.Upstream, c.SandboxUpstream, c.UpstreamTimeout = "http://"+ln.Addr().String(), "", time.Minute
+		c.Upstream, c.SandboxUpstream, c.UpstreamTimeout = upstream, "", time.Minute
 	}})
 	key, _ := env.Key(t, "acct_abandon", edge.Secret, schemas.Live)
 	conn, err := net.Dial("tcp", strings.TrimPrefix(in.URL, "http://"))
