@@ -444,24 +444,32 @@ func Split(msgs []Message, now time.Time, maxLateness time.Duration) (events, la
 		if !m.Time.IsZero() {
 			at = m.Time
 		}
-		ev, dk, dv, err := schemas.DecodeFlat(m.Value, at, &strs)
+		// Each event is decoded in place, in the slot after the last
+		// kept one, and the slot is given back when the event is not
+		// kept: a Record is a few hundred bytes, and copying each one
+		// twice more cost ingest a tenth of its CPU.
+		events = append(events, Record{})
+		r := &events[len(events)-1]
+		dk, dv, err := schemas.DecodeFlat(m.Value, at, &strs, &r.Event)
 		if err != nil {
+			events = events[:len(events)-1]
 			rejected = append(rejected, Rejected{Message: m, Reason: err.Error()})
 			continue
 		}
-		k := rowKey{id: ev.ID, second: ev.Time.Unix(), typ: ev.Type}
+		k := rowKey{id: r.Event.ID, second: r.Event.Time.Unix(), typ: r.Event.Type}
 		if _, ok := seen[k]; ok {
+			events = events[:len(events)-1]
 			dups++
 			continue
 		}
 		seen[k] = struct{}{}
-		r := Record{Event: ev, Partition: m.Partition, Offset: m.Offset, RecordTime: m.Time, dimKeys: dk, dimValues: dv}
-		if !m.Time.IsZero() && ev.Time.Before(m.Time.Add(-maxLateness)) {
+		r.Partition, r.Offset, r.RecordTime, r.dimKeys, r.dimValues = m.Partition, m.Offset, m.Time, dk, dv
+		if !m.Time.IsZero() && r.Event.Time.Before(m.Time.Add(-maxLateness)) {
 			r.Value = m.Value
-			late = append(late, r)
+			late = append(late, *r)
+			events = events[:len(events)-1]
 			continue
 		}
-		events = append(events, r)
 	}
 	return events, late, rejected, dups
 }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"reflect"
 	"sync"
 	"testing"
 	"time"
@@ -69,6 +70,58 @@ func TestSplit(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestSplitKeepsEachEventWhole: Split decodes every event in place in its
+// batch and gives the slot back when the event is not kept, so a kept
+// event must carry nothing of a malformed, duplicate or too-late one
+// decoded before it in the same slot.
+func TestSplitKeepsEachEventWhole(t *testing.T) {
+	now := time.Date(2026, 3, 10, 12, 0, 0, 0, time.UTC)
+	full := schemas.Event{Version: 1, ID: schemas.NewEventID(), AccountID: "acct_full", Environment: schemas.Test,
+		KeyID: "key_full", Type: "tokens", Time: now.Add(-time.Second), Route: "/v1/full", Method: "POST", Status: 201,
+		LatencyMicros: 7, ResponseBytes: 9, Units: 3, Dimensions: map[string]string{"model": "large"}}
+	bare := func() schemas.Event {
+		return schemas.Event{Version: 1, ID: schemas.NewEventID(), AccountID: "a", Environment: schemas.Live,
+			KeyID: "k", Type: "api_call", Time: now.Add(-time.Second), Units: 1}
+	}
+	tooLate := full
+	tooLate.ID, tooLate.Time = schemas.NewEventID(), now.Add(-36*24*time.Hour)
+	kept := []schemas.Event{full, bare(), bare(), bare()}
+	values := [][]byte{
+		encode(t, kept[0]),
+		encode(t, kept[0]), // a duplicate, decoded whole into the next slot
+		encode(t, kept[1]),
+		[]byte(`{"v":1,"account_id":"acct_partial","route":"/v1/partial","units":5,"dimensions":{"x":"y"},"status":`), // malformed, partly decoded
+		encode(t, kept[2]),
+		encode(t, tooLate),
+		encode(t, kept[3]),
+	}
+	var msgs []ingest.Message
+	for i, v := range values {
+		msgs = append(msgs, ingest.Message{Partition: 1, Offset: int64(i), Value: v, Time: now})
+	}
+	events, late, rej, dups := ingest.Split(msgs, now, ingest.DefaultMaxLateness)
+	if len(events) != len(kept) || len(late) != 1 || len(rej) != 1 || dups != 1 {
+		t.Fatalf("events %d late %d rejected %d dups %d; want %d 1 1 1", len(events), len(late), len(rej), dups, len(kept))
+	}
+	for i, r := range events {
+		want := kept[i]
+		want.Time = want.Time.UTC().Truncate(time.Microsecond)
+		keys, vals := r.DimensionArrays()
+		wk, wv := want.DimensionArrays()
+		if len(wk) == 0 {
+			wk, wv = nil, nil // no dimensions, however each side spells it
+		}
+		got := r.Event
+		got.Dimensions, want.Dimensions = nil, nil
+		if !reflect.DeepEqual(got, want) || !reflect.DeepEqual(keys, wk) || !reflect.DeepEqual(vals, wv) {
+			t.Errorf("event %d: got %+v %q %q, want %+v %q %q", i, got, keys, vals, want, wk, wv)
+		}
+	}
+	if late[0].Event.ID != tooLate.ID || late[0].Offset != 5 || string(late[0].Value) != string(values[5]) {
+		t.Errorf("too-late event: %+v, want id %s from offset 5 with its bytes", late[0].Event, tooLate.ID)
 	}
 }
 

@@ -308,21 +308,24 @@ func DecodeInterned(b []byte, now time.Time, in *Interner) (Event, error) {
 }
 
 // DecodeFlat is DecodeInterned for a reader that keeps dimensions as
-// key-sorted parallel arrays, as the raw events table stores them: the
-// event comes back with Dimensions nil, and its dimensions as keys and
-// values (one allocation for both), never through a map. Everything else,
-// errors and validation problems included, is what DecodeInterned returns.
-func DecodeFlat(b []byte, now time.Time, in *Interner) (e Event, keys, values []string, err error) {
+// key-sorted parallel arrays, as the raw events table stores them: it
+// decodes into *e, which must be the zero Event (a reader of many events
+// decodes each in place in its batch, never copying the struct), leaves
+// Dimensions nil, and returns the dimensions as keys and values (one
+// allocation for both), never through a map. Everything else, errors and
+// validation problems included, is what DecodeInterned returns; after an
+// error wrapping ErrMalformed *e is left partly filled.
+func DecodeFlat(b []byte, now time.Time, in *Interner, e *Event) (keys, values []string, err error) {
 	var scratch []string
 	if in != nil {
 		scratch = in.pairs[:0]
 	}
-	pairs, err := decodeFlat(b, &e, in, scratch)
+	pairs, err := decodeFlat(b, e, in, scratch)
 	if in != nil {
 		in.pairs = pairs[:0] // kept for the next event
 	}
 	if err != nil {
-		return Event{}, nil, nil, err
+		return nil, nil, err
 	}
 	e.Normalize()
 	if n := len(pairs) / 2; n > 0 {
@@ -343,10 +346,7 @@ func DecodeFlat(b []byte, now time.Time, in *Interner) (e Event, keys, values []
 			sort.Sort(byKey{keys, values})
 		}
 	}
-	if err := e.validate(now, keys, values); err != nil {
-		return e, keys, values, err
-	}
-	return e, keys, values, nil
+	return keys, values, e.validate(now, keys, values)
 }
 
 // byKey sorts parallel key and value arrays by key.
