@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs and runs Tollgate's backing services on loopback, without Docker:
-# Kafka 4 (KRaft, single node), ClickHouse, PostgreSQL 15, Redis 7 and stripe-mock.
+# Kafka 4 (KRaft, single node), ClickHouse, PostgreSQL (Debian's major), Redis 7 and stripe-mock.
 #
 #   deploy/local/services.sh [up]          install what is missing, start what is not running
 #   deploy/local/services.sh install       install only
@@ -25,6 +25,7 @@
 #   TOLLGATE_REDIS_ADDR=127.0.0.1:16379
 #   TOLLGATE_STRIPE_MOCK_URL=http://127.0.0.1:12111  TOLLGATE_STRIPE_MOCK_HTTPS_PORT=12112
 # Timeouts: TOLLGATE_SERVICES_TIMEOUT=60, TOLLGATE_KAFKA_TIMEOUT=120 (seconds).
+# PostgreSQL: Debian's installed major, or TOLLGATE_PG_BIN=<its bin directory>.
 set -euo pipefail
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -34,11 +35,9 @@ KAFKA_POM=$SCRIPT_DIR/kafka/pom.xml
 STRIPE_MOCK_VERSION=v0.180.0
 # chdb 2.1.1 embeds ClickHouse 24.8.4, the release docker-compose.yml pins.
 CHDB_VERSION=2.1.1
-PG_VERSION=15
-PGBIN=/usr/lib/postgresql/$PG_VERSION/bin
 
 SERVICES=(kafka clickhouse postgres redis stripe-mock)
-APT_PACKAGES=(postgresql-15 redis-server clickhouse-server clickhouse-client nginx-light wrk kcat)
+APT_PACKAGES=(redis-server clickhouse-server clickhouse-client nginx-light wrk kcat)
 
 # Connection settings. Other code reads the same variables with the same defaults;
 # when one is set, the service is started on the port it names.
@@ -214,6 +213,9 @@ install_apt() {
   for p in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
   done
+  # Debian's own major of PostgreSQL (15 on bookworm, 17 on trixie); any
+  # installed major will do.
+  [[ -n $(pg_bin) ]] || missing+=(postgresql)
   command -v java >/dev/null || missing+=(openjdk-17-jre-headless)
   command -v mvn >/dev/null || missing+=(maven)
   command -v go >/dev/null || missing+=(golang-go)
@@ -521,12 +523,30 @@ pg_socket_dir() {
   echo "$dir"
 }
 
+# PostgreSQL's binaries: TOLLGATE_PG_BIN when set; else those of the major
+# version the data directory was made with (a data directory only opens
+# with its own major); else the newest major installed. Debian keeps each
+# major in /usr/lib/postgresql/<major>/bin. Empty when none is installed.
+pg_bin() {
+  if [[ -n ${TOLLGATE_PG_BIN:-} ]]; then echo "$TOLLGATE_PG_BIN"; return; fi
+  local made=$STATE/postgres/data/PG_VERSION b
+  if [[ -s $made ]]; then echo "/usr/lib/postgresql/$(<"$made")/bin"; return; fi
+  for b in $(printf '%s\n' /usr/lib/postgresql/*/bin/initdb | sort -t/ -k4,4n -r); do
+    [[ -x $b ]] && { echo "${b%/initdb}"; return; }
+  done
+  return 0
+}
+
 ready_postgres() {
+  local PGBIN
+  PGBIN=$(pg_bin)
   port_open "$PG_PORT" && "$PGBIN/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -t 2
 }
 
 # The role and database the URL names, created once (trust auth on loopback).
 postgres_bootstrap() {
+  local PGBIN
+  PGBIN=$(pg_bin)
   "$PGBIN/psql" -X -q -tA "$TOLLGATE_POSTGRES_URL" -c 'SELECT 1' >/dev/null 2>&1 && return 0
   local psql=("$PGBIN/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -tA)
   if [[ $("${psql[@]}" -c "SELECT 1 FROM pg_roles WHERE rolname='tollgate'") != 1 ]]; then
@@ -538,7 +558,9 @@ postgres_bootstrap() {
 }
 
 start_postgres() {
-  [[ -x $PGBIN/postgres ]] || die "postgres: $PGBIN/postgres missing (run: $0 install)"
+  local PGBIN
+  PGBIN=$(pg_bin)
+  [[ -x $PGBIN/postgres ]] || die "postgres: ${PGBIN:-PostgreSQL} not installed (run: $0 install, or set TOLLGATE_PG_BIN)"
   local d sock user
   d=$(service_dir postgres postgres)
   mapfile -t user < <(as_user postgres)
@@ -654,6 +676,7 @@ check_service() {
 
 start_service() {
   local svc=$1 fn=${1//-/_} pid
+  mkdir -p "$STATE/logs" "$STATE/pids" # `start SERVICE` may come first on a new state directory
   if "ready_$fn"; then
     if pid=$(live_pid "$svc"); then
       log "$svc: already running (pid $pid) on $(svc_addr "$svc"), reusing it"
