@@ -337,7 +337,7 @@ local function decide(first, nkeys, a)
     local diff = now - (tat + emission_interval - burst_offset)
     if diff < 0 then
       for j = first, i - 1 do
-        local t = tats[j] + emission_interval
+        local t = tats[j] -- nothing is charged when the call is refused
         local n = #out
         out[n + 1], out[n + 2], out[n + 3], out[n + 4] = 1, (now - (t - burst_offset)) / emission_interval, -1, math.ceil((t - now) * 1000000)
       end
@@ -361,7 +361,7 @@ local function decide(first, nkeys, a)
     if limit >= 0 then
       if count >= limit then
         for j = first, first + buckets - 1 do
-          local t = tats[j] + emission_interval
+          local t = tats[j] -- nothing is charged when the call is refused
           local n = #out
           out[n + 1], out[n + 2], out[n + 3], out[n + 4] = 1, (now - (t - burst_offset)) / emission_interval, -1, math.ceil((t - now) * 1000000)
         end

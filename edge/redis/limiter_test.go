@@ -275,3 +275,55 @@ func TestOneBrokenKeyDoesNotTakeTheInstanceOffRedis(t *testing.T) {
 		t.Errorf("%d fallbacks, want only the broken key's", len(fallbacks))
 	}
 }
+
+// A refused call charges nothing, so the buckets that would have allowed
+// it report the tokens they still hold, not one fewer: whether the quota
+// or another bucket refused it.
+func TestARefusedCallReportsTheBucketsUncharged(t *testing.T) {
+	r := testenv.NewRedis(t)
+	ctx := context.Background()
+	l := edgeredis.NewLimiter(r.Client)
+	call := func(c edge.CallLimits) edge.CallResult {
+		t.Helper()
+		res, err := l.AllowCall(ctx, c)
+		testenv.Must(t, err, "allow call")
+		return res
+	}
+	t.Run("refused by the quota", func(t *testing.T) {
+		limits := edge.CallLimits{Buckets: []string{r.Prefix + "key", r.Prefix + "acct"}, RPS: 1, Burst: 10,
+			QuotaBucket: r.Prefix + "quota", QuotaLimit: 3, QuotaTTL: time.Hour}
+		var last edge.CallResult
+		for range 3 {
+			last = call(limits)
+		}
+		if !last.QuotaAllowed || last.Rates[0].Remaining < 7 {
+			t.Fatalf("third call: %+v, want allowed with 7 tokens left", last)
+		}
+		for range 2 {
+			res := call(limits)
+			if res.QuotaAllowed || len(res.Rates) != 2 {
+				t.Fatalf("call past the quota: %+v, want refused by the quota", res)
+			}
+			for i, b := range res.Rates {
+				// At least: a stalled second would refill one more.
+				if !b.Allowed || b.Remaining < 7 {
+					t.Errorf("bucket %d of a call the quota refused: %+v, want 7 tokens left, as before it", i, b)
+				}
+			}
+		}
+	})
+	t.Run("refused by another bucket", func(t *testing.T) {
+		a := edge.CallLimits{Buckets: []string{r.Prefix + "key:a", r.Prefix + "acct:shared"}, RPS: 1, Burst: 3, QuotaLimit: -1}
+		b := edge.CallLimits{Buckets: []string{r.Prefix + "key:b", r.Prefix + "acct:shared"}, RPS: 1, Burst: 3, QuotaLimit: -1}
+		for range 3 {
+			call(a) // drains the shared account bucket
+		}
+		res := call(b)
+		if len(res.Rates) != 2 || res.Rates[1].Allowed {
+			t.Fatalf("call on a drained account bucket: %+v, want refused by it", res)
+		}
+		if k := res.Rates[0]; !k.Allowed || k.Remaining != 3 {
+			t.Errorf("key bucket of a call its account bucket refused: %+v, want all 3 tokens left", k)
+		}
+	})
+}
