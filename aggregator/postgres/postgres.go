@@ -185,6 +185,44 @@ func (s *Meters) Create(ctx context.Context, m meter.Meter) (bool, error) {
 	return false, errors.Join(aggregator.ErrConflict, fmt.Errorf("meter %q already exists with a different definition; meters are never edited, create one with a new key", m.Key))
 }
 
+// Unbackfilled returns the stored meters whose backfill never finished
+// (their aggregator stopped during it), in key order.
+func (s *Meters) Unbackfilled(ctx context.Context) ([]meter.Meter, error) {
+	rows, err := s.pool.Query(ctx, "SELECT definition FROM meters WHERE backfilled_at IS NULL ORDER BY key")
+	if err != nil {
+		return nil, fmt.Errorf("list meters to backfill: %w", err)
+	}
+	defer rows.Close()
+	var out []meter.Meter
+	for rows.Next() {
+		var b []byte
+		if err := rows.Scan(&b); err != nil {
+			return nil, fmt.Errorf("list meters to backfill: %w", err)
+		}
+		var m meter.Meter
+		if err := json.Unmarshal(b, &m); err != nil {
+			return nil, fmt.Errorf("stored meter: %w", err)
+		}
+		out = append(out, m)
+	}
+	return out, rows.Err()
+}
+
+// Backfilled records that m's backfill finished under its definition. A
+// definition that is not the stored one (the key was removed and made
+// again meanwhile) records nothing.
+func (s *Meters) Backfilled(ctx context.Context, m meter.Meter) error {
+	b, err := json.Marshal(m)
+	if err != nil {
+		return fmt.Errorf("encode meter: %w", err)
+	}
+	_, err = s.pool.Exec(ctx, "UPDATE meters SET backfilled_at = now() WHERE key = $1 AND definition = $2::jsonb AND backfilled_at IS NULL", m.Key, b)
+	if err != nil {
+		return fmt.Errorf("record meter %s backfilled: %w", m.Key, err)
+	}
+	return nil
+}
+
 // ConfigState tells, for each meter of the configuration file, whether its
 // rollups were computed under this definition: fresh ones were, added ones
 // were never computed, changed ones were computed under another.

@@ -40,6 +40,7 @@ type AggregateMain struct {
 	mln      net.Listener
 	metrics  *http.Server
 	store    *aggch.Store
+	meters   *aggpg.Meters
 	zones    *aggpg.Zones
 	refresh  time.Duration
 	bg       context.Context
@@ -73,7 +74,8 @@ func NewAggregateMain(ctx context.Context, cfg Config, log *slog.Logger) (m *Agg
 	if m.pool, err = openPostgres(ctx, cfg.Services.PostgresURL); err != nil {
 		return nil, err
 	}
-	catalog, err := aggregator.NewCatalog(cfg.Meters, aggpg.NewMeters(m.pool), cfg.Aggregator.MetersRefresh)
+	m.meters = aggpg.NewMeters(m.pool)
+	catalog, err := aggregator.NewCatalog(cfg.Meters, m.meters, cfg.Aggregator.MetersRefresh)
 	if err != nil {
 		return nil, err
 	}
@@ -86,7 +88,10 @@ func NewAggregateMain(ctx context.Context, cfg Config, log *slog.Logger) (m *Agg
 	if err != nil {
 		return nil, err
 	}
-	m.rollUpConfigMeters(cfg.Meters, aggpg.NewMeters(m.pool))
+	m.rollUpConfigMeters(cfg.Meters, m.meters)
+	if err := m.resumeBackfills(ctx, cfg.Meters); err != nil {
+		return nil, err
+	}
 	if m.ln, err = net.Listen("tcp", cfg.Aggregator.Listen); err != nil {
 		return nil, fmt.Errorf("aggregator listener: %w", err)
 	}
@@ -107,9 +112,13 @@ func NewAggregateMain(ctx context.Context, cfg Config, log *slog.Logger) (m *Agg
 // definition), and a rebuilt row replaces a stored one only when it counts
 // at least as many events, so a narrower definition's rows would lose to
 // the old ones. The second pass only adds: every row written since the
-// first is under this definition.
+// first is under this definition. The meter is recorded as backfilled
+// once both passes have finished; until then every aggregator that starts
+// backfills it again, so a backfill cut short (the process stopped or
+// killed, ClickHouse down) does not leave the meter's past empty.
 func (m *AggregateMain) backfill(mt meter.Meter) {
 	go func() {
+		finished := true
 		for i, wait := range []time.Duration{0, m.refresh + 2*time.Second} {
 			select {
 			case <-m.bg.Done():
@@ -120,13 +129,43 @@ func (m *AggregateMain) backfill(mt meter.Meter) {
 			if i == 0 {
 				err = aggregator.ReplaceAll(m.bg, m.store, m.zones, []meter.Meter{mt}, time.Time{}, time.Time{}, m.log)
 			} else {
+				// After a first pass that failed part-way, this one
+				// also brings back the rows it had deleted.
 				err = aggregator.RebuildAll(m.bg, m.store, m.zones, []meter.Meter{mt}, time.Time{}, time.Time{}, m.log)
 			}
-			if err != nil && m.bg.Err() == nil {
-				m.log.Error("backfill new meter", "meter", mt.Key, "pass", i+1, "err", err)
+			if m.bg.Err() != nil {
+				return
+			}
+			if err != nil {
+				finished = false
+				m.log.Error("backfill new meter; it is backfilled again when an aggregator next starts", "meter", mt.Key, "pass", i+1, "err", err)
 			}
 		}
+		if !finished {
+			return
+		}
+		if err := m.meters.Backfilled(m.bg, mt); err != nil && m.bg.Err() == nil {
+			m.log.Error("record a meter's backfill as finished; it is backfilled again when an aggregator next starts", "meter", mt.Key, "err", err)
+		}
 	}()
+}
+
+// resumeBackfills starts again every backfill that never finished, but for
+// meters whose key the configuration file now defines: the file's
+// definition is the one counted, and rollUpConfigMeters computes its rows.
+func (m *AggregateMain) resumeBackfills(ctx context.Context, config []meter.Meter) error {
+	ms, err := m.meters.Unbackfilled(ctx)
+	if err != nil {
+		return err
+	}
+	for _, mt := range ms {
+		if slices.ContainsFunc(config, func(c meter.Meter) bool { return c.Key == mt.Key }) {
+			continue
+		}
+		m.log.Warn("meter whose backfill never finished; backfilling it again", "meter", mt.Key)
+		m.backfill(mt)
+	}
+	return nil
 }
 
 // rollUpConfigMeters brings the rollups of the configuration file's meters

@@ -23,6 +23,7 @@ import (
 
 	"github.com/google/uuid"
 
+	aggch "github.com/tollgate-dev/tollgate/aggregator/clickhouse"
 	aggpg "github.com/tollgate-dev/tollgate/aggregator/postgres"
 	"github.com/tollgate-dev/tollgate/internal/testenv"
 	"github.com/tollgate-dev/tollgate/meter"
@@ -416,6 +417,8 @@ func TestAggregateRebuildStoppedAfterItsDeletionSaysToRebuildAgain(t *testing.T)
 // the admin API anew. Rebuilt rows replace stored ones only where they
 // count at least as many events, so without a deletion first the wider
 // definition's rows stayed.
+// Its last case is an admin-API meter's backfill cut short: the next
+// aggregator to start finishes it.
 func TestAReusedMeterKeyHasItsOldRowsReplaced(t *testing.T) {
 	wide := rebuildMeters[1]
 	narrow := wide
@@ -510,5 +513,40 @@ func TestAReusedMeterKeyHasItsOldRowsReplaced(t *testing.T) {
 		admin := start(t, pg, ch, nil)
 		create(t, admin, narrow)
 		await(t, ch, "the admin-API meter under the same key", rowsOf(evs, narrow))
+	})
+
+	// An admin-API meter is recorded as backfilled only once both passes
+	// have run; an aggregator stopped before that (here at once, so
+	// inside the wait before the second pass), whose first pass had
+	// deleted rows it never wrote back, leaves it to the next aggregator
+	// to start. Before, nothing backfilled it again and its past stayed
+	// empty.
+	t.Run("an admin-API meter whose backfill was cut short is backfilled by the next aggregator", func(t *testing.T) {
+		pg, ch, evs := landRebuildEvents(t)
+		ctx := context.Background()
+		backfilledAt := func() *time.Time {
+			var at *time.Time
+			testenv.Must(t, pg.Pool.QueryRow(ctx, "SELECT backfilled_at FROM meters WHERE key = $1", wide.Key).Scan(&at), "read the meter's backfill")
+			return at
+		}
+		first := start(t, pg, ch, nil)
+		create(t, first, wide)
+		testenv.Must(t, first.Close(), "stop the aggregator")
+		if at := backfilledAt(); at != nil {
+			t.Fatalf("meter recorded as backfilled at %s by an aggregator stopped before its second pass", at)
+		}
+		// What a first pass cut short after its deletion leaves.
+		testenv.Must(t, aggch.NewStore(ch.Conn).DeleteRollups(ctx, []string{wide.Key}, time.Unix(0, 0), time.Now().AddDate(1, 0, 0)), "delete the meter's rollups")
+		if n := len(readRollups(t, ch)); n != 0 {
+			t.Fatalf("%d rollup rows left after the deletion", n)
+		}
+
+		start(t, pg, ch, nil)
+		await(t, ch, "the meter after the next aggregator started", rowsOf(evs, wide))
+		for deadline := time.Now().Add(30 * time.Second); backfilledAt() == nil; time.Sleep(100 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatal("the next aggregator never recorded the meter as backfilled")
+			}
+		}
 	})
 }
