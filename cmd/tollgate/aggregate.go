@@ -32,19 +32,22 @@ import (
 // themselves are recomputed by ingest as each batch lands, so that usage is
 // fresh within a second; this component reads them.
 type AggregateMain struct {
-	log      *slog.Logger
-	ch       driver.Conn
-	pool     *pgxpool.Pool
-	ln       net.Listener
-	srv      *http.Server
-	mln      net.Listener
-	metrics  *http.Server
-	store    *aggch.Store
-	meters   *aggpg.Meters
-	zones    *aggpg.Zones
-	refresh  time.Duration
-	bg       context.Context
-	stopBg   context.CancelFunc
+	log     *slog.Logger
+	ch      driver.Conn
+	pool    *pgxpool.Pool
+	ln      net.Listener
+	srv     *http.Server
+	mln     net.Listener
+	metrics *http.Server
+	store   *aggch.Store
+	meters  *aggpg.Meters
+	zones   *aggpg.Zones
+	refresh time.Duration
+	bg      context.Context
+	stopBg  context.CancelFunc
+	// bgWork is the backfills and roll-ups running under bg; Close waits
+	// for them before it closes the connections they use.
+	bgWork   sync.WaitGroup
 	Registry *prometheus.Registry
 }
 
@@ -117,7 +120,7 @@ func NewAggregateMain(ctx context.Context, cfg Config, log *slog.Logger) (m *Agg
 // backfills it again, so a backfill cut short (the process stopped or
 // killed, ClickHouse down) does not leave the meter's past empty.
 func (m *AggregateMain) backfill(mt meter.Meter) {
-	go func() {
+	m.bgWork.Go(func() {
 		finished := true
 		for i, wait := range []time.Duration{0, m.refresh + 2*time.Second} {
 			select {
@@ -147,7 +150,7 @@ func (m *AggregateMain) backfill(mt meter.Meter) {
 		if err := m.meters.Backfilled(m.bg, mt); err != nil && m.bg.Err() == nil {
 			m.log.Error("record a meter's backfill as finished; it is backfilled again when an aggregator next starts", "meter", mt.Key, "err", err)
 		}
-	}()
+	})
 }
 
 // resumeBackfills starts again every backfill that never finished, but for
@@ -180,7 +183,7 @@ func (m *AggregateMain) resumeBackfills(ctx context.Context, config []meter.Mete
 // definition rolled up in between are redone; the definition is recorded
 // after the second.
 func (m *AggregateMain) rollUpConfigMeters(config []meter.Meter, store *aggpg.Meters) {
-	go func() {
+	m.bgWork.Go(func() {
 		added, changed, err := store.ConfigState(m.bg, config)
 		if err != nil {
 			m.log.Error("cannot tell whether the configured meters changed; their rollups are left as they are", "err", err)
@@ -212,7 +215,7 @@ func (m *AggregateMain) rollUpConfigMeters(config []meter.Meter, store *aggpg.Me
 				m.log.Error("record a configured meter's definition", "meter", mt.Key, "err", err)
 			}
 		}
-	}()
+	})
 }
 
 // Addr is the address the usage API listens on.
@@ -270,6 +273,7 @@ func (m *AggregateMain) Close() error {
 	} else if m.ln != nil {
 		errs = append(errs, m.ln.Close())
 	}
+	m.bgWork.Wait() // bg is cancelled: they stop at their next step
 	if m.ch != nil {
 		errs = append(errs, m.ch.Close())
 	}
