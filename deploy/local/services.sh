@@ -214,8 +214,11 @@ install_apt() {
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
   done
   # Debian's own major of PostgreSQL (15 on bookworm, 17 on trixie); any
-  # installed major will do.
-  [[ -n $(pg_bin) ]] || missing+=(postgresql)
+  # installed major will do, but an existing data directory needs its own.
+  if [[ ! -x $(pg_bin)/postgres ]]; then
+    if [[ -s $STATE/postgres/data/PG_VERSION ]]; then missing+=("postgresql-$(<"$STATE/postgres/data/PG_VERSION")")
+    else missing+=(postgresql); fi
+  fi
   command -v java >/dev/null || missing+=(openjdk-17-jre-headless)
   command -v mvn >/dev/null || missing+=(maven)
   command -v go >/dev/null || missing+=(golang-go)
@@ -531,7 +534,7 @@ pg_bin() {
   if [[ -n ${TOLLGATE_PG_BIN:-} ]]; then echo "$TOLLGATE_PG_BIN"; return; fi
   local made=$STATE/postgres/data/PG_VERSION b
   if [[ -s $made ]]; then echo "/usr/lib/postgresql/$(<"$made")/bin"; return; fi
-  for b in $(printf '%s\n' /usr/lib/postgresql/*/bin/initdb | sort -t/ -k4,4n -r); do
+  for b in $(printf '%s\n' /usr/lib/postgresql/*/bin/initdb | sort -t/ -k5,5nr); do
     [[ -x $b ]] && { echo "${b%/initdb}"; return; }
   done
   return 0
