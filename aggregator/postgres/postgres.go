@@ -11,6 +11,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/tollgate-dev/tollgate/aggregator"
@@ -208,19 +209,32 @@ func (s *Meters) Unbackfilled(ctx context.Context) ([]meter.Meter, error) {
 	return out, rows.Err()
 }
 
-// Backfilled records that m's backfill finished under its definition. A
-// definition that is not the stored one (the key was removed and made
-// again meanwhile) records nothing.
-func (s *Meters) Backfilled(ctx context.Context, m meter.Meter) error {
+// ClaimBackfill records that a backfill of m is starting under claim,
+// taking over any earlier claim. It reports false when m is backfilled
+// already or is no longer stored under this definition.
+func (s *Meters) ClaimBackfill(ctx context.Context, m meter.Meter, claim uuid.UUID) (bool, error) {
 	b, err := json.Marshal(m)
 	if err != nil {
-		return fmt.Errorf("encode meter: %w", err)
+		return false, fmt.Errorf("encode meter: %w", err)
 	}
-	_, err = s.pool.Exec(ctx, "UPDATE meters SET backfilled_at = now() WHERE key = $1 AND definition = $2::jsonb AND backfilled_at IS NULL", m.Key, b)
+	tag, err := s.pool.Exec(ctx, `UPDATE meters SET backfill_claim = $3
+		WHERE key = $1 AND definition = $2::jsonb AND backfilled_at IS NULL`, m.Key, b, claim)
 	if err != nil {
-		return fmt.Errorf("record meter %s backfilled: %w", m.Key, err)
+		return false, fmt.Errorf("claim meter %s's backfill: %w", m.Key, err)
 	}
-	return nil
+	return tag.RowsAffected() == 1, nil
+}
+
+// Backfilled records that the backfill of key under claim has finished.
+// It reports false when a later claim took the backfill over (it deleted
+// rows this one wrote, and records its own finish) or it was recorded.
+func (s *Meters) Backfilled(ctx context.Context, key string, claim uuid.UUID) (bool, error) {
+	tag, err := s.pool.Exec(ctx, `UPDATE meters SET backfilled_at = now()
+		WHERE key = $1 AND backfill_claim = $2 AND backfilled_at IS NULL`, key, claim)
+	if err != nil {
+		return false, fmt.Errorf("record meter %s backfilled: %w", key, err)
+	}
+	return tag.RowsAffected() == 1, nil
 }
 
 // ConfigState tells, for each meter of the configuration file, whether its

@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
+	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
@@ -91,10 +92,6 @@ func NewAggregateMain(ctx context.Context, cfg Config, log *slog.Logger) (m *Agg
 	if err != nil {
 		return nil, err
 	}
-	m.rollUpConfigMeters(cfg.Meters, m.meters)
-	if err := m.resumeBackfills(ctx, cfg.Meters); err != nil {
-		return nil, err
-	}
 	if m.ln, err = net.Listen("tcp", cfg.Aggregator.Listen); err != nil {
 		return nil, fmt.Errorf("aggregator listener: %w", err)
 	}
@@ -104,6 +101,11 @@ func NewAggregateMain(ctx context.Context, cfg Config, log *slog.Logger) (m *Agg
 			return nil, fmt.Errorf("aggregator metrics listener: %w", err)
 		}
 	}
+	// Last, once nothing can fail: both start by deleting rows.
+	if err := m.resumeBackfills(ctx, cfg.Meters); err != nil {
+		return nil, err
+	}
+	m.rollUpConfigMeters(cfg.Meters, m.meters)
 	return m, nil
 }
 
@@ -116,11 +118,20 @@ func NewAggregateMain(ctx context.Context, cfg Config, log *slog.Logger) (m *Agg
 // at least as many events, so a narrower definition's rows would lose to
 // the old ones. The second pass only adds: every row written since the
 // first is under this definition. The meter is recorded as backfilled
-// once both passes have finished; until then every aggregator that starts
-// backfills it again, so a backfill cut short (the process stopped or
-// killed, ClickHouse down) does not leave the meter's past empty.
+// once both passes have finished, if no other aggregator claimed the
+// backfill since (its first pass may have deleted rows this one wrote);
+// until then every aggregator that starts backfills it again, so a
+// backfill cut short (the process stopped or killed, ClickHouse down)
+// does not leave the meter's past empty.
 func (m *AggregateMain) backfill(mt meter.Meter) {
 	m.bgWork.Go(func() {
+		claim := uuid.New()
+		if ok, err := m.meters.ClaimBackfill(m.bg, mt, claim); err != nil || !ok {
+			if err != nil && m.bg.Err() == nil {
+				m.log.Error("claim a new meter's backfill; it is backfilled when an aggregator next starts", "meter", mt.Key, "err", err)
+			}
+			return // or backfilled already, or no longer stored under this definition
+		}
 		finished := true
 		for i, wait := range []time.Duration{0, m.refresh + 2*time.Second} {
 			select {
@@ -147,8 +158,15 @@ func (m *AggregateMain) backfill(mt meter.Meter) {
 		if !finished {
 			return
 		}
-		if err := m.meters.Backfilled(m.bg, mt); err != nil && m.bg.Err() == nil {
-			m.log.Error("record a meter's backfill as finished; it is backfilled again when an aggregator next starts", "meter", mt.Key, "err", err)
+		switch ok, err := m.meters.Backfilled(m.bg, mt.Key, claim); {
+		case err != nil:
+			if m.bg.Err() == nil {
+				m.log.Error("record a meter's backfill as finished; it is backfilled again when an aggregator next starts", "meter", mt.Key, "err", err)
+			}
+		case !ok:
+			m.log.Info("another aggregator took this meter's backfill over; it records the finish", "meter", mt.Key)
+		default:
+			m.log.Info("meter backfilled", "meter", mt.Key)
 		}
 	})
 }

@@ -425,13 +425,14 @@ func TestAReusedMeterKeyHasItsOldRowsReplaced(t *testing.T) {
 	narrow.Filters = []meter.Filter{{Property: "route", Values: []string{"/v1/b"}}}
 	sum := sha256.Sum256([]byte("admin-token"))
 
-	// start runs the aggregator with meters as its configuration, serving
-	// the admin API, until the test ends.
-	start := func(t *testing.T, pg *testenv.Postgres, ch *testenv.ClickHouse, meters []meter.Meter) *AggregateMain {
+	// startEvery runs the aggregator with meters as its configuration,
+	// re-reading the stored meters every refresh (a backfill's second pass
+	// comes 2 s after that), serving the admin API, until the test ends.
+	startEvery := func(t *testing.T, pg *testenv.Postgres, ch *testenv.ClickHouse, meters []meter.Meter, refresh time.Duration) *AggregateMain {
 		t.Helper()
 		cfg := testConfig(t, pg, ch, "unused")
 		cfg.Meters = meters
-		cfg.Aggregator.MetersRefresh = 100 * time.Millisecond
+		cfg.Aggregator.MetersRefresh = refresh
 		cfg.Aggregator.AdminTokenSHA256 = hex.EncodeToString(sum[:])
 		ctx, cancel := context.WithCancel(context.Background())
 		m, err := NewAggregateMain(ctx, cfg, quietLog())
@@ -444,6 +445,10 @@ func TestAReusedMeterKeyHasItsOldRowsReplaced(t *testing.T) {
 			_ = m.Close()
 		})
 		return m
+	}
+	start := func(t *testing.T, pg *testenv.Postgres, ch *testenv.ClickHouse, meters []meter.Meter) *AggregateMain {
+		t.Helper()
+		return startEvery(t, pg, ch, meters, 100*time.Millisecond)
 	}
 	create := func(t *testing.T, m *AggregateMain, mt meter.Meter) {
 		t.Helper()
@@ -516,11 +521,10 @@ func TestAReusedMeterKeyHasItsOldRowsReplaced(t *testing.T) {
 	})
 
 	// An admin-API meter is recorded as backfilled only once both passes
-	// have run; an aggregator stopped before that (here at once, so
-	// inside the wait before the second pass), whose first pass had
-	// deleted rows it never wrote back, leaves it to the next aggregator
-	// to start. Before, nothing backfilled it again and its past stayed
-	// empty.
+	// have run; an aggregator stopped between them, whose first pass (had
+	// it been cut short after its deletion) would have left rows
+	// unwritten, leaves the backfill to the next aggregator to start.
+	// Before, nothing backfilled it again and its past stayed empty.
 	t.Run("an admin-API meter whose backfill was cut short is backfilled by the next aggregator", func(t *testing.T) {
 		pg, ch, evs := landRebuildEvents(t)
 		ctx := context.Background()
@@ -529,9 +533,12 @@ func TestAReusedMeterKeyHasItsOldRowsReplaced(t *testing.T) {
 			testenv.Must(t, pg.Pool.QueryRow(ctx, "SELECT backfilled_at FROM meters WHERE key = $1", wide.Key).Scan(&at), "read the meter's backfill")
 			return at
 		}
-		first := start(t, pg, ch, nil)
+		// A second pass 32 s after the first: the aggregator is stopped
+		// between the two.
+		first := startEvery(t, pg, ch, nil, 30*time.Second)
 		create(t, first, wide)
-		testenv.Must(t, first.Close(), "stop the aggregator")
+		await(t, ch, "the meter after its first pass", rowsOf(evs, wide))
+		testenv.Must(t, first.Close(), "stop the aggregator") // waits for its backfill to stop
 		if at := backfilledAt(); at != nil {
 			t.Fatalf("meter recorded as backfilled at %s by an aggregator stopped before its second pass", at)
 		}
@@ -547,6 +554,40 @@ func TestAReusedMeterKeyHasItsOldRowsReplaced(t *testing.T) {
 			if time.Now().After(deadline) {
 				t.Fatal("the next aggregator never recorded the meter as backfilled")
 			}
+		}
+	})
+
+	// A backfill's first pass deletes the meter's rows, so a backfill
+	// another aggregator claimed after this one started may have deleted
+	// what this one wrote: this one's finish is not recorded, the later
+	// claim's is.
+	t.Run("a backfill another aggregator took over does not record its finish", func(t *testing.T) {
+		pg, _, _ := landRebuildEvents(t)
+		ctx := context.Background()
+		meters := aggpg.NewMeters(pg.Pool)
+		_, err := meters.Create(ctx, wide)
+		testenv.Must(t, err, "store the meter")
+		earlier, later := uuid.New(), uuid.New()
+		for _, c := range []uuid.UUID{earlier, later} {
+			ok, err := meters.ClaimBackfill(ctx, wide, c)
+			testenv.Must(t, err, "claim the backfill")
+			if !ok {
+				t.Fatal("claim of an unfinished backfill refused")
+			}
+		}
+		if ok, err := meters.Backfilled(ctx, wide.Key, earlier); err != nil || ok {
+			t.Fatalf("the earlier claim's finish recorded (%v, %v), want refused", ok, err)
+		}
+		if ok, err := meters.Backfilled(ctx, wide.Key, later); err != nil || !ok {
+			t.Fatalf("the later claim's finish not recorded (%v, %v)", ok, err)
+		}
+		if ok, err := meters.ClaimBackfill(ctx, wide, uuid.New()); err != nil || ok {
+			t.Fatalf("claim of a finished backfill (%v, %v), want refused", ok, err)
+		}
+		unfinished, err := meters.Unbackfilled(ctx)
+		testenv.Must(t, err, "list unfinished backfills")
+		if len(unfinished) != 0 {
+			t.Fatalf("unfinished backfills %v after the finish, want none", unfinished)
 		}
 	})
 }
