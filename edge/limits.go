@@ -92,13 +92,18 @@ type CallResult struct {
 // CallLimiter decides a whole call at once, with the answers AllowCallEach
 // would give, so a shared store can do it in one round trip (or, leasing
 // tokens ahead, in fewer than one: its counts may then lag the store's by
-// the refill since the lease, as docs/edge.md says).
+// the refill since the lease, as docs/edge.md says). One difference: a
+// call it refuses charges nothing, where AllowCallEach has charged the
+// buckets before the one that refused (every bucket, when the quota
+// refused), and they report one token fewer.
 type CallLimiter interface {
 	AllowCall(ctx context.Context, c CallLimits) (CallResult, error)
 }
 
 // AllowCallEach decides c step by step: each bucket through rl until one
-// refuses, then the quota through q (nil = no quota).
+// refuses, then the quota through q (nil = no quota). Each step charges as
+// it goes, so a refused call has used a token of each bucket that allowed
+// it.
 func AllowCallEach(ctx context.Context, rl RateLimiter, q QuotaCounter, c CallLimits) (CallResult, error) {
 	res := CallResult{Rates: make([]RateResult, 0, len(c.Buckets))}
 	for _, id := range c.Buckets {
