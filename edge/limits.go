@@ -152,9 +152,71 @@ const maxLocalBuckets = 100_000
 
 // Allow implements RateLimiter locally.
 func (l *LocalLimiter) Allow(_ context.Context, id string, rps, burst int) (RateResult, error) {
-	r := max(1, rps/l.instances)
-	b := max(1, burst/l.instances)
+	r, b := l.share(rps, burst)
 	l.mu.Lock()
+	lim := l.bucket(id, r, b)
+	now := time.Now()
+	allowed := lim.AllowN(now, 1)
+	res := bucketResult(lim, now, r, b, allowed)
+	l.mu.Unlock()
+	return res, nil
+}
+
+// AllowCall implements CallLimiter locally, as the Redis script decides a
+// call: it is charged to every bucket and to this instance's quota share
+// only if all of them can give it one, so a refused call charges nothing,
+// where AllowCallEach would have charged the buckets before the refusal.
+func (l *LocalLimiter) AllowCall(_ context.Context, c CallLimits) (CallResult, error) {
+	r, b := l.share(c.RPS, c.Burst)
+	res := CallResult{Rates: make([]RateResult, 0, len(c.Buckets))}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	now := time.Now()
+	lims := make([]*rate.Limiter, 0, len(c.Buckets))
+	for _, id := range c.Buckets {
+		lim := l.bucket(id, r, b)
+		if lim.TokensAt(now) < 1 {
+			res.Rates = append(res.Rates, bucketResult(lim, now, r, b, false))
+			for i, done := range lims {
+				res.Rates[i] = bucketResult(done, now, r, b, true)
+			}
+			return res, nil
+		}
+		lims = append(lims, lim)
+		res.Rates = append(res.Rates, RateResult{})
+	}
+	if c.QuotaBucket != "" {
+		share := l.QuotaShare(c.QuotaLimit)
+		if len(l.quota) >= maxLocalBuckets {
+			clear(l.quota)
+		}
+		n := l.quota[c.QuotaBucket]
+		res.QuotaChecked, res.QuotaShare = true, &share
+		if c.QuotaLimit >= 0 && n >= share {
+			res.QuotaUsed = n
+			for i, lim := range lims {
+				res.Rates[i] = bucketResult(lim, now, r, b, true)
+			}
+			return res, nil
+		}
+		l.quota[c.QuotaBucket] = n + 1
+		res.QuotaUsed, res.QuotaAllowed = n+1, true
+	}
+	for i, lim := range lims {
+		lim.AllowN(now, 1) // has the token: checked above, under l.mu
+		res.Rates[i] = bucketResult(lim, now, r, b, true)
+	}
+	return res, nil
+}
+
+// share is each instance's part of a plan's rate and burst.
+func (l *LocalLimiter) share(rps, burst int) (r, b int) {
+	return max(1, rps/l.instances), max(1, burst/l.instances)
+}
+
+// bucket returns id's bucket at rate r and burst b, made anew when the
+// plan changed. l.mu must be held.
+func (l *LocalLimiter) bucket(id string, r, b int) *rate.Limiter {
 	lim, ok := l.buckets[id]
 	if !ok || lim.Burst() != b || lim.Limit() != rate.Limit(r) {
 		if len(l.buckets) >= maxLocalBuckets {
@@ -163,18 +225,19 @@ func (l *LocalLimiter) Allow(_ context.Context, id string, rps, burst int) (Rate
 		lim = rate.NewLimiter(rate.Limit(r), b)
 		l.buckets[id] = lim
 	}
-	now := time.Now()
-	res := RateResult{Limit: b, Rate: r}
-	if lim.AllowN(now, 1) {
-		res.Allowed = true
-	} else {
-		res.RetryAfter = time.Duration(float64(time.Second) / float64(r))
-	}
+	return lim
+}
+
+// bucketResult is lim's answer at now, after the call was charged to it
+// or not.
+func bucketResult(lim *rate.Limiter, now time.Time, r, b int, allowed bool) RateResult {
 	tokens := lim.TokensAt(now)
-	l.mu.Unlock()
-	res.Remaining = max(0, int(math.Floor(tokens)))
+	res := RateResult{Allowed: allowed, Limit: b, Rate: r, Remaining: max(0, int(math.Floor(tokens)))}
+	if !allowed {
+		res.RetryAfter = time.Duration((1 - tokens) / float64(r) * float64(time.Second))
+	}
 	res.ResetAfter = time.Duration((float64(b) - tokens) / float64(r) * float64(time.Second))
-	return res, nil
+	return res
 }
 
 // QuotaShare is the part of a monthly quota of limit calls each instance
@@ -221,7 +284,10 @@ type FallbackLimiter struct {
 	downUntil atomic.Int64
 }
 
-var _ CallLimiter = (*FallbackLimiter)(nil)
+var (
+	_ CallLimiter = (*FallbackLimiter)(nil)
+	_ CallLimiter = (*LocalLimiter)(nil)
+)
 
 func (f *FallbackLimiter) primaryDown() bool {
 	d := f.downUntil.Load()
@@ -299,7 +365,7 @@ func (f *FallbackLimiter) AllowCall(ctx context.Context, c CallLimits) (CallResu
 	} else if f.OnFallback != nil {
 		f.OnFallback("rate", nil)
 	}
-	return AllowCallEach(ctx, f.Local, f.Local, c)
+	return f.Local.AllowCall(ctx, c)
 }
 
 // quotaPeriod is the calendar month containing now in loc: its start and

@@ -57,3 +57,56 @@ func TestPolicyWindowOnTheLocalFallbackIsTheShares(t *testing.T) {
 		t.Errorf("headers %v, want a limit of 50 and the policy \"key\";q=50;w=2", got)
 	}
 }
+
+// The local fallback decides a call as the Redis script does: a call that
+// one bucket or the quota refuses charges no bucket (step by step, the
+// buckets before the refusal had each spent a token).
+func TestLocalFallbackChargesNothingForARefusedCall(t *testing.T) {
+	ctx := context.Background()
+	call := func(l *LocalLimiter, c CallLimits) CallResult {
+		t.Helper()
+		res, err := l.AllowCall(ctx, c)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return res
+	}
+	t.Run("refused by the quota", func(t *testing.T) {
+		l := NewLocalLimiter(1)
+		c := CallLimits{Buckets: []string{"key", "acct"}, RPS: 1, Burst: 10, QuotaBucket: "q", QuotaLimit: 3}
+		for i := range 3 {
+			if res := call(l, c); !res.QuotaAllowed || res.QuotaUsed != int64(i+1) || !res.Rates[0].Allowed || !res.Rates[1].Allowed {
+				t.Fatalf("call %d within every limit: %+v, want allowed", i+1, res)
+			}
+		}
+		for range 2 {
+			res := call(l, c)
+			if !res.QuotaChecked || res.QuotaAllowed || res.QuotaUsed != 3 || len(res.Rates) != 2 {
+				t.Fatalf("call past the quota: %+v, want refused by it with 3 used", res)
+			}
+			for i, b := range res.Rates {
+				if !b.Allowed || b.Remaining < 7 {
+					t.Errorf("bucket %d of a call the quota refused: %+v, want 7 tokens left, as before it", i, b)
+				}
+			}
+		}
+	})
+	t.Run("refused by another bucket", func(t *testing.T) {
+		l := NewLocalLimiter(1)
+		a := CallLimits{Buckets: []string{"key:a", "acct"}, RPS: 1, Burst: 3, QuotaBucket: "q", QuotaLimit: -1}
+		b := CallLimits{Buckets: []string{"key:b", "acct"}, RPS: 1, Burst: 3, QuotaBucket: "q", QuotaLimit: -1}
+		for range 3 {
+			call(l, a) // drains the shared account bucket
+		}
+		res := call(l, b)
+		if len(res.Rates) != 2 || res.Rates[1].Allowed || res.Rates[1].RetryAfter <= 0 || res.QuotaChecked {
+			t.Fatalf("call on a drained account bucket: %+v, want refused by it, with a wait, before the quota", res)
+		}
+		if k := res.Rates[0]; !k.Allowed || k.Remaining != 3 {
+			t.Errorf("key bucket of a call its account bucket refused: %+v, want all 3 tokens left", k)
+		}
+		if res := call(l, CallLimits{Buckets: []string{"key:b"}, RPS: 1, Burst: 3, QuotaLimit: -1}); res.Rates[0].Remaining != 2 {
+			t.Errorf("key bucket after one allowed call: %+v, want 2 tokens left (the refused call took none)", res.Rates[0])
+		}
+	})
+}
