@@ -225,6 +225,18 @@ func (s *Meters) ClaimBackfill(ctx context.Context, m meter.Meter, claim uuid.UU
 	return tag.RowsAffected() == 1, nil
 }
 
+// ClaimStands tells whether the backfill of key under claim is still to
+// finish and no later claim has taken it over.
+func (s *Meters) ClaimStands(ctx context.Context, key string, claim uuid.UUID) (bool, error) {
+	var ok bool
+	err := s.pool.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM meters
+		WHERE key = $1 AND backfill_claim = $2 AND backfilled_at IS NULL)`, key, claim).Scan(&ok)
+	if err != nil {
+		return false, fmt.Errorf("check meter %s's backfill claim: %w", key, err)
+	}
+	return ok, nil
+}
+
 // Backfilled records that the backfill of key under claim has finished.
 // It reports false when a later claim took the backfill over (it deleted
 // rows this one wrote, and records its own finish) or it was recorded.

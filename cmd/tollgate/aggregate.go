@@ -47,8 +47,13 @@ type AggregateMain struct {
 	bg      context.Context
 	stopBg  context.CancelFunc
 	// bgWork is the backfills and roll-ups running under bg; Close waits
-	// for them before it closes the connections they use.
+	// for them before it closes the connections they use. bgMu guards
+	// closing, after which no more are started (an admin API request
+	// can outlive the server's Close).
 	bgWork   sync.WaitGroup
+	bgMu     sync.Mutex
+	closing  bool
+	config   []meter.Meter
 	Registry *prometheus.Registry
 }
 
@@ -63,7 +68,7 @@ func aggregateComponent(ctx context.Context, cfg Config, log *slog.Logger) ([]na
 // NewAggregateMain connects and listens on cfg.Aggregator.Listen.
 func NewAggregateMain(ctx context.Context, cfg Config, log *slog.Logger) (m *AggregateMain, err error) {
 	log = log.With("component", "aggregate")
-	m = &AggregateMain{log: log, Registry: prometheus.NewRegistry(), refresh: cfg.Aggregator.MetersRefresh}
+	m = &AggregateMain{log: log, Registry: prometheus.NewRegistry(), refresh: cfg.Aggregator.MetersRefresh, config: cfg.Meters}
 	m.bg, m.stopBg = context.WithCancel(context.Background())
 	self := m
 	defer func() {
@@ -101,11 +106,6 @@ func NewAggregateMain(ctx context.Context, cfg Config, log *slog.Logger) (m *Agg
 			return nil, fmt.Errorf("aggregator metrics listener: %w", err)
 		}
 	}
-	// Last, once nothing can fail: both start by deleting rows.
-	if err := m.resumeBackfills(ctx, cfg.Meters); err != nil {
-		return nil, err
-	}
-	m.rollUpConfigMeters(cfg.Meters, m.meters)
 	return m, nil
 }
 
@@ -124,14 +124,35 @@ func NewAggregateMain(ctx context.Context, cfg Config, log *slog.Logger) (m *Agg
 // backfill cut short (the process stopped or killed, ClickHouse down)
 // does not leave the meter's past empty.
 func (m *AggregateMain) backfill(mt meter.Meter) {
-	m.bgWork.Go(func() {
+	m.background(func() {
 		claim := uuid.New()
-		if ok, err := m.meters.ClaimBackfill(m.bg, mt, claim); err != nil || !ok {
-			if err != nil && m.bg.Err() == nil {
-				m.log.Error("claim a new meter's backfill; it is backfilled when an aggregator next starts", "meter", mt.Key, "err", err)
-			}
-			return // or backfilled already, or no longer stored under this definition
+		claimed, err := m.claimBackfill(mt, claim)
+		switch {
+		case m.bg.Err() != nil:
+			return
+		case err != nil:
+			// Better a backfill no one records (the next aggregator to
+			// start does it again) than a meter without its past.
+			m.log.Error("cannot claim a new meter's backfill; backfilling it unclaimed, and again when an aggregator next starts", "meter", mt.Key, "err", err)
+		case !claimed:
+			return // backfilled already, or no longer stored under this definition
 		}
+		// The first pass deletes through a store that checks the claim
+		// first: a backfill another aggregator has claimed since (it
+		// started meanwhile) may have written rows already.
+		store := claimedStore{Store: m.store, stands: func(ctx context.Context) error {
+			if err != nil {
+				return nil // unclaimed
+			}
+			ok, cerr := m.meters.ClaimStands(ctx, mt.Key, claim)
+			switch {
+			case cerr != nil:
+				return cerr
+			case !ok:
+				return errClaimTaken
+			}
+			return nil
+		}}
 		finished := true
 		for i, wait := range []time.Duration{0, m.refresh + 2*time.Second} {
 			select {
@@ -139,23 +160,26 @@ func (m *AggregateMain) backfill(mt meter.Meter) {
 				return
 			case <-time.After(wait):
 			}
-			var err error
+			var perr error
 			if i == 0 {
-				err = aggregator.ReplaceAll(m.bg, m.store, m.zones, []meter.Meter{mt}, time.Time{}, time.Time{}, m.log)
+				perr = aggregator.ReplaceAll(m.bg, store, m.zones, []meter.Meter{mt}, time.Time{}, time.Time{}, m.log)
 			} else {
 				// After a first pass that failed part-way, this one
 				// also brings back the rows it had deleted.
-				err = aggregator.RebuildAll(m.bg, m.store, m.zones, []meter.Meter{mt}, time.Time{}, time.Time{}, m.log)
+				perr = aggregator.RebuildAll(m.bg, m.store, m.zones, []meter.Meter{mt}, time.Time{}, time.Time{}, m.log)
 			}
-			if m.bg.Err() != nil {
+			switch {
+			case m.bg.Err() != nil:
 				return
-			}
-			if err != nil {
+			case errors.Is(perr, errClaimTaken):
+				m.log.Info("another aggregator took this meter's backfill over", "meter", mt.Key)
+				return
+			case perr != nil:
 				finished = false
-				m.log.Error("backfill new meter; it is backfilled again when an aggregator next starts", "meter", mt.Key, "pass", i+1, "err", err)
+				m.log.Error("backfill new meter; it is backfilled again when an aggregator next starts", "meter", mt.Key, "pass", i+1, "err", perr)
 			}
 		}
-		if !finished {
+		if !finished || err != nil {
 			return
 		}
 		switch ok, err := m.meters.Backfilled(m.bg, mt.Key, claim); {
@@ -171,16 +195,63 @@ func (m *AggregateMain) backfill(mt meter.Meter) {
 	})
 }
 
+// errClaimTaken stops a backfill that another aggregator has claimed since.
+var errClaimTaken = errors.New("another aggregator claimed the backfill")
+
+// claimedStore is the rollup store a backfill's first pass deletes
+// through: it deletes only while stands says the backfill's claim still
+// stands.
+type claimedStore struct {
+	*aggch.Store
+	stands func(ctx context.Context) error
+}
+
+// DeleteRollups implements aggregator.RollupDeleter.
+func (s claimedStore) DeleteRollups(ctx context.Context, meters []string, from, to time.Time) error {
+	if err := s.stands(ctx); err != nil {
+		return err
+	}
+	return s.Store.DeleteRollups(ctx, meters, from, to)
+}
+
+// claimBackfill claims mt's backfill, trying a few times over some
+// seconds: a meter just created must not wait for the next start over a
+// passing Postgres error.
+func (m *AggregateMain) claimBackfill(mt meter.Meter, claim uuid.UUID) (bool, error) {
+	var err error
+	for wait := time.Second; ; wait *= 2 {
+		var ok bool
+		if ok, err = m.meters.ClaimBackfill(m.bg, mt, claim); err == nil || wait > 8*time.Second {
+			return ok, err
+		}
+		select {
+		case <-m.bg.Done():
+			return false, m.bg.Err()
+		case <-time.After(wait):
+		}
+	}
+}
+
+// background runs f under bgWork unless Close has begun.
+func (m *AggregateMain) background(f func()) {
+	m.bgMu.Lock()
+	defer m.bgMu.Unlock()
+	if m.closing {
+		return
+	}
+	m.bgWork.Go(f)
+}
+
 // resumeBackfills starts again every backfill that never finished, but for
 // meters whose key the configuration file now defines: the file's
 // definition is the one counted, and rollUpConfigMeters computes its rows.
-func (m *AggregateMain) resumeBackfills(ctx context.Context, config []meter.Meter) error {
+func (m *AggregateMain) resumeBackfills(ctx context.Context) error {
 	ms, err := m.meters.Unbackfilled(ctx)
 	if err != nil {
 		return err
 	}
 	for _, mt := range ms {
-		if slices.ContainsFunc(config, func(c meter.Meter) bool { return c.Key == mt.Key }) {
+		if slices.ContainsFunc(m.config, func(c meter.Meter) bool { return c.Key == mt.Key }) {
 			continue
 		}
 		m.log.Warn("meter whose backfill never finished; backfilling it again", "meter", mt.Key)
@@ -201,7 +272,7 @@ func (m *AggregateMain) resumeBackfills(ctx context.Context, config []meter.Mete
 // definition rolled up in between are redone; the definition is recorded
 // after the second.
 func (m *AggregateMain) rollUpConfigMeters(config []meter.Meter, store *aggpg.Meters) {
-	m.bgWork.Go(func() {
+	m.background(func() {
 		added, changed, err := store.ConfigState(m.bg, config)
 		if err != nil {
 			m.log.Error("cannot tell whether the configured meters changed; their rollups are left as they are", "err", err)
@@ -250,6 +321,13 @@ func (m *AggregateMain) MetricsAddr() string {
 // Run serves until ctx ends.
 func (m *AggregateMain) Run(ctx context.Context) error {
 	m.log.Info("usage API listening", "addr", m.Addr())
+	// Started here, not by NewAggregateMain: both begin by deleting rows,
+	// and a process whose other components then failed to start would
+	// stop them right after.
+	if err := m.resumeBackfills(ctx); err != nil {
+		m.log.Error("cannot list the meters whose backfill never finished; they are backfilled when an aggregator next starts", "err", err)
+	}
+	m.rollUpConfigMeters(m.config, m.meters)
 	if m.metrics != nil {
 		m.log.Info("metrics listening", "addr", m.MetricsAddr())
 		go func() {
@@ -291,6 +369,9 @@ func (m *AggregateMain) Close() error {
 	} else if m.ln != nil {
 		errs = append(errs, m.ln.Close())
 	}
+	m.bgMu.Lock()
+	m.closing = true
+	m.bgMu.Unlock()
 	m.bgWork.Wait() // bg is cancelled: they stop at their next step
 	if m.ch != nil {
 		errs = append(errs, m.ch.Close())

@@ -307,7 +307,14 @@ func TestTheAggregatorRollsUpAConfigMeterThatIsNewOrChanged(t *testing.T) {
 		testenv.Must(t, pg.Pool.QueryRow(ctx, "SELECT clock_timestamp()").Scan(&started), "read Postgres's clock")
 		m, err := NewAggregateMain(ctx, cfg, quietLog())
 		testenv.Must(t, err, "start the aggregator")
-		defer m.Close()
+		runCtx, stop := context.WithCancel(ctx)
+		done := make(chan error, 1)
+		go func() { done <- m.Run(runCtx) }()
+		defer func() {
+			stop()
+			<-done
+			_ = m.Close()
+		}()
 		deadline := time.Now().Add(60 * time.Second)
 		for {
 			var recorded int
@@ -560,7 +567,7 @@ func TestAReusedMeterKeyHasItsOldRowsReplaced(t *testing.T) {
 	// A backfill's first pass deletes the meter's rows, so a backfill
 	// another aggregator claimed after this one started may have deleted
 	// what this one wrote: this one's finish is not recorded, the later
-	// claim's is.
+	// claim's is; and this one, not yet at its deletion, deletes nothing.
 	t.Run("a backfill another aggregator took over does not record its finish", func(t *testing.T) {
 		pg, _, _ := landRebuildEvents(t)
 		ctx := context.Background()
@@ -574,6 +581,13 @@ func TestAReusedMeterKeyHasItsOldRowsReplaced(t *testing.T) {
 			if !ok {
 				t.Fatal("claim of an unfinished backfill refused")
 			}
+		}
+		// The earlier backfill checks its claim before it deletes rows.
+		if ok, err := meters.ClaimStands(ctx, wide.Key, earlier); err != nil || ok {
+			t.Fatalf("the earlier claim stands (%v, %v) after a later one, want not", ok, err)
+		}
+		if ok, err := meters.ClaimStands(ctx, wide.Key, later); err != nil || !ok {
+			t.Fatalf("the later claim does not stand (%v, %v)", ok, err)
 		}
 		if ok, err := meters.Backfilled(ctx, wide.Key, earlier); err != nil || ok {
 			t.Fatalf("the earlier claim's finish recorded (%v, %v), want refused", ok, err)
