@@ -205,6 +205,12 @@ type Config struct {
 	// CPU on the edge and the brokers) and a slightly longer window of
 	// answered calls whose events are still in memory.
 	EventLinger time.Duration `yaml:"event_linger"`
+	// EventQueueSize bounds the events held in memory on their way to
+	// Kafka or the spool (default 65,536); when it is full a call waits to
+	// queue its event rather than drop it. It is also the hard bound on
+	// what a kill -9 loses: at most this many events, one batch being
+	// written (1,000) and the calls whose event is still being queued.
+	EventQueueSize int `yaml:"event_queue_size"`
 	// MaxEventAge is how old an event POST /v1/events takes may be (default
 	// 34 days). Older ones are refused at once, per item: ingest would set
 	// them aside as too late to count (ingest.max_lateness, 35 days by
@@ -253,6 +259,9 @@ func (c *Config) Defaults() {
 	}
 	if c.EventLinger == 0 {
 		c.EventLinger = 10 * time.Millisecond
+	}
+	if c.EventQueueSize == 0 {
+		c.EventQueueSize = 65536
 	}
 	if c.KeyCacheTTL == 0 {
 		c.KeyCacheTTL = 30 * time.Second
@@ -323,6 +332,9 @@ func (c *Config) Validate() error {
 	}
 	if c.EventLinger < 0 || c.EventLinger > time.Second {
 		errs = append(errs, errors.New("edge.event_linger: must be between 0 and 1s"))
+	}
+	if c.EventQueueSize < 1 || c.EventQueueSize > 16<<20 {
+		errs = append(errs, fmt.Errorf("edge.event_queue_size: between 1 and 16,777,216, got %d", c.EventQueueSize))
 	}
 	if err := c.CORS.validate(); err != nil {
 		errs = append(errs, err)

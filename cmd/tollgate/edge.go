@@ -78,6 +78,7 @@ func NewEdgeMain(ctx context.Context, cfg Config, log *slog.Logger) (m *EdgeMain
 	}
 	if m.producer, err = edgekafka.NewProducer(edgekafka.Config{
 		Brokers: cfg.Services.KafkaBrokers, Topic: cfg.Ingest.Topic, SpoolDir: spoolDir, Linger: cfg.Edge.EventLinger,
+		QueueSize: cfg.Edge.EventQueueSize,
 	}, m.Registry, log); err != nil {
 		return nil, err
 	}

@@ -49,9 +49,10 @@ edge:
   upstream: %q
   spool_dir: %q
   rate_limit_prefix: %q
+  event_queue_size: %d
 ingest:
   topic: %q
-`, env.PG.URL, brokers, testenv.RedisAddr(), addr, env.LiveURL, spool, env.Redis.Prefix, env.Topic)
+`, env.PG.URL, brokers, testenv.RedisAddr(), addr, env.LiveURL, spool, env.Redis.Prefix, killQueueSize, env.Topic)
 	path := filepath.Join(dir, "edge-"+filepath.Base(addr)+".yaml")
 	testenv.Must(t, os.WriteFile(path, []byte(cfg), 0o600), "write config")
 	cmd := exec.Command(bin, "edge", "-c", path, "--log-level", "error")
@@ -71,6 +72,15 @@ ingest:
 	})
 	return p
 }
+
+// killQueueSize is the edge's event_queue_size in the kill -9 test: small,
+// so the loss has a hard bound however long a spool fsync stalls on a busy
+// disk (one stalled past a second under a full test run, and the default
+// queue of 65,536 then held over 3,000 answered calls' events).
+const killQueueSize = 256
+
+// killClients is how many clients call the edge in the kill -9 test.
+const killClients = 16
 
 // TestKill9WhileSpoolingLosesAtMostTheUnsyncedTail runs the real edge binary
 // with Kafka unreachable, kills it with SIGKILL under load, and measures how
@@ -96,7 +106,7 @@ func TestKill9WhileSpoolingLosesAtMostTheUnsyncedTail(t *testing.T) {
 	var killed atomic.Bool
 	var wg sync.WaitGroup
 	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 16}, Timeout: 5 * time.Second}
-	for w := 0; w < 16; w++ {
+	for w := 0; w < killClients; w++ {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
@@ -150,11 +160,12 @@ func TestKill9WhileSpoolingLosesAtMostTheUnsyncedTail(t *testing.T) {
 		}
 	}
 	t.Logf("kill -9 while spooling: %d calls answered, %d events spooled, %d answered calls lost", len(accepted), len(spooled), lost)
-	// The bound: events accepted but not yet fsynced, i.e. the in-memory
-	// queue plus the batch being written. Under this load that is well
-	// under two batches.
-	if lost > 2000 {
-		t.Fatalf("lost %d answered calls, more than the documented bound of 2000", lost)
+	// The bound: events of answered calls not yet fsynced, i.e. the
+	// in-memory queue, the batch being written (1,000) and, at most one
+	// per client, calls answered whose event was still waiting to queue.
+	// It usually loses a dozen or none (docs/edge.md).
+	if bound := killQueueSize + 1000 + killClients; lost > bound {
+		t.Fatalf("lost %d answered calls, more than the bound of %d", lost, bound)
 	}
 
 	// Restart against Kafka: everything spooled is delivered.
