@@ -138,16 +138,21 @@ func NewMeters(pool *pgxpool.Pool) *Meters { return &Meters{pool: pool} }
 
 // List returns every stored meter, in key order.
 func (s *Meters) List(ctx context.Context) ([]meter.Meter, error) {
-	rows, err := s.pool.Query(ctx, "SELECT definition FROM meters ORDER BY key")
+	return s.query(ctx, "list meters", "SELECT definition FROM meters ORDER BY key")
+}
+
+// query reads the meter definitions sql selects.
+func (s *Meters) query(ctx context.Context, what, sql string) ([]meter.Meter, error) {
+	rows, err := s.pool.Query(ctx, sql)
 	if err != nil {
-		return nil, fmt.Errorf("list meters: %w", err)
+		return nil, fmt.Errorf("%s: %w", what, err)
 	}
 	defer rows.Close()
 	var out []meter.Meter
 	for rows.Next() {
 		var b []byte
 		if err := rows.Scan(&b); err != nil {
-			return nil, fmt.Errorf("list meters: %w", err)
+			return nil, fmt.Errorf("%s: %w", what, err)
 		}
 		var m meter.Meter
 		if err := json.Unmarshal(b, &m); err != nil {
@@ -189,24 +194,7 @@ func (s *Meters) Create(ctx context.Context, m meter.Meter) (bool, error) {
 // Unbackfilled returns the stored meters whose backfill never finished
 // (their aggregator stopped during it), in key order.
 func (s *Meters) Unbackfilled(ctx context.Context) ([]meter.Meter, error) {
-	rows, err := s.pool.Query(ctx, "SELECT definition FROM meters WHERE backfilled_at IS NULL ORDER BY key")
-	if err != nil {
-		return nil, fmt.Errorf("list meters to backfill: %w", err)
-	}
-	defer rows.Close()
-	var out []meter.Meter
-	for rows.Next() {
-		var b []byte
-		if err := rows.Scan(&b); err != nil {
-			return nil, fmt.Errorf("list meters to backfill: %w", err)
-		}
-		var m meter.Meter
-		if err := json.Unmarshal(b, &m); err != nil {
-			return nil, fmt.Errorf("stored meter: %w", err)
-		}
-		out = append(out, m)
-	}
-	return out, rows.Err()
+	return s.query(ctx, "list meters to backfill", "SELECT definition FROM meters WHERE backfilled_at IS NULL ORDER BY key")
 }
 
 // ClaimBackfill records that a backfill of m is starting under claim,
