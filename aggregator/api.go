@@ -117,7 +117,22 @@ type ServerDeps struct {
 	// Backfill, when set, is started for a newly created meter so its
 	// rollups cover events that landed before it existed.
 	Backfill func(m meter.Meter)
-	Log      *slog.Logger
+	// PastRollups tells which meters' past is still being rolled up, for
+	// the usage response's backfilling flag. Without it nothing is
+	// reported as backfilling.
+	PastRollups PastRollups
+	Log         *slog.Logger
+}
+
+// PastRollups knows which meters' rollups do not yet cover the events
+// that landed before the meter was counted: a meter created through the
+// admin API until its backfill is recorded finished, and a configuration
+// file's meter that is new or changed until its roll-up is recorded.
+// aggregator/postgres implements it.
+type PastRollups interface {
+	// Unfinished returns those meters' keys; config is the configuration
+	// file's meters, which take precedence over stored ones with their key.
+	Unfinished(ctx context.Context, config []meter.Meter) (map[string]bool, error)
 }
 
 // Server is the usage API and the meters admin API.
@@ -142,6 +157,7 @@ func NewServer(cfg Config, d ServerDeps) (*Server, error) {
 	d.Zones = checkZones(d.Zones, d.Usage, d.Log)
 	s := &Server{cfg: cfg, d: d, now: time.Now}
 	s.status = newStatusCache(d.Usage, d.Holds, func() time.Time { return s.now() })
+	s.status.past = d.PastRollups
 	if cfg.AdminTokenSHA256 != "" {
 		s.tokenHash, _ = hex.DecodeString(cfg.AdminTokenSHA256)
 	}
@@ -251,7 +267,11 @@ type usageResponse struct {
 	HasMore         bool        `json:"has_more"`
 	NextCursor      string      `json:"next_cursor,omitempty"`
 	CompleteThrough *time.Time  `json:"complete_through,omitempty"`
-	TooLateEvents   uint64      `json:"too_late_events"`
+	// Backfilling is true while the meter's past is still being rolled up
+	// from the raw events: its windows may read empty or short, and
+	// complete_through is left out.
+	Backfilling   bool   `json:"backfilling,omitempty"`
+	TooLateEvents uint64 `json:"too_late_events"`
 }
 
 type usageItem struct {
@@ -391,10 +411,20 @@ func (s *Server) usage(c echo.Context) error {
 	}
 	// complete_through is left out when it cannot be read: the usage
 	// itself is still exact, and a missing status only understates it.
-	if w, ok, err := s.status.CompleteThrough(ctx); err != nil {
-		s.d.Log.Warn("complete_through left out of a usage response", "err", err)
-	} else if ok {
-		resp.CompleteThrough = &w
+	// While the meter is backfilling its windows are not complete at all,
+	// whatever has landed; when that cannot be read, complete_through is
+	// left out too.
+	switch unfinished, err := s.status.Backfilling(ctx, s.d.Catalog.config, m.Key); {
+	case err != nil:
+		s.d.Log.Warn("complete_through left out of a usage response: the meters' backfill state cannot be read", "err", err)
+	case unfinished:
+		resp.Backfilling = true
+	default:
+		if w, ok, err := s.status.CompleteThrough(ctx); err != nil {
+			s.d.Log.Warn("complete_through left out of a usage response", "err", err)
+		} else if ok {
+			resp.CompleteThrough = &w
+		}
 	}
 	if resp.TooLateEvents, err = s.status.TooLate(ctx, k.AccountID, string(k.Environment), from, to); err != nil {
 		return err

@@ -1,6 +1,7 @@
 package aggregator_test
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/base64"
@@ -16,6 +17,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/google/uuid"
 
 	"github.com/tollgate-dev/tollgate/aggregator"
 	aggch "github.com/tollgate-dev/tollgate/aggregator/clickhouse"
@@ -113,9 +116,16 @@ func newAPIEnv(t *testing.T) *apiEnv {
 	testenv.Must(t, err, "catalog")
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
 	testenv.Must(t, aggregator.NewRoller(catalog, zones, env.store, log).Landed(ctx, recs), "roll up")
+	// Rolled up: the configured meters' past is counted, as an aggregator
+	// records once it has rolled them up.
+	stored := aggpg.NewMeters(pg.Pool)
+	for _, m := range apiMeters {
+		testenv.Must(t, stored.ConfigRolledUp(ctx, m), "record the configured meter")
+	}
 	sum := sha256.Sum256([]byte(adminToken))
 	srv, err := aggregator.NewServer(aggregator.Config{AdminTokenSHA256: hex.EncodeToString(sum[:]), CORSOrigins: []string{"https://dash.example"}},
-		aggregator.ServerDeps{Keys: keys, Usage: env.store, Catalog: catalog, Zones: zones, Holds: aggpg.NewSpoolHolds(pg.Pool), Log: log})
+		aggregator.ServerDeps{Keys: keys, Usage: env.store, Catalog: catalog, Zones: zones, Holds: aggpg.NewSpoolHolds(pg.Pool),
+			PastRollups: stored, Log: log})
 	testenv.Must(t, err, "server")
 	env.api = srv
 	srv.SetClock(func() time.Time { return time.Now().Add(time.Duration(env.ahead.Load())) })
@@ -726,4 +736,75 @@ func TestCompleteThroughWaitsForSpoolHolds(t *testing.T) {
 	if n != 1 {
 		t.Fatalf("%d rows for edge-1's released hold after the usage API read it, want 1", n)
 	}
+}
+
+// While a meter's past is still being rolled up its windows may read empty
+// or short: the usage response says so and leaves complete_through out,
+// for a meter created through the admin API until its backfill is recorded
+// finished, and for a configured meter that is new or changed until its
+// roll-up is recorded.
+func TestAMeterStillBackfillingSaysSo(t *testing.T) {
+	e := newAPIEnv(t)
+	ctx := context.Background()
+	stored := aggpg.NewMeters(e.pg.Pool)
+	testenv.Must(t, e.ch.Conn.Exec(ctx, fmt.Sprintf(
+		"INSERT INTO watermarks (partition, watermark, updated_at) SELECT 0, toDateTime(%d, 'UTC'), now()", time.Now().Unix())), "watermark")
+	type body struct {
+		CompleteThrough *time.Time `json:"complete_through"`
+		Backfilling     *bool      `json:"backfilling"`
+	}
+	check := func(t *testing.T, meterKey string, backfilling bool) {
+		t.Helper()
+		e.ahead.Add(int64(1100 * time.Millisecond)) // past the status cache
+		var b body
+		if st := e.get(t, "/v1/usage?window=hour&meter="+meterKey, e.keys["alpha"], &b); st != http.StatusOK {
+			t.Fatalf("usage of %s: status %d", meterKey, st)
+		}
+		switch {
+		case backfilling && (b.Backfilling == nil || !*b.Backfilling || b.CompleteThrough != nil):
+			t.Fatalf("%s: backfilling %v, complete_through %v; want backfilling true and no complete_through", meterKey, b.Backfilling, b.CompleteThrough)
+		case !backfilling && (b.Backfilling != nil || b.CompleteThrough == nil):
+			t.Fatalf("%s: backfilling %v, complete_through %v; want no backfilling and a complete_through", meterKey, b.Backfilling, b.CompleteThrough)
+		}
+	}
+
+	t.Run("a configured meter that is rolled up", func(t *testing.T) { check(t, "bytes", false) })
+	t.Run("a configured meter not yet rolled up", func(t *testing.T) {
+		_, err := e.pg.Pool.Exec(ctx, "DELETE FROM config_meters WHERE key = 'bytes'")
+		testenv.Must(t, err, "forget the roll-up")
+		check(t, "bytes", true)
+		check(t, "api_calls", false)
+		testenv.Must(t, stored.ConfigRolledUp(ctx, apiMeters[1]), "record the roll-up")
+		check(t, "bytes", false)
+	})
+	t.Run("a configured meter rolled up under another definition", func(t *testing.T) {
+		old := apiMeters[1]
+		old.GroupBy = []string{"route"}
+		testenv.Must(t, stored.ConfigRolledUp(ctx, old), "record another definition")
+		check(t, "bytes", true)
+		testenv.Must(t, stored.ConfigRolledUp(ctx, apiMeters[1]), "record the roll-up")
+		check(t, "bytes", false)
+	})
+	t.Run("an admin-API meter until its backfill is recorded finished", func(t *testing.T) {
+		m := meter.Meter{Key: "posts", EventType: "api_call", Aggregation: meter.Count,
+			Filters: []meter.Filter{{Property: "method", Values: []string{"POST"}}}}
+		b, err := json.Marshal(m)
+		testenv.Must(t, err, "encode meter")
+		req, _ := http.NewRequest(http.MethodPost, e.srv.URL+"/admin/v1/meters", bytes.NewReader(b))
+		req.Header.Set("Authorization", "Bearer "+adminToken)
+		req.Header.Set("Content-Type", "application/json")
+		if st := do(t, req, nil); st != http.StatusCreated {
+			t.Fatalf("create meter: status %d", st)
+		}
+		check(t, "posts", true)
+		claim := uuid.New()
+		if ok, err := stored.ClaimBackfill(ctx, m, claim); err != nil || !ok {
+			t.Fatalf("claim the backfill: %v, %v", ok, err)
+		}
+		check(t, "posts", true)
+		if ok, err := stored.Backfilled(ctx, m.Key, claim); err != nil || !ok {
+			t.Fatalf("record the backfill: %v, %v", ok, err)
+		}
+		check(t, "posts", false)
+	})
 }

@@ -5,6 +5,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/tollgate-dev/tollgate/meter"
 	"github.com/tollgate-dev/tollgate/schemas"
 )
 
@@ -34,6 +35,10 @@ type statusCache struct {
 	wm   time.Time
 	wmOK bool
 	late map[lateKey]lateEntry
+
+	past       PastRollups // nil: no meter is reported as backfilling
+	pastAt     time.Time
+	unfinished map[string]bool
 }
 
 // allTime ends the "ever" range, inside ClickHouse's DateTime (to 2106).
@@ -80,6 +85,30 @@ func (c *statusCache) CompleteThrough(ctx context.Context) (time.Time, bool, err
 	c.wmAt, c.wm, c.wmOK = now, w, ok
 	c.mu.Unlock()
 	return w, ok, nil
+}
+
+// Backfilling tells whether meter key's past is still being rolled up,
+// from an answer at most statusTTL old.
+func (c *statusCache) Backfilling(ctx context.Context, config []meter.Meter, key string) (bool, error) {
+	if c.past == nil {
+		return false, nil
+	}
+	now := c.now()
+	c.mu.Lock()
+	if !c.pastAt.IsZero() && now.Sub(c.pastAt) < statusTTL {
+		u := c.unfinished[key]
+		c.mu.Unlock()
+		return u, nil
+	}
+	c.mu.Unlock()
+	unfinished, err := c.past.Unfinished(ctx, config)
+	if err != nil {
+		return false, err
+	}
+	c.mu.Lock()
+	c.pastAt, c.unfinished = now, unfinished
+	c.mu.Unlock()
+	return unfinished[key], nil
 }
 
 // TooLate is the store's count. Most accounts never have a too-late

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/google/uuid"
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/tollgate-dev/tollgate/aggregator"
@@ -131,7 +132,10 @@ type Meters struct {
 	pool *pgxpool.Pool
 }
 
-var _ aggregator.MeterStore = (*Meters)(nil)
+var (
+	_ aggregator.MeterStore  = (*Meters)(nil)
+	_ aggregator.PastRollups = (*Meters)(nil)
+)
 
 // NewMeters returns a Meters over pool.
 func NewMeters(pool *pgxpool.Pool) *Meters { return &Meters{pool: pool} }
@@ -272,6 +276,36 @@ func (s *Meters) ConfigState(ctx context.Context, config []meter.Meter) (added, 
 		}
 	}
 	return added, changed, nil
+}
+
+// Unfinished returns the keys of the meters whose past is still being
+// rolled up: stored meters whose backfill is not recorded finished (unless
+// the configuration file defines their key), and the configuration file's
+// meters that ConfigState calls added or changed.
+func (s *Meters) Unfinished(ctx context.Context, config []meter.Meter) (map[string]bool, error) {
+	out := map[string]bool{}
+	rows, err := s.pool.Query(ctx, "SELECT key FROM meters WHERE backfilled_at IS NULL")
+	if err != nil {
+		return nil, fmt.Errorf("read meters' backfill state: %w", err)
+	}
+	keys, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	if err != nil {
+		return nil, fmt.Errorf("read meters' backfill state: %w", err)
+	}
+	for _, k := range keys {
+		out[k] = true
+	}
+	for _, m := range config {
+		delete(out, m.Key)
+	}
+	added, changed, err := s.ConfigState(ctx, config)
+	if err != nil {
+		return nil, err
+	}
+	for _, m := range append(added, changed...) {
+		out[m.Key] = true
+	}
+	return out, nil
 }
 
 // ConfigRolledUp records that m's rollups are now computed under its

@@ -92,7 +92,7 @@ func NewAggregateMain(ctx context.Context, cfg Config, log *slog.Logger) (m *Agg
 	m.zones = aggpg.NewZones(m.pool, cfg.Aggregator.ZoneCacheTTL, log)
 	srv, err := aggregator.NewServer(cfg.Aggregator, aggregator.ServerDeps{
 		Keys: edgepg.NewKeyStore(m.pool), Usage: m.store, Catalog: catalog, Zones: m.zones,
-		Holds: aggpg.NewSpoolHolds(m.pool), Backfill: m.backfill, Log: log,
+		Holds: aggpg.NewSpoolHolds(m.pool), Backfill: m.backfill, PastRollups: m.meters, Log: log,
 	})
 	if err != nil {
 		return nil, err

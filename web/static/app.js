@@ -215,6 +215,7 @@ async function loadUsage() {
     $("usage-total").textContent = body.meter + " per " + windowName + " (" + agg + " values do not add up across windows)";
   }
   const notes = [];
+  if (body.backfilling) notes.push("this meter's past is still being counted: windows may read low until that finishes");
   if (body.complete_through) notes.push("complete through " + new Date(body.complete_through).toLocaleString());
   if (body.too_late_events) notes.push(num.format(body.too_late_events) + " events arrived too late to count and were reported");
   if (partial) {
