@@ -7,6 +7,7 @@ package api
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net/http"
@@ -60,10 +61,10 @@ func New(keys KeyStore, store invoicer.Store, usage invoicer.UsageReader, proj P
 	e.GET("/healthz", func(c echo.Context) error { return c.String(http.StatusOK, "ok\n") })
 	e.POST("/v1/webhooks/stripe", s.webhook)
 	g := e.Group("/v1", s.authenticate)
-	g.GET("/usage/current", s.currentUsage)
-	g.GET("/invoices/upcoming", s.upcoming)
-	g.GET("/invoices", s.list)
-	g.GET("/invoices/:id", s.get)
+	g.GET("/usage/current", s.currentUsage, requireScope(UsageScope))
+	g.GET("/invoices/upcoming", s.upcoming, requireScope(InvoicesScope))
+	g.GET("/invoices", s.list, requireScope(InvoicesScope))
+	g.GET("/invoices/:id", s.get, requireScope(InvoicesScope))
 	s.echo = e
 	return s
 }
@@ -113,7 +114,32 @@ func (s *Server) authenticate(next echo.HandlerFunc) echo.HandlerFunc {
 				"Invoices and billed usage are read with a live secret key (sk_live_…); test-mode usage is metered, never billed.")
 		}
 		c.Set("account", k.AccountID)
+		c.Set("key", k)
 		return next(c)
+	}
+}
+
+// The scopes the invoice API's reads take. A key created without scopes
+// has both (a secret key has every scope); a key restricted to others, say
+// events:write for a batch job, reads no billing.
+const (
+	InvoicesScope = "invoices:read"
+	UsageScope    = "usage:read" // as the usage API's
+)
+
+// requireScope refuses a key that lacks scope, as the usage API does.
+func requireScope(scope string) echo.MiddlewareFunc {
+	return func(next echo.HandlerFunc) echo.HandlerFunc {
+		return func(c echo.Context) error {
+			k := c.Get("key").(edge.Key)
+			if !edge.HasScope(k.Kind, k.Scopes, scope) {
+				ae := edge.NewAPIError(http.StatusForbidden, edge.TypePermission, "insufficient_scope",
+					fmt.Sprintf("This key lacks the %q scope this read takes.", scope))
+				ae.Scope = scope
+				return ae
+			}
+			return next(c)
+		}
 	}
 }
 

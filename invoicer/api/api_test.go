@@ -33,12 +33,12 @@ type fixture struct {
 	store *invpg.Store
 }
 
-func (f *fixture) key(t *testing.T, account string, kind edge.KeyKind, env schemas.Environment) (string, string) {
+func (f *fixture) key(t *testing.T, account string, kind edge.KeyKind, env schemas.Environment, scopes ...string) (string, string) {
 	t.Helper()
 	secret, parsed, err := edge.GenerateKey(kind, env)
 	testenv.Must(t, err, "generate key")
 	id := "key_" + uuid.NewString()[:8]
-	testenv.Must(t, f.keys.CreateKey(context.Background(), edge.NewKey{ID: id, AccountID: account, Parsed: parsed}), "create key")
+	testenv.Must(t, f.keys.CreateKey(context.Background(), edge.NewKey{ID: id, AccountID: account, Parsed: parsed, Scopes: scopes}), "create key")
 	return secret, id
 }
 
@@ -193,6 +193,28 @@ func TestInvoiceAPI(t *testing.T) {
 			}
 		})
 	}
+	// A restricted key reads only what its scopes allow: invoices take
+	// invoices:read, this period's usage usage:read (as the usage API).
+	t.Run("a restricted key reads only what its scopes allow", func(t *testing.T) {
+		eventsOnly, _ := f.key(t, "acct_x", edge.Secret, schemas.Live, "events:write")
+		usageOnly, _ := f.key(t, "acct_x", edge.Secret, schemas.Live, "usage:read")
+		invoicesOnly, _ := f.key(t, "acct_x", edge.Secret, schemas.Live, "invoices:read")
+		for _, c := range []struct {
+			key, path string
+			want      int
+		}{
+			{eventsOnly, "/v1/invoices", 403}, {eventsOnly, "/v1/invoices/upcoming", 403},
+			{eventsOnly, "/v1/invoices/" + res.Closed[0].ID, 403}, {eventsOnly, "/v1/usage/current", 403},
+			{usageOnly, "/v1/invoices", 403}, {usageOnly, "/v1/invoices/upcoming", 403}, {usageOnly, "/v1/usage/current", 200},
+			{invoicesOnly, "/v1/invoices", 200}, {invoicesOnly, "/v1/invoices/upcoming", 200}, {invoicesOnly, "/v1/usage/current", 403},
+		} {
+			var e apiErr
+			got := f.get(t, c.key, c.path, &e)
+			if got != c.want || (c.want == 403 && (e.Error.Code != "insufficient_scope" || e.Error.RequestID == "")) {
+				t.Errorf("%s: got %d %+v, want %d", c.path, got, e, c.want)
+			}
+		}
+	})
 	t.Run("webhooks are verified and recorded once", func(t *testing.T) {
 		var l api.List
 		f.get(t, secretX, "/v1/invoices", &l)
