@@ -235,10 +235,13 @@ type Priced struct {
 
 // Apply prices quantity. It never overflows: decimals are arbitrary
 // precision, and rounding to int64 (RoundMinor) reports ErrOverflow.
+//
+// A negative quantity (a SUM or LATEST meter whose values, corrections
+// included, come to less than zero over the period) has nothing billable
+// and prices as zero usage, the quantity kept on the line: a price never
+// pays usage back (that is a credit note), and refusing it failed the
+// whole invoice, flat fees included, on every run for good.
 func (p *Price) Apply(quantity int64) (Priced, error) {
-	if quantity < 0 {
-		return Priced{}, fmt.Errorf("%w: negative quantity %d for %s", ErrInvalid, quantity, p.Key)
-	}
 	r := Priced{Quantity: quantity, Billable: max(quantity-p.Included, 0)}
 	q := decimal.NewFromInt(r.Billable)
 	switch p.Model {

@@ -37,6 +37,10 @@ func TestPriceApplyAtEveryBoundary(t *testing.T) {
 		{"flat ignores large usage", flat, 1 << 40, 2900},
 
 		{"per unit zero usage is free", perUnit, 0, 0},
+		{"per unit negative usage is free, never paid back", perUnit, -5000, 0},
+		{"package negative usage is free", pkg, -1, 0},
+		{"graduated negative usage is free", graduated, -1001, 0},
+		{"volume negative usage is free", volume, -1, 0},
 		{"per unit 999 units round half even down", perUnit, 999, 40}, // 39.96
 		{"per unit 1000 units", perUnit, 1000, 40},                    // 40
 		{"per unit 1001 units", perUnit, 1001, 40},                    // 40.04
