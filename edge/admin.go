@@ -12,8 +12,11 @@ import (
 	"log/slog"
 	"mime"
 	"net/http"
+	"strconv"
 	"strings"
 	"time"
+	"unicode"
+	"unicode/utf8"
 
 	"github.com/labstack/echo/v4"
 	"github.com/prometheus/client_golang/prometheus"
@@ -168,10 +171,12 @@ func (a *Admin) putAccount(c echo.Context) error {
 	if err := bind(c, &in); err != nil {
 		return err
 	}
-	id := c.Param("account")
-	if !schemas.ValidIdent(id) {
-		return fmt.Errorf("%w: an account id is 1 to %d letters, digits and _ . : - (it is in every event, and sent to the upstream in %s)",
-			ErrInvalid, schemas.MaxIDLength, HeaderAccount)
+	id, err := accountParam(c)
+	if err != nil {
+		return err
+	}
+	if err := validText("name", in.Name, maxNameBytes); err != nil {
+		return err
 	}
 	if in.Name == "" {
 		in.Name = id
@@ -192,6 +197,13 @@ type keyRequest struct {
 
 // maxAdminBody bounds an admin request's body.
 const maxAdminBody = 1 << 20
+
+// Bounds of the free-text fields: an account's or key's name, a revoke's
+// reason (which the audit log keeps).
+const (
+	maxNameBytes   = 200
+	maxReasonBytes = 500
+)
 
 // bind decodes the request's JSON body into v; an empty body leaves v as
 // it is. The body is read as JSON whatever else it claims to be, and
@@ -242,6 +254,45 @@ func visibleASCII(s string, max int) bool {
 	return true
 }
 
+// validText checks a free-text field an operator sends (a name, a reason):
+// valid UTF-8 of at most max bytes without control characters. Postgres
+// refuses a NUL or invalid UTF-8 in text, and a revoke whose reason it
+// refused rolled back: the key stayed active behind a 500.
+func validText(field, s string, max int) error {
+	if len(s) > max {
+		return fmt.Errorf("%w: %s is longer than %d bytes", ErrInvalid, field, max)
+	}
+	if !utf8.ValidString(s) {
+		return fmt.Errorf("%w: %s is not valid UTF-8", ErrInvalid, field)
+	}
+	for _, r := range s {
+		if unicode.IsControl(r) {
+			return fmt.Errorf("%w: %s has a control character (%U)", ErrInvalid, field, r)
+		}
+	}
+	return nil
+}
+
+// accountParam is the path's account id, refused unless it is one.
+func accountParam(c echo.Context) (string, error) {
+	id := c.Param("account")
+	if !schemas.ValidIdent(id) {
+		return "", fmt.Errorf("%w: an account id is 1 to %d letters, digits and _ . : - (it is in every event, and sent to the upstream in %s)",
+			ErrInvalid, schemas.MaxIDLength, HeaderAccount)
+	}
+	return id, nil
+}
+
+// keyParam is the path's key id. One no key could have (every id is
+// key_ and hex) is not found, without asking the store.
+func keyParam(c echo.Context) (string, error) {
+	id := c.Param("id")
+	if !visibleASCII(id, 64) {
+		return "", fmt.Errorf("%w: no key %s", ErrNotFound, strconv.QuoteToASCII(id))
+	}
+	return id, nil
+}
+
 // validScopes checks scopes and refuses write scopes on publishable keys.
 func validScopes(kind KeyKind, scopes []string) error {
 	for _, s := range scopes {
@@ -281,6 +332,13 @@ func (a *Admin) createKey(c echo.Context) error {
 	if err := validScopes(kind, in.Scopes); err != nil {
 		return err
 	}
+	account, err := accountParam(c)
+	if err != nil {
+		return err
+	}
+	if err := validText("name", in.Name, maxNameBytes); err != nil {
+		return err
+	}
 	if in.ExpiresAt != nil && !in.ExpiresAt.After(a.now()) {
 		return fmt.Errorf("%w: expires_at is in the past", ErrInvalid)
 	}
@@ -288,7 +346,7 @@ func (a *Admin) createKey(c echo.Context) error {
 	if err != nil {
 		return err
 	}
-	nk := NewKey{ID: newKeyID(), AccountID: c.Param("account"), Name: in.Name, Parsed: parsed,
+	nk := NewKey{ID: newKeyID(), AccountID: account, Name: in.Name, Parsed: parsed,
 		Scopes: in.Scopes, ExpiresAt: in.ExpiresAt, Audit: a.info(c, "created through the admin API")}
 	if err := a.deps.Store.CreateKey(c.Request().Context(), nk); err != nil {
 		return err
@@ -301,7 +359,11 @@ func (a *Admin) createKey(c echo.Context) error {
 }
 
 func (a *Admin) listKeys(c echo.Context) error {
-	keys, err := a.deps.Store.ListKeys(c.Request().Context(), c.Param("account"))
+	account, err := accountParam(c)
+	if err != nil {
+		return err
+	}
+	keys, err := a.deps.Store.ListKeys(c.Request().Context(), account)
 	if err != nil {
 		return err
 	}
@@ -313,7 +375,11 @@ func (a *Admin) listKeys(c echo.Context) error {
 }
 
 func (a *Admin) getKey(c echo.Context) error {
-	k, err := a.deps.Store.GetKey(c.Request().Context(), c.Param("id"))
+	id, err := keyParam(c)
+	if err != nil {
+		return err
+	}
+	k, err := a.deps.Store.GetKey(c.Request().Context(), id)
 	if err != nil {
 		return err
 	}
@@ -338,7 +404,11 @@ func (a *Admin) rollKey(c echo.Context) error {
 		overlap = d
 	}
 	ctx := c.Request().Context()
-	old, err := a.deps.Store.GetKey(ctx, c.Param("id"))
+	id, err := keyParam(c)
+	if err != nil {
+		return err
+	}
+	old, err := a.deps.Store.GetKey(ctx, id)
 	if err != nil {
 		return err
 	}
@@ -370,11 +440,18 @@ func (a *Admin) revokeKey(c echo.Context) error {
 	if err := bind(c, &in); err != nil {
 		return err
 	}
+	if err := validText("reason", in.Reason, maxReasonBytes); err != nil {
+		return err
+	}
+	id, err := keyParam(c)
+	if err != nil {
+		return err
+	}
 	reason := in.Reason
 	if reason == "" {
 		reason = "revoked through the admin API"
 	}
-	k, err := a.deps.Store.RevokeKey(c.Request().Context(), c.Param("id"), a.now(), a.info(c, reason))
+	k, err := a.deps.Store.RevokeKey(c.Request().Context(), id, a.now(), a.info(c, reason))
 	if err != nil {
 		return err
 	}

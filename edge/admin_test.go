@@ -217,6 +217,51 @@ func TestAdminKeyLifecycle(t *testing.T) {
 	}
 }
 
+// Text Postgres cannot store (a NUL, invalid UTF-8) and ids no key or
+// account could have get a 4xx, never a 500; a revoke whose reason was
+// refused used to roll back behind a 500 and leave the key active.
+func TestAdminRefusesTextItCannotStore(t *testing.T) {
+	env := edgetest.New(t)
+	in := env.Start(t, edgetest.Options{})
+	admin := startAdmin(t, env, in.Audit)
+	if s := admin.call("PUT", "/admin/v1/accounts/acct_txt", adminToken, `{"name":"Text Co"}`, nil); s != 200 {
+		t.Fatalf("put account: %d", s)
+	}
+	var created edge.CreatedKey
+	if s := admin.call("POST", "/admin/v1/accounts/acct_txt/keys", adminToken, `{"name":"caf\u00e9 ok"}`, &created); s != 201 {
+		t.Fatalf("create a key with a non-ASCII name: %d", s)
+	}
+	for _, c := range []struct {
+		method, path, body string
+		want               int
+	}{
+		{"PUT", "/admin/v1/accounts/acct_txt", `{"name":"a\u0000b"}`, 400},
+		{"POST", "/admin/v1/accounts/acct_txt/keys", `{"name":"a\u0000b"}`, 400},
+		{"POST", "/admin/v1/accounts/acct_txt/keys", `{"name":"` + strings.Repeat("n", 201) + `"}`, 400},
+		{"POST", "/admin/v1/accounts/%FF/keys", `{}`, 400},
+		{"GET", "/admin/v1/accounts/%00/keys", "", 400},
+		{"GET", "/admin/v1/keys/%00", "", 404},
+		{"GET", "/admin/v1/keys/%FF", "", 404},
+		{"POST", "/admin/v1/keys/%00/roll", "", 404},
+		{"POST", "/admin/v1/keys/%00/revoke", "", 404},
+		{"POST", "/admin/v1/keys/" + created.Key.ID + "/revoke", `{"reason":"\u0000"}`, 400},
+		{"POST", "/admin/v1/keys/" + created.Key.ID + "/revoke", `{"reason":"line\nbreak"}`, 400},
+	} {
+		var e struct{ Error edge.APIError }
+		if s := admin.call(c.method, c.path, adminToken, c.body, &e); s != c.want || e.Error.RequestID == "" {
+			t.Errorf("%s %s %s: %d %+v, want %d", c.method, c.path, c.body, s, e.Error, c.want)
+		}
+	}
+	// The refused revokes left the key as it was: active, and serving.
+	if r := edgetest.Do(t, "GET", in.URL+"/v1/x", created.Secret, nil); r.Status != 200 {
+		t.Fatalf("the key after refused revokes: %d %s", r.Status, r.Body)
+	}
+	var revoked edge.KeyView
+	if s := admin.call("POST", "/admin/v1/keys/"+created.Key.ID+"/revoke", adminToken, `{"reason":"rotated, café"}`, &revoked); s != 200 || revoked.Status != "revoked" {
+		t.Fatalf("revoke with a plain reason: %d %+v", s, revoked)
+	}
+}
+
 func filterKeyEvents(rows []string) []string {
 	var out []string
 	for _, r := range rows {
