@@ -76,6 +76,49 @@ func TestKeyAndScopeRules(t *testing.T) {
 	}
 }
 
+// A method-override header naming another method than the one sent is
+// refused: routes and scopes are checked on the method sent, and an
+// upstream framework honouring the header would run the other one (a key
+// allowed only POST could have it DELETE). Both fronts.
+func TestAMethodOverrideCannotGetAroundScopes(t *testing.T) {
+	for _, front := range []struct {
+		name    string
+		netHTTP bool
+	}{{"fasthttp", false}, {"net/http", true}} {
+		t.Run(front.name, func(t *testing.T) {
+			env := edgetest.New(t)
+			in := env.Start(t, edgetest.Options{Config: withRoutes, NetHTTP: front.netHTTP})
+			writer, _ := env.Key(t, "acct_override", edge.Secret, schemas.Live, "widgets:write")
+			call := func(method, path, header, value string) edgetest.Response {
+				t.Helper()
+				req, err := http.NewRequest(method, in.URL+path, nil)
+				testenv.Must(t, err, "request")
+				req.Header.Set("Authorization", "Bearer "+writer)
+				if header != "" {
+					req.Header.Set(header, value)
+				}
+				return edgetest.DoRequest(t, req)
+			}
+			for _, c := range []struct {
+				name, method, header, value string
+				status                      int
+				code                        string
+			}{
+				{"POST asking for DELETE", "POST", "X-HTTP-Method-Override", "DELETE", 400, "method_override_not_allowed"},
+				{"POST asking for GET", "POST", "X-HTTP-Method", "get", 400, "method_override_not_allowed"},
+				{"POST asking for PUT", "POST", "x-method-override", "PUT", 400, "method_override_not_allowed"},
+				{"POST naming itself", "POST", "X-HTTP-Method-Override", "post", 200, ""},
+				{"POST without one", "POST", "", "", 200, ""},
+			} {
+				r := call(c.method, "/v1/widgets", c.header, c.value)
+				if r.Status != c.status || r.Error.Code != c.code {
+					t.Errorf("%s: %d %q, want %d %q (%s)", c.name, r.Status, r.Error.Code, c.status, c.code, r.Body)
+				}
+			}
+		})
+	}
+}
+
 func TestMalformedKeysNeverReachTheDatabase(t *testing.T) {
 	env := edgetest.New(t)
 	in := env.Start(t, edgetest.Options{})

@@ -398,6 +398,10 @@ type CallInfo struct {
 	// now. A front that has read the clock already passes it on, so a call
 	// reads it once.
 	At time.Time
+	// MethodOverride is the first of MethodOverrideHeaders the call
+	// carries, if any: the method an upstream framework may run instead
+	// of Method.
+	MethodOverride string
 	// Upgrade says the call asks to switch protocols (a WebSocket
 	// handshake): Admit then takes one of max_upgraded_connections before
 	// the limits, so a call refused for want of one costs no quota.
@@ -556,12 +560,24 @@ func (s *Server) authenticate(next echo.HandlerFunc) echo.HandlerFunc {
 	}
 }
 
+// MethodOverrideHeaders are the headers web frameworks (Rails, Laravel,
+// Symfony, Express's method-override) read as the request's real method.
+// Routes and scopes are checked on the method sent, so a call whose
+// override names another is refused: a key allowed POST could otherwise
+// have an upstream run DELETE.
+var MethodOverrideHeaders = [...]string{"X-Http-Method-Override", "X-Http-Method", "X-Method-Override"}
+
 // authorizeCall matches the route (events: the events route) and checks
 // the key may call it.
 func (s *Server) authorizeCall(k *Key, ci CallInfo, events bool) (Route, error) {
 	if !knownMethod(ci.Method) {
 		return Route{}, NewAPIError(http.StatusMethodNotAllowed, TypeInvalidRequest, "method_not_allowed",
 			fmt.Sprintf("Method %s is not supported.", ci.Method))
+	}
+	if ci.MethodOverride != "" && !strings.EqualFold(strings.TrimSpace(ci.MethodOverride), ci.Method) {
+		return Route{}, NewAPIError(http.StatusBadRequest, TypeInvalidRequest, "method_override_not_allowed",
+			fmt.Sprintf("The call is a %s asking, in a method-override header, for %s; routes and scopes are checked on the method sent, so send %s itself.",
+				ci.Method, strconv.QuoteToASCII(ci.MethodOverride), strconv.QuoteToASCII(strings.TrimSpace(ci.MethodOverride))))
 	}
 	var route Route
 	if events {
@@ -618,7 +634,8 @@ func (s *Server) authorize(next echo.HandlerFunc) echo.HandlerFunc {
 	return func(c echo.Context) error {
 		k := c.Get("key").(*Key)
 		req := c.Request()
-		route, err := s.authorizeCall(k, CallInfo{Method: req.Method, Path: req.URL.EscapedPath()}, c.Path() == "/v1/events")
+		route, err := s.authorizeCall(k, CallInfo{Method: req.Method, Path: req.URL.EscapedPath(),
+			MethodOverride: methodOverride(req.Header)}, c.Path() == "/v1/events")
 		if route.Template != "" {
 			c.Set("route", route)
 		}
@@ -627,6 +644,16 @@ func (s *Server) authorize(next echo.HandlerFunc) echo.HandlerFunc {
 		}
 		return next(c)
 	}
+}
+
+// methodOverride is the first method-override header of h, if any.
+func methodOverride(h http.Header) string {
+	for _, name := range MethodOverrideHeaders {
+		if v := h.Get(name); v != "" {
+			return v
+		}
+	}
+	return ""
 }
 
 // zone is the named time zone for quota months, or UTC (with one warning

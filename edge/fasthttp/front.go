@@ -267,6 +267,12 @@ func (f *Front) handle(ctx *fh.RequestCtx) {
 		At:            start,
 		Upgrade:       isUpgrade(&ctx.Request.Header),
 	}
+	for _, name := range edge.MethodOverrideHeaders {
+		if v := ctx.Request.Header.Peek(name); len(v) > 0 {
+			ci.MethodOverride = string(v)
+			break
+		}
+	}
 	// Admit's header names are canonical already, so fasthttp need not
 	// copy and normalize each one.
 	adm, err := f.s.Admit(ctx, ci, func(name string, value []byte) { ctx.Response.Header.SetCanonical([]byte(name), value) })

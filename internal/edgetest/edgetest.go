@@ -324,8 +324,14 @@ func Do(t *testing.T, method, url, key string, body io.Reader) Response {
 	if key != "" {
 		req.Header.Set("Authorization", "Bearer "+key)
 	}
+	return DoRequest(t, req)
+}
+
+// DoRequest sends req as Do does, with whatever headers it carries.
+func DoRequest(t *testing.T, req *http.Request) Response {
+	t.Helper()
 	resp, err := http.DefaultClient.Do(req)
-	testenv.Must(t, err, method+" "+url)
+	testenv.Must(t, err, req.Method+" "+req.URL.String())
 	defer resp.Body.Close()
 	b, _ := io.ReadAll(resp.Body)
 	r := Response{Status: resp.StatusCode, Header: resp.Header, Body: b}
