@@ -319,6 +319,33 @@ func TestFailedAuthFloodIsFoldedIntoFewAuditRows(t *testing.T) {
 	t.Logf("%d failures -> %d audit rows", n, rows)
 }
 
+// A malformed credential's audit row keeps a display prefix only of what
+// starts as a key does: a short password or token sent by mistake would
+// otherwise sit whole in the audit log.
+func TestAuditKeepsNoPrefixOfWhatIsNotAKey(t *testing.T) {
+	env := edgetest.New(t)
+	in := env.Start(t, edgetest.Options{})
+	for _, c := range []struct{ sent, want string }{
+		{"hunter2", ""},
+		{"tok-8f3a9c", ""},
+		{"sk_prod_abcdefgh", ""},
+		{"pk_test_", "pk_test_"},
+		{"sk_live_garbage", "sk_live_garb"},
+	} {
+		if r := edgetest.Do(t, "GET", in.URL+"/v1/x", c.sent, nil); r.Status != 401 || r.Error.Code != "malformed_api_key" {
+			t.Fatalf("%q: %d %q", c.sent, r.Status, r.Error.Code)
+		}
+		in.Audit.Flush(context.Background())
+		var prefix string
+		err := env.PG.Pool.QueryRow(context.Background(), `SELECT coalesce(key_prefix, '') FROM audit_log
+			WHERE action = $1 ORDER BY id DESC LIMIT 1`, edge.ActionAuthFailed).Scan(&prefix)
+		testenv.Must(t, err, "audit row")
+		if prefix != c.want {
+			t.Errorf("%q: audit prefix %q, want %q", c.sent, prefix, c.want)
+		}
+	}
+}
+
 func TestReportEventsBatch(t *testing.T) {
 	env := edgetest.New(t)
 	in := env.Start(t, edgetest.Options{})

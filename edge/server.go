@@ -356,8 +356,14 @@ func keyFromAuthorization(h string) string {
 
 // safePrefix is at most the part of a presented string that a valid key
 // would show as its display prefix, with anything odd replaced, so the
-// audit log never holds more than a display prefix.
+// audit log never holds more than a display prefix. A string that does not
+// start as a key does (pk_ or sk_, then live_ or test_) leaves none: it may
+// be a short password or token sent by mistake, which its first 12
+// characters would hold whole.
 func safePrefix(raw string) string {
+	if len(raw) < prefixLen || (raw[:3] != "pk_" && raw[:3] != "sk_") || (raw[3:prefixLen] != "live_" && raw[3:prefixLen] != "test_") {
+		return ""
+	}
 	if len(raw) > prefixLen+displayBody {
 		raw = raw[:prefixLen+displayBody]
 	}
