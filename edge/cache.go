@@ -34,6 +34,9 @@ type KeyCache struct {
 	// dropped, and a flood of made-up keys cannot empty the cache of the
 	// real ones.
 	unknown, maxUnknown int
+
+	// holds are the calls held open under a key (keyholds.go).
+	holds keyHolds
 }
 
 // cacheEntry's key is shared by every call that finds it, read-only.
@@ -151,8 +154,16 @@ func (c *KeyCache) dropUnknown() {
 	c.unknown = 0
 }
 
-// Invalidate drops what inv names.
+// Invalidate drops what inv names, and checks again the keys of the calls
+// held open (Hold) that it names.
 func (c *KeyCache) Invalidate(inv Invalidation) {
+	c.invalidate(inv)
+	if hs := c.heldFor(inv); len(hs) > 0 {
+		go c.recheck(hs)
+	}
+}
+
+func (c *KeyCache) invalidate(inv Invalidation) {
 	c.epoch.Add(1)
 	c.mu.Lock()
 	defer c.mu.Unlock()

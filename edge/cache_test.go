@@ -53,3 +53,61 @@ func TestAFloodOfUnknownKeysDoesNotEvictTheKnownOnes(t *testing.T) {
 		t.Errorf("%d entries, %d of them unknown (budget %d), want the real key plus at most the budget", c.entries, c.unknown, c.maxUnknown)
 	}
 }
+
+// revocableStore answers one key, revoked once revoked is set.
+type revocableStore struct {
+	hash    [32]byte
+	revoked atomic.Bool
+}
+
+func (s *revocableStore) KeyByHash(_ context.Context, h [32]byte) (Key, error) {
+	if h != s.hash {
+		return Key{}, ErrKeyNotFound
+	}
+	k := Key{ID: "key_held", AccountID: "acct_held", Hash: s.hash[:]}
+	if s.revoked.Load() {
+		at := time.Now()
+		k.RevokedAt = &at
+	}
+	return k, nil
+}
+
+// A key revoked after the call's look-up but before its hold was taken
+// ends the call all the same: the notification came while there was no
+// hold for it to find, and the hold sees the epoch moved.
+func TestAHoldTakenAfterARevocationItMissedEndsItsCall(t *testing.T) {
+	store := &revocableStore{hash: sha256.Sum256([]byte("sk_live_held"))}
+	c := NewKeyCache(store, time.Hour)
+	c.SetTrusted(true)
+	ctx := context.Background()
+
+	epoch := c.Epoch()
+	k, err := c.KeyByHash(ctx, store.hash)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ended := make(chan struct{})
+	quiet := c.Hold(&k, epoch, func() { close(ended) }) // no change since the look-up
+	select {
+	case <-ended:
+		t.Fatal("a hold on a usable key ended its call")
+	case <-time.After(200 * time.Millisecond):
+	}
+	quiet()
+
+	epoch = c.Epoch()
+	k, err = c.KeyByHash(ctx, store.hash)
+	if err != nil {
+		t.Fatal(err)
+	}
+	store.revoked.Store(true)
+	c.Invalidate(Invalidation{KeyHash: store.hash[:]}) // before the hold
+	ended = make(chan struct{})
+	release := c.Hold(&k, epoch, func() { close(ended) })
+	defer release()
+	select {
+	case <-ended:
+	case <-time.After(5 * time.Second):
+		t.Fatal("a hold taken after a revocation it missed kept its call open")
+	}
+}

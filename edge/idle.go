@@ -117,7 +117,11 @@ func (c *tunnelConn) CloseWrite() error {
 type upgradeWriter struct {
 	http.ResponseWriter
 	idle time.Duration
-	conn *tunnelConn
+	// hold ends the tunnel when its key stops being usable
+	// (Server.HoldKey); release forgets that once the tunnel ends.
+	hold    func(end func()) (release func())
+	release func()
+	conn    *tunnelConn
 	// switched is when the proxy took the connection: the handshake's end.
 	switched time.Time
 }
@@ -138,6 +142,9 @@ func (w *upgradeWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 		_, _ = brw.Reader.Discard(n)
 	}
 	w.conn.watch = NewIdleWatch(w.idle, func() { conn.Close() })
+	if w.hold != nil {
+		w.release = w.hold(func() { conn.Close() })
+	}
 	return w.conn, brw, nil
 }
 
@@ -148,6 +155,9 @@ func (w *upgradeWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
 func (w *upgradeWriter) tunnelled() (fromCaller, toCaller int64) {
 	if w.conn == nil {
 		return 0, 0
+	}
+	if w.release != nil {
+		w.release()
 	}
 	w.conn.watch.Stop()
 	return w.conn.read.Load(), w.conn.written.Load()

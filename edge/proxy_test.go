@@ -1249,3 +1249,72 @@ func TestRequestTrailersAreNotForwarded(t *testing.T) {
 		})
 	}
 }
+
+// A key is checked when a tunnel opens; the tunnel must not outlive the
+// key. Revoking it, its expiry, and a roll that brings its expiry forward
+// each close the tunnels open under it, on both fronts, and leave another
+// key's tunnel open. Before, a tunnel of a revoked key carried traffic for
+// as long as its caller kept it busy.
+func TestATunnelEndsWithItsKey(t *testing.T) {
+	env := edgetest.New(t)
+	ctx := context.Background()
+	// closes tells whether conn is closed by the edge within limit: a read
+	// ends at once, where an open tunnel's waits for the deadline.
+	closes := func(t *testing.T, conn net.Conn, br *bufio.Reader, limit time.Duration) bool {
+		t.Helper()
+		_ = conn.SetReadDeadline(time.Now().Add(limit))
+		_, err := br.ReadString('\n')
+		var ne net.Error
+		return err != nil && !(errors.As(err, &ne) && ne.Timeout())
+	}
+	stillEchoes := func(t *testing.T, conn net.Conn, br *bufio.Reader) {
+		t.Helper()
+		_ = conn.SetDeadline(time.Now().Add(5 * time.Second))
+		_, err := io.WriteString(conn, "still here\n")
+		testenv.Must(t, err, "write on the other key's tunnel")
+		if got, err := br.ReadString('\n'); err != nil || got != "echo: still here\n" {
+			t.Fatalf("the other key's tunnel: %q, %v; want it open", got, err)
+		}
+	}
+	for _, fr := range fronts {
+		t.Run(fr.name, func(t *testing.T) {
+			in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP, Config: func(c *edge.Config) { c.Upstream = upgradingUpstream(t) }})
+			other, _ := env.Key(t, "acct_tunnel_other", edge.Secret, schemas.Live)
+			oconn, obr, _ := echoed(t, in, other, "hello\n")
+
+			t.Run("revoked", func(t *testing.T) {
+				key, id := env.Key(t, "acct_tunnel", edge.Secret, schemas.Live)
+				conn, br, _ := echoed(t, in, key, "hello\n")
+				_, err := env.Store.RevokeKey(ctx, id, time.Now(), edge.AuditInfo{Actor: "test"})
+				testenv.Must(t, err, "revoke")
+				if !closes(t, conn, br, 5*time.Second) {
+					t.Fatal("the tunnel of a revoked key still open 5 s after the revocation")
+				}
+				if r := edgetest.Do(t, "GET", in.URL+"/v1/x", key, nil); r.Status != 401 {
+					t.Fatalf("a call with the revoked key: %d", r.Status)
+				}
+			})
+			t.Run("expired", func(t *testing.T) {
+				key, id := env.Key(t, "acct_tunnel", edge.Secret, schemas.Live)
+				_, err := env.PG.Pool.Exec(ctx, `UPDATE api_keys SET expires_at = now() + interval '2 seconds' WHERE id = $1`, id)
+				testenv.Must(t, err, "set the key's expiry")
+				// Looked up for the first time after the expiry was set.
+				conn, br, _ := echoed(t, in, key, "hello\n")
+				if !closes(t, conn, br, 6*time.Second) {
+					t.Fatal("the tunnel of an expired key still open 4 s after its expiry")
+				}
+			})
+			t.Run("rolled", func(t *testing.T) {
+				key, id := env.Key(t, "acct_tunnel", edge.Secret, schemas.Live)
+				conn, br, _ := echoed(t, in, key, "hello\n")
+				// A roll's overlap moves the old key's expiry forward.
+				_, err := env.PG.Pool.Exec(ctx, `UPDATE api_keys SET expires_at = now() + interval '1 second' WHERE id = $1`, id)
+				testenv.Must(t, err, "roll the key's expiry forward")
+				if !closes(t, conn, br, 6*time.Second) {
+					t.Fatal("the tunnel of a rolled key still open 5 s after the overlap ended")
+				}
+			})
+			stillEchoes(t, oconn, obr)
+		})
+	}
+}

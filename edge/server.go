@@ -440,13 +440,48 @@ type Admission struct {
 	// UpgradeClosed, on an admitted upgrade, gives back the upgraded
 	// connection Admit took (see Server.UpgradeOpened).
 	UpgradeClosed func()
+	// KeyEpoch is the key store's invalidation count read before Key was
+	// looked up, for HoldKey.
+	KeyEpoch uint64
+}
+
+// keyHolder is a key store that can hold calls open under a key: the
+// KeyCache (keyholds.go).
+type keyHolder interface {
+	Epoch() uint64
+	Hold(k *Key, epoch uint64, end func()) (release func())
+}
+
+// keyEpoch is the key store's invalidation count (0 for a store that
+// cannot hold calls), read before a key is looked up.
+func (s *Server) keyEpoch() uint64 {
+	if h, ok := s.deps.Keys.(keyHolder); ok {
+		return h.Epoch()
+	}
+	return 0
+}
+
+// HoldKey ends a call that outlives its admission, an upgraded connection,
+// by calling end once k is no longer usable: at its expiry, or when its key
+// is revoked (as the key cache learns of it). epoch is the admission's
+// KeyEpoch. Call release when the call ends.
+func (s *Server) HoldKey(k *Key, epoch uint64, end func()) (release func()) {
+	if h, ok := s.deps.Keys.(keyHolder); ok {
+		return h.Hold(k, epoch, end)
+	}
+	// A store that hears of no changes: the expiry still ends the call.
+	if k.ExpiresAt == nil {
+		return func() {}
+	}
+	t := time.AfterFunc(k.ExpiresAt.Sub(s.now()), end)
+	return func() { t.Stop() }
 }
 
 // Admit authenticates, authorizes and limits a proxied call, the monthly
 // quota included, writing the rate-limit headers through setHeader (which
 // must copy the value). Its errors are rendered by RenderError.
 func (s *Server) Admit(ctx context.Context, ci CallInfo, setHeader func(name string, value []byte)) (Admission, error) {
-	var a Admission
+	a := Admission{KeyEpoch: s.keyEpoch()}
 	k, err := s.authenticateCall(ctx, ci)
 	if err != nil {
 		return a, err
@@ -556,12 +591,14 @@ func (s *Server) keyByHash(ctx context.Context, hash [32]byte) (*Key, error) {
 func (s *Server) authenticate(next echo.HandlerFunc) echo.HandlerFunc {
 	return func(c echo.Context) error {
 		r := c.Request()
+		epoch := s.keyEpoch()
 		k, err := s.authenticateCall(r.Context(), CallInfo{Method: r.Method, Path: r.URL.Path,
 			Authorization: r.Header.Get("Authorization"), RemoteAddr: r.RemoteAddr})
 		if err != nil {
 			return err
 		}
 		c.Set("key", k)
+		c.Set(keyEpochCtx, epoch)
 		return next(c)
 	}
 }
@@ -572,6 +609,10 @@ func (s *Server) authenticate(next echo.HandlerFunc) echo.HandlerFunc {
 // override names another is refused: a key allowed POST could otherwise
 // have an upstream run DELETE.
 var MethodOverrideHeaders = [...]string{"X-Http-Method-Override", "X-Http-Method", "X-Method-Override"}
+
+// keyEpochCtx holds, on the net/http front, the key store's invalidation
+// count read before the call's key was looked up.
+const keyEpochCtx = "tollgate.key_epoch"
 
 // authorizeCall matches the route (events: the events route) and checks
 // the key may call it.
@@ -982,7 +1023,9 @@ func (s *Server) proxy(c echo.Context) error {
 	}
 	// net/http's proxy returns when an upgraded connection closes.
 	defer closed()
-	w := &upgradeWriter{ResponseWriter: informational{resp}, idle: s.cfg.UpgradedIdleTimeout}
+	epoch, _ := c.Get(keyEpochCtx).(uint64)
+	w := &upgradeWriter{ResponseWriter: informational{resp}, idle: s.cfg.UpgradedIdleTimeout,
+		hold: func(end func()) func() { return s.HoldKey(k, epoch, end) }}
 	defer func() {
 		if !w.switched.IsZero() {
 			c.Set(handshakeEnd, w.switched)

@@ -150,6 +150,9 @@ func (f *Front) upgrade(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, 
 		return
 	}
 	tunnelled = true
+	// A revoked or expired key ends the tunnel: the key was checked only
+	// at the handshake.
+	release := f.s.HoldKey(adm.Key, adm.KeyEpoch, t.close)
 	// The latency histogram gets the handshake's time: a tunnel's lifetime
 	// (minutes, hours) would swamp the route's percentiles. The event's
 	// latency is the lifetime.
@@ -161,6 +164,7 @@ func (f *Front) upgrade(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, 
 	// or at once when the front stops.
 	var state atomic.Int32 // 0 waiting for the hijack, 1 joined, 2 abandoned
 	finish := func(fromCaller, toCaller int64) {
+		release()
 		call.RequestBytes += fromCaller
 		call.ResponseBytes = toCaller
 		f.s.EmitCall(call)

@@ -1,0 +1,140 @@
+package edge
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"sync"
+	"time"
+)
+
+// Most calls are decided once, at admission, and end soon after. An
+// upgraded connection (a WebSocket) outlives its admission by minutes or
+// hours, and its key must not: a hold ends such a call once its key is no
+// longer usable, at the key's expiry, or when a change notification names
+// the key (or its account, or everything) and a fresh look-up finds it
+// revoked, expired or gone. Before, a tunnel opened with a key that was
+// then revoked carried traffic for as long as the caller kept it busy.
+
+// keyHold is one call held open under a key.
+type keyHold struct {
+	key   *Key
+	end   func()
+	timer *time.Timer // at the key's expiry, when it has one
+	done  bool
+}
+
+// keyHolds are the holds of one KeyCache.
+type keyHolds struct {
+	mu    sync.Mutex
+	holds map[*keyHold]struct{}
+}
+
+// recheckTimeout bounds the fresh look-up of a held key.
+const recheckTimeout = 10 * time.Second
+
+// Epoch counts the invalidations the cache has had. Read it before a key
+// is looked up and give it to Hold: an invalidation between the two is
+// then checked at once.
+func (c *KeyCache) Epoch() uint64 { return c.epoch.Load() }
+
+// Hold calls end, once, when k stops being usable (see keyHold), and
+// returns a release that forgets the hold; call it when the held call
+// ends. epoch is Epoch as read before k was looked up.
+func (c *KeyCache) Hold(k *Key, epoch uint64, end func()) (release func()) {
+	h := &keyHold{key: k, end: end}
+	c.holds.mu.Lock()
+	if c.holds.holds == nil {
+		c.holds.holds = map[*keyHold]struct{}{}
+	}
+	c.holds.holds[h] = struct{}{}
+	c.expireAt(h, k.ExpiresAt)
+	c.holds.mu.Unlock()
+	if c.epoch.Load() != epoch {
+		// The key may have changed after it was looked up, before the hold
+		// was there for the notification to find.
+		go c.recheck([]*keyHold{h})
+	}
+	return func() {
+		c.holds.mu.Lock()
+		defer c.holds.mu.Unlock()
+		c.forget(h)
+	}
+}
+
+// expireAt ends h at at (none: never by time). Holds' lock held.
+func (c *KeyCache) expireAt(h *keyHold, at *time.Time) {
+	if h.timer != nil {
+		h.timer.Stop()
+		h.timer = nil
+	}
+	if at != nil {
+		h.timer = time.AfterFunc(at.Sub(c.now()), func() { c.endHold(h) })
+	}
+}
+
+// forget drops h without ending it. Holds' lock held.
+func (c *KeyCache) forget(h *keyHold) {
+	h.done = true
+	if h.timer != nil {
+		h.timer.Stop()
+	}
+	delete(c.holds.holds, h)
+}
+
+// endHold ends h's call, unless it ended or was released already.
+func (c *KeyCache) endHold(h *keyHold) {
+	c.holds.mu.Lock()
+	if h.done {
+		c.holds.mu.Unlock()
+		return
+	}
+	c.forget(h)
+	c.holds.mu.Unlock()
+	h.end()
+}
+
+// heldFor returns the holds an invalidation names.
+func (c *KeyCache) heldFor(inv Invalidation) []*keyHold {
+	c.holds.mu.Lock()
+	defer c.holds.mu.Unlock()
+	var out []*keyHold
+	for h := range c.holds.holds {
+		switch {
+		case inv.All,
+			inv.AccountID != "" && h.key.AccountID == inv.AccountID,
+			len(inv.KeyHash) == 32 && bytes.Equal(h.key.Hash, inv.KeyHash):
+			out = append(out, h)
+		}
+	}
+	return out
+}
+
+// recheck looks each held key up afresh, from the store: one revoked,
+// expired or gone ends its call; one still usable keeps it, with its
+// expiry as it now is (a roll brings it forward). A look-up that fails
+// keeps the call; the next notification, or the listener's reconnect,
+// checks again.
+func (c *KeyCache) recheck(hs []*keyHold) {
+	for _, h := range hs {
+		if len(h.key.Hash) != 32 {
+			continue
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), recheckTimeout)
+		k, err := c.store.KeyByHash(ctx, [32]byte(h.key.Hash))
+		cancel()
+		switch {
+		case errors.Is(err, ErrKeyNotFound):
+			c.endHold(h)
+		case err != nil:
+		case k.Usable(c.now()) != nil:
+			c.endHold(h)
+		default:
+			c.holds.mu.Lock()
+			if !h.done {
+				c.expireAt(h, k.ExpiresAt)
+			}
+			c.holds.mu.Unlock()
+		}
+	}
+}
