@@ -121,7 +121,10 @@ type ServerDeps struct {
 	// the usage response's backfilling flag. Without it nothing is
 	// reported as backfilling.
 	PastRollups PastRollups
-	Log         *slog.Logger
+	// Auditor records failed authentications, as the edge's; nil records
+	// none.
+	Auditor edge.Auditor
+	Log     *slog.Logger
 }
 
 // PastRollups knows which meters' rollups do not yet cover the events
@@ -201,22 +204,10 @@ func (s *Server) authKey(next echo.HandlerFunc) echo.HandlerFunc {
 		if c.Request().Method == http.MethodOptions {
 			return next(c)
 		}
-		raw := edge.Bearer(c.Request()) // "Bearer <key>" or basic auth's user name, as the edge takes it
-		if raw == "" {
-			return edge.ErrNoKey
-		}
-		pk, err := edge.ParseKey(raw)
+		r := c.Request()
+		// "Bearer <key>" or basic auth's user name, as the edge takes it.
+		k, err := edge.AuthenticateKey(r.Context(), s.d.Keys, edge.Bearer(r), s.now(), s.d.Auditor, "usage_api", r.RemoteAddr)
 		if err != nil {
-			return err
-		}
-		k, err := s.d.Keys.KeyByHash(c.Request().Context(), pk.Hash)
-		if err != nil {
-			return err
-		}
-		if !edge.HashEqual(k.Hash, pk.Hash[:]) {
-			return edge.ErrKeyNotFound
-		}
-		if err := k.Usable(s.now()); err != nil {
 			return err
 		}
 		// Reading usage takes the usage:read scope, which a key created

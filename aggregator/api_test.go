@@ -45,6 +45,7 @@ type apiEnv struct {
 	ids   map[string]string // name -> key id
 	base  time.Time
 	store *aggch.Store
+	audit *edgepg.AuditWriter
 }
 
 var apiMeters = []meter.Meter{
@@ -123,9 +124,12 @@ func newAPIEnv(t *testing.T) *apiEnv {
 		testenv.Must(t, stored.ConfigRolledUp(ctx, m), "record the configured meter")
 	}
 	sum := sha256.Sum256([]byte(adminToken))
+	env.audit, err = edgepg.NewAuditWriter(pg.Pool, time.Hour, nil, log) // flushed by the tests that read it
+	testenv.Must(t, err, "audit writer")
+	t.Cleanup(func() { _ = env.audit.Close() })
 	srv, err := aggregator.NewServer(aggregator.Config{AdminTokenSHA256: hex.EncodeToString(sum[:]), CORSOrigins: []string{"https://dash.example"}},
 		aggregator.ServerDeps{Keys: keys, Usage: env.store, Catalog: catalog, Zones: zones, Holds: aggpg.NewSpoolHolds(pg.Pool),
-			PastRollups: stored, Log: log})
+			PastRollups: stored, Auditor: env.audit, Log: log})
 	testenv.Must(t, err, "server")
 	env.api = srv
 	srv.SetClock(func() time.Time { return time.Now().Add(time.Duration(env.ahead.Load())) })
@@ -807,4 +811,36 @@ func TestAMeterStillBackfillingSaysSo(t *testing.T) {
 		}
 		check(t, "posts", false)
 	})
+}
+
+// A key the usage API refuses is audited as the edge audits its own:
+// missing, malformed, unknown and revoked keys each leave an auth.failed
+// row naming the usage API, with at most a display prefix.
+func TestTheUsageAPIAuditsFailedAuthentications(t *testing.T) {
+	e := newAPIEnv(t)
+	ctx := context.Background()
+	keys := edgepg.NewKeyStore(e.pg.Pool)
+	_, err := keys.RevokeKey(ctx, e.ids["beta"], time.Now(), edge.AuditInfo{Actor: "test"})
+	testenv.Must(t, err, "revoke")
+	unknown, _, err := edge.GenerateKey(edge.Secret, schemas.Live)
+	testenv.Must(t, err, "generate")
+	for _, key := range []string{"", "hunter2", unknown, e.keys["beta"]} {
+		if st := e.get(t, "/v1/usage?window=hour", key, nil); st != http.StatusUnauthorized {
+			t.Fatalf("key %.12q: status %d, want 401", key, st)
+		}
+	}
+	e.audit.Flush(ctx)
+	rows, err := e.pg.Pool.Query(ctx, `SELECT reason, coalesce(key_prefix, '') FROM audit_log
+		WHERE action = $1 AND actor = 'usage_api' ORDER BY reason`, edge.ActionAuthFailed)
+	testenv.Must(t, err, "read the audit log")
+	var got []string
+	for rows.Next() {
+		var reason, prefix string
+		testenv.Must(t, rows.Scan(&reason, &prefix), "scan")
+		got = append(got, reason+" "+prefix)
+	}
+	want := []string{"malformed ", "missing ", "revoked " + e.keys["beta"][:12], "unknown " + unknown[:12]}
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("audit rows %q, want %q", got, want)
+	}
 }

@@ -55,6 +55,8 @@ type AggregateMain struct {
 	closing  bool
 	config   []meter.Meter
 	Registry *prometheus.Registry
+	// auditor records the usage API's failed authentications.
+	auditor *edgepg.AuditWriter
 }
 
 func aggregateComponent(ctx context.Context, cfg Config, log *slog.Logger) ([]named, error) {
@@ -90,9 +92,12 @@ func NewAggregateMain(ctx context.Context, cfg Config, log *slog.Logger) (m *Agg
 	}
 	m.store = aggch.NewStore(m.ch)
 	m.zones = aggpg.NewZones(m.pool, cfg.Aggregator.ZoneCacheTTL, log)
+	if m.auditor, err = edgepg.NewAuditWriter(m.pool, time.Second, m.Registry, log); err != nil {
+		return nil, err
+	}
 	srv, err := aggregator.NewServer(cfg.Aggregator, aggregator.ServerDeps{
 		Keys: edgepg.NewKeyStore(m.pool), Usage: m.store, Catalog: catalog, Zones: m.zones,
-		Holds: aggpg.NewSpoolHolds(m.pool), Backfill: m.backfill, PastRollups: m.meters, Log: log,
+		Holds: aggpg.NewSpoolHolds(m.pool), Backfill: m.backfill, PastRollups: m.meters, Auditor: m.auditor, Log: log,
 	})
 	if err != nil {
 		return nil, err
@@ -373,6 +378,9 @@ func (m *AggregateMain) Close() error {
 	m.closing = true
 	m.bgMu.Unlock()
 	m.bgWork.Wait() // bg is cancelled: they stop at their next step
+	if m.auditor != nil {
+		errs = append(errs, m.auditor.Close()) // its last rows, before the pool goes
+	}
 	if m.ch != nil {
 		errs = append(errs, m.ch.Close())
 	}

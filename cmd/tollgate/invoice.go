@@ -44,6 +44,8 @@ type InvoiceMain struct {
 	srv      *http.Server
 	ln       net.Listener
 	interval time.Duration
+	// auditor records the invoice API's failed authentications.
+	auditor *edgepg.AuditWriter
 }
 
 // newInvoicer wires the invoicer's dependencies.
@@ -89,14 +91,22 @@ func NewInvoiceMain(ctx context.Context, cfg Config, log *slog.Logger) (*Invoice
 		verifier = &invstripe.Verifier{Secret: cfg.Invoicer.Stripe.WebhookSecret}
 	}
 	h := api.New(edgepg.NewKeyStore(pool), invpg.New(pool), invch.New(ch), iv, verifier, cfg.Meters, log)
+	auditor, err := edgepg.NewAuditWriter(pool, time.Second, nil, log)
+	if err != nil {
+		pool.Close()
+		ch.Close()
+		return nil, err
+	}
+	h.SetAuditor(auditor)
 	ln, err := net.Listen("tcp", cfg.Invoicer.Listen)
 	if err != nil {
+		_ = auditor.Close()
 		pool.Close()
 		ch.Close()
 		return nil, fmt.Errorf("invoice api: listen on %s: %w", cfg.Invoicer.Listen, err)
 	}
 	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second, ReadTimeout: 30 * time.Second, WriteTimeout: 60 * time.Second}
-	return &InvoiceMain{log: log, pool: pool, ch: ch, iv: iv, srv: srv, ln: ln, interval: cfg.Invoicer.Interval}, nil
+	return &InvoiceMain{log: log, pool: pool, ch: ch, iv: iv, srv: srv, ln: ln, interval: cfg.Invoicer.Interval, auditor: auditor}, nil
 }
 
 // Addr is the API's bound address.
@@ -118,10 +128,11 @@ func (m *InvoiceMain) Run(ctx context.Context) error {
 	return errors.Join(loopErr, m.srv.Shutdown(sctx), <-errc)
 }
 
-// Close releases the connections.
+// Close writes the last audit rows and releases the connections.
 func (m *InvoiceMain) Close() error {
+	err := m.auditor.Close()
 	m.pool.Close()
-	return m.ch.Close()
+	return errors.Join(err, m.ch.Close())
 }
 
 func invoiceComponent(ctx context.Context, cfg Config, log *slog.Logger) ([]named, error) {

@@ -45,7 +45,12 @@ type Server struct {
 	log      *slog.Logger
 	now      func() time.Time
 	echo     *echo.Echo
+	auditor  edge.Auditor // nil: failed authentications are not recorded
 }
+
+// SetAuditor records the API's failed authentications to a, as the edge
+// records its own. Call it before serving.
+func (s *Server) SetAuditor(a edge.Auditor) { s.auditor = a }
 
 // New builds the API handler.
 func New(keys KeyStore, store invoicer.Store, usage invoicer.UsageReader, proj Projector,
@@ -85,22 +90,9 @@ func requestID(next echo.HandlerFunc) echo.HandlerFunc {
 // to its account.
 func (s *Server) authenticate(next echo.HandlerFunc) echo.HandlerFunc {
 	return func(c echo.Context) error {
-		raw := edge.Bearer(c.Request())
-		if raw == "" {
-			return edge.ErrNoKey
-		}
-		pk, err := edge.ParseKey(raw)
+		r := c.Request()
+		k, err := edge.AuthenticateKey(r.Context(), s.keys, edge.Bearer(r), s.now(), s.auditor, "invoice_api", r.RemoteAddr)
 		if err != nil {
-			return err
-		}
-		k, err := s.keys.KeyByHash(c.Request().Context(), pk.Hash)
-		if err != nil {
-			return err
-		}
-		if !edge.HashEqual(k.Hash, pk.Hash[:]) {
-			return edge.ErrKeyNotFound
-		}
-		if err := k.Usable(s.now()); err != nil {
 			return err
 		}
 		if k.Kind != edge.Secret {

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
 	"io"
 	"log/slog"
 	"net/http"
@@ -122,6 +123,10 @@ func TestInvoiceAPI(t *testing.T) {
 	}
 	h := api.New(f.keys, f.store, usage, iv, &stripe.Verifier{Secret: "whsec_api"}, nil, slog.New(slog.NewTextHandler(io.Discard, nil)))
 	h.SetClock(clock)
+	audit, err := edgepg.NewAuditWriter(pg.Pool, time.Hour, nil, slog.New(slog.NewTextHandler(io.Discard, nil))) // flushed below
+	testenv.Must(t, err, "audit writer")
+	defer audit.Close()
+	h.SetAuditor(audit)
 	f.srv = httptest.NewServer(h)
 	defer f.srv.Close()
 
@@ -193,6 +198,20 @@ func TestInvoiceAPI(t *testing.T) {
 			}
 		})
 	}
+	t.Run("refused keys are audited as the edge audits its own", func(t *testing.T) {
+		audit.Flush(ctx)
+		var reasons []string
+		rows, err := pg.Pool.Query(ctx, `SELECT DISTINCT reason FROM audit_log WHERE action = $1 AND actor = 'invoice_api' ORDER BY reason`, edge.ActionAuthFailed)
+		testenv.Must(t, err, "read the audit log")
+		for rows.Next() {
+			var r string
+			testenv.Must(t, rows.Scan(&r), "scan")
+			reasons = append(reasons, r)
+		}
+		if fmt.Sprint(reasons) != "[malformed missing]" {
+			t.Fatalf("audited reasons %v, want [malformed missing] (from the cases above)", reasons)
+		}
+	})
 	// A restricted key reads only what its scopes allow: invoices take
 	// invoices:read, this period's usage usage:read (as the usage API).
 	t.Run("a restricted key reads only what its scopes allow", func(t *testing.T) {
