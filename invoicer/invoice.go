@@ -72,6 +72,17 @@ type Segment struct {
 // subscription; the old one may not have been ended yet).
 func Segments(period Period, subs []Subscription, plan func(id string, version int) (Plan, error), free Plan) ([]Segment, error) {
 	subs = append([]Subscription(nil), subs...)
+	// Boundaries count from their whole second, as usage is read (the raw
+	// table keeps whole seconds) and as proration counts: a change at
+	// 10:00:00.5 is a change at 10:00:00. Cut mid-second, each segment's
+	// whole seconds summed to one second short of the period.
+	for i := range subs {
+		subs[i].StartsAt = subs[i].StartsAt.Truncate(time.Second)
+		if e := subs[i].EndsAt; e != nil {
+			t := e.Truncate(time.Second)
+			subs[i].EndsAt = &t
+		}
+	}
 	sort.SliceStable(subs, func(i, j int) bool { return subs[i].StartsAt.Before(subs[j].StartsAt) })
 	// Boundaries: period ends and every subscription edge inside it.
 	cuts := []time.Time{period.Start, period.End}

@@ -458,3 +458,30 @@ func TestRoundLineRoundsOnceExactly(t *testing.T) {
 		}
 	}
 }
+
+// A plan change at a fraction of a second (a subscription started at now(),
+// with microseconds) cuts the period at its whole second: the segments'
+// seconds add up to the period's, and the flat fees' proration with them.
+func TestASubSecondPlanChangeCutsAtItsWholeSecond(t *testing.T) {
+	march := MonthPeriod(time.Date(2026, 3, 10, 0, 0, 0, 0, time.UTC), time.UTC)
+	change := time.Date(2026, 3, 11, 0, 0, 0, 500_000_000, time.UTC)
+	plans := map[string]Plan{
+		"starter": {ID: "starter", Version: 1, Currency: "usd", Definition: Definition{Prices: []Price{{Key: "base", Model: Flat, Amount: 2900}}}},
+		"growth":  {ID: "growth", Version: 1, Currency: "usd", Definition: Definition{Prices: []Price{{Key: "base", Model: Flat, Amount: 9900}}}},
+	}
+	get := func(id string, _ int) (Plan, error) { return plans[id], nil }
+	end := change
+	segs, err := Segments(march, []Subscription{
+		{PlanID: "starter", PlanVersion: 1, StartsAt: march.Start.AddDate(0, -1, 0), EndsAt: &end},
+		{PlanID: "growth", PlanVersion: 1, StartsAt: change},
+	}, get, Plan{ID: "free", Version: 1, Currency: "usd"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(segs) != 2 || !segs[0].End.Equal(change.Truncate(time.Second)) {
+		t.Fatalf("segments %+v, want a cut at %s", segs, change.Truncate(time.Second))
+	}
+	if got, want := segs[0].Seconds()+segs[1].Seconds(), march.Seconds(); got != want {
+		t.Fatalf("segments cover %d s of a %d s period", got, want)
+	}
+}
