@@ -421,7 +421,9 @@ func (a *Admin) rollKey(c echo.Context) error {
 	}
 	nk := NewKey{ID: newKeyID(), AccountID: old.AccountID, Name: old.Name, Parsed: parsed, Scopes: old.Scopes,
 		ExpiresAt: old.ExpiresAt, RolledFrom: old.ID, Audit: a.info(c, "rolled with overlap "+overlap.String())}
-	prev, err := a.deps.Store.RollKey(ctx, old.ID, nk, a.now().Add(overlap))
+	// An overlap of 0s ends the old key at once: revoked, since an expiry
+	// is read against each edge's own clock.
+	prev, err := a.deps.Store.RollKey(ctx, old.ID, nk, a.now().Add(overlap), overlap == 0)
 	if err != nil {
 		return err
 	}

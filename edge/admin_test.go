@@ -217,6 +217,38 @@ func TestAdminKeyLifecycle(t *testing.T) {
 	}
 }
 
+// A roll with an overlap of 0s ends the old key at once, on every edge
+// whatever its clock: it is revoked, not set to expire now, which an edge
+// whose clock runs behind read as still in force for the difference.
+func TestARollWithoutOverlapEndsTheOldKeyEverywhere(t *testing.T) {
+	env := edgetest.New(t)
+	in := env.Start(t, edgetest.Options{})
+	// An edge whose clock is a minute behind the admin's.
+	behind := env.Start(t, edgetest.Options{Now: func() time.Time { return time.Now().Add(-time.Minute) }})
+	admin := startAdmin(t, env, in.Audit)
+	key, id := env.Key(t, "acct_roll0", edge.Secret, schemas.Live)
+	for _, e := range []*edgetest.Instance{in, behind} {
+		if r := edgetest.Do(t, "GET", e.URL+"/v1/x", key, nil); r.Status != 200 {
+			t.Fatalf("before the roll: %d", r.Status)
+		}
+	}
+	var rolled edge.CreatedKey
+	if s := admin.call("POST", "/admin/v1/keys/"+id+"/roll", adminToken, `{"overlap":"0s"}`, &rolled); s != 201 {
+		t.Fatalf("roll: %d", s)
+	}
+	if rolled.Previous == nil || rolled.Previous.Status != "revoked" {
+		t.Fatalf("the rolled key %+v, want revoked", rolled.Previous)
+	}
+	for _, e := range []*edgetest.Instance{in, behind} {
+		testenv.Wait(t, 2*time.Second, "the old key refused", func() bool {
+			return edgetest.Do(t, "GET", e.URL+"/v1/x", key, nil).Error.Code == "revoked_api_key"
+		})
+		if r := edgetest.Do(t, "GET", e.URL+"/v1/x", rolled.Secret, nil); r.Status != 200 {
+			t.Fatalf("the new key: %d", r.Status)
+		}
+	}
+}
+
 // Text Postgres cannot store (a NUL, invalid UTF-8) and ids no key or
 // account could have get a 4xx, never a 500; a revoke whose reason was
 // refused used to roll back behind a 500 and leave the key active.

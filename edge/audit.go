@@ -66,7 +66,9 @@ type AdminStore interface {
 	ListKeys(ctx context.Context, accountID string) ([]Key, error)
 	GetKey(ctx context.Context, id string) (Key, error)
 	// RollKey creates nk and sets the old key to expire at oldExpiresAt
-	// (never later than an expiry it already has).
-	RollKey(ctx context.Context, oldID string, nk NewKey, oldExpiresAt time.Time) (Key, error)
+	// (never later than an expiry it already has); with endNow it revokes
+	// the old key instead, at oldExpiresAt, so that no edge whose clock is
+	// behind serves it for the difference.
+	RollKey(ctx context.Context, oldID string, nk NewKey, oldExpiresAt time.Time, endNow bool) (Key, error)
 	RevokeKey(ctx context.Context, id string, at time.Time, info AuditInfo) (Key, error)
 }

@@ -183,14 +183,15 @@ func (s *KeyStore) CreateKey(ctx context.Context, nk edge.NewKey) error {
 
 // RollKey creates nk and makes the old key expire at oldExpiresAt (or its
 // own earlier expiry), in one transaction with both audit rows.
-func (s *KeyStore) RollKey(ctx context.Context, oldID string, nk edge.NewKey, oldExpiresAt time.Time) (edge.Key, error) {
+func (s *KeyStore) RollKey(ctx context.Context, oldID string, nk edge.NewKey, oldExpiresAt time.Time, endNow bool) (edge.Key, error) {
 	var old edge.Key
 	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
 		var err error
 		old, err = scanKey(tx.QueryRow(ctx, `
-			UPDATE api_keys k SET expires_at = LEAST(coalesce(k.expires_at, $2), $2)
+			UPDATE api_keys k SET expires_at = LEAST(coalesce(k.expires_at, $2), $2),
+				revoked_at = CASE WHEN $3 THEN $2 END
 			WHERE k.id = $1 AND k.revoked_at IS NULL
-			RETURNING `+keyColumns, oldID, oldExpiresAt))
+			RETURNING `+keyColumns, oldID, oldExpiresAt, endNow))
 		if errors.Is(err, pgx.ErrNoRows) {
 			return fmt.Errorf("%w: no active key %q", edge.ErrNotFound, oldID)
 		}
