@@ -541,34 +541,20 @@ func (s *Server) MayReportEvents(ctx context.Context, authorization string, at t
 }
 
 func (s *Server) authenticateCall(ctx context.Context, ci CallInfo) (*Key, error) {
-	raw := keyFromAuthorization(ci.Authorization)
-	if raw == "" {
-		return nil, s.authFailed(ci, "missing", "", nil, ErrNoKey)
+	k, reason, prefix, cause, err := authenticate(ctx, s, keyFromAuthorization(ci.Authorization), s.at(ci))
+	switch {
+	case err == nil:
+		return k, nil
+	case reason == "":
+		s.log.Error("key lookup failed", "err", cause)
+		return nil, err
 	}
-	pk, err := ParseKey(raw)
-	if err != nil {
-		return nil, s.authFailed(ci, "malformed", safePrefix(raw), nil, err)
-	}
-	k, err := s.keyByHash(ctx, pk.Hash)
-	if errors.Is(err, ErrKeyNotFound) {
-		return nil, s.authFailed(ci, "unknown", pk.DisplayPrefix, nil, err)
-	}
-	if err != nil {
-		s.log.Error("key lookup failed", "err", err)
-		return nil, NewAPIError(http.StatusServiceUnavailable, TypeAPI, "key_store_unavailable",
-			"API keys cannot be checked right now; retry shortly.")
-	}
-	if !HashEqual(k.Hash, pk.Hash[:]) {
-		return nil, s.authFailed(ci, "unknown", pk.DisplayPrefix, nil, ErrKeyNotFound)
-	}
-	if err := k.Usable(s.at(ci)); err != nil {
-		reason := "expired"
-		if errors.Is(err, ErrKeyRevoked) {
-			reason = "revoked"
-		}
-		return nil, s.authFailed(ci, reason, k.DisplayPrefix, k, err)
-	}
-	return k, nil
+	return nil, s.authFailed(ci, reason, prefix, k, err)
+}
+
+// lookupKey is keyByHash, for authenticate.
+func (s *Server) lookupKey(ctx context.Context, hash [32]byte) (*Key, error) {
+	return s.keyByHash(ctx, hash)
 }
 
 // keyByHash looks a key up, without copying it when the store shares its
