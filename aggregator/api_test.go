@@ -330,6 +330,23 @@ func TestUsageAPI(t *testing.T) {
 		if st := e.get(t, e.usagePath(q), e.keys["beta"], &eb); st != http.StatusBadRequest || eb.Error.Code != "invalid_cursor" {
 			t.Errorf("beta reusing alpha's cursor: status %d code %q", st, eb.Error.Code)
 		}
+		// Cursors are not signed: one remade with group values no row of
+		// the meter could have is refused, not passed to ClickHouse (a
+		// query too large for it was a 500).
+		raw, err := base64.RawURLEncoding.DecodeString(b.NextCursor)
+		testenv.Must(t, err, "decode the cursor")
+		var fields map[string]any
+		testenv.Must(t, json.Unmarshal(raw, &fields), "decode the cursor's fields")
+		for _, g := range [][]string{{strings.Repeat("x", 300_000)}, {"a", "b", "c"}} {
+			fields["g"] = g
+			remade, err := json.Marshal(fields)
+			testenv.Must(t, err, "encode")
+			q.Set("cursor", base64.RawURLEncoding.EncodeToString(remade))
+			if st := e.get(t, e.usagePath(q), e.keys["alpha"], &eb); st != http.StatusBadRequest || eb.Error.Code != "invalid_cursor" {
+				t.Errorf("cursor remade with %d group values of %d bytes: status %d code %q", len(g), len(g[0]), st, eb.Error.Code)
+			}
+		}
+		q.Set("cursor", b.NextCursor)
 		q.Set("window", "hour")
 		if st := e.get(t, e.usagePath(q), e.keys["alpha"], &eb); st != http.StatusBadRequest || eb.Error.Code != "invalid_cursor" {
 			t.Errorf("cursor with another window: status %d code %q", st, eb.Error.Code)
