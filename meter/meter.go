@@ -115,6 +115,7 @@ func (m *Meter) Validate() error {
 		}
 		seen[g] = true
 	}
+	filterBytes := 0
 	for _, f := range m.Filters {
 		if _, err := stringExpr(f.Property); err != nil {
 			bad("filter: %v", err)
@@ -122,9 +123,20 @@ func (m *Meter) Validate() error {
 		if len(f.Values) == 0 {
 			bad("filter on %q has no values", f.Property)
 		}
+		for _, v := range f.Values {
+			filterBytes += len(v)
+		}
+	}
+	if filterBytes > MaxFilterBytes {
+		bad("filters: %d bytes of values, at most %d (every rollup query carries them; filter on a dimension the events carry instead)", filterBytes, MaxFilterBytes)
 	}
 	return errors.Join(errs...)
 }
+
+// MaxFilterBytes bounds a meter's filter values, all filters together:
+// every rollup query carries them, and a few meters with long lists could
+// make one larger than ClickHouse takes (256 KiB), failing every round.
+const MaxFilterBytes = 8 << 10
 
 // MaxValue bounds the magnitude of a dimension's value that SUM, MAX and
 // LATEST read, as schemas.MaxUnits bounds units: sums are Int64, and a few

@@ -1,6 +1,7 @@
 package meter
 
 import (
+	"fmt"
 	"regexp"
 	"strconv"
 	"strings"
@@ -83,5 +84,27 @@ func TestValuesBeyondTheBoundAreNotRead(t *testing.T) {
 		if _, ok := WholeNumber(c.v); ok != c.want {
 			t.Errorf("WholeNumber(%q) ok=%v, want %v", c.v, ok, c.want)
 		}
+	}
+}
+
+// A meter's filter values are bounded: every rollup query carries them,
+// and a meter with thousands of routes in a filter made one larger than
+// ClickHouse takes, failing every rollup round of every account.
+func TestValidateBoundsTheFilterValues(t *testing.T) {
+	routes := func(n int) []string {
+		var out []string
+		for i := range n {
+			out = append(out, fmt.Sprintf("/v1/route/%06d", i))
+		}
+		return out
+	}
+	ok := Meter{Key: "some_routes", EventType: "api_call", Aggregation: Count, Filters: []Filter{{Property: "route", Values: routes(100)}}}
+	if err := ok.Validate(); err != nil {
+		t.Fatalf("100 routes: %v", err)
+	}
+	long := ok
+	long.Filters = []Filter{{Property: "route", Values: routes(2000)}}
+	if err := long.Validate(); err == nil || !strings.Contains(err.Error(), "filters:") {
+		t.Fatalf("2,000 routes (%d bytes): %v, want refused", 2000*len("/v1/route/000000"), err)
 	}
 }

@@ -210,8 +210,10 @@ func (s *Store) Recompute(ctx context.Context, rs []aggregator.Recompute) error 
 	head := "INSERT INTO usage_rollups (" + rollupColumns + extraColumnsAll + ")\n"
 	for len(sels) > 0 {
 		n, size := 0, len(head)
-		for n < len(sels) && (n == 0 || size+len(sels[n].sql) <= maxQueryBytes) {
-			size += len(sels[n].sql) + len("\nUNION ALL\n")
+		// The bound arguments (the meters' filter values) are written into
+		// the query's text too, once per SELECT: they count.
+		for n < len(sels) && (n == 0 || size+len(sels[n].sql)+argBytes(sels[n].args) <= maxQueryBytes) {
+			size += len(sels[n].sql) + argBytes(sels[n].args) + len("\nUNION ALL\n")
 			n++
 		}
 		qs := make([]string, n)
@@ -226,6 +228,25 @@ func (s *Store) Recompute(ctx context.Context, rs []aggregator.Recompute) error 
 		sels = sels[n:]
 	}
 	return nil
+}
+
+// argBytes is about as many bytes as args take once bound into a query's
+// text: a string quoted, with room for escapes, and a list of them.
+func argBytes(args []any) int {
+	n := 0
+	for _, a := range args {
+		switch v := a.(type) {
+		case string:
+			n += 2*len(v) + 3
+		case []string:
+			for _, x := range v {
+				n += 2*len(x) + 3
+			}
+		default:
+			n += 32
+		}
+	}
+	return n
 }
 
 // maxQueryBytes keeps a recompute INSERT under ClickHouse's default
