@@ -638,7 +638,17 @@ func (s *Server) listMeters(c echo.Context) error {
 	if err != nil {
 		return err
 	}
-	return c.JSON(http.StatusOK, map[string]any{"object": "list", "data": ms})
+	body := map[string]any{"object": "list", "data": ms}
+	// Stored meters this version refuses are not in force; the operator
+	// sees them here, with the rule each one breaks.
+	refused, err := s.d.Catalog.Refused(c.Request().Context())
+	if err != nil {
+		return err
+	}
+	if len(refused) > 0 {
+		body["refused"] = refused
+	}
+	return c.JSON(http.StatusOK, body)
 }
 
 func (s *Server) createMeter(c echo.Context) error {

@@ -113,7 +113,7 @@ func newAPIEnv(t *testing.T) *apiEnv {
 	testenv.Must(t, chsink.NewSink(ch.Conn).InsertLate(ctx, []ingest.Record{late}), "insert late")
 	env.store = aggch.NewStore(ch.Conn)
 	zones := aggpg.NewZones(pg.Pool, time.Minute, slog.New(slog.DiscardHandler))
-	catalog, err := aggregator.NewCatalog(apiMeters, aggpg.NewMeters(pg.Pool), time.Millisecond)
+	catalog, err := aggregator.NewCatalog(apiMeters, aggpg.NewMeters(pg.Pool), time.Millisecond, slog.New(slog.DiscardHandler))
 	testenv.Must(t, err, "catalog")
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
 	testenv.Must(t, aggregator.NewRoller(catalog, zones, env.store, log).Landed(ctx, recs), "roll up")
@@ -521,6 +521,55 @@ func TestMetersAdminAPI(t *testing.T) {
 	})
 }
 
+// A meter stored by an older version under a looser rule (here a filter
+// over the bound on filter values) is left out of the catalog and listed as
+// refused with its reason; every other meter keeps rolling up and serving.
+func TestAStoredMeterThisVersionRefusesIsLeftOut(t *testing.T) {
+	e := newAPIEnv(t)
+	ctx := context.Background()
+	routes := make([]string, 2000)
+	for i := range routes {
+		routes[i] = fmt.Sprintf("/v1/route/%04d", i)
+	}
+	old := meter.Meter{Key: "many_routes", EventType: "api_call", Aggregation: meter.Count,
+		Filters: []meter.Filter{{Property: "route", Values: routes}}}
+	if old.Validate() == nil {
+		t.Fatal("the old meter passes this version's rules; the test needs one it refuses")
+	}
+	def, err := json.Marshal(old)
+	testenv.Must(t, err, "marshal")
+	_, err = e.pg.Pool.Exec(ctx, "INSERT INTO meters (key, definition) VALUES ($1, $2)", old.Key, def)
+	testenv.Must(t, err, "store the old meter as an older version would have")
+
+	req, _ := http.NewRequest(http.MethodGet, e.srv.URL+"/admin/v1/meters", nil)
+	req.Header.Set("Authorization", "Bearer "+adminToken)
+	var list struct {
+		Data    []meter.Meter
+		Refused []aggregator.RefusedMeter
+	}
+	if st := do(t, req, &list); st != http.StatusOK {
+		t.Fatalf("admin list: status %d with a refused meter stored", st)
+	}
+	var keys []string
+	for _, m := range list.Data {
+		keys = append(keys, m.Key)
+	}
+	if fmt.Sprint(keys) != "[api_calls bytes users]" {
+		t.Errorf("meters in force %v, want the configured ones only", keys)
+	}
+	if len(list.Refused) != 1 || list.Refused[0].Key != "many_routes" || !strings.Contains(list.Refused[0].Reason, "bytes of values") {
+		t.Errorf("refused %+v, want many_routes with the filter bound as its reason", list.Refused)
+	}
+	var b usageBody
+	if st := e.get(t, e.usagePath(url.Values{"meter": {"api_calls"}}), e.keys["alpha"], &b); st != http.StatusOK || len(b.Data) == 0 {
+		t.Errorf("another meter's usage: status %d, %d rows", st, len(b.Data))
+	}
+	var eb errBody
+	if st := e.get(t, e.usagePath(url.Values{"meter": {"many_routes"}}), e.keys["alpha"], &eb); st != http.StatusNotFound {
+		t.Errorf("the refused meter's usage: status %d %q, want 404", st, eb.Error.Code)
+	}
+}
+
 // countingUsage passes every call to the real store and counts the status
 // queries.
 type countingUsage struct {
@@ -548,7 +597,7 @@ func TestPollingTheUsageAPIDoesNotRepeatTheStatusQueries(t *testing.T) {
 	secret, parsed, err := edge.GenerateKey(edge.Secret, schemas.Live)
 	testenv.Must(t, err, "generate key")
 	testenv.Must(t, keys.CreateKey(ctx, edge.NewKey{ID: "key_beta_poll", AccountID: "acct_beta", Parsed: parsed}), "create key")
-	catalog, err := aggregator.NewCatalog(apiMeters, aggpg.NewMeters(pg.Pool), time.Minute)
+	catalog, err := aggregator.NewCatalog(apiMeters, aggpg.NewMeters(pg.Pool), time.Minute, slog.New(slog.DiscardHandler))
 	testenv.Must(t, err, "catalog")
 	srv, err := aggregator.NewServer(aggregator.Config{}, aggregator.ServerDeps{Keys: keys, Usage: counting, Catalog: catalog,
 		Zones: aggpg.NewZones(pg.Pool, time.Minute, slog.New(slog.DiscardHandler)), Holds: aggpg.NewSpoolHolds(pg.Pool)})

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"sync"
 	"time"
 
@@ -27,25 +28,52 @@ type MeterStore interface {
 // Catalog is the meters in force: those of the configuration file plus
 // those created through the admin API, re-read every refresh interval so
 // that every ingest process picks up a new meter within that time.
+//
+// A stored meter this version's rules refuse (one created under an older,
+// looser rule) is left out, logged once and listed by Refused, rather than
+// failing the whole catalog: that would stop every meter's rollups, and
+// every usage answer, for one meter nobody can bill (plans price only the
+// configuration's meters).
 type Catalog struct {
 	config  []meter.Meter
 	store   MeterStore
 	refresh time.Duration
+	log     *slog.Logger
 	now     func() time.Time
 
-	mu     sync.Mutex
-	cached *meter.Set
-	at     time.Time
+	mu      sync.Mutex
+	cached  *meter.Set
+	refused []RefusedMeter
+	logged  map[RefusedMeter]bool
+	at      time.Time
+}
+
+// RefusedMeter is a stored meter left out of the catalog, and why.
+type RefusedMeter struct {
+	Key    string `json:"key"`
+	Reason string `json:"reason"`
 }
 
 var _ MeterSource = (*Catalog)(nil)
 
 // NewCatalog validates the configured meters; store may be nil.
-func NewCatalog(config []meter.Meter, store MeterStore, refresh time.Duration) (*Catalog, error) {
+func NewCatalog(config []meter.Meter, store MeterStore, refresh time.Duration, log *slog.Logger) (*Catalog, error) {
 	if _, err := meter.NewSet(config...); err != nil {
 		return nil, err
 	}
-	return &Catalog{config: config, store: store, refresh: refresh, now: time.Now}, nil
+	return &Catalog{config: config, store: store, refresh: refresh, log: log, now: time.Now,
+		logged: map[RefusedMeter]bool{}}, nil
+}
+
+// Refused returns the stored meters left out of the catalog at its last
+// load, in key order.
+func (c *Catalog) Refused(ctx context.Context) ([]RefusedMeter, error) {
+	if _, err := c.set(ctx); err != nil {
+		return nil, err
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return append([]RefusedMeter(nil), c.refused...), nil
 }
 
 // Meters returns every meter in force, in key order.
@@ -90,11 +118,24 @@ func (c *Catalog) set(ctx context.Context) (*meter.Set, error) {
 		for _, m := range c.config {
 			inConfig[m.Key] = true
 		}
+		var refused []RefusedMeter
 		for _, m := range stored {
-			if !inConfig[m.Key] {
-				all = append(all, m)
+			if inConfig[m.Key] {
+				continue
 			}
+			if err := m.Validate(); err != nil {
+				r := RefusedMeter{Key: m.Key, Reason: err.Error()}
+				refused = append(refused, r)
+				if !c.logged[r] {
+					c.logged[r] = true
+					c.log.Error("stored meter left out: this version refuses it, so it is not rolled up or served; remove it from the meters table and create it again within the rules",
+						"meter", m.Key, "reason", r.Reason)
+				}
+				continue
+			}
+			all = append(all, m)
 		}
+		c.refused = refused
 	}
 	s, err := meter.NewSet(all...)
 	if err != nil {

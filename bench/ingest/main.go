@@ -411,7 +411,7 @@ func startIngest(ctx context.Context, o opts, brokers []string, topic string, ch
 		BatchWait: o.batchWait, BatchSize: o.batchSize, MaxInFlight: o.maxInFlight,
 		MaxInFlightRecords: o.maxInFlightRecords}
 	cfg.Defaults()
-	catalog, err := aggregator.NewCatalog([]meter.Meter{meter.Default()}, aggpg.NewMeters(pool), 5*time.Second)
+	catalog, err := aggregator.NewCatalog([]meter.Meter{meter.Default()}, aggpg.NewMeters(pool), 5*time.Second, log)
 	if err != nil {
 		return nil, err
 	}
@@ -649,7 +649,7 @@ func freshness(ctx context.Context, o opts, brokers []string, topic string, ch d
 		return 0, 0, 0, err
 	}
 	defer func() { fmt.Println("  ingest steps:", p.summary()); p.stop() }()
-	catalog, err := aggregator.NewCatalog([]meter.Meter{meter.Default()}, nil, time.Minute)
+	catalog, err := aggregator.NewCatalog([]meter.Meter{meter.Default()}, nil, time.Minute, log)
 	if err != nil {
 		return 0, 0, 0, err
 	}

@@ -86,7 +86,7 @@ func NewAggregateMain(ctx context.Context, cfg Config, log *slog.Logger) (m *Agg
 		return nil, err
 	}
 	m.meters = aggpg.NewMeters(m.pool)
-	catalog, err := aggregator.NewCatalog(cfg.Meters, m.meters, cfg.Aggregator.MetersRefresh)
+	catalog, err := aggregator.NewCatalog(cfg.Meters, m.meters, cfg.Aggregator.MetersRefresh, log)
 	if err != nil {
 		return nil, err
 	}
@@ -441,7 +441,7 @@ exits non-zero and prints the rebuild to run again, which the range then needs.`
 				return err
 			}
 			defer pool.Close()
-			catalog, err := aggregator.NewCatalog(cfg.Meters, aggpg.NewMeters(pool), cfg.Aggregator.MetersRefresh)
+			catalog, err := aggregator.NewCatalog(cfg.Meters, aggpg.NewMeters(pool), cfg.Aggregator.MetersRefresh, log)
 			if err != nil {
 				return err
 			}

@@ -64,7 +64,7 @@ func NewIngestMain(ctx context.Context, cfg Config, log *slog.Logger) (m *Ingest
 		ingestkafka.DeadLetterTopic(cfg.Ingest.DeadLetter, 4)); err != nil {
 		return nil, err
 	}
-	catalog, err := aggregator.NewCatalog(cfg.Meters, aggpg.NewMeters(m.pool), cfg.Aggregator.MetersRefresh)
+	catalog, err := aggregator.NewCatalog(cfg.Meters, aggpg.NewMeters(m.pool), cfg.Aggregator.MetersRefresh, log)
 	if err != nil {
 		return nil, err
 	}
