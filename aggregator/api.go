@@ -282,6 +282,14 @@ var maxRange = map[Granularity]time.Duration{
 
 var maxRangeText = map[Granularity]string{Minute: "7 days", Hour: "93 days", Day: "3,660 days", Month: "100 years"}
 
+// ceilSecond is t moved up to a whole second.
+func ceilSecond(t time.Time) time.Time {
+	if c := t.Truncate(time.Second); !c.Equal(t) {
+		return c.Add(time.Second)
+	}
+	return t
+}
+
 // inDateTime reports whether t is within what ClickHouse's DateTime holds
 // here (1970 to 2105; past it ClickHouse 18.16 wraps values around).
 func inDateTime(t time.Time) bool {
@@ -353,6 +361,12 @@ func (s *Server) usage(c echo.Context) error {
 	if to.Sub(from) > maxRange[g] {
 		return invalid("invalid_time_range", "a %s window can be asked for over at most %s; ask for a coarser window or a shorter range", g, maxRangeText[g])
 	}
+	// Windows start on whole seconds (whole minutes, in fact), and the
+	// store binds whole seconds: a fractional bound is moved up to the
+	// next second, which picks the same windows (start >= from, start <
+	// to). Cut down instead, from=…:00.5 took in the window starting at
+	// :00, which starts before it, and to=…:00.5 left that window out.
+	from, to = ceilSecond(from), ceilSecond(to)
 	limit, err := s.limit(q.Get("limit"), 100)
 	if err != nil {
 		return err

@@ -407,6 +407,22 @@ func TestUsageAPI(t *testing.T) {
 			}
 		}
 	})
+	t.Run("fractional bounds pick the windows that start within them", func(t *testing.T) {
+		q := url.Values{"meter": {"api_calls"}, "window": {"minute"},
+			"from": {e.base.Add(500 * time.Millisecond).Format(time.RFC3339Nano)},
+			"to":   {e.base.Add(2*time.Minute + 500*time.Millisecond).Format(time.RFC3339Nano)}}
+		var b usageBody
+		if st := e.get(t, e.usagePath(q), e.keys["alpha"], &b); st != http.StatusOK {
+			t.Fatalf("status %d", st)
+		}
+		var starts []string
+		for _, d := range b.Data {
+			starts = append(starts, d.WindowStart.Sub(e.base).String())
+		}
+		if fmt.Sprint(starts) != "[1m0s 2m0s]" {
+			t.Errorf("windows %v from base+0.5s to base+2m0.5s, want those starting at 1m and 2m", starts)
+		}
+	})
 	t.Run("the request log lists the calling key's own events, newest first", func(t *testing.T) {
 		var seen []string
 		path := "/v1/requests?limit=4"
@@ -432,6 +448,16 @@ func TestUsageAPI(t *testing.T) {
 		}
 		if fmt.Sprint(seen) != "[/secret@2s /secret@1s /secret@0s]" {
 			t.Errorf("beta's request log %v", seen)
+		}
+		// A since within a second leaves out that second's earlier events.
+		var half struct {
+			Data []struct {
+				Time time.Time `json:"time"`
+			} `json:"data"`
+		}
+		since := e.base.Add(500 * time.Millisecond).Format(time.RFC3339Nano)
+		if st := e.get(t, "/v1/requests?since="+url.QueryEscape(since), e.keys["beta"], &half); st != http.StatusOK || len(half.Data) != 2 {
+			t.Errorf("since %s: status %d, %d events, want the 2 at 1s and 2s", since, st, len(half.Data))
 		}
 		// A publishable key is public: its log would show every caller's
 		// calls to anyone who has it.

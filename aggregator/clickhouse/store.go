@@ -863,6 +863,12 @@ func (s *Store) requests(ctx context.Context, q aggregator.RequestsQuery, from, 
         FROM usage_events FINAL
         WHERE account_id = ? AND environment = ? AND key_id = ? AND timestamp >= ?`
 	args := []any{q.Account, q.Environment, q.KeyID, from.UTC()}
+	if from.Nanosecond() != 0 {
+		// timestamp holds whole seconds: a since of …:00.5 bound to it
+		// alone took in the second's events before it.
+		sql += ` AND timestamp_us >= ?`
+		args = append(args, uint64(from.UnixMicro()))
+	}
 	if !to.IsZero() {
 		sql += ` AND timestamp < ?`
 		args = append(args, to.UTC())
