@@ -476,6 +476,11 @@ func pickGroups(m meter.Meter, groupBy []string, uq *UsageQuery) error {
 		return nil
 	}
 	uq.Pick, uq.Combine = picks, m.Rollup()
+	if uq.Combine == "" && len(picks) == len(m.GroupBy) {
+		// Every dimension in another order: each group is still one
+		// rollup row a window, which any combination returns as it is.
+		uq.Combine = "max"
+	}
 	if uq.Combine == "" {
 		return invalid("invalid_group_by", "meter %q (%s) can be read by all of its group_by (%s) or none, not a part",
 			m.Key, m.Aggregation, strings.Join(m.GroupBy, ","))

@@ -13,6 +13,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"net/url"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -378,6 +379,24 @@ func TestUsageAPI(t *testing.T) {
 		q.Set("group_by", "route")
 		if st := e.get(t, e.usagePath(q), e.keys["alpha"], &eb); st != http.StatusBadRequest || eb.Error.Code != "invalid_group_by" {
 			t.Errorf("unique count by a subset: status %d code %q", st, eb.Error.Code)
+		}
+		// Every dimension in another order is the same groups.
+		groups := func(order string) []string {
+			q.Set("group_by", order)
+			var b usageBody
+			if st := e.get(t, e.usagePath(q), e.keys["alpha"], &b); st != http.StatusOK {
+				t.Fatalf("unique count by %s: status %d", order, st)
+			}
+			var out []string
+			for _, d := range b.Data {
+				out = append(out, fmt.Sprintf("%s %s=%d", d.Group["route"], d.Group["method"], d.Value))
+			}
+			slices.Sort(out)
+			return out
+		}
+		inOrder, reordered := groups("route,method"), groups("method,route")
+		if len(inOrder) != 4 || fmt.Sprint(reordered) != fmt.Sprint(inOrder) {
+			t.Errorf("unique count by method,route %v; by route,method %v", reordered, inOrder)
 		}
 	})
 	t.Run("events beyond the lateness are reported", func(t *testing.T) {
