@@ -9,12 +9,28 @@ import (
 )
 
 // Most calls are decided once, at admission, and end soon after. An
-// upgraded connection (a WebSocket) outlives its admission by minutes or
-// hours, and its key must not: a hold ends such a call once its key is no
+// upgraded connection (a WebSocket) or a long streamed answer (an event
+// stream) outlives its admission by minutes or hours, and its key must not: a hold ends such a call once its key is no
 // longer usable, at the key's expiry, or when a change notification names
 // the key (or its account, or everything) and a fresh look-up finds it
 // revoked, expired or gone. Before, a tunnel opened with a key that was
 // then revoked carried traffic for as long as the caller kept it busy.
+
+// LongAnswerBytes is the length past which an answer is held under its
+// key while it streams, as a tunnel is: an answer of unknown length (an
+// event stream, a chunked download) or a longer one can outlive its
+// admission by as long as the upstream keeps sending. Shorter ones take no
+// hold, so that ordinary calls pay nothing for it.
+const LongAnswerBytes = 1 << 20
+
+// HoldsAnswer reports whether an answer whose head gives contentLength (a
+// negative one: not given) is held under its key while it streams.
+func HoldsAnswer(contentLength int64) bool {
+	return contentLength < 0 || contentLength > LongAnswerBytes
+}
+
+// ErrKeyEnded ends a held call whose key is no longer usable.
+var ErrKeyEnded = errors.New("the call's API key is no longer usable")
 
 // keyHold is one call held open under a key.
 type keyHold struct {

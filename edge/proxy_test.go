@@ -1255,6 +1255,68 @@ func TestRequestTrailersAreNotForwarded(t *testing.T) {
 // each close the tunnels open under it, on both fronts, and leave another
 // key's tunnel open. Before, a tunnel of a revoked key carried traffic for
 // as long as its caller kept it busy.
+// An answer that streams on (an event stream) ends with its key, as a
+// tunnel does: once the key is revoked the caller gets no more of it, and
+// the call is metered with what was sent. Another key's stream goes on.
+func TestALongAnswerEndsWithItsKey(t *testing.T) {
+	env := edgetest.New(t)
+	ctx := context.Background()
+	// A line every 50 ms, for 20 s at most.
+	ticking := serveUpstream(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/event-stream")
+		for i := range 400 {
+			if _, err := fmt.Fprintf(w, "data: %d\n\n", i); err != nil {
+				return
+			}
+			w.(http.Flusher).Flush()
+			time.Sleep(50 * time.Millisecond)
+		}
+	}))
+	open := func(t *testing.T, url, key string) (*http.Response, *bufio.Reader) {
+		t.Helper()
+		req, _ := http.NewRequest("GET", url+"/v1/events/stream", nil)
+		req.Header.Set("Authorization", "Bearer "+key)
+		resp, err := http.DefaultClient.Do(req)
+		testenv.Must(t, err, "open the stream")
+		t.Cleanup(func() { resp.Body.Close() })
+		if resp.StatusCode != 200 {
+			t.Fatalf("stream: status %d", resp.StatusCode)
+		}
+		br := bufio.NewReader(resp.Body)
+		if _, err := br.ReadString('\n'); err != nil {
+			t.Fatalf("the stream's first line: %v", err)
+		}
+		return resp, br
+	}
+	for _, fr := range fronts {
+		t.Run(fr.name, func(t *testing.T) {
+			in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP, Config: func(c *edge.Config) { c.Upstream = ticking }})
+			key, id := env.Key(t, "acct_stream", edge.Secret, schemas.Live)
+			other, _ := env.Key(t, "acct_stream_other", edge.Secret, schemas.Live)
+			resp, br := open(t, in.URL, key)
+			_, obr := open(t, in.URL, other)
+			_, err := env.Store.RevokeKey(ctx, id, time.Now(), edge.AuditInfo{Actor: "test"})
+			testenv.Must(t, err, "revoke")
+			revoked := time.Now()
+			// Lines keep coming every 50 ms until the edge cuts the stream.
+			for {
+				if _, err := br.ReadString('\n'); err != nil {
+					break
+				}
+				if time.Since(revoked) > 5*time.Second {
+					t.Fatal("the stream of a revoked key still going 5 s after the revocation")
+				}
+			}
+			if _, err := obr.ReadString('\n'); err != nil {
+				t.Fatalf("the other key's stream: %v; want it going on", err)
+			}
+			if ev := eventFor(t, env, resp.Header.Get(edge.HeaderRequestID)); ev.Status != 200 || ev.ResponseBytes <= 0 {
+				t.Fatalf("the cut stream's event: status %d, %d response bytes; want 200 and what was sent", ev.Status, ev.ResponseBytes)
+			}
+		})
+	}
+}
+
 func TestATunnelEndsWithItsKey(t *testing.T) {
 	env := edgetest.New(t)
 	ctx := context.Background()

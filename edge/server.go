@@ -915,6 +915,9 @@ func (s *Server) newProxy(upstream string) (*httputil.ReverseProxy, error) {
 			}
 			w.Touch()
 			r.Body = touchingBody{ReadCloser: r.Body, watch: w}
+			if hold, ok := r.Request.Context().Value(answerHold{}).(func()); ok && HoldsAnswer(r.ContentLength) {
+				hold()
+			}
 			return nil
 		},
 		// Responses of unknown length (and event streams) are flushed on
@@ -989,7 +992,24 @@ func (s *Server) proxy(c echo.Context) error {
 	body.watch = watch
 	ctx = context.WithValue(ctx, silenceWatch{}, watch)
 	ctx = context.WithValue(ctx, callerKey{}, k)
+	epoch, _ := c.Get(keyEpochCtx).(uint64)
 	if req.Header.Get("Upgrade") == "" {
+		// A long answer is held under its key (ModifyResponse takes the
+		// hold): once the key is no longer usable, the call's context
+		// ends, which cuts the answer where it is.
+		var release func()
+		defer func() {
+			if release != nil {
+				release()
+			}
+		}()
+		ctx = context.WithValue(ctx, answerHold{}, func() {
+			release = s.HoldKey(k, epoch, func() {
+				s.log.Info("long answer cut: its API key is no longer usable", "key_id", k.ID,
+					"request_id", resp.Header().Get(HeaderRequestID))
+				cancel(ErrKeyEnded)
+			})
+		})
 		// Deferred, so the call is metered even when net/http's proxy
 		// aborts it: when a body breaks off after the answer's head went
 		// out, it panics with http.ErrAbortHandler.
@@ -1009,7 +1029,6 @@ func (s *Server) proxy(c echo.Context) error {
 	}
 	// net/http's proxy returns when an upgraded connection closes.
 	defer closed()
-	epoch, _ := c.Get(keyEpochCtx).(uint64)
 	w := &upgradeWriter{ResponseWriter: informational{resp}, idle: s.cfg.UpgradedIdleTimeout,
 		hold: func(end func()) func() { return s.HoldKey(k, epoch, end) }}
 	defer func() {
@@ -1056,6 +1075,10 @@ type silenceWatch struct{}
 
 // callerKey is the context key of the key a proxied call was admitted with.
 type callerKey struct{}
+
+// answerHold is the context key of the function that holds a proxied
+// call's long answer under its key.
+type answerHold struct{}
 
 // touchingBody marks its call's watch whenever bytes of the upstream's
 // answer come.

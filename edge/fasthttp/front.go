@@ -705,6 +705,17 @@ func (f *Front) proxy(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, st
 		size = -1
 	}
 	x.body = responseBody{r: bs, resp: resp, done: x}
+	if edge.HoldsAnswer(int64(size)) {
+		// A long answer is held under its key: once the key is no longer
+		// usable, the caller's connection is closed, which cuts the answer
+		// where it is (and the upstream's side goes with the body).
+		conn, rid := ctx.Conn(), call.RequestID
+		x.body.release = f.s.HoldKey(adm.Key, adm.KeyEpoch, func() {
+			if x.body.cut(conn) {
+				f.log.Info("long answer cut: its API key is no longer usable", "key_id", adm.Key.ID, "request_id", rid)
+			}
+		})
+	}
 	ctx.Response.SetBodyStream(&x.body, size)
 }
 
@@ -764,6 +775,27 @@ type responseBody struct {
 	closers []io.Closer
 	done    finisher
 	once    sync.Once
+	// release forgets the hold a long answer is under (edge.HoldsAnswer),
+	// if any; ended is set once its key ended it, and mu orders that with
+	// Close, so that a connection is never closed under the next call on
+	// it.
+	release func()
+	mu      sync.Mutex
+	closed  bool
+	ended   atomic.Bool
+}
+
+// cut ends the answer, unless it is over: no more of it is passed on, and
+// conn, the caller's, is closed. It reports whether it cut.
+func (b *responseBody) cut(conn net.Conn) bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.closed {
+		return false
+	}
+	b.ended.Store(true)
+	_ = conn.Close()
+	return true
 }
 
 // finisher records a call once its answer has been sent.
@@ -775,6 +807,9 @@ type finishFunc func(sent int64)
 func (f finishFunc) finish(sent int64) { f(sent) }
 
 func (b *responseBody) Read(p []byte) (int, error) {
+	if b.ended.Load() {
+		return 0, edge.ErrKeyEnded
+	}
 	n, err := b.r.Read(p)
 	b.n += int64(n)
 	return n, err
@@ -783,6 +818,12 @@ func (b *responseBody) Read(p []byte) (int, error) {
 func (b *responseBody) Close() error {
 	var err error
 	b.once.Do(func() {
+		b.mu.Lock()
+		b.closed = true
+		b.mu.Unlock()
+		if b.release != nil {
+			b.release()
+		}
 		if b.resp != nil {
 			err = b.resp.CloseBodyStream()
 			fh.ReleaseResponse(b.resp)
