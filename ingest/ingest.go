@@ -26,6 +26,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"slices"
 	"strconv"
@@ -393,8 +394,24 @@ func (in *Ingester) work(parent context.Context, src Source) error {
 // backpressure, and the lag metric shows it.
 func (in *Ingester) collect(ctx context.Context, src Source) ([]Message, error) {
 	m, err := src.Fetch(ctx)
-	if err != nil {
-		return nil, err
+	for err != nil {
+		// Kafka out of reach: kafka-go's reader hands the error back
+		// after a few attempts ("to allow healing") and recovers by
+		// itself once the broker is back. So the worker waits and fetches
+		// again; returning would have stopped ingest within about 10 s of
+		// an outage (and, under tollgate all, the edge with it). Only a
+		// closed source or the end of ctx stops it.
+		if ctx.Err() != nil || errors.Is(err, io.EOF) {
+			return nil, err
+		}
+		in.m.retries.WithLabelValues("fetch").Inc()
+		in.log.Warn("ingest step failed, retrying", "step", "fetch", "err", err)
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-time.After(in.cfg.RetryPeriod):
+		}
+		m, err = src.Fetch(ctx)
 	}
 	// Sized for a full batch up front: growing it by doubling copied every
 	// message several times over.
