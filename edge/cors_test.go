@@ -1,10 +1,14 @@
 package edge_test
 
 import (
+	"bufio"
+	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/tollgate-dev/tollgate/edge"
 	"github.com/tollgate-dev/tollgate/internal/edgetest"
@@ -24,6 +28,16 @@ func TestCORS(t *testing.T) {
 	pk, _ := env.Key(t, "acct_cors", edge.Publishable, schemas.Live)
 	const page = "https://app.example.com"
 	upstream := serveUpstream(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Header.Get("Upgrade") == "echo" {
+			conn, brw, err := http.NewResponseController(w).Hijack()
+			if err != nil {
+				return
+			}
+			defer conn.Close()
+			_, _ = brw.WriteString("HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: echo\r\nAccess-Control-Allow-Origin: *\r\n\r\n")
+			_ = brw.Flush()
+			return
+		}
 		w.Header().Set("Access-Control-Allow-Origin", "*") // the upstream's own, which the edge replaces
 		w.Header().Set("Content-Type", "application/json")
 		_, _ = io.WriteString(w, `{"ok":true}`)
@@ -68,6 +82,21 @@ func TestCORS(t *testing.T) {
 				if ev.RequestID == pre.Header.Get(edge.HeaderRequestID) {
 					t.Fatalf("the preflight was metered: %+v", ev)
 				}
+			}
+
+			// A switch of protocols carries the edge's stand alone, as
+			// every other answer does.
+			conn, err := net.Dial("tcp", strings.TrimPrefix(in.URL, "http://"))
+			testenv.Must(t, err, "dial the edge")
+			_ = conn.SetDeadline(time.Now().Add(10 * time.Second))
+			_, err = io.WriteString(conn, "GET /v1/socket HTTP/1.1\r\nHost: edge.test\r\nOrigin: "+page+"\r\nAuthorization: Bearer "+pk+
+				"\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+			testenv.Must(t, err, "send the upgrade")
+			sw, err := http.ReadResponse(bufio.NewReader(conn), nil)
+			testenv.Must(t, err, "read the 101")
+			conn.Close()
+			if sw.StatusCode != 101 || fmt.Sprint(sw.Header.Values("Access-Control-Allow-Origin")) != "["+page+"]" {
+				t.Fatalf("101: status %d, Access-Control-Allow-Origin %q; want the edge's alone", sw.StatusCode, sw.Header.Values("Access-Control-Allow-Origin"))
 			}
 
 			// An error is readable by the page too.

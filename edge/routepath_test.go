@@ -64,59 +64,67 @@ func TestScopesHoldForDotSegmentsAndEncodedPaths(t *testing.T) {
 		{Pattern: "/v1/widgets/{id}", Methods: []string{"GET"}, Scopes: []string{"files:read"}},
 		{Pattern: "/v1/widgets/{id}/secrets", Methods: []string{"GET"}, Scopes: []string{"admin:read"}},
 	}
-	for _, fr := range fronts {
-		t.Run(fr.name, func(t *testing.T) {
-			in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP, Config: func(c *edge.Config) {
-				c.Routes, c.Upstream, c.SandboxUpstream = routes, up.URL, ""
-			}})
-			key, _ := env.Key(t, "acct_paths", edge.Secret, schemas.Live, "files:read")
-			for _, c := range []struct {
-				path   string
-				status int
-				code   string
-			}{
-				{"/v1/admin/users", 403, "insufficient_scope"},
-				{"/v1/admin/%2e%2e/files/x", 400, "invalid_path"},
-				{"/v1/admin/users/%2e%2e%2f%2e%2e/%2e%2e/files/y", 400, "invalid_path"},
-				{"/v1/files/..%2F..%2Fv1%2Fadmin%2Fusers", 400, "invalid_path"},
-				{"/v1/files/../admin/users", 400, "invalid_path"},
-				{"/v1/%61dmin/users", 403, "insufficient_scope"},
-				{"/v1/files/a%2Fb", 200, ""},
-				{"/v1/%66iles/x", 200, ""},
-				// Read otherwise by servers that decode encoded slashes,
-				// merge slashes or drop ;parameters: another route.
-				{"/v1/widgets/1%2Fsecrets", 400, "invalid_path"},
-				{"/v1/widgets/1%2fsecrets", 400, "invalid_path"},
-				{"/v1//admin/users", 400, "invalid_path"},
-				{"/v1/admin;x/users", 400, "invalid_path"},
-				{"/v1/files/..;/admin/users", 400, "invalid_path"},
-				{"/v1/widgets/export", 403, "insufficient_scope"},
-				{"/v1/widgets/EXPORT", 400, "invalid_path"},        // routers that ignore case
-				{"/v1/widgets/export.json", 400, "invalid_path"},   // Spring's suffix match
-				{"/v1/widgets/1%252Fsecrets", 400, "invalid_path"}, // decoded twice
-				// The same route however read: passed as sent.
-				{"/v1/widgets/ABC", 200, ""},
-				{"/v1/files/report.pdf", 200, ""},
-				{"/v1/files/x;v=1", 200, ""},
-				{"/v1/files//x", 200, ""},
-			} {
-				status, body := rawGet(t, in.URL, c.path, key)
-				if status != c.status || (c.code != "" && !strings.Contains(body, `"code":"`+c.code+`"`)) {
-					t.Errorf("GET %s: %d %s; want %d %s", c.path, status, body, c.status, c.code)
-					continue
-				}
-				if status == 200 {
-					if p := <-got; p != c.path {
-						t.Errorf("GET %s: the upstream got %s, want the path as sent", c.path, p)
+	// An upstream URL with a path of its own gets the path as sent behind
+	// it: the fasthttp front rebuilt it from the decoded path, so that
+	// /v1/files/x%3By went up as /api/v1/files/x;y (a Java server's
+	// /api/v1/files/x) and a%2Fb as a/b.
+	for _, base := range []string{"", "/api"} {
+		for _, fr := range fronts {
+			t.Run(fr.name+" "+base, func(t *testing.T) {
+				in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP, Config: func(c *edge.Config) {
+					c.Routes, c.Upstream, c.SandboxUpstream = routes, up.URL+base, ""
+				}})
+				key, _ := env.Key(t, "acct_paths", edge.Secret, schemas.Live, "files:read")
+				for _, c := range []struct {
+					path   string
+					status int
+					code   string
+				}{
+					{"/v1/admin/users", 403, "insufficient_scope"},
+					{"/v1/admin/%2e%2e/files/x", 400, "invalid_path"},
+					{"/v1/admin/users/%2e%2e%2f%2e%2e/%2e%2e/files/y", 400, "invalid_path"},
+					{"/v1/files/..%2F..%2Fv1%2Fadmin%2Fusers", 400, "invalid_path"},
+					{"/v1/files/../admin/users", 400, "invalid_path"},
+					{"/v1/%61dmin/users", 403, "insufficient_scope"},
+					{"/v1/files/a%2Fb", 200, ""},
+					{"/v1/%66iles/x", 200, ""},
+					// Read otherwise by servers that decode encoded slashes,
+					// merge slashes or drop ;parameters: another route.
+					{"/v1/widgets/1%2Fsecrets", 400, "invalid_path"},
+					{"/v1/widgets/1%2fsecrets", 400, "invalid_path"},
+					{"/v1//admin/users", 400, "invalid_path"},
+					{"/v1/admin;x/users", 400, "invalid_path"},
+					{"/v1/files/..;/admin/users", 400, "invalid_path"},
+					{"/v1/widgets/export", 403, "insufficient_scope"},
+					{"/v1/widgets/EXPORT", 400, "invalid_path"},        // routers that ignore case
+					{"/v1/widgets/export.json", 400, "invalid_path"},   // Spring's suffix match
+					{"/v1/widgets/1%252Fsecrets", 400, "invalid_path"}, // decoded twice
+					// The same route however read: passed as sent.
+					{"/v1/widgets/ABC", 200, ""},
+					{"/v1/files/report.pdf", 200, ""},
+					{"/v1/files/x;v=1", 200, ""},
+					{"/v1/files//x", 200, ""},
+					{"/v1/files/x%3By", 200, ""},
+					{"/v1/files/a%2F%2Fb%40c", 200, ""},
+				} {
+					status, body := rawGet(t, in.URL, c.path, key)
+					if status != c.status || (c.code != "" && !strings.Contains(body, `"code":"`+c.code+`"`)) {
+						t.Errorf("GET %s: %d %s; want %d %s", c.path, status, body, c.status, c.code)
+						continue
+					}
+					if status == 200 {
+						if p := <-got; p != base+c.path {
+							t.Errorf("GET %s: the upstream got %s, want %s: the path as sent", c.path, p, base+c.path)
+						}
 					}
 				}
-			}
-			select {
-			case p := <-got:
-				t.Errorf("a refused call reached the upstream: %s", p)
-			default:
-			}
-		})
+				select {
+				case p := <-got:
+					t.Errorf("a refused call reached the upstream: %s", p)
+				default:
+				}
+			})
+		}
 	}
 }
 

@@ -993,23 +993,24 @@ func (s *Server) proxy(c echo.Context) error {
 	ctx = context.WithValue(ctx, silenceWatch{}, watch)
 	ctx = context.WithValue(ctx, callerKey{}, k)
 	epoch, _ := c.Get(keyEpochCtx).(uint64)
-	if req.Header.Get("Upgrade") == "" {
-		// A long answer is held under its key (ModifyResponse takes the
-		// hold): once the key is no longer usable, the call's context
-		// ends, which cuts the answer where it is.
-		var release func()
-		defer func() {
-			if release != nil {
-				release()
-			}
-		}()
-		ctx = context.WithValue(ctx, answerHold{}, func() {
-			release = s.HoldKey(k, epoch, func() {
-				s.log.Info("long answer cut: its API key is no longer usable", "key_id", k.ID,
-					"request_id", resp.Header().Get(HeaderRequestID))
-				cancel(ErrKeyEnded)
-			})
+	// A long answer is held under its key (ModifyResponse takes the hold),
+	// an upgrade's too when the upstream declines it: once the key is no
+	// longer usable, the call's context ends, which cuts the answer where
+	// it is.
+	var release func()
+	defer func() {
+		if release != nil {
+			release()
+		}
+	}()
+	ctx = context.WithValue(ctx, answerHold{}, func() {
+		release = s.HoldKey(k, epoch, func() {
+			s.log.Info("long answer cut: its API key is no longer usable", "key_id", k.ID,
+				"request_id", resp.Header().Get(HeaderRequestID))
+			cancel(ErrKeyEnded)
 		})
+	})
+	if req.Header.Get("Upgrade") == "" {
 		// Deferred, so the call is metered even when net/http's proxy
 		// aborts it: when a body breaks off after the answer's head went
 		// out, it panics with http.ErrAbortHandler.

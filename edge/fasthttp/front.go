@@ -233,7 +233,10 @@ func slowPath(method, path []byte) bool {
 }
 
 func (f *Front) handle(ctx *fh.RequestCtx) {
-	if slowPath(ctx.Method(), ctx.Path()) {
+	// The path as sent, as the edge's handler routes it: fasthttp's
+	// decoded one made //v1/events and /v1/%65vents take the slow path,
+	// which drops a body the handler then proxies.
+	if slowPath(ctx.Method(), ctx.URI().PathOriginal()) {
 		f.slowCall(ctx)
 		return
 	}
@@ -293,7 +296,7 @@ func (f *Front) handle(ctx *fh.RequestCtx) {
 // the whole body into memory first, so the body is read here, up to what
 // POST /v1/events accepts, and a longer one is refused without reading on.
 func (f *Front) slowCall(ctx *fh.RequestCtx) {
-	if bs := ctx.RequestBodyStream(); bs != nil && string(ctx.Path()) == "/v1/events" &&
+	if bs := ctx.RequestBodyStream(); bs != nil && string(ctx.URI().PathOriginal()) == "/v1/events" &&
 		!f.s.MayReportEvents(ctx, string(ctx.Request.Header.Peek(fh.HeaderAuthorization)), f.s.Now()) {
 		// The handler refuses this caller; it gets its answer without the
 		// edge reading, let alone holding, its body, and the connection
@@ -411,6 +414,12 @@ func stripRequestHopByHop(h *fh.RequestHeader) {
 	}
 	if found {
 		dropHopByHop(h)
+		// The caller's Connection line is the caller's: fasthttp keeps
+		// only a bare "close" to itself, and forwarded, a list naming
+		// Tollgate-Account would have the next proxy drop the edge's own
+		// identity headers. Whether the caller's connection closes was
+		// read before the handler ran.
+		h.Del(fh.HeaderConnection)
 	}
 }
 
@@ -557,17 +566,26 @@ func (f *Front) forward(ctx *fh.RequestCtx, adm edge.Admission, rid string) (up 
 	req.Header.Del(fh.HeaderXForwardedProto)
 	req.Header.Set(fh.HeaderXForwardedProto, proto)
 	if up.base != "" {
-		req.SetRequestURI(up.base + string(req.RequestURI()))
-	}
-	if up.hc.IsTLS != ctx.IsTLS() {
-		// The caller's scheme is not the upstream's, and the host client
-		// refuses a request whose scheme is not its own.
-		scheme := "http"
-		if up.hc.IsTLS {
-			scheme = "https"
+		// The target as sent, behind the base path: routes were matched
+		// on it. req.RequestURI() would rebuild it from fasthttp's decoded
+		// path, turning /v1/admin%3Bx/users (matched as a tenant's) into
+		// /v1/admin;x/users, which a Java upstream serves as
+		// /v1/admin/users.
+		u := req.URI()
+		target := append([]byte(up.base), u.PathOriginal()...)
+		if q := u.QueryString(); len(q) > 0 {
+			target = append(append(target, '?'), q...)
 		}
-		req.URI().SetScheme(scheme)
+		req.SetRequestURIBytes(target)
 	}
+	// The host client refuses a request whose scheme is not its own: the
+	// caller's connection, or an absolute-form target (GET https://…),
+	// may name another.
+	scheme := "http"
+	if up.hc.IsTLS {
+		scheme = "https"
+	}
+	req.URI().SetScheme(scheme)
 	return up, trailers
 }
 
@@ -705,18 +723,24 @@ func (f *Front) proxy(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, st
 		size = -1
 	}
 	x.body = responseBody{r: bs, resp: resp, done: x}
-	if edge.HoldsAnswer(int64(size)) {
-		// A long answer is held under its key: once the key is no longer
-		// usable, the caller's connection is closed, which cuts the answer
-		// where it is (and the upstream's side goes with the body).
-		conn, rid := ctx.Conn(), call.RequestID
-		x.body.release = f.s.HoldKey(adm.Key, adm.KeyEpoch, func() {
-			if x.body.cut(conn) {
-				f.log.Info("long answer cut: its API key is no longer usable", "key_id", adm.Key.ID, "request_id", rid)
-			}
-		})
-	}
+	f.holdLongAnswer(ctx, adm, call.RequestID, &x.body, int64(size))
 	ctx.Response.SetBodyStream(&x.body, size)
+}
+
+// holdLongAnswer holds a long answer (edge.HoldsAnswer) under its key: once
+// the key is no longer usable, the caller's connection is closed, which
+// cuts the answer where it is (and the upstream's side goes with the
+// body). Call it before the body is handed to fasthttp.
+func (f *Front) holdLongAnswer(ctx *fh.RequestCtx, adm edge.Admission, rid string, body *responseBody, contentLength int64) {
+	if !edge.HoldsAnswer(contentLength) {
+		return
+	}
+	conn := ctx.Conn()
+	body.release = f.s.HoldKey(adm.Key, adm.KeyEpoch, func() {
+		if body.cut(conn) {
+			f.log.Info("long answer cut: its API key is no longer usable", "key_id", adm.Key.ID, "request_id", rid)
+		}
+	})
 }
 
 // countingReader counts what is read through it, and remembers how it

@@ -113,7 +113,7 @@ func (f *Front) upgrade(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, 
 	}
 	call.Status = resp.StatusCode
 	if resp.StatusCode != http.StatusSwitchingProtocols {
-		f.declined(ctx, conn, resp, func(sent int64) {
+		f.declined(ctx, adm, call.RequestID, conn, resp, func(sent int64) {
 			call.ResponseBytes = sent
 			f.s.EmitCall(call)
 			f.s.Observe(adm.Route, true, call.Status, f.s.Now().Sub(start))
@@ -134,6 +134,9 @@ func (f *Front) upgrade(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, 
 		writeHeader(&head, string(k), string(v))
 	}
 	for k, vs := range resp.Header {
+		if f.cors != nil && edge.IsCORSHeader(k) {
+			continue // the edge's own stand, written above
+		}
 		for _, v := range vs {
 			writeHeader(&head, k, v)
 		}
@@ -193,7 +196,7 @@ func (f *Front) upgrade(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, 
 // declined answers an upgrade the upstream did not switch to with the
 // upstream's answer, body streamed, and closes the upstream connection when
 // the body is done.
-func (f *Front) declined(ctx *fh.RequestCtx, conn net.Conn, resp *http.Response, done func(sent int64)) {
+func (f *Front) declined(ctx *fh.RequestCtx, adm edge.Admission, rid string, conn net.Conn, resp *http.Response, done func(sent int64)) {
 	ctx.SetStatusCode(resp.StatusCode)
 	for k, vs := range resp.Header {
 		if isHopByHop([]byte(k)) || f.cors != nil && edge.IsCORSHeader(k) {
@@ -218,7 +221,18 @@ func (f *Front) declined(ctx *fh.RequestCtx, conn net.Conn, resp *http.Response,
 	if resp.ContentLength < 0 {
 		size = -1
 	}
-	ctx.Response.SetBodyStream(&responseBody{r: resp.Body, closers: []io.Closer{resp.Body, conn}, done: finishFunc(done)}, size)
+	// The handshake's deadline bounded the whole exchange; the answer's
+	// body is bounded per silence instead, as a proxied call's is: a
+	// stream that keeps sending was cut at upstream_timeout.
+	_ = conn.SetDeadline(time.Time{})
+	timeout := f.timeout
+	r := readerFunc(func(p []byte) (int, error) {
+		_ = conn.SetReadDeadline(time.Now().Add(timeout))
+		return resp.Body.Read(p)
+	})
+	body := &responseBody{r: r, closers: []io.Closer{resp.Body, conn}, done: finishFunc(done)}
+	f.holdLongAnswer(ctx, adm, rid, body, resp.ContentLength)
+	ctx.Response.SetBodyStream(body, size)
 }
 
 func writeHeader(b *bytes.Buffer, k, v string) {
