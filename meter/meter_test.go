@@ -107,4 +107,11 @@ func TestValidateBoundsTheFilterValues(t *testing.T) {
 	if err := long.Validate(); err == nil || !strings.Contains(err.Error(), "filters:") {
 		t.Fatalf("2,000 routes (%d bytes): %v, want refused", 2000*len("/v1/route/000000"), err)
 	}
+	// Counted as a query writes them: 8,000 one-letter values are 8,000
+	// bytes bare and five times that written out.
+	short := ok
+	short.Filters = []Filter{{Property: "route", Values: strings.Split(strings.Repeat("x", 8000), "")}}
+	if err := short.Validate(); err == nil || !strings.Contains(err.Error(), "filters:") {
+		t.Fatalf("8,000 one-letter values: %v, want refused", err)
+	}
 }

@@ -319,18 +319,63 @@ func recomputeSelects(r aggregator.Recompute) ([]string, []any, error) {
 // the same event type, in the same zone, with the same touched minutes (as
 // the Roller makes them). Minute requests share one read of the raw events,
 // coarser ones one read of the finer rollup rows.
+//
+// A scan carries the filter values of all its meters and cannot be split,
+// so a group's values stay under maxSharedFilterBytes: a new group starts
+// past it. Seven meters at the bound on filter values made one SELECT
+// larger than ClickHouse takes, which failed every round.
 func sharedScans(rs []aggregator.Recompute) [][]aggregator.Recompute {
 	type key struct{ eventType, zone string }
 	var out [][]aggregator.Recompute
 	seen := map[key]int{}
+	size := map[int]int{} // a group's filter values, as argBytes counts them
 	for _, r := range rs {
 		k := key{r.Meter.EventType, r.Zone}
-		if i, ok := seen[k]; ok && slices.Equal(out[i][0].Touched, r.Touched) {
+		n := filterArgBytes(r.Meter)
+		if i, ok := seen[k]; ok && slices.Equal(out[i][0].Touched, r.Touched) && size[i]+n <= maxSharedFilterBytes {
 			out[i] = append(out[i], r)
+			size[i] += n
 			continue
 		}
 		seen[k] = len(out)
+		size[len(out)] = n
 		out = append(out, []aggregator.Recompute{r})
+	}
+	return out
+}
+
+// maxSharedFilterBytes bounds the filter values of the meters one shared
+// scan serves, as argBytes counts them: with a chunk of touched windows
+// (maxQueryBytes/2) and the query's own text, one SELECT stays under
+// maxQueryBytes. Each meter's values are at most meter.MaxFilterBytes
+// written out, which argBytes counts up to twice, so a scan always takes
+// at least one meter.
+const maxSharedFilterBytes = maxQueryBytes / 4
+
+// filterArgBytes is argBytes of m's filter values.
+func filterArgBytes(m meter.Meter) int {
+	n := 0
+	for _, f := range m.Filters {
+		n += argBytes([]any{f.Values})
+	}
+	return n
+}
+
+// byFilterBytes splits ms, in order, into runs whose filter values stay
+// under maxSharedFilterBytes (a run has one meter at least).
+func byFilterBytes(ms []meter.Meter) [][]meter.Meter {
+	var out [][]meter.Meter
+	start, size := 0, 0
+	for i, m := range ms {
+		n := filterArgBytes(m)
+		if i > start && size+n > maxSharedFilterBytes {
+			out = append(out, ms[start:i])
+			start, size = i, 0
+		}
+		size += n
+	}
+	if start < len(ms) {
+		out = append(out, ms[start:])
 	}
 	return out
 }
@@ -608,12 +653,14 @@ func (s *Store) Rebuild(ctx context.Context, rs []aggregator.Rebuild) error {
 			byType[r.Meter.EventType] = append(byType[r.Meter.EventType], r.Meter)
 		}
 		for _, t := range types {
-			q, args, err := sharedMinuteSelect(byType[t], r.Accounts, scan, filter)
-			if err != nil {
-				return err
-			}
-			if err := s.conn.Exec(ctx, head+q, args...); err != nil {
-				return fmt.Errorf("rebuild minute rollups of %s meters: %w", t, err)
+			for _, ms := range byFilterBytes(byType[t]) {
+				q, args, err := sharedMinuteSelect(ms, r.Accounts, scan, filter)
+				if err != nil {
+					return err
+				}
+				if err := s.conn.Exec(ctx, head+q, args...); err != nil {
+					return fmt.Errorf("rebuild minute rollups of %s meters: %w", t, err)
+				}
 			}
 		}
 		return nil

@@ -252,3 +252,63 @@ func TestDeleteRollupsMutatesOnlyWhenRowsMatch(t *testing.T) {
 		t.Errorf("%d row(s) of %s left after deleting them", n, key)
 	}
 }
+
+// TestManyMetersWithLongFiltersAreRecomputedInPieces: forty meters on one
+// event type, each with as many filter values as the bound allows. One
+// shared scan carries every meter's values and cannot be split, and with
+// all forty it came to more than ClickHouse's max_query_size, which failed
+// every round (and every rebuild) for every account. Scans now take the
+// meters in groups whose values fit, and the rollups are exact.
+func TestManyMetersWithLongFiltersAreRecomputedInPieces(t *testing.T) {
+	ch := testenv.NewClickHouse(t)
+	ctx := context.Background()
+	values := []string{"/v1/a", "/v1/c"}
+	for i := 0; meter.FilterValueBytes(values)+len("/v1/zz/00000")+4 <= meter.MaxFilterBytes; i++ {
+		values = append(values, fmt.Sprintf("/v1/zz/%05d", i))
+	}
+	var ms []meter.Meter
+	for i := range 40 {
+		m := meter.Meter{Key: fmt.Sprintf("listed_calls_%02d", i), EventType: "api_call", Aggregation: meter.Count,
+			Filters: []meter.Filter{{Property: "route", Values: values}}}
+		testenv.Must(t, m.Validate(), "a meter at the bound")
+		ms = append(ms, m)
+	}
+	events := aggregatortest.GenEvents(rand.New(rand.NewPCG(5, 6)), 300, time.Now().UTC())
+	store := clickhouse.NewStore(ch.Conn)
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	batch := aggregatortest.Records(events)
+	testenv.Must(t, chsink.NewSink(ch.Conn).Insert(ctx, batch), "insert raw")
+	testenv.Must(t, aggregator.NewRoller(aggregator.StaticMeters(ms), zones, store, log).Landed(ctx, batch), "recompute rollups")
+	check := func(when string) {
+		locs, err := aggregatortest.Locations(zones)
+		testenv.Must(t, err, "load zones")
+		for _, m := range []meter.Meter{ms[0], ms[len(ms)-1]} {
+			for _, g := range aggregator.Granularities {
+				want := aggregatortest.Expected(events, m, g, locs)
+				got := map[aggregatortest.Key]int64{}
+				for _, acct := range aggregatortest.Accounts {
+					for _, env := range []schemas.Environment{schemas.Live, schemas.Test} {
+						rows, err := store.Usage(ctx, aggregator.UsageQuery{Account: acct, Environment: string(env), Meter: m.Key,
+							Granularity: g, From: time.Unix(0, 0), To: time.Now().Add(time.Hour), Limit: 1 << 30})
+						testenv.Must(t, err, "read usage")
+						for _, r := range rows {
+							got[aggregatortest.Key{Account: acct, Environment: env, Granularity: g, WindowStart: r.WindowStart.UTC(), Total: true}] = r.Value
+						}
+					}
+				}
+				for k := range want {
+					if !k.Total {
+						delete(want, k)
+					}
+				}
+				for _, d := range aggregatortest.Diff(want, got, 3) {
+					t.Errorf("%s: meter %s by %s: %s", when, m.Key, g, d)
+				}
+			}
+		}
+	}
+	check("recomputed")
+	testenv.Must(t, ch.Conn.Exec(ctx, "TRUNCATE TABLE usage_rollups"), "truncate rollups")
+	testenv.Must(t, aggregator.RebuildAll(ctx, store, zones, ms, time.Time{}, time.Time{}, log), "rebuild")
+	check("rebuilt")
+}
