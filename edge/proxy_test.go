@@ -1449,3 +1449,43 @@ func TestATunnelEndsWithItsKey(t *testing.T) {
 		})
 	}
 }
+
+// A handshake with a chunked body is refused as invalid_upgrade before
+// admission on the fasthttp front, which cannot re-frame it: refused after
+// it, each such call was charged to the quota and never metered.
+func TestAChunkedUpgradeIsRefusedWithoutCharge(t *testing.T) {
+	env := edgetest.New(t)
+	up := serveUpstream(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Header.Get("Upgrade") != "" {
+			upgradeEcho(w, r)
+			return
+		}
+		_, _ = io.WriteString(w, "ok")
+	}))
+	in := env.Start(t, edgetest.Options{Now: quotaClock(time.Now()), Config: func(c *edge.Config) { c.Upstream = up }})
+	key, _ := env.Key(t, "acct_chunked_upgrade", edge.Secret, schemas.Live)
+	two := int64(2)
+	env.SetPlan(t, "acct_chunked_upgrade", "quota2", edge.Limits{RequestsPerSecond: 100, Burst: 100, MonthlyRequests: &two}, "")
+	for i := range 3 {
+		conn, err := net.Dial("tcp", strings.TrimPrefix(in.URL, "http://"))
+		testenv.Must(t, err, "dial the edge")
+		_ = conn.SetDeadline(time.Now().Add(10 * time.Second))
+		_, err = io.WriteString(conn, "GET /v1/socket HTTP/1.1\r\nHost: edge.test\r\nAuthorization: Bearer "+key+
+			"\r\nConnection: Upgrade\r\nUpgrade: echo\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+		testenv.Must(t, err, "send the handshake")
+		resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+		testenv.Must(t, err, "read the answer")
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		conn.Close()
+		if resp.StatusCode != 400 || !strings.Contains(string(b), `"code":"invalid_upgrade"`) {
+			t.Fatalf("chunked handshake %d: status %d, body %s; want 400 invalid_upgrade", i+1, resp.StatusCode, b)
+		}
+	}
+	// The quota of two is whole.
+	for i := range 2 {
+		if r := edgetest.Do(t, "GET", in.URL+"/v1/x", key, nil); r.Status != 200 {
+			t.Fatalf("call %d after the refused handshakes: status %d %+v; want 200", i+1, r.Status, r.Error)
+		}
+	}
+}

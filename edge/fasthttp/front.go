@@ -270,6 +270,16 @@ func (f *Front) handle(ctx *fh.RequestCtx) {
 		At:            start,
 		Upgrade:       isUpgrade(&ctx.Request.Header),
 	}
+	if ci.Upgrade && ctx.Request.Header.ContentLength() == -1 {
+		// A handshake has no body (WebSocket's never does); a chunked one
+		// would have to be re-framed, so it is refused, before admission:
+		// refused after it, it was charged to the rate limit and the quota
+		// and never metered.
+		f.fail(ctx, edge.NewAPIError(fh.StatusBadRequest, edge.TypeInvalidRequest, "invalid_upgrade",
+			"A request to switch protocols must not have a chunked body."), rid)
+		f.s.Observe(edge.Route{}, false, ctx.Response.StatusCode(), f.s.Now().Sub(start))
+		return
+	}
 	for _, name := range edge.MethodOverrideHeaders {
 		if v := ctx.Request.Header.Peek(name); len(v) > 0 {
 			ci.MethodOverride = string(v)

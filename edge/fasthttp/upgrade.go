@@ -66,15 +66,6 @@ func (f *Front) upgrade(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, 
 		f.log.Warn("upstream error on a connection upgrade", "status", ae.Status, "err", err)
 		answer(ae)
 	}
-	if req.Header.ContentLength() == -1 { // chunked
-		// A handshake has no body (WebSocket's never does); a chunked one
-		// would have to be re-framed, so it is refused.
-		ae := edge.NewAPIError(fh.StatusBadRequest, edge.TypeInvalidRequest, "invalid_upgrade",
-			"A request to switch protocols must not have a chunked body.")
-		f.fail(ctx, ae, call.RequestID)
-		f.s.Observe(adm.Route, true, ae.Status, f.s.Now().Sub(start))
-		return
-	}
 	conn, err := up.dial(f.timeout)
 	if err != nil {
 		fail(err)
