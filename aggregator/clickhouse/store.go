@@ -281,18 +281,26 @@ func touchedAt(ts []aggregator.Touched, g aggregator.Granularity) []aggregator.T
 // chunkTouched splits ts, in order, into runs whose touched-window lists
 // stay under budget bytes in a query.
 func chunkTouched(ts []aggregator.Touched, budget int) [][]aggregator.Touched {
-	var out [][]aggregator.Touched
-	start, size := 0, 0
-	for i, t := range ts {
-		n := len(t.Account) + 24 // 'account', 'live', 1795745497, in three lists
-		if i > start && size+n > budget {
-			out = append(out, ts[start:i])
-			start, size = i, 0
+	return chunk(ts, budget, func(t aggregator.Touched) int {
+		return len(t.Account) + 24 // 'account', 'live', 1795745497, in three lists
+	})
+}
+
+// chunk splits xs, in order, into runs whose sizes add up to budget at
+// most; a run has one element at least, whatever its size.
+func chunk[T any](xs []T, budget int, size func(T) int) [][]T {
+	var out [][]T
+	start, sum := 0, 0
+	for i, x := range xs {
+		n := size(x)
+		if i > start && sum+n > budget {
+			out = append(out, xs[start:i])
+			start, sum = i, 0
 		}
-		size += n
+		sum += n
 	}
-	if start < len(ts) {
-		out = append(out, ts[start:])
+	if start < len(xs) {
+		out = append(out, xs[start:])
 	}
 	return out
 }
@@ -359,25 +367,6 @@ func filterArgBytes(m meter.Meter) int {
 		n += argBytes([]any{f.Values})
 	}
 	return n
-}
-
-// byFilterBytes splits ms, in order, into runs whose filter values stay
-// under maxSharedFilterBytes (a run has one meter at least).
-func byFilterBytes(ms []meter.Meter) [][]meter.Meter {
-	var out [][]meter.Meter
-	start, size := 0, 0
-	for i, m := range ms {
-		n := filterArgBytes(m)
-		if i > start && size+n > maxSharedFilterBytes {
-			out = append(out, ms[start:i])
-			start, size = i, 0
-		}
-		size += n
-	}
-	if start < len(ms) {
-		out = append(out, ms[start:])
-	}
-	return out
 }
 
 // sharedSelects recompute the touched windows of several meters, touched
@@ -653,7 +642,7 @@ func (s *Store) Rebuild(ctx context.Context, rs []aggregator.Rebuild) error {
 			byType[r.Meter.EventType] = append(byType[r.Meter.EventType], r.Meter)
 		}
 		for _, t := range types {
-			for _, ms := range byFilterBytes(byType[t]) {
+			for _, ms := range chunk(byType[t], maxSharedFilterBytes, filterArgBytes) {
 				q, args, err := sharedMinuteSelect(ms, r.Accounts, scan, filter)
 				if err != nil {
 					return err
