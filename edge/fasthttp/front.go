@@ -234,8 +234,10 @@ func slowPath(method, path []byte) bool {
 
 func (f *Front) handle(ctx *fh.RequestCtx) {
 	// The path as sent, as the edge's handler routes it: fasthttp's
-	// decoded one made //v1/events and /v1/%65vents take the slow path,
-	// which drops a body the handler then proxies.
+	// decoded one sent //v1/events and /v1/%65vents, calls the handler
+	// proxies, down the slow path, which reads a body into memory (one
+	// over 8 MiB refused) or, for a caller that may not report events,
+	// drops it.
 	if slowPath(ctx.Method(), ctx.URI().PathOriginal()) {
 		f.slowCall(ctx)
 		return
