@@ -30,6 +30,7 @@ import (
 	"log/slog"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -199,6 +200,7 @@ func (c *Config) Validate() error {
 	if c.Topic == "" {
 		errs = append(errs, errors.New("ingest.topic: required"))
 	}
+	errs = append(errs, CheckTopic("ingest.topic", c.Topic), CheckTopic("ingest.dead_letter_topic", c.DeadLetter))
 	if c.DeadLetter == c.Topic {
 		errs = append(errs, errors.New("ingest.dead_letter_topic: must differ from ingest.topic"))
 	}
@@ -208,8 +210,15 @@ func (c *Config) Validate() error {
 	if c.Workers <= 0 || c.Workers > 256 {
 		errs = append(errs, errors.New("ingest.workers: must be between 1 and 256"))
 	}
-	if c.BatchSize <= 0 {
-		errs = append(errs, errors.New("ingest.batch_size: must be positive"))
+	// A worker sets a full batch's room aside up front (about 90 bytes a
+	// record), and holds max_in_flight_records: a typo in either took the
+	// process down with the first record, the edge with it under
+	// tollgate all.
+	if c.BatchSize <= 0 || c.BatchSize > MaxBatchSize {
+		errs = append(errs, fmt.Errorf("ingest.batch_size: must be between 1 and %d", MaxBatchSize))
+	}
+	if c.MaxInFlightRecords > 16*MaxBatchSize {
+		errs = append(errs, fmt.Errorf("ingest.max_in_flight_records: at most %d", 16*MaxBatchSize))
 	}
 	if c.BatchWait <= 0 {
 		errs = append(errs, errors.New("ingest.batch_wait: must be positive"))
@@ -233,6 +242,26 @@ func (c *Config) Validate() error {
 		errs = append(errs, errors.New("ingest.watermark_interval: must be positive"))
 	}
 	return errors.Join(errs...)
+}
+
+// MaxBatchSize bounds ingest.batch_size.
+const MaxBatchSize = 1_000_000
+
+// CheckTopic reports a topic name Kafka refuses (letters, digits, '.', '_'
+// and '-', at most 249 of them, not "." or ".."); empty is not its to
+// check. Such a name passed validation, and the edge then spooled every
+// event for good, taking Kafka's "invalid topic" for an outage.
+func CheckTopic(field, name string) error {
+	if name == "" {
+		return nil
+	}
+	if len(name) > 249 || name == "." || name == ".." ||
+		strings.ContainsFunc(name, func(r rune) bool {
+			return !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '.' || r == '_' || r == '-')
+		}) {
+		return fmt.Errorf("%s: %q is not a Kafka topic name (letters, digits, '.', '_' and '-', at most 249, not \".\" or \"..\")", field, name)
+	}
+	return nil
 }
 
 // Ingester moves batches from its Sources to the Sink, one goroutine per

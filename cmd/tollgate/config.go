@@ -189,7 +189,8 @@ func (c *Config) Validate(components ...string) error {
 		errs = append(errs, checkDial(fmt.Sprintf("services.kafka_brokers[%d]", i), b))
 	}
 	if all || want["edge"] {
-		errs = append(errs, c.Edge.Validate(),
+		// The edge produces to the usage topic, ingest's to read.
+		errs = append(errs, c.Edge.Validate(), ingest.CheckTopic("ingest.topic", c.Ingest.Topic),
 			checkListen("edge.listen", c.Edge.Listen), checkListen("edge.admin_listen", c.Edge.AdminListen))
 		for _, id := range slices.Sorted(maps.Keys(c.Edge.Plans)) {
 			if q := c.Edge.Plans[id].Limits.MonthlyRequests; q != nil && *q < 0 {
@@ -230,8 +231,41 @@ func (c *Config) Validate(components ...string) error {
 		errs = append(errs, checkListen("dashboard.listen", c.Dashboard.Listen),
 			checkBaseURL("dashboard.usage_api", c.Dashboard.UsageAPI), checkBaseURL("dashboard.invoice_api", c.Dashboard.InvoiceAPI))
 	}
+	if all {
+		errs = append(errs, c.listenClashes())
+	}
 	return errors.Join(errs...)
 }
+
+// listenClashes reports two components of one process (tollgate all) set
+// to listen on one port: the second failed to start only after every
+// service had been connected.
+func (c *Config) listenClashes() error {
+	var errs []error
+	type listen struct{ name, host, port string }
+	var seen []listen
+	for _, l := range []struct{ name, addr string }{
+		{"edge.listen", c.Edge.Listen}, {"edge.admin_listen", c.Edge.AdminListen},
+		{"ingest.metrics_listen", c.Ingest.MetricsListen}, {"aggregator.listen", c.Aggregator.Listen},
+		{"aggregator.metrics_listen", c.Aggregator.MetricsListen}, {"invoicer.listen", c.Invoicer.Listen},
+		{"dashboard.listen", c.Dashboard.Listen},
+	} {
+		host, port, err := net.SplitHostPort(l.addr)
+		if err != nil || port == "0" || port == "" {
+			continue // off, any free port, or reported above
+		}
+		for _, o := range seen {
+			if o.port == port && (o.host == host || anyHost(o.host) || anyHost(host)) {
+				errs = append(errs, fmt.Errorf("%s: %s is also %s's: one process listens on each port once", l.name, l.addr, o.name))
+			}
+		}
+		seen = append(seen, listen{l.name, host, port})
+	}
+	return errors.Join(errs...)
+}
+
+// anyHost reports whether a listen host means every interface.
+func anyHost(h string) bool { return h == "" || h == "0.0.0.0" || h == "::" }
 
 // MinInvoicerInterval is the shortest invoicer.interval: each pass reads
 // every account's usage and may call Stripe, so a shorter one is a busy

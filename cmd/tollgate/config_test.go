@@ -88,6 +88,11 @@ func TestCheckConfigRefusesWhatWouldFailOrMisbehaveAtStart(t *testing.T) {
 		{"a Kafka broker without a host is refused", "services:\n  kafka_brokers: [\":9092\"]\n", nil, "services.kafka_brokers[0]"},
 		{"an invoicer interval under a second is refused", "invoicer:\n  interval: 1ns\n", []string{"invoice"}, "invoicer.interval: at least 1s"},
 		{"a negative monthly quota is refused", "edge:\n  plans:\n    free:\n      limits: {requests_per_second: 5, burst: 10, monthly_requests: -5}\n", []string{"edge"}, "edge.plans.free.limits.monthly_requests"},
+		{"a usage topic name Kafka refuses is refused for the edge", "ingest:\n  topic: usage events\n", []string{"edge"}, "ingest.topic"},
+		{"a dead-letter topic named .. is refused", "ingest:\n  dead_letter_topic: \"..\"\n", []string{"ingest"}, "ingest.dead_letter_topic"},
+		{"a batch size no process could hold is refused", "ingest:\n  batch_size: 400000000\n  max_in_flight_records: 400000000\n", []string{"ingest"}, "ingest.batch_size"},
+		{"two components of tollgate all on one port are refused", "edge:\n  listen: 127.0.0.1:18181\ninvoicer:\n  listen: 127.0.0.1:18181\n", nil, "invoicer.listen: 127.0.0.1:18181 is also edge.listen's"},
+		{"a port every interface takes clashes with one host's", "ingest:\n  metrics_listen: \":18284\"\naggregator:\n  metrics_listen: 127.0.0.1:18284\n", nil, "aggregator.metrics_listen"},
 		{"the invoicer refuses a meter defined twice", "meters:\n  - {key: calls, event_type: api_call, aggregation: COUNT}\n  - {key: calls, event_type: api_call, aggregation: COUNT}\n", []string{"invoice"}, "meters:"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

@@ -19,7 +19,12 @@ import (
 
 func main() {
 	gctune.Apply()
-	if err := newRootCommand().Execute(); err != nil {
+	// Every command stops on SIGINT or SIGTERM through its context: a
+	// replay drops its scratch database, a close stops between steps.
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	err := newRootCommand().ExecuteContext(ctx)
+	stop()
+	if err != nil {
 		fmt.Fprintln(os.Stderr, "tollgate:", err)
 		os.Exit(1)
 	}
@@ -197,6 +202,22 @@ func runComponents(ctx context.Context, log *slog.Logger, comps []named) error {
 			log.Error("component failed; shutting down", "component", comps[r.i].name, "err", r.err)
 		}
 	}
+	// The errors of the components' stops count too (an edge that could
+	// not finish its calls within its deadline, say): they were dropped,
+	// and the process said it stopped cleanly.
+	stopped := func() {
+		for {
+			select {
+			case r := <-results:
+				if r.err != nil && !errors.Is(r.err, context.Canceled) {
+					log.Error("component stopped with an error", "component", comps[r.i].name, "err", r.err)
+					first = errors.Join(first, fmt.Errorf("%s: %w", comps[r.i].name, r.err))
+				}
+			default:
+				return
+			}
+		}
+	}
 	for i := len(comps) - 1; i >= 0; i-- {
 		cancels[i]()
 		select {
@@ -204,6 +225,7 @@ func runComponents(ctx context.Context, log *slog.Logger, comps []named) error {
 		case <-time.After(30 * time.Second):
 			log.Error("component did not stop in time", "component", comps[i].name)
 		}
+		stopped()
 		if err := comps[i].c.Close(); err != nil {
 			log.Error("close component", "component", comps[i].name, "err", err)
 			first = errors.Join(first, err)
