@@ -181,7 +181,7 @@ func NewServer(cfg Config, d ServerDeps) (*Server, error) {
 		AllowHeaders:  []string{echo.HeaderAuthorization, echo.HeaderContentType},
 		ExposeHeaders: []string{edge.HeaderRequestID},
 		MaxAge:        600,
-	}), s.authKey)
+	}), s.authKey, noStore)
 	v1.GET("/usage", s.usage)
 	v1.GET("/requests", s.requests)
 	v1.GET("/meters", s.listMetersPublic)
@@ -281,6 +281,15 @@ var maxRange = map[Granularity]time.Duration{
 }
 
 var maxRangeText = map[Granularity]string{Minute: "7 days", Hour: "93 days", Day: "3,660 days", Month: "100 years"}
+
+// noStore keeps an account's usage and request log out of the caches
+// between the API and its caller, the browser's on-disk one above all.
+func noStore(next echo.HandlerFunc) echo.HandlerFunc {
+	return func(c echo.Context) error {
+		c.Response().Header().Set("Cache-Control", "no-store")
+		return next(c)
+	}
+}
 
 // ceilSecond is t moved up to a whole second.
 func ceilSecond(t time.Time) time.Time {

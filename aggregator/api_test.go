@@ -955,3 +955,19 @@ func TestTheUsageAPIAuditsFailedAuthentications(t *testing.T) {
 		t.Fatalf("audit rows %q, want %q", got, want)
 	}
 }
+
+// An account's usage is kept by no cache between the API and its caller,
+// the browser's on-disk one above all.
+func TestUsageAnswersAreNotStored(t *testing.T) {
+	e := newAPIEnv(t)
+	for _, path := range []string{"/v1/usage?meter=api_calls&window=day", "/v1/requests", "/v1/meters"} {
+		req, _ := http.NewRequest(http.MethodGet, e.srv.URL+path, nil)
+		req.Header.Set("Authorization", "Bearer "+e.keys["alpha"])
+		resp, err := http.DefaultClient.Do(req)
+		testenv.Must(t, err, "GET "+path)
+		resp.Body.Close()
+		if resp.StatusCode != 200 || resp.Header.Get("Cache-Control") != "no-store" {
+			t.Errorf("GET %s: %d, Cache-Control %q; want 200, no-store", path, resp.StatusCode, resp.Header.Get("Cache-Control"))
+		}
+	}
+}

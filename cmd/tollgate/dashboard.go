@@ -72,6 +72,13 @@ func forwardTo(base string, log *slog.Logger) (http.Handler, error) {
 	}
 	return &httputil.ReverseProxy{
 		Rewrite: func(r *httputil.ProxyRequest) { r.SetURL(u) },
+		// Usage, invoices and the request log are an account's: a
+		// browser keeps none of it on disk, where it would outlive the
+		// tab and "Forget key" on a shared computer.
+		ModifyResponse: func(r *http.Response) error {
+			r.Header.Set("Cache-Control", "no-store")
+			return nil
+		},
 		ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
 			log.Warn("dashboard API call failed", "path", r.URL.Path, "err", err)
 			w.Header().Set("Content-Type", "application/json")

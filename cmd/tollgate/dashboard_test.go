@@ -67,9 +67,12 @@ func TestDashboardServesPagesAndForwardsEachAPIWithTheCallersKey(t *testing.T) {
 	}
 	for _, r := range routes {
 		t.Run(r.path+" goes to the "+r.to+" API with the caller's key", func(t *testing.T) {
-			code, body, _ := get(r.path)
+			code, body, h := get(r.path)
 			if code != 200 || body != `{"from":"`+r.to+`"}` {
 				t.Fatalf("GET %s = %d %s", r.path, code, body)
+			}
+			if h.Get("Cache-Control") != "no-store" {
+				t.Fatalf("GET %s: Cache-Control %q; an account's data must not be kept by the browser", r.path, h.Get("Cache-Control"))
 			}
 			if got := auth(r.to + " " + r.path); got != "Bearer pk_live_example" {
 				t.Fatalf("%s API saw Authorization %q", r.to, got)

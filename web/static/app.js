@@ -12,10 +12,22 @@ function setStatus(text, isError) {
   el.className = isError ? "error" : "";
 }
 
+// stale is thrown for an answer to a key that has since been forgotten or
+// replaced: it is not the page's to show.
+function stale() {
+  const e = new Error("the key changed");
+  e.stale = true;
+  return e;
+}
+
 async function api(path) {
   const key = store.getItem("tollgate.key");
+  if (!key) throw stale();
   const resp = await fetch(path, { headers: { Authorization: "Bearer " + key } });
   const body = await resp.json().catch(() => ({}));
+  // A refresh under way when the key was forgotten drew the forgotten
+  // key's usage back onto the page.
+  if (store.getItem("tollgate.key") !== key) throw stale();
   if (!resp.ok) {
     const e = body.error || {};
     const err = new Error(e.message || resp.statusText);
@@ -312,7 +324,7 @@ async function refresh() {
       $("requests-section").hidden = true;
     }
   } catch (e) {
-    setStatus("Usage: " + e.message + (e.code ? " (" + e.code + ")" : ""), true);
+    if (!e.stale) setStatus("Usage: " + e.message + (e.code ? " (" + e.code + ")" : ""), true);
     return;
   }
   // Billing is live usage's, read with a live secret key only.
@@ -320,7 +332,7 @@ async function refresh() {
     try {
       await loadBilling();
     } catch (e) {
-      setStatus("Billing: " + e.message + (e.code ? " (" + e.code + ")" : ""), true);
+      if (!e.stale) setStatus("Billing: " + e.message + (e.code ? " (" + e.code + ")" : ""), true);
       return;
     }
   } else {
@@ -347,9 +359,12 @@ $("key-form").addEventListener("submit", (ev) => {
 $("forget").addEventListener("click", () => {
   store.removeItem("tollgate.key");
   ["usage-section", "billing-section", "requests-section"].forEach((id) => ($(id).hidden = true));
+  // What the key read leaves the page with it.
+  ["usage-table", "requests", "invoices"].forEach((id) => ($(id).querySelector("tbody").textContent = ""));
+  ["usage-total", "usage-note", "upcoming", "chart"].forEach((id) => ($(id).textContent = ""));
   setStatus("Key forgotten.");
 });
 $("meter").addEventListener("change", groupOptions);
-["meter", "window", "group"].forEach((id) => $(id).addEventListener("change", () => loadUsage().catch((e) => setStatus(e.message, true))));
+["meter", "window", "group"].forEach((id) => $(id).addEventListener("change", () => loadUsage().catch((e) => e.stale || setStatus(e.message, true))));
 setInterval(refresh, 10000);
 refresh();

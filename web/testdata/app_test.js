@@ -24,7 +24,8 @@ function element(tag) {
 // first, as the API orders them), in pages of the asked-for limit.
 function page(meter, rows) {
   const els = {};
-  const calls = { usage: [], requests: 0, intervals: [] };
+  // gate, when set, holds every usage answer until it resolves.
+  const calls = { usage: [], requests: 0, intervals: [], gate: null };
   let key = null; // no key while the script loads: it refreshes nothing then
   let first = null;
   const fetch = async (path) => {
@@ -33,6 +34,7 @@ function page(meter, rows) {
     if (u.pathname === "/v1/meters") return ok({ data: [meter] });
     if (u.pathname === "/v1/requests") { calls.requests++; return ok({ data: [] }); }
     if (u.pathname !== "/v1/usage") return ok({ data: [] });
+    if (calls.gate) await calls.gate;
     const q = new URLSearchParams(u.searchParams);
     const cursor = q.get("cursor");
     q.delete("cursor");
@@ -60,7 +62,7 @@ function page(meter, rows) {
   });
   vm.runInContext(source, ctx, { filename: "app.js" });
   key = "sk_live_" + "x".repeat(28);
-  return { ctx, els, calls };
+  return { ctx, els, calls, setKey: (k) => (key = k) };
 }
 
 // windowRows is count windows of step ms up to now, oldest first, each with
@@ -140,6 +142,21 @@ const cases = {
     await ctx.loadUsage();
     if (calls.usage.length !== 1) throw new Error(calls.usage.length + " usage pages read, want 1");
     if (digits(els["usage-total"].textContent) !== 3 * 48) throw new Error("headline " + JSON.stringify(els["usage-total"].textContent) + ", want " + 3 * 48);
+  },
+  "a refresh whose key is forgotten meanwhile shows nothing": async () => {
+    const { ctx, els, calls, setKey } = page(countByRoute, hourRows(2, 1));
+    els.window.value = "hour";
+    let release;
+    calls.gate = new Promise((r) => (release = r));
+    const running = ctx.refresh();
+    await new Promise((r) => setTimeout(r, 10)); // the refresh waits on the usage answer
+    setKey(null); // Forget key
+    release();
+    await running;
+    const el = (id) => ctx.document.getElementById(id);
+    if (!el("usage-section").hidden) throw new Error("the usage section is shown again after the key was forgotten");
+    if (el("usage-table").querySelector("tbody").children.length !== 0) throw new Error("the forgotten key's usage rows were drawn");
+    if (els.status.textContent !== "Loading…") throw new Error("status " + JSON.stringify(els.status.textContent) + " after a stale answer");
   },
   "the page refreshes usage every 10 s and the request log every 30 s": async () => {
     const { ctx, els, calls } = page(countByRoute, hourRows(2, 1));
