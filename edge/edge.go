@@ -15,6 +15,7 @@ import (
 	"os"
 	"time"
 
+	"github.com/tollgate-dev/tollgate/internal/redact"
 	"github.com/tollgate-dev/tollgate/schemas"
 )
 
@@ -302,7 +303,7 @@ func (c *Config) Validate() error {
 		}
 		p, err := url.Parse(u)
 		if err != nil || (p.Scheme != "http" && p.Scheme != "https") || p.Host == "" {
-			errs = append(errs, fmt.Errorf("%s: want an http(s) URL, got %q", name, u))
+			errs = append(errs, fmt.Errorf("%s: want an http(s) URL, got %q", name, redact.URL(u)))
 		}
 	}
 	if c.UpstreamCAFile != "" {

@@ -20,6 +20,7 @@ import (
 	"github.com/tollgate-dev/tollgate/aggregator"
 	"github.com/tollgate-dev/tollgate/edge"
 	"github.com/tollgate-dev/tollgate/ingest"
+	"github.com/tollgate-dev/tollgate/internal/redact"
 	"github.com/tollgate-dev/tollgate/invoicer"
 	"github.com/tollgate-dev/tollgate/meter"
 )
@@ -343,6 +344,10 @@ func checkBaseURL(name, v string) error {
 		return nil
 	}
 	u, err := url.Parse(httpBase(v))
+	var ue *url.Error
+	if errors.As(err, &ue) {
+		err = ue.Err // not the URL again, password and all
+	}
 	if err == nil && strings.Contains(v, "://") && !strings.HasPrefix(v, "http") {
 		err = errors.New("not http or https")
 	}
@@ -353,7 +358,7 @@ func checkBaseURL(name, v string) error {
 		err = checkPort(u.Port())
 	}
 	if err != nil {
-		return fmt.Errorf("%s: want an http(s) URL or host:port, got %q: %v", name, v, err)
+		return fmt.Errorf("%s: want an http(s) URL or host:port, got %q: %v", name, redact.URL(v), err)
 	}
 	return nil
 }

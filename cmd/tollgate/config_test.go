@@ -107,6 +107,15 @@ func TestCheckConfigRefusesWhatWouldFailOrMisbehaveAtStart(t *testing.T) {
 		})
 	}
 
+	t.Run("a refused URL is quoted without its password", func(t *testing.T) {
+		cfg := writeConfig(t, "edge:\n  sandbox_upstream: \"https://user:s3cret@\"\ndashboard:\n  usage_api: \"https://user:s3cret@::bad\"\n")
+		err := cfg.Validate()
+		if err == nil || !strings.Contains(err.Error(), "dashboard.usage_api") || !strings.Contains(err.Error(), "edge.sandbox_upstream") ||
+			strings.Contains(err.Error(), "s3cret") {
+			t.Fatalf("Validate() = %v; want both URLs refused, their password not quoted", err)
+		}
+	})
+
 	// Container names with underscores, IPv6 zones and service names
 	// are what Go's resolver takes, and were refused once.
 	t.Run("addresses an operator writes are accepted", func(t *testing.T) {
