@@ -750,6 +750,20 @@ func TestProxy(t *testing.T) {
 				if resp.StatusCode != 503 || !strings.Contains(string(body), `"code":"too_many_upgraded_connections"`) {
 					t.Fatalf("second upgrade: status %d body %q", resp.StatusCode, body)
 				}
+				// An Upgrade header without Connection: upgrade asks for no
+				// switch (RFC 9110, 7.8): a plain call, which needs no
+				// upgraded connection. The net/http handler took it for an
+				// upgrade and refused it here.
+				req, _ := http.NewRequest("GET", in.URL+"/v1/socket", nil)
+				req.Header.Set("Authorization", "Bearer "+key)
+				req.Header.Set("Upgrade", "echo")
+				plain, err := http.DefaultClient.Do(req)
+				testenv.Must(t, err, "a call with an Upgrade header alone")
+				pbody, _ := io.ReadAll(plain.Body)
+				plain.Body.Close()
+				if plain.StatusCode != 400 || !strings.Contains(string(pbody), "want an echo upgrade") {
+					t.Fatalf("a call with an Upgrade header alone: status %d body %q; want the upstream's answer to a plain call", plain.StatusCode, pbody)
+				}
 				conn.Close()
 				for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(20 * time.Millisecond) {
 					_, _, resp := openEcho(t, in, key, "")

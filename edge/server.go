@@ -791,7 +791,7 @@ func (s *Server) limit(quota bool) echo.MiddlewareFunc {
 			// An upgrade takes its upgraded connection first, so a call
 			// refused for want of one costs no quota (as with Admit).
 			var closed func()
-			if quota && c.Request().Header.Get("Upgrade") != "" {
+			if quota && IsUpgrade(c.Request().Header) {
 				var err error
 				if closed, err = s.UpgradeOpened(); err != nil {
 					return err
@@ -1010,7 +1010,7 @@ func (s *Server) proxy(c echo.Context) error {
 			cancel(ErrKeyEnded)
 		})
 	})
-	if req.Header.Get("Upgrade") == "" {
+	if !IsUpgrade(req.Header) {
 		// Deferred, so the call is metered even when net/http's proxy
 		// aborts it: when a body breaks off after the answer's head went
 		// out, it panics with http.ErrAbortHandler.
@@ -1076,6 +1076,24 @@ type silenceWatch struct{}
 
 // callerKey is the context key of the key a proxied call was admitted with.
 type callerKey struct{}
+
+// IsUpgrade reports whether h asks to switch protocols: an Upgrade header
+// and the upgrade token in Connection (RFC 9110, 7.8), as net/http's proxy
+// and the fasthttp front read it. An Upgrade header alone asks for nothing
+// and is a plain call.
+func IsUpgrade(h http.Header) bool {
+	if h.Get("Upgrade") == "" {
+		return false
+	}
+	for _, v := range h.Values("Connection") {
+		for _, opt := range strings.Split(v, ",") {
+			if strings.EqualFold(strings.TrimSpace(opt), "upgrade") {
+				return true
+			}
+		}
+	}
+	return false
+}
 
 // answerHold is the context key of the function that holds a proxied
 // call's long answer under its key.
