@@ -489,12 +489,8 @@ func TestProxy(t *testing.T) {
 				up.Header.Set("Authorization", "Bearer "+key)
 				up.Header.Set("Connection", "Upgrade")
 				up.Header.Set("Upgrade", "x-nothing")
-				uresp, err := http.DefaultClient.Do(up)
-				testenv.Must(t, err, "call with an upgrade the upstream declines")
-				ubody, err := io.ReadAll(uresp.Body)
-				uresp.Body.Close()
-				if err != nil || uresp.StatusCode != 200 || strings.Count(string(ubody), "\n") != 8 {
-					t.Fatalf("declined upgrade: status %d, body %q, error %v: want all eight lines", uresp.StatusCode, ubody, err)
+				if u := edgetest.DoRequest(t, up); u.Status != 200 || strings.Count(string(u.Body), "\n") != 8 {
+					t.Fatalf("declined upgrade: status %d, body %q: want all eight lines", u.Status, u.Body)
 				}
 
 				req, _ := http.NewRequest("GET", in.URL+"/v1/stall", nil)
@@ -757,12 +753,8 @@ func TestProxy(t *testing.T) {
 				req, _ := http.NewRequest("GET", in.URL+"/v1/socket", nil)
 				req.Header.Set("Authorization", "Bearer "+key)
 				req.Header.Set("Upgrade", "echo")
-				plain, err := http.DefaultClient.Do(req)
-				testenv.Must(t, err, "a call with an Upgrade header alone")
-				pbody, _ := io.ReadAll(plain.Body)
-				plain.Body.Close()
-				if plain.StatusCode != 400 || !strings.Contains(string(pbody), "want an echo upgrade") {
-					t.Fatalf("a call with an Upgrade header alone: status %d body %q; want the upstream's answer to a plain call", plain.StatusCode, pbody)
+				if plain := edgetest.DoRequest(t, req); plain.Status != 400 || !strings.Contains(string(plain.Body), "want an echo upgrade") {
+					t.Fatalf("a call with an Upgrade header alone: status %d body %q; want the upstream's answer to a plain call", plain.Status, plain.Body)
 				}
 				conn.Close()
 				for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(20 * time.Millisecond) {

@@ -882,8 +882,8 @@ func (s *Server) newProxy(upstream string) (*httputil.ReverseProxy, error) {
 					delete(r.Out.Header, name) // the caller's, forged or not
 				}
 			}
-			if k, ok := r.In.Context().Value(callerKey{}).(*Key); ok {
-				id := IdentityOf(k)
+			if pc, ok := r.In.Context().Value(proxiedCallKey{}).(*proxiedCall); ok {
+				id := IdentityOf(pc.key)
 				r.Out.Header[HeaderAccount] = []string{id.Account}
 				r.Out.Header[HeaderEnvironment] = []string{id.Environment}
 				r.Out.Header[HeaderKeyID] = []string{id.KeyID}
@@ -905,18 +905,18 @@ func (s *Server) newProxy(upstream string) (*httputil.ReverseProxy, error) {
 					}
 				}
 			}
-			w, ok := r.Request.Context().Value(silenceWatch{}).(*IdleWatch)
+			pc, ok := r.Request.Context().Value(proxiedCallKey{}).(*proxiedCall)
 			if !ok {
 				return nil
 			}
 			if r.StatusCode == http.StatusSwitchingProtocols {
-				w.Stop() // the handshake is done: the tunnel has its own idle timeout
+				pc.watch.Stop() // the handshake is done: the tunnel has its own idle timeout
 				return nil
 			}
-			w.Touch()
-			r.Body = touchingBody{ReadCloser: r.Body, watch: w}
-			if hold, ok := r.Request.Context().Value(answerHold{}).(func()); ok && HoldsAnswer(r.ContentLength) {
-				hold()
+			pc.watch.Touch()
+			r.Body = touchingBody{ReadCloser: r.Body, watch: pc.watch}
+			if HoldsAnswer(r.ContentLength) {
+				s.holdAnswer(pc, r.Request.Header.Get(HeaderRequestID))
 			}
 			return nil
 		},
@@ -990,26 +990,14 @@ func (s *Server) proxy(c echo.Context) error {
 	watch := NewIdleWatch(s.cfg.UpstreamTimeout, func() { cancel(context.DeadlineExceeded) })
 	defer watch.Stop()
 	body.watch = watch
-	ctx = context.WithValue(ctx, silenceWatch{}, watch)
-	ctx = context.WithValue(ctx, callerKey{}, k)
 	epoch, _ := c.Get(keyEpochCtx).(uint64)
-	// A long answer is held under its key (ModifyResponse takes the hold),
-	// an upgrade's too when the upstream declines it: once the key is no
-	// longer usable, the call's context ends, which cuts the answer where
-	// it is.
-	var release func()
+	pc := &proxiedCall{key: k, epoch: epoch, watch: watch, cancel: cancel}
+	ctx = context.WithValue(ctx, proxiedCallKey{}, pc)
 	defer func() {
-		if release != nil {
-			release()
+		if pc.release != nil {
+			pc.release()
 		}
 	}()
-	ctx = context.WithValue(ctx, answerHold{}, func() {
-		release = s.HoldKey(k, epoch, func() {
-			s.log.Info("long answer cut: its API key is no longer usable", "key_id", k.ID,
-				"request_id", resp.Header().Get(HeaderRequestID))
-			cancel(ErrKeyEnded)
-		})
-	})
 	if !IsUpgrade(req.Header) {
 		// Deferred, so the call is metered even when net/http's proxy
 		// aborts it: when a body breaks off after the answer's head went
@@ -1071,11 +1059,32 @@ func (w informational) Unwrap() http.ResponseWriter { return w.Response }
 // handshake ended, for the request-duration histogram.
 const handshakeEnd = "handshake_end"
 
-// silenceWatch is the context key of a call's upstream_timeout watch.
-type silenceWatch struct{}
+// proxiedCall is what net/http's proxy needs of a call, read from its
+// context (one value for all of it): the key it was admitted with, the key
+// store's invalidation count read before that key was looked up, its
+// upstream_timeout watch, and how to end it.
+type proxiedCall struct {
+	key    *Key
+	epoch  uint64
+	watch  *IdleWatch
+	cancel context.CancelCauseFunc
+	// release forgets the hold a long answer is under, once holdAnswer
+	// took one.
+	release func()
+}
 
-// callerKey is the context key of the key a proxied call was admitted with.
-type callerKey struct{}
+// proxiedCallKey is the context key of a call's proxiedCall.
+type proxiedCallKey struct{}
+
+// holdAnswer holds a long answer (HoldsAnswer), an upgrade's too when the
+// upstream declines it, under its key: once the key is no longer usable,
+// the call's context ends, which cuts the answer where it is.
+func (s *Server) holdAnswer(pc *proxiedCall, rid string) {
+	pc.release = s.HoldKey(pc.key, pc.epoch, func() {
+		s.log.Info("long answer cut: its API key is no longer usable", "key_id", pc.key.ID, "request_id", rid)
+		pc.cancel(ErrKeyEnded)
+	})
+}
 
 // IsUpgrade reports whether h asks to switch protocols: an Upgrade header
 // and the upgrade token in Connection (RFC 9110, 7.8), as net/http's proxy
@@ -1094,10 +1103,6 @@ func IsUpgrade(h http.Header) bool {
 	}
 	return false
 }
-
-// answerHold is the context key of the function that holds a proxied
-// call's long answer under its key.
-type answerHold struct{}
 
 // touchingBody marks its call's watch whenever bytes of the upstream's
 // answer come.
