@@ -387,3 +387,36 @@ func TestWatermarkerNeverWritesBelowAnotherProcesssWatermark(t *testing.T) {
 		t.Fatalf("stored watermark %s, want the other process's %s kept", got, later)
 	}
 }
+
+// BenchmarkSplit decodes a batch of the default size (40,000 records) of
+// events shaped like bench/ingest's, 5 % of them repeated: ns/op is one
+// batch, so divide by 40,000 for a record's share.
+func BenchmarkSplit(b *testing.B) {
+	now := time.Date(2026, 3, 10, 12, 0, 0, 0, time.UTC)
+	const n = 40_000
+	msgs := make([]ingest.Message, 0, n)
+	for i := range n {
+		if i%20 == 19 {
+			msgs = append(msgs, msgs[i-7]) // a redelivered copy
+			continue
+		}
+		acct := fmt.Sprintf("acct_%d", i%8)
+		e := schemas.Event{Version: 1, ID: schemas.NewEventID(), AccountID: acct, Environment: schemas.Live,
+			KeyID: "key_" + acct, Type: "api_call", Time: now.Add(-time.Duration(n-i) * time.Millisecond),
+			Route: []string{"/v1/search", "/v1/items", "/v1/orders"}[i%3], Method: "GET", Status: 200,
+			LatencyMicros: int64(1000 + i%5000), ResponseBytes: int64(200 + i%3000), Units: 1,
+			Dimensions: map[string]string{"region": []string{"eu", "us"}[i%2]}}
+		v, err := e.Encode()
+		if err != nil {
+			b.Fatal(err)
+		}
+		msgs = append(msgs, ingest.Message{Partition: i % 4, Offset: int64(i), Value: v, Time: now})
+	}
+	b.ReportAllocs()
+	for b.Loop() {
+		events, _, _, dups := ingest.Split(msgs, now, ingest.DefaultMaxLateness)
+		if len(events)+dups != n {
+			b.Fatalf("%d events and %d duplicates of %d records", len(events), dups, n)
+		}
+	}
+}
