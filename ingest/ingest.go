@@ -484,9 +484,14 @@ func (in *Ingester) collect(ctx context.Context, src Source, msgs []Message) ([]
 // batches, the count would hang on how the events were batched, and a
 // replay (batched differently) would not match the ledger.
 type rowKey struct {
+	idSecond
+	typ string
+}
+
+// idSecond is a row key without its type.
+type idSecond struct {
 	id     uuid.UUID
 	second int64
-	typ    string
 }
 
 // Split decodes a batch: valid and timely events (first copy of each row
@@ -503,7 +508,12 @@ func Split(msgs []Message, now time.Time, maxLateness time.Duration) (events, la
 // splitInto is Split decoding into into's memory when it has room for
 // every message.
 func splitInto(into []Record, msgs []Message, now time.Time, maxLateness time.Duration) (events, late []Record, rejected []Rejected, dups int) {
-	seen := make(map[rowKey]struct{}, len(msgs))
+	// seen holds each kept row's type under its id and second: a key
+	// without a string hashes and compares as one block of memory, and
+	// that is most of a lookup's cost. The rare id and second seen with a
+	// second type go to others, under the whole key.
+	seen := make(map[idSecond]string, len(msgs))
+	var others map[rowKey]struct{}
 	if cap(into) >= len(msgs) {
 		events = into[:0]
 	} else {
@@ -527,13 +537,26 @@ func splitInto(into []Record, msgs []Message, now time.Time, maxLateness time.Du
 			rejected = append(rejected, Rejected{Message: m, Reason: err.Error()})
 			continue
 		}
-		k := rowKey{id: r.Event.ID, second: r.Event.Time.Unix(), typ: r.Event.Type}
-		if _, ok := seen[k]; ok {
+		k := idSecond{id: r.Event.ID, second: r.Event.Time.Unix()}
+		typ, ok := seen[k]
+		if !ok {
+			seen[k] = r.Event.Type
+		} else if typ == r.Event.Type {
 			events = events[:len(events)-1]
 			dups++
 			continue
+		} else {
+			full := rowKey{idSecond: k, typ: r.Event.Type}
+			if _, ok := others[full]; ok {
+				events = events[:len(events)-1]
+				dups++
+				continue
+			}
+			if others == nil {
+				others = map[rowKey]struct{}{}
+			}
+			others[full] = struct{}{}
 		}
-		seen[k] = struct{}{}
 		r.Partition, r.Offset, r.RecordTime, r.dimKeys, r.dimValues = m.Partition, m.Offset, m.Time, dk, dv
 		if !m.Time.IsZero() && r.Event.Time.Before(m.Time.Add(-maxLateness)) {
 			r.Value = m.Value

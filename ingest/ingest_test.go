@@ -48,6 +48,7 @@ func TestSplit(t *testing.T) {
 		// one batch must too: else a replay, batched differently, differs.
 		{"the same id at another second is another row, as in ClickHouse", []ingest.Message{msg(encode(t, timely), 1), msg(encode(t, shifted(timely, time.Second)), 2)}, 2, 0, 0, 0},
 		{"the same id of another type is another row, as in ClickHouse", []ingest.Message{msg(encode(t, timely), 1), msg(encode(t, retyped(timely, "tokens")), 2)}, 2, 0, 0, 0},
+		{"a copy of the second type's row is dropped too", []ingest.Message{msg(encode(t, timely), 1), msg(encode(t, retyped(timely, "tokens")), 2), msg(encode(t, retyped(timely, "tokens")), 3), msg(encode(t, timely), 4)}, 2, 0, 0, 2},
 		{"an event within the lateness lands", []ingest.Message{msg(encode(t, late), 1)}, 1, 0, 0, 0},
 		{"an event beyond the lateness is set aside", []ingest.Message{msg(encode(t, tooLate), 1)}, 0, 1, 0, 0},
 		{"bytes that are not an event are rejected", []ingest.Message{msg([]byte("{"), 1)}, 0, 0, 1, 0},
