@@ -524,9 +524,12 @@ func appendLedgers(keys []string, c edge.CallLimits) []string {
 // entry outlives every record that can need it, as recordTTL and
 // ledgerTTL say.
 //
-// The quota counter goes down by n, floored at 0, while the record exists.
-// Counting has no refill: as long as the counter still holds the grant, n
-// unused tokens taken off leave exactly the count of the calls made. The
+// The quota counter goes down by n, at most g, floored at 0, while the
+// record exists. A lost grant is given back by the size it asked for, and
+// near the end of a month Redis grants less than that: only g was ever
+// counted. Counting has no refill: as long as the counter still holds the
+// grant, n unused tokens taken off leave exactly the count of the calls
+// made. The
 // record is written by the same script run as the grant, so a Redis that
 // lost the grant (a restart without persistence, a failover to a replica
 // that was behind) has lost the record too, and a fresh counter is left
@@ -571,8 +574,9 @@ if #KEYS - 1 > 2 * buckets then
   local q = KEYS[buckets + 1]
   local v = redis.call("GET", q)
   if not v then return 0 end
-  redis.call("SET", q, math.max(0, tonumber(v) - n), "KEEPTTL")
-  back = n
+  local qn = math.min(n, g)
+  redis.call("SET", q, math.max(0, tonumber(v) - qn), "KEEPTTL")
+  back = qn
 end
 return back
 `)
