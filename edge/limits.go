@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -463,6 +464,26 @@ func ceilSeconds(d time.Duration) int64 {
 // month's requests and Reset the seconds until the next month starts;
 // the policy window w is the time a full burst takes to refill. set must
 // copy the value: the values share one buffer.
+// IsRateLimitHeader reports whether an upstream's answer header is one of
+// the rate-limit headers the edge sets (setRateHeaders): the edge's own, on
+// every proxied answer. An upstream with a limiter of its own (many web
+// frameworks send RateLimit by default) would otherwise add a second value
+// beside the edge's, naming a limit the edge does not enforce, or one a
+// proxy in between folds into "1999, 99999", which no client can read.
+func IsRateLimitHeader(name string) bool {
+	switch len(name) {
+	case len("RateLimit"):
+		return strings.EqualFold(name, "RateLimit")
+	case len("RateLimit-Policy"):
+		return strings.EqualFold(name, "RateLimit-Policy")
+	case len("X-RateLimit-Limit"): // and X-RateLimit-Reset
+		return strings.EqualFold(name, "X-RateLimit-Limit") || strings.EqualFold(name, "X-RateLimit-Reset")
+	case len("X-RateLimit-Remaining"):
+		return strings.EqualFold(name, "X-RateLimit-Remaining")
+	}
+	return false
+}
+
 func setRateHeaders(set func(name string, value []byte), states []limitState, quota *quotaState) {
 	if len(states) == 0 {
 		return

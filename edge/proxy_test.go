@@ -118,6 +118,32 @@ func TestProxy(t *testing.T) {
 				}
 			})
 
+			t.Run("the upstream's own rate-limit headers give way to the edge's", func(t *testing.T) {
+				limited := serveUpstream(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+					w.Header().Set("X-RateLimit-Limit", "100000")
+					w.Header().Set("x-ratelimit-remaining", "99999")
+					w.Header().Set("X-RateLimit-Reset", "60")
+					w.Header().Set("RateLimit", `"upstream";r=99999;t=60`)
+					w.Header().Set("RateLimit-Policy", `"upstream";q=100000;w=60`)
+					w.Header().Set("X-RateLimit-Used", "1") // not a name the edge sets
+					w.Header().Set("Retry-After", "0")
+					_, _ = io.WriteString(w, "ok")
+				}))
+				in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP, Config: func(c *edge.Config) { c.Upstream = limited }})
+				resp := edgetest.Do(t, "GET", in.URL+"/v1/widgets", key, nil)
+				if resp.Status != http.StatusOK {
+					t.Fatalf("status %d", resp.Status)
+				}
+				for _, name := range []string{"X-Ratelimit-Limit", "X-Ratelimit-Remaining", "X-Ratelimit-Reset", "Ratelimit", "Ratelimit-Policy"} {
+					if vs := resp.Header.Values(name); len(vs) != 1 || strings.Contains(vs[0], "upstream") || strings.HasPrefix(vs[0], "99999") || vs[0] == "100000" || vs[0] == "60" {
+						t.Errorf("%s %q, want the edge's value alone", name, vs)
+					}
+				}
+				if resp.Header.Get("X-Ratelimit-Used") != "1" || resp.Header.Get("Retry-After") != "0" {
+					t.Errorf("the upstream's other headers were dropped: %v", resp.Header)
+				}
+			})
+
 			t.Run("odd request targets are proxied as the edge routes them", func(t *testing.T) {
 				counting := serveUpstream(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 					n, _ := io.Copy(io.Discard, r.Body)

@@ -898,11 +898,9 @@ func (s *Server) newProxy(upstream string) (*httputil.ReverseProxy, error) {
 		Transport:  transport,
 		BufferPool: s.buffers,
 		ModifyResponse: func(r *http.Response) error {
-			if s.cors != nil {
-				for name := range r.Header {
-					if IsCORSHeader(name) {
-						delete(r.Header, name) // the edge's own stand
-					}
+			for name := range r.Header {
+				if s.cors != nil && IsCORSHeader(name) || IsRateLimitHeader(name) {
+					delete(r.Header, name) // the edge's own stand
 				}
 			}
 			pc, ok := r.Request.Context().Value(proxiedCallKey{}).(*proxiedCall)
