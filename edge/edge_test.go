@@ -522,3 +522,22 @@ func TestReadyzDoesNotTellTheCause(t *testing.T) {
 		}
 	}
 }
+
+// A plan stored without an upgrade link, and not among edge.plans, still
+// tells a refused caller where to buy more: the free tier's link, as its
+// limits fall back to the free tier's. It gave none before.
+func TestARefusalUnderAPlanWithoutALinkPointsToTheFreeTiers(t *testing.T) {
+	env := edgetest.New(t)
+	in := env.Start(t, edgetest.Options{})
+	key, _ := env.Key(t, "acct_nolink", edge.Secret, schemas.Live)
+	one := int64(1)
+	env.SetPlan(t, "acct_nolink", "bespoke", edge.Limits{RequestsPerSecond: 100, Burst: 100, MonthlyRequests: &one}, "")
+	if r := edgetest.Do(t, "GET", in.URL+"/v1/x", key, nil); r.Status != 200 {
+		t.Fatalf("first call: %d", r.Status)
+	}
+	r := edgetest.Do(t, "GET", in.URL+"/v1/x", key, nil)
+	want := edge.DefaultPlans()["free"].UpgradeURL
+	if r.Status != 429 || r.Error.Code != "quota_exceeded" || r.Error.UpgradeURL != want {
+		t.Fatalf("second call: %d %+v; want quota_exceeded with upgrade_url %q", r.Status, r.Error, want)
+	}
+}

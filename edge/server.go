@@ -843,11 +843,18 @@ func planName(p Plan) string {
 	return p.ID
 }
 
+// upgradeURL is where a caller limited under plan p can buy more: the
+// plan's own link, else its edge.plans entry's, else the free tier's (as
+// planLimits falls back), so a plan stored without one still points
+// somewhere.
 func (s *Server) upgradeURL(p Plan) string {
 	if p.UpgradeURL != "" {
 		return p.UpgradeURL
 	}
-	return s.cfg.Plans[planName(p)].UpgradeURL
+	if u := s.cfg.Plans[planName(p)].UpgradeURL; u != "" {
+		return u
+	}
+	return s.cfg.Plans["free"].UpgradeURL
 }
 
 func (s *Server) newProxy(upstream string) (*httputil.ReverseProxy, error) {
