@@ -1,6 +1,7 @@
 package invoicer
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -119,6 +120,66 @@ func (p *Price) chargesNothing() bool {
 	return false
 }
 
+// strictJSON decodes b into v refusing keys v does not have. A plan is
+// written by hand, and a misspelled key (include for included, price for
+// prices) decoded leniently is a price silently left out: the customer
+// billed for an allowance, or a paid plan that charges nothing.
+func strictJSON(b []byte, v any) error {
+	dec := json.NewDecoder(bytes.NewReader(b))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		return err
+	}
+	if dec.More() {
+		return errors.New("more than one JSON value")
+	}
+	return nil
+}
+
+// UnmarshalJSON decodes a definition strictly, all but its limits: those
+// are the edge's to read, and keys the invoicer does not know there are
+// none of its business.
+func (d *Definition) UnmarshalJSON(b []byte) error {
+	var v struct {
+		Limits     json.RawMessage `json:"limits"`
+		UpgradeURL string          `json:"upgrade_url"`
+		Custom     bool            `json:"custom"`
+		Prices     []Price         `json:"prices"`
+	}
+	if err := strictJSON(b, &v); err != nil {
+		return err
+	}
+	*d = Definition{UpgradeURL: v.UpgradeURL, Custom: v.Custom, Prices: v.Prices}
+	if len(v.Limits) > 0 {
+		if err := json.Unmarshal(v.Limits, &d.Limits); err != nil {
+			return fmt.Errorf("limits: %w", err)
+		}
+	}
+	return nil
+}
+
+// UnmarshalJSON decodes a price, refusing keys a price does not have.
+func (p *Price) UnmarshalJSON(b []byte) error {
+	type plain Price // without this method
+	var v plain
+	if err := strictJSON(b, &v); err != nil {
+		return fmt.Errorf("price: %w", err)
+	}
+	*p = Price(v)
+	return nil
+}
+
+// UnmarshalJSON decodes a tier, refusing keys a tier does not have.
+func (t *Tier) UnmarshalJSON(b []byte) error {
+	type plain Tier
+	var v plain
+	if err := strictJSON(b, &v); err != nil {
+		return fmt.Errorf("tier: %w", err)
+	}
+	*t = Tier(v)
+	return nil
+}
+
 // ParseDefinition decodes and validates a plan definition.
 func ParseDefinition(b []byte) (Definition, error) {
 	var d Definition
@@ -161,6 +222,25 @@ func (p *Price) Validate() error {
 	}
 	if p.Included < 0 {
 		bad("included: negative")
+	}
+	// A field another model uses is a mistake that bills something other
+	// than what was written: a flat fee given as unit_amount bills 0, as
+	// do tiers on a per_unit price.
+	foreign := func(field string, set bool) {
+		if set {
+			bad("%s: not used by model %q", field, p.Model)
+		}
+	}
+	if p.Model == Flat {
+		foreign("meter", p.Meter != "")
+		foreign("included", p.Included != 0)
+	}
+	if p.Model != "" {
+		foreign("amount", p.Model != Flat && p.Amount != 0)
+		foreign("unit_amount", p.Model != PerUnit && !p.UnitAmount.IsZero())
+		foreign("package_size", p.Model != Package && p.PackageSize != 0)
+		foreign("package_amount", p.Model != Package && p.PackageAmount != 0)
+		foreign("tiers", p.Model != Graduated && p.Model != Volume && len(p.Tiers) > 0)
 	}
 	switch p.Model {
 	case Flat:

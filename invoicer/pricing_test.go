@@ -1,6 +1,7 @@
 package invoicer
 
 import (
+	"encoding/json"
 	"errors"
 	"math"
 	"math/big"
@@ -148,6 +149,51 @@ func TestInvalidPricesAreRejectedWithEveryProblem(t *testing.T) {
 	}
 }
 
+// A plan is written by hand. A misspelled key, or a field of another
+// model, decoded leniently bills something other than what was written;
+// each is refused, naming the problem. The seeded plans and a definition
+// written back as the invoicer stores it still parse.
+func TestADefinitionRefusesKeysAndFieldsItDoesNotUse(t *testing.T) {
+	for _, c := range []struct{ name, def, want string }{
+		{"a misspelled allowance (billed the first 100,000 calls)", `{"prices":[
+			{"key":"api_calls","model":"per_unit","meter":"api_calls","unit_amount":"0.04","include":100000}]}`, `unknown field "include"`},
+		{"a flat fee given as unit_amount (billed 0)", `{"prices":[{"key":"base","model":"flat","unit_amount":"2900"}]}`, `unit_amount: not used by model "flat"`},
+		{"tiers on a per_unit price (billed 0)", `{"prices":[
+			{"key":"api_calls","model":"per_unit","meter":"api_calls","tiers":[{"up_to":null,"unit_amount":"0.04"}]}]}`, `tiers: not used by model "per_unit"`},
+		{"an allowance on a flat fee", `{"prices":[{"key":"base","model":"flat","amount":100,"included":5}]}`, `included: not used by model "flat"`},
+		{"a misspelled tier key", `{"prices":[
+			{"key":"api_calls","model":"graduated","meter":"api_calls","tiers":[{"up_to":null,"unit_price":"0.04"}]}]}`, `unknown field "unit_price"`},
+		{"prices misspelled (a paid plan that charged nothing)", `{"price":[{"key":"base","model":"flat","amount":2900}]}`, `unknown field "price"`},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			_, err := ParseDefinition([]byte(c.def))
+			if !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), c.want) {
+				t.Fatalf("err %v; want ErrInvalid naming %q", err, c.want)
+			}
+		})
+	}
+	t.Run("keys in limits the invoicer does not read are the edge's business", func(t *testing.T) {
+		d, err := ParseDefinition([]byte(`{"limits":{"requests_per_second":5,"burst":10,"requests_per_day":9},"prices":[]}`))
+		if err != nil || d.Limits.Burst != 10 {
+			t.Fatalf("%+v, %v", d, err)
+		}
+	})
+	t.Run("a definition written back parses as it was", func(t *testing.T) {
+		in := Definition{UpgradeURL: "https://example.test/up", Prices: []Price{
+			{Key: "base", Model: Flat},
+			{Key: "calls", Model: Graduated, Meter: "m", Included: 10, Tiers: []Tier{{UpTo: up(100), UnitAmount: d("0.5"), FlatAmount: 7}, {}}},
+		}}
+		b, err := json.Marshal(in)
+		if err != nil {
+			t.Fatal(err)
+		}
+		out, err := ParseDefinition(b)
+		if err != nil || len(out.Prices) != 2 || out.Prices[1].Tiers[0].FlatAmount != 7 || out.UpgradeURL != in.UpgradeURL {
+			t.Fatalf("%s parsed as %+v, %v", b, out, err)
+		}
+	})
+}
+
 // reference prices a quantity the slow, obvious way: unit by unit, with
 // rationals. It shares no code with Apply.
 func reference(p Price, q int64) *big.Rat {
@@ -225,6 +271,7 @@ func TestPricingMatchesASimpleReference(t *testing.T) {
 		switch rng.IntN(5) {
 		case 0:
 			p.Model, p.Amount = Flat, rng.Int64N(1e6)
+			p.Meter, p.Included = "", 0 // a flat fee reads no meter
 		case 1:
 			p.Model, p.UnitAmount = PerUnit, amount()
 		case 2:
