@@ -1,6 +1,7 @@
 package invoicer_test
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -259,6 +260,25 @@ func TestCloseInvoicesEveryAccountOnceFromLiveUsage(t *testing.T) {
 			}
 			if stored.Status != invoicer.StatusSynced || stored.HostedURL == "" {
 				t.Errorf("%s: status %s hosted %q", stored.ID, stored.Status, stored.HostedURL)
+			}
+			// The customer reads the period's first and last day in the
+			// account's zone: Tokyo's March began at 15:00 UTC on 28
+			// February, and a month ends before the 1st of the next.
+			a, err := e.store.Account(ctx, stored.AccountID)
+			testenv.Must(t, err, "load account")
+			loc, _ := time.LoadLocation(a.Timezone)
+			first := stored.Period.Start.In(loc)
+			want := fmt.Sprintf("Usage %s – %s", first.Format("2006-01-02"), first.AddDate(0, 1, -1).Format("2006-01-02"))
+			if stored.AccountID == "acct_tokyo" && first.Month() == time.March && want != "Usage 2026-03-01 – 2026-03-31" {
+				t.Fatalf("the test's own expectation is off: %q", want)
+			}
+			if si.Description != want {
+				t.Errorf("%s (%s): stripe description %q, want %q", stored.ID, a.Timezone, si.Description, want)
+			}
+			for _, it := range si.Items {
+				if strings.Contains(it.Description, "units") && !strings.HasSuffix(it.Description, want[len("Usage "):]) {
+					t.Errorf("%s: item %q does not end with the period's days", stored.ID, it.Description)
+				}
 			}
 		}
 	})
@@ -778,5 +798,28 @@ func TestASecondComputationOfAnInvoiceAddsNoLines(t *testing.T) {
 	testenv.Must(t, e.pg.Pool.QueryRow(ctx, `SELECT count(*) FROM invoice_lines WHERE invoice_id = $1`, invs[0].ID).Scan(&lines), "count lines")
 	if lines != len(invs[0].Lines) {
 		t.Errorf("invoice_lines holds %d lines for the invoice, want its own %d", lines, len(invs[0].Lines))
+	}
+}
+
+// A watermark that falls behind by more than the grace holds back every
+// period that ends meanwhile: Once says so, where it said nothing and a
+// stalled ingest showed only as invoices that never came.
+func TestAWatermarkBehindByMoreThanTheGraceIsLogged(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	now := april.AddDate(0, 0, 3)
+	var logged bytes.Buffer
+	iv, err := invoicer.New(e.store, e.usage, e.usage, nil, invoicer.Options{Grace: time.Hour, Lookback: 2,
+		Now: func() time.Time { return now }}, slog.New(slog.NewTextHandler(&logged, nil)))
+	testenv.Must(t, err, "new invoicer")
+	e.watermark(t, now.Add(-30*time.Minute))
+	testenv.Must(t, iv.Once(ctx), "once, inside the grace")
+	if strings.Contains(logged.String(), "watermark is behind") {
+		t.Fatalf("a watermark inside the grace was reported:\n%s", logged.String())
+	}
+	e.watermark(t, now.Add(-3*time.Hour))
+	testenv.Must(t, iv.Once(ctx), "once, behind")
+	if !strings.Contains(logged.String(), "level=WARN msg=\"usage watermark is behind") || !strings.Contains(logged.String(), "behind=3h0m0s") {
+		t.Fatalf("a watermark 3 h behind (grace 1 h) was not reported:\n%s", logged.String())
 	}
 }

@@ -462,7 +462,14 @@ func (iv *Invoicer) Run(ctx context.Context, interval time.Duration) error {
 
 // Once closes due periods, then pushes unsynced invoices to Stripe.
 func (iv *Invoicer) Once(ctx context.Context) error {
-	_, cerr := iv.CloseDue(ctx)
+	res, cerr := iv.CloseDue(ctx)
+	// The watermark trails the clock by seconds while ingest keeps up. Past
+	// the grace, a period that ended waits for it: said here, or a stalled
+	// ingest would only show as invoices that never come.
+	if lag := iv.now().Sub(res.Watermark); cerr == nil && lag > iv.grace {
+		iv.log.Warn("usage watermark is behind: periods that ended wait for it", "watermark", res.Watermark,
+			"behind", lag.Round(time.Second), "grace", iv.grace)
+	}
 	if errors.Is(cerr, ErrNoWatermark) {
 		iv.log.Warn("no usage watermark yet; no period can be closed")
 		cerr = nil

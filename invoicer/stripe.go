@@ -6,6 +6,9 @@ import (
 	"fmt"
 	"math"
 	"strconv"
+	"time"
+
+	"github.com/tollgate-dev/tollgate/internal/caltime"
 )
 
 // Stripe is the part of Stripe the invoicer uses. Every call carries an
@@ -145,11 +148,17 @@ func (iv *Invoicer) syncOne(ctx context.Context, inv StoredInvoice) error {
 	if err != nil {
 		return err
 	}
+	a, err := iv.store.Account(ctx, inv.AccountID)
+	if err != nil {
+		return err
+	}
+	// The customer reads the period's days in the account's zone, as the
+	// period was cut (an unknown zone was refused at the close).
+	loc, err := caltime.LoadZone(a.Timezone)
+	if err != nil {
+		loc = time.UTC
+	}
 	if cust == "" {
-		a, err := iv.store.Account(ctx, inv.AccountID)
-		if err != nil {
-			return err
-		}
 		if cust, err = iv.stripe.EnsureCustomer(ctx, CustomerParams{AccountID: a.ID, Name: a.Name,
 			Email: a.Email, IdempotencyKey: customerKey(a.ID)}); err != nil {
 			return fmt.Errorf("customer: %w", err)
@@ -164,7 +173,7 @@ func (iv *Invoicer) syncOne(ctx context.Context, inv StoredInvoice) error {
 	}
 	sinv := steps[stepInvoice]
 	if sinv == "" {
-		desc := fmt.Sprintf("Usage %s – %s", inv.Period.Start.Format("2006-01-02"), inv.Period.End.Format("2006-01-02"))
+		desc := "Usage " + periodDays(inv.Period, loc)
 		if sinv, err = iv.stripe.CreateInvoice(ctx, InvoiceParams{CustomerID: cust, Currency: inv.Currency,
 			InvoiceID: inv.ID, Description: desc, IdempotencyKey: stepKey(inv.ID, stepInvoice)}); err != nil {
 			return fmt.Errorf("invoice: %w", err)
@@ -183,7 +192,7 @@ func (iv *Invoicer) syncOne(ctx context.Context, inv StoredInvoice) error {
 			return fmt.Errorf("item %d: %w", l.No, err)
 		}
 		id, err := iv.stripe.CreateInvoiceItem(ctx, InvoiceItemParams{CustomerID: cust, StripeInvoiceID: sinv,
-			Currency: inv.Currency, Amount: amount, Description: lineDescription(l, inv.Currency),
+			Currency: inv.Currency, Amount: amount, Description: lineDescription(l, loc),
 			InvoiceID: inv.ID, LineNo: l.No, IdempotencyKey: stepKey(inv.ID, step)})
 		if err != nil {
 			return fmt.Errorf("item %d: %w", l.No, err)
@@ -206,15 +215,27 @@ func (iv *Invoicer) syncOne(ctx context.Context, inv StoredInvoice) error {
 	return iv.store.MarkSynced(ctx, inv.ID, sinv, hosted)
 }
 
-func lineDescription(l Line, currency string) string {
+func lineDescription(l Line, loc *time.Location) string {
 	if l.Model == Flat {
 		if l.Proration != "" {
 			return fmt.Sprintf("%s (prorated %s)", l.Description, l.Proration)
 		}
 		return l.Description
 	}
-	return fmt.Sprintf("%s: %d units (%d billable) %s – %s", l.Description, l.Quantity, l.Billable,
-		l.Period.Start.Format("2006-01-02"), l.Period.End.Format("2006-01-02"))
+	return fmt.Sprintf("%s: %d units (%d billable) %s", l.Description, l.Quantity, l.Billable, periodDays(l.Period, loc))
+}
+
+// periodDays names the days a period covers in loc, its first and its
+// last: a period ends just before its End, so March is "2026-03-01 –
+// 2026-03-31", not "– 2026-04-01", and a Tokyo account's March is not
+// printed from its UTC start on 28 February.
+func periodDays(p Period, loc *time.Location) string {
+	const day = "2006-01-02"
+	last := p.End.Add(-time.Nanosecond)
+	if !p.End.After(p.Start) {
+		last = p.Start
+	}
+	return p.Start.In(loc).Format(day) + " – " + last.In(loc).Format(day)
 }
 
 // WebhookEvent is a verified Stripe event about an invoice.

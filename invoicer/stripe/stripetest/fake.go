@@ -38,6 +38,7 @@ type Invoice struct {
 	Customer         string            `json:"customer"`
 	Currency         string            `json:"currency"`
 	Status           string            `json:"status"`
+	Description      string            `json:"description,omitempty"`
 	AmountDue        int64             `json:"amount_due"`
 	AmountRemaining  int64             `json:"amount_remaining"`
 	HostedInvoiceURL string            `json:"hosted_invoice_url,omitempty"`
@@ -388,7 +389,7 @@ func (f *Fake) handle(kind string, r *http.Request) (int, []byte) {
 		if form.Get("pending_invoice_items_behavior") != "exclude" {
 			return apiErr(http.StatusBadRequest, "parameter_invalid", "the fake only supports pending_invoice_items_behavior=exclude")
 		}
-		inv := &Invoice{ID: f.id("in"), Object: "invoice", Customer: form.Get("customer"), Currency: form.Get("currency"),
+		inv := &Invoice{ID: f.id("in"), Object: "invoice", Customer: form.Get("customer"), Currency: form.Get("currency"), Description: form.Get("description"),
 			Status: "draft", Metadata: meta}
 		f.invoices[inv.ID] = inv
 		f.order = append(f.order, inv.ID)
