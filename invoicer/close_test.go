@@ -823,3 +823,34 @@ func TestAWatermarkBehindByMoreThanTheGraceIsLogged(t *testing.T) {
 		t.Fatalf("a watermark 3 h behind (grace 1 h) was not reported:\n%s", logged.String())
 	}
 }
+
+// A free version published after a period ended does not price it: the
+// close after 2 April reads free v2 from Postgres with when it was
+// published, and March's free time stays on v1, which charges nothing.
+func TestAFreeVersionPublishedAfterThePeriodDoesNotPriceIt(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	e.account(t, "acct_nosub", "UTC")
+	e.events(t, ev{account: "acct_nosub", env: "live", typ: "api_call", at: march.Add(time.Hour), n: 500})
+	_, err := e.pg.Pool.Exec(ctx, `INSERT INTO plans (id, version, name, currency, definition, created_at) VALUES
+		('free', 2, 'Free', 'usd', '{"limits":{"requests_per_second":5,"burst":10,"monthly_requests":1000},
+		  "prices":[{"key":"api_calls","model":"per_unit","meter":"api_calls","unit_amount":"1"}]}', $1)`, april.AddDate(0, 0, 1))
+	testenv.Must(t, err, "publish free v2 on 2 April")
+	e.watermark(t, april.Add(2*time.Hour))
+	res, err := e.aprilInvoicer(t, e.usage, nil).CloseDue(ctx)
+	testenv.Must(t, err, "close")
+	var march1 bool
+	for _, inv := range res.Closed {
+		if !inv.Period.Start.Equal(march) {
+			continue
+		}
+		march1 = true
+		seg := inv.Fingerprint.Segments[0]
+		if inv.Total != 0 || seg.PlanID != "free" || seg.PlanVersion != 1 {
+			t.Errorf("March's free time: total %d under %s v%d; want 0 under free v1, in force in March", inv.Total, seg.PlanID, seg.PlanVersion)
+		}
+	}
+	if !march1 {
+		t.Fatalf("March was not closed: %+v", res)
+	}
+}

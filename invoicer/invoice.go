@@ -66,11 +66,36 @@ type Segment struct {
 	Plan Plan
 }
 
+// PlanVersion is a plan version with the time it was published
+// (plans.created_at).
+type PlanVersion struct {
+	Plan
+	Since time.Time
+}
+
+// freeAt is the free version in force at t: the newest published by then,
+// as the edge applies the newest version to each call it takes. Time
+// before the first publication (an account older than the install that
+// seeded it) is on the oldest version.
+func freeAt(free []PlanVersion, t time.Time) Plan {
+	in := free[0]
+	for _, v := range free[1:] {
+		if !v.Since.Truncate(time.Second).After(t) && v.Version > in.Version {
+			in = v
+		}
+	}
+	return in.Plan
+}
+
 // Segments splits period by the subscriptions in force; any time no
-// subscription covers is on free. Overlapping subscriptions are resolved in
+// subscription covers is on the free version in force then (free, oldest
+// version first; at least one). Overlapping subscriptions are resolved in
 // favour of the one that started later (a plan change starts a new
 // subscription; the old one may not have been ended yet).
-func Segments(period Period, subs []Subscription, plan func(id string, version int) (Plan, error), free Plan) ([]Segment, error) {
+func Segments(period Period, subs []Subscription, plan func(id string, version int) (Plan, error), free []PlanVersion) ([]Segment, error) {
+	if len(free) == 0 {
+		return nil, fmt.Errorf("segments: %w: no free plan", ErrNotFound)
+	}
 	subs = append([]Subscription(nil), subs...)
 	// Boundaries count from their whole second, as usage is read (the raw
 	// table keeps whole seconds) and as proration counts: a change at
@@ -84,8 +109,15 @@ func Segments(period Period, subs []Subscription, plan func(id string, version i
 		}
 	}
 	sort.SliceStable(subs, func(i, j int) bool { return subs[i].StartsAt.Before(subs[j].StartsAt) })
-	// Boundaries: period ends and every subscription edge inside it.
+	// Boundaries: period ends, every subscription edge inside it, and
+	// every free version's publication (a cut no free time spans merges
+	// back below).
 	cuts := []time.Time{period.Start, period.End}
+	for _, v := range free {
+		if t := v.Since.Truncate(time.Second); t.After(period.Start) && t.Before(period.End) {
+			cuts = append(cuts, t)
+		}
+	}
 	for _, s := range subs {
 		for _, t := range []*time.Time{&s.StartsAt, s.EndsAt} {
 			if t != nil && t.After(period.Start) && t.Before(period.End) {
@@ -100,7 +132,7 @@ func Segments(period Period, subs []Subscription, plan func(id string, version i
 		if !from.Before(to) {
 			continue
 		}
-		p := free
+		p := freeAt(free, from)
 		for _, s := range subs { // later starts win
 			if !s.StartsAt.After(from) && (s.EndsAt == nil || s.EndsAt.After(from)) {
 				var err error

@@ -51,7 +51,9 @@ type StoredInvoice struct {
 // Store is the Postgres system of record as the invoicer uses it.
 type Store interface {
 	Plan(ctx context.Context, id string, version int) (Plan, error)
-	LatestPlan(ctx context.Context, id string) (Plan, error)
+	// PlanVersions loads every version of a plan with when it was
+	// published, oldest version first.
+	PlanVersions(ctx context.Context, id string) ([]PlanVersion, error)
 	Accounts(ctx context.Context) ([]Account, error)
 	Account(ctx context.Context, id string) (Account, error)
 	// Subscriptions returns, per account, the subscriptions overlapping p.
@@ -385,9 +387,12 @@ func (iv *Invoicer) ComputePeriod(ctx context.Context, usage UsageReader, p Peri
 
 // segments splits each account's period where its plan changes.
 func (iv *Invoicer) segments(ctx context.Context, p Period, accounts []Account, ids []string) ([][]Segment, error) {
-	free, err := iv.store.LatestPlan(ctx, FreePlanID)
+	free, err := iv.store.PlanVersions(ctx, FreePlanID)
 	if err != nil {
 		return nil, fmt.Errorf("load free plan: %w", err)
+	}
+	if len(free) == 0 {
+		return nil, fmt.Errorf("load free plan: %w", ErrNotFound)
 	}
 	plans := map[[2]any]Plan{}
 	planOf := func(id string, v int) (Plan, error) {

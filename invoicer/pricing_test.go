@@ -3,6 +3,7 @@ package invoicer
 import (
 	"encoding/json"
 	"errors"
+	"fmt"
 	"math"
 	"math/big"
 	"math/rand/v2"
@@ -333,7 +334,7 @@ func TestMidPeriodPlanChangeIsProratedAndPricedPerSegment(t *testing.T) {
 		{PlanID: "starter", PlanVersion: 1, StartsAt: march.Start.AddDate(0, -2, 0), EndsAt: &end},
 		{PlanID: "growth", PlanVersion: 2, StartsAt: change},
 	}
-	segs, err := Segments(march, subs, get, free)
+	segs, err := Segments(march, subs, get, []PlanVersion{{Plan: free}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -441,7 +442,7 @@ func TestThreeDecimalCurrencyLinesRoundToTensOfThousandths(t *testing.T) {
 		}}}
 		end := half
 		segs, err := Segments(march, []Subscription{{PlanID: "p", PlanVersion: 1, StartsAt: march.Start, EndsAt: &end}},
-			func(string, int) (Plan, error) { return pl, nil }, Plan{ID: "free", Version: 1, Currency: "usd"})
+			func(string, int) (Plan, error) { return pl, nil }, []PlanVersion{{Plan: Plan{ID: "free", Version: 1, Currency: "usd"}}})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -474,7 +475,7 @@ func TestFreeTimeOfAnAccountInAnotherCurrency(t *testing.T) {
 		{Key: "api_calls", Model: PerUnit, Meter: "api_calls", UnitAmount: d("0")}}}}
 	pro := Plan{ID: "pro", Version: 1, Currency: "eur", Definition: Definition{Prices: []Price{{Key: "base", Model: Flat, Amount: 3100}}}}
 	segs, err := Segments(march, []Subscription{{PlanID: "pro", PlanVersion: 1, StartsAt: time.Date(2026, 3, 11, 0, 0, 0, 0, time.UTC)}},
-		func(string, int) (Plan, error) { return pro, nil }, free)
+		func(string, int) (Plan, error) { return pro, nil }, []PlanVersion{{Plan: free}})
 	if err != nil || len(segs) != 2 {
 		t.Fatalf("segments %+v, %v", segs, err)
 	}
@@ -521,7 +522,7 @@ func TestASubSecondPlanChangeCutsAtItsWholeSecond(t *testing.T) {
 	segs, err := Segments(march, []Subscription{
 		{PlanID: "starter", PlanVersion: 1, StartsAt: march.Start.AddDate(0, -1, 0), EndsAt: &end},
 		{PlanID: "growth", PlanVersion: 1, StartsAt: change},
-	}, get, Plan{ID: "free", Version: 1, Currency: "usd"})
+	}, get, []PlanVersion{{Plan: Plan{ID: "free", Version: 1, Currency: "usd"}}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -530,5 +531,61 @@ func TestASubSecondPlanChangeCutsAtItsWholeSecond(t *testing.T) {
 	}
 	if got, want := segs[0].Seconds()+segs[1].Seconds(), march.Seconds(); got != want {
 		t.Fatalf("segments cover %d s of a %d s period", got, want)
+	}
+}
+
+// Free time is priced under the free version in force when it passed: the
+// newest published by then. Before, every close priced all of a period's
+// free time under the newest version at the close, one published on 20
+// March (or after March ended) included.
+func TestFreeTimeIsPricedUnderTheFreeVersionInForce(t *testing.T) {
+	march := MonthPeriod(time.Date(2026, 3, 10, 0, 0, 0, 0, time.UTC), time.UTC)
+	v := func(n int, since time.Time) PlanVersion {
+		return PlanVersion{Plan: Plan{ID: "free", Version: n, Currency: "usd"}, Since: since}
+	}
+	installed := time.Date(2026, 2, 1, 0, 0, 0, 0, time.UTC)
+	mid := time.Date(2026, 3, 20, 9, 30, 0, 250_000_000, time.UTC)
+	pro := Plan{ID: "pro", Version: 1, Currency: "usd"}
+	get := func(string, int) (Plan, error) { return pro, nil }
+	at := func(d, h int) time.Time { return time.Date(2026, 3, d, h, 0, 0, 0, time.UTC) }
+	for _, c := range []struct {
+		name string
+		free []PlanVersion
+		subs []Subscription
+		want []string // plan@version from–to
+	}{
+		{"one version covers the period", []PlanVersion{v(1, installed)}, nil, []string{"free@1 1-0 to 32-0"}},
+		{"a version published mid-period applies from then", []PlanVersion{v(1, installed), v(2, mid)}, nil,
+			[]string{"free@1 1-0 to 20-9", "free@2 20-9 to 32-0"}},
+		{"a version published after the period does not apply to it", []PlanVersion{v(1, installed), v(2, at(31, 0).AddDate(0, 0, 2))}, nil,
+			[]string{"free@1 1-0 to 32-0"}},
+		{"time before the first publication is on the oldest version", []PlanVersion{v(1, at(5, 0)), v(2, at(10, 0))}, nil,
+			[]string{"free@1 1-0 to 10-0", "free@2 10-0 to 32-0"}},
+		{"a subscription covering the publication hides it", []PlanVersion{v(1, installed), v(2, mid)},
+			[]Subscription{{PlanID: "pro", PlanVersion: 1, StartsAt: at(15, 0)}},
+			[]string{"free@1 1-0 to 15-0", "pro@1 15-0 to 32-0"}},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			segs, err := Segments(march, c.subs, get, c.free)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var got []string
+			for _, s := range segs {
+				end := s.End.Day()
+				if s.End.Equal(march.End) {
+					end = 32
+				}
+				got = append(got, fmt.Sprintf("%s@%d %d-%d to %d-%d", s.Plan.ID, s.Plan.Version, s.Start.Day(), s.Start.Hour(), end, s.End.Hour()))
+			}
+			if strings.Join(got, ", ") != strings.Join(c.want, ", ") {
+				t.Fatalf("segments %v, want %v", got, c.want)
+			}
+			for _, s := range segs {
+				if s.Start.Nanosecond() != 0 || s.End.Nanosecond() != 0 {
+					t.Fatalf("a cut inside a second: %v", s.Period)
+				}
+			}
+		})
 	}
 }

@@ -36,10 +36,10 @@ const (
 	KindCreditNote = "credit_note"
 )
 
-func scanPlan(row pgx.Row) (invoicer.Plan, error) {
+func scanPlan(row pgx.Row, more ...any) (invoicer.Plan, error) {
 	var p invoicer.Plan
 	var def []byte
-	if err := row.Scan(&p.ID, &p.Version, &p.Name, &p.Currency, &def); err != nil {
+	if err := row.Scan(append([]any{&p.ID, &p.Version, &p.Name, &p.Currency, &def}, more...)...); err != nil {
 		if errors.Is(err, pgx.ErrNoRows) {
 			return p, invoicer.ErrNotFound
 		}
@@ -62,13 +62,26 @@ func (s *Store) Plan(ctx context.Context, id string, version int) (invoicer.Plan
 	return p, nil
 }
 
-// LatestPlan loads the newest version of a plan.
-func (s *Store) LatestPlan(ctx context.Context, id string) (invoicer.Plan, error) {
-	p, err := scanPlan(s.pool.QueryRow(ctx, `SELECT id, version, name, currency, definition FROM plans WHERE id = $1 ORDER BY version DESC LIMIT 1`, id))
+// PlanVersions loads every version of a plan, oldest first, with when each
+// was published.
+func (s *Store) PlanVersions(ctx context.Context, id string) ([]invoicer.PlanVersion, error) {
+	rows, err := s.pool.Query(ctx, `SELECT id, version, name, currency, definition, created_at FROM plans WHERE id = $1 ORDER BY version`, id)
 	if err != nil {
-		return p, fmt.Errorf("load plan %s: %w", id, err)
+		return nil, fmt.Errorf("load plan %s: %w", id, err)
 	}
-	return p, nil
+	defer rows.Close()
+	var out []invoicer.PlanVersion
+	for rows.Next() {
+		var v invoicer.PlanVersion
+		if v.Plan, err = scanPlan(rows, &v.Since); err != nil {
+			return nil, fmt.Errorf("load plan %s: %w", id, err)
+		}
+		out = append(out, v)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("load plan %s: %w", id, err)
+	}
+	return out, nil
 }
 
 const accountCols = `id, name, coalesce(email, ''), timezone, currency, created_at`
