@@ -261,6 +261,36 @@ func (l *LocalLimiter) Take(_ context.Context, bucket string, limit int64, _ tim
 	return n + 1, true, nil
 }
 
+// seedQuota has bucket's local count start from used, the count Redis last
+// reported for it, in this instance's part (used / instances, rounded up):
+// the share left is then this instance's part of what the month has left,
+// not a whole share more. A count already past it stays.
+func (l *LocalLimiter) seedQuota(bucket string, used int64) {
+	part := (used + int64(l.instances) - 1) / int64(l.instances)
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.quota[bucket] < part {
+		if len(l.quota) >= maxLocalBuckets {
+			clear(l.quota)
+		}
+		l.quota[bucket] = part
+	}
+}
+
+// QuotaAdder is a quota counter that can count calls decided elsewhere:
+// FallbackLimiter hands it the calls its local limiter allowed while it
+// was unreachable. A counter created by the call expires after ttl.
+type QuotaAdder interface {
+	AddQuota(ctx context.Context, bucket string, n int64, ttl time.Duration) error
+}
+
+// owedCalls are calls the local fallback allowed against a quota bucket,
+// not yet in the primary's count.
+type owedCalls struct {
+	n   int64
+	ttl time.Duration
+}
+
 // ErrLimitState marks a limiter error about one call's stored state (a
 // Redis key of the wrong type, say), not about the limiter's availability.
 // FallbackLimiter decides that call locally and keeps the primary for every
@@ -283,6 +313,101 @@ type FallbackLimiter struct {
 	Cooldown time.Duration
 	// downUntil is a UnixNano time before which Redis is not tried.
 	downUntil atomic.Int64
+	// seen is the count the primary last reported per quota bucket
+	// (*atomic.Int64), which the local fallback counts on from; seenN
+	// bounds it.
+	seen  sync.Map
+	seenN atomic.Int64
+	// owed holds, per quota bucket, the calls the local fallback allowed,
+	// added to the primary's count (a QuotaAdder) once it answers again;
+	// settling is set while that runs.
+	owedMu   sync.Mutex
+	owed     map[string]owedCalls
+	hasOwed  atomic.Bool
+	settling atomic.Bool
+	// settleAfter (UnixNano) spaces the tries after a failed one.
+	settleAfter atomic.Int64
+}
+
+// answered notes a primary's answer: the quota count it reported, and that
+// it answers again, so what the fallback owes it can go.
+func (f *FallbackLimiter) answered(bucket string, checked bool, used int64) {
+	if checked && bucket != "" {
+		v, ok := f.seen.Load(bucket)
+		if !ok {
+			if f.seenN.Add(1) > maxLocalBuckets {
+				f.seen.Clear()
+				f.seenN.Store(0)
+			}
+			v, _ = f.seen.LoadOrStore(bucket, new(atomic.Int64))
+		}
+		if p := v.(*atomic.Int64); used > p.Load() {
+			p.Store(used)
+		}
+	}
+	if f.hasOwed.Load() && time.Now().UnixNano() >= f.settleAfter.Load() && f.settling.CompareAndSwap(false, true) {
+		go f.settle()
+	}
+}
+
+// local decides a call's quota on the local limiter, counted on from what
+// the primary last reported for its bucket, and owes the primary each call
+// allowed. decide is the local limiter's answer.
+func (f *FallbackLimiter) local(bucket string, ttl time.Duration, owe bool, decide func() (allowed bool, err error)) error {
+	if bucket != "" {
+		if v, ok := f.seen.Load(bucket); ok {
+			f.Local.seedQuota(bucket, v.(*atomic.Int64).Load())
+		}
+	}
+	allowed, err := decide()
+	if err != nil || !allowed || bucket == "" || !owe {
+		return err
+	}
+	if _, ok := f.Primary.(QuotaAdder); !ok {
+		return nil
+	}
+	f.owedMu.Lock()
+	if f.owed == nil {
+		f.owed = map[string]owedCalls{}
+	}
+	if len(f.owed) < maxLocalBuckets {
+		o := f.owed[bucket]
+		f.owed[bucket] = owedCalls{n: o.n + 1, ttl: ttl}
+	}
+	f.hasOwed.Store(true)
+	f.owedMu.Unlock()
+	return nil
+}
+
+// settle adds what the fallback owes to the primary's counts. What fails
+// stays owed, for the next answer to try again.
+func (f *FallbackLimiter) settle() {
+	defer f.settling.Store(false)
+	f.owedMu.Lock()
+	owed := f.owed
+	f.owed = nil
+	f.hasOwed.Store(false)
+	f.owedMu.Unlock()
+	qa := f.Primary.(QuotaAdder)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	for bucket, o := range owed {
+		if err := qa.AddQuota(ctx, bucket, o.n, o.ttl); err != nil {
+			f.settleAfter.Store(time.Now().Add(time.Second).UnixNano())
+			f.owedMu.Lock()
+			if f.owed == nil {
+				f.owed = map[string]owedCalls{}
+			}
+			back := f.owed[bucket]
+			f.owed[bucket] = owedCalls{n: back.n + o.n, ttl: o.ttl}
+			f.hasOwed.Store(true)
+			f.owedMu.Unlock()
+			continue
+		}
+		if v, ok := f.seen.Load(bucket); ok {
+			v.(*atomic.Int64).Add(o.n)
+		}
+	}
 }
 
 var (
@@ -332,19 +457,31 @@ func (f *FallbackLimiter) Take(ctx context.Context, bucket string, limit int64, 
 	if !f.primaryDown() {
 		n, ok, err := f.Primary.Take(ctx, bucket, limit, ttl)
 		if err == nil {
+			f.answered(bucket, true, n)
 			return n, ok, nil
 		}
 		f.failed("quota", err)
 	} else if f.OnFallback != nil {
 		f.OnFallback("quota", nil)
 	}
-	return f.Local.Take(ctx, bucket, limit, ttl)
+	var n int64
+	var ok bool
+	err := f.local(bucket, ttl, true, func() (bool, error) {
+		var err error
+		n, ok, err = f.Local.Take(ctx, bucket, limit, ttl)
+		return ok, err
+	})
+	return n, ok, err
 }
 
 // AllowCall implements CallLimiter: in one step on the primary when it
 // can (one Redis round trip), otherwise step by step; on a primary failure
 // the whole call is decided locally.
 func (f *FallbackLimiter) AllowCall(ctx context.Context, c CallLimits) (CallResult, error) {
+	// A call whose own state in Redis is unusable (ErrLimitState) is
+	// decided locally without owing Redis its count: adding to that state
+	// would fail too, on every later answer.
+	owe := true
 	if !f.primaryDown() {
 		var r CallResult
 		var err error
@@ -355,8 +492,10 @@ func (f *FallbackLimiter) AllowCall(ctx context.Context, c CallLimits) (CallResu
 		}
 		switch {
 		case err == nil:
+			f.answered(c.QuotaBucket, r.QuotaChecked, r.QuotaUsed)
 			return r, nil
 		case errors.Is(err, ErrLimitState):
+			owe = false
 			if f.OnFallback != nil {
 				f.OnFallback("rate", err)
 			}
@@ -366,7 +505,13 @@ func (f *FallbackLimiter) AllowCall(ctx context.Context, c CallLimits) (CallResu
 	} else if f.OnFallback != nil {
 		f.OnFallback("rate", nil)
 	}
-	return f.Local.AllowCall(ctx, c)
+	var r CallResult
+	err := f.local(c.QuotaBucket, c.QuotaTTL, owe, func() (bool, error) {
+		var err error
+		r, err = f.Local.AllowCall(ctx, c)
+		return r.QuotaAllowed, err
+	})
+	return r, err
 }
 
 // quotaPeriod is the calendar month containing now in loc: its start and

@@ -2,7 +2,10 @@ package edge
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"strconv"
+	"sync"
 	"testing"
 	"time"
 )
@@ -109,4 +112,111 @@ func TestLocalFallbackChargesNothingForARefusedCall(t *testing.T) {
 			t.Errorf("key bucket after one allowed call: %+v, want 2 tokens left (the refused call took none)", res.Rates[0])
 		}
 	})
+}
+
+// countingPrimary stands in for Redis's quota counting (the Redis limiter
+// itself is tested against Redis in edge/redis): it counts each bucket's
+// calls up to the limit, and fails every call while down.
+type countingPrimary struct {
+	mu    sync.Mutex
+	down  bool
+	count map[string]int64
+}
+
+var errPrimaryDown = errors.New("primary down")
+
+func (p *countingPrimary) Allow(context.Context, string, int, int) (RateResult, error) {
+	return RateResult{Allowed: true, Limit: 1000, Remaining: 1000}, nil
+}
+
+func (p *countingPrimary) Take(_ context.Context, bucket string, limit int64, _ time.Duration) (int64, bool, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.down {
+		return 0, false, errPrimaryDown
+	}
+	if n := p.count[bucket]; limit >= 0 && n >= limit {
+		return n, false, nil
+	}
+	p.count[bucket]++
+	return p.count[bucket], true, nil
+}
+
+func (p *countingPrimary) AllowCall(ctx context.Context, c CallLimits) (CallResult, error) {
+	used, ok, err := p.Take(ctx, c.QuotaBucket, c.QuotaLimit, c.QuotaTTL)
+	if err != nil {
+		return CallResult{}, err
+	}
+	return CallResult{Rates: []RateResult{{Allowed: true, Limit: 1000, Remaining: 1000}}, QuotaChecked: true, QuotaUsed: used, QuotaAllowed: ok}, nil
+}
+
+func (p *countingPrimary) AddQuota(_ context.Context, bucket string, n int64, _ time.Duration) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.down {
+		return errPrimaryDown
+	}
+	p.count[bucket] += n
+	return nil
+}
+
+func (p *countingPrimary) set(down bool) {
+	p.mu.Lock()
+	p.down = down
+	p.mu.Unlock()
+}
+
+// While Redis is down the local fallback counts a month's quota on from
+// what Redis last reported, and what it allows is added to Redis's count
+// when Redis answers again. Before, it started from zero (an account that
+// had used its whole month got a whole month more per instance) and Redis
+// never heard of those calls.
+func TestTheQuotaFallbackCountsOnFromRedisAndPaysItBack(t *testing.T) {
+	ctx := context.Background()
+	for _, instances := range []int{1, 2} {
+		t.Run(fmt.Sprintf("%d instances", instances), func(t *testing.T) {
+			p := &countingPrimary{count: map[string]int64{}}
+			f := &FallbackLimiter{Primary: p, Local: NewLocalLimiter(instances), Cooldown: time.Millisecond}
+			c := CallLimits{Buckets: []string{"key"}, RPS: 1000, Burst: 1000, QuotaBucket: "q:2026-03", QuotaLimit: 1000, QuotaTTL: time.Hour}
+			calls := func(n int) (allowed int) {
+				for range n {
+					res, err := f.AllowCall(ctx, c)
+					if err != nil {
+						t.Fatal(err)
+					}
+					if res.QuotaAllowed {
+						allowed++
+					}
+				}
+				return allowed
+			}
+			if got := calls(600); got != 600 {
+				t.Fatalf("Redis up: %d of 600 allowed", got)
+			}
+			p.set(true)
+			// This instance's part of the 400 left: 400 / instances.
+			if got, want := calls(1000), 400/instances; got != want {
+				t.Fatalf("Redis down after 600 of 1,000 were used: %d allowed here, want %d", got, want)
+			}
+			p.set(false)
+			time.Sleep(5 * time.Millisecond) // the cooldown
+			calls(1)                         // Redis answers: what was owed goes
+			deadline := time.Now().Add(5 * time.Second)
+			for {
+				p.mu.Lock()
+				n := p.count[c.QuotaBucket]
+				p.mu.Unlock()
+				if n >= int64(600+400/instances) {
+					if want := int64(601 + 400/instances); n != want {
+						t.Fatalf("Redis's count %d, want %d: the 600, the fallback's %d and the call that found it back", n, want, 400/instances)
+					}
+					break
+				}
+				if time.Now().After(deadline) {
+					t.Fatalf("Redis's count %d: the fallback's calls were never added", n)
+				}
+				time.Sleep(time.Millisecond)
+			}
+		})
+	}
 }

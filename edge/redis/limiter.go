@@ -262,6 +262,25 @@ func (l *Limiter) Take(ctx context.Context, bucket string, limit int64, ttl time
 	return v[1], v[0] == 1, nil
 }
 
+// AddQuota implements edge.QuotaAdder: it counts n calls the edge's local
+// fallback allowed while Redis was out of reach in bucket, so the month's
+// count holds them. A counter it creates (Redis lost the month's) expires
+// after ttl, as take's do.
+func (l *Limiter) AddQuota(ctx context.Context, bucket string, n int64, ttl time.Duration) error {
+	if err := addQuota.Run(ctx, l.rdb, []string{bucket}, n, int64(ttl.Seconds())+1).Err(); err != nil {
+		return fmt.Errorf("redis quota: %w", err)
+	}
+	return nil
+}
+
+var addQuota = redis.NewScript(`
+local v = redis.call("INCRBY", KEYS[1], ARGV[1])
+if redis.call("TTL", KEYS[1]) < 0 then redis.call("EXPIRE", KEYS[1], ARGV[2]) end
+return v
+`)
+
+var _ edge.QuotaAdder = (*Limiter)(nil)
+
 // allowCalls decides a batch of calls in order. Each call is redis_rate's
 // GCRA (allowN with cost 1: the same arithmetic, keys and stored values)
 // over each of its buckets in turn, stopping at the first refusal, then

@@ -38,3 +38,28 @@ func TestALostGrantGivesBackNoMoreThanWasGranted(t *testing.T) {
 		t.Fatalf("%d tokens counted as given back; want the grant's 3", got)
 	}
 }
+
+// AddQuota counts calls the local fallback allowed into the month's
+// counter, keeping its expiry; a counter Redis lost is made again with one.
+func TestAddQuotaCountsIntoTheMonthAndKeepsItExpiring(t *testing.T) {
+	ctx := context.Background()
+	r := testenv.NewRedis(t)
+	l := NewLimiter(r.Client)
+	kept, lost := r.Prefix+"quota:kept", r.Prefix+"quota:lost"
+	testenv.Must(t, r.Client.Set(ctx, kept, 600, 10*time.Hour).Err(), "seed the month's counter")
+	testenv.Must(t, l.AddQuota(ctx, kept, 400, time.Hour), "add to a counter")
+	testenv.Must(t, l.AddQuota(ctx, lost, 7, time.Hour), "add to a counter Redis lost")
+	for _, c := range []struct {
+		key     string
+		n       int64
+		ttlOver time.Duration
+	}{{kept, 1000, 9 * time.Hour}, {lost, 7, 59 * time.Minute}} {
+		n, err := r.Client.Get(ctx, c.key).Int64()
+		testenv.Must(t, err, "read "+c.key)
+		ttl, err := r.Client.TTL(ctx, c.key).Result()
+		testenv.Must(t, err, "ttl of "+c.key)
+		if n != c.n || ttl < c.ttlOver || ttl > 10*time.Hour {
+			t.Errorf("%s: count %d, expiry in %s; want %d, expiring after %s", c.key, n, ttl, c.n, c.ttlOver)
+		}
+	}
+}
