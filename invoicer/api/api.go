@@ -65,13 +65,23 @@ func New(keys KeyStore, store invoicer.Store, usage invoicer.UsageReader, proj P
 	e.Use(requestID)
 	e.GET("/healthz", func(c echo.Context) error { return c.String(http.StatusOK, "ok\n") })
 	e.POST("/v1/webhooks/stripe", s.webhook)
-	g := e.Group("/v1", s.authenticate)
+	g := e.Group("/v1", noStore, s.authenticate)
 	g.GET("/usage/current", s.currentUsage, requireScope(UsageScope))
 	g.GET("/invoices/upcoming", s.upcoming, requireScope(InvoicesScope))
 	g.GET("/invoices", s.list, requireScope(InvoicesScope))
 	g.GET("/invoices/:id", s.get, requireScope(InvoicesScope))
 	s.echo = e
 	return s
+}
+
+// noStore keeps an account's usage and invoices (and the refusals of a
+// call for them) out of the caches between the API and its caller, the
+// browser's on-disk one above all, as the usage API does.
+func noStore(next echo.HandlerFunc) echo.HandlerFunc {
+	return func(c echo.Context) error {
+		c.Response().Header().Set("Cache-Control", "no-store")
+		return next(c)
+	}
 }
 
 // ServeHTTP makes the Server an http.Handler.

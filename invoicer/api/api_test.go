@@ -135,6 +135,21 @@ func TestInvoiceAPI(t *testing.T) {
 	publishable, _ := f.key(t, "acct_x", edge.Publishable, schemas.Live)
 	testSecret, _ := f.key(t, "acct_x", edge.Secret, schemas.Test)
 
+	t.Run("no answer about an account is kept in a cache", func(t *testing.T) {
+		for _, c := range []struct{ key, path string }{
+			{secretX, "/v1/invoices"}, {secretX, "/v1/usage/current"}, {secretX, "/v1/invoices/upcoming"},
+			{secretX, "/v1/invoices/inv_missing"}, {"sk_live_not_a_key", "/v1/invoices"},
+		} {
+			req, _ := http.NewRequest("GET", f.srv.URL+c.path, nil)
+			req.Header.Set("Authorization", "Bearer "+c.key)
+			resp, err := http.DefaultClient.Do(req)
+			testenv.Must(t, err, "call "+c.path)
+			resp.Body.Close()
+			if got := resp.Header.Get("Cache-Control"); got != "no-store" {
+				t.Errorf("%s (status %d): Cache-Control %q, want no-store", c.path, resp.StatusCode, got)
+			}
+		}
+	})
 	t.Run("current usage separates live from test", func(t *testing.T) {
 		var u api.CurrentUsage
 		if code := f.get(t, secretX, "/v1/usage/current", &u); code != 200 {
