@@ -1,6 +1,7 @@
 package edge
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -279,9 +280,10 @@ func (l *LocalLimiter) seedQuota(bucket string, used int64) {
 
 // QuotaAdder is a quota counter that can count calls decided elsewhere:
 // FallbackLimiter hands it the calls its local limiter allowed while it
-// was unreachable. A counter created by the call expires after ttl.
+// was unreachable. A counter created by the call expires after ttl. It
+// returns the count with them.
 type QuotaAdder interface {
-	AddQuota(ctx context.Context, bucket string, n int64, ttl time.Duration) error
+	AddQuota(ctx context.Context, bucket string, n int64, ttl time.Duration) (int64, error)
 }
 
 // owedCalls are calls the local fallback allowed against a quota bucket,
@@ -333,20 +335,36 @@ type FallbackLimiter struct {
 // it answers again, so what the fallback owes it can go.
 func (f *FallbackLimiter) answered(bucket string, checked bool, used int64) {
 	if checked && bucket != "" {
-		v, ok := f.seen.Load(bucket)
-		if !ok {
-			if f.seenN.Add(1) > maxLocalBuckets {
-				f.seen.Clear()
-				f.seenN.Store(0)
-			}
-			v, _ = f.seen.LoadOrStore(bucket, new(atomic.Int64))
-		}
-		if p := v.(*atomic.Int64); used > p.Load() {
-			p.Store(used)
-		}
+		f.saw(bucket, used)
 	}
 	if f.hasOwed.Load() && time.Now().UnixNano() >= f.settleAfter.Load() && f.settling.CompareAndSwap(false, true) {
-		go f.settle()
+		go func() {
+			defer f.settling.Store(false)
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			_ = f.settle(ctx)
+		}()
+	}
+}
+
+// saw notes used as the primary's count for bucket, unless a higher one
+// was seen: counts only grow within a month's bucket, and answers arrive
+// out of order.
+func (f *FallbackLimiter) saw(bucket string, used int64) {
+	v, ok := f.seen.Load(bucket)
+	if !ok {
+		if f.seenN.Add(1) > maxLocalBuckets {
+			f.seen.Clear()
+			f.seenN.Store(0)
+		}
+		v, _ = f.seen.LoadOrStore(bucket, new(atomic.Int64))
+	}
+	p := v.(*atomic.Int64)
+	for {
+		cur := p.Load()
+		if used <= cur || p.CompareAndSwap(cur, used) {
+			return
+		}
 	}
 }
 
@@ -379,20 +397,40 @@ func (f *FallbackLimiter) local(bucket string, ttl time.Duration, owe bool, deci
 	return nil
 }
 
-// settle adds what the fallback owes to the primary's counts. What fails
-// stays owed, for the next answer to try again.
-func (f *FallbackLimiter) settle() {
+// Settle adds what the local fallback allowed while the primary was out of
+// reach to the primary's quota counts, for a graceful stop: otherwise an
+// instance stopped before its next answer from the primary takes those
+// calls with it. It waits for a settle already running; what fails stays
+// owed, and the first error is returned.
+func (f *FallbackLimiter) Settle(ctx context.Context) error {
+	for !f.settling.CompareAndSwap(false, true) {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
 	defer f.settling.Store(false)
+	return f.settle(ctx)
+}
+
+// settle adds what the fallback owes to the primary's counts. What fails
+// stays owed, for the next answer to try again. The caller holds settling.
+func (f *FallbackLimiter) settle(ctx context.Context) error {
+	if !f.hasOwed.Load() {
+		return nil
+	}
 	f.owedMu.Lock()
 	owed := f.owed
 	f.owed = nil
 	f.hasOwed.Store(false)
 	f.owedMu.Unlock()
 	qa := f.Primary.(QuotaAdder)
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
+	var first error
 	for bucket, o := range owed {
-		if err := qa.AddQuota(ctx, bucket, o.n, o.ttl); err != nil {
+		count, err := qa.AddQuota(ctx, bucket, o.n, o.ttl)
+		if err != nil {
+			first = cmp.Or(first, err)
 			f.settleAfter.Store(time.Now().Add(time.Second).UnixNano())
 			f.owedMu.Lock()
 			if f.owed == nil {
@@ -404,10 +442,11 @@ func (f *FallbackLimiter) settle() {
 			f.owedMu.Unlock()
 			continue
 		}
-		if v, ok := f.seen.Load(bucket); ok {
-			v.(*atomic.Int64).Add(o.n)
-		}
+		// The count the add made, not the last seen plus what was owed:
+		// answers between the two already held the owed calls.
+		f.saw(bucket, count)
 	}
+	return first
 }
 
 var (

@@ -8,6 +8,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/tollgate-dev/tollgate/internal/testenv"
 )
 
 // TestLimitNamesNeedNoEscaping: the rate-limit headers quote limit names
@@ -121,6 +123,8 @@ type countingPrimary struct {
 	mu    sync.Mutex
 	down  bool
 	count map[string]int64
+	// afterAdd, when set, runs once right after an AddQuota has counted.
+	afterAdd func()
 }
 
 var errPrimaryDown = errors.New("primary down")
@@ -150,14 +154,20 @@ func (p *countingPrimary) AllowCall(ctx context.Context, c CallLimits) (CallResu
 	return CallResult{Rates: []RateResult{{Allowed: true, Limit: 1000, Remaining: 1000}}, QuotaChecked: true, QuotaUsed: used, QuotaAllowed: ok}, nil
 }
 
-func (p *countingPrimary) AddQuota(_ context.Context, bucket string, n int64, _ time.Duration) error {
+func (p *countingPrimary) AddQuota(_ context.Context, bucket string, n int64, _ time.Duration) (int64, error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.down {
-		return errPrimaryDown
+		return 0, errPrimaryDown
 	}
 	p.count[bucket] += n
-	return nil
+	if p.afterAdd != nil {
+		p.mu.Unlock()
+		p.afterAdd()
+		p.afterAdd = nil
+		p.mu.Lock()
+	}
+	return p.count[bucket], nil
 }
 
 func (p *countingPrimary) set(down bool) {
@@ -218,5 +228,76 @@ func TestTheQuotaFallbackCountsOnFromRedisAndPaysItBack(t *testing.T) {
 				time.Sleep(time.Millisecond)
 			}
 		})
+	}
+}
+
+// A call Redis answers between the add of what the fallback owed and the
+// fallback's note of it already counts the owed calls: the fallback must
+// not count them a second time, or the next outage starts from a count
+// above Redis's and refuses calls the account has not made.
+func TestASettleCountsTheOwedCallsOnce(t *testing.T) {
+	ctx := context.Background()
+	p := &countingPrimary{count: map[string]int64{}}
+	f := &FallbackLimiter{Primary: p, Local: NewLocalLimiter(1), Cooldown: time.Millisecond}
+	c := CallLimits{Buckets: []string{"key"}, RPS: 1000, Burst: 1000, QuotaBucket: "q:2026-03", QuotaLimit: 1000, QuotaTTL: time.Hour}
+	calls := func(n int) (allowed int) {
+		for range n {
+			res, err := f.AllowCall(ctx, c)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if res.QuotaAllowed {
+				allowed++
+			}
+		}
+		return allowed
+	}
+	calls(600)
+	p.set(true)
+	calls(100) // allowed locally, owed
+	p.set(false)
+	time.Sleep(5 * time.Millisecond) // the cooldown
+	answered := make(chan struct{})
+	p.mu.Lock()
+	p.afterAdd = func() { calls(1); close(answered) } // answered by Redis mid-settle
+	p.mu.Unlock()
+	calls(1) // Redis answers: the settle starts
+	<-answered
+	testenv.Must(t, f.Settle(ctx), "settle") // waits for the one running
+	p.mu.Lock()
+	redis := p.count[c.QuotaBucket]
+	p.mu.Unlock()
+	if redis != 702 {
+		t.Fatalf("Redis's count %d, want 702: 600, the 100 owed, and the two calls since", redis)
+	}
+	p.set(true)
+	time.Sleep(5 * time.Millisecond)
+	if got := calls(1000); got != int(1000-redis) {
+		t.Fatalf("second outage: %d allowed locally, want %d (what Redis's count leaves)", got, 1000-redis)
+	}
+}
+
+// A graceful stop settles what the fallback owes even when no call came
+// after Redis did.
+func TestSettlePaysWhatIsOwedWithoutACall(t *testing.T) {
+	ctx := context.Background()
+	p := &countingPrimary{count: map[string]int64{}}
+	f := &FallbackLimiter{Primary: p, Local: NewLocalLimiter(1), Cooldown: time.Millisecond}
+	c := CallLimits{Buckets: []string{"key"}, RPS: 1000, Burst: 1000, QuotaBucket: "q:2026-03", QuotaLimit: 1000, QuotaTTL: time.Hour}
+	p.set(true)
+	for range 40 {
+		if _, err := f.AllowCall(ctx, c); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := f.Settle(ctx); err == nil {
+		t.Fatal("a settle while Redis is down succeeded")
+	}
+	p.set(false)
+	testenv.Must(t, f.Settle(ctx), "settle once Redis is back")
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if n := p.count[c.QuotaBucket]; n != 40 {
+		t.Fatalf("Redis's count %d after the stop's settle, want the 40 allowed locally", n)
 	}
 }

@@ -28,10 +28,12 @@ import (
 // store and its change listener, the Redis limiter, the failed-auth audit
 // writer and the event producer with its spool.
 type EdgeMain struct {
-	log      *slog.Logger
-	pool     *pgxpool.Pool
-	rdb      *redis.Client
-	limiter  *edgeredis.Limiter
+	log     *slog.Logger
+	pool    *pgxpool.Pool
+	rdb     *redis.Client
+	limiter *edgeredis.Limiter
+	// fallback is the limiter the edge asks: Redis, else the local one.
+	fallback *edge.FallbackLimiter
 	producer *edgekafka.Producer
 	auditor  *edgepg.AuditWriter
 	listener *edgepg.Listener
@@ -133,7 +135,7 @@ func NewEdgeMain(ctx context.Context, cfg Config, log *slog.Logger) (m *EdgeMain
 			Help: "Failed attempts to give leased tokens back to Redis; their tokens stay counted.",
 		}, func() float64 { return float64(m.limiter.ReturnErrors()) }),
 	)
-	limiter := &edge.FallbackLimiter{
+	m.fallback = &edge.FallbackLimiter{
 		Primary: m.limiter,
 		Local:   edge.NewLocalLimiter(cfg.Edge.ExpectedInstances),
 		OnFallback: func(what string, err error) {
@@ -166,7 +168,7 @@ func NewEdgeMain(ctx context.Context, cfg Config, log *slog.Logger) (m *EdgeMain
 		return nil
 	}
 	srv, err := edge.NewServer(cfg.Edge, edge.Deps{
-		Keys: cache, Emitter: m.producer, Limiter: limiter, Quota: limiter, Auditor: m.auditor,
+		Keys: cache, Emitter: m.producer, Limiter: m.fallback, Quota: m.fallback, Auditor: m.auditor,
 		Registry: m.Registry, Log: log, Ready: ready,
 	})
 	if err != nil {
@@ -256,6 +258,16 @@ func (m *EdgeMain) Close() error {
 		// Before the Redis client closes: refunds already in flight finish.
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		errs = append(errs, m.limiter.ReturnLeases(ctx))
+		cancel()
+	}
+	if m.fallback != nil {
+		// The calls the local fallback allowed in an outage, into Redis's
+		// month counts while its client is open; a Redis still down keeps
+		// them (logged), as a stopped instance cannot.
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		if err := m.fallback.Settle(ctx); err != nil {
+			m.log.Warn("the quota calls allowed while redis was down were not added to its counts", "err", err)
+		}
 		cancel()
 	}
 	if m.rdb != nil {

@@ -266,11 +266,12 @@ func (l *Limiter) Take(ctx context.Context, bucket string, limit int64, ttl time
 // fallback allowed while Redis was out of reach in bucket, so the month's
 // count holds them. A counter it creates (Redis lost the month's) expires
 // after ttl, as take's do.
-func (l *Limiter) AddQuota(ctx context.Context, bucket string, n int64, ttl time.Duration) error {
-	if err := addQuota.Run(ctx, l.rdb, []string{bucket}, n, int64(ttl.Seconds())+1).Err(); err != nil {
-		return fmt.Errorf("redis quota: %w", err)
+func (l *Limiter) AddQuota(ctx context.Context, bucket string, n int64, ttl time.Duration) (int64, error) {
+	count, err := addQuota.Run(ctx, l.rdb, []string{bucket}, n, int64(ttl.Seconds())+1).Int64()
+	if err != nil {
+		return 0, fmt.Errorf("redis quota: %w", err)
 	}
-	return nil
+	return count, nil
 }
 
 var addQuota = redis.NewScript(`

@@ -47,8 +47,12 @@ func TestAddQuotaCountsIntoTheMonthAndKeepsItExpiring(t *testing.T) {
 	l := NewLimiter(r.Client)
 	kept, lost := r.Prefix+"quota:kept", r.Prefix+"quota:lost"
 	testenv.Must(t, r.Client.Set(ctx, kept, 600, 10*time.Hour).Err(), "seed the month's counter")
-	testenv.Must(t, l.AddQuota(ctx, kept, 400, time.Hour), "add to a counter")
-	testenv.Must(t, l.AddQuota(ctx, lost, 7, time.Hour), "add to a counter Redis lost")
+	if n, err := l.AddQuota(ctx, kept, 400, time.Hour); err != nil || n != 1000 {
+		t.Fatalf("add to a counter: %d, %v; want the count, 1000", n, err)
+	}
+	if n, err := l.AddQuota(ctx, lost, 7, time.Hour); err != nil || n != 7 {
+		t.Fatalf("add to a counter Redis lost: %d, %v; want 7", n, err)
+	}
 	for _, c := range []struct {
 		key     string
 		n       int64
