@@ -359,8 +359,10 @@ func (in *Ingester) work(parent context.Context, src Source) error {
 	held := semaphore.NewWeighted(int64(in.cfg.MaxInFlightRecords))
 	// A landed batch's records are decoded into again: a batch is tens of
 	// megabytes, and fresh ones each time cost ingest a page fault per 4
-	// KiB and the zeroing of every byte, about a tenth of its CPU.
-	free := make(chan []Record, in.cfg.MaxInFlight+1)
+	// KiB and the zeroing of every byte, about a tenth of its CPU. Two
+	// kept for reuse serve a steady stream of full batches; more would
+	// stay held after a backlog, beyond MaxInFlightRecords' bound.
+	free := make(chan []Record, 2)
 	committed := make(chan error, 1)
 	go func() {
 		var err error
@@ -506,7 +508,9 @@ func Split(msgs []Message, now time.Time, maxLateness time.Duration) (events, la
 }
 
 // splitInto is Split decoding into into's memory when it has room for
-// every message.
+// every message and the batch fills at least half of it: a small batch in
+// a large buffer would hold that memory while it lands, unweighed by
+// MaxInFlightRecords (the buffer is dropped instead).
 func splitInto(into []Record, msgs []Message, now time.Time, maxLateness time.Duration) (events, late []Record, rejected []Rejected, dups int) {
 	// seen holds each kept row's type under its id and second: a key
 	// without a string hashes and compares as one block of memory, and
@@ -514,7 +518,7 @@ func splitInto(into []Record, msgs []Message, now time.Time, maxLateness time.Du
 	// second type go to others, under the whole key.
 	seen := make(map[idSecond]string, len(msgs))
 	var others map[rowKey]struct{}
-	if cap(into) >= len(msgs) {
+	if cap(into) >= len(msgs) && len(msgs) >= cap(into)/2 {
 		events = into[:0]
 	} else {
 		events = make([]Record, 0, len(msgs))

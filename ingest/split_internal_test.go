@@ -1,0 +1,41 @@
+package ingest
+
+import (
+	"testing"
+	"time"
+
+	"github.com/tollgate-dev/tollgate/schemas"
+)
+
+// A batch decodes into a landed batch's memory only when it fills at least
+// half of it: a trickle of small batches each holding a full batch's
+// memory while it lands would pass the records bound many times over.
+func TestSplitReusesMemoryOnlyForABatchThatFillsHalfOfIt(t *testing.T) {
+	now := time.Date(2026, 3, 10, 12, 0, 0, 0, time.UTC)
+	msgs := func(n int) []Message {
+		out := make([]Message, n)
+		for i := range out {
+			e := schemas.Event{Version: 1, ID: schemas.NewEventID(), AccountID: "a", Environment: schemas.Live,
+				KeyID: "k", Type: "api_call", Time: now.Add(-time.Second), Units: 1}
+			v, err := e.Encode()
+			if err != nil {
+				t.Fatal(err)
+			}
+			out[i] = Message{Offset: int64(i), Value: v, Time: now}
+		}
+		return out
+	}
+	into := make([]Record, 0, 100)
+	for _, c := range []struct {
+		n     int
+		reuse bool
+	}{{10, false}, {49, false}, {50, true}, {100, true}, {101, false}} {
+		events, _, _, _ := splitInto(into, msgs(c.n), now, DefaultMaxLateness)
+		if len(events) != c.n {
+			t.Fatalf("%d messages: %d events", c.n, len(events))
+		}
+		if reused := &events[0] == &into[:1][0]; reused != c.reuse {
+			t.Errorf("%d messages into room for 100: reused %v, want %v", c.n, reused, c.reuse)
+		}
+	}
+}
