@@ -854,3 +854,68 @@ func TestAFreeVersionPublishedAfterThePeriodDoesNotPriceIt(t *testing.T) {
 		t.Fatalf("March was not closed: %+v", res)
 	}
 }
+
+// A free version refused as written (a typo, fixed by the next version)
+// fails only the free time it prices: an account on a paid plan the whole
+// period closes, and so does one whose free time came after the fix.
+// Before, every account's close loaded and read every free version, and
+// one refused version stopped every invoice for good (plans are append
+// only).
+func TestARefusedFreeVersionFailsOnlyTheTimeItPrices(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	_, err := e.pg.Pool.Exec(ctx, `INSERT INTO plans (id, version, name, currency, definition, created_at) VALUES
+		('free', 2, 'Free', 'usd', '{"prices":[{"key":"api_calls","model":"per_unit","meter":"api_calls","unit_amount":"0","include":1000}]}', $1),
+		('free', 3, 'Free', 'usd', '{"prices":[{"key":"api_calls","model":"per_unit","meter":"api_calls","unit_amount":"0"}]}', $2)`,
+		march.AddDate(0, -2, 0), march.AddDate(0, -2, 1))
+	testenv.Must(t, err, "publish free v2 (a typo) and v3 (the fix)")
+	e.starter(t, "acct_paid", 10)
+	e.account(t, "acct_free_now", "UTC")
+	e.watermark(t, april.Add(2*time.Hour))
+	res, err := e.aprilInvoicer(t, e.usage, nil).CloseDue(ctx)
+	testenv.Must(t, err, "close")
+	closed := map[string]bool{}
+	for _, inv := range res.Closed {
+		if inv.Period.Start.Equal(march) {
+			closed[inv.AccountID] = true
+		}
+	}
+	if !closed["acct_paid"] || !closed["acct_free_now"] {
+		t.Fatalf("March closed for %v, failed %v; want both accounts (neither has time under free v2)", closed, res.Failed)
+	}
+}
+
+// Replay proves an invoice under the plan version as it was billed, even
+// when this version's strict reader refuses its definition (an extra key
+// written before definitions were read strictly; plans are append only, so
+// it cannot be mended).
+func TestReplayReadsAPlanAsItWasBilled(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	_, err := e.pg.Pool.Exec(ctx, `INSERT INTO plans (id, version, name, currency, definition) VALUES ('legacy', 1, 'Legacy', 'usd',
+		'{"prices": [{"key": "base", "model": "flat", "amount": 500}]}')`)
+	testenv.Must(t, err, "insert plan")
+	e.account(t, "acct_old", "UTC")
+	e.subscribe(t, "acct_old", "legacy", march.AddDate(0, -1, 0), nil)
+	e.watermark(t, april.Add(2*time.Hour))
+	iv := e.aprilInvoicer(t, e.usage, nil)
+	res, err := iv.CloseDue(ctx)
+	testenv.Must(t, err, "close")
+	if len(res.Closed) == 0 {
+		t.Fatal("nothing closed")
+	}
+	// A row as an earlier version let it be written.
+	_, err = e.pg.Pool.Exec(ctx, `ALTER TABLE plans DISABLE TRIGGER plans_append_only;
+		UPDATE plans SET definition = definition || '{"features": ["Email support"]}' WHERE id = 'legacy';
+		ALTER TABLE plans ENABLE TRIGGER plans_append_only`)
+	testenv.Must(t, err, "an old plan row")
+	invs, err := e.store.ClosedInvoices(ctx, time.Time{}, time.Date(9999, 1, 1, 0, 0, 0, 0, time.UTC))
+	testenv.Must(t, err, "ledger")
+	out, err := iv.Audit(ctx, e.usage, nil, invs, nil)
+	testenv.Must(t, err, "audit")
+	for _, r := range out {
+		if !r.Match || r.Result != invoicer.ResultMatch {
+			t.Errorf("%+v, want a match", r)
+		}
+	}
+}

@@ -71,20 +71,26 @@ type Segment struct {
 type PlanVersion struct {
 	Plan
 	Since time.Time
+	// Err is why the version could not be read (ParseDefinition), if it
+	// could not: only time it prices fails.
+	Err error
 }
 
 // freeAt is the free version in force at t: the newest published by then,
 // as the edge applies the newest version to each call it takes. Time
 // before the first publication (an account older than the install that
 // seeded it) is on the oldest version.
-func freeAt(free []PlanVersion, t time.Time) Plan {
+func freeAt(free []PlanVersion, t time.Time) (Plan, error) {
 	in := free[0]
 	for _, v := range free[1:] {
 		if !v.Since.Truncate(time.Second).After(t) && v.Version > in.Version {
 			in = v
 		}
 	}
-	return in.Plan
+	if in.Err != nil {
+		return Plan{}, fmt.Errorf("free plan v%d, in force from %s: %w", in.Version, t.UTC().Format(time.RFC3339), in.Err)
+	}
+	return in.Plan, nil
 }
 
 // Segments splits period by the subscriptions in force; any time no
@@ -132,13 +138,21 @@ func Segments(period Period, subs []Subscription, plan func(id string, version i
 		if !from.Before(to) {
 			continue
 		}
-		p := freeAt(free, from)
+		var p Plan
+		covered := false
 		for _, s := range subs { // later starts win
 			if !s.StartsAt.After(from) && (s.EndsAt == nil || s.EndsAt.After(from)) {
 				var err error
 				if p, err = plan(s.PlanID, s.PlanVersion); err != nil {
 					return nil, err
 				}
+				covered = true
+			}
+		}
+		if !covered {
+			var err error
+			if p, err = freeAt(free, from); err != nil {
+				return nil, err
 			}
 		}
 		if n := len(out); n > 0 && out[n-1].Plan.ID == p.ID && out[n-1].Plan.Version == p.Version {

@@ -54,6 +54,9 @@ type Store interface {
 	// PlanVersions loads every version of a plan with when it was
 	// published, oldest version first.
 	PlanVersions(ctx context.Context, id string) ([]PlanVersion, error)
+	// BilledPlan loads a plan version as invoices were billed under it,
+	// for replay (ParseBilledDefinition).
+	BilledPlan(ctx context.Context, id string, version int) (Plan, error)
 	Accounts(ctx context.Context) ([]Account, error)
 	Account(ctx context.Context, id string) (Account, error)
 	// Subscriptions returns, per account, the subscriptions overlapping p.

@@ -189,8 +189,56 @@ func ParseDefinition(b []byte) (Definition, error) {
 	return d, d.Validate()
 }
 
+// ParseBilledDefinition reads a plan version as invoices were billed under
+// it before definitions were read strictly: keys it does not know are
+// ignored, as are fields of another model. Replay reads plans with it, so
+// an invoice billed under a definition ParseDefinition now refuses can
+// still be proved; a close never does.
+func ParseBilledDefinition(b []byte) (Definition, error) {
+	type tier struct {
+		UpTo       *int64          `json:"up_to"`
+		UnitAmount decimal.Decimal `json:"unit_amount"`
+		FlatAmount int64           `json:"flat_amount"`
+	}
+	type price struct {
+		Key           string          `json:"key"`
+		Description   string          `json:"description"`
+		Model         Model           `json:"model"`
+		Meter         string          `json:"meter"`
+		Amount        int64           `json:"amount"`
+		UnitAmount    decimal.Decimal `json:"unit_amount"`
+		PackageSize   int64           `json:"package_size"`
+		PackageAmount int64           `json:"package_amount"`
+		Tiers         []tier          `json:"tiers"`
+		Included      int64           `json:"included"`
+	}
+	var v struct {
+		Limits     Limits  `json:"limits"`
+		UpgradeURL string  `json:"upgrade_url"`
+		Custom     bool    `json:"custom"`
+		Prices     []price `json:"prices"`
+	}
+	if err := json.Unmarshal(b, &v); err != nil {
+		return Definition{}, fmt.Errorf("%w: plan definition: %v", ErrInvalid, err)
+	}
+	d := Definition{Limits: v.Limits, UpgradeURL: v.UpgradeURL, Custom: v.Custom}
+	for _, p := range v.Prices {
+		pr := Price{Key: p.Key, Description: p.Description, Model: p.Model, Meter: p.Meter, Amount: p.Amount,
+			UnitAmount: p.UnitAmount, PackageSize: p.PackageSize, PackageAmount: p.PackageAmount, Included: p.Included}
+		for _, t := range p.Tiers {
+			pr.Tiers = append(pr.Tiers, Tier(t))
+		}
+		d.Prices = append(d.Prices, pr)
+	}
+	return d, d.validate(false)
+}
+
 // Validate reports every problem with the definition.
-func (d *Definition) Validate() error {
+func (d *Definition) Validate() error { return d.validate(true) }
+
+// validate reports every problem with the definition; fields, when set,
+// includes fields of another model.
+func (d *Definition) validate(fields bool) error {
 	var errs []error
 	seen := map[string]bool{}
 	for i, p := range d.Prices {
@@ -200,7 +248,7 @@ func (d *Definition) Validate() error {
 			errs = append(errs, fmt.Errorf("prices[%d]: key %q twice", i, p.Key))
 		}
 		seen[p.Key] = true
-		if err := p.Validate(); err != nil {
+		if err := p.validate(fields); err != nil {
 			errs = append(errs, fmt.Errorf("prices[%d] (%s): %w", i, p.Key, err))
 		}
 	}
@@ -214,7 +262,9 @@ func (d *Definition) Validate() error {
 }
 
 // Validate reports every problem with one price.
-func (p *Price) Validate() error {
+func (p *Price) Validate() error { return p.validate(true) }
+
+func (p *Price) validate(fields bool) error {
 	var errs []error
 	bad := func(f string, a ...any) { errs = append(errs, fmt.Errorf(f, a...)) }
 	if p.Model != Flat && p.Meter == "" {
@@ -227,7 +277,7 @@ func (p *Price) Validate() error {
 	// than what was written: a flat fee given as unit_amount bills 0, as
 	// do tiers on a per_unit price.
 	foreign := func(field string, set bool) {
-		if set {
+		if set && fields {
 			bad("%s: not used by model %q", field, p.Model)
 		}
 	}

@@ -119,7 +119,9 @@ func (iv *Invoicer) Audit(ctx context.Context, usage UsageReader, late LateArriv
 func (iv *Invoicer) recompute(ctx context.Context, usage UsageReader, whole map[string]AccountUsage, si StoredInvoice) (Invoice, error) {
 	in := Inputs{AccountID: si.AccountID, Currency: si.Currency, Period: si.Period, Watermark: si.Fingerprint.Watermark}
 	for _, s := range si.Fingerprint.Segments {
-		pl, err := iv.store.Plan(ctx, s.PlanID, s.PlanVersion)
+		// As it was billed: a definition this version reads strictly, and
+		// would refuse, still proves what was billed under it.
+		pl, err := iv.store.BilledPlan(ctx, s.PlanID, s.PlanVersion)
 		if err != nil {
 			return Invoice{}, fmt.Errorf("invoice %s: %w", si.ID, err)
 		}

@@ -54,6 +54,25 @@ func scanPlan(row pgx.Row, more ...any) (invoicer.Plan, error) {
 }
 
 // Plan loads one plan version.
+// BilledPlan loads a plan version read as invoices were billed under it
+// (invoicer.ParseBilledDefinition), for replay.
+func (s *Store) BilledPlan(ctx context.Context, id string, version int) (invoicer.Plan, error) {
+	var p invoicer.Plan
+	var def []byte
+	err := s.pool.QueryRow(ctx, `SELECT id, version, name, currency, definition FROM plans WHERE id = $1 AND version = $2`, id, version).
+		Scan(&p.ID, &p.Version, &p.Name, &p.Currency, &def)
+	if errors.Is(err, pgx.ErrNoRows) {
+		err = invoicer.ErrNotFound
+	}
+	if err == nil {
+		p.Definition, err = invoicer.ParseBilledDefinition(def)
+	}
+	if err != nil {
+		return p, fmt.Errorf("load plan %s v%d: %w", id, version, err)
+	}
+	return p, nil
+}
+
 func (s *Store) Plan(ctx context.Context, id string, version int) (invoicer.Plan, error) {
 	p, err := scanPlan(s.pool.QueryRow(ctx, `SELECT id, version, name, currency, definition FROM plans WHERE id = $1 AND version = $2`, id, version))
 	if err != nil {
@@ -73,9 +92,12 @@ func (s *Store) PlanVersions(ctx context.Context, id string) ([]invoicer.PlanVer
 	var out []invoicer.PlanVersion
 	for rows.Next() {
 		var v invoicer.PlanVersion
-		if v.Plan, err = scanPlan(rows, &v.Since); err != nil {
+		v.Plan, err = scanPlan(rows, &v.Since)
+		if err != nil && !errors.Is(err, invoicer.ErrInvalid) {
 			return nil, fmt.Errorf("load plan %s: %w", id, err)
 		}
+		// A version refused as written fails only the time it prices.
+		v.Err = err
 		out = append(out, v)
 	}
 	if err := rows.Err(); err != nil {
