@@ -153,11 +153,13 @@ func (iv *Invoicer) syncOne(ctx context.Context, inv StoredInvoice) error {
 		return err
 	}
 	// The customer reads the period's days in the account's zone, as the
-	// period was cut (an unknown zone was refused at the close).
+	// period was cut (an unknown zone was refused at the close), or in the
+	// zone it was cut in when the account has moved since (cutZone).
 	loc, err := caltime.LoadZone(a.Timezone)
 	if err != nil {
 		loc = time.UTC
 	}
+	days := dayZones{loc: loc, period: inv.Period, start: cutZone(inv.Period.Start, loc), end: cutZone(inv.Period.End, loc)}
 	if cust == "" {
 		if cust, err = iv.stripe.EnsureCustomer(ctx, CustomerParams{AccountID: a.ID, Name: a.Name,
 			Email: a.Email, IdempotencyKey: customerKey(a.ID)}); err != nil {
@@ -173,7 +175,7 @@ func (iv *Invoicer) syncOne(ctx context.Context, inv StoredInvoice) error {
 	}
 	sinv := steps[stepInvoice]
 	if sinv == "" {
-		desc := "Usage " + periodDays(inv.Period, loc)
+		desc := "Usage " + days.of(inv.Period)
 		if sinv, err = iv.stripe.CreateInvoice(ctx, InvoiceParams{CustomerID: cust, Currency: inv.Currency,
 			InvoiceID: inv.ID, Description: desc, IdempotencyKey: stepKey(inv.ID, stepInvoice)}); err != nil {
 			return fmt.Errorf("invoice: %w", err)
@@ -192,7 +194,7 @@ func (iv *Invoicer) syncOne(ctx context.Context, inv StoredInvoice) error {
 			return fmt.Errorf("item %d: %w", l.No, err)
 		}
 		id, err := iv.stripe.CreateInvoiceItem(ctx, InvoiceItemParams{CustomerID: cust, StripeInvoiceID: sinv,
-			Currency: inv.Currency, Amount: amount, Description: lineDescription(l, loc),
+			Currency: inv.Currency, Amount: amount, Description: lineDescription(l, days),
 			InvoiceID: inv.ID, LineNo: l.No, IdempotencyKey: stepKey(inv.ID, step)})
 		if err != nil {
 			return fmt.Errorf("item %d: %w", l.No, err)
@@ -215,27 +217,59 @@ func (iv *Invoicer) syncOne(ctx context.Context, inv StoredInvoice) error {
 	return iv.store.MarkSynced(ctx, inv.ID, sinv, hosted)
 }
 
-func lineDescription(l Line, loc *time.Location) string {
+func lineDescription(l Line, days dayZones) string {
 	if l.Model == Flat {
 		if l.Proration != "" {
 			return fmt.Sprintf("%s (prorated %s)", l.Description, l.Proration)
 		}
 		return l.Description
 	}
-	return fmt.Sprintf("%s: %d units (%d billable) %s", l.Description, l.Quantity, l.Billable, periodDays(l.Period, loc))
+	return fmt.Sprintf("%s: %d units (%d billable) %s", l.Description, l.Quantity, l.Billable, days.of(l.Period))
 }
 
-// periodDays names the days a period covers in loc, its first and its
-// last: a period ends just before its End, so March is "2026-03-01 –
-// 2026-03-31", not "– 2026-04-01", and a Tokyo account's March is not
-// printed from its UTC start on 28 February.
-func periodDays(p Period, loc *time.Location) string {
+// dayZones says in which zone each boundary of an invoice's lines is
+// named: the invoice period's own start and end in the zone they were cut
+// in, any other (a plan change) in the account's.
+type dayZones struct {
+	loc        *time.Location
+	period     Period
+	start, end *time.Location
+}
+
+// of names the days p covers, its first and its last: a period ends just
+// before its End, so March is "2026-03-01 – 2026-03-31", not "–
+// 2026-04-01", and a Tokyo account's March is not printed from its UTC
+// start on 28 February.
+func (z dayZones) of(p Period) string {
 	const day = "2006-01-02"
-	last := p.End.Add(-time.Nanosecond)
-	if !p.End.After(p.Start) {
-		last = p.Start
+	sl, el := z.loc, z.loc
+	if p.Start.Equal(z.period.Start) {
+		sl = z.start
 	}
-	return p.Start.In(loc).Format(day) + " – " + last.In(loc).Format(day)
+	if p.End.Equal(z.period.End) {
+		el = z.end
+	}
+	last := p.End.In(el).Add(-time.Nanosecond)
+	if !p.End.After(p.Start) {
+		last = p.Start.In(sl)
+	}
+	return p.Start.In(sl).Format(day) + " – " + last.Format(day)
+}
+
+// cutZone is the zone a period boundary t was cut in: a period starts and
+// ends at a local midnight, in loc unless the account has changed zones
+// since; then in the fixed offset (within UTC−12 to UTC+14) that makes t a
+// midnight, which names the same days as the zone it was cut in did.
+func cutZone(t time.Time, loc *time.Location) *time.Location {
+	if lt := t.In(loc); lt.Hour() == 0 && lt.Minute() == 0 && lt.Second() == 0 {
+		return loc
+	}
+	u := t.UTC()
+	off := -(u.Hour()*3600 + u.Minute()*60 + u.Second())
+	if off < -12*3600 {
+		off += 24 * 3600
+	}
+	return time.FixedZone("", off)
 }
 
 // WebhookEvent is a verified Stripe event about an invoice.
