@@ -570,3 +570,33 @@ func adminKeys(t *testing.T, admin adminClient) int {
 	}
 	return len(list.Keys)
 }
+
+// Inside one batch a duplicate is what ingest counts once: the same id,
+// type and second. The same id with another type or time is another event,
+// accepted as it would be in a batch of its own (it was reported as a
+// duplicate and never sent, so how a client batched its events decided
+// what it was billed).
+func TestReportEventsBatchDuplicatesAreRowsNotIDs(t *testing.T) {
+	env := edgetest.New(t)
+	in := env.Start(t, edgetest.Options{})
+	key, _ := env.Key(t, "acct_rows", edge.Secret, schemas.Live)
+	at := time.Now().UTC().Add(-time.Minute).Truncate(time.Second)
+	item := func(typ string, t time.Time) string {
+		return fmt.Sprintf(`{"id":"job-1","type":%q,"time":%q,"units":3}`, typ, t.Format(time.RFC3339Nano))
+	}
+	body := `{"events":[` + strings.Join([]string{
+		item("tokens", at), item("images", at), item("tokens", at.Add(300*time.Millisecond)), item("tokens", at.Add(time.Second)),
+	}, ",") + `]}`
+	r := edgetest.Do(t, "POST", in.URL+"/v1/events", key, strings.NewReader(body))
+	var res edge.BatchResult
+	testenv.Must(t, json.Unmarshal(r.Body, &res), "decode")
+	want := []string{"accepted", "accepted", "duplicate", "accepted"}
+	for i, w := range want {
+		if i >= len(res.Results) || res.Results[i].Status != w {
+			t.Fatalf("results %+v, want %v", res.Results, want)
+		}
+	}
+	if evs := edgetest.ReadTopic(t, env.Brokers, env.Topic, 3, 20*time.Second); len(evs) != 3 {
+		t.Fatalf("%d events in the topic, want 3", len(evs))
+	}
+}

@@ -11,6 +11,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/google/uuid"
 	"github.com/labstack/echo/v4"
 
 	"github.com/tollgate-dev/tollgate/schemas"
@@ -69,7 +70,15 @@ func (s *Server) reportEvents(c echo.Context) error {
 	}
 	now := s.now()
 	out := BatchResult{Results: make([]ItemResult, len(events)), RequestID: c.Response().Header().Get(HeaderRequestID)}
-	seen := make(map[string]bool, len(events))
+	// A repeat within the batch is what ingest would count once: the same
+	// id, type and second (its row key). The same id with another type or
+	// time is another event, as it is across batches.
+	type row struct {
+		id     uuid.UUID
+		second int64
+		typ    string
+	}
+	seen := make(map[row]bool, len(events))
 	for i, raw := range events {
 		r := &out.Results[i]
 		r.Index = i
@@ -81,12 +90,13 @@ func (s *Server) reportEvents(c echo.Context) error {
 			continue
 		}
 		r.EventID = ev.ID.String()
-		if seen[id] {
+		k := row{id: ev.ID, second: ev.Time.Unix(), typ: ev.Type}
+		if seen[k] {
 			r.Status = "duplicate"
 			out.Duplicates++
 			continue
 		}
-		seen[id] = true
+		seen[k] = true
 		s.deps.Emitter.Emit(ev)
 		r.Status = "accepted"
 		out.Accepted++
