@@ -60,7 +60,7 @@ func NewIngestMain(ctx context.Context, cfg Config, log *slog.Logger) (m *Ingest
 	// The dead-letter topic takes larger messages than the usage topic:
 	// a rejected record keeps its bytes and gains headers.
 	if err = ensureTopicConfigs(ctx, cfg.Services.KafkaBrokers,
-		kafka.TopicConfig{Topic: cfg.Ingest.Topic, NumPartitions: 4, ReplicationFactor: 1},
+		kafka.TopicConfig{Topic: cfg.Ingest.Topic, NumPartitions: 4, ReplicationFactor: brokerDefault},
 		ingestkafka.DeadLetterTopic(cfg.Ingest.DeadLetter, 4)); err != nil {
 		return nil, err
 	}

@@ -81,12 +81,18 @@ func openClickHouse(ctx context.Context, addr, database string) (driver.Conn, er
 	return conn, nil
 }
 
+// brokerDefault, as a topic's replication factor, is the broker's
+// default.replication.factor. A topic made with 1 on a cluster of several
+// brokers had one copy of every event: RequireAll meant one broker, and
+// that broker's restart took the partition offline.
+const brokerDefault = -1
+
 // ensureTopics creates the topics that do not exist yet, with the broker's
 // defaults but for the partition count.
 func ensureTopics(ctx context.Context, brokers []string, partitions int, topics ...string) error {
 	cfgs := make([]kafka.TopicConfig, len(topics))
 	for i, t := range topics {
-		cfgs[i] = kafka.TopicConfig{Topic: t, NumPartitions: partitions, ReplicationFactor: 1}
+		cfgs[i] = kafka.TopicConfig{Topic: t, NumPartitions: partitions, ReplicationFactor: brokerDefault}
 	}
 	return ensureTopicConfigs(ctx, brokers, cfgs...)
 }

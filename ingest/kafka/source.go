@@ -197,7 +197,7 @@ const DeadLetterMaxBytes = 4 << 20
 
 // DeadLetterTopic is the dead-letter topic as Tollgate creates it.
 func DeadLetterTopic(name string, partitions int) kafka.TopicConfig {
-	return kafka.TopicConfig{Topic: name, NumPartitions: partitions, ReplicationFactor: 1,
+	return kafka.TopicConfig{Topic: name, NumPartitions: partitions, ReplicationFactor: -1, // the broker's default.replication.factor
 		ConfigEntries: []kafka.ConfigEntry{{ConfigName: "max.message.bytes", ConfigValue: strconv.Itoa(DeadLetterMaxBytes)}}}
 }
 
