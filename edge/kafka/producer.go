@@ -388,11 +388,13 @@ func (p *Producer) write(batch []kafka.Message) ([]kafka.Message, error) {
 }
 
 // drain sends up to chunks batches from the spool to Kafka, in order. It
-// reports whether it made progress.
+// reports whether it made progress. Past a graceful stop's deadline it
+// starts no write: a slow Kafka that still answers took a write per batch
+// left, so a stop overran its deadline by minutes.
 func (p *Producer) drain(chunks int) bool {
 	progress := false
 	for i := 0; i < chunks && (p.spool.Depth() > 0 || p.retry != nil); i++ {
-		if time.Now().Before(p.nextTry) {
+		if time.Now().Before(p.nextTry) || p.pastStop() {
 			return progress
 		}
 		if p.retry == nil {
