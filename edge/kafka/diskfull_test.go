@@ -61,6 +61,11 @@ func TestDiskFullEventsWaitForKafkaInsteadOfTheSpool(t *testing.T) {
 		if p.KafkaUp() {
 			t.Fatal("Kafka took events for a topic that does not exist")
 		}
+		// The events of answered calls wait in memory only: the spool's
+		// hold covers them, so the invoicer closes no period without them.
+		if h := p.SpoolHold(); h.Since.IsZero() || !h.Released.IsZero() || h.Since.After(time.Now().Add(-1400*time.Millisecond)) {
+			t.Fatalf("hold %+v while 50 events wait in memory; want one held since they were emitted", h)
+		}
 		client := &kafka.Client{Addr: kafka.TCP(brokers...), Timeout: 20 * time.Second}
 		res, err := client.CreateTopics(context.Background(), &kafka.CreateTopicsRequest{
 			Topics: []kafka.TopicConfig{{Topic: topic, NumPartitions: 1, ReplicationFactor: 1}}})
@@ -69,6 +74,9 @@ func TestDiskFullEventsWaitForKafkaInsteadOfTheSpool(t *testing.T) {
 		testenv.Wait(t, 30*time.Second, "the 50 events in Kafka", func() bool {
 			return testutil.ToFloat64(p.Lost()) == 0 && p.KafkaUp() && p.SpoolDepth() == 0 && produced(t, reg) == 50
 		})
+		if h := p.SpoolHold(); h.Released.IsZero() {
+			t.Fatalf("hold %+v once every event is in Kafka; want it released", h)
+		}
 		testenv.Must(t, p.Close(), "close producer")
 		return
 	}

@@ -305,7 +305,7 @@ func (p *Producer) pastStop() bool {
 }
 
 func (p *Producer) toSpool(batch []kafka.Message) {
-	for {
+	for first := true; ; first = false {
 		recs := make([][]byte, len(batch))
 		for i, m := range batch {
 			recs[i] = m.Value
@@ -316,12 +316,21 @@ func (p *Producer) toSpool(batch []kafka.Message) {
 			p.held(recs)
 			return
 		}
+		if first {
+			// Events of answered calls now wait in memory, in neither
+			// Kafka nor the spool: the hold covers them (and the queue
+			// behind them, all later), so no period closes without them.
+			p.held(recs)
+		}
 		// A graceful stop gives up on a disk that refuses every write and
 		// a Kafka that takes nothing at its one deadline, not one per
 		// batch: each batch left then counts as lost at once.
 		if p.pastStop() {
 			p.lost.Add(float64(len(batch)))
 			p.log.Error("stopping with events neither spooled nor delivered; they are lost", "events", len(batch), "err", err)
+			if p.spool.Depth() == 0 {
+				p.released(time.Now()) // nothing it held will come
+			}
 			return
 		}
 		// Without the disk there is nowhere durable to put the events;
@@ -333,6 +342,7 @@ func (p *Producer) toSpool(batch []kafka.Message) {
 		if p.spool.Depth() == 0 && p.retry == nil && !time.Now().Before(p.nextTry) {
 			failed, err := p.write(batch)
 			if err == nil {
+				p.released(time.Now()) // delivered, and the spool is empty
 				return
 			}
 			batch = failed
