@@ -165,6 +165,9 @@ func NewEdgeMain(ctx context.Context, cfg Config, log *slog.Logger) (m *EdgeMain
 		if !m.listener.Connected() {
 			return errors.New("key change listener is not connected")
 		}
+		if m.producer.Backed() {
+			return errors.New("event producer: its queue is more than half full (kafka and the spool's disk refusing events?)")
+		}
 		return nil
 	}
 	srv, err := edge.NewServer(cfg.Edge, edge.Deps{

@@ -163,3 +163,25 @@ func produced(t *testing.T, reg *prometheus.Registry) float64 {
 	}
 	return 0
 }
+
+// With Kafka out of reach and the disk refusing the spool, the queue fills
+// and calls would wait in Emit: the producer says it is backed up (for
+// /readyz) once the queue is more than half full, and not before.
+func TestDiskFullAndKafkaDownTheProducerIsBackedUp(t *testing.T) {
+	if os.Getenv(diskFullChild) == "" {
+		runDiskFullChild(t, t.Name())
+		return
+	}
+	p, err := edgekafka.NewProducer(edgekafka.Config{Brokers: []string{"127.0.0.1:1"}, Topic: "usage.unreachable",
+		SpoolDir: t.TempDir(), QueueSize: 100, BatchSize: 10, CloseTimeout: time.Second}, prometheus.NewRegistry(), slog.New(slog.DiscardHandler))
+	testenv.Must(t, err, "new producer")
+	defer p.Close()
+	if p.Backed() {
+		t.Fatal("backed up before any event")
+	}
+	fillDisk(t)
+	for range 80 {
+		p.Emit(edgekafka.UsageEvent("acct_backed"))
+	}
+	testenv.Wait(t, 5*time.Second, "the producer backed up", p.Backed)
+}

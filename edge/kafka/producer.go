@@ -191,6 +191,12 @@ func NewProducer(cfg Config, reg prometheus.Registerer, log *slog.Logger) (*Prod
 	return p, nil
 }
 
+// Backed reports whether the in-memory queue is more than half full: the
+// producer is not keeping up (Kafka out of reach and the disk refusing the
+// spool, say), and calls are about to wait in Emit. /readyz says so, so a
+// load balancer sends calls to another edge.
+func (p *Producer) Backed() bool { return 2*len(p.queue) > cap(p.queue) }
+
 // Emit queues ev for delivery. It does not wait for Kafka or the disk; it
 // waits only if the in-memory queue is full. An event emitted while Close
 // runs (a call that outlived the server's graceful stop) goes to the spool
