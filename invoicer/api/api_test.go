@@ -286,4 +286,23 @@ func TestInvoiceAPI(t *testing.T) {
 			t.Errorf("ledger has %d invoice.paid entries, want 1", n)
 		}
 	})
+	// Last: it publishes a free version refused as written.
+	t.Run("an upcoming invoice the operator's plans cannot price is a logged 503, not the caller's error", func(t *testing.T) {
+		testenv.Must(t, f.keys.EnsureAccount(ctx, "acct_z", "acct_z"), "account")
+		_, err := pg.Pool.Exec(ctx, `UPDATE accounts SET created_at = $1 WHERE id = 'acct_z'`, prev.Start)
+		testenv.Must(t, err, "backdate account")
+		_, err = pg.Pool.Exec(ctx, `INSERT INTO plans (id, version, name, currency, definition, created_at) VALUES
+			('free', 2, 'Free', 'usd', '{"prices":[{"key":"api_calls","model":"per_unit","meter":"api_calls","unit_amount":"0","include":1000}]}', $1)`, prev.Start)
+		testenv.Must(t, err, "publish a refused free version")
+		secretZ, _ := f.key(t, "acct_z", edge.Secret, schemas.Live)
+		var e apiErr
+		if code := f.get(t, secretZ, "/v1/invoices/upcoming", &e); code != 503 || e.Error.Code != "billing_unavailable" ||
+			strings.Contains(e.Error.Message, "include") {
+			t.Fatalf("free account under a refused version: %d %+v", code, e.Error)
+		}
+		var up api.Upcoming
+		if code := f.get(t, secretX, "/v1/invoices/upcoming", &up); code != 200 {
+			t.Fatalf("an account on starter: %d", code)
+		}
+	})
 }
