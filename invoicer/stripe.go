@@ -257,19 +257,37 @@ func (z dayZones) of(p Period) string {
 }
 
 // cutZone is the zone a period boundary t was cut in: a period starts and
-// ends at a local midnight, in loc unless the account has changed zones
-// since; then in the fixed offset (within UTC−12 to UTC+14) that makes t a
-// midnight, which names the same days as the zone it was cut in did.
+// ends at the first midnight of a month, in loc unless the account has
+// changed zones since; then in the fixed offset (within UTC−12 to UTC+14)
+// that makes t such a midnight, which names the same days as the zone it
+// was cut in did. Two offsets a day apart can make t a midnight (UTC+13
+// and UTC−11): the one that makes it the 1st is the zone's.
 func cutZone(t time.Time, loc *time.Location) *time.Location {
-	if lt := t.In(loc); lt.Hour() == 0 && lt.Minute() == 0 && lt.Second() == 0 {
+	first := func(lt time.Time) bool {
+		return lt.Day() == 1 && lt.Hour() == 0 && lt.Minute() == 0 && lt.Second() == 0
+	}
+	if first(t.In(loc)) {
 		return loc
 	}
 	u := t.UTC()
 	off := -(u.Hour()*3600 + u.Minute()*60 + u.Second())
-	if off < -12*3600 {
-		off += 24 * 3600
+	var fallback *time.Location
+	for _, o := range []int{off, off + 24*3600, off - 24*3600} {
+		if o < -12*3600 || o > 14*3600 {
+			continue
+		}
+		z := time.FixedZone("", o)
+		if first(t.In(z)) {
+			return z
+		}
+		if fallback == nil {
+			fallback = z
+		}
 	}
-	return time.FixedZone("", off)
+	if fallback == nil {
+		return loc
+	}
+	return fallback
 }
 
 // WebhookEvent is a verified Stripe event about an invoice.
