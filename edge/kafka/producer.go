@@ -89,6 +89,13 @@ type Producer struct {
 	// hold is the spool's claim on usage time, for SpoolHold.
 	holdMu sync.Mutex
 	hold   edge.SpoolHold
+	// inHand is set while a batch neither the spool nor Kafka took waits
+	// in memory (toSpool); armed and behind count down the events queued
+	// when the hold could first be let go, which the trouble held back
+	// too (release). The run goroutine's alone.
+	inHand bool
+	armed  bool
+	behind int
 
 	// closing is set once Close has begun; stopBy, written before it, is
 	// when Close gives up.
@@ -269,7 +276,16 @@ func (p *Producer) run() {
 				break fill
 			}
 		}
+		// A batch taken from the queue after the count began is one of
+		// the events it counts (the queue is first in, first out).
+		counted := p.armed
 		p.deliver(batch)
+		if counted && p.armed {
+			p.behind -= len(batch)
+		}
+		if p.armed {
+			p.release()
+		}
 		if !p.pastStop() {
 			p.drain(10)
 		}
@@ -311,7 +327,8 @@ func (p *Producer) pastStop() bool {
 }
 
 func (p *Producer) toSpool(batch []kafka.Message) {
-	for first := true; ; first = false {
+	defer func() { p.inHand = false }()
+	for {
 		recs := make([][]byte, len(batch))
 		for i, m := range batch {
 			recs[i] = m.Value
@@ -322,12 +339,12 @@ func (p *Producer) toSpool(batch []kafka.Message) {
 			p.held(recs)
 			return
 		}
-		if first {
-			// Events of answered calls now wait in memory, in neither
-			// Kafka nor the spool: the hold covers them (and the queue
-			// behind them, all later), so no period closes without them.
-			p.held(recs)
-		}
+		// Events of answered calls now wait in memory, in neither Kafka
+		// nor the spool: the hold covers them (and the queue behind them,
+		// all later), so no period closes without them, until they are
+		// spooled or delivered (a drain meanwhile does not release it).
+		p.inHand = true
+		p.held(recs)
 		// A graceful stop gives up on a disk that refuses every write and
 		// a Kafka that takes nothing at its one deadline, not one per
 		// batch: each batch left then counts as lost at once.
@@ -348,7 +365,8 @@ func (p *Producer) toSpool(batch []kafka.Message) {
 		if p.spool.Depth() == 0 && p.retry == nil && !time.Now().Before(p.nextTry) {
 			failed, err := p.write(batch)
 			if err == nil {
-				p.released(time.Now()) // delivered, and the spool is empty
+				p.inHand = false
+				p.release() // delivered, and the spool is empty
 				return
 			}
 			batch = failed
@@ -425,7 +443,7 @@ func (p *Producer) drain(chunks int) bool {
 				// The spool is empty then, and its hold released.
 				_ = p.spool.Commit(cur, int(p.spool.Depth()))
 				if p.spool.Drained() {
-					p.released(time.Now())
+					p.release()
 				}
 				return progress
 			}
@@ -446,7 +464,7 @@ func (p *Producer) drain(chunks int) bool {
 		p.retry, p.retryCur, p.retryN = nil, nil, 0
 		progress = true
 		if p.spool.Depth() == 0 {
-			p.released(time.Now())
+			p.release()
 		}
 	}
 	return progress
@@ -467,6 +485,7 @@ func (p *Producer) held(recs [][]byte) {
 	for _, r := range recs {
 		since = eventTime(r, since)
 	}
+	p.armed = false // new trouble: what is queued now waits for it too
 	p.holdMu.Lock()
 	defer p.holdMu.Unlock()
 	if p.hold.Since.IsZero() || !p.hold.Released.IsZero() {
@@ -476,6 +495,33 @@ func (p *Producer) held(recs [][]byte) {
 	} else if since.Before(p.hold.Since) {
 		p.hold.Since = since
 	}
+}
+
+// release lets the hold go once nothing it covers waits: the spool is
+// empty, no batch is in hand, and the events that were queued at that
+// moment, emitted while the trouble held the queue back, have been
+// delivered (run counts them down). Released as soon as the spool
+// drained, it let a period close while those events were still on their
+// way.
+func (p *Producer) release() {
+	if p.spool.Depth() > 0 || p.inHand || p.retry != nil {
+		return
+	}
+	p.holdMu.Lock()
+	holding := !p.hold.Since.IsZero() && p.hold.Released.IsZero()
+	p.holdMu.Unlock()
+	if !holding {
+		p.armed = false
+		return
+	}
+	if !p.armed {
+		p.armed, p.behind = true, len(p.queue)
+	}
+	if p.behind > 0 {
+		return
+	}
+	p.armed = false
+	p.released(time.Now())
 }
 
 // released marks the hold released at t, when the spool has drained.
