@@ -12,6 +12,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/tollgate-dev/tollgate/edge"
+	"github.com/tollgate-dev/tollgate/schemas"
 	"github.com/tollgate-dev/tollgate/web"
 )
 
@@ -80,10 +82,18 @@ func forwardTo(base string, log *slog.Logger) (http.Handler, error) {
 			return nil
 		},
 		ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
-			log.Warn("dashboard API call failed", "path", r.URL.Path, "err", err)
+			// The one error shape, with a request id of its own in the
+			// body, the header and the log line, so a failure the caller
+			// reports can be found.
+			rid := edge.RequestIDFor(schemas.NewEventID())
+			log.Warn("dashboard API call failed", "path", r.URL.Path, "request_id", rid, "err", err)
+			ae := edge.NewAPIError(http.StatusBadGateway, edge.TypeAPI, "upstream_unavailable", "The usage or invoice API could not be reached.")
+			ae.RequestID = rid
+			body, _ := edge.ErrorJSON(ae)
 			w.Header().Set("Content-Type", "application/json")
+			w.Header().Set(edge.HeaderRequestID, rid)
 			w.WriteHeader(http.StatusBadGateway)
-			_, _ = w.Write([]byte(`{"error":{"type":"api_error","code":"upstream_unavailable","message":"The usage or invoice API could not be reached."}}`))
+			_, _ = w.Write(body)
 		},
 	}, nil
 }

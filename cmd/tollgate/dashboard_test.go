@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"io"
 	"log/slog"
 	"net/http"
@@ -81,9 +82,17 @@ func TestDashboardServesPagesAndForwardsEachAPIWithTheCallersKey(t *testing.T) {
 	}
 	t.Run("an API that is down is a 502 with a machine-readable error", func(t *testing.T) {
 		billing.Close()
-		code, body, _ := get("/v1/invoices")
-		if code != http.StatusBadGateway || !strings.Contains(body, `"code":"upstream_unavailable"`) {
-			t.Fatalf("got %d %s", code, body)
+		code, body, h := get("/v1/invoices")
+		var e struct {
+			Error struct {
+				Type, Code, Message string
+				RequestID           string `json:"request_id"`
+				DocURL              string `json:"doc_url"`
+			}
+		}
+		if err := json.Unmarshal([]byte(body), &e); err != nil || code != http.StatusBadGateway || e.Error.Code != "upstream_unavailable" ||
+			e.Error.Type != "api_error" || e.Error.DocURL == "" || e.Error.RequestID == "" || h.Get("Request-Id") != e.Error.RequestID {
+			t.Fatalf("got %d %s (Request-Id %q), want the one error shape with its request id", code, body, h.Get("Request-Id"))
 		}
 	})
 }
