@@ -12,12 +12,24 @@ import (
 // month before and month 13 is January). Where clocks jump forward over
 // midnight (as in America/Asuncion on 1 October 2023), the day begins at
 // the jump: time.Date would give an instant of the day before, which would
-// put a month's first hour into the previous month.
+// put a month's first hour into the previous month. Where clocks fall back
+// over midnight (as in Asia/Amman on 30 October 2020, from 01:00 to 00:00),
+// midnight happens twice and the day begins at the first, as ClickHouse's
+// toStartOfDay has it: time.Date may give the second.
 func DayStart(y int, m time.Month, d int, loc *time.Location) time.Time {
 	t := time.Date(y, m, d, 0, 0, 0, 0, loc)
 	want := time.Date(y, m, d, 0, 0, 0, 0, time.UTC)
 	lt := t.In(loc)
 	if lt.Year() == want.Year() && lt.YearDay() == want.YearDay() {
+		if start, _ := t.ZoneBounds(); !start.IsZero() && !start.After(t) {
+			// Just before this zone period began, was it the same day
+			// already? Then the day began at midnight in the period before.
+			before := start.Add(-time.Nanosecond).In(loc)
+			if before.Year() == want.Year() && before.YearDay() == want.YearDay() {
+				_, off := before.Zone()
+				return time.Date(y, m, d, 0, 0, 0, 0, time.FixedZone("", off)).In(loc)
+			}
+		}
 		return t
 	}
 	if _, end := t.ZoneBounds(); !end.IsZero() {

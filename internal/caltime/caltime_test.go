@@ -26,6 +26,7 @@ func TestDayStart(t *testing.T) {
 		{"the same in Havana", zone("America/Havana"), 2012, time.April, 1, "2012-04-01T01:00:00-04:00"},
 		{"a day whose clocks go back later keeps its midnight", zone("Europe/Berlin"), 2026, time.October, 25, "2026-10-25T00:00:00+02:00"},
 		{"month 13 is next January", zone("UTC"), 2026, 13, 1, "2027-01-01T00:00:00Z"},
+		{"a day whose midnight happens twice begins at the first", zone("Asia/Amman"), 2020, time.October, 30, "2020-10-30T00:00:00+03:00"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			if got := DayStart(c.y, c.m, c.d, c.loc).In(c.loc).Format(time.RFC3339); got != c.want {
@@ -35,11 +36,12 @@ func TestDayStart(t *testing.T) {
 	}
 }
 
-// Every day of 2000–2039 in every zone with a skipped midnight, and a few
-// without: DayStart falls on the day asked for, and the instant before it
-// on the day before.
+// Every day of 2000–2039 in every zone with a skipped or a doubled
+// midnight, and a few without: DayStart falls on the day asked for, and
+// the instant before it on the day before.
 func TestDayStartIsTheFirstInstantOfItsDay(t *testing.T) {
-	for _, name := range []string{"America/Asuncion", "America/Havana", "America/Santiago", "Asia/Beirut", "America/Sao_Paulo", "Europe/London", "Asia/Tokyo"} {
+	for _, name := range []string{"America/Asuncion", "America/Havana", "America/Santiago", "Asia/Beirut", "America/Sao_Paulo", "Europe/London", "Asia/Tokyo",
+		"Asia/Amman", "Asia/Gaza", "Asia/Hebron"} {
 		loc, err := time.LoadLocation(name)
 		if err != nil {
 			t.Fatalf("load %s: %v", name, err)
