@@ -170,6 +170,21 @@ func (p *countingPrimary) AddQuota(_ context.Context, bucket string, n int64, _ 
 	return p.count[bucket], nil
 }
 
+// allowCalls makes n calls through f and returns how many the quota allowed.
+func allowCalls(t *testing.T, f *FallbackLimiter, c CallLimits, n int) (allowed int) {
+	t.Helper()
+	for range n {
+		res, err := f.AllowCall(context.Background(), c)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if res.QuotaAllowed {
+			allowed++
+		}
+	}
+	return allowed
+}
+
 func (p *countingPrimary) set(down bool) {
 	p.mu.Lock()
 	p.down = down
@@ -182,24 +197,12 @@ func (p *countingPrimary) set(down bool) {
 // had used its whole month got a whole month more per instance) and Redis
 // never heard of those calls.
 func TestTheQuotaFallbackCountsOnFromRedisAndPaysItBack(t *testing.T) {
-	ctx := context.Background()
 	for _, instances := range []int{1, 2} {
 		t.Run(fmt.Sprintf("%d instances", instances), func(t *testing.T) {
 			p := &countingPrimary{count: map[string]int64{}}
 			f := &FallbackLimiter{Primary: p, Local: NewLocalLimiter(instances), Cooldown: time.Millisecond}
 			c := CallLimits{Buckets: []string{"key"}, RPS: 1000, Burst: 1000, QuotaBucket: "q:2026-03", QuotaLimit: 1000, QuotaTTL: time.Hour}
-			calls := func(n int) (allowed int) {
-				for range n {
-					res, err := f.AllowCall(ctx, c)
-					if err != nil {
-						t.Fatal(err)
-					}
-					if res.QuotaAllowed {
-						allowed++
-					}
-				}
-				return allowed
-			}
+			calls := func(n int) int { return allowCalls(t, f, c, n) }
 			if got := calls(600); got != 600 {
 				t.Fatalf("Redis up: %d of 600 allowed", got)
 			}
@@ -240,18 +243,7 @@ func TestASettleCountsTheOwedCallsOnce(t *testing.T) {
 	p := &countingPrimary{count: map[string]int64{}}
 	f := &FallbackLimiter{Primary: p, Local: NewLocalLimiter(1), Cooldown: time.Millisecond}
 	c := CallLimits{Buckets: []string{"key"}, RPS: 1000, Burst: 1000, QuotaBucket: "q:2026-03", QuotaLimit: 1000, QuotaTTL: time.Hour}
-	calls := func(n int) (allowed int) {
-		for range n {
-			res, err := f.AllowCall(ctx, c)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if res.QuotaAllowed {
-				allowed++
-			}
-		}
-		return allowed
-	}
+	calls := func(n int) int { return allowCalls(t, f, c, n) }
 	calls(600)
 	p.set(true)
 	calls(100) // allowed locally, owed

@@ -6,7 +6,6 @@ import (
 	"os"
 	"os/exec"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -34,14 +33,6 @@ func runDiskFullChild(t *testing.T, name string, env ...string) {
 	}
 }
 
-// fillDisk makes every later file write of this process fail.
-func fillDisk(t *testing.T) {
-	var lim syscall.Rlimit
-	testenv.Must(t, syscall.Getrlimit(syscall.RLIMIT_FSIZE, &lim), "get file size limit")
-	lim.Cur = 1
-	testenv.Must(t, syscall.Setrlimit(syscall.RLIMIT_FSIZE, &lim), "set file size limit")
-}
-
 // With the disk refusing the spool, events Kafka refused stay in memory
 // and go straight to Kafka, once each, as soon as it takes them.
 func TestDiskFullEventsWaitForKafkaInsteadOfTheSpool(t *testing.T) {
@@ -52,7 +43,7 @@ func TestDiskFullEventsWaitForKafkaInsteadOfTheSpool(t *testing.T) {
 		p, err := edgekafka.NewProducer(edgekafka.Config{Brokers: brokers, Topic: topic, SpoolDir: t.TempDir(),
 			CloseTimeout: 5 * time.Second}, reg, slog.New(slog.DiscardHandler))
 		testenv.Must(t, err, "new producer")
-		fillDisk(t)
+		edgekafka.FillDisk(t)
 		// The topic does not exist yet, so Kafka refuses the first writes.
 		for range 50 {
 			p.Emit(edgekafka.UsageEvent("acct_disk"))
@@ -109,7 +100,7 @@ func TestDiskFullAndKafkaDownCloseEndsAndCountsTheLost(t *testing.T) {
 	p, err := edgekafka.NewProducer(edgekafka.Config{Brokers: []string{"127.0.0.1:1"}, Topic: "usage.unreachable",
 		SpoolDir: t.TempDir(), CloseTimeout: 2 * time.Second}, prometheus.NewRegistry(), slog.New(slog.DiscardHandler))
 	testenv.Must(t, err, "new producer")
-	fillDisk(t)
+	edgekafka.FillDisk(t)
 	for range 20 {
 		p.Emit(edgekafka.UsageEvent("acct_disk_down"))
 	}
@@ -134,7 +125,7 @@ func TestDiskFullAndKafkaDownCloseKeepsOneDeadlineForManyBatches(t *testing.T) {
 	p, err := edgekafka.NewProducer(edgekafka.Config{Brokers: []string{"127.0.0.1:1"}, Topic: "usage.unreachable",
 		SpoolDir: t.TempDir(), BatchSize: 500, CloseTimeout: closeTimeout}, reg, slog.New(slog.DiscardHandler))
 	testenv.Must(t, err, "new producer")
-	fillDisk(t)
+	edgekafka.FillDisk(t)
 	for range 5000 {
 		p.Emit(edgekafka.UsageEvent("acct_disk_down"))
 	}
@@ -179,7 +170,7 @@ func TestDiskFullAndKafkaDownTheProducerIsBackedUp(t *testing.T) {
 	if p.Backed() {
 		t.Fatal("backed up before any event")
 	}
-	fillDisk(t)
+	edgekafka.FillDisk(t)
 	for range 80 {
 		p.Emit(edgekafka.UsageEvent("acct_backed"))
 	}

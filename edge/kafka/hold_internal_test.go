@@ -39,8 +39,8 @@ func (g gatedProduce) RoundTrip(ctx context.Context, addr net.Addr, req kafka.Re
 	return g.RoundTripper.RoundTrip(ctx, addr, req)
 }
 
-// holdChild runs the test again as a child that cannot write files past
-// one byte once it calls full, so every spool append fails.
+// holdChild runs the test again as a child, which calls FillDisk so that
+// every spool append fails.
 func holdChild(t *testing.T) bool {
 	if os.Getenv("TOLLGATE_HOLD_CHILD") != "" {
 		return true
@@ -54,7 +54,10 @@ func holdChild(t *testing.T) bool {
 	return false
 }
 
-func full(t *testing.T) {
+// FillDisk makes every later file write of this process fail (a per-process
+// file size limit of one byte), as a full disk does; the tests call it in a
+// child process of their own.
+func FillDisk(t *testing.T) {
 	var lim syscall.Rlimit
 	testenv.Must(t, syscall.Getrlimit(syscall.RLIMIT_FSIZE, &lim), "get file size limit")
 	lim.Cur = 1
@@ -82,7 +85,7 @@ func TestTheHoldStaysWhileABatchWaitsInMemory(t *testing.T) {
 		CloseTimeout: 2 * time.Second}, prometheus.NewRegistry(), slog.New(slog.DiscardHandler))
 	testenv.Must(t, err, "new producer")
 	p.w.Transport = gatedProduce{RoundTripper: p.w.Transport, allow: &allow}
-	full(t)
+	FillDisk(t)
 	for range 3 {
 		p.Emit(UsageEvent("acct_in_memory"))
 	}
@@ -112,7 +115,7 @@ func TestTheHoldWaitsForTheEventsQueuedBehindTheTrouble(t *testing.T) {
 		BatchSize: 100, CloseTimeout: 2 * time.Second}, prometheus.NewRegistry(), slog.New(slog.DiscardHandler))
 	testenv.Must(t, err, "new producer")
 	p.w.Transport = gatedProduce{RoundTripper: p.w.Transport, allow: &allow, delay: 100 * time.Millisecond}
-	full(t)
+	FillDisk(t)
 	for range 500 {
 		p.Emit(UsageEvent("acct_queued"))
 	}
