@@ -136,54 +136,23 @@ func strictJSON(b []byte, v any) error {
 	return nil
 }
 
-// UnmarshalJSON decodes a definition strictly, all but its limits: those
-// are the edge's to read, and keys the invoicer does not know there are
-// none of its business.
-func (d *Definition) UnmarshalJSON(b []byte) error {
-	var v struct {
-		Limits     json.RawMessage `json:"limits"`
-		UpgradeURL string          `json:"upgrade_url"`
-		Custom     bool            `json:"custom"`
-		Prices     []Price         `json:"prices"`
-	}
-	if err := strictJSON(b, &v); err != nil {
+// UnmarshalJSON reads limits leniently, even inside a strict decode
+// (ParseDefinition): they are the edge's to read, and keys the invoicer
+// does not know there are none of its business.
+func (l *Limits) UnmarshalJSON(b []byte) error {
+	type plain Limits // without this method
+	var v plain
+	if err := json.Unmarshal(b, &v); err != nil {
 		return err
 	}
-	*d = Definition{UpgradeURL: v.UpgradeURL, Custom: v.Custom, Prices: v.Prices}
-	if len(v.Limits) > 0 {
-		if err := json.Unmarshal(v.Limits, &d.Limits); err != nil {
-			return fmt.Errorf("limits: %w", err)
-		}
-	}
-	return nil
-}
-
-// UnmarshalJSON decodes a price, refusing keys a price does not have.
-func (p *Price) UnmarshalJSON(b []byte) error {
-	type plain Price // without this method
-	var v plain
-	if err := strictJSON(b, &v); err != nil {
-		return fmt.Errorf("price: %w", err)
-	}
-	*p = Price(v)
-	return nil
-}
-
-// UnmarshalJSON decodes a tier, refusing keys a tier does not have.
-func (t *Tier) UnmarshalJSON(b []byte) error {
-	type plain Tier
-	var v plain
-	if err := strictJSON(b, &v); err != nil {
-		return fmt.Errorf("tier: %w", err)
-	}
-	*t = Tier(v)
+	*l = Limits(v)
 	return nil
 }
 
 // ParseDefinition decodes and validates a plan definition.
 func ParseDefinition(b []byte) (Definition, error) {
 	var d Definition
-	if err := json.Unmarshal(b, &d); err != nil {
+	if err := strictJSON(b, &d); err != nil {
 		return d, fmt.Errorf("%w: plan definition: %v", ErrInvalid, err)
 	}
 	return d, d.Validate()
@@ -195,40 +164,9 @@ func ParseDefinition(b []byte) (Definition, error) {
 // an invoice billed under a definition ParseDefinition now refuses can
 // still be proved; a close never does.
 func ParseBilledDefinition(b []byte) (Definition, error) {
-	type tier struct {
-		UpTo       *int64          `json:"up_to"`
-		UnitAmount decimal.Decimal `json:"unit_amount"`
-		FlatAmount int64           `json:"flat_amount"`
-	}
-	type price struct {
-		Key           string          `json:"key"`
-		Description   string          `json:"description"`
-		Model         Model           `json:"model"`
-		Meter         string          `json:"meter"`
-		Amount        int64           `json:"amount"`
-		UnitAmount    decimal.Decimal `json:"unit_amount"`
-		PackageSize   int64           `json:"package_size"`
-		PackageAmount int64           `json:"package_amount"`
-		Tiers         []tier          `json:"tiers"`
-		Included      int64           `json:"included"`
-	}
-	var v struct {
-		Limits     Limits  `json:"limits"`
-		UpgradeURL string  `json:"upgrade_url"`
-		Custom     bool    `json:"custom"`
-		Prices     []price `json:"prices"`
-	}
-	if err := json.Unmarshal(b, &v); err != nil {
-		return Definition{}, fmt.Errorf("%w: plan definition: %v", ErrInvalid, err)
-	}
-	d := Definition{Limits: v.Limits, UpgradeURL: v.UpgradeURL, Custom: v.Custom}
-	for _, p := range v.Prices {
-		pr := Price{Key: p.Key, Description: p.Description, Model: p.Model, Meter: p.Meter, Amount: p.Amount,
-			UnitAmount: p.UnitAmount, PackageSize: p.PackageSize, PackageAmount: p.PackageAmount, Included: p.Included}
-		for _, t := range p.Tiers {
-			pr.Tiers = append(pr.Tiers, Tier(t))
-		}
-		d.Prices = append(d.Prices, pr)
+	var d Definition
+	if err := json.Unmarshal(b, &d); err != nil {
+		return d, fmt.Errorf("%w: plan definition: %v", ErrInvalid, err)
 	}
 	return d, d.validate(false)
 }
