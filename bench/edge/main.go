@@ -40,6 +40,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -748,7 +749,19 @@ http {
 	if err := cmd.Start(); err != nil {
 		return nil, fmt.Errorf("start nginx: %w", err)
 	}
-	stop := func() { _ = cmd.Process.Kill(); _ = cmd.Wait() }
+	// A TERM to the master stops its workers too; a KILL would leave them
+	// running, holding their ports, after the bench has ended.
+	stop := func() {
+		done := make(chan struct{})
+		go func() { _ = cmd.Wait(); close(done) }()
+		_ = cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case <-done:
+		case <-time.After(10 * time.Second):
+			_ = cmd.Process.Kill()
+			<-done
+		}
+	}
 	deadline := time.Now().Add(10 * time.Second)
 	for _, a := range []string{plain, limited, bare} {
 		for {
