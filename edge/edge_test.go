@@ -541,3 +541,54 @@ func TestARefusalUnderAPlanWithoutALinkPointsToTheFreeTiers(t *testing.T) {
 		t.Fatalf("second call: %d %+v; want quota_exceeded with upgrade_url %q", r.Status, r.Error, want)
 	}
 }
+
+// A call by a valid key that its route or scopes refuse takes its token
+// from the rate limits, as any call does: its answer carries their
+// headers, and once they are spent it gets the 429. It costs no monthly
+// quota, which counts only calls that reach the upstream. Both fronts.
+func TestARefusedCallCarriesTheRateLimitHeadersAndCostsNoQuota(t *testing.T) {
+	for _, netHTTP := range []bool{false, true} {
+		t.Run(fmt.Sprintf("net/http=%v", netHTTP), func(t *testing.T) {
+			env := edgetest.New(t)
+			in := env.Start(t, edgetest.Options{Config: withRoutes, NetHTTP: netHTTP, Now: quotaClock(time.Now())})
+			acct := "acct_refused_headers"
+			readOnly, _ := env.Key(t, acct, edge.Secret, schemas.Live, "widgets:read")
+			one := int64(1)
+			env.SetPlan(t, acct, "one_a_month", edge.Limits{RequestsPerSecond: 1, Burst: 4, MonthlyRequests: &one}, "https://example.test/up")
+			calls := []struct {
+				method, path string
+				status       int
+				code         string
+				monthly      bool // the answer names the monthly quota
+			}{
+				{"DELETE", "/v1/widgets/1", 403, "insufficient_scope", false},
+				{"GET", "/v1/secrets", 404, "route_not_found", false},
+				// The quota of one is still whole: the refusals cost none of it.
+				{"GET", "/v1/widgets/1", 200, "", true},
+				{"DELETE", "/v1/widgets/1", 403, "insufficient_scope", false},
+				// The burst of four is spent.
+				{"DELETE", "/v1/widgets/1", 429, "rate_limited", false},
+			}
+			for i, c := range calls {
+				r := edgetest.Do(t, c.method, in.URL+c.path, readOnly, nil)
+				if r.Status != c.status || r.Error.Code != c.code {
+					t.Fatalf("call %d, %s %s: %d %q, want %d %q (%s)", i+1, c.method, c.path, r.Status, r.Error.Code, c.status, c.code, r.Body)
+				}
+				h := r.Header
+				policy := h.Get("RateLimit-Policy")
+				if h.Get("X-RateLimit-Limit") == "" || h.Get("X-RateLimit-Remaining") == "" || h.Get("X-RateLimit-Reset") == "" ||
+					h.Get("RateLimit") == "" || !strings.HasPrefix(policy, `"key";q=4;w=4`) ||
+					strings.Contains(policy, "monthly") != c.monthly {
+					t.Fatalf("call %d (%d): X-RateLimit-Limit %q, -Remaining %q, -Reset %q, RateLimit %q, RateLimit-Policy %q",
+						i+1, r.Status, h.Get("X-RateLimit-Limit"), h.Get("X-RateLimit-Remaining"), h.Get("X-RateLimit-Reset"), h.Get("RateLimit"), policy)
+				}
+				if !c.monthly {
+					// The tightest bucket: four tokens, one taken per call.
+					if want := strconv.Itoa(max(0, 4-(i+1))); h.Get("X-RateLimit-Limit") != "4" || h.Get("X-RateLimit-Remaining") != want {
+						t.Fatalf("call %d: X-RateLimit-Limit %q, -Remaining %q, want 4 and %s", i+1, h.Get("X-RateLimit-Limit"), h.Get("X-RateLimit-Remaining"), want)
+					}
+				}
+			}
+		})
+	}
+}

@@ -488,7 +488,7 @@ func (s *Server) Admit(ctx context.Context, ci CallInfo, setHeader func(name str
 	}
 	a.Key = k
 	if a.Route, err = s.authorizeCall(k, ci, false); err != nil {
-		return a, err
+		return a, s.refuseWithLimits(ctx, k, err, setHeader)
 	}
 	a.Routed = true
 	if ci.Upgrade {
@@ -662,6 +662,19 @@ func (s *Server) authorizeCall(k *Key, ci CallInfo, events bool) (Route, error) 
 	return route, nil
 }
 
+// refuseWithLimits answers a call by a valid key that its route or
+// scopes refuse (refusal): the call takes its token from the key's and the
+// account's rate limits, as any call does, so its answer carries their
+// headers, and a caller past them gets the 429 instead. The monthly quota
+// counts only calls that reach the upstream, so it is neither charged nor
+// named.
+func (s *Server) refuseWithLimits(ctx context.Context, k *Key, refusal error, setHeader func(name string, value []byte)) error {
+	if err := s.limitCall(ctx, k, false, time.Time{}, setHeader); err != nil {
+		return err
+	}
+	return refusal
+}
+
 // authorize matches the route and checks the key may call it.
 func (s *Server) authorize(next echo.HandlerFunc) echo.HandlerFunc {
 	return func(c echo.Context) error {
@@ -673,7 +686,8 @@ func (s *Server) authorize(next echo.HandlerFunc) echo.HandlerFunc {
 			c.Set("route", route)
 		}
 		if err != nil {
-			return err
+			h := c.Response().Header()
+			return s.refuseWithLimits(req.Context(), k, err, func(name string, value []byte) { h[name] = []string{string(value)} })
 		}
 		return next(c)
 	}
