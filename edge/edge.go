@@ -201,6 +201,12 @@ type Config struct {
 	// restart and belong to one edge process (it is locked). Empty means
 	// <user cache dir>/tollgate/edge-spool/<topic>.
 	SpoolDir string `yaml:"spool_dir"`
+	// SpoolMaxBytes bounds the spool's files on disk (default 4 GiB, about
+	// ten million events; -1: only the disk bounds them). A spool at its
+	// bound takes no more: events wait in memory, as when the disk is
+	// full (the hold stays, /readyz fails once the queue is half full,
+	// and a full queue makes calls wait), until Kafka takes them.
+	SpoolMaxBytes int64 `yaml:"spool_max_bytes"`
 	// EventLinger is how long the producer waits to fill a Kafka write
 	// with more events. Longer means fewer, larger produce requests (less
 	// CPU on the edge and the brokers) and a slightly longer window of
@@ -263,6 +269,9 @@ func (c *Config) Defaults() {
 	}
 	if c.EventQueueSize == 0 {
 		c.EventQueueSize = 65536
+	}
+	if c.SpoolMaxBytes == 0 {
+		c.SpoolMaxBytes = 4 << 30
 	}
 	if c.KeyCacheTTL == 0 {
 		c.KeyCacheTTL = 30 * time.Second
@@ -336,6 +345,9 @@ func (c *Config) Validate() error {
 	}
 	if c.EventQueueSize < 1 || c.EventQueueSize > 16<<20 {
 		errs = append(errs, fmt.Errorf("edge.event_queue_size: between 1 and 16,777,216, got %d", c.EventQueueSize))
+	}
+	if c.SpoolMaxBytes != -1 && c.SpoolMaxBytes < 16<<20 {
+		errs = append(errs, fmt.Errorf("edge.spool_max_bytes: at least 16,777,216 (16 MiB), or -1 for no bound but the disk's, got %d", c.SpoolMaxBytes))
 	}
 	if err := c.CORS.validate(); err != nil {
 		errs = append(errs, err)

@@ -80,7 +80,7 @@ func NewEdgeMain(ctx context.Context, cfg Config, log *slog.Logger) (m *EdgeMain
 	}
 	if m.producer, err = edgekafka.NewProducer(edgekafka.Config{
 		Brokers: cfg.Services.KafkaBrokers, Topic: cfg.Ingest.Topic, SpoolDir: spoolDir, Linger: cfg.Edge.EventLinger,
-		QueueSize: cfg.Edge.EventQueueSize,
+		QueueSize: cfg.Edge.EventQueueSize, SpoolMaxBytes: cfg.Edge.SpoolMaxBytes,
 	}, m.Registry, log); err != nil {
 		return nil, err
 	}

@@ -55,7 +55,7 @@ func TestEventsEmittedAroundCloseAreDeliveredSpooledOrCounted(t *testing.T) {
 	wg.Wait()
 
 	lost := int64(testutil.ToFloat64(p.Lost()))
-	sp, err := edgekafka.OpenSpool(dir, slog.New(slog.DiscardHandler))
+	sp, err := edgekafka.OpenSpool(dir, slog.New(slog.DiscardHandler), 0)
 	testenv.Must(t, err, "reopen spool")
 	spooled := sp.Depth()
 	testenv.Must(t, sp.Close(), "close spool")

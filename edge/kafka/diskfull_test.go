@@ -176,3 +176,74 @@ func TestDiskFullAndKafkaDownTheProducerIsBackedUp(t *testing.T) {
 	}
 	testenv.Wait(t, 5*time.Second, "the producer backed up", p.Backed)
 }
+
+// A spool at its bound (spool_max_bytes) refuses more as a full disk
+// does: it stays within the bound, the rest wait in memory under the hold,
+// and every event reaches Kafka once when it takes them.
+func TestASpoolAtItsBoundKeepsTheRestInMemory(t *testing.T) {
+	brokers := testenv.KafkaBrokers()
+	topic := strings.ReplaceAll(testenv.Name(t), "_", ".")
+	t.Cleanup(func() {
+		client := &kafka.Client{Addr: kafka.TCP(brokers...), Timeout: 20 * time.Second}
+		_, _ = client.DeleteTopics(context.Background(), &kafka.DeleteTopicsRequest{Topics: []string{topic}})
+	})
+	const bound = 64 << 10 // about 150 events
+	reg := prometheus.NewRegistry()
+	p, err := edgekafka.NewProducer(edgekafka.Config{Brokers: brokers, Topic: topic, SpoolDir: t.TempDir(),
+		SpoolMaxBytes: bound, CloseTimeout: 5 * time.Second}, reg, slog.New(slog.DiscardHandler))
+	testenv.Must(t, err, "new producer")
+	defer func() { _ = p.Close() }()
+	// The topic does not exist yet, so Kafka refuses every write. Bursts of
+	// 100 make batches of about 100, the first few of which fit.
+	const n = 500
+	for range n / 100 {
+		for range 100 {
+			p.Emit(edgekafka.UsageEvent("acct_bound"))
+		}
+		time.Sleep(300 * time.Millisecond)
+	}
+	testenv.Wait(t, 10*time.Second, "events in the spool", func() bool { return p.SpoolDepth() > 0 })
+	time.Sleep(1500 * time.Millisecond) // a refused batch is tried again every second
+	size := gauge(t, reg, "tollgate_edge_spool_bytes")
+	if size <= 0 || size > bound || p.SpoolDepth() >= n {
+		t.Fatalf("spool holds %v bytes and %d events; want some, within the bound of %d, and fewer than the %d emitted", size, p.SpoolDepth(), bound, n)
+	}
+	if h := p.SpoolHold(); h.Since.IsZero() || !h.Released.IsZero() {
+		t.Fatalf("hold %+v while events wait; want one held", h)
+	}
+	client := &kafka.Client{Addr: kafka.TCP(brokers...), Timeout: 20 * time.Second}
+	res, err := client.CreateTopics(context.Background(), &kafka.CreateTopicsRequest{
+		Topics: []kafka.TopicConfig{{Topic: topic, NumPartitions: 1, ReplicationFactor: 1}}})
+	testenv.Must(t, err, "create topic")
+	testenv.Must(t, res.Errors[topic], "create topic")
+	testenv.Wait(t, 30*time.Second, "every event in Kafka", func() bool {
+		return p.KafkaUp() && p.SpoolDepth() == 0 && produced(t, reg) == n
+	})
+	if h := p.SpoolHold(); h.Released.IsZero() || testutil.ToFloat64(p.Lost()) != 0 {
+		t.Fatalf("hold %+v, lost %v once every event is in Kafka; want it released and none lost", h, testutil.ToFloat64(p.Lost()))
+	}
+	testenv.Must(t, p.Close(), "close producer")
+	seen := map[string]bool{}
+	for _, ev := range edgetest.ReadTopic(t, brokers, topic, n, 30*time.Second) {
+		if seen[ev.ID.String()] {
+			t.Fatalf("event %s is in the topic twice", ev.ID)
+		}
+		seen[ev.ID.String()] = true
+	}
+	if len(seen) != n {
+		t.Fatalf("%d distinct events in the topic, want %d", len(seen), n)
+	}
+}
+
+func gauge(t *testing.T, reg *prometheus.Registry, name string) float64 {
+	t.Helper()
+	mfs, err := reg.Gather()
+	testenv.Must(t, err, "gather metrics")
+	for _, mf := range mfs {
+		if mf.GetName() == name {
+			return mf.GetMetric()[0].GetGauge().GetValue()
+		}
+	}
+	t.Fatalf("no metric %s", name)
+	return 0
+}

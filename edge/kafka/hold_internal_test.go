@@ -72,7 +72,7 @@ func TestTheHoldStaysWhileABatchWaitsInMemory(t *testing.T) {
 		return
 	}
 	dir := t.TempDir()
-	sp, err := OpenSpool(dir, slog.New(slog.DiscardHandler))
+	sp, err := OpenSpool(dir, slog.New(slog.DiscardHandler), 0)
 	testenv.Must(t, err, "open spool")
 	recs := make([][]byte, 5)
 	for i := range recs {

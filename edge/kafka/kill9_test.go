@@ -136,7 +136,7 @@ func TestKill9WhileSpoolingLosesAtMostTheUnsyncedTail(t *testing.T) {
 	// Read a copy, so the real spool is still whole for the restart below.
 	scratch := filepath.Join(dir, "spool-copy")
 	testenv.Must(t, os.CopyFS(scratch, os.DirFS(spool)), "copy spool")
-	sp, err := edgekafka.OpenSpool(scratch, slog.New(slog.DiscardHandler))
+	sp, err := edgekafka.OpenSpool(scratch, slog.New(slog.DiscardHandler), 0)
 	testenv.Must(t, err, "open spool after kill -9")
 	spooled := map[string]bool{}
 	for {

@@ -23,6 +23,11 @@ type Config struct {
 	Brokers  []string
 	Topic    string
 	SpoolDir string
+	// SpoolMaxBytes bounds the spool's files on disk (default 4 GiB, about
+	// ten million events; negative: only the disk bounds them). A spool at
+	// its bound takes no more: events wait in memory, as when the disk is
+	// full, until Kafka takes them.
+	SpoolMaxBytes int64
 	// QueueSize bounds events held in memory; when it is full Emit waits
 	// (counted in tollgate_edge_emit_waits_total) rather than drop.
 	QueueSize int
@@ -41,9 +46,15 @@ type Config struct {
 	CloseTimeout time.Duration
 }
 
+// DefaultSpoolMaxBytes is Config.SpoolMaxBytes's default.
+const DefaultSpoolMaxBytes = 4 << 30
+
 func (c *Config) defaults() {
 	if c.QueueSize == 0 {
 		c.QueueSize = 65536
+	}
+	if c.SpoolMaxBytes == 0 {
+		c.SpoolMaxBytes = DefaultSpoolMaxBytes
 	}
 	if c.BatchSize == 0 {
 		c.BatchSize = 1000
@@ -121,7 +132,7 @@ var _ edge.Emitter = (*Producer)(nil)
 // spool by an earlier run are delivered first.
 func NewProducer(cfg Config, reg prometheus.Registerer, log *slog.Logger) (*Producer, error) {
 	cfg.defaults()
-	sp, err := OpenSpool(cfg.SpoolDir, log)
+	sp, err := OpenSpool(cfg.SpoolDir, log, cfg.SpoolMaxBytes)
 	if err != nil {
 		return nil, err
 	}
@@ -165,6 +176,9 @@ func NewProducer(cfg Config, reg prometheus.Registerer, log *slog.Logger) (*Prod
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "tollgate_edge_spool_depth", Help: "Usage events in the local spool awaiting Kafka.",
 		}, func() float64 { return float64(sp.Depth()) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "tollgate_edge_spool_bytes", Help: "Bytes the local spool's files hold on disk (bounded by edge.spool_max_bytes).",
+		}, func() float64 { return float64(sp.Size()) }),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "tollgate_edge_emit_queue_length", Help: "Usage events in memory awaiting delivery.",
 		}, func() float64 { return float64(len(p.queue)) }),

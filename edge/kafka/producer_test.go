@@ -80,7 +80,7 @@ func TestEmitKeepsReturningAfterASegmentCouldNotBeOpened(t *testing.T) {
 	testenv.Wait(t, 30*time.Second, "321 events spooled", func() bool { return testutil.ToFloat64(p.spooled) == 321 })
 	_ = p.Close()
 
-	s, err := OpenSpool(dir, slog.New(slog.DiscardHandler))
+	s, err := OpenSpool(dir, slog.New(slog.DiscardHandler), 0)
 	testenv.Must(t, err, "reopen spool")
 	defer s.Close()
 	rs, _, err := s.Read(1000)
@@ -97,7 +97,7 @@ func TestEmitKeepsReturningAfterASegmentCouldNotBeOpened(t *testing.T) {
 // A corrupt region in the spool shows in the producer's metrics.
 func TestProducerCountsCorruptSpoolRegions(t *testing.T) {
 	dir := t.TempDir()
-	s, err := OpenSpool(dir, slog.New(slog.DiscardHandler))
+	s, err := OpenSpool(dir, slog.New(slog.DiscardHandler), 0)
 	testenv.Must(t, err, "open spool")
 	s.maxSeg = 200 // each append of ten 21-byte records fills a segment
 	for i := range 2 {

@@ -29,7 +29,7 @@ import (
 // deleted. A crash between delivery and the cursor update re-delivers a few
 // records, which downstream deduplication by event id absorbs.
 //
-// Spool is not safe for concurrent use except Depth, Corrupt and
+// Spool is not safe for concurrent use except Depth, Size, Corrupt and
 // CorruptBytes; the producer's single delivery goroutine owns it.
 type Spool struct {
 	dir    string
@@ -43,6 +43,11 @@ type Spool struct {
 	roff   int64
 	depth  atomic.Int64
 	lock   *os.File
+	// maxBytes, when positive, bounds the spool's files on disk: an
+	// Append that would take them past it is refused with ErrSpoolFull,
+	// as a full disk refuses it. size is what the files hold now.
+	maxBytes int64
+	size     atomic.Int64
 	// corrupt and corruptBytes count the corrupt regions skipped, each
 	// once: badUpTo is just past the start of the last one counted.
 	corrupt      atomic.Int64
@@ -73,10 +78,16 @@ const (
 
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)
 
+// ErrSpoolFull refuses an Append that would take the spool's files past
+// their bound.
+var ErrSpoolFull = errors.New("spool: full (spool_max_bytes)")
+
 // OpenSpool opens (creating if needed) the spool in dir, cuts off a torn
 // tail, and counts the records not yet delivered. Corrupt regions are
-// logged to log as they are found.
-func OpenSpool(dir string, log *slog.Logger) (*Spool, error) {
+// logged to log as they are found. maxBytes, when positive, bounds the
+// spool's files on disk (see ErrSpoolFull); a spool already past it opens,
+// and takes no more until it is back under.
+func OpenSpool(dir string, log *slog.Logger, maxBytes int64) (*Spool, error) {
 	if err := os.MkdirAll(dir, 0o750); err != nil {
 		return nil, fmt.Errorf("spool: %w", err)
 	}
@@ -88,7 +99,7 @@ func OpenSpool(dir string, log *slog.Logger) (*Spool, error) {
 		lock.Close()
 		return nil, fmt.Errorf("spool %s is in use by another edge process: %w", dir, err)
 	}
-	s := &Spool{dir: dir, log: log, maxSeg: defaultSegment, lock: lock}
+	s := &Spool{dir: dir, log: log, maxSeg: defaultSegment, lock: lock, maxBytes: maxBytes}
 	ok := false
 	defer func() {
 		if !ok {
@@ -128,12 +139,17 @@ func OpenSpool(dir string, log *slog.Logger) (*Spool, error) {
 		s.roff = st.Size()
 	}
 	// Count pending records and find the valid end of the last segment.
-	var depth int64
+	var depth, size int64
 	for _, seq := range seqs {
 		if seq < s.rseq {
 			// Delivered, but its removal failed before.
 			_ = os.Remove(s.path(seq))
 			continue
+		}
+		if seq != s.wseq {
+			if st, err := os.Stat(s.path(seq)); err == nil {
+				size += st.Size()
+			}
 		}
 		start := int64(0)
 		if seq == s.rseq {
@@ -159,6 +175,7 @@ func OpenSpool(dir string, log *slog.Logger) (*Spool, error) {
 	if st, err := s.w.Stat(); err == nil {
 		s.wsize = st.Size()
 	}
+	s.size.Store(size + s.wsize)
 	ok = true
 	return s, nil
 }
@@ -378,14 +395,17 @@ func (s *Spool) Append(recs [][]byte) error {
 	if len(recs) == 0 {
 		return nil
 	}
+	size := 0
+	for _, r := range recs {
+		size += recordHeader + len(r)
+	}
+	if s.maxBytes > 0 && s.size.Load()+int64(size) > s.maxBytes {
+		return ErrSpoolFull
+	}
 	if s.wsize >= s.maxSeg || s.dirty {
 		if err := s.roll(); err != nil {
 			return err
 		}
-	}
-	size := 0
-	for _, r := range recs {
-		size += recordHeader + len(r)
 	}
 	buf := make([]byte, 0, size)
 	for _, r := range recs {
@@ -408,6 +428,7 @@ func (s *Spool) Append(recs [][]byte) error {
 		return fmt.Errorf("spool: fsync: %w", err)
 	}
 	s.wsize += int64(len(buf))
+	s.size.Add(int64(len(buf)))
 	s.depth.Add(int64(len(recs)))
 	return nil
 }
@@ -505,9 +526,7 @@ func (s *Spool) Commit(cur SpoolCursor, n int) error {
 	// records are never sent again.
 	var rmErr error
 	for seq := s.rseq; seq < cur.Seq; seq++ {
-		if err := os.Remove(s.path(seq)); err != nil && !errors.Is(err, os.ErrNotExist) {
-			rmErr = errors.Join(rmErr, fmt.Errorf("spool: remove delivered segment: %w", err))
-		}
+		rmErr = errors.Join(rmErr, s.remove(seq))
 	}
 	s.rseq, s.roff = cur.Seq, cur.Off
 	s.depth.Add(-int64(n))
@@ -529,15 +548,28 @@ func (s *Spool) Commit(cur SpoolCursor, n int) error {
 			s.step("cursor on disk")
 			delivered := s.rseq
 			s.rseq, s.roff = s.wseq, 0
-			if err := os.Remove(s.path(delivered)); err != nil && !errors.Is(err, os.ErrNotExist) {
-				rmErr = errors.Join(rmErr, fmt.Errorf("spool: remove delivered segment: %w", err))
-			}
-			return rmErr
+			return errors.Join(rmErr, s.remove(delivered))
 		}
 		rmErr = errors.Join(rmErr, err)
 	}
 	// A cursor that a crash loses only sends delivered records again.
 	return errors.Join(rmErr, s.writeCursor(s.rseq, s.roff, false))
+}
+
+// remove deletes a delivered segment, taking its bytes off the spool's
+// size. One that cannot be removed still counts: it is still on disk.
+func (s *Spool) remove(seq uint64) error {
+	st, err := os.Stat(s.path(seq))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err := os.Remove(s.path(seq)); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("spool: remove delivered segment: %w", err)
+	}
+	if err == nil {
+		s.size.Add(-st.Size())
+	}
+	return nil
 }
 
 func (s *Spool) step(name string) {
@@ -624,6 +656,9 @@ func (s *Spool) Drained() bool { return s.rseq == s.wseq && s.roff >= s.wsize }
 
 // Depth is the number of records not yet delivered.
 func (s *Spool) Depth() int64 { return s.depth.Load() }
+
+// Size is how many bytes the spool's files hold on disk.
+func (s *Spool) Size() int64 { return s.size.Load() }
 
 // Corrupt is the number of corrupt regions skipped so far. It is safe for
 // concurrent use.

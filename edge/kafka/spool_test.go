@@ -1,6 +1,7 @@
 package kafka
 
 import (
+	"errors"
 	"fmt"
 	"log/slog"
 	"os"
@@ -41,7 +42,7 @@ func readAllSpool(t *testing.T, s *Spool) []string {
 
 func TestSpoolDeliversInOrderAcrossSegmentsAndRestarts(t *testing.T) {
 	dir := t.TempDir()
-	s, err := OpenSpool(dir, slog.New(slog.DiscardHandler))
+	s, err := OpenSpool(dir, slog.New(slog.DiscardHandler), 0)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -63,7 +64,7 @@ func TestSpoolDeliversInOrderAcrossSegmentsAndRestarts(t *testing.T) {
 		t.Fatal(err)
 	}
 	_ = s.Close()
-	s2, err := OpenSpool(dir, slog.New(slog.DiscardHandler))
+	s2, err := OpenSpool(dir, slog.New(slog.DiscardHandler), 0)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -101,7 +102,7 @@ func TestSpoolCutsATornTailAndKeepsEveryWholeRecord(t *testing.T) {
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
 			dir := t.TempDir()
-			s, err := OpenSpool(dir, slog.New(slog.DiscardHandler))
+			s, err := OpenSpool(dir, slog.New(slog.DiscardHandler), 0)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -114,7 +115,7 @@ func TestSpoolCutsATornTailAndKeepsEveryWholeRecord(t *testing.T) {
 			if err := os.WriteFile(path, c.tear(b), 0o640); err != nil {
 				t.Fatal(err)
 			}
-			s2, err := OpenSpool(dir, slog.New(slog.DiscardHandler))
+			s2, err := OpenSpool(dir, slog.New(slog.DiscardHandler), 0)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -151,7 +152,7 @@ func TestSpoolSkipsACorruptRecordAndDeliversTheRest(t *testing.T) {
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
 			dir := t.TempDir()
-			s, err := OpenSpool(dir, slog.New(slog.DiscardHandler))
+			s, err := OpenSpool(dir, slog.New(slog.DiscardHandler), 0)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -174,7 +175,7 @@ func TestSpoolSkipsACorruptRecordAndDeliversTheRest(t *testing.T) {
 			}
 
 			logs := &logBuffer{}
-			s, err = OpenSpool(dir, slog.New(slog.NewTextHandler(logs, nil)))
+			s, err = OpenSpool(dir, slog.New(slog.NewTextHandler(logs, nil)), 0)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -205,7 +206,7 @@ func TestSpoolSkipsACorruptRecordAndDeliversTheRest(t *testing.T) {
 // directory that, opened again, sends at most the last batch again.
 func TestSpoolKilledWhileEmptyingResendsAtMostOneBatch(t *testing.T) {
 	dir := t.TempDir()
-	s, err := OpenSpool(dir, slog.New(slog.DiscardHandler))
+	s, err := OpenSpool(dir, slog.New(slog.DiscardHandler), 0)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -246,7 +247,7 @@ func TestSpoolKilledWhileEmptyingResendsAtMostOneBatch(t *testing.T) {
 	}
 	for _, c := range crashes {
 		t.Run(c.step, func(t *testing.T) {
-			s, err := OpenSpool(c.dir, slog.New(slog.DiscardHandler))
+			s, err := OpenSpool(c.dir, slog.New(slog.DiscardHandler), 0)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -287,15 +288,15 @@ func copyDir(t *testing.T, dir string) string {
 
 func TestSpoolIsLockedToOneProcess(t *testing.T) {
 	dir := t.TempDir()
-	s, err := OpenSpool(dir, slog.New(slog.DiscardHandler))
+	s, err := OpenSpool(dir, slog.New(slog.DiscardHandler), 0)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := OpenSpool(dir, slog.New(slog.DiscardHandler)); err == nil {
+	if _, err := OpenSpool(dir, slog.New(slog.DiscardHandler), 0); err == nil {
 		t.Fatal("a second open of the same spool succeeded")
 	}
 	_ = s.Close()
-	s2, err := OpenSpool(dir, slog.New(slog.DiscardHandler))
+	s2, err := OpenSpool(dir, slog.New(slog.DiscardHandler), 0)
 	if err != nil {
 		t.Fatalf("reopen after close: %v", err)
 	}
@@ -328,7 +329,7 @@ func withoutFreeFileDescriptors(t *testing.T, fn func()) {
 // it was: once files can be opened again, appends succeed, and every
 // record appended is read back once.
 func TestSpoolTakesAppendsAgainAfterARollFails(t *testing.T) {
-	s, err := OpenSpool(t.TempDir(), slog.New(slog.DiscardHandler))
+	s, err := OpenSpool(t.TempDir(), slog.New(slog.DiscardHandler), 0)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -384,7 +385,7 @@ func TestSpoolAppendCutShortByTheDisk(t *testing.T) {
 	}
 	// The child's spool, opened again here, holds exactly what its appends
 	// that succeeded wrote, in order.
-	s, err := OpenSpool(dir, slog.New(slog.DiscardHandler))
+	s, err := OpenSpool(dir, slog.New(slog.DiscardHandler), 0)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -407,7 +408,7 @@ func wantStrings(rs [][]byte) []string {
 // (a file size limit: the write is cut short and then refused, as on a
 // full disk), then appends again once the disk takes writes.
 func spoolFsizeChild(t *testing.T, dir string) {
-	s, err := OpenSpool(dir, slog.New(slog.DiscardHandler))
+	s, err := OpenSpool(dir, slog.New(slog.DiscardHandler), 0)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -457,7 +458,7 @@ func spoolFsizeChild(t *testing.T, dir string) {
 // the edge's hold on billing is named by it.
 func TestSpoolIDOutlivesTheProcess(t *testing.T) {
 	dir := t.TempDir()
-	s, err := OpenSpool(dir, slog.New(slog.DiscardHandler))
+	s, err := OpenSpool(dir, slog.New(slog.DiscardHandler), 0)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -465,12 +466,12 @@ func TestSpoolIDOutlivesTheProcess(t *testing.T) {
 	if err := s.Close(); err != nil {
 		t.Fatal(err)
 	}
-	again, err := OpenSpool(dir, slog.New(slog.DiscardHandler))
+	again, err := OpenSpool(dir, slog.New(slog.DiscardHandler), 0)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer again.Close()
-	other, err := OpenSpool(t.TempDir(), slog.New(slog.DiscardHandler))
+	other, err := OpenSpool(t.TempDir(), slog.New(slog.DiscardHandler), 0)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -478,4 +479,86 @@ func TestSpoolIDOutlivesTheProcess(t *testing.T) {
 	if len(id) != 32 || again.ID() != id || other.ID() == id {
 		t.Errorf("ids %q, then %q; another spool %q: want one id per spool, kept", id, again.ID(), other.ID())
 	}
+}
+
+// spoolFiles is what the spool's segment files in dir hold.
+func spoolFiles(t *testing.T, dir string) int64 {
+	t.Helper()
+	segs, err := filepath.Glob(filepath.Join(dir, "*"+segSuffix))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var n int64
+	for _, p := range segs {
+		st, err := os.Stat(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		n += st.Size()
+	}
+	return n
+}
+
+// A bounded spool refuses an append that would take its files past the
+// bound, as a full disk would, and takes appends again once delivered
+// segments are gone; a reopened spool knows what its files hold.
+func TestSpoolKeepsItsFilesWithinItsBound(t *testing.T) {
+	dir := t.TempDir()
+	const bound = 1000 // a batch of ten 13-byte records takes 210 bytes
+	open := func() *Spool {
+		s, err := OpenSpool(dir, slog.New(slog.DiscardHandler), bound)
+		if err != nil {
+			t.Fatal(err)
+		}
+		s.maxSeg = 200 // a segment per batch
+		return s
+	}
+	check := func(s *Spool, want int64) {
+		t.Helper()
+		if s.Size() != want || spoolFiles(t, dir) != want {
+			t.Fatalf("Size %d, files %d; want %d", s.Size(), spoolFiles(t, dir), want)
+		}
+	}
+	s := open()
+	for i := 0; i < 4; i++ {
+		if err := s.Append(recs(i*10, 10)); err != nil {
+			t.Fatalf("append %d: %v", i, err)
+		}
+	}
+	check(s, 840)
+	if err := s.Append(recs(40, 10)); !errors.Is(err, ErrSpoolFull) {
+		t.Fatalf("append past the bound: %v, want ErrSpoolFull", err)
+	}
+	check(s, 840)
+	if s.Depth() != 40 {
+		t.Fatalf("depth %d, want 40", s.Depth())
+	}
+	_ = s.Close()
+	s = open()
+	defer func() { _ = s.Close() }()
+	check(s, 840)
+	if err := s.Append(recs(40, 10)); !errors.Is(err, ErrSpoolFull) {
+		t.Fatalf("append past the bound after a reopen: %v, want ErrSpoolFull", err)
+	}
+	// Twenty records delivered: the first segment is wholly delivered and
+	// removed, which makes room for one more batch.
+	rs, cur, err := s.Read(20)
+	if err != nil || len(rs) != 20 {
+		t.Fatalf("read 20: %d %v", len(rs), err)
+	}
+	if err := s.Commit(cur, 20); err != nil {
+		t.Fatal(err)
+	}
+	check(s, 630)
+	if err := s.Append(recs(40, 10)); err != nil {
+		t.Fatalf("append once a segment is delivered: %v", err)
+	}
+	if err := s.Append(recs(50, 10)); !errors.Is(err, ErrSpoolFull) {
+		t.Fatalf("append past the bound again: %v, want ErrSpoolFull", err)
+	}
+	got := readAllSpool(t, s)
+	if len(got) != 30 || got[0] != "record-000020" || got[29] != "record-000049" {
+		t.Fatalf("got %d records, first %q last %q; want 20..49", len(got), got[0], got[len(got)-1])
+	}
+	check(s, 0)
 }

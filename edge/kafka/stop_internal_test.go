@@ -37,7 +37,7 @@ func (s slowProduce) RoundTrip(ctx context.Context, addr net.Addr, req kafka.Req
 // is not delivered stays in the spool for the next start.
 func TestAStopDrainingTheSpoolKeepsItsDeadline(t *testing.T) {
 	brokers, topic, dir := testenv.KafkaBrokers(), testenv.NewTopic(t, 1), t.TempDir()
-	sp, err := OpenSpool(dir, slog.New(slog.DiscardHandler))
+	sp, err := OpenSpool(dir, slog.New(slog.DiscardHandler), 0)
 	testenv.Must(t, err, "open spool")
 	for range 40 {
 		recs := make([][]byte, 1000)
