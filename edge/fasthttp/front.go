@@ -53,6 +53,8 @@ type Front struct {
 	idle    time.Duration
 	srv     *fh.Server
 	tunnels tunnels
+	// short lends the buffers short answers are read into (see proxy).
+	short sync.Pool
 }
 
 // upstream is one upstream base URL and its connection pool.
@@ -727,6 +729,10 @@ func (f *Front) proxy(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, st
 		x.finish(sent)
 		return
 	}
+	if n := resp.Header.ContentLength(); n >= 0 && n <= shortAnswerBytes {
+		f.readShort(ctx, resp, bs, n, x)
+		return
+	}
 	// The body streams to the caller after this handler returns; fasthttp
 	// closes the stream when it is done, which hands the upstream
 	// connection back and records the call.
@@ -738,6 +744,46 @@ func (f *Front) proxy(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, st
 	f.holdLongAnswer(ctx, adm, call.RequestID, &x.body, int64(size))
 	ctx.Response.SetBodyStream(&x.body, size)
 }
+
+// shortAnswerBytes is the longest answer the front reads whole before the
+// caller gets any of it, rather than streaming it through.
+const shortAnswerBytes = 16 << 10
+
+// readShort reads a short answer's body (n bytes, as its head gives) whole
+// and hands resp, and its upstream connection, back at once; the caller's
+// answer then goes out in one write, as a plain proxy's does. Streaming it
+// held the upstream connection until the caller's write was done, and cost
+// the edge and its upstream about a fifth more CPU per call on the
+// benchmark. If the upstream breaks off mid-body, what came is streamed to
+// the caller and its connection cut, as with a longer answer.
+func (f *Front) readShort(ctx *fh.RequestCtx, resp *fh.Response, bs io.Reader, n int, x *exchange) {
+	bp, _ := f.short.Get().(*[]byte)
+	if bp == nil {
+		b := make([]byte, shortAnswerBytes)
+		bp = &b
+	}
+	defer f.short.Put(bp)
+	b := (*bp)[:n]
+	got, err := io.ReadFull(bs, b)
+	if err == nil {
+		ctx.Response.SetBody(b)
+		_ = resp.CloseBodyStream()
+		fh.ReleaseResponse(resp)
+		x.finish(int64(n))
+		return
+	}
+	if err == io.ErrUnexpectedEOF || err == io.EOF {
+		err = io.ErrUnexpectedEOF
+	}
+	partial := append([]byte(nil), b[:got]...)
+	x.body = responseBody{r: io.MultiReader(bytes.NewReader(partial), errReader{err}), resp: resp, done: x}
+	ctx.Response.SetBodyStream(&x.body, n)
+}
+
+// errReader fails every read with err.
+type errReader struct{ err error }
+
+func (r errReader) Read([]byte) (int, error) { return 0, r.err }
 
 // holdLongAnswer holds a long answer (edge.HoldsAnswer) under its key: once
 // the key is no longer usable, the caller's connection is closed, which
