@@ -166,12 +166,15 @@ func run() error {
 	// the edge's own producer (one event per call, as the edge emits it),
 	// with no keys, limits or rate-limit headers: what metering every call
 	// through Kafka costs on this machine, whoever does it.
-	meter, err := newProducer(ctx, strings.Split(env("TOLLGATE_KAFKA_BROKERS", "127.0.0.1:19092"), ","),
-		"tollgate.bench.metered", filepath.Join(tmp, "metered-spool"), *linger, log)
+	meterBrokers := strings.Split(env("TOLLGATE_KAFKA_BROKERS", "127.0.0.1:19092"), ",")
+	meter, err := newProducer(ctx, meterBrokers, "tollgate.bench.metered", filepath.Join(tmp, "metered-spool"), *linger, log)
 	if err != nil {
 		return err
 	}
-	defer meter.Close()
+	defer func() {
+		_ = meter.Close()
+		dropTopic(meterBrokers, "tollgate.bench.metered")
+	}()
 	meteredLn, meteredAddr := listen()
 	meteredClient := &fasthttp.HostClient{Addr: upAddr, MaxConns: 1024, ReadTimeout: 10 * time.Second, WriteTimeout: 10 * time.Second}
 	meteredSrv := &fasthttp.Server{NoDefaultServerHeader: true, NoDefaultContentType: true, Handler: func(ctx *fasthttp.RequestCtx) {
@@ -853,6 +856,7 @@ func startEdge(ctx context.Context, tmp, upstream string, linger time.Duration, 
 	stop := func() {
 		_ = front.Close()
 		_ = producer.Close()
+		dropTopic(brokers, "tollgate.bench.edge")
 		cancel()
 		_ = rdb.Close()
 		pool.Close()
@@ -873,6 +877,15 @@ func newProducer(ctx context.Context, brokers []string, topic, spool string, lin
 		return nil, fmt.Errorf("create topic: %w", e)
 	}
 	return edgekafka.NewProducer(edgekafka.Config{Brokers: brokers, Topic: topic, SpoolDir: spool, Linger: linger}, nil, log)
+}
+
+// dropTopic deletes a bench topic once its run is over: every run writes
+// a few million events to it, which the broker would otherwise keep.
+func dropTopic(brokers []string, topic string) {
+	kc := &kafka.Client{Addr: kafka.TCP(brokers...), Timeout: 15 * time.Second}
+	if _, err := kc.DeleteTopics(context.Background(), &kafka.DeleteTopicsRequest{Topics: []string{topic}}); err != nil {
+		fmt.Fprintf(os.Stderr, "bench-edge: delete topic %s: %v\n", topic, err)
+	}
 }
 
 // copyBuffers reuses the plain proxy's copy buffers, as the edge does, so
