@@ -310,7 +310,10 @@ type Priced struct {
 // pays usage back (that is a credit note), and refusing it failed the
 // whole invoice, flat fees included, on every run for good.
 func (p *Price) Apply(quantity int64) (Priced, error) {
-	r := Priced{Quantity: quantity, Billable: max(quantity-p.Included, 0)}
+	r := Priced{Quantity: quantity}
+	if quantity > p.Included { // compared, not subtracted: a quantity near the int64 minimum would wrap
+		r.Billable = quantity - p.Included
+	}
 	q := decimal.NewFromInt(r.Billable)
 	switch p.Model {
 	case Flat:

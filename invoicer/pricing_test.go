@@ -43,6 +43,8 @@ func TestPriceApplyAtEveryBoundary(t *testing.T) {
 		{"package negative usage is free", pkg, -1, 0},
 		{"graduated negative usage is free", graduated, -1001, 0},
 		{"volume negative usage is free", volume, -1, 0},
+		{"a negative usage near the int64 minimum is free, not wrapped past the allowance", included, math.MinInt64 + 1, 0},
+		{"the int64 minimum is free", included, math.MinInt64, 0},
 		{"per unit 999 units round half even down", perUnit, 999, 40}, // 39.96
 		{"per unit 1000 units", perUnit, 1000, 40},                    // 40
 		{"per unit 1001 units", perUnit, 1001, 40},                    // 40.04
