@@ -8,6 +8,7 @@ import (
 	"io"
 	"log/slog"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -917,5 +918,50 @@ func TestReplayReadsAPlanAsItWasBilled(t *testing.T) {
 		if !r.Match || r.Result != invoicer.ResultMatch {
 			t.Errorf("%+v, want a match", r)
 		}
+	}
+}
+
+// Two instances that each made a Stripe customer for one account (their
+// asks shared no key and Stripe's search had not caught up) record the
+// first: the one that lost sends its invoice to the recorded customer,
+// under which every later run looks for it, not to its own.
+func TestAnInvoiceGoesToTheRecordedCustomer(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	e.starter(t, "acct_race", 10)
+	e.watermark(t, april.Add(2*time.Hour))
+	fake := stripetest.New()
+	defer fake.Close()
+	sc := stripe.New(stripe.Config{APIKey: "sk_test_x", URL: fake.URL})
+	// The other instance's customer; its metadata names another account
+	// so that this instance's search does not find it.
+	other, err := sc.EnsureCustomer(ctx, invoicer.CustomerParams{AccountID: "acct_race_elsewhere", Name: "acct_race",
+		Email: "acct_race@example.test", IdempotencyKey: "the-other-instance"})
+	testenv.Must(t, err, "the other instance's customer")
+	var once sync.Once
+	fake.SetHook(func(kind, phase string) {
+		if kind == "customer" && phase == "after" {
+			once.Do(func() { // the other instance records its customer first
+				_, err := e.pg.Pool.Exec(ctx, `INSERT INTO stripe_customers (account_id, customer_id) VALUES ('acct_race', $1)`, other)
+				testenv.Must(t, err, "record the other customer")
+			})
+		}
+	})
+	iv := e.aprilInvoicer(t, e.usage, sc)
+	res, err := iv.CloseDue(ctx)
+	testenv.Must(t, err, "close")
+	if len(res.Closed) != 1 {
+		t.Fatalf("%d invoices closed, want 1", len(res.Closed))
+	}
+	testenv.Must(t, iv.SyncStripe(ctx), "sync")
+	stored, err := e.store.StripeCustomer(ctx, "acct_race")
+	testenv.Must(t, err, "recorded customer")
+	invs := fake.Invoices()
+	if stored != other || len(invs) != 1 || invs[0].Customer != other {
+		var got []string
+		for _, inv := range invs {
+			got = append(got, inv.Customer)
+		}
+		t.Fatalf("recorded customer %s, Stripe invoices for %v; want one, for %s", stored, got, other)
 	}
 }

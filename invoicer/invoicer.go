@@ -96,7 +96,10 @@ type Store interface {
 // SyncState is the persisted progress of pushing invoices to Stripe.
 type SyncState interface {
 	StripeCustomer(ctx context.Context, accountID string) (string, error)
-	SaveStripeCustomer(ctx context.Context, accountID, customerID string) error
+	// SaveStripeCustomer records customerID as the account's Stripe
+	// customer unless it has one already, and returns the one it has: an
+	// account keeps its first customer, whoever asks after.
+	SaveStripeCustomer(ctx context.Context, accountID, customerID string) (string, error)
 	// SyncSteps maps each completed step ("invoice", "item:N",
 	// "finalize") of an invoice to the Stripe object id it produced.
 	SyncSteps(ctx context.Context, invoiceID string) (map[string]string, error)

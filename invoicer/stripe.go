@@ -165,7 +165,11 @@ func (iv *Invoicer) syncOne(ctx context.Context, inv StoredInvoice) error {
 			Email: a.Email, IdempotencyKey: customerKey(a.ID)}); err != nil {
 			return fmt.Errorf("customer: %w", err)
 		}
-		if err := iv.store.SaveStripeCustomer(ctx, a.ID, cust); err != nil {
+		// Another instance may have recorded a customer of its own first
+		// (Stripe's search lags, and the two asks need not share a key):
+		// the invoice goes to the recorded one, which every later run
+		// looks its invoices up under.
+		if cust, err = iv.store.SaveStripeCustomer(ctx, a.ID, cust); err != nil {
 			return err
 		}
 	}

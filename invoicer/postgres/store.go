@@ -381,13 +381,20 @@ func (s *Store) StripeCustomer(ctx context.Context, accountID string) (string, e
 	return id, nil
 }
 
-// SaveStripeCustomer records the account's Stripe customer.
-func (s *Store) SaveStripeCustomer(ctx context.Context, accountID, customerID string) error {
+// SaveStripeCustomer records the account's Stripe customer, unless another
+// was recorded first, and returns the one recorded. The read after the
+// insert sees a row another instance committed first (each statement reads
+// what was committed before it began).
+func (s *Store) SaveStripeCustomer(ctx context.Context, accountID, customerID string) (string, error) {
 	_, err := s.pool.Exec(ctx, `INSERT INTO stripe_customers (account_id, customer_id) VALUES ($1, $2) ON CONFLICT DO NOTHING`, accountID, customerID)
 	if err != nil {
-		return fmt.Errorf("save stripe customer: %w", err)
+		return "", fmt.Errorf("save stripe customer: %w", err)
 	}
-	return nil
+	var stored string
+	if err := s.pool.QueryRow(ctx, `SELECT customer_id FROM stripe_customers WHERE account_id = $1`, accountID).Scan(&stored); err != nil {
+		return "", fmt.Errorf("read stripe customer: %w", err)
+	}
+	return stored, nil
 }
 
 // SyncSteps returns the completed Stripe steps of an invoice.
