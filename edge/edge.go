@@ -168,6 +168,13 @@ type Config struct {
 	// write of the request. A stream that keeps sending is never cut. The
 	// fasthttp front may allow a silence up to 1/16 longer (silentConn).
 	UpstreamTimeout time.Duration `yaml:"upstream_timeout"`
+	// UpstreamIdleTimeout closes a kept-alive connection to the upstream
+	// that has carried no call for this long (default 1s). Keep it below
+	// the upstream's own keep-alive timeout (Node.js, uvicorn and Apache
+	// close after 5s, gunicorn after 2s): the fasthttp front does not see
+	// an upstream close an idle connection, and a call with a body sent on
+	// one cannot be sent again, so it would fail with a 502.
+	UpstreamIdleTimeout time.Duration `yaml:"upstream_idle_timeout"`
 	// MaxUpgradedConnections bounds the calls switched to another protocol
 	// (WebSocket) an instance holds open at once, each a connection to the
 	// caller and one to the upstream; more are refused with 503.
@@ -252,6 +259,9 @@ func (c *Config) Defaults() {
 	if c.Listen == "" {
 		c.Listen = "127.0.0.1:8080"
 	}
+	if c.UpstreamIdleTimeout == 0 {
+		c.UpstreamIdleTimeout = time.Second
+	}
 	if c.UpstreamTimeout == 0 {
 		c.UpstreamTimeout = 30 * time.Second
 	}
@@ -325,6 +335,9 @@ func (c *Config) Validate() error {
 	}
 	if c.UpstreamTimeout < 0 {
 		errs = append(errs, errors.New("edge.upstream_timeout: negative"))
+	}
+	if c.UpstreamIdleTimeout < 0 || c.UpstreamIdleTimeout > time.Hour {
+		errs = append(errs, fmt.Errorf("edge.upstream_idle_timeout: between 0 and 1h, got %s", c.UpstreamIdleTimeout))
 	}
 	if c.MaxUpgradedConnections < 0 {
 		errs = append(errs, errors.New("edge.max_upgraded_connections: negative"))

@@ -1559,3 +1559,35 @@ func TestAChunkedUpgradeIsRefusedWithoutCharge(t *testing.T) {
 		}
 	}
 }
+
+// An upstream that closes a kept-alive connection after a short idle time
+// (as Node.js, uvicorn and gunicorn do after 2 to 5 s) does not fail the
+// next call with a body: the edge closes idle connections first
+// (edge.upstream_idle_timeout), so the call goes out on a live one. A call
+// with a body is streamed, and one sent on a connection the upstream had
+// closed could not be sent again. Both fronts.
+func TestACallWithABodyAfterTheUpstreamClosedAnIdleConnectionSucceeds(t *testing.T) {
+	env := edgetest.New(t)
+	key, _ := env.Key(t, "acct_idle", edge.Secret, schemas.Live)
+	s := &http.Server{IdleTimeout: 400 * time.Millisecond, Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		b, _ := io.ReadAll(r.Body)
+		_, _ = fmt.Fprintf(w, "got %d bytes", len(b))
+	})}
+	ln := testListener(t)
+	go func() { _ = s.Serve(ln) }()
+	t.Cleanup(func() { _ = s.Close() })
+	for _, fr := range fronts {
+		t.Run(fr.name, func(t *testing.T) {
+			in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP, Config: func(c *edge.Config) {
+				c.Upstream, c.UpstreamIdleTimeout = "http://"+ln.Addr().String(), 200*time.Millisecond
+			}})
+			for i := range 3 {
+				r := edgetest.Do(t, "POST", in.URL+"/v1/orders", key, strings.NewReader(`{"n":1}`))
+				if r.Status != 200 || string(r.Body) != "got 7 bytes" {
+					t.Fatalf("call %d: %d %s", i+1, r.Status, r.Body)
+				}
+				time.Sleep(time.Second) // past the upstream's idle timeout
+			}
+		})
+	}
+}

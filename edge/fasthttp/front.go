@@ -88,12 +88,12 @@ func New(s *edge.Server, log *slog.Logger) (*Front, error) {
 	if f.tls, err = cfg.ServerTLS(); err != nil {
 		return nil, err
 	}
-	if f.live, err = newUpstream(cfg.Upstream, cfg.UpstreamTimeout, tlsCfg); err != nil {
+	if f.live, err = newUpstream(cfg.Upstream, cfg.UpstreamTimeout, cfg.UpstreamIdleTimeout, tlsCfg); err != nil {
 		return nil, err
 	}
 	f.sandbox = f.live
 	if cfg.SandboxUpstream != "" && cfg.SandboxUpstream != cfg.Upstream {
-		if f.sandbox, err = newUpstream(cfg.SandboxUpstream, cfg.UpstreamTimeout, tlsCfg); err != nil {
+		if f.sandbox, err = newUpstream(cfg.SandboxUpstream, cfg.UpstreamTimeout, cfg.UpstreamIdleTimeout, tlsCfg); err != nil {
 			return nil, err
 		}
 	}
@@ -124,7 +124,7 @@ func New(s *edge.Server, log *slog.Logger) (*Front, error) {
 	return f, nil
 }
 
-func newUpstream(raw string, timeout time.Duration, tlsCfg *tls.Config) (*upstream, error) {
+func newUpstream(raw string, timeout, idle time.Duration, tlsCfg *tls.Config) (*upstream, error) {
 	u, err := url.Parse(raw)
 	if err != nil {
 		return nil, fmt.Errorf("parse upstream %q: %w", raw, err)
@@ -160,9 +160,12 @@ func newUpstream(raw string, timeout time.Duration, tlsCfg *tls.Config) (*upstre
 				}
 				return &silentConn{Conn: c, limit: timeout}, nil
 			},
-			MaxConns:                 1024,
-			MaxConnWaitTimeout:       timeout,
-			MaxIdleConnDuration:      90 * time.Second,
+			MaxConns:           1024,
+			MaxConnWaitTimeout: timeout,
+			// fasthttp does not notice an upstream close an idle
+			// connection; closing it first keeps calls off dead ones
+			// (edge.upstream_idle_timeout).
+			MaxIdleConnDuration:      idle,
 			ReadBufferSize:           maxHeaderBytes,
 			StreamResponseBody:       true,
 			DisablePathNormalizing:   true,
