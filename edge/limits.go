@@ -641,20 +641,22 @@ func ceilSeconds(d time.Duration) int64 {
 	return int64(math.Ceil(d.Seconds()))
 }
 
-// setRateHeaders writes the X-RateLimit-* headers and the IETF draft
-// RateLimit / RateLimit-Policy fields for the tightest of the limits, the
-// monthly quota among them. For a rate limit, Limit is the burst, Reset the
-// seconds until the bucket is full again; for the quota, Limit is the
-// month's requests and Reset the seconds until the next month starts;
-// the policy window w is the time a full burst takes to refill. set must
-// copy the value: the values share one buffer.
-// IsRateLimitHeader reports whether an upstream's answer header is one of
+// IsEdgeHeader reports whether an upstream's answer header is one the edge
+// sets itself, so the upstream's copy is dropped: the rate-limit headers
+// (isRateLimitHeader) and Request-Id, which names the call and its event
+// (an upstream that echoes the one it was sent, or sets its own, would
+// give the caller two, and fetch's headers.get reads them joined).
+func IsEdgeHeader(name string) bool {
+	return len(name) == len(HeaderRequestID) && strings.EqualFold(name, HeaderRequestID) || isRateLimitHeader(name)
+}
+
+// isRateLimitHeader reports whether an upstream's answer header is one of
 // the rate-limit headers the edge sets (setRateHeaders): the edge's own, on
 // every proxied answer. An upstream with a limiter of its own (many web
 // frameworks send RateLimit by default) would otherwise add a second value
 // beside the edge's, naming a limit the edge does not enforce, or one a
 // proxy in between folds into "1999, 99999", which no client can read.
-func IsRateLimitHeader(name string) bool {
+func isRateLimitHeader(name string) bool {
 	switch len(name) {
 	case len("RateLimit"):
 		return strings.EqualFold(name, "RateLimit")
@@ -668,6 +670,13 @@ func IsRateLimitHeader(name string) bool {
 	return false
 }
 
+// setRateHeaders writes the X-RateLimit-* headers and the IETF draft
+// RateLimit / RateLimit-Policy fields for the tightest of the limits, the
+// monthly quota among them. For a rate limit, Limit is the burst, Reset the
+// seconds until the bucket is full again; for the quota, Limit is the
+// month's requests and Reset the seconds until the next month starts;
+// the policy window w is the time a full burst takes to refill. set must
+// copy the value: the values share one buffer.
 func setRateHeaders(set func(name string, value []byte), states []limitState, quota *quotaState) {
 	if len(states) == 0 {
 		return

@@ -118,7 +118,7 @@ func TestProxy(t *testing.T) {
 				}
 			})
 
-			t.Run("the upstream's own rate-limit headers give way to the edge's", func(t *testing.T) {
+			t.Run("the upstream's own rate-limit headers and Request-Id give way to the edge's", func(t *testing.T) {
 				limited := serveUpstream(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 					w.Header().Set("X-RateLimit-Limit", "100000")
 					w.Header().Set("x-ratelimit-remaining", "99999")
@@ -127,6 +127,7 @@ func TestProxy(t *testing.T) {
 					w.Header().Set("RateLimit-Policy", `"upstream";q=100000;w=60`)
 					w.Header().Set("X-RateLimit-Used", "1") // not a name the edge sets
 					w.Header().Set("Retry-After", "0")
+					w.Header().Set("Request-Id", "up_1") // the upstream's own id for the call
 					_, _ = io.WriteString(w, "ok")
 				}))
 				in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP, Config: func(c *edge.Config) { c.Upstream = limited }})
@@ -141,6 +142,9 @@ func TestProxy(t *testing.T) {
 				}
 				if resp.Header.Get("X-Ratelimit-Used") != "1" || resp.Header.Get("Retry-After") != "0" {
 					t.Errorf("the upstream's other headers were dropped: %v", resp.Header)
+				}
+				if vs := resp.Header.Values(edge.HeaderRequestID); len(vs) != 1 || !strings.HasPrefix(vs[0], "req_") {
+					t.Errorf("Request-Id %q, want the edge's alone", vs)
 				}
 			})
 

@@ -920,7 +920,7 @@ func (s *Server) newProxy(upstream string) (*httputil.ReverseProxy, error) {
 		BufferPool: s.buffers,
 		ModifyResponse: func(r *http.Response) error {
 			for name := range r.Header {
-				if s.cors != nil && IsCORSHeader(name) || IsRateLimitHeader(name) {
+				if s.cors != nil && IsCORSHeader(name) || IsEdgeHeader(name) {
 					delete(r.Header, name) // the edge's own stand
 				}
 			}

@@ -710,7 +710,7 @@ func (f *Front) proxy(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, st
 		case fh.HeaderContentLength, fh.HeaderTransferEncoding, fh.HeaderDate, fh.HeaderConnection:
 			continue
 		}
-		if f.cors != nil && edge.IsCORSHeader(string(k)) || edge.IsRateLimitHeader(string(k)) {
+		if f.cors != nil && edge.IsCORSHeader(string(k)) || edge.IsEdgeHeader(string(k)) {
 			continue // the edge's own stand
 		}
 		ctx.Response.Header.AddBytesKV(k, v)

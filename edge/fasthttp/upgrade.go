@@ -125,7 +125,7 @@ func (f *Front) upgrade(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, 
 		writeHeader(&head, string(k), string(v))
 	}
 	for k, vs := range resp.Header {
-		if f.cors != nil && edge.IsCORSHeader(k) || edge.IsRateLimitHeader(k) {
+		if f.cors != nil && edge.IsCORSHeader(k) || edge.IsEdgeHeader(k) {
 			continue // the edge's own stand, written above
 		}
 		for _, v := range vs {
@@ -190,7 +190,7 @@ func (f *Front) upgrade(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, 
 func (f *Front) declined(ctx *fh.RequestCtx, adm edge.Admission, rid string, conn net.Conn, resp *http.Response, done func(sent int64)) {
 	ctx.SetStatusCode(resp.StatusCode)
 	for k, vs := range resp.Header {
-		if isHopByHop([]byte(k)) || f.cors != nil && edge.IsCORSHeader(k) || edge.IsRateLimitHeader(k) {
+		if isHopByHop([]byte(k)) || f.cors != nil && edge.IsCORSHeader(k) || edge.IsEdgeHeader(k) {
 			continue
 		}
 		switch k {
