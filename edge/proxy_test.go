@@ -1595,3 +1595,47 @@ func TestACallWithABodyAfterTheUpstreamClosedAnIdleConnectionSucceeds(t *testing
 		})
 	}
 }
+
+// An upgrade asked in absolute form, credentials in its URI, reaches the
+// upstream in origin form without them, as an ordinary call does. Both
+// fronts.
+func TestAnUpgradeInAbsoluteFormLosesTheURIsCredentials(t *testing.T) {
+	env := edgetest.New(t)
+	key, _ := env.Key(t, "acct_upgrade_uri", edge.Secret, schemas.Live)
+	seen := make(chan string, 1)
+	up := serveUpstream(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		seen <- r.RequestURI
+		conn, brw, err := http.NewResponseController(w).Hijack()
+		if err != nil {
+			return
+		}
+		defer conn.Close()
+		_, _ = brw.WriteString("HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+		_ = brw.Flush()
+	}))
+	for _, fr := range fronts {
+		t.Run(fr.name, func(t *testing.T) {
+			in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP, Config: func(c *edge.Config) { c.Upstream = up }})
+			conn, err := net.Dial("tcp", strings.TrimPrefix(in.URL, "http://"))
+			testenv.Must(t, err, "dial the edge")
+			defer conn.Close()
+			_ = conn.SetDeadline(time.Now().Add(10 * time.Second))
+			_, err = io.WriteString(conn, "GET http://user:secret@edge.test/v1/socket?a=1 HTTP/1.1\r\nHost: edge.test\r\nAuthorization: Bearer "+key+
+				"\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+			testenv.Must(t, err, "send the upgrade")
+			resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+			testenv.Must(t, err, "read the answer")
+			if resp.StatusCode != 101 {
+				t.Fatalf("status %d", resp.StatusCode)
+			}
+			select {
+			case got := <-seen:
+				if got != "/v1/socket?a=1" {
+					t.Fatalf("the upstream was asked for %q, want /v1/socket?a=1", got)
+				}
+			case <-time.After(5 * time.Second):
+				t.Fatal("the upstream saw no request")
+			}
+		})
+	}
+}

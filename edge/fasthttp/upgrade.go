@@ -72,6 +72,13 @@ func (f *Front) upgrade(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, 
 		return
 	}
 	_ = conn.SetDeadline(time.Now().Add(f.timeout))
+	// The head is written as it stands, so its request-target is put in
+	// origin form from the parsed URI first, as the client does for an
+	// ordinary call: one asked in absolute form would carry its URI's
+	// credentials (which forward cleared only in the parsed URI) on.
+	u := req.URI()
+	u.DisablePathNormalizing = true
+	req.Header.SetRequestURIBytes(u.RequestURI())
 	if _, err := conn.Write(req.Header.Header()); err != nil {
 		conn.Close()
 		fail(err)
