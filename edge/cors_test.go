@@ -26,6 +26,7 @@ import (
 func TestCORS(t *testing.T) {
 	env := edgetest.New(t)
 	pk, _ := env.Key(t, "acct_cors", edge.Publishable, schemas.Live)
+	sk, _ := env.Key(t, "acct_cors", edge.Secret, schemas.Live)
 	const page = "https://app.example.com"
 	upstream := serveUpstream(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.Header.Get("Upgrade") == "echo" {
@@ -103,6 +104,18 @@ func TestCORS(t *testing.T) {
 			denied := call(t, "GET", in.URL+"/v1/things", map[string]string{"Origin": page, "Authorization": "Bearer pk_live_nonsense"})
 			if denied.StatusCode != 401 || denied.Header.Get("Access-Control-Allow-Origin") != page {
 				t.Fatalf("refused call: status %d headers %v", denied.StatusCode, denied.Header)
+			}
+
+			// So is an events batch refused before the handler sees it.
+			req, _ := http.NewRequest("POST", in.URL+"/v1/events", strings.NewReader(strings.Repeat(" ", edge.MaxBatchBytes+1)))
+			req.Header.Set("Origin", page)
+			req.Header.Set("Authorization", "Bearer "+sk)
+			big, err := http.DefaultClient.Do(req)
+			testenv.Must(t, err, "POST a batch over the limit")
+			_, _ = io.Copy(io.Discard, big.Body)
+			big.Body.Close()
+			if big.StatusCode != 413 || big.Header.Get("Access-Control-Allow-Origin") != page {
+				t.Fatalf("batch over the limit: status %d headers %v", big.StatusCode, big.Header)
 			}
 
 			other := call(t, "OPTIONS", in.URL+"/v1/things", map[string]string{"Origin": "https://evil.example",

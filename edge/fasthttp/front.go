@@ -336,6 +336,9 @@ func (f *Front) slowCall(ctx *fh.RequestCtx) {
 			}
 			_, rid := edge.NewRequestID()
 			ctx.Response.Header.Set(edge.HeaderRequestID, rid)
+			if f.cors != nil { // as the handler labels its answers, so a page can read this one
+				f.cors.Label(string(ctx.Request.Header.Peek("Origin")), func(name, value string) { ctx.Response.Header.Set(name, value) })
+			}
 			ctx.SetConnectionClose() // the rest of the body is not read
 			f.fail(ctx, ae, rid)
 			return
