@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"net/url"
 	"os"
+	"strings"
 	"time"
 
 	"github.com/tollgate-dev/tollgate/internal/redact"
@@ -175,6 +176,13 @@ type Config struct {
 	// an upstream close an idle connection, and a call with a body sent on
 	// one cannot be sent again, so it would fail with a 502.
 	UpstreamIdleTimeout time.Duration `yaml:"upstream_idle_timeout"`
+	// UpgradeProtocols are the protocols a call may switch to (default
+	// websocket). A call asking for another (h2c, say) is proxied as an
+	// ordinary call, its Upgrade header dropped: a tunnel is metered as one
+	// call, so a protocol that carries many requests inside one (HTTP/2
+	// over h2c) would let them past the routes, the scopes, the limits and
+	// the metering.
+	UpgradeProtocols []string `yaml:"upgrade_protocols"`
 	// MaxUpgradedConnections bounds the calls switched to another protocol
 	// (WebSocket) an instance holds open at once, each a connection to the
 	// caller and one to the upstream; more are refused with 503.
@@ -259,6 +267,9 @@ func (c *Config) Defaults() {
 	if c.Listen == "" {
 		c.Listen = "127.0.0.1:8080"
 	}
+	if c.UpgradeProtocols == nil {
+		c.UpgradeProtocols = []string{"websocket"}
+	}
 	if c.UpstreamIdleTimeout == 0 {
 		c.UpstreamIdleTimeout = time.Second
 	}
@@ -335,6 +346,11 @@ func (c *Config) Validate() error {
 	}
 	if c.UpstreamTimeout < 0 {
 		errs = append(errs, errors.New("edge.upstream_timeout: negative"))
+	}
+	for _, p := range c.UpgradeProtocols {
+		if p == "" || strings.ContainsAny(p, " ,/\t") {
+			errs = append(errs, fmt.Errorf("edge.upgrade_protocols: %q is not a protocol name (websocket, say)", p))
+		}
 	}
 	if c.UpstreamIdleTimeout < 0 || c.UpstreamIdleTimeout > time.Hour {
 		errs = append(errs, fmt.Errorf("edge.upstream_idle_timeout: between 0 and 1h, got %s", c.UpstreamIdleTimeout))

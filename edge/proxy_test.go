@@ -1639,3 +1639,50 @@ func TestAnUpgradeInAbsoluteFormLosesTheURIsCredentials(t *testing.T) {
 		})
 	}
 }
+
+// A call asking to switch to a protocol edge.upgrade_protocols does not
+// allow (h2c, which would carry many requests in one metered tunnel) is
+// proxied as an ordinary call: the upstream never sees the Upgrade, the
+// caller gets its plain answer, and it is metered as one call. Both fronts.
+func TestAnUpgradeToAProtocolNotAllowedIsAnOrdinaryCall(t *testing.T) {
+	env := edgetest.New(t)
+	key, _ := env.Key(t, "acct_h2c", edge.Secret, schemas.Live)
+	up := serveUpstream(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Header.Get("Upgrade") != "" || strings.Contains(strings.ToLower(r.Header.Get("Connection")), "upgrade") {
+			conn, brw, err := http.NewResponseController(w).Hijack()
+			if err == nil {
+				_, _ = brw.WriteString("HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n")
+				_ = brw.Flush()
+				conn.Close()
+			}
+			return
+		}
+		_, _ = fmt.Fprintf(w, "plain, X-Kept %s", r.Header.Get("X-Kept"))
+	}))
+	for _, fr := range fronts {
+		t.Run(fr.name, func(t *testing.T) {
+			in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP, Config: func(c *edge.Config) {
+				c.Upstream, c.UpgradeProtocols = up, []string{"websocket"}
+			}})
+			for _, upgrade := range []string{"h2c", "websocket, h2c"} {
+				req, _ := http.NewRequest("GET", in.URL+"/v1/things", nil)
+				req.Header.Set("Authorization", "Bearer "+key)
+				req.Header.Set("Connection", "Upgrade, HTTP2-Settings")
+				req.Header.Set("Upgrade", upgrade)
+				req.Header.Set("HTTP2-Settings", "AAMAAABkAARAAAAAAAIAAAAA")
+				req.Header.Set("X-Kept", "yes")
+				resp, err := http.DefaultTransport.RoundTrip(req)
+				testenv.Must(t, err, "call")
+				body, _ := io.ReadAll(resp.Body)
+				resp.Body.Close()
+				if resp.StatusCode != 200 || string(body) != "plain, X-Kept yes" {
+					t.Fatalf("Upgrade %q: status %d %q, want the upstream's plain answer", upgrade, resp.StatusCode, body)
+				}
+				ev := eventFor(t, env, resp.Header.Get(edge.HeaderRequestID))
+				if ev.Status != 200 {
+					t.Fatalf("Upgrade %q: event status %d, want 200", upgrade, ev.Status)
+				}
+			}
+		})
+	}
+}

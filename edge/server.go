@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"net/http/httputil"
 	"net/url"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -205,7 +206,12 @@ func NewServer(cfg Config, deps Deps) (*Server, error) {
 }
 
 // ServeHTTP makes the Server an http.Handler.
-func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.echo.ServeHTTP(w, r) }
+func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if IsUpgrade(r.Header) && !s.UpgradeAllowed(r.Header.Get("Upgrade")) {
+		dropUpgrade(r.Header)
+	}
+	s.echo.ServeHTTP(w, r)
+}
 
 func (s *Server) readyz(c echo.Context) error {
 	if s.deps.Ready != nil {
@@ -1109,6 +1115,43 @@ func (s *Server) holdAnswer(pc *proxiedCall, rid string) {
 // and the upgrade token in Connection (RFC 9110, 7.8), as net/http's proxy
 // and the fasthttp front read it. An Upgrade header alone asks for nothing
 // and is a plain call.
+// UpgradeAllowed reports whether a call's Upgrade header (one protocol or
+// a list) names only protocols edge.upgrade_protocols allows, each with or
+// without a version ("websocket", "websocket/13").
+func (s *Server) UpgradeAllowed(upgrade string) bool {
+	named := false
+	for _, p := range strings.Split(upgrade, ",") {
+		name, _, _ := strings.Cut(strings.TrimSpace(p), "/")
+		if name == "" {
+			continue
+		}
+		if !slices.ContainsFunc(s.cfg.UpgradeProtocols, func(a string) bool { return strings.EqualFold(a, name) }) {
+			return false
+		}
+		named = true
+	}
+	return named
+}
+
+// dropUpgrade makes a call that asks to switch to a protocol the edge does
+// not carry an ordinary one: its Upgrade header goes, and "upgrade" from
+// its Connection options.
+func dropUpgrade(h http.Header) {
+	h.Del("Upgrade")
+	var kept []string
+	for _, v := range h.Values("Connection") {
+		for _, opt := range strings.Split(v, ",") {
+			if opt = strings.TrimSpace(opt); opt != "" && !strings.EqualFold(opt, "upgrade") {
+				kept = append(kept, opt)
+			}
+		}
+	}
+	h.Del("Connection")
+	if len(kept) > 0 {
+		h.Set("Connection", strings.Join(kept, ", "))
+	}
+}
+
 func IsUpgrade(h http.Header) bool {
 	if h.Get("Upgrade") == "" {
 		return false

@@ -32,7 +32,7 @@ func TestConfigProblemsAreAllReported(t *testing.T) {
 	})
 	t.Run("every invalid field is named at once", func(t *testing.T) {
 		p := filepath.Join(t.TempDir(), "c.yaml")
-		body := "edge:\n  upstream: not-a-url\n  max_upgraded_connections: -1\n  upgraded_idle_timeout: 10ms\n  spool_max_bytes: 1000\n  upstream_idle_timeout: -1s\n  upstream_ca_file: no-such-ca.pem\n  tls_cert_file: cert.pem\n  cors:\n    allowed_origins: [\"app.example.com/path\"]\ningest:\n  batch_size: -1\ninvoicer:\n  listen: nowhere\n"
+		body := "edge:\n  upstream: not-a-url\n  max_upgraded_connections: -1\n  upgraded_idle_timeout: 10ms\n  spool_max_bytes: 1000\n  upstream_idle_timeout: -1s\n  upgrade_protocols: [\"web socket\"]\n  upstream_ca_file: no-such-ca.pem\n  tls_cert_file: cert.pem\n  cors:\n    allowed_origins: [\"app.example.com/path\"]\ningest:\n  batch_size: -1\ninvoicer:\n  listen: nowhere\n"
 		if err := os.WriteFile(p, []byte(body), 0o600); err != nil {
 			t.Fatal(err)
 		}
@@ -44,7 +44,7 @@ func TestConfigProblemsAreAllReported(t *testing.T) {
 		if err == nil {
 			t.Fatal("want errors")
 		}
-		for _, want := range []string{"edge.upstream", "edge.max_upgraded_connections", "edge.upgraded_idle_timeout", "edge.spool_max_bytes", "edge.upstream_idle_timeout", "edge.cors.allowed_origins", "edge.upstream_ca_file", "edge.tls_cert_file", "ingest.batch_size", "invoicer.listen"} {
+		for _, want := range []string{"edge.upstream", "edge.max_upgraded_connections", "edge.upgraded_idle_timeout", "edge.spool_max_bytes", "edge.upstream_idle_timeout", "edge.upgrade_protocols", "edge.cors.allowed_origins", "edge.upstream_ca_file", "edge.tls_cert_file", "ingest.batch_size", "invoicer.listen"} {
 			if !strings.Contains(err.Error(), want) {
 				t.Errorf("error lacks %s:\n%v", want, err)
 			}

@@ -275,7 +275,10 @@ func (f *Front) handle(ctx *fh.RequestCtx) {
 		Authorization: string(ctx.Request.Header.Peek(fh.HeaderAuthorization)),
 		Remote:        ctx.RemoteAddr(),
 		At:            start,
-		Upgrade:       isUpgrade(&ctx.Request.Header),
+		// A protocol the edge does not carry (edge.upgrade_protocols) is
+		// not switched to: the call is proxied as an ordinary one, which
+		// drops its Upgrade header.
+		Upgrade: isUpgrade(&ctx.Request.Header) && f.s.UpgradeAllowed(string(ctx.Request.Header.Peek(fh.HeaderUpgrade))),
 	}
 	if ci.Upgrade && ctx.Request.Header.ContentLength() == -1 {
 		// A handshake has no body (WebSocket's never does); a chunked one

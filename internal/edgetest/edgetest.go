@@ -238,7 +238,9 @@ type Options struct {
 func (e *Env) Start(t *testing.T, o Options) *Instance {
 	t.Helper()
 	cfg := edge.Config{Listen: "127.0.0.1:0", Upstream: e.LiveURL, SandboxUpstream: e.SandURL,
-		UpstreamTimeout: 2 * time.Second, RateLimitPrefix: e.Redis.Prefix, KeyCacheTTL: 30 * time.Second}
+		UpstreamTimeout: 2 * time.Second, RateLimitPrefix: e.Redis.Prefix, KeyCacheTTL: 30 * time.Second,
+		// The tests' upstreams switch to a protocol of their own, "echo".
+		UpgradeProtocols: []string{"websocket", "echo"}}
 	if o.Config != nil {
 		o.Config(&cfg)
 	}
