@@ -75,6 +75,9 @@ type Store interface {
 	FinalizeDrafts(ctx context.Context) (int, error)
 	Invoice(ctx context.Context, id string) (StoredInvoice, error)
 	AccountInvoices(ctx context.Context, accountID string) ([]StoredInvoice, error)
+	// AccountInvoicesBefore lists up to limit of an account's invoices
+	// whose period starts before before (zero: all), newest first.
+	AccountInvoicesBefore(ctx context.Context, accountID string, before time.Time, limit int) ([]StoredInvoice, error)
 	// ClosedInvoices are the finalized invoices whose period starts in
 	// [from, to).
 	ClosedInvoices(ctx context.Context, from, to time.Time) ([]StoredInvoice, error)

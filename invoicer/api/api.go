@@ -11,6 +11,7 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
+	"strconv"
 	"strings"
 	"time"
 
@@ -259,21 +260,63 @@ func (u asOf) Usage(ctx context.Context, accounts []string, p invoicer.Period, m
 	return u.UsageReader.Usage(ctx, accounts, p, meters, env)
 }
 
-// List is a page of invoices.
+// List is a page of invoices, newest period first, as Stripe pages its
+// lists: ask for the next with starting_after set to the page's last id
+// while has_more is true.
 type List struct {
-	Object string                   `json:"object"`
-	Data   []invoicer.StoredInvoice `json:"data"`
+	Object  string                   `json:"object"`
+	Data    []invoicer.StoredInvoice `json:"data"`
+	HasMore bool                     `json:"has_more"`
+	URL     string                   `json:"url"`
 }
 
+// Page sizes of GET /v1/invoices (?limit=), as Stripe's lists have them.
+const (
+	defaultListLimit = 10
+	maxListLimit     = 100
+)
+
 func (s *Server) list(c echo.Context) error {
-	invs, err := s.store.AccountInvoices(c.Request().Context(), account(c))
+	ctx, acct := c.Request().Context(), account(c)
+	limit := defaultListLimit
+	if v := c.QueryParam("limit"); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 1 || n > maxListLimit {
+			return edge.NewAPIError(http.StatusBadRequest, edge.TypeInvalidRequest, "invalid_limit",
+				fmt.Sprintf("limit must be a whole number from 1 to %d, got %s.", maxListLimit, strconv.QuoteToASCII(v)))
+		}
+		limit = n
+	}
+	var before time.Time
+	if after := c.QueryParam("starting_after"); after != "" {
+		// The cursor is an invoice of the caller's own: another account's
+		// is refused as an unknown one is, so ids cannot be probed.
+		var inv invoicer.StoredInvoice
+		err := invoicer.ErrNotFound
+		if invoiceIDShape(after) { // Postgres refuses some strings outright
+			inv, err = s.store.Invoice(ctx, after)
+		}
+		if errors.Is(err, invoicer.ErrNotFound) || err == nil && inv.AccountID != acct {
+			return edge.NewAPIError(http.StatusBadRequest, edge.TypeInvalidRequest, "invalid_starting_after",
+				"starting_after must be the id of one of your invoices, the last of the page before.")
+		}
+		if err != nil {
+			return err
+		}
+		before = inv.Period.Start
+	}
+	invs, err := s.store.AccountInvoicesBefore(ctx, acct, before, limit+1)
 	if err != nil {
 		return err
+	}
+	more := len(invs) > limit
+	if more {
+		invs = invs[:limit]
 	}
 	if invs == nil {
 		invs = []invoicer.StoredInvoice{}
 	}
-	return c.JSON(http.StatusOK, List{Object: "list", Data: invs})
+	return c.JSON(http.StatusOK, List{Object: "list", Data: invs, HasMore: more, URL: "/v1/invoices"})
 }
 
 func (s *Server) get(c echo.Context) error {

@@ -305,4 +305,46 @@ func TestInvoiceAPI(t *testing.T) {
 			t.Fatalf("an account on starter: %d", code)
 		}
 	})
+	t.Run("the invoice list pages, newest first, within the account", func(t *testing.T) {
+		testenv.Must(t, f.keys.EnsureAccount(ctx, "acct_pages", "acct_pages"), "account")
+		var invs []invoicer.Invoice
+		for m := 1; m <= 3; m++ {
+			p := invoicer.MonthPeriod(time.Date(2025, time.Month(m), 1, 0, 0, 0, 0, time.UTC), time.UTC)
+			invs = append(invs, invoicer.Invoice{ID: invoicer.InvoiceID("acct_pages", p), AccountID: "acct_pages", Currency: "usd", Period: p})
+		}
+		testenv.Must(t, f.store.SaveDrafts(ctx, invs), "save invoices")
+		key, _ := f.key(t, "acct_pages", edge.Secret, schemas.Live)
+		page := func(query string) api.List {
+			t.Helper()
+			var l api.List
+			if code := f.get(t, key, "/v1/invoices"+query, &l); code != 200 {
+				t.Fatalf("GET /v1/invoices%s: %d", query, code)
+			}
+			return l
+		}
+		all := page("")
+		if len(all.Data) != 3 || all.HasMore || all.Data[0].ID != invs[2].ID || all.Data[2].ID != invs[0].ID {
+			t.Fatalf("whole list: %d invoices, has_more %v", len(all.Data), all.HasMore)
+		}
+		first := page("?limit=2")
+		if len(first.Data) != 2 || !first.HasMore || first.Data[0].ID != invs[2].ID || first.Data[1].ID != invs[1].ID {
+			t.Fatalf("first page: %d invoices, has_more %v", len(first.Data), first.HasMore)
+		}
+		second := page("?limit=2&starting_after=" + first.Data[1].ID)
+		if len(second.Data) != 1 || second.HasMore || second.Data[0].ID != invs[0].ID {
+			t.Fatalf("second page: %d invoices, has_more %v", len(second.Data), second.HasMore)
+		}
+		var xs api.List
+		f.get(t, secretX, "/v1/invoices", &xs)
+		for _, q := range []struct{ query, code string }{
+			{"?limit=0", "invalid_limit"}, {"?limit=101", "invalid_limit"}, {"?limit=two", "invalid_limit"},
+			{"?starting_after=inv_nothing", "invalid_starting_after"},
+			{"?starting_after=" + xs.Data[0].ID, "invalid_starting_after"}, // another account's
+		} {
+			var e apiErr
+			if code := f.get(t, key, "/v1/invoices"+q.query, &e); code != 400 || e.Error.Code != q.code {
+				t.Errorf("GET /v1/invoices%s: %d %q, want 400 %s", q.query, code, e.Error.Code, q.code)
+			}
+		}
+	})
 }

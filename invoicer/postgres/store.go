@@ -352,6 +352,16 @@ func (s *Store) AccountInvoices(ctx context.Context, accountID string) ([]invoic
 	return s.invoices(ctx, "WHERE i.account_id = $1 ORDER BY i.period_start DESC", accountID)
 }
 
+// AccountInvoicesBefore lists up to limit of an account's invoices whose
+// period starts before before (zero: all), newest period first. An account
+// has one invoice per period start, so the start orders them fully.
+func (s *Store) AccountInvoicesBefore(ctx context.Context, accountID string, before time.Time, limit int) ([]invoicer.StoredInvoice, error) {
+	if before.IsZero() {
+		return s.invoices(ctx, "WHERE i.account_id = $1 ORDER BY i.period_start DESC LIMIT $2", accountID, limit)
+	}
+	return s.invoices(ctx, "WHERE i.account_id = $1 AND i.period_start < $2 ORDER BY i.period_start DESC LIMIT $3", accountID, before, limit)
+}
+
 // ClosedInvoices lists finalized invoices whose period starts in [from, to).
 func (s *Store) ClosedInvoices(ctx context.Context, from, to time.Time) ([]invoicer.StoredInvoice, error) {
 	return s.invoices(ctx, `WHERE i.period_start >= $1 AND i.period_start < $2
