@@ -228,11 +228,12 @@ func (s *Server) upcoming(c echo.Context) error {
 		return err
 	}
 	invs, err := s.proj.ComputePeriod(ctx, asOf{s.usage, now.Add(time.Second)}, p, []invoicer.Account{a}, now)
-	if errors.Is(err, invoicer.ErrInvalid) {
+	if errors.Is(err, invoicer.ErrInvalid) || errors.Is(err, invoicer.ErrNotFound) || errors.Is(err, invoicer.ErrOverflow) {
 		// The call asks nothing a caller could get wrong: the account's
-		// plans cannot be priced (a version refused as written, a currency
-		// or meter the operator must mend). The operator's to know, not
-		// the caller's to read.
+		// plans cannot be priced (a version refused as written or missing,
+		// a currency or meter the operator must mend, an amount past what
+		// the ledger holds). The operator's to know, not the caller's to
+		// read: a 404 would tell the caller its own resource is missing.
 		s.log.Error("the upcoming invoice cannot be priced", "account_id", a.ID, "err", err)
 		return edge.NewAPIError(http.StatusServiceUnavailable, edge.TypeAPI, "billing_unavailable",
 			"The upcoming invoice cannot be computed now; the operator has been told.")
