@@ -35,6 +35,47 @@ func IsIdentityHeader(name string) bool {
 	return len(name) > n && strings.EqualFold(name[:n], IdentityPrefix[:n]) && (name[n] == '-' || name[n] == '_')
 }
 
+// IsForwardingAlias reports whether name is one of the request headers the
+// edge sets for the upstream (Request-Id, X-Forwarded-For, -Host, -Proto)
+// spelled with an underscore for a hyphen: CGI, PHP, Rack and WSGI read
+// X_Forwarded_For as X-Forwarded-For, so a caller's copy under that name
+// could stand in for the edge's.
+func IsForwardingAlias(name string) bool {
+	if strings.IndexByte(name, '_') < 0 {
+		return false
+	}
+	for _, h := range [...]string{HeaderRequestID, "X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto"} {
+		if len(name) == len(h) && equalFoldDash(name, h) {
+			return true
+		}
+	}
+	return false
+}
+
+// equalFoldDash reports whether a and b (of one length) are equal under
+// ASCII case folding, an underscore counting as a hyphen.
+func equalFoldDash(a, b string) bool {
+	for i := 0; i < len(a); i++ {
+		x, y := a[i], b[i]
+		if x == '_' {
+			x = '-'
+		}
+		if y == '_' {
+			y = '-'
+		}
+		if 'A' <= x && x <= 'Z' {
+			x += 'a' - 'A'
+		}
+		if 'A' <= y && y <= 'Z' {
+			y += 'a' - 'A'
+		}
+		if x != y {
+			return false
+		}
+	}
+	return true
+}
+
 // Identity is what the identity headers say about a key's calls.
 type Identity struct {
 	Account, Environment, KeyID, Plan string

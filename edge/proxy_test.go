@@ -1686,3 +1686,40 @@ func TestAnUpgradeToAProtocolNotAllowedIsAnOrdinaryCall(t *testing.T) {
 		})
 	}
 }
+
+// A caller's underscore spellings of the headers the edge sets for the
+// upstream (X_Forwarded_For, Request_Id) do not reach it: CGI, PHP, Rack
+// and WSGI read them as the edge's own. Both fronts.
+func TestUnderscoreSpellingsOfTheForwardingHeadersAreDropped(t *testing.T) {
+	env := edgetest.New(t)
+	key, _ := env.Key(t, "acct_alias", edge.Secret, schemas.Live)
+	for _, fr := range fronts {
+		t.Run(fr.name, func(t *testing.T) {
+			in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP})
+			req, _ := http.NewRequest("GET", in.URL+"/v1/things", nil)
+			req.Header.Set("Authorization", "Bearer "+key)
+			for _, name := range []string{"X_Forwarded_For", "x_forwarded-host", "X-Forwarded_Proto", "Request_Id", "X_Custom"} {
+				req.Header[name] = []string{"forged"}
+			}
+			resp, err := http.DefaultClient.Do(req)
+			testenv.Must(t, err, "call")
+			var echo demo.Echo
+			testenv.Must(t, json.NewDecoder(resp.Body).Decode(&echo), "decode")
+			resp.Body.Close()
+			custom := 0
+			for name, vs := range echo.Headers {
+				for _, v := range vs {
+					switch {
+					case strings.EqualFold(name, "X_Custom"):
+						custom++ // not a name the edge sets: it passes
+					case v == "forged":
+						t.Errorf("the upstream got %s: %s", name, v)
+					}
+				}
+			}
+			if echo.Headers["X-Forwarded-For"][0] != "127.0.0.1" || custom != 1 {
+				t.Fatalf("headers at the upstream: %v", echo.Headers)
+			}
+		})
+	}
+}

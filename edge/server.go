@@ -905,7 +905,7 @@ func (s *Server) newProxy(upstream string) (*httputil.ReverseProxy, error) {
 			r.Out.Header.Del("Authorization")
 			r.Out.Header.Set(HeaderRequestID, r.In.Header.Get(HeaderRequestID))
 			for name := range r.Out.Header {
-				if IsIdentityHeader(name) {
+				if IsIdentityHeader(name) || IsForwardingAlias(name) {
 					delete(r.Out.Header, name) // the caller's, forged or not
 				}
 			}

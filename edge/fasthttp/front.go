@@ -479,15 +479,17 @@ func dropHopByHop(h headers) {
 }
 
 // setIdentity drops whatever the caller sent under the edge's reserved
-// header prefix, then tells the upstream who is calling.
+// header prefix, and underscore spellings of the forwarding headers
+// (edge.IsForwardingAlias), then tells the upstream who is calling.
 func setIdentity(h *fh.RequestHeader, k *edge.Key, trailers bool) {
 	// Walking the parsed headers costs more than a look at the raw ones,
 	// which almost never hold the prefix; trailers are not among the raw
 	// headers.
-	if raw := h.RawHeaders(); trailers || len(raw) == 0 || rawHasIdentity(raw) {
+	if raw := h.RawHeaders(); trailers || len(raw) == 0 || rawHasIdentity(raw) || rawHasUnderscoreName(raw) {
 		var forged []string
 		for name := range h.All() {
-			if len(name) >= len(edge.IdentityPrefix) && edge.IsIdentityHeader(string(name[:len(edge.IdentityPrefix)])) {
+			if len(name) >= len(edge.IdentityPrefix) && edge.IsIdentityHeader(string(name[:len(edge.IdentityPrefix)])) ||
+				edge.IsForwardingAlias(string(name)) {
 				forged = append(forged, string(name))
 			}
 		}
@@ -503,6 +505,23 @@ func setIdentity(h *fh.RequestHeader, k *edge.Key, trailers bool) {
 	h.Add(edge.HeaderPlan, id.Plan)
 	var buf [256]byte
 	h.AddBytesV(edge.HeaderScopes, id.AppendScopes(buf[:0]))
+}
+
+// rawHasUnderscoreName reports whether a header name in raw, the headers
+// as received, has an underscore (see edge.IsForwardingAlias).
+func rawHasUnderscoreName(raw []byte) bool {
+	for len(raw) > 0 {
+		line := raw
+		if i := bytes.IndexByte(raw, '\n'); i >= 0 {
+			line, raw = raw[:i], raw[i+1:]
+		} else {
+			raw = nil
+		}
+		if i := bytes.IndexByte(line, ':'); i > 0 && bytes.IndexByte(line[:i], '_') >= 0 {
+			return true
+		}
+	}
+	return false
 }
 
 // rawHasIdentity reports whether a header line of raw, the headers as
