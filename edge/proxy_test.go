@@ -1605,13 +1605,7 @@ func TestAnUpgradeInAbsoluteFormLosesTheURIsCredentials(t *testing.T) {
 	seen := make(chan string, 1)
 	up := serveUpstream(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		seen <- r.RequestURI
-		conn, brw, err := http.NewResponseController(w).Hijack()
-		if err != nil {
-			return
-		}
-		defer conn.Close()
-		_, _ = brw.WriteString("HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
-		_ = brw.Flush()
+		upgradeEcho(w, r)
 	}))
 	for _, fr := range fronts {
 		t.Run(fr.name, func(t *testing.T) {

@@ -204,7 +204,7 @@ func TestASpoolAtItsBoundKeepsTheRestInMemory(t *testing.T) {
 	}
 	testenv.Wait(t, 10*time.Second, "events in the spool", func() bool { return p.SpoolDepth() > 0 })
 	time.Sleep(1500 * time.Millisecond) // a refused batch is tried again every second
-	size := gauge(t, reg, "tollgate_edge_spool_bytes")
+	size := edgekafka.MetricValue(t, reg, "tollgate_edge_spool_bytes")
 	if size <= 0 || size > bound || p.SpoolDepth() >= n {
 		t.Fatalf("spool holds %v bytes and %d events; want some, within the bound of %d, and fewer than the %d emitted", size, p.SpoolDepth(), bound, n)
 	}
@@ -233,17 +233,4 @@ func TestASpoolAtItsBoundKeepsTheRestInMemory(t *testing.T) {
 	if len(seen) != n {
 		t.Fatalf("%d distinct events in the topic, want %d", len(seen), n)
 	}
-}
-
-func gauge(t *testing.T, reg *prometheus.Registry, name string) float64 {
-	t.Helper()
-	mfs, err := reg.Gather()
-	testenv.Must(t, err, "gather metrics")
-	for _, mf := range mfs {
-		if mf.GetName() == name {
-			return mf.GetMetric()[0].GetGauge().GetValue()
-		}
-	}
-	t.Fatalf("no metric %s", name)
-	return 0
 }

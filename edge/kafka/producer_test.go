@@ -114,19 +114,24 @@ func TestProducerCountsCorruptSpoolRegions(t *testing.T) {
 		CloseTimeout: 100 * time.Millisecond}, reg, slog.New(slog.DiscardHandler))
 	testenv.Must(t, err, "new producer")
 	defer p.Close()
-	regions, size := counterValue(t, reg, "tollgate_edge_spool_corrupt_regions_total"), counterValue(t, reg, "tollgate_edge_spool_corrupt_bytes_total")
+	regions, size := MetricValue(t, reg, "tollgate_edge_spool_corrupt_regions_total"), MetricValue(t, reg, "tollgate_edge_spool_corrupt_bytes_total")
 	if regions != 1 || size != 21 {
 		t.Errorf("%v corrupt regions of %v bytes in the metrics, want one of 21", regions, size)
 	}
 }
 
-func counterValue(t *testing.T, reg *prometheus.Registry, name string) float64 {
+// MetricValue is the value of reg's counter or gauge name, for the tests,
+// which those outside the package use too.
+func MetricValue(t *testing.T, reg *prometheus.Registry, name string) float64 {
 	t.Helper()
 	mfs, err := reg.Gather()
 	testenv.Must(t, err, "gather metrics")
 	for _, mf := range mfs {
 		if mf.GetName() == name {
-			return mf.GetMetric()[0].GetCounter().GetValue()
+			if c := mf.GetMetric()[0].GetCounter(); c != nil {
+				return c.GetValue()
+			}
+			return mf.GetMetric()[0].GetGauge().GetValue()
 		}
 	}
 	t.Fatalf("no metric %s", name)
