@@ -1111,10 +1111,6 @@ func (s *Server) holdAnswer(pc *proxiedCall, rid string) {
 	})
 }
 
-// IsUpgrade reports whether h asks to switch protocols: an Upgrade header
-// and the upgrade token in Connection (RFC 9110, 7.8), as net/http's proxy
-// and the fasthttp front read it. An Upgrade header alone asks for nothing
-// and is a plain call.
 // UpgradeAllowed reports whether a call's Upgrade header (one protocol or
 // a list) names only protocols edge.upgrade_protocols allows, each with or
 // without a version ("websocket", "websocket/13").
@@ -1152,6 +1148,10 @@ func dropUpgrade(h http.Header) {
 	}
 }
 
+// IsUpgrade reports whether h asks to switch protocols: an Upgrade header
+// and the upgrade token in Connection (RFC 9110, 7.8), as net/http's proxy
+// and the fasthttp front read it. An Upgrade header alone asks for nothing
+// and is a plain call.
 func IsUpgrade(h http.Header) bool {
 	if h.Get("Upgrade") == "" {
 		return false
