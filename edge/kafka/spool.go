@@ -59,6 +59,9 @@ type Spool struct {
 	// afterStep, set only by tests, is called between the steps of
 	// emptying the spool, to see the directory as a crash there leaves it.
 	afterStep func(step string)
+	// cut, set only by tests, replaces the cut of a segment back to its
+	// last whole record after a failed append.
+	cut func(f *os.File, size int64) error
 }
 
 // SpoolCursor is a read position: a segment and a byte offset in it.
@@ -142,8 +145,14 @@ func OpenSpool(dir string, log *slog.Logger, maxBytes int64) (*Spool, error) {
 	var depth, size int64
 	for _, seq := range seqs {
 		if seq < s.rseq {
-			// Delivered, but its removal failed before.
-			_ = os.Remove(s.path(seq))
+			// Delivered, but its removal failed before. One that still
+			// cannot be removed is still on disk, and counts against the
+			// bound as long as it is.
+			if err := os.Remove(s.path(seq)); err != nil && !errors.Is(err, os.ErrNotExist) {
+				if st, err := os.Stat(s.path(seq)); err == nil {
+					size += st.Size()
+				}
+			}
 			continue
 		}
 		if seq != s.wseq {
@@ -441,7 +450,18 @@ func (s *Spool) Append(recs [][]byte) error {
 // were not counted; if the cut fails, the segment is read up to what it
 // left and skipped from there.
 func (s *Spool) undo() {
-	_ = s.w.Truncate(s.wsize)
+	cut := (*os.File).Truncate
+	if s.cut != nil {
+		cut = s.cut
+	}
+	if err := cut(s.w, s.wsize); err != nil {
+		// What the write left past the last whole record is still on
+		// disk: it counts against the bound until the segment is
+		// removed, which takes the segment's whole size off again.
+		if st, err := s.w.Stat(); err == nil && st.Size() > s.wsize {
+			s.size.Add(st.Size() - s.wsize)
+		}
+	}
 	s.dirty = true
 }
 

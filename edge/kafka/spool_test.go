@@ -562,3 +562,118 @@ func TestSpoolKeepsItsFilesWithinItsBound(t *testing.T) {
 	}
 	check(s, 0)
 }
+
+// cutFailsChild names the environment variable under which the test
+// binary, run again by TestSpoolCountsWhatAFailedCutLeaves, is the child
+// that hits the file size limit.
+const cutFailsChild = "TOLLGATE_SPOOL_CUT_FAILS_CHILD_DIR"
+
+// An append the disk cuts short, whose cut back to the last whole record
+// then fails too, leaves bytes on disk past it: they count against the
+// bound until their segment is delivered and removed.
+func TestSpoolCountsWhatAFailedCutLeaves(t *testing.T) {
+	dir := os.Getenv(cutFailsChild)
+	if dir == "" {
+		dir = t.TempDir()
+		cmd := exec.Command(os.Args[0], "-test.run=^TestSpoolCountsWhatAFailedCutLeaves$", "-test.v")
+		cmd.Env = append(os.Environ(), cutFailsChild+"="+dir)
+		out, err := cmd.CombinedOutput()
+		if err != nil || !strings.Contains(string(out), "--- PASS") {
+			t.Fatalf("child with a file size limit: %v\n%s", err, out)
+		}
+		return
+	}
+	s, err := OpenSpool(dir, slog.New(slog.DiscardHandler), 1<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = s.Close() }()
+	if err := s.Append(recs(0, 3)); err != nil {
+		t.Fatal(err)
+	}
+	before := s.Size()
+	s.cut = func(*os.File, int64) error { return errors.New("cut refused") }
+	var lim syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_FSIZE, &lim); err != nil {
+		t.Fatal(err)
+	}
+	small := lim
+	small.Cur = uint64(s.wsize) + 20 // less than one more record
+	if err := syscall.Setrlimit(syscall.RLIMIT_FSIZE, &small); err != nil {
+		t.Fatal(err)
+	}
+	err = s.Append(recs(3, 5))
+	if restore := syscall.Setrlimit(syscall.RLIMIT_FSIZE, &lim); restore != nil {
+		t.Fatal(restore)
+	}
+	if err == nil {
+		t.Fatal("an append past the file size limit succeeded")
+	}
+	if files := spoolFiles(t, dir); files != before+20 {
+		t.Fatalf("the files hold %d bytes, want the %d before and the 20 the disk took", files, before)
+	}
+	if s.Size() != spoolFiles(t, dir) {
+		t.Errorf("after a failed cut: Size %d, the files hold %d", s.Size(), spoolFiles(t, dir))
+	}
+	if err := s.Append(recs(10, 2)); err != nil {
+		t.Fatalf("append once the disk takes writes: %v", err)
+	}
+	if s.Size() != spoolFiles(t, dir) {
+		t.Errorf("after the next append: Size %d, the files hold %d", s.Size(), spoolFiles(t, dir))
+	}
+	want := wantStrings(append(recs(0, 3), recs(10, 2)...))
+	if got := readAllSpool(t, s); fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Errorf("read %v, want %v", got, want)
+	}
+	if s.Size() != 0 || spoolFiles(t, dir) != 0 {
+		t.Errorf("once everything is delivered: Size %d, the files hold %d; want 0", s.Size(), spoolFiles(t, dir))
+	}
+}
+
+// A delivered segment that a reopened spool cannot remove is still on
+// disk, and counts against the bound.
+func TestSpoolCountsADeliveredSegmentItCannotRemove(t *testing.T) {
+	dir := t.TempDir()
+	s, err := OpenSpool(dir, slog.New(slog.DiscardHandler), 1<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.maxSeg = 200 // a segment per batch
+	for i := range 3 {
+		if err := s.Append(recs(i*10, 10)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	first := s.rseq
+	rs, cur, err := s.Read(11) // past the first segment
+	if err != nil || len(rs) != 11 {
+		t.Fatalf("read 11: %d %v", len(rs), err)
+	}
+	if err := s.Commit(cur, 11); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	// Something in the delivered segment's place that cannot be removed:
+	// a directory that is not empty (root may remove a read-only file).
+	if err := os.MkdirAll(filepath.Join(s.path(first), "pinned"), 0o750); err != nil {
+		t.Fatal(err)
+	}
+	s, err = OpenSpool(dir, slog.New(slog.DiscardHandler), 1<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = s.Close() }()
+	st, err := os.Stat(s.path(first))
+	if err != nil {
+		t.Fatalf("the pinned segment: %v", err)
+	}
+	if s.Size() != spoolFiles(t, dir) || s.Size() != 420+st.Size() {
+		t.Errorf("Size %d, the files hold %d; want the two segments still pending, 420 bytes, and the pinned one's %d",
+			s.Size(), spoolFiles(t, dir), st.Size())
+	}
+	if got := readAllSpool(t, s); len(got) != 19 || got[0] != "record-000011" {
+		t.Errorf("read %d records from %v; want 19 from record-000011", len(got), got)
+	}
+}
