@@ -883,7 +883,11 @@ func newProducer(ctx context.Context, brokers []string, topic, spool string, lin
 // a few million events to it, which the broker would otherwise keep.
 func dropTopic(brokers []string, topic string) {
 	kc := &kafka.Client{Addr: kafka.TCP(brokers...), Timeout: 15 * time.Second}
-	if _, err := kc.DeleteTopics(context.Background(), &kafka.DeleteTopicsRequest{Topics: []string{topic}}); err != nil {
+	res, err := kc.DeleteTopics(context.Background(), &kafka.DeleteTopicsRequest{Topics: []string{topic}})
+	if err == nil {
+		err = res.Errors[topic] // the broker's refusal of this one topic
+	}
+	if err != nil {
 		fmt.Fprintf(os.Stderr, "bench-edge: delete topic %s: %v\n", topic, err)
 	}
 }
