@@ -201,6 +201,11 @@ func NewServer(cfg Config, deps Deps) (*Server, error) {
 	e.GET("/readyz", s.readyz)
 	e.POST("/v1/events", s.reportEvents, s.authenticate, s.authorize, s.limit(false))
 	e.Any("/*", s.proxy, s.authenticate, s.authorize, s.limit(true))
+	// Any registers echo's own list of methods only. Another method takes
+	// the same path, so its caller's key is read and the refusal (405
+	// method_not_allowed) carries the rate limits, as on the fasthttp
+	// front; echo's router would answer it before any of that.
+	e.RouteNotFound("/*", s.proxy, s.authenticate, s.authorize, s.limit(true))
 	s.echo = e
 	return s, nil
 }
