@@ -111,7 +111,8 @@ func newAPIEnv(t *testing.T) *apiEnv {
 	late := recs[0]
 	late.Event.ID, late.RecordTime, late.Value = schemas.NewEventID(), time.Now(), []byte("{}")
 	late.Event.Time = env.base.Add(-40 * 24 * time.Hour)
-	testenv.Must(t, chsink.NewSink(ch.Conn).InsertLate(ctx, []ingest.Record{late}), "insert late")
+	_, err := chsink.NewSink(ch.Conn).InsertLate(ctx, []ingest.Record{late})
+	testenv.Must(t, err, "insert late")
 	env.store = aggch.NewStore(ch.Conn)
 	zones := aggpg.NewZones(pg.Pool, time.Minute, slog.New(slog.DiscardHandler))
 	catalog, err := aggregator.NewCatalog(apiMeters, aggpg.NewMeters(pg.Pool), time.Millisecond, slog.New(slog.DiscardHandler))
@@ -679,7 +680,8 @@ func TestPollingTheUsageAPIDoesNotRepeatTheStatusQueries(t *testing.T) {
 	// A too-late event for beta shows within a second.
 	late := ingest.Record{Event: schemas.Event{Version: 1, ID: schemas.NewEventID(), AccountID: "acct_beta", Environment: schemas.Live,
 		KeyID: "key_beta", Type: "api_call", Time: e.base.Add(-39 * 24 * time.Hour), Units: 1}, RecordTime: time.Now(), Value: []byte("{}")}
-	testenv.Must(t, chsink.NewSink(e.ch.Conn).InsertLate(ctx, []ingest.Record{late}), "insert late")
+	_, err = chsink.NewSink(e.ch.Conn).InsertLate(ctx, []ingest.Record{late})
+	testenv.Must(t, err, "insert late")
 	ahead.Store(int64(1100 * time.Millisecond))
 	if b := poll(); b.TooLateEvents != 1 {
 		t.Fatalf("a second after a too-late event: %d reported, want 1", b.TooLateEvents)

@@ -93,8 +93,11 @@ type Sink interface {
 	// Insert writes valid, timely events to the raw events table, all
 	// groups as one write (several workers' batches share one round).
 	Insert(ctx context.Context, groups ...[]Record) error
-	// InsertLate writes events that arrived after the allowed lateness.
-	InsertLate(ctx context.Context, records []Record) error
+	// InsertLate writes events that arrived after the allowed lateness
+	// and returns those it wrote: a too-late copy of an event the raw
+	// table already counts (same id, type and second) is a duplicate, and
+	// is left out.
+	InsertLate(ctx context.Context, records []Record) ([]Record, error)
 }
 
 // DeadLetters receives records that are not valid events, with the reason.
@@ -343,7 +346,17 @@ type batch struct {
 	late    []Record
 	rej     int
 	dups    int
-	landed  chan error
+	// lateDups is how many of late turned out to be copies of events
+	// an earlier batch counted.
+	lateDups int
+	landed   chan error
+	// inserted is closed once this batch's events, and every earlier
+	// batch's of the worker, are in the raw table (or the worker is
+	// stopping); after is the batch before's. A too-late copy is checked
+	// against the raw table only then, so a copy whose first one is
+	// still landing in an earlier batch is not taken for a late event.
+	inserted chan struct{}
+	after    <-chan struct{}
 }
 
 // work runs one consumer group member. Batches are collected, dead-lettered
@@ -389,6 +402,7 @@ func (in *Ingester) work(parent context.Context, src Source) error {
 			in.m.records.WithLabelValues("landed").Add(float64(len(b.events)))
 			in.m.records.WithLabelValues("duplicate_in_batch").Add(float64(b.dups))
 			in.m.records.WithLabelValues("too_late").Add(float64(len(b.late)))
+			in.m.records.WithLabelValues("duplicate_too_late").Add(float64(b.lateDups))
 			in.m.records.WithLabelValues("dead_letter").Add(float64(b.rej))
 			if in.prog != nil {
 				in.prog.landed(b.msgs)
@@ -400,6 +414,8 @@ func (in *Ingester) work(parent context.Context, src Source) error {
 	// The messages are let go once their batch is decoded, so one buffer
 	// serves each batch in turn.
 	msgs := make([]Message, 0, in.cfg.BatchSize)
+	prevInserted := make(chan struct{})
+	close(prevInserted)
 	for err == nil {
 		msgs, err = in.collect(ctx, src, msgs[:0])
 		if len(msgs) == 0 {
@@ -416,6 +432,8 @@ func (in *Ingester) work(parent context.Context, src Source) error {
 			err = ferr
 			break
 		}
+		b.after, b.inserted = prevInserted, make(chan struct{})
+		prevInserted = b.inserted
 		go func() { b.landed <- in.land(ctx, b) }()
 		// Both block while earlier batches land (b is the +1): while
 		// MaxInFlight are landing, or while b's records would pass
@@ -605,17 +623,46 @@ func lastOfEachPartition(msgs []Message) []Message {
 // land stores a batch's events and too-late events and recomputes the
 // rollups it touches, retrying each step until it succeeds or ctx ends.
 func (in *Ingester) land(ctx context.Context, b *batch) error {
+	inserted := func() {
+		if b.inserted == nil {
+			return
+		}
+		go func() {
+			select {
+			case <-b.after:
+			case <-ctx.Done():
+			}
+			close(b.inserted)
+		}()
+	}
 	if len(b.events) > 0 {
 		t := in.now()
 		if err := in.retry(ctx, "insert", func(c context.Context) error { return in.sink.Insert(c, b.events) }); err != nil {
+			inserted()
 			return err
 		}
 		in.m.insertLatency.Observe(in.now().Sub(t).Seconds())
 	}
+	inserted()
 	if len(b.late) > 0 {
-		if err := in.retry(ctx, "insert late", func(c context.Context) error { return in.sink.InsertLate(c, b.late) }); err != nil {
+		if b.after != nil {
+			select {
+			case <-b.after:
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+		}
+		n := len(b.late)
+		if err := in.retry(ctx, "insert late", func(c context.Context) error {
+			kept, err := in.sink.InsertLate(c, b.late)
+			if err == nil {
+				b.late = kept
+			}
+			return err
+		}); err != nil {
 			return err
 		}
+		b.lateDups = n - len(b.late)
 		for _, r := range b.late {
 			in.log.Warn("event arrived after the allowed lateness; kept in late_events, not counted",
 				"event_id", r.Event.ID, "account_id", r.Event.AccountID, "event_time", r.Event.Time,
@@ -675,7 +722,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		}),
 		records: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "tollgate_ingest_records_total",
-			Help: "Records by outcome: landed, duplicate_in_batch, too_late, dead_letter.",
+			Help: "Records by outcome: landed, duplicate_in_batch, too_late, duplicate_too_late (a too-late copy of an event counted before), dead_letter.",
 		}, []string{"outcome"}),
 		retries: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "tollgate_ingest_retries_total", Help: "Failed ingest steps that were retried.",

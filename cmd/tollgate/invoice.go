@@ -473,9 +473,13 @@ func loadScratch(ctx context.Context, cfg Config, ch driver.Conn, since time.Tim
 			}
 		}
 		if len(late) > 0 {
-			if err := sink.InsertLate(ctx, late); err != nil {
+			// A too-late copy of an event an earlier batch landed is a
+			// duplicate, and left out, as ingest leaves it out.
+			kept, err := sink.InsertLate(ctx, late)
+			if err != nil {
 				return err
 			}
+			late = kept
 		}
 		rep.RecordsRead += int64(len(msgs))
 		rep.EventsLoaded += int64(len(events))

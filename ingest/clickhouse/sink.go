@@ -5,6 +5,7 @@ package clickhouse
 import (
 	"context"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
@@ -166,26 +167,127 @@ func (c *rawColumns) rows(lo, hi int) []any {
 const insertLateSQL = `INSERT INTO late_events (event_id, account_id, environment, key_id, event_type,
  timestamp, timestamp_us, units, record_time, kafka_partition, kafka_offset, payload, ingested_at)`
 
-// InsertLate writes events that came after the allowed lateness, whole.
-func (s *Sink) InsertLate(ctx context.Context, records []ingest.Record) error {
+// InsertLate writes events that came after the allowed lateness, whole,
+// and returns them, except a too-late copy of an event usage_events
+// already counts (the same id, type and second: the raw table's own
+// duplicate), which is a duplicate, not a late event, and is left out.
+func (s *Sink) InsertLate(ctx context.Context, records []ingest.Record) ([]ingest.Record, error) {
+	counted, err := s.counted(ctx, records)
+	if err != nil {
+		return nil, err
+	}
+	kept := make([]ingest.Record, 0, len(records))
+	for _, r := range records {
+		if !counted[rowOf(r)] {
+			kept = append(kept, r)
+		}
+	}
+	if len(kept) == 0 {
+		return kept, nil
+	}
 	b, err := s.conn.PrepareBatch(ctx, insertLateSQL)
 	if err != nil {
-		return fmt.Errorf("prepare late insert: %w", err)
+		return nil, fmt.Errorf("prepare late insert: %w", err)
 	}
 	defer b.Abort()
 	at := s.now().UTC().Truncate(time.Second)
-	for _, r := range records {
+	for _, r := range kept {
 		e := r.Event
 		if err := b.Append(e.ID, e.AccountID, string(e.Environment), e.KeyID, e.Type, e.Time.UTC(),
 			uint64(e.Time.UnixMicro()), e.Units, r.RecordTime.UTC(), int32(r.Partition), r.Offset,
 			string(r.Value), at); err != nil {
-			return fmt.Errorf("append late event %s: %w", e.ID, err)
+			return nil, fmt.Errorf("append late event %s: %w", e.ID, err)
 		}
 	}
 	if err := b.Send(); err != nil {
-		return fmt.Errorf("insert late events: %w", err)
+		return nil, fmt.Errorf("insert late events: %w", err)
+	}
+	return kept, nil
+}
+
+// row is a raw row's identity: usage_events' sorting key, whose repeats
+// count once.
+type row struct {
+	account, env, typ, id string
+	second                int64
+}
+
+func rowOf(r ingest.Record) row {
+	e := r.Event
+	return row{account: e.AccountID, env: string(e.Environment), typ: e.Type, id: e.ID.String(), second: e.Time.Unix()}
+}
+
+// countedChunk is how many event ids one lookup names: 1,000 keeps its
+// text near 40 KB, well under ClickHouse's max_query_size (256 KiB).
+const countedChunk = 1000
+
+// counted reads which of records usage_events already holds. Too-late
+// events are rare, so this costs a query or two per batch that has any;
+// each names one account environment, its ids and its time span, which
+// the table's sorting key and month partitions narrow to a few granules.
+func (s *Sink) counted(ctx context.Context, records []ingest.Record) (map[row]bool, error) {
+	type scope struct{ account, env string }
+	groups := map[scope][]ingest.Record{}
+	for _, r := range records {
+		k := scope{r.Event.AccountID, string(r.Event.Environment)}
+		groups[k] = append(groups[k], r)
+	}
+	out := map[row]bool{}
+	for k, rs := range groups {
+		for len(rs) > 0 {
+			n := min(len(rs), countedChunk)
+			chunk := rs[:n]
+			rs = rs[n:]
+			from, to := chunk[0].Event.Time, chunk[0].Event.Time
+			args := []any{k.account, k.env, nil, nil}
+			for _, r := range chunk {
+				from, to = minTime(from, r.Event.Time), maxTime(to, r.Event.Time)
+				args = append(args, r.Event.ID.String())
+			}
+			args[2], args[3] = from.UTC().Truncate(time.Second), to.UTC().Truncate(time.Second)
+			q := `SELECT toString(event_id), event_type, toUInt32(timestamp) FROM usage_events
+                WHERE account_id = ? AND environment = ? AND timestamp >= ? AND timestamp <= ?
+                AND event_id IN (?` + strings.Repeat(", ?", n-1) + `)`
+			if err := s.readCounted(ctx, q, args, k.account, k.env, out); err != nil {
+				return nil, err
+			}
+		}
+	}
+	return out, nil
+}
+
+func (s *Sink) readCounted(ctx context.Context, q string, args []any, account, env string, out map[row]bool) error {
+	rows, err := s.conn.Query(ctx, q, args...)
+	if err != nil {
+		return fmt.Errorf("look up late events' earlier copies: %w", err)
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var id, typ string
+		var sec uint32
+		if err := rows.Scan(&id, &typ, &sec); err != nil {
+			return fmt.Errorf("look up late events' earlier copies: %w", err)
+		}
+		out[row{account: account, env: env, typ: typ, id: id, second: int64(sec)}] = true
+	}
+	if err := rows.Err(); err != nil {
+		return fmt.Errorf("look up late events' earlier copies: %w", err)
 	}
 	return nil
+}
+
+func minTime(a, b time.Time) time.Time {
+	if b.Before(a) {
+		return b
+	}
+	return a
+}
+
+func maxTime(a, b time.Time) time.Time {
+	if b.After(a) {
+		return b
+	}
+	return a
 }
 
 // Watermarks reads the current watermark of every partition.

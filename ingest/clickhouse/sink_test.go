@@ -54,3 +54,58 @@ func TestInsertSendsBlocksAsOnePart(t *testing.T) {
 		t.Fatalf("the insert made %d parts, want 1", parts)
 	}
 }
+
+// TestALateCopyOfACountedEventIsNotALateEvent: a too-late copy of an event
+// usage_events already counts (same id, type and second) is left out of
+// late_events; a copy differing in any of those, and a new event, are
+// late events, across accounts and more ids than one lookup names.
+func TestALateCopyOfACountedEventIsNotALateEvent(t *testing.T) {
+	ch := testenv.NewClickHouse(t)
+	ctx := context.Background()
+	old := time.Now().UTC().Add(-40 * 24 * time.Hour).Truncate(time.Second)
+	ev := func(account string, at time.Time) ingest.Record {
+		e := schemas.Event{Version: 1, ID: schemas.NewEventID(), AccountID: account, Environment: schemas.Live,
+			KeyID: "key_late", Type: "api_call", Time: at, Units: 1}
+		e.Normalize()
+		return ingest.Record{Event: e, RecordTime: time.Now(), Value: []byte("{}")}
+	}
+	// Counted: more than one lookup's worth for one account, and one
+	// event of another account.
+	var counted []ingest.Record
+	for i := range countedChunk + 5 {
+		counted = append(counted, ev("acct_late_a", old.Add(time.Duration(i)*time.Second+250*time.Millisecond)))
+	}
+	counted = append(counted, ev("acct_late_b", old))
+	sink := NewSink(ch.Conn)
+	testenv.Must(t, sink.Insert(ctx, counted), "insert counted")
+
+	var late []ingest.Record
+	for _, r := range counted {
+		c := r
+		c.Event.Time = c.Event.Time.Add(500 * time.Millisecond) // the same second
+		late = append(late, c)
+	}
+	otherType, otherSecond, otherEnv, otherAccount, fresh := counted[3], counted[4], counted[5], counted[6], ev("acct_late_a", old)
+	otherType.Event.Type = "report"
+	otherSecond.Event.Time = otherSecond.Event.Time.Add(time.Second)
+	otherEnv.Event.Environment = schemas.Test
+	otherAccount.Event.AccountID = "acct_late_b"
+	newOnes := []ingest.Record{otherType, otherSecond, otherEnv, otherAccount, fresh}
+	late = append(late, newOnes...)
+
+	kept, err := sink.InsertLate(ctx, late)
+	testenv.Must(t, err, "insert late")
+	if len(kept) != len(newOnes) {
+		t.Fatalf("%d late events written, want the %d that no counted row matches", len(kept), len(newOnes))
+	}
+	for i, r := range kept {
+		if rowOf(r) != rowOf(newOnes[i]) {
+			t.Errorf("written %d: %+v, want %+v", i, rowOf(r), rowOf(newOnes[i]))
+		}
+	}
+	var n uint64
+	testenv.Must(t, ch.Conn.QueryRow(ctx, "SELECT count() FROM late_events FINAL").Scan(&n), "count late")
+	if n != uint64(len(newOnes)) {
+		t.Fatalf("late_events holds %d, want %d", n, len(newOnes))
+	}
+}

@@ -137,13 +137,17 @@ func workload(t *testing.T, ctx context.Context, conn driver.Conn, rec *recorder
 		late[i].RecordTime = now.Truncate(time.Second)
 		late[i].Value, _ = late[i].Event.Encode()
 	}
-	testenv.Must(t, sink.InsertLate(ctx, late), "insert late events")
+	kept, err := sink.InsertLate(ctx, late)
+	testenv.Must(t, err, "insert late events")
+	if len(kept) != len(late) {
+		t.Fatalf("%d of %d late events written; none has a counted copy", len(kept), len(late))
+	}
 	rec.rows("late_events", "event_id IN ("+uuidList(late)+") LIMIT 1 BY event_id")
 
 	at := now.Truncate(time.Second)
 	testenv.Must(t, sink.SetWatermarks(ctx, map[int]time.Time{0: at.Add(-time.Hour), 1: at.Add(-2 * time.Hour)}, at), "set watermarks")
 	rec.rows("watermarks", "1")
-	_, err := sink.Watermarks(ctx)
+	_, err = sink.Watermarks(ctx)
 	testenv.Must(t, err, "read watermarks")
 
 	// The usage API's reads.
