@@ -176,6 +176,12 @@ type Config struct {
 	// an upstream close an idle connection, and a call with a body sent on
 	// one cannot be sent again, so it would fail with a 502.
 	UpstreamIdleTimeout time.Duration `yaml:"upstream_idle_timeout"`
+	// UpstreamMaxConns bounds the connections open to each upstream
+	// (default 1024), so a slow upstream is not sent more calls at once
+	// than it can take. A call that finds every connection busy waits for
+	// one up to UpstreamTimeout, then gets a 503 upstream_busy with a
+	// Retry-After, having never reached the upstream.
+	UpstreamMaxConns int `yaml:"upstream_max_conns"`
 	// UpgradeProtocols are the protocols a call may switch to (default
 	// websocket). A call asking for another (h2c, say) is proxied as an
 	// ordinary call, its Upgrade header dropped: a tunnel is metered as one
@@ -273,6 +279,9 @@ func (c *Config) Defaults() {
 	if c.UpstreamIdleTimeout == 0 {
 		c.UpstreamIdleTimeout = time.Second
 	}
+	if c.UpstreamMaxConns == 0 {
+		c.UpstreamMaxConns = 1024
+	}
 	if c.UpstreamTimeout == 0 {
 		c.UpstreamTimeout = 30 * time.Second
 	}
@@ -354,6 +363,9 @@ func (c *Config) Validate() error {
 	}
 	if c.UpstreamIdleTimeout < 0 || c.UpstreamIdleTimeout > time.Hour {
 		errs = append(errs, fmt.Errorf("edge.upstream_idle_timeout: between 0 and 1h, got %s", c.UpstreamIdleTimeout))
+	}
+	if c.UpstreamMaxConns < 0 {
+		errs = append(errs, fmt.Errorf("edge.upstream_max_conns: at least 1, got %d", c.UpstreamMaxConns))
 	}
 	if c.MaxUpgradedConnections < 0 {
 		errs = append(errs, errors.New("edge.max_upgraded_connections: negative"))

@@ -577,6 +577,9 @@ func TestARefusedCallCarriesTheRateLimitHeadersAndCostsNoQuota(t *testing.T) {
 					t.Fatalf("call %d, %s %s: %d %q, want %d %q (%s)", i+1, c.method, c.path, r.Status, r.Error.Code, c.status, c.code, r.Body)
 				}
 				h := r.Header
+				if c.status == 405 && h.Get("Allow") != edge.AllowedMethods {
+					t.Fatalf("call %d: a 405 with Allow %q, want %q", i+1, h.Get("Allow"), edge.AllowedMethods)
+				}
 				policy := h.Get("RateLimit-Policy")
 				if h.Get("X-RateLimit-Limit") == "" || h.Get("X-RateLimit-Remaining") == "" || h.Get("X-RateLimit-Reset") == "" ||
 					h.Get("RateLimit") == "" || !strings.HasPrefix(policy, `"key";q=4;w=4`) ||

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"log/slog"
 	"net/http"
+	"strconv"
 
 	"github.com/labstack/echo/v4"
 )
@@ -25,6 +26,24 @@ type APIError struct {
 	UpgradeURL string `json:"upgrade_url,omitempty"`
 	// Scope is the missing scope on insufficient_scope errors.
 	Scope string `json:"scope,omitempty"`
+	// Allow, on a 405, lists the methods the edge takes: the answer's
+	// Allow header (RFC 9110, 15.5.6).
+	Allow string `json:"-"`
+}
+
+// AllowedMethods are the methods the edge proxies, as a 405's Allow header
+// names them.
+const AllowedMethods = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
+
+// SetHeaders sets the headers that go with e on an answer: Allow and
+// Retry-After, unless set already (the rate limits set their own).
+func (e *APIError) SetHeaders(get func(name string) string, set func(name, value string)) {
+	if e.Allow != "" && get("Allow") == "" {
+		set("Allow", e.Allow)
+	}
+	if e.RetryAfter != nil && get("Retry-After") == "" {
+		set("Retry-After", strconv.FormatInt(*e.RetryAfter, 10))
+	}
 }
 
 func (e *APIError) Error() string { return e.Code + ": " + e.Message }
@@ -44,6 +63,17 @@ const DocBase = "https://tollgate.dev/docs/errors#"
 // NewAPIError builds an error with its documentation link.
 func NewAPIError(status int, typ, code, msg string) *APIError {
 	return &APIError{Status: status, Type: typ, Code: code, Message: msg, DocURL: DocBase + code}
+}
+
+// UpstreamBusy is the answer to a call that found every connection to the
+// upstream busy (edge.upstream_max_conns) for as long as upstream_timeout:
+// it never reached the upstream, so it may be retried as it is.
+func UpstreamBusy() *APIError {
+	retry := int64(1)
+	ae := NewAPIError(http.StatusServiceUnavailable, TypeAPI, "upstream_busy",
+		"The upstream service has as many calls in flight as the edge sends it at once; retry shortly.")
+	ae.RetryAfter = &retry
+	return ae
 }
 
 // toAPIError maps domain errors to HTTP. It is the only place that does.
@@ -146,6 +176,7 @@ func errorHandler(log *slog.Logger) echo.HTTPErrorHandler {
 		if ae.Status == http.StatusUnauthorized && c.Response().Header().Get("WWW-Authenticate") == "" {
 			c.Response().Header().Set("WWW-Authenticate", WWWAuthenticate)
 		}
+		ae.SetHeaders(c.Response().Header().Get, c.Response().Header().Set)
 		var werr error
 		if c.Request().Method == http.MethodHead {
 			werr = c.NoContent(ae.Status)

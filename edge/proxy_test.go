@@ -15,6 +15,8 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -1715,5 +1717,86 @@ func TestUnderscoreSpellingsOfTheForwardingHeadersAreDropped(t *testing.T) {
 				t.Fatalf("headers at the upstream: %v", echo.Headers)
 			}
 		})
+	}
+}
+
+// A call that finds every connection to the upstream busy
+// (edge.upstream_max_conns) for upstream_timeout gets a 503 upstream_busy
+// with a Retry-After, never reaching the upstream, and is metered with
+// that status; the busy call finishes as it would have. Both fronts.
+func TestAFullUpstreamPoolAnswers503(t *testing.T) {
+	env := edgetest.New(t)
+	key, _ := env.Key(t, "acct_pool", edge.Secret, schemas.Live)
+	var reached atomic.Int64
+	release := make(chan struct{})
+	up := serveUpstream(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		reached.Add(1)
+		if r.URL.Path != "/v1/busy" {
+			_, _ = io.WriteString(w, "quick")
+			return
+		}
+		// A streamed answer that keeps the connection busy, never silent
+		// for as long as upstream_timeout, until released.
+		for {
+			_, _ = io.WriteString(w, ".")
+			w.(http.Flusher).Flush()
+			select {
+			case <-release:
+				return
+			case <-r.Context().Done():
+				return
+			case <-time.After(50 * time.Millisecond):
+			}
+		}
+	}))
+	for _, fr := range fronts {
+		t.Run(fr.name, func(t *testing.T) {
+			release = make(chan struct{})
+			var once sync.Once
+			free := func() { once.Do(func() { close(release) }) }
+			defer free() // a failed check leaves no call at the upstream
+			reached.Store(0)
+			in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP, Config: func(c *edge.Config) {
+				c.Upstream, c.UpstreamMaxConns, c.UpstreamTimeout = up, 1, 400*time.Millisecond
+			}})
+			busy := make(chan string, 1)
+			go func() {
+				req, _ := http.NewRequest("GET", in.URL+"/v1/busy", nil)
+				req.Header.Set("Authorization", "Bearer "+key)
+				resp, err := http.DefaultClient.Do(req)
+				if err != nil {
+					busy <- err.Error()
+					return
+				}
+				defer resp.Body.Close()
+				b, err := io.ReadAll(resp.Body)
+				busy <- fmt.Sprint(resp.StatusCode, " ", string(b), err)
+			}()
+			testenv.Wait(t, 10*time.Second, "the busy call at the upstream", func() bool { return reached.Load() == 1 })
+			r := edgetest.Do(t, "GET", in.URL+"/v1/widgets/1", key, nil)
+			if r.Status != 503 || r.Error.Code != "upstream_busy" || r.Header.Get("Retry-After") != "1" ||
+				!strings.Contains(string(r.Body), `"retry_after":1`) {
+				t.Fatalf("a call with every connection busy: %d %q, Retry-After %q (%s); want 503 upstream_busy, Retry-After 1",
+					r.Status, r.Error.Code, r.Header.Get("Retry-After"), r.Body)
+			}
+			if n := reached.Load(); n != 1 {
+				t.Fatalf("the upstream got %d calls, want only the busy one", n)
+			}
+			free()
+			if b := <-busy; !strings.HasPrefix(b, "200 .") || !strings.HasSuffix(b, "<nil>") {
+				t.Fatalf("the busy call: %q, want a 200 and its streamed body", b)
+			}
+			// With the connection free again, a call goes through.
+			if r := edgetest.Do(t, "GET", in.URL+"/v1/widgets/1", key, nil); r.Status != 200 || string(r.Body) != "quick" {
+				t.Fatalf("a call once the connection is free: %d %s", r.Status, r.Body)
+			}
+		})
+	}
+	statuses := map[int]int{}
+	for _, e := range edgetest.ReadTopic(t, env.Brokers, env.Topic, 6, 20*time.Second) {
+		statuses[e.Status]++
+	}
+	if statuses[503] != 2 || statuses[200] != 4 {
+		t.Fatalf("metered statuses %v; want two 503s and four 200s", statuses)
 	}
 }

@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/httptrace"
 	"net/http/httputil"
 	"net/url"
 	"slices"
@@ -615,8 +616,10 @@ const keyEpochCtx = "tollgate.key_epoch"
 // the key may call it.
 func (s *Server) authorizeCall(k *Key, ci CallInfo, events bool) (Route, error) {
 	if !knownMethod(ci.Method) {
-		return Route{}, NewAPIError(http.StatusMethodNotAllowed, TypeInvalidRequest, "method_not_allowed",
+		ae := NewAPIError(http.StatusMethodNotAllowed, TypeInvalidRequest, "method_not_allowed",
 			fmt.Sprintf("Method %s is not supported.", ci.Method))
+		ae.Allow = AllowedMethods
+		return Route{}, ae
 	}
 	if ci.MethodOverride != "" && !strings.EqualFold(strings.TrimSpace(ci.MethodOverride), ci.Method) {
 		return Route{}, NewAPIError(http.StatusBadRequest, TypeInvalidRequest, "method_override_not_allowed",
@@ -895,8 +898,9 @@ func (s *Server) newProxy(upstream string) (*httputil.ReverseProxy, error) {
 		TLSClientConfig:     tlsCfg,
 		Proxy:               nil,
 		DialContext:         (&net.Dialer{Timeout: 5 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
-		MaxIdleConns:        1024,
-		MaxIdleConnsPerHost: 1024,
+		MaxIdleConns:        s.cfg.UpstreamMaxConns,
+		MaxIdleConnsPerHost: s.cfg.UpstreamMaxConns,
+		MaxConnsPerHost:     s.cfg.UpstreamMaxConns,
 		IdleConnTimeout:     s.cfg.UpstreamIdleTimeout,
 	}
 	return &httputil.ReverseProxy{
@@ -960,6 +964,9 @@ func (s *Server) newProxy(upstream string) (*httputil.ReverseProxy, error) {
 			timedOut := errors.Is(err, context.DeadlineExceeded) || errors.Is(context.Cause(r.Context()), context.DeadlineExceeded)
 			if timedOut {
 				ae = NewAPIError(http.StatusGatewayTimeout, TypeAPI, "upstream_timeout", "The upstream service did not answer in time.")
+				if pc, ok := r.Context().Value(proxiedCallKey{}).(*proxiedCall); ok && !pc.connecting.Load() {
+					ae = UpstreamBusy() // it waited for a connection all along
+				}
 			}
 			if !timedOut && errors.Is(err, context.Canceled) && r.Context().Err() != nil {
 				s.log.Debug("client went away", "err", err)
@@ -973,6 +980,7 @@ func (s *Server) newProxy(upstream string) (*httputil.ReverseProxy, error) {
 
 func writeAPIError(w http.ResponseWriter, ae *APIError) {
 	ae.RequestID = w.Header().Get(HeaderRequestID)
+	ae.SetHeaders(w.Header().Get, w.Header().Set)
 	w.Header().Set("Content-Type", "application/json")
 	w.WriteHeader(ae.Status)
 	_ = json.NewEncoder(w).Encode(map[string]*APIError{"error": ae})
@@ -1023,6 +1031,10 @@ func (s *Server) proxy(c echo.Context) error {
 	epoch, _ := c.Get(keyEpochCtx).(uint64)
 	pc := &proxiedCall{key: k, epoch: epoch, watch: watch, cancel: cancel}
 	ctx = context.WithValue(ctx, proxiedCallKey{}, pc)
+	ctx = httptrace.WithClientTrace(ctx, &httptrace.ClientTrace{
+		ConnectStart: func(string, string) { pc.connecting.Store(true) },
+		GotConn:      func(httptrace.GotConnInfo) { pc.connecting.Store(true) },
+	})
 	defer func() {
 		if pc.release != nil {
 			pc.release()
@@ -1101,6 +1113,10 @@ type proxiedCall struct {
 	// release forgets the hold a long answer is under, once holdAnswer
 	// took one.
 	release func()
+	// connecting is set once the call dialled the upstream or was given
+	// a connection: a call that times out without it waited for a free
+	// one (edge.upstream_max_conns).
+	connecting atomic.Bool
 }
 
 // proxiedCallKey is the context key of a call's proxiedCall.

@@ -88,12 +88,12 @@ func New(s *edge.Server, log *slog.Logger) (*Front, error) {
 	if f.tls, err = cfg.ServerTLS(); err != nil {
 		return nil, err
 	}
-	if f.live, err = newUpstream(cfg.Upstream, cfg.UpstreamTimeout, cfg.UpstreamIdleTimeout, tlsCfg); err != nil {
+	if f.live, err = newUpstream(cfg.Upstream, cfg.UpstreamTimeout, cfg.UpstreamIdleTimeout, cfg.UpstreamMaxConns, tlsCfg); err != nil {
 		return nil, err
 	}
 	f.sandbox = f.live
 	if cfg.SandboxUpstream != "" && cfg.SandboxUpstream != cfg.Upstream {
-		if f.sandbox, err = newUpstream(cfg.SandboxUpstream, cfg.UpstreamTimeout, cfg.UpstreamIdleTimeout, tlsCfg); err != nil {
+		if f.sandbox, err = newUpstream(cfg.SandboxUpstream, cfg.UpstreamTimeout, cfg.UpstreamIdleTimeout, cfg.UpstreamMaxConns, tlsCfg); err != nil {
 			return nil, err
 		}
 	}
@@ -124,7 +124,7 @@ func New(s *edge.Server, log *slog.Logger) (*Front, error) {
 	return f, nil
 }
 
-func newUpstream(raw string, timeout, idle time.Duration, tlsCfg *tls.Config) (*upstream, error) {
+func newUpstream(raw string, timeout, idle time.Duration, maxConns int, tlsCfg *tls.Config) (*upstream, error) {
 	u, err := url.Parse(raw)
 	if err != nil {
 		return nil, fmt.Errorf("parse upstream %q: %w", raw, err)
@@ -160,7 +160,9 @@ func newUpstream(raw string, timeout, idle time.Duration, tlsCfg *tls.Config) (*
 				}
 				return &silentConn{Conn: c, limit: timeout}, nil
 			},
-			MaxConns:           1024,
+			// A call that finds every connection busy waits for one up
+			// to upstream_timeout, then gets a 503 (upstreamError).
+			MaxConns:           maxConns,
 			MaxConnWaitTimeout: timeout,
 			// fasthttp does not notice an upstream close an idle
 			// connection; closing it first keeps calls off dead ones
@@ -387,6 +389,7 @@ func (f *Front) fail(ctx *fh.RequestCtx, err error, rid string) {
 	if ae.Status == fh.StatusUnauthorized && len(ctx.Response.Header.Peek(fh.HeaderWWWAuthenticate)) == 0 {
 		ctx.Response.Header.Set(fh.HeaderWWWAuthenticate, edge.WWWAuthenticate)
 	}
+	ae.SetHeaders(func(name string) string { return string(ctx.Response.Header.Peek(name)) }, ctx.Response.Header.Set)
 	ctx.SetStatusCode(ae.Status)
 	if ctx.IsHead() {
 		return
@@ -631,9 +634,13 @@ func (f *Front) forward(ctx *fh.RequestCtx, adm edge.Admission, rid string) (up 
 	return up, trailers
 }
 
-// upstreamError is the answer to a call the upstream did not take: 504 when
-// it timed out, else 502.
+// upstreamError is the answer to a call the upstream did not take: 503
+// when every connection to it stayed busy (edge.upstream_max_conns), 504
+// when it timed out, else 502.
 func upstreamError(err error) *edge.APIError {
+	if errors.Is(err, fh.ErrNoFreeConns) {
+		return edge.UpstreamBusy()
+	}
 	var netErr net.Error
 	if errors.Is(err, fh.ErrTimeout) || errors.Is(err, fh.ErrDialTimeout) || errors.As(err, &netErr) && netErr.Timeout() {
 		return edge.NewAPIError(fh.StatusGatewayTimeout, edge.TypeAPI, "upstream_timeout", "The upstream service did not answer in time.")
