@@ -5,6 +5,7 @@ package clickhouse
 import (
 	"context"
 	"fmt"
+	"sort"
 	"strings"
 	"time"
 
@@ -219,36 +220,45 @@ func rowOf(r ingest.Record) row {
 
 // countedChunk is how many event ids one lookup names: 1,000 keeps its
 // text near 40 KB, well under ClickHouse's max_query_size (256 KiB).
-const countedChunk = 1000
+// countedSpan is the most event time one lookup covers.
+const (
+	countedChunk = 1000
+	countedSpan  = 24 * time.Hour
+)
 
 // counted reads which of records usage_events already holds. Too-late
-// events are rare, so this costs a query or two per batch that has any;
-// each names one account environment, its ids and its time span, which
-// the table's sorting key and month partitions narrow to a few granules.
+// events are rare, so this costs a query or a few per batch that has any.
+// Each names one account environment and event type, its ids and at most
+// a day of event time, so the table's sorting key (account, environment,
+// type, timestamp, id) narrows it to the granules of that day: a backfill
+// of a year of old events reads each day once, not the account's year
+// per thousand ids.
 func (s *Sink) counted(ctx context.Context, records []ingest.Record) (map[row]bool, error) {
-	type scope struct{ account, env string }
+	type scope struct{ account, env, typ string }
 	groups := map[scope][]ingest.Record{}
 	for _, r := range records {
-		k := scope{r.Event.AccountID, string(r.Event.Environment)}
+		k := scope{r.Event.AccountID, string(r.Event.Environment), r.Event.Type}
 		groups[k] = append(groups[k], r)
 	}
 	out := map[row]bool{}
 	for k, rs := range groups {
+		sort.Slice(rs, func(i, j int) bool { return rs[i].Event.Time.Before(rs[j].Event.Time) })
 		for len(rs) > 0 {
-			n := min(len(rs), countedChunk)
+			from := rs[0].Event.Time.UTC().Truncate(time.Second)
+			n := 1
+			for n < len(rs) && n < countedChunk && rs[n].Event.Time.Sub(from) < countedSpan {
+				n++
+			}
 			chunk := rs[:n]
 			rs = rs[n:]
-			from, to := chunk[0].Event.Time, chunk[0].Event.Time
-			args := []any{k.account, k.env, nil, nil}
+			args := []any{k.account, k.env, k.typ, from, chunk[n-1].Event.Time.UTC().Truncate(time.Second)}
 			for _, r := range chunk {
-				from, to = minTime(from, r.Event.Time), maxTime(to, r.Event.Time)
 				args = append(args, r.Event.ID.String())
 			}
-			args[2], args[3] = from.UTC().Truncate(time.Second), to.UTC().Truncate(time.Second)
-			q := `SELECT toString(event_id), event_type, toUInt32(timestamp) FROM usage_events
-                WHERE account_id = ? AND environment = ? AND timestamp >= ? AND timestamp <= ?
+			q := `SELECT toString(event_id), toUInt32(timestamp) FROM usage_events
+                WHERE account_id = ? AND environment = ? AND event_type = ? AND timestamp >= ? AND timestamp <= ?
                 AND event_id IN (?` + strings.Repeat(", ?", n-1) + `)`
-			if err := s.readCounted(ctx, q, args, k.account, k.env, out); err != nil {
+			if err := s.readCounted(ctx, q, args, k.account, k.env, k.typ, out); err != nil {
 				return nil, err
 			}
 		}
@@ -256,16 +266,16 @@ func (s *Sink) counted(ctx context.Context, records []ingest.Record) (map[row]bo
 	return out, nil
 }
 
-func (s *Sink) readCounted(ctx context.Context, q string, args []any, account, env string, out map[row]bool) error {
+func (s *Sink) readCounted(ctx context.Context, q string, args []any, account, env, typ string, out map[row]bool) error {
 	rows, err := s.conn.Query(ctx, q, args...)
 	if err != nil {
 		return fmt.Errorf("look up late events' earlier copies: %w", err)
 	}
 	defer rows.Close()
 	for rows.Next() {
-		var id, typ string
+		var id string
 		var sec uint32
-		if err := rows.Scan(&id, &typ, &sec); err != nil {
+		if err := rows.Scan(&id, &sec); err != nil {
 			return fmt.Errorf("look up late events' earlier copies: %w", err)
 		}
 		out[row{account: account, env: env, typ: typ, id: id, second: int64(sec)}] = true
@@ -274,20 +284,6 @@ func (s *Sink) readCounted(ctx context.Context, q string, args []any, account, e
 		return fmt.Errorf("look up late events' earlier copies: %w", err)
 	}
 	return nil
-}
-
-func minTime(a, b time.Time) time.Time {
-	if b.Before(a) {
-		return b
-	}
-	return a
-}
-
-func maxTime(a, b time.Time) time.Time {
-	if b.After(a) {
-		return b
-	}
-	return a
 }
 
 // Watermarks reads the current watermark of every partition.

@@ -58,7 +58,8 @@ func TestInsertSendsBlocksAsOnePart(t *testing.T) {
 // TestALateCopyOfACountedEventIsNotALateEvent: a too-late copy of an event
 // usage_events already counts (same id, type and second) is left out of
 // late_events; a copy differing in any of those, and a new event, are
-// late events, across accounts and more ids than one lookup names.
+// late events, across accounts, more ids than one lookup names and event
+// times further apart than one lookup spans.
 func TestALateCopyOfACountedEventIsNotALateEvent(t *testing.T) {
 	ch := testenv.NewClickHouse(t)
 	ctx := context.Background()
@@ -75,7 +76,8 @@ func TestALateCopyOfACountedEventIsNotALateEvent(t *testing.T) {
 	for i := range countedChunk + 5 {
 		counted = append(counted, ev("acct_late_a", old.Add(time.Duration(i)*time.Second+250*time.Millisecond)))
 	}
-	counted = append(counted, ev("acct_late_b", old))
+	counted = append(counted, ev("acct_late_b", old), ev("acct_late_a", old.Add(-3*24*time.Hour)),
+		ev("acct_late_a", old.Add(-30*24*time.Hour)))
 	sink := NewSink(ch.Conn)
 	testenv.Must(t, sink.Insert(ctx, counted), "insert counted")
 
