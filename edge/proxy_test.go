@@ -1800,3 +1800,48 @@ func TestAFullUpstreamPoolAnswers503(t *testing.T) {
 		t.Fatalf("metered statuses %v; want two 503s and four 200s", statuses)
 	}
 }
+
+// A caller who hangs up while the upstream is still working does not cut
+// the upstream's work short: the call runs to its answer, as it would have
+// had the caller waited, and is metered with the upstream's status. Both
+// fronts.
+func TestACallerHangingUpDoesNotCutTheUpstreamShort(t *testing.T) {
+	env := edgetest.New(t)
+	key, _ := env.Key(t, "acct_hangup", edge.Secret, schemas.Live)
+	finished := make(chan bool, 2)
+	up := serveUpstream(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case <-time.After(500 * time.Millisecond):
+			_, _ = io.WriteString(w, "done")
+			finished <- true
+		case <-r.Context().Done():
+			finished <- false
+		}
+	}))
+	for _, fr := range fronts {
+		t.Run(fr.name, func(t *testing.T) {
+			in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP, Config: func(c *edge.Config) { c.Upstream = up }})
+			conn, err := net.Dial("tcp", strings.TrimPrefix(in.URL, "http://"))
+			testenv.Must(t, err, "dial the edge")
+			_, err = io.WriteString(conn, "GET /v1/slow HTTP/1.1\r\nHost: edge.test\r\nAuthorization: Bearer "+key+"\r\n\r\n")
+			testenv.Must(t, err, "send the call")
+			time.Sleep(100 * time.Millisecond)
+			_ = conn.Close() // the caller gives up
+			select {
+			case ok := <-finished:
+				if !ok {
+					t.Fatal("the upstream's request was cancelled when the caller hung up")
+				}
+			case <-time.After(5 * time.Second):
+				t.Fatal("the upstream never finished")
+			}
+		})
+	}
+	statuses := map[int]int{}
+	for _, e := range edgetest.ReadTopic(t, env.Brokers, env.Topic, 2, 20*time.Second) {
+		statuses[e.Status]++
+	}
+	if statuses[200] != 2 {
+		t.Fatalf("metered statuses %v; want both calls metered with the upstream's 200", statuses)
+	}
+}

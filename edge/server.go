@@ -1023,7 +1023,16 @@ func (s *Server) proxy(c echo.Context) error {
 	// upgrade it bounds the handshake alone: net/http's proxy closes the
 	// upstream side of a tunnel when the context ends, so ModifyResponse
 	// stops the watch when the upstream switches.
-	ctx, cancel := context.WithCancelCause(req.Context())
+	//
+	// A caller who hangs up does not end an ordinary call: the upstream's
+	// work runs to its answer, which is metered, as on the fasthttp front
+	// (cut short, the upstream may have done part of a write, and the
+	// call was metered 502 as if the upstream had failed).
+	base := req.Context()
+	if !IsUpgrade(req.Header) {
+		base = context.WithoutCancel(base)
+	}
+	ctx, cancel := context.WithCancelCause(base)
 	defer cancel(nil)
 	watch := NewIdleWatch(s.cfg.UpstreamTimeout, func() { cancel(context.DeadlineExceeded) })
 	defer watch.Stop()
