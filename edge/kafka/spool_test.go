@@ -404,6 +404,29 @@ func wantStrings(rs [][]byte) []string {
 	return out
 }
 
+// appendCutShort appends five records to s under a file size limit that
+// lets the disk take only 20 bytes of them (the write is cut short and
+// then refused, as on a full disk), and checks the append failed.
+func appendCutShort(t *testing.T, s *Spool) {
+	t.Helper()
+	var lim syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_FSIZE, &lim); err != nil {
+		t.Fatal(err)
+	}
+	small := lim
+	small.Cur = uint64(s.wsize) + 20 // less than one more record
+	if err := syscall.Setrlimit(syscall.RLIMIT_FSIZE, &small); err != nil {
+		t.Fatal(err)
+	}
+	err := s.Append(recs(3, 5))
+	if restore := syscall.Setrlimit(syscall.RLIMIT_FSIZE, &lim); restore != nil {
+		t.Fatal(restore)
+	}
+	if err == nil {
+		t.Fatal("an append past the file size limit succeeded")
+	}
+}
+
 // spoolFsizeChild appends, then lets the disk take only part of a batch
 // (a file size limit: the write is cut short and then refused, as on a
 // full disk), then appends again once the disk takes writes.
@@ -415,22 +438,7 @@ func spoolFsizeChild(t *testing.T, dir string) {
 	if err := s.Append(recs(0, 3)); err != nil {
 		t.Fatal(err)
 	}
-	var lim syscall.Rlimit
-	if err := syscall.Getrlimit(syscall.RLIMIT_FSIZE, &lim); err != nil {
-		t.Fatal(err)
-	}
-	small := lim
-	small.Cur = uint64(s.wsize) + 20 // less than one more record
-	if err := syscall.Setrlimit(syscall.RLIMIT_FSIZE, &small); err != nil {
-		t.Fatal(err)
-	}
-	err = s.Append(recs(3, 5))
-	if restore := syscall.Setrlimit(syscall.RLIMIT_FSIZE, &lim); restore != nil {
-		t.Fatal(restore)
-	}
-	if err == nil {
-		t.Fatal("an append past the file size limit succeeded")
-	}
+	appendCutShort(t, s)
 	if s.Depth() != 3 {
 		t.Errorf("depth %d after the failed append, want 3", s.Depth())
 	}
@@ -593,22 +601,7 @@ func TestSpoolCountsWhatAFailedCutLeaves(t *testing.T) {
 	}
 	before := s.Size()
 	s.cut = func(*os.File, int64) error { return errors.New("cut refused") }
-	var lim syscall.Rlimit
-	if err := syscall.Getrlimit(syscall.RLIMIT_FSIZE, &lim); err != nil {
-		t.Fatal(err)
-	}
-	small := lim
-	small.Cur = uint64(s.wsize) + 20 // less than one more record
-	if err := syscall.Setrlimit(syscall.RLIMIT_FSIZE, &small); err != nil {
-		t.Fatal(err)
-	}
-	err = s.Append(recs(3, 5))
-	if restore := syscall.Setrlimit(syscall.RLIMIT_FSIZE, &lim); restore != nil {
-		t.Fatal(restore)
-	}
-	if err == nil {
-		t.Fatal("an append past the file size limit succeeded")
-	}
+	appendCutShort(t, s)
 	if files := spoolFiles(t, dir); files != before+20 {
 		t.Fatalf("the files hold %d bytes, want the %d before and the 20 the disk took", files, before)
 	}
