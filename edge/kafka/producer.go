@@ -78,12 +78,7 @@ func (c *Config) defaults() {
 // empty, batches go straight to Kafka. When a write fails, that batch and
 // every later one are appended to the spool (fsynced per batch), and the
 // spool is drained to Kafka in order, with backoff, until it is empty again;
-// only then do batches go direct again, so order is kept. The exception is
-// a partition that refuses writes while others take them: its events go
-// back to the spool's end (requeue), so they hold up no other partition,
-// and an account on it may see a later event reach Kafka before an earlier
-// one. Nothing downstream depends on that order: ingest counts each event
-// once by id and places it by its own time.
+// only then do batches go direct again, so order is kept.
 type Producer struct {
 	cfg   Config
 	w     *kafka.Writer
@@ -125,7 +120,6 @@ type Producer struct {
 	retryN    int
 	produced  prometheus.Counter
 	spooled   prometheus.Counter
-	requeued  prometheus.Counter
 	errs      prometheus.Counter
 	waits     prometheus.Counter
 	lost      prometheus.Counter
@@ -167,10 +161,6 @@ func NewProducer(cfg Config, reg prometheus.Registerer, log *slog.Logger) (*Prod
 		spooled: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "tollgate_edge_events_spooled_total", Help: "Usage events written to the local spool.",
 		}),
-		requeued: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "tollgate_edge_events_requeued_total",
-			Help: "Spooled usage events sent back to the spool's end because their partitions refused them while Kafka took the rest.",
-		}),
 		errs: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "tollgate_edge_produce_errors_total", Help: "Failed Kafka writes (each batch counts once).",
 		}),
@@ -182,7 +172,7 @@ func NewProducer(cfg Config, reg prometheus.Registerer, log *slog.Logger) (*Prod
 		}),
 	}
 	p.kafkaUp.Store(true)
-	p.collector = []prometheus.Collector{p.produced, p.spooled, p.requeued, p.errs, p.waits, p.lost,
+	p.collector = []prometheus.Collector{p.produced, p.spooled, p.errs, p.waits, p.lost,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "tollgate_edge_spool_depth", Help: "Usage events in the local spool awaiting Kafka.",
 		}, func() float64 { return float64(sp.Depth()) }),
@@ -421,6 +411,8 @@ func (p *Producer) write(batch []kafka.Message) ([]kafka.Message, error) {
 	}
 	p.errs.Inc()
 	p.kafkaUp.Store(false)
+	p.backoff = min(max(2*p.backoff, 100*time.Millisecond), 5*time.Second)
+	p.nextTry = time.Now().Add(p.backoff)
 	var we kafka.WriteErrors
 	if errors.As(err, &we) && len(we) == len(batch) {
 		var failed []kafka.Message
@@ -434,29 +426,13 @@ func (p *Producer) write(batch []kafka.Message) ([]kafka.Message, error) {
 			}
 		}
 		p.produced.Add(float64(len(batch) - len(failed)))
-		if len(failed) < len(batch) {
-			// Kafka took the rest: some partitions refuse writes (a
-			// leader down, too few in-sync replicas), not the cluster.
-			// Their events go back to the spool's end (drain) and the
-			// others go on without waiting.
-			p.backoff, p.nextTry = 0, time.Time{}
-		} else {
-			p.backOff()
-		}
 		// One line per failed write, with the first cause: the joined
 		// error names every message.
 		p.log.Warn("kafka write failed; spooling", "failed", len(failed), "of", len(batch), "retry_in", p.backoff, "err", first)
 		return failed, err
 	}
-	p.backOff()
 	p.log.Warn("kafka write failed; spooling", "events", len(batch), "retry_in", p.backoff, "err", err)
 	return batch, err
-}
-
-// backOff doubles the wait before the next write, from 100 ms to 5 s.
-func (p *Producer) backOff() {
-	p.backoff = min(max(2*p.backoff, 100*time.Millisecond), 5*time.Second)
-	p.nextTry = time.Now().Add(p.backoff)
 }
 
 // drain sends up to chunks batches from the spool to Kafka, in order. It
@@ -493,18 +469,8 @@ func (p *Producer) drain(chunks int) bool {
 		}
 		failed, err := p.write(p.retry)
 		if err != nil {
-			// Events some partitions refused go back to the spool's end
-			// when Kafka took others of the batch, or when the broker
-			// answered for each (a partition, not the cluster, refuses
-			// them) and events wait behind them: those go now. A batch
-			// Kafka refused whole with nothing behind it is tried again
-			// after the backoff, as one Kafka cannot be reached is.
-			moved := len(failed) < len(p.retry) || refusedByPartitions(err) && p.spool.Depth() > int64(p.retryN)
-			if !moved || !p.requeue(failed) {
-				p.retry = failed
-				return progress
-			}
-			p.nextTry = time.Time{}
+			p.retry = failed
+			return progress
 		}
 		if err := p.spool.Commit(*p.retryCur, p.retryN); err != nil {
 			p.log.Error("commit spool cursor", "err", err)
@@ -516,48 +482,6 @@ func (p *Producer) drain(chunks int) bool {
 		}
 	}
 	return progress
-}
-
-// requeue appends to the spool's end the events of a drained batch that
-// Kafka did not take while it took the others (some partitions refuse
-// writes), so the events behind them are not held up by those partitions:
-// they are tried again when the drain comes round to them. It reports
-// whether they are on disk; if not, the batch stays in hand, as a batch
-// Kafka refused whole does. A crash between the append and the cursor's
-// commit sends them twice, which ingest counts once.
-func (p *Producer) requeue(failed []kafka.Message) bool {
-	recs := make([][]byte, len(failed))
-	for i, m := range failed {
-		recs[i] = m.Value
-	}
-	if err := p.spool.Append(recs); err != nil {
-		p.log.Error("spool append of events Kafka did not take failed; retrying them in order", "events", len(recs), "err", err)
-		return false
-	}
-	p.requeued.Add(float64(len(recs)))
-	return true
-}
-
-// refusedByPartitions reports whether every event err says Kafka did not
-// take was refused by the broker for its partition (a leader down, too few
-// in-sync replicas, a batch too large), not lost on the way to it.
-func refusedByPartitions(err error) bool {
-	var we kafka.WriteErrors
-	if !errors.As(err, &we) {
-		return false
-	}
-	refused := false
-	for _, e := range we {
-		if e == nil {
-			continue
-		}
-		var ke kafka.Error
-		if !errors.As(e, &ke) {
-			return false
-		}
-		refused = true
-	}
-	return refused
 }
 
 // SpoolHold reports the spool's claim on usage time (see edge.SpoolHold).
