@@ -1845,3 +1845,34 @@ func TestACallerHangingUpDoesNotCutTheUpstreamShort(t *testing.T) {
 		t.Fatalf("metered statuses %v; want both calls metered with the upstream's 200", statuses)
 	}
 }
+
+// A call the upstream times out on is sent once: it may have run, and sent
+// again it would run twice and wait out upstream_timeout each time. Both
+// fronts.
+func TestACallTheUpstreamTimesOutOnIsSentOnce(t *testing.T) {
+	env := edgetest.New(t)
+	key, _ := env.Key(t, "acct_timeout_once", edge.Secret, schemas.Live)
+	var got atomic.Int64
+	up := serveUpstream(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		got.Add(1)
+		select {
+		case <-time.After(2 * time.Second):
+		case <-r.Context().Done():
+		}
+	}))
+	for _, fr := range fronts {
+		t.Run(fr.name, func(t *testing.T) {
+			got.Store(0)
+			in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP, Config: func(c *edge.Config) {
+				c.Upstream, c.UpstreamTimeout = up, 300*time.Millisecond
+			}})
+			for _, method := range []string{"GET", "PUT"} {
+				got.Store(0)
+				r := edgetest.Do(t, method, in.URL+"/v1/widgets/1", key, nil)
+				if r.Status != 504 || got.Load() != 1 {
+					t.Fatalf("%s: %d %q, the upstream got it %d times; want 504 and once", method, r.Status, r.Error.Code, got.Load())
+				}
+			}
+		})
+	}
+}

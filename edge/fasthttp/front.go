@@ -27,6 +27,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	fh "github.com/valyala/fasthttp"
@@ -164,6 +165,11 @@ func newUpstream(raw string, timeout, idle time.Duration, maxConns int, tlsCfg *
 			// to upstream_timeout, then gets a 503 (upstreamError).
 			MaxConns:           maxConns,
 			MaxConnWaitTimeout: timeout,
+			// A call is sent again only when a kept-alive connection
+			// turned out closed. One the upstream timed out on may have
+			// run: sent again, it would run twice and wait out
+			// upstream_timeout once more each time.
+			RetryIfErr: func(_ *fh.Request, _ int, err error) (bool, bool) { return false, connectionClosed(err) },
 			// fasthttp does not notice an upstream close an idle
 			// connection; closing it first keeps calls off dead ones
 			// (edge.upstream_idle_timeout).
@@ -632,6 +638,13 @@ func (f *Front) forward(ctx *fh.RequestCtx, adm edge.Admission, rid string) (up 
 	}
 	req.URI().SetScheme(scheme)
 	return up, trailers
+}
+
+// connectionClosed reports whether err is an upstream connection found
+// closed, the one error after which a call is sent again.
+func connectionClosed(err error) bool {
+	return errors.Is(err, io.EOF) || errors.Is(err, fh.ErrConnectionClosed) ||
+		errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE)
 }
 
 // upstreamError is the answer to a call the upstream did not take: 503
