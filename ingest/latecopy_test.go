@@ -85,33 +85,14 @@ func TestALateCopyOfAnEventStillLandingIsADuplicate(t *testing.T) {
 		t.Fatalf("usage_events holds %d rows and late_events %d; want the event counted once and no late event", rows, late)
 	}
 	// The counters move just after the commit.
-	var outcomes map[string]float64
+	outcomes := map[string]float64{}
 	testenv.Wait(t, 10*time.Second, "both records counted by outcome", func() bool {
-		outcomes = recordOutcomes(t, reg)
+		for _, o := range []string{"landed", "too_late", "duplicate_too_late"} {
+			outcomes[o] = counterValue(t, reg, "tollgate_ingest_records_total", "outcome", o)
+		}
 		return outcomes["landed"]+outcomes["too_late"]+outcomes["duplicate_too_late"] == 2
 	})
 	if outcomes["landed"] != 1 || outcomes["too_late"] != 0 || outcomes["duplicate_too_late"] != 1 {
 		t.Fatalf("records by outcome %v; want landed 1, too_late 0, duplicate_too_late 1", outcomes)
 	}
-}
-
-// recordOutcomes reads tollgate_ingest_records_total by outcome.
-func recordOutcomes(t *testing.T, reg *prometheus.Registry) map[string]float64 {
-	t.Helper()
-	mfs, err := reg.Gather()
-	testenv.Must(t, err, "gather metrics")
-	out := map[string]float64{}
-	for _, mf := range mfs {
-		if mf.GetName() != "tollgate_ingest_records_total" {
-			continue
-		}
-		for _, m := range mf.GetMetric() {
-			for _, l := range m.GetLabel() {
-				if l.GetName() == "outcome" {
-					out[l.GetValue()] = m.GetCounter().GetValue()
-				}
-			}
-		}
-	}
-	return out
 }
