@@ -650,6 +650,25 @@ func IsEdgeHeader(name string) bool {
 	return len(name) == len(HeaderRequestID) && strings.EqualFold(name, HeaderRequestID) || isRateLimitHeader(name)
 }
 
+// KeepsResponseTrailer reports whether an upstream's response trailer
+// named name is passed on to the caller. The edge's own headers are not
+// (IsEdgeHeader; with cors, the Access-Control-* ones too): a trailer that
+// named another Request-Id or limit would contradict the head the edge
+// sent. Nor are fields that describe one connection or the framing, which
+// end at the edge as they do in the head.
+func KeepsResponseTrailer(name string, cors bool) bool {
+	if IsEdgeHeader(name) || cors && IsCORSHeader(name) {
+		return false
+	}
+	for _, h := range [...]string{"Connection", "Keep-Alive", "Proxy-Connection", "Proxy-Authenticate",
+		"Proxy-Authorization", "Te", "Trailer", "Transfer-Encoding", "Upgrade", "Content-Length"} {
+		if strings.EqualFold(name, h) {
+			return false
+		}
+	}
+	return true
+}
+
 // isRateLimitHeader reports whether an upstream's answer header is one of
 // the rate-limit headers the edge sets (setRateHeaders): the edge's own, on
 // every proxied answer. An upstream with a limiter of its own (many web

@@ -1380,6 +1380,52 @@ func TestRequestTrailersAreNotForwarded(t *testing.T) {
 	}
 }
 
+// An upstream's response trailers reach the caller after the body, on
+// both fronts, announced or not, short answer or streamed, except the
+// edge's own fields: a trailer naming another Request-Id or rate limit
+// would contradict the head the edge sent.
+func TestResponseTrailersAreForwarded(t *testing.T) {
+	env := edgetest.New(t)
+	up := serveUpstream(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Trailer", "X-Checksum, Request-Id, X-RateLimit-Remaining")
+		size, _ := strconv.Atoi(r.URL.Query().Get("size"))
+		_, _ = io.WriteString(w, strings.Repeat("b", size))
+		w.Header().Set("X-Checksum", "sum-"+strconv.Itoa(size))
+		w.Header().Set("Request-Id", "req_forged")
+		w.Header().Set("X-RateLimit-Remaining", "999999")
+		w.Header().Set(http.TrailerPrefix+"X-Late", "late")
+		w.Header().Set(http.TrailerPrefix+"RateLimit", "limit=999999")
+	}))
+	for _, fr := range fronts {
+		t.Run(fr.name, func(t *testing.T) {
+			in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP, Config: func(c *edge.Config) { c.Upstream, c.SandboxUpstream = up, "" }})
+			key, _ := env.Key(t, "acct_resp_trailers", edge.Secret, schemas.Live)
+			for _, size := range []int{3, 2 << 20} { // a short answer, and one streamed in many chunks
+				req, err := http.NewRequest("GET", in.URL+"/v1/download?size="+strconv.Itoa(size), nil)
+				testenv.Must(t, err, "build the request")
+				req.Header.Set("Authorization", "Bearer "+key)
+				resp, err := http.DefaultClient.Do(req)
+				testenv.Must(t, err, "call the edge")
+				n, err := io.Copy(io.Discard, resp.Body)
+				resp.Body.Close()
+				testenv.Must(t, err, "read the answer")
+				if resp.StatusCode != 200 || n != int64(size) {
+					t.Fatalf("%d bytes: status %d, %d bytes read", size, resp.StatusCode, n)
+				}
+				want := http.Header{"X-Checksum": {"sum-" + strconv.Itoa(size)}, "X-Late": {"late"}}
+				if fmt.Sprint(resp.Trailer) != fmt.Sprint(want) {
+					t.Errorf("%d bytes: trailers %v, want %v", size, resp.Trailer, want)
+				}
+				if rid := resp.Header.Get(edge.HeaderRequestID); rid == "" || rid == "req_forged" ||
+					resp.Header.Get("X-RateLimit-Remaining") == "999999" {
+					t.Errorf("%d bytes: head Request-Id %q, X-RateLimit-Remaining %q: the upstream's trailers reached the head",
+						size, rid, resp.Header.Get("X-RateLimit-Remaining"))
+				}
+			}
+		})
+	}
+}
+
 // A key is checked when a tunnel opens; the tunnel must not outlive the
 // key. Revoking it, its expiry, and a roll that brings its expiry forward
 // each close the tunnels open under it, on both fronts, and leave another

@@ -939,6 +939,7 @@ func (s *Server) newProxy(upstream string) (*httputil.ReverseProxy, error) {
 					delete(r.Header, name) // the edge's own stand
 				}
 			}
+			keepTrailers(r.Trailer, s.cors != nil) // those announced; the rest at the body's end
 			pc, ok := r.Request.Context().Value(proxiedCallKey{}).(*proxiedCall)
 			if !ok {
 				return nil
@@ -948,7 +949,7 @@ func (s *Server) newProxy(upstream string) (*httputil.ReverseProxy, error) {
 				return nil
 			}
 			pc.watch.Touch()
-			r.Body = touchingBody{ReadCloser: r.Body, watch: pc.watch}
+			r.Body = touchingBody{ReadCloser: r.Body, watch: pc.watch, resp: r, cors: s.cors != nil}
 			if HoldsAnswer(r.ContentLength) {
 				s.holdAnswer(pc, r.Request.Header.Get(HeaderRequestID))
 			}
@@ -1201,6 +1202,11 @@ func IsUpgrade(h http.Header) bool {
 type touchingBody struct {
 	io.ReadCloser
 	watch *IdleWatch
+	// resp's trailers, filled in when its body ends, are those the
+	// caller gets after the body (KeepsResponseTrailer): ReverseProxy
+	// passes on what resp.Trailer holds then, announced or not.
+	resp *http.Response
+	cors bool
 }
 
 func (b touchingBody) Read(p []byte) (int, error) {
@@ -1208,7 +1214,19 @@ func (b touchingBody) Read(p []byte) (int, error) {
 	if n > 0 {
 		b.watch.Touch()
 	}
+	if err == io.EOF {
+		keepTrailers(b.resp.Trailer, b.cors)
+	}
 	return n, err
+}
+
+// keepTrailers drops the response trailers the caller does not get.
+func keepTrailers(t http.Header, cors bool) {
+	for name := range t {
+		if !KeepsResponseTrailer(name, cors) {
+			delete(t, name)
+		}
+	}
 }
 
 // Call is a proxied call, for its usage event.

@@ -749,6 +749,19 @@ func (f *Front) proxy(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, st
 	}
 
 	ctx.SetStatusCode(resp.StatusCode())
+	// A chunked answer may end in trailers. Those it announces are
+	// announced to the caller too, before the hop-by-hop headers (the
+	// Trailer line among them) are dropped; their values, and any it did
+	// not announce, follow the body (responseBody.Read).
+	chunked := resp.Header.ContentLength() == -1 && !ctx.IsHead()
+	var announced [][]byte
+	if chunked {
+		for name := range resp.Header.Trailers() {
+			if edge.KeepsResponseTrailer(string(name), f.cors != nil) {
+				announced = append(announced, bytes.Clone(name))
+			}
+		}
+	}
 	stripResponseHopByHop(&resp.Header)
 	for k, v := range resp.Header.All() {
 		switch string(k) {
@@ -789,6 +802,12 @@ func (f *Front) proxy(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, st
 		size = -1
 	}
 	x.body = responseBody{r: bs, resp: resp, done: x}
+	if chunked {
+		for _, name := range announced {
+			_ = ctx.Response.Header.AddTrailerBytes(name) // one fasthttp refuses is not sent
+		}
+		x.body.trailers, x.body.cors = &ctx.Response.Header, f.cors != nil
+	}
 	f.holdLongAnswer(ctx, adm, call.RequestID, &x.body, int64(size))
 	ctx.Response.SetBodyStream(&x.body, size)
 }
@@ -905,6 +924,11 @@ type responseBody struct {
 	closers []io.Closer
 	done    finisher
 	once    sync.Once
+	// trailers, for a chunked answer from resp, is the caller's answer
+	// head, which gets resp's trailers when its body ends; fasthttp writes
+	// them after the last chunk.
+	trailers *fh.ResponseHeader
+	cors     bool
 	// release forgets the hold a long answer is under (edge.HoldsAnswer),
 	// if any; ended is set once its key ended it, and mu orders that with
 	// Close, so that a connection is never closed under the next call on
@@ -942,7 +966,43 @@ func (b *responseBody) Read(p []byte) (int, error) {
 	}
 	n, err := b.r.Read(p)
 	b.n += int64(n)
+	if err == io.EOF && b.trailers != nil {
+		passTrailers(b.trailers, &b.resp.Header, b.cors)
+		b.trailers = nil
+	}
 	return n, err
+}
+
+// passTrailers adds the trailers of an upstream's answer (from) that the
+// caller gets (edge.KeepsResponseTrailer) to the caller's answer (to),
+// announcing those the upstream did not. Only the trailer section is
+// read: a field of the same name in the upstream's head stays there.
+func passTrailers(to, from *fh.ResponseHeader, cors bool) {
+	section := from.TrailerHeader() // "Name: value\r\n" lines, then "\r\n"
+	for len(section) > 0 {
+		line, rest, _ := bytes.Cut(section, []byte("\r\n"))
+		section = rest
+		name, value, ok := bytes.Cut(line, []byte(": "))
+		if !ok || !edge.KeepsResponseTrailer(string(name), cors) {
+			continue
+		}
+		if !isTrailer(to, name) {
+			if err := to.AddTrailerBytes(name); err != nil {
+				continue // a field fasthttp never sends as a trailer
+			}
+		}
+		to.AddBytesKV(name, value)
+	}
+}
+
+// isTrailer reports whether h announces name as a trailer.
+func isTrailer(h *fh.ResponseHeader, name []byte) bool {
+	for t := range h.Trailers() {
+		if bytes.EqualFold(t, name) {
+			return true
+		}
+	}
+	return false
 }
 
 func (b *responseBody) Close() error {
