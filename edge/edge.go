@@ -11,6 +11,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"net"
 	"net/url"
 	"os"
 	"strings"
@@ -145,6 +146,9 @@ func ParseInvalidation(payload string) (Invalidation, bool) {
 
 // Config is the edge's configuration.
 type Config struct {
+	// upstreamResolver looks up the upstream's host for the net/http
+	// proxy; nil is the system's. Tests set a slow one.
+	upstreamResolver *net.Resolver
 	// Listen is the address the API listens on, e.g. "127.0.0.1:8080".
 	Listen string `yaml:"listen"`
 	// AdminListen is the address of the admin API and /metrics; keep it

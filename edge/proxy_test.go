@@ -1847,6 +1847,33 @@ func TestAFullUpstreamPoolAnswers503(t *testing.T) {
 	}
 }
 
+// An upstream named by a host whose lookup outlasts upstream_timeout is
+// an upstream that did not answer in time: 504 upstream_timeout, not the
+// 503 upstream_busy of a full pool, which it once got on the net/http front
+// (its lookup comes before the connect that marked the call as dialling).
+// The net/http front only: the test's slow lookup is set on its dialer.
+func TestASlowUpstreamLookupIsATimeout(t *testing.T) {
+	env := edgetest.New(t)
+	key, _ := env.Key(t, "acct_slow_dns", edge.Secret, schemas.Live)
+	lookups := make(chan struct{}, 16)
+	slow := &net.Resolver{PreferGo: true, Dial: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		lookups <- struct{}{}
+		<-ctx.Done() // a name server that never answers
+		return nil, ctx.Err()
+	}}
+	in := env.Start(t, edgetest.Options{NetHTTP: true, Config: func(c *edge.Config) {
+		c.Upstream, c.SandboxUpstream, c.UpstreamTimeout = "http://upstream.tollgate.test:9", "", 300*time.Millisecond
+		edge.SetUpstreamResolver(c, slow)
+	}})
+	r := edgetest.Do(t, "GET", in.URL+"/v1/widgets/1", key, nil)
+	if r.Status != 504 || r.Error.Code != "upstream_timeout" {
+		t.Fatalf("a call whose upstream lookup hangs: %d %q (%s); want 504 upstream_timeout", r.Status, r.Error.Code, r.Body)
+	}
+	if len(lookups) == 0 {
+		t.Fatal("the upstream's name was never looked up through the test's resolver")
+	}
+}
+
 // A caller who hangs up while the upstream is still working does not cut
 // the upstream's work short: the call runs to its answer, as it would have
 // had the caller waited, and is metered with the upstream's status. Both

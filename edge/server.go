@@ -897,7 +897,7 @@ func (s *Server) newProxy(upstream string) (*httputil.ReverseProxy, error) {
 	transport := &http.Transport{
 		TLSClientConfig:     tlsCfg,
 		Proxy:               nil,
-		DialContext:         (&net.Dialer{Timeout: 5 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
+		DialContext:         (&net.Dialer{Timeout: 5 * time.Second, KeepAlive: 30 * time.Second, Resolver: s.cfg.upstreamResolver}).DialContext,
 		MaxIdleConns:        s.cfg.UpstreamMaxConns,
 		MaxIdleConnsPerHost: s.cfg.UpstreamMaxConns,
 		MaxConnsPerHost:     s.cfg.UpstreamMaxConns,
@@ -1042,6 +1042,9 @@ func (s *Server) proxy(c echo.Context) error {
 	pc := &proxiedCall{key: k, epoch: epoch, watch: watch, cancel: cancel}
 	ctx = context.WithValue(ctx, proxiedCallKey{}, pc)
 	ctx = httptrace.WithClientTrace(ctx, &httptrace.ClientTrace{
+		// A dial starts with the name's lookup, if the upstream is named
+		// by one: a slow lookup is the upstream's timeout, not a full pool.
+		DNSStart:     func(httptrace.DNSStartInfo) { pc.connecting.Store(true) },
 		ConnectStart: func(string, string) { pc.connecting.Store(true) },
 		GotConn:      func(httptrace.GotConnInfo) { pc.connecting.Store(true) },
 	})
@@ -1123,8 +1126,8 @@ type proxiedCall struct {
 	// release forgets the hold a long answer is under, once holdAnswer
 	// took one.
 	release func()
-	// connecting is set once the call dialled the upstream or was given
-	// a connection: a call that times out without it waited for a free
+	// connecting is set once the call began to dial the upstream (its
+	// name's lookup included) or was given a connection: a call that times out without it waited for a free
 	// one (edge.upstream_max_conns).
 	connecting atomic.Bool
 }
