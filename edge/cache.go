@@ -198,6 +198,9 @@ func (c *KeyCache) invalidate(inv Invalidation) {
 func (c *KeyCache) SetTrusted(ok bool) {
 	c.trusted.Store(ok)
 	c.Invalidate(Invalidation{All: true})
+	if !ok {
+		c.watchUntrusted() // until trusted again, as no change reaches the holds
+	}
 }
 
 // Trusted reports whether the cache is in use.

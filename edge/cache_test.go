@@ -2,6 +2,7 @@ package edge
 
 import (
 	"context"
+	"errors"
 	"crypto/sha256"
 	"fmt"
 	"sync/atomic"
@@ -58,9 +59,14 @@ func TestAFloodOfUnknownKeysDoesNotEvictTheKnownOnes(t *testing.T) {
 type revocableStore struct {
 	hash    [32]byte
 	revoked atomic.Bool
+	// down fails every look-up.
+	down atomic.Bool
 }
 
 func (s *revocableStore) KeyByHash(_ context.Context, h [32]byte) (Key, error) {
+	if s.down.Load() {
+		return Key{}, errors.New("key store unreachable")
+	}
 	if h != s.hash {
 		return Key{}, ErrKeyNotFound
 	}
@@ -109,5 +115,60 @@ func TestAHoldTakenAfterARevocationItMissedEndsItsCall(t *testing.T) {
 	case <-ended:
 	case <-time.After(5 * time.Second):
 		t.Fatal("a hold taken after a revocation it missed kept its call open")
+	}
+}
+
+// heldCall looks the store's key up and holds a call under it, returning
+// a channel closed when the hold ends the call.
+func heldCall(t *testing.T, c *KeyCache, store *revocableStore) <-chan struct{} {
+	t.Helper()
+	epoch := c.Epoch()
+	k, err := c.KeyByHash(context.Background(), store.hash)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ended := make(chan struct{})
+	t.Cleanup(c.Hold(&k, epoch, func() { close(ended) }))
+	return ended
+}
+
+// A change notification names a held key, and its fresh look-up fails:
+// the call ends (fail closed), as a new call under the key would be
+// refused. Kept, as it was, a call under a key revoked while the store
+// could not answer went on, since no second notification need come.
+func TestAHeldCallWhoseKeyCannotBeCheckedEnds(t *testing.T) {
+	store := &revocableStore{hash: sha256.Sum256([]byte("sk_live_unchecked"))}
+	c := NewKeyCache(store, time.Hour)
+	c.SetTrusted(true)
+	ended := heldCall(t, c, store)
+	store.down.Store(true)
+	c.Invalidate(Invalidation{KeyHash: store.hash[:]})
+	select {
+	case <-ended:
+	case <-time.After(5 * time.Second):
+		t.Fatal("a held call whose key could not be looked up again was kept open")
+	}
+}
+
+// While the cache is untrusted (the change listener is down), no
+// notification reaches the holds, so every held call's key is looked up
+// afresh each half second: a key revoked then ends its call within about
+// a second. A key still usable keeps its call.
+func TestHeldCallsAreRecheckedWhileTheCacheIsUntrusted(t *testing.T) {
+	store := &revocableStore{hash: sha256.Sum256([]byte("sk_live_untrusted"))}
+	c := NewKeyCache(store, time.Hour)
+	c.SetTrusted(true)
+	ended := heldCall(t, c, store)
+	c.SetTrusted(false)
+	select {
+	case <-ended:
+		t.Fatal("a held call under a usable key ended when the cache became untrusted")
+	case <-time.After(3 * untrustedRecheck):
+	}
+	store.revoked.Store(true) // revoked with no notification: the listener is down
+	select {
+	case <-ended:
+	case <-time.After(5 * time.Second):
+		t.Fatal("a call held under a key revoked while the cache was untrusted was kept open")
 	}
 }

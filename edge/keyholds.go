@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -44,10 +45,19 @@ type keyHold struct {
 type keyHolds struct {
 	mu    sync.Mutex
 	holds map[*keyHold]struct{}
+	// watching is set while a goroutine re-checks every hold each
+	// untrustedRecheck (watchUntrusted).
+	watching atomic.Bool
 }
 
 // recheckTimeout bounds the fresh look-up of a held key.
 const recheckTimeout = 10 * time.Second
+
+// untrustedRecheck is how often every held call's key is looked up afresh
+// while the cache is untrusted: no notification would name a key revoked
+// then, so the calls held under it are checked as often as a revocation
+// must take effect (within a second).
+const untrustedRecheck = 500 * time.Millisecond
 
 // Epoch counts the invalidations the cache has had. Read it before a key
 // is looked up and give it to Hold: an invalidation between the two is
@@ -66,6 +76,9 @@ func (c *KeyCache) Hold(k *Key, epoch uint64, end func()) (release func()) {
 	c.holds.holds[h] = struct{}{}
 	c.expireAt(h, k.ExpiresAt)
 	c.holds.mu.Unlock()
+	if !c.trusted.Load() {
+		c.watchUntrusted()
+	}
 	if c.epoch.Load() != epoch {
 		// The key may have changed after it was looked up, before the hold
 		// was there for the notification to find.
@@ -126,11 +139,39 @@ func (c *KeyCache) heldFor(inv Invalidation) []*keyHold {
 	return out
 }
 
+// watchUntrusted re-checks every held call each untrustedRecheck while
+// the cache is untrusted (its listener is down, so a revocation would
+// reach no hold) and calls are held; one goroutine at a time.
+func (c *KeyCache) watchUntrusted() {
+	if !c.holds.watching.CompareAndSwap(false, true) {
+		return
+	}
+	go func() {
+		for {
+			time.Sleep(untrustedRecheck)
+			if hs := c.heldFor(Invalidation{All: true}); !c.trusted.Load() && len(hs) > 0 {
+				c.recheck(hs)
+				continue
+			}
+			c.holds.watching.Store(false)
+			// A hold taken, or trust lost, just before that store found
+			// the flag still set: look again.
+			c.holds.mu.Lock()
+			more := len(c.holds.holds) > 0
+			c.holds.mu.Unlock()
+			if c.trusted.Load() || !more || !c.holds.watching.CompareAndSwap(false, true) {
+				return
+			}
+		}
+	}()
+}
+
 // recheck looks each held key up afresh, from the store: one revoked,
 // expired or gone ends its call; one still usable keeps it, with its
 // expiry as it now is (a roll brings it forward). A look-up that fails
-// keeps the call; the next notification, or the listener's reconnect,
-// checks again.
+// ends the call too, as a new call is refused while the store cannot
+// answer (fail closed): kept, a call under a key revoked meanwhile would
+// go on, since no second notification for that key may ever come.
 func (c *KeyCache) recheck(hs []*keyHold) {
 	for _, h := range hs {
 		if len(h.key.Hash) != 32 {
@@ -140,9 +181,8 @@ func (c *KeyCache) recheck(hs []*keyHold) {
 		k, err := c.store.KeyByHash(ctx, [32]byte(h.key.Hash))
 		cancel()
 		switch {
-		case errors.Is(err, ErrKeyNotFound):
+		case err != nil: // ErrKeyNotFound, or no answer
 			c.endHold(h)
-		case err != nil:
 		case k.Usable(c.now()) != nil:
 			c.endHold(h)
 		default:
