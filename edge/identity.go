@@ -37,14 +37,20 @@ func IsIdentityHeader(name string) bool {
 
 // IsForwardingAlias reports whether name is one of the request headers the
 // edge sets for the upstream (Request-Id, X-Forwarded-For, -Host, -Proto)
-// spelled with an underscore for a hyphen: CGI, PHP, Rack and WSGI read
-// X_Forwarded_For as X-Forwarded-For, so a caller's copy under that name
-// could stand in for the edge's.
+// or checks (MethodOverrideHeaders) spelled with an underscore for a
+// hyphen: CGI, PHP, Rack and WSGI read X_Forwarded_For as X-Forwarded-For,
+// so a caller's copy under that name could stand in for the edge's, or
+// name a method the edge never checked.
 func IsForwardingAlias(name string) bool {
 	if strings.IndexByte(name, '_') < 0 {
 		return false
 	}
 	for _, h := range [...]string{HeaderRequestID, "X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto"} {
+		if len(name) == len(h) && equalFoldDash(name, h) {
+			return true
+		}
+	}
+	for _, h := range MethodOverrideHeaders {
 		if len(name) == len(h) && equalFoldDash(name, h) {
 			return true
 		}

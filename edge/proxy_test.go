@@ -1740,7 +1740,7 @@ func TestUnderscoreSpellingsOfTheForwardingHeadersAreDropped(t *testing.T) {
 			in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP})
 			req, _ := http.NewRequest("GET", in.URL+"/v1/things", nil)
 			req.Header.Set("Authorization", "Bearer "+key)
-			for _, name := range []string{"X_Forwarded_For", "x_forwarded-host", "X-Forwarded_Proto", "Request_Id", "X_Custom"} {
+			for _, name := range []string{"X_Forwarded_For", "x_forwarded-host", "X-Forwarded_Proto", "Request_Id", "X_HTTP_Method_Override", "X_Custom"} {
 				req.Header[name] = []string{"forged"}
 			}
 			resp, err := http.DefaultClient.Do(req)

@@ -416,9 +416,9 @@ type CallInfo struct {
 	// now. A front that has read the clock already passes it on, so a call
 	// reads it once.
 	At time.Time
-	// MethodOverride is the first of MethodOverrideHeaders the call
-	// carries, if any: the method an upstream framework may run instead
-	// of Method.
+	// MethodOverride is what the call's MethodOverrideHeaders ask for
+	// (PickMethodOverride), if any: the method an upstream framework may
+	// run instead of Method.
 	MethodOverride string
 	// Upgrade says the call asks to switch protocols (a WebSocket
 	// handshake): Admit then takes one of max_upgraded_connections before
@@ -695,7 +695,7 @@ func (s *Server) authorize(next echo.HandlerFunc) echo.HandlerFunc {
 		k := c.Get("key").(*Key)
 		req := c.Request()
 		route, err := s.authorizeCall(k, CallInfo{Method: req.Method, Path: req.URL.EscapedPath(),
-			MethodOverride: methodOverride(req.Header)}, c.Path() == "/v1/events")
+			MethodOverride: methodOverride(req.Header, req.Method)}, c.Path() == "/v1/events")
 		if route.Template != "" {
 			c.Set("route", route)
 		}
@@ -707,12 +707,29 @@ func (s *Server) authorize(next echo.HandlerFunc) echo.HandlerFunc {
 	}
 }
 
-// methodOverride is the first method-override header of h, if any.
-func methodOverride(h http.Header) string {
+// methodOverride is what h's method-override headers ask for, as
+// PickMethodOverride picks it.
+func methodOverride(h http.Header, method string) string {
+	var vs []string
 	for _, name := range MethodOverrideHeaders {
-		if v := h.Get(name); v != "" {
+		vs = append(vs, h.Values(name)...)
+	}
+	return PickMethodOverride(method, vs)
+}
+
+// PickMethodOverride returns, of the values of a call's method-override
+// headers (every value of each of MethodOverrideHeaders), the first that
+// names another method than method, else the first, else "". Frameworks
+// differ in which header and which value they read, so any one asking for
+// another method has the call refused (CallInfo.MethodOverride).
+func PickMethodOverride(method string, vs []string) string {
+	for _, v := range vs {
+		if !strings.EqualFold(strings.TrimSpace(v), method) {
 			return v
 		}
+	}
+	if len(vs) > 0 {
+		return vs[0]
 	}
 	return ""
 }

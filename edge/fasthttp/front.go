@@ -298,12 +298,13 @@ func (f *Front) handle(ctx *fh.RequestCtx) {
 		f.s.Observe(edge.Route{}, false, ctx.Response.StatusCode(), f.s.Now().Sub(start))
 		return
 	}
+	var overrides []string // every value of every method-override header
 	for _, name := range edge.MethodOverrideHeaders {
-		if v := ctx.Request.Header.Peek(name); len(v) > 0 {
-			ci.MethodOverride = string(v)
-			break
+		for _, v := range ctx.Request.Header.PeekAll(name) {
+			overrides = append(overrides, string(v))
 		}
 	}
+	ci.MethodOverride = edge.PickMethodOverride(ci.Method, overrides)
 	// Admit's header names are canonical already, so fasthttp need not
 	// copy and normalize each one.
 	adm, err := f.s.Admit(ctx, ci, func(name string, value []byte) { ctx.Response.Header.SetCanonical([]byte(name), value) })
