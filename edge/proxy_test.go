@@ -1424,6 +1424,48 @@ func TestResponseTrailersAreForwarded(t *testing.T) {
 			}
 		})
 	}
+	// A name in both the head and the trailer keeps its head value in the
+	// head and its trailer value in the trailer, each once.
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	testenv.Must(t, err, "listen")
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				if _, err := http.ReadRequest(bufio.NewReader(c)); err != nil {
+					return
+				}
+				_, _ = io.WriteString(c, "HTTP/1.1 200 OK\r\nTrailer: X-Checksum\r\nX-Checksum: pending\r\n"+
+					"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n3\r\nabc\r\n0\r\nX-Checksum: final\r\n\r\n")
+			}()
+		}
+	}()
+	for _, fr := range fronts {
+		t.Run(fr.name+"/head and trailer", func(t *testing.T) {
+			in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP, Config: func(c *edge.Config) {
+				c.Upstream, c.SandboxUpstream = "http://"+ln.Addr().String(), ""
+			}})
+			key, _ := env.Key(t, "acct_resp_trailers", edge.Secret, schemas.Live)
+			req, err := http.NewRequest("GET", in.URL+"/v1/download", nil)
+			testenv.Must(t, err, "build the request")
+			req.Header.Set("Authorization", "Bearer "+key)
+			resp, err := http.DefaultClient.Do(req)
+			testenv.Must(t, err, "call the edge")
+			body, err := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			testenv.Must(t, err, "read the answer")
+			if string(body) != "abc" || fmt.Sprint(resp.Header.Values("X-Checksum")) != "[pending]" ||
+				fmt.Sprint(resp.Trailer.Values("X-Checksum")) != "[final]" {
+				t.Errorf("body %q, head X-Checksum %q, trailer X-Checksum %q; want abc, [pending], [final]",
+					body, resp.Header.Values("X-Checksum"), resp.Trailer.Values("X-Checksum"))
+			}
+		})
+	}
 }
 
 // A key is checked when a tunnel opens; the tunnel must not outlive the

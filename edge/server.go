@@ -956,7 +956,11 @@ func (s *Server) newProxy(upstream string) (*httputil.ReverseProxy, error) {
 					delete(r.Header, name) // the edge's own stand
 				}
 			}
-			keepTrailers(r.Trailer, s.cors != nil) // those announced; the rest at the body's end
+			// Trailers follow the body unannounced (touchingBody filters
+			// them when it ends): announced, net/http would send the
+			// head's values under a trailer's name (the edge's own Vary:
+			// Origin among them) again in the trailer.
+			clear(r.Trailer)
 			pc, ok := r.Request.Context().Value(proxiedCallKey{}).(*proxiedCall)
 			if !ok {
 				return nil

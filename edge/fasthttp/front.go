@@ -750,19 +750,11 @@ func (f *Front) proxy(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, st
 	}
 
 	ctx.SetStatusCode(resp.StatusCode())
-	// A chunked answer may end in trailers. Those it announces are
-	// announced to the caller too, before the hop-by-hop headers (the
-	// Trailer line among them) are dropped; their values, and any it did
-	// not announce, follow the body (responseBody.Read).
+	// A chunked answer may end in trailers: they follow the body
+	// (responseBody.Read), unannounced, as on the net/http front. Announced,
+	// a name the head also carries would have its head values moved into
+	// the trailer by fasthttp (the edge's own Vary: Origin among them).
 	chunked := resp.Header.ContentLength() == -1 && !ctx.IsHead()
-	var announced [][]byte
-	if chunked {
-		for name := range resp.Header.Trailers() {
-			if edge.KeepsResponseTrailer(string(name), f.cors != nil) {
-				announced = append(announced, bytes.Clone(name))
-			}
-		}
-	}
 	stripResponseHopByHop(&resp.Header)
 	for k, v := range resp.Header.All() {
 		switch string(k) {
@@ -804,9 +796,6 @@ func (f *Front) proxy(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, st
 	}
 	x.body = responseBody{r: bs, resp: resp, done: x}
 	if chunked {
-		for _, name := range announced {
-			_ = ctx.Response.Header.AddTrailerBytes(name) // one fasthttp refuses is not sent
-		}
 		x.body.trailers, x.body.cors = &ctx.Response.Header, f.cors != nil
 	}
 	f.holdLongAnswer(ctx, adm, call.RequestID, &x.body, int64(size))
@@ -976,8 +965,9 @@ func (b *responseBody) Read(p []byte) (int, error) {
 
 // passTrailers adds the trailers of an upstream's answer (from) that the
 // caller gets (edge.KeepsResponseTrailer) to the caller's answer (to),
-// announcing those the upstream did not. Only the trailer section is
-// read: a field of the same name in the upstream's head stays there.
+// whose head is out already: marking a name as a trailer then announces
+// nothing and moves no head value. Only the trailer section is read: a
+// field of the same name in the upstream's head stays there.
 func passTrailers(to, from *fh.ResponseHeader, cors bool) {
 	section := from.TrailerHeader() // "Name: value\r\n" lines, then "\r\n"
 	for len(section) > 0 {
