@@ -1426,29 +1426,14 @@ func TestResponseTrailersAreForwarded(t *testing.T) {
 	}
 	// A name in both the head and the trailer keeps its head value in the
 	// head and its trailer value in the trailer, each once.
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	testenv.Must(t, err, "listen")
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				if _, err := http.ReadRequest(bufio.NewReader(c)); err != nil {
-					return
-				}
-				_, _ = io.WriteString(c, "HTTP/1.1 200 OK\r\nTrailer: X-Checksum\r\nX-Checksum: pending\r\n"+
-					"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n3\r\nabc\r\n0\r\nX-Checksum: final\r\n\r\n")
-			}()
-		}
-	}()
+	both := rawUpstream(t, func(conn net.Conn, _ *bufio.Reader) {
+		_, _ = io.WriteString(conn, "HTTP/1.1 200 OK\r\nTrailer: X-Checksum\r\nX-Checksum: pending\r\n"+
+			"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n3\r\nabc\r\n0\r\nX-Checksum: final\r\n\r\n")
+	})
 	for _, fr := range fronts {
 		t.Run(fr.name+"/head and trailer", func(t *testing.T) {
 			in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP, Config: func(c *edge.Config) {
-				c.Upstream, c.SandboxUpstream = "http://"+ln.Addr().String(), ""
+				c.Upstream, c.SandboxUpstream = both, ""
 			}})
 			key, _ := env.Key(t, "acct_resp_trailers", edge.Secret, schemas.Live)
 			req, err := http.NewRequest("GET", in.URL+"/v1/download", nil)

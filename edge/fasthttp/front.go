@@ -986,7 +986,7 @@ func passTrailers(to, from *fh.ResponseHeader, cors bool) {
 	}
 }
 
-// isTrailer reports whether h announces name as a trailer.
+// isTrailer reports whether h has name among its trailers.
 func isTrailer(h *fh.ResponseHeader, name []byte) bool {
 	for t := range h.Trailers() {
 		if bytes.EqualFold(t, name) {
