@@ -60,10 +60,12 @@ type revocableStore struct {
 	hash    [32]byte
 	revoked atomic.Bool
 	// down fails every look-up.
-	down atomic.Bool
+	down    atomic.Bool
+	lookups atomic.Int64
 }
 
 func (s *revocableStore) KeyByHash(_ context.Context, h [32]byte) (Key, error) {
+	s.lookups.Add(1)
 	if s.down.Load() {
 		return Key{}, errors.New("key store unreachable")
 	}
@@ -159,11 +161,18 @@ func TestHeldCallsAreRecheckedWhileTheCacheIsUntrusted(t *testing.T) {
 	c := NewKeyCache(store, time.Hour)
 	c.SetTrusted(true)
 	ended := heldCall(t, c, store)
+	_ = heldCall(t, c, store) // a second call under the same key
 	c.SetTrusted(false)
+	before := store.lookups.Load()
 	select {
 	case <-ended:
 		t.Fatal("a held call under a usable key ended when the cache became untrusted")
-	case <-time.After(3 * untrustedRecheck):
+	case <-time.After(3*untrustedRecheck + untrustedRecheck/2):
+	}
+	// The re-check that losing trust starts, and three rounds at most in
+	// that time: one look-up each for the key both calls share.
+	if n := store.lookups.Load() - before; n < 1 || n > 4 {
+		t.Errorf("%d look-ups in four re-checks of two calls under one key, want one a re-check", n)
 	}
 	store.revoked.Store(true) // revoked with no notification: the listener is down
 	select {

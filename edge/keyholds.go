@@ -173,13 +173,24 @@ func (c *KeyCache) watchUntrusted() {
 // answer (fail closed): kept, a call under a key revoked meanwhile would
 // go on, since no second notification for that key may ever come.
 func (c *KeyCache) recheck(hs []*keyHold) {
+	// One look-up per key, however many calls it holds open.
+	type answer struct {
+		k   Key
+		err error
+	}
+	seen := map[[32]byte]answer{}
 	for _, h := range hs {
 		if len(h.key.Hash) != 32 {
 			continue
 		}
-		ctx, cancel := context.WithTimeout(context.Background(), recheckTimeout)
-		k, err := c.store.KeyByHash(ctx, [32]byte(h.key.Hash))
-		cancel()
+		a, ok := seen[[32]byte(h.key.Hash)]
+		if !ok {
+			ctx, cancel := context.WithTimeout(context.Background(), recheckTimeout)
+			a.k, a.err = c.store.KeyByHash(ctx, [32]byte(h.key.Hash))
+			cancel()
+			seen[[32]byte(h.key.Hash)] = a
+		}
+		k, err := a.k, a.err
 		switch {
 		case err != nil: // ErrKeyNotFound, or no answer
 			c.endHold(h)
