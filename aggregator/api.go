@@ -452,10 +452,11 @@ func (s *Server) usage(c echo.Context) error {
 	return c.JSON(http.StatusOK, resp)
 }
 
-// pickGroups maps group_by= onto the meter's group_by. The full list (in
-// any order is not allowed: the response names columns in request order,
-// so the order must match) reads the grouped rows; a subset combines them,
-// which only additive and max meters allow.
+// pickGroups maps group_by= onto the meter's group_by. The full list in the
+// meter's order reads the grouped rows as they are; in another order (the
+// response names columns in request order) or a subset, they are picked
+// and combined, a subset only for additive and max meters, since a
+// unique count or a latest value cannot be combined from its parts.
 func pickGroups(m meter.Meter, groupBy []string, uq *UsageQuery) error {
 	pos := map[string]int{}
 	for i, g := range m.GroupBy {
