@@ -1401,16 +1401,9 @@ func TestResponseTrailersAreForwarded(t *testing.T) {
 			in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP, Config: func(c *edge.Config) { c.Upstream, c.SandboxUpstream = up, "" }})
 			key, _ := env.Key(t, "acct_resp_trailers", edge.Secret, schemas.Live)
 			for _, size := range []int{3, 2 << 20} { // a short answer, and one streamed in many chunks
-				req, err := http.NewRequest("GET", in.URL+"/v1/download?size="+strconv.Itoa(size), nil)
-				testenv.Must(t, err, "build the request")
-				req.Header.Set("Authorization", "Bearer "+key)
-				resp, err := http.DefaultClient.Do(req)
-				testenv.Must(t, err, "call the edge")
-				n, err := io.Copy(io.Discard, resp.Body)
-				resp.Body.Close()
-				testenv.Must(t, err, "read the answer")
-				if resp.StatusCode != 200 || n != int64(size) {
-					t.Fatalf("%d bytes: status %d, %d bytes read", size, resp.StatusCode, n)
+				resp := edgetest.Do(t, "GET", in.URL+"/v1/download?size="+strconv.Itoa(size), key, nil)
+				if resp.Status != 200 || len(resp.Body) != size {
+					t.Fatalf("%d bytes: status %d, %d bytes read", size, resp.Status, len(resp.Body))
 				}
 				want := http.Header{"X-Checksum": {"sum-" + strconv.Itoa(size)}, "X-Late": {"late"}}
 				if fmt.Sprint(resp.Trailer) != fmt.Sprint(want) {
@@ -1436,14 +1429,8 @@ func TestResponseTrailersAreForwarded(t *testing.T) {
 				c.Upstream, c.SandboxUpstream = both, ""
 			}})
 			key, _ := env.Key(t, "acct_resp_trailers", edge.Secret, schemas.Live)
-			req, err := http.NewRequest("GET", in.URL+"/v1/download", nil)
-			testenv.Must(t, err, "build the request")
-			req.Header.Set("Authorization", "Bearer "+key)
-			resp, err := http.DefaultClient.Do(req)
-			testenv.Must(t, err, "call the edge")
-			body, err := io.ReadAll(resp.Body)
-			resp.Body.Close()
-			testenv.Must(t, err, "read the answer")
+			resp := edgetest.Do(t, "GET", in.URL+"/v1/download", key, nil)
+			body := resp.Body
 			if string(body) != "abc" || fmt.Sprint(resp.Header.Values("X-Checksum")) != "[pending]" ||
 				fmt.Sprint(resp.Trailer.Values("X-Checksum")) != "[final]" {
 				t.Errorf("body %q, head X-Checksum %q, trailer X-Checksum %q; want abc, [pending], [final]",

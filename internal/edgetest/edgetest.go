@@ -315,7 +315,9 @@ type Response struct {
 	Status int
 	Header http.Header
 	Body   []byte
-	Error  edge.APIError
+	// Trailer holds the fields that followed the body.
+	Trailer http.Header
+	Error   edge.APIError
 }
 
 // Do sends one call with key (may be empty) and decodes the error body.
@@ -336,7 +338,7 @@ func DoRequest(t *testing.T, req *http.Request) Response {
 	testenv.Must(t, err, req.Method+" "+req.URL.String())
 	defer resp.Body.Close()
 	b, _ := io.ReadAll(resp.Body)
-	r := Response{Status: resp.StatusCode, Header: resp.Header, Body: b}
+	r := Response{Status: resp.StatusCode, Header: resp.Header, Body: b, Trailer: resp.Trailer}
 	if resp.StatusCode >= 400 && strings.HasPrefix(resp.Header.Get("Content-Type"), "application/json") {
 		var env struct {
 			Error edge.APIError `json:"error"`
