@@ -76,6 +76,15 @@ func UpstreamBusy() *APIError {
 	return ae
 }
 
+// KeyEnded is the answer to a call held under its key (HoldsUpload) whose
+// key stopped being usable before the upstream's answer began: revoked,
+// expired, or not to be looked up again (fail closed). The caller's
+// connection is closed after it, as the rest of the upload is not read.
+func KeyEnded() *APIError {
+	return NewAPIError(http.StatusUnauthorized, TypeAuthentication, "api_key_ended",
+		"The API key was revoked or expired while the call was under way.")
+}
+
 // toAPIError maps domain errors to HTTP. It is the only place that does.
 func toAPIError(err error) *APIError {
 	var ae *APIError

@@ -10,8 +10,9 @@ import (
 )
 
 // Most calls are decided once, at admission, and end soon after. An
-// upgraded connection (a WebSocket) or a long streamed answer (an event
-// stream) outlives its admission by minutes or hours, and its key must not: a hold ends such a call once its key is no
+// upgraded connection (a WebSocket), a long streamed answer (an event
+// stream) or a long upload outlives its admission by minutes or hours, and
+// its key must not: a hold ends such a call once its key is no
 // longer usable, at the key's expiry, or when a change notification names
 // the key (or its account, or everything) and a fresh look-up finds it
 // revoked, expired or gone. Before, a tunnel opened with a key that was
@@ -28,6 +29,17 @@ const LongAnswerBytes = 1 << 20
 // negative one: not given) is held under its key while it streams.
 func HoldsAnswer(contentLength int64) bool {
 	return contentLength < 0 || contentLength > LongAnswerBytes
+}
+
+// HoldsUpload reports whether a call whose request body has
+// contentLength (negative: streamed with no length given) is held under
+// its key from its admission to the end of its answer, by the rule
+// HoldsAnswer applies to answers: a streamed or long upload goes on for as
+// long as its caller keeps sending, and the wait for the answer after it
+// for as long as the upstream takes. A body that is not given
+// (contentLength 0) or is short takes no hold.
+func HoldsUpload(contentLength int64) bool {
+	return HoldsAnswer(contentLength)
 }
 
 // ErrKeyEnded ends a held call whose key is no longer usable.

@@ -1440,11 +1440,6 @@ func TestResponseTrailersAreForwarded(t *testing.T) {
 	}
 }
 
-// A key is checked when a tunnel opens; the tunnel must not outlive the
-// key. Revoking it, its expiry, and a roll that brings its expiry forward
-// each close the tunnels open under it, on both fronts, and leave another
-// key's tunnel open. Before, a tunnel of a revoked key carried traffic for
-// as long as its caller kept it busy.
 // An answer that streams on (an event stream) ends with its key, as a
 // tunnel does: once the key is revoked the caller gets no more of it, and
 // the call is metered with what was sent. Another key's stream goes on.
@@ -1522,6 +1517,208 @@ func TestALongAnswerEndsWithItsKey(t *testing.T) {
 	}
 }
 
+// An upload that streams on (a chunked body, or one longer than
+// edge.LongAnswerBytes) ends with its key, as a long answer does, and so
+// does the wait for the answer after it: once the key is revoked, the
+// upstream gets no more of the body, the caller gets 401 api_key_ended or
+// a closed connection and never the upstream's answer, and the call is
+// metered 401 with what went up. Another key's upload goes on to its
+// answer. Before, an upload kept going for as long as its caller kept
+// sending, and its answer came however long after the revocation.
+func TestAStreamedUploadEndsWithItsKey(t *testing.T) {
+	env := edgetest.New(t)
+	ctx := context.Background()
+	type seen struct {
+		n   int64
+		err error
+	}
+	var mu sync.Mutex
+	got := map[string]seen{} // by Request-Id
+	// /upload reads the body and answers its length; /slow does so after
+	// 5 s (sooner if the edge hangs up).
+	up := serveUpstream(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		n, err := io.Copy(io.Discard, r.Body)
+		mu.Lock()
+		got[r.Header.Get(edge.HeaderRequestID)] = seen{n, err}
+		mu.Unlock()
+		if err != nil {
+			return
+		}
+		if r.URL.Path == "/slow" {
+			select {
+			case <-time.After(5 * time.Second):
+			case <-r.Context().Done():
+				return
+			}
+		}
+		fmt.Fprintf(w, "%d", n)
+	}))
+	upstreamSaw := func(t *testing.T, rid string) seen {
+		t.Helper()
+		for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+			mu.Lock()
+			s, ok := got[rid]
+			mu.Unlock()
+			if ok {
+				return s
+			}
+		}
+		t.Fatalf("the upstream never finished reading %s's body", rid)
+		return seen{}
+	}
+	// upload is one call on a connection of its own: its head and 16 KiB
+	// of body, then a KiB every 50 ms until stop is closed, then the rest (the
+	// length's remainder, or the chunked body's end) unless cut. Its
+	// answer, or how the connection ended, comes on done.
+	type upload struct {
+		conn net.Conn
+		stop chan struct{}
+		done chan *http.Response // nil: the connection ended with no answer
+		sent atomic.Int64
+		at   atomic.Value // time.Time the answer (or the end) came
+	}
+	const long = 4 << 20
+	start := func(t *testing.T, url, path, key string, length int64) *upload {
+		t.Helper()
+		conn, err := net.Dial("tcp", strings.TrimPrefix(url, "http://"))
+		testenv.Must(t, err, "dial the edge")
+		t.Cleanup(func() { conn.Close() })
+		u := &upload{conn: conn, stop: make(chan struct{}), done: make(chan *http.Response, 1)}
+		framing := "Transfer-Encoding: chunked"
+		if length > 0 {
+			framing = "Content-Length: " + strconv.FormatInt(length, 10)
+		}
+		_, err = fmt.Fprintf(conn, "POST %s HTTP/1.1\r\nHost: api.test\r\nAuthorization: Bearer %s\r\n%s\r\n\r\n", path, key, framing)
+		testenv.Must(t, err, "write the head")
+		go func() {
+			resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+			u.at.Store(time.Now())
+			if err != nil {
+				resp = nil
+			} else {
+				body, _ := io.ReadAll(resp.Body)
+				resp.Body = io.NopCloser(bytes.NewReader(body))
+			}
+			u.done <- resp
+		}()
+		go func() {
+			kib := bytes.Repeat([]byte("x"), 1024)
+			write := func(b []byte) bool {
+				if length <= 0 {
+					b = fmt.Appendf(nil, "%x\r\n%s\r\n", len(b), b)
+				}
+				_ = conn.SetWriteDeadline(time.Now().Add(10 * time.Second))
+				_, err := conn.Write(b)
+				return err == nil
+			}
+			// 16 KiB at once, past what the fasthttp front reads of a
+			// body before it admits the call (8 KiB): the revocation must
+			// land after the admission.
+			if !write(bytes.Repeat(kib, 16)) {
+				return
+			}
+			u.sent.Add(16 << 10)
+			for {
+				select {
+				case <-u.stop:
+					if rest := length - u.sent.Load(); rest > 0 {
+						if write(make([]byte, rest)) {
+							u.sent.Add(rest)
+						}
+					} else if length <= 0 {
+						_, _ = io.WriteString(conn, "0\r\n\r\n")
+					}
+					return
+				case <-time.After(50 * time.Millisecond):
+				}
+				if !write(kib) {
+					return
+				}
+				u.sent.Add(1024)
+			}
+		}()
+		return u
+	}
+	cases := []struct {
+		name   string
+		path   string
+		length int64 // 0: chunked
+		// finished: the body is whole before the revocation, which lands
+		// in the wait for the answer.
+		finished bool
+	}{
+		{"a chunked upload", "/upload", 0, false},
+		{"an upload longer than LongAnswerBytes", "/upload", long, false},
+		{"the wait for the answer after a chunked upload", "/slow", 0, true},
+	}
+	for _, fr := range fronts {
+		for _, c := range cases {
+			t.Run(fr.name+", "+c.name, func(t *testing.T) {
+				in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP, Config: func(cfg *edge.Config) {
+					cfg.Upstream = up
+					cfg.UpstreamTimeout = 10 * time.Second
+				}})
+				key, id := env.Key(t, "acct_upload", edge.Secret, schemas.Live)
+				other, _ := env.Key(t, "acct_upload_other", edge.Secret, schemas.Live)
+				cut := start(t, in.URL, c.path, key, c.length)
+				goesOn := start(t, in.URL, "/upload", other, 0)
+				if c.finished {
+					close(cut.stop)
+				}
+				time.Sleep(300 * time.Millisecond)
+				_, err := env.Store.RevokeKey(ctx, id, time.Now(), edge.AuditInfo{Actor: "test"})
+				testenv.Must(t, err, "revoke")
+				revoked := time.Now()
+				var resp *http.Response
+				select {
+				case resp = <-cut.done:
+				case <-time.After(3 * time.Second):
+					t.Fatal("the revoked key's call still going 3 s after the revocation")
+				}
+				if !c.finished {
+					close(cut.stop)
+				}
+				if resp != nil {
+					body, _ := io.ReadAll(resp.Body)
+					if resp.StatusCode != http.StatusUnauthorized || !strings.Contains(string(body), `"api_key_ended"`) {
+						t.Fatalf("the revoked key's call: %d %s; want 401 api_key_ended or a closed connection", resp.StatusCode, body)
+					}
+				}
+				t.Logf("cut %v after the revocation (answer: %v)", cut.at.Load().(time.Time).Sub(revoked).Round(time.Millisecond), resp != nil)
+				ev := eventWhere(t, env, func(ev schemas.Event) bool { return ev.KeyID == id })
+				if ev.Status != http.StatusUnauthorized || ev.RequestBytes <= 0 {
+					t.Fatalf("the cut call's event: status %d, %d request bytes; want 401 and what went up", ev.Status, ev.RequestBytes)
+				}
+				// The upstream's side: the body broke off (whole, it never
+				// got to answer: the caller had no answer from it above).
+				s := upstreamSaw(t, ev.RequestID)
+				if !c.finished && (s.err == nil || s.n >= cut.sent.Load()+1<<20) {
+					t.Fatalf("the upstream read %d bytes of the cut upload, error %v; want it broken off", s.n, s.err)
+				}
+				// The other key's upload goes on to its answer.
+				close(goesOn.stop)
+				select {
+				case resp := <-goesOn.done:
+					if resp == nil {
+						t.Fatal("the other key's upload: no answer")
+					}
+					body, _ := io.ReadAll(resp.Body)
+					if resp.StatusCode != 200 || string(body) != strconv.FormatInt(goesOn.sent.Load(), 10) {
+						t.Fatalf("the other key's upload: %d %s; want 200 and the %d bytes sent", resp.StatusCode, body, goesOn.sent.Load())
+					}
+				case <-time.After(5 * time.Second):
+					t.Fatal("the other key's upload: no answer in 5 s")
+				}
+			})
+		}
+	}
+}
+
+// A key is checked when a tunnel opens; the tunnel must not outlive the
+// key. Revoking it, its expiry, and a roll that brings its expiry forward
+// each close the tunnels open under it, on both fronts, and leave another
+// key's tunnel open. Before, a tunnel of a revoked key carried traffic for
+// as long as its caller kept it busy.
 func TestATunnelEndsWithItsKey(t *testing.T) {
 	env := edgetest.New(t)
 	ctx := context.Background()

@@ -971,8 +971,8 @@ func (s *Server) newProxy(upstream string) (*httputil.ReverseProxy, error) {
 			}
 			pc.watch.Touch()
 			r.Body = touchingBody{ReadCloser: r.Body, watch: pc.watch, resp: r, cors: s.cors != nil}
-			if HoldsAnswer(r.ContentLength) {
-				s.holdAnswer(pc, r.Request.Header.Get(HeaderRequestID))
+			if HoldsAnswer(r.ContentLength) && pc.release == nil { // a held upload holds its answer too
+				s.holdCall(pc, "long answer cut", r.Request.Header.Get(HeaderRequestID))
 			}
 			return nil
 		},
@@ -982,6 +982,16 @@ func (s *Server) newProxy(upstream string) (*httputil.ReverseProxy, error) {
 		// syscall per call; 10 ms still passes a trickling body on promptly.
 		FlushInterval: 10 * time.Millisecond,
 		ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
+			if errors.Is(context.Cause(r.Context()), ErrKeyEnded) {
+				// A held upload whose key ended (HoldsUpload): the rest of
+				// the body is not read, so the connection goes after this
+				// answer. The read deadline makes net/http give up the rest
+				// at once, where it would wait for up to 256 KiB more.
+				w.Header().Set("Connection", "close")
+				writeAPIError(w, KeyEnded())
+				_ = http.NewResponseController(w).SetReadDeadline(time.Now())
+				return
+			}
 			ae := NewAPIError(http.StatusBadGateway, TypeAPI, "upstream_unavailable", "The upstream service could not be reached.")
 			timedOut := errors.Is(err, context.DeadlineExceeded) || errors.Is(context.Cause(r.Context()), context.DeadlineExceeded)
 			if timedOut {
@@ -1074,6 +1084,9 @@ func (s *Server) proxy(c echo.Context) error {
 			pc.release()
 		}
 	}()
+	if !IsUpgrade(req.Header) && HoldsUpload(req.ContentLength) {
+		s.holdCall(pc, "upload cut", resp.Header().Get(HeaderRequestID))
+	}
 	if !IsUpgrade(req.Header) {
 		// Deferred, so the call is metered even when net/http's proxy
 		// aborts it: when a body breaks off after the answer's head went
@@ -1144,8 +1157,8 @@ type proxiedCall struct {
 	epoch  uint64
 	watch  *IdleWatch
 	cancel context.CancelCauseFunc
-	// release forgets the hold a long answer is under, once holdAnswer
-	// took one.
+	// release forgets the hold the call is under, once holdCall took
+	// one.
 	release func()
 	// connecting is set once the call began to dial the upstream (its
 	// name's lookup included) or was given a connection: a call that times out without it waited for a free
@@ -1156,12 +1169,15 @@ type proxiedCall struct {
 // proxiedCallKey is the context key of a call's proxiedCall.
 type proxiedCallKey struct{}
 
-// holdAnswer holds a long answer (HoldsAnswer), an upgrade's too when the
-// upstream declines it, under its key: once the key is no longer usable,
-// the call's context ends, which cuts the answer where it is.
-func (s *Server) holdAnswer(pc *proxiedCall, rid string) {
+// holdCall holds a call under its key: one with a streamed or long upload
+// (HoldsUpload) from its admission, one with a long answer (HoldsAnswer;
+// an upgrade's too when the upstream declines it) from the answer's head.
+// Once the key is no longer usable, the call's context ends, which cuts
+// the upload, the wait for the answer, or the answer where it is; what is
+// logged says which (what).
+func (s *Server) holdCall(pc *proxiedCall, what, rid string) {
 	pc.release = s.HoldKey(pc.key, pc.epoch, func() {
-		s.log.Info("long answer cut: its API key is no longer usable", "key_id", pc.key.ID, "request_id", rid)
+		s.log.Info(what+": its API key is no longer usable", "key_id", pc.key.ID, "request_id", rid)
 		pc.cancel(ErrKeyEnded)
 	})
 }

@@ -723,9 +723,23 @@ func (f *Front) proxy(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, st
 	} else {
 		counted.n = int64(len(req.Body()))
 	}
+	var held *uploadHold
+	if ctx.RequestBodyStream() != nil && edge.HoldsUpload(int64(ctx.Request.Header.ContentLength())) {
+		held = f.holdUpload(ctx, adm, call.RequestID)
+	}
 
 	resp := fh.AcquireResponse()
 	err := up.hc.Do(req, resp)
+	if held.over() {
+		// The key ended during the upload or the wait for the answer: the
+		// caller's connection is closed, so this answer is for the event.
+		fh.ReleaseResponse(resp)
+		f.fail(ctx, edge.KeyEnded(), call.RequestID)
+		ctx.SetConnectionClose()
+		x.call.Status = fh.StatusUnauthorized
+		x.finish(0)
+		return
+	}
 	drainBody(counted)
 	if err != nil {
 		fh.ReleaseResponse(resp)
@@ -856,6 +870,50 @@ func (f *Front) holdLongAnswer(ctx *fh.RequestCtx, adm edge.Admission, rid strin
 			f.log.Info("long answer cut: its API key is no longer usable", "key_id", adm.Key.ID, "request_id", rid)
 		}
 	})
+}
+
+// uploadHold holds a call with a streamed or long upload
+// (edge.HoldsUpload) under its key from its admission until the upstream's
+// answer begins (a long answer is then held by holdLongAnswer): once the
+// key is no longer usable, the caller's connection is closed, which cuts
+// the upload where it is, and the caller gets nothing more. mu orders that
+// with over, so that a connection is never closed under the next call on
+// it.
+type uploadHold struct {
+	mu      sync.Mutex
+	done    bool
+	ended   bool
+	release func()
+}
+
+func (f *Front) holdUpload(ctx *fh.RequestCtx, adm edge.Admission, rid string) *uploadHold {
+	h := &uploadHold{}
+	conn := ctx.Conn()
+	h.release = f.s.HoldKey(adm.Key, adm.KeyEpoch, func() {
+		h.mu.Lock()
+		defer h.mu.Unlock()
+		if h.done {
+			return
+		}
+		h.ended = true
+		_ = conn.Close()
+		f.log.Info("upload cut: its API key is no longer usable", "key_id", adm.Key.ID, "request_id", rid)
+	})
+	return h
+}
+
+// over ends the hold (of none: nil) and reports whether the key ended the
+// call first.
+func (h *uploadHold) over() bool {
+	if h == nil {
+		return false
+	}
+	h.mu.Lock()
+	h.done = true
+	ended := h.ended
+	h.mu.Unlock()
+	h.release()
+	return ended
 }
 
 // countingReader counts what is read through it, and remembers how it
