@@ -12,6 +12,8 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/httputil"
+	"net/url"
 	"os"
 	"strconv"
 	"strings"
@@ -951,6 +953,52 @@ func TestProxy(t *testing.T) {
 				ev := eventFor(t, env, resp.Header.Get(edge.HeaderRequestID))
 				if ev.Status != 101 || ev.RequestBytes < int64(len(big)) || ev.ResponseBytes < int64(len(big)) {
 					t.Fatalf("event status %d, bytes %d in and %d out", ev.Status, ev.RequestBytes, ev.ResponseBytes)
+				}
+			})
+
+			// A WebSocket handshake is a GET: a publishable key opens one on
+			// a read route, and the upstream learns from Tollgate-Scopes
+			// that the caller may only read; a route marked write: true
+			// refuses it at the edge (docs/edge.md, Keys).
+			t.Run("a publishable key opens a WebSocket on a read route only", func(t *testing.T) {
+				var scopes atomic.Value
+				echo := webSocketEcho(t)
+				in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP, Config: func(c *edge.Config) {
+					c.Upstream = serveUpstream(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+						scopes.Store(r.Header.Get("Tollgate-Scopes"))
+						u, _ := url.Parse(echo)
+						httputil.NewSingleHostReverseProxy(u).ServeHTTP(w, r)
+					}))
+					c.Routes = []edge.RouteConfig{{Pattern: "/v1/feed", Methods: []string{"GET"}}, {Pattern: "/v1/commands", Methods: []string{"GET"}, Write: true}}
+				}})
+				pub, _ := env.Key(t, "acct_ws_pub", edge.Publishable, schemas.Live)
+				ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+				defer cancel()
+				dial := func(path string) (*websocket.Conn, *http.Response, error) {
+					return websocket.Dial(ctx, "ws"+strings.TrimPrefix(in.URL, "http")+path,
+						&websocket.DialOptions{HTTPHeader: http.Header{"Authorization": {"Bearer " + pub}}})
+				}
+				ws, _, err := dial("/v1/feed")
+				testenv.Must(t, err, "open a WebSocket on a read route with a publishable key")
+				defer ws.CloseNow()
+				testenv.Must(t, ws.Write(ctx, websocket.MessageText, []byte("hi")), "send")
+				if _, got, err := ws.Read(ctx); err != nil || string(got) != "hi" {
+					t.Fatalf("the echo: %q, %v", got, err)
+				}
+				if got, _ := scopes.Load().(string); got != "*:read" {
+					t.Fatalf("Tollgate-Scopes on the handshake: %q; want *:read", got)
+				}
+				_, resp, err := dial("/v1/commands")
+				if err == nil || resp == nil || resp.StatusCode != http.StatusForbidden {
+					status := 0
+					if resp != nil {
+						status = resp.StatusCode
+					}
+					t.Fatalf("a publishable key's handshake on a write route: status %d, %v; want 403", status, err)
+				}
+				body, _ := io.ReadAll(resp.Body)
+				if !strings.Contains(string(body), `"publishable_key_not_allowed"`) {
+					t.Fatalf("the refusal: %s; want publishable_key_not_allowed", body)
 				}
 			})
 
