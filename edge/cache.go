@@ -13,6 +13,9 @@ import (
 // notification channel is connected: a notification drops the entry at
 // once, the TTL is a safety net, and while the channel is down every lookup
 // goes to the store, so a revoked key is never served from a stale copy.
+// A plan change that comes with time (a subscription ending, or one
+// scheduled to start) sends no notification: an entry is looked up again
+// when its key's plan is due to change (Key.PlanChangesIn).
 type KeyCache struct {
 	store KeyStore
 	ttl   time.Duration
@@ -40,10 +43,12 @@ type KeyCache struct {
 }
 
 // cacheEntry's key is shared by every call that finds it, read-only.
+// until is when it is looked up again: the TTL after it was cached, or
+// sooner when the key's plan is due to change (Key.PlanChangesIn).
 type cacheEntry struct {
-	key *Key
-	err error
-	at  time.Time
+	key   *Key
+	err   error
+	until time.Time
 }
 
 // maxCacheEntries bounds the cache's memory; maxUnknownEntries bounds the
@@ -93,12 +98,13 @@ func (c *KeyCache) sharedKeyByHash(ctx context.Context, hash [32]byte) (*Key, er
 	trusted := c.trusted.Load()
 	if trusted {
 		if v, ok := c.byHash.Load(hash); ok {
-			if e := v.(*cacheEntry); c.now().Sub(e.at) < c.ttl {
+			if e := v.(*cacheEntry); c.now().Before(e.until) {
 				return e.key, e.err
 			}
 		}
 	}
 	epoch := c.epoch.Load()
+	asked := c.now() // PlanChangesIn counts from the store's answer, after this
 	found, err := c.store.KeyByHash(ctx, hash)
 	if err != nil && !errors.Is(err, ErrKeyNotFound) {
 		return nil, err
@@ -118,7 +124,11 @@ func (c *KeyCache) sharedKeyByHash(ctx context.Context, hash [32]byte) (*Key, er
 				clear(c.byAccount)
 				c.entries, c.unknown = 0, 0
 			}
-			old, had := c.byHash.Swap(hash, &cacheEntry{key: k, err: err, at: c.now()})
+			e := &cacheEntry{key: k, err: err, until: c.now().Add(c.ttl)}
+			if k != nil && k.PlanChangesIn > 0 && k.PlanChangesIn < c.ttl {
+				e.until = asked.Add(k.PlanChangesIn)
+			}
+			old, had := c.byHash.Swap(hash, e)
 			switch {
 			case !had:
 				c.entries++

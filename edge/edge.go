@@ -40,6 +40,13 @@ type Key struct {
 	Plan Plan
 	// AccountTimezone is the account's IANA zone (for quota months).
 	AccountTimezone string
+	// PlanChangesIn is how long after the look-up the plan in force may
+	// change on its own: a subscription ends, or a scheduled one starts
+	// (0: none is scheduled). No notification comes when that time
+	// arrives, so the key cache keeps the key no longer. It is a duration,
+	// measured by the database's clock, so that an edge whose clock is off
+	// does not keep the old plan for the difference.
+	PlanChangesIn time.Duration
 }
 
 // Usable reports why a key may not be used at now, or nil when it may.

@@ -2,6 +2,7 @@ package edge_test
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net"
@@ -533,6 +534,95 @@ func TestReadyzDoesNotTellTheCause(t *testing.T) {
 // A plan stored without an upgrade link, and not among edge.plans, still
 // tells a refused caller where to buy more: the free tier's link, as its
 // limits fall back to the free tier's. It gave none before.
+// A subscription that ends, and one scheduled to follow it, change the
+// account's plan with no notification: the edge looks the key up again
+// when the change is due. Before, a cached key kept the old plan for up to
+// the cache's TTL (30 s) after it.
+func TestAScheduledPlanChangeReachesTheEdgeWhenItIsDue(t *testing.T) {
+	env := edgetest.New(t)
+	ctx := context.Background()
+	in := env.Start(t, edgetest.Options{})
+	key, _ := env.Key(t, "acct_scheduled", edge.Secret, schemas.Live)
+	for _, p := range []struct {
+		id    string
+		burst int
+	}{{"sched_before", 100}, {"sched_after", 200}} {
+		def, err := json.Marshal(map[string]any{"limits": edge.Limits{RequestsPerSecond: 100, Burst: p.burst}})
+		testenv.Must(t, err, "plan json")
+		_, err = env.PG.Pool.Exec(ctx, `INSERT INTO plans (id, version, name, currency, definition)
+			VALUES ($1, 1, $1, 'usd', $2) ON CONFLICT DO NOTHING`, p.id, def)
+		testenv.Must(t, err, "insert plan")
+	}
+	// sched_before for 2 s, then sched_after; each starts after the
+	// account's first subscription, so is the one in force in its time.
+	var dueIn float64 // seconds, by the database's clock
+	err := env.PG.Pool.QueryRow(ctx, `
+		WITH s AS (INSERT INTO subscriptions (id, account_id, plan_id, plan_version, starts_at, ends_at) VALUES
+			($1, $3, 'sched_before', 1, now(), now() + interval '2 seconds'),
+			($2, $3, 'sched_after', 1, now() + interval '2 seconds', NULL)
+			RETURNING 1)
+		SELECT extract(epoch FROM now() + interval '2 seconds' - clock_timestamp())::float8 FROM s LIMIT 1`,
+		"sub_"+schemas.NewEventID().String(), "sub_"+schemas.NewEventID().String(), "acct_scheduled").Scan(&dueIn)
+	testenv.Must(t, err, "insert the subscriptions")
+	due := time.Now().Add(time.Duration(dueIn * float64(time.Second)))
+	env.Settle(t) // the inserts' notifications have emptied the cache
+	burst := func() string {
+		r := edgetest.Do(t, "GET", in.URL+"/v1/x", key, nil)
+		if r.Status != 200 {
+			t.Fatalf("call: %d %+v", r.Status, r.Error)
+		}
+		return r.Header.Get("X-Ratelimit-Limit")
+	}
+	if got := burst(); got != "100" || time.Now().After(due) {
+		t.Fatalf("before the change: X-RateLimit-Limit %s; want 100 (and the call before %v)", got, due)
+	}
+	for {
+		got := burst()
+		now := time.Now()
+		if got == "200" {
+			if now.Before(due) {
+				t.Fatalf("the new plan served %v before it starts", due.Sub(now))
+			}
+			t.Logf("the new plan served %v after it started", now.Sub(due).Round(time.Millisecond))
+			break
+		}
+		if got != "100" {
+			t.Fatalf("X-RateLimit-Limit %s; want 100, then 200", got)
+		}
+		if now.After(due.Add(3 * time.Second)) {
+			t.Fatal("the old plan still served 3 s after the new one started")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// A change to an account's time zone (which moves its quota months)
+// reaches the edge's key cache at once, by notification, as a change to
+// a subscription does. Before, the cache kept the old zone until its
+// entry expired (30 s).
+func TestAnAccountsTimeZoneChangeReachesTheCacheAtOnce(t *testing.T) {
+	env := edgetest.New(t)
+	ctx := context.Background()
+	in := env.Start(t, edgetest.Options{})
+	key, _ := env.Key(t, "acct_zone_change", edge.Secret, schemas.Live)
+	parsed, err := edge.ParseKey(key)
+	testenv.Must(t, err, "parse the key")
+	zone := func() string {
+		k, err := in.Cache.KeyByHash(ctx, parsed.Hash)
+		testenv.Must(t, err, "look the key up")
+		return k.AccountTimezone
+	}
+	if got := zone(); got != "UTC" {
+		t.Fatalf("zone %q before the change; want UTC", got)
+	}
+	_, err = env.PG.Pool.Exec(ctx, `UPDATE accounts SET timezone = 'Pacific/Auckland' WHERE id = $1`, "acct_zone_change")
+	testenv.Must(t, err, "change the zone")
+	env.Settle(t)
+	if got := zone(); got != "Pacific/Auckland" {
+		t.Fatalf("zone %q after the change; want Pacific/Auckland", got)
+	}
+}
+
 func TestARefusalUnderAPlanWithoutALinkPointsToTheFreeTiers(t *testing.T) {
 	env := edgetest.New(t)
 	in := env.Start(t, edgetest.Options{})

@@ -56,9 +56,14 @@ func (s *KeyStore) KeyByHash(ctx context.Context, hash [32]byte) (edge.Key, erro
 	var version int
 	var limits []byte
 	var upgrade string
+	var changesIn *float64
 	k, err := scanKey(s.pool.QueryRow(ctx, `
 		SELECT `+keyColumns+`, a.timezone, coalesce(p.id, s.plan_id, 'free'), coalesce(p.version, 0),
-			p.definition->'limits', coalesce(p.definition->>'upgrade_url', '')
+			p.definition->'limits', coalesce(p.definition->>'upgrade_url', ''),
+			-- The next start or end of any of the account's subscriptions:
+			-- the plan in force may change then, with no notification.
+			(SELECT extract(epoch FROM min(CASE WHEN starts_at > now() THEN starts_at ELSE ends_at END) - now())::float8
+			 FROM subscriptions WHERE account_id = k.account_id AND (starts_at > now() OR ends_at > now()))
 		FROM api_keys k
 		JOIN accounts a ON a.id = k.account_id
 		LEFT JOIN LATERAL (
@@ -70,7 +75,7 @@ func (s *KeyStore) KeyByHash(ctx context.Context, hash [32]byte) (edge.Key, erro
 			WHERE (s.plan_id IS NOT NULL AND id = s.plan_id AND version = s.plan_version)
 			   OR (s.plan_id IS NULL AND id = 'free')
 			ORDER BY version DESC LIMIT 1) p ON true
-		WHERE k.hash = $1`, hash[:]), &tz, &planID, &version, &limits, &upgrade)
+		WHERE k.hash = $1`, hash[:]), &tz, &planID, &version, &limits, &upgrade, &changesIn)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return edge.Key{}, edge.ErrKeyNotFound
 	}
@@ -79,6 +84,10 @@ func (s *KeyStore) KeyByHash(ctx context.Context, hash [32]byte) (edge.Key, erro
 	}
 	k.AccountTimezone = tz
 	k.Plan = edge.Plan{ID: planID, Version: version, UpgradeURL: upgrade}
+	if changesIn != nil {
+		// At least a microsecond: 0 would say that nothing is scheduled.
+		k.PlanChangesIn = max(time.Duration(*changesIn*float64(time.Second)), time.Microsecond)
+	}
 	if len(limits) > 0 && string(limits) != "null" {
 		if err := json.Unmarshal(limits, &k.Plan.Limits); err != nil {
 			return edge.Key{}, fmt.Errorf("plan %s v%d: limits: %w", planID, version, err)
