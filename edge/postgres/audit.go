@@ -3,6 +3,7 @@ package postgres
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"log/slog"
 	"sync"
 	"time"
@@ -39,7 +40,19 @@ type AuditWriter struct {
 	stop      chan struct{}
 	done      chan struct{}
 	once      sync.Once
+	// finalWait bounds how long Close keeps trying to write what is
+	// pending (finalFlushWait); closeErr is what it could not.
+	finalWait time.Duration
+	closeErr  error
 }
+
+// finalFlushWait is how long Close keeps trying to write the pending rows
+// while the database does not take them (a restart, a failover): a
+// stopping process has no later flush to leave them to.
+const finalFlushWait = 10 * time.Second
+
+// finalFlushRetry is the pause between two of those tries.
+const finalFlushRetry = 250 * time.Millisecond
 
 // MaxDistinct bounds the audit rows written per flush interval.
 const MaxDistinct = 1000
@@ -75,7 +88,7 @@ func NewAuditWriter(pool *pgxpool.Pool, interval time.Duration, reg prometheus.R
 		writeErrs: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "tollgate_edge_audit_write_errors_total", Help: "Failed writes of audit rows (their rows are kept for the next flush).",
 		}),
-		stop: make(chan struct{}), done: make(chan struct{}),
+		stop: make(chan struct{}), done: make(chan struct{}), finalWait: finalFlushWait,
 	}
 	if reg != nil {
 		for _, c := range []prometheus.Collector{w.rows, w.dropped, w.writeErrs} {
@@ -132,22 +145,43 @@ func (w *AuditWriter) run() {
 		case <-t.C:
 			w.Flush(context.Background())
 		case <-w.stop:
-			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-			w.Flush(ctx)
-			cancel()
+			w.closeErr = w.finalFlush()
 			return
 		}
 	}
 }
 
-// Flush writes the pending rows now.
-func (w *AuditWriter) Flush(ctx context.Context) {
+// finalFlush writes the pending rows, trying again until finalWait has
+// passed, and reports how many it could not.
+func (w *AuditWriter) finalFlush() error {
+	ctx, cancel := context.WithTimeout(context.Background(), w.finalWait)
+	defer cancel()
+	for {
+		err := w.Flush(ctx)
+		if err == nil {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			w.mu.Lock()
+			lost := len(w.pending)
+			w.mu.Unlock()
+			w.log.Error("audit rows not written at shutdown: the database did not take them", "rows", lost, "err", err)
+			return fmt.Errorf("%d audit rows not written: %w", lost, err)
+		case <-time.After(finalFlushRetry):
+		}
+	}
+}
+
+// Flush writes the pending rows now. When the write fails, they are kept
+// for the next flush and the error is returned.
+func (w *AuditWriter) Flush(ctx context.Context) error {
 	w.mu.Lock()
 	pending := w.pending
 	w.pending, w.byRemote = map[foldKey]*folded{}, map[string]int{}
 	w.mu.Unlock()
 	if len(pending) == 0 {
-		return
+		return nil
 	}
 	batch := &pgx.Batch{}
 	const q = `INSERT INTO audit_log (at, actor, action, account_id, key_id, key_prefix, remote_addr, reason, details)
@@ -166,14 +200,17 @@ func (w *AuditWriter) Flush(ctx context.Context) {
 			w.add(k, *f)
 		}
 		w.mu.Unlock()
-		return
+		return fmt.Errorf("write audit rows: %w", err)
 	}
 	w.rows.Add(float64(batch.Len()))
+	return nil
 }
 
-// Close flushes what is pending and stops the writer.
+// Close flushes what is pending and stops the writer. While the database
+// does not take the rows, it keeps trying for up to 10 s (finalFlushWait),
+// then reports how many it could not write.
 func (w *AuditWriter) Close() error {
 	w.once.Do(func() { close(w.stop) })
 	<-w.done
-	return nil
+	return w.closeErr
 }

@@ -2,14 +2,21 @@ package postgres_test
 
 import (
 	"context"
+	"database/sql"
 	"fmt"
 	"log/slog"
+	"strings"
 	"testing"
 	"time"
+
+	_ "github.com/jackc/pgx/v5/stdlib"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/tollgate-dev/tollgate/edge"
 	edgepg "github.com/tollgate-dev/tollgate/edge/postgres"
 	"github.com/tollgate-dev/tollgate/internal/testenv"
+	"github.com/tollgate-dev/tollgate/schemas"
 )
 
 func failure(remote, prefix string) edge.AuditEvent {
@@ -60,4 +67,76 @@ func TestAuditWriter(t *testing.T) {
 			t.Errorf("after the next flush: %d rows for %d failures, want 1 row for 5", rows, total)
 		}
 	})
+}
+
+// Failed authentications still pending when the process stops are written
+// by Close even when the database is down as it starts: Close keeps trying
+// until it is back (within 10 s), and says how many rows it lost when it
+// is not. Before, one failed try lost them.
+func TestCloseWritesPendingAuditRowsOnceTheDatabaseIsBack(t *testing.T) {
+	inst := testenv.PrivatePostgres(t)
+	ctx := context.Background()
+	db, err := sql.Open("pgx", inst.Addr)
+	testenv.Must(t, err, "open the private database")
+	_, err = schemas.MigratePostgres(ctx, db)
+	testenv.Must(t, err, "migrate the private database")
+	_ = db.Close()
+	pool, err := pgxpool.New(ctx, inst.Addr)
+	testenv.Must(t, err, "pool")
+	defer pool.Close()
+	count := func(t *testing.T, remote string) (rows, total int) {
+		t.Helper()
+		testenv.Must(t, pool.QueryRow(ctx, `SELECT count(*), coalesce(sum((details->>'count')::int), 0) FROM audit_log WHERE remote_addr = $1`, remote).
+			Scan(&rows, &total), "count audit rows")
+		return rows, total
+	}
+	reg := prometheus.NewRegistry()
+	w, err := edgepg.NewAuditWriter(pool, time.Hour, reg, slog.New(slog.DiscardHandler))
+	testenv.Must(t, err, "new audit writer")
+	for range 7 {
+		w.Record(failure("192.0.2.44", "sk_live_Late"))
+	}
+	inst.Stop()
+	closed := make(chan error, 1)
+	go func() { closed <- w.Close() }()
+	// Close's first tries fail while the database is down.
+	for deadline := time.Now().Add(5 * time.Second); failedWrites(t, reg) == 0; time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("no failed write while the database was down")
+		}
+	}
+	inst.Start()
+	select {
+	case err := <-closed:
+		testenv.Must(t, err, "close")
+	case <-time.After(20 * time.Second):
+		t.Fatal("Close still running 20 s on")
+	}
+	if rows, total := count(t, "192.0.2.44"); rows != 1 || total != 7 {
+		t.Fatalf("after Close: %d rows for %d failures; want 1 row for 7", rows, total)
+	}
+
+	// A database that does not come back: Close gives up and says so.
+	w, err = edgepg.NewAuditWriter(pool, time.Hour, nil, slog.New(slog.DiscardHandler))
+	testenv.Must(t, err, "new audit writer")
+	edgepg.SetFinalWait(w, time.Second)
+	w.Record(failure("192.0.2.45", "sk_live_Lost"))
+	inst.Stop()
+	if err := w.Close(); err == nil || !strings.Contains(err.Error(), "1 audit rows not written") {
+		t.Fatalf("Close with the database down: %v; want 1 audit rows not written", err)
+	}
+}
+
+// failedWrites is the writer's tollgate_edge_audit_write_errors_total in reg.
+func failedWrites(t *testing.T, reg *prometheus.Registry) float64 {
+	t.Helper()
+	mfs, err := reg.Gather()
+	testenv.Must(t, err, "gather")
+	for _, mf := range mfs {
+		if mf.GetName() == "tollgate_edge_audit_write_errors_total" {
+			return mf.GetMetric()[0].GetCounter().GetValue()
+		}
+	}
+	t.Fatal("no tollgate_edge_audit_write_errors_total")
+	return 0
 }
