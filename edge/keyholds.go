@@ -33,7 +33,8 @@ func HoldsAnswer(contentLength int64) bool {
 
 // HoldsUpload reports whether a call whose request body has
 // contentLength (negative: streamed with no length given) is held under
-// its key from its admission to the end of its answer, by the rule
+// its key from its admission until its answer begins (the fasthttp front)
+// or ends (the net/http handler), by the rule
 // HoldsAnswer applies to answers: a streamed or long upload goes on for as
 // long as its caller keeps sending, and the wait for the answer after it
 // for as long as the upstream takes. A body that is not given

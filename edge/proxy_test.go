@@ -1626,7 +1626,7 @@ func TestAStreamedUploadEndsWithItsKey(t *testing.T) {
 		at   atomic.Value // time.Time the answer (or the end) came
 	}
 	const long = 4 << 20
-	start := func(t *testing.T, url, path, key string, length int64) *upload {
+	start := func(t *testing.T, url, path, key string, length int64, stall bool) *upload {
 		t.Helper()
 		conn, err := net.Dial("tcp", strings.TrimPrefix(url, "http://"))
 		testenv.Must(t, err, "dial the edge")
@@ -1660,12 +1660,16 @@ func TestAStreamedUploadEndsWithItsKey(t *testing.T) {
 				return err == nil
 			}
 			// 16 KiB at once, past what the fasthttp front reads of a
-			// body before it admits the call (8 KiB): the revocation must
-			// land after the admission.
+			// body with a length before it admits the call (8 KiB): the
+			// revocation must land after the admission.
 			if !write(bytes.Repeat(kib, 16)) {
 				return
 			}
 			u.sent.Add(16 << 10)
+			if stall {
+				<-u.stop // and never send the rest: the caller holds its connection open, silent
+				return
+			}
 			for {
 				select {
 				case <-u.stop:
@@ -1694,10 +1698,14 @@ func TestAStreamedUploadEndsWithItsKey(t *testing.T) {
 		// finished: the body is whole before the revocation, which lands
 		// in the wait for the answer.
 		finished bool
+		// stalled: the caller stops sending before the revocation, but
+		// keeps its connection open.
+		stalled bool
 	}{
-		{"a chunked upload", "/upload", 0, false},
-		{"an upload longer than LongAnswerBytes", "/upload", long, false},
-		{"the wait for the answer after a chunked upload", "/slow", 0, true},
+		{"a chunked upload", "/upload", 0, false, false},
+		{"an upload longer than LongAnswerBytes", "/upload", long, false, false},
+		{"the wait for the answer after a chunked upload", "/slow", 0, true, false},
+		{"a chunked upload whose caller stopped sending", "/upload", 0, false, true},
 	}
 	for _, fr := range fronts {
 		for _, c := range cases {
@@ -1708,8 +1716,8 @@ func TestAStreamedUploadEndsWithItsKey(t *testing.T) {
 				}})
 				key, id := env.Key(t, "acct_upload", edge.Secret, schemas.Live)
 				other, _ := env.Key(t, "acct_upload_other", edge.Secret, schemas.Live)
-				cut := start(t, in.URL, c.path, key, c.length)
-				goesOn := start(t, in.URL, "/upload", other, 0)
+				cut := start(t, in.URL, c.path, key, c.length, c.stalled)
+				goesOn := start(t, in.URL, "/upload", other, 0, false)
 				if c.finished {
 					close(cut.stop)
 				}

@@ -1024,11 +1024,15 @@ type countingBody struct {
 	io.ReadCloser
 	n     int64
 	watch *IdleWatch
+	eof   atomic.Bool // the whole body was read
 }
 
 func (b *countingBody) Read(p []byte) (int, error) {
 	n, err := b.ReadCloser.Read(p)
 	b.n += int64(n)
+	if err == io.EOF {
+		b.eof.Store(true)
+	}
 	if n > 0 && b.watch != nil {
 		b.watch.Touch()
 	}
@@ -1066,11 +1070,16 @@ func (s *Server) proxy(c echo.Context) error {
 	}
 	ctx, cancel := context.WithCancelCause(base)
 	defer cancel(nil)
-	watch := NewIdleWatch(s.cfg.UpstreamTimeout, func() { cancel(context.DeadlineExceeded) })
-	defer watch.Stop()
-	body.watch = watch
 	epoch, _ := c.Get(keyEpochCtx).(uint64)
-	pc := &proxiedCall{key: k, epoch: epoch, watch: watch, cancel: cancel}
+	pc := &proxiedCall{key: k, epoch: epoch, body: body}
+	pc.cancel = func(cause error) { cancel(cause); pc.stopReading() }
+	if req.ContentLength != 0 && !IsUpgrade(req.Header) {
+		pc.caller = http.NewResponseController(resp)
+	}
+	defer pc.done()
+	watch := NewIdleWatch(s.cfg.UpstreamTimeout, func() { pc.cancel(context.DeadlineExceeded) })
+	defer watch.Stop()
+	body.watch, pc.watch = watch, watch
 	ctx = context.WithValue(ctx, proxiedCallKey{}, pc)
 	ctx = httptrace.WithClientTrace(ctx, &httptrace.ClientTrace{
 		// A dial starts with the name's lookup, if the upstream is named
@@ -1160,10 +1169,41 @@ type proxiedCall struct {
 	// release forgets the hold the call is under, once holdCall took
 	// one.
 	release func()
+	// caller, for a call with a body, ends a read of it that waits for
+	// bytes (stopReading): when the call's context ends (its key ended,
+	// upstream_timeout), net/http's transport waits for its body writer,
+	// blocked in that read, before it gives up, so a caller that stopped
+	// sending would hold the call, unanswered, until it sent again. mu and
+	// over order that with the handler's return, so that the next call on
+	// the connection never finds the deadline.
+	caller *http.ResponseController
+	body   *countingBody
+	mu     sync.Mutex
+	over   bool
 	// connecting is set once the call began to dial the upstream (its
 	// name's lookup included) or was given a connection: a call that times out without it waited for a free
 	// one (edge.upstream_max_conns).
 	connecting atomic.Bool
+}
+
+// stopReading ends a read of the caller's body that waits for bytes,
+// unless the body was read whole or the call is over.
+func (pc *proxiedCall) stopReading() {
+	if pc.caller == nil || pc.body.eof.Load() {
+		return
+	}
+	pc.mu.Lock()
+	defer pc.mu.Unlock()
+	if !pc.over {
+		_ = pc.caller.SetReadDeadline(time.Now())
+	}
+}
+
+// done marks the call over for stopReading.
+func (pc *proxiedCall) done() {
+	pc.mu.Lock()
+	pc.over = true
+	pc.mu.Unlock()
 }
 
 // proxiedCallKey is the context key of a call's proxiedCall.
