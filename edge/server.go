@@ -985,11 +985,10 @@ func (s *Server) newProxy(upstream string) (*httputil.ReverseProxy, error) {
 			if errors.Is(context.Cause(r.Context()), ErrKeyEnded) {
 				// A held upload whose key ended (HoldsUpload): the rest of
 				// the body is not read, so the connection goes after this
-				// answer. The read deadline makes net/http give up the rest
-				// at once, where it would wait for up to 256 KiB more.
+				// answer (the hold's end already ended the read waiting on
+				// the caller: proxiedCall.stopReading).
 				w.Header().Set("Connection", "close")
 				writeAPIError(w, KeyEnded())
-				_ = http.NewResponseController(w).SetReadDeadline(time.Now())
 				return
 			}
 			ae := NewAPIError(http.StatusBadGateway, TypeAPI, "upstream_unavailable", "The upstream service could not be reached.")
