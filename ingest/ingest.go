@@ -522,14 +522,24 @@ type idSecond struct {
 // whichever ingest process and clock read it: an event is never both a
 // dead letter and counted, nor landed in raw rows but not in rollups.
 func Split(msgs []Message, now time.Time, maxLateness time.Duration) (events, late []Record, rejected []Rejected, dups int) {
-	return splitInto(nil, msgs, now, maxLateness)
+	return splitInto(nil, msgs, now, maxLateness, 0)
+}
+
+// roomFor is the records a new buffer for a batch of n has room for: a
+// quarter more, up to batchSize (but never less than n).
+func roomFor(n, batchSize int) int {
+	return max(n, min(n+n/4, batchSize))
 }
 
 // splitInto is Split decoding into into's memory when it has room for
 // every message and the batch fills at least half of it: a small batch in
 // a large buffer would hold that memory while it lands, unweighed by
-// MaxInFlightRecords (the buffer is dropped instead).
-func splitInto(into []Record, msgs []Message, now time.Time, maxLateness time.Duration) (events, late []Record, rejected []Rejected, dups int) {
+// MaxInFlightRecords (the buffer is dropped instead). A new buffer gets a
+// quarter more room than its batch, up to batchSize, so the next batches
+// of about its size fit in it once it is free: batches cut by BatchWait
+// vary in size, and with room for only its own, a buffer fitted barely
+// half of them, and every other batch took fresh memory.
+func splitInto(into []Record, msgs []Message, now time.Time, maxLateness time.Duration, batchSize int) (events, late []Record, rejected []Rejected, dups int) {
 	// seen holds each kept row's type under its id and second: a key
 	// without a string hashes and compares as one block of memory, and
 	// that is most of a lookup's cost. The rare id and second seen with a
@@ -539,7 +549,7 @@ func splitInto(into []Record, msgs []Message, now time.Time, maxLateness time.Du
 	if cap(into) >= len(msgs) && len(msgs) >= cap(into)/2 {
 		events = into[:0]
 	} else {
-		events = make([]Record, 0, len(msgs))
+		events = make([]Record, 0, roomFor(len(msgs), batchSize))
 	}
 	var strs schemas.Interner
 	for _, m := range msgs {
@@ -592,7 +602,7 @@ func splitInto(into []Record, msgs []Message, now time.Time, maxLateness time.Du
 
 // prepare decodes a batch and writes its dead letters.
 func (in *Ingester) prepare(ctx context.Context, msgs []Message, into []Record) (*batch, error) {
-	events, late, rejected, dups := splitInto(into, msgs, in.now(), in.cfg.MaxLateness)
+	events, late, rejected, dups := splitInto(into, msgs, in.now(), in.cfg.MaxLateness, in.cfg.BatchSize)
 	in.m.batchSize.Observe(float64(len(msgs)))
 	if len(rejected) > 0 {
 		if err := in.retry(ctx, "dead-letter", func(c context.Context) error { return in.dlq.Reject(c, rejected) }); err != nil {

@@ -38,15 +38,16 @@ const insertSQL = `INSERT INTO usage_events (event_id, schema_version, account_i
 // Insert writes records in one INSERT, built column by column: one
 // conversion per column instead of one reflective append per row. The
 // rows go to the server in blocks of blockRows, each flushed before the
-// next is appended: the client's column buffers are emptied, not freed, by
-// a flush, so they grow to one block's size once per INSERT and are reused
-// for its later blocks, where one block of a whole batch grew them to the
-// batch's size, doubling from nothing, every time (13 %
-// of the ingest process's CPU in a profile, most of it copying). The server
-// squashes an INSERT's blocks into one part (min_insert_block_size_rows),
-// so the table gets no more parts for it. An INSERT cut off halfway may
-// leave some blocks written; the batch is then retried whole and its
-// repeats counted once, like any redelivery (docs/ingest.md).
+// next is filled: the client's column buffers are emptied, not freed, by a
+// flush, and so are this side's, so both grow to one block's size once per
+// INSERT and are reused for its later blocks. Columns of a whole batch,
+// built fresh for every INSERT, were tens of megabytes of new memory each
+// time, and the page faults of touching it cost more CPU than filling it.
+// The server squashes an INSERT's blocks into one part
+// (min_insert_block_size_rows), so the table gets no more parts for it. An
+// INSERT cut off halfway may leave some blocks written; the batch is then
+// retried whole and its repeats counted once, like any redelivery
+// (docs/ingest.md).
 func (s *Sink) Insert(ctx context.Context, groups ...[]ingest.Record) error {
 	b, err := s.conn.PrepareBatch(ctx, insertSQL)
 	if err != nil {
@@ -57,27 +58,42 @@ func (s *Sink) Insert(ctx context.Context, groups ...[]ingest.Record) error {
 	for _, g := range groups {
 		n += len(g)
 	}
-	c := newRawColumns(n, s.now().UTC().Truncate(time.Second))
+	c := newRawColumns(min(n, blockRows), s.now().UTC().Truncate(time.Second))
+	sent := 0
 	for _, g := range groups {
 		for i := range g {
 			c.add(&g[i])
+			if len(c.ids) < blockRows {
+				continue
+			}
+			if err := c.appendTo(b); err != nil {
+				return err
+			}
+			if sent += len(c.ids); sent < n {
+				if err := b.Flush(); err != nil {
+					return fmt.Errorf("insert raw events: %w", err)
+				}
+			}
+			c.reset()
 		}
 	}
-	for lo := 0; lo < n; lo += blockRows {
-		hi := min(n, lo+blockRows)
-		for i, col := range c.rows(lo, hi) {
-			if err := appendColumn(b.Column(i), col); err != nil {
-				return fmt.Errorf("append column %d of the raw events: %w", i, err)
-			}
-		}
-		if hi < n {
-			if err := b.Flush(); err != nil {
-				return fmt.Errorf("insert raw events: %w", err)
-			}
+	if len(c.ids) > 0 {
+		if err := c.appendTo(b); err != nil {
+			return err
 		}
 	}
 	if err := b.Send(); err != nil {
 		return fmt.Errorf("insert raw events: %w", err)
+	}
+	return nil
+}
+
+// appendTo appends the block's rows to b's columns.
+func (c *rawColumns) appendTo(b driver.Batch) error {
+	for i, col := range c.columns() {
+		if err := appendColumn(b.Column(i), col); err != nil {
+			return fmt.Errorf("append column %d of the raw events: %w", i, err)
+		}
 	}
 	return nil
 }
@@ -156,13 +172,22 @@ func appendColumn(c driver.BatchColumn, col any) error {
 // blockRows is the rows of one block of an INSERT (Insert).
 const blockRows = 4096
 
-// rows lists rows [lo, hi) of the columns, in insertSQL's order.
-func (c *rawColumns) rows(lo, hi int) []any {
-	return []any{c.ids[lo:hi], c.versions[lo:hi], c.accounts[lo:hi], c.envs[lo:hi], c.keys[lo:hi],
-		c.types[lo:hi], c.times[lo:hi], c.micros[lo:hi], c.routes[lo:hi], c.methods[lo:hi],
-		c.statuses[lo:hi], c.latency[lo:hi], c.reqBytes[lo:hi], c.respBytes[lo:hi], c.units[lo:hi],
-		c.requestIDs[lo:hi], c.clientID[lo:hi], c.dimKeys[lo:hi], c.dimValues[lo:hi],
-		c.partitions[lo:hi], c.offsets[lo:hi], c.ingested[lo:hi]}
+// columns lists the block's columns, in insertSQL's order.
+func (c *rawColumns) columns() []any {
+	return []any{c.ids, c.versions, c.accounts, c.envs, c.keys, c.types, c.times, c.micros, c.routes,
+		c.methods, c.statuses, c.latency, c.reqBytes, c.respBytes, c.units, c.requestIDs, c.clientID,
+		c.dimKeys, c.dimValues, c.partitions, c.offsets, c.ingested}
+}
+
+// reset empties the block for the next one, keeping its memory. The
+// strings and arrays it referred to are left for the next rows to
+// overwrite: they are the batch's, which outlives the INSERT.
+func (c *rawColumns) reset() {
+	c.ids, c.versions, c.accounts, c.envs, c.keys = c.ids[:0], c.versions[:0], c.accounts[:0], c.envs[:0], c.keys[:0]
+	c.types, c.times, c.micros, c.routes, c.methods = c.types[:0], c.times[:0], c.micros[:0], c.routes[:0], c.methods[:0]
+	c.statuses, c.latency, c.reqBytes, c.respBytes = c.statuses[:0], c.latency[:0], c.reqBytes[:0], c.respBytes[:0]
+	c.units, c.requestIDs, c.clientID, c.dimKeys = c.units[:0], c.requestIDs[:0], c.clientID[:0], c.dimKeys[:0]
+	c.dimValues, c.partitions, c.offsets, c.ingested = c.dimValues[:0], c.partitions[:0], c.offsets[:0], c.ingested[:0]
 }
 
 const insertLateSQL = `INSERT INTO late_events (event_id, account_id, environment, key_id, event_type,
