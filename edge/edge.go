@@ -427,6 +427,19 @@ func (c *Config) Validate() error {
 	return errors.Join(errs...)
 }
 
+// maxDial is the longest a connection to the upstream may take to open,
+// when upstream_timeout is longer.
+const maxDial = 5 * time.Second
+
+// UpstreamDialTimeout bounds opening a connection to the upstream:
+// upstream_timeout, or 5 s when that is longer. An upstream that never
+// completes the connection is a silence like any other, so it never
+// holds a call past upstream_timeout; and one that cannot be reached is
+// told in seconds, not in a long upstream_timeout.
+func (c *Config) UpstreamDialTimeout() time.Duration {
+	return min(c.UpstreamTimeout, maxDial)
+}
+
 // UpstreamTLS is the TLS configuration for https upstreams: the system's
 // roots, plus UpstreamCAFile's when set.
 func (c *Config) UpstreamTLS() (*tls.Config, error) {

@@ -914,7 +914,7 @@ func (s *Server) newProxy(upstream string) (*httputil.ReverseProxy, error) {
 	transport := &http.Transport{
 		TLSClientConfig:     tlsCfg,
 		Proxy:               nil,
-		DialContext:         (&net.Dialer{Timeout: 5 * time.Second, KeepAlive: 30 * time.Second, Resolver: s.cfg.upstreamResolver}).DialContext,
+		DialContext:         (&net.Dialer{Timeout: s.cfg.UpstreamDialTimeout(), KeepAlive: 30 * time.Second, Resolver: s.cfg.upstreamResolver}).DialContext,
 		MaxIdleConns:        s.cfg.UpstreamMaxConns,
 		MaxIdleConnsPerHost: s.cfg.UpstreamMaxConns,
 		MaxConnsPerHost:     s.cfg.UpstreamMaxConns,

@@ -66,6 +66,8 @@ type upstream struct {
 	serverName string
 	// tls is how an https upstream is spoken to (edge.upstream_ca_file).
 	tls *tls.Config
+	// dial bounds opening a connection to it (Config.UpstreamDialTimeout).
+	dialTimeout time.Duration
 	// host is the upstream URL's host[:port], the Host of a call that
 	// came without one.
 	host string
@@ -89,12 +91,12 @@ func New(s *edge.Server, log *slog.Logger) (*Front, error) {
 	if f.tls, err = cfg.ServerTLS(); err != nil {
 		return nil, err
 	}
-	if f.live, err = newUpstream(cfg.Upstream, cfg.UpstreamTimeout, cfg.UpstreamIdleTimeout, cfg.UpstreamMaxConns, tlsCfg); err != nil {
+	if f.live, err = newUpstream(cfg.Upstream, cfg.UpstreamTimeout, cfg.UpstreamDialTimeout(), cfg.UpstreamIdleTimeout, cfg.UpstreamMaxConns, tlsCfg); err != nil {
 		return nil, err
 	}
 	f.sandbox = f.live
 	if cfg.SandboxUpstream != "" && cfg.SandboxUpstream != cfg.Upstream {
-		if f.sandbox, err = newUpstream(cfg.SandboxUpstream, cfg.UpstreamTimeout, cfg.UpstreamIdleTimeout, cfg.UpstreamMaxConns, tlsCfg); err != nil {
+		if f.sandbox, err = newUpstream(cfg.SandboxUpstream, cfg.UpstreamTimeout, cfg.UpstreamDialTimeout(), cfg.UpstreamIdleTimeout, cfg.UpstreamMaxConns, tlsCfg); err != nil {
 			return nil, err
 		}
 	}
@@ -125,7 +127,7 @@ func New(s *edge.Server, log *slog.Logger) (*Front, error) {
 	return f, nil
 }
 
-func newUpstream(raw string, timeout, idle time.Duration, maxConns int, tlsCfg *tls.Config) (*upstream, error) {
+func newUpstream(raw string, timeout, dial, idle time.Duration, maxConns int, tlsCfg *tls.Config) (*upstream, error) {
 	u, err := url.Parse(raw)
 	if err != nil {
 		return nil, fmt.Errorf("parse upstream %q: %w", raw, err)
@@ -144,10 +146,11 @@ func newUpstream(raw string, timeout, idle time.Duration, maxConns int, tlsCfg *
 	tlsCfg = tlsCfg.Clone()
 	tlsCfg.ServerName = u.Hostname()
 	return &upstream{
-		tls:        tlsCfg,
-		serverName: u.Hostname(),
-		host:       u.Host,
-		base:       strings.TrimSuffix(u.EscapedPath(), "/"),
+		tls:         tlsCfg,
+		dialTimeout: dial,
+		serverName:  u.Hostname(),
+		host:        u.Host,
+		base:        strings.TrimSuffix(u.EscapedPath(), "/"),
 		hc: &fh.HostClient{
 			Addr:      addr,
 			IsTLS:     u.Scheme == "https",
@@ -155,7 +158,7 @@ func newUpstream(raw string, timeout, idle time.Duration, maxConns int, tlsCfg *
 			// upstream_timeout bounds each silence of the upstream, not the
 			// whole exchange: see silentConn.
 			Dial: func(addr string) (net.Conn, error) {
-				c, err := fh.DialTimeout(addr, 5*time.Second)
+				c, err := fh.DialTimeout(addr, dial)
 				if err != nil {
 					return nil, err
 				}

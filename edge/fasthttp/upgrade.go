@@ -243,7 +243,7 @@ func writeHeader(b *bytes.Buffer, k, v string) {
 // dial opens a connection of its own to the upstream, with TLS when the
 // upstream is https.
 func (u *upstream) dial(timeout time.Duration) (net.Conn, error) {
-	conn, err := fh.DialTimeout(u.hc.Addr, 5*time.Second)
+	conn, err := fh.DialTimeout(u.hc.Addr, u.dialTimeout)
 	if err != nil {
 		return nil, err
 	}
