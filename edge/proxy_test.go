@@ -1486,6 +1486,29 @@ func TestResponseTrailersAreForwarded(t *testing.T) {
 			}
 		})
 	}
+	// A field the upstream's Connection header names describes its
+	// connection to the edge, in the trailer as in the head: neither
+	// reaches the caller, whichever Connection line names it. (Not with
+	// "close" among the names on the net/http handler: Go's transport
+	// drops such a Connection header whole before the edge sees it.)
+	hop := rawUpstream(t, func(conn net.Conn, _ *bufio.Reader) {
+		_, _ = io.WriteString(conn, "HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Hop\r\nConnection: x-link-stats\r\n"+
+			"X-Hop: head\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n"+
+			"X-Hop: trailer\r\nX-Link-Stats: rtt=1\r\nX-Checksum: final\r\n\r\n")
+	})
+	for _, fr := range fronts {
+		t.Run(fr.name+"/named in Connection", func(t *testing.T) {
+			in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP, Config: func(c *edge.Config) {
+				c.Upstream, c.SandboxUpstream = hop, ""
+			}})
+			key, _ := env.Key(t, "acct_resp_trailers", edge.Secret, schemas.Live)
+			resp := edgetest.Do(t, "GET", in.URL+"/v1/download", key, nil)
+			want := http.Header{"X-Checksum": {"final"}}
+			if string(resp.Body) != "abc" || resp.Header.Get("X-Hop") != "" || fmt.Sprint(resp.Trailer) != fmt.Sprint(want) {
+				t.Errorf("body %q, head X-Hop %q, trailers %v; want abc, none, %v", resp.Body, resp.Header.Get("X-Hop"), resp.Trailer, want)
+			}
+		})
+	}
 }
 
 // An answer that streams on (an event stream) ends with its key, as a

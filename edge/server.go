@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"net/http/httptrace"
 	"net/http/httputil"
+	"net/textproto"
 	"net/url"
 	"slices"
 	"strconv"
@@ -948,7 +949,7 @@ func (s *Server) newProxy(upstream string) (*httputil.ReverseProxy, error) {
 			r.Out.Header["X-Forwarded-For"] = r.In.Header["X-Forwarded-For"]
 			r.SetXForwarded()
 		},
-		Transport:  transport,
+		Transport:  connNamedTransport{transport},
 		BufferPool: s.buffers,
 		ModifyResponse: func(r *http.Response) error {
 			for name := range r.Header {
@@ -1295,6 +1296,52 @@ func (b touchingBody) Read(p []byte) (int, error) {
 	}
 	if err == io.EOF {
 		keepTrailers(b.resp.Trailer, b.cors)
+	}
+	return n, err
+}
+
+// connNamedTransport keeps the trailers of an answer whose Connection
+// header names fields from the caller: they describe the upstream's
+// connection, in the trailer as in the head. ReverseProxy drops the named
+// fields from the head, but only after the Connection header is gone
+// would the trailers come, so the names are taken here, as the answer
+// arrives.
+type connNamedTransport struct{ http.RoundTripper }
+
+func (t connNamedTransport) RoundTrip(r *http.Request) (*http.Response, error) {
+	res, err := t.RoundTripper.RoundTrip(r)
+	if err != nil || len(res.Header["Connection"]) == 0 || res.StatusCode == http.StatusSwitchingProtocols {
+		return res, err // a tunnel's body is its connection, left as it is
+	}
+	var named []string
+	for _, line := range res.Header["Connection"] {
+		for name := range strings.SplitSeq(line, ",") {
+			if name = textproto.TrimString(name); name != "" && !strings.EqualFold(name, "close") && !strings.EqualFold(name, "keep-alive") {
+				named = append(named, name)
+			}
+		}
+	}
+	if len(named) > 0 {
+		res.Body = connNamedBody{ReadCloser: res.Body, res: res, named: named}
+	}
+	return res, nil
+}
+
+// connNamedBody drops its answer's trailers named in named when it ends.
+type connNamedBody struct {
+	io.ReadCloser
+	res   *http.Response
+	named []string
+}
+
+func (b connNamedBody) Read(p []byte) (int, error) {
+	n, err := b.ReadCloser.Read(p)
+	if err == io.EOF {
+		for name := range b.res.Trailer {
+			if slices.ContainsFunc(b.named, func(n string) bool { return strings.EqualFold(n, name) }) {
+				delete(b.res.Trailer, name)
+			}
+		}
 	}
 	return n, err
 }

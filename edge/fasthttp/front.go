@@ -24,6 +24,7 @@ import (
 	"net"
 	"net/netip"
 	"net/url"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -459,7 +460,10 @@ func stripRequestHopByHop(h *fh.RequestHeader) {
 	}
 }
 
-func stripResponseHopByHop(h *fh.ResponseHeader) {
+// stripResponseHopByHop also returns the names the Connection header named
+// (nil for most answers): they describe the upstream's connection in the
+// trailer too (passTrailers).
+func stripResponseHopByHop(h *fh.ResponseHeader) (named []string) {
 	var found bool
 	for k := range h.All() {
 		if found = isHopByHop(k) || string(k) == fh.HeaderConnection; found {
@@ -467,15 +471,15 @@ func stripResponseHopByHop(h *fh.ResponseHeader) {
 		}
 	}
 	if found {
-		dropHopByHop(h)
+		return dropHopByHop(h)
 	}
+	return nil
 }
 
-func dropHopByHop(h headers) {
+func dropHopByHop(h headers) (named []string) {
 	// Every Connection line counts: a second one may name a header too.
 	// The names are copied out before any is deleted, since deleting moves
 	// the values PeekAll points into.
-	var named []string
 	for _, c := range h.PeekAll(fh.HeaderConnection) {
 		for _, name := range strings.Split(string(c), ",") {
 			if name = strings.TrimSpace(name); name != "" && !strings.EqualFold(name, "close") && !strings.EqualFold(name, "keep-alive") {
@@ -489,6 +493,7 @@ func dropHopByHop(h headers) {
 	for _, name := range hopByHop {
 		h.Del(name)
 	}
+	return named
 }
 
 // setIdentity drops whatever the caller sent under the edge's reserved
@@ -772,7 +777,7 @@ func (f *Front) proxy(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, st
 	// a name the head also carries would have its head values moved into
 	// the trailer by fasthttp (the edge's own Vary: Origin among them).
 	chunked := resp.Header.ContentLength() == -1 && !ctx.IsHead()
-	stripResponseHopByHop(&resp.Header)
+	connNamed := stripResponseHopByHop(&resp.Header)
 	for k, v := range resp.Header.All() {
 		switch string(k) {
 		case fh.HeaderContentLength, fh.HeaderTransferEncoding, fh.HeaderDate, fh.HeaderConnection:
@@ -813,7 +818,7 @@ func (f *Front) proxy(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, st
 	}
 	x.body = responseBody{r: bs, resp: resp, done: x}
 	if chunked {
-		x.body.trailers, x.body.cors = &ctx.Response.Header, f.cors != nil
+		x.body.trailers, x.body.cors, x.body.connNamed = &ctx.Response.Header, f.cors != nil, connNamed
 	}
 	f.holdLongAnswer(ctx, adm, call.RequestID, &x.body, int64(size))
 	ctx.Response.SetBodyStream(&x.body, size)
@@ -980,6 +985,9 @@ type responseBody struct {
 	// them after the last chunk.
 	trailers *fh.ResponseHeader
 	cors     bool
+	// connNamed are the names the upstream's Connection header named:
+	// not passed on as trailers either.
+	connNamed []string
 	// release forgets the hold a long answer is under (edge.HoldsAnswer),
 	// if any; ended is set once its key ended it, and mu orders that with
 	// Close, so that a connection is never closed under the next call on
@@ -1018,7 +1026,7 @@ func (b *responseBody) Read(p []byte) (int, error) {
 	n, err := b.r.Read(p)
 	b.n += int64(n)
 	if err == io.EOF && b.trailers != nil {
-		passTrailers(b.trailers, &b.resp.Header, b.cors)
+		passTrailers(b.trailers, &b.resp.Header, b.cors, b.connNamed)
 		b.trailers = nil
 	}
 	return n, err
@@ -1028,14 +1036,17 @@ func (b *responseBody) Read(p []byte) (int, error) {
 // caller gets (edge.KeepsResponseTrailer) to the caller's answer (to),
 // whose head is out already: marking a name as a trailer then announces
 // nothing and moves no head value. Only the trailer section is read: a
-// field of the same name in the upstream's head stays there.
-func passTrailers(to, from *fh.ResponseHeader, cors bool) {
+// field of the same name in the upstream's head stays there. Names the
+// upstream's Connection header named (connNamed) are not passed on.
+func passTrailers(to, from *fh.ResponseHeader, cors bool, connNamed []string) {
 	section := from.TrailerHeader() // "Name: value\r\n" lines, then "\r\n"
 	for len(section) > 0 {
 		line, rest, _ := bytes.Cut(section, []byte("\r\n"))
 		section = rest
 		name, value, ok := bytes.Cut(line, []byte(": "))
-		if !ok || !edge.KeepsResponseTrailer(string(name), cors) {
+		if !ok || !edge.KeepsResponseTrailer(string(name), cors) || slices.ContainsFunc(connNamed, func(n string) bool {
+			return strings.EqualFold(n, string(name))
+		}) {
 			continue
 		}
 		if !isTrailer(to, name) {
