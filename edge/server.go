@@ -993,7 +993,11 @@ func (s *Server) newProxy(upstream string) (*httputil.ReverseProxy, error) {
 				return
 			}
 			ae := NewAPIError(http.StatusBadGateway, TypeAPI, "upstream_unavailable", "The upstream service could not be reached.")
-			timedOut := errors.Is(err, context.DeadlineExceeded) || errors.Is(context.Cause(r.Context()), context.DeadlineExceeded)
+			// A dial that times out reports it either way: as a
+			// context.DeadlineExceeded or as the poller's deadline error.
+			var ne net.Error
+			timedOut := errors.Is(err, context.DeadlineExceeded) || errors.Is(context.Cause(r.Context()), context.DeadlineExceeded) ||
+				errors.As(err, &ne) && ne.Timeout()
 			if timedOut {
 				ae = NewAPIError(http.StatusGatewayTimeout, TypeAPI, "upstream_timeout", "The upstream service did not answer in time.")
 				if pc, ok := r.Context().Value(proxiedCallKey{}).(*proxiedCall); ok && !pc.connecting.Load() {
@@ -1316,7 +1320,12 @@ func (t connNamedTransport) RoundTrip(r *http.Request) (*http.Response, error) {
 	var named []string
 	for _, line := range res.Header["Connection"] {
 		for name := range strings.SplitSeq(line, ",") {
-			if name = textproto.TrimString(name); name != "" && !strings.EqualFold(name, "close") && !strings.EqualFold(name, "keep-alive") {
+			// close and keep-alive name no field, and the hop-by-hop
+			// fields never pass as trailers anyway (KeepsResponseTrailer):
+			// an upstream that sends "Connection: Upgrade" on every answer
+			// costs nothing here.
+			if name = textproto.TrimString(name); name != "" && !strings.EqualFold(name, "close") && !strings.EqualFold(name, "keep-alive") &&
+				KeepsResponseTrailer(name, false) {
 				named = append(named, name)
 			}
 		}
