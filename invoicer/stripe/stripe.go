@@ -267,19 +267,17 @@ func (c *Client) FinalizeInvoice(ctx context.Context, id, key string) (invoicer.
 // CreateCreditNote credits part of a finalized invoice, unless an earlier
 // attempt did (found by metadata among the invoice's credit notes). On a
 // paid invoice the credit goes to the customer's balance.
+//
+// Every attempt sends the credit note's own idempotency key, whatever it
+// read of the invoice: two invoicers crediting at once, the invoice paid
+// between them, would otherwise send two keys (one crediting what is due,
+// one the balance) and make two credit notes. Stripe refuses the second
+// under the same key with other parameters; the credit notes are then
+// listed again, and the first one's is the answer.
 func (c *Client) CreateCreditNote(ctx context.Context, p invoicer.CreditNoteParams) (string, error) {
-	lp := &stripego.CreditNoteListParams{Invoice: stripego.String(p.StripeInvoiceID)}
-	lp.Context = ctx
-	lp.Limit = stripego.Int64(100)
-	found := c.api.CreditNotes.List(lp)
 	want := strconv.FormatInt(p.CreditNoteID, 10)
-	for found.Next() {
-		if cn := found.CreditNote(); cn.Metadata["tollgate_credit_note_id"] == want {
-			return cn.ID, nil
-		}
-	}
-	if err := found.Err(); err != nil {
-		return "", fmt.Errorf("list stripe credit notes: %w", err)
+	if id, err := c.findCreditNote(ctx, p.StripeInvoiceID, want); id != "" || err != nil {
+		return id, err
 	}
 	inv, err := c.api.Invoices.Get(p.StripeInvoiceID, &stripego.InvoiceParams{Params: stripego.Params{Context: ctx}})
 	if err != nil {
@@ -296,30 +294,68 @@ func (c *Client) CreateCreditNote(ctx context.Context, p invoicer.CreditNotePara
 	case stripego.InvoiceStatusOpen:
 		toBalance = max(0, p.Amount-inv.AmountRemaining)
 	}
-	// The key names where the credit goes: a payment between reading the
-	// invoice and crediting it makes the next try another request, not a
-	// repeat Stripe would refuse as the same key with other parameters.
-	key := p.IdempotencyKey
-	if toBalance > 0 {
-		key += ":balance:" + strconv.FormatInt(toBalance, 10)
+	create := func(key string) (string, error) {
+		cp := &stripego.CreditNoteParams{
+			Params: params(ctx, key, map[string]string{
+				"tollgate_credit_note_id": want, "tollgate_invoice_id": p.InvoiceID}),
+			Invoice: stripego.String(p.StripeInvoiceID),
+			Amount:  stripego.Int64(p.Amount),
+		}
+		if p.Reason != "" {
+			cp.Memo = stripego.String(p.Reason)
+		}
+		if toBalance > 0 {
+			cp.CreditAmount = stripego.Int64(toBalance)
+		}
+		cn, err := c.api.CreditNotes.New(cp)
+		if err != nil {
+			return "", err
+		}
+		return cn.ID, nil
 	}
-	cp := &stripego.CreditNoteParams{
-		Params: params(ctx, key, map[string]string{
-			"tollgate_credit_note_id": want, "tollgate_invoice_id": p.InvoiceID}),
-		Invoice: stripego.String(p.StripeInvoiceID),
-		Amount:  stripego.Int64(p.Amount),
+	id, err := create(p.IdempotencyKey)
+	var se *stripego.Error
+	if err == nil || !errors.As(err, &se) || se.Type != stripego.ErrorTypeIdempotency {
+		if err != nil {
+			return "", fmt.Errorf("create stripe credit note on %s: %w", p.StripeInvoiceID, err)
+		}
+		return id, nil
 	}
-	if p.Reason != "" {
-		cp.Memo = stripego.String(p.Reason)
+	// The key was used with other parameters: by another invoicer, whose
+	// credit note is listed now, or by an earlier attempt of this one
+	// that made none (Stripe refused it, and keeps the refusal under the
+	// key for a day). Only then is it sent under a key that names where
+	// the credit goes. A key in use by a request still running (not a
+	// 400) is left for the next try, when that request's credit note is
+	// listed.
+	if id, lerr := c.findCreditNote(ctx, p.StripeInvoiceID, want); id != "" || lerr != nil {
+		return id, lerr
 	}
-	if toBalance > 0 {
-		cp.CreditAmount = stripego.Int64(toBalance)
-	}
-	cn, err := c.api.CreditNotes.New(cp)
-	if err != nil {
+	if se.HTTPStatusCode != http.StatusBadRequest {
 		return "", fmt.Errorf("create stripe credit note on %s: %w", p.StripeInvoiceID, err)
 	}
-	return cn.ID, nil
+	if id, err = create(p.IdempotencyKey + ":balance:" + strconv.FormatInt(toBalance, 10)); err != nil {
+		return "", fmt.Errorf("create stripe credit note on %s: %w", p.StripeInvoiceID, err)
+	}
+	return id, nil
+}
+
+// findCreditNote returns the id of the credit note of a Stripe invoice
+// that ledger credit note want made, or "" if there is none.
+func (c *Client) findCreditNote(ctx context.Context, invoice, want string) (string, error) {
+	lp := &stripego.CreditNoteListParams{Invoice: stripego.String(invoice)}
+	lp.Context = ctx
+	lp.Limit = stripego.Int64(100)
+	found := c.api.CreditNotes.List(lp)
+	for found.Next() {
+		if cn := found.CreditNote(); cn.Metadata["tollgate_credit_note_id"] == want {
+			return cn.ID, nil
+		}
+	}
+	if err := found.Err(); err != nil {
+		return "", fmt.Errorf("list stripe credit notes: %w", err)
+	}
+	return "", nil
 }
 
 // Verifier checks webhook signatures with the endpoint's signing secret.

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -286,5 +287,99 @@ func TestACreditNoteBeyondWhatIsDueGoesToTheBalance(t *testing.T) {
 	}
 	if got := f.Invoices()[0]; got.AmountDue != 0 {
 		t.Errorf("due after crediting everything: %d, want 0", got.AmountDue)
+	}
+}
+
+// Two invoicers crediting the same ledger credit note at once make one
+// Stripe credit note, even when the invoice is paid between them: the
+// second, which read the invoice as paid, would credit the balance too,
+// under a key of its own, and the customer got the credit twice.
+func TestTwoInvoicersCreditingAtOnceMakeOneCreditNote(t *testing.T) {
+	f := stripetest.New()
+	defer f.Close()
+	a := stripe.New(stripe.Config{APIKey: "sk_test_123", URL: f.URL})
+	b := stripe.New(stripe.Config{APIKey: "sk_test_123", URL: f.URL})
+	ctx := context.Background()
+	cus, err := a.EnsureCustomer(ctx, invoicer.CustomerParams{AccountID: "acct_race", IdempotencyKey: "tollgate:customer:acct_race"})
+	testenv.Must(t, err, "customer")
+	inv, err := a.CreateInvoice(ctx, invoicer.InvoiceParams{CustomerID: cus, Currency: "usd", InvoiceID: "inv_race", IdempotencyKey: "tollgate:inv_race:invoice"})
+	testenv.Must(t, err, "invoice")
+	_, err = a.CreateInvoiceItem(ctx, invoicer.InvoiceItemParams{CustomerID: cus, StripeInvoiceID: inv, Currency: "usd", Amount: 1000,
+		InvoiceID: "inv_race", LineNo: 1, IdempotencyKey: "tollgate:inv_race:item:1"})
+	testenv.Must(t, err, "item")
+	_, err = a.FinalizeInvoice(ctx, inv, "tollgate:inv_race:finalize")
+	testenv.Must(t, err, "finalize")
+	np := invoicer.CreditNoteParams{StripeInvoiceID: inv, Amount: 400, Reason: "outage", CreditNoteID: 7,
+		InvoiceID: "inv_race", IdempotencyKey: "tollgate:inv_race:credit_note:7"}
+
+	// B lists the invoice's credit notes (none yet) and is held there
+	// while A credits the open invoice and the customer pays.
+	listed, resume := make(chan struct{}), make(chan struct{})
+	var first atomic.Bool
+	f.SetHook(func(kind, phase string) {
+		if kind == "list_credit_notes" && phase == "after" && first.CompareAndSwap(false, true) {
+			close(listed)
+			<-resume
+		}
+	})
+	type result struct {
+		id  string
+		err error
+	}
+	fromB := make(chan result, 1)
+	go func() {
+		id, err := b.CreateCreditNote(ctx, np)
+		fromB <- result{id, err}
+	}()
+	<-listed
+	idA, err := a.CreateCreditNote(ctx, np)
+	testenv.Must(t, err, "A credits the open invoice")
+	f.Pay(inv)
+	close(resume)
+	rb := <-fromB
+	testenv.Must(t, rb.err, "B credits the invoice it read as paid")
+	cns := f.CreditNotes()
+	if len(cns) != 1 || rb.id != idA || cns[0].Amount != 400 || cns[0].Type != "pre_payment" {
+		t.Fatalf("A made %s, B answered %s; Stripe holds %+v; want one pre-payment credit note of 400, answered to both", idA, rb.id, cns)
+	}
+}
+
+// A credit note Stripe refused keeps its refusal under its idempotency key
+// for a day. When the invoice has changed since (a customer balance took
+// part of what was due), the next try sends other parameters, which the
+// same key would only be refused again for: with no credit note of its
+// own listed, it goes under a key that names where the credit goes.
+func TestACreditNoteRefusedOnceIsSentAgainWhenTheInvoiceChanged(t *testing.T) {
+	f := stripetest.New()
+	defer f.Close()
+	c := stripe.New(stripe.Config{APIKey: "sk_test_123", URL: f.URL})
+	ctx := context.Background()
+	cus, err := c.EnsureCustomer(ctx, invoicer.CustomerParams{AccountID: "acct_refused", IdempotencyKey: "tollgate:customer:acct_refused"})
+	testenv.Must(t, err, "customer")
+	inv, err := c.CreateInvoice(ctx, invoicer.InvoiceParams{CustomerID: cus, Currency: "usd", InvoiceID: "inv_refused", IdempotencyKey: "tollgate:inv_refused:invoice"})
+	testenv.Must(t, err, "invoice")
+	_, err = c.CreateInvoiceItem(ctx, invoicer.InvoiceItemParams{CustomerID: cus, StripeInvoiceID: inv, Currency: "usd", Amount: 1000,
+		InvoiceID: "inv_refused", LineNo: 1, IdempotencyKey: "tollgate:inv_refused:item:1"})
+	testenv.Must(t, err, "item")
+	_, err = c.FinalizeInvoice(ctx, inv, "tollgate:inv_refused:finalize")
+	testenv.Must(t, err, "finalize")
+	np := invoicer.CreditNoteParams{StripeInvoiceID: inv, Amount: 1000, Reason: "all of it", CreditNoteID: 9,
+		InvoiceID: "inv_refused", IdempotencyKey: "tollgate:inv_refused:credit_note:9"}
+	// A balance applied between the first try's read and its request: the
+	// request credits more than is left due, and Stripe refuses it.
+	var first atomic.Bool
+	f.SetHook(func(kind, phase string) {
+		if kind == "credit_note" && phase == "before" && first.CompareAndSwap(false, true) {
+			f.ApplyBalance(inv, 250)
+		}
+	})
+	if _, err := c.CreateCreditNote(ctx, np); err == nil {
+		t.Fatal("the first try succeeded; the test needs Stripe to refuse it")
+	}
+	id, err := c.CreateCreditNote(ctx, np)
+	testenv.Must(t, err, "the next try")
+	cns := f.CreditNotes()
+	if len(cns) != 1 || cns[0].ID != id || cns[0].Amount != 1000 || cns[0].CreditAmount != 250 {
+		t.Errorf("credit notes %+v (answered %s), want one of 1000 with 250 to the balance", cns, id)
 	}
 }
