@@ -965,3 +965,84 @@ func TestAnInvoiceGoesToTheRecordedCustomer(t *testing.T) {
 		t.Fatalf("recorded customer %s, Stripe invoices for %v; want one, for %s", stored, got, other)
 	}
 }
+
+// Invoices finalized while no Stripe key was set stay in the ledger: a key
+// set later sends what is finalized from then on, instead of creating and
+// charging every past invoice at once.
+func TestAStripeKeySetLaterSendsOnlyWhatIsFinalizedFromThenOn(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	before := e.marchInvoice(t, "acct_before_key") // closed with no key set
+	if inv, err := e.store.Invoice(ctx, before); err != nil || inv.Total <= 0 {
+		t.Fatalf("the invoice closed without a key: %+v, %v; the test needs a positive total", inv, err)
+	}
+	e.starter(t, "acct_after_key", 10)
+	fake := stripetest.New()
+	defer fake.Close()
+	iv := e.aprilInvoicer(t, e.usage, stripe.New(stripe.Config{APIKey: "sk_test_x", URL: fake.URL}))
+	res, err := iv.CloseDue(ctx)
+	testenv.Must(t, err, "close with a key set")
+	if len(res.Closed) != 1 || res.Closed[0].AccountID != "acct_after_key" {
+		t.Fatalf("closed %+v, want the one account closed after the key was set", res.Closed)
+	}
+	testenv.Must(t, iv.SyncStripe(ctx), "sync")
+	testenv.Must(t, iv.SyncStripe(ctx), "sync again")
+	invs := fake.Invoices()
+	if len(invs) != 1 || invs[0].Metadata["tollgate_invoice_id"] != res.Closed[0].ID {
+		var got []string
+		for _, inv := range invs {
+			got = append(got, inv.Metadata["tollgate_invoice_id"])
+		}
+		t.Fatalf("Stripe holds invoices for %v, want only %s (not %s, finalized before the key)", got, res.Closed[0].ID, before)
+	}
+	var synced int
+	testenv.Must(t, e.pg.Pool.QueryRow(ctx, `SELECT count(*) FROM ledger_entries WHERE invoice_id = $1 AND kind = 'invoice.synced'`, before).Scan(&synced), "synced entries")
+	if synced != 0 {
+		t.Errorf("the invoice finalized before the key has %d invoice.synced entries, want none", synced)
+	}
+}
+
+// A ledger synced with a test-mode key refuses a live one (and the other
+// way round): test-mode customers are not live ones, and invoices synced
+// in test mode were never charged. Closing goes on; only the sync refuses.
+func TestAStripeKeyOfTheOtherModeIsRefused(t *testing.T) {
+	for key, want := range map[string]string{"sk_live_a": "live", "rk_live_b": "live", "sk_test_c": "test", "rk_test_d": "test", "sk_e": "", "": ""} {
+		if got := invoicer.StripeKeyMode(key); got != want {
+			t.Errorf("StripeKeyMode(%q) = %q, want %q", key, got, want)
+		}
+	}
+	e := newEnv(t)
+	ctx := context.Background()
+	e.starter(t, "acct_mode", 10)
+	e.watermark(t, april.Add(2*time.Hour))
+	fake := stripetest.New()
+	defer fake.Close()
+	sc := stripe.New(stripe.Config{APIKey: "sk_test_x", URL: fake.URL})
+	inMode := func(mode string) *invoicer.Invoicer {
+		iv, err := invoicer.New(e.store, e.usage, e.usage, sc, invoicer.Options{Grace: time.Hour, Lookback: 1,
+			Now: func() time.Time { return april.AddDate(0, 0, 3) }, StripeMode: mode}, quiet())
+		testenv.Must(t, err, "new invoicer")
+		return iv
+	}
+	test := inMode("test")
+	res, err := test.CloseDue(ctx)
+	testenv.Must(t, err, "close in test mode")
+	testenv.Must(t, test.SyncStripe(ctx), "sync in test mode")
+	if len(res.Closed) != 1 || len(fake.Invoices()) != 1 {
+		t.Fatalf("closed %d, Stripe holds %d; want 1 and 1", len(res.Closed), len(fake.Invoices()))
+	}
+	live := inMode("live")
+	if err := live.SyncStripe(ctx); !errors.Is(err, invoicer.ErrStripeMode) {
+		t.Fatalf("sync with a live key on a test-mode ledger: %v, want ErrStripeMode", err)
+	}
+	e.starter(t, "acct_mode_next", 10)
+	res, err = live.CloseDue(ctx)
+	testenv.Must(t, err, "close with a key of the other mode")
+	if len(res.Closed) != 1 || len(fake.Invoices()) != 1 {
+		t.Fatalf("closed %d, Stripe holds %d; want the close to go on and nothing more sent", len(res.Closed), len(fake.Invoices()))
+	}
+	testenv.Must(t, inMode("test").SyncStripe(ctx), "sync in test mode again")
+	if len(fake.Invoices()) != 2 {
+		t.Fatalf("Stripe holds %d invoices after a sync in the ledger's mode, want 2", len(fake.Invoices()))
+	}
+}

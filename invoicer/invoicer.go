@@ -8,6 +8,7 @@ import (
 	"slices"
 	"sort"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/tollgate-dev/tollgate/internal/caltime"
@@ -81,9 +82,13 @@ type Store interface {
 	// ClosedInvoices are the finalized invoices whose period starts in
 	// [from, to).
 	ClosedInvoices(ctx context.Context, from, to time.Time) ([]StoredInvoice, error)
-	// UnsyncedInvoices are finalized invoices with a positive total that
-	// Stripe does not have finalized yet.
-	UnsyncedInvoices(ctx context.Context) ([]StoredInvoice, error)
+	// UnsyncedInvoices are invoices finalized at or after since with a
+	// positive total that Stripe does not have finalized yet.
+	UnsyncedInvoices(ctx context.Context, since time.Time) ([]StoredInvoice, error)
+	// StripeSyncStart records, the first time, that the ledger syncs to
+	// Stripe from now on in mode ("live", "test", or "" when unknown), and
+	// returns when that began and the mode recorded.
+	StripeSyncStart(ctx context.Context, mode string) (time.Time, string, error)
 	SyncState
 	// RecordWebhook stores a verified Stripe event and its ledger entry,
 	// once per event id; it reports whether the event was new.
@@ -188,6 +193,8 @@ type Invoicer struct {
 	now    func() time.Time
 	// lookback bounds how many past periods a close considers.
 	lookback int
+	// stripeMode is the Stripe key's mode (Options.StripeMode).
+	stripeMode string
 }
 
 // Options configure an Invoicer.
@@ -199,6 +206,46 @@ type Options struct {
 	// Lookback is how many months back periods are considered (default 12).
 	Lookback int
 	Now      func() time.Time
+	// StripeMode is the Stripe key's mode, "live" or "test" (StripeKeyMode);
+	// "" leaves it unchecked.
+	StripeMode string
+}
+
+// StripeKeyMode is the mode of a Stripe API key: "live" or "test", or ""
+// for a key whose prefix says neither.
+func StripeKeyMode(key string) string {
+	for _, p := range []string{"sk_", "rk_"} {
+		switch {
+		case strings.HasPrefix(key, p+"live_"):
+			return "live"
+		case strings.HasPrefix(key, p+"test_"):
+			return "test"
+		}
+	}
+	return ""
+}
+
+// ErrStripeMode refuses to sync to Stripe with a key of the other mode
+// than the ledger's.
+var ErrStripeMode = errors.New("the Stripe key's mode is not the ledger's")
+
+// stripeStart records that this ledger syncs to Stripe, before anything is
+// finalized or synced with a key, and returns since when invoices are
+// sent: those finalized before, while no key was set, stay in the ledger
+// only. A key of the other mode than the ledger's is ErrStripeMode.
+func (iv *Invoicer) stripeStart(ctx context.Context) (time.Time, error) {
+	if iv.stripe == nil {
+		return time.Time{}, nil
+	}
+	since, mode, err := iv.store.StripeSyncStart(ctx, iv.stripeMode)
+	if err != nil {
+		return time.Time{}, err
+	}
+	if mode != "" && iv.stripeMode != "" && mode != iv.stripeMode {
+		return time.Time{}, fmt.Errorf("%w: this ledger syncs to Stripe in %s mode and the configured key is a %s-mode key; "+
+			"its customers and invoices are not in that mode (use a %s-mode key, or another ledger database)", ErrStripeMode, mode, iv.stripeMode, mode)
+	}
+	return since, nil
 }
 
 // New returns an Invoicer. stripe may be nil to keep invoices in the ledger
@@ -219,7 +266,7 @@ func New(store Store, usage UsageReader, wm Watermark, stripe Stripe, opts Optio
 		opts.Now = time.Now
 	}
 	return &Invoicer{store: store, usage: usage, wm: wm, stripe: stripe, meters: opts.Meters,
-		grace: opts.Grace, log: log, now: opts.Now, lookback: opts.Lookback}, nil
+		grace: opts.Grace, log: log, now: opts.Now, lookback: opts.Lookback, stripeMode: opts.StripeMode}, nil
 }
 
 // CloseResult summarises one close run.
@@ -243,6 +290,12 @@ func (iv *Invoicer) CloseDue(ctx context.Context) (CloseResult, error) {
 		return CloseResult{}, fmt.Errorf("read watermark: %w", err)
 	}
 	res := CloseResult{Watermark: wm}
+	// Recorded before anything is finalized with a key set, so that what
+	// this close finalizes is sent to Stripe. A key of the wrong mode does
+	// not stop the close: only the sync refuses it.
+	if _, err := iv.stripeStart(ctx); err != nil && !errors.Is(err, ErrStripeMode) {
+		return res, err
+	}
 	// A close that stopped after saving its drafts left them unfinalized,
 	// and their periods count as invoiced: finish them first.
 	if n, err := iv.store.FinalizeDrafts(ctx); err != nil {

@@ -88,8 +88,16 @@ func stepKey(invoiceID, step string) string {
 
 // SyncStripe pushes every finalized, unsynced invoice to Stripe. Test-mode
 // usage never reaches here: invoices are computed from live events only.
+//
+// Only invoices finalized since the ledger first ran with a key are sent
+// (stripeStart): a key set after months without one does not create and
+// charge every past invoice at once.
 func (iv *Invoicer) SyncStripe(ctx context.Context) error {
-	invs, err := iv.store.UnsyncedInvoices(ctx)
+	since, err := iv.stripeStart(ctx)
+	if err != nil {
+		return err
+	}
+	invs, err := iv.store.UnsyncedInvoices(ctx, since)
 	if err != nil {
 		return err
 	}

@@ -70,7 +70,7 @@ func newInvoicer(ctx context.Context, cfg Config, log *slog.Logger) (*invoicer.I
 	// Periods wait for events the edges still hold in their spools.
 	wm := invoicer.HeldWatermark{Usage: usage, Holds: store, Log: log}
 	iv, err := invoicer.New(store, usage, wm, sc, invoicer.Options{Meters: cfg.Meters,
-		Grace: cfg.Invoicer.Grace, Lookback: cfg.Invoicer.LookbackMonths}, log)
+		Grace: cfg.Invoicer.Grace, Lookback: cfg.Invoicer.LookbackMonths, StripeMode: invoicer.StripeKeyMode(cfg.Invoicer.Stripe.APIKey)}, log)
 	if err != nil {
 		pool.Close()
 		ch.Close()

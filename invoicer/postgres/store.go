@@ -369,13 +369,32 @@ func (s *Store) ClosedInvoices(ctx context.Context, from, to time.Time) ([]invoi
 		ORDER BY i.period_start, i.account_id`, from, to)
 }
 
-// UnsyncedInvoices lists finalized invoices with a positive total and no
-// invoice.synced entry.
-func (s *Store) UnsyncedInvoices(ctx context.Context) ([]invoicer.StoredInvoice, error) {
+// UnsyncedInvoices lists invoices finalized at or after since with a
+// positive total and no invoice.synced entry.
+func (s *Store) UnsyncedInvoices(ctx context.Context, since time.Time) ([]invoicer.StoredInvoice, error) {
 	return s.invoices(ctx, `WHERE i.total_minor > 0
-		AND EXISTS (SELECT 1 FROM ledger_entries e WHERE e.invoice_id = i.id AND e.kind = 'invoice.finalized')
+		AND EXISTS (SELECT 1 FROM ledger_entries e WHERE e.invoice_id = i.id AND e.kind = 'invoice.finalized' AND e.created_at >= $1)
 		AND NOT EXISTS (SELECT 1 FROM ledger_entries e WHERE e.invoice_id = i.id AND e.kind = 'invoice.synced')
-		ORDER BY i.period_start, i.account_id`)
+		ORDER BY i.period_start, i.account_id`, since)
+}
+
+// StripeSyncStart records, the first time, that this ledger syncs to
+// Stripe from now on in mode, and returns when that began and the mode
+// recorded. A ledger that synced before the record existed (mode "")
+// takes mode now.
+func (s *Store) StripeSyncStart(ctx context.Context, mode string) (time.Time, string, error) {
+	if _, err := s.pool.Exec(ctx, `INSERT INTO stripe_sync_start (mode) VALUES ($1) ON CONFLICT DO NOTHING`, mode); err != nil {
+		return time.Time{}, "", fmt.Errorf("record the start of stripe sync: %w", err)
+	}
+	if _, err := s.pool.Exec(ctx, `UPDATE stripe_sync_start SET mode = $1 WHERE mode = '' AND $1 <> ''`, mode); err != nil {
+		return time.Time{}, "", fmt.Errorf("record the stripe sync mode: %w", err)
+	}
+	var at time.Time
+	var recorded string
+	if err := s.pool.QueryRow(ctx, `SELECT started_at, mode FROM stripe_sync_start`).Scan(&at, &recorded); err != nil {
+		return time.Time{}, "", fmt.Errorf("read the start of stripe sync: %w", err)
+	}
+	return at, recorded, nil
 }
 
 // StripeCustomer returns the account's Stripe customer id, or "".
