@@ -572,7 +572,10 @@ func TestOneAccountThatCannotBeInvoicedDoesNotHoldBackTheOthers(t *testing.T) {
 	e.events(t, ev{account: "acct_good", env: "live", typ: "api_call", at: march.Add(time.Hour), n: 10},
 		ev{account: "acct_bad", env: "live", typ: "api_call", at: march.Add(time.Hour), n: 10})
 	e.watermark(t, april.Add(2*time.Hour))
-	iv := e.aprilInvoicer(t, e.usage, nil)
+	var logged bytes.Buffer
+	iv, err := invoicer.New(e.store, e.usage, e.usage, nil, invoicer.Options{Grace: time.Hour, Lookback: 1,
+		Now: func() time.Time { return april.AddDate(0, 0, 3) }}, slog.New(slog.NewTextHandler(&logged, nil)))
+	testenv.Must(t, err, "new invoicer")
 	res, err := iv.CloseDue(ctx)
 	testenv.Must(t, err, "close")
 	if len(res.Closed) != 1 || res.Closed[0].AccountID != "acct_good" {
@@ -580,6 +583,11 @@ func TestOneAccountThatCannotBeInvoicedDoesNotHoldBackTheOthers(t *testing.T) {
 	}
 	if got := res.Failed[march]; len(got) != 1 || got[0] != "acct_bad" {
 		t.Fatalf("failed %v, want acct_bad for March", res.Failed)
+	}
+	// The log says until when the period is retried: with one month of
+	// lookback, March is not considered from May on.
+	if !strings.Contains(logged.String(), "account=acct_bad") || !strings.Contains(logged.String(), "retried_until=2026-05-01T00:00:00Z") {
+		t.Errorf("log %q; want acct_bad's failure with retried_until=2026-05-01T00:00:00Z", logged.String())
 	}
 }
 

@@ -355,8 +355,11 @@ func (iv *Invoicer) CloseDue(ctx context.Context) (CloseResult, error) {
 			for _, a := range due[p] {
 				one, err := iv.ComputePeriod(ctx, iv.usage, p, []Account{a}, wm)
 				if err != nil {
-					iv.log.Error("account not invoiced for the period; retried on the next run", "account", a.ID,
-						"period", p.Start.Format(time.RFC3339), "err", err)
+					// The period is retried while it is among the lookback's
+					// months, and never after: say until when.
+					iv.log.Error("account not invoiced for the period; retried on every run until the period leaves lookback_months, then never",
+						"account", a.ID, "period", p.Start.Format(time.RFC3339),
+						"retried_until", p.Start.AddDate(0, iv.lookback+1, 0).Format(time.RFC3339), "err", err)
 					if res.Failed == nil {
 						res.Failed = map[time.Time][]string{}
 					}
