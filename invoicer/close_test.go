@@ -576,10 +576,18 @@ func TestOneAccountThatCannotBeInvoicedDoesNotHoldBackTheOthers(t *testing.T) {
 	iv, err := invoicer.New(e.store, e.usage, e.usage, nil, invoicer.Options{Grace: time.Hour, Lookback: 1,
 		Now: func() time.Time { return april.AddDate(0, 0, 3) }}, slog.New(slog.NewTextHandler(&logged, nil)))
 	testenv.Must(t, err, "new invoicer")
+	t0 := time.Now()
 	res, err := iv.CloseDue(ctx)
+	t1 := time.Now()
 	testenv.Must(t, err, "close")
 	if len(res.Closed) != 1 || res.Closed[0].AccountID != "acct_good" {
 		t.Fatalf("closed %+v, want acct_good's March alone", res.Closed)
+	}
+	// The invoice records when its usage was read, for replay.
+	stored, err := e.store.Invoice(ctx, res.Closed[0].ID)
+	testenv.Must(t, err, "stored invoice")
+	if read := stored.Fingerprint.UsageReadAt; read.Before(t0.Add(-time.Second)) || read.After(t1) {
+		t.Errorf("usage_read_at %v, want within the close (%v to %v)", read, t0, t1)
 	}
 	if got := res.Failed[march]; len(got) != 1 || got[0] != "acct_bad" {
 		t.Fatalf("failed %v, want acct_bad for March", res.Failed)

@@ -201,7 +201,12 @@ type Fingerprint struct {
 	// Watermark is the aggregator watermark the period was closed under;
 	// it is recorded but not hashed, so a replay can prove the hash.
 	Watermark time.Time `json:"watermark"`
-	Hash      string    `json:"hash"`
+	// UsageReadAt is when the close began reading the account's usage
+	// (the invoicer's clock), recorded but not hashed: replay takes the
+	// events whose records came after it as reaching the log after the
+	// close. Zero on invoices closed before it was recorded.
+	UsageReadAt time.Time `json:"usage_read_at,omitzero"`
+	Hash        string    `json:"hash"`
 }
 
 // Invoice is one account's invoice for one period.
@@ -231,6 +236,8 @@ type Inputs struct {
 	Usage      []map[string]int64 // one per segment: meter key → quantity
 	EventCount int64
 	Watermark  time.Time
+	// UsageReadAt is recorded in the fingerprint (Fingerprint.UsageReadAt).
+	UsageReadAt time.Time
 }
 
 // Compute prices the inputs. It is pure: the same inputs always give the
@@ -250,7 +257,7 @@ func Compute(in Inputs) (Invoice, error) {
 	}
 	inv := Invoice{ID: InvoiceID(in.AccountID, in.Period), AccountID: in.AccountID,
 		Currency: in.Currency, Period: in.Period, Lines: []Line{}}
-	fp := Fingerprint{EventCount: in.EventCount, Watermark: in.Watermark.UTC()}
+	fp := Fingerprint{EventCount: in.EventCount, Watermark: in.Watermark.UTC(), UsageReadAt: in.UsageReadAt.UTC()}
 	whole := in.Period.Seconds()
 	for i, seg := range in.Segments {
 		// A plan that charges nothing (the free plan) prices in any

@@ -410,6 +410,8 @@ func (iv *Invoicer) ComputePeriod(ctx context.Context, usage UsageReader, p Peri
 	rctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	whole := make(chan read, 1)
+	// The wall clock, not iv.now: it is compared with Kafka record times.
+	wholeReadAt := time.Now().UTC()
 	go func() {
 		u, err := usage.Usage(rctx, ids, p, iv.meters, schemas.Live)
 		whole <- read{u, err}
@@ -427,11 +429,14 @@ func (iv *Invoicer) ComputePeriod(ctx context.Context, usage UsageReader, p Peri
 	byPeriod := r.usage
 	invs := make([]Invoice, 0, len(accounts))
 	for i, a := range accounts {
-		in := Inputs{AccountID: a.ID, Currency: a.Currency, Period: p, Segments: segs[i], Watermark: wm}
+		in := Inputs{AccountID: a.ID, Currency: a.Currency, Period: p, Segments: segs[i], Watermark: wm, UsageReadAt: wholeReadAt}
 		if len(segs[i]) == 1 {
 			u := byPeriod[a.ID]
 			in.EventCount, in.Usage = u.Events, []map[string]int64{orEmpty(u.Quantities)}
 		} else {
+			// Read again segment by segment: these reads are the ones
+			// the invoice counts.
+			in.UsageReadAt = time.Now().UTC()
 			for _, s := range segs[i] {
 				m, err := usage.Usage(ctx, []string{a.ID}, s.Period, iv.meters, schemas.Live)
 				if err != nil {

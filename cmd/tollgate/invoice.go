@@ -432,14 +432,20 @@ func newClosings(invs []invoicer.StoredInvoice) closings {
 }
 
 // after reports whether a live event of account at t, carried by a record
-// of recordTime, reached the log after its period's invoice was created
-// (the close reads usage just before it creates the invoice).
+// of recordTime, reached the log after its period's invoice was closed:
+// after the close began reading the account's usage, or, for an invoice
+// that does not record that, after the invoice was created (the close
+// reads usage just before it creates the invoice, but when one account
+// at a time is read, the last is read minutes before).
 func (c closings) after(account string, t, recordTime time.Time) bool {
 	if recordTime.IsZero() {
 		return false
 	}
 	for _, si := range c[account] {
 		if !t.Before(si.Period.Start) && t.Before(si.Period.End) {
+			if read := si.Fingerprint.UsageReadAt; !read.IsZero() {
+				return recordTime.After(read)
+			}
 			return recordTime.After(si.CreatedAt)
 		}
 	}

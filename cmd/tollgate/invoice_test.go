@@ -612,3 +612,43 @@ func TestInvoiceCreditNoteCommandWithAKeyAppendsOnce(t *testing.T) {
 		t.Errorf("the key reused for another amount: %v (%s), want it refused", err, out.String())
 	}
 }
+
+// Replay takes an event as reaching the log after its invoice's close when
+// its record came after the close began reading the account's usage, as
+// the invoice records it. When one account at a time is read (a batch read
+// failed), the first accounts are read minutes before the invoices are
+// created, and an event recorded in between was on no invoice but, by the
+// creation time, not late either: the invoice came out "different".
+// Invoices closed before the read time was recorded keep the creation time.
+func TestReplayTakesTheUsageReadTimeAsTheClose(t *testing.T) {
+	read := time.Date(2026, 4, 1, 2, 0, 0, 0, time.UTC)
+	march := invoicer.Period{Start: time.Date(2026, 3, 1, 0, 0, 0, 0, time.UTC), End: time.Date(2026, 4, 1, 0, 0, 0, 0, time.UTC)}
+	recorded := invoicer.StoredInvoice{Invoice: invoicer.Invoice{AccountID: "acct_read", Period: march,
+		Fingerprint: invoicer.Fingerprint{UsageReadAt: read}}, CreatedAt: read.Add(10 * time.Minute)}
+	older := invoicer.StoredInvoice{Invoice: invoicer.Invoice{AccountID: "acct_older", Period: march}, CreatedAt: read.Add(10 * time.Minute)}
+	c := newClosings([]invoicer.StoredInvoice{recorded, older})
+	at := march.Start.Add(time.Hour)
+	for _, tc := range []struct {
+		account string
+		record  time.Time
+		want    bool
+	}{
+		{"acct_read", read.Add(-time.Second), false},
+		{"acct_read", read.Add(time.Minute), true}, // before the creation, after the read
+		{"acct_older", read.Add(time.Minute), false},
+		{"acct_older", read.Add(11 * time.Minute), true},
+		{"acct_read", time.Time{}, false}, // no record time
+	} {
+		if got := c.after(tc.account, at, tc.record); got != tc.want {
+			t.Errorf("%s, recorded %v: after = %v, want %v", tc.account, tc.record, got, tc.want)
+		}
+	}
+	// The read time survives the ledger's JSON document.
+	b, err := json.Marshal(recorded.Invoice)
+	testenv.Must(t, err, "marshal")
+	var back invoicer.Invoice
+	testenv.Must(t, json.Unmarshal(b, &back), "unmarshal")
+	if !back.Fingerprint.UsageReadAt.Equal(read) {
+		t.Errorf("usage_read_at %v after a round trip, want %v (%s)", back.Fingerprint.UsageReadAt, read, b)
+	}
+}
