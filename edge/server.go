@@ -1304,12 +1304,11 @@ func (b touchingBody) Read(p []byte) (int, error) {
 	return n, err
 }
 
-// connNamedTransport keeps the trailers of an answer whose Connection
-// header names fields from the caller: they describe the upstream's
-// connection, in the trailer as in the head. ReverseProxy drops the named
-// fields from the head, but only after the Connection header is gone
-// would the trailers come, so the names are taken here, as the answer
-// arrives.
+// connNamedTransport keeps from the caller the trailers an answer's
+// Connection header names: they describe the upstream's connection, in
+// the trailer as in the head. ReverseProxy drops the named fields from the
+// head, but the trailers come after it has dropped the Connection header
+// too, so the names are taken here, as the answer arrives.
 type connNamedTransport struct{ http.RoundTripper }
 
 func (t connNamedTransport) RoundTrip(r *http.Request) (*http.Response, error) {
@@ -1320,12 +1319,11 @@ func (t connNamedTransport) RoundTrip(r *http.Request) (*http.Response, error) {
 	var named []string
 	for _, line := range res.Header["Connection"] {
 		for name := range strings.SplitSeq(line, ",") {
-			// close and keep-alive name no field, and the hop-by-hop
-			// fields never pass as trailers anyway (KeepsResponseTrailer):
-			// an upstream that sends "Connection: Upgrade" on every answer
-			// costs nothing here.
-			if name = textproto.TrimString(name); name != "" && !strings.EqualFold(name, "close") && !strings.EqualFold(name, "keep-alive") &&
-				KeepsResponseTrailer(name, false) {
+			// close names no field, and the hop-by-hop fields (Keep-Alive,
+			// Upgrade, …) never pass as trailers anyway
+			// (KeepsResponseTrailer): an upstream that sends "Connection:
+			// Upgrade" on every answer costs nothing here.
+			if name = textproto.TrimString(name); name != "" && !strings.EqualFold(name, "close") && KeepsResponseTrailer(name, false) {
 				named = append(named, name)
 			}
 		}

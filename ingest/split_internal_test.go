@@ -12,19 +12,7 @@ import (
 // memory while it lands would pass the records bound many times over.
 func TestSplitReusesMemoryOnlyForABatchThatFillsHalfOfIt(t *testing.T) {
 	now := time.Date(2026, 3, 10, 12, 0, 0, 0, time.UTC)
-	msgs := func(n int) []Message {
-		out := make([]Message, n)
-		for i := range out {
-			e := schemas.Event{Version: 1, ID: schemas.NewEventID(), AccountID: "a", Environment: schemas.Live,
-				KeyID: "k", Type: "api_call", Time: now.Add(-time.Second), Units: 1}
-			v, err := e.Encode()
-			if err != nil {
-				t.Fatal(err)
-			}
-			out[i] = Message{Offset: int64(i), Value: v, Time: now}
-		}
-		return out
-	}
+	msgs := func(n int) []Message { return encodedMessages(t, now, n) }
 	into := make([]Record, 0, 100)
 	for _, c := range []struct {
 		n     int
@@ -44,16 +32,7 @@ func TestSplitReusesMemoryOnlyForABatchThatFillsHalfOfIt(t *testing.T) {
 // size, so a free buffer fits the next batches of about its size.
 func TestANewBufferHasRoomForALargerBatch(t *testing.T) {
 	now := time.Date(2026, 3, 10, 12, 0, 0, 0, time.UTC)
-	msgs := make([]Message, 80)
-	for i := range msgs {
-		e := schemas.Event{Version: 1, ID: schemas.NewEventID(), AccountID: "a", Environment: schemas.Live,
-			KeyID: "k", Type: "api_call", Time: now.Add(-time.Second), Units: 1}
-		v, err := e.Encode()
-		if err != nil {
-			t.Fatal(err)
-		}
-		msgs[i] = Message{Offset: int64(i), Value: v, Time: now}
-	}
+	msgs := encodedMessages(t, now, 80)
 	for _, c := range []struct{ n, batchSize, room int }{{80, 1000, 100}, {80, 90, 90}, {80, 80, 80}, {80, 0, 80}} {
 		events, _, _, _ := splitInto(nil, msgs[:c.n], now, DefaultMaxLateness, c.batchSize)
 		if len(events) != c.n || cap(events) != c.room {
@@ -61,4 +40,20 @@ func TestANewBufferHasRoomForALargerBatch(t *testing.T) {
 				c.n, c.batchSize, len(events), cap(events), c.n, c.room)
 		}
 	}
+}
+
+// encodedMessages is n records of distinct valid events a second before now.
+func encodedMessages(t *testing.T, now time.Time, n int) []Message {
+	t.Helper()
+	out := make([]Message, n)
+	for i := range out {
+		e := schemas.Event{Version: 1, ID: schemas.NewEventID(), AccountID: "a", Environment: schemas.Live,
+			KeyID: "k", Type: "api_call", Time: now.Add(-time.Second), Units: 1}
+		v, err := e.Encode()
+		if err != nil {
+			t.Fatal(err)
+		}
+		out[i] = Message{Offset: int64(i), Value: v, Time: now}
+	}
+	return out
 }

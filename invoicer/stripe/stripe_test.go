@@ -268,15 +268,8 @@ func TestACreditNoteBeyondWhatIsDueGoesToTheBalance(t *testing.T) {
 	defer f.Close()
 	c := stripe.New(stripe.Config{APIKey: "sk_test_123", URL: f.URL})
 	ctx := context.Background()
-	cus, err := c.EnsureCustomer(ctx, invoicer.CustomerParams{AccountID: "acct_bal", IdempotencyKey: "tollgate:customer:acct_bal"})
-	testenv.Must(t, err, "customer")
-	inv, err := c.CreateInvoice(ctx, invoicer.InvoiceParams{CustomerID: cus, Currency: "usd", InvoiceID: "inv_bal", IdempotencyKey: "tollgate:inv_bal:invoice"})
-	testenv.Must(t, err, "invoice")
-	_, err = c.CreateInvoiceItem(ctx, invoicer.InvoiceItemParams{CustomerID: cus, StripeInvoiceID: inv, Currency: "usd", Amount: 1000,
-		InvoiceID: "inv_bal", LineNo: 1, IdempotencyKey: "tollgate:inv_bal:item:1"})
-	testenv.Must(t, err, "item")
-	_, err = c.FinalizeInvoice(ctx, inv, "tollgate:inv_bal:finalize")
-	testenv.Must(t, err, "finalize")
+	inv := finalizedInvoice(t, c, "acct_bal", "inv_bal")
+	var err error
 	f.ApplyBalance(inv, 250)
 	_, err = c.CreateCreditNote(ctx, invoicer.CreditNoteParams{StripeInvoiceID: inv, Amount: 1000, Reason: "all of it",
 		CreditNoteID: 9, InvoiceID: "inv_bal", IdempotencyKey: "tollgate:inv_bal:credit_note:9"})
@@ -300,15 +293,7 @@ func TestTwoInvoicersCreditingAtOnceMakeOneCreditNote(t *testing.T) {
 	a := stripe.New(stripe.Config{APIKey: "sk_test_123", URL: f.URL})
 	b := stripe.New(stripe.Config{APIKey: "sk_test_123", URL: f.URL})
 	ctx := context.Background()
-	cus, err := a.EnsureCustomer(ctx, invoicer.CustomerParams{AccountID: "acct_race", IdempotencyKey: "tollgate:customer:acct_race"})
-	testenv.Must(t, err, "customer")
-	inv, err := a.CreateInvoice(ctx, invoicer.InvoiceParams{CustomerID: cus, Currency: "usd", InvoiceID: "inv_race", IdempotencyKey: "tollgate:inv_race:invoice"})
-	testenv.Must(t, err, "invoice")
-	_, err = a.CreateInvoiceItem(ctx, invoicer.InvoiceItemParams{CustomerID: cus, StripeInvoiceID: inv, Currency: "usd", Amount: 1000,
-		InvoiceID: "inv_race", LineNo: 1, IdempotencyKey: "tollgate:inv_race:item:1"})
-	testenv.Must(t, err, "item")
-	_, err = a.FinalizeInvoice(ctx, inv, "tollgate:inv_race:finalize")
-	testenv.Must(t, err, "finalize")
+	inv := finalizedInvoice(t, a, "acct_race", "inv_race")
 	np := invoicer.CreditNoteParams{StripeInvoiceID: inv, Amount: 400, Reason: "outage", CreditNoteID: 7,
 		InvoiceID: "inv_race", IdempotencyKey: "tollgate:inv_race:credit_note:7"}
 
@@ -354,15 +339,7 @@ func TestACreditNoteRefusedOnceIsSentAgainWhenTheInvoiceChanged(t *testing.T) {
 	defer f.Close()
 	c := stripe.New(stripe.Config{APIKey: "sk_test_123", URL: f.URL})
 	ctx := context.Background()
-	cus, err := c.EnsureCustomer(ctx, invoicer.CustomerParams{AccountID: "acct_refused", IdempotencyKey: "tollgate:customer:acct_refused"})
-	testenv.Must(t, err, "customer")
-	inv, err := c.CreateInvoice(ctx, invoicer.InvoiceParams{CustomerID: cus, Currency: "usd", InvoiceID: "inv_refused", IdempotencyKey: "tollgate:inv_refused:invoice"})
-	testenv.Must(t, err, "invoice")
-	_, err = c.CreateInvoiceItem(ctx, invoicer.InvoiceItemParams{CustomerID: cus, StripeInvoiceID: inv, Currency: "usd", Amount: 1000,
-		InvoiceID: "inv_refused", LineNo: 1, IdempotencyKey: "tollgate:inv_refused:item:1"})
-	testenv.Must(t, err, "item")
-	_, err = c.FinalizeInvoice(ctx, inv, "tollgate:inv_refused:finalize")
-	testenv.Must(t, err, "finalize")
+	inv := finalizedInvoice(t, c, "acct_refused", "inv_refused")
 	np := invoicer.CreditNoteParams{StripeInvoiceID: inv, Amount: 1000, Reason: "all of it", CreditNoteID: 9,
 		InvoiceID: "inv_refused", IdempotencyKey: "tollgate:inv_refused:credit_note:9"}
 	// A balance applied between the first try's read and its request: the
@@ -382,4 +359,21 @@ func TestACreditNoteRefusedOnceIsSentAgainWhenTheInvoiceChanged(t *testing.T) {
 	if len(cns) != 1 || cns[0].ID != id || cns[0].Amount != 1000 || cns[0].CreditAmount != 250 {
 		t.Errorf("credit notes %+v (answered %s), want one of 1000 with 250 to the balance", cns, id)
 	}
+}
+
+// finalizedInvoice makes account's Stripe customer and a finalized Stripe
+// invoice of 1,000 for ledger invoice id, and returns its Stripe id.
+func finalizedInvoice(t *testing.T, c *stripe.Client, account, id string) string {
+	t.Helper()
+	ctx := context.Background()
+	cus, err := c.EnsureCustomer(ctx, invoicer.CustomerParams{AccountID: account, IdempotencyKey: "tollgate:customer:" + account})
+	testenv.Must(t, err, "customer")
+	inv, err := c.CreateInvoice(ctx, invoicer.InvoiceParams{CustomerID: cus, Currency: "usd", InvoiceID: id, IdempotencyKey: "tollgate:" + id + ":invoice"})
+	testenv.Must(t, err, "invoice")
+	_, err = c.CreateInvoiceItem(ctx, invoicer.InvoiceItemParams{CustomerID: cus, StripeInvoiceID: inv, Currency: "usd", Amount: 1000,
+		InvoiceID: id, LineNo: 1, IdempotencyKey: "tollgate:" + id + ":item:1"})
+	testenv.Must(t, err, "item")
+	_, err = c.FinalizeInvoice(ctx, inv, "tollgate:"+id+":finalize")
+	testenv.Must(t, err, "finalize")
+	return inv
 }
