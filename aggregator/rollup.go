@@ -183,7 +183,7 @@ func RebuildAll(ctx context.Context, store RollupStore, zones Zones, meters []me
 	if err != nil || !ok {
 		return err
 	}
-	return rebuildLevels(ctx, store, zones, meters, from, to, log)
+	return rebuildLevels(ctx, store, zones, meters, Granularities, nil, from, to, log)
 }
 
 // RollupDeleter deletes rollup rows, for a rebuild that replaces them.
@@ -217,7 +217,43 @@ func ReplaceAll(ctx context.Context, store interface {
 		return err
 	}
 	log.Info("deleted the rollups to rebuild", "meters", len(keys), "from", from, "to", to)
-	return rebuildLevels(ctx, store, zones, meters, from, to, log)
+	return rebuildLevels(ctx, store, zones, meters, Granularities, nil, from, to, log)
+}
+
+// CoarseRollupStore is what a rezone needs beyond a RollupStore.
+type CoarseRollupStore interface {
+	RollupStore
+	// AccountMinutes is the first and last window start of account's
+	// minute rows; ok is false when it has none.
+	AccountMinutes(ctx context.Context, account string) (first, last time.Time, ok bool, err error)
+	// DeleteCoarseRollups deletes account's hour, day and month rows of
+	// meters, and returns once they are gone.
+	DeleteCoarseRollups(ctx context.Context, account string, meters []string) error
+}
+
+// Rezone re-rolls account's hour, day and month windows of meters onto the
+// grid of its zone as zones give it now: it deletes them, then rebuilds
+// them from its minute rows, which a zone change does not move. Without
+// it the account's coarser windows hold rows on both zones' grids, and a
+// day or month counts the hours of both. Reads of those windows find
+// nothing between the deletion and their rebuild. Every process that rolls
+// up must have the new zone first, or it writes rows on the old grid again.
+func Rezone(ctx context.Context, store CoarseRollupStore, zones Zones, meters []meter.Meter, account string, log *slog.Logger) error {
+	first, last, ok, err := store.AccountMinutes(ctx, account)
+	if err != nil || !ok {
+		return err
+	}
+	keys := make([]string, len(meters))
+	for i, m := range meters {
+		keys[i] = m.Key
+	}
+	if err := store.DeleteCoarseRollups(ctx, account, keys); err != nil {
+		return err
+	}
+	// A month window can start up to a day before its first minute (east
+	// of UTC) and the last one ends after its last.
+	from, to := first.Add(-MaxSpan(Month)), last.Add(time.Minute)
+	return rebuildLevels(ctx, store, zones, meters, Granularities[1:], []string{account}, from, to, log)
 }
 
 // rebuildRange fills a zero from or to from the raw events' range; ok is
@@ -236,17 +272,19 @@ func rebuildRange(ctx context.Context, store RollupStore, from, to time.Time) (t
 	return from, to, true, nil
 }
 
-func rebuildLevels(ctx context.Context, store RollupStore, zones Zones, meters []meter.Meter, from, to time.Time, log *slog.Logger) error {
+// rebuildLevels rebuilds levels in order; only, when not nil, are the
+// accounts rebuilt (otherwise every account with raw events).
+func rebuildLevels(ctx context.Context, store RollupStore, zones Zones, meters []meter.Meter, levels []Granularity, only []string, from, to time.Time, log *slog.Logger) error {
 	zones = checkZones(zones, store, log)
-	for _, g := range Granularities {
-		if err := rebuildLevel(ctx, store, zones, meters, g, from, to, log); err != nil {
+	for _, g := range levels {
+		if err := rebuildLevel(ctx, store, zones, meters, g, only, from, to, log); err != nil {
 			return err
 		}
 	}
 	return nil
 }
 
-func rebuildLevel(ctx context.Context, store RollupStore, zones Zones, meters []meter.Meter, g Granularity, from, to time.Time, log *slog.Logger) error {
+func rebuildLevel(ctx context.Context, store RollupStore, zones Zones, meters []meter.Meter, g Granularity, only []string, from, to time.Time, log *slog.Logger) error {
 	for m := monthStart(from); m.Before(to); m = m.AddDate(0, 1, 0) {
 		lo, hi := m, m.AddDate(0, 1, 0)
 		if lo.Before(from) {
@@ -256,9 +294,12 @@ func rebuildLevel(ctx context.Context, store RollupStore, zones Zones, meters []
 			hi = to
 		}
 		// Accounts with events in any window that may start this month.
-		accounts, err := store.Accounts(ctx, lo.Add(-MaxSpan(Month)), hi.Add(MaxSpan(Month)))
-		if err != nil {
-			return err
+		accounts := only
+		if accounts == nil {
+			var err error
+			if accounts, err = store.Accounts(ctx, lo.Add(-MaxSpan(Month)), hi.Add(MaxSpan(Month))); err != nil {
+				return err
+			}
 		}
 		if len(accounts) == 0 {
 			continue
@@ -292,7 +333,11 @@ func rebuildLevel(ctx context.Context, store RollupStore, zones Zones, meters []
 		if err := runAll(ctx, jobs, 2, store.Rebuild); err != nil {
 			return err
 		}
-		log.Info("rebuilt rollups", "window", g, "month", m.Format("2006-01"), "accounts", len(accounts), "meters", len(meters))
+		if only == nil {
+			log.Info("rebuilt rollups", "window", g, "month", m.Format("2006-01"), "accounts", len(accounts), "meters", len(meters))
+		} else {
+			log.Debug("rebuilt rollups", "window", g, "month", m.Format("2006-01"), "accounts", len(accounts), "meters", len(meters))
+		}
 	}
 	return nil
 }

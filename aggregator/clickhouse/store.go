@@ -735,6 +735,46 @@ func (s *Store) DeleteRollups(ctx context.Context, meters []string, from, to tim
 	if found == 0 {
 		return nil
 	}
+	return s.deleteWhere(ctx, where)
+}
+
+// DeleteCoarseRollups deletes account's hour, day and month rows of meters,
+// and returns once they are gone: a zone change moves those windows, and
+// its minute rows, which do not move, are what they are rebuilt from.
+func (s *Store) DeleteCoarseRollups(ctx context.Context, account string, meters []string) error {
+	if len(meters) == 0 {
+		return nil
+	}
+	keys := make([]string, len(meters))
+	for i, m := range meters {
+		keys[i] = quote(m)
+	}
+	where := fmt.Sprintf("account_id = %s AND meter IN (%s) AND granularity IN ('hour', 'day', 'month')", quote(account), strings.Join(keys, ", "))
+	var found uint64
+	if err := s.conn.QueryRow(ctx, "SELECT count() FROM (SELECT 1 FROM usage_rollups WHERE "+where+" LIMIT 1)").Scan(&found); err != nil {
+		return fmt.Errorf("find rollups to delete: %w", err)
+	}
+	if found == 0 {
+		return nil
+	}
+	return s.deleteWhere(ctx, where)
+}
+
+// AccountMinutes is the first and last window start of account's minute
+// rows; ok is false when it has none.
+func (s *Store) AccountMinutes(ctx context.Context, account string) (time.Time, time.Time, bool, error) {
+	var n uint64
+	var first, last time.Time
+	if err := s.conn.QueryRow(ctx, `SELECT count(), min(window_start), max(window_start) FROM usage_rollups
+		WHERE account_id = ? AND granularity = 'minute'`, account).Scan(&n, &first, &last); err != nil {
+		return time.Time{}, time.Time{}, false, fmt.Errorf("minute rollups of account %s: %w", account, err)
+	}
+	return first, last, n > 0, nil
+}
+
+// deleteWhere deletes the rollup rows where says, and returns once the
+// mutation is done.
+func (s *Store) deleteWhere(ctx context.Context, where string) error {
 	if err := s.conn.Exec(ctx, "ALTER TABLE usage_rollups DELETE WHERE "+where); err != nil {
 		return fmt.Errorf("delete rollups: %w", err)
 	}

@@ -359,3 +359,97 @@ func (s *SpoolHolds) SpoolHolds(ctx context.Context) ([]schemas.SpoolHold, error
 	}
 	return out, nil
 }
+
+// Rezones tracks the accounts whose time zone changed since their rollups
+// were last re-rolled onto their zone's grid (migration 00120).
+type Rezones struct {
+	pool *pgxpool.Pool
+}
+
+// NewRezones returns a Rezones over pool.
+func NewRezones(pool *pgxpool.Pool) *Rezones { return &Rezones{pool: pool} }
+
+// Owed is an account whose rollups are owed a rezone: its zone changed at
+// ChangedAt (by Postgres's clock), to Zone.
+type Owed struct {
+	Account   string
+	Zone      string
+	ChangedAt time.Time
+}
+
+// Owed lists the accounts owed a rezone, in id order.
+func (r *Rezones) Owed(ctx context.Context) ([]Owed, error) {
+	rows, err := r.pool.Query(ctx, `SELECT id, timezone, timezone_changed_at FROM accounts
+		WHERE timezone_changed_at IS NOT NULL AND timezone_changed_at IS DISTINCT FROM rollups_rezoned_for
+		ORDER BY id`)
+	if err != nil {
+		return nil, fmt.Errorf("list accounts owed a rezone: %w", err)
+	}
+	out, err := pgx.CollectRows(rows, pgx.RowToStructByPos[Owed])
+	if err != nil {
+		return nil, fmt.Errorf("list accounts owed a rezone: %w", err)
+	}
+	return out, nil
+}
+
+// Lock takes account's rezone for this process, on a connection of its
+// own: two aggregators rezoning one account at once could each delete
+// rows the other has rebuilt. ok is false when another holds it. The lock
+// goes with the connection, so a process that dies lets it go; Done
+// records the rezone on the same connection and lets it go.
+func (r *Rezones) Lock(ctx context.Context, account string) (*RezoneLock, bool, error) {
+	c, err := r.pool.Acquire(ctx)
+	if err != nil {
+		return nil, false, fmt.Errorf("lock account %s's rezone: %w", account, err)
+	}
+	var ok bool
+	if err := c.QueryRow(ctx, "SELECT pg_try_advisory_lock(hashtext('tollgate rezone ' || $1))", account).Scan(&ok); err != nil {
+		c.Release()
+		return nil, false, fmt.Errorf("lock account %s's rezone: %w", account, err)
+	}
+	if !ok {
+		c.Release()
+		return nil, false, nil
+	}
+	return &RezoneLock{conn: c, account: account}, true, nil
+}
+
+// RezoneLock is one account's rezone, held.
+type RezoneLock struct {
+	conn    *pgxpool.Conn
+	account string
+}
+
+// Owed tells whether the account is still owed a rezone for its change at
+// changedAt: false when another process finished it before this one took
+// the lock, or when the zone changed again since (that change has its own
+// wait).
+func (l *RezoneLock) Owed(ctx context.Context, changedAt time.Time) (bool, error) {
+	var ok bool
+	err := l.conn.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM accounts WHERE id = $1
+		AND timezone_changed_at = $2 AND rollups_rezoned_for IS DISTINCT FROM timezone_changed_at)`, l.account, changedAt).Scan(&ok)
+	if err != nil {
+		return false, fmt.Errorf("check account %s's rezone: %w", l.account, err)
+	}
+	return ok, nil
+}
+
+// Done records that the rollups were rezoned for the change at changedAt.
+// A later change stays owed.
+func (l *RezoneLock) Done(ctx context.Context, changedAt time.Time) error {
+	if _, err := l.conn.Exec(ctx, "UPDATE accounts SET rollups_rezoned_for = $2, rollups_rezoned_at = now() WHERE id = $1", l.account, changedAt); err != nil {
+		return fmt.Errorf("record account %s's rezone: %w", l.account, err)
+	}
+	return nil
+}
+
+// Release lets the rezone go. A connection that cannot be unlocked is
+// closed, which lets it go too.
+func (l *RezoneLock) Release() {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if _, err := l.conn.Exec(ctx, "SELECT pg_advisory_unlock(hashtext('tollgate rezone ' || $1))", l.account); err != nil {
+		_ = l.conn.Conn().Close(ctx)
+	}
+	l.conn.Release()
+}

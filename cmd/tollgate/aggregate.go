@@ -43,6 +43,9 @@ type AggregateMain struct {
 	store   *aggch.Store
 	meters  *aggpg.Meters
 	zones   *aggpg.Zones
+	rezones *aggpg.Rezones
+	catalog *aggregator.Catalog
+	zoneTTL time.Duration
 	refresh time.Duration
 	bg      context.Context
 	stopBg  context.CancelFunc
@@ -70,7 +73,7 @@ func aggregateComponent(ctx context.Context, cfg Config, log *slog.Logger) ([]na
 // NewAggregateMain connects and listens on cfg.Aggregator.Listen.
 func NewAggregateMain(ctx context.Context, cfg Config, log *slog.Logger) (m *AggregateMain, err error) {
 	log = log.With("component", "aggregate")
-	m = &AggregateMain{log: log, Registry: prometheus.NewRegistry(), refresh: cfg.Aggregator.MetersRefresh, config: cfg.Meters}
+	m = &AggregateMain{log: log, Registry: prometheus.NewRegistry(), refresh: cfg.Aggregator.MetersRefresh, zoneTTL: cfg.Aggregator.ZoneCacheTTL, config: cfg.Meters}
 	m.bg, m.stopBg = context.WithCancel(context.Background())
 	self := m
 	defer func() {
@@ -92,6 +95,8 @@ func NewAggregateMain(ctx context.Context, cfg Config, log *slog.Logger) (m *Agg
 	}
 	m.store = aggch.NewStore(m.ch)
 	m.zones = aggpg.NewZones(m.pool, cfg.Aggregator.ZoneCacheTTL, log)
+	m.rezones = aggpg.NewRezones(m.pool)
+	m.catalog = catalog
 	if m.auditor, err = edgepg.NewAuditWriter(m.pool, time.Second, m.Registry, log); err != nil {
 		return nil, err
 	}
@@ -312,6 +317,102 @@ func (m *AggregateMain) rollUpConfigMeters(config []meter.Meter, store *aggpg.Me
 	})
 }
 
+// rezoneChanged re-rolls, in the background, the hour, day and month
+// rollups of every account whose time zone changed (aggregator.Rezone), as
+// long as the process runs. A change is acted on zone_cache_ttl plus 2 s
+// after this process first sees it: by then every ingest process reads the
+// new zone, and none writes rows on the old grid after the deletion. A
+// rezone that fails is tried again on a later look; one cut short (the
+// process stopped or killed) stays owed, and the next aggregator does it.
+func (m *AggregateMain) rezoneChanged() {
+	m.background(func() {
+		every := min(5*time.Second, m.zoneTTL)
+		t := time.NewTicker(every)
+		defer t.Stop()
+		seen := map[string]rezoneSeen{}
+		for {
+			m.rezoneDue(seen)
+			select {
+			case <-m.bg.Done():
+				return
+			case <-t.C:
+			}
+		}
+	})
+}
+
+// rezoneSeen is an owed rezone this process has seen: the change's time,
+// and when it was first seen.
+type rezoneSeen struct {
+	changedAt time.Time
+	at        time.Time
+}
+
+// rezoneDue does the owed rezones whose wait is over.
+func (m *AggregateMain) rezoneDue(seen map[string]rezoneSeen) {
+	owed, err := m.rezones.Owed(m.bg)
+	if err != nil {
+		m.log.Error("cannot list the accounts whose time zone changed; their rollups are re-rolled on a later look", "err", err)
+		return
+	}
+	now := time.Now()
+	still := map[string]bool{}
+	for _, o := range owed {
+		still[o.Account] = true
+		s, ok := seen[o.Account]
+		if !ok || !s.changedAt.Equal(o.ChangedAt) {
+			seen[o.Account] = rezoneSeen{changedAt: o.ChangedAt, at: now}
+			m.log.Info("account time zone changed; its hour, day and month rollups are re-rolled once every process reads the new zone",
+				"account", o.Account, "timezone", o.Zone, "changed_at", o.ChangedAt, "after", m.zoneTTL+2*time.Second)
+			continue
+		}
+		if now.Sub(s.at) < m.zoneTTL+2*time.Second {
+			continue
+		}
+		if err := m.rezone(o); err != nil {
+			if m.bg.Err() != nil {
+				return // stopping: still owed, to the next aggregator
+			}
+			m.log.Error("re-roll an account's rollups onto its new time zone; tried again on a later look", "account", o.Account, "timezone", o.Zone, "err", err)
+			continue
+		}
+		delete(seen, o.Account)
+	}
+	for a := range seen {
+		if !still[a] {
+			delete(seen, a) // done by another aggregator
+		}
+	}
+}
+
+// rezone does one owed rezone, unless another aggregator is doing it or
+// the zone changed again since o was read.
+func (m *AggregateMain) rezone(o aggpg.Owed) error {
+	lock, ok, err := m.rezones.Lock(m.bg, o.Account)
+	if err != nil || !ok {
+		return err
+	}
+	defer lock.Release()
+	if ok, err := lock.Owed(m.bg, o.ChangedAt); err != nil || !ok {
+		return err
+	}
+	meters, err := m.catalog.Meters(m.bg)
+	if err != nil {
+		return err
+	}
+	// The zone as read with the change, not through the cache: the
+	// account's zone as of o.ChangedAt, which lock.Owed says still holds.
+	zones := aggregator.StaticZones{o.Account: o.Zone}
+	if err := aggregator.Rezone(m.bg, m.store, zones, meters, o.Account, m.log); err != nil {
+		return err
+	}
+	if err := lock.Done(m.bg, o.ChangedAt); err != nil {
+		return err
+	}
+	m.log.Info("account rollups re-rolled onto its time zone", "account", o.Account, "timezone", o.Zone, "meters", len(meters))
+	return nil
+}
+
 // Addr is the address the usage API listens on.
 func (m *AggregateMain) Addr() string { return m.ln.Addr().String() }
 
@@ -333,6 +434,7 @@ func (m *AggregateMain) Run(ctx context.Context) error {
 		m.log.Error("cannot list the meters whose backfill never finished; they are backfilled when an aggregator next starts", "err", err)
 	}
 	m.rollUpConfigMeters(m.config, m.meters)
+	m.rezoneChanged()
 	if m.metrics != nil {
 		m.log.Info("metrics listening", "addr", m.MetricsAddr())
 		go func() {

@@ -1,0 +1,107 @@
+package main
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/tollgate-dev/tollgate/aggregator"
+	aggch "github.com/tollgate-dev/tollgate/aggregator/clickhouse"
+	aggpg "github.com/tollgate-dev/tollgate/aggregator/postgres"
+	"github.com/tollgate-dev/tollgate/ingest"
+	"github.com/tollgate-dev/tollgate/internal/testenv"
+	"github.com/tollgate-dev/tollgate/schemas"
+)
+
+// inZone is evs with account's windows moved to zone's grid.
+func inZone(t *testing.T, evs []rebuildEvent, account, zone string) []rebuildEvent {
+	t.Helper()
+	loc, err := time.LoadLocation(zone)
+	testenv.Must(t, err, "load "+zone)
+	out := make([]rebuildEvent, len(evs))
+	for i, e := range evs {
+		if e.account == account {
+			l := mustTime(t, e.at).In(loc)
+			e.hour = time.Date(l.Year(), l.Month(), l.Day(), l.Hour(), 0, 0, 0, loc).UTC().Format(time.RFC3339)
+			e.day = time.Date(l.Year(), l.Month(), l.Day(), 0, 0, 0, 0, loc).UTC().Format(time.RFC3339)
+			e.month = time.Date(l.Year(), l.Month(), 1, 0, 0, 0, 0, loc).UTC().Format(time.RFC3339)
+		}
+		out[i] = e
+	}
+	return out
+}
+
+// TestAnAccountsZoneChangeReRollsItsRollups: an account's hour, day and
+// month rollups are on its zone's grid. After its zone changes, an event
+// rolled up on the new grid sat beside the old grid's rows, and a month
+// counted the hours of both until an operator ran a rebuild. The
+// aggregator now re-rolls the account's coarser windows by itself, once
+// every process has had zone_cache_ttl (plus 2 s) to read the new zone,
+// and leaves the other accounts' rows alone.
+func TestAnAccountsZoneChangeReRollsItsRollups(t *testing.T) {
+	pg, ch, evs := landRebuildEvents(t)
+	ctx := context.Background()
+	log := quietLog()
+	store := aggch.NewStore(ch.Conn)
+	testenv.Must(t, aggregator.RebuildAll(ctx, store, aggpg.NewZones(pg.Pool, time.Minute, log), rebuildMeters, time.Time{}, time.Time{}, log),
+		"roll up the events in their accounts' zones")
+	compareRollups(t, "before the change", readRollups(t, ch), expectedRollups(t, evs))
+
+	// The configuration file's meters as rolled up already, so that the
+	// aggregator does not replace them itself (rollUpConfigMeters).
+	ttl := 300 * time.Millisecond
+	cfg := testConfig(t, pg, ch, "unused")
+	cfg.Meters = rebuildMeters[:1]
+	cfg.Aggregator.ZoneCacheTTL = ttl
+	created, err := aggpg.NewMeters(pg.Pool).Create(ctx, rebuildMeters[1])
+	testenv.Must(t, err, "store the admin-API meter")
+	if !created {
+		t.Fatal("the admin-API meter was not created")
+	}
+	testenv.Must(t, aggpg.NewMeters(pg.Pool).ConfigRolledUp(ctx, rebuildMeters[0]), "record the configured meter as rolled up")
+
+	m, err := NewAggregateMain(ctx, cfg, log)
+	testenv.Must(t, err, "start the aggregator")
+	runCtx, stop := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- m.Run(runCtx) }()
+	t.Cleanup(func() {
+		stop()
+		<-done
+		_ = m.Close()
+	})
+
+	const zone = "America/New_York"
+	_, err = pg.Pool.Exec(ctx, "UPDATE accounts SET timezone = $1 WHERE id = 'acct_kolkata'", zone)
+	testenv.Must(t, err, "change the account's zone")
+	// An event after the change, rolled up by an ingest process that has
+	// the new zone already: its windows on the new grid join the old
+	// grid's rows.
+	late := rebuildEvent{account: "acct_kolkata", env: "live", typ: "api_call", route: "/v1/b", bytes: 9, at: "2026-01-31T20:00:00Z"}
+	late.id = evs[0].id
+	late.id[0] ^= 0xff
+	insertRebuildEvents(t, ch, []rebuildEvent{late})
+	roller := aggregator.NewRoller(aggregator.StaticMeters(rebuildMeters), aggregator.StaticZones{"acct_kolkata": zone}, store, log)
+	testenv.Must(t, roller.Landed(ctx, []ingest.Record{{Event: schemas.Event{AccountID: "acct_kolkata", Environment: schemas.Live,
+		Type: "api_call", Time: mustTime(t, late.at)}}}), "roll up the event after the change")
+
+	var changed, rezoned time.Time
+	for deadline := time.Now().Add(60 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+		var at *time.Time
+		var done bool
+		testenv.Must(t, pg.Pool.QueryRow(ctx, `SELECT timezone_changed_at, rollups_rezoned_at,
+			rollups_rezoned_for IS NOT DISTINCT FROM timezone_changed_at FROM accounts WHERE id = 'acct_kolkata'`).Scan(&changed, &at, &done), "read the account")
+		if done && at != nil {
+			rezoned = *at
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the account's rollups were not re-rolled onto its new zone within 60 s")
+		}
+	}
+	if wait := rezoned.Sub(changed); wait < ttl+2*time.Second {
+		t.Errorf("re-rolled %v after the zone change; every process has the new zone only after zone_cache_ttl (%v) plus 2 s", wait, ttl)
+	}
+	want := expectedRollups(t, inZone(t, append(evs, late), "acct_kolkata", zone))
+	compareRollups(t, "after the change", readRollups(t, ch), want)
+}

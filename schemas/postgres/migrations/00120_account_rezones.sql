@@ -1,0 +1,27 @@
+-- +goose Up
+-- An account's hour, day and month rollups are computed on its time zone's
+-- grid. When the zone changes, an aggregator re-rolls the account's
+-- coarser windows from its minute rows once every ingest process has the
+-- new zone (aggregator.zone_cache_ttl). timezone_changed_at records the
+-- change; rollups_rezoned_for is the timezone_changed_at the last finished
+-- re-roll was for (they differ while one is owed), rollups_rezoned_at when
+-- it finished.
+ALTER TABLE accounts ADD COLUMN timezone_changed_at timestamptz, ADD COLUMN rollups_rezoned_for timestamptz,
+    ADD COLUMN rollups_rezoned_at timestamptz;
+-- +goose StatementBegin
+CREATE FUNCTION tollgate_account_zone_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    NEW.timezone_changed_at := clock_timestamp();
+    RETURN NEW;
+END;
+$$;
+-- +goose StatementEnd
+CREATE TRIGGER accounts_zone_changed
+    BEFORE UPDATE OF timezone ON accounts
+    FOR EACH ROW WHEN (OLD.timezone IS DISTINCT FROM NEW.timezone)
+    EXECUTE FUNCTION tollgate_account_zone_changed();
+
+-- +goose Down
+DROP TRIGGER accounts_zone_changed ON accounts;
+DROP FUNCTION tollgate_account_zone_changed();
+ALTER TABLE accounts DROP COLUMN timezone_changed_at, DROP COLUMN rollups_rezoned_for, DROP COLUMN rollups_rezoned_at;
