@@ -11,6 +11,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -518,6 +519,57 @@ func TestReportEventsRefusesWhatWouldNotCount(t *testing.T) {
 	evs := edgetest.ReadTopic(t, env.Brokers, env.Topic, 1, 20*time.Second)
 	if len(evs) != 1 || evs[0].ClientID != "ok" || evs[0].Units != schemas.MaxUnits {
 		t.Fatalf("topic holds %+v, want only the accepted item", evs)
+	}
+}
+
+// Text that JSON decoding would change is refused: Go's decoder turns bytes
+// that are not UTF-8 and lone surrogate escapes into U+FFFD, so "order-caf\xe9"
+// and "order-caf\xe8" became one id, and the second event was dropped
+// downstream as a retry of the first. Surrogate pairs, an escaped U+FFFD
+// and an escaped backslash before "u" are text like any other.
+func TestReportEventsRefusesTextThatDecodingWouldChange(t *testing.T) {
+	env := edgetest.New(t)
+	in := env.Start(t, edgetest.Options{})
+	key, _ := env.Key(t, "acct_utf8", edge.Secret, schemas.Live)
+	at := time.Now().UTC().Add(-time.Minute).Format(time.RFC3339Nano)
+	items := []struct{ item, field string }{
+		{`{"id":"order-caf` + "\xe9" + `","type":"tokens","time":"AT"}`, "id"},
+		{`{"id":"order-caf` + "\xe8" + `","type":"tokens","time":"AT"}`, "id"},
+		{`{"id":"lone-\ud800","type":"tokens","time":"AT"}`, "id"},
+		{`{"id":"low-\udc00x","type":"tokens","time":"AT"}`, "id"},
+		{`{"id":"dim","type":"tokens","time":"AT","dimensions":{"model":"m` + "\xff" + `"}}`, "dimensions.model"},
+		{`{"id":"pair-\ud83d\ude00","type":"tokens","time":"AT"}`, ""},
+		{`{"id":"replacement-\ufffd","type":"tokens","time":"AT"}`, ""},
+		{`{"id":"backslash-\\ud800","type":"tokens","time":"AT"}`, ""},
+	}
+	var parts []string
+	for _, it := range items {
+		parts = append(parts, strings.ReplaceAll(it.item, "AT", at))
+	}
+	r := edgetest.Do(t, "POST", in.URL+"/v1/events", key, strings.NewReader(`{"events":[`+strings.Join(parts, ",")+`]}`))
+	var res edge.BatchResult
+	if r.Status != 200 || json.Unmarshal(r.Body, &res) != nil {
+		t.Fatalf("status %d body %s", r.Status, r.Body)
+	}
+	for i, item := range res.Results {
+		switch want := items[i].field; {
+		case want == "" && item.Status != "accepted":
+			t.Errorf("item %d (%s): %+v, want accepted", i, items[i].item, item)
+		case want != "" && (item.Status != "rejected" || len(item.Errors) != 1 || item.Errors[0].Field != want):
+			t.Errorf("item %d (%s): %+v, want rejected on %q alone", i, items[i].item, item, want)
+		}
+	}
+	if res.Accepted != 3 || res.Rejected != 5 {
+		t.Fatalf("result %+v, want 3 accepted and 5 rejected", res)
+	}
+	evs := edgetest.ReadTopic(t, env.Brokers, env.Topic, 3, 20*time.Second)
+	var got []string
+	for _, e := range evs {
+		got = append(got, e.ClientID)
+	}
+	slices.Sort(got)
+	if want := []string{`backslash-\ud800`, "pair-\U0001F600", "replacement-\uFFFD"}; !slices.Equal(got, want) {
+		t.Fatalf("topic holds client ids %q, want %q", got, want)
 	}
 }
 

@@ -6,10 +6,14 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net/http"
 	"reflect"
+	"slices"
+	"strconv"
 	"strings"
 	"time"
+	"unicode/utf8"
 
 	"github.com/google/uuid"
 	"github.com/labstack/echo/v4"
@@ -282,6 +286,7 @@ func (s *Server) reportedEvent(k *Key, raw json.RawMessage, now time.Time) (sche
 	if re.ID == "" {
 		ps = append(ps, schemas.FieldError{Field: "id", Reason: "required: the client's own event id makes retries safe"})
 	}
+	ps = append(ps, brokenText(raw, &re)...)
 	if re.Time.IsZero() {
 		ps = append(ps, schemas.FieldError{Field: "time", Reason: "required (RFC 3339)"})
 	} else if oldest := now.Add(-s.cfg.MaxEventAge); re.Time.Before(oldest) && re.Time.Year() >= 2000 {
@@ -319,4 +324,78 @@ func (s *Server) reportedEvent(k *Key, raw json.RawMessage, now time.Time) (sche
 		}
 	}
 	return ev, re.ID, ps
+}
+
+// brokenText reports the strings of re that JSON decoding changed: Go's
+// decoder turns bytes that are not UTF-8, and an escaped lone UTF-16
+// surrogate, into U+FFFD. Two ids that differ only there would decode to
+// one id and one event id, and the second client event would be dropped
+// downstream as a retry of the first; two dimension values would be
+// counted as one. A U+FFFD the client sent as such is kept.
+func brokenText(raw []byte, re *ReportedEvent) []schemas.FieldError {
+	const why = "not valid UTF-8 (or a lone UTF-16 surrogate escape): it could not be told apart from other text"
+	changed := func(s string) bool { return strings.ContainsRune(s, utf8.RuneError) }
+	if !changed(re.ID) && !changed(re.Type) && !mapChanged(re.Dimensions, changed) {
+		return nil
+	}
+	if utf8.Valid(raw) && !loneSurrogate(raw) {
+		return nil
+	}
+	var ps []schemas.FieldError
+	if changed(re.ID) {
+		ps = append(ps, schemas.FieldError{Field: "id", Reason: why})
+	}
+	if changed(re.Type) {
+		ps = append(ps, schemas.FieldError{Field: "type", Reason: why})
+	}
+	for _, k := range slices.Sorted(maps.Keys(re.Dimensions)) {
+		if changed(k) || changed(re.Dimensions[k]) {
+			ps = append(ps, schemas.FieldError{Field: "dimensions." + k, Reason: why})
+		}
+	}
+	return ps
+}
+
+func mapChanged(m map[string]string, changed func(string) bool) bool {
+	for k, v := range m {
+		if changed(k) || changed(v) {
+			return true
+		}
+	}
+	return false
+}
+
+// loneSurrogate reports whether JSON text holds a \u escape of a UTF-16
+// surrogate that is not half of a pair.
+func loneSurrogate(raw []byte) bool {
+	hex4 := func(b []byte) (rune, bool) {
+		if len(b) < 6 || b[0] != '\\' || b[1] != 'u' {
+			return 0, false
+		}
+		n, err := strconv.ParseUint(string(b[2:6]), 16, 16)
+		return rune(n), err == nil
+	}
+	for i := 0; i < len(raw); i++ {
+		if raw[i] != '\\' || i+1 >= len(raw) {
+			continue
+		}
+		r, ok := hex4(raw[i:])
+		if !ok {
+			i++ // another escape: skip its second byte (it may be a backslash)
+			continue
+		}
+		switch {
+		case r >= 0xD800 && r < 0xDC00:
+			low, ok := hex4(raw[min(i+6, len(raw)):])
+			if !ok || low < 0xDC00 || low > 0xDFFF {
+				return true
+			}
+			i += 11
+		case r >= 0xDC00 && r <= 0xDFFF:
+			return true
+		default:
+			i += 5
+		}
+	}
+	return false
 }
