@@ -139,8 +139,14 @@ func (a *Admin) view(k Key) KeyView {
 		Name: k.Name, DisplayPrefix: k.DisplayPrefix, Scopes: k.Scopes, ExpiresAt: k.ExpiresAt,
 		RevokedAt: k.RevokedAt, RolledFrom: k.RolledFrom, Status: "active",
 	}
-	if v.Scopes == nil {
-		v.Scopes = []string{}
+	if len(v.Scopes) == 0 {
+		// A key created without scopes, shown as what it grants (as the
+		// upstream sees it in Tollgate-Scopes): an empty list read as "no
+		// access" when it is every access on a secret key.
+		v.Scopes = []string{"*"}
+		if k.Kind == Publishable {
+			v.Scopes = []string{"*:read"}
+		}
 	}
 	if !k.CreatedAt.IsZero() {
 		t := k.CreatedAt
@@ -294,7 +300,12 @@ func keyParam(c echo.Context) (string, error) {
 }
 
 // validScopes checks scopes and refuses write scopes on publishable keys.
+// An empty list given as such is refused: a key without scopes has every
+// scope its kind allows, the opposite of what "scopes": [] asks for.
 func validScopes(kind KeyKind, scopes []string) error {
+	if scopes != nil && len(scopes) == 0 {
+		return fmt.Errorf("%w: scopes is empty; a key with no scopes would be one that can do nothing, and a key created without scopes has every scope its kind allows (leave scopes out for that)", ErrInvalid)
+	}
 	for _, s := range scopes {
 		if !visibleASCII(s, 64) || strings.Contains(s, ",") {
 			return fmt.Errorf("%w: bad scope %q", ErrInvalid, s)

@@ -90,6 +90,15 @@ func TestAdminKeyLifecycle(t *testing.T) {
 			t.Fatalf("account id %q: %d %q, want 400 invalid_request", bad, s, errBody.Error.Code)
 		}
 	}
+	// An empty list asks for a key that can do nothing; a key without
+	// scopes can do everything, so it is refused rather than read as that.
+	if s := admin.call("POST", "/admin/v1/accounts/acct_adm/keys", adminToken, `{"kind":"secret","scopes":[]}`, &errBody); s != 400 || errBody.Error.Code != "invalid_request" {
+		t.Fatalf("scopes []: %d %q, want 400 invalid_request", s, errBody.Error.Code)
+	}
+	// A key created without scopes is listed with what it grants.
+	if got := created.Key.Scopes; !slices.Equal(got, []string{"*"}) {
+		t.Fatalf("a secret key created without scopes is shown with scopes %q, want [*]", got)
+	}
 	for _, bad := range []string{`"a\r\nX-Evil: 1"`, `"a b"`, `"a,b"`, `""`} {
 		if s := admin.call("POST", "/admin/v1/accounts/acct_adm/keys", adminToken, `{"scopes":[`+bad+`]}`, &errBody); s != 400 {
 			t.Fatalf("scope %s: %d, want 400", bad, s)
