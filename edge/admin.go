@@ -22,6 +22,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/tollgate-dev/tollgate/internal/caltime"
 	"github.com/tollgate-dev/tollgate/schemas"
 )
 
@@ -172,7 +173,8 @@ type CreatedKey struct {
 
 func (a *Admin) putAccount(c echo.Context) error {
 	var in struct {
-		Name string `json:"name"`
+		Name     *string `json:"name"`
+		TimeZone *string `json:"timezone"`
 	}
 	if err := bind(c, &in); err != nil {
 		return err
@@ -181,16 +183,25 @@ func (a *Admin) putAccount(c echo.Context) error {
 	if err != nil {
 		return err
 	}
-	if err := validText("name", in.Name, maxNameBytes); err != nil {
+	if in.Name != nil {
+		if err := validText("name", *in.Name, maxNameBytes); err != nil {
+			return err
+		}
+		if *in.Name == "" {
+			in.Name = nil
+		}
+	}
+	if in.TimeZone != nil {
+		// An IANA name Go loads; "" or "Local" would mean this machine's.
+		if _, err := caltime.LoadZone(*in.TimeZone); err != nil || *in.TimeZone == "" || *in.TimeZone == "Local" {
+			return fmt.Errorf("%w: timezone %s: want an IANA zone name such as \"Europe/Berlin\" or \"UTC\"", ErrInvalid, strconv.QuoteToASCII(*in.TimeZone))
+		}
+	}
+	acct, err := a.deps.Store.PutAccount(c.Request().Context(), id, in.Name, in.TimeZone)
+	if err != nil {
 		return err
 	}
-	if in.Name == "" {
-		in.Name = id
-	}
-	if err := a.deps.Store.EnsureAccount(c.Request().Context(), id, in.Name); err != nil {
-		return err
-	}
-	return c.JSON(http.StatusOK, map[string]string{"id": id, "name": in.Name})
+	return c.JSON(http.StatusOK, acct)
 }
 
 type keyRequest struct {

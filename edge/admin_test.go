@@ -259,6 +259,47 @@ func TestARollWithoutOverlapEndsTheOldKeyEverywhere(t *testing.T) {
 	}
 }
 
+// PUT on an account sets what it is given and keeps the rest: a rename used
+// to answer 200 with the new name and store nothing. A zone change is
+// recorded for the aggregator, which re-rolls the account's rollups on it.
+func TestAdminPutAccountUpdatesIt(t *testing.T) {
+	env := edgetest.New(t)
+	in := env.Start(t, edgetest.Options{})
+	admin := startAdmin(t, env, in.Audit)
+	put := func(body string, want edge.Account) {
+		t.Helper()
+		var got edge.Account
+		if s := admin.call("PUT", "/admin/v1/accounts/"+want.ID, adminToken, body, &got); s != 200 || got != want {
+			t.Fatalf("PUT %s: %d %+v, want 200 %+v", body, s, got, want)
+		}
+		var stored edge.Account
+		testenv.Must(t, env.PG.Pool.QueryRow(context.Background(), "SELECT id, name, timezone FROM accounts WHERE id = $1", want.ID).
+			Scan(&stored.ID, &stored.Name, &stored.TimeZone), "read the account")
+		if stored != want {
+			t.Fatalf("PUT %s: stored %+v, want %+v", body, stored, want)
+		}
+	}
+	put(`{"name":"Old Name"}`, edge.Account{ID: "acct_put", Name: "Old Name", TimeZone: "UTC"})
+	put(`{"name":"New Name"}`, edge.Account{ID: "acct_put", Name: "New Name", TimeZone: "UTC"})
+	put(`{}`, edge.Account{ID: "acct_put", Name: "New Name", TimeZone: "UTC"})
+	put(`{"timezone":"Asia/Tokyo"}`, edge.Account{ID: "acct_put", Name: "New Name", TimeZone: "Asia/Tokyo"})
+	put(`{}`, edge.Account{ID: "acct_new", Name: "acct_new", TimeZone: "UTC"})
+	put(`{"name":"Zoned","timezone":"Europe/Berlin"}`, edge.Account{ID: "acct_zoned", Name: "Zoned", TimeZone: "Europe/Berlin"})
+
+	var changed *time.Time
+	testenv.Must(t, env.PG.Pool.QueryRow(context.Background(), "SELECT timezone_changed_at FROM accounts WHERE id = 'acct_put'").Scan(&changed), "read the zone change")
+	if changed == nil {
+		t.Fatal("the zone change was not recorded (accounts.timezone_changed_at)")
+	}
+	var errBody struct{ Error edge.APIError }
+	for _, bad := range []string{`{"timezone":"Mars/Olympus_Mons"}`, `{"timezone":""}`, `{"timezone":"Local"}`, `{"timezone":3}`} {
+		if s := admin.call("PUT", "/admin/v1/accounts/acct_put", adminToken, bad, &errBody); s != 400 {
+			t.Fatalf("PUT %s: %d %+v, want 400", bad, s, errBody.Error)
+		}
+	}
+	put(`{}`, edge.Account{ID: "acct_put", Name: "New Name", TimeZone: "Asia/Tokyo"})
+}
+
 // Text Postgres cannot store (a NUL, invalid UTF-8) and ids no key or
 // account could have get a 4xx, never a 500; a revoke whose reason was
 // refused used to roll back behind a 500 and leave the key active.

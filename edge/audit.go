@@ -58,10 +58,21 @@ type NewKey struct {
 	Audit      AuditInfo
 }
 
+// Account is an account as the admin API shows it.
+type Account struct {
+	ID       string `json:"id"`
+	Name     string `json:"name"`
+	TimeZone string `json:"timezone"`
+}
+
 // AdminStore is the key lifecycle the admin API drives. Every change writes
 // its audit row in the same transaction.
 type AdminStore interface {
 	EnsureAccount(ctx context.Context, id, name string) error
+	// PutAccount creates the account (and both its environments) or
+	// updates it, and returns it as stored. A nil name or zone keeps the
+	// stored one (a new account's name is its id, its zone UTC).
+	PutAccount(ctx context.Context, id string, name, timezone *string) (Account, error)
 	CreateKey(ctx context.Context, nk NewKey) error
 	ListKeys(ctx context.Context, accountID string) ([]Key, error)
 	GetKey(ctx context.Context, id string) (Key, error)

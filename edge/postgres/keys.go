@@ -249,6 +249,30 @@ func (s *KeyStore) RevokeKey(ctx context.Context, id string, at time.Time, info 
 	return k, err
 }
 
+// PutAccount creates or updates the account (edge.AdminStore). A zone
+// change is recorded by a trigger (migration 00120), which the aggregator
+// re-rolls the account's rollups on, and announced to every edge (00100).
+func (s *KeyStore) PutAccount(ctx context.Context, id string, name, timezone *string) (edge.Account, error) {
+	var a edge.Account
+	err := s.pool.QueryRow(ctx, `
+		WITH a AS (
+			INSERT INTO accounts (id, name, timezone) VALUES ($1, COALESCE($2, $1), COALESCE($3, 'UTC'))
+			ON CONFLICT (id) DO UPDATE SET name = COALESCE($2, accounts.name), timezone = COALESCE($3, accounts.timezone)
+			RETURNING id, name, timezone
+		), e AS (
+			INSERT INTO environments (account_id, mode) VALUES ($1, 'live'), ($1, 'test') ON CONFLICT DO NOTHING
+		)
+		SELECT id, name, timezone FROM a`, id, name, timezone).Scan(&a.ID, &a.Name, &a.TimeZone)
+	var pe *pgconn.PgError
+	if errors.As(err, &pe) && pe.Code == "23514" {
+		return a, fmt.Errorf("%w: account id %q: letters, digits and _ . : - only, at most 64", edge.ErrInvalid, id)
+	}
+	if err != nil {
+		return a, fmt.Errorf("put account %s: %w", id, err)
+	}
+	return a, nil
+}
+
 // EnsureAccount creates the account and both its environments if missing.
 func (s *KeyStore) EnsureAccount(ctx context.Context, id, name string) error {
 	_, err := s.pool.Exec(ctx, `
