@@ -29,6 +29,9 @@ import (
 // DefaultRollOverlap is how long a rolled key keeps working by default.
 const DefaultRollOverlap = 24 * time.Hour
 
+// MinRollOverlap is the shortest overlap a roll takes other than 0s.
+const MinRollOverlap = time.Second
+
 // AdminDeps are the admin API's collaborators.
 type AdminDeps struct {
 	Store   AdminStore
@@ -423,6 +426,11 @@ func (a *Admin) rollKey(c echo.Context) error {
 		if err != nil || d < 0 || d > 90*24*time.Hour {
 			return fmt.Errorf("%w: overlap must be a duration between 0s and 2160h", ErrInvalid)
 		}
+		// An overlap of a moment is an expiry now, which an edge whose
+		// clock is behind keeps serving; 0s revokes at once instead.
+		if d > 0 && d < MinRollOverlap {
+			return fmt.Errorf("%w: overlap must be 0s (the old key ends at once) or at least %s", ErrInvalid, MinRollOverlap)
+		}
 		overlap = d
 	}
 	ctx := c.Request().Context()
@@ -445,7 +453,8 @@ func (a *Admin) rollKey(c echo.Context) error {
 		ExpiresAt: old.ExpiresAt, RolledFrom: old.ID, Audit: a.info(c, "rolled with overlap "+overlap.String())}
 	// An overlap of 0s ends the old key at once: revoked, since an expiry
 	// is read against each edge's own clock.
-	prev, err := a.deps.Store.RollKey(ctx, old.ID, nk, a.now().Add(overlap), overlap == 0)
+	now := a.now()
+	prev, err := a.deps.Store.RollKey(ctx, old.ID, nk, now, now.Add(overlap), overlap == 0)
 	if err != nil {
 		return err
 	}

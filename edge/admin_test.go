@@ -13,6 +13,7 @@ import (
 	"net/http/httptest"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -256,6 +257,55 @@ func TestARollWithoutOverlapEndsTheOldKeyEverywhere(t *testing.T) {
 		if r := edgetest.Do(t, "GET", e.URL+"/v1/x", rolled.Secret, nil); r.Status != 200 {
 			t.Fatalf("the new key: %d", r.Status)
 		}
+	}
+}
+
+// Two rolls of one key at once make one replacement, and the other is told
+// why (409), not that the key does not exist (a 404 it got when the
+// replacement revoked the key under it). A key whose replacement was
+// revoked is still rolled once, and the 409 says to create a key instead.
+// An overlap of a moment is refused: it is an expiry now, which an edge
+// whose clock is behind keeps serving.
+func TestRollRacesAndRevokedReplacements(t *testing.T) {
+	env := edgetest.New(t)
+	in := env.Start(t, edgetest.Options{})
+	admin := startAdmin(t, env, in.Audit)
+	for round := range 5 {
+		_, id := env.Key(t, "acct_rollrace", edge.Secret, schemas.Live)
+		statuses := make([]int, 2)
+		var wg sync.WaitGroup
+		for i := range statuses {
+			wg.Go(func() {
+				var out map[string]any
+				statuses[i] = admin.call("POST", "/admin/v1/keys/"+id+"/roll", adminToken, `{"overlap":"0s"}`, &out)
+			})
+		}
+		wg.Wait()
+		slices.Sort(statuses)
+		if !slices.Equal(statuses, []int{201, 409}) {
+			t.Fatalf("round %d: two rolls at once answered %v, want one 201 and one 409", round, statuses)
+		}
+	}
+
+	_, id := env.Key(t, "acct_rollrace", edge.Secret, schemas.Live)
+	var errBody struct{ Error edge.APIError }
+	for _, moment := range []string{"1ns", "1ms", "999ms"} {
+		if s := admin.call("POST", "/admin/v1/keys/"+id+"/roll", adminToken, `{"overlap":"`+moment+`"}`, &errBody); s != 400 || errBody.Error.Code != "invalid_request" {
+			t.Fatalf("overlap %s: %d %+v, want 400 invalid_request", moment, s, errBody.Error)
+		}
+	}
+	var first edge.CreatedKey
+	if s := admin.call("POST", "/admin/v1/keys/"+id+"/roll", adminToken, `{"overlap":"1h"}`, &first); s != 201 {
+		t.Fatalf("roll: %d", s)
+	}
+	if s := admin.call("POST", "/admin/v1/keys/"+id+"/roll", adminToken, `{"overlap":"1h"}`, &errBody); s != 409 {
+		t.Fatalf("roll of a key rolled already: %d, want 409", s)
+	}
+	if s := admin.call("POST", "/admin/v1/keys/"+first.Key.ID+"/revoke", adminToken, `{"reason":"sent to the wrong team"}`, nil); s != 200 {
+		t.Fatalf("revoke the replacement: %d", s)
+	}
+	if s := admin.call("POST", "/admin/v1/keys/"+id+"/roll", adminToken, `{"overlap":"1h"}`, &errBody); s != 409 || !strings.Contains(errBody.Error.Message, "create a new key") {
+		t.Fatalf("roll again after the replacement was revoked: %d %+v, want 409 saying to create a new key", s, errBody.Error)
 	}
 }
 

@@ -79,7 +79,9 @@ type AdminStore interface {
 	// RollKey creates nk and sets the old key to expire at oldExpiresAt
 	// (never later than an expiry it already has); with endNow it revokes
 	// the old key instead, at oldExpiresAt, so that no edge whose clock is
-	// behind serves it for the difference.
-	RollKey(ctx context.Context, oldID string, nk NewKey, oldExpiresAt time.Time, endNow bool) (Key, error)
+	// behind serves it for the difference. It is decided with the old key
+	// locked: one that is revoked, expired at now, or rolled already (to a
+	// replacement not revoked since) is ErrConflict.
+	RollKey(ctx context.Context, oldID string, nk NewKey, now, oldExpiresAt time.Time, endNow bool) (Key, error)
 	RevokeKey(ctx context.Context, id string, at time.Time, info AuditInfo) (Key, error)
 }

@@ -192,28 +192,41 @@ func (s *KeyStore) CreateKey(ctx context.Context, nk edge.NewKey) error {
 
 // RollKey creates nk and makes the old key expire at oldExpiresAt (or its
 // own earlier expiry), in one transaction with both audit rows.
-func (s *KeyStore) RollKey(ctx context.Context, oldID string, nk edge.NewKey, oldExpiresAt time.Time, endNow bool) (edge.Key, error) {
+func (s *KeyStore) RollKey(ctx context.Context, oldID string, nk edge.NewKey, now, oldExpiresAt time.Time, endNow bool) (edge.Key, error) {
 	var old edge.Key
 	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
+		// The row is locked first, so that a concurrent roll or revoke of
+		// the same key waits, and everything below is decided on what it
+		// left: a roll that lost a race is told why, as one that came
+		// after would be.
 		var err error
-		old, err = scanKey(tx.QueryRow(ctx, `
-			UPDATE api_keys k SET expires_at = LEAST(coalesce(k.expires_at, $2), $2),
-				revoked_at = CASE WHEN $3 THEN $2 END
-			WHERE k.id = $1 AND k.revoked_at IS NULL
-			RETURNING `+keyColumns, oldID, oldExpiresAt, endNow))
+		old, err = scanKey(tx.QueryRow(ctx, `SELECT `+keyColumns+` FROM api_keys k WHERE k.id = $1 FOR UPDATE`, oldID))
 		if errors.Is(err, pgx.ErrNoRows) {
-			return fmt.Errorf("%w: no active key %q", edge.ErrNotFound, oldID)
+			return fmt.Errorf("%w: no key %q", edge.ErrNotFound, oldID)
 		}
 		if err != nil {
 			return fmt.Errorf("roll key %s: %w", oldID, err)
 		}
-		// The row is locked now, so a concurrent roll of the same key
-		// waits here and then finds this one's replacement.
+		// A key is rolled once (api_keys_rolled_from_once).
 		var by string
-		switch err := tx.QueryRow(ctx, `SELECT id FROM api_keys WHERE rolled_from = $1`, oldID).Scan(&by); {
+		var byRevoked bool
+		switch err := tx.QueryRow(ctx, `SELECT id, revoked_at IS NOT NULL FROM api_keys WHERE rolled_from = $1`, oldID).Scan(&by, &byRevoked); {
+		case err == nil && byRevoked:
+			return fmt.Errorf("%w: key %s was already rolled, and its replacement %s has been revoked; create a new key instead", edge.ErrConflict, oldID, by)
 		case err == nil:
 			return fmt.Errorf("%w: key %s was already rolled (its replacement is %s); roll the replacement instead", edge.ErrConflict, oldID, by)
 		case !errors.Is(err, pgx.ErrNoRows):
+			return fmt.Errorf("roll key %s: %w", oldID, err)
+		}
+		if err := old.Usable(now); err != nil {
+			return fmt.Errorf("%w: key %s cannot be rolled: %v", edge.ErrConflict, oldID, err)
+		}
+		old, err = scanKey(tx.QueryRow(ctx, `
+			UPDATE api_keys k SET expires_at = LEAST(coalesce(k.expires_at, $2), $2),
+				revoked_at = CASE WHEN $3 THEN $2 END
+			WHERE k.id = $1
+			RETURNING `+keyColumns, oldID, oldExpiresAt, endNow))
+		if err != nil {
 			return fmt.Errorf("roll key %s: %w", oldID, err)
 		}
 		if err := insertKey(ctx, tx, nk); err != nil {
