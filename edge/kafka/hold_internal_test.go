@@ -19,6 +19,7 @@ import (
 	"github.com/segmentio/kafka-go/protocol/produce"
 
 	"github.com/tollgate-dev/tollgate/internal/testenv"
+	"github.com/tollgate-dev/tollgate/schemas"
 )
 
 // gatedProduce lets allow produce requests through (each delay late) and
@@ -133,4 +134,44 @@ func TestTheHoldWaitsForTheEventsQueuedBehindTheTrouble(t *testing.T) {
 		t.Fatalf("hold released with %v of the 500 events delivered", producedAtRelease)
 	}
 	testenv.Must(t, p.Close(), "close")
+}
+
+// A restart holds usage from the oldest event in the spool. Server-reported
+// usage can be weeks old and anywhere in it, and the earlier run's hold may
+// not have reached Postgres before a kill; the hold started at the first
+// spooled record, so a period holding an older event could close without it.
+func TestARestartHoldsFromTheOldestSpooledEvent(t *testing.T) {
+	dir := t.TempDir()
+	sp, err := OpenSpool(dir, slog.New(slog.DiscardHandler), 0)
+	testenv.Must(t, err, "open spool")
+	if _, ok := sp.Oldest(); ok {
+		t.Fatal("an empty spool has an oldest event")
+	}
+	now := time.Now()
+	var recs [][]byte
+	for _, age := range []time.Duration{time.Minute, 20 * 24 * time.Hour, 3 * 24 * time.Hour, 0} {
+		ev := UsageEvent("acct_spooled")
+		ev.Time = now.Add(-age)
+		recs = append(recs, message(ev).Value)
+	}
+	recs = append(recs, []byte("not an event"))
+	testenv.Must(t, sp.Append(recs), "spool")
+	testenv.Must(t, sp.Close(), "close spool")
+
+	sp, err = OpenSpool(dir, slog.New(slog.DiscardHandler), 0)
+	testenv.Must(t, err, "reopen spool")
+	oldest, ok := sp.Oldest()
+	if want := now.Add(-20 * 24 * time.Hour); !ok || !oldest.Equal(want) {
+		t.Fatalf("oldest spooled event %v (%v), want %v", oldest, ok, want)
+	}
+	testenv.Must(t, sp.Close(), "close spool")
+
+	// A topic that does not exist: every event stays in the spool.
+	p, err := NewProducer(Config{Brokers: testenv.KafkaBrokers(), Topic: "tollgate.no-such-topic." + schemas.NewEventID().String(), SpoolDir: dir,
+		CloseTimeout: 500 * time.Millisecond}, prometheus.NewRegistry(), slog.New(slog.DiscardHandler))
+	testenv.Must(t, err, "new producer")
+	defer p.Close()
+	if h := p.SpoolHold(); !h.Since.Equal(oldest) || !h.Released.IsZero() {
+		t.Fatalf("hold %+v after a restart, want it held since the oldest spooled event, %v", h, oldest)
+	}
 }

@@ -199,12 +199,13 @@ func NewProducer(cfg Config, reg prometheus.Registerer, log *slog.Logger) (*Prod
 	}
 	if d := sp.Depth(); d > 0 {
 		log.Info("delivering events spooled by an earlier run", "events", d)
-		// The spool is in time order but for server-reported usage, so
-		// its first record stands for its oldest; the hold store keeps
-		// the earlier run's hold if that was older (SpoolHolds).
+		// The hold starts at the oldest spooled event: server-reported
+		// usage can be weeks old and anywhere in the spool, and a kill
+		// can come before the earlier run's hold reached Postgres. The
+		// hold store keeps that hold if it was older (SpoolHolds).
 		since := time.Now()
-		if recs, _, err := sp.Read(1); err == nil && len(recs) == 1 {
-			since = eventTime(recs[0], since)
+		if t, ok := sp.Oldest(); ok && t.Before(since) {
+			since = t
 		}
 		p.hold = edge.SpoolHold{Since: since}
 	}

@@ -2,6 +2,7 @@ package kafka
 
 import (
 	"bufio"
+	"bytes"
 	"crypto/rand"
 	"encoding/binary"
 	"encoding/hex"
@@ -17,6 +18,7 @@ import (
 	"strings"
 	"sync/atomic"
 	"syscall"
+	"time"
 )
 
 // Spool is a durable, append-only queue of records on local disk, used while
@@ -53,6 +55,9 @@ type Spool struct {
 	corrupt      atomic.Int64
 	corruptBytes atomic.Int64
 	badUpTo      SpoolCursor
+	// oldest is the earliest event time among the records pending when
+	// the spool was opened (zero when none had one).
+	oldest time.Time
 	// dirty is set after a failed append: the next append starts a new
 	// segment.
 	dirty bool
@@ -224,7 +229,7 @@ func (s *Spool) scan(seq uint64, off int64) (n, end int64, err error) {
 	defer sr.close()
 	for {
 		at := sr.off
-		_, skipped, err := sr.next()
+		p, skipped, err := sr.next()
 		switch {
 		case err == io.EOF && skipped > 0 && seq == s.wseq:
 			s.log.Warn("spool: cutting a torn tail", "segment", seq, "offset", at, "bytes", skipped)
@@ -236,9 +241,40 @@ func (s *Spool) scan(seq uint64, off int64) (n, end int64, err error) {
 			return 0, 0, fmt.Errorf("spool: %w", err)
 		}
 		s.skipped(seq, at, skipped)
+		if t, ok := recordTime(p); ok && (s.oldest.IsZero() || t.Before(s.oldest)) {
+			s.oldest = t
+		}
 		n++
 	}
 }
+
+// timeField starts an event's time in the JSON schemas.Event.AppendJSON
+// writes. Only id, account_id, env, key_id and type come before it, and
+// none of them can hold a quote unescaped, so its first match is the
+// event's own.
+var timeField = []byte(`,"time":"`)
+
+// recordTime is the time of the event a spooled record holds, read without
+// decoding the rest of it.
+func recordTime(p []byte) (time.Time, bool) {
+	i := bytes.Index(p, timeField)
+	if i < 0 {
+		return time.Time{}, false
+	}
+	p = p[i+len(timeField):]
+	j := bytes.IndexByte(p, '"')
+	if j < 0 {
+		return time.Time{}, false
+	}
+	t, err := time.Parse(time.RFC3339Nano, string(p[:j]))
+	return t, err == nil
+}
+
+// Oldest is the earliest event time among the records that were pending
+// when the spool was opened; ok is false when there were none (or none
+// could be read). Server-reported usage can be weeks old and anywhere in
+// the spool, so its first record does not stand for its oldest.
+func (s *Spool) Oldest() (time.Time, bool) { return s.oldest, !s.oldest.IsZero() }
 
 // skipped counts and logs a corrupt region of n bytes at off in segment
 // seq, once however often it is read.
