@@ -174,3 +174,78 @@ func TestStoredCountMetersLoseTheValueTheyNoLongerTake(t *testing.T) {
 		}
 	}
 }
+
+// Migrations that fill in what an existing database already did: 00110
+// starts the Stripe sync at the epoch for a ledger that has synced
+// invoices before (and records nothing for one that never has, so the
+// first key's run starts it then); 00120 owes no rollup re-roll for an
+// account whose zone was set before it.
+func TestMigrationsBackfillWhatAnExistingDatabaseDid(t *testing.T) {
+	ctx := context.Background()
+	open := func(t *testing.T) *sql.DB {
+		t.Helper()
+		pg := testenv.NewEmptyPostgres(t)
+		db, err := sql.Open("pgx", pg.URL)
+		testenv.Must(t, err, "open")
+		t.Cleanup(func() { _ = db.Close() })
+		return db
+	}
+	exec := func(t *testing.T, db *sql.DB, q string) {
+		t.Helper()
+		_, err := db.ExecContext(ctx, q)
+		testenv.Must(t, err, q)
+	}
+
+	t.Run("00110: a ledger that synced starts at the epoch", func(t *testing.T) {
+		for _, synced := range []bool{true, false} {
+			db := open(t)
+			_, err := schemas.MigratePostgresTo(ctx, db, 100)
+			testenv.Must(t, err, "migrate to 00100")
+			exec(t, db, `INSERT INTO accounts (id, name) VALUES ('acct_old', 'Old')`)
+			exec(t, db, `INSERT INTO ledger_entries (account_id, kind, currency) VALUES ('acct_old', 'invoice.finalized', 'usd')`)
+			if synced {
+				exec(t, db, `INSERT INTO ledger_entries (account_id, kind, currency) VALUES ('acct_old', 'invoice.synced', 'usd')`)
+			}
+			_, err = schemas.MigratePostgres(ctx, db)
+			testenv.Must(t, err, "migrate forward")
+			var n int
+			var epoch bool
+			var mode string
+			testenv.Must(t, db.QueryRowContext(ctx, `SELECT count(*), coalesce(bool_and(started_at = 'epoch'), false), coalesce(max(mode), '')
+				FROM stripe_sync_start`).Scan(&n, &epoch, &mode), "read stripe_sync_start")
+			switch {
+			case synced && (n != 1 || !epoch || mode != ""):
+				t.Errorf("a ledger that synced: %d row(s), at the epoch %v, mode %q; want one row at the epoch with no mode yet", n, epoch, mode)
+			case !synced && n != 0:
+				t.Errorf("a ledger that never synced: %d row(s), want none (the first run with a key records its start)", n)
+			}
+		}
+	})
+
+	t.Run("00120: a zone set before it owes no re-roll, a change after it does", func(t *testing.T) {
+		db := open(t)
+		_, err := schemas.MigratePostgresTo(ctx, db, 110)
+		testenv.Must(t, err, "migrate to 00110")
+		exec(t, db, `INSERT INTO accounts (id, name, timezone) VALUES ('acct_tokyo', 'Tokyo', 'Asia/Tokyo')`)
+		_, err = schemas.MigratePostgres(ctx, db)
+		testenv.Must(t, err, "migrate forward")
+		owed := func() bool {
+			var ok bool
+			testenv.Must(t, db.QueryRowContext(ctx, `SELECT timezone_changed_at IS NOT NULL AND timezone_changed_at IS DISTINCT FROM rollups_rezoned_for
+				FROM accounts WHERE id = 'acct_tokyo'`).Scan(&ok), "read the account")
+			return ok
+		}
+		if owed() {
+			t.Fatal("an account whose zone was set before 00120 is owed a re-roll")
+		}
+		exec(t, db, `UPDATE accounts SET name = 'Tokyo KK' WHERE id = 'acct_tokyo'`)
+		exec(t, db, `UPDATE accounts SET timezone = 'Asia/Tokyo' WHERE id = 'acct_tokyo'`)
+		if owed() {
+			t.Fatal("an update that leaves the zone as it was owes a re-roll")
+		}
+		exec(t, db, `UPDATE accounts SET timezone = 'Europe/Paris' WHERE id = 'acct_tokyo'`)
+		if !owed() {
+			t.Fatal("a zone change owes no re-roll")
+		}
+	})
+}
