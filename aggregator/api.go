@@ -122,6 +122,10 @@ type ServerDeps struct {
 	// the usage response's backfilling flag. Without it nothing is
 	// reported as backfilling.
 	PastRollups PastRollups
+	// Rezones tells which accounts' hour, day and month rollups are owed a
+	// re-roll onto a new time zone, for the usage response's rezoning
+	// flag. Without it nothing is reported as rezoning.
+	Rezones Rezones
 	// Auditor records failed authentications, as the edge's; nil records
 	// none.
 	Auditor edge.Auditor
@@ -137,6 +141,13 @@ type PastRollups interface {
 	// Unfinished returns those meters' keys; config is the configuration
 	// file's meters, which take precedence over stored ones with their key.
 	Unfinished(ctx context.Context, config []meter.Meter) (map[string]bool, error)
+}
+
+// Rezones knows the accounts whose time zone changed since their hour, day
+// and month rollups were last re-rolled onto it (Rezone);
+// aggregator/postgres implements it.
+type Rezones interface {
+	Rezoning(ctx context.Context) (map[string]bool, error)
 }
 
 // Server is the usage API and the meters admin API.
@@ -162,6 +173,7 @@ func NewServer(cfg Config, d ServerDeps) (*Server, error) {
 	s := &Server{cfg: cfg, d: d, now: time.Now}
 	s.status = newStatusCache(d.Usage, d.Holds, func() time.Time { return s.now() })
 	s.status.past = d.PastRollups
+	s.status.rezones = d.Rezones
 	if cfg.AdminTokenSHA256 != "" {
 		s.tokenHash, _ = hex.DecodeString(cfg.AdminTokenSHA256)
 	}
@@ -259,6 +271,11 @@ type usageResponse struct {
 	HasMore         bool        `json:"has_more"`
 	NextCursor      string      `json:"next_cursor,omitempty"`
 	CompleteThrough *time.Time  `json:"complete_through,omitempty"`
+	// Rezoning is true while the account's hour, day and month windows are
+	// owed a re-roll onto its new time zone: until it is done they can
+	// hold rows on both zones' grids, or none; complete_through is left
+	// out.
+	Rezoning bool `json:"rezoning,omitempty"`
 	// Backfilling is true while the meter's past is still being rolled up
 	// from the raw events: its windows may read empty or short, and
 	// complete_through is left out.
@@ -431,14 +448,25 @@ func (s *Server) usage(c echo.Context) error {
 	}
 	// complete_through is left out when it cannot be read: the usage
 	// itself is still exact, and a missing status only understates it.
-	// While the meter is backfilling its windows are not complete at all,
-	// whatever has landed; when that cannot be read, complete_through is
-	// left out too.
-	switch unfinished, err := s.status.Backfilling(ctx, s.d.Catalog.config, m.Key); {
-	case err != nil:
+	// While the meter is backfilling, or the account's hour, day and month
+	// windows are owed a re-roll onto its new zone, those windows are not
+	// complete at all, whatever has landed; when either cannot be read,
+	// complete_through is left out too.
+	unfinished, err := s.status.Backfilling(ctx, s.d.Catalog.config, m.Key)
+	if err != nil {
 		s.d.Log.Warn("complete_through left out of a usage response: the meters' backfill state cannot be read", "err", err)
-	case unfinished:
-		resp.Backfilling = true
+	}
+	rezoning := false
+	if g != Minute {
+		var rerr error
+		if rezoning, rerr = s.status.Rezoning(ctx, k.AccountID); rerr != nil {
+			s.d.Log.Warn("complete_through left out of a usage response: the accounts' time zone re-rolls cannot be read", "err", rerr)
+			err = rerr
+		}
+	}
+	resp.Backfilling, resp.Rezoning = unfinished, rezoning
+	switch {
+	case err != nil, unfinished, rezoning:
 	default:
 		if w, ok, err := s.status.CompleteThrough(ctx); err != nil {
 			s.d.Log.Warn("complete_through left out of a usage response", "err", err)

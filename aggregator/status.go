@@ -39,6 +39,10 @@ type statusCache struct {
 	past       PastRollups // nil: no meter is reported as backfilling
 	pastAt     time.Time
 	unfinished map[string]bool
+
+	rezones  Rezones // nil: no account is reported as rezoning
+	rezAt    time.Time
+	rezoning map[string]bool
 }
 
 // allTime ends the "ever" range, inside ClickHouse's DateTime (to 2106).
@@ -109,6 +113,30 @@ func (c *statusCache) Backfilling(ctx context.Context, config []meter.Meter, key
 	c.pastAt, c.unfinished = now, unfinished
 	c.mu.Unlock()
 	return unfinished[key], nil
+}
+
+// Rezoning tells whether account's hour, day and month rollups are owed a
+// re-roll onto its time zone, from an answer at most statusTTL old.
+func (c *statusCache) Rezoning(ctx context.Context, account string) (bool, error) {
+	if c.rezones == nil {
+		return false, nil
+	}
+	now := c.now()
+	c.mu.Lock()
+	if !c.rezAt.IsZero() && now.Sub(c.rezAt) < statusTTL {
+		r := c.rezoning[account]
+		c.mu.Unlock()
+		return r, nil
+	}
+	c.mu.Unlock()
+	owed, err := c.rezones.Rezoning(ctx)
+	if err != nil {
+		return false, err
+	}
+	c.mu.Lock()
+	c.rezAt, c.rezoning = now, owed
+	c.mu.Unlock()
+	return owed[account], nil
 }
 
 // TooLate is the store's count. Most accounts never have a too-late

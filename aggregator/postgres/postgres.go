@@ -392,6 +392,24 @@ func (r *Rezones) Owed(ctx context.Context) ([]Owed, error) {
 	return out, nil
 }
 
+// Rezoning is the set of accounts owed a rezone (aggregator.Rezones).
+func (r *Rezones) Rezoning(ctx context.Context) (map[string]bool, error) {
+	rows, err := r.pool.Query(ctx, `SELECT id FROM accounts
+		WHERE timezone_changed_at IS NOT NULL AND timezone_changed_at IS DISTINCT FROM rollups_rezoned_for`)
+	if err != nil {
+		return nil, fmt.Errorf("list accounts owed a rezone: %w", err)
+	}
+	ids, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	if err != nil {
+		return nil, fmt.Errorf("list accounts owed a rezone: %w", err)
+	}
+	out := make(map[string]bool, len(ids))
+	for _, id := range ids {
+		out[id] = true
+	}
+	return out, nil
+}
+
 // Lock takes account's rezone for this process, on a connection of its
 // own: two aggregators rezoning one account at once could each delete
 // rows the other has rebuilt. ok is false when another holds it. The lock

@@ -102,7 +102,7 @@ func NewAggregateMain(ctx context.Context, cfg Config, log *slog.Logger) (m *Agg
 	}
 	srv, err := aggregator.NewServer(cfg.Aggregator, aggregator.ServerDeps{
 		Keys: edgepg.NewKeyStore(m.pool), Usage: m.store, Catalog: catalog, Zones: m.zones,
-		Holds: aggpg.NewSpoolHolds(m.pool), Backfill: m.backfill, PastRollups: m.meters, Auditor: m.auditor, Log: log,
+		Holds: aggpg.NewSpoolHolds(m.pool), Backfill: m.backfill, PastRollups: m.meters, Rezones: m.rezones, Auditor: m.auditor, Log: log,
 	})
 	if err != nil {
 		return nil, err
@@ -352,6 +352,9 @@ type rezoneSeen struct {
 func (m *AggregateMain) rezoneDue(seen map[string]rezoneSeen) {
 	owed, err := m.rezones.Owed(m.bg)
 	if err != nil {
+		if m.bg.Err() != nil {
+			return // stopping
+		}
 		m.log.Error("cannot list the accounts whose time zone changed; their rollups are re-rolled on a later look", "err", err)
 		return
 	}

@@ -2,12 +2,16 @@ package main
 
 import (
 	"context"
+	"encoding/json"
+	"net/http"
 	"testing"
 	"time"
 
 	"github.com/tollgate-dev/tollgate/aggregator"
 	aggch "github.com/tollgate-dev/tollgate/aggregator/clickhouse"
 	aggpg "github.com/tollgate-dev/tollgate/aggregator/postgres"
+	"github.com/tollgate-dev/tollgate/edge"
+	edgepg "github.com/tollgate-dev/tollgate/edge/postgres"
 	"github.com/tollgate-dev/tollgate/ingest"
 	"github.com/tollgate-dev/tollgate/internal/testenv"
 	"github.com/tollgate-dev/tollgate/schemas"
@@ -59,6 +63,8 @@ func TestAnAccountsZoneChangeReRollsItsRollups(t *testing.T) {
 		t.Fatal("the admin-API meter was not created")
 	}
 	testenv.Must(t, aggpg.NewMeters(pg.Pool).ConfigRolledUp(ctx, rebuildMeters[0]), "record the configured meter as rolled up")
+	_, err = pg.Pool.Exec(ctx, "UPDATE meters SET backfilled_at = now()")
+	testenv.Must(t, err, "record the admin-API meter as backfilled")
 
 	m, err := NewAggregateMain(ctx, cfg, log)
 	testenv.Must(t, err, "start the aggregator")
@@ -71,9 +77,48 @@ func TestAnAccountsZoneChangeReRollsItsRollups(t *testing.T) {
 		_ = m.Close()
 	})
 
+	// The usage API says while the account's windows are owed a re-roll.
+	store2 := edgepg.NewKeyStore(pg.Pool)
+	secret, parsed, err := edge.GenerateKey(edge.Secret, schemas.Live)
+	testenv.Must(t, err, "generate key")
+	testenv.Must(t, store2.EnsureAccount(ctx, "acct_kolkata", "Kolkata"), "give the account its environments")
+	testenv.Must(t, store2.CreateKey(ctx, edgepg.NewKey{ID: "key_rezone", AccountID: "acct_kolkata", Parsed: parsed}), "create key")
+	rezoning := func(window string) bool {
+		t.Helper()
+		span := "&from=2026-01-01T00:00:00Z&to=2026-03-01T00:00:00Z"
+		if window == "minute" {
+			span = "&from=2026-01-31T18:00:00Z&to=2026-01-31T19:00:00Z"
+		}
+		req, err := http.NewRequest(http.MethodGet, "http://"+m.Addr()+"/v1/usage?meter=api_calls&window="+window+span, nil)
+		testenv.Must(t, err, "usage request")
+		req.Header.Set("Authorization", "Bearer "+secret)
+		resp, err := http.DefaultClient.Do(req)
+		testenv.Must(t, err, "usage")
+		defer resp.Body.Close()
+		var body struct {
+			Rezoning        bool       `json:"rezoning"`
+			CompleteThrough *time.Time `json:"complete_through"`
+		}
+		if resp.StatusCode != http.StatusOK || json.NewDecoder(resp.Body).Decode(&body) != nil {
+			t.Fatalf("usage (window %s): status %d", window, resp.StatusCode)
+		}
+		if body.Rezoning && body.CompleteThrough != nil {
+			t.Errorf("usage (window %s) says rezoning and complete through %v", window, body.CompleteThrough)
+		}
+		return body.Rezoning
+	}
+	if rezoning("day") {
+		t.Fatal("the usage API says rezoning before the zone changed")
+	}
+
 	const zone = "America/New_York"
 	_, err = pg.Pool.Exec(ctx, "UPDATE accounts SET timezone = $1 WHERE id = 'acct_kolkata'", zone)
 	testenv.Must(t, err, "change the account's zone")
+	// The answer before the change may be cached for up to a second.
+	testenv.Wait(t, 2*time.Second, "the usage API to say the day windows are rezoning", func() bool { return rezoning("day") })
+	if rezoning("minute") {
+		t.Error("the usage API says minute windows are rezoning; a zone change does not move them")
+	}
 	// An event after the change, rolled up by an ingest process that has
 	// the new zone already: its windows on the new grid join the old
 	// grid's rows.
@@ -104,4 +149,5 @@ func TestAnAccountsZoneChangeReRollsItsRollups(t *testing.T) {
 	}
 	want := expectedRollups(t, inZone(t, append(evs, late), "acct_kolkata", zone))
 	compareRollups(t, "after the change", readRollups(t, ch), want)
+	testenv.Wait(t, 2*time.Second, "the usage API to stop saying rezoning", func() bool { return !rezoning("month") })
 }

@@ -228,6 +228,7 @@ async function loadUsage() {
   }
   const notes = [];
   if (body.backfilling) notes.push("this meter's past is still being counted: windows may read low until that finishes");
+  if (body.rezoning) notes.push("your time zone changed: these windows are being recounted in it and may read wrong for a few seconds");
   if (body.complete_through) notes.push("complete through " + new Date(body.complete_through).toLocaleString());
   if (body.too_late_events) notes.push(num.format(body.too_late_events) + " events arrived too late to count and were reported");
   if (partial) {
