@@ -8,6 +8,10 @@
 -- it finished.
 ALTER TABLE accounts ADD COLUMN timezone_changed_at timestamptz, ADD COLUMN rollups_rezoned_for timestamptz,
     ADD COLUMN rollups_rezoned_at timestamptz;
+-- Every aggregator looks for accounts owed a re-roll every few seconds, and
+-- the usage API once a second: they read this index, not every account.
+CREATE INDEX accounts_rezone_owed ON accounts (id)
+    WHERE timezone_changed_at IS NOT NULL AND timezone_changed_at IS DISTINCT FROM rollups_rezoned_for;
 -- +goose StatementBegin
 CREATE FUNCTION tollgate_account_zone_changed() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
@@ -22,6 +26,7 @@ CREATE TRIGGER accounts_zone_changed
     EXECUTE FUNCTION tollgate_account_zone_changed();
 
 -- +goose Down
+DROP INDEX accounts_rezone_owed;
 DROP TRIGGER accounts_zone_changed ON accounts;
 DROP FUNCTION tollgate_account_zone_changed();
 ALTER TABLE accounts DROP COLUMN timezone_changed_at, DROP COLUMN rollups_rezoned_for, DROP COLUMN rollups_rezoned_at;
