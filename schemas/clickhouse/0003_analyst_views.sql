@@ -27,6 +27,9 @@ SELECT
 FROM usage_rollups FINAL;
 
 -- Daily totals per account and meter (days in the account's time zone).
+-- window_start is the local day's start as an instant; day_utc is its UTC
+-- date, which east of UTC is the day before the local date. Label local
+-- days with toDate(window_start, '<the account's zone>').
 CREATE VIEW IF NOT EXISTS usage_daily_totals AS
 SELECT
     account_id,

@@ -20,6 +20,14 @@ function stale() {
   return e;
 }
 
+// superseded is thrown for a usage read that a newer one replaced: the
+// newer one draws the page.
+function superseded() {
+  const e = stale();
+  e.superseded = true;
+  return e;
+}
+
 async function api(path) {
   const key = store.getItem("tollgate.key");
   if (!key) throw stale();
@@ -62,6 +70,35 @@ function money(minor, currency) {
 
 const num = new Intl.NumberFormat();
 
+// zone is the account's time zone, as the last usage answer gave it: its
+// day and month windows and its billing periods start at its midnight, so
+// they are shown in it, not in the browser's zone.
+let zone = "UTC";
+
+function zoneOr(tz) {
+  try {
+    new Intl.DateTimeFormat(undefined, { timeZone: tz });
+    return tz;
+  } catch (e) {
+    return "UTC";
+  }
+}
+
+// when formats an instant in the account's zone: a day or month window by
+// its date, anything else by date and time.
+function when(t, windowName) {
+  const d = new Date(t);
+  if (windowName === "month") return d.toLocaleDateString(undefined, { timeZone: zone, year: "numeric", month: "long" });
+  if (windowName === "day") return d.toLocaleDateString(undefined, { timeZone: zone });
+  return d.toLocaleString(undefined, { timeZone: zone });
+}
+
+// period formats a billing period, which ends (exclusively) at the next
+// period's start: its last day is shown, the day before that start.
+function period(p) {
+  return when(p.start, "day") + " – " + when(Date.parse(p.end) - 1, "day");
+}
+
 function rangeFor(windowName) {
   const to = new Date();
   const spans = { minute: 3600e3, hour: 2 * 86400e3, day: 30 * 86400e3, month: 365 * 86400e3 };
@@ -79,13 +116,17 @@ function drawChart(points) {
     svg.appendChild(t);
     return;
   }
-  const max = Math.max(...points.map((p) => p.value), 1);
+  // Bars stand on zero: MAX and LATEST meters can be negative.
+  const max = Math.max(...points.map((p) => p.value), 0);
+  const min = Math.min(...points.map((p) => p.value), 0);
+  const scale = 190 / (max - min || 1);
+  const zero = 5 + max * scale;
   const w = 800 / points.length;
   points.forEach((p, i) => {
-    const h = (p.value / max) * 190;
+    const h = Math.abs(p.value) * scale;
     const r = document.createElementNS(ns, "rect");
     r.setAttribute("x", i * w + 1);
-    r.setAttribute("y", 200 - h);
+    r.setAttribute("y", p.value >= 0 ? zero - h : zero);
     r.setAttribute("width", Math.max(w - 2, 1));
     r.setAttribute("height", h);
     const title = document.createElementNS(ns, "title");
@@ -95,7 +136,7 @@ function drawChart(points) {
   });
   const label = document.createElementNS(ns, "text");
   label.setAttribute("x", 4); label.setAttribute("y", 14);
-  label.textContent = "max " + num.format(max);
+  label.textContent = "max " + num.format(max) + (min < 0 ? " · min " + num.format(min) : "");
   svg.appendChild(label);
 }
 
@@ -153,10 +194,11 @@ const maxUsagePages = 50;
 // usageRows reads a usage query to its last page, following next_cursor,
 // or to maxUsagePages. Rows come oldest window first, so a partial read
 // lacks the most recent windows.
-async function usageRows(params) {
+async function usageRows(params, seq) {
   const data = [];
   for (let pages = 1; ; pages++) {
     const body = await api("/v1/usage?" + params);
+    if (seq !== usageSeq) throw superseded();
     data.push(...(body.data || []));
     if (!body.has_more || !body.next_cursor) return { body, data, partial: false, read: data.length };
     if (pages >= maxUsagePages) {
@@ -171,7 +213,13 @@ async function usageRows(params) {
   }
 }
 
+// usageSeq numbers the usage reads: a read that a newer one has replaced
+// (another window chosen, or the next refresh) shows nothing, or a slow
+// day read could land after the hour read asked for since.
+let usageSeq = 0;
+
 async function loadUsage() {
+  const seq = ++usageSeq;
   const windowName = $("window").value;
   const { from, to } = rangeFor(windowName);
   const params = new URLSearchParams({
@@ -182,7 +230,8 @@ async function loadUsage() {
     limit: "1000",
   });
   if ($("group").value) params.set("group_by", $("group").value);
-  const { body, data, partial, read } = await usageRows(params);
+  const { body, data, partial, read } = await usageRows(params, seq);
+  zone = zoneOr(body.time_zone || "UTC");
   // COUNT and SUM add up over groups and windows; UNIQUE_COUNT, MAX and
   // LATEST do not (a user active on two days is one user, not two).
   const agg = (meters.get(body.meter) || {}).aggregation || "COUNT";
@@ -200,8 +249,9 @@ async function loadUsage() {
   // Fill windows with no usage so the chart's time axis is even. Days and
   // months vary in length (daylight saving time, the calendar), so they
   // are shown as returned. A partial read stops at its last window: the
-  // windows after it were not read, not empty.
-  const step = { minute: 60e3, hour: 3600e3 }[windowName];
+  // windows after it were not read, not empty. Only counts and sums are
+  // 0 in a window without events: a MAX or LATEST has no value there.
+  const step = adds ? { minute: 60e3, hour: 3600e3 }[windowName] : undefined;
   const starts = [...byWindow.keys()].map((k) => Date.parse(k)).sort((a, b) => a - b);
   if (step && starts.length > 0) {
     const key = (t) => new Date(t).toISOString().replace(".000Z", "Z");
@@ -212,11 +262,11 @@ async function loadUsage() {
     while (t - step >= from.getTime()) t -= step;
     for (; t <= end; t += step) byWindow.set(key(t), known.get(t) || 0);
   }
-  const points = [...byWindow.entries()].sort().map(([k, v]) => ({ label: new Date(k).toLocaleString(), value: v }));
+  const points = [...byWindow.entries()].sort().map(([k, v]) => ({ label: when(k, windowName), value: v }));
   drawChart(points);
   const span = { minute: "hour", hour: "2 days", day: "30 days", month: "12 months" }[windowName];
   const values = [...byWindow.values()];
-  const through = partial ? " (partial: up to " + new Date(lastStart).toLocaleString() + ")" : "";
+  const through = partial ? " (partial: up to " + when(lastStart, windowName) + ")" : "";
   if (adds) {
     $("usage-total").textContent = num.format(total) + " " + body.meter + " in the last " + span + through;
   } else if (agg === "MAX" && values.length > 0) {
@@ -229,21 +279,21 @@ async function loadUsage() {
   const notes = [];
   if (body.backfilling) notes.push("this meter's past is still being counted: windows may read low until that finishes");
   if (body.rezoning) notes.push("your time zone changed: these windows are being recounted in it and may read wrong for a few seconds");
-  if (body.complete_through) notes.push("complete through " + new Date(body.complete_through).toLocaleString());
+  if (body.complete_through) notes.push("complete through " + when(body.complete_through));
   if (body.too_late_events) notes.push(num.format(body.too_late_events) + " events arrived too late to count and were reported");
   if (partial) {
     notes.push("only the first " + num.format(read) + " rows (" + maxUsagePages +
-      " pages) were read: the total, the chart and the table stop at " + new Date(lastStart).toLocaleString() +
+      " pages) were read: the total, the chart and the table stop at " + when(lastStart, windowName) +
       "; choose a coarser window or fewer groups to see the whole range");
   }
   if (!adds && $("group").value) notes.push("each bar is the largest group's");
-  notes.push("time zone " + body.time_zone);
+  notes.push("time zone " + zone);
   $("usage-note").textContent = notes.join(" · ");
   const tbody = $("usage-table").querySelector("tbody");
   tbody.textContent = "";
   data.slice().reverse().slice(0, 50).forEach((d) => {
     const group = d.group ? Object.entries(d.group).map(([k, v]) => k + "=" + v).join(", ") : "";
-    row(tbody, [new Date(d.window_start).toLocaleString(), group, td(num.format(d.value), "num")]);
+    row(tbody, [when(d.window_start, windowName), group, td(num.format(d.value), "num")]);
   });
 }
 
@@ -259,7 +309,7 @@ async function loadRequests() {
   tbody.textContent = "";
   (body.data || []).forEach((r) => {
     row(tbody, [
-      new Date(r.time).toLocaleString(), r.method, r.route,
+      when(r.time), r.method, r.route,
       td(String(r.status), "num"), td((r.latency_us / 1000).toFixed(1) + " ms", "num"),
       td(r.request_id),
     ]);
@@ -281,15 +331,14 @@ async function loadBilling() {
   box.appendChild(p);
   const detail = document.createElement("p");
   detail.className = "muted";
-  detail.textContent = "Period " + new Date(up.period.start).toLocaleDateString() + " – " +
-    new Date(up.period.end).toLocaleDateString() + " · as of " + new Date(up.as_of).toLocaleString() +
+  detail.textContent = "Period " + period(up.period) + " · as of " + when(up.as_of) +
     (linesText(up) ? " · " + linesText(up) : "");
   box.appendChild(detail);
 
-  const list = await api("/v1/invoices");
+  const { invoices, more } = await invoiceList();
   const tbody = $("invoices").querySelector("tbody");
   tbody.textContent = "";
-  (list.data || []).forEach((inv) => {
+  invoices.forEach((inv) => {
     const link = document.createElement("td");
     if (inv.hosted_invoice_url) {
       const a = document.createElement("a");
@@ -299,12 +348,30 @@ async function loadBilling() {
       a.target = "_blank";
       link.appendChild(a);
     }
-    row(tbody, [
-      new Date(inv.period.start).toLocaleDateString() + " – " + new Date(inv.period.end).toLocaleDateString(),
-      inv.status, td(money(inv.total, inv.currency), "num"), linesText(inv), link,
-    ]);
+    row(tbody, [period(inv.period), inv.status, td(money(inv.total, inv.currency), "num"), linesText(inv), link]);
   });
+  $("invoices-note").textContent = more ? "the newest " + num.format(invoices.length) +
+    " invoices are shown; older ones are in the invoice API (GET /v1/invoices?starting_after=…)" : "";
   $("billing-section").hidden = false;
+}
+
+// maxInvoicePages bounds the pages of 100 invoices one view reads: eight
+// years of monthly invoices take one.
+const maxInvoicePages = 10;
+
+// invoiceList reads the invoices, newest first, page after page; more is
+// true when it stopped at maxInvoicePages with older ones left.
+async function invoiceList() {
+  const invoices = [];
+  let after = "";
+  for (let pages = 1; ; pages++) {
+    const list = await api("/v1/invoices?limit=100" + (after ? "&starting_after=" + encodeURIComponent(after) : ""));
+    const data = list.data || [];
+    invoices.push(...data);
+    if (!list.has_more || data.length === 0) return { invoices, more: false };
+    if (pages >= maxInvoicePages) return { invoices, more: true };
+    after = data[data.length - 1].id;
+  }
 }
 
 async function refresh() {
@@ -313,7 +380,7 @@ async function refresh() {
   setStatus("Loading…");
   try {
     await loadMeters();
-    await loadUsage();
+    await loadUsage().catch((e) => { if (!e.superseded) throw e; });
     $("usage-section").hidden = false;
     // The request log is a secret key's: a publishable key is public.
     if (key.startsWith("sk_")) {
@@ -362,7 +429,7 @@ $("forget").addEventListener("click", () => {
   ["usage-section", "billing-section", "requests-section"].forEach((id) => ($(id).hidden = true));
   // What the key read leaves the page with it.
   ["usage-table", "requests", "invoices"].forEach((id) => ($(id).querySelector("tbody").textContent = ""));
-  ["usage-total", "usage-note", "upcoming", "chart"].forEach((id) => ($(id).textContent = ""));
+  ["usage-total", "usage-note", "upcoming", "chart", "invoices-note"].forEach((id) => ($(id).textContent = ""));
   setStatus("Key forgotten.");
 });
 $("meter").addEventListener("change", groupOptions);

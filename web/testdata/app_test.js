@@ -22,7 +22,7 @@ function element(tag) {
 
 // page loads app.js with the usage API answering from rows (oldest window
 // first, as the API orders them), in pages of the asked-for limit.
-function page(meter, rows) {
+function page(meter, rows, opts = {}) {
   const els = {};
   // gate, when set, holds every usage answer until it resolves.
   const calls = { usage: [], requests: 0, intervals: [], gate: null };
@@ -33,6 +33,17 @@ function page(meter, rows) {
     const ok = (body) => ({ ok: true, status: 200, statusText: "OK", json: async () => body });
     if (u.pathname === "/v1/meters") return ok({ data: [meter] });
     if (u.pathname === "/v1/requests") { calls.requests++; return ok({ data: [] }); }
+    if (u.pathname === "/v1/invoices/upcoming") return ok(opts.upcoming || { total: 0, currency: "usd", period: { start: "2026-11-01T00:00:00Z", end: "2026-12-01T00:00:00Z" }, as_of: "2026-11-15T00:00:00Z" });
+    if (u.pathname === "/v1/invoices") {
+      // Newest first, as the invoice API lists them; starting_after is the
+      // last id of the page before.
+      const all = opts.invoices || [];
+      const limit = Number(u.searchParams.get("limit") || 10);
+      const after = u.searchParams.get("starting_after");
+      const at = after ? all.findIndex((inv) => inv.id === after) + 1 : 0;
+      calls.invoicePages = (calls.invoicePages || 0) + 1;
+      return ok({ data: all.slice(at, at + limit), has_more: at + limit < all.length });
+    }
     if (u.pathname !== "/v1/usage") return ok({ data: [] });
     if (calls.gate) await calls.gate;
     const q = new URLSearchParams(u.searchParams);
@@ -48,7 +59,7 @@ function page(meter, rows) {
     const limit = Number(q.get("limit") || 100);
     const data = rows.slice(at, at + limit);
     const more = at + limit < rows.length;
-    return ok({ meter: meter.key, data, has_more: more, next_cursor: more ? String(at + limit) : undefined, time_zone: "UTC" });
+    return ok({ meter: meter.key, data, has_more: more, next_cursor: more ? String(at + limit) : undefined, time_zone: opts.timeZone || "UTC" });
   };
   const ctx = vm.createContext({
     document: {
@@ -171,6 +182,64 @@ const cases = {
     if (calls.usage.length !== 7) throw new Error(calls.usage.length + " usage reads in 7 refreshes, want 7 (status: " + els.status.textContent + ")");
     if (calls.requests !== 3) throw new Error(calls.requests + " request-log reads over 60 s, want 3 (at 0, 30 and 60 s)");
     if (els["requests-section"].hidden) throw new Error("the request log is hidden");
+  },
+  "day windows and billing periods are shown in the account's zone, not the browser's": async () => {
+    // Tokyo's 10 November starts at 15:00 UTC on the 9th.
+    const rows = [{ window_start: "2026-11-09T15:00:00Z", value: 5 }];
+    const tokyoMonth = { start: "2026-10-31T15:00:00Z", end: "2026-11-30T15:00:00Z" };
+    const { ctx, els } = page(countByRoute, rows, { timeZone: "Asia/Tokyo", upcoming: { total: 0, currency: "usd", period: tokyoMonth, as_of: "2026-11-15T00:00:00Z" } });
+    await ctx.loadMeters();
+    els.window.value = "day";
+    await ctx.loadUsage();
+    const day = (iso, tz) => new Date(iso).toLocaleDateString(undefined, { timeZone: tz });
+    const cell = els["usage-table"].querySelector("tbody").children[0].children[0].textContent;
+    if (cell !== day("2026-11-10T00:00:00+09:00", "Asia/Tokyo") || cell === day("2026-11-09T15:00:00Z", "UTC")) {
+      throw new Error("the day window is labelled " + JSON.stringify(cell) + ", want Tokyo's date, " + day("2026-11-10T00:00:00+09:00", "Asia/Tokyo"));
+    }
+    await ctx.loadBilling();
+    const shown = els.upcoming.children[1].textContent;
+    const want = "Period " + day("2026-11-01T00:00:00+09:00", "Asia/Tokyo") + " – " + day("2026-11-30T00:00:00+09:00", "Asia/Tokyo");
+    if (!shown.startsWith(want)) throw new Error("the upcoming invoice says " + JSON.stringify(shown) + ", want it to start " + JSON.stringify(want) + " (its last day, in Tokyo)");
+  },
+  "every invoice is listed, not only the first page": async () => {
+    const invoices = [];
+    for (let i = 0; i < 150; i++) invoices.push({ id: "inv_" + String(150 - i).padStart(3, "0"), status: "paid", total: 100, currency: "usd", period: { start: "2014-01-01T00:00:00Z", end: "2014-02-01T00:00:00Z" } });
+    const { ctx, els, calls } = page(countByRoute, [], { invoices });
+    await ctx.loadBilling();
+    const listed = els.invoices.querySelector("tbody").children.length;
+    if (listed !== 150) throw new Error(listed + " invoices listed, want all 150");
+    if (calls.invoicePages !== 2) throw new Error(calls.invoicePages + " invoice pages read, want 2 of 100");
+    if (els["invoices-note"].textContent !== "") throw new Error("note " + JSON.stringify(els["invoices-note"].textContent) + " when every invoice is listed");
+  },
+  "a MAX meter's windows without events are not charted as zero": async () => {
+    const peak = { key: "temperature_peak", aggregation: "MAX", group_by: [] };
+    const rows = hourRows(48, 1).filter((_, i) => i % 2 === 0).map((r, i) => ({ window_start: r.window_start, value: -10 - i }));
+    const { ctx, els } = page(peak, rows);
+    await ctx.loadMeters();
+    els.window.value = "hour";
+    await ctx.loadUsage();
+    const rects = els.chart.children.filter((c) => c.tag === "rect").length;
+    if (rects !== rows.length) throw new Error(rects + " bars, want one per window with a value (" + rows.length + ")");
+    if (!/^peak -10 /.test(els["usage-total"].textContent.replace(/\u2212/g, "-"))) throw new Error("headline " + JSON.stringify(els["usage-total"].textContent) + ", want the peak of the values, -10");
+  },
+  "a usage read that a newer one replaced draws nothing": async () => {
+    const { ctx, els, calls } = page(countByRoute, hourRows(2, 1));
+    await ctx.loadMeters();
+    let release;
+    calls.gate = new Promise((r) => (release = r));
+    els.window.value = "day";
+    const older = ctx.loadUsage().catch((e) => e);
+    await new Promise((r) => setTimeout(r, 10));
+    calls.gate = null;
+    els.window.value = "hour";
+    await ctx.loadUsage();
+    const headline = els["usage-total"].textContent;
+    release();
+    const err = await older;
+    if (!err || !err.superseded) throw new Error("the older read ended with " + err + ", want it set aside as superseded");
+    if (els["usage-total"].textContent !== headline || !/2 days/.test(headline)) {
+      throw new Error("headline " + JSON.stringify(els["usage-total"].textContent) + " after the older day read landed, want the hour read's " + JSON.stringify(headline));
+    }
   },
 };
 
