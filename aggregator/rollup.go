@@ -239,15 +239,18 @@ type CoarseRollupStore interface {
 // nothing between the deletion and their rebuild. Every process that rolls
 // up must have the new zone first, or it writes rows on the old grid again.
 func Rezone(ctx context.Context, store CoarseRollupStore, zones Zones, meters []meter.Meter, account string, log *slog.Logger) error {
-	first, last, ok, err := store.AccountMinutes(ctx, account)
-	if err != nil || !ok {
-		return err
-	}
 	keys := make([]string, len(meters))
 	for i, m := range meters {
 		keys[i] = m.Key
 	}
 	if err := store.DeleteCoarseRollups(ctx, account, keys); err != nil {
+		return err
+	}
+	// The range is read after the deletion: a minute that landed before
+	// it had its coarser rows deleted with the rest, and is rebuilt; one
+	// that lands after it writes rows the deletion does not touch.
+	first, last, ok, err := store.AccountMinutes(ctx, account)
+	if err != nil || !ok {
 		return err
 	}
 	// A month window can start up to a day before its first minute (east

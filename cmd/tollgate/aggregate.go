@@ -46,9 +46,12 @@ type AggregateMain struct {
 	rezones *aggpg.Rezones
 	catalog *aggregator.Catalog
 	zoneTTL time.Duration
-	refresh time.Duration
-	bg      context.Context
-	stopBg  context.CancelFunc
+	// rezoneSettle is the time between a rezone's two passes
+	// (rezoneChanged; tests shorten it).
+	rezoneSettle time.Duration
+	refresh      time.Duration
+	bg           context.Context
+	stopBg       context.CancelFunc
 	// bgWork is the backfills and roll-ups running under bg; Close waits
 	// for them before it closes the connections they use. bgMu guards
 	// closing, after which no more are started (an admin API request
@@ -73,7 +76,7 @@ func aggregateComponent(ctx context.Context, cfg Config, log *slog.Logger) ([]na
 // NewAggregateMain connects and listens on cfg.Aggregator.Listen.
 func NewAggregateMain(ctx context.Context, cfg Config, log *slog.Logger) (m *AggregateMain, err error) {
 	log = log.With("component", "aggregate")
-	m = &AggregateMain{log: log, Registry: prometheus.NewRegistry(), refresh: cfg.Aggregator.MetersRefresh, zoneTTL: cfg.Aggregator.ZoneCacheTTL, config: cfg.Meters}
+	m = &AggregateMain{log: log, Registry: prometheus.NewRegistry(), refresh: cfg.Aggregator.MetersRefresh, zoneTTL: cfg.Aggregator.ZoneCacheTTL, rezoneSettle: rezoneSettle, config: cfg.Meters}
 	m.bg, m.stopBg = context.WithCancel(context.Background())
 	self := m
 	defer func() {
@@ -319,17 +322,25 @@ func (m *AggregateMain) rollUpConfigMeters(config []meter.Meter, store *aggpg.Me
 
 // rezoneChanged re-rolls, in the background, the hour, day and month
 // rollups of every account whose time zone changed (aggregator.Rezone), as
-// long as the process runs. A change is acted on zone_cache_ttl plus 2 s
-// after this process first sees it: by then every ingest process reads the
-// new zone, and none writes rows on the old grid after the deletion. A
-// rezone that fails is tried again on a later look; one cut short (the
-// process stopped or killed) stays owed, and the next aggregator does it.
+// long as the process runs, in two passes:
+//
+//   - The first comes zone_cache_ttl plus 2 s after this process first sees
+//     the change. By then every ingest process reads the new zone.
+//   - The second comes rezoneSettle after the first. A rollup round an
+//     ingest process planned with the old zone just before that can still
+//     be writing its day and month rows (rounds queue between their
+//     stages), on the old grid, after the first pass's deletion; the
+//     second pass replaces them. Only then is the change recorded as done.
+//
+// A pass that fails is tried again later, backing off per account; a
+// rezone cut short (the process stopped or killed) stays owed, and the next
+// aggregator does it again from its first pass.
 func (m *AggregateMain) rezoneChanged() {
 	m.background(func() {
 		every := min(5*time.Second, m.zoneTTL)
 		t := time.NewTicker(every)
 		defer t.Stop()
-		seen := map[string]rezoneSeen{}
+		seen := map[string]*rezoneSeen{}
 		for {
 			m.rezoneDue(seen)
 			select {
@@ -341,15 +352,22 @@ func (m *AggregateMain) rezoneChanged() {
 	})
 }
 
+// rezoneSettle is how long the second pass of a rezone comes after the
+// first (rezoneChanged).
+const rezoneSettle = 30 * time.Second
+
 // rezoneSeen is an owed rezone this process has seen: the change's time,
-// and when it was first seen.
+// and when the next pass is due (the first: once every process reads the
+// new zone), passes done, and failures in a row.
 type rezoneSeen struct {
 	changedAt time.Time
-	at        time.Time
+	due       time.Time
+	passes    int
+	failures  int
 }
 
-// rezoneDue does the owed rezones whose wait is over.
-func (m *AggregateMain) rezoneDue(seen map[string]rezoneSeen) {
+// rezoneDue does the owed rezone passes that are due.
+func (m *AggregateMain) rezoneDue(seen map[string]*rezoneSeen) {
 	owed, err := m.rezones.Owed(m.bg)
 	if err != nil {
 		if m.bg.Err() != nil {
@@ -362,24 +380,40 @@ func (m *AggregateMain) rezoneDue(seen map[string]rezoneSeen) {
 	still := map[string]bool{}
 	for _, o := range owed {
 		still[o.Account] = true
-		s, ok := seen[o.Account]
-		if !ok || !s.changedAt.Equal(o.ChangedAt) {
-			seen[o.Account] = rezoneSeen{changedAt: o.ChangedAt, at: now}
+		s := seen[o.Account]
+		if s == nil || !s.changedAt.Equal(o.ChangedAt) {
+			wait := m.zoneTTL + 2*time.Second
+			seen[o.Account] = &rezoneSeen{changedAt: o.ChangedAt, due: now.Add(wait)}
 			m.log.Info("account time zone changed; its hour, day and month rollups are re-rolled once every process reads the new zone",
-				"account", o.Account, "timezone", o.Zone, "changed_at", o.ChangedAt, "after", m.zoneTTL+2*time.Second)
+				"account", o.Account, "timezone", o.Zone, "changed_at", o.ChangedAt, "after", wait)
 			continue
 		}
-		if now.Sub(s.at) < m.zoneTTL+2*time.Second {
+		if now.Before(s.due) {
 			continue
 		}
-		if err := m.rezone(o); err != nil {
+		last := s.passes == 1
+		switch result, err := m.rezone(o, last); {
+		case err != nil:
 			if m.bg.Err() != nil {
 				return // stopping: still owed, to the next aggregator
 			}
-			m.log.Error("re-roll an account's rollups onto its new time zone; tried again on a later look", "account", o.Account, "timezone", o.Zone, "err", err)
-			continue
+			// Each pass deletes rows with a ClickHouse mutation: a pass
+			// that keeps failing is not tried every few seconds.
+			s.failures++
+			backoff := min(5*time.Second<<min(s.failures, 7), 5*time.Minute)
+			s.due = now.Add(backoff)
+			m.log.Error("re-roll an account's rollups onto its new time zone", "account", o.Account, "timezone", o.Zone,
+				"pass", s.passes+1, "retry_in", backoff, "err", err)
+		case result == rezoneBusy:
+			// Another aggregator is at it: look again later, without
+			// starting the wait over.
+		case result == rezoneGone:
+			delete(seen, o.Account)
+		case last:
+			delete(seen, o.Account)
+		default:
+			s.passes, s.failures, s.due = 1, 0, now.Add(m.rezoneSettle)
 		}
-		delete(seen, o.Account)
 	}
 	for a := range seen {
 		if !still[a] {
@@ -388,32 +422,49 @@ func (m *AggregateMain) rezoneDue(seen map[string]rezoneSeen) {
 	}
 }
 
-// rezone does one owed rezone, unless another aggregator is doing it or
-// the zone changed again since o was read.
-func (m *AggregateMain) rezone(o aggpg.Owed) error {
+// rezoneResult is what one rezone pass came to.
+type rezoneResult int
+
+const (
+	rezoneDone rezoneResult = iota // the pass ran
+	rezoneBusy                     // another aggregator holds the account's rezone
+	rezoneGone                     // no longer owed: done elsewhere, or the zone changed again
+)
+
+// rezone runs one pass of an owed rezone under the account's lock; the
+// last pass records it done.
+func (m *AggregateMain) rezone(o aggpg.Owed, last bool) (rezoneResult, error) {
 	lock, ok, err := m.rezones.Lock(m.bg, o.Account)
-	if err != nil || !ok {
-		return err
+	if err != nil {
+		return rezoneBusy, err
+	}
+	if !ok {
+		return rezoneBusy, nil
 	}
 	defer lock.Release()
 	if ok, err := lock.Owed(m.bg, o.ChangedAt); err != nil || !ok {
-		return err
+		return rezoneGone, err
 	}
 	meters, err := m.catalog.Meters(m.bg)
 	if err != nil {
-		return err
+		return rezoneDone, err
 	}
 	// The zone as read with the change, not through the cache: the
 	// account's zone as of o.ChangedAt, which lock.Owed says still holds.
 	zones := aggregator.StaticZones{o.Account: o.Zone}
 	if err := aggregator.Rezone(m.bg, m.store, zones, meters, o.Account, m.log); err != nil {
-		return err
+		return rezoneDone, err
+	}
+	if !last {
+		m.log.Info("account rollups re-rolled onto its time zone; once more after the rounds under way have landed",
+			"account", o.Account, "timezone", o.Zone, "meters", len(meters), "again_in", m.rezoneSettle)
+		return rezoneDone, nil
 	}
 	if err := lock.Done(m.bg, o.ChangedAt); err != nil {
-		return err
+		return rezoneDone, err
 	}
 	m.log.Info("account rollups re-rolled onto its time zone", "account", o.Account, "timezone", o.Zone, "meters", len(meters))
-	return nil
+	return rezoneDone, nil
 }
 
 // Addr is the address the usage API listens on.

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"maps"
 	"net/http"
 	"testing"
 	"time"
@@ -68,6 +69,7 @@ func TestAnAccountsZoneChangeReRollsItsRollups(t *testing.T) {
 
 	m, err := NewAggregateMain(ctx, cfg, log)
 	testenv.Must(t, err, "start the aggregator")
+	m.rezoneSettle = 3 * time.Second
 	runCtx, stop := context.WithCancel(ctx)
 	done := make(chan error, 1)
 	go func() { done <- m.Run(runCtx) }()
@@ -130,6 +132,21 @@ func TestAnAccountsZoneChangeReRollsItsRollups(t *testing.T) {
 	testenv.Must(t, roller.Landed(ctx, []ingest.Record{{Event: schemas.Event{AccountID: "acct_kolkata", Environment: schemas.Live,
 		Type: "api_call", Time: mustTime(t, late.at)}}}), "roll up the event after the change")
 
+	// The first pass: every row on the new grid.
+	want := expectedRollups(t, inZone(t, append(evs, late), "acct_kolkata", zone))
+	for deadline := time.Now().Add(60 * time.Second); !maps.Equal(readRollups(t, ch), want); time.Sleep(50 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			compareRollups(t, "the first pass", readRollups(t, ch), want)
+			t.FailNow()
+		}
+	}
+	// A round an ingest process planned with the old zone just before it
+	// could see the change lands its rows after the first pass; the second
+	// replaces them.
+	stale := aggregator.NewRoller(aggregator.StaticMeters(rebuildMeters), aggregator.StaticZones{"acct_kolkata": "Asia/Kolkata"}, store, log)
+	testenv.Must(t, stale.Landed(ctx, []ingest.Record{{Event: schemas.Event{AccountID: "acct_kolkata", Environment: schemas.Live,
+		Type: "api_call", Time: mustTime(t, evs[0].at)}}}), "roll up a round planned with the old zone")
+
 	var changed, rezoned time.Time
 	for deadline := time.Now().Add(60 * time.Second); ; time.Sleep(100 * time.Millisecond) {
 		var at *time.Time
@@ -147,7 +164,89 @@ func TestAnAccountsZoneChangeReRollsItsRollups(t *testing.T) {
 	if wait := rezoned.Sub(changed); wait < ttl+2*time.Second {
 		t.Errorf("re-rolled %v after the zone change; every process has the new zone only after zone_cache_ttl (%v) plus 2 s", wait, ttl)
 	}
-	want := expectedRollups(t, inZone(t, append(evs, late), "acct_kolkata", zone))
 	compareRollups(t, "after the change", readRollups(t, ch), want)
 	testenv.Wait(t, 2*time.Second, "the usage API to stop saying rezoning", func() bool { return !rezoning("month") })
+}
+
+// landingStore lands an event just before the rezone's deletion: ingest
+// rolls it up on the new grid meanwhile, and the deletion takes its hour,
+// day and month rows with the rest.
+type landingStore struct {
+	*aggch.Store
+	land func()
+}
+
+func (s landingStore) DeleteCoarseRollups(ctx context.Context, account string, meters []string) error {
+	s.land()
+	return s.Store.DeleteCoarseRollups(ctx, account, meters)
+}
+
+// TestARezoneRebuildsAMinuteThatLandsAsItDeletes: the rezone read the
+// account's last minute before its deletion and rebuilt up to it, so an
+// event that landed in a new hour between the two lost its hour row, and
+// its day and month stayed short for good.
+func TestARezoneRebuildsAMinuteThatLandsAsItDeletes(t *testing.T) {
+	pg, ch, evs := landRebuildEvents(t)
+	ctx := context.Background()
+	log := quietLog()
+	store := aggch.NewStore(ch.Conn)
+	testenv.Must(t, aggregator.RebuildAll(ctx, store, aggpg.NewZones(pg.Pool, time.Minute, log), rebuildMeters, time.Time{}, time.Time{}, log),
+		"roll up the events in their accounts' zones")
+	const zone = "America/New_York"
+	late := rebuildEvent{account: "acct_kolkata", env: "live", typ: "api_call", route: "/v1/a", bytes: 11, at: "2026-01-31T22:10:00Z"}
+	late.id = evs[0].id
+	late.id[1] ^= 0xff
+	roller := aggregator.NewRoller(aggregator.StaticMeters(rebuildMeters), aggregator.StaticZones{"acct_kolkata": zone}, store, log)
+	landing := landingStore{Store: store, land: func() {
+		insertRebuildEvents(t, ch, []rebuildEvent{late})
+		testenv.Must(t, roller.Landed(ctx, []ingest.Record{{Event: schemas.Event{AccountID: "acct_kolkata", Environment: schemas.Live,
+			Type: "api_call", Time: mustTime(t, late.at)}}}), "roll up the event landing meanwhile")
+	}}
+	testenv.Must(t, aggregator.Rezone(ctx, landing, aggregator.StaticZones{"acct_kolkata": zone}, rebuildMeters, "acct_kolkata", log), "rezone")
+	compareRollups(t, "after the rezone", readRollups(t, ch), expectedRollups(t, inZone(t, append(evs, late), "acct_kolkata", zone)))
+}
+
+// While another aggregator holds an account's rezone, this one waits for
+// it without starting its own wait over (it logged the change again and
+// waited zone_cache_ttl anew each time), then does the pass itself once
+// the lock is free and the rezone still owed.
+func TestARezoneHeldElsewhereIsWaitedFor(t *testing.T) {
+	pg, ch, _ := landRebuildEvents(t)
+	ctx := context.Background()
+	log := quietLog()
+	testenv.Must(t, aggregator.RebuildAll(ctx, aggch.NewStore(ch.Conn), aggpg.NewZones(pg.Pool, time.Minute, log), rebuildMeters, time.Time{}, time.Time{}, log),
+		"roll up the events in their accounts' zones")
+	cfg := testConfig(t, pg, ch, "unused")
+	cfg.Meters = rebuildMeters[:1]
+	cfg.Aggregator.ZoneCacheTTL = 10 * time.Millisecond
+	m, err := NewAggregateMain(ctx, cfg, log)
+	testenv.Must(t, err, "start the aggregator")
+	t.Cleanup(func() { _ = m.Close() })
+
+	_, err = pg.Pool.Exec(ctx, "UPDATE accounts SET timezone = 'America/New_York' WHERE id = 'acct_kolkata'")
+	testenv.Must(t, err, "change the account's zone")
+	seen := map[string]*rezoneSeen{}
+	m.rezoneDue(seen)
+	first := seen["acct_kolkata"]
+	if first == nil {
+		t.Fatal("the zone change was not seen")
+	}
+	other, ok, err := aggpg.NewRezones(pg.Pool).Lock(ctx, "acct_kolkata")
+	testenv.Must(t, err, "take the rezone as another aggregator")
+	if !ok {
+		t.Fatal("the rezone's lock was taken already")
+	}
+	time.Sleep(time.Until(first.due) + 100*time.Millisecond)
+	due := first.due
+	for range 3 {
+		m.rezoneDue(seen)
+		if s := seen["acct_kolkata"]; s != first || !s.due.Equal(due) || s.passes != 0 {
+			t.Fatalf("while another aggregator holds the rezone: %+v, want the entry as it was (due %v, no pass)", s, due)
+		}
+	}
+	other.Release()
+	m.rezoneDue(seen)
+	if s := seen["acct_kolkata"]; s == nil || s.passes != 1 {
+		t.Fatalf("after the lock was let go: %+v, want the first pass done", s)
+	}
 }
