@@ -229,6 +229,11 @@ func strictNames(raw []byte) *schemas.FieldError {
 				return p
 			}
 		}
+		// Left out, units is 1; null is a client's unset value, which
+		// would be counted as 1 without a word.
+		if name == "units" && string(bytes.TrimSpace(value)) == "null" {
+			return &schemas.FieldError{Field: name, Reason: "null: give a whole number, or leave units out for 1"}
+		}
 	}
 	return nil
 }
