@@ -12,6 +12,7 @@ import (
 	"log/slog"
 	"mime"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -40,6 +41,22 @@ type AdminDeps struct {
 	Gatherer prometheus.Gatherer
 	Log      *slog.Logger
 	Ready    func(ctx echo.Context) error
+	// Scopes are the scopes something asks for: the routes' and Tollgate's
+	// own APIs' (KnownScopes). A key created with a scope that grants none
+	// of them is made, with a warning in the answer: a misspelt scope made
+	// a key refused everywhere, without a word. Nil warns of nothing.
+	Scopes []string
+}
+
+// KnownScopes are the scopes routes ask for, with those Tollgate's own
+// APIs ask for: events:write (POST /v1/events), usage:read (the usage API,
+// the current usage) and invoices:read (the invoice API).
+func KnownScopes(routes []RouteConfig) []string {
+	out := []string{eventsScope, "usage:read", "invoices:read"}
+	for _, r := range routes {
+		out = append(out, r.Scopes...)
+	}
+	return out
 }
 
 // Admin is the key-lifecycle API. It listens on its own address and takes
@@ -172,6 +189,9 @@ type CreatedKey struct {
 	Secret string  `json:"secret"`
 	// Previous is the rolled key with its new expiry (roll only).
 	Previous *KeyView `json:"previous,omitempty"`
+	// Warnings name the key's scopes that grant nothing anything asks for
+	// (AdminDeps.Scopes).
+	Warnings []string `json:"warnings,omitempty"`
 }
 
 func (a *Admin) putAccount(c echo.Context) error {
@@ -380,7 +400,21 @@ func (a *Admin) createKey(c echo.Context) error {
 	if err != nil {
 		return err
 	}
-	return c.JSON(http.StatusCreated, CreatedKey{Key: a.view(k), Secret: secret})
+	return c.JSON(http.StatusCreated, CreatedKey{Key: a.view(k), Secret: secret, Warnings: a.idleScopes(in.Scopes)})
+}
+
+// idleScopes warns of each of scopes that grants none of the known ones.
+func (a *Admin) idleScopes(scopes []string) []string {
+	if a.deps.Scopes == nil {
+		return nil
+	}
+	var out []string
+	for _, s := range scopes {
+		if !slices.ContainsFunc(a.deps.Scopes, func(k string) bool { return scopeMatch(s, k) }) {
+			out = append(out, fmt.Sprintf("scope %q grants nothing: no route of this edge, nor Tollgate's own APIs, asks for it (misspelt?); the key was created with it", s))
+		}
+	}
+	return out
 }
 
 func (a *Admin) listKeys(c echo.Context) error {

@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -306,6 +307,44 @@ func TestRollRacesAndRevokedReplacements(t *testing.T) {
 	}
 	if s := admin.call("POST", "/admin/v1/keys/"+id+"/roll", adminToken, `{"overlap":"1h"}`, &errBody); s != 409 || !strings.Contains(errBody.Error.Message, "create a new key") {
 		t.Fatalf("roll again after the replacement was revoked: %d %+v, want 409 saying to create a new key", s, errBody.Error)
+	}
+}
+
+// A key created with a scope nothing asks for is made, with a warning: a
+// misspelt scope made a key refused everywhere, without a word.
+func TestAKeyWithAScopeNothingAsksForIsWarnedOf(t *testing.T) {
+	env := edgetest.New(t)
+	sum := sha256.Sum256([]byte(adminToken))
+	routes := []edge.RouteConfig{{Pattern: "/v1/widgets", Methods: []string{"GET"}, Scopes: []string{"widgets:read"}}}
+	a, err := edge.NewAdmin(hex.EncodeToString(sum[:]), edge.AdminDeps{Store: env.Store, Scopes: edge.KnownScopes(routes)})
+	testenv.Must(t, err, "new admin")
+	s := httptest.NewServer(a)
+	t.Cleanup(s.Close)
+	admin := adminClient{t: t, url: s.URL}
+	if st := admin.call("PUT", "/admin/v1/accounts/acct_scopes", adminToken, `{}`, nil); st != 200 {
+		t.Fatalf("put account: %d", st)
+	}
+	for _, c := range []struct {
+		scopes string
+		warned []string
+	}{
+		{`["widgets:read"]`, nil},
+		{`["*:read","events:write","usage:read","invoices:read"]`, nil},
+		{`["widget:read","widgets:read"]`, []string{"widget:read"}},
+		{`["widgets:write"]`, []string{"widgets:write"}},
+	} {
+		var created edge.CreatedKey
+		if st := admin.call("POST", "/admin/v1/accounts/acct_scopes/keys", adminToken, `{"scopes":`+c.scopes+`}`, &created); st != 201 {
+			t.Fatalf("create a key with scopes %s: %d", c.scopes, st)
+		}
+		if len(created.Warnings) != len(c.warned) {
+			t.Fatalf("scopes %s: warnings %q, want one each for %q", c.scopes, created.Warnings, c.warned)
+		}
+		for i, w := range c.warned {
+			if !strings.Contains(created.Warnings[i], strconv.Quote(w)) {
+				t.Fatalf("scopes %s: warning %q does not name %q", c.scopes, created.Warnings[i], w)
+			}
+		}
 	}
 }
 

@@ -186,7 +186,8 @@ func NewEdgeMain(ctx context.Context, cfg Config, log *slog.Logger) (m *EdgeMain
 	if cfg.Edge.AdminListen != "" {
 		admin, err := edge.NewAdmin(cfg.Edge.AdminTokenSHA256, edge.AdminDeps{
 			Store: store, Auditor: m.auditor, Gatherer: m.Registry, Log: log,
-			Ready: func(c echo.Context) error { return ready(c.Request().Context()) },
+			Ready:  func(c echo.Context) error { return ready(c.Request().Context()) },
+			Scopes: edge.KnownScopes(cfg.Edge.Routes),
 		})
 		if err != nil {
 			return nil, err
