@@ -370,22 +370,38 @@ type Rezones struct {
 func NewRezones(pool *pgxpool.Pool) *Rezones { return &Rezones{pool: pool} }
 
 // Owed is an account whose rollups are owed a rezone: its zone changed at
-// ChangedAt (by Postgres's clock), to Zone.
+// ChangedAt (by Postgres's clock), to Zone. FirstPassAgo is how long ago
+// the rezone's first pass finished, by Postgres's clock; nil before it has.
 type Owed struct {
-	Account   string
-	Zone      string
-	ChangedAt time.Time
+	Account      string
+	Zone         string
+	ChangedAt    time.Time
+	FirstPassAgo *time.Duration
 }
 
 // Owed lists the accounts owed a rezone, in id order.
 func (r *Rezones) Owed(ctx context.Context) ([]Owed, error) {
-	rows, err := r.pool.Query(ctx, `SELECT id, timezone, timezone_changed_at FROM accounts
+	rows, err := r.pool.Query(ctx, `SELECT id, timezone, timezone_changed_at,
+			CASE WHEN rollups_first_pass_for = timezone_changed_at
+				THEN extract(epoch FROM now() - rollups_first_pass_at)::float8 END
+		FROM accounts
 		WHERE timezone_changed_at IS NOT NULL AND timezone_changed_at IS DISTINCT FROM rollups_rezoned_for
 		ORDER BY id`)
 	if err != nil {
 		return nil, fmt.Errorf("list accounts owed a rezone: %w", err)
 	}
-	out, err := pgx.CollectRows(rows, pgx.RowToStructByPos[Owed])
+	out, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (Owed, error) {
+		var o Owed
+		var ago *float64
+		if err := row.Scan(&o.Account, &o.Zone, &o.ChangedAt, &ago); err != nil {
+			return o, err
+		}
+		if ago != nil {
+			d := time.Duration(*ago * float64(time.Second))
+			o.FirstPassAgo = &d
+		}
+		return o, nil
+	})
 	if err != nil {
 		return nil, fmt.Errorf("list accounts owed a rezone: %w", err)
 	}
@@ -439,17 +455,31 @@ type RezoneLock struct {
 }
 
 // Owed tells whether the account is still owed a rezone for its change at
-// changedAt: false when another process finished it before this one took
-// the lock, or when the zone changed again since (that change has its own
-// wait).
-func (l *RezoneLock) Owed(ctx context.Context, changedAt time.Time) (bool, error) {
-	var ok bool
-	err := l.conn.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM accounts WHERE id = $1
-		AND timezone_changed_at = $2 AND rollups_rezoned_for IS DISTINCT FROM timezone_changed_at)`, l.account, changedAt).Scan(&ok)
-	if err != nil {
-		return false, fmt.Errorf("check account %s's rezone: %w", l.account, err)
+// changedAt, and whether its first pass has been run: owed is false when
+// another process finished it before this one took the lock, or when the
+// zone changed again since (that change has its own wait).
+func (l *RezoneLock) Owed(ctx context.Context, changedAt time.Time) (owed, firstPassRun bool, err error) {
+	err = l.conn.QueryRow(ctx, `SELECT
+			timezone_changed_at = $2 AND rollups_rezoned_for IS DISTINCT FROM timezone_changed_at,
+			rollups_first_pass_for IS NOT DISTINCT FROM timezone_changed_at
+		FROM accounts WHERE id = $1`, l.account, changedAt).Scan(&owed, &firstPassRun)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return false, false, nil
 	}
-	return ok, nil
+	if err != nil {
+		return false, false, fmt.Errorf("check account %s's rezone: %w", l.account, err)
+	}
+	return owed, firstPassRun, nil
+}
+
+// FirstPassRun records that the first pass of the rezone for the change at
+// changedAt has run.
+func (l *RezoneLock) FirstPassRun(ctx context.Context, changedAt time.Time) error {
+	if _, err := l.conn.Exec(ctx, `UPDATE accounts SET rollups_first_pass_for = $2, rollups_first_pass_at = now()
+		WHERE id = $1 AND timezone_changed_at = $2`, l.account, changedAt); err != nil {
+		return fmt.Errorf("record account %s's first rezone pass: %w", l.account, err)
+	}
+	return nil
 }
 
 // Done records that the rollups were rezoned for the change at changedAt.

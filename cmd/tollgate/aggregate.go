@@ -12,6 +12,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -46,9 +47,9 @@ type AggregateMain struct {
 	rezones *aggpg.Rezones
 	catalog *aggregator.Catalog
 	zoneTTL time.Duration
-	// rezoneSettle is the time between a rezone's two passes
-	// (rezoneChanged; tests shorten it).
-	rezoneSettle time.Duration
+	// rezoneSettle is the time between a rezone's two passes, a
+	// time.Duration (rezoneChanged; tests change it).
+	rezoneSettle atomic.Int64
 	refresh      time.Duration
 	bg           context.Context
 	stopBg       context.CancelFunc
@@ -76,7 +77,8 @@ func aggregateComponent(ctx context.Context, cfg Config, log *slog.Logger) ([]na
 // NewAggregateMain connects and listens on cfg.Aggregator.Listen.
 func NewAggregateMain(ctx context.Context, cfg Config, log *slog.Logger) (m *AggregateMain, err error) {
 	log = log.With("component", "aggregate")
-	m = &AggregateMain{log: log, Registry: prometheus.NewRegistry(), refresh: cfg.Aggregator.MetersRefresh, zoneTTL: cfg.Aggregator.ZoneCacheTTL, rezoneSettle: rezoneSettle, config: cfg.Meters}
+	m = &AggregateMain{log: log, Registry: prometheus.NewRegistry(), refresh: cfg.Aggregator.MetersRefresh, zoneTTL: cfg.Aggregator.ZoneCacheTTL, config: cfg.Meters}
+	m.rezoneSettle.Store(int64(rezoneSettle))
 	m.bg, m.stopBg = context.WithCancel(context.Background())
 	self := m
 	defer func() {
@@ -325,16 +327,18 @@ func (m *AggregateMain) rollUpConfigMeters(config []meter.Meter, store *aggpg.Me
 // long as the process runs, in two passes:
 //
 //   - The first comes zone_cache_ttl plus 2 s after this process first sees
-//     the change. By then every ingest process reads the new zone.
-//   - The second comes rezoneSettle after the first. A rollup round an
-//     ingest process planned with the old zone just before that can still
-//     be writing its day and month rows (rounds queue between their
-//     stages), on the old grid, after the first pass's deletion; the
-//     second pass replaces them. Only then is the change recorded as done.
+//     the change. By then every ingest process reads the new zone. It is
+//     recorded in Postgres, so that one aggregator runs it.
+//   - The second comes rezoneSettle after the first, by Postgres's clock,
+//     run by whichever aggregator looks first. A rollup round an ingest
+//     process planned with the old zone just before it saw the change can
+//     still be writing its day and month rows (rounds queue between their
+//     stages), on the old grid, after the first pass's deletion; the second
+//     pass replaces them. Only then is the change recorded as done.
 //
-// A pass that fails is tried again later, backing off per account; a
-// rezone cut short (the process stopped or killed) stays owed, and the next
-// aggregator does it again from its first pass.
+// A pass that fails is tried again later, backing off per account; a pass
+// cut short (the process stopped or killed) is run again by the next
+// aggregator to look.
 func (m *AggregateMain) rezoneChanged() {
 	m.background(func() {
 		every := min(5*time.Second, m.zoneTTL)
@@ -357,16 +361,16 @@ func (m *AggregateMain) rezoneChanged() {
 const rezoneSettle = 30 * time.Second
 
 // rezoneSeen is an owed rezone this process has seen: the change's time,
-// and when the next pass is due (the first: once every process reads the
-// new zone), passes done, and failures in a row.
+// when this process may next run a pass of it (first: once every process
+// reads the new zone; after a failure: once its backoff is over), and
+// failures in a row.
 type rezoneSeen struct {
 	changedAt time.Time
 	due       time.Time
-	passes    int
 	failures  int
 }
 
-// rezoneDue does the owed rezone passes that are due.
+// rezoneDue runs the owed rezone passes that are due.
 func (m *AggregateMain) rezoneDue(seen map[string]*rezoneSeen) {
 	owed, err := m.rezones.Owed(m.bg)
 	if err != nil {
@@ -384,15 +388,17 @@ func (m *AggregateMain) rezoneDue(seen map[string]*rezoneSeen) {
 		if s == nil || !s.changedAt.Equal(o.ChangedAt) {
 			wait := m.zoneTTL + 2*time.Second
 			seen[o.Account] = &rezoneSeen{changedAt: o.ChangedAt, due: now.Add(wait)}
-			m.log.Info("account time zone changed; its hour, day and month rollups are re-rolled once every process reads the new zone",
-				"account", o.Account, "timezone", o.Zone, "changed_at", o.ChangedAt, "after", wait)
+			if o.FirstPassAgo == nil {
+				m.log.Info("account time zone changed; its hour, day and month rollups are re-rolled once every process reads the new zone",
+					"account", o.Account, "timezone", o.Zone, "changed_at", o.ChangedAt, "after", wait)
+			}
 			continue
 		}
-		if now.Before(s.due) {
+		second := o.FirstPassAgo != nil
+		if now.Before(s.due) || second && *o.FirstPassAgo < time.Duration(m.rezoneSettle.Load()) {
 			continue
 		}
-		last := s.passes == 1
-		switch result, err := m.rezone(o, last); {
+		switch result, err := m.rezone(o, second); {
 		case err != nil:
 			if m.bg.Err() != nil {
 				return // stopping: still owed, to the next aggregator
@@ -402,18 +408,21 @@ func (m *AggregateMain) rezoneDue(seen map[string]*rezoneSeen) {
 			s.failures++
 			backoff := min(5*time.Second<<min(s.failures, 7), 5*time.Minute)
 			s.due = now.Add(backoff)
+			pass := 1
+			if second {
+				pass = 2
+			}
 			m.log.Error("re-roll an account's rollups onto its new time zone", "account", o.Account, "timezone", o.Zone,
-				"pass", s.passes+1, "retry_in", backoff, "err", err)
-		case result == rezoneBusy:
-			// Another aggregator is at it: look again later, without
-			// starting the wait over.
+				"pass", pass, "retry_in", backoff, "err", err)
 		case result == rezoneGone:
 			delete(seen, o.Account)
-		case last:
-			delete(seen, o.Account)
-		default:
-			s.passes, s.failures, s.due = 1, 0, now.Add(m.rezoneSettle)
+		case result == rezoneDone:
+			s.failures = 0
+			if second {
+				delete(seen, o.Account)
+			}
 		}
+		// rezoneBusy: another aggregator is at it; look again later.
 	}
 	for a := range seen {
 		if !still[a] {
@@ -427,13 +436,13 @@ type rezoneResult int
 
 const (
 	rezoneDone rezoneResult = iota // the pass ran
-	rezoneBusy                     // another aggregator holds the account's rezone
+	rezoneBusy                     // another aggregator holds the account's rezone, or has run this pass
 	rezoneGone                     // no longer owed: done elsewhere, or the zone changed again
 )
 
-// rezone runs one pass of an owed rezone under the account's lock; the
-// last pass records it done.
-func (m *AggregateMain) rezone(o aggpg.Owed, last bool) (rezoneResult, error) {
+// rezone runs one pass of an owed rezone under the account's lock: the
+// first, or the second, which records the rezone done.
+func (m *AggregateMain) rezone(o aggpg.Owed, second bool) (rezoneResult, error) {
 	lock, ok, err := m.rezones.Lock(m.bg, o.Account)
 	if err != nil {
 		return rezoneBusy, err
@@ -442,8 +451,14 @@ func (m *AggregateMain) rezone(o aggpg.Owed, last bool) (rezoneResult, error) {
 		return rezoneBusy, nil
 	}
 	defer lock.Release()
-	if ok, err := lock.Owed(m.bg, o.ChangedAt); err != nil || !ok {
-		return rezoneGone, err
+	owed, firstRun, err := lock.Owed(m.bg, o.ChangedAt)
+	switch {
+	case err != nil:
+		return rezoneBusy, err
+	case !owed:
+		return rezoneGone, nil
+	case firstRun != second:
+		return rezoneBusy, nil // another aggregator ran the first pass meanwhile
 	}
 	meters, err := m.catalog.Meters(m.bg)
 	if err != nil {
@@ -455,9 +470,12 @@ func (m *AggregateMain) rezone(o aggpg.Owed, last bool) (rezoneResult, error) {
 	if err := aggregator.Rezone(m.bg, m.store, zones, meters, o.Account, m.log); err != nil {
 		return rezoneDone, err
 	}
-	if !last {
+	if !second {
+		if err := lock.FirstPassRun(m.bg, o.ChangedAt); err != nil {
+			return rezoneDone, err
+		}
 		m.log.Info("account rollups re-rolled onto its time zone; once more after the rounds under way have landed",
-			"account", o.Account, "timezone", o.Zone, "meters", len(meters), "again_in", m.rezoneSettle)
+			"account", o.Account, "timezone", o.Zone, "meters", len(meters), "again_in", time.Duration(m.rezoneSettle.Load()))
 		return rezoneDone, nil
 	}
 	if err := lock.Done(m.bg, o.ChangedAt); err != nil {

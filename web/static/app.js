@@ -93,10 +93,20 @@ function when(t, windowName) {
   return d.toLocaleString(undefined, { timeZone: zone });
 }
 
+// midnight tells whether t is a midnight in the account's zone.
+function midnight(t) {
+  const parts = new Intl.DateTimeFormat("en-US", { timeZone: zone, hourCycle: "h23", hour: "2-digit", minute: "2-digit", second: "2-digit" })
+    .formatToParts(new Date(t));
+  return parts.filter((p) => p.type !== "literal").every((p) => Number(p.value) === 0);
+}
+
 // period formats a billing period, which ends (exclusively) at the next
-// period's start: its last day is shown, the day before that start.
+// period's start: its last day is shown, the day before that start. A
+// period made under another zone (the account's changed since) does not
+// start and end at this zone's midnights: it is shown to the minute.
 function period(p) {
-  return when(p.start, "day") + " – " + when(Date.parse(p.end) - 1, "day");
+  if (midnight(p.start) && midnight(p.end)) return when(p.start, "day") + " – " + when(Date.parse(p.end) - 1, "day");
+  return when(p.start) + " – " + when(p.end) + " (" + zone + ")";
 }
 
 function rangeFor(windowName) {
@@ -197,7 +207,13 @@ const maxUsagePages = 50;
 async function usageRows(params, seq) {
   const data = [];
   for (let pages = 1; ; pages++) {
-    const body = await api("/v1/usage?" + params);
+    let body;
+    try {
+      body = await api("/v1/usage?" + params);
+    } catch (e) {
+      // A read replaced meanwhile: its error is not the page's either.
+      throw seq !== usageSeq ? superseded() : e;
+    }
     if (seq !== usageSeq) throw superseded();
     data.push(...(body.data || []));
     if (!body.has_more || !body.next_cursor) return { body, data, partial: false, read: data.length };
@@ -374,13 +390,44 @@ async function invoiceList() {
   }
 }
 
-async function refresh() {
+// running is the refresh under way, if any. One asked for meanwhile (the
+// next 10 s tick, a new key) runs after it rather than beside it, once for
+// however many were asked: side by side, a view slower than 10 s to read
+// was replaced by the next tick's every time and never drawn.
+let running = null;
+let again = false;
+
+function refresh() {
+  if (running) {
+    again = true;
+    return running;
+  }
+  running = (async () => {
+    try {
+      do {
+        again = false;
+        await refreshOnce();
+      } while (again);
+    } finally {
+      running = null;
+    }
+  })();
+  return running;
+}
+
+async function refreshOnce() {
   const key = store.getItem("tollgate.key");
   if (!key) return;
   setStatus("Loading…");
+  let drawn = true;
   try {
     await loadMeters();
-    await loadUsage().catch((e) => { if (!e.superseded) throw e; });
+    // A read replaced by one the page asked for since (another window
+    // chosen) is drawn by that one.
+    await loadUsage().catch((e) => {
+      if (!e.superseded) throw e;
+      drawn = false;
+    });
     $("usage-section").hidden = false;
     // The request log is a secret key's: a publishable key is public.
     if (key.startsWith("sk_")) {
@@ -406,6 +453,7 @@ async function refresh() {
   } else {
     $("billing-section").hidden = true;
   }
+  if (!drawn) return;
   setStatus("Showing " + (key.startsWith("pk_") ? "usage for a publishable key" : key.startsWith("sk_live_") ? "usage and billing" : "usage") +
     (key.includes("_test_") ? " in test mode (metered, never billed)" : "") + ". Updated " + new Date().toLocaleTimeString() + ".");
 }
@@ -426,6 +474,7 @@ $("key-form").addEventListener("submit", (ev) => {
 });
 $("forget").addEventListener("click", () => {
   store.removeItem("tollgate.key");
+  zone = "UTC";
   ["usage-section", "billing-section", "requests-section"].forEach((id) => ($(id).hidden = true));
   // What the key read leaves the page with it.
   ["usage-table", "requests", "invoices"].forEach((id) => ($(id).querySelector("tbody").textContent = ""));

@@ -241,6 +241,37 @@ const cases = {
       throw new Error("headline " + JSON.stringify(els["usage-total"].textContent) + " after the older day read landed, want the hour read's " + JSON.stringify(headline));
     }
   },
+  "a refresh asked for while one runs comes after it, and a slow view is drawn": async () => {
+    const { ctx, els, calls } = page(countByRoute, hourRows(2, 1));
+    await ctx.refresh(); // the page's first, with the key
+    els.window.value = "hour";
+    const before = calls.usage.length;
+    let release;
+    calls.gate = new Promise((r) => (release = r));
+    const slow = ctx.refresh();
+    await new Promise((r) => setTimeout(r, 10));
+    const ticks = [ctx.refresh(), ctx.refresh()]; // 10 s ticks while the read waits
+    calls.gate = null;
+    release();
+    await Promise.all([slow, ...ticks]);
+    if (calls.usage.length - before !== 2) throw new Error((calls.usage.length - before) + " usage reads, want the slow one and one after it");
+    if (!/2 days/.test(els["usage-total"].textContent)) throw new Error("headline " + JSON.stringify(els["usage-total"].textContent) + ": the slow view was not drawn");
+    if (!/^Showing/.test(els.status.textContent)) throw new Error("status " + JSON.stringify(els.status.textContent));
+  },
+  "a billing period made under another zone is shown to the minute, with the zone": async () => {
+    const utcJanuary = { start: "2026-01-01T00:00:00Z", end: "2026-02-01T00:00:00Z" };
+    const invoices = [{ id: "inv_1", status: "paid", total: 100, currency: "usd", period: utcJanuary }];
+    const { ctx, els } = page(countByRoute, [{ window_start: "2026-11-09T15:00:00Z", value: 1 }], { timeZone: "Asia/Tokyo", invoices });
+    await ctx.loadMeters();
+    els.window.value = "day";
+    await ctx.loadUsage();
+    await ctx.loadBilling();
+    const shown = els.invoices.querySelector("tbody").children[0].children[0].textContent;
+    const at = (iso) => new Date(iso).toLocaleString(undefined, { timeZone: "Asia/Tokyo" });
+    if (shown !== at(utcJanuary.start) + " – " + at(utcJanuary.end) + " (Asia/Tokyo)") {
+      throw new Error("a UTC month shown to a Tokyo account as " + JSON.stringify(shown) + ", want its instants in Tokyo time, with the zone");
+    }
+  },
 };
 
 (async () => {
