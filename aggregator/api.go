@@ -412,6 +412,17 @@ func (s *Server) usage(c echo.Context) error {
 			return err
 		}
 	}
+	// Whether the account's coarser windows are being re-rolled is read
+	// before the rows: a "no" up to statusTTL old always comes before a
+	// rezone's deletion (its first pass waits at least 2 s), so rows read
+	// after it are whole. Read after, a pass could delete rows under the
+	// read and finish before the answer said so.
+	rezoning, rerr := false, error(nil)
+	if g != Minute {
+		if rezoning, rerr = s.status.Rezoning(ctx, k.AccountID); rerr != nil {
+			s.d.Log.Warn("complete_through left out of a usage response: the accounts' time zone re-rolls cannot be read", "err", rerr)
+		}
+	}
 	rows, err := s.d.Usage.Usage(ctx, uq)
 	if err != nil {
 		return err
@@ -456,13 +467,8 @@ func (s *Server) usage(c echo.Context) error {
 	if err != nil {
 		s.d.Log.Warn("complete_through left out of a usage response: the meters' backfill state cannot be read", "err", err)
 	}
-	rezoning := false
-	if g != Minute {
-		var rerr error
-		if rezoning, rerr = s.status.Rezoning(ctx, k.AccountID); rerr != nil {
-			s.d.Log.Warn("complete_through left out of a usage response: the accounts' time zone re-rolls cannot be read", "err", rerr)
-			err = rerr
-		}
+	if rerr != nil {
+		err = rerr
 	}
 	resp.Backfilling, resp.Rezoning = unfinished, rezoning
 	switch {

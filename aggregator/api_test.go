@@ -973,3 +973,63 @@ func TestUsageAnswersAreNotStored(t *testing.T) {
 		}
 	}
 }
+
+// orderedUsage and orderedRezones note the order the usage API asks them in.
+type orderedUsage struct {
+	aggregator.UsageStore
+	calls *[]string
+}
+
+func (o orderedUsage) Usage(ctx context.Context, q aggregator.UsageQuery) ([]aggregator.UsageRow, error) {
+	*o.calls = append(*o.calls, "rows")
+	return o.UsageStore.Usage(ctx, q)
+}
+
+type orderedRezones struct {
+	calls *[]string
+	owed  map[string]bool
+}
+
+func (o orderedRezones) Rezoning(context.Context) (map[string]bool, error) {
+	*o.calls = append(*o.calls, "rezoning")
+	return o.owed, nil
+}
+
+// Whether an account's coarser windows are being re-rolled onto its new
+// zone is read before the rows: read after, a rezone could delete rows
+// under the read and finish before the answer was made, which then had
+// rows missing and said nothing. Minute windows do not move with a zone.
+func TestRezoningIsReadBeforeTheRows(t *testing.T) {
+	e := newAPIEnv(t)
+	var calls []string
+	catalog, err := aggregator.NewCatalog(apiMeters, aggpg.NewMeters(e.pg.Pool), time.Minute, slog.New(slog.DiscardHandler))
+	testenv.Must(t, err, "catalog")
+	srv, err := aggregator.NewServer(aggregator.Config{}, aggregator.ServerDeps{Keys: edgepg.NewKeyStore(e.pg.Pool),
+		Usage: orderedUsage{UsageStore: e.store, calls: &calls}, Catalog: catalog,
+		Zones: aggpg.NewZones(e.pg.Pool, time.Minute, slog.New(slog.DiscardHandler)), Holds: aggpg.NewSpoolHolds(e.pg.Pool),
+		Rezones: orderedRezones{calls: &calls, owed: map[string]bool{"acct_alpha": true}}})
+	testenv.Must(t, err, "server")
+	hs := httptest.NewServer(srv.Handler())
+	defer hs.Close()
+	read := func(window string) map[string]any {
+		t.Helper()
+		calls = nil
+		var b map[string]any
+		req, _ := http.NewRequest(http.MethodGet, hs.URL+e.usagePath(url.Values{"window": {window}}), nil)
+		req.Header.Set("Authorization", "Bearer "+e.keys["alpha"])
+		if st := do(t, req, &b); st != http.StatusOK {
+			t.Fatalf("%s: status %d", window, st)
+		}
+		return b
+	}
+	b := read("hour")
+	if !slices.Equal(calls, []string{"rezoning", "rows"}) {
+		t.Fatalf("an hour answer asked %v, want whether the account is rezoning before its rows", calls)
+	}
+	if b["rezoning"] != true || b["complete_through"] != nil {
+		t.Fatalf("an hour answer of an account owed a rezone: rezoning %v, complete_through %v; want true and none", b["rezoning"], b["complete_through"])
+	}
+	if b := read("minute"); b["rezoning"] != nil || slices.Contains(calls, "rezoning") {
+		t.Fatalf("a minute answer: rezoning %v, asked %v; minute windows do not move with a zone", b["rezoning"], calls)
+	}
+}

@@ -773,26 +773,57 @@ func (s *Store) AccountMinutes(ctx context.Context, account string) (time.Time, 
 }
 
 // deleteWhere deletes the rollup rows where says, and returns once the
-// mutation is done.
+// mutation is done. It waits for the mutations issued from its own on, not
+// for older ones still unfinished: one that never finishes (a failing
+// UPDATE an operator issued) would hold every deletion up for good, though
+// it holds this one up only where it shares parts with it (a part takes
+// its mutations in order), which is then the caller's deadline to end.
 func (s *Store) deleteWhere(ctx context.Context, where string) error {
+	const pendingSQL = `SELECT mutation_id FROM system.mutations
+		WHERE database = currentDatabase() AND table = 'usage_rollups' AND is_done = 0`
+	older := map[string]bool{}
+	ids, err := s.strings(ctx, pendingSQL)
+	if err != nil {
+		return fmt.Errorf("list the rollup mutations: %w", err)
+	}
+	for _, id := range ids {
+		older[id] = true
+	}
 	if err := s.conn.Exec(ctx, "ALTER TABLE usage_rollups DELETE WHERE "+where); err != nil {
 		return fmt.Errorf("delete rollups: %w", err)
 	}
 	for {
-		var pending uint64
-		if err := s.conn.QueryRow(ctx, `SELECT count() FROM system.mutations
-			WHERE database = currentDatabase() AND table = 'usage_rollups' AND is_done = 0`).Scan(&pending); err != nil {
+		ids, err := s.strings(ctx, pendingSQL)
+		if err != nil {
 			return fmt.Errorf("wait for the rollup deletion: %w", err)
 		}
-		if pending == 0 {
+		if !slices.ContainsFunc(ids, func(id string) bool { return !older[id] }) {
 			return nil
 		}
 		select {
 		case <-ctx.Done():
-			return fmt.Errorf("wait for the rollup deletion: %w", ctx.Err())
+			return fmt.Errorf("wait for the rollup deletion (a ClickHouse mutation; system.mutations says why one is stuck): %w", ctx.Err())
 		case <-time.After(100 * time.Millisecond):
 		}
 	}
+}
+
+// strings runs a query of one string column.
+func (s *Store) strings(ctx context.Context, sql string) ([]string, error) {
+	rows, err := s.conn.Query(ctx, sql)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []string
+	for rows.Next() {
+		var v string
+		if err := rows.Scan(&v); err != nil {
+			return nil, err
+		}
+		out = append(out, v)
+	}
+	return out, rows.Err()
 }
 
 // Accounts lists accounts with raw events in [from, to).

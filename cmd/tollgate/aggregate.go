@@ -360,6 +360,9 @@ func (m *AggregateMain) rezoneChanged() {
 // first (rezoneChanged).
 const rezoneSettle = 30 * time.Second
 
+// rezonePassLimit bounds one rezone pass: its deletion and its rebuild.
+const rezonePassLimit = 30 * time.Minute
+
 // rezoneSeen is an owed rezone this process has seen: the change's time,
 // when this process may next run a pass of it (first: once every process
 // reads the new zone; after a failure: once its backoff is over), and
@@ -407,7 +410,7 @@ func (m *AggregateMain) rezoneDue(seen map[string]*rezoneSeen) {
 			// that keeps failing is not tried every few seconds.
 			s.failures++
 			backoff := min(5*time.Second<<min(s.failures, 7), 5*time.Minute)
-			s.due = now.Add(backoff)
+			s.due = time.Now().Add(backoff) // from the failure: a pass can take minutes
 			pass := 1
 			if second {
 				pass = 2
@@ -467,7 +470,12 @@ func (m *AggregateMain) rezone(o aggpg.Owed, second bool) (rezoneResult, error) 
 	// The zone as read with the change, not through the cache: the
 	// account's zone as of o.ChangedAt, which lock.Owed says still holds.
 	zones := aggregator.StaticZones{o.Account: o.Zone}
-	if err := aggregator.Rezone(m.bg, m.store, zones, meters, o.Account, m.log); err != nil {
+	// A pass that cannot finish (a ClickHouse mutation stuck behind a
+	// failing one) ends as an error, and backs off, rather than holding
+	// the account's lock, and every other account's rezone, for good.
+	ctx, cancel := context.WithTimeout(m.bg, rezonePassLimit)
+	defer cancel()
+	if err := aggregator.Rezone(ctx, m.store, zones, meters, o.Account, m.log); err != nil {
 		return rezoneDone, err
 	}
 	if !second {

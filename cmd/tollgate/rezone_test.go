@@ -53,7 +53,8 @@ func TestAnAccountsZoneChangeReRollsItsRollups(t *testing.T) {
 
 	// The configuration file's meters as rolled up already, so that the
 	// aggregator does not replace them itself (rollUpConfigMeters).
-	ttl := 300 * time.Millisecond
+	// Long enough that the first pass's wait without it (2 s) shows.
+	ttl := 3 * time.Second
 	cfg := testConfig(t, pg, ch, "unused")
 	cfg.Meters = rebuildMeters[:1]
 	cfg.Aggregator.ZoneCacheTTL = ttl
@@ -161,6 +162,12 @@ func TestAnAccountsZoneChangeReRollsItsRollups(t *testing.T) {
 	stale := aggregator.NewRoller(aggregator.StaticMeters(rebuildMeters), aggregator.StaticZones{"acct_kolkata": "Asia/Kolkata"}, store, log)
 	testenv.Must(t, stale.Landed(ctx, []ingest.Record{{Event: schemas.Event{AccountID: "acct_kolkata", Environment: schemas.Live,
 		Type: "api_call", Time: mustTime(t, evs[0].at)}}}), "roll up a round planned with the old zone")
+	var early bool
+	testenv.Must(t, pg.Pool.QueryRow(ctx, `SELECT rollups_rezoned_for IS NOT DISTINCT FROM timezone_changed_at
+		FROM accounts WHERE id = 'acct_kolkata'`).Scan(&early), "read the account")
+	if early {
+		t.Fatal("the rezone was recorded done before its second pass could run")
+	}
 	m.rezoneSettle.Store(0)
 	for deadline := time.Now().Add(60 * time.Second); ; time.Sleep(50 * time.Millisecond) {
 		var done bool
@@ -261,4 +268,57 @@ func TestARezoneHeldElsewhereIsWaitedFor(t *testing.T) {
 	if !firstRun {
 		t.Fatal("after the lock was let go, the first pass has not run")
 	}
+}
+
+// A zone that changes again between the passes starts the rezone over:
+// the first pass of the earlier change does not count for the later one.
+func TestAZoneChangedBetweenThePassesStartsTheRezoneOver(t *testing.T) {
+	pg, ch, evs := landRebuildEvents(t)
+	ctx := context.Background()
+	log := quietLog()
+	testenv.Must(t, aggregator.RebuildAll(ctx, aggch.NewStore(ch.Conn), aggpg.NewZones(pg.Pool, time.Minute, log), rebuildMeters, time.Time{}, time.Time{}, log),
+		"roll up the events in their accounts' zones")
+	cfg := testConfig(t, pg, ch, "unused")
+	cfg.Meters = rebuildMeters
+	cfg.Aggregator.ZoneCacheTTL = 10 * time.Millisecond
+	m, err := NewAggregateMain(ctx, cfg, log)
+	testenv.Must(t, err, "start the aggregator")
+	t.Cleanup(func() { _ = m.Close() })
+	m.rezoneSettle.Store(int64(time.Hour))
+	state := func() (firstFor, changed time.Time, done bool) {
+		t.Helper()
+		var first *time.Time
+		testenv.Must(t, pg.Pool.QueryRow(ctx, `SELECT rollups_first_pass_for, timezone_changed_at,
+			rollups_rezoned_for IS NOT DISTINCT FROM timezone_changed_at FROM accounts WHERE id = 'acct_kolkata'`).Scan(&first, &changed, &done), "read the account")
+		if first != nil {
+			firstFor = *first
+		}
+		return firstFor, changed, done
+	}
+	// look runs rezoneDue until the account is seen, then once its wait
+	// (2 s past zone_cache_ttl) is over.
+	seen := map[string]*rezoneSeen{}
+	look := func() {
+		t.Helper()
+		m.rezoneDue(seen)
+		if s := seen["acct_kolkata"]; s != nil {
+			time.Sleep(time.Until(s.due) + 50*time.Millisecond)
+		}
+		m.rezoneDue(seen)
+	}
+
+	for _, z := range []string{"America/New_York", "Europe/Berlin"} {
+		_, err = pg.Pool.Exec(ctx, "UPDATE accounts SET timezone = $1 WHERE id = 'acct_kolkata'", z)
+		testenv.Must(t, err, "change the account's zone to "+z)
+		look()
+		if first, changed, done := state(); !first.Equal(changed) || done {
+			t.Fatalf("after the change to %s: first pass for %v, change at %v, done %v; want its first pass run, not done", z, first, changed, done)
+		}
+	}
+	m.rezoneSettle.Store(0)
+	m.rezoneDue(seen)
+	if _, _, done := state(); !done {
+		t.Fatal("the second pass of the later change did not run")
+	}
+	compareRollups(t, "after both changes", readRollups(t, ch), expectedRollups(t, inZone(t, evs, "acct_kolkata", "Europe/Berlin")))
 }
