@@ -727,15 +727,7 @@ func (s *Store) DeleteRollups(ctx context.Context, meters []string, from, to tim
 	for i, m := range meters {
 		keys[i] = quote(m)
 	}
-	where := fmt.Sprintf("meter IN (%s) AND window_start >= %s AND window_start < %s", strings.Join(keys, ", "), dt(from), dt(to))
-	var found uint64
-	if err := s.conn.QueryRow(ctx, "SELECT count() FROM (SELECT 1 FROM usage_rollups WHERE "+where+" LIMIT 1)").Scan(&found); err != nil {
-		return fmt.Errorf("find rollups to delete: %w", err)
-	}
-	if found == 0 {
-		return nil
-	}
-	return s.deleteWhere(ctx, where)
+	return s.deleteWhere(ctx, fmt.Sprintf("meter IN (%s) AND window_start >= %s AND window_start < %s", strings.Join(keys, ", "), dt(from), dt(to)))
 }
 
 // DeleteCoarseRollups deletes account's hour, day and month rows of meters,
@@ -749,15 +741,7 @@ func (s *Store) DeleteCoarseRollups(ctx context.Context, account string, meters 
 	for i, m := range meters {
 		keys[i] = quote(m)
 	}
-	where := fmt.Sprintf("account_id = %s AND meter IN (%s) AND granularity IN ('hour', 'day', 'month')", quote(account), strings.Join(keys, ", "))
-	var found uint64
-	if err := s.conn.QueryRow(ctx, "SELECT count() FROM (SELECT 1 FROM usage_rollups WHERE "+where+" LIMIT 1)").Scan(&found); err != nil {
-		return fmt.Errorf("find rollups to delete: %w", err)
-	}
-	if found == 0 {
-		return nil
-	}
-	return s.deleteWhere(ctx, where)
+	return s.deleteWhere(ctx, fmt.Sprintf("account_id = %s AND meter IN (%s) AND granularity IN ('hour', 'day', 'month')", quote(account), strings.Join(keys, ", ")))
 }
 
 // AccountMinutes is the first and last window start of account's minute
@@ -773,12 +757,21 @@ func (s *Store) AccountMinutes(ctx context.Context, account string) (time.Time, 
 }
 
 // deleteWhere deletes the rollup rows where says, and returns once the
-// mutation is done. It waits for the mutations issued from its own on, not
+// mutation is done. Where no row matches, it issues none: a mutation
+// rewrites every part it touches, and most deletions (a new meter's
+// backfill) find nothing. It waits for the mutations issued from its own on, not
 // for older ones still unfinished: one that never finishes (a failing
 // UPDATE an operator issued) would hold every deletion up for good, though
 // it holds this one up only where it shares parts with it (a part takes
 // its mutations in order), which is then the caller's deadline to end.
 func (s *Store) deleteWhere(ctx context.Context, where string) error {
+	var found uint64
+	if err := s.conn.QueryRow(ctx, "SELECT count() FROM (SELECT 1 FROM usage_rollups WHERE "+where+" LIMIT 1)").Scan(&found); err != nil {
+		return fmt.Errorf("find rollups to delete: %w", err)
+	}
+	if found == 0 {
+		return nil
+	}
 	const pendingSQL = `SELECT mutation_id FROM system.mutations
 		WHERE database = currentDatabase() AND table = 'usage_rollups' AND is_done = 0`
 	older := map[string]bool{}

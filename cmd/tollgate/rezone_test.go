@@ -35,6 +35,18 @@ func inZone(t *testing.T, evs []rebuildEvent, account, zone string) []rebuildEve
 	return out
 }
 
+// landRolledUpEvents is landRebuildEvents with every rollup computed, in
+// each account's zone.
+func landRolledUpEvents(t *testing.T) (*testenv.Postgres, *testenv.ClickHouse, []rebuildEvent) {
+	t.Helper()
+	pg, ch, evs := landRebuildEvents(t)
+	log := quietLog()
+	testenv.Must(t, aggregator.RebuildAll(context.Background(), aggch.NewStore(ch.Conn), aggpg.NewZones(pg.Pool, time.Minute, log),
+		rebuildMeters, time.Time{}, time.Time{}, log), "roll up the events in their accounts' zones")
+	compareRollups(t, "before the change", readRollups(t, ch), expectedRollups(t, evs))
+	return pg, ch, evs
+}
+
 // TestAnAccountsZoneChangeReRollsItsRollups: an account's hour, day and
 // month rollups are on its zone's grid. After its zone changes, an event
 // rolled up on the new grid sat beside the old grid's rows, and a month
@@ -43,13 +55,10 @@ func inZone(t *testing.T, evs []rebuildEvent, account, zone string) []rebuildEve
 // every process has had zone_cache_ttl (plus 2 s) to read the new zone,
 // and leaves the other accounts' rows alone.
 func TestAnAccountsZoneChangeReRollsItsRollups(t *testing.T) {
-	pg, ch, evs := landRebuildEvents(t)
+	pg, ch, evs := landRolledUpEvents(t)
 	ctx := context.Background()
 	log := quietLog()
 	store := aggch.NewStore(ch.Conn)
-	testenv.Must(t, aggregator.RebuildAll(ctx, store, aggpg.NewZones(pg.Pool, time.Minute, log), rebuildMeters, time.Time{}, time.Time{}, log),
-		"roll up the events in their accounts' zones")
-	compareRollups(t, "before the change", readRollups(t, ch), expectedRollups(t, evs))
 
 	// The configuration file's meters as rolled up already, so that the
 	// aggregator does not replace them itself (rollUpConfigMeters).
@@ -202,12 +211,10 @@ func (s landingStore) DeleteCoarseRollups(ctx context.Context, account string, m
 // event that landed in a new hour between the two lost its hour row, and
 // its day and month stayed short for good.
 func TestARezoneRebuildsAMinuteThatLandsAsItDeletes(t *testing.T) {
-	pg, ch, evs := landRebuildEvents(t)
+	_, ch, evs := landRolledUpEvents(t)
 	ctx := context.Background()
 	log := quietLog()
 	store := aggch.NewStore(ch.Conn)
-	testenv.Must(t, aggregator.RebuildAll(ctx, store, aggpg.NewZones(pg.Pool, time.Minute, log), rebuildMeters, time.Time{}, time.Time{}, log),
-		"roll up the events in their accounts' zones")
 	const zone = "America/New_York"
 	late := rebuildEvent{account: "acct_kolkata", env: "live", typ: "api_call", route: "/v1/a", bytes: 11, at: "2026-01-31T22:10:00Z"}
 	late.id = evs[0].id
@@ -227,11 +234,9 @@ func TestARezoneRebuildsAMinuteThatLandsAsItDeletes(t *testing.T) {
 // waited zone_cache_ttl anew each time), then does the pass itself once
 // the lock is free and the rezone still owed.
 func TestARezoneHeldElsewhereIsWaitedFor(t *testing.T) {
-	pg, ch, _ := landRebuildEvents(t)
+	pg, ch, _ := landRolledUpEvents(t)
 	ctx := context.Background()
 	log := quietLog()
-	testenv.Must(t, aggregator.RebuildAll(ctx, aggch.NewStore(ch.Conn), aggpg.NewZones(pg.Pool, time.Minute, log), rebuildMeters, time.Time{}, time.Time{}, log),
-		"roll up the events in their accounts' zones")
 	cfg := testConfig(t, pg, ch, "unused")
 	cfg.Meters = rebuildMeters[:1]
 	cfg.Aggregator.ZoneCacheTTL = 10 * time.Millisecond
@@ -273,11 +278,9 @@ func TestARezoneHeldElsewhereIsWaitedFor(t *testing.T) {
 // A zone that changes again between the passes starts the rezone over:
 // the first pass of the earlier change does not count for the later one.
 func TestAZoneChangedBetweenThePassesStartsTheRezoneOver(t *testing.T) {
-	pg, ch, evs := landRebuildEvents(t)
+	pg, ch, evs := landRolledUpEvents(t)
 	ctx := context.Background()
 	log := quietLog()
-	testenv.Must(t, aggregator.RebuildAll(ctx, aggch.NewStore(ch.Conn), aggpg.NewZones(pg.Pool, time.Minute, log), rebuildMeters, time.Time{}, time.Time{}, log),
-		"roll up the events in their accounts' zones")
 	cfg := testConfig(t, pg, ch, "unused")
 	cfg.Meters = rebuildMeters
 	cfg.Aggregator.ZoneCacheTTL = 10 * time.Millisecond
