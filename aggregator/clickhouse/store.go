@@ -802,8 +802,8 @@ func (s *Store) deleteWhere(ctx context.Context, where string) error {
 }
 
 // strings runs a query of one string column.
-func (s *Store) strings(ctx context.Context, sql string) ([]string, error) {
-	rows, err := s.conn.Query(ctx, sql)
+func (s *Store) strings(ctx context.Context, sql string, args ...any) ([]string, error) {
+	rows, err := s.conn.Query(ctx, sql, args...)
 	if err != nil {
 		return nil, err
 	}
@@ -821,21 +821,12 @@ func (s *Store) strings(ctx context.Context, sql string) ([]string, error) {
 
 // Accounts lists accounts with raw events in [from, to).
 func (s *Store) Accounts(ctx context.Context, from, to time.Time) ([]string, error) {
-	rows, err := s.conn.Query(ctx, "SELECT DISTINCT account_id FROM usage_events WHERE timestamp >= ? AND timestamp < ? ORDER BY account_id",
+	out, err := s.strings(ctx, "SELECT DISTINCT account_id FROM usage_events WHERE timestamp >= ? AND timestamp < ? ORDER BY account_id",
 		from.UTC(), to.UTC())
 	if err != nil {
 		return nil, fmt.Errorf("list accounts: %w", err)
 	}
-	defer rows.Close()
-	var out []string
-	for rows.Next() {
-		var a string
-		if err := rows.Scan(&a); err != nil {
-			return nil, fmt.Errorf("list accounts: %w", err)
-		}
-		out = append(out, a)
-	}
-	return out, rows.Err()
+	return out, nil
 }
 
 // EventRange is the first and last event time in the raw table.

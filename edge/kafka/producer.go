@@ -548,13 +548,14 @@ func (p *Producer) released(t time.Time) {
 	}
 }
 
-// eventTime is the earlier of the spooled event's time and before.
+// eventTime is the earlier of the spooled event's time and before, read
+// as the spool reads it when it opens (recordTime), without decoding the
+// whole event on every batch spooled while Kafka is away.
 func eventTime(rec []byte, before time.Time) time.Time {
-	ev, err := schemas.Decode(rec, before.Add(24*time.Hour))
-	if err != nil || ev.Time.IsZero() || !ev.Time.Before(before) {
-		return before
+	if t, ok := recordTime(rec); ok && t.Before(before) {
+		return t
 	}
-	return ev.Time
+	return before
 }
 
 func message(ev schemas.Event) kafka.Message {
