@@ -166,7 +166,7 @@ func (a *Admin) view(k Key) KeyView {
 		// access" when it is every access on a secret key.
 		v.Scopes = []string{"*"}
 		if k.Kind == Publishable {
-			v.Scopes = []string{"*:read"}
+			v.Scopes = []string{publishableScope}
 		}
 	}
 	if !k.CreatedAt.IsZero() {

@@ -101,7 +101,7 @@ func (id Identity) AppendScopes(b []byte) []byte {
 		if id.Kind == Secret {
 			return append(b, '*')
 		}
-		return append(b, "*:read"...)
+		return append(b, publishableScope...)
 	}
 	for i, s := range id.Scopes {
 		if i > 0 {

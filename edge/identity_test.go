@@ -18,8 +18,10 @@ func TestScopesHeaderGrantsWhatTheEdgeEnforces(t *testing.T) {
 		{Secret, []string{"widgets:read", "files:*"}, "widgets:read files:*"},
 		{Publishable, []string{"widgets:read"}, "widgets:read"},
 		{Secret, []string{"*:read"}, "*:read"},
+		{Secret, []string{"reports:*"}, "reports:*"},
 	}
-	wants := []string{"widgets:read", "widgets:write", "files:read", "files:write", "admin:write"}
+	wants := []string{"widgets:read", "widgets:write", "files:read", "files:write", "admin:write",
+		"reports:daily:read", "reports:daily:write", "read", ":read"}
 	for _, k := range keys {
 		got := string(IdentityOf(&Key{Kind: k.kind, Scopes: k.scopes}).AppendScopes(nil))
 		if got != k.header {

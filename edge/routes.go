@@ -165,11 +165,13 @@ func safeMethod(m string) bool {
 
 // HasScope reports whether a key with scopes grants want. An empty scope
 // list on a secret key is full access (a standard secret key); on a
-// publishable key it grants read scopes only. "*" grants everything, and a
-// "*" part matches any part: "widgets:*", "*:read".
+// publishable key it is "*:read", every read scope. "*" grants everything,
+// and a "*" part matches any part; at the start or the end of a scope it
+// matches one or more parts: "*:read" grants "reports:daily:read",
+// "widgets:*" grants "widgets:items:write", "a:*:c" only "a:<one part>:c".
 func HasScope(kind KeyKind, scopes []string, want string) bool {
 	if len(scopes) == 0 {
-		return kind == Secret || strings.HasSuffix(want, ":read")
+		return kind == Secret || scopeMatch(publishableScope, want)
 	}
 	for _, s := range scopes {
 		if scopeMatch(s, want) {
@@ -179,17 +181,57 @@ func HasScope(kind KeyKind, scopes []string, want string) bool {
 	return false
 }
 
+// publishableScope is what a publishable key created without scopes grants,
+// and is listed and sent upstream as.
+const publishableScope = "*:read"
+
 func scopeMatch(have, want string) bool {
 	if have == "*" || have == want {
 		return true
 	}
 	hp := strings.Split(have, ":")
 	wp := strings.Split(want, ":")
-	if len(hp) != len(wp) {
-		return false
+	// A leading or trailing "*" takes one part or more; the parts between
+	// take one each.
+	lo, hi := 0, len(hp)
+	if hp[0] == "*" {
+		lo = 1
 	}
-	for i := range hp {
-		if hp[i] != "*" && hp[i] != wp[i] {
+	if hi-lo > 0 && hp[hi-1] == "*" {
+		hi--
+	}
+	mid := hp[lo:hi]
+	lead, trail := lo == 1, hi < len(hp)
+	if !lead && !trail {
+		return len(wp) == len(hp) && partsMatch(mid, wp)
+	}
+	// The first and last places mid may start at, leaving a star at least
+	// one part on its side.
+	first, last := 0, len(wp)-len(mid)
+	if lead {
+		first = 1
+	}
+	if trail {
+		last--
+	}
+	if !lead {
+		last = min(last, 0)
+	}
+	if !trail {
+		first = max(first, len(wp)-len(mid))
+	}
+	for at := first; at <= last; at++ {
+		if partsMatch(mid, wp[at:at+len(mid)]) {
+			return true
+		}
+	}
+	return false
+}
+
+// partsMatch matches scope parts one for one, a "*" part matching any part.
+func partsMatch(have, want []string) bool {
+	for i := range have {
+		if have[i] != "*" && have[i] != want[i] {
 			return false
 		}
 	}

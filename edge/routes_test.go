@@ -58,6 +58,21 @@ func TestScopes(t *testing.T) {
 		{"wildcard action", Secret, []string{"widgets:*"}, "widgets:write", true},
 		{"wildcard resource", Secret, []string{"*:read"}, "files:read", true},
 		{"star is everything", Secret, []string{"*"}, "a:b", true},
+		{"plain publishable key reads three-part scopes", Publishable, nil, "reports:daily:read", true},
+		{"plain publishable key never writes three-part scopes", Publishable, nil, "reports:daily:write", false},
+		{"a leading star takes more than one part", Secret, []string{"*:read"}, "reports:daily:read", true},
+		{"a leading star takes at least one part", Secret, []string{"*:read"}, "read", false},
+		{"a trailing star takes more than one part", Secret, []string{"widgets:*"}, "widgets:items:write", true},
+		{"a trailing star takes at least one part", Secret, []string{"widgets:*"}, "widgets", false},
+		{"a trailing star is under its prefix only", Secret, []string{"widgets:*"}, "gadgets:widgets:write", false},
+		{"a leading star keeps its suffix", Secret, []string{"*:read"}, "reports:read:write", false},
+		{"an inner star takes one part", Secret, []string{"a:*:c"}, "a:b:c", true},
+		{"an inner star takes no more than one part", Secret, []string{"a:*:c"}, "a:b:b:c", false},
+		{"stars at both ends", Secret, []string{"*:files:*"}, "org:files:write", true},
+		{"stars at both ends need a part each", Secret, []string{"*:files:*"}, "files:write", false},
+		{"stars at both ends find the middle anywhere inside", Secret, []string{"*:files:*"}, "a:b:files:c:d", true},
+		{"two stars", Secret, []string{"*:*"}, "a:b:c", true},
+		{"two stars need two parts", Secret, []string{"*:*"}, "a", false},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
