@@ -113,6 +113,12 @@ func newAPIEnv(t *testing.T) *apiEnv {
 	late.Event.Time = env.base.Add(-40 * 24 * time.Hour)
 	_, err := chsink.NewSink(ch.Conn).InsertLate(ctx, []ingest.Record{late})
 	testenv.Must(t, err, "insert late")
+	// A too-late copy of recs[1] that landed before its on-time copy (the
+	// two in different batches): counted by that copy, so no late event.
+	testenv.Must(t, ch.Conn.Exec(ctx, `INSERT INTO late_events (event_id, account_id, environment, key_id, event_type,
+        timestamp, timestamp_us, units, record_time, kafka_partition, kafka_offset, payload, ingested_at)
+        SELECT event_id, account_id, environment, key_id, event_type, timestamp, timestamp_us, units,
+               now(), 0, 0, '{}', now() FROM usage_events WHERE event_id = ?`, recs[1].Event.ID), "insert a too-late copy of a counted event")
 	env.store = aggch.NewStore(ch.Conn)
 	zones := aggpg.NewZones(pg.Pool, time.Minute, slog.New(slog.DiscardHandler))
 	catalog, err := aggregator.NewCatalog(apiMeters, aggpg.NewMeters(pg.Pool), time.Millisecond, slog.New(slog.DiscardHandler))

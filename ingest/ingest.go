@@ -569,6 +569,18 @@ func splitInto(into []Record, msgs []Message, now time.Time, maxLateness time.Du
 			rejected = append(rejected, Rejected{Message: m, Reason: err.Error()})
 			continue
 		}
+		r.Partition, r.Offset, r.RecordTime, r.dimKeys, r.dimValues = m.Partition, m.Offset, m.Time, dk, dv
+		// Lateness is decided before duplicates, and a too-late copy is
+		// never seen: an on-time copy of the same event later in the
+		// batch must count, as it does when the two land in different
+		// batches. A too-late copy of a counted event (in this batch or
+		// an earlier one) is found as such when it lands (InsertLate).
+		if !m.Time.IsZero() && r.Event.Time.Before(m.Time.Add(-maxLateness)) {
+			r.Value = m.Value
+			late = append(late, *r)
+			events = events[:len(events)-1]
+			continue
+		}
 		k := idSecond{id: r.Event.ID, second: r.Event.Time.Unix()}
 		typ, ok := seen[k]
 		if !ok {
@@ -588,13 +600,6 @@ func splitInto(into []Record, msgs []Message, now time.Time, maxLateness time.Du
 				others = map[rowKey]struct{}{}
 			}
 			others[full] = struct{}{}
-		}
-		r.Partition, r.Offset, r.RecordTime, r.dimKeys, r.dimValues = m.Partition, m.Offset, m.Time, dk, dv
-		if !m.Time.IsZero() && r.Event.Time.Before(m.Time.Add(-maxLateness)) {
-			r.Value = m.Value
-			late = append(late, *r)
-			events = events[:len(events)-1]
-			continue
 		}
 	}
 	return events, late, rejected, dups

@@ -36,6 +36,11 @@ func TestSplit(t *testing.T) {
 	msg := func(b []byte, off int64) ingest.Message {
 		return ingest.Message{Partition: 2, Offset: off, Value: b, Time: now}
 	}
+	// A copy of tooLate that reached Kafka in time (its record stamped a
+	// second after it), beside one stamped now.
+	inTime := func(b []byte, off int64) ingest.Message {
+		return ingest.Message{Partition: 2, Offset: off, Value: b, Time: tooLate.Time.Add(time.Second)}
+	}
 	for _, c := range []struct {
 		name                       string
 		msgs                       []ingest.Message
@@ -51,6 +56,11 @@ func TestSplit(t *testing.T) {
 		{"a copy of the second type's row is dropped too", []ingest.Message{msg(encode(t, timely), 1), msg(encode(t, retyped(timely, "tokens")), 2), msg(encode(t, retyped(timely, "tokens")), 3), msg(encode(t, timely), 4)}, 2, 0, 0, 2},
 		{"an event within the lateness lands", []ingest.Message{msg(encode(t, late), 1)}, 1, 0, 0, 0},
 		{"an event beyond the lateness is set aside", []ingest.Message{msg(encode(t, tooLate), 1)}, 0, 1, 0, 0},
+		// The on-time copy counts whatever the order, as it does when the
+		// two land in different batches; landing finds the too-late copy
+		// a copy of a counted event (InsertLate).
+		{"a too-late copy first does not keep an on-time copy from counting", []ingest.Message{msg(encode(t, tooLate), 1), inTime(encode(t, tooLate), 2)}, 1, 1, 0, 0},
+		{"a too-late copy after an on-time copy", []ingest.Message{inTime(encode(t, tooLate), 1), msg(encode(t, tooLate), 2)}, 1, 1, 0, 0},
 		{"bytes that are not an event are rejected", []ingest.Message{msg([]byte("{"), 1)}, 0, 0, 1, 0},
 		{"an event with an invalid field is rejected", []ingest.Message{msg([]byte(`{"v":2}`), 1)}, 0, 0, 1, 0},
 	} {
@@ -66,7 +76,7 @@ func TestSplit(t *testing.T) {
 				}
 			}
 			for _, r := range lt {
-				if string(r.Value) != string(c.msgs[0].Value) {
+				if string(r.Value) != string(c.msgs[r.Offset-1].Value) {
 					t.Errorf("too-late event lost its original bytes")
 				}
 			}
