@@ -561,6 +561,9 @@ type cursor struct {
 	G      []string `json:"g,omitempty"`
 	Micros uint64   `json:"t,omitempty"`
 	ID     string   `json:"i,omitempty"`
+	// Type is the last request log row's event type: one event id and
+	// time can be two rows, of two types.
+	Type string `json:"y,omitempty"`
 	// From and To are the range (Unix microseconds) the first page read,
 	// for pages of a query that left it to its default.
 	From int64  `json:"a,omitempty"`
@@ -654,7 +657,7 @@ func (s *Server) requests(c echo.Context) error {
 		if rq.BeforeID, err = uuid.Parse(cur.ID); err != nil || cur.Micros == 0 {
 			return invalid("invalid_cursor", "cursor: not a cursor this query returned; repeat the query without it")
 		}
-		rq.BeforeMicros = cur.Micros
+		rq.BeforeMicros, rq.BeforeType = cur.Micros, cur.Type
 	}
 	rows, err := s.d.Usage.Requests(ctx, rq)
 	if err != nil {
@@ -668,7 +671,7 @@ func (s *Server) requests(c echo.Context) error {
 		resp.Data = rows[:limit]
 		last := rows[limit-1]
 		resp.HasMore = true
-		resp.NextCursor = encodeCursorValue(cursor{Micros: last.TimeMicros, ID: last.EventID.String(), From: since.UnixMicro(), FP: fp})
+		resp.NextCursor = encodeCursorValue(cursor{Micros: last.TimeMicros, ID: last.EventID.String(), Type: last.Type, From: since.UnixMicro(), FP: fp})
 	}
 	return c.JSON(http.StatusOK, resp)
 }

@@ -449,6 +449,44 @@ func TestUsageAPI(t *testing.T) {
 			t.Errorf("windows %v from base+0.5s to base+2m0.5s, want those starting at 1m and 2m", starts)
 		}
 	})
+	t.Run("the request log pages past events of one id and time but two types", func(t *testing.T) {
+		// Two raw rows (usage_events keys rows by type, id and time too):
+		// a page that ends on the first must not skip the second.
+		at := e.base.Add(90 * time.Second)
+		id := schemas.NewEventID()
+		var recs []ingest.Record
+		for _, typ := range []string{"probe_a", "probe_b"} {
+			ev := schemas.Event{Version: 1, ID: id, AccountID: "acct_alpha", Environment: schemas.Live, KeyID: "key_alpha_usage",
+				Type: typ, Time: at, Units: 1}
+			ev.Normalize()
+			recs = append(recs, ingest.Record{Event: ev})
+		}
+		testenv.Must(t, chsink.NewSink(e.ch.Conn).Insert(context.Background(), recs), "insert raw")
+		var types []string
+		path := "/v1/requests?limit=1"
+		for range 5 {
+			var b struct {
+				Data []struct {
+					Type string `json:"type"`
+				} `json:"data"`
+				HasMore    bool   `json:"has_more"`
+				NextCursor string `json:"next_cursor"`
+			}
+			if st := e.get(t, path, e.keys["alpha_usage"], &b); st != http.StatusOK {
+				t.Fatalf("status %d", st)
+			}
+			for _, d := range b.Data {
+				types = append(types, d.Type)
+			}
+			if !b.HasMore {
+				break
+			}
+			path = "/v1/requests?limit=1&cursor=" + url.QueryEscape(b.NextCursor)
+		}
+		if fmt.Sprint(types) != "[probe_b probe_a]" {
+			t.Errorf("paged one by one, the request log lists %v, want [probe_b probe_a]", types)
+		}
+	})
 	t.Run("the request log lists the calling key's own events, newest first", func(t *testing.T) {
 		var seen []string
 		path := "/v1/requests?limit=4"

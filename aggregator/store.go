@@ -44,6 +44,7 @@ type RequestsQuery struct {
 	// Before, when set, continues after the row with these coordinates.
 	BeforeMicros uint64
 	BeforeID     uuid.UUID
+	BeforeType   string
 	Limit        int
 	// Now, when set (or Before), lets the store read newest first in
 	// widening slices of time back from it (or from Before) and stop once

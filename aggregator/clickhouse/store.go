@@ -965,10 +965,11 @@ func (s *Store) requests(ctx context.Context, q aggregator.RequestsQuery, from, 
 		args = append(args, to.UTC())
 	}
 	if q.BeforeMicros > 0 {
-		sql += ` AND (timestamp_us < ? OR (timestamp_us = ? AND event_id < toUUID(?)))`
-		args = append(args, q.BeforeMicros, q.BeforeMicros, q.BeforeID.String())
+		sql += ` AND (timestamp_us < ? OR (timestamp_us = ? AND (event_id < toUUID(?)
+            OR (event_id = toUUID(?) AND event_type < ?))))`
+		args = append(args, q.BeforeMicros, q.BeforeMicros, q.BeforeID.String(), q.BeforeID.String(), q.BeforeType)
 	}
-	sql += ` ORDER BY timestamp_us DESC, event_id DESC LIMIT ?`
+	sql += ` ORDER BY timestamp_us DESC, event_id DESC, event_type DESC LIMIT ?`
 	args = append(args, uint64(limit))
 	rows, err := s.conn.Query(ctx, sql, args...)
 	if err != nil {
