@@ -372,7 +372,8 @@ func TestRedisDownFallsBackToLocalLimitPerInstance(t *testing.T) {
 // says so: the headers count down from the share, and the 429 names it.
 func TestRedisDownQuotaHeadersSpeakOfTheInstancesShare(t *testing.T) {
 	env := edgetest.New(t)
-	in := env.Start(t, edgetest.Options{RedisAddr: "127.0.0.1:1", Now: quotaClock(time.Now()),
+	clock := quotaClock(time.Now())
+	in := env.Start(t, edgetest.Options{RedisAddr: "127.0.0.1:1", Now: clock,
 		Config: func(c *edge.Config) { c.ExpectedInstances = 2 }})
 	key, _ := env.Key(t, "acct_noredis_quota", edge.Secret, schemas.Live)
 	four := int64(4)
@@ -390,6 +391,15 @@ func TestRedisDownQuotaHeadersSpeakOfTheInstancesShare(t *testing.T) {
 		r.Header.Get("X-RateLimit-Remaining") != "0" || !strings.Contains(r.Error.Message, "share (2 requests") {
 		t.Fatalf("call 3: status %d, code %q, X-RateLimit-Limit %q, -Remaining %q, message %q; want 429 quota_exceeded naming this instance's share of 2",
 			r.Status, r.Error.Code, r.Header.Get("X-RateLimit-Limit"), r.Header.Get("X-RateLimit-Remaining"), r.Error.Message)
+	}
+	// The share holds until Redis is asked again (the fallback's cooldown,
+	// a second), not until the month's end: a caller that honours
+	// Retry-After would otherwise stop for days over a short outage.
+	at, err := time.Parse(time.RFC3339Nano, r.Error.RetryAt)
+	if r.Header.Get("Retry-After") != "1" || r.Header.Get("X-RateLimit-Reset") != "1" || r.Error.RetryAfter == nil || *r.Error.RetryAfter != 1 ||
+		err != nil || at.Sub(clock()) > 2*time.Second || strings.Contains(r.Error.Message, "until") {
+		t.Fatalf("call 3: Retry-After %q, X-RateLimit-Reset %q, retry_after %v, retry_at %q (%v from now), message %q; want a retry a second away",
+			r.Header.Get("Retry-After"), r.Header.Get("X-RateLimit-Reset"), r.Error.RetryAfter, r.Error.RetryAt, at.Sub(clock()), r.Error.Message)
 	}
 }
 

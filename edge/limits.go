@@ -89,6 +89,11 @@ type CallResult struct {
 	// QuotaLimit rather than the whole (the local fallback counts each
 	// instance's share): the limit the answer and its headers are about.
 	QuotaShare *int64
+	// ShareUntil, with QuotaShare, is when a fallback that counted the
+	// share because the shared store is out of reach asks that store
+	// again: the share holds until then, not until the month's end.
+	// Zero for a limiter that only ever counts shares.
+	ShareUntil time.Time
 }
 
 // CallLimiter decides a whole call at once, with the answers AllowCallEach
@@ -466,12 +471,15 @@ func (f *FallbackLimiter) primaryDown() bool {
 	return false
 }
 
-func (f *FallbackLimiter) failed(what string, err error) {
-	cd := f.Cooldown
-	if cd == 0 {
-		cd = time.Second
+func (f *FallbackLimiter) cooldown() time.Duration {
+	if f.Cooldown == 0 {
+		return time.Second
 	}
-	f.downUntil.Store(time.Now().Add(cd).UnixNano())
+	return f.Cooldown
+}
+
+func (f *FallbackLimiter) failed(what string, err error) {
+	f.downUntil.Store(time.Now().Add(f.cooldown()).UnixNano())
 	if f.OnFallback != nil {
 		f.OnFallback(what, err)
 	}
@@ -550,6 +558,13 @@ func (f *FallbackLimiter) AllowCall(ctx context.Context, c CallLimits) (CallResu
 		r, err = f.Local.AllowCall(ctx, c)
 		return r.QuotaAllowed, err
 	})
+	if r.QuotaShare != nil {
+		if d := f.downUntil.Load(); d != 0 {
+			r.ShareUntil = time.Unix(0, d)
+		} else { // decided here for its own state's sake: asked again next call
+			r.ShareUntil = time.Now().Add(f.cooldown())
+		}
+	}
 	return r, err
 }
 
@@ -712,7 +727,7 @@ func setRateHeaders(set func(name string, value []byte), states []limitState, qu
 	reset := ceilSeconds(tight.result.ResetAfter)
 	if quota != nil {
 		if left := max(0, quota.limit-quota.used); left < remaining {
-			name, limit, remaining, reset = "monthly", quota.limit, left, ceilSeconds(quota.window)
+			name, limit, remaining, reset = "monthly", quota.limit, left, ceilSeconds(quota.resetIn)
 		}
 	}
 	// Built with appends into one buffer rather than fmt and strings: this
@@ -778,4 +793,8 @@ type quotaState struct {
 	used   int64
 	reset  time.Time
 	window time.Duration
+	// resetIn is the time until the quota's count starts over: the rest
+	// of the month (window), or, for a fallback's share, until the shared
+	// count is asked again.
+	resetIn time.Duration
 }

@@ -797,20 +797,29 @@ func (s *Server) limitCall(ctx context.Context, k *Key, quota bool, now time.Tim
 	}
 	var qs *quotaState
 	if res.QuotaChecked {
-		qs = &quotaState{limit: cl.QuotaLimit, used: res.QuotaUsed, reset: end, window: end.Sub(now)}
+		qs = &quotaState{limit: cl.QuotaLimit, used: res.QuotaUsed, reset: end, window: end.Sub(now), resetIn: end.Sub(now)}
 		what := fmt.Sprintf("The monthly quota of %d requests for plan %q", cl.QuotaLimit, planName(k.Plan))
+		until := "until " + end.UTC().Format(time.RFC3339)
 		if res.QuotaShare != nil { // the local fallback: this instance's share, counted here alone
 			qs.limit = *res.QuotaShare
 			what = fmt.Sprintf("This edge's share (%d requests, while the shared limits are unreachable) of the monthly quota of %d requests for plan %q",
 				*res.QuotaShare, cl.QuotaLimit, planName(k.Plan))
+			// The share holds until the shared count is asked again, a
+			// second or so away (by the limiter's clock): a caller told to
+			// come back at the month's end would stop for days over a
+			// short outage.
+			if d := max(time.Second, time.Until(res.ShareUntil)); !res.ShareUntil.IsZero() && now.Add(d).Before(end) {
+				qs.reset, qs.resetIn = now.Add(d), d
+				until = "for now; the shared limits are asked again shortly"
+			}
 		}
 		if !res.QuotaAllowed {
 			setRateHeaders(setHeader, states, qs)
 			s.m.limited.WithLabelValues("monthly").Inc()
-			retry := ceilSeconds(end.Sub(now))
+			retry := max(1, ceilSeconds(qs.reset.Sub(now)))
 			ae := NewAPIError(http.StatusTooManyRequests, TypeRateLimit, "quota_exceeded",
-				fmt.Sprintf("%s is used up until %s.", what, end.UTC().Format(time.RFC3339)))
-			ae.Limit, ae.RetryAfter, ae.RetryAt, ae.UpgradeURL = "monthly", &retry, end.UTC().Format(time.RFC3339), s.upgradeURL(k.Plan)
+				fmt.Sprintf("%s is used up %s.", what, until))
+			ae.Limit, ae.RetryAfter, ae.RetryAt, ae.UpgradeURL = "monthly", &retry, qs.reset.UTC().Format(time.RFC3339Nano), s.upgradeURL(k.Plan)
 			setHeader("Retry-After", strconv.AppendInt(nil, retry, 10))
 			return ae
 		}
