@@ -483,9 +483,11 @@ func (l *Limiter) ask(c edge.CallLimits, want int, ahead bool) (res edge.CallRes
 	}
 	v, err := l.batched(ahead, keys, c.Burst, c.RPS, 1, withQuota, c.QuotaLimit, int64(c.QuotaTTL.Seconds())+1, want, recordMS)
 	if err != nil {
-		if record != "" && isTimeout(err) {
+		if record != "" && mayHaveRun(err) {
 			// The script may have run and charged a grant whose answer
-			// was lost: give it back once Redis is likely to answer again.
+			// was lost (timed out, or cut off with its connection): give
+			// it back once Redis is likely to answer again. Where it did
+			// not run there is no record, and nothing goes back.
 			l.refundLost(c, want, record)
 		}
 		return res, 0, "", fmt.Errorf("redis call limits: %w", err)
@@ -499,11 +501,15 @@ func (l *Limiter) ask(c edge.CallLimits, want int, ahead bool) (res edge.CallRes
 
 var errReply = errors.New("unexpected script reply")
 
-// isTimeout tells whether err may have come after Redis ran the command:
-// the reply did not come in time.
-func isTimeout(err error) bool {
-	var ne net.Error
-	return errors.As(err, &ne) && ne.Timeout() || errors.Is(err, context.DeadlineExceeded)
+// mayHaveRun tells whether err may have come after Redis ran the command:
+// every error but those that show it was never sent (no connection to send
+// it on).
+func mayHaveRun(err error) bool {
+	if errors.Is(err, redis.ErrClosed) || errors.Is(err, redis.ErrPoolTimeout) || errors.Is(err, redis.ErrPoolExhausted) {
+		return false
+	}
+	var op *net.OpError
+	return !errors.As(err, &op) || op.Op != "dial"
 }
 
 func parseCall(v []any, c edge.CallLimits) (edge.CallResult, int, error) {

@@ -115,15 +115,23 @@ func TestRefundAfterRedisLostTheGrantLeavesTheQuotaAlone(t *testing.T) {
 type slowProxy struct {
 	addr                      string
 	slowReplies, slowRequests atomic.Bool
+	// cutReplies drops Redis's next reply and closes its connection, both
+	// ends: the client reads EOF although Redis ran its command.
+	cutReplies atomic.Bool
 }
 
-// pass copies from to to, holding each chunk back while slow is set.
-func pass(to, from net.Conn, slow *atomic.Bool) {
+// pass copies from to to, holding each chunk back while slow is set, and
+// cutting the connection at the next chunk while cut (if any) is set.
+func pass(to, from net.Conn, slow, cut *atomic.Bool) {
 	defer to.Close()
 	buf := make([]byte, 64<<10)
 	for {
 		n, err := from.Read(buf)
 		if err != nil {
+			return
+		}
+		if cut != nil && cut.Load() {
+			_ = from.Close()
 			return
 		}
 		if slow.Load() {
@@ -152,21 +160,30 @@ func newSlowProxy(t *testing.T, target string) *slowProxy {
 				_ = client.Close()
 				continue
 			}
-			go pass(server, client, &p.slowRequests)
-			go pass(client, server, &p.slowReplies)
+			go pass(server, client, &p.slowRequests, nil)
+			go pass(client, server, &p.slowReplies, &p.cutReplies)
 		}
 	}()
 	return p
 }
 
-// A lease request whose reply times out may still have been granted in
-// Redis: the grant is given back later, so the quota counts exactly the
-// calls allowed.
+// A lease request whose reply is lost, timed out or cut off with its
+// connection, may still have been granted in Redis: the grant is given
+// back later, so the quota counts exactly the calls allowed.
 func TestLostLeaseGrantIsGivenBack(t *testing.T) {
+	t.Run("reply timed out", func(t *testing.T) {
+		lostLeaseGrantIsGivenBack(t, 100*time.Millisecond, func(p *slowProxy) *atomic.Bool { return &p.slowReplies })
+	})
+	t.Run("connection cut before the reply", func(t *testing.T) {
+		lostLeaseGrantIsGivenBack(t, 2*time.Second, func(p *slowProxy) *atomic.Bool { return &p.cutReplies })
+	})
+}
+
+func lostLeaseGrantIsGivenBack(t *testing.T, readTimeout time.Duration, lose func(*slowProxy) *atomic.Bool) {
 	ctx := context.Background()
 	r := testenv.NewRedis(t)
 	proxy := newSlowProxy(t, testenv.RedisAddr())
-	rdb := redis.NewClient(&redis.Options{Addr: proxy.addr, ReadTimeout: 100 * time.Millisecond, MaxRetries: -1})
+	rdb := redis.NewClient(&redis.Options{Addr: proxy.addr, ReadTimeout: readTimeout, MaxRetries: -1})
 	t.Cleanup(func() { _ = rdb.Close() })
 	l := edgeredis.NewLimiter(rdb)
 	c := edge.CallLimits{Buckets: []string{r.Prefix + "key"}, RPS: 1, Burst: 100_000,
@@ -191,9 +208,9 @@ func TestLostLeaseGrantIsGivenBack(t *testing.T) {
 		wg.Wait()
 	}
 	burst(200) // busy: the next calls ask for leases
-	proxy.slowReplies.Store(true)
+	lose(proxy).Store(true)
 	// The leases the first burst took can decide a whole burst without
-	// Redis: burst until one call has had to ask it, and timed out.
+	// Redis: burst until one call has had to ask it, and lost its reply.
 	for range 20 {
 		burst(200)
 		if failed.Load() > 0 {
@@ -201,9 +218,9 @@ func TestLostLeaseGrantIsGivenBack(t *testing.T) {
 		}
 	}
 	time.Sleep(500 * time.Millisecond) // the held replies are gone
-	proxy.slowReplies.Store(false)
+	lose(proxy).Store(false)
 	if failed.Load() == 0 {
-		t.Fatal("no call timed out while Redis's replies were held back")
+		t.Fatal("no call lost its reply while Redis's replies were held back or cut")
 	}
 	time.Sleep(3 * time.Second) // lost grants go back 2 s after the timeout
 	n, err := r.Client.Get(ctx, c.QuotaBucket).Int64()
@@ -212,7 +229,7 @@ func TestLostLeaseGrantIsGivenBack(t *testing.T) {
 	// out may have been counted, and stays counted: one per such call. A
 	// lost lease request was up to 256.
 	if n < allowed.Load() || n > allowed.Load()+failed.Load() {
-		t.Fatalf("quota counter %d, but %d calls were allowed and %d timed out; want between the two and their sum", n, allowed.Load(), failed.Load())
+		t.Fatalf("quota counter %d, but %d calls were allowed and %d lost their reply; want between the two and their sum", n, allowed.Load(), failed.Load())
 	}
 }
 
