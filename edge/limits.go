@@ -569,11 +569,19 @@ func (f *FallbackLimiter) AllowCall(ctx context.Context, c CallLimits) (CallResu
 }
 
 // quotaPeriod is the calendar month containing now in loc: its start and
-// end, and its bucket suffix.
+// end, and its bucket suffix. The month is chosen by instant, not by local
+// date: where clocks fall back over a month's first midnight, a month
+// begins at the first of its two midnights (caltime.MonthStart), and the
+// hour after it reads as the month before's last day again.
 func quotaPeriod(now time.Time, loc *time.Location) (start, end time.Time, suffix string) {
 	t := now.In(loc)
-	start, end = caltime.MonthStart(t.Year(), t.Month(), loc), caltime.MonthStart(t.Year(), t.Month()+1, loc)
-	return start, end, t.Format("2006-01")
+	y, m := t.Year(), t.Month()
+	if end = caltime.MonthStart(y, m+1, loc); !now.Before(end) {
+		m++
+		end = caltime.MonthStart(y, m+1, loc)
+	}
+	month := time.Date(y, m, 1, 0, 0, 0, 0, time.UTC) // m normalized
+	return caltime.MonthStart(month.Year(), month.Month(), loc), end, month.Format("2006-01")
 }
 
 // quotaGrace is how long a month's quota counter outlives the month in

@@ -47,6 +47,29 @@ func TestQuotaMonthWhoseFirstMidnightNeverHappened(t *testing.T) {
 	}
 }
 
+func TestQuotaMonthWhoseFirstMidnightHappenedTwice(t *testing.T) {
+	stJohns, err := time.LoadLocation("America/St_Johns")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Clocks fell back from 00:01 on 1 November 2009 to 23:01 on 31
+	// October in St. John's: November began at the first midnight (02:30
+	// UTC), and the hour after 03:01 UTC reads as 31 October again. It is
+	// November's all the same, and the month does not end before it.
+	start, end, suffix := quotaPeriod(time.Date(2009, 11, 1, 3, 1, 0, 0, time.UTC), stJohns)
+	if want := time.Date(2009, 11, 1, 2, 30, 0, 0, time.UTC); suffix != "2009-11" || !start.Equal(want) {
+		t.Errorf("bucket suffix %q from %s, want 2009-11 from %s", suffix, start.UTC(), want)
+	}
+	if want := time.Date(2009, 12, 1, 3, 30, 0, 0, time.UTC); !end.Equal(want) {
+		t.Errorf("end %s, want %s", end.UTC(), want)
+	}
+	// A December in the same way rolls the year over.
+	_, end, suffix = quotaPeriod(time.Date(2009, 12, 31, 12, 0, 0, 0, time.UTC), stJohns)
+	if want := time.Date(2010, 1, 1, 3, 30, 0, 0, time.UTC); suffix != "2009-12" || !end.Equal(want) {
+		t.Errorf("31 December 2009: suffix %q, end %s; want 2009-12, %s", suffix, end.UTC(), want)
+	}
+}
+
 // On the local fallback each instance has its share of the plan's burst
 // and rate; RateLimit-Policy's window is that share's, not the plan's.
 func TestPolicyWindowOnTheLocalFallbackIsTheShares(t *testing.T) {
