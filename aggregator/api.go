@@ -288,6 +288,9 @@ type usageItem struct {
 	WindowEnd   time.Time         `json:"window_end"`
 	Group       map[string]string `json:"group,omitempty"`
 	Value       int64             `json:"value"`
+	// Overflow marks a SUM past int64: value is then int64's largest (or
+	// smallest) value, not the total (meter.SaturatingSum).
+	Overflow bool `json:"overflow,omitempty"`
 }
 
 // maxRange bounds to − from for each window, so one request cannot make
@@ -448,7 +451,8 @@ func (s *Server) usage(c echo.Context) error {
 			From: from.UnixMicro(), To: to.UnixMicro(), FP: fp})
 	}
 	for _, r := range rows {
-		it := usageItem{WindowStart: r.WindowStart.UTC(), WindowEnd: WindowEnd(r.WindowStart, g, loc), Value: r.Value}
+		it := usageItem{WindowStart: r.WindowStart.UTC(), WindowEnd: WindowEnd(r.WindowStart, g, loc), Value: r.Value,
+			Overflow: m.Aggregation == meter.Sum && meter.Overflowed(r.Value)}
 		if len(groupBy) > 0 && len(r.Group) == len(groupBy) {
 			it.Group = make(map[string]string, len(groupBy))
 			for i, name := range groupBy {

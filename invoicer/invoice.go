@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/tollgate-dev/tollgate/internal/caltime"
+	"github.com/tollgate-dev/tollgate/meter"
 )
 
 // Domain errors, mapped to HTTP in one place (the API's error handler).
@@ -273,6 +274,13 @@ func Compute(in Inputs) (Invoice, error) {
 			if p.Model != Flat {
 				q = in.Usage[i][p.Meter]
 				su.Quantities[p.Meter] = q
+				if meter.Overflowed(q) {
+					// A sum past int64, saturated where it was read: priced,
+					// a tiny unit amount would bill it as if it were usage,
+					// and the smallest value as none.
+					return Invoice{}, fmt.Errorf("%w: usage of meter %s from %s to %s adds up past int64",
+						ErrOverflow, p.Meter, seg.Period.Start.UTC().Format(time.RFC3339), seg.Period.End.UTC().Format(time.RFC3339))
+				}
 			}
 			priced, err := p.Apply(q)
 			if err != nil {

@@ -135,6 +135,28 @@ func TestOverflowIsRefusedNotWrapped(t *testing.T) {
 	}
 }
 
+// A meter's usage past int64 reads as int64's largest or smallest value
+// (meter.SaturatingSum): the invoice is refused, not priced as usage at a
+// tiny unit amount, nor as none.
+func TestUsagePastInt64IsRefused(t *testing.T) {
+	march := MonthPeriod(time.Date(2026, 3, 10, 0, 0, 0, 0, time.UTC), time.UTC)
+	plan := Plan{ID: "tokens", Version: 1, Currency: "usd", Definition: Definition{Prices: []Price{
+		{Key: "tokens", Model: PerUnit, Meter: "tokens", UnitAmount: d("0.000001")},
+	}}}
+	segs := []Segment{{Period: march, Plan: plan}}
+	for _, q := range []int64{math.MaxInt64, math.MinInt64} {
+		_, err := Compute(Inputs{AccountID: "acct_1", Currency: "usd", Period: march, Segments: segs,
+			Usage: []map[string]int64{{"tokens": q}}, EventCount: 1})
+		if !errors.Is(err, ErrOverflow) || !strings.Contains(err.Error(), "meter tokens") {
+			t.Errorf("usage %d: %v, want ErrOverflow naming the meter", q, err)
+		}
+	}
+	if _, err := Compute(Inputs{AccountID: "acct_1", Currency: "usd", Period: march, Segments: segs,
+		Usage: []map[string]int64{{"tokens": math.MaxInt64 - 1}}, EventCount: 1}); err != nil {
+		t.Errorf("usage just short of int64's largest value: %v", err)
+	}
+}
+
 func TestInvalidPricesAreRejectedWithEveryProblem(t *testing.T) {
 	d := Definition{Prices: []Price{
 		{Key: "a", Model: Graduated, Meter: "m", Tiers: []Tier{{UpTo: up(10)}, {UpTo: up(5)}}},

@@ -8,6 +8,7 @@ package meter
 import (
 	"errors"
 	"fmt"
+	"math"
 	"regexp"
 	"slices"
 	"sort"
@@ -225,7 +226,63 @@ type Compiled struct {
 	// Value is the per-event expression Aggregate aggregates: Int64 for
 	// SUM, MAX and LATEST, String for UNIQUE_COUNT, "" for COUNT.
 	Value string
+	agg   Aggregation
 }
+
+// CondUses is how many times If writes its condition: a query binding
+// arguments in the condition binds them that many times.
+func (c Compiled) CondUses() int {
+	if c.agg == Sum {
+		return 3 // SaturatingSum reads the float sum twice
+	}
+	return 1
+}
+
+// If is Aggregate over the events for which cond holds, in the
+// aggregate's -If form (count() → countIf(cond), sum(x) → sumIf(x, cond)),
+// so several meters can be read in one pass; "" is Aggregate itself.
+func (c Compiled) If(cond string) string {
+	call := func(fn, args string) string {
+		switch {
+		case cond == "":
+			return fn + "(" + args + ")"
+		case args == "":
+			return fn + "If(" + cond + ")"
+		}
+		return fn + "If(" + args + ", " + cond + ")"
+	}
+	switch c.agg {
+	case Count:
+		return "toInt64(" + call("count", "") + ")"
+	case Sum:
+		return SaturatingSum(call("sum", "toFloat64("+c.Value+")"), call("sum", c.Value))
+	case Max:
+		return "toInt64(" + call("max", c.Value) + ")"
+	case Latest:
+		// The event id breaks ties between events of the same microsecond,
+		// so replaying the same events always yields the same value.
+		return "toInt64(" + call("argMax", c.Value+", (timestamp_us, toString(event_id))") + ")"
+	}
+	return "toInt64(" + call("uniqExact", c.Value) + ")"
+}
+
+// SaturatingSum is an Int64 SUM that does not wrap: intSum (sum(x), Int64,
+// which ClickHouse wraps modulo 2^64) when the total fits in Int64, and
+// Int64's largest or smallest value, which no event value comes near, when
+// it does not, as floatSum (sum(toFloat64(x)), whose rounding is far below
+// the margin) tells. A total in range is exact whatever the order of the
+// additions, wrapped or not: wrapping is arithmetic modulo 2^64.
+// Overflowed reads such a value.
+func SaturatingSum(floatSum, intSum string) string {
+	return "multiIf(" + floatSum + " >= 9.2233720368547758e18, toInt64('9223372036854775807'), " +
+		floatSum + " < -9.2233720368547758e18, toInt64('-9223372036854775808'), toInt64(" + intSum + "))"
+}
+
+// Overflowed reports whether v is a SaturatingSum that did not fit: Int64's
+// largest or smallest value. No event's value comes near either (units
+// and numeric dimensions are at most 10^12 in magnitude, measures 10^15),
+// nor does a COUNT, so a MAX or LATEST cannot be one either.
+func Overflowed(v int64) bool { return v == math.MaxInt64 || v == math.MinInt64 }
 
 // Compile turns a valid meter into SQL fragments.
 func (m *Meter) Compile() (Compiled, error) {
@@ -259,28 +316,14 @@ func (m *Meter) Compile() (Compiled, error) {
 		e, _ := stringExpr(g)
 		c.GroupBy = append(c.GroupBy, e)
 	}
+	c.agg = m.Aggregation
 	switch m.Aggregation {
-	case Count:
-		c.Aggregate = "toInt64(count())"
-	case Sum:
-		e, _ := numericExpr(m.Value)
-		c.Value = e
-		c.Aggregate = fmt.Sprintf("toInt64(sum(%s))", e)
-	case Max:
-		e, _ := numericExpr(m.Value)
-		c.Value = e
-		c.Aggregate = fmt.Sprintf("toInt64(max(%s))", e)
-	case Latest:
-		e, _ := numericExpr(m.Value)
-		c.Value = e
-		// The event id breaks ties between events of the same microsecond,
-		// so replaying the same events always yields the same value.
-		c.Aggregate = fmt.Sprintf("toInt64(argMax(%s, (timestamp_us, toString(event_id))))", e)
+	case Sum, Max, Latest:
+		c.Value, _ = numericExpr(m.Value)
 	case UniqueCount:
-		e, _ := stringExpr(m.Value)
-		c.Value = e
-		c.Aggregate = fmt.Sprintf("toInt64(uniqExact(%s))", e)
+		c.Value, _ = stringExpr(m.Value)
 	}
+	c.Aggregate = c.If("")
 	return c, nil
 }
 

@@ -5,6 +5,8 @@ package aggregatortest
 import (
 	"bytes"
 	"fmt"
+	"math"
+	"math/big"
 	"strconv"
 	"strings"
 	"time"
@@ -26,13 +28,16 @@ type Key struct {
 }
 
 type acc struct {
-	count, sum, max int64
-	hasMax          bool
-	uniq            map[string]struct{}
-	latestTS        int64
-	latestID        []byte
-	latest          int64
-	hasLatest       bool
+	count, max int64
+	// sum is exact; a total past int64 reads as int64's largest or
+	// smallest value (meter.SaturatingSum).
+	sum       big.Int
+	hasMax    bool
+	uniq      map[string]struct{}
+	latestTS  int64
+	latestID  []byte
+	latest    int64
+	hasLatest bool
 }
 
 // Expected computes every rollup row of m over events (each event once) at
@@ -77,7 +82,7 @@ func (a *acc) add(m meter.Meter, e schemas.Event) {
 	a.count++
 	switch m.Aggregation {
 	case meter.Sum:
-		a.sum += num(e, m.Value)
+		a.sum.Add(&a.sum, big.NewInt(num(e, m.Value)))
 	case meter.Max:
 		v := num(e, m.Value)
 		if !a.hasMax || v > a.max {
@@ -99,7 +104,13 @@ func (a *acc) value(m meter.Meter) int64 {
 	case meter.Count:
 		return a.count
 	case meter.Sum:
-		return a.sum
+		switch {
+		case a.sum.IsInt64():
+			return a.sum.Int64()
+		case a.sum.Sign() > 0:
+			return math.MaxInt64
+		}
+		return math.MinInt64
 	case meter.Max:
 		return a.max
 	case meter.UniqueCount:

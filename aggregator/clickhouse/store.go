@@ -135,8 +135,13 @@ func fromFiner(m meter.Meter) string {
 	case meter.UniqueCount:
 		return "toInt64(uniqExactMerge(uniq_state)), sum(events), materialize(toUInt64(0)), materialize(''), uniqExactMergeState(uniq_state)"
 	}
-	return "toInt64(sum(value)), sum(events), materialize(toUInt64(0)), materialize(''), " + emptyUniq
+	return sumOfValues + ", sum(events), materialize(toUInt64(0)), materialize(''), " + emptyUniq
 }
+
+// sumOfValues adds rows' values up without wrapping: a total beyond Int64
+// is Int64's largest (or smallest) value, as the minute rows' own sums are
+// (meter.SaturatingSum).
+var sumOfValues = meter.SaturatingSum("sum(toFloat64(value))", "sum(value)")
 
 // emptyUniq is an empty uniqExact state, for meters that keep none.
 const emptyUniq = "uniqExactStateIf('', 0)"
@@ -426,7 +431,7 @@ func sharedFinerSelect(ms []meter.Meter, g aggregator.Granularity, zone string, 
 			uniq = append(uniq, k)
 		}
 	}
-	value := "toInt64(sum(value))"
+	value := sumOfValues
 	for _, c := range []struct {
 		keys []string
 		expr string
@@ -885,7 +890,11 @@ func (s *Store) Usage(ctx context.Context, q aggregator.UsageQuery) ([]aggregato
 		if q.After != nil {
 			having = " HAVING" + strings.TrimPrefix(after("g"), " AND")
 		}
-		sql = `SELECT window_start, [` + strings.Join(picks, ", ") + `] AS g, toInt64(` + q.Combine + `(value)), sum(events)
+		combined := "toInt64(max(value))"
+		if q.Combine == "sum" {
+			combined = sumOfValues
+		}
+		sql = `SELECT window_start, [` + strings.Join(picks, ", ") + `] AS g, ` + combined + `, sum(events)
             FROM usage_rollups FINAL
             WHERE ` + where + ` AND notEmpty(group_values)
             GROUP BY window_start, g` + having + `

@@ -154,24 +154,6 @@ func only(usage map[string]invoicer.AccountUsage, accounts []string) map[string]
 	return out
 }
 
-// aggRe matches the aggregate expressions meter.Compile produces:
-// toInt64(fn(args)).
-var aggRe = regexp.MustCompile(`^toInt64\(([A-Za-z]+)\((.*)\)\)$`)
-
-// conditional turns a meter's aggregate into its -If form over the meter's
-// own condition (count() → countIf(where), sum(x) → sumIf(x, where)), so
-// every meter and the event count come from one pass over the rows.
-func conditional(c meter.Compiled) (string, bool) {
-	m := aggRe.FindStringSubmatch(c.Aggregate)
-	if m == nil {
-		return "", false
-	}
-	if m[2] == "" {
-		return fmt.Sprintf("toInt64(%sIf(%s))", m[1], c.Where), true
-	}
-	return fmt.Sprintf("toInt64(%sIf(%s, %s))", m[1], m[2], c.Where), true
-}
-
 // read runs one pass when every meter's aggregate has an -If form, and one
 // query per meter otherwise.
 func (u *Usage) read(ctx context.Context, filter string, p invoicer.Period, meters []meter.Meter, env schemas.Environment, final string) (map[string]invoicer.AccountUsage, error) {
@@ -182,12 +164,14 @@ func (u *Usage) read(ctx context.Context, filter string, p invoicer.Period, mete
 		if err != nil {
 			return nil, fmt.Errorf("compile meter %s: %w", m.Key, err)
 		}
-		col, ok := conditional(c)
-		if !ok {
-			return u.readPerMeter(ctx, filter, p, meters, env, final)
+		// Each meter's aggregate in its -If form over the meter's own
+		// condition, so every meter and the event count come from one
+		// pass over the rows. The condition's arguments are bound as
+		// many times as it is written.
+		cols[i] = c.If(c.Where)
+		for range c.CondUses() {
+			args = append(args, c.Args...)
 		}
-		cols[i] = col
-		args = append(args, c.Args...)
 	}
 	q := fmt.Sprintf(`SELECT account_id, toInt64(count()), %s FROM usage_events %s
 		WHERE environment = ? AND timestamp >= toDateTime(?) AND timestamp < toDateTime(?) AND %s
@@ -222,55 +206,6 @@ func (u *Usage) read(ctx context.Context, filter string, p invoicer.Period, mete
 	return out, nil
 }
 
-// readPerMeter groups by account and by whether the event matches the
-// meter, one query per meter.
-func (u *Usage) readPerMeter(ctx context.Context, filter string, p invoicer.Period, meters []meter.Meter, env schemas.Environment, final string) (map[string]invoicer.AccountUsage, error) {
-	out := map[string]invoicer.AccountUsage{}
-	for i, m := range meters {
-		c, err := m.Compile()
-		if err != nil {
-			return nil, fmt.Errorf("compile meter %s: %w", m.Key, err)
-		}
-		q := fmt.Sprintf(`SELECT account_id, toUInt8(%s) AS matched, toInt64(count()) AS events, %s AS quantity
-			FROM usage_events %s
-			WHERE environment = ? AND timestamp >= toDateTime(?) AND timestamp < toDateTime(?) AND %s
-			GROUP BY account_id, matched`, c.Where, c.Aggregate, final, filter)
-		args := append(append([]any{}, c.Args...), string(env), uint32(p.Start.Unix()), uint32(p.End.Unix()))
-		rows, err := u.conn.Query(ctx, q, args...)
-		if err != nil {
-			return nil, fmt.Errorf("read usage of meter %s: %w", m.Key, err)
-		}
-		for rows.Next() {
-			var acct string
-			var matched uint8
-			var events, qty int64
-			if err := rows.Scan(&acct, &matched, &events, &qty); err != nil {
-				rows.Close()
-				return nil, fmt.Errorf("read usage of meter %s: %w", m.Key, err)
-			}
-			au, ok := out[acct]
-			if !ok {
-				au = invoicer.AccountUsage{Quantities: make(map[string]int64, len(meters))}
-				for _, m := range meters {
-					au.Quantities[m.Key] = 0
-				}
-			}
-			if i == 0 {
-				au.Events += events
-			}
-			if matched == 1 {
-				au.Quantities[m.Key] = qty
-			}
-			out[acct] = au
-		}
-		err = rows.Err()
-		rows.Close()
-		if err != nil {
-			return nil, fmt.Errorf("read usage of meter %s: %w", m.Key, err)
-		}
-	}
-	return out, nil
-}
 
 // parts lists the active parts of the month partitions (toYYYYMM, UTC)
 // that p touches, and whether each such partition is a single merged part
