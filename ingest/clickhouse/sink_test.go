@@ -111,3 +111,27 @@ func TestALateCopyOfACountedEventIsNotALateEvent(t *testing.T) {
 		t.Fatalf("late_events holds %d, want %d", n, len(newOnes))
 	}
 }
+
+// TestTooLateEventsOfOneIdAndAnotherTypeOrSecondStayApart: late_events is
+// keyed as usage_events is, so three too-late events sharing one id, but
+// not a type or a second, are three, as three counted rows would be (keyed
+// by id alone, they read as one under FINAL).
+func TestTooLateEventsOfOneIdAndAnotherTypeOrSecondStayApart(t *testing.T) {
+	ch := testenv.NewClickHouse(t)
+	ctx := context.Background()
+	at := time.Now().UTC().Add(-40 * 24 * time.Hour).Truncate(time.Second)
+	e := schemas.Event{Version: 1, ID: schemas.NewEventID(), AccountID: "acct_late_key", Environment: schemas.Live,
+		KeyID: "key_late", Type: "api_call", Time: at, Units: 1}
+	e.Normalize()
+	r := ingest.Record{Event: e, RecordTime: time.Now(), Value: []byte("{}")}
+	otherType, otherSecond := r, r
+	otherType.Event.Type = "report"
+	otherSecond.Event.Time = at.Add(time.Second)
+	kept, err := NewSink(ch.Conn).InsertLate(ctx, []ingest.Record{r, otherType, otherSecond})
+	testenv.Must(t, err, "insert late")
+	var n uint64
+	testenv.Must(t, ch.Conn.QueryRow(ctx, "SELECT count() FROM late_events FINAL").Scan(&n), "count late")
+	if len(kept) != 3 || n != 3 {
+		t.Fatalf("%d written, late_events holds %d under FINAL; want 3 and 3", len(kept), n)
+	}
+}

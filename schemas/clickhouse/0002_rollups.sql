@@ -72,6 +72,14 @@ ORDER BY partition;
 -- usage API (too_late_events) and the
 -- tollgate_ingest_records_total{outcome="too_late"} metric, never dropped
 -- silently.
+--
+-- Its rows are keyed as usage_events' are (type, second and id), so two
+-- too-late events that share an id but not a type or a second stay two, as
+-- they would have been two counted rows. A table created before this key
+-- (ORDER BY account_id, environment, event_id) keeps its own and collapses
+-- them into one; to move to this key, create late_events_new as below,
+-- INSERT INTO late_events_new SELECT * FROM late_events, and RENAME TABLE
+-- late_events TO late_events_old, late_events_new TO late_events.
 CREATE TABLE IF NOT EXISTS late_events
 (
     event_id        UUID,
@@ -90,4 +98,4 @@ CREATE TABLE IF NOT EXISTS late_events
 )
 ENGINE = ReplacingMergeTree()
 PARTITION BY toYYYYMM(timestamp)
-ORDER BY (account_id, environment, event_id);
+ORDER BY (account_id, environment, event_type, timestamp, event_id);
