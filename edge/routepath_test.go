@@ -10,6 +10,8 @@ import (
 	"net/http/httptest"
 	"strings"
 	"testing"
+	"time"
+	"unicode/utf8"
 
 	"github.com/tollgate-dev/tollgate/edge"
 	"github.com/tollgate-dev/tollgate/internal/edgetest"
@@ -142,4 +144,57 @@ func rawGet(t *testing.T, base, path, key string) (int, string) {
 	defer resp.Body.Close()
 	body, _ := io.ReadAll(resp.Body)
 	return resp.StatusCode, string(body)
+}
+
+// A call to a path of bytes that are not UTF-8, or to a long non-ASCII
+// path, is served and its event is one ingest takes: the route was the
+// path as sent, cut at 256 bytes, and ingest read each stray byte as
+// U+FFFD (3 bytes), found the route too long and dead-lettered the event,
+// so the call was never billed. An upstream status outside 100-599 made
+// the same kind of event. Each event now decodes, with its route written
+// as valid UTF-8 of at most 256 bytes.
+func TestEventsOfOddPathsAndStatusesAreOnesIngestTakes(t *testing.T) {
+	env := edgetest.New(t)
+	odd := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if strings.HasSuffix(r.URL.Path, "/odd-status") {
+			w.WriteHeader(999)
+			return
+		}
+		env.Live.ServeHTTP(w, r)
+	}))
+	t.Cleanup(odd.Close)
+	env.LiveURL = odd.URL
+	in := env.Start(t, edgetest.Options{})
+	key, _ := env.Key(t, "acct_odd_paths", edge.Secret, schemas.Live)
+	paths := []string{
+		"/v1/" + strings.Repeat("\xff", 90),
+		"/v1/x" + strings.Repeat("é", 200),
+		"/v1/caf\xe9",
+	}
+	for _, p := range paths {
+		if status, body := rawGet(t, in.URL, p, key); status != 200 {
+			t.Fatalf("GET %q: %d %s", p, status, body)
+		}
+	}
+	if status, _ := rawGet(t, in.URL, "/v1/odd-status", key); status != 999 {
+		t.Fatalf("GET /v1/odd-status: %d, want the upstream's 999", status)
+	}
+	// ReadTopic fails the test on a record that does not decode.
+	evs := edgetest.ReadTopic(t, env.Brokers, env.Topic, len(paths)+1, 20*time.Second)
+	routes := map[string]int{}
+	for _, e := range evs {
+		if !utf8.ValidString(e.Route) || len(e.Route) > schemas.MaxRouteLength {
+			t.Errorf("event route %q (%d bytes) is not valid UTF-8 of at most %d bytes", e.Route, len(e.Route), schemas.MaxRouteLength)
+		}
+		routes[e.Route] = e.Status
+	}
+	if len(evs) != len(paths)+1 {
+		t.Fatalf("%d events for %d calls", len(evs), len(paths)+1)
+	}
+	if st, ok := routes["/v1/caf%E9"]; !ok || st != 200 {
+		t.Errorf("routes %v; want /v1/caf%%E9 with status 200 among them", routes)
+	}
+	if st, ok := routes["/v1/odd-status"]; !ok || st != 0 {
+		t.Errorf("routes %v; want /v1/odd-status metered without a status", routes)
+	}
 }

@@ -20,6 +20,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+	"unicode/utf8"
 
 	"github.com/google/uuid"
 	"github.com/labstack/echo/v4"
@@ -1371,6 +1372,33 @@ func keepTrailers(t http.Header, cors bool) {
 	}
 }
 
+// EventRoute is a route template as a call's event can carry it: valid
+// UTF-8, each byte that is not part of a character written %XX, and at
+// most schemas.MaxRouteLength bytes, cut between characters. Ingest
+// refuses an event whose route is longer, and reads invalid bytes as
+// U+FFFD (3 bytes each), so a path of raw bytes the edge served, taken as
+// it was sent, made an event that was dead-lettered, never billed.
+func EventRoute(t string) string {
+	if len(t) <= schemas.MaxRouteLength && utf8.ValidString(t) {
+		return t
+	}
+	b := make([]byte, 0, min(len(t), schemas.MaxRouteLength))
+	for i := 0; i < len(t); {
+		r, size := utf8.DecodeRuneInString(t[i:])
+		piece := t[i : i+size]
+		if r == utf8.RuneError && size == 1 {
+			piece = "%" + strconv.FormatUint(uint64(t[i])>>4, 16) + strconv.FormatUint(uint64(t[i])&15, 16)
+			piece = strings.ToUpper(piece)
+		}
+		if len(b)+len(piece) > schemas.MaxRouteLength {
+			break
+		}
+		b = append(b, piece...)
+		i += size
+	}
+	return string(b)
+}
+
 // Call is a proxied call, for its usage event.
 type Call struct {
 	Key    *Key
@@ -1395,9 +1423,9 @@ func (c Call) end(now func() time.Time) time.Time {
 // EmitCall emits a proxied call's usage event; its latency runs from
 // c.Start to c.End (zero: now).
 func (s *Server) EmitCall(c Call) {
-	tmpl := c.Route.Template
-	if len(tmpl) > schemas.MaxRouteLength {
-		tmpl = tmpl[:schemas.MaxRouteLength]
+	status := c.Status
+	if status < 100 || status > 599 {
+		status = 0 // no HTTP status (an upstream's 999): metered without one
 	}
 	ev := schemas.Event{
 		Version:       schemas.EventVersion,
@@ -1407,9 +1435,9 @@ func (s *Server) EmitCall(c Call) {
 		KeyID:         c.Key.ID,
 		Type:          s.cfg.EventType,
 		Time:          c.Start,
-		Route:         tmpl,
+		Route:         EventRoute(c.Route.Template),
 		Method:        c.Method,
-		Status:        c.Status,
+		Status:        status,
 		LatencyMicros: c.end(s.now).Sub(c.Start).Microseconds(),
 		RequestBytes:  c.RequestBytes,
 		ResponseBytes: c.ResponseBytes,
