@@ -2247,3 +2247,87 @@ func TestACallTheUpstreamTimesOutOnIsSentOnce(t *testing.T) {
 		})
 	}
 }
+
+// A stop that runs out of time: fasthttp's graceful shutdown lets a busy
+// connection go back to keep-alive when its wait ends, so a call sent on
+// it after the stop was admitted, charged and proxied, with nothing left
+// to meter it. Such a call is now refused (503 shutting_down, not
+// metered); Close then cuts the callers' connections and waits for the
+// calls on them, so a call in flight is metered before the producer
+// closes, not counted lost after it.
+func TestAStopThatRunsOutOfTimeTakesNoNewCallsAndMetersThoseInFlight(t *testing.T) {
+	env := edgetest.New(t)
+	key, _ := env.Key(t, "acct_stop_late", edge.Secret, schemas.Live)
+	up := serveUpstream(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/v1/slow" {
+			time.Sleep(time.Second)
+		}
+		_, _ = io.WriteString(w, "done")
+	}))
+	in := env.Start(t, edgetest.Options{Config: func(c *edge.Config) { c.Upstream = up }})
+	call := func(conn net.Conn, r *bufio.Reader, path string) (*http.Response, error) {
+		if _, err := io.WriteString(conn, "GET "+path+" HTTP/1.1\r\nHost: edge.test\r\nAuthorization: Bearer "+key+"\r\n\r\n"); err != nil {
+			return nil, err
+		}
+		resp, err := http.ReadResponse(r, nil)
+		if err == nil {
+			_, _ = io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+		}
+		return resp, err
+	}
+
+	// A graceful stop of 200 ms under a call of a second.
+	conn, err := net.Dial("tcp", strings.TrimPrefix(in.URL, "http://"))
+	testenv.Must(t, err, "dial the edge")
+	defer conn.Close()
+	r := bufio.NewReader(conn)
+	stopped := make(chan error, 1)
+	go func() {
+		time.Sleep(200 * time.Millisecond)
+		ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+		defer cancel()
+		stopped <- in.Front.Shutdown(ctx)
+	}()
+	resp, err := call(conn, r, "/v1/slow")
+	testenv.Must(t, err, "the call in flight as the stop began")
+	if resp.StatusCode != 200 {
+		t.Fatalf("the call in flight: %d, want 200", resp.StatusCode)
+	}
+	if err := <-stopped; err == nil {
+		t.Fatal("the graceful stop did not run out of time")
+	}
+	if resp, err := call(conn, r, "/v1/after"); err == nil && resp.StatusCode != http.StatusServiceUnavailable {
+		t.Fatalf("a call sent after the stop: %d, want 503 shutting_down (or the connection closed)", resp.StatusCode)
+	}
+
+	// Close under a call in flight: the caller's connection is cut, and
+	// Close returns once the call has ended and been metered.
+	// The first front is stopping: a second instance takes this call.
+	in2 := env.Start(t, edgetest.Options{Config: func(c *edge.Config) { c.Upstream = up }})
+	conn2, err := net.Dial("tcp", strings.TrimPrefix(in2.URL, "http://"))
+	testenv.Must(t, err, "dial the second edge")
+	defer conn2.Close()
+	answered := make(chan error, 1)
+	go func() {
+		_, err := call(conn2, bufio.NewReader(conn2), "/v1/slow")
+		answered <- err
+	}()
+	time.Sleep(200 * time.Millisecond)
+	unfinished, _ := in2.Front.Close()
+	if unfinished != 0 {
+		t.Fatalf("Close returned with %d connections still being served, want it to wait for the call", unfinished)
+	}
+	testenv.Must(t, in2.Producer.Close(), "close the second edge's producer")
+	if err := <-answered; err == nil {
+		t.Error("the call in flight was answered; want its connection cut by Close")
+	}
+	evs := edgetest.ReadTopic(t, env.Brokers, env.Topic, 2, 20*time.Second)
+	paths := map[string]int{}
+	for _, e := range evs {
+		paths[e.Route]++
+	}
+	if len(evs) != 2 || paths["/v1/slow"] != 2 {
+		t.Fatalf("metered %v; want the two slow calls, each once, and not the call refused after the stop", paths)
+	}
+}

@@ -854,7 +854,7 @@ func startEdge(ctx context.Context, tmp, upstream string, linger time.Duration, 
 	}
 	go func() { _ = front.Serve(ln) }()
 	stop := func() {
-		_ = front.Close()
+		_, _ = front.Close()
 		_ = producer.Close()
 		dropTopic(brokers, "tollgate.bench.edge")
 		cancel()

@@ -248,7 +248,13 @@ func (m *EdgeMain) Run(ctx context.Context) error {
 func (m *EdgeMain) Close() error {
 	var errs []error
 	if m.front != nil {
-		_ = m.front.Close()
+		// Calls still running now (waiting for their upstream past the
+		// graceful stop) have their events emitted only if they end
+		// before the process exits: said, since nothing else can count
+		// them.
+		if n, _ := m.front.Close(); n > 0 {
+			m.log.Warn("calls still in flight as the edge stops; their usage events are lost unless they end before it exits", "connections", n)
+		}
 	}
 	if m.adminSrv != nil {
 		_ = m.adminSrv.Close()

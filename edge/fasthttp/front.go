@@ -57,6 +57,52 @@ type Front struct {
 	tunnels tunnels
 	// short lends the buffers short answers are read into (see proxy).
 	short sync.Pool
+	// stopping is set when a stop begins: a call that comes after it (on
+	// a connection kept alive past a graceful stop that ran out of time)
+	// is refused, not admitted and charged, then lost with the process.
+	stopping atomic.Bool
+	// callers are the callers' open connections, for Close to cut.
+	callers connSet
+}
+
+// connSet is a set of open connections.
+type connSet struct {
+	mu sync.Mutex
+	m  map[*callerConn]struct{}
+}
+
+func (s *connSet) add(c *callerConn) {
+	s.mu.Lock()
+	if s.m == nil {
+		s.m = map[*callerConn]struct{}{}
+	}
+	s.m[c] = struct{}{}
+	s.mu.Unlock()
+}
+
+func (s *connSet) remove(c *callerConn) {
+	s.mu.Lock()
+	delete(s.m, c)
+	s.mu.Unlock()
+}
+
+func (s *connSet) len() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.m)
+}
+
+// closeAll closes every connection in the set.
+func (s *connSet) closeAll() {
+	s.mu.Lock()
+	conns := make([]*callerConn, 0, len(s.m))
+	for c := range s.m {
+		conns = append(conns, c)
+	}
+	s.mu.Unlock()
+	for _, c := range conns {
+		_ = c.Conn.Close() // not c.Close: no lingering read on the way out
+	}
 }
 
 // upstream is one upstream base URL and its connection pool.
@@ -190,7 +236,7 @@ func newUpstream(raw string, timeout, dial, idle time.Duration, maxConns int, tl
 // is set.
 func (f *Front) Serve(ln net.Listener) error {
 	ln = deadline.Listener{Listener: ln} // fasthttp moves the read deadline three times a call
-	ln = callerListener{Listener: ln, limit: f.timeout}
+	ln = callerListener{Listener: ln, limit: f.timeout, conns: &f.callers}
 	if f.tls != nil {
 		ln = tls.NewListener(ln, f.tls)
 	}
@@ -201,21 +247,41 @@ func (f *Front) Serve(ln net.Listener) error {
 // ends. Upgraded connections have no end in sight, so they are cut once
 // the other calls are done, and metered.
 func (f *Front) Shutdown(ctx context.Context) error {
+	f.stopping.Store(true)
 	err := f.srv.ShutdownWithContext(ctx)
 	return errors.Join(err, f.tunnels.closeAll(ctx))
 }
 
-// Close stops at once, cutting calls in flight.
-func (f *Front) Close() error {
+// Close stops at once, cutting calls in flight: every caller's connection
+// is closed, and Close waits up to closeWait for the calls on them to end
+// (a call whose answer can no longer be written ends, and is metered, at
+// once; one still waiting for its upstream's answer ends when that comes,
+// up to upstream_timeout). It returns how many connections were still
+// being served then: their calls' events are lost if the process exits.
+func (f *Front) Close() (unfinished int, err error) {
+	f.stopping.Store(true)
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
-	err := f.srv.ShutdownWithContext(ctx)
+	err = f.srv.ShutdownWithContext(ctx)
+	f.callers.closeAll()
 	// Cut tunnels are metered within moments; the bound is for one whose
 	// hijack never began.
-	wait, stop := context.WithTimeout(context.Background(), 5*time.Second)
+	wait, stop := context.WithTimeout(context.Background(), closeWait)
 	defer stop()
-	return errors.Join(err, f.tunnels.closeAll(wait))
+	err = errors.Join(err, f.tunnels.closeAll(wait))
+	// A connection leaves the set when fasthttp closes it, once the call
+	// on it has ended.
+	for f.callers.len() > 0 && wait.Err() == nil {
+		select {
+		case <-wait.Done():
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+	return f.callers.len(), err
 }
+
+// closeWait bounds Close's wait for the calls it cut.
+const closeWait = 5 * time.Second
 
 // method is m as a string, without an allocation for the usual methods.
 func method(m []byte) string {
@@ -255,6 +321,17 @@ func (f *Front) handle(ctx *fh.RequestCtx) {
 	// proxies, down the slow path, which reads a body into memory (one
 	// over 8 MiB refused) or, for a caller that may not report events,
 	// drops it.
+	if f.stopping.Load() {
+		// The stop has begun (and, for a call to come now, a graceful one
+		// has run out of time): the call is refused before admission, so
+		// it is neither charged nor lost with the process.
+		_, rid := edge.NewRequestID()
+		ctx.Response.Header.Set(edge.HeaderRequestID, rid)
+		ctx.Response.Header.Set("Retry-After", "1")
+		ctx.SetConnectionClose()
+		f.fail(ctx, edge.NewAPIError(fh.StatusServiceUnavailable, edge.TypeAPI, "shutting_down", "This edge is stopping; retry the call."), rid)
+		return
+	}
 	if slowPath(ctx.Method(), ctx.URI().PathOriginal()) {
 		f.slowCall(ctx)
 		return
@@ -1141,14 +1218,20 @@ func (c *silentConn) Write(p []byte) (int, error) {
 type callerListener struct {
 	net.Listener
 	limit time.Duration
+	// conns, when set, holds every connection open.
+	conns *connSet
 }
 
 func (l callerListener) Accept() (net.Conn, error) {
 	c, err := l.Listener.Accept()
-	if err != nil || l.limit <= 0 {
+	if err != nil {
 		return c, err
 	}
-	return &callerConn{Conn: c, limit: l.limit}, nil
+	cc := &callerConn{Conn: c, limit: l.limit, set: l.conns}
+	if l.conns != nil {
+		l.conns.add(cc)
+	}
+	return cc, nil
 }
 
 // callerConn is a caller's connection on which no write may stall longer
@@ -1165,6 +1248,8 @@ type callerConn struct {
 	writeBy atomic.Int64 // UnixNano of the write deadline this conn set; 0 when another was set since
 	// linger asks Close to read what the caller still sends first.
 	linger atomic.Bool
+	// set holds the connection while it is open (nil: none).
+	set *connSet
 }
 
 // Lingering close, as nginx's lingering_close: after an answer to a request
@@ -1176,6 +1261,9 @@ const (
 )
 
 func (c *callerConn) Close() error {
+	if c.set != nil {
+		c.set.remove(c)
+	}
 	if c.linger.Load() {
 		if cw, ok := c.Conn.(interface{ CloseWrite() error }); ok && cw.CloseWrite() == nil {
 			if c.Conn.SetReadDeadline(time.Now().Add(lingerFor)) == nil {
@@ -1187,6 +1275,9 @@ func (c *callerConn) Close() error {
 }
 
 func (c *callerConn) Write(p []byte) (int, error) {
+	if c.limit <= 0 {
+		return c.Conn.Write(p)
+	}
 	now := time.Now()
 	if wb := c.writeBy.Load(); wb == 0 || time.Unix(0, wb).Sub(now) < c.limit {
 		by := now.Add(c.limit + c.limit/16)

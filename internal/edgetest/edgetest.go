@@ -205,6 +205,8 @@ type Instance struct {
 	Store    *CountingStore
 	Listener *edgepg.Listener
 	Producer *edgekafka.Producer
+	// Front is the fasthttp front (nil with Options.NetHTTP).
+	Front    *edgefast.Front
 	Registry *prometheus.Registry
 	Audit    *edgepg.AuditWriter
 	marks    *markingCache
@@ -285,6 +287,7 @@ func (e *Env) Start(t *testing.T, o Options) *Instance {
 	} else {
 		front, err := edgefast.New(srv, e.Log)
 		testenv.Must(t, err, "new fasthttp front")
+		in.Front = front
 		ln, err := net.Listen("tcp", "127.0.0.1:0")
 		testenv.Must(t, err, "listen")
 		go func() { _ = front.Serve(ln) }()
@@ -293,10 +296,12 @@ func (e *Env) Start(t *testing.T, o Options) *Instance {
 			scheme = "https://"
 		}
 		in.URL, stop = scheme+ln.Addr().String(), func() {
-			// As tollgate edge stops: calls in flight finish first.
+			// As tollgate edge stops: calls in flight finish first, then
+			// what is left is cut.
 			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 			defer cancel()
 			_ = front.Shutdown(ctx)
+			_, _ = front.Close()
 		}
 	}
 	in.stopHTTP = stop
