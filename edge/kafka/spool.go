@@ -61,6 +61,11 @@ type Spool struct {
 	// dirty is set after a failed append: the next append starts a new
 	// segment.
 	dirty bool
+	// ends holds, for a segment whose cut back after a failed append
+	// failed too, where its last counted record ends: the bytes past it
+	// can hold whole records of that append, which its retry writes
+	// again, so Read stops there.
+	ends map[uint64]int64
 	// afterStep, set only by tests, is called between the steps of
 	// emptying the spool, to see the directory as a crash there leaves it.
 	afterStep func(step string)
@@ -483,8 +488,10 @@ func (s *Spool) Append(recs [][]byte) error {
 // and after a failed fsync the kernel's copy of the page is in doubt. Cut
 // the segment back to its last whole record and start a new segment with
 // the next append, so no later record is ever written behind bytes that
-// were not counted; if the cut fails, the segment is read up to what it
-// left and skipped from there.
+// were not counted; if the cut fails, the segment is read up to its last
+// counted record and skipped from there (ends). A restart before it is
+// delivered reads it whole: whole records of the failed append are then
+// sent twice, once from each segment, and ingest counts each event once.
 func (s *Spool) undo() {
 	cut := (*os.File).Truncate
 	if s.cut != nil {
@@ -497,6 +504,13 @@ func (s *Spool) undo() {
 		if st, err := s.w.Stat(); err == nil && st.Size() > s.wsize {
 			s.size.Add(st.Size() - s.wsize)
 		}
+		// It may hold whole records, which the append's retry writes
+		// again: reading them here too would send them twice and count
+		// them off the depth twice.
+		if s.ends == nil {
+			s.ends = map[uint64]int64{}
+		}
+		s.ends[s.wseq] = s.wsize
 	}
 	s.dirty = true
 }
@@ -529,6 +543,9 @@ func (s *Spool) Read(max int) ([][]byte, SpoolCursor, error) {
 	for len(out) < max && cur.Seq <= s.wseq {
 		last := cur.Seq == s.wseq
 		limit := int64(-1)
+		if end, ok := s.ends[cur.Seq]; ok {
+			limit = end
+		}
 		if last {
 			limit = s.wsize
 			if cur.Off >= limit {
@@ -615,6 +632,7 @@ func (s *Spool) Commit(cur SpoolCursor, n int) error {
 // remove deletes a delivered segment, taking its bytes off the spool's
 // size. One that cannot be removed still counts: it is still on disk.
 func (s *Spool) remove(seq uint64) error {
+	delete(s.ends, seq)
 	st, err := os.Stat(s.path(seq))
 	if errors.Is(err, os.ErrNotExist) {
 		return nil

@@ -1,7 +1,9 @@
 package kafka
 
 import (
+	"encoding/binary"
 	"errors"
+	"hash/crc32"
 	"fmt"
 	"log/slog"
 	"os"
@@ -668,5 +670,50 @@ func TestSpoolCountsADeliveredSegmentItCannotRemove(t *testing.T) {
 	}
 	if got := readAllSpool(t, s); len(got) != 19 || got[0] != "record-000011" {
 		t.Errorf("read %d records from %v; want 19 from record-000011", len(got), got)
+	}
+}
+
+// An append the disk cuts short can leave whole records of the batch past
+// the last counted one (the disk took two whole records and part of a
+// third); when the cut back fails too, the append's retry writes them
+// again in the next segment. Each is read once: reading the first segment
+// to its end sent them twice, and counted them off the depth twice, which
+// went below zero and left later records unsent.
+func TestSpoolReadsPastAFailedCutOnlyWhatWasCounted(t *testing.T) {
+	dir := t.TempDir()
+	s, err := OpenSpool(dir, slog.New(slog.DiscardHandler), 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = s.Close() }()
+	if err := s.Append(recs(0, 3)); err != nil {
+		t.Fatal(err)
+	}
+	// What a short write of recs(3, 5) leaves: two whole records and 8
+	// bytes of the third, then a failed write and a failed cut.
+	var partial []byte
+	for _, r := range recs(3, 2) {
+		partial = binary.BigEndian.AppendUint32(partial, uint32(len(r)))
+		partial = binary.BigEndian.AppendUint32(partial, crc32.Checksum(r, castagnoli))
+		partial = append(partial, r...)
+	}
+	partial = append(partial, 0, 0, 0, 13, 1, 2, 3, 4)
+	if _, err := s.w.Write(partial); err != nil {
+		t.Fatal(err)
+	}
+	s.cut = func(*os.File, int64) error { return errors.New("cut refused") }
+	s.undo()
+	if err := s.Append(recs(3, 5)); err != nil {
+		t.Fatalf("the append's retry: %v", err)
+	}
+	if d := s.Depth(); d != 8 {
+		t.Fatalf("depth %d, want the 8 records appended", d)
+	}
+	want := wantStrings(append(recs(0, 3), recs(3, 5)...))
+	if got := readAllSpool(t, s); fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Errorf("read %v, want %v", got, want)
+	}
+	if d := s.Depth(); d != 0 {
+		t.Errorf("depth %d once everything is delivered, want 0", d)
 	}
 }
