@@ -278,6 +278,17 @@ func SaturatingSum(floatSum, intSum string) string {
 		floatSum + " < -9.2233720368547758e18, toInt64('-9223372036854775808'), toInt64(" + intSum + "))"
 }
 
+// SaturatingSumOfSums adds up col, rows' SaturatingSums, as SaturatingSum
+// does, except that a row past Int64 makes the result past Int64 too: its
+// largest value if any row is, else its smallest if any row is. The rows'
+// own totals are unknown then, so a negative row beside them must not
+// bring the sum back into range as if it were exact.
+func SaturatingSumOfSums(col string) string {
+	return "multiIf(countIf(" + col + " = toInt64('9223372036854775807')) > 0, toInt64('9223372036854775807'), " +
+		"countIf(" + col + " = toInt64('-9223372036854775808')) > 0, toInt64('-9223372036854775808'), " +
+		SaturatingSum("sum(toFloat64("+col+"))", "sum("+col+")") + ")"
+}
+
 // Overflowed reports whether v is a SaturatingSum that did not fit: Int64's
 // largest or smallest value. No event's value comes near either (units
 // and numeric dimensions are at most 10^12 in magnitude, measures 10^15),

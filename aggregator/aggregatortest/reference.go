@@ -42,7 +42,14 @@ type acc struct {
 
 // Expected computes every rollup row of m over events (each event once) at
 // granularity g; zone maps accounts to their time zone (default UTC).
+//
+// A SUM's hour, day and month rows are computed from the finer ones, as the
+// rollups are: a finer row past int64 keeps every coarser row it falls in
+// past int64 (meter.SaturatingSumOfSums), whatever the exact total.
 func Expected(events []schemas.Event, m meter.Meter, g aggregator.Granularity, zone map[string]*time.Location) map[Key]int64 {
+	if f, ok := finerOf[g]; ok && m.Aggregation == meter.Sum {
+		return sumsOfSums(Expected(events, m, f, zone), g, zone)
+	}
 	accs := map[Key]*acc{}
 	for _, e := range events {
 		if !selects(m, e) {
@@ -104,13 +111,7 @@ func (a *acc) value(m meter.Meter) int64 {
 	case meter.Count:
 		return a.count
 	case meter.Sum:
-		switch {
-		case a.sum.IsInt64():
-			return a.sum.Int64()
-		case a.sum.Sign() > 0:
-			return math.MaxInt64
-		}
-		return math.MinInt64
+		return saturate(&a.sum)
 	case meter.Max:
 		return a.max
 	case meter.UniqueCount:
@@ -213,4 +214,58 @@ func Diff(want, got map[Key]int64, max int) []string {
 		}
 	}
 	return out
+}
+
+// finerOf is the granularity the rollups compute a coarser one from.
+var finerOf = map[aggregator.Granularity]aggregator.Granularity{
+	aggregator.Hour: aggregator.Minute, aggregator.Day: aggregator.Hour, aggregator.Month: aggregator.Day,
+}
+
+// sumsOfSums combines finer SUM rows into rows of g, as
+// meter.SaturatingSumOfSums does.
+func sumsOfSums(finer map[Key]int64, g aggregator.Granularity, zone map[string]*time.Location) map[Key]int64 {
+	type sum struct {
+		total  big.Int
+		hi, lo bool
+	}
+	sums := map[Key]*sum{}
+	for k, v := range finer {
+		loc := zone[k.Account]
+		if loc == nil {
+			loc = time.UTC
+		}
+		c := k
+		c.Granularity, c.WindowStart = g, aggregator.WindowStart(k.WindowStart, g, loc)
+		s := sums[c]
+		if s == nil {
+			s = &sum{}
+			sums[c] = s
+		}
+		s.hi = s.hi || v == math.MaxInt64
+		s.lo = s.lo || v == math.MinInt64
+		s.total.Add(&s.total, big.NewInt(v))
+	}
+	out := make(map[Key]int64, len(sums))
+	for k, s := range sums {
+		switch {
+		case s.hi:
+			out[k] = math.MaxInt64
+		case s.lo:
+			out[k] = math.MinInt64
+		default:
+			out[k] = saturate(&s.total)
+		}
+	}
+	return out
+}
+
+// saturate is v, or int64's largest or smallest value when v is past it.
+func saturate(v *big.Int) int64 {
+	switch {
+	case v.IsInt64():
+		return v.Int64()
+	case v.Sign() > 0:
+		return math.MaxInt64
+	}
+	return math.MinInt64
 }

@@ -91,9 +91,17 @@ func TestASumPastInt64SaturatesAtEveryGranularity(t *testing.T) {
 		events = append(events, schemas.Event{Version: schemas.EventVersion, ID: schemas.NewEventID(), AccountID: "acct_huge",
 			Environment: schemas.Live, KeyID: "key_1", Type: "tokens", Time: at.Add(5 * time.Minute), Units: 5e18})
 	}
+	// A minute past Int64 beside a negative one (a correction): the hour's
+	// total is unknown, and stays marked, rather than read as 5.2 * 10^18.
+	for i, u := range []int64{5e18, 5e18, -4e18} {
+		events = append(events, schemas.Event{Version: schemas.EventVersion, ID: schemas.NewEventID(), AccountID: "acct_huge",
+			Environment: schemas.Live, KeyID: "key_1", Type: "credits", Time: at.Add(time.Duration(i/2)*time.Minute + time.Duration(i)*time.Second),
+			Units: u})
+	}
 	meters := []meter.Meter{
 		{Key: "tokens", EventType: "tokens", Aggregation: meter.Sum, Value: "units"},
 		{Key: "small", EventType: "small", Aggregation: meter.Sum, Value: "units"},
+		{Key: "credits", EventType: "credits", Aggregation: meter.Sum, Value: "units"},
 	}
 	batch := aggregatortest.Records(events)
 	testenv.Must(t, chsink.NewSink(ch.Conn).Insert(ctx, batch), "insert raw")
@@ -106,6 +114,10 @@ func TestASumPastInt64SaturatesAtEveryGranularity(t *testing.T) {
 			aggregator.Hour:   {math.MaxInt64}, aggregator.Day: {math.MaxInt64}, aggregator.Month: {math.MaxInt64},
 		},
 		"small": {aggregator.Minute: {7, 14}, aggregator.Hour: {21}, aggregator.Day: {21}, aggregator.Month: {21}},
+		"credits": {
+			aggregator.Minute: {math.MaxInt64, -4e18},
+			aggregator.Hour:   {math.MaxInt64}, aggregator.Day: {math.MaxInt64}, aggregator.Month: {math.MaxInt64},
+		},
 	}
 	for _, m := range meters {
 		for _, g := range aggregator.Granularities {

@@ -139,9 +139,9 @@ func fromFiner(m meter.Meter) string {
 }
 
 // sumOfValues adds rows' values up without wrapping: a total beyond Int64
-// is Int64's largest (or smallest) value, as the minute rows' own sums are
-// (meter.SaturatingSum).
-var sumOfValues = meter.SaturatingSum("sum(toFloat64(value))", "sum(value)")
+// is Int64's largest (or smallest) value, as the minute rows' own sums are,
+// and so is a total over a row that is (meter.SaturatingSumOfSums).
+var sumOfValues = meter.SaturatingSumOfSums("value")
 
 // emptyUniq is an empty uniqExact state, for meters that keep none.
 const emptyUniq = "uniqExactStateIf('', 0)"
