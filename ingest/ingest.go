@@ -545,7 +545,7 @@ func splitInto(into []Record, msgs []Message, now time.Time, maxLateness time.Du
 	// that is most of a lookup's cost. The rare id and second seen with a
 	// second type go to others, under the whole key.
 	seen := make(map[idSecond]string, len(msgs))
-	var others map[rowKey]struct{}
+	var others, lateSeen map[rowKey]struct{}
 	if cap(into) >= len(msgs) && len(msgs) >= cap(into)/2 {
 		events = into[:0]
 	} else {
@@ -576,9 +576,20 @@ func splitInto(into []Record, msgs []Message, now time.Time, maxLateness time.Du
 		// batches. A too-late copy of a counted event (in this batch or
 		// an earlier one) is found as such when it lands (InsertLate).
 		if !m.Time.IsZero() && r.Event.Time.Before(m.Time.Add(-maxLateness)) {
+			events = events[:len(events)-1]
+			// A second too-late copy in the batch is a duplicate, as a
+			// second on-time copy is.
+			full := rowKey{idSecond: idSecond{id: r.Event.ID, second: r.Event.Time.Unix()}, typ: r.Event.Type}
+			if _, ok := lateSeen[full]; ok {
+				dups++
+				continue
+			}
+			if lateSeen == nil {
+				lateSeen = map[rowKey]struct{}{}
+			}
+			lateSeen[full] = struct{}{}
 			r.Value = m.Value
 			late = append(late, *r)
-			events = events[:len(events)-1]
 			continue
 		}
 		k := idSecond{id: r.Event.ID, second: r.Event.Time.Unix()}

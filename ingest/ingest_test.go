@@ -61,6 +61,7 @@ func TestSplit(t *testing.T) {
 		// a copy of a counted event (InsertLate).
 		{"a too-late copy first does not keep an on-time copy from counting", []ingest.Message{msg(encode(t, tooLate), 1), inTime(encode(t, tooLate), 2)}, 1, 1, 0, 0},
 		{"a too-late copy after an on-time copy", []ingest.Message{inTime(encode(t, tooLate), 1), msg(encode(t, tooLate), 2)}, 1, 1, 0, 0},
+		{"a second too-late copy in the batch is dropped", []ingest.Message{msg(encode(t, tooLate), 1), msg(encode(t, tooLate), 2)}, 0, 1, 0, 1},
 		{"bytes that are not an event are rejected", []ingest.Message{msg([]byte("{"), 1)}, 0, 0, 1, 0},
 		{"an event with an invalid field is rejected", []ingest.Message{msg([]byte(`{"v":2}`), 1)}, 0, 0, 1, 0},
 	} {
