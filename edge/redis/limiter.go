@@ -501,11 +501,18 @@ func (l *Limiter) ask(c edge.CallLimits, want int, ahead bool) (res edge.CallRes
 
 var errReply = errors.New("unexpected script reply")
 
-// mayHaveRun tells whether err may have come after Redis ran the command:
-// every error but those that show it was never sent (no connection to send
-// it on).
+// mayHaveRun tells whether err may have come after Redis ran the command
+// and its reply was lost: every error but those that show it was never sent
+// (no connection to send it on) and Redis's own error replies (the reply
+// came: a refused script, or one whose state is unusable, charged no
+// grant, and refunding after each would cost a script run per request).
 func mayHaveRun(err error) bool {
-	if errors.Is(err, redis.ErrClosed) || errors.Is(err, redis.ErrPoolTimeout) || errors.Is(err, redis.ErrPoolExhausted) {
+	if errors.Is(err, redis.ErrClosed) || errors.Is(err, redis.ErrPoolTimeout) || errors.Is(err, redis.ErrPoolExhausted) ||
+		errors.Is(err, edge.ErrLimitState) {
+		return false
+	}
+	var reply redis.Error
+	if errors.As(err, &reply) {
 		return false
 	}
 	var op *net.OpError
