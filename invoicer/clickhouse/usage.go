@@ -154,8 +154,8 @@ func only(usage map[string]invoicer.AccountUsage, accounts []string) map[string]
 	return out
 }
 
-// read runs one pass when every meter's aggregate has an -If form, and one
-// query per meter otherwise.
+// read reads every meter's quantity and the event count per account in one
+// pass over the rows.
 func (u *Usage) read(ctx context.Context, filter string, p invoicer.Period, meters []meter.Meter, env schemas.Environment, final string) (map[string]invoicer.AccountUsage, error) {
 	cols := make([]string, len(meters))
 	var args []any
@@ -205,7 +205,6 @@ func (u *Usage) read(ctx context.Context, filter string, p invoicer.Period, mete
 	}
 	return out, nil
 }
-
 
 // parts lists the active parts of the month partitions (toYYYYMM, UTC)
 // that p touches, and whether each such partition is a single merged part
