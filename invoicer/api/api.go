@@ -152,6 +152,9 @@ func account(c echo.Context) string { return c.Get("account").(string) }
 type UsageSummary struct {
 	Events     int64            `json:"events"`
 	Quantities map[string]int64 `json:"quantities"`
+	// Overflow names the SUM meters whose quantity is past int64: theirs
+	// is then int64's largest (or smallest) value, not the total.
+	Overflow []string `json:"overflow,omitempty"`
 }
 
 // CurrentUsage is the response of GET /v1/usage/current.
@@ -204,12 +207,16 @@ func (s *Server) currentUsage(c echo.Context) error {
 		if q == nil {
 			q = map[string]int64{}
 		}
+		var over []string
 		for _, m := range s.meters {
 			if _, ok := q[m.Key]; !ok {
 				q[m.Key] = 0
 			}
+			if m.Aggregation == meter.Sum && meter.Overflowed(q[m.Key]) {
+				over = append(over, m.Key)
+			}
 		}
-		*x.dst = UsageSummary{Events: u[a.ID].Events, Quantities: q}
+		*x.dst = UsageSummary{Events: u[a.ID].Events, Quantities: q, Overflow: over}
 	}
 	return c.JSON(http.StatusOK, out)
 }

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -24,6 +25,7 @@ import (
 	invch "github.com/tollgate-dev/tollgate/invoicer/clickhouse"
 	invpg "github.com/tollgate-dev/tollgate/invoicer/postgres"
 	"github.com/tollgate-dev/tollgate/invoicer/stripe"
+	"github.com/tollgate-dev/tollgate/meter"
 	"github.com/tollgate-dev/tollgate/schemas"
 )
 
@@ -94,20 +96,23 @@ func TestInvoiceAPI(t *testing.T) {
 			"sub_"+a, a, prev.Start)
 		testenv.Must(t, err, "subscribe")
 	}
-	insert := func(account, env string, at time.Time, n int) {
+	insertUnits := func(account, env string, at time.Time, n int, units int64) {
 		b, err := ch.Conn.PrepareBatch(ctx, `INSERT INTO usage_events (event_id, schema_version, account_id, environment, key_id,
 			event_type, timestamp, timestamp_us, units, kafka_partition, kafka_offset, ingested_at)`)
 		testenv.Must(t, err, "prepare")
 		for i := 0; i < n; i++ {
 			testenv.Must(t, b.Append(uuid.New(), uint8(1), account, env, "k", "api_call", at.Truncate(time.Second), uint64(at.UnixMicro()),
-				int64(1), int32(0), int64(i), now), "append")
+				units, int32(0), int64(i), now), "append")
 		}
 		testenv.Must(t, b.Send(), "insert")
 	}
+	insert := func(account, env string, at time.Time, n int) { insertUnits(account, env, at, n, 1) }
 	insert("acct_x", "live", prev.Start.Add(time.Hour), 12)
 	insert("acct_y", "live", prev.Start.Add(time.Hour), 5)
 	insert("acct_x", "live", cur.Start.Add(time.Second), 7)
 	insert("acct_x", "test", cur.Start.Add(time.Second), 3)
+	// acct_y's units this period add up past int64 (stored as such).
+	insertUnits("acct_y", "live", cur.Start.Add(time.Second), 2, 5e18)
 	wb, err := ch.Conn.PrepareBatch(ctx, "INSERT INTO watermarks (partition, watermark, updated_at)")
 	testenv.Must(t, err, "prepare watermark")
 	testenv.Must(t, wb.Append(int32(0), now, now), "append watermark")
@@ -121,7 +126,9 @@ func TestInvoiceAPI(t *testing.T) {
 	if len(res.Closed) != 2 {
 		t.Fatalf("closed %d invoices, want 2", len(res.Closed))
 	}
-	h := api.New(f.keys, f.store, usage, iv, &stripe.Verifier{Secret: "whsec_api"}, nil, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	h := api.New(f.keys, f.store, usage, iv, &stripe.Verifier{Secret: "whsec_api"},
+		[]meter.Meter{meter.Default(), {Key: "units", EventType: "api_call", Aggregation: meter.Sum, Value: "units"}},
+		slog.New(slog.NewTextHandler(io.Discard, nil)))
 	h.SetClock(clock)
 	audit, err := edgepg.NewAuditWriter(pg.Pool, time.Hour, nil, slog.New(slog.NewTextHandler(io.Discard, nil))) // flushed below
 	testenv.Must(t, err, "audit writer")
@@ -157,6 +164,19 @@ func TestInvoiceAPI(t *testing.T) {
 		}
 		if u.Live.Events != 7 || u.Live.Quantities["api_calls"] != 7 || u.Test.Quantities["api_calls"] != 3 || !u.Period.Start.Equal(cur.Start) {
 			t.Errorf("usage: %+v", u)
+		}
+	})
+	t.Run("current usage marks a sum past int64", func(t *testing.T) {
+		var u api.CurrentUsage
+		if code := f.get(t, secretY, "/v1/usage/current", &u); code != 200 {
+			t.Fatalf("status %d", code)
+		}
+		if u.Live.Quantities["units"] != math.MaxInt64 || fmt.Sprint(u.Live.Overflow) != "[units]" {
+			t.Errorf("acct_y's units %d, overflow %v; want int64's largest value, marked", u.Live.Quantities["units"], u.Live.Overflow)
+		}
+		var x api.CurrentUsage
+		if f.get(t, secretX, "/v1/usage/current", &x); x.Live.Overflow != nil || x.Live.Quantities["units"] != 7 {
+			t.Errorf("acct_x's units %d, overflow %v; want 7, unmarked", x.Live.Quantities["units"], x.Live.Overflow)
 		}
 	})
 	t.Run("the projected invoice prices usage so far", func(t *testing.T) {
