@@ -489,6 +489,13 @@ func TestReplayProvesEveryInvoiceAndNamesAnAlteredOne(t *testing.T) {
 	if rep.EventsLoaded < int64(unique) || rep.Rejected != 1 || rep.RecordsRead != int64(len(msgs)) {
 		t.Errorf("replay read %d records, loaded %d events, rejected %d; want %d, at least %d, 1", rep.RecordsRead, rep.EventsLoaded, rep.Rejected, len(msgs), unique)
 	}
+	// --since without --from audits only the invoices whose periods the
+	// log it reads covers: every one before it was "different".
+	since := replayOptions{since: time.Now().UTC().Add(time.Minute).Format(time.RFC3339), batch: 25,
+		reportJSON: filepath.Join(dir, "s.json"), reportCSV: filepath.Join(dir, "s.csv")}
+	if rep, err := runReplay(ctx, cfg, since, quietLog(), io.Discard); err != nil || rep.Invoices != 0 || rep.Different != 0 {
+		t.Errorf("replay --since after every period: %d invoices audited, %d different (%v); want none", rep.Invoices, rep.Different, err)
+	}
 	var rowsLanded uint64
 	testenv.Must(t, ch.Conn.QueryRow(ctx, "SELECT count() FROM "+scratch+".usage_events FINAL").Scan(&rowsLanded), "count the scratch rows")
 	if rowsLanded != uint64(unique) {
