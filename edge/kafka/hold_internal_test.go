@@ -175,3 +175,32 @@ func TestARestartHoldsFromTheOldestSpooledEvent(t *testing.T) {
 		t.Fatalf("hold %+v after a restart, want it held since the oldest spooled event, %v", h, oldest)
 	}
 }
+
+// A hold released and replaced within one sync of the hold store never
+// reached Postgres, so the new hold, starting at its own events, let go of
+// the released one's earlier events, which had reached Kafka late. A new
+// hold keeps a just-released one's since; one released long ago is stored
+// and merged by the store, and a new hold starts at its own events.
+func TestANewHoldKeepsTheSinceOfOneJustReleased(t *testing.T) {
+	rec := func(at time.Time) []byte {
+		e := schemas.Event{Version: schemas.EventVersion, ID: schemas.NewEventID(), AccountID: "acct_hold", Environment: schemas.Live,
+			KeyID: "key_hold", Type: "api_call", Time: at, Units: 1}
+		b, err := e.Encode()
+		testenv.Must(t, err, "encode")
+		return b
+	}
+	now := time.Now().UTC().Truncate(time.Microsecond)
+	early, later := now.Add(-time.Hour), now.Add(-time.Minute)
+	p := &Producer{}
+	p.held([][]byte{rec(early)})
+	p.released(time.Now())
+	p.held([][]byte{rec(later)})
+	if h := p.SpoolHold(); !h.Since.Equal(early) || !h.Released.IsZero() {
+		t.Fatalf("hold %+v just after a release; want since %s, the released hold's, unreleased", h, early)
+	}
+	p.released(time.Now().Add(-time.Minute)) // released a minute ago: stored since
+	p.held([][]byte{rec(later)})
+	if h := p.SpoolHold(); !h.Since.Equal(later) {
+		t.Fatalf("hold %+v after a release a minute ago; want since %s, its own events'", h, later)
+	}
+}

@@ -505,12 +505,23 @@ func (p *Producer) held(recs [][]byte) {
 	defer p.holdMu.Unlock()
 	if p.hold.Since.IsZero() || !p.hold.Released.IsZero() {
 		// A new hold. A released one the watermark has not passed yet
-		// is merged into it by the hold store (SpoolHolds.Hold).
+		// is merged into it by the hold store (SpoolHolds.Hold), once
+		// stored; one released moments ago may never have been (the
+		// store syncs every half second), so its since is kept here:
+		// its events reached Kafka late, and no row covered them.
+		if !p.hold.Released.IsZero() && now.Sub(p.hold.Released) < keepReleasedSince && p.hold.Since.Before(since) {
+			since = p.hold.Since
+		}
 		p.hold = edge.SpoolHold{Since: since}
 	} else if since.Before(p.hold.Since) {
 		p.hold.Since = since
 	}
 }
+
+// keepReleasedSince is how long a new hold keeps a released hold's since:
+// well past the hold store's sync (every 500 ms in tollgate edge), after
+// which the store has the released row and merges it itself.
+const keepReleasedSince = 5 * time.Second
 
 // release lets the hold go once nothing it covers waits: the spool is
 // empty, no batch is in hand, and the events that were queued at that
