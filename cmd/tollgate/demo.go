@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"os/signal"
 	"strings"
@@ -74,6 +75,9 @@ func runDemo(ctx context.Context, out io.Writer, cfg Config, log *slog.Logger, c
 		if u := os.Getenv("TOLLGATE_STRIPE_MOCK_URL"); u != "" {
 			cfg.Invoicer.Stripe.APIKey, cfg.Invoicer.Stripe.APIURL = "sk_test_123", u
 		}
+	}
+	if err := demoSandboxed(cfg); err != nil {
+		return err
 	}
 	if err := cfg.Validate(); err != nil {
 		return fmt.Errorf("invalid configuration:\n%w", err)
@@ -264,4 +268,42 @@ func demoKeys(ctx context.Context, cfg Config) ([]demoKey, error) {
 func startOfLastMonth(now time.Time) time.Time {
 	first := time.Date(now.UTC().Year(), now.UTC().Month(), 1, 0, 0, 0, 0, time.UTC)
 	return first.AddDate(0, -1, 0)
+}
+
+// demoSandboxed refuses a configuration the demo must not run on: it
+// creates demo accounts and keys, backdates them, and closes every
+// account's periods with a 5 s grace instead of the configured one, so it
+// runs only against services on this machine's loopback and with no Stripe
+// key or a test-mode one. A production configuration (TOLLGATE_CONFIG
+// exported on an operator's host, say) is refused, not billed.
+func demoSandboxed(cfg Config) error {
+	refuse := func(what string) error {
+		return fmt.Errorf("tollgate demo refuses this configuration: %s. The demo creates accounts and keys and closes every account's "+
+			"billing periods early, so it runs only against services on loopback (make services) and with no Stripe key or a test-mode one", what)
+	}
+	if k := cfg.Invoicer.Stripe.APIKey; k != "" && !strings.HasPrefix(k, "sk_test_") && !strings.HasPrefix(k, "rk_test_") {
+		return refuse("invoicer.stripe.api_key is not a test-mode key")
+	}
+	hosts := map[string]string{"services.clickhouse_addr": cfg.Services.ClickHouseAddr, "services.redis_addr": cfg.Services.RedisAddr}
+	for i, b := range cfg.Services.KafkaBrokers {
+		hosts[fmt.Sprintf("services.kafka_brokers[%d]", i)] = b
+	}
+	if u, err := url.Parse(cfg.Services.PostgresURL); err != nil || u.Hostname() == "" {
+		return refuse("services.postgres_url names no host")
+	} else {
+		hosts["services.postgres_url"] = u.Host
+	}
+	for key, addr := range hosts {
+		if addr == "" {
+			continue
+		}
+		host := addr
+		if h, _, err := net.SplitHostPort(addr); err == nil {
+			host = h
+		}
+		if ip := net.ParseIP(host); host != "localhost" && (ip == nil || !ip.IsLoopback()) {
+			return refuse(key + " is not on loopback")
+		}
+	}
+	return nil
 }

@@ -40,6 +40,35 @@ func TestDemoWithNoCallsStillShowsLastMonthsInvoice(t *testing.T) {
 	)
 }
 
+// The demo creates accounts and keys and closes every account's periods
+// with a 5 s grace: it refuses a configuration that names a live Stripe key
+// or a service off loopback (a production TOLLGATE_CONFIG, say), before it
+// touches anything.
+func TestDemoRefusesAProductionConfiguration(t *testing.T) {
+	cfg, _, _ := isolatedConfig(t)
+	if err := demoSandboxed(cfg); err != nil {
+		t.Fatalf("the local services' configuration: %v", err)
+	}
+	for name, edit := range map[string]func(*Config){
+		"a live Stripe key":        func(c *Config) { c.Invoicer.Stripe.APIKey = "sk_live_123" },
+		"postgres off loopback":    func(c *Config) { c.Services.PostgresURL = "postgres://u:secret@db.internal:5432/x" },
+		"clickhouse off loopback":  func(c *Config) { c.Services.ClickHouseAddr = "10.0.0.5:9000" },
+		"a kafka broker elsewhere": func(c *Config) { c.Services.KafkaBrokers = append(c.Services.KafkaBrokers, "kafka-1:9092") },
+		"redis elsewhere":          func(c *Config) { c.Services.RedisAddr = "redis.internal:6379" },
+	} {
+		c := cfg
+		c.Services.KafkaBrokers = slices.Clone(cfg.Services.KafkaBrokers)
+		edit(&c)
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		var out strings.Builder
+		err := runDemo(ctx, &out, c, slog.New(slog.DiscardHandler), 1, true)
+		cancel()
+		if err == nil || !strings.Contains(err.Error(), "refuses this configuration") || strings.Contains(err.Error(), "secret") {
+			t.Errorf("%s: %v; want the demo refused, without the configuration's secrets", name, err)
+		}
+	}
+}
+
 func TestDemoRefusesANegativeNumberOfCalls(t *testing.T) {
 	// Its own databases and topics, so that a demo that did start would
 	// touch no one else's.
