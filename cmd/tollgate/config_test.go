@@ -3,6 +3,7 @@ package main
 import (
 	"os"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"testing"
 )
@@ -15,8 +16,23 @@ func TestExampleConfigIsValid(t *testing.T) {
 	if err := cfg.Validate(); err != nil {
 		t.Fatalf("the example configuration is invalid:\n%v", err)
 	}
-	if len(cfg.Meters) != 2 || len(cfg.Edge.Routes) != 4 {
-		t.Fatalf("example read as %d meters and %d routes, want 2 and 4", len(cfg.Meters), len(cfg.Edge.Routes))
+	// It says it holds the defaults (its upstream aside): so it must.
+	t.Setenv("TOLLGATE_EDGE_UPSTREAM", cfg.Edge.Upstream)
+	defaults, err := LoadConfig("")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// An empty list written as [] is no list.
+	for _, c := range []*Config{&cfg, &defaults} {
+		if len(c.Edge.Routes) == 0 {
+			c.Edge.Routes = nil
+		}
+		if len(c.Edge.CORS.AllowedOrigins) == 0 {
+			c.Edge.CORS.AllowedOrigins = nil
+		}
+	}
+	if !reflect.DeepEqual(cfg, defaults) {
+		t.Errorf("the example configuration is not the defaults:\n example  %+v\n defaults %+v", cfg, defaults)
 	}
 }
 
