@@ -152,9 +152,10 @@ func (c *Config) defaults() {
 		s.RedisAddr = "127.0.0.1:16379"
 	}
 	c.Ingest.Defaults()
-	if c.Edge.MaxEventAge == 0 && c.Ingest.MaxLateness > 2*24*time.Hour {
-		// A day under the lateness ingest counts, as edge's own default is.
-		c.Edge.MaxEventAge = c.Ingest.MaxLateness - 24*time.Hour
+	if c.Edge.MaxEventAge == 0 {
+		// A day under the lateness ingest counts, as edge's own default
+		// is; half of it when that is two days or less.
+		c.Edge.MaxEventAge = c.Ingest.MaxLateness - min(24*time.Hour, c.Ingest.MaxLateness/2)
 	}
 	c.Edge.Defaults()
 	c.Invoicer.Defaults()

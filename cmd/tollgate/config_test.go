@@ -6,6 +6,7 @@ import (
 	"reflect"
 	"strings"
 	"testing"
+	"time"
 )
 
 func TestExampleConfigIsValid(t *testing.T) {
@@ -210,4 +211,16 @@ func TestConfigFileDocuments(t *testing.T) {
 			t.Fatalf("got %v, want the second document refused at line 4", err)
 		}
 	})
+}
+
+// Setting only ingest.max_lateness keeps edge.max_event_age under it, for
+// a short lateness too: at 48h or less the edge kept its 34 days, and the
+// configuration was refused over a key the operator never set.
+func TestMaxEventAgeFollowsAShortLateness(t *testing.T) {
+	for lateness, want := range map[string]time.Duration{"840h": 816 * time.Hour, "72h": 48 * time.Hour, "24h": 12 * time.Hour} {
+		cfg := writeConfig(t, "ingest:\n  max_lateness: "+lateness+"\n")
+		if err := cfg.Validate(); err != nil || cfg.Edge.MaxEventAge != want {
+			t.Errorf("max_lateness %s: edge.max_event_age %s (%v), want %s and valid", lateness, cfg.Edge.MaxEventAge, err, want)
+		}
+	}
 }
