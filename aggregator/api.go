@@ -545,7 +545,7 @@ func describe(gs []string) string {
 
 func (s *Server) limit(v string, def int) (int, error) {
 	if v == "" {
-		return def, nil
+		return min(def, s.cfg.MaxPageSize), nil
 	}
 	n, err := strconv.Atoi(v)
 	if err != nil || n < 1 || n > s.cfg.MaxPageSize {
