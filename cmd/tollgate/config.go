@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"github.com/jackc/pgx/v5/pgconn"
 	"io"
 	"maps"
 	"net"
@@ -180,6 +181,8 @@ func (c *Config) Validate(components ...string) error {
 	var errs []error
 	if c.Services.PostgresURL == "" {
 		errs = append(errs, errors.New("services.postgres_url: required"))
+	} else if err := checkPostgresURL(c.Services.PostgresURL); err != nil {
+		errs = append(errs, err)
 	}
 	if c.Services.ClickHouseDatabase == "" {
 		errs = append(errs, errors.New("services.clickhouse_database: required"))
@@ -360,6 +363,18 @@ func checkBaseURL(name, v string) error {
 	}
 	if err != nil {
 		return fmt.Errorf("%s: want an http(s) URL or host:port, got %q: %v", name, redact.URL(v), err)
+	}
+	return nil
+}
+
+// checkPostgresURL refuses a Postgres connection string the driver cannot
+// parse, naming it with its password hidden. The driver's own message is
+// not passed on: its redaction is best effort, and cut a password holding
+// an unencoded "@" at the wrong place, printing the rest of it.
+func checkPostgresURL(u string) error {
+	if _, err := pgconn.ParseConfig(u); err != nil {
+		return fmt.Errorf("services.postgres_url %s: not a connection string the driver can parse "+
+			"(check the host, port and parameters; a password holding @ : / ? # must be percent-encoded)", redact.URL(u))
 	}
 	return nil
 }

@@ -224,3 +224,18 @@ func TestMaxEventAgeFollowsAShortLateness(t *testing.T) {
 		}
 	}
 }
+
+// A Postgres URL the driver cannot parse is refused by check-config, and
+// no part of its password is shown: the driver's message, with an
+// unencoded "@" in the password, printed the part after it.
+func TestAnUnparsablePostgresURLIsRefusedWithoutItsPassword(t *testing.T) {
+	for _, u := range []string{"postgres://u:S3C@RET@127.0.0.1:99999/db", "postgres://u:hunter2@127.0.0.1:5432/db?sslmode=bogus"} {
+		t.Setenv("TOLLGATE_POSTGRES_URL", u)
+		cfg := writeConfig(t, "")
+		err := cfg.Validate()
+		if err == nil || !strings.Contains(err.Error(), "services.postgres_url") || strings.Contains(err.Error(), "RET") ||
+			strings.Contains(err.Error(), "hunter2") || strings.Contains(err.Error(), "S3C") {
+			t.Errorf("%s: %v; want it refused without its password", u, err)
+		}
+	}
+}

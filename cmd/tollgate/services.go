@@ -25,6 +25,9 @@ const startHint = "is it running? `make services` starts the local services"
 
 // openPostgres connects and migrates the schema forward.
 func openPostgres(ctx context.Context, url string) (*pgxpool.Pool, error) {
+	if err := checkPostgresURL(url); err != nil {
+		return nil, err
+	}
 	db, err := sql.Open("pgx", url)
 	if err != nil {
 		return nil, fmt.Errorf("open postgres: %w", err)
