@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -135,6 +136,17 @@ func NewEdgeMain(ctx context.Context, cfg Config, log *slog.Logger) (m *EdgeMain
 			Help: "Failed attempts to give leased tokens back to Redis; their tokens stay counted.",
 		}, func() float64 { return float64(m.limiter.ReturnErrors()) }),
 	)
+	// A Redis the edge cannot reach (a wrong redis_addr, say) is said at
+	// start and at most once a minute while it lasts: the edge runs on,
+	// deciding limits and quotas per instance, which the fleet's numbers
+	// alone would not show.
+	pctx, cancelPing := context.WithTimeout(context.Background(), time.Second)
+	if err := m.rdb.Ping(pctx).Err(); err != nil {
+		log.Warn("redis is not answering; rate limits and quotas are decided by each edge alone (limit / edge.expected_instances) until it does",
+			"redis_addr", cfg.Services.RedisAddr, "err", err)
+	}
+	cancelPing()
+	var warned atomic.Int64 // UnixNano of the last fallback warning
 	m.fallback = &edge.FallbackLimiter{
 		Primary: m.limiter,
 		Local:   edge.NewLocalLimiter(cfg.Edge.ExpectedInstances),
@@ -143,6 +155,13 @@ func NewEdgeMain(ctx context.Context, cfg Config, log *slog.Logger) (m *EdgeMain
 			if errors.Is(err, edge.ErrLimitState) {
 				log.Warn("a call's rate-limit state in redis is unusable; that call is decided by the local fallback", "what", what, "err", err)
 				return
+			}
+			if err != nil {
+				if last := warned.Load(); time.Since(time.Unix(0, last)) >= time.Minute && warned.CompareAndSwap(last, time.Now().UnixNano()) {
+					log.Warn("redis limiter failed; rate limits and quotas are decided by each edge alone (limit / edge.expected_instances) until it answers (said at most once a minute)",
+						"redis_addr", cfg.Services.RedisAddr, "what", what, "err", err)
+					return
+				}
 			}
 			log.Debug("redis limiter failed; using the local fallback", "what", what, "err", err)
 		},

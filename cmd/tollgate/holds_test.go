@@ -1,9 +1,13 @@
 package main
 
 import (
+	"bytes"
 	"context"
+	"log/slog"
 	"net/http"
 	"net/http/httptest"
+	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -125,3 +129,59 @@ func TestEdgeSpoolHoldsUsageUntilItsEventsAreInKafka(t *testing.T) {
 type fixedWatermark time.Time
 
 func (f fixedWatermark) Watermark(context.Context) (time.Time, error) { return time.Time(f), nil }
+
+// An edge whose Redis does not answer (a wrong services.redis_addr) says so
+// at start and on its first fallback, at Warn: it runs on, deciding limits
+// per instance, and said so only at Debug before.
+func TestAnEdgeWithoutRedisSaysSo(t *testing.T) {
+	ctx := context.Background()
+	pg, ch := testenv.NewPostgres(t), testenv.NewClickHouse(t)
+	topic := testenv.NewTopic(t, 1)
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { _, _ = w.Write([]byte("ok")) }))
+	t.Cleanup(up.Close)
+	cfg := testConfig(t, pg, ch, topic)
+	cfg.Services.RedisAddr, cfg.Edge.Upstream = "127.0.0.1:1", up.URL
+	var logs syncBuffer
+	m, err := NewEdgeMain(ctx, cfg, slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelWarn})))
+	testenv.Must(t, err, "start the edge")
+	runCtx, stop := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- m.Run(runCtx) }()
+	t.Cleanup(func() { stop(); <-done; _ = m.Close() })
+	if !strings.Contains(logs.String(), "redis is not answering") || !strings.Contains(logs.String(), "127.0.0.1:1") {
+		t.Fatalf("the edge started without a word about redis:\n%s", logs.String())
+	}
+	p := &pipeline{pg: pg, edgeURL: "http://" + m.Addr()}
+	key, _ := p.newKey(t, "acct_no_redis", schemas.Live)
+	for range 3 {
+		req, _ := http.NewRequest("GET", p.edgeURL+"/v1/x", nil)
+		req.Header.Set("Authorization", "Bearer "+key)
+		resp, err := http.DefaultClient.Do(req)
+		testenv.Must(t, err, "call the edge")
+		resp.Body.Close()
+		if resp.StatusCode != 200 {
+			t.Fatalf("call with redis away: %d, want 200 from the local fallback", resp.StatusCode)
+		}
+	}
+	if n := strings.Count(logs.String(), "redis limiter failed"); n != 1 {
+		t.Fatalf("%d fallback warnings for 3 calls, want 1 (at most one a minute):\n%s", n, logs.String())
+	}
+}
+
+// syncBuffer is a bytes.Buffer that goroutines may write at once.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
