@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/http"
 	"slices"
 	"strconv"
@@ -246,6 +247,20 @@ func (s *Server) authAdmin(next echo.HandlerFunc) echo.HandlerFunc {
 		tok, ok := strings.CutPrefix(c.Request().Header.Get(echo.HeaderAuthorization), "Bearer ")
 		sum := sha256.Sum256([]byte(tok))
 		if !ok || subtle.ConstantTimeCompare(sum[:], s.tokenHash) != 1 {
+			// Recorded as the edge's admin API records its own: this one
+			// is on the usage API's port, which browsers reach.
+			if s.d.Auditor != nil {
+				reason := "wrong admin token"
+				if !ok || tok == "" {
+					reason = "no admin token"
+				}
+				host, _, err := net.SplitHostPort(c.Request().RemoteAddr)
+				if err != nil {
+					host = c.Request().RemoteAddr
+				}
+				s.d.Auditor.Record(edge.AuditEvent{At: s.now(), Actor: "meters_admin", Action: edge.ActionAdminAuth,
+					RemoteAddr: host, Reason: reason, Count: 1})
+			}
 			return edge.NewAPIError(http.StatusUnauthorized, edge.TypeAuthentication, "invalid_admin_token",
 				"The admin token is missing or wrong.")
 		}

@@ -609,6 +609,28 @@ func TestMetersAdminAPI(t *testing.T) {
 			t.Errorf("query new meter: status %d", st)
 		}
 	})
+	// Failed admin logins are in the audit log, as the edge admin API's
+	// are: this API is on the usage API's port, which browsers reach.
+	t.Run("a failed admin login is audited", func(t *testing.T) {
+		req, _ := http.NewRequest(http.MethodGet, e.srv.URL+"/admin/v1/meters", nil)
+		if st := do(t, req, nil); st != http.StatusUnauthorized {
+			t.Fatalf("no token: status %d", st)
+		}
+		ctx := context.Background()
+		e.audit.Flush(ctx)
+		var reasons []string
+		rows, err := e.pg.Pool.Query(ctx, `SELECT reason FROM audit_log WHERE action = $1 AND actor = 'meters_admin' ORDER BY reason`,
+			edge.ActionAdminAuth)
+		testenv.Must(t, err, "read the audit log")
+		for rows.Next() {
+			var r string
+			testenv.Must(t, rows.Scan(&r), "scan")
+			reasons = append(reasons, r)
+		}
+		if fmt.Sprint(reasons) != "[no admin token wrong admin token]" {
+			t.Errorf("audited %q, want the missing and the wrong token", reasons)
+		}
+	})
 }
 
 // A meter stored by an older version under a looser rule (here a filter
