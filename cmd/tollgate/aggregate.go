@@ -611,6 +611,9 @@ exits non-zero and prints the rebuild to run again, which the range then needs.`
 					return fmt.Errorf("--to: want RFC 3339: %w", err)
 				}
 			}
+			if !f.IsZero() && !t.IsZero() && !f.Before(t) {
+				return fmt.Errorf("--from %s is not before --to %s: the range is empty", from, to)
+			}
 			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
 			ch, err := openClickHouse(ctx, cfg.Services.ClickHouseAddr, cfg.Services.ClickHouseDatabase)

@@ -1,6 +1,8 @@
 package main
 
 import (
+	"bytes"
+	"context"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -236,6 +238,33 @@ func TestAnUnparsablePostgresURLIsRefusedWithoutItsPassword(t *testing.T) {
 		if err == nil || !strings.Contains(err.Error(), "services.postgres_url") || strings.Contains(err.Error(), "RET") ||
 			strings.Contains(err.Error(), "hunter2") || strings.Contains(err.Error(), "S3C") {
 			t.Errorf("%s: %v; want it refused without its password", u, err)
+		}
+	}
+}
+
+// Flags that cannot mean anything are refused before any service is
+// reached (here the services are ports where nothing listens, so a command
+// that went on would fail on its connection instead).
+func TestCommandsRefuseMeaninglessFlagsBeforeConnecting(t *testing.T) {
+	t.Setenv("TOLLGATE_EDGE_UPSTREAM", "http://127.0.0.1:9000")
+	t.Setenv("TOLLGATE_POSTGRES_URL", "postgres://tollgate@127.0.0.1:1/tollgate?sslmode=disable")
+	t.Setenv("TOLLGATE_CLICKHOUSE_ADDR", "127.0.0.1:1")
+	for _, c := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"invoice", "credit-note", "inv_x", "--reason", "outage"}, "--amount"},
+		{[]string{"invoice", "credit-note", "inv_x", "--reason", "outage", "--amount", "-5"}, "--amount"},
+		{[]string{"invoice", "replay", "--batch", "-5"}, "--batch"},
+		{[]string{"aggregate", "rebuild", "--from", "2026-03-02T00:00:00Z", "--to", "2026-03-01T00:00:00Z"}, "not before --to"},
+	} {
+		root := newRootCommand()
+		var out bytes.Buffer
+		root.SetOut(&out)
+		root.SetErr(&out)
+		root.SetArgs(append(c.args, "--log-level", "error"))
+		if err := root.ExecuteContext(context.Background()); err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("tollgate %s: %v; want it refused naming %s", strings.Join(c.args, " "), err, c.want)
 		}
 	}
 }

@@ -193,6 +193,9 @@ anything else is refused.`,
 			if reason == "" {
 				return errors.New("--reason is required")
 			}
+			if amount <= 0 {
+				return fmt.Errorf("--amount: want a positive amount in minor units, got %d", amount)
+			}
 			if err := invoicer.ValidIdempotencyKey(key); err != nil {
 				return fmt.Errorf("--idempotency-key: %w", err)
 			}
@@ -329,7 +332,7 @@ func runReplay(ctx context.Context, cfg Config, o replayOptions, log *slog.Logge
 		return rep, fmt.Errorf("--scratch-database %s is the live database (services.clickhouse_database); replay needs a database of its own", o.scratch)
 	}
 	if o.batch <= 0 {
-		o.batch = 20000
+		return rep, fmt.Errorf("--batch: want a positive number of events, got %d", o.batch)
 	}
 	scratch := o.scratch
 	if scratch == "" {
