@@ -339,6 +339,12 @@ func (c *Config) Defaults() {
 			c.Plans[id] = p
 		}
 	}
+	for id, p := range c.Plans {
+		if p.ID == "" { // the map key names the plan
+			p.ID = id
+			c.Plans[id] = p
+		}
+	}
 }
 
 // Validate reports every problem with the configuration at once.
