@@ -57,9 +57,11 @@ type Front struct {
 	tunnels tunnels
 	// short lends the buffers short answers are read into (see proxy).
 	short sync.Pool
-	// stopping is set when a stop begins: a call that comes after it (on
-	// a connection kept alive past a graceful stop that ran out of time)
-	// is refused, not admitted and charged, then lost with the process.
+	// stopping is set when a graceful stop runs out of time, or Close
+	// begins: a call that comes after it (on a connection fasthttp let go
+	// back to keep-alive when its wait ended) is refused, not admitted and
+	// charged, then lost with the process. Calls during the graceful wait
+	// are served, with Connection: close, as fasthttp serves them.
 	stopping atomic.Bool
 	// callers are the callers' open connections, for Close to cut.
 	callers connSet
@@ -247,8 +249,14 @@ func (f *Front) Serve(ln net.Listener) error {
 // ends. Upgraded connections have no end in sight, so they are cut once
 // the other calls are done, and metered.
 func (f *Front) Shutdown(ctx context.Context) error {
-	f.stopping.Store(true)
+	// Set as the wait runs out, before fasthttp lets busy connections go
+	// back to keep-alive on its return.
+	stop := context.AfterFunc(ctx, func() { f.stopping.Store(true) })
 	err := f.srv.ShutdownWithContext(ctx)
+	stop()
+	if err != nil {
+		f.stopping.Store(true)
+	}
 	return errors.Join(err, f.tunnels.closeAll(ctx))
 }
 
@@ -322,14 +330,15 @@ func (f *Front) handle(ctx *fh.RequestCtx) {
 	// over 8 MiB refused) or, for a caller that may not report events,
 	// drops it.
 	if f.stopping.Load() {
-		// The stop has begun (and, for a call to come now, a graceful one
-		// has run out of time): the call is refused before admission, so
-		// it is neither charged nor lost with the process.
+		// A graceful stop has run out of time, or Close has begun: the
+		// call is refused before admission, so it is neither charged nor
+		// lost with the process.
 		_, rid := edge.NewRequestID()
 		ctx.Response.Header.Set(edge.HeaderRequestID, rid)
 		ctx.Response.Header.Set("Retry-After", "1")
 		ctx.SetConnectionClose()
 		f.fail(ctx, edge.NewAPIError(fh.StatusServiceUnavailable, edge.TypeAPI, "shutting_down", "This edge is stopping; retry the call."), rid)
+		lingerOn(ctx) // an upload refused unread must not reset the answer away
 		return
 	}
 	if slowPath(ctx.Method(), ctx.URI().PathOriginal()) {
@@ -462,6 +471,12 @@ func (f *Front) requestError(ctx *fh.RequestCtx, err error) {
 	// The caller may still be sending what was not read (the rest of
 	// headers too large): closing now, with it unread, would reset the
 	// connection, and the caller could lose this answer with it.
+	lingerOn(ctx)
+}
+
+// lingerOn has the call's connection read and drop what the caller still
+// sends before it closes (callerConn.Close).
+func lingerOn(ctx *fh.RequestCtx) {
 	conn := ctx.Conn()
 	if tc, ok := conn.(*tls.Conn); ok {
 		conn = tc.NetConn()
