@@ -96,6 +96,7 @@ func NewEdgeMain(ctx context.Context, cfg Config, log *slog.Logger) (m *EdgeMain
 	instance := edgepg.Instance(m.producer.SpoolID())
 	log.Info("spool", "dir", spoolDir, "host", host, "hold_instance", instance)
 	holds := edgepg.NewHoldWriter(m.pool, instance, m.producer.SpoolHold, log)
+	holds.OnStored(m.producer.HoldStored)
 	hctx, stopHolds := context.WithCancel(context.Background())
 	m.stopHolds, m.holdsDone = stopHolds, make(chan struct{})
 	go func() { defer close(m.holdsDone); holds.Run(hctx, 500*time.Millisecond) }()

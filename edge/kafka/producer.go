@@ -100,6 +100,8 @@ type Producer struct {
 	// hold is the spool's claim on usage time, for SpoolHold.
 	holdMu sync.Mutex
 	hold   edge.SpoolHold
+	// holdStored is the hold the hold store last said it stored.
+	holdStored edge.SpoolHold
 	// inHand is set while a batch neither the spool nor Kafka took waits
 	// in memory (toSpool); armed and behind count down the events queued
 	// when the hold could first be let go, which the trouble held back
@@ -485,6 +487,14 @@ func (p *Producer) drain(chunks int) bool {
 	return progress
 }
 
+// HoldStored records that h is stored (by the hold store's writer): a
+// released hold not yet stored is carried into the next one.
+func (p *Producer) HoldStored(h edge.SpoolHold) {
+	p.holdMu.Lock()
+	p.holdStored = h
+	p.holdMu.Unlock()
+}
+
 // SpoolHold reports the spool's claim on usage time (see edge.SpoolHold).
 func (p *Producer) SpoolHold() edge.SpoolHold {
 	p.holdMu.Lock()
@@ -506,10 +516,10 @@ func (p *Producer) held(recs [][]byte) {
 	if p.hold.Since.IsZero() || !p.hold.Released.IsZero() {
 		// A new hold. A released one the watermark has not passed yet
 		// is merged into it by the hold store (SpoolHolds.Hold), once
-		// stored; one released moments ago may never have been (the
-		// store syncs every half second), so its since is kept here:
-		// its events reached Kafka late, and no row covered them.
-		if !p.hold.Released.IsZero() && now.Sub(p.hold.Released) < keepReleasedSince && p.hold.Since.Before(since) {
+		// stored; one not yet stored (released between two syncs, or
+		// while Postgres is away) keeps its since here: its events
+		// reached Kafka late, and no row covered them.
+		if !p.hold.Released.IsZero() && p.holdStored != p.hold && p.hold.Since.Before(since) {
 			since = p.hold.Since
 		}
 		p.hold = edge.SpoolHold{Since: since}
@@ -517,11 +527,6 @@ func (p *Producer) held(recs [][]byte) {
 		p.hold.Since = since
 	}
 }
-
-// keepReleasedSince is how long a new hold keeps a released hold's since:
-// well past the hold store's sync (every 500 ms in tollgate edge), after
-// which the store has the released row and merges it itself.
-const keepReleasedSince = 5 * time.Second
 
 // release lets the hold go once nothing it covers waits: the spool is
 // empty, no batch is in hand, and the events that were queued at that

@@ -24,7 +24,12 @@ type HoldWriter struct {
 	synced  bool
 	// failing is set while writes fail, so a long outage logs once.
 	failing bool
+	// stored, when set, is told each hold once it is stored.
+	stored func(edge.SpoolHold)
 }
+
+// OnStored has the writer call f with each hold once it is stored.
+func (w *HoldWriter) OnStored(f func(edge.SpoolHold)) { w.stored = f }
 
 // NewHoldWriter returns a writer for instance (stable across restarts of
 // the same edge and spool directory), reading the hold from hold.
@@ -90,6 +95,9 @@ func (w *HoldWriter) Sync(ctx context.Context) {
 		w.failing = false
 	}
 	w.written, w.synced = h, true
+	if w.stored != nil {
+		w.stored(h)
+	}
 }
 
 // Instance names an edge's spool hold by its spool's id (kafka.Spool.ID):
