@@ -259,7 +259,7 @@ and a CSV report. It exits with an error when any invoice differs.`,
 	}
 	f := c.Flags()
 	f.StringVar(&o.since, "since", "", "read the topic from this time (RFC 3339); default: from the start")
-	f.StringVar(&o.from, "from", "", "audit invoices whose period starts at or after this time (RFC 3339); default: --since, else all")
+	f.StringVar(&o.from, "from", "", "audit invoices whose period starts at or after this time (RFC 3339); default: 5 minutes after --since, else all")
 	f.StringVar(&o.to, "to", "", "audit invoices whose period starts before this time (RFC 3339); default: all")
 	f.StringVar(&o.scratch, "scratch-database", "", "ClickHouse database to rebuild into (must not exist unless --skip-load); default: a fresh name")
 	f.BoolVar(&o.keepScratch, "keep-scratch", false, "keep the scratch database afterwards")
@@ -311,10 +311,12 @@ func runReplay(ctx context.Context, cfg Config, o replayOptions, log *slog.Logge
 	if err != nil {
 		return rep, err
 	}
-	if o.from == "" {
+	if o.from == "" && !since.IsZero() {
 		// An invoice whose period starts before --since has events the
 		// replay does not read: audited, every one would be "different".
-		from = since
+		// So may one starting up to the clock skew an event may carry
+		// after it (an event stamped ahead of its record's time).
+		from = since.Add(schemas.MaxClockSkew)
 	}
 	to, err := parseTime("to", o.to)
 	if err != nil {
