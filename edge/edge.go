@@ -340,10 +340,8 @@ func (c *Config) Defaults() {
 		}
 	}
 	for id, p := range c.Plans {
-		if p.ID == "" { // the map key names the plan
-			p.ID = id
-			c.Plans[id] = p
-		}
+		p.ID = id // the map key names the plan; an id inside is not read
+		c.Plans[id] = p
 	}
 }
 

@@ -155,8 +155,10 @@ func (c *Config) defaults() {
 	c.Ingest.Defaults()
 	if c.Edge.MaxEventAge == 0 {
 		// A day under the lateness ingest counts, as edge's own default
-		// is; half of it when that is two days or less.
-		c.Edge.MaxEventAge = c.Ingest.MaxLateness - min(24*time.Hour, c.Ingest.MaxLateness/2)
+		// is; half of it when that is two days or less, and never under
+		// the hour the edge takes at least (nor over the lateness).
+		l := c.Ingest.MaxLateness
+		c.Edge.MaxEventAge = max(min(l, time.Hour), l-min(24*time.Hour, l/2))
 	}
 	c.Edge.Defaults()
 	c.Invoicer.Defaults()
@@ -373,8 +375,16 @@ func checkBaseURL(name, v string) error {
 // an unencoded "@" at the wrong place, printing the rest of it.
 func checkPostgresURL(u string) error {
 	if _, err := pgconn.ParseConfig(u); err != nil {
-		return fmt.Errorf("services.postgres_url %s: not a connection string the driver can parse "+
-			"(check the host, port and parameters; a password holding @ : / ? # must be percent-encoded)", redact.URL(u))
+		// Not even redacted: a string the driver cannot parse cannot be
+		// trusted to show where its password is (an unencoded / or @ in
+		// it, a password= parameter, a keyword DSN). The host alone, when
+		// a URL parser finds one, says which setting is meant.
+		where := ""
+		if pu, perr := url.Parse(u); perr == nil && pu.Hostname() != "" && !strings.ContainsAny(pu.Hostname(), "@:/") {
+			where = " (host " + pu.Hostname() + ")"
+		}
+		return fmt.Errorf("services.postgres_url%s: not a connection string the driver can parse; it is not shown, as it may hold a password "+
+			"(check the host, port and parameters; a password holding @ : / ? # must be percent-encoded)", where)
 	}
 	return nil
 }

@@ -219,7 +219,8 @@ func TestConfigFileDocuments(t *testing.T) {
 // a short lateness too: at 48h or less the edge kept its 34 days, and the
 // configuration was refused over a key the operator never set.
 func TestMaxEventAgeFollowsAShortLateness(t *testing.T) {
-	for lateness, want := range map[string]time.Duration{"840h": 816 * time.Hour, "72h": 48 * time.Hour, "24h": 12 * time.Hour} {
+	for lateness, want := range map[string]time.Duration{"840h": 816 * time.Hour, "72h": 48 * time.Hour, "24h": 12 * time.Hour,
+		"2h": time.Hour, "90m": time.Hour, "1h": time.Hour} {
 		cfg := writeConfig(t, "ingest:\n  max_lateness: "+lateness+"\n")
 		if err := cfg.Validate(); err != nil || cfg.Edge.MaxEventAge != want {
 			t.Errorf("max_lateness %s: edge.max_event_age %s (%v), want %s and valid", lateness, cfg.Edge.MaxEventAge, err, want)
@@ -231,12 +232,14 @@ func TestMaxEventAgeFollowsAShortLateness(t *testing.T) {
 // no part of its password is shown: the driver's message, with an
 // unencoded "@" in the password, printed the part after it.
 func TestAnUnparsablePostgresURLIsRefusedWithoutItsPassword(t *testing.T) {
-	for _, u := range []string{"postgres://u:S3C@RET@127.0.0.1:99999/db", "postgres://u:hunter2@127.0.0.1:5432/db?sslmode=bogus"} {
+	for _, u := range []string{"postgres://u:S3C@RET@127.0.0.1:99999/db", "postgres://u:hunter2@127.0.0.1:5432/db?sslmode=bogus",
+		"postgres://u:se/cret@127.0.0.1:5432/db", "postgres://u@127.0.0.1:99999/db?password=hunter2",
+		"host=127.0.0.1 port=abc user=u password=hunter2"} {
 		t.Setenv("TOLLGATE_POSTGRES_URL", u)
 		cfg := writeConfig(t, "")
 		err := cfg.Validate()
 		if err == nil || !strings.Contains(err.Error(), "services.postgres_url") || strings.Contains(err.Error(), "RET") ||
-			strings.Contains(err.Error(), "hunter2") || strings.Contains(err.Error(), "S3C") {
+			strings.Contains(err.Error(), "hunter2") || strings.Contains(err.Error(), "S3C") || strings.Contains(err.Error(), "cret") {
 			t.Errorf("%s: %v; want it refused without its password", u, err)
 		}
 	}

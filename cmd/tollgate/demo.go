@@ -3,11 +3,11 @@ package main
 import (
 	"context"
 	"fmt"
+	"github.com/jackc/pgx/v5/pgconn"
 	"io"
 	"log/slog"
 	"net"
 	"net/http"
-	"net/url"
 	"os"
 	"os/signal"
 	"strings"
@@ -288,10 +288,23 @@ func demoSandboxed(cfg Config) error {
 	for i, b := range cfg.Services.KafkaBrokers {
 		hosts[fmt.Sprintf("services.kafka_brokers[%d]", i)] = b
 	}
-	if u, err := url.Parse(cfg.Services.PostgresURL); err != nil || u.Hostname() == "" {
-		return refuse("services.postgres_url names no host")
-	} else {
-		hosts["services.postgres_url"] = u.Host
+	// The hosts the driver will use, as it reads the string (a host=
+	// parameter overrides the URL's; several hosts are fallbacks).
+	pc, err := pgconn.ParseConfig(cfg.Services.PostgresURL)
+	if err != nil {
+		return refuse("services.postgres_url cannot be parsed")
+	}
+	pgHosts := []string{pc.Host}
+	for _, fb := range pc.Fallbacks {
+		pgHosts = append(pgHosts, fb.Host)
+	}
+	for _, h := range pgHosts {
+		if strings.HasPrefix(h, "/") {
+			continue // a unix socket: this machine
+		}
+		if !loopback(h) {
+			return refuse("services.postgres_url is not on loopback")
+		}
 	}
 	for key, addr := range hosts {
 		if addr == "" {
@@ -301,9 +314,18 @@ func demoSandboxed(cfg Config) error {
 		if h, _, err := net.SplitHostPort(addr); err == nil {
 			host = h
 		}
-		if ip := net.ParseIP(host); host != "localhost" && (ip == nil || !ip.IsLoopback()) {
+		if !loopback(host) {
 			return refuse(key + " is not on loopback")
 		}
 	}
 	return nil
+}
+
+// loopback reports whether host is localhost or a loopback address.
+func loopback(host string) bool {
+	if strings.EqualFold(strings.TrimSuffix(host, "."), "localhost") {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
 }

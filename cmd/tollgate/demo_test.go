@@ -49,12 +49,24 @@ func TestDemoRefusesAProductionConfiguration(t *testing.T) {
 	if err := demoSandboxed(cfg); err != nil {
 		t.Fatalf("the local services' configuration: %v", err)
 	}
+	for _, u := range []string{"postgres://tollgate@[::1]:15432/tollgate", "host=localhost port=15432 user=tollgate",
+		"postgres:///tollgate?host=/var/run/postgresql"} {
+		c := cfg
+		c.Services.PostgresURL = u
+		if err := demoSandboxed(c); err != nil {
+			t.Errorf("postgres at %s: %v, want it taken as this machine's", u, err)
+		}
+	}
 	for name, edit := range map[string]func(*Config){
 		"a live Stripe key":        func(c *Config) { c.Invoicer.Stripe.APIKey = "sk_live_123" },
 		"postgres off loopback":    func(c *Config) { c.Services.PostgresURL = "postgres://u:secret@db.internal:5432/x" },
 		"clickhouse off loopback":  func(c *Config) { c.Services.ClickHouseAddr = "10.0.0.5:9000" },
 		"a kafka broker elsewhere": func(c *Config) { c.Services.KafkaBrokers = append(c.Services.KafkaBrokers, "kafka-1:9092") },
 		"redis elsewhere":          func(c *Config) { c.Services.RedisAddr = "redis.internal:6379" },
+		"postgres elsewhere by its host parameter": func(c *Config) {
+			c.Services.PostgresURL = "postgres://tollgate@127.0.0.1:15432/tollgate?host=db.prod.internal"
+		},
+		"a postgres fallback elsewhere": func(c *Config) { c.Services.PostgresURL = "postgres://tollgate@127.0.0.1:1,db.prod:5432/tollgate" },
 	} {
 		c := cfg
 		c.Services.KafkaBrokers = slices.Clone(cfg.Services.KafkaBrokers)

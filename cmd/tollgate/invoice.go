@@ -274,6 +274,9 @@ and a CSV report. It exits with an error when any invoice differs.`,
 type ReplayReport struct {
 	Topic           string     `json:"topic"`
 	Since           *time.Time `json:"since,omitempty"`
+	// From is where the audited invoices' periods start from (--from,
+	// or its default after --since).
+	From *time.Time `json:"from,omitempty"`
 	ScratchDatabase string     `json:"scratch_database"`
 	RecordsRead     int64      `json:"records_read"`
 	EventsLoaded    int64      `json:"events_loaded"`
@@ -343,6 +346,9 @@ func runReplay(ctx context.Context, cfg Config, o replayOptions, log *slog.Logge
 	rep.Topic, rep.ScratchDatabase = cfg.Ingest.Topic, scratch
 	if !since.IsZero() {
 		rep.Since = &since
+	}
+	if !from.IsZero() {
+		rep.From = &from
 	}
 	pool, err := openPostgres(ctx, cfg.Services.PostgresURL)
 	if err != nil {
@@ -636,8 +642,12 @@ func writeReports(rep ReplayReport, jsonPath, csvPath string) error {
 // summarize prints the outcome and fails when any invoice differs.
 func summarize(w io.Writer, rep ReplayReport) error {
 	fmt.Fprintf(w, "read %d records (%d events, %d late, %d rejected) into %s\n", rep.RecordsRead, rep.EventsLoaded, rep.LateEvents, rep.Rejected, rep.ScratchDatabase)
-	fmt.Fprintf(w, "%d invoices: %d match, %d match the log as it stood at their close, %d different\n",
-		rep.Invoices, rep.Matching, rep.MatchingAtClose, rep.Different)
+	audited := ""
+	if rep.From != nil {
+		audited = " (periods starting at or after " + rep.From.UTC().Format(time.RFC3339) + ")"
+	}
+	fmt.Fprintf(w, "%d invoices%s: %d match, %d match the log as it stood at their close, %d different\n",
+		rep.Invoices, audited, rep.Matching, rep.MatchingAtClose, rep.Different)
 	for _, r := range rep.Results {
 		switch r.Result {
 		case invoicer.ResultDifferent:

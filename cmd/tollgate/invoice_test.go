@@ -493,8 +493,10 @@ func TestReplayProvesEveryInvoiceAndNamesAnAlteredOne(t *testing.T) {
 	// log it reads covers: every one before it was "different".
 	since := replayOptions{since: time.Now().UTC().Add(time.Minute).Format(time.RFC3339), batch: 25,
 		reportJSON: filepath.Join(dir, "s.json"), reportCSV: filepath.Join(dir, "s.csv")}
-	if rep, err := runReplay(ctx, cfg, since, quietLog(), io.Discard); err != nil || rep.Invoices != 0 || rep.Different != 0 {
-		t.Errorf("replay --since after every period: %d invoices audited, %d different (%v); want none", rep.Invoices, rep.Different, err)
+	if rep, err := runReplay(ctx, cfg, since, quietLog(), io.Discard); err != nil || rep.Invoices != 0 || rep.Different != 0 ||
+		rep.From == nil || !rep.From.Equal(rep.Since.Add(5*time.Minute)) {
+		t.Errorf("replay --since after every period: %d invoices audited, %d different, from %v (%v); want none, from 5 minutes after --since",
+			rep.Invoices, rep.Different, rep.From, err)
 	}
 	var rowsLanded uint64
 	testenv.Must(t, ch.Conn.QueryRow(ctx, "SELECT count() FROM "+scratch+".usage_events FINAL").Scan(&rowsLanded), "count the scratch rows")
