@@ -1,13 +1,11 @@
 package main
 
 import (
-	"bytes"
 	"context"
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -141,7 +139,7 @@ func TestAnEdgeWithoutRedisSaysSo(t *testing.T) {
 	t.Cleanup(up.Close)
 	cfg := testConfig(t, pg, ch, topic)
 	cfg.Services.RedisAddr, cfg.Edge.Upstream = "127.0.0.1:1", up.URL
-	var logs syncBuffer
+	var logs testenv.LogBuffer
 	m, err := NewEdgeMain(ctx, cfg, slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelWarn})))
 	testenv.Must(t, err, "start the edge")
 	runCtx, stop := context.WithCancel(ctx)
@@ -166,22 +164,4 @@ func TestAnEdgeWithoutRedisSaysSo(t *testing.T) {
 	if n := strings.Count(logs.String(), "redis limiter failed"); n != 1 {
 		t.Fatalf("%d fallback warnings for 3 calls, want 1 (at most one a minute):\n%s", n, logs.String())
 	}
-}
-
-// syncBuffer is a bytes.Buffer that goroutines may write at once.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }

@@ -272,11 +272,11 @@ and a CSV report. It exits with an error when any invoice differs.`,
 
 // ReplayReport is the JSON report.
 type ReplayReport struct {
-	Topic           string     `json:"topic"`
-	Since           *time.Time `json:"since,omitempty"`
+	Topic string     `json:"topic"`
+	Since *time.Time `json:"since,omitempty"`
 	// From is where the audited invoices' periods start from (--from,
 	// or its default after --since).
-	From *time.Time `json:"from,omitempty"`
+	From            *time.Time `json:"from,omitempty"`
 	ScratchDatabase string     `json:"scratch_database"`
 	RecordsRead     int64      `json:"records_read"`
 	EventsLoaded    int64      `json:"events_loaded"`

@@ -1,11 +1,8 @@
 package kafka
 
 import (
-	"bytes"
 	"log/slog"
 	"os"
-	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -15,24 +12,6 @@ import (
 	"github.com/tollgate-dev/tollgate/internal/testenv"
 	"github.com/tollgate-dev/tollgate/schemas"
 )
-
-// logBuffer collects a logger's lines for a test to look at.
-type logBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *logBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *logBuffer) Contains(s string) bool {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return strings.Contains(b.buf.String(), s)
-}
 
 // UsageEvent is an API call of account for the tests, which those outside
 // the package use too.
@@ -49,7 +28,7 @@ func UsageEvent(account string) schemas.Event {
 // keeps returning, and every event ends up in the spool once.
 func TestEmitKeepsReturningAfterASegmentCouldNotBeOpened(t *testing.T) {
 	dir := t.TempDir()
-	logs := &logBuffer{}
+	logs := &testenv.LogBuffer{}
 	p, err := NewProducer(Config{Brokers: []string{"127.0.0.1:1"}, Topic: "usage.unreachable", SpoolDir: dir,
 		QueueSize: 100, CloseTimeout: time.Second}, nil, slog.New(slog.NewTextHandler(logs, nil)))
 	testenv.Must(t, err, "new producer")

@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"github.com/tollgate-dev/tollgate/internal/testenv"
 	"hash/crc32"
 	"log/slog"
 	"os"
@@ -176,7 +177,7 @@ func TestSpoolSkipsACorruptRecordAndDeliversTheRest(t *testing.T) {
 				t.Fatal(err)
 			}
 
-			logs := &logBuffer{}
+			logs := &testenv.LogBuffer{}
 			s, err = OpenSpool(dir, slog.New(slog.NewTextHandler(logs, nil)), 0)
 			if err != nil {
 				t.Fatal(err)
