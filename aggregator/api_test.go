@@ -146,6 +146,37 @@ func newAPIEnv(t *testing.T) *apiEnv {
 	return env
 }
 
+// logRow is a request log row, as the tests read it.
+type logRow struct {
+	Time  time.Time `json:"time"`
+	Route string    `json:"route"`
+	Type  string    `json:"type"`
+}
+
+// requestLog reads key's whole request log, limit rows a page (at most 20
+// pages), following each page's cursor.
+func (e *apiEnv) requestLog(t *testing.T, key string, limit int) []logRow {
+	t.Helper()
+	var rows []logRow
+	path := fmt.Sprintf("/v1/requests?limit=%d", limit)
+	for range 20 {
+		var b struct {
+			Data       []logRow `json:"data"`
+			HasMore    bool     `json:"has_more"`
+			NextCursor string   `json:"next_cursor"`
+		}
+		if st := e.get(t, path, key, &b); st != http.StatusOK {
+			t.Fatalf("%s: status %d", path, st)
+		}
+		rows = append(rows, b.Data...)
+		if !b.HasMore {
+			break
+		}
+		path = fmt.Sprintf("/v1/requests?limit=%d&cursor=%s", limit, url.QueryEscape(b.NextCursor))
+	}
+	return rows
+}
+
 func (e *apiEnv) get(t *testing.T, path, key string, out any) int {
 	t.Helper()
 	req, _ := http.NewRequest(http.MethodGet, e.srv.URL+path, nil)
@@ -463,25 +494,8 @@ func TestUsageAPI(t *testing.T) {
 		}
 		testenv.Must(t, chsink.NewSink(e.ch.Conn).Insert(context.Background(), recs), "insert raw")
 		var types []string
-		path := "/v1/requests?limit=1"
-		for range 5 {
-			var b struct {
-				Data []struct {
-					Type string `json:"type"`
-				} `json:"data"`
-				HasMore    bool   `json:"has_more"`
-				NextCursor string `json:"next_cursor"`
-			}
-			if st := e.get(t, path, e.keys["alpha_usage"], &b); st != http.StatusOK {
-				t.Fatalf("status %d", st)
-			}
-			for _, d := range b.Data {
-				types = append(types, d.Type)
-			}
-			if !b.HasMore {
-				break
-			}
-			path = "/v1/requests?limit=1&cursor=" + url.QueryEscape(b.NextCursor)
+		for _, d := range e.requestLog(t, e.keys["alpha_usage"], 1) {
+			types = append(types, d.Type)
 		}
 		if fmt.Sprint(types) != "[probe_b probe_a]" {
 			t.Errorf("paged one by one, the request log lists %v, want [probe_b probe_a]", types)
@@ -489,26 +503,8 @@ func TestUsageAPI(t *testing.T) {
 	})
 	t.Run("the request log lists the calling key's own events, newest first", func(t *testing.T) {
 		var seen []string
-		path := "/v1/requests?limit=4"
-		for {
-			var b struct {
-				Data []struct {
-					Time  time.Time `json:"time"`
-					Route string    `json:"route"`
-				} `json:"data"`
-				HasMore    bool   `json:"has_more"`
-				NextCursor string `json:"next_cursor"`
-			}
-			if st := e.get(t, path, e.keys["beta"], &b); st != http.StatusOK {
-				t.Fatalf("status %d", st)
-			}
-			for _, d := range b.Data {
-				seen = append(seen, d.Route+"@"+d.Time.Sub(e.base).String())
-			}
-			if !b.HasMore {
-				break
-			}
-			path = "/v1/requests?limit=4&cursor=" + url.QueryEscape(b.NextCursor)
+		for _, d := range e.requestLog(t, e.keys["beta"], 4) {
+			seen = append(seen, d.Route+"@"+d.Time.Sub(e.base).String())
 		}
 		if fmt.Sprint(seen) != "[/secret@2s /secret@1s /secret@0s]" {
 			t.Errorf("beta's request log %v", seen)

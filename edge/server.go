@@ -799,22 +799,30 @@ func (s *Server) limitCall(ctx context.Context, k *Key, quota bool, now time.Tim
 	var qs *quotaState
 	if res.QuotaChecked {
 		qs = &quotaState{limit: cl.QuotaLimit, used: res.QuotaUsed, reset: end, window: end.Sub(now), resetIn: end.Sub(now)}
-		what := fmt.Sprintf("The monthly quota of %d requests for plan %q", cl.QuotaLimit, planName(k.Plan))
-		until := "until " + end.UTC().Format(time.RFC3339)
+		shortly := false           // the share's reset, not the month's
 		if res.QuotaShare != nil { // the local fallback: this instance's share, counted here alone
 			qs.limit = *res.QuotaShare
-			what = fmt.Sprintf("This edge's share (%d requests, while the shared limits are unreachable) of the monthly quota of %d requests for plan %q",
-				*res.QuotaShare, cl.QuotaLimit, planName(k.Plan))
 			// The share holds until the shared count is asked again, a
 			// second or so away (by the limiter's clock): a caller told to
 			// come back at the month's end would stop for days over a
 			// short outage.
 			if d := max(time.Second, time.Until(res.ShareUntil)); !res.ShareUntil.IsZero() && now.Add(d).Before(end) {
-				qs.reset, qs.resetIn = now.Add(d), d
-				until = "for now; the shared limits are asked again shortly"
+				qs.reset, qs.resetIn, shortly = now.Add(d), d, true
 			}
 		}
 		if !res.QuotaAllowed {
+			// The message is built only for a refusal: most calls pass.
+			var what string
+			if res.QuotaShare != nil {
+				what = fmt.Sprintf("This edge's share (%d requests, while the shared limits are unreachable) of the monthly quota of %d requests for plan %q",
+					*res.QuotaShare, cl.QuotaLimit, planName(k.Plan))
+			} else {
+				what = fmt.Sprintf("The monthly quota of %d requests for plan %q", cl.QuotaLimit, planName(k.Plan))
+			}
+			until := "until " + end.UTC().Format(time.RFC3339)
+			if shortly {
+				until = "for now; the shared limits are asked again shortly"
+			}
 			setRateHeaders(setHeader, states, qs)
 			s.m.limited.WithLabelValues("monthly").Inc()
 			retry := max(1, ceilSeconds(qs.reset.Sub(now)))
@@ -1382,13 +1390,13 @@ func EventRoute(t string) string {
 	if len(t) <= schemas.MaxRouteLength && utf8.ValidString(t) {
 		return t
 	}
+	const hex = "0123456789ABCDEF"
 	b := make([]byte, 0, min(len(t), schemas.MaxRouteLength))
 	for i := 0; i < len(t); {
 		r, size := utf8.DecodeRuneInString(t[i:])
 		piece := t[i : i+size]
 		if r == utf8.RuneError && size == 1 {
-			piece = "%" + strconv.FormatUint(uint64(t[i])>>4, 16) + strconv.FormatUint(uint64(t[i])&15, 16)
-			piece = strings.ToUpper(piece)
+			piece = string([]byte{'%', hex[t[i]>>4], hex[t[i]&15]})
 		}
 		if len(b)+len(piece) > schemas.MaxRouteLength {
 			break

@@ -24,7 +24,6 @@ import (
 // meter.MaxValue is not counted by SUM or MAX, and MaxValue itself is.
 func TestDimensionValuesBeyondTheBoundAreNotCounted(t *testing.T) {
 	ch := testenv.NewClickHouse(t)
-	ctx := context.Background()
 	at := time.Now().UTC().Add(-time.Hour).Truncate(time.Minute)
 	var events []schemas.Event
 	add := func(amount string) {
@@ -44,20 +43,10 @@ func TestDimensionValuesBeyondTheBoundAreNotCounted(t *testing.T) {
 		{Key: "peak", EventType: "wallet", Aggregation: meter.Max, Value: "dimensions.amount"},
 	}
 	want := map[string]int64{"total": 5, "peak": meter.MaxValue}
-	batch := aggregatortest.Records(events)
-	testenv.Must(t, chsink.NewSink(ch.Conn).Insert(ctx, batch), "insert raw")
-	store := clickhouse.NewStore(ch.Conn)
-	testenv.Must(t, aggregator.NewRoller(aggregator.StaticMeters(meters), aggregator.StaticZones{}, store, slog.New(slog.DiscardHandler)).
-		Landed(ctx, batch), "recompute rollups")
+	store := landAndRollUp(t, ch, meters, events)
 	for _, m := range meters {
 		for _, g := range aggregator.Granularities {
-			rows, err := store.Usage(ctx, aggregator.UsageQuery{Account: "acct_big", Environment: string(schemas.Live), Meter: m.Key,
-				Granularity: g, From: at.AddDate(0, -1, 0), To: at.AddDate(0, 1, 0), Limit: 100})
-			testenv.Must(t, err, "read usage")
-			var got []int64
-			for _, r := range rows {
-				got = append(got, r.Value)
-			}
+			got := windowValues(t, store, "acct_big", m.Key, g, at)
 			if len(got) != 1 || got[0] != want[m.Key] {
 				t.Errorf("%s by %s: %v, want one window of %d", m.Key, g, got, want[m.Key])
 			}
@@ -73,7 +62,6 @@ func TestDimensionValuesBeyondTheBoundAreNotCounted(t *testing.T) {
 // whose total fits is unchanged beside it.
 func TestASumPastInt64SaturatesAtEveryGranularity(t *testing.T) {
 	ch := testenv.NewClickHouse(t)
-	ctx := context.Background()
 	at := time.Now().UTC().Add(-time.Hour).Truncate(time.Hour)
 	var events []schemas.Event
 	for i := range 12 {
@@ -103,11 +91,7 @@ func TestASumPastInt64SaturatesAtEveryGranularity(t *testing.T) {
 		{Key: "small", EventType: "small", Aggregation: meter.Sum, Value: "units"},
 		{Key: "credits", EventType: "credits", Aggregation: meter.Sum, Value: "units"},
 	}
-	batch := aggregatortest.Records(events)
-	testenv.Must(t, chsink.NewSink(ch.Conn).Insert(ctx, batch), "insert raw")
-	store := clickhouse.NewStore(ch.Conn)
-	testenv.Must(t, aggregator.NewRoller(aggregator.StaticMeters(meters), aggregator.StaticZones{}, store, slog.New(slog.DiscardHandler)).
-		Landed(ctx, batch), "recompute rollups")
+	store := landAndRollUp(t, ch, meters, events)
 	want := map[string]map[aggregator.Granularity][]int64{
 		"tokens": {
 			aggregator.Minute: {5e18, 4e18, math.MaxInt64},
@@ -121,13 +105,7 @@ func TestASumPastInt64SaturatesAtEveryGranularity(t *testing.T) {
 	}
 	for _, m := range meters {
 		for _, g := range aggregator.Granularities {
-			rows, err := store.Usage(ctx, aggregator.UsageQuery{Account: "acct_huge", Environment: string(schemas.Live), Meter: m.Key,
-				Granularity: g, From: at.AddDate(0, -1, 0), To: at.AddDate(0, 1, 0), Limit: 100})
-			testenv.Must(t, err, "read usage")
-			var got []int64
-			for _, r := range rows {
-				got = append(got, r.Value)
-			}
+			got := windowValues(t, store, "acct_huge", m.Key, g, at)
 			if fmt.Sprint(got) != fmt.Sprint(want[m.Key][g]) {
 				t.Errorf("%s by %s: %v, want %v", m.Key, g, got, want[m.Key][g])
 			}
@@ -143,4 +121,30 @@ func TestASumPastInt64SaturatesAtEveryGranularity(t *testing.T) {
 			}
 		}
 	}
+}
+
+// landAndRollUp inserts events as raw rows and rolls them up for meters.
+func landAndRollUp(t *testing.T, ch *testenv.ClickHouse, meters []meter.Meter, events []schemas.Event) *clickhouse.Store {
+	t.Helper()
+	ctx := context.Background()
+	batch := aggregatortest.Records(events)
+	testenv.Must(t, chsink.NewSink(ch.Conn).Insert(ctx, batch), "insert raw")
+	store := clickhouse.NewStore(ch.Conn)
+	testenv.Must(t, aggregator.NewRoller(aggregator.StaticMeters(meters), aggregator.StaticZones{}, store, slog.New(slog.DiscardHandler)).
+		Landed(ctx, batch), "recompute rollups")
+	return store
+}
+
+// windowValues is the values of account's live rows of meter at g, from a
+// month before at to a month after, in window order.
+func windowValues(t *testing.T, store *clickhouse.Store, account, meter string, g aggregator.Granularity, at time.Time) []int64 {
+	t.Helper()
+	rows, err := store.Usage(context.Background(), aggregator.UsageQuery{Account: account, Environment: string(schemas.Live), Meter: meter,
+		Granularity: g, From: at.AddDate(0, -1, 0), To: at.AddDate(0, 1, 0), Limit: 100})
+	testenv.Must(t, err, "read usage")
+	var got []int64
+	for _, r := range rows {
+		got = append(got, r.Value)
+	}
+	return got
 }

@@ -53,13 +53,8 @@ func TestEdgeSpoolHoldsUsageUntilItsEventsAreInKafka(t *testing.T) {
 	key, _ := p.newKey(t, "acct_spool", schemas.Live)
 	call := func() {
 		t.Helper()
-		req, _ := http.NewRequest("GET", p.edgeURL+"/v1/widgets/1", nil)
-		req.Header.Set("Authorization", "Bearer "+key)
-		resp, err := http.DefaultClient.Do(req)
-		testenv.Must(t, err, "call the edge")
-		resp.Body.Close()
-		if resp.StatusCode != 200 {
-			t.Fatalf("call: status %d", resp.StatusCode)
+		if st := p.call(t, key, "/v1/widgets/1"); st != 200 {
+			t.Fatalf("call: status %d", st)
 		}
 	}
 	holds := invpg.New(pg.Pool)
@@ -152,13 +147,8 @@ func TestAnEdgeWithoutRedisSaysSo(t *testing.T) {
 	p := &pipeline{pg: pg, edgeURL: "http://" + m.Addr()}
 	key, _ := p.newKey(t, "acct_no_redis", schemas.Live)
 	for range 3 {
-		req, _ := http.NewRequest("GET", p.edgeURL+"/v1/x", nil)
-		req.Header.Set("Authorization", "Bearer "+key)
-		resp, err := http.DefaultClient.Do(req)
-		testenv.Must(t, err, "call the edge")
-		resp.Body.Close()
-		if resp.StatusCode != 200 {
-			t.Fatalf("call with redis away: %d, want 200 from the local fallback", resp.StatusCode)
+		if st := p.call(t, key, "/v1/x"); st != 200 {
+			t.Fatalf("call with redis away: %d, want 200 from the local fallback", st)
 		}
 	}
 	if n := strings.Count(logs.String(), "redis limiter failed"); n != 1 {

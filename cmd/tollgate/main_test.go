@@ -108,6 +108,17 @@ func (p *pipeline) newKey(t *testing.T, account string, env schemas.Environment)
 	return secret, keyID
 }
 
+// call sends GET path to the edge with key and returns the status.
+func (p *pipeline) call(t *testing.T, key, path string) int {
+	t.Helper()
+	req, _ := http.NewRequest("GET", p.edgeURL+path, nil)
+	req.Header.Set("Authorization", "Bearer "+key)
+	resp, err := http.DefaultClient.Do(req)
+	testenv.Must(t, err, "call the edge")
+	resp.Body.Close()
+	return resp.StatusCode
+}
+
 type rawRow struct {
 	EventID       uuid.UUID
 	Account       string

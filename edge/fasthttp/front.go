@@ -337,7 +337,7 @@ func (f *Front) handle(ctx *fh.RequestCtx) {
 		ctx.Response.Header.Set(edge.HeaderRequestID, rid)
 		ctx.Response.Header.Set("Retry-After", "1")
 		ctx.SetConnectionClose()
-		f.fail(ctx, edge.NewAPIError(fh.StatusServiceUnavailable, edge.TypeAPI, "shutting_down", "This edge is stopping; retry the call."), rid)
+		f.fail(ctx, errShuttingDown(), rid)
 		lingerOn(ctx) // an upload refused unread must not reset the answer away
 		return
 	}
@@ -472,6 +472,12 @@ func (f *Front) requestError(ctx *fh.RequestCtx, err error) {
 	// headers too large): closing now, with it unread, would reset the
 	// connection, and the caller could lose this answer with it.
 	lingerOn(ctx)
+}
+
+// errShuttingDown answers a call or an upgrade the stopping edge does not
+// take.
+func errShuttingDown() *edge.APIError {
+	return edge.NewAPIError(fh.StatusServiceUnavailable, edge.TypeAPI, "shutting_down", "This edge is stopping; retry the call.")
 }
 
 // lingerOn has the call's connection read and drop what the caller still

@@ -147,7 +147,7 @@ func (f *Front) upgrade(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, 
 		// upstream failure, so not answered as one.
 		conn.Close()
 		ctx.SetConnectionClose()
-		answer(edge.NewAPIError(fh.StatusServiceUnavailable, edge.TypeAPI, "shutting_down", "This edge is stopping; retry the call."))
+		answer(errShuttingDown())
 		return
 	}
 	tunnelled = true
