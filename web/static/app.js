@@ -252,15 +252,21 @@ async function loadUsage() {
   // LATEST do not (a user active on two days is one user, not two).
   const agg = (meters.get(body.meter) || {}).aggregation || "COUNT";
   const adds = agg === "COUNT" || agg === "SUM";
+  // A SUM window past Int64 comes with overflow set and a stand-in value
+  // (Int64's largest or smallest), not its total: such a window is left out
+  // of the total and the chart, whole, and said so, rather than adding the
+  // stand-in in (which a browser's numbers cannot even hold exactly).
+  const overflowed = new Set(data.filter((d) => d.overflow).map((d) => d.window_start));
   // One bar per window: the groups' sum, or for the others the largest group.
   const byWindow = new Map();
   let total = 0;
   data.forEach((d) => {
+    if (overflowed.has(d.window_start)) return;
     const had = byWindow.get(d.window_start);
     byWindow.set(d.window_start, had === undefined ? d.value : adds ? had + d.value : Math.max(had, d.value));
     total += d.value;
   });
-  const lastStart = [...byWindow.keys()].sort().pop();
+  const lastStart = data.map((d) => d.window_start).sort().pop();
   const latest = lastStart === undefined ? undefined : byWindow.get(lastStart);
   // Fill windows with no usage so the chart's time axis is even. Days and
   // months vary in length (daylight saving time, the calendar), so they
@@ -276,13 +282,14 @@ async function loadUsage() {
     byWindow.clear();
     let t = starts[0];
     while (t - step >= from.getTime()) t -= step;
-    for (; t <= end; t += step) byWindow.set(key(t), known.get(t) || 0);
+    for (; t <= end; t += step) if (!overflowed.has(key(t))) byWindow.set(key(t), known.get(t) || 0);
   }
   const points = [...byWindow.entries()].sort().map(([k, v]) => ({ label: when(k, windowName), value: v }));
   drawChart(points);
   const span = { minute: "hour", hour: "2 days", day: "30 days", month: "12 months" }[windowName];
   const values = [...byWindow.values()];
-  const through = partial ? " (partial: up to " + when(lastStart, windowName) + ")" : "";
+  const through = (partial ? " (partial: up to " + when(lastStart, windowName) + ")" : "") +
+    (overflowed.size > 0 ? " (without " + num.format(overflowed.size) + " " + windowName + (overflowed.size === 1 ? "" : "s") + " too large to count)" : "");
   if (adds) {
     $("usage-total").textContent = num.format(total) + " " + body.meter + " in the last " + span + through;
   } else if (agg === "MAX" && values.length > 0) {
@@ -296,6 +303,10 @@ async function loadUsage() {
   if (body.backfilling) notes.push("this meter's past is still being counted: windows may read low until that finishes");
   if (body.rezoning) notes.push("your time zone changed: these windows are being recounted in it and may read wrong for a few seconds");
   if (body.complete_through) notes.push("complete through " + when(body.complete_through));
+  if (overflowed.size > 0) {
+    notes.push(num.format(overflowed.size) + " " + windowName + (overflowed.size === 1 ? " adds" : "s add") +
+      " up past 9,223,372,036,854,775,807 (or below its negative), more than can be counted: left out of the total and the chart, and marked overflow below");
+  }
   if (body.too_late_events) notes.push(num.format(body.too_late_events) + " events arrived too late to count and were reported");
   if (partial) {
     notes.push("only the first " + num.format(read) + " rows (" + maxUsagePages +
@@ -309,7 +320,7 @@ async function loadUsage() {
   tbody.textContent = "";
   data.slice().reverse().slice(0, 50).forEach((d) => {
     const group = d.group ? Object.entries(d.group).map(([k, v]) => k + "=" + v).join(", ") : "";
-    row(tbody, [when(d.window_start, windowName), group, td(num.format(d.value), "num")]);
+    row(tbody, [when(d.window_start, windowName), group, td(d.overflow ? "overflow" : num.format(d.value), "num")]);
   });
 }
 

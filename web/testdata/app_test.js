@@ -222,6 +222,26 @@ const cases = {
     if (rects !== rows.length) throw new Error(rects + " bars, want one per window with a value (" + rows.length + ")");
     if (!/^peak -10 /.test(els["usage-total"].textContent.replace(/\u2212/g, "-"))) throw new Error("headline " + JSON.stringify(els["usage-total"].textContent) + ", want the peak of the values, -10");
   },
+  "a SUM window past Int64 is left out of the total and the chart, and said so": async () => {
+    const bytes = { key: "bytes", aggregation: "SUM", group_by: [] };
+    const rows = [
+      { window_start: "2026-11-27T00:00:00Z", value: 9223372036854775807, overflow: true },
+      { window_start: "2026-11-28T00:00:00Z", value: 5 },
+      { window_start: "2026-11-29T00:00:00Z", value: 7 },
+    ];
+    const { ctx, els } = page(bytes, rows);
+    await ctx.loadMeters();
+    els.window.value = "day";
+    await ctx.loadUsage();
+    if (digits(els["usage-total"].textContent) !== 12 || !/without 1 day too large to count/.test(els["usage-total"].textContent)) {
+      throw new Error("headline " + JSON.stringify(els["usage-total"].textContent) + ", want 12 without the overflowed day, and saying so");
+    }
+    const b = bars(els);
+    if (b.join(",") !== "5,7") throw new Error("bars " + JSON.stringify(b) + ", want the two countable days, 5 and 7");
+    if (!/1 day adds up past 9,223,372,036,854,775,807/.test(els["usage-note"].textContent)) throw new Error("note " + JSON.stringify(els["usage-note"].textContent) + " does not name the overflow");
+    const cells = els["usage-table"].querySelector("tbody").children.map((r) => r.children[2].textContent);
+    if (cells.join(",") !== "7,5,overflow") throw new Error("table values " + JSON.stringify(cells) + ", want 7, 5 and overflow (newest first)");
+  },
   "a usage read that a newer one replaced draws nothing": async () => {
     const { ctx, els, calls } = page(countByRoute, hourRows(2, 1));
     await ctx.loadMeters();
