@@ -201,6 +201,9 @@ func NewServer(cfg Config, d ServerDeps) (*Server, error) {
 	admin := e.Group("/admin/v1", s.authAdmin)
 	admin.GET("/meters", s.listMeters)
 	admin.POST("/meters", s.createMeter)
+	edge.RefuseOtherMethods(e, map[string]string{"/healthz": http.MethodGet})
+	edge.RefuseOtherMethods(v1, map[string]string{"/usage": http.MethodGet, "/requests": http.MethodGet, "/meters": http.MethodGet})
+	edge.RefuseOtherMethods(admin, map[string]string{"/meters": http.MethodGet + ", " + http.MethodPost})
 	s.e = e
 	return s, nil
 }
@@ -766,6 +769,7 @@ func (s *Server) handleError(err error, c echo.Context) {
 	if ae.Status == http.StatusUnauthorized {
 		c.Response().Header().Set("WWW-Authenticate", edge.WWWAuthenticate) // as the edge answers
 	}
+	ae.SetHeaders(c.Response().Header().Get, c.Response().Header().Set)
 	if ae.Status >= 500 {
 		s.d.Log.Error("request failed", "request_id", ae.RequestID, "err", err)
 	}

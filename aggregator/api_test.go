@@ -28,6 +28,7 @@ import (
 	edgepg "github.com/tollgate-dev/tollgate/edge/postgres"
 	"github.com/tollgate-dev/tollgate/ingest"
 	chsink "github.com/tollgate-dev/tollgate/ingest/clickhouse"
+	"github.com/tollgate-dev/tollgate/internal/edgetest"
 	"github.com/tollgate-dev/tollgate/internal/testenv"
 	"github.com/tollgate-dev/tollgate/meter"
 	"github.com/tollgate-dev/tollgate/schemas"
@@ -271,6 +272,29 @@ func total(b usageBody) int64 {
 func TestUsageAPI(t *testing.T) {
 	e := newAPIEnv(t)
 	day := url.Values{"meter": {"api_calls"}, "window": {"day"}}
+
+	t.Run("a wrong method is a 405 naming the methods a path takes, not a 404", func(t *testing.T) {
+		for _, path := range []string{"/v1/usage", "/v1/requests", "/v1/meters"} {
+			edgetest.CheckOtherMethods(t, e.srv.URL+path, e.keys["alpha"], http.MethodGet)
+		}
+		edgetest.CheckOtherMethods(t, e.srv.URL+"/admin/v1/meters", adminToken, "GET, POST")
+		edgetest.CheckOtherMethods(t, e.srv.URL+"/healthz", "", http.MethodGet)
+		// The key is checked first, as on every /v1 path.
+		req, _ := http.NewRequest(http.MethodPost, e.srv.URL+"/v1/usage", nil)
+		if st := do(t, req, nil); st != http.StatusUnauthorized {
+			t.Fatalf("POST /v1/usage without a key: %d, want 401", st)
+		}
+		// A CORS preflight is still the CORS middleware's.
+		req, _ = http.NewRequest(http.MethodOptions, e.srv.URL+"/v1/usage", nil)
+		req.Header.Set("Origin", "https://dash.example")
+		req.Header.Set("Access-Control-Request-Method", http.MethodGet)
+		resp, err := http.DefaultClient.Do(req)
+		testenv.Must(t, err, "preflight")
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusNoContent || resp.Header.Get("Access-Control-Allow-Origin") != "https://dash.example" {
+			t.Fatalf("preflight: %d, Access-Control-Allow-Origin %q", resp.StatusCode, resp.Header.Get("Access-Control-Allow-Origin"))
+		}
+	})
 
 	t.Run("each key reads only its own account and environment", func(t *testing.T) {
 		for _, c := range []struct {

@@ -232,6 +232,22 @@ func TestAdminKeyLifecycle(t *testing.T) {
 // A roll with an overlap of 0s ends the old key at once, on every edge
 // whatever its clock: it is revoked, not set to expire now, which an edge
 // whose clock runs behind read as still in force for the difference.
+func TestAdminAnswersAWrongMethodWith405(t *testing.T) {
+	env := edgetest.New(t)
+	in := env.Start(t, edgetest.Options{})
+	admin := startAdmin(t, env, in.Audit)
+	for path, allow := range map[string]string{
+		"/admin/v1/accounts/acct_m": "PUT", "/admin/v1/accounts/acct_m/keys": "GET, POST", "/admin/v1/keys/key_m": "GET",
+		"/admin/v1/keys/key_m/roll": "POST", "/admin/v1/keys/key_m/revoke": "POST", "/healthz": "GET", "/readyz": "GET",
+	} {
+		edgetest.CheckOtherMethods(t, admin.url+path, adminToken, allow)
+	}
+	var errBody struct{ Error edge.APIError }
+	if s := admin.call("DELETE", "/admin/v1/keys/key_m", "wrong", "", &errBody); s != 401 || errBody.Error.Code != "invalid_admin_token" {
+		t.Fatalf("a wrong method with a wrong token: %d %+v, want the token refused first", s, errBody.Error)
+	}
+}
+
 func TestARollWithoutOverlapEndsTheOldKeyEverywhere(t *testing.T) {
 	env := edgetest.New(t)
 	in := env.Start(t, edgetest.Options{})

@@ -3,9 +3,11 @@ package edge
 import (
 	"encoding/json"
 	"errors"
+	"fmt"
 	"log/slog"
 	"net/http"
 	"strconv"
+	"strings"
 
 	"github.com/labstack/echo/v4"
 )
@@ -164,6 +166,46 @@ func renderError(log *slog.Logger, err error, requestID string) *APIError {
 // logged.
 func (s *Server) RenderError(err error, requestID string) *APIError {
 	return renderError(s.log, err, requestID)
+}
+
+// MethodRouter is where routes are added: an *echo.Echo or an *echo.Group.
+type MethodRouter interface {
+	Match(methods []string, path string, h echo.HandlerFunc, m ...echo.MiddlewareFunc) []*echo.Route
+}
+
+// RefuseOtherMethods answers each of paths (relative to r, as its routes
+// were added) with 405 method_not_allowed and an Allow header naming the
+// methods it takes (paths[path], e.g. "GET, POST"), for every other method
+// of RFC 9110's; an OPTIONS that is not a CORS preflight gets 204 with the
+// same Allow. Without it, echo answers such a call under a group with
+// middleware 404 not_found, as if the path did not exist, where the edge
+// answers 405. The group's middleware runs first, so a call without a key
+// is still a 401.
+func RefuseOtherMethods(r MethodRouter, paths map[string]string) {
+	for path, allow := range paths {
+		took := map[string]bool{}
+		for _, m := range strings.Split(allow, ",") {
+			took[strings.TrimSpace(m)] = true
+		}
+		var others []string
+		for _, m := range [...]string{http.MethodGet, http.MethodHead, http.MethodPost, http.MethodPut, http.MethodPatch,
+			http.MethodDelete, http.MethodConnect, http.MethodOptions, http.MethodTrace} {
+			if !took[m] {
+				others = append(others, m)
+			}
+		}
+		refuse := func(c echo.Context) error {
+			if c.Request().Method == http.MethodOptions {
+				c.Response().Header().Set("Allow", allow+", "+http.MethodOptions)
+				return c.NoContent(http.StatusNoContent)
+			}
+			ae := NewAPIError(http.StatusMethodNotAllowed, TypeInvalidRequest, "method_not_allowed",
+				fmt.Sprintf("Method %s is not supported here; this path takes %s.", c.Request().Method, allow))
+			ae.Allow = allow
+			return ae
+		}
+		r.Match(others, path, refuse)
+	}
 }
 
 // ErrorJSON is the body of an error response.

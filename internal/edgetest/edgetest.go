@@ -443,3 +443,57 @@ func readPartition(ctx context.Context, broker, topic string, partition int) ([]
 	}
 	return out, nil
 }
+
+// CheckOtherMethods asks url (with the bearer token, when not empty) with
+// every RFC 9110 method but those in allow ("GET" or "GET, POST"), and fails
+// t unless each is refused with 405 method_not_allowed in the one error
+// shape with allow as its Allow header, and an OPTIONS is answered 204 (with
+// allow and OPTIONS as Allow, if any): the method is wrong, the path is not
+// unknown.
+func CheckOtherMethods(t *testing.T, url, token, allow string) {
+	t.Helper()
+	took := map[string]bool{}
+	for _, m := range strings.Split(allow, ",") {
+		took[strings.TrimSpace(m)] = true
+	}
+	for _, m := range []string{http.MethodGet, http.MethodHead, http.MethodPost, http.MethodPut, http.MethodPatch,
+		http.MethodDelete, http.MethodOptions, http.MethodTrace} {
+		if took[m] {
+			continue
+		}
+		req, err := http.NewRequest(m, url, nil)
+		if err != nil {
+			t.Fatalf("%s %s: %v", m, url, err)
+		}
+		if token != "" {
+			req.Header.Set("Authorization", "Bearer "+token)
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatalf("%s %s: %v", m, url, err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if m == http.MethodOptions {
+			// Under CORS middleware, an OPTIONS is its to answer (204,
+			// without Allow).
+			if got := resp.Header.Get("Allow"); resp.StatusCode != http.StatusNoContent || got != "" && got != allow+", OPTIONS" {
+				t.Errorf("OPTIONS %s: %d, Allow %q; want 204 with Allow %q", url, resp.StatusCode, resp.Header.Get("Allow"), allow+", OPTIONS")
+			}
+			continue
+		}
+		if resp.StatusCode != http.StatusMethodNotAllowed || resp.Header.Get("Allow") != allow {
+			t.Errorf("%s %s: %d, Allow %q, %s; want 405 with Allow %q", m, url, resp.StatusCode, resp.Header.Get("Allow"), body, allow)
+			continue
+		}
+		if m == http.MethodHead {
+			continue // no body
+		}
+		var e struct {
+			Error struct{ Type, Code, Message string } `json:"error"`
+		}
+		if err := json.Unmarshal(body, &e); err != nil || e.Error.Code != "method_not_allowed" || e.Error.Type != edge.TypeInvalidRequest {
+			t.Errorf("%s %s: body %s; want the one error shape with code method_not_allowed", m, url, body)
+		}
+	}
+}

@@ -71,6 +71,9 @@ func New(keys KeyStore, store invoicer.Store, usage invoicer.UsageReader, proj P
 	g.GET("/invoices/upcoming", s.upcoming, requireScope(InvoicesScope))
 	g.GET("/invoices", s.list, requireScope(InvoicesScope))
 	g.GET("/invoices/:id", s.get, requireScope(InvoicesScope))
+	edge.RefuseOtherMethods(e, map[string]string{"/healthz": http.MethodGet, "/v1/webhooks/stripe": http.MethodPost})
+	edge.RefuseOtherMethods(g, map[string]string{"/usage/current": http.MethodGet, "/invoices/upcoming": http.MethodGet,
+		"/invoices": http.MethodGet, "/invoices/:id": http.MethodGet})
 	s.echo = e
 	return s
 }
@@ -408,6 +411,7 @@ func (s *Server) errorHandler(err error, c echo.Context) {
 	}
 	ae := *toAPIError(err)
 	ae.RequestID = c.Response().Header().Get(headerRequestID)
+	ae.SetHeaders(c.Response().Header().Get, c.Response().Header().Set)
 	if ae.Status >= 500 {
 		s.log.Error("invoice api request failed", "request_id", ae.RequestID, "err", err)
 	}

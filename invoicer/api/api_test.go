@@ -19,6 +19,7 @@ import (
 
 	"github.com/tollgate-dev/tollgate/edge"
 	edgepg "github.com/tollgate-dev/tollgate/edge/postgres"
+	"github.com/tollgate-dev/tollgate/internal/edgetest"
 	"github.com/tollgate-dev/tollgate/internal/testenv"
 	"github.com/tollgate-dev/tollgate/invoicer"
 	"github.com/tollgate-dev/tollgate/invoicer/api"
@@ -141,6 +142,13 @@ func TestInvoiceAPI(t *testing.T) {
 	secretY, _ := f.key(t, "acct_y", edge.Secret, schemas.Live)
 	publishable, _ := f.key(t, "acct_x", edge.Publishable, schemas.Live)
 	testSecret, _ := f.key(t, "acct_x", edge.Secret, schemas.Test)
+
+	t.Run("a wrong method is a 405 naming the methods a path takes, not a 404", func(t *testing.T) {
+		for _, path := range []string{"/v1/usage/current", "/v1/invoices/upcoming", "/v1/invoices", "/v1/invoices/inv_202601_x", "/healthz"} {
+			edgetest.CheckOtherMethods(t, f.srv.URL+path, secretX, http.MethodGet)
+		}
+		edgetest.CheckOtherMethods(t, f.srv.URL+"/v1/webhooks/stripe", "", http.MethodPost)
+	})
 
 	t.Run("no answer about an account is kept in a cache", func(t *testing.T) {
 		for _, c := range []struct{ key, path string }{
