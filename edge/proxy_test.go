@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/http/httputil"
@@ -2357,5 +2358,38 @@ func TestAStopThatRunsOutOfTimeTakesNoNewCallsAndMetersThoseInFlight(t *testing.
 	}
 	if paths["/v1/slow"] != 3 || paths["/v1/during"] != 1 || paths["/v1/after"] != 0 {
 		t.Fatalf("metered %v; want the three slow calls and the one during the wait, each once, and not the call refused after the stop", paths)
+	}
+}
+
+func TestARequestTheFrontCannotReadLogsNoKey(t *testing.T) {
+	env := edgetest.New(t)
+	var logs testenv.LogBuffer
+	env.Log = slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	in := env.Start(t, edgetest.Options{})
+	secret, _, err := edge.GenerateKey(edge.Secret, schemas.Live)
+	testenv.Must(t, err, "generate key")
+	u, _ := url.Parse(in.URL)
+	conn, err := net.Dial("tcp", u.Host)
+	testenv.Must(t, err, "dial the edge")
+	defer conn.Close()
+	// A header line without a colon: fasthttp cannot parse the request,
+	// and its error, logged at Debug, quoted the header bytes around it.
+	_, err = io.WriteString(conn, "GET /v1/widgets HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "+secret+"\r\nBroken header line\r\n\r\n")
+	testenv.Must(t, err, "send")
+	testenv.Must(t, conn.SetReadDeadline(time.Now().Add(5*time.Second)), "deadline")
+	status, err := bufio.NewReader(conn).ReadString('\n')
+	testenv.Must(t, err, "read the answer")
+	if !strings.Contains(status, " 400 ") {
+		t.Fatalf("status line %q, want 400", status)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for !logs.Contains("error when") && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if !logs.Contains("error when") {
+		t.Fatalf("fasthttp logged nothing about the request it could not read, so this test shows nothing:\n%s", logs.String())
+	}
+	if logs.Contains(secret) || logs.Contains(secret[:16]) {
+		t.Fatalf("the caller's key is in the log:\n%s", logs.String())
 	}
 }

@@ -24,6 +24,7 @@ import (
 	"net"
 	"net/netip"
 	"net/url"
+	"regexp"
 	"slices"
 	"strings"
 	"sync"
@@ -172,6 +173,9 @@ func New(s *edge.Server, log *slog.Logger) (*Front, error) {
 		KeepHijackedConns: true,
 		ErrorHandler:      f.requestError,
 		Logger:            printfLogger{log},
+		// An error about a request it could not parse quotes no header
+		// bytes (the caller's key among them) in the log.
+		SecureErrorLogMessage: true,
 	}
 	return f, nil
 }
@@ -230,6 +234,7 @@ func newUpstream(raw string, timeout, dial, idle time.Duration, maxConns int, tl
 			StreamResponseBody:       true,
 			DisablePathNormalizing:   true,
 			NoDefaultUserAgentHeader: true,
+			SecureErrorLogMessage:    true,
 		},
 	}, nil
 }
@@ -1192,7 +1197,24 @@ func (b *responseBody) Close() error {
 type printfLogger struct{ log *slog.Logger }
 
 func (l printfLogger) Printf(format string, args ...any) {
-	l.log.Debug(fmt.Sprintf(format, args...))
+	if l.log.Enabled(context.Background(), slog.LevelDebug) {
+		l.log.Debug(redactSecrets(fmt.Sprintf(format, args...)))
+	}
+}
+
+// A request fasthttp cannot parse is logged with the header line it choked
+// on quoted, whatever SecureErrorLogMessage says ("missing colon: …"), and
+// that line can be the caller's Authorization. So what fasthttp logs loses
+// every key-shaped word and the value of every credential header it quotes
+// (up to the quoted line's end, an escaped CR or LF, or its closing quote).
+var (
+	keyShaped   = regexp.MustCompile(`\b((?:sk|pk|rk)_(?:live|test)_)[0-9A-Za-z]+`)
+	credentials = regexp.MustCompile(`(?i)((?:proxy-)?authorization|cookie|x-api-key)[^\\"\r\n]*`)
+)
+
+func redactSecrets(s string) string {
+	s = keyShaped.ReplaceAllString(s, "${1}[redacted]")
+	return credentials.ReplaceAllString(s, "${1} [redacted]")
 }
 
 // silentConn is a connection to the upstream on which no read or write may

@@ -94,3 +94,26 @@ func TestMethodKeepsEveryMethodAsSent(t *testing.T) {
 		t.Errorf("method of GET allocates %.0f times", n)
 	}
 }
+
+func TestWhatFasthttpLogsLosesEveryCredential(t *testing.T) {
+	for _, c := range []struct{ name, in, gone string }{
+		{"a key word", `contents: "GET / HTTP/1.1\r\nX: sk_live_4MYt4aLiFynmqxaZqGtMdi0ZK9nB\r\n"`, "4MYt4aLiFynmqxaZqGtMdi0ZK9nB"},
+		{"a publishable test key", `?k=pk_test_4MYt4aLiFynmqxaZqGtMdi0ZK9nB`, "4MYt4aLiFynmqxaZqGtMdi0ZK9nB"},
+		{"an Authorization line without a colon", `malformed mime header: missing colon: "Authorization Bearer whatever-token"`, "whatever-token"},
+		{"an Authorization value", `contents: "GET / HTTP/1.1\r\nauthorization: Basic dXNlcjpwYXNz\r\nHost: x\r\n"`, "dXNlcjpwYXNz"},
+		{"a Cookie value", `contents: "Cookie: session=abc123\r\n"`, "abc123"},
+		{"a Proxy-Authorization value", `"Proxy-Authorization: Basic cHJveHk6cA=="`, "cHJveHk6cA=="},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			if got := redactSecrets(c.in); strings.Contains(got, c.gone) {
+				t.Fatalf("redactSecrets(%q) = %q, still has %q", c.in, got, c.gone)
+			}
+		})
+	}
+	t.Run("the rest is kept", func(t *testing.T) {
+		in := `contents: "GET / HTTP/1.1\r\nAuthorization: Bearer x\r\nHost: example.com\r\n"`
+		if got := redactSecrets(in); !strings.Contains(got, `Host: example.com`) || !strings.Contains(got, "GET / HTTP/1.1") {
+			t.Fatalf("redactSecrets(%q) = %q, dropped more than the credential", in, got)
+		}
+	})
+}
