@@ -110,3 +110,26 @@ func TestDockerComposeTollgateIsReachableAndUsesStripeMock(t *testing.T) {
 		}
 	}
 }
+
+// TestBothDockerIgnoreFilesLeaveOutTheSame checks .dockerignore (read by
+// builders without BuildKit) against deploy/docker/Dockerfile.dockerignore
+// (BuildKit's): left apart, one builder would send .run/ (the local
+// services' data, gigabytes) as the build context.
+func TestBothDockerIgnoreFilesLeaveOutTheSame(t *testing.T) {
+	patterns := func(path string) []string {
+		b, err := os.ReadFile(path)
+		testenv.Must(t, err, "read "+path)
+		var out []string
+		for _, line := range strings.Split(string(b), "\n") {
+			if line = strings.TrimSpace(line); line != "" && !strings.HasPrefix(line, "#") {
+				out = append(out, line)
+			}
+		}
+		return out
+	}
+	root := patterns(filepath.Join("..", "..", ".dockerignore"))
+	buildkit := patterns(filepath.Join("..", "..", "deploy", "docker", "Dockerfile.dockerignore"))
+	if !slices.Equal(root, buildkit) || !slices.Contains(root, ".run") {
+		t.Fatalf(".dockerignore %q and deploy/docker/Dockerfile.dockerignore %q differ, or leave .run in", root, buildkit)
+	}
+}

@@ -65,7 +65,11 @@ KAFKA_HEAP_OPTS=${KAFKA_HEAP_OPTS:--Xmx768m -Xms256m}
 log() { printf 'services: %s\n' "$*" >&2; }
 die() { printf 'services: error: %s\n' "$*" >&2; exit 1; }
 
-as_root() { if [[ $EUID -eq 0 ]]; then "$@"; else sudo "$@"; fi; }
+as_root() {
+  if [[ $EUID -eq 0 ]]; then "$@"
+  elif command -v sudo >/dev/null; then sudo "$@"
+  else die "installing needs root: run this as root, install sudo, or install these yourself first: $*"; fi
+}
 
 # ---------------------------------------------------------------- helpers
 
@@ -208,6 +212,14 @@ wait_ready() {
 
 # ---------------------------------------------------------------- install
 
+# java_version prints the specification version of the java on PATH (17,
+# 21, or 1.8 for Java 8), and fails when there is none.
+java_version() {
+  command -v java >/dev/null || return 1
+  java -XshowSettings:properties -version 2>&1 |
+    awk -F' = ' '/java.specification.version/ { print $2; found = 1 } END { exit !found }'
+}
+
 install_apt() {
   local missing=() p
   for p in "${APT_PACKAGES[@]}"; do
@@ -219,10 +231,24 @@ install_apt() {
     if [[ -s $STATE/postgres/data/PG_VERSION ]]; then missing+=("postgresql-$(<"$STATE/postgres/data/PG_VERSION")")
     else missing+=(postgresql); fi
   fi
-  command -v java >/dev/null || missing+=(openjdk-17-jre-headless)
+  # Kafka 4 needs Java 17 or later.
+  local jv
+  if jv=$(java_version); then
+    ((${jv%%.*} >= 17)) || die "Kafka 4 needs Java 17 or later, and the java on PATH is $jv: install openjdk-17-jre-headless (or newer) and put its java first on PATH"
+  else
+    missing+=(openjdk-17-jre-headless)
+  fi
+  # Go builds Tollgate and stripe-mock. Debian's golang-go is too old on
+  # bookworm (1.19 cannot read this go.mod); Go 1.21 or later fetches the
+  # toolchain go.mod names by itself.
+  local gv
+  gv=$(go env GOVERSION 2>/dev/null) || die "Go is not installed: install Go 1.21 or later from https://go.dev/dl and run this again"
+  [[ $gv =~ ^go1\.([0-9]+) ]] && ((BASH_REMATCH[1] >= 21)) ||
+    die "Go $gv is too old: install Go 1.21 or later from https://go.dev/dl (it then fetches the Go this project names in go.mod)"
   command -v mvn >/dev/null || missing+=(maven)
-  command -v go >/dev/null || missing+=(golang-go)
   command -v curl >/dev/null || missing+=(curl)
+  # The race detector's pass in `make test` needs a C compiler.
+  command -v cc >/dev/null || missing+=(gcc)
   python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3 python3-venv)
   ((${#missing[@]})) || return 0
   log "apt: installing ${missing[*]}"

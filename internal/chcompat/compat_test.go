@@ -48,6 +48,15 @@ func TestEveryStatementRunsAlikeOnClickHouse18And24(t *testing.T) {
 	testenv.Must(t, err, "connect to clickhouse")
 	defer conn.Close()
 	ctx := context.Background()
+	// The server must be 18.16, the release services.sh installs: on
+	// another (docker compose's 24.8 on the same port, say), this test
+	// would compare a release with itself and prove nothing about 18.16.
+	var version string
+	testenv.Must(t, ch.Conn.QueryRow(ctx, "SELECT version()").Scan(&version), "ask the server's version") // not recorded
+	if !strings.HasPrefix(version, "18.16.") {
+		t.Fatalf("the ClickHouse at %s is %s, not 18.16: this test records on 18.16 and replays on 24.8; "+
+			"stop what serves that port (docker compose down) and start the native one (make services)", testenv.ClickHouseAddr(), version)
+	}
 
 	// The schema is in place on 18.16 already; applied again (it is
 	// idempotent) so that the replay creates it on 24.8.

@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -68,8 +69,15 @@ func PrivatePostgres(t testing.TB) *Instance {
 func startInstance(t testing.TB, service, addr string, env ...string) *Instance {
 	t.Helper()
 	shared := SharedStateDir(t)
+	sweepOrphans(t)
 	state, err := os.MkdirTemp("", "tollgate-"+service+"-")
 	if err != nil {
+		t.Fatalf("private %s: %v", service, err)
+	}
+	// Removed however the test ends; the instance's own stop is added below.
+	t.Cleanup(func() { _ = os.RemoveAll(state) })
+	// The test process that owns the instance, for sweepOrphans.
+	if err := os.WriteFile(filepath.Join(state, ownerFile), []byte(strconv.Itoa(os.Getpid())), 0o644); err != nil {
 		t.Fatalf("private %s: %v", service, err)
 	}
 	// Reuse what the shared services already installed, so a private
@@ -100,6 +108,40 @@ func startInstance(t testing.TB, service, addr string, env ...string) *Instance 
 	})
 	inst.Start()
 	return inst
+}
+
+// ownerFile, in a private instance's state directory, holds the pid of the
+// test process that started it.
+const ownerFile = "owner.pid"
+
+// sweepOrphans stops the private instances whose test process is gone and
+// removes their state. A test binary that is killed, or hits go test's
+// timeout, runs no cleanup: its instances ran on in sessions of their own
+// (a Kafka broker holding hundreds of megabytes) until the next run swept
+// them here. An instance whose owner still runs (a package tested beside
+// this one) is left alone.
+func sweepOrphans(t testing.TB) {
+	dirs, _ := filepath.Glob(filepath.Join(os.TempDir(), "tollgate-*-*"))
+	for _, dir := range dirs {
+		b, err := os.ReadFile(filepath.Join(dir, ownerFile))
+		if err != nil {
+			continue // not a private instance, or one being set up
+		}
+		pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+		if err != nil || pid <= 0 || syscall.Kill(pid, 0) != syscall.ESRCH {
+			continue
+		}
+		service := strings.SplitN(strings.TrimPrefix(filepath.Base(dir), "tollgate-"), "-", 2)[0]
+		orphan := &Instance{Service: service, t: t, env: []string{"TOLLGATE_STATE_DIR=" + dir}}
+		if out, err := orphan.script("stop", service); err != nil {
+			t.Logf("sweeping the private %s of a test process that is gone (%s): %v\n%s", service, dir, err, out)
+			continue
+		}
+		if resolved, err := filepath.EvalSymlinks(filepath.Join(dir, service)); err == nil && !strings.HasPrefix(resolved, dir) {
+			_ = os.RemoveAll(filepath.Dir(resolved))
+		}
+		_ = os.RemoveAll(dir)
+	}
 }
 
 // Start starts the instance (again) and waits until it serves.

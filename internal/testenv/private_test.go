@@ -2,6 +2,11 @@ package testenv
 
 import (
 	"context"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -44,5 +49,36 @@ func TestPrivateInstanceSurvivesStopStartAndKill9(t *testing.T) {
 	defer shared.Close()
 	if err := shared.Ping(context.Background()).Err(); err != nil {
 		Unreachable(t, "Redis", RedisAddr(), err)
+	}
+}
+
+func TestAPrivateInstanceWhoseTestIsGoneIsSweptAtTheNextStart(t *testing.T) {
+	inst := PrivateRedis(t)
+	state := strings.TrimPrefix(inst.env[0], "TOLLGATE_STATE_DIR=")
+	c := redis.NewClient(&redis.Options{Addr: inst.Addr, MaxRetries: -1})
+	defer c.Close()
+	ping := func() error {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		return c.Ping(ctx).Err()
+	}
+	if err := ping(); err != nil {
+		t.Fatalf("private redis does not answer: %v", err)
+	}
+	// Owned by this process, it is left alone.
+	sweepOrphans(t)
+	if err := ping(); err != nil {
+		t.Fatalf("a private redis whose test still runs was swept: %v", err)
+	}
+	// Owned by a process that has exited, as a killed test binary's are.
+	gone := exec.Command("true")
+	Must(t, gone.Run(), "run a process that exits")
+	Must(t, os.WriteFile(filepath.Join(state, ownerFile), []byte(strconv.Itoa(gone.Process.Pid)), 0o644), "write owner")
+	sweepOrphans(t)
+	if err := ping(); err == nil {
+		t.Fatal("the private redis of a test process that is gone still answers after a sweep")
+	}
+	if _, err := os.Stat(state); !os.IsNotExist(err) {
+		t.Fatalf("its state %s is still there (%v)", state, err)
 	}
 }
