@@ -10,7 +10,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
 	"net/http"
 	"slices"
 	"strconv"
@@ -49,10 +48,17 @@ type Config struct {
 	MaxPageSize int `yaml:"max_page_size"`
 	// RequestLogWindow is how far back GET /v1/requests looks by default.
 	RequestLogWindow time.Duration `yaml:"request_log_window"`
+	// TrustedProxies are the addresses and CIDR ranges of the proxies in
+	// front of the usage API (the dashboard, a load balancer) whose
+	// X-Forwarded-For it believes for the audit log's remote address.
+	TrustedProxies []string `yaml:"trusted_proxies"`
 }
 
 // Defaults fills unset fields.
 func (c *Config) Defaults() {
+	if len(c.TrustedProxies) == 0 {
+		c.TrustedProxies = nil // written [] or left out: none
+	}
 	if c.Listen == "" {
 		c.Listen = "127.0.0.1:8081"
 	}
@@ -95,6 +101,9 @@ func (c *Config) Validate() error {
 	}
 	if c.RequestLogWindow <= 0 {
 		errs = append(errs, errors.New("aggregator.request_log_window: must be positive"))
+	}
+	if _, err := edge.ParseTrustedProxies("aggregator.trusted_proxies", c.TrustedProxies); err != nil {
+		errs = append(errs, err)
 	}
 	return errors.Join(errs...)
 }
@@ -156,9 +165,11 @@ type Server struct {
 	cfg       Config
 	d         ServerDeps
 	tokenHash []byte
-	now       func() time.Time
-	e         *echo.Echo
-	status    *statusCache
+	// trusted are aggregator.trusted_proxies.
+	trusted edge.TrustedProxies
+	now     func() time.Time
+	e       *echo.Echo
+	status  *statusCache
 }
 
 // NewServer builds the HTTP handler; cfg is defaulted and validated.
@@ -178,6 +189,7 @@ func NewServer(cfg Config, d ServerDeps) (*Server, error) {
 	if cfg.AdminTokenSHA256 != "" {
 		s.tokenHash, _ = hex.DecodeString(cfg.AdminTokenSHA256)
 	}
+	s.trusted, _ = edge.ParseTrustedProxies("aggregator.trusted_proxies", cfg.TrustedProxies) // validated above
 	e := echo.New()
 	e.HideBanner, e.HidePort = true, true
 	e.HTTPErrorHandler = s.handleError
@@ -223,7 +235,7 @@ func (s *Server) authKey(next echo.HandlerFunc) echo.HandlerFunc {
 		}
 		r := c.Request()
 		// "Bearer <key>" or basic auth's user name, as the edge takes it.
-		k, err := edge.AuthenticateKey(r.Context(), s.d.Keys, edge.Bearer(r), s.now(), s.d.Auditor, "usage_api", r.RemoteAddr)
+		k, err := edge.AuthenticateKey(r.Context(), s.d.Keys, edge.Bearer(r), s.now(), s.d.Auditor, "usage_api", s.trusted.RequestClientAddr(r))
 		if err != nil {
 			return err
 		}
@@ -257,12 +269,8 @@ func (s *Server) authAdmin(next echo.HandlerFunc) echo.HandlerFunc {
 				if !ok || tok == "" {
 					reason = "no admin token"
 				}
-				host, _, err := net.SplitHostPort(c.Request().RemoteAddr)
-				if err != nil {
-					host = c.Request().RemoteAddr
-				}
 				s.d.Auditor.Record(edge.AuditEvent{At: s.now(), Actor: "meters_admin", Action: edge.ActionAdminAuth,
-					RemoteAddr: host, Reason: reason, Count: 1})
+					RemoteAddr: s.trusted.RequestClientAddr(c.Request()), Reason: reason, Count: 1})
 			}
 			return edge.NewAPIError(http.StatusUnauthorized, edge.TypeAuthentication, "invalid_admin_token",
 				"The admin token is missing or wrong.")

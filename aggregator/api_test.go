@@ -136,7 +136,9 @@ func newAPIEnv(t *testing.T) *apiEnv {
 	env.audit, err = edgepg.NewAuditWriter(pg.Pool, time.Hour, nil, log) // flushed by the tests that read it
 	testenv.Must(t, err, "audit writer")
 	t.Cleanup(func() { _ = env.audit.Close() })
-	srv, err := aggregator.NewServer(aggregator.Config{AdminTokenSHA256: hex.EncodeToString(sum[:]), CORSOrigins: []string{"https://dash.example"}},
+	srv, err := aggregator.NewServer(aggregator.Config{AdminTokenSHA256: hex.EncodeToString(sum[:]), CORSOrigins: []string{"https://dash.example"},
+		// The tests' calls come from loopback, as the dashboard's do.
+		TrustedProxies: []string{"127.0.0.1"}},
 		aggregator.ServerDeps{Keys: keys, Usage: env.store, Catalog: catalog, Zones: zones, Holds: aggpg.NewSpoolHolds(pg.Pool),
 			PastRollups: stored, Auditor: env.audit, Log: log})
 	testenv.Must(t, err, "server")
@@ -1028,9 +1030,33 @@ func TestTheUsageAPIAuditsFailedAuthentications(t *testing.T) {
 			t.Fatalf("key %.12q: status %d, want 401", key, st)
 		}
 	}
+	// Through a trusted proxy (the dashboard), the row names the caller
+	// it forwarded for; the usage API's meters admin too.
+	for _, c := range []struct{ path, auth, forwardedFor string }{
+		{"/v1/usage?window=hour", "Bearer " + unknown, "6.6.6.6, 203.0.113.8"},
+		{"/admin/v1/meters", "Bearer wrong", "203.0.113.9"},
+	} {
+		req, _ := http.NewRequest(http.MethodGet, e.srv.URL+c.path, nil)
+		req.Header.Set("Authorization", c.auth)
+		req.Header.Set("X-Forwarded-For", c.forwardedFor)
+		if st := do(t, req, nil); st != http.StatusUnauthorized {
+			t.Fatalf("%s through a proxy: status %d, want 401", c.path, st)
+		}
+	}
 	e.audit.Flush(ctx)
+	var forwarded []string
+	fr, err := e.pg.Pool.Query(ctx, `SELECT actor || ' ' || remote_addr FROM audit_log WHERE remote_addr LIKE '203.0.113.%' ORDER BY 1`)
+	testenv.Must(t, err, "read the audit log")
+	for fr.Next() {
+		var s string
+		testenv.Must(t, fr.Scan(&s), "scan")
+		forwarded = append(forwarded, s)
+	}
+	if fmt.Sprint(forwarded) != "[meters_admin 203.0.113.9 usage_api 203.0.113.8]" {
+		t.Fatalf("rows of calls through a trusted proxy name %q, want the callers it forwarded for", forwarded)
+	}
 	rows, err := e.pg.Pool.Query(ctx, `SELECT reason, coalesce(key_prefix, '') FROM audit_log
-		WHERE action = $1 AND actor = 'usage_api' ORDER BY reason`, edge.ActionAuthFailed)
+		WHERE action = $1 AND actor = 'usage_api' AND remote_addr NOT LIKE '203.0.113.%' ORDER BY reason`, edge.ActionAuthFailed)
 	testenv.Must(t, err, "read the audit log")
 	var got []string
 	for rows.Next() {

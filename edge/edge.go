@@ -260,6 +260,12 @@ type Config struct {
 	QuotaTimezone string `yaml:"quota_timezone"`
 	// CORS lets pages on other origins call the API (off by default).
 	CORS CORSConfig `yaml:"cors"`
+	// TrustedProxies are the addresses and CIDR ranges of the proxies in
+	// front of the edge and its admin API (a TLS load balancer) whose
+	// X-Forwarded-For it believes for the audit log's remote address.
+	// Empty: the address the connection came from, whatever the header
+	// says.
+	TrustedProxies []string `yaml:"trusted_proxies"`
 }
 
 // DefaultMaxEventAge is Config.MaxEventAge's default: a day under ingest's
@@ -281,6 +287,9 @@ func DefaultPlans() map[string]Plan {
 
 // Defaults fills unset fields.
 func (c *Config) Defaults() {
+	if len(c.TrustedProxies) == 0 {
+		c.TrustedProxies = nil // written [] or left out: none
+	}
 	if c.Listen == "" {
 		c.Listen = "127.0.0.1:8080"
 	}
@@ -406,6 +415,9 @@ func (c *Config) Validate() error {
 		errs = append(errs, fmt.Errorf("edge.spool_max_bytes: at least 16,777,216 (16 MiB), or -1 for no bound but the disk's, got %d", c.SpoolMaxBytes))
 	}
 	if err := c.CORS.validate(); err != nil {
+		errs = append(errs, err)
+	}
+	if _, err := ParseTrustedProxies("edge.trusted_proxies", c.TrustedProxies); err != nil {
 		errs = append(errs, err)
 	}
 	if c.KeyCacheTTL < 0 {

@@ -82,6 +82,8 @@ type Server struct {
 	sharedKeys sharedKeyStore
 	// keyLimits keeps each key's bucket names and quota month, by key ID.
 	keyLimits limitNamesCache
+	// trusted are edge.trusted_proxies.
+	trusted TrustedProxies
 }
 
 type metrics struct {
@@ -180,6 +182,7 @@ func NewServer(cfg Config, deps Deps) (*Server, error) {
 		now = time.Now
 	}
 	s := &Server{cfg: cfg, deps: deps, log: deps.Log, now: now, router: router, m: m, buffers: newBufferPool(), cors: NewCORS(cfg.CORS)}
+	s.trusted, _ = ParseTrustedProxies("edge.trusted_proxies", cfg.TrustedProxies) // validated above
 	s.sharedKeys, _ = deps.Keys.(sharedKeyStore)
 	s.allowCall = func(ctx context.Context, c CallLimits) (CallResult, error) {
 		return AllowCallEach(ctx, deps.Limiter, deps.Quota, c)
@@ -414,6 +417,10 @@ type CallInfo struct {
 	// only when needed (for a refused call's audit event), not on every
 	// call.
 	Remote net.Addr
+	// Forwarded gives the call's X-Forwarded-For, read for a refused
+	// call's audit event when the call came through a trusted proxy
+	// (edge.trusted_proxies); nil: none.
+	Forwarded Forwarded
 	// At is when the call arrived, by the server's clock (Now); zero is
 	// now. A front that has read the clock already passes it on, so a call
 	// reads it once.
@@ -434,6 +441,16 @@ func (s *Server) at(ci CallInfo) time.Time {
 		return s.now()
 	}
 	return ci.At
+}
+
+// clientAddr is the caller's address as the audit log names it: the
+// peer's, or through a trusted proxy, the one it forwarded for.
+func (s *Server) clientAddr(ci CallInfo) string {
+	var forwarded []string
+	if len(s.trusted) > 0 && ci.Forwarded != nil {
+		forwarded = ci.Forwarded.ForwardedFor()
+	}
+	return s.trusted.ClientAddr(ci.remoteAddr(), forwarded)
 }
 
 // remoteAddr is the caller's address, host or host:port.
@@ -524,7 +541,7 @@ func (s *Server) authFailed(ci CallInfo, reason, prefix string, k *Key, err erro
 	s.m.authFail.WithLabelValues(reason).Inc()
 	if s.deps.Auditor != nil {
 		ev := AuditEvent{At: s.now(), Actor: "api", Action: ActionAuthFailed, KeyPrefix: prefix,
-			RemoteAddr: hostOnly(ci.remoteAddr()), Reason: reason, Count: 1}
+			RemoteAddr: s.clientAddr(ci), Reason: reason, Count: 1}
 		if k != nil {
 			ev.AccountID, ev.KeyID = k.AccountID, k.ID
 		}
@@ -593,7 +610,7 @@ func (s *Server) authenticate(next echo.HandlerFunc) echo.HandlerFunc {
 		r := c.Request()
 		epoch := s.keyEpoch()
 		k, err := s.authenticateCall(r.Context(), CallInfo{Method: r.Method, Path: r.URL.Path,
-			Authorization: r.Header.Get("Authorization"), RemoteAddr: r.RemoteAddr})
+			Authorization: r.Header.Get("Authorization"), RemoteAddr: r.RemoteAddr, Forwarded: HeaderForwarded(r.Header)})
 		if err != nil {
 			return err
 		}

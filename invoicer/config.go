@@ -6,6 +6,8 @@ import (
 	"net"
 	"strings"
 	"time"
+
+	"github.com/tollgate-dev/tollgate/edge"
 )
 
 // Config is the invoicer's section of the configuration file. The meters
@@ -22,6 +24,10 @@ type Config struct {
 	// LookbackMonths bounds how many past periods are considered.
 	LookbackMonths int          `yaml:"lookback_months"`
 	Stripe         StripeConfig `yaml:"stripe"`
+	// TrustedProxies are the addresses and CIDR ranges of the proxies in
+	// front of the invoice API (the dashboard, a load balancer) whose
+	// X-Forwarded-For it believes for the audit log's remote address.
+	TrustedProxies []string `yaml:"trusted_proxies"`
 }
 
 // StripeConfig says how to reach Stripe. Without an API key invoices stay
@@ -39,6 +45,9 @@ type StripeConfig struct {
 
 // Defaults fills unset fields.
 func (c *Config) Defaults() {
+	if len(c.TrustedProxies) == 0 {
+		c.TrustedProxies = nil // written [] or left out: none
+	}
 	if c.Listen == "" {
 		c.Listen = "127.0.0.1:8082"
 	}
@@ -75,6 +84,9 @@ func (c *Config) Validate() error {
 	}
 	if w := c.Stripe.WebhookSecret; w != "" && !strings.HasPrefix(w, "whsec_") {
 		errs = append(errs, errors.New("invoicer.stripe.webhook_secret: must start with whsec_"))
+	}
+	if _, err := edge.ParseTrustedProxies("invoicer.trusted_proxies", c.TrustedProxies); err != nil {
+		errs = append(errs, err)
 	}
 	return errors.Join(errs...)
 }

@@ -73,7 +73,13 @@ func forwardTo(base string, log *slog.Logger) (http.Handler, error) {
 		return nil, fmt.Errorf("dashboard: bad API address %q", base)
 	}
 	return &httputil.ReverseProxy{
-		Rewrite: func(r *httputil.ProxyRequest) { r.SetURL(u) },
+		// The caller's address goes on in X-Forwarded-For, for the audit
+		// log of the usage and invoice APIs, which believe it when they
+		// list the dashboard in their trusted_proxies.
+		Rewrite: func(r *httputil.ProxyRequest) {
+			r.SetURL(u)
+			r.SetXForwarded()
+		},
 		// Usage, invoices and the request log are an account's: a
 		// browser keeps none of it on disk, where it would outlive the
 		// tab and "Forget key" on a shared computer.

@@ -20,6 +20,7 @@ func TestDashboardServesPagesAndForwardsEachAPIWithTheCallersKey(t *testing.T) {
 		return httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			mu.Lock()
 			seen[name+" "+r.URL.Path] = r.Header.Get("Authorization")
+			seen[name+" "+r.URL.Path+" forwarded for"] = r.Header.Get("X-Forwarded-For")
 			mu.Unlock()
 			_, _ = io.WriteString(w, `{"from":"`+name+`"}`)
 		}))
@@ -77,6 +78,10 @@ func TestDashboardServesPagesAndForwardsEachAPIWithTheCallersKey(t *testing.T) {
 			}
 			if got := auth(r.to + " " + r.path); got != "Bearer pk_live_example" {
 				t.Fatalf("%s API saw Authorization %q", r.to, got)
+			}
+			// The caller's address goes on, for the API's audit log.
+			if got := auth(r.to + " " + r.path + " forwarded for"); got != "127.0.0.1" {
+				t.Fatalf("%s API saw X-Forwarded-For %q, want the caller's address", r.to, got)
 			}
 		})
 	}

@@ -65,6 +65,13 @@ func runDemo(ctx context.Context, out io.Writer, cfg Config, log *slog.Logger, c
 	if cfg.Dashboard.Listen == "" {
 		cfg.Dashboard.Listen = "127.0.0.1:8090"
 	}
+	// The dashboard forwards from this host, so the usage and invoice
+	// APIs' audit log names the browser's address rather than its own.
+	for _, list := range []*[]string{&cfg.Aggregator.TrustedProxies, &cfg.Invoicer.TrustedProxies} {
+		if len(*list) == 0 {
+			*list = []string{"127.0.0.1", "::1"}
+		}
+	}
 	// Close periods promptly, and show the Stripe sync against stripe-mock
 	// when no real Stripe account is configured. The grace is short too: the
 	// demo reports last month's events as it starts, so a longer grace only

@@ -204,8 +204,12 @@ func NewEdgeMain(ctx context.Context, cfg Config, log *slog.Logger) (m *EdgeMain
 		return nil, err
 	}
 	if cfg.Edge.AdminListen != "" {
+		trusted, err := edge.ParseTrustedProxies("edge.trusted_proxies", cfg.Edge.TrustedProxies)
+		if err != nil {
+			return nil, err
+		}
 		admin, err := edge.NewAdmin(cfg.Edge.AdminTokenSHA256, edge.AdminDeps{
-			Store: store, Auditor: m.auditor, Gatherer: m.Registry, Log: log,
+			Store: store, Auditor: m.auditor, Gatherer: m.Registry, Log: log, Trusted: trusted,
 			Ready:  func(c echo.Context) error { return ready(c.Request().Context()) },
 			Scopes: edge.KnownScopes(cfg.Edge.Routes),
 		})

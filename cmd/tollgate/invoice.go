@@ -22,6 +22,7 @@ import (
 	"github.com/schollz/progressbar/v3"
 	"github.com/spf13/cobra"
 
+	"github.com/tollgate-dev/tollgate/edge"
 	edgepg "github.com/tollgate-dev/tollgate/edge/postgres"
 	"github.com/tollgate-dev/tollgate/ingest"
 	chsink "github.com/tollgate-dev/tollgate/ingest/clickhouse"
@@ -98,6 +99,14 @@ func NewInvoiceMain(ctx context.Context, cfg Config, log *slog.Logger) (*Invoice
 		return nil, err
 	}
 	h.SetAuditor(auditor)
+	trusted, err := edge.ParseTrustedProxies("invoicer.trusted_proxies", cfg.Invoicer.TrustedProxies)
+	if err != nil {
+		_ = auditor.Close()
+		pool.Close()
+		ch.Close()
+		return nil, err
+	}
+	h.SetTrustedProxies(trusted)
 	ln, err := net.Listen("tcp", cfg.Invoicer.Listen)
 	if err != nil {
 		_ = auditor.Close()

@@ -377,6 +377,7 @@ func (f *Front) handle(ctx *fh.RequestCtx) {
 		Path:          string(ctx.URI().PathOriginal()),
 		Authorization: string(ctx.Request.Header.Peek(fh.HeaderAuthorization)),
 		Remote:        ctx.RemoteAddr(),
+		Forwarded:     (*forwardedOf)(&ctx.Request.Header),
 		At:            start,
 		// A protocol the edge does not carry (edge.upgrade_protocols) is
 		// not switched to: the call is proxied as an ordinary one, which
@@ -1190,6 +1191,18 @@ func (b *responseBody) Close() error {
 		b.done.finish(b.n)
 	})
 	return err
+}
+
+// forwardedOf is a request's header as an edge.Forwarded: a conversion, so
+// a call pays for its X-Forwarded-For only when its audit event asks.
+type forwardedOf fh.RequestHeader
+
+func (h *forwardedOf) ForwardedFor() []string {
+	var values []string
+	for _, v := range (*fh.RequestHeader)(h).PeekAll(fh.HeaderXForwardedFor) {
+		values = append(values, string(v))
+	}
+	return values
 }
 
 // printfLogger is fasthttp's logger on slog; fasthttp logs connection

@@ -47,11 +47,17 @@ type Server struct {
 	now      func() time.Time
 	echo     *echo.Echo
 	auditor  edge.Auditor // nil: failed authentications are not recorded
+	// trusted are the proxies whose X-Forwarded-For is believed.
+	trusted edge.TrustedProxies
 }
 
 // SetAuditor records the API's failed authentications to a, as the edge
 // records its own. Call it before serving.
 func (s *Server) SetAuditor(a edge.Auditor) { s.auditor = a }
+
+// SetTrustedProxies makes the API believe the X-Forwarded-For of calls
+// from t (invoicer.trusted_proxies) for the audit log's remote address.
+func (s *Server) SetTrustedProxies(t edge.TrustedProxies) { s.trusted = t }
 
 // New builds the API handler.
 func New(keys KeyStore, store invoicer.Store, usage invoicer.UsageReader, proj Projector,
@@ -105,7 +111,7 @@ func requestID(next echo.HandlerFunc) echo.HandlerFunc {
 func (s *Server) authenticate(next echo.HandlerFunc) echo.HandlerFunc {
 	return func(c echo.Context) error {
 		r := c.Request()
-		k, err := edge.AuthenticateKey(r.Context(), s.keys, edge.Bearer(r), s.now(), s.auditor, "invoice_api", r.RemoteAddr)
+		k, err := edge.AuthenticateKey(r.Context(), s.keys, edge.Bearer(r), s.now(), s.auditor, "invoice_api", s.trusted.RequestClientAddr(r))
 		if err != nil {
 			return err
 		}

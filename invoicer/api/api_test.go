@@ -135,6 +135,9 @@ func TestInvoiceAPI(t *testing.T) {
 	testenv.Must(t, err, "audit writer")
 	defer audit.Close()
 	h.SetAuditor(audit)
+	trusted, err := edge.ParseTrustedProxies("invoicer.trusted_proxies", []string{"127.0.0.1"}) // the dashboard's address
+	testenv.Must(t, err, "trusted proxies")
+	h.SetTrustedProxies(trusted)
 	f.srv = httptest.NewServer(h)
 	defer f.srv.Close()
 
@@ -253,6 +256,26 @@ func TestInvoiceAPI(t *testing.T) {
 		}
 		if fmt.Sprint(reasons) != "[malformed missing]" {
 			t.Fatalf("audited reasons %v, want [malformed missing] (from the cases above)", reasons)
+		}
+	})
+	t.Run("through a trusted proxy, the audit row names the caller it forwarded for", func(t *testing.T) {
+		req, _ := http.NewRequest(http.MethodGet, f.srv.URL+"/v1/invoices", nil)
+		req.Header.Set("Authorization", "Bearer sk_live_nope")
+		req.Header.Set("X-Forwarded-For", "6.6.6.6, 203.0.113.10")
+		resp, err := http.DefaultClient.Do(req)
+		testenv.Must(t, err, "call")
+		resp.Body.Close()
+		audit.Flush(ctx)
+		var remotes []string
+		rows, err := pg.Pool.Query(ctx, `SELECT DISTINCT remote_addr FROM audit_log WHERE actor = 'invoice_api' ORDER BY 1`)
+		testenv.Must(t, err, "read the audit log")
+		for rows.Next() {
+			var r string
+			testenv.Must(t, rows.Scan(&r), "scan")
+			remotes = append(remotes, r)
+		}
+		if resp.StatusCode != 401 || fmt.Sprint(remotes) != "[127.0.0.1 203.0.113.10]" {
+			t.Fatalf("status %d, audited addresses %v; want 401 and the forwarded caller beside the direct calls' 127.0.0.1", resp.StatusCode, remotes)
 		}
 	})
 	// A restricted key reads only what its scopes allow: invoices take
