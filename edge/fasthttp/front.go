@@ -26,6 +26,7 @@ import (
 	"net/url"
 	"regexp"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -1215,19 +1216,27 @@ func (l printfLogger) Printf(format string, args ...any) {
 	}
 }
 
-// A request fasthttp cannot parse is logged with the header line it choked
-// on quoted, whatever SecureErrorLogMessage says ("missing colon: …"), and
-// that line can be the caller's Authorization. So what fasthttp logs loses
-// every key-shaped word and the value of every credential header it quotes
-// (up to the quoted line's end, an escaped CR or LF, or its closing quote).
+// What fasthttp logs about a request it could not parse quotes the header
+// line or value it choked on ("missing colon: …", "invalid header value
+// …"), whatever SecureErrorLogMessage says, and that can be the caller's
+// Authorization, a key in Basic auth's base64 among them. So every quoted
+// string in it but an address (host:port) is dropped whole, and every
+// key-shaped word outside quotes too.
 var (
-	keyShaped   = regexp.MustCompile(`\b((?:sk|pk|rk)_(?:live|test)_)[0-9A-Za-z]+`)
-	credentials = regexp.MustCompile(`(?i)((?:proxy-)?authorization|cookie|x-api-key)[^\\"\r\n]*`)
+	quotedString = regexp.MustCompile(`"(?:[^"\\]|\\.)*"`)
+	keyShaped    = regexp.MustCompile(`((?:sk|pk|rk)_(?:live|test)_)[0-9A-Za-z]+`)
 )
 
 func redactSecrets(s string) string {
-	s = keyShaped.ReplaceAllString(s, "${1}[redacted]")
-	return credentials.ReplaceAllString(s, "${1} [redacted]")
+	s = quotedString.ReplaceAllStringFunc(s, func(q string) string {
+		if u, err := strconv.Unquote(q); err == nil {
+			if _, err := netip.ParseAddrPort(u); err == nil {
+				return q
+			}
+		}
+		return `"[redacted]"`
+	})
+	return keyShaped.ReplaceAllString(s, "${1}[redacted]")
 }
 
 // silentConn is a connection to the upstream on which no read or write may

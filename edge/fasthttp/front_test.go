@@ -97,12 +97,13 @@ func TestMethodKeepsEveryMethodAsSent(t *testing.T) {
 
 func TestWhatFasthttpLogsLosesEveryCredential(t *testing.T) {
 	for _, c := range []struct{ name, in, gone string }{
-		{"a key word", `contents: "GET / HTTP/1.1\r\nX: sk_live_4MYt4aLiFynmqxaZqGtMdi0ZK9nB\r\n"`, "4MYt4aLiFynmqxaZqGtMdi0ZK9nB"},
-		{"a publishable test key", `?k=pk_test_4MYt4aLiFynmqxaZqGtMdi0ZK9nB`, "4MYt4aLiFynmqxaZqGtMdi0ZK9nB"},
+		{"a key in quoted contents", `contents: "GET / HTTP/1.1\r\nX: sk_live_4MYt4aLiFynmqxaZqGtMdi0ZK9nB\r\n"`, "4MYt4aLiFynmqxaZqGtMdi0ZK9nB"},
+		{"a key outside quotes", `?k=pk_test_4MYt4aLiFynmqxaZqGtMdi0ZK9nB`, "4MYt4aLiFynmqxaZqGtMdi0ZK9nB"},
+		{"a key after a word character", `token_sk_live_4MYt4aLiFynmqxaZqGtMdi0ZK9nB`, "4MYt4aLiFynmqxaZqGtMdi0ZK9nB"},
 		{"an Authorization line without a colon", `malformed mime header: missing colon: "Authorization Bearer whatever-token"`, "whatever-token"},
-		{"an Authorization value", `contents: "GET / HTTP/1.1\r\nauthorization: Basic dXNlcjpwYXNz\r\nHost: x\r\n"`, "dXNlcjpwYXNz"},
+		{"a Basic value fasthttp quotes without its name", `invalid header value "Basic c2tfbGl2ZV80TVl0NGFMaUZ5bm1xeGFaOg==\x01"`, "c2tfbGl2ZV80TVl0NGFMaUZ5bm1xeGFaOg=="},
+		{"a value with escaped characters", `missing colon: "Authorization Basic\t\"c2tfbGl2ZV80TVl0\" more"`, "c2tfbGl2ZV80TVl0"},
 		{"a Cookie value", `contents: "Cookie: session=abc123\r\n"`, "abc123"},
-		{"a Proxy-Authorization value", `"Proxy-Authorization: Basic cHJveHk6cA=="`, "cHJveHk6cA=="},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			if got := redactSecrets(c.in); strings.Contains(got, c.gone) {
@@ -110,10 +111,11 @@ func TestWhatFasthttpLogsLosesEveryCredential(t *testing.T) {
 			}
 		})
 	}
-	t.Run("the rest is kept", func(t *testing.T) {
-		in := `contents: "GET / HTTP/1.1\r\nAuthorization: Bearer x\r\nHost: example.com\r\n"`
-		if got := redactSecrets(in); !strings.Contains(got, `Host: example.com`) || !strings.Contains(got, "GET / HTTP/1.1") {
-			t.Fatalf("redactSecrets(%q) = %q, dropped more than the credential", in, got)
+	t.Run("addresses and the message itself are kept", func(t *testing.T) {
+		in := `error when serving connection "127.0.0.1:8080"<->"[::1]:51234": error when reading request headers: malformed mime header: missing colon: "x": buffer size=117`
+		want := `error when serving connection "127.0.0.1:8080"<->"[::1]:51234": error when reading request headers: malformed mime header: missing colon: "[redacted]": buffer size=117`
+		if got := redactSecrets(in); got != want {
+			t.Fatalf("redactSecrets(%q)\n = %q\nwant %q", in, got, want)
 		}
 	})
 }
