@@ -132,6 +132,15 @@ func sweepOrphans(t testing.TB) {
 			continue
 		}
 		service := strings.SplitN(strings.TrimPrefix(filepath.Base(dir), "tollgate-"), "-", 2)[0]
+		// A pid file left by a process that is gone may name another
+		// process by now (after a reboot, pids start over): such a file
+		// is dropped, so that the stop below signals only the orphan.
+		pidFiles, _ := filepath.Glob(filepath.Join(dir, "pids", "*.pid"))
+		for _, f := range pidFiles {
+			if !startedWhenWritten(f) {
+				_ = os.Remove(f)
+			}
+		}
 		orphan := &Instance{Service: service, t: t, env: []string{"TOLLGATE_STATE_DIR=" + dir}}
 		if out, err := orphan.script("stop", service); err != nil {
 			t.Logf("sweeping the private %s of a test process that is gone (%s): %v\n%s", service, dir, err, out)
@@ -142,6 +151,59 @@ func sweepOrphans(t testing.TB) {
 		}
 		_ = os.RemoveAll(dir)
 	}
+}
+
+// startedWhenWritten reports whether the process a pid file names started
+// by the time the file was written (services.sh writes it just before the
+// service's exec), give or take clock ticks: a process that took the pid
+// over since started later.
+func startedWhenWritten(pidFile string) bool {
+	b, err := os.ReadFile(pidFile)
+	if err != nil {
+		return false
+	}
+	info, err := os.Stat(pidFile)
+	if err != nil {
+		return false
+	}
+	stat, err := os.ReadFile("/proc/" + strings.TrimSpace(string(b)) + "/stat")
+	if err != nil {
+		return false
+	}
+	// The fields after the command name, which may hold spaces, in
+	// parentheses; the start time (clock ticks after boot) is the 22nd
+	// field of the line, the 20th after the name.
+	rest := string(stat[bytes.LastIndexByte(stat, ')')+1:])
+	fields := strings.Fields(rest)
+	if len(fields) < 20 {
+		return false
+	}
+	ticks, err := strconv.ParseInt(fields[19], 10, 64)
+	if err != nil {
+		return false
+	}
+	boot, err := bootTime()
+	if err != nil {
+		return false
+	}
+	const userHZ = 100 // Linux's clock ticks per second as /proc reports them
+	started := boot.Add(time.Duration(ticks) * time.Second / userHZ)
+	return !started.After(info.ModTime().Add(5 * time.Second))
+}
+
+// bootTime is when the machine booted (/proc/stat's btime).
+func bootTime() (time.Time, error) {
+	b, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		return time.Time{}, err
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "btime "); ok {
+			sec, err := strconv.ParseInt(strings.TrimSpace(v), 10, 64)
+			return time.Unix(sec, 0), err
+		}
+	}
+	return time.Time{}, fmt.Errorf("no btime in /proc/stat")
 }
 
 // Start starts the instance (again) and waits until it serves.

@@ -82,3 +82,23 @@ func TestAPrivateInstanceWhoseTestIsGoneIsSweptAtTheNextStart(t *testing.T) {
 		t.Fatalf("its state %s is still there (%v)", state, err)
 	}
 }
+
+func TestAPidFileIsBelievedOnlyForTheProcessThatWroteIt(t *testing.T) {
+	dir := t.TempDir()
+	f := filepath.Join(dir, "x.pid")
+	// This process started before the file was written: it is the one.
+	Must(t, os.WriteFile(f, []byte(strconv.Itoa(os.Getpid())), 0o644), "write")
+	if !startedWhenWritten(f) {
+		t.Fatal("a pid file written after its process started is not believed")
+	}
+	// Written long before this process started, as a pid file left from
+	// before a reboot names whichever process has the pid now.
+	Must(t, os.Chtimes(f, time.Now().Add(-time.Hour), time.Now().Add(-time.Hour)), "age the file")
+	if startedWhenWritten(f) {
+		t.Fatal("a pid file an hour older than the process it names is believed")
+	}
+	Must(t, os.WriteFile(f, []byte("999999999"), 0o644), "write")
+	if startedWhenWritten(f) {
+		t.Fatal("a pid file naming no process is believed")
+	}
+}
