@@ -41,9 +41,6 @@ type AdminDeps struct {
 	Gatherer prometheus.Gatherer
 	Log      *slog.Logger
 	Ready    func(ctx echo.Context) error
-	// Trusted are the proxies whose X-Forwarded-For names the remote
-	// address in the audit log (edge.trusted_proxies).
-	Trusted TrustedProxies
 	// Scopes are the scopes something asks for: the routes' and Tollgate's
 	// own APIs' (KnownScopes). A key created with a scope that grants none
 	// of them is made, with a warning in the answer: a misspelt scope made
@@ -131,7 +128,7 @@ func (a *Admin) auth(next echo.HandlerFunc) echo.HandlerFunc {
 					reason = "no admin token"
 				}
 				a.deps.Auditor.Record(AuditEvent{At: a.now(), Actor: "admin", Action: ActionAdminAuth,
-					RemoteAddr: a.deps.Trusted.RequestClientAddr(c.Request()), Reason: reason, Count: 1})
+					RemoteAddr: hostOnly(c.Request().RemoteAddr), Reason: reason, Count: 1})
 			}
 			return NewAPIError(http.StatusUnauthorized, TypeAuthentication, "invalid_admin_token",
 				"The admin API needs 'Authorization: Bearer <admin token>'.")
@@ -141,7 +138,7 @@ func (a *Admin) auth(next echo.HandlerFunc) echo.HandlerFunc {
 }
 
 func (a *Admin) info(c echo.Context, reason string) AuditInfo {
-	return AuditInfo{Actor: "admin", RemoteAddr: a.deps.Trusted.RequestClientAddr(c.Request()), Reason: reason}
+	return AuditInfo{Actor: "admin", RemoteAddr: hostOnly(c.Request().RemoteAddr), Reason: reason}
 }
 
 // KeyView is a key as the admin API shows it: never the secret or its hash.

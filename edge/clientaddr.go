@@ -37,6 +37,12 @@ func ParseTrustedProxies(setting string, list []string) (TrustedProxies, error) 
 	return t, errors.Join(errs...)
 }
 
+// Trusts reports whether peer (host or host:port) is one of the proxies.
+func (t TrustedProxies) Trusts(peer string) bool {
+	a, err := netip.ParseAddr(hostOnly(peer))
+	return err == nil && t.trusts(a)
+}
+
 func (t TrustedProxies) trusts(a netip.Addr) bool {
 	a = a.Unmap()
 	for _, p := range t {

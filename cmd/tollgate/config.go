@@ -136,6 +136,9 @@ func (c *Config) applyEnv() {
 }
 
 func (c *Config) defaults() {
+	if len(c.Dashboard.TrustedProxies) == 0 {
+		c.Dashboard.TrustedProxies = nil // written [] or left out: none
+	}
 	s := &c.Services
 	if s.PostgresURL == "" {
 		s.PostgresURL = "postgres://tollgate@127.0.0.1:15432/tollgate?sslmode=disable"
@@ -237,6 +240,9 @@ func (c *Config) Validate(components ...string) error {
 	if all || want["dashboard"] {
 		errs = append(errs, checkListen("dashboard.listen", c.Dashboard.Listen),
 			checkBaseURL("dashboard.usage_api", c.Dashboard.UsageAPI), checkBaseURL("dashboard.invoice_api", c.Dashboard.InvoiceAPI))
+		if _, err := edge.ParseTrustedProxies("dashboard.trusted_proxies", c.Dashboard.TrustedProxies); err != nil {
+			errs = append(errs, err)
+		}
 	}
 	if all {
 		errs = append(errs, c.listenClashes())

@@ -26,6 +26,11 @@ type DashboardConfig struct {
 	// by default the aggregator's and the invoicer's listen addresses.
 	UsageAPI   string `yaml:"usage_api"`
 	InvoiceAPI string `yaml:"invoice_api"`
+	// TrustedProxies are the addresses and CIDR ranges of the proxies in
+	// front of the dashboard (a TLS load balancer) whose X-Forwarded-For
+	// it passes on, with the caller's address after it; from any other
+	// caller it passes on only the caller's address.
+	TrustedProxies []string `yaml:"trusted_proxies"`
 }
 
 // DashboardMain serves the dashboard's pages and forwards its API calls,
@@ -38,17 +43,17 @@ type DashboardMain struct {
 }
 
 // NewDashboardMain binds the listener. usageAPI and invoiceAPI are base URLs.
-func NewDashboardMain(listen, usageAPI, invoiceAPI string, log *slog.Logger) (*DashboardMain, error) {
+func NewDashboardMain(listen, usageAPI, invoiceAPI string, trusted edge.TrustedProxies, log *slog.Logger) (*DashboardMain, error) {
 	log = log.With("component", "dashboard")
 	files, err := web.Handler()
 	if err != nil {
 		return nil, fmt.Errorf("dashboard files: %w", err)
 	}
-	usage, err := forwardTo(usageAPI, log)
+	usage, err := forwardTo(usageAPI, trusted, log)
 	if err != nil {
 		return nil, err
 	}
-	billing, err := forwardTo(invoiceAPI, log)
+	billing, err := forwardTo(invoiceAPI, trusted, log)
 	if err != nil {
 		return nil, err
 	}
@@ -67,7 +72,7 @@ func NewDashboardMain(listen, usageAPI, invoiceAPI string, log *slog.Logger) (*D
 	return &DashboardMain{log: log, ln: ln, srv: &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}}, nil
 }
 
-func forwardTo(base string, log *slog.Logger) (http.Handler, error) {
+func forwardTo(base string, trusted edge.TrustedProxies, log *slog.Logger) (http.Handler, error) {
 	u, err := url.Parse(base)
 	if err != nil || u.Host == "" {
 		return nil, fmt.Errorf("dashboard: bad API address %q", base)
@@ -75,9 +80,14 @@ func forwardTo(base string, log *slog.Logger) (http.Handler, error) {
 	return &httputil.ReverseProxy{
 		// The caller's address goes on in X-Forwarded-For, for the audit
 		// log of the usage and invoice APIs, which believe it when they
-		// list the dashboard in their trusted_proxies.
+		// list the dashboard in their trusted_proxies; after the chain a
+		// trusted proxy in front of the dashboard sent, which Rewrite
+		// otherwise drops.
 		Rewrite: func(r *httputil.ProxyRequest) {
 			r.SetURL(u)
+			if chain := r.In.Header.Values("X-Forwarded-For"); len(chain) > 0 && trusted.Trusts(r.In.RemoteAddr) {
+				r.Out.Header["X-Forwarded-For"] = chain
+			}
 			r.SetXForwarded()
 		},
 		// Usage, invoices and the request log are an account's: a
@@ -166,7 +176,11 @@ func dashboardAfter(cfg Config, log *slog.Logger, started []named) ([]named, err
 	if invoiceAPI == "" {
 		invoiceAPI = cfg.Invoicer.Listen
 	}
-	m, err := NewDashboardMain(cfg.Dashboard.Listen, httpBase(usageAPI), httpBase(invoiceAPI), log)
+	trusted, err := edge.ParseTrustedProxies("dashboard.trusted_proxies", cfg.Dashboard.TrustedProxies)
+	if err != nil {
+		return nil, err
+	}
+	m, err := NewDashboardMain(cfg.Dashboard.Listen, httpBase(usageAPI), httpBase(invoiceAPI), trusted, log)
 	if err != nil {
 		return nil, err
 	}

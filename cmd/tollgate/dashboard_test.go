@@ -10,6 +10,8 @@ import (
 	"strings"
 	"sync"
 	"testing"
+
+	"github.com/tollgate-dev/tollgate/edge"
 )
 
 func TestDashboardServesPagesAndForwardsEachAPIWithTheCallersKey(t *testing.T) {
@@ -28,7 +30,7 @@ func TestDashboardServesPagesAndForwardsEachAPIWithTheCallersKey(t *testing.T) {
 	usage, billing := api("usage"), api("billing")
 	defer usage.Close()
 	defer billing.Close()
-	m, err := NewDashboardMain("127.0.0.1:0", usage.URL, billing.URL, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	m, err := NewDashboardMain("127.0.0.1:0", usage.URL, billing.URL, nil, slog.New(slog.NewTextHandler(io.Discard, nil)))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -100,4 +102,50 @@ func TestDashboardServesPagesAndForwardsEachAPIWithTheCallersKey(t *testing.T) {
 			t.Fatalf("got %d %s (Request-Id %q), want the one error shape with its request id", code, body, h.Get("Request-Id"))
 		}
 	})
+}
+
+// TestTheDashboardPassesOnOnlyATrustedProxysChain: behind a load balancer
+// listed in dashboard.trusted_proxies, the chain it sent goes on with the
+// balancer's address after it, so the usage and invoice APIs can name the
+// caller; from anyone else only the caller's own address goes on.
+func TestTheDashboardPassesOnOnlyATrustedProxysChain(t *testing.T) {
+	var mu sync.Mutex
+	var forwarded []string
+	api := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		forwarded = r.Header.Values("X-Forwarded-For")
+		mu.Unlock()
+	}))
+	defer api.Close()
+	lb, err := edge.ParseTrustedProxies("dashboard.trusted_proxies", []string{"10.0.0.5"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		name    string
+		trusted edge.TrustedProxies
+		peer    string
+		want    string
+	}{
+		{"a trusted balancer's chain goes on", lb, "10.0.0.5:4431", "203.0.113.9, 10.0.0.5"},
+		{"an untrusted caller's header is not passed on", lb, "198.51.100.7:4431", "198.51.100.7"},
+		{"without trusted proxies, only the caller's address", nil, "10.0.0.5:4431", "10.0.0.5"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			h, err := forwardTo(api.URL, c.trusted, slog.New(slog.DiscardHandler))
+			if err != nil {
+				t.Fatal(err)
+			}
+			req := httptest.NewRequest(http.MethodGet, "/v1/usage", nil)
+			req.RemoteAddr = c.peer
+			req.Header.Set("X-Forwarded-For", "203.0.113.9")
+			h.ServeHTTP(httptest.NewRecorder(), req)
+			mu.Lock()
+			got := strings.Join(forwarded, ", ")
+			mu.Unlock()
+			if got != c.want {
+				t.Fatalf("the API saw X-Forwarded-For %q, want %q", got, c.want)
+			}
+		})
+	}
 }

@@ -204,12 +204,8 @@ func NewEdgeMain(ctx context.Context, cfg Config, log *slog.Logger) (m *EdgeMain
 		return nil, err
 	}
 	if cfg.Edge.AdminListen != "" {
-		trusted, err := edge.ParseTrustedProxies("edge.trusted_proxies", cfg.Edge.TrustedProxies)
-		if err != nil {
-			return nil, err
-		}
 		admin, err := edge.NewAdmin(cfg.Edge.AdminTokenSHA256, edge.AdminDeps{
-			Store: store, Auditor: m.auditor, Gatherer: m.Registry, Log: log, Trusted: trusted,
+			Store: store, Auditor: m.auditor, Gatherer: m.Registry, Log: log,
 			Ready:  func(c echo.Context) error { return ready(c.Request().Context()) },
 			Scopes: edge.KnownScopes(cfg.Edge.Routes),
 		})
