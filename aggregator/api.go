@@ -213,6 +213,7 @@ func NewServer(cfg Config, d ServerDeps) (*Server, error) {
 	admin := e.Group("/admin/v1", s.authAdmin)
 	admin.GET("/meters", s.listMeters)
 	admin.POST("/meters", s.createMeter)
+	edge.RefuseUnknownMethods(e)
 	edge.RefuseOtherMethods(e, map[string]string{"/healthz": http.MethodGet})
 	edge.RefuseOtherMethods(v1, map[string]string{"/usage": http.MethodGet, "/requests": http.MethodGet, "/meters": http.MethodGet})
 	edge.RefuseOtherMethods(admin, map[string]string{"/meters": http.MethodGet + ", " + http.MethodPost})

@@ -107,6 +107,7 @@ func NewAdmin(tokenSHA256 string, deps AdminDeps) (*Admin, error) {
 	g.GET("/keys/:id", a.getKey)
 	g.POST("/keys/:id/roll", a.rollKey)
 	g.POST("/keys/:id/revoke", a.revokeKey)
+	RefuseUnknownMethods(e)
 	RefuseOtherMethods(e, map[string]string{"/healthz": http.MethodGet, "/readyz": http.MethodGet})
 	RefuseOtherMethods(g, map[string]string{"/accounts/:account": http.MethodPut, "/accounts/:account/keys": http.MethodGet + ", " + http.MethodPost,
 		"/keys/:id": http.MethodGet, "/keys/:id/roll": http.MethodPost, "/keys/:id/revoke": http.MethodPost})

@@ -188,8 +188,7 @@ func RefuseOtherMethods(r MethodRouter, paths map[string]string) {
 			took[strings.TrimSpace(m)] = true
 		}
 		var others []string
-		for _, m := range [...]string{http.MethodGet, http.MethodHead, http.MethodPost, http.MethodPut, http.MethodPatch,
-			http.MethodDelete, http.MethodConnect, http.MethodOptions, http.MethodTrace} {
+		for _, m := range echoMethods {
 			if !took[m] {
 				others = append(others, m)
 			}
@@ -206,6 +205,29 @@ func RefuseOtherMethods(r MethodRouter, paths map[string]string) {
 		}
 		r.Match(others, path, refuse)
 	}
+}
+
+// echoMethods are the methods echo routes by name: RFC 9110's and WebDAV's
+// PROPFIND and REPORT.
+var echoMethods = [...]string{http.MethodGet, http.MethodHead, http.MethodPost, http.MethodPut, http.MethodPatch,
+	http.MethodDelete, http.MethodConnect, http.MethodOptions, http.MethodTrace, echo.PROPFIND, echo.REPORT}
+
+// RefuseUnknownMethods answers a method outside echoMethods with 501
+// method_not_implemented, before routing: echo answered one 404 under a
+// group, or 405 with an Allow header naming every method RefuseOtherMethods
+// refuses.
+func RefuseUnknownMethods(e *echo.Echo) {
+	e.Pre(func(next echo.HandlerFunc) echo.HandlerFunc {
+		return func(c echo.Context) error {
+			for _, m := range echoMethods {
+				if c.Request().Method == m {
+					return next(c)
+				}
+			}
+			return NewAPIError(http.StatusNotImplemented, TypeInvalidRequest, "method_not_implemented",
+				fmt.Sprintf("Method %s is not one this API knows.", strconv.QuoteToASCII(c.Request().Method)))
+		}
+	})
 }
 
 // ErrorJSON is the body of an error response.

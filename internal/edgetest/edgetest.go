@@ -457,7 +457,7 @@ func CheckOtherMethods(t *testing.T, url, token, allow string) {
 		took[strings.TrimSpace(m)] = true
 	}
 	for _, m := range []string{http.MethodGet, http.MethodHead, http.MethodPost, http.MethodPut, http.MethodPatch,
-		http.MethodDelete, http.MethodOptions, http.MethodTrace} {
+		http.MethodDelete, http.MethodOptions, http.MethodTrace, "PROPFIND", "REPORT", "BREW"} {
 		if took[m] {
 			continue
 		}
@@ -474,6 +474,14 @@ func CheckOtherMethods(t *testing.T, url, token, allow string) {
 		}
 		body, _ := io.ReadAll(resp.Body)
 		resp.Body.Close()
+		if m == "BREW" {
+			// A method no one knows is not implemented here, whatever
+			// the path.
+			if resp.StatusCode != http.StatusNotImplemented || !strings.Contains(string(body), `"method_not_implemented"`) {
+				t.Errorf("BREW %s: %d %s; want 501 method_not_implemented", url, resp.StatusCode, body)
+			}
+			continue
+		}
 		if m == http.MethodOptions {
 			// Under CORS middleware, an OPTIONS is its to answer (204,
 			// without Allow).

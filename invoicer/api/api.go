@@ -77,6 +77,7 @@ func New(keys KeyStore, store invoicer.Store, usage invoicer.UsageReader, proj P
 	g.GET("/invoices/upcoming", s.upcoming, requireScope(InvoicesScope))
 	g.GET("/invoices", s.list, requireScope(InvoicesScope))
 	g.GET("/invoices/:id", s.get, requireScope(InvoicesScope))
+	edge.RefuseUnknownMethods(e)
 	edge.RefuseOtherMethods(e, map[string]string{"/healthz": http.MethodGet, "/v1/webhooks/stripe": http.MethodPost})
 	edge.RefuseOtherMethods(g, map[string]string{"/usage/current": http.MethodGet, "/invoices/upcoming": http.MethodGet,
 		"/invoices": http.MethodGet, "/invoices/:id": http.MethodGet})
