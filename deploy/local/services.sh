@@ -65,11 +65,7 @@ KAFKA_HEAP_OPTS=${KAFKA_HEAP_OPTS:--Xmx768m -Xms256m}
 log() { printf 'services: %s\n' "$*" >&2; }
 die() { printf 'services: error: %s\n' "$*" >&2; exit 1; }
 
-as_root() {
-  if [[ $EUID -eq 0 ]]; then "$@"
-  elif command -v sudo >/dev/null; then sudo "$@"
-  else die "installing needs root: run this as root, install sudo, or install these yourself first: $*"; fi
-}
+as_root() { if [[ $EUID -eq 0 ]]; then "$@"; else sudo "$@"; fi; }
 
 # ---------------------------------------------------------------- helpers
 
@@ -220,6 +216,30 @@ java_version() {
     awk -F' = ' '/java.specification.version/ { print $2; found = 1 } END { exit !found }'
 }
 
+# check_java stops with what to install unless the java on PATH is 17 or
+# later, which Kafka 4 needs.
+check_java() {
+  local jv
+  jv=$(java_version) || die "Kafka 4 needs Java 17 or later, and there is no java on PATH: install openjdk-17-jre-headless"
+  [[ $jv =~ ^([0-9]+) ]] && ((BASH_REMATCH[1] >= 17)) ||
+    die "Kafka 4 needs Java 17 or later, and the java on PATH is $jv: install openjdk-17-jre-headless (or newer) and put its java first on PATH"
+}
+
+# check_go stops with what to install unless Go 1.21 or later is installed:
+# it builds Tollgate and stripe-mock, and fetches the toolchain go.mod names
+# by itself. Debian bookworm's golang-go (1.19) cannot read this go.mod.
+# The installed Go is asked from outside the repository, so that it does
+# not first try to fetch the one go.mod names.
+check_go() {
+  local gv out
+  command -v go >/dev/null || die "Go is not installed: install Go 1.21 or later from https://go.dev/dl and run this again"
+  out=$(cd / && GOTOOLCHAIN=local go env GOVERSION 2>&1) || die "go env GOVERSION failed: $out"
+  gv=$out
+  [[ $gv == devel* ]] && return 0
+  [[ $gv =~ ^go1\.([0-9]+) ]] && ((BASH_REMATCH[1] >= 21)) ||
+    die "Go $gv is too old: install Go 1.21 or later from https://go.dev/dl (it then fetches the Go this project names in go.mod)"
+}
+
 install_apt() {
   local missing=() p
   for p in "${APT_PACKAGES[@]}"; do
@@ -231,26 +251,18 @@ install_apt() {
     if [[ -s $STATE/postgres/data/PG_VERSION ]]; then missing+=("postgresql-$(<"$STATE/postgres/data/PG_VERSION")")
     else missing+=(postgresql); fi
   fi
-  # Kafka 4 needs Java 17 or later.
-  local jv
-  if jv=$(java_version); then
-    ((${jv%%.*} >= 17)) || die "Kafka 4 needs Java 17 or later, and the java on PATH is $jv: install openjdk-17-jre-headless (or newer) and put its java first on PATH"
-  else
-    missing+=(openjdk-17-jre-headless)
-  fi
-  # Go builds Tollgate and stripe-mock. Debian's golang-go is too old on
-  # bookworm (1.19 cannot read this go.mod); Go 1.21 or later fetches the
-  # toolchain go.mod names by itself.
-  local gv
-  gv=$(go env GOVERSION 2>/dev/null) || die "Go is not installed: install Go 1.21 or later from https://go.dev/dl and run this again"
-  [[ $gv =~ ^go1\.([0-9]+) ]] && ((BASH_REMATCH[1] >= 21)) ||
-    die "Go $gv is too old: install Go 1.21 or later from https://go.dev/dl (it then fetches the Go this project names in go.mod)"
+  # Kafka 4 needs Java 17 or later (check_java, when Kafka starts).
+  command -v java >/dev/null || missing+=(openjdk-17-jre-headless)
+  check_go
   command -v mvn >/dev/null || missing+=(maven)
   command -v curl >/dev/null || missing+=(curl)
   # The race detector's pass in `make test` needs a C compiler.
   command -v cc >/dev/null || missing+=(gcc)
   python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3 python3-venv)
   ((${#missing[@]})) || return 0
+  if ((EUID != 0)) && ! command -v sudo >/dev/null; then
+    die "installing needs root: run this as root, install sudo, or install these packages yourself first: ${missing[*]}"
+  fi
   log "apt: installing ${missing[*]}"
   # Keep the packages' own init scripts from starting system-wide instances on
   # the default ports: this script runs its own.
@@ -407,6 +419,7 @@ EOF
 
 start_kafka() {
   local k=$STATE/kafka
+  check_java
   kafka_config
   if [[ ! -f $k/data/meta.properties ]]; then
     [[ -s $k/cluster-id ]] || kafka_tool kafka.tools.StorageTool random-uuid >"$k/cluster-id"

@@ -305,7 +305,7 @@ async function loadUsage() {
   if (body.complete_through) notes.push("complete through " + when(body.complete_through));
   if (overflowed.size > 0) {
     notes.push(num.format(overflowed.size) + " " + windowName + (overflowed.size === 1 ? " adds" : "s add") +
-      " up past 9,223,372,036,854,775,807 (or below its negative), more than can be counted: left out of the total and the chart, and marked overflow below");
+      " up past 9,223,372,036,854,775,807 (or below -9,223,372,036,854,775,808), more than can be counted: left out of the total and the chart, and marked overflow below");
   }
   if (body.too_late_events) notes.push(num.format(body.too_late_events) + " events arrived too late to count and were reported");
   if (partial) {
