@@ -2043,6 +2043,9 @@ func TestUnderscoreSpellingsOfTheForwardingHeadersAreDropped(t *testing.T) {
 			for _, name := range []string{"X_Forwarded_For", "x_forwarded-host", "X-Forwarded_Proto", "Request_Id", "X_HTTP_Method_Override", "X_Custom"} {
 				req.Header[name] = []string{"forged"}
 			}
+			// RFC 7239's Forwarded, which Rack and Spring read before
+			// X-Forwarded-*, is the caller's to forge as well.
+			req.Header.Set("Forwarded", "forged")
 			resp, err := http.DefaultClient.Do(req)
 			testenv.Must(t, err, "call")
 			var echo demo.Echo
@@ -2395,6 +2398,94 @@ func TestARequestTheFrontCannotReadLogsNoKey(t *testing.T) {
 			})
 			if logs.Contains(secret) || logs.Contains(secret[8:20]) || logs.Contains(basic[:16]) {
 				t.Fatalf("the caller's key is in the log:\n%s", logs.String())
+			}
+		})
+	}
+}
+
+// answeringWith is an upstream that answers every call with raw, as
+// written: an answer net/http would not write itself.
+func answeringWith(t *testing.T, raw string) string {
+	return rawUpstream(t, func(conn net.Conn, _ *bufio.Reader) {
+		_, _ = io.WriteString(conn, raw)
+		time.Sleep(50 * time.Millisecond) // let the edge read it before the close
+	})
+}
+
+// An upstream's answer to an upgrade, switched or declined, reaches the
+// caller without the headers the upstream's Connection named for its own
+// hop, or Keep-Alive; a switch to a protocol the caller did not ask for is
+// refused with 502 and metered so, as net/http's ReverseProxy refuses it.
+// Both fronts.
+func TestUpgradeAnswersKeepTheUpstreamsHopToItself(t *testing.T) {
+	env := edgetest.New(t)
+	key, _ := env.Key(t, "acct_upgrade_hops", edge.Secret, schemas.Live)
+	declined := answeringWith(t, "HTTP/1.1 403 Forbidden\r\nConnection: X-Internal-Token\r\nX-Internal-Token: between-upstream-and-proxy\r\n"+
+		"Keep-Alive: timeout=5\r\nX-Kept: yes\r\nContent-Length: 2\r\n\r\nno")
+	switched := answeringWith(t, "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade, X-Internal-Token\r\nUpgrade: echo\r\n"+
+		"X-Internal-Token: between-upstream-and-proxy\r\nKeep-Alive: timeout=5\r\nX-Kept: yes\r\n\r\n")
+	other := answeringWith(t, "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n")
+	handshake := func(t *testing.T, url string) *http.Response {
+		conn, err := net.Dial("tcp", strings.TrimPrefix(url, "http://"))
+		testenv.Must(t, err, "dial the edge")
+		t.Cleanup(func() { conn.Close() })
+		_ = conn.SetDeadline(time.Now().Add(10 * time.Second))
+		_, err = io.WriteString(conn, "GET /v1/socket HTTP/1.1\r\nHost: edge.test\r\nAuthorization: Bearer "+key+"\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+		testenv.Must(t, err, "send the upgrade")
+		resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+		testenv.Must(t, err, "read the answer")
+		return resp
+	}
+	for _, fr := range fronts {
+		t.Run(fr.name, func(t *testing.T) {
+			for _, c := range []struct {
+				name, upstream string
+				status         int
+			}{{"declined", declined, 403}, {"switched", switched, 101}} {
+				in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP, Config: func(cfg *edge.Config) { cfg.Upstream = c.upstream }})
+				resp := handshake(t, in.URL)
+				if resp.StatusCode != c.status || resp.Header.Get("X-Kept") != "yes" {
+					t.Fatalf("%s: status %d, X-Kept %q; want %d with the upstream's own headers", c.name, resp.StatusCode, resp.Header.Get("X-Kept"), c.status)
+				}
+				if got := resp.Header.Get("X-Internal-Token") + resp.Header.Get("Keep-Alive"); got != "" {
+					t.Errorf("%s: the caller got the upstream's hop-by-hop headers: %v", c.name, resp.Header)
+				}
+				if c.status == 101 && !strings.EqualFold(resp.Header.Get("Connection"), "Upgrade") {
+					t.Errorf("switched: Connection %q, want Upgrade", resp.Header.Get("Connection"))
+				}
+			}
+			in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP, Config: func(cfg *edge.Config) { cfg.Upstream = other }})
+			resp := handshake(t, in.URL)
+			if resp.StatusCode != http.StatusBadGateway {
+				t.Fatalf("an upstream switching to h2c when echo was asked: status %d, want 502", resp.StatusCode)
+			}
+			if ev := eventFor(t, env, resp.Header.Get(edge.HeaderRequestID)); ev.Status != http.StatusBadGateway {
+				t.Fatalf("its event has status %d, want 502", ev.Status)
+			}
+		})
+	}
+}
+
+// Connection may not make the headers that frame a request hop-by-hop: a
+// caller naming Content-Length in it still has its body proxied whole,
+// where the fasthttp front dropped the length and answered 502. Both fronts.
+func TestConnectionCannotDropARequestsFraming(t *testing.T) {
+	env := edgetest.New(t)
+	key, _ := env.Key(t, "acct_framing", edge.Secret, schemas.Live)
+	for _, fr := range fronts {
+		t.Run(fr.name, func(t *testing.T) {
+			in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP})
+			body := strings.Repeat("b", 64)
+			req, _ := http.NewRequest("POST", in.URL+"/v1/things", strings.NewReader(body))
+			req.Header.Set("Authorization", "Bearer "+key)
+			req.Header.Set("Connection", "Content-Length, Transfer-Encoding, Host")
+			resp, err := http.DefaultClient.Do(req)
+			testenv.Must(t, err, "call")
+			var echo demo.Echo
+			testenv.Must(t, json.NewDecoder(resp.Body).Decode(&echo), "decode")
+			resp.Body.Close()
+			if resp.StatusCode != 200 || echo.Body != body {
+				t.Fatalf("status %d, the upstream got %d bytes of body; want 200 and all 64", resp.StatusCode, len(echo.Body))
 			}
 		})
 	}

@@ -443,6 +443,25 @@ func (s *Server) at(ci CallInfo) time.Time {
 	return ci.At
 }
 
+// dropSwitchHopByHop leaves, of the hop-by-hop headers of an upstream's
+// 101, only the switch itself (Connection: Upgrade and Upgrade): net/http's
+// ReverseProxy hands a 101's headers to the caller as they came, those the
+// upstream's Connection named for its own hop included.
+func dropSwitchHopByHop(h http.Header) {
+	for _, c := range h.Values("Connection") {
+		for _, name := range strings.Split(c, ",") {
+			if name = strings.TrimSpace(name); name != "" && !strings.EqualFold(name, "Upgrade") &&
+				!strings.EqualFold(name, "Content-Length") && !strings.EqualFold(name, "Transfer-Encoding") {
+				h.Del(name)
+			}
+		}
+	}
+	for _, name := range [...]string{"Keep-Alive", "Proxy-Connection", "Proxy-Authenticate", "Proxy-Authorization", "Te", "Trailer"} {
+		h.Del(name)
+	}
+	h.Set("Connection", "Upgrade")
+}
+
 // clientAddr is the caller's address as the audit log names it: the
 // peer's, or through a trusted proxy, the one it forwarded for.
 func (s *Server) clientAddr(ci CallInfo) string {
@@ -991,6 +1010,9 @@ func (s *Server) newProxy(upstream string) (*httputil.ReverseProxy, error) {
 				if s.cors != nil && IsCORSHeader(name) || IsEdgeHeader(name) {
 					delete(r.Header, name) // the edge's own stand
 				}
+			}
+			if r.StatusCode == http.StatusSwitchingProtocols {
+				dropSwitchHopByHop(r.Header)
 			}
 			// Trailers follow the body unannounced (touchingBody filters
 			// them when it ends): announced, net/http would send the

@@ -581,13 +581,22 @@ func stripResponseHopByHop(h *fh.ResponseHeader) (named []string) {
 	return nil
 }
 
+// isFraming reports whether name is a header that frames the message or
+// names its host: Connection may not make one hop-by-hop. Dropped, a
+// request's Content-Length turned a call with a body into a 502 (its body
+// then overran the length of 0 the upstream was sent).
+func isFraming(name string) bool {
+	return strings.EqualFold(name, fh.HeaderContentLength) || strings.EqualFold(name, fh.HeaderTransferEncoding) ||
+		strings.EqualFold(name, fh.HeaderHost)
+}
+
 func dropHopByHop(h headers) (named []string) {
 	// Every Connection line counts: a second one may name a header too.
 	// The names are copied out before any is deleted, since deleting moves
 	// the values PeekAll points into.
 	for _, c := range h.PeekAll(fh.HeaderConnection) {
 		for _, name := range strings.Split(string(c), ",") {
-			if name = strings.TrimSpace(name); name != "" && !strings.EqualFold(name, "close") && !strings.EqualFold(name, "keep-alive") {
+			if name = strings.TrimSpace(name); name != "" && !strings.EqualFold(name, "close") && !strings.EqualFold(name, "keep-alive") && !isFraming(name) {
 				named = append(named, name)
 			}
 		}
@@ -714,6 +723,10 @@ func (f *Front) forward(ctx *fh.RequestCtx, adm edge.Admission, rid string) (up 
 	}
 	req.Header.Del(fh.HeaderXForwardedFor)
 	req.Header.SetBytesV(fh.HeaderXForwardedFor, xff)
+	// The X-Forwarded-* headers are the edge's to set; a caller's RFC 7239
+	// Forwarded, which Rack and Spring read first, would stand beside them
+	// with whatever it says (net/http's ReverseProxy drops it too).
+	req.Header.Del("Forwarded")
 	req.Header.Del("X-Forwarded-Host")
 	if host := req.Header.Host(); len(host) > 0 {
 		req.Header.SetBytesV("X-Forwarded-Host", host)

@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/tls"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -110,6 +111,16 @@ func (f *Front) upgrade(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, 
 		return
 	}
 	call.Status = resp.StatusCode
+	if resp.StatusCode == http.StatusSwitchingProtocols && !asked(protocol, resp.Header.Get("Upgrade")) {
+		// A switch to another protocol than the caller asked for (and
+		// upgrade_protocols let through) is not joined, as net/http's
+		// ReverseProxy refuses it too.
+		resp.Body.Close()
+		conn.Close()
+		call.Status = 0
+		fail(fmt.Errorf("the upstream switched to %q when %q was asked for", resp.Header.Get("Upgrade"), protocol))
+		return
+	}
 	if resp.StatusCode != http.StatusSwitchingProtocols {
 		f.declined(ctx, adm, call.RequestID, conn, resp, func(sent int64) {
 			call.ResponseBytes = sent
@@ -131,9 +142,20 @@ func (f *Front) upgrade(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, 
 		}
 		writeHeader(&head, string(k), string(v))
 	}
+	// Of the upstream's hop-by-hop headers, only the switch itself
+	// (Connection: Upgrade and Upgrade) is the caller's too.
+	named := connectionNamed(resp.Header)
 	for k, vs := range resp.Header {
 		if f.cors != nil && edge.IsCORSHeader(k) || edge.IsEdgeHeader(k) {
 			continue // the edge's own stand, written above
+		}
+		switch {
+		case k == fh.HeaderConnection:
+			writeHeader(&head, k, "Upgrade")
+			continue
+		case k == fh.HeaderUpgrade:
+		case isHopByHop([]byte(k)) || named[k]:
+			continue
 		}
 		for _, v := range vs {
 			writeHeader(&head, k, v)
@@ -191,13 +213,43 @@ func (f *Front) upgrade(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, 
 	})
 }
 
+// asked reports whether got, the protocol an upstream switched to, is one
+// of those the caller's Upgrade header (asked) listed.
+func asked(asked, got string) bool {
+	got = strings.TrimSpace(got)
+	for _, p := range strings.Split(asked, ",") {
+		if got != "" && strings.EqualFold(strings.TrimSpace(p), got) {
+			return true
+		}
+	}
+	return false
+}
+
+// connectionNamed are the header names (canonical) an answer's Connection
+// lines name: hop-by-hop headers of the upstream's connection.
+func connectionNamed(h http.Header) map[string]bool {
+	var named map[string]bool
+	for _, c := range h.Values("Connection") {
+		for _, name := range strings.Split(c, ",") {
+			if name = strings.TrimSpace(name); name != "" && !isFraming(name) {
+				if named == nil {
+					named = map[string]bool{}
+				}
+				named[http.CanonicalHeaderKey(name)] = true
+			}
+		}
+	}
+	return named
+}
+
 // declined answers an upgrade the upstream did not switch to with the
 // upstream's answer, body streamed, and closes the upstream connection when
 // the body is done.
 func (f *Front) declined(ctx *fh.RequestCtx, adm edge.Admission, rid string, conn net.Conn, resp *http.Response, done func(sent int64)) {
 	ctx.SetStatusCode(resp.StatusCode)
+	named := connectionNamed(resp.Header)
 	for k, vs := range resp.Header {
-		if isHopByHop([]byte(k)) || f.cors != nil && edge.IsCORSHeader(k) || edge.IsEdgeHeader(k) {
+		if isHopByHop([]byte(k)) || named[k] || f.cors != nil && edge.IsCORSHeader(k) || edge.IsEdgeHeader(k) {
 			continue
 		}
 		switch k {
