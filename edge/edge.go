@@ -175,6 +175,12 @@ type Config struct {
 	// UpstreamCAFile is a PEM file of certificate authorities trusted, on
 	// top of the system's, for https upstreams (an internal CA, say).
 	UpstreamCAFile string `yaml:"upstream_ca_file"`
+	// UpstreamClientCertFile and UpstreamClientKeyFile, both PEM, are the
+	// certificate the edge shows an https upstream that asks for one
+	// (mutual TLS): an upstream that requires it takes calls from the
+	// edge alone, and can trust the identity headers it sets.
+	UpstreamClientCertFile string `yaml:"upstream_client_cert_file"`
+	UpstreamClientKeyFile  string `yaml:"upstream_client_key_file"`
 	// UpstreamTimeout bounds each silence of the upstream: the wait for its
 	// answer (504 past it), between two parts of a streamed body, or on a
 	// write of the request. A stream that keeps sending is never cut. The
@@ -369,7 +375,7 @@ func (c *Config) Validate() error {
 			errs = append(errs, fmt.Errorf("%s: want an http(s) URL, got %q", name, redact.URL(u)))
 		}
 	}
-	if c.UpstreamCAFile != "" {
+	if c.UpstreamCAFile != "" || c.UpstreamClientCertFile != "" || c.UpstreamClientKeyFile != "" {
 		if _, err := c.UpstreamTLS(); err != nil {
 			errs = append(errs, err)
 		}
@@ -457,9 +463,20 @@ func (c *Config) UpstreamDialTimeout() time.Duration {
 }
 
 // UpstreamTLS is the TLS configuration for https upstreams: the system's
-// roots, plus UpstreamCAFile's when set.
+// roots, plus UpstreamCAFile's when set, and the client certificate when
+// UpstreamClientCertFile and UpstreamClientKeyFile are set.
 func (c *Config) UpstreamTLS() (*tls.Config, error) {
 	cfg := &tls.Config{MinVersion: tls.VersionTLS12}
+	switch {
+	case c.UpstreamClientCertFile != "" && c.UpstreamClientKeyFile != "":
+		cert, err := tls.LoadX509KeyPair(c.UpstreamClientCertFile, c.UpstreamClientKeyFile)
+		if err != nil {
+			return nil, fmt.Errorf("edge.upstream_client_cert_file and edge.upstream_client_key_file: %w", err)
+		}
+		cfg.Certificates = []tls.Certificate{cert}
+	case c.UpstreamClientCertFile != "" || c.UpstreamClientKeyFile != "":
+		return nil, errors.New("edge.upstream_client_cert_file and edge.upstream_client_key_file: set both or neither")
+	}
 	if c.UpstreamCAFile == "" {
 		return cfg, nil
 	}

@@ -123,3 +123,71 @@ func selfSigned(t *testing.T) (certFile, keyFile string, roots *x509.CertPool) {
 	roots.AddCert(cert)
 	return certFile, keyFile, roots
 }
+
+// TestMutualTLSUpstream proxies to an https upstream that requires a client
+// certificate its own CA signed, on both fronts: an edge with
+// upstream_client_cert_file and upstream_client_key_file gets a call and an
+// upgraded connection through; one without is refused by the upstream and
+// answers 502; one with only the certificate is refused at start.
+func TestMutualTLSUpstream(t *testing.T) {
+	env := edgetest.New(t)
+	key, _ := env.Key(t, "acct_mtls", edge.Secret, schemas.Live)
+	// The edge's client certificate, self-signed: the upstream's CA.
+	priv, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	testenv.Must(t, err, "generate a key")
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: "tollgate-edge"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &priv.PublicKey, priv)
+	testenv.Must(t, err, "create the client certificate")
+	keyDER, err := x509.MarshalECPrivateKey(priv)
+	testenv.Must(t, err, "encode the key")
+	dir := t.TempDir()
+	certFile, keyFile := filepath.Join(dir, "client.pem"), filepath.Join(dir, "client-key.pem")
+	testenv.Must(t, os.WriteFile(certFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o600), "write the certificate")
+	testenv.Must(t, os.WriteFile(keyFile, pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: keyDER}), 0o600), "write the key")
+	clientCert, err := x509.ParseCertificate(der)
+	testenv.Must(t, err, "parse the certificate")
+	clients := x509.NewCertPool()
+	clients.AddCert(clientCert)
+
+	mux := http.NewServeMux()
+	mux.HandleFunc("/v1/plain", func(w http.ResponseWriter, r *http.Request) {
+		if r.TLS == nil || len(r.TLS.PeerCertificates) == 0 {
+			http.Error(w, "no client certificate", 500)
+			return
+		}
+		_, _ = io.WriteString(w, "from "+r.TLS.PeerCertificates[0].Subject.CommonName)
+	})
+	mux.Handle("/v1/socket", upgradeEcho)
+	up := httptest.NewUnstartedServer(mux)
+	up.EnableHTTP2 = false
+	up.TLS = &tls.Config{ClientAuth: tls.RequireAndVerifyClientCert, ClientCAs: clients}
+	up.StartTLS()
+	t.Cleanup(up.Close)
+	ca := filepath.Join(t.TempDir(), "ca.pem")
+	testenv.Must(t, os.WriteFile(ca, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: up.Certificate().Raw}), 0o600), "write the CA")
+
+	for _, fr := range fronts {
+		t.Run(fr.name, func(t *testing.T) {
+			in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP, Config: func(c *edge.Config) {
+				c.Upstream, c.UpstreamCAFile, c.UpstreamClientCertFile, c.UpstreamClientKeyFile = up.URL, ca, certFile, keyFile
+			}})
+			if r := edgetest.Do(t, "GET", in.URL+"/v1/plain", key, nil); r.Status != 200 || string(r.Body) != "from tollgate-edge" {
+				t.Fatalf("with the client certificate: status %d body %q", r.Status, r.Body)
+			}
+			conn, _, _ := echoed(t, in, key, "ping\n")
+			conn.Close()
+
+			anonymous := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP, Config: func(c *edge.Config) { c.Upstream, c.UpstreamCAFile = up.URL, ca }})
+			if r := edgetest.Do(t, "GET", anonymous.URL+"/v1/plain", key, nil); r.Status != 502 || r.Error.Code != "upstream_unavailable" {
+				t.Fatalf("without a client certificate: status %d error %+v", r.Status, r.Error)
+			}
+		})
+	}
+	half := edge.Config{Listen: "127.0.0.1:0", Upstream: up.URL, UpstreamClientCertFile: certFile}
+	half.Defaults()
+	if err := half.Validate(); err == nil || !strings.Contains(err.Error(), "set both or neither") {
+		t.Fatalf("a client certificate without its key: %v, want it refused", err)
+	}
+}
