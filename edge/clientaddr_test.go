@@ -119,3 +119,24 @@ func TestTheAuditLogNamesTheCallerBehindATrustedProxy(t *testing.T) {
 		}
 	}
 }
+
+func TestUpgradeAsked(t *testing.T) {
+	for _, c := range []struct {
+		asked, got string
+		want       bool
+	}{
+		{"websocket", "websocket", true},
+		{"websocket", "WebSocket", true},
+		{"echo, websocket", "websocket", true},
+		{"websocket/13", "websocket", true},
+		{"websocket", "websocket/13", true},
+		{"websocket/13", "websocket/8", false},
+		{"echo", "h2c", false},
+		{"websocket", "", false},
+		{"", "websocket", false},
+	} {
+		if got := edge.UpgradeAsked(c.asked, c.got); got != c.want {
+			t.Errorf("UpgradeAsked(%q, %q) = %v, want %v", c.asked, c.got, got, c.want)
+		}
+	}
+}

@@ -213,11 +213,12 @@ var echoMethods = [...]string{http.MethodGet, http.MethodHead, http.MethodPost, 
 	http.MethodDelete, http.MethodConnect, http.MethodOptions, http.MethodTrace, echo.PROPFIND, echo.REPORT}
 
 // RefuseUnknownMethods answers a method outside echoMethods with 501
-// method_not_implemented, before routing: echo answered one 404 under a
-// group, or 405 with an Allow header naming every method RefuseOtherMethods
-// refuses.
+// method_not_implemented: echo answered one 404 under a group, or 405 with
+// an Allow header naming every method RefuseOtherMethods refuses. It runs
+// as e's middleware, after those added before it (the request id's), on
+// whatever the router found.
 func RefuseUnknownMethods(e *echo.Echo) {
-	e.Pre(func(next echo.HandlerFunc) echo.HandlerFunc {
+	e.Use(func(next echo.HandlerFunc) echo.HandlerFunc {
 		return func(c echo.Context) error {
 			for _, m := range echoMethods {
 				if c.Request().Method == m {

@@ -2425,12 +2425,18 @@ func TestUpgradeAnswersKeepTheUpstreamsHopToItself(t *testing.T) {
 	switched := answeringWith(t, "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade, X-Internal-Token\r\nUpgrade: echo\r\n"+
 		"X-Internal-Token: between-upstream-and-proxy\r\nKeep-Alive: timeout=5\r\nX-Kept: yes\r\n\r\n")
 	other := answeringWith(t, "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n")
-	handshake := func(t *testing.T, url string) *http.Response {
+	plain := answeringWith(t, "HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n")
+	bare := answeringWith(t, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n") // no Connection line
+	handshake := func(t *testing.T, url string, protocol ...string) *http.Response {
+		asking := "echo"
+		if len(protocol) > 0 {
+			asking = protocol[0]
+		}
 		conn, err := net.Dial("tcp", strings.TrimPrefix(url, "http://"))
 		testenv.Must(t, err, "dial the edge")
 		t.Cleanup(func() { conn.Close() })
 		_ = conn.SetDeadline(time.Now().Add(10 * time.Second))
-		_, err = io.WriteString(conn, "GET /v1/socket HTTP/1.1\r\nHost: edge.test\r\nAuthorization: Bearer "+key+"\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+		_, err = io.WriteString(conn, "GET /v1/socket HTTP/1.1\r\nHost: edge.test\r\nAuthorization: Bearer "+key+"\r\nConnection: Upgrade\r\nUpgrade: "+asking+"\r\n\r\n")
 		testenv.Must(t, err, "send the upgrade")
 		resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
 		testenv.Must(t, err, "read the answer")
@@ -2461,6 +2467,26 @@ func TestUpgradeAnswersKeepTheUpstreamsHopToItself(t *testing.T) {
 			}
 			if ev := eventFor(t, env, resp.Header.Get(edge.HeaderRequestID)); ev.Status != http.StatusBadGateway {
 				t.Fatalf("its event has status %d, want 502", ev.Status)
+			}
+			// The switch asked for, one of several, or without the
+			// version asked with: a 101 with Connection: Upgrade.
+			in = env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP, Config: func(cfg *edge.Config) { cfg.Upstream = plain }})
+			for _, asking := range []string{"websocket", "echo, websocket", "websocket/13"} {
+				resp := handshake(t, in.URL, asking)
+				if resp.StatusCode != http.StatusSwitchingProtocols || !strings.EqualFold(resp.Header.Get("Connection"), "Upgrade") {
+					t.Errorf("asking %q of an upstream switching to websocket: status %d, Connection %q; want 101 with Connection: Upgrade",
+						asking, resp.StatusCode, resp.Header.Get("Connection"))
+				}
+			}
+			// An upstream's 101 without its Connection line: the fasthttp
+			// front still writes Connection: Upgrade, which a WebSocket
+			// client requires; net/http's ReverseProxy takes no such 101
+			// as a switch, and answers 502.
+			in = env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP, Config: func(cfg *edge.Config) { cfg.Upstream = bare }})
+			resp = handshake(t, in.URL, "websocket")
+			if want := map[bool]int{false: 101, true: 502}[fr.netHTTP]; resp.StatusCode != want ||
+				want == 101 && !strings.EqualFold(resp.Header.Get("Connection"), "Upgrade") {
+				t.Errorf("a 101 without Connection: status %d, Connection %q; want %d", resp.StatusCode, resp.Header.Get("Connection"), want)
 			}
 		})
 	}

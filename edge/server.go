@@ -443,6 +443,24 @@ func (s *Server) at(ci CallInfo) time.Time {
 	return ci.At
 }
 
+// UpgradeAsked reports whether got, the protocol an upstream switched to
+// (its 101's Upgrade), is one of those a caller's Upgrade header (asked)
+// listed: by name, case aside, and by version when both give one
+// (websocket/13 answered websocket is the switch asked for).
+func UpgradeAsked(asked, got string) bool {
+	gotName, gotVersion, _ := strings.Cut(strings.TrimSpace(got), "/")
+	if gotName == "" {
+		return false
+	}
+	for _, p := range strings.Split(asked, ",") {
+		name, version, _ := strings.Cut(strings.TrimSpace(p), "/")
+		if strings.EqualFold(name, gotName) && (version == "" || gotVersion == "" || strings.EqualFold(version, gotVersion)) {
+			return true
+		}
+	}
+	return false
+}
+
 // dropSwitchHopByHop leaves, of the hop-by-hop headers of an upstream's
 // 101, only the switch itself (Connection: Upgrade and Upgrade): net/http's
 // ReverseProxy hands a 101's headers to the caller as they came, those the
@@ -1013,6 +1031,12 @@ func (s *Server) newProxy(upstream string) (*httputil.ReverseProxy, error) {
 			}
 			if r.StatusCode == http.StatusSwitchingProtocols {
 				dropSwitchHopByHop(r.Header)
+				// net/http then requires the switch to be to the
+				// caller's whole Upgrade value; a caller may list
+				// several, or give a version the upstream leaves out.
+				if got := r.Header.Get("Upgrade"); UpgradeAsked(r.Request.Header.Get("Upgrade"), got) {
+					r.Request.Header.Set("Upgrade", got)
+				}
 			}
 			// Trailers follow the body unannounced (touchingBody filters
 			// them when it ends): announced, net/http would send the

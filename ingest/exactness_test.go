@@ -211,7 +211,7 @@ func TestExactlyOnceThroughCrashesAndAClickHouseRestart(t *testing.T) {
 		b, _ := os.ReadFile(logf.Name())
 		n := 0
 		for _, line := range bytes.Split(b, []byte("\n")) {
-			if bytes.Contains(line, []byte("ingest step failed, retrying")) && bytes.Contains(line, []byte("insert")) {
+			if bytes.Contains(line, []byte("ingest step failed, retrying")) && bytes.Contains(line, []byte("step=insert ")) {
 				n++
 			}
 		}

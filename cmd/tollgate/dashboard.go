@@ -28,8 +28,8 @@ type DashboardConfig struct {
 	InvoiceAPI string `yaml:"invoice_api"`
 	// TrustedProxies are the addresses and CIDR ranges of the proxies in
 	// front of the dashboard (a TLS load balancer) whose X-Forwarded-For
-	// it passes on, with the caller's address after it; from any other
-	// caller it passes on only the caller's address.
+	// it believes: the caller it names is the one the dashboard passes
+	// on; from any other caller, the address the connection came from.
 	TrustedProxies []string `yaml:"trusted_proxies"`
 }
 
@@ -80,15 +80,14 @@ func forwardTo(base string, trusted edge.TrustedProxies, log *slog.Logger) (http
 	return &httputil.ReverseProxy{
 		// The caller's address goes on in X-Forwarded-For, for the audit
 		// log of the usage and invoice APIs, which believe it when they
-		// list the dashboard in their trusted_proxies; after the chain a
-		// trusted proxy in front of the dashboard sent, which Rewrite
-		// otherwise drops.
+		// list the dashboard in their trusted_proxies: the address the
+		// connection came from, or behind a balancer listed in
+		// dashboard.trusted_proxies, the caller it forwarded for, resolved
+		// here (the APIs trust the dashboard, not the balancer).
 		Rewrite: func(r *httputil.ProxyRequest) {
 			r.SetURL(u)
-			if chain := r.In.Header.Values("X-Forwarded-For"); len(chain) > 0 && trusted.Trusts(r.In.RemoteAddr) {
-				r.Out.Header["X-Forwarded-For"] = chain
-			}
 			r.SetXForwarded()
+			r.Out.Header.Set("X-Forwarded-For", trusted.RequestClientAddr(r.In))
 		},
 		// Usage, invoices and the request log are an account's: a
 		// browser keeps none of it on disk, where it would outlive the

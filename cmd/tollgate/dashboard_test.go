@@ -105,9 +105,10 @@ func TestDashboardServesPagesAndForwardsEachAPIWithTheCallersKey(t *testing.T) {
 }
 
 // TestTheDashboardPassesOnOnlyATrustedProxysChain: behind a load balancer
-// listed in dashboard.trusted_proxies, the chain it sent goes on with the
-// balancer's address after it, so the usage and invoice APIs can name the
-// caller; from anyone else only the caller's own address goes on.
+// listed in dashboard.trusted_proxies, the caller the balancer forwarded
+// for goes on as X-Forwarded-For, so the usage and invoice APIs, which
+// trust the dashboard alone, name the caller; from anyone else only the
+// caller's own address goes on.
 func TestTheDashboardPassesOnOnlyATrustedProxysChain(t *testing.T) {
 	var mu sync.Mutex
 	var forwarded []string
@@ -127,7 +128,7 @@ func TestTheDashboardPassesOnOnlyATrustedProxysChain(t *testing.T) {
 		peer    string
 		want    string
 	}{
-		{"a trusted balancer's chain goes on", lb, "10.0.0.5:4431", "203.0.113.9, 10.0.0.5"},
+		{"behind a trusted balancer, the caller it forwarded for", lb, "10.0.0.5:4431", "203.0.113.9"},
 		{"an untrusted caller's header is not passed on", lb, "198.51.100.7:4431", "198.51.100.7"},
 		{"without trusted proxies, only the caller's address", nil, "10.0.0.5:4431", "10.0.0.5"},
 	} {

@@ -234,7 +234,7 @@ check_go() {
   local gv out
   command -v go >/dev/null || die "Go is not installed: install Go 1.21 or later from https://go.dev/dl and run this again"
   out=$(cd / && GOTOOLCHAIN=local go env GOVERSION 2>&1) || die "go env GOVERSION failed: $out"
-  gv=$out
+  gv=${out##*$'\n'} # the version is the last line, after any warning
   [[ $gv == devel* ]] && return 0
   [[ $gv =~ ^go1\.([0-9]+) ]] && ((BASH_REMATCH[1] >= 21)) ||
     die "Go $gv is too old: install Go 1.21 or later from https://go.dev/dl (it then fetches the Go this project names in go.mod)"

@@ -143,15 +143,17 @@ func (f *Front) upgrade(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, 
 		writeHeader(&head, string(k), string(v))
 	}
 	// Of the upstream's hop-by-hop headers, only the switch itself
-	// (Connection: Upgrade and Upgrade) is the caller's too.
+	// (Connection: Upgrade and Upgrade) is the caller's too; Connection:
+	// Upgrade is written whether the upstream sent it or not, as a
+	// WebSocket client requires it.
 	named := connectionNamed(resp.Header)
+	writeHeader(&head, fh.HeaderConnection, "Upgrade")
 	for k, vs := range resp.Header {
 		if f.cors != nil && edge.IsCORSHeader(k) || edge.IsEdgeHeader(k) {
 			continue // the edge's own stand, written above
 		}
 		switch {
 		case k == fh.HeaderConnection:
-			writeHeader(&head, k, "Upgrade")
 			continue
 		case k == fh.HeaderUpgrade:
 		case isHopByHop([]byte(k)) || named[k]:
@@ -216,13 +218,7 @@ func (f *Front) upgrade(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, 
 // asked reports whether got, the protocol an upstream switched to, is one
 // of those the caller's Upgrade header (asked) listed.
 func asked(asked, got string) bool {
-	got = strings.TrimSpace(got)
-	for _, p := range strings.Split(asked, ",") {
-		if got != "" && strings.EqualFold(strings.TrimSpace(p), got) {
-			return true
-		}
-	}
-	return false
+	return edge.UpgradeAsked(asked, got)
 }
 
 // connectionNamed are the header names (canonical) an answer's Connection

@@ -477,8 +477,9 @@ func CheckOtherMethods(t *testing.T, url, token, allow string) {
 		if m == "BREW" {
 			// A method no one knows is not implemented here, whatever
 			// the path.
-			if resp.StatusCode != http.StatusNotImplemented || !strings.Contains(string(body), `"method_not_implemented"`) {
-				t.Errorf("BREW %s: %d %s; want 501 method_not_implemented", url, resp.StatusCode, body)
+			if resp.StatusCode != http.StatusNotImplemented || !strings.Contains(string(body), `"method_not_implemented"`) ||
+				!strings.Contains(string(body), `"request_id":"req_`) {
+				t.Errorf("BREW %s: %d %s; want 501 method_not_implemented with a request id", url, resp.StatusCode, body)
 			}
 			continue
 		}

@@ -187,7 +187,7 @@ func startedWhenWritten(pidFile string) bool {
 		return false
 	}
 	const userHZ = 100 // Linux's clock ticks per second as /proc reports them
-	started := boot.Add(time.Duration(ticks) * time.Second / userHZ)
+	started := boot.Add(time.Duration(ticks) * (time.Second / userHZ))
 	return !started.After(info.ModTime().Add(5 * time.Second))
 }
 
