@@ -134,6 +134,10 @@ func TestUpgradeAsked(t *testing.T) {
 		{"echo", "h2c", false},
 		{"websocket", "", false},
 		{"", "websocket", false},
+		{"websocket", "websocket/13, h2c", false},
+		{"websocket", "websocket/x h2c", false},
+		{"echo", "echo/1,h2c", false},
+		{"websocket", "websocket/", false},
 	} {
 		if got := edge.UpgradeAsked(c.asked, c.got); got != c.want {
 			t.Errorf("UpgradeAsked(%q, %q) = %v, want %v", c.asked, c.got, got, c.want)

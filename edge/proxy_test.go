@@ -2427,6 +2427,7 @@ func TestUpgradeAnswersKeepTheUpstreamsHopToItself(t *testing.T) {
 	other := answeringWith(t, "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n")
 	plain := answeringWith(t, "HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n")
 	bare := answeringWith(t, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n") // no Connection line
+	twice := answeringWith(t, "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nUpgrade: h2c\r\n\r\n")
 	handshake := func(t *testing.T, url string, protocol ...string) *http.Response {
 		asking := "echo"
 		if len(protocol) > 0 {
@@ -2477,6 +2478,15 @@ func TestUpgradeAnswersKeepTheUpstreamsHopToItself(t *testing.T) {
 					t.Errorf("asking %q of an upstream switching to websocket: status %d, Connection %q; want 101 with Connection: Upgrade",
 						asking, resp.StatusCode, resp.Header.Get("Connection"))
 				}
+			}
+			// A 101 naming two protocols, one of them not asked for; and a
+			// 101 to an ordinary call, which asked for no switch.
+			in = env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP, Config: func(cfg *edge.Config) { cfg.Upstream = twice }})
+			if resp := handshake(t, in.URL, "websocket"); resp.StatusCode != http.StatusBadGateway {
+				t.Errorf("a 101 with two Upgrade lines: status %d, want 502", resp.StatusCode)
+			}
+			if r := edgetest.Do(t, "GET", in.URL+"/v1/plain", key, nil); r.Status != http.StatusBadGateway {
+				t.Errorf("a 101 to a call that asked for no switch: status %d, want 502", r.Status)
 			}
 			// An upstream's 101 without its Connection line: the fasthttp
 			// front still writes Connection: Upgrade, which a WebSocket

@@ -448,8 +448,10 @@ func (s *Server) at(ci CallInfo) time.Time {
 // listed: by name, case aside, and by version when both give one
 // (websocket/13 answered websocket is the switch asked for).
 func UpgradeAsked(asked, got string) bool {
-	gotName, gotVersion, _ := strings.Cut(strings.TrimSpace(got), "/")
-	if gotName == "" {
+	// got must be one protocol, a token with perhaps a token for its
+	// version: "websocket/13, h2c" is two, one of them not asked for.
+	gotName, gotVersion, versioned := strings.Cut(strings.TrimSpace(got), "/")
+	if !isToken(gotName) || versioned && !isToken(gotVersion) {
 		return false
 	}
 	for _, p := range strings.Split(asked, ",") {
@@ -459,6 +461,21 @@ func UpgradeAsked(asked, got string) bool {
 		}
 	}
 	return false
+}
+
+// isToken reports whether s is an RFC 9110 token (5.6.2).
+func isToken(s string) bool {
+	if s == "" {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || strings.IndexByte("!#$%&'*+-.^_`|~", c) >= 0 {
+			continue
+		}
+		return false
+	}
+	return true
 }
 
 // dropSwitchHopByHop leaves, of the hop-by-hop headers of an upstream's
@@ -1034,8 +1051,12 @@ func (s *Server) newProxy(upstream string) (*httputil.ReverseProxy, error) {
 				// net/http then requires the switch to be to the
 				// caller's whole Upgrade value; a caller may list
 				// several, or give a version the upstream leaves out.
-				if got := r.Header.Get("Upgrade"); UpgradeAsked(r.Request.Header.Get("Upgrade"), got) {
-					r.Request.Header.Set("Upgrade", got)
+				got := r.Header.Values("Upgrade")
+				if len(got) != 1 {
+					return fmt.Errorf("the upstream's 101 names %d protocols", len(got))
+				}
+				if UpgradeAsked(r.Request.Header.Get("Upgrade"), got[0]) {
+					r.Request.Header.Set("Upgrade", got[0])
 				}
 			}
 			// Trailers follow the body unannounced (touchingBody filters

@@ -867,6 +867,15 @@ func (f *Front) proxy(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, st
 		return
 	}
 	drainBody(counted)
+	if err == nil && resp.StatusCode() == fh.StatusSwitchingProtocols {
+		// A switch on a call that asked for none (or for one the edge
+		// does not carry, whose Upgrade was dropped): its connection now
+		// speaks another protocol, so it is closed, not pooled, and the
+		// call is answered 502, as net/http's ReverseProxy answers it.
+		resp.SetConnectionClose()
+		_ = resp.CloseBodyStream()
+		err = errors.New("the upstream switched protocols on a call that did not ask it to")
+	}
 	if err != nil {
 		fh.ReleaseResponse(resp)
 		ae := upstreamError(err)

@@ -111,7 +111,7 @@ func (f *Front) upgrade(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, 
 		return
 	}
 	call.Status = resp.StatusCode
-	if resp.StatusCode == http.StatusSwitchingProtocols && !asked(protocol, resp.Header.Get("Upgrade")) {
+	if resp.StatusCode == http.StatusSwitchingProtocols && (len(resp.Header.Values("Upgrade")) != 1 || !asked(protocol, resp.Header.Get("Upgrade"))) {
 		// A switch to another protocol than the caller asked for (and
 		// upgrade_protocols let through) is not joined, as net/http's
 		// ReverseProxy refuses it too.
