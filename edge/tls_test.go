@@ -42,13 +42,7 @@ func TestHTTPSUpstream(t *testing.T) {
 		}
 		_, _ = io.WriteString(w, "over TLS")
 	})
-	mux.Handle("/v1/socket", upgradeEcho)
-	up := httptest.NewUnstartedServer(mux)
-	up.EnableHTTP2 = false
-	up.StartTLS()
-	t.Cleanup(up.Close)
-	ca := filepath.Join(t.TempDir(), "ca.pem")
-	testenv.Must(t, os.WriteFile(ca, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: up.Certificate().Raw}), 0o600), "write the CA")
+	up, ca := tlsUpstream(t, mux, nil)
 
 	for _, fr := range fronts {
 		t.Run(fr.name, func(t *testing.T) {
@@ -159,14 +153,7 @@ func TestMutualTLSUpstream(t *testing.T) {
 		}
 		_, _ = io.WriteString(w, "from "+r.TLS.PeerCertificates[0].Subject.CommonName)
 	})
-	mux.Handle("/v1/socket", upgradeEcho)
-	up := httptest.NewUnstartedServer(mux)
-	up.EnableHTTP2 = false
-	up.TLS = &tls.Config{ClientAuth: tls.RequireAndVerifyClientCert, ClientCAs: clients}
-	up.StartTLS()
-	t.Cleanup(up.Close)
-	ca := filepath.Join(t.TempDir(), "ca.pem")
-	testenv.Must(t, os.WriteFile(ca, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: up.Certificate().Raw}), 0o600), "write the CA")
+	up, ca := tlsUpstream(t, mux, &tls.Config{ClientAuth: tls.RequireAndVerifyClientCert, ClientCAs: clients})
 
 	for _, fr := range fronts {
 		t.Run(fr.name, func(t *testing.T) {
@@ -190,4 +177,21 @@ func TestMutualTLSUpstream(t *testing.T) {
 	if err := half.Validate(); err == nil || !strings.Contains(err.Error(), "set both or neither") {
 		t.Fatalf("a client certificate without its key: %v, want it refused", err)
 	}
+}
+
+// tlsUpstream serves mux, with /v1/socket the upgrading echo, over HTTPS
+// (HTTP/1.1, cfg's settings when not nil) with a certificate of its own,
+// and returns it with the path of a PEM file of that certificate, the CA
+// an edge trusts it by (upstream_ca_file).
+func tlsUpstream(t *testing.T, mux *http.ServeMux, cfg *tls.Config) (*httptest.Server, string) {
+	t.Helper()
+	mux.Handle("/v1/socket", upgradeEcho)
+	up := httptest.NewUnstartedServer(mux)
+	up.EnableHTTP2 = false
+	up.TLS = cfg
+	up.StartTLS()
+	t.Cleanup(up.Close)
+	ca := filepath.Join(t.TempDir(), "ca.pem")
+	testenv.Must(t, os.WriteFile(ca, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: up.Certificate().Raw}), 0o600), "write the CA")
+	return up, ca
 }

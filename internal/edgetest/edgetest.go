@@ -475,8 +475,8 @@ func CheckOtherMethods(t *testing.T, url, token, allow string) {
 		body, _ := io.ReadAll(resp.Body)
 		resp.Body.Close()
 		if m == "BREW" {
-			// A method no one knows is not implemented here, whatever
-			// the path.
+			// A method no one knows is refused with 501, whatever the
+			// path.
 			if resp.StatusCode != http.StatusNotImplemented || !strings.Contains(string(body), `"method_not_implemented"`) ||
 				!strings.Contains(string(body), `"request_id":"req_`) {
 				t.Errorf("BREW %s: %d %s; want 501 method_not_implemented with a request id", url, resp.StatusCode, body)

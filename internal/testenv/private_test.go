@@ -18,13 +18,7 @@ func TestPrivateInstanceSurvivesStopStartAndKill9(t *testing.T) {
 	if inst.Addr == RedisAddr() {
 		t.Fatalf("private instance shares the shared address %s", inst.Addr)
 	}
-	c := redis.NewClient(&redis.Options{Addr: inst.Addr, MaxRetries: -1})
-	defer c.Close()
-	ping := func() error {
-		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-		defer cancel()
-		return c.Ping(ctx).Err()
-	}
+	ping := pinger(t, inst.Addr)
 	if err := ping(); err != nil {
 		t.Fatalf("private redis does not answer: %v", err)
 	}
@@ -55,13 +49,7 @@ func TestPrivateInstanceSurvivesStopStartAndKill9(t *testing.T) {
 func TestAPrivateInstanceWhoseTestIsGoneIsSweptAtTheNextStart(t *testing.T) {
 	inst := PrivateRedis(t)
 	state := strings.TrimPrefix(inst.env[0], "TOLLGATE_STATE_DIR=")
-	c := redis.NewClient(&redis.Options{Addr: inst.Addr, MaxRetries: -1})
-	defer c.Close()
-	ping := func() error {
-		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-		defer cancel()
-		return c.Ping(ctx).Err()
-	}
+	ping := pinger(t, inst.Addr)
 	if err := ping(); err != nil {
 		t.Fatalf("private redis does not answer: %v", err)
 	}
@@ -100,5 +88,16 @@ func TestAPidFileIsBelievedOnlyForTheProcessThatWroteIt(t *testing.T) {
 	Must(t, os.WriteFile(f, []byte("999999999"), 0o644), "write")
 	if startedWhenWritten(f) {
 		t.Fatal("a pid file naming no process is believed")
+	}
+}
+
+// pinger asks the Redis at addr for a PING, once per call, without retries.
+func pinger(t *testing.T, addr string) func() error {
+	c := redis.NewClient(&redis.Options{Addr: addr, MaxRetries: -1})
+	t.Cleanup(func() { _ = c.Close() })
+	return func() error {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		return c.Ping(ctx).Err()
 	}
 }
