@@ -2484,9 +2484,13 @@ func TestUpgradeAnswersKeepTheUpstreamsHopToItself(t *testing.T) {
 			in = env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP, Config: func(cfg *edge.Config) { cfg.Upstream = twice }})
 			if resp := handshake(t, in.URL, "websocket"); resp.StatusCode != http.StatusBadGateway {
 				t.Errorf("a 101 with two Upgrade lines: status %d, want 502", resp.StatusCode)
+			} else if ev := eventFor(t, env, resp.Header.Get(edge.HeaderRequestID)); ev.Status != http.StatusBadGateway {
+				t.Errorf("a 101 with two Upgrade lines: its event has status %d, want 502", ev.Status)
 			}
 			if r := edgetest.Do(t, "GET", in.URL+"/v1/plain", key, nil); r.Status != http.StatusBadGateway {
 				t.Errorf("a 101 to a call that asked for no switch: status %d, want 502", r.Status)
+			} else if ev := eventFor(t, env, r.Header.Get(edge.HeaderRequestID)); ev.Status != http.StatusBadGateway {
+				t.Errorf("a 101 to a call that asked for no switch: its event has status %d, want 502", ev.Status)
 			}
 			// An upstream's 101 without its Connection line: the fasthttp
 			// front still writes Connection: Upgrade, which a WebSocket
