@@ -640,15 +640,8 @@ func TestMetersAdminAPI(t *testing.T) {
 		}
 		ctx := context.Background()
 		e.audit.Flush(ctx)
-		var reasons []string
-		rows, err := e.pg.Pool.Query(ctx, `SELECT reason FROM audit_log WHERE action = $1 AND actor = 'meters_admin' ORDER BY reason`,
+		reasons := e.pg.Strings(t, `SELECT reason FROM audit_log WHERE action = $1 AND actor = 'meters_admin' ORDER BY reason`,
 			edge.ActionAdminAuth)
-		testenv.Must(t, err, "read the audit log")
-		for rows.Next() {
-			var r string
-			testenv.Must(t, rows.Scan(&r), "scan")
-			reasons = append(reasons, r)
-		}
 		if fmt.Sprint(reasons) != "[no admin token wrong admin token]" {
 			t.Errorf("audited %q, want the missing and the wrong token", reasons)
 		}
@@ -1044,14 +1037,7 @@ func TestTheUsageAPIAuditsFailedAuthentications(t *testing.T) {
 		}
 	}
 	e.audit.Flush(ctx)
-	var forwarded []string
-	fr, err := e.pg.Pool.Query(ctx, `SELECT actor || ' ' || remote_addr FROM audit_log WHERE remote_addr LIKE '203.0.113.%' ORDER BY 1`)
-	testenv.Must(t, err, "read the audit log")
-	for fr.Next() {
-		var s string
-		testenv.Must(t, fr.Scan(&s), "scan")
-		forwarded = append(forwarded, s)
-	}
+	forwarded := e.pg.Strings(t, `SELECT actor || ' ' || remote_addr FROM audit_log WHERE remote_addr LIKE '203.0.113.%' ORDER BY 1`)
 	if fmt.Sprint(forwarded) != "[meters_admin 203.0.113.9 usage_api 203.0.113.8]" {
 		t.Fatalf("rows of calls through a trusted proxy name %q, want the callers it forwarded for", forwarded)
 	}

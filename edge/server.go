@@ -478,17 +478,42 @@ func isToken(s string) bool {
 	return true
 }
 
+// IsFraming reports whether name is a header that frames the message or
+// names its host: Connection may not make one hop-by-hop. Dropped, a
+// request's Content-Length turned a call with a body into a 502 on the
+// fasthttp front (its body then overran the length of 0 the upstream was
+// sent).
+func IsFraming(name string) bool {
+	return strings.EqualFold(name, "Content-Length") || strings.EqualFold(name, "Transfer-Encoding") ||
+		strings.EqualFold(name, "Host")
+}
+
+// ConnectionNamed are the header names (canonical) a message's Connection
+// lines name, framing fields aside: hop-by-hop headers of the connection
+// it came on.
+func ConnectionNamed(h http.Header) map[string]bool {
+	var named map[string]bool
+	for _, c := range h.Values("Connection") {
+		for _, name := range strings.Split(c, ",") {
+			if name = strings.TrimSpace(name); name != "" && !IsFraming(name) {
+				if named == nil {
+					named = map[string]bool{}
+				}
+				named[http.CanonicalHeaderKey(name)] = true
+			}
+		}
+	}
+	return named
+}
+
 // dropSwitchHopByHop leaves, of the hop-by-hop headers of an upstream's
 // 101, only the switch itself (Connection: Upgrade and Upgrade): net/http's
 // ReverseProxy hands a 101's headers to the caller as they came, those the
 // upstream's Connection named for its own hop included.
 func dropSwitchHopByHop(h http.Header) {
-	for _, c := range h.Values("Connection") {
-		for _, name := range strings.Split(c, ",") {
-			if name = strings.TrimSpace(name); name != "" && !strings.EqualFold(name, "Upgrade") &&
-				!strings.EqualFold(name, "Content-Length") && !strings.EqualFold(name, "Transfer-Encoding") {
-				h.Del(name)
-			}
+	for name := range ConnectionNamed(h) {
+		if name != "Upgrade" {
+			h.Del(name)
 		}
 	}
 	for _, name := range [...]string{"Keep-Alive", "Proxy-Connection", "Proxy-Authenticate", "Proxy-Authorization", "Te", "Trailer"} {

@@ -581,22 +581,13 @@ func stripResponseHopByHop(h *fh.ResponseHeader) (named []string) {
 	return nil
 }
 
-// isFraming reports whether name is a header that frames the message or
-// names its host: Connection may not make one hop-by-hop. Dropped, a
-// request's Content-Length turned a call with a body into a 502 (its body
-// then overran the length of 0 the upstream was sent).
-func isFraming(name string) bool {
-	return strings.EqualFold(name, fh.HeaderContentLength) || strings.EqualFold(name, fh.HeaderTransferEncoding) ||
-		strings.EqualFold(name, fh.HeaderHost)
-}
-
 func dropHopByHop(h headers) (named []string) {
 	// Every Connection line counts: a second one may name a header too.
 	// The names are copied out before any is deleted, since deleting moves
 	// the values PeekAll points into.
 	for _, c := range h.PeekAll(fh.HeaderConnection) {
 		for _, name := range strings.Split(string(c), ",") {
-			if name = strings.TrimSpace(name); name != "" && !strings.EqualFold(name, "close") && !strings.EqualFold(name, "keep-alive") && !isFraming(name) {
+			if name = strings.TrimSpace(name); name != "" && !strings.EqualFold(name, "close") && !strings.EqualFold(name, "keep-alive") && !edge.IsFraming(name) {
 				named = append(named, name)
 			}
 		}

@@ -111,7 +111,7 @@ func (f *Front) upgrade(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, 
 		return
 	}
 	call.Status = resp.StatusCode
-	if resp.StatusCode == http.StatusSwitchingProtocols && (len(resp.Header.Values("Upgrade")) != 1 || !asked(protocol, resp.Header.Get("Upgrade"))) {
+	if resp.StatusCode == http.StatusSwitchingProtocols && (len(resp.Header.Values("Upgrade")) != 1 || !edge.UpgradeAsked(protocol, resp.Header.Get("Upgrade"))) {
 		// A switch to another protocol than the caller asked for (and
 		// upgrade_protocols let through) is not joined, as net/http's
 		// ReverseProxy refuses it too.
@@ -146,7 +146,7 @@ func (f *Front) upgrade(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, 
 	// (Connection: Upgrade and Upgrade) is the caller's too; Connection:
 	// Upgrade is written whether the upstream sent it or not, as a
 	// WebSocket client requires it.
-	named := connectionNamed(resp.Header)
+	named := edge.ConnectionNamed(resp.Header)
 	writeHeader(&head, fh.HeaderConnection, "Upgrade")
 	for k, vs := range resp.Header {
 		if f.cors != nil && edge.IsCORSHeader(k) || edge.IsEdgeHeader(k) {
@@ -215,35 +215,12 @@ func (f *Front) upgrade(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, 
 	})
 }
 
-// asked reports whether got, the protocol an upstream switched to, is one
-// of those the caller's Upgrade header (asked) listed.
-func asked(asked, got string) bool {
-	return edge.UpgradeAsked(asked, got)
-}
-
-// connectionNamed are the header names (canonical) an answer's Connection
-// lines name: hop-by-hop headers of the upstream's connection.
-func connectionNamed(h http.Header) map[string]bool {
-	var named map[string]bool
-	for _, c := range h.Values("Connection") {
-		for _, name := range strings.Split(c, ",") {
-			if name = strings.TrimSpace(name); name != "" && !isFraming(name) {
-				if named == nil {
-					named = map[string]bool{}
-				}
-				named[http.CanonicalHeaderKey(name)] = true
-			}
-		}
-	}
-	return named
-}
-
 // declined answers an upgrade the upstream did not switch to with the
 // upstream's answer, body streamed, and closes the upstream connection when
 // the body is done.
 func (f *Front) declined(ctx *fh.RequestCtx, adm edge.Admission, rid string, conn net.Conn, resp *http.Response, done func(sent int64)) {
 	ctx.SetStatusCode(resp.StatusCode)
-	named := connectionNamed(resp.Header)
+	named := edge.ConnectionNamed(resp.Header)
 	for k, vs := range resp.Header {
 		if isHopByHop([]byte(k)) || named[k] || f.cors != nil && edge.IsCORSHeader(k) || edge.IsEdgeHeader(k) {
 			continue

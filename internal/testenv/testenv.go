@@ -101,6 +101,17 @@ type Postgres struct {
 	Name string
 }
 
+// Strings runs query, which reads one text column, and returns its rows'
+// values in order; any error fails t.
+func (p *Postgres) Strings(t testing.TB, query string, args ...any) []string {
+	t.Helper()
+	rows, err := p.Pool.Query(context.Background(), query, args...)
+	Must(t, err, "query "+query)
+	values, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	Must(t, err, "read "+query)
+	return values
+}
+
 // NewPostgres creates a database for this test, migrates it to the current
 // schema and drops it when the test ends.
 func NewPostgres(t testing.TB) *Postgres {

@@ -246,14 +246,7 @@ func TestInvoiceAPI(t *testing.T) {
 	}
 	t.Run("refused keys are audited as the edge audits its own", func(t *testing.T) {
 		audit.Flush(ctx)
-		var reasons []string
-		rows, err := pg.Pool.Query(ctx, `SELECT DISTINCT reason FROM audit_log WHERE action = $1 AND actor = 'invoice_api' ORDER BY reason`, edge.ActionAuthFailed)
-		testenv.Must(t, err, "read the audit log")
-		for rows.Next() {
-			var r string
-			testenv.Must(t, rows.Scan(&r), "scan")
-			reasons = append(reasons, r)
-		}
+		reasons := pg.Strings(t, `SELECT DISTINCT reason FROM audit_log WHERE action = $1 AND actor = 'invoice_api' ORDER BY reason`, edge.ActionAuthFailed)
 		if fmt.Sprint(reasons) != "[malformed missing]" {
 			t.Fatalf("audited reasons %v, want [malformed missing] (from the cases above)", reasons)
 		}
@@ -266,14 +259,7 @@ func TestInvoiceAPI(t *testing.T) {
 		testenv.Must(t, err, "call")
 		resp.Body.Close()
 		audit.Flush(ctx)
-		var remotes []string
-		rows, err := pg.Pool.Query(ctx, `SELECT DISTINCT remote_addr FROM audit_log WHERE actor = 'invoice_api' ORDER BY 1`)
-		testenv.Must(t, err, "read the audit log")
-		for rows.Next() {
-			var r string
-			testenv.Must(t, rows.Scan(&r), "scan")
-			remotes = append(remotes, r)
-		}
+		remotes := pg.Strings(t, `SELECT DISTINCT remote_addr FROM audit_log WHERE actor = 'invoice_api' ORDER BY 1`)
 		if resp.StatusCode != 401 || fmt.Sprint(remotes) != "[127.0.0.1 203.0.113.10]" {
 			t.Fatalf("status %d, audited addresses %v; want 401 and the forwarded caller beside the direct calls' 127.0.0.1", resp.StatusCode, remotes)
 		}
