@@ -3,9 +3,11 @@ package edge
 import (
 	"cmp"
 	"context"
+	"crypto/rand"
 	"errors"
 	"fmt"
 	"math"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -268,15 +270,17 @@ func (l *LocalLimiter) Take(_ context.Context, bucket string, limit int64, _ tim
 }
 
 // seedQuota has bucket's local count start from used, the count Redis last
-// reported for it, in this instance's part (used / instances, rounded up):
-// the share left is then this instance's part of what the month has left,
-// not a whole share more. A count already past it stays.
-func (l *LocalLimiter) seedQuota(bucket string, used int64) {
-	part := (used + int64(l.instances) - 1) / int64(l.instances)
+// reported for it, in this instance's part (used / instances, rounded up),
+// plus owed, the calls this instance allowed that Redis's count may not hold
+// yet: the share left is then this instance's part of what the month has
+// left, not a whole share more. With exact, the count is set so; without
+// (owed is not known), a count already past it stays.
+func (l *LocalLimiter) seedQuota(bucket string, used, owed int64, exact bool) {
+	part := (used+int64(l.instances)-1)/int64(l.instances) + owed
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	if l.quota[bucket] < part {
-		if len(l.quota) >= maxLocalBuckets {
+	if n, ok := l.quota[bucket]; !ok || n < part || exact && n != part {
+		if !ok && len(l.quota) >= maxLocalBuckets {
 			clear(l.quota)
 		}
 		l.quota[bucket] = part
@@ -285,10 +289,11 @@ func (l *LocalLimiter) seedQuota(bucket string, used int64) {
 
 // QuotaAdder is a quota counter that can count calls decided elsewhere:
 // FallbackLimiter hands it the calls its local limiter allowed while it
-// was unreachable. A counter created by the call expires after ttl. It
-// returns the count with them.
+// was unreachable. batch names the calls: an add of a batch already added
+// (its reply was lost, and it is sent again) adds nothing. A counter created
+// by the call expires after ttl. It returns the count with them.
 type QuotaAdder interface {
-	AddQuota(ctx context.Context, bucket string, n int64, ttl time.Duration) (int64, error)
+	AddQuota(ctx context.Context, bucket, batch string, n int64, ttl time.Duration) (int64, error)
 }
 
 // owedCalls are calls the local fallback allowed against a quota bucket,
@@ -296,6 +301,13 @@ type QuotaAdder interface {
 type owedCalls struct {
 	n   int64
 	ttl time.Duration
+}
+
+// settleBatch is owed calls sent to the primary under one name, sent again
+// under that name until the primary says it holds them.
+type settleBatch struct {
+	bucket, id string
+	owedCalls
 }
 
 // ErrLimitState marks a limiter error about one call's stored state (a
@@ -327,9 +339,14 @@ type FallbackLimiter struct {
 	seenN atomic.Int64
 	// owed holds, per quota bucket, the calls the local fallback allowed,
 	// added to the primary's count (a QuotaAdder) once it answers again;
-	// settling is set while that runs.
+	// settling is set while that runs. A settle moves them to sent, named
+	// batches that stay there until the primary has counted them (a batch
+	// whose reply was lost is sent again under its name, which the primary
+	// counts once); sentN is sent's calls per bucket.
 	owedMu   sync.Mutex
 	owed     map[string]owedCalls
+	sent     []settleBatch
+	sentN    map[string]int64
 	hasOwed  atomic.Bool
 	settling atomic.Bool
 	// settleAfter (UnixNano) spaces the tries after a failed one.
@@ -374,22 +391,34 @@ func (f *FallbackLimiter) saw(bucket string, used int64) {
 }
 
 // local decides a call's quota on the local limiter, counted on from what
-// the primary last reported for its bucket, and owes the primary each call
-// allowed. decide is the local limiter's answer.
+// the primary last reported for its bucket and what this instance owes it,
+// and owes the primary each call allowed. decide is the local limiter's
+// answer.
 func (f *FallbackLimiter) local(bucket string, ttl time.Duration, owe bool, decide func() (allowed bool, err error)) error {
+	_, adds := f.Primary.(QuotaAdder)
+	owe = owe && adds && bucket != ""
+	if owe {
+		// Held from the count to the note of what is owed, so that two
+		// calls decided at once do not both count without the other.
+		f.owedMu.Lock()
+		defer f.owedMu.Unlock()
+	}
 	if bucket != "" {
 		if v, ok := f.seen.Load(bucket); ok {
-			f.Local.seedQuota(bucket, v.(*atomic.Int64).Load())
+			var owed int64
+			if owe {
+				owed = f.owed[bucket].n + f.sentN[bucket]
+			}
+			// What this instance owes is exactly what it allowed beyond
+			// the primary's last count: a count kept from an earlier
+			// outage, since paid back, does not count twice.
+			f.Local.seedQuota(bucket, v.(*atomic.Int64).Load(), owed, owe)
 		}
 	}
 	allowed, err := decide()
-	if err != nil || !allowed || bucket == "" || !owe {
+	if err != nil || !allowed || !owe {
 		return err
 	}
-	if _, ok := f.Primary.(QuotaAdder); !ok {
-		return nil
-	}
-	f.owedMu.Lock()
 	if f.owed == nil {
 		f.owed = map[string]owedCalls{}
 	}
@@ -398,7 +427,6 @@ func (f *FallbackLimiter) local(bucket string, ttl time.Duration, owe bool, deci
 		f.owed[bucket] = owedCalls{n: o.n + 1, ttl: ttl}
 	}
 	f.hasOwed.Store(true)
-	f.owedMu.Unlock()
 	return nil
 }
 
@@ -420,36 +448,46 @@ func (f *FallbackLimiter) Settle(ctx context.Context) error {
 }
 
 // settle adds what the fallback owes to the primary's counts. What fails
-// stays owed, for the next answer to try again. The caller holds settling.
+// stays owed, for the next answer to try again, under the same batch name:
+// a failure may be a lost reply to an add that was counted. The caller
+// holds settling.
 func (f *FallbackLimiter) settle(ctx context.Context) error {
 	if !f.hasOwed.Load() {
 		return nil
 	}
 	f.owedMu.Lock()
-	owed := f.owed
+	if f.sentN == nil {
+		f.sentN = map[string]int64{}
+	}
+	for bucket, o := range f.owed {
+		f.sent = append(f.sent, settleBatch{bucket: bucket, id: rand.Text(), owedCalls: o})
+		f.sentN[bucket] += o.n
+	}
 	f.owed = nil
+	batches := slices.Clone(f.sent)
 	f.hasOwed.Store(false)
 	f.owedMu.Unlock()
 	qa := f.Primary.(QuotaAdder)
 	var first error
-	for bucket, o := range owed {
-		count, err := qa.AddQuota(ctx, bucket, o.n, o.ttl)
+	for _, b := range batches {
+		count, err := qa.AddQuota(ctx, b.bucket, b.id, b.n, b.ttl)
 		if err != nil {
 			first = cmp.Or(first, err)
 			f.settleAfter.Store(time.Now().Add(time.Second).UnixNano())
-			f.owedMu.Lock()
-			if f.owed == nil {
-				f.owed = map[string]owedCalls{}
-			}
-			back := f.owed[bucket]
-			f.owed[bucket] = owedCalls{n: back.n + o.n, ttl: o.ttl}
 			f.hasOwed.Store(true)
-			f.owedMu.Unlock()
 			continue
 		}
 		// The count the add made, not the last seen plus what was owed:
-		// answers between the two already held the owed calls.
-		f.saw(bucket, count)
+		// answers between the two already held the owed calls. Noted
+		// before the batch leaves sent, so that a call decided locally
+		// meanwhile counts it twice rather than not at all.
+		f.saw(b.bucket, count)
+		f.owedMu.Lock()
+		f.sent = slices.DeleteFunc(f.sent, func(s settleBatch) bool { return s.id == b.id })
+		if f.sentN[b.bucket] -= b.n; f.sentN[b.bucket] <= 0 {
+			delete(f.sentN, b.bucket)
+		}
+		f.owedMu.Unlock()
 	}
 	return first
 }

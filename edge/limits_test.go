@@ -148,6 +148,11 @@ type countingPrimary struct {
 	count map[string]int64
 	// afterAdd, when set, runs once right after an AddQuota has counted.
 	afterAdd func()
+	// batches are the batch names added, each counted once, as Redis's
+	// marks make them; loseReplies is how many adds next count but answer
+	// with an error, as an add whose reply was lost.
+	batches     map[string]bool
+	loseReplies int
 }
 
 var errPrimaryDown = errors.New("primary down")
@@ -177,13 +182,25 @@ func (p *countingPrimary) AllowCall(ctx context.Context, c CallLimits) (CallResu
 	return CallResult{Rates: []RateResult{{Allowed: true, Limit: 1000, Remaining: 1000}}, QuotaChecked: true, QuotaUsed: used, QuotaAllowed: ok}, nil
 }
 
-func (p *countingPrimary) AddQuota(_ context.Context, bucket string, n int64, _ time.Duration) (int64, error) {
+var errReplyLost = errors.New("reply lost")
+
+func (p *countingPrimary) AddQuota(_ context.Context, bucket, batch string, n int64, _ time.Duration) (int64, error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.down {
 		return 0, errPrimaryDown
 	}
-	p.count[bucket] += n
+	if p.batches == nil {
+		p.batches = map[string]bool{}
+	}
+	if !p.batches[batch] {
+		p.batches[batch] = true
+		p.count[bucket] += n
+	}
+	if p.loseReplies > 0 {
+		p.loseReplies--
+		return 0, errReplyLost
+	}
 	if p.afterAdd != nil {
 		p.mu.Unlock()
 		p.afterAdd()
@@ -314,5 +331,64 @@ func TestSettlePaysWhatIsOwedWithoutACall(t *testing.T) {
 	defer p.mu.Unlock()
 	if n := p.count[c.QuotaBucket]; n != 40 {
 		t.Fatalf("Redis's count %d after the stop's settle, want the 40 allowed locally", n)
+	}
+}
+
+// A settle whose reply is lost may have been counted: it is sent again
+// under the same batch name, which the primary counts once. Before, the
+// retry added the outage's calls a second time (and once more per reply
+// lost), and the account met its monthly quota early.
+func TestASettleWhoseReplyIsLostCountsItsCallsOnce(t *testing.T) {
+	ctx := context.Background()
+	p := &countingPrimary{count: map[string]int64{}}
+	f := &FallbackLimiter{Primary: p, Local: NewLocalLimiter(1), Cooldown: time.Millisecond}
+	c := CallLimits{Buckets: []string{"key"}, RPS: 1000, Burst: 1000, QuotaBucket: "q:2026-03", QuotaLimit: 1000, QuotaTTL: time.Hour}
+	calls := func(n int) int { return allowCalls(t, f, c, n) }
+	calls(1)
+	p.set(true)
+	calls(5) // allowed locally, owed
+	p.set(false)
+	p.mu.Lock()
+	p.loseReplies = 2
+	p.mu.Unlock()
+	for range 2 {
+		if err := f.Settle(ctx); !errors.Is(err, errReplyLost) {
+			t.Fatalf("settle with its reply lost: %v, want the lost reply", err)
+		}
+	}
+	p.set(true)
+	time.Sleep(5 * time.Millisecond)
+	calls(3) // a second batch, owed beside the first
+	p.set(false)
+	testenv.Must(t, f.Settle(ctx), "settle")
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if n := p.count[c.QuotaBucket]; n != 9 {
+		t.Fatalf("Redis's count %d, want 9: one call, 5 and then 3 allowed locally, each once", n)
+	}
+}
+
+// A second outage counts on from Redis's count and what is still owed,
+// not from the local count the first left: those calls were paid back, so
+// counting them again refused calls the month had left.
+func TestASecondOutageCountsOnlyWhatIsStillOwed(t *testing.T) {
+	ctx := context.Background()
+	p := &countingPrimary{count: map[string]int64{}}
+	f := &FallbackLimiter{Primary: p, Local: NewLocalLimiter(2), Cooldown: time.Millisecond}
+	c := CallLimits{Buckets: []string{"key"}, RPS: 1 << 20, Burst: 1 << 20, QuotaBucket: "q:2026-03", QuotaLimit: 1000, QuotaTTL: time.Hour}
+	calls := func(n int) int { return allowCalls(t, f, c, n) }
+	calls(1)
+	p.set(true) // a burst that outlasts both outages: only the quota refuses
+	if got := calls(1000); got != 499 {
+		t.Fatalf("first outage: %d allowed, want 499 (this instance's 500, less its part of the one call)", got)
+	}
+	p.set(false)
+	testenv.Must(t, f.Settle(ctx), "settle")
+	time.Sleep(5 * time.Millisecond)
+	calls(100)
+	p.set(true)
+	time.Sleep(5 * time.Millisecond)
+	if got := calls(1000); got != 200 {
+		t.Fatalf("second outage, 600 of 1,000 used: %d allowed, want 200, this instance's part of the 400 left", got)
 	}
 }

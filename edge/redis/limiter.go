@@ -265,9 +265,14 @@ func (l *Limiter) Take(ctx context.Context, bucket string, limit int64, ttl time
 // AddQuota implements edge.QuotaAdder: it counts n calls the edge's local
 // fallback allowed while Redis was out of reach in bucket, so the month's
 // count holds them. A counter it creates (Redis lost the month's) expires
-// after ttl, as take's do.
-func (l *Limiter) AddQuota(ctx context.Context, bucket string, n int64, ttl time.Duration) (int64, error) {
-	count, err := addQuota.Run(ctx, l.rdb, []string{bucket}, n, int64(ttl.Seconds())+1).Int64()
+// after ttl, as take's do. The batch is counted once: a mark beside the
+// counter (bucket:settled:batch, kept as long as the counter may be)
+// makes an add sent again, after its reply was lost, add nothing.
+func (l *Limiter) AddQuota(ctx context.Context, bucket, batch string, n int64, ttl time.Duration) (int64, error) {
+	if batch == "" {
+		return 0, errors.New("redis quota: an add needs a batch name")
+	}
+	count, err := addQuota.Run(ctx, l.rdb, []string{bucket, bucket + ":settled:" + batch}, n, int64(ttl.Seconds())+1).Int64()
 	if err != nil {
 		return 0, fmt.Errorf("redis quota: %w", err)
 	}
@@ -275,6 +280,9 @@ func (l *Limiter) AddQuota(ctx context.Context, bucket string, n int64, ttl time
 }
 
 var addQuota = redis.NewScript(`
+if not redis.call("SET", KEYS[2], "1", "NX", "EX", ARGV[2]) then
+  return tonumber(redis.call("GET", KEYS[1]) or "0")
+end
 local v = redis.call("INCRBY", KEYS[1], ARGV[1])
 if redis.call("TTL", KEYS[1]) < 0 then redis.call("EXPIRE", KEYS[1], ARGV[2]) end
 return v

@@ -40,18 +40,29 @@ func TestALostGrantGivesBackNoMoreThanWasGranted(t *testing.T) {
 }
 
 // AddQuota counts calls the local fallback allowed into the month's
-// counter, keeping its expiry; a counter Redis lost is made again with one.
+// counter, keeping its expiry; a counter Redis lost is made again with one;
+// a batch sent twice is counted once.
 func TestAddQuotaCountsIntoTheMonthAndKeepsItExpiring(t *testing.T) {
 	ctx := context.Background()
 	r := testenv.NewRedis(t)
 	l := NewLimiter(r.Client)
 	kept, lost := r.Prefix+"quota:kept", r.Prefix+"quota:lost"
 	testenv.Must(t, r.Client.Set(ctx, kept, 600, 10*time.Hour).Err(), "seed the month's counter")
-	if n, err := l.AddQuota(ctx, kept, 400, time.Hour); err != nil || n != 1000 {
+	if n, err := l.AddQuota(ctx, kept, "b1", 400, time.Hour); err != nil || n != 1000 {
 		t.Fatalf("add to a counter: %d, %v; want the count, 1000", n, err)
 	}
-	if n, err := l.AddQuota(ctx, lost, 7, time.Hour); err != nil || n != 7 {
+	if n, err := l.AddQuota(ctx, lost, "b2", 7, time.Hour); err != nil || n != 7 {
 		t.Fatalf("add to a counter Redis lost: %d, %v; want 7", n, err)
+	}
+	// The same batch sent again, as after a lost reply, adds nothing.
+	if n, err := l.AddQuota(ctx, kept, "b1", 400, time.Hour); err != nil || n != 1000 {
+		t.Fatalf("the same batch again: %d, %v; want the count unchanged, 1000", n, err)
+	}
+	if ttl, err := r.Client.TTL(ctx, kept+":settled:b1").Result(); err != nil || ttl <= 59*time.Minute || ttl > time.Hour+time.Second {
+		t.Errorf("the batch's mark expires in %s (%v); want about the hour the counter would", ttl, err)
+	}
+	if _, err := l.AddQuota(ctx, kept, "", 1, time.Hour); err == nil {
+		t.Error("an add without a batch name was taken")
 	}
 	for _, c := range []struct {
 		key     string
