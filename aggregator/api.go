@@ -105,6 +105,15 @@ func (c *Config) Validate() error {
 	if _, err := edge.ParseTrustedProxies("aggregator.trusted_proxies", c.TrustedProxies); err != nil {
 		errs = append(errs, err)
 	}
+	for _, o := range c.CORSOrigins {
+		// "*" alone, or an origin whose host may hold the wildcards * and ?
+		// (https://*.example.com): an entry with a path or without a scheme
+		// never matches a browser's Origin, and the dashboard's calls would
+		// be refused without a word.
+		if o != "*" && !edge.IsOrigin(strings.NewReplacer("*", "w", "?", "w").Replace(o)) {
+			errs = append(errs, fmt.Errorf("aggregator.cors_origins: %q is not an origin (scheme://host[:port], nothing after; * and ? may stand in the host)", o))
+		}
+	}
 	return errors.Join(errs...)
 }
 

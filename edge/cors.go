@@ -34,8 +34,7 @@ func (c *CORSConfig) validate() error {
 		if o == "*" {
 			continue
 		}
-		u, err := url.Parse(o)
-		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || u.Path != "" || u.RawQuery != "" {
+		if !IsOrigin(o) {
 			errs = append(errs, fmt.Errorf("edge.cors.allowed_origins: %q is not an origin (scheme://host[:port], nothing after)", o))
 		}
 	}
@@ -43,6 +42,15 @@ func (c *CORSConfig) validate() error {
 		errs = append(errs, errors.New("edge.cors.max_age: negative"))
 	}
 	return errors.Join(errs...)
+}
+
+// IsOrigin reports whether o is an origin as a browser sends it in
+// Origin: http or https, a host, an optional port, nothing after. A
+// browser's origin never matches an entry with a path or without a scheme.
+func IsOrigin(o string) bool {
+	u, err := url.Parse(o)
+	return err == nil && (u.Scheme == "http" || u.Scheme == "https") && u.Host != "" && u.User == nil &&
+		u.Path == "" && u.RawQuery == "" && u.Fragment == "" && !u.ForceQuery && !strings.HasSuffix(o, "#")
 }
 
 // exposedHeaders are the edge's own answer headers a browser's script may

@@ -371,8 +371,14 @@ func (c *Config) Validate() error {
 			continue
 		}
 		p, err := url.Parse(u)
-		if err != nil || (p.Scheme != "http" && p.Scheme != "https") || p.Host == "" {
+		switch {
+		case err != nil || (p.Scheme != "http" && p.Scheme != "https") || p.Host == "":
 			errs = append(errs, fmt.Errorf("%s: want an http(s) URL, got %q", name, redact.URL(u)))
+		case p.User != nil:
+			// Neither front sends them: the upstream would get calls
+			// without the credentials the operator meant it to.
+			errs = append(errs, fmt.Errorf("%s: %q carries credentials, which the edge does not send to the upstream; "+
+				"use upstream_client_cert_file and upstream_client_key_file, or have the upstream trust the edge's address", name, redact.URL(u)))
 		}
 	}
 	if c.UpstreamCAFile != "" || c.UpstreamClientCertFile != "" || c.UpstreamClientKeyFile != "" {
@@ -382,6 +388,11 @@ func (c *Config) Validate() error {
 	}
 	if _, err := c.ServerTLS(); err != nil {
 		errs = append(errs, err)
+	}
+	if problem := schemas.TypeProblem(c.EventType); problem != "" {
+		// Every call's event would be dead-lettered by ingest, and so
+		// never counted or billed.
+		errs = append(errs, fmt.Errorf("edge.event_type: %q: %s", c.EventType, problem))
 	}
 	if c.UpstreamTimeout < 0 {
 		errs = append(errs, errors.New("edge.upstream_timeout: negative"))

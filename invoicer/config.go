@@ -4,10 +4,12 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/url"
 	"strings"
 	"time"
 
 	"github.com/tollgate-dev/tollgate/edge"
+	"github.com/tollgate-dev/tollgate/internal/redact"
 )
 
 // Config is the invoicer's section of the configuration file. The meters
@@ -81,6 +83,12 @@ func (c *Config) Validate() error {
 	}
 	if k := c.Stripe.APIKey; k != "" && !strings.HasPrefix(k, "sk_") && !strings.HasPrefix(k, "rk_") {
 		errs = append(errs, errors.New("invoicer.stripe.api_key: must be a secret (sk_) or restricted (rk_) key"))
+	}
+	if a := c.Stripe.APIURL; a != "" {
+		if u, err := url.Parse(a); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || u.User != nil || u.RawQuery != "" {
+			// Every Stripe call would fail, each pass only logging it.
+			errs = append(errs, fmt.Errorf("invoicer.stripe.api_url: want an http(s) URL with a host and no credentials (http://127.0.0.1:12111, say), got %q", redact.URL(a)))
+		}
 	}
 	if w := c.Stripe.WebhookSecret; w != "" && !strings.HasPrefix(w, "whsec_") {
 		errs = append(errs, errors.New("invoicer.stripe.webhook_secret: must start with whsec_"))

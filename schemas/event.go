@@ -152,6 +152,20 @@ func hasControl(s string) bool {
 	return false
 }
 
+// TypeProblem says what is wrong with t as an event type, or "" when it
+// is a valid one: the rule every event, meter and edge.event_type keeps.
+func TypeProblem(t string) string {
+	switch {
+	case t == "":
+		return "required"
+	case len(t) > MaxTypeLength:
+		return fmt.Sprintf("longer than %d bytes", MaxTypeLength)
+	case !typeChars.MatchString(t):
+		return "must be lower case letters, digits, _ and ., starting with a letter"
+	}
+	return ""
+}
+
 // Validate checks every field against the contract, relative to now, and
 // returns a *ValidationError listing all problems, or nil.
 func (e *Event) Validate(now time.Time) error {
@@ -186,13 +200,8 @@ func (e *Event) validate(now time.Time, keys, values []string) error {
 	if !e.Environment.Valid() {
 		add("env", "must be %q or %q", Live, Test)
 	}
-	switch {
-	case e.Type == "":
-		add("type", "required")
-	case len(e.Type) > MaxTypeLength:
-		add("type", "longer than %d bytes", MaxTypeLength)
-	case !typeChars.MatchString(e.Type):
-		add("type", "must be lower case letters, digits, _ and ., starting with a letter")
+	if problem := TypeProblem(e.Type); problem != "" {
+		add("type", "%s", problem)
 	}
 	switch {
 	case e.Time.IsZero():

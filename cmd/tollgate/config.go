@@ -121,6 +121,7 @@ func (c *Config) envStrings() map[string]*string {
 		"TOLLGATE_AGGREGATOR_LISTEN":             &c.Aggregator.Listen,
 		"TOLLGATE_AGGREGATOR_METRICS_LISTEN":     &c.Aggregator.MetricsListen,
 		"TOLLGATE_AGGREGATOR_ADMIN_TOKEN_SHA256": &c.Aggregator.AdminTokenSHA256,
+		"TOLLGATE_INGEST_METRICS_LISTEN":         &c.Ingest.MetricsListen,
 	}
 }
 

@@ -115,6 +115,11 @@ func TestCheckConfigRefusesWhatWouldFailOrMisbehaveAtStart(t *testing.T) {
 		{"a batch size no process could hold is refused", "ingest:\n  batch_size: 400000000\n  max_in_flight_records: 400000000\n", []string{"ingest"}, "ingest.batch_size"},
 		{"two components of tollgate all on one port are refused", "edge:\n  listen: 127.0.0.1:18181\ninvoicer:\n  listen: 127.0.0.1:18181\n", nil, "invoicer.listen: 127.0.0.1:18181 is also edge.listen's"},
 		{"a port every interface takes clashes with one host's", "ingest:\n  metrics_listen: \":18284\"\naggregator:\n  metrics_listen: 127.0.0.1:18284\n", nil, "aggregator.metrics_listen"},
+		{"an edge event type ingest would dead-letter is refused", "edge:\n  event_type: api-call\n", []string{"edge"}, "edge.event_type"},
+		{"an upstream with credentials the edge would not send is refused", "edge:\n  sandbox_upstream: https://svc:pw@sandbox.internal\n", []string{"edge"}, "edge.sandbox_upstream"},
+		{"a Stripe API URL without a scheme is refused", "invoicer:\n  stripe:\n    api_url: stripe-mock:12111\n", []string{"invoice"}, "invoicer.stripe.api_url"},
+		{"a usage API CORS origin with a path is refused", "aggregator:\n  cors_origins: [\"https://app.example.com/\"]\n", []string{"aggregate"}, "aggregator.cors_origins"},
+		{"a usage API CORS origin without a scheme is refused", "aggregator:\n  cors_origins: [app.example.com]\n", []string{"aggregate"}, "aggregator.cors_origins"},
 		{"the invoicer refuses a meter defined twice", "meters:\n  - {key: calls, event_type: api_call, aggregation: COUNT}\n  - {key: calls, event_type: api_call, aggregation: COUNT}\n", []string{"invoice"}, "meters:"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -130,11 +135,16 @@ func TestCheckConfigRefusesWhatWouldFailOrMisbehaveAtStart(t *testing.T) {
 	}
 
 	t.Run("a refused URL is quoted without its password", func(t *testing.T) {
-		cfg := writeConfig(t, "edge:\n  sandbox_upstream: \"https://user:s3cret@\"\ndashboard:\n  usage_api: \"https://user:s3cret@::bad\"\n")
+		cfg := writeConfig(t, "edge:\n  sandbox_upstream: \"https://user:s3cret@\"\ndashboard:\n  usage_api: \"https://user:s3cret@::bad\"\n  invoice_api: \"http://u:pw/s3cret@host:80\"\n"+
+			"invoicer:\n  stripe:\n    api_url: \"ftp://u:s3cret@stripe\"\n")
 		err := cfg.Validate()
-		if err == nil || !strings.Contains(err.Error(), "dashboard.usage_api") || !strings.Contains(err.Error(), "edge.sandbox_upstream") ||
-			strings.Contains(err.Error(), "s3cret") {
-			t.Fatalf("Validate() = %v; want both URLs refused, their password not quoted", err)
+		if err == nil || strings.Contains(err.Error(), "s3cret") {
+			t.Fatalf("Validate() = %v; want the URLs refused, their password not quoted", err)
+		}
+		for _, want := range []string{"dashboard.usage_api", "dashboard.invoice_api", "edge.sandbox_upstream", "invoicer.stripe.api_url"} {
+			if !strings.Contains(err.Error(), want) {
+				t.Errorf("Validate() = %v; want %s refused", err, want)
+			}
 		}
 	})
 
@@ -153,9 +163,12 @@ ingest:
 aggregator:
   listen: localhost:0
   metrics_listen: ""
+  cors_origins: ["*", "https://app.example.com", "https://*.example.com", "http://localhost:5173"]
 invoicer:
   listen: tollgate.internal:8082
   interval: 1s
+  stripe:
+    api_url: http://127.0.0.1:12111
 dashboard:
   listen: "[fe80::1%lo]:8090"
   usage_api: https://usage.example.com/base
