@@ -3,6 +3,7 @@ package invoicer_test
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -1060,5 +1061,85 @@ func TestAStripeKeyOfTheOtherModeIsRefused(t *testing.T) {
 	testenv.Must(t, inMode("test").SyncStripe(ctx), "sync in test mode again")
 	if len(fake.Invoices()) != 2 {
 		t.Fatalf("Stripe holds %d invoices after a sync in the ledger's mode, want 2", len(fake.Invoices()))
+	}
+}
+
+// Replay checks the ledger's own records of an invoice (the row's total
+// and hash, its lines, its draft and finalized entries) against the
+// document it proves. Before, it read the document alone: an invoice row
+// whose total was set to 0 (which Stripe sync acts on, so it was never
+// billed) was proved "match", and so was a document rewritten under
+// another plan with a hash to fit, though the draft entry kept the
+// original.
+func TestReplayChecksTheLedgersRecordsAgainstTheDocument(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	for _, a := range []string{"acct_kept", "acct_row", "acct_doc"} {
+		e.starter(t, a, 40)
+	}
+	e.watermark(t, april.Add(2*time.Hour))
+	iv := e.aprilInvoicer(t, e.usage, nil)
+	res, err := iv.CloseDue(ctx)
+	testenv.Must(t, err, "close")
+	if len(res.Closed) != 3 {
+		t.Fatalf("closed %d invoices, want 3", len(res.Closed))
+	}
+	audit := func() map[string]invoicer.AuditResult {
+		t.Helper()
+		invs, err := e.store.ClosedInvoices(ctx, time.Time{}, time.Date(9999, 1, 1, 0, 0, 0, 0, time.UTC))
+		testenv.Must(t, err, "ledger")
+		out, err := iv.Audit(ctx, e.usage, nil, invs, nil)
+		testenv.Must(t, err, "audit")
+		by := map[string]invoicer.AuditResult{}
+		for _, r := range out {
+			by[r.AccountID] = r
+		}
+		return by
+	}
+	for a, r := range audit() {
+		if r.Result != invoicer.ResultMatch || r.LedgerTotal <= 0 {
+			t.Fatalf("%s before any change: %+v, want a match of a positive total", a, r)
+		}
+	}
+
+	tamper := func(sql string, args ...any) {
+		t.Helper()
+		_, err := e.pg.Pool.Exec(ctx, `ALTER TABLE invoices DISABLE TRIGGER invoices_append_only`)
+		testenv.Must(t, err, "disable the trigger")
+		_, err = e.pg.Pool.Exec(ctx, sql, args...)
+		testenv.Must(t, err, "change the ledger")
+		_, err = e.pg.Pool.Exec(ctx, `ALTER TABLE invoices ENABLE TRIGGER invoices_append_only`)
+		testenv.Must(t, err, "enable the trigger")
+	}
+	tamper(`UPDATE invoices SET total_minor = 0 WHERE account_id = 'acct_row'`)
+	// The document, row and hash rewritten as the free plan would have
+	// billed the same usage, consistent with one another.
+	var doc invoicer.Invoice
+	for _, inv := range res.Closed {
+		if inv.AccountID == "acct_doc" {
+			doc = inv
+		}
+	}
+	free, err := e.store.Plan(ctx, "free", 1)
+	testenv.Must(t, err, "free plan")
+	forged, err := invoicer.Compute(invoicer.Inputs{AccountID: doc.AccountID, Currency: doc.Currency, Period: doc.Period,
+		Segments: []invoicer.Segment{{Period: doc.Period, Plan: free}}, Usage: []map[string]int64{doc.Fingerprint.Segments[0].Quantities},
+		EventCount: doc.Fingerprint.EventCount, Watermark: doc.Fingerprint.Watermark})
+	testenv.Must(t, err, "compute under free")
+	forged.ID = doc.ID
+	b, err := json.Marshal(forged)
+	testenv.Must(t, err, "encode")
+	tamper(`UPDATE invoices SET document = $1, total_minor = $2, fingerprint_hash = $3 WHERE account_id = 'acct_doc'`,
+		b, forged.Total, forged.Fingerprint.Hash)
+
+	by := audit()
+	if r := by["acct_kept"]; r.Result != invoicer.ResultMatch {
+		t.Errorf("the unchanged invoice: %+v, want a match", r)
+	}
+	for a, want := range map[string]string{"acct_row": "recorded total", "acct_doc": "recorded invoice.draft entry"} {
+		r := by[a]
+		if r.Result != invoicer.ResultDifferent || r.Match || !strings.Contains(strings.Join(r.Differences, "; "), want) {
+			t.Errorf("%s after its ledger was changed: %+v, want different, naming the %s", a, r, want)
+		}
 	}
 }

@@ -47,6 +47,26 @@ type StoredInvoice struct {
 	StripeInvoiceID string    `json:"stripe_invoice_id,omitempty"`
 	HostedURL       string    `json:"hosted_invoice_url,omitempty"`
 	CreatedAt       time.Time `json:"created_at"`
+	// Records, when loaded (ClosedInvoices, for replay), are what the
+	// ledger keeps of the invoice beside its document.
+	Records *LedgerRecords `json:"-"`
+}
+
+// LedgerRecords are what the ledger keeps of an invoice beside its
+// document, each written when the invoice was: the invoice row's total and
+// fingerprint hash (Stripe sync and credit notes act on the total), its
+// lines, and its invoice.draft and invoice.finalized entries. Replay checks
+// each against the document it proves, so a changed row is not proved by
+// an unchanged document, nor a rewritten document by its own total.
+type LedgerRecords struct {
+	Total      int64
+	Hash       string
+	Lines      int
+	LinesTotal int64
+	// DraftHash and FinalizedHash are "" when the entry, or its hash, is
+	// missing.
+	DraftAmount, FinalizedAmount *int64
+	DraftHash, FinalizedHash     string
 }
 
 // Store is the Postgres system of record as the invoicer uses it.

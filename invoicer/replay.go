@@ -87,11 +87,14 @@ func (iv *Invoicer) Audit(ctx context.Context, usage UsageReader, late LateArriv
 			Currency: si.Currency, LedgerTotal: si.Total, ReplayTotal: re.Total,
 			LedgerEvents: si.Fingerprint.EventCount, ReplayEvents: re.Fingerprint.EventCount,
 			LedgerHash: si.Fingerprint.Hash, ReplayHash: re.Fingerprint.Hash, Result: ResultDifferent}
-		r.Differences = diff(si.Invoice, re)
+		// What the ledger's own records say against the document: a
+		// difference there is never explained by events arriving late.
+		recorded := recordDiffs(si)
+		r.Differences = append(recorded, diff(si.Invoice, re)...)
 		r.Match = r.LedgerHash == r.ReplayHash && len(r.Differences) == 0
 		if r.Match {
 			r.Result = ResultMatch
-		} else if late != nil {
+		} else if late != nil && len(recorded) == 0 {
 			if r.ArrivedAfterClose, err = late.Arrived(ctx, si.AccountID, si.Period); err != nil {
 				return nil, err
 			}
@@ -143,6 +146,44 @@ func (iv *Invoicer) recompute(ctx context.Context, usage UsageReader, whole map[
 		return Invoice{}, fmt.Errorf("recompute invoice %s: %w", si.ID, err)
 	}
 	return re, nil
+}
+
+// recordDiffs names where the ledger's records of an invoice disagree with
+// its document.
+func recordDiffs(si StoredInvoice) []string {
+	rec := si.Records
+	if rec == nil {
+		return nil
+	}
+	var d []string
+	if rec.Total != si.Total {
+		d = append(d, fmt.Sprintf("recorded total: invoice row %d, document %d", rec.Total, si.Total))
+	}
+	if rec.Hash != si.Fingerprint.Hash {
+		d = append(d, fmt.Sprintf("recorded fingerprint hash: invoice row %s, document %s", rec.Hash, si.Fingerprint.Hash))
+	}
+	var lines int64
+	for _, l := range si.Lines {
+		lines += l.Amount
+	}
+	if rec.Lines != len(si.Lines) || rec.LinesTotal != lines {
+		d = append(d, fmt.Sprintf("recorded lines: %d lines of %d in invoice_lines, %d lines of %d in the document",
+			rec.Lines, rec.LinesTotal, len(si.Lines), lines))
+	}
+	for _, e := range []struct {
+		kind   string
+		amount *int64
+		hash   string
+	}{{"invoice.draft", rec.DraftAmount, rec.DraftHash}, {"invoice.finalized", rec.FinalizedAmount, rec.FinalizedHash}} {
+		switch {
+		case e.amount == nil:
+			d = append(d, fmt.Sprintf("recorded %s entry: missing", e.kind))
+		case *e.amount != si.Total || e.hash != si.Fingerprint.Hash:
+			d = append(d, fmt.Sprintf("recorded %s entry: %d with hash %s, document %d with hash %s",
+				e.kind, *e.amount, e.hash, si.Total, si.Fingerprint.Hash))
+		}
+	}
+	return d
 }
 
 // diff names what differs between the ledger's invoice and a recomputation.

@@ -363,10 +363,50 @@ func (s *Store) AccountInvoicesBefore(ctx context.Context, accountID string, bef
 }
 
 // ClosedInvoices lists finalized invoices whose period starts in [from, to).
+// Each comes with the ledger's records of it (invoicer.LedgerRecords), for
+// replay to check against its document.
 func (s *Store) ClosedInvoices(ctx context.Context, from, to time.Time) ([]invoicer.StoredInvoice, error) {
-	return s.invoices(ctx, `WHERE i.period_start >= $1 AND i.period_start < $2
+	invs, err := s.invoices(ctx, `WHERE i.period_start >= $1 AND i.period_start < $2
 		AND EXISTS (SELECT 1 FROM ledger_entries e WHERE e.invoice_id = i.id AND e.kind = 'invoice.finalized')
 		ORDER BY i.period_start, i.account_id`, from, to)
+	if err != nil || len(invs) == 0 {
+		return invs, err
+	}
+	ids := make([]string, len(invs))
+	for i, si := range invs {
+		ids[i] = si.ID
+	}
+	rows, err := s.pool.Query(ctx, `
+		SELECT i.id, i.total_minor, i.fingerprint_hash,
+		  (SELECT count(*) FROM invoice_lines l WHERE l.invoice_id = i.id),
+		  (SELECT coalesce(sum(l.amount_minor), 0) FROM invoice_lines l WHERE l.invoice_id = i.id)::bigint,
+		  d.amount_minor, coalesce(d.payload->>'hash', ''),
+		  f.amount_minor, coalesce(f.payload->>'fingerprint_hash', '')
+		FROM invoices i
+		LEFT JOIN ledger_entries d ON d.invoice_id = i.id AND d.kind = 'invoice.draft'
+		LEFT JOIN ledger_entries f ON f.invoice_id = i.id AND f.kind = 'invoice.finalized'
+		WHERE i.id = ANY($1)`, ids)
+	if err != nil {
+		return nil, fmt.Errorf("read the ledger's records of the invoices: %w", err)
+	}
+	recs := map[string]*invoicer.LedgerRecords{}
+	for rows.Next() {
+		var id string
+		var r invoicer.LedgerRecords
+		if err := rows.Scan(&id, &r.Total, &r.Hash, &r.Lines, &r.LinesTotal, &r.DraftAmount, &r.DraftHash,
+			&r.FinalizedAmount, &r.FinalizedHash); err != nil {
+			rows.Close()
+			return nil, fmt.Errorf("read the ledger's records of the invoices: %w", err)
+		}
+		recs[id] = &r
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("read the ledger's records of the invoices: %w", err)
+	}
+	for i := range invs {
+		invs[i].Records = recs[invs[i].ID]
+	}
+	return invs, nil
 }
 
 // UnsyncedInvoices lists invoices finalized at or after since with a
