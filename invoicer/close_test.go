@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net/http"
 	"strings"
 	"sync"
 	"testing"
@@ -1141,5 +1142,48 @@ func TestReplayChecksTheLedgersRecordsAgainstTheDocument(t *testing.T) {
 		if r.Result != invoicer.ResultDifferent || r.Match || !strings.Contains(strings.Join(r.Differences, "; "), want) {
 			t.Errorf("%s after its ledger was changed: %+v, want different, naming the %s", a, r, want)
 		}
+	}
+}
+
+// A sync part-way through when the ledger first records when it began
+// syncing (a ledger from before that record, which never finished a sync:
+// the record then starts now) is finished. Before, the invoice, finalized
+// before that start, was left as a draft in Stripe for good.
+func TestASyncBegunBeforeTheSyncStartIsFinished(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	e.starter(t, "acct_half", 10)
+	e.watermark(t, april.Add(2*time.Hour))
+	fake := stripetest.New()
+	defer fake.Close()
+	iv := e.aprilInvoicer(t, e.usage, stripe.New(stripe.Config{APIKey: "sk_test_x", URL: fake.URL}))
+	res, err := iv.CloseDue(ctx)
+	testenv.Must(t, err, "close")
+	if len(res.Closed) != 1 {
+		t.Fatalf("closed %d invoices, want 1", len(res.Closed))
+	}
+	fake.SetHook(func(kind, phase string) {
+		if kind == "finalize" && phase == "before" {
+			panic(http.ErrAbortHandler) // the sync stops with a draft in Stripe
+		}
+	})
+	if err := iv.SyncStripe(ctx); err == nil {
+		t.Fatal("a sync cut at the finalize step succeeded")
+	}
+	fake.SetHook(nil)
+	// As the ledger stood before the start was recorded: the migration
+	// that added it recorded none, since no invoice.synced entry existed.
+	_, err = e.pg.Pool.Exec(ctx, `DELETE FROM stripe_sync_start`)
+	testenv.Must(t, err, "forget the start")
+	testenv.Must(t, iv.SyncStripe(ctx), "sync")
+	invs := fake.Invoices()
+	if len(invs) != 1 || invs[0].Status != "open" || invs[0].Metadata["tollgate_invoice_id"] != res.Closed[0].ID {
+		t.Fatalf("Stripe holds %+v; want the one invoice, finalized (open)", invs)
+	}
+	var synced int
+	testenv.Must(t, e.pg.Pool.QueryRow(ctx, `SELECT count(*) FROM ledger_entries WHERE invoice_id = $1 AND kind = 'invoice.synced'`,
+		res.Closed[0].ID).Scan(&synced), "synced entries")
+	if synced != 1 {
+		t.Fatalf("%d invoice.synced entries, want 1", synced)
 	}
 }

@@ -409,11 +409,16 @@ func (s *Store) ClosedInvoices(ctx context.Context, from, to time.Time) ([]invoi
 	return invs, nil
 }
 
-// UnsyncedInvoices lists invoices finalized at or after since with a
-// positive total and no invoice.synced entry.
+// UnsyncedInvoices lists invoices with a positive total and no
+// invoice.synced entry that were finalized at or after since, or whose
+// sync has begun (a Stripe step is recorded) whenever they were finalized:
+// a sync part-way through when the start was first recorded (a ledger
+// from before it was, which never finished one) is finished, not left
+// as a draft in Stripe.
 func (s *Store) UnsyncedInvoices(ctx context.Context, since time.Time) ([]invoicer.StoredInvoice, error) {
 	return s.invoices(ctx, `WHERE i.total_minor > 0
-		AND EXISTS (SELECT 1 FROM ledger_entries e WHERE e.invoice_id = i.id AND e.kind = 'invoice.finalized' AND e.created_at >= $1)
+		AND EXISTS (SELECT 1 FROM ledger_entries e WHERE e.invoice_id = i.id AND e.kind = 'invoice.finalized'
+		  AND (e.created_at >= $1 OR EXISTS (SELECT 1 FROM stripe_sync_steps s WHERE s.invoice_id = i.id)))
 		AND NOT EXISTS (SELECT 1 FROM ledger_entries e WHERE e.invoice_id = i.id AND e.kind = 'invoice.synced')
 		ORDER BY i.period_start, i.account_id`, since)
 }
