@@ -87,6 +87,8 @@ const (
 	cursorFile     = "cursor"
 	idFile         = "spool-id"
 	segSuffix      = ".seg"
+	// endSuffix names a segment's end mark (see markEnd).
+	endSuffix = ".end"
 )
 
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)
@@ -162,8 +164,21 @@ func OpenSpool(dir string, log *slog.Logger, maxBytes int64) (*Spool, error) {
 				if st, err := os.Stat(s.path(seq)); err == nil {
 					size += st.Size()
 				}
+			} else {
+				_ = os.Remove(s.path(seq) + endSuffix)
 			}
 			continue
+		}
+		// The segment being written was never written past its mark (a
+		// failed cut starts a new segment first): its torn tail is cut
+		// below, and the whole records of the failed append before it,
+		// whose retry the stop took with it, are kept. Its mark goes, or
+		// it would cut short what is appended from now on.
+		if end, ok := readEnd(s.path(seq) + endSuffix); ok && seq != s.wseq {
+			if s.ends == nil {
+				s.ends = map[uint64]int64{}
+			}
+			s.ends[seq] = end
 		}
 		if seq != s.wseq {
 			if st, err := os.Stat(s.path(seq)); err == nil {
@@ -184,6 +199,9 @@ func OpenSpool(dir string, log *slog.Logger, maxBytes int64) (*Spool, error) {
 				return nil, fmt.Errorf("spool: cut torn tail: %w", err)
 			}
 			s.wsize = end
+			if err := os.Remove(s.path(seq) + endSuffix); err != nil && !errors.Is(err, os.ErrNotExist) {
+				return nil, fmt.Errorf("spool: remove an end mark: %w", err)
+			}
 		}
 	}
 	s.depth.Store(depth)
@@ -227,7 +245,11 @@ func (s *Spool) segments() ([]uint64, error) {
 // the segment being written, cut off by the caller, and a corrupt region
 // in any other.
 func (s *Spool) scan(seq uint64, off int64) (n, end int64, err error) {
-	sr, err := openSegment(s.path(seq), off, -1)
+	limit := int64(-1)
+	if e, ok := s.ends[seq]; ok {
+		limit = e // what lies past its mark was never counted
+	}
+	sr, err := openSegment(s.path(seq), off, limit)
 	if err != nil {
 		return 0, 0, fmt.Errorf("spool: %w", err)
 	}
@@ -489,9 +511,12 @@ func (s *Spool) Append(recs [][]byte) error {
 // the segment back to its last whole record and start a new segment with
 // the next append, so no later record is ever written behind bytes that
 // were not counted; if the cut fails, the segment is read up to its last
-// counted record and skipped from there (ends). A restart before it is
-// delivered reads it whole: whole records of the failed append are then
-// sent twice, once from each segment, and ingest counts each event once.
+// counted record and skipped from there (ends), and that end is marked on
+// disk (markEnd) for a restart to read it so too. Only if the mark cannot
+// be written either does a restart before delivery read the segment whole:
+// whole records of the failed append are then sent twice, once from each
+// segment (ingest counts each event once), and its torn end is reported as
+// a corrupt region though nothing in it was counted.
 func (s *Spool) undo() {
 	cut := (*os.File).Truncate
 	if s.cut != nil {
@@ -511,8 +536,47 @@ func (s *Spool) undo() {
 			s.ends = map[uint64]int64{}
 		}
 		s.ends[s.wseq] = s.wsize
+		if err := markEnd(s.path(s.wseq)+endSuffix, s.wsize, s.dir); err != nil {
+			s.log.Warn("spool: could not mark where a segment's counted records end; a restart before it is delivered "+
+				"sends some events twice (ingest counts each once) and reports its end as corrupt",
+				"segment", s.wseq, "offset", s.wsize, "err", err)
+		}
 	}
 	s.dirty = true
+}
+
+// markEnd writes a segment's end mark at path: the offset its counted
+// records end at, durably, so that a restart reads the segment up to
+// there and no further.
+func markEnd(path string, end int64, dir string) error {
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o640)
+	if err != nil {
+		return err
+	}
+	if _, err := f.WriteString(strconv.FormatInt(end, 10) + "\n"); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	return syncDir(dir)
+}
+
+// readEnd reads a segment's end mark; ok is false when there is none, or
+// it cannot be read whole (a mark torn by a crash: the segment is then
+// read to its end, as without one).
+func readEnd(path string) (int64, bool) {
+	b, err := os.ReadFile(path)
+	if err != nil || len(b) < 2 || b[len(b)-1] != '\n' {
+		return 0, false
+	}
+	end, err := strconv.ParseInt(string(b[:len(b)-1]), 10, 64)
+	return end, err == nil && end >= 0
 }
 
 // roll starts the next segment. The new file is opened, and its name made
@@ -640,6 +704,7 @@ func (s *Spool) remove(seq uint64) error {
 	if err := os.Remove(s.path(seq)); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("spool: remove delivered segment: %w", err)
 	}
+	_ = os.Remove(s.path(seq) + endSuffix)
 	if err == nil {
 		s.size.Add(-st.Size())
 	}

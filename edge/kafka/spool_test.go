@@ -718,3 +718,99 @@ func TestSpoolReadsPastAFailedCutOnlyWhatWasCounted(t *testing.T) {
 		t.Errorf("depth %d once everything is delivered, want 0", d)
 	}
 }
+
+// failWriteAndCut leaves in s's segment what a short write of recs(from,
+// 2+1) leaves, two whole records and 8 bytes of the third, then a failed
+// cut, as undo meets them.
+func failWriteAndCut(t *testing.T, s *Spool, from int) {
+	t.Helper()
+	var partial []byte
+	for _, r := range recs(from, 2) {
+		partial = binary.BigEndian.AppendUint32(partial, uint32(len(r)))
+		partial = binary.BigEndian.AppendUint32(partial, crc32.Checksum(r, castagnoli))
+		partial = append(partial, r...)
+	}
+	partial = append(partial, 0, 0, 0, 13, 1, 2, 3, 4)
+	if _, err := s.w.Write(partial); err != nil {
+		t.Fatal(err)
+	}
+	s.cut = func(*os.File, int64) error { return errors.New("cut refused") }
+	s.undo()
+	s.cut = nil
+}
+
+// A restart after a failed cut reads the segment up to its mark: what the
+// failed append left past it is neither sent again nor reported corrupt.
+// Before, it was read whole, and the append's whole records went out twice
+// (out of order) and its torn end was logged as lost events.
+func TestARestartAfterAFailedCutReadsOnlyWhatWasCounted(t *testing.T) {
+	dir := t.TempDir()
+	s, err := OpenSpool(dir, slog.New(slog.DiscardHandler), 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Append(recs(0, 3)); err != nil {
+		t.Fatal(err)
+	}
+	failWriteAndCut(t, s, 3)
+	if err := s.Append(recs(3, 5)); err != nil {
+		t.Fatalf("the append's retry: %v", err)
+	}
+	testenv.Must(t, s.Close(), "close")
+	s2, err := OpenSpool(dir, slog.New(slog.DiscardHandler), 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = s2.Close() }()
+	if s2.Depth() != 8 || s2.Corrupt() != 0 {
+		t.Fatalf("after a restart: depth %d, %d corrupt regions; want the 8 records appended, none", s2.Depth(), s2.Corrupt())
+	}
+	want := wantStrings(append(recs(0, 3), recs(3, 5)...))
+	if got := readAllSpool(t, s2); fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Errorf("read %v, want %v", got, want)
+	}
+	if marks, _ := filepath.Glob(filepath.Join(dir, "*"+endSuffix)); len(marks) != 0 {
+		t.Errorf("end marks %v left once their segments were delivered", marks)
+	}
+}
+
+// A stop right after a failed cut, before any append started the next
+// segment, keeps the failed append's whole records (its retry went with
+// the process) and drops its mark: records appended to that segment from
+// then on are read after the next restart too.
+func TestAnEndMarkOfTheSegmentBeingWrittenGoesAtTheNextStart(t *testing.T) {
+	dir := t.TempDir()
+	s, err := OpenSpool(dir, slog.New(slog.DiscardHandler), 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Append(recs(0, 3)); err != nil {
+		t.Fatal(err)
+	}
+	failWriteAndCut(t, s, 3)
+	testenv.Must(t, s.Close(), "close")
+	s2, err := OpenSpool(dir, slog.New(slog.DiscardHandler), 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s2.Depth() != 5 {
+		t.Fatalf("after a restart: depth %d, want the 3 records appended and the failed append's 2 whole ones", s2.Depth())
+	}
+	if err := s2.Append(recs(5, 4)); err != nil {
+		t.Fatal(err)
+	}
+	s2.maxSeg = 1 // the next append starts a segment: this one is read by its mark, if it has one
+	if err := s2.Append(recs(9, 1)); err != nil {
+		t.Fatal(err)
+	}
+	testenv.Must(t, s2.Close(), "close")
+	s3, err := OpenSpool(dir, slog.New(slog.DiscardHandler), 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = s3.Close() }()
+	want := wantStrings(recs(0, 10))
+	if got := readAllSpool(t, s3); fmt.Sprint(got) != fmt.Sprint(want) || s3.Corrupt() != 0 {
+		t.Errorf("read %v (%d corrupt regions), want %v and none", got, s3.Corrupt(), want)
+	}
+}
