@@ -54,9 +54,8 @@ type Filter struct {
 }
 
 var (
-	keyRe  = regexp.MustCompile(`^[a-z][a-z0-9_]{0,62}$`)
-	typeRe = regexp.MustCompile(`^[a-z][a-z0-9_.]{0,63}$`)
-	dimRe  = regexp.MustCompile(`^dimensions\.[a-z][a-z0-9_]{0,63}$`)
+	keyRe = regexp.MustCompile(`^[a-z][a-z0-9_]{0,62}$`)
+	dimRe = regexp.MustCompile(`^dimensions\.[a-z][a-z0-9_]{0,63}$`)
 )
 
 // numeric fields of usage_events a meter may aggregate.
@@ -87,7 +86,7 @@ func (m *Meter) Validate() error {
 	if !keyRe.MatchString(m.Key) {
 		bad("key must be lower-case letters, digits and _, starting with a letter")
 	}
-	if !typeRe.MatchString(m.EventType) {
+	if schemas.TypeProblem(m.EventType) != "" { // the rule events keep
 		bad("event_type %q is not a valid event type", m.EventType)
 	}
 	switch m.Aggregation {
