@@ -41,6 +41,10 @@ type Catalog struct {
 	log     *slog.Logger
 	now     func() time.Time
 
+	// fresh, when set, has a load that is due and fails return the error
+	// rather than the cached meters (RequireFresh).
+	fresh bool
+
 	mu      sync.Mutex
 	cached  *meter.Set
 	refused []RefusedMeter
@@ -64,6 +68,16 @@ func NewCatalog(config []meter.Meter, store MeterStore, refresh time.Duration, l
 	return &Catalog{config: config, store: store, refresh: refresh, log: log, now: time.Now,
 		logged: map[RefusedMeter]bool{}}, nil
 }
+
+// RequireFresh has every read after the refresh interval fail while the
+// stored meters cannot be read, rather than answer with the meters loaded
+// before. Ingest's rollups need it: a new meter's backfill takes every raw
+// event landed once every ingest process has had one refresh interval to
+// pick the meter up, so a process rolling up with an older list past that
+// (its Postgres out of reach) would leave the events it lands then out of
+// the new meter's rollups for good. The usage API serves from what it has.
+// Call it before the catalog is used.
+func (c *Catalog) RequireFresh() { c.fresh = true }
 
 // Refused returns the stored meters left out of the catalog at its last
 // load, in key order.
@@ -108,8 +122,8 @@ func (c *Catalog) set(ctx context.Context) (*meter.Set, error) {
 	if c.store != nil {
 		stored, err := c.store.List(ctx)
 		if err != nil {
-			if c.cached != nil {
-				// Keep counting with the meters we know; retry next time.
+			if c.cached != nil && !c.fresh {
+				// Keep serving with the meters we know; retry next time.
 				return c.cached, nil
 			}
 			return nil, err

@@ -68,6 +68,9 @@ func NewIngestMain(ctx context.Context, cfg Config, log *slog.Logger) (m *Ingest
 	if err != nil {
 		return nil, err
 	}
+	// Rollups wait for Postgres rather than roll up with a meter list
+	// older than a new meter's backfill allows for.
+	catalog.RequireFresh()
 	m.rollups = aggregator.NewCoalescer(aggregator.NewRoller(catalog, aggpg.NewZones(m.pool, cfg.Aggregator.ZoneCacheTTL, log), aggch.NewStore(m.ch), log))
 	sources := make([]ingest.Source, cfg.Ingest.Workers)
 	for i := range sources {
