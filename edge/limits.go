@@ -289,11 +289,13 @@ func (l *LocalLimiter) seedQuota(bucket string, used, owed int64, exact bool) {
 
 // QuotaAdder is a quota counter that can count calls decided elsewhere:
 // FallbackLimiter hands it the calls its local limiter allowed while it
-// was unreachable. batch names the calls: an add of a batch already added
-// (its reply was lost, and it is sent again) adds nothing. A counter created
-// by the call expires after ttl. It returns the count with them.
+// was unreachable. Each add is the batch seq of sender, which numbers its
+// batches in the order it sends them to a bucket: a batch whose number is
+// not above the last the counter took from sender for bucket (an add sent
+// again after its reply was lost) adds nothing. A counter created by the
+// call expires after ttl. It returns the count with them.
 type QuotaAdder interface {
-	AddQuota(ctx context.Context, bucket, batch string, n int64, ttl time.Duration) (int64, error)
+	AddQuota(ctx context.Context, bucket, sender string, seq uint64, n int64, ttl time.Duration) (int64, error)
 }
 
 // owedCalls are calls the local fallback allowed against a quota bucket,
@@ -303,10 +305,11 @@ type owedCalls struct {
 	ttl time.Duration
 }
 
-// settleBatch is owed calls sent to the primary under one name, sent again
-// under that name until the primary says it holds them.
+// settleBatch is owed calls sent to the primary as one numbered batch,
+// sent again under that number until the primary says it holds them.
 type settleBatch struct {
-	bucket, id string
+	bucket string
+	seq    uint64
 	owedCalls
 }
 
@@ -339,14 +342,17 @@ type FallbackLimiter struct {
 	seenN atomic.Int64
 	// owed holds, per quota bucket, the calls the local fallback allowed,
 	// added to the primary's count (a QuotaAdder) once it answers again;
-	// settling is set while that runs. A settle moves them to sent, named
-	// batches that stay there until the primary has counted them (a batch
-	// whose reply was lost is sent again under its name, which the primary
-	// counts once); sentN is sent's calls per bucket.
+	// settling is set while that runs. A settle moves them to sent,
+	// numbered batches that stay there until the primary has counted them
+	// (a batch whose reply was lost is sent again under its number, which
+	// the primary counts once); sentN is sent's calls per bucket. sender
+	// names this limiter to the primary, and seq numbers its batches.
 	owedMu   sync.Mutex
 	owed     map[string]owedCalls
 	sent     []settleBatch
 	sentN    map[string]int64
+	sender   string
+	seq      uint64
 	hasOwed  atomic.Bool
 	settling atomic.Bool
 	// settleAfter (UnixNano) spaces the tries after a failed one.
@@ -405,14 +411,18 @@ func (f *FallbackLimiter) local(bucket string, ttl time.Duration, owe bool, deci
 	}
 	if bucket != "" {
 		if v, ok := f.seen.Load(bucket); ok {
+			// What this instance owes is exactly what it allowed beyond
+			// the primary's last count, so the count is set from it: a
+			// count kept from an earlier outage, since paid back, does
+			// not count twice. Not for a bucket whose calls go unrecorded
+			// (owed is full): its count only grows, as before.
+			_, owing := f.owed[bucket]
+			exact := owe && (owing || f.sentN[bucket] > 0 || len(f.owed) < maxLocalBuckets)
 			var owed int64
-			if owe {
+			if exact {
 				owed = f.owed[bucket].n + f.sentN[bucket]
 			}
-			// What this instance owes is exactly what it allowed beyond
-			// the primary's last count: a count kept from an earlier
-			// outage, since paid back, does not count twice.
-			f.Local.seedQuota(bucket, v.(*atomic.Int64).Load(), owed, owe)
+			f.Local.seedQuota(bucket, v.(*atomic.Int64).Load(), owed, exact)
 		}
 	}
 	allowed, err := decide()
@@ -459,20 +469,32 @@ func (f *FallbackLimiter) settle(ctx context.Context) error {
 	if f.sentN == nil {
 		f.sentN = map[string]int64{}
 	}
+	if f.sender == "" {
+		f.sender = rand.Text()
+	}
 	for bucket, o := range f.owed {
-		f.sent = append(f.sent, settleBatch{bucket: bucket, id: rand.Text(), owedCalls: o})
+		f.seq++
+		f.sent = append(f.sent, settleBatch{bucket: bucket, seq: f.seq, owedCalls: o})
 		f.sentN[bucket] += o.n
 	}
 	f.owed = nil
-	batches := slices.Clone(f.sent)
+	batches, sender := slices.Clone(f.sent), f.sender
 	f.hasOwed.Store(false)
 	f.owedMu.Unlock()
 	qa := f.Primary.(QuotaAdder)
 	var first error
+	// A bucket's batches go in the order they were numbered, and none
+	// after one that failed: the primary takes a batch only if its
+	// number is above the last it took for the bucket.
+	failed := map[string]bool{}
 	for _, b := range batches {
-		count, err := qa.AddQuota(ctx, b.bucket, b.id, b.n, b.ttl)
+		if failed[b.bucket] {
+			continue
+		}
+		count, err := qa.AddQuota(ctx, b.bucket, sender, b.seq, b.n, b.ttl)
 		if err != nil {
 			first = cmp.Or(first, err)
+			failed[b.bucket] = true
 			f.settleAfter.Store(time.Now().Add(time.Second).UnixNano())
 			f.hasOwed.Store(true)
 			continue
@@ -483,7 +505,7 @@ func (f *FallbackLimiter) settle(ctx context.Context) error {
 		// meanwhile counts it twice rather than not at all.
 		f.saw(b.bucket, count)
 		f.owedMu.Lock()
-		f.sent = slices.DeleteFunc(f.sent, func(s settleBatch) bool { return s.id == b.id })
+		f.sent = slices.DeleteFunc(f.sent, func(s settleBatch) bool { return s.seq == b.seq })
 		if f.sentN[b.bucket] -= b.n; f.sentN[b.bucket] <= 0 {
 			delete(f.sentN, b.bucket)
 		}

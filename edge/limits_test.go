@@ -148,11 +148,13 @@ type countingPrimary struct {
 	count map[string]int64
 	// afterAdd, when set, runs once right after an AddQuota has counted.
 	afterAdd func()
-	// batches are the batch names added, each counted once, as Redis's
-	// marks make them; loseReplies is how many adds next count but answer
+	// last is the last batch number counted per bucket and sender, as
+	// Redis keeps it; loseReplies is how many adds next count but answer
 	// with an error, as an add whose reply was lost.
-	batches     map[string]bool
+	last        map[string]uint64
 	loseReplies int
+	// failAdds is how many adds next fail without counting.
+	failAdds int
 }
 
 var errPrimaryDown = errors.New("primary down")
@@ -184,17 +186,21 @@ func (p *countingPrimary) AllowCall(ctx context.Context, c CallLimits) (CallResu
 
 var errReplyLost = errors.New("reply lost")
 
-func (p *countingPrimary) AddQuota(_ context.Context, bucket, batch string, n int64, _ time.Duration) (int64, error) {
+func (p *countingPrimary) AddQuota(_ context.Context, bucket, sender string, seq uint64, n int64, _ time.Duration) (int64, error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.down {
 		return 0, errPrimaryDown
 	}
-	if p.batches == nil {
-		p.batches = map[string]bool{}
+	if p.failAdds > 0 {
+		p.failAdds--
+		return 0, errPrimaryDown
 	}
-	if !p.batches[batch] {
-		p.batches[batch] = true
+	if p.last == nil {
+		p.last = map[string]uint64{}
+	}
+	if k := bucket + "/" + sender; seq > p.last[k] {
+		p.last[k] = seq
 		p.count[bucket] += n
 	}
 	if p.loseReplies > 0 {
@@ -390,5 +396,60 @@ func TestASecondOutageCountsOnlyWhatIsStillOwed(t *testing.T) {
 	time.Sleep(5 * time.Millisecond)
 	if got := calls(1000); got != 200 {
 		t.Fatalf("second outage, 600 of 1,000 used: %d allowed, want 200, this instance's part of the 400 left", got)
+	}
+}
+
+// A bucket whose calls cannot be recorded as owed (the owed table is full)
+// still has its local count grow to the instance's share: set from what
+// is owed, which holds none of its calls, it was set back before every
+// call, and the outage allowed every call.
+func TestABucketTheOwedTableCannotHoldStillMeetsItsShare(t *testing.T) {
+	p := &countingPrimary{count: map[string]int64{}}
+	f := &FallbackLimiter{Primary: p, Local: NewLocalLimiter(1), Cooldown: time.Hour}
+	c := CallLimits{Buckets: []string{"key"}, RPS: 1 << 20, Burst: 1 << 20, QuotaBucket: "q:2026-03", QuotaLimit: 100, QuotaTTL: time.Hour}
+	allowCalls(t, f, c, 1)
+	f.owed = map[string]owedCalls{}
+	for i := range maxLocalBuckets {
+		f.owed[fmt.Sprintf("other:%d", i)] = owedCalls{n: 1, ttl: time.Hour}
+	}
+	p.set(true)
+	if got := allowCalls(t, f, c, 1000); got != 99 {
+		t.Fatalf("outage with the owed table full: %d of 1,000 allowed, want the 99 the quota had left", got)
+	}
+}
+
+// A bucket's batches are sent in order, and none after one that failed:
+// the primary takes a batch only if its number is above the last it took,
+// so a later batch taken first would have the earlier one's calls dropped.
+func TestABucketsBatchesWaitBehindOneThatFailed(t *testing.T) {
+	ctx := context.Background()
+	p := &countingPrimary{count: map[string]int64{}}
+	f := &FallbackLimiter{Primary: p, Local: NewLocalLimiter(1), Cooldown: time.Millisecond}
+	c := CallLimits{Buckets: []string{"key"}, RPS: 1 << 20, Burst: 1 << 20, QuotaBucket: "q:2026-03", QuotaLimit: 1000, QuotaTTL: time.Hour}
+	calls := func(n int) int { return allowCalls(t, f, c, n) }
+	outage := func(n int) {
+		p.set(true)
+		time.Sleep(5 * time.Millisecond)
+		calls(n)
+		p.set(false)
+	}
+	failNext := func() {
+		p.mu.Lock()
+		p.failAdds = 1
+		p.mu.Unlock()
+		if err := f.Settle(ctx); err == nil {
+			t.Fatal("a settle whose add failed succeeded")
+		}
+	}
+	calls(1)
+	outage(5)
+	failNext() // the first batch stays to be sent
+	outage(3)
+	failNext() // the first fails again: the second must wait behind it
+	testenv.Must(t, f.Settle(ctx), "settle")
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if n := p.count[c.QuotaBucket]; n != 9 {
+		t.Fatalf("Redis's count %d, want 9: one call, then 5 and 3 allowed locally", n)
 	}
 }

@@ -265,26 +265,35 @@ func (l *Limiter) Take(ctx context.Context, bucket string, limit int64, ttl time
 // AddQuota implements edge.QuotaAdder: it counts n calls the edge's local
 // fallback allowed while Redis was out of reach in bucket, so the month's
 // count holds them. A counter it creates (Redis lost the month's) expires
-// after ttl, as take's do. The batch is counted once: a mark beside the
-// counter (bucket:settled:batch, kept as long as the counter may be)
-// makes an add sent again, after its reply was lost, add nothing.
-func (l *Limiter) AddQuota(ctx context.Context, bucket, batch string, n int64, ttl time.Duration) (int64, error) {
-	if batch == "" {
-		return 0, errors.New("redis quota: an add needs a batch name")
+// after ttl, as take's do. Beside the counter a hash ({bucket}:settled, in
+// the counter's cluster slot, kept as long as the counter may be) holds
+// the last batch number taken from each sender: a batch sent again after
+// its reply was lost adds nothing, and the hash holds one field per edge
+// process, not one key per batch.
+func (l *Limiter) AddQuota(ctx context.Context, bucket, sender string, seq uint64, n int64, ttl time.Duration) (int64, error) {
+	if sender == "" || seq == 0 {
+		return 0, errors.New("redis quota: an add needs its sender and batch number")
 	}
-	count, err := addQuota.Run(ctx, l.rdb, []string{bucket, bucket + ":settled:" + batch}, n, int64(ttl.Seconds())+1).Int64()
+	count, err := addQuota.Run(ctx, l.rdb, []string{bucket, "{" + bucket + "}:settled"}, n, int64(ttl.Seconds())+1, sender, seq).Int64()
 	if err != nil {
 		return 0, fmt.Errorf("redis quota: %w", err)
 	}
 	return count, nil
 }
 
+// addQuota checks the batch number before it writes anything, and records
+// it only after the count took the calls: a script's writes stand when a
+// later command of it fails (a counter of the wrong type), and a number
+// recorded for calls never counted would have their retry add nothing.
 var addQuota = redis.NewScript(`
-if not redis.call("SET", KEYS[2], "1", "NX", "EX", ARGV[2]) then
+local last = tonumber(redis.call("HGET", KEYS[2], ARGV[3]) or "0")
+if tonumber(ARGV[4]) <= last then
   return tonumber(redis.call("GET", KEYS[1]) or "0")
 end
 local v = redis.call("INCRBY", KEYS[1], ARGV[1])
 if redis.call("TTL", KEYS[1]) < 0 then redis.call("EXPIRE", KEYS[1], ARGV[2]) end
+redis.call("HSET", KEYS[2], ARGV[3], ARGV[4])
+redis.call("EXPIRE", KEYS[2], ARGV[2])
 return v
 `)
 

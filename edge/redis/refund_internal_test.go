@@ -41,28 +41,19 @@ func TestALostGrantGivesBackNoMoreThanWasGranted(t *testing.T) {
 
 // AddQuota counts calls the local fallback allowed into the month's
 // counter, keeping its expiry; a counter Redis lost is made again with one;
-// a batch sent twice is counted once.
+// a batch sent again is counted once, and one whose count failed is counted
+// when sent again.
 func TestAddQuotaCountsIntoTheMonthAndKeepsItExpiring(t *testing.T) {
 	ctx := context.Background()
 	r := testenv.NewRedis(t)
 	l := NewLimiter(r.Client)
 	kept, lost := r.Prefix+"quota:kept", r.Prefix+"quota:lost"
 	testenv.Must(t, r.Client.Set(ctx, kept, 600, 10*time.Hour).Err(), "seed the month's counter")
-	if n, err := l.AddQuota(ctx, kept, "b1", 400, time.Hour); err != nil || n != 1000 {
+	if n, err := l.AddQuota(ctx, kept, "edge-a", 1, 400, time.Hour); err != nil || n != 1000 {
 		t.Fatalf("add to a counter: %d, %v; want the count, 1000", n, err)
 	}
-	if n, err := l.AddQuota(ctx, lost, "b2", 7, time.Hour); err != nil || n != 7 {
+	if n, err := l.AddQuota(ctx, lost, "edge-a", 2, 7, time.Hour); err != nil || n != 7 {
 		t.Fatalf("add to a counter Redis lost: %d, %v; want 7", n, err)
-	}
-	// The same batch sent again, as after a lost reply, adds nothing.
-	if n, err := l.AddQuota(ctx, kept, "b1", 400, time.Hour); err != nil || n != 1000 {
-		t.Fatalf("the same batch again: %d, %v; want the count unchanged, 1000", n, err)
-	}
-	if ttl, err := r.Client.TTL(ctx, kept+":settled:b1").Result(); err != nil || ttl <= 59*time.Minute || ttl > time.Hour+time.Second {
-		t.Errorf("the batch's mark expires in %s (%v); want about the hour the counter would", ttl, err)
-	}
-	if _, err := l.AddQuota(ctx, kept, "", 1, time.Hour); err == nil {
-		t.Error("an add without a batch name was taken")
 	}
 	for _, c := range []struct {
 		key     string
@@ -76,5 +67,39 @@ func TestAddQuotaCountsIntoTheMonthAndKeepsItExpiring(t *testing.T) {
 		if n != c.n || ttl < c.ttlOver || ttl > 10*time.Hour {
 			t.Errorf("%s: count %d, expiry in %s; want %d, expiring after %s", c.key, n, ttl, c.n, c.ttlOver)
 		}
+	}
+
+	// The same batch sent again, as after a lost reply, adds nothing; nor
+	// does an earlier one. Another sender's batch 1 is its own.
+	for _, again := range []struct {
+		sender string
+		seq    uint64
+		want   int64
+	}{{"edge-a", 1, 1000}, {"edge-b", 1, 1400}, {"edge-b", 1, 1400}} {
+		if n, err := l.AddQuota(ctx, kept, again.sender, again.seq, 400, time.Hour); err != nil || n != again.want {
+			t.Fatalf("%s's batch %d again: %d, %v; want %d", again.sender, again.seq, n, err, again.want)
+		}
+	}
+	marks := "{" + kept + "}:settled"
+	if fields, err := r.Client.HLen(ctx, marks).Result(); err != nil || fields != 2 {
+		t.Errorf("%s holds %d fields (%v); want one per sender", marks, fields, err)
+	}
+	if ttl, err := r.Client.TTL(ctx, marks).Result(); err != nil || ttl <= 59*time.Minute || ttl > time.Hour+time.Second {
+		t.Errorf("the batch numbers expire in %s (%v); want about the hour the counter would", ttl, err)
+	}
+
+	// A count that fails (a counter of the wrong type) records nothing:
+	// the batch sent again once the counter is mended is counted.
+	odd := r.Prefix + "quota:odd"
+	testenv.Must(t, r.Client.Set(ctx, odd, "not-a-number", time.Hour).Err(), "a counter of the wrong type")
+	if _, err := l.AddQuota(ctx, odd, "edge-a", 3, 40, time.Hour); err == nil {
+		t.Fatal("an add to a counter that is not a number succeeded")
+	}
+	testenv.Must(t, r.Client.Del(ctx, odd).Err(), "mend the counter")
+	if n, err := l.AddQuota(ctx, odd, "edge-a", 3, 40, time.Hour); err != nil || n != 40 {
+		t.Fatalf("the batch sent again once the counter was mended: %d, %v; want 40", n, err)
+	}
+	if _, err := l.AddQuota(ctx, kept, "", 0, 1, time.Hour); err == nil {
+		t.Error("an add without a sender or batch number was taken")
 	}
 }
