@@ -374,7 +374,7 @@ func (c *Config) Validate() error {
 		switch {
 		case err != nil || (p.Scheme != "http" && p.Scheme != "https") || p.Host == "":
 			errs = append(errs, fmt.Errorf("%s: want an http(s) URL, got %q", name, redact.URL(u)))
-		case p.User != nil:
+		case p.User != nil || redact.HasUserInfo(u):
 			// Neither front sends them: the upstream would get calls
 			// without the credentials the operator meant it to.
 			errs = append(errs, fmt.Errorf("%s: %q carries credentials, which the edge does not send to the upstream; "+

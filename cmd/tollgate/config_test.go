@@ -117,6 +117,8 @@ func TestCheckConfigRefusesWhatWouldFailOrMisbehaveAtStart(t *testing.T) {
 		{"a port every interface takes clashes with one host's", "ingest:\n  metrics_listen: \":18284\"\naggregator:\n  metrics_listen: 127.0.0.1:18284\n", nil, "aggregator.metrics_listen"},
 		{"an edge event type ingest would dead-letter is refused", "edge:\n  event_type: api-call\n", []string{"edge"}, "edge.event_type"},
 		{"an upstream with credentials the edge would not send is refused", "edge:\n  sandbox_upstream: https://svc:pw@sandbox.internal\n", []string{"edge"}, "edge.sandbox_upstream"},
+		{"an upstream whose password reads as its path is refused", "edge:\n  sandbox_upstream: https://svc:8443/pw@sandbox.internal\n", []string{"edge"}, "edge.sandbox_upstream"},
+		{"a usage API CORS pattern with a path is refused", "aggregator:\n  cors_origins: [\"https://*.example.com/\"]\n", []string{"aggregate"}, "aggregator.cors_origins"},
 		{"a Stripe API URL without a scheme is refused", "invoicer:\n  stripe:\n    api_url: stripe-mock:12111\n", []string{"invoice"}, "invoicer.stripe.api_url"},
 		{"a usage API CORS origin with a path is refused", "aggregator:\n  cors_origins: [\"https://app.example.com/\"]\n", []string{"aggregate"}, "aggregator.cors_origins"},
 		{"a usage API CORS origin without a scheme is refused", "aggregator:\n  cors_origins: [app.example.com]\n", []string{"aggregate"}, "aggregator.cors_origins"},
@@ -136,7 +138,7 @@ func TestCheckConfigRefusesWhatWouldFailOrMisbehaveAtStart(t *testing.T) {
 
 	t.Run("a refused URL is quoted without its password", func(t *testing.T) {
 		cfg := writeConfig(t, "edge:\n  sandbox_upstream: \"https://user:s3cret@\"\ndashboard:\n  usage_api: \"https://user:s3cret@::bad\"\n  invoice_api: \"http://u:pw/s3cret@host:80\"\n"+
-			"invoicer:\n  stripe:\n    api_url: \"ftp://u:s3cret@stripe\"\n")
+			"invoicer:\n  stripe:\n    api_url: \"http://svc:8080?s3cret@stripe\"\n")
 		err := cfg.Validate()
 		if err == nil || strings.Contains(err.Error(), "s3cret") {
 			t.Fatalf("Validate() = %v; want the URLs refused, their password not quoted", err)
@@ -163,7 +165,7 @@ ingest:
 aggregator:
   listen: localhost:0
   metrics_listen: ""
-  cors_origins: ["*", "https://app.example.com", "https://*.example.com", "http://localhost:5173"]
+  cors_origins: ["*", "https://app.example.com", "https://*.example.com", "http://localhost:5173", "http://localhost:*", "http*://app.example.com", "https://*"]
 invoicer:
   listen: tollgate.internal:8082
   interval: 1s

@@ -1,29 +1,32 @@
 // Package redact keeps secrets out of messages that quote configuration.
 package redact
 
-import (
-	"net/url"
-	"strings"
-)
+import "strings"
 
 // URL is s with the user information of its authority (user:password@)
 // replaced by "xxxxx", whether or not s parses as a URL: a message quoting
-// a URL it refuses would otherwise print the password in it. In a URL that
-// does not parse, everything before its last @ goes: a password may hold
-// the /, ? or # that would otherwise end the authority before it.
+// a URL it refuses would otherwise print the password in it. A password
+// may hold the /, ? or # that would end the authority before it, and then
+// even a URL that parses reads it as its path or query
+// (http://svc:8080?SECRET@host): so everything before the last @ ahead of
+// the first /, ? or # after s's first @ goes. A URL with an @ in its path
+// alone is cut too; these are messages, where a password matters more.
 func URL(s string) string {
 	prefix, rest := "", s
 	if i := strings.Index(s, "://"); i >= 0 {
 		prefix, rest = s[:i+3], s[i+3:]
 	}
+	first := strings.IndexByte(rest, '@')
+	if first < 0 {
+		return s
+	}
 	end := len(rest)
-	if _, err := url.Parse(s); err == nil {
-		if j := strings.IndexAny(rest, "/?#"); j >= 0 {
-			end = j
-		}
+	if j := strings.IndexAny(rest[first:], "/?#"); j >= 0 {
+		end = first + j
 	}
-	if at := strings.LastIndex(rest[:end], "@"); at >= 0 {
-		return prefix + "xxxxx" + rest[at:]
-	}
-	return s
+	return prefix + "xxxxx" + rest[strings.LastIndexByte(rest[:end], '@'):]
 }
+
+// HasUserInfo reports whether URL would hide part of s: s has, or may be
+// read as having, user information.
+func HasUserInfo(s string) bool { return URL(s) != s }
