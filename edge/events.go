@@ -68,6 +68,13 @@ func (s *Server) reportEvents(c echo.Context) error {
 		return NewAPIError(http.StatusRequestEntityTooLarge, TypeInvalidRequest, "payload_too_large",
 			fmt.Sprintf("The request body is larger than %d bytes.", MaxBatchBytes))
 	}
+	// The body may have taken long to come (8 MiB, chunked): the key must
+	// still be usable once it has, or a key revoked or expired meanwhile
+	// would report usage that is billed. The fasthttp front reads the body
+	// before this handler runs, so its check comes after the body too.
+	if _, err := s.authenticateCall(c.Request().Context(), callInfoOf(c.Request())); err != nil {
+		return err
+	}
 	events, err := decodeBatch(body)
 	if err != nil {
 		return err

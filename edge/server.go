@@ -688,8 +688,7 @@ func (s *Server) authenticate(next echo.HandlerFunc) echo.HandlerFunc {
 	return func(c echo.Context) error {
 		r := c.Request()
 		epoch := s.keyEpoch()
-		k, err := s.authenticateCall(r.Context(), CallInfo{Method: r.Method, Path: r.URL.Path,
-			Authorization: r.Header.Get("Authorization"), RemoteAddr: r.RemoteAddr, Forwarded: HeaderForwarded(r.Header)})
+		k, err := s.authenticateCall(r.Context(), callInfoOf(r))
 		if err != nil {
 			return err
 		}
@@ -697,6 +696,12 @@ func (s *Server) authenticate(next echo.HandlerFunc) echo.HandlerFunc {
 		c.Set(keyEpochCtx, epoch)
 		return next(c)
 	}
+}
+
+// callInfoOf is what authentication reads of a call on the net/http front.
+func callInfoOf(r *http.Request) CallInfo {
+	return CallInfo{Method: r.Method, Path: r.URL.Path, Authorization: r.Header.Get("Authorization"),
+		RemoteAddr: r.RemoteAddr, Forwarded: HeaderForwarded(r.Header)}
 }
 
 // MethodOverrideHeaders are the headers web frameworks (Rails, Laravel,
