@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"log/slog"
+	"net/netip"
 	"sync"
 	"time"
 
@@ -19,12 +20,15 @@ import (
 // them reach the database: events are folded per flush interval by (action,
 // key prefix, remote address, reason, key), so one client hammering one bad
 // key costs one row per interval with its count. The prefix is the
-// caller's to choose, so past MaxPerRemote distinct rows from one address
-// in an interval, that address's further failures fold by (action, remote
-// address, reason) alone, and one address cannot crowd out the others. At
-// most MaxDistinct rows are written per interval; the rest fold into one
-// overflow row per action. A failed write puts its rows back for the next
-// flush. Record never blocks on the database.
+// caller's to choose, so past MaxPerRemote distinct rows from one network
+// in an interval (an IPv4 address, or an IPv6 /48: one host has a whole
+// /64, and one site a /48, to pick source addresses from), that network's
+// further failures fold by (action, network, reason) alone, and one client
+// cannot crowd out the others. At most MaxDistinct rows are written per
+// interval, of which failures that name no account may take all but
+// KeyedReserve, kept for those against real keys (expired, revoked); the
+// rest fold into one overflow row per action. A failed write puts its rows
+// back for the next flush. Record never blocks on the database.
 type AuditWriter struct {
 	pool     *pgxpool.Pool
 	log      *slog.Logger
@@ -56,6 +60,11 @@ const finalFlushRetry = 250 * time.Millisecond
 
 // MaxDistinct bounds the audit rows written per flush interval.
 const MaxDistinct = 1000
+
+// KeyedReserve is the part of MaxDistinct that only rows naming an account
+// may take: made-up keys, from however many networks, cannot push out the
+// failures against real ones.
+const KeyedReserve = 200
 
 // MaxPerRemote bounds the distinct rows one remote address gets per flush
 // interval before its failures fold without their key prefix.
@@ -112,10 +121,15 @@ func (w *AuditWriter) Record(ev edge.AuditEvent) {
 // add folds f into the pending rows under k, or under a coarser key when k
 // would pass one of the bounds. w.mu is held.
 func (w *AuditWriter) add(k foldKey, f folded) {
-	if w.pending[k] == nil && k.reason != overflowReason && w.byRemote[k.remote] >= MaxPerRemote {
-		k.prefix, k.account, k.key = "", "", ""
+	network := remoteNetwork(k.remote)
+	if w.pending[k] == nil && k.reason != overflowReason && w.byRemote[network] >= MaxPerRemote {
+		k.prefix, k.account, k.key, k.remote = "", "", "", network
 	}
-	if w.pending[k] == nil && k.reason != overflowReason && len(w.pending) >= MaxDistinct {
+	limit := MaxDistinct - KeyedReserve
+	if k.account != "" {
+		limit = MaxDistinct
+	}
+	if w.pending[k] == nil && k.reason != overflowReason && len(w.pending) >= limit {
 		w.dropped.Add(float64(f.count))
 		k = foldKey{action: k.action, actor: k.actor, reason: overflowReason}
 	}
@@ -124,7 +138,7 @@ func (w *AuditWriter) add(k foldKey, f folded) {
 		p = &folded{first: f.first, last: f.last}
 		w.pending[k] = p
 		if k.reason != overflowReason {
-			w.byRemote[k.remote]++
+			w.byRemote[network]++
 		}
 	}
 	if f.first.Before(p.first) {
@@ -213,4 +227,26 @@ func (w *AuditWriter) Close() error {
 	w.once.Do(func() { close(w.stop) })
 	<-w.done
 	return w.closeErr
+}
+
+// remoteNetwork is what the per-address bound counts a remote address
+// under: an IPv6 address's /48 (written as a prefix, which is also what
+// the network's folded rows record), anything else as it is.
+func remoteNetwork(remote string) string {
+	a, err := netip.ParseAddr(remote)
+	if err != nil {
+		ap, perr := netip.ParseAddrPort(remote)
+		if perr != nil {
+			return remote
+		}
+		a = ap.Addr()
+	}
+	if a = a.Unmap(); !a.Is6() {
+		return remote
+	}
+	p, err := a.WithZone("").Prefix(48)
+	if err != nil {
+		return remote
+	}
+	return p.String()
 }

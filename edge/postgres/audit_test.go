@@ -52,6 +52,41 @@ func TestAuditWriter(t *testing.T) {
 				rows, total, 3*edgepg.MaxDistinct, edgepg.MaxPerRemote+1)
 		}
 	})
+	t.Run("one IPv6 site cycling its source addresses cannot crowd out another's failures", func(t *testing.T) {
+		// Each failure from another address of one /48 (a host has a
+		// whole /64 to pick from), each with a made-up prefix.
+		for i := range edgepg.MaxDistinct {
+			w.Record(failure(fmt.Sprintf("2001:db8:1:%x::%x", i%7, i+1), fmt.Sprintf("sk_live_v6%04d", i)))
+		}
+		w.Record(failure("198.51.100.3", "sk_live_Real"))
+		w.Flush(ctx)
+		if rows, total := count(t, "remote_addr = $1 AND key_prefix = $2", "198.51.100.3", "sk_live_Real"); rows != 1 || total != 1 {
+			t.Errorf("the other address's failure: %d rows for %d failures, want its own row", rows, total)
+		}
+		rows, total := count(t, "remote_addr LIKE '2001:db8:1:%'")
+		if total != edgepg.MaxDistinct || rows > edgepg.MaxPerRemote+1 {
+			t.Errorf("the flooding site: %d rows for %d failures, want all %d in at most %d rows",
+				rows, total, edgepg.MaxDistinct, edgepg.MaxPerRemote+1)
+		}
+		if folded, _ := count(t, "remote_addr = $1", "2001:db8:1::/48"); folded != 1 {
+			t.Errorf("%d rows folded under the site's /48, want 1", folded)
+		}
+	})
+	t.Run("failures against real keys keep rows past a flood of made-up ones from many networks", func(t *testing.T) {
+		for i := range edgepg.MaxDistinct {
+			w.Record(failure(fmt.Sprintf("10.%d.%d.1", i/250, i%250), fmt.Sprintf("sk_live_m%04d", i)))
+		}
+		real := failure("192.0.2.44", "sk_live_Leak")
+		real.Reason, real.AccountID, real.KeyID = "revoked", "acct_leaked", "key_leaked"
+		w.Record(real)
+		w.Flush(ctx)
+		if rows, total := count(t, "key_id = $1 AND remote_addr = $2", "key_leaked", "192.0.2.44"); rows != 1 || total != 1 {
+			t.Errorf("the revoked key's failure: %d rows for %d failures, want its own row", rows, total)
+		}
+		if rows, _ := count(t, "remote_addr LIKE '10.%'"); rows != edgepg.MaxDistinct-edgepg.KeyedReserve {
+			t.Errorf("the made-up keys took %d rows, want %d, the rest folded into overflow", rows, edgepg.MaxDistinct-edgepg.KeyedReserve)
+		}
+	})
 	t.Run("rows a failed write could not store are written by the next flush", func(t *testing.T) {
 		for range 5 {
 			w.Record(failure("192.0.2.9", "sk_live_Gone"))
