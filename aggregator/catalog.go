@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strings"
 	"sync"
 	"time"
 
@@ -56,6 +57,20 @@ type Catalog struct {
 type RefusedMeter struct {
 	Key    string `json:"key"`
 	Reason string `json:"reason"`
+}
+
+// UndecodableMeters is a MeterStore's error naming stored meters whose
+// definitions it could not read; the meters it returns with it are the
+// others. The catalog leaves them out as it leaves out meters this version
+// refuses, rather than failing every meter for them.
+type UndecodableMeters []RefusedMeter
+
+func (u UndecodableMeters) Error() string {
+	keys := make([]string, len(u))
+	for i, r := range u {
+		keys[i] = r.Key
+	}
+	return fmt.Sprintf("stored meters whose definitions do not decode: %s", strings.Join(keys, ", "))
 }
 
 var _ MeterSource = (*Catalog)(nil)
@@ -121,6 +136,10 @@ func (c *Catalog) set(ctx context.Context) (*meter.Set, error) {
 	all := append([]meter.Meter(nil), c.config...)
 	if c.store != nil {
 		stored, err := c.store.List(ctx)
+		var undecodable UndecodableMeters
+		if errors.As(err, &undecodable) {
+			err = nil
+		}
 		if err != nil {
 			if c.cached != nil && !c.fresh {
 				// Keep serving with the meters we know; retry next time.
@@ -133,6 +152,17 @@ func (c *Catalog) set(ctx context.Context) (*meter.Set, error) {
 			inConfig[m.Key] = true
 		}
 		var refused []RefusedMeter
+		for _, r := range undecodable {
+			if inConfig[r.Key] {
+				continue
+			}
+			refused = append(refused, r)
+			if !c.logged[r] {
+				c.logged[r] = true
+				c.log.Error("stored meter left out: its definition does not decode, so it is not rolled up or served; remove it from the meters table and create it again",
+					"meter", r.Key, "reason", r.Reason)
+			}
+		}
 		for _, m := range stored {
 			if inConfig[m.Key] {
 				continue

@@ -140,12 +140,14 @@ var (
 // NewMeters returns a Meters over pool.
 func NewMeters(pool *pgxpool.Pool) *Meters { return &Meters{pool: pool} }
 
-// List returns every stored meter, in key order.
+// List returns every stored meter, in key order. A row whose definition
+// does not decode is left out and named in an aggregator.UndecodableMeters
+// error returned with the others.
 func (s *Meters) List(ctx context.Context) ([]meter.Meter, error) {
-	return s.query(ctx, "list meters", "SELECT definition FROM meters ORDER BY key")
+	return s.query(ctx, "list meters", "SELECT key, definition FROM meters ORDER BY key")
 }
 
-// query reads the meter definitions sql selects.
+// query reads the meters sql selects (key, definition).
 func (s *Meters) query(ctx context.Context, what, sql string) ([]meter.Meter, error) {
 	rows, err := s.pool.Query(ctx, sql)
 	if err != nil {
@@ -153,18 +155,27 @@ func (s *Meters) query(ctx context.Context, what, sql string) ([]meter.Meter, er
 	}
 	defer rows.Close()
 	var out []meter.Meter
+	var bad aggregator.UndecodableMeters
 	for rows.Next() {
+		var key string
 		var b []byte
-		if err := rows.Scan(&b); err != nil {
+		if err := rows.Scan(&key, &b); err != nil {
 			return nil, fmt.Errorf("%s: %w", what, err)
 		}
 		var m meter.Meter
 		if err := json.Unmarshal(b, &m); err != nil {
-			return nil, fmt.Errorf("stored meter: %w", err)
+			bad = append(bad, aggregator.RefusedMeter{Key: key, Reason: "its stored definition does not decode: " + err.Error()})
+			continue
 		}
 		out = append(out, m)
 	}
-	return out, rows.Err()
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("%s: %w", what, err)
+	}
+	if len(bad) > 0 {
+		return out, bad
+	}
+	return out, nil
 }
 
 // Create stores m. It reports created=false when an identical meter exists
@@ -198,7 +209,7 @@ func (s *Meters) Create(ctx context.Context, m meter.Meter) (bool, error) {
 // Unbackfilled returns the stored meters whose backfill never finished
 // (their aggregator stopped during it), in key order.
 func (s *Meters) Unbackfilled(ctx context.Context) ([]meter.Meter, error) {
-	return s.query(ctx, "list meters to backfill", "SELECT definition FROM meters WHERE backfilled_at IS NULL ORDER BY key")
+	return s.query(ctx, "list meters to backfill", "SELECT key, definition FROM meters WHERE backfilled_at IS NULL ORDER BY key")
 }
 
 // ClaimBackfill records that a backfill of m is starting under claim,

@@ -262,6 +262,11 @@ func (m *AggregateMain) background(f func()) {
 // definition is the one counted, and rollUpConfigMeters computes its rows.
 func (m *AggregateMain) resumeBackfills(ctx context.Context) error {
 	ms, err := m.meters.Unbackfilled(ctx)
+	var undecodable aggregator.UndecodableMeters
+	if errors.As(err, &undecodable) {
+		// The catalog leaves them out, and says so; the others resume.
+		err = nil
+	}
 	if err != nil {
 		return err
 	}
