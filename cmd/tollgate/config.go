@@ -361,6 +361,12 @@ func checkBaseURL(name, v string) error {
 	if errors.As(err, &ue) {
 		err = ue.Err // not the URL again, password and all
 	}
+	if redact.HasUserInfo(httpBase(v)) {
+		// Not the parser's reason either: a password holding / ? or #
+		// reads as a port, which it would then quote. Nor are credentials
+		// sent on: the dashboard forwards the caller's key.
+		err = errors.New("credentials in the URL are not sent on")
+	}
 	if err == nil && strings.Contains(v, "://") && !strings.HasPrefix(v, "http") {
 		err = errors.New("not http or https")
 	}

@@ -117,7 +117,7 @@ func TestCheckConfigRefusesWhatWouldFailOrMisbehaveAtStart(t *testing.T) {
 		{"a port every interface takes clashes with one host's", "ingest:\n  metrics_listen: \":18284\"\naggregator:\n  metrics_listen: 127.0.0.1:18284\n", nil, "aggregator.metrics_listen"},
 		{"an edge event type ingest would dead-letter is refused", "edge:\n  event_type: api-call\n", []string{"edge"}, "edge.event_type"},
 		{"an upstream with credentials the edge would not send is refused", "edge:\n  sandbox_upstream: https://svc:pw@sandbox.internal\n", []string{"edge"}, "edge.sandbox_upstream"},
-		{"an upstream whose password reads as its path is refused", "edge:\n  sandbox_upstream: https://svc:8443/pw@sandbox.internal\n", []string{"edge"}, "edge.sandbox_upstream"},
+		{"an upstream whose password reads as its query is refused", "edge:\n  sandbox_upstream: \"https://svc:8443?pw@sandbox.internal\"\n", []string{"edge"}, "edge.sandbox_upstream"},
 		{"a usage API CORS pattern with a path is refused", "aggregator:\n  cors_origins: [\"https://*.example.com/\"]\n", []string{"aggregate"}, "aggregator.cors_origins"},
 		{"a Stripe API URL without a scheme is refused", "invoicer:\n  stripe:\n    api_url: stripe-mock:12111\n", []string{"invoice"}, "invoicer.stripe.api_url"},
 		{"a usage API CORS origin with a path is refused", "aggregator:\n  cors_origins: [\"https://app.example.com/\"]\n", []string{"aggregate"}, "aggregator.cors_origins"},
@@ -150,11 +150,22 @@ func TestCheckConfigRefusesWhatWouldFailOrMisbehaveAtStart(t *testing.T) {
 		}
 	})
 
+	t.Run("a password that reads as a port is not quoted", func(t *testing.T) {
+		for _, v := range []string{"http://dash:s3cr?et@usage.internal:8080", "http://dash:s3cr/et@usage.internal:8080", "http://dash:s3cr#et@usage.internal:8080"} {
+			cfg := writeConfig(t, "dashboard:\n  usage_api: \""+v+"\"\n")
+			err := cfg.Validate()
+			if err == nil || !strings.Contains(err.Error(), "dashboard.usage_api") || strings.Contains(err.Error(), "s3cr") {
+				t.Errorf("usage_api %q: Validate() = %v; want it refused, no part of its password quoted", v, err)
+			}
+		}
+	})
+
 	// Container names with underscores, IPv6 zones and service names
 	// are what Go's resolver takes, and were refused once.
 	t.Run("addresses an operator writes are accepted", func(t *testing.T) {
 		cfg := writeConfig(t, `edge:
   listen: ":8080"
+  sandbox_upstream: "https://registry.internal/@acme/v1?contact=ops@acme.example"
   admin_listen: "[::1]:9090"
   admin_token_sha256: `+strings.Repeat("0", 64)+`
   plans:

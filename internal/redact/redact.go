@@ -1,7 +1,10 @@
 // Package redact keeps secrets out of messages that quote configuration.
 package redact
 
-import "strings"
+import (
+	"net/url"
+	"strings"
+)
 
 // URL is s with the user information of its authority (user:password@)
 // replaced by "xxxxx", whether or not s parses as a URL: a message quoting
@@ -27,6 +30,30 @@ func URL(s string) string {
 	return prefix + "xxxxx" + rest[strings.LastIndexByte(rest[:end], '@'):]
 }
 
-// HasUserInfo reports whether URL would hide part of s: s has, or may be
-// read as having, user information.
-func HasUserInfo(s string) bool { return URL(s) != s }
+// HasUserInfo reports whether s has user information, or may: a URL that
+// does not parse and holds an @, or one whose password holds a ? or # and
+// so reads as a query or fragment right after the host with an @ in it
+// (http://svc:8080?SECRET@host). An @ after a / that follows the host is a
+// path's, not a password's (https://registry.internal/@acme).
+func HasUserInfo(s string) bool {
+	u, err := url.Parse(s)
+	if err != nil {
+		return strings.Contains(s, "@")
+	}
+	if u.User != nil {
+		return true
+	}
+	rest := s
+	if i := strings.Index(s, "://"); i >= 0 {
+		rest = s[i+3:]
+	}
+	i := strings.IndexAny(rest, "/?#")
+	if i < 0 || rest[i] == '/' {
+		return false
+	}
+	tail := rest[i:]
+	if j := strings.IndexByte(tail, '/'); j >= 0 {
+		tail = tail[:j]
+	}
+	return strings.Contains(tail, "@")
+}

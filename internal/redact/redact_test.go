@@ -27,3 +27,20 @@ func TestURLHidesUserInformation(t *testing.T) {
 		}
 	}
 }
+
+func TestHasUserInfo(t *testing.T) {
+	for s, want := range map[string]bool{
+		"https://user:pw@api.internal":                 true,
+		"http://svc:8080?SECRET@stripe.internal":       true,
+		"http://svc:8080#SECRET@stripe.internal/x":     true,
+		"https://svc:pa/ss@api.internal:8443":          true, // does not parse
+		"https://api.internal":                         false,
+		"https://registry.internal/@acme":              false, // a path's @
+		"https://api.internal/v1?contact=ops@acme.com": false,
+		"https://api.internal/users/me@x":              false,
+	} {
+		if got := HasUserInfo(s); got != want {
+			t.Errorf("HasUserInfo(%q) = %v, want %v", s, got, want)
+		}
+	}
+}
