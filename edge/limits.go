@@ -486,7 +486,7 @@ func (f *FallbackLimiter) settle(ctx context.Context) error {
 	// A bucket's batches go in the order they were numbered, and none
 	// after one that failed: the primary takes a batch only if its
 	// number is above the last it took for the bucket.
-	failed := map[string]bool{}
+	failed, done := map[string]bool{}, map[uint64]bool{}
 	for _, b := range batches {
 		if failed[b.bucket] {
 			continue
@@ -505,10 +505,17 @@ func (f *FallbackLimiter) settle(ctx context.Context) error {
 		// meanwhile counts it twice rather than not at all.
 		f.saw(b.bucket, count)
 		f.owedMu.Lock()
-		f.sent = slices.DeleteFunc(f.sent, func(s settleBatch) bool { return s.seq == b.seq })
 		if f.sentN[b.bucket] -= b.n; f.sentN[b.bucket] <= 0 {
 			delete(f.sentN, b.bucket)
 		}
+		f.owedMu.Unlock()
+		done[b.seq] = true
+	}
+	// Only a settle changes sent past its start, and one runs at a time:
+	// the batches counted leave it in one pass, not one pass each.
+	if len(done) > 0 {
+		f.owedMu.Lock()
+		f.sent = slices.DeleteFunc(f.sent, func(s settleBatch) bool { return done[s.seq] })
 		f.owedMu.Unlock()
 	}
 	return first

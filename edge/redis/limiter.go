@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"net"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -274,11 +275,25 @@ func (l *Limiter) AddQuota(ctx context.Context, bucket, sender string, seq uint6
 	if sender == "" || seq == 0 {
 		return 0, errors.New("redis quota: an add needs its sender and batch number")
 	}
-	count, err := addQuota.Run(ctx, l.rdb, []string{bucket, "{" + bucket + "}:settled"}, n, int64(ttl.Seconds())+1, sender, seq).Int64()
+	count, err := addQuota.Run(ctx, l.rdb, []string{bucket, settledKey(bucket)}, n, int64(ttl.Seconds())+1, sender, seq).Int64()
 	if err != nil {
 		return 0, fmt.Errorf("redis quota: %w", err)
 	}
 	return count, nil
+}
+
+// settledKey is the hash of bucket's last batch numbers, in bucket's
+// cluster slot: a bucket with a hash tag of its own (a rate_limit_prefix
+// of "{tollgate}:", which keeps every limit key in one slot) lends it, and
+// another is made the tag. (A prefix with a } and no tag, "x{}:" say, has
+// no such key: on a cluster, give it a tag.)
+func settledKey(bucket string) string {
+	if i := strings.IndexByte(bucket, '{'); i >= 0 {
+		if j := strings.IndexByte(bucket[i+1:], '}'); j > 0 {
+			return bucket + ":settled"
+		}
+	}
+	return "{" + bucket + "}:settled"
 }
 
 // addQuota checks the batch number before it writes anything, and records

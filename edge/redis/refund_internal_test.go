@@ -2,6 +2,7 @@ package redis
 
 import (
 	"context"
+	"strings"
 	"testing"
 	"time"
 
@@ -101,5 +102,41 @@ func TestAddQuotaCountsIntoTheMonthAndKeepsItExpiring(t *testing.T) {
 	}
 	if _, err := l.AddQuota(ctx, kept, "", 0, 1, time.Hour); err == nil {
 		t.Error("an add without a sender or batch number was taken")
+	}
+}
+
+// keySlot is Redis Cluster's slot of key: CRC16 (XMODEM) of its hash tag
+// (what the first { and the first } after it enclose, when not empty), or
+// of the whole key, modulo 16384.
+func keySlot(key string) uint16 {
+	if i := strings.IndexByte(key, '{'); i >= 0 {
+		if j := strings.IndexByte(key[i+1:], '}'); j > 0 {
+			key = key[i+1 : i+1+j]
+		}
+	}
+	var crc uint16
+	for _, b := range []byte(key) {
+		crc ^= uint16(b) << 8
+		for range 8 {
+			if crc&0x8000 != 0 {
+				crc = crc<<1 ^ 0x1021
+			} else {
+				crc <<= 1
+			}
+		}
+	}
+	return crc % 16384
+}
+
+// The settle's hash is in its quota counter's cluster slot, with the
+// default prefix and with one that carries a hash tag of its own.
+func TestTheSettledHashSharesItsCountersSlot(t *testing.T) {
+	if got := keySlot("123456789"); got != 0x31C3%16384 {
+		t.Fatalf("keySlot is not Redis's: %d for 123456789", got)
+	}
+	for _, bucket := range []string{"tollgate:rl:quota:acct_1:live:2026-11", "{tollgate}:quota:acct_1:live:2026-11", "a{b:quota:acct_1"} {
+		if a, b := keySlot(bucket), keySlot(settledKey(bucket)); a != b {
+			t.Errorf("%s in slot %d, its settled hash %s in %d", bucket, a, settledKey(bucket), b)
+		}
 	}
 }
