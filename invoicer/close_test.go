@@ -745,6 +745,9 @@ func TestInvoiceStatusNeverGoesBack(t *testing.T) {
 	e := newEnv(t)
 	ctx := context.Background()
 	id := e.marchInvoice(t, "acct_order")
+	// The sync records its Stripe invoice before it finalizes it, so
+	// before any payment event of it can come.
+	testenv.Must(t, e.store.SaveSyncStep(ctx, id, "invoice", "in_x", nil), "the sync's invoice step")
 	status := func() invoicer.Status {
 		got, err := e.store.Invoice(ctx, id)
 		testenv.Must(t, err, "load invoice")
@@ -1185,5 +1188,29 @@ func TestASyncBegunBeforeTheSyncStartIsFinished(t *testing.T) {
 		res.Closed[0].ID).Scan(&synced), "synced entries")
 	if synced != 1 {
 		t.Fatalf("%d invoice.synced entries, want 1", synced)
+	}
+}
+
+// A status entry an earlier version wrote for another Stripe invoice that
+// named this one in its metadata counts for nothing: the invoice is not
+// void, and its credit notes are still sent.
+func TestAStatusOfAnotherStripeInvoiceCountsForNothing(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	id := e.marchInvoice(t, "acct_copied")
+	testenv.Must(t, e.store.SaveSyncStep(ctx, id, "invoice", "in_real", nil), "invoice step")
+	testenv.Must(t, e.store.SaveSyncStep(ctx, id, "finalize", "in_real", nil), "finalize step")
+	_, err := e.pg.Pool.Exec(ctx, `INSERT INTO ledger_entries (account_id, kind, invoice_id, amount_minor, currency, payload)
+		SELECT account_id, 'stripe.invoice.voided', id, total_minor, currency, '{"stripe_event_id": "evt_old", "stripe_object_id": "in_copy"}'
+		FROM invoices WHERE id = $1`, id)
+	testenv.Must(t, err, "an earlier version's entry for a copy")
+	_, err = e.store.AppendCreditNote(ctx, id, 100, "goodwill", "")
+	testenv.Must(t, err, "credit note")
+	inv, err := e.store.Invoice(ctx, id)
+	testenv.Must(t, err, "invoice")
+	notes, err := e.store.UnsyncedCreditNotes(ctx)
+	testenv.Must(t, err, "credit notes to send")
+	if inv.Status == invoicer.StatusVoid || len(notes) != 1 {
+		t.Fatalf("status %s, %d credit notes to send; want not void, and the one", inv.Status, len(notes))
 	}
 }

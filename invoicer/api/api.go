@@ -419,6 +419,9 @@ func (s *Server) errorHandler(err error, c echo.Context) {
 	ae := *toAPIError(err)
 	ae.RequestID = c.Response().Header().Get(headerRequestID)
 	ae.SetHeaders(c.Response().Header().Get, c.Response().Header().Set)
+	if ae.Status == http.StatusUnauthorized {
+		c.Response().Header().Set("WWW-Authenticate", edge.WWWAuthenticate) // as the edge and the usage API answer
+	}
 	if ae.Status >= 500 {
 		s.log.Error("invoice api request failed", "request_id", ae.RequestID, "err", err)
 	}

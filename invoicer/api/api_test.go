@@ -286,11 +286,25 @@ func TestInvoiceAPI(t *testing.T) {
 			}
 		}
 	})
+	t.Run("a 401 says how to authenticate", func(t *testing.T) {
+		resp, err := http.Get(f.srv.URL + "/v1/invoices")
+		testenv.Must(t, err, "call")
+		resp.Body.Close()
+		if resp.StatusCode != 401 || resp.Header.Get("WWW-Authenticate") != edge.WWWAuthenticate {
+			t.Fatalf("no key: %d, WWW-Authenticate %q; want 401 and %q, as the edge and the usage API answer",
+				resp.StatusCode, resp.Header.Get("WWW-Authenticate"), edge.WWWAuthenticate)
+		}
+	})
 	t.Run("webhooks are verified and recorded once", func(t *testing.T) {
 		var l api.List
 		f.get(t, secretX, "/v1/invoices", &l)
-		payload := []byte(`{"id":"evt_api_1","object":"event","type":"invoice.paid","data":{"object":{"id":"in_1","object":"invoice",
-			"currency":"usd","amount_paid":2900,"metadata":{"tollgate_invoice_id":"` + l.Data[0].ID + `"}}}}`)
+		// Another Stripe invoice naming this one in its metadata (a copy
+		// made in Stripe's dashboard, a test-mode or another ledger's copy,
+		// whose id is the same), before the sync has made this one's: its
+		// events are kept, and change nothing. Before, a voided copy left
+		// the invoice void for good, and its credit notes were never sent.
+		payload := []byte(`{"id":"evt_api_stray","object":"event","type":"invoice.voided","livemode":false,"data":{"object":{"id":"in_copy",
+			"object":"invoice","currency":"usd","amount_due":2900,"metadata":{"tollgate_invoice_id":"` + l.Data[0].ID + `"}}}}`)
 		post := func(header string) (int, map[string]any) {
 			req, _ := http.NewRequest(http.MethodPost, f.srv.URL+"/v1/webhooks/stripe", bytes.NewReader(payload))
 			req.Header.Set("Stripe-Signature", header)
@@ -301,6 +315,19 @@ func TestInvoiceAPI(t *testing.T) {
 			_ = json.NewDecoder(resp.Body).Decode(&out)
 			return resp.StatusCode, out
 		}
+		if code, out := post(webhook.GenerateTestSignedPayload(&webhook.UnsignedPayload{Payload: payload, Secret: "whsec_api"}).Header); code != 200 || out["duplicate"] != false {
+			t.Fatalf("a copy's event: %d %v; want it taken", code, out)
+		}
+		var voided int
+		testenv.Must(t, pg.Pool.QueryRow(ctx, `SELECT count(*) FROM ledger_entries WHERE kind = 'stripe.invoice.voided'`).Scan(&voided), "count")
+		if voided != 0 {
+			t.Fatalf("a copy's invoice.voided wrote %d ledger entries, want none", voided)
+		}
+
+		// The sync made in_1 this invoice's Stripe invoice.
+		testenv.Must(t, f.store.SaveSyncStep(ctx, l.Data[0].ID, "invoice", "in_1", nil), "record the sync's invoice step")
+		payload = []byte(`{"id":"evt_api_1","object":"event","type":"invoice.paid","data":{"object":{"id":"in_1","object":"invoice",
+			"currency":"usd","amount_paid":2900,"metadata":{"tollgate_invoice_id":"` + l.Data[0].ID + `"}}}}`)
 		signed := webhook.GenerateTestSignedPayload(&webhook.UnsignedPayload{Payload: payload, Secret: "whsec_api"})
 		if code, out := post(signed.Header); code != 200 || out["duplicate"] != false {
 			t.Fatalf("first delivery: %d %v", code, out)
@@ -321,6 +348,18 @@ func TestInvoiceAPI(t *testing.T) {
 		testenv.Must(t, pg.Pool.QueryRow(ctx, `SELECT count(*) FROM ledger_entries WHERE kind = 'stripe.invoice.paid'`).Scan(&n), "count")
 		if n != 1 {
 			t.Errorf("ledger has %d invoice.paid entries, want 1", n)
+		}
+
+		// Valid JSON that Postgres's jsonb refuses (\u0000, from a field a
+		// customer filled in) is kept as sent, not answered 500 for days.
+		payload = []byte(`{"id":"evt_api_nul","object":"event","type":"customer.updated","data":{"object":{"id":"cus_1","object":"customer","name":"a\u0000b"}}}`)
+		if code, out := post(webhook.GenerateTestSignedPayload(&webhook.UnsignedPayload{Payload: payload, Secret: "whsec_api"}).Header); code != 200 || out["duplicate"] != false {
+			t.Fatalf("an event holding \\u0000: %d %v; want it taken", code, out)
+		}
+		var kept string
+		testenv.Must(t, pg.Pool.QueryRow(ctx, `SELECT payload::text FROM stripe_webhook_events WHERE event_id = 'evt_api_nul'`).Scan(&kept), "read it back")
+		if kept != string(payload) {
+			t.Errorf("kept %q, want the event as sent", kept)
 		}
 	})
 	// Last: it publishes a free version refused as written.

@@ -293,12 +293,16 @@ func (s *Store) FinalizeDrafts(ctx context.Context) (int, error) {
 // its entries (the newest among equals), not simply the newest: Stripe does
 // not deliver webhooks in order, so a retried payment_failed may arrive
 // after paid, and a sync resumed after a crash may record the invoice as
-// sent after Stripe reported it paid. paid and void are final.
+// sent after Stripe reported it paid. paid and void are final. Only the
+// entries of events about the Stripe invoice the sync recorded count
+// (RecordWebhook writes no other now; an earlier version did).
 const invoiceSelect = `
 	SELECT i.document, i.created_at,
 	  coalesce((SELECT kind FROM ledger_entries e WHERE e.invoice_id = i.id
 	     AND kind IN ('invoice.draft', 'invoice.finalized', 'invoice.synced', 'stripe.invoice.paid',
 	                  'stripe.invoice.payment_failed', 'stripe.invoice.voided')
+	     AND (kind NOT LIKE 'stripe.%' OR e.payload->>'stripe_object_id' =
+	          (SELECT stripe_id FROM stripe_sync_steps s WHERE s.invoice_id = i.id AND s.step = 'invoice'))
 	     ORDER BY CASE kind WHEN 'invoice.draft' THEN 0 WHEN 'invoice.finalized' THEN 1 WHEN 'invoice.synced' THEN 2
 	                        WHEN 'stripe.invoice.payment_failed' THEN 3 ELSE 4 END DESC, e.id DESC LIMIT 1), ''),
 	  coalesce((SELECT stripe_id FROM stripe_sync_steps s WHERE s.invoice_id = i.id AND s.step = 'invoice'), ''),
@@ -513,7 +517,8 @@ func (s *Store) UnsyncedCreditNotes(ctx context.Context) ([]invoicer.CreditNote,
 		WHERE e.kind = $1 AND NOT EXISTS (SELECT 1 FROM stripe_sync_steps c
 			WHERE c.invoice_id = e.invoice_id AND c.step = 'credit_note:' || e.id::text)
 		  -- Stripe cannot credit a voided invoice: nothing is owed on it.
-		  AND NOT EXISTS (SELECT 1 FROM ledger_entries v WHERE v.invoice_id = e.invoice_id AND v.kind = 'stripe.invoice.voided')
+		  AND NOT EXISTS (SELECT 1 FROM ledger_entries v WHERE v.invoice_id = e.invoice_id AND v.kind = 'stripe.invoice.voided'
+		    AND v.payload->>'stripe_object_id' = inv.stripe_id)
 		ORDER BY e.id`, KindCreditNote)
 	if err != nil {
 		return nil, fmt.Errorf("list unsynced credit notes: %w", err)
@@ -565,13 +570,17 @@ func (s *Store) RecordWebhook(ctx context.Context, ev invoicer.WebhookEvent) (bo
 		}
 		// The event names the ledger invoice by metadata, which any Stripe
 		// invoice can carry (a copy made in Stripe's dashboard, a stray
-		// draft): once the sync knows which Stripe invoice is ours, only
-		// that one's events change the ledger invoice's status.
+		// draft, another ledger's or a test-mode copy of the same invoice,
+		// whose id is the same): only the events of the Stripe invoice the
+		// sync recorded as this one's change its status. The sync records
+		// it as soon as Stripe has made it, before it is finalized, so no
+		// payment or void of it can come first. Any other is kept, with no
+		// ledger entry.
 		_, err = tx.Exec(ctx, `
 			INSERT INTO ledger_entries (account_id, kind, invoice_id, amount_minor, currency, payload)
 			SELECT account_id, $2, id, $3, currency, jsonb_build_object('stripe_event_id', $4::text, 'stripe_object_id', $5::text)
-			FROM invoices i WHERE id = $1 AND NOT EXISTS (SELECT 1 FROM stripe_sync_steps s
-			  WHERE s.invoice_id = i.id AND s.step = 'invoice' AND s.stripe_id <> $5)`, ev.InvoiceID, "stripe."+ev.Type, ev.Amount, ev.ID, ev.ObjectID)
+			FROM invoices i WHERE id = $1 AND EXISTS (SELECT 1 FROM stripe_sync_steps s
+			  WHERE s.invoice_id = i.id AND s.step = 'invoice' AND s.stripe_id = $5)`, ev.InvoiceID, "stripe."+ev.Type, ev.Amount, ev.ID, ev.ObjectID)
 		return err
 	})
 	if err != nil {
