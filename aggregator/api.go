@@ -82,18 +82,26 @@ func (c *Config) Defaults() {
 // corsOriginMayMatch reports whether an aggregator.cors_origins entry can
 // match a browser's Origin: "*", an origin, or a pattern with echo's
 // wildcards (* and ?, anywhere: http://localhost:*, https://*.example.com)
-// that has a scheme and nothing after its host and port. An entry with a
-// path or without a scheme never matches, and the dashboard's calls would
-// be refused without a word.
+// that has a scheme and nothing after its host and port, in lower case,
+// with no space or user. An entry with a path never matches, and the
+// dashboard's calls would be refused without a word; one without a scheme
+// is refused too, though one that starts with * may match.
 func corsOriginMayMatch(o string) bool {
-	if o == "*" || edge.IsOrigin(o) {
+	if o == "*" {
+		return true
+	}
+	// Browsers send an origin in lower case, with no space, user or path.
+	if o != strings.ToLower(o) || strings.ContainsAny(o, " \t@") {
+		return false
+	}
+	if edge.IsOrigin(o) {
 		return true
 	}
 	if !strings.ContainsAny(o, "*?") {
 		return false
 	}
 	scheme, rest, ok := strings.Cut(o, "://")
-	return ok && scheme != "" && rest != "" && !strings.ContainsAny(rest, "/#")
+	return ok && scheme != "" && rest != "" && !strings.ContainsAny(rest, "/#[]")
 }
 
 // Validate reports every problem at once.

@@ -382,6 +382,16 @@ func checkBaseURL(name, v string) error {
 	return nil
 }
 
+// plainUserInfo reports whether u's user information, if any, ends at the
+// only @ in u, with no / ? or # before it.
+func plainUserInfo(u string) bool {
+	if _, rest, ok := strings.Cut(u, "://"); ok {
+		u = rest
+	}
+	at := strings.IndexByte(u, '@')
+	return at < 0 || strings.Count(u, "@") == 1 && !strings.ContainsAny(u[:at], "/?#")
+}
+
 // checkPostgresURL refuses a Postgres connection string the driver cannot
 // parse, naming it with its password hidden. The driver's own message is
 // not passed on: its redaction is best effort, and cut a password holding
@@ -393,7 +403,9 @@ func checkPostgresURL(u string) error {
 		// it, a password= parameter, a keyword DSN). The host alone, when
 		// a URL parser finds one, says which setting is meant.
 		where := ""
-		if pu, perr := url.Parse(u); perr == nil && pu.Hostname() != "" && !strings.ContainsAny(pu.Hostname(), "@:/") {
+		// Not when a password may hold an @, or a / ? or # ahead of its
+		// @: the parser would read part of it as the host.
+		if pu, perr := url.Parse(u); perr == nil && pu.Hostname() != "" && !strings.ContainsAny(pu.Hostname(), "@:/") && plainUserInfo(u) {
 			where = " (host " + pu.Hostname() + ")"
 		}
 		return fmt.Errorf("services.postgres_url%s: not a connection string the driver can parse; it is not shown, as it may hold a password "+

@@ -119,6 +119,9 @@ func TestCheckConfigRefusesWhatWouldFailOrMisbehaveAtStart(t *testing.T) {
 		{"an upstream with credentials the edge would not send is refused", "edge:\n  sandbox_upstream: https://svc:pw@sandbox.internal\n", []string{"edge"}, "edge.sandbox_upstream"},
 		{"an upstream whose password reads as its query is refused", "edge:\n  sandbox_upstream: \"https://svc:8443?pw@sandbox.internal\"\n", []string{"edge"}, "edge.sandbox_upstream"},
 		{"a usage API CORS pattern with a path is refused", "aggregator:\n  cors_origins: [\"https://*.example.com/\"]\n", []string{"aggregate"}, "aggregator.cors_origins"},
+		{"a usage API CORS pattern with a space is refused", "aggregator:\n  cors_origins: [\"https://*.example.com \"]\n", []string{"aggregate"}, "aggregator.cors_origins"},
+		{"a usage API CORS origin in upper case is refused", "aggregator:\n  cors_origins: [\"https://App.example.com\"]\n", []string{"aggregate"}, "aggregator.cors_origins"},
+		{"a usage API CORS pattern with a user is refused", "aggregator:\n  cors_origins: [\"https://u@*.example.com\"]\n", []string{"aggregate"}, "aggregator.cors_origins"},
 		{"a Stripe API URL without a scheme is refused", "invoicer:\n  stripe:\n    api_url: stripe-mock:12111\n", []string{"invoice"}, "invoicer.stripe.api_url"},
 		{"a usage API CORS origin with a path is refused", "aggregator:\n  cors_origins: [\"https://app.example.com/\"]\n", []string{"aggregate"}, "aggregator.cors_origins"},
 		{"a usage API CORS origin without a scheme is refused", "aggregator:\n  cors_origins: [app.example.com]\n", []string{"aggregate"}, "aggregator.cors_origins"},
@@ -263,7 +266,10 @@ func TestMaxEventAgeFollowsAShortLateness(t *testing.T) {
 func TestAnUnparsablePostgresURLIsRefusedWithoutItsPassword(t *testing.T) {
 	for _, u := range []string{"postgres://u:S3C@RET@127.0.0.1:99999/db", "postgres://u:hunter2@127.0.0.1:5432/db?sslmode=bogus",
 		"postgres://u:se/cret@127.0.0.1:5432/db", "postgres://u@127.0.0.1:99999/db?password=hunter2",
-		"host=127.0.0.1 port=abc user=u password=hunter2"} {
+		"host=127.0.0.1 port=abc user=u password=hunter2",
+		// A password holding @ and then a ?: the URL parser reads what
+		// follows as the host.
+		"postgres://tollgate:S3C@RET?cret@db.internal:5432/tollgate"} {
 		t.Setenv("TOLLGATE_POSTGRES_URL", u)
 		cfg := writeConfig(t, "")
 		err := cfg.Validate()

@@ -122,8 +122,12 @@ func (w *AuditWriter) Record(ev edge.AuditEvent) {
 // would pass one of the bounds. w.mu is held.
 func (w *AuditWriter) add(k foldKey, f folded) {
 	network := remoteNetwork(k.remote)
-	if w.pending[k] == nil && k.reason != overflowReason && w.byRemote[network] >= MaxPerRemote {
-		k.prefix, k.account, k.key, k.remote = "", "", "", network
+	// A row naming an account is a failure against a real key (expired,
+	// revoked), which no caller can make up: it keeps its row, whatever
+	// else its network sent, bounded by the keys there are and by
+	// MaxDistinct.
+	if w.pending[k] == nil && k.reason != overflowReason && k.account == "" && w.byRemote[network] >= MaxPerRemote {
+		k.prefix, k.key, k.remote = "", "", network
 	}
 	limit := MaxDistinct - KeyedReserve
 	if k.account != "" {
@@ -229,9 +233,14 @@ func (w *AuditWriter) Close() error {
 	return w.closeErr
 }
 
+// nat64 is the well-known prefix an IPv6-only network's gateway writes
+// IPv4 addresses under (RFC 6052): each is its IPv4 client's own.
+var nat64 = netip.MustParsePrefix("64:ff9b::/96")
+
 // remoteNetwork is what the per-address bound counts a remote address
 // under: an IPv6 address's /48 (written as a prefix, which is also what
-// the network's folded rows record), anything else as it is.
+// the network's folded rows record), the IPv4 address a NAT64 one carries,
+// anything else as it is.
 func remoteNetwork(remote string) string {
 	a, err := netip.ParseAddr(remote)
 	if err != nil {
@@ -243,6 +252,10 @@ func remoteNetwork(remote string) string {
 	}
 	if a = a.Unmap(); !a.Is6() {
 		return remote
+	}
+	if a = a.WithZone(""); nat64.Contains(a) {
+		b := a.As16()
+		return netip.AddrFrom4([4]byte(b[12:])).String()
 	}
 	p, err := a.WithZone("").Prefix(48)
 	if err != nil {

@@ -87,6 +87,27 @@ func TestAuditWriter(t *testing.T) {
 			t.Errorf("the made-up keys took %d rows, want %d, the rest folded into overflow", rows, edgepg.MaxDistinct-edgepg.KeyedReserve)
 		}
 	})
+	t.Run("a real key's failure keeps its account past its network's made-up ones", func(t *testing.T) {
+		// 20 made-up keys first, then a revoked key, from one address; and
+		// two IPv4 clients behind one NAT64 gateway, each its own.
+		for i := range edgepg.MaxPerRemote {
+			w.Record(failure("203.0.113.9", fmt.Sprintf("sk_live_f%04d", i)))
+		}
+		real := failure("203.0.113.9", "sk_live_Leak2")
+		real.Reason, real.AccountID, real.KeyID = "revoked", "acct_victim", "key_leaked2"
+		w.Record(real)
+		for i := range edgepg.MaxPerRemote {
+			w.Record(failure("64:ff9b::c633:6401", fmt.Sprintf("sk_live_n%04d", i)))
+		}
+		w.Record(failure("64:ff9b::cb00:7101", "sk_live_Other"))
+		w.Flush(ctx)
+		if rows, _ := count(t, "key_id = $1 AND account_id = $2 AND remote_addr = $3", "key_leaked2", "acct_victim", "203.0.113.9"); rows != 1 {
+			t.Errorf("the revoked key's failure after 20 made-up ones: %d rows naming its account and key, want 1", rows)
+		}
+		if rows, _ := count(t, "remote_addr = $1 AND key_prefix = $2", "64:ff9b::cb00:7101", "sk_live_Other"); rows != 1 {
+			t.Errorf("another NAT64 client's failure: %d rows of its own, want 1 (it is not the first client's network)", rows)
+		}
+	})
 	t.Run("rows a failed write could not store are written by the next flush", func(t *testing.T) {
 		for range 5 {
 			w.Record(failure("192.0.2.9", "sk_live_Gone"))

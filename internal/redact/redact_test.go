@@ -10,7 +10,10 @@ func TestURLHidesUserInformation(t *testing.T) {
 		{"https://api.internal/a@b", "https://xxxxx@b"}, // cut to be safe: an @ may end a password
 		{"https://api.internal/a", "https://api.internal/a"},
 		{"not a url", "not a url"},
-		{"https://u:p@w@host/x?y=@", "https://xxxxx@host/x?y=@"},
+		{"https://u:p@w@host/x?y=@", "https://xxxxx@"}, // all before the last @
+		{"https://svc:AAA@BBB/CCC@api.internal", "https://xxxxx@api.internal"},
+		{"http://svc:AAA@BBB?CCC@stripe.internal", "http://xxxxx@stripe.internal"},
+		{"https://svc:AAA@BB:B/CCC@api.internal", "https://xxxxx@api.internal"},
 		// A password holding what would end the authority: the URL does
 		// not parse, and all before its last @ goes.
 		{"https://svc:pa/ss-SECRET@api.internal:8443", "https://xxxxx@api.internal:8443"},
@@ -21,6 +24,7 @@ func TestURLHidesUserInformation(t *testing.T) {
 		{"http://svc:8080?SECRET@stripe.internal", "http://xxxxx@stripe.internal"},
 		{"https://svc:8443/SECRET@api.internal", "https://xxxxx@api.internal"},
 		{"http://svc:8080#SECRET@h/x?y", "http://xxxxx@h/x?y"},
+		{"https://u:pw@host/x@y", "https://xxxxx@y"},
 	} {
 		if got := URL(c.in); got != c.want {
 			t.Errorf("URL(%q) = %q, want %q", c.in, got, c.want)
