@@ -101,7 +101,7 @@ func corsOriginMayMatch(o string) bool {
 		return false
 	}
 	scheme, rest, ok := strings.Cut(o, "://")
-	return ok && scheme != "" && rest != "" && !strings.ContainsAny(rest, "/#[]")
+	return ok && scheme != "" && rest != "" && !strings.ContainsAny(rest, "/#")
 }
 
 // Validate reports every problem at once.

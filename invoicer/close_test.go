@@ -1214,3 +1214,22 @@ func TestAStatusOfAnotherStripeInvoiceCountsForNothing(t *testing.T) {
 		t.Fatalf("status %s, %d credit notes to send; want not void, and the one", inv.Status, len(notes))
 	}
 }
+
+// An event of our own Stripe invoice that comes before the sync has
+// recorded which one it is (a sync resumed after a crash, the invoice
+// finalized and paid in Stripe meanwhile) counts once the sync records it.
+func TestAnEventOfOursBeforeTheSyncRecordsItCountsOnceItDoes(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	id := e.marchInvoice(t, "acct_resumed")
+	_, err := e.store.RecordWebhook(ctx, invoicer.WebhookEvent{ID: "evt_early", Type: "invoice.paid", InvoiceID: id, ObjectID: "in_ours", Payload: []byte(`{}`)})
+	testenv.Must(t, err, "record the early event")
+	testenv.Must(t, e.store.SaveSyncStep(ctx, id, "invoice", "in_ours", nil), "the resumed sync's invoice step")
+	testenv.Must(t, e.store.SaveSyncStep(ctx, id, "finalize", "in_ours", nil), "finalize step")
+	testenv.Must(t, e.store.MarkSynced(ctx, id, "in_ours", "https://pay.example/x"), "mark synced")
+	inv, err := e.store.Invoice(ctx, id)
+	testenv.Must(t, err, "invoice")
+	if inv.Status != invoicer.StatusPaid {
+		t.Fatalf("status %s, want paid: the event came before the step, and is ours", inv.Status)
+	}
+}

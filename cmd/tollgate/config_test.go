@@ -179,7 +179,7 @@ ingest:
 aggregator:
   listen: localhost:0
   metrics_listen: ""
-  cors_origins: ["*", "https://app.example.com", "https://*.example.com", "http://localhost:5173", "http://localhost:*", "http*://app.example.com", "https://*"]
+  cors_origins: ["*", "https://app.example.com", "https://*.example.com", "http://localhost:5173", "http://localhost:*", "http*://app.example.com", "https://*", "http://[::1]:*"]
 invoicer:
   listen: tollgate.internal:8082
   interval: 1s

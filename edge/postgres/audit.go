@@ -123,11 +123,20 @@ func (w *AuditWriter) Record(ev edge.AuditEvent) {
 func (w *AuditWriter) add(k foldKey, f folded) {
 	network := remoteNetwork(k.remote)
 	// A row naming an account is a failure against a real key (expired,
-	// revoked), which no caller can make up: it keeps its row, whatever
-	// else its network sent, bounded by the keys there are and by
-	// MaxDistinct.
-	if w.pending[k] == nil && k.reason != overflowReason && k.account == "" && w.byRemote[network] >= MaxPerRemote {
-		k.prefix, k.key, k.remote = "", "", network
+	// revoked), which no caller can make up: it is counted apart from its
+	// network's made-up ones, and past the bound it keeps its account and
+	// key and loses only its address to its network's, so one key tried
+	// from ever new addresses costs its network 20 rows, and no failure of
+	// a real key is folded out of the log by made-up ones.
+	bound := network
+	if k.account != "" {
+		bound = "key\x00" + network
+	}
+	if w.pending[k] == nil && k.reason != overflowReason && w.byRemote[bound] >= MaxPerRemote {
+		if k.account == "" {
+			k.prefix, k.key = "", ""
+		}
+		k.remote = network
 	}
 	limit := MaxDistinct - KeyedReserve
 	if k.account != "" {
@@ -142,7 +151,7 @@ func (w *AuditWriter) add(k foldKey, f folded) {
 		p = &folded{first: f.first, last: f.last}
 		w.pending[k] = p
 		if k.reason != overflowReason {
-			w.byRemote[network]++
+			w.byRemote[bound]++
 		}
 	}
 	if f.first.Before(p.first) {

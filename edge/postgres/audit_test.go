@@ -108,6 +108,31 @@ func TestAuditWriter(t *testing.T) {
 			t.Errorf("another NAT64 client's failure: %d rows of its own, want 1 (it is not the first client's network)", rows)
 		}
 	})
+	t.Run("one real key tried from ever new addresses cannot take every row", func(t *testing.T) {
+		for i := range 2 * edgepg.MaxDistinct {
+			ev := failure(fmt.Sprintf("2001:db8:9:1::%x", i+1), "sk_live_Gone")
+			ev.Reason, ev.AccountID, ev.KeyID = "revoked", "acct_spray", "key_spray"
+			w.Record(ev)
+		}
+		victim := failure("198.51.100.44", "sk_live_Vict")
+		victim.Reason, victim.AccountID, victim.KeyID = "revoked", "acct_victim2", "key_victim2"
+		w.Record(victim)
+		w.Record(failure("192.0.2.77", "sk_live_Other2"))
+		w.Flush(ctx)
+		rows, total := count(t, "key_id = $1", "key_spray")
+		if total != 2*edgepg.MaxDistinct || rows > edgepg.MaxPerRemote+1 {
+			t.Errorf("the sprayed key: %d rows for %d failures, want all %d in at most %d rows", rows, total, 2*edgepg.MaxDistinct, edgepg.MaxPerRemote+1)
+		}
+		if folded, _ := count(t, "key_id = $1 AND account_id = $2 AND remote_addr = $3", "key_spray", "acct_spray", "2001:db8:9::/48"); folded != 1 {
+			t.Errorf("%d folded rows keep the sprayed key's account and key under its network, want 1", folded)
+		}
+		if rows, _ := count(t, "key_id = $1", "key_victim2"); rows != 1 {
+			t.Errorf("another account's revoked key: %d rows, want its own", rows)
+		}
+		if rows, _ := count(t, "key_prefix = $1", "sk_live_Other2"); rows != 1 {
+			t.Errorf("another address's made-up key: %d rows, want its own", rows)
+		}
+	})
 	t.Run("rows a failed write could not store are written by the next flush", func(t *testing.T) {
 		for range 5 {
 			w.Record(failure("192.0.2.9", "sk_live_Gone"))

@@ -294,8 +294,8 @@ func (s *Store) FinalizeDrafts(ctx context.Context) (int, error) {
 // not deliver webhooks in order, so a retried payment_failed may arrive
 // after paid, and a sync resumed after a crash may record the invoice as
 // sent after Stripe reported it paid. paid and void are final. Only the
-// entries of events about the Stripe invoice the sync recorded count
-// (RecordWebhook writes no other now; an earlier version did).
+// entries of events about the Stripe invoice the sync recorded count: one
+// written before the sync recorded which it is may be a copy's.
 const invoiceSelect = `
 	SELECT i.document, i.created_at,
 	  coalesce((SELECT kind FROM ledger_entries e WHERE e.invoice_id = i.id
@@ -571,16 +571,18 @@ func (s *Store) RecordWebhook(ctx context.Context, ev invoicer.WebhookEvent) (bo
 		// The event names the ledger invoice by metadata, which any Stripe
 		// invoice can carry (a copy made in Stripe's dashboard, a stray
 		// draft, another ledger's or a test-mode copy of the same invoice,
-		// whose id is the same): only the events of the Stripe invoice the
-		// sync recorded as this one's change its status. The sync records
-		// it as soon as Stripe has made it, before it is finalized, so no
-		// payment or void of it can come first. Any other is kept, with no
-		// ledger entry.
+		// whose id is the same). Its entry is written unless the sync has
+		// recorded another Stripe invoice as this one's, and the status and
+		// the credit notes count only the entries of the one it recorded
+		// (invoiceSelect, UnsyncedCreditNotes): an event of ours that comes
+		// before the sync records it (a sync resumed after a crash, the
+		// invoice finalized and paid in Stripe meanwhile) counts once it
+		// does, and a copy's never.
 		_, err = tx.Exec(ctx, `
 			INSERT INTO ledger_entries (account_id, kind, invoice_id, amount_minor, currency, payload)
 			SELECT account_id, $2, id, $3, currency, jsonb_build_object('stripe_event_id', $4::text, 'stripe_object_id', $5::text)
-			FROM invoices i WHERE id = $1 AND EXISTS (SELECT 1 FROM stripe_sync_steps s
-			  WHERE s.invoice_id = i.id AND s.step = 'invoice' AND s.stripe_id = $5)`, ev.InvoiceID, "stripe."+ev.Type, ev.Amount, ev.ID, ev.ObjectID)
+			FROM invoices i WHERE id = $1 AND NOT EXISTS (SELECT 1 FROM stripe_sync_steps s
+			  WHERE s.invoice_id = i.id AND s.step = 'invoice' AND s.stripe_id <> $5)`, ev.InvoiceID, "stripe."+ev.Type, ev.Amount, ev.ID, ev.ObjectID)
 		return err
 	})
 	if err != nil {
