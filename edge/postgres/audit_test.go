@@ -133,6 +133,25 @@ func TestAuditWriter(t *testing.T) {
 			t.Errorf("another address's made-up key: %d rows, want its own", rows)
 		}
 	})
+	t.Run("one real key tried from many networks cannot fold another key's failures out", func(t *testing.T) {
+		for i := range edgepg.MaxDistinct {
+			ev := failure(fmt.Sprintf("10.%d.%d.9", i/250, i%250), "sk_live_Bot1")
+			ev.Reason, ev.AccountID, ev.KeyID = "revoked", "acct_botnet", "key_botnet"
+			w.Record(ev)
+		}
+		victim := failure("198.51.100.45", "sk_live_Vic3")
+		victim.Reason, victim.AccountID, victim.KeyID = "revoked", "acct_victim3", "key_victim3"
+		w.Record(victim)
+		w.Flush(ctx)
+		rows, total := count(t, "key_id = $1", "key_botnet")
+		if total != edgepg.MaxDistinct || rows > edgepg.MaxPerRemote+1 {
+			t.Errorf("the key tried from %d networks: %d rows for %d failures, want all in at most %d rows",
+				edgepg.MaxDistinct, rows, total, edgepg.MaxPerRemote+1)
+		}
+		if rows, _ := count(t, "key_id = $1 AND account_id = $2", "key_victim3", "acct_victim3"); rows != 1 {
+			t.Errorf("another account's revoked key: %d rows, want its own", rows)
+		}
+	})
 	t.Run("rows a failed write could not store are written by the next flush", func(t *testing.T) {
 		for range 5 {
 			w.Record(failure("192.0.2.9", "sk_live_Gone"))
