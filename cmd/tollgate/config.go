@@ -4,7 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
-	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
 	"io"
 	"maps"
 	"net"
@@ -397,7 +397,10 @@ func plainUserInfo(u string) bool {
 // not passed on: its redaction is best effort, and cut a password holding
 // an unencoded "@" at the wrong place, printing the rest of it.
 func checkPostgresURL(u string) error {
-	if _, err := pgconn.ParseConfig(u); err != nil {
+	// pgxpool's parser: it reads pgx's and the pool's own settings too
+	// (default_query_exec_mode, pool_max_conns, …), which the connection
+	// parser passes on unread, and whose refusal quotes the whole string.
+	if _, err := pgxpool.ParseConfig(u); err != nil {
 		// Not even redacted: a string the driver cannot parse cannot be
 		// trusted to show where its password is (an unencoded / or @ in
 		// it, a password= parameter, a keyword DSN). The host alone, when

@@ -3,12 +3,15 @@ package main
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"os"
 	"path/filepath"
 	"reflect"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/jackc/pgx/v5"
 )
 
 func TestExampleConfigIsValid(t *testing.T) {
@@ -269,7 +272,13 @@ func TestAnUnparsablePostgresURLIsRefusedWithoutItsPassword(t *testing.T) {
 		"host=127.0.0.1 port=abc user=u password=hunter2",
 		// A password holding @ and then a ?: the URL parser reads what
 		// follows as the host.
-		"postgres://tollgate:S3C@RET?cret@db.internal:5432/tollgate"} {
+		"postgres://tollgate:S3C@RET?cret@db.internal:5432/tollgate",
+		// A setting of pgx's own with a bad value, which the connection
+		// parser passes on unread: pgx's refusal quotes the string, where
+		// "password = " and an escaped quote defeat its masking.
+		"host=127.0.0.1 port=15432 user=u password = hunter2 default_query_exec_mode=simple-protocol",
+		`host=127.0.0.1 user=u password='it\'s hunter2 words' statement_cache_capacity=x`,
+		"postgres://u:hunter2@127.0.0.1:5432/db?pool_max_conns=lots"} {
 		t.Setenv("TOLLGATE_POSTGRES_URL", u)
 		cfg := writeConfig(t, "")
 		err := cfg.Validate()
@@ -304,5 +313,17 @@ func TestCommandsRefuseMeaninglessFlagsBeforeConnecting(t *testing.T) {
 		if err := root.ExecuteContext(context.Background()); err == nil || !strings.Contains(err.Error(), c.want) {
 			t.Errorf("tollgate %s: %v; want it refused naming %s", strings.Join(c.args, " "), err, c.want)
 		}
+	}
+}
+
+// The driver's refusal of a connection string, met past check-config (an
+// older configuration, another parser), is passed on without the string.
+func TestTheDriversRefusalOfAConnectionStringIsNotQuoted(t *testing.T) {
+	_, err := pgx.ParseConfig("host=127.0.0.1 user=u password = hunter2 default_query_exec_mode=simple-protocol")
+	if err == nil || !strings.Contains(err.Error(), "hunter2") {
+		t.Fatalf("the driver's own refusal: %v; this test wants one that quotes the password", err)
+	}
+	if got := withoutConnString(fmt.Errorf("connect: %w", err)); got == nil || strings.Contains(got.Error(), "hunter2") {
+		t.Fatalf("passed on as %v; want a message without the password", got)
 	}
 }

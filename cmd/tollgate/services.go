@@ -12,6 +12,7 @@ import (
 
 	"github.com/ClickHouse/clickhouse-go/v2"
 	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 	_ "github.com/jackc/pgx/v5/stdlib" // database/sql driver for migrations
 	"github.com/prometheus/client_golang/prometheus"
@@ -30,20 +31,32 @@ func openPostgres(ctx context.Context, url string) (*pgxpool.Pool, error) {
 	}
 	db, err := sql.Open("pgx", url)
 	if err != nil {
-		return nil, fmt.Errorf("open postgres: %w", err)
+		return nil, fmt.Errorf("open postgres: %w", withoutConnString(err))
 	}
 	defer db.Close()
 	if err := db.PingContext(ctx); err != nil {
-		return nil, fmt.Errorf("connect to postgres (%s): %w", startHint, err)
+		return nil, fmt.Errorf("connect to postgres (%s): %w", startHint, withoutConnString(err))
 	}
 	if _, err := schemas.MigratePostgres(ctx, db); err != nil {
 		return nil, err
 	}
 	pool, err := pgxpool.New(ctx, url)
 	if err != nil {
-		return nil, fmt.Errorf("connect to postgres: %w", err)
+		return nil, fmt.Errorf("connect to postgres: %w", withoutConnString(err))
 	}
 	return pool, nil
+}
+
+// withoutConnString is err, or, when it is the driver's refusal of the
+// connection string, a message that does not quote it: the driver masks
+// the password in what it quotes only as best it can (not after
+// "password = " or an escaped quote).
+func withoutConnString(err error) error {
+	var pe *pgconn.ParseConfigError
+	if errors.As(err, &pe) {
+		return errors.New("services.postgres_url: not a connection string the driver can parse; it is not shown, as it may hold a password")
+	}
+	return err
 }
 
 var chIdent = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)

@@ -2,6 +2,7 @@ package postgres
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"sync/atomic"
@@ -66,7 +67,9 @@ func (l *Listener) connect(ctx context.Context) (*pgx.Conn, error) {
 	defer cancel()
 	cfg, err := pgx.ParseConfig(l.url)
 	if err != nil {
-		return nil, fmt.Errorf("key change listener: %w", err)
+		// Not the driver's message: it quotes the connection string, the
+		// password masked only as best it can.
+		return nil, errors.New("key change listener: the Postgres connection string does not parse; it is not shown, as it may hold a password")
 	}
 	// A wait that ends at its deadline leaves the connection usable (the
 	// default sends the server a cancel request, on a new connection, for
