@@ -1233,3 +1233,25 @@ func TestAnEventOfOursBeforeTheSyncRecordsItCountsOnceItDoes(t *testing.T) {
 		t.Fatalf("status %s, want paid: the event came before the step, and is ours", inv.Status)
 	}
 }
+
+// A subscription no longer in force for any of a period (a later one won)
+// does not fail the period when its plan version is refused: only the plan
+// that prices the time is loaded. Before, every plan in force was loaded,
+// and an account that moved off a refused version could never be invoiced.
+func TestASupersededRefusedPlanDoesNotFailTheClose(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	_, err := e.pg.Pool.Exec(ctx, `INSERT INTO plans (id, version, name, currency, definition) VALUES ('typo', 1, 'Typo', 'usd',
+		'{"prices": [{"key": "base", "model": "flat", "amount": 1000, "meter": "api_calls"}]}')`)
+	testenv.Must(t, err, "a refused plan version")
+	e.account(t, "acct_moved_on", "UTC")
+	e.subscribe(t, "acct_moved_on", "typo", march.AddDate(0, -1, 0), nil)
+	e.subscribe(t, "acct_moved_on", "starter", march.AddDate(0, 0, -10), nil)
+	e.events(t, ev{account: "acct_moved_on", env: "live", typ: "api_call", at: march.Add(time.Hour), n: 10})
+	e.watermark(t, april.Add(2*time.Hour))
+	res, err := e.aprilInvoicer(t, e.usage, nil).CloseDue(ctx)
+	testenv.Must(t, err, "close")
+	if len(res.Closed) != 1 || res.Closed[0].Fingerprint.Segments[0].PlanID != "starter" {
+		t.Fatalf("closed %+v, failed %v; want March, all on starter", res.Closed, res.Failed)
+	}
+}

@@ -139,22 +139,25 @@ func Segments(period Period, subs []Subscription, plan func(id string, version i
 		if !from.Before(to) {
 			continue
 		}
-		var p Plan
-		covered := false
-		for _, s := range subs { // later starts win
-			if !s.StartsAt.After(from) && (s.EndsAt == nil || s.EndsAt.After(from)) {
-				var err error
-				if p, err = plan(s.PlanID, s.PlanVersion); err != nil {
-					return nil, err
-				}
-				covered = true
+		// The subscription in force that started last wins; only its plan
+		// is loaded, so an older one never ended (a plan change starts a
+		// new subscription) whose version is refused fails nothing it
+		// does not price.
+		var win *Subscription
+		for i := range subs {
+			if s := &subs[i]; !s.StartsAt.After(from) && (s.EndsAt == nil || s.EndsAt.After(from)) {
+				win = s
 			}
 		}
-		if !covered {
-			var err error
-			if p, err = freeAt(free, from); err != nil {
-				return nil, err
-			}
+		var p Plan
+		var err error
+		if win != nil {
+			p, err = plan(win.PlanID, win.PlanVersion)
+		} else {
+			p, err = freeAt(free, from)
+		}
+		if err != nil {
+			return nil, err
 		}
 		if n := len(out); n > 0 && out[n-1].Plan.ID == p.ID && out[n-1].Plan.Version == p.Version {
 			out[n-1].End = to
