@@ -29,6 +29,15 @@ func TestAReportWhoseKeyIsRevokedMidBodyIsRefused(t *testing.T) {
 		t.Run(fr.name, func(t *testing.T) {
 			in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP})
 			key, id := env.Key(t, "acct_report_revoked", edge.Secret, schemas.Live)
+			// One call first, so that the key is in the edge's cache and the
+			// check when the next call's head arrives needs no database.
+			warm, err := http.NewRequest(http.MethodPost, in.URL+"/v1/events", strings.NewReader(`{"events":[]}`))
+			testenv.Must(t, err, "warm-up request")
+			warm.Header.Set("Authorization", "Bearer "+key)
+			wresp, err := http.DefaultClient.Do(warm)
+			testenv.Must(t, err, "warm-up call")
+			_, _ = io.Copy(io.Discard, wresp.Body)
+			wresp.Body.Close()
 			u, err := url.Parse(in.URL)
 			testenv.Must(t, err, "edge URL")
 			conn, err := net.Dial("tcp", u.Host)
@@ -41,14 +50,16 @@ func TestAReportWhoseKeyIsRevokedMidBodyIsRefused(t *testing.T) {
 			_, err = fmt.Fprintf(conn, "POST /v1/events HTTP/1.1\r\nHost: %s\r\nAuthorization: Bearer %s\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n", u.Host, key)
 			testenv.Must(t, err, "send the head")
 			chunk(`{"events":[`)
-			time.Sleep(200 * time.Millisecond)
+			time.Sleep(500 * time.Millisecond) // the head's check, from the cache, is done
 			_, err = env.Store.RevokeKey(ctx, id, time.Now(), edge.AuditInfo{Actor: "test"})
 			testenv.Must(t, err, "revoke")
-			env.Settle(t)
-			time.Sleep(1500 * time.Millisecond) // past the second revocation may take
-			chunk(fmt.Sprintf(`{"id":"after-revoke","type":"tokens","time":%q,"units":5}]}`, time.Now().UTC().Format(time.RFC3339)))
-			_, err = io.WriteString(conn, "0\r\n\r\n")
-			testenv.Must(t, err, "end the body")
+			env.Settle(t) // every instance has dropped the key from its cache
+			// Should the head's check have come after the revocation all the
+			// same (a stalled machine), the answer is the same 401, and the
+			// edge may have closed the connection: the rest is sent as it
+			// can be, and the answer read.
+			rest := fmt.Sprintf(`{"id":"after-revoke","type":"tokens","time":%q,"units":5}]}`, time.Now().UTC().Format(time.RFC3339))
+			_, _ = fmt.Fprintf(conn, "%x\r\n%s\r\n0\r\n\r\n", len(rest), rest)
 			testenv.Must(t, conn.SetReadDeadline(time.Now().Add(10*time.Second)), "deadline")
 			resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
 			testenv.Must(t, err, "read the answer")

@@ -16,6 +16,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -307,6 +308,9 @@ func (e *Env) Start(t *testing.T, o Options) *Instance {
 	in.stopHTTP = stop
 	e.started = append(e.started, in)
 	t.Cleanup(func() {
+		// A stopped instance's listener no longer passes notifications:
+		// Settle must not wait for it.
+		e.started = slices.DeleteFunc(e.started, func(s *Instance) bool { return s == in })
 		in.Stop()
 		_ = in.Audit.Close()
 		_ = in.Producer.Close()
