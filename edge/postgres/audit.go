@@ -124,25 +124,26 @@ func (w *AuditWriter) add(k foldKey, f folded) {
 	network := remoteNetwork(k.remote)
 	// A row naming an account is a failure against a real key (expired,
 	// revoked), which no caller can make up: it is counted apart from its
-	// network's made-up ones. Past the bound for its network it keeps its
-	// account and key and loses its address to its network's; past the
-	// bound for its key (tried from that many networks) it loses the
-	// network too. One key, however many addresses it is tried from, costs
-	// at most a few rows past MaxPerRemote, and no failure of a real key
-	// is folded out of the log by made-up ones, nor by another key's.
+	// network's made-up ones. Past the bound for its key it keeps its
+	// account and key and loses its address; short of that, past the bound
+	// for its network (other real keys tried from there), it loses its
+	// address to its network's. One key, however many addresses it is
+	// tried from, costs at most MaxPerRemote + 1 rows, and no failure of a
+	// real key is folded out of the log by made-up ones, nor by another
+	// key's.
 	bound, keyBound := network, ""
 	if k.account != "" {
 		bound, keyBound = "key\x00"+network, "acct\x00"+k.account+"\x00"+k.key
 	}
 	if w.pending[k] == nil && k.reason != overflowReason {
 		switch {
+		case keyBound != "" && w.byRemote[keyBound] >= MaxPerRemote:
+			k.remote = ""
 		case w.byRemote[bound] >= MaxPerRemote:
 			if k.account == "" {
 				k.prefix, k.key = "", ""
 			}
 			k.remote = network
-		case keyBound != "" && w.byRemote[keyBound] >= MaxPerRemote:
-			k.remote = ""
 		}
 	}
 	limit := MaxDistinct - KeyedReserve
