@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"database/sql"
 	"errors"
 	"fmt"
 	"net"
@@ -14,7 +13,7 @@ import (
 	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
-	_ "github.com/jackc/pgx/v5/stdlib" // database/sql driver for migrations
+	"github.com/jackc/pgx/v5/stdlib"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/segmentio/kafka-go"
@@ -29,10 +28,13 @@ func openPostgres(ctx context.Context, url string) (*pgxpool.Pool, error) {
 	if err := checkPostgresURL(url); err != nil {
 		return nil, err
 	}
-	db, err := sql.Open("pgx", url)
+	// One parse, pgxpool's: it takes the pool's own settings (pool_*) out
+	// of what is sent to the server, which refuses a login naming them.
+	cfg, err := pgxpool.ParseConfig(url)
 	if err != nil {
-		return nil, fmt.Errorf("open postgres: %w", withoutConnString(err))
+		return nil, withoutConnString(err)
 	}
+	db := stdlib.OpenDB(*cfg.ConnConfig.Copy())
 	defer db.Close()
 	if err := db.PingContext(ctx); err != nil {
 		return nil, fmt.Errorf("connect to postgres (%s): %w", startHint, withoutConnString(err))
@@ -40,7 +42,7 @@ func openPostgres(ctx context.Context, url string) (*pgxpool.Pool, error) {
 	if _, err := schemas.MigratePostgres(ctx, db); err != nil {
 		return nil, err
 	}
-	pool, err := pgxpool.New(ctx, url)
+	pool, err := pgxpool.NewWithConfig(ctx, cfg)
 	if err != nil {
 		return nil, fmt.Errorf("connect to postgres: %w", withoutConnString(err))
 	}

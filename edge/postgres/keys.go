@@ -69,7 +69,7 @@ func (s *KeyStore) KeyByHash(ctx context.Context, hash [32]byte) (edge.Key, erro
 		LEFT JOIN LATERAL (
 			SELECT plan_id, plan_version FROM subscriptions
 			WHERE account_id = k.account_id AND starts_at <= now() AND (ends_at IS NULL OR ends_at > now())
-			ORDER BY starts_at DESC LIMIT 1) s ON true
+			ORDER BY starts_at DESC, created_at DESC LIMIT 1) s ON true -- as the invoicer picks it
 		LEFT JOIN LATERAL (
 			SELECT id, version, definition FROM plans
 			WHERE (s.plan_id IS NOT NULL AND id = s.plan_id AND version = s.plan_version)

@@ -11,6 +11,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgconn/ctxwatch"
+	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/tollgate-dev/tollgate/edge"
 )
@@ -65,12 +66,15 @@ const heartbeat = 400 * time.Millisecond
 func (l *Listener) connect(ctx context.Context) (*pgx.Conn, error) {
 	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	cfg, err := pgx.ParseConfig(l.url)
+	// pgxpool's parser, as the pools' connections are made: it takes the
+	// pool's own settings (pool_*) out of what is sent to the server.
+	pcfg, err := pgxpool.ParseConfig(l.url)
 	if err != nil {
 		// Not the driver's message: it quotes the connection string, the
 		// password masked only as best it can.
 		return nil, errors.New("key change listener: the Postgres connection string does not parse; it is not shown, as it may hold a password")
 	}
+	cfg := pcfg.ConnConfig
 	// A wait that ends at its deadline leaves the connection usable (the
 	// default sends the server a cancel request, on a new connection, for
 	// every heartbeat).
