@@ -704,3 +704,36 @@ func TestARefusedCallCarriesTheRateLimitHeadersAndCostsNoQuota(t *testing.T) {
 		})
 	}
 }
+
+// Of two subscriptions that start at the same moment, the one created
+// later is in force at the edge, as on the invoice (the fix the invoicer's
+// docs give for a refused plan version). Before, the edge's pick between
+// them was whichever the database returned first.
+func TestTheLaterOfTwoSubscriptionsStartingTogetherIsInForce(t *testing.T) {
+	env := edgetest.New(t)
+	ctx := context.Background()
+	in := env.Start(t, edgetest.Options{})
+	key, _ := env.Key(t, "acct_tie", edge.Secret, schemas.Live)
+	for _, p := range []struct {
+		id    string
+		burst int
+	}{{"tie_first", 100}, {"tie_later", 200}} {
+		def, err := json.Marshal(map[string]any{"limits": edge.Limits{RequestsPerSecond: 100, Burst: p.burst}})
+		testenv.Must(t, err, "plan json")
+		_, err = env.PG.Pool.Exec(ctx, `INSERT INTO plans (id, version, name, currency, definition)
+			VALUES ($1, 1, $1, 'usd', $2) ON CONFLICT DO NOTHING`, p.id, def)
+		testenv.Must(t, err, "insert plan")
+	}
+	// Both after the account's first subscription (the key's); the
+	// later-created row first in the table, so that an unordered pick
+	// would likely find the earlier one.
+	_, err := env.PG.Pool.Exec(ctx, `INSERT INTO subscriptions (id, account_id, plan_id, plan_version, starts_at, created_at) VALUES
+		('sub_tie_b', 'acct_tie', 'tie_later', 1, now(), now()),
+		('sub_tie_a', 'acct_tie', 'tie_first', 1, now(), now() - interval '1 second')`)
+	testenv.Must(t, err, "insert the subscriptions")
+	env.Settle(t)
+	r := edgetest.Do(t, "GET", in.URL+"/v1/x", key, nil)
+	if r.Status != 200 || r.Header.Get("X-Ratelimit-Limit") != "200" {
+		t.Fatalf("call: %d, X-RateLimit-Limit %s; want 200, tie_later's burst", r.Status, r.Header.Get("X-Ratelimit-Limit"))
+	}
+}
