@@ -690,20 +690,8 @@ func TestSpoolReadsPastAFailedCutOnlyWhatWasCounted(t *testing.T) {
 	if err := s.Append(recs(0, 3)); err != nil {
 		t.Fatal(err)
 	}
-	// What a short write of recs(3, 5) leaves: two whole records and 8
-	// bytes of the third, then a failed write and a failed cut.
-	var partial []byte
-	for _, r := range recs(3, 2) {
-		partial = binary.BigEndian.AppendUint32(partial, uint32(len(r)))
-		partial = binary.BigEndian.AppendUint32(partial, crc32.Checksum(r, castagnoli))
-		partial = append(partial, r...)
-	}
-	partial = append(partial, 0, 0, 0, 13, 1, 2, 3, 4)
-	if _, err := s.w.Write(partial); err != nil {
-		t.Fatal(err)
-	}
-	s.cut = func(*os.File, int64) error { return errors.New("cut refused") }
-	s.undo()
+	// What a short write of recs(3, 5) leaves, then a failed cut.
+	failWriteAndCut(t, s, 3)
 	if err := s.Append(recs(3, 5)); err != nil {
 		t.Fatalf("the append's retry: %v", err)
 	}
