@@ -23,6 +23,16 @@ func recs(from, n int) [][]byte {
 	return out
 }
 
+// openSpool opens the spool in dir, failing t if it cannot.
+func openSpool(t *testing.T, dir string) *Spool {
+	t.Helper()
+	s, err := OpenSpool(dir, slog.New(slog.DiscardHandler), 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
 func readAllSpool(t *testing.T, s *Spool) []string {
 	t.Helper()
 	var out []string
@@ -45,10 +55,7 @@ func readAllSpool(t *testing.T, s *Spool) []string {
 
 func TestSpoolDeliversInOrderAcrossSegmentsAndRestarts(t *testing.T) {
 	dir := t.TempDir()
-	s, err := OpenSpool(dir, slog.New(slog.DiscardHandler), 0)
-	if err != nil {
-		t.Fatal(err)
-	}
+	s := openSpool(t, dir)
 	s.maxSeg = 200 // force many segments
 	for i := 0; i < 10; i++ {
 		if err := s.Append(recs(i*10, 10)); err != nil {
@@ -67,10 +74,7 @@ func TestSpoolDeliversInOrderAcrossSegmentsAndRestarts(t *testing.T) {
 		t.Fatal(err)
 	}
 	_ = s.Close()
-	s2, err := OpenSpool(dir, slog.New(slog.DiscardHandler), 0)
-	if err != nil {
-		t.Fatal(err)
-	}
+	s2 := openSpool(t, dir)
 	defer s2.Close()
 	if s2.Depth() != 80 {
 		t.Fatalf("depth after reopen %d, want 80", s2.Depth())
@@ -105,10 +109,7 @@ func TestSpoolCutsATornTailAndKeepsEveryWholeRecord(t *testing.T) {
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
 			dir := t.TempDir()
-			s, err := OpenSpool(dir, slog.New(slog.DiscardHandler), 0)
-			if err != nil {
-				t.Fatal(err)
-			}
+			s := openSpool(t, dir)
 			if err := s.Append(recs(0, 5)); err != nil {
 				t.Fatal(err)
 			}
@@ -118,10 +119,7 @@ func TestSpoolCutsATornTailAndKeepsEveryWholeRecord(t *testing.T) {
 			if err := os.WriteFile(path, c.tear(b), 0o640); err != nil {
 				t.Fatal(err)
 			}
-			s2, err := OpenSpool(dir, slog.New(slog.DiscardHandler), 0)
-			if err != nil {
-				t.Fatal(err)
-			}
+			s2 := openSpool(t, dir)
 			defer s2.Close()
 			if s2.Depth() != 5 || s2.Corrupt() != 0 {
 				t.Fatalf("depth %d and %d corrupt regions, want the 5 whole records and a torn tail, not corruption", s2.Depth(), s2.Corrupt())
@@ -155,10 +153,7 @@ func TestSpoolSkipsACorruptRecordAndDeliversTheRest(t *testing.T) {
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
 			dir := t.TempDir()
-			s, err := OpenSpool(dir, slog.New(slog.DiscardHandler), 0)
-			if err != nil {
-				t.Fatal(err)
-			}
+			s := openSpool(t, dir)
 			s.maxSeg = 200 // each append of ten 21-byte records fills a segment
 			for i := range 6 {
 				if err := s.Append(recs(i*10, 10)); err != nil {
@@ -209,10 +204,7 @@ func TestSpoolSkipsACorruptRecordAndDeliversTheRest(t *testing.T) {
 // directory that, opened again, sends at most the last batch again.
 func TestSpoolKilledWhileEmptyingResendsAtMostOneBatch(t *testing.T) {
 	dir := t.TempDir()
-	s, err := OpenSpool(dir, slog.New(slog.DiscardHandler), 0)
-	if err != nil {
-		t.Fatal(err)
-	}
+	s := openSpool(t, dir)
 	for i := range 50 { // 50 group commits of 100 during an outage
 		if err := s.Append(recs(i*100, 100)); err != nil {
 			t.Fatal(err)
@@ -291,10 +283,7 @@ func copyDir(t *testing.T, dir string) string {
 
 func TestSpoolIsLockedToOneProcess(t *testing.T) {
 	dir := t.TempDir()
-	s, err := OpenSpool(dir, slog.New(slog.DiscardHandler), 0)
-	if err != nil {
-		t.Fatal(err)
-	}
+	s := openSpool(t, dir)
 	if _, err := OpenSpool(dir, slog.New(slog.DiscardHandler), 0); err == nil {
 		t.Fatal("a second open of the same spool succeeded")
 	}
@@ -388,10 +377,7 @@ func TestSpoolAppendCutShortByTheDisk(t *testing.T) {
 	}
 	// The child's spool, opened again here, holds exactly what its appends
 	// that succeeded wrote, in order.
-	s, err := OpenSpool(dir, slog.New(slog.DiscardHandler), 0)
-	if err != nil {
-		t.Fatal(err)
-	}
+	s := openSpool(t, dir)
 	defer s.Close()
 	want := append(recs(0, 3), recs(10, 2)...)
 	if got := readAllSpool(t, s); fmt.Sprint(got) != fmt.Sprint(wantStrings(want)) {
@@ -434,10 +420,7 @@ func appendCutShort(t *testing.T, s *Spool) {
 // (a file size limit: the write is cut short and then refused, as on a
 // full disk), then appends again once the disk takes writes.
 func spoolFsizeChild(t *testing.T, dir string) {
-	s, err := OpenSpool(dir, slog.New(slog.DiscardHandler), 0)
-	if err != nil {
-		t.Fatal(err)
-	}
+	s := openSpool(t, dir)
 	if err := s.Append(recs(0, 3)); err != nil {
 		t.Fatal(err)
 	}
@@ -469,18 +452,12 @@ func spoolFsizeChild(t *testing.T, dir string) {
 // the edge's hold on billing is named by it.
 func TestSpoolIDOutlivesTheProcess(t *testing.T) {
 	dir := t.TempDir()
-	s, err := OpenSpool(dir, slog.New(slog.DiscardHandler), 0)
-	if err != nil {
-		t.Fatal(err)
-	}
+	s := openSpool(t, dir)
 	id := s.ID()
 	if err := s.Close(); err != nil {
 		t.Fatal(err)
 	}
-	again, err := OpenSpool(dir, slog.New(slog.DiscardHandler), 0)
-	if err != nil {
-		t.Fatal(err)
-	}
+	again := openSpool(t, dir)
 	defer again.Close()
 	other, err := OpenSpool(t.TempDir(), slog.New(slog.DiscardHandler), 0)
 	if err != nil {
@@ -682,10 +659,7 @@ func TestSpoolCountsADeliveredSegmentItCannotRemove(t *testing.T) {
 // went below zero and left later records unsent.
 func TestSpoolReadsPastAFailedCutOnlyWhatWasCounted(t *testing.T) {
 	dir := t.TempDir()
-	s, err := OpenSpool(dir, slog.New(slog.DiscardHandler), 0)
-	if err != nil {
-		t.Fatal(err)
-	}
+	s := openSpool(t, dir)
 	defer func() { _ = s.Close() }()
 	if err := s.Append(recs(0, 3)); err != nil {
 		t.Fatal(err)
@@ -733,10 +707,7 @@ func failWriteAndCut(t *testing.T, s *Spool, from int) {
 // (out of order) and its torn end was logged as lost events.
 func TestARestartAfterAFailedCutReadsOnlyWhatWasCounted(t *testing.T) {
 	dir := t.TempDir()
-	s, err := OpenSpool(dir, slog.New(slog.DiscardHandler), 0)
-	if err != nil {
-		t.Fatal(err)
-	}
+	s := openSpool(t, dir)
 	if err := s.Append(recs(0, 3)); err != nil {
 		t.Fatal(err)
 	}
@@ -745,10 +716,7 @@ func TestARestartAfterAFailedCutReadsOnlyWhatWasCounted(t *testing.T) {
 		t.Fatalf("the append's retry: %v", err)
 	}
 	testenv.Must(t, s.Close(), "close")
-	s2, err := OpenSpool(dir, slog.New(slog.DiscardHandler), 0)
-	if err != nil {
-		t.Fatal(err)
-	}
+	s2 := openSpool(t, dir)
 	defer func() { _ = s2.Close() }()
 	if s2.Depth() != 8 || s2.Corrupt() != 0 {
 		t.Fatalf("after a restart: depth %d, %d corrupt regions; want the 8 records appended, none", s2.Depth(), s2.Corrupt())
@@ -768,19 +736,13 @@ func TestARestartAfterAFailedCutReadsOnlyWhatWasCounted(t *testing.T) {
 // then on are read after the next restart too.
 func TestAnEndMarkOfTheSegmentBeingWrittenGoesAtTheNextStart(t *testing.T) {
 	dir := t.TempDir()
-	s, err := OpenSpool(dir, slog.New(slog.DiscardHandler), 0)
-	if err != nil {
-		t.Fatal(err)
-	}
+	s := openSpool(t, dir)
 	if err := s.Append(recs(0, 3)); err != nil {
 		t.Fatal(err)
 	}
 	failWriteAndCut(t, s, 3)
 	testenv.Must(t, s.Close(), "close")
-	s2, err := OpenSpool(dir, slog.New(slog.DiscardHandler), 0)
-	if err != nil {
-		t.Fatal(err)
-	}
+	s2 := openSpool(t, dir)
 	if s2.Depth() != 5 {
 		t.Fatalf("after a restart: depth %d, want the 3 records appended and the failed append's 2 whole ones", s2.Depth())
 	}
@@ -792,10 +754,7 @@ func TestAnEndMarkOfTheSegmentBeingWrittenGoesAtTheNextStart(t *testing.T) {
 		t.Fatal(err)
 	}
 	testenv.Must(t, s2.Close(), "close")
-	s3, err := OpenSpool(dir, slog.New(slog.DiscardHandler), 0)
-	if err != nil {
-		t.Fatal(err)
-	}
+	s3 := openSpool(t, dir)
 	defer func() { _ = s3.Close() }()
 	want := wantStrings(recs(0, 10))
 	if got := readAllSpool(t, s3); fmt.Sprint(got) != fmt.Sprint(want) || s3.Corrupt() != 0 {
