@@ -605,10 +605,14 @@ func (s *Server) limit(v string, def int) (int, error) {
 		return min(def, s.cfg.MaxPageSize), nil
 	}
 	n, err := strconv.Atoi(v)
-	if err != nil || n < 1 || n > s.cfg.MaxPageSize {
-		return 0, invalid("invalid_limit", "limit: want a whole number from 1 to %d", s.cfg.MaxPageSize)
+	if err != nil || n < 1 {
+		return 0, invalid("invalid_limit", "limit: want a whole number, 1 or more")
 	}
-	return n, nil
+	// A limit over the maximum is served as the maximum: a client follows
+	// next_cursor either way, and one written against the default maximum
+	// (the dashboard asks for 1,000) keeps working where an operator set a
+	// smaller one.
+	return min(n, s.cfg.MaxPageSize), nil
 }
 
 // Cursors are opaque to clients: base64url JSON holding the position and a
