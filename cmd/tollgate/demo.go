@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"github.com/jackc/pgx/v5/pgconn"
 	"io"
@@ -49,7 +50,7 @@ func demoCommand(g *globalFlags) *cobra.Command {
 	return cmd
 }
 
-func runDemo(ctx context.Context, out io.Writer, cfg Config, log *slog.Logger, calls int, once bool) error {
+func runDemo(ctx context.Context, out io.Writer, cfg Config, log *slog.Logger, calls int, once bool) (err error) {
 	if calls < 0 {
 		return fmt.Errorf("--calls: want 0 or more, got %d", calls)
 	}
@@ -76,8 +77,12 @@ func runDemo(ctx context.Context, out io.Writer, cfg Config, log *slog.Logger, c
 	// when no real Stripe account is configured. The grace is short too: the
 	// demo reports last month's events as it starts, so a longer grace only
 	// postpones its invoice (by up to an hour in the first hour of a month).
+	// It is longer than the watermark ever trails the clock while ingest
+	// keeps up (ingest.watermark_skew, 5 s, plus its publishing interval and
+	// rounding): at 5 s the invoicer warned every 2 s that the watermark was
+	// behind, with nothing wrong.
 	cfg.Invoicer.Interval = 2 * time.Second
-	cfg.Invoicer.Grace = 5 * time.Second
+	cfg.Invoicer.Grace = 15 * time.Second
 	if cfg.Invoicer.Stripe.APIKey == "" {
 		if u := os.Getenv("TOLLGATE_STRIPE_MOCK_URL"); u != "" {
 			cfg.Invoicer.Stripe.APIKey, cfg.Invoicer.Stripe.APIURL = "sk_test_123", u
@@ -105,7 +110,16 @@ func runDemo(ctx context.Context, out io.Writer, cfg Config, log *slog.Logger, c
 	runCtx, stopRun := context.WithCancel(ctx)
 	runErr := make(chan error, 1)
 	go func() { runErr <- runComponents(runCtx, log, comps) }()
-	defer func() { stopRun(); <-runErr }()
+	// The pipeline's own error (a component that failed, or did not stop
+	// cleanly) is the demo's too, as it is tollgate all's: the process
+	// exits non-zero.
+	running := true
+	defer func() {
+		if running {
+			stopRun()
+			err = errors.Join(err, <-runErr)
+		}
+	}()
 
 	keys, err := demoKeys(ctx, cfg)
 	if err != nil {
@@ -189,8 +203,19 @@ func runDemo(ctx context.Context, out io.Writer, cfg Config, log *slog.Logger, c
 		return nil
 	}
 	fmt.Fprintln(out, "\nThe pipeline keeps running; press Ctrl-C to stop it.")
-	<-ctx.Done()
-	return nil
+	select {
+	case <-ctx.Done():
+		return nil // the deferred stop reports how the pipeline stopped
+	case err := <-runErr:
+		// A component failed and runComponents stopped the rest: the demo
+		// ends with its error rather than sitting on a stopped pipeline.
+		running = false
+		stopRun()
+		if err == nil {
+			err = errors.New("the pipeline stopped")
+		}
+		return err
+	}
 }
 
 // countLanded counts the raw events of the calls with these request ids.
@@ -279,7 +304,7 @@ func startOfLastMonth(now time.Time) time.Time {
 
 // demoSandboxed refuses a configuration the demo must not run on: it
 // creates demo accounts and keys, backdates them, and closes every
-// account's periods with a 5 s grace instead of the configured one, so it
+// account's periods with a 15 s grace instead of the configured one, so it
 // runs only against services on this machine's loopback and with no Stripe
 // key or a test-mode one. A production configuration (TOLLGATE_CONFIG
 // exported on an operator's host, say) is refused, not billed.

@@ -2,11 +2,14 @@ package main
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"regexp"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -29,6 +32,82 @@ func TestDemoRunsTheWholePipelineOnce(t *testing.T) {
 	)
 }
 
+// More calls than the demo plan's burst: they are paced under its rate,
+// so every one is answered and lands, and last month's report is not
+// refused. Sent at once, a third were refused (and never landed, which the
+// demo reported as a failure), and the report after them got a 429 that
+// ended the demo.
+func TestDemoSendsMoreCallsThanItsPlansBurst(t *testing.T) {
+	runDemoOnce(t, 700,
+		"Sent 700 demo calls through the edge (700 answered 2xx)",
+		"Landed in ClickHouse: 700 of 700 demo calls",
+	)
+}
+
+// A demo that keeps running ends with the pipeline's error, as tollgate
+// all does: here the edge cannot finish a call whose upload stalls within
+// its 15 s stop. The demo returned nil, so the process exited 0.
+func TestADemoEndsWithThePipelinesError(t *testing.T) {
+	cfg, _, _ := isolatedConfig(t)
+	t.Setenv("TOLLGATE_STRIPE_MOCK_URL", testenv.StripeMockURL())
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	out := &lockedBuilder{}
+	done := make(chan error, 1)
+	go func() { done <- runDemo(ctx, out, cfg, slog.New(slog.DiscardHandler), 0, false) }()
+	var text string
+	for !strings.Contains(text, "keeps running") {
+		select {
+		case err := <-done:
+			t.Fatalf("the demo ended before it kept running: %v\n%s", err, out.String())
+		case <-time.After(100 * time.Millisecond):
+		}
+		text = out.String()
+	}
+	edgeAddr := regexp.MustCompile(`edge on http://(\S+)`).FindStringSubmatch(text)
+	key := regexp.MustCompile(`\(live\): (sk_live_\S+)`).FindStringSubmatch(text)
+	if edgeAddr == nil || key == nil {
+		t.Fatalf("no edge address or live key in:\n%s", text)
+	}
+	conn, err := net.Dial("tcp", edgeAddr[1])
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	// An upload that stops after two of its hundred bytes.
+	if _, err := fmt.Fprintf(conn, "POST /v1/widgets HTTP/1.1\r\nHost: demo\r\nAuthorization: Bearer %s\r\nContent-Length: 100\r\n\r\nab", key[1]); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(500 * time.Millisecond) // admitted and proxied, its body awaited
+	cancel()
+	select {
+	case err := <-done:
+		if err == nil || !strings.Contains(err.Error(), "edge shutdown") {
+			t.Fatalf("the demo ended with %v, want the edge's stop error", err)
+		}
+	case <-time.After(time.Minute):
+		t.Fatal("the demo did not end")
+	}
+}
+
+// lockedBuilder is a strings.Builder the demo writes while the test reads.
+type lockedBuilder struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (l *lockedBuilder) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuilder) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
+
 // TestDemoWithNoCallsStillShowsLastMonthsInvoice: `--calls 0` sends no call
 // (ClickHouse was asked about an empty list of request ids, and refused to
 // type it) but still reports and invoices last month's usage.
@@ -41,7 +120,7 @@ func TestDemoWithNoCallsStillShowsLastMonthsInvoice(t *testing.T) {
 }
 
 // The demo creates accounts and keys and closes every account's periods
-// with a 5 s grace: it refuses a configuration that names a live Stripe key
+// with a 15 s grace: it refuses a configuration that names a live Stripe key
 // or a service off loopback (a production TOLLGATE_CONFIG, say), before it
 // touches anything.
 func TestDemoRefusesAProductionConfiguration(t *testing.T) {

@@ -8,6 +8,7 @@ import (
 	"io"
 	"net/http"
 	"slices"
+	"strconv"
 	"time"
 )
 
@@ -44,30 +45,59 @@ func ReportLastMonth(ctx context.Context, edge string, keys []string, now time.T
 		if err != nil {
 			return total, err
 		}
-		req, err := http.NewRequestWithContext(ctx, http.MethodPost, edge+"/v1/events", bytes.NewReader(body))
+		accepted, err := postEvents(ctx, edge, key, body)
 		if err != nil {
 			return total, err
+		}
+		total += accepted
+	}
+	return total, nil
+}
+
+// reportAttempts bounds how often one batch is sent while the edge answers
+// 429: the demo's own calls may have used the key's rate just before.
+const reportAttempts = 10
+
+// postEvents sends one batch and returns how many events the edge
+// accepted. A 429 (the demo's calls spent the key's or the account's rate)
+// is sent again after its Retry-After, at most a few seconds each time.
+func postEvents(ctx context.Context, edge, key string, body []byte) (int, error) {
+	for attempt := 1; ; attempt++ {
+		req, err := http.NewRequestWithContext(ctx, http.MethodPost, edge+"/v1/events", bytes.NewReader(body))
+		if err != nil {
+			return 0, err
 		}
 		req.Header.Set("Authorization", "Bearer "+key)
 		req.Header.Set("Content-Type", "application/json")
 		resp, err := http.DefaultClient.Do(req)
 		if err != nil {
-			return total, fmt.Errorf("report events: %w", err)
+			return 0, fmt.Errorf("report events: %w", err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode == http.StatusTooManyRequests && attempt < reportAttempts {
+			wait := time.Second
+			if secs, err := strconv.Atoi(resp.Header.Get("Retry-After")); err == nil && secs > 0 {
+				wait = min(time.Duration(secs)*time.Second, 5*time.Second)
+			}
+			select {
+			case <-ctx.Done():
+				return 0, ctx.Err()
+			case <-time.After(wait):
+			}
+			continue
+		}
+		if resp.StatusCode != http.StatusOK {
+			return 0, fmt.Errorf("report events: status %d: %s", resp.StatusCode, b)
 		}
 		var res struct {
 			Accepted int `json:"accepted"`
 		}
-		b, _ := io.ReadAll(resp.Body)
-		resp.Body.Close()
-		if resp.StatusCode != http.StatusOK {
-			return total, fmt.Errorf("report events: status %d: %s", resp.StatusCode, b)
-		}
 		if err := json.Unmarshal(b, &res); err != nil {
-			return total, fmt.Errorf("report events: %w", err)
+			return 0, fmt.Errorf("report events: %w", err)
 		}
-		total += res.Accepted
+		return res.Accepted, nil
 	}
-	return total, nil
 }
 
 // Invoice is what the demo prints of a past invoice.

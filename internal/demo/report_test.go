@@ -69,3 +69,53 @@ func TestWaitForInvoicesWaitsForTheStripeSync(t *testing.T) {
 		t.Fatalf("with a Stripe account: %d polls, want 2 (finalized, then open)", calls.Load())
 	}
 }
+
+// The demo's own calls may spend the key's rate just before it reports
+// last month's events: a 429 is sent again after its Retry-After, where it
+// ended the demo before.
+func TestAReportRefusedForItsRateIsSentAgain(t *testing.T) {
+	var calls atomic.Int32
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if calls.Add(1) == 1 {
+			w.Header().Set("Retry-After", "1")
+			w.WriteHeader(http.StatusTooManyRequests)
+			_, _ = w.Write([]byte(`{"error":{"type":"rate_limit_error","code":"rate_limited"}}`))
+			return
+		}
+		var b struct {
+			Events []json.RawMessage `json:"events"`
+		}
+		if err := json.NewDecoder(r.Body).Decode(&b); err != nil {
+			t.Errorf("decode: %v", err)
+		}
+		_ = json.NewEncoder(w).Encode(map[string]int{"accepted": len(b.Events)})
+	}))
+	defer srv.Close()
+	n, err := ReportLastMonth(context.Background(), srv.URL, []string{"k"}, time.Now(), 3)
+	if err != nil || n != 3 {
+		t.Fatalf("reported %d, err %v; want 3 after one 429", n, err)
+	}
+	if got := calls.Load(); got != 2 {
+		t.Errorf("%d requests, want 2 (one refused, one sent again)", got)
+	}
+}
+
+// A key that stays refused ends the report with the edge's answer after a
+// bounded number of attempts.
+func TestAReportRefusedEveryTimeEnds(t *testing.T) {
+	var calls atomic.Int32
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		calls.Add(1)
+		w.Header().Set("Retry-After", "0")
+		w.WriteHeader(http.StatusTooManyRequests)
+	}))
+	defer srv.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if _, err := ReportLastMonth(ctx, srv.URL, []string{"k"}, time.Now(), 1); err == nil {
+		t.Fatal("a report refused every time succeeded")
+	}
+	if got := calls.Load(); got != reportAttempts {
+		t.Errorf("%d requests, want %d", got, reportAttempts)
+	}
+}

@@ -8,6 +8,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"golang.org/x/time/rate"
 )
 
 // Sent summarises a traffic run.
@@ -25,10 +27,21 @@ var routes = []struct{ method, path, body string }{
 	{"DELETE", "/v1/widgets/7", ""},
 }
 
+// The demo accounts are on the growth plan: 100 calls a second, bursts of
+// 200, per key and per account (one key each). The demo's traffic stays
+// under that, so every call it sends is proxied and metered: a refused
+// call is no usage event, and the demo counts its calls in ClickHouse.
+const (
+	perKeyRate  = 80
+	perKeyBurst = 150
+)
+
 // Traffic sends n calls to the edge at base, spread over keys and routes,
-// four at a time, and returns what came back.
+// four at a time and under the demo plan's rate, and returns what came
+// back.
 func Traffic(ctx context.Context, base string, keys []string, n int) (Sent, error) {
 	client := &http.Client{Timeout: 10 * time.Second}
+	pace := rate.NewLimiter(rate.Limit(perKeyRate*len(keys)), perKeyBurst*len(keys))
 	var mu sync.Mutex
 	var s Sent
 	var firstErr error
@@ -72,7 +85,7 @@ func Traffic(ctx context.Context, base string, keys []string, n int) (Sent, erro
 			}
 		}()
 	}
-	for i := 0; i < n && ctx.Err() == nil; i++ {
+	for i := 0; i < n && pace.Wait(ctx) == nil; i++ {
 		jobs <- i
 	}
 	close(jobs)
