@@ -53,7 +53,15 @@ KAFKA_CONTROLLER_PORT=${TOLLGATE_KAFKA_CONTROLLER_PORT:-19093}
 CLICKHOUSE_PORT=${TOLLGATE_CLICKHOUSE_ADDR##*:}
 CLICKHOUSE_HTTP_PORT=${TOLLGATE_CLICKHOUSE_HTTP_PORT:-18123}
 CLICKHOUSE_DATABASE=${TOLLGATE_CLICKHOUSE_DATABASE:-tollgate}
-if [[ $TOLLGATE_POSTGRES_URL =~ @[^/:]+:([0-9]+)/ ]]; then PG_PORT=${BASH_REMATCH[1]}; else PG_PORT=15432; fi
+# The port, role and database TOLLGATE_POSTGRES_URL names, as tollgate reads
+# them: a URL without a port is PostgreSQL's 5432, without a user the
+# tollgate role.
+PG_PORT=15432 PG_ROLE=tollgate PG_DB=tollgate
+if [[ $TOLLGATE_POSTGRES_URL =~ ^postgres(ql)?://(([^:@/]*)(:[^@/]*)?@)?[^/:?]*(:([0-9]+))?(/([^?]*))? ]]; then
+  PG_PORT=${BASH_REMATCH[6]:-5432}
+  [[ -z ${BASH_REMATCH[3]} ]] || PG_ROLE=${BASH_REMATCH[3]}
+  [[ -z ${BASH_REMATCH[8]} ]] || PG_DB=${BASH_REMATCH[8]}
+fi
 REDIS_PORT=${TOLLGATE_REDIS_ADDR##*:}
 if [[ $TOLLGATE_STRIPE_MOCK_URL =~ :([0-9]+)/?$ ]]; then STRIPE_PORT=${BASH_REMATCH[1]}; else STRIPE_PORT=12111; fi
 STRIPE_HTTPS_PORT=${TOLLGATE_STRIPE_MOCK_HTTPS_PORT:-12112}
@@ -266,16 +274,26 @@ install_apt() {
   log "apt: installing ${missing[*]}"
   # Keep the packages' own init scripts from starting system-wide instances on
   # the default ports: this script runs its own.
-  local policy=/usr/sbin/policy-rc.d added_policy=
-  if [[ ! -e $policy ]]; then
-    printf '#!/bin/sh\nexit 101\n' | as_root tee "$policy" >/dev/null
+  # The file is marked as this script's, and removed however the install
+  # ends: left behind (a Ctrl-C during a long first install), it would keep
+  # every later package upgrade on the machine from restarting its service.
+  # A marked copy an interrupted run left is this script's to remove too.
+  local policy=/usr/sbin/policy-rc.d added_policy= marker='# added by tollgate services.sh for its install; removed when it ends'
+  if [[ ! -e $policy ]] || grep -qxF "$marker" "$policy" 2>/dev/null; then
+    trap 'as_root rm -f /usr/sbin/policy-rc.d' EXIT
+    trap 'as_root rm -f /usr/sbin/policy-rc.d; exit 130' INT
+    trap 'as_root rm -f /usr/sbin/policy-rc.d; exit 143' TERM
+    printf '#!/bin/sh\n%s\nexit 101\n' "$marker" | as_root tee "$policy" >/dev/null
     as_root chmod 755 "$policy"
     added_policy=1
   fi
   local rc=0
   { as_root apt-get update -q &&
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"; } || rc=$?
-  [[ -z $added_policy ]] || as_root rm -f "$policy"
+  if [[ -n $added_policy ]]; then
+    as_root rm -f "$policy"
+    trap - EXIT INT TERM
+  fi
   ((rc == 0)) || die "apt-get install failed (rc $rc)"
 }
 
@@ -590,12 +608,17 @@ postgres_bootstrap() {
   local PGBIN
   PGBIN=$(pg_bin)
   "$PGBIN/psql" -X -q -tA "$TOLLGATE_POSTGRES_URL" -c 'SELECT 1' >/dev/null 2>&1 && return 0
+  local name
+  for name in "$PG_ROLE" "$PG_DB"; do
+    [[ $name =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]] ||
+      die "postgres: cannot create role or database \"$name\" from TOLLGATE_POSTGRES_URL (letters, digits and _ only); create it yourself"
+  done
   local psql=("$PGBIN/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -tA)
-  if [[ $("${psql[@]}" -c "SELECT 1 FROM pg_roles WHERE rolname='tollgate'") != 1 ]]; then
-    "${psql[@]}" -c "CREATE ROLE tollgate SUPERUSER LOGIN"
+  if [[ $("${psql[@]}" -c "SELECT 1 FROM pg_roles WHERE rolname='$PG_ROLE'") != 1 ]]; then
+    "${psql[@]}" -c "CREATE ROLE \"$PG_ROLE\" SUPERUSER LOGIN"
   fi
-  if [[ $("${psql[@]}" -c "SELECT 1 FROM pg_database WHERE datname='tollgate'") != 1 ]]; then
-    "${psql[@]}" -c "CREATE DATABASE tollgate OWNER tollgate"
+  if [[ $("${psql[@]}" -c "SELECT 1 FROM pg_database WHERE datname='$PG_DB'") != 1 ]]; then
+    "${psql[@]}" -c "CREATE DATABASE \"$PG_DB\" OWNER \"$PG_ROLE\""
   fi
 }
 
