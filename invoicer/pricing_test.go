@@ -7,6 +7,7 @@ import (
 	"math"
 	"math/big"
 	"math/rand/v2"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -611,5 +612,44 @@ func TestFreeTimeIsPricedUnderTheFreeVersionInForce(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// Two stretches next to each other on one version are one segment; a
+// version the account returns to after a lapse is a segment of its own,
+// with its own allowance, as docs/billing-rules.md says (a new
+// subscription starts a new cycle, as in Stripe).
+func TestAVersionReturnedToAfterALapseIsASegmentOfItsOwn(t *testing.T) {
+	march := MonthPeriod(time.Date(2026, 3, 10, 0, 0, 0, 0, time.UTC), time.UTC)
+	starter := Plan{ID: "starter", Version: 1, Currency: "usd"}
+	get := func(string, int) (Plan, error) { return starter, nil }
+	free := []PlanVersion{{Plan: Plan{ID: "free", Version: 1, Currency: "usd"}}}
+	at := func(d, h int) time.Time { return time.Date(2026, 3, d, h, 0, 0, 0, time.UTC) }
+	ends := func(t time.Time) *time.Time { return &t }
+	for _, c := range []struct {
+		name string
+		subs []Subscription
+		want []string
+	}{
+		{"back to back", []Subscription{
+			{PlanID: "starter", PlanVersion: 1, StartsAt: march.Start, EndsAt: ends(at(15, 0))},
+			{PlanID: "starter", PlanVersion: 1, StartsAt: at(15, 0)},
+		}, []string{"starter@1"}},
+		{"after an hour's lapse", []Subscription{
+			{PlanID: "starter", PlanVersion: 1, StartsAt: march.Start, EndsAt: ends(at(15, 0))},
+			{PlanID: "starter", PlanVersion: 1, StartsAt: at(15, 1)},
+		}, []string{"starter@1", "free@1", "starter@1"}},
+	} {
+		segs, err := Segments(march, c.subs, get, free)
+		if err != nil {
+			t.Fatalf("%s: %v", c.name, err)
+		}
+		var got []string
+		for _, s := range segs {
+			got = append(got, fmt.Sprintf("%s@%d", s.Plan.ID, s.Plan.Version))
+		}
+		if !slices.Equal(got, c.want) {
+			t.Errorf("%s: segments %v, want %v", c.name, got, c.want)
+		}
 	}
 }
