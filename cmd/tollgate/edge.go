@@ -179,11 +179,18 @@ func NewEdgeMain(ctx context.Context, cfg Config, log *slog.Logger) (m *EdgeMain
 		return 0
 	}))
 	ready := func(ctx context.Context) error {
-		if err := m.pool.Ping(ctx); err != nil {
-			return fmt.Errorf("postgres: %w", err)
-		}
+		// The listener notices a Postgres gone silent within about a
+		// second, so it is asked first; the ping is bounded, as a probe
+		// is: unbounded, it waited on a silent connection for as long as
+		// the prober did, and left pgxpool's own ping holding the
+		// connection for a minute, which held up the edge's stop.
 		if !m.listener.Connected() {
 			return errors.New("key change listener is not connected")
+		}
+		pctx, cancel := context.WithTimeout(ctx, readyPingTimeout)
+		defer cancel()
+		if err := m.pool.Ping(pctx); err != nil {
+			return fmt.Errorf("postgres: %w", err)
 		}
 		if m.producer.Backed() {
 			return errors.New("event producer: its queue is more than half full (kafka and the spool's disk refusing events?)")
@@ -233,6 +240,10 @@ func (m *EdgeMain) AdminAddr() string {
 
 // SpoolDepth is the number of events waiting in the spool.
 func (m *EdgeMain) SpoolDepth() int64 { return m.producer.SpoolDepth() }
+
+// readyPingTimeout bounds /readyz's ping of Postgres: a probe answers
+// 503 within about a second rather than wait on a silent connection.
+const readyPingTimeout = time.Second
 
 // Run serves until ctx ends, then stops accepting calls and drains those
 // in flight.

@@ -22,6 +22,10 @@ func main() {
 	// Every command stops on SIGINT or SIGTERM through its context: a
 	// replay drops its scratch database, a close stops between steps.
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	// Only the first signal is caught: a second one ends the process at
+	// once, as the operator who sends it means (it was caught too, and did
+	// nothing, however long the stop took).
+	context.AfterFunc(ctx, stop)
 	err := newRootCommand().ExecuteContext(ctx)
 	stop()
 	if err != nil {
@@ -163,6 +167,7 @@ func componentCommand(g *globalFlags, name, short string, start starter) *cobra.
 			}
 			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
+			context.AfterFunc(ctx, stop) // a second signal ends the process (main)
 			sctx, cancel := context.WithTimeout(ctx, 60*time.Second)
 			comps, err := start(sctx, cfg, log)
 			cancel()
@@ -174,9 +179,17 @@ func componentCommand(g *globalFlags, name, short string, start starter) *cobra.
 	}
 }
 
+// closeTimeout bounds each component's Close once its Run has returned.
+const closeTimeout = 30 * time.Second
+
 // runComponents runs every component until ctx ends or one fails, then stops
 // them in reverse start order, each with a deadline.
 func runComponents(ctx context.Context, log *slog.Logger, comps []named) error {
+	return runComponentsWithin(ctx, log, comps, closeTimeout)
+}
+
+// runComponentsWithin is runComponents giving each Close closeWithin.
+func runComponentsWithin(ctx context.Context, log *slog.Logger, comps []named, closeWithin time.Duration) error {
 	type result struct {
 		i   int
 		err error
@@ -195,7 +208,7 @@ func runComponents(ctx context.Context, log *slog.Logger, comps []named) error {
 	var first error
 	select {
 	case <-ctx.Done():
-		log.Info("shutting down")
+		log.Info("shutting down; a second signal ends the process at once")
 	case r := <-results:
 		if r.err != nil {
 			first = fmt.Errorf("%s: %w", comps[r.i].name, r.err)
@@ -226,11 +239,21 @@ func runComponents(ctx context.Context, log *slog.Logger, comps []named) error {
 			log.Error("component did not stop in time", "component", comps[i].name)
 		}
 		stopped()
-		if err := comps[i].c.Close(); err != nil {
-			log.Error("close component", "component", comps[i].name, "err", err)
-			first = errors.Join(first, err)
+		// Close has a deadline too: one stuck on a dependency gone silent
+		// kept the components after it from stopping at all.
+		closed := make(chan error, 1)
+		go func(c component) { closed <- c.Close() }(comps[i].c)
+		select {
+		case err := <-closed:
+			if err != nil {
+				log.Error("close component", "component", comps[i].name, "err", err)
+				first = errors.Join(first, err)
+			}
+			log.Info("stopped", "component", comps[i].name)
+		case <-time.After(closeWithin):
+			log.Error("component did not close in time; stopping the others", "component", comps[i].name, "waited", closeWithin)
+			first = errors.Join(first, fmt.Errorf("%s: did not close within %s", comps[i].name, closeWithin))
 		}
-		log.Info("stopped", "component", comps[i].name)
 	}
 	return first
 }

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"strings"
 	"testing"
+	"time"
 )
 
 // stopping is a component that runs until its context ends and then
@@ -32,5 +33,50 @@ func TestAComponentsErrorOnStopIsReported(t *testing.T) {
 	})
 	if err == nil || !strings.Contains(err.Error(), "edge: edge shutdown: context deadline exceeded") || strings.Contains(err.Error(), "ingest") {
 		t.Fatalf("runComponents = %v; want the edge's error on stop, and not the ingest's plain cancellation", err)
+	}
+}
+
+// stuckClose is a component whose Close never returns, as an edge's did
+// while its Postgres pool waited on a connection gone silent.
+type stuckClose struct {
+	stopping
+	closed chan struct{}
+}
+
+func (s stuckClose) Close() error {
+	<-s.closed
+	return nil
+}
+
+// closed records that its Close ran.
+type closed struct {
+	stopping
+	ran chan struct{}
+}
+
+func (c closed) Close() error {
+	close(c.ran)
+	return nil
+}
+
+// A Close that does not return in time is reported, and the components
+// started before it are still stopped and closed; they were never reached.
+func TestAStuckCloseDoesNotKeepTheOthersRunning(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel() // the signal
+	release := make(chan struct{})
+	defer close(release)
+	first := closed{ran: make(chan struct{})}
+	err := runComponentsWithin(ctx, slog.New(slog.NewTextHandler(io.Discard, nil)), []named{
+		{"ingest", first},
+		{"edge", stuckClose{closed: release}},
+	}, 200*time.Millisecond)
+	select {
+	case <-first.ran:
+	default:
+		t.Fatal("the component started first was never closed")
+	}
+	if err == nil || !strings.Contains(err.Error(), "edge: did not close within") {
+		t.Fatalf("runComponents = %v; want the edge's Close reported", err)
 	}
 }

@@ -34,6 +34,12 @@ func openPostgres(ctx context.Context, url string) (*pgxpool.Pool, error) {
 	if err != nil {
 		return nil, withoutConnString(err)
 	}
+	if cfg.PingTimeout == 0 {
+		// The pool pings a connection it hands out after a quiet spell;
+		// without a bound, a Postgres gone silent held it for as long as
+		// the caller would wait (pool_ping_timeout in the URL overrides).
+		cfg.PingTimeout = poolPingTimeout
+	}
 	db := stdlib.OpenDB(*cfg.ConnConfig.Copy())
 	defer db.Close()
 	if err := db.PingContext(ctx); err != nil {
@@ -48,6 +54,9 @@ func openPostgres(ctx context.Context, url string) (*pgxpool.Pool, error) {
 	}
 	return pool, nil
 }
+
+// poolPingTimeout bounds the pool's ping of a connection it hands out.
+const poolPingTimeout = 5 * time.Second
 
 // withoutConnString is err, or, when it is the driver's refusal of the
 // connection string, a message that does not quote it: the driver masks

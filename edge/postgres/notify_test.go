@@ -2,9 +2,7 @@ package postgres_test
 
 import (
 	"context"
-	"io"
 	"log/slog"
-	"net"
 	"net/url"
 	"sync/atomic"
 	"testing"
@@ -21,52 +19,6 @@ type trust struct{ trusted atomic.Bool }
 func (c *trust) Invalidate(edge.Invalidation) {}
 func (c *trust) SetTrusted(b bool)            { c.trusted.Store(b) }
 
-// freezer forwards loopback connections to addr until frozen, then drops
-// every byte both ways without closing anything: a peer that vanished.
-type freezer struct {
-	ln     net.Listener
-	frozen atomic.Bool
-}
-
-func newFreezer(t *testing.T, addr string) *freezer {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	testenv.Must(t, err, "listen")
-	f := &freezer{ln: ln}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			s, err := net.Dial("tcp", addr)
-			if err != nil {
-				c.Close()
-				continue
-			}
-			t.Cleanup(func() { c.Close(); s.Close() })
-			go f.pipe(s, c)
-			go f.pipe(c, s)
-		}
-	}()
-	return f
-}
-
-func (f *freezer) pipe(dst io.Writer, src io.Reader) {
-	buf := make([]byte, 32<<10)
-	for {
-		n, err := src.Read(buf)
-		if n > 0 && !f.frozen.Load() {
-			if _, werr := dst.Write(buf[:n]); werr != nil {
-				return
-			}
-		}
-		if err != nil {
-			return
-		}
-	}
-}
-
 // A LISTEN connection whose peer goes silent, without a close or a reset,
 // must stop the cache being trusted within about a second (two heartbeats): a change made
 // meanwhile (a revocation) would otherwise go unseen until TCP gave up,
@@ -75,8 +27,8 @@ func TestListenerNoticesASilentConnectionWithinASecond(t *testing.T) {
 	pg := testenv.NewPostgres(t)
 	u, err := url.Parse(pg.URL)
 	testenv.Must(t, err, "parse the database URL")
-	f := newFreezer(t, u.Host)
-	u.Host = f.ln.Addr().String()
+	f := testenv.NewFreezer(t, u.Host)
+	u.Host = f.Addr()
 	c := &trust{}
 	l := edgepg.NewListener(u.String(), c, slog.New(slog.DiscardHandler))
 	ctx, cancel := context.WithCancel(context.Background())
@@ -86,7 +38,7 @@ func TestListenerNoticesASilentConnectionWithinASecond(t *testing.T) {
 	if !c.trusted.Load() || !l.Connected() {
 		t.Fatal("a quiet, live connection was given up")
 	}
-	f.frozen.Store(true)
+	f.Freeze()
 	frozenAt := time.Now()
 	// Two heartbeats (0.8 s) plus scheduling on a busy machine; without the
 	// heartbeat it is TCP's keepalive, minutes.

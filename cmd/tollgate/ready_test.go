@@ -1,0 +1,161 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"os"
+	"os/exec"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/tollgate-dev/tollgate/internal/testenv"
+	"github.com/tollgate-dev/tollgate/schemas"
+)
+
+// A Postgres that goes silent (a failover, a dead host: no close, no
+// reset) makes the edge's /readyz answer 503 within about a second, and
+// the edge still stops promptly after probes. The ping waited on the
+// silent connection for as long as the prober did, and left the pool's own
+// ping holding the connection for a minute, which held up Close.
+func TestAnEdgesReadinessAnswersWhenPostgresGoesSilent(t *testing.T) {
+	ctx := context.Background()
+	pg, ch := testenv.NewPostgres(t), testenv.NewClickHouse(t)
+	u, err := url.Parse(pg.URL)
+	testenv.Must(t, err, "parse the database URL")
+	f := testenv.NewFreezer(t, u.Host)
+	u.Host = f.Addr()
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { _, _ = w.Write([]byte("ok")) }))
+	t.Cleanup(up.Close)
+	cfg := testConfig(t, pg, ch, "ready."+testenv.Name(t))
+	cfg.Services.PostgresURL = u.String()
+	cfg.Edge.SpoolDir, cfg.Edge.Upstream = t.TempDir(), up.URL
+	m, err := NewEdgeMain(ctx, cfg, quietLog())
+	testenv.Must(t, err, "start the edge")
+	runCtx, stop := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- m.Run(runCtx) }()
+	probe := func() (int, error) {
+		c := &http.Client{Timeout: 5 * time.Second}
+		resp, err := c.Get("http://" + m.Addr() + "/readyz")
+		if err != nil {
+			return 0, err
+		}
+		resp.Body.Close()
+		return resp.StatusCode, nil
+	}
+	testenv.Wait(t, 10*time.Second, "the edge ready", func() bool { st, err := probe(); return err == nil && st == 200 })
+
+	f.Freeze()
+	for i := range 3 {
+		began := time.Now()
+		st, err := probe()
+		if err != nil || st != http.StatusServiceUnavailable {
+			t.Fatalf("probe %d with Postgres silent: status %d, %v after %s; want 503 at once", i, st, err, time.Since(began).Round(time.Millisecond))
+		}
+	}
+	stop()
+	<-done
+	closed := make(chan error, 1)
+	go func() { closed <- m.Close() }()
+	select {
+	case <-closed:
+	case <-time.After(20 * time.Second):
+		t.Fatal("the edge's Close did not return within 20 s of its stop")
+	}
+}
+
+// The first SIGTERM or SIGINT stops a process gracefully, with deadlines; a
+// second one ends it at once. It was caught and ignored, so an operator's
+// second Ctrl-C did nothing while a stop waited (here the edge waits up
+// to 15 s for a call whose upload stalled).
+func TestASecondSignalEndsTheProcessAtOnce(t *testing.T) {
+	pg := testenv.NewPostgres(t)
+	bin := tollgateBinary(t)
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { _, _ = w.Write([]byte("ok")) }))
+	t.Cleanup(up.Close)
+	p := &pipeline{pg: pg}
+	key, _ := p.newKey(t, "acct_signals", schemas.Live)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	testenv.Must(t, err, "find a free port")
+	addr := ln.Addr().String()
+	ln.Close()
+	cfgPath := t.TempDir() + "/tollgate.yaml"
+	testenv.Must(t, os.WriteFile(cfgPath, []byte("# every default\n"), 0o600), "write config")
+	cmd := exec.Command(bin, "edge", "--config", cfgPath)
+	cmd.Env = append(os.Environ(), "TOLLGATE_POSTGRES_URL="+pg.URL, "TOLLGATE_EDGE_LISTEN="+addr,
+		"TOLLGATE_EDGE_UPSTREAM="+up.URL, "TOLLGATE_EDGE_SPOOL_DIR="+t.TempDir(), "TOLLGATE_EDGE_ADMIN_LISTEN=",
+		"TOLLGATE_KAFKA_BROKERS="+strings.Join(testenv.KafkaBrokers(), ","), "TOLLGATE_REDIS_ADDR="+testenv.RedisAddr())
+	stderr, err := cmd.StderrPipe()
+	testenv.Must(t, err, "pipe stderr")
+	testenv.Must(t, cmd.Start(), "start the edge")
+	t.Cleanup(func() { _ = cmd.Process.Kill() })
+	var logs strings.Builder
+	said := make(chan string, 64)
+	go func() {
+		sc := bufio.NewScanner(stderr)
+		for sc.Scan() {
+			said <- sc.Text()
+		}
+		close(said)
+	}()
+	waitFor := func(what string) {
+		t.Helper()
+		deadline := time.After(60 * time.Second)
+		for {
+			select {
+			case line, ok := <-said:
+				if !ok {
+					t.Fatalf("the edge ended before it said %q:\n%s", what, logs.String())
+				}
+				logs.WriteString(line + "\n")
+				if strings.Contains(line, what) {
+					return
+				}
+			case <-deadline:
+				t.Fatalf("the edge never said %q:\n%s", what, logs.String())
+			}
+		}
+	}
+	waitFor("edge listening")
+	conn, err := net.Dial("tcp", addr)
+	testenv.Must(t, err, "dial the edge")
+	defer conn.Close()
+	_, err = fmt.Fprintf(conn, "POST /v1/widgets HTTP/1.1\r\nHost: edge\r\nAuthorization: Bearer %s\r\nContent-Length: 100\r\n\r\nab", key)
+	testenv.Must(t, err, "send a stalled upload")
+	time.Sleep(500 * time.Millisecond) // admitted and proxied, its body awaited
+	testenv.Must(t, cmd.Process.Signal(syscall.SIGTERM), "signal the edge")
+	waitFor("shutting down")
+	// The first signal's handling lets go of the signals just after it
+	// logs this; an operator's second one comes later still.
+	time.Sleep(time.Second)
+	second := time.Now()
+	// SIGTERM again: a process started in the background (as CI may
+	// start the tests) inherits SIGINT ignored, and Go leaves it ignored
+	// once nothing asks for it.
+	testenv.Must(t, cmd.Process.Signal(syscall.SIGTERM), "signal the edge again")
+	exited := make(chan error, 1)
+	go func() {
+		for line := range said {
+			logs.WriteString(line + "\n")
+		}
+		exited <- cmd.Wait()
+	}()
+	select {
+	case err := <-exited:
+		var exit *exec.ExitError
+		if !errors.As(err, &exit) || exit.Sys().(syscall.WaitStatus).Signal() != syscall.SIGTERM {
+			t.Fatalf("the edge ended with %v, want killed by the second signal:\n%s", err, logs.String())
+		}
+		t.Logf("ended %s after the second signal", time.Since(second).Round(time.Millisecond))
+	case <-time.After(5 * time.Second):
+		t.Fatalf("the edge still ran 5 s after a second signal (the stop waits up to 15 s for the stalled call); alive: %v", cmd.Process.Signal(syscall.Signal(0)))
+	}
+}
