@@ -52,6 +52,9 @@ func isolatedConfig(t *testing.T) (Config, *testenv.Postgres, *testenv.ClickHous
 	cfg.Invoicer.Listen = "127.0.0.1:0"
 	cfg.Dashboard.Listen = "127.0.0.1:0"
 	cfg.Edge.SpoolDir = t.TempDir()
+	// Its own Redis key space: the demo's accounts have the same names in
+	// every run, and two runs at once shared their rate-limit buckets.
+	cfg.Edge.RateLimitPrefix = testenv.NewRedis(t).Prefix
 	cfg.Ingest.Topic = topic
 	cfg.Ingest.DeadLetter = topic + ".dlq"
 	cfg.Ingest.Group = topic + ".ingest"

@@ -54,13 +54,30 @@ CLICKHOUSE_PORT=${TOLLGATE_CLICKHOUSE_ADDR##*:}
 CLICKHOUSE_HTTP_PORT=${TOLLGATE_CLICKHOUSE_HTTP_PORT:-18123}
 CLICKHOUSE_DATABASE=${TOLLGATE_CLICKHOUSE_DATABASE:-tollgate}
 # The port, role and database TOLLGATE_POSTGRES_URL names, as tollgate reads
-# them: a URL without a port is PostgreSQL's 5432, without a user the
-# tollgate role.
-PG_PORT=15432 PG_ROLE=tollgate PG_DB=tollgate
-if [[ $TOLLGATE_POSTGRES_URL =~ ^postgres(ql)?://(([^:@/]*)(:[^@/]*)?@)?[^/:?]*(:([0-9]+))?(/([^?]*))? ]]; then
-  PG_PORT=${BASH_REMATCH[6]:-5432}
-  [[ -z ${BASH_REMATCH[3]} ]] || PG_ROLE=${BASH_REMATCH[3]}
-  [[ -z ${BASH_REMATCH[8]} ]] || PG_DB=${BASH_REMATCH[8]}
+# them (libpq's rules): no port is 5432, no user the system user, no
+# database the user's name; port=, user= and dbname= in the query count.
+# A URL this script cannot read (several hosts, a socket directory, the
+# keyword form) is refused when Postgres is started, not guessed at.
+PG_PORT=15432 PG_ROLE=tollgate PG_DB=tollgate PG_URL_UNREADABLE=
+pct_decode() { printf '%b' "${1//%/\\x}"; }
+if [[ $TOLLGATE_POSTGRES_URL =~ ^postgres(ql)?://(([^@/?]*)@)?(\[[^]/?]*\]|[^]/:?,[]*)(:([0-9]*))?(/([^?]*))?(\?(.*))?$ ]]; then
+  pg_user=${BASH_REMATCH[3]%%:*} pg_port=${BASH_REMATCH[6]} pg_db=${BASH_REMATCH[8]} pg_query=${BASH_REMATCH[10]}
+  [[ -n ${BASH_REMATCH[4]} ]] || PG_URL_UNREADABLE=1 # no host: a socket directory
+  IFS='&' read -ra pg_params <<<"$pg_query"
+  for p in "${pg_params[@]}"; do
+    case $p in
+      port=*) pg_port=${p#port=} ;;
+      user=*) pg_user=${p#user=} ;;
+      dbname=*) pg_db=${p#dbname=} ;;
+      host=* | hostaddr=*) PG_URL_UNREADABLE=1 ;;
+    esac
+  done
+  PG_PORT=${pg_port:-5432}
+  PG_ROLE=$(pct_decode "${pg_user:-$(id -un)}")
+  PG_DB=$(pct_decode "${pg_db:-$PG_ROLE}")
+  [[ $PG_PORT =~ ^[0-9]+$ ]] || PG_URL_UNREADABLE=1
+else
+  PG_URL_UNREADABLE=1
 fi
 REDIS_PORT=${TOLLGATE_REDIS_ADDR##*:}
 if [[ $TOLLGATE_STRIPE_MOCK_URL =~ :([0-9]+)/?$ ]]; then STRIPE_PORT=${BASH_REMATCH[1]}; else STRIPE_PORT=12111; fi
@@ -603,8 +620,16 @@ ready_postgres() {
   port_open "$PG_PORT" && "$PGBIN/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -t 2
 }
 
+# pg_url_readable stops the script when TOLLGATE_POSTGRES_URL is a form it
+# cannot read the port, role and database of.
+pg_url_readable() {
+  [[ -z $PG_URL_UNREADABLE ]] ||
+    die "postgres: cannot read the port, role and database of TOLLGATE_POSTGRES_URL; this script starts PostgreSQL on 127.0.0.1, so give it as postgres://USER@127.0.0.1:PORT/DATABASE"
+}
+
 # The role and database the URL names, created once (trust auth on loopback).
 postgres_bootstrap() {
+  pg_url_readable
   local PGBIN
   PGBIN=$(pg_bin)
   "$PGBIN/psql" -X -q -tA "$TOLLGATE_POSTGRES_URL" -c 'SELECT 1' >/dev/null 2>&1 && return 0
@@ -623,6 +648,7 @@ postgres_bootstrap() {
 }
 
 start_postgres() {
+  pg_url_readable
   local PGBIN
   PGBIN=$(pg_bin)
   [[ -x $PGBIN/postgres ]] || die "postgres: ${PGBIN:-PostgreSQL} not installed (run: $0 install, or set TOLLGATE_PG_BIN)"

@@ -195,18 +195,20 @@ function groupOptions() {
   sel.value = [...sel.options].some((o) => o.value === keep) ? keep : "";
 }
 
-// maxUsagePages bounds how many pages of 1,000 rows one view reads. The
-// range bounds the rows already (two days of hours is 48 windows a group),
-// so only a view with more than 50,000 windows and groups stops short, and
-// the note under the chart then says the figures are partial.
-const maxUsagePages = 50;
+// maxUsageRows bounds how many rows one view reads. The range bounds the
+// rows already (two days of hours is 48 windows a group), so only a view
+// with more than 50,000 windows and groups stops short, and the note under
+// the chart then says the figures are partial. It counts rows, not pages:
+// the API serves at most its max_page_size a page, which an operator may
+// set below the 1,000 asked for.
+const maxUsageRows = 50000;
 
 // usageRows reads a usage query to its last page, following next_cursor,
-// or to maxUsagePages. Rows come oldest window first, so a partial read
+// or to maxUsageRows. Rows come oldest window first, so a partial read
 // lacks the most recent windows.
 async function usageRows(params, seq) {
   const data = [];
-  for (let pages = 1; ; pages++) {
+  for (;;) {
     let body;
     try {
       body = await api("/v1/usage?" + params);
@@ -217,7 +219,7 @@ async function usageRows(params, seq) {
     if (seq !== usageSeq) throw superseded();
     data.push(...(body.data || []));
     if (!body.has_more || !body.next_cursor) return { body, data, partial: false, read: data.length };
-    if (pages >= maxUsagePages) {
+    if (data.length >= maxUsageRows) {
       // Rows come window by window, so the last page may stop inside a
       // window's groups: that window was read only in part and is left
       // out, unless it is the only one read.
@@ -309,8 +311,7 @@ async function loadUsage() {
   }
   if (body.too_late_events) notes.push(num.format(body.too_late_events) + " events arrived too late to count and were reported");
   if (partial) {
-    notes.push("only the first " + num.format(read) + " rows (" + maxUsagePages +
-      " pages) were read: the total, the chart and the table stop at " + when(lastStart, windowName) +
+    notes.push("only the first " + num.format(read) + " rows were read: the total, the chart and the table stop at " + when(lastStart, windowName) +
       "; choose a coarser window or fewer groups to see the whole range");
   }
   if (!adds && $("group").value) notes.push("each bar is the largest group's");
