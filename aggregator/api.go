@@ -169,7 +169,10 @@ type ServerDeps struct {
 	// Auditor records failed authentications, as the edge's; nil records
 	// none.
 	Auditor edge.Auditor
-	Log     *slog.Logger
+	// Ready reports whether the usage API can serve (its /readyz); nil is
+	// always ready.
+	Ready func(context.Context) error
+	Log   *slog.Logger
 }
 
 // PastRollups knows which meters' rollups do not yet cover the events
@@ -230,6 +233,7 @@ func NewServer(cfg Config, d ServerDeps) (*Server, error) {
 		}
 	})
 	e.GET("/healthz", func(c echo.Context) error { return c.String(http.StatusOK, "ok\n") })
+	e.GET("/readyz", s.readyz)
 	v1 := e.Group("/v1", middleware.CORSWithConfig(middleware.CORSConfig{
 		AllowOrigins:  cfg.CORSOrigins,
 		AllowMethods:  []string{http.MethodGet, http.MethodOptions},
@@ -244,7 +248,7 @@ func NewServer(cfg Config, d ServerDeps) (*Server, error) {
 	admin.GET("/meters", s.listMeters)
 	admin.POST("/meters", s.createMeter)
 	edge.RefuseUnknownMethods(e)
-	edge.RefuseOtherMethods(e, map[string]string{"/healthz": http.MethodGet})
+	edge.RefuseOtherMethods(e, map[string]string{"/healthz": http.MethodGet, "/readyz": http.MethodGet})
 	edge.RefuseOtherMethods(v1, map[string]string{"/usage": http.MethodGet, "/requests": http.MethodGet, "/meters": http.MethodGet})
 	edge.RefuseOtherMethods(admin, map[string]string{"/meters": http.MethodGet + ", " + http.MethodPost})
 	s.e = e
@@ -308,6 +312,19 @@ func (s *Server) authAdmin(next echo.HandlerFunc) echo.HandlerFunc {
 		}
 		return next(c)
 	}
+}
+
+// readyz answers 200 when the usage API's dependencies answer, else 503;
+// the cause goes to the log, not to the caller (the port faces browsers).
+func (s *Server) readyz(c echo.Context) error {
+	if s.d.Ready != nil {
+		if err := s.d.Ready(c.Request().Context()); err != nil {
+			s.d.Log.Warn("not ready", "err", err)
+			return edge.NewAPIError(http.StatusServiceUnavailable, edge.TypeAPI, "not_ready",
+				"a dependency of the usage API is unavailable; see its log")
+		}
+	}
+	return c.String(http.StatusOK, "ready\n")
 }
 
 func invalid(code, msg string, args ...any) error {

@@ -105,7 +105,8 @@ func NewAggregateMain(ctx context.Context, cfg Config, log *slog.Logger) (m *Agg
 	if m.auditor, err = edgepg.NewAuditWriter(m.pool, time.Second, m.Registry, log); err != nil {
 		return nil, err
 	}
-	srv, err := aggregator.NewServer(cfg.Aggregator, aggregator.ServerDeps{
+	ready := readiness(clickhouseDep(m.ch), postgresDep(m.pool))
+	srv, err := aggregator.NewServer(cfg.Aggregator, aggregator.ServerDeps{Ready: ready,
 		Keys: edgepg.NewKeyStore(m.pool), Usage: m.store, Catalog: catalog, Zones: m.zones,
 		Holds: aggpg.NewSpoolHolds(m.pool), Backfill: m.backfill, PastRollups: m.meters, Rezones: m.rezones, Auditor: m.auditor, Log: log,
 	})
@@ -117,7 +118,7 @@ func NewAggregateMain(ctx context.Context, cfg Config, log *slog.Logger) (m *Agg
 	}
 	m.srv = &http.Server{Handler: srv.Handler(), ReadHeaderTimeout: 5 * time.Second}
 	if cfg.Aggregator.MetricsListen != "" {
-		if m.mln, m.metrics, err = metricsServer(cfg.Aggregator.MetricsListen, m.Registry); err != nil {
+		if m.mln, m.metrics, err = metricsServer(cfg.Aggregator.MetricsListen, m.Registry, ready, log); err != nil {
 			return nil, fmt.Errorf("aggregator metrics listener: %w", err)
 		}
 	}

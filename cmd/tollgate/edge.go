@@ -241,10 +241,6 @@ func (m *EdgeMain) AdminAddr() string {
 // SpoolDepth is the number of events waiting in the spool.
 func (m *EdgeMain) SpoolDepth() int64 { return m.producer.SpoolDepth() }
 
-// readyPingTimeout bounds /readyz's ping of Postgres: a probe answers
-// 503 within about a second rather than wait on a silent connection.
-const readyPingTimeout = time.Second
-
 // Run serves until ctx ends, then stops accepting calls and drains those
 // in flight.
 func (m *EdgeMain) Run(ctx context.Context) error {

@@ -91,11 +91,20 @@ func NewIngestMain(ctx context.Context, cfg Config, log *slog.Logger) (m *Ingest
 		return nil, err
 	}
 	if cfg.Ingest.MetricsListen != "" {
-		if m.mln, m.metrics, err = metricsServer(cfg.Ingest.MetricsListen, m.Registry); err != nil {
+		if m.mln, m.metrics, err = metricsServer(cfg.Ingest.MetricsListen, m.Registry,
+			readiness(kafkaDep(cfg.Services.KafkaBrokers), clickhouseDep(m.ch), postgresDep(m.pool)), log); err != nil {
 			return nil, fmt.Errorf("ingest metrics listener: %w", err)
 		}
 	}
 	return m, nil
+}
+
+// MetricsAddr is the metrics listener's address ("" without one).
+func (m *IngestMain) MetricsAddr() string {
+	if m.mln == nil {
+		return ""
+	}
+	return m.mln.Addr().String()
 }
 
 // Run consumes until ctx ends.

@@ -99,6 +99,7 @@ func NewInvoiceMain(ctx context.Context, cfg Config, log *slog.Logger) (*Invoice
 		return nil, err
 	}
 	h.SetAuditor(auditor)
+	h.SetReady(readiness(postgresDep(pool), clickhouseDep(ch)))
 	trusted, err := edge.ParseTrustedProxies("invoicer.trusted_proxies", cfg.Invoicer.TrustedProxies)
 	if err != nil {
 		_ = auditor.Close()

@@ -159,3 +159,87 @@ func TestASecondSignalEndsTheProcessAtOnce(t *testing.T) {
 		t.Fatalf("the edge still ran 5 s after a second signal (the stop waits up to 15 s for the stalled call); alive: %v", cmd.Process.Signal(syscall.Signal(0)))
 	}
 }
+
+// readyz is the status of GET url/readyz, and how long the answer took.
+func readyz(t *testing.T, base string) (int, time.Duration) {
+	t.Helper()
+	c := &http.Client{Timeout: 5 * time.Second}
+	began := time.Now()
+	resp, err := c.Get(base + "/readyz")
+	if err != nil {
+		t.Fatalf("GET %s/readyz: %v after %s", base, err, time.Since(began).Round(time.Millisecond))
+	}
+	resp.Body.Close()
+	return resp.StatusCode, time.Since(began)
+}
+
+// silentPostgres is this test's own Postgres reached through a Freezer.
+func silentPostgres(t *testing.T, pg *testenv.Postgres) (*testenv.Freezer, string) {
+	t.Helper()
+	u, err := url.Parse(pg.URL)
+	testenv.Must(t, err, "parse the database URL")
+	f := testenv.NewFreezer(t, u.Host)
+	u.Host = f.Addr()
+	return f, u.String()
+}
+
+// Every component answers /readyz: ready while the services it needs
+// answer, 503 within about a second once one goes silent. Only the edge had
+// one; the usage API's and the invoice API's /healthz said only that the
+// process served, and ingest had no health endpoint at all.
+func TestEveryComponentsReadinessFollowsItsServices(t *testing.T) {
+	ctx := context.Background()
+	run := func(t *testing.T, c component) {
+		runCtx, stop := context.WithCancel(ctx)
+		done := make(chan error, 1)
+		go func() { done <- c.Run(runCtx) }()
+		t.Cleanup(func() { stop(); <-done; _ = c.Close() })
+	}
+	check := func(t *testing.T, base string, f *testenv.Freezer) {
+		t.Helper()
+		testenv.Wait(t, 10*time.Second, base+"/readyz ready", func() bool { st, _ := readyz(t, base); return st == http.StatusOK })
+		f.Freeze()
+		for i := range 2 {
+			if st, took := readyz(t, base); st != http.StatusServiceUnavailable || took > 3*time.Second {
+				t.Fatalf("probe %d with a service silent: %d after %s, want 503 within about a second", i, st, took.Round(time.Millisecond))
+			}
+		}
+	}
+	t.Run("usage API and the aggregator's metrics listener", func(t *testing.T) {
+		pg, ch := testenv.NewPostgres(t), testenv.NewClickHouse(t)
+		f, silent := silentPostgres(t, pg)
+		cfg := testConfig(t, pg, ch, "unused")
+		cfg.Services.PostgresURL, cfg.Aggregator.MetricsListen = silent, "127.0.0.1:0"
+		m, err := NewAggregateMain(ctx, cfg, quietLog())
+		testenv.Must(t, err, "start the aggregator")
+		run(t, m)
+		testenv.Wait(t, 10*time.Second, "the metrics listener ready", func() bool {
+			st, _ := readyz(t, "http://"+m.MetricsAddr())
+			return st == http.StatusOK
+		})
+		check(t, "http://"+m.Addr(), f)
+		if st, _ := readyz(t, "http://"+m.MetricsAddr()); st != http.StatusServiceUnavailable {
+			t.Errorf("the metrics listener's /readyz: %d with Postgres silent, want 503", st)
+		}
+	})
+	t.Run("invoice API", func(t *testing.T) {
+		pg, ch := testenv.NewPostgres(t), testenv.NewClickHouse(t)
+		f, silent := silentPostgres(t, pg)
+		cfg := testConfig(t, pg, ch, "unused")
+		cfg.Services.PostgresURL = silent
+		m, err := NewInvoiceMain(ctx, cfg, quietLog())
+		testenv.Must(t, err, "start the invoicer")
+		run(t, m)
+		check(t, "http://"+m.Addr(), f)
+	})
+	t.Run("ingest's metrics listener", func(t *testing.T) {
+		pg, ch := testenv.NewPostgres(t), testenv.NewClickHouse(t)
+		f := testenv.NewFreezer(t, ch.Addr)
+		cfg := testConfig(t, pg, ch, "ready."+testenv.Name(t))
+		cfg.Services.ClickHouseAddr, cfg.Ingest.MetricsListen = f.Addr(), "127.0.0.1:0"
+		m, err := NewIngestMain(ctx, cfg, quietLog())
+		testenv.Must(t, err, "start ingest")
+		run(t, m)
+		check(t, "http://"+m.MetricsAddr(), f)
+	})
+}

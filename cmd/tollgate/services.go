@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"regexp"
@@ -200,13 +202,86 @@ func leaderless(ctx context.Context, client *kafka.Client, topics []string) stri
 }
 
 // metricsServer listens on addr and serves reg's Prometheus /metrics
-// there (the caller starts serving).
-func metricsServer(addr string, reg prometheus.Gatherer) (net.Listener, *http.Server, error) {
+// there, with /healthz (the process serves) and /readyz (ready, or 503 with
+// the cause logged to log). The caller starts serving.
+func metricsServer(addr string, reg prometheus.Gatherer, ready func(context.Context) error, log *slog.Logger) (net.Listener, *http.Server, error) {
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		return nil, nil, err
 	}
 	mux := http.NewServeMux()
-	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = io.WriteString(w, "ok\n") })
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
+		if err := ready(r.Context()); err != nil {
+			log.Warn("not ready", "err", err)
+			http.Error(w, "not ready: a dependency is unavailable; see the log", http.StatusServiceUnavailable)
+			return
+		}
+		_, _ = io.WriteString(w, "ready\n")
+	})
 	return ln, &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}, nil
+}
+
+// readyPingTimeout bounds each dependency's check for /readyz: a probe
+// answers 503 within about a second rather than wait on a dependency gone
+// silent for as long as the prober would.
+const readyPingTimeout = time.Second
+
+// dependency is one service a component needs to do its work, checked for
+// its /readyz.
+type dependency struct {
+	name  string
+	check func(context.Context) error
+}
+
+// readiness checks deps in turn, each within readyPingTimeout, and returns
+// the first that fails. A check that outlives its deadline is not waited
+// for: ClickHouse's driver, dialling a server gone silent, waits out its
+// own handshake timeout whatever the context says.
+func readiness(deps ...dependency) func(context.Context) error {
+	return func(ctx context.Context) error {
+		for _, d := range deps {
+			cctx, cancel := context.WithTimeout(ctx, readyPingTimeout)
+			res := make(chan error, 1)
+			go func() { res <- d.check(cctx) }()
+			var err error
+			select {
+			case err = <-res:
+			case <-cctx.Done():
+				err = fmt.Errorf("no answer within %s", readyPingTimeout)
+			}
+			cancel()
+			if err != nil {
+				return fmt.Errorf("%s: %w", d.name, err)
+			}
+		}
+		return nil
+	}
+}
+
+func postgresDep(p *pgxpool.Pool) dependency { return dependency{"postgres", p.Ping} }
+
+func clickhouseDep(c driver.Conn) dependency { return dependency{"clickhouse", c.Ping} }
+
+// kafkaDep is Kafka answering on one of brokers.
+func kafkaDep(brokers []string) dependency {
+	return dependency{"kafka", func(ctx context.Context) error {
+		var errs []error
+		for _, b := range brokers {
+			c, err := kafka.DialContext(ctx, "tcp", b)
+			if err == nil {
+				if dl, ok := ctx.Deadline(); ok {
+					_ = c.SetDeadline(dl)
+				}
+				_, err = c.ApiVersions()
+				_ = c.Close()
+			}
+			if err == nil {
+				return nil
+			}
+			errs = append(errs, err)
+		}
+		return errors.Join(errs...)
+	}}
 }

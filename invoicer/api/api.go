@@ -49,15 +49,34 @@ type Server struct {
 	auditor  edge.Auditor // nil: failed authentications are not recorded
 	// trusted are the proxies whose X-Forwarded-For is believed.
 	trusted edge.TrustedProxies
+	// ready reports whether the API's dependencies answer (/readyz).
+	ready func(context.Context) error
 }
 
 // SetAuditor records the API's failed authentications to a, as the edge
 // records its own. Call it before serving.
 func (s *Server) SetAuditor(a edge.Auditor) { s.auditor = a }
 
+// SetReady makes /readyz answer 503 while ready fails (nil: always
+// ready). Call it before serving.
+func (s *Server) SetReady(ready func(context.Context) error) { s.ready = ready }
+
 // SetTrustedProxies makes the API believe the X-Forwarded-For of calls
 // from t (invoicer.trusted_proxies) for the audit log's remote address.
 func (s *Server) SetTrustedProxies(t edge.TrustedProxies) { s.trusted = t }
+
+// readyz answers 200 when the API's dependencies answer, else 503; the
+// cause goes to the log, not to the caller.
+func (s *Server) readyz(c echo.Context) error {
+	if s.ready != nil {
+		if err := s.ready(c.Request().Context()); err != nil {
+			s.log.Warn("not ready", "err", err)
+			return edge.NewAPIError(http.StatusServiceUnavailable, edge.TypeAPI, "not_ready",
+				"a dependency of the invoice API is unavailable; see its log")
+		}
+	}
+	return c.String(http.StatusOK, "ready\n")
+}
 
 // New builds the API handler.
 func New(keys KeyStore, store invoicer.Store, usage invoicer.UsageReader, proj Projector,
@@ -71,6 +90,7 @@ func New(keys KeyStore, store invoicer.Store, usage invoicer.UsageReader, proj P
 	e.HTTPErrorHandler = s.errorHandler
 	e.Use(requestID)
 	e.GET("/healthz", func(c echo.Context) error { return c.String(http.StatusOK, "ok\n") })
+	e.GET("/readyz", s.readyz)
 	e.POST("/v1/webhooks/stripe", s.webhook)
 	g := e.Group("/v1", noStore, s.authenticate)
 	g.GET("/usage/current", s.currentUsage, requireScope(UsageScope))
@@ -78,7 +98,7 @@ func New(keys KeyStore, store invoicer.Store, usage invoicer.UsageReader, proj P
 	g.GET("/invoices", s.list, requireScope(InvoicesScope))
 	g.GET("/invoices/:id", s.get, requireScope(InvoicesScope))
 	edge.RefuseUnknownMethods(e)
-	edge.RefuseOtherMethods(e, map[string]string{"/healthz": http.MethodGet, "/v1/webhooks/stripe": http.MethodPost})
+	edge.RefuseOtherMethods(e, map[string]string{"/healthz": http.MethodGet, "/readyz": http.MethodGet, "/v1/webhooks/stripe": http.MethodPost})
 	edge.RefuseOtherMethods(g, map[string]string{"/usage/current": http.MethodGet, "/invoices/upcoming": http.MethodGet,
 		"/invoices": http.MethodGet, "/invoices/:id": http.MethodGet})
 	s.echo = e
