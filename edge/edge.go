@@ -195,7 +195,8 @@ type Config struct {
 	UpstreamIdleTimeout time.Duration `yaml:"upstream_idle_timeout"`
 	// UpstreamMaxConns bounds the connections open to each upstream
 	// (default 1024), so a slow upstream is not sent more calls at once
-	// than it can take. A call that finds every connection busy waits for
+	// than it can take. Test-mode calls have a pool of their own, of the
+	// same size, even when they go to the live upstream. A call that finds every connection busy waits for
 	// one up to UpstreamTimeout, then gets a 503 upstream_busy with a
 	// Retry-After, having never reached the upstream.
 	UpstreamMaxConns int `yaml:"upstream_max_conns"`

@@ -193,11 +193,13 @@ func NewServer(cfg Config, deps Deps) (*Server, error) {
 	if s.live, err = s.newProxy(cfg.Upstream); err != nil {
 		return nil, err
 	}
-	s.sandbox = s.live
-	if cfg.SandboxUpstream != "" {
-		if s.sandbox, err = s.newProxy(cfg.SandboxUpstream); err != nil {
-			return nil, err
-		}
+	// Test-mode calls have a pool of their own, as on the fasthttp front.
+	sandbox := cfg.SandboxUpstream
+	if sandbox == "" {
+		sandbox = cfg.Upstream
+	}
+	if s.sandbox, err = s.newProxy(sandbox); err != nil {
+		return nil, err
 	}
 	e := echo.New()
 	e.HideBanner, e.HidePort = true, true

@@ -145,11 +145,16 @@ func New(s *edge.Server, log *slog.Logger) (*Front, error) {
 	if f.live, err = newUpstream(cfg.Upstream, cfg.UpstreamTimeout, cfg.UpstreamDialTimeout(), cfg.UpstreamIdleTimeout, cfg.UpstreamMaxConns, tlsCfg); err != nil {
 		return nil, err
 	}
-	f.sandbox = f.live
-	if cfg.SandboxUpstream != "" && cfg.SandboxUpstream != cfg.Upstream {
-		if f.sandbox, err = newUpstream(cfg.SandboxUpstream, cfg.UpstreamTimeout, cfg.UpstreamDialTimeout(), cfg.UpstreamIdleTimeout, cfg.UpstreamMaxConns, tlsCfg); err != nil {
-			return nil, err
-		}
+	// Test-mode calls have a pool of their own even when they go to the
+	// live upstream (no edge.sandbox_upstream): in one pool, a test key (a
+	// publishable one is public) could take every connection from live
+	// traffic.
+	sandbox := cfg.SandboxUpstream
+	if sandbox == "" {
+		sandbox = cfg.Upstream
+	}
+	if f.sandbox, err = newUpstream(sandbox, cfg.UpstreamTimeout, cfg.UpstreamDialTimeout(), cfg.UpstreamIdleTimeout, cfg.UpstreamMaxConns, tlsCfg); err != nil {
+		return nil, err
 	}
 	f.srv = &fh.Server{
 		Handler:               f.handle,
@@ -422,11 +427,13 @@ func (f *Front) handle(ctx *fh.RequestCtx) {
 // the whole body into memory first, so the body is read here, up to what
 // POST /v1/events accepts, and a longer one is refused without reading on.
 func (f *Front) slowCall(ctx *fh.RequestCtx) {
-	if bs := ctx.RequestBodyStream(); bs != nil && string(ctx.URI().PathOriginal()) == "/v1/events" &&
-		!f.s.MayReportEvents(ctx, string(ctx.Request.Header.Peek(fh.HeaderAuthorization)), f.s.Now()) {
-		// The handler refuses this caller; it gets its answer without the
-		// edge reading, let alone holding, its body, and the connection
-		// closes after it.
+	if bs := ctx.RequestBodyStream(); bs != nil && (string(ctx.URI().PathOriginal()) != "/v1/events" ||
+		!f.s.MayReportEvents(ctx, string(ctx.Request.Header.Peek(fh.HeaderAuthorization)), f.s.Now())) {
+		// A health check has no use for a body, and the handler refuses
+		// this caller's report: either gets its answer without the edge
+		// reading, let alone holding, its body (a health check's was read
+		// into memory, up to 8 MiB each, with no key asked), and the
+		// connection closes after it.
 		ctx.SetConnectionClose()
 		ctx.Request.SetBody(nil)
 		f.slow(ctx)
@@ -674,7 +681,7 @@ func rawHasIdentity(raw []byte) bool {
 func (f *Front) forward(ctx *fh.RequestCtx, adm edge.Admission, rid string) (up *upstream, trailers bool) {
 	up = f.live
 	if adm.Key.Environment == schemas.Test {
-		up = f.sandbox // the live upstream when there is no sandbox
+		up = f.sandbox // the live upstream's address, in a pool of its own, when there is no sandbox
 	}
 	req := &ctx.Request
 	// Request trailers are not forwarded (proxy sends a request that
@@ -687,6 +694,9 @@ func (f *Front) forward(ctx *fh.RequestCtx, adm edge.Admission, rid string) (up 
 	// A chunked body may end in trailers, announced or not.
 	trailers = announced || req.Header.ContentLength() == -1
 	stripRequestHopByHop(&req.Header)
+	// fasthttp's client would send a body without a Content-Type as
+	// application/octet-stream; the upstream gets what the caller sent.
+	req.Header.SetNoDefaultContentType(true)
 	req.Header.Del(fh.HeaderAuthorization)
 	// A request in absolute form may carry credentials in its URI, which
 	// fasthttp would send on as an Authorization header of its own.
@@ -836,6 +846,7 @@ func (f *Front) proxy(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, st
 			_ = conn.SetReadDeadline(time.Now().Add(limit))
 			return bs.Read(p)
 		})
+		counted.want = int64(max(req.Header.ContentLength(), -1))
 		req.SetBodyStream(counted, req.Header.ContentLength())
 	} else {
 		counted.n = int64(len(req.Body()))
@@ -846,7 +857,24 @@ func (f *Front) proxy(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, st
 	}
 
 	resp := fh.AcquireResponse()
-	err := up.hc.Do(req, resp)
+	var err error
+	if n := req.Header.ContentLength(); ctx.RequestBodyStream() != nil && n >= 0 && n <= bufferedUploadBytes {
+		// A short body is read whole before an upstream connection is
+		// taken, as nginx buffers one: streamed, a caller trickling it
+		// held a pooled connection for as long as it liked, and a few
+		// hundred such calls (with any key, a test one included) left
+		// every other caller 503 upstream_busy.
+		body := make([]byte, n)
+		if _, err = io.ReadFull(counted, body); err == nil {
+			counted.eof = true
+			req.SetBodyStream(bytes.NewReader(body), n)
+		} else if counted.err == nil {
+			counted.err = err
+		}
+	}
+	if err == nil {
+		err = up.hc.Do(req, resp)
+	}
 	if held.over() {
 		// The key ended during the upload or the wait for the answer: the
 		// caller's connection is closed, so this answer is for the event.
@@ -941,6 +969,10 @@ func (f *Front) proxy(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, st
 	f.holdLongAnswer(ctx, adm, call.RequestID, &x.body, int64(size))
 	ctx.Response.SetBodyStream(&x.body, size)
 }
+
+// bufferedUploadBytes is the longest body the front reads whole before it
+// takes an upstream connection for the call; a longer one streams.
+const bufferedUploadBytes = 64 << 10
 
 // shortAnswerBytes is the longest answer the front reads whole before the
 // caller gets any of it, rather than streaming it through.
@@ -1049,12 +1081,20 @@ type countingReader struct {
 	n   int64
 	eof bool
 	err error // a read error other than io.EOF
+	// want is the body's declared length (-1: chunked, or none).
+	want int64
 }
 
 func (c *countingReader) Read(p []byte) (int, error) {
 	n, err := c.r.Read(p)
 	c.n += int64(n)
 	switch {
+	case err == io.EOF && c.want >= 0 && c.n < c.want:
+		// The caller hung up before its body's declared end: fasthttp's
+		// stream ends as if the body were whole. It is the caller's
+		// break-off (400), not the upstream's failure (502).
+		err = io.ErrUnexpectedEOF
+		c.err = err
 	case err == io.EOF:
 		c.eof = true
 	case err != nil:
