@@ -238,6 +238,7 @@ func TestWatermarker(t *testing.T) {
 		2: {Committed: 10, End: 10},          // caught up, but already ahead of now
 		3: {Committed: -1, Start: 7, End: 7}, // never committed; retention deleted everything
 		4: {Committed: -1, Start: 3, End: 7}, // never committed; four records left to read
+		5: {Committed: 2, Start: 5, End: 5},  // committed, then retention deleted past it
 	}
 	w, err := ingest.NewWatermarker(cfg, offs, store, ingest.NewProgress(), log, nil)
 	if err != nil {
@@ -262,6 +263,14 @@ func TestWatermarker(t *testing.T) {
 	t.Run("a partition whose records were all deleted unread is caught up", func(t *testing.T) {
 		if got := store.w[3]; got.Before(before) || got.After(time.Now()) {
 			t.Errorf("partition 3 watermark %s, want now minus the skew", got)
+		}
+	})
+	// The reader, finding nothing past the log start, commits nothing
+	// more: measured from the commit, the lag stayed 3 and the watermark
+	// at the epoch until a new record came.
+	t.Run("a partition whose records past its commit were all deleted is caught up", func(t *testing.T) {
+		if got := store.w[5]; got.Before(before) || got.After(time.Now()) {
+			t.Errorf("partition 5 watermark %s, want now minus the skew", got)
 		}
 	})
 	t.Run("a partition with records left after its deleted ones is behind", func(t *testing.T) {

@@ -160,14 +160,17 @@ func (w *Watermarker) Tick(ctx context.Context) error {
 		// there to read, and do not hold the watermark at the epoch
 		// forever (a partition that gets no new record would otherwise
 		// keep every period open).
-		lag := o.End - o.Start
-		if o.Committed >= 0 {
-			lag = o.End - o.Committed
-		} else if o.Start > 0 && !w.expiredWarned[p] {
+		// The same holds past a committed offset: retention may move the
+		// log start beyond it, and the reader, finding nothing there,
+		// commits nothing more until a new record comes (the lag stayed
+		// above 0, and the watermark where it was, for good).
+		from := max(o.Committed, 0)
+		if o.Start > from && !w.expiredWarned[p] {
 			w.expiredWarned[p] = true
 			w.log.Warn("records were deleted by retention before this group read them; they were never ingested",
-				"partition", p, "offsets", fmt.Sprintf("[0, %d)", o.Start))
+				"partition", p, "offsets", fmt.Sprintf("[%d, %d)", from, o.Start))
 		}
+		lag := o.End - max(from, o.Start)
 		w.lag.WithLabelValues(partitionLabel(p)).Set(float64(lag))
 		var wm time.Time
 		switch {

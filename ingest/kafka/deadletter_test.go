@@ -42,9 +42,15 @@ func produceLarge(t *testing.T, topic string, key, value []byte) int64 {
 // readDeadLetters reads every message in partition 0 of topic.
 func readDeadLetters(t *testing.T, topic string) []kafka.Message {
 	t.Helper()
+	return readPartition(t, topic, 0)
+}
+
+// readPartition reads every message in partition p of topic.
+func readPartition(t *testing.T, topic string, p int) []kafka.Message {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	conn, err := kafka.DialLeader(ctx, "tcp", testenv.KafkaBrokers()[0], topic, 0)
+	conn, err := kafka.DialLeader(ctx, "tcp", testenv.KafkaBrokers()[0], topic, p)
 	testenv.Must(t, err, "dial the dead-letter topic")
 	defer conn.Close()
 	_ = conn.SetDeadline(time.Now().Add(30 * time.Second))
@@ -174,7 +180,7 @@ func TestALostProduceReplyWritesEachDeadLetterOnce(t *testing.T) {
 	testenv.CreateTopic(t, dlq, 1)
 	d := NewDeadLetters(testenv.KafkaBrokers(), dlq, src)
 	defer d.Close()
-	d.w.Transport = &lostReply{RoundTripper: kafka.DefaultTransport}
+	d.client.Transport = &lostReply{RoundTripper: kafka.DefaultTransport}
 	batch := []ingest.Rejected{
 		{Message: ingest.Message{Partition: 0, Offset: 7, Value: []byte("{")}, Reason: "truncated JSON"},
 		{Message: ingest.Message{Partition: 0, Offset: 8, Value: []byte("[")}, Reason: "truncated JSON"},
@@ -225,5 +231,170 @@ func TestDeadLettersOfAnotherTopicDoNotSkipThisOnes(t *testing.T) {
 	}
 	if want := []string{oldSrc + "@500", newSrc + "@3"}; strings.Join(got, " ") != strings.Join(want, " ") {
 		t.Fatalf("dead letters %v, want %v", got, want)
+	}
+}
+
+// deadLetterOrigins are the source partition and offset of each dead
+// letter in partition p of topic.
+func deadLetterOrigins(t *testing.T, topic string, p int) string {
+	t.Helper()
+	var got []string
+	for _, m := range readPartition(t, topic, p) {
+		got = append(got, header(m, HeaderSourcePartition)+"@"+header(m, HeaderSourceOffset))
+	}
+	return strings.Join(got, " ")
+}
+
+// A usage partition the dead-letter topic lacks (the usage topic gained
+// one while ingest ran) gets its dead-letter partition added, and each
+// partition's dead letters go to their own partition. Before, Reject waited
+// for the missing partition for ever, without a word; once an operator
+// added it, the writer's cached view sent the dead letter to partition 0,
+// where it made partition 0's next malformed records look written already,
+// and they were lost.
+func TestDeadLettersOfANewPartitionGoToTheirOwn(t *testing.T) {
+	src := testenv.NewTopic(t, 2)
+	dlq := src + ".dlq"
+	testenv.CreateTopic(t, dlq, 1)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	d := NewDeadLetters(testenv.KafkaBrokers(), dlq, src)
+	defer d.Close()
+	bad := func(p int, offsets ...int64) []ingest.Rejected {
+		var rs []ingest.Rejected
+		for _, o := range offsets {
+			rs = append(rs, ingest.Rejected{Message: ingest.Message{Partition: p, Offset: o, Value: []byte("{")}, Reason: "truncated JSON"})
+		}
+		return rs
+	}
+	testenv.Must(t, d.Reject(ctx, bad(0, 0)), "partition 0's first dead letter")
+	testenv.Must(t, d.Reject(ctx, bad(1, 50)), "partition 1's dead letter, its dead-letter partition missing")
+	testenv.Must(t, d.Reject(ctx, bad(0, 1, 2, 3, 4, 5)), "partition 0's next dead letters")
+	if got, want := deadLetterOrigins(t, dlq, 0), "0@0 0@1 0@2 0@3 0@4 0@5"; got != want {
+		t.Errorf("dead-letter partition 0 holds %s, want %s", got, want)
+	}
+	if got, want := deadLetterOrigins(t, dlq, 1), "1@50"; got != want {
+		t.Errorf("dead-letter partition 1 holds %s, want %s", got, want)
+	}
+}
+
+// A dead letter of another source partition at the end of partition p (one
+// an older release misrouted) does not make p's records look written.
+func TestAMisroutedDeadLetterSkipsNothing(t *testing.T) {
+	src := testenv.NewTopic(t, 2)
+	dlq := src + ".dlq"
+	testenv.CreateTopic(t, dlq, 2)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	d := NewDeadLetters(testenv.KafkaBrokers(), dlq, src)
+	defer d.Close()
+	misrouted := kafka.Message{Value: []byte("["), Headers: []kafka.Header{
+		{Key: HeaderReason, Value: []byte("old")}, {Key: HeaderSourceTopic, Value: []byte(src)},
+		{Key: HeaderSourcePartition, Value: []byte("1")}, {Key: HeaderSourceOffset, Value: []byte("50")}}}
+	testenv.Must(t, d.produce(ctx, 0, []kafka.Message{misrouted}), "write a misrouted dead letter")
+	testenv.Must(t, d.Reject(ctx, []ingest.Rejected{{Message: ingest.Message{Partition: 0, Offset: 7, Value: []byte("{")}, Reason: "new"}}),
+		"partition 0's dead letter")
+	if got, want := deadLetterOrigins(t, dlq, 0), "1@50 0@7"; got != want {
+		t.Errorf("dead-letter partition 0 holds %s, want %s", got, want)
+	}
+}
+
+// A batch holding a partition's records twice (a member given its partition
+// back in a rebalance reads it again from the committed offset, into the
+// same batch) dead-letters each once, in offset order.
+func TestARecordReadTwiceInOneBatchIsDeadLetteredOnce(t *testing.T) {
+	src := testenv.NewTopic(t, 1)
+	dlq := src + ".dlq"
+	testenv.CreateTopic(t, dlq, 1)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	d := NewDeadLetters(testenv.KafkaBrokers(), dlq, src)
+	defer d.Close()
+	var rs []ingest.Rejected
+	for _, o := range []int64{3, 7, 3, 7} {
+		rs = append(rs, ingest.Rejected{Message: ingest.Message{Partition: 0, Offset: o, Value: []byte("{")}, Reason: "truncated JSON"})
+	}
+	testenv.Must(t, d.Reject(ctx, rs), "dead-letter the batch")
+	if got, want := deadLetterOrigins(t, dlq, 0), "0@3 0@7"; got != want {
+		t.Errorf("dead letters %s, want %s", got, want)
+	}
+}
+
+// A partition added to the usage topic while a member reads it is read
+// within seconds. Before, the group took it only at its next rebalance for
+// another reason, so its events did not land until then.
+func TestAPartitionAddedWhileReadingIsRead(t *testing.T) {
+	topic := testenv.NewTopic(t, 1)
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	w := &kafka.Writer{Addr: kafka.TCP(testenv.KafkaBrokers()...), Topic: topic, RequiredAcks: kafka.RequireAll,
+		BatchTimeout: time.Millisecond, Balancer: kafka.BalancerFunc(func(m kafka.Message, ps ...int) int { return ps[len(ps)-1] })}
+	defer w.Close()
+	testenv.Must(t, w.WriteMessages(ctx, kafka.Message{Value: []byte("first")}), "write to partition 0")
+	src := NewSource(testenv.KafkaBrokers(), topic, topic+".group")
+	defer src.Close()
+	m, err := src.Fetch(ctx)
+	testenv.Must(t, err, "read partition 0")
+	testenv.Must(t, src.Commit(ctx, m), "commit")
+	client := &kafka.Client{Addr: kafka.TCP(testenv.KafkaBrokers()...), Timeout: 20 * time.Second}
+	res, err := client.CreatePartitions(ctx, &kafka.CreatePartitionsRequest{Topics: []kafka.TopicPartitionsConfig{{Name: topic, Count: 2}}})
+	if err == nil {
+		err = res.Errors[topic]
+	}
+	testenv.Must(t, err, "add partition 1")
+	// The writer's view of the topic catches up within its metadata TTL.
+	testenv.Wait(t, 30*time.Second, "a record in partition 1", func() bool {
+		if err := w.WriteMessages(ctx, kafka.Message{Value: []byte("second")}); err != nil {
+			return false
+		}
+		conn, err := kafka.DialLeader(ctx, "tcp", testenv.KafkaBrokers()[0], topic, 1)
+		if err != nil {
+			return false
+		}
+		defer conn.Close()
+		_, last, err := conn.ReadOffsets()
+		return err == nil && last > 0
+	})
+	fctx, fcancel := context.WithTimeout(ctx, 45*time.Second)
+	defer fcancel()
+	for {
+		m, err := src.Fetch(fctx)
+		if err != nil {
+			t.Fatalf("partition 1 was not read within 45 s of its first record: %v", err)
+		}
+		if m.Partition == 1 {
+			return
+		}
+	}
+}
+
+// A commit below the group's stored offset (a member's batch landing after
+// its partition moved to another member, which committed further) is
+// dropped: the broker took it, moving the offset back.
+func TestACommitBelowTheStoredOffsetIsDropped(t *testing.T) {
+	topic := testenv.NewTopic(t, 1)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	w := &kafka.Writer{Addr: kafka.TCP(testenv.KafkaBrokers()...), Topic: topic, RequiredAcks: kafka.RequireAll, BatchTimeout: time.Millisecond}
+	defer w.Close()
+	var msgs []kafka.Message
+	for i := range 20 {
+		msgs = append(msgs, kafka.Message{Value: []byte(strconv.Itoa(i))})
+	}
+	testenv.Must(t, w.WriteMessages(ctx, msgs...), "write 20 records")
+	src := NewSource(testenv.KafkaBrokers(), topic, topic+".group")
+	defer src.Close()
+	var read []ingest.Message
+	for len(read) < 20 {
+		m, err := src.Fetch(ctx)
+		testenv.Must(t, err, "read")
+		read = append(read, m)
+	}
+	testenv.Must(t, src.Commit(ctx, read[19]), "commit the newer batch")
+	testenv.Must(t, src.Commit(ctx, read[9]), "commit the stale batch")
+	offs, err := NewOffsets(testenv.KafkaBrokers(), topic, topic+".group").Offsets(ctx)
+	testenv.Must(t, err, "read the group's offsets")
+	if got := offs[0].Committed; got != 20 {
+		t.Fatalf("the group's offset is %d after a stale commit, want it left at 20", got)
 	}
 }

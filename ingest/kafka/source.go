@@ -3,6 +3,7 @@
 package kafka
 
 import (
+	"cmp"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -22,8 +23,10 @@ import (
 
 // Source is one consumer group member with explicit commits.
 type Source struct {
-	r     *kafka.Reader
-	topic string
+	r      *kafka.Reader
+	topic  string
+	group  string
+	client *kafka.Client
 }
 
 var _ ingest.Source = (*Source)(nil)
@@ -46,6 +49,12 @@ func NewSource(brokers []string, topic, group string) *Source {
 			SessionTimeout:    10 * time.Second,
 			RebalanceTimeout:  10 * time.Second,
 			HeartbeatInterval: time.Second,
+			// Partitions added to the usage topic while ingest runs are
+			// read within seconds: without the watch the group took them
+			// only at its next rebalance for another reason, and their
+			// usage (and every watermark with them) waited until then.
+			WatchPartitionChanges:  true,
+			PartitionWatchInterval: 5 * time.Second,
 			// kafka-go's reader moves a connection's read deadline for
 			// every message of a fetch, to the same instant each time.
 			Dialer: &kafka.Dialer{
@@ -60,7 +69,9 @@ func NewSource(brokers []string, topic, group string) *Source {
 				},
 			},
 		}),
-		topic: topic,
+		topic:  topic,
+		group:  group,
+		client: &kafka.Client{Addr: kafka.TCP(brokers...), Timeout: 10 * time.Second, Transport: &kafka.Transport{}},
 	}
 }
 
@@ -86,14 +97,57 @@ func (s *Source) Commit(ctx context.Context, msgs ...ingest.Message) error {
 			last[i].Offset = m.Offset
 		}
 	}
+	// The broker takes a commit from any member of the group, whoever owns
+	// the partition now: a member that lost a partition in a rebalance
+	// while its batch landed would move the group's offset back below what
+	// the partition's new owner committed (its lag, and its watermark, then
+	// stuck there on an idle partition). A commit below the stored one is
+	// dropped; the batch has landed either way.
+	stored, err := s.committed(ctx, last)
+	if err != nil {
+		return err
+	}
+	last = slices.DeleteFunc(last, func(m kafka.Message) bool { return stored[m.Partition] >= m.Offset+1 })
+	if len(last) == 0 {
+		return nil
+	}
 	if err := s.r.CommitMessages(ctx, last...); err != nil {
 		return fmt.Errorf("commit offsets: %w", err)
 	}
 	return nil
 }
 
+// committed is the group's stored offset of each of msgs' partitions (-1:
+// none).
+func (s *Source) committed(ctx context.Context, msgs []kafka.Message) (map[int]int64, error) {
+	parts := make([]int, len(msgs))
+	for i, m := range msgs {
+		parts[i] = m.Partition
+	}
+	res, err := s.client.OffsetFetch(ctx, &kafka.OffsetFetchRequest{GroupID: s.group, Topics: map[string][]int{s.topic: parts}})
+	if err == nil {
+		err = res.Error
+	}
+	if err != nil {
+		return nil, fmt.Errorf("read committed offsets: %w", err)
+	}
+	out := map[int]int64{}
+	for _, p := range res.Topics[s.topic] {
+		if p.Error != nil {
+			return nil, fmt.Errorf("read committed offset of partition %d: %w", p.Partition, p.Error)
+		}
+		out[p.Partition] = p.CommittedOffset
+	}
+	return out, nil
+}
+
 // Close leaves the group.
-func (s *Source) Close() error { return s.r.Close() }
+func (s *Source) Close() error {
+	if t, ok := s.client.Transport.(*kafka.Transport); ok {
+		t.CloseIdleConnections()
+	}
+	return s.r.Close()
+}
 
 // Offsets reads the group's committed offsets and the log end offsets.
 type Offsets struct {
@@ -208,13 +262,14 @@ func DeadLetterTopic(name string, partitions int) kafka.TopicConfig {
 // to dead-letter partition P, in source-offset order, one synchronous write
 // at a time (the consumer group gives P to one member). Before writing,
 // Reject reads the source offset of the last dead letter in partition P and,
-// when that dead letter came from this source topic, skips every record at
-// or before it, so a batch redelivered after a crash (or a Reject retried
-// after a lost produce reply) does not write its dead letters twice. The
-// dead-letter topic therefore needs at least as many partitions as the
-// usage topic.
+// when that dead letter came from this source topic's partition P, skips
+// every record at or before it, so a batch redelivered after a crash (or a
+// Reject retried after a lost produce reply) does not write its dead letters
+// twice. The dead-letter topic therefore needs at least as many partitions
+// as the usage topic: Reject adds the ones it lacks (the usage topic may
+// gain partitions while ingest runs).
 type DeadLetters struct {
-	w       *kafka.Writer
+	client  *kafka.Client
 	brokers []string
 	dlq     string
 	topic   string
@@ -223,43 +278,29 @@ type DeadLetters struct {
 
 var _ ingest.DeadLetters = (*DeadLetters)(nil)
 
+// deadLetterBatch bounds the dead letters of one produce request.
+const deadLetterBatch = 1000
+
+// lookupTimeout bounds finding a dead-letter partition's leader: kafka-go
+// looks for a partition the topic lacks for ever.
+const lookupTimeout = 15 * time.Second
+
 // NewDeadLetters writes to topic on brokers.
 func NewDeadLetters(brokers []string, topic, sourceTopic string) *DeadLetters {
 	return &DeadLetters{
-		w: &kafka.Writer{
-			Addr:         kafka.TCP(brokers...),
-			Topic:        topic,
-			RequiredAcks: kafka.RequireAll,
-			BatchTimeout: time.Millisecond,
-			BatchSize:    1000,
-			BatchBytes:   DeadLetterMaxBytes, // per message; writes are chunked smaller
-			// One attempt: kafka-go has no idempotent producer, so its own
-			// retry after a lost reply would append the dead letters again.
-			// The caller retries the whole Reject instead, which first reads
-			// what the lost write did append.
-			MaxAttempts: 1,
-			Balancer:    kafka.BalancerFunc(bySourcePartition),
-		},
+		// Produce requests name their partition, so a dead letter goes to
+		// its source partition however old the client's view of the topic
+		// (a writer's balancer, given a cached list without a partition
+		// added since, sent it to partition 0). One attempt each: kafka-go
+		// has no idempotent producer, so a retry of its own after a lost
+		// reply would append the dead letters again; the caller retries
+		// the whole Reject instead, which first reads what the lost write
+		// did append.
+		client:  &kafka.Client{Addr: kafka.TCP(brokers...), Timeout: 30 * time.Second, Transport: &kafka.Transport{}},
 		brokers: brokers,
 		dlq:     topic,
 		topic:   sourceTopic,
 	}
-}
-
-// bySourcePartition sends a dead letter to the partition its record came from.
-func bySourcePartition(m kafka.Message, partitions ...int) int {
-	for _, h := range m.Headers {
-		if h.Key == HeaderSourcePartition {
-			p, _ := strconv.Atoi(string(h.Value))
-			for _, have := range partitions {
-				if have == p {
-					return p
-				}
-			}
-		}
-	}
-	// Unreachable for records Reject built: it checks the partition exists.
-	return partitions[0]
 }
 
 // Reject writes the dead letters not written before.
@@ -276,6 +317,12 @@ func (d *DeadLetters) Reject(ctx context.Context, rs []ingest.Rejected) error {
 		byPart[p] = append(byPart[p], r)
 	}
 	for _, p := range order {
+		// A member that gets its partition back in a rebalance reads it
+		// again from the committed offset, into the batch it was filling:
+		// each record is dead-lettered once, in offset order.
+		recs := byPart[p]
+		slices.SortStableFunc(recs, func(a, b ingest.Rejected) int { return cmp.Compare(a.Message.Offset, b.Message.Offset) })
+		byPart[p] = slices.CompactFunc(recs, func(a, b ingest.Rejected) bool { return a.Message.Offset == b.Message.Offset })
 		last, err := d.lastWritten(ctx, p)
 		if err != nil {
 			return err
@@ -303,13 +350,13 @@ func (d *DeadLetters) Reject(ctx context.Context, rs []ingest.Rejected) error {
 		// the gap's records for good on the retry. So each write is small
 		// enough to be one batch, all or nothing, and the first failure
 		// stops the partition's writes.
-		for _, chunk := range deadLetterChunks(msgs, d.w.BatchSize, 512<<10) {
-			err := d.w.WriteMessages(ctx, chunk...)
+		for _, chunk := range deadLetterChunks(msgs, deadLetterBatch, 512<<10) {
+			err := d.produce(ctx, p, chunk)
 			if err != nil && len(chunk) == 1 && tooLarge(err) {
 				// A topic made elsewhere, with a smaller limit: the dead
 				// letter says where the record is instead of holding it,
 				// rather than stop the partition for good.
-				err = d.w.WriteMessages(ctx, pointer(chunk[0]))
+				err = d.produce(ctx, p, []kafka.Message{pointer(chunk[0])})
 			}
 			if err != nil {
 				return fmt.Errorf("write dead letters: %w", err)
@@ -317,6 +364,76 @@ func (d *DeadLetters) Reject(ctx context.Context, rs []ingest.Rejected) error {
 		}
 	}
 	return nil
+}
+
+// produce appends msgs to partition p of the dead-letter topic, all or
+// nothing: one produce request, acknowledged by every in-sync replica.
+func (d *DeadLetters) produce(ctx context.Context, p int, msgs []kafka.Message) error {
+	recs := make([]kafka.Record, len(msgs))
+	for i, m := range msgs {
+		recs[i] = kafka.Record{Time: time.Now(), Headers: m.Headers, Value: kafka.NewBytes(m.Value)}
+		if m.Key != nil {
+			recs[i].Key = kafka.NewBytes(m.Key)
+		}
+	}
+	res, err := d.client.Produce(ctx, &kafka.ProduceRequest{Topic: d.dlq, Partition: p, RequiredAcks: kafka.RequireAll,
+		Records: kafka.NewRecordReader(recs...)})
+	if err != nil {
+		return err
+	}
+	if res.Error != nil {
+		return res.Error
+	}
+	for _, e := range res.RecordErrors {
+		if e != nil {
+			return e
+		}
+	}
+	return nil
+}
+
+// ensurePartition adds partitions to the dead-letter topic until it has
+// partition p, as the usage topic has: one added there while ingest runs is
+// read at once, and its dead letters must have somewhere to go.
+func (d *DeadLetters) ensurePartition(ctx context.Context, p int) error {
+	have := func() (int, error) {
+		md, err := d.client.Metadata(ctx, &kafka.MetadataRequest{Topics: []string{d.dlq}})
+		if err != nil {
+			return 0, err
+		}
+		for _, t := range md.Topics {
+			if t.Name == d.dlq {
+				if t.Error != nil {
+					return 0, t.Error
+				}
+				return len(t.Partitions), nil
+			}
+		}
+		return 0, fmt.Errorf("no metadata for topic %s", d.dlq)
+	}
+	n, err := have()
+	if err != nil || n > p {
+		return err
+	}
+	res, err := d.client.CreatePartitions(ctx, &kafka.CreatePartitionsRequest{
+		Topics: []kafka.TopicPartitionsConfig{{Name: d.dlq, Count: int32(p + 1)}}})
+	if err == nil {
+		err = res.Errors[d.dlq]
+	}
+	// Another member may have grown it meanwhile.
+	if err != nil && !errors.Is(err, kafka.InvalidPartitionNumber) {
+		return fmt.Errorf("add partitions to the dead-letter topic %s (it needs at least as many as %s): %w", d.dlq, d.topic, err)
+	}
+	for {
+		if n, err = have(); err != nil || n > p {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("dead-letter topic %s partition %d: %w", d.dlq, p, ctx.Err())
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
 }
 
 // tooLarge reports whether a write failed because a message is larger than
@@ -389,15 +506,20 @@ func deadLetterChunks(msgs []kafka.Message, n, maxBytes int) [][]kafka.Message {
 // losing one. A usage topic deleted and created again under the same name
 // restarts its offsets and cannot be told apart from the old one here.
 func (d *DeadLetters) lastWritten(ctx context.Context, p int) (int64, error) {
+	lctx, cancel := context.WithTimeout(ctx, lookupTimeout)
+	defer cancel()
+	if err := d.ensurePartition(lctx, p); err != nil {
+		return 0, err
+	}
 	var conn *kafka.Conn
 	var err error
 	for _, b := range d.brokers {
-		if conn, err = kafka.DialLeader(ctx, "tcp", b, d.dlq, p); err == nil {
+		if conn, err = kafka.DialLeader(lctx, "tcp", b, d.dlq, p); err == nil {
 			break
 		}
 	}
 	if err != nil {
-		return 0, fmt.Errorf("dead-letter topic %s partition %d (it needs at least as many partitions as %s): %w", d.dlq, p, d.topic, err)
+		return 0, fmt.Errorf("dead-letter topic %s partition %d: %w", d.dlq, p, err)
 	}
 	defer conn.Close()
 	if dl, ok := ctx.Deadline(); ok {
@@ -421,7 +543,10 @@ func (d *DeadLetters) lastWritten(ctx context.Context, p int) (int64, error) {
 	if err != nil {
 		return 0, fmt.Errorf("read last dead letter: %w", errors.Join(err, cerr))
 	}
-	if src := header(m, HeaderSourceTopic); src != d.topic {
+	// Only a dead letter of this topic's partition p counts: one of
+	// another partition (misrouted by an older release) says nothing about
+	// which of p's records were written.
+	if header(m, HeaderSourceTopic) != d.topic || header(m, HeaderSourcePartition) != strconv.Itoa(p) {
 		return -1, nil
 	}
 	v := header(m, HeaderSourceOffset)
@@ -445,5 +570,10 @@ func header(m kafka.Message, key string) string {
 	return ""
 }
 
-// Close flushes and closes the writer.
-func (d *DeadLetters) Close() error { return d.w.Close() }
+// Close releases the client's idle connections.
+func (d *DeadLetters) Close() error {
+	if t, ok := d.client.Transport.(*kafka.Transport); ok {
+		t.CloseIdleConnections()
+	}
+	return nil
+}
