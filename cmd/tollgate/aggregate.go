@@ -87,7 +87,7 @@ func NewAggregateMain(ctx context.Context, cfg Config, log *slog.Logger) (m *Agg
 		}
 	}()
 	m.Registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	if m.ch, err = openClickHouse(ctx, cfg.Services.ClickHouseAddr, cfg.Services.ClickHouseDatabase); err != nil {
+	if m.ch, err = openClickHouse(ctx, cfg.Services, cfg.Services.ClickHouseDatabase); err != nil {
 		return nil, err
 	}
 	if m.pool, err = openPostgres(ctx, cfg.Services.PostgresURL); err != nil {
@@ -622,7 +622,7 @@ exits non-zero and prints the rebuild to run again, which the range then needs.`
 			}
 			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
-			ch, err := openClickHouse(ctx, cfg.Services.ClickHouseAddr, cfg.Services.ClickHouseDatabase)
+			ch, err := openClickHouse(ctx, cfg.Services, cfg.Services.ClickHouseDatabase)
 			if err != nil {
 				return err
 			}

@@ -28,11 +28,20 @@ import (
 
 // Services says where the backing services are.
 type Services struct {
-	PostgresURL        string   `yaml:"postgres_url"`
-	ClickHouseAddr     string   `yaml:"clickhouse_addr"`
-	ClickHouseDatabase string   `yaml:"clickhouse_database"`
+	PostgresURL        string `yaml:"postgres_url"`
+	ClickHouseAddr     string `yaml:"clickhouse_addr"`
+	ClickHouseDatabase string `yaml:"clickhouse_database"`
+	// ClickHouseUser and ClickHousePassword log in to ClickHouse (default:
+	// the user "default", no password). The user needs to create the
+	// database and its tables, as Tollgate applies its schema on start.
+	ClickHouseUser     string   `yaml:"clickhouse_user"`
+	ClickHousePassword string   `yaml:"clickhouse_password"`
 	KafkaBrokers       []string `yaml:"kafka_brokers"`
 	RedisAddr          string   `yaml:"redis_addr"`
+	// RedisUsername and RedisPassword authenticate to Redis (AUTH; a
+	// username is Redis 6's ACL user, none the default user).
+	RedisUsername string `yaml:"redis_username"`
+	RedisPassword string `yaml:"redis_password"`
 }
 
 // Config is the whole configuration file; each component reads its section.
@@ -106,7 +115,11 @@ func (c *Config) envStrings() map[string]*string {
 		"TOLLGATE_POSTGRES_URL":                  &c.Services.PostgresURL,
 		"TOLLGATE_CLICKHOUSE_ADDR":               &c.Services.ClickHouseAddr,
 		"TOLLGATE_CLICKHOUSE_DATABASE":           &c.Services.ClickHouseDatabase,
+		"TOLLGATE_CLICKHOUSE_USER":               &c.Services.ClickHouseUser,
+		"TOLLGATE_CLICKHOUSE_PASSWORD":           &c.Services.ClickHousePassword,
 		"TOLLGATE_REDIS_ADDR":                    &c.Services.RedisAddr,
+		"TOLLGATE_REDIS_USERNAME":                &c.Services.RedisUsername,
+		"TOLLGATE_REDIS_PASSWORD":                &c.Services.RedisPassword,
 		"TOLLGATE_EDGE_LISTEN":                   &c.Edge.Listen,
 		"TOLLGATE_DASHBOARD_LISTEN":              &c.Dashboard.Listen,
 		"TOLLGATE_EDGE_UPSTREAM":                 &c.Edge.Upstream,
@@ -149,6 +162,9 @@ func (c *Config) defaults() {
 	}
 	if s.ClickHouseDatabase == "" {
 		s.ClickHouseDatabase = "tollgate"
+	}
+	if s.ClickHouseUser == "" {
+		s.ClickHouseUser = "default"
 	}
 	if len(s.KafkaBrokers) == 0 {
 		s.KafkaBrokers = []string{"127.0.0.1:19092"}

@@ -141,7 +141,7 @@ func runDemo(ctx context.Context, out io.Writer, cfg Config, log *slog.Logger, c
 	}
 	fmt.Fprintf(out, "Reported %d server-side events for last month through POST /v1/events (a rerun reports the same ids: duplicates, absorbed)\n", reported)
 
-	ch, err := openClickHouse(ctx, cfg.Services.ClickHouseAddr, cfg.Services.ClickHouseDatabase)
+	ch, err := openClickHouse(ctx, cfg.Services, cfg.Services.ClickHouseDatabase)
 	if err != nil {
 		return err
 	}

@@ -9,7 +9,6 @@ import (
 	"regexp"
 	"slices"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -52,7 +51,7 @@ func TestADemoEndsWithThePipelinesError(t *testing.T) {
 	t.Setenv("TOLLGATE_STRIPE_MOCK_URL", testenv.StripeMockURL())
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	out := &lockedBuilder{}
+	out := &testenv.LogBuffer{}
 	done := make(chan error, 1)
 	go func() { done <- runDemo(ctx, out, cfg, slog.New(slog.DiscardHandler), 0, false) }()
 	var text string
@@ -88,24 +87,6 @@ func TestADemoEndsWithThePipelinesError(t *testing.T) {
 	case <-time.After(time.Minute):
 		t.Fatal("the demo did not end")
 	}
-}
-
-// lockedBuilder is a strings.Builder the demo writes while the test reads.
-type lockedBuilder struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (l *lockedBuilder) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuilder) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
 }
 
 // TestDemoWithNoCallsStillShowsLastMonthsInvoice: `--calls 0` sends no call

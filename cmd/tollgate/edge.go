@@ -110,6 +110,8 @@ func NewEdgeMain(ctx context.Context, cfg Config, log *slog.Logger) (m *EdgeMain
 	}
 	m.rdb = redis.NewClient(&redis.Options{
 		Addr:          cfg.Services.RedisAddr,
+		Username:      cfg.Services.RedisUsername,
+		Password:      cfg.Services.RedisPassword,
 		DialTimeout:   250 * time.Millisecond,
 		ReadTimeout:   250 * time.Millisecond,
 		WriteTimeout:  250 * time.Millisecond,

@@ -51,7 +51,7 @@ func NewIngestMain(ctx context.Context, cfg Config, log *slog.Logger) (m *Ingest
 		}
 	}()
 	m.Registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	if m.ch, err = openClickHouse(ctx, cfg.Services.ClickHouseAddr, cfg.Services.ClickHouseDatabase); err != nil {
+	if m.ch, err = openClickHouse(ctx, cfg.Services, cfg.Services.ClickHouseDatabase); err != nil {
 		return nil, err
 	}
 	if m.pool, err = openPostgres(ctx, cfg.Services.PostgresURL); err != nil {

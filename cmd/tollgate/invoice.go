@@ -55,7 +55,7 @@ func newInvoicer(ctx context.Context, cfg Config, log *slog.Logger) (*invoicer.I
 	if err != nil {
 		return nil, nil, nil, err
 	}
-	ch, err := openClickHouse(ctx, cfg.Services.ClickHouseAddr, cfg.Services.ClickHouseDatabase)
+	ch, err := openClickHouse(ctx, cfg.Services, cfg.Services.ClickHouseDatabase)
 	if err != nil {
 		pool.Close()
 		return nil, nil, nil, err
@@ -365,7 +365,7 @@ func runReplay(ctx context.Context, cfg Config, o replayOptions, log *slog.Logge
 		return rep, err
 	}
 	defer pool.Close()
-	exists, err := clickHouseDatabaseExists(ctx, cfg.Services.ClickHouseAddr, scratch)
+	exists, err := clickHouseDatabaseExists(ctx, cfg.Services, scratch)
 	switch {
 	case err != nil:
 		return rep, err
@@ -374,7 +374,7 @@ func runReplay(ctx context.Context, cfg Config, o replayOptions, log *slog.Logge
 	case !exists && o.skipLoad:
 		return rep, fmt.Errorf("scratch database %s does not exist; --skip-load audits one an earlier replay kept (--keep-scratch)", scratch)
 	}
-	ch, err := openClickHouse(ctx, cfg.Services.ClickHouseAddr, scratch)
+	ch, err := openClickHouse(ctx, cfg.Services, scratch)
 	if err != nil {
 		return rep, err
 	}
@@ -382,7 +382,7 @@ func runReplay(ctx context.Context, cfg Config, o replayOptions, log *slog.Logge
 	if !o.keepScratch && !o.skipLoad {
 		// Only a database this run made is dropped: with --skip-load it
 		// was there before, and stays.
-		defer dropClickHouseDatabase(cfg.Services.ClickHouseAddr, scratch, log)
+		defer dropClickHouseDatabase(cfg.Services, scratch, log)
 	}
 	store := invpg.New(pool)
 	invs, err := store.ClosedInvoices(ctx, from, to)
@@ -678,13 +678,12 @@ func summarize(w io.Writer, rep ReplayReport) error {
 	return nil
 }
 
-func adminClickHouse(addr string) (driver.Conn, error) {
-	return clickhouse.Open(&clickhouse.Options{Addr: []string{addr}, Auth: clickhouse.Auth{Database: "default", Username: "default"},
-		DialTimeout: 5 * time.Second, Protocol: clickhouse.Native})
+func adminClickHouse(svc Services) (driver.Conn, error) {
+	return clickhouse.Open(clickHouseOptions(svc, "default"))
 }
 
-func clickHouseDatabaseExists(ctx context.Context, addr, name string) (bool, error) {
-	c, err := adminClickHouse(addr)
+func clickHouseDatabaseExists(ctx context.Context, svc Services, name string) (bool, error) {
+	c, err := adminClickHouse(svc)
 	if err != nil {
 		return false, err
 	}
@@ -696,13 +695,13 @@ func clickHouseDatabaseExists(ctx context.Context, addr, name string) (bool, err
 	return n > 0, nil
 }
 
-func dropClickHouseDatabase(addr, name string, log *slog.Logger) {
+func dropClickHouseDatabase(svc Services, name string, log *slog.Logger) {
 	if !chIdent.MatchString(name) {
 		return
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	c, err := adminClickHouse(addr)
+	c, err := adminClickHouse(svc)
 	if err == nil {
 		err = c.Exec(ctx, "DROP DATABASE IF EXISTS "+name)
 		c.Close()

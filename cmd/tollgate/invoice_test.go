@@ -463,7 +463,7 @@ func TestReplayProvesEveryInvoiceAndNamesAnAlteredOne(t *testing.T) {
 
 	dir := t.TempDir()
 	scratch := "tollgate_replay_" + strings.TrimPrefix(testenv.Name(t), "t_")
-	t.Cleanup(func() { dropClickHouseDatabase(cfg.Services.ClickHouseAddr, scratch, quietLog()) })
+	t.Cleanup(func() { dropClickHouseDatabase(cfg.Services, scratch, quietLog()) })
 	// Small batches, so copies of an event land in different batches.
 	o := replayOptions{scratch: scratch, keepScratch: true, batch: 25, reportJSON: filepath.Join(dir, "r.json"), reportCSV: filepath.Join(dir, "r.csv")}
 	rep, err := runReplay(ctx, cfg, o, quietLog(), io.Discard)
@@ -523,7 +523,7 @@ func TestReplayProvesEveryInvoiceAndNamesAnAlteredOne(t *testing.T) {
 	}
 
 	// Alter one raw event of acct_a in the scratch copy: it becomes test traffic.
-	sc, err := openClickHouse(ctx, cfg.Services.ClickHouseAddr, scratch)
+	sc, err := openClickHouse(ctx, cfg.Services, scratch)
 	testenv.Must(t, err, "open scratch")
 	defer sc.Close()
 	var id uuid.UUID
@@ -546,7 +546,7 @@ func TestReplayProvesEveryInvoiceAndNamesAnAlteredOne(t *testing.T) {
 	o.skipLoad, o.keepScratch = true, false
 	rep, err = runReplay(ctx, cfg, o, quietLog(), io.Discard)
 	testenv.Must(t, err, "replay after altering an event")
-	if exists, err := clickHouseDatabaseExists(ctx, cfg.Services.ClickHouseAddr, scratch); err != nil || !exists {
+	if exists, err := clickHouseDatabaseExists(ctx, cfg.Services, scratch); err != nil || !exists {
 		t.Errorf("the kept scratch database after a --skip-load replay: exists %v, %v; want it kept", exists, err)
 	}
 	// The live database is never a scratch database, loaded or not.
@@ -556,7 +556,7 @@ func TestReplayProvesEveryInvoiceAndNamesAnAlteredOne(t *testing.T) {
 			t.Errorf("replay with the live database as scratch (skip-load %v): %v, want it refused", skip, err)
 		}
 	}
-	if exists, err := clickHouseDatabaseExists(ctx, cfg.Services.ClickHouseAddr, cfg.Services.ClickHouseDatabase); err != nil || !exists {
+	if exists, err := clickHouseDatabaseExists(ctx, cfg.Services, cfg.Services.ClickHouseDatabase); err != nil || !exists {
 		t.Fatalf("the live database after the refused replays: exists %v, %v", exists, err)
 	}
 	if rep.Different != 1 || rep.Matching != 1 || rep.MatchingAtClose != 1 {

@@ -300,7 +300,7 @@ func migrateCommand(g *globalFlags) *cobra.Command {
 				return err
 			}
 			pool.Close()
-			ch, err := openClickHouse(cmd.Context(), cfg.Services.ClickHouseAddr, cfg.Services.ClickHouseDatabase)
+			ch, err := openClickHouse(cmd.Context(), cfg.Services, cfg.Services.ClickHouseDatabase)
 			if err != nil {
 				return err
 			}

@@ -76,24 +76,22 @@ var chIdent = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
 
 // openClickHouse creates the database if needed, applies the DDL and
 // returns a connection to it.
-func openClickHouse(ctx context.Context, addr, database string) (driver.Conn, error) {
+func openClickHouse(ctx context.Context, svc Services, database string) (driver.Conn, error) {
 	if !chIdent.MatchString(database) {
 		return nil, fmt.Errorf("clickhouse database name %q: letters, digits and _ only", database)
 	}
-	opts := func(db string) *clickhouse.Options {
-		return &clickhouse.Options{
-			Addr:        []string{addr},
-			Auth:        clickhouse.Auth{Database: db, Username: "default"},
-			DialTimeout: 5 * time.Second,
-			Protocol:    clickhouse.Native,
-		}
-	}
+	addr := svc.ClickHouseAddr
+	opts := func(db string) *clickhouse.Options { return clickHouseOptions(svc, db) }
 	admin, err := clickhouse.Open(opts("default"))
 	if err != nil {
 		return nil, fmt.Errorf("open clickhouse: %w", err)
 	}
 	defer admin.Close()
 	if err := admin.Ping(ctx); err != nil {
+		var refused *clickhouse.Exception
+		if errors.As(err, &refused) { // it answered: a wrong user or password, say
+			return nil, fmt.Errorf("log in to clickhouse at %s as %s: %w", addr, svc.ClickHouseUser, err)
+		}
 		return nil, fmt.Errorf("connect to clickhouse at %s (%s): %w", addr, startHint, err)
 	}
 	if err := admin.Exec(ctx, "CREATE DATABASE IF NOT EXISTS "+database); err != nil {
@@ -108,6 +106,20 @@ func openClickHouse(ctx context.Context, addr, database string) (driver.Conn, er
 		return nil, err
 	}
 	return conn, nil
+}
+
+// clickHouseOptions connects to database on svc's ClickHouse as its user.
+func clickHouseOptions(svc Services, database string) *clickhouse.Options {
+	user := svc.ClickHouseUser
+	if user == "" {
+		user = "default"
+	}
+	return &clickhouse.Options{
+		Addr:        []string{svc.ClickHouseAddr},
+		Auth:        clickhouse.Auth{Database: database, Username: user, Password: svc.ClickHousePassword},
+		DialTimeout: 5 * time.Second,
+		Protocol:    clickhouse.Native,
+	}
 }
 
 // brokerDefault, as a topic's replication factor, is the broker's

@@ -2,10 +2,14 @@ package main
 
 import (
 	"context"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/redis/go-redis/v9"
 	"github.com/segmentio/kafka-go"
 
 	"github.com/tollgate-dev/tollgate/internal/testenv"
@@ -51,4 +55,61 @@ func TestEnsureTopicsReturnsOnlyOnceEveryPartitionTakesWrites(t *testing.T) {
 			t.Errorf("ensureTopics on existing topics took %s", d)
 		}
 	})
+}
+
+// A Redis that requires a password (services.redis_password) is used with
+// it: the edge's limits go to Redis, not to each edge's local fallback.
+// Without the password setting, every limit was decided locally.
+func TestTheEdgeLogsInToARedisThatAsksForAPassword(t *testing.T) {
+	r := testenv.PrivateRedis(t)
+	ctx := context.Background()
+	admin := redis.NewClient(&redis.Options{Addr: r.Addr})
+	defer admin.Close()
+	testenv.Must(t, admin.ConfigSet(ctx, "requirepass", "s3cret-for-tests").Err(), "ask for a password")
+	pg, ch := testenv.NewPostgres(t), testenv.NewClickHouse(t)
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { _, _ = w.Write([]byte("ok")) }))
+	t.Cleanup(up.Close)
+	for _, c := range []struct {
+		name, password string
+		wantRedis      bool
+	}{{"without the password", "", false}, {"with it", "s3cret-for-tests", true}} {
+		t.Run(c.name, func(t *testing.T) {
+			cfg := testConfig(t, pg, ch, "redisauth."+testenv.Name(t))
+			cfg.Services.RedisAddr, cfg.Services.RedisPassword = r.Addr, c.password
+			cfg.Edge.SpoolDir, cfg.Edge.Upstream = t.TempDir(), up.URL
+			var logs testenv.LogBuffer
+			m, err := NewEdgeMain(ctx, cfg, slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelWarn})))
+			testenv.Must(t, err, "start the edge")
+			t.Cleanup(func() { _ = m.Close() })
+			warned := strings.Contains(logs.String(), "redis is not answering")
+			if warned == c.wantRedis {
+				t.Fatalf("Redis answering: %v, want %v:\n%s", !warned, c.wantRedis, logs.String())
+			}
+			if strings.Contains(logs.String(), "s3cret-for-tests") {
+				t.Fatal("the log holds Redis's password")
+			}
+		})
+	}
+}
+
+// A ClickHouse password (services.clickhouse_password) is sent: the wrong
+// one is refused by the server, so the user's own is what logs in.
+func TestTheClickHousePasswordIsSent(t *testing.T) {
+	ch := testenv.NewClickHouse(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	svc := Services{ClickHouseAddr: ch.Addr, ClickHouseUser: "default"}
+	conn, err := openClickHouse(ctx, svc, ch.Database)
+	testenv.Must(t, err, "log in as default with its (empty) password")
+	conn.Close()
+	svc.ClickHousePassword = "not-default's-password"
+	_, err = openClickHouse(ctx, svc, ch.Database)
+	// 18.16 says "Wrong password for user default", current releases
+	// "Authentication failed".
+	if err == nil || !strings.Contains(err.Error(), "Wrong password") && !strings.Contains(err.Error(), "Authentication failed") {
+		t.Fatalf("a wrong ClickHouse password: %v, want the server's refusal", err)
+	}
+	if strings.Contains(err.Error(), svc.ClickHousePassword) || strings.Contains(err.Error(), "is it running") {
+		t.Fatalf("the error holds the password, or blames a server that answered: %v", err)
+	}
 }
