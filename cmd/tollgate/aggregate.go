@@ -622,6 +622,7 @@ exits non-zero and prints the rebuild to run again, which the range then needs.`
 			}
 			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
+			context.AfterFunc(ctx, stop) // a second signal ends the process (main)
 			ch, err := openClickHouse(ctx, cfg.Services, cfg.Services.ClickHouseDatabase)
 			if err != nil {
 				return err

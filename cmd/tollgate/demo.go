@@ -42,6 +42,7 @@ func demoCommand(g *globalFlags) *cobra.Command {
 			}
 			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
+			context.AfterFunc(ctx, stop) // a second signal ends the process (main)
 			return runDemo(ctx, cmd.OutOrStdout(), cfg, log, calls, once)
 		},
 	}

@@ -864,10 +864,12 @@ func (f *Front) proxy(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, st
 		// held a pooled connection for as long as it liked, and a few
 		// hundred such calls (with any key, a test one included) left
 		// every other caller 503 upstream_busy.
-		body := make([]byte, n)
-		if _, err = io.ReadFull(counted, body); err == nil {
+		// The buffer grows as the bytes come: made at the declared length,
+		// a caller that sent the head and stalled held all of it.
+		var body bytes.Buffer
+		if _, err = io.CopyN(&body, counted, int64(n)); err == nil {
 			counted.eof = true
-			req.SetBodyStream(bytes.NewReader(body), n)
+			req.SetBodyStream(bytes.NewReader(body.Bytes()), n)
 		} else if counted.err == nil {
 			counted.err = err
 		}
