@@ -398,3 +398,48 @@ func TestACommitBelowTheStoredOffsetIsDropped(t *testing.T) {
 		t.Fatalf("the group's offset is %d after a stale commit, want it left at 20", got)
 	}
 }
+
+// refusedOnce answers the first produce as a broker whose partition has no
+// leader yet (a topic just created), without passing it on.
+type refusedOnce struct {
+	kafka.RoundTripper
+	refused atomic.Bool
+}
+
+func (r *refusedOnce) RoundTrip(ctx context.Context, addr net.Addr, req protocol.Message) (protocol.Message, error) {
+	if pr, ok := req.(*produce.Request); ok && r.refused.CompareAndSwap(false, true) {
+		res := &produce.Response{}
+		for _, t := range pr.Topics {
+			rt := produce.ResponseTopic{Topic: t.Topic}
+			for _, p := range t.Partitions {
+				rt.Partitions = append(rt.Partitions, produce.ResponsePartition{Partition: p.Partition, ErrorCode: int16(kafka.NotLeaderForPartition)})
+			}
+			res.Topics = append(res.Topics, rt)
+		}
+		return res, nil
+	}
+	return r.RoundTripper.RoundTrip(ctx, addr, req)
+}
+
+// A produce the broker refused before appending (no leader yet, or a moved
+// one) is sent again, once, and the dead letter is written once. It failed
+// the Reject, which on a topic just created failed ingest's step.
+func TestAProduceRefusedUnwrittenIsSentAgain(t *testing.T) {
+	src := testenv.NewTopic(t, 1)
+	dlq := src + ".dlq"
+	testenv.CreateTopic(t, dlq, 1)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	d := NewDeadLetters(testenv.KafkaBrokers(), dlq, src)
+	defer d.Close()
+	ro := &refusedOnce{RoundTripper: kafka.DefaultTransport}
+	d.client.Transport = ro
+	testenv.Must(t, d.Reject(ctx, []ingest.Rejected{{Message: ingest.Message{Partition: 0, Offset: 4, Value: []byte("{")}, Reason: "bad"}}),
+		"dead-letter a record whose first produce is refused")
+	if !ro.refused.Load() {
+		t.Fatal("no produce was refused")
+	}
+	if got, want := deadLetterOrigins(t, dlq, 0), "0@4"; got != want {
+		t.Fatalf("dead letters %s, want %s", got, want)
+	}
+}

@@ -376,20 +376,43 @@ func (d *DeadLetters) produce(ctx context.Context, p int, msgs []kafka.Message) 
 			recs[i].Key = kafka.NewBytes(m.Key)
 		}
 	}
-	res, err := d.client.Produce(ctx, &kafka.ProduceRequest{Topic: d.dlq, Partition: p, RequiredAcks: kafka.RequireAll,
-		Records: kafka.NewRecordReader(recs...)})
-	if err != nil {
-		return err
-	}
-	if res.Error != nil {
-		return res.Error
-	}
-	for _, e := range res.RecordErrors {
-		if e != nil {
-			return e
+	for attempt := 1; ; attempt++ {
+		res, err := d.client.Produce(ctx, &kafka.ProduceRequest{Topic: d.dlq, Partition: p, RequiredAcks: kafka.RequireAll,
+			Records: kafka.NewRecordReader(recs...)})
+		if err == nil {
+			err = res.Error
+		}
+		if err == nil {
+			for _, e := range res.RecordErrors {
+				if e != nil {
+					return e
+				}
+			}
+			return nil
+		}
+		// A broker that refused the batch before appending it (its leader
+		// moved, or a new partition has none yet) is asked again: nothing
+		// was written. Any other failure may have appended it, and the
+		// caller's retry reads what was.
+		if attempt == refusedAttempts || !refusedUnwritten(err) {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return err
+		case <-time.After(time.Duration(attempt) * 100 * time.Millisecond):
 		}
 	}
-	return nil
+}
+
+// refusedAttempts bounds the tries of a produce the broker refused unwritten.
+const refusedAttempts = 5
+
+// refusedUnwritten reports whether a produce failed with an error the broker
+// gives before it appends anything.
+func refusedUnwritten(err error) bool {
+	return errors.Is(err, kafka.NotLeaderForPartition) || errors.Is(err, kafka.LeaderNotAvailable) ||
+		errors.Is(err, kafka.UnknownTopicOrPartition) || errors.Is(err, kafka.NotEnoughReplicas)
 }
 
 // ensurePartition adds partitions to the dead-letter topic until it has
