@@ -608,8 +608,13 @@ func profileIf(on bool, path string) (func(), error) {
 
 var wrkRPS = regexp.MustCompile(`Requests/sec:\s+([0-9.]+)`)
 var wrkNon2xx = regexp.MustCompile(`Non-2xx or 3xx responses:\s+(\d+)`)
+var wrkSocketErrors = regexp.MustCompile(`Socket errors:[^\n]*`)
 
 func wrk(url, header string, d time.Duration, conns int) (float64, error) {
+	if d < time.Second || d%time.Second != 0 {
+		// wrk takes whole seconds, and the figures per call divide by d.
+		return 0, fmt.Errorf("wrk %s: duration %s: want whole seconds, at least one", url, d)
+	}
 	bin := env("WRK", "/usr/bin/wrk")
 	out, err := exec.Command(bin, "-t2", "-c"+strconv.Itoa(conns), "-d"+strconv.Itoa(int(d.Seconds()))+"s",
 		"-H", header, url).CombinedOutput()
@@ -619,11 +624,21 @@ func wrk(url, header string, d time.Duration, conns int) (float64, error) {
 	if m := wrkNon2xx.FindSubmatch(out); m != nil {
 		return 0, fmt.Errorf("wrk %s: %s non-2xx responses (limits too low for the bench?)\n%s", url, m[1], out)
 	}
+	// Calls that failed on the socket (refused, reset, timed out) are not
+	// in Requests/sec, and a target that failed some would look as fast
+	// as its successes.
+	if m := wrkSocketErrors.Find(out); m != nil {
+		return 0, fmt.Errorf("wrk %s: %s\n%s", url, m, out)
+	}
 	m := wrkRPS.FindSubmatch(out)
 	if m == nil {
 		return 0, fmt.Errorf("wrk %s: no Requests/sec in\n%s", url, out)
 	}
-	return strconv.ParseFloat(string(m[1]), 64)
+	rps, err := strconv.ParseFloat(string(m[1]), 64)
+	if err == nil && rps <= 0 {
+		err = fmt.Errorf("wrk %s: no call completed\n%s", url, out)
+	}
+	return rps, err
 }
 
 // fixedRate sends calls at rate for d, each on an idle keep-alive

@@ -34,6 +34,14 @@ func backfill(ctx context.Context, o opts, ch driver.Conn, log *slog.Logger) (ba
 	sink := chsink.NewSink(ch)
 	store := aggch.NewStore(ch)
 	now := time.Now().UTC()
+	// Its own tables: the freshness run's events would otherwise be
+	// rebuilt too (RebuildAll takes every account with events in range),
+	// nearly doubling what the reference reads.
+	for _, t := range []string{"usage_events", "usage_rollups", "late_events"} {
+		if err := ch.Exec(ctx, "TRUNCATE TABLE "+t); err != nil {
+			return backfillResult{}, fmt.Errorf("backfill: truncate %s: %w", t, err)
+		}
+	}
 	base := aggregatortest.GenEvents(rand.New(rand.NewPCG(1, 2)), o.backfillBase, now)
 	for i := 0; i < len(base); i += 20_000 {
 		if err := sink.Insert(ctx, aggregatortest.Records(base[i:min(i+20_000, len(base))])); err != nil {
@@ -44,13 +52,21 @@ func backfill(ctx context.Context, o opts, ch driver.Conn, log *slog.Logger) (ba
 	// The rebuild, first: it also leaves the rollups the late batches
 	// then update. Its range is the events' 40 days with a month of margin
 	// on each side, as the rebuild command takes by default.
-	t0 := time.Now()
-	if err := aggregator.RebuildAll(ctx, store, zones, meters, now.AddDate(0, 0, -72), now.AddDate(0, 1, 0), log); err != nil {
-		return res, fmt.Errorf("backfill: rebuild: %w", err)
+	// The best of o.repeat rebuilds, as the late batch is the best of
+	// o.repeat: timed once, cold, it was held against warm batches. Each
+	// rebuild rewrites the same rollups from the same events.
+	for rep := 1; rep <= o.repeat; rep++ {
+		t0 := time.Now()
+		if err := aggregator.RebuildAll(ctx, store, zones, meters, now.AddDate(0, 0, -72), now.AddDate(0, 1, 0), log); err != nil {
+			return res, fmt.Errorf("backfill: rebuild: %w", err)
+		}
+		d := time.Since(t0)
+		fmt.Printf("backfill: rebuild %d: %d events' rollups (%d meters, 40 days, 3 zones) in %.2fs\n",
+			rep, len(base), len(meters), d.Seconds())
+		if res.rebuild == 0 || d < res.rebuild {
+			res.rebuild = d
+		}
 	}
-	res.rebuild = time.Since(t0)
-	fmt.Printf("backfill: rebuilding %d events' rollups (%d meters, 40 days, 3 zones) took %.2fs\n",
-		len(base), len(meters), res.rebuild.Seconds())
 	timed := &levelTimes{RollupStore: store}
 	roller := aggregator.NewRoller(aggregator.StaticMeters(meters), zones, timed, log)
 	for rep := 1; rep <= o.repeat; rep++ {

@@ -60,6 +60,9 @@ func run() error {
 	replayEvents := flag.Int("replay-events", 200_000, "events in the replay sample topic")
 	floorRuns := flag.Int("runs", 3, "runs of the floor query and of the merged close (the fastest of each counts)")
 	flag.Parse()
+	if *floorRuns < 1 {
+		return fmt.Errorf("-runs %d: want 1 or more", *floorRuns)
+	}
 	pgURL := env("TOLLGATE_POSTGRES_URL", "postgres://tollgate@127.0.0.1:15432/tollgate?sslmode=disable")
 	chAddr := env("TOLLGATE_CLICKHOUSE_ADDR", "127.0.0.1:19000")
 	brokers := strings.Split(env("TOLLGATE_KAFKA_BROKERS", "127.0.0.1:19092"), ",")
