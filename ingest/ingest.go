@@ -235,8 +235,11 @@ func (c *Config) Validate() error {
 	if c.RetryPeriod <= 0 {
 		errs = append(errs, errors.New("ingest.retry_period: must be positive"))
 	}
-	if c.MaxLateness < time.Hour {
-		errs = append(errs, errors.New("ingest.max_lateness: must be at least 1h"))
+	if c.MaxLateness < 2*time.Hour {
+		// The edge takes server-reported events up to an hour old at
+		// least (edge.max_event_age); ingest must count them with room to
+		// spare for their trip to Kafka.
+		errs = append(errs, errors.New("ingest.max_lateness: must be at least 2h"))
 	}
 	if c.WatermarkSkew < 0 {
 		errs = append(errs, errors.New("ingest.watermark_skew: must not be negative"))

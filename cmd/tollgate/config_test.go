@@ -255,11 +255,33 @@ func TestConfigFileDocuments(t *testing.T) {
 // configuration was refused over a key the operator never set.
 func TestMaxEventAgeFollowsAShortLateness(t *testing.T) {
 	for lateness, want := range map[string]time.Duration{"840h": 816 * time.Hour, "72h": 48 * time.Hour, "24h": 12 * time.Hour,
-		"2h": time.Hour, "90m": time.Hour, "1h": time.Hour} {
+		"2h": time.Hour, "150m": 75 * time.Minute} {
 		cfg := writeConfig(t, "ingest:\n  max_lateness: "+lateness+"\n")
 		if err := cfg.Validate(); err != nil || cfg.Edge.MaxEventAge != want {
 			t.Errorf("max_lateness %s: edge.max_event_age %s (%v), want %s and valid", lateness, cfg.Edge.MaxEventAge, err, want)
 		}
+	}
+}
+
+// The edge's limit on a reported event's age stays at least ten minutes
+// under the lateness ingest counts: ingest measures from the Kafka record's
+// time, later than the edge's check, so with the two equal (max_lateness
+// 1h, which the edge's 1h floor made its default) an event the edge
+// accepted near the limit was set aside and never counted.
+func TestTheEdgesEventAgeLeavesRoomUnderTheLateness(t *testing.T) {
+	for _, c := range []struct{ yaml, want string }{
+		{"ingest:\n  max_lateness: 1h\n", "ingest.max_lateness: must be at least 2h"},
+		{"ingest:\n  max_lateness: 90m\n", "ingest.max_lateness: must be at least 2h"},
+		{"ingest:\n  max_lateness: 3h\nedge:\n  max_event_age: 3h\n", "leaves less than 10m0s under ingest.max_lateness"},
+		{"ingest:\n  max_lateness: 3h\nedge:\n  max_event_age: 2h55m\n", "leaves less than 10m0s under ingest.max_lateness"},
+	} {
+		cfg := writeConfig(t, c.yaml)
+		if err := cfg.Validate(); err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%q: %v, want %q", c.yaml, err, c.want)
+		}
+	}
+	if cfg := writeConfig(t, "ingest:\n  max_lateness: 3h\nedge:\n  max_event_age: 2h50m\n"); cfg.Validate() != nil {
+		t.Errorf("an age ten minutes under the lateness: %v", cfg.Validate())
 	}
 }
 
