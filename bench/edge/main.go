@@ -40,6 +40,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -317,6 +318,9 @@ func run() error {
 					round, tg.name, 100*leasedShare, scriptsPerCall)
 			}
 		}
+	}
+	if n := edgeFallbacks.Load(); n > 0 {
+		return fmt.Errorf("the edge decided %d limits locally because Redis failed: its figures are not the edge's with Redis", n)
 	}
 	for _, tg := range targets {
 		fmt.Printf("best    %-16s %10.0f req/s\n", tg.name, rps[tg.name])
@@ -801,6 +805,11 @@ http {
 // edgeLimiter is the edge's Redis limiter, read for its batching and lease counts.
 var edgeLimiter *edgeredis.Limiter
 
+// edgeFallbacks counts the edge's calls decided by the local fallback
+// because Redis failed: a run with any measured a cheaper edge than the
+// one it names, and fails.
+var edgeFallbacks atomic.Int64
+
 func startEdge(ctx context.Context, tmp, upstream string, linger time.Duration, log *slog.Logger) (string, edge.Identity, func(), string, error) {
 	pgURL := env("TOLLGATE_POSTGRES_URL", "postgres://tollgate@127.0.0.1:15432/tollgate?sslmode=disable")
 	brokers := strings.Split(env("TOLLGATE_KAFKA_BROKERS", "127.0.0.1:19092"), ",")
@@ -854,7 +863,8 @@ func startEdge(ctx context.Context, tmp, upstream string, linger time.Duration, 
 	}
 	rdb := redis.NewClient(&redis.Options{Addr: redisAddr, PoolSize: 256, DialerRetries: 1, MaxRetries: -1})
 	edgeLimiter = edgeredis.NewLimiter(rdb)
-	lim := &edge.FallbackLimiter{Primary: edgeLimiter, Local: edge.NewLocalLimiter(1)}
+	lim := &edge.FallbackLimiter{Primary: edgeLimiter, Local: edge.NewLocalLimiter(1),
+		OnFallback: func(string, error) { edgeFallbacks.Add(1) }}
 	srv, err := edge.NewServer(edge.Config{Upstream: upstream, RateLimitPrefix: "tollgate:bench:"},
 		edge.Deps{Keys: cache, Emitter: producer, Limiter: lim, Quota: lim, Log: log})
 	if err != nil {
