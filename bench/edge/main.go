@@ -353,7 +353,7 @@ func run() error {
 	// Redis scripts per edge call: the edge talks to Redis only through
 	// scripts (EVALSHA, or EVAL when a script is not cached yet), so the
 	// scripts Redis ran over the fixed-rate run, divided by its calls.
-	rdb := redis.NewClient(&redis.Options{Addr: env("TOLLGATE_REDIS_ADDR", "127.0.0.1:16379")})
+	rdb := redis.NewClient(&redis.Options{Addr: env("TOLLGATE_REDIS_ADDR", "127.0.0.1:16379"), Username: os.Getenv("TOLLGATE_REDIS_USERNAME"), Password: os.Getenv("TOLLGATE_REDIS_PASSWORD")})
 	defer rdb.Close()
 	var perCall float64
 	for round := 1; round <= *repeat; round++ {
@@ -861,7 +861,7 @@ func startEdge(ctx context.Context, tmp, upstream string, linger time.Duration, 
 		cancel()
 		return "", edge.Identity{}, nil, "", err
 	}
-	rdb := redis.NewClient(&redis.Options{Addr: redisAddr, PoolSize: 256, DialerRetries: 1, MaxRetries: -1})
+	rdb := redis.NewClient(&redis.Options{Addr: redisAddr, Username: os.Getenv("TOLLGATE_REDIS_USERNAME"), Password: os.Getenv("TOLLGATE_REDIS_PASSWORD"), PoolSize: 256, DialerRetries: 1, MaxRetries: -1})
 	edgeLimiter = edgeredis.NewLimiter(rdb)
 	lim := &edge.FallbackLimiter{Primary: edgeLimiter, Local: edge.NewLocalLimiter(1),
 		OnFallback: func(string, error) { edgeFallbacks.Add(1) }}

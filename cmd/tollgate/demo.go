@@ -165,8 +165,8 @@ func runDemo(ctx context.Context, out io.Writer, cfg Config, log *slog.Logger, c
 	fmt.Fprintf(out, "\nLanded in ClickHouse: %d of %d demo calls (usage_events, database %s)\n", landed, sent.Total, cfg.Services.ClickHouseDatabase)
 	fmt.Fprintf(out, "\nWhere to look:\n")
 	fmt.Fprintf(out, "  edge:        curl -H 'Authorization: Bearer %s' http://%s/v1/widgets\n", keys[0].secret, edgeAddr)
-	fmt.Fprintf(out, "  raw events:  clickhouse-client --port %s -d %s -q \"SELECT account_id, count() FROM usage_events FINAL GROUP BY account_id\"\n",
-		portOf(cfg.Services.ClickHouseAddr), cfg.Services.ClickHouseDatabase)
+	fmt.Fprintf(out, "  raw events:  clickhouse-client %s -q \"SELECT account_id, count() FROM usage_events FINAL GROUP BY account_id\"\n",
+		clientArgs(cfg.Services))
 	for _, n := range comps {
 		if m, ok := n.c.(*InvoiceMain); ok {
 			fmt.Fprintf(out, "  invoices:    curl -H 'Authorization: Bearer %s' http://%s/v1/invoices/upcoming   (also /v1/usage/current, /v1/invoices; docs/invoicer.md)\n", keys[0].secret, m.Addr())
@@ -175,8 +175,8 @@ func runDemo(ctx context.Context, out io.Writer, cfg Config, log *slog.Logger, c
 	for _, n := range comps {
 		if m, ok := n.c.(*AggregateMain); ok {
 			fmt.Fprintf(out, "  usage API:   curl -H 'Authorization: Bearer %s' 'http://%s/v1/usage?meter=api_calls&window=minute'   (also /v1/requests; docs/usage-api.md)\n", keys[0].secret, m.Addr())
-			fmt.Fprintf(out, "  rollups:     clickhouse-client --port %s -d %s -q \"SELECT * FROM usage_by_window WHERE granularity = 'hour' AND empty(group_values)\"\n",
-				portOf(cfg.Services.ClickHouseAddr), cfg.Services.ClickHouseDatabase)
+			fmt.Fprintf(out, "  rollups:     clickhouse-client %s -q \"SELECT * FROM usage_by_window WHERE granularity = 'hour' AND empty(group_values)\"\n",
+				clientArgs(cfg.Services))
 		}
 	}
 	for _, n := range comps {
@@ -217,6 +217,20 @@ func runDemo(ctx context.Context, out io.Writer, cfg Config, log *slog.Logger, c
 		}
 		return err
 	}
+}
+
+// clientArgs are clickhouse-client's arguments for svc's database: its
+// port, and its user when not the default (asking for the password, which
+// is never printed).
+func clientArgs(svc Services) string {
+	a := fmt.Sprintf("--port %s -d %s", portOf(svc.ClickHouseAddr), svc.ClickHouseDatabase)
+	if svc.ClickHouseUser != "" && svc.ClickHouseUser != "default" {
+		a += " --user " + svc.ClickHouseUser
+	}
+	if svc.ClickHousePassword != "" {
+		a += " --ask-password"
+	}
+	return a
 }
 
 // countLanded counts the raw events of the calls with these request ids.

@@ -244,3 +244,16 @@ func TestStartOfLastMonth(t *testing.T) {
 		}
 	}
 }
+
+// The demo's clickhouse-client hints name a user that is not the default,
+// and ask for its password rather than print it.
+func TestTheDemosClickHouseHintsNameTheUser(t *testing.T) {
+	svc := Services{ClickHouseAddr: "127.0.0.1:19000", ClickHouseDatabase: "tollgate", ClickHouseUser: "default"}
+	if got, want := clientArgs(svc), "--port 19000 -d tollgate"; got != want {
+		t.Errorf("default user: %q, want %q", got, want)
+	}
+	svc.ClickHouseUser, svc.ClickHousePassword = "analyst", "s3cret"
+	if got, want := clientArgs(svc), "--port 19000 -d tollgate --user analyst --ask-password"; got != want {
+		t.Errorf("a user with a password: %q, want %q", got, want)
+	}
+}

@@ -864,12 +864,10 @@ func (f *Front) proxy(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, st
 		// held a pooled connection for as long as it liked, and a few
 		// hundred such calls (with any key, a test one included) left
 		// every other caller 503 upstream_busy.
-		// The buffer grows as the bytes come: made at the declared length,
-		// a caller that sent the head and stalled held all of it.
-		var body bytes.Buffer
-		if _, err = io.CopyN(&body, counted, int64(n)); err == nil {
+		var body []byte
+		if body, err = readGrowing(counted, n); err == nil {
 			counted.eof = true
-			req.SetBodyStream(bytes.NewReader(body.Bytes()), n)
+			req.SetBodyStream(bytes.NewReader(body), n)
 		} else if counted.err == nil {
 			counted.err = err
 		}
@@ -970,6 +968,30 @@ func (f *Front) proxy(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, st
 	}
 	f.holdLongAnswer(ctx, adm, call.RequestID, &x.body, int64(size))
 	ctx.Response.SetBodyStream(&x.body, size)
+}
+
+// readGrowing reads exactly n bytes from r into a buffer that grows as
+// they come, never past n: made at n, a caller that sent the head and
+// stalled held all of it; grown by bytes.Buffer, a whole body took up to
+// four times its size.
+func readGrowing(r io.Reader, n int) ([]byte, error) {
+	b := make([]byte, 0, min(n, 16<<10))
+	for len(b) < n {
+		if len(b) == cap(b) {
+			grown := make([]byte, len(b), min(2*cap(b), n))
+			copy(grown, b)
+			b = grown
+		}
+		m, err := r.Read(b[len(b):cap(b)])
+		b = b[:len(b)+m]
+		if err != nil && len(b) < n {
+			if err == io.EOF {
+				err = io.ErrUnexpectedEOF
+			}
+			return b, err
+		}
+	}
+	return b, nil
 }
 
 // bufferedUploadBytes is the longest body the front reads whole before it

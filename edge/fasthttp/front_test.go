@@ -2,8 +2,11 @@ package fasthttp
 
 import (
 	"bufio"
+	"bytes"
+	"io"
 	"strings"
 	"testing"
+	"testing/iotest"
 
 	fh "github.com/valyala/fasthttp"
 )
@@ -118,4 +121,19 @@ func TestWhatFasthttpLogsLosesEveryCredential(t *testing.T) {
 			t.Fatalf("redactSecrets(%q)\n = %q\nwant %q", in, got, want)
 		}
 	})
+}
+
+// readGrowing reads exactly n bytes, in a buffer never larger than n,
+// whatever the reads' sizes, and says when the body ends early.
+func TestReadGrowingReadsExactlyTheBody(t *testing.T) {
+	for _, n := range []int{0, 1, 16 << 10, 16<<10 + 1, 32 << 10, 65536} {
+		src := bytes.Repeat([]byte("ab"), n/2+1)[:n]
+		got, err := readGrowing(iotest.OneByteReader(bytes.NewReader(src)), n)
+		if err != nil || !bytes.Equal(got, src) || cap(got) > max(n, 16<<10) {
+			t.Errorf("n=%d: %d bytes, cap %d, %v", n, len(got), cap(got), err)
+		}
+	}
+	if _, err := readGrowing(strings.NewReader("short"), 10); err != io.ErrUnexpectedEOF {
+		t.Errorf("a body ending early: %v, want io.ErrUnexpectedEOF", err)
+	}
 }

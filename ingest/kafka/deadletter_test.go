@@ -291,7 +291,14 @@ func TestAMisroutedDeadLetterSkipsNothing(t *testing.T) {
 	misrouted := kafka.Message{Value: []byte("["), Headers: []kafka.Header{
 		{Key: HeaderReason, Value: []byte("old")}, {Key: HeaderSourceTopic, Value: []byte(src)},
 		{Key: HeaderSourcePartition, Value: []byte("1")}, {Key: HeaderSourceOffset, Value: []byte("50")}}}
-	testenv.Must(t, d.produce(ctx, 0, []kafka.Message{misrouted}), "write a misrouted dead letter")
+	var err error
+	for range 20 { // the topic is new: its partition may have no leader yet
+		if err = d.produce(ctx, 0, []kafka.Message{misrouted}); err == nil || !refusedUnwritten(err) {
+			break
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	testenv.Must(t, err, "write a misrouted dead letter")
 	testenv.Must(t, d.Reject(ctx, []ingest.Rejected{{Message: ingest.Message{Partition: 0, Offset: 7, Value: []byte("{")}, Reason: "new"}}),
 		"partition 0's dead letter")
 	if got, want := deadLetterOrigins(t, dlq, 0), "1@50 0@7"; got != want {
@@ -439,6 +446,48 @@ func TestAProduceRefusedUnwrittenIsSentAgain(t *testing.T) {
 	if !ro.refused.Load() {
 		t.Fatal("no produce was refused")
 	}
+	if got, want := deadLetterOrigins(t, dlq, 0), "0@4"; got != want {
+		t.Fatalf("dead letters %s, want %s", got, want)
+	}
+}
+
+// appendedThenRefused passes the first produce to the broker and then
+// answers it "not leader", as a leader that appended the batch and lost
+// its place while waiting for its replicas does.
+type appendedThenRefused struct {
+	kafka.RoundTripper
+	done atomic.Bool
+}
+
+func (a *appendedThenRefused) RoundTrip(ctx context.Context, addr net.Addr, req protocol.Message) (protocol.Message, error) {
+	res, err := a.RoundTripper.RoundTrip(ctx, addr, req)
+	if pr, ok := req.(*produce.Request); ok && err == nil && a.done.CompareAndSwap(false, true) {
+		refused := &produce.Response{}
+		for _, t := range pr.Topics {
+			rt := produce.ResponseTopic{Topic: t.Topic}
+			for _, p := range t.Partitions {
+				rt.Partitions = append(rt.Partitions, produce.ResponsePartition{Partition: p.Partition, ErrorCode: int16(kafka.NotLeaderForPartition)})
+			}
+			refused.Topics = append(refused.Topics, rt)
+		}
+		return refused, nil
+	}
+	return res, err
+}
+
+// "Not leader" can also come after the broker appended the batch: the
+// retry reads what was written first, and writes each dead letter once.
+func TestANotLeaderAnswerAfterTheAppendWritesOnce(t *testing.T) {
+	src := testenv.NewTopic(t, 1)
+	dlq := src + ".dlq"
+	testenv.CreateTopic(t, dlq, 1)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	d := NewDeadLetters(testenv.KafkaBrokers(), dlq, src)
+	defer d.Close()
+	d.client.Transport = &appendedThenRefused{RoundTripper: kafka.DefaultTransport}
+	testenv.Must(t, d.Reject(ctx, []ingest.Rejected{{Message: ingest.Message{Partition: 0, Offset: 4, Value: []byte("{")}, Reason: "bad"}}),
+		"dead-letter a record whose append is answered 'not leader'")
 	if got, want := deadLetterOrigins(t, dlq, 0), "0@4"; got != want {
 		t.Fatalf("dead letters %s, want %s", got, want)
 	}

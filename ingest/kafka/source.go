@@ -323,44 +323,71 @@ func (d *DeadLetters) Reject(ctx context.Context, rs []ingest.Rejected) error {
 		recs := byPart[p]
 		slices.SortStableFunc(recs, func(a, b ingest.Rejected) int { return cmp.Compare(a.Message.Offset, b.Message.Offset) })
 		byPart[p] = slices.CompactFunc(recs, func(a, b ingest.Rejected) bool { return a.Message.Offset == b.Message.Offset })
-		last, err := d.lastWritten(ctx, p)
-		if err != nil {
+		if err := d.rejectPartition(ctx, p, byPart[p]); err != nil {
 			return err
 		}
-		var msgs []kafka.Message
-		for _, r := range byPart[p] {
-			m := r.Message
-			if m.Offset <= last {
-				continue
-			}
-			msgs = append(msgs, kafka.Message{
-				Key:   m.Key,
-				Value: m.Value,
-				Headers: []kafka.Header{
-					{Key: HeaderReason, Value: []byte(r.Reason)},
-					{Key: HeaderSourceTopic, Value: []byte(d.topic)},
-					{Key: HeaderSourcePartition, Value: []byte(strconv.Itoa(m.Partition))},
-					{Key: HeaderSourceOffset, Value: []byte(strconv.FormatInt(m.Offset, 10))},
-				},
-			})
+	}
+	return nil
+}
+
+// rejectPartition writes partition p's dead letters not written before.
+// A write the broker refused before appending (a new partition with no
+// leader yet) is tried again from the start: what was written is read
+// again first, since the same refusal can also come after an append (a
+// leader that lost its place while waiting for its replicas).
+func (d *DeadLetters) rejectPartition(ctx context.Context, p int, recs []ingest.Rejected) error {
+	for attempt := 1; ; attempt++ {
+		err := d.writePartition(ctx, p, recs)
+		if err == nil || attempt == refusedAttempts || !refusedUnwritten(err) {
+			return err
 		}
-		// kafka-go splits one WriteMessages into produce batches and goes
-		// on to the next after one fails, which could leave a gap below the
-		// last source offset written, and the skip above would then drop
-		// the gap's records for good on the retry. So each write is small
-		// enough to be one batch, all or nothing, and the first failure
-		// stops the partition's writes.
-		for _, chunk := range deadLetterChunks(msgs, deadLetterBatch, 512<<10) {
-			err := d.produce(ctx, p, chunk)
-			if err != nil && len(chunk) == 1 && tooLarge(err) {
-				// A topic made elsewhere, with a smaller limit: the dead
-				// letter says where the record is instead of holding it,
-				// rather than stop the partition for good.
-				err = d.produce(ctx, p, []kafka.Message{pointer(chunk[0])})
-			}
-			if err != nil {
-				return fmt.Errorf("write dead letters: %w", err)
-			}
+		select {
+		case <-ctx.Done():
+			return err
+		case <-time.After(time.Duration(attempt) * 200 * time.Millisecond):
+		}
+	}
+}
+
+// writePartition writes recs, partition p's, after the last one written.
+func (d *DeadLetters) writePartition(ctx context.Context, p int, recs []ingest.Rejected) error {
+	last, err := d.lastWritten(ctx, p)
+	if err != nil {
+		return err
+	}
+	var msgs []kafka.Message
+	for _, r := range recs {
+		m := r.Message
+		if m.Offset <= last {
+			continue
+		}
+		msgs = append(msgs, kafka.Message{
+			Key:   m.Key,
+			Value: m.Value,
+			Headers: []kafka.Header{
+				{Key: HeaderReason, Value: []byte(r.Reason)},
+				{Key: HeaderSourceTopic, Value: []byte(d.topic)},
+				{Key: HeaderSourcePartition, Value: []byte(strconv.Itoa(m.Partition))},
+				{Key: HeaderSourceOffset, Value: []byte(strconv.FormatInt(m.Offset, 10))},
+			},
+		})
+	}
+	// kafka-go splits one WriteMessages into produce batches and goes
+	// on to the next after one fails, which could leave a gap below the
+	// last source offset written, and the skip above would then drop
+	// the gap's records for good on the retry. So each write is small
+	// enough to be one batch, all or nothing, and the first failure
+	// stops the partition's writes.
+	for _, chunk := range deadLetterChunks(msgs, deadLetterBatch, 512<<10) {
+		err := d.produce(ctx, p, chunk)
+		if err != nil && len(chunk) == 1 && tooLarge(err) {
+			// A topic made elsewhere, with a smaller limit: the dead
+			// letter says where the record is instead of holding it,
+			// rather than stop the partition for good.
+			err = d.produce(ctx, p, []kafka.Message{pointer(chunk[0])})
+		}
+		if err != nil {
+			return fmt.Errorf("write dead letters: %w", err)
 		}
 	}
 	return nil
@@ -376,40 +403,28 @@ func (d *DeadLetters) produce(ctx context.Context, p int, msgs []kafka.Message) 
 			recs[i].Key = kafka.NewBytes(m.Key)
 		}
 	}
-	for attempt := 1; ; attempt++ {
-		res, err := d.client.Produce(ctx, &kafka.ProduceRequest{Topic: d.dlq, Partition: p, RequiredAcks: kafka.RequireAll,
-			Records: kafka.NewRecordReader(recs...)})
-		if err == nil {
-			err = res.Error
-		}
-		if err == nil {
-			for _, e := range res.RecordErrors {
-				if e != nil {
-					return e
-				}
-			}
-			return nil
-		}
-		// A broker that refused the batch before appending it (its leader
-		// moved, or a new partition has none yet) is asked again: nothing
-		// was written. Any other failure may have appended it, and the
-		// caller's retry reads what was.
-		if attempt == refusedAttempts || !refusedUnwritten(err) {
-			return err
-		}
-		select {
-		case <-ctx.Done():
-			return err
-		case <-time.After(time.Duration(attempt) * 100 * time.Millisecond):
+	res, err := d.client.Produce(ctx, &kafka.ProduceRequest{Topic: d.dlq, Partition: p, RequiredAcks: kafka.RequireAll,
+		Records: kafka.NewRecordReader(recs...)})
+	if err == nil {
+		err = res.Error
+	}
+	if err != nil {
+		return err
+	}
+	for _, e := range res.RecordErrors {
+		if e != nil {
+			return e
 		}
 	}
+	return nil
 }
 
-// refusedAttempts bounds the tries of a produce the broker refused unwritten.
+// refusedAttempts bounds the tries of a partition's dead letters when the
+// broker refuses them for want of a leader.
 const refusedAttempts = 5
 
-// refusedUnwritten reports whether a produce failed with an error the broker
-// gives before it appends anything.
+// refusedUnwritten reports whether a produce failed for want of a leader
+// or of replicas, which passes.
 func refusedUnwritten(err error) bool {
 	return errors.Is(err, kafka.NotLeaderForPartition) || errors.Is(err, kafka.LeaderNotAvailable) ||
 		errors.Is(err, kafka.UnknownTopicOrPartition) || errors.Is(err, kafka.NotEnoughReplicas)

@@ -1,6 +1,7 @@
 package scratch
 
 import (
+	"os"
 	"context"
 	"fmt"
 	"time"
@@ -13,8 +14,14 @@ import (
 
 // ClickHouseOptions are the native-protocol options the benchmarks use,
 // with room for long analytical queries.
+// They log in as TOLLGATE_CLICKHOUSE_USER (default "default") with
+// TOLLGATE_CLICKHOUSE_PASSWORD, as tollgate does.
 func ClickHouseOptions(addr, db string) *clickhouse.Options {
-	return &clickhouse.Options{Addr: []string{addr}, Auth: clickhouse.Auth{Database: db, Username: "default"},
+	user := os.Getenv("TOLLGATE_CLICKHOUSE_USER")
+	if user == "" {
+		user = "default"
+	}
+	return &clickhouse.Options{Addr: []string{addr}, Auth: clickhouse.Auth{Database: db, Username: user, Password: os.Getenv("TOLLGATE_CLICKHOUSE_PASSWORD")},
 		DialTimeout: 5 * time.Second, ReadTimeout: 10 * time.Minute, Protocol: clickhouse.Native}
 }
 
