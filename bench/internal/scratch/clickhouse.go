@@ -1,9 +1,9 @@
 package scratch
 
 import (
-	"os"
 	"context"
 	"fmt"
+	"os"
 	"time"
 
 	"github.com/ClickHouse/clickhouse-go/v2"
