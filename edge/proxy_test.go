@@ -2078,26 +2078,7 @@ func TestAFullUpstreamPoolAnswers503(t *testing.T) {
 	key, _ := env.Key(t, "acct_pool", edge.Secret, schemas.Live)
 	var reached atomic.Int64
 	release := make(chan struct{})
-	up := serveUpstream(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		reached.Add(1)
-		if r.URL.Path != "/v1/busy" {
-			_, _ = io.WriteString(w, "quick")
-			return
-		}
-		// A streamed answer that keeps the connection busy, never silent
-		// for as long as upstream_timeout, until released.
-		for {
-			_, _ = io.WriteString(w, ".")
-			w.(http.Flusher).Flush()
-			select {
-			case <-release:
-				return
-			case <-r.Context().Done():
-				return
-			case <-time.After(50 * time.Millisecond):
-			}
-		}
-	}))
+	up := busyUpstream(t, &reached, &release)
 	for _, fr := range fronts {
 		t.Run(fr.name, func(t *testing.T) {
 			release = make(chan struct{})
@@ -2529,4 +2510,31 @@ func TestConnectionCannotDropARequestsFraming(t *testing.T) {
 			}
 		})
 	}
+}
+
+// busyUpstream counts every call it gets in reached and answers "quick",
+// except /v1/busy: a streamed answer that keeps its connection busy, never
+// silent for as long as upstream_timeout, until *release is closed (read
+// at each call, so a test can make a new one for each part).
+func busyUpstream(t *testing.T, reached *atomic.Int64, release *chan struct{}) string {
+	t.Helper()
+	return serveUpstream(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		reached.Add(1)
+		if r.URL.Path != "/v1/busy" {
+			_, _ = io.WriteString(w, "quick")
+			return
+		}
+		done := *release
+		for {
+			_, _ = io.WriteString(w, ".")
+			w.(http.Flusher).Flush()
+			select {
+			case <-done:
+				return
+			case <-r.Context().Done():
+				return
+			case <-time.After(50 * time.Millisecond):
+			}
+		}
+	}))
 }

@@ -93,24 +93,7 @@ func TestTestCallsCannotTakeLiveCallsConnections(t *testing.T) {
 			var once sync.Once
 			free := func() { once.Do(func() { close(release) }) }
 			var busy atomic.Int64
-			up := serveUpstream(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-				if r.URL.Path != "/v1/busy" {
-					_, _ = io.WriteString(w, "quick")
-					return
-				}
-				busy.Add(1)
-				for { // a streamed answer, never silent for upstream_timeout, until released
-					_, _ = io.WriteString(w, ".")
-					w.(http.Flusher).Flush()
-					select {
-					case <-release:
-						return
-					case <-r.Context().Done():
-						return
-					case <-time.After(50 * time.Millisecond):
-					}
-				}
-			}))
+			up := busyUpstream(t, &busy, &release)
 			in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP, Config: func(c *edge.Config) {
 				// No sandbox upstream: test calls go to the live one.
 				c.Upstream, c.SandboxUpstream, c.UpstreamMaxConns, c.UpstreamTimeout = up, "", 1, 500*time.Millisecond

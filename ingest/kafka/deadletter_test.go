@@ -253,27 +253,14 @@ func deadLetterOrigins(t *testing.T, topic string, p int) string {
 // where it made partition 0's next malformed records look written already,
 // and they were lost.
 func TestDeadLettersOfANewPartitionGoToTheirOwn(t *testing.T) {
-	src := testenv.NewTopic(t, 2)
-	dlq := src + ".dlq"
-	testenv.CreateTopic(t, dlq, 1)
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	d := NewDeadLetters(testenv.KafkaBrokers(), dlq, src)
-	defer d.Close()
-	bad := func(p int, offsets ...int64) []ingest.Rejected {
-		var rs []ingest.Rejected
-		for _, o := range offsets {
-			rs = append(rs, ingest.Rejected{Message: ingest.Message{Partition: p, Offset: o, Value: []byte("{")}, Reason: "truncated JSON"})
-		}
-		return rs
-	}
-	testenv.Must(t, d.Reject(ctx, bad(0, 0)), "partition 0's first dead letter")
-	testenv.Must(t, d.Reject(ctx, bad(1, 50)), "partition 1's dead letter, its dead-letter partition missing")
-	testenv.Must(t, d.Reject(ctx, bad(0, 1, 2, 3, 4, 5)), "partition 0's next dead letters")
-	if got, want := deadLetterOrigins(t, dlq, 0), "0@0 0@1 0@2 0@3 0@4 0@5"; got != want {
+	ctx, d := newDeadLetters(t, 2, 1)
+	testenv.Must(t, d.Reject(ctx, rejected(0, 0)), "partition 0's first dead letter")
+	testenv.Must(t, d.Reject(ctx, rejected(1, 50)), "partition 1's dead letter, its dead-letter partition missing")
+	testenv.Must(t, d.Reject(ctx, rejected(0, 1, 2, 3, 4, 5)), "partition 0's next dead letters")
+	if got, want := deadLetterOrigins(t, d.dlq, 0), "0@0 0@1 0@2 0@3 0@4 0@5"; got != want {
 		t.Errorf("dead-letter partition 0 holds %s, want %s", got, want)
 	}
-	if got, want := deadLetterOrigins(t, dlq, 1), "1@50"; got != want {
+	if got, want := deadLetterOrigins(t, d.dlq, 1), "1@50"; got != want {
 		t.Errorf("dead-letter partition 1 holds %s, want %s", got, want)
 	}
 }
@@ -281,15 +268,9 @@ func TestDeadLettersOfANewPartitionGoToTheirOwn(t *testing.T) {
 // A dead letter of another source partition at the end of partition p (one
 // an older release misrouted) does not make p's records look written.
 func TestAMisroutedDeadLetterSkipsNothing(t *testing.T) {
-	src := testenv.NewTopic(t, 2)
-	dlq := src + ".dlq"
-	testenv.CreateTopic(t, dlq, 2)
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	d := NewDeadLetters(testenv.KafkaBrokers(), dlq, src)
-	defer d.Close()
+	ctx, d := newDeadLetters(t, 2, 2)
 	misrouted := kafka.Message{Value: []byte("["), Headers: []kafka.Header{
-		{Key: HeaderReason, Value: []byte("old")}, {Key: HeaderSourceTopic, Value: []byte(src)},
+		{Key: HeaderReason, Value: []byte("old")}, {Key: HeaderSourceTopic, Value: []byte(d.topic)},
 		{Key: HeaderSourcePartition, Value: []byte("1")}, {Key: HeaderSourceOffset, Value: []byte("50")}}}
 	var err error
 	for range 20 { // the topic is new: its partition may have no leader yet
@@ -299,9 +280,9 @@ func TestAMisroutedDeadLetterSkipsNothing(t *testing.T) {
 		time.Sleep(200 * time.Millisecond)
 	}
 	testenv.Must(t, err, "write a misrouted dead letter")
-	testenv.Must(t, d.Reject(ctx, []ingest.Rejected{{Message: ingest.Message{Partition: 0, Offset: 7, Value: []byte("{")}, Reason: "new"}}),
+	testenv.Must(t, d.Reject(ctx, rejected(0, 7)),
 		"partition 0's dead letter")
-	if got, want := deadLetterOrigins(t, dlq, 0), "1@50 0@7"; got != want {
+	if got, want := deadLetterOrigins(t, d.dlq, 0), "1@50 0@7"; got != want {
 		t.Errorf("dead-letter partition 0 holds %s, want %s", got, want)
 	}
 }
@@ -310,19 +291,9 @@ func TestAMisroutedDeadLetterSkipsNothing(t *testing.T) {
 // back in a rebalance reads it again from the committed offset, into the
 // same batch) dead-letters each once, in offset order.
 func TestARecordReadTwiceInOneBatchIsDeadLetteredOnce(t *testing.T) {
-	src := testenv.NewTopic(t, 1)
-	dlq := src + ".dlq"
-	testenv.CreateTopic(t, dlq, 1)
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	d := NewDeadLetters(testenv.KafkaBrokers(), dlq, src)
-	defer d.Close()
-	var rs []ingest.Rejected
-	for _, o := range []int64{3, 7, 3, 7} {
-		rs = append(rs, ingest.Rejected{Message: ingest.Message{Partition: 0, Offset: o, Value: []byte("{")}, Reason: "truncated JSON"})
-	}
-	testenv.Must(t, d.Reject(ctx, rs), "dead-letter the batch")
-	if got, want := deadLetterOrigins(t, dlq, 0), "0@3 0@7"; got != want {
+	ctx, d := newDeadLetters(t, 1, 1)
+	testenv.Must(t, d.Reject(ctx, rejected(0, 3, 7, 3, 7)), "dead-letter the batch")
+	if got, want := deadLetterOrigins(t, d.dlq, 0), "0@3 0@7"; got != want {
 		t.Errorf("dead letters %s, want %s", got, want)
 	}
 }
@@ -415,15 +386,7 @@ type refusedOnce struct {
 
 func (r *refusedOnce) RoundTrip(ctx context.Context, addr net.Addr, req protocol.Message) (protocol.Message, error) {
 	if pr, ok := req.(*produce.Request); ok && r.refused.CompareAndSwap(false, true) {
-		res := &produce.Response{}
-		for _, t := range pr.Topics {
-			rt := produce.ResponseTopic{Topic: t.Topic}
-			for _, p := range t.Partitions {
-				rt.Partitions = append(rt.Partitions, produce.ResponsePartition{Partition: p.Partition, ErrorCode: int16(kafka.NotLeaderForPartition)})
-			}
-			res.Topics = append(res.Topics, rt)
-		}
-		return res, nil
+		return notLeader(pr), nil
 	}
 	return r.RoundTripper.RoundTrip(ctx, addr, req)
 }
@@ -432,21 +395,15 @@ func (r *refusedOnce) RoundTrip(ctx context.Context, addr net.Addr, req protocol
 // one) is sent again, once, and the dead letter is written once. It failed
 // the Reject, which on a topic just created failed ingest's step.
 func TestAProduceRefusedUnwrittenIsSentAgain(t *testing.T) {
-	src := testenv.NewTopic(t, 1)
-	dlq := src + ".dlq"
-	testenv.CreateTopic(t, dlq, 1)
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	d := NewDeadLetters(testenv.KafkaBrokers(), dlq, src)
-	defer d.Close()
+	ctx, d := newDeadLetters(t, 1, 1)
 	ro := &refusedOnce{RoundTripper: kafka.DefaultTransport}
 	d.client.Transport = ro
-	testenv.Must(t, d.Reject(ctx, []ingest.Rejected{{Message: ingest.Message{Partition: 0, Offset: 4, Value: []byte("{")}, Reason: "bad"}}),
+	testenv.Must(t, d.Reject(ctx, rejected(0, 4)),
 		"dead-letter a record whose first produce is refused")
 	if !ro.refused.Load() {
 		t.Fatal("no produce was refused")
 	}
-	if got, want := deadLetterOrigins(t, dlq, 0), "0@4"; got != want {
+	if got, want := deadLetterOrigins(t, d.dlq, 0), "0@4"; got != want {
 		t.Fatalf("dead letters %s, want %s", got, want)
 	}
 }
@@ -462,15 +419,7 @@ type appendedThenRefused struct {
 func (a *appendedThenRefused) RoundTrip(ctx context.Context, addr net.Addr, req protocol.Message) (protocol.Message, error) {
 	res, err := a.RoundTripper.RoundTrip(ctx, addr, req)
 	if pr, ok := req.(*produce.Request); ok && err == nil && a.done.CompareAndSwap(false, true) {
-		refused := &produce.Response{}
-		for _, t := range pr.Topics {
-			rt := produce.ResponseTopic{Topic: t.Topic}
-			for _, p := range t.Partitions {
-				rt.Partitions = append(rt.Partitions, produce.ResponsePartition{Partition: p.Partition, ErrorCode: int16(kafka.NotLeaderForPartition)})
-			}
-			refused.Topics = append(refused.Topics, rt)
-		}
-		return refused, nil
+		return notLeader(pr), nil
 	}
 	return res, err
 }
@@ -478,17 +427,48 @@ func (a *appendedThenRefused) RoundTrip(ctx context.Context, addr net.Addr, req 
 // "Not leader" can also come after the broker appended the batch: the
 // retry reads what was written first, and writes each dead letter once.
 func TestANotLeaderAnswerAfterTheAppendWritesOnce(t *testing.T) {
-	src := testenv.NewTopic(t, 1)
-	dlq := src + ".dlq"
-	testenv.CreateTopic(t, dlq, 1)
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	d := NewDeadLetters(testenv.KafkaBrokers(), dlq, src)
-	defer d.Close()
+	ctx, d := newDeadLetters(t, 1, 1)
 	d.client.Transport = &appendedThenRefused{RoundTripper: kafka.DefaultTransport}
-	testenv.Must(t, d.Reject(ctx, []ingest.Rejected{{Message: ingest.Message{Partition: 0, Offset: 4, Value: []byte("{")}, Reason: "bad"}}),
+	testenv.Must(t, d.Reject(ctx, rejected(0, 4)),
 		"dead-letter a record whose append is answered 'not leader'")
-	if got, want := deadLetterOrigins(t, dlq, 0), "0@4"; got != want {
+	if got, want := deadLetterOrigins(t, d.dlq, 0), "0@4"; got != want {
 		t.Fatalf("dead letters %s, want %s", got, want)
 	}
+}
+
+// newDeadLetters makes a usage topic of srcParts partitions and a
+// dead-letter topic of dlqParts for this test, and a writer between them,
+// closed with the test; the context ends after a minute.
+func newDeadLetters(t *testing.T, srcParts, dlqParts int) (context.Context, *DeadLetters) {
+	t.Helper()
+	src := testenv.NewTopic(t, srcParts)
+	testenv.CreateTopic(t, src+".dlq", dlqParts)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	t.Cleanup(cancel)
+	d := NewDeadLetters(testenv.KafkaBrokers(), src+".dlq", src)
+	t.Cleanup(func() { _ = d.Close() })
+	return ctx, d
+}
+
+// rejected are partition p's records at offsets, each malformed.
+func rejected(p int, offsets ...int64) []ingest.Rejected {
+	var rs []ingest.Rejected
+	for _, o := range offsets {
+		rs = append(rs, ingest.Rejected{Message: ingest.Message{Partition: p, Offset: o, Value: []byte("{")}, Reason: "truncated JSON"})
+	}
+	return rs
+}
+
+// notLeader is a broker's answer to pr that it is not the leader of any of
+// its partitions.
+func notLeader(pr *produce.Request) *produce.Response {
+	res := &produce.Response{}
+	for _, t := range pr.Topics {
+		rt := produce.ResponseTopic{Topic: t.Topic}
+		for _, p := range t.Partitions {
+			rt.Partitions = append(rt.Partitions, produce.ResponsePartition{Partition: p.Partition, ErrorCode: int16(kafka.NotLeaderForPartition)})
+		}
+		res.Topics = append(res.Topics, rt)
+	}
+	return res
 }
