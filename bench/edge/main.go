@@ -259,9 +259,19 @@ func run() error {
 	rps := map[string]float64{}
 	allocs := map[string]float64{}
 	var scriptsPerCall, leasedShare float64
+	// Every call of the edge and of the metered proxy is one event in its
+	// topic: after each run the bench waits, inside the run's CPU span,
+	// until the topic holds exactly the calls wrk completed, so the
+	// delivery's CPU counts for the target that made it (not the next one)
+	// and a run that lost or doubled events fails.
+	metered := newMeteredTopics(ctx, map[string]string{"metered_proxy": "tollgate.bench.metered", "edge": "tollgate.bench.edge"})
 	for _, tg := range targets {
 		// Warm up connections and caches.
-		if _, err := wrk(tg.url, auth, 2*time.Second, *conns); err != nil {
+		_, calls, err := wrkCalls(tg.url, auth, 2*time.Second, *conns)
+		if err != nil {
+			return err
+		}
+		if err := metered.landed(ctx, tg.name, calls, int64(*conns)); err != nil {
 			return err
 		}
 	}
@@ -275,7 +285,10 @@ func run() error {
 			leased0, _ := edgeLimiter.Leased()
 			span := cpu[tg.name].Begin()
 			mallocs0 := mallocs()
-			r, err := wrk(tg.url, auth, *dur, *conns)
+			r, calls, err := wrkCalls(tg.url, auth, *dur, *conns)
+			if err == nil {
+				err = metered.landed(ctx, tg.name, calls, int64(*conns))
+			}
 			heapAllocs := float64(mallocs()-mallocs0) / (r * dur.Seconds())
 			stopProfile()
 			if *memprofile != "" && tg.name == *profileTarget && round == 1 {
@@ -611,38 +624,51 @@ func profileIf(on bool, path string) (func(), error) {
 }
 
 var wrkRPS = regexp.MustCompile(`Requests/sec:\s+([0-9.]+)`)
+var wrkTotal = regexp.MustCompile(`(\d+) requests in `)
 var wrkNon2xx = regexp.MustCompile(`Non-2xx or 3xx responses:\s+(\d+)`)
 var wrkSocketErrors = regexp.MustCompile(`Socket errors:[^\n]*`)
 
 func wrk(url, header string, d time.Duration, conns int) (float64, error) {
+	rps, _, err := wrkCalls(url, header, d, conns)
+	return rps, err
+}
+
+// wrkCalls is wrk's throughput and the number of calls it completed.
+func wrkCalls(url, header string, d time.Duration, conns int) (float64, int64, error) {
 	if d < time.Second || d%time.Second != 0 {
 		// wrk takes whole seconds, and the figures per call divide by d.
-		return 0, fmt.Errorf("wrk %s: duration %s: want whole seconds, at least one", url, d)
+		return 0, 0, fmt.Errorf("wrk %s: duration %s: want whole seconds, at least one", url, d)
 	}
 	bin := env("WRK", "/usr/bin/wrk")
 	out, err := exec.Command(bin, "-t2", "-c"+strconv.Itoa(conns), "-d"+strconv.Itoa(int(d.Seconds()))+"s",
 		"-H", header, url).CombinedOutput()
 	if err != nil {
-		return 0, fmt.Errorf("wrk %s: %v\n%s", url, err, out)
+		return 0, 0, fmt.Errorf("wrk %s: %v\n%s", url, err, out)
 	}
 	if m := wrkNon2xx.FindSubmatch(out); m != nil {
-		return 0, fmt.Errorf("wrk %s: %s non-2xx responses (limits too low for the bench?)\n%s", url, m[1], out)
+		return 0, 0, fmt.Errorf("wrk %s: %s non-2xx responses (limits too low for the bench?)\n%s", url, m[1], out)
 	}
 	// Calls that failed on the socket (refused, reset, timed out) are not
 	// in Requests/sec, and a target that failed some would look as fast
 	// as its successes.
 	if m := wrkSocketErrors.Find(out); m != nil {
-		return 0, fmt.Errorf("wrk %s: %s\n%s", url, m, out)
+		return 0, 0, fmt.Errorf("wrk %s: %s\n%s", url, m, out)
 	}
 	m := wrkRPS.FindSubmatch(out)
 	if m == nil {
-		return 0, fmt.Errorf("wrk %s: no Requests/sec in\n%s", url, out)
+		return 0, 0, fmt.Errorf("wrk %s: no Requests/sec in\n%s", url, out)
 	}
 	rps, err := strconv.ParseFloat(string(m[1]), 64)
 	if err == nil && rps <= 0 {
 		err = fmt.Errorf("wrk %s: no call completed\n%s", url, out)
 	}
-	return rps, err
+	var total int64
+	if t := wrkTotal.FindSubmatch(out); t != nil {
+		total, _ = strconv.ParseInt(string(t[1]), 10, 64)
+	} else if err == nil {
+		err = fmt.Errorf("wrk %s: no request count in\n%s", url, out)
+	}
+	return rps, total, err
 }
 
 // fixedRate sends calls at rate for d, each on an idle keep-alive
@@ -800,6 +826,97 @@ http {
 		}
 	}
 	return stop, nil
+}
+
+// meteredTopics follows the topics the metering targets write: how many
+// events each holds beyond what it held at the start, and how many it
+// should.
+type meteredTopics struct {
+	client *kafka.Client
+	topics map[string]string // target: topic
+	base   map[string]int64
+	want   map[string]int64
+	err    error
+}
+
+func newMeteredTopics(ctx context.Context, topics map[string]string) *meteredTopics {
+	m := &meteredTopics{client: &kafka.Client{Addr: kafka.TCP(strings.Split(env("TOLLGATE_KAFKA_BROKERS", "127.0.0.1:19092"), ",")...), Timeout: 10 * time.Second},
+		topics: topics, base: map[string]int64{}, want: map[string]int64{}}
+	for name, topic := range topics {
+		n, err := m.end(ctx, topic)
+		if err != nil {
+			m.err = err
+		}
+		m.base[name] = n
+	}
+	return m
+}
+
+// end is the sum of topic's partitions' end offsets.
+func (m *meteredTopics) end(ctx context.Context, topic string) (int64, error) {
+	md, err := m.client.Metadata(ctx, &kafka.MetadataRequest{Topics: []string{topic}})
+	if err != nil {
+		return 0, err
+	}
+	var reqs []kafka.OffsetRequest
+	for _, t := range md.Topics {
+		for _, p := range t.Partitions {
+			reqs = append(reqs, kafka.LastOffsetOf(p.ID))
+		}
+	}
+	res, err := m.client.ListOffsets(ctx, &kafka.ListOffsetsRequest{Topics: map[string][]kafka.OffsetRequest{topic: reqs}})
+	if err != nil {
+		return 0, err
+	}
+	var n int64
+	for _, p := range res.Topics[topic] {
+		if p.Error != nil {
+			return 0, p.Error
+		}
+		n += p.LastOffset
+	}
+	return n, nil
+}
+
+// landed waits until target's topic holds calls more events, and fails
+// if they do not come within a minute, or if more come than calls and the
+// inflight ones: wrk counts only the calls it saw answered, and stops with
+// up to one call on each connection still in flight, which the target
+// answers and meters after wrk has hung up. A target that meters nothing
+// passes.
+func (m *meteredTopics) landed(ctx context.Context, target string, calls, inflight int64) error {
+	topic, ok := m.topics[target]
+	if !ok {
+		return nil
+	}
+	if m.err != nil {
+		return fmt.Errorf("%s's topic %s: %w", target, topic, m.err)
+	}
+	m.want[target] += calls
+	deadline := time.Now().Add(time.Minute)
+	for {
+		n, err := m.end(ctx, topic)
+		if err != nil {
+			return fmt.Errorf("%s's topic %s: %w", target, topic, err)
+		}
+		got := n - m.base[target]
+		switch {
+		case got > m.want[target]+inflight:
+			return fmt.Errorf("%s: %d events in %s for %d calls (and at most %d cut off in flight)", target, got, topic, m.want[target], inflight)
+		case got >= m.want[target]:
+			// Settled, the calls cut off in flight included: a moment
+			// later nothing more comes.
+			time.Sleep(100 * time.Millisecond)
+			if again, err := m.end(ctx, topic); err != nil || again != n {
+				continue
+			}
+			m.want[target] = got
+			return nil
+		case time.Now().After(deadline):
+			return fmt.Errorf("%s: %d events in %s a minute after %d calls", target, got, topic, m.want[target])
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 }
 
 // edgeLimiter is the edge's Redis limiter, read for its batching and lease counts.
