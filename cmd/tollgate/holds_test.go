@@ -36,15 +36,12 @@ func TestEdgeSpoolHoldsUsageUntilItsEventsAreInKafka(t *testing.T) {
 	cfg.Edge.SpoolDir, cfg.Edge.Upstream = t.TempDir(), up.URL
 	m, err := NewEdgeMain(ctx, cfg, quietLog())
 	testenv.Must(t, err, "start the edge")
-	runCtx, stop := context.WithCancel(ctx)
-	done := make(chan error, 1)
-	go func() { done <- m.Run(runCtx) }()
+	stop := runComponent(t, m)
 	closed := false
 	shut := func() {
 		if !closed {
 			closed = true
 			stop()
-			<-done
 			testenv.Must(t, m.Close(), "close the edge")
 		}
 	}

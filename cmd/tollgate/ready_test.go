@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -39,9 +40,7 @@ func TestAnEdgesReadinessAnswersWhenPostgresGoesSilent(t *testing.T) {
 	cfg.Edge.SpoolDir, cfg.Edge.Upstream = t.TempDir(), up.URL
 	m, err := NewEdgeMain(ctx, cfg, quietLog())
 	testenv.Must(t, err, "start the edge")
-	runCtx, stop := context.WithCancel(ctx)
-	done := make(chan error, 1)
-	go func() { done <- m.Run(runCtx) }()
+	stop := runComponent(t, m)
 	probe := func() (int, error) {
 		c := &http.Client{Timeout: 5 * time.Second}
 		resp, err := c.Get("http://" + m.Addr() + "/readyz")
@@ -62,7 +61,6 @@ func TestAnEdgesReadinessAnswersWhenPostgresGoesSilent(t *testing.T) {
 		}
 	}
 	stop()
-	<-done
 	closed := make(chan error, 1)
 	go func() { closed <- m.Close() }()
 	select {
@@ -190,10 +188,8 @@ func silentPostgres(t *testing.T, pg *testenv.Postgres) (*testenv.Freezer, strin
 func TestEveryComponentsReadinessFollowsItsServices(t *testing.T) {
 	ctx := context.Background()
 	run := func(t *testing.T, c component) {
-		runCtx, stop := context.WithCancel(ctx)
-		done := make(chan error, 1)
-		go func() { done <- c.Run(runCtx) }()
-		t.Cleanup(func() { stop(); <-done; _ = c.Close() })
+		stop := runComponent(t, c)
+		t.Cleanup(func() { stop(); _ = c.Close() })
 	}
 	check := func(t *testing.T, base string, f *testenv.Freezer) {
 		t.Helper()
@@ -242,4 +238,17 @@ func TestEveryComponentsReadinessFollowsItsServices(t *testing.T) {
 		run(t, m)
 		check(t, "http://"+m.MetricsAddr(), f)
 	})
+}
+
+// runComponent runs c until the returned stop, which waits for Run to
+// return (at the test's end at the latest); Close is the caller's.
+func runComponent(t *testing.T, c component) (stop func()) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- c.Run(ctx) }()
+	var once sync.Once
+	stop = func() { once.Do(func() { cancel(); <-done }) }
+	t.Cleanup(stop)
+	return stop
 }
