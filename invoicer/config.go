@@ -18,6 +18,9 @@ import (
 type Config struct {
 	// Listen is the invoice API's address.
 	Listen string `yaml:"listen"`
+	// MetricsListen, when set, serves Prometheus /metrics (with /healthz
+	// and /readyz) on an address of its own, never the invoice API's.
+	MetricsListen string `yaml:"metrics_listen"`
 	// Interval is how often due periods are closed and Stripe is synced.
 	Interval time.Duration `yaml:"interval"`
 	// Grace is how far the usage watermark must pass a period's end before

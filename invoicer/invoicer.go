@@ -11,6 +11,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/tollgate-dev/tollgate/internal/caltime"
 	"github.com/tollgate-dev/tollgate/meter"
 	"github.com/tollgate-dev/tollgate/schemas"
@@ -215,6 +217,7 @@ type Invoicer struct {
 	lookback int
 	// stripeMode is the Stripe key's mode (Options.StripeMode).
 	stripeMode string
+	m          *metrics
 }
 
 // Options configure an Invoicer.
@@ -229,6 +232,8 @@ type Options struct {
 	// StripeMode is the Stripe key's mode, "live" or "test" (StripeKeyMode);
 	// "" leaves it unchecked.
 	StripeMode string
+	// Registerer takes the invoicer's metrics (nil: kept, not served).
+	Registerer prometheus.Registerer
 }
 
 // StripeKeyMode is the mode of a Stripe API key: "live" or "test", or ""
@@ -286,7 +291,7 @@ func New(store Store, usage UsageReader, wm Watermark, stripe Stripe, opts Optio
 		opts.Now = time.Now
 	}
 	return &Invoicer{store: store, usage: usage, wm: wm, stripe: stripe, meters: opts.Meters,
-		grace: opts.Grace, log: log, now: opts.Now, lookback: opts.Lookback, stripeMode: opts.StripeMode}, nil
+		grace: opts.Grace, log: log, now: opts.Now, lookback: opts.Lookback, stripeMode: opts.StripeMode, m: newMetrics(opts.Registerer)}, nil
 }
 
 // CloseResult summarises one close run.
@@ -310,6 +315,7 @@ func (iv *Invoicer) CloseDue(ctx context.Context) (CloseResult, error) {
 		return CloseResult{}, fmt.Errorf("read watermark: %w", err)
 	}
 	res := CloseResult{Watermark: wm}
+	iv.m.watermarkLag.Set(max(0, iv.now().Sub(wm).Seconds()))
 	// Recorded before anything is finalized with a key set, so that what
 	// this close finalizes is sent to Stripe. A key of the wrong mode does
 	// not stop the close: only the sync refuses it.
@@ -384,6 +390,7 @@ func (iv *Invoicer) CloseDue(ctx context.Context) (CloseResult, error) {
 						res.Failed = map[time.Time][]string{}
 					}
 					res.Failed[p.Start] = append(res.Failed[p.Start], a.ID)
+					iv.m.notInvoiced.Inc()
 					continue
 				}
 				invs = append(invs, one...)
@@ -408,6 +415,7 @@ func (iv *Invoicer) CloseDue(ctx context.Context) (CloseResult, error) {
 			return res, err
 		}
 		res.Closed = append(res.Closed, invs...)
+		iv.m.invoices.Add(float64(len(invs)))
 		iv.log.Info("period closed", "period", p.Start.Format(time.RFC3339), "invoices", len(invs),
 			"compute", computed.Round(time.Millisecond), "store", (time.Since(t0) - computed).Round(time.Millisecond))
 	}
@@ -573,5 +581,13 @@ func (iv *Invoicer) Once(ctx context.Context) error {
 	if iv.stripe != nil {
 		serr = iv.SyncStripe(ctx)
 	}
-	return errors.Join(cerr, serr)
+	err := errors.Join(cerr, serr)
+	// An account left uninvoiced fails the run's health too: its invoice
+	// never comes until someone looks.
+	if err == nil && len(res.Failed) > 0 {
+		iv.m.ran(errors.New("accounts not invoiced"), iv.now())
+	} else {
+		iv.m.ran(err, iv.now())
+	}
+	return err
 }

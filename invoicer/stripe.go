@@ -101,6 +101,7 @@ func (iv *Invoicer) SyncStripe(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	iv.m.unsynced.Set(float64(len(invs)))
 	// One invoice Stripe refuses (a deleted customer, say) must not hold
 	// back the others: each is tried, and the failures are returned
 	// together, to be tried again on the next run.
@@ -110,8 +111,11 @@ func (iv *Invoicer) SyncStripe(ctx context.Context) error {
 			return errors.Join(append(errs, ctx.Err())...)
 		}
 		if err := iv.syncOne(ctx, inv); err != nil {
+			iv.m.syncFailed.WithLabelValues("invoice").Inc()
 			iv.log.Error("invoice not synced to Stripe; retried on the next run", "invoice", inv.ID, "err", err)
 			errs = append(errs, fmt.Errorf("sync invoice %s to stripe: %w", inv.ID, err))
+		} else {
+			iv.m.synced.WithLabelValues("invoice").Inc()
 		}
 	}
 	// Credit notes of invoices Stripe has finalized (those of the
@@ -125,8 +129,11 @@ func (iv *Invoicer) SyncStripe(ctx context.Context) error {
 			return errors.Join(append(errs, ctx.Err())...)
 		}
 		if err := iv.syncCreditNote(ctx, cn); err != nil {
+			iv.m.syncFailed.WithLabelValues("credit_note").Inc()
 			iv.log.Error("credit note not synced to Stripe; retried on the next run", "invoice", cn.InvoiceID, "credit_note", cn.ID, "err", err)
 			errs = append(errs, fmt.Errorf("sync credit note %d of %s to stripe: %w", cn.ID, cn.InvoiceID, err))
+		} else {
+			iv.m.synced.WithLabelValues("credit_note").Inc()
 		}
 	}
 	return errors.Join(errs...)

@@ -128,6 +128,7 @@ func (c *Config) envStrings() map[string]*string {
 		"TOLLGATE_DASHBOARD_LISTEN":              &c.Dashboard.Listen,
 		"TOLLGATE_EDGE_UPSTREAM":                 &c.Edge.Upstream,
 		"TOLLGATE_INVOICER_LISTEN":               &c.Invoicer.Listen,
+		"TOLLGATE_INVOICER_METRICS_LISTEN":       &c.Invoicer.MetricsListen,
 		"TOLLGATE_STRIPE_API_KEY":                &c.Invoicer.Stripe.APIKey,
 		"TOLLGATE_STRIPE_API_URL":                &c.Invoicer.Stripe.APIURL,
 		"TOLLGATE_STRIPE_WEBHOOK_SECRET":         &c.Invoicer.Stripe.WebhookSecret,
@@ -247,6 +248,7 @@ func (c *Config) Validate(components ...string) error {
 			// invoicer's own check.
 			errs = append(errs, checkListen("invoicer.listen", c.Invoicer.Listen))
 		}
+		errs = append(errs, checkListen("invoicer.metrics_listen", c.Invoicer.MetricsListen))
 		if c.Invoicer.Interval > 0 && c.Invoicer.Interval < MinInvoicerInterval {
 			errs = append(errs, fmt.Errorf("invoicer.interval: at least %s, got %s", MinInvoicerInterval, c.Invoicer.Interval))
 		}
@@ -286,6 +288,7 @@ func (c *Config) listenClashes() error {
 		{"edge.listen", c.Edge.Listen}, {"edge.admin_listen", c.Edge.AdminListen},
 		{"ingest.metrics_listen", c.Ingest.MetricsListen}, {"aggregator.listen", c.Aggregator.Listen},
 		{"aggregator.metrics_listen", c.Aggregator.MetricsListen}, {"invoicer.listen", c.Invoicer.Listen},
+		{"invoicer.metrics_listen", c.Invoicer.MetricsListen},
 		{"dashboard.listen", c.Dashboard.Listen},
 	} {
 		host, port, err := net.SplitHostPort(l.addr)

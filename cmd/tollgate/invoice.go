@@ -19,6 +19,8 @@ import (
 	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
 	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/schollz/progressbar/v3"
 	"github.com/spf13/cobra"
 
@@ -47,10 +49,13 @@ type InvoiceMain struct {
 	interval time.Duration
 	// auditor records the invoice API's failed authentications.
 	auditor *edgepg.AuditWriter
+	// metrics serves the registry on invoicer.metrics_listen (nil: off).
+	metrics *http.Server
+	mln     net.Listener
 }
 
 // newInvoicer wires the invoicer's dependencies.
-func newInvoicer(ctx context.Context, cfg Config, log *slog.Logger) (*invoicer.Invoicer, *pgxpool.Pool, driver.Conn, error) {
+func newInvoicer(ctx context.Context, cfg Config, reg prometheus.Registerer, log *slog.Logger) (*invoicer.Invoicer, *pgxpool.Pool, driver.Conn, error) {
 	pool, err := openPostgres(ctx, cfg.Services.PostgresURL)
 	if err != nil {
 		return nil, nil, nil, err
@@ -71,7 +76,8 @@ func newInvoicer(ctx context.Context, cfg Config, log *slog.Logger) (*invoicer.I
 	// Periods wait for events the edges still hold in their spools.
 	wm := invoicer.HeldWatermark{Usage: usage, Holds: store, Log: log}
 	iv, err := invoicer.New(store, usage, wm, sc, invoicer.Options{Meters: cfg.Meters,
-		Grace: cfg.Invoicer.Grace, Lookback: cfg.Invoicer.LookbackMonths, StripeMode: invoicer.StripeKeyMode(cfg.Invoicer.Stripe.APIKey)}, log)
+		Grace: cfg.Invoicer.Grace, Lookback: cfg.Invoicer.LookbackMonths, StripeMode: invoicer.StripeKeyMode(cfg.Invoicer.Stripe.APIKey),
+		Registerer: reg}, log)
 	if err != nil {
 		pool.Close()
 		ch.Close()
@@ -83,7 +89,9 @@ func newInvoicer(ctx context.Context, cfg Config, log *slog.Logger) (*invoicer.I
 // NewInvoiceMain connects to Postgres and ClickHouse and binds the API.
 func NewInvoiceMain(ctx context.Context, cfg Config, log *slog.Logger) (*InvoiceMain, error) {
 	log = log.With("component", "invoice")
-	iv, pool, ch, err := newInvoicer(ctx, cfg, log)
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	iv, pool, ch, err := newInvoicer(ctx, cfg, reg, log)
 	if err != nil {
 		return nil, err
 	}
@@ -92,14 +100,15 @@ func NewInvoiceMain(ctx context.Context, cfg Config, log *slog.Logger) (*Invoice
 		verifier = &invstripe.Verifier{Secret: cfg.Invoicer.Stripe.WebhookSecret}
 	}
 	h := api.New(edgepg.NewKeyStore(pool), invpg.New(pool), invch.New(ch), iv, verifier, cfg.Meters, log)
-	auditor, err := edgepg.NewAuditWriter(pool, time.Second, nil, log)
+	auditor, err := edgepg.NewAuditWriter(pool, time.Second, reg, log)
 	if err != nil {
 		pool.Close()
 		ch.Close()
 		return nil, err
 	}
 	h.SetAuditor(auditor)
-	h.SetReady(readiness(postgresDep(pool), clickhouseDep(ch)))
+	ready := readiness(postgresDep(pool), clickhouseDep(ch))
+	h.SetReady(ready)
 	trusted, err := edge.ParseTrustedProxies("invoicer.trusted_proxies", cfg.Invoicer.TrustedProxies)
 	if err != nil {
 		_ = auditor.Close()
@@ -116,15 +125,39 @@ func NewInvoiceMain(ctx context.Context, cfg Config, log *slog.Logger) (*Invoice
 		return nil, fmt.Errorf("invoice api: listen on %s: %w", cfg.Invoicer.Listen, err)
 	}
 	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second, ReadTimeout: 30 * time.Second, WriteTimeout: 60 * time.Second}
-	return &InvoiceMain{log: log, pool: pool, ch: ch, iv: iv, srv: srv, ln: ln, interval: cfg.Invoicer.Interval, auditor: auditor}, nil
+	m := &InvoiceMain{log: log, pool: pool, ch: ch, iv: iv, srv: srv, ln: ln, interval: cfg.Invoicer.Interval, auditor: auditor}
+	if cfg.Invoicer.MetricsListen != "" {
+		if m.mln, m.metrics, err = metricsServer(cfg.Invoicer.MetricsListen, reg, ready, log); err != nil {
+			_ = ln.Close()
+			_ = m.Close()
+			return nil, fmt.Errorf("invoicer metrics listener: %w", err)
+		}
+	}
+	return m, nil
 }
 
 // Addr is the API's bound address.
 func (m *InvoiceMain) Addr() string { return m.ln.Addr().String() }
 
+// MetricsAddr is the /metrics listener's address ("" without one).
+func (m *InvoiceMain) MetricsAddr() string {
+	if m.mln == nil {
+		return ""
+	}
+	return m.mln.Addr().String()
+}
+
 // Run serves the API and closes periods every interval until ctx ends.
 func (m *InvoiceMain) Run(ctx context.Context) error {
 	m.log.Info("invoicer running", "api", m.Addr())
+	if m.metrics != nil {
+		m.log.Info("metrics listening", "addr", m.MetricsAddr())
+		go func() {
+			if err := m.metrics.Serve(m.mln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				m.log.Error("invoicer metrics server", "err", err)
+			}
+		}()
+	}
 	errc := make(chan error, 1)
 	go func() {
 		if err := m.srv.Serve(m.ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
@@ -135,14 +168,25 @@ func (m *InvoiceMain) Run(ctx context.Context) error {
 	loopErr := m.iv.Run(ctx, m.interval)
 	sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	return errors.Join(loopErr, m.srv.Shutdown(sctx), <-errc)
+	var merr error
+	if m.metrics != nil {
+		merr = m.metrics.Shutdown(sctx)
+	}
+	return errors.Join(loopErr, m.srv.Shutdown(sctx), <-errc, merr)
 }
 
 // Close writes the last audit rows and releases the connections.
 func (m *InvoiceMain) Close() error {
-	err := m.auditor.Close()
+	var errs []error
+	if m.metrics != nil {
+		errs = append(errs, m.metrics.Close())
+	}
+	if m.mln != nil {
+		_ = m.mln.Close() // the server closed it if it ever served
+	}
+	errs = append(errs, m.auditor.Close())
 	m.pool.Close()
-	return errors.Join(err, m.ch.Close())
+	return errors.Join(append(errs, m.ch.Close())...)
 }
 
 func invoiceComponent(ctx context.Context, cfg Config, log *slog.Logger) ([]named, error) {
@@ -171,7 +215,7 @@ func invoiceCloseCommand(g *globalFlags) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			iv, pool, ch, err := newInvoicer(cmd.Context(), cfg, log)
+			iv, pool, ch, err := newInvoicer(cmd.Context(), cfg, nil, log)
 			if err != nil {
 				return err
 			}

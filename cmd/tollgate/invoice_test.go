@@ -243,7 +243,7 @@ func TestStripeMockAcceptsTheInvoicerRequests(t *testing.T) {
 	setWatermark(t, ch, period.End.Add(2*time.Hour))
 	cfg := testConfig(t, pg, ch, "unused")
 	cfg.Invoicer.Stripe.APIKey, cfg.Invoicer.Stripe.APIURL = "sk_test_mock", mock
-	iv, pool, conn, err := newInvoicer(context.Background(), cfg, quietLog())
+	iv, pool, conn, err := newInvoicer(context.Background(), cfg, nil, quietLog())
 	testenv.Must(t, err, "new invoicer")
 	defer pool.Close()
 	defer conn.Close()
@@ -412,7 +412,7 @@ func TestReplayProvesEveryInvoiceAndNamesAnAlteredOne(t *testing.T) {
 	})
 
 	setWatermark(t, ch, watermark)
-	iv, pool, conn, err := newInvoicer(ctx, cfg, quietLog())
+	iv, pool, conn, err := newInvoicer(ctx, cfg, nil, quietLog())
 	testenv.Must(t, err, "new invoicer")
 	defer pool.Close()
 	defer conn.Close()

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -218,15 +219,30 @@ func TestEveryComponentsReadinessFollowsItsServices(t *testing.T) {
 			t.Errorf("the metrics listener's /readyz: %d with Postgres silent, want 503", st)
 		}
 	})
-	t.Run("invoice API", func(t *testing.T) {
+	t.Run("invoice API and the invoicer's metrics listener", func(t *testing.T) {
 		pg, ch := testenv.NewPostgres(t), testenv.NewClickHouse(t)
 		f, silent := silentPostgres(t, pg)
 		cfg := testConfig(t, pg, ch, "unused")
-		cfg.Services.PostgresURL = silent
+		cfg.Services.PostgresURL, cfg.Invoicer.MetricsListen = silent, "127.0.0.1:0"
 		m, err := NewInvoiceMain(ctx, cfg, quietLog())
 		testenv.Must(t, err, "start the invoicer")
 		run(t, m)
+		metrics := "http://" + m.MetricsAddr()
+		testenv.Wait(t, 10*time.Second, "the metrics listener ready", func() bool { st, _ := readyz(t, metrics); return st == http.StatusOK })
+		// The invoicer's own metrics are served, its first run counted.
+		testenv.Wait(t, 10*time.Second, "the first run counted on /metrics", func() bool {
+			resp, err := http.Get(metrics + "/metrics")
+			if err != nil {
+				return false
+			}
+			defer resp.Body.Close()
+			b, _ := io.ReadAll(resp.Body)
+			return strings.Contains(string(b), `tollgate_invoicer_runs_total{result="ok"} 1`)
+		})
 		check(t, "http://"+m.Addr(), f)
+		if st, _ := readyz(t, metrics); st != http.StatusServiceUnavailable {
+			t.Errorf("the metrics listener's /readyz: %d with Postgres silent, want 503", st)
+		}
 	})
 	t.Run("ingest's metrics listener", func(t *testing.T) {
 		pg, ch := testenv.NewPostgres(t), testenv.NewClickHouse(t)

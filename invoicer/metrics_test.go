@@ -1,0 +1,147 @@
+package invoicer_test
+
+import (
+	"context"
+	"net/http"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/tollgate-dev/tollgate/internal/testenv"
+	"github.com/tollgate-dev/tollgate/invoicer"
+	"github.com/tollgate-dev/tollgate/invoicer/stripe"
+	"github.com/tollgate-dev/tollgate/invoicer/stripe/stripetest"
+)
+
+// The invoicer's metrics count what each run did, so an operator can
+// alert on invoices that stop coming: a run that left an account
+// uninvoiced or an invoice out of Stripe counts as failed and leaves the
+// last success where it was; the next clean run moves it.
+func TestTheInvoicersMetricsCountWhatItsRunsDid(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	e.starter(t, "acct_metrics_a", 10)
+	e.starter(t, "acct_metrics_b", 5)
+	e.account(t, "acct_metrics_bad", "UTC")
+	_, err := e.pg.Pool.Exec(ctx, `INSERT INTO plans (id, version, name, currency, definition) VALUES ('broken_metrics', 1, 'Broken', 'usd', '{"prices": 7}')`)
+	testenv.Must(t, err, "insert a plan that does not load")
+	e.subscribe(t, "acct_metrics_bad", "broken_metrics", march.AddDate(0, -1, 0), nil)
+	wm := april.Add(2 * time.Hour)
+	e.watermark(t, wm)
+	fake := stripetest.New()
+	defer fake.Close()
+	// Stripe cuts every invoice creation off in the first run.
+	fake.SetHook(func(kind, phase string) {
+		if kind == "invoice" && phase == "before" {
+			panic(http.ErrAbortHandler)
+		}
+	})
+	reg := prometheus.NewRegistry()
+	now := april.AddDate(0, 0, 3)
+	iv, err := invoicer.New(e.store, e.usage, e.usage, stripe.New(stripe.Config{APIKey: "sk_test_x", URL: fake.URL}),
+		invoicer.Options{Grace: time.Hour, Lookback: 1, Now: func() time.Time { return now }, Registerer: reg}, quiet())
+	testenv.Must(t, err, "new invoicer")
+	metric := func(name string, labels ...string) float64 {
+		t.Helper()
+		mfs, err := reg.Gather()
+		testenv.Must(t, err, "gather")
+		for _, mf := range mfs {
+			if mf.GetName() != name {
+				continue
+			}
+		next:
+			for _, m := range mf.GetMetric() {
+				for i := 0; i+1 < len(labels); i += 2 {
+					for _, lp := range m.GetLabel() {
+						if lp.GetName() == labels[i] && lp.GetValue() != labels[i+1] {
+							continue next
+						}
+					}
+				}
+				switch {
+				case m.GetCounter() != nil:
+					return m.GetCounter().GetValue()
+				case m.GetGauge() != nil:
+					return m.GetGauge().GetValue()
+				}
+			}
+		}
+		t.Fatalf("no metric %s %v", name, labels)
+		return 0
+	}
+	if err := iv.Once(ctx); err == nil {
+		t.Fatal("a run whose Stripe sync failed returned no error")
+	}
+	for _, c := range []struct {
+		name   string
+		labels []string
+		want   float64
+	}{
+		{"tollgate_invoicer_runs_total", []string{"result", "failed"}, 1},
+		{"tollgate_invoicer_runs_total", []string{"result", "ok"}, 0},
+		{"tollgate_invoicer_last_success_timestamp_seconds", nil, 0},
+		{"tollgate_invoicer_invoices_finalized_total", nil, 2},
+		{"tollgate_invoicer_accounts_not_invoiced_total", nil, 1},
+		{"tollgate_invoicer_watermark_lag_seconds", nil, now.Sub(wm).Seconds()},
+		{"tollgate_invoicer_stripe_unsynced_invoices", nil, 2},
+		{"tollgate_invoicer_stripe_sync_errors_total", []string{"kind", "invoice"}, 2},
+		{"tollgate_invoicer_stripe_synced_total", []string{"kind", "invoice"}, 0},
+	} {
+		if got := metric(c.name, c.labels...); got != c.want {
+			t.Errorf("after the failed run: %s %v = %v, want %v", c.name, c.labels, got, c.want)
+		}
+	}
+	// Stripe takes them now, but the broken account is still there: the
+	// run returns no error, and still counts as failed.
+	fake.SetHook(nil)
+	testenv.Must(t, iv.Once(ctx), "the second run")
+	for _, c := range []struct {
+		name   string
+		labels []string
+		want   float64
+	}{
+		{"tollgate_invoicer_runs_total", []string{"result", "failed"}, 2},
+		{"tollgate_invoicer_runs_total", []string{"result", "ok"}, 0},
+		{"tollgate_invoicer_last_success_timestamp_seconds", nil, 0},
+		{"tollgate_invoicer_accounts_not_invoiced_total", nil, 2},
+		{"tollgate_invoicer_stripe_synced_total", []string{"kind", "invoice"}, 2},
+		{"tollgate_invoicer_stripe_sync_errors_total", []string{"kind", "invoice"}, 2},
+	} {
+		if got := metric(c.name, c.labels...); got != c.want {
+			t.Errorf("after the second run: %s %v = %v, want %v", c.name, c.labels, got, c.want)
+		}
+	}
+	// The broken account leaves the books: the run is clean.
+	_, err = e.pg.Pool.Exec(ctx, `DELETE FROM subscriptions WHERE account_id = 'acct_metrics_bad'`)
+	testenv.Must(t, err, "end the broken subscription")
+	_, err = e.pg.Pool.Exec(ctx, `DELETE FROM accounts WHERE id = 'acct_metrics_bad'`)
+	testenv.Must(t, err, "remove the broken account")
+	now = now.Add(time.Minute)
+	testenv.Must(t, iv.Once(ctx), "the third run")
+	for _, c := range []struct {
+		name   string
+		labels []string
+		want   float64
+	}{
+		{"tollgate_invoicer_runs_total", []string{"result", "failed"}, 2},
+		{"tollgate_invoicer_runs_total", []string{"result", "ok"}, 1},
+		{"tollgate_invoicer_last_success_timestamp_seconds", nil, float64(now.Unix())},
+		{"tollgate_invoicer_invoices_finalized_total", nil, 2},
+		{"tollgate_invoicer_accounts_not_invoiced_total", nil, 2},
+		{"tollgate_invoicer_watermark_lag_seconds", nil, now.Sub(wm).Seconds()},
+		{"tollgate_invoicer_stripe_unsynced_invoices", nil, 0},
+		{"tollgate_invoicer_stripe_synced_total", []string{"kind", "invoice"}, 2},
+	} {
+		if got := metric(c.name, c.labels...); got != c.want {
+			t.Errorf("after the clean run: %s %v = %v, want %v", c.name, c.labels, got, c.want)
+		}
+	}
+	if n := len(fake.Invoices()); n != 2 {
+		t.Errorf("Stripe holds %d invoices, want 2", n)
+	}
+	if n := testutil.CollectAndCount(reg); n < 8 {
+		t.Errorf("%d metrics registered, want the invoicer's 8 at least", n)
+	}
+}
