@@ -19,6 +19,7 @@ import (
 	"github.com/google/uuid"
 	"github.com/labstack/echo/v4"
 	"github.com/labstack/echo/v4/middleware"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/tollgate-dev/tollgate/edge"
 	"github.com/tollgate-dev/tollgate/meter"
@@ -172,7 +173,10 @@ type ServerDeps struct {
 	// Ready reports whether the usage API can serve (its /readyz); nil is
 	// always ready.
 	Ready func(context.Context) error
-	Log   *slog.Logger
+	// Registerer takes the usage API's request metrics (nil: kept, not
+	// served).
+	Registerer prometheus.Registerer
+	Log        *slog.Logger
 }
 
 // PastRollups knows which meters' rollups do not yet cover the events
@@ -226,6 +230,7 @@ func NewServer(cfg Config, d ServerDeps) (*Server, error) {
 	e := echo.New()
 	e.HideBanner, e.HidePort = true, true
 	e.HTTPErrorHandler = s.handleError
+	e.Use(newAPIMetrics(d.Registerer).middleware)
 	e.Use(func(next echo.HandlerFunc) echo.HandlerFunc {
 		return func(c echo.Context) error {
 			c.Response().Header().Set(edge.HeaderRequestID, edge.RequestIDFor(schemas.NewEventID()))

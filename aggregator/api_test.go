@@ -20,6 +20,8 @@ import (
 	"time"
 
 	"github.com/google/uuid"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/tollgate-dev/tollgate/aggregator"
 	aggch "github.com/tollgate-dev/tollgate/aggregator/clickhouse"
@@ -48,6 +50,8 @@ type apiEnv struct {
 	base  time.Time
 	store *aggch.Store
 	audit *edgepg.AuditWriter
+	// reg holds the usage API's metrics.
+	reg *prometheus.Registry
 }
 
 var apiMeters = []meter.Meter{
@@ -64,7 +68,7 @@ func newAPIEnv(t *testing.T) *apiEnv {
 	pg := testenv.NewPostgres(t)
 	ch := testenv.NewClickHouse(t)
 	keys := edgepg.NewKeyStore(pg.Pool)
-	env := &apiEnv{keys: map[string]string{}, ids: map[string]string{}, ch: ch, pg: pg}
+	env := &apiEnv{keys: map[string]string{}, ids: map[string]string{}, ch: ch, pg: pg, reg: prometheus.NewRegistry()}
 	for _, k := range []struct {
 		name, account string
 		kind          edge.KeyKind
@@ -140,7 +144,7 @@ func newAPIEnv(t *testing.T) *apiEnv {
 		// The tests' calls come from loopback, as the dashboard's do.
 		TrustedProxies: []string{"127.0.0.1"}},
 		aggregator.ServerDeps{Keys: keys, Usage: env.store, Catalog: catalog, Zones: zones, Holds: aggpg.NewSpoolHolds(pg.Pool),
-			PastRollups: stored, Auditor: env.audit, Log: log})
+			PastRollups: stored, Auditor: env.audit, Registerer: env.reg, Log: log})
 	testenv.Must(t, err, "server")
 	env.api = srv
 	srv.SetClock(func() time.Time { return time.Now().Add(time.Duration(env.ahead.Load())) })
@@ -1129,5 +1133,59 @@ func TestRezoningIsReadBeforeTheRows(t *testing.T) {
 	}
 	if b := read("minute"); b["rezoning"] != nil || slices.Contains(calls, "rezoning") {
 		t.Fatalf("a minute answer: rezoning %v, asked %v; minute windows do not move with a zone", b["rezoning"], calls)
+	}
+}
+
+// The usage API counts every answer by route, method and status, the
+// refusals its error handler writes included, and a path it does not serve
+// under "other", so that no caller can grow the label sets.
+func TestTheUsageAPICountsItsAnswers(t *testing.T) {
+	e := newAPIEnv(t)
+	q := url.Values{"meter": {"api_calls"}, "window": {"minute"}, "from": {e.base.Format(time.RFC3339)}, "to": {e.base.Add(10 * time.Minute).Format(time.RFC3339)}}
+	var body usageBody
+	if st := e.get(t, e.usagePath(q), e.keys["alpha"], &body); st != http.StatusOK {
+		t.Fatalf("usage: %d", st)
+	}
+	if st := e.get(t, e.usagePath(q), "", nil); st != http.StatusUnauthorized {
+		t.Fatalf("usage without a key: %d", st)
+	}
+	for i := 0; i < 2; i++ {
+		if st := e.get(t, fmt.Sprintf("/v1/nothing-%d", i), e.keys["alpha"], nil); st != http.StatusNotFound {
+			t.Fatalf("an unknown path: %d", st)
+		}
+	}
+	req, _ := http.NewRequest(http.MethodDelete, e.srv.URL+"/v1/usage", nil)
+	req.Header.Set("Authorization", "Bearer "+e.keys["alpha"])
+	if st := do(t, req, nil); st != http.StatusMethodNotAllowed {
+		t.Fatalf("DELETE /v1/usage: %d", st)
+	}
+	want := `
+# HELP tollgate_usage_api_requests_total Usage API answers by route (the pattern; other for any path it does not serve), method and status code.
+# TYPE tollgate_usage_api_requests_total counter
+tollgate_usage_api_requests_total{code="200",method="GET",route="/v1/usage"} 1
+tollgate_usage_api_requests_total{code="401",method="GET",route="/v1/usage"} 1
+tollgate_usage_api_requests_total{code="404",method="GET",route="other"} 2
+tollgate_usage_api_requests_total{code="405",method="other",route="/v1/usage"} 1
+`
+	if err := testutil.GatherAndCompare(e.reg, strings.NewReader(want), "tollgate_usage_api_requests_total"); err != nil {
+		t.Error(err)
+	}
+	mfs, err := e.reg.Gather()
+	testenv.Must(t, err, "gather")
+	var usageAnswers uint64
+	for _, mf := range mfs {
+		if mf.GetName() != "tollgate_usage_api_request_duration_seconds" {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			for _, l := range m.GetLabel() {
+				if l.GetName() == "route" && l.GetValue() == "/v1/usage" {
+					usageAnswers += m.GetHistogram().GetSampleCount()
+				}
+			}
+		}
+	}
+	if usageAnswers != 3 {
+		t.Errorf("the duration histogram holds %d answers of /v1/usage, want 3", usageAnswers)
 	}
 }

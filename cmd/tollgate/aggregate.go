@@ -108,7 +108,7 @@ func NewAggregateMain(ctx context.Context, cfg Config, log *slog.Logger) (m *Agg
 	ready := readiness(clickhouseDep(m.ch), postgresDep(m.pool))
 	srv, err := aggregator.NewServer(cfg.Aggregator, aggregator.ServerDeps{Ready: ready,
 		Keys: edgepg.NewKeyStore(m.pool), Usage: m.store, Catalog: catalog, Zones: m.zones,
-		Holds: aggpg.NewSpoolHolds(m.pool), Backfill: m.backfill, PastRollups: m.meters, Rezones: m.rezones, Auditor: m.auditor, Log: log,
+		Holds: aggpg.NewSpoolHolds(m.pool), Backfill: m.backfill, PastRollups: m.meters, Rezones: m.rezones, Auditor: m.auditor, Registerer: m.Registry, Log: log,
 	})
 	if err != nil {
 		return nil, err
