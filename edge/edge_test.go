@@ -9,6 +9,8 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -403,6 +405,51 @@ func TestRedisDownQuotaHeadersSpeakOfTheInstancesShare(t *testing.T) {
 	}
 }
 
+// A quota used up through a busy instance, whose leases took its last
+// calls moments ago, is refused at another instance with a retry in a
+// second: spare calls in a lease come back within moments, and a caller
+// told the month's end stopped for days with calls left. Once no lease
+// can hold any, the refusal names the month's end.
+func TestAQuotaRefusedWhileLeasesMayHoldCallsSaysRetryShortly(t *testing.T) {
+	env := edgetest.New(t)
+	busy, other := env.Start(t, edgetest.Options{}), env.Start(t, edgetest.Options{})
+	key, _ := env.Key(t, "acct_lease_quota", edge.Secret, schemas.Live)
+	hundred := int64(100)
+	env.SetPlan(t, "acct_lease_quota", "quota100", edge.Limits{RequestsPerSecond: 1000, Burst: 1000, MonthlyRequests: &hundred}, "https://example.test/up")
+	var allowed atomic.Int64
+	for round := 0; round < 10; round++ {
+		var wg sync.WaitGroup
+		for range 40 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				if r := edgetest.Do(t, "GET", busy.URL+"/v1/x", key, nil); r.Status == 200 {
+					allowed.Add(1)
+				}
+			}()
+		}
+		wg.Wait()
+	}
+	if allowed.Load() != 100 {
+		t.Fatalf("%d calls allowed under a quota of 100", allowed.Load())
+	}
+	r := edgetest.Do(t, "GET", other.URL+"/v1/x", key, nil)
+	if r.Status != 429 || r.Error.Code != "quota_exceeded" || r.Header.Get("Retry-After") != "1" {
+		t.Fatalf("a call just after leases used the quota up: %d %+v, Retry-After %q; want quota_exceeded, retry in 1 s",
+			r.Status, r.Error, r.Header.Get("Retry-After"))
+	}
+	if at, err := time.Parse(time.RFC3339Nano, r.Error.RetryAt); err != nil || time.Until(at) > 2*time.Second {
+		t.Fatalf("retry_at %q, want within a second or so", r.Error.RetryAt)
+	}
+	time.Sleep(1100 * time.Millisecond)
+	r = edgetest.Do(t, "GET", other.URL+"/v1/x", key, nil)
+	ra, _ := strconv.ParseInt(r.Header.Get("Retry-After"), 10, 64)
+	if r.Status != 429 || r.Error.Code != "quota_exceeded" || ra < 2 {
+		t.Fatalf("a call a second after the last lease: %d %+v, Retry-After %q; want quota_exceeded until the month's end",
+			r.Status, r.Error, r.Header.Get("Retry-After"))
+	}
+}
+
 func TestMonthlyQuotaExhaustion(t *testing.T) {
 	env := edgetest.New(t)
 	clock := quotaClock(time.Now())
@@ -458,14 +505,17 @@ func TestMonthlyQuotaExhaustion(t *testing.T) {
 // A plans-table row that leaves out some limits takes them from edge.plans
 // for its own plan, not from the free plan: a row with only a monthly quota
 // gets the configured rate and burst and keeps its quota, and a row with no
-// limits at all gets the configured plan whole.
+// limits at all gets the configured plan whole. A row written by hand with a
+// negative quota (which the invoicer refuses) has no quota: before, every
+// answer's headers said that no call was left this month.
 func TestPlanRowWithoutRateLimitsTakesTheConfiguredPlans(t *testing.T) {
 	env := edgetest.New(t)
-	million := int64(1_000_000)
+	million, negative := int64(1_000_000), int64(-1)
 	in := env.Start(t, edgetest.Options{Config: func(c *edge.Config) {
 		c.Plans = map[string]edge.Plan{
 			"big":  {ID: "big", Limits: edge.Limits{RequestsPerSecond: 500, Burst: 1000}},
 			"big2": {ID: "big2", Limits: edge.Limits{RequestsPerSecond: 500, Burst: 1000}},
+			"big3": {ID: "big3", Limits: edge.Limits{RequestsPerSecond: 500, Burst: 1000}},
 		}
 	}})
 	for _, c := range []struct {
@@ -475,6 +525,7 @@ func TestPlanRowWithoutRateLimitsTakesTheConfiguredPlans(t *testing.T) {
 	}{
 		{"a row with only a quota keeps it", "acct_big_quota", "big", edge.Limits{MonthlyRequests: &million}, `"key";q=1000;w=2, "account";q=1000;w=2, "monthly";q=1000000;`},
 		{"a row with no limits takes the configured plan", "acct_big_none", "big2", edge.Limits{}, `"key";q=1000;w=2, "account";q=1000;w=2`},
+		{"a row with a negative quota has none", "acct_big_negative", "big3", edge.Limits{MonthlyRequests: &negative}, `"key";q=1000;w=2, "account";q=1000;w=2`},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			key, _ := env.Key(t, c.account, edge.Secret, schemas.Live)
@@ -484,8 +535,12 @@ func TestPlanRowWithoutRateLimitsTakesTheConfiguredPlans(t *testing.T) {
 				if r.Status != 200 {
 					t.Fatalf("call %d: %d %+v", i, r.Status, r.Error)
 				}
-				if got := r.Header.Get("RateLimit-Policy"); i == 0 && !strings.HasPrefix(got, c.policy) || c.row.MonthlyRequests == nil && got != c.policy {
+				quota := c.row.MonthlyRequests != nil && *c.row.MonthlyRequests >= 0
+				if got := r.Header.Get("RateLimit-Policy"); i == 0 && !strings.HasPrefix(got, c.policy) || !quota && got != c.policy {
 					t.Errorf("RateLimit-Policy %q, want %q", got, c.policy)
+				}
+				if got := r.Header.Get("X-RateLimit-Limit"); !quota && got != "1000" {
+					t.Errorf("X-RateLimit-Limit %q, want the burst's 1000", got)
 				}
 			}
 		})

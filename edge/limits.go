@@ -32,8 +32,9 @@ type RateResult struct {
 	// ResetAfter is when the bucket is full again.
 	ResetAfter time.Duration
 	// Rate, when not zero, is the refill per second the bucket was decided
-	// with, where it is not the plan's (the local fallback's share of it).
-	Rate int
+	// with, where it is not the plan's (the local fallback's share of it,
+	// which may be a fraction: 5 a second over 10 instances is 0.5).
+	Rate float64
 }
 
 // RateLimiter is a GCRA (or equivalent) limiter shared by every edge
@@ -87,6 +88,11 @@ type CallResult struct {
 	QuotaChecked bool
 	QuotaUsed    int64
 	QuotaAllowed bool
+	// QuotaLeased, with a refusal, says that a lease took from the quota
+	// within the last second: spare calls may sit in another instance's
+	// lease and come back within moments, so the caller is told to retry
+	// shortly rather than at the month's end.
+	QuotaLeased bool
 	// QuotaShare is set when the quota was counted against a share of
 	// QuotaLimit rather than the whole (the local fallback counts each
 	// instance's share): the limit the answer and its headers are about.
@@ -218,14 +224,19 @@ func (l *LocalLimiter) AllowCall(_ context.Context, c CallLimits) (CallResult, e
 	return res, nil
 }
 
-// share is each instance's part of a plan's rate and burst.
-func (l *LocalLimiter) share(rps, burst int) (r, b int) {
-	return max(1, rps/l.instances), max(1, burst/l.instances)
+// share is each instance's part of a plan's rate and burst: the rate
+// exactly (a fraction when the instances do not divide it: rounded to
+// whole calls, 5 a second over 3 instances let the fleet make 3, and over
+// 10 instances 10), and the burst rounded up to whole calls, at least one,
+// so that the error is on the side of allowing.
+func (l *LocalLimiter) share(rps, burst int) (r float64, b int) {
+	n := l.instances
+	return float64(max(1, rps)) / float64(n), max(1, (burst+n-1)/n)
 }
 
 // bucket returns id's bucket at rate r and burst b, made anew when the
 // plan changed. l.mu must be held.
-func (l *LocalLimiter) bucket(id string, r, b int) *rate.Limiter {
+func (l *LocalLimiter) bucket(id string, r float64, b int) *rate.Limiter {
 	lim, ok := l.buckets[id]
 	if !ok || lim.Burst() != b || lim.Limit() != rate.Limit(r) {
 		if len(l.buckets) >= maxLocalBuckets {
@@ -239,13 +250,13 @@ func (l *LocalLimiter) bucket(id string, r, b int) *rate.Limiter {
 
 // bucketResult is lim's answer at now, after the call was charged to it
 // or not.
-func bucketResult(lim *rate.Limiter, now time.Time, r, b int, allowed bool) RateResult {
+func bucketResult(lim *rate.Limiter, now time.Time, r float64, b int, allowed bool) RateResult {
 	tokens := lim.TokensAt(now)
 	res := RateResult{Allowed: allowed, Limit: b, Rate: r, Remaining: max(0, int(math.Floor(tokens)))}
 	if !allowed {
-		res.RetryAfter = time.Duration((1 - tokens) / float64(r) * float64(time.Second))
+		res.RetryAfter = time.Duration((1 - tokens) / r * float64(time.Second))
 	}
-	res.ResetAfter = time.Duration((float64(b) - tokens) / float64(r) * float64(time.Second))
+	res.ResetAfter = time.Duration((float64(b) - tokens) / r * float64(time.Second))
 	return res
 }
 
@@ -824,11 +835,11 @@ func setRateHeaders(set func(name string, value []byte), states []limitState, qu
 		if i > 0 {
 			b = append(b, ", "...)
 		}
-		rps := s.rps
+		rps := float64(max(1, s.rps))
 		if s.result.Rate > 0 {
 			rps = s.result.Rate
 		}
-		w := max(1, int(math.Ceil(float64(s.result.Limit)/float64(max(1, rps)))))
+		w := max(1, int(math.Ceil(float64(s.result.Limit)/rps)))
 		b = appendPolicy(b, s.name, int64(s.result.Limit), int64(w))
 	}
 	if quota != nil {

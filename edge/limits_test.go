@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"strconv"
 	"sync"
 	"testing"
@@ -83,6 +84,36 @@ func TestPolicyWindowOnTheLocalFallbackIsTheShares(t *testing.T) {
 		[]limitState{{name: "key", result: res, rps: 100}}, nil)
 	if got["X-Ratelimit-Limit"] != "50" || got["Ratelimit-Policy"] != `"key";q=50;w=2` {
 		t.Errorf("headers %v, want a limit of 50 and the policy \"key\";q=50;w=2", got)
+	}
+}
+
+// The local fallback gives each instance its exact part of the plan's
+// rate, a fraction where the instances do not divide it, so the fleet's
+// rate is the plan's: rounded down to whole calls (at least one), 5 a
+// second over 10 instances let the fleet make 10, and over 3 instances 3.
+// The burst is rounded up to whole calls.
+func TestTheLocalFallbacksRateIsTheExactShare(t *testing.T) {
+	for _, c := range []struct{ rps, burst, instances, wantBurst int }{
+		{5, 10, 10, 1}, {5, 10, 3, 4}, {5, 10, 4, 3}, {1, 2, 2, 1}, {100, 200, 4, 50},
+	} {
+		l := NewLocalLimiter(c.instances)
+		res, err := l.AllowCall(context.Background(), CallLimits{Buckets: []string{"k"}, RPS: c.rps, Burst: c.burst})
+		if err != nil {
+			t.Fatal(err)
+		}
+		r := res.Rates[0]
+		if fleet := r.Rate * float64(c.instances); math.Abs(fleet-float64(c.rps)) > 1e-9 || r.Limit != c.wantBurst {
+			t.Errorf("%d/s, burst %d over %d instances: each at %g/s (the fleet %g/s), burst %d; want the fleet at %d/s, burst %d each",
+				c.rps, c.burst, c.instances, r.Rate, fleet, r.Limit, c.rps, c.wantBurst)
+		}
+		// The bucket refills at that rate: empty, it gives its next call
+		// after 1/rate seconds.
+		for res.Rates[0].Allowed {
+			res, _ = l.AllowCall(context.Background(), CallLimits{Buckets: []string{"k"}, RPS: c.rps, Burst: c.burst})
+		}
+		if want := time.Duration(float64(time.Second) * float64(c.instances) / float64(c.rps)); res.Rates[0].RetryAfter > want || res.Rates[0].RetryAfter < want-50*time.Millisecond {
+			t.Errorf("%d/s over %d instances: retry after %s when empty, want about %s", c.rps, c.instances, res.Rates[0].RetryAfter, want)
+		}
 	}
 }
 

@@ -913,6 +913,12 @@ func (s *Server) limitCall(ctx context.Context, k *Key, quota bool, now time.Tim
 				qs.reset, qs.resetIn, shortly = now.Add(d), d, true
 			}
 		}
+		if !res.QuotaAllowed && res.QuotaLeased && now.Add(time.Second).Before(end) {
+			// Refused while another instance's lease may still hold spare
+			// calls, which go back within moments: told the month's end, a
+			// caller that honours Retry-After stopped for days with calls left.
+			qs.reset, qs.resetIn, shortly = now.Add(time.Second), time.Second, true
+		}
 		if !res.QuotaAllowed {
 			// The message is built only for a refusal: most calls pass.
 			var what string
@@ -923,8 +929,11 @@ func (s *Server) limitCall(ctx context.Context, k *Key, quota bool, now time.Tim
 				what = fmt.Sprintf("The monthly quota of %d requests for plan %q", cl.QuotaLimit, planName(k.Plan))
 			}
 			until := "until " + end.UTC().Format(time.RFC3339)
-			if shortly {
+			switch {
+			case shortly && res.QuotaShare != nil:
 				until = "for now; the shared limits are asked again shortly"
+			case shortly:
+				until = "for now; calls held by other edge instances may come back within a second"
 			}
 			setRateHeaders(setHeader, states, qs)
 			s.m.limited.WithLabelValues("monthly").Inc()
@@ -983,6 +992,20 @@ func (s *Server) limit(quota bool) echo.MiddlewareFunc {
 // takes edge.plans' rate and burst but keeps its own monthly quota; a row
 // with no limits at all takes edge.plans' whole, quota included.
 func (s *Server) planLimits(p Plan) Limits {
+	lim := s.planLimitsAsStored(p)
+	if lim.MonthlyRequests != nil && *lim.MonthlyRequests < 0 {
+		// A plan row written by hand with a negative quota (the invoicer
+		// and edge.plans refuse one): no quota, as Redis would count it,
+		// not a quota whose headers say that nothing is left.
+		lim.MonthlyRequests = nil
+	}
+	return lim
+}
+
+// planLimitsAsStored is planLimits before a negative quota is dropped: a
+// plan's limits, with the rate and burst it leaves out taken from its
+// edge.plans entry, else the free tier's.
+func (s *Server) planLimitsAsStored(p Plan) Limits {
 	lim := p.Limits
 	if lim.RequestsPerSecond > 0 && lim.Burst > 0 {
 		return lim

@@ -49,6 +49,9 @@ const (
 	lostGrantDelay = 2 * time.Second
 	// ledgerPrefix names a bucket's refund ledger.
 	ledgerPrefix = "rate-refunds:"
+	// leasedSuffix names a quota bucket's lease marker, which lives for a
+	// second after a lease takes from the quota.
+	leasedSuffix = ":leased"
 )
 
 // lease is one instance's spare tokens for one set of limits.

@@ -173,3 +173,47 @@ func TestSlotServesOnlyItsOwnLimits(t *testing.T) {
 		t.Fatalf("%d of 50 calls allowed back on the first limits", got)
 	}
 }
+
+// A busy instance's leases take at most a quarter of what the month has
+// left, so another instance's caller is not refused while most of the
+// quota is unspent; and a refusal that comes while a lease may still hold
+// spare calls says so (QuotaLeased), so the caller is told to come back
+// in a second rather than at the month's end, until no lease is left.
+func TestAQuotaRefusalWhileLeasesMayHoldCallsSaysSo(t *testing.T) {
+	r := testenv.NewRedis(t)
+	a, b := edgeredis.NewLimiter(r.Client), edgeredis.NewLimiter(r.Client)
+	c := edge.CallLimits{Buckets: []string{r.Prefix + "key", r.Prefix + "acct"}, RPS: 1000, Burst: 1000,
+		QuotaBucket: r.Prefix + "quota", QuotaLimit: 100, QuotaTTL: time.Hour}
+	t.Cleanup(func() { r.Client.Del(context.Background(), "rate:"+r.Prefix+"key", "rate:"+r.Prefix+"acct") })
+	ctx := context.Background()
+	if got := burstOf(t, 60, c, a); got != 60 {
+		t.Fatalf("%d of 60 calls allowed under a quota of 100", got)
+	}
+	counted, err := r.Client.Get(ctx, c.QuotaBucket).Int()
+	testenv.Must(t, err, "read the quota counter")
+	res, err := b.AllowCall(ctx, c)
+	testenv.Must(t, err, "the other instance's call")
+	if !res.QuotaAllowed {
+		t.Fatalf("after 60 of 100 calls (the counter at %d, leases included) another instance's call was refused (used %d)", counted, res.QuotaUsed)
+	}
+	// Use the month up through the busy instance; its last leases were
+	// granted moments ago.
+	for burstOf(t, 20, c, a) > 0 {
+	}
+	res, err = b.AllowCall(ctx, c)
+	testenv.Must(t, err, "a call with the quota used up")
+	if res.QuotaAllowed || !res.QuotaLeased {
+		t.Fatalf("a call just after leases used the quota up: allowed %v, leased %v; want refused, with leases said to be out", res.QuotaAllowed, res.QuotaLeased)
+	}
+	time.Sleep(1100 * time.Millisecond)
+	res, err = b.AllowCall(ctx, c)
+	testenv.Must(t, err, "a call a second later")
+	if res.QuotaAllowed || res.QuotaLeased {
+		t.Fatalf("a call a second after the last lease: allowed %v, leased %v; want refused for the month", res.QuotaAllowed, res.QuotaLeased)
+	}
+	n, err := r.Client.Get(ctx, c.QuotaBucket).Int()
+	testenv.Must(t, err, "read the quota counter")
+	if n != 100 {
+		t.Fatalf("quota counter %d once every lease is back, want 100", n)
+	}
+}

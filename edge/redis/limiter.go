@@ -366,7 +366,10 @@ local function decide(first, nkeys, a)
   local want = tonumber(ARGV[a + 6])
   local record_ms = tonumber(ARGV[a + 7])
   local buckets = nkeys
-  if with_quota then buckets = buckets - 1 end
+  -- The quota's count, then its lease marker: set for a second after a
+  -- grant of more than one call takes from the quota, it tells a refusal
+  -- that spare calls may sit in a lease and come back shortly.
+  if with_quota then buckets = buckets - 2 end
   if record_ms > 0 then buckets = buckets - 1 end
   local emission_interval = period / rate
   local burst_offset = emission_interval * burst
@@ -418,10 +421,16 @@ local function decide(first, nkeys, a)
           out[n + 1], out[n + 2], out[n + 3], out[n + 4] = 1, (now - (t - burst_offset)) / emission_interval, -1, math.ceil((t - now) * 1000000)
         end
         local n = #out
-        out[n + 1], out[n + 2], out[n + 3] = 0, count, 0
+        local refused = 0
+        if redis.call("EXISTS", KEYS[first + buckets + 1]) == 1 then refused = -1 end
+        out[n + 1], out[n + 2], out[n + 3] = refused, count, 0
         return out
       end
-      grant = math.min(grant, limit - count)
+      -- A lease takes at most a quarter of what the month has left (a
+      -- call always gets its own): near the end of the quota, the last
+      -- calls are not held in one instance's lease while another's
+      -- callers are refused.
+      grant = math.min(grant, limit - count, math.max(1, math.floor((limit - count) / 4)))
     end
   end
 
@@ -440,6 +449,7 @@ local function decide(first, nkeys, a)
     -- INCRBY with EXPIRE on the first count, as take does.
     if count == 0 then qe.ex = tonumber(ARGV[a + 5]) end
     qe.v, qe.set = count + grant, true
+    if grant > 1 then redis.call("SET", KEYS[first + buckets + 1], "1", "PX", 1000) end
     local n = #out
     out[n + 1], out[n + 2] = 1, count + grant
   end
@@ -504,7 +514,7 @@ func (l *Limiter) ask(c edge.CallLimits, want int, ahead bool) (res edge.CallRes
 	}
 	withQuota := 0
 	if c.QuotaBucket != "" {
-		keys = append(keys, c.QuotaBucket)
+		keys = append(keys, c.QuotaBucket, c.QuotaBucket+leasedSuffix)
 		withQuota = 1
 	}
 	var recordMS int64
@@ -594,6 +604,7 @@ func parseCall(v []any, c edge.CallLimits) (edge.CallResult, int, error) {
 		return res, 0, errReply
 	}
 	res.QuotaChecked, res.QuotaUsed, res.QuotaAllowed = true, used, allowed == 1
+	res.QuotaLeased = allowed == -1
 	if !res.QuotaAllowed {
 		grant = 0
 	}

@@ -12,9 +12,10 @@ import (
 
 // A lease request whose reply was lost is given back by the size it asked
 // for, since only Redis knows what it granted. Near the end of the month's
-// quota Redis grants less than asked: the quota must then go down by the
-// grant alone, else the account gets calls it made for free. (Before, a
-// request for 50 that got the last 3 calls of 100 took 50 off the count.)
+// quota Redis grants less than asked (a lease takes at most a quarter of
+// what is left): the quota must then go down by the grant alone, else the
+// account gets calls it made for free. (Before, a request for 50 that got
+// the last 3 calls of 100 took 50 off the count.)
 func TestALostGrantGivesBackNoMoreThanWasGranted(t *testing.T) {
 	ctx := context.Background()
 	r := testenv.NewRedis(t)
@@ -22,18 +23,18 @@ func TestALostGrantGivesBackNoMoreThanWasGranted(t *testing.T) {
 	c := edge.CallLimits{Buckets: []string{r.Prefix + "key"}, RPS: 1, Burst: 100_000,
 		QuotaBucket: r.Prefix + "quota", QuotaLimit: 100, QuotaTTL: time.Hour}
 	t.Cleanup(func() { r.Client.Del(ctx, gcraPrefix+r.Prefix+"key") })
-	testenv.Must(t, r.Client.Set(ctx, c.QuotaBucket, 97, time.Hour).Err(), "seed the quota counter")
+	testenv.Must(t, r.Client.Set(ctx, c.QuotaBucket, 88, time.Hour).Err(), "seed the quota counter")
 	const want = 50
 	_, grant, record, err := l.ask(c, want, true)
 	testenv.Must(t, err, "ask for a lease")
 	if grant != 3 || record == "" {
-		t.Fatalf("granted %d with record %q; want the quota's last 3, recorded", grant, record)
+		t.Fatalf("granted %d with record %q; want 3, a quarter of the quota's last 12, recorded", grant, record)
 	}
 	l.refundGrant(c, want, record) // as sendLost does once the reply is lost
 	n, err := r.Client.Get(ctx, c.QuotaBucket).Int64()
 	testenv.Must(t, err, "read the quota counter")
-	if n != 97 {
-		t.Fatalf("quota counter %d after the lost grant of %d went back; want 97, the calls made", n, grant)
+	if n != 88 {
+		t.Fatalf("quota counter %d after the lost grant of %d went back; want 88, the calls made", n, grant)
 	}
 	if got := l.refunded.Load(); got != 3 {
 		t.Fatalf("%d tokens counted as given back; want the grant's 3", got)
