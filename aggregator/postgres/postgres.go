@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"sync"
 	"time"
 
@@ -240,16 +241,86 @@ func (s *Meters) ClaimStands(ctx context.Context, key string, claim uuid.UUID) (
 	return ok, nil
 }
 
-// Backfilled records that the backfill of key under claim has finished.
-// It reports false when a later claim took the backfill over (it deleted
-// rows this one wrote, and records its own finish) or it was recorded.
+// Backfilled records that the backfill of key under claim has finished,
+// and (in config_meters) that the key's rollups are now computed under the
+// stored definition. It reports false when a later claim took the backfill
+// over (it deleted rows this one wrote, and records its own finish) or it
+// was recorded.
 func (s *Meters) Backfilled(ctx context.Context, key string, claim uuid.UUID) (bool, error) {
-	tag, err := s.pool.Exec(ctx, `UPDATE meters SET backfilled_at = now()
-		WHERE key = $1 AND backfill_claim = $2 AND backfilled_at IS NULL`, key, claim)
+	tag, err := s.pool.Exec(ctx, `WITH done AS (
+			UPDATE meters SET backfilled_at = now()
+			WHERE key = $1 AND backfill_claim = $2 AND backfilled_at IS NULL
+			RETURNING key, definition)
+		INSERT INTO config_meters (key, definition) SELECT key, definition FROM done
+		ON CONFLICT (key) DO UPDATE SET definition = EXCLUDED.definition, rolled_up_at = now()`, key, claim)
 	if err != nil {
 		return false, fmt.Errorf("record meter %s backfilled: %w", key, err)
 	}
 	return tag.RowsAffected() == 1, nil
+}
+
+// Reconcile brings the record of the definitions each meter key's rollups
+// were computed under (config_meters, written when a configuration file's
+// meter is rolled up and when a stored meter's backfill finishes) in line
+// with the meters in force, config being the configuration file's, before
+// an aggregator rolls anything up:
+//
+//   - A key that no meter defines any longer is forgotten: its rows stop
+//     being written while it is gone, so a meter given that key again is
+//     new, and computed from the raw events, not taken as up to date.
+//   - A stored meter that the file no longer shadows, whose key's rows
+//     were computed under another definition (the file's), is to be
+//     backfilled again: its backfilled_at is cleared, so that the
+//     aggregator backfills it and the usage API says it is backfilling.
+//
+// It returns the keys it forgot and those it set to backfill again.
+func (s *Meters) Reconcile(ctx context.Context, config []meter.Meter) (forgotten, rebackfill []string, err error) {
+	recorded, err := s.query(ctx, "read config meters", "SELECT key, definition FROM config_meters")
+	if err != nil && !errors.As(err, new(aggregator.UndecodableMeters)) {
+		return nil, nil, err
+	}
+	stored, err := s.query(ctx, "read meters", "SELECT key, definition FROM meters")
+	if err != nil && !errors.As(err, new(aggregator.UndecodableMeters)) {
+		return nil, nil, err
+	}
+	var storedKeys []string
+	rows, err := s.pool.Query(ctx, "SELECT key FROM meters")
+	if err != nil {
+		return nil, nil, fmt.Errorf("read meter keys: %w", err)
+	}
+	if storedKeys, err = pgx.CollectRows(rows, pgx.RowTo[string]); err != nil {
+		return nil, nil, fmt.Errorf("read meter keys: %w", err)
+	}
+	inFile := func(key string) bool {
+		return slices.ContainsFunc(config, func(m meter.Meter) bool { return m.Key == key })
+	}
+	for _, r := range recorded {
+		if !inFile(r.Key) && !slices.Contains(storedKeys, r.Key) {
+			forgotten = append(forgotten, r.Key)
+		}
+	}
+	for _, m := range stored {
+		if inFile(m.Key) {
+			continue
+		}
+		i := slices.IndexFunc(recorded, func(r meter.Meter) bool { return r.Key == m.Key })
+		if i >= 0 && !meter.Equal(recorded[i], m) {
+			rebackfill = append(rebackfill, m.Key)
+		}
+	}
+	if len(forgotten) > 0 {
+		if _, err := s.pool.Exec(ctx, `DELETE FROM config_meters WHERE key = ANY($1)
+			AND NOT EXISTS (SELECT 1 FROM meters WHERE meters.key = config_meters.key)`, forgotten); err != nil {
+			return nil, nil, fmt.Errorf("forget meters no longer defined: %w", err)
+		}
+	}
+	if len(rebackfill) > 0 {
+		if _, err := s.pool.Exec(ctx, `UPDATE meters SET backfilled_at = NULL, backfill_claim = NULL
+			WHERE key = ANY($1) AND backfilled_at IS NOT NULL`, rebackfill); err != nil {
+			return nil, nil, fmt.Errorf("backfill again the meters the configuration file no longer shadows: %w", err)
+		}
+	}
+	return forgotten, rebackfill, nil
 }
 
 // ConfigState tells, for each meter of the configuration file, whether its

@@ -515,7 +515,18 @@ func (m *AggregateMain) Run(ctx context.Context) error {
 	m.log.Info("usage API listening", "addr", m.Addr())
 	// Started here, not by NewAggregateMain: both begin by deleting rows,
 	// and a process whose other components then failed to start would
-	// stop them right after.
+	// stop them right after. First the record of what each key's rows were
+	// computed under is brought in line with the meters now in force.
+	if forgotten, again, err := m.meters.Reconcile(ctx, m.config); err != nil {
+		m.log.Error("cannot tell which meters' rollups were computed under another definition; they are left as they are", "err", err)
+	} else {
+		for _, k := range forgotten {
+			m.log.Info("meter key no longer defined; should a meter be given it again, its rollups are computed anew", "meter", k)
+		}
+		for _, k := range again {
+			m.log.Warn("stored meter no longer shadowed by the configuration file, whose definition its rollups were computed under; backfilling it", "meter", k)
+		}
+	}
 	if err := m.resumeBackfills(ctx); err != nil {
 		m.log.Error("cannot list the meters whose backfill never finished; they are backfilled when an aggregator next starts", "err", err)
 	}

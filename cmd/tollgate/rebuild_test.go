@@ -604,4 +604,81 @@ func TestAReusedMeterKeyHasItsOldRowsReplaced(t *testing.T) {
 			t.Fatalf("unfinished backfills %v after the finish, want none", unfinished)
 		}
 	})
+
+	// recorded waits until the key's rollups are recorded as computed under
+	// mt's definition (a configured meter's second pass, or a stored one's
+	// backfill, has ended), so the aggregator can be stopped.
+	recorded := func(t *testing.T, pg *testenv.Postgres, mt meter.Meter) {
+		t.Helper()
+		for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+			var b []byte
+			err := pg.Pool.QueryRow(context.Background(), "SELECT definition FROM config_meters WHERE key = $1", mt.Key).Scan(&b)
+			var got meter.Meter
+			if err == nil && json.Unmarshal(b, &got) == nil && meter.Equal(got, mt) {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("the rollups of %s never recorded as computed under %+v (last: %s, %v)", mt.Key, mt, b, err)
+			}
+		}
+	}
+	// The record of what a key's rows were computed under follows the key
+	// between the configuration file and the admin API. Before, it was
+	// written for the file's meters alone and never cleared, so each of
+	// these kept the other definition's rows (or none), with no flag.
+	t.Run("a configured meter back in the file over an admin-API meter's rows has only its own", func(t *testing.T) {
+		pg, ch, evs := landRebuildEvents(t)
+		config := start(t, pg, ch, []meter.Meter{wide})
+		await(t, ch, "the configured meter", rowsOf(evs, wide))
+		recorded(t, pg, wide)
+		testenv.Must(t, config.Close(), "stop the aggregator")
+		admin := start(t, pg, ch, nil)
+		create(t, admin, narrow)
+		await(t, ch, "the admin-API meter under the key", rowsOf(evs, narrow))
+		recorded(t, pg, narrow)
+		testenv.Must(t, admin.Close(), "stop the aggregator")
+		start(t, pg, ch, []meter.Meter{wide})
+		await(t, ch, "the configured meter back in the file", rowsOf(evs, wide))
+	})
+	t.Run("a stored meter the file no longer shadows is backfilled again", func(t *testing.T) {
+		pg, ch, evs := landRebuildEvents(t)
+		admin := start(t, pg, ch, nil)
+		create(t, admin, narrow)
+		await(t, ch, "the admin-API meter", rowsOf(evs, narrow))
+		recorded(t, pg, narrow)
+		testenv.Must(t, admin.Close(), "stop the aggregator")
+		config := start(t, pg, ch, []meter.Meter{wide})
+		await(t, ch, "the configured meter over it", rowsOf(evs, wide))
+		recorded(t, pg, wide)
+		testenv.Must(t, config.Close(), "stop the aggregator")
+		start(t, pg, ch, nil)
+		await(t, ch, "the stored meter in force again", rowsOf(evs, narrow))
+		recorded(t, pg, narrow)
+	})
+	t.Run("a configured meter put back unchanged counts what landed while it was gone", func(t *testing.T) {
+		pg, ch, evs := landRebuildEvents(t)
+		config := start(t, pg, ch, []meter.Meter{wide})
+		await(t, ch, "the configured meter", rowsOf(evs, wide))
+		recorded(t, pg, wide)
+		testenv.Must(t, config.Close(), "stop the aggregator")
+		without := start(t, pg, ch, nil)
+		for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+			var n int
+			testenv.Must(t, pg.Pool.QueryRow(context.Background(), "SELECT count(*) FROM config_meters WHERE key = $1", wide.Key).Scan(&n), "read config meters")
+			if n == 0 {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatal("the aggregator started without the meter never forgot its record")
+			}
+		}
+		more := slices.Clone(evs)
+		for i := range more {
+			more[i].id = uuid.New()
+		}
+		insertRebuildEvents(t, ch, more) // land while no meter counts them
+		testenv.Must(t, without.Close(), "stop the aggregator")
+		start(t, pg, ch, []meter.Meter{wide})
+		await(t, ch, "the meter put back", rowsOf(slices.Concat(evs, more), wide))
+	})
 }
