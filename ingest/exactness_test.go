@@ -114,7 +114,8 @@ func generate(n int, now time.Time) generated {
 // exactness test: 100,000 records with 5 % duplicates, late events and 1 %
 // malformed records go through the real `tollgate ingest` process, which is
 // killed with SIGKILL twice mid-run and restarted, while a private
-// ClickHouse is stopped and restarted once. Afterwards the raw table holds
+// ClickHouse is stopped and restarted once, and the private Kafka broker
+// it reads from is stopped and restarted once. Afterwards the raw table holds
 // each distinct valid event exactly once, every rollup row of every meter
 // and granularity equals a plain-Go computation from the generated list,
 // and the dead-letter topic holds exactly the malformed records, once each.
@@ -122,9 +123,17 @@ func TestExactlyOnceThroughCrashesAndAClickHouseRestart(t *testing.T) {
 	const total = 100_000
 	pg := testenv.NewPostgres(t)
 	chi := testenv.PrivateClickHouse(t)
-	topic := testenv.NewTopic(t, 4)
+	broker := testenv.PrivateKafka(t)
+	brokers := []string{broker.Addr}
+	topic := strings.ReplaceAll(testenv.Name(t), "_", ".")
 	dlq := topic + ".dlq"
-	testenv.CreateTopic(t, dlq, 4)
+	kc := &kafka.Client{Addr: kafka.TCP(brokers...), Timeout: 20 * time.Second}
+	for _, name := range []string{topic, dlq} {
+		res, err := kc.CreateTopics(context.Background(), &kafka.CreateTopicsRequest{
+			Topics: []kafka.TopicConfig{{Topic: name, NumPartitions: 4, ReplicationFactor: 1}}})
+		testenv.Must(t, err, "create topic "+name)
+		testenv.Must(t, res.Errors[name], "create topic "+name)
+	}
 	ctx := context.Background()
 	for a, z := range exactZones {
 		_, err := pg.Pool.Exec(ctx, "INSERT INTO accounts (id, name, timezone) VALUES ($1, $1, $2)", a, z)
@@ -139,7 +148,7 @@ func TestExactlyOnceThroughCrashesAndAClickHouseRestart(t *testing.T) {
 		t.Fatalf("build tollgate: %v\n%s", err, out)
 	}
 	cfgPath := filepath.Join(dir, "tollgate.yaml")
-	writeConfig(t, cfgPath, pg.URL, chi.Addr, topic, dlq)
+	writeConfig(t, cfgPath, pg.URL, chi.Addr, brokers, topic, dlq)
 
 	logf, err := os.Create(filepath.Join(dir, "ingest.log"))
 	testenv.Must(t, err, "ingest log")
@@ -171,7 +180,7 @@ func TestExactlyOnceThroughCrashesAndAClickHouseRestart(t *testing.T) {
 
 	now := time.Now().UTC()
 	g := generate(total, now)
-	w := &kafka.Writer{Addr: kafka.TCP(testenv.KafkaBrokers()...), Topic: topic, Balancer: &kafka.Hash{},
+	w := &kafka.Writer{Addr: kafka.TCP(brokers...), Topic: topic, Balancer: &kafka.Hash{},
 		RequiredAcks: kafka.RequireAll, BatchSize: 5000, BatchTimeout: 5 * time.Millisecond}
 	defer w.Close()
 	produce := func(from, to int) {
@@ -179,7 +188,7 @@ func TestExactlyOnceThroughCrashesAndAClickHouseRestart(t *testing.T) {
 			testenv.Must(t, w.WriteMessages(ctx, g.records[i:min(i+5000, to)]...), "produce")
 		}
 	}
-	offsets := ingestkafka.NewOffsets(testenv.KafkaBrokers(), topic, topic+".ingest")
+	offsets := ingestkafka.NewOffsets(brokers, topic, topic+".ingest")
 	committed := func() int64 {
 		offs, err := offsets.Offsets(ctx)
 		if err != nil {
@@ -206,17 +215,18 @@ func TestExactlyOnceThroughCrashesAndAClickHouseRestart(t *testing.T) {
 	produce(30_000, 55_000)
 	start()
 	waitCommitted(35_000, "ingest to resume after the first kill -9")
-	// Failed inserts ingest retries, as its log lines say.
-	insertRetries := func() int {
+	// Failed steps ingest retries, as its log lines say.
+	retries := func(step string) int {
 		b, _ := os.ReadFile(logf.Name())
 		n := 0
 		for _, line := range bytes.Split(b, []byte("\n")) {
-			if bytes.Contains(line, []byte("ingest step failed, retrying")) && bytes.Contains(line, []byte("step=insert ")) {
+			if bytes.Contains(line, []byte("ingest step failed, retrying")) && bytes.Contains(line, []byte("step="+step+" ")) {
 				n++
 			}
 		}
 		return n
 	}
+	insertRetries := func() int { return retries("insert") }
 	before := insertRetries()
 	chi.Stop() // inserts fail; ingest retries and holds its offsets
 	offs, err := offsets.Offsets(ctx)
@@ -234,9 +244,25 @@ func TestExactlyOnceThroughCrashesAndAClickHouseRestart(t *testing.T) {
 	}
 	chi.Start()
 	waitCommitted(60_000, "ingest to resume after the ClickHouse restart")
+	// The broker stops with records fetched and not yet committed: ingest
+	// meets it mid-run, loses its group coordinator and its commits, and
+	// picks up where the restarted broker says it committed.
+	produce(70_000, 90_000)
+	if n := committed(); n >= 90_000 {
+		t.Fatalf("ingest had landed all %d records before the broker stopped: the restart would meet nothing", n)
+	}
+	kafkaRetries := retries("fetch") + retries("commit")
+	broker.Stop()
+	// The outage must be met, not slept through: a fetch or a commit
+	// fails, and ingest retries it.
+	testenv.Wait(t, time.Minute, "ingest to meet the Kafka outage (a retried fetch or commit in its log)", func() bool {
+		return retries("fetch")+retries("commit") > kafkaRetries
+	})
+	broker.Start()
+	waitCommitted(75_000, "ingest to resume after the Kafka broker restart")
 	kill9()
 	start()
-	produce(70_000, total)
+	produce(90_000, total)
 	waitCommitted(total, "ingest to land every record")
 
 	ch := openCH(t, chi.Addr)
@@ -256,7 +282,7 @@ func TestExactlyOnceThroughCrashesAndAClickHouseRestart(t *testing.T) {
 		compareRollups(t, ch, g.timely)
 	})
 	t.Run("the dead-letter topic holds exactly the malformed records", func(t *testing.T) {
-		got := readAll(t, dlq, 4)
+		got := readAll(t, brokers, dlq, 4)
 		seen := map[string]bool{}
 		for _, m := range got {
 			src := header(m, ingestkafka.HeaderSourcePartition) + "/" + header(m, ingestkafka.HeaderSourceOffset)
@@ -286,11 +312,11 @@ func TestExactlyOnceThroughCrashesAndAClickHouseRestart(t *testing.T) {
 	t.Logf("records %d: %d distinct timely, %d too late, %d malformed", total, len(g.timely), len(g.tooLate), len(g.malformed))
 }
 
-func writeConfig(t *testing.T, path, pgURL, chAddr, topic, dlq string) {
+func writeConfig(t *testing.T, path, pgURL, chAddr string, brokers []string, topic, dlq string) {
 	t.Helper()
 	var b strings.Builder
 	fmt.Fprintf(&b, "services:\n  postgres_url: %q\n  clickhouse_addr: %q\n  clickhouse_database: tollgate\n  kafka_brokers: [%q]\n",
-		pgURL, chAddr, strings.Join(testenv.KafkaBrokers(), ","))
+		pgURL, chAddr, strings.Join(brokers, ","))
 	fmt.Fprintf(&b, "ingest:\n  topic: %q\n  dead_letter_topic: %q\n  group: %q\n  workers: 2\n  batch_size: 3000\n  batch_wait: 100ms\n  retry_period: 250ms\n  watermark_interval: 500ms\n",
 		topic, dlq, topic+".ingest")
 	b.WriteString("meters:\n")
@@ -345,11 +371,11 @@ func compareRollups(t *testing.T, ch driver.Conn, events []schemas.Event) {
 }
 
 // readAll reads every record of topic's partitions from the start.
-func readAll(t *testing.T, topic string, partitions int) []kafka.Message {
+func readAll(t *testing.T, brokers []string, topic string, partitions int) []kafka.Message {
 	t.Helper()
 	var out []kafka.Message
 	for p := 0; p < partitions; p++ {
-		conn, err := kafka.DialLeader(context.Background(), "tcp", testenv.KafkaBrokers()[0], topic, p)
+		conn, err := kafka.DialLeader(context.Background(), "tcp", brokers[0], topic, p)
 		testenv.Must(t, err, "dial dead-letter partition")
 		_ = conn.SetDeadline(time.Now().Add(30 * time.Second))
 		first, last, err := conn.ReadOffsets()
