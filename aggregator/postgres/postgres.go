@@ -362,8 +362,10 @@ func (s *Meters) ConfigState(ctx context.Context, config []meter.Meter) (added, 
 
 // Unfinished returns the keys of the meters whose past is still being
 // rolled up: stored meters whose backfill is not recorded finished (unless
-// the configuration file defines their key), and the configuration file's
-// meters that ConfigState calls added or changed.
+// the configuration file defines their key), the configuration file's
+// meters that ConfigState calls added or changed, and the meters of a
+// `tollgate aggregate rebuild` that deleted rows and has not recorded them
+// rebuilt (running, or killed).
 func (s *Meters) Unfinished(ctx context.Context, config []meter.Meter) (map[string]bool, error) {
 	out := map[string]bool{}
 	rows, err := s.pool.Query(ctx, "SELECT key FROM meters WHERE backfilled_at IS NULL")
@@ -386,6 +388,67 @@ func (s *Meters) Unfinished(ctx context.Context, config []meter.Meter) (map[stri
 	}
 	for _, m := range append(added, changed...) {
 		out[m.Key] = true
+	}
+	// A rebuild under way, or one that deleted rows and never finished.
+	pending, err := s.PendingRebuilds(ctx)
+	if err != nil {
+		return nil, err
+	}
+	for _, p := range pending {
+		for _, k := range p.Meters {
+			out[k] = true
+		}
+	}
+	return out, nil
+}
+
+// PendingRebuild is a `tollgate aggregate rebuild` that deleted rollups
+// and has not recorded them rebuilt (RebuildStarting).
+type PendingRebuild struct {
+	ID        uuid.UUID
+	Meters    []string
+	From, To  time.Time
+	StartedAt time.Time
+}
+
+// RebuildStarting records, before a rebuild deletes the rollups of meters
+// for the windows starting in [from, to), that it is about to.
+func (s *Meters) RebuildStarting(ctx context.Context, id uuid.UUID, meters []string, from, to time.Time) error {
+	_, err := s.pool.Exec(ctx, `INSERT INTO rollup_rebuilds (id, meters, from_start, to_start) VALUES ($1, $2, $3, $4)
+		ON CONFLICT (id) DO UPDATE SET meters = EXCLUDED.meters, from_start = EXCLUDED.from_start, to_start = EXCLUDED.to_start`,
+		id, meters, from, to)
+	if err != nil {
+		return fmt.Errorf("record the rebuild before its deletion: %w", err)
+	}
+	return nil
+}
+
+// RebuildFinished removes the record of rebuild id, and those of earlier
+// rebuilds it covers (their meters among these, their range within
+// [from, to)): running again the rebuild one left behind settles it.
+func (s *Meters) RebuildFinished(ctx context.Context, id uuid.UUID, meters []string, from, to time.Time) error {
+	_, err := s.pool.Exec(ctx, `DELETE FROM rollup_rebuilds
+		WHERE id = $1 OR (meters <@ $2 AND from_start >= $3 AND to_start <= $4)`, id, meters, from, to)
+	if err != nil {
+		return fmt.Errorf("record the rebuild finished: %w", err)
+	}
+	return nil
+}
+
+// PendingRebuilds lists the rebuilds that deleted rollups and never
+// recorded them rebuilt, oldest first.
+func (s *Meters) PendingRebuilds(ctx context.Context) ([]PendingRebuild, error) {
+	rows, err := s.pool.Query(ctx, "SELECT id, meters, from_start, to_start, started_at FROM rollup_rebuilds ORDER BY started_at, id")
+	if err != nil {
+		return nil, fmt.Errorf("read pending rebuilds: %w", err)
+	}
+	out, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (PendingRebuild, error) {
+		var p PendingRebuild
+		err := r.Scan(&p.ID, &p.Meters, &p.From, &p.To, &p.StartedAt)
+		return p, err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("read pending rebuilds: %w", err)
 	}
 	return out, nil
 }

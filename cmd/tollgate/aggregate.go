@@ -517,6 +517,18 @@ func (m *AggregateMain) Run(ctx context.Context) error {
 	// and a process whose other components then failed to start would
 	// stop them right after. First the record of what each key's rows were
 	// computed under is brought in line with the meters now in force.
+	if pending, err := m.meters.PendingRebuilds(ctx); err != nil {
+		m.log.Error("cannot read the rollup rebuilds that never finished", "err", err)
+	} else {
+		for _, p := range pending {
+			args := []string{"tollgate", "aggregate", "rebuild", "--from", p.From.UTC().Format(time.RFC3339), "--to", p.To.UTC().Format(time.RFC3339)}
+			for _, k := range p.Meters {
+				args = append(args, "--meter", k)
+			}
+			m.log.Error("a rollup rebuild deleted rows and never recorded them rebuilt (it was killed, or is still running); until it is run again the usage API reports its meters as backfilling",
+				"meters", p.Meters, "from", p.From, "to", p.To, "started_at", p.StartedAt, "run", strings.Join(args, " "))
+		}
+	}
 	if forgotten, again, err := m.meters.Reconcile(ctx, m.config); err != nil {
 		m.log.Error("cannot tell which meters' rollups were computed under another definition; they are left as they are", "err", err)
 	} else {
@@ -663,10 +675,21 @@ exits non-zero and prints the rebuild to run again, which the range then needs.`
 				}
 				meters = sel
 			}
-			store := &deleteWatch{Store: aggch.NewStore(ch)}
+			// The deletion is recorded in Postgres first, so a rebuild
+			// killed after it (SIGKILL, a lost host), which cannot say so
+			// itself, leaves a record: the usage API reports the meters as
+			// backfilling, and an aggregator that starts names the rebuild
+			// to run again.
+			record := aggpg.NewMeters(pool)
+			store := &deleteWatch{Store: aggch.NewStore(ch), id: uuid.New(), record: record}
 			err = aggregator.ReplaceAll(ctx, store, aggpg.NewZones(pool, time.Minute, log), meters, f, t, log)
 			if err != nil {
 				return rebuildFailed(ctx, log, store, meters, err)
+			}
+			if deleted, keys, from, to := store.deletion(); deleted {
+				if err := record.RebuildFinished(ctx, store.id, keys, from, to); err != nil {
+					return fmt.Errorf("the rollups are rebuilt, but recording it failed (the usage API reports the meters as backfilling until a rebuild of the same range records it): %w", err)
+				}
 			}
 			fmt.Fprintf(cmd.OutOrStdout(), "rebuilt rollups of %d meter(s)\n", len(meters))
 			return nil
@@ -682,18 +705,34 @@ exits non-zero and prints the rebuild to run again, which the range then needs.`
 // once it is, ClickHouse applies it even if the wait for it is cut short.
 type deleteWatch struct {
 	*aggch.Store
+	// id names the rebuild in record (rollup_rebuilds), where the deletion
+	// is recorded before it is issued.
+	id       uuid.UUID
+	record   *aggpg.Meters
 	mu       sync.Mutex
 	deleted  bool
+	meters   []string
 	from, to time.Time
 }
 
 func (w *deleteWatch) DeleteRollups(ctx context.Context, meters []string, from, to time.Time) error {
 	if len(meters) > 0 {
+		if err := w.record.RebuildStarting(ctx, w.id, meters, from, to); err != nil {
+			return err // nothing deleted
+		}
 		w.mu.Lock()
-		w.deleted, w.from, w.to = true, from, to
+		w.deleted, w.meters, w.from, w.to = true, slices.Clone(meters), from, to
 		w.mu.Unlock()
 	}
 	return w.Store.DeleteRollups(ctx, meters, from, to)
+}
+
+// deletion reports whether a deletion was issued, of which meters' rows and
+// for which windows.
+func (w *deleteWatch) deletion() (bool, []string, time.Time, time.Time) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.deleted, w.meters, w.from, w.to
 }
 
 // rebuildFailed explains a rebuild that stopped (err): whether the rollups

@@ -9,6 +9,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"maps"
 	"net/http"
 	"os"
@@ -415,6 +416,66 @@ func TestAggregateRebuildStoppedAfterItsDeletionSaysToRebuildAgain(t *testing.T)
 			compareRollups(t, "after the printed rebuild", readRollups(t, ch), want)
 		})
 	}
+	// Killed after its deletion, the rebuild cannot say so itself: it
+	// recorded the deletion in Postgres first, so the usage API reports
+	// the meter as backfilling and an aggregator that starts names the
+	// rebuild to run again; running it settles the record. Before, nothing
+	// was left to tell that the range had been emptied.
+	t.Run("SIGKILL after the deletion leaves the rebuild recorded until it is run again", func(t *testing.T) {
+		ctx := context.Background()
+		cmd := exec.Command(bin, "aggregate", "rebuild", "--config", cfgPath,
+			"--from", "2000-01-01T00:00:00Z", "--to", "2040-01-01T00:00:00Z")
+		stderr, err := cmd.StderrPipe()
+		testenv.Must(t, err, "pipe stderr")
+		testenv.Must(t, cmd.Start(), "start the rebuild")
+		sc := bufio.NewScanner(stderr)
+		killed := false
+		for sc.Scan() {
+			if !killed && strings.Contains(sc.Text(), "deleted the rollups to rebuild") {
+				testenv.Must(t, cmd.Process.Kill(), "kill -9 the rebuild")
+				killed = true
+			}
+		}
+		_ = cmd.Wait()
+		if !killed {
+			t.Fatal("the rebuild never said it deleted the rollups")
+		}
+		if got := readRollups(t, ch); len(got) >= len(want) {
+			t.Fatalf("%d rollup rows after the kill; the test did not kill the rebuild it meant to", len(got))
+		}
+		meters := aggpg.NewMeters(pg.Pool)
+		pending, err := meters.PendingRebuilds(ctx)
+		testenv.Must(t, err, "read pending rebuilds")
+		if len(pending) != 1 || !slices.Equal(pending[0].Meters, []string{"api_calls"}) ||
+			!pending[0].From.Equal(mustTime(t, "2000-01-01T00:00:00Z")) || !pending[0].To.Equal(mustTime(t, "2040-01-01T00:00:00Z")) {
+			t.Fatalf("pending rebuilds %+v, want the killed one: api_calls over [2000, 2040)", pending)
+		}
+		// No configured meters: the file's own roll-up state aside.
+		unfinished, err := meters.Unfinished(ctx, nil)
+		testenv.Must(t, err, "read unfinished meters")
+		if !unfinished["api_calls"] {
+			t.Fatalf("meters reported as backfilling: %v, want api_calls, whose rows the killed rebuild deleted", unfinished)
+		}
+		logs := &testenv.LogBuffer{}
+		cfg := testConfig(t, pg, ch, "unused")
+		m, err := NewAggregateMain(ctx, cfg, slog.New(slog.NewTextHandler(logs, nil)))
+		testenv.Must(t, err, "start the aggregator")
+		stop := runComponent(t, m)
+		testenv.Wait(t, 10*time.Second, "the aggregator to name the rebuild to run again", func() bool {
+			return logs.Contains("never recorded them rebuilt") && logs.Contains("tollgate aggregate rebuild --from 2000-01-01T00:00:00Z --to 2040-01-01T00:00:00Z --meter api_calls")
+		})
+		stop()
+		_ = m.Close()
+		runTollgate(t, "aggregate", "rebuild", "--config", cfgPath, "--log-level", "error",
+			"--from", "2000-01-01T00:00:00Z", "--to", "2040-01-01T00:00:00Z", "--meter", "api_calls")
+		compareRollups(t, "after the rebuild was run again", readRollups(t, ch), want)
+		if pending, err := meters.PendingRebuilds(ctx); err != nil || len(pending) != 0 {
+			t.Fatalf("pending rebuilds %+v (%v) after it was run again, want none", pending, err)
+		}
+		if unfinished, err := meters.Unfinished(ctx, nil); err != nil || unfinished["api_calls"] {
+			t.Fatalf("meters reported as backfilling after the rebuild ran again: %v (%v)", unfinished, err)
+		}
+	})
 }
 
 // TestAReusedMeterKeyHasItsOldRowsReplaced gives a key that already has
