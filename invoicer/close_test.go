@@ -1255,3 +1255,26 @@ func TestASupersededRefusedPlanDoesNotFailTheClose(t *testing.T) {
 		t.Fatalf("closed %+v, failed %v; want March, all on starter", res.Closed, res.Failed)
 	}
 }
+
+// Limits are the edge's business: a stored plan version whose quota is
+// negative (the edge reads it as none) is invoiced and replayed like any
+// other. Refusing it when a definition is read stopped every close of its
+// accounts, while the edge went on serving them.
+func TestAPlanWithANegativeQuotaIsStillInvoiced(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	def := `{"limits":{"requests_per_second":5,"burst":10,"monthly_requests":-1},"prices":[{"key":"base","model":"flat","amount":2900}]}`
+	_, err := e.pg.Pool.Exec(ctx, `INSERT INTO plans (id, version, name, currency, definition) VALUES ('unlimited_quota', 1, 'Unlimited', 'usd', $1)`, def)
+	testenv.Must(t, err, "insert the plan")
+	if _, err := invoicer.ParseBilledDefinition([]byte(def)); err != nil {
+		t.Fatalf("replay cannot read the plan: %v", err)
+	}
+	e.account(t, "acct_unlimited_quota", "UTC")
+	e.subscribe(t, "acct_unlimited_quota", "unlimited_quota", march.AddDate(0, -1, 0), nil)
+	e.watermark(t, april.Add(2*time.Hour))
+	res, err := e.aprilInvoicer(t, e.usage, nil).CloseDue(ctx)
+	testenv.Must(t, err, "close")
+	if len(res.Closed) != 1 || res.Closed[0].Total != 2900 || len(res.Failed) != 0 {
+		t.Fatalf("closed %+v, failed %v; want the account's March invoice of 2900", res.Closed, res.Failed)
+	}
+}

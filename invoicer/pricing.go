@@ -193,11 +193,6 @@ func (d *Definition) validate(fields bool) error {
 	if d.Limits.RequestsPerSecond < 0 || d.Limits.Burst < 0 {
 		errs = append(errs, errors.New("limits: negative"))
 	}
-	if q := d.Limits.MonthlyRequests; q != nil && *q < 0 {
-		// The edge would allow every call and tell the caller in every
-		// answer's headers that none was left this month.
-		errs = append(errs, fmt.Errorf("limits.monthly_requests: negative (%d); leave it out for no quota", *q))
-	}
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("%w: %w", ErrInvalid, err)
 	}

@@ -299,13 +299,14 @@ func (s *Meters) Reconcile(ctx context.Context, config []meter.Meter) (forgotten
 			forgotten = append(forgotten, r.Key)
 		}
 	}
+	var differ []string
 	for _, m := range stored {
 		if inFile(m.Key) {
 			continue
 		}
 		i := slices.IndexFunc(recorded, func(r meter.Meter) bool { return r.Key == m.Key })
 		if i >= 0 && !meter.Equal(recorded[i], m) {
-			rebackfill = append(rebackfill, m.Key)
+			differ = append(differ, m.Key)
 		}
 	}
 	if len(forgotten) > 0 {
@@ -314,9 +315,21 @@ func (s *Meters) Reconcile(ctx context.Context, config []meter.Meter) (forgotten
 			return nil, nil, fmt.Errorf("forget meters no longer defined: %w", err)
 		}
 	}
-	if len(rebackfill) > 0 {
-		if _, err := s.pool.Exec(ctx, `UPDATE meters SET backfilled_at = NULL, backfill_claim = NULL
-			WHERE key = ANY($1) AND backfilled_at IS NOT NULL`, rebackfill); err != nil {
+	if len(differ) > 0 {
+		// Only where the other definition's roll-up came after the stored
+		// meter's finished backfill (which, since it records its own
+		// definition in the same transaction, is never later than it):
+		// a backfill that finished before config_meters recorded
+		// backfills (an upgrade), or one that another aggregator just
+		// recorded, computed the rows under the stored definition already.
+		rows, err := s.pool.Query(ctx, `UPDATE meters m SET backfilled_at = NULL, backfill_claim = NULL
+			FROM config_meters c
+			WHERE c.key = m.key AND m.key = ANY($1) AND m.backfilled_at IS NOT NULL AND c.rolled_up_at > m.backfilled_at
+			RETURNING m.key`, differ)
+		if err == nil {
+			rebackfill, err = pgx.CollectRows(rows, pgx.RowTo[string])
+		}
+		if err != nil {
 			return nil, nil, fmt.Errorf("backfill again the meters the configuration file no longer shadows: %w", err)
 		}
 	}

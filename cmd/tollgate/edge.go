@@ -73,9 +73,14 @@ func NewEdgeMain(ctx context.Context, cfg Config, log *slog.Logger) (m *EdgeMain
 	}
 	spoolDir := cfg.Edge.SpoolDir
 	if spoolDir == "" {
+		// The spool must outlive the process: no quiet fall back to the
+		// temporary directory, often a tmpfs, or one a service manager
+		// deletes when the service stops (PrivateTmp), which lost the
+		// events spooled while Kafka was away.
 		base, err := os.UserCacheDir()
 		if err != nil {
-			base = os.TempDir()
+			return nil, fmt.Errorf("edge.spool_dir is not set and there is no user cache directory to put the spool in (%v): "+
+				"set edge.spool_dir (or TOLLGATE_EDGE_SPOOL_DIR) to a directory that survives restarts", err)
 		}
 		spoolDir = filepath.Join(base, "tollgate", "edge-spool", cfg.Ingest.Topic)
 	}

@@ -319,19 +319,22 @@ var _ edge.QuotaAdder = (*Limiter)(nil)
 // over each of its buckets in turn, stopping at the first refusal, then
 // take's quota count if every bucket allowed it.
 //
-// KEYS: each call's keys one call after another: its buckets, then its
-// quota counter when it has one.
+// KEYS: each call's keys one call after another: its buckets, then, when
+// it has a quota, its quota counter and the counter's lease marker
+// (<counter>:leased, set for a second after a grant of more than one call
+// takes from the quota).
 // ARGV: the number of calls, then for each call its number of keys, burst,
 // rate, period (s), with quota ("1" or "0"), quota limit, quota expiry (s),
 // tokens wanted, and how long to keep a record of a lease (ms, 0 = none).
 // A call that keeps a record has one more key, the record's, after the
-// quota counter. A grant writes there what a refund needs to give tokens
+// quota's two. A grant writes there what a refund needs to give tokens
 // back safely (refundTokens, lease.go): the grant's size, Redis's time, and
 // each bucket's arrival time right after the grant.
 //
 // Returns one array per call: four values per bucket checked (allowed,
 // remaining, and retry_after and reset_after in microseconds rounded up,
-// else as redis_rate), then (allowed, count) for the quota, then the
+// else as redis_rate), then (allowed, count) for the quota, allowed being
+// 1, 0, or -1 for a refusal while the lease marker stands, then the
 // tokens granted; or an error for a call whose keys failed, leaving the
 // other calls' answers standing.
 var allowCalls = redis.NewScript(`
