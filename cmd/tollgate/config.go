@@ -2,12 +2,13 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"fmt"
-	"github.com/jackc/pgx/v5/pgxpool"
 	"io"
 	"maps"
 	"net"
+	"net/netip"
 	"net/url"
 	"os"
 	"regexp"
@@ -16,6 +17,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgxpool"
 	"gopkg.in/yaml.v3"
 
 	"github.com/tollgate-dev/tollgate/aggregator"
@@ -193,6 +195,21 @@ func (c *Config) defaults() {
 	}
 }
 
+// Warnings are what a valid configuration may well not mean, for the
+// named components (all of them when none is named): check-config prints
+// them, and a command that starts a component logs them.
+func (c *Config) Warnings(components ...string) []string {
+	var out []string
+	if len(components) == 0 || slices.Contains(components, "edge") {
+		// Meters created through the admin API may still count them, so
+		// this is a warning, not a refusal.
+		if !slices.ContainsFunc(c.Meters, func(m meter.Meter) bool { return m.EventType == c.Edge.EventType }) {
+			out = append(out, fmt.Sprintf("edge.event_type %q: no meter of the configuration counts it, so the edge's calls land in ClickHouse but are in no usage and no invoice unless a meter created through the admin API counts them", c.Edge.EventType))
+		}
+	}
+	return out
+}
+
 // Validate reports every problem in the sections the named components use
 // (all of them when none is named). Besides each section's own checks, it
 // checks what the sections' packages leave to the process that runs them:
@@ -282,7 +299,10 @@ func (c *Config) Validate(components ...string) error {
 // service had been connected.
 func (c *Config) listenClashes() error {
 	var errs []error
-	type listen struct{ name, host, port string }
+	type listen struct {
+		name, host, port string
+		ips              []string
+	}
 	var seen []listen
 	for _, l := range []struct{ name, addr string }{
 		{"edge.listen", c.Edge.Listen}, {"edge.admin_listen", c.Edge.AdminListen},
@@ -295,14 +315,42 @@ func (c *Config) listenClashes() error {
 		if err != nil || port == "0" || port == "" {
 			continue // off, any free port, or reported above
 		}
+		// One port however it is written (8080 or a service name), and
+		// one host however it is named (localhost or 127.0.0.1).
+		if n, err := net.LookupPort("tcp", port); err == nil {
+			if n == 0 {
+				continue
+			}
+			port = strconv.Itoa(n)
+		}
+		ips := listenIPs(host)
 		for _, o := range seen {
-			if o.port == port && (o.host == host || anyHost(o.host) || anyHost(host)) {
+			if o.port == port && (o.host == host || anyHost(o.host) || anyHost(host) || slices.ContainsFunc(ips, func(ip string) bool { return slices.Contains(o.ips, ip) })) {
 				errs = append(errs, fmt.Errorf("%s: %s is also %s's: one process listens on each port once", l.name, l.addr, o.name))
 			}
 		}
-		seen = append(seen, listen{l.name, host, port})
+		seen = append(seen, listen{l.name, host, port, ips})
 	}
 	return errors.Join(errs...)
+}
+
+// listenIPs are the addresses a listen host stands for: itself when it is
+// an IP, else what the name resolves to (none when it does not).
+func listenIPs(host string) []string {
+	if ip, err := netip.ParseAddr(host); err == nil {
+		return []string{ip.Unmap().String()}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	addrs, err := net.DefaultResolver.LookupNetIP(ctx, "ip", host)
+	if err != nil {
+		return nil
+	}
+	out := make([]string, len(addrs))
+	for i, a := range addrs {
+		out[i] = a.Unmap().String()
+	}
+	return out
 }
 
 // anyHost reports whether a listen host means every interface.

@@ -117,6 +117,8 @@ func TestCheckConfigRefusesWhatWouldFailOrMisbehaveAtStart(t *testing.T) {
 		{"a dead-letter topic named .. is refused", "ingest:\n  dead_letter_topic: \"..\"\n", []string{"ingest"}, "ingest.dead_letter_topic"},
 		{"a batch size no process could hold is refused", "ingest:\n  batch_size: 400000000\n  max_in_flight_records: 400000000\n", []string{"ingest"}, "ingest.batch_size"},
 		{"two components of tollgate all on one port are refused", "edge:\n  listen: 127.0.0.1:18181\ninvoicer:\n  listen: 127.0.0.1:18181\n", nil, "invoicer.listen: 127.0.0.1:18181 is also edge.listen's"},
+		{"one port under two names of one host clashes", "edge:\n  listen: 127.0.0.1:18185\n  admin_listen: localhost:18185\n  admin_token_sha256: " + strings.Repeat("0", 64) + "\n", nil, "edge.admin_listen: localhost:18185 is also edge.listen's"},
+		{"a port by number and by service name clashes", "edge:\n  listen: 127.0.0.1:80\ndashboard:\n  listen: 127.0.0.1:http\n", nil, "is also edge.listen's"},
 		{"a port every interface takes clashes with one host's", "ingest:\n  metrics_listen: \":18284\"\naggregator:\n  metrics_listen: 127.0.0.1:18284\n", nil, "aggregator.metrics_listen"},
 		{"an edge event type ingest would dead-letter is refused", "edge:\n  event_type: api-call\n", []string{"edge"}, "edge.event_type"},
 		{"an upstream with credentials the edge would not send is refused", "edge:\n  sandbox_upstream: https://svc:pw@sandbox.internal\n", []string{"edge"}, "edge.sandbox_upstream"},
@@ -347,5 +349,33 @@ func TestTheDriversRefusalOfAConnectionStringIsNotQuoted(t *testing.T) {
 	}
 	if got := withoutConnString(fmt.Errorf("connect: %w", err)); got == nil || strings.Contains(got.Error(), "hunter2") {
 		t.Fatalf("passed on as %v; want a message without the password", got)
+	}
+}
+
+// An edge.event_type that no configured meter counts is valid (a meter
+// created through the admin API may count it) but is said: every call
+// would land in ClickHouse and be in no usage and no invoice.
+func TestAnEventTypeNoMeterCountsIsWarnedOf(t *testing.T) {
+	for _, c := range []struct {
+		name, body string
+		warned     bool
+	}{
+		{"the defaults", "# every default\n", false},
+		{"a renamed event type under the default meters", "edge:\n  event_type: http_call\n", true},
+		{"a renamed event type a meter counts", "edge:\n  event_type: http_call\nmeters:\n  - {key: calls, event_type: http_call, aggregation: COUNT}\n", false},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			cfg := writeConfig(t, c.body)
+			if err := cfg.Validate(); err != nil {
+				t.Fatalf("validate: %v", err)
+			}
+			ws := cfg.Warnings()
+			if got := len(ws) == 1 && strings.Contains(ws[0], "edge.event_type"); got != c.warned || !c.warned && len(ws) != 0 {
+				t.Fatalf("warnings %q, want a warning about edge.event_type: %v", ws, c.warned)
+			}
+			if ws := cfg.Warnings("ingest"); len(ws) != 0 {
+				t.Fatalf("warnings for ingest alone %q, want none (the edge's event type is the edge's)", ws)
+			}
+		})
 	}
 }

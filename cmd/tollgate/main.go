@@ -86,6 +86,9 @@ func loadFor(g *globalFlags, components ...string) (Config, *slog.Logger, error)
 	if err := cfg.Validate(components...); err != nil {
 		return cfg, nil, fmt.Errorf("invalid configuration:\n%w", err)
 	}
+	for _, w := range cfg.Warnings(components...) {
+		log.Warn("configuration: " + w)
+	}
 	return cfg, log, nil
 }
 
@@ -278,6 +281,9 @@ func checkConfigCommand(g *globalFlags) *cobra.Command {
 			}
 			if err := cfg.Validate(); err != nil {
 				return fmt.Errorf("invalid configuration:\n%w", err)
+			}
+			for _, w := range cfg.Warnings() {
+				fmt.Fprintln(cmd.OutOrStdout(), "warning: "+w)
 			}
 			fmt.Fprintln(cmd.OutOrStdout(), "configuration is valid")
 			return nil

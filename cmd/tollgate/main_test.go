@@ -336,4 +336,17 @@ func TestEdgeThatCannotStartReturnsItsError(t *testing.T) {
 	if _, err := NewEdgeMain(ctx, cfg, quietLog()); err == nil || !strings.Contains(err.Error(), "listen") {
 		t.Errorf("an edge on a taken address: %v, want a listen error", err)
 	}
+	// With no spool_dir and no user cache directory (no $HOME, as under a
+	// service manager's system unit), the edge refuses to start: before,
+	// it spooled to the temporary directory, which such a manager may
+	// delete when the service stops, losing the events waiting there.
+	cfg.Edge.SpoolDir, cfg.Edge.Listen = "", "127.0.0.1:0"
+	t.Setenv("HOME", "")
+	t.Setenv("XDG_CACHE_HOME", "")
+	if m, err := NewEdgeMain(ctx, cfg, quietLog()); err == nil || !strings.Contains(err.Error(), "edge.spool_dir") {
+		if m != nil {
+			_ = m.Close()
+		}
+		t.Errorf("an edge with no spool_dir and no cache directory: %v, want an error naming edge.spool_dir", err)
+	}
 }
