@@ -2,6 +2,7 @@ package edge
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -47,6 +48,10 @@ type ItemResult struct {
 	EventID string               `json:"event_id,omitempty"`
 	Status  string               `json:"status"` // accepted, duplicate or rejected
 	Errors  []schemas.FieldError `json:"errors,omitempty"`
+	// Warnings, on an accepted or duplicate event, say what it will not
+	// do: an event of a type no meter counts is stored, and is in no usage
+	// and no invoice until a meter counts its type.
+	Warnings []schemas.FieldError `json:"warnings,omitempty"`
 }
 
 // BatchResult is the response of POST /v1/events.
@@ -90,6 +95,7 @@ func (s *Server) reportEvents(c echo.Context) error {
 		typ    string
 	}
 	seen := make(map[row]bool, len(events))
+	counted := s.countedTypes(c.Request().Context())
 	for i, raw := range events {
 		r := &out.Results[i]
 		r.Index = i
@@ -101,6 +107,10 @@ func (s *Server) reportEvents(c echo.Context) error {
 			continue
 		}
 		r.EventID = ev.ID.String()
+		if counted != nil && !counted[ev.Type] {
+			r.Warnings = []schemas.FieldError{{Field: "type", Reason: fmt.Sprintf(
+				"no meter counts events of type %q: the event is stored, and is in no usage and no invoice until a meter counts its type", ev.Type)}}
+		}
 		k := row{id: ev.ID, second: ev.Time.Unix(), typ: ev.Type}
 		if seen[k] {
 			r.Status = "duplicate"
@@ -113,6 +123,27 @@ func (s *Server) reportEvents(c echo.Context) error {
 		out.Accepted++
 	}
 	return c.JSON(http.StatusOK, out)
+}
+
+// countedTypes is the set of event types the meters in force count, or nil
+// (no warning) when they cannot be listed within half a second: a warning
+// is worth no failed or held batch.
+func (s *Server) countedTypes(ctx context.Context) map[string]bool {
+	if s.deps.Meters == nil {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(ctx, 500*time.Millisecond)
+	defer cancel()
+	ms, err := s.deps.Meters.Meters(ctx)
+	if err != nil {
+		s.log.Debug("cannot list the meters; reported events are not checked against them", "err", err)
+		return nil
+	}
+	out := make(map[string]bool, len(ms))
+	for _, m := range ms {
+		out[m.EventType] = true
+	}
+	return out
 }
 
 // decodeBatch reads {"events": [...]} one element at a time, so a body of

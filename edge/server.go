@@ -27,6 +27,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/tollgate-dev/tollgate/internal/caltime"
+	"github.com/tollgate-dev/tollgate/meter"
 	"github.com/tollgate-dev/tollgate/schemas"
 )
 
@@ -53,6 +54,15 @@ type Deps struct {
 	// Now is the clock for key expiry, quota months and event times; nil
 	// is time.Now (tests set it to place calls at chosen instants).
 	Now func() time.Time
+	// Meters lists the meters in force (the configuration file's and
+	// those created through the admin API), so that POST /v1/events can
+	// warn of an event of a type no meter counts; nil warns of none.
+	Meters MeterLister
+}
+
+// MeterLister lists the meters in force (aggregator.Catalog).
+type MeterLister interface {
+	Meters(ctx context.Context) ([]meter.Meter, error)
 }
 
 // Server is the edge HTTP handler.

@@ -18,6 +18,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/redis/go-redis/v9"
 
+	"github.com/tollgate-dev/tollgate/aggregator"
+	aggpg "github.com/tollgate-dev/tollgate/aggregator/postgres"
 	"github.com/tollgate-dev/tollgate/edge"
 	edgefast "github.com/tollgate-dev/tollgate/edge/fasthttp"
 	edgekafka "github.com/tollgate-dev/tollgate/edge/kafka"
@@ -204,9 +206,16 @@ func NewEdgeMain(ctx context.Context, cfg Config, log *slog.Logger) (m *EdgeMain
 		}
 		return nil
 	}
+	// The meters in force, for POST /v1/events to warn of a type none
+	// counts: the file's, and those created through the admin API, read
+	// again every aggregator.meters_refresh.
+	meters, err := aggregator.NewCatalog(cfg.Meters, aggpg.NewMeters(m.pool), cfg.Aggregator.MetersRefresh, log)
+	if err != nil {
+		return nil, err
+	}
 	srv, err := edge.NewServer(cfg.Edge, edge.Deps{
 		Keys: cache, Emitter: m.producer, Limiter: m.fallback, Quota: m.fallback, Auditor: m.auditor,
-		Registry: m.Registry, Log: log, Ready: ready,
+		Registry: m.Registry, Log: log, Ready: ready, Meters: meters,
 	})
 	if err != nil {
 		return nil, err

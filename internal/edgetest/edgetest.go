@@ -235,6 +235,9 @@ type Options struct {
 	NetHTTP bool
 	// Ready is the edge's readiness check (nil: always ready).
 	Ready func(context.Context) error
+	// Meters lists the meters in force, for POST /v1/events' warnings
+	// (nil: none checked).
+	Meters edge.MeterLister
 }
 
 // Start runs an edge instance with its own cache, listener and producer.
@@ -279,7 +282,7 @@ func (e *Env) Start(t *testing.T, o Options) *Instance {
 	in.Audit, err = edgepg.NewAuditWriter(e.PG.Pool, 100*time.Millisecond, reg, e.Log)
 	testenv.Must(t, err, "start audit writer")
 	srv, err := edge.NewServer(cfg, edge.Deps{Keys: in.Cache, Emitter: in.Producer, Limiter: lim, Quota: lim,
-		Auditor: in.Audit, Registry: reg, Log: e.Log, Now: o.Now, Ready: o.Ready})
+		Auditor: in.Audit, Registry: reg, Log: e.Log, Now: o.Now, Ready: o.Ready, Meters: o.Meters})
 	testenv.Must(t, err, "new server")
 	var stop func()
 	if o.NetHTTP {

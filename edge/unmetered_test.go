@@ -1,0 +1,67 @@
+package edge_test
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/tollgate-dev/tollgate/aggregator"
+	aggpg "github.com/tollgate-dev/tollgate/aggregator/postgres"
+	"github.com/tollgate-dev/tollgate/edge"
+	"github.com/tollgate-dev/tollgate/internal/edgetest"
+	"github.com/tollgate-dev/tollgate/internal/testenv"
+	"github.com/tollgate-dev/tollgate/meter"
+	"github.com/tollgate-dev/tollgate/schemas"
+)
+
+// A reported event of a type no meter counts (a typo in "type", say) is
+// accepted and stored, as before, but its item carries a warning, so the
+// client learns that it is in no usage and no invoice. A meter created
+// through the admin API for the type ends the warning once the edge's
+// meter list is read again.
+func TestAReportedEventNoMeterCountsIsWarnedOf(t *testing.T) {
+	env := edgetest.New(t)
+	catalog, err := aggregator.NewCatalog([]meter.Meter{meter.Default(), {Key: "tokens", EventType: "tokens", Aggregation: meter.Sum, Value: "units"}},
+		aggpg.NewMeters(env.PG.Pool), 50*time.Millisecond, slog.New(slog.DiscardHandler))
+	testenv.Must(t, err, "catalog")
+	in := env.Start(t, edgetest.Options{Meters: catalog})
+	key, _ := env.Key(t, "acct_unmetered", edge.Secret, schemas.Live)
+	at := time.Now().UTC().Add(-time.Minute).Format(time.RFC3339Nano)
+	post := func(body string) edge.BatchResult {
+		t.Helper()
+		r := edgetest.Do(t, "POST", in.URL+"/v1/events", key, strings.NewReader(body))
+		if r.Status != 200 {
+			t.Fatalf("status %d: %s", r.Status, r.Body)
+		}
+		var out edge.BatchResult
+		testenv.Must(t, json.Unmarshal(r.Body, &out), "decode")
+		return out
+	}
+	res := post(fmt.Sprintf(`{"events":[
+		{"id":"u-1","type":"tokens","time":%q,"units":5},
+		{"id":"u-2","type":"tokenz","time":%q,"units":5},
+		{"id":"u-2","type":"tokenz","time":%q,"units":5}
+	]}`, at, at, at))
+	if res.Accepted != 2 || res.Duplicates != 1 {
+		t.Fatalf("result %+v, want two accepted and one duplicate", res)
+	}
+	if len(res.Results[0].Warnings) != 0 {
+		t.Errorf("a counted type warned of: %+v", res.Results[0].Warnings)
+	}
+	for _, i := range []int{1, 2} {
+		w := res.Results[i].Warnings
+		if len(w) != 1 || w[0].Field != "type" || !strings.Contains(w[0].Reason, `"tokenz"`) {
+			t.Errorf("item %d (%s): warnings %+v, want one on its type naming tokenz", i, res.Results[i].Status, w)
+		}
+	}
+	_, err = aggpg.NewMeters(env.PG.Pool).Create(context.Background(), meter.Meter{Key: "tokenz", EventType: "tokenz", Aggregation: meter.Sum, Value: "units"})
+	testenv.Must(t, err, "create a meter for the type")
+	testenv.Wait(t, 10*time.Second, "the warning gone once a meter counts the type", func() bool {
+		res := post(fmt.Sprintf(`{"events":[{"id":"u-3","type":"tokenz","time":%q,"units":5}]}`, at))
+		return res.Accepted == 1 && len(res.Results[0].Warnings) == 0
+	})
+}
