@@ -1004,9 +1004,10 @@ func (s *Server) limit(quota bool) echo.MiddlewareFunc {
 func (s *Server) planLimits(p Plan) Limits {
 	lim := s.planLimitsAsStored(p)
 	if lim.MonthlyRequests != nil && *lim.MonthlyRequests < 0 {
-		// A plan row written by hand with a negative quota (the invoicer
-		// and edge.plans refuse one): no quota, as Redis would count it,
-		// not a quota whose headers say that nothing is left.
+		// A plan row written by hand with a negative quota (edge.plans
+		// refuses one; the invoicer reads the row as it is): no quota, as
+		// Redis would count it, not a quota whose headers say that nothing
+		// is left.
 		lim.MonthlyRequests = nil
 	}
 	return lim

@@ -332,6 +332,21 @@ func (s *Meters) Reconcile(ctx context.Context, config []meter.Meter) (forgotten
 		if err != nil {
 			return nil, nil, fmt.Errorf("backfill again the meters the configuration file no longer shadows: %w", err)
 		}
+		// Those not backfilled again have their rows under the stored
+		// definition: the record says so, or a file meter of the old
+		// definition put back later would be taken as up to date.
+		if _, err := s.pool.Exec(ctx, `UPDATE config_meters c SET definition = m.definition, rolled_up_at = m.backfilled_at
+			FROM meters m
+			WHERE c.key = m.key AND m.key = ANY($1) AND m.backfilled_at IS NOT NULL AND c.rolled_up_at <= m.backfilled_at`, differ); err != nil {
+			return nil, nil, fmt.Errorf("record the stored meters' rollups as computed under their definitions: %w", err)
+		}
+	}
+	inForce := slices.Clone(storedKeys)
+	for _, m := range config {
+		inForce = append(inForce, m.Key)
+	}
+	if err := s.forgetRebuildsOf(ctx, inForce); err != nil {
+		return nil, nil, err
 	}
 	return forgotten, rebackfill, nil
 }
@@ -436,14 +451,48 @@ func (s *Meters) RebuildStarting(ctx context.Context, id uuid.UUID, meters []str
 	return nil
 }
 
-// RebuildFinished removes the record of rebuild id, and those of earlier
-// rebuilds it covers (their meters among these, their range within
-// [from, to)): running again the rebuild one left behind settles it.
+// RebuildFinished removes the record of rebuild id, and settles what it
+// rebuilt in the records of rebuilds that started before it (a later one,
+// still running, may delete its rows after this one rebuilt them): a
+// record whose range lies within [from, to) loses the meters rebuilt here,
+// and goes once it has none left. So running again the rebuild a killed
+// one left behind settles it, whole or meter by meter.
 func (s *Meters) RebuildFinished(ctx context.Context, id uuid.UUID, meters []string, from, to time.Time) error {
-	_, err := s.pool.Exec(ctx, `DELETE FROM rollup_rebuilds
-		WHERE id = $1 OR (meters <@ $2 AND from_start >= $3 AND to_start <= $4)`, id, meters, from, to)
+	tx, err := s.pool.Begin(ctx)
 	if err != nil {
 		return fmt.Errorf("record the rebuild finished: %w", err)
+	}
+	defer tx.Rollback(ctx) //nolint:errcheck // after Commit, a no-op
+	var started *time.Time
+	if err := tx.QueryRow(ctx, "SELECT started_at FROM rollup_rebuilds WHERE id = $1", id).Scan(&started); err != nil && !errors.Is(err, pgx.ErrNoRows) {
+		return fmt.Errorf("record the rebuild finished: %w", err)
+	}
+	if _, err := tx.Exec(ctx, `UPDATE rollup_rebuilds
+		SET meters = ARRAY(SELECT k FROM unnest(meters) k WHERE NOT k = ANY($2))
+		WHERE id <> $1 AND from_start >= $3 AND to_start <= $4 AND started_at <= coalesce($5, now())`,
+		id, meters, from, to, started); err != nil {
+		return fmt.Errorf("record the rebuild finished: %w", err)
+	}
+	if _, err := tx.Exec(ctx, "DELETE FROM rollup_rebuilds WHERE id = $1 OR cardinality(meters) = 0", id); err != nil {
+		return fmt.Errorf("record the rebuild finished: %w", err)
+	}
+	if err := tx.Commit(ctx); err != nil {
+		return fmt.Errorf("record the rebuild finished: %w", err)
+	}
+	return nil
+}
+
+// forgetRebuildsOf removes from the pending rebuilds' records the meters
+// no meter in force defines any longer (inForce are the keys that are):
+// their rows are no one's to rebuild, and `aggregate rebuild` refuses
+// their keys. A record with none left goes.
+func (s *Meters) forgetRebuildsOf(ctx context.Context, inForce []string) error {
+	if _, err := s.pool.Exec(ctx, `UPDATE rollup_rebuilds SET meters = ARRAY(SELECT k FROM unnest(meters) k WHERE k = ANY($1))
+		WHERE NOT meters <@ $1`, inForce); err != nil {
+		return fmt.Errorf("forget the rebuilds of meters no longer defined: %w", err)
+	}
+	if _, err := s.pool.Exec(ctx, "DELETE FROM rollup_rebuilds WHERE cardinality(meters) = 0"); err != nil {
+		return fmt.Errorf("forget the rebuilds of meters no longer defined: %w", err)
 	}
 	return nil
 }

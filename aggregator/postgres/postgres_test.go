@@ -4,11 +4,16 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"slices"
+	"strings"
 	"testing"
 	"time"
 
+	"github.com/google/uuid"
+
 	aggpg "github.com/tollgate-dev/tollgate/aggregator/postgres"
 	"github.com/tollgate-dev/tollgate/internal/testenv"
+	"github.com/tollgate-dev/tollgate/meter"
 )
 
 func TestZones(t *testing.T) {
@@ -87,5 +92,66 @@ func TestReconcileBackfillsAgainOnlyWhatTheFileRolledUpLater(t *testing.T) {
 	}
 	if len(unfinished) != 1 || unfinished[0] != "after_the_backfill" {
 		t.Fatalf("meters to backfill %v, want [after_the_backfill]", unfinished)
+	}
+	// The one not backfilled again has its rows under its stored
+	// definition, and its record now says so: the file's old definition
+	// put back later is a change, rolled up anew.
+	var def string
+	testenv.Must(t, pg.Pool.QueryRow(ctx, "SELECT definition::text FROM config_meters WHERE key = 'before_the_backfill'").Scan(&def), "read the record")
+	if !strings.Contains(def, "/v1/b") {
+		t.Fatalf("record of before_the_backfill %s, want its stored (filtered) definition", def)
+	}
+	added, changed, err := aggpg.NewMeters(pg.Pool).ConfigState(ctx, []meter.Meter{{Key: "before_the_backfill", EventType: "api_call", Aggregation: meter.Count}})
+	testenv.Must(t, err, "config state")
+	if len(added) != 0 || len(changed) != 1 {
+		t.Fatalf("the file's definition put back: added %v, changed %v; want it changed", added, changed)
+	}
+}
+
+// A finished rebuild settles what it rebuilt in the records of rebuilds
+// that started before it, meter by meter, and never touches the record
+// of one that started after it (still running: it may delete rows this one
+// rebuilt). Reconcile drops from the records the meters no longer defined.
+func TestARebuildSettlesOnlyWhatItRebuiltOfEarlierRecords(t *testing.T) {
+	pg := testenv.NewPostgres(t)
+	ctx := context.Background()
+	m := aggpg.NewMeters(pg.Pool)
+	at := func(s string) time.Time {
+		v, err := time.Parse(time.RFC3339, s)
+		testenv.Must(t, err, "parse time")
+		return v
+	}
+	jan, jun := at("2026-01-01T00:00:00Z"), at("2026-06-01T00:00:00Z")
+	pending := func() map[string][]string {
+		t.Helper()
+		ps, err := m.PendingRebuilds(ctx)
+		testenv.Must(t, err, "read pending rebuilds")
+		out := map[string][]string{}
+		for _, p := range ps {
+			out[p.ID.String()] = p.Meters
+		}
+		return out
+	}
+	killed, whole, later := uuid.New(), uuid.New(), uuid.New()
+	testenv.Must(t, m.RebuildStarting(ctx, killed, []string{"api_calls", "bytes"}, jan, jun), "the killed rebuild")
+	testenv.Must(t, m.RebuildStarting(ctx, whole, []string{"api_calls"}, jan, jun), "a rebuild of api_calls")
+	time.Sleep(10 * time.Millisecond) // started_at: now() of each statement
+	testenv.Must(t, m.RebuildStarting(ctx, later, []string{"api_calls"}, at("2026-03-01T00:00:00Z"), at("2026-04-01T00:00:00Z")), "a later rebuild")
+	testenv.Must(t, m.RebuildFinished(ctx, whole, []string{"api_calls"}, jan, jun), "finish the rebuild of api_calls")
+	got := pending()
+	if len(got) != 2 || !slices.Equal(got[killed.String()], []string{"bytes"}) || !slices.Equal(got[later.String()], []string{"api_calls"}) {
+		t.Fatalf("pending %v; want the killed rebuild left with bytes, and the later one whole", got)
+	}
+	unfinished, err := m.Unfinished(ctx, nil)
+	testenv.Must(t, err, "unfinished")
+	if !unfinished["bytes"] || !unfinished["api_calls"] {
+		t.Fatalf("backfilling %v, want bytes (killed) and api_calls (the later rebuild, running)", unfinished)
+	}
+	testenv.Must(t, m.RebuildFinished(ctx, later, []string{"api_calls"}, at("2026-03-01T00:00:00Z"), at("2026-04-01T00:00:00Z")), "finish the later rebuild")
+	// bytes is no meter's any longer: its rows are no one's to rebuild.
+	_, _, err = m.Reconcile(ctx, []meter.Meter{meter.Default()})
+	testenv.Must(t, err, "reconcile")
+	if got := pending(); len(got) != 0 {
+		t.Fatalf("pending %v once bytes is no meter's, want none", got)
 	}
 }

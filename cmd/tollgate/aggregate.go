@@ -517,18 +517,6 @@ func (m *AggregateMain) Run(ctx context.Context) error {
 	// and a process whose other components then failed to start would
 	// stop them right after. First the record of what each key's rows were
 	// computed under is brought in line with the meters now in force.
-	if pending, err := m.meters.PendingRebuilds(ctx); err != nil {
-		m.log.Error("cannot read the rollup rebuilds that never finished", "err", err)
-	} else {
-		for _, p := range pending {
-			args := []string{"tollgate", "aggregate", "rebuild", "--from", p.From.UTC().Format(time.RFC3339), "--to", p.To.UTC().Format(time.RFC3339)}
-			for _, k := range p.Meters {
-				args = append(args, "--meter", k)
-			}
-			m.log.Error("a rollup rebuild deleted rows and never recorded them rebuilt (it was killed, or is still running); until it is run again the usage API reports its meters as backfilling",
-				"meters", p.Meters, "from", p.From, "to", p.To, "started_at", p.StartedAt, "run", strings.Join(args, " "))
-		}
-	}
 	if forgotten, again, err := m.meters.Reconcile(ctx, m.config); err != nil {
 		m.log.Error("cannot tell which meters' rollups were computed under another definition; they are left as they are", "err", err)
 	} else {
@@ -537,6 +525,18 @@ func (m *AggregateMain) Run(ctx context.Context) error {
 		}
 		for _, k := range again {
 			m.log.Warn("stored meter no longer shadowed by the configuration file, whose definition its rollups were computed under; backfilling it", "meter", k)
+		}
+	}
+	if pending, err := m.meters.PendingRebuilds(ctx); err != nil {
+		m.log.Error("cannot read the rollup rebuilds that never finished", "err", err)
+	} else {
+		for _, p := range pending {
+			args := []string{"tollgate", "aggregate", "rebuild", "--from", p.From.UTC().Format(time.RFC3339Nano), "--to", p.To.UTC().Format(time.RFC3339Nano)}
+			for _, k := range p.Meters {
+				args = append(args, "--meter", k)
+			}
+			m.log.Error("a rollup rebuild deleted rows and never recorded them rebuilt (it was killed, or is still running); until it is run again the usage API reports its meters as backfilling",
+				"meters", p.Meters, "from", p.From, "to", p.To, "started_at", p.StartedAt, "run", strings.Join(args, " "))
 		}
 	}
 	if err := m.resumeBackfills(ctx); err != nil {
@@ -748,7 +748,7 @@ func rebuildFailed(ctx context.Context, log *slog.Logger, w *deleteWatch, meters
 	if !deleted {
 		return fmt.Errorf("the rebuild %s before any rollup was deleted; the rollups are as they were: %w", stopped, err)
 	}
-	again := []string{"tollgate", "aggregate", "rebuild", "--from", from.UTC().Format(time.RFC3339), "--to", to.UTC().Format(time.RFC3339)}
+	again := []string{"tollgate", "aggregate", "rebuild", "--from", from.UTC().Format(time.RFC3339Nano), "--to", to.UTC().Format(time.RFC3339Nano)}
 	keys := make([]string, len(meters))
 	for i, m := range meters {
 		keys[i] = m.Key

@@ -334,8 +334,10 @@ func (c *Config) listenClashes() error {
 	return errors.Join(errs...)
 }
 
-// listenIPs are the addresses a listen host stands for: itself when it is
-// an IP, else what the name resolves to (none when it does not).
+// listenIPs are the addresses a listen on host binds: itself when it is
+// an IP, else the one of the name's addresses that Go's listener takes
+// (the first IPv4 one, else the first), none when the name does not
+// resolve.
 func listenIPs(host string) []string {
 	if ip, err := netip.ParseAddr(host); err == nil {
 		return []string{ip.Unmap().String()}
@@ -343,14 +345,15 @@ func listenIPs(host string) []string {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
 	addrs, err := net.DefaultResolver.LookupNetIP(ctx, "ip", host)
-	if err != nil {
+	if err != nil || len(addrs) == 0 {
 		return nil
 	}
-	out := make([]string, len(addrs))
-	for i, a := range addrs {
-		out[i] = a.Unmap().String()
+	for _, a := range addrs {
+		if a.Unmap().Is4() {
+			return []string{a.Unmap().String()}
+		}
 	}
-	return out
+	return []string{addrs[0].String()}
 }
 
 // anyHost reports whether a listen host means every interface.
