@@ -50,6 +50,7 @@ import (
 	"github.com/segmentio/kafka-go"
 	"github.com/valyala/fasthttp"
 
+	"github.com/tollgate-dev/tollgate/bench/internal/memprof"
 	"github.com/tollgate-dev/tollgate/bench/internal/procstat"
 	"github.com/tollgate-dev/tollgate/edge"
 	edgefast "github.com/tollgate-dev/tollgate/edge/fasthttp"
@@ -292,7 +293,7 @@ func run() error {
 			heapAllocs := float64(mallocs()-mallocs0) / (r * dur.Seconds())
 			stopProfile()
 			if *memprofile != "" && tg.name == *profileTarget && round == 1 {
-				if err := writeAllocs(*memprofile); err != nil {
+				if err := memprof.WriteAllocs(*memprofile); err != nil {
 					return err
 				}
 			}
@@ -585,19 +586,6 @@ func redisCommands(ctx context.Context, rdb *redis.Client) (int64, error) {
 		}
 	}
 	return n, nil
-}
-
-// writeAllocs writes the allocations profile to path.
-func writeAllocs(path string) error {
-	f, err := os.Create(path)
-	if err != nil {
-		return fmt.Errorf("memory profile: %w", err)
-	}
-	if err := pprof.Lookup("allocs").WriteTo(f, 0); err != nil {
-		f.Close()
-		return fmt.Errorf("memory profile: %w", err)
-	}
-	return f.Close()
 }
 
 // mallocs is how many heap objects this process has allocated so far.

@@ -66,6 +66,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/tollgate-dev/tollgate/bench/internal/memprof"
 	"github.com/tollgate-dev/tollgate/bench/internal/procstat"
 	"github.com/tollgate-dev/tollgate/bench/internal/scratch"
 	"github.com/tollgate-dev/tollgate/internal/gctune"
@@ -252,7 +253,7 @@ func run() error {
 		if rep == 1 {
 			pprof.StopCPUProfile()
 			if *memProfile != "" {
-				if err := writeAllocs(*memProfile); err != nil {
+				if err := memprof.WriteAllocs(*memProfile); err != nil {
 					return err
 				}
 			}
@@ -921,18 +922,4 @@ func minorFaults() int64 {
 		return 0
 	}
 	return ru.Minflt
-}
-
-// writeAllocs writes the heap allocation profile (every allocation since
-// the process started) to path.
-func writeAllocs(path string) error {
-	f, err := os.Create(path)
-	if err != nil {
-		return fmt.Errorf("memory profile: %w", err)
-	}
-	if err := pprof.Lookup("allocs").WriteTo(f, 0); err != nil {
-		f.Close()
-		return fmt.Errorf("memory profile: %w", err)
-	}
-	return f.Close()
 }

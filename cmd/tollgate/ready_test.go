@@ -210,14 +210,9 @@ func TestEveryComponentsReadinessFollowsItsServices(t *testing.T) {
 		m, err := NewAggregateMain(ctx, cfg, quietLog())
 		testenv.Must(t, err, "start the aggregator")
 		run(t, m)
-		testenv.Wait(t, 10*time.Second, "the metrics listener ready", func() bool {
-			st, _ := readyz(t, "http://"+m.MetricsAddr())
-			return st == http.StatusOK
-		})
+		metricsReady(t, "http://"+m.MetricsAddr())
 		check(t, "http://"+m.Addr(), f)
-		if st, _ := readyz(t, "http://"+m.MetricsAddr()); st != http.StatusServiceUnavailable {
-			t.Errorf("the metrics listener's /readyz: %d with Postgres silent, want 503", st)
-		}
+		metricsNotReady(t, "http://"+m.MetricsAddr())
 	})
 	t.Run("invoice API and the invoicer's metrics listener", func(t *testing.T) {
 		pg, ch := testenv.NewPostgres(t), testenv.NewClickHouse(t)
@@ -228,7 +223,7 @@ func TestEveryComponentsReadinessFollowsItsServices(t *testing.T) {
 		testenv.Must(t, err, "start the invoicer")
 		run(t, m)
 		metrics := "http://" + m.MetricsAddr()
-		testenv.Wait(t, 10*time.Second, "the metrics listener ready", func() bool { st, _ := readyz(t, metrics); return st == http.StatusOK })
+		metricsReady(t, metrics)
 		// The invoicer's own metrics are served, its first run counted.
 		testenv.Wait(t, 10*time.Second, "the first run counted on /metrics", func() bool {
 			resp, err := http.Get(metrics + "/metrics")
@@ -240,9 +235,7 @@ func TestEveryComponentsReadinessFollowsItsServices(t *testing.T) {
 			return strings.Contains(string(b), `tollgate_invoicer_runs_total{result="ok"} 1`)
 		})
 		check(t, "http://"+m.Addr(), f)
-		if st, _ := readyz(t, metrics); st != http.StatusServiceUnavailable {
-			t.Errorf("the metrics listener's /readyz: %d with Postgres silent, want 503", st)
-		}
+		metricsNotReady(t, metrics)
 	})
 	t.Run("ingest's metrics listener", func(t *testing.T) {
 		pg, ch := testenv.NewPostgres(t), testenv.NewClickHouse(t)
@@ -254,6 +247,21 @@ func TestEveryComponentsReadinessFollowsItsServices(t *testing.T) {
 		run(t, m)
 		check(t, "http://"+m.MetricsAddr(), f)
 	})
+}
+
+// metricsReady waits until the metrics listener at base is ready.
+func metricsReady(t *testing.T, base string) {
+	t.Helper()
+	testenv.Wait(t, 10*time.Second, "the metrics listener ready", func() bool { st, _ := readyz(t, base); return st == http.StatusOK })
+}
+
+// metricsNotReady checks that the metrics listener at base is not ready
+// (a service its component needs is silent).
+func metricsNotReady(t *testing.T, base string) {
+	t.Helper()
+	if st, _ := readyz(t, base); st != http.StatusServiceUnavailable {
+		t.Errorf("the metrics listener's /readyz: %d with Postgres silent, want 503", st)
+	}
 }
 
 // runComponent runs c until the returned stop, which waits for Run to
