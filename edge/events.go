@@ -13,6 +13,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 	"unicode/utf8"
 
@@ -95,7 +96,7 @@ func (s *Server) reportEvents(c echo.Context) error {
 		typ    string
 	}
 	seen := make(map[row]bool, len(events))
-	counted := s.countedTypes(c.Request().Context())
+	counted := s.counted.get(s)
 	for i, raw := range events {
 		r := &out.Results[i]
 		r.Index = i
@@ -125,25 +126,60 @@ func (s *Server) reportEvents(c echo.Context) error {
 	return c.JSON(http.StatusOK, out)
 }
 
-// countedTypes is the set of event types the meters in force count, or nil
-// (no warning) when they cannot be listed within half a second: a warning
-// is worth no failed or held batch.
-func (s *Server) countedTypes(ctx context.Context) map[string]bool {
+// countedTypes holds the event types the meters in force count, for the
+// warnings of POST /v1/events. It is read again in the background, at
+// most once every countedTypesRefresh and one read at a time: a batch
+// never waits on Postgres, and a Postgres gone silent costs one read a
+// period, not one per batch.
+type countedTypes struct {
+	mu      sync.Mutex
+	types   map[string]bool // nil until a read succeeds: no warnings
+	at      time.Time       // when the last read began
+	reading bool
+}
+
+// countedTypesRefresh is how often the meters are read again; the
+// catalog itself goes to Postgres only every aggregator.meters_refresh.
+const countedTypesRefresh = time.Second
+
+// get returns the types read last (nil: none yet, or no meter list),
+// starting a read in the background when one is due.
+func (c *countedTypes) get(s *Server) map[string]bool {
 	if s.deps.Meters == nil {
 		return nil
 	}
-	ctx, cancel := context.WithTimeout(ctx, 500*time.Millisecond)
+	c.mu.Lock()
+	types := c.types
+	due := !c.reading && time.Since(c.at) >= countedTypesRefresh
+	if due {
+		c.reading, c.at = true, time.Now()
+	}
+	c.mu.Unlock()
+	if due {
+		go c.read(s)
+	}
+	return types
+}
+
+func (c *countedTypes) read(s *Server) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	ms, err := s.deps.Meters.Meters(ctx)
-	if err != nil {
-		s.log.Debug("cannot list the meters; reported events are not checked against them", "err", err)
-		return nil
+	var types map[string]bool
+	if err == nil {
+		types = make(map[string]bool, len(ms))
+		for _, m := range ms {
+			types[m.EventType] = true
+		}
+	} else {
+		s.log.Debug("cannot list the meters; reported events are checked against the last list read", "err", err)
 	}
-	out := make(map[string]bool, len(ms))
-	for _, m := range ms {
-		out[m.EventType] = true
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.reading = false
+	if err == nil {
+		c.types = types
 	}
-	return out
 }
 
 // decodeBatch reads {"events": [...]} one element at a time, so a body of

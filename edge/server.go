@@ -82,6 +82,8 @@ type Server struct {
 	upgrades atomic.Int64
 	// cors is nil unless edge.cors allows some origin.
 	cors *CORS
+	// counted are the event types the meters count (deps.Meters).
+	counted countedTypes
 	// zones caches loaded time zones by name (*time.Location, or nil for
 	// a name that does not load): LoadLocation reads the zone database.
 	zones sync.Map
@@ -192,6 +194,8 @@ func NewServer(cfg Config, deps Deps) (*Server, error) {
 		now = time.Now
 	}
 	s := &Server{cfg: cfg, deps: deps, log: deps.Log, now: now, router: router, m: m, buffers: newBufferPool(), cors: NewCORS(cfg.CORS)}
+	// The first read of the meters, in the background.
+	s.counted.get(s)
 	s.trusted, _ = ParseTrustedProxies("edge.trusted_proxies", cfg.TrustedProxies) // validated above
 	s.sharedKeys, _ = deps.Keys.(sharedKeyStore)
 	s.allowCall = func(ctx context.Context, c CallLimits) (CallResult, error) {

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -41,11 +42,15 @@ func TestAReportedEventNoMeterCountsIsWarnedOf(t *testing.T) {
 		testenv.Must(t, json.Unmarshal(r.Body, &out), "decode")
 		return out
 	}
-	res := post(fmt.Sprintf(`{"events":[
+	batch := fmt.Sprintf(`{"events":[
 		{"id":"u-1","type":"tokens","time":%q,"units":5},
 		{"id":"u-2","type":"tokenz","time":%q,"units":5},
 		{"id":"u-2","type":"tokenz","time":%q,"units":5}
-	]}`, at, at, at))
+	]}`, at, at, at)
+	// The meters are read in the background: the first read lands within
+	// moments of the edge's start.
+	var res edge.BatchResult
+	testenv.Wait(t, 10*time.Second, "the meters read", func() bool { res = post(batch); return len(res.Results[1].Warnings) > 0 })
 	if res.Accepted != 2 || res.Duplicates != 1 {
 		t.Fatalf("result %+v, want two accepted and one duplicate", res)
 	}
@@ -64,4 +69,42 @@ func TestAReportedEventNoMeterCountsIsWarnedOf(t *testing.T) {
 		res := post(fmt.Sprintf(`{"events":[{"id":"u-3","type":"tokenz","time":%q,"units":5}]}`, at))
 		return res.Accepted == 1 && len(res.Results[0].Warnings) == 0
 	})
+}
+
+// stalledMeters is a meter list that never answers, as a Postgres gone
+// silent (a failover, a dead host) leaves the catalog's read.
+type stalledMeters struct{ reads atomic.Int64 }
+
+func (m *stalledMeters) Meters(ctx context.Context) ([]meter.Meter, error) {
+	m.reads.Add(1)
+	<-ctx.Done()
+	return nil, ctx.Err()
+}
+
+// A meter list that cannot be read never holds a batch: the list is read
+// in the background, at most one read a second, and the batch goes on
+// without warnings meanwhile.
+func TestAMeterListThatCannotBeReadHoldsNoBatch(t *testing.T) {
+	env := edgetest.New(t)
+	stalled := &stalledMeters{}
+	in := env.Start(t, edgetest.Options{Meters: stalled})
+	key, _ := env.Key(t, "acct_stalled_meters", edge.Secret, schemas.Live)
+	at := time.Now().UTC().Add(-time.Minute).Format(time.RFC3339Nano)
+	for i := range 20 {
+		t0 := time.Now()
+		r := edgetest.Do(t, "POST", in.URL+"/v1/events", key, strings.NewReader(fmt.Sprintf(`{"events":[{"id":"s-%d","type":"tokenz","time":%q}]}`, i, at)))
+		var out edge.BatchResult
+		testenv.Must(t, json.Unmarshal(r.Body, &out), "decode")
+		if r.Status != 200 || out.Accepted != 1 || len(out.Results[0].Warnings) != 0 {
+			t.Fatalf("batch %d: %d %+v, want accepted without warnings", i, r.Status, out)
+		}
+		// A read of the stalled list takes 5 s; a batch that waited on one
+		// would take that long.
+		if took := time.Since(t0); took > 4*time.Second {
+			t.Fatalf("batch %d took %s: it waited on the meter list", i, took)
+		}
+	}
+	if n := stalled.reads.Load(); n != 1 {
+		t.Fatalf("%d reads of the meter list under 20 batches while one hangs, want 1", n)
+	}
 }

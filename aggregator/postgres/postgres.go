@@ -440,15 +440,17 @@ type PendingRebuild struct {
 }
 
 // RebuildStarting records, before a rebuild deletes the rollups of meters
-// for the windows starting in [from, to), that it is about to.
-func (s *Meters) RebuildStarting(ctx context.Context, id uuid.UUID, meters []string, from, to time.Time) error {
-	_, err := s.pool.Exec(ctx, `INSERT INTO rollup_rebuilds (id, meters, from_start, to_start) VALUES ($1, $2, $3, $4)
-		ON CONFLICT (id) DO UPDATE SET meters = EXCLUDED.meters, from_start = EXCLUDED.from_start, to_start = EXCLUDED.to_start`,
-		id, meters, from, to)
+// for the windows starting in [from, to), that it is about to, and returns
+// when it started by Postgres's clock (for RebuildFinished).
+func (s *Meters) RebuildStarting(ctx context.Context, id uuid.UUID, meters []string, from, to time.Time) (time.Time, error) {
+	var started time.Time
+	err := s.pool.QueryRow(ctx, `INSERT INTO rollup_rebuilds (id, meters, from_start, to_start) VALUES ($1, $2, $3, $4)
+		ON CONFLICT (id) DO UPDATE SET meters = EXCLUDED.meters, from_start = EXCLUDED.from_start, to_start = EXCLUDED.to_start
+		RETURNING started_at`, id, meters, from, to).Scan(&started)
 	if err != nil {
-		return fmt.Errorf("record the rebuild before its deletion: %w", err)
+		return time.Time{}, fmt.Errorf("record the rebuild before its deletion: %w", err)
 	}
-	return nil
+	return started, nil
 }
 
 // RebuildFinished removes the record of rebuild id, and settles what it
@@ -457,19 +459,19 @@ func (s *Meters) RebuildStarting(ctx context.Context, id uuid.UUID, meters []str
 // record whose range lies within [from, to) loses the meters rebuilt here,
 // and goes once it has none left. So running again the rebuild a killed
 // one left behind settles it, whole or meter by meter.
-func (s *Meters) RebuildFinished(ctx context.Context, id uuid.UUID, meters []string, from, to time.Time) error {
+//
+// started is when the rebuild started (RebuildStarting's answer), which
+// its own record may no longer say: a rebuild that started later and
+// finished first settles it.
+func (s *Meters) RebuildFinished(ctx context.Context, id uuid.UUID, started time.Time, meters []string, from, to time.Time) error {
 	tx, err := s.pool.Begin(ctx)
 	if err != nil {
 		return fmt.Errorf("record the rebuild finished: %w", err)
 	}
 	defer tx.Rollback(ctx) //nolint:errcheck // after Commit, a no-op
-	var started *time.Time
-	if err := tx.QueryRow(ctx, "SELECT started_at FROM rollup_rebuilds WHERE id = $1", id).Scan(&started); err != nil && !errors.Is(err, pgx.ErrNoRows) {
-		return fmt.Errorf("record the rebuild finished: %w", err)
-	}
 	if _, err := tx.Exec(ctx, `UPDATE rollup_rebuilds
 		SET meters = ARRAY(SELECT k FROM unnest(meters) k WHERE NOT k = ANY($2))
-		WHERE id <> $1 AND from_start >= $3 AND to_start <= $4 AND started_at <= coalesce($5, now())`,
+		WHERE id <> $1 AND from_start >= $3 AND to_start <= $4 AND started_at <= $5`,
 		id, meters, from, to, started); err != nil {
 		return fmt.Errorf("record the rebuild finished: %w", err)
 	}

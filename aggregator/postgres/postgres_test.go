@@ -132,12 +132,18 @@ func TestARebuildSettlesOnlyWhatItRebuiltOfEarlierRecords(t *testing.T) {
 		}
 		return out
 	}
+	start := func(id uuid.UUID, meters []string, from, to time.Time) time.Time {
+		t.Helper()
+		started, err := m.RebuildStarting(ctx, id, meters, from, to)
+		testenv.Must(t, err, "record a rebuild")
+		time.Sleep(10 * time.Millisecond) // started_at: now() of each statement
+		return started
+	}
 	killed, whole, later := uuid.New(), uuid.New(), uuid.New()
-	testenv.Must(t, m.RebuildStarting(ctx, killed, []string{"api_calls", "bytes"}, jan, jun), "the killed rebuild")
-	testenv.Must(t, m.RebuildStarting(ctx, whole, []string{"api_calls"}, jan, jun), "a rebuild of api_calls")
-	time.Sleep(10 * time.Millisecond) // started_at: now() of each statement
-	testenv.Must(t, m.RebuildStarting(ctx, later, []string{"api_calls"}, at("2026-03-01T00:00:00Z"), at("2026-04-01T00:00:00Z")), "a later rebuild")
-	testenv.Must(t, m.RebuildFinished(ctx, whole, []string{"api_calls"}, jan, jun), "finish the rebuild of api_calls")
+	start(killed, []string{"api_calls", "bytes"}, jan, jun)
+	wholeStarted := start(whole, []string{"api_calls"}, jan, jun)
+	laterStarted := start(later, []string{"api_calls"}, at("2026-03-01T00:00:00Z"), at("2026-04-01T00:00:00Z"))
+	testenv.Must(t, m.RebuildFinished(ctx, whole, wholeStarted, []string{"api_calls"}, jan, jun), "finish the rebuild of api_calls")
 	got := pending()
 	if len(got) != 2 || !slices.Equal(got[killed.String()], []string{"bytes"}) || !slices.Equal(got[later.String()], []string{"api_calls"}) {
 		t.Fatalf("pending %v; want the killed rebuild left with bytes, and the later one whole", got)
@@ -147,11 +153,23 @@ func TestARebuildSettlesOnlyWhatItRebuiltOfEarlierRecords(t *testing.T) {
 	if !unfinished["bytes"] || !unfinished["api_calls"] {
 		t.Fatalf("backfilling %v, want bytes (killed) and api_calls (the later rebuild, running)", unfinished)
 	}
-	testenv.Must(t, m.RebuildFinished(ctx, later, []string{"api_calls"}, at("2026-03-01T00:00:00Z"), at("2026-04-01T00:00:00Z")), "finish the later rebuild")
+	testenv.Must(t, m.RebuildFinished(ctx, later, laterStarted, []string{"api_calls"}, at("2026-03-01T00:00:00Z"), at("2026-04-01T00:00:00Z")), "finish the later rebuild")
 	// bytes is no meter's any longer: its rows are no one's to rebuild.
 	_, _, err = m.Reconcile(ctx, []meter.Meter{meter.Default()})
 	testenv.Must(t, err, "reconcile")
 	if got := pending(); len(got) != 0 {
 		t.Fatalf("pending %v once bytes is no meter's, want none", got)
+	}
+	// A, B and C over one range, started in that order: B finishes first
+	// and settles A's record; A, finishing without a record of its own,
+	// still leaves C's alone (before, it took its start to be now).
+	a, b, c := uuid.New(), uuid.New(), uuid.New()
+	aStarted := start(a, []string{"api_calls"}, jan, jun)
+	bStarted := start(b, []string{"api_calls"}, jan, jun)
+	start(c, []string{"api_calls"}, jan, jun)
+	testenv.Must(t, m.RebuildFinished(ctx, b, bStarted, []string{"api_calls"}, jan, jun), "finish B")
+	testenv.Must(t, m.RebuildFinished(ctx, a, aStarted, []string{"api_calls"}, jan, jun), "finish A")
+	if got := pending(); len(got) != 1 || got[c.String()] == nil {
+		t.Fatalf("pending %v; want C's record, still running, left alone", got)
 	}
 }

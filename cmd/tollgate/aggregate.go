@@ -686,8 +686,8 @@ exits non-zero and prints the rebuild to run again, which the range then needs.`
 			if err != nil {
 				return rebuildFailed(ctx, log, store, meters, err)
 			}
-			if deleted, keys, from, to := store.deletion(); deleted {
-				if err := record.RebuildFinished(ctx, store.id, keys, from, to); err != nil {
+			if deleted, started, keys, from, to := store.deletion(); deleted {
+				if err := record.RebuildFinished(ctx, store.id, started, keys, from, to); err != nil {
 					return fmt.Errorf("the rollups are rebuilt, but recording it failed (the usage API reports the meters as backfilling until a rebuild of the same range records it): %w", err)
 				}
 			}
@@ -711,28 +711,30 @@ type deleteWatch struct {
 	record   *aggpg.Meters
 	mu       sync.Mutex
 	deleted  bool
+	started  time.Time // by Postgres's clock, as recorded
 	meters   []string
 	from, to time.Time
 }
 
 func (w *deleteWatch) DeleteRollups(ctx context.Context, meters []string, from, to time.Time) error {
 	if len(meters) > 0 {
-		if err := w.record.RebuildStarting(ctx, w.id, meters, from, to); err != nil {
+		started, err := w.record.RebuildStarting(ctx, w.id, meters, from, to)
+		if err != nil {
 			return err // nothing deleted
 		}
 		w.mu.Lock()
-		w.deleted, w.meters, w.from, w.to = true, slices.Clone(meters), from, to
+		w.deleted, w.started, w.meters, w.from, w.to = true, started, slices.Clone(meters), from, to
 		w.mu.Unlock()
 	}
 	return w.Store.DeleteRollups(ctx, meters, from, to)
 }
 
-// deletion reports whether a deletion was issued, of which meters' rows and
-// for which windows.
-func (w *deleteWatch) deletion() (bool, []string, time.Time, time.Time) {
+// deletion reports whether a deletion was issued, when it was recorded,
+// of which meters' rows and for which windows.
+func (w *deleteWatch) deletion() (deleted bool, started time.Time, meters []string, from, to time.Time) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	return w.deleted, w.meters, w.from, w.to
+	return w.deleted, w.started, w.meters, w.from, w.to
 }
 
 // rebuildFailed explains a rebuild that stopped (err): whether the rollups

@@ -209,9 +209,13 @@ func NewEdgeMain(ctx context.Context, cfg Config, log *slog.Logger) (m *EdgeMain
 	// The meters in force, for POST /v1/events to warn of a type none
 	// counts: the file's, and those created through the admin API, read
 	// again every aggregator.meters_refresh.
-	meters, err := aggregator.NewCatalog(cfg.Meters, aggpg.NewMeters(m.pool), cfg.Aggregator.MetersRefresh, log)
-	if err != nil {
-		return nil, err
+	// A meters section the catalog refuses costs the warnings only: the
+	// edge's own checks do not read it, and it must not stop the edge.
+	var meters edge.MeterLister
+	if catalog, err := aggregator.NewCatalog(cfg.Meters, aggpg.NewMeters(m.pool), cfg.Aggregator.MetersRefresh, log); err != nil {
+		log.Warn("meters: the configuration's meters are refused; POST /v1/events does not warn of event types no meter counts", "err", err)
+	} else {
+		meters = catalog
 	}
 	srv, err := edge.NewServer(cfg.Edge, edge.Deps{
 		Keys: cache, Emitter: m.producer, Limiter: m.fallback, Quota: m.fallback, Auditor: m.auditor,

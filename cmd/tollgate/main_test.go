@@ -19,6 +19,7 @@ import (
 	edgepg "github.com/tollgate-dev/tollgate/edge/postgres"
 	"github.com/tollgate-dev/tollgate/internal/demo"
 	"github.com/tollgate-dev/tollgate/internal/testenv"
+	"github.com/tollgate-dev/tollgate/meter"
 	"github.com/tollgate-dev/tollgate/schemas"
 )
 
@@ -349,4 +350,22 @@ func TestEdgeThatCannotStartReturnsItsError(t *testing.T) {
 		}
 		t.Errorf("an edge with no spool_dir and no cache directory: %v, want an error naming edge.spool_dir", err)
 	}
+}
+
+// The edge reads the meters only for POST /v1/events' warnings, and its
+// own configuration checks do not read them: a meters section the catalog
+// refuses costs the warnings, not the edge.
+func TestAnEdgeStartsOverMetersTheCatalogRefuses(t *testing.T) {
+	pg, ch := testenv.NewPostgres(t), testenv.NewClickHouse(t)
+	cfg := testConfig(t, pg, ch, testenv.NewTopic(t, 4))
+	cfg.Edge.SpoolDir, cfg.Edge.Upstream = t.TempDir(), "http://127.0.0.1:9"
+	cfg.Meters = []meter.Meter{meter.Default(), meter.Default()} // one key twice
+	if err := cfg.Validate("edge"); err != nil {
+		t.Fatalf("the edge's checks: %v", err)
+	}
+	m, err := NewEdgeMain(context.Background(), cfg, quietLog())
+	if err != nil {
+		t.Fatalf("an edge over a meters section the catalog refuses did not start: %v", err)
+	}
+	_ = m.Close()
 }
