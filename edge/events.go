@@ -134,6 +134,7 @@ func (s *Server) reportEvents(c echo.Context) error {
 type countedTypes struct {
 	mu      sync.Mutex
 	types   map[string]bool // nil until a read succeeds: no warnings
+	readAt  time.Time       // when types was read
 	at      time.Time       // when the last read began
 	reading bool
 }
@@ -143,13 +144,20 @@ type countedTypes struct {
 const countedTypesRefresh = time.Second
 
 // get returns the types read last (nil: none yet, or no meter list),
-// starting a read in the background when one is due.
+// starting a read in the background when one is due. A list read more than
+// two periods ago (the edge had no reported events for a while, or the
+// reads fail) is not used: it may lack a meter created since, and a batch
+// warned that its events count nowhere when they do is worse than one
+// not warned.
 func (c *countedTypes) get(s *Server) map[string]bool {
 	if s.deps.Meters == nil {
 		return nil
 	}
 	c.mu.Lock()
 	types := c.types
+	if time.Since(c.readAt) > 2*countedTypesRefresh {
+		types = nil
+	}
 	due := !c.reading && time.Since(c.at) >= countedTypesRefresh
 	if due {
 		c.reading, c.at = true, time.Now()
@@ -178,7 +186,7 @@ func (c *countedTypes) read(s *Server) {
 	defer c.mu.Unlock()
 	c.reading = false
 	if err == nil {
-		c.types = types
+		c.types, c.readAt = types, time.Now()
 	}
 }
 

@@ -5,7 +5,9 @@ import (
 	"encoding/json"
 	"fmt"
 	"log/slog"
+	"slices"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -106,5 +108,44 @@ func TestAMeterListThatCannotBeReadHoldsNoBatch(t *testing.T) {
 	}
 	if n := stalled.reads.Load(); n != 1 {
 		t.Fatalf("%d reads of the meter list under 20 batches while one hangs, want 1", n)
+	}
+}
+
+// switchedMeters is a meter list a test changes, as a meter created through
+// the admin API changes the catalog's.
+type switchedMeters struct {
+	mu     sync.Mutex
+	meters []meter.Meter
+}
+
+func (m *switchedMeters) Meters(context.Context) ([]meter.Meter, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return slices.Clone(m.meters), nil
+}
+
+// After a spell without reported events, the first batch is not checked
+// against the list read before it: a meter created meanwhile would have
+// had its events warned of as counted nowhere.
+func TestAnOldMeterListWarnsOfNothing(t *testing.T) {
+	env := edgetest.New(t)
+	list := &switchedMeters{meters: []meter.Meter{meter.Default()}}
+	in := env.Start(t, edgetest.Options{Meters: list})
+	key, _ := env.Key(t, "acct_old_meters", edge.Secret, schemas.Live)
+	at := time.Now().UTC().Add(-time.Minute).Format(time.RFC3339Nano)
+	post := func(id string) edge.BatchResult {
+		t.Helper()
+		r := edgetest.Do(t, "POST", in.URL+"/v1/events", key, strings.NewReader(fmt.Sprintf(`{"events":[{"id":%q,"type":"tokenz","time":%q}]}`, id, at)))
+		var out edge.BatchResult
+		testenv.Must(t, json.Unmarshal(r.Body, &out), "decode")
+		return out
+	}
+	testenv.Wait(t, 10*time.Second, "a tokenz event warned of", func() bool { return len(post("o-1").Results[0].Warnings) == 1 })
+	list.mu.Lock()
+	list.meters = append(list.meters, meter.Meter{Key: "tokenz", EventType: "tokenz", Aggregation: meter.Count})
+	list.mu.Unlock()
+	time.Sleep(3 * time.Second) // no reported events meanwhile
+	if w := post("o-2").Results[0].Warnings; len(w) != 0 {
+		t.Fatalf("the first batch after a quiet spell is warned %+v, though a meter counts its type", w)
 	}
 }
