@@ -128,48 +128,72 @@ func (s *Server) reportEvents(c echo.Context) error {
 
 // countedTypes holds the event types the meters in force count, for the
 // warnings of POST /v1/events. It is read again in the background, at
-// most once every countedTypesRefresh and one read at a time: a batch
-// never waits on Postgres, and a Postgres gone silent costs one read a
-// period, not one per batch.
+// most once every countedTypesRefresh and one read at a time, so a
+// Postgres gone silent costs one read at a time, not one per batch.
 type countedTypes struct {
 	mu      sync.Mutex
 	types   map[string]bool // nil until a read succeeds: no warnings
 	readAt  time.Time       // when types was read
 	at      time.Time       // when the last read began
 	reading bool
+	done    chan struct{} // closed when the read under way ends
 }
 
-// countedTypesRefresh is how often the meters are read again; the
-// catalog itself goes to Postgres only every aggregator.meters_refresh.
-const countedTypesRefresh = time.Second
+const (
+	// countedTypesRefresh is how often the meters are read again; the
+	// catalog itself goes to Postgres only every aggregator.meters_refresh.
+	countedTypesRefresh = time.Second
+	// countedTypesWait is how long a batch that finds the list old waits
+	// for a read that began at most this long ago: the catalog answers
+	// from memory, or after one query, well within it.
+	countedTypesWait = 100 * time.Millisecond
+)
 
-// get returns the types read last (nil: none yet, or no meter list),
-// starting a read in the background when one is due. A list read more than
-// two periods ago (the edge had no reported events for a while, or the
-// reads fail) is not used: it may lack a meter created since, and a batch
-// warned that its events count nowhere when they do is worse than one
-// not warned.
+// get returns the event types the meters count (nil: no warnings),
+// starting a read in the background when one is due. A list read more
+// than two periods ago (the edge had no reported events for a while) is
+// not used as it is: it may lack a meter created since, and a batch told
+// that its events count nowhere when they do is worse than one not told.
+// Such a batch waits up to countedTypesWait for the read it started, and
+// goes without warnings if that read has not ended by then.
 func (c *countedTypes) get(s *Server) map[string]bool {
 	if s.deps.Meters == nil {
 		return nil
 	}
 	c.mu.Lock()
-	types := c.types
-	if time.Since(c.readAt) > 2*countedTypesRefresh {
-		types = nil
+	types, fresh := c.types, time.Since(c.readAt) <= 2*countedTypesRefresh
+	if !c.reading && time.Since(c.at) >= countedTypesRefresh {
+		c.reading, c.at, c.done = true, time.Now(), make(chan struct{})
+		go c.read(s, c.done)
 	}
-	due := !c.reading && time.Since(c.at) >= countedTypesRefresh
-	if due {
-		c.reading, c.at = true, time.Now()
+	var wait <-chan struct{}
+	if !fresh && c.reading && time.Since(c.at) < countedTypesWait {
+		wait = c.done
 	}
 	c.mu.Unlock()
-	if due {
-		go c.read(s)
+	if fresh {
+		return types
 	}
-	return types
+	if wait == nil {
+		return nil
+	}
+	t := time.NewTimer(countedTypesWait)
+	defer t.Stop()
+	select {
+	case <-wait:
+	case <-t.C:
+		return nil
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if time.Since(c.readAt) > 2*countedTypesRefresh {
+		return nil // the read failed
+	}
+	return c.types
 }
 
-func (c *countedTypes) read(s *Server) {
+func (c *countedTypes) read(s *Server, done chan struct{}) {
+	defer close(done)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	ms, err := s.deps.Meters.Meters(ctx)
@@ -180,7 +204,7 @@ func (c *countedTypes) read(s *Server) {
 			types[m.EventType] = true
 		}
 	} else {
-		s.log.Debug("cannot list the meters; reported events are checked against the last list read", "err", err)
+		s.log.Debug("cannot list the meters; reported events are not checked against them", "err", err)
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()

@@ -148,4 +148,13 @@ func TestAnOldMeterListWarnsOfNothing(t *testing.T) {
 	if w := post("o-2").Results[0].Warnings; len(w) != 0 {
 		t.Fatalf("the first batch after a quiet spell is warned %+v, though a meter counts its type", w)
 	}
+	// And a client that reports now and then is warned all the same: the
+	// batch that finds the list old waits for the read it starts.
+	list.mu.Lock()
+	list.meters = list.meters[:1]
+	list.mu.Unlock()
+	time.Sleep(3 * time.Second)
+	if w := post("o-3").Results[0].Warnings; len(w) != 1 {
+		t.Fatalf("the first batch after a quiet spell, of a type no meter counts any longer: warnings %+v, want one", w)
+	}
 }
