@@ -137,15 +137,16 @@ type countedTypes struct {
 	at      time.Time       // when the last read began
 	reading bool
 	done    chan struct{} // closed when the read under way ends
+	failed  bool          // the last read failed
 }
 
 const (
 	// countedTypesRefresh is how often the meters are read again; the
 	// catalog itself goes to Postgres only every aggregator.meters_refresh.
 	countedTypesRefresh = time.Second
-	// countedTypesWait is how long a batch that finds the list old waits
-	// for a read that began at most this long ago: the catalog answers
-	// from memory, or after one query, well within it.
+	// countedTypesWait is how long after a read begins the batches that
+	// find the list old wait for it (unless the read before it failed):
+	// the catalog answers from memory, or after one query, well within it.
 	countedTypesWait = 100 * time.Millisecond
 )
 
@@ -154,8 +155,9 @@ const (
 // than two periods ago (the edge had no reported events for a while) is
 // not used as it is: it may lack a meter created since, and a batch told
 // that its events count nowhere when they do is worse than one not told.
-// Such a batch waits up to countedTypesWait for the read it started, and
-// goes without warnings if that read has not ended by then.
+// Such a batch waits for the read under way until countedTypesWait after
+// it began (not at all when the read before it failed: Postgres is likely
+// out of reach), and goes without warnings if it has not ended by then.
 func (c *countedTypes) get(s *Server) map[string]bool {
 	if s.deps.Meters == nil {
 		return nil
@@ -167,7 +169,8 @@ func (c *countedTypes) get(s *Server) map[string]bool {
 		go c.read(s, c.done)
 	}
 	var wait <-chan struct{}
-	if !fresh && c.reading && time.Since(c.at) < countedTypesWait {
+	left := countedTypesWait - time.Since(c.at)
+	if !fresh && c.reading && !c.failed && left > 0 {
 		wait = c.done
 	}
 	c.mu.Unlock()
@@ -177,7 +180,7 @@ func (c *countedTypes) get(s *Server) map[string]bool {
 	if wait == nil {
 		return nil
 	}
-	t := time.NewTimer(countedTypesWait)
+	t := time.NewTimer(left)
 	defer t.Stop()
 	select {
 	case <-wait:
@@ -208,7 +211,7 @@ func (c *countedTypes) read(s *Server, done chan struct{}) {
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	c.reading = false
+	c.reading, c.failed = false, err != nil
 	if err == nil {
 		c.types, c.readAt = types, time.Now()
 	}

@@ -12,6 +12,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgxpool"
+
 	"github.com/tollgate-dev/tollgate/aggregator"
 	aggpg "github.com/tollgate-dev/tollgate/aggregator/postgres"
 	"github.com/tollgate-dev/tollgate/edge"
@@ -83,9 +85,10 @@ func (m *stalledMeters) Meters(ctx context.Context) ([]meter.Meter, error) {
 	return nil, ctx.Err()
 }
 
-// A meter list that cannot be read never holds a batch: the list is read
-// in the background, at most one read a second, and the batch goes on
-// without warnings meanwhile.
+// A meter list that cannot be read holds no batch for long: the list is
+// read in the background, at most one read a second, and a batch goes on
+// without warnings meanwhile; only batches in a read's first 100 ms wait
+// for it, and none once a read has failed.
 func TestAMeterListThatCannotBeReadHoldsNoBatch(t *testing.T) {
 	env := edgetest.New(t)
 	stalled := &stalledMeters{}
@@ -156,5 +159,42 @@ func TestAnOldMeterListWarnsOfNothing(t *testing.T) {
 	time.Sleep(3 * time.Second)
 	if w := post("o-3").Results[0].Warnings; len(w) != 1 {
 		t.Fatalf("the first batch after a quiet spell, of a type no meter counts any longer: warnings %+v, want one", w)
+	}
+}
+
+// A catalog that cannot read the meters again (its Postgres out of reach)
+// and requires a fresh list, as the edge's does, stops the warnings: a list
+// from before the outage may lack a meter created since, and the catalog
+// would otherwise answer from it for as long as the outage lasts.
+func TestAMeterListThatCanNoLongerBeReadWarnsOfNothing(t *testing.T) {
+	env := edgetest.New(t)
+	pool, err := pgxpool.New(context.Background(), env.PG.URL)
+	testenv.Must(t, err, "the catalog's own pool")
+	catalog, err := aggregator.NewCatalog([]meter.Meter{meter.Default()}, aggpg.NewMeters(pool), 50*time.Millisecond, slog.New(slog.DiscardHandler))
+	testenv.Must(t, err, "catalog")
+	catalog.RequireFresh()
+	in := env.Start(t, edgetest.Options{Meters: catalog})
+	key, _ := env.Key(t, "acct_lost_meters", edge.Secret, schemas.Live)
+	at := time.Now().UTC().Add(-time.Minute).Format(time.RFC3339Nano)
+	n := 0
+	post := func() []schemas.FieldError {
+		t.Helper()
+		n++
+		r := edgetest.Do(t, "POST", in.URL+"/v1/events", key, strings.NewReader(fmt.Sprintf(`{"events":[{"id":"l-%d","type":"tokenz","time":%q}]}`, n, at)))
+		var out edge.BatchResult
+		testenv.Must(t, json.Unmarshal(r.Body, &out), "decode")
+		if out.Accepted != 1 {
+			t.Fatalf("batch %d: %d %s", n, r.Status, r.Body)
+		}
+		return out.Results[0].Warnings
+	}
+	testenv.Wait(t, 10*time.Second, "a tokenz event warned of", func() bool { return len(post()) == 1 })
+	pool.Close() // the catalog can no longer read the meters
+	testenv.Wait(t, 10*time.Second, "the warnings stopped", func() bool { return len(post()) == 0 })
+	for range 10 {
+		if w := post(); len(w) != 0 {
+			t.Fatalf("a batch while the meters cannot be read is warned: %+v", w)
+		}
+		time.Sleep(300 * time.Millisecond)
 	}
 }

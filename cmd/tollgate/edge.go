@@ -215,6 +215,10 @@ func NewEdgeMain(ctx context.Context, cfg Config, log *slog.Logger) (m *EdgeMain
 	if catalog, err := aggregator.NewCatalog(cfg.Meters, aggpg.NewMeters(m.pool), cfg.Aggregator.MetersRefresh, log); err != nil {
 		log.Warn("meters: the configuration's meters are refused; POST /v1/events does not warn of event types no meter counts", "err", err)
 	} else {
+		// A list the catalog cannot read again is not answered from
+		// memory: the edge then warns of nothing rather than from a list
+		// that may lack a meter created since.
+		catalog.RequireFresh()
 		meters = catalog
 	}
 	srv, err := edge.NewServer(cfg.Edge, edge.Deps{
