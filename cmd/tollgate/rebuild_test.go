@@ -555,6 +555,34 @@ func TestAReusedMeterKeyHasItsOldRowsReplaced(t *testing.T) {
 		return out
 	}
 
+	// recorded waits until the key's rollups are recorded as computed under
+	// mt's definition (a configured meter's second pass, or a stored one's
+	// backfill, has ended), so the aggregator can be stopped.
+	recorded := func(t *testing.T, pg *testenv.Postgres, mt meter.Meter) {
+		t.Helper()
+		for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+			var b []byte
+			err := pg.Pool.QueryRow(context.Background(), "SELECT definition FROM config_meters WHERE key = $1", mt.Key).Scan(&b)
+			var got meter.Meter
+			if err == nil && json.Unmarshal(b, &got) == nil && meter.Equal(got, mt) {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("the rollups of %s never recorded as computed under %+v (last: %s, %v)", mt.Key, mt, b, err)
+			}
+		}
+	}
+	// configured runs an aggregator with mt as the configuration's meter
+	// until its rollups are computed and recorded under mt (its second
+	// pass would write them again), then stops it.
+	configured := func(t *testing.T, pg *testenv.Postgres, ch *testenv.ClickHouse, evs []rebuildEvent, mt meter.Meter) {
+		t.Helper()
+		m := start(t, pg, ch, []meter.Meter{mt})
+		await(t, ch, "the configured meter", rowsOf(evs, mt))
+		recorded(t, pg, mt)
+		testenv.Must(t, m.Close(), "stop the aggregator")
+	}
+
 	t.Run("a configured meter over an admin-API meter's rows has only its own", func(t *testing.T) {
 		pg, ch, evs := landRebuildEvents(t)
 		admin := start(t, pg, ch, nil)
@@ -568,20 +596,7 @@ func TestAReusedMeterKeyHasItsOldRowsReplaced(t *testing.T) {
 
 	t.Run("an admin-API meter over a removed configured meter's rows has only its own", func(t *testing.T) {
 		pg, ch, evs := landRebuildEvents(t)
-		config := start(t, pg, ch, []meter.Meter{wide})
-		await(t, ch, "the configured meter", rowsOf(evs, wide))
-		// Its second pass would write the wide rows again: let it end.
-		for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(100 * time.Millisecond) {
-			var recorded int
-			testenv.Must(t, pg.Pool.QueryRow(context.Background(), "SELECT count(*) FROM config_meters").Scan(&recorded), "read config meters")
-			if recorded == 1 {
-				break
-			}
-			if time.Now().After(deadline) {
-				t.Fatal("the aggregator never recorded the configured meter's definition")
-			}
-		}
-		testenv.Must(t, config.Close(), "stop the aggregator")
+		configured(t, pg, ch, evs, wide)
 
 		admin := start(t, pg, ch, nil)
 		create(t, admin, narrow)
@@ -666,33 +681,13 @@ func TestAReusedMeterKeyHasItsOldRowsReplaced(t *testing.T) {
 		}
 	})
 
-	// recorded waits until the key's rollups are recorded as computed under
-	// mt's definition (a configured meter's second pass, or a stored one's
-	// backfill, has ended), so the aggregator can be stopped.
-	recorded := func(t *testing.T, pg *testenv.Postgres, mt meter.Meter) {
-		t.Helper()
-		for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(100 * time.Millisecond) {
-			var b []byte
-			err := pg.Pool.QueryRow(context.Background(), "SELECT definition FROM config_meters WHERE key = $1", mt.Key).Scan(&b)
-			var got meter.Meter
-			if err == nil && json.Unmarshal(b, &got) == nil && meter.Equal(got, mt) {
-				return
-			}
-			if time.Now().After(deadline) {
-				t.Fatalf("the rollups of %s never recorded as computed under %+v (last: %s, %v)", mt.Key, mt, b, err)
-			}
-		}
-	}
 	// The record of what a key's rows were computed under follows the key
 	// between the configuration file and the admin API. Before, it was
 	// written for the file's meters alone and never cleared, so each of
 	// these kept the other definition's rows (or none), with no flag.
 	t.Run("a configured meter back in the file over an admin-API meter's rows has only its own", func(t *testing.T) {
 		pg, ch, evs := landRebuildEvents(t)
-		config := start(t, pg, ch, []meter.Meter{wide})
-		await(t, ch, "the configured meter", rowsOf(evs, wide))
-		recorded(t, pg, wide)
-		testenv.Must(t, config.Close(), "stop the aggregator")
+		configured(t, pg, ch, evs, wide)
 		admin := start(t, pg, ch, nil)
 		create(t, admin, narrow)
 		await(t, ch, "the admin-API meter under the key", rowsOf(evs, narrow))
@@ -708,20 +703,14 @@ func TestAReusedMeterKeyHasItsOldRowsReplaced(t *testing.T) {
 		await(t, ch, "the admin-API meter", rowsOf(evs, narrow))
 		recorded(t, pg, narrow)
 		testenv.Must(t, admin.Close(), "stop the aggregator")
-		config := start(t, pg, ch, []meter.Meter{wide})
-		await(t, ch, "the configured meter over it", rowsOf(evs, wide))
-		recorded(t, pg, wide)
-		testenv.Must(t, config.Close(), "stop the aggregator")
+		configured(t, pg, ch, evs, wide)
 		start(t, pg, ch, nil)
 		await(t, ch, "the stored meter in force again", rowsOf(evs, narrow))
 		recorded(t, pg, narrow)
 	})
 	t.Run("a configured meter put back unchanged counts what landed while it was gone", func(t *testing.T) {
 		pg, ch, evs := landRebuildEvents(t)
-		config := start(t, pg, ch, []meter.Meter{wide})
-		await(t, ch, "the configured meter", rowsOf(evs, wide))
-		recorded(t, pg, wide)
-		testenv.Must(t, config.Close(), "stop the aggregator")
+		configured(t, pg, ch, evs, wide)
 		without := start(t, pg, ch, nil)
 		for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(100 * time.Millisecond) {
 			var n int
