@@ -82,6 +82,11 @@ type Rejected struct {
 	Reason  string
 }
 
+// MaxReasonBytes bounds a rejected record's reason, which its dead letter
+// carries in a header: a reason quoting the record must never make the
+// dead letter too large to write, which would stop the partition.
+const MaxReasonBytes = 4 << 10
+
 // Source is the usage topic as one consumer group member sees it.
 type Source interface {
 	Fetch(ctx context.Context) (Message, error)
@@ -569,7 +574,7 @@ func splitInto(into []Record, msgs []Message, now time.Time, maxLateness time.Du
 		dk, dv, err := schemas.DecodeFlat(m.Value, at, &strs, &r.Event)
 		if err != nil {
 			events = events[:len(events)-1]
-			rejected = append(rejected, Rejected{Message: m, Reason: err.Error()})
+			rejected = append(rejected, Rejected{Message: m, Reason: schemas.Clip(err.Error(), MaxReasonBytes)})
 			continue
 		}
 		r.Partition, r.Offset, r.RecordTime, r.dimKeys, r.dimValues = m.Partition, m.Offset, m.Time, dk, dv

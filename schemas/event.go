@@ -13,6 +13,7 @@ import (
 	"sort"
 	"strings"
 	"time"
+	"unicode/utf8"
 
 	"github.com/google/uuid"
 )
@@ -93,6 +94,34 @@ type FieldError struct {
 }
 
 func (e FieldError) Error() string { return e.Field + ": " + e.Reason }
+
+// MaxProblems bounds the problems a ValidationError lists. An event with
+// thousands of bad dimension keys would otherwise give a reason many times
+// its own size, too large for the dead-letter topic or an API answer; the
+// last one listed says how many more there are.
+const MaxProblems = 20
+
+// maxQuoted bounds the bytes of a field name or dimension key taken from
+// the input into a problem: a name longer than any valid one is wrong
+// whatever it says after that.
+const maxQuoted = 80
+
+// Clip returns s cut to at most max bytes at a character boundary, with
+// "…" in place of what was cut, so a message quoting its input stays small.
+func Clip(s string, max int) string {
+	if len(s) <= max {
+		return s
+	}
+	const ellipsis = "…"
+	n := max - len(ellipsis)
+	if n < 0 {
+		n = 0
+	}
+	for n > 0 && !utf8.RuneStart(s[n]) {
+		n--
+	}
+	return s[:n] + ellipsis
+}
 
 // ValidationError collects every problem with one event.
 type ValidationError struct {
@@ -256,7 +285,7 @@ func (e *Event) validate(now time.Time, keys, values []string) error {
 		for i, k := range keys {
 			switch v := values[i]; {
 			case len(k) > MaxDimensionKey || !dimKeyChars.MatchString(k):
-				add("dimensions."+k, "key must be lower case letters, digits and _, at most %d bytes", MaxDimensionKey)
+				add("dimensions."+Clip(k, maxQuoted), "key must be lower case letters, digits and _, at most %d bytes", MaxDimensionKey)
 			case len(v) > MaxDimensionValue:
 				add("dimensions."+k, "value longer than %d bytes", MaxDimensionValue)
 			}
@@ -273,6 +302,11 @@ func (e *Event) validate(now time.Time, keys, values []string) error {
 			listDimensions(keys, values)
 			break
 		}
+	}
+	if len(ps) > MaxProblems {
+		more := ps[MaxProblems]
+		more.Reason += fmt.Sprintf(" (and %d more problems, not listed)", len(ps)-MaxProblems-1)
+		ps = append(ps[:MaxProblems], more)
 	}
 	if len(ps) > 0 {
 		return &ValidationError{Problems: ps}

@@ -297,3 +297,61 @@ func TestCharsetsMatchTheirPatterns(t *testing.T) {
 		}
 	}
 }
+
+// An event's problems make a message of bounded size whatever the event
+// holds: at most MaxProblems listed, the last saying how many more there
+// are, and no name from the input quoted whole. A record of thousands of
+// bad dimension keys once gave a reason ten times its size, too large for
+// the dead-letter topic, and ingest stopped on it.
+func TestProblemsAreBoundedWhateverTheEventHolds(t *testing.T) {
+	e := validEvent()
+	e.Dimensions = map[string]string{}
+	for i := range 5000 {
+		e.Dimensions["Bad"+strings.Repeat("k", i%3)+strings.Repeat("x", 4)+string(rune('a'+i%26))+strings.Repeat("0", i/26%5)+"_"+strings.Repeat("y", i)] = ""
+	}
+	var ve *ValidationError
+	if err := e.Validate(now); !errors.As(err, &ve) {
+		t.Fatalf("want a ValidationError, got %v", err)
+	}
+	if len(ve.Problems) != MaxProblems+1 {
+		t.Fatalf("%d problems listed, want %d", len(ve.Problems), MaxProblems+1)
+	}
+	last := ve.Problems[MaxProblems]
+	// 5,001 problems: too many dimensions, then each of the 5,000 keys.
+	if !strings.HasSuffix(last.Reason, "(and 4980 more problems, not listed)") {
+		t.Fatalf("last problem %q does not say how many more there are", last.Error())
+	}
+	for _, p := range ve.Problems {
+		if len(p.Field) > len("dimensions.")+maxQuoted {
+			t.Fatalf("field name of %d bytes quoted: %.100s…", len(p.Field), p.Field)
+		}
+	}
+	if n := len(ve.Error()); n > 4<<10 {
+		t.Fatalf("message of %d bytes", n)
+	}
+
+	// A field name the decoder does not know is quoted clipped too.
+	long := strings.Repeat("é", 100_000)
+	_, err := Decode([]byte(`{"`+long+`":1}`), now)
+	if !errors.Is(err, ErrMalformed) || len(err.Error()) > 200 || !strings.Contains(err.Error(), "é…") {
+		t.Fatalf("unknown field of %d bytes: error of %d bytes: %.200s", len(long), len(err.Error()), err)
+	}
+}
+
+func TestClipCutsAtACharacter(t *testing.T) {
+	for _, c := range []struct {
+		in   string
+		max  int
+		want string
+	}{
+		{"short", 10, "short"},
+		{"exactly10!", 10, "exactly10!"},
+		{"abcdefghijkl", 10, "abcdefg…"},
+		{"ééééé", 8, "éé…"}, // é is 2 bytes, … 3: 4 bytes of é fit, not a half of one
+		{"abc", 2, "…"},
+	} {
+		if got := Clip(c.in, c.max); got != c.want {
+			t.Errorf("Clip(%q, %d) = %q, want %q", c.in, c.max, got, c.want)
+		}
+	}
+}

@@ -472,3 +472,95 @@ func notLeader(pr *produce.Request) *produce.Response {
 	}
 	return res
 }
+
+// A record the usage topic takes, of thousands of dimension keys each
+// invalid, is dead-lettered whole with a reason of bounded size. Before,
+// its reason listed every key, ten times the record's size, and neither
+// its dead letter nor the fallback without its bytes fit the topic: the
+// worker retried for ever and every partition it owned stalled.
+func TestARecordOfManyBadDimensionKeysIsDeadLetteredWhole(t *testing.T) {
+	src := testenv.NewTopic(t, 1)
+	dlq := src + ".dlq"
+	client := &kafka.Client{Addr: kafka.TCP(testenv.KafkaBrokers()...), Timeout: 20 * time.Second}
+	res, err := client.CreateTopics(context.Background(), &kafka.CreateTopicsRequest{Topics: []kafka.TopicConfig{DeadLetterTopic(dlq, 1)}})
+	if err != nil {
+		testenv.Unreachable(t, "Kafka", strings.Join(testenv.KafkaBrokers(), ","), err)
+	}
+	testenv.Must(t, res.Errors[dlq], "create the dead-letter topic")
+	t.Cleanup(func() {
+		_, _ = client.DeleteTopics(context.Background(), &kafka.DeleteTopicsRequest{Topics: []string{dlq}})
+	})
+
+	now := time.Now().UTC()
+	rec := []byte(`{"v":1,"id":"0193a0d2-6f1e-7c3a-9d2b-4e5f60718293","account_id":"acct_1","env":"live","key_id":"key_1","type":"api_call","time":"` +
+		now.Add(-time.Minute).Format(time.RFC3339Nano) + `","units":1,"dimensions":{`)
+	for i := 0; len(rec) < 900_000; i++ {
+		if i > 0 {
+			rec = append(rec, ',')
+		}
+		rec = append(rec, `"A`+strconv.FormatInt(int64(i), 16)+`":""`...)
+	}
+	rec = append(rec, "}}"...)
+	off := produceLarge(t, src, []byte("acct_1"), rec)
+	events, late, rejected, _ := ingest.Split([]ingest.Message{{Partition: 0, Offset: off, Key: []byte("acct_1"), Value: rec, Time: now}}, now, 35*24*time.Hour)
+	if len(events) != 0 || len(late) != 0 || len(rejected) != 1 {
+		t.Fatalf("split: %d events, %d late, %d rejected; want the record rejected", len(events), len(late), len(rejected))
+	}
+	if n := len(rejected[0].Reason); n > ingest.MaxReasonBytes || !strings.HasPrefix(rejected[0].Reason, "invalid event: dimensions") {
+		t.Fatalf("reason of %d bytes (at most %d): %.200s", n, ingest.MaxReasonBytes, rejected[0].Reason)
+	}
+	d := NewDeadLetters(testenv.KafkaBrokers(), dlq, src)
+	defer d.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	testenv.Must(t, d.Reject(ctx, rejected), "dead-letter the record")
+
+	got := readDeadLetters(t, dlq)
+	if len(got) != 1 || !bytes.Equal(got[0].Value, rec) || header(got[0], HeaderReason) != rejected[0].Reason ||
+		header(got[0], HeaderSourceOffset) != strconv.FormatInt(off, 10) {
+		t.Fatalf("%d dead letters, want the record whole with its reason", len(got))
+	}
+}
+
+// A dead-letter topic made elsewhere with a limit below one write's batch
+// (the limit is on the whole batch) but above each record takes them one at
+// a time, each whole, in order. Before, the partition stopped for good.
+func TestADeadLetterTopicWithASmallLimitTakesRecordsOneAtATime(t *testing.T) {
+	src := testenv.NewTopic(t, 1)
+	dlq := src + ".dlq"
+	client := &kafka.Client{Addr: kafka.TCP(testenv.KafkaBrokers()...), Timeout: 20 * time.Second}
+	res, err := client.CreateTopics(context.Background(), &kafka.CreateTopicsRequest{Topics: []kafka.TopicConfig{{
+		Topic: dlq, NumPartitions: 1, ReplicationFactor: 1,
+		ConfigEntries: []kafka.ConfigEntry{{ConfigName: "max.message.bytes", ConfigValue: "100000"}}}}})
+	if err != nil {
+		testenv.Unreachable(t, "Kafka", strings.Join(testenv.KafkaBrokers(), ","), err)
+	}
+	testenv.Must(t, res.Errors[dlq], "create the dead-letter topic")
+	t.Cleanup(func() {
+		_, _ = client.DeleteTopics(context.Background(), &kafka.DeleteTopicsRequest{Topics: []string{dlq}})
+	})
+
+	var batch []ingest.Rejected
+	for i := range 3 {
+		batch = append(batch, ingest.Rejected{Message: ingest.Message{Partition: 0, Offset: int64(i + 1),
+			Value: bytes.Repeat([]byte{'a' + byte(i)}, 60_000)}, Reason: "not JSON"})
+	}
+	d := NewDeadLetters(testenv.KafkaBrokers(), dlq, src)
+	defer d.Close()
+	for round := range 2 { // the second is a redelivery after a crash before the commit
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		err := d.Reject(ctx, batch)
+		cancel()
+		testenv.Must(t, err, "dead-letter round "+strconv.Itoa(round))
+	}
+
+	got := readDeadLetters(t, dlq)
+	if len(got) != len(batch) {
+		t.Fatalf("%d dead letters, want %d", len(got), len(batch))
+	}
+	for i, m := range got {
+		if !bytes.Equal(m.Value, batch[i].Message.Value) || header(m, HeaderSourceOffset) != strconv.Itoa(i+1) {
+			t.Fatalf("dead letter %d: %d bytes of %q, source offset %s", i, len(m.Value), m.Value[:1], header(m, HeaderSourceOffset))
+		}
+	}
+}

@@ -19,6 +19,7 @@ import (
 
 	"github.com/tollgate-dev/tollgate/ingest"
 	"github.com/tollgate-dev/tollgate/internal/deadline"
+	"github.com/tollgate-dev/tollgate/schemas"
 )
 
 // Source is one consumer group member with explicit commits.
@@ -380,10 +381,16 @@ func (d *DeadLetters) writePartition(ctx context.Context, p int, recs []ingest.R
 	// stops the partition's writes.
 	for _, chunk := range deadLetterChunks(msgs, deadLetterBatch, 512<<10) {
 		err := d.produce(ctx, p, chunk)
-		if err != nil && len(chunk) == 1 && tooLarge(err) {
-			// A topic made elsewhere, with a smaller limit: the dead
-			// letter says where the record is instead of holding it,
-			// rather than stop the partition for good.
+		if err != nil && len(chunk) > 1 && tooLarge(err) {
+			// A topic made elsewhere, with a limit below the chunk's
+			// size (the limit is on the whole batch): one at a time, in
+			// order, so what is written is still a prefix.
+			for _, m := range chunk {
+				if err = d.produceOne(ctx, p, m); err != nil {
+					break
+				}
+			}
+		} else if err != nil && tooLarge(err) {
 			err = d.produce(ctx, p, []kafka.Message{pointer(chunk[0])})
 		}
 		if err != nil {
@@ -391,6 +398,18 @@ func (d *DeadLetters) writePartition(ctx context.Context, p int, recs []ingest.R
 		}
 	}
 	return nil
+}
+
+// produceOne writes the dead letter m alone, or, when it is too large for
+// the topic (one made elsewhere, with a smaller limit), a dead letter that
+// says where the record is instead of holding it, rather than stop the
+// partition for good.
+func (d *DeadLetters) produceOne(ctx context.Context, p int, m kafka.Message) error {
+	err := d.produce(ctx, p, []kafka.Message{m})
+	if err != nil && tooLarge(err) {
+		err = d.produce(ctx, p, []kafka.Message{pointer(m)})
+	}
+	return err
 }
 
 // produce appends msgs to partition p of the dead-letter topic, all or
@@ -503,8 +522,8 @@ func pointer(m kafka.Message) kafka.Message {
 	}
 	for _, h := range m.Headers {
 		if h.Key == HeaderReason {
-			h.Value = append(h.Value[:len(h.Value):len(h.Value)],
-				"; too large for the dead-letter topic: the record stays in the source topic at this partition and offset"...)
+			h.Value = []byte(schemas.Clip(string(h.Value), ingest.MaxReasonBytes) +
+				"; too large for the dead-letter topic: the record stays in the source topic at this partition and offset")
 		}
 		p.Headers = append(p.Headers, h)
 	}
