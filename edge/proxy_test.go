@@ -2538,3 +2538,82 @@ func busyUpstream(t *testing.T, reached *atomic.Int64, release *chan struct{}) s
 		}
 	}))
 }
+
+// A call the upstream ran and then dropped the connection on (a handler
+// that panicked, a crash) is sent again only when it may run twice: a safe
+// method on a route not marked write, and then once. Before, the fasthttp
+// front sent any call without a body up to five times, a POST and a DELETE
+// included, and the caller got one 502. Both fronts.
+func TestACallTheUpstreamDroppedIsNotRunAgainUnlessSafe(t *testing.T) {
+	env := edgetest.New(t)
+	key, _ := env.Key(t, "acct_dropped", edge.Secret, schemas.Live)
+	var mu sync.Mutex
+	runs := map[string]int{}
+	up := serveUpstream(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		runs[r.Method+" "+r.URL.Path]++
+		mu.Unlock()
+		panic(http.ErrAbortHandler) // ran, then closed the connection without an answer
+	}))
+	for _, fr := range fronts {
+		t.Run(fr.name, func(t *testing.T) {
+			in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP, Config: func(c *edge.Config) {
+				c.Upstream = up
+				c.Routes = []edge.RouteConfig{{Pattern: "/v1/reports/run", Methods: []string{"GET"}, Write: true},
+					{Pattern: "/v1/*", Methods: []string{"GET", "POST", "DELETE"}}}
+			}})
+			for _, c := range []struct {
+				method, path string
+				most         int
+			}{
+				{"POST", "/v1/charges/ch_1/capture", 1},
+				{"DELETE", "/v1/charges/ch_1", 1},
+				{"GET", "/v1/reports/run", 1}, // marked write
+				{"GET", "/v1/charges/ch_1", 2},
+			} {
+				mu.Lock()
+				clear(runs)
+				mu.Unlock()
+				// No Content-Length: a call without a body, as curl -X POST sends one.
+				conn, err := net.Dial("tcp", strings.TrimPrefix(in.URL, "http://"))
+				testenv.Must(t, err, "dial the edge")
+				_ = conn.SetDeadline(time.Now().Add(20 * time.Second))
+				_, err = io.WriteString(conn, c.method+" "+c.path+" HTTP/1.1\r\nHost: edge.test\r\nAuthorization: Bearer "+key+"\r\n\r\n")
+				testenv.Must(t, err, "send the call")
+				resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+				testenv.Must(t, err, "read the answer")
+				_ = resp.Body.Close()
+				_ = conn.Close()
+				mu.Lock()
+				n := runs[c.method+" "+c.path]
+				mu.Unlock()
+				if resp.StatusCode != http.StatusBadGateway || n < 1 || n > c.most {
+					t.Errorf("%s %s: answered %d, the upstream ran it %d times (at most %d)", c.method, c.path, resp.StatusCode, n, c.most)
+				}
+			}
+		})
+	}
+}
+
+// An answer the upstream sent without a Content-Type reaches the caller
+// without one: before, the fasthttp front labelled it text/plain, 204 and
+// 304 answers included, where a cache updating its stored headers from a
+// 304 would relabel what it holds. Both fronts.
+func TestAnAnswerWithoutAContentTypeGetsNone(t *testing.T) {
+	env := edgetest.New(t)
+	key, _ := env.Key(t, "acct_no_type", edge.Secret, schemas.Live)
+	for _, fr := range fronts {
+		t.Run(fr.name, func(t *testing.T) {
+			for status, raw := range map[int]string{
+				204: "HTTP/1.1 204 No Content\r\n\r\n",
+				304: "HTTP/1.1 304 Not Modified\r\nETag: \"v1\"\r\n\r\n",
+			} {
+				in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP, Config: func(c *edge.Config) { c.Upstream = answeringWith(t, raw) }})
+				r := edgetest.Do(t, "GET", in.URL+"/v1/things", key, nil)
+				if got := r.Header.Values("Content-Type"); r.Status != status || len(got) > 0 {
+					t.Errorf("the upstream's %d: answered %d with Content-Type %q; the upstream sent none", status, r.Status, got)
+				}
+			}
+		})
+	}
+}

@@ -60,6 +60,7 @@ func TestScopesHoldForDotSegmentsAndEncodedPaths(t *testing.T) {
 	}))
 	t.Cleanup(up.Close)
 	routes := []edge.RouteConfig{
+		{Pattern: "/v1/files/admin/keys", Methods: []string{"GET"}, Scopes: []string{"admin:read"}}, // the first that matches counts
 		{Pattern: "/v1/files/*", Methods: []string{"GET"}, Scopes: []string{"files:read"}},
 		{Pattern: "/v1/admin/*", Methods: []string{"GET"}, Scopes: []string{"admin:read"}},
 		{Pattern: "/v1/widgets/export", Methods: []string{"GET"}, Scopes: []string{"admin:read"}},
@@ -101,6 +102,12 @@ func TestScopesHoldForDotSegmentsAndEncodedPaths(t *testing.T) {
 					{"/v1/widgets/EXPORT", 400, "invalid_path"},        // routers that ignore case
 					{"/v1/widgets/export.json", 400, "invalid_path"},   // Spring's suffix match
 					{"/v1/widgets/1%252Fsecrets", 400, "invalid_path"}, // decoded twice
+					// Two readings at once: case and another (nginx merging
+					// slashes before a case-blind application router).
+					{"/v1/files//ADMIN/keys", 400, "invalid_path"},
+					{"/v1/files/ADMIN%2Fkeys", 400, "invalid_path"},
+					{"/v1/files/admin/KEYS.json", 400, "invalid_path"},
+					{"/v1/files/admin/keys", 403, "insufficient_scope"},
 					// The same route however read: passed as sent.
 					{"/v1/widgets/ABC", 200, ""},
 					{"/v1/files/report.pdf", 200, ""},

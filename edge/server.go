@@ -765,9 +765,17 @@ func (s *Server) authorizeCall(k *Key, ci CallInfo, events bool) (Route, error) 
 				r, ok2 := s.router.MatchFold(ci.Method, path)
 				ambiguous = ok2 != ok || r.Template != route.Template
 			}
+			// A server may make several readings at once (nginx merges
+			// slashes and decodes %2F before a case-blind application
+			// router), so each other reading is matched case-blind too.
 			for _, other := range OtherReadings(path) {
 				if r, ok2 := s.router.Match(ci.Method, other); ok2 != ok || r.Template != route.Template {
 					ambiguous = true
+				}
+				if s.router.CaseMatters(other) {
+					if r, ok2 := s.router.MatchFold(ci.Method, other); ok2 != ok || r.Template != route.Template {
+						ambiguous = true
+					}
 				}
 			}
 			if ambiguous {

@@ -227,11 +227,11 @@ func newUpstream(raw string, timeout, dial, idle time.Duration, maxConns int, tl
 			// to upstream_timeout, then gets a 503 (upstreamError).
 			MaxConns:           maxConns,
 			MaxConnWaitTimeout: timeout,
-			// A call is sent again only when a kept-alive connection
-			// turned out closed. One the upstream timed out on may have
-			// run: sent again, it would run twice and wait out
-			// upstream_timeout once more each time.
-			RetryIfErr: func(_ *fh.Request, _ int, err error) (bool, bool) { return false, connectionClosed(err) },
+			// fasthttp never sends a call again: proxy decides, knowing
+			// the route (sendAgain). Left to fasthttp, a call without a
+			// body, a POST included, was sent up to five times to an
+			// upstream that closed the connection after running it.
+			RetryIfErr: func(*fh.Request, int, error) (bool, bool) { return false, false },
 			// fasthttp does not notice an upstream close an idle
 			// connection; closing it first keeps calls off dead ones
 			// (edge.upstream_idle_timeout).
@@ -768,8 +768,28 @@ func (f *Front) forward(ctx *fh.RequestCtx, adm edge.Admission, rid string) (up 
 	return up, trailers
 }
 
+// sendAgain reports whether a call whose connection to the upstream
+// closed under it is sent once more, as Go's HTTP client would send it: a
+// kept-alive connection the upstream closed as the call went out is the
+// usual cause, and the call did not run. But the upstream may also have run
+// it and then dropped the connection (a handler that panicked, a crash), so
+// only a call that may run twice is: a safe method (GET, HEAD, OPTIONS,
+// TRACE) on a route not marked write, without a body the edge would have to
+// read again. A call the upstream timed out on is never sent again: it
+// would wait out upstream_timeout once more.
+func sendAgain(req *fh.Request, r edge.Route, err error) bool {
+	if r.Write || req.IsBodyStream() || len(req.Body()) > 0 || !connectionClosed(err) {
+		return false
+	}
+	switch string(req.Header.Method()) {
+	case fh.MethodGet, fh.MethodHead, fh.MethodOptions, fh.MethodTrace:
+		return true
+	}
+	return false
+}
+
 // connectionClosed reports whether err is an upstream connection found
-// closed, the one error after which a call is sent again.
+// closed, the one error after which a call may be sent again.
 func connectionClosed(err error) bool {
 	return errors.Is(err, io.EOF) || errors.Is(err, fh.ErrConnectionClosed) ||
 		errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE)
@@ -857,6 +877,9 @@ func (f *Front) proxy(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, st
 	}
 
 	resp := fh.AcquireResponse()
+	// fasthttp would report an answer without a Content-Type as
+	// text/plain, and the caller would get that, a 204 and a 304 too.
+	resp.Header.SetNoDefaultContentType(true)
 	var err error
 	if n := req.Header.ContentLength(); ctx.RequestBodyStream() != nil && n >= 0 && n <= bufferedUploadBytes {
 		// A short body is read whole before an upstream connection is
@@ -874,6 +897,9 @@ func (f *Front) proxy(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, st
 	}
 	if err == nil {
 		err = up.hc.Do(req, resp)
+		if err != nil && sendAgain(req, adm.Route, err) {
+			err = up.hc.Do(req, resp)
+		}
 	}
 	if held.over() {
 		// The key ended during the upload or the wait for the answer: the
