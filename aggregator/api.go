@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"net/http"
 	"slices"
 	"strconv"
@@ -741,7 +742,11 @@ func (s *Server) requests(c echo.Context) error {
 	}
 	rq := RequestsQuery{Account: k.AccountID, Environment: string(k.Environment), KeyID: k.ID, Since: since, Limit: limit + 1, Now: s.now()}
 	if q.Get("cursor") != "" {
-		if rq.BeforeID, err = uuid.Parse(cur.ID); err != nil || cur.Micros == 0 {
+		// The page's top is checked as its bottom is: a made-up time past
+		// 2105 wrapped round in ClickHouse and read the key's whole
+		// history, or failed the query with a 500.
+		at := time.UnixMicro(int64(cur.Micros))
+		if rq.BeforeID, err = uuid.Parse(cur.ID); err != nil || cur.Micros == 0 || cur.Micros > math.MaxInt64 || !inDateTime(at) || at.Before(since) {
 			return invalid("invalid_cursor", "cursor: not a cursor this query returned; repeat the query without it")
 		}
 		rq.BeforeMicros, rq.BeforeType = cur.Micros, cur.Type

@@ -573,6 +573,19 @@ func TestUsageAPI(t *testing.T) {
 		if st := e.get(t, "/v1/requests?limit=100&cursor="+base64.RawURLEncoding.EncodeToString(forged), e.keys["beta"], &eb); st != http.StatusBadRequest || eb.Error.Code != "invalid_cursor" {
 			t.Errorf("a cursor reaching back to 1970: %d %q, want 400 invalid_cursor", st, eb.Error.Code)
 		}
+		// The page's top is bounded too: past 2105 it wrapped round in
+		// ClickHouse and read the key's whole history (2106), or failed
+		// with a 500 (1<<62 µs); before the since, it is no page's.
+		for _, top := range []float64{float64((int64(1)<<32+7200)*1_000_000), float64(int64(1) << 62), 1} {
+			c = map[string]any{}
+			testenv.Must(t, json.Unmarshal(raw, &c), "read the cursor")
+			c["t"] = top
+			forged, _ := json.Marshal(c)
+			var eb errBody
+			if st := e.get(t, "/v1/requests?limit=100&cursor="+base64.RawURLEncoding.EncodeToString(forged), e.keys["beta"], &eb); st != http.StatusBadRequest || eb.Error.Code != "invalid_cursor" {
+				t.Errorf("a cursor whose page starts at %.0f µs: %d %q, want 400 invalid_cursor", top, st, eb.Error.Code)
+			}
+		}
 	})
 	t.Run("a browser dashboard may call it cross-origin", func(t *testing.T) {
 		req, _ := http.NewRequest(http.MethodOptions, e.srv.URL+"/v1/usage", nil)

@@ -275,9 +275,13 @@ async function loadUsage() {
   // are shown as returned. A partial read stops at its last window: the
   // windows after it were not read, not empty. Only counts and sums are
   // 0 in a window without events: a MAX or LATEST has no value there.
+  // Hours are shown as returned too when they are not all on one grid
+  // (a zone whose offset moves by 30 minutes, such as Lord Howe, or a time
+  // zone change being rolled up again): filled, the off-grid windows were
+  // lost from the chart, which then disagreed with the total.
   const step = adds ? { minute: 60e3, hour: 3600e3 }[windowName] : undefined;
   const starts = [...byWindow.keys()].map((k) => Date.parse(k)).sort((a, b) => a - b);
-  if (step && starts.length > 0) {
+  if (step && starts.length > 0 && starts.every((s) => (s - starts[0]) % step === 0)) {
     const key = (t) => new Date(t).toISOString().replace(".000Z", "Z");
     const known = new Map([...byWindow.entries()].map(([k, v]) => [Date.parse(k), v]));
     const end = partial ? starts[starts.length - 1] : to.getTime();
