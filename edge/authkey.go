@@ -51,11 +51,25 @@ func authenticate(ctx context.Context, l keyLookup, raw string, now time.Time) (
 	return k, "", "", nil, nil
 }
 
+// KeyLookupTimeout bounds one lookup of a key in the store. A Postgres
+// gone silent (a failover, a dead host: no close, no reset) would
+// otherwise hold the call, its goroutine and a pooled connection until
+// TCP gives up, minutes later, and every call behind them once the pool is
+// taken; bounded, the call gets 503 key_store_unavailable.
+const KeyLookupTimeout = 2 * time.Second
+
+// lookupBounded looks hash up in store within KeyLookupTimeout.
+func lookupBounded(ctx context.Context, store KeyStore, hash [32]byte) (Key, error) {
+	ctx, cancel := context.WithTimeout(ctx, KeyLookupTimeout)
+	defer cancel()
+	return store.KeyByHash(ctx, hash)
+}
+
 // storeLookup looks keys up in a KeyStore.
 type storeLookup struct{ KeyStore }
 
 func (s storeLookup) lookupKey(ctx context.Context, hash [32]byte) (*Key, error) {
-	k, err := s.KeyByHash(ctx, hash)
+	k, err := lookupBounded(ctx, s.KeyStore, hash)
 	if err != nil {
 		return nil, err
 	}

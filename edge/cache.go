@@ -105,7 +105,7 @@ func (c *KeyCache) sharedKeyByHash(ctx context.Context, hash [32]byte) (*Key, er
 	}
 	epoch := c.epoch.Load()
 	asked := c.now() // PlanChangesIn counts from the store's answer, after this
-	found, err := c.store.KeyByHash(ctx, hash)
+	found, err := lookupBounded(ctx, c.store, hash)
 	if err != nil && !errors.Is(err, ErrKeyNotFound) {
 		return nil, err
 	}

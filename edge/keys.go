@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"hash/crc32"
-	"math/big"
 
 	"github.com/tollgate-dev/tollgate/schemas"
 )
@@ -23,7 +22,7 @@ const (
 )
 
 // Key format: "<kind>_<env>_<body><check>" where kind is pk or sk, env is
-// live or test, body is 22 base62 characters (128 random bits) and check is
+// live or test, body is 22 random base62 characters (131 bits) and check is
 // 6 base62 characters of a CRC-32 over everything before it. The checksum lets
 // the edge reject a mistyped or made-up key before any lookup, as GitHub's
 // token format does; it is not a secret and adds no security by itself.
@@ -66,11 +65,10 @@ func GenerateKey(kind KeyKind, env schemas.Environment) (string, ParsedKey, erro
 		return "", ParsedKey{}, fmt.Errorf("generate key: unknown environment %q", env)
 	}
 	p += string(env) + "_"
-	var raw [16]byte
-	if _, err := rand.Read(raw[:]); err != nil {
+	body, err := random62(bodyLen)
+	if err != nil {
 		return "", ParsedKey{}, fmt.Errorf("generate key: %w", err)
 	}
-	body := encode62(new(big.Int).SetBytes(raw[:]), bodyLen)
 	s := p + body
 	s += checksum(s)
 	pk, err := ParseKey(s)
@@ -145,13 +143,23 @@ func isBase62(c byte) bool {
 	return '0' <= c && c <= '9' || 'A' <= c && c <= 'Z' || 'a' <= c && c <= 'z'
 }
 
-func encode62(n *big.Int, width int) string {
-	out := make([]byte, width)
-	base := big.NewInt(62)
-	mod := new(big.Int)
-	for i := width - 1; i >= 0; i-- {
-		n.DivMod(n, base, mod)
-		out[i] = base62[mod.Int64()]
+// random62 returns n base62 characters, each uniform and independent
+// (log2(62) bits each: 22 carry 131 bits). Before, a key's body was one
+// 128-bit number written in 22 digits, whose first digit could only be 0
+// to 7, so display prefixes took an eighth of the values they show.
+func random62(n int) (string, error) {
+	out := make([]byte, 0, n)
+	var buf [32]byte
+	for len(out) < n {
+		if _, err := rand.Read(buf[:]); err != nil {
+			return "", err
+		}
+		for _, b := range buf {
+			// 248 = 4 × 62: a byte below it, mod 62, is uniform.
+			if b < 248 && len(out) < n {
+				out = append(out, base62[b%62])
+			}
+		}
 	}
-	return string(out)
+	return string(out), nil
 }

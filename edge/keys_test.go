@@ -5,6 +5,7 @@ import (
 	"errors"
 	"hash/crc32"
 	"math/rand/v2"
+	"strings"
 	"testing"
 	"time"
 )
@@ -64,5 +65,31 @@ func TestARevokedKeyIsRefusedWhateverTheRevocationsClock(t *testing.T) {
 	k := Key{RevokedAt: &ahead}
 	if err := k.Usable(now); !errors.Is(err, ErrKeyRevoked) {
 		t.Fatalf("Usable = %v, want ErrKeyRevoked", err)
+	}
+}
+
+// Every character of a key's body is uniform over base62, the first one
+// too: the display prefix (the first four) takes all 62⁴ values. Before,
+// the body was one 128-bit number in 22 digits, whose first digit could
+// only be 0 to 7. Poisson(100) per cell: a count below 50 or above 160
+// happens by chance about once in 10⁸.
+func TestKeyBodiesAreUniformPerCharacter(t *testing.T) {
+	const keys = 62 * 100
+	var counts [bodyLen][62]int
+	for range keys {
+		s, _, err := GenerateKey(Secret, "live")
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i := range bodyLen {
+			counts[i][strings.IndexByte(base62, s[prefixLen+i])]++
+		}
+	}
+	for i := range bodyLen {
+		for c, n := range counts[i] {
+			if n < 50 || n > 160 {
+				t.Fatalf("body character %d is %q in %d of %d keys; want about %d", i, base62[c], n, keys, keys/62)
+			}
+		}
 	}
 }

@@ -312,9 +312,6 @@ func (m *EdgeMain) Close() error {
 	} else if m.adminLn != nil {
 		_ = m.adminLn.Close()
 	}
-	if m.auditor != nil {
-		errs = append(errs, m.auditor.Close())
-	}
 	if m.limiter != nil {
 		// Before the Redis client closes: refunds already in flight finish.
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -344,6 +341,12 @@ func (m *EdgeMain) Close() error {
 		// After the producer's last drain, so a released hold is stored.
 		m.stopHolds()
 		<-m.holdsDone
+	}
+	if m.auditor != nil {
+		// Last: usage events (money) and leases go first, and its final
+		// flush, up to 10 s against a database that does not answer,
+		// holds up nothing else.
+		errs = append(errs, m.auditor.Close())
 	}
 	if m.pool != nil {
 		m.pool.Close()

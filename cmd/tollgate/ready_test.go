@@ -52,6 +52,7 @@ func TestAnEdgesReadinessAnswersWhenPostgresGoesSilent(t *testing.T) {
 		return resp.StatusCode, nil
 	}
 	testenv.Wait(t, 10*time.Second, "the edge ready", func() bool { st, err := probe(); return err == nil && st == 200 })
+	key, _ := (&pipeline{pg: pg}).newKey(t, "acct_silent_pg", schemas.Live)
 
 	f.Freeze()
 	for i := range 3 {
@@ -61,13 +62,39 @@ func TestAnEdgesReadinessAnswersWhenPostgresGoesSilent(t *testing.T) {
 			t.Fatalf("probe %d with Postgres silent: status %d, %v after %s; want 503 at once", i, st, err, time.Since(began).Round(time.Millisecond))
 		}
 	}
+	// A call whose key must be looked up is refused, not held until TCP
+	// gives up (edge.KeyLookupTimeout), and a malformed key's failure
+	// waits in the audit writer, whose flushes the database never
+	// answers: the stop below must not wait on them.
+	time.Sleep(1500 * time.Millisecond) // the listener has noticed: the cache is off
+	c := &http.Client{Timeout: 15 * time.Second}
+	for _, k := range []string{key, "sk_live_malformed"} {
+		req, _ := http.NewRequest("GET", "http://"+m.Addr()+"/v1/things", nil)
+		req.Header.Set("Authorization", "Bearer "+k)
+		began := time.Now()
+		resp, err := c.Do(req)
+		if err != nil {
+			t.Fatalf("a call with Postgres silent: %v after %s; want an answer", err, time.Since(began).Round(time.Millisecond))
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if want := map[bool]int{true: 503, false: 401}[k == key]; resp.StatusCode != want {
+			t.Fatalf("a call with Postgres silent: %d %s; want %d", resp.StatusCode, body, want)
+		}
+		t.Logf("answered %d after %s", resp.StatusCode, time.Since(began).Round(time.Millisecond))
+	}
 	stop()
 	closed := make(chan error, 1)
+	stopped := time.Now()
 	go func() { closed <- m.Close() }()
 	select {
 	case <-closed:
-	case <-time.After(20 * time.Second):
-		t.Fatal("the edge's Close did not return within 20 s of its stop")
+		t.Logf("closed after %s", time.Since(stopped).Round(time.Millisecond))
+	case <-time.After(25 * time.Second):
+		// The audit writer tries its row for 10 s, the spool hold's last
+		// sync for 2 s; the process gives its stop 30 s in all. Before,
+		// the audit writer's flush held Close until TCP gave up.
+		t.Fatal("the edge's Close did not return within 25 s of its stop")
 	}
 }
 

@@ -170,7 +170,7 @@ func NewProducer(cfg Config, reg prometheus.Registerer, log *slog.Logger) (*Prod
 			Name: "tollgate_edge_emit_waits_total", Help: "Emits that waited because the in-memory queue was full.",
 		}),
 		lost: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "tollgate_edge_events_lost_total", Help: "Usage events emitted after the producer had closed (a call that outlived the graceful stop), or that could not be spooled while it closed.",
+			Name: "tollgate_edge_events_lost_total", Help: "Usage events emitted after the producer had closed (a call that outlived the graceful stop), that could not be spooled while it closed, or that were spooled and could not be read back (a corrupt record, a segment removed from the spool directory).",
 		}),
 	}
 	p.kafkaUp.Store(true)
@@ -457,7 +457,14 @@ func (p *Producer) drain(chunks int) bool {
 			}
 			if len(recs) == 0 {
 				// Nothing readable: commit the cursor past a corrupt tail.
-				// The spool is empty then, and its hold released.
+				// The spool is empty then, and its hold released. Events
+				// it still counted are lost, and said so: their records
+				// were corrupt (counted as corrupt regions too), or their
+				// segment was removed from the spool directory by hand.
+				if d := p.spool.Depth(); d > 0 {
+					p.lost.Add(float64(d))
+					p.log.Error("spool: usage events counted as spooled could not be read back; they are lost", "events", d)
+				}
 				_ = p.spool.Commit(cur, int(p.spool.Depth()))
 				if p.spool.Drained() {
 					p.release()

@@ -142,10 +142,16 @@ func OpenSpool(dir string, log *slog.Logger, maxBytes int64) (*Spool, error) {
 		s.wseq = max(s.rseq, 1)
 		s.rseq, s.roff = s.wseq, 0
 	} else {
-		s.wseq = seqs[len(seqs)-1]
+		// Writing goes on at the cursor's segment when that is past every
+		// segment on disk (the empty segment a drain started was removed
+		// by hand): written below the cursor, new records were never read.
+		s.wseq = max(seqs[len(seqs)-1], s.rseq)
 		if s.rseq < seqs[0] {
 			s.rseq, s.roff = seqs[0], 0
 		}
+	}
+	if _, err := os.Stat(s.path(s.rseq)); errors.Is(err, os.ErrNotExist) {
+		s.roff = 0 // its records are gone with it; a new one starts at 0
 	}
 	if st, err := os.Stat(s.path(s.rseq)); err == nil && st.Size() < s.roff {
 		// A segment emptied in place after full delivery, as earlier
@@ -474,6 +480,17 @@ func (s *Spool) Append(recs [][]byte) error {
 	if s.maxBytes > 0 && s.size.Load()+int64(size) > s.maxBytes {
 		return ErrSpoolFull
 	}
+	if s.removedUnderUs() {
+		// Someone removed the segment being written from the spool
+		// directory (a clean-up of what looked like an empty file):
+		// records written on through the open file would be counted as
+		// spooled and never read. Its undelivered records are gone; the
+		// drain reports them lost. New ones go to a new segment.
+		s.log.Error("spool: the segment being written was removed from the spool directory; its undelivered events are lost. "+
+			"Never remove files from edge.spool_dir by hand", "segment", s.wseq)
+		s.size.Add(-s.wsize)
+		s.dirty = true
+	}
 	if s.wsize >= s.maxSeg || s.dirty {
 		if err := s.roll(); err != nil {
 			return err
@@ -503,6 +520,18 @@ func (s *Spool) Append(recs [][]byte) error {
 	s.size.Add(int64(len(buf)))
 	s.depth.Add(int64(len(recs)))
 	return nil
+}
+
+// removedUnderUs reports whether the segment being written no longer has a
+// name in the spool directory: one stat of the open file, made once per
+// group commit.
+func (s *Spool) removedUnderUs() bool {
+	st, err := s.w.Stat()
+	if err != nil {
+		return false
+	}
+	sys, ok := st.Sys().(*syscall.Stat_t)
+	return ok && sys.Nlink == 0
 }
 
 // undo follows a failed write or fsync. The segment may now hold part of

@@ -761,3 +761,64 @@ func TestAnEndMarkOfTheSegmentBeingWrittenGoesAtTheNextStart(t *testing.T) {
 		t.Errorf("read %v (%d corrupt regions), want %v and none", got, s3.Corrupt(), want)
 	}
 }
+
+// A kill -9 between a drain's new cursor and its removal of the delivered
+// segment, then the empty new segment removed by hand, left the cursor past
+// every segment: writing went on below it, and new records were never
+// read. Writing now goes on at the cursor's segment.
+func TestASpoolWhoseCursorIsPastItsSegmentsReadsWhatItTakes(t *testing.T) {
+	dir := t.TempDir()
+	s := openSpool(t, dir)
+	if err := s.Append(recs(0, 10)); err != nil {
+		t.Fatal(err)
+	}
+	rs, cur, err := s.Read(10)
+	if err != nil || len(rs) != 10 {
+		t.Fatalf("read: %d records, %v", len(rs), err)
+	}
+	var crashed string
+	s.afterStep = func(step string) {
+		if step == "cursor on disk" {
+			crashed = copyDir(t, dir)
+		}
+	}
+	if err := s.Commit(cur, len(rs)); err != nil {
+		t.Fatal(err)
+	}
+	testenv.Must(t, s.Close(), "close the spool")
+	if crashed == "" {
+		t.Fatal("no copy at the cursor on disk step")
+	}
+	newest := filepath.Join(crashed, fmt.Sprintf("%016d%s", 2, segSuffix))
+	if st, err := os.Stat(newest); err != nil || st.Size() != 0 {
+		t.Fatalf("the new segment: %v, %v; want it empty", st, err)
+	}
+	testenv.Must(t, os.Remove(newest), "remove the empty new segment")
+	s = openSpool(t, crashed)
+	defer s.Close()
+	if err := s.Append(recs(100, 5)); err != nil {
+		t.Fatal(err)
+	}
+	if got := readAllSpool(t, s); fmt.Sprint(got) != fmt.Sprint(wantStrings(recs(100, 5))) {
+		t.Fatalf("after the restart, the spool reads back %v", got)
+	}
+}
+
+// A segment being written that is removed by hand takes its records with
+// it, and only those: the next append starts a new segment, whose records
+// are read.
+func TestASpoolSegmentRemovedWhileWrittenLosesOnlyItsRecords(t *testing.T) {
+	dir := t.TempDir()
+	s := openSpool(t, dir)
+	defer s.Close()
+	if err := s.Append(recs(0, 10)); err != nil {
+		t.Fatal(err)
+	}
+	testenv.Must(t, os.Remove(s.path(s.wseq)), "remove the segment being written")
+	if err := s.Append(recs(10, 10)); err != nil {
+		t.Fatal(err)
+	}
+	if got := readAllSpool(t, s); fmt.Sprint(got) != fmt.Sprint(wantStrings(recs(10, 10))) {
+		t.Fatalf("the spool reads back %v, want the 10 records appended after the removal", got)
+	}
+}

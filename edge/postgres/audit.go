@@ -176,18 +176,36 @@ func (w *AuditWriter) add(k foldKey, f folded) {
 
 func (w *AuditWriter) run() {
 	defer close(w.done)
+	// A periodic flush has a deadline and ends when Close is called: one
+	// waiting on a database gone silent (a failover, a dead host) held
+	// the final flush, and Close with it, until TCP gave up, minutes
+	// later, and the edge's stop never reached its usage events.
+	stopping, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go func() {
+		select {
+		case <-w.stop:
+			cancel()
+		case <-stopping.Done():
+		}
+	}()
 	t := time.NewTicker(w.interval)
 	defer t.Stop()
 	for {
 		select {
 		case <-t.C:
-			w.Flush(context.Background())
+			ctx, done := context.WithTimeout(stopping, max(w.interval, minFlushWait))
+			_ = w.Flush(ctx)
+			done()
 		case <-w.stop:
 			w.closeErr = w.finalFlush()
 			return
 		}
 	}
 }
+
+// minFlushWait is the least a periodic flush may wait for the database.
+const minFlushWait = 2 * time.Second
 
 // finalFlush writes the pending rows, trying again until finalWait has
 // passed, and reports how many it could not.

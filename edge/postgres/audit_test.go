@@ -5,6 +5,7 @@ import (
 	"database/sql"
 	"fmt"
 	"log/slog"
+	"net/url"
 	"strings"
 	"testing"
 	"time"
@@ -261,4 +262,37 @@ func failedWrites(t *testing.T, reg *prometheus.Registry) float64 {
 	}
 	t.Fatal("no tollgate_edge_audit_write_errors_total")
 	return 0
+}
+
+// A database gone silent (no close, no reset: a failover, a dead host)
+// under a periodic flush does not hold up Close past its final wait.
+// Before, the flush waited until TCP gave up, minutes later, and the edge's
+// stop, which closed the audit writer first, never reached its usage
+// events.
+func TestCloseIsNotHeldByAFlushToASilentDatabase(t *testing.T) {
+	pg := testenv.NewPostgres(t)
+	u, err := url.Parse(pg.URL)
+	testenv.Must(t, err, "parse the database URL")
+	f := testenv.NewFreezer(t, u.Host)
+	u.Host = f.Addr()
+	pool, err := pgxpool.New(context.Background(), u.String())
+	testenv.Must(t, err, "pool")
+	t.Cleanup(pool.Close)
+	testenv.Must(t, pool.Ping(context.Background()), "ping through the freezer")
+	w, err := edgepg.NewAuditWriter(pool, 100*time.Millisecond, nil, slog.New(slog.DiscardHandler))
+	testenv.Must(t, err, "new audit writer")
+	edgepg.SetFinalWait(w, time.Second)
+	f.Freeze()
+	w.Record(failure("192.0.2.46", "sk_live_Slnt"))
+	time.Sleep(500 * time.Millisecond) // a periodic flush is now waiting on the database
+	closed := make(chan error, 1)
+	go func() { closed <- w.Close() }()
+	select {
+	case err := <-closed:
+		if err == nil || !strings.Contains(err.Error(), "1 audit rows not written") {
+			t.Fatalf("Close with the database silent: %v; want 1 audit rows not written", err)
+		}
+	case <-time.After(15 * time.Second):
+		t.Fatal("Close still waiting 15 s on (its final wait is 1 s)")
+	}
 }
