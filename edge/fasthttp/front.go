@@ -768,15 +768,21 @@ func (f *Front) forward(ctx *fh.RequestCtx, adm edge.Admission, rid string) (up 
 	return up, trailers
 }
 
+// maxSends bounds the sends of one call: fasthttp's own bound for calls it
+// may send again. An upstream that restarts closes every kept-alive
+// connection in the pool, and each call may find one or two of them before
+// a live one.
+const maxSends = 5
+
 // sendAgain reports whether a call whose connection to the upstream
-// closed under it is sent once more, as Go's HTTP client would send it: a
-// kept-alive connection the upstream closed as the call went out is the
-// usual cause, and the call did not run. But the upstream may also have run
-// it and then dropped the connection (a handler that panicked, a crash), so
-// only a call that may run twice is: a safe method (GET, HEAD, OPTIONS,
-// TRACE) on a route not marked write, without a body the edge would have to
-// read again. A call the upstream timed out on is never sent again: it
-// would wait out upstream_timeout once more.
+// closed under it is sent once more: a kept-alive connection the upstream
+// closed as the call went out is the usual cause, and the call did not run.
+// But the upstream may also have run it and then dropped the connection (a
+// handler that panicked, a crash), and the edge cannot tell which, so only
+// a call that may run more than once is: a safe method (GET, HEAD,
+// OPTIONS, TRACE) on a route not marked write, without a body the edge
+// would have to read again. A call the upstream timed out on is never sent
+// again: it would wait out upstream_timeout once more.
 func sendAgain(req *fh.Request, r edge.Route, err error) bool {
 	if r.Write || req.IsBodyStream() || len(req.Body()) > 0 || !connectionClosed(err) {
 		return false
@@ -897,7 +903,7 @@ func (f *Front) proxy(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, st
 	}
 	if err == nil {
 		err = up.hc.Do(req, resp)
-		if err != nil && sendAgain(req, adm.Route, err) {
+		for sent := 1; err != nil && sent < maxSends && sendAgain(req, adm.Route, err); sent++ {
 			err = up.hc.Do(req, resp)
 		}
 	}
