@@ -59,6 +59,10 @@ type Config struct {
 	Meters []meter.Meter `yaml:"meters"`
 	// Dashboard is the customer dashboard (static pages + API forwarding).
 	Dashboard DashboardConfig `yaml:"dashboard"`
+
+	// secretsInFile are the settings holding a secret that the file
+	// itself gave (Warnings).
+	secretsInFile []string
 }
 
 // LoadConfig reads path (optional: "" means defaults only), then applies
@@ -76,6 +80,7 @@ func LoadConfig(path string) (Config, error) {
 		if err := decodeConfig(b, &c); err != nil {
 			return c, fmt.Errorf("parse config %s: %w", path, err)
 		}
+		c.secretsInFile = c.fileSecrets()
 	}
 	c.applyEnv()
 	c.defaults()
@@ -195,11 +200,36 @@ func (c *Config) defaults() {
 	}
 }
 
+// fileSecrets names the settings of c that hold a secret, each with the
+// environment variable that should give it instead: a file is easily
+// committed, copied or shared.
+func (c *Config) fileSecrets() []string {
+	var out []string
+	for _, s := range []struct {
+		name, env, value string
+	}{
+		{"services.clickhouse_password", "TOLLGATE_CLICKHOUSE_PASSWORD", c.Services.ClickHousePassword},
+		{"services.redis_password", "TOLLGATE_REDIS_PASSWORD", c.Services.RedisPassword},
+		{"invoicer.stripe.api_key", "TOLLGATE_STRIPE_API_KEY", c.Invoicer.Stripe.APIKey},
+		{"invoicer.stripe.webhook_secret", "TOLLGATE_STRIPE_WEBHOOK_SECRET", c.Invoicer.Stripe.WebhookSecret},
+	} {
+		if s.value != "" {
+			out = append(out, fmt.Sprintf("%s is written in the configuration file: give secrets through the environment (%s) instead, as a file is easily committed or shared", s.name, s.env))
+		}
+	}
+	if u, err := url.Parse(c.Services.PostgresURL); err == nil && u.User != nil {
+		if _, ok := u.User.Password(); ok {
+			out = append(out, "services.postgres_url holds a password in the configuration file: give the URL through the environment (TOLLGATE_POSTGRES_URL), or the password through PGPASSWORD or a .pgpass file, instead")
+		}
+	}
+	return out
+}
+
 // Warnings are what a valid configuration may well not mean, for the
 // named components (all of them when none is named): check-config prints
 // them, and a command that starts a component logs them.
 func (c *Config) Warnings(components ...string) []string {
-	var out []string
+	out := slices.Clone(c.secretsInFile)
 	if len(components) == 0 || slices.Contains(components, "edge") {
 		// Meters created through the admin API may still count them, so
 		// this is a warning, not a refusal.

@@ -379,3 +379,33 @@ func TestAnEventTypeNoMeterCountsIsWarnedOf(t *testing.T) {
 		})
 	}
 }
+
+// A secret written in the configuration file is used, and warned of: the
+// README says secrets belong in the environment, and a file is easily
+// committed or shared. One given through the environment is not.
+func TestASecretWrittenInTheFileIsWarnedOf(t *testing.T) {
+	cfg := writeConfig(t, "services:\n  clickhouse_password: hunter2\n  redis_password: hunter3\n"+
+		"  postgres_url: postgres://tollgate:hunter4@127.0.0.1:15432/tollgate?sslmode=disable\n"+
+		"invoicer:\n  stripe:\n    api_key: sk_test_abc\n    webhook_secret: whsec_x\n")
+	if err := cfg.Validate(); err != nil {
+		t.Fatalf("validate: %v", err)
+	}
+	ws := strings.Join(cfg.Warnings("ingest"), "\n")
+	for _, name := range []string{"services.clickhouse_password", "services.redis_password", "services.postgres_url",
+		"invoicer.stripe.api_key", "invoicer.stripe.webhook_secret"} {
+		if !strings.Contains(ws, name) {
+			t.Errorf("no warning about %s in %q", name, ws)
+		}
+	}
+	for _, secret := range []string{"hunter2", "hunter3", "hunter4", "sk_test_abc", "whsec_x"} {
+		if strings.Contains(ws, secret) {
+			t.Errorf("a warning quotes the secret %q", secret)
+		}
+	}
+	t.Setenv("TOLLGATE_REDIS_PASSWORD", "from-env")
+	t.Setenv("TOLLGATE_STRIPE_API_KEY", "sk_test_env")
+	cfg = writeConfig(t, "# every default\n")
+	if ws := cfg.Warnings(); len(ws) != 0 || cfg.Services.RedisPassword != "from-env" {
+		t.Fatalf("secrets from the environment: warnings %q, redis password %q", ws, cfg.Services.RedisPassword)
+	}
+}
