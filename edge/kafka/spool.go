@@ -524,14 +524,18 @@ func (s *Spool) Append(recs [][]byte) error {
 
 // removedUnderUs reports whether the segment being written no longer has a
 // name in the spool directory: one stat of the open file, made once per
-// group commit.
+// group commit, and a look for its name when that says it has none (a
+// filesystem that does not count links may say so of every file).
 func (s *Spool) removedUnderUs() bool {
 	st, err := s.w.Stat()
 	if err != nil {
 		return false
 	}
-	sys, ok := st.Sys().(*syscall.Stat_t)
-	return ok && sys.Nlink == 0
+	if sys, ok := st.Sys().(*syscall.Stat_t); !ok || sys.Nlink != 0 {
+		return false
+	}
+	_, err = os.Stat(s.path(s.wseq))
+	return errors.Is(err, os.ErrNotExist)
 }
 
 // undo follows a failed write or fsync. The segment may now hold part of
