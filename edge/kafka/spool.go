@@ -477,24 +477,28 @@ func (s *Spool) Append(recs [][]byte) error {
 	for _, r := range recs {
 		size += recordHeader + len(r)
 	}
-	if s.maxBytes > 0 && s.size.Load()+int64(size) > s.maxBytes {
-		return ErrSpoolFull
-	}
-	if s.removedUnderUs() {
+	removed := s.removedUnderUs()
+	if removed {
 		// Someone removed the segment being written from the spool
-		// directory (a clean-up of what looked like an empty file):
-		// records written on through the open file would be counted as
-		// spooled and never read. Its undelivered records are gone; the
-		// drain reports them lost. New ones go to a new segment.
+		// directory (a clean-up of what looked like an empty file, or
+		// of a full disk): records written on through the open file
+		// would be counted as spooled and never read. Its undelivered
+		// records are gone; the drain reports them lost. New ones go to
+		// a new segment, and the spool's size is what is on disk again.
 		s.log.Error("spool: the segment being written was removed from the spool directory; its undelivered events are lost. "+
 			"Never remove files from edge.spool_dir by hand", "segment", s.wseq)
-		s.size.Add(-s.wsize)
 		s.dirty = true
 	}
 	if s.wsize >= s.maxSeg || s.dirty {
 		if err := s.roll(); err != nil {
 			return err
 		}
+	}
+	if removed {
+		s.size.Store(s.sizeOnDisk())
+	}
+	if s.maxBytes > 0 && s.size.Load()+int64(size) > s.maxBytes {
+		return ErrSpoolFull
 	}
 	buf := make([]byte, 0, size)
 	for _, r := range recs {
@@ -520,6 +524,22 @@ func (s *Spool) Append(recs [][]byte) error {
 	s.size.Add(int64(len(buf)))
 	s.depth.Add(int64(len(recs)))
 	return nil
+}
+
+// sizeOnDisk is what the spool's segments take on disk now, the segment
+// being written included, for when one was removed from under the count.
+func (s *Spool) sizeOnDisk() int64 {
+	seqs, err := s.segments()
+	if err != nil {
+		return s.size.Load()
+	}
+	var n int64
+	for _, seq := range seqs {
+		if st, err := os.Stat(s.path(seq)); err == nil {
+			n += st.Size()
+		}
+	}
+	return n
 }
 
 // removedUnderUs reports whether the segment being written no longer has a
@@ -732,6 +752,8 @@ func (s *Spool) remove(seq uint64) error {
 	delete(s.ends, seq)
 	st, err := os.Stat(s.path(seq))
 	if errors.Is(err, os.ErrNotExist) {
+		// Removed by hand: its bytes, still counted, are not on disk.
+		s.size.Store(s.sizeOnDisk())
 		return nil
 	}
 	if err := os.Remove(s.path(seq)); err != nil && !errors.Is(err, os.ErrNotExist) {

@@ -822,3 +822,39 @@ func TestASpoolSegmentRemovedWhileWrittenLosesOnlyItsRecords(t *testing.T) {
 		t.Fatalf("the spool reads back %v, want the 10 records appended after the removal", got)
 	}
 }
+
+// A full spool whose segments are removed by hand (to free the disk) takes
+// appends again: its size is what is on disk, not what the removed files
+// held. Before, the removed bytes stayed counted against spool_max_bytes
+// until a restart, and every append was refused.
+func TestAFullSpoolWhoseSegmentsAreRemovedTakesAppendsAgain(t *testing.T) {
+	dir := t.TempDir()
+	s, err := OpenSpool(dir, slog.New(slog.DiscardHandler), 2000)
+	testenv.Must(t, err, "open the spool")
+	defer s.Close()
+	s.maxSeg = 600 // several segments
+	n := 0
+	for ; ; n += 10 {
+		err := s.Append(recs(n, 10))
+		if errors.Is(err, ErrSpoolFull) {
+			break
+		}
+		testenv.Must(t, err, "fill the spool")
+	}
+	segs, err := s.segments()
+	testenv.Must(t, err, "list segments")
+	if len(segs) < 3 {
+		t.Fatalf("%d segments, want several", len(segs))
+	}
+	// The oldest and the one being written go.
+	testenv.Must(t, os.Remove(s.path(segs[0])), "remove the oldest segment")
+	testenv.Must(t, os.Remove(s.path(s.wseq)), "remove the segment being written")
+	testenv.Must(t, s.Append(recs(1000, 10)), "append after the removal")
+	got := readAllSpool(t, s)
+	if len(got) == 0 || got[len(got)-1] != "record-001009" {
+		t.Fatalf("the spool reads back %d records ending %v, want the new ones last", len(got), got[max(0, len(got)-1):])
+	}
+	if s.Size() != spoolFiles(t, dir) {
+		t.Fatalf("the spool counts %d bytes, %d are on disk", s.Size(), spoolFiles(t, dir))
+	}
+}
