@@ -808,3 +808,44 @@ func TestReportEventsBatchDuplicatesAreRowsNotIDs(t *testing.T) {
 		t.Fatalf("%d events in the topic, want 3", len(evs))
 	}
 }
+
+// An item's errors are bounded whatever it holds: at most 21, the last
+// saying how many more there are, and no name quoted longer than 80 bytes.
+// Before, each dimension with text that decoding would change added one
+// (an item of 100 such keys and an old time got 122), and an unknown
+// field's name was quoted whole.
+func TestAReportedItemsErrorsAreBounded(t *testing.T) {
+	env := edgetest.New(t)
+	in := env.Start(t, edgetest.Options{})
+	key, _ := env.Key(t, "acct_many_errors", edge.Secret, schemas.Live)
+	old := time.Now().UTC().Add(-edge.DefaultMaxEventAge - time.Hour).Format(time.RFC3339Nano)
+	var dims strings.Builder
+	for i := range 100 {
+		if i > 0 {
+			dims.WriteByte(',')
+		}
+		fmt.Fprintf(&dims, `"k%d\ud800":"v"`, i)
+	}
+	long := strings.Repeat("x", 10_000)
+	body := fmt.Sprintf(`{"events":[{"id":"many","type":"tokens","time":%q,"dimensions":{%s}},{"id":"unknown","type":"tokens","time":%q,%q:1}]}`,
+		old, dims.String(), old, long)
+	r := edgetest.Do(t, "POST", in.URL+"/v1/events", key, strings.NewReader(body))
+	var res edge.BatchResult
+	if r.Status != 200 || json.Unmarshal(r.Body, &res) != nil || len(res.Results) != 2 {
+		t.Fatalf("status %d body %.300s", r.Status, r.Body)
+	}
+	errs := res.Results[0].Errors
+	if len(errs) != schemas.MaxProblems+1 || !strings.Contains(errs[len(errs)-1].Reason, "more problems, not listed") {
+		t.Fatalf("item 0: %d errors, the last %+v; want %d, the last saying how many more", len(errs), errs[len(errs)-1], schemas.MaxProblems+1)
+	}
+	for _, item := range res.Results {
+		for _, e := range item.Errors {
+			if len(e.Field) > len("dimensions.")+80 {
+				t.Fatalf("item %s: a field name of %d bytes", item.ID, len(e.Field))
+			}
+		}
+	}
+	if res.Results[1].Status != "rejected" || len(res.Results[1].Errors) != 1 {
+		t.Fatalf("item 1: %+v, want rejected on its unknown field", res.Results[1])
+	}
+}

@@ -287,7 +287,7 @@ func decodeProblem(err error) schemas.FieldError {
 	case errors.As(err, &pe):
 		return schemas.FieldError{Field: "time", Reason: "not an RFC 3339 time with a zone: " + err.Error()}
 	case strings.HasPrefix(err.Error(), "json: unknown field "):
-		return schemas.FieldError{Field: strings.Trim(strings.TrimPrefix(err.Error(), "json: unknown field "), `"`), Reason: "unknown field"}
+		return schemas.FieldError{Field: schemas.ClipName(strings.Trim(strings.TrimPrefix(err.Error(), "json: unknown field "), `"`)), Reason: "unknown field"}
 	}
 	return schemas.FieldError{Field: "", Reason: "not a valid event object: " + err.Error()}
 }
@@ -362,7 +362,7 @@ func uniqueNames(value json.RawMessage) *schemas.FieldError {
 		}
 		k, _ := t.(string)
 		if seen[k] {
-			return &schemas.FieldError{Field: "dimensions." + k, Reason: "given twice"}
+			return &schemas.FieldError{Field: "dimensions." + schemas.ClipName(k), Reason: "given twice"}
 		}
 		seen[k] = true
 		var skip json.RawMessage
@@ -437,7 +437,7 @@ func (s *Server) reportedEvent(k *Key, raw json.RawMessage, now time.Time) (sche
 			}
 		}
 	}
-	return ev, re.ID, ps
+	return ev, re.ID, schemas.BoundProblems(ps)
 }
 
 // brokenText reports the strings of re that JSON decoding changed: Go's
@@ -464,7 +464,7 @@ func brokenText(raw []byte, re *ReportedEvent) []schemas.FieldError {
 	}
 	for _, k := range slices.Sorted(maps.Keys(re.Dimensions)) {
 		if changed(k) || changed(re.Dimensions[k]) {
-			ps = append(ps, schemas.FieldError{Field: "dimensions." + k, Reason: why})
+			ps = append(ps, schemas.FieldError{Field: "dimensions." + schemas.ClipName(k), Reason: why})
 		}
 	}
 	return ps

@@ -245,7 +245,7 @@ func (s *scanner) dimensions(e *Event) error {
 			return err
 		}
 		if s.dimensionSeen(e, k, &many) {
-			return malformed(name, fmt.Sprintf("key %q given twice", Clip(k, maxQuoted)))
+			return malformed(name, fmt.Sprintf("key %q given twice", ClipName(k)))
 		}
 		s.space()
 		if !s.consume(':') {
@@ -303,7 +303,7 @@ func (s *scanner) dimensionSeen(e *Event, k string, many *map[string]struct{}) b
 }
 
 func malformed(field, reason string) error {
-	field = Clip(field, maxQuoted) // a field name may come from the input
+	field = ClipName(field) // a field name may come from the input
 	if field == "" {
 		return fmt.Errorf("%w: %s", ErrMalformed, reason)
 	}

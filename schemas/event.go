@@ -106,6 +106,21 @@ const MaxProblems = 20
 // whatever it says after that.
 const maxQuoted = 80
 
+// ClipName is a field name or dimension key from the input as a problem
+// quotes it: cut to 80 bytes.
+func ClipName(s string) string { return Clip(s, maxQuoted) }
+
+// BoundProblems keeps the first MaxProblems of ps, and one more saying
+// how many there are past it.
+func BoundProblems(ps []FieldError) []FieldError {
+	if len(ps) <= MaxProblems+1 {
+		return ps
+	}
+	more := ps[MaxProblems]
+	more.Reason += fmt.Sprintf(" (and %d more problems, not listed)", len(ps)-MaxProblems-1)
+	return append(ps[:MaxProblems], more)
+}
+
 // Clip returns s cut to at most max bytes at a character boundary, with
 // "…" in place of what was cut, so a message quoting its input stays small.
 func Clip(s string, max int) string {
@@ -285,7 +300,7 @@ func (e *Event) validate(now time.Time, keys, values []string) error {
 		for i, k := range keys {
 			switch v := values[i]; {
 			case len(k) > MaxDimensionKey || !dimKeyChars.MatchString(k):
-				add("dimensions."+Clip(k, maxQuoted), "key must be lower case letters, digits and _, at most %d bytes", MaxDimensionKey)
+				add("dimensions."+ClipName(k), "key must be lower case letters, digits and _, at most %d bytes", MaxDimensionKey)
 			case len(v) > MaxDimensionValue:
 				add("dimensions."+k, "value longer than %d bytes", MaxDimensionValue)
 			}
@@ -303,11 +318,7 @@ func (e *Event) validate(now time.Time, keys, values []string) error {
 			break
 		}
 	}
-	if len(ps) > MaxProblems {
-		more := ps[MaxProblems]
-		more.Reason += fmt.Sprintf(" (and %d more problems, not listed)", len(ps)-MaxProblems-1)
-		ps = append(ps[:MaxProblems], more)
-	}
+	ps = BoundProblems(ps)
 	if len(ps) > 0 {
 		return &ValidationError{Problems: ps}
 	}
