@@ -51,16 +51,19 @@ func authenticate(ctx context.Context, l keyLookup, raw string, now time.Time) (
 	return k, "", "", nil, nil
 }
 
-// KeyLookupTimeout bounds one lookup of a key in the store. A Postgres
-// gone silent (a failover, a dead host: no close, no reset) would
-// otherwise hold the call, its goroutine and a pooled connection until
-// TCP gives up, minutes later, and every call behind them once the pool is
-// taken; bounded, the call gets 503 key_store_unavailable.
-const KeyLookupTimeout = 2 * time.Second
+// DefaultKeyLookupTimeout bounds one lookup of a key in the store (the
+// edge's edge.key_lookup_timeout; the usage and invoice APIs use it as it
+// is). A Postgres gone silent (a failover, a dead host: no close, no
+// reset) would otherwise hold the call, its goroutine and a pooled
+// connection until TCP gives up, minutes later, and every call behind them
+// once the pool is taken; bounded, the call gets 503 key_store_unavailable.
+// One that is merely slow (a migration's lock on api_keys) gets it too once
+// the bound has passed.
+const DefaultKeyLookupTimeout = 5 * time.Second
 
-// lookupBounded looks hash up in store within KeyLookupTimeout.
-func lookupBounded(ctx context.Context, store KeyStore, hash [32]byte) (Key, error) {
-	ctx, cancel := context.WithTimeout(ctx, KeyLookupTimeout)
+// lookupBounded looks hash up in store within d.
+func lookupBounded(ctx context.Context, store KeyStore, hash [32]byte, d time.Duration) (Key, error) {
+	ctx, cancel := context.WithTimeout(ctx, d)
 	defer cancel()
 	return store.KeyByHash(ctx, hash)
 }
@@ -69,7 +72,7 @@ func lookupBounded(ctx context.Context, store KeyStore, hash [32]byte) (Key, err
 type storeLookup struct{ KeyStore }
 
 func (s storeLookup) lookupKey(ctx context.Context, hash [32]byte) (*Key, error) {
-	k, err := lookupBounded(ctx, s.KeyStore, hash)
+	k, err := lookupBounded(ctx, s.KeyStore, hash, DefaultKeyLookupTimeout)
 	if err != nil {
 		return nil, err
 	}

@@ -37,6 +37,8 @@ type KeyCache struct {
 	// dropped, and a flood of made-up keys cannot empty the cache of the
 	// real ones.
 	unknown, maxUnknown int
+	// lookupTimeout bounds one lookup in the store.
+	lookupTimeout time.Duration
 
 	// holds are the calls held open under a key (keyholds.go).
 	holds keyHolds
@@ -80,6 +82,17 @@ func NewKeyCache(store KeyStore, ttl time.Duration) *KeyCache {
 		now:        time.Now,
 		byAccount:  map[string]map[[32]byte]struct{}{},
 		maxUnknown: maxUnknownEntries,
+
+		lookupTimeout: DefaultKeyLookupTimeout,
+	}
+}
+
+// SetLookupTimeout sets the bound of one lookup in the store
+// (edge.key_lookup_timeout); 0 keeps DefaultKeyLookupTimeout. Call it
+// before the cache is used.
+func (c *KeyCache) SetLookupTimeout(d time.Duration) {
+	if d > 0 {
+		c.lookupTimeout = d
 	}
 }
 
@@ -105,7 +118,7 @@ func (c *KeyCache) sharedKeyByHash(ctx context.Context, hash [32]byte) (*Key, er
 	}
 	epoch := c.epoch.Load()
 	asked := c.now() // PlanChangesIn counts from the store's answer, after this
-	found, err := lookupBounded(ctx, c.store, hash)
+	found, err := lookupBounded(ctx, c.store, hash, c.lookupTimeout)
 	if err != nil && !errors.Is(err, ErrKeyNotFound) {
 		return nil, err
 	}

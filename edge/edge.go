@@ -231,6 +231,10 @@ type Config struct {
 	// KeyCacheTTL bounds how long a looked-up key is trusted without a
 	// change notification; notifications invalidate at once.
 	KeyCacheTTL time.Duration `yaml:"key_cache_ttl"`
+	// KeyLookupTimeout bounds one lookup of a key in Postgres, a wait for
+	// a pooled connection included: past it the call gets 503
+	// key_store_unavailable.
+	KeyLookupTimeout time.Duration `yaml:"key_lookup_timeout"`
 	// RateLimitPrefix prefixes every Redis key the edge writes.
 	RateLimitPrefix string `yaml:"rate_limit_prefix"`
 	// ExpectedInstances sizes the local fallback limit when Redis is down:
@@ -329,6 +333,9 @@ func (c *Config) Defaults() {
 	}
 	if c.SpoolMaxBytes == 0 {
 		c.SpoolMaxBytes = 4 << 30
+	}
+	if c.KeyLookupTimeout == 0 {
+		c.KeyLookupTimeout = DefaultKeyLookupTimeout
 	}
 	if c.KeyCacheTTL == 0 {
 		c.KeyCacheTTL = 30 * time.Second
@@ -437,6 +444,9 @@ func (c *Config) Validate() error {
 	}
 	if _, err := ParseTrustedProxies("edge.trusted_proxies", c.TrustedProxies); err != nil {
 		errs = append(errs, err)
+	}
+	if c.KeyLookupTimeout < 100*time.Millisecond || c.KeyLookupTimeout > time.Minute {
+		errs = append(errs, fmt.Errorf("edge.key_lookup_timeout: %s; must be between 100ms and 1m", c.KeyLookupTimeout))
 	}
 	if c.KeyCacheTTL < 0 {
 		errs = append(errs, errors.New("edge.key_cache_ttl: negative"))

@@ -109,6 +109,7 @@ func NewEdgeMain(ctx context.Context, cfg Config, log *slog.Logger) (m *EdgeMain
 	go func() { defer close(m.holdsDone); holds.Run(hctx, 500*time.Millisecond) }()
 	store := edgepg.NewKeyStore(m.pool)
 	cache := edge.NewKeyCache(store, cfg.Edge.KeyCacheTTL)
+	cache.SetLookupTimeout(cfg.Edge.KeyLookupTimeout)
 	m.listener = edgepg.NewListener(cfg.Services.PostgresURL, cache, log)
 	lctx, stopLn := context.WithCancel(context.Background())
 	m.stopLn = stopLn

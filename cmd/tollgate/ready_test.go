@@ -63,7 +63,7 @@ func TestAnEdgesReadinessAnswersWhenPostgresGoesSilent(t *testing.T) {
 		}
 	}
 	// A call whose key must be looked up is refused, not held until TCP
-	// gives up (edge.KeyLookupTimeout), and a malformed key's failure
+	// gives up (edge.key_lookup_timeout, 5 s by default), and a malformed key's failure
 	// waits in the audit writer, whose flushes the database never
 	// answers: the stop below must not wait on them.
 	time.Sleep(1500 * time.Millisecond) // the listener has noticed: the cache is off

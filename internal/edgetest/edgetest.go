@@ -254,6 +254,7 @@ func (e *Env) Start(t *testing.T, o Options) *Instance {
 	in := &Instance{Registry: reg}
 	in.Store = &CountingStore{KeyStore: e.Store}
 	in.Cache = edge.NewKeyCache(in.Store, cfg.KeyCacheTTL)
+	in.Cache.SetLookupTimeout(cfg.KeyLookupTimeout)
 	in.marks = &markingCache{KeyCache: in.Cache}
 	in.Listener = edgepg.NewListener(e.PG.URL, in.marks, e.Log)
 	lctx, cancel := context.WithCancel(context.Background())
