@@ -346,7 +346,20 @@ func (iv *Invoicer) CloseDue(ctx context.Context) (CloseResult, error) {
 	for _, a := range accounts {
 		loc, err := caltime.LoadZone(a.Timezone)
 		if err != nil {
-			iv.log.Error("account has an unknown time zone; not invoiced", "account", a.ID, "timezone", a.Timezone)
+			// A zone set in Postgres by hand, or one a tzdata update
+			// removed: the account cannot be invoiced, and the run says
+			// so (failed, accounts_not_invoiced) as for any account that
+			// cannot be, under the last month's start in UTC, its periods
+			// being unknown. Before, only a log line said it, and its
+			// periods slid out of lookback_months unbilled.
+			iv.log.Error("account has an unknown time zone; not invoiced until it is set to one this build knows",
+				"account", a.ID, "timezone", a.Timezone, "err", err)
+			if res.Failed == nil {
+				res.Failed = map[time.Time][]string{}
+			}
+			last := MonthPeriod(now, time.UTC).Start.AddDate(0, -1, 0)
+			res.Failed[last] = append(res.Failed[last], a.ID)
+			iv.m.notInvoiced.Inc()
 			continue
 		}
 		var months []Period // oldest first

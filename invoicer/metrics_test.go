@@ -45,31 +45,7 @@ func TestTheInvoicersMetricsCountWhatItsRunsDid(t *testing.T) {
 	testenv.Must(t, err, "new invoicer")
 	metric := func(name string, labels ...string) float64 {
 		t.Helper()
-		mfs, err := reg.Gather()
-		testenv.Must(t, err, "gather")
-		for _, mf := range mfs {
-			if mf.GetName() != name {
-				continue
-			}
-		next:
-			for _, m := range mf.GetMetric() {
-				for i := 0; i+1 < len(labels); i += 2 {
-					for _, lp := range m.GetLabel() {
-						if lp.GetName() == labels[i] && lp.GetValue() != labels[i+1] {
-							continue next
-						}
-					}
-				}
-				switch {
-				case m.GetCounter() != nil:
-					return m.GetCounter().GetValue()
-				case m.GetGauge() != nil:
-					return m.GetGauge().GetValue()
-				}
-			}
-		}
-		t.Fatalf("no metric %s %v", name, labels)
-		return 0
+		return metricValue(t, reg, name, labels...)
 	}
 	if err := iv.Once(ctx); err == nil {
 		t.Fatal("a run whose Stripe sync failed returned no error")
@@ -143,5 +119,77 @@ func TestTheInvoicersMetricsCountWhatItsRunsDid(t *testing.T) {
 	}
 	if n := testutil.CollectAndCount(reg); n < 8 {
 		t.Errorf("%d metrics registered, want the invoicer's 8 at least", n)
+	}
+}
+
+// metricValue is the value in reg of the counter or gauge name whose
+// labels match labels (name, value pairs).
+func metricValue(t *testing.T, reg *prometheus.Registry, name string, labels ...string) float64 {
+	t.Helper()
+	mfs, err := reg.Gather()
+	testenv.Must(t, err, "gather")
+	for _, mf := range mfs {
+		if mf.GetName() != name {
+			continue
+		}
+	next:
+		for _, m := range mf.GetMetric() {
+			for i := 0; i+1 < len(labels); i += 2 {
+				for _, lp := range m.GetLabel() {
+					if lp.GetName() == labels[i] && lp.GetValue() != labels[i+1] {
+						continue next
+					}
+				}
+			}
+			switch {
+			case m.GetCounter() != nil:
+				return m.GetCounter().GetValue()
+			case m.GetGauge() != nil:
+				return m.GetGauge().GetValue()
+			}
+		}
+	}
+	t.Fatalf("no metric %s %v", name, labels)
+	return 0
+}
+
+// An account whose time zone cannot be loaded (set in Postgres by hand, or
+// removed by a tzdata update) is not invoiced, and the run says so as for
+// any account that cannot be: it counts as failed and in
+// accounts_not_invoiced. Before, a log line was all, and the account's
+// periods slid out of lookback_months unbilled. Once its zone is mended it
+// is invoiced.
+func TestAnAccountWithAnUnknownZoneFailsTheRun(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	e.starter(t, "acct_zone_ok", 10)
+	e.starter(t, "acct_zone_bad", 10)
+	_, err := e.pg.Pool.Exec(ctx, `UPDATE accounts SET timezone = 'Mars/Olympus_Mons' WHERE id = 'acct_zone_bad'`)
+	testenv.Must(t, err, "set a zone no tzdata has")
+	e.watermark(t, april.Add(2*time.Hour))
+	reg := prometheus.NewRegistry()
+	now := april.AddDate(0, 0, 3)
+	iv, err := invoicer.New(e.store, e.usage, e.usage, nil,
+		invoicer.Options{Grace: time.Hour, Lookback: 1, Now: func() time.Time { return now }, Registerer: reg}, quiet())
+	testenv.Must(t, err, "new invoicer")
+	testenv.Must(t, iv.Once(ctx), "the first run")
+	if got := metricValue(t, reg, "tollgate_invoicer_runs_total", "result", "failed"); got != 1 {
+		t.Errorf("failed runs %v, want 1", got)
+	}
+	if got := metricValue(t, reg, "tollgate_invoicer_accounts_not_invoiced_total"); got != 1 {
+		t.Errorf("accounts not invoiced %v, want 1", got)
+	}
+	if got := metricValue(t, reg, "tollgate_invoicer_invoices_finalized_total"); got != 1 {
+		t.Errorf("invoices %v, want the other account's 1", got)
+	}
+	_, err = e.pg.Pool.Exec(ctx, `UPDATE accounts SET timezone = 'Europe/Berlin' WHERE id = 'acct_zone_bad'`)
+	testenv.Must(t, err, "mend the zone")
+	now = now.Add(time.Minute)
+	testenv.Must(t, iv.Once(ctx), "the second run")
+	if got := metricValue(t, reg, "tollgate_invoicer_runs_total", "result", "ok"); got != 1 {
+		t.Errorf("clean runs %v, want 1", got)
+	}
+	if got := metricValue(t, reg, "tollgate_invoicer_invoices_finalized_total"); got != 2 {
+		t.Errorf("invoices %v, want 2 once the zone is mended", got)
 	}
 }
