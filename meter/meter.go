@@ -403,15 +403,23 @@ func (s *Set) All() []Meter {
 
 // Equal reports whether two meters define the same thing.
 func Equal(a, b Meter) bool {
-	if a.Key != b.Key || a.EventType != b.EventType || a.Aggregation != b.Aggregation || a.Value != b.Value ||
-		!slices.Equal(a.GroupBy, b.GroupBy) || len(a.Filters) != len(b.Filters) {
-		return false
+	// Filters are ANDed and each one's values are a set, so their order
+	// selects nothing else: reordered, they are the same definition (taken
+	// for a new one, they deleted and rebuilt every rollup of the meter).
+	// Group-by order is kept: it orders the rows' group values.
+	return a.Key == b.Key && a.EventType == b.EventType && a.Aggregation == b.Aggregation && a.Value == b.Value &&
+		slices.Equal(a.GroupBy, b.GroupBy) && slices.Equal(canonicalFilters(a.Filters), canonicalFilters(b.Filters))
+}
+
+// canonicalFilters are fs as a sorted list of distinct filters, each with
+// its values sorted and distinct.
+func canonicalFilters(fs []Filter) []string {
+	out := make([]string, len(fs))
+	for i, f := range fs {
+		vs := slices.Clone(f.Values)
+		slices.Sort(vs)
+		out[i] = fmt.Sprintf("%q %t %q", f.Property, f.Not, slices.Compact(vs))
 	}
-	for i := range a.Filters {
-		if a.Filters[i].Property != b.Filters[i].Property || a.Filters[i].Not != b.Filters[i].Not ||
-			!slices.Equal(a.Filters[i].Values, b.Filters[i].Values) {
-			return false
-		}
-	}
-	return true
+	slices.Sort(out)
+	return slices.Compact(out)
 }

@@ -3,6 +3,7 @@ package meter
 import (
 	"fmt"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -113,5 +114,37 @@ func TestValidateBoundsTheFilterValues(t *testing.T) {
 	short.Filters = []Filter{{Property: "route", Values: strings.Split(strings.Repeat("x", 8000), "")}}
 	if err := short.Validate(); err == nil || !strings.Contains(err.Error(), "filters:") {
 		t.Fatalf("8,000 one-letter values: %v, want refused", err)
+	}
+}
+
+// Filters are ANDed and their values are sets: a meter whose filters or
+// values are only reordered (a configuration file reformatted, a meter
+// posted again) is the same definition. Before, it was taken for a changed
+// one, and every rollup of the meter was deleted and rebuilt. What does
+// change the events counted, or the rows' group order, is still a change.
+func TestReorderedFiltersAreTheSameDefinition(t *testing.T) {
+	a := Meter{Key: "t", EventType: "llm_call", Aggregation: Sum, Value: "units", GroupBy: []string{"route", "method"},
+		Filters: []Filter{{Property: "environment", Values: []string{"live", "test"}}, {Property: "method", Values: []string{"GET"}}}}
+	same := a
+	same.Filters = []Filter{{Property: "method", Values: []string{"GET", "GET"}}, {Property: "environment", Values: []string{"test", "live"}}}
+	if !Equal(a, same) {
+		t.Error("reordered filters and values: taken for another definition")
+	}
+	for name, change := range map[string]func(m *Meter){
+		"another value": func(m *Meter) {
+			m.Filters = []Filter{{Property: "environment", Values: []string{"live"}}, {Property: "method", Values: []string{"GET"}}}
+		},
+		"a negated filter": func(m *Meter) {
+			m.Filters = []Filter{{Property: "environment", Values: []string{"live", "test"}}, {Property: "method", Values: []string{"GET"}, Not: true}}
+		},
+		"one filter fewer":        func(m *Meter) { m.Filters = m.Filters[:1] },
+		"group-by in other order": func(m *Meter) { m.GroupBy = []string{"method", "route"} },
+	} {
+		b := a
+		b.Filters = slices.Clone(a.Filters)
+		change(&b)
+		if Equal(a, b) {
+			t.Errorf("%s: taken for the same definition", name)
+		}
 	}
 }

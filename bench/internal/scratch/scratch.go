@@ -6,6 +6,7 @@ import (
 	"context"
 	"database/sql"
 	"fmt"
+	neturl "net/url"
 	"strings"
 	"time"
 
@@ -27,8 +28,10 @@ func Postgres(ctx context.Context, url, name string) (*pgxpool.Pool, func(), err
 	if _, err := admin.Exec(ctx, "CREATE DATABASE "+name); err != nil {
 		return nil, nil, err
 	}
-	cfg, _ := pgx.ParseConfig(url)
-	dbURL := strings.Replace(url, "/"+cfg.Database+"?", "/"+name+"?", 1)
+	dbURL, err := URL(url, name)
+	if err != nil {
+		return nil, nil, err
+	}
 	drop := func() {
 		c, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
@@ -51,5 +54,30 @@ func Postgres(ctx context.Context, url, name string) (*pgxpool.Pool, func(), err
 		drop()
 		return nil, nil, err
 	}
+	var current string
+	if err := pool.QueryRow(ctx, "SELECT current_database()").Scan(&current); err != nil || current != name {
+		pool.Close()
+		drop()
+		return nil, nil, fmt.Errorf("the scratch pool is connected to %q, not the scratch database %q (%v)", current, name, err)
+	}
 	return pool, func() { pool.Close(); drop() }, nil
+}
+
+// URL is the connection string url with its database replaced by name, in
+// either form Postgres takes: a URL (postgres://…/db?…) or key=value pairs.
+func URL(conn, name string) (string, error) {
+	if strings.HasPrefix(conn, "postgres://") || strings.HasPrefix(conn, "postgresql://") {
+		u, err := neturl.Parse(conn)
+		if err != nil {
+			return "", fmt.Errorf("the postgres URL does not parse")
+		}
+		u.Path, u.RawPath = "/"+name, ""
+		q := u.Query()
+		if q.Has("dbname") {
+			q.Del("dbname")
+			u.RawQuery = q.Encode()
+		}
+		return u.String(), nil
+	}
+	return conn + " dbname=" + name, nil // the last of a key counts
 }
