@@ -427,11 +427,18 @@ func (f *FallbackLimiter) local(bucket string, ttl time.Duration, owe bool, deci
 			// count kept from an earlier outage, since paid back, does
 			// not count twice. Not for a bucket whose calls go unrecorded
 			// (owed is full): its count only grows, as before.
-			_, owing := f.owed[bucket]
-			exact := owe && (owing || f.sentN[bucket] > 0 || len(f.owed) < maxLocalBuckets)
+			// The maps are read under owedMu, so only when owe holds it:
+			// a call that owes nothing (its primary's state is broken)
+			// read them while calls that owe wrote them, and Go ends the
+			// process on a map read during a write.
 			var owed int64
-			if exact {
-				owed = f.owed[bucket].n + f.sentN[bucket]
+			exact := false
+			if owe {
+				_, owing := f.owed[bucket]
+				exact = owing || f.sentN[bucket] > 0 || len(f.owed) < maxLocalBuckets
+				if exact {
+					owed = f.owed[bucket].n + f.sentN[bucket]
+				}
 			}
 			f.Local.seedQuota(bucket, v.(*atomic.Int64).Load(), owed, exact)
 		}
@@ -808,11 +815,15 @@ func setRateHeaders(set func(name string, value []byte), states []limitState, qu
 		}
 	}
 	// The tightest limit, the monthly quota included: a caller with more
-	// burst left than quota is told about the quota, which refuses it first.
+	// burst left than quota is told about the quota, which refuses it first;
+	// and so is one with none of either left, since the burst refills
+	// within seconds and the quota only at the month's end (named the
+	// burst, the last call of a month told its caller to come back in
+	// seconds, into quota_exceeded).
 	name, limit, remaining := tight.name, int64(tight.result.Limit), int64(tight.result.Remaining)
 	reset := ceilSeconds(tight.result.ResetAfter)
 	if quota != nil {
-		if left := max(0, quota.limit-quota.used); left < remaining {
+		if left := max(0, quota.limit-quota.used); left < remaining || left == 0 {
 			name, limit, remaining, reset = "monthly", quota.limit, left, ceilSeconds(quota.resetIn)
 		}
 	}

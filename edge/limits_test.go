@@ -7,6 +7,7 @@ import (
 	"math"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -482,5 +483,72 @@ func TestABucketsBatchesWaitBehindOneThatFailed(t *testing.T) {
 	defer p.mu.Unlock()
 	if n := p.count[c.QuotaBucket]; n != 9 {
 		t.Fatalf("Redis's count %d, want 9: one call, then 5 and 3 allowed locally", n)
+	}
+}
+
+// stateBrokenPrimary answers calls of the key bucket "broken" that its
+// state is unusable, and every other call that it is down, once warm is
+// over; before, it answers them all.
+type stateBrokenPrimary struct {
+	countingPrimary
+	failing atomic.Bool
+}
+
+func (p *stateBrokenPrimary) AllowCall(ctx context.Context, c CallLimits) (CallResult, error) {
+	if !p.failing.Load() {
+		return p.countingPrimary.AllowCall(ctx, c)
+	}
+	if c.Buckets[0] == "broken" {
+		return CallResult{}, fmt.Errorf("%w: WRONGTYPE", ErrLimitState)
+	}
+	return CallResult{}, errPrimaryDown
+}
+
+// Calls of a key whose Redis state is broken (decided locally, owing
+// nothing) and calls that fell back because Redis failed (owing what they
+// allow) share the account's quota bucket: the first read what the second
+// wrote without its lock, and Go ends the process on a map read during a
+// write. Run with -race to see it every time; without, the runtime's own
+// check catches it on most runs.
+func TestCallsOwingNothingAndCallsOwingShareTheFallbackSafely(t *testing.T) {
+	p := &stateBrokenPrimary{countingPrimary: countingPrimary{count: map[string]int64{}}}
+	f := &FallbackLimiter{Primary: p, Local: NewLocalLimiter(1), Cooldown: time.Nanosecond}
+	call := func(key string) CallLimits {
+		return CallLimits{Buckets: []string{key}, RPS: 1e9, Burst: 1e9, QuotaBucket: "q:acct:2026-03", QuotaLimit: 1e12, QuotaTTL: time.Hour}
+	}
+	for _, k := range []string{"broken", "fine"} { // the quota bucket is seen
+		if _, err := f.AllowCall(context.Background(), call(k)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	p.failing.Store(true)
+	var wg sync.WaitGroup
+	for g := range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			c := call([]string{"broken", "fine"}[g%2])
+			for range 20_000 {
+				if _, err := f.AllowCall(context.Background(), c); err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+}
+
+// The call that takes both the burst's last token and the month's last
+// call is told of the month, which will not come back in seconds as the
+// burst does. Before, its headers named the burst, whose Reset sent a
+// client that follows them back into quota_exceeded.
+func TestTheMonthsLastCallWithAnEmptyBurstNamesTheMonth(t *testing.T) {
+	got := map[string]string{}
+	setRateHeaders(func(name string, v []byte) { got[name] = string(v) },
+		[]limitState{{name: "key", result: RateResult{Allowed: true, Limit: 2, Remaining: 0, ResetAfter: 2 * time.Second}, rps: 1}},
+		&quotaState{limit: 2, used: 2, window: 30 * 24 * time.Hour, resetIn: 12 * 24 * time.Hour})
+	if got["X-Ratelimit-Limit"] != "2" || got["X-Ratelimit-Remaining"] != "0" || got["X-Ratelimit-Reset"] != strconv.Itoa(12*24*3600) {
+		t.Errorf("headers %v; want the month's: Remaining 0, Reset in 12 days", got)
 	}
 }

@@ -63,6 +63,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -80,7 +81,6 @@ import (
 	"github.com/tollgate-dev/tollgate/aggregator"
 	aggch "github.com/tollgate-dev/tollgate/aggregator/clickhouse"
 	aggpg "github.com/tollgate-dev/tollgate/aggregator/postgres"
-	"github.com/tollgate-dev/tollgate/edge"
 	edgepg "github.com/tollgate-dev/tollgate/edge/postgres"
 	"github.com/tollgate-dev/tollgate/ingest"
 	chsink "github.com/tollgate-dev/tollgate/ingest/clickhouse"
@@ -667,21 +667,15 @@ func kafkaEngine(ctx context.Context, o opts, ch driver.Conn, brokers []string, 
 
 func freshness(ctx context.Context, o opts, brokers []string, topic string, ch driver.Conn, pool *pgxpool.Pool, log *slog.Logger) (p99, p50 float64, n int, err error) {
 	keys := edgepg.NewKeyStore(pool)
-	secrets := make([]string, o.accounts)
-	for i := range secrets {
-		acct := fmt.Sprintf("fresh_%d", i)
-		if err := keys.EnsureAccount(ctx, acct, acct); err != nil {
-			return 0, 0, 0, err
-		}
-		s, parsed, err := edge.GenerateKey(edge.Secret, schemas.Live)
-		if err != nil {
-			return 0, 0, 0, err
-		}
-		if err := keys.CreateKey(ctx, edge.NewKey{ID: "key_" + acct, AccountID: acct, Parsed: parsed}); err != nil {
-			return 0, 0, 0, err
-		}
-		secrets[i] = s
+	accounts := make([]string, o.accounts)
+	for i := range accounts {
+		accounts[i] = fmt.Sprintf("fresh_%d", i)
 	}
+	fe, secrets, err := startFreshEdge(ctx, pool, brokers, topic, accounts, log)
+	if err != nil {
+		return 0, 0, 0, err
+	}
+	defer fe.stop()
 	p, err := startIngest(ctx, o, brokers, topic, ch, pool, log)
 	if err != nil {
 		return 0, 0, 0, err
@@ -758,47 +752,55 @@ func freshness(ctx context.Context, o opts, brokers []string, topic string, ch d
 		}()
 	}
 
-	w := writer(brokers, topic)
-	w.BatchTimeout = 2 * time.Millisecond
+	// Calls through the edge at o.rate, from a pool of kept-alive
+	// connections; each call's time is taken as it is sent.
 	total := int(float64(o.rate) * o.duration.Seconds())
-	// One writer goroutine keeps each partition's records in call order.
-	batches := make(chan []kafka.Message, 1024)
-	wdone := make(chan struct{})
-	go func() {
-		defer close(wdone)
-		for msgs := range batches {
-			if err := w.WriteMessages(ctx, msgs...); err != nil {
-				log.Error("produce", "err", err)
+	work := make(chan int, 4096)
+	var failed atomic.Int64
+	var cwg sync.WaitGroup
+	for range 64 {
+		cwg.Add(1)
+		go func() {
+			defer cwg.Done()
+			client := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{MaxIdleConnsPerHost: 64}}
+			for seq := range work {
+				i := seq % o.accounts
+				req, _ := http.NewRequest(http.MethodGet, "http://"+fe.addr+"/v1/fresh/"+strconv.Itoa(seq), nil)
+				req.Header.Set("Authorization", "Bearer "+secrets[i])
+				mu.Lock()
+				calls[i] = append(calls[i], time.Now())
+				mu.Unlock()
+				resp, err := client.Do(req)
+				if err != nil {
+					failed.Add(1)
+					continue
+				}
+				_, _ = io.Copy(io.Discard, resp.Body)
+				resp.Body.Close()
+				if resp.StatusCode != http.StatusOK {
+					failed.Add(1)
+				}
 			}
-		}
-	}()
+		}()
+	}
 	tick := 10 * time.Millisecond
 	perTick := max(1, o.rate/int(time.Second/tick))
 	t := time.NewTicker(tick)
-	sent := 0
-	for sent < total {
+	for sent := 0; sent < total; {
 		<-t.C
-		msgs := make([]kafka.Message, 0, perTick)
-		mu.Lock()
 		for j := 0; j < perTick && sent < total; j++ {
-			i := sent % o.accounts
-			now := time.Now()
-			e := event(fmt.Sprintf("fresh_%d", i), now, sent)
-			b, err := e.Encode()
-			if err != nil {
-				mu.Unlock()
-				return 0, 0, 0, err
-			}
-			calls[i] = append(calls[i], now)
-			msgs = append(msgs, kafka.Message{Key: []byte(e.AccountID), Value: b})
+			work <- sent
 			sent++
 		}
-		mu.Unlock()
-		batches <- msgs
 	}
 	t.Stop()
-	close(batches)
-	<-wdone
+	close(work)
+	cwg.Wait()
+	if n := failed.Load(); n > 0 {
+		close(stopPoll)
+		wg.Wait()
+		return 0, 0, 0, fmt.Errorf("freshness: %d of %d calls through the edge failed", n, total)
+	}
 	deadline := time.Now().Add(2 * time.Minute)
 	for {
 		mu.Lock()
@@ -821,14 +823,16 @@ func freshness(ctx context.Context, o opts, brokers []string, topic string, ch d
 	}
 	close(stopPoll)
 	wg.Wait()
-	_ = w.Close()
 	for i := range calls {
 		if most[i] != int64(len(calls[i])) {
 			return 0, 0, 0, fmt.Errorf("freshness: the usage API counted up to %d events of fresh_%d, which had %d", most[i], i, len(calls[i]))
 		}
 	}
+	// The k-th call of an account is set against the k-th event of it the
+	// usage API counted: calls sent at once may land in either order.
 	var lat []float64
 	for i := range calls {
+		slices.SortFunc(calls[i], func(a, b time.Time) int { return a.Compare(b) })
 		for j, c := range calls[i] {
 			lat = append(lat, float64(seenAt[i][j].Sub(c).Microseconds())/1000)
 		}
