@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -61,6 +62,25 @@ type Limiter struct {
 	// instance and grants name each lease grant's record (recordKey).
 	instance string
 	grants   atomic.Uint64
+	// queueWait bounds a call's wait in the queue: the client's read
+	// timeout.
+	queueWait time.Duration
+}
+
+// readTimeout is rdb's read timeout (go-redis's default, 3 s, when its
+// options do not say).
+func readTimeout(rdb redis.UniversalClient) time.Duration {
+	var d time.Duration
+	switch c := rdb.(type) {
+	case *redis.Client:
+		d = c.Options().ReadTimeout
+	case *redis.ClusterClient:
+		d = c.Options().ReadTimeout
+	}
+	if d <= 0 {
+		d = 3 * time.Second
+	}
+	return d
 }
 
 type callRequest struct {
@@ -98,7 +118,7 @@ const gcraPrefix = "rate:"
 func NewLimiter(rdb redis.UniversalClient) *Limiter {
 	var id [8]byte
 	_, _ = rand.Read(id[:]) // never fails (crypto/rand)
-	return &Limiter{rdb: rdb, gcra: redis_rate.NewLimiter(rdb), instance: hex.EncodeToString(id[:])}
+	return &Limiter{rdb: rdb, gcra: redis_rate.NewLimiter(rdb), instance: hex.EncodeToString(id[:]), queueWait: readTimeout(rdb)}
 }
 
 // recordKey names the record of a new lease grant on the limits whose first
@@ -131,9 +151,18 @@ func (l *Limiter) Leased() (calls, refunded uint64) {
 // quota, until the month ends).
 func (l *Limiter) ReturnErrors() uint64 { return l.refundErrs.Load() }
 
+// ErrQueueWait is a call that waited longer than the Redis client's read
+// timeout for a batch to take it: Redis answers more slowly than calls
+// come. The call was not sent, so the fallback decides it.
+var ErrQueueWait = errors.New("redis limits: waited too long for a batch to take the call (Redis is slow)")
+
 // batched decides one call, in a batch with whatever other calls are
-// waiting. The wait is bounded by the Redis client's read and write
-// timeouts, which bound every script run.
+// waiting. A batch in flight is bounded by the Redis client's read and
+// write timeouts, which bound every script run; a call still queued when
+// the read timeout has passed leaves the queue unsent (ErrQueueWait), and
+// every call queued behind a batch that failed is failed with it, so a
+// slow or silent Redis costs a call one timeout at most, not one per
+// batch ahead of it.
 func (l *Limiter) batched(ahead bool, keys []string, args ...any) ([]any, error) {
 	r := &callRequest{keys: keys, args: args, ahead: ahead, reply: make(chan callReply, 1)}
 	l.mu.Lock()
@@ -143,7 +172,23 @@ func (l *Limiter) batched(ahead bool, keys []string, args ...any) ([]any, error)
 	} else {
 		l.queue = append(l.queue, r)
 		l.mu.Unlock()
-		if rep := <-r.reply; !rep.lead {
+		timer := time.NewTimer(l.queueWait)
+		var rep callReply
+		select {
+		case rep = <-r.reply:
+			timer.Stop()
+		case <-timer.C:
+			l.mu.Lock()
+			if i := slices.Index(l.queue, r); i >= 0 {
+				l.queue = slices.Delete(l.queue, i, i+1)
+				l.mu.Unlock()
+				return nil, ErrQueueWait
+			}
+			l.mu.Unlock()
+			// Taken into a batch, or handed the sender's slot, meanwhile.
+			rep = <-r.reply
+		}
+		if !rep.lead {
 			return rep.v, rep.err
 		}
 		l.mu.Lock()
@@ -163,9 +208,22 @@ func (l *Limiter) sendFrom(first *callRequest) {
 	l.queue = l.queue[n:]
 	l.mu.Unlock()
 
-	l.run(batch)
+	failed := l.run(batch)
 
 	l.mu.Lock()
+	if failed != nil && len(l.queue) > 0 {
+		// Redis did not answer this batch: the calls queued behind it
+		// would each wait for another timeout. They fail now, and the
+		// fallback decides them.
+		queued := l.queue
+		l.queue = nil
+		l.sending--
+		l.mu.Unlock()
+		for _, r := range queued {
+			r.reply <- callReply{err: failed}
+		}
+		return
+	}
 	if len(l.queue) == 0 {
 		l.sending--
 		l.mu.Unlock()
@@ -178,8 +236,9 @@ func (l *Limiter) sendFrom(first *callRequest) {
 }
 
 // run answers every call in batch with one run of allowCalls, which
-// decides them in order, each as it would be decided alone.
-func (l *Limiter) run(batch []*callRequest) {
+// decides them in order, each as it would be decided alone. It returns the
+// error that failed the whole batch, if one did.
+func (l *Limiter) run(batch []*callRequest) error {
 	ctx := context.Background()
 	var nkeys, nargs int
 	for _, r := range batch {
@@ -225,6 +284,7 @@ func (l *Limiter) run(batch []*callRequest) {
 			r.reply <- callReply{err: errReply}
 		}
 	}
+	return err
 }
 
 // Allow implements edge.RateLimiter with GCRA: rps per second, burst at once.

@@ -118,11 +118,14 @@ type slowProxy struct {
 	// cutReplies drops Redis's next reply and closes its connection, both
 	// ends: the client reads EOF although Redis ran its command.
 	cutReplies atomic.Bool
+	// replyDelay, when set, holds each chunk of Redis's replies back that
+	// long instead (a Redis slow but within the client's timeout).
+	replyDelay atomic.Int64
 }
 
 // pass copies from to to, holding each chunk back while slow is set, and
 // cutting the connection at the next chunk while cut (if any) is set.
-func pass(to, from net.Conn, slow, cut *atomic.Bool) {
+func pass(to, from net.Conn, slow, cut *atomic.Bool, delay *atomic.Int64) {
 	defer to.Close()
 	buf := make([]byte, 64<<10)
 	for {
@@ -136,6 +139,8 @@ func pass(to, from net.Conn, slow, cut *atomic.Bool) {
 		}
 		if slow.Load() {
 			time.Sleep(400 * time.Millisecond)
+		} else if delay != nil && delay.Load() > 0 {
+			time.Sleep(time.Duration(delay.Load()))
 		}
 		if _, err := to.Write(buf[:n]); err != nil {
 			return
@@ -160,8 +165,8 @@ func newSlowProxy(t *testing.T, target string) *slowProxy {
 				_ = client.Close()
 				continue
 			}
-			go pass(server, client, &p.slowRequests, nil)
-			go pass(client, server, &p.slowReplies, &p.cutReplies)
+			go pass(server, client, &p.slowRequests, nil, nil)
+			go pass(client, server, &p.slowReplies, &p.cutReplies, &p.replyDelay)
 		}
 	}()
 	return p
@@ -258,5 +263,66 @@ func TestReturnLeasesWaitsForRefundsInFlight(t *testing.T) {
 	testenv.Must(t, err, "read quota counter")
 	if n != 600 {
 		t.Fatalf("quota counter %d once ReturnLeases returned, want the 600 calls made", n)
+	}
+}
+
+// With Redis answering more slowly than the client waits, a call waits
+// about one read timeout, then the fallback decides it: the calls queued
+// behind a batch that timed out fail with it, and a call still queued
+// after a read timeout leaves the queue unsent. Before, each queued call
+// waited for every batch ahead of it to time out in turn (2,000 calls at
+// once: up to 10 timeouts).
+func TestASlowRedisCostsACallOneTimeoutNotOnePerBatchAhead(t *testing.T) {
+	t.Run("replies later than the read timeout", func(t *testing.T) { slowRedisCostsOneTimeout(t, false) })
+	// Each batch answered within the timeout, but calls come faster than
+	// two batches in flight take them.
+	t.Run("replies just within the read timeout", func(t *testing.T) { slowRedisCostsOneTimeout(t, true) })
+}
+
+func slowRedisCostsOneTimeout(t *testing.T, slowOnly bool) {
+	ctx := context.Background()
+	r := testenv.NewRedis(t)
+	proxy := newSlowProxy(t, testenv.RedisAddr())
+	const readTimeout = 100 * time.Millisecond
+	rdb := redis.NewClient(&redis.Options{Addr: proxy.addr, ReadTimeout: readTimeout, MaxRetries: -1, PoolSize: 256})
+	t.Cleanup(func() { _ = rdb.Close() })
+	f := &edge.FallbackLimiter{Primary: edgeredis.NewLimiter(rdb), Local: edge.NewLocalLimiter(1)}
+	limits := func(i int) edge.CallLimits {
+		return edge.CallLimits{Buckets: []string{r.Prefix + "key" + strconv.Itoa(i)}, RPS: 1000, Burst: 1000}
+	}
+	if _, err := f.AllowCall(ctx, limits(-1)); err != nil {
+		t.Fatalf("a call with Redis answering: %v", err)
+	}
+	switch {
+	case slowOnly:
+		proxy.replyDelay.Store(int64(readTimeout * 8 / 10))
+	default:
+		proxy.slowReplies.Store(true)
+	}
+	var slowest atomic.Int64
+	var wg sync.WaitGroup
+	for i := range 5000 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			began := time.Now()
+			if _, err := f.AllowCall(ctx, limits(i)); err != nil {
+				t.Errorf("call %d: %v", i, err)
+			}
+			d := int64(time.Since(began))
+			for {
+				if s := slowest.Load(); d <= s || slowest.CompareAndSwap(s, d) {
+					break
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	t.Logf("the slowest call took %s", time.Duration(slowest.Load()).Round(time.Millisecond))
+	// A wait in the queue, or one timeout for its own batch, then a batch
+	// taken meanwhile, and room for a busy machine's scheduling of 5,000
+	// goroutines: well under the ten timeouts of old.
+	if s := time.Duration(slowest.Load()); s > 6*readTimeout {
+		t.Fatalf("the slowest of 5,000 calls took %s with a read timeout of %s", s.Round(time.Millisecond), readTimeout)
 	}
 }
