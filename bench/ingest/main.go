@@ -20,8 +20,10 @@
 //     sides get the same number of runs, interleaved. The shared machine
 //     is noisy: a single run of either side varied by a factor of two from
 //     one run to the next.
-//  3. Freshness: a producer stamps each event with its call time and sends
-//     a steady rate (default 5,000/s); one poller per account reads the
+//  3. Freshness: calls go through an edge wired as `tollgate edge` wires
+//     one (hashed keys, Redis limits, its producer with its linger and
+//     RequireAll) at a steady rate (default 5,000/s), each stamped as it is
+//     sent, to a tiny upstream; one poller per account reads the
 //     usage API every 100 ms (-poll). An event's freshness is the time from
 //     its call to the first usage API answer that counts it, so the poll
 //     interval can only add to it (50 ms on average). freshness_p99_ms is
@@ -349,7 +351,7 @@ func run() error {
 	if err != nil {
 		return err
 	}
-	fmt.Printf("freshness at %d events/s for %s: %d events, p50 %.0f ms, p99 %.0f ms (call time stamped by the producer to first usage API answer counting it; each account polled every %s)\n",
+	fmt.Printf("freshness at %d events/s for %s: %d events, p50 %.0f ms, p99 %.0f ms (each call's time as it was sent to the edge, to the first usage API answer counting it; each account polled every %s)\n",
 		o.rate, o.duration, n, p50, p99, o.poll)
 
 	// 4. A late batch spread over 40 days, against rebuilding everything.
