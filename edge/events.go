@@ -424,18 +424,16 @@ func (s *Server) reportedEvent(k *Key, raw json.RawMessage, now time.Time) (sche
 		Dimensions:  re.Dimensions,
 	}
 	ev.Normalize()
-	if err := ev.Validate(now); err != nil {
-		if ve, ok := err.(*schemas.ValidationError); ok {
-			for _, p := range ve.Problems {
-				if p.Field == "client_id" {
-					p.Field = "id"
-				}
-				if (p.Field == "time" && re.Time.IsZero()) || (p.Field == "id" && re.ID == "") {
-					continue // already reported above
-				}
-				ps = append(ps, p)
-			}
+	// Every problem, the edge's own and the event's, then bounded once, so
+	// the last one says how many more there truly are.
+	for _, p := range ev.Problems(now) {
+		if p.Field == "client_id" {
+			p.Field = "id"
 		}
+		if (p.Field == "time" && re.Time.IsZero()) || (p.Field == "id" && re.ID == "") {
+			continue // already reported above
+		}
+		ps = append(ps, p)
 	}
 	return ev, re.ID, schemas.BoundProblems(ps)
 }

@@ -211,14 +211,28 @@ func TypeProblem(t string) string {
 }
 
 // Validate checks every field against the contract, relative to now, and
-// returns a *ValidationError listing all problems, or nil.
+// returns a *ValidationError listing its problems (BoundProblems), or nil.
 func (e *Event) Validate(now time.Time) error {
 	return e.validate(now, nil, nil)
+}
+
+// Problems lists every problem Validate finds, unbounded, for a caller
+// that adds problems of its own before it bounds the list.
+func (e *Event) Problems(now time.Time) []FieldError {
+	return e.problems(now, nil, nil)
 }
 
 // validate is Validate with the dimensions given as key-sorted arrays
 // (keys, values) when e.Dimensions is nil.
 func (e *Event) validate(now time.Time, keys, values []string) error {
+	if ps := BoundProblems(e.problems(now, keys, values)); len(ps) > 0 {
+		return &ValidationError{Problems: ps}
+	}
+	return nil
+}
+
+// problems is Problems with the dimensions as validate takes them.
+func (e *Event) problems(now time.Time, keys, values []string) []FieldError {
 	var ps []FieldError
 	add := func(field, reason string, args ...any) {
 		ps = append(ps, FieldError{Field: field, Reason: fmt.Sprintf(reason, args...)})
@@ -318,11 +332,7 @@ func (e *Event) validate(now time.Time, keys, values []string) error {
 			break
 		}
 	}
-	ps = BoundProblems(ps)
-	if len(ps) > 0 {
-		return &ValidationError{Problems: ps}
-	}
-	return nil
+	return ps
 }
 
 // validDimension reports whether Validate finds nothing wrong with the

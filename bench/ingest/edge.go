@@ -119,8 +119,11 @@ func startFreshEdge(ctx context.Context, pool *pgxpool.Pool, brokers []string, t
 		cancel()
 		c, done := context.WithTimeout(context.Background(), 10*time.Second)
 		defer done()
-		if keys, err := rdb.Keys(c, prefix+"*").Result(); err == nil && len(keys) > 0 {
-			_ = rdb.Del(c, keys...).Err()
+		// The limiter's keys: buckets, lease records and refund ledgers.
+		for _, pattern := range []string{"rate:" + prefix + "*", "rate-refunds:rate:" + prefix + "*", prefix + "*"} {
+			if keys, err := rdb.Keys(c, pattern).Result(); err == nil && len(keys) > 0 {
+				_ = rdb.Del(c, keys...).Err()
+			}
 		}
 		_ = rdb.Close()
 		_ = up.Close()

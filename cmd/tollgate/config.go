@@ -217,13 +217,33 @@ func (c *Config) fileSecrets() []string {
 			out = append(out, fmt.Sprintf("%s is written in the configuration file: give secrets through the environment (%s) instead, as a file is easily committed or shared", s.name, s.env))
 		}
 	}
-	if u, err := url.Parse(c.Services.PostgresURL); err == nil && u.User != nil {
-		if _, ok := u.User.Password(); ok {
-			out = append(out, "services.postgres_url holds a password in the configuration file: give the URL through the environment (TOLLGATE_POSTGRES_URL), or the password through PGPASSWORD or a .pgpass file, instead")
-		}
+	if postgresPassword(c.Services.PostgresURL) {
+		out = append(out, "services.postgres_url holds a password in the configuration file: give the URL through the environment (TOLLGATE_POSTGRES_URL), or the password through PGPASSWORD or a .pgpass file, instead")
 	}
 	return out
 }
+
+// postgresPassword reports whether conn, a connection string in either
+// form Postgres takes, carries a password: in a URL's user part or its
+// password parameter, or as a password key.
+func postgresPassword(conn string) bool {
+	if strings.HasPrefix(conn, "postgres://") || strings.HasPrefix(conn, "postgresql://") {
+		u, err := url.Parse(conn)
+		if err != nil {
+			return false
+		}
+		if u.User != nil {
+			if _, ok := u.User.Password(); ok {
+				return true
+			}
+		}
+		return u.Query().Has("password")
+	}
+	return passwordKey.MatchString(conn)
+}
+
+// passwordKey finds a password key in a key=value connection string.
+var passwordKey = regexp.MustCompile(`(^|\s)password\s*=`)
 
 // Warnings are what a valid configuration may well not mean, for the
 // named components (all of them when none is named): check-config prints

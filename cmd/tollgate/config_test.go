@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -400,6 +401,14 @@ func TestASecretWrittenInTheFileIsWarnedOf(t *testing.T) {
 	for _, secret := range []string{"hunter2", "hunter3", "hunter4", "sk_test_abc", "whsec_x"} {
 		if strings.Contains(ws, secret) {
 			t.Errorf("a warning quotes the secret %q", secret)
+		}
+	}
+	// The two other forms Postgres takes a password in.
+	for _, conn := range []string{"postgres://tollgate@127.0.0.1:15432/tollgate?sslmode=disable&password=hunter5",
+		"host=127.0.0.1 port=15432 user=tollgate password = hunter5 dbname=tollgate"} {
+		cfg := writeConfig(t, "services:\n  postgres_url: "+strconv.Quote(conn)+"\n")
+		if ws := strings.Join(cfg.Warnings(), "\n"); !strings.Contains(ws, "services.postgres_url") || strings.Contains(ws, "hunter5") {
+			t.Errorf("postgres_url %q: warnings %q; want one about services.postgres_url, without the password", conn, ws)
 		}
 	}
 	t.Setenv("TOLLGATE_REDIS_PASSWORD", "from-env")

@@ -498,7 +498,11 @@ func (s *Spool) Append(recs [][]byte) error {
 		s.size.Store(s.sizeOnDisk())
 	}
 	if s.maxBytes > 0 && s.size.Load()+int64(size) > s.maxBytes {
-		return ErrSpoolFull
+		// Full by the count; the disk has the last word, should segments
+		// have been removed by hand to make room (once a retry, a second).
+		if s.size.Store(s.sizeOnDisk()); s.size.Load()+int64(size) > s.maxBytes {
+			return ErrSpoolFull
+		}
 	}
 	buf := make([]byte, 0, size)
 	for _, r := range recs {

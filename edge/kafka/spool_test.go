@@ -846,8 +846,20 @@ func TestAFullSpoolWhoseSegmentsAreRemovedTakesAppendsAgain(t *testing.T) {
 	if len(segs) < 3 {
 		t.Fatalf("%d segments, want several", len(segs))
 	}
-	// The oldest and the one being written go.
-	testenv.Must(t, os.Remove(s.path(segs[0])), "remove the oldest segment")
+	// The older ones go: the spool takes appends again at once.
+	for _, seq := range segs[:len(segs)-1] {
+		testenv.Must(t, os.Remove(s.path(seq)), "remove an older segment")
+	}
+	testenv.Must(t, s.Append(recs(1000, 10)), "append after the older segments' removal")
+	// Then the one being written goes too.
+	n = 0
+	for ; ; n += 10 {
+		err := s.Append(recs(2000+n, 10))
+		if errors.Is(err, ErrSpoolFull) {
+			break
+		}
+		testenv.Must(t, err, "fill the spool again")
+	}
 	testenv.Must(t, os.Remove(s.path(s.wseq)), "remove the segment being written")
 	testenv.Must(t, s.Append(recs(1000, 10)), "append after the removal")
 	got := readAllSpool(t, s)

@@ -151,10 +151,14 @@ func (l *Limiter) Leased() (calls, refunded uint64) {
 // quota, until the month ends).
 func (l *Limiter) ReturnErrors() uint64 { return l.refundErrs.Load() }
 
+// errNotSent marks the error of a call that never left the queue: it
+// cannot have run, so no grant of it is given back (mayHaveRun).
+var errNotSent = errors.New("not sent to redis")
+
 // ErrQueueWait is a call that waited longer than the Redis client's read
 // timeout for a batch to take it: Redis answers more slowly than calls
 // come. The call was not sent, so the fallback decides it.
-var ErrQueueWait = errors.New("redis limits: waited too long for a batch to take the call (Redis is slow)")
+var ErrQueueWait = fmt.Errorf("redis limits: waited too long for a batch to take the call (Redis is slow): %w", errNotSent)
 
 // batched decides one call, in a batch with whatever other calls are
 // waiting. A batch in flight is bounded by the Redis client's read and
@@ -219,8 +223,9 @@ func (l *Limiter) sendFrom(first *callRequest) {
 		l.queue = nil
 		l.sending--
 		l.mu.Unlock()
+		err := fmt.Errorf("%w (a batch ahead failed: %w)", errNotSent, failed)
 		for _, r := range queued {
-			r.reply <- callReply{err: failed}
+			r.reply <- callReply{err: err}
 		}
 		return
 	}
@@ -613,7 +618,7 @@ var errReply = errors.New("unexpected script reply")
 // grant, and refunding after each would cost a script run per request).
 func mayHaveRun(err error) bool {
 	if errors.Is(err, redis.ErrClosed) || errors.Is(err, redis.ErrPoolTimeout) || errors.Is(err, redis.ErrPoolExhausted) ||
-		errors.Is(err, edge.ErrLimitState) {
+		errors.Is(err, edge.ErrLimitState) || errors.Is(err, errNotSent) {
 		return false
 	}
 	var reply redis.Error

@@ -2,9 +2,15 @@ package redis
 
 import (
 	"context"
+	"errors"
+	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
+
+	goredis "github.com/redis/go-redis/v9"
 
 	"github.com/tollgate-dev/tollgate/edge"
 	"github.com/tollgate-dev/tollgate/internal/testenv"
@@ -139,5 +145,50 @@ func TestTheSettledHashSharesItsCountersSlot(t *testing.T) {
 		if a, b := keySlot(bucket), keySlot(settledKey(bucket)); a != b {
 			t.Errorf("%s in slot %d, its settled hash %s in %d", bucket, a, settledKey(bucket), b)
 		}
+	}
+}
+
+// A lease request that never left the queue (it waited past the read
+// timeout, or a batch ahead of it failed) cannot have been granted, so no
+// grant of it is given back: before, each scheduled a refund script for a
+// grant never made, while Redis was already too slow, and its failure
+// counted as tokens left counted.
+func TestALeaseRequestNeverSentGivesNothingBack(t *testing.T) {
+	r := testenv.NewRedis(t)
+	rdb := goredis.NewClient(&goredis.Options{Addr: testenv.RedisAddr(), ReadTimeout: time.Millisecond, MaxRetries: -1})
+	t.Cleanup(func() { _ = rdb.Close() })
+	l := NewLimiter(rdb)
+	var wg sync.WaitGroup
+	var unsent, sentAndFailed atomic.Int64
+	for i := range 2000 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			c := edge.CallLimits{Buckets: []string{r.Prefix + "k" + strconv.Itoa(i)}, RPS: 1000, Burst: 1000}
+			_, _, _, err := l.ask(c, 10, true)
+			switch {
+			case errors.Is(err, errNotSent):
+				unsent.Add(1)
+				if mayHaveRun(err) {
+					t.Errorf("an unsent request's error %v may have run", err)
+				}
+			case err != nil:
+				sentAndFailed.Add(1)
+			}
+		}()
+	}
+	wg.Wait()
+	if unsent.Load() == 0 {
+		t.Fatalf("no request left unsent (%d sent and failed): the test shows nothing", sentAndFailed.Load())
+	}
+	t.Logf("%d of 2,000 lease requests unsent, %d sent and failed", unsent.Load(), sentAndFailed.Load())
+	l.refunds.mu.Lock()
+	lost := int64(len(l.refunds.lost))
+	for _, g := range l.refunds.lost {
+		g.timer.Stop() // the test's client is closed before they would run
+	}
+	l.refunds.mu.Unlock()
+	if lost > sentAndFailed.Load() {
+		t.Fatalf("%d lost grants to give back, more than the %d requests sent", lost, sentAndFailed.Load())
 	}
 }
