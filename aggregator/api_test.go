@@ -576,7 +576,7 @@ func TestUsageAPI(t *testing.T) {
 		// The page's top is bounded too: past 2105 it wrapped round in
 		// ClickHouse and read the key's whole history (2106), or failed
 		// with a 500 (1<<62 µs); before the since, it is no page's.
-		for _, top := range []float64{float64((int64(1)<<32+7200)*1_000_000), float64(int64(1) << 62), 1} {
+		for _, top := range []float64{float64((int64(1)<<32 + 7200) * 1_000_000), float64(int64(1) << 62), 1} {
 			c = map[string]any{}
 			testenv.Must(t, json.Unmarshal(raw, &c), "read the cursor")
 			c["t"] = top
