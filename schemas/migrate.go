@@ -5,6 +5,7 @@ import (
 	"database/sql"
 	"embed"
 	"fmt"
+	"time"
 	"io/fs"
 	"sort"
 	"strings"
@@ -23,6 +24,10 @@ func PostgresMigrations() (fs.FS, error) {
 	return fs.Sub(postgresFS, "postgres/migrations")
 }
 
+// migrationLock is the advisory lock key processes migrating one database
+// take in turn ("tollgate" in ASCII).
+const migrationLock = int64(0x746f6c6c67617465)
+
 // MigratePostgres applies every pending migration in order, each in its own
 // transaction, and returns the version the database is at afterwards.
 func MigratePostgres(ctx context.Context, db *sql.DB) (int64, error) {
@@ -40,6 +45,25 @@ func MigratePostgresTo(ctx context.Context, db *sql.DB, version int64) (int64, e
 	if err != nil {
 		return 0, fmt.Errorf("load postgres migrations: %w", err)
 	}
+	// Every process that opens Postgres migrates first, and components
+	// (or replicas) start together: one at a time, or the others failed
+	// to start on the first one's DDL (duplicate key in pg_type). The
+	// lock is the database's own (advisory locks are per database), taken
+	// on one connection for the whole run and waited for as long as the
+	// holder migrates.
+	conn, err := db.Conn(ctx)
+	if err != nil {
+		return 0, fmt.Errorf("migrate postgres: %w", err)
+	}
+	defer conn.Close()
+	if _, err := conn.ExecContext(ctx, "SELECT pg_advisory_lock($1)", migrationLock); err != nil {
+		return 0, fmt.Errorf("migrate postgres: wait for another process's migration: %w", err)
+	}
+	defer func() {
+		c, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		_, _ = conn.ExecContext(c, "SELECT pg_advisory_unlock($1)", migrationLock)
+	}()
 	if version < 0 {
 		_, err = p.Up(ctx)
 	} else {

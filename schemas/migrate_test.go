@@ -7,6 +7,7 @@ import (
 	"io/fs"
 	"sort"
 	"strings"
+	"sync"
 	"testing"
 
 	_ "github.com/jackc/pgx/v5/stdlib"
@@ -248,4 +249,56 @@ func TestMigrationsBackfillWhatAnExistingDatabaseDid(t *testing.T) {
 			t.Fatal("a zone change owes no re-roll")
 		}
 	})
+}
+
+// Processes that start together on one database (the components, or the
+// replicas of one, after an upgrade that adds a migration) all start: they
+// migrate one at a time. Before, the losers of the race failed on the
+// winner's DDL (duplicate key in pg_type) and exited.
+func TestProcessesStartingTogetherAllMigrate(t *testing.T) {
+	latest := migrationVersions(t)
+	var last int64
+	if _, err := fmt.Sscanf(latest[len(latest)-1], "%d", &last); err != nil {
+		t.Fatal(err)
+	}
+	for _, from := range []int64{0, 130} {
+		t.Run(fmt.Sprintf("from version %d", from), func(t *testing.T) {
+			for round := range 3 {
+				pg := testenv.NewEmptyPostgres(t)
+				ctx := context.Background()
+				if from > 0 {
+					db, err := sql.Open("pgx", pg.URL)
+					testenv.Must(t, err, "open")
+					_, err = schemas.MigratePostgresTo(ctx, db, from)
+					db.Close()
+					testenv.Must(t, err, "migrate to the old version")
+				}
+				var wg sync.WaitGroup
+				errs := make([]error, 4)
+				for i := range errs {
+					wg.Add(1)
+					go func() {
+						defer wg.Done()
+						db, err := sql.Open("pgx", pg.URL)
+						if err != nil {
+							errs[i] = err
+							return
+						}
+						defer db.Close()
+						var v int64
+						if v, err = schemas.MigratePostgres(ctx, db); err == nil && v != last {
+							err = fmt.Errorf("at version %d, want %d", v, last)
+						}
+						errs[i] = err
+					}()
+				}
+				wg.Wait()
+				for i, err := range errs {
+					if err != nil {
+						t.Fatalf("round %d: process %d of 4 failed to start: %v", round, i+1, err)
+					}
+				}
+			}
+		})
+	}
 }

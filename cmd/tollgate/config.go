@@ -331,6 +331,11 @@ func (c *Config) Validate(components ...string) error {
 			errs = append(errs, fmt.Errorf("meters: %w", err))
 		}
 	}
+	if want["dashboard"] && c.Dashboard.Listen == "" {
+		// `tollgate all` serves no dashboard without it; `tollgate
+		// dashboard` has nothing else to do.
+		errs = append(errs, errors.New("dashboard.listen (or TOLLGATE_DASHBOARD_LISTEN): required to run the dashboard"))
+	}
 	if all || want["dashboard"] {
 		errs = append(errs, checkListen("dashboard.listen", c.Dashboard.Listen),
 			checkBaseURL("dashboard.usage_api", c.Dashboard.UsageAPI), checkBaseURL("dashboard.invoice_api", c.Dashboard.InvoiceAPI))

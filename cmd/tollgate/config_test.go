@@ -418,3 +418,16 @@ func TestASecretWrittenInTheFileIsWarnedOf(t *testing.T) {
 		t.Fatalf("secrets from the environment: warnings %q, redis password %q", ws, cfg.Services.RedisPassword)
 	}
 }
+
+// The dashboard's command validates its own settings: no dashboard.listen
+// is a configuration error naming it (`tollgate all` merely serves no
+// dashboard without it).
+func TestTheDashboardNeedsItsListenAddress(t *testing.T) {
+	cfg := writeConfig(t, "# every default\n")
+	if err := cfg.Validate("dashboard"); err == nil || !strings.Contains(err.Error(), "dashboard.listen") {
+		t.Fatalf("validate the dashboard without dashboard.listen: %v", err)
+	}
+	if err := cfg.Validate(); err != nil {
+		t.Fatalf("validate everything (the dashboard optional): %v", err)
+	}
+}

@@ -4,11 +4,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
 	"net/http/httputil"
 	"net/url"
+	"slices"
 	"strings"
 	"time"
 
@@ -59,6 +61,13 @@ func NewDashboardMain(listen, usageAPI, invoiceAPI string, trusted edge.TrustedP
 	}
 	mux := http.NewServeMux()
 	mux.Handle("/", files)
+	// Probes, as every component serves them: /healthz (the process
+	// serves), /readyz (the two APIs it forwards to are ready).
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		_, _ = io.WriteString(w, "ok\n")
+	})
+	mux.HandleFunc("GET /readyz", readyBehind(map[string]string{"usage API": usageAPI, "invoice API": invoiceAPI}))
 	mux.Handle("/v1/usage", usage)
 	mux.Handle("/v1/requests", usage)
 	mux.Handle("/v1/meters", usage)
@@ -111,6 +120,51 @@ func forwardTo(base string, trusted edge.TrustedProxies, log *slog.Logger) (http
 			_, _ = w.Write(body)
 		},
 	}, nil
+}
+
+// readyBehind answers /readyz for the dashboard: 200 when every API in
+// apis (name: base URL) answers its own /readyz with 200 within a second,
+// else 503 naming those that did not. They are asked at once, each probe
+// bounded, so a silent API costs the probe one second, not more.
+func readyBehind(apis map[string]string) http.HandlerFunc {
+	client := &http.Client{Timeout: time.Second}
+	return func(w http.ResponseWriter, r *http.Request) {
+		type answer struct {
+			name string
+			err  error
+		}
+		answers := make(chan answer, len(apis))
+		for name, base := range apis {
+			go func() {
+				req, err := http.NewRequestWithContext(r.Context(), http.MethodGet, strings.TrimSuffix(base, "/")+"/readyz", nil)
+				if err == nil {
+					var resp *http.Response
+					if resp, err = client.Do(req); err == nil {
+						_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
+						resp.Body.Close()
+						if resp.StatusCode != http.StatusOK {
+							err = fmt.Errorf("status %d", resp.StatusCode)
+						}
+					}
+				}
+				answers <- answer{name, err}
+			}()
+		}
+		var down []string
+		for range apis {
+			if a := <-answers; a.err != nil {
+				down = append(down, a.name)
+			}
+		}
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		if len(down) > 0 {
+			slices.Sort(down)
+			w.WriteHeader(http.StatusServiceUnavailable)
+			_, _ = io.WriteString(w, "not ready: "+strings.Join(down, ", ")+" not ready or not answering\n")
+			return
+		}
+		_, _ = io.WriteString(w, "ok\n")
+	}
 }
 
 // Addr is the dashboard's address.

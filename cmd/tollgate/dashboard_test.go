@@ -9,6 +9,7 @@ import (
 	"net/http/httptest"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 
 	"github.com/tollgate-dev/tollgate/edge"
@@ -148,5 +149,55 @@ func TestTheDashboardPassesOnOnlyATrustedProxysChain(t *testing.T) {
 				t.Fatalf("the API saw X-Forwarded-For %q, want %q", got, c.want)
 			}
 		})
+	}
+}
+
+// The dashboard answers the probes every component answers: /healthz while
+// it serves, /readyz only while the usage and invoice APIs it forwards to
+// are ready, naming the one that is not. Before, both were 404, so a probe
+// set up like the other components' never passed.
+func TestTheDashboardAnswersProbesForItselfAndTheAPIsBehindIt(t *testing.T) {
+	var usageDown atomic.Bool
+	api := func(down *atomic.Bool) *httptest.Server {
+		return httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if r.URL.Path == "/readyz" && down != nil && down.Load() {
+				w.WriteHeader(http.StatusServiceUnavailable)
+			}
+		}))
+	}
+	usage, billing := api(&usageDown), api(nil)
+	defer usage.Close()
+	defer billing.Close()
+	m, err := NewDashboardMain("127.0.0.1:0", usage.URL, billing.URL, nil, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- m.Run(ctx) }()
+	defer func() { cancel(); <-done; _ = m.Close() }()
+	probe := func(path string) (int, string) {
+		resp, err := http.Get("http://" + m.Addr() + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b)
+	}
+	if code, _ := probe("/healthz"); code != 200 {
+		t.Fatalf("/healthz %d", code)
+	}
+	if code, body := probe("/readyz"); code != 200 {
+		t.Fatalf("/readyz with both APIs ready: %d %s", code, body)
+	}
+	usageDown.Store(true)
+	if code, body := probe("/readyz"); code != 503 || !strings.Contains(body, "usage API") || strings.Contains(body, "invoice API") {
+		t.Fatalf("/readyz with the usage API not ready: %d %q; want 503 naming it alone", code, body)
+	}
+	usageDown.Store(false)
+	billing.Close() // gone altogether
+	if code, body := probe("/readyz"); code != 503 || !strings.Contains(body, "invoice API") {
+		t.Fatalf("/readyz with the invoice API gone: %d %q; want 503 naming it", code, body)
 	}
 }

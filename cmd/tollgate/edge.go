@@ -90,7 +90,8 @@ func NewEdgeMain(ctx context.Context, cfg Config, log *slog.Logger) (m *EdgeMain
 		Brokers: cfg.Services.KafkaBrokers, Topic: cfg.Ingest.Topic, SpoolDir: spoolDir, Linger: cfg.Edge.EventLinger,
 		QueueSize: cfg.Edge.EventQueueSize, SpoolMaxBytes: cfg.Edge.SpoolMaxBytes,
 	}, m.Registry, log); err != nil {
-		return nil, err
+		// Opening the spool is all that can fail here: say which setting.
+		return nil, fmt.Errorf("edge.spool_dir (or TOLLGATE_EDGE_SPOOL_DIR) %s: %w", spoolDir, err)
 	}
 	// While events wait in the spool, the invoicer must not close their
 	// period. The hold is named by the spool's own id, which an edge back
