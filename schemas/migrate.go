@@ -5,10 +5,10 @@ import (
 	"database/sql"
 	"embed"
 	"fmt"
-	"time"
 	"io/fs"
 	"sort"
 	"strings"
+	"time"
 
 	"github.com/pressly/goose/v3"
 )
