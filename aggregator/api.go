@@ -300,7 +300,14 @@ func (s *Server) authAdmin(next echo.HandlerFunc) echo.HandlerFunc {
 			return edge.NewAPIError(http.StatusForbidden, edge.TypePermission, "admin_api_disabled",
 				"The meters admin API is disabled: set aggregator.admin_token_sha256.")
 		}
-		tok, ok := strings.CutPrefix(c.Request().Header.Get(echo.HeaderAuthorization), "Bearer ")
+		// The scheme's case does not matter (RFC 9110), as at the edge's
+		// admin API.
+		h := c.Request().Header.Get(echo.HeaderAuthorization)
+		ok := len(h) > 7 && strings.EqualFold(h[:7], "bearer ")
+		var tok string
+		if ok {
+			tok = strings.TrimSpace(h[7:])
+		}
 		sum := sha256.Sum256([]byte(tok))
 		if !ok || subtle.ConstantTimeCompare(sum[:], s.tokenHash) != 1 {
 			// Recorded as the edge's admin API records its own: this one
@@ -813,7 +820,15 @@ func (s *Server) createMeter(c echo.Context) error {
 	var m meter.Meter
 	dec := json.NewDecoder(http.MaxBytesReader(c.Response(), c.Request().Body, 64<<10))
 	dec.DisallowUnknownFields()
-	if err := dec.Decode(&m); err != nil {
+	err := dec.Decode(&m)
+	if err == nil && dec.More() {
+		err = errors.New("more than one JSON value")
+	}
+	var tooLarge *http.MaxBytesError
+	switch {
+	case errors.As(err, &tooLarge):
+		return edge.NewAPIError(http.StatusRequestEntityTooLarge, edge.TypeInvalidRequest, "payload_too_large", "The body is larger than 64 KiB.")
+	case err != nil:
 		return invalid("invalid_json", "body: %v", err)
 	}
 	created, err := s.d.Catalog.Create(c.Request().Context(), m)

@@ -624,6 +624,10 @@ func TestMetersAdminAPI(t *testing.T) {
 		{"an invalid meter is refused", adminToken, `{"key":"Bad Key","event_type":"api_call","aggregation":"MEDIAN"}`, 400, "invalid_meter"},
 		{"a COUNT meter with a value is refused", adminToken, `{"key":"tokens","event_type":"api_call","aggregation":"COUNT","value":"dimensions.tokens"}`, 400, "invalid_meter"},
 		{"unknown fields are refused", adminToken, `{"key":"x","surprise":1}`, 400, "invalid_json"},
+		// Before, these three were 201, 500 and 400 invalid_json.
+		{"text after the meter is refused", adminToken, `{"key":"trail","event_type":"api_call","aggregation":"COUNT"} garbage`, 400, "invalid_json"},
+		{"a filter value Postgres cannot store is refused", adminToken, `{"key":"nul","event_type":"api_call","aggregation":"COUNT","filters":[{"property":"route","in":["a\u0000b"]}]}`, 400, "invalid_meter"},
+		{"a body over 64 KiB is too large", adminToken, `{"key":"big","event_type":"api_call","aggregation":"COUNT","filters":[{"property":"route","in":["` + strings.Repeat("a", 70<<10) + `"]}]}`, 413, "payload_too_large"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			if st, code := post(c.token, c.body); st != c.status || code != c.code {
@@ -631,6 +635,13 @@ func TestMetersAdminAPI(t *testing.T) {
 			}
 		})
 	}
+	t.Run("the scheme's case does not matter", func(t *testing.T) {
+		req, _ := http.NewRequest(http.MethodGet, e.srv.URL+"/admin/v1/meters", nil)
+		req.Header.Set("Authorization", "bearer "+adminToken)
+		if st := do(t, req, nil); st != 200 {
+			t.Errorf("lower-case bearer: %d, want 200", st)
+		}
+	})
 	t.Run("the new meter is listed and queryable", func(t *testing.T) {
 		req, _ := http.NewRequest(http.MethodGet, e.srv.URL+"/admin/v1/meters", nil)
 		req.Header.Set("Authorization", "Bearer "+adminToken)

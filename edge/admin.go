@@ -158,6 +158,9 @@ type KeyView struct {
 	Status        string     `json:"status"`
 }
 
+// maxExpiryYears bounds how far ahead a key's expires_at may be.
+const maxExpiryYears = 100
+
 func (a *Admin) view(k Key) KeyView {
 	v := KeyView{
 		ID: k.ID, AccountID: k.AccountID, Environment: string(k.Environment), Kind: string(k.Kind),
@@ -390,6 +393,16 @@ func (a *Admin) createKey(c echo.Context) error {
 	}
 	if in.ExpiresAt != nil && !in.ExpiresAt.After(a.now()) {
 		return fmt.Errorf("%w: expires_at is in the past", ErrInvalid)
+	}
+	if in.ExpiresAt != nil && in.ExpiresAt.After(a.now().AddDate(maxExpiryYears, 0, 0)) {
+		// Past year 9999 in UTC the key was stored but could not be
+		// shown: its create, its account's key list and its revoke all
+		// answered 500. A key that should never expire has none.
+		return fmt.Errorf("%w: expires_at is more than %d years ahead; leave it out for a key that does not expire", ErrInvalid, maxExpiryYears)
+	}
+	if in.ExpiresAt != nil {
+		t := in.ExpiresAt.UTC()
+		in.ExpiresAt = &t
 	}
 	secret, parsed, err := GenerateKey(kind, env)
 	if err != nil {

@@ -185,6 +185,12 @@ func TestAdminKeyLifecycle(t *testing.T) {
 	testenv.Wait(t, time.Second, "revoked key refused", func() bool {
 		return edgetest.Do(t, "GET", in.URL+"/v1/x", rolled2.Secret, nil).Error.Code == "revoked_api_key"
 	})
+	// Revoking it again keeps the first revocation, and audits no second
+	// one (the rows below hold one key.revoked).
+	var reRevoked edge.KeyView
+	if s := admin.call("POST", "/admin/v1/keys/"+rolled2.Key.ID+"/revoke", adminToken, `{"reason":"again"}`, &reRevoked); s != 200 || reRevoked.RevokedAt == nil || !reRevoked.RevokedAt.Equal(*revoked.RevokedAt) {
+		t.Fatalf("revoke again: %d %+v; want the first revocation's time", s, reRevoked)
+	}
 
 	// List: every key, never a secret.
 	var list struct {
@@ -850,5 +856,35 @@ func TestAReportedItemsErrorsAreBounded(t *testing.T) {
 	}
 	if res.Results[1].Status != "rejected" || len(res.Results[1].Errors) != 1 {
 		t.Fatalf("item 1: %+v, want rejected on its unknown field", res.Results[1])
+	}
+}
+
+// An expiry past what any key needs (here past year 9999 in UTC, which JSON
+// cannot write) is refused, and stores nothing. Before, the key was stored,
+// audited and active, and its create, its account's key list and its
+// revoke answered 500 from then on.
+func TestAKeyExpiryFarAheadIsRefused(t *testing.T) {
+	env := edgetest.New(t)
+	in := env.Start(t, edgetest.Options{})
+	admin := startAdmin(t, env, in.Audit)
+	if s := admin.call("PUT", "/admin/v1/accounts/acct_y10k", adminToken, `{}`, nil); s != 200 {
+		t.Fatalf("put account: %d", s)
+	}
+	var errBody struct{ Error edge.APIError }
+	for _, at := range []string{"9999-12-31T23:59:59-23:59", "2200-01-01T00:00:00Z"} {
+		if s := admin.call("POST", "/admin/v1/accounts/acct_y10k/keys", adminToken, `{"name":"far","expires_at":"`+at+`"}`, &errBody); s != 400 || errBody.Error.Code != "invalid_request" {
+			t.Fatalf("expires_at %s: %d %q, want 400 invalid_request", at, s, errBody.Error.Code)
+		}
+	}
+	var created edge.CreatedKey
+	if s := admin.call("POST", "/admin/v1/accounts/acct_y10k/keys", adminToken, `{"name":"near","expires_at":"2090-06-01T12:00:00+02:00"}`, &created); s != 201 {
+		t.Fatalf("an expiry in 2090: %d", s)
+	}
+	if got := created.Key.ExpiresAt; got == nil || !got.Equal(time.Date(2090, 6, 1, 10, 0, 0, 0, time.UTC)) {
+		t.Fatalf("expires_at %v, want 2090-06-01T10:00:00Z", got)
+	}
+	var list struct{ Keys []edge.KeyView }
+	if s := admin.call("GET", "/admin/v1/accounts/acct_y10k/keys", adminToken, "", &list); s != 200 || len(list.Keys) != 1 {
+		t.Fatalf("list: %d, %d keys; want the one key", s, len(list.Keys))
 	}
 }

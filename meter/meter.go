@@ -13,6 +13,7 @@ import (
 	"slices"
 	"sort"
 	"strings"
+	"unicode/utf8"
 
 	"github.com/tollgate-dev/tollgate/schemas"
 )
@@ -122,6 +123,14 @@ func (m *Meter) Validate() error {
 		}
 		if len(f.Values) == 0 {
 			bad("filter on %q has no values", f.Property)
+		}
+		for _, v := range f.Values {
+			// Postgres refuses a NUL, or text that is not UTF-8, in the
+			// stored definition: the admin API answered 500.
+			if !utf8.ValidString(v) || strings.IndexByte(v, 0) >= 0 {
+				bad("filter on %q: value %q is not valid UTF-8 or holds a NUL", f.Property, v)
+				break
+			}
 		}
 		filterBytes += FilterValueBytes(f.Values)
 	}

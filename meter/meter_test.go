@@ -148,3 +148,19 @@ func TestReorderedFiltersAreTheSameDefinition(t *testing.T) {
 		}
 	}
 }
+
+// A filter value Postgres cannot store (a NUL, text that is not UTF-8) is
+// refused as an invalid meter. Before, the meters admin API stored nothing
+// and answered 500.
+func TestAFilterValuePostgresCannotStoreIsRefused(t *testing.T) {
+	for _, v := range []string{"a\x00b", "caf\xe9"} {
+		m := Meter{Key: "m", EventType: "api_call", Aggregation: Count, Filters: []Filter{{Property: "route", Values: []string{"/ok", v}}}}
+		if err := m.Validate(); err == nil || !strings.Contains(err.Error(), `filter on "route"`) {
+			t.Errorf("filter value %q: %v, want it refused", v, err)
+		}
+	}
+	ok := Meter{Key: "m", EventType: "api_call", Aggregation: Count, Filters: []Filter{{Property: "route", Values: []string{"a\tb", "/v1/é"}}}}
+	if err := ok.Validate(); err != nil {
+		t.Errorf("a tab and an accent: %v, want them taken", err)
+	}
+}

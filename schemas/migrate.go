@@ -4,6 +4,7 @@ import (
 	"context"
 	"database/sql"
 	"embed"
+	"errors"
 	"fmt"
 	"io/fs"
 	"sort"
@@ -51,6 +52,10 @@ func MigratePostgresTo(ctx context.Context, db *sql.DB, version int64) (int64, e
 	// lock is the database's own (advisory locks are per database), taken
 	// on one connection for the whole run and waited for as long as the
 	// holder migrates.
+	if db.Stats().MaxOpenConnections == 1 {
+		// The lock holds one, goose needs another.
+		return 0, errors.New("migrate postgres: the database handle allows one connection; migrating takes two")
+	}
 	conn, err := db.Conn(ctx)
 	if err != nil {
 		return 0, fmt.Errorf("migrate postgres: %w", err)

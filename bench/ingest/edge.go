@@ -119,8 +119,9 @@ func startFreshEdge(ctx context.Context, pool *pgxpool.Pool, brokers []string, t
 		cancel()
 		c, done := context.WithTimeout(context.Background(), 10*time.Second)
 		defer done()
-		// The limiter's keys: buckets, lease records and refund ledgers.
-		for _, pattern := range []string{"rate:" + prefix + "*", "rate-refunds:rate:" + prefix + "*", prefix + "*"} {
+		// The limiter's keys: buckets and lease records, refund ledgers,
+		// settled batches (in the quota key's hash slot), the quota's own.
+		for _, pattern := range []string{"rate:" + prefix + "*", "rate-refunds:" + prefix + "*", "{" + prefix + "*", prefix + "*"} {
 			if keys, err := rdb.Keys(c, pattern).Result(); err == nil && len(keys) > 0 {
 				_ = rdb.Del(c, keys...).Err()
 			}

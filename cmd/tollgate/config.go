@@ -227,19 +227,27 @@ func (c *Config) fileSecrets() []string {
 // form Postgres takes, carries a password: in a URL's user part or its
 // password parameter, or as a password key.
 func postgresPassword(conn string) bool {
-	if strings.HasPrefix(conn, "postgres://") || strings.HasPrefix(conn, "postgresql://") {
-		u, err := url.Parse(conn)
-		if err != nil {
-			return false
-		}
-		if u.User != nil {
-			if _, ok := u.User.Password(); ok {
-				return true
-			}
-		}
-		return u.Query().Has("password")
+	rest, isURL := strings.CutPrefix(conn, "postgres://")
+	if !isURL {
+		rest, isURL = strings.CutPrefix(conn, "postgresql://")
 	}
-	return passwordKey.MatchString(conn)
+	if !isURL {
+		return passwordKey.MatchString(conn)
+	}
+	// As the driver reads a URL: the authority runs to the first "/", its
+	// user part to its last "@" (a password may hold "#" or "?"), and the
+	// parameters follow the first "?" after the authority.
+	authority, path, _ := strings.Cut(rest, "/")
+	if at := strings.LastIndexByte(authority, '@'); at >= 0 && strings.IndexByte(authority[:at], ':') >= 0 {
+		return true
+	}
+	_, query, _ := strings.Cut(path, "?")
+	for _, kv := range strings.Split(query, "&") {
+		if k, _, _ := strings.Cut(kv, "="); k == "password" {
+			return true
+		}
+	}
+	return false
 }
 
 // passwordKey finds a password key in a key=value connection string.

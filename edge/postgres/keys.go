@@ -247,15 +247,26 @@ func (s *KeyStore) RollKey(ctx context.Context, oldID string, nk edge.NewKey, no
 func (s *KeyStore) RevokeKey(ctx context.Context, id string, at time.Time, info edge.AuditInfo) (edge.Key, error) {
 	var k edge.Key
 	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
-		var err error
-		k, err = scanKey(tx.QueryRow(ctx, `
-			UPDATE api_keys k SET revoked_at = coalesce(k.revoked_at, $2) WHERE k.id = $1
-			RETURNING `+keyColumns, id, at))
+		// Whether it was revoked already, under the row's lock: only the
+		// revocation that happens is audited (before, each repeat wrote a
+		// key.revoked row with its own time and reason, for a revocation
+		// that kept the first one's).
+		var already bool
+		err := tx.QueryRow(ctx, `SELECT revoked_at IS NOT NULL FROM api_keys WHERE id = $1 FOR UPDATE`, id).Scan(&already)
 		if errors.Is(err, pgx.ErrNoRows) {
 			return fmt.Errorf("%w: no key %q", edge.ErrNotFound, id)
 		}
 		if err != nil {
 			return fmt.Errorf("revoke key %s: %w", id, err)
+		}
+		k, err = scanKey(tx.QueryRow(ctx, `
+			UPDATE api_keys k SET revoked_at = coalesce(k.revoked_at, $2) WHERE k.id = $1
+			RETURNING `+keyColumns, id, at))
+		if err != nil {
+			return fmt.Errorf("revoke key %s: %w", id, err)
+		}
+		if already {
+			return nil
 		}
 		return audit(ctx, tx, edge.ActionKeyRevoked, edge.NewKey{AccountID: k.AccountID}, info, k.ID, k.DisplayPrefix)
 	})
