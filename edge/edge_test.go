@@ -551,7 +551,13 @@ func TestPlanRowWithoutRateLimitsTakesTheConfiguredPlans(t *testing.T) {
 // returns its base URL.
 func serveUpstream(t *testing.T, h http.Handler) string {
 	t.Helper()
-	s := &http.Server{Handler: h}
+	return serveServer(t, &http.Server{Handler: h})
+}
+
+// serveServer serves s on a loopback port until the test ends and returns
+// its base URL.
+func serveServer(t *testing.T, s *http.Server) string {
+	t.Helper()
 	ln := testListener(t)
 	go func() { _ = s.Serve(ln) }()
 	t.Cleanup(func() { _ = s.Close() })

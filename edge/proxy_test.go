@@ -1921,17 +1921,14 @@ func TestAChunkedUpgradeIsRefusedWithoutCharge(t *testing.T) {
 func TestACallWithABodyAfterTheUpstreamClosedAnIdleConnectionSucceeds(t *testing.T) {
 	env := edgetest.New(t)
 	key, _ := env.Key(t, "acct_idle", edge.Secret, schemas.Live)
-	s := &http.Server{IdleTimeout: 400 * time.Millisecond, Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	up := serveServer(t, &http.Server{IdleTimeout: 400 * time.Millisecond, Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		b, _ := io.ReadAll(r.Body)
 		_, _ = fmt.Fprintf(w, "got %d bytes", len(b))
-	})}
-	ln := testListener(t)
-	go func() { _ = s.Serve(ln) }()
-	t.Cleanup(func() { _ = s.Close() })
+	})})
 	for _, fr := range fronts {
 		t.Run(fr.name, func(t *testing.T) {
 			in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP, Config: func(c *edge.Config) {
-				c.Upstream, c.UpstreamIdleTimeout = "http://"+ln.Addr().String(), 200*time.Millisecond
+				c.Upstream, c.UpstreamIdleTimeout = up, 200*time.Millisecond
 			}})
 			for i := range 3 {
 				r := edgetest.Do(t, "POST", in.URL+"/v1/orders", key, strings.NewReader(`{"n":1}`))
@@ -2633,13 +2630,11 @@ func TestAGetFindsALiveConnectionPastOnesTheUpstreamClosed(t *testing.T) {
 		}
 		_, _ = io.WriteString(w, "ok")
 	})}
-	ln := testListener(t)
-	go func() { _ = s.Serve(ln) }()
-	t.Cleanup(func() { _ = s.Close() })
+	up := serveServer(t, s)
 	for _, fr := range fronts {
 		t.Run(fr.name, func(t *testing.T) {
 			in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP, Config: func(c *edge.Config) {
-				c.Upstream, c.UpstreamIdleTimeout = "http://"+ln.Addr().String(), 30*time.Second
+				c.Upstream, c.UpstreamIdleTimeout = up, 30*time.Second
 			}})
 			// Three calls at once: three connections in the pool.
 			var wg sync.WaitGroup

@@ -31,14 +31,7 @@ func TestDashboardServesPagesAndForwardsEachAPIWithTheCallersKey(t *testing.T) {
 	usage, billing := api("usage"), api("billing")
 	defer usage.Close()
 	defer billing.Close()
-	m, err := NewDashboardMain("127.0.0.1:0", usage.URL, billing.URL, nil, slog.New(slog.NewTextHandler(io.Discard, nil)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- m.Run(ctx) }()
-	defer func() { cancel(); <-done; _ = m.Close() }()
+	m := runDashboard(t, usage.URL, billing.URL)
 	base := "http://" + m.Addr()
 
 	get := func(path string) (int, string, http.Header) {
@@ -168,14 +161,7 @@ func TestTheDashboardAnswersProbesForItselfAndTheAPIsBehindIt(t *testing.T) {
 	usage, billing := api(&usageDown), api(nil)
 	defer usage.Close()
 	defer billing.Close()
-	m, err := NewDashboardMain("127.0.0.1:0", usage.URL, billing.URL, nil, slog.New(slog.NewTextHandler(io.Discard, nil)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- m.Run(ctx) }()
-	defer func() { cancel(); <-done; _ = m.Close() }()
+	m := runDashboard(t, usage.URL, billing.URL)
 	probe := func(path string) (int, string) {
 		resp, err := http.Get("http://" + m.Addr() + path)
 		if err != nil {
@@ -200,4 +186,19 @@ func TestTheDashboardAnswersProbesForItselfAndTheAPIsBehindIt(t *testing.T) {
 	if code, body := probe("/readyz"); code != 503 || !strings.Contains(body, "invoice API") {
 		t.Fatalf("/readyz with the invoice API gone: %d %q; want 503 naming it", code, body)
 	}
+}
+
+// runDashboard serves a dashboard forwarding to usageAPI and invoiceAPI
+// until the test ends.
+func runDashboard(t *testing.T, usageAPI, invoiceAPI string) *DashboardMain {
+	t.Helper()
+	m, err := NewDashboardMain("127.0.0.1:0", usageAPI, invoiceAPI, nil, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- m.Run(ctx) }()
+	t.Cleanup(func() { cancel(); <-done; _ = m.Close() })
+	return m
 }

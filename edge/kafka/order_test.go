@@ -41,14 +41,8 @@ func TestTheSpoolDrainsInEmitOrder(t *testing.T) {
 	// events go to the spool.
 	emit(300)
 	testenv.Wait(t, 30*time.Second, "300 events spooled", func() bool { return p.SpoolDepth() == 300 })
+	testenv.CreateTopic(t, topic, 1) // deleted when the test ends
 	client := &kafka.Client{Addr: kafka.TCP(brokers...), Timeout: 20 * time.Second}
-	res, err := client.CreateTopics(context.Background(), &kafka.CreateTopicsRequest{
-		Topics: []kafka.TopicConfig{{Topic: topic, NumPartitions: 1, ReplicationFactor: 1}}})
-	testenv.Must(t, err, "create topic")
-	testenv.Must(t, res.Errors[topic], "create topic")
-	t.Cleanup(func() {
-		_, _ = client.DeleteTopics(context.Background(), &kafka.DeleteTopicsRequest{Topics: []string{topic}})
-	})
 	// More come while the spool drains.
 	for range 20 {
 		emit(10)
@@ -106,14 +100,8 @@ func TestASpoolSegmentRemovedByHandLosesOnlyWhatItHeldAndSaysSo(t *testing.T) {
 	}
 	emit(100, 100)
 	testenv.Wait(t, 30*time.Second, "100 more events spooled", func() bool { return testutil.ToFloat64(p.spooled) >= 200 })
+	testenv.CreateTopic(t, topic, 1) // deleted when the test ends
 	client := &kafka.Client{Addr: kafka.TCP(brokers...), Timeout: 20 * time.Second}
-	res, err := client.CreateTopics(context.Background(), &kafka.CreateTopicsRequest{
-		Topics: []kafka.TopicConfig{{Topic: topic, NumPartitions: 1, ReplicationFactor: 1}}})
-	testenv.Must(t, err, "create topic")
-	testenv.Must(t, res.Errors[topic], "create topic")
-	t.Cleanup(func() {
-		_, _ = client.DeleteTopics(context.Background(), &kafka.DeleteTopicsRequest{Topics: []string{topic}})
-	})
 	testenv.Wait(t, 60*time.Second, "the spool drained", func() bool { return p.SpoolDepth() == 0 })
 	testenv.Must(t, p.Close(), "close producer")
 

@@ -39,6 +39,21 @@ func produceLarge(t *testing.T, topic string, key, value []byte) int64 {
 	return last - 1
 }
 
+// createDeadLetterTopic creates the topic cfg describes, deleted when the
+// test ends.
+func createDeadLetterTopic(t *testing.T, cfg kafka.TopicConfig) {
+	t.Helper()
+	client := &kafka.Client{Addr: kafka.TCP(testenv.KafkaBrokers()...), Timeout: 20 * time.Second}
+	res, err := client.CreateTopics(context.Background(), &kafka.CreateTopicsRequest{Topics: []kafka.TopicConfig{cfg}})
+	if err != nil {
+		testenv.Unreachable(t, "Kafka", strings.Join(testenv.KafkaBrokers(), ","), err)
+	}
+	testenv.Must(t, res.Errors[cfg.Topic], "create the dead-letter topic")
+	t.Cleanup(func() {
+		_, _ = client.DeleteTopics(context.Background(), &kafka.DeleteTopicsRequest{Topics: []string{cfg.Topic}})
+	})
+}
+
 // readDeadLetters reads every message in partition 0 of topic.
 func readDeadLetters(t *testing.T, topic string) []kafka.Message {
 	t.Helper()
@@ -80,15 +95,7 @@ func readPartition(t *testing.T, topic string, p int) []kafka.Message {
 func TestARecordAsLargeAsTheUsageTopicTakesIsDeadLetteredWhole(t *testing.T) {
 	src := testenv.NewTopic(t, 1)
 	dlq := src + ".dlq"
-	client := &kafka.Client{Addr: kafka.TCP(testenv.KafkaBrokers()...), Timeout: 20 * time.Second}
-	res, err := client.CreateTopics(context.Background(), &kafka.CreateTopicsRequest{Topics: []kafka.TopicConfig{DeadLetterTopic(dlq, 1)}})
-	if err != nil {
-		testenv.Unreachable(t, "Kafka", strings.Join(testenv.KafkaBrokers(), ","), err)
-	}
-	testenv.Must(t, res.Errors[dlq], "create the dead-letter topic")
-	t.Cleanup(func() {
-		_, _ = client.DeleteTopics(context.Background(), &kafka.DeleteTopicsRequest{Topics: []string{dlq}})
-	})
+	createDeadLetterTopic(t, DeadLetterTopic(dlq, 1))
 
 	big := bytes.Repeat([]byte("x"), 1_048_450) // about the most a 1 MiB topic takes in one record
 	off := produceLarge(t, src, []byte("acct_big"), big)
@@ -481,15 +488,7 @@ func notLeader(pr *produce.Request) *produce.Response {
 func TestARecordOfManyBadDimensionKeysIsDeadLetteredWhole(t *testing.T) {
 	src := testenv.NewTopic(t, 1)
 	dlq := src + ".dlq"
-	client := &kafka.Client{Addr: kafka.TCP(testenv.KafkaBrokers()...), Timeout: 20 * time.Second}
-	res, err := client.CreateTopics(context.Background(), &kafka.CreateTopicsRequest{Topics: []kafka.TopicConfig{DeadLetterTopic(dlq, 1)}})
-	if err != nil {
-		testenv.Unreachable(t, "Kafka", strings.Join(testenv.KafkaBrokers(), ","), err)
-	}
-	testenv.Must(t, res.Errors[dlq], "create the dead-letter topic")
-	t.Cleanup(func() {
-		_, _ = client.DeleteTopics(context.Background(), &kafka.DeleteTopicsRequest{Topics: []string{dlq}})
-	})
+	createDeadLetterTopic(t, DeadLetterTopic(dlq, 1))
 
 	now := time.Now().UTC()
 	rec := []byte(`{"v":1,"id":"0193a0d2-6f1e-7c3a-9d2b-4e5f60718293","account_id":"acct_1","env":"live","key_id":"key_1","type":"api_call","time":"` +
@@ -528,17 +527,8 @@ func TestARecordOfManyBadDimensionKeysIsDeadLetteredWhole(t *testing.T) {
 func TestADeadLetterTopicWithASmallLimitTakesRecordsOneAtATime(t *testing.T) {
 	src := testenv.NewTopic(t, 1)
 	dlq := src + ".dlq"
-	client := &kafka.Client{Addr: kafka.TCP(testenv.KafkaBrokers()...), Timeout: 20 * time.Second}
-	res, err := client.CreateTopics(context.Background(), &kafka.CreateTopicsRequest{Topics: []kafka.TopicConfig{{
-		Topic: dlq, NumPartitions: 1, ReplicationFactor: 1,
-		ConfigEntries: []kafka.ConfigEntry{{ConfigName: "max.message.bytes", ConfigValue: "100000"}}}}})
-	if err != nil {
-		testenv.Unreachable(t, "Kafka", strings.Join(testenv.KafkaBrokers(), ","), err)
-	}
-	testenv.Must(t, res.Errors[dlq], "create the dead-letter topic")
-	t.Cleanup(func() {
-		_, _ = client.DeleteTopics(context.Background(), &kafka.DeleteTopicsRequest{Topics: []string{dlq}})
-	})
+	createDeadLetterTopic(t, kafka.TopicConfig{Topic: dlq, NumPartitions: 1, ReplicationFactor: 1,
+		ConfigEntries: []kafka.ConfigEntry{{ConfigName: "max.message.bytes", ConfigValue: "100000"}}})
 
 	var batch []ingest.Rejected
 	for i := range 3 {
