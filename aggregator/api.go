@@ -9,6 +9,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"math"
 	"net/http"
@@ -821,8 +822,15 @@ func (s *Server) createMeter(c echo.Context) error {
 	dec := json.NewDecoder(http.MaxBytesReader(c.Response(), c.Request().Body, 64<<10))
 	dec.DisallowUnknownFields()
 	err := dec.Decode(&m)
-	if err == nil && dec.More() {
-		err = errors.New("more than one JSON value")
+	if err == nil {
+		// Nothing may follow the meter but space (More would let a "}" or
+		// "]" pass, and drop the size limit's error).
+		switch extra := dec.Decode(&json.RawMessage{}); {
+		case extra == nil:
+			err = errors.New("more than one JSON value")
+		case !errors.Is(extra, io.EOF):
+			err = extra
+		}
 	}
 	var tooLarge *http.MaxBytesError
 	switch {

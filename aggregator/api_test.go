@@ -626,6 +626,8 @@ func TestMetersAdminAPI(t *testing.T) {
 		{"unknown fields are refused", adminToken, `{"key":"x","surprise":1}`, 400, "invalid_json"},
 		// Before, these three were 201, 500 and 400 invalid_json.
 		{"text after the meter is refused", adminToken, `{"key":"trail","event_type":"api_call","aggregation":"COUNT"} garbage`, 400, "invalid_json"},
+		{"a brace after the meter is refused", adminToken, `{"key":"trail2","event_type":"api_call","aggregation":"COUNT"}}`, 400, "invalid_json"},
+		{"text past 64 KiB after the meter is too large", adminToken, `{"key":"trail3","event_type":"api_call","aggregation":"COUNT"}` + strings.Repeat(" ", 70<<10) + `garbage`, 413, "payload_too_large"},
 		{"a filter value Postgres cannot store is refused", adminToken, `{"key":"nul","event_type":"api_call","aggregation":"COUNT","filters":[{"property":"route","in":["a\u0000b"]}]}`, 400, "invalid_meter"},
 		{"a body over 64 KiB is too large", adminToken, `{"key":"big","event_type":"api_call","aggregation":"COUNT","filters":[{"property":"route","in":["` + strings.Repeat("a", 70<<10) + `"]}]}`, 413, "payload_too_large"},
 	} {

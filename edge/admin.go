@@ -281,7 +281,8 @@ func bind(c echo.Context, v any) error {
 	if err := dec.Decode(v); err != nil {
 		return NewAPIError(http.StatusBadRequest, TypeInvalidRequest, "invalid_json", "The body is not valid JSON for this call: "+err.Error()+".")
 	}
-	if dec.More() {
+	// Nothing may follow but space: More would let a "}" or "]" pass.
+	if err := dec.Decode(&json.RawMessage{}); !errors.Is(err, io.EOF) {
 		return NewAPIError(http.StatusBadRequest, TypeInvalidRequest, "invalid_json", "The body has more than one JSON value.")
 	}
 	return nil

@@ -120,7 +120,8 @@ func TestAdminKeyLifecycle(t *testing.T) {
 	if resp.StatusCode != http.StatusUnsupportedMediaType {
 		t.Errorf("a key request sent as a form: %d, want 415", resp.StatusCode)
 	}
-	for _, body := range []string{`{"kind":"publishable","scope":["widgets:read"]}`, `{"kind":"publishable"} {"kind":"secret"}`, `{"kind":`} {
+	for _, body := range []string{`{"kind":"publishable","scope":["widgets:read"]}`, `{"kind":"publishable"} {"kind":"secret"}`, `{"kind":`,
+		`{"kind":"publishable"}}`, `{"kind":"publishable"} ]`} { // a brace or bracket after the object once passed
 		if s := admin.call("POST", "/admin/v1/accounts/acct_adm/keys", adminToken, body, &errBody); s != 400 || errBody.Error.Code != "invalid_json" {
 			t.Errorf("key request %s: %d %q, want 400 invalid_json", body, s, errBody.Error.Code)
 		}

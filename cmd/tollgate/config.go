@@ -234,16 +234,22 @@ func postgresPassword(conn string) bool {
 	if !isURL {
 		return passwordKey.MatchString(conn)
 	}
-	// As the driver reads a URL: the authority runs to the first "/", its
-	// user part to its last "@" (a password may hold "#" or "?"), and the
-	// parameters follow the first "?" after the authority.
-	authority, path, _ := strings.Cut(rest, "/")
-	if at := strings.LastIndexByte(authority, '@'); at >= 0 && strings.IndexByte(authority[:at], ':') >= 0 {
-		return true
+	// As the driver reads a URL: the user part runs to the first "@"
+	// before any "/" (a password may hold "#" or "?"), the host on to a
+	// "/" or a "?", and the parameters follow the first "?" after the
+	// user part, with or without a path.
+	slash := strings.IndexByte(rest, '/')
+	if slash < 0 {
+		slash = len(rest)
 	}
-	_, query, _ := strings.Cut(path, "?")
-	for _, kv := range strings.Split(query, "&") {
-		if k, _, _ := strings.Cut(kv, "="); k == "password" {
+	if at := strings.IndexByte(rest[:slash], '@'); at >= 0 {
+		if _, pw, ok := strings.Cut(rest[:at], ":"); ok && pw != "" {
+			return true
+		}
+		rest = rest[at+1:]
+	}
+	if _, query, ok := strings.Cut(rest, "?"); ok {
+		if q, err := url.ParseQuery(query); err == nil && q.Get("password") != "" {
 			return true
 		}
 	}
