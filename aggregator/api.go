@@ -232,7 +232,11 @@ func NewServer(cfg Config, d ServerDeps) (*Server, error) {
 	e := echo.New()
 	e.HideBanner, e.HidePort = true, true
 	e.HTTPErrorHandler = s.handleError
-	e.Use(newAPIMetrics(d.Registerer).middleware)
+	metrics, err := newAPIMetrics(d.Registerer)
+	if err != nil {
+		return nil, err
+	}
+	e.Use(metrics.middleware)
 	e.Use(func(next echo.HandlerFunc) echo.HandlerFunc {
 		return func(c echo.Context) error {
 			c.Response().Header().Set(edge.HeaderRequestID, edge.RequestIDFor(schemas.NewEventID()))

@@ -1215,3 +1215,18 @@ tollgate_usage_api_requests_total{code="405",method="other",route="/v1/usage"} 1
 		t.Errorf("the duration histogram holds %d answers of /v1/usage, want 3", usageAnswers)
 	}
 }
+
+// A second server on one metrics registry is refused with an error, as
+// every other component's constructor refuses it. Before, the registry's
+// duplicate registration panicked and took the process with it.
+func TestASecondUsageAPIOnOneRegistryIsAnErrorNotAPanic(t *testing.T) {
+	catalog, err := aggregator.NewCatalog(apiMeters, nil, time.Minute, slog.New(slog.DiscardHandler))
+	testenv.Must(t, err, "catalog")
+	reg := prometheus.NewRegistry()
+	deps := aggregator.ServerDeps{Catalog: catalog, Registerer: reg, Log: slog.New(slog.DiscardHandler)}
+	_, err = aggregator.NewServer(aggregator.Config{}, deps)
+	testenv.Must(t, err, "the first server")
+	if _, err := aggregator.NewServer(aggregator.Config{}, deps); err == nil || !strings.Contains(err.Error(), "register usage API metrics") {
+		t.Fatalf("a second server on the registry: %v, want an error", err)
+	}
+}

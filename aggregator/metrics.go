@@ -1,6 +1,7 @@
 package aggregator
 
 import (
+	"fmt"
 	"strconv"
 	"time"
 
@@ -27,7 +28,7 @@ func routeLabel(pattern string) string {
 	return "other"
 }
 
-func newAPIMetrics(reg prometheus.Registerer) *apiMetrics {
+func newAPIMetrics(reg prometheus.Registerer) (*apiMetrics, error) {
 	m := &apiMetrics{
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "tollgate_usage_api_requests_total",
@@ -40,9 +41,13 @@ func newAPIMetrics(reg prometheus.Registerer) *apiMetrics {
 		}, []string{"route"}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.requests, m.duration)
+		for _, c := range []prometheus.Collector{m.requests, m.duration} {
+			if err := reg.Register(c); err != nil {
+				return nil, fmt.Errorf("register usage API metrics: %w", err)
+			}
+		}
 	}
-	return m
+	return m, nil
 }
 
 // middleware counts every answer. An error a handler returns is answered

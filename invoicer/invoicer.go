@@ -290,8 +290,12 @@ func New(store Store, usage UsageReader, wm Watermark, stripe Stripe, opts Optio
 	if opts.Now == nil {
 		opts.Now = time.Now
 	}
+	m, err := newMetrics(opts.Registerer)
+	if err != nil {
+		return nil, err
+	}
 	return &Invoicer{store: store, usage: usage, wm: wm, stripe: stripe, meters: opts.Meters,
-		grace: opts.Grace, log: log, now: opts.Now, lookback: opts.Lookback, stripeMode: opts.StripeMode, m: newMetrics(opts.Registerer)}, nil
+		grace: opts.Grace, log: log, now: opts.Now, lookback: opts.Lookback, stripeMode: opts.StripeMode, m: m}, nil
 }
 
 // CloseResult summarises one close run.

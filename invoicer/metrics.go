@@ -1,6 +1,7 @@
 package invoicer
 
 import (
+	"fmt"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -20,7 +21,7 @@ type metrics struct {
 	unsynced     prometheus.Gauge
 }
 
-func newMetrics(reg prometheus.Registerer) *metrics {
+func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	m := &metrics{
 		runs: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "tollgate_invoicer_runs_total",
@@ -63,9 +64,13 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		m.syncFailed.WithLabelValues(k)
 	}
 	if reg != nil {
-		reg.MustRegister(m.runs, m.lastSuccess, m.invoices, m.notInvoiced, m.watermarkLag, m.synced, m.syncFailed, m.unsynced)
+		for _, c := range []prometheus.Collector{m.runs, m.lastSuccess, m.invoices, m.notInvoiced, m.watermarkLag, m.synced, m.syncFailed, m.unsynced} {
+			if err := reg.Register(c); err != nil {
+				return nil, fmt.Errorf("register invoicer metrics: %w", err)
+			}
+		}
 	}
-	return m
+	return m, nil
 }
 
 // ran records one run's end.

@@ -3,6 +3,7 @@ package invoicer_test
 import (
 	"context"
 	"net/http"
+	"strings"
 	"testing"
 	"time"
 
@@ -191,5 +192,18 @@ func TestAnAccountWithAnUnknownZoneFailsTheRun(t *testing.T) {
 	}
 	if got := metricValue(t, reg, "tollgate_invoicer_invoices_finalized_total"); got != 2 {
 		t.Errorf("invoices %v, want 2 once the zone is mended", got)
+	}
+}
+
+// A second invoicer on one metrics registry is refused with an error, not
+// a panic from the registry.
+func TestASecondInvoicerOnOneRegistryIsAnErrorNotAPanic(t *testing.T) {
+	e := newEnv(t)
+	reg := prometheus.NewRegistry()
+	opts := invoicer.Options{Grace: time.Hour, Lookback: 1, Registerer: reg}
+	_, err := invoicer.New(e.store, e.usage, e.usage, nil, opts, quiet())
+	testenv.Must(t, err, "the first invoicer")
+	if _, err := invoicer.New(e.store, e.usage, e.usage, nil, opts, quiet()); err == nil || !strings.Contains(err.Error(), "register invoicer metrics") {
+		t.Fatalf("a second invoicer on the registry: %v, want an error", err)
 	}
 }

@@ -196,7 +196,8 @@ func run() error {
 	defer meteredSrv.Shutdown()
 
 	// The Tollgate edge, wired as `tollgate edge` wires it.
-	key, ident, stopEdge, edgeAddr, err := startEdge(ctx, tmp, "http://"+upAddr, *linger, log)
+	limits := &edgeLimits{}
+	key, ident, stopEdge, edgeAddr, err := startEdge(ctx, tmp, "http://"+upAddr, *linger, limits, log)
 	if err != nil {
 		return err
 	}
@@ -283,8 +284,8 @@ func run() error {
 			if err != nil {
 				return err
 			}
-			runs0, calls0 := edgeLimiter.Batched()
-			leased0, _ := edgeLimiter.Leased()
+			runs0, calls0 := limits.limiter.Batched()
+			leased0, _ := limits.limiter.Leased()
 			span := cpu[tg.name].Begin()
 			mallocs0 := mallocs()
 			r, calls, err := wrkCalls(tg.url, auth, *dur, *conns)
@@ -324,8 +325,8 @@ func run() error {
 				fmt.Printf("round %d %-16s %10.1f µs CPU per call (%s: %s)\n", round, tg.name, us, cpuWho[tg.name], strings.Join(parts, " + "))
 			}
 			if tg.name == "edge" {
-				runs, calls := edgeLimiter.Batched()
-				leased, _ := edgeLimiter.Leased()
+				runs, calls := limits.limiter.Batched()
+				leased, _ := limits.limiter.Leased()
 				decided := float64(leased - leased0 + calls - calls0)
 				scriptsPerCall = float64(runs-runs0) / max(1, decided)
 				leasedShare = float64(leased-leased0) / max(1, decided)
@@ -334,7 +335,7 @@ func run() error {
 			}
 		}
 	}
-	if n := edgeFallbacks.Load(); n > 0 {
+	if n := limits.fallbacks.Load(); n > 0 {
 		return fmt.Errorf("the edge decided %d limits locally because Redis failed: its figures are not the edge's with Redis", n)
 	}
 	for _, tg := range targets {
@@ -398,7 +399,7 @@ func run() error {
 			fmt.Printf("round %d %-16s p99 %8.3f ms at a fixed %d req/s\n", round, tg.name, float64(d.Microseconds())/1000, *rate)
 		}
 	}
-	if n := edgeFallbacks.Load(); n > 0 {
+	if n := limits.fallbacks.Load(); n > 0 {
 		// The fixed-rate rounds too: an edge deciding limits without
 		// Redis would report a cheaper p99.
 		return fmt.Errorf("the edge decided %d limits locally because Redis failed: its figures are not the edge's with Redis", n)
@@ -913,15 +914,16 @@ func (m *meteredTopics) landed(ctx context.Context, target string, calls, inflig
 	}
 }
 
-// edgeLimiter is the edge's Redis limiter, read for its batching and lease counts.
-var edgeLimiter *edgeredis.Limiter
+// edgeLimits is what the bench reads of the edge's limiter: the Redis
+// limiter, for its batching and lease counts, and the calls decided by the
+// local fallback because Redis failed, which would make the edge's figures
+// not the edge's with Redis.
+type edgeLimits struct {
+	limiter   *edgeredis.Limiter
+	fallbacks atomic.Int64
+}
 
-// edgeFallbacks counts the edge's calls decided by the local fallback
-// because Redis failed: a run with any measured a cheaper edge than the
-// one it names, and fails.
-var edgeFallbacks atomic.Int64
-
-func startEdge(ctx context.Context, tmp, upstream string, linger time.Duration, log *slog.Logger) (string, edge.Identity, func(), string, error) {
+func startEdge(ctx context.Context, tmp, upstream string, linger time.Duration, limits *edgeLimits, log *slog.Logger) (string, edge.Identity, func(), string, error) {
 	pgURL := env("TOLLGATE_POSTGRES_URL", "postgres://tollgate@127.0.0.1:15432/tollgate?sslmode=disable")
 	brokers := strings.Split(env("TOLLGATE_KAFKA_BROKERS", "127.0.0.1:19092"), ",")
 	redisAddr := env("TOLLGATE_REDIS_ADDR", "127.0.0.1:16379")
@@ -973,9 +975,9 @@ func startEdge(ctx context.Context, tmp, upstream string, linger time.Duration, 
 		return "", edge.Identity{}, nil, "", err
 	}
 	rdb := redis.NewClient(&redis.Options{Addr: redisAddr, Username: os.Getenv("TOLLGATE_REDIS_USERNAME"), Password: os.Getenv("TOLLGATE_REDIS_PASSWORD"), PoolSize: 256, DialerRetries: 1, MaxRetries: -1})
-	edgeLimiter = edgeredis.NewLimiter(rdb)
-	lim := &edge.FallbackLimiter{Primary: edgeLimiter, Local: edge.NewLocalLimiter(1),
-		OnFallback: func(string, error) { edgeFallbacks.Add(1) }}
+	limits.limiter = edgeredis.NewLimiter(rdb)
+	lim := &edge.FallbackLimiter{Primary: limits.limiter, Local: edge.NewLocalLimiter(1),
+		OnFallback: func(string, error) { limits.fallbacks.Add(1) }}
 	srv, err := edge.NewServer(edge.Config{Upstream: upstream, RateLimitPrefix: "tollgate:bench:"},
 		edge.Deps{Keys: cache, Emitter: producer, Limiter: lim, Quota: lim, Log: log})
 	if err != nil {
