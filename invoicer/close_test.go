@@ -770,6 +770,10 @@ func TestInvoiceStatusNeverGoesBack(t *testing.T) {
 	if s := status(); s != invoicer.StatusPaid {
 		t.Errorf("paid, then a late payment_failed: %s, want paid", s)
 	}
+	webhook("evt_4", "invoice.voided") // Stripe voids no paid invoice: a stray or replayed event
+	if s := status(); s != invoicer.StatusPaid {
+		t.Errorf("paid, then voided: %s, want paid (the first final status stands)", s)
+	}
 }
 
 // A webhook about a Stripe invoice that is not the one the sync made for a

@@ -232,7 +232,13 @@ func postgresPassword(conn string) bool {
 		rest, isURL = strings.CutPrefix(conn, "postgresql://")
 	}
 	if !isURL {
-		return passwordKey.MatchString(conn)
+		// key=value pairs: the last password key stands, and an empty
+		// value ('' or nothing) is none.
+		pw := ""
+		for _, m := range passwordKey.FindAllStringSubmatch(conn, -1) {
+			pw = m[2]
+		}
+		return pw != "" && pw != "''"
 	}
 	// As the driver reads a URL: the user part runs to the first "@"
 	// before any "/" (a password may hold "#" or "?"), the host on to a
@@ -249,15 +255,28 @@ func postgresPassword(conn string) bool {
 		rest = rest[at+1:]
 	}
 	if _, query, ok := strings.Cut(rest, "?"); ok {
-		if q, err := url.ParseQuery(query); err == nil && q.Get("password") != "" {
-			return true
+		// As the driver splits it: on "&" alone (a ";" is a byte like any
+		// other), each key and value unescaped, the last key standing.
+		pw := ""
+		for _, kv := range strings.Split(query, "&") {
+			k, v, _ := strings.Cut(kv, "=")
+			if u, err := url.PathUnescape(k); err == nil {
+				k = u
+			}
+			if strings.TrimSpace(k) == "password" {
+				if u, err := url.PathUnescape(v); err == nil {
+					v = u
+				}
+				pw = strings.TrimSpace(v)
+			}
 		}
+		return pw != ""
 	}
 	return false
 }
 
 // passwordKey finds a password key in a key=value connection string.
-var passwordKey = regexp.MustCompile(`(^|\s)password\s*=`)
+var passwordKey = regexp.MustCompile(`(^|\s)password\s*=\s*('(?:[^'\\]|\\.)*'|\S*)`)
 
 // Warnings are what a valid configuration may well not mean, for the
 // named components (all of them when none is named): check-config prints

@@ -412,14 +412,18 @@ func TestASecretWrittenInTheFileIsWarnedOf(t *testing.T) {
 		"postgres://tollgate:hunter5@h1:5432,h2/tollgate", "postgres://tollgate@h1:5432,h2/tollgate?password=hunter5",
 		// No path, and a key percent-encoded.
 		"postgres://tollgate@127.0.0.1:15432?password=hunter5", "postgresql://localhost?sslmode=disable&password=hunter5",
-		"postgres://tollgate@h/tollgate?pass%77ord=hunter5"} {
+		"postgres://tollgate@h/tollgate?pass%77ord=hunter5",
+		// A ";" is a byte like any other; the last key stands.
+		"postgres://tollgate@h:15432/tollgate?password=hunter;5", "postgres://tollgate@h:15432/tollgate?application_name=a;b&password=hunter5",
+		"postgres://tollgate@h:15432/tollgate?password=&password=hunter5", "host=h password='' password=hunter5"} {
 		cfg := writeConfig(t, "services:\n  postgres_url: "+strconv.Quote(conn)+"\n")
 		if ws := strings.Join(cfg.Warnings(), "\n"); !strings.Contains(ws, "services.postgres_url") || strings.Contains(ws, "hunter5") {
 			t.Errorf("postgres_url %q: warnings %q; want one about services.postgres_url, without the password", conn, ws)
 		}
 	}
 	for _, conn := range []string{"postgres://tollgate@127.0.0.1:15432/password?sslmode=disable", "postgres://tollgate@h/tollgate?options=-c%20password%3Dx",
-		"postgres://tollgate:@h/tollgate", "postgres://[::1]:5432/db", "postgres://u@[::1]:5432/db@x", "postgres:///db?host=/var/run/postgresql"} {
+		"postgres://tollgate:@h/tollgate", "postgres://[::1]:5432/db", "postgres://u@[::1]:5432/db@x", "postgres:///db?host=/var/run/postgresql",
+		"host=h password=", "host=h password=''", "postgres://h?user=a@b"} {
 		cfg := writeConfig(t, "services:\n  postgres_url: "+strconv.Quote(conn)+"\n")
 		if ws := cfg.Warnings(); len(ws) != 0 {
 			t.Errorf("postgres_url %q holds no password: warnings %q", conn, ws)

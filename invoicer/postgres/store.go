@@ -293,7 +293,9 @@ func (s *Store) FinalizeDrafts(ctx context.Context) (int, error) {
 // its entries (the newest among equals), not simply the newest: Stripe does
 // not deliver webhooks in order, so a retried payment_failed may arrive
 // after paid, and a sync resumed after a crash may record the invoice as
-// sent after Stripe reported it paid. paid and void are final. Only the
+// sent after Stripe reported it paid. paid and void are final: the first
+// of them stands (a voided event after paid once made a paid invoice void).
+// Only the
 // entries of events about the Stripe invoice the sync recorded count: one
 // written before the sync recorded which it is may be a copy's.
 const invoiceSelect = `
@@ -304,7 +306,9 @@ const invoiceSelect = `
 	     AND (kind NOT LIKE 'stripe.%' OR e.payload->>'stripe_object_id' =
 	          (SELECT stripe_id FROM stripe_sync_steps s WHERE s.invoice_id = i.id AND s.step = 'invoice'))
 	     ORDER BY CASE kind WHEN 'invoice.draft' THEN 0 WHEN 'invoice.finalized' THEN 1 WHEN 'invoice.synced' THEN 2
-	                        WHEN 'stripe.invoice.payment_failed' THEN 3 ELSE 4 END DESC, e.id DESC LIMIT 1), ''),
+	                        WHEN 'stripe.invoice.payment_failed' THEN 3 ELSE 4 END DESC,
+	              CASE WHEN kind IN ('stripe.invoice.paid', 'stripe.invoice.voided') THEN e.id END ASC,
+	              e.id DESC LIMIT 1), ''),
 	  coalesce((SELECT stripe_id FROM stripe_sync_steps s WHERE s.invoice_id = i.id AND s.step = 'invoice'), ''),
 	  coalesce((SELECT detail->>'hosted_invoice_url' FROM stripe_sync_steps s WHERE s.invoice_id = i.id AND s.step = 'finalize'), '')
 	FROM invoices i`

@@ -12,6 +12,7 @@ import (
 	"strings"
 	"sync"
 	"time"
+	"unicode/utf8"
 
 	stripego "github.com/stripe/stripe-go/v76"
 	"github.com/stripe/stripe-go/v76/client"
@@ -404,5 +405,19 @@ func (v *Verifier) Verify(payload []byte, header string) (invoicer.WebhookEvent,
 			}
 		}
 	}
+	// Text Postgres cannot store (a NUL, bytes that are not UTF-8) would
+	// fail every delivery with a 500, and Stripe retries it for days: such
+	// an id matches nothing, so it is kept as text that says so.
+	for _, f := range []*string{&out.ID, &out.Type, &out.ObjectID, &out.Currency, &out.InvoiceID} {
+		*f = storable(*f)
+	}
 	return out, nil
+}
+
+// storable is s with what Postgres's text refuses replaced by U+FFFD.
+func storable(s string) string {
+	if utf8.ValidString(s) && strings.IndexByte(s, 0) < 0 {
+		return s
+	}
+	return strings.ReplaceAll(strings.ToValidUTF8(s, "\uFFFD"), "\x00", "\uFFFD")
 }

@@ -239,6 +239,17 @@ func TestWebhookSignatures(t *testing.T) {
 			t.Errorf("event: %+v", ev)
 		}
 	})
+	// Text Postgres cannot store would fail every delivery with a 500: it
+	// is kept as text that says so, and matches no invoice.
+	t.Run("a NUL in its ids is replaced", func(t *testing.T) {
+		nul := webhook.GenerateTestSignedPayload(&webhook.UnsignedPayload{Secret: "whsec_test",
+			Payload: []byte(strings.NewReplacer(`"in_1"`, `"in_\u0000"`, `"inv_202603_x"`, `"inv_\u0000x"`).Replace(string(payload)))})
+		ev, err := v.Verify(nul.Payload, nul.Header)
+		testenv.Must(t, err, "verify")
+		if ev.ObjectID != "in_\uFFFD" || ev.InvoiceID != "inv_\uFFFDx" {
+			t.Errorf("object %q, invoice %q; want the NULs replaced", ev.ObjectID, ev.InvoiceID)
+		}
+	})
 	t.Run("another secret is rejected", func(t *testing.T) {
 		bad := webhook.GenerateTestSignedPayload(&webhook.UnsignedPayload{Payload: payload, Secret: "whsec_other"})
 		if _, err := v.Verify(bad.Payload, bad.Header); !errors.Is(err, invoicer.ErrUnauthorized) {
