@@ -1282,3 +1282,45 @@ func TestAPlanWithANegativeQuotaIsStillInvoiced(t *testing.T) {
 		t.Fatalf("closed %+v, failed %v; want the account's March invoice of 2900", res.Closed, res.Failed)
 	}
 }
+
+// A paid invoice a stray voided event comes after stays paid (the status
+// rule), and its credit notes are still sent to Stripe, as the status
+// says they may be. Voided first, it is void and they are not.
+func TestCreditNotesFollowTheFirstFinalStatus(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	for _, c := range []struct {
+		account string
+		events  []string
+		status  invoicer.Status
+		sent    int
+	}{
+		{"acct_paid_first", []string{"invoice.paid", "invoice.voided"}, invoicer.StatusPaid, 1},
+		{"acct_void_first", []string{"invoice.voided", "invoice.paid"}, invoicer.StatusVoid, 0},
+	} {
+		id := e.marchInvoice(t, c.account)
+		stripeID := "in_" + c.account
+		testenv.Must(t, e.store.SaveSyncStep(ctx, id, "invoice", stripeID, nil), "invoice step")
+		testenv.Must(t, e.store.SaveSyncStep(ctx, id, "finalize", stripeID, nil), "finalize step")
+		for i, typ := range c.events {
+			_, err := e.store.RecordWebhook(ctx, invoicer.WebhookEvent{ID: fmt.Sprintf("evt_%s_%d", c.account, i), Type: typ,
+				InvoiceID: id, ObjectID: stripeID, Payload: []byte(`{}`)})
+			testenv.Must(t, err, "record "+typ)
+		}
+		_, err := e.store.AppendCreditNote(ctx, id, 100, "goodwill", "")
+		testenv.Must(t, err, "credit note")
+		inv, err := e.store.Invoice(ctx, id)
+		testenv.Must(t, err, "invoice")
+		notes, err := e.store.UnsyncedCreditNotes(ctx)
+		testenv.Must(t, err, "credit notes to send")
+		sent := 0
+		for _, n := range notes {
+			if n.InvoiceID == id {
+				sent++
+			}
+		}
+		if inv.Status != c.status || sent != c.sent {
+			t.Errorf("%s then %s: status %s, %d credit notes to send; want %s and %d", c.events[0], c.events[1], inv.Status, sent, c.status, c.sent)
+		}
+	}
+}

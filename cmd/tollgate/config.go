@@ -232,13 +232,7 @@ func postgresPassword(conn string) bool {
 		rest, isURL = strings.CutPrefix(conn, "postgresql://")
 	}
 	if !isURL {
-		// key=value pairs: the last password key stands, and an empty
-		// value ('' or nothing) is none.
-		pw := ""
-		for _, m := range passwordKey.FindAllStringSubmatch(conn, -1) {
-			pw = m[2]
-		}
-		return pw != "" && pw != "''"
+		return keyValuePassword(conn) != ""
 	}
 	// As the driver reads a URL: the user part runs to the first "@"
 	// before any "/" (a password may hold "#" or "?"), the host on to a
@@ -257,17 +251,19 @@ func postgresPassword(conn string) bool {
 	if _, query, ok := strings.Cut(rest, "?"); ok {
 		// As the driver splits it: on "&" alone (a ";" is a byte like any
 		// other), each key and value unescaped, the last key standing.
+		// Raw spaces are trimmed before unescaping, none after.
 		pw := ""
 		for _, kv := range strings.Split(query, "&") {
 			k, v, _ := strings.Cut(kv, "=")
+			k, v = strings.Trim(k, " "), strings.Trim(v, " ")
 			if u, err := url.PathUnescape(k); err == nil {
 				k = u
 			}
-			if strings.TrimSpace(k) == "password" {
+			if k == "password" {
 				if u, err := url.PathUnescape(v); err == nil {
 					v = u
 				}
-				pw = strings.TrimSpace(v)
+				pw = v
 			}
 		}
 		return pw != ""
@@ -275,8 +271,48 @@ func postgresPassword(conn string) bool {
 	return false
 }
 
-// passwordKey finds a password key in a key=value connection string.
-var passwordKey = regexp.MustCompile(`(^|\s)password\s*=\s*('(?:[^'\\]|\\.)*'|\S*)`)
+// keyValuePassword is the last password in conn, key=value pairs read as
+// the driver reads them: a value is quoted ('…', backslash escapes) or runs
+// to the next space (backslash escapes too).
+func keyValuePassword(conn string) string {
+	pw := ""
+	s := conn
+	for {
+		s = strings.TrimLeft(s, " \t\n\r\v\f")
+		if s == "" {
+			return pw
+		}
+		eq := strings.IndexByte(s, '=')
+		if eq < 0 {
+			return pw
+		}
+		key := strings.TrimSpace(s[:eq])
+		s = strings.TrimLeft(s[eq+1:], " \t\n\r\v\f")
+		var val strings.Builder
+		if strings.HasPrefix(s, "'") {
+			i := 1
+			for ; i < len(s) && s[i] != '\''; i++ {
+				if s[i] == '\\' && i+1 < len(s) {
+					i++
+				}
+				val.WriteByte(s[i])
+			}
+			s = s[min(i+1, len(s)):]
+		} else {
+			i := 0
+			for ; i < len(s) && !strings.ContainsRune(" \t\n\r\v\f", rune(s[i])); i++ {
+				if s[i] == '\\' && i+1 < len(s) {
+					i++
+				}
+				val.WriteByte(s[i])
+			}
+			s = s[i:]
+		}
+		if key == "password" {
+			pw = val.String()
+		}
+	}
+}
 
 // Warnings are what a valid configuration may well not mean, for the
 // named components (all of them when none is named): check-config prints

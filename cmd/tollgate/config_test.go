@@ -415,7 +415,10 @@ func TestASecretWrittenInTheFileIsWarnedOf(t *testing.T) {
 		"postgres://tollgate@h/tollgate?pass%77ord=hunter5",
 		// A ";" is a byte like any other; the last key stands.
 		"postgres://tollgate@h:15432/tollgate?password=hunter;5", "postgres://tollgate@h:15432/tollgate?application_name=a;b&password=hunter5",
-		"postgres://tollgate@h:15432/tollgate?password=&password=hunter5", "host=h password='' password=hunter5"} {
+		"postgres://tollgate@h:15432/tollgate?password=&password=hunter5", "host=h password='' password=hunter5",
+		// Read as the driver tokenises: an escaped space inside a value, a
+		// password of one space written %20.
+		`host=h password=hunter5 options=x\ password=`, "postgres://u@h/db?password=%20"} {
 		cfg := writeConfig(t, "services:\n  postgres_url: "+strconv.Quote(conn)+"\n")
 		if ws := strings.Join(cfg.Warnings(), "\n"); !strings.Contains(ws, "services.postgres_url") || strings.Contains(ws, "hunter5") {
 			t.Errorf("postgres_url %q: warnings %q; want one about services.postgres_url, without the password", conn, ws)
@@ -423,7 +426,8 @@ func TestASecretWrittenInTheFileIsWarnedOf(t *testing.T) {
 	}
 	for _, conn := range []string{"postgres://tollgate@127.0.0.1:15432/password?sslmode=disable", "postgres://tollgate@h/tollgate?options=-c%20password%3Dx",
 		"postgres://tollgate:@h/tollgate", "postgres://[::1]:5432/db", "postgres://u@[::1]:5432/db@x", "postgres:///db?host=/var/run/postgresql",
-		"host=h password=", "host=h password=''", "postgres://h?user=a@b"} {
+		"host=h password=", "host=h password=''", "postgres://h?user=a@b",
+		"host=h application_name='a password=x'", "postgres://u@h/db?%20password=x"} {
 		cfg := writeConfig(t, "services:\n  postgres_url: "+strconv.Quote(conn)+"\n")
 		if ws := cfg.Warnings(); len(ws) != 0 {
 			t.Errorf("postgres_url %q holds no password: warnings %q", conn, ws)

@@ -520,9 +520,13 @@ func (s *Store) UnsyncedCreditNotes(ctx context.Context) ([]invoicer.CreditNote,
 		JOIN stripe_sync_steps fin ON fin.invoice_id = e.invoice_id AND fin.step = 'finalize'
 		WHERE e.kind = $1 AND NOT EXISTS (SELECT 1 FROM stripe_sync_steps c
 			WHERE c.invoice_id = e.invoice_id AND c.step = 'credit_note:' || e.id::text)
-		  -- Stripe cannot credit a voided invoice: nothing is owed on it.
+		  -- Stripe cannot credit a voided invoice: nothing is owed on it. Void
+		  -- counts as the status does (invoiceSelect): only when no paid
+		  -- came before it, else the invoice stays paid and is credited.
 		  AND NOT EXISTS (SELECT 1 FROM ledger_entries v WHERE v.invoice_id = e.invoice_id AND v.kind = 'stripe.invoice.voided'
-		    AND v.payload->>'stripe_object_id' = inv.stripe_id)
+		    AND v.payload->>'stripe_object_id' = inv.stripe_id
+		    AND NOT EXISTS (SELECT 1 FROM ledger_entries p WHERE p.invoice_id = v.invoice_id AND p.kind = 'stripe.invoice.paid'
+		      AND p.payload->>'stripe_object_id' = inv.stripe_id AND p.id < v.id))
 		ORDER BY e.id`, KindCreditNote)
 	if err != nil {
 		return nil, fmt.Errorf("list unsynced credit notes: %w", err)
