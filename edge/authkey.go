@@ -15,8 +15,8 @@ type keyLookup interface {
 
 // errKeyStore answers a call whose key could not be checked because the
 // store could not be read: not the caller's failure, so not audited.
-var errKeyStore = NewAPIError(http.StatusServiceUnavailable, TypeAPI, "key_store_unavailable",
-	"API keys cannot be checked right now; retry shortly.")
+var errKeyStore = RetryShortly(NewAPIError(http.StatusServiceUnavailable, TypeAPI, "key_store_unavailable",
+	"API keys cannot be checked right now; retry shortly."))
 
 // authenticate checks raw, the key a request presented, as every service
 // that takes API keys does. A refusal comes with the audit log's reason and

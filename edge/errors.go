@@ -71,9 +71,14 @@ func NewAPIError(status int, typ, code, msg string) *APIError {
 // upstream busy (edge.upstream_max_conns) for as long as upstream_timeout:
 // it never reached the upstream, so it may be retried as it is.
 func UpstreamBusy() *APIError {
+	return RetryShortly(NewAPIError(http.StatusServiceUnavailable, TypeAPI, "upstream_busy",
+		"The upstream service has as many calls in flight as the edge sends it at once; retry shortly."))
+}
+
+// RetryShortly has ae, a refusal that passes, say to retry in a second:
+// its Retry-After and retry_after, for clients that back off on them.
+func RetryShortly(ae *APIError) *APIError {
 	retry := int64(1)
-	ae := NewAPIError(http.StatusServiceUnavailable, TypeAPI, "upstream_busy",
-		"The upstream service has as many calls in flight as the edge sends it at once; retry shortly.")
 	ae.RetryAfter = &retry
 	return ae
 }

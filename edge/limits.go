@@ -261,8 +261,16 @@ func bucketResult(lim *rate.Limiter, now time.Time, r float64, b int, allowed bo
 }
 
 // QuotaShare is the part of a monthly quota of limit calls each instance
-// allows while it decides alone.
-func (l *LocalLimiter) QuotaShare(limit int64) int64 { return limit / int64(l.instances) }
+// allows while it decides alone: at least one call of a quota that has
+// any, as a burst's share is (a quota smaller than the fleet refused every
+// call, the first included, for the whole outage; the fleet may now pass
+// such a quota by up to the instances less the quota).
+func (l *LocalLimiter) QuotaShare(limit int64) int64 {
+	if limit <= 0 {
+		return 0
+	}
+	return max(1, limit/int64(l.instances))
+}
 
 // Take implements QuotaCounter locally: each instance allows its share.
 func (l *LocalLimiter) Take(_ context.Context, bucket string, limit int64, _ time.Duration) (int64, bool, error) {

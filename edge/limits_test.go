@@ -552,3 +552,16 @@ func TestTheMonthsLastCallWithAnEmptyBurstNamesTheMonth(t *testing.T) {
 		t.Errorf("headers %v; want the month's: Remaining 0, Reset in 12 days", got)
 	}
 }
+
+// A monthly quota smaller than the fleet still gives each instance one
+// call of it while Redis is out of reach, as a burst smaller than the
+// fleet does. Before, the share was 0, and every call was refused for the
+// whole outage, an account's first of the month included.
+func TestATinyQuotasShareIsOneCall(t *testing.T) {
+	l := NewLocalLimiter(10)
+	for _, c := range []struct{ limit, want int64 }{{0, 0}, {1, 1}, {5, 1}, {10, 1}, {25, 2}, {1000, 100}} {
+		if got := l.QuotaShare(c.limit); got != c.want {
+			t.Errorf("a quota of %d over 10 instances: a share of %d, want %d", c.limit, got, c.want)
+		}
+	}
+}

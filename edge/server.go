@@ -283,8 +283,8 @@ const upgradeSlot = "upgrade_slot"
 func (s *Server) UpgradeOpened() (closed func(), err error) {
 	if s.upgrades.Add(1) > int64(s.cfg.MaxUpgradedConnections) {
 		s.upgrades.Add(-1)
-		return nil, NewAPIError(http.StatusServiceUnavailable, TypeAPI, "too_many_upgraded_connections",
-			fmt.Sprintf("This edge holds %d upgraded connections already; retry later.", s.cfg.MaxUpgradedConnections))
+		return nil, RetryShortly(NewAPIError(http.StatusServiceUnavailable, TypeAPI, "too_many_upgraded_connections",
+			fmt.Sprintf("This edge holds %d upgraded connections already; retry later.", s.cfg.MaxUpgradedConnections)))
 	}
 	s.m.upgraded.Inc()
 	return func() {
@@ -972,9 +972,14 @@ func (s *Server) limitCall(ctx context.Context, k *Key, quota bool, now time.Tim
 		s.m.limited.WithLabelValues(refused.name).Inc()
 		retry := max(1, ceilSeconds(refused.result.RetryAfter))
 		at := s.now().Add(refused.result.RetryAfter).UTC().Format(time.RFC3339Nano)
-		ae := NewAPIError(http.StatusTooManyRequests, TypeRateLimit, "rate_limited",
-			fmt.Sprintf("Too many requests for this %s: %d per second (burst %d) on plan %q.",
-				refused.name, lim.RequestsPerSecond, lim.Burst, planName(k.Plan)))
+		msg := fmt.Sprintf("Too many requests for this %s: %d per second (burst %d) on plan %q.",
+			refused.name, lim.RequestsPerSecond, lim.Burst, planName(k.Plan))
+		if refused.result.Limit != lim.Burst {
+			// Decided by this edge alone (the local fallback): its share,
+			// which the headers carry, is what refused the call.
+			msg += fmt.Sprintf(" While the shared limits are unreachable, this edge allows its share: a burst of %d.", refused.result.Limit)
+		}
+		ae := NewAPIError(http.StatusTooManyRequests, TypeRateLimit, "rate_limited", msg)
 		ae.Limit, ae.RetryAfter, ae.RetryAt, ae.UpgradeURL = refused.name, &retry, at, s.upgradeURL(k.Plan)
 		setHeader("Retry-After", strconv.AppendInt(nil, retry, 10))
 		return ae

@@ -81,6 +81,9 @@ func TestAnEdgesReadinessAnswersWhenPostgresGoesSilent(t *testing.T) {
 		if want := map[bool]int{true: 503, false: 401}[k == key]; resp.StatusCode != want {
 			t.Fatalf("a call with Postgres silent: %d %s; want %d", resp.StatusCode, body, want)
 		}
+		if k == key && resp.Header.Get("Retry-After") != "1" {
+			t.Fatalf("503 key_store_unavailable with Retry-After %q, want 1", resp.Header.Get("Retry-After"))
+		}
 		t.Logf("answered %d after %s", resp.StatusCode, time.Since(began).Round(time.Millisecond))
 	}
 	stop()

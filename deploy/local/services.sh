@@ -144,7 +144,8 @@ launch() {
   rm -f "$(pid_file "$svc")"
   printf '\n=== %s starting %s\n' "$(date -u +%FT%TZ)" "$svc" >>"$out"
   # shellcheck disable=SC2016 # $$ and $@ belong to the inner shell
-  setsid nohup bash -c 'echo $$ >"$0"; exec "$@"' "$(pid_file "$svc")" "$@" >>"$out" 2>&1 </dev/null 9>&- &
+  # No pid file (a full disk): no service, since nothing could stop it.
+  setsid nohup bash -c 'echo $$ >"$0" && exec "$@"' "$(pid_file "$svc")" "$@" >>"$out" 2>&1 </dev/null 9>&- &
   LAUNCHED_PID=$!
   local i
   for i in $(seq 50); do [[ -s $(pid_file "$svc") ]] && return 0; sleep 0.1; done
@@ -724,7 +725,7 @@ daemonize no
 # them across a restart, losing at most the last second's counts.
 appendonly yes
 appendfsync everysec
-dir $d/data
+dir "$d/data"
 logfile ""
 EOF
   launch redis "$STATE/logs/redis.log" redis-server "$d/redis.conf"
@@ -842,15 +843,16 @@ kill9_service() {
 # ---------------------------------------------------------------- commands
 
 cmd_env() {
-  cat <<EOF
-export TOLLGATE_KAFKA_BROKERS=$TOLLGATE_KAFKA_BROKERS
-export TOLLGATE_CLICKHOUSE_ADDR=$TOLLGATE_CLICKHOUSE_ADDR
-export TOLLGATE_POSTGRES_URL='$TOLLGATE_POSTGRES_URL'
-export TOLLGATE_REDIS_ADDR=$TOLLGATE_REDIS_ADDR
-export TOLLGATE_STRIPE_MOCK_URL=$TOLLGATE_STRIPE_MOCK_URL
-export TOLLGATE_CLICKHOUSE_HTTP_PORT=$CLICKHOUSE_HTTP_PORT
-export TOLLGATE_CHDB_PYTHON=$STATE/chdb/bin/python
-EOF
+  # Each value quoted for the shell that evals it: a checkout path with a
+  # space broke the eval, and `make test` with it.
+  printf 'export %s=%q\n' \
+    TOLLGATE_KAFKA_BROKERS "$TOLLGATE_KAFKA_BROKERS" \
+    TOLLGATE_CLICKHOUSE_ADDR "$TOLLGATE_CLICKHOUSE_ADDR" \
+    TOLLGATE_POSTGRES_URL "$TOLLGATE_POSTGRES_URL" \
+    TOLLGATE_REDIS_ADDR "$TOLLGATE_REDIS_ADDR" \
+    TOLLGATE_STRIPE_MOCK_URL "$TOLLGATE_STRIPE_MOCK_URL" \
+    TOLLGATE_CLICKHOUSE_HTTP_PORT "$CLICKHOUSE_HTTP_PORT" \
+    TOLLGATE_CHDB_PYTHON "$STATE/chdb/bin/python"
 }
 
 cmd_status() {

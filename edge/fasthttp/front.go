@@ -491,7 +491,7 @@ func (f *Front) requestError(ctx *fh.RequestCtx, err error) {
 // errShuttingDown answers a call or an upgrade the stopping edge does not
 // take.
 func errShuttingDown() *edge.APIError {
-	return edge.NewAPIError(fh.StatusServiceUnavailable, edge.TypeAPI, "shutting_down", "This edge is stopping; retry the call.")
+	return edge.RetryShortly(edge.NewAPIError(fh.StatusServiceUnavailable, edge.TypeAPI, "shutting_down", "This edge is stopping; retry the call."))
 }
 
 // lingerOn has the call's connection read and drop what the caller still
