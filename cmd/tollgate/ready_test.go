@@ -9,7 +9,6 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
-	"net/url"
 	"os"
 	"os/exec"
 	"strings"
@@ -30,14 +29,11 @@ import (
 func TestAnEdgesReadinessAnswersWhenPostgresGoesSilent(t *testing.T) {
 	ctx := context.Background()
 	pg, ch := testenv.NewPostgres(t), testenv.NewClickHouse(t)
-	u, err := url.Parse(pg.URL)
-	testenv.Must(t, err, "parse the database URL")
-	f := testenv.NewFreezer(t, u.Host)
-	u.Host = f.Addr()
+	f, silent := pg.Freezable(t)
 	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { _, _ = w.Write([]byte("ok")) }))
 	t.Cleanup(up.Close)
 	cfg := testConfig(t, pg, ch, "ready."+testenv.Name(t))
-	cfg.Services.PostgresURL = u.String()
+	cfg.Services.PostgresURL = silent
 	cfg.Edge.SpoolDir, cfg.Edge.Upstream = t.TempDir(), up.URL
 	m, err := NewEdgeMain(ctx, cfg, quietLog())
 	testenv.Must(t, err, "start the edge")
@@ -202,16 +198,6 @@ func readyz(t *testing.T, base string) (int, time.Duration) {
 	return resp.StatusCode, time.Since(began)
 }
 
-// silentPostgres is this test's own Postgres reached through a Freezer.
-func silentPostgres(t *testing.T, pg *testenv.Postgres) (*testenv.Freezer, string) {
-	t.Helper()
-	u, err := url.Parse(pg.URL)
-	testenv.Must(t, err, "parse the database URL")
-	f := testenv.NewFreezer(t, u.Host)
-	u.Host = f.Addr()
-	return f, u.String()
-}
-
 // Every component answers /readyz: ready while the services it needs
 // answer, 503 within about a second once one goes silent. Only the edge had
 // one; the usage API's and the invoice API's /healthz said only that the
@@ -234,7 +220,7 @@ func TestEveryComponentsReadinessFollowsItsServices(t *testing.T) {
 	}
 	t.Run("usage API and the aggregator's metrics listener", func(t *testing.T) {
 		pg, ch := testenv.NewPostgres(t), testenv.NewClickHouse(t)
-		f, silent := silentPostgres(t, pg)
+		f, silent := pg.Freezable(t)
 		cfg := testConfig(t, pg, ch, "unused")
 		cfg.Services.PostgresURL, cfg.Aggregator.MetricsListen = silent, "127.0.0.1:0"
 		m, err := NewAggregateMain(ctx, cfg, quietLog())
@@ -246,7 +232,7 @@ func TestEveryComponentsReadinessFollowsItsServices(t *testing.T) {
 	})
 	t.Run("invoice API and the invoicer's metrics listener", func(t *testing.T) {
 		pg, ch := testenv.NewPostgres(t), testenv.NewClickHouse(t)
-		f, silent := silentPostgres(t, pg)
+		f, silent := pg.Freezable(t)
 		cfg := testConfig(t, pg, ch, "unused")
 		cfg.Services.PostgresURL, cfg.Invoicer.MetricsListen = silent, "127.0.0.1:0"
 		m, err := NewInvoiceMain(ctx, cfg, quietLog())

@@ -5,7 +5,6 @@ import (
 	"database/sql"
 	"fmt"
 	"log/slog"
-	"net/url"
 	"strings"
 	"testing"
 	"time"
@@ -270,12 +269,8 @@ func failedWrites(t *testing.T, reg *prometheus.Registry) float64 {
 // stop, which closed the audit writer first, never reached its usage
 // events.
 func TestCloseIsNotHeldByAFlushToASilentDatabase(t *testing.T) {
-	pg := testenv.NewPostgres(t)
-	u, err := url.Parse(pg.URL)
-	testenv.Must(t, err, "parse the database URL")
-	f := testenv.NewFreezer(t, u.Host)
-	u.Host = f.Addr()
-	pool, err := pgxpool.New(context.Background(), u.String())
+	f, silent := testenv.NewPostgres(t).Freezable(t)
+	pool, err := pgxpool.New(context.Background(), silent)
 	testenv.Must(t, err, "pool")
 	t.Cleanup(pool.Close)
 	testenv.Must(t, pool.Ping(context.Background()), "ping through the freezer")

@@ -3,7 +3,6 @@ package postgres_test
 import (
 	"context"
 	"log/slog"
-	"net/url"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -24,13 +23,9 @@ func (c *trust) SetTrusted(b bool)            { c.trusted.Store(b) }
 // meanwhile (a revocation) would otherwise go unseen until TCP gave up,
 // minutes later.
 func TestListenerNoticesASilentConnectionWithinASecond(t *testing.T) {
-	pg := testenv.NewPostgres(t)
-	u, err := url.Parse(pg.URL)
-	testenv.Must(t, err, "parse the database URL")
-	f := testenv.NewFreezer(t, u.Host)
-	u.Host = f.Addr()
+	f, silent := testenv.NewPostgres(t).Freezable(t)
 	c := &trust{}
-	l := edgepg.NewListener(u.String(), c, slog.New(slog.DiscardHandler))
+	l := edgepg.NewListener(silent, c, slog.New(slog.DiscardHandler))
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	testenv.Must(t, l.Start(ctx), "start the listener")

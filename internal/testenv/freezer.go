@@ -3,6 +3,7 @@ package testenv
 import (
 	"io"
 	"net"
+	"net/url"
 	"sync/atomic"
 	"testing"
 )
@@ -62,4 +63,15 @@ func (f *Freezer) pipe(dst io.Writer, src io.Reader) {
 			return
 		}
 	}
+}
+
+// Freezable is a URL of pg reached through a Freezer of its own, which the
+// test can freeze to make the database go silent (no close, no reset).
+func (pg *Postgres) Freezable(t testing.TB) (*Freezer, string) {
+	t.Helper()
+	u, err := url.Parse(pg.URL)
+	Must(t, err, "parse the database URL")
+	f := NewFreezer(t, u.Host)
+	u.Host = f.Addr()
+	return f, u.String()
 }
