@@ -3,6 +3,7 @@
 package kafka
 
 import (
+	"bufio"
 	"cmp"
 	"context"
 	"crypto/sha256"
@@ -66,7 +67,7 @@ func NewSource(brokers []string, topic, group string) *Source {
 					if err != nil {
 						return nil, err
 					}
-					return deadline.Lazy(c), nil
+					return readAhead(deadline.Lazy(c)), nil
 				},
 			},
 		}),
@@ -75,6 +76,27 @@ func NewSource(brokers []string, topic, group string) *Source {
 		client: &kafka.Client{Addr: kafka.TCP(brokers...), Timeout: 10 * time.Second, Transport: &kafka.Transport{}},
 	}
 }
+
+// readAheadBytes is how much of a fetch answer one read from the broker's
+// connection may take at a time.
+const readAheadBytes = 256 << 10
+
+// readAhead reads c through a buffer of readAheadBytes. kafka-go reads a
+// connection through a bufio.Reader of 4 KiB, so a fetch answer of many
+// small records cost one system call for every 4 KiB: about 7 % of the
+// ingest process's CPU on the ingest benchmark. One read now takes what
+// the socket holds, up to the buffer; kafka-go's reads are served from it.
+// Deadlines still bound every read that has to wait for the broker.
+func readAhead(c net.Conn) net.Conn {
+	return &readAheadConn{Conn: c, r: bufio.NewReaderSize(c, readAheadBytes)}
+}
+
+type readAheadConn struct {
+	net.Conn
+	r *bufio.Reader
+}
+
+func (c *readAheadConn) Read(p []byte) (int, error) { return c.r.Read(p) }
 
 // Fetch returns the next message without committing it.
 func (s *Source) Fetch(ctx context.Context) (ingest.Message, error) {
