@@ -3,14 +3,12 @@
 package kafka
 
 import (
-	"bufio"
 	"cmp"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"net"
 	"slices"
 	"strconv"
 	"sync"
@@ -19,7 +17,7 @@ import (
 	"github.com/segmentio/kafka-go"
 
 	"github.com/tollgate-dev/tollgate/ingest"
-	"github.com/tollgate-dev/tollgate/internal/deadline"
+	"github.com/tollgate-dev/tollgate/internal/kafkaconn"
 	"github.com/tollgate-dev/tollgate/schemas"
 )
 
@@ -57,46 +55,13 @@ func NewSource(brokers []string, topic, group string) *Source {
 			// usage (and every watermark with them) waited until then.
 			WatchPartitionChanges:  true,
 			PartitionWatchInterval: 5 * time.Second,
-			// kafka-go's reader moves a connection's read deadline for
-			// every message of a fetch, to the same instant each time.
-			Dialer: &kafka.Dialer{
-				Timeout: 10 * time.Second,
-				DialFunc: func(ctx context.Context, network, addr string) (net.Conn, error) {
-					var d net.Dialer
-					c, err := d.DialContext(ctx, network, addr)
-					if err != nil {
-						return nil, err
-					}
-					return readAhead(deadline.Lazy(c)), nil
-				},
-			},
+			Dialer:                 kafkaconn.Dialer(10 * time.Second),
 		}),
 		topic:  topic,
 		group:  group,
 		client: &kafka.Client{Addr: kafka.TCP(brokers...), Timeout: 10 * time.Second, Transport: &kafka.Transport{}},
 	}
 }
-
-// readAheadBytes is how much of a fetch answer one read from the broker's
-// connection may take at a time.
-const readAheadBytes = 256 << 10
-
-// readAhead reads c through a buffer of readAheadBytes. kafka-go reads a
-// connection through a bufio.Reader of 4 KiB, so a fetch answer of many
-// small records cost one system call for every 4 KiB: about 7 % of the
-// ingest process's CPU on the ingest benchmark. One read now takes what
-// the socket holds, up to the buffer; kafka-go's reads are served from it.
-// Deadlines still bound every read that has to wait for the broker.
-func readAhead(c net.Conn) net.Conn {
-	return &readAheadConn{Conn: c, r: bufio.NewReaderSize(c, readAheadBytes)}
-}
-
-type readAheadConn struct {
-	net.Conn
-	r *bufio.Reader
-}
-
-func (c *readAheadConn) Read(p []byte) (int, error) { return c.r.Read(p) }
 
 // Fetch returns the next message without committing it.
 func (s *Source) Fetch(ctx context.Context) (ingest.Message, error) {

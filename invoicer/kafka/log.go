@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"github.com/segmentio/kafka-go"
+
+	"github.com/tollgate-dev/tollgate/internal/kafkaconn"
 )
 
 // Message is one record of the topic.
@@ -55,7 +57,7 @@ func (l *Log) Read(ctx context.Context, since time.Time, batch int, fn func([]Me
 			continue
 		}
 		r := kafka.NewReader(kafka.ReaderConfig{Brokers: l.Brokers, Topic: l.Topic, Partition: s.partition,
-			MinBytes: 1, MaxBytes: 16 << 20, MaxWait: 200 * time.Millisecond})
+			MinBytes: 1, MaxBytes: 16 << 20, MaxWait: 200 * time.Millisecond, Dialer: kafkaconn.Dialer(10 * time.Second)})
 		if err := r.SetOffset(s.start); err != nil {
 			r.Close()
 			return fmt.Errorf("seek partition %d: %w", s.partition, err)

@@ -1,4 +1,4 @@
-package kafka
+package kafkaconn_test
 
 import (
 	"bufio"
@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/tollgate-dev/tollgate/internal/deadline"
+	"github.com/tollgate-dev/tollgate/internal/kafkaconn"
 )
 
 // TestReadAheadKeepsTheStreamAndItsDeadlines checks the broker connection's
@@ -24,7 +25,7 @@ func TestReadAheadKeepsTheStreamAndItsDeadlines(t *testing.T) {
 	}
 	defer ln.Close()
 	// More than the read-ahead buffer, sent in writes of odd sizes.
-	want := make([]byte, 3*readAheadBytes+12345)
+	want := make([]byte, 3*kafkaconn.ReadAheadBytes+12345)
 	for i := range want {
 		want[i] = byte(i * 7 % 251)
 	}
@@ -53,7 +54,7 @@ func TestReadAheadKeepsTheStreamAndItsDeadlines(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	c := readAhead(deadline.Lazy(raw))
+	c := kafkaconn.ReadAhead(deadline.Lazy(raw))
 	defer c.Close()
 	// kafka-go reads its connection through a 4 KiB bufio.Reader.
 	r := bufio.NewReader(c)
