@@ -302,3 +302,70 @@ func TestProcessesStartingTogetherAllMigrate(t *testing.T) {
 		})
 	}
 }
+
+// TestKeyAndSubscriptionTimesStayWithinYear9999 checks the bounds on the
+// times an operator may set by hand: past the year 9999 (or infinity) a
+// time has no RFC 3339 form, and one such row broke the admin views that
+// list it. A row written before the bounds does not stop an upgrade.
+func TestKeyAndSubscriptionTimesStayWithinYear9999(t *testing.T) {
+	pg := testenv.NewEmptyPostgres(t)
+	db, err := sql.Open("pgx", pg.URL)
+	testenv.Must(t, err, "open")
+	defer db.Close()
+	ctx := context.Background()
+	_, err = schemas.MigratePostgresTo(ctx, db, 140)
+	testenv.Must(t, err, "migrate to 140")
+	_, err = db.ExecContext(ctx, `INSERT INTO accounts (id, name) VALUES ('acct_1', 'A');
+		INSERT INTO environments (account_id, mode) VALUES ('acct_1', 'live');
+		INSERT INTO api_keys (id, account_id, environment, kind, display_prefix, hash, scopes, name, expires_at)
+		VALUES ('key_old', 'acct_1', 'live', 'secret', 'sk_live_old', sha256('key_old'), '{}', 'old', 'infinity')`)
+	testenv.Must(t, err, "rows at version 140")
+	_, err = schemas.MigratePostgres(ctx, db)
+	testenv.Must(t, err, "migrate forward over a row past the bounds")
+
+	insertKey := func(id, expires string) error {
+		_, err := db.ExecContext(ctx, `INSERT INTO api_keys (id, account_id, environment, kind, display_prefix, hash, scopes, name, expires_at)
+			VALUES ($1::text, 'acct_1', 'live', 'secret', $1::text, sha256(convert_to($1::text, 'UTF8')), '{}', 'k', $2::timestamptz)`, id, expires)
+		return err
+	}
+	insertSub := func(id, starts, ends string) error {
+		_, err := db.ExecContext(ctx, `INSERT INTO subscriptions (id, account_id, plan_id, plan_version, starts_at, ends_at)
+			VALUES ($1, 'acct_1', 'free', 1, $2::timestamptz, $3::timestamptz)`, id, starts, ends)
+		return err
+	}
+	refused := func(t *testing.T, err error) {
+		t.Helper()
+		if err == nil || !strings.Contains(err.Error(), "check constraint") {
+			t.Fatalf("got %v, want the row refused by its check constraint", err)
+		}
+	}
+	t.Run("a key expiring in the year 9999 is kept", func(t *testing.T) {
+		testenv.Must(t, insertKey("key_9999", "9999-12-31 23:59:59+00"), "insert")
+	})
+	t.Run("a key without an expiry is kept", func(t *testing.T) {
+		_, err := db.ExecContext(ctx, `INSERT INTO api_keys (id, account_id, environment, kind, display_prefix, hash, scopes, name)
+			VALUES ('key_never', 'acct_1', 'live', 'secret', 'key_never', sha256('key_never'), '{}', 'k')`)
+		testenv.Must(t, err, "insert")
+	})
+	t.Run("a key expiring in the year 10000 is refused", func(t *testing.T) {
+		refused(t, insertKey("key_10000", "10000-01-01 00:00:00+00"))
+	})
+	t.Run("a key expiring at infinity is refused", func(t *testing.T) {
+		refused(t, insertKey("key_inf", "infinity"))
+	})
+	t.Run("an expiry moved past the year 9999 by hand is refused", func(t *testing.T) {
+		_, err := db.ExecContext(ctx, `UPDATE api_keys SET expires_at = '20000-01-01' WHERE id = 'key_9999'`)
+		refused(t, err)
+	})
+	t.Run("a subscription without an end is kept", func(t *testing.T) {
+		_, err := db.ExecContext(ctx, `INSERT INTO subscriptions (id, account_id, plan_id, plan_version, starts_at)
+			VALUES ('sub_open', 'acct_1', 'free', 1, now())`)
+		testenv.Must(t, err, "insert")
+	})
+	t.Run("a subscription ending at infinity is refused", func(t *testing.T) {
+		refused(t, insertSub("sub_inf", "2026-01-01", "infinity"))
+	})
+	t.Run("a subscription starting at -infinity is refused", func(t *testing.T) {
+		refused(t, insertSub("sub_neg", "-infinity", "2027-01-01"))
+	})
+}
