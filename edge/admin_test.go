@@ -636,14 +636,15 @@ func TestReportEventsRefusesWhatWouldNotCount(t *testing.T) {
 		{"id":"twice","type":"tokens","time":%q,"units":1,"units":1000},
 		{"id":"dimtwice","type":"tokens","time":%q,"dimensions":{"model":"a","model":"b"}},
 		{"id":"dimarray","type":"tokens","time":%q,"dimensions":["Units"]},
-		{"id":"nullunits","type":"tokens","time":%q,"units":null}
+		{"id":"nullunits","type":"tokens","time":%q,"units":null},
+		{"id":"oldoffset","type":"tokens","time":"1999-12-31T23:30:00-05:00"}
 	]}`, at, schemas.MaxUnits, at, schemas.MaxUnits+1, old, at, at, at, at, at, at, at)
 	r := edgetest.Do(t, "POST", in.URL+"/v1/events", key, strings.NewReader(body))
 	var res edge.BatchResult
 	if r.Status != 200 || json.Unmarshal(r.Body, &res) != nil {
 		t.Fatalf("status %d body %s", r.Status, r.Body)
 	}
-	wantField := []string{"", "units", "time", "id", "units", "time", "Units", "units", "dimensions.model", "dimensions", "units"}
+	wantField := []string{"", "units", "time", "id", "units", "time", "Units", "units", "dimensions.model", "dimensions", "units", "time"}
 	for i, item := range res.Results {
 		if i == 0 {
 			if item.Status != "accepted" {
@@ -655,7 +656,7 @@ func TestReportEventsRefusesWhatWouldNotCount(t *testing.T) {
 			t.Errorf("item %d: %+v, want rejected on %q alone", i, item, wantField[i])
 		}
 	}
-	if res.Accepted != 1 || res.Rejected != 10 {
+	if res.Accepted != 1 || res.Rejected != 11 {
 		t.Fatalf("result %+v", res)
 	}
 

@@ -403,7 +403,11 @@ func (s *Server) reportedEvent(k *Key, raw json.RawMessage, now time.Time) (sche
 	ps = append(ps, brokenText(raw, &re)...)
 	if re.Time.IsZero() {
 		ps = append(ps, schemas.FieldError{Field: "time", Reason: "required (RFC 3339)"})
-	} else if oldest := now.Add(-s.cfg.MaxEventAge); re.Time.Before(oldest) && re.Time.Year() >= 2000 {
+	} else if oldest := now.Add(-s.cfg.MaxEventAge); re.Time.Before(oldest) && re.Time.UTC().Year() >= 2000 {
+		// The year is read in UTC, as the schema's check of it is: read in
+		// the client's offset, 2000-01-01T04:30Z sent as 1999-12-31T23:30-05:00
+		// passed both checks and was accepted, then set aside by ingest as
+		// too late to count.
 		ps = append(ps, schemas.FieldError{Field: "time", Reason: fmt.Sprintf(
 			"older than %s (edge.max_event_age): too late to be counted", s.cfg.MaxEventAge)})
 	}
