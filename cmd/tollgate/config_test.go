@@ -496,3 +496,47 @@ func TestEveryConfigurationExampleInTheDocsLoads(t *testing.T) {
 		t.Fatal("no ```yaml blocks found in the docs")
 	}
 }
+
+// TestMigrateAndDemoWarnOfSecretsInTheFile: the README says every command
+// that reads the configuration file warns of a secret written in it; migrate
+// and demo, which load the file without loadFor, did not.
+func TestMigrateAndDemoWarnOfSecretsInTheFile(t *testing.T) {
+	// The file's settings stand: none is replaced from the environment
+	// (make test sets the services' addresses there).
+	for name := range (&Config{}).envStrings() {
+		t.Setenv(name, "")
+	}
+	t.Setenv("TOLLGATE_KAFKA_BROKERS", "127.0.0.1:1")
+	p := filepath.Join(t.TempDir(), "c.yaml")
+	// Nothing listens on port 1: each command fails at its first
+	// connection, after reading the file.
+	body := "services:\n  clickhouse_password: hunter2\n  clickhouse_addr: 127.0.0.1:1\n" +
+		"  postgres_url: postgres://tollgate:hunter4@127.0.0.1:1/tollgate?sslmode=disable\n"
+	if err := os.WriteFile(p, []byte(body), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, args := range [][]string{{"migrate"}, {"demo", "--once", "--calls", "0"}} {
+		t.Run(args[0]+" warns", func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			root := newRootCommand()
+			var out bytes.Buffer
+			root.SetOut(&out)
+			root.SetErr(&out)
+			root.SetArgs(append(args, "-c", p))
+			err := root.ExecuteContext(ctx)
+			if err == nil {
+				t.Fatalf("tollgate %s succeeded with nothing to connect to", args[0])
+			}
+			t.Logf("tollgate %s: %v", args[0], err)
+			for _, name := range []string{"services.clickhouse_password", "services.postgres_url"} {
+				if !strings.Contains(out.String(), name) {
+					t.Errorf("tollgate %s: no warning about %s in its output:\n%s", args[0], name, out.String())
+				}
+			}
+			if strings.Contains(out.String(), "hunter2") || strings.Contains(out.String(), "hunter4") {
+				t.Errorf("tollgate %s: its output quotes a secret:\n%s", args[0], out.String())
+			}
+		})
+	}
+}

@@ -40,6 +40,7 @@ func demoCommand(g *globalFlags) *cobra.Command {
 			if err != nil {
 				return err
 			}
+			warnSecretsInFile(log, cfg)
 			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
 			context.AfterFunc(ctx, stop) // a second signal ends the process (main)

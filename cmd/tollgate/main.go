@@ -6,6 +6,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"os/signal"
@@ -38,6 +39,9 @@ type globalFlags struct {
 	config   string
 	logLevel string
 	logJSON  bool
+	// stderr is where logs go: the root command's error output, which a
+	// test may set.
+	stderr func() io.Writer
 }
 
 func newRootCommand() *cobra.Command {
@@ -48,6 +52,7 @@ func newRootCommand() *cobra.Command {
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
+	g.stderr = root.ErrOrStderr
 	root.PersistentFlags().StringVarP(&g.config, "config", "c", os.Getenv("TOLLGATE_CONFIG"), "configuration file (YAML); env TOLLGATE_CONFIG")
 	root.PersistentFlags().StringVar(&g.logLevel, "log-level", "info", "debug, info, warn or error")
 	root.PersistentFlags().BoolVar(&g.logJSON, "log-json", false, "log as JSON lines")
@@ -98,10 +103,23 @@ func (g *globalFlags) logger() (*slog.Logger, error) {
 		return nil, fmt.Errorf("--log-level: %w", err)
 	}
 	opts := &slog.HandlerOptions{Level: lvl}
-	if g.logJSON {
-		return slog.New(slog.NewJSONHandler(os.Stderr, opts)), nil
+	var w io.Writer = os.Stderr
+	if g.stderr != nil {
+		w = g.stderr()
 	}
-	return slog.New(slog.NewTextHandler(os.Stderr, opts)), nil
+	if g.logJSON {
+		return slog.New(slog.NewJSONHandler(w, opts)), nil
+	}
+	return slog.New(slog.NewTextHandler(w, opts)), nil
+}
+
+// warnSecretsInFile logs the configuration's secrets written in its file,
+// for a command that neither validates for a component nor goes through
+// loadFor (which logs every warning).
+func warnSecretsInFile(log *slog.Logger, cfg Config) {
+	for _, w := range cfg.secretsInFile {
+		log.Warn("configuration: " + w)
+	}
 }
 
 // component is what every component's Main provides.
@@ -297,10 +315,15 @@ func migrateCommand(g *globalFlags) *cobra.Command {
 		Short: "Apply the Postgres migrations and the ClickHouse DDL",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			log, err := g.logger()
+			if err != nil {
+				return err
+			}
 			cfg, err := LoadConfig(g.config)
 			if err != nil {
 				return err
 			}
+			warnSecretsInFile(log, cfg)
 			pool, err := openPostgres(cmd.Context(), cfg.Services.PostgresURL)
 			if err != nil {
 				return err
