@@ -303,13 +303,20 @@ install_apt() {
   check_go
   command -v mvn >/dev/null || missing+=(maven)
   command -v curl >/dev/null || missing+=(curl)
-  # The race detector's pass in `make test` needs a C compiler.
-  command -v cc >/dev/null || missing+=(gcc)
-  python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3 python3-venv)
-  ((${#missing[@]})) || return 0
+  # Wanted, not needed: the race detector's pass in `make test` needs a C
+  # compiler (the Makefile says when it could not run), and the ClickHouse
+  # compatibility check a Python venv for chdb (install_chdb says when it
+  # has none). Neither stops `up` on a machine where nothing can install.
+  local optional=()
+  command -v cc >/dev/null || optional+=(gcc)
+  python3 -c 'import ensurepip, venv' 2>/dev/null || optional+=(python3 python3-venv)
+  ((${#missing[@]} + ${#optional[@]})) || return 0
   if ((EUID != 0)) && ! command -v sudo >/dev/null; then
-    die "installing needs root: run this as root, install sudo, or install these packages yourself first: ${missing[*]}"
+    ((${#missing[@]})) ||
+      { log "apt: not installing ${optional[*]} (needs root or sudo); the checks that use them say so when they run"; return 0; }
+    die "installing needs root: run this as root, install sudo, or install these packages yourself first: ${missing[*]} ${optional[*]}"
   fi
+  missing+=("${optional[@]}")
   log "apt: installing ${missing[*]}"
   # Keep the packages' own init scripts from starting system-wide instances on
   # the default ports: this script runs its own.
