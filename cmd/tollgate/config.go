@@ -357,9 +357,13 @@ func (c *Config) Validate(components ...string) error {
 		errs = append(errs, checkDial(fmt.Sprintf("services.kafka_brokers[%d]", i), b))
 	}
 	if all || want["edge"] {
-		// The edge produces to the usage topic, ingest's to read.
-		errs = append(errs, c.Edge.Validate(), ingest.CheckTopic("ingest.topic", c.Ingest.Topic),
+		errs = append(errs, c.Edge.Validate(),
 			checkListen("edge.listen", c.Edge.Listen), checkListen("edge.admin_listen", c.Edge.AdminListen))
+		// The edge produces to the usage topic, ingest's to read; when
+		// ingest's section is checked too, it names the topic once.
+		if !all && !want["ingest"] {
+			errs = append(errs, ingest.CheckTopic("ingest.topic", c.Ingest.Topic))
+		}
 		for _, id := range slices.Sorted(maps.Keys(c.Edge.Plans)) {
 			if q := c.Edge.Plans[id].Limits.MonthlyRequests; q != nil && *q < 0 {
 				errs = append(errs, fmt.Errorf("edge.plans.%s.limits.monthly_requests: negative (%d); leave it out for no quota", id, *q))

@@ -115,6 +115,7 @@ func TestCheckConfigRefusesWhatWouldFailOrMisbehaveAtStart(t *testing.T) {
 		{"an invoicer interval under a second is refused", "invoicer:\n  interval: 1ns\n", []string{"invoice"}, "invoicer.interval: at least 1s"},
 		{"a negative monthly quota is refused", "edge:\n  plans:\n    free:\n      limits: {requests_per_second: 5, burst: 10, monthly_requests: -5}\n", []string{"edge"}, "edge.plans.free.limits.monthly_requests"},
 		{"a usage topic name Kafka refuses is refused for the edge", "ingest:\n  topic: usage events\n", []string{"edge"}, "ingest.topic"},
+		{"a usage topic name Kafka refuses is refused once for every component", "ingest:\n  topic: usage events\n", nil, "ingest.topic"},
 		{"a dead-letter topic named .. is refused", "ingest:\n  dead_letter_topic: \"..\"\n", []string{"ingest"}, "ingest.dead_letter_topic"},
 		{"a batch size no process could hold is refused", "ingest:\n  batch_size: 400000000\n  max_in_flight_records: 400000000\n", []string{"ingest"}, "ingest.batch_size"},
 		{"two components of tollgate all on one port are refused", "edge:\n  listen: 127.0.0.1:18181\ninvoicer:\n  listen: 127.0.0.1:18181\n", nil, "invoicer.listen: 127.0.0.1:18181 is also edge.listen's"},
@@ -141,6 +142,15 @@ func TestCheckConfigRefusesWhatWouldFailOrMisbehaveAtStart(t *testing.T) {
 			err := cfg.Validate(tc.components...)
 			if err == nil || !strings.Contains(err.Error(), tc.want) {
 				t.Fatalf("Validate(%v) = %v, want an error naming %s", tc.components, err, tc.want)
+			}
+			// Each problem is said once (the usage topic was said twice
+			// when both the edge and ingest were checked).
+			seen := map[string]bool{}
+			for _, line := range strings.Split(err.Error(), "\n") {
+				if seen[line] {
+					t.Errorf("Validate(%v) says %q twice", tc.components, line)
+				}
+				seen[line] = true
 			}
 		})
 	}
