@@ -112,30 +112,43 @@ proc_pattern() {
 
 # Prints the pid of the service if its pid file names a live process of that service.
 live_pid() {
-  local f pid state
+  local f pid ticks state
   f=$(pid_file "$1")
   [[ -s $f ]] || return 1
-  pid=$(<"$f")
+  read -r pid ticks <"$f" || [[ -n $pid ]] || return 1
   [[ $pid =~ ^[0-9]+$ ]] || return 1
   [[ -r /proc/$pid/stat ]] || return 1
   state=$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null) || return 1
   [[ $state != Z ]] || return 1
   tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$(proc_pattern "$1")" || return 1
-  started_by_then "$pid" "$f" || return 1
+  # The pid file holds the process's start time too (see launch): a process
+  # that took over a stale pid started at another time. (The command line
+  # alone let a stale pid name any process with the service's name in its
+  # arguments, such as an editor on postgres.conf, which `down` would then
+  # have stopped.) A pid file written before it held the start time is
+  # judged by its age instead.
+  if [[ -n $ticks ]]; then
+    [[ $(start_ticks "$pid") == "$ticks" ]] || return 1
+  else
+    started_by_then "$pid" "$f" || return 1
+  fi
   echo "$pid"
 }
 
-# Whether process pid started no later than file was last written. The pid
-# file is written by the process itself just before it execs the service, so
-# the service's process is always older than its pid file; a process that
-# took over a stale pid is younger. (The command line alone let a stale pid
-# name any process with the service's name in its arguments, such as an
-# editor on postgres.conf, which `down` would then have stopped.)
+# When process pid started, in clock ticks from boot: field 22 of its stat,
+# counted after the command name (field 2, which may hold spaces). Exec keeps
+# it, and a clock step does not move it.
+start_ticks() {
+  sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | awk '{print $20}'
+}
+
+# Whether process pid started no later than file was last written, for a pid
+# file that holds no start time: the process writes the file just before it
+# execs the service, so the service is older than its pid file, and a process
+# that took over a stale pid younger.
 started_by_then() {
   local pid=$1 file=$2 ticks boot hz written
-  # Field 22 of stat counts clock ticks from boot; the command name (field
-  # 2) may hold spaces, so fields are counted after its closing parenthesis.
-  ticks=$(sed 's/.*) //' "/proc/$pid/stat" 2>/dev/null | awk '{print $20}') || return 1
+  ticks=$(start_ticks "$pid") || return 1
   boot=$(awk '$1 == "btime" {print $2}' /proc/stat) || return 1
   hz=$(getconf CLK_TCK) || return 1
   written=$(stat -c %Y "$file" 2>/dev/null) || return 1
@@ -164,9 +177,11 @@ launch() {
   mkdir -p "$STATE/pids" "$(dirname "$out")"
   rm -f "$(pid_file "$svc")"
   printf '\n=== %s starting %s\n' "$(date -u +%FT%TZ)" "$svc" >>"$out"
+  # The pid file holds the process's pid and start time (live_pid).
   # shellcheck disable=SC2016 # $$ and $@ belong to the inner shell
   # No pid file (a full disk): no service, since nothing could stop it.
-  setsid nohup bash -c 'echo $$ >"$0" && exec "$@"' "$(pid_file "$svc")" "$@" >>"$out" 2>&1 </dev/null 9>&- &
+  setsid nohup bash -c 't=$(sed "s/.*) //" /proc/$$/stat | awk "{print \$20}") && [[ -n $t ]] &&
+    echo "$$ $t" >"$0" && exec "$@"' "$(pid_file "$svc")" "$@" >>"$out" 2>&1 </dev/null 9>&- &
   LAUNCHED_PID=$!
   local i
   for i in $(seq 50); do [[ -s $(pid_file "$svc") ]] && return 0; sleep 0.1; done

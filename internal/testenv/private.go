@@ -153,32 +153,29 @@ func sweepOrphans(t testing.TB) {
 	}
 }
 
-// startedWhenWritten reports whether the process a pid file names started
-// by the time the file was written (services.sh writes it just before the
-// service's exec), give or take clock ticks: a process that took the pid
-// over since started later.
+// startedWhenWritten reports whether the pid file names the process that
+// wrote it. services.sh writes the process's start time (clock ticks after
+// boot) next to its pid, just before the service's exec: a process that took
+// the pid over since started at another time. A pid file with the pid alone
+// is judged by its age: the process must have started by the time it was
+// written, give or take clock ticks.
 func startedWhenWritten(pidFile string) bool {
 	b, err := os.ReadFile(pidFile)
 	if err != nil {
 		return false
 	}
+	fields := strings.Fields(string(b))
+	if len(fields) == 0 || len(fields) > 2 {
+		return false
+	}
+	ticks, err := startTicks(fields[0])
+	if err != nil {
+		return false
+	}
+	if len(fields) == 2 {
+		return fields[1] == strconv.FormatInt(ticks, 10)
+	}
 	info, err := os.Stat(pidFile)
-	if err != nil {
-		return false
-	}
-	stat, err := os.ReadFile("/proc/" + strings.TrimSpace(string(b)) + "/stat")
-	if err != nil {
-		return false
-	}
-	// The fields after the command name, which may hold spaces, in
-	// parentheses; the start time (clock ticks after boot) is the 22nd
-	// field of the line, the 20th after the name.
-	rest := string(stat[bytes.LastIndexByte(stat, ')')+1:])
-	fields := strings.Fields(rest)
-	if len(fields) < 20 {
-		return false
-	}
-	ticks, err := strconv.ParseInt(fields[19], 10, 64)
 	if err != nil {
 		return false
 	}
@@ -189,6 +186,21 @@ func startedWhenWritten(pidFile string) bool {
 	const userHZ = 100 // Linux's clock ticks per second as /proc reports them
 	started := boot.Add(time.Duration(ticks) * (time.Second / userHZ))
 	return !started.After(info.ModTime().Add(5 * time.Second))
+}
+
+// startTicks is when process pid started, in clock ticks after boot: the
+// 22nd field of its stat line, the 20th after the command name (which may
+// hold spaces, in parentheses).
+func startTicks(pid string) (int64, error) {
+	stat, err := os.ReadFile("/proc/" + pid + "/stat")
+	if err != nil {
+		return 0, err
+	}
+	fields := strings.Fields(string(stat[bytes.LastIndexByte(stat, ')')+1:]))
+	if len(fields) < 20 {
+		return 0, fmt.Errorf("/proc/%s/stat: %d fields after the name", pid, len(fields))
+	}
+	return strconv.ParseInt(fields[19], 10, 64)
 }
 
 // bootTime is when the machine booted (/proc/stat's btime).

@@ -2,6 +2,7 @@ package testenv
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -88,6 +89,20 @@ func TestAPidFileIsBelievedOnlyForTheProcessThatWroteIt(t *testing.T) {
 	Must(t, os.WriteFile(f, []byte("999999999"), 0o644), "write")
 	if startedWhenWritten(f) {
 		t.Fatal("a pid file naming no process is believed")
+	}
+	// With the start time, as services.sh writes it: believed whatever the
+	// file's age (a clock step moves the age, not the start time), and
+	// only for a process that started then.
+	ticks, err := startTicks(strconv.Itoa(os.Getpid()))
+	Must(t, err, "this process's start time")
+	Must(t, os.WriteFile(f, fmt.Appendf(nil, "%d %d\n", os.Getpid(), ticks), 0o644), "write")
+	Must(t, os.Chtimes(f, time.Now().Add(-time.Hour), time.Now().Add(-time.Hour)), "age the file")
+	if !startedWhenWritten(f) {
+		t.Fatal("a pid file with its process's start time is not believed once it is an hour old")
+	}
+	Must(t, os.WriteFile(f, fmt.Appendf(nil, "%d %d\n", os.Getpid(), ticks+1), 0o644), "write")
+	if startedWhenWritten(f) {
+		t.Fatal("a pid file whose start time is not its process's is believed")
 	}
 }
 
