@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"sort"
+	"strings"
 	"time"
 
 	"github.com/tollgate-dev/tollgate/schemas"
@@ -22,14 +23,16 @@ type AuditResult struct {
 	ReplayEvents int64     `json:"replay_events"`
 	LedgerHash   string    `json:"ledger_hash"`
 	ReplayHash   string    `json:"replay_hash"`
-	// Match is true when the recomputed fingerprint hash equals the
-	// ledger's: same events counted, same quantities, same amounts.
+	// Match is true when the result is ResultMatch: the recomputed
+	// fingerprint hash equals the ledger's (same events counted, same
+	// quantities, same amounts), from the log with or without the events
+	// that arrived after the close alike.
 	Match bool `json:"match"`
 	// Result is ResultMatch, ResultMatchAtClose or ResultDifferent.
 	Result string `json:"result"`
 	// ArrivedAfterClose counts the period's events that reached the log
-	// after the invoice was closed (read only for an invoice that does
-	// not match); UnbilledTotal is what they would have added.
+	// after the invoice was closed; UnbilledTotal is what they would have
+	// added.
 	ArrivedAfterClose int64    `json:"arrived_after_close,omitempty"`
 	UnbilledTotal     int64    `json:"unbilled_total,omitempty"`
 	Differences       []string `json:"differences,omitempty"`
@@ -52,16 +55,20 @@ const (
 type LateArrivals interface {
 	UsageReader
 	Arrived(ctx context.Context, accountID string, p Period) (int64, error)
+	// AnyArrived tells whether any event arrived after its period's close.
+	AnyArrived(ctx context.Context) (bool, error)
 }
 
 // Audit recomputes each ledger invoice from usage (a scratch database
 // rebuilt from the raw event log) under the plan versions the ledger
 // recorded for each segment, and compares. Invoices with one segment are
-// read together, one query per period and meter. An invoice that does not
-// match, and whose period had events arrive after it was closed, is
-// recomputed again without them (late, when set): if that matches, the
-// invoice is proved as it was closed, and the events it could not count
-// are reported with what they would have added.
+// read together, one query per period and meter. An invoice whose period
+// had events arrive after it was closed (late, when set) is recomputed
+// again without them: the invoice was closed on the log as it stood then.
+// If that matches, the invoice is proved as it was closed, and the events
+// it could not count are reported with what they would have added; if
+// only the whole log matches, the invoice billed what the log did not
+// hold at its close, and it is different.
 func (iv *Invoicer) Audit(ctx context.Context, usage UsageReader, late LateArrivals, invs []StoredInvoice, progress func(done, total int)) ([]AuditResult, error) {
 	byPeriod := map[Period][]string{}
 	for _, si := range invs {
@@ -77,6 +84,13 @@ func (iv *Invoicer) Audit(ctx context.Context, usage UsageReader, late LateArriv
 		}
 		whole[p] = u
 	}
+	anyLate := false
+	if late != nil {
+		var err error
+		if anyLate, err = late.AnyArrived(ctx); err != nil {
+			return nil, err
+		}
+	}
 	out := make([]AuditResult, 0, len(invs))
 	for i, si := range invs {
 		re, err := iv.recompute(ctx, usage, whole[si.Period], si)
@@ -91,23 +105,43 @@ func (iv *Invoicer) Audit(ctx context.Context, usage UsageReader, late LateArriv
 		// difference there is never explained by events arriving late.
 		recorded := recordDiffs(si)
 		r.Differences = append(recorded, diff(si.Invoice, re)...)
-		r.Match = r.LedgerHash == r.ReplayHash && len(r.Differences) == 0
-		if r.Match {
-			r.Result = ResultMatch
-		} else if late != nil && len(recorded) == 0 {
+		wholeMatch := r.LedgerHash == r.ReplayHash && len(r.Differences) == 0
+		if anyLate && len(recorded) == 0 {
 			if r.ArrivedAfterClose, err = late.Arrived(ctx, si.AccountID, si.Period); err != nil {
 				return nil, err
 			}
-			if r.ArrivedAfterClose > 0 {
-				closed, err := iv.recompute(ctx, late, nil, si)
-				if err != nil {
-					return nil, err
+		}
+		switch {
+		case r.ArrivedAfterClose == 0:
+			if wholeMatch {
+				r.Result = ResultMatch
+			}
+		default:
+			closed, err := iv.recompute(ctx, late, nil, si)
+			if err != nil {
+				return nil, err
+			}
+			closedMatch := closed.Fingerprint.Hash == si.Fingerprint.Hash && len(diff(si.Invoice, closed)) == 0
+			switch {
+			case closedMatch && wholeMatch:
+				// The events that came late add nothing the invoice bills
+				// (no meter counts them).
+				r.Result = ResultMatch
+			case closedMatch:
+				r.Result, r.UnbilledTotal = ResultMatchAtClose, re.Total-si.Total
+			case wholeMatch:
+				// The log at the close held fewer events than the invoice
+				// billed: it counted some the log did not have then (or
+				// record times run behind the invoicer's clock).
+				d := fmt.Sprintf("matches the log only with the %d events that reached it after the invoice was closed: at its close the log held less than it billed",
+					r.ArrivedAfterClose)
+				if at := diff(si.Invoice, closed); len(at) > 0 {
+					d += " (at the close: " + strings.Join(at, "; ") + ")"
 				}
-				if closed.Fingerprint.Hash == si.Fingerprint.Hash && len(diff(si.Invoice, closed)) == 0 {
-					r.Result, r.UnbilledTotal = ResultMatchAtClose, re.Total-si.Total
-				}
+				r.Differences = append(r.Differences, d)
 			}
 		}
+		r.Match = r.Result == ResultMatch
 		out = append(out, r)
 		if progress != nil {
 			progress(i+1, len(invs))

@@ -328,6 +328,9 @@ and a CSV report. It exits with an error when any invoice differs.`,
 type ReplayReport struct {
 	Topic string     `json:"topic"`
 	Since *time.Time `json:"since,omitempty"`
+	// LogStart is the time of the first record the log still holds, when
+	// retention (or a deletion of records) has removed older ones.
+	LogStart *time.Time `json:"log_start,omitempty"`
 	// From is where the audited invoices' periods start from (--from,
 	// or its default after --since).
 	From            *time.Time `json:"from,omitempty"`
@@ -429,6 +432,12 @@ func runReplay(ctx context.Context, cfg Config, o replayOptions, log *slog.Logge
 		defer dropClickHouseDatabase(cfg.Services, scratch, log)
 	}
 	store := invpg.New(pool)
+	klog := &invkafka.Log{Brokers: cfg.Services.KafkaBrokers, Topic: cfg.Ingest.Topic}
+	if !o.skipLoad {
+		if err := checkRetained(ctx, klog, store, from, to, &rep); err != nil {
+			return rep, err
+		}
+	}
 	invs, err := store.ClosedInvoices(ctx, from, to)
 	if err != nil {
 		return rep, err
@@ -451,7 +460,7 @@ func runReplay(ctx context.Context, cfg Config, o replayOptions, log *slog.Logge
 		if err != nil {
 			return rep, err
 		}
-		if err := loadScratch(ctx, cfg, ch, since, o.batch, newClosings(all), &rep, stderr); err != nil {
+		if err := loadScratch(ctx, cfg, klog, ch, since, o.batch, newClosings(all), &rep, stderr); err != nil {
 			return rep, err
 		}
 		rep.LoadSeconds = time.Since(start).Seconds()
@@ -482,6 +491,46 @@ func runReplay(ctx context.Context, cfg Config, o replayOptions, log *slog.Logge
 		return rep, err
 	}
 	return rep, nil
+}
+
+// checkRetained refuses a replay asked to prove invoices the log can no
+// longer prove: retention (or a deletion of records) removed the oldest
+// records, so an invoice whose period starts before the first record held
+// (give or take the clock skew an event may carry) may have billed events
+// the log no longer has. Read anyway, such an invoice came out "different"
+// for a reason the report did not give, or, once as many events of its
+// period had arrived late as were removed, matched the log: proved by
+// events it never billed. The report records where the log begins.
+func checkRetained(ctx context.Context, klog *invkafka.Log, store *invpg.Store, from, to time.Time, rep *ReplayReport) error {
+	held, err := klog.Retained(ctx)
+	if err != nil {
+		return fmt.Errorf("read where the log begins: %w", err)
+	}
+	if held.IsZero() {
+		return nil
+	}
+	rep.LogStart = &held
+	provable := held.Add(schemas.MaxClockSkew)
+	if !provable.After(from) {
+		return nil
+	}
+	lost, err := store.ClosedInvoices(ctx, from, minTime(to, provable))
+	if err != nil || len(lost) == 0 {
+		return err
+	}
+	first := lost[0]
+	return fmt.Errorf("the log no longer holds records before %s (removed by retention, or by a deletion of records): "+
+		"%d closed invoices of periods starting before %s cannot be proved from it (the first: %s, account %s, period from %s); "+
+		"audit the invoices it can prove with --from %s or later",
+		held.UTC().Format(time.RFC3339), len(lost), provable.UTC().Format(time.RFC3339), first.ID, first.AccountID,
+		first.Period.Start.UTC().Format(time.RFC3339), provable.UTC().Format(time.RFC3339))
+}
+
+func minTime(a, b time.Time) time.Time {
+	if b.Before(a) {
+		return b
+	}
+	return a
 }
 
 func newBar(w io.Writer, total int64, desc string) *progressbar.ProgressBar {
@@ -527,9 +576,8 @@ func (c closings) after(account string, t, recordTime time.Time) bool {
 // lateness rule, and the ingest sink writes the same columns. The live
 // events that reached the log after their period's invoice was closed are
 // also listed in invch.ArrivedAfterClose.
-func loadScratch(ctx context.Context, cfg Config, ch driver.Conn, since time.Time, batch int, closed closings, rep *ReplayReport, stderr io.Writer) error {
+func loadScratch(ctx context.Context, cfg Config, log *invkafka.Log, ch driver.Conn, since time.Time, batch int, closed closings, rep *ReplayReport, stderr io.Writer) error {
 	sink := chsink.NewSink(ch)
-	log := &invkafka.Log{Brokers: cfg.Services.KafkaBrokers, Topic: cfg.Ingest.Topic}
 	var bar *progressbar.ProgressBar
 	now := time.Now()
 	err := log.Read(ctx, since, batch, func(msgs []invkafka.Message) error {
@@ -699,6 +747,10 @@ func summarize(w io.Writer, rep ReplayReport) error {
 	audited := ""
 	if rep.From != nil {
 		audited = " (periods starting at or after " + rep.From.UTC().Format(time.RFC3339) + ")"
+	}
+	if rep.LogStart != nil {
+		fmt.Fprintf(w, "the log begins at %s: retention (or a deletion of records) removed older records, so invoices of periods starting before %s cannot be proved from it\n",
+			rep.LogStart.UTC().Format(time.RFC3339), rep.LogStart.Add(schemas.MaxClockSkew).UTC().Format(time.RFC3339))
 	}
 	fmt.Fprintf(w, "%d invoices%s: %d match, %d match the log as it stood at their close, %d different\n",
 		rep.Invoices, audited, rep.Matching, rep.MatchingAtClose, rep.Different)

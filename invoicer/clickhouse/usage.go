@@ -123,6 +123,15 @@ func (a *AsClosed) Arrived(ctx context.Context, accountID string, p invoicer.Per
 	return int64(n), nil
 }
 
+// AnyArrived tells whether any event arrived after its period's close.
+func (a *AsClosed) AnyArrived(ctx context.Context) (bool, error) {
+	var n uint64
+	if err := a.u.conn.QueryRow(ctx, `SELECT count() FROM `+ArrivedAfterClose).Scan(&n); err != nil {
+		return false, fmt.Errorf("count events that arrived after the close: %w", err)
+	}
+	return n > 0, nil
+}
+
 // maxInList is the most accounts a read names in an IN filter. A short
 // list lets the primary key (which starts with account_id) skip other
 // accounts' granules; a long one prunes little and costs a set lookup per

@@ -29,11 +29,81 @@ type Message struct {
 type Log struct {
 	Brokers []string
 	Topic   string
+	// first is each partition's first offset when Retained looked; Read
+	// refuses to go on if records from there on have been removed since.
+	first map[int]int64
 }
 
 type span struct {
 	partition  int
 	start, end int64 // [start, end)
+	first      int64 // the first offset the partition holds
+}
+
+// Retained tells where the log begins now that retention (or a deletion
+// of records) may have removed its oldest records: the time of the first
+// record still held, the latest such time over the partitions that have
+// lost records; zero when none has. A partition that has lost every
+// record it had says the log begins now. Records past that time are all
+// there to read; an event of an earlier period may not be.
+func (l *Log) Retained(ctx context.Context) (time.Time, error) {
+	parts, err := l.partitions(ctx)
+	if err != nil {
+		return time.Time{}, err
+	}
+	var from time.Time
+	first := map[int]int64{}
+	for _, p := range parts {
+		lc, err := kafka.DialLeader(ctx, "tcp", net.JoinHostPort(p.Leader.Host, strconv.Itoa(p.Leader.Port)), l.Topic, p.ID)
+		if err != nil {
+			return time.Time{}, fmt.Errorf("connect to leader of partition %d: %w", p.ID, err)
+		}
+		t, start, err := firstHeld(lc)
+		lc.Close()
+		if err != nil {
+			return time.Time{}, fmt.Errorf("partition %d: %w", p.ID, err)
+		}
+		first[p.ID] = start
+		if t.After(from) {
+			from = t
+		}
+	}
+	l.first = first
+	return from, nil
+}
+
+// firstHeld is the first offset the partition of lc holds and, if records
+// before it were removed, the time of the record there (now, when it holds
+// none).
+func firstHeld(lc *kafka.Conn) (time.Time, int64, error) {
+	first, last, err := lc.ReadOffsets()
+	if err != nil || first == 0 {
+		return time.Time{}, first, err
+	}
+	if first >= last {
+		return time.Now(), first, nil
+	}
+	if _, err := lc.Seek(first, kafka.SeekAbsolute); err != nil {
+		return time.Time{}, first, err
+	}
+	if err := lc.SetReadDeadline(time.Now().Add(30 * time.Second)); err != nil {
+		return time.Time{}, first, err
+	}
+	b := lc.ReadBatch(1, 16<<20)
+	m, err := b.ReadMessage()
+	if cerr := b.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return time.Time{}, first, fmt.Errorf("read the first record held (offset %d): %w", first, err)
+	}
+	return m.Time, first, nil
+}
+
+// errRemoved says that records replay was to read were removed from the
+// log while it ran; nothing it computed from the rest proves anything.
+func errRemoved(partition int, from, to int64) error {
+	return fmt.Errorf("partition %d: records at offsets %d to %d were removed from the log while replay read it (retention, or a deletion of records); run it again", partition, from, to)
 }
 
 // Read calls fn with batches of up to batch messages of every partition,
@@ -48,6 +118,11 @@ func (l *Log) Read(ctx context.Context, since time.Time, batch int, fn func([]Me
 	var total, done int64
 	for _, s := range spans {
 		total += s.end - s.start
+		// Records Retained saw, and Read is to read from (the log's
+		// start, not a later offset since asked for), are gone.
+		if known, ok := l.first[s.partition]; ok && s.first > known && s.start == s.first {
+			return errRemoved(s.partition, known, s.first-1)
+		}
 	}
 	if progress != nil {
 		progress(0, total)
@@ -77,12 +152,21 @@ func (l *Log) Read(ctx context.Context, since time.Time, batch int, fn func([]Me
 			buf = buf[:0]
 			return nil
 		}
+		next := s.start
 		for {
 			m, err := r.FetchMessage(ctx)
 			if err != nil {
 				r.Close()
 				return fmt.Errorf("read partition %d: %w", s.partition, err)
 			}
+			// The topic's offsets run without gaps (it is neither compacted
+			// nor written in transactions): a gap is records removed after
+			// the read began, which kafka-go's reader steps over silently.
+			if m.Offset != next {
+				r.Close()
+				return errRemoved(s.partition, next, m.Offset-1)
+			}
+			next++
 			if m.Offset >= s.end {
 				break
 			}
@@ -106,7 +190,7 @@ func (l *Log) Read(ctx context.Context, since time.Time, batch int, fn func([]Me
 	return nil
 }
 
-func (l *Log) spans(ctx context.Context, since time.Time) ([]span, error) {
+func (l *Log) partitions(ctx context.Context) ([]kafka.Partition, error) {
 	if len(l.Brokers) == 0 {
 		return nil, errors.New("no kafka brokers")
 	}
@@ -119,6 +203,14 @@ func (l *Log) spans(ctx context.Context, since time.Time) ([]span, error) {
 	if err != nil {
 		return nil, fmt.Errorf("list partitions of %s: %w", l.Topic, err)
 	}
+	return parts, nil
+}
+
+func (l *Log) spans(ctx context.Context, since time.Time) ([]span, error) {
+	parts, err := l.partitions(ctx)
+	if err != nil {
+		return nil, err
+	}
 	var out []span
 	for _, p := range parts {
 		lc, err := kafka.DialLeader(ctx, "tcp", net.JoinHostPort(p.Leader.Host, strconv.Itoa(p.Leader.Port)), l.Topic, p.ID)
@@ -126,6 +218,7 @@ func (l *Log) spans(ctx context.Context, since time.Time) ([]span, error) {
 			return nil, fmt.Errorf("connect to leader of partition %d: %w", p.ID, err)
 		}
 		first, last, err := lc.ReadOffsets()
+		held := first
 		if err == nil && !since.IsZero() {
 			var at int64
 			if at, err = lc.ReadOffset(since); err == nil {
@@ -139,7 +232,7 @@ func (l *Log) spans(ctx context.Context, since time.Time) ([]span, error) {
 		if err != nil {
 			return nil, fmt.Errorf("read offsets of partition %d: %w", p.ID, err)
 		}
-		out = append(out, span{partition: p.ID, start: first, end: last})
+		out = append(out, span{partition: p.ID, start: first, end: last, first: held})
 	}
 	return out, nil
 }

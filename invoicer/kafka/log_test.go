@@ -3,6 +3,10 @@ package kafka_test
 import (
 	"context"
 	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -61,6 +65,76 @@ func TestLogReadsFromTheStartOrFromATimeUpToItsEnd(t *testing.T) {
 		seen, total := read(time.Now().Add(time.Hour))
 		if len(seen) != 0 || total != 0 {
 			t.Fatalf("read %d of %d", len(seen), total)
+		}
+	})
+}
+
+// deleteRecords removes the records of partition 0 of topic before offset,
+// as retention removes old segments.
+func deleteRecords(t *testing.T, topic string, offset int64) {
+	t.Helper()
+	spec := filepath.Join(t.TempDir(), "delete.json")
+	testenv.Must(t, os.WriteFile(spec, fmt.Appendf(nil, `{"version":1,"partitions":[{"topic":%q,"partition":0,"offset":%d}]}`, topic, offset), 0o600), "write spec")
+	cmd := exec.Command("bash", filepath.Join(testenv.RepoRoot(t), "deploy/local/services.sh"), "kafka-delete-records", "--offset-json-file", spec)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("delete records (needs the local services: make services): %v\n%s", err, out)
+	}
+}
+
+// TestLogSaysWhereItBeginsAndRefusesRecordsRemovedUnderIt: once retention
+// has removed the oldest records, Retained gives the time of the first one
+// held (replay must not claim to prove what came before), and a Read that
+// finds records removed since Retained looked fails instead of reading on
+// from what is left.
+func TestLogSaysWhereItBeginsAndRefusesRecordsRemovedUnderIt(t *testing.T) {
+	topic := testenv.NewTopic(t, 1)
+	ctx := context.Background()
+	w := &kafka.Writer{Addr: kafka.TCP(testenv.KafkaBrokers()...), Topic: topic, RequiredAcks: kafka.RequireAll}
+	base := time.Now().Add(-72 * time.Hour).Truncate(time.Millisecond)
+	var msgs []kafka.Message
+	for i := range 30 {
+		msgs = append(msgs, kafka.Message{Value: []byte(fmt.Sprint(i)), Time: base.Add(time.Duration(i) * time.Hour)})
+	}
+	testenv.Must(t, w.WriteMessages(ctx, msgs...), "produce")
+	testenv.Must(t, w.Close(), "close writer")
+	readAll := func(l *invkafka.Log) (int, error) {
+		n := 0
+		err := l.Read(ctx, time.Time{}, 7, func(ms []invkafka.Message) error { n += len(ms); return nil }, nil)
+		return n, err
+	}
+
+	l := &invkafka.Log{Brokers: testenv.KafkaBrokers(), Topic: topic}
+	held, err := l.Retained(ctx)
+	testenv.Must(t, err, "retained")
+	if !held.IsZero() {
+		t.Fatalf("a log that lost nothing begins at %s; want zero", held)
+	}
+	deleteRecords(t, topic, 10)
+	t.Run("a Read after records were removed under it fails", func(t *testing.T) {
+		n, err := readAll(l)
+		if err == nil || !strings.Contains(err.Error(), "removed from the log while replay read it") {
+			t.Fatalf("read %d records, %v; want it refused", n, err)
+		}
+	})
+	t.Run("the log begins at the first record it holds", func(t *testing.T) {
+		l := &invkafka.Log{Brokers: testenv.KafkaBrokers(), Topic: topic}
+		held, err := l.Retained(ctx)
+		testenv.Must(t, err, "retained")
+		if want := base.Add(10 * time.Hour); !held.Equal(want) {
+			t.Fatalf("the log begins at %s; want %s, the time of offset 10", held, want)
+		}
+		if n, err := readAll(l); err != nil || n != 20 {
+			t.Fatalf("read %d records, %v; want the 20 held", n, err)
+		}
+	})
+	t.Run("a log that lost every record begins now", func(t *testing.T) {
+		deleteRecords(t, topic, 30)
+		l := &invkafka.Log{Brokers: testenv.KafkaBrokers(), Topic: topic}
+		before := time.Now()
+		held, err := l.Retained(ctx)
+		testenv.Must(t, err, "retained")
+		if held.Before(before) {
+			t.Fatalf("a log that holds none of its records begins at %s; want now", held)
 		}
 	})
 }
