@@ -526,6 +526,18 @@ func checkRetained(ctx context.Context, klog *invkafka.Log, store *invpg.Store, 
 		first.Period.Start.UTC().Format(time.RFC3339), provable.UTC().Format(time.RFC3339))
 }
 
+// chString is s as a ClickHouse string literal.
+func chString(s string) string {
+	return "'" + strings.NewReplacer(`\`, `\\`, `'`, `\'`).Replace(s) + "'"
+}
+
+func maxTime(a, b time.Time) time.Time {
+	if b.After(a) {
+		return b
+	}
+	return a
+}
+
 func minTime(a, b time.Time) time.Time {
 	if b.Before(a) {
 		return b
@@ -648,9 +660,14 @@ func insertArrivedAfterClose(ctx context.Context, ch driver.Conn, closed closing
 		at  int64
 		typ string
 	}
-	keysIn := func(table string, ids []string) (map[rowKey]bool, error) {
+	// The accounts and the span of times narrow the read to the chunk's
+	// granules (both tables are sorted by account, then time): by event id
+	// alone it read every row loaded so far, for every chunk with a late
+	// event, and a long log's load grew with the square of its size.
+	keysIn := func(table string, ids, accounts []string, lo, hi time.Time) (map[rowKey]bool, error) {
 		rows, err := ch.Query(ctx, `SELECT event_id, timestamp, event_type FROM `+table+
-			` WHERE event_id IN (`+strings.Join(ids, ",")+`)`)
+			` WHERE account_id IN (`+strings.Join(accounts, ",")+`) AND timestamp >= toDateTime(?) AND timestamp <= toDateTime(?)
+			AND event_id IN (`+strings.Join(ids, ",")+`)`, uint32(lo.Unix()), uint32(hi.Unix()))
 		if err != nil {
 			return nil, fmt.Errorf("look for earlier copies of late events: %w", err)
 		}
@@ -671,14 +688,22 @@ func insertArrivedAfterClose(ctx context.Context, ch driver.Conn, closed closing
 	for lo := 0; lo < len(after); lo += 1000 {
 		chunk := after[lo:min(lo+1000, len(after))]
 		ids := make([]string, len(chunk))
+		seen := map[string]bool{}
+		var accounts []string
+		lo, hi := chunk[0].Event.Time, chunk[0].Event.Time
 		for i, r := range chunk {
 			ids[i] = "toUUID('" + uuid.UUID(r.Event.ID).String() + "')"
+			if !seen[r.Event.AccountID] {
+				seen[r.Event.AccountID] = true
+				accounts = append(accounts, chString(r.Event.AccountID))
+			}
+			lo, hi = minTime(lo, r.Event.Time), maxTime(hi, r.Event.Time)
 		}
-		landed, err := keysIn("usage_events", ids)
+		landed, err := keysIn("usage_events", ids, accounts, lo, hi)
 		if err != nil {
 			return err
 		}
-		listed, err := keysIn(invch.ArrivedAfterClose, ids)
+		listed, err := keysIn(invch.ArrivedAfterClose, ids, accounts, lo, hi)
 		if err != nil {
 			return err
 		}

@@ -189,3 +189,16 @@ func TestReplayDoesNotProveAnInvoiceWithEventsThatCameAfterIt(t *testing.T) {
 		t.Fatal("the summary of a replay with a different invoice succeeded")
 	}
 }
+
+// TestAStringQuotedForClickHouseReadsBackAsItself: account ids are written
+// into the replay's look-up of earlier copies as literals.
+func TestAStringQuotedForClickHouseReadsBackAsItself(t *testing.T) {
+	ch := testenv.NewClickHouse(t)
+	for _, s := range []string{"acct_1", `a'b`, `back\slash`, `\'`, "ünï", ""} {
+		var got string
+		testenv.Must(t, ch.Conn.QueryRow(context.Background(), "SELECT "+chString(s)).Scan(&got), "select "+chString(s))
+		if got != s {
+			t.Errorf("%q read back as %q", s, got)
+		}
+	}
+}
