@@ -119,6 +119,16 @@ func (c *KeyCache) sharedKeyByHash(ctx context.Context, hash [32]byte) (*Key, er
 	epoch := c.epoch.Load()
 	asked := c.now() // PlanChangesIn counts from the store's answer, after this
 	found, err := lookupBounded(ctx, c.store, hash, c.lookupTimeout)
+	if err == nil && c.epoch.Load() != epoch {
+		// A change was notified while the look-up ran: it may be this
+		// key's revocation, committed after the look-up read the key.
+		// The answer is not cached (below), and it is not served either:
+		// the key is looked up once more, after the change. (Served, one
+		// call went through under a key revoked before its answer came.)
+		epoch = c.epoch.Load()
+		asked = c.now()
+		found, err = lookupBounded(ctx, c.store, hash, c.lookupTimeout)
+	}
 	if err != nil && !errors.Is(err, ErrKeyNotFound) {
 		return nil, err
 	}
@@ -197,8 +207,13 @@ func (c *KeyCache) invalidate(inv Invalidation) {
 		c.entries, c.unknown = 0, 0
 	case inv.AccountID != "":
 		for h := range c.byAccount[inv.AccountID] {
-			if _, had := c.byHash.LoadAndDelete(h); had {
+			if v, had := c.byHash.LoadAndDelete(h); had {
 				c.entries--
+				// A key deleted since it was cached is looked up
+				// again as unknown while still listed here.
+				if v.(*cacheEntry).key == nil {
+					c.unknown--
+				}
 			}
 		}
 		delete(c.byAccount, inv.AccountID)

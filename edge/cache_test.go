@@ -181,3 +181,83 @@ func TestHeldCallsAreRecheckedWhileTheCacheIsUntrusted(t *testing.T) {
 		t.Fatal("a call held under a key revoked while the cache was untrusted was kept open")
 	}
 }
+
+// racingStore answers one key, and runs during (the first look-up after
+// hook is set) what happens while that look-up is in flight.
+type racingStore struct {
+	revocableStore
+	during atomic.Pointer[func()]
+}
+
+func (s *racingStore) KeyByHash(ctx context.Context, h [32]byte) (Key, error) {
+	k, err := s.revocableStore.KeyByHash(ctx, h)
+	if f := s.during.Swap(nil); f != nil {
+		(*f)()
+	}
+	return k, err
+}
+
+// A key revoked, and its revocation notified, while a look-up of it was in
+// flight (the look-up had read the key before the revocation committed) is
+// not served to that call: it is looked up again. Before, that one call
+// went through under the revoked key.
+func TestALookupOvertakenByARevocationIsNotServed(t *testing.T) {
+	store := &racingStore{revocableStore: revocableStore{hash: sha256.Sum256([]byte("sk_live_raced"))}}
+	c := NewKeyCache(store, time.Hour)
+	c.SetTrusted(true)
+	revoke := func() {
+		store.revoked.Store(true)
+		c.Invalidate(Invalidation{KeyHash: store.hash[:]})
+	}
+	store.during.Store(&revoke)
+	k, err := c.KeyByHash(context.Background(), store.hash)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if k.RevokedAt == nil {
+		t.Fatal("a key revoked while its look-up was in flight was served as active")
+	}
+	if n := store.lookups.Load(); n != 2 {
+		t.Errorf("%d look-ups, want 2 (the one overtaken, and one after the change)", n)
+	}
+}
+
+// goneStore answers its key until gone is set, then knows it no more.
+type goneStore struct {
+	hash [32]byte
+	gone atomic.Bool
+}
+
+func (s *goneStore) KeyByHash(_ context.Context, h [32]byte) (Key, error) {
+	if h != s.hash || s.gone.Load() {
+		return Key{}, ErrKeyNotFound
+	}
+	return Key{ID: "key_gone", AccountID: "acct_gone"}, nil
+}
+
+// A key deleted since it was cached comes back as unknown while still
+// listed under its account; invalidating the account drops it, and the
+// count of unknown entries with it (it drifted up before, so unknown keys
+// were dropped before their budget was reached).
+func TestInvalidatingAnAccountCountsItsUnknownEntries(t *testing.T) {
+	store := &goneStore{hash: sha256.Sum256([]byte("sk_live_gone"))}
+	now := time.Now()
+	c := NewKeyCache(store, time.Minute)
+	c.now = func() time.Time { return now }
+	c.SetTrusted(true)
+	ctx := context.Background()
+	if _, err := c.KeyByHash(ctx, store.hash); err != nil {
+		t.Fatal(err)
+	}
+	store.gone.Store(true)
+	now = now.Add(2 * time.Minute) // past the entry's TTL
+	if _, err := c.KeyByHash(ctx, store.hash); !errors.Is(err, ErrKeyNotFound) {
+		t.Fatalf("the deleted key: %v, want not found", err)
+	}
+	c.Invalidate(Invalidation{AccountID: "acct_gone"})
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.entries != 0 || c.unknown != 0 {
+		t.Fatalf("after invalidating the account: %d entries, %d unknown; want 0 and 0", c.entries, c.unknown)
+	}
+}
