@@ -297,7 +297,7 @@ func invoiceReplayCommand(g *globalFlags) *cobra.Command {
 ClickHouse database with the same decoding, deduplication and lateness rule as
 ingest, recomputes every finalized invoice whose period starts in
 [--from, --to) under the plan versions the ledger recorded, and writes a JSON
-and a CSV report. It exits with an error when any invoice differs.`,
+and a CSV report. It exits with status 3 when any invoice differs, and 1 when it cannot run.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			cfg, log, err := loadFor(g, "invoice", "ingest")
@@ -767,6 +767,11 @@ func writeReports(rep ReplayReport, jsonPath, csvPath string) error {
 }
 
 // summarize prints the outcome and fails when any invoice differs.
+// ExitInvoicesDiffer is `tollgate invoice replay`'s exit status when it ran
+// and some invoice differs from the replayed usage; 1 is a replay that
+// could not run (or was refused).
+const ExitInvoicesDiffer = 3
+
 func summarize(w io.Writer, rep ReplayReport) error {
 	fmt.Fprintf(w, "read %d records (%d events, %d late, %d rejected) into %s\n", rep.RecordsRead, rep.EventsLoaded, rep.LateEvents, rep.Rejected, rep.ScratchDatabase)
 	audited := ""
@@ -789,7 +794,7 @@ func summarize(w io.Writer, rep ReplayReport) error {
 		}
 	}
 	if rep.Different > 0 {
-		return fmt.Errorf("%d of %d invoices differ from the replayed usage", rep.Different, rep.Invoices)
+		return exitStatus{fmt.Errorf("%d of %d invoices differ from the replayed usage", rep.Different, rep.Invoices), ExitInvoicesDiffer}
 	}
 	if rep.Invoices == 0 {
 		fmt.Fprintln(w, "no finalized invoice in the replayed range: nothing to prove")

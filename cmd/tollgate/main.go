@@ -31,8 +31,27 @@ func main() {
 	stop()
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "tollgate:", err)
-		os.Exit(1)
+		os.Exit(exitCode(err))
 	}
+}
+
+// exitStatus is an error that ends the process with its own exit status.
+type exitStatus struct {
+	error
+	code int
+}
+
+func (e exitStatus) Unwrap() error { return e.error }
+
+// exitCode is the process's exit status for err: 1, unless err says
+// otherwise (replay exits 3 when it ran and an invoice differs, so a script
+// tells a wrong ledger from an audit that could not run).
+func exitCode(err error) int {
+	var e exitStatus
+	if errors.As(err, &e) {
+		return e.code
+	}
+	return 1
 }
 
 type globalFlags struct {

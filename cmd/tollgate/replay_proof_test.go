@@ -150,6 +150,9 @@ func TestReplayRefusesToProveWhatTheLogNoLongerHolds(t *testing.T) {
 			if rep.LogStart == nil {
 				t.Errorf("the report does not say where the log begins")
 			}
+			if exitCode(err) != 1 {
+				t.Errorf("a refused replay exits with status %d, want 1", exitCode(err))
+			}
 		})
 	}
 	t.Run("from where the log can prove, the report says where it begins", func(t *testing.T) {
@@ -185,8 +188,8 @@ func TestReplayDoesNotProveAnInvoiceWithEventsThatCameAfterIt(t *testing.T) {
 		!strings.Contains(strings.Join(r.Differences, "; "), "only with the 5 events that reached it after the invoice was closed") {
 		t.Fatalf("result %+v; want different, naming the 5 events that came after the close", r)
 	}
-	if err := summarize(io.Discard, rep); err == nil {
-		t.Fatal("the summary of a replay with a different invoice succeeded")
+	if err := summarize(io.Discard, rep); err == nil || exitCode(err) != ExitInvoicesDiffer {
+		t.Fatalf("the summary of a replay with a different invoice: %v, exit status %d; want status %d", err, exitCode(err), ExitInvoicesDiffer)
 	}
 }
 
