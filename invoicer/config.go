@@ -90,7 +90,7 @@ func (c *Config) Validate() error {
 	if a := c.Stripe.APIURL; a != "" {
 		if u, err := url.Parse(a); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || u.User != nil || redact.HasUserInfo(a) || u.RawQuery != "" {
 			// Every Stripe call would fail, each pass only logging it.
-			errs = append(errs, fmt.Errorf("invoicer.stripe.api_url: want an http(s) URL with a host and no credentials (http://127.0.0.1:12111, say), got %q", redact.URL(a)))
+			errs = append(errs, fmt.Errorf("invoicer.stripe.api_url: want an http(s) URL with a host and no credentials (http://127.0.0.1:12111, say), got %q", redact.URLAndQuery(a)))
 		}
 	}
 	if w := c.Stripe.WebhookSecret; w != "" && !strings.HasPrefix(w, "whsec_") {

@@ -505,8 +505,14 @@ func checkListen(name, addr string) error {
 	return nil
 }
 
-// checkDial checks an address to connect to: host:port with a host.
+// checkDial checks an address to connect to: host:port with a host. A
+// URL or DSN given instead (redis://:password@host:6379, as a platform
+// hands them out) is refused without quoting its credentials.
 func checkDial(name, addr string) error {
+	if strings.Contains(addr, "@") || strings.Contains(addr, "://") {
+		return fmt.Errorf("%s: want host:port, got %q, a URL or an address with credentials: give the host and port here, and a password through its own setting",
+			name, redact.URLAndQuery(addr))
+	}
 	err := checkHostPort(addr)
 	if err == nil && strings.HasPrefix(addr, ":") {
 		err = errors.New("no host")

@@ -550,3 +550,30 @@ func TestMigrateAndDemoWarnOfSecretsInTheFile(t *testing.T) {
 		})
 	}
 }
+
+// TestARefusedServiceAddressDoesNotQuoteItsPassword: a URL or DSN pasted
+// where host:port belongs (redis://:pw@host:6379, as platforms hand them
+// out) is refused, and the refusal, printed by check-config and at every
+// start, does not quote the password; nor does a refused Stripe API URL
+// quote a key in its query.
+func TestARefusedServiceAddressDoesNotQuoteItsPassword(t *testing.T) {
+	for _, c := range []struct{ env, value, field string }{
+		{"TOLLGATE_REDIS_ADDR", "redis://:SEKRIT-123@redis.internal:6379", "services.redis_addr"},
+		{"TOLLGATE_REDIS_ADDR", "default:SEKRIT-123@redis.internal:6379", "services.redis_addr"},
+		{"TOLLGATE_CLICKHOUSE_ADDR", "clickhouse://default:SEKRIT-123@ch.internal:9000", "services.clickhouse_addr"},
+		{"TOLLGATE_KAFKA_BROKERS", "user:SEKRIT-123@kafka.internal:9092", "services.kafka_brokers[0]"},
+		{"TOLLGATE_STRIPE_API_URL", "https://stripe-proxy.internal/?api_key=SEKRIT-123", "invoicer.stripe.api_url"},
+	} {
+		t.Run(c.field, func(t *testing.T) {
+			t.Setenv(c.env, c.value)
+			cfg := writeConfig(t, "")
+			err := cfg.Validate()
+			if err == nil || !strings.Contains(err.Error(), c.field) {
+				t.Fatalf("Validate = %v; want %s refused", err, c.field)
+			}
+			if strings.Contains(err.Error(), "SEKRIT") {
+				t.Fatalf("the refusal quotes the secret: %v", err)
+			}
+		})
+	}
+}

@@ -52,3 +52,13 @@ func HasUserInfo(s string) bool {
 	}
 	return strings.Contains(tail, "@")
 }
+
+// URLAndQuery is URL(s) without its query and fragment, which may carry a
+// key (?api_key=…): replaced by "?xxxxx".
+func URLAndQuery(s string) string {
+	s = URL(s)
+	if i := strings.IndexAny(s, "?#"); i >= 0 {
+		return s[:i] + "?xxxxx"
+	}
+	return s
+}

@@ -48,3 +48,16 @@ func TestHasUserInfo(t *testing.T) {
 		}
 	}
 }
+
+func TestURLAndQueryHidesTheQueryToo(t *testing.T) {
+	for in, want := range map[string]string{
+		"https://proxy.internal/?api_key=k":   "https://proxy.internal/?xxxxx",
+		"https://u:p@proxy.internal/v1#k":     "https://xxxxx@proxy.internal/v1?xxxxx",
+		"http://svc:8080?SECRET@host/x?key=k": "http://xxxxx@host/x?xxxxx",
+		"https://proxy.internal/v1":           "https://proxy.internal/v1",
+	} {
+		if got := URLAndQuery(in); got != want {
+			t.Errorf("URLAndQuery(%q) = %q, want %q", in, got, want)
+		}
+	}
+}
