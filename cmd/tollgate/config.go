@@ -95,7 +95,7 @@ func decodeConfig(b []byte, c *Config) error {
 		if errors.Is(err, io.EOF) {
 			return nil // empty, or comments only
 		}
-		return err
+		return withoutAnchorName(err)
 	}
 	for {
 		var doc yaml.Node
@@ -111,6 +111,22 @@ func decodeConfig(b []byte, c *Config) error {
 			return fmt.Errorf("line %d: a second YAML document (after a \"---\" line); only one is read, so put every section in one document", doc.Content[0].Line)
 		}
 	}
+}
+
+// withoutAnchorName is a YAML parse error without the name of an unknown
+// anchor it quotes: an unquoted value starting with "*" (a password, say)
+// reads as an alias, and the error printed the rest of the value.
+func withoutAnchorName(err error) error {
+	msg := err.Error()
+	i := strings.Index(msg, "unknown anchor '")
+	if i < 0 {
+		return err
+	}
+	line := ""
+	if j := strings.Index(msg, "line "); j >= 0 && j < i {
+		line = msg[j:i]
+	}
+	return fmt.Errorf("yaml: %sa value starting with * reads as an alias of an anchor that is not there; quote the value", line)
 }
 
 // eventTripMargin is the least edge.max_event_age stays under

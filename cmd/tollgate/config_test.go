@@ -577,3 +577,16 @@ func TestARefusedServiceAddressDoesNotQuoteItsPassword(t *testing.T) {
 		})
 	}
 }
+
+// TestAnUnquotedSecretStartingWithAStarIsNotQuotedBack: YAML reads it as an
+// alias, and its parse error printed the rest of the value.
+func TestAnUnquotedSecretStartingWithAStarIsNotQuotedBack(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "c.yaml")
+	if err := os.WriteFile(p, []byte("services:\n  redis_password: *SEKRIT-123\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	_, err := LoadConfig(p)
+	if err == nil || !strings.Contains(err.Error(), "quote the value") || strings.Contains(err.Error(), "SEKRIT") {
+		t.Fatalf("LoadConfig = %v; want it refused, saying to quote the value, without quoting it", err)
+	}
+}
