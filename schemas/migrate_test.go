@@ -9,6 +9,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	_ "github.com/jackc/pgx/v5/stdlib"
 
@@ -318,10 +319,52 @@ func TestKeyAndSubscriptionTimesStayWithinYear9999(t *testing.T) {
 	_, err = db.ExecContext(ctx, `INSERT INTO accounts (id, name) VALUES ('acct_1', 'A');
 		INSERT INTO environments (account_id, mode) VALUES ('acct_1', 'live');
 		INSERT INTO api_keys (id, account_id, environment, kind, display_prefix, hash, scopes, name, expires_at)
-		VALUES ('key_old', 'acct_1', 'live', 'secret', 'sk_live_old', sha256('key_old'), '{}', 'old', 'infinity')`)
+		VALUES ('key_old', 'acct_1', 'live', 'secret', 'sk_live_old', sha256('key_old'), '{}', 'old', 'infinity');
+		INSERT INTO api_keys (id, account_id, environment, kind, display_prefix, hash, scopes, name, expires_at)
+		VALUES ('key_far', 'acct_1', 'live', 'secret', 'sk_live_far', sha256('key_far'), '{}', 'far', '12000-01-01 00:00:00+00');
+		INSERT INTO api_keys (id, account_id, environment, kind, display_prefix, hash, scopes, name, expires_at)
+		VALUES ('key_past', 'acct_1', 'live', 'secret', 'sk_live_pas', sha256('key_past'), '{}', 'past', '-infinity');
+		INSERT INTO subscriptions (id, account_id, plan_id, plan_version, starts_at, ends_at)
+		VALUES ('sub_old', 'acct_1', 'free', 1, '-infinity', 'infinity')`)
 	testenv.Must(t, err, "rows at version 140")
 	_, err = schemas.MigratePostgres(ctx, db)
-	testenv.Must(t, err, "migrate forward over a row past the bounds")
+	testenv.Must(t, err, "migrate forward over rows past the bounds")
+
+	t.Run("rows written out of range before the bounds are brought into range, audited, and can be revoked", func(t *testing.T) {
+		for id, want := range map[string]string{"key_old": "never", "key_far": "9999-12-31T23:59:59Z", "key_past": "0001-01-01T00:00:00Z"} {
+			var at sql.NullTime
+			testenv.Must(t, db.QueryRowContext(ctx, `SELECT expires_at FROM api_keys WHERE id = $1`, id).Scan(&at), "read "+id)
+			got := "never"
+			if at.Valid {
+				got = at.Time.UTC().Format(time.RFC3339)
+			}
+			if got != want {
+				t.Errorf("%s expires %s after the upgrade, want %s", id, got, want)
+			}
+			var audited int
+			testenv.Must(t, db.QueryRowContext(ctx, `SELECT count(*) FROM audit_log WHERE key_id = $1 AND action = 'key.expiry_repaired'`, id).Scan(&audited), "audit of "+id)
+			if audited != 1 {
+				t.Errorf("%s: %d audit entries of its repair, want 1", id, audited)
+			}
+			// A revoke is an UPDATE of the row: Postgres checks the bounds
+			// on the row's new version.
+			if _, err := db.ExecContext(ctx, `UPDATE api_keys SET revoked_at = now() WHERE id = $1`, id); err != nil {
+				t.Errorf("revoking %s after the upgrade: %v", id, err)
+			}
+		}
+		var starts time.Time
+		var ends sql.NullTime
+		testenv.Must(t, db.QueryRowContext(ctx, `SELECT starts_at, ends_at FROM subscriptions WHERE id = 'sub_old'`).Scan(&starts, &ends), "read sub_old")
+		if starts.UTC().Format(time.RFC3339) != "0001-01-01T00:00:00Z" || ends.Valid {
+			t.Errorf("sub_old runs from %s to %v after the upgrade, want from the year 1, without an end", starts.UTC(), ends)
+		}
+		var unvalidated int
+		testenv.Must(t, db.QueryRowContext(ctx, `SELECT count(*) FROM pg_constraint WHERE conname IN
+			('api_keys_expires_at_in_range', 'subscriptions_bounds_in_range') AND NOT convalidated`).Scan(&unvalidated), "read the constraints")
+		if unvalidated != 0 {
+			t.Errorf("%d of the bounds are not validated", unvalidated)
+		}
+	})
 
 	insertKey := func(id, expires string) error {
 		_, err := db.ExecContext(ctx, `INSERT INTO api_keys (id, account_id, environment, kind, display_prefix, hash, scopes, name, expires_at)

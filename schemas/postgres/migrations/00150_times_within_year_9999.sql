@@ -4,9 +4,8 @@
 -- time past the year 9999 (or 'infinity') cannot be written as an RFC 3339
 -- time, so one such row broke every admin view that lists it, and the
 -- edge's lookup of the key. The bounds now refuse such times (a key or a
--- subscription that never ends has none). NOT VALID: rows written before
--- this check are not examined, so an upgrade never stops on one; the check
--- holds for every row written from now on.
+-- subscription that never ends has none). NOT VALID here; 00160 brings the
+-- rows written before into range and validates them.
 ALTER TABLE api_keys ADD CONSTRAINT api_keys_expires_at_in_range
     CHECK (expires_at >= '0001-01-01 00:00:00+00' AND expires_at < '10000-01-01 00:00:00+00') NOT VALID;
 ALTER TABLE subscriptions ADD CONSTRAINT subscriptions_bounds_in_range
