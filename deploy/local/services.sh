@@ -331,8 +331,7 @@ install_apt() {
       { log "apt: not installing ${optional[*]} (needs root or sudo); the checks that use them say so when they run"; return 0; }
     die "installing needs root: run this as root, install sudo, or install these packages yourself first: ${missing[*]} ${optional[*]}"
   fi
-  missing+=("${optional[@]}")
-  log "apt: installing ${missing[*]}"
+  log "apt: installing ${missing[*]}${missing[*]:+ }${optional[*]}"
   # Keep the packages' own init scripts from starting system-wide instances on
   # the default ports: this script runs its own.
   # The file is marked as this script's, and removed however the install
@@ -348,14 +347,28 @@ install_apt() {
     as_root chmod 755 "$policy"
     added_policy=1
   fi
-  local rc=0
-  { as_root apt-get update -q &&
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"; } || rc=$?
+  # The optional packages go in a call of their own: one that cannot be
+  # installed (an offline machine, a user sudo refuses) is said, not fatal.
+  local rc=0 orc=0
+  as_root apt-get update -q || rc=$?
+  if ((rc == 0 && ${#missing[@]})); then
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" || rc=$?
+  fi
+  if ((${#optional[@]})); then
+    if ((rc == 0)); then
+      as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${optional[@]}" || orc=$?
+    else
+      orc=$rc
+    fi
+  fi
   if [[ -n $added_policy ]]; then
     as_root rm -f "$policy"
     trap - EXIT INT TERM
   fi
-  ((rc == 0)) || die "apt-get install failed (rc $rc)"
+  if ((${#missing[@]})); then
+    ((rc == 0)) || die "apt-get install failed (rc $rc)"
+  fi
+  ((orc == 0)) || log "apt: could not install ${optional[*]} (rc $orc); the checks that use them say so when they run"
 }
 
 install_kafka() {
