@@ -54,9 +54,9 @@ const (
 // counts what arrived later.
 type LateArrivals interface {
 	UsageReader
-	Arrived(ctx context.Context, accountID string, p Period) (int64, error)
-	// AnyArrived tells whether any event arrived after its period's close.
-	AnyArrived(ctx context.Context) (bool, error)
+	// ArrivedIn counts, per account, the events of period p that arrived
+	// after the period's invoice was closed.
+	ArrivedIn(ctx context.Context, p Period) (map[string]int64, error)
 }
 
 // Audit recomputes each ledger invoice from usage (a scratch database
@@ -84,13 +84,7 @@ func (iv *Invoicer) Audit(ctx context.Context, usage UsageReader, late LateArriv
 		}
 		whole[p] = u
 	}
-	anyLate := false
-	if late != nil {
-		var err error
-		if anyLate, err = late.AnyArrived(ctx); err != nil {
-			return nil, err
-		}
-	}
+	arrived := map[Period]map[string]int64{}
 	out := make([]AuditResult, 0, len(invs))
 	for i, si := range invs {
 		re, err := iv.recompute(ctx, usage, whole[si.Period], si)
@@ -106,10 +100,15 @@ func (iv *Invoicer) Audit(ctx context.Context, usage UsageReader, late LateArriv
 		recorded := recordDiffs(si)
 		r.Differences = append(recorded, diff(si.Invoice, re)...)
 		wholeMatch := r.LedgerHash == r.ReplayHash && len(r.Differences) == 0
-		if anyLate && len(recorded) == 0 {
-			if r.ArrivedAfterClose, err = late.Arrived(ctx, si.AccountID, si.Period); err != nil {
-				return nil, err
+		if late != nil && len(recorded) == 0 {
+			in, ok := arrived[si.Period]
+			if !ok {
+				if in, err = late.ArrivedIn(ctx, si.Period); err != nil {
+					return nil, err
+				}
+				arrived[si.Period] = in
 			}
+			r.ArrivedAfterClose = in[si.AccountID]
 		}
 		switch {
 		case r.ArrivedAfterClose == 0:

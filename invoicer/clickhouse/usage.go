@@ -110,26 +110,27 @@ func (a *AsClosed) Usage(ctx context.Context, accounts []string, p invoicer.Peri
 	return a.u.Usage(ctx, accounts, p, meters, env)
 }
 
-// Arrived counts the events of the account and period that arrived after
-// the invoice was closed.
-func (a *AsClosed) Arrived(ctx context.Context, accountID string, p invoicer.Period) (int64, error) {
-	var n uint64
-	err := a.u.conn.QueryRow(ctx, `SELECT uniqExact(event_id, timestamp, event_type) FROM `+ArrivedAfterClose+`
-		WHERE account_id = ? AND timestamp >= toDateTime(?) AND timestamp < toDateTime(?)`,
-		accountID, uint32(p.Start.Unix()), uint32(p.End.Unix())).Scan(&n)
+// ArrivedIn counts, per account, the events of period p that arrived after
+// the period's invoice was closed: one read for every account, where one
+// per invoice cost about a millisecond each.
+func (a *AsClosed) ArrivedIn(ctx context.Context, p invoicer.Period) (map[string]int64, error) {
+	rows, err := a.u.conn.Query(ctx, `SELECT account_id, uniqExact(event_id, timestamp, event_type) FROM `+ArrivedAfterClose+`
+		WHERE timestamp >= toDateTime(?) AND timestamp < toDateTime(?) GROUP BY account_id`,
+		uint32(p.Start.Unix()), uint32(p.End.Unix()))
 	if err != nil {
-		return 0, fmt.Errorf("count events that arrived after the close: %w", err)
+		return nil, fmt.Errorf("count events that arrived after the close: %w", err)
 	}
-	return int64(n), nil
-}
-
-// AnyArrived tells whether any event arrived after its period's close.
-func (a *AsClosed) AnyArrived(ctx context.Context) (bool, error) {
-	var n uint64
-	if err := a.u.conn.QueryRow(ctx, `SELECT count() FROM `+ArrivedAfterClose).Scan(&n); err != nil {
-		return false, fmt.Errorf("count events that arrived after the close: %w", err)
+	defer rows.Close()
+	out := map[string]int64{}
+	for rows.Next() {
+		var acct string
+		var n uint64
+		if err := rows.Scan(&acct, &n); err != nil {
+			return nil, fmt.Errorf("count events that arrived after the close: %w", err)
+		}
+		out[acct] = int64(n)
 	}
-	return n > 0, nil
+	return out, rows.Err()
 }
 
 // maxInList is the most accounts a read names in an IN filter. A short
