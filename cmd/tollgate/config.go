@@ -104,7 +104,7 @@ func decodeConfig(b []byte, c *Config) error {
 			return nil
 		}
 		if err != nil {
-			return err
+			return withoutAnchorName(err)
 		}
 		// A trailing "---" with nothing after it is harmless.
 		if len(doc.Content) > 0 && doc.Content[0].Tag != "!!null" {
@@ -525,9 +525,16 @@ func checkListen(name, addr string) error {
 // URL or DSN given instead (redis://:password@host:6379, as a platform
 // hands them out) is refused without quoting its credentials.
 func checkDial(name, addr string) error {
-	if strings.Contains(addr, "@") || strings.Contains(addr, "://") {
-		return fmt.Errorf("%s: want host:port, got %q, a URL or an address with credentials: give the host and port here, and a password through its own setting",
-			name, redact.URLAndQuery(addr))
+	// A connection string holds its password after one of these (Azure's
+	// host:6380,password=…; host:6379?password=…): only what comes before
+	// is quoted.
+	if i := strings.IndexAny(addr, "@,;?# \t"); i >= 0 || strings.Contains(addr, "://") {
+		shown := redact.URLAndQuery(addr)
+		if j := strings.IndexAny(shown, ",; \t"); j >= 0 {
+			shown = shown[:j] + "…"
+		}
+		return fmt.Errorf("%s: want host:port, got %q, a URL, connection string or address with credentials: give the host and port here, and a password through its own setting",
+			name, shown)
 	}
 	err := checkHostPort(addr)
 	if err == nil && strings.HasPrefix(addr, ":") {

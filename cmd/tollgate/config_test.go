@@ -563,6 +563,9 @@ func TestARefusedServiceAddressDoesNotQuoteItsPassword(t *testing.T) {
 		{"TOLLGATE_CLICKHOUSE_ADDR", "clickhouse://default:SEKRIT-123@ch.internal:9000", "services.clickhouse_addr"},
 		{"TOLLGATE_KAFKA_BROKERS", "user:SEKRIT-123@kafka.internal:9092", "services.kafka_brokers[0]"},
 		{"TOLLGATE_STRIPE_API_URL", "https://stripe-proxy.internal/?api_key=SEKRIT-123", "invoicer.stripe.api_url"},
+		{"TOLLGATE_REDIS_ADDR", "myredis.redis.cache.windows.net:6380,password=SEKRIT-123,ssl=True,abortConnect=False", "services.redis_addr"},
+		{"TOLLGATE_REDIS_ADDR", "redis.internal:6379?password=SEKRIT-123", "services.redis_addr"},
+		{"TOLLGATE_CLICKHOUSE_ADDR", "ch.internal:9000;password=SEKRIT-123", "services.clickhouse_addr"},
 	} {
 		t.Run(c.field, func(t *testing.T) {
 			t.Setenv(c.env, c.value)
@@ -582,11 +585,15 @@ func TestARefusedServiceAddressDoesNotQuoteItsPassword(t *testing.T) {
 // alias, and its parse error printed the rest of the value.
 func TestAnUnquotedSecretStartingWithAStarIsNotQuotedBack(t *testing.T) {
 	p := filepath.Join(t.TempDir(), "c.yaml")
-	if err := os.WriteFile(p, []byte("services:\n  redis_password: *SEKRIT-123\n"), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	_, err := LoadConfig(p)
-	if err == nil || !strings.Contains(err.Error(), "quote the value") || strings.Contains(err.Error(), "SEKRIT") {
-		t.Fatalf("LoadConfig = %v; want it refused, saying to quote the value, without quoting it", err)
+	for _, body := range []string{"services:\n  redis_password: *SEKRIT-123\n",
+		// In a second document, which is refused, but not by quoting it.
+		"services:\n  redis_addr: 127.0.0.1:6379\n---\nservices:\n  redis_password: *SEKRIT-123\n"} {
+		if err := os.WriteFile(p, []byte(body), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		_, err := LoadConfig(p)
+		if err == nil || !strings.Contains(err.Error(), "quote the value") || strings.Contains(err.Error(), "SEKRIT") {
+			t.Fatalf("LoadConfig = %v; want it refused, saying to quote the value, without quoting it", err)
+		}
 	}
 }
