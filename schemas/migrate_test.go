@@ -342,9 +342,11 @@ func TestKeyAndSubscriptionTimesStayWithinYear9999(t *testing.T) {
 				t.Errorf("%s expires %s after the upgrade, want %s", id, got, want)
 			}
 			var audited int
-			testenv.Must(t, db.QueryRowContext(ctx, `SELECT count(*) FROM audit_log WHERE key_id = $1 AND action = 'key.expiry_repaired'`, id).Scan(&audited), "audit of "+id)
-			if audited != 1 {
-				t.Errorf("%s: %d audit entries of its repair, want 1", id, audited)
+			var before string
+			testenv.Must(t, db.QueryRowContext(ctx, `SELECT count(*), coalesce(max(details->>'expires_at_before'), '') FROM audit_log
+				WHERE key_id = $1 AND action = 'key.expiry_repaired'`, id).Scan(&audited, &before), "audit of "+id)
+			if wantBefore := map[string]string{"key_old": "infinity", "key_far": "12000-01-01", "key_past": "-infinity"}[id]; audited != 1 || !strings.HasPrefix(before, wantBefore) {
+				t.Errorf("%s: %d audit entries of its repair, the expiry before %q; want 1, and %q", id, audited, before, wantBefore)
 			}
 			// A revoke is an UPDATE of the row: Postgres checks the bounds
 			// on the row's new version.
@@ -357,6 +359,12 @@ func TestKeyAndSubscriptionTimesStayWithinYear9999(t *testing.T) {
 		testenv.Must(t, db.QueryRowContext(ctx, `SELECT starts_at, ends_at FROM subscriptions WHERE id = 'sub_old'`).Scan(&starts, &ends), "read sub_old")
 		if starts.UTC().Format(time.RFC3339) != "0001-01-01T00:00:00Z" || ends.Valid {
 			t.Errorf("sub_old runs from %s to %v after the upgrade, want from the year 1, without an end", starts.UTC(), ends)
+		}
+		var subBefore string
+		testenv.Must(t, db.QueryRowContext(ctx, `SELECT coalesce(max(details->>'starts_at_before') || ' ' || max(details->>'ends_at_before'), '')
+			FROM audit_log WHERE action = 'subscription.bounds_repaired' AND details->>'subscription_id' = 'sub_old'`).Scan(&subBefore), "audit of sub_old")
+		if subBefore != "-infinity infinity" {
+			t.Errorf("sub_old's repair is audited with %q before, want \"-infinity infinity\"", subBefore)
 		}
 		var unvalidated int
 		testenv.Must(t, db.QueryRowContext(ctx, `SELECT count(*) FROM pg_constraint WHERE conname IN
