@@ -5,9 +5,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"os"
-	"os/exec"
-	"path/filepath"
 	"testing"
 	"time"
 
@@ -35,12 +32,7 @@ func TestRecordsDeletedBeforeTheGroupReadThemDoNotHoldTheWatermark(t *testing.T)
 	}
 	// What retention does to old segments, at once: delete records before
 	// offset 5, every record there is.
-	spec := filepath.Join(t.TempDir(), "delete.json")
-	testenv.Must(t, os.WriteFile(spec, fmt.Appendf(nil, `{"version":1,"partitions":[{"topic":%q,"partition":0,"offset":5}]}`, topic), 0o600), "write spec")
-	cmd := exec.Command("bash", filepath.Join(testenv.RepoRoot(t), "deploy/local/services.sh"), "kafka-delete-records", "--offset-json-file", spec)
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("delete records (needs the local services: make services): %v\n%s", err, out)
-	}
+	testenv.DeleteRecords(t, topic, 0, 5)
 
 	offsets := ingestkafka.NewOffsets(testenv.KafkaBrokers(), topic, topic+".ingest")
 	offs, err := offsets.Offsets(ctx)

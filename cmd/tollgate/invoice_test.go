@@ -405,11 +405,7 @@ func TestReplayProvesEveryInvoiceAndNamesAnAlteredOne(t *testing.T) {
 	done := make(chan error, 1)
 	go func() { done <- ing.Run(ictx) }()
 	t.Cleanup(func() { stop(); <-done; _ = ing.Close() })
-	var landed uint64
-	testenv.Wait(t, 60*time.Second, fmt.Sprintf("%d events landed", unique), func() bool {
-		err := ch.Conn.QueryRow(ctx, "SELECT count() FROM usage_events FINAL").Scan(&landed)
-		return err == nil && landed == uint64(unique)
-	})
+	waitLanded(t, ch, uint64(unique))
 
 	setWatermark(t, ch, watermark)
 	iv, pool, conn, err := newInvoicer(ctx, cfg, nil, quietLog())
@@ -456,10 +452,7 @@ func TestReplayProvesEveryInvoiceAndNamesAnAlteredOne(t *testing.T) {
 	testenv.Must(t, lw.Close(), "close producer")
 	unique += arrivedLate // the retry adds no row
 	msgs = append(msgs, lateMsgs...)
-	testenv.Wait(t, 60*time.Second, fmt.Sprintf("%d events landed", unique), func() bool {
-		err := ch.Conn.QueryRow(ctx, "SELECT count() FROM usage_events FINAL").Scan(&landed)
-		return err == nil && landed == uint64(unique)
-	})
+	waitLanded(t, ch, uint64(unique))
 
 	dir := t.TempDir()
 	scratch := "tollgate_replay_" + strings.TrimPrefix(testenv.Name(t), "t_")

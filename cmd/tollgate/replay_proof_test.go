@@ -4,8 +4,6 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -121,12 +119,7 @@ func replayOpts(t *testing.T) replayOptions {
 func TestReplayRefusesToProveWhatTheLogNoLongerHolds(t *testing.T) {
 	ctx := context.Background()
 	f := closedReplayFixture(t, 40, 0)
-	spec := filepath.Join(t.TempDir(), "delete.json")
-	testenv.Must(t, os.WriteFile(spec, fmt.Appendf(nil, `{"version":1,"partitions":[{"topic":%q,"partition":0,"offset":15}]}`, f.topic), 0o600), "write spec")
-	cmd := exec.Command("bash", filepath.Join(testenv.RepoRoot(t), "deploy/local/services.sh"), "kafka-delete-records", "--offset-json-file", spec)
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("delete records (needs the local services: make services): %v\n%s", err, out)
-	}
+	testenv.DeleteRecords(t, f.topic, 0, 15)
 	// As many calls of the closed period arrive late as were removed.
 	produceCalls(t, f.cfg, f.topic, "acct_r", f.prev.End.Add(-time.Hour), f.prev.End, 15)
 	waitLanded(t, f.ch, 55)

@@ -11,9 +11,12 @@ import (
 	"crypto/rand"
 	"database/sql"
 	"encoding/hex"
+	"fmt"
 	"net"
 	neturl "net/url"
 	"os"
+	"os/exec"
+	"path/filepath"
 	"regexp"
 	"strings"
 	"testing"
@@ -252,6 +255,19 @@ func CreateTopic(t testing.TB, name string, partitions int) {
 		defer cancel()
 		_, _ = client.DeleteTopics(c, &kafka.DeleteTopicsRequest{Topics: []string{name}})
 	})
+}
+
+// DeleteRecords removes the records of one partition of topic before
+// offset, as retention removes old segments, with Kafka's own
+// DeleteRecordsCommand against the local broker.
+func DeleteRecords(t testing.TB, topic string, partition int, offset int64) {
+	t.Helper()
+	spec := filepath.Join(t.TempDir(), "delete.json")
+	Must(t, os.WriteFile(spec, fmt.Appendf(nil, `{"version":1,"partitions":[{"topic":%q,"partition":%d,"offset":%d}]}`, topic, partition, offset), 0o600), "write the delete spec")
+	cmd := exec.Command("bash", filepath.Join(RepoRoot(t), "deploy/local/services.sh"), "kafka-delete-records", "--offset-json-file", spec)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("delete records (needs the local services: make services): %v\n%s", err, out)
+	}
 }
 
 // Redis is a client plus a key prefix that no other test uses.

@@ -3,9 +3,6 @@ package kafka_test
 import (
 	"context"
 	"fmt"
-	"os"
-	"os/exec"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -69,18 +66,6 @@ func TestLogReadsFromTheStartOrFromATimeUpToItsEnd(t *testing.T) {
 	})
 }
 
-// deleteRecords removes the records of partition 0 of topic before offset,
-// as retention removes old segments.
-func deleteRecords(t *testing.T, topic string, offset int64) {
-	t.Helper()
-	spec := filepath.Join(t.TempDir(), "delete.json")
-	testenv.Must(t, os.WriteFile(spec, fmt.Appendf(nil, `{"version":1,"partitions":[{"topic":%q,"partition":0,"offset":%d}]}`, topic, offset), 0o600), "write spec")
-	cmd := exec.Command("bash", filepath.Join(testenv.RepoRoot(t), "deploy/local/services.sh"), "kafka-delete-records", "--offset-json-file", spec)
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("delete records (needs the local services: make services): %v\n%s", err, out)
-	}
-}
-
 // TestLogSaysWhereItBeginsAndRefusesRecordsRemovedUnderIt: once retention
 // has removed the oldest records, Retained gives the time of the first one
 // held (replay must not claim to prove what came before), and a Read that
@@ -109,7 +94,7 @@ func TestLogSaysWhereItBeginsAndRefusesRecordsRemovedUnderIt(t *testing.T) {
 	if !held.IsZero() {
 		t.Fatalf("a log that lost nothing begins at %s; want zero", held)
 	}
-	deleteRecords(t, topic, 10)
+	testenv.DeleteRecords(t, topic, 0, 10)
 	t.Run("a Read after records were removed under it fails", func(t *testing.T) {
 		n, err := readAll(l)
 		if err == nil || !strings.Contains(err.Error(), "removed from the log while replay read it") {
@@ -128,7 +113,7 @@ func TestLogSaysWhereItBeginsAndRefusesRecordsRemovedUnderIt(t *testing.T) {
 		}
 	})
 	t.Run("a log that lost every record begins now", func(t *testing.T) {
-		deleteRecords(t, topic, 30)
+		testenv.DeleteRecords(t, topic, 0, 30)
 		l := &invkafka.Log{Brokers: testenv.KafkaBrokers(), Topic: topic}
 		before := time.Now()
 		held, err := l.Retained(ctx)
