@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"errors"
 	"io"
 	"net"
 	"strconv"
@@ -552,5 +553,38 @@ func TestADeadLetterTopicWithASmallLimitTakesRecordsOneAtATime(t *testing.T) {
 		if !bytes.Equal(m.Value, batch[i].Message.Value) || header(m, HeaderSourceOffset) != strconv.Itoa(i+1) {
 			t.Fatalf("dead letter %d: %d bytes of %q, source offset %s", i, len(m.Value), m.Value[:1], header(m, HeaderSourceOffset))
 		}
+	}
+}
+
+// A dead-letter topic deleted while ingest runs is made again by the next
+// Reject, as ingest makes it at start. Before, every Reject failed
+// (Unknown Topic Or Partition), and the worker that met a malformed record
+// held its batch, valid events and all, until the topic was made by hand or
+// ingest restarted.
+func TestADeadLetterTopicDeletedWhileIngestRunsIsMadeAgain(t *testing.T) {
+	ctx, d := newDeadLetters(t, 2, 2)
+	testenv.Must(t, d.Reject(ctx, rejected(0, 0)), "a dead letter before the deletion")
+	client := &kafka.Client{Addr: kafka.TCP(testenv.KafkaBrokers()...), Timeout: 20 * time.Second}
+	_, err := client.DeleteTopics(ctx, &kafka.DeleteTopicsRequest{Topics: []string{d.dlq}})
+	testenv.Must(t, err, "delete the dead-letter topic")
+	testenv.Wait(t, 30*time.Second, "the dead-letter topic gone", func() bool {
+		md, err := client.Metadata(ctx, &kafka.MetadataRequest{Topics: []string{d.dlq}})
+		return err == nil && len(md.Topics) == 1 && errors.Is(md.Topics[0].Error, kafka.UnknownTopicOrPartition)
+	})
+	// Retried as ingest retries a failed step; it must come through.
+	var last error
+	testenv.Wait(t, 45*time.Second, "partition 1's dead letter written after the deletion", func() bool {
+		last = d.Reject(ctx, rejected(1, 3))
+		return last == nil
+	})
+	if got, want := deadLetterOrigins(t, d.dlq, 1), "1@3"; got != want {
+		t.Errorf("dead-letter partition 1 holds %s, want %s", got, want)
+	}
+	res, err := client.DescribeConfigs(ctx, &kafka.DescribeConfigsRequest{Resources: []kafka.DescribeConfigRequestResource{{
+		ResourceType: kafka.ResourceTypeTopic, ResourceName: d.dlq, ConfigNames: []string{"max.message.bytes"}}}})
+	testenv.Must(t, err, "describe the dead-letter topic")
+	if len(res.Resources) != 1 || len(res.Resources[0].ConfigEntries) != 1 ||
+		res.Resources[0].ConfigEntries[0].ConfigValue != strconv.Itoa(DeadLetterMaxBytes) {
+		t.Errorf("the dead-letter topic made again has %+v, want max.message.bytes %d", res.Resources, DeadLetterMaxBytes)
 	}
 }

@@ -438,7 +438,12 @@ func refusedUnwritten(err error) bool {
 
 // ensurePartition adds partitions to the dead-letter topic until it has
 // partition p, as the usage topic has: one added there while ingest runs is
-// read at once, and its dead letters must have somewhere to go.
+// read at once, and its dead letters must have somewhere to go. A
+// dead-letter topic deleted while ingest runs is made again, as `tollgate
+// ingest` makes it at start: otherwise every Reject failed, and the worker
+// that met a malformed record held its batch, valid events and all, and
+// read no more until the topic was made by hand or ingest restarted. The
+// dead letters written before the deletion went with the topic.
 func (d *DeadLetters) ensurePartition(ctx context.Context, p int) error {
 	have := func() (int, error) {
 		md, err := d.client.Metadata(ctx, &kafka.MetadataRequest{Topics: []string{d.dlq}})
@@ -456,6 +461,25 @@ func (d *DeadLetters) ensurePartition(ctx context.Context, p int) error {
 		return 0, fmt.Errorf("no metadata for topic %s", d.dlq)
 	}
 	n, err := have()
+	if errors.Is(err, kafka.UnknownTopicOrPartition) {
+		res, cerr := d.client.CreateTopics(ctx, &kafka.CreateTopicsRequest{Topics: []kafka.TopicConfig{DeadLetterTopic(d.dlq, p+1)}})
+		if cerr == nil {
+			cerr = res.Errors[d.dlq]
+		}
+		// Another member may have made it meanwhile.
+		if cerr != nil && !errors.Is(cerr, kafka.TopicAlreadyExists) {
+			return fmt.Errorf("make the dead-letter topic %s again (it was deleted): %w", d.dlq, cerr)
+		}
+		n, err = have()
+		for errors.Is(err, kafka.UnknownTopicOrPartition) {
+			select {
+			case <-ctx.Done():
+				return fmt.Errorf("dead-letter topic %s: %w", d.dlq, ctx.Err())
+			case <-time.After(100 * time.Millisecond):
+			}
+			n, err = have()
+		}
+	}
 	if err != nil || n > p {
 		return err
 	}
