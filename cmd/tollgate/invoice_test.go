@@ -408,12 +408,7 @@ func TestReplayProvesEveryInvoiceAndNamesAnAlteredOne(t *testing.T) {
 	waitLanded(t, ch, uint64(unique))
 
 	setWatermark(t, ch, watermark)
-	iv, pool, conn, err := newInvoicer(ctx, cfg, nil, quietLog())
-	testenv.Must(t, err, "new invoicer")
-	defer pool.Close()
-	defer conn.Close()
-	res, err := iv.CloseDue(ctx)
-	testenv.Must(t, err, "close")
+	res := closeDue(t, cfg)
 	if len(res.Closed) != 3 {
 		t.Fatalf("closed %d invoices, want 3", len(res.Closed))
 	}

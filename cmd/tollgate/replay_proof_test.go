@@ -68,17 +68,25 @@ func closedReplayFixture(t *testing.T, calls, phantoms int) *replayFixture {
 		insertCalls(t, ch, "acct_r", "live", lo.Add(time.Minute), phantoms)
 	}
 	setWatermark(t, ch, watermark)
+	res := closeDue(t, cfg)
+	if len(res.Closed) != 1 || res.Closed[0].Fingerprint.EventCount != int64(calls+phantoms) {
+		t.Fatalf("closed %+v; want one invoice of %d events", res.Closed, calls+phantoms)
+	}
+	f.invoice = res.Closed[0]
+	return f
+}
+
+// closeDue closes every period due, as `tollgate invoice close` does once.
+func closeDue(t *testing.T, cfg Config) invoicer.CloseResult {
+	t.Helper()
+	ctx := context.Background()
 	iv, pool, conn, err := newInvoicer(ctx, cfg, nil, quietLog())
 	testenv.Must(t, err, "new invoicer")
 	defer pool.Close()
 	defer conn.Close()
 	res, err := iv.CloseDue(ctx)
 	testenv.Must(t, err, "close")
-	if len(res.Closed) != 1 || res.Closed[0].Fingerprint.EventCount != int64(calls+phantoms) {
-		t.Fatalf("closed %+v; want one invoice of %d events", res.Closed, calls+phantoms)
-	}
-	f.invoice = res.Closed[0]
-	return f
+	return res
 }
 
 // produceCalls writes n live api_call events of account, spread over
