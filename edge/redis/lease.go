@@ -72,7 +72,11 @@ type lease struct {
 	res    edge.CallResult
 	limits edge.CallLimits
 	// asking is open while a call is asking Redis for more than itself.
-	asking chan struct{}
+	// failed is the last such request that failed, and failedErr its
+	// error: the calls that waited for it take the error as their own.
+	asking    chan struct{}
+	failed    chan struct{}
+	failedErr error
 	// Demand: calls in the window starting at winStart, and in the last
 	// full window.
 	winStart          time.Time
@@ -150,7 +154,7 @@ func (l *Limiter) leased(c edge.CallLimits) (edge.CallResult, error) {
 		le.mu.Unlock()
 		return res, nil
 	}
-	if le.asking != nil {
+	if wait := le.asking; wait != nil {
 		// A grant for these limits is on its way: waiting for it costs
 		// about the round trip this call would make, and saves Redis one.
 		le.awaitGrant()
@@ -158,6 +162,14 @@ func (l *Limiter) leased(c edge.CallLimits) (edge.CallResult, error) {
 			le.served++
 			le.mu.Unlock()
 			return res, nil
+		}
+		if le.failed == wait {
+			// The request failed (Redis is out of reach, most likely
+			// after a read timeout): asking again would have the call
+			// wait a second timeout before the fallback decides it.
+			err := le.failedErr
+			le.mu.Unlock()
+			return edge.CallResult{}, err
 		}
 	}
 	want := 1
@@ -175,8 +187,7 @@ func (l *Limiter) leased(c edge.CallLimits) (edge.CallResult, error) {
 	le.mu.Lock()
 	defer le.mu.Unlock()
 	if asked != nil {
-		le.asking = nil
-		close(asked)
+		le.finishAsking(asked, err)
 	}
 	if err == nil && grant == 0 {
 		// Refused, perhaps because this instance holds the last tokens,
@@ -254,14 +265,25 @@ func (le *lease) awaitGrant() {
 	}
 }
 
+// finishAsking ends the request for more tokens asked for on asked, with
+// le.mu held, noting its error for the calls that waited for it.
+func (le *lease) finishAsking(asked chan struct{}, err error) {
+	le.asking = nil
+	if err != nil {
+		le.failed, le.failedErr = asked, err
+	} else if le.failed != nil {
+		le.failed, le.failedErr = nil, nil
+	}
+	close(asked)
+}
+
 // prefetch asks Redis for the lease's next tokens while it still holds
 // some.
 func (l *Limiter) prefetch(le *lease, c edge.CallLimits, want int, asked chan struct{}) {
 	res, grant, record, err := l.ask(c, want, true)
 	le.mu.Lock()
 	defer le.mu.Unlock()
-	le.asking = nil
-	close(asked)
+	le.finishAsking(asked, err)
 	if err != nil || grant == 0 {
 		// Redis is down (the calls will find out for themselves) or has
 		// no tokens left: the lease spends what it holds.

@@ -326,3 +326,75 @@ func slowRedisCostsOneTimeout(t *testing.T, slowOnly bool) {
 		t.Fatalf("the slowest of 5,000 calls took %s with a read timeout of %s", s.Round(time.Millisecond), readTimeout)
 	}
 }
+
+// The calls that waited for a lease request which then failed (Redis out
+// of reach) take its error as their own: each asking Redis again cost a
+// busy key's calls a second read timeout (docs/edge.md: a call waits about
+// one read timeout at most).
+func TestCallsThatWaitedForAFailedLeaseRequestDoNotAskAgain(t *testing.T) {
+	ctx := context.Background()
+	r := testenv.NewRedis(t)
+	proxy := newSlowProxy(t, testenv.RedisAddr())
+	const readTimeout = 200 * time.Millisecond
+	rdb := redis.NewClient(&redis.Options{Addr: proxy.addr, ReadTimeout: readTimeout, MaxRetries: -1, PoolSize: 256})
+	t.Cleanup(func() { _ = rdb.Close() })
+	l := edgeredis.NewLimiter(rdb)
+	c := edge.CallLimits{Buckets: []string{r.Prefix + "key"}, RPS: 100_000, Burst: 100_000}
+	t.Cleanup(func() { r.Client.Del(ctx, "rate:"+r.Prefix+"key") })
+	// 64 callers without a pause keep the key busy, so its calls lease and
+	// wait for the lease requests, before Redis's replies are held back
+	// and for 800 ms after.
+	var slowFrom atomic.Int64 // when the replies began to be held back
+	var slowest, failed atomic.Int64
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for range 64 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				began := time.Now()
+				_, err := l.AllowCall(ctx, c)
+				if from := slowFrom.Load(); from == 0 {
+					if err != nil {
+						t.Errorf("a call failed with Redis answering: %v", err)
+					}
+					continue
+				} else if began.UnixNano() < from {
+					continue
+				}
+				if err != nil {
+					failed.Add(1)
+				}
+				d := int64(time.Since(began))
+				for {
+					if s := slowest.Load(); d <= s || slowest.CompareAndSwap(s, d) {
+						break
+					}
+				}
+			}
+		}()
+	}
+	time.Sleep(300 * time.Millisecond)
+	leased, _ := l.Leased()
+	proxy.slowReplies.Store(true)
+	slowFrom.Store(time.Now().UnixNano())
+	time.Sleep(800 * time.Millisecond)
+	close(stop)
+	wg.Wait()
+	if leased == 0 || failed.Load() == 0 {
+		t.Fatalf("%d calls decided from leases before, %d failed after: the test did not lease, or Redis answered", leased, failed.Load())
+	}
+	s := time.Duration(slowest.Load())
+	t.Logf("%d calls decided from leases before the replies were held back; after, %d failed and the slowest took %s", leased, failed.Load(), s.Round(time.Millisecond))
+	// One read timeout, and room for a busy machine's scheduling; a
+	// second timeout would be 400 ms.
+	if s > readTimeout*8/5 {
+		t.Fatalf("the slowest call took %s with a read timeout of %s", s.Round(time.Millisecond), readTimeout)
+	}
+}
