@@ -106,6 +106,9 @@ func (m *Meter) Validate() error {
 	default:
 		bad("aggregation %q is not one of COUNT, SUM, UNIQUE_COUNT, MAX, LATEST", m.Aggregation)
 	}
+	if len(m.GroupBy) > MaxGroupBy {
+		bad("group_by: %d properties, at most %d (every rollup query of the meter's event type writes each one)", len(m.GroupBy), MaxGroupBy)
+	}
 	seen := map[string]bool{}
 	for _, g := range m.GroupBy {
 		if _, err := stringExpr(g); err != nil {
@@ -139,6 +142,13 @@ func (m *Meter) Validate() error {
 	}
 	return errors.Join(errs...)
 }
+
+// MaxGroupBy bounds a meter's group_by properties. Every rollup query of
+// the meter's event type writes each one, and the admin API took thousands
+// (a 60 KB meter): one such meter made a single event's rollup take 16 s,
+// two made the query larger than ClickHouse takes, and every round of that
+// event type failed, the billed api_calls included.
+const MaxGroupBy = 16
 
 // MaxFilterBytes bounds a meter's filter values, all filters together, as
 // a query writes them (FilterValueBytes): every rollup query carries them,

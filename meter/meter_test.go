@@ -117,6 +117,27 @@ func TestValidateBoundsTheFilterValues(t *testing.T) {
 	}
 }
 
+// Every rollup query of an event type writes each group-by property of its
+// meters: the admin API took a meter grouping by 3,600 dimensions, which
+// stalled or failed every rollup round of the event type.
+func TestValidateBoundsTheGroupBy(t *testing.T) {
+	dims := func(n int) []string {
+		var out []string
+		for i := range n {
+			out = append(out, fmt.Sprintf("dimensions.d%02d", i))
+		}
+		return out
+	}
+	m := Meter{Key: "by_many", EventType: "api_call", Aggregation: Count, GroupBy: dims(MaxGroupBy)}
+	if err := m.Validate(); err != nil {
+		t.Fatalf("%d group-by properties: %v", MaxGroupBy, err)
+	}
+	m.GroupBy = dims(MaxGroupBy + 1)
+	if err := m.Validate(); err == nil || !strings.Contains(err.Error(), "group_by: 17 properties, at most 16") {
+		t.Fatalf("%d group-by properties: %v, want refused", MaxGroupBy+1, err)
+	}
+}
+
 // Filters are ANDed and their values are sets: a meter whose filters or
 // values are only reordered (a configuration file reformatted, a meter
 // posted again) is the same definition. Before, it was taken for a changed

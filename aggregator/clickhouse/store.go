@@ -333,18 +333,20 @@ func recomputeSelects(r aggregator.Recompute) ([]string, []any, error) {
 // the Roller makes them). Minute requests share one read of the raw events,
 // coarser ones one read of the finer rollup rows.
 //
-// A scan carries the filter values of all its meters and cannot be split,
-// so a group's values stay under maxSharedFilterBytes: a new group starts
-// past it. Seven meters at the bound on filter values made one SELECT
-// larger than ClickHouse takes, which failed every round.
+// A scan carries the filter values and expressions of all its meters and
+// cannot be split, so a group's stay under maxSharedFilterBytes: a new
+// group starts past it. Seven meters at the bound on filter values made one
+// SELECT larger than ClickHouse takes, which failed every round; so would a
+// few hundred meters each grouping by as many long dimension names as they
+// may.
 func sharedScans(rs []aggregator.Recompute) [][]aggregator.Recompute {
 	type key struct{ eventType, zone string }
 	var out [][]aggregator.Recompute
 	seen := map[key]int{}
-	size := map[int]int{} // a group's filter values, as argBytes counts them
+	size := map[int]int{} // a group's filter values (as argBytes counts them) and expressions
 	for _, r := range rs {
 		k := key{r.Meter.EventType, r.Zone}
-		n := filterArgBytes(r.Meter)
+		n := filterArgBytes(r.Meter) + exprBytes(r.Meter)
 		if i, ok := seen[k]; ok && slices.Equal(out[i][0].Touched, r.Touched) && size[i]+n <= maxSharedFilterBytes {
 			out[i] = append(out[i], r)
 			size[i] += n
@@ -358,12 +360,28 @@ func sharedScans(rs []aggregator.Recompute) [][]aggregator.Recompute {
 }
 
 // maxSharedFilterBytes bounds the filter values of the meters one shared
-// scan serves, as argBytes counts them: with a chunk of touched windows
-// (maxQueryBytes/2) and the query's own text, one SELECT stays under
-// maxQueryBytes. Each meter's values are at most meter.MaxFilterBytes
-// written out, which argBytes counts up to twice, so a scan always takes
-// at least one meter.
+// scan serves, as argBytes counts them, with their expressions: with a
+// chunk of touched windows (maxQueryBytes/2) and the query's own text, one
+// SELECT stays under maxQueryBytes. Each meter's values are at most
+// meter.MaxFilterBytes written out, which argBytes counts up to twice, and
+// its expressions a few KB at most (meter.MaxGroupBy), so a scan always
+// takes at least one meter.
 const maxSharedFilterBytes = maxQueryBytes / 4
+
+// exprBytes is about the length of m's expressions as a shared scan
+// writes them (sharedMinuteSelect): its condition, group-by properties,
+// aggregate and value.
+func exprBytes(m meter.Meter) int {
+	c, err := m.Compile()
+	if err != nil {
+		return 0 // the scan's SELECT refuses it
+	}
+	n := len(c.Where) + len(c.Aggregate) + len(c.Value)
+	for _, g := range c.GroupBy {
+		n += len(g) + 2
+	}
+	return n
+}
 
 // filterArgBytes is argBytes of m's filter values.
 func filterArgBytes(m meter.Meter) int {

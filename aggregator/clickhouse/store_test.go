@@ -259,6 +259,54 @@ func TestDeleteRollupsMutatesOnlyWhenRowsMatch(t *testing.T) {
 // all forty it came to more than ClickHouse's max_query_size, which failed
 // every round (and every rebuild) for every account. Scans now take the
 // meters in groups whose values fit, and the rollups are exact.
+// Each meter's group-by properties are written into its scan too: two
+// hundred meters of one event type, each grouping by as many long dimension
+// names as a meter may, made one SELECT larger than ClickHouse takes
+// before the scans counted them.
+func TestManyMetersWithWideGroupByAreRecomputedInPieces(t *testing.T) {
+	ch := testenv.NewClickHouse(t)
+	ctx := context.Background()
+	var ms []meter.Meter
+	for i := range 200 {
+		m := meter.Meter{Key: fmt.Sprintf("wide_calls_%03d", i), EventType: "api_call", Aggregation: meter.Count}
+		for d := range meter.MaxGroupBy {
+			m.GroupBy = append(m.GroupBy, fmt.Sprintf("dimensions.d%02d_%s", d, strings.Repeat("x", 60)))
+		}
+		testenv.Must(t, m.Validate(), "a meter at the bound")
+		ms = append(ms, m)
+	}
+	events := aggregatortest.GenEvents(rand.New(rand.NewPCG(7, 8)), 200, time.Now().UTC())
+	store := clickhouse.NewStore(ch.Conn)
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	batch := aggregatortest.Records(events)
+	testenv.Must(t, chsink.NewSink(ch.Conn).Insert(ctx, batch), "insert raw")
+	testenv.Must(t, aggregator.NewRoller(aggregator.StaticMeters(ms), zones, store, log).Landed(ctx, batch), "recompute rollups")
+	locs, err := aggregatortest.Locations(zones)
+	testenv.Must(t, err, "load zones")
+	for _, m := range []meter.Meter{ms[0], ms[len(ms)-1]} {
+		want := aggregatortest.Expected(events, m, aggregator.Day, locs)
+		var wantTotal, gotTotal int64
+		for k, v := range want {
+			if k.Total {
+				wantTotal += v
+			}
+		}
+		for _, acct := range aggregatortest.Accounts {
+			for _, env := range []schemas.Environment{schemas.Live, schemas.Test} {
+				rows, err := store.Usage(ctx, aggregator.UsageQuery{Account: acct, Environment: string(env), Meter: m.Key,
+					Granularity: aggregator.Day, From: time.Unix(0, 0), To: time.Now().Add(time.Hour), Limit: 1 << 30})
+				testenv.Must(t, err, "read usage")
+				for _, r := range rows {
+					gotTotal += r.Value
+				}
+			}
+		}
+		if gotTotal != wantTotal || wantTotal == 0 {
+			t.Errorf("meter %s: %d calls in its day rollups, want %d", m.Key, gotTotal, wantTotal)
+		}
+	}
+}
+
 func TestManyMetersWithLongFiltersAreRecomputedInPieces(t *testing.T) {
 	ch := testenv.NewClickHouse(t)
 	ctx := context.Background()
