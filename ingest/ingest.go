@@ -380,10 +380,8 @@ func (in *Ingester) work(parent context.Context, src Source) error {
 	held := semaphore.NewWeighted(int64(in.cfg.MaxInFlightRecords))
 	// A landed batch's records are decoded into again: a batch is tens of
 	// megabytes, and fresh ones each time cost ingest a page fault per 4
-	// KiB and the zeroing of every byte, about a tenth of its CPU. Two
-	// kept for reuse serve a steady stream of full batches; more would
-	// stay held after a backlog, beyond MaxInFlightRecords' bound.
-	free := make(chan []Record, 2)
+	// KiB and the zeroing of every byte, about a tenth of its CPU.
+	free := &recordBuffers{limit: in.cfg.MaxInFlightRecords}
 	committed := make(chan error, 1)
 	go func() {
 		var err error
@@ -403,10 +401,7 @@ func (in *Ingester) work(parent context.Context, src Source) error {
 			}
 			// Landed: neither the sink nor the rollups hold the records
 			// any longer (a round answers only once it is done with them).
-			select {
-			case free <- b.events[:0]:
-			default:
-			}
+			free.put(b.events)
 			in.m.records.WithLabelValues("landed").Add(float64(len(b.events)))
 			in.m.records.WithLabelValues("duplicate_in_batch").Add(float64(b.dups))
 			in.m.records.WithLabelValues("too_late").Add(float64(len(b.late)))
@@ -422,6 +417,7 @@ func (in *Ingester) work(parent context.Context, src Source) error {
 	// The messages are let go once their batch is decoded, so one buffer
 	// serves each batch in turn.
 	msgs := make([]Message, 0, in.cfg.BatchSize)
+	seen := make(map[idSecond]string, in.cfg.BatchSize)
 	prevInserted := make(chan struct{})
 	close(prevInserted)
 	for err == nil {
@@ -429,12 +425,7 @@ func (in *Ingester) work(parent context.Context, src Source) error {
 		if len(msgs) == 0 {
 			continue
 		}
-		var into []Record
-		select {
-		case into = <-free:
-		default:
-		}
-		b, ferr := in.prepare(ctx, msgs, into)
+		b, ferr := in.prepare(ctx, msgs, free.get(), seen)
 		clear(msgs) // their bytes are the batch's records' now, or garbage
 		if ferr != nil {
 			err = ferr
@@ -458,6 +449,46 @@ func (in *Ingester) work(parent context.Context, src Source) error {
 		return nil // stopping: what was not committed is redelivered
 	}
 	return errors.Join(err, cerr)
+}
+
+// recordBuffers keeps a worker's landed batches' record buffers for its
+// next batches. Batches land together (one shared insert and rollup round
+// serves several), so several buffers come back at once and are taken
+// again one batch at a time: a queue of two kept too few, and batches
+// decoded into fresh memory. The buffers kept have room for no more than
+// limit (MaxInFlightRecords) records between them, so an idle worker holds
+// no more than it may hold in flight, and batches too small to fill half a
+// buffer let the buffers go one by one (splitInto).
+type recordBuffers struct {
+	mu      sync.Mutex
+	bufs    [][]Record
+	records int // the room of bufs, in records
+	limit   int
+}
+
+// put keeps b, emptied, unless the buffers kept would then have room for
+// more than limit records.
+func (f *recordBuffers) put(b []Record) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.records+cap(b) <= f.limit {
+		f.bufs = append(f.bufs, b[:0])
+		f.records += cap(b)
+	}
+}
+
+// get returns a kept buffer, the one put last, or nil.
+func (f *recordBuffers) get() []Record {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if len(f.bufs) == 0 {
+		return nil
+	}
+	b := f.bufs[len(f.bufs)-1]
+	f.bufs[len(f.bufs)-1] = nil
+	f.bufs = f.bufs[:len(f.bufs)-1]
+	f.records -= cap(b)
+	return b
 }
 
 // collect blocks for the first message, then gathers more until the batch
@@ -530,7 +561,7 @@ type idSecond struct {
 // whichever ingest process and clock read it: an event is never both a
 // dead letter and counted, nor landed in raw rows but not in rollups.
 func Split(msgs []Message, now time.Time, maxLateness time.Duration) (events, late []Record, rejected []Rejected, dups int) {
-	return splitInto(nil, msgs, now, maxLateness, 0)
+	return splitInto(nil, nil, msgs, now, maxLateness, 0)
 }
 
 // roomFor is the records a new buffer for a batch of n has room for: a
@@ -547,12 +578,19 @@ func roomFor(n, batchSize int) int {
 // of about its size fit in it once it is free: batches cut by BatchWait
 // vary in size, and with room for only its own, a buffer fitted barely
 // half of them, and every other batch took fresh memory.
-func splitInto(into []Record, msgs []Message, now time.Time, maxLateness time.Duration, batchSize int) (events, late []Record, rejected []Rejected, dups int) {
+//
+// seen, when not nil, is an empty map splitInto uses and leaves empty: a
+// worker's one map for all its batches keeps its room, where a new map
+// per batch was megabytes of fresh memory each time.
+func splitInto(into []Record, seen map[idSecond]string, msgs []Message, now time.Time, maxLateness time.Duration, batchSize int) (events, late []Record, rejected []Rejected, dups int) {
 	// seen holds each kept row's type under its id and second: a key
 	// without a string hashes and compares as one block of memory, and
 	// that is most of a lookup's cost. The rare id and second seen with a
 	// second type go to others, under the whole key.
-	seen := make(map[idSecond]string, len(msgs))
+	if seen == nil {
+		seen = make(map[idSecond]string, len(msgs))
+	}
+	defer clear(seen)
 	var others, lateSeen map[rowKey]struct{}
 	if cap(into) >= len(msgs) && len(msgs) >= cap(into)/2 {
 		events = into[:0]
@@ -625,8 +663,8 @@ func splitInto(into []Record, msgs []Message, now time.Time, maxLateness time.Du
 }
 
 // prepare decodes a batch and writes its dead letters.
-func (in *Ingester) prepare(ctx context.Context, msgs []Message, into []Record) (*batch, error) {
-	events, late, rejected, dups := splitInto(into, msgs, in.now(), in.cfg.MaxLateness, in.cfg.BatchSize)
+func (in *Ingester) prepare(ctx context.Context, msgs []Message, into []Record, seen map[idSecond]string) (*batch, error) {
+	events, late, rejected, dups := splitInto(into, seen, msgs, in.now(), in.cfg.MaxLateness, in.cfg.BatchSize)
 	in.m.batchSize.Observe(float64(len(msgs)))
 	if len(rejected) > 0 {
 		if err := in.retry(ctx, "dead-letter", func(c context.Context) error { return in.dlq.Reject(c, rejected) }); err != nil {
