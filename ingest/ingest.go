@@ -417,7 +417,7 @@ func (in *Ingester) work(parent context.Context, src Source) error {
 	// The messages are let go once their batch is decoded, so one buffer
 	// serves each batch in turn.
 	msgs := make([]Message, 0, in.cfg.BatchSize)
-	seen := make(map[idSecond]string, in.cfg.BatchSize)
+	seen := make(map[idSecond]string) // grows to the largest batch's room
 	prevInserted := make(chan struct{})
 	close(prevInserted)
 	for err == nil {
@@ -467,11 +467,13 @@ type recordBuffers struct {
 }
 
 // put keeps b, emptied, unless the buffers kept would then have room for
-// more than limit records.
+// more than limit records. Its records are zeroed, so a buffer kept while
+// its worker idles holds no message bytes or strings of its last batch.
 func (f *recordBuffers) put(b []Record) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if f.records+cap(b) <= f.limit {
+		clear(b)
 		f.bufs = append(f.bufs, b[:0])
 		f.records += cap(b)
 	}

@@ -83,6 +83,13 @@ func TestLandedBuffersAreKeptUpToTheRecordsBound(t *testing.T) {
 			t.Fatalf("get %d: %d records with room for %d, want an empty buffer with room for 30", i+1, len(b), cap(b))
 		}
 	}
+	// A kept buffer holds nothing of its last batch.
+	used := make([]Record, 1, 10)
+	used[0].Value, used[0].Event.AccountID = []byte("message"), "acct"
+	free.put(used)
+	if b := free.get(); b[:1][0].Value != nil || b[:1][0].Event.AccountID != "" {
+		t.Fatalf("a kept buffer still holds its last batch's record: %+v", b[:1][0])
+	}
 	if b := free.get(); b != nil || free.records != 0 {
 		t.Fatalf("after every buffer was taken: got room for %d, %d records counted as kept", cap(b), free.records)
 	}

@@ -119,6 +119,9 @@ func (m *Meter) Validate() error {
 		}
 		seen[g] = true
 	}
+	if len(m.Filters) > MaxFilters {
+		bad("filters: %d, at most %d (every rollup query of the meter's event type writes each one)", len(m.Filters), MaxFilters)
+	}
 	filterBytes := 0
 	for _, f := range m.Filters {
 		if _, err := stringExpr(f.Property); err != nil {
@@ -149,6 +152,11 @@ func (m *Meter) Validate() error {
 // two made the query larger than ClickHouse takes, and every round of that
 // event type failed, the billed api_calls included.
 const MaxGroupBy = 16
+
+// MaxFilters bounds a meter's filters, for the same reason: each is a
+// condition every rollup query of the event type writes, and the admin API
+// took 1,695 (an 80 KB condition).
+const MaxFilters = 16
 
 // MaxFilterBytes bounds a meter's filter values, all filters together, as
 // a query writes them (FilterValueBytes): every rollup query carries them,

@@ -138,6 +138,20 @@ func TestValidateBoundsTheGroupBy(t *testing.T) {
 	}
 }
 
+func TestValidateBoundsTheFilters(t *testing.T) {
+	m := Meter{Key: "many_filters", EventType: "api_call", Aggregation: Count}
+	for i := range MaxFilters + 1 {
+		m.Filters = append(m.Filters, Filter{Property: fmt.Sprintf("dimensions.d%02d", i), Values: []string{"x"}})
+	}
+	if err := m.Validate(); err == nil || !strings.Contains(err.Error(), "filters: 17, at most 16") {
+		t.Fatalf("%d filters: %v, want refused", MaxFilters+1, err)
+	}
+	m.Filters = m.Filters[:MaxFilters]
+	if err := m.Validate(); err != nil {
+		t.Fatalf("%d filters: %v", MaxFilters, err)
+	}
+}
+
 // Filters are ANDed and their values are sets: a meter whose filters or
 // values are only reordered (a configuration file reformatted, a meter
 // posted again) is the same definition. Before, it was taken for a changed

@@ -364,8 +364,9 @@ func sharedScans(rs []aggregator.Recompute) [][]aggregator.Recompute {
 // chunk of touched windows (maxQueryBytes/2) and the query's own text, one
 // SELECT stays under maxQueryBytes. Each meter's values are at most
 // meter.MaxFilterBytes written out, which argBytes counts up to twice, and
-// its expressions a few KB at most (meter.MaxGroupBy), so a scan always
-// takes at least one meter.
+// its expressions a few KB at most (meter.MaxGroupBy and meter.MaxFilters
+// properties, each name at most 64 characters), so a scan always takes at
+// least one meter.
 const maxSharedFilterBytes = maxQueryBytes / 4
 
 // exprBytes is about the length of m's expressions as a shared scan

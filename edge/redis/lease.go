@@ -72,8 +72,9 @@ type lease struct {
 	res    edge.CallResult
 	limits edge.CallLimits
 	// asking is open while a call is asking Redis for more than itself.
-	// failed is the last such request that failed, and failedErr its
-	// error: the calls that waited for it take the error as their own.
+	// failed is set when the last such request to finish failed, and
+	// failedErr is its error: the calls that waited take the error as
+	// their own.
 	asking    chan struct{}
 	failed    chan struct{}
 	failedErr error
@@ -163,10 +164,12 @@ func (l *Limiter) leased(c edge.CallLimits) (edge.CallResult, error) {
 			le.mu.Unlock()
 			return res, nil
 		}
-		if le.failed == wait {
-			// The request failed (Redis is out of reach, most likely
-			// after a read timeout): asking again would have the call
-			// wait a second timeout before the fallback decides it.
+		if le.failed != nil {
+			// The request failed, or one after it did (Redis is out of
+			// reach, most likely after a read timeout): asking again
+			// would have the call wait a second timeout before the
+			// fallback decides it. A request that succeeded since would
+			// have cleared failed.
 			err := le.failedErr
 			le.mu.Unlock()
 			return edge.CallResult{}, err
