@@ -979,7 +979,7 @@ func TestAnInvoiceGoesToTheRecordedCustomer(t *testing.T) {
 		t.Fatalf("%d invoices closed, want 1", len(res.Closed))
 	}
 	testenv.Must(t, iv.SyncStripe(ctx), "sync")
-	stored, err := e.store.StripeCustomer(ctx, "acct_race")
+	stored, _, err := e.store.StripeCustomer(ctx, "acct_race")
 	testenv.Must(t, err, "recorded customer")
 	invs := fake.Invoices()
 	if stored != other || len(invs) != 1 || invs[0].Customer != other {
@@ -988,6 +988,55 @@ func TestAnInvoiceGoesToTheRecordedCustomer(t *testing.T) {
 			got = append(got, inv.Customer)
 		}
 		t.Fatalf("recorded customer %s, Stripe invoices for %v; want one, for %s", stored, got, other)
+	}
+}
+
+// An account whose Stripe customer was deleted in Stripe gets a new one,
+// recorded in place of the old: before, every invoice of the account
+// failed its sync for good ("No such customer"), and the recorded customer
+// could not be changed (the table is append-only).
+func TestAnAccountWhoseStripeCustomerWasDeletedGetsANewOne(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	e.starter(t, "acct_gone", 10)
+	e.watermark(t, april.Add(2*time.Hour))
+	fake := stripetest.New()
+	defer fake.Close()
+	sc := stripe.New(stripe.Config{APIKey: "sk_test_x", URL: fake.URL})
+	// The account's customer, made by an earlier invoice, then deleted in
+	// Stripe's dashboard.
+	gone, err := sc.EnsureCustomer(ctx, invoicer.CustomerParams{AccountID: "acct_gone", Name: "acct_gone", IdempotencyKey: "an-earlier-run"})
+	testenv.Must(t, err, "the earlier customer")
+	_, err = e.pg.Pool.Exec(ctx, `INSERT INTO stripe_customers (account_id, customer_id) VALUES ('acct_gone', $1)`, gone)
+	testenv.Must(t, err, "record the earlier customer")
+	fake.DeleteCustomer(gone)
+	iv := e.aprilInvoicer(t, e.usage, sc)
+	res, err := iv.CloseDue(ctx)
+	testenv.Must(t, err, "close")
+	if len(res.Closed) != 1 {
+		t.Fatalf("%d invoices closed, want 1", len(res.Closed))
+	}
+	testenv.Must(t, iv.SyncStripe(ctx), "sync")
+	testenv.Must(t, iv.SyncStripe(ctx), "sync again")
+	cust, replacement, err := e.store.StripeCustomer(ctx, "acct_gone")
+	testenv.Must(t, err, "recorded customer")
+	invs := fake.Invoices()
+	if cust == gone || !replacement || len(invs) != 1 || invs[0].Customer != cust || invs[0].Status != "open" ||
+		invs[0].Metadata["tollgate_invoice_id"] != res.Closed[0].ID {
+		t.Fatalf("recorded customer %s (a replacement: %v), Stripe invoices %+v; want one open invoice for a new customer in place of %s",
+			cust, replacement, invs, gone)
+	}
+	var synced int
+	testenv.Must(t, e.pg.Pool.QueryRow(ctx, `SELECT count(*) FROM ledger_entries WHERE invoice_id = $1 AND kind = 'invoice.synced'`,
+		res.Closed[0].ID).Scan(&synced), "synced entries")
+	if synced != 1 {
+		t.Errorf("%d invoice.synced entries, want 1", synced)
+	}
+	// A second instance that replaces the same customer records nothing
+	// new: the first replacement recorded wins.
+	again, err := e.store.ReplaceStripeCustomer(ctx, "acct_gone", gone, "cus_another_instance")
+	if err != nil || again != cust {
+		t.Errorf("a second replacement of %s: %s, %v; want the first one recorded, %s", gone, again, err, cust)
 	}
 }
 

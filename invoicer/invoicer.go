@@ -125,11 +125,18 @@ type Store interface {
 
 // SyncState is the persisted progress of pushing invoices to Stripe.
 type SyncState interface {
-	StripeCustomer(ctx context.Context, accountID string) (string, error)
+	// StripeCustomer returns the account's Stripe customer ("" if none),
+	// and whether it replaced one Stripe no longer has.
+	StripeCustomer(ctx context.Context, accountID string) (id string, replacement bool, err error)
 	// SaveStripeCustomer records customerID as the account's Stripe
 	// customer unless it has one already, and returns the one it has: an
 	// account keeps its first customer, whoever asks after.
 	SaveStripeCustomer(ctx context.Context, accountID, customerID string) (string, error)
+	// ReplaceStripeCustomer records customerID as the account's Stripe
+	// customer in place of replaced, which Stripe no longer has, unless a
+	// replacement of replaced was recorded already, and returns the one
+	// recorded. StripeCustomer returns the latest replacement from then on.
+	ReplaceStripeCustomer(ctx context.Context, accountID, replaced, customerID string) (string, error)
 	// SyncSteps maps each completed step ("invoice", "item:N",
 	// "finalize") of an invoice to the Stripe object id it produced.
 	SyncSteps(ctx context.Context, invoiceID string) (map[string]string, error)

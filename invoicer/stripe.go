@@ -14,6 +14,10 @@ import (
 // Stripe is the part of Stripe the invoicer uses. Every call carries an
 // idempotency key derived from ledger ids, so repeating a call after a
 // crash returns the object the first call made instead of a second one.
+// ErrStripeCustomerGone is what CreateInvoice's error wraps when Stripe
+// has no such customer: it was deleted in Stripe (its dashboard or API).
+var ErrStripeCustomerGone = errors.New("the stripe customer no longer exists")
+
 type Stripe interface {
 	EnsureCustomer(ctx context.Context, p CustomerParams) (string, error)
 	CreateInvoice(ctx context.Context, p InvoiceParams) (string, error)
@@ -159,7 +163,7 @@ func (iv *Invoicer) syncCreditNote(ctx context.Context, cn CreditNote) error {
 // the write of its step repeats the call with the same idempotency key,
 // which returns the same object.
 func (iv *Invoicer) syncOne(ctx context.Context, inv StoredInvoice) error {
-	cust, err := iv.store.StripeCustomer(ctx, inv.AccountID)
+	cust, replacement, err := iv.store.StripeCustomer(ctx, inv.AccountID)
 	if err != nil {
 		return err
 	}
@@ -195,8 +199,29 @@ func (iv *Invoicer) syncOne(ctx context.Context, inv StoredInvoice) error {
 	sinv := steps[stepInvoice]
 	if sinv == "" {
 		desc := "Usage " + days.of(inv.Period)
-		if sinv, err = iv.stripe.CreateInvoice(ctx, InvoiceParams{CustomerID: cust, Currency: inv.Currency,
-			InvoiceID: inv.ID, Description: desc, IdempotencyKey: stepKey(inv.ID, stepInvoice)}); err != nil {
+		create := func() (string, error) {
+			// A replacement customer's invoice has a key of its own: the
+			// key's first use, for the customer Stripe no longer had, may
+			// hold that answer.
+			key := stepKey(inv.ID, stepInvoice)
+			if replacement {
+				key += ":" + cust
+			}
+			return iv.stripe.CreateInvoice(ctx, InvoiceParams{CustomerID: cust, Currency: inv.Currency,
+				InvoiceID: inv.ID, Description: desc, IdempotencyKey: key})
+		}
+		sinv, err = create()
+		if errors.Is(err, ErrStripeCustomerGone) {
+			// The customer was deleted in Stripe: every later invoice of
+			// the account would fail the same way, for good. The account
+			// gets a new customer, recorded in place of the old one.
+			if cust, err = iv.replaceCustomer(ctx, a, cust); err != nil {
+				return err
+			}
+			replacement = true
+			sinv, err = create()
+		}
+		if err != nil {
 			return fmt.Errorf("invoice: %w", err)
 		}
 		if err := iv.store.SaveSyncStep(ctx, inv.ID, stepInvoice, sinv, nil); err != nil {
@@ -234,6 +259,28 @@ func (iv *Invoicer) syncOne(ctx context.Context, inv StoredInvoice) error {
 		}
 	}
 	return iv.store.MarkSynced(ctx, inv.ID, sinv, hosted)
+}
+
+// replaceCustomer makes the account a new Stripe customer in place of
+// gone, which Stripe no longer has, and returns the customer recorded in
+// its place (another instance's, if it recorded one first). The key names
+// the customer replaced, so a retry, or another instance, asks for the same
+// customer; the search for one an earlier attempt made skips deleted ones.
+func (iv *Invoicer) replaceCustomer(ctx context.Context, a Account, gone string) (string, error) {
+	cust, err := iv.stripe.EnsureCustomer(ctx, CustomerParams{AccountID: a.ID, Name: a.Name,
+		Email: a.Email, IdempotencyKey: customerKey(a.ID) + ":replaces:" + gone})
+	if err != nil {
+		return "", fmt.Errorf("customer in place of %s: %w", gone, err)
+	}
+	if cust == gone {
+		return "", fmt.Errorf("customer in place of %s: Stripe's search still finds it: %w", gone, ErrStripeCustomerGone)
+	}
+	if cust, err = iv.store.ReplaceStripeCustomer(ctx, a.ID, gone, cust); err != nil {
+		return "", err
+	}
+	iv.log.Warn("the account's Stripe customer no longer exists in Stripe; its invoices go to a new customer from now on",
+		"account", a.ID, "replaced", gone, "customer", cust)
+	return cust, nil
 }
 
 func lineDescription(l Line, days dayZones) string {

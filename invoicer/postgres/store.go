@@ -451,16 +451,46 @@ func (s *Store) StripeSyncStart(ctx context.Context, mode string) (time.Time, st
 }
 
 // StripeCustomer returns the account's Stripe customer id, or "".
-func (s *Store) StripeCustomer(ctx context.Context, accountID string) (string, error) {
-	var id string
-	err := s.pool.QueryRow(ctx, `SELECT customer_id FROM stripe_customers WHERE account_id = $1`, accountID).Scan(&id)
+func (s *Store) StripeCustomer(ctx context.Context, accountID string) (id string, replacement bool, err error) {
+	err = s.pool.QueryRow(ctx, `SELECT customer_id FROM stripe_customers WHERE account_id = $1`, accountID).Scan(&id)
 	if errors.Is(err, pgx.ErrNoRows) {
-		return "", nil
+		return "", false, nil
 	}
 	if err != nil {
-		return "", fmt.Errorf("load stripe customer: %w", err)
+		return "", false, fmt.Errorf("load stripe customer: %w", err)
 	}
-	return id, nil
+	// Each replacement names the customer it replaces: the account's
+	// customer is the chain's end. Customer ids are unique, so the chain
+	// has no loop; the bound only guards against a row written by hand.
+	for range 1000 {
+		var next string
+		err := s.pool.QueryRow(ctx, `SELECT customer_id FROM stripe_customer_replacements WHERE account_id = $1 AND replaced = $2`,
+			accountID, id).Scan(&next)
+		if errors.Is(err, pgx.ErrNoRows) {
+			return id, replacement, nil
+		}
+		if err != nil {
+			return "", false, fmt.Errorf("load stripe customer replacement: %w", err)
+		}
+		id, replacement = next, true
+	}
+	return "", false, fmt.Errorf("load stripe customer: more than 1000 replacements of account %s's customer", accountID)
+}
+
+// ReplaceStripeCustomer records customerID in place of replaced, unless a
+// replacement of replaced was recorded first, and returns the one recorded.
+func (s *Store) ReplaceStripeCustomer(ctx context.Context, accountID, replaced, customerID string) (string, error) {
+	_, err := s.pool.Exec(ctx, `INSERT INTO stripe_customer_replacements (account_id, replaced, customer_id) VALUES ($1, $2, $3)
+ON CONFLICT (account_id, replaced) DO NOTHING`, accountID, replaced, customerID)
+	if err != nil {
+		return "", fmt.Errorf("save stripe customer replacement: %w", err)
+	}
+	var stored string
+	if err := s.pool.QueryRow(ctx, `SELECT customer_id FROM stripe_customer_replacements WHERE account_id = $1 AND replaced = $2`,
+		accountID, replaced).Scan(&stored); err != nil {
+		return "", fmt.Errorf("read stripe customer replacement: %w", err)
+	}
+	return stored, nil
 }
 
 // SaveStripeCustomer records the account's Stripe customer, unless another

@@ -142,7 +142,7 @@ func (c *Client) CreateInvoice(ctx context.Context, p invoicer.InvoiceParams) (s
 		}
 	}
 	if err := found.Err(); err != nil {
-		return "", fmt.Errorf("list stripe invoices: %w", err)
+		return "", fmt.Errorf("list stripe invoices: %w", customerGone(err))
 	}
 	ip := &stripego.InvoiceParams{
 		Params:                      params(ctx, p.IdempotencyKey, map[string]string{"tollgate_invoice_id": p.InvoiceID}),
@@ -154,9 +154,19 @@ func (c *Client) CreateInvoice(ctx context.Context, p invoicer.InvoiceParams) (s
 	}
 	inv, err := c.api.Invoices.New(ip)
 	if err != nil {
-		return "", fmt.Errorf("create stripe invoice: %w", err)
+		return "", fmt.Errorf("create stripe invoice: %w", customerGone(err))
 	}
 	return inv.ID, nil
+}
+
+// customerGone marks Stripe's answer that the customer named does not
+// exist (it was deleted) with invoicer.ErrStripeCustomerGone.
+func customerGone(err error) error {
+	var se *stripego.Error
+	if errors.As(err, &se) && se.Code == stripego.ErrorCodeResourceMissing && se.Param == "customer" {
+		return fmt.Errorf("%w: %w", invoicer.ErrStripeCustomerGone, err)
+	}
+	return err
 }
 
 // CreateInvoiceItem attaches one line to a draft invoice, unless an earlier

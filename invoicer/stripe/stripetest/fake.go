@@ -110,6 +110,14 @@ func New() *Fake {
 	return f
 }
 
+// DeleteCustomer deletes a customer, as Stripe's dashboard does: search
+// no longer finds it, and Stripe refuses new invoices for it.
+func (f *Fake) DeleteCustomer(id string) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	delete(f.customers, id)
+}
+
 // Close stops the server.
 func (f *Fake) Close() { f.srv.Close() }
 
@@ -384,7 +392,7 @@ func (f *Fake) handle(kind string, r *http.Request) (int, []byte) {
 		return ok(c)
 	case "invoice":
 		if f.customers[form.Get("customer")] == nil {
-			return apiErr(http.StatusBadRequest, "resource_missing", "No such customer: '"+form.Get("customer")+"'")
+			return apiErrOn(http.StatusBadRequest, "resource_missing", "customer", "No such customer: '"+form.Get("customer")+"'")
 		}
 		if form.Get("pending_invoice_items_behavior") != "exclude" {
 			return apiErr(http.StatusBadRequest, "parameter_invalid", "the fake only supports pending_invoice_items_behavior=exclude")
@@ -480,6 +488,12 @@ func ok(v any) (int, []byte) {
 
 func apiErr(status int, code, msg string) (int, []byte) {
 	b, _ := json.Marshal(map[string]any{"error": map[string]string{"type": "invalid_request_error", "code": code, "message": msg}})
+	return status, b
+}
+
+// apiErrOn is apiErr naming the parameter at fault, as Stripe does.
+func apiErrOn(status int, code, param, msg string) (int, []byte) {
+	b, _ := json.Marshal(map[string]any{"error": map[string]string{"type": "invalid_request_error", "code": code, "param": param, "message": msg}})
 	return status, b
 }
 
