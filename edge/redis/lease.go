@@ -47,6 +47,9 @@ const (
 	// later (it may have been granted): after the second the edge stays
 	// on its local limiter when Redis fails, and well within recordTTL.
 	lostGrantDelay = 2 * time.Second
+	// A give-back of a lost grant that failed is tried again this often,
+	// while Redis still holds the grant's record (recordTTL).
+	lostGrantRetry = time.Second
 	// ledgerPrefix names a bucket's refund ledger.
 	ledgerPrefix = "rate-refunds:"
 	// leasedSuffix names a quota bucket's lease marker, which lives for a
@@ -385,11 +388,14 @@ func (l *Limiter) refundLost(c edge.CallLimits, want int, record string) {
 		l.refunds.lost = make(map[string]lostGrant)
 	}
 	timer := time.AfterFunc(lostGrantDelay, func() { l.sendLost(record) })
-	l.refunds.lost[record] = lostGrant{c: c, want: want, timer: timer}
+	l.refunds.lost[record] = lostGrant{c: c, want: want, timer: timer, lostAt: time.Now()}
 }
 
 // sendLost gives back the lost grant recorded under record, unless
-// ReturnLeases has already.
+// ReturnLeases has already. A give-back that fails (Redis still out of
+// reach) is tried again every lostGrantRetry while Redis may still hold
+// the grant's record: once, a Redis down for more than lostGrantDelay left
+// each lost grant counted against the month's quota.
 func (l *Limiter) sendLost(record string) {
 	l.refunds.mu.Lock()
 	g, ok := l.refunds.lost[record]
@@ -398,18 +404,29 @@ func (l *Limiter) sendLost(record string) {
 		l.refunds.startLocked()
 	}
 	l.refunds.mu.Unlock()
-	if ok {
-		defer l.refunds.done()
-		l.refundGrant(g.c, g.want, record)
+	if !ok {
+		return
 	}
+	defer l.refunds.done()
+	if err := l.refundGrant(g.c, g.want, record); err == nil || time.Since(g.lostAt)+lostGrantRetry >= recordTTL-lostGrantRetry {
+		return
+	}
+	l.refunds.mu.Lock()
+	defer l.refunds.mu.Unlock()
+	if l.returning.Load() {
+		return // ReturnLeases gives back what it finds, once
+	}
+	g.timer = time.AfterFunc(lostGrantRetry, func() { l.sendLost(record) })
+	l.refunds.lost[record] = g
 }
 
 // lostGrant is a lease request whose reply was lost, waiting to be given
 // back.
 type lostGrant struct {
-	c     edge.CallLimits
-	want  int
-	timer *time.Timer
+	c      edge.CallLimits
+	want   int
+	timer  *time.Timer
+	lostAt time.Time
 }
 
 // refunds tracks the refunds in flight, so a graceful stop can wait for
@@ -467,7 +484,7 @@ func (r *refunds) wait(ctx context.Context) error {
 // refundGrant gives n unused tokens of the grant Redis recorded under
 // record back. A failed refund errs towards refusing early, never towards
 // allowing too much.
-func (l *Limiter) refundGrant(c edge.CallLimits, n int, record string) {
+func (l *Limiter) refundGrant(c edge.CallLimits, n int, record string) error {
 	keys := make([]string, 0, 2*len(c.Buckets)+2)
 	for _, id := range c.Buckets {
 		keys = append(keys, gcraPrefix+id)
@@ -482,9 +499,10 @@ func (l *Limiter) refundGrant(c edge.CallLimits, n int, record string) {
 		int64(ledgerTTL.Seconds())).Int()
 	if err != nil {
 		l.refundErrs.Add(1)
-		return
+		return err
 	}
 	l.refunded.Add(uint64(back))
+	return nil
 }
 
 // sweep forgets leases that hold no tokens and saw no call for idleLease,

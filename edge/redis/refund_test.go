@@ -121,11 +121,14 @@ type slowProxy struct {
 	// replyDelay, when set, holds each chunk of Redis's replies back that
 	// long instead (a Redis slow but within the client's timeout).
 	replyDelay atomic.Int64
+	// dropRequests drops the clients' requests: they never reach Redis.
+	dropRequests atomic.Bool
 }
 
-// pass copies from to to, holding each chunk back while slow is set, and
-// cutting the connection at the next chunk while cut (if any) is set.
-func pass(to, from net.Conn, slow, cut *atomic.Bool, delay *atomic.Int64) {
+// pass copies from to to, holding each chunk back while slow is set,
+// cutting the connection at the next chunk while cut (if any) is set, and
+// dropping each chunk while drop (if any) is set.
+func pass(to, from net.Conn, slow, cut *atomic.Bool, delay *atomic.Int64, drop *atomic.Bool) {
 	defer to.Close()
 	buf := make([]byte, 64<<10)
 	for {
@@ -136,6 +139,9 @@ func pass(to, from net.Conn, slow, cut *atomic.Bool, delay *atomic.Int64) {
 		if cut != nil && cut.Load() {
 			_ = from.Close()
 			return
+		}
+		if drop != nil && drop.Load() {
+			continue
 		}
 		if slow.Load() {
 			time.Sleep(400 * time.Millisecond)
@@ -165,8 +171,8 @@ func newSlowProxy(t *testing.T, target string) *slowProxy {
 				_ = client.Close()
 				continue
 			}
-			go pass(server, client, &p.slowRequests, nil, nil)
-			go pass(client, server, &p.slowReplies, &p.cutReplies, &p.replyDelay)
+			go pass(server, client, &p.slowRequests, nil, nil, &p.dropRequests)
+			go pass(client, server, &p.slowReplies, &p.cutReplies, &p.replyDelay, nil)
 		}
 	}()
 	return p
@@ -177,14 +183,16 @@ func newSlowProxy(t *testing.T, target string) *slowProxy {
 // back later, so the quota counts exactly the calls allowed.
 func TestLostLeaseGrantIsGivenBack(t *testing.T) {
 	t.Run("reply timed out", func(t *testing.T) {
-		lostLeaseGrantIsGivenBack(t, 100*time.Millisecond, func(p *slowProxy) *atomic.Bool { return &p.slowReplies })
+		lostLeaseGrantIsGivenBack(t, 100*time.Millisecond, 500*time.Millisecond, func(p *slowProxy) *atomic.Bool { return &p.slowReplies })
 	})
 	t.Run("connection cut before the reply", func(t *testing.T) {
-		lostLeaseGrantIsGivenBack(t, 2*time.Second, func(p *slowProxy) *atomic.Bool { return &p.cutReplies })
+		lostLeaseGrantIsGivenBack(t, 2*time.Second, 500*time.Millisecond, func(p *slowProxy) *atomic.Bool { return &p.cutReplies })
 	})
 }
 
-func lostLeaseGrantIsGivenBack(t *testing.T, readTimeout time.Duration, lose func(*slowProxy) *atomic.Bool) {
+// lostLeaseGrantIsGivenBack loses replies for hold from the first call that
+// lost one.
+func lostLeaseGrantIsGivenBack(t *testing.T, readTimeout, hold time.Duration, lose func(*slowProxy) *atomic.Bool) {
 	ctx := context.Background()
 	r := testenv.NewRedis(t)
 	proxy := newSlowProxy(t, testenv.RedisAddr())
@@ -213,6 +221,7 @@ func lostLeaseGrantIsGivenBack(t *testing.T, readTimeout time.Duration, lose fun
 		wg.Wait()
 	}
 	burst(200) // busy: the next calls ask for leases
+	_, sentBefore := l.Batched()
 	lose(proxy).Store(true)
 	// The leases the first burst took can decide a whole burst without
 	// Redis: burst until one call has had to ask it, and lost its reply.
@@ -222,19 +231,90 @@ func lostLeaseGrantIsGivenBack(t *testing.T, readTimeout time.Duration, lose fun
 			break
 		}
 	}
-	time.Sleep(500 * time.Millisecond) // the held replies are gone
+	time.Sleep(hold) // the held replies are gone
+	_, sentAfter := l.Batched()
 	lose(proxy).Store(false)
 	if failed.Load() == 0 {
 		t.Fatal("no call lost its reply while Redis's replies were held back or cut")
 	}
-	time.Sleep(3 * time.Second) // lost grants go back 2 s after the timeout
+	time.Sleep(3 * time.Second) // lost grants go back 2 s after the timeout, or after Redis is back
 	n, err := r.Client.Get(ctx, c.QuotaBucket).Int64()
 	testenv.Must(t, err, "read quota counter")
 	// A call decided in Redis alone (not from a lease) whose reply timed
-	// out may have been counted, and stays counted: one per such call. A
-	// lost lease request was up to 256.
-	if n < allowed.Load() || n > allowed.Load()+failed.Load() {
-		t.Fatalf("quota counter %d, but %d calls were allowed and %d lost their reply; want between the two and their sum", n, allowed.Load(), failed.Load())
+	// out may have been counted, and stays counted: one per such call sent
+	// while replies were lost. A lost lease request was up to 256.
+	sent := int64(sentAfter - sentBefore)
+	if n < allowed.Load() || n > allowed.Load()+sent {
+		t.Fatalf("quota counter %d, but %d calls were allowed and %d were sent to Redis while its replies were lost (%d failed); want between the allowed and their sum",
+			n, allowed.Load(), sent, failed.Load())
+	}
+}
+
+// A lost lease grant whose give-back, 2 s after the loss, cannot reach
+// Redis either is given back once Redis can be reached again, while Redis
+// keeps the grant's record. Before, the give-back was tried once, and each
+// grant lost in an outage over 2 s stayed counted against the month.
+func TestALostGrantIsGivenBackAfterAFailedGiveBack(t *testing.T) {
+	ctx := context.Background()
+	r := testenv.NewRedis(t)
+	proxy := newSlowProxy(t, testenv.RedisAddr())
+	rdb := redis.NewClient(&redis.Options{Addr: proxy.addr, ReadTimeout: 100 * time.Millisecond, MaxRetries: -1})
+	t.Cleanup(func() { _ = rdb.Close() })
+	l := edgeredis.NewLimiter(rdb)
+	c := edge.CallLimits{Buckets: []string{r.Prefix + "key"}, RPS: 1, Burst: 100_000,
+		QuotaBucket: r.Prefix + "quota", QuotaLimit: 10_000, QuotaTTL: time.Hour}
+	t.Cleanup(func() { r.Client.Del(ctx, "rate:"+r.Prefix+"key") })
+	var allowed, failed atomic.Int64
+	burst := func(n int) {
+		var wg sync.WaitGroup
+		for range n {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				res, err := l.AllowCall(ctx, c)
+				switch {
+				case err != nil:
+					failed.Add(1)
+				case res.QuotaAllowed:
+					allowed.Add(1)
+				}
+			}()
+		}
+		wg.Wait()
+	}
+	burst(200) // busy: the next calls ask for leases
+	_, sentBefore := l.Batched()
+	// Redis runs the lease request, and its reply is lost.
+	proxy.slowReplies.Store(true)
+	for range 20 {
+		burst(200)
+		if failed.Load() > 0 {
+			break
+		}
+	}
+	if failed.Load() == 0 {
+		t.Fatal("no call lost its reply while Redis's replies were held back")
+	}
+	_, sentAfter := l.Batched()
+	// Then nothing reaches Redis for a while: the give-back 2 s after the
+	// loss fails.
+	proxy.dropRequests.Store(true)
+	proxy.slowReplies.Store(false)
+	time.Sleep(3 * time.Second)
+	errs := l.ReturnErrors()
+	proxy.dropRequests.Store(false)
+	if errs == 0 {
+		t.Fatal("no give-back failed while requests were dropped")
+	}
+	time.Sleep(2 * time.Second)
+	n, err := r.Client.Get(ctx, c.QuotaBucket).Int64()
+	testenv.Must(t, err, "read quota counter")
+	// As in TestLostLeaseGrantIsGivenBack: one call's worth for each call
+	// sent while replies were lost, not a lost lease request's 256.
+	sent := int64(sentAfter - sentBefore)
+	if n < allowed.Load() || n > allowed.Load()+sent {
+		t.Fatalf("quota counter %d, but %d calls were allowed and %d were sent to Redis while its replies were lost (%d failed, %d give-backs failed); want between the allowed and their sum",
+			n, allowed.Load(), sent, failed.Load(), errs)
 	}
 }
 
