@@ -103,24 +103,30 @@ func TestAMethodOverrideCannotGetAroundScopes(t *testing.T) {
 				return edgetest.DoRequest(t, req)
 			}
 			for _, c := range []struct {
-				name, method string
-				headers      [][2]string
-				status       int
-				code         string
+				name, method, query string
+				headers             [][2]string
+				status              int
+				code                string
 			}{
-				{"POST asking for DELETE", "POST", [][2]string{{"X-HTTP-Method-Override", "DELETE"}}, 400, "method_override_not_allowed"},
-				{"POST asking for GET", "POST", [][2]string{{"X-HTTP-Method", "get"}}, 400, "method_override_not_allowed"},
-				{"POST asking for PUT", "POST", [][2]string{{"x-method-override", "PUT"}}, 400, "method_override_not_allowed"},
+				{"POST asking for DELETE", "POST", "", [][2]string{{"X-HTTP-Method-Override", "DELETE"}}, 400, "method_override_not_allowed"},
+				{"POST asking for GET", "POST", "", [][2]string{{"X-HTTP-Method", "get"}}, 400, "method_override_not_allowed"},
+				{"POST asking for PUT", "POST", "", [][2]string{{"x-method-override", "PUT"}}, 400, "method_override_not_allowed"},
 				// Frameworks differ in which header, and which value, they read.
-				{"POST naming itself in one header, DELETE in another", "POST",
+				{"POST naming itself in one header, DELETE in another", "POST", "",
 					[][2]string{{"X-HTTP-Method-Override", "POST"}, {"X-HTTP-Method", "DELETE"}}, 400, "method_override_not_allowed"},
-				{"POST naming itself, then DELETE in a second line", "POST",
+				{"POST naming itself, then DELETE in a second line", "POST", "",
 					[][2]string{{"X-HTTP-Method-Override", "POST"}, {"X-HTTP-Method-Override", "DELETE"}}, 400, "method_override_not_allowed"},
-				{"POST naming itself", "POST", [][2]string{{"X-HTTP-Method-Override", "post"}}, 200, ""},
-				{"POST naming itself twice", "POST", [][2]string{{"X-HTTP-Method-Override", "POST"}, {"X-Method-Override", "post"}}, 200, ""},
-				{"POST without one", "POST", nil, 200, ""},
+				{"POST naming itself", "POST", "", [][2]string{{"X-HTTP-Method-Override", "post"}}, 200, ""},
+				{"POST naming itself twice", "POST", "", [][2]string{{"X-HTTP-Method-Override", "POST"}, {"X-Method-Override", "post"}}, 200, ""},
+				{"POST without one", "POST", "", nil, 200, ""},
+				// The _method query parameter, which Laravel, Symfony and
+				// Express's method-override('_method') read too.
+				{"POST asking for DELETE in the query", "POST", "?_method=DELETE", nil, 400, "method_override_not_allowed"},
+				{"POST asking for DELETE in an escaped query name", "POST", "?a=1&%5Fmethod=delete", nil, 400, "method_override_not_allowed"},
+				{"POST naming itself in the query", "POST", "?_method=POST&x=%20", nil, 200, ""},
+				{"POST with another parameter ending in _method", "POST", "?http_method=DELETE", nil, 200, ""},
 			} {
-				r := call(c.method, "/v1/widgets", c.headers)
+				r := call(c.method, "/v1/widgets"+c.query, c.headers)
 				if r.Status != c.status || r.Error.Code != c.code {
 					t.Errorf("%s: %d %q, want %d %q (%s)", c.name, r.Status, r.Error.Code, c.status, c.code, r.Body)
 				}

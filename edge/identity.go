@@ -58,9 +58,26 @@ func IsForwardingAlias(name string) bool {
 	return false
 }
 
+// RewriteHeaders are the request headers IIS's URL Rewrite, older Symfony
+// and Zend read as the request's path: a call to a read route carrying a
+// write route's path in one would be served as that route. The edge drops
+// them (and their underscore spellings) before the upstream.
+var RewriteHeaders = [...]string{"X-Original-Url", "X-Rewrite-Url"}
+
+// IsRewriteHeader reports whether name is one of RewriteHeaders, in any
+// case, an underscore counting as a hyphen.
+func IsRewriteHeader[T ~string | ~[]byte](name T) bool {
+	for _, h := range RewriteHeaders {
+		if len(name) == len(h) && equalFoldDash(name, h) {
+			return true
+		}
+	}
+	return false
+}
+
 // equalFoldDash reports whether a and b (of one length) are equal under
 // ASCII case folding, an underscore counting as a hyphen.
-func equalFoldDash(a, b string) bool {
+func equalFoldDash[T ~string | ~[]byte](a T, b string) bool {
 	for i := 0; i < len(a); i++ {
 		x, y := a[i], b[i]
 		if x == '_' {

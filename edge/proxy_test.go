@@ -2028,7 +2028,8 @@ func TestAnUpgradeToAProtocolNotAllowedIsAnOrdinaryCall(t *testing.T) {
 
 // A caller's underscore spellings of the headers the edge sets for the
 // upstream (X_Forwarded_For, Request_Id) do not reach it: CGI, PHP, Rack
-// and WSGI read them as the edge's own. Both fronts.
+// and WSGI read them as the edge's own. Nor do the rewrite headers
+// (X-Original-URL, X-Rewrite-URL). Both fronts.
 func TestUnderscoreSpellingsOfTheForwardingHeadersAreDropped(t *testing.T) {
 	env := edgetest.New(t)
 	key, _ := env.Key(t, "acct_alias", edge.Secret, schemas.Live)
@@ -2037,7 +2038,11 @@ func TestUnderscoreSpellingsOfTheForwardingHeadersAreDropped(t *testing.T) {
 			in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP})
 			req, _ := http.NewRequest("GET", in.URL+"/v1/things", nil)
 			req.Header.Set("Authorization", "Bearer "+key)
-			for _, name := range []string{"X_Forwarded_For", "x_forwarded-host", "X-Forwarded_Proto", "Request_Id", "X_HTTP_Method_Override", "X_Custom"} {
+			for _, name := range []string{"X_Forwarded_For", "x_forwarded-host", "X-Forwarded_Proto", "Request_Id", "X_HTTP_Method_Override", "X_Custom",
+				// The path as IIS's URL Rewrite and older Symfony and
+				// Zend read it: a read route's call could be served as a
+				// write route.
+				"X-Original-URL", "x-rewrite-url", "X_Original_Url"} {
 				req.Header[name] = []string{"forged"}
 			}
 			// RFC 7239's Forwarded, which Rack and Spring read before

@@ -742,7 +742,7 @@ func (s *Server) authorizeCall(k *Key, ci CallInfo, events bool) (Route, error) 
 	}
 	if ci.MethodOverride != "" && !strings.EqualFold(strings.TrimSpace(ci.MethodOverride), ci.Method) {
 		return Route{}, NewAPIError(http.StatusBadRequest, TypeInvalidRequest, "method_override_not_allowed",
-			fmt.Sprintf("The call is a %s asking, in a method-override header, for %s; routes and scopes are checked on the method sent, so send %s itself.",
+			fmt.Sprintf("The call is a %s asking, in a method-override header or the _method query parameter, for %s; routes and scopes are checked on the method sent, so send %s itself.",
 				ci.Method, strconv.QuoteToASCII(ci.MethodOverride), strconv.QuoteToASCII(strings.TrimSpace(ci.MethodOverride))))
 	}
 	var route Route
@@ -822,7 +822,7 @@ func (s *Server) authorize(next echo.HandlerFunc) echo.HandlerFunc {
 		k := c.Get("key").(*Key)
 		req := c.Request()
 		route, err := s.authorizeCall(k, CallInfo{Method: req.Method, Path: req.URL.EscapedPath(),
-			MethodOverride: methodOverride(req.Header, req.Method)}, c.Path() == "/v1/events")
+			MethodOverride: methodOverride(req.Header, req.URL.RawQuery, req.Method)}, c.Path() == "/v1/events")
 		if route.Template != "" {
 			c.Set("route", route)
 		}
@@ -834,14 +834,43 @@ func (s *Server) authorize(next echo.HandlerFunc) echo.HandlerFunc {
 	}
 }
 
-// methodOverride is what h's method-override headers ask for, as
-// PickMethodOverride picks it.
-func methodOverride(h http.Header, method string) string {
+// methodOverride is what h's method-override headers and the query's
+// _method ask for, as PickMethodOverride picks it.
+func methodOverride(h http.Header, rawQuery, method string) string {
 	var vs []string
 	for _, name := range MethodOverrideHeaders {
 		vs = append(vs, h.Values(name)...)
 	}
+	vs = AppendQueryMethodOverrides(vs, rawQuery)
 	return PickMethodOverride(method, vs)
+}
+
+// MethodOverrideParam is the query parameter Laravel, Symfony and Express's
+// method-override('_method') read as the request's real method.
+const MethodOverrideParam = "_method"
+
+// AppendQueryMethodOverrides appends the values of rawQuery's _method
+// parameters, decoded as frameworks decode them, to vs. Most queries have
+// neither the name nor an escape (which could spell it), and are not
+// parsed.
+func AppendQueryMethodOverrides(vs []string, rawQuery string) []string {
+	if !strings.Contains(rawQuery, MethodOverrideParam) && !strings.Contains(rawQuery, "%") {
+		return vs
+	}
+	for part := range strings.SplitSeq(rawQuery, "&") {
+		k, v, _ := strings.Cut(part, "=")
+		if k != MethodOverrideParam {
+			dk, err := url.QueryUnescape(k)
+			if err != nil || dk != MethodOverrideParam {
+				continue
+			}
+		}
+		if dv, err := url.QueryUnescape(v); err == nil {
+			v = dv
+		}
+		vs = append(vs, v)
+	}
+	return vs
 }
 
 // PickMethodOverride returns, of the values of a call's method-override
@@ -1104,7 +1133,7 @@ func (s *Server) newProxy(upstream string) (*httputil.ReverseProxy, error) {
 			r.Out.Header.Del("Authorization")
 			r.Out.Header.Set(HeaderRequestID, r.In.Header.Get(HeaderRequestID))
 			for name := range r.Out.Header {
-				if IsIdentityHeader(name) || IsForwardingAlias(name) {
+				if IsIdentityHeader(name) || IsForwardingAlias(name) || IsRewriteHeader(name) {
 					delete(r.Out.Header, name) // the caller's, forged or not
 				}
 			}

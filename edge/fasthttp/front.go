@@ -406,6 +406,11 @@ func (f *Front) handle(ctx *fh.RequestCtx) {
 			overrides = append(overrides, string(v))
 		}
 	}
+	// A query with neither the name nor an escape has no override: most
+	// calls are spared the string.
+	if q := ctx.URI().QueryString(); bytes.Contains(q, []byte(edge.MethodOverrideParam)) || bytes.IndexByte(q, '%') >= 0 {
+		overrides = edge.AppendQueryMethodOverrides(overrides, string(q))
+	}
 	ci.MethodOverride = edge.PickMethodOverride(ci.Method, overrides)
 	// Admit's header names are canonical already, so fasthttp need not
 	// copy and normalize each one.
@@ -609,17 +614,18 @@ func dropHopByHop(h headers) (named []string) {
 }
 
 // setIdentity drops whatever the caller sent under the edge's reserved
-// header prefix, and underscore spellings of the forwarding headers
-// (edge.IsForwardingAlias), then tells the upstream who is calling.
+// header prefix, underscore spellings of the forwarding headers
+// (edge.IsForwardingAlias) and the rewrite headers (edge.IsRewriteHeader),
+// then tells the upstream who is calling.
 func setIdentity(h *fh.RequestHeader, k *edge.Key, trailers bool) {
 	// Walking the parsed headers costs more than a look at the raw ones,
-	// which almost never hold the prefix; trailers are not among the raw
+	// which almost never hold any of them; trailers are not among the raw
 	// headers.
-	if raw := h.RawHeaders(); trailers || len(raw) == 0 || rawHasIdentity(raw) || rawHasUnderscoreName(raw) {
+	if raw := h.RawHeaders(); trailers || len(raw) == 0 || rawHasIdentity(raw) || rawHasDroppedName(raw) {
 		var forged []string
 		for name := range h.All() {
 			if len(name) >= len(edge.IdentityPrefix) && edge.IsIdentityHeader(string(name[:len(edge.IdentityPrefix)])) ||
-				edge.IsForwardingAlias(string(name)) {
+				edge.IsForwardingAlias(string(name)) || edge.IsRewriteHeader(name) {
 				forged = append(forged, string(name))
 			}
 		}
@@ -637,9 +643,10 @@ func setIdentity(h *fh.RequestHeader, k *edge.Key, trailers bool) {
 	h.AddBytesV(edge.HeaderScopes, id.AppendScopes(buf[:0]))
 }
 
-// rawHasUnderscoreName reports whether a header name in raw, the headers
-// as received, has an underscore (see edge.IsForwardingAlias).
-func rawHasUnderscoreName(raw []byte) bool {
+// rawHasDroppedName reports whether a header name in raw, the headers as
+// received, has an underscore (see edge.IsForwardingAlias) or is a rewrite
+// header (edge.IsRewriteHeader).
+func rawHasDroppedName(raw []byte) bool {
 	for len(raw) > 0 {
 		line := raw
 		if i := bytes.IndexByte(raw, '\n'); i >= 0 {
@@ -647,8 +654,10 @@ func rawHasUnderscoreName(raw []byte) bool {
 		} else {
 			raw = nil
 		}
-		if i := bytes.IndexByte(line, ':'); i > 0 && bytes.IndexByte(line[:i], '_') >= 0 {
-			return true
+		if i := bytes.IndexByte(line, ':'); i > 0 {
+			if name := line[:i]; bytes.IndexByte(name, '_') >= 0 || edge.IsRewriteHeader(name) {
+				return true
+			}
 		}
 	}
 	return false
