@@ -190,6 +190,9 @@ func NewProducer(cfg Config, reg prometheus.Registerer, log *slog.Logger) (*Prod
 		prometheus.NewCounterFunc(prometheus.CounterOpts{
 			Name: "tollgate_edge_spool_corrupt_bytes_total", Help: "Bytes of the spool skipped in corrupt regions.",
 		}, func() float64 { return float64(sp.CorruptBytes()) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: "tollgate_edge_spool_torn_tail_bytes_total", Help: "Bytes cut off the end of the spool's segment being written when it opened: a write a crash cut short, or records damaged there since (logged with segment and offset).",
+		}, func() float64 { return float64(sp.TornTailBytes()) }),
 	}
 	if reg != nil {
 		for _, c := range p.collector {

@@ -55,6 +55,9 @@ type Spool struct {
 	corrupt      atomic.Int64
 	corruptBytes atomic.Int64
 	badUpTo      SpoolCursor
+	// tornBytes counts the bytes cut off the end of the segment being
+	// written on open (a torn tail).
+	tornBytes atomic.Int64
 	// oldest is the earliest event time among the records pending when
 	// the spool was opened (zero when none had one).
 	oldest time.Time
@@ -265,7 +268,10 @@ func (s *Spool) scan(seq uint64, off int64) (n, end int64, err error) {
 		p, skipped, err := sr.next()
 		switch {
 		case err == io.EOF && skipped > 0 && seq == s.wseq:
+			// Most likely a write a crash cut short; records damaged on
+			// disk there since look the same, so the bytes are counted.
 			s.log.Warn("spool: cutting a torn tail", "segment", seq, "offset", at, "bytes", skipped)
+			s.tornBytes.Add(skipped)
 			return n, sr.off, nil
 		case err == io.EOF:
 			s.skipped(seq, at, skipped)
@@ -598,8 +604,15 @@ func (s *Spool) undo() {
 				"sends some events twice (ingest counts each once) and reports its end as corrupt",
 				"segment", s.wseq, "offset", s.wsize, "err", err)
 		}
+		s.dirty = true
+		return
 	}
-	s.dirty = true
+	// A segment cut back to empty holds nothing to write behind: the next
+	// append takes it again. Starting another left one empty file behind
+	// for every retry while the disk was full (an append a second).
+	if s.wsize > 0 {
+		s.dirty = true
+	}
 }
 
 // markEnd writes a segment's end mark at path: the offset its counted
@@ -865,6 +878,10 @@ func (s *Spool) Corrupt() int64 { return s.corrupt.Load() }
 // CorruptBytes is the size of the corrupt regions skipped so far. It is
 // safe for concurrent use.
 func (s *Spool) CorruptBytes() int64 { return s.corruptBytes.Load() }
+
+// TornTailBytes is how many bytes were cut off the end of the segment being
+// written when the spool opened. It is safe for concurrent use.
+func (s *Spool) TornTailBytes() int64 { return s.tornBytes.Load() }
 
 // Close closes the current segment.
 func (s *Spool) Close() error {

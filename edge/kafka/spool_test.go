@@ -121,6 +121,9 @@ func TestSpoolCutsATornTailAndKeepsEveryWholeRecord(t *testing.T) {
 			}
 			s2 := openSpool(t, dir)
 			defer s2.Close()
+			if torn := int64(len(c.tear(nil))); s2.TornTailBytes() != torn {
+				t.Errorf("%d torn-tail bytes counted, want the %d cut", s2.TornTailBytes(), torn)
+			}
 			if s2.Depth() != 5 || s2.Corrupt() != 0 {
 				t.Fatalf("depth %d and %d corrupt regions, want the 5 whole records and a torn tail, not corruption", s2.Depth(), s2.Corrupt())
 			}
@@ -445,6 +448,60 @@ func spoolFsizeChild(t *testing.T, dir string) {
 	}
 	if err := s.Close(); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// emptySegmentsChild names the environment variable under which the test
+// binary, run again by TestAppendsFailingOnAFullDiskLeaveNoEmptySegments,
+// is the child under the file size limit.
+const emptySegmentsChild = "TOLLGATE_SPOOL_EMPTY_SEGMENTS_CHILD_DIR"
+
+// Appends retried while the disk is full (the edge retries a second) take
+// the one segment they were cut back from again: before, each failed
+// append after the first started a new segment and left it empty, an
+// empty file a second for as long as the disk stayed full.
+func TestAppendsFailingOnAFullDiskLeaveNoEmptySegments(t *testing.T) {
+	if dir := os.Getenv(emptySegmentsChild); dir != "" {
+		s := openSpool(t, dir)
+		if err := s.Append(recs(0, 3)); err != nil {
+			t.Fatal(err)
+		}
+		for range 6 {
+			appendCutShort(t, s)
+		}
+		if err := s.Append(recs(10, 2)); err != nil {
+			t.Fatalf("append once the disk takes writes: %v", err)
+		}
+		if err := s.Close(); err != nil {
+			t.Fatal(err)
+		}
+		return
+	}
+	dir := t.TempDir()
+	cmd := exec.Command(os.Args[0], "-test.run=^TestAppendsFailingOnAFullDiskLeaveNoEmptySegments$", "-test.v")
+	cmd.Env = append(os.Environ(), emptySegmentsChild+"="+dir)
+	out, err := cmd.CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "--- PASS") {
+		t.Fatalf("child with a file size limit: %v\n%s", err, out)
+	}
+	ents, err := os.ReadDir(dir)
+	testenv.Must(t, err, "list the spool")
+	var segs []string
+	for _, e := range ents {
+		if strings.HasSuffix(e.Name(), segSuffix) {
+			segs = append(segs, e.Name())
+		}
+	}
+	// The first segment's three records, and one segment for what came
+	// after the first failure.
+	if len(segs) != 2 {
+		t.Errorf("%d segments after six failed appends, want 2: %v", len(segs), segs)
+	}
+	s := openSpool(t, dir)
+	defer s.Close()
+	want := append(recs(0, 3), recs(10, 2)...)
+	if got := readAllSpool(t, s); fmt.Sprint(got) != fmt.Sprint(wantStrings(want)) {
+		t.Errorf("after restart got %v, want %v", got, wantStrings(want))
 	}
 }
 
