@@ -15,6 +15,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	edgepg "github.com/tollgate-dev/tollgate/edge/postgres"
 	"github.com/tollgate-dev/tollgate/internal/gctune"
 )
 
@@ -93,6 +94,7 @@ func subcommands(g *globalFlags) []*cobra.Command {
 		checkConfigCommand(g),
 		migrateCommand(g),
 		demoCommand(g),
+		auditCommand(g),
 	}
 }
 
@@ -357,4 +359,48 @@ func migrateCommand(g *globalFlags) *cobra.Command {
 			return nil
 		},
 	}
+}
+
+func auditCommand(g *globalFlags) *cobra.Command {
+	audit := &cobra.Command{
+		Use:   "audit",
+		Short: "Look after the audit log",
+		Args:  cobra.NoArgs,
+	}
+	var olderThan time.Duration
+	prune := &cobra.Command{
+		Use:   "prune",
+		Short: "Delete the audit rows of failed authentications older than --older-than (key events are kept)",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if olderThan < edgepg.MinFailedAuthRetention {
+				return fmt.Errorf("--older-than %s: keep at least %s of failed authentications", olderThan, edgepg.MinFailedAuthRetention)
+			}
+			log, err := g.logger()
+			if err != nil {
+				return err
+			}
+			cfg, err := LoadConfig(g.config)
+			if err != nil {
+				return err
+			}
+			warnSecretsInFile(log, cfg)
+			pool, err := openPostgres(cmd.Context(), cfg.Services.PostgresURL)
+			if err != nil {
+				return err
+			}
+			defer pool.Close()
+			before := time.Now().Add(-olderThan)
+			n, err := edgepg.PruneFailedAuth(cmd.Context(), pool, before, "cli")
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "deleted %d audit rows of failed authentications recorded before %s\n", n, before.UTC().Format(time.RFC3339))
+			return nil
+		},
+	}
+	prune.Flags().DurationVar(&olderThan, "older-than", 0, "delete the failed authentications recorded longer ago than this (at least 24h; 2160h is 90 days)")
+	_ = prune.MarkFlagRequired("older-than")
+	audit.AddCommand(prune)
+	return audit
 }

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -368,4 +369,18 @@ func TestAnEdgeStartsOverMetersTheCatalogRefuses(t *testing.T) {
 		t.Fatalf("an edge over a meters section the catalog refuses did not start: %v", err)
 	}
 	_ = m.Close()
+}
+
+// A prune keeps at least the last day of failed authentications, and says
+// so before it connects to anything.
+func TestAuditPruneKeepsTheLastDay(t *testing.T) {
+	root := newRootCommand()
+	var out bytes.Buffer
+	root.SetOut(&out)
+	root.SetErr(&out)
+	root.SetArgs([]string{"audit", "prune", "--older-than", "1h"})
+	err := root.ExecuteContext(context.Background())
+	if err == nil || !strings.Contains(err.Error(), "keep at least 24h0m0s") {
+		t.Fatalf("audit prune --older-than 1h: %v, want refused", err)
+	}
 }
