@@ -125,6 +125,17 @@ func TestAMethodOverrideCannotGetAroundScopes(t *testing.T) {
 				{"POST asking for DELETE in an escaped query name", "POST", "?a=1&%5Fmethod=delete", nil, 400, "method_override_not_allowed"},
 				{"POST naming itself in the query", "POST", "?_method=POST&x=%20", nil, 200, ""},
 				{"POST with another parameter ending in _method", "POST", "?http_method=DELETE", nil, 200, ""},
+				// An empty value is read past, by the frameworks and here.
+				{"POST with an empty _method, then DELETE", "POST", "?_method=&_method=DELETE", nil, 400, "method_override_not_allowed"},
+				{"POST with an empty header and DELETE in the query", "POST", "?_method=DELETE", [][2]string{{"X-HTTP-Method-Override", " "}}, 400, "method_override_not_allowed"},
+				{"POST with an empty header, then DELETE in another", "POST", "",
+					[][2]string{{"X-HTTP-Method-Override", ""}, {"X-HTTP-Method", "DELETE"}}, 400, "method_override_not_allowed"},
+				{"POST with only an empty override", "POST", "?_method=", [][2]string{{"X-HTTP-Method-Override", ""}}, 200, ""},
+				// PHP reads these names as _method.
+				{"POST asking for DELETE as .method", "POST", "?.method=DELETE", nil, 400, "method_override_not_allowed"},
+				{"POST asking for DELETE as %2Emethod", "POST", "?%2Emethod=DELETE", nil, 400, "method_override_not_allowed"},
+				{"POST asking for DELETE as +_method", "POST", "?+_method=DELETE", nil, 400, "method_override_not_allowed"},
+				{"POST asking for DELETE as %20.method", "POST", "?%20.method=DELETE", nil, 400, "method_override_not_allowed"},
 			} {
 				r := call(c.method, "/v1/widgets"+c.query, c.headers)
 				if r.Status != c.status || r.Error.Code != c.code {

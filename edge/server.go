@@ -850,18 +850,19 @@ func methodOverride(h http.Header, rawQuery, method string) string {
 const MethodOverrideParam = "_method"
 
 // AppendQueryMethodOverrides appends the values of rawQuery's _method
-// parameters, decoded as frameworks decode them, to vs. Most queries have
-// neither the name nor an escape (which could spell it), and are not
-// parsed.
+// parameters, decoded as frameworks decode them, to vs. PHP also reads a
+// name with leading spaces dropped and "." or a space for "_" as the same
+// (".method", "+_method"). Most queries have neither "method" nor an
+// escape (which could spell it), and are not parsed.
 func AppendQueryMethodOverrides(vs []string, rawQuery string) []string {
-	if !strings.Contains(rawQuery, MethodOverrideParam) && !strings.Contains(rawQuery, "%") {
+	if !QueryMayOverrideMethod(rawQuery) {
 		return vs
 	}
 	for part := range strings.SplitSeq(rawQuery, "&") {
 		k, v, _ := strings.Cut(part, "=")
 		if k != MethodOverrideParam {
 			dk, err := url.QueryUnescape(k)
-			if err != nil || dk != MethodOverrideParam {
+			if err != nil || phpName(dk) != MethodOverrideParam {
 				continue
 			}
 		}
@@ -878,16 +879,62 @@ func AppendQueryMethodOverrides(vs []string, rawQuery string) []string {
 // names another method than method, else the first, else "". Frameworks
 // differ in which header and which value they read, so any one asking for
 // another method has the call refused (CallInfo.MethodOverride).
+//
+// Empty values are passed over: frameworks read past an empty one (PHP
+// keeps the last of repeated query parameters, Symfony falls back from an
+// empty header to the query), and one returned here would have read as no
+// override at all and let a DELETE behind it through.
 func PickMethodOverride(method string, vs []string) string {
+	first := ""
 	for _, v := range vs {
-		if !strings.EqualFold(strings.TrimSpace(v), method) {
+		t := strings.TrimSpace(v)
+		if t == "" {
+			continue
+		}
+		if !strings.EqualFold(t, method) {
 			return v
 		}
+		if first == "" {
+			first = v
+		}
 	}
-	if len(vs) > 0 {
-		return vs[0]
+	return first
+}
+
+// QueryMayOverrideMethod reports whether a raw query may hold a _method
+// parameter, in any spelling AppendQueryMethodOverrides reads.
+func QueryMayOverrideMethod[T ~string | ~[]byte](rawQuery T) bool {
+	const name = "method"
+	for i := 0; i < len(rawQuery); i++ {
+		if rawQuery[i] == '%' {
+			return true
+		}
+		if len(rawQuery)-i >= len(name) {
+			j := 0
+			for j < len(name) && rawQuery[i+j] == name[j] {
+				j++
+			}
+			if j == len(name) {
+				return true
+			}
+		}
 	}
-	return ""
+	return false
+}
+
+// phpName is a query parameter's name as PHP registers it: leading spaces
+// dropped, and "." and " " read as "_".
+func phpName(name string) string {
+	name = strings.TrimLeft(name, " ")
+	if !strings.ContainsAny(name, ". ") {
+		return name
+	}
+	return strings.Map(func(r rune) rune {
+		if r == '.' || r == ' ' {
+			return '_'
+		}
+		return r
+	}, name)
 }
 
 // zone is the named time zone for quota months, or UTC (with one warning

@@ -406,9 +406,9 @@ func (f *Front) handle(ctx *fh.RequestCtx) {
 			overrides = append(overrides, string(v))
 		}
 	}
-	// A query with neither the name nor an escape has no override: most
+	// A query with neither "method" nor an escape has no override: most
 	// calls are spared the string.
-	if q := ctx.URI().QueryString(); bytes.Contains(q, []byte(edge.MethodOverrideParam)) || bytes.IndexByte(q, '%') >= 0 {
+	if q := ctx.URI().QueryString(); edge.QueryMayOverrideMethod(q) {
 		overrides = edge.AppendQueryMethodOverrides(overrides, string(q))
 	}
 	ci.MethodOverride = edge.PickMethodOverride(ci.Method, overrides)
