@@ -1038,6 +1038,44 @@ func TestAnAccountWhoseStripeCustomerWasDeletedGetsANewOne(t *testing.T) {
 	if err != nil || again != cust {
 		t.Errorf("a second replacement of %s: %s, %v; want the first one recorded, %s", gone, again, err, cust)
 	}
+	// A customer already in the account's chain is refused: a loop would
+	// leave no customer to read, and every later sync failing.
+	if got, err := e.store.ReplaceStripeCustomer(ctx, "acct_gone", cust, gone); err == nil {
+		t.Errorf("the new customer replaced by the first one: %s recorded, want refused", got)
+	}
+	if now, _, err := e.store.StripeCustomer(ctx, "acct_gone"); err != nil || now != cust {
+		t.Errorf("the account's customer after a refused loop: %s, %v; want %s", now, err, cust)
+	}
+}
+
+// Stripe answers "No such customer" for a key of the other mode, or of
+// another Stripe account, too: a customer Stripe does not hold as deleted
+// is not replaced, or a key set by mistake would give every account a new
+// customer (and, with the right key back, a loop of replacements).
+func TestACustomerUnknownToTheKeyIsNotReplaced(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	e.starter(t, "acct_other_mode", 10)
+	e.watermark(t, april.Add(2*time.Hour))
+	fake := stripetest.New()
+	defer fake.Close()
+	_, err := e.pg.Pool.Exec(ctx, `INSERT INTO stripe_customers (account_id, customer_id) VALUES ('acct_other_mode', 'cus_made_under_another_key')`)
+	testenv.Must(t, err, "record a customer the key does not know")
+	iv := e.aprilInvoicer(t, e.usage, stripe.New(stripe.Config{APIKey: "sk_test_x", URL: fake.URL}))
+	res, err := iv.CloseDue(ctx)
+	testenv.Must(t, err, "close")
+	if len(res.Closed) != 1 {
+		t.Fatalf("%d invoices closed, want 1", len(res.Closed))
+	}
+	err = iv.SyncStripe(ctx)
+	if err == nil || !strings.Contains(err.Error(), "unknown to this Stripe key") {
+		t.Errorf("sync: %v, want it refused, naming the unknown customer", err)
+	}
+	cust, replacement, err := e.store.StripeCustomer(ctx, "acct_other_mode")
+	if err != nil || cust != "cus_made_under_another_key" || replacement || fake.Customers() != 0 || len(fake.Invoices()) != 0 {
+		t.Errorf("after the sync: customer %s (a replacement: %v, %v), %d Stripe customers, %d invoices; want the recorded one kept and nothing made",
+			cust, replacement, err, fake.Customers(), len(fake.Invoices()))
+	}
 }
 
 // Invoices finalized while no Stripe key was set stay in the ledger: a key

@@ -20,6 +20,10 @@ var ErrStripeCustomerGone = errors.New("the stripe customer no longer exists")
 
 type Stripe interface {
 	EnsureCustomer(ctx context.Context, p CustomerParams) (string, error)
+	// CustomerDeleted reports whether Stripe holds the customer as
+	// deleted. A customer Stripe does not know at all (a key of the other
+	// mode, or of another Stripe account) is an error, not a deletion.
+	CustomerDeleted(ctx context.Context, customerID string) (bool, error)
 	CreateInvoice(ctx context.Context, p InvoiceParams) (string, error)
 	CreateInvoiceItem(ctx context.Context, p InvoiceItemParams) (string, error)
 	FinalizeInvoice(ctx context.Context, stripeInvoiceID, idempotencyKey string) (FinalizedInvoice, error)
@@ -267,6 +271,17 @@ func (iv *Invoicer) syncOne(ctx context.Context, inv StoredInvoice) error {
 // the customer replaced, so a retry, or another instance, asks for the same
 // customer; the search for one an earlier attempt made skips deleted ones.
 func (iv *Invoicer) replaceCustomer(ctx context.Context, a Account, gone string) (string, error) {
+	// Stripe answers "No such customer" for a key of the other mode or of
+	// another Stripe account too: only a customer Stripe holds as deleted
+	// is replaced, or a key set by mistake would give every account a new
+	// customer.
+	deleted, err := iv.stripe.CustomerDeleted(ctx, gone)
+	if err != nil {
+		return "", fmt.Errorf("the account's Stripe customer %s is unknown to this Stripe key (a key of the other mode, or of another Stripe account?), so it is not replaced: %w", gone, err)
+	}
+	if !deleted {
+		return "", fmt.Errorf("Stripe refused an invoice for customer %s, which it holds and has not deleted; not replaced: %w", gone, ErrStripeCustomerGone)
+	}
 	cust, err := iv.stripe.EnsureCustomer(ctx, CustomerParams{AccountID: a.ID, Name: a.Name,
 		Email: a.Email, IdempotencyKey: customerKey(a.ID) + ":replaces:" + gone})
 	if err != nil {

@@ -460,8 +460,9 @@ func (s *Store) StripeCustomer(ctx context.Context, accountID string) (id string
 		return "", false, fmt.Errorf("load stripe customer: %w", err)
 	}
 	// Each replacement names the customer it replaces: the account's
-	// customer is the chain's end. Customer ids are unique, so the chain
-	// has no loop; the bound only guards against a row written by hand.
+	// customer is the chain's end. ReplaceStripeCustomer refuses a
+	// customer already in the chain, so it has no loop; the bound only
+	// guards against a row written by hand.
 	for range 1000 {
 		var next string
 		err := s.pool.QueryRow(ctx, `SELECT customer_id FROM stripe_customer_replacements WHERE account_id = $1 AND replaced = $2`,
@@ -480,14 +481,25 @@ func (s *Store) StripeCustomer(ctx context.Context, accountID string) (id string
 // ReplaceStripeCustomer records customerID in place of replaced, unless a
 // replacement of replaced was recorded first, and returns the one recorded.
 func (s *Store) ReplaceStripeCustomer(ctx context.Context, accountID, replaced, customerID string) (string, error) {
-	_, err := s.pool.Exec(ctx, `INSERT INTO stripe_customer_replacements (account_id, replaced, customer_id) VALUES ($1, $2, $3)
+	// A customer already in the account's chain (its first, or one
+	// replaced or replacing) would make a loop, which no read could
+	// follow to an end: refused, unless it is replaced's recorded
+	// replacement already. The insert writes nothing then, either way.
+	_, err := s.pool.Exec(ctx, `INSERT INTO stripe_customer_replacements (account_id, replaced, customer_id)
+SELECT $1, $2, $3
+WHERE NOT EXISTS (SELECT 1 FROM stripe_customers WHERE account_id = $1 AND customer_id = $3)
+  AND NOT EXISTS (SELECT 1 FROM stripe_customer_replacements WHERE account_id = $1 AND (customer_id = $3 OR replaced = $3))
 ON CONFLICT (account_id, replaced) DO NOTHING`, accountID, replaced, customerID)
 	if err != nil {
 		return "", fmt.Errorf("save stripe customer replacement: %w", err)
 	}
 	var stored string
-	if err := s.pool.QueryRow(ctx, `SELECT customer_id FROM stripe_customer_replacements WHERE account_id = $1 AND replaced = $2`,
-		accountID, replaced).Scan(&stored); err != nil {
+	err = s.pool.QueryRow(ctx, `SELECT customer_id FROM stripe_customer_replacements WHERE account_id = $1 AND replaced = $2`,
+		accountID, replaced).Scan(&stored)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return "", fmt.Errorf("replace stripe customer %s of account %s by %s: %s is the account's customer already, or was: refused, as a loop in the account's customers", replaced, accountID, customerID, customerID)
+	}
+	if err != nil {
 		return "", fmt.Errorf("read stripe customer replacement: %w", err)
 	}
 	return stored, nil

@@ -112,6 +112,17 @@ func (c *Client) EnsureCustomer(ctx context.Context, p invoicer.CustomerParams) 
 	return cus.ID, nil
 }
 
+// CustomerDeleted reads the customer: Stripe answers a deleted one's id
+// with {"deleted": true}, and one it never had (another mode's or
+// account's) with resource_missing, which is returned as an error.
+func (c *Client) CustomerDeleted(ctx context.Context, customerID string) (bool, error) {
+	cus, err := c.api.Customers.Get(customerID, &stripego.CustomerParams{Params: stripego.Params{Context: ctx}})
+	if err != nil {
+		return false, fmt.Errorf("read stripe customer %s: %w", customerID, err)
+	}
+	return cus.Deleted, nil
+}
+
 // searchUnavailable tells Stripe's refusal of search itself (a 400
 // invalid request) from a failure worth retrying: a rate limit (429, which
 // Stripe also types as an invalid request), a bad key, a network error.

@@ -32,6 +32,9 @@ func suite(t *testing.T, s invoicer.Stripe, key string, stateful bool) (customer
 	if stateful && again != cus {
 		t.Fatalf("the same idempotency key gave customers %s and %s", cus, again)
 	}
+	if deleted, err := s.CustomerDeleted(ctx, cus); err != nil || deleted {
+		t.Fatalf("the customer just made reads as deleted: %v, %v", deleted, err)
+	}
 	inv, err := s.CreateInvoice(ctx, invoicer.InvoiceParams{CustomerID: cus, Currency: "usd", InvoiceID: "inv_202603_x", Description: "March", IdempotencyKey: key + ":invoice"})
 	testenv.Must(t, err, "create invoice")
 	for i, amt := range []int64{2900, 4000} {

@@ -67,6 +67,9 @@ type Customer struct {
 	Name     string            `json:"name"`
 	Email    string            `json:"email"`
 	Metadata map[string]string `json:"metadata"`
+	// Deleted is set by DeleteCustomer: Stripe keeps a deleted customer's
+	// id, answering a read of it with {"deleted": true}.
+	Deleted bool `json:"deleted,omitempty"`
 }
 
 type stored struct {
@@ -111,11 +114,14 @@ func New() *Fake {
 }
 
 // DeleteCustomer deletes a customer, as Stripe's dashboard does: search
-// no longer finds it, and Stripe refuses new invoices for it.
+// no longer finds it, a read of it says it is deleted, and Stripe refuses
+// new invoices for it.
 func (f *Fake) DeleteCustomer(id string) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	delete(f.customers, id)
+	if c := f.customers[id]; c != nil {
+		c.Deleted = true
+	}
 }
 
 // Close stops the server.
@@ -233,6 +239,8 @@ func kindOf(r *http.Request) string {
 		return "list_items"
 	case r.Method == http.MethodGet && p == "customers/search":
 		return "search_customers"
+	case r.Method == http.MethodGet && strings.HasPrefix(p, "customers/"):
+		return "get_customer"
 	case r.Method == http.MethodPost && p == "credit_notes":
 		return "credit_note"
 	case r.Method == http.MethodGet && p == "credit_notes":
@@ -309,7 +317,7 @@ func (f *Fake) handle(kind string, r *http.Request) (int, []byte) {
 		}
 		var hits []any
 		for _, c := range f.customers {
-			if c.Metadata[m[1]] == unquote(m[2]) {
+			if c.Metadata[m[1]] == unquote(m[2]) && !c.Deleted {
 				hits = append(hits, c)
 			}
 		}
@@ -390,8 +398,17 @@ func (f *Fake) handle(kind string, r *http.Request) (int, []byte) {
 		c := &Customer{ID: f.id("cus"), Object: "customer", Name: form.Get("name"), Email: form.Get("email"), Metadata: meta}
 		f.customers[c.ID] = c
 		return ok(c)
+	case "get_customer":
+		c := f.customers[strings.TrimPrefix(r.URL.Path, "/v1/customers/")]
+		switch {
+		case c == nil:
+			return apiErrOn(http.StatusNotFound, "resource_missing", "id", "No such customer: '"+strings.TrimPrefix(r.URL.Path, "/v1/customers/")+"'")
+		case c.Deleted:
+			return ok(map[string]any{"id": c.ID, "object": "customer", "deleted": true})
+		}
+		return ok(c)
 	case "invoice":
-		if f.customers[form.Get("customer")] == nil {
+		if c := f.customers[form.Get("customer")]; c == nil || c.Deleted {
 			return apiErrOn(http.StatusBadRequest, "resource_missing", "customer", "No such customer: '"+form.Get("customer")+"'")
 		}
 		if form.Get("pending_invoice_items_behavior") != "exclude" {
