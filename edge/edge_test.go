@@ -136,6 +136,8 @@ func TestAMethodOverrideCannotGetAroundScopes(t *testing.T) {
 				{"POST asking for DELETE as %2Emethod", "POST", "?%2Emethod=DELETE", nil, 400, "method_override_not_allowed"},
 				{"POST asking for DELETE as +_method", "POST", "?+_method=DELETE", nil, 400, "method_override_not_allowed"},
 				{"POST asking for DELETE as %20.method", "POST", "?%20.method=DELETE", nil, 400, "method_override_not_allowed"},
+				{"POST asking for DELETE as _method%00", "POST", "?_method%00=DELETE", nil, 400, "method_override_not_allowed"},
+				{"POST asking for DELETE as %5Fmethod%00x", "POST", "?%5Fmethod%00x=DELETE", nil, 400, "method_override_not_allowed"},
 			} {
 				r := call(c.method, "/v1/widgets"+c.query, c.headers)
 				if r.Status != c.status || r.Error.Code != c.code {

@@ -922,9 +922,13 @@ func QueryMayOverrideMethod[T ~string | ~[]byte](rawQuery T) bool {
 	return false
 }
 
-// phpName is a query parameter's name as PHP registers it: leading spaces
-// dropped, and "." and " " read as "_".
+// phpName is a query parameter's name as PHP registers it: cut at a NUL
+// (PHP registers the name as a C string: "_method%00x" is _method), leading
+// spaces dropped, and "." and " " read as "_".
 func phpName(name string) string {
+	if i := strings.IndexByte(name, 0); i >= 0 {
+		name = name[:i]
+	}
 	name = strings.TrimLeft(name, " ")
 	if !strings.ContainsAny(name, ". ") {
 		return name

@@ -18,6 +18,11 @@ import (
 // has no such customer: it was deleted in Stripe (its dashboard or API).
 var ErrStripeCustomerGone = errors.New("the stripe customer no longer exists")
 
+// ErrStripeCustomerUnknown is what CustomerDeleted's error wraps when
+// Stripe has no record of the customer at all, deleted or not: the key is
+// of the other mode, or of another Stripe account.
+var ErrStripeCustomerUnknown = errors.New("the stripe customer is unknown to this key")
+
 type Stripe interface {
 	EnsureCustomer(ctx context.Context, p CustomerParams) (string, error)
 	// CustomerDeleted reports whether Stripe holds the customer as
@@ -276,8 +281,11 @@ func (iv *Invoicer) replaceCustomer(ctx context.Context, a Account, gone string)
 	// is replaced, or a key set by mistake would give every account a new
 	// customer.
 	deleted, err := iv.stripe.CustomerDeleted(ctx, gone)
-	if err != nil {
+	if errors.Is(err, ErrStripeCustomerUnknown) {
 		return "", fmt.Errorf("the account's Stripe customer %s is unknown to this Stripe key (a key of the other mode, or of another Stripe account?), so it is not replaced: %w", gone, err)
+	}
+	if err != nil {
+		return "", fmt.Errorf("read the account's Stripe customer %s: %w", gone, err)
 	}
 	if !deleted {
 		return "", fmt.Errorf("Stripe refused an invoice for customer %s, which it holds and has not deleted; not replaced: %w", gone, ErrStripeCustomerGone)

@@ -20,53 +20,53 @@ const MinFailedAuthRetention = 24 * time.Hour
 const pruneBatch = 50_000
 
 // PruneFailedAuth deletes the audit rows of failed authentications
-// (auth.failed, admin.auth_failed) recorded before before, in batches, and
-// records the prune itself in the audit log (audit.pruned, with how many
-// rows and the cutoff). Key events are never deleted: the table's trigger
-// refuses them, and refuses any delete of a transaction that has not set
-// tollgate.prune_failed_auth.
+// (auth.failed, admin.auth_failed) recorded before before, in batches.
+// Each batch records itself in the audit log in its own transaction
+// (audit.pruned, with how many rows it deleted and the cutoff), so a prune
+// cut off halfway leaves no deletion unrecorded. Key events are never
+// deleted: the table's trigger refuses them, rows less than a day old, and
+// any delete of a transaction that has not set tollgate.prune_failed_auth.
 func PruneFailedAuth(ctx context.Context, pool *pgxpool.Pool, before time.Time, actor string) (int64, error) {
 	if time.Since(before) < MinFailedAuthRetention {
 		return 0, fmt.Errorf("prune failed authentications: %s is less than %s ago", before.UTC().Format(time.RFC3339), MinFailedAuthRetention)
 	}
 	var total int64
 	for {
-		tx, err := pool.Begin(ctx)
+		var n int64
+		err := pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
+			var err error
+			n, err = pruneOnce(ctx, tx, before, actor)
+			return err
+		})
 		if err != nil {
-			return total, fmt.Errorf("prune failed authentications: %w", err)
-		}
-		n, err := pruneOnce(ctx, tx, before)
-		if err == nil {
-			err = tx.Commit(ctx)
-		}
-		if err != nil {
-			_ = tx.Rollback(ctx)
 			return total, fmt.Errorf("prune failed authentications (%d deleted before this): %w", total, err)
 		}
 		total += n
 		if n < pruneBatch {
-			break
+			return total, nil
 		}
 	}
-	details, err := json.Marshal(map[string]any{"deleted": total, "before": before.UTC().Format(time.RFC3339Nano)})
-	if err != nil {
-		return total, err
-	}
-	if _, err := pool.Exec(ctx, `INSERT INTO audit_log (actor, action, details) VALUES ($1, 'audit.pruned', $2)`, actor, details); err != nil {
-		return total, fmt.Errorf("record the prune of %d failed authentications: %w", total, err)
-	}
-	return total, nil
 }
 
-// pruneOnce deletes up to pruneBatch of the rows in tx.
-func pruneOnce(ctx context.Context, tx pgx.Tx, before time.Time) (int64, error) {
+// pruneOnce deletes up to pruneBatch of the rows in tx, and records that
+// it did. Rows another prune holds are passed over, not waited for.
+func pruneOnce(ctx context.Context, tx pgx.Tx, before time.Time, actor string) (int64, error) {
 	if _, err := tx.Exec(ctx, `SET LOCAL tollgate.prune_failed_auth = 'on'`); err != nil {
 		return 0, err
 	}
 	tag, err := tx.Exec(ctx, `DELETE FROM audit_log WHERE id IN (
-    SELECT id FROM audit_log WHERE action IN ('auth.failed', 'admin.auth_failed') AND at < $1 LIMIT $2)`, before, pruneBatch)
+    SELECT id FROM audit_log WHERE action IN ('auth.failed', 'admin.auth_failed') AND at < $1
+    LIMIT $2 FOR UPDATE SKIP LOCKED)`, before, pruneBatch)
 	if err != nil {
 		return 0, err
 	}
-	return tag.RowsAffected(), nil
+	n := tag.RowsAffected()
+	details, err := json.Marshal(map[string]any{"deleted": n, "before": before.UTC().Format(time.RFC3339Nano)})
+	if err != nil {
+		return 0, err
+	}
+	if _, err := tx.Exec(ctx, `INSERT INTO audit_log (actor, action, details) VALUES ($1, 'audit.pruned', $2)`, actor, details); err != nil {
+		return 0, fmt.Errorf("record the prune of %d failed authentications: %w", n, err)
+	}
+	return n, nil
 }

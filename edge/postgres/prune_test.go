@@ -31,6 +31,10 @@ func TestPruneDeletesOnlyOldFailedAuthentications(t *testing.T) {
 	for _, stmt := range []string{
 		`DELETE FROM audit_log WHERE action = 'auth.failed'`,
 		`UPDATE audit_log SET reason = 'x' WHERE action = 'auth.failed'`,
+		`TRUNCATE audit_log`,
+		// The setting guards against mistakes: set for a whole session,
+		// it still lets no row of the last day go.
+		`SET tollgate.prune_failed_auth = 'on'; DELETE FROM audit_log WHERE action = 'auth.failed' AND at > now() - interval '2 hours'`,
 	} {
 		if _, err := pg.Pool.Exec(ctx, stmt); err == nil || !strings.Contains(err.Error(), "append-only") {
 			t.Errorf("%s outside a prune: %v, want refused as append-only", stmt, err)
@@ -69,5 +73,33 @@ func TestPruneDeletesOnlyOldFailedAuthentications(t *testing.T) {
 	testenv.Must(t, err, "set")
 	if _, err := tx.Exec(ctx, `DELETE FROM audit_log WHERE action = 'key.created'`); err == nil {
 		t.Error("a key event was deleted in a prune's transaction")
+	}
+}
+
+// A prune's deletions and its record of them commit together: a prune cut
+// off halfway leaves no deleted row unrecorded. Before, every batch
+// committed first and the one record came after the last.
+func TestAPruneThatCannotRecordItselfDeletesNothing(t *testing.T) {
+	pg := testenv.NewPostgres(t)
+	ctx := context.Background()
+	for range 3 {
+		_, err := pg.Pool.Exec(ctx, `INSERT INTO audit_log (at, actor, action) VALUES (now() - interval '3 days', 'test', 'auth.failed')`)
+		testenv.Must(t, err, "insert audit row")
+	}
+	_, err := pg.Pool.Exec(ctx, `CREATE FUNCTION refuse_prune_record() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.action = 'audit.pruned' THEN RAISE EXCEPTION 'no room for the record'; END IF;
+    RETURN NEW;
+END;
+$$;
+CREATE TRIGGER refuse_prune_record BEFORE INSERT ON audit_log FOR EACH ROW EXECUTE FUNCTION refuse_prune_record()`)
+	testenv.Must(t, err, "make the prune's record fail")
+	if _, err := edgepg.PruneFailedAuth(ctx, pg.Pool, time.Now().Add(-25*time.Hour), "test"); err == nil {
+		t.Fatal("a prune that could not record itself succeeded")
+	}
+	var left int
+	testenv.Must(t, pg.Pool.QueryRow(ctx, `SELECT count(*) FROM audit_log WHERE action = 'auth.failed'`).Scan(&left), "count")
+	if left != 3 {
+		t.Errorf("%d of 3 failed authentications left after a prune that could not record itself, want all 3", left)
 	}
 }

@@ -117,6 +117,10 @@ func (c *Client) EnsureCustomer(ctx context.Context, p invoicer.CustomerParams) 
 // account's) with resource_missing, which is returned as an error.
 func (c *Client) CustomerDeleted(ctx context.Context, customerID string) (bool, error) {
 	cus, err := c.api.Customers.Get(customerID, &stripego.CustomerParams{Params: stripego.Params{Context: ctx}})
+	var se *stripego.Error
+	if errors.As(err, &se) && se.Code == stripego.ErrorCodeResourceMissing {
+		return false, fmt.Errorf("read stripe customer %s: %w: %w", customerID, invoicer.ErrStripeCustomerUnknown, err)
+	}
 	if err != nil {
 		return false, fmt.Errorf("read stripe customer %s: %w", customerID, err)
 	}

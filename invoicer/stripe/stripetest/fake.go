@@ -201,7 +201,8 @@ func (f *Fake) Invoices() []Invoice {
 	return out
 }
 
-// Customers returns how many customers exist.
+// Customers returns how many customers were made, deleted ones included
+// (Stripe keeps a deleted customer's id).
 func (f *Fake) Customers() int {
 	f.mu.Lock()
 	defer f.mu.Unlock()
