@@ -32,15 +32,10 @@ func demoCommand(g *globalFlags) *cobra.Command {
 		Short: "Run the whole pipeline with a demo upstream and demo traffic, and say where to look",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			log, err := g.logger()
+			cfg, log, err := loadWarned(g)
 			if err != nil {
 				return err
 			}
-			cfg, err := LoadConfig(g.config)
-			if err != nil {
-				return err
-			}
-			warnSecretsInFile(log, cfg)
 			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
 			context.AfterFunc(ctx, stop) // a second signal ends the process (main)

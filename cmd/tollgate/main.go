@@ -330,21 +330,32 @@ func checkConfigCommand(g *globalFlags) *cobra.Command {
 	}
 }
 
+// loadWarned builds the logger and loads the configuration, unvalidated,
+// warning of secrets written in the file: for the commands that start no
+// component (migrate, demo, audit), which check what they use as they go.
+func loadWarned(g *globalFlags) (Config, *slog.Logger, error) {
+	log, err := g.logger()
+	if err != nil {
+		return Config{}, nil, err
+	}
+	cfg, err := LoadConfig(g.config)
+	if err != nil {
+		return cfg, nil, err
+	}
+	warnSecretsInFile(log, cfg)
+	return cfg, log, nil
+}
+
 func migrateCommand(g *globalFlags) *cobra.Command {
 	return &cobra.Command{
 		Use:   "migrate",
 		Short: "Apply the Postgres migrations and the ClickHouse DDL",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			log, err := g.logger()
+			cfg, _, err := loadWarned(g)
 			if err != nil {
 				return err
 			}
-			cfg, err := LoadConfig(g.config)
-			if err != nil {
-				return err
-			}
-			warnSecretsInFile(log, cfg)
 			pool, err := openPostgres(cmd.Context(), cfg.Services.PostgresURL)
 			if err != nil {
 				return err
@@ -376,15 +387,10 @@ func auditCommand(g *globalFlags) *cobra.Command {
 			if olderThan < edgepg.MinFailedAuthRetention {
 				return fmt.Errorf("--older-than %s: keep at least %s of failed authentications", olderThan, edgepg.MinFailedAuthRetention)
 			}
-			log, err := g.logger()
+			cfg, _, err := loadWarned(g)
 			if err != nil {
 				return err
 			}
-			cfg, err := LoadConfig(g.config)
-			if err != nil {
-				return err
-			}
-			warnSecretsInFile(log, cfg)
 			pool, err := openPostgres(cmd.Context(), cfg.Services.PostgresURL)
 			if err != nil {
 				return err

@@ -190,36 +190,55 @@ func TestLostLeaseGrantIsGivenBack(t *testing.T) {
 	})
 }
 
+// leasingCalls is a limiter on one busy key with a monthly quota, reaching
+// Redis through a slowProxy, and the outcome of the calls burst makes.
+type leasingCalls struct {
+	r               *testenv.Redis
+	proxy           *slowProxy
+	l               *edgeredis.Limiter
+	c               edge.CallLimits
+	allowed, failed atomic.Int64
+}
+
+func newLeasingCalls(t *testing.T, readTimeout time.Duration) *leasingCalls {
+	t.Helper()
+	lc := &leasingCalls{r: testenv.NewRedis(t)}
+	lc.proxy = newSlowProxy(t, testenv.RedisAddr())
+	rdb := redis.NewClient(&redis.Options{Addr: lc.proxy.addr, ReadTimeout: readTimeout, MaxRetries: -1})
+	t.Cleanup(func() { _ = rdb.Close() })
+	lc.l = edgeredis.NewLimiter(rdb)
+	lc.c = edge.CallLimits{Buckets: []string{lc.r.Prefix + "key"}, RPS: 1, Burst: 100_000,
+		QuotaBucket: lc.r.Prefix + "quota", QuotaLimit: 10_000, QuotaTTL: time.Hour}
+	t.Cleanup(func() { lc.r.Client.Del(context.Background(), "rate:"+lc.r.Prefix+"key") })
+	return lc
+}
+
+// burst makes n calls at once and counts those allowed and those failed.
+func (lc *leasingCalls) burst(n int) {
+	var wg sync.WaitGroup
+	for range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			res, err := lc.l.AllowCall(context.Background(), lc.c)
+			switch {
+			case err != nil:
+				lc.failed.Add(1)
+			case res.QuotaAllowed:
+				lc.allowed.Add(1)
+			}
+		}()
+	}
+	wg.Wait()
+}
+
 // lostLeaseGrantIsGivenBack loses replies for hold from the first call that
 // lost one.
 func lostLeaseGrantIsGivenBack(t *testing.T, readTimeout, hold time.Duration, lose func(*slowProxy) *atomic.Bool) {
 	ctx := context.Background()
-	r := testenv.NewRedis(t)
-	proxy := newSlowProxy(t, testenv.RedisAddr())
-	rdb := redis.NewClient(&redis.Options{Addr: proxy.addr, ReadTimeout: readTimeout, MaxRetries: -1})
-	t.Cleanup(func() { _ = rdb.Close() })
-	l := edgeredis.NewLimiter(rdb)
-	c := edge.CallLimits{Buckets: []string{r.Prefix + "key"}, RPS: 1, Burst: 100_000,
-		QuotaBucket: r.Prefix + "quota", QuotaLimit: 10_000, QuotaTTL: time.Hour}
-	t.Cleanup(func() { r.Client.Del(ctx, "rate:"+r.Prefix+"key") })
-	var allowed, failed atomic.Int64
-	burst := func(n int) {
-		var wg sync.WaitGroup
-		for range n {
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				res, err := l.AllowCall(ctx, c)
-				switch {
-				case err != nil:
-					failed.Add(1)
-				case res.QuotaAllowed:
-					allowed.Add(1)
-				}
-			}()
-		}
-		wg.Wait()
-	}
+	lc := newLeasingCalls(t, readTimeout)
+	r, proxy, l, c, burst := lc.r, lc.proxy, lc.l, lc.c, lc.burst
+	allowed, failed := &lc.allowed, &lc.failed
 	burst(200) // busy: the next calls ask for leases
 	_, sentBefore := l.Batched()
 	lose(proxy).Store(true)
@@ -256,32 +275,9 @@ func lostLeaseGrantIsGivenBack(t *testing.T, readTimeout, hold time.Duration, lo
 // grant lost in an outage over 2 s stayed counted against the month.
 func TestALostGrantIsGivenBackAfterAFailedGiveBack(t *testing.T) {
 	ctx := context.Background()
-	r := testenv.NewRedis(t)
-	proxy := newSlowProxy(t, testenv.RedisAddr())
-	rdb := redis.NewClient(&redis.Options{Addr: proxy.addr, ReadTimeout: 100 * time.Millisecond, MaxRetries: -1})
-	t.Cleanup(func() { _ = rdb.Close() })
-	l := edgeredis.NewLimiter(rdb)
-	c := edge.CallLimits{Buckets: []string{r.Prefix + "key"}, RPS: 1, Burst: 100_000,
-		QuotaBucket: r.Prefix + "quota", QuotaLimit: 10_000, QuotaTTL: time.Hour}
-	t.Cleanup(func() { r.Client.Del(ctx, "rate:"+r.Prefix+"key") })
-	var allowed, failed atomic.Int64
-	burst := func(n int) {
-		var wg sync.WaitGroup
-		for range n {
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				res, err := l.AllowCall(ctx, c)
-				switch {
-				case err != nil:
-					failed.Add(1)
-				case res.QuotaAllowed:
-					allowed.Add(1)
-				}
-			}()
-		}
-		wg.Wait()
-	}
+	lc := newLeasingCalls(t, 100*time.Millisecond)
+	r, proxy, l, c, burst := lc.r, lc.proxy, lc.l, lc.c, lc.burst
+	allowed, failed := &lc.allowed, &lc.failed
 	burst(200) // busy: the next calls ask for leases
 	_, sentBefore := l.Batched()
 	// Redis runs the lease request, and its reply is lost.
