@@ -973,11 +973,7 @@ func TestAnInvoiceGoesToTheRecordedCustomer(t *testing.T) {
 		}
 	})
 	iv := e.aprilInvoicer(t, e.usage, sc)
-	res, err := iv.CloseDue(ctx)
-	testenv.Must(t, err, "close")
-	if len(res.Closed) != 1 {
-		t.Fatalf("%d invoices closed, want 1", len(res.Closed))
-	}
+	closeOne(t, iv)
 	testenv.Must(t, iv.SyncStripe(ctx), "sync")
 	stored, _, err := e.store.StripeCustomer(ctx, "acct_race")
 	testenv.Must(t, err, "recorded customer")
@@ -1011,11 +1007,7 @@ func TestAnAccountWhoseStripeCustomerWasDeletedGetsANewOne(t *testing.T) {
 	testenv.Must(t, err, "record the earlier customer")
 	fake.DeleteCustomer(gone)
 	iv := e.aprilInvoicer(t, e.usage, sc)
-	res, err := iv.CloseDue(ctx)
-	testenv.Must(t, err, "close")
-	if len(res.Closed) != 1 {
-		t.Fatalf("%d invoices closed, want 1", len(res.Closed))
-	}
+	res := closeOne(t, iv)
 	testenv.Must(t, iv.SyncStripe(ctx), "sync")
 	testenv.Must(t, iv.SyncStripe(ctx), "sync again")
 	cust, replacement, err := e.store.StripeCustomer(ctx, "acct_gone")
@@ -1062,11 +1054,7 @@ func TestACustomerUnknownToTheKeyIsNotReplaced(t *testing.T) {
 	_, err := e.pg.Pool.Exec(ctx, `INSERT INTO stripe_customers (account_id, customer_id) VALUES ('acct_other_mode', 'cus_made_under_another_key')`)
 	testenv.Must(t, err, "record a customer the key does not know")
 	iv := e.aprilInvoicer(t, e.usage, stripe.New(stripe.Config{APIKey: "sk_test_x", URL: fake.URL}))
-	res, err := iv.CloseDue(ctx)
-	testenv.Must(t, err, "close")
-	if len(res.Closed) != 1 {
-		t.Fatalf("%d invoices closed, want 1", len(res.Closed))
-	}
+	closeOne(t, iv)
 	err = iv.SyncStripe(ctx)
 	if err == nil || !strings.Contains(err.Error(), "unknown to this Stripe key") {
 		t.Errorf("sync: %v, want it refused, naming the unknown customer", err)
@@ -1076,6 +1064,18 @@ func TestACustomerUnknownToTheKeyIsNotReplaced(t *testing.T) {
 		t.Errorf("after the sync: customer %s (a replacement: %v, %v), %d Stripe customers, %d invoices; want the recorded one kept and nothing made",
 			cust, replacement, err, fake.Customers(), len(fake.Invoices()))
 	}
+}
+
+// closeOne closes the due periods and fails unless exactly one invoice
+// was closed.
+func closeOne(t *testing.T, iv *invoicer.Invoicer) invoicer.CloseResult {
+	t.Helper()
+	res, err := iv.CloseDue(context.Background())
+	testenv.Must(t, err, "close")
+	if len(res.Closed) != 1 {
+		t.Fatalf("%d invoices closed, want 1", len(res.Closed))
+	}
+	return res
 }
 
 // Invoices finalized while no Stripe key was set stay in the ledger: a key

@@ -101,11 +101,7 @@ func subcommands(g *globalFlags) []*cobra.Command {
 // loadFor builds the logger and loads the configuration, validated for
 // components (none: every component).
 func loadFor(g *globalFlags, components ...string) (Config, *slog.Logger, error) {
-	log, err := g.logger()
-	if err != nil {
-		return Config{}, nil, err
-	}
-	cfg, err := LoadConfig(g.config)
+	cfg, log, err := loadWith(g)
 	if err != nil {
 		return cfg, nil, err
 	}
@@ -334,16 +330,22 @@ func checkConfigCommand(g *globalFlags) *cobra.Command {
 // warning of secrets written in the file: for the commands that start no
 // component (migrate, demo, audit), which check what they use as they go.
 func loadWarned(g *globalFlags) (Config, *slog.Logger, error) {
-	log, err := g.logger()
-	if err != nil {
-		return Config{}, nil, err
-	}
-	cfg, err := LoadConfig(g.config)
+	cfg, log, err := loadWith(g)
 	if err != nil {
 		return cfg, nil, err
 	}
 	warnSecretsInFile(log, cfg)
 	return cfg, log, nil
+}
+
+// loadWith builds the logger and loads the configuration as it is.
+func loadWith(g *globalFlags) (Config, *slog.Logger, error) {
+	log, err := g.logger()
+	if err != nil {
+		return Config{}, nil, err
+	}
+	cfg, err := LoadConfig(g.config)
+	return cfg, log, err
 }
 
 func migrateCommand(g *globalFlags) *cobra.Command {
