@@ -16,6 +16,7 @@ import (
 	"github.com/tollgate-dev/tollgate/ingest"
 	ingestch "github.com/tollgate-dev/tollgate/ingest/clickhouse"
 	ingestkafka "github.com/tollgate-dev/tollgate/ingest/kafka"
+	"github.com/tollgate-dev/tollgate/internal/kafkaconn"
 	"github.com/tollgate-dev/tollgate/internal/testenv"
 	"github.com/tollgate-dev/tollgate/schemas"
 )
@@ -100,9 +101,9 @@ func startGated(t *testing.T, total, partitions int, cfg ingest.Config, giveUp t
 	testenv.Must(t, w.WriteMessages(ctx, msgs...), "produce")
 
 	g.group = g.topic + ".ingest"
-	src := ingestkafka.NewSource(testenv.KafkaBrokers(), g.topic, g.group)
+	src := ingestkafka.NewSource(testenv.KafkaBrokers(), kafkaconn.Security{}, g.topic, g.group)
 	t.Cleanup(func() { _ = src.Close() })
-	dl := ingestkafka.NewDeadLetters(testenv.KafkaBrokers(), dlq, g.topic)
+	dl := ingestkafka.NewDeadLetters(testenv.KafkaBrokers(), kafkaconn.Security{}, dlq, g.topic)
 	t.Cleanup(func() { _ = dl.Close() })
 	g.sink = &gatedSink{Sink: ingestch.NewSink(g.ch.Conn), open: make(chan struct{}), giveUp: giveUp}
 	cfg.Topic, cfg.DeadLetter, cfg.Group, cfg.Workers = g.topic, dlq, g.group, 1
@@ -156,7 +157,7 @@ func TestSlowClickHouseBoundsTheRecordsAWorkerHolds(t *testing.T) {
 	}
 
 	close(sink.open)
-	offsets := ingestkafka.NewOffsets(testenv.KafkaBrokers(), topic, group)
+	offsets := ingestkafka.NewOffsets(testenv.KafkaBrokers(), kafkaconn.Security{}, topic, group)
 	testenv.Wait(t, waitLimit, "every offset committed", func() bool {
 		offs, err := offsets.Offsets(ctx)
 		if err != nil {

@@ -20,6 +20,7 @@ import (
 	"github.com/tollgate-dev/tollgate/aggregator"
 	"github.com/tollgate-dev/tollgate/aggregator/aggregatortest"
 	ingestkafka "github.com/tollgate-dev/tollgate/ingest/kafka"
+	"github.com/tollgate-dev/tollgate/internal/kafkaconn"
 	"github.com/tollgate-dev/tollgate/internal/testenv"
 	"github.com/tollgate-dev/tollgate/meter"
 	"github.com/tollgate-dev/tollgate/schemas"
@@ -188,7 +189,7 @@ func TestExactlyOnceThroughCrashesAndAClickHouseRestart(t *testing.T) {
 			testenv.Must(t, w.WriteMessages(ctx, g.records[i:min(i+5000, to)]...), "produce")
 		}
 	}
-	offsets := ingestkafka.NewOffsets(brokers, topic, topic+".ingest")
+	offsets := ingestkafka.NewOffsets(brokers, kafkaconn.Security{}, topic, topic+".ingest")
 	committed := func() int64 {
 		offs, err := offsets.Offsets(ctx)
 		if err != nil {

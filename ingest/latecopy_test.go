@@ -13,6 +13,7 @@ import (
 	"github.com/tollgate-dev/tollgate/ingest"
 	ingestch "github.com/tollgate-dev/tollgate/ingest/clickhouse"
 	ingestkafka "github.com/tollgate-dev/tollgate/ingest/kafka"
+	"github.com/tollgate-dev/tollgate/internal/kafkaconn"
 	"github.com/tollgate-dev/tollgate/internal/testenv"
 	"github.com/tollgate-dev/tollgate/schemas"
 )
@@ -44,9 +45,9 @@ func TestALateCopyOfAnEventStillLandingIsADuplicate(t *testing.T) {
 	testenv.Must(t, w.WriteMessages(ctx, kafka.Message{Value: b, Time: now}), "produce late copy")
 
 	group := topic + ".ingest"
-	src := ingestkafka.NewSource(testenv.KafkaBrokers(), topic, group)
+	src := ingestkafka.NewSource(testenv.KafkaBrokers(), kafkaconn.Security{}, topic, group)
 	t.Cleanup(func() { _ = src.Close() })
-	dl := ingestkafka.NewDeadLetters(testenv.KafkaBrokers(), dlq, topic)
+	dl := ingestkafka.NewDeadLetters(testenv.KafkaBrokers(), kafkaconn.Security{}, dlq, topic)
 	t.Cleanup(func() { _ = dl.Close() })
 	sink := &gatedSink{Sink: ingestch.NewSink(ch.Conn), open: make(chan struct{})}
 	reg := prometheus.NewRegistry()
@@ -73,7 +74,7 @@ func TestALateCopyOfAnEventStillLandingIsADuplicate(t *testing.T) {
 	})
 	time.Sleep(time.Second)
 	close(sink.open)
-	offsets := ingestkafka.NewOffsets(testenv.KafkaBrokers(), topic, group)
+	offsets := ingestkafka.NewOffsets(testenv.KafkaBrokers(), kafkaconn.Security{}, topic, group)
 	testenv.Wait(t, time.Minute, "both records committed", func() bool {
 		offs, err := offsets.Offsets(ctx)
 		return err == nil && offs[0].Committed == 2

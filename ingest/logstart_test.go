@@ -13,6 +13,7 @@ import (
 	"github.com/tollgate-dev/tollgate/ingest"
 	ingestch "github.com/tollgate-dev/tollgate/ingest/clickhouse"
 	ingestkafka "github.com/tollgate-dev/tollgate/ingest/kafka"
+	"github.com/tollgate-dev/tollgate/internal/kafkaconn"
 	"github.com/tollgate-dev/tollgate/internal/testenv"
 )
 
@@ -34,7 +35,7 @@ func TestRecordsDeletedBeforeTheGroupReadThemDoNotHoldTheWatermark(t *testing.T)
 	// offset 5, every record there is.
 	testenv.DeleteRecords(t, topic, 0, 5)
 
-	offsets := ingestkafka.NewOffsets(testenv.KafkaBrokers(), topic, topic+".ingest")
+	offsets := ingestkafka.NewOffsets(testenv.KafkaBrokers(), kafkaconn.Security{}, topic, topic+".ingest")
 	offs, err := offsets.Offsets(ctx)
 	testenv.Must(t, err, "read offsets")
 	if got := offs[0]; got != (ingest.PartitionOffsets{Committed: -1, Start: 5, End: 5}) {

@@ -14,6 +14,7 @@ import (
 	"github.com/tollgate-dev/tollgate/ingest"
 	ingestch "github.com/tollgate-dev/tollgate/ingest/clickhouse"
 	ingestkafka "github.com/tollgate-dev/tollgate/ingest/kafka"
+	"github.com/tollgate-dev/tollgate/internal/kafkaconn"
 	"github.com/tollgate-dev/tollgate/internal/testenv"
 	"github.com/tollgate-dev/tollgate/schemas"
 )
@@ -51,9 +52,9 @@ func TestIngestOutlivesAKafkaOutage(t *testing.T) {
 	bootstrap := ln.Addr().String()
 	testenv.Must(t, ln.Close(), "free the port")
 
-	src := ingestkafka.NewSource([]string{bootstrap}, topic, topic+".ingest")
+	src := ingestkafka.NewSource([]string{bootstrap}, kafkaconn.Security{}, topic, topic+".ingest")
 	t.Cleanup(func() { _ = src.Close() })
-	dl := ingestkafka.NewDeadLetters(testenv.KafkaBrokers(), dlq, topic)
+	dl := ingestkafka.NewDeadLetters(testenv.KafkaBrokers(), kafkaconn.Security{}, dlq, topic)
 	t.Cleanup(func() { _ = dl.Close() })
 	reg := prometheus.NewRegistry()
 	in, err := ingest.New(ingest.Config{Topic: topic, DeadLetter: dlq, Group: topic + ".ingest", Workers: 1,

@@ -73,6 +73,7 @@ import (
 	"github.com/tollgate-dev/tollgate/bench/internal/procstat"
 	"github.com/tollgate-dev/tollgate/bench/internal/scratch"
 	"github.com/tollgate-dev/tollgate/internal/gctune"
+	"github.com/tollgate-dev/tollgate/internal/kafkaconn"
 
 	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -458,11 +459,11 @@ func startIngest(ctx context.Context, o opts, brokers []string, topic string, ch
 	}
 	var srcs []ingest.Source
 	for range o.workers {
-		s := ingestkafka.NewSource(brokers, topic, cfg.Group)
+		s := ingestkafka.NewSource(brokers, kafkaconn.Security{}, topic, cfg.Group)
 		srcs = append(srcs, s)
 		closers = append(closers, s)
 	}
-	dlq := ingestkafka.NewDeadLetters(brokers, cfg.DeadLetter, topic)
+	dlq := ingestkafka.NewDeadLetters(brokers, kafkaconn.Security{}, cfg.DeadLetter, topic)
 	closers = append(closers, dlq)
 	var sink ingest.Sink = chsink.NewSink(ch)
 	if o.coalesce {
@@ -475,7 +476,7 @@ func startIngest(ctx context.Context, o opts, brokers []string, topic string, ch
 	if err != nil {
 		return nil, err
 	}
-	wm, err := ingest.NewWatermarker(cfg, ingestkafka.NewOffsets(brokers, topic, cfg.Group), chsink.NewSink(ch), prog, log, nil)
+	wm, err := ingest.NewWatermarker(cfg, ingestkafka.NewOffsets(brokers, kafkaconn.Security{}, topic, cfg.Group), chsink.NewSink(ch), prog, log, nil)
 	if err != nil {
 		return nil, err
 	}
@@ -511,7 +512,7 @@ func waitCommitted(ctx context.Context, reg prometheus.Gatherer, brokers []strin
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
-	offs := ingestkafka.NewOffsets(brokers, topic, group)
+	offs := ingestkafka.NewOffsets(brokers, kafkaconn.Security{}, topic, group)
 	for {
 		m, err := offs.Offsets(ctx)
 		if err != nil {

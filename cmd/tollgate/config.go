@@ -23,6 +23,7 @@ import (
 	"github.com/tollgate-dev/tollgate/aggregator"
 	"github.com/tollgate-dev/tollgate/edge"
 	"github.com/tollgate-dev/tollgate/ingest"
+	"github.com/tollgate-dev/tollgate/internal/kafkaconn"
 	"github.com/tollgate-dev/tollgate/internal/redact"
 	"github.com/tollgate-dev/tollgate/invoicer"
 	"github.com/tollgate-dev/tollgate/meter"
@@ -39,7 +40,23 @@ type Services struct {
 	ClickHouseUser     string   `yaml:"clickhouse_user"`
 	ClickHousePassword string   `yaml:"clickhouse_password"`
 	KafkaBrokers       []string `yaml:"kafka_brokers"`
-	RedisAddr          string   `yaml:"redis_addr"`
+	// KafkaTLS encrypts every connection to the brokers, checking their
+	// certificates against KafkaTLSCAFile (the system's roots when
+	// empty); KafkaTLSCertFile and KafkaTLSKeyFile are a client
+	// certificate for brokers that require one; KafkaTLSServerName is the
+	// name the brokers' certificates carry when it is not the host dialed.
+	KafkaTLS           bool   `yaml:"kafka_tls"`
+	KafkaTLSCAFile     string `yaml:"kafka_tls_ca_file"`
+	KafkaTLSCertFile   string `yaml:"kafka_tls_cert_file"`
+	KafkaTLSKeyFile    string `yaml:"kafka_tls_key_file"`
+	KafkaTLSServerName string `yaml:"kafka_tls_server_name"`
+	// KafkaSASLMechanism (PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512; none
+	// when empty) authenticates to the brokers as KafkaSASLUsername with
+	// KafkaSASLPassword.
+	KafkaSASLMechanism string `yaml:"kafka_sasl_mechanism"`
+	KafkaSASLUsername  string `yaml:"kafka_sasl_username"`
+	KafkaSASLPassword  string `yaml:"kafka_sasl_password"`
+	RedisAddr          string `yaml:"redis_addr"`
 	// RedisUsername and RedisPassword authenticate to Redis (AUTH; a
 	// username is Redis 6's ACL user, none the default user).
 	RedisUsername string `yaml:"redis_username"`
@@ -63,6 +80,8 @@ type Config struct {
 	// secretsInFile are the settings holding a secret that the file
 	// itself gave (Warnings).
 	secretsInFile []string
+	// badEnv are environment overrides that could not be read (Validate).
+	badEnv []error
 }
 
 // LoadConfig reads path (optional: "" means defaults only), then applies
@@ -147,6 +166,13 @@ func (c *Config) envStrings() map[string]*string {
 		"TOLLGATE_REDIS_ADDR":                    &c.Services.RedisAddr,
 		"TOLLGATE_REDIS_USERNAME":                &c.Services.RedisUsername,
 		"TOLLGATE_REDIS_PASSWORD":                &c.Services.RedisPassword,
+		"TOLLGATE_KAFKA_TLS_CA_FILE":             &c.Services.KafkaTLSCAFile,
+		"TOLLGATE_KAFKA_TLS_CERT_FILE":           &c.Services.KafkaTLSCertFile,
+		"TOLLGATE_KAFKA_TLS_KEY_FILE":            &c.Services.KafkaTLSKeyFile,
+		"TOLLGATE_KAFKA_TLS_SERVER_NAME":         &c.Services.KafkaTLSServerName,
+		"TOLLGATE_KAFKA_SASL_MECHANISM":          &c.Services.KafkaSASLMechanism,
+		"TOLLGATE_KAFKA_SASL_USERNAME":           &c.Services.KafkaSASLUsername,
+		"TOLLGATE_KAFKA_SASL_PASSWORD":           &c.Services.KafkaSASLPassword,
 		"TOLLGATE_EDGE_LISTEN":                   &c.Edge.Listen,
 		"TOLLGATE_DASHBOARD_LISTEN":              &c.Dashboard.Listen,
 		"TOLLGATE_EDGE_UPSTREAM":                 &c.Edge.Upstream,
@@ -175,6 +201,26 @@ func (c *Config) applyEnv() {
 	if v := os.Getenv("TOLLGATE_KAFKA_BROKERS"); v != "" {
 		c.Services.KafkaBrokers = strings.Split(v, ",")
 	}
+	if v := os.Getenv("TOLLGATE_KAFKA_TLS"); v != "" {
+		on, err := strconv.ParseBool(v)
+		if err != nil {
+			c.badEnv = append(c.badEnv, fmt.Errorf("TOLLGATE_KAFKA_TLS: %q is not true or false", v))
+		}
+		c.Services.KafkaTLS = on
+	}
+}
+
+// kafkaSettings are the brokers' TLS and SASL settings.
+func (s Services) kafkaSettings() kafkaconn.Settings {
+	return kafkaconn.Settings{TLS: s.KafkaTLS, CAFile: s.KafkaTLSCAFile, CertFile: s.KafkaTLSCertFile, KeyFile: s.KafkaTLSKeyFile,
+		ServerName: s.KafkaTLSServerName, SASLMechanism: s.KafkaSASLMechanism, SASLUsername: s.KafkaSASLUsername, SASLPassword: s.KafkaSASLPassword}
+}
+
+// kafkaSecurity is how every Kafka client reaches the brokers. Validate
+// has reported what is wrong with the settings; a command that starts
+// without validating gets the same error here.
+func (s Services) kafkaSecurity() (kafkaconn.Security, error) {
+	return s.kafkaSettings().Build("services.kafka_")
 }
 
 func (c *Config) defaults() {
@@ -226,6 +272,7 @@ func (c *Config) fileSecrets() []string {
 	}{
 		{"services.clickhouse_password", "TOLLGATE_CLICKHOUSE_PASSWORD", c.Services.ClickHousePassword},
 		{"services.redis_password", "TOLLGATE_REDIS_PASSWORD", c.Services.RedisPassword},
+		{"services.kafka_sasl_password", "TOLLGATE_KAFKA_SASL_PASSWORD", c.Services.KafkaSASLPassword},
 		{"invoicer.stripe.api_key", "TOLLGATE_STRIPE_API_KEY", c.Invoicer.Stripe.APIKey},
 		{"invoicer.stripe.webhook_secret", "TOLLGATE_STRIPE_WEBHOOK_SECRET", c.Invoicer.Stripe.WebhookSecret},
 	} {
@@ -335,6 +382,9 @@ func keyValuePassword(conn string) string {
 // them, and a command that starts a component logs them.
 func (c *Config) Warnings(components ...string) []string {
 	out := slices.Clone(c.secretsInFile)
+	if c.Services.kafkaSettings().PlainSASLInClear() {
+		out = append(out, "services.kafka_sasl_mechanism: PLAIN without services.kafka_tls sends the password to the brokers in clear text")
+	}
 	if len(components) == 0 || slices.Contains(components, "edge") {
 		// Meters created through the admin API may still count them, so
 		// this is a warning, not a refusal.
@@ -357,7 +407,10 @@ func (c *Config) Validate(components ...string) error {
 		want[n] = true
 	}
 	all := len(components) == 0
-	var errs []error
+	errs := slices.Clone(c.badEnv)
+	if _, err := c.Services.kafkaSecurity(); err != nil {
+		errs = append(errs, err)
+	}
 	if c.Services.PostgresURL == "" {
 		errs = append(errs, errors.New("services.postgres_url: required"))
 	} else if err := checkPostgresURL(c.Services.PostgresURL); err != nil {

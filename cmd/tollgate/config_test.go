@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -112,6 +113,10 @@ func TestCheckConfigRefusesWhatWouldFailOrMisbehaveAtStart(t *testing.T) {
 		{"an invoicer trusted proxy that is not an address is refused", "invoicer:\n  trusted_proxies: [\"*\"]\n", []string{"invoice"}, "invoicer.trusted_proxies"},
 		{"a ClickHouse database name with a dash is refused", "services:\n  clickhouse_database: tollgate-prod\n", []string{"invoice"}, "services.clickhouse_database"},
 		{"a Kafka broker without a host is refused", "services:\n  kafka_brokers: [\":9092\"]\n", nil, "services.kafka_brokers[0]"},
+		{"a Kafka SASL mechanism Tollgate does not speak is refused", "services:\n  kafka_sasl_mechanism: GSSAPI\n  kafka_sasl_username: u\n", []string{"edge"}, "services.kafka_sasl_mechanism"},
+		{"Kafka SASL without a password is refused", "services:\n  kafka_sasl_mechanism: SCRAM-SHA-512\n  kafka_sasl_username: u\n", []string{"ingest"}, "services.kafka_sasl_username and services.kafka_sasl_password"},
+		{"a Kafka CA file that is not there is refused", "services:\n  kafka_tls: true\n  kafka_tls_ca_file: /nonexistent/ca.pem\n", []string{"invoice"}, "services.kafka_tls_ca_file"},
+		{"Kafka TLS files with TLS off are refused", "services:\n  kafka_tls_server_name: kafka.internal\n", nil, "services.kafka_tls: the TLS settings are given but TLS is off"},
 		{"an invoicer interval under a second is refused", "invoicer:\n  interval: 1ns\n", []string{"invoice"}, "invoicer.interval: at least 1s"},
 		{"a negative monthly quota is refused", "edge:\n  plans:\n    free:\n      limits: {requests_per_second: 5, burst: 10, monthly_requests: -5}\n", []string{"edge"}, "edge.plans.free.limits.monthly_requests"},
 		{"a usage topic name Kafka refuses is refused for the edge", "ingest:\n  topic: usage events\n", []string{"edge"}, "ingest.topic"},
@@ -595,5 +600,47 @@ func TestAnUnquotedSecretStartingWithAStarIsNotQuotedBack(t *testing.T) {
 		if err == nil || !strings.Contains(err.Error(), "quote the value") || strings.Contains(err.Error(), "SEKRIT") {
 			t.Fatalf("LoadConfig = %v; want it refused, saying to quote the value, without quoting it", err)
 		}
+	}
+}
+
+// Kafka's SASL password is a secret like the others: warned of when the
+// file gives it, never quoted; PLAIN without TLS is warned of too, since
+// it sends the password as it is.
+func TestKafkaCredentialsAreWarnedOfAndReadFromTheEnvironment(t *testing.T) {
+	cfg := writeConfig(t, "services:\n  kafka_sasl_mechanism: PLAIN\n  kafka_sasl_username: tollgate\n  kafka_sasl_password: hunter6\n")
+	if err := cfg.Validate(); err != nil {
+		t.Fatalf("validate: %v", err)
+	}
+	ws := strings.Join(cfg.Warnings("ingest"), "\n")
+	for _, want := range []string{"services.kafka_sasl_password is written in the configuration file", "TOLLGATE_KAFKA_SASL_PASSWORD",
+		"PLAIN without services.kafka_tls sends the password"} {
+		if !strings.Contains(ws, want) {
+			t.Errorf("no warning saying %q in %q", want, ws)
+		}
+	}
+	if strings.Contains(ws, "hunter6") {
+		t.Errorf("a warning quotes the password: %q", ws)
+	}
+
+	t.Setenv("TOLLGATE_KAFKA_TLS", "true")
+	t.Setenv("TOLLGATE_KAFKA_SASL_MECHANISM", "SCRAM-SHA-256")
+	t.Setenv("TOLLGATE_KAFKA_SASL_USERNAME", "svc")
+	t.Setenv("TOLLGATE_KAFKA_SASL_PASSWORD", "from-env")
+	cfg = writeConfig(t, "")
+	if err := cfg.Validate(); err != nil {
+		t.Fatalf("validate: %v", err)
+	}
+	if ws := cfg.Warnings(); slices.ContainsFunc(ws, func(w string) bool { return strings.Contains(w, "kafka") }) {
+		t.Errorf("warnings %q: nothing about Kafka was expected with the password from the environment and TLS on", ws)
+	}
+	kc, err := cfg.Services.kafkaCluster()
+	if err != nil || kc.sec.TLS == nil || kc.sec.SASL == nil || kc.sec.SASL.Name() != "SCRAM-SHA-256" {
+		t.Fatalf("kafkaCluster = %+v, %v; want TLS and SCRAM-SHA-256 from the environment", kc.sec, err)
+	}
+
+	t.Setenv("TOLLGATE_KAFKA_TLS", "sometimes")
+	cfg = writeConfig(t, "")
+	if err := cfg.Validate(); err == nil || !strings.Contains(err.Error(), `TOLLGATE_KAFKA_TLS: "sometimes" is not true or false`) {
+		t.Fatalf("validate = %v; want TOLLGATE_KAFKA_TLS refused", err)
 	}
 }

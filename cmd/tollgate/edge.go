@@ -70,7 +70,11 @@ func NewEdgeMain(ctx context.Context, cfg Config, log *slog.Logger) (m *EdgeMain
 	if m.pool, err = openPostgres(ctx, cfg.Services.PostgresURL); err != nil {
 		return nil, err
 	}
-	if err := ensureTopics(ctx, cfg.Services.KafkaBrokers, 4, cfg.Ingest.Topic); err != nil {
+	kc, err := cfg.Services.kafkaCluster()
+	if err != nil {
+		return nil, err
+	}
+	if err := ensureTopics(ctx, kc, 4, cfg.Ingest.Topic); err != nil {
 		log.Warn("kafka is not reachable; events are spooled until it is", "err", err)
 	}
 	spoolDir := cfg.Edge.SpoolDir
@@ -87,7 +91,7 @@ func NewEdgeMain(ctx context.Context, cfg Config, log *slog.Logger) (m *EdgeMain
 		spoolDir = filepath.Join(base, "tollgate", "edge-spool", cfg.Ingest.Topic)
 	}
 	if m.producer, err = edgekafka.NewProducer(edgekafka.Config{
-		Brokers: cfg.Services.KafkaBrokers, Topic: cfg.Ingest.Topic, SpoolDir: spoolDir, Linger: cfg.Edge.EventLinger,
+		Brokers: kc.brokers, Security: kc.sec, Topic: cfg.Ingest.Topic, SpoolDir: spoolDir, Linger: cfg.Edge.EventLinger,
 		QueueSize: cfg.Edge.EventQueueSize, SpoolMaxBytes: cfg.Edge.SpoolMaxBytes,
 	}, m.Registry, log); err != nil {
 		// Opening the spool is all that can fail here: say which setting.

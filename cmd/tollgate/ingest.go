@@ -57,9 +57,13 @@ func NewIngestMain(ctx context.Context, cfg Config, log *slog.Logger) (m *Ingest
 	if m.pool, err = openPostgres(ctx, cfg.Services.PostgresURL); err != nil {
 		return nil, err
 	}
+	kc, err := cfg.Services.kafkaCluster()
+	if err != nil {
+		return nil, err
+	}
 	// The dead-letter topic takes larger messages than the usage topic:
 	// a rejected record keeps its bytes and gains headers.
-	if err = ensureTopicConfigs(ctx, cfg.Services.KafkaBrokers,
+	if err = ensureTopicConfigs(ctx, kc,
 		kafka.TopicConfig{Topic: cfg.Ingest.Topic, NumPartitions: 4, ReplicationFactor: brokerDefault},
 		ingestkafka.DeadLetterTopic(cfg.Ingest.DeadLetter, 4)); err != nil {
 		return nil, err
@@ -74,11 +78,11 @@ func NewIngestMain(ctx context.Context, cfg Config, log *slog.Logger) (m *Ingest
 	m.rollups = aggregator.NewCoalescer(aggregator.NewRoller(catalog, aggpg.NewZones(m.pool, cfg.Aggregator.ZoneCacheTTL, log), aggch.NewStore(m.ch), log))
 	sources := make([]ingest.Source, cfg.Ingest.Workers)
 	for i := range sources {
-		s := ingestkafka.NewSource(cfg.Services.KafkaBrokers, cfg.Ingest.Topic, cfg.Ingest.Group)
+		s := ingestkafka.NewSource(kc.brokers, kc.sec, cfg.Ingest.Topic, cfg.Ingest.Group)
 		m.srcs = append(m.srcs, s)
 		sources[i] = s
 	}
-	m.dlq = ingestkafka.NewDeadLetters(cfg.Services.KafkaBrokers, cfg.Ingest.DeadLetter, cfg.Ingest.Topic)
+	m.dlq = ingestkafka.NewDeadLetters(kc.brokers, kc.sec, cfg.Ingest.DeadLetter, cfg.Ingest.Topic)
 	sink := chsink.NewSink(m.ch)
 	m.shared = ingest.NewSharedSink(sink)
 	prog := ingest.NewProgress()
@@ -86,13 +90,13 @@ func NewIngestMain(ctx context.Context, cfg Config, log *slog.Logger) (m *Ingest
 		Log: log, Registry: m.Registry, Progress: prog}); err != nil {
 		return nil, err
 	}
-	offsets := ingestkafka.NewOffsets(cfg.Services.KafkaBrokers, cfg.Ingest.Topic, cfg.Ingest.Group)
+	offsets := ingestkafka.NewOffsets(kc.brokers, kc.sec, cfg.Ingest.Topic, cfg.Ingest.Group)
 	if m.wm, err = ingest.NewWatermarker(cfg.Ingest, offsets, sink, prog, log, m.Registry); err != nil {
 		return nil, err
 	}
 	if cfg.Ingest.MetricsListen != "" {
 		if m.mln, m.metrics, err = metricsServer(cfg.Ingest.MetricsListen, m.Registry,
-			readiness(kafkaDep(cfg.Services.KafkaBrokers), clickhouseDep(m.ch), postgresDep(m.pool)), log); err != nil {
+			readiness(kafkaDep(kc), clickhouseDep(m.ch), postgresDep(m.pool)), log); err != nil {
 			return nil, fmt.Errorf("ingest metrics listener: %w", err)
 		}
 	}

@@ -432,7 +432,11 @@ func runReplay(ctx context.Context, cfg Config, o replayOptions, log *slog.Logge
 		defer dropClickHouseDatabase(cfg.Services, scratch, log)
 	}
 	store := invpg.New(pool)
-	klog := &invkafka.Log{Brokers: cfg.Services.KafkaBrokers, Topic: cfg.Ingest.Topic}
+	kc, err := cfg.Services.kafkaCluster()
+	if err != nil {
+		return rep, err
+	}
+	klog := &invkafka.Log{Brokers: kc.brokers, Security: kc.sec, Topic: cfg.Ingest.Topic}
 	if !o.skipLoad {
 		if err := checkRetained(ctx, klog, store, from, to, &rep); err != nil {
 			return rep, err

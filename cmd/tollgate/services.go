@@ -20,6 +20,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/segmentio/kafka-go"
 
+	"github.com/tollgate-dev/tollgate/internal/kafkaconn"
 	"github.com/tollgate-dev/tollgate/schemas"
 )
 
@@ -128,20 +129,35 @@ func clickHouseOptions(svc Services, database string) *clickhouse.Options {
 // that broker's restart took the partition offline.
 const brokerDefault = -1
 
+// kafkaCluster is where the brokers are and how to reach them.
+type kafkaCluster struct {
+	brokers []string
+	sec     kafkaconn.Security
+}
+
+// kafkaCluster reads the brokers' settings (an error names the setting at
+// fault).
+func (s Services) kafkaCluster() (kafkaCluster, error) {
+	sec, err := s.kafkaSecurity()
+	return kafkaCluster{brokers: s.KafkaBrokers, sec: sec}, err
+}
+
 // ensureTopics creates the topics that do not exist yet, with the broker's
 // defaults but for the partition count.
-func ensureTopics(ctx context.Context, brokers []string, partitions int, topics ...string) error {
+func ensureTopics(ctx context.Context, kc kafkaCluster, partitions int, topics ...string) error {
 	cfgs := make([]kafka.TopicConfig, len(topics))
 	for i, t := range topics {
 		cfgs[i] = kafka.TopicConfig{Topic: t, NumPartitions: partitions, ReplicationFactor: brokerDefault}
 	}
-	return ensureTopicConfigs(ctx, brokers, cfgs...)
+	return ensureTopicConfigs(ctx, kc, cfgs...)
 }
 
 // ensureTopicConfigs creates the topics of cfgs that do not exist yet; one
 // that exists is left as it is.
-func ensureTopicConfigs(ctx context.Context, brokers []string, cfgs ...kafka.TopicConfig) error {
-	client := &kafka.Client{Addr: kafka.TCP(brokers...), Timeout: 15 * time.Second}
+func ensureTopicConfigs(ctx context.Context, kc kafkaCluster, cfgs ...kafka.TopicConfig) error {
+	transport := kc.sec.Transport()
+	defer transport.CloseIdleConnections()
+	client := &kafka.Client{Addr: kafka.TCP(kc.brokers...), Timeout: 15 * time.Second, Transport: transport}
 	topics := make([]string, len(cfgs))
 	for i, c := range cfgs {
 		topics[i] = c.Topic
@@ -276,12 +292,15 @@ func postgresDep(p *pgxpool.Pool) dependency { return dependency{"postgres", p.P
 
 func clickhouseDep(c driver.Conn) dependency { return dependency{"clickhouse", c.Ping} }
 
-// kafkaDep is Kafka answering on one of brokers.
-func kafkaDep(brokers []string) dependency {
+// kafkaDep is Kafka answering on one of kc's brokers (through TLS and
+// SASL when kc has them: a broker that refuses the credentials is not
+// ready for this process).
+func kafkaDep(kc kafkaCluster) dependency {
+	d := kc.sec.Dialer(10 * time.Second)
 	return dependency{"kafka", func(ctx context.Context) error {
 		var errs []error
-		for _, b := range brokers {
-			c, err := kafka.DialContext(ctx, "tcp", b)
+		for _, b := range kc.brokers {
+			c, err := d.DialContext(ctx, "tcp", b)
 			if err == nil {
 				if dl, ok := ctx.Deadline(); ok {
 					_ = c.SetDeadline(dl)

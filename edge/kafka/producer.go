@@ -15,12 +15,16 @@ import (
 	"github.com/segmentio/kafka-go"
 
 	"github.com/tollgate-dev/tollgate/edge"
+	"github.com/tollgate-dev/tollgate/internal/kafkaconn"
 	"github.com/tollgate-dev/tollgate/schemas"
 )
 
 // Config configures a Producer.
 type Config struct {
-	Brokers  []string
+	Brokers []string
+	// Security is how the brokers are reached: TLS and SASL (none when
+	// zero).
+	Security kafkaconn.Security
 	Topic    string
 	SpoolDir string
 	// SpoolMaxBytes bounds the spool's files on disk (default 4 GiB, about
@@ -80,13 +84,16 @@ func (c *Config) defaults() {
 // spool is drained to Kafka in order, with backoff, until it is empty again;
 // only then do batches go direct again, so order is kept.
 type Producer struct {
-	cfg   Config
-	w     *kafka.Writer
-	spool *Spool
-	log   *slog.Logger
-	queue chan kafka.Message
-	done  chan struct{}
-	once  sync.Once
+	cfg Config
+	w   *kafka.Writer
+	// transport is w's, closed with it: kafka-go's writer leaves a
+	// transport it was given open.
+	transport *kafka.Transport
+	spool     *Spool
+	log       *slog.Logger
+	queue     chan kafka.Message
+	done      chan struct{}
+	once      sync.Once
 	// mu orders Emit's send before Close closes the queue; closed is set
 	// under it.
 	mu     sync.RWMutex
@@ -138,8 +145,10 @@ func NewProducer(cfg Config, reg prometheus.Registerer, log *slog.Logger) (*Prod
 	if err != nil {
 		return nil, err
 	}
+	transport := cfg.Security.Transport()
 	p := &Producer{
-		cfg: cfg,
+		cfg:       cfg,
+		transport: transport,
 		w: &kafka.Writer{
 			Addr:                   kafka.TCP(cfg.Brokers...),
 			Topic:                  cfg.Topic,
@@ -151,7 +160,7 @@ func NewProducer(cfg Config, reg prometheus.Registerer, log *slog.Logger) (*Prod
 			ReadTimeout:            cfg.WriteTimeout,
 			MaxAttempts:            1, // retries are ours, so we see every failure
 			AllowAutoTopicCreation: false,
-			Transport:              &topicMetadata{RoundTripper: kafka.DefaultTransport},
+			Transport:              &topicMetadata{RoundTripper: transport},
 		},
 		spool: sp,
 		log:   log,
@@ -637,6 +646,7 @@ func (p *Producer) Close() error {
 			}
 		}
 		errs = append(errs, p.w.Close(), p.spool.Close())
+		p.transport.CloseIdleConnections()
 	})
 	<-p.done
 	return errors.Join(errs...)

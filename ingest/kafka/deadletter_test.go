@@ -19,6 +19,7 @@ import (
 	"github.com/segmentio/kafka-go/protocol/produce"
 
 	"github.com/tollgate-dev/tollgate/ingest"
+	"github.com/tollgate-dev/tollgate/internal/kafkaconn"
 	"github.com/tollgate-dev/tollgate/internal/testenv"
 )
 
@@ -100,7 +101,7 @@ func TestARecordAsLargeAsTheUsageTopicTakesIsDeadLetteredWhole(t *testing.T) {
 
 	big := bytes.Repeat([]byte("x"), 1_048_450) // about the most a 1 MiB topic takes in one record
 	off := produceLarge(t, src, []byte("acct_big"), big)
-	d := NewDeadLetters(testenv.KafkaBrokers(), dlq, src)
+	d := NewDeadLetters(testenv.KafkaBrokers(), kafkaconn.Security{}, dlq, src)
 	defer d.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
@@ -133,7 +134,7 @@ func TestADeadLetterTopicTooSmallForARecordGetsWhereItIsAndThePartitionMovesOn(t
 
 	big := bytes.Repeat([]byte("x"), 1_048_450) // about the most a 1 MiB topic takes in one record
 	off := produceLarge(t, src, []byte("acct_big"), big)
-	d := NewDeadLetters(testenv.KafkaBrokers(), dlq, src)
+	d := NewDeadLetters(testenv.KafkaBrokers(), kafkaconn.Security{}, dlq, src)
 	defer d.Close()
 	batch := []ingest.Rejected{
 		{Message: ingest.Message{Partition: 0, Offset: off, Key: []byte("acct_big"), Value: big}, Reason: "not JSON"},
@@ -186,7 +187,7 @@ func TestALostProduceReplyWritesEachDeadLetterOnce(t *testing.T) {
 	src := testenv.NewTopic(t, 1)
 	dlq := src + ".dlq"
 	testenv.CreateTopic(t, dlq, 1)
-	d := NewDeadLetters(testenv.KafkaBrokers(), dlq, src)
+	d := NewDeadLetters(testenv.KafkaBrokers(), kafkaconn.Security{}, dlq, src)
 	defer d.Close()
 	d.client.Transport = &lostReply{RoundTripper: kafka.DefaultTransport}
 	batch := []ingest.Rejected{
@@ -224,10 +225,10 @@ func TestDeadLettersOfAnotherTopicDoNotSkipThisOnes(t *testing.T) {
 	testenv.CreateTopic(t, dlq, 1)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	old := NewDeadLetters(testenv.KafkaBrokers(), dlq, oldSrc)
+	old := NewDeadLetters(testenv.KafkaBrokers(), kafkaconn.Security{}, dlq, oldSrc)
 	testenv.Must(t, old.Reject(ctx, []ingest.Rejected{{Message: ingest.Message{Partition: 0, Offset: 500, Value: []byte("{")}, Reason: "old"}}), "old topic's dead letter")
 	testenv.Must(t, old.Close(), "close")
-	d := NewDeadLetters(testenv.KafkaBrokers(), dlq, newSrc)
+	d := NewDeadLetters(testenv.KafkaBrokers(), kafkaconn.Security{}, dlq, newSrc)
 	defer d.Close()
 	batch := []ingest.Rejected{{Message: ingest.Message{Partition: 0, Offset: 3, Value: []byte("[")}, Reason: "new"}}
 	for range 2 { // the second is a redelivery: skipped, as the dead letter is this topic's now
@@ -317,7 +318,7 @@ func TestAPartitionAddedWhileReadingIsRead(t *testing.T) {
 		BatchTimeout: time.Millisecond, Balancer: kafka.BalancerFunc(func(m kafka.Message, ps ...int) int { return ps[len(ps)-1] })}
 	defer w.Close()
 	testenv.Must(t, w.WriteMessages(ctx, kafka.Message{Value: []byte("first")}), "write to partition 0")
-	src := NewSource(testenv.KafkaBrokers(), topic, topic+".group")
+	src := NewSource(testenv.KafkaBrokers(), kafkaconn.Security{}, topic, topic+".group")
 	defer src.Close()
 	m, err := src.Fetch(ctx)
 	testenv.Must(t, err, "read partition 0")
@@ -368,7 +369,7 @@ func TestACommitBelowTheStoredOffsetIsDropped(t *testing.T) {
 		msgs = append(msgs, kafka.Message{Value: []byte(strconv.Itoa(i))})
 	}
 	testenv.Must(t, w.WriteMessages(ctx, msgs...), "write 20 records")
-	src := NewSource(testenv.KafkaBrokers(), topic, topic+".group")
+	src := NewSource(testenv.KafkaBrokers(), kafkaconn.Security{}, topic, topic+".group")
 	defer src.Close()
 	var read []ingest.Message
 	for len(read) < 20 {
@@ -378,7 +379,7 @@ func TestACommitBelowTheStoredOffsetIsDropped(t *testing.T) {
 	}
 	testenv.Must(t, src.Commit(ctx, read[19]), "commit the newer batch")
 	testenv.Must(t, src.Commit(ctx, read[9]), "commit the stale batch")
-	offs, err := NewOffsets(testenv.KafkaBrokers(), topic, topic+".group").Offsets(ctx)
+	offs, err := NewOffsets(testenv.KafkaBrokers(), kafkaconn.Security{}, topic, topic+".group").Offsets(ctx)
 	testenv.Must(t, err, "read the group's offsets")
 	if got := offs[0].Committed; got != 20 {
 		t.Fatalf("the group's offset is %d after a stale commit, want it left at 20", got)
@@ -453,7 +454,7 @@ func newDeadLetters(t *testing.T, srcParts, dlqParts int) (context.Context, *Dea
 	testenv.CreateTopic(t, src+".dlq", dlqParts)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	t.Cleanup(cancel)
-	d := NewDeadLetters(testenv.KafkaBrokers(), src+".dlq", src)
+	d := NewDeadLetters(testenv.KafkaBrokers(), kafkaconn.Security{}, src+".dlq", src)
 	t.Cleanup(func() { _ = d.Close() })
 	return ctx, d
 }
@@ -509,7 +510,7 @@ func TestARecordOfManyBadDimensionKeysIsDeadLetteredWhole(t *testing.T) {
 	if n := len(rejected[0].Reason); n > ingest.MaxReasonBytes || !strings.HasPrefix(rejected[0].Reason, "invalid event: dimensions") {
 		t.Fatalf("reason of %d bytes (at most %d): %.200s", n, ingest.MaxReasonBytes, rejected[0].Reason)
 	}
-	d := NewDeadLetters(testenv.KafkaBrokers(), dlq, src)
+	d := NewDeadLetters(testenv.KafkaBrokers(), kafkaconn.Security{}, dlq, src)
 	defer d.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
@@ -536,7 +537,7 @@ func TestADeadLetterTopicWithASmallLimitTakesRecordsOneAtATime(t *testing.T) {
 		batch = append(batch, ingest.Rejected{Message: ingest.Message{Partition: 0, Offset: int64(i + 1),
 			Value: bytes.Repeat([]byte{'a' + byte(i)}, 60_000)}, Reason: "not JSON"})
 	}
-	d := NewDeadLetters(testenv.KafkaBrokers(), dlq, src)
+	d := NewDeadLetters(testenv.KafkaBrokers(), kafkaconn.Security{}, dlq, src)
 	defer d.Close()
 	for round := range 2 { // the second is a redelivery after a crash before the commit
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)

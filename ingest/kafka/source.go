@@ -31,8 +31,8 @@ type Source struct {
 
 var _ ingest.Source = (*Source)(nil)
 
-// NewSource joins group on topic.
-func NewSource(brokers []string, topic, group string) *Source {
+// NewSource joins group on topic, reaching brokers as sec says.
+func NewSource(brokers []string, sec kafkaconn.Security, topic, group string) *Source {
 	return &Source{
 		r: kafka.NewReader(kafka.ReaderConfig{
 			Brokers:        brokers,
@@ -55,11 +55,11 @@ func NewSource(brokers []string, topic, group string) *Source {
 			// usage (and every watermark with them) waited until then.
 			WatchPartitionChanges:  true,
 			PartitionWatchInterval: 5 * time.Second,
-			Dialer:                 kafkaconn.Dialer(10 * time.Second),
+			Dialer:                 sec.ReaderDialer(10 * time.Second),
 		}),
 		topic:  topic,
 		group:  group,
-		client: &kafka.Client{Addr: kafka.TCP(brokers...), Timeout: 10 * time.Second, Transport: &kafka.Transport{}},
+		client: &kafka.Client{Addr: kafka.TCP(brokers...), Timeout: 10 * time.Second, Transport: sec.Transport()},
 	}
 }
 
@@ -146,9 +146,10 @@ type Offsets struct {
 
 var _ ingest.Offsets = (*Offsets)(nil)
 
-// NewOffsets reports group's position on topic.
-func NewOffsets(brokers []string, topic, group string) *Offsets {
-	return &Offsets{client: &kafka.Client{Addr: kafka.TCP(brokers...), Timeout: 10 * time.Second}, topic: topic, group: group}
+// NewOffsets reports group's position on topic, reaching brokers as sec
+// says.
+func NewOffsets(brokers []string, sec kafkaconn.Security, topic, group string) *Offsets {
+	return &Offsets{client: &kafka.Client{Addr: kafka.TCP(brokers...), Timeout: 10 * time.Second, Transport: sec.Transport()}, topic: topic, group: group}
 }
 
 // Offsets returns committed and end offsets for every partition.
@@ -258,6 +259,7 @@ func DeadLetterTopic(name string, partitions int) kafka.TopicConfig {
 // gain partitions while ingest runs).
 type DeadLetters struct {
 	client  *kafka.Client
+	dialer  *kafka.Dialer
 	brokers []string
 	dlq     string
 	topic   string
@@ -273,8 +275,8 @@ const deadLetterBatch = 1000
 // looks for a partition the topic lacks for ever.
 const lookupTimeout = 15 * time.Second
 
-// NewDeadLetters writes to topic on brokers.
-func NewDeadLetters(brokers []string, topic, sourceTopic string) *DeadLetters {
+// NewDeadLetters writes to topic on brokers, reaching them as sec says.
+func NewDeadLetters(brokers []string, sec kafkaconn.Security, topic, sourceTopic string) *DeadLetters {
 	return &DeadLetters{
 		// Produce requests name their partition, so a dead letter goes to
 		// its source partition however old the client's view of the topic
@@ -284,7 +286,8 @@ func NewDeadLetters(brokers []string, topic, sourceTopic string) *DeadLetters {
 		// reply would append the dead letters again; the caller retries
 		// the whole Reject instead, which first reads what the lost write
 		// did append.
-		client:  &kafka.Client{Addr: kafka.TCP(brokers...), Timeout: 30 * time.Second, Transport: &kafka.Transport{}},
+		client:  &kafka.Client{Addr: kafka.TCP(brokers...), Timeout: 30 * time.Second, Transport: sec.Transport()},
+		dialer:  sec.Dialer(10 * time.Second),
 		brokers: brokers,
 		dlq:     topic,
 		topic:   sourceTopic,
@@ -582,7 +585,7 @@ func (d *DeadLetters) lastWritten(ctx context.Context, p int) (int64, error) {
 	var conn *kafka.Conn
 	var err error
 	for _, b := range d.brokers {
-		if conn, err = kafka.DialLeader(lctx, "tcp", b, d.dlq, p); err == nil {
+		if conn, err = d.dialer.DialLeader(lctx, "tcp", b, d.dlq, p); err == nil {
 			break
 		}
 	}

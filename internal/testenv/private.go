@@ -33,13 +33,21 @@ type Instance struct {
 // PrivateKafka starts a single-node Kafka broker for this test.
 func PrivateKafka(t testing.TB) *Instance {
 	t.Helper()
+	return startKafka(t)
+}
+
+// startKafka starts a private broker with its PLAINTEXT and controller
+// listeners on free ports; env adds to the script's environment (the
+// secure listener's settings, for PrivateSecureKafka).
+func startKafka(t testing.TB, env ...string) *Instance {
+	t.Helper()
 	p, c := freePort(t), freePort(t)
 	addr := "127.0.0.1:" + strconv.Itoa(p)
-	return startInstance(t, "kafka", addr,
-		"TOLLGATE_KAFKA_BROKERS="+addr,
-		"TOLLGATE_KAFKA_CONTROLLER_PORT="+strconv.Itoa(c),
+	return startInstance(t, "kafka", addr, append([]string{
+		"TOLLGATE_KAFKA_BROKERS=" + addr,
+		"TOLLGATE_KAFKA_CONTROLLER_PORT=" + strconv.Itoa(c),
 		// A private broker serves one test: a small heap is plenty.
-		"KAFKA_HEAP_OPTS=-Xmx384m -Xms128m")
+		"KAFKA_HEAP_OPTS=-Xmx384m -Xms128m"}, env...)...)
 }
 
 // PrivateClickHouse starts a ClickHouse server for this test.

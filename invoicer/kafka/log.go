@@ -28,7 +28,10 @@ type Message struct {
 // offsets ingest commits.
 type Log struct {
 	Brokers []string
-	Topic   string
+	// Security is how the brokers are reached: TLS and SASL (none when
+	// zero).
+	Security kafkaconn.Security
+	Topic    string
 	// first is each partition's first offset when Retained looked; Read
 	// refuses to go on if records from there on have been removed since.
 	first map[int]int64
@@ -54,7 +57,7 @@ func (l *Log) Retained(ctx context.Context) (time.Time, error) {
 	var from time.Time
 	first := map[int]int64{}
 	for _, p := range parts {
-		lc, err := kafka.DialLeader(ctx, "tcp", net.JoinHostPort(p.Leader.Host, strconv.Itoa(p.Leader.Port)), l.Topic, p.ID)
+		lc, err := l.Security.Dialer(10*time.Second).DialLeader(ctx, "tcp", net.JoinHostPort(p.Leader.Host, strconv.Itoa(p.Leader.Port)), l.Topic, p.ID)
 		if err != nil {
 			return time.Time{}, fmt.Errorf("connect to leader of partition %d: %w", p.ID, err)
 		}
@@ -132,7 +135,7 @@ func (l *Log) Read(ctx context.Context, since time.Time, batch int, fn func([]Me
 			continue
 		}
 		r := kafka.NewReader(kafka.ReaderConfig{Brokers: l.Brokers, Topic: l.Topic, Partition: s.partition,
-			MinBytes: 1, MaxBytes: 16 << 20, MaxWait: 200 * time.Millisecond, Dialer: kafkaconn.Dialer(10 * time.Second)})
+			MinBytes: 1, MaxBytes: 16 << 20, MaxWait: 200 * time.Millisecond, Dialer: l.Security.ReaderDialer(10 * time.Second)})
 		if err := r.SetOffset(s.start); err != nil {
 			r.Close()
 			return fmt.Errorf("seek partition %d: %w", s.partition, err)
@@ -194,7 +197,7 @@ func (l *Log) partitions(ctx context.Context) ([]kafka.Partition, error) {
 	if len(l.Brokers) == 0 {
 		return nil, errors.New("no kafka brokers")
 	}
-	conn, err := kafka.DialContext(ctx, "tcp", l.Brokers[0])
+	conn, err := l.Security.Dialer(10*time.Second).DialContext(ctx, "tcp", l.Brokers[0])
 	if err != nil {
 		return nil, fmt.Errorf("connect to kafka: %w", err)
 	}
@@ -213,7 +216,7 @@ func (l *Log) spans(ctx context.Context, since time.Time) ([]span, error) {
 	}
 	var out []span
 	for _, p := range parts {
-		lc, err := kafka.DialLeader(ctx, "tcp", net.JoinHostPort(p.Leader.Host, strconv.Itoa(p.Leader.Port)), l.Topic, p.ID)
+		lc, err := l.Security.Dialer(10*time.Second).DialLeader(ctx, "tcp", net.JoinHostPort(p.Leader.Host, strconv.Itoa(p.Leader.Port)), l.Topic, p.ID)
 		if err != nil {
 			return nil, fmt.Errorf("connect to leader of partition %d: %w", p.ID, err)
 		}

@@ -1,0 +1,181 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/segmentio/kafka-go"
+
+	edgekafka "github.com/tollgate-dev/tollgate/edge/kafka"
+	"github.com/tollgate-dev/tollgate/ingest"
+	ingestkafka "github.com/tollgate-dev/tollgate/ingest/kafka"
+	"github.com/tollgate-dev/tollgate/internal/testenv"
+	invkafka "github.com/tollgate-dev/tollgate/invoicer/kafka"
+	"github.com/tollgate-dev/tollgate/schemas"
+)
+
+// Every Kafka client Tollgate has, built from the configuration as the
+// commands build them, against a real broker's SASL_SSL listener (TLS with
+// a certificate from a CA made for the test, and SASL): the edge's producer, ingest's consumer group member, its
+// offsets reader and dead-letter writer, the invoicer's log reader, topic
+// creation and the readiness check. A client left on plaintext, or
+// without the credentials, would fail here.
+func TestEveryKafkaClientWorksOverTLSAndSASL(t *testing.T) {
+	sk := testenv.PrivateSecureKafka(t)
+	for _, mech := range []string{"SCRAM-SHA-512", "PLAIN"} {
+		t.Run("with "+mech+" every client reads and writes", func(t *testing.T) {
+			t.Setenv("TOLLGATE_KAFKA_BROKERS", sk.Addr)
+			t.Setenv("TOLLGATE_KAFKA_TLS", "true")
+			t.Setenv("TOLLGATE_KAFKA_TLS_CA_FILE", sk.CAFile)
+			t.Setenv("TOLLGATE_KAFKA_SASL_MECHANISM", mech)
+			t.Setenv("TOLLGATE_KAFKA_SASL_USERNAME", sk.User)
+			t.Setenv("TOLLGATE_KAFKA_SASL_PASSWORD", sk.Password)
+			cfg := writeConfig(t, "")
+			if err := cfg.Validate("edge", "ingest"); err != nil {
+				t.Fatalf("validate: %v", err)
+			}
+			kc, err := cfg.Services.kafkaCluster()
+			if err != nil {
+				t.Fatal(err)
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+			defer cancel()
+			topic := strings.ReplaceAll(testenv.Name(t), "_", ".")
+			dlq := topic + ".dlq"
+			if err := ensureTopics(ctx, kc, 2, topic, dlq); err != nil {
+				t.Fatalf("create topics over SASL_SSL: %v", err)
+			}
+			if err := kafkaDep(kc).check(ctx); err != nil {
+				t.Fatalf("readiness over SASL_SSL: %v", err)
+			}
+
+			const n = 50
+			p, err := edgekafka.NewProducer(edgekafka.Config{Brokers: kc.brokers, Security: kc.sec, Topic: topic, SpoolDir: t.TempDir()},
+				nil, slog.New(slog.DiscardHandler))
+			if err != nil {
+				t.Fatal(err)
+			}
+			want := map[string]bool{}
+			for i := range n {
+				ev := schemas.Event{Version: 1, ID: schemas.NewEventID(), AccountID: fmt.Sprintf("acct_%d", i%3), Environment: schemas.Live,
+					KeyID: "key_x", Type: "api_call", Time: time.Now().UTC().Truncate(time.Microsecond), Units: 1}
+				want[ev.ID.String()] = true
+				p.Emit(ev)
+			}
+			if err := p.Close(); err != nil {
+				t.Fatalf("close the producer: %v", err)
+			}
+			if d := p.SpoolDepth(); d != 0 || !p.KafkaUp() {
+				t.Fatalf("after close: %d events spooled, Kafka up %v; want every event taken by the broker", d, p.KafkaUp())
+			}
+
+			src := ingestkafka.NewSource(kc.brokers, kc.sec, topic, topic+".ingest")
+			defer src.Close()
+			var got []ingest.Message
+			for len(got) < n {
+				m, err := src.Fetch(ctx)
+				if err != nil {
+					t.Fatalf("fetch over SASL_SSL after %d of %d: %v", len(got), n, err)
+				}
+				got = append(got, m)
+			}
+			for _, m := range got {
+				ev, err := schemas.Decode(m.Value, time.Now())
+				if err != nil || !want[ev.ID.String()] {
+					t.Fatalf("record %d/%d: %v, id known %v", m.Partition, m.Offset, err, err == nil && want[ev.ID.String()])
+				}
+				delete(want, ev.ID.String())
+			}
+			if err := src.Commit(ctx, got...); err != nil {
+				t.Fatalf("commit over SASL_SSL: %v", err)
+			}
+			offs, err := ingestkafka.NewOffsets(kc.brokers, kc.sec, topic, topic+".ingest").Offsets(ctx)
+			if err != nil {
+				t.Fatalf("offsets over SASL_SSL: %v", err)
+			}
+			var committed int64
+			for _, o := range offs {
+				if o.End == 0 { // a partition no account's key hashed to
+					continue
+				}
+				committed += o.Committed
+				if o.Committed != o.End {
+					t.Fatalf("partition offsets %+v: want everything committed", offs)
+				}
+			}
+			if committed != n {
+				t.Fatalf("committed %d records in all, want %d", committed, n)
+			}
+
+			dl := ingestkafka.NewDeadLetters(kc.brokers, kc.sec, dlq, topic)
+			bad := ingest.Rejected{Message: ingest.Message{Partition: 1, Offset: 7, Value: []byte("{not json")}, Reason: "not JSON"}
+			if err := dl.Reject(ctx, []ingest.Rejected{bad}); err != nil {
+				t.Fatalf("dead letter over SASL_SSL: %v", err)
+			}
+			var read, dead int
+			if err := (&invkafka.Log{Brokers: kc.brokers, Security: kc.sec, Topic: topic}).Read(ctx, time.Time{}, 100,
+				func(ms []invkafka.Message) error { read += len(ms); return nil }, nil); err != nil {
+				t.Fatalf("replay's read over SASL_SSL: %v", err)
+			}
+			if err := (&invkafka.Log{Brokers: kc.brokers, Security: kc.sec, Topic: dlq}).Read(ctx, time.Time{}, 100,
+				func(ms []invkafka.Message) error {
+					for _, m := range ms {
+						if string(m.Value) == "{not json" && m.Partition == 1 {
+							dead++
+						}
+					}
+					return nil
+				}, nil); err != nil {
+				t.Fatalf("read the dead letters over SASL_SSL: %v", err)
+			}
+			if read != n || dead != 1 {
+				t.Fatalf("the log holds %d records and the dead-letter topic %d copies of the rejected one; want %d and 1", read, dead, n)
+			}
+		})
+	}
+
+	t.Run("a wrong password is refused by the broker and reported as such", func(t *testing.T) {
+		t.Setenv("TOLLGATE_KAFKA_BROKERS", sk.Addr)
+		t.Setenv("TOLLGATE_KAFKA_TLS", "true")
+		t.Setenv("TOLLGATE_KAFKA_TLS_CA_FILE", sk.CAFile)
+		t.Setenv("TOLLGATE_KAFKA_SASL_MECHANISM", "SCRAM-SHA-256")
+		t.Setenv("TOLLGATE_KAFKA_SASL_USERNAME", sk.User)
+		t.Setenv("TOLLGATE_KAFKA_SASL_PASSWORD", sk.Password+"x")
+		kc, err := writeConfig(t, "").Services.kafkaCluster()
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		err = kafkaDep(kc).check(ctx)
+		if !errors.Is(err, kafka.SASLAuthenticationFailed) {
+			t.Fatalf("readiness with a wrong password = %v; want the broker's SASL authentication failure", err)
+		}
+		if strings.Contains(err.Error(), sk.Password) {
+			t.Fatalf("the error %q quotes the password", err)
+		}
+	})
+
+	t.Run("a broker whose certificate the CA file does not vouch for is refused", func(t *testing.T) {
+		t.Setenv("TOLLGATE_KAFKA_BROKERS", sk.Addr)
+		t.Setenv("TOLLGATE_KAFKA_TLS", "true")
+		t.Setenv("TOLLGATE_KAFKA_SASL_MECHANISM", "SCRAM-SHA-256")
+		t.Setenv("TOLLGATE_KAFKA_SASL_USERNAME", sk.User)
+		t.Setenv("TOLLGATE_KAFKA_SASL_PASSWORD", sk.Password)
+		// No CA file: the system's roots, which never signed the test's CA.
+		kc, err := writeConfig(t, "").Services.kafkaCluster()
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		if err := kafkaDep(kc).check(ctx); err == nil || !strings.Contains(err.Error(), "certificate") {
+			t.Fatalf("readiness against an unknown CA = %v; want a certificate error", err)
+		}
+	})
+}
