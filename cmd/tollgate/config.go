@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -25,6 +26,7 @@ import (
 	"github.com/tollgate-dev/tollgate/ingest"
 	"github.com/tollgate-dev/tollgate/internal/kafkaconn"
 	"github.com/tollgate-dev/tollgate/internal/redact"
+	"github.com/tollgate-dev/tollgate/internal/tlsclient"
 	"github.com/tollgate-dev/tollgate/invoicer"
 	"github.com/tollgate-dev/tollgate/meter"
 )
@@ -37,9 +39,18 @@ type Services struct {
 	// ClickHouseUser and ClickHousePassword log in to ClickHouse (default:
 	// the user "default", no password). The user needs to create the
 	// database and its tables, as Tollgate applies its schema on start.
-	ClickHouseUser     string   `yaml:"clickhouse_user"`
-	ClickHousePassword string   `yaml:"clickhouse_password"`
-	KafkaBrokers       []string `yaml:"kafka_brokers"`
+	ClickHouseUser     string `yaml:"clickhouse_user"`
+	ClickHousePassword string `yaml:"clickhouse_password"`
+	// ClickHouseTLS reaches ClickHouse's secure native port (9440 on a
+	// stock server) over TLS, checking its certificate against
+	// ClickHouseTLSCAFile (the system's roots when empty), with the same
+	// client certificate and server name settings as Kafka's.
+	ClickHouseTLS           bool     `yaml:"clickhouse_tls"`
+	ClickHouseTLSCAFile     string   `yaml:"clickhouse_tls_ca_file"`
+	ClickHouseTLSCertFile   string   `yaml:"clickhouse_tls_cert_file"`
+	ClickHouseTLSKeyFile    string   `yaml:"clickhouse_tls_key_file"`
+	ClickHouseTLSServerName string   `yaml:"clickhouse_tls_server_name"`
+	KafkaBrokers            []string `yaml:"kafka_brokers"`
 	// KafkaTLS encrypts every connection to the brokers, checking their
 	// certificates against KafkaTLSCAFile (the system's roots when
 	// empty); KafkaTLSCertFile and KafkaTLSKeyFile are a client
@@ -61,6 +72,13 @@ type Services struct {
 	// username is Redis 6's ACL user, none the default user).
 	RedisUsername string `yaml:"redis_username"`
 	RedisPassword string `yaml:"redis_password"`
+	// RedisTLS reaches Redis over TLS (its tls-port), as the ClickHouse
+	// settings say.
+	RedisTLS           bool   `yaml:"redis_tls"`
+	RedisTLSCAFile     string `yaml:"redis_tls_ca_file"`
+	RedisTLSCertFile   string `yaml:"redis_tls_cert_file"`
+	RedisTLSKeyFile    string `yaml:"redis_tls_key_file"`
+	RedisTLSServerName string `yaml:"redis_tls_server_name"`
 }
 
 // Config is the whole configuration file; each component reads its section.
@@ -166,6 +184,14 @@ func (c *Config) envStrings() map[string]*string {
 		"TOLLGATE_REDIS_ADDR":                    &c.Services.RedisAddr,
 		"TOLLGATE_REDIS_USERNAME":                &c.Services.RedisUsername,
 		"TOLLGATE_REDIS_PASSWORD":                &c.Services.RedisPassword,
+		"TOLLGATE_CLICKHOUSE_TLS_CA_FILE":        &c.Services.ClickHouseTLSCAFile,
+		"TOLLGATE_CLICKHOUSE_TLS_CERT_FILE":      &c.Services.ClickHouseTLSCertFile,
+		"TOLLGATE_CLICKHOUSE_TLS_KEY_FILE":       &c.Services.ClickHouseTLSKeyFile,
+		"TOLLGATE_CLICKHOUSE_TLS_SERVER_NAME":    &c.Services.ClickHouseTLSServerName,
+		"TOLLGATE_REDIS_TLS_CA_FILE":             &c.Services.RedisTLSCAFile,
+		"TOLLGATE_REDIS_TLS_CERT_FILE":           &c.Services.RedisTLSCertFile,
+		"TOLLGATE_REDIS_TLS_KEY_FILE":            &c.Services.RedisTLSKeyFile,
+		"TOLLGATE_REDIS_TLS_SERVER_NAME":         &c.Services.RedisTLSServerName,
 		"TOLLGATE_KAFKA_TLS_CA_FILE":             &c.Services.KafkaTLSCAFile,
 		"TOLLGATE_KAFKA_TLS_CERT_FILE":           &c.Services.KafkaTLSCertFile,
 		"TOLLGATE_KAFKA_TLS_KEY_FILE":            &c.Services.KafkaTLSKeyFile,
@@ -201,13 +227,32 @@ func (c *Config) applyEnv() {
 	if v := os.Getenv("TOLLGATE_KAFKA_BROKERS"); v != "" {
 		c.Services.KafkaBrokers = strings.Split(v, ",")
 	}
-	if v := os.Getenv("TOLLGATE_KAFKA_TLS"); v != "" {
-		on, err := strconv.ParseBool(v)
-		if err != nil {
-			c.badEnv = append(c.badEnv, fmt.Errorf("TOLLGATE_KAFKA_TLS: %q is not true or false", v))
+	for name, dst := range map[string]*bool{
+		"TOLLGATE_KAFKA_TLS":      &c.Services.KafkaTLS,
+		"TOLLGATE_CLICKHOUSE_TLS": &c.Services.ClickHouseTLS,
+		"TOLLGATE_REDIS_TLS":      &c.Services.RedisTLS,
+	} {
+		if v := os.Getenv(name); v != "" {
+			on, err := strconv.ParseBool(v)
+			if err != nil {
+				c.badEnv = append(c.badEnv, fmt.Errorf("%s: %q is not true or false", name, v))
+			}
+			*dst = on
 		}
-		c.Services.KafkaTLS = on
 	}
+	slices.SortFunc(c.badEnv, func(a, b error) int { return strings.Compare(a.Error(), b.Error()) })
+}
+
+// clickHouseTLS is the TLS configuration for ClickHouse, nil for none.
+func (s Services) clickHouseTLS() (*tls.Config, error) {
+	return tlsclient.Files{Enabled: s.ClickHouseTLS, CAFile: s.ClickHouseTLSCAFile, CertFile: s.ClickHouseTLSCertFile,
+		KeyFile: s.ClickHouseTLSKeyFile, ServerName: s.ClickHouseTLSServerName}.Config("services.clickhouse_")
+}
+
+// redisTLS is the TLS configuration for Redis, nil for none.
+func (s Services) redisTLS() (*tls.Config, error) {
+	return tlsclient.Files{Enabled: s.RedisTLS, CAFile: s.RedisTLSCAFile, CertFile: s.RedisTLSCertFile,
+		KeyFile: s.RedisTLSKeyFile, ServerName: s.RedisTLSServerName}.Config("services.redis_")
 }
 
 // kafkaSettings are the brokers' TLS and SASL settings.
@@ -409,6 +454,12 @@ func (c *Config) Validate(components ...string) error {
 	all := len(components) == 0
 	errs := slices.Clone(c.badEnv)
 	if _, err := c.Services.kafkaSecurity(); err != nil {
+		errs = append(errs, err)
+	}
+	if _, err := c.Services.clickHouseTLS(); err != nil {
+		errs = append(errs, err)
+	}
+	if _, err := c.Services.redisTLS(); err != nil {
 		errs = append(errs, err)
 	}
 	if c.Services.PostgresURL == "" {

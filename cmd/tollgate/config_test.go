@@ -116,6 +116,9 @@ func TestCheckConfigRefusesWhatWouldFailOrMisbehaveAtStart(t *testing.T) {
 		{"a Kafka SASL mechanism Tollgate does not speak is refused", "services:\n  kafka_sasl_mechanism: GSSAPI\n  kafka_sasl_username: u\n", []string{"edge"}, "services.kafka_sasl_mechanism"},
 		{"Kafka SASL without a password is refused", "services:\n  kafka_sasl_mechanism: SCRAM-SHA-512\n  kafka_sasl_username: u\n", []string{"ingest"}, "services.kafka_sasl_username and services.kafka_sasl_password"},
 		{"a Kafka CA file that is not there is refused", "services:\n  kafka_tls: true\n  kafka_tls_ca_file: /nonexistent/ca.pem\n", []string{"invoice"}, "services.kafka_tls_ca_file"},
+		{"a Redis CA file that is not there is refused", "services:\n  redis_tls: true\n  redis_tls_ca_file: /nonexistent/ca.pem\n", []string{"edge"}, "services.redis_tls_ca_file"},
+		{"a ClickHouse client certificate without its key is refused", "services:\n  clickhouse_tls: true\n  clickhouse_tls_cert_file: /nonexistent/c.pem\n", []string{"aggregate"}, "services.clickhouse_tls_cert_file and services.clickhouse_tls_key_file: give both or neither"},
+		{"ClickHouse TLS settings with TLS off are refused", "services:\n  clickhouse_tls_server_name: ch.internal\n", []string{"invoice"}, "services.clickhouse_tls: the TLS settings are given but TLS is off"},
 		{"Kafka TLS files with TLS off are refused", "services:\n  kafka_tls_server_name: kafka.internal\n", nil, "services.kafka_tls: the TLS settings are given but TLS is off"},
 		{"an invoicer interval under a second is refused", "invoicer:\n  interval: 1ns\n", []string{"invoice"}, "invoicer.interval: at least 1s"},
 		{"a negative monthly quota is refused", "edge:\n  plans:\n    free:\n      limits: {requests_per_second: 5, burst: 10, monthly_requests: -5}\n", []string{"edge"}, "edge.plans.free.limits.monthly_requests"},
@@ -639,8 +642,12 @@ func TestKafkaCredentialsAreWarnedOfAndReadFromTheEnvironment(t *testing.T) {
 	}
 
 	t.Setenv("TOLLGATE_KAFKA_TLS", "sometimes")
+	t.Setenv("TOLLGATE_REDIS_TLS", "yes")
 	cfg = writeConfig(t, "")
-	if err := cfg.Validate(); err == nil || !strings.Contains(err.Error(), `TOLLGATE_KAFKA_TLS: "sometimes" is not true or false`) {
-		t.Fatalf("validate = %v; want TOLLGATE_KAFKA_TLS refused", err)
+	err = cfg.Validate()
+	for _, want := range []string{`TOLLGATE_KAFKA_TLS: "sometimes" is not true or false`, `TOLLGATE_REDIS_TLS: "yes" is not true or false`} {
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Fatalf("validate = %v; want it to say %s", err, want)
+		}
 	}
 }

@@ -226,6 +226,9 @@ func clientArgs(svc Services) string {
 	if svc.ClickHousePassword != "" {
 		a += " --ask-password"
 	}
+	if svc.ClickHouseTLS {
+		a += " --secure"
+	}
 	return a
 }
 

@@ -121,8 +121,13 @@ func NewEdgeMain(ctx context.Context, cfg Config, log *slog.Logger) (m *EdgeMain
 	if err := m.listener.Start(lctx); err != nil {
 		return nil, err
 	}
+	redisTLS, err := cfg.Services.redisTLS()
+	if err != nil {
+		return nil, err
+	}
 	m.rdb = redis.NewClient(&redis.Options{
 		Addr:          cfg.Services.RedisAddr,
+		TLSConfig:     redisTLS,
 		Username:      cfg.Services.RedisUsername,
 		Password:      cfg.Services.RedisPassword,
 		DialTimeout:   250 * time.Millisecond,

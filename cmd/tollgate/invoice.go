@@ -809,7 +809,11 @@ func summarize(w io.Writer, rep ReplayReport) error {
 }
 
 func adminClickHouse(svc Services) (driver.Conn, error) {
-	return clickhouse.Open(clickHouseOptions(svc, "default"))
+	opts, err := clickHouseOptions(svc, "default")
+	if err != nil {
+		return nil, err
+	}
+	return clickhouse.Open(opts)
 }
 
 func clickHouseDatabaseExists(ctx context.Context, svc Services, name string) (bool, error) {

@@ -82,8 +82,11 @@ func openClickHouse(ctx context.Context, svc Services, database string) (driver.
 		return nil, fmt.Errorf("clickhouse database name %q: letters, digits and _ only", database)
 	}
 	addr := svc.ClickHouseAddr
-	opts := func(db string) *clickhouse.Options { return clickHouseOptions(svc, db) }
-	admin, err := clickhouse.Open(opts("default"))
+	adminOpts, err := clickHouseOptions(svc, "default")
+	if err != nil {
+		return nil, err
+	}
+	admin, err := clickhouse.Open(adminOpts)
 	if err != nil {
 		return nil, fmt.Errorf("open clickhouse: %w", err)
 	}
@@ -98,7 +101,11 @@ func openClickHouse(ctx context.Context, svc Services, database string) (driver.
 	if err := admin.Exec(ctx, "CREATE DATABASE IF NOT EXISTS "+database); err != nil {
 		return nil, fmt.Errorf("create clickhouse database: %w", err)
 	}
-	conn, err := clickhouse.Open(opts(database))
+	dbOpts, err := clickHouseOptions(svc, database)
+	if err != nil {
+		return nil, err
+	}
+	conn, err := clickhouse.Open(dbOpts)
 	if err != nil {
 		return nil, fmt.Errorf("open clickhouse: %w", err)
 	}
@@ -109,18 +116,24 @@ func openClickHouse(ctx context.Context, svc Services, database string) (driver.
 	return conn, nil
 }
 
-// clickHouseOptions connects to database on svc's ClickHouse as its user.
-func clickHouseOptions(svc Services, database string) *clickhouse.Options {
+// clickHouseOptions connects to database on svc's ClickHouse as its user,
+// over TLS when svc says so.
+func clickHouseOptions(svc Services, database string) (*clickhouse.Options, error) {
 	user := svc.ClickHouseUser
 	if user == "" {
 		user = "default"
+	}
+	tc, err := svc.clickHouseTLS()
+	if err != nil {
+		return nil, err
 	}
 	return &clickhouse.Options{
 		Addr:        []string{svc.ClickHouseAddr},
 		Auth:        clickhouse.Auth{Database: database, Username: user, Password: svc.ClickHousePassword},
 		DialTimeout: 5 * time.Second,
 		Protocol:    clickhouse.Native,
-	}
+		TLS:         tc,
+	}, nil
 }
 
 // brokerDefault, as a topic's replication factor, is the broker's

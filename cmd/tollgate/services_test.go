@@ -116,3 +116,57 @@ func TestTheClickHousePasswordIsSent(t *testing.T) {
 		t.Fatalf("the error holds the password, or blames a server that answered: %v", err)
 	}
 }
+
+// ClickHouse and Redis reached over TLS (services.clickhouse_tls,
+// services.redis_tls) by the commands' own clients, against real servers
+// whose TLS ports take nothing else: ClickHouse is opened, its database
+// made and the schema applied; the edge's limits go to Redis, not to the
+// local fallback. Without the settings, neither server is reached.
+func TestClickHouseAndRedisOverTLS(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	t.Run("ClickHouse's secure port takes the schema over TLS, and refuses a plain client", func(t *testing.T) {
+		ch := testenv.PrivateTLSClickHouse(t)
+		svc := Services{ClickHouseAddr: ch.Addr, ClickHouseUser: "default", ClickHouseTLS: true, ClickHouseTLSCAFile: ch.CAFile}
+		conn, err := openClickHouse(ctx, svc, "tls_schema")
+		testenv.Must(t, err, "open ClickHouse over TLS")
+		var n uint64
+		testenv.Must(t, conn.QueryRow(ctx, "SELECT count() FROM system.tables WHERE database = 'tls_schema' AND name = 'usage_events'").Scan(&n), "list tables")
+		conn.Close()
+		if n != 1 {
+			t.Fatalf("usage_events in tls_schema: %d, want the schema applied", n)
+		}
+		svc.ClickHouseTLS, svc.ClickHouseTLSCAFile = false, ""
+		if _, err := openClickHouse(ctx, svc, "tls_schema"); err == nil {
+			t.Fatal("a plain client on the secure port was let in")
+		}
+	})
+	t.Run("the edge's limits reach Redis over TLS, and a plain client falls back", func(t *testing.T) {
+		r := testenv.PrivateTLSRedis(t)
+		pg, ch := testenv.NewPostgres(t), testenv.NewClickHouse(t)
+		up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { _, _ = w.Write([]byte("ok")) }))
+		t.Cleanup(up.Close)
+		for _, c := range []struct {
+			name      string
+			tls       bool
+			wantRedis bool
+		}{{"without TLS", false, false}, {"with TLS", true, true}} {
+			t.Run(c.name, func(t *testing.T) {
+				cfg := testConfig(t, pg, ch, "redistls."+testenv.Name(t))
+				cfg.Services.RedisAddr = r.Addr
+				if c.tls {
+					cfg.Services.RedisTLS, cfg.Services.RedisTLSCAFile = true, r.CAFile
+				}
+				cfg.Edge.SpoolDir, cfg.Edge.Upstream = t.TempDir(), up.URL
+				var logs testenv.LogBuffer
+				m, err := NewEdgeMain(ctx, cfg, slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelWarn})))
+				testenv.Must(t, err, "start the edge")
+				t.Cleanup(func() { _ = m.Close() })
+				warned := strings.Contains(logs.String(), "redis is not answering")
+				if warned == c.wantRedis {
+					t.Fatalf("Redis answering: %v, want %v:\n%s", !warned, c.wantRedis, logs.String())
+				}
+			})
+		}
+	})
+}

@@ -31,6 +31,13 @@
 #   TOLLGATE_KAFKA_SASL_USER, TOLLGATE_KAFKA_SASL_PASSWORD   the one user, for PLAIN,
 #     SCRAM-SHA-256 and SCRAM-SHA-512 (letters, digits, '.', '_', '-'; SCRAM
 #     credentials are added when the storage is formatted)
+# Redis's optional TLS listener, off unless TOLLGATE_REDIS_TLS_PORT is set:
+#   TOLLGATE_REDIS_TLS_PORT=PORT           tls-port on 127.0.0.1:PORT beside the plain port
+#   TOLLGATE_REDIS_TLS_CERT, TOLLGATE_REDIS_TLS_KEY   PEM: the server's certificate (chain) and unencrypted key
+#   TOLLGATE_REDIS_TLS_CA=FILE             PEM: the CA Redis loads (clients are not asked for certificates)
+# ClickHouse's optional secure native-protocol port, off unless TOLLGATE_CLICKHOUSE_TLS_PORT is set:
+#   TOLLGATE_CLICKHOUSE_TLS_PORT=PORT      tcp_port_secure on 127.0.0.1:PORT beside the plain native and HTTP ports
+#   TOLLGATE_CLICKHOUSE_TLS_CERT, TOLLGATE_CLICKHOUSE_TLS_KEY   PEM: the server's certificate (chain) and unencrypted key
 # PostgreSQL: Debian's installed major, or TOLLGATE_PG_BIN=<its bin directory>.
 set -euo pipefail
 
@@ -60,6 +67,7 @@ KAFKA_SECURE_PORT=${TOLLGATE_KAFKA_SECURE_PORT:-}
 CLICKHOUSE_PORT=${TOLLGATE_CLICKHOUSE_ADDR##*:}
 CLICKHOUSE_HTTP_PORT=${TOLLGATE_CLICKHOUSE_HTTP_PORT:-18123}
 CLICKHOUSE_DATABASE=${TOLLGATE_CLICKHOUSE_DATABASE:-tollgate}
+CLICKHOUSE_TLS_PORT=${TOLLGATE_CLICKHOUSE_TLS_PORT:-}
 # The port, role and database TOLLGATE_POSTGRES_URL names, as tollgate reads
 # them (libpq's rules): no port is 5432, no user the system user, no
 # database the user's name; port=, user= and dbname= in the query count.
@@ -87,6 +95,7 @@ else
   PG_URL_UNREADABLE=1
 fi
 REDIS_PORT=${TOLLGATE_REDIS_ADDR##*:}
+REDIS_TLS_PORT=${TOLLGATE_REDIS_TLS_PORT:-}
 if [[ $TOLLGATE_STRIPE_MOCK_URL =~ :([0-9]+)/?$ ]]; then STRIPE_PORT=${BASH_REMATCH[1]}; else STRIPE_PORT=12111; fi
 STRIPE_HTTPS_PORT=${TOLLGATE_STRIPE_MOCK_HTTPS_PORT:-12112}
 
@@ -220,6 +229,20 @@ own_dir() {
   local user=$1 dir=$2
   [[ $EUID -eq 0 ]] || return 0
   if [[ -n $(find "$dir/" ! -user "$user" -print -quit) ]]; then chown -R "$user:$user" "$dir/"; fi
+}
+
+# tls_file_check SERVICE PORT_VAR FILE_VAR: stops the script unless FILE_VAR
+# names a readable file whose path goes into a configuration file as it is:
+# a quote, backslash, '<', '>' or '&' would need escaping in redis.conf or
+# config.xml, and a line break would end the setting.
+tls_file_check() {
+  local svc=$1 port_var=$2 file_var=$3 file=${!3:-}
+  [[ -n $file && -r $file && -f $file ]] ||
+    die "$svc: $port_var needs $file_var, a readable PEM file"
+  case $file in
+    *[\"\'\\\<\>\&]* | *$'\n'*)
+      die "$svc: $file_var ($file) holds a quote, backslash, '<', '>', '&' or line break; use another path" ;;
+  esac
 }
 
 show_logs() {
@@ -617,10 +640,55 @@ ready_clickhouse() {
     clickhouse_client --host 127.0.0.1 --port "$CLICKHOUSE_PORT" -q 'SELECT 1' >/dev/null 2>&1
 }
 
+# clickhouse_tls_copy checks the secure port's settings and copies the
+# certificate and key into the server's directory: the server runs as user
+# clickhouse, which cannot be assumed to read them where they are (a test's
+# private directory, a key only root may read). A certificate or key the
+# server cannot load stops it at start-up ("SSL context exception" in its
+# log), so ready_clickhouse's check of the plain port covers the secure one;
+# probing the secure port as well would log a cut-short handshake per probe.
+clickhouse_tls_copy() {
+  local d=$1
+  [[ $CLICKHOUSE_TLS_PORT =~ ^[0-9]+$ ]] || die "clickhouse: TOLLGATE_CLICKHOUSE_TLS_PORT must be a port number"
+  tls_file_check clickhouse TOLLGATE_CLICKHOUSE_TLS_PORT TOLLGATE_CLICKHOUSE_TLS_CERT
+  tls_file_check clickhouse TOLLGATE_CLICKHOUSE_TLS_PORT TOLLGATE_CLICKHOUSE_TLS_KEY
+  mkdir -p "$d/tls"
+  install -m 644 "$TOLLGATE_CLICKHOUSE_TLS_CERT" "$d/tls/server.crt"
+  install -m 600 "$TOLLGATE_CLICKHOUSE_TLS_KEY" "$d/tls/server.key"
+}
+
+# clickhouse_tls_config prints config.xml's settings for the secure native
+# port, with the files clickhouse_tls_copy put in directory $1.
+clickhouse_tls_config() {
+  local d=$1
+  # Clients are not asked for certificates (verificationMode none), so
+  # no CA is loaded. No dhParamsFile: the server falls back to built-in
+  # parameters, and clients that offer ECDHE never use them.
+  cat <<EOF
+    <tcp_port_secure>$CLICKHOUSE_TLS_PORT</tcp_port_secure>
+    <openSSL>
+        <server>
+            <certificateFile>$d/tls/server.crt</certificateFile>
+            <privateKeyFile>$d/tls/server.key</privateKeyFile>
+            <verificationMode>none</verificationMode>
+            <loadDefaultCAFile>false</loadDefaultCAFile>
+            <cacheSessions>true</cacheSessions>
+            <disableProtocols>sslv2,sslv3,tlsv1,tlsv1_1</disableProtocols>
+            <preferServerCiphers>true</preferServerCiphers>
+        </server>
+    </openSSL>
+EOF
+}
+
 start_clickhouse() {
-  local d
+  local d tls=
   d=$(service_dir clickhouse clickhouse)
   mkdir -p "$d/data" "$d/tmp" "$d/user_files" "$d/format_schemas" "$d/log"
+  rm -rf "$d/tls" # a certificate of an earlier start with the secure port
+  if [[ -n $CLICKHOUSE_TLS_PORT ]]; then
+    clickhouse_tls_copy "$d"
+    tls=$(clickhouse_tls_config "$d")
+  fi
   cat >"$d/config.xml" <<EOF
 <?xml version="1.0"?>
 <!-- Generated by deploy/local/services.sh; edits are overwritten. -->
@@ -635,7 +703,8 @@ start_clickhouse() {
     <listen_host>127.0.0.1</listen_host>
     <tcp_port>$CLICKHOUSE_PORT</tcp_port>
     <http_port>$CLICKHOUSE_HTTP_PORT</http_port>
-    <!-- no interserver_http_port: no replication, nothing else listens -->
+${tls:+$tls
+}    <!-- no interserver_http_port: no replication, nothing else listens -->
     <max_connections>1024</max_connections>
     <keep_alive_timeout>3</keep_alive_timeout>
     <max_concurrent_queries>100</max_concurrent_queries>
@@ -858,6 +927,24 @@ appendfsync everysec
 dir "$d/data"
 logfile ""
 EOF
+  if [[ -n $REDIS_TLS_PORT ]]; then
+    [[ $REDIS_TLS_PORT =~ ^[0-9]+$ ]] || die "redis: TOLLGATE_REDIS_TLS_PORT must be a port number"
+    tls_file_check redis TOLLGATE_REDIS_TLS_PORT TOLLGATE_REDIS_TLS_CERT
+    tls_file_check redis TOLLGATE_REDIS_TLS_PORT TOLLGATE_REDIS_TLS_KEY
+    tls_file_check redis TOLLGATE_REDIS_TLS_PORT TOLLGATE_REDIS_TLS_CA
+    # Redis runs as this script's user and reads the files where they are.
+    # It wants a CA even when it asks clients for no certificate. Files it
+    # cannot load stop it at start-up ("Failed to configure TLS"), so
+    # ready_redis's PING on the plain port covers the TLS port too.
+    cat >>"$d/redis.conf" <<EOF
+tls-port $REDIS_TLS_PORT
+tls-cert-file "$TOLLGATE_REDIS_TLS_CERT"
+tls-key-file "$TOLLGATE_REDIS_TLS_KEY"
+tls-ca-cert-file "$TOLLGATE_REDIS_TLS_CA"
+tls-auth-clients no
+tls-protocols "TLSv1.2 TLSv1.3"
+EOF
+  fi
   launch redis "$STATE/logs/redis.log" redis-server "$d/redis.conf"
 }
 

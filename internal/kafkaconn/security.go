@@ -3,11 +3,9 @@ package kafkaconn
 import (
 	"context"
 	"crypto/tls"
-	"crypto/x509"
 	"errors"
 	"fmt"
 	"net"
-	"os"
 	"strings"
 	"time"
 
@@ -17,6 +15,7 @@ import (
 	"github.com/segmentio/kafka-go/sasl/scram"
 
 	"github.com/tollgate-dev/tollgate/internal/deadline"
+	"github.com/tollgate-dev/tollgate/internal/tlsclient"
 )
 
 // The SASL mechanisms Settings accepts, as brokers name them.
@@ -61,38 +60,11 @@ type Security struct {
 func (s Settings) Build(prefix string) (Security, error) {
 	var sec Security
 	var errs []error
-	tlsSet := s.CAFile != "" || s.CertFile != "" || s.KeyFile != "" || s.ServerName != ""
-	if tlsSet && !s.TLS {
-		errs = append(errs, fmt.Errorf("%stls: the TLS settings are given but TLS is off; set it to true", prefix))
+	c, err := tlsclient.Files{Enabled: s.TLS, CAFile: s.CAFile, CertFile: s.CertFile, KeyFile: s.KeyFile, ServerName: s.ServerName}.Config(prefix)
+	if err != nil {
+		errs = append(errs, err)
 	}
-	if s.TLS {
-		c := &tls.Config{MinVersion: tls.VersionTLS12, ServerName: s.ServerName}
-		if s.CAFile != "" {
-			pem, err := os.ReadFile(s.CAFile)
-			switch {
-			case err != nil:
-				errs = append(errs, fmt.Errorf("%stls_ca_file: %w", prefix, err))
-			default:
-				pool := x509.NewCertPool()
-				if !pool.AppendCertsFromPEM(pem) {
-					errs = append(errs, fmt.Errorf("%stls_ca_file: %s holds no PEM certificate", prefix, s.CAFile))
-				}
-				c.RootCAs = pool
-			}
-		}
-		switch {
-		case (s.CertFile == "") != (s.KeyFile == ""):
-			errs = append(errs, fmt.Errorf("%stls_cert_file and %stls_key_file: give both or neither", prefix, prefix))
-		case s.CertFile != "":
-			cert, err := tls.LoadX509KeyPair(s.CertFile, s.KeyFile)
-			if err != nil {
-				errs = append(errs, fmt.Errorf("%stls_cert_file and %stls_key_file: %w", prefix, prefix, err))
-			} else {
-				c.Certificates = []tls.Certificate{cert}
-			}
-		}
-		sec.TLS = c
-	}
+	sec.TLS = c
 	mech := strings.ToUpper(strings.TrimSpace(s.SASLMechanism))
 	credentials := s.SASLUsername != "" || s.SASLPassword != ""
 	switch {

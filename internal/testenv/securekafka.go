@@ -12,6 +12,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -119,9 +120,19 @@ func (i *Instance) logTails(n int) string {
 // private key, unencrypted PKCS#8, then its certificate chain.
 func brokerCertificates(t testing.TB, hosts ...string) (caPEM, keystore []byte) {
 	t.Helper()
+	caPEM, certPEM, keyPEM := serverCertificates(t, hosts...)
+	return caPEM, slices.Concat(keyPEM, certPEM, caPEM)
+}
+
+// serverCertificates makes a CA for this test and a server certificate it
+// signs for the given IP addresses and DNS names, the first of them its
+// common name. It returns the CA certificate, the server's certificate and
+// the server's private key (unencrypted PKCS#8), each as PEM.
+func serverCertificates(t testing.TB, hosts ...string) (caPEM, certPEM, keyPEM []byte) {
+	t.Helper()
 	fail := func(what string, err error) {
 		t.Helper()
-		t.Fatalf("private secure kafka: %s: %v", what, err)
+		t.Fatalf("test certificates: %s: %v", what, err)
 	}
 	now := time.Now()
 	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
@@ -144,7 +155,7 @@ func brokerCertificates(t testing.TB, hosts ...string) (caPEM, keystore []byte) 
 	}
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
-		fail("broker key", err)
+		fail("server key", err)
 	}
 	leaf := &x509.Certificate{
 		SerialNumber: serial(t),
@@ -167,17 +178,16 @@ func brokerCertificates(t testing.TB, hosts ...string) (caPEM, keystore []byte) 
 	}
 	leafDER, err := x509.CreateCertificate(rand.Reader, leaf, caCert, &key.PublicKey, caKey)
 	if err != nil {
-		fail("broker certificate", err)
+		fail("server certificate", err)
 	}
 	keyDER, err := x509.MarshalPKCS8PrivateKey(key)
 	if err != nil {
-		fail("broker key", err)
+		fail("server key", err)
 	}
 	caPEM = pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: caDER})
-	keystore = pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER})
-	keystore = append(keystore, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: leafDER})...)
-	keystore = append(keystore, caPEM...)
-	return caPEM, keystore
+	certPEM = pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: leafDER})
+	keyPEM = pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER})
+	return caPEM, certPEM, keyPEM
 }
 
 // serial is a random certificate serial number, positive and at most 128
@@ -186,7 +196,7 @@ func serial(t testing.TB) *big.Int {
 	t.Helper()
 	n, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 127))
 	if err != nil {
-		t.Fatalf("private secure kafka: serial number: %v", err)
+		t.Fatalf("test certificates: serial number: %v", err)
 	}
 	return n.Add(n, big.NewInt(1))
 }
