@@ -139,6 +139,37 @@ func TestEveryKafkaClientWorksOverTLSAndSASL(t *testing.T) {
 		})
 	}
 
+	t.Run("the edge and ingest as the commands build them land events over SASL_SSL", func(t *testing.T) {
+		pg, ch := testenv.NewPostgres(t), testenv.NewClickHouse(t)
+		topic := strings.ReplaceAll(testenv.Name(t), "_", ".")
+		cfg := testConfig(t, pg, ch, topic)
+		cfg.Services.KafkaBrokers = []string{sk.Addr}
+		cfg.Services.KafkaTLS, cfg.Services.KafkaTLSCAFile = true, sk.CAFile
+		cfg.Services.KafkaSASLMechanism, cfg.Services.KafkaSASLUsername, cfg.Services.KafkaSASLPassword = "SCRAM-SHA-256", sk.User, sk.Password
+		cfg.Edge.SpoolDir, cfg.Edge.Upstream = t.TempDir(), "http://127.0.0.1:9"
+		testenv.Must(t, cfg.Validate("edge", "ingest"), "validate")
+		ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+		defer cancel()
+		em, err := NewEdgeMain(ctx, cfg, quietLog())
+		testenv.Must(t, err, "start the edge")
+		t.Cleanup(func() { _ = em.Close() })
+		im, err := NewIngestMain(ctx, cfg, quietLog())
+		testenv.Must(t, err, "start ingest")
+		ictx, stop := context.WithCancel(ctx)
+		done := make(chan error, 1)
+		go func() { done <- im.Run(ictx) }()
+		t.Cleanup(func() { stop(); <-done; _ = im.Close() })
+		const n = 40
+		for i := range n {
+			em.producer.Emit(schemas.Event{Version: 1, ID: schemas.NewEventID(), AccountID: fmt.Sprintf("acct_%d", i%4), Environment: schemas.Live,
+				KeyID: "key_x", Type: "api_call", Time: time.Now().UTC().Truncate(time.Microsecond), Units: 1})
+		}
+		waitLanded(t, ch, n)
+		if d := em.producer.SpoolDepth(); d != 0 {
+			t.Fatalf("%d events spooled: the edge's producer did not reach the broker", d)
+		}
+	})
+
 	t.Run("a wrong password is refused by the broker and reported as such", func(t *testing.T) {
 		t.Setenv("TOLLGATE_KAFKA_BROKERS", sk.Addr)
 		t.Setenv("TOLLGATE_KAFKA_TLS", "true")

@@ -608,9 +608,11 @@ start_kafka() {
     # SCRAM credentials are added only when the storage is formatted.
     log "kafka: storage already formatted; SCRAM logins take the user and password it was formatted with (remove $k/data to format it again)"
   fi
+  # The broker reads the password from server.properties; it has no use
+  # for it in its environment, which others of its user could read.
   # shellcheck disable=SC2086 # heap options are a word list
   launch kafka "$STATE/logs/kafka.out" \
-    java $KAFKA_HEAP_OPTS -server -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
+    env -u TOLLGATE_KAFKA_SASL_PASSWORD java $KAFKA_HEAP_OPTS -server -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
     -XX:InitiatingHeapOccupancyPercent=35 -XX:+ExplicitGCInvokesConcurrent \
     -Djava.awt.headless=true -Djava.net.preferIPv4Stack=true -Dkafka.logs.dir="$STATE/logs" \
     -Dlog4j2.configurationFile="$k/log4j2.properties" \
