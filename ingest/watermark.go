@@ -178,7 +178,14 @@ func (w *Watermarker) Tick(ctx context.Context) error {
 			wm = t0.Add(-w.skew)
 		default:
 			if l, ok := w.prog.get(p); ok && l.offset+1 == o.Committed {
-				wm = l.time.Add(-w.skew)
+				// The record's time is its producer's clock: one running
+				// ahead of this process's would put the watermark past
+				// records not landed yet, for good (it never moves back).
+				wm = l.time
+				if wm.After(t0) {
+					wm = t0
+				}
+				wm = wm.Add(-w.skew)
 			}
 		}
 		wm = wm.UTC().Truncate(time.Second)
