@@ -466,6 +466,37 @@ func TestProxy(t *testing.T) {
 				}
 			})
 
+			t.Run("an answer whose status is not an HTTP status is a 502, not passed on", func(t *testing.T) {
+				statuses := []string{"042"}
+				if fr.netHTTP {
+					// fasthttp reads 000 as 200 and cannot tell them apart.
+					statuses = append(statuses, "000")
+				}
+				for _, st := range statuses {
+					bad := rawUpstream(t, func(conn net.Conn, _ *bufio.Reader) {
+						_, _ = io.WriteString(conn, "HTTP/1.1 "+st+" Odd\r\nContent-Length: 2\r\n\r\nok")
+					})
+					in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP, Config: func(c *edge.Config) { c.Upstream = bad }})
+					req, _ := http.NewRequest("GET", in.URL+"/v1/odd", nil)
+					req.Header.Set("Authorization", "Bearer "+key)
+					resp, err := http.DefaultClient.Do(req)
+					testenv.Must(t, err, "call with status "+st)
+					answeredAndMetered(t, env, resp, 502, "upstream_unavailable")
+				}
+			})
+
+			t.Run("an answer whose head is over 16 KiB is a 502, not relayed", func(t *testing.T) {
+				big := rawUpstream(t, func(conn net.Conn, _ *bufio.Reader) {
+					_, _ = io.WriteString(conn, "HTTP/1.1 200 OK\r\nX-Big: "+strings.Repeat("b", 20<<10)+"\r\nContent-Length: 2\r\n\r\nok")
+				})
+				in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP, Config: func(c *edge.Config) { c.Upstream = big }})
+				req, _ := http.NewRequest("GET", in.URL+"/v1/big", nil)
+				req.Header.Set("Authorization", "Bearer "+key)
+				resp, err := http.DefaultClient.Do(req)
+				testenv.Must(t, err, "call")
+				answeredAndMetered(t, env, resp, 502, "upstream_unavailable")
+			})
+
 			t.Run("a response streams to the caller as the upstream writes it", func(t *testing.T) {
 				release := make(chan struct{})
 				in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP, Config: func(c *edge.Config) { c.Upstream = streamingUpstream(t, release) }})

@@ -1172,6 +1172,9 @@ func (s *Server) newProxy(upstream string) (*httputil.ReverseProxy, error) {
 		MaxIdleConnsPerHost: s.cfg.UpstreamMaxConns,
 		MaxConnsPerHost:     s.cfg.UpstreamMaxConns,
 		IdleConnTimeout:     s.cfg.UpstreamIdleTimeout,
+		// The fasthttp front's bound on an answer's head: a larger one
+		// is a 502, not relayed.
+		MaxResponseHeaderBytes: 16 << 10,
 	}
 	return &httputil.ReverseProxy{
 		Rewrite: func(r *httputil.ProxyRequest) {
@@ -1204,6 +1207,12 @@ func (s *Server) newProxy(upstream string) (*httputil.ReverseProxy, error) {
 		Transport:  connNamedTransport{transport},
 		BufferPool: s.buffers,
 		ModifyResponse: func(r *http.Response) error {
+			if r.StatusCode < 100 || r.StatusCode > 999 {
+				// Not an HTTP status: writing it would panic in net/http
+				// (000) or make an invalid status line. The error handler
+				// answers 502.
+				return fmt.Errorf("the upstream answered status %d, which is not an HTTP status", r.StatusCode)
+			}
 			for name := range r.Header {
 				if s.cors != nil && IsCORSHeader(name) || IsEdgeHeader(name) {
 					delete(r.Header, name) // the edge's own stand

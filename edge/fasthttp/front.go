@@ -936,6 +936,14 @@ func (f *Front) proxy(ctx *fh.RequestCtx, adm edge.Admission, call edge.Call, st
 		_ = resp.CloseBodyStream()
 		err = errors.New("the upstream switched protocols on a call that did not ask it to")
 	}
+	if err == nil && resp.StatusCode() < 100 {
+		// Not an HTTP status (fasthttp parses any three digits): passed
+		// on, it would make the caller's status line invalid. (A status
+		// of 000 reads as 200 in fasthttp, and goes on as such.)
+		resp.SetConnectionClose()
+		_ = resp.CloseBodyStream()
+		err = fmt.Errorf("the upstream answered status %03d, which is not an HTTP status", resp.StatusCode())
+	}
 	if err != nil {
 		fh.ReleaseResponse(resp)
 		ae := upstreamError(err)
