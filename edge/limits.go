@@ -6,12 +6,14 @@ import (
 	"crypto/rand"
 	"errors"
 	"fmt"
+	"io"
 	"math"
 	"slices"
 	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"golang.org/x/time/rate"
@@ -572,7 +574,15 @@ func (f *FallbackLimiter) cooldown() time.Duration {
 }
 
 func (f *FallbackLimiter) failed(what string, err error) {
-	f.downUntil.Store(time.Now().Add(f.cooldown()).UnixNano())
+	// A connection the primary had closed (a Redis restart, failover or
+	// idle cut) says nothing of the next one: a TLS client cannot check
+	// its pooled connections before use, so each stale one fails a call
+	// once, and a cooldown per failure kept every call local for a second
+	// each time, minutes in all for a full pool. A primary that is really
+	// down refuses the new connection that follows, and that starts it.
+	if !connectionClosed(err) {
+		f.downUntil.Store(time.Now().Add(f.cooldown()).UnixNano())
+	}
 	if f.OnFallback != nil {
 		f.OnFallback(what, err)
 	}
@@ -902,4 +912,11 @@ type quotaState struct {
 	// of the month (window), or, for a fallback's share, until the shared
 	// count is asked again.
 	resetIn time.Duration
+}
+
+// connectionClosed reports whether err is a connection closed by its peer
+// (end of stream, reset, broken pipe), not a refusal or a timeout.
+func connectionClosed(err error) bool {
+	return err != nil && (errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) ||
+		errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE))
 }

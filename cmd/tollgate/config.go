@@ -98,8 +98,6 @@ type Config struct {
 	// secretsInFile are the settings holding a secret that the file
 	// itself gave (Warnings).
 	secretsInFile []string
-	// badEnv are environment overrides that could not be read (Validate).
-	badEnv []error
 }
 
 // LoadConfig reads path (optional: "" means defaults only), then applies
@@ -119,7 +117,9 @@ func LoadConfig(path string) (Config, error) {
 		}
 		c.secretsInFile = c.fileSecrets()
 	}
-	c.applyEnv()
+	if err := c.applyEnv(); err != nil {
+		return c, err
+	}
 	c.defaults()
 	return c, nil
 }
@@ -218,7 +218,9 @@ func (c *Config) envStrings() map[string]*string {
 	}
 }
 
-func (c *Config) applyEnv() {
+// applyEnv applies the environment's overrides; one it cannot read is an
+// error, and the setting keeps what the file gave it.
+func (c *Config) applyEnv() error {
 	for name, dst := range c.envStrings() {
 		if v := os.Getenv(name); v != "" {
 			*dst = v
@@ -227,6 +229,7 @@ func (c *Config) applyEnv() {
 	if v := os.Getenv("TOLLGATE_KAFKA_BROKERS"); v != "" {
 		c.Services.KafkaBrokers = strings.Split(v, ",")
 	}
+	var bad []error
 	for name, dst := range map[string]*bool{
 		"TOLLGATE_KAFKA_TLS":      &c.Services.KafkaTLS,
 		"TOLLGATE_CLICKHOUSE_TLS": &c.Services.ClickHouseTLS,
@@ -235,12 +238,14 @@ func (c *Config) applyEnv() {
 		if v := os.Getenv(name); v != "" {
 			on, err := strconv.ParseBool(v)
 			if err != nil {
-				c.badEnv = append(c.badEnv, fmt.Errorf("%s: %q is not true or false", name, v))
+				bad = append(bad, fmt.Errorf("%s: %q is not true or false", name, v))
+				continue
 			}
 			*dst = on
 		}
 	}
-	slices.SortFunc(c.badEnv, func(a, b error) int { return strings.Compare(a.Error(), b.Error()) })
+	slices.SortFunc(bad, func(a, b error) int { return strings.Compare(a.Error(), b.Error()) })
+	return errors.Join(bad...)
 }
 
 // clickHouseTLS is the TLS configuration for ClickHouse, nil for none.
@@ -452,7 +457,7 @@ func (c *Config) Validate(components ...string) error {
 		want[n] = true
 	}
 	all := len(components) == 0
-	errs := slices.Clone(c.badEnv)
+	var errs []error
 	if _, err := c.Services.kafkaSecurity(); err != nil {
 		errs = append(errs, err)
 	}

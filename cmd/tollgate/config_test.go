@@ -641,13 +641,21 @@ func TestKafkaCredentialsAreWarnedOfAndReadFromTheEnvironment(t *testing.T) {
 		t.Fatalf("kafkaCluster = %+v, %v; want TLS and SCRAM-SHA-256 from the environment", kc.sec, err)
 	}
 
+	// An override that cannot be read fails the load, for every command
+	// (those that do not validate too), and never turns TLS off.
 	t.Setenv("TOLLGATE_KAFKA_TLS", "sometimes")
 	t.Setenv("TOLLGATE_REDIS_TLS", "yes")
-	cfg = writeConfig(t, "")
-	err = cfg.Validate()
+	p := filepath.Join(t.TempDir(), "c.yaml")
+	if err := os.WriteFile(p, []byte("services:\n  redis_tls: true\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	_, err = LoadConfig(p)
 	for _, want := range []string{`TOLLGATE_KAFKA_TLS: "sometimes" is not true or false`, `TOLLGATE_REDIS_TLS: "yes" is not true or false`} {
 		if err == nil || !strings.Contains(err.Error(), want) {
-			t.Fatalf("validate = %v; want it to say %s", err, want)
+			t.Fatalf("LoadConfig = %v; want it to say %s", err, want)
 		}
+	}
+	if strings.Contains(err.Error(), "TLS is off") {
+		t.Fatalf("LoadConfig = %v: an unreadable override turned TLS off", err)
 	}
 }

@@ -193,11 +193,13 @@ launch() {
   mkdir -p "$STATE/pids" "$(dirname "$out")"
   rm -f "$(pid_file "$svc")"
   printf '\n=== %s starting %s\n' "$(date -u +%FT%TZ)" "$svc" >>"$out"
-  # The pid file holds the process's pid and start time (live_pid).
+  # The pid file holds the process's pid and start time (live_pid). No
+  # service keeps Kafka's SASL password in its environment, which others of
+  # its user could read: the broker reads it from server.properties.
   # shellcheck disable=SC2016 # $$ and $@ belong to the inner shell
   # No pid file (a full disk): no service, since nothing could stop it.
   setsid nohup bash -c 't=$(sed "s/.*) //" /proc/$$/stat | awk "{print \$20}") && [[ -n $t ]] &&
-    echo "$$ $t" >"$0" && exec "$@"' "$(pid_file "$svc")" "$@" >>"$out" 2>&1 </dev/null 9>&- &
+    echo "$$ $t" >"$0" && exec env -u TOLLGATE_KAFKA_SASL_PASSWORD "$@"' "$(pid_file "$svc")" "$@" >>"$out" 2>&1 </dev/null 9>&- &
   LAUNCHED_PID=$!
   local i
   for i in $(seq 50); do [[ -s $(pid_file "$svc") ]] && return 0; sleep 0.1; done
@@ -608,11 +610,9 @@ start_kafka() {
     # SCRAM credentials are added only when the storage is formatted.
     log "kafka: storage already formatted; SCRAM logins take the user and password it was formatted with (remove $k/data to format it again)"
   fi
-  # The broker reads the password from server.properties; it has no use
-  # for it in its environment, which others of its user could read.
   # shellcheck disable=SC2086 # heap options are a word list
   launch kafka "$STATE/logs/kafka.out" \
-    env -u TOLLGATE_KAFKA_SASL_PASSWORD java $KAFKA_HEAP_OPTS -server -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
+    java $KAFKA_HEAP_OPTS -server -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
     -XX:InitiatingHeapOccupancyPercent=35 -XX:+ExplicitGCInvokesConcurrent \
     -Djava.awt.headless=true -Djava.net.preferIPv4Stack=true -Dkafka.logs.dir="$STATE/logs" \
     -Dlog4j2.configurationFile="$k/log4j2.properties" \
