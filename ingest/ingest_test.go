@@ -203,8 +203,9 @@ func (f fakeOffsets) Offsets(context.Context) (map[int]ingest.PartitionOffsets, 
 // fakeWatermarks is a watermark store that, like ClickHouse, hands out
 // copies and keeps the last row written per partition.
 type fakeWatermarks struct {
-	mu sync.Mutex
-	w  map[int]time.Time
+	mu           sync.Mutex
+	w            map[int]time.Time
+	topic, group string
 }
 
 func (f *fakeWatermarks) Watermarks(context.Context) (map[int]time.Time, error) {
@@ -223,6 +224,30 @@ func (f *fakeWatermarks) SetWatermarks(_ context.Context, w map[int]time.Time, _
 	for p, t := range w {
 		f.w[p] = t
 	}
+	return nil
+}
+
+func (f *fakeWatermarks) WatermarkSource(context.Context) (string, string, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.topic, f.group, nil
+}
+
+func (f *fakeWatermarks) SetWatermarkSource(_ context.Context, topic, group string, _ time.Time) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.topic, f.group = topic, group
+	return nil
+}
+
+func (f *fakeWatermarks) ResetWatermarks(_ context.Context, partitions []int, _ time.Time) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	w := map[int]time.Time{}
+	for _, p := range partitions {
+		w[p] = time.Unix(0, 0).UTC()
+	}
+	f.w = w
 	return nil
 }
 

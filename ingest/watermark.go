@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
+	"slices"
 	"sync"
 	"time"
 
@@ -32,6 +34,14 @@ type Offsets interface {
 type WatermarkStore interface {
 	Watermarks(ctx context.Context) (map[int]time.Time, error)
 	SetWatermarks(ctx context.Context, w map[int]time.Time, at time.Time) error
+	// WatermarkSource is the usage topic and consumer group whose
+	// progress the stored watermarks are ("", "" when none is recorded).
+	WatermarkSource(ctx context.Context) (topic, group string, err error)
+	// SetWatermarkSource records topic and group as the source.
+	SetWatermarkSource(ctx context.Context, topic, group string, at time.Time) error
+	// ResetWatermarks sets the watermark of each of partitions back to the
+	// epoch and removes any other partition's.
+	ResetWatermarks(ctx context.Context, partitions []int, at time.Time) error
 }
 
 type landedPos struct {
@@ -74,6 +84,9 @@ func (p *Progress) get(partition int) (landedPos, bool) {
 // timestamp of the last landed record minus skew, when this process landed
 // it. Watermarks never move backwards.
 type Watermarker struct {
+	topic    string
+	group    string
+	owned    bool // this process has written under its topic and group
 	offsets  Offsets
 	store    WatermarkStore
 	prog     *Progress
@@ -90,7 +103,7 @@ type Watermarker struct {
 
 // NewWatermarker returns a Watermarker; cfg must be defaulted.
 func NewWatermarker(cfg Config, offsets Offsets, store WatermarkStore, prog *Progress, log *slog.Logger, reg prometheus.Registerer) (*Watermarker, error) {
-	w := &Watermarker{offsets: offsets, store: store, prog: prog, skew: cfg.WatermarkSkew,
+	w := &Watermarker{topic: cfg.Topic, group: cfg.Group, offsets: offsets, store: store, prog: prog, skew: cfg.WatermarkSkew,
 		interval: cfg.WatermarkInterval, log: log, now: time.Now, expiredWarned: map[int]bool{},
 		lag: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "tollgate_ingest_lag_records", Help: "Records appended to a partition and not yet landed.",
@@ -141,6 +154,42 @@ func (w *Watermarker) Run(ctx context.Context) error {
 
 // Tick refreshes once.
 func (w *Watermarker) Tick(ctx context.Context) error {
+	// The stored watermarks are one topic's and group's progress, one row
+	// per partition number: after ingest.topic or ingest.group changes,
+	// the old topic's rows would stand for the new topic's partitions and
+	// say usage is complete while its records wait to be read. A process
+	// of another topic or group takes them over when it starts, from the
+	// epoch; one that finds they were taken since writes no more.
+	src, grp, err := w.store.WatermarkSource(ctx)
+	if err != nil {
+		return err
+	}
+	switch {
+	case src == w.topic && grp == w.group:
+	case src == "" && grp == "":
+		// Nothing recorded: a new store, or one written before sources
+		// were (by this topic, as an upgrade keeps it). Recorded below.
+	case w.owned:
+		return fmt.Errorf("the watermarks are now topic %s and group %s's, taken over by an ingest process started since; this process (topic %s, group %s) writes no more", src, grp, w.topic, w.group)
+	default:
+		offs, err := w.offsets.Offsets(ctx)
+		if err != nil {
+			return err
+		}
+		parts := slices.Sorted(maps.Keys(offs))
+		// Reset first: a reset whose source was not recorded is done
+		// again by the next tick; a source recorded first would leave the
+		// old rows standing for good.
+		if err := w.store.ResetWatermarks(ctx, parts, w.now()); err != nil {
+			return err
+		}
+		if err := w.store.SetWatermarkSource(ctx, w.topic, w.group, w.now()); err != nil {
+			return err
+		}
+		w.log.Warn("the watermarks were another usage topic's or consumer group's; they start again from the epoch for this one, so invoicing waits until it has caught up",
+			"was_topic", src, "was_group", grp, "topic", w.topic, "group", w.group)
+		w.current, src, grp = nil, w.topic, w.group
+	}
 	if w.current == nil {
 		cur, err := w.store.Watermarks(ctx)
 		if err != nil {
@@ -220,9 +269,15 @@ func (w *Watermarker) Tick(ctx context.Context) error {
 	if len(changed) == 0 {
 		return nil
 	}
+	if src == "" {
+		if err := w.store.SetWatermarkSource(ctx, w.topic, w.group, w.now()); err != nil {
+			return err
+		}
+	}
 	if err := w.store.SetWatermarks(ctx, changed, w.now()); err != nil {
 		return err
 	}
+	w.owned = true
 	for p, wm := range changed {
 		w.current[p] = wm
 		w.wmGauge.WithLabelValues(partitionLabel(p)).Set(float64(wm.Unix()))

@@ -37,7 +37,9 @@ func (s *heldSink) Insert(ctx context.Context, groups ...[]ingest.Record) error 
 	return nil
 }
 
-func (s *heldSink) InsertLate(_ context.Context, r []ingest.Record) ([]ingest.Record, error) { return r, nil }
+func (s *heldSink) InsertLate(_ context.Context, r []ingest.Record) ([]ingest.Record, error) {
+	return r, nil
+}
 
 type noDeadLetters struct{}
 
@@ -102,5 +104,67 @@ func TestARecordTimeAheadOfTheClockDoesNotMoveTheWatermarkPastIt(t *testing.T) {
 	}
 	if through.Before(now.Add(-cfg.WatermarkSkew - time.Minute)) {
 		t.Fatalf("watermark %s: want the landed record's time, capped at now less the skew", through.UTC())
+	}
+}
+
+// The watermarks are one row per partition number. When ingest.topic (or
+// ingest.group) changes, the old topic's rows, caught up to now, must not
+// stand for the new topic's partitions while their records wait to be
+// read: the invoicer would close periods without them. The new topic's
+// process takes the rows over from the epoch (and drops a partition the new
+// topic lacks, which would otherwise hold every period open), and a process
+// still running on the old topic writes no more.
+func TestAnotherTopicsWatermarksDoNotStandForTheNewOnes(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	ch := testenv.NewClickHouse(t)
+	old := testenv.NewTopic(t, 3)
+	newTopic := old + ".v2"
+	testenv.CreateTopic(t, newTopic, 2)
+	store := ingestch.NewSink(ch.Conn)
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	watermarker := func(topic string) *ingest.Watermarker {
+		cfg := ingest.Config{Topic: topic, Group: topic + ".ingest"}
+		cfg.Defaults()
+		w, err := ingest.NewWatermarker(cfg, ingestkafka.NewOffsets(testenv.KafkaBrokers(), kafkaconn.Security{}, topic, cfg.Group),
+			store, ingest.NewProgress(), log, nil)
+		testenv.Must(t, err, "watermarker")
+		return w
+	}
+	through := func() (time.Time, uint64) {
+		var at time.Time
+		var n uint64
+		testenv.Must(t, ch.Conn.QueryRow(ctx, "SELECT min(watermark), count() FROM watermarks FINAL").Scan(&at, &n), "read the watermarks")
+		return at.UTC(), n
+	}
+	oldW := watermarker(old)
+	testenv.Must(t, oldW.Tick(ctx), "tick on the old topic") // empty, so caught up: now less the skew
+	if at, n := through(); n != 3 || at.Before(time.Now().Add(-time.Minute)) {
+		t.Fatalf("the old topic's watermarks: %s over %d partitions, want about now over 3", at, n)
+	}
+	w := &kafka.Writer{Addr: kafka.TCP(testenv.KafkaBrokers()...), Topic: newTopic, RequiredAcks: kafka.RequireAll, BatchTimeout: time.Millisecond}
+	defer w.Close()
+	for i := range 10 {
+		e := schemas.Event{Version: 1, ID: schemas.NewEventID(), AccountID: "acct_moved", Environment: schemas.Live,
+			KeyID: "key_moved", Type: "api_call", Time: time.Now().UTC().Truncate(time.Microsecond), Units: 1}
+		b, err := e.Encode()
+		testenv.Must(t, err, "encode")
+		testenv.Must(t, w.WriteMessages(ctx, kafka.Message{Key: []byte{byte(i)}, Value: b}), "produce to the new topic")
+	}
+
+	newW := watermarker(newTopic)
+	testenv.Must(t, newW.Tick(ctx), "tick on the new topic, nothing of it landed")
+	if at, _ := through(); !at.Equal(time.Unix(0, 0).UTC()) {
+		t.Fatalf("usage complete through %s while the new topic's 10 records are unread; want the epoch", at)
+	}
+	testenv.Wait(t, 30*time.Second, "the partition the new topic lacks removed", func() bool {
+		_, n := through()
+		return n == 2
+	})
+	if err := oldW.Tick(ctx); err == nil {
+		t.Fatal("the old topic's process went on writing watermarks after the new topic's took them over")
+	}
+	if at, _ := through(); !at.Equal(time.Unix(0, 0).UTC()) {
+		t.Fatalf("usage complete through %s after the old topic's process ticked again; want the epoch still", at)
 	}
 }

@@ -298,7 +298,7 @@ func run() error {
 		// tables get the same: without this, the merges of earlier runs'
 		// parts ran on into later runs (ingest's and the peer's first)
 		// and counted as their CPU.
-		for _, t := range []string{"usage_events", "usage_rollups", "late_events"} {
+		for _, t := range []string{"usage_events", "usage_rollups", "late_events", "watermarks", "watermark_source"} {
 			if err := ch.Exec(ctx, "TRUNCATE TABLE "+t); err != nil {
 				return fmt.Errorf("truncate %s between runs: %w", t, err)
 			}

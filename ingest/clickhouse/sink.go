@@ -6,6 +6,7 @@ import (
 	"context"
 	"fmt"
 	"sort"
+	"strconv"
 	"strings"
 	"time"
 
@@ -328,6 +329,67 @@ func (s *Sink) Watermarks(ctx context.Context) (map[int]time.Time, error) {
 		out[int(p)] = w
 	}
 	return out, rows.Err()
+}
+
+// WatermarkSource reads the topic and group the watermarks are of.
+func (s *Sink) WatermarkSource(ctx context.Context) (topic, group string, err error) {
+	rows, err := s.conn.Query(ctx, "SELECT topic, consumer_group FROM watermark_source FINAL")
+	if err != nil {
+		return "", "", fmt.Errorf("read the watermarks' source: %w", err)
+	}
+	defer rows.Close()
+	for rows.Next() {
+		if err := rows.Scan(&topic, &group); err != nil {
+			return "", "", fmt.Errorf("read the watermarks' source: %w", err)
+		}
+	}
+	if err := rows.Err(); err != nil {
+		return "", "", fmt.Errorf("read the watermarks' source: %w", err)
+	}
+	return topic, group, nil
+}
+
+// SetWatermarkSource records the topic and group the watermarks are of.
+func (s *Sink) SetWatermarkSource(ctx context.Context, topic, group string, at time.Time) error {
+	b, err := s.conn.PrepareBatch(ctx, "INSERT INTO watermark_source (topic, consumer_group, updated_at)")
+	if err != nil {
+		return fmt.Errorf("record the watermarks' source: %w", err)
+	}
+	defer b.Abort()
+	if err := b.Append(topic, group, at.UTC()); err != nil {
+		return fmt.Errorf("record the watermarks' source: %w", err)
+	}
+	if err := b.Send(); err != nil {
+		return fmt.Errorf("record the watermarks' source: %w", err)
+	}
+	return nil
+}
+
+// ResetWatermarks sets partitions' watermarks to the epoch and removes the
+// others' (a mutation, which ClickHouse applies in the background; until
+// then their rows stand, above the epoch the others hold).
+func (s *Sink) ResetWatermarks(ctx context.Context, partitions []int, at time.Time) error {
+	epoch := map[int]time.Time{}
+	for _, p := range partitions {
+		epoch[p] = time.Unix(0, 0).UTC()
+	}
+	if len(epoch) > 0 {
+		if err := s.SetWatermarks(ctx, epoch, at); err != nil {
+			return err
+		}
+	}
+	keep := make([]string, 0, len(partitions))
+	for _, p := range partitions {
+		keep = append(keep, strconv.Itoa(p))
+	}
+	q := "ALTER TABLE watermarks DELETE WHERE 1"
+	if len(keep) > 0 {
+		q = "ALTER TABLE watermarks DELETE WHERE partition NOT IN (" + strings.Join(keep, ", ") + ")"
+	}
+	if err := s.conn.Exec(ctx, q); err != nil {
+		return fmt.Errorf("remove other partitions' watermarks: %w", err)
+	}
+	return nil
 }
 
 // SetWatermarks writes new watermarks for some partitions.

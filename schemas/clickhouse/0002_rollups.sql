@@ -65,6 +65,19 @@ CREATE TABLE IF NOT EXISTS watermarks
 ENGINE = ReplacingMergeTree(updated_at)
 ORDER BY partition;
 
+-- The usage topic and consumer group whose progress the watermarks are: the
+-- rows above are per partition number only, so an ingest process of another
+-- topic or group (ingest.topic or ingest.group changed) takes them over,
+-- from the epoch, before it writes any (docs/ingest.md, Watermarks).
+CREATE TABLE IF NOT EXISTS watermark_source
+(
+    topic          String,
+    consumer_group String,
+    updated_at     DateTime('UTC')
+)
+ENGINE = ReplacingMergeTree(updated_at)
+ORDER BY tuple();
+
 -- Events that arrived later than the allowed lateness (their event time is
 -- older than their Kafka record time minus ingest.max_lateness). They are
 -- not counted in usage_events or the rollups, so invoices for closed
