@@ -805,6 +805,27 @@ func TestProxy(t *testing.T) {
 				}
 			})
 
+			t.Run("an answer after 103 Early Hints or an unasked 100 keeps the edge's headers", func(t *testing.T) {
+				for _, interim := range []string{"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n", "HTTP/1.1 100 Continue\r\n\r\n"} {
+					hinting := rawUpstream(t, func(conn net.Conn, _ *bufio.Reader) {
+						_, _ = io.WriteString(conn, interim+"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+					})
+					in := env.Start(t, edgetest.Options{NetHTTP: fr.netHTTP, Config: func(c *edge.Config) { c.Upstream = hinting }})
+					req, _ := http.NewRequest("GET", in.URL+"/v1/hinted", nil)
+					req.Header.Set("Authorization", "Bearer "+key)
+					resp, err := http.DefaultClient.Do(req)
+					testenv.Must(t, err, "call")
+					body, _ := io.ReadAll(resp.Body)
+					resp.Body.Close()
+					if resp.StatusCode != 200 || string(body) != "ok" {
+						t.Fatalf("after %q: status %d body %q", interim[:12], resp.StatusCode, body)
+					}
+					if resp.Header.Get(edge.HeaderRequestID) == "" || resp.Header.Get("X-RateLimit-Limit") == "" || resp.Header.Get("RateLimit-Policy") == "" {
+						t.Fatalf("after %q the final answer lacks the edge's headers: %v", interim[:12], resp.Header)
+					}
+				}
+			})
+
 			t.Run("an upgrade the upstream answers with 103 Early Hints first still switches", func(t *testing.T) {
 				hinting := rawUpstream(t, func(conn net.Conn, br *bufio.Reader) {
 					_, _ = io.WriteString(conn, "HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"+

@@ -1382,7 +1382,7 @@ func (s *Server) proxy(c echo.Context) error {
 			s.EmitCall(Call{Key: k, Route: route, ID: c.Get("event_id").(uuid.UUID), Method: req.Method, Status: resp.Status,
 				Start: start, RequestBytes: body.n, ResponseBytes: resp.Size, RequestID: resp.Header().Get(HeaderRequestID)})
 		}()
-		p.ServeHTTP(informational{resp}, req.WithContext(ctx))
+		p.ServeHTTP(&informational{Response: resp}, req.WithContext(ctx))
 		return nil
 	}
 	closed, ok := c.Get(upgradeSlot).(func()) // taken by limit before the quota
@@ -1394,7 +1394,7 @@ func (s *Server) proxy(c echo.Context) error {
 	}
 	// net/http's proxy returns when an upgraded connection closes.
 	defer closed()
-	w := &upgradeWriter{ResponseWriter: informational{resp}, idle: s.cfg.UpgradedIdleTimeout,
+	w := &upgradeWriter{ResponseWriter: &informational{Response: resp}, idle: s.cfg.UpgradedIdleTimeout,
 		hold: func(end func()) func() { return s.HoldKey(k, epoch, end) }}
 	defer func() {
 		if !w.switched.IsZero() {
@@ -1419,17 +1419,48 @@ func (s *Server) proxy(c echo.Context) error {
 // proxy passes on before the final one, goes straight to the connection.
 // Through echo's Response it would be taken for the call's status, and the
 // final status dropped as written twice.
-type informational struct{ *echo.Response }
+//
+// The proxy writes an informational answer with the header map as it
+// stands (the edge's own headers in it) and then empties the map, so the
+// edge's headers (Request-Id, the rate-limit and CORS headers, Vary) are
+// kept aside at the first one and put back on the final answer, which
+// would otherwise go without them.
+type informational struct {
+	*echo.Response
+	edge http.Header
+}
 
-func (w informational) WriteHeader(code int) {
+func (w *informational) WriteHeader(code int) {
+	h := w.Response.Header()
 	if code >= 100 && code < 200 && code != http.StatusSwitchingProtocols {
+		if w.edge == nil {
+			w.edge = http.Header{}
+			for name, vs := range h {
+				if IsEdgeHeader(name) || IsCORSHeader(name) || name == "Vary" {
+					w.edge[name] = slices.Clone(vs)
+				}
+			}
+		}
 		w.Response.Writer.WriteHeader(code)
 		return
+	}
+	for name, vs := range w.edge {
+		if name != "Vary" {
+			if _, set := h[name]; !set {
+				h[name] = vs
+			}
+			continue
+		}
+		for _, v := range vs {
+			if !slices.Contains(h["Vary"], v) {
+				h["Vary"] = append(h["Vary"], v)
+			}
+		}
 	}
 	w.Response.WriteHeader(code)
 }
 
-func (w informational) Unwrap() http.ResponseWriter { return w.Response }
+func (w *informational) Unwrap() http.ResponseWriter { return w.Response }
 
 // handshakeEnd is the echo context key of when an upgraded call's
 // handshake ended, for the request-duration histogram.
