@@ -2,6 +2,8 @@ package edge_test
 
 import (
 	"bufio"
+	"bytes"
+	"compress/gzip"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -888,5 +890,50 @@ func TestAKeyExpiryFarAheadIsRefused(t *testing.T) {
 	var list struct{ Keys []edge.KeyView }
 	if s := admin.call("GET", "/admin/v1/accounts/acct_y10k/keys", adminToken, "", &list); s != 200 || len(list.Keys) != 1 {
 		t.Fatalf("list: %d, %d keys; want the one key", s, len(list.Keys))
+	}
+}
+
+// SDKs gzip large batches (Content-Encoding: gzip). Such a batch is
+// decoded and reported as any other, bounded by MaxBatchBytes once
+// inflated; another coding is refused as such, not as JSON that does not
+// start with {.
+func TestAGzippedBatchIsReported(t *testing.T) {
+	env := edgetest.New(t)
+	for _, netHTTP := range []bool{false, true} {
+		t.Run(fmt.Sprintf("net/http handler %v", netHTTP), func(t *testing.T) {
+			in := env.Start(t, edgetest.Options{NetHTTP: netHTTP})
+			key, _ := env.Key(t, fmt.Sprintf("acct_gzip_%v", netHTTP), edge.Secret, schemas.Live)
+			at := time.Now().UTC().Add(-time.Minute).Format(time.RFC3339Nano)
+			gz := func(s string) *bytes.Buffer {
+				var b bytes.Buffer
+				zw := gzip.NewWriter(&b)
+				_, _ = io.WriteString(zw, s)
+				_ = zw.Close()
+				return &b
+			}
+			post := func(body io.Reader, encoding string) edgetest.Response {
+				req, _ := http.NewRequest("POST", in.URL+"/v1/events", body)
+				req.Header.Set("Authorization", "Bearer "+key)
+				req.Header.Set("Content-Type", "application/json")
+				req.Header.Set("Content-Encoding", encoding)
+				return edgetest.DoRequest(t, req)
+			}
+			r := post(gz(fmt.Sprintf(`{"events":[{"id":"z-1","type":"tokens","time":%q,"units":3}]}`, at)), "gzip")
+			var res edge.BatchResult
+			if r.Status != 200 || json.Unmarshal(r.Body, &res) != nil || res.Accepted != 1 {
+				t.Fatalf("a gzipped batch: %d %s", r.Status, r.Body)
+			}
+			// Inflating past the bound is refused as a large body.
+			bomb := `{"events":[` + strings.Repeat(" ", edge.MaxBatchBytes) + `]}`
+			if r := post(gz(bomb), "gzip"); r.Status != 413 || r.Error.Code != "payload_too_large" {
+				t.Fatalf("a gzipped batch of more than %d bytes inflated: %d %+v", edge.MaxBatchBytes, r.Status, r.Error)
+			}
+			if r := post(strings.NewReader("not gzip"), "gzip"); r.Status != 400 || r.Error.Code != "invalid_body" {
+				t.Fatalf("a body that is not gzip: %d %+v", r.Status, r.Error)
+			}
+			if r := post(strings.NewReader("x"), "br"); r.Status != 415 || r.Error.Code != "unsupported_content_encoding" {
+				t.Fatalf("Content-Encoding br: %d %+v", r.Status, r.Error)
+			}
+		})
 	}
 }
