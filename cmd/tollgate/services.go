@@ -2,6 +2,8 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"io"
@@ -95,6 +97,9 @@ func openClickHouse(ctx context.Context, svc Services, database string) (driver.
 		var refused *clickhouse.Exception
 		if errors.As(err, &refused) { // it answered: a wrong user or password, say
 			return nil, fmt.Errorf("log in to clickhouse at %s as %s: %w", addr, svc.ClickHouseUser, err)
+		}
+		if tlsFailure(err) { // it answered, but not as services.clickhouse_tls* expect
+			return nil, fmt.Errorf("connect to clickhouse at %s over TLS (services.clickhouse_tls*): %w", addr, err)
 		}
 		return nil, fmt.Errorf("connect to clickhouse at %s (%s): %w", addr, startHint, err)
 	}
@@ -328,4 +333,16 @@ func kafkaDep(kc kafkaCluster) dependency {
 		}
 		return errors.Join(errs...)
 	}}
+}
+
+// tlsFailure reports whether err is a TLS handshake's failure: a server
+// that answered, so "is it running?" would point the wrong way.
+func tlsFailure(err error) bool {
+	var certErr *tls.CertificateVerificationError
+	var recErr tls.RecordHeaderError
+	var alert tls.AlertError
+	var unknownCA x509.UnknownAuthorityError
+	var hostErr x509.HostnameError
+	return errors.As(err, &certErr) || errors.As(err, &recErr) || errors.As(err, &alert) ||
+		errors.As(err, &unknownCA) || errors.As(err, &hostErr)
 }

@@ -143,6 +143,13 @@ func TestClickHouseAndRedisOverTLS(t *testing.T) {
 		if _, err := openClickHouse(ctx, svc, "tls_schema"); err == nil {
 			t.Fatal("a plain client on the secure port was let in")
 		}
+		// A server that answered, with a certificate no CA given vouches
+		// for: the error says TLS, not "is it running?".
+		svc.ClickHouseTLS = true
+		_, err = openClickHouse(ctx, svc, "tls_schema")
+		if err == nil || !strings.Contains(err.Error(), "over TLS") || strings.Contains(err.Error(), "is it running") {
+			t.Fatalf("an untrusted certificate: %v; want a TLS error without the start hint", err)
+		}
 	})
 	t.Run("the edge's limits reach Redis over TLS, and a plain client falls back", func(t *testing.T) {
 		r := testenv.PrivateTLSRedis(t)
