@@ -6,14 +6,12 @@ import (
 	"crypto/rand"
 	"errors"
 	"fmt"
-	"io"
 	"math"
 	"slices"
 	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 
 	"golang.org/x/time/rate"
@@ -574,15 +572,7 @@ func (f *FallbackLimiter) cooldown() time.Duration {
 }
 
 func (f *FallbackLimiter) failed(what string, err error) {
-	// A connection the primary had closed (a Redis restart, failover or
-	// idle cut) says nothing of the next one: a TLS client cannot check
-	// its pooled connections before use, so each stale one fails a call
-	// once, and a cooldown per failure kept every call local for a second
-	// each time, minutes in all for a full pool. A primary that is really
-	// down refuses the new connection that follows, and that starts it.
-	if !connectionClosed(err) {
-		f.downUntil.Store(time.Now().Add(f.cooldown()).UnixNano())
-	}
+	f.downUntil.Store(time.Now().Add(f.cooldown()).UnixNano())
 	if f.OnFallback != nil {
 		f.OnFallback(what, err)
 	}
@@ -912,11 +902,4 @@ type quotaState struct {
 	// of the month (window), or, for a fallback's share, until the shared
 	// count is asked again.
 	resetIn time.Duration
-}
-
-// connectionClosed reports whether err is a connection closed by its peer
-// (end of stream, reset, broken pipe), not a refusal or a timeout.
-func connectionClosed(err error) bool {
-	return err != nil && (errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) ||
-		errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE))
 }

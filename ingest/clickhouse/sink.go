@@ -373,6 +373,16 @@ func (s *Sink) ResetWatermarks(ctx context.Context, partitions []int, at time.Ti
 	for _, p := range partitions {
 		epoch[p] = time.Unix(0, 0).UTC()
 	}
+	// The last row per partition is the one with the latest updated_at: a
+	// row the old source's host stamped with a clock ahead of this one's
+	// would outlast the reset, so the reset is stamped after every row.
+	var last time.Time
+	if err := s.conn.QueryRow(ctx, "SELECT max(updated_at) FROM watermarks").Scan(&last); err != nil {
+		return fmt.Errorf("read the watermarks' last update: %w", err)
+	}
+	if !at.After(last) {
+		at = last.Add(time.Second)
+	}
 	if len(epoch) > 0 {
 		if err := s.SetWatermarks(ctx, epoch, at); err != nil {
 			return err
