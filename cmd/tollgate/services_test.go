@@ -80,15 +80,11 @@ func TestTheEdgeLogsInToARedisThatAsksForAPassword(t *testing.T) {
 			cfg := testConfig(t, pg, ch, "redisauth."+testenv.Name(t))
 			cfg.Services.RedisAddr, cfg.Services.RedisPassword = r.Addr, c.password
 			cfg.Edge.SpoolDir, cfg.Edge.Upstream = t.TempDir(), up.URL
-			var logs testenv.LogBuffer
-			m, err := NewEdgeMain(ctx, cfg, slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelWarn})))
-			testenv.Must(t, err, "start the edge")
-			t.Cleanup(func() { _ = m.Close() })
-			warned := strings.Contains(logs.String(), "redis is not answering")
-			if warned == c.wantRedis {
-				t.Fatalf("Redis answering: %v, want %v:\n%s", !warned, c.wantRedis, logs.String())
+			answered, logs := edgeReachesRedis(t, ctx, cfg)
+			if answered != c.wantRedis {
+				t.Fatalf("Redis answering: %v, want %v:\n%s", answered, c.wantRedis, logs)
 			}
-			if strings.Contains(logs.String(), "s3cret-for-tests") {
+			if strings.Contains(logs, "s3cret-for-tests") {
 				t.Fatal("the log holds Redis's password")
 			}
 		})
@@ -165,15 +161,21 @@ func TestClickHouseAndRedisOverTLS(t *testing.T) {
 					cfg.Services.RedisTLS, cfg.Services.RedisTLSCAFile = true, r.CAFile
 				}
 				cfg.Edge.SpoolDir, cfg.Edge.Upstream = t.TempDir(), up.URL
-				var logs testenv.LogBuffer
-				m, err := NewEdgeMain(ctx, cfg, slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelWarn})))
-				testenv.Must(t, err, "start the edge")
-				t.Cleanup(func() { _ = m.Close() })
-				warned := strings.Contains(logs.String(), "redis is not answering")
-				if warned == c.wantRedis {
-					t.Fatalf("Redis answering: %v, want %v:\n%s", !warned, c.wantRedis, logs.String())
+				if answered, logs := edgeReachesRedis(t, ctx, cfg); answered != c.wantRedis {
+					t.Fatalf("Redis answering: %v, want %v:\n%s", answered, c.wantRedis, logs)
 				}
 			})
 		}
 	})
+}
+
+// edgeReachesRedis starts the edge on cfg and reports whether Redis
+// answered it (it warns when not), with what it logged.
+func edgeReachesRedis(t *testing.T, ctx context.Context, cfg Config) (bool, string) {
+	t.Helper()
+	var logs testenv.LogBuffer
+	m, err := NewEdgeMain(ctx, cfg, slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelWarn})))
+	testenv.Must(t, err, "start the edge")
+	t.Cleanup(func() { _ = m.Close() })
+	return !strings.Contains(logs.String(), "redis is not answering"), logs.String()
 }

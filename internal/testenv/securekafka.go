@@ -93,15 +93,26 @@ func PrivateSecureKafka(t testing.TB) *SecureKafka {
 // logTails is the last n lines of each of the instance's logs in its
 // state directory.
 func (i *Instance) logTails(n int) string {
+	logs, _ := filepath.Glob(filepath.Join(i.stateDir(), "logs", i.Service+"*"))
+	return tailFiles(logs, n)
+}
+
+// stateDir is the instance's state directory.
+func (i *Instance) stateDir() string {
 	var state string
 	for _, kv := range i.env {
 		if v, ok := strings.CutPrefix(kv, "TOLLGATE_STATE_DIR="); ok {
 			state = v
 		}
 	}
-	logs, _ := filepath.Glob(filepath.Join(state, "logs", i.Service+"*"))
+	return state
+}
+
+// tailFiles is the last n lines of each of files that is not empty, each
+// under its name.
+func tailFiles(files []string, n int) string {
 	var b strings.Builder
-	for _, f := range logs {
+	for _, f := range files {
 		data, err := os.ReadFile(f)
 		if err != nil || len(data) == 0 {
 			continue

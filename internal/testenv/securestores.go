@@ -5,7 +5,6 @@ import (
 	"path/filepath"
 	"slices"
 	"strconv"
-	"strings"
 	"testing"
 )
 
@@ -125,26 +124,8 @@ func (i *Instance) serverLogTails(n int) string {
 	if i.Service != "clickhouse" {
 		return tails
 	}
-	var state string
-	for _, kv := range i.env {
-		if v, ok := strings.CutPrefix(kv, "TOLLGATE_STATE_DIR="); ok {
-			state = v
-		}
-	}
-	logs, _ := filepath.Glob(filepath.Join(state, "clickhouse", "log", "*.log"))
-	var b strings.Builder
-	b.WriteString(tails)
-	for _, f := range logs {
-		data, err := os.ReadFile(f)
-		if err != nil || len(data) == 0 {
-			continue
-		}
-		lines := strings.Split(strings.TrimRight(string(data), "\n"), "\n")
-		lines = lines[max(0, len(lines)-n):]
-		b.WriteString("----- last lines of " + filepath.Base(f) + "\n")
-		b.WriteString(strings.Join(lines, "\n") + "\n")
-	}
-	return b.String()
+	logs, _ := filepath.Glob(filepath.Join(i.stateDir(), "clickhouse", "log", "*.log"))
+	return tails + tailFiles(logs, n)
 }
 
 // freePorts is n different free ports for one server: freePort picks at
