@@ -647,6 +647,10 @@ func TestReportEventsRefusesWhatWouldNotCount(t *testing.T) {
 		t.Fatalf("status %d body %s", r.Status, r.Body)
 	}
 	wantField := []string{"", "units", "time", "id", "units", "time", "Units", "units", "dimensions.model", "dimensions", "units", "time"}
+	// Each problem carries a code a client can act on, not only words.
+	wantCode := []string{"", schemas.ProblemOutOfRange, schemas.ProblemTooOld, schemas.ProblemInvalidCharacters,
+		schemas.ProblemWrongType, schemas.ProblemInvalidTime, schemas.ProblemUnknownField, schemas.ProblemDuplicateField,
+		schemas.ProblemDuplicateField, schemas.ProblemWrongType, schemas.ProblemNull, schemas.ProblemTooOld}
 	for i, item := range res.Results {
 		if i == 0 {
 			if item.Status != "accepted" {
@@ -654,9 +658,13 @@ func TestReportEventsRefusesWhatWouldNotCount(t *testing.T) {
 			}
 			continue
 		}
-		if item.Status != "rejected" || len(item.Errors) != 1 || item.Errors[0].Field != wantField[i] {
-			t.Errorf("item %d: %+v, want rejected on %q alone", i, item, wantField[i])
+		if item.Status != "rejected" || len(item.Errors) != 1 || item.Errors[0].Field != wantField[i] || item.Errors[0].Code != wantCode[i] {
+			t.Errorf("item %d: %+v, want rejected on %q alone, code %q", i, item, wantField[i], wantCode[i])
 		}
+	}
+	// The codes are in the body as sent, under "code".
+	if !strings.Contains(string(r.Body), `"field":"units","code":"out_of_range","reason":`) {
+		t.Errorf("body does not carry the codes: %s", r.Body)
 	}
 	if res.Accepted != 1 || res.Rejected != 11 {
 		t.Fatalf("result %+v", res)
@@ -721,7 +729,7 @@ func TestReportEventsRefusesTextThatDecodingWouldChange(t *testing.T) {
 		switch want := items[i].field; {
 		case want == "" && item.Status != "accepted":
 			t.Errorf("item %d (%s): %+v, want accepted", i, items[i].item, item)
-		case want != "" && (item.Status != "rejected" || len(item.Errors) != 1 || item.Errors[0].Field != want):
+		case want != "" && (item.Status != "rejected" || len(item.Errors) != 1 || item.Errors[0].Field != want || item.Errors[0].Code != schemas.ProblemInvalidText):
 			t.Errorf("item %d (%s): %+v, want rejected on %q alone", i, items[i].item, item, want)
 		}
 	}

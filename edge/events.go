@@ -126,7 +126,7 @@ func (s *Server) reportEvents(c echo.Context) error {
 		}
 		r.EventID = ev.ID.String()
 		if counted != nil && !counted[ev.Type] {
-			r.Warnings = []schemas.FieldError{{Field: "type", Reason: fmt.Sprintf(
+			r.Warnings = []schemas.FieldError{{Field: "type", Code: schemas.ProblemUnknownEventType, Reason: fmt.Sprintf(
 				"no meter counts events of type %q: the event is stored, and is in no usage and no invoice until a meter counts its type", ev.Type)}}
 		}
 		k := row{id: ev.ID, second: ev.Time.Unix(), typ: ev.Type}
@@ -300,13 +300,13 @@ func decodeProblem(err error) schemas.FieldError {
 	var pe *time.ParseError
 	switch {
 	case errors.As(err, &te) && te.Field != "":
-		return schemas.FieldError{Field: te.Field, Reason: fmt.Sprintf("want a JSON %s, got %s", jsonKind(te.Type), te.Value)}
+		return schemas.FieldError{Field: te.Field, Code: schemas.ProblemWrongType, Reason: fmt.Sprintf("want a JSON %s, got %s", jsonKind(te.Type), te.Value)}
 	case errors.As(err, &pe):
-		return schemas.FieldError{Field: "time", Reason: "not an RFC 3339 time with a zone: " + err.Error()}
+		return schemas.FieldError{Field: "time", Code: schemas.ProblemInvalidTime, Reason: "not an RFC 3339 time with a zone: " + err.Error()}
 	case strings.HasPrefix(err.Error(), "json: unknown field "):
-		return schemas.FieldError{Field: schemas.ClipName(strings.Trim(strings.TrimPrefix(err.Error(), "json: unknown field "), `"`)), Reason: "unknown field"}
+		return schemas.FieldError{Field: schemas.ClipName(strings.Trim(strings.TrimPrefix(err.Error(), "json: unknown field "), `"`)), Code: schemas.ProblemUnknownField, Reason: "unknown field"}
 	}
-	return schemas.FieldError{Field: "", Reason: "not a valid event object: " + err.Error()}
+	return schemas.FieldError{Field: "", Code: schemas.ProblemMalformed, Reason: "not a valid event object: " + err.Error()}
 }
 
 // reportedFields are ReportedEvent's field names, exactly as spelled.
@@ -336,14 +336,14 @@ func strictNames(raw []byte) *schemas.FieldError {
 			if name == f {
 				known = i
 			} else if strings.EqualFold(name, f) {
-				return &schemas.FieldError{Field: name, Reason: fmt.Sprintf("unknown field (names are case-sensitive: %q)", f)}
+				return &schemas.FieldError{Field: name, Code: schemas.ProblemUnknownField, Reason: fmt.Sprintf("unknown field (names are case-sensitive: %q)", f)}
 			}
 		}
 		if known < 0 {
 			return nil // DisallowUnknownFields names it
 		}
 		if seen[known] {
-			return &schemas.FieldError{Field: name, Reason: "given twice"}
+			return &schemas.FieldError{Field: name, Code: schemas.ProblemDuplicateField, Reason: "given twice"}
 		}
 		seen[known] = true
 		var value json.RawMessage
@@ -358,7 +358,7 @@ func strictNames(raw []byte) *schemas.FieldError {
 		// Left out, units is 1; null is a client's unset value, which
 		// would be counted as 1 without a word.
 		if name == "units" && string(bytes.TrimSpace(value)) == "null" {
-			return &schemas.FieldError{Field: name, Reason: "null: give a whole number, or leave units out for 1"}
+			return &schemas.FieldError{Field: name, Code: schemas.ProblemNull, Reason: "null: give a whole number, or leave units out for 1"}
 		}
 	}
 	return nil
@@ -379,7 +379,7 @@ func uniqueNames(value json.RawMessage) *schemas.FieldError {
 		}
 		k, _ := t.(string)
 		if seen[k] {
-			return &schemas.FieldError{Field: "dimensions." + schemas.ClipName(k), Reason: "given twice"}
+			return &schemas.FieldError{Field: "dimensions." + schemas.ClipName(k), Code: schemas.ProblemDuplicateField, Reason: "given twice"}
 		}
 		seen[k] = true
 		var skip json.RawMessage
@@ -415,17 +415,17 @@ func (s *Server) reportedEvent(k *Key, raw json.RawMessage, now time.Time) (sche
 	}
 	var ps []schemas.FieldError
 	if re.ID == "" {
-		ps = append(ps, schemas.FieldError{Field: "id", Reason: "required: the client's own event id makes retries safe"})
+		ps = append(ps, schemas.FieldError{Field: "id", Code: schemas.ProblemRequired, Reason: "required: the client's own event id makes retries safe"})
 	}
 	ps = append(ps, brokenText(raw, &re)...)
 	if re.Time.IsZero() {
-		ps = append(ps, schemas.FieldError{Field: "time", Reason: "required (RFC 3339)"})
+		ps = append(ps, schemas.FieldError{Field: "time", Code: schemas.ProblemRequired, Reason: "required (RFC 3339)"})
 	} else if oldest := now.Add(-s.cfg.MaxEventAge); re.Time.Before(oldest) && re.Time.UTC().Year() >= 2000 {
 		// The year is read in UTC, as the schema's check of it is: read in
 		// the client's offset, 2000-01-01T04:30Z sent as 1999-12-31T23:30-05:00
 		// passed both checks and was accepted, then set aside by ingest as
 		// too late to count.
-		ps = append(ps, schemas.FieldError{Field: "time", Reason: fmt.Sprintf(
+		ps = append(ps, schemas.FieldError{Field: "time", Code: schemas.ProblemTooOld, Reason: fmt.Sprintf(
 			"older than %s (edge.max_event_age): too late to be counted", s.cfg.MaxEventAge)})
 	}
 	units := int64(1)
@@ -476,14 +476,14 @@ func brokenText(raw []byte, re *ReportedEvent) []schemas.FieldError {
 	}
 	var ps []schemas.FieldError
 	if changed(re.ID) {
-		ps = append(ps, schemas.FieldError{Field: "id", Reason: why})
+		ps = append(ps, schemas.FieldError{Field: "id", Code: schemas.ProblemInvalidText, Reason: why})
 	}
 	if changed(re.Type) {
-		ps = append(ps, schemas.FieldError{Field: "type", Reason: why})
+		ps = append(ps, schemas.FieldError{Field: "type", Code: schemas.ProblemInvalidText, Reason: why})
 	}
 	for _, k := range slices.Sorted(maps.Keys(re.Dimensions)) {
 		if changed(k) || changed(re.Dimensions[k]) {
-			ps = append(ps, schemas.FieldError{Field: "dimensions." + schemas.ClipName(k), Reason: why})
+			ps = append(ps, schemas.FieldError{Field: "dimensions." + schemas.ClipName(k), Code: schemas.ProblemInvalidText, Reason: why})
 		}
 	}
 	return ps

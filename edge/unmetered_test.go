@@ -63,7 +63,7 @@ func TestAReportedEventNoMeterCountsIsWarnedOf(t *testing.T) {
 	}
 	for _, i := range []int{1, 2} {
 		w := res.Results[i].Warnings
-		if len(w) != 1 || w[0].Field != "type" || !strings.Contains(w[0].Reason, `"tokenz"`) {
+		if len(w) != 1 || w[0].Field != "type" || w[0].Code != schemas.ProblemUnknownEventType || !strings.Contains(w[0].Reason, `"tokenz"`) {
 			t.Errorf("item %d (%s): warnings %+v, want one on its type naming tokenz", i, res.Results[i].Status, w)
 		}
 	}

@@ -87,11 +87,36 @@ type Event struct {
 }
 
 // FieldError says which field of an event is wrong and why. Its Field uses
-// the JSON name so API clients can point at their own payload.
+// the JSON name so API clients can point at their own payload; its Code is
+// one of the Problem constants, for a program to act on, and its Reason the
+// words for a person.
 type FieldError struct {
 	Field  string `json:"field"`
+	Code   string `json:"code"`
 	Reason string `json:"reason"`
 }
+
+// What a FieldError's Code says is wrong. The set only grows: a client may
+// switch on these, and a code once given keeps its meaning.
+const (
+	ProblemRequired           = "required"            // missing, or empty
+	ProblemUnsupportedVersion = "unsupported_version" // a schema version this build does not read
+	ProblemTooLong            = "too_long"            // more bytes than the field may have
+	ProblemInvalidCharacters  = "invalid_characters"  // a character the field may not hold
+	ProblemInvalidText        = "invalid_text"        // not valid UTF-8, or a lone UTF-16 surrogate escape
+	ProblemInvalidValue       = "invalid_value"       // not one of the values the field takes
+	ProblemOutOfRange         = "out_of_range"        // a number or time outside the field's bounds
+	ProblemInFuture           = "in_future"           // a time further ahead than the clock skew allowed
+	ProblemTooOld             = "too_old"             // a time too far back to be counted
+	ProblemTooMany            = "too_many"            // more entries than the field may have
+	ProblemWrongType          = "wrong_type"          // another JSON type than the field's
+	ProblemInvalidTime        = "invalid_time"        // not an RFC 3339 time with a zone
+	ProblemUnknownField       = "unknown_field"       // a field the object does not have (names are case-sensitive)
+	ProblemDuplicateField     = "duplicate_field"     // a field or key given twice
+	ProblemNull               = "null"                // null where a value or nothing is wanted
+	ProblemMalformed          = "malformed"           // not a JSON object of the expected shape
+	ProblemUnknownEventType   = "unknown_event_type"  // a warning: no meter counts the event's type
+)
 
 func (e FieldError) Error() string { return e.Field + ": " + e.Reason }
 
@@ -199,15 +224,21 @@ func hasControl(s string) bool {
 // TypeProblem says what is wrong with t as an event type, or "" when it
 // is a valid one: the rule every event, meter and edge.event_type keeps.
 func TypeProblem(t string) string {
+	_, reason := typeProblem(t)
+	return reason
+}
+
+// typeProblem is TypeProblem with the problem's code.
+func typeProblem(t string) (code, reason string) {
 	switch {
 	case t == "":
-		return "required"
+		return ProblemRequired, "required"
 	case len(t) > MaxTypeLength:
-		return fmt.Sprintf("longer than %d bytes", MaxTypeLength)
+		return ProblemTooLong, fmt.Sprintf("longer than %d bytes", MaxTypeLength)
 	case !typeChars.MatchString(t):
-		return "must be lower case letters, digits, _ and ., starting with a letter"
+		return ProblemInvalidCharacters, "must be lower case letters, digits, _ and ., starting with a letter"
 	}
-	return ""
+	return "", ""
 }
 
 // Validate checks every field against the contract, relative to now, and
@@ -234,78 +265,78 @@ func (e *Event) validate(now time.Time, keys, values []string) error {
 // problems is Problems with the dimensions as validate takes them.
 func (e *Event) problems(now time.Time, keys, values []string) []FieldError {
 	var ps []FieldError
-	add := func(field, reason string, args ...any) {
-		ps = append(ps, FieldError{Field: field, Reason: fmt.Sprintf(reason, args...)})
+	add := func(field, code, reason string, args ...any) {
+		ps = append(ps, FieldError{Field: field, Code: code, Reason: fmt.Sprintf(reason, args...)})
 	}
 	if e.Version != EventVersion {
-		add("v", "unsupported schema version %d (want %d)", e.Version, EventVersion)
+		add("v", ProblemUnsupportedVersion, "unsupported schema version %d (want %d)", e.Version, EventVersion)
 	}
 	if e.ID == uuid.Nil {
-		add("id", "required")
+		add("id", ProblemRequired, "required")
 	}
 	checkIdent := func(field, v string) {
 		switch {
 		case v == "":
-			add(field, "required")
+			add(field, ProblemRequired, "required")
 		case len(v) > MaxIDLength:
-			add(field, "longer than %d bytes", MaxIDLength)
+			add(field, ProblemTooLong, "longer than %d bytes", MaxIDLength)
 		case !identChars.MatchString(v):
-			add(field, "may contain only letters, digits and _ . : -")
+			add(field, ProblemInvalidCharacters, "may contain only letters, digits and _ . : -")
 		}
 	}
 	checkIdent("account_id", e.AccountID)
 	checkIdent("key_id", e.KeyID)
 	if !e.Environment.Valid() {
-		add("env", "must be %q or %q", Live, Test)
+		add("env", ProblemInvalidValue, "must be %q or %q", Live, Test)
 	}
-	if problem := TypeProblem(e.Type); problem != "" {
-		add("type", "%s", problem)
+	if code, problem := typeProblem(e.Type); problem != "" {
+		add("type", code, "%s", problem)
 	}
 	switch {
 	case e.Time.IsZero():
-		add("time", "required")
+		add("time", ProblemRequired, "required")
 	case e.Time.Year() < 2000:
-		add("time", "before the year 2000")
+		add("time", ProblemOutOfRange, "before the year 2000")
 	case e.Time.After(now.Add(MaxClockSkew)):
-		add("time", "more than %s in the future", MaxClockSkew)
+		add("time", ProblemInFuture, "more than %s in the future", MaxClockSkew)
 	}
 	if len(e.Route) > MaxRouteLength {
-		add("route", "longer than %d bytes", MaxRouteLength)
+		add("route", ProblemTooLong, "longer than %d bytes", MaxRouteLength)
 	}
 	if e.Method != "" && !knownMethod(e.Method) {
-		add("method", "unknown HTTP method %q", e.Method)
+		add("method", ProblemInvalidValue, "unknown HTTP method %q", e.Method)
 	}
 	if e.Status != 0 && (e.Status < 100 || e.Status > 599) {
-		add("status", "must be an HTTP status between 100 and 599")
+		add("status", ProblemOutOfRange, "must be an HTTP status between 100 and 599")
 	}
 	for _, m := range []struct {
 		field string
 		v     int64
 	}{{"latency_us", e.LatencyMicros}, {"request_bytes", e.RequestBytes}, {"response_bytes", e.ResponseBytes}} {
 		if m.v < 0 {
-			add(m.field, "negative")
+			add(m.field, ProblemOutOfRange, "negative")
 		} else if m.v > MaxMeasure {
-			add(m.field, "more than %d", MaxMeasure)
+			add(m.field, ProblemOutOfRange, "more than %d", MaxMeasure)
 		}
 	}
 	if e.Units < 0 {
-		add("units", "negative")
+		add("units", ProblemOutOfRange, "negative")
 	} else if e.Units > MaxUnits {
-		add("units", "more than %d", MaxUnits)
+		add("units", ProblemOutOfRange, "more than %d", MaxUnits)
 	}
 	if len(e.RequestID) > MaxRequestIDLength {
-		add("request_id", "longer than %d bytes", MaxRequestIDLength)
+		add("request_id", ProblemTooLong, "longer than %d bytes", MaxRequestIDLength)
 	}
 	if len(e.ClientID) > MaxClientIDLength {
-		add("client_id", "longer than %d bytes", MaxClientIDLength)
+		add("client_id", ProblemTooLong, "longer than %d bytes", MaxClientIDLength)
 	} else if hasControl(e.ClientID) {
 		// Event ids are derived from the client's id with NUL as the
 		// separator: a NUL inside one could make a live id equal to a test
 		// id, and ingest would keep only one of the two.
-		add("client_id", "contains a control character")
+		add("client_id", ProblemInvalidCharacters, "contains a control character")
 	}
 	if len(e.Dimensions) > MaxDimensions || len(keys) > MaxDimensions {
-		add("dimensions", "more than %d entries", MaxDimensions)
+		add("dimensions", ProblemTooMany, "more than %d entries", MaxDimensions)
 	}
 	// Problems with dimensions are listed in key order, which for a map
 	// costs a sorted copy of the keys; make it only when there is one to
@@ -313,10 +344,12 @@ func (e *Event) problems(now time.Time, keys, values []string) []FieldError {
 	listDimensions := func(keys, values []string) {
 		for i, k := range keys {
 			switch v := values[i]; {
-			case len(k) > MaxDimensionKey || !dimKeyChars.MatchString(k):
-				add("dimensions."+ClipName(k), "key must be lower case letters, digits and _, at most %d bytes", MaxDimensionKey)
+			case len(k) > MaxDimensionKey:
+				add("dimensions."+ClipName(k), ProblemTooLong, "key must be lower case letters, digits and _, at most %d bytes", MaxDimensionKey)
+			case !dimKeyChars.MatchString(k):
+				add("dimensions."+ClipName(k), ProblemInvalidCharacters, "key must be lower case letters, digits and _, at most %d bytes", MaxDimensionKey)
 			case len(v) > MaxDimensionValue:
-				add("dimensions."+k, "value longer than %d bytes", MaxDimensionValue)
+				add("dimensions."+k, ProblemTooLong, "value longer than %d bytes", MaxDimensionValue)
 			}
 		}
 	}

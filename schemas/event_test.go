@@ -33,46 +33,46 @@ func TestValidate(t *testing.T) {
 	cases := []struct {
 		name   string
 		mutate func(*Event)
-		fields []string // fields that must be reported; none means valid
+		fields []string // field:code of each problem that must be reported; none means valid
 	}{
 		{"a complete event is valid", func(*Event) {}, nil},
-		{"unknown schema version is rejected", func(e *Event) { e.Version = 2 }, []string{"v"}},
-		{"missing id is rejected", func(e *Event) { e.ID = uuid.Nil }, []string{"id"}},
-		{"missing account is rejected", func(e *Event) { e.AccountID = "" }, []string{"account_id"}},
-		{"account with spaces is rejected", func(e *Event) { e.AccountID = "acct 1" }, []string{"account_id"}},
-		{"over-long account is rejected", func(e *Event) { e.AccountID = strings.Repeat("a", MaxIDLength+1) }, []string{"account_id"}},
-		{"unknown environment is rejected", func(e *Event) { e.Environment = "prod" }, []string{"env"}},
-		{"missing type is rejected", func(e *Event) { e.Type = "" }, []string{"type"}},
-		{"upper-case type is rejected", func(e *Event) { e.Type = "API_CALL" }, []string{"type"}},
-		{"missing time is rejected", func(e *Event) { e.Time = time.Time{} }, []string{"time"}},
-		{"time far in the future is rejected", func(e *Event) { e.Time = now.Add(MaxClockSkew + time.Second) }, []string{"time"}},
+		{"unknown schema version is rejected", func(e *Event) { e.Version = 2 }, []string{"v:unsupported_version"}},
+		{"missing id is rejected", func(e *Event) { e.ID = uuid.Nil }, []string{"id:required"}},
+		{"missing account is rejected", func(e *Event) { e.AccountID = "" }, []string{"account_id:required"}},
+		{"account with spaces is rejected", func(e *Event) { e.AccountID = "acct 1" }, []string{"account_id:invalid_characters"}},
+		{"over-long account is rejected", func(e *Event) { e.AccountID = strings.Repeat("a", MaxIDLength+1) }, []string{"account_id:too_long"}},
+		{"unknown environment is rejected", func(e *Event) { e.Environment = "prod" }, []string{"env:invalid_value"}},
+		{"missing type is rejected", func(e *Event) { e.Type = "" }, []string{"type:required"}},
+		{"upper-case type is rejected", func(e *Event) { e.Type = "API_CALL" }, []string{"type:invalid_characters"}},
+		{"missing time is rejected", func(e *Event) { e.Time = time.Time{} }, []string{"time:required"}},
+		{"time far in the future is rejected", func(e *Event) { e.Time = now.Add(MaxClockSkew + time.Second) }, []string{"time:in_future"}},
 		{"time within the clock skew is accepted", func(e *Event) { e.Time = now.Add(MaxClockSkew - time.Second) }, nil},
-		{"ancient time is rejected", func(e *Event) { e.Time = time.Date(1999, 1, 1, 0, 0, 0, 0, time.UTC) }, []string{"time"}},
-		{"negative units are rejected", func(e *Event) { e.Units = -1 }, []string{"units"}},
+		{"ancient time is rejected", func(e *Event) { e.Time = time.Date(1999, 1, 1, 0, 0, 0, 0, time.UTC) }, []string{"time:out_of_range"}},
+		{"negative units are rejected", func(e *Event) { e.Units = -1 }, []string{"units:out_of_range"}},
 		{"zero units are accepted", func(e *Event) { e.Units = 0 }, nil},
 		{"units up to the bound are accepted", func(e *Event) { e.Units = MaxUnits }, nil},
-		{"units past the bound are rejected (two could wrap an Int64 sum)", func(e *Event) { e.Units = MaxUnits + 1 }, []string{"units"}},
-		{"a client id with NUL is rejected (it could equal another environment's id)", func(e *Event) { e.ClientID = "test\x00job-1" }, []string{"client_id"}},
-		{"a client id with a line break is rejected", func(e *Event) { e.ClientID = "job\n1" }, []string{"client_id"}},
+		{"units past the bound are rejected (two could wrap an Int64 sum)", func(e *Event) { e.Units = MaxUnits + 1 }, []string{"units:out_of_range"}},
+		{"a client id with NUL is rejected (it could equal another environment's id)", func(e *Event) { e.ClientID = "test\x00job-1" }, []string{"client_id:invalid_characters"}},
+		{"a client id with a line break is rejected", func(e *Event) { e.ClientID = "job\n1" }, []string{"client_id:invalid_characters"}},
 		{"a client id of any other text is accepted", func(e *Event) { e.ClientID = "job 1/ü:#" }, nil},
-		{"unknown method is rejected", func(e *Event) { e.Method = "BREW" }, []string{"method"}},
-		{"status outside HTTP range is rejected", func(e *Event) { e.Status = 99 }, []string{"status"}},
-		{"negative byte counts are rejected", func(e *Event) { e.RequestBytes, e.ResponseBytes = -1, -2 }, []string{"request_bytes", "response_bytes"}},
+		{"unknown method is rejected", func(e *Event) { e.Method = "BREW" }, []string{"method:invalid_value"}},
+		{"status outside HTTP range is rejected", func(e *Event) { e.Status = 99 }, []string{"status:out_of_range"}},
+		{"negative byte counts are rejected", func(e *Event) { e.RequestBytes, e.ResponseBytes = -1, -2 }, []string{"request_bytes:out_of_range", "response_bytes:out_of_range"}},
 		{"measures up to the bound are accepted", func(e *Event) { e.LatencyMicros, e.RequestBytes, e.ResponseBytes = MaxMeasure, MaxMeasure, MaxMeasure }, nil},
 		{"measures past the bound are rejected (a few could wrap an Int64 sum)", func(e *Event) {
 			e.LatencyMicros, e.RequestBytes, e.ResponseBytes = MaxMeasure+1, 999999999999999999, MaxMeasure+1
-		}, []string{"latency_us", "request_bytes", "response_bytes"}},
-		{"bad dimension key is rejected", func(e *Event) { e.Dimensions = map[string]string{"Bad Key": "x"} }, []string{"dimensions.Bad Key"}},
+		}, []string{"latency_us:out_of_range", "request_bytes:out_of_range", "response_bytes:out_of_range"}},
+		{"bad dimension key is rejected", func(e *Event) { e.Dimensions = map[string]string{"Bad Key": "x"} }, []string{"dimensions.Bad Key:invalid_characters"}},
 		{"over-long dimension value is rejected", func(e *Event) {
 			e.Dimensions = map[string]string{"k": strings.Repeat("v", MaxDimensionValue+1)}
-		}, []string{"dimensions.k"}},
+		}, []string{"dimensions.k:too_long"}},
 		{"too many dimensions are rejected", func(e *Event) {
 			e.Dimensions = map[string]string{}
 			for i := 0; i <= MaxDimensions; i++ {
 				e.Dimensions[string(rune('a'+i))] = "x"
 			}
-		}, []string{"dimensions"}},
-		{"every problem is reported at once", func(e *Event) { e.AccountID, e.Units, e.Environment = "", -5, "" }, []string{"account_id", "units", "env"}},
+		}, []string{"dimensions:too_many"}},
+		{"every problem is reported at once", func(e *Event) { e.AccountID, e.Units, e.Environment = "", -5, "" }, []string{"account_id:required", "units:out_of_range", "env:invalid_value"}},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -91,7 +91,7 @@ func TestValidate(t *testing.T) {
 			}
 			got := map[string]bool{}
 			for _, p := range ve.Problems {
-				got[p.Field] = true
+				got[p.Field+":"+p.Code] = true
 				if p.Reason == "" {
 					t.Errorf("problem with %s has no reason", p.Field)
 				}
