@@ -192,8 +192,11 @@ func (a *Admin) view(k Key) KeyView {
 // CreatedKey is the answer to create and roll: the only time the secret is
 // ever shown.
 type CreatedKey struct {
-	Key    KeyView `json:"key"`
-	Secret string  `json:"secret"`
+	Key KeyView `json:"key"`
+	// Secret is shown once, in the answer to the request that made the
+	// key: never in the answer to a retry of it (Replayed).
+	Secret   string `json:"secret,omitempty"`
+	Replayed bool   `json:"replayed,omitempty"`
 	// Previous is the rolled key with its new expiry (roll only).
 	Previous *KeyView `json:"previous,omitempty"`
 	// Warnings name the key's scopes that grant nothing anything asks for
@@ -405,20 +408,82 @@ func (a *Admin) createKey(c echo.Context) error {
 		t := in.ExpiresAt.UTC()
 		in.ExpiresAt = &t
 	}
+	idem := c.Request().Header.Get(HeaderIdempotencyKey)
+	if err := validIdempotencyKey(idem); err != nil {
+		return err
+	}
 	secret, parsed, err := GenerateKey(kind, env)
 	if err != nil {
 		return err
 	}
 	nk := NewKey{ID: newKeyID(), AccountID: account, Name: in.Name, Parsed: parsed,
 		Scopes: in.Scopes, ExpiresAt: in.ExpiresAt, Audit: a.info(c, "created through the admin API")}
-	if err := a.deps.Store.CreateKey(c.Request().Context(), nk); err != nil {
+	if idem != "" {
+		nk.IdempotencyKey, nk.RequestHash = idem, createHash(kind, env, in)
+	}
+	ctx := c.Request().Context()
+	var replay *IdempotentReplay
+	switch err := a.deps.Store.CreateKey(ctx, nk); {
+	case errors.As(err, &replay) && !replay.SameRequest:
+		return NewAPIError(http.StatusBadRequest, TypeInvalidRequest, "idempotency_key_reused", fmt.Sprintf(
+			"This Idempotency-Key made key %s with other parameters; use a new Idempotency-Key for another key.", replay.KeyID))
+	case errors.As(err, &replay):
+		k, err := a.deps.Store.GetKey(ctx, replay.KeyID)
+		if err != nil {
+			return err
+		}
+		c.Response().Header().Set(HeaderIdempotentReplayed, "true")
+		return c.JSON(http.StatusOK, CreatedKey{Key: a.view(k), Replayed: true, Warnings: append(a.idleScopes(in.Scopes),
+			"an earlier request with this Idempotency-Key made this key, and its secret was shown only in that answer; "+
+				"if that answer was lost, roll the key with overlap 0s for a new secret")})
+	case err != nil:
 		return err
 	}
-	k, err := a.deps.Store.GetKey(c.Request().Context(), nk.ID)
+	k, err := a.deps.Store.GetKey(ctx, nk.ID)
 	if err != nil {
 		return err
 	}
 	return c.JSON(http.StatusCreated, CreatedKey{Key: a.view(k), Secret: secret, Warnings: a.idleScopes(in.Scopes)})
+}
+
+// HeaderIdempotencyKey, on a key create, makes a retry of it safe: the
+// account's second create with the same value makes no second key.
+// HeaderIdempotentReplayed marks the answer to such a retry.
+const (
+	HeaderIdempotencyKey     = "Idempotency-Key"
+	HeaderIdempotentReplayed = "Idempotent-Replayed"
+)
+
+// maxIdempotencyKey bounds an Idempotency-Key, as Stripe's.
+const maxIdempotencyKey = 255
+
+// validIdempotencyKey refuses an Idempotency-Key that is too long or not
+// printable ASCII; an empty one is no key.
+func validIdempotencyKey(k string) error {
+	if len(k) > maxIdempotencyKey {
+		return fmt.Errorf("%w: %s is longer than %d bytes", ErrInvalid, HeaderIdempotencyKey, maxIdempotencyKey)
+	}
+	for i := 0; i < len(k); i++ {
+		if k[i] < 0x20 || k[i] > 0x7e {
+			return fmt.Errorf("%w: %s may hold only printable ASCII", ErrInvalid, HeaderIdempotencyKey)
+		}
+	}
+	return nil
+}
+
+// createHash is what a key create asks for, as the admin API read it
+// (defaults filled in, the expiry in UTC), hashed: a retry must ask for the
+// same key to be answered with it.
+func createHash(kind KeyKind, env schemas.Environment, in keyRequest) []byte {
+	in.Kind, in.Environment = string(kind), string(env)
+	b, err := json.Marshal(in)
+	if err != nil {
+		// A keyRequest holds strings and a time already checked to be
+		// within range; it always encodes. Should it not, no retry matches.
+		b = []byte(err.Error())
+	}
+	sum := sha256.Sum256(b)
+	return sum[:]
 }
 
 // idleScopes warns of each of scopes that grants none of the known ones.

@@ -945,3 +945,132 @@ func TestAGzippedBatchIsReported(t *testing.T) {
 		})
 	}
 }
+
+// A create retried after a lost answer, with the same Idempotency-Key,
+// makes no second key: it is answered with the first one's key (never its
+// secret again). The key is the account's own, is refused with other
+// parameters, and of creates racing with one key exactly one makes it.
+func TestAKeyCreateWithAnIdempotencyKeyMakesOneKey(t *testing.T) {
+	env := edgetest.New(t)
+	in := env.Start(t, edgetest.Options{})
+	admin := startAdmin(t, env, in.Audit)
+	for _, acct := range []string{"acct_idem", "acct_idem2"} {
+		if s := admin.call("PUT", "/admin/v1/accounts/"+acct, adminToken, `{}`, nil); s != 200 {
+			t.Fatalf("put account %s: %d", acct, s)
+		}
+	}
+	create := func(acct, idem, body string) (int, edge.CreatedKey, edge.APIError, http.Header) {
+		t.Helper()
+		req, _ := http.NewRequest("POST", admin.url+"/admin/v1/accounts/"+acct+"/keys", strings.NewReader(body))
+		req.Header.Set("Authorization", "Bearer "+adminToken)
+		req.Header.Set("Content-Type", "application/json")
+		if idem != "" {
+			req.Header.Set(edge.HeaderIdempotencyKey, idem)
+		}
+		resp, err := http.DefaultClient.Do(req)
+		testenv.Must(t, err, "create key")
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		var ck edge.CreatedKey
+		var eb struct{ Error edge.APIError }
+		if resp.StatusCode < 300 {
+			testenv.Must(t, json.Unmarshal(b, &ck), "decode "+string(b))
+		} else {
+			testenv.Must(t, json.Unmarshal(b, &eb), "decode "+string(b))
+		}
+		return resp.StatusCode, ck, eb.Error, resp.Header
+	}
+	keys := func(acct string) []edge.KeyView {
+		t.Helper()
+		var list struct{ Keys []edge.KeyView }
+		if s := admin.call("GET", "/admin/v1/accounts/"+acct+"/keys", adminToken, "", &list); s != 200 {
+			t.Fatalf("list keys of %s: %d", acct, s)
+		}
+		return list.Keys
+	}
+
+	t.Run("a retry is answered with the first key and no secret", func(t *testing.T) {
+		s, first, _, _ := create("acct_idem", "order-77", `{"name":"ci"}`)
+		if s != 201 || first.Secret == "" || first.Replayed {
+			t.Fatalf("first create: %d %+v, want 201 with a secret", s, first)
+		}
+		// The defaults spelt out are the same request.
+		s, again, e, h := create("acct_idem", "order-77", `{"environment":"live", "kind":"secret", "name":"ci"}`)
+		if s != 200 || again.Key.ID != first.Key.ID || again.Secret != "" || !again.Replayed || h.Get(edge.HeaderIdempotentReplayed) != "true" {
+			t.Fatalf("retry: %d %+v %+v (%s: %q), want 200 with key %s, replayed, no secret", s, again, e, edge.HeaderIdempotentReplayed, h.Get(edge.HeaderIdempotentReplayed), first.Key.ID)
+		}
+		if ks := keys("acct_idem"); len(ks) != 1 {
+			t.Fatalf("%d keys after a create and its retry, want 1", len(ks))
+		}
+		// The first answer's secret is the key's.
+		r := edgetest.Do(t, "GET", in.URL+"/v1/ping", first.Secret, nil)
+		if r.Status == 401 {
+			t.Fatalf("the first answer's secret is refused: %+v", r.Error)
+		}
+	})
+	t.Run("other parameters with the same key are refused", func(t *testing.T) {
+		s, _, e, _ := create("acct_idem", "order-77", `{"name":"other"}`)
+		if s != 400 || e.Code != "idempotency_key_reused" {
+			t.Fatalf("reuse with another name: %d %+v, want 400 idempotency_key_reused", s, e)
+		}
+		if ks := keys("acct_idem"); len(ks) != 1 {
+			t.Fatalf("%d keys after a refused reuse, want 1", len(ks))
+		}
+	})
+	t.Run("another account's create with the same key makes its own key", func(t *testing.T) {
+		if s, ck, _, _ := create("acct_idem2", "order-77", `{"name":"ci"}`); s != 201 || ck.Secret == "" {
+			t.Fatalf("another account: %d %+v, want 201", s, ck)
+		}
+	})
+	t.Run("of creates racing with one key exactly one makes it", func(t *testing.T) {
+		const n = 8
+		var wg sync.WaitGroup
+		status := make([]int, n)
+		ids := make([]string, n)
+		for i := range n {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				s, ck, _, _ := create("acct_idem2", "race-1", `{"name":"race","kind":"publishable"}`)
+				status[i], ids[i] = s, ck.Key.ID
+			}()
+		}
+		wg.Wait()
+		made := 0
+		for i := range n {
+			switch {
+			case status[i] == 201:
+				made++
+			case status[i] != 200:
+				t.Errorf("create %d: %d, want 201 or 200", i, status[i])
+			}
+			if ids[i] != ids[0] || ids[i] == "" {
+				t.Errorf("create %d answered with key %q, the first with %q", i, ids[i], ids[0])
+			}
+		}
+		if made != 1 {
+			t.Fatalf("%d of %d racing creates made a key, want 1", made, n)
+		}
+		if ks := keys("acct_idem2"); len(ks) != 2 {
+			t.Fatalf("%d keys, want 2 (one per Idempotency-Key)", len(ks))
+		}
+	})
+	t.Run("without the header every create makes a key", func(t *testing.T) {
+		before := len(keys("acct_idem"))
+		for range 2 {
+			if s, _, _, _ := create("acct_idem", "", `{"name":"ci"}`); s != 201 {
+				t.Fatalf("create without Idempotency-Key: %d", s)
+			}
+		}
+		if got := len(keys("acct_idem")); got != before+2 {
+			t.Fatalf("%d keys, want %d", got, before+2)
+		}
+	})
+	t.Run("an Idempotency-Key that is too long or not printable is refused", func(t *testing.T) {
+		for _, bad := range []string{strings.Repeat("k", 256), "a\tb", "caf\u00e9"} {
+			if s, _, e, _ := create("acct_idem", bad, `{"name":"ci"}`); s != 400 || e.Code != "invalid_request" {
+				t.Errorf("Idempotency-Key %q: %d %+v, want 400 invalid_request", bad, s, e)
+			}
+		}
+	})
+}

@@ -56,6 +56,24 @@ type NewKey struct {
 	// RolledFrom is the id of the key this one replaces.
 	RolledFrom string
 	Audit      AuditInfo
+	// IdempotencyKey, when set, is the create's Idempotency-Key, and
+	// RequestHash the SHA-256 of the request it came with: an account's
+	// second create with the same IdempotencyKey makes no key, and
+	// CreateKey returns an *IdempotentReplay naming the first one's.
+	IdempotencyKey string
+	RequestHash    []byte
+}
+
+// IdempotentReplay is CreateKey's error when an earlier create of the
+// account carried the same idempotency key: KeyID is the key it made, and
+// SameRequest says whether it came with the same request.
+type IdempotentReplay struct {
+	KeyID       string
+	SameRequest bool
+}
+
+func (e *IdempotentReplay) Error() string {
+	return "idempotency key used before, by the create of key " + e.KeyID
 }
 
 // Account is an account as the admin API shows it.

@@ -3,6 +3,7 @@
 package postgres
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -158,14 +159,24 @@ func insertKey(ctx context.Context, tx pgx.Tx, nk edge.NewKey) error {
 	if nk.RolledFrom != "" {
 		rolled = &nk.RolledFrom
 	}
+	var idem *string
+	var reqHash []byte
+	if nk.IdempotencyKey != "" {
+		idem, reqHash = &nk.IdempotencyKey, nk.RequestHash
+	}
 	_, err := tx.Exec(ctx, `
-		INSERT INTO api_keys (id, account_id, environment, kind, display_prefix, hash, scopes, name, expires_at, rolled_from, created_by)
-		VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)`,
+		INSERT INTO api_keys (id, account_id, environment, kind, display_prefix, hash, scopes, name, expires_at, rolled_from, created_by,
+			idempotency_key, request_hash)
+		VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)`,
 		nk.ID, nk.AccountID, string(nk.Parsed.Environment), string(nk.Parsed.Kind),
-		nk.Parsed.DisplayPrefix, nk.Parsed.Hash[:], scopes, nk.Name, nk.ExpiresAt, rolled, nk.Audit.Actor)
+		nk.Parsed.DisplayPrefix, nk.Parsed.Hash[:], scopes, nk.Name, nk.ExpiresAt, rolled, nk.Audit.Actor,
+		idem, reqHash)
 	var pe *pgconn.PgError
 	if errors.As(err, &pe) && pe.Code == "23503" {
 		return fmt.Errorf("%w: no account %q", edge.ErrNotFound, nk.AccountID)
+	}
+	if errors.As(err, &pe) && pe.Code == "23505" && pe.ConstraintName == "api_keys_idempotency" {
+		return errIdempotencyKeyTaken
 	}
 	if errors.As(err, &pe) && pe.Code == "23505" {
 		return fmt.Errorf("%w: key %s exists", edge.ErrConflict, nk.ID)
@@ -176,18 +187,35 @@ func insertKey(ctx context.Context, tx pgx.Tx, nk edge.NewKey) error {
 	return nil
 }
 
+// errIdempotencyKeyTaken is insertKey's error when the account has a key
+// made with nk's idempotency key.
+var errIdempotencyKeyTaken = errors.New("idempotency key taken")
+
 // CreateKey stores the hash of a new key and its audit row. The account
-// and its environment must exist.
+// and its environment must exist. A create whose idempotency key the
+// account used before stores nothing and returns an *edge.IdempotentReplay:
+// the unique index decides, so of two such creates at once exactly one
+// makes a key.
 func (s *KeyStore) CreateKey(ctx context.Context, nk edge.NewKey) error {
 	if nk.Audit.Actor == "" {
 		nk.Audit.Actor = "system"
 	}
-	return pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
+	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
 		if err := insertKey(ctx, tx, nk); err != nil {
 			return err
 		}
 		return audit(ctx, tx, edge.ActionKeyCreated, nk, nk.Audit, nk.ID, nk.Parsed.DisplayPrefix)
 	})
+	if !errors.Is(err, errIdempotencyKeyTaken) {
+		return err
+	}
+	var first string
+	var hash []byte
+	if err := s.pool.QueryRow(ctx, `SELECT id, request_hash FROM api_keys WHERE account_id = $1 AND idempotency_key = $2`,
+		nk.AccountID, nk.IdempotencyKey).Scan(&first, &hash); err != nil {
+		return fmt.Errorf("find the key made with this idempotency key: %w", err)
+	}
+	return &edge.IdempotentReplay{KeyID: first, SameRequest: bytes.Equal(hash, nk.RequestHash)}
 }
 
 // RollKey creates nk and makes the old key expire at oldExpiresAt (or its
