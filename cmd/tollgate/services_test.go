@@ -167,6 +167,30 @@ func TestClickHouseAndRedisOverTLS(t *testing.T) {
 			})
 		}
 	})
+	t.Run("a Redis that asks for client certificates takes the edge's, and no client without one", func(t *testing.T) {
+		r := testenv.PrivateMutualTLSRedis(t)
+		pg, ch := testenv.NewPostgres(t), testenv.NewClickHouse(t)
+		up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { _, _ = w.Write([]byte("ok")) }))
+		t.Cleanup(up.Close)
+		for _, c := range []struct {
+			name       string
+			clientCert bool
+			wantRedis  bool
+		}{{"without a client certificate", false, false}, {"with a client certificate", true, true}} {
+			t.Run(c.name, func(t *testing.T) {
+				cfg := testConfig(t, pg, ch, "redismtls."+testenv.Name(t))
+				cfg.Services.RedisAddr = r.Addr
+				cfg.Services.RedisTLS, cfg.Services.RedisTLSCAFile = true, r.CAFile
+				if c.clientCert {
+					cfg.Services.RedisTLSCertFile, cfg.Services.RedisTLSKeyFile = r.ClientCertFile, r.ClientKeyFile
+				}
+				cfg.Edge.SpoolDir, cfg.Edge.Upstream = t.TempDir(), up.URL
+				if answered, logs := edgeReachesRedis(t, ctx, cfg); answered != c.wantRedis {
+					t.Fatalf("Redis answering: %v, want %v:\n%s", answered, c.wantRedis, logs)
+				}
+			})
+		}
+	})
 }
 
 // edgeReachesRedis starts the edge on cfg and reports whether Redis

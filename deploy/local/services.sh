@@ -34,7 +34,9 @@
 # Redis's optional TLS listener, off unless TOLLGATE_REDIS_TLS_PORT is set:
 #   TOLLGATE_REDIS_TLS_PORT=PORT           tls-port on 127.0.0.1:PORT beside the plain port
 #   TOLLGATE_REDIS_TLS_CERT, TOLLGATE_REDIS_TLS_KEY   PEM: the server's certificate (chain) and unencrypted key
-#   TOLLGATE_REDIS_TLS_CA=FILE             PEM: the CA Redis loads (clients are not asked for certificates)
+#   TOLLGATE_REDIS_TLS_CA=FILE             PEM: the CA Redis loads
+#   TOLLGATE_REDIS_TLS_AUTH_CLIENTS=yes    take only clients with a certificate that CA signed (default no:
+#                                          clients are not asked for certificates)
 # ClickHouse's optional secure native-protocol port, off unless TOLLGATE_CLICKHOUSE_TLS_PORT is set:
 #   TOLLGATE_CLICKHOUSE_TLS_PORT=PORT      tcp_port_secure on 127.0.0.1:PORT beside the plain native and HTTP ports
 #   TOLLGATE_CLICKHOUSE_TLS_CERT, TOLLGATE_CLICKHOUSE_TLS_KEY   PEM: the server's certificate (chain) and unencrypted key
@@ -934,6 +936,8 @@ EOF
     tls_file_check redis TOLLGATE_REDIS_TLS_PORT TOLLGATE_REDIS_TLS_CERT
     tls_file_check redis TOLLGATE_REDIS_TLS_PORT TOLLGATE_REDIS_TLS_KEY
     tls_file_check redis TOLLGATE_REDIS_TLS_PORT TOLLGATE_REDIS_TLS_CA
+    local auth_clients=${TOLLGATE_REDIS_TLS_AUTH_CLIENTS:-no}
+    [[ $auth_clients == yes || $auth_clients == no ]] || die "redis: TOLLGATE_REDIS_TLS_AUTH_CLIENTS must be yes or no"
     # Redis runs as this script's user and reads the files where they are.
     # It wants a CA even when it asks clients for no certificate. Files it
     # cannot load stop it at start-up ("Failed to configure TLS"), so
@@ -943,7 +947,7 @@ tls-port $REDIS_TLS_PORT
 tls-cert-file "$TOLLGATE_REDIS_TLS_CERT"
 tls-key-file "$TOLLGATE_REDIS_TLS_KEY"
 tls-ca-cert-file "$TOLLGATE_REDIS_TLS_CA"
-tls-auth-clients no
+tls-auth-clients $auth_clients
 tls-protocols "TLSv1.2 TLSv1.3"
 EOF
   fi

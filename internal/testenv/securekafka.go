@@ -141,6 +141,20 @@ func brokerCertificates(t testing.TB, hosts ...string) (caPEM, keystore []byte) 
 // the server's private key (unencrypted PKCS#8), each as PEM.
 func serverCertificates(t testing.TB, hosts ...string) (caPEM, certPEM, keyPEM []byte) {
 	t.Helper()
+	c := testCertificates(t, hosts...)
+	return c.ca, c.serverCert, c.serverKey
+}
+
+// certificates are PEM blocks of a test CA, a server certificate it
+// signed with its key, and a client certificate it signed with its key.
+type certificates struct {
+	ca, serverCert, serverKey, clientCert, clientKey []byte
+}
+
+// testCertificates makes a CA, a server certificate for hosts and a
+// client certificate, both signed by the CA.
+func testCertificates(t testing.TB, hosts ...string) certificates {
+	t.Helper()
 	fail := func(what string, err error) {
 		t.Helper()
 		t.Fatalf("test certificates: %s: %v", what, err)
@@ -195,10 +209,33 @@ func serverCertificates(t testing.TB, hosts ...string) (caPEM, certPEM, keyPEM [
 	if err != nil {
 		fail("server key", err)
 	}
-	caPEM = pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: caDER})
-	certPEM = pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: leafDER})
-	keyPEM = pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER})
-	return caPEM, certPEM, keyPEM
+	clientKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		fail("client key", err)
+	}
+	client := &x509.Certificate{
+		SerialNumber: serial(t),
+		Subject:      pkix.Name{CommonName: "tollgate test client " + Name(t)},
+		NotBefore:    now.Add(-time.Hour),
+		NotAfter:     now.Add(24 * time.Hour),
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
+	}
+	clientDER, err := x509.CreateCertificate(rand.Reader, client, caCert, &clientKey.PublicKey, caKey)
+	if err != nil {
+		fail("client certificate", err)
+	}
+	clientKeyDER, err := x509.MarshalPKCS8PrivateKey(clientKey)
+	if err != nil {
+		fail("client key", err)
+	}
+	return certificates{
+		ca:         pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: caDER}),
+		serverCert: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: leafDER}),
+		serverKey:  pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}),
+		clientCert: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: clientDER}),
+		clientKey:  pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: clientKeyDER}),
+	}
 }
 
 // serial is a random certificate serial number, positive and at most 128

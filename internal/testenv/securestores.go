@@ -25,11 +25,27 @@ type TLSServer struct {
 	CAFile string
 	// CAPEM is CAFile's contents.
 	CAPEM []byte
+	// ClientCertFile and ClientKeyFile are PEM files of a client
+	// certificate the same CA signed, and its key.
+	ClientCertFile, ClientKeyFile string
 }
 
 // PrivateTLSRedis starts a Redis server for this test with a TLS port
 // beside its plain one. Redis does not ask clients for certificates.
 func PrivateTLSRedis(t testing.TB) *TLSServer {
+	t.Helper()
+	return privateTLSRedis(t, "no")
+}
+
+// PrivateMutualTLSRedis is PrivateTLSRedis with a TLS port that takes only
+// clients with a certificate its CA signed (Redis's tls-auth-clients yes),
+// such as the TLSServer's ClientCertFile.
+func PrivateMutualTLSRedis(t testing.TB) *TLSServer {
+	t.Helper()
+	return privateTLSRedis(t, "yes")
+}
+
+func privateTLSRedis(t testing.TB, authClients string) *TLSServer {
 	t.Helper()
 	files := writeServerCertificates(t, "private TLS redis")
 	ports := freePorts(t, 2)
@@ -39,7 +55,8 @@ func PrivateTLSRedis(t testing.TB) *TLSServer {
 		"TOLLGATE_REDIS_TLS_PORT="+strconv.Itoa(tlsPort),
 		"TOLLGATE_REDIS_TLS_CERT="+files.cert,
 		"TOLLGATE_REDIS_TLS_KEY="+files.key,
-		"TOLLGATE_REDIS_TLS_CA="+files.ca)
+		"TOLLGATE_REDIS_TLS_CA="+files.ca,
+		"TOLLGATE_REDIS_TLS_AUTH_CLIENTS="+authClients)
 	return files.server(t, inst, tlsPort)
 }
 
@@ -62,8 +79,9 @@ func PrivateTLSClickHouse(t testing.TB) *TLSServer {
 
 // serverFiles are the PEM files of a TLS server's CA, certificate and key.
 type serverFiles struct {
-	ca, cert, key string
-	caPEM         []byte
+	ca, cert, key         string
+	clientCert, clientKey string
+	caPEM                 []byte
 }
 
 // writeServerCertificates makes a CA and a server certificate for
@@ -71,23 +89,27 @@ type serverFiles struct {
 // directory; what names the server in messages.
 func writeServerCertificates(t testing.TB, what string) serverFiles {
 	t.Helper()
-	caPEM, certPEM, keyPEM := serverCertificates(t, "127.0.0.1", "localhost")
+	c := testCertificates(t, "127.0.0.1", "localhost")
 	dir := t.TempDir()
 	f := serverFiles{
-		ca:    filepath.Join(dir, "ca.pem"),
-		cert:  filepath.Join(dir, "server.pem"),
-		key:   filepath.Join(dir, "server-key.pem"),
-		caPEM: caPEM,
+		ca:         filepath.Join(dir, "ca.pem"),
+		cert:       filepath.Join(dir, "server.pem"),
+		key:        filepath.Join(dir, "server-key.pem"),
+		clientCert: filepath.Join(dir, "client.pem"),
+		clientKey:  filepath.Join(dir, "client-key.pem"),
+		caPEM:      c.ca,
 	}
 	for _, w := range []struct {
 		path string
 		data []byte
 		mode os.FileMode
 	}{
-		{f.ca, caPEM, 0o644},
-		{f.cert, certPEM, 0o644},
-		// The server's private key, unencrypted: readable by its owner only.
-		{f.key, keyPEM, 0o600},
+		{f.ca, c.ca, 0o644},
+		{f.cert, c.serverCert, 0o644},
+		// The private keys, unencrypted: readable by their owner only.
+		{f.key, c.serverKey, 0o600},
+		{f.clientCert, c.clientCert, 0o644},
+		{f.clientKey, c.clientKey, 0o600},
 	} {
 		if err := os.WriteFile(w.path, w.data, w.mode); err != nil {
 			t.Fatalf("%s: %v", what, err)
@@ -108,11 +130,13 @@ func (f serverFiles) server(t testing.TB, inst *Instance, tlsPort int) *TLSServe
 		}
 	})
 	return &TLSServer{
-		Instance:  inst,
-		Addr:      "127.0.0.1:" + strconv.Itoa(tlsPort),
-		PlainAddr: inst.Addr,
-		CAFile:    f.ca,
-		CAPEM:     f.caPEM,
+		Instance:       inst,
+		Addr:           "127.0.0.1:" + strconv.Itoa(tlsPort),
+		PlainAddr:      inst.Addr,
+		CAFile:         f.ca,
+		CAPEM:          f.caPEM,
+		ClientCertFile: f.clientCert,
+		ClientKeyFile:  f.clientKey,
 	}
 }
 
