@@ -23,15 +23,19 @@ import (
 // commands build them, against a real broker's SASL_SSL listener (TLS with
 // a certificate from a CA made for the test, and SASL): the edge's producer, ingest's consumer group member, its
 // offsets reader and dead-letter writer, the invoicer's log reader, topic
-// creation and the readiness check. A client left on plaintext, or
-// without the credentials, would fail here.
+// creation and the readiness check. The listener also asks for a client
+// certificate (mutual TLS), which each client shows from the settings. A
+// client left on plaintext, or without the credentials or the certificate,
+// would fail here.
 func TestEveryKafkaClientWorksOverTLSAndSASL(t *testing.T) {
-	sk := testenv.PrivateSecureKafka(t)
+	sk := testenv.PrivateMutualTLSKafka(t)
 	for _, mech := range []string{"SCRAM-SHA-512", "PLAIN"} {
 		t.Run("with "+mech+" every client reads and writes", func(t *testing.T) {
 			t.Setenv("TOLLGATE_KAFKA_BROKERS", sk.Addr)
 			t.Setenv("TOLLGATE_KAFKA_TLS", "true")
 			t.Setenv("TOLLGATE_KAFKA_TLS_CA_FILE", sk.CAFile)
+			t.Setenv("TOLLGATE_KAFKA_TLS_CERT_FILE", sk.ClientCertFile)
+			t.Setenv("TOLLGATE_KAFKA_TLS_KEY_FILE", sk.ClientKeyFile)
 			t.Setenv("TOLLGATE_KAFKA_SASL_MECHANISM", mech)
 			t.Setenv("TOLLGATE_KAFKA_SASL_USERNAME", sk.User)
 			t.Setenv("TOLLGATE_KAFKA_SASL_PASSWORD", sk.Password)
@@ -145,6 +149,7 @@ func TestEveryKafkaClientWorksOverTLSAndSASL(t *testing.T) {
 		cfg := testConfig(t, pg, ch, topic)
 		cfg.Services.KafkaBrokers = []string{sk.Addr}
 		cfg.Services.KafkaTLS, cfg.Services.KafkaTLSCAFile = true, sk.CAFile
+		cfg.Services.KafkaTLSCertFile, cfg.Services.KafkaTLSKeyFile = sk.ClientCertFile, sk.ClientKeyFile
 		cfg.Services.KafkaSASLMechanism, cfg.Services.KafkaSASLUsername, cfg.Services.KafkaSASLPassword = "SCRAM-SHA-256", sk.User, sk.Password
 		cfg.Edge.SpoolDir, cfg.Edge.Upstream = t.TempDir(), "http://127.0.0.1:9"
 		testenv.Must(t, cfg.Validate("edge", "ingest"), "validate")
@@ -174,6 +179,8 @@ func TestEveryKafkaClientWorksOverTLSAndSASL(t *testing.T) {
 		t.Setenv("TOLLGATE_KAFKA_BROKERS", sk.Addr)
 		t.Setenv("TOLLGATE_KAFKA_TLS", "true")
 		t.Setenv("TOLLGATE_KAFKA_TLS_CA_FILE", sk.CAFile)
+		t.Setenv("TOLLGATE_KAFKA_TLS_CERT_FILE", sk.ClientCertFile)
+		t.Setenv("TOLLGATE_KAFKA_TLS_KEY_FILE", sk.ClientKeyFile)
 		t.Setenv("TOLLGATE_KAFKA_SASL_MECHANISM", "SCRAM-SHA-256")
 		t.Setenv("TOLLGATE_KAFKA_SASL_USERNAME", sk.User)
 		t.Setenv("TOLLGATE_KAFKA_SASL_PASSWORD", sk.Password+"x")
@@ -189,6 +196,24 @@ func TestEveryKafkaClientWorksOverTLSAndSASL(t *testing.T) {
 		}
 		if strings.Contains(err.Error(), sk.Password) {
 			t.Fatalf("the error %q quotes the password", err)
+		}
+	})
+
+	t.Run("without a client certificate the broker refuses the connection", func(t *testing.T) {
+		t.Setenv("TOLLGATE_KAFKA_BROKERS", sk.Addr)
+		t.Setenv("TOLLGATE_KAFKA_TLS", "true")
+		t.Setenv("TOLLGATE_KAFKA_TLS_CA_FILE", sk.CAFile)
+		t.Setenv("TOLLGATE_KAFKA_SASL_MECHANISM", "SCRAM-SHA-256")
+		t.Setenv("TOLLGATE_KAFKA_SASL_USERNAME", sk.User)
+		t.Setenv("TOLLGATE_KAFKA_SASL_PASSWORD", sk.Password)
+		kc, err := writeConfig(t, "").Services.kafkaCluster()
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		if err := kafkaDep(kc).check(ctx); err == nil {
+			t.Fatal("readiness without a client certificate succeeded against a broker that asks for one")
 		}
 	})
 

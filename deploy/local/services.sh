@@ -28,6 +28,8 @@
 # Kafka's optional SASL_SSL client listener, off unless TOLLGATE_KAFKA_SECURE_PORT is set:
 #   TOLLGATE_KAFKA_SECURE_PORT=PORT        SASL_SSL://127.0.0.1:PORT beside the PLAINTEXT one
 #   TOLLGATE_KAFKA_TLS_KEYSTORE=FILE       PEM: the broker's unencrypted PKCS#8 key and its certificate chain
+#   TOLLGATE_KAFKA_TLS_TRUSTSTORE=FILE     PEM: CA certificates; when set, the listener takes only clients
+#                                          with a certificate one of them signed (ssl.client.auth=required)
 #   TOLLGATE_KAFKA_SASL_USER, TOLLGATE_KAFKA_SASL_PASSWORD   the one user, for PLAIN,
 #     SCRAM-SHA-256 and SCRAM-SHA-512 (letters, digits, '.', '_', '-'; SCRAM
 #     credentials are added when the storage is formatted)
@@ -488,6 +490,8 @@ kafka_secure_check() {
   [[ $KAFKA_SECURE_PORT =~ ^[0-9]+$ ]] || die "kafka: TOLLGATE_KAFKA_SECURE_PORT must be a port number"
   [[ -n ${TOLLGATE_KAFKA_TLS_KEYSTORE:-} && -r $TOLLGATE_KAFKA_TLS_KEYSTORE ]] ||
     die "kafka: TOLLGATE_KAFKA_SECURE_PORT needs TOLLGATE_KAFKA_TLS_KEYSTORE, a readable PEM file with the broker's key and certificate chain"
+  [[ -z ${TOLLGATE_KAFKA_TLS_TRUSTSTORE:-} || -r $TOLLGATE_KAFKA_TLS_TRUSTSTORE ]] ||
+    die "kafka: TOLLGATE_KAFKA_TLS_TRUSTSTORE must be a readable PEM file of CA certificates"
   [[ ${TOLLGATE_KAFKA_SASL_USER:-} =~ ^[A-Za-z0-9._-]+$ ]] ||
     die "kafka: TOLLGATE_KAFKA_SECURE_PORT needs TOLLGATE_KAFKA_SASL_USER (letters, digits, '.', '_', '-')"
   [[ ${TOLLGATE_KAFKA_SASL_PASSWORD:-} =~ ^[A-Za-z0-9._-]+$ ]] ||
@@ -535,12 +539,22 @@ EOF
     cat >>"$k/server.properties" <<EOF
 ssl.keystore.type=PEM
 ssl.keystore.location=$TOLLGATE_KAFKA_TLS_KEYSTORE
-ssl.client.auth=none
 listener.name.sasl_ssl.sasl.enabled.mechanisms=PLAIN,SCRAM-SHA-256,SCRAM-SHA-512
 listener.name.sasl_ssl.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required user_$TOLLGATE_KAFKA_SASL_USER="$TOLLGATE_KAFKA_SASL_PASSWORD";
 listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
 listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
 EOF
+    if [[ -n ${TOLLGATE_KAFKA_TLS_TRUSTSTORE:-} ]]; then
+      # For a SASL_SSL listener only the listener's own ssl.client.auth
+      # asks clients for a certificate; the broker-wide one is not read.
+      cat >>"$k/server.properties" <<EOF
+ssl.truststore.type=PEM
+ssl.truststore.location=$TOLLGATE_KAFKA_TLS_TRUSTSTORE
+listener.name.sasl_ssl.ssl.client.auth=required
+EOF
+    else
+      echo "listener.name.sasl_ssl.ssl.client.auth=none" >>"$k/server.properties"
+    fi
   fi
   cat >"$k/log4j2.properties" <<EOF
 status = warn

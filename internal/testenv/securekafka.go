@@ -38,6 +38,10 @@ type SecureKafka struct {
 	// User and Password log in with any of the three mechanisms. The
 	// password is random for each test.
 	User, Password string
+	// ClientCertFile and ClientKeyFile are PEM files of a client
+	// certificate the CA signed, and its key: what a broker made by
+	// PrivateMutualTLSKafka asks every SASL_SSL client for.
+	ClientCertFile, ClientKeyFile string
 }
 
 // PrivateSecureKafka starts a single-node Kafka broker for this test with
@@ -46,16 +50,41 @@ type SecureKafka struct {
 // client trusts it only through CAFile or CAPEM.
 func PrivateSecureKafka(t testing.TB) *SecureKafka {
 	t.Helper()
+	return privateSecureKafka(t, false)
+}
+
+// PrivateMutualTLSKafka is PrivateSecureKafka with a SASL_SSL listener
+// that also asks every client for a certificate its CA signed
+// (ssl.client.auth=required), such as ClientCertFile.
+func PrivateMutualTLSKafka(t testing.TB) *SecureKafka {
+	t.Helper()
+	return privateSecureKafka(t, true)
+}
+
+func privateSecureKafka(t testing.TB, clientAuth bool) *SecureKafka {
+	t.Helper()
 	dir := t.TempDir()
-	caPEM, keystore := brokerCertificates(t, "127.0.0.1", "localhost")
+	c := testCertificates(t, "127.0.0.1", "localhost")
+	// A PEM key store as Kafka reads one: the broker's private key, then
+	// its certificate chain.
+	caPEM, keystore := c.ca, slices.Concat(c.serverKey, c.serverCert, c.ca)
 	caFile := filepath.Join(dir, "ca.pem")
 	keystoreFile := filepath.Join(dir, "broker-keystore.pem")
-	if err := os.WriteFile(caFile, caPEM, 0o644); err != nil {
-		t.Fatalf("private secure kafka: %v", err)
-	}
-	// The broker's private key, unencrypted: readable by its owner only.
-	if err := os.WriteFile(keystoreFile, keystore, 0o600); err != nil {
-		t.Fatalf("private secure kafka: %v", err)
+	clientCert, clientKey := filepath.Join(dir, "client.pem"), filepath.Join(dir, "client-key.pem")
+	for _, w := range []struct {
+		path string
+		data []byte
+		mode os.FileMode
+	}{
+		{caFile, caPEM, 0o644},
+		// The private keys, unencrypted: readable by their owner only.
+		{keystoreFile, keystore, 0o600},
+		{clientCert, c.clientCert, 0o644},
+		{clientKey, c.clientKey, 0o600},
+	} {
+		if err := os.WriteFile(w.path, w.data, w.mode); err != nil {
+			t.Fatalf("private secure kafka: %v", err)
+		}
 	}
 	secret := make([]byte, 16)
 	if _, err := rand.Read(secret); err != nil {
@@ -66,11 +95,16 @@ func PrivateSecureKafka(t testing.TB) *SecureKafka {
 	user, password := "tollgate", hex.EncodeToString(secret)
 	addr := "127.0.0.1:" + strconv.Itoa(freePort(t))
 	_, port, _ := net.SplitHostPort(addr)
-	inst := startKafka(t,
-		"TOLLGATE_KAFKA_SECURE_PORT="+port,
-		"TOLLGATE_KAFKA_TLS_KEYSTORE="+keystoreFile,
-		"TOLLGATE_KAFKA_SASL_USER="+user,
-		"TOLLGATE_KAFKA_SASL_PASSWORD="+password)
+	env := []string{
+		"TOLLGATE_KAFKA_SECURE_PORT=" + port,
+		"TOLLGATE_KAFKA_TLS_KEYSTORE=" + keystoreFile,
+		"TOLLGATE_KAFKA_SASL_USER=" + user,
+		"TOLLGATE_KAFKA_SASL_PASSWORD=" + password,
+	}
+	if clientAuth {
+		env = append(env, "TOLLGATE_KAFKA_TLS_TRUSTSTORE="+caFile)
+	}
+	inst := startKafka(t, env...)
 	// The broker's logs go with its state when the test ends; a failed
 	// test shows their ends first. Cleanups run last first, so this one
 	// runs before the state is removed.
@@ -80,13 +114,15 @@ func PrivateSecureKafka(t testing.TB) *SecureKafka {
 		}
 	})
 	return &SecureKafka{
-		Instance:  inst,
-		Addr:      addr,
-		PlainAddr: inst.Addr,
-		CAFile:    caFile,
-		CAPEM:     caPEM,
-		User:      user,
-		Password:  password,
+		Instance:       inst,
+		Addr:           addr,
+		PlainAddr:      inst.Addr,
+		CAFile:         caFile,
+		CAPEM:          caPEM,
+		User:           user,
+		Password:       password,
+		ClientCertFile: clientCert,
+		ClientKeyFile:  clientKey,
 	}
 }
 
@@ -125,34 +161,15 @@ func tailFiles(files []string, n int) string {
 	return b.String()
 }
 
-// brokerCertificates makes a CA and a server certificate it signs for the
-// given IP addresses and DNS names. It returns the CA certificate as PEM,
-// and the broker's key store as Kafka reads a PEM key store: the server's
-// private key, unencrypted PKCS#8, then its certificate chain.
-func brokerCertificates(t testing.TB, hosts ...string) (caPEM, keystore []byte) {
-	t.Helper()
-	caPEM, certPEM, keyPEM := serverCertificates(t, hosts...)
-	return caPEM, slices.Concat(keyPEM, certPEM, caPEM)
-}
-
-// serverCertificates makes a CA for this test and a server certificate it
-// signs for the given IP addresses and DNS names, the first of them its
-// common name. It returns the CA certificate, the server's certificate and
-// the server's private key (unencrypted PKCS#8), each as PEM.
-func serverCertificates(t testing.TB, hosts ...string) (caPEM, certPEM, keyPEM []byte) {
-	t.Helper()
-	c := testCertificates(t, hosts...)
-	return c.ca, c.serverCert, c.serverKey
-}
-
 // certificates are PEM blocks of a test CA, a server certificate it
 // signed with its key, and a client certificate it signed with its key.
 type certificates struct {
 	ca, serverCert, serverKey, clientCert, clientKey []byte
 }
 
-// testCertificates makes a CA, a server certificate for hosts and a
-// client certificate, both signed by the CA.
+// testCertificates makes a CA for this test, a server certificate it signs
+// for the given IP addresses and DNS names (the first of them its common
+// name) and a client certificate it signs. Keys are unencrypted PKCS#8.
 func testCertificates(t testing.TB, hosts ...string) certificates {
 	t.Helper()
 	fail := func(what string, err error) {
