@@ -395,9 +395,6 @@ func (a *Admin) createKey(c echo.Context) error {
 	if err := validText("name", in.Name, maxNameBytes); err != nil {
 		return err
 	}
-	if in.ExpiresAt != nil && !in.ExpiresAt.After(a.now()) {
-		return fmt.Errorf("%w: expires_at is in the past", ErrInvalid)
-	}
 	if in.ExpiresAt != nil && in.ExpiresAt.After(a.now().AddDate(maxExpiryYears, 0, 0)) {
 		// Past year 9999 in UTC the key was stored but could not be
 		// shown: its create, its account's key list and its revoke all
@@ -412,30 +409,35 @@ func (a *Admin) createKey(c echo.Context) error {
 	if err := validIdempotencyKey(idem); err != nil {
 		return err
 	}
+	ctx := c.Request().Context()
+	var reqHash []byte
+	if idem != "" {
+		// A retry is answered before the checks against the clock: one
+		// that comes after the key's expiry asks for what was made then.
+		reqHash = createHash(kind, env, in)
+		prior, err := a.deps.Store.IdempotentKey(ctx, account, idem)
+		if err != nil {
+			return err
+		}
+		if prior != nil {
+			return a.replayCreate(c, prior, reqHash, in.Scopes)
+		}
+	}
+	if in.ExpiresAt != nil && !in.ExpiresAt.After(a.now()) {
+		return fmt.Errorf("%w: expires_at is in the past", ErrInvalid)
+	}
 	secret, parsed, err := GenerateKey(kind, env)
 	if err != nil {
 		return err
 	}
 	nk := NewKey{ID: newKeyID(), AccountID: account, Name: in.Name, Parsed: parsed,
-		Scopes: in.Scopes, ExpiresAt: in.ExpiresAt, Audit: a.info(c, "created through the admin API")}
-	if idem != "" {
-		nk.IdempotencyKey, nk.RequestHash = idem, createHash(kind, env, in)
-	}
-	ctx := c.Request().Context()
-	var replay *IdempotentReplay
+		Scopes: in.Scopes, ExpiresAt: in.ExpiresAt, Audit: a.info(c, "created through the admin API"),
+		IdempotencyKey: idem, RequestHash: reqHash}
+	var prior *IdempotentReplay
 	switch err := a.deps.Store.CreateKey(ctx, nk); {
-	case errors.As(err, &replay) && !replay.SameRequest:
-		return NewAPIError(http.StatusBadRequest, TypeInvalidRequest, "idempotency_key_reused", fmt.Sprintf(
-			"This Idempotency-Key made key %s with other parameters; use a new Idempotency-Key for another key.", replay.KeyID))
-	case errors.As(err, &replay):
-		k, err := a.deps.Store.GetKey(ctx, replay.KeyID)
-		if err != nil {
-			return err
-		}
-		c.Response().Header().Set(HeaderIdempotentReplayed, "true")
-		return c.JSON(http.StatusOK, CreatedKey{Key: a.view(k), Replayed: true, Warnings: append(a.idleScopes(in.Scopes),
-			"an earlier request with this Idempotency-Key made this key, and its secret was shown only in that answer; "+
-				"if that answer was lost, roll the key with overlap 0s for a new secret")})
+	case errors.As(err, &prior):
+		// Another create with this Idempotency-Key made its key first.
+		return a.replayCreate(c, prior, reqHash, in.Scopes)
 	case err != nil:
 		return err
 	}
@@ -444,6 +446,31 @@ func (a *Admin) createKey(c echo.Context) error {
 		return err
 	}
 	return c.JSON(http.StatusCreated, CreatedKey{Key: a.view(k), Secret: secret, Warnings: a.idleScopes(in.Scopes)})
+}
+
+// replayCreate answers a create whose Idempotency-Key made prior's key:
+// with that key (never its secret, which only the first answer showed) when
+// the request is the same and the key still works; refused otherwise.
+func (a *Admin) replayCreate(c echo.Context, prior *IdempotentReplay, reqHash []byte, scopes []string) error {
+	if !bytes.Equal(prior.RequestHash, reqHash) {
+		return NewAPIError(http.StatusBadRequest, TypeInvalidRequest, "idempotency_key_reused", fmt.Sprintf(
+			"This Idempotency-Key made key %s with other parameters; use a new Idempotency-Key for another key.", prior.KeyID))
+	}
+	k, err := a.deps.Store.GetKey(c.Request().Context(), prior.KeyID)
+	if err != nil {
+		return err
+	}
+	if err := k.Usable(a.now()); err != nil {
+		// A dead key is no answer to "make me a key": the client is told
+		// so, rather than handed a key that refuses every call.
+		return NewAPIError(http.StatusConflict, TypeInvalidRequest, "idempotency_key_used", fmt.Sprintf(
+			"This Idempotency-Key made key %s, which can no longer be used (%v); use a new Idempotency-Key to create another key.", k.ID, err))
+	}
+	c.Response().Header().Set(HeaderIdempotentReplayed, "true")
+	return c.JSON(http.StatusOK, CreatedKey{Key: a.view(k), Replayed: true, Warnings: append(a.idleScopes(scopes),
+		"an earlier request with this Idempotency-Key made this key, and its secret was shown only in that answer; "+
+			"if that answer was lost, roll the key with overlap 0s for a new secret (a key rolled already cannot be: "+
+			"revoke it, and create another with a new Idempotency-Key)")})
 }
 
 // HeaderIdempotencyKey, on a key create, makes a retry of it safe: the
@@ -472,16 +499,28 @@ func validIdempotencyKey(k string) error {
 }
 
 // createHash is what a key create asks for, as the admin API read it
-// (defaults filled in, the expiry in UTC), hashed: a retry must ask for the
-// same key to be answered with it.
+// (defaults filled in, the scopes as a set, the expiry in UTC), in a
+// canonical form of its own, hashed: a retry must ask for the same key to
+// be answered with it, and the form does not change with the request's
+// JSON. Each part is length-prefixed, so no two requests share a form;
+// the leading version lets a later form tell old hashes apart.
 func createHash(kind KeyKind, env schemas.Environment, in keyRequest) []byte {
-	in.Kind, in.Environment = string(kind), string(env)
-	b, err := json.Marshal(in)
-	if err != nil {
-		// A keyRequest holds strings and a time already checked to be
-		// within range; it always encodes. Should it not, no retry matches.
-		b = []byte(err.Error())
+	scopes := slices.Compact(slices.Sorted(slices.Values(in.Scopes)))
+	expires := ""
+	if in.ExpiresAt != nil {
+		expires = in.ExpiresAt.UTC().Format(time.RFC3339Nano)
 	}
+	var b []byte
+	put := func(s string) { b = append(strconv.AppendInt(b, int64(len(s)), 10), ':'); b = append(b, s...) }
+	put("key-create-v1")
+	put(string(kind))
+	put(string(env))
+	put(in.Name)
+	put(strconv.Itoa(len(scopes)))
+	for _, sc := range scopes {
+		put(sc)
+	}
+	put(expires)
 	sum := sha256.Sum256(b)
 	return sum[:]
 }

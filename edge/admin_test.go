@@ -639,18 +639,21 @@ func TestReportEventsRefusesWhatWouldNotCount(t *testing.T) {
 		{"id":"dimtwice","type":"tokens","time":%q,"dimensions":{"model":"a","model":"b"}},
 		{"id":"dimarray","type":"tokens","time":%q,"dimensions":["Units"]},
 		{"id":"nullunits","type":"tokens","time":%q,"units":null},
-		{"id":"oldoffset","type":"tokens","time":"1999-12-31T23:30:00-05:00"}
-	]}`, at, schemas.MaxUnits, at, schemas.MaxUnits+1, old, at, at, at, at, at, at, at)
+		{"id":"oldoffset","type":"tokens","time":"1999-12-31T23:30:00-05:00"},
+		{"id":"numbertime","type":"tokens","time":1764460800},
+		{"id":"hugeunits","type":"tokens","time":%q,"units":99999999999999999999}
+	]}`, at, schemas.MaxUnits, at, schemas.MaxUnits+1, old, at, at, at, at, at, at, at, at)
 	r := edgetest.Do(t, "POST", in.URL+"/v1/events", key, strings.NewReader(body))
 	var res edge.BatchResult
 	if r.Status != 200 || json.Unmarshal(r.Body, &res) != nil {
 		t.Fatalf("status %d body %s", r.Status, r.Body)
 	}
-	wantField := []string{"", "units", "time", "id", "units", "time", "Units", "units", "dimensions.model", "dimensions", "units", "time"}
+	wantField := []string{"", "units", "time", "id", "units", "time", "Units", "units", "dimensions.model", "dimensions", "units", "time", "time", "units"}
 	// Each problem carries a code a client can act on, not only words.
 	wantCode := []string{"", schemas.ProblemOutOfRange, schemas.ProblemTooOld, schemas.ProblemInvalidCharacters,
 		schemas.ProblemWrongType, schemas.ProblemInvalidTime, schemas.ProblemUnknownField, schemas.ProblemDuplicateField,
-		schemas.ProblemDuplicateField, schemas.ProblemWrongType, schemas.ProblemNull, schemas.ProblemTooOld}
+		schemas.ProblemDuplicateField, schemas.ProblemWrongType, schemas.ProblemNull, schemas.ProblemTooOld,
+		schemas.ProblemWrongType, schemas.ProblemOutOfRange}
 	for i, item := range res.Results {
 		if i == 0 {
 			if item.Status != "accepted" {
@@ -666,7 +669,7 @@ func TestReportEventsRefusesWhatWouldNotCount(t *testing.T) {
 	if !strings.Contains(string(r.Body), `"field":"units","code":"out_of_range","reason":`) {
 		t.Errorf("body does not carry the codes: %s", r.Body)
 	}
-	if res.Accepted != 1 || res.Rejected != 11 {
+	if res.Accepted != 1 || res.Rejected != 13 {
 		t.Fatalf("result %+v", res)
 	}
 
@@ -1053,6 +1056,38 @@ func TestAKeyCreateWithAnIdempotencyKeyMakesOneKey(t *testing.T) {
 		}
 		if ks := keys("acct_idem2"); len(ks) != 2 {
 			t.Fatalf("%d keys, want 2 (one per Idempotency-Key)", len(ks))
+		}
+	})
+	t.Run("the same scopes in another order, or repeated, are the same request", func(t *testing.T) {
+		s, first, _, _ := create("acct_idem", "scopes-1", `{"name":"s","scopes":["a:read","b:read"]}`)
+		if s != 201 {
+			t.Fatalf("first create: %d", s)
+		}
+		if s, again, e, _ := create("acct_idem", "scopes-1", `{"name":"s","scopes":["b:read","a:read","b:read"]}`); s != 200 || again.Key.ID != first.Key.ID {
+			t.Fatalf("retry with the scopes reordered: %d %+v %+v, want 200 with key %s", s, again, e, first.Key.ID)
+		}
+	})
+	t.Run("a key that no longer works is no answer to a retry", func(t *testing.T) {
+		s, first, _, _ := create("acct_idem", "revoked-1", `{"name":"r"}`)
+		if s != 201 {
+			t.Fatalf("first create: %d", s)
+		}
+		if s := admin.call("POST", "/admin/v1/keys/"+first.Key.ID+"/revoke", adminToken, `{}`, nil); s != 200 {
+			t.Fatalf("revoke: %d", s)
+		}
+		if s, _, e, _ := create("acct_idem", "revoked-1", `{"name":"r"}`); s != 409 || e.Code != "idempotency_key_used" || !strings.Contains(e.Message, first.Key.ID) {
+			t.Fatalf("retry after the key was revoked: %d %+v, want 409 idempotency_key_used naming %s", s, e, first.Key.ID)
+		}
+	})
+	t.Run("a retry after the key's expiry is told the key expired, not that its request is invalid", func(t *testing.T) {
+		body := fmt.Sprintf(`{"name":"short","expires_at":%q}`, time.Now().Add(2*time.Second).UTC().Format(time.RFC3339Nano))
+		s, first, _, _ := create("acct_idem", "short-1", body)
+		if s != 201 {
+			t.Fatalf("first create: %d", s)
+		}
+		testenv.Wait(t, 10*time.Second, "the key to expire", func() bool { return !time.Now().Before(*first.Key.ExpiresAt) })
+		if s, _, e, _ := create("acct_idem", "short-1", body); s != 409 || e.Code != "idempotency_key_used" {
+			t.Fatalf("retry after the key expired: %d %+v, want 409 idempotency_key_used", s, e)
 		}
 	})
 	t.Run("without the header every create makes a key", func(t *testing.T) {

@@ -64,12 +64,12 @@ type NewKey struct {
 	RequestHash    []byte
 }
 
-// IdempotentReplay is CreateKey's error when an earlier create of the
-// account carried the same idempotency key: KeyID is the key it made, and
-// SameRequest says whether it came with the same request.
+// IdempotentReplay is the key an earlier create of the account made with
+// the same idempotency key (CreateKey's error, IdempotentKey's answer):
+// KeyID is that key, and RequestHash the hash of the request it came with.
 type IdempotentReplay struct {
 	KeyID       string
-	SameRequest bool
+	RequestHash []byte
 }
 
 func (e *IdempotentReplay) Error() string {
@@ -92,6 +92,9 @@ type AdminStore interface {
 	// stored one (a new account's name is its id, its zone UTC).
 	PutAccount(ctx context.Context, id string, name, timezone *string) (Account, error)
 	CreateKey(ctx context.Context, nk NewKey) error
+	// IdempotentKey is the key the account made with idempotencyKey, or
+	// nil when it made none.
+	IdempotentKey(ctx context.Context, accountID, idempotencyKey string) (*IdempotentReplay, error)
 	ListKeys(ctx context.Context, accountID string) ([]Key, error)
 	GetKey(ctx context.Context, id string) (Key, error)
 	// RollKey creates nk and sets the old key to expire at oldExpiresAt

@@ -299,6 +299,10 @@ func decodeProblem(err error) schemas.FieldError {
 	var te *json.UnmarshalTypeError
 	var pe *time.ParseError
 	switch {
+	case errors.As(err, &te) && te.Field != "" && wholeNumber(te.Type, te.Value):
+		// A whole number the field's type cannot hold: of the right JSON
+		// type, and out of range.
+		return schemas.FieldError{Field: te.Field, Code: schemas.ProblemOutOfRange, Reason: "a whole number too large to count: " + te.Value}
 	case errors.As(err, &te) && te.Field != "":
 		return schemas.FieldError{Field: te.Field, Code: schemas.ProblemWrongType, Reason: fmt.Sprintf("want a JSON %s, got %s", jsonKind(te.Type), te.Value)}
 	case errors.As(err, &pe):
@@ -307,6 +311,19 @@ func decodeProblem(err error) schemas.FieldError {
 		return schemas.FieldError{Field: schemas.ClipName(strings.Trim(strings.TrimPrefix(err.Error(), "json: unknown field "), `"`)), Code: schemas.ProblemUnknownField, Reason: "unknown field"}
 	}
 	return schemas.FieldError{Field: "", Code: schemas.ProblemMalformed, Reason: "not a valid event object: " + err.Error()}
+}
+
+// wholeNumber reports whether an UnmarshalTypeError's value is a whole
+// number given for an integer field (so too large for it): encoding/json
+// names a JSON number's value "number N".
+func wholeNumber(t reflect.Type, value string) bool {
+	n, ok := strings.CutPrefix(value, "number ")
+	switch t.Kind() {
+	case reflect.Int, reflect.Int8, reflect.Int16, reflect.Int32, reflect.Int64:
+	default:
+		return false
+	}
+	return ok && n != "" && !strings.ContainsAny(n, ".eE")
 }
 
 // reportedFields are ReportedEvent's field names, exactly as spelled.
@@ -354,6 +371,11 @@ func strictNames(raw []byte) *schemas.FieldError {
 			if p := uniqueNames(value); p != nil {
 				return p
 			}
+		}
+		// A time that is not a string fails inside time.Time's own
+		// decoding, with an error that names no field.
+		if v := bytes.TrimSpace(value); name == "time" && len(v) > 0 && v[0] != '"' && string(v) != "null" {
+			return &schemas.FieldError{Field: name, Code: schemas.ProblemWrongType, Reason: "want an RFC 3339 time as a JSON string"}
 		}
 		// Left out, units is 1; null is a client's unset value, which
 		// would be counted as 1 without a word.

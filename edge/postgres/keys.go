@@ -3,7 +3,6 @@
 package postgres
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -209,13 +208,30 @@ func (s *KeyStore) CreateKey(ctx context.Context, nk edge.NewKey) error {
 	if !errors.Is(err, errIdempotencyKeyTaken) {
 		return err
 	}
-	var first string
-	var hash []byte
-	if err := s.pool.QueryRow(ctx, `SELECT id, request_hash FROM api_keys WHERE account_id = $1 AND idempotency_key = $2`,
-		nk.AccountID, nk.IdempotencyKey).Scan(&first, &hash); err != nil {
-		return fmt.Errorf("find the key made with this idempotency key: %w", err)
+	prior, err := s.IdempotentKey(ctx, nk.AccountID, nk.IdempotencyKey)
+	if err != nil {
+		return err
 	}
-	return &edge.IdempotentReplay{KeyID: first, SameRequest: bytes.Equal(hash, nk.RequestHash)}
+	if prior == nil {
+		// Gone between the refused insert and the read: keys are never
+		// deleted, so only by hand.
+		return fmt.Errorf("%w: the key made with this idempotency key was removed; try again", edge.ErrConflict)
+	}
+	return prior
+}
+
+// IdempotentKey is the key the account made with idempotencyKey, or nil.
+func (s *KeyStore) IdempotentKey(ctx context.Context, accountID, idempotencyKey string) (*edge.IdempotentReplay, error) {
+	var r edge.IdempotentReplay
+	err := s.pool.QueryRow(ctx, `SELECT id, request_hash FROM api_keys WHERE account_id = $1 AND idempotency_key = $2`,
+		accountID, idempotencyKey).Scan(&r.KeyID, &r.RequestHash)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("find the key made with this idempotency key: %w", err)
+	}
+	return &r, nil
 }
 
 // RollKey creates nk and makes the old key expire at oldExpiresAt (or its
