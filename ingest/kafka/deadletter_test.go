@@ -386,6 +386,53 @@ func TestACommitBelowTheStoredOffsetIsDropped(t *testing.T) {
 	}
 }
 
+// Two members' commits can still race an offset back (each reads the
+// stored one, then commits): the member that landed the higher position
+// commits it again within a tick, so an idle partition's lag and watermark
+// do not stay behind until its next record. Past the window after its own
+// last commit there, a member leaves the position alone.
+func TestAnOffsetRacedBackIsCommittedAgain(t *testing.T) {
+	topic := testenv.NewTopic(t, 1)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	w := &kafka.Writer{Addr: kafka.TCP(testenv.KafkaBrokers()...), Topic: topic, RequiredAcks: kafka.RequireAll, BatchTimeout: time.Millisecond}
+	defer w.Close()
+	var msgs []kafka.Message
+	for i := range 20 {
+		msgs = append(msgs, kafka.Message{Value: []byte(strconv.Itoa(i))})
+	}
+	testenv.Must(t, w.WriteMessages(ctx, msgs...), "write 20 records")
+	src := NewSource(testenv.KafkaBrokers(), kafkaconn.Security{}, topic, topic+".group")
+	src.recommitEvery = 100 * time.Millisecond
+	defer src.Close()
+	var read []ingest.Message
+	for len(read) < 20 {
+		m, err := src.Fetch(ctx)
+		testenv.Must(t, err, "read")
+		read = append(read, m)
+	}
+	testenv.Must(t, src.Commit(ctx, read[19]), "commit the batch")
+	offsets := NewOffsets(testenv.KafkaBrokers(), kafkaconn.Security{}, topic, topic+".group")
+	committed := func() int64 {
+		offs, err := offsets.Offsets(ctx)
+		testenv.Must(t, err, "read the group's offsets")
+		return offs[0].Committed
+	}
+	// What a racing member's commit leaves: the stored offset moved back
+	// past this member's check.
+	testenv.Must(t, src.r.CommitMessages(ctx, kafka.Message{Topic: topic, Partition: 0, Offset: 9}), "move the offset back")
+	testenv.Wait(t, 10*time.Second, "the landed position committed again", func() bool { return committed() == 20 })
+
+	src.commitMu.Lock()
+	src.landed[0] = landedAt{next: 20, at: time.Now().Add(-recommitWindow - time.Second)}
+	src.commitMu.Unlock()
+	testenv.Must(t, src.r.CommitMessages(ctx, kafka.Message{Topic: topic, Partition: 0, Offset: 4}), "move the offset back")
+	time.Sleep(10 * src.recommitEvery) // ten ticks
+	if got := committed(); got != 5 {
+		t.Fatalf("the group's offset is %d: a position committed longer ago than the window was committed again, want it left at 5", got)
+	}
+}
+
 // refusedOnce answers the first produce as a broker whose partition has no
 // leader yet (a topic just created), without passing it on.
 type refusedOnce struct {

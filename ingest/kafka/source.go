@@ -27,7 +27,39 @@ type Source struct {
 	topic  string
 	group  string
 	client *kafka.Client
+
+	// commitMu orders this member's commits, its re-commits among them.
+	commitMu sync.Mutex
+	// landed is, per partition, the offset after the last record this
+	// member committed as landed, and when: what it may commit again.
+	landed map[int]landedAt
+	// recommitEvery is how often landed offsets the group's stored ones
+	// fell below are committed again.
+	recommitEvery time.Duration
+	startOnce     sync.Once
+	stop          context.CancelFunc
+	stopped       chan struct{}
 }
+
+// landedAt is the position after a member's last landed record in a
+// partition, and when it committed it.
+type landedAt struct {
+	next int64
+	at   time.Time
+}
+
+// recommitInterval is how often a member commits again the offsets it
+// landed that the group's stored ones fell below; recommitWindow is for
+// how long after its last commit in a partition it does. The race it
+// repairs comes with a rebalance, within seconds of the commits that
+// raced; past the window the partition's position is left to whoever
+// commits there next, so a member never moves forward a group offset an
+// operator set on purpose, or one of a topic made again under the same
+// name, long after its own commits.
+const (
+	recommitInterval = 5 * time.Second
+	recommitWindow   = time.Minute
+)
 
 var _ ingest.Source = (*Source)(nil)
 
@@ -57,9 +89,12 @@ func NewSource(brokers []string, sec kafkaconn.Security, topic, group string) *S
 			PartitionWatchInterval: 5 * time.Second,
 			Dialer:                 sec.ReaderDialer(10 * time.Second),
 		}),
-		topic:  topic,
-		group:  group,
-		client: &kafka.Client{Addr: kafka.TCP(brokers...), Timeout: 10 * time.Second, Transport: sec.Transport()},
+		topic:         topic,
+		group:         group,
+		client:        &kafka.Client{Addr: kafka.TCP(brokers...), Timeout: 10 * time.Second, Transport: sec.Transport()},
+		landed:        map[int]landedAt{},
+		recommitEvery: recommitInterval,
+		stopped:       make(chan struct{}),
 	}
 }
 
@@ -85,12 +120,28 @@ func (s *Source) Commit(ctx context.Context, msgs ...ingest.Message) error {
 			last[i].Offset = m.Offset
 		}
 	}
-	// The broker takes a commit from any member of the group, whoever owns
-	// the partition now: a member that lost a partition in a rebalance
-	// while its batch landed would move the group's offset back below what
-	// the partition's new owner committed (its lag, and its watermark, then
-	// stuck there on an idle partition). A commit below the stored one is
-	// dropped; the batch has landed either way.
+	s.startOnce.Do(s.startRecommits)
+	s.commitMu.Lock()
+	defer s.commitMu.Unlock()
+	now := time.Now()
+	for _, m := range last {
+		if l := s.landed[m.Partition]; m.Offset+1 >= l.next {
+			s.landed[m.Partition] = landedAt{next: m.Offset + 1, at: now}
+		}
+	}
+	return s.commitAbove(ctx, last)
+}
+
+// commitAbove commits msgs' positions, each only above the group's stored
+// one. The broker takes a commit from any member of the group, whoever
+// owns the partition now: a member that lost a partition in a rebalance
+// while its batch landed would move the group's offset back below what
+// the partition's new owner committed (its lag, and its watermark, then
+// stuck there on an idle partition). A commit below the stored one is
+// dropped; the batch has landed either way. Reading and committing are
+// two requests, so two members can still race between them, and the
+// re-commits (startRecommits) repair what that moves back.
+func (s *Source) commitAbove(ctx context.Context, last []kafka.Message) error {
 	stored, err := s.committed(ctx, last)
 	if err != nil {
 		return err
@@ -103,6 +154,55 @@ func (s *Source) Commit(ctx context.Context, msgs ...ingest.Message) error {
 		return fmt.Errorf("commit offsets: %w", err)
 	}
 	return nil
+}
+
+// startRecommits commits again, every recommitEvery until Close, each
+// position this member landed that the group's stored offset has fallen
+// below. Every record before such a position has landed, so committing it
+// is safe whoever owns the partition now; and an offset that two members'
+// commits raced back below it would otherwise stay there on a partition
+// that gets no new record, with its lag above 0 and its watermark (and so
+// every period's close) waiting for one.
+func (s *Source) startRecommits() {
+	ctx, stop := context.WithCancel(context.Background())
+	s.stop = stop
+	go func() {
+		defer close(s.stopped)
+		t := time.NewTicker(s.recommitEvery)
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+			}
+			// A failure (Kafka away, a rebalance under way) is tried
+			// again at the next tick; the worker's own commits report
+			// such failures.
+			_ = s.recommit(ctx)
+		}
+	}()
+}
+
+// recommit commits again each landed position the stored offset is below.
+func (s *Source) recommit(ctx context.Context) error {
+	s.commitMu.Lock()
+	defer s.commitMu.Unlock()
+	var last []kafka.Message
+	now := time.Now()
+	for p, l := range s.landed {
+		if now.Sub(l.at) > recommitWindow {
+			delete(s.landed, p)
+			continue
+		}
+		last = append(last, kafka.Message{Topic: s.topic, Partition: p, Offset: l.next - 1})
+	}
+	if len(last) == 0 {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(ctx, s.recommitEvery)
+	defer cancel()
+	return s.commitAbove(ctx, last)
 }
 
 // committed is the group's stored offset of each of msgs' partitions (-1:
@@ -131,6 +231,11 @@ func (s *Source) committed(ctx context.Context, msgs []kafka.Message) (map[int]i
 
 // Close leaves the group.
 func (s *Source) Close() error {
+	s.startOnce.Do(func() { close(s.stopped) }) // never started
+	if s.stop != nil {
+		s.stop()
+	}
+	<-s.stopped
 	if t, ok := s.client.Transport.(*kafka.Transport); ok {
 		t.CloseIdleConnections()
 	}
