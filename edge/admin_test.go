@@ -641,6 +641,7 @@ func TestReportEventsRefusesWhatWouldNotCount(t *testing.T) {
 		{"id":"nullunits","type":"tokens","time":%q,"units":null},
 		{"id":"oldoffset","type":"tokens","time":"1999-12-31T23:30:00-05:00"},
 		{"id":"numbertime","type":"tokens","time":1764460800},
+		{"id":"unknownfirst","type":"tokens","bogus":1,"time":7},
 		{"id":"hugeunits","type":"tokens","time":%q,"units":99999999999999999999}
 	]}`, at, schemas.MaxUnits, at, schemas.MaxUnits+1, old, at, at, at, at, at, at, at, at)
 	r := edgetest.Do(t, "POST", in.URL+"/v1/events", key, strings.NewReader(body))
@@ -648,12 +649,12 @@ func TestReportEventsRefusesWhatWouldNotCount(t *testing.T) {
 	if r.Status != 200 || json.Unmarshal(r.Body, &res) != nil {
 		t.Fatalf("status %d body %s", r.Status, r.Body)
 	}
-	wantField := []string{"", "units", "time", "id", "units", "time", "Units", "units", "dimensions.model", "dimensions", "units", "time", "time", "units"}
+	wantField := []string{"", "units", "time", "id", "units", "time", "Units", "units", "dimensions.model", "dimensions", "units", "time", "time", "bogus", "units"}
 	// Each problem carries a code a client can act on, not only words.
 	wantCode := []string{"", schemas.ProblemOutOfRange, schemas.ProblemTooOld, schemas.ProblemInvalidCharacters,
 		schemas.ProblemWrongType, schemas.ProblemInvalidTime, schemas.ProblemUnknownField, schemas.ProblemDuplicateField,
 		schemas.ProblemDuplicateField, schemas.ProblemWrongType, schemas.ProblemNull, schemas.ProblemTooOld,
-		schemas.ProblemWrongType, schemas.ProblemOutOfRange}
+		schemas.ProblemWrongType, schemas.ProblemUnknownField, schemas.ProblemOutOfRange}
 	for i, item := range res.Results {
 		if i == 0 {
 			if item.Status != "accepted" {
@@ -669,7 +670,7 @@ func TestReportEventsRefusesWhatWouldNotCount(t *testing.T) {
 	if !strings.Contains(string(r.Body), `"field":"units","code":"out_of_range","reason":`) {
 		t.Errorf("body does not carry the codes: %s", r.Body)
 	}
-	if res.Accepted != 1 || res.Rejected != 13 {
+	if res.Accepted != 1 || res.Rejected != 14 {
 		t.Fatalf("result %+v", res)
 	}
 

@@ -357,7 +357,10 @@ func strictNames(raw []byte) *schemas.FieldError {
 			}
 		}
 		if known < 0 {
-			return nil // DisallowUnknownFields names it
+			// Named here, not left to the decoder: it stops at the first
+			// value it cannot take, which may come later in the object
+			// (a time given as a number) and names no field.
+			return &schemas.FieldError{Field: schemas.ClipName(name), Code: schemas.ProblemUnknownField, Reason: "unknown field"}
 		}
 		if seen[known] {
 			return &schemas.FieldError{Field: name, Code: schemas.ProblemDuplicateField, Reason: "given twice"}

@@ -433,6 +433,51 @@ func TestAnOffsetRacedBackIsCommittedAgain(t *testing.T) {
 	}
 }
 
+// A usage topic deleted and made again under its name (the group's stored
+// offset gone with it) gets no position of the old topic's committed by
+// the re-commits: its records below that position would never be read.
+func TestARecommitDoesNotCarryAPositionIntoATopicMadeAgain(t *testing.T) {
+	topic := testenv.NewTopic(t, 1)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	write := func(n int) {
+		t.Helper()
+		w := &kafka.Writer{Addr: kafka.TCP(testenv.KafkaBrokers()...), Topic: topic, RequiredAcks: kafka.RequireAll, BatchTimeout: time.Millisecond}
+		defer w.Close()
+		var msgs []kafka.Message
+		for i := range n {
+			msgs = append(msgs, kafka.Message{Value: []byte(strconv.Itoa(i))})
+		}
+		testenv.Wait(t, 30*time.Second, "records written", func() bool { return w.WriteMessages(ctx, msgs...) == nil })
+	}
+	write(20)
+	src := NewSource(testenv.KafkaBrokers(), kafkaconn.Security{}, topic, topic+".group")
+	src.recommitEvery = 100 * time.Millisecond
+	defer src.Close()
+	var read []ingest.Message
+	for len(read) < 20 {
+		m, err := src.Fetch(ctx)
+		testenv.Must(t, err, "read")
+		read = append(read, m)
+	}
+	testenv.Must(t, src.Commit(ctx, read[19]), "commit the batch")
+
+	client := &kafka.Client{Addr: kafka.TCP(testenv.KafkaBrokers()...), Timeout: 20 * time.Second}
+	_, err := client.DeleteTopics(ctx, &kafka.DeleteTopicsRequest{Topics: []string{topic}})
+	testenv.Must(t, err, "delete the topic")
+	testenv.Wait(t, 30*time.Second, "the topic made again", func() bool {
+		res, err := client.CreateTopics(ctx, &kafka.CreateTopicsRequest{Topics: []kafka.TopicConfig{{Topic: topic, NumPartitions: 1, ReplicationFactor: 1}}})
+		return err == nil && res.Errors[topic] == nil
+	})
+	write(30) // past the old position: the log's end does not give it away
+	time.Sleep(20 * src.recommitEvery)
+	offs, err := NewOffsets(testenv.KafkaBrokers(), kafkaconn.Security{}, topic, topic+".group").Offsets(ctx)
+	testenv.Must(t, err, "read the group's offsets")
+	if got := offs[0].Committed; got >= 0 {
+		t.Fatalf("the topic made again has the group's offset %d, want none: records below it would never be read", got)
+	}
+}
+
 // refusedOnce answers the first produce as a broker whose partition has no
 // leader yet (a topic just created), without passing it on.
 type refusedOnce struct {

@@ -36,9 +36,15 @@ type Source struct {
 	// recommitEvery is how often landed offsets the group's stored ones
 	// fell below are committed again.
 	recommitEvery time.Duration
-	startOnce     sync.Once
-	stop          context.CancelFunc
-	stopped       chan struct{}
+	// recommitPaused stops re-commits after one failed, until this
+	// member's next own commit: kafka-go keeps a commit whose wait timed
+	// out queued, and sends it when the group has a generation again,
+	// unchecked; one queued per tick through a rebalance or an outage
+	// could move offsets back then.
+	recommitPaused bool
+	startOnce      sync.Once
+	stop           context.CancelFunc
+	stopped        chan struct{}
 }
 
 // landedAt is the position after a member's last landed record in a
@@ -123,13 +129,19 @@ func (s *Source) Commit(ctx context.Context, msgs ...ingest.Message) error {
 	s.startOnce.Do(s.startRecommits)
 	s.commitMu.Lock()
 	defer s.commitMu.Unlock()
+	// A member commits a partition's batches in order, so its latest
+	// commit there is what it has landed. One below the position before
+	// (its reading of the partition started again lower: a new
+	// assignment, or a topic made again) replaces it too.
 	now := time.Now()
 	for _, m := range last {
-		if l := s.landed[m.Partition]; m.Offset+1 >= l.next {
-			s.landed[m.Partition] = landedAt{next: m.Offset + 1, at: now}
-		}
+		s.landed[m.Partition] = landedAt{next: m.Offset + 1, at: now}
 	}
-	return s.commitAbove(ctx, last)
+	if err := s.commitAbove(ctx, last); err != nil {
+		return err
+	}
+	s.recommitPaused = false
+	return nil
 }
 
 // commitAbove commits msgs' positions, each only above the group's stored
@@ -185,9 +197,16 @@ func (s *Source) startRecommits() {
 }
 
 // recommit commits again each landed position the stored offset is below.
+// A partition with no stored offset at all, or whose log now ends before
+// the position, is let go instead: two members' racing commits leave
+// neither; a topic deleted (and perhaps made again under its name) or the
+// group's offsets expired do, and the position is not that topic's.
 func (s *Source) recommit(ctx context.Context) error {
 	s.commitMu.Lock()
 	defer s.commitMu.Unlock()
+	if s.recommitPaused {
+		return nil
+	}
 	var last []kafka.Message
 	now := time.Now()
 	for p, l := range s.landed {
@@ -202,7 +221,63 @@ func (s *Source) recommit(ctx context.Context) error {
 	}
 	ctx, cancel := context.WithTimeout(ctx, s.recommitEvery)
 	defer cancel()
-	return s.commitAbove(ctx, last)
+	err := s.recommitBelow(ctx, last)
+	if err != nil {
+		s.recommitPaused = true
+	}
+	return err
+}
+
+// recommitBelow commits the positions of last whose stored offset is
+// below them, letting go of those recommit lets go of.
+func (s *Source) recommitBelow(ctx context.Context, last []kafka.Message) error {
+	stored, err := s.committed(ctx, last)
+	if err != nil {
+		return err
+	}
+	last = slices.DeleteFunc(last, func(m kafka.Message) bool {
+		switch st := stored[m.Partition]; {
+		case st < 0:
+			delete(s.landed, m.Partition)
+			return true
+		case st >= m.Offset+1:
+			return true
+		}
+		return false
+	})
+	if len(last) == 0 {
+		return nil
+	}
+	reqs := make([]kafka.OffsetRequest, len(last))
+	for i, m := range last {
+		reqs[i] = kafka.LastOffsetOf(m.Partition)
+	}
+	ends, err := s.client.ListOffsets(ctx, &kafka.ListOffsetsRequest{Topics: map[string][]kafka.OffsetRequest{s.topic: reqs}})
+	if err != nil {
+		return fmt.Errorf("list offsets: %w", err)
+	}
+	end := map[int]int64{}
+	for _, po := range ends.Topics[s.topic] {
+		if po.Error != nil {
+			return fmt.Errorf("list offsets of partition %d: %w", po.Partition, po.Error)
+		}
+		end[po.Partition] = po.LastOffset
+	}
+	last = slices.DeleteFunc(last, func(m kafka.Message) bool {
+		e, ok := end[m.Partition]
+		if !ok || e < m.Offset+1 {
+			delete(s.landed, m.Partition)
+			return true
+		}
+		return false
+	})
+	if len(last) == 0 {
+		return nil
+	}
+	if err := s.r.CommitMessages(ctx, last...); err != nil {
+		return fmt.Errorf("commit offsets: %w", err)
+	}
+	return nil
 }
 
 // committed is the group's stored offset of each of msgs' partitions (-1:

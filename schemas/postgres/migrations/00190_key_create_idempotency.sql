@@ -8,8 +8,10 @@
 -- other parameters is refused, not answered with a key nobody asked for.
 ALTER TABLE api_keys ADD COLUMN idempotency_key text;
 ALTER TABLE api_keys ADD COLUMN request_hash bytea;
--- NOT VALID: every existing row holds neither, and checking them all would
--- hold the table's lock, and every edge's key lookup, for the scan.
+-- NOT VALID: every existing row holds neither, so no row needs checking.
+-- The migration still holds the table's lock while the index below is
+-- built, which reads every key: on a table of millions of keys, edges'
+-- key lookups that miss their cache wait a second or so.
 ALTER TABLE api_keys ADD CONSTRAINT api_keys_idempotency_request
     CHECK ((idempotency_key IS NULL) = (request_hash IS NULL)) NOT VALID;
 CREATE UNIQUE INDEX api_keys_idempotency ON api_keys (account_id, idempotency_key)
