@@ -163,6 +163,9 @@ func runDemo(ctx context.Context, out io.Writer, cfg Config, log *slog.Logger, c
 	fmt.Fprintf(out, "  edge:        curl -H 'Authorization: Bearer %s' http://%s/v1/widgets\n", keys[0].secret, edgeAddr)
 	fmt.Fprintf(out, "  raw events:  clickhouse-client %s -q \"SELECT account_id, count() FROM usage_events FINAL GROUP BY account_id\"\n",
 		clientArgs(cfg.Services))
+	if hint := clientCAHint(cfg.Services); hint != "" {
+		fmt.Fprintf(out, "               %s\n", hint)
+	}
 	for _, n := range comps {
 		if m, ok := n.c.(*InvoiceMain); ok {
 			fmt.Fprintf(out, "  invoices:    curl -H 'Authorization: Bearer %s' http://%s/v1/invoices/upcoming   (also /v1/usage/current, /v1/invoices; docs/invoicer.md)\n", keys[0].secret, m.Addr())
@@ -230,6 +233,16 @@ func clientArgs(svc Services) string {
 		a += " --secure"
 	}
 	return a
+}
+
+// clientCAHint says how clickhouse-client trusts a private CA, which it
+// takes from a configuration file, not from a flag.
+func clientCAHint(svc Services) string {
+	if !svc.ClickHouseTLS || svc.ClickHouseTLSCAFile == "" {
+		return ""
+	}
+	return fmt.Sprintf("(--secure trusts the CA in %s only through a configuration file, --config-file, whose openSSL.client.caConfig names it)",
+		svc.ClickHouseTLSCAFile)
 }
 
 // countLanded counts the raw events of the calls with these request ids.

@@ -256,4 +256,14 @@ func TestTheDemosClickHouseHintsNameTheUser(t *testing.T) {
 	if got, want := clientArgs(svc), "--port 19000 -d tollgate --user analyst --ask-password"; got != want {
 		t.Errorf("a user with a password: %q, want %q", got, want)
 	}
+	if hint := clientCAHint(svc); hint != "" {
+		t.Errorf("a CA hint without TLS: %q", hint)
+	}
+	svc.ClickHouseTLS, svc.ClickHouseTLSCAFile = true, "/etc/tollgate/ch-ca.pem"
+	if got := clientArgs(svc); !strings.HasSuffix(got, " --secure") {
+		t.Errorf("over TLS: %q, want --secure", got)
+	}
+	if hint := clientCAHint(svc); !strings.Contains(hint, "/etc/tollgate/ch-ca.pem") || !strings.Contains(hint, "openSSL.client.caConfig") {
+		t.Errorf("a private CA: hint %q does not say how clickhouse-client trusts it", hint)
+	}
 }
