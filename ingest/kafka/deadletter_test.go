@@ -436,21 +436,84 @@ func TestAnOffsetRacedBackIsCommittedAgain(t *testing.T) {
 // A usage topic deleted and made again under its name (the group's stored
 // offset gone with it) gets no position of the old topic's committed by
 // the re-commits: its records below that position would never be read.
+// Neither when no member has committed in the new topic yet, nor when
+// another has, and the new log has grown past the old position.
 func TestARecommitDoesNotCarryAPositionIntoATopicMadeAgain(t *testing.T) {
+	for _, c := range []struct {
+		name        string
+		otherCommit bool
+		want        int64
+	}{
+		{"no member has committed in the new topic", false, -1},
+		{"another member committed in the new topic first", true, 5},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			topic := testenv.NewTopic(t, 1)
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			defer cancel()
+			write := func(n int) {
+				t.Helper()
+				w := &kafka.Writer{Addr: kafka.TCP(testenv.KafkaBrokers()...), Topic: topic, RequiredAcks: kafka.RequireAll, BatchTimeout: time.Millisecond}
+				defer w.Close()
+				var msgs []kafka.Message
+				for i := range n {
+					msgs = append(msgs, kafka.Message{Value: []byte(strconv.Itoa(i))})
+				}
+				testenv.Wait(t, 30*time.Second, "records written", func() bool { return w.WriteMessages(ctx, msgs...) == nil })
+			}
+			write(20)
+			src := NewSource(testenv.KafkaBrokers(), kafkaconn.Security{}, topic, topic+".group")
+			src.recommitEvery = 100 * time.Millisecond
+			defer src.Close()
+			var read []ingest.Message
+			for len(read) < 20 {
+				m, err := src.Fetch(ctx)
+				testenv.Must(t, err, "read")
+				read = append(read, m)
+			}
+			testenv.Must(t, src.Commit(ctx, read[19]), "commit the batch")
+
+			// No tick falls between the deletion and the other member's
+			// commit: the re-commit sees only what came after.
+			src.commitMu.Lock()
+			client := &kafka.Client{Addr: kafka.TCP(testenv.KafkaBrokers()...), Timeout: 20 * time.Second}
+			_, err := client.DeleteTopics(ctx, &kafka.DeleteTopicsRequest{Topics: []string{topic}})
+			testenv.Must(t, err, "delete the topic")
+			testenv.Wait(t, 30*time.Second, "the topic made again", func() bool {
+				res, err := client.CreateTopics(ctx, &kafka.CreateTopicsRequest{Topics: []kafka.TopicConfig{{Topic: topic, NumPartitions: 1, ReplicationFactor: 1}}})
+				return err == nil && res.Errors[topic] == nil
+			})
+			write(30) // past the old position: the log's end does not give it away
+			if c.otherCommit {
+				// What another member's commit of the new topic's first
+				// five records leaves.
+				testenv.Must(t, src.r.CommitMessages(ctx, kafka.Message{Topic: topic, Partition: 0, Offset: 4}), "commit in the new topic")
+			}
+			src.commitMu.Unlock()
+			time.Sleep(20 * src.recommitEvery)
+			offs, err := NewOffsets(testenv.KafkaBrokers(), kafkaconn.Security{}, topic, topic+".group").Offsets(ctx)
+			testenv.Must(t, err, "read the group's offsets")
+			if got := offs[0].Committed; got != c.want {
+				t.Fatalf("the topic made again has the group's offset %d, want %d: records below it would never be read", got, c.want)
+			}
+		})
+	}
+}
+
+// A re-commit tick that fails to read the group's offsets (the coordinator
+// moving, a broker away) does not stop the next ones: an offset raced back
+// on an idle partition is still repaired.
+func TestARecommitAfterAFailedTickStillRepairs(t *testing.T) {
 	topic := testenv.NewTopic(t, 1)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	write := func(n int) {
-		t.Helper()
-		w := &kafka.Writer{Addr: kafka.TCP(testenv.KafkaBrokers()...), Topic: topic, RequiredAcks: kafka.RequireAll, BatchTimeout: time.Millisecond}
-		defer w.Close()
-		var msgs []kafka.Message
-		for i := range n {
-			msgs = append(msgs, kafka.Message{Value: []byte(strconv.Itoa(i))})
-		}
-		testenv.Wait(t, 30*time.Second, "records written", func() bool { return w.WriteMessages(ctx, msgs...) == nil })
+	w := &kafka.Writer{Addr: kafka.TCP(testenv.KafkaBrokers()...), Topic: topic, RequiredAcks: kafka.RequireAll, BatchTimeout: time.Millisecond}
+	defer w.Close()
+	var msgs []kafka.Message
+	for i := range 20 {
+		msgs = append(msgs, kafka.Message{Value: []byte(strconv.Itoa(i))})
 	}
-	write(20)
+	testenv.Must(t, w.WriteMessages(ctx, msgs...), "write 20 records")
 	src := NewSource(testenv.KafkaBrokers(), kafkaconn.Security{}, topic, topic+".group")
 	src.recommitEvery = 100 * time.Millisecond
 	defer src.Close()
@@ -461,21 +524,20 @@ func TestARecommitDoesNotCarryAPositionIntoATopicMadeAgain(t *testing.T) {
 		read = append(read, m)
 	}
 	testenv.Must(t, src.Commit(ctx, read[19]), "commit the batch")
-
-	client := &kafka.Client{Addr: kafka.TCP(testenv.KafkaBrokers()...), Timeout: 20 * time.Second}
-	_, err := client.DeleteTopics(ctx, &kafka.DeleteTopicsRequest{Topics: []string{topic}})
-	testenv.Must(t, err, "delete the topic")
-	testenv.Wait(t, 30*time.Second, "the topic made again", func() bool {
-		res, err := client.CreateTopics(ctx, &kafka.CreateTopicsRequest{Topics: []kafka.TopicConfig{{Topic: topic, NumPartitions: 1, ReplicationFactor: 1}}})
-		return err == nil && res.Errors[topic] == nil
+	src.commitMu.Lock()
+	good := src.client
+	src.client = &kafka.Client{Addr: kafka.TCP("127.0.0.1:1"), Timeout: 50 * time.Millisecond}
+	src.commitMu.Unlock()
+	time.Sleep(5 * src.recommitEvery) // ticks that fail
+	src.commitMu.Lock()
+	src.client = good
+	src.commitMu.Unlock()
+	testenv.Must(t, src.r.CommitMessages(ctx, kafka.Message{Topic: topic, Partition: 0, Offset: 9}), "move the offset back")
+	offsets := NewOffsets(testenv.KafkaBrokers(), kafkaconn.Security{}, topic, topic+".group")
+	testenv.Wait(t, 10*time.Second, "the landed position committed again", func() bool {
+		offs, err := offsets.Offsets(ctx)
+		return err == nil && offs[0].Committed == 20
 	})
-	write(30) // past the old position: the log's end does not give it away
-	time.Sleep(20 * src.recommitEvery)
-	offs, err := NewOffsets(testenv.KafkaBrokers(), kafkaconn.Security{}, topic, topic+".group").Offsets(ctx)
-	testenv.Must(t, err, "read the group's offsets")
-	if got := offs[0].Committed; got >= 0 {
-		t.Fatalf("the topic made again has the group's offset %d, want none: records below it would never be read", got)
-	}
 }
 
 // refusedOnce answers the first produce as a broker whose partition has no

@@ -48,10 +48,12 @@ type Source struct {
 }
 
 // landedAt is the position after a member's last landed record in a
-// partition, and when it committed it.
+// partition, that record's time (which tells its log from a log made again
+// under the topic's name), and when the member committed it.
 type landedAt struct {
-	next int64
-	at   time.Time
+	next   int64
+	record time.Time
+	at     time.Time
 }
 
 // recommitInterval is how often a member commits again the offsets it
@@ -121,9 +123,9 @@ func (s *Source) Commit(ctx context.Context, msgs ...ingest.Message) error {
 		i := slices.IndexFunc(last, func(k kafka.Message) bool { return k.Partition == m.Partition })
 		switch {
 		case i < 0:
-			last = append(last, kafka.Message{Topic: s.topic, Partition: m.Partition, Offset: m.Offset})
+			last = append(last, kafka.Message{Topic: s.topic, Partition: m.Partition, Offset: m.Offset, Time: m.Time})
 		case m.Offset > last[i].Offset:
-			last[i].Offset = m.Offset
+			last[i].Offset, last[i].Time = m.Offset, m.Time
 		}
 	}
 	s.startOnce.Do(s.startRecommits)
@@ -135,12 +137,17 @@ func (s *Source) Commit(ctx context.Context, msgs ...ingest.Message) error {
 	// assignment, or a topic made again) replaces it too.
 	now := time.Now()
 	for _, m := range last {
-		s.landed[m.Partition] = landedAt{next: m.Offset + 1, at: now}
+		s.landed[m.Partition] = landedAt{next: m.Offset + 1, record: m.Time, at: now}
 	}
-	if err := s.commitAbove(ctx, last); err != nil {
+	sent, err := s.commitAbove(ctx, last)
+	if err != nil {
 		return err
 	}
-	s.recommitPaused = false
+	if sent {
+		// Commits go out in order: one queued by a re-commit whose wait
+		// ran out has gone before this one.
+		s.recommitPaused = false
+	}
 	return nil
 }
 
@@ -153,19 +160,19 @@ func (s *Source) Commit(ctx context.Context, msgs ...ingest.Message) error {
 // dropped; the batch has landed either way. Reading and committing are
 // two requests, so two members can still race between them, and the
 // re-commits (startRecommits) repair what that moves back.
-func (s *Source) commitAbove(ctx context.Context, last []kafka.Message) error {
+func (s *Source) commitAbove(ctx context.Context, last []kafka.Message) (sent bool, err error) {
 	stored, err := s.committed(ctx, last)
 	if err != nil {
-		return err
+		return false, err
 	}
 	last = slices.DeleteFunc(last, func(m kafka.Message) bool { return stored[m.Partition] >= m.Offset+1 })
 	if len(last) == 0 {
-		return nil
+		return false, nil
 	}
 	if err := s.r.CommitMessages(ctx, last...); err != nil {
-		return fmt.Errorf("commit offsets: %w", err)
+		return false, fmt.Errorf("commit offsets: %w", err)
 	}
-	return nil
+	return true, nil
 }
 
 // startRecommits commits again, every recommitEvery until Close, each
@@ -221,11 +228,7 @@ func (s *Source) recommit(ctx context.Context) error {
 	}
 	ctx, cancel := context.WithTimeout(ctx, s.recommitEvery)
 	defer cancel()
-	err := s.recommitBelow(ctx, last)
-	if err != nil {
-		s.recommitPaused = true
-	}
-	return err
+	return s.recommitBelow(ctx, last)
 }
 
 // recommitBelow commits the positions of last whose stored offset is
@@ -263,21 +266,63 @@ func (s *Source) recommitBelow(ctx context.Context, last []kafka.Message) error 
 		}
 		end[po.Partition] = po.LastOffset
 	}
-	last = slices.DeleteFunc(last, func(m kafka.Message) bool {
-		e, ok := end[m.Partition]
-		if !ok || e < m.Offset+1 {
+	var keep []kafka.Message
+	for _, m := range last {
+		if e, ok := end[m.Partition]; !ok || e < m.Offset+1 {
 			delete(s.landed, m.Partition)
-			return true
+			continue
 		}
-		return false
-	})
-	if len(last) == 0 {
+		// The log may have grown past the position in a topic made again,
+		// and another member may have committed there: the record at the
+		// position must be the one landed.
+		same, err := s.sameRecord(ctx, m.Partition, m.Offset, s.landed[m.Partition].record)
+		if err != nil {
+			return err
+		}
+		if !same {
+			delete(s.landed, m.Partition)
+			continue
+		}
+		keep = append(keep, m)
+	}
+	if len(keep) == 0 {
 		return nil
 	}
-	if err := s.r.CommitMessages(ctx, last...); err != nil {
+	if err := s.r.CommitMessages(ctx, keep...); err != nil {
+		// Its wait ran out, perhaps with the commit still queued in
+		// kafka-go: no more re-commits until one of this member's own has
+		// gone out after it.
+		s.recommitPaused = true
 		return fmt.Errorf("commit offsets: %w", err)
 	}
 	return nil
+}
+
+// sameRecord reports whether partition p's record at offset is the one of
+// time at that this member landed there.
+func (s *Source) sameRecord(ctx context.Context, p int, offset int64, at time.Time) (bool, error) {
+	res, err := s.client.Fetch(ctx, &kafka.FetchRequest{Topic: s.topic, Partition: p, Offset: offset,
+		MinBytes: 1, MaxBytes: 1 << 20, MaxWait: 100 * time.Millisecond})
+	if err != nil {
+		return false, fmt.Errorf("read partition %d at %d: %w", p, offset, err)
+	}
+	if res.Error != nil {
+		if errors.Is(res.Error, kafka.OffsetOutOfRange) {
+			return false, nil
+		}
+		return false, fmt.Errorf("read partition %d at %d: %w", p, offset, res.Error)
+	}
+	for {
+		// A fetch answers with whole record batches, which may start
+		// before the offset asked for.
+		r, err := res.Records.ReadRecord()
+		if err != nil {
+			return false, nil // not there: the log is not the one landed
+		}
+		if r.Offset >= offset {
+			return r.Offset == offset && r.Time.Equal(at), nil
+		}
+	}
 }
 
 // committed is the group's stored offset of each of msgs' partitions (-1:
