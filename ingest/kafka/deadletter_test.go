@@ -6,6 +6,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"strconv"
@@ -538,6 +539,92 @@ func TestARecommitAfterAFailedTickStillRepairs(t *testing.T) {
 		offs, err := offsets.Offsets(ctx)
 		return err == nil && offs[0].Committed == 20
 	})
+}
+
+// A raced-back offset is repaired also when retention has deleted the
+// landed record itself: nothing below the position can be read in any log.
+func TestARecommitRepairsPastDeletedRecords(t *testing.T) {
+	for _, c := range []struct {
+		name string
+		prep func(t *testing.T, src *Source, topic string)
+	}{
+		{"the landed record deleted by retention", func(t *testing.T, src *Source, topic string) {
+			testenv.DeleteRecords(t, topic, 0, 20)
+		}},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			topic := testenv.NewTopic(t, 1)
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			defer cancel()
+			w := &kafka.Writer{Addr: kafka.TCP(testenv.KafkaBrokers()...), Topic: topic, RequiredAcks: kafka.RequireAll, BatchTimeout: time.Millisecond}
+			defer w.Close()
+			var msgs []kafka.Message
+			for i := range 20 {
+				msgs = append(msgs, kafka.Message{Value: []byte(strconv.Itoa(i))})
+			}
+			testenv.Must(t, w.WriteMessages(ctx, msgs...), "write 20 records")
+			src := NewSource(testenv.KafkaBrokers(), kafkaconn.Security{}, topic, topic+".group")
+			src.recommitEvery = 100 * time.Millisecond
+			defer src.Close()
+			var read []ingest.Message
+			for len(read) < 20 {
+				m, err := src.Fetch(ctx)
+				testenv.Must(t, err, "read")
+				read = append(read, m)
+			}
+			testenv.Must(t, src.Commit(ctx, read[19]), "commit the batch")
+			c.prep(t, src, topic)
+			src.commitMu.Lock()
+			testenv.Must(t, src.r.CommitMessages(ctx, kafka.Message{Topic: topic, Partition: 0, Offset: 9}), "move the offset back")
+			src.commitMu.Unlock()
+			offsets := NewOffsets(testenv.KafkaBrokers(), kafkaconn.Security{}, topic, topic+".group")
+			testenv.Wait(t, 10*time.Second, "the landed position committed again", func() bool {
+				offs, err := offsets.Offsets(ctx)
+				return err == nil && offs[0].Committed == 20
+			})
+		})
+	}
+}
+
+// Only a commit whose wait ran out pauses the re-commits: kafka-go may
+// still send it. A commit kafka-go answered (refused in a rebalance, or a
+// closed reader's) is done with, and pausing for it stopped an idle
+// member's repair for good.
+func TestOnlyACommitWhoseWaitRanOutMayStillBeQueued(t *testing.T) {
+	for _, c := range []struct {
+		err  error
+		want bool
+	}{
+		{context.DeadlineExceeded, true},
+		{fmt.Errorf("commit offsets: %w", context.DeadlineExceeded), true},
+		{io.ErrClosedPipe, false},
+		{kafka.RebalanceInProgress, false},
+		{fmt.Errorf("commit: %w", kafka.IllegalGeneration), false},
+		{context.Canceled, false},
+	} {
+		if got := mayStillBeQueued(c.err); got != c.want {
+			t.Errorf("%v: may still be queued %v, want %v", c.err, got, c.want)
+		}
+	}
+}
+
+// A record without a timestamp is the same record whichever way it was
+// read: kafka-go's reader gives it the zero time, a fetch the Unix time.
+func TestRecordMillisReadsNoTimestampAsNone(t *testing.T) {
+	for _, c := range []struct {
+		a, b time.Time
+		same bool
+	}{
+		{time.Time{}, time.Unix(0, 0), true},
+		{time.Time{}, time.UnixMilli(-1), true},
+		{time.UnixMilli(1764460800123), time.UnixMilli(1764460800123).UTC(), true},
+		{time.UnixMilli(1764460800123), time.UnixMilli(1764460800124), false},
+		{time.Time{}, time.UnixMilli(1), false},
+	} {
+		if got := recordMillis(c.a) == recordMillis(c.b); got != c.same {
+			t.Errorf("%v and %v: same %v, want %v", c.a, c.b, got, c.same)
+		}
+	}
 }
 
 // refusedOnce answers the first produce as a broker whose partition has no

@@ -251,35 +251,44 @@ func (s *Source) recommitBelow(ctx context.Context, last []kafka.Message) error 
 	if len(last) == 0 {
 		return nil
 	}
-	reqs := make([]kafka.OffsetRequest, len(last))
-	for i, m := range last {
-		reqs[i] = kafka.LastOffsetOf(m.Partition)
+	reqs := make([]kafka.OffsetRequest, 0, 2*len(last))
+	for _, m := range last {
+		reqs = append(reqs, kafka.FirstOffsetOf(m.Partition), kafka.LastOffsetOf(m.Partition))
 	}
-	ends, err := s.client.ListOffsets(ctx, &kafka.ListOffsetsRequest{Topics: map[string][]kafka.OffsetRequest{s.topic: reqs}})
+	res, err := s.client.ListOffsets(ctx, &kafka.ListOffsetsRequest{Topics: map[string][]kafka.OffsetRequest{s.topic: reqs}})
 	if err != nil {
 		return fmt.Errorf("list offsets: %w", err)
 	}
-	end := map[int]int64{}
-	for _, po := range ends.Topics[s.topic] {
-		if po.Error != nil {
-			return fmt.Errorf("list offsets of partition %d: %w", po.Partition, po.Error)
-		}
-		end[po.Partition] = po.LastOffset
+	bounds := map[int]kafka.PartitionOffsets{}
+	for _, po := range res.Topics[s.topic] {
+		bounds[po.Partition] = po
 	}
 	var keep []kafka.Message
 	for _, m := range last {
-		if e, ok := end[m.Partition]; !ok || e < m.Offset+1 {
+		// A partition that cannot be read now (its leader moving) waits
+		// for the next tick; the others go on.
+		b, ok := bounds[m.Partition]
+		switch {
+		case !ok || b.Error != nil:
+			continue
+		case b.LastOffset < m.Offset+1:
 			delete(s.landed, m.Partition)
+			continue
+		case b.FirstOffset >= m.Offset+1:
+			// Every record before the position is gone from the log (by
+			// retention): whichever log it was, nothing below it can be
+			// read, and the commit only says so.
+			keep = append(keep, m)
 			continue
 		}
 		// The log may have grown past the position in a topic made again,
 		// and another member may have committed there: the record at the
 		// position must be the one landed.
 		same, err := s.sameRecord(ctx, m.Partition, m.Offset, s.landed[m.Partition].record)
-		if err != nil {
-			return err
-		}
-		if !same {
+		switch {
+		case err != nil:
+			continue
+		case !same:
 			delete(s.landed, m.Partition)
 			continue
 		}
@@ -289,20 +298,34 @@ func (s *Source) recommitBelow(ctx context.Context, last []kafka.Message) error 
 		return nil
 	}
 	if err := s.r.CommitMessages(ctx, keep...); err != nil {
-		// Its wait ran out, perhaps with the commit still queued in
-		// kafka-go: no more re-commits until one of this member's own has
-		// gone out after it.
-		s.recommitPaused = true
+		// A commit whose wait ran out may still be queued in kafka-go: no
+		// more re-commits until one of this member's own has gone out
+		// after it. Any other failure is kafka-go's answer to the commit,
+		// which it has done with.
+		if mayStillBeQueued(err) {
+			s.recommitPaused = true
+		}
 		return fmt.Errorf("commit offsets: %w", err)
 	}
 	return nil
 }
 
+// mayStillBeQueued reports whether a commit that failed with err may still
+// be sent by kafka-go's reader: one whose wait ran out (ctx's deadline) may
+// sit in its queue, or be on its way; any other failure is the reader's
+// answer to the commit, which it has done with. (A cancelled ctx is Close,
+// after which nothing is re-committed.)
+func mayStillBeQueued(err error) bool {
+	return errors.Is(err, context.DeadlineExceeded)
+}
+
 // sameRecord reports whether partition p's record at offset is the one of
 // time at that this member landed there.
 func (s *Source) sameRecord(ctx context.Context, p int, offset int64, at time.Time) (bool, error) {
+	// One byte asks for the least the broker sends: the first record
+	// batch at the offset, whole.
 	res, err := s.client.Fetch(ctx, &kafka.FetchRequest{Topic: s.topic, Partition: p, Offset: offset,
-		MinBytes: 1, MaxBytes: 1 << 20, MaxWait: 100 * time.Millisecond})
+		MinBytes: 1, MaxBytes: 1, MaxWait: 100 * time.Millisecond})
 	if err != nil {
 		return false, fmt.Errorf("read partition %d at %d: %w", p, offset, err)
 	}
@@ -320,9 +343,19 @@ func (s *Source) sameRecord(ctx context.Context, p int, offset int64, at time.Ti
 			return false, nil // not there: the log is not the one landed
 		}
 		if r.Offset >= offset {
-			return r.Offset == offset && r.Time.Equal(at), nil
+			return r.Offset == offset && recordMillis(r.Time) == recordMillis(at), nil
 		}
 	}
+}
+
+// recordMillis is a record's timestamp as Kafka keeps it, in milliseconds,
+// with 0 for none: kafka-go's reader gives a record without a timestamp
+// (0 or below) the zero time, and its fetch the Unix time it holds.
+func recordMillis(t time.Time) int64 {
+	if t.IsZero() {
+		return 0
+	}
+	return max(t.UnixMilli(), 0)
 }
 
 // committed is the group's stored offset of each of msgs' partitions (-1:
