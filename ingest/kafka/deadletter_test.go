@@ -502,8 +502,9 @@ func TestARecommitDoesNotCarryAPositionIntoATopicMadeAgain(t *testing.T) {
 }
 
 // A re-commit tick that fails to read the group's offsets (the coordinator
-// moving, a broker away) does not stop the next ones: an offset raced back
-// on an idle partition is still repaired.
+// moving, a broker away) does not stop the next ones, and a pause ends once
+// nothing is left queued: an offset raced back on an idle partition is
+// still repaired.
 func TestARecommitAfterAFailedTickStillRepairs(t *testing.T) {
 	topic := testenv.NewTopic(t, 1)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
@@ -539,11 +540,25 @@ func TestARecommitAfterAFailedTickStillRepairs(t *testing.T) {
 		offs, err := offsets.Offsets(ctx)
 		return err == nil && offs[0].Committed == 20
 	})
+	// Paused after a commit whose wait ran out: once kafka-go has answered
+	// an empty commit (nothing of the old one is left queued), the
+	// re-commits go on, with no commit of the member's own needed.
+	src.commitMu.Lock()
+	src.recommitPaused = true
+	src.commitMu.Unlock()
+	testenv.Must(t, src.r.CommitMessages(ctx, kafka.Message{Topic: topic, Partition: 0, Offset: 9}), "move the offset back again")
+	testenv.Wait(t, 10*time.Second, "the landed position committed again after the pause", func() bool {
+		offs, err := offsets.Offsets(ctx)
+		return err == nil && offs[0].Committed == 20
+	})
 }
 
-// A raced-back offset is repaired also when retention has deleted the
-// landed record itself: nothing below the position can be read in any log.
-func TestARecommitRepairsPastDeletedRecords(t *testing.T) {
+// A raced-back offset below a log whose records retention deleted up to
+// the position is left as it is: nothing is left to read below the
+// position, and the watermark measures from the log's start (a commit
+// would hide, in a topic made again, records deleted before they were
+// read).
+func TestARecommitLeavesAPositionWhoseRecordsWereDeleted(t *testing.T) {
 	for _, c := range []struct {
 		name string
 		prep func(t *testing.T, src *Source, topic string)
@@ -577,11 +592,12 @@ func TestARecommitRepairsPastDeletedRecords(t *testing.T) {
 			src.commitMu.Lock()
 			testenv.Must(t, src.r.CommitMessages(ctx, kafka.Message{Topic: topic, Partition: 0, Offset: 9}), "move the offset back")
 			src.commitMu.Unlock()
-			offsets := NewOffsets(testenv.KafkaBrokers(), kafkaconn.Security{}, topic, topic+".group")
-			testenv.Wait(t, 10*time.Second, "the landed position committed again", func() bool {
-				offs, err := offsets.Offsets(ctx)
-				return err == nil && offs[0].Committed == 20
-			})
+			time.Sleep(20 * src.recommitEvery)
+			offs, err := NewOffsets(testenv.KafkaBrokers(), kafkaconn.Security{}, topic, topic+".group").Offsets(ctx)
+			testenv.Must(t, err, "read the group's offsets")
+			if o := offs[0]; o.Committed != 10 || o.Start != 20 || o.End != 20 {
+				t.Fatalf("offsets %+v, want committed 10 left below a log that starts and ends at 20", o)
+			}
 		})
 	}
 }

@@ -212,7 +212,16 @@ func (s *Source) recommit(ctx context.Context) error {
 	s.commitMu.Lock()
 	defer s.commitMu.Unlock()
 	if s.recommitPaused {
-		return nil
+		// kafka-go answers commits in order: once an empty one is
+		// answered, the one whose wait ran out has gone out or been
+		// dropped.
+		bctx, cancel := context.WithTimeout(ctx, s.recommitEvery)
+		err := s.r.CommitMessages(bctx)
+		cancel()
+		if mayStillBeQueued(err) || ctx.Err() != nil {
+			return nil
+		}
+		s.recommitPaused = false
 	}
 	var last []kafka.Message
 	now := time.Now()
@@ -276,9 +285,12 @@ func (s *Source) recommitBelow(ctx context.Context, last []kafka.Message) error 
 			continue
 		case b.FirstOffset >= m.Offset+1:
 			// Every record before the position is gone from the log (by
-			// retention): whichever log it was, nothing below it can be
-			// read, and the commit only says so.
-			keep = append(keep, m)
+			// retention). Nothing is left to read below it, and the
+			// watermark measures from the log's start, so the partition is
+			// caught up without a commit; one would hide, were this a topic
+			// made again, that records of it were deleted unread, which
+			// the watermark reports.
+			delete(s.landed, m.Partition)
 			continue
 		}
 		// The log may have grown past the position in a topic made again,
@@ -330,9 +342,9 @@ func (s *Source) sameRecord(ctx context.Context, p int, offset int64, at time.Ti
 		return false, fmt.Errorf("read partition %d at %d: %w", p, offset, err)
 	}
 	if res.Error != nil {
-		if errors.Is(res.Error, kafka.OffsetOutOfRange) {
-			return false, nil
-		}
+		// Out of range too: the offsets were read just before, so
+		// retention has just deleted the record, and the next tick sees
+		// that.
 		return false, fmt.Errorf("read partition %d at %d: %w", p, offset, res.Error)
 	}
 	for {
