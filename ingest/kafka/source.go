@@ -210,19 +210,25 @@ func (s *Source) startRecommits() {
 // group's offsets expired do, and the position is not that topic's.
 func (s *Source) recommit(ctx context.Context) error {
 	s.commitMu.Lock()
-	defer s.commitMu.Unlock()
-	if s.recommitPaused {
+	paused := s.recommitPaused
+	s.commitMu.Unlock()
+	if paused {
 		// kafka-go answers commits in order: once an empty one is
 		// answered, the one whose wait ran out has gone out or been
-		// dropped.
+		// dropped. Waited for without the lock, so the worker's own
+		// commits do not wait behind it; only this goroutine pauses.
 		bctx, cancel := context.WithTimeout(ctx, s.recommitEvery)
 		err := s.r.CommitMessages(bctx)
 		cancel()
 		if mayStillBeQueued(err) || ctx.Err() != nil {
 			return nil
 		}
+		s.commitMu.Lock()
 		s.recommitPaused = false
+		s.commitMu.Unlock()
 	}
+	s.commitMu.Lock()
+	defer s.commitMu.Unlock()
 	var last []kafka.Message
 	now := time.Now()
 	for p, l := range s.landed {
