@@ -602,6 +602,64 @@ func TestARecommitLeavesAPositionWhoseRecordsWereDeleted(t *testing.T) {
 	}
 }
 
+// The pause's end rests on kafka-go answering commits in order: the empty
+// commit a paused member sends is answered only once a commit queued
+// before it (whose wait ran out while the group had no generation) has
+// gone out. Here the broker is out of reach until after both are queued.
+func TestAPausedMembersEmptyCommitIsAnsweredAfterTheQueuedOne(t *testing.T) {
+	topic := testenv.NewTopic(t, 1)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	// A port nothing listens on yet, later forwarded to the broker.
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	testenv.Must(t, err, "reserve a port")
+	addr := l.Addr().String()
+	testenv.Must(t, l.Close(), "free the port")
+	src := NewSource([]string{addr}, kafkaconn.Security{}, topic, topic+".group")
+	src.recommitEvery = time.Minute // no ticks: recommit is called below
+	defer src.Close()
+	qctx, qcancel := context.WithTimeout(ctx, 300*time.Millisecond)
+	err = src.r.CommitMessages(qctx, kafka.Message{Topic: topic, Partition: 0, Offset: 9})
+	qcancel()
+	if !mayStillBeQueued(err) {
+		t.Fatalf("a commit with no generation: %v, want its wait to run out", err)
+	}
+	src.commitMu.Lock()
+	src.recommitPaused = true
+	src.commitMu.Unlock()
+	done := make(chan error, 1)
+	go func() { done <- src.recommit(ctx) }()
+	// Now the broker can be reached: the group forms, the queued commit
+	// goes out, then the empty one.
+	fwd, err := net.Listen("tcp", addr)
+	testenv.Must(t, err, "listen on the reserved port")
+	defer fwd.Close()
+	go func() {
+		for {
+			c, err := fwd.Accept()
+			if err != nil {
+				return
+			}
+			b, err := net.Dial("tcp", testenv.KafkaBrokers()[0])
+			if err != nil {
+				c.Close()
+				continue
+			}
+			go func() { _, _ = io.Copy(b, c); b.Close() }()
+			go func() { _, _ = io.Copy(c, b); c.Close() }()
+		}
+	}()
+	testenv.Must(t, <-done, "recommit while paused")
+	src.commitMu.Lock()
+	paused := src.recommitPaused
+	src.commitMu.Unlock()
+	offs, err := NewOffsets(testenv.KafkaBrokers(), kafkaconn.Security{}, topic, topic+".group").Offsets(ctx)
+	testenv.Must(t, err, "read the group's offsets")
+	if paused || offs[0].Committed != 10 {
+		t.Fatalf("after the empty commit was answered: paused %v, the group's offset %d; want the pause over and the queued commit (10) already stored", paused, offs[0].Committed)
+	}
+}
+
 // Only a commit whose wait ran out pauses the re-commits: kafka-go may
 // still send it. A commit kafka-go answered (refused in a rebalance, or a
 // closed reader's) is done with, and pausing for it stopped an idle
