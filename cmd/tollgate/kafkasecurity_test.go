@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"strings"
 	"testing"
 	"time"
@@ -31,14 +32,7 @@ func TestEveryKafkaClientWorksOverTLSAndSASL(t *testing.T) {
 	sk := testenv.PrivateMutualTLSKafka(t)
 	for _, mech := range []string{"SCRAM-SHA-512", "PLAIN"} {
 		t.Run("with "+mech+" every client reads and writes", func(t *testing.T) {
-			t.Setenv("TOLLGATE_KAFKA_BROKERS", sk.Addr)
-			t.Setenv("TOLLGATE_KAFKA_TLS", "true")
-			t.Setenv("TOLLGATE_KAFKA_TLS_CA_FILE", sk.CAFile)
-			t.Setenv("TOLLGATE_KAFKA_TLS_CERT_FILE", sk.ClientCertFile)
-			t.Setenv("TOLLGATE_KAFKA_TLS_KEY_FILE", sk.ClientKeyFile)
-			t.Setenv("TOLLGATE_KAFKA_SASL_MECHANISM", mech)
-			t.Setenv("TOLLGATE_KAFKA_SASL_USERNAME", sk.User)
-			t.Setenv("TOLLGATE_KAFKA_SASL_PASSWORD", sk.Password)
+			secureKafkaEnv(t, sk, map[string]string{"TOLLGATE_KAFKA_SASL_MECHANISM": mech})
 			cfg := writeConfig(t, "")
 			if err := cfg.Validate("edge", "ingest"); err != nil {
 				t.Fatalf("validate: %v", err)
@@ -176,21 +170,8 @@ func TestEveryKafkaClientWorksOverTLSAndSASL(t *testing.T) {
 	})
 
 	t.Run("a wrong password is refused by the broker and reported as such", func(t *testing.T) {
-		t.Setenv("TOLLGATE_KAFKA_BROKERS", sk.Addr)
-		t.Setenv("TOLLGATE_KAFKA_TLS", "true")
-		t.Setenv("TOLLGATE_KAFKA_TLS_CA_FILE", sk.CAFile)
-		t.Setenv("TOLLGATE_KAFKA_TLS_CERT_FILE", sk.ClientCertFile)
-		t.Setenv("TOLLGATE_KAFKA_TLS_KEY_FILE", sk.ClientKeyFile)
-		t.Setenv("TOLLGATE_KAFKA_SASL_MECHANISM", "SCRAM-SHA-256")
-		t.Setenv("TOLLGATE_KAFKA_SASL_USERNAME", sk.User)
-		t.Setenv("TOLLGATE_KAFKA_SASL_PASSWORD", sk.Password+"x")
-		kc, err := writeConfig(t, "").Services.kafkaCluster()
-		if err != nil {
-			t.Fatal(err)
-		}
-		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		defer cancel()
-		err = kafkaDep(kc).check(ctx)
+		secureKafkaEnv(t, sk, map[string]string{"TOLLGATE_KAFKA_SASL_PASSWORD": sk.Password + "x"})
+		err := secureKafkaReady(t)
 		if !errors.Is(err, kafka.SASLAuthenticationFailed) {
 			t.Fatalf("readiness with a wrong password = %v; want the broker's SASL authentication failure", err)
 		}
@@ -200,38 +181,54 @@ func TestEveryKafkaClientWorksOverTLSAndSASL(t *testing.T) {
 	})
 
 	t.Run("without a client certificate the broker refuses the connection", func(t *testing.T) {
-		t.Setenv("TOLLGATE_KAFKA_BROKERS", sk.Addr)
-		t.Setenv("TOLLGATE_KAFKA_TLS", "true")
-		t.Setenv("TOLLGATE_KAFKA_TLS_CA_FILE", sk.CAFile)
-		t.Setenv("TOLLGATE_KAFKA_SASL_MECHANISM", "SCRAM-SHA-256")
-		t.Setenv("TOLLGATE_KAFKA_SASL_USERNAME", sk.User)
-		t.Setenv("TOLLGATE_KAFKA_SASL_PASSWORD", sk.Password)
-		kc, err := writeConfig(t, "").Services.kafkaCluster()
-		if err != nil {
-			t.Fatal(err)
-		}
-		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		defer cancel()
-		if err := kafkaDep(kc).check(ctx); err == nil {
+		secureKafkaEnv(t, sk, map[string]string{"TOLLGATE_KAFKA_TLS_CERT_FILE": "", "TOLLGATE_KAFKA_TLS_KEY_FILE": ""})
+		if err := secureKafkaReady(t); err == nil {
 			t.Fatal("readiness without a client certificate succeeded against a broker that asks for one")
 		}
 	})
 
 	t.Run("a broker whose certificate the CA file does not vouch for is refused", func(t *testing.T) {
-		t.Setenv("TOLLGATE_KAFKA_BROKERS", sk.Addr)
-		t.Setenv("TOLLGATE_KAFKA_TLS", "true")
-		t.Setenv("TOLLGATE_KAFKA_SASL_MECHANISM", "SCRAM-SHA-256")
-		t.Setenv("TOLLGATE_KAFKA_SASL_USERNAME", sk.User)
-		t.Setenv("TOLLGATE_KAFKA_SASL_PASSWORD", sk.Password)
 		// No CA file: the system's roots, which never signed the test's CA.
-		kc, err := writeConfig(t, "").Services.kafkaCluster()
-		if err != nil {
-			t.Fatal(err)
-		}
-		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		defer cancel()
-		if err := kafkaDep(kc).check(ctx); err == nil || !strings.Contains(err.Error(), "certificate") {
+		secureKafkaEnv(t, sk, map[string]string{"TOLLGATE_KAFKA_TLS_CA_FILE": ""})
+		if err := secureKafkaReady(t); err == nil || !strings.Contains(err.Error(), "certificate") {
 			t.Fatalf("readiness against an unknown CA = %v; want a certificate error", err)
 		}
 	})
+}
+
+// secureKafkaEnv sets the environment that configures every Kafka client
+// for sk's SASL_SSL listener: TLS with its CA and the client certificate,
+// SCRAM-SHA-256 with its user and password. change replaces variables; an
+// empty value leaves one unset.
+func secureKafkaEnv(t *testing.T, sk *testenv.SecureKafka, change map[string]string) {
+	t.Helper()
+	env := map[string]string{
+		"TOLLGATE_KAFKA_BROKERS":        sk.Addr,
+		"TOLLGATE_KAFKA_TLS":            "true",
+		"TOLLGATE_KAFKA_TLS_CA_FILE":    sk.CAFile,
+		"TOLLGATE_KAFKA_TLS_CERT_FILE":  sk.ClientCertFile,
+		"TOLLGATE_KAFKA_TLS_KEY_FILE":   sk.ClientKeyFile,
+		"TOLLGATE_KAFKA_SASL_MECHANISM": "SCRAM-SHA-256",
+		"TOLLGATE_KAFKA_SASL_USERNAME":  sk.User,
+		"TOLLGATE_KAFKA_SASL_PASSWORD":  sk.Password,
+	}
+	maps.Copy(env, change)
+	for k, v := range env {
+		if v != "" {
+			t.Setenv(k, v)
+		}
+	}
+}
+
+// secureKafkaReady is the Kafka readiness check's answer, with the clients
+// configured as the environment says.
+func secureKafkaReady(t *testing.T) error {
+	t.Helper()
+	kc, err := writeConfig(t, "").Services.kafkaCluster()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	return kafkaDep(kc).check(ctx)
 }

@@ -396,23 +396,7 @@ func TestAnOffsetRacedBackIsCommittedAgain(t *testing.T) {
 	topic := testenv.NewTopic(t, 1)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	w := &kafka.Writer{Addr: kafka.TCP(testenv.KafkaBrokers()...), Topic: topic, RequiredAcks: kafka.RequireAll, BatchTimeout: time.Millisecond}
-	defer w.Close()
-	var msgs []kafka.Message
-	for i := range 20 {
-		msgs = append(msgs, kafka.Message{Value: []byte(strconv.Itoa(i))})
-	}
-	testenv.Must(t, w.WriteMessages(ctx, msgs...), "write 20 records")
-	src := NewSource(testenv.KafkaBrokers(), kafkaconn.Security{}, topic, topic+".group")
-	src.recommitEvery = 100 * time.Millisecond
-	defer src.Close()
-	var read []ingest.Message
-	for len(read) < 20 {
-		m, err := src.Fetch(ctx)
-		testenv.Must(t, err, "read")
-		read = append(read, m)
-	}
-	testenv.Must(t, src.Commit(ctx, read[19]), "commit the batch")
+	src := landedTwenty(t, ctx, topic)
 	offsets := NewOffsets(testenv.KafkaBrokers(), kafkaconn.Security{}, topic, topic+".group")
 	committed := func() int64 {
 		offs, err := offsets.Offsets(ctx)
@@ -462,17 +446,7 @@ func TestARecommitDoesNotCarryAPositionIntoATopicMadeAgain(t *testing.T) {
 				}
 				testenv.Wait(t, 30*time.Second, "records written", func() bool { return w.WriteMessages(ctx, msgs...) == nil })
 			}
-			write(20)
-			src := NewSource(testenv.KafkaBrokers(), kafkaconn.Security{}, topic, topic+".group")
-			src.recommitEvery = 100 * time.Millisecond
-			defer src.Close()
-			var read []ingest.Message
-			for len(read) < 20 {
-				m, err := src.Fetch(ctx)
-				testenv.Must(t, err, "read")
-				read = append(read, m)
-			}
-			testenv.Must(t, src.Commit(ctx, read[19]), "commit the batch")
+			src := landedTwenty(t, ctx, topic)
 
 			// No tick falls between the deletion and the other member's
 			// commit: the re-commit sees only what came after.
@@ -509,23 +483,7 @@ func TestARecommitAfterAFailedTickStillRepairs(t *testing.T) {
 	topic := testenv.NewTopic(t, 1)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	w := &kafka.Writer{Addr: kafka.TCP(testenv.KafkaBrokers()...), Topic: topic, RequiredAcks: kafka.RequireAll, BatchTimeout: time.Millisecond}
-	defer w.Close()
-	var msgs []kafka.Message
-	for i := range 20 {
-		msgs = append(msgs, kafka.Message{Value: []byte(strconv.Itoa(i))})
-	}
-	testenv.Must(t, w.WriteMessages(ctx, msgs...), "write 20 records")
-	src := NewSource(testenv.KafkaBrokers(), kafkaconn.Security{}, topic, topic+".group")
-	src.recommitEvery = 100 * time.Millisecond
-	defer src.Close()
-	var read []ingest.Message
-	for len(read) < 20 {
-		m, err := src.Fetch(ctx)
-		testenv.Must(t, err, "read")
-		read = append(read, m)
-	}
-	testenv.Must(t, src.Commit(ctx, read[19]), "commit the batch")
+	src := landedTwenty(t, ctx, topic)
 	src.commitMu.Lock()
 	good := src.client
 	src.client = &kafka.Client{Addr: kafka.TCP("127.0.0.1:1"), Timeout: 50 * time.Millisecond}
@@ -559,46 +517,17 @@ func TestARecommitAfterAFailedTickStillRepairs(t *testing.T) {
 // would hide, in a topic made again, records deleted before they were
 // read).
 func TestARecommitLeavesAPositionWhoseRecordsWereDeleted(t *testing.T) {
-	for _, c := range []struct {
-		name string
-		prep func(t *testing.T, src *Source, topic string)
-	}{
-		{"the landed record deleted by retention", func(t *testing.T, src *Source, topic string) {
-			testenv.DeleteRecords(t, topic, 0, 20)
-		}},
-	} {
-		t.Run(c.name, func(t *testing.T) {
-			topic := testenv.NewTopic(t, 1)
-			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-			defer cancel()
-			w := &kafka.Writer{Addr: kafka.TCP(testenv.KafkaBrokers()...), Topic: topic, RequiredAcks: kafka.RequireAll, BatchTimeout: time.Millisecond}
-			defer w.Close()
-			var msgs []kafka.Message
-			for i := range 20 {
-				msgs = append(msgs, kafka.Message{Value: []byte(strconv.Itoa(i))})
-			}
-			testenv.Must(t, w.WriteMessages(ctx, msgs...), "write 20 records")
-			src := NewSource(testenv.KafkaBrokers(), kafkaconn.Security{}, topic, topic+".group")
-			src.recommitEvery = 100 * time.Millisecond
-			defer src.Close()
-			var read []ingest.Message
-			for len(read) < 20 {
-				m, err := src.Fetch(ctx)
-				testenv.Must(t, err, "read")
-				read = append(read, m)
-			}
-			testenv.Must(t, src.Commit(ctx, read[19]), "commit the batch")
-			c.prep(t, src, topic)
-			src.commitMu.Lock()
-			testenv.Must(t, src.r.CommitMessages(ctx, kafka.Message{Topic: topic, Partition: 0, Offset: 9}), "move the offset back")
-			src.commitMu.Unlock()
-			time.Sleep(20 * src.recommitEvery)
-			offs, err := NewOffsets(testenv.KafkaBrokers(), kafkaconn.Security{}, topic, topic+".group").Offsets(ctx)
-			testenv.Must(t, err, "read the group's offsets")
-			if o := offs[0]; o.Committed != 10 || o.Start != 20 || o.End != 20 {
-				t.Fatalf("offsets %+v, want committed 10 left below a log that starts and ends at 20", o)
-			}
-		})
+	topic := testenv.NewTopic(t, 1)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	src := landedTwenty(t, ctx, topic)
+	testenv.DeleteRecords(t, topic, 0, 20)
+	testenv.Must(t, src.r.CommitMessages(ctx, kafka.Message{Topic: topic, Partition: 0, Offset: 9}), "move the offset back")
+	time.Sleep(20 * src.recommitEvery)
+	offs, err := NewOffsets(testenv.KafkaBrokers(), kafkaconn.Security{}, topic, topic+".group").Offsets(ctx)
+	testenv.Must(t, err, "read the group's offsets")
+	if o := offs[0]; o.Committed != 10 || o.Start != 20 || o.End != 20 {
+		t.Fatalf("offsets %+v, want committed 10 left below a log that starts and ends at 20", o)
 	}
 }
 
@@ -658,6 +587,31 @@ func TestAPausedMembersEmptyCommitIsAnsweredAfterTheQueuedOne(t *testing.T) {
 	if paused || offs[0].Committed != 10 {
 		t.Fatalf("after the empty commit was answered: paused %v, the group's offset %d; want the pause over and the queued commit (10) already stored", paused, offs[0].Committed)
 	}
+}
+
+// landedTwenty writes 20 records to topic's one partition and returns a
+// member that has read them and committed them as landed, re-committing
+// every 100 ms; it leaves the group when the test ends.
+func landedTwenty(t *testing.T, ctx context.Context, topic string) *Source {
+	t.Helper()
+	w := &kafka.Writer{Addr: kafka.TCP(testenv.KafkaBrokers()...), Topic: topic, RequiredAcks: kafka.RequireAll, BatchTimeout: time.Millisecond}
+	defer w.Close()
+	var msgs []kafka.Message
+	for i := range 20 {
+		msgs = append(msgs, kafka.Message{Value: []byte(strconv.Itoa(i))})
+	}
+	testenv.Must(t, w.WriteMessages(ctx, msgs...), "write 20 records")
+	src := NewSource(testenv.KafkaBrokers(), kafkaconn.Security{}, topic, topic+".group")
+	src.recommitEvery = 100 * time.Millisecond
+	t.Cleanup(func() { _ = src.Close() })
+	var read []ingest.Message
+	for len(read) < 20 {
+		m, err := src.Fetch(ctx)
+		testenv.Must(t, err, "read")
+		read = append(read, m)
+	}
+	testenv.Must(t, src.Commit(ctx, read[19]), "commit the batch")
+	return src
 }
 
 // Only a commit whose wait ran out pauses the re-commits: kafka-go may
