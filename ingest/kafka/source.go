@@ -36,9 +36,10 @@ type Source struct {
 	// recommitEvery is how often landed offsets the group's stored ones
 	// fell below are committed again.
 	recommitEvery time.Duration
-	// recommitPaused stops re-commits after one failed, until this
-	// member's next own commit: kafka-go keeps a commit whose wait timed
-	// out queued, and sends it when the group has a generation again,
+	// recommitPaused stops re-commits after one whose wait ran out, until
+	// a later commit of this member (its own, or an empty one a paused
+	// tick sends) has been answered: kafka-go keeps a commit whose wait
+	// ran out queued, and sends it when the group has a generation again,
 	// unchecked; one queued per tick through a rebalance or an outage
 	// could move offsets back then.
 	recommitPaused bool
