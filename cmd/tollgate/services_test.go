@@ -144,45 +144,31 @@ func TestClickHouseAndRedisOverTLS(t *testing.T) {
 			t.Fatalf("an untrusted certificate: %v; want a TLS error without the start hint", err)
 		}
 	})
-	t.Run("the edge's limits reach Redis over TLS, and a plain client falls back", func(t *testing.T) {
-		r := testenv.PrivateTLSRedis(t)
-		pg, ch := testenv.NewPostgres(t), testenv.NewClickHouse(t)
-		up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { _, _ = w.Write([]byte("ok")) }))
-		t.Cleanup(up.Close)
-		for _, c := range []struct {
-			name      string
-			tls       bool
-			wantRedis bool
-		}{{"without TLS", false, false}, {"with TLS", true, true}} {
-			t.Run(c.name, func(t *testing.T) {
-				cfg := testConfig(t, pg, ch, "redistls."+testenv.Name(t))
-				cfg.Services.RedisAddr = r.Addr
-				if c.tls {
-					cfg.Services.RedisTLS, cfg.Services.RedisTLSCAFile = true, r.CAFile
-				}
-				cfg.Edge.SpoolDir, cfg.Edge.Upstream = t.TempDir(), up.URL
-				if answered, logs := edgeReachesRedis(t, ctx, cfg); answered != c.wantRedis {
-					t.Fatalf("Redis answering: %v, want %v:\n%s", answered, c.wantRedis, logs)
-				}
-			})
-		}
-	})
-	t.Run("a Redis that asks for client certificates takes the edge's, and no client without one", func(t *testing.T) {
-		r := testenv.PrivateMutualTLSRedis(t)
+	t.Run("the edge's limits reach Redis over TLS (with a client certificate where asked), and other clients fall back", func(t *testing.T) {
+		tlsOnly, mutual := testenv.PrivateTLSRedis(t), testenv.PrivateMutualTLSRedis(t)
 		pg, ch := testenv.NewPostgres(t), testenv.NewClickHouse(t)
 		up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { _, _ = w.Write([]byte("ok")) }))
 		t.Cleanup(up.Close)
 		for _, c := range []struct {
 			name       string
+			r          *testenv.TLSServer
+			tls        bool
 			clientCert bool
 			wantRedis  bool
-		}{{"without a client certificate", false, false}, {"with a client certificate", true, true}} {
+		}{
+			{"without TLS", tlsOnly, false, false, false},
+			{"with TLS", tlsOnly, true, false, true},
+			{"without a client certificate, where one is asked for", mutual, true, false, false},
+			{"with a client certificate, where one is asked for", mutual, true, true, true},
+		} {
 			t.Run(c.name, func(t *testing.T) {
-				cfg := testConfig(t, pg, ch, "redismtls."+testenv.Name(t))
-				cfg.Services.RedisAddr = r.Addr
-				cfg.Services.RedisTLS, cfg.Services.RedisTLSCAFile = true, r.CAFile
+				cfg := testConfig(t, pg, ch, "redistls."+testenv.Name(t))
+				cfg.Services.RedisAddr = c.r.Addr
+				if c.tls {
+					cfg.Services.RedisTLS, cfg.Services.RedisTLSCAFile = true, c.r.CAFile
+				}
 				if c.clientCert {
-					cfg.Services.RedisTLSCertFile, cfg.Services.RedisTLSKeyFile = r.ClientCertFile, r.ClientKeyFile
+					cfg.Services.RedisTLSCertFile, cfg.Services.RedisTLSKeyFile = c.r.ClientCertFile, c.r.ClientKeyFile
 				}
 				cfg.Edge.SpoolDir, cfg.Edge.Upstream = t.TempDir(), up.URL
 				if answered, logs := edgeReachesRedis(t, ctx, cfg); answered != c.wantRedis {

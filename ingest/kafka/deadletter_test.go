@@ -363,21 +363,7 @@ func TestACommitBelowTheStoredOffsetIsDropped(t *testing.T) {
 	topic := testenv.NewTopic(t, 1)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	w := &kafka.Writer{Addr: kafka.TCP(testenv.KafkaBrokers()...), Topic: topic, RequiredAcks: kafka.RequireAll, BatchTimeout: time.Millisecond}
-	defer w.Close()
-	var msgs []kafka.Message
-	for i := range 20 {
-		msgs = append(msgs, kafka.Message{Value: []byte(strconv.Itoa(i))})
-	}
-	testenv.Must(t, w.WriteMessages(ctx, msgs...), "write 20 records")
-	src := NewSource(testenv.KafkaBrokers(), kafkaconn.Security{}, topic, topic+".group")
-	defer src.Close()
-	var read []ingest.Message
-	for len(read) < 20 {
-		m, err := src.Fetch(ctx)
-		testenv.Must(t, err, "read")
-		read = append(read, m)
-	}
+	src, read := readTwenty(t, ctx, topic)
 	testenv.Must(t, src.Commit(ctx, read[19]), "commit the newer batch")
 	testenv.Must(t, src.Commit(ctx, read[9]), "commit the stale batch")
 	offs, err := NewOffsets(testenv.KafkaBrokers(), kafkaconn.Security{}, topic, topic+".group").Offsets(ctx)
@@ -589,10 +575,10 @@ func TestAPausedMembersEmptyCommitIsAnsweredAfterTheQueuedOne(t *testing.T) {
 	}
 }
 
-// landedTwenty writes 20 records to topic's one partition and returns a
-// member that has read them and committed them as landed, re-committing
-// every 100 ms; it leaves the group when the test ends.
-func landedTwenty(t *testing.T, ctx context.Context, topic string) *Source {
+// readTwenty writes 20 records to topic's one partition and returns a
+// member that has read them (re-committing every 100 ms once it commits),
+// and what it read; the member leaves the group when the test ends.
+func readTwenty(t *testing.T, ctx context.Context, topic string) (*Source, []ingest.Message) {
 	t.Helper()
 	w := &kafka.Writer{Addr: kafka.TCP(testenv.KafkaBrokers()...), Topic: topic, RequiredAcks: kafka.RequireAll, BatchTimeout: time.Millisecond}
 	defer w.Close()
@@ -610,6 +596,14 @@ func landedTwenty(t *testing.T, ctx context.Context, topic string) *Source {
 		testenv.Must(t, err, "read")
 		read = append(read, m)
 	}
+	return src, read
+}
+
+// landedTwenty is readTwenty's member after it committed the 20 records
+// as landed.
+func landedTwenty(t *testing.T, ctx context.Context, topic string) *Source {
+	t.Helper()
+	src, read := readTwenty(t, ctx, topic)
 	testenv.Must(t, src.Commit(ctx, read[19]), "commit the batch")
 	return src
 }
